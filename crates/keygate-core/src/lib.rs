@@ -1,0 +1,17 @@
+//! keygate's domain: the token format and its secrets, scopes and their matching, token policies,
+//! the records of the data model, audit events, the `Clock` and randomness seams, and the store
+//! traits every engine implements. No transport and no IO live here.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod error;
+pub mod ids;
+pub mod model;
+pub mod policy;
+pub mod scope;
+pub mod secret;
+pub mod store;
+pub mod token_format;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,407 @@
+//! The records of the data model: workspaces, apps, tokens, plans, the scope catalog, root keys
+//! and audit events. Every object belongs to exactly one workspace.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::clock::Timestamp;
+use crate::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
+use crate::policy::{Quota, RateLimit};
+use crate::scope::Scope;
+use crate::secret::SecretHash;
+
+/// The name of the workspace created at first start.
+pub const DEFAULT_WORKSPACE: &str = "default";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// An API consumer that holds tokens. Each workspace has one default app.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct App {
+    pub id: AppId,
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub description: Option<String>,
+    pub plan_id: Option<PlanId>,
+    pub is_default: bool,
+    pub metadata: Map<String, Value>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// The stored lifecycle state of a token. Expiry is not stored as a state: it follows from
+/// `expires_at` and the clock (see [`TokenRecord::status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    Active,
+    Suspended,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Revoked => "revoked",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "suspended" => Some(Self::Suspended),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// What a token is at a given instant, as users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenStatus {
+    Active,
+    Suspended,
+    Revoked,
+    Expired,
+}
+
+impl TokenStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "suspended" => Some(Self::Suspended),
+            "revoked" => Some(Self::Revoked),
+            "expired" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A token as stored: never the secret, only its keyed hash and its public parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub id: TokenId,
+    pub workspace_id: WorkspaceId,
+    pub app_id: AppId,
+    pub name: String,
+    pub hash: SecretHash,
+    /// The token prefix it was minted with (`kg`).
+    pub prefix: String,
+    /// The token's last four characters, for display.
+    pub last4: String,
+    pub scopes: Vec<Scope>,
+    pub state: TokenState,
+    pub expires_at: Option<Timestamp>,
+    pub ip_allowlist: Vec<IpNet>,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    pub metadata: Map<String, Value>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub last_used_at: Option<Timestamp>,
+    pub last_used_ip: Option<String>,
+    pub revoked_at: Option<Timestamp>,
+    pub revoke_reason: Option<String>,
+    /// The token this one replaced by rotation.
+    pub rotated_from: Option<TokenId>,
+    /// The token that replaced this one; this one stops at `expires_at` (the grace period's end).
+    pub replaced_by: Option<TokenId>,
+    /// When the token was found somewhere it should not be (a URL, a scanned file).
+    pub exposed_at: Option<Timestamp>,
+    /// Bumped by every change; updates carry the version they read (optimistic concurrency).
+    pub version: i64,
+}
+
+impl TokenRecord {
+    pub fn public_id(&self) -> &str {
+        self.id.as_str().strip_prefix("tok_").unwrap_or_default()
+    }
+
+    /// `kg_3kT9xQ2mZp7A…Ab12`: enough to recognize the token, useless to an attacker.
+    pub fn display(&self) -> String {
+        format!("{}_{}…{}", self.prefix, self.public_id(), self.last4)
+    }
+
+    pub fn status(&self, now: Timestamp) -> TokenStatus {
+        match self.state {
+            TokenState::Revoked => TokenStatus::Revoked,
+            _ if self.expires_at.is_some_and(|e| e <= now) => TokenStatus::Expired,
+            TokenState::Suspended => TokenStatus::Suspended,
+            TokenState::Active => TokenStatus::Active,
+        }
+    }
+
+    /// The non-secret fields an audit event records, as JSON.
+    pub fn audit_view(&self) -> Value {
+        serde_json::json!({
+            "name": self.name,
+            "app_id": self.app_id,
+            "scopes": self.scopes,
+            "state": self.state,
+            "expires_at": self.expires_at,
+            "ip_allowlist": self.ip_allowlist.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "rate_limit": self.rate_limit,
+            "quota": self.quota,
+            "metadata": self.metadata,
+            "revoke_reason": self.revoke_reason,
+            "replaced_by": self.replaced_by,
+            "rotated_from": self.rotated_from,
+            "exposed_at": self.exposed_at,
+        })
+    }
+}
+
+/// A tier: the scopes an app on it may hold, and default limits for its tokens.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub id: PlanId,
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub description: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    pub created_at: Timestamp,
+}
+
+/// One entry of a workspace's scope catalog. When a workspace's catalog is not empty, tokens may
+/// only be granted scopes that the catalog covers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScopeEntry {
+    pub workspace_id: WorkspaceId,
+    pub scope: Scope,
+    pub description: Option<String>,
+    /// The API this scope belongs to, for grouping in the dashboard.
+    pub api: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// What a root key may do through the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    TokensRead,
+    TokensWrite,
+    AppsRead,
+    AppsWrite,
+    PlansRead,
+    PlansWrite,
+    AuditRead,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 7] = [
+        Self::TokensRead,
+        Self::TokensWrite,
+        Self::AppsRead,
+        Self::AppsWrite,
+        Self::PlansRead,
+        Self::PlansWrite,
+        Self::AuditRead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokensRead => "tokens:read",
+            Self::TokensWrite => "tokens:write",
+            Self::AppsRead => "apps:read",
+            Self::AppsWrite => "apps:write",
+            Self::PlansRead => "plans:read",
+            Self::PlansWrite => "plans:write",
+            Self::AuditRead => "audit:read",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Parses a list of permissions; `*` stands for all of them.
+    pub fn parse_list(raw: &[String]) -> crate::Result<Vec<Self>> {
+        let mut out = Vec::new();
+        for p in raw {
+            if p == "*" {
+                out.extend(Self::ALL);
+            } else {
+                out.push(Self::parse(p).ok_or_else(|| {
+                    crate::Error::invalid(
+                        "invalid_permission",
+                        format!(
+                            "unknown permission {p:?}; known permissions: {}, or * for all",
+                            Self::ALL.map(Self::as_str).join(", ")
+                        ),
+                    )
+                })?);
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// A credential for the admin API, bound to one workspace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootKey {
+    pub id: RootKeyId,
+    pub workspace_id: WorkspaceId,
+    pub name: String,
+    pub hash: SecretHash,
+    pub last4: String,
+    pub permissions: Vec<Permission>,
+    pub created_at: Timestamp,
+}
+
+/// Who made a change, and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// `rk_…` for a root key, `cli` for the local command line, `system` for keygate itself.
+    pub id: String,
+    pub source: Option<String>,
+}
+
+impl Actor {
+    pub fn cli() -> Self {
+        Self { id: "cli".into(), source: Some("local".into()) }
+    }
+    pub fn system() -> Self {
+        Self { id: "system".into(), source: None }
+    }
+}
+
+/// An audit event about to be written, in the same transaction as the change it records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAuditEvent {
+    pub workspace_id: WorkspaceId,
+    pub at: Timestamp,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+    pub source: Option<String>,
+}
+
+impl NewAuditEvent {
+    pub fn new(workspace_id: &WorkspaceId, actor: &Actor, action: &str, target: &str, at: Timestamp) -> Self {
+        Self {
+            workspace_id: workspace_id.clone(),
+            at,
+            actor: actor.id.clone(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            before: None,
+            after: None,
+            source: actor.source.clone(),
+        }
+    }
+
+    /// Records only the fields that differ between `before` and `after` (both JSON objects).
+    pub fn with_diff(mut self, before: &Value, after: &Value) -> Self {
+        let (b, a) = changed_fields(before, after);
+        self.before = Some(b);
+        self.after = Some(a);
+        self
+    }
+
+    pub fn with_after(mut self, after: Value) -> Self {
+        self.after = Some(after);
+        self
+    }
+}
+
+/// The fields of two JSON objects that differ, as two objects holding the old and new values.
+pub fn changed_fields(before: &Value, after: &Value) -> (Value, Value) {
+    let empty = Map::new();
+    let b = before.as_object().unwrap_or(&empty);
+    let a = after.as_object().unwrap_or(&empty);
+    let mut old = Map::new();
+    let mut new = Map::new();
+    for key in b.keys().chain(a.keys().filter(|k| !b.contains_key(*k))) {
+        let (bv, av) = (b.get(key), a.get(key));
+        if bv != av {
+            old.insert(key.clone(), bv.cloned().unwrap_or(Value::Null));
+            new.insert(key.clone(), av.cloned().unwrap_or(Value::Null));
+        }
+    }
+    (Value::Object(old), Value::Object(new))
+}
+
+/// A stored audit event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub workspace_id: WorkspaceId,
+    pub at: Timestamp,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+    pub source: Option<String>,
+}
+
+/// One page of a list, and the cursor of the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Which page to read. The cursor is opaque to callers; stores define it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PageRequest {
+    pub limit: u32,
+    pub cursor: Option<String>,
+}
+
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenFilter {
+    pub app_id: Option<AppId>,
+    pub status: Option<TokenStatus>,
+    /// Case-insensitive substring of the name.
+    pub name_contains: Option<String>,
+    /// Only tokens that expire before this instant (and have not yet).
+    pub expiring_before: Option<Timestamp>,
+    pub exposed: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn changed_fields_keeps_only_differences() {
+        let (b, a) = changed_fields(&json!({"name": "a", "scopes": ["x:y"], "gone": 1}), &json!({"name": "b", "scopes": ["x:y"], "new": 2}));
+        assert_eq!(b, json!({"name": "a", "gone": 1, "new": null}));
+        assert_eq!(a, json!({"name": "b", "gone": null, "new": 2}));
+    }
+
+    #[test]
+    fn permissions_parse() {
+        let all = Permission::parse_list(&["*".into()]).unwrap();
+        assert_eq!(all.len(), Permission::ALL.len());
+        assert_eq!(Permission::parse_list(&["tokens:read".into(), "tokens:read".into()]).unwrap(), vec![Permission::TokensRead]);
+        assert_eq!(Permission::parse_list(&["tokens:delete".into()]).unwrap_err().code, "invalid_permission");
+    }
+}

@@ -1,0 +1,126 @@
+//! The store traits: one per aggregate, implemented once per engine by `keygate-store` and
+//! chosen once at start. Every method that changes something takes the audit event that records
+//! the change, and writes both in one transaction.
+
+use async_trait::async_trait;
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::ids::{AppId, PlanId, TokenId, WorkspaceId};
+use crate::model::{
+    App, AuditEvent, AuditFilter, NewAuditEvent, Page, PageRequest, Plan, RootKey, ScopeEntry, TokenFilter,
+    TokenRecord, Workspace,
+};
+use crate::scope::Scope;
+use crate::secret::SecretHash;
+
+#[async_trait]
+pub trait WorkspaceStore: Send + Sync {
+    /// Returns the workspace named like `candidate`, inserting it and `default_app` if missing.
+    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App) -> Result<Workspace>;
+    async fn workspace(&self, id: &WorkspaceId) -> Result<Option<Workspace>>;
+    async fn workspace_by_name(&self, name: &str) -> Result<Option<Workspace>>;
+}
+
+#[async_trait]
+pub trait AppStore: Send + Sync {
+    async fn insert_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()>;
+    async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<Option<App>>;
+    async fn default_app(&self, ws: &WorkspaceId) -> Result<App>;
+    async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>>;
+    async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()>;
+    /// Deletes the app. Its tokens that are not revoked yet are revoked in the same transaction
+    /// (each with its own audit event built from `token_audit`) when `revoke_tokens` is set;
+    /// otherwise the deletion is refused with `app_has_tokens` while it has any.
+    async fn delete_app(
+        &self,
+        ws: &WorkspaceId,
+        id: &AppId,
+        revoke_tokens: bool,
+        now: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<()>;
+}
+
+#[async_trait]
+pub trait TokenStore: Send + Sync {
+    async fn insert_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
+    async fn token(&self, ws: &WorkspaceId, id: &TokenId) -> Result<Option<TokenRecord>>;
+    /// Any workspace's token with this hash (for the scanner's liveness check).
+    async fn token_by_hash(&self, hash: &SecretHash) -> Result<Option<TokenRecord>>;
+    async fn list_tokens(
+        &self,
+        ws: &WorkspaceId,
+        filter: &TokenFilter,
+        now: Timestamp,
+        page: &PageRequest,
+    ) -> Result<Page<TokenRecord>>;
+    /// Writes `token` (whose `version` is the one read plus one) if the stored version is still
+    /// `token.version - 1`; otherwise fails with `concurrent_update`.
+    async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
+    /// Writes the rotated-out `old` (under the same version rule) and inserts `new`, atomically.
+    async fn rotate_token(&self, old: &TokenRecord, new: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
+}
+
+#[async_trait]
+pub trait RootKeyStore: Send + Sync {
+    async fn insert_root_key(&self, key: &RootKey, audit: &NewAuditEvent) -> Result<()>;
+    async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>>;
+}
+
+#[async_trait]
+pub trait PlanStore: Send + Sync {
+    async fn insert_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()>;
+    async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Option<Plan>>;
+    async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>>;
+    /// Adds or replaces a scope catalog entry.
+    async fn put_scope(&self, entry: &ScopeEntry, audit: &NewAuditEvent) -> Result<()>;
+    async fn list_scopes(&self, ws: &WorkspaceId) -> Result<Vec<ScopeEntry>>;
+    async fn delete_scope(&self, ws: &WorkspaceId, scope: &Scope, audit: &NewAuditEvent) -> Result<bool>;
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>>;
+}
+
+/// Every token that may still authenticate, and the change-feed position it is current to.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub tokens: Vec<TokenRecord>,
+}
+
+/// One entry of the change feed: the token `id` changed; `record` is its state now (`None` if
+/// it can no longer authenticate and may be dropped from an index).
+#[derive(Debug, Clone)]
+pub struct TokenChange {
+    pub seq: u64,
+    pub id: TokenId,
+    pub record: Option<TokenRecord>,
+}
+
+/// Wakes a follower of the change feed when new changes may be there. A wake-up carries no data:
+/// the follower always reads `changes_since` its own position, so a missed wake-up only delays.
+#[async_trait]
+pub trait ChangeSignal: Send {
+    /// Waits for the next wake-up; `false` once the feed is closed.
+    async fn changed(&mut self) -> bool;
+}
+
+#[async_trait]
+pub trait ChangeFeed: Send + Sync {
+    async fn snapshot(&self) -> Result<Snapshot>;
+    /// Changes with a sequence number above `seq`, in order, at most `limit` of them.
+    async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>>;
+    fn subscribe(&self) -> Box<dyn ChangeSignal>;
+}
+
+/// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
+#[async_trait]
+pub trait Store: WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + ChangeFeed {
+    /// Which engine this is (`sqlite`, `postgres`), for logs.
+    fn engine(&self) -> &'static str;
+    /// Succeeds when the store answers.
+    async fn ping(&self) -> Result<()>;
+}

@@ -110,7 +110,8 @@ pub trait ChangeSignal: Send {
 
 #[async_trait]
 pub trait ChangeFeed: Send + Sync {
-    async fn snapshot(&self) -> Result<Snapshot>;
+    /// Every token not revoked and not expired at `now`, with the feed position it is current to.
+    async fn snapshot(&self, now: Timestamp) -> Result<Snapshot>;
     /// Changes with a sequence number above `seq`, in order, at most `limit` of them.
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>>;
     fn subscribe(&self) -> Box<dyn ChangeSignal>;

@@ -1,0 +1,163 @@
+//! Row decoding: from the portable column types (TEXT, BIGINT, BLOB/BYTEA, JSON as TEXT) into
+//! the records of `keygate-core`. A row that does not decode is a store error, never a panic.
+
+use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
+use keygate_core::model::{App, AuditEvent, Permission, Plan, RootKey, ScopeEntry, TokenRecord, TokenState, Workspace};
+use keygate_core::scope::Scope;
+use keygate_core::secret::SecretHash;
+use keygate_core::{Error, Result, Timestamp};
+use serde::de::DeserializeOwned;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get(col).map_err(|e| corrupt(col, &e.to_string()))
+}
+
+fn corrupt(col: &str, why: &str) -> Error {
+    tracing::error!(column = col, why, "undecodable row");
+    Error::internal("the store holds a row keygate cannot read; see the server log")
+}
+
+fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
+    get::<i64>(row, col).map(Timestamp::from_millis)
+}
+
+fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
+    Ok(get::<Option<i64>>(row, col)?.map(Timestamp::from_millis))
+}
+
+fn json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
+    let text: String = get(row, col)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(col, &e.to_string()))
+}
+
+fn opt_json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<Option<T>> {
+    match get::<Option<String>>(row, col)? {
+        Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| corrupt(col, &e.to_string())),
+        None => Ok(None),
+    }
+}
+
+fn hash(row: &AnyRow, col: &str) -> Result<SecretHash> {
+    let bytes: Vec<u8> = get(row, col)?;
+    SecretHash::from_slice(&bytes).ok_or_else(|| corrupt(col, "hash is not 32 bytes"))
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::internal(format!("cannot encode JSON: {e}")))
+}
+
+pub(crate) fn opt_to_json<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>> {
+    v.as_ref().map(to_json).transpose()
+}
+
+pub(crate) fn workspace(row: &AnyRow) -> Result<Workspace> {
+    Ok(Workspace {
+        id: WorkspaceId::from_trusted(get(row, "id")?),
+        name: get(row, "name")?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+pub(crate) fn app(row: &AnyRow) -> Result<App> {
+    Ok(App {
+        id: AppId::from_trusted(get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        name: get(row, "name")?,
+        description: get(row, "description")?,
+        plan_id: get::<Option<String>>(row, "plan_id")?.map(PlanId::from_trusted),
+        is_default: get::<i64>(row, "is_default")? != 0,
+        metadata: json(row, "metadata")?,
+        created_at: ts(row, "created_at")?,
+        updated_at: ts(row, "updated_at")?,
+    })
+}
+
+pub(crate) fn token(row: &AnyRow) -> Result<TokenRecord> {
+    let state: String = get(row, "state")?;
+    let allowlist: Vec<String> = json(row, "ip_allowlist")?;
+    Ok(TokenRecord {
+        id: TokenId::from_trusted(get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        app_id: AppId::from_trusted(get(row, "app_id")?),
+        name: get(row, "name")?,
+        hash: hash(row, "hash")?,
+        prefix: get(row, "prefix")?,
+        last4: get(row, "last4")?,
+        scopes: json::<Vec<Scope>>(row, "scopes")?,
+        state: TokenState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
+        expires_at: opt_ts(row, "expires_at")?,
+        ip_allowlist: allowlist
+            .iter()
+            .map(|s| s.parse().map_err(|_| corrupt("ip_allowlist", s)))
+            .collect::<Result<_>>()?,
+        rate_limit: opt_json(row, "rate_limit")?,
+        quota: opt_json(row, "quota")?,
+        metadata: json(row, "metadata")?,
+        created_at: ts(row, "created_at")?,
+        updated_at: ts(row, "updated_at")?,
+        last_used_at: opt_ts(row, "last_used_at")?,
+        last_used_ip: get(row, "last_used_ip")?,
+        revoked_at: opt_ts(row, "revoked_at")?,
+        revoke_reason: get(row, "revoke_reason")?,
+        rotated_from: get::<Option<String>>(row, "rotated_from")?.map(TokenId::from_trusted),
+        replaced_by: get::<Option<String>>(row, "replaced_by")?.map(TokenId::from_trusted),
+        exposed_at: opt_ts(row, "exposed_at")?,
+        version: get(row, "version")?,
+    })
+}
+
+pub(crate) fn plan(row: &AnyRow) -> Result<Plan> {
+    Ok(Plan {
+        id: PlanId::from_trusted(get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        name: get(row, "name")?,
+        description: get(row, "description")?,
+        scopes: json(row, "scopes")?,
+        rate_limit: opt_json(row, "rate_limit")?,
+        quota: opt_json(row, "quota")?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+pub(crate) fn scope_entry(row: &AnyRow) -> Result<ScopeEntry> {
+    let scope: String = get(row, "scope")?;
+    Ok(ScopeEntry {
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        scope: Scope::parse(&scope).map_err(|_| corrupt("scope", &scope))?,
+        description: get(row, "description")?,
+        api: get(row, "api")?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+pub(crate) fn root_key(row: &AnyRow) -> Result<RootKey> {
+    let perms: Vec<String> = json(row, "permissions")?;
+    Ok(RootKey {
+        id: RootKeyId::from_trusted(get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        name: get(row, "name")?,
+        hash: hash(row, "hash")?,
+        last4: get(row, "last4")?,
+        permissions: perms.iter().filter_map(|p| Permission::parse(p)).collect(),
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+pub(crate) fn audit_event(row: &AnyRow) -> Result<AuditEvent> {
+    Ok(AuditEvent {
+        id: get(row, "id")?,
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        at: ts(row, "at")?,
+        actor: get(row, "actor")?,
+        action: get(row, "action")?,
+        target: get(row, "target")?,
+        before: opt_json(row, "before_json")?,
+        after: opt_json(row, "after_json")?,
+        source: get(row, "source")?,
+    })
+}

@@ -1,0 +1,811 @@
+//! [`SqlStore`]: the store traits over a `sqlx` `Any` pool. The SQL is written once in the
+//! subset SQLite and PostgreSQL share (`$n` placeholders, `ON CONFLICT`, `RETURNING`); the
+//! engines differ only in their migrations.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keygate_core::ids::{AppId, PlanId, TokenId, WorkspaceId};
+use keygate_core::model::{
+    App, AuditEvent, AuditFilter, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest, Plan, RootKey,
+    ScopeEntry, TokenFilter, TokenRecord, TokenStatus, Workspace,
+};
+use keygate_core::scope::Scope;
+use keygate_core::secret::SecretHash;
+use keygate_core::store::{
+    AppStore, AuditStore, ChangeFeed, ChangeSignal, PlanStore, RootKeyStore, Snapshot, Store, TokenChange, TokenStore,
+    WorkspaceStore,
+};
+use keygate_core::{Error, Result, Timestamp};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
+use tokio::sync::watch;
+
+use crate::feed::{self, WatchSignal};
+use crate::rows::{self, opt_to_json, to_json};
+use crate::{Engine, db_error};
+
+type Tx = Transaction<'static, Any>;
+type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
+
+// Every SQL string passed as `AssertSqlSafe` below is built only from these constants and
+// numbered placeholders; values always travel as bind parameters.
+const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, scopes, state, expires_at, \
+    ip_allowlist, rate_limit, quota, metadata, created_at, updated_at, last_used_at, last_used_ip, revoked_at, \
+    revoke_reason, rotated_from, replaced_by, exposed_at, version";
+const APP_COLS: &str = "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at";
+const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
+
+/// The SQL store. Clone-free: hold it as `Arc<SqlStore>` or `Arc<dyn Store>`.
+pub struct SqlStore {
+    pool: AnyPool,
+    engine: Engine,
+    feed: Arc<watch::Sender<u64>>,
+    listener: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for SqlStore {
+    fn drop(&mut self) {
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
+    }
+}
+
+impl SqlStore {
+    pub(crate) async fn start(pool: AnyPool, engine: Engine, url: String) -> Result<Arc<Self>> {
+        let seq = sqlx::query_scalar::<_, i64>("SELECT seq FROM feed_state WHERE id = 1")
+            .fetch_one(&pool)
+            .await
+            .map_err(db_error)?;
+        let (tx, _rx) = watch::channel(u64::try_from(seq).unwrap_or(0));
+        let feed = Arc::new(tx);
+        // Only PostgreSQL has writers in other processes whose changes we must hear about.
+        let listener = (engine == Engine::Postgres)
+            .then(|| tokio::spawn(feed::follow_postgres(url, pool.clone(), feed.clone())).abort_handle());
+        Ok(Arc::new(Self { pool, engine, feed, listener }))
+    }
+
+    /// Closes the pool; in-flight queries finish first.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin(&self) -> Result<Tx> {
+        self.pool.begin().await.map_err(db_error)
+    }
+
+    /// Commits `tx`, then wakes change-feed followers if it carried token changes.
+    async fn commit(&self, tx: Tx, feed_seq: Option<u64>) -> Result<()> {
+        tx.commit().await.map_err(db_error)?;
+        if let Some(seq) = feed_seq {
+            self.feed.send_if_modified(|cur| feed::bump(cur, seq));
+        }
+        Ok(())
+    }
+}
+
+async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(e.workspace_id.as_str())
+    .bind(e.at.as_millis())
+    .bind(e.actor.as_str())
+    .bind(e.action.as_str())
+    .bind(e.target.as_str())
+    .bind(opt_to_json(&e.before)?)
+    .bind(opt_to_json(&e.after)?)
+    .bind(e.source.as_deref())
+    .execute(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Takes the next feed sequence number. It must be the first write of its transaction: the
+/// row lock it takes orders writers, so numbers become visible in commit order.
+async fn next_seq(tx: &mut Tx) -> Result<u64> {
+    let seq = sqlx::query_scalar::<_, i64>("UPDATE feed_state SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(u64::try_from(seq).unwrap_or(0))
+}
+
+async fn record_change(tx: &mut Tx, seq: u64, token: &TokenId, at: Timestamp) -> Result<()> {
+    sqlx::query("INSERT INTO token_changes (seq, token_id, at) VALUES ($1, $2, $3)")
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .bind(token.as_str())
+        .bind(at.as_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+fn bind_token<'q>(q: AnyQuery<'q>, t: &'q TokenRecord) -> Result<AnyQuery<'q>> {
+    let allowlist: Vec<String> = t.ip_allowlist.iter().map(ToString::to_string).collect();
+    Ok(q.bind(t.id.as_str())
+        .bind(t.workspace_id.as_str())
+        .bind(t.app_id.as_str())
+        .bind(t.name.as_str())
+        .bind(t.hash.as_bytes().to_vec())
+        .bind(t.prefix.as_str())
+        .bind(t.last4.as_str())
+        .bind(to_json(&t.scopes)?)
+        .bind(t.state.as_str())
+        .bind(t.expires_at.map(Timestamp::as_millis))
+        .bind(to_json(&allowlist)?)
+        .bind(opt_to_json(&t.rate_limit)?)
+        .bind(opt_to_json(&t.quota)?)
+        .bind(to_json(&t.metadata)?)
+        .bind(t.created_at.as_millis())
+        .bind(t.updated_at.as_millis())
+        .bind(t.last_used_at.map(Timestamp::as_millis))
+        .bind(t.last_used_ip.as_deref())
+        .bind(t.revoked_at.map(Timestamp::as_millis))
+        .bind(t.revoke_reason.as_deref())
+        .bind(t.rotated_from.as_ref().map(TokenId::as_str))
+        .bind(t.replaced_by.as_ref().map(TokenId::as_str))
+        .bind(t.exposed_at.map(Timestamp::as_millis))
+        .bind(t.version))
+}
+
+async fn insert_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    );
+    bind_token(sqlx::query(AssertSqlSafe(sql)), t)?.execute(&mut **tx).await.map_err(db_error)?;
+    Ok(())
+}
+
+/// Writes every mutable column of `t` if the stored version is `t.version - 1`.
+async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
+    let allowlist: Vec<String> = t.ip_allowlist.iter().map(ToString::to_string).collect();
+    let done = sqlx::query(
+        "UPDATE tokens SET name = $1, app_id = $2, scopes = $3, state = $4, expires_at = $5, ip_allowlist = $6, \
+         rate_limit = $7, quota = $8, metadata = $9, updated_at = $10, revoked_at = $11, revoke_reason = $12, \
+         replaced_by = $13, exposed_at = $14, version = $15 \
+         WHERE id = $16 AND workspace_id = $17 AND version = $18",
+    )
+    .bind(t.name.as_str())
+    .bind(t.app_id.as_str())
+    .bind(to_json(&t.scopes)?)
+    .bind(t.state.as_str())
+    .bind(t.expires_at.map(Timestamp::as_millis))
+    .bind(to_json(&allowlist)?)
+    .bind(opt_to_json(&t.rate_limit)?)
+    .bind(opt_to_json(&t.quota)?)
+    .bind(to_json(&t.metadata)?)
+    .bind(t.updated_at.as_millis())
+    .bind(t.revoked_at.map(Timestamp::as_millis))
+    .bind(t.revoke_reason.as_deref())
+    .bind(t.replaced_by.as_ref().map(TokenId::as_str))
+    .bind(t.exposed_at.map(Timestamp::as_millis))
+    .bind(t.version)
+    .bind(t.id.as_str())
+    .bind(t.workspace_id.as_str())
+    .bind(t.version - 1)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    if done.rows_affected() == 0 {
+        return Err(Error::conflict(
+            "concurrent_update",
+            "the token changed while this request was processed; read it again and retry",
+        ));
+    }
+    Ok(())
+}
+
+fn page_size(page: &PageRequest) -> i64 {
+    let n = if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) };
+    i64::from(n)
+}
+
+fn invalid_cursor() -> Error {
+    Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
+}
+
+/// Cursors of lists ordered by (created_at, id) descending: `<created_at ms>.<id>`.
+fn parse_time_cursor(c: &str) -> Result<(i64, String)> {
+    let (ms, id) = c.split_once('.').ok_or_else(invalid_cursor)?;
+    let ms = ms.parse::<i64>().map_err(|_| invalid_cursor())?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(invalid_cursor());
+    }
+    Ok((ms, id.to_owned()))
+}
+
+/// A WHERE clause under construction with numbered placeholders.
+struct Conditions {
+    sql: Vec<String>,
+    args: Vec<Arg>,
+}
+
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl Conditions {
+    fn new() -> Self {
+        Self { sql: Vec::new(), args: Vec::new() }
+    }
+    /// Adds a condition whose `?` marks are replaced by the next placeholders.
+    fn push(&mut self, cond: &str, args: Vec<Arg>) {
+        let mut out = String::new();
+        let mut args = args.into_iter();
+        for ch in cond.chars() {
+            if ch == '?' {
+                if let Some(a) = args.next() {
+                    self.args.push(a);
+                    out.push_str(&format!("${}", self.args.len()));
+                }
+            } else {
+                out.push(ch);
+            }
+        }
+        self.sql.push(out);
+    }
+    fn where_clause(&self) -> String {
+        if self.sql.is_empty() { String::new() } else { format!("WHERE {}", self.sql.join(" AND ")) }
+    }
+    fn next_placeholder(&self) -> String {
+        format!("${}", self.args.len() + 1)
+    }
+    fn bind<'q>(&'q self, mut q: AnyQuery<'q>) -> AnyQuery<'q> {
+        for a in &self.args {
+            q = match a {
+                Arg::Text(s) => q.bind(s.as_str()),
+                Arg::Int(i) => q.bind(*i),
+            };
+        }
+        q
+    }
+}
+
+fn like_pattern(s: &str) -> String {
+    let escaped = s.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+#[async_trait]
+impl WorkspaceStore for SqlStore {
+    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App) -> Result<Workspace> {
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
+            .bind(candidate.id.as_str())
+            .bind(candidate.name.as_str())
+            .bind(candidate.created_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if inserted.rows_affected() == 1 {
+            insert_app_row(&mut tx, default_app).await?;
+        }
+        let row = sqlx::query("SELECT id, name, created_at FROM workspaces WHERE name = $1")
+            .bind(candidate.name.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let ws = rows::workspace(&row)?;
+        self.commit(tx, None).await?;
+        Ok(ws)
+    }
+
+    async fn workspace(&self, id: &WorkspaceId) -> Result<Option<Workspace>> {
+        sqlx::query("SELECT id, name, created_at FROM workspaces WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::workspace)
+            .transpose()
+    }
+
+    async fn workspace_by_name(&self, name: &str) -> Result<Option<Workspace>> {
+        sqlx::query("SELECT id, name, created_at FROM workspaces WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::workspace)
+            .transpose()
+    }
+}
+
+async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
+    let sql = format!("INSERT INTO apps ({APP_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(app.id.as_str())
+        .bind(app.workspace_id.as_str())
+        .bind(app.name.as_str())
+        .bind(app.description.as_deref())
+        .bind(app.plan_id.as_ref().map(PlanId::as_str))
+        .bind(i64::from(app.is_default))
+        .bind(to_json(&app.metadata)?)
+        .bind(app.created_at.as_millis())
+        .bind(app.updated_at.as_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+#[async_trait]
+impl AppStore for SqlStore {
+    async fn insert_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        insert_app_row(&mut tx, app).await?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<Option<App>> {
+        let sql = format!("SELECT {APP_COLS} FROM apps WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::app)
+            .transpose()
+    }
+
+    async fn default_app(&self, ws: &WorkspaceId) -> Result<App> {
+        let sql = format!("SELECT {APP_COLS} FROM apps WHERE workspace_id = $1 AND is_default = 1");
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_optional(&self.pool).await.map_err(db_error)?;
+        row.as_ref().map(rows::app).transpose()?.ok_or_else(|| Error::not_found("app"))
+    }
+
+    async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>> {
+        let mut c = Conditions::new();
+        c.push("workspace_id = ?", vec![Arg::Text(ws.as_str().to_owned())]);
+        if let Some(cursor) = &page.cursor {
+            let (ms, id) = parse_time_cursor(cursor)?;
+            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
+        }
+        let limit = page_size(page);
+        let sql = format!(
+            "SELECT {APP_COLS} FROM apps {} ORDER BY created_at DESC, id DESC LIMIT {}",
+            c.where_clause(),
+            c.next_placeholder()
+        );
+        let rows = c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, rows::app, |a: &App| format!("{}.{}", a.created_at.as_millis(), a.id))
+    }
+
+    async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE apps SET name = $1, description = $2, plan_id = $3, metadata = $4, updated_at = $5 \
+             WHERE id = $6 AND workspace_id = $7",
+        )
+        .bind(app.name.as_str())
+        .bind(app.description.as_deref())
+        .bind(app.plan_id.as_ref().map(PlanId::as_str))
+        .bind(to_json(&app.metadata)?)
+        .bind(app.updated_at.as_millis())
+        .bind(app.id.as_str())
+        .bind(app.workspace_id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found("app"));
+        }
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn delete_app(
+        &self,
+        ws: &WorkspaceId,
+        id: &AppId,
+        revoke_tokens: bool,
+        now: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        // Taken first even when no token changes, so this transaction is a writer from the start.
+        let seq = next_seq(&mut tx).await?;
+        let token_ids: Vec<String> = sqlx::query_scalar("SELECT id FROM tokens WHERE workspace_id = $1 AND app_id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if !token_ids.is_empty() && !revoke_tokens {
+            return Err(Error::conflict(
+                "app_has_tokens",
+                "the app still has tokens; revoke them first, or delete with ?revoke_tokens=true to revoke and remove them with the app",
+            ));
+        }
+        let mut last_seq = seq;
+        for (i, tid) in token_ids.iter().enumerate() {
+            let tid = TokenId::from_trusted(tid.clone());
+            if i > 0 {
+                last_seq = next_seq(&mut tx).await?;
+            }
+            record_change(&mut tx, last_seq, &tid, now).await?;
+            let mut ev = audit.clone();
+            ev.action = "token.revoke".into();
+            ev.target = tid.as_str().to_owned();
+            ev.before = None;
+            ev.after = Some(serde_json::json!({"state": "revoked", "revoke_reason": "app deleted"}));
+            insert_audit(&mut tx, &ev).await?;
+        }
+        sqlx::query("DELETE FROM tokens WHERE workspace_id = $1 AND app_id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let done = sqlx::query("DELETE FROM apps WHERE workspace_id = $1 AND id = $2 AND is_default = 0")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            let exists: Option<i64> = sqlx::query_scalar("SELECT is_default FROM apps WHERE workspace_id = $1 AND id = $2")
+                .bind(ws.as_str())
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            return Err(match exists {
+                Some(_) => Error::conflict("default_app", "the workspace's default app cannot be deleted"),
+                None => Error::not_found("app"),
+            });
+        }
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, Some(last_seq)).await
+    }
+}
+
+fn paginate<T>(
+    rows: &[AnyRow],
+    limit: i64,
+    decode: fn(&AnyRow) -> Result<T>,
+    cursor_of: impl Fn(&T) -> String,
+) -> Result<Page<T>> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut items = rows.iter().take(limit).map(decode).collect::<Result<Vec<T>>>()?;
+    let next_cursor = if rows.len() > limit { items.last().map(&cursor_of) } else { None };
+    items.shrink_to_fit();
+    Ok(Page { items, next_cursor })
+}
+
+#[async_trait]
+impl TokenStore for SqlStore {
+    async fn insert_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let seq = next_seq(&mut tx).await?;
+        insert_token_row(&mut tx, token).await?;
+        record_change(&mut tx, seq, &token.id, token.updated_at).await?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, Some(seq)).await
+    }
+
+    async fn token(&self, ws: &WorkspaceId, id: &TokenId) -> Result<Option<TokenRecord>> {
+        let sql = format!("SELECT {TOKEN_COLS} FROM tokens WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::token)
+            .transpose()
+    }
+
+    async fn token_by_hash(&self, hash: &SecretHash) -> Result<Option<TokenRecord>> {
+        let sql = format!("SELECT {TOKEN_COLS} FROM tokens WHERE hash = $1");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(hash.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::token)
+            .transpose()
+    }
+
+    async fn list_tokens(
+        &self,
+        ws: &WorkspaceId,
+        filter: &TokenFilter,
+        now: Timestamp,
+        page: &PageRequest,
+    ) -> Result<Page<TokenRecord>> {
+        let now = now.as_millis();
+        let mut c = Conditions::new();
+        c.push("workspace_id = ?", vec![Arg::Text(ws.as_str().to_owned())]);
+        if let Some(app) = &filter.app_id {
+            c.push("app_id = ?", vec![Arg::Text(app.as_str().to_owned())]);
+        }
+        match filter.status {
+            None => {}
+            Some(TokenStatus::Revoked) => c.push("state = 'revoked'", vec![]),
+            Some(TokenStatus::Expired) => {
+                c.push("state <> 'revoked' AND expires_at IS NOT NULL AND expires_at <= ?", vec![Arg::Int(now)]);
+            }
+            Some(s @ (TokenStatus::Active | TokenStatus::Suspended)) => {
+                let state = if s == TokenStatus::Active { "active" } else { "suspended" };
+                c.push(
+                    "state = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    vec![Arg::Text(state.into()), Arg::Int(now)],
+                );
+            }
+        }
+        if let Some(name) = &filter.name_contains {
+            c.push("LOWER(name) LIKE ? ESCAPE '\\'", vec![Arg::Text(like_pattern(name))]);
+        }
+        if let Some(before) = filter.expiring_before {
+            c.push("expires_at > ? AND expires_at <= ?", vec![Arg::Int(now), Arg::Int(before.as_millis())]);
+        }
+        match filter.exposed {
+            Some(true) => c.push("exposed_at IS NOT NULL", vec![]),
+            Some(false) => c.push("exposed_at IS NULL", vec![]),
+            None => {}
+        }
+        if let Some(cursor) = &page.cursor {
+            let (ms, id) = parse_time_cursor(cursor)?;
+            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
+        }
+        let limit = page_size(page);
+        let sql = format!(
+            "SELECT {TOKEN_COLS} FROM tokens {} ORDER BY created_at DESC, id DESC LIMIT {}",
+            c.where_clause(),
+            c.next_placeholder()
+        );
+        let rows = c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, rows::token, |t: &TokenRecord| format!("{}.{}", t.created_at.as_millis(), t.id))
+    }
+
+    async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let seq = next_seq(&mut tx).await?;
+        update_token_row(&mut tx, token).await?;
+        record_change(&mut tx, seq, &token.id, token.updated_at).await?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, Some(seq)).await
+    }
+
+    async fn rotate_token(&self, old: &TokenRecord, new: &TokenRecord, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let seq = next_seq(&mut tx).await?;
+        update_token_row(&mut tx, old).await?;
+        insert_token_row(&mut tx, new).await?;
+        record_change(&mut tx, seq, &old.id, old.updated_at).await?;
+        // The new token needs its own feed position: take the next one in the same transaction.
+        let seq2 = next_seq(&mut tx).await?;
+        record_change(&mut tx, seq2, &new.id, new.updated_at).await?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, Some(seq2)).await
+    }
+}
+
+#[async_trait]
+impl RootKeyStore for SqlStore {
+    async fn insert_root_key(&self, key: &RootKey, audit: &NewAuditEvent) -> Result<()> {
+        let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO root_keys (id, workspace_id, name, hash, last4, permissions, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(key.id.as_str())
+        .bind(key.workspace_id.as_str())
+        .bind(key.name.as_str())
+        .bind(key.hash.as_bytes().to_vec())
+        .bind(key.last4.as_str())
+        .bind(to_json(&perms)?)
+        .bind(key.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>> {
+        sqlx::query("SELECT id, workspace_id, name, hash, last4, permissions, created_at FROM root_keys WHERE hash = $1")
+            .bind(hash.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::root_key)
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl PlanStore for SqlStore {
+    async fn insert_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let sql = format!("INSERT INTO plans ({PLAN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(plan.id.as_str())
+            .bind(plan.workspace_id.as_str())
+            .bind(plan.name.as_str())
+            .bind(plan.description.as_deref())
+            .bind(to_json(&plan.scopes)?)
+            .bind(opt_to_json(&plan.rate_limit)?)
+            .bind(opt_to_json(&plan.quota)?)
+            .bind(plan.created_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Option<Plan>> {
+        let sql = format!("SELECT {PLAN_COLS} FROM plans WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::plan)
+            .transpose()
+    }
+
+    async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>> {
+        let sql = format!("SELECT {PLAN_COLS} FROM plans WHERE workspace_id = $1 ORDER BY name");
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_all(&self.pool).await.map_err(db_error)?;
+        rows.iter().map(rows::plan).collect()
+    }
+
+    async fn put_scope(&self, entry: &ScopeEntry, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO scope_catalog (workspace_id, scope, description, api, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (workspace_id, scope) DO UPDATE SET description = excluded.description, api = excluded.api",
+        )
+        .bind(entry.workspace_id.as_str())
+        .bind(entry.scope.as_str())
+        .bind(entry.description.as_deref())
+        .bind(entry.api.as_deref())
+        .bind(entry.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn list_scopes(&self, ws: &WorkspaceId) -> Result<Vec<ScopeEntry>> {
+        let rows = sqlx::query(
+            "SELECT workspace_id, scope, description, api, created_at FROM scope_catalog WHERE workspace_id = $1 ORDER BY scope",
+        )
+        .bind(ws.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(rows::scope_entry).collect()
+    }
+
+    async fn delete_scope(&self, ws: &WorkspaceId, scope: &Scope, audit: &NewAuditEvent) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("DELETE FROM scope_catalog WHERE workspace_id = $1 AND scope = $2")
+            .bind(ws.as_str())
+            .bind(scope.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl AuditStore for SqlStore {
+    async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>> {
+        let mut c = Conditions::new();
+        c.push("workspace_id = ?", vec![Arg::Text(ws.as_str().to_owned())]);
+        for (col, v) in [("actor", &filter.actor), ("action", &filter.action), ("target", &filter.target)] {
+            if let Some(v) = v {
+                c.push(&format!("{col} = ?"), vec![Arg::Text(v.clone())]);
+            }
+        }
+        if let Some(from) = filter.from {
+            c.push("at >= ?", vec![Arg::Int(from.as_millis())]);
+        }
+        if let Some(to) = filter.to {
+            c.push("at < ?", vec![Arg::Int(to.as_millis())]);
+        }
+        if let Some(cursor) = &page.cursor {
+            let id = cursor.parse::<i64>().map_err(|_| invalid_cursor())?;
+            c.push("id < ?", vec![Arg::Int(id)]);
+        }
+        let limit = page_size(page);
+        let sql = format!(
+            "SELECT id, workspace_id, at, actor, action, target, before_json, after_json, source FROM audit_events {} \
+             ORDER BY id DESC LIMIT {}",
+            c.where_clause(),
+            c.next_placeholder()
+        );
+        let rows = c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, rows::audit_event, |e: &AuditEvent| e.id.to_string())
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for SqlStore {
+    async fn snapshot(&self, now: Timestamp) -> Result<Snapshot> {
+        // The position is read first: tokens read afterwards are at least that current, and
+        // re-applying a change a snapshot already holds is harmless.
+        let seq = sqlx::query_scalar::<_, i64>("SELECT seq FROM feed_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let sql = format!(
+            "SELECT {TOKEN_COLS} FROM tokens WHERE state <> 'revoked' AND (expires_at IS NULL OR expires_at > $1)"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(now.as_millis()).fetch_all(&self.pool).await.map_err(db_error)?;
+        let tokens = rows.iter().map(rows::token).collect::<Result<Vec<_>>>()?;
+        Ok(Snapshot { seq: u64::try_from(seq).unwrap_or(0), tokens })
+    }
+
+    async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>> {
+        let cols: String = TOKEN_COLS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT c.seq AS change_seq, c.token_id AS change_token, {cols} FROM token_changes c \
+             LEFT JOIN tokens t ON t.id = c.token_id WHERE c.seq > $1 ORDER BY c.seq LIMIT $2"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("change_seq").map_err(db_error)?;
+                let id: String = row.try_get("change_token").map_err(db_error)?;
+                let present: Option<String> = row.try_get("id").map_err(db_error)?;
+                let record = match present {
+                    Some(_) => Some(rows::token(row)?).filter(|t| t.state != keygate_core::model::TokenState::Revoked),
+                    None => None,
+                };
+                Ok(TokenChange { seq: u64::try_from(seq).unwrap_or(0), id: TokenId::from_trusted(id), record })
+            })
+            .collect()
+    }
+
+    fn subscribe(&self) -> Box<dyn ChangeSignal> {
+        Box::new(WatchSignal(self.feed.subscribe()))
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn engine(&self) -> &'static str {
+        self.engine.as_str()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error)?;
+        Ok(())
+    }
+}

@@ -1,1 +1,9 @@
-//! stub
+//! keygate's control plane: the service layer that the admin API, the CLI and (later) the
+//! dashboard all call, and the admin REST API with its generated OpenAPI document.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod service;
+
+pub use api::{AdminState, router};
+pub use service::{Admin, AdminSettings};

@@ -2,7 +2,7 @@
 //!
 //! | part      | length | content                                                        |
 //! |-----------|--------|----------------------------------------------------------------|
-//! | prefix    | 2–16   | `[a-z][a-z0-9]*`, configurable, `kg` by default                 |
+//! | prefix    | 2–12   | `[a-z][a-z0-9]*`, configurable, `kg` by default                 |
 //! | `_`       | 1      | separator                                                      |
 //! | public id | 12     | base62, ~71 random bits; names the token in lists and logs      |
 //! | secret    | 43     | base62, ~256 random bits from the OS CSPRNG                     |
@@ -23,7 +23,8 @@ pub const CHECKSUM_LEN: usize = 6;
 /// Length of everything after the `_`.
 pub const BODY_LEN: usize = PUBLIC_ID_LEN + SECRET_LEN + CHECKSUM_LEN;
 pub const DEFAULT_PREFIX: &str = "kg";
-const MAX_PREFIX_LEN: usize = 16;
+// 12, so that the root-key prefix (`<prefix>root`) stays a valid prefix too.
+const MAX_PREFIX_LEN: usize = 12;
 
 /// A validated token prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,485 @@
+//! The JSON shapes of the admin API. Requests refuse unknown fields; responses never carry a
+//! secret except the `token` of a create or rotate answer, shown that once.
+
+use keygate_core::Timestamp;
+use keygate_core::model::{App, AuditEvent, Plan, ScopeEntry, TokenRecord};
+use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+
+/// Distinguishes a field that is absent (`None`) from one set to `null` (`Some(None)`).
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// At most `requests` per `per_seconds` seconds, with `burst` extra requests allowed at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitBody {
+    #[schema(minimum = 1)]
+    pub requests: u32,
+    #[schema(minimum = 1)]
+    pub per_seconds: u32,
+    #[serde(default)]
+    pub burst: u32,
+}
+
+impl From<RateLimitBody> for RateLimit {
+    fn from(b: RateLimitBody) -> Self {
+        RateLimit { requests: b.requests, per_seconds: b.per_seconds, burst: b.burst }
+    }
+}
+
+impl From<RateLimit> for RateLimitBody {
+    fn from(r: RateLimit) -> Self {
+        Self { requests: r.requests, per_seconds: r.per_seconds, burst: r.burst }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriodBody {
+    Day,
+    Month,
+    Total,
+}
+
+/// At most `requests` per calendar `period` (UTC); `total` never resets.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaBody {
+    #[schema(minimum = 1)]
+    pub requests: u64,
+    pub period: QuotaPeriodBody,
+}
+
+impl From<QuotaBody> for Quota {
+    fn from(b: QuotaBody) -> Self {
+        let period = match b.period {
+            QuotaPeriodBody::Day => QuotaPeriod::Day,
+            QuotaPeriodBody::Month => QuotaPeriod::Month,
+            QuotaPeriodBody::Total => QuotaPeriod::Total,
+        };
+        Quota { requests: b.requests, period }
+    }
+}
+
+impl From<Quota> for QuotaBody {
+    fn from(q: Quota) -> Self {
+        let period = match q.period {
+            QuotaPeriod::Day => QuotaPeriodBody::Day,
+            QuotaPeriod::Month => QuotaPeriodBody::Month,
+            QuotaPeriod::Total => QuotaPeriodBody::Total,
+        };
+        Self { requests: q.requests, period }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// A name to recognize the token by (1–200 characters).
+    pub name: String,
+    /// The app that holds the token; the workspace's default app when omitted.
+    pub app_id: Option<String>,
+    /// Granted scopes, such as `orders:read` or `orders:*`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Lifetime in seconds from now. Give this or `expires_at`, not both.
+    pub expires_in: Option<i64>,
+    /// Expiry as an RFC 3339 date-time in the future.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<Timestamp>,
+    /// IPv4/IPv6 addresses or CIDRs the token may be used from; empty allows any address.
+    #[serde(default)]
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimitBody>,
+    pub quota: Option<QuotaBody>,
+    /// Free-form JSON object (at most 8 KiB).
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Fields to change; omitted fields stay as they are, `null` clears an optional one.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTokenRequest {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    /// New lifetime in seconds from now.
+    pub expires_in: Option<i64>,
+    /// New expiry, or `null` for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime, nullable)]
+    pub expires_at: Option<Option<Timestamp>>,
+    pub ip_allowlist: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub rate_limit: Option<Option<RateLimitBody>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub quota: Option<Option<QuotaBody>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeTokenRequest {
+    /// Why the token is revoked; kept in the token and its audit trail.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateTokenRequest {
+    /// How long the old secret keeps working, in seconds (default 0: it stops at once).
+    #[serde(default)]
+    pub grace_period_seconds: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportExposuresRequest {
+    /// Whole tokens found somewhere they should not be (at most 100).
+    pub tokens: Vec<String>,
+    /// Where they were found, for the audit trail (such as `repo/file.env:3`).
+    pub location: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExposureView {
+    /// The presented token's display form (`kg_<public id>…<last4>`), never the secret.
+    pub display: String,
+    /// `live`, `inactive`, `unknown` (not a token of this workspace) or `malformed`.
+    pub verdict: String,
+    pub token_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExposuresResponse {
+    pub data: Vec<ExposureView>,
+}
+
+/// A token as the API shows it: never its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub app_id: String,
+    /// `kg_<public id>…<last4>`: enough to recognize the token.
+    pub display: String,
+    pub prefix: String,
+    pub last4: String,
+    /// `active`, `suspended`, `revoked` or `expired`.
+    pub status: String,
+    pub scopes: Vec<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<Timestamp>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimitBody>,
+    pub quota: Option<QuotaBody>,
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<Timestamp>,
+    pub last_used_ip: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<Timestamp>,
+    pub revoke_reason: Option<String>,
+    pub rotated_from: Option<String>,
+    pub replaced_by: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub exposed_at: Option<Timestamp>,
+}
+
+impl TokenView {
+    pub fn new(t: &TokenRecord, now: Timestamp) -> Self {
+        let status = serde_json::to_value(t.status(now)).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        Self {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            app_id: t.app_id.to_string(),
+            display: t.display(),
+            prefix: t.prefix.clone(),
+            last4: t.last4.clone(),
+            status,
+            scopes: t.scopes.iter().map(ToString::to_string).collect(),
+            expires_at: t.expires_at,
+            ip_allowlist: t.ip_allowlist.iter().map(ToString::to_string).collect(),
+            rate_limit: t.rate_limit.map(Into::into),
+            quota: t.quota.map(Into::into),
+            metadata: t.metadata.clone(),
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+            last_used_at: t.last_used_at,
+            last_used_ip: t.last_used_ip.clone(),
+            revoked_at: t.revoked_at,
+            revoke_reason: t.revoke_reason.clone(),
+            rotated_from: t.rotated_from.as_ref().map(ToString::to_string),
+            replaced_by: t.replaced_by.as_ref().map(ToString::to_string),
+            exposed_at: t.exposed_at,
+        }
+    }
+}
+
+/// A token just created or rotated, with its secret: store it now, it is never shown again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenWithSecret {
+    #[serde(flatten)]
+    pub record: TokenView,
+    /// The whole token. It is returned only in this answer.
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenList {
+    pub data: Vec<TokenView>,
+    /// Pass as `cursor` to read the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListTokensQuery {
+    /// Only tokens of this app.
+    pub app_id: Option<String>,
+    /// `active`, `suspended`, `revoked` or `expired`.
+    pub status: Option<String>,
+    /// Case-insensitive part of the name.
+    pub q: Option<String>,
+    /// Only tokens expiring within this many seconds.
+    pub expiring_within: Option<i64>,
+    /// `true`: only tokens marked exposed; `false`: only the others.
+    pub exposed: Option<bool>,
+    /// Page size, 1–500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAppRequest {
+    pub name: String,
+    pub description: Option<String>,
+    pub plan_id: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAppRequest {
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub plan_id: Option<Option<String>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppView {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub plan_id: Option<String>,
+    /// The app that holds tokens created without an `app_id`.
+    pub is_default: bool,
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: Timestamp,
+}
+
+impl From<&App> for AppView {
+    fn from(a: &App) -> Self {
+        Self {
+            id: a.id.to_string(),
+            name: a.name.clone(),
+            description: a.description.clone(),
+            plan_id: a.plan_id.as_ref().map(ToString::to_string),
+            is_default: a.is_default,
+            metadata: a.metadata.clone(),
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppList {
+    pub data: Vec<AppView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteAppQuery {
+    /// Revoke and remove the app's tokens with it (otherwise an app with tokens is not deleted).
+    #[serde(default)]
+    pub revoke_tokens: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePlanRequest {
+    pub name: String,
+    pub description: Option<String>,
+    /// The scopes an app on this plan may grant its tokens.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Default rate limit of tokens of apps on this plan.
+    pub rate_limit: Option<RateLimitBody>,
+    /// Default quota of tokens of apps on this plan.
+    pub quota: Option<QuotaBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanView {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub scopes: Vec<String>,
+    pub rate_limit: Option<RateLimitBody>,
+    pub quota: Option<QuotaBody>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+}
+
+impl From<&Plan> for PlanView {
+    fn from(p: &Plan) -> Self {
+        Self {
+            id: p.id.to_string(),
+            name: p.name.clone(),
+            description: p.description.clone(),
+            scopes: p.scopes.iter().map(ToString::to_string).collect(),
+            rate_limit: p.rate_limit.map(Into::into),
+            quota: p.quota.map(Into::into),
+            created_at: p.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanList {
+    pub data: Vec<PlanView>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutScopeRequest {
+    pub description: Option<String>,
+    /// The API the scope belongs to, for grouping.
+    pub api: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScopeView {
+    pub scope: String,
+    pub description: Option<String>,
+    pub api: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+}
+
+impl From<&ScopeEntry> for ScopeView {
+    fn from(e: &ScopeEntry) -> Self {
+        Self { scope: e.scope.to_string(), description: e.description.clone(), api: e.api.clone(), created_at: e.created_at }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScopeList {
+    pub data: Vec<ScopeView>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// `rk_…` (a root key), `cli` or `system`.
+    pub actor: Option<String>,
+    /// Such as `token.create`, `token.revoke`, `app.update`.
+    pub action: Option<String>,
+    /// The id of the object changed.
+    pub target: Option<String>,
+    /// Events at or after this RFC 3339 date-time.
+    pub from: Option<String>,
+    /// Events before this RFC 3339 date-time.
+    pub to: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEventView {
+    pub id: i64,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    /// The changed non-secret fields before the change.
+    #[schema(value_type = Option<Object>)]
+    pub before: Option<Value>,
+    /// The changed non-secret fields after the change.
+    #[schema(value_type = Option<Object>)]
+    pub after: Option<Value>,
+    /// The address the change came from.
+    pub source: Option<String>,
+}
+
+impl From<&AuditEvent> for AuditEventView {
+    fn from(e: &AuditEvent) -> Self {
+        Self {
+            id: e.id,
+            at: e.at,
+            actor: e.actor.clone(),
+            action: e.action.clone(),
+            target: e.target.clone(),
+            before: e.before.clone(),
+            after: e.after.clone(),
+            source: e.source.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEventList {
+    pub data: Vec<AuditEventView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` when the store answers.
+    pub status: String,
+    /// `sqlite` or `postgres`.
+    pub store: String,
+    pub version: String,
+}

@@ -1,0 +1,150 @@
+//! Extractors whose failures are admin API errors with stable codes: JSON bodies (size limit,
+//! syntax, unknown fields, wrong types), query strings, and root-key authentication with the
+//! permission each handler names in its signature.
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use keygate_core::model::{Actor, Permission, RootKey};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::{AdminState, MAX_BODY_BYTES};
+
+/// A JSON body, read up to [`MAX_BODY_BYTES`]. An empty body reads as `{}` when `T` allows it.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let has_json_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+        let has_type = req.headers().contains_key(header::CONTENT_TYPE);
+        let bytes = Bytes::from_request(req, state).await.map_err(|_| body_unreadable())?;
+        if bytes.len() > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
+        if has_type && !has_json_type && !bytes.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with Content-Type: application/json",
+            ));
+        }
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        serde_json::from_slice(bytes).map(ApiJson).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body is not valid JSON ({e})"),
+                ),
+                Category::Data => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body does not fit: {e}")),
+            }
+        })
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+    )
+}
+
+fn body_unreadable() -> ApiError {
+    // Bytes::from_request only fails on a body it could not read in full (or over a limit).
+    too_large()
+}
+
+/// A query string whose failures name the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("the query string does not fit: {}", e.body_text())))
+    }
+}
+
+/// A permission a handler requires, named as a type so a route cannot forget it.
+pub trait RequiredPermission {
+    const PERMISSION: Permission;
+}
+
+macro_rules! permission_marker {
+    ($($name:ident => $perm:ident),* $(,)?) => {$(
+        #[doc = concat!("Requires `", stringify!($perm), "`.")]
+        pub struct $name;
+        impl RequiredPermission for $name {
+            const PERMISSION: Permission = Permission::$perm;
+        }
+    )*};
+}
+
+permission_marker!(
+    TokensRead => TokensRead,
+    TokensWrite => TokensWrite,
+    AppsRead => AppsRead,
+    AppsWrite => AppsWrite,
+    PlansRead => PlansRead,
+    PlansWrite => PlansWrite,
+    AuditRead => AuditRead,
+);
+
+/// An authenticated root key holding permission `P`.
+pub struct Auth<P> {
+    pub key: RootKey,
+    pub actor: Actor,
+    _permission: PhantomData<P>,
+}
+
+impl<P: RequiredPermission> FromRequestParts<AdminState> for Auth<P> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        let header = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing_credentials",
+                "send a root key as `Authorization: Bearer <key>`; create one with `keygate root-key create`",
+            )
+        })?;
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_credentials",
+                    "the Authorization header must be `Bearer <root key>`",
+                )
+            })?;
+        let key = state.admin.authenticate(presented).await?;
+        if !key.permissions.contains(&P::PERMISSION) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "missing_permission",
+                format!("this root key lacks the permission {}; use a key that has it", P::PERMISSION.as_str()),
+            ));
+        }
+        let source = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string());
+        let actor = Actor { id: key.id.to_string(), source };
+        Ok(Self { key, actor, _permission: PhantomData })
+    }
+}

@@ -1,0 +1,213 @@
+//! `/admin/v1/tokens…`: the token lifecycle.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use keygate_core::Error;
+use keygate_core::ids::{AppId, TokenId};
+use keygate_core::model::{PageRequest, TokenFilter, TokenStatus};
+
+use super::dto::*;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiQuery, Auth, TokensRead, TokensWrite};
+use super::AdminState;
+use crate::service::{NewToken, TokenUpdate};
+
+pub(crate) fn token_id(raw: &str) -> Result<TokenId, ApiError> {
+    TokenId::parse(raw).ok_or_else(|| Error::not_found("token").into())
+}
+
+pub(crate) fn app_id(raw: &str) -> Result<AppId, ApiError> {
+    AppId::parse(raw).ok_or_else(|| Error::not_found("app").into())
+}
+
+/// Creates a token. The answer holds the secret (`token`) this once.
+#[utoipa::path(post, path = "/admin/v1/tokens", tag = "tokens", request_body = CreateTokenRequest,
+    responses(
+        (status = 201, description = "Created; `token` is the secret, shown only now", body = TokenWithSecret),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "No valid root key", body = ErrorBody),
+        (status = 403, description = "The root key lacks tokens:write", body = ErrorBody),
+        (status = 404, description = "No such app", body = ErrorBody),
+    ))]
+pub(crate) async fn create_token(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    ApiJson(req): ApiJson<CreateTokenRequest>,
+) -> Result<(StatusCode, Json<TokenWithSecret>), ApiError> {
+    let new = NewToken {
+        name: req.name,
+        app_id: req.app_id.as_deref().map(app_id).transpose()?,
+        scopes: req.scopes,
+        expires_in: req.expires_in,
+        expires_at: req.expires_at,
+        ip_allowlist: req.ip_allowlist,
+        rate_limit: req.rate_limit.map(Into::into),
+        quota: req.quota.map(Into::into),
+        metadata: req.metadata,
+    };
+    let (record, secret) = s.admin.create_token(&auth.key.workspace_id, &auth.actor, new).await?;
+    let view = TokenView::new(&record, s.admin.now());
+    Ok((StatusCode::CREATED, Json(TokenWithSecret { record: view, token: secret.expose().to_owned() })))
+}
+
+/// Lists tokens, newest first, with filters and cursor pagination.
+#[utoipa::path(get, path = "/admin/v1/tokens", tag = "tokens", params(ListTokensQuery),
+    responses(
+        (status = 200, body = TokenList),
+        (status = 400, description = "Invalid filter", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    ))]
+pub(crate) async fn list_tokens(
+    auth: Auth<TokensRead>,
+    State(s): State<AdminState>,
+    ApiQuery(q): ApiQuery<ListTokensQuery>,
+) -> Result<Json<TokenList>, ApiError> {
+    let now = s.admin.now();
+    let status = q
+        .status
+        .as_deref()
+        .map(|st| {
+            TokenStatus::parse(st).ok_or_else(|| {
+                Error::invalid("invalid_query", "status is one of active, suspended, revoked, expired")
+            })
+        })
+        .transpose()?;
+    let expiring_before = match q.expiring_within {
+        Some(secs) if secs <= 0 => {
+            return Err(Error::invalid("invalid_query", "expiring_within is a positive number of seconds").into());
+        }
+        Some(secs) => Some(now.plus_seconds(secs)),
+        None => None,
+    };
+    // An app id that cannot exist matches nothing, like any other unknown app.
+    let app = match q.app_id.as_deref() {
+        Some(raw) => match AppId::parse(raw) {
+            Some(id) => Some(id),
+            None => return Ok(Json(TokenList { data: vec![], next_cursor: None })),
+        },
+        None => None,
+    };
+    let filter = TokenFilter { app_id: app, status, name_contains: q.q, expiring_before, exposed: q.exposed };
+    let page = s
+        .admin
+        .list_tokens(&auth.key.workspace_id, &filter, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
+        .await?;
+    Ok(Json(TokenList {
+        data: page.items.iter().map(|t| TokenView::new(t, now)).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// Shows a token (never its secret).
+#[utoipa::path(get, path = "/admin/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "tok_…")),
+    responses((status = 200, body = TokenView), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub(crate) async fn get_token(
+    auth: Auth<TokensRead>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    let t = s.admin.token(&auth.key.workspace_id, &token_id(&id)?).await?;
+    Ok(Json(TokenView::new(&t, s.admin.now())))
+}
+
+/// Changes a token's name, scopes, expiry, allowlist, limits or metadata without reissuing it.
+#[utoipa::path(patch, path = "/admin/v1/tokens/{id}", tag = "tokens", request_body = UpdateTokenRequest,
+    params(("id" = String, Path, description = "tok_…")),
+    responses((status = 200, body = TokenView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Revoked, or changed concurrently", body = ErrorBody)))]
+pub(crate) async fn update_token(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateTokenRequest>,
+) -> Result<Json<TokenView>, ApiError> {
+    let update = TokenUpdate {
+        name: req.name,
+        scopes: req.scopes,
+        expires_in: req.expires_in,
+        expires_at: req.expires_at,
+        ip_allowlist: req.ip_allowlist,
+        rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
+        quota: req.quota.map(|q| q.map(Into::into)),
+        metadata: req.metadata,
+    };
+    let t = s.admin.update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update).await?;
+    Ok(Json(TokenView::new(&t, s.admin.now())))
+}
+
+/// Suspends a token: it is refused until resumed.
+#[utoipa::path(post, path = "/admin/v1/tokens/{id}/suspend", tag = "tokens", params(("id" = String, Path)),
+    responses((status = 200, body = TokenView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn suspend_token(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    let t = s.admin.suspend_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?).await?;
+    Ok(Json(TokenView::new(&t, s.admin.now())))
+}
+
+/// Resumes a suspended token.
+#[utoipa::path(post, path = "/admin/v1/tokens/{id}/resume", tag = "tokens", params(("id" = String, Path)),
+    responses((status = 200, body = TokenView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn resume_token(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    let t = s.admin.resume_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?).await?;
+    Ok(Json(TokenView::new(&t, s.admin.now())))
+}
+
+/// Revokes a token, for good. Revoking a revoked token changes nothing.
+#[utoipa::path(post, path = "/admin/v1/tokens/{id}/revoke", tag = "tokens", params(("id" = String, Path)),
+    request_body(content = RevokeTokenRequest, description = "Optional"),
+    responses((status = 200, body = TokenView), (status = 404, body = ErrorBody)))]
+pub(crate) async fn revoke_token(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RevokeTokenRequest>,
+) -> Result<Json<TokenView>, ApiError> {
+    let t = s.admin.revoke_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, req.reason).await?;
+    Ok(Json(TokenView::new(&t, s.admin.now())))
+}
+
+/// Issues a new secret; the old one keeps working for `grace_period_seconds`, then expires.
+#[utoipa::path(post, path = "/admin/v1/tokens/{id}/rotate", tag = "tokens", params(("id" = String, Path)),
+    request_body(content = RotateTokenRequest, description = "Optional"),
+    responses((status = 201, description = "The new token, with its secret shown only now", body = TokenWithSecret),
+        (status = 404, body = ErrorBody), (status = 409, description = "Revoked, expired, suspended or already rotated", body = ErrorBody)))]
+pub(crate) async fn rotate_token(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RotateTokenRequest>,
+) -> Result<(StatusCode, Json<TokenWithSecret>), ApiError> {
+    let (record, secret) =
+        s.admin.rotate_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, req.grace_period_seconds).await?;
+    let view = TokenView::new(&record, s.admin.now());
+    Ok((StatusCode::CREATED, Json(TokenWithSecret { record: view, token: secret.expose().to_owned() })))
+}
+
+/// Reports tokens found where they should not be (`keygate scan --online`): the workspace's own
+/// tokens among them are marked exposed in their audit trail, and the answer says which are live.
+#[utoipa::path(post, path = "/admin/v1/tokens/exposures", tag = "tokens", request_body = ReportExposuresRequest,
+    responses((status = 200, body = ExposuresResponse), (status = 400, body = ErrorBody)))]
+pub(crate) async fn report_exposures(
+    auth: Auth<TokensWrite>,
+    State(s): State<AdminState>,
+    ApiJson(req): ApiJson<ReportExposuresRequest>,
+) -> Result<Json<ExposuresResponse>, ApiError> {
+    if req.tokens.len() > 100 {
+        return Err(Error::invalid("too_many_tokens", "report at most 100 tokens per request").into());
+    }
+    let found = s.admin.report_exposed(&auth.key.workspace_id, &auth.actor, &req.tokens, req.location.as_deref()).await?;
+    Ok(Json(ExposuresResponse {
+        data: found
+            .into_iter()
+            .map(|e| ExposureView { display: e.display, verdict: e.verdict.to_owned(), token_id: e.token.map(|t| t.id.to_string()) })
+            .collect(),
+    }))
+}

@@ -1,0 +1,722 @@
+//! The service layer: every change to workspaces, apps, tokens, plans, the scope catalog and root
+//! keys goes through [`Admin`], which validates it, mints secrets, and hands the store the record
+//! together with the audit event that describes it (written in one transaction).
+
+use std::sync::Arc;
+
+use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
+use keygate_core::model::{
+    Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
+    RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, Workspace,
+};
+use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
+use keygate_core::scope::{Scope, parse_scope_list};
+use keygate_core::secret::{Pepper, Randomness, TokenSecret};
+use keygate_core::store::Store;
+use keygate_core::token_format::{self, TokenPrefix};
+use keygate_core::{Clock, Error, ErrorKind, Result, Timestamp};
+use serde_json::{Map, Value};
+
+/// Settings of the token authority that come from keygate's configuration.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub prefix: TokenPrefix,
+    /// The longest `grace_period_seconds` a rotation may ask for.
+    pub max_grace_period_seconds: u64,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { prefix: TokenPrefix::default(), max_grace_period_seconds: 30 * 86_400 }
+    }
+}
+
+const MAX_NAME_LEN: usize = 200;
+const MAX_METADATA_BYTES: usize = 8 * 1024;
+const MAX_REASON_LEN: usize = 500;
+const MAX_SCOPES: usize = 100;
+
+/// A token to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewToken {
+    pub name: String,
+    pub app_id: Option<AppId>,
+    pub scopes: Vec<String>,
+    pub expires_in: Option<i64>,
+    pub expires_at: Option<Timestamp>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Changes to a token, applied without reissuing it. `None`: unchanged; `Some(None)`: cleared.
+#[derive(Debug, Clone, Default)]
+pub struct TokenUpdate {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub expires_in: Option<i64>,
+    pub expires_at: Option<Option<Timestamp>>,
+    pub ip_allowlist: Option<Vec<String>>,
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub quota: Option<Option<Quota>>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewApp {
+    pub name: String,
+    pub description: Option<String>,
+    pub plan_id: Option<PlanId>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AppUpdate {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub plan_id: Option<Option<PlanId>>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewPlan {
+    pub name: String,
+    pub description: Option<String>,
+    pub scopes: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+}
+
+/// What an exposure report found for one presented token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exposure {
+    /// `kg_<public id>…<last4>` of the presented string (never the secret).
+    pub display: String,
+    /// The caller's token it matched, if any.
+    pub token: Option<TokenRecord>,
+    /// `live`, `inactive` (revoked, expired or suspended), `unknown` or `malformed`.
+    pub verdict: &'static str,
+}
+
+/// The token authority's service layer.
+pub struct Admin {
+    store: Arc<dyn Store>,
+    pepper: Pepper,
+    settings: AdminSettings,
+    root_prefix: TokenPrefix,
+    clock: Arc<dyn Clock>,
+    rng: Arc<dyn Randomness>,
+}
+
+impl Admin {
+    pub fn new(
+        store: Arc<dyn Store>,
+        pepper: Pepper,
+        settings: AdminSettings,
+        clock: Arc<dyn Clock>,
+        rng: Arc<dyn Randomness>,
+    ) -> Self {
+        let root_prefix = settings.prefix.root_key_prefix();
+        Self { store, pepper, settings, root_prefix, clock, rng }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub fn prefix(&self) -> &TokenPrefix {
+        &self.settings.prefix
+    }
+
+    /// Finds the workspace named `name`, creating it (with its default app) if missing.
+    pub async fn ensure_workspace(&self, name: &str) -> Result<Workspace> {
+        let name = validate_name(name, "workspace name")?;
+        let now = self.now();
+        let ws = Workspace { id: WorkspaceId::random(&*self.rng)?, name, created_at: now };
+        let app = App {
+            id: AppId::random(&*self.rng)?,
+            workspace_id: ws.id.clone(),
+            name: "Default app".into(),
+            description: Some("Holds tokens created without an app".into()),
+            plan_id: None,
+            is_default: true,
+            metadata: Map::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.ensure_workspace(&ws, &app).await
+    }
+
+    /// Creates the default workspace at first start.
+    pub async fn bootstrap(&self) -> Result<Workspace> {
+        self.ensure_workspace(DEFAULT_WORKSPACE).await
+    }
+
+    // ---- root keys -------------------------------------------------------------------------
+
+    /// Creates a root key in `workspace` (created if missing). The secret is returned once.
+    pub async fn create_root_key(
+        &self,
+        workspace: &str,
+        name: &str,
+        permissions: Vec<Permission>,
+        actor: &Actor,
+    ) -> Result<(RootKey, TokenSecret)> {
+        let ws = self.ensure_workspace(workspace).await?;
+        let name = validate_name(name, "root key name")?;
+        let minted = token_format::mint(&self.root_prefix, &*self.rng)?;
+        let key = RootKey {
+            id: RootKeyId::from_public_id(&minted.public_id),
+            workspace_id: ws.id.clone(),
+            name,
+            hash: self.pepper.hash(minted.secret.expose()),
+            last4: minted.last4,
+            permissions,
+            created_at: self.now(),
+        };
+        let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
+        let audit = NewAuditEvent::new(&ws.id, actor, "root_key.create", key.id.as_str(), key.created_at)
+            .with_after(serde_json::json!({"name": key.name, "permissions": perms}));
+        self.store.insert_root_key(&key, &audit).await?;
+        Ok((key, minted.secret))
+    }
+
+    /// Checks a presented root key: its format first (no lookup for a malformed key), then the
+    /// store by keyed hash.
+    pub async fn authenticate(&self, presented: &str) -> Result<RootKey> {
+        let unauthenticated = || {
+            Error::new(
+                ErrorKind::Unauthenticated,
+                "invalid_credentials",
+                "the root key is not valid; create one with `keygate root-key create`",
+            )
+        };
+        token_format::parse(presented, &self.root_prefix).map_err(|_| unauthenticated())?;
+        self.store.root_key_by_hash(&self.pepper.hash(presented)).await?.ok_or_else(unauthenticated)
+    }
+
+    // ---- apps ------------------------------------------------------------------------------
+
+    pub async fn create_app(&self, ws: &WorkspaceId, actor: &Actor, new: NewApp) -> Result<App> {
+        let now = self.now();
+        if let Some(plan) = &new.plan_id {
+            self.plan(ws, plan).await?;
+        }
+        let app = App {
+            id: AppId::random(&*self.rng)?,
+            workspace_id: ws.clone(),
+            name: validate_name(&new.name, "name")?,
+            description: new.description.map(|d| validate_text(&d, "description", 2000)).transpose()?,
+            plan_id: new.plan_id,
+            is_default: false,
+            metadata: validate_metadata(new.metadata.unwrap_or_default())?,
+            created_at: now,
+            updated_at: now,
+        };
+        let audit = NewAuditEvent::new(ws, actor, "app.create", app.id.as_str(), now).with_after(app_view(&app));
+        self.store.insert_app(&app, &audit).await?;
+        Ok(app)
+    }
+
+    pub async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<App> {
+        self.store.app(ws, id).await?.ok_or_else(|| Error::not_found("app"))
+    }
+
+    pub async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>> {
+        self.store.list_apps(ws, page).await
+    }
+
+    pub async fn update_app(&self, ws: &WorkspaceId, actor: &Actor, id: &AppId, update: AppUpdate) -> Result<App> {
+        let before = self.app(ws, id).await?;
+        let mut app = before.clone();
+        if let Some(name) = update.name {
+            app.name = validate_name(&name, "name")?;
+        }
+        if let Some(d) = update.description {
+            app.description = d.map(|d| validate_text(&d, "description", 2000)).transpose()?;
+        }
+        if let Some(plan) = update.plan_id {
+            if let Some(p) = &plan {
+                self.plan(ws, p).await?;
+            }
+            app.plan_id = plan;
+        }
+        if let Some(m) = update.metadata {
+            app.metadata = validate_metadata(m)?;
+        }
+        if app == before {
+            return Ok(app);
+        }
+        app.updated_at = self.now();
+        let audit = NewAuditEvent::new(ws, actor, "app.update", id.as_str(), app.updated_at)
+            .with_diff(&app_view(&before), &app_view(&app));
+        self.store.update_app(&app, &audit).await?;
+        Ok(app)
+    }
+
+    pub async fn delete_app(&self, ws: &WorkspaceId, actor: &Actor, id: &AppId, revoke_tokens: bool) -> Result<()> {
+        let app = self.app(ws, id).await?;
+        let now = self.now();
+        let audit = NewAuditEvent::new(ws, actor, "app.delete", id.as_str(), now).with_diff(&app_view(&app), &Value::Null);
+        self.store.delete_app(ws, id, revoke_tokens, now, &audit).await
+    }
+
+    // ---- plans and the scope catalog -------------------------------------------------------
+
+    pub async fn create_plan(&self, ws: &WorkspaceId, actor: &Actor, new: NewPlan) -> Result<Plan> {
+        if let Some(r) = &new.rate_limit {
+            r.validate()?;
+        }
+        if let Some(q) = &new.quota {
+            q.validate()?;
+        }
+        let plan = Plan {
+            id: PlanId::random(&*self.rng)?,
+            workspace_id: ws.clone(),
+            name: validate_name(&new.name, "name")?,
+            description: new.description.map(|d| validate_text(&d, "description", 2000)).transpose()?,
+            scopes: checked_scopes(&new.scopes)?,
+            rate_limit: new.rate_limit,
+            quota: new.quota,
+            created_at: self.now(),
+        };
+        let after = serde_json::to_value(&plan).unwrap_or(Value::Null);
+        let audit = NewAuditEvent::new(ws, actor, "plan.create", plan.id.as_str(), plan.created_at).with_after(after);
+        self.store.insert_plan(&plan, &audit).await.map_err(|e| match e.code {
+            "already_exists" => Error::conflict("plan_exists", "a plan with this name already exists in the workspace"),
+            _ => e,
+        })?;
+        Ok(plan)
+    }
+
+    pub async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Plan> {
+        self.store.plan(ws, id).await?.ok_or_else(|| Error::not_found("plan"))
+    }
+
+    pub async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>> {
+        self.store.list_plans(ws).await
+    }
+
+    pub async fn put_scope(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        scope: &str,
+        description: Option<String>,
+        api: Option<String>,
+    ) -> Result<ScopeEntry> {
+        let entry = ScopeEntry {
+            workspace_id: ws.clone(),
+            scope: Scope::parse_required(scope)?,
+            description: description.map(|d| validate_text(&d, "description", 2000)).transpose()?,
+            api: api.map(|a| validate_name(&a, "api")).transpose()?,
+            created_at: self.now(),
+        };
+        let after = serde_json::json!({"description": entry.description, "api": entry.api});
+        let audit = NewAuditEvent::new(ws, actor, "scope.put", entry.scope.as_str(), entry.created_at).with_after(after);
+        self.store.put_scope(&entry, &audit).await?;
+        Ok(entry)
+    }
+
+    pub async fn list_scopes(&self, ws: &WorkspaceId) -> Result<Vec<ScopeEntry>> {
+        self.store.list_scopes(ws).await
+    }
+
+    pub async fn delete_scope(&self, ws: &WorkspaceId, actor: &Actor, scope: &str) -> Result<()> {
+        let scope = Scope::parse(scope).map_err(|_| Error::new(ErrorKind::NotFound, "scope_not_found", "no such scope in the catalog"))?;
+        let audit = NewAuditEvent::new(ws, actor, "scope.delete", scope.as_str(), self.now());
+        if self.store.delete_scope(ws, &scope, &audit).await? {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::NotFound, "scope_not_found", "no such scope in the catalog"))
+        }
+    }
+
+    /// Checks granted scopes against the workspace's catalog (when it has one) and the app's plan.
+    async fn check_scopes_allowed(&self, ws: &WorkspaceId, app: &App, scopes: &[Scope]) -> Result<Option<Plan>> {
+        let catalog = self.store.list_scopes(ws).await?;
+        if !catalog.is_empty() {
+            for s in scopes {
+                let known = catalog.iter().any(|e| s.covers(&e.scope) || e.scope.covers(s));
+                if !known {
+                    return Err(Error::invalid(
+                        "unknown_scope",
+                        format!("{s} is not in the workspace's scope catalog; add it there first or pick a listed scope"),
+                    ));
+                }
+            }
+        }
+        let plan = match &app.plan_id {
+            Some(p) => Some(self.plan(ws, p).await?),
+            None => None,
+        };
+        if let Some(plan) = &plan {
+            for s in scopes {
+                if !plan.scopes.iter().any(|p| p.covers(s)) {
+                    return Err(Error::invalid(
+                        "scope_not_in_plan",
+                        format!("the app's plan {:?} does not include {s}; move the app to a plan that does", plan.name),
+                    ));
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    // ---- tokens ----------------------------------------------------------------------------
+
+    pub async fn create_token(&self, ws: &WorkspaceId, actor: &Actor, new: NewToken) -> Result<(TokenRecord, TokenSecret)> {
+        let now = self.now();
+        let app = match &new.app_id {
+            Some(id) => self.app(ws, id).await?,
+            None => self.store.default_app(ws).await?,
+        };
+        let scopes = checked_scopes(&new.scopes)?;
+        let plan = self.check_scopes_allowed(ws, &app, &scopes).await?;
+        let expires_at = resolve_expiry(new.expires_in, new.expires_at.map(Some), now)?.flatten();
+        let rate_limit = new.rate_limit.or_else(|| plan.as_ref().and_then(|p| p.rate_limit));
+        let quota = new.quota.or_else(|| plan.as_ref().and_then(|p| p.quota));
+        if let Some(r) = &rate_limit {
+            r.validate()?;
+        }
+        if let Some(q) = &quota {
+            q.validate()?;
+        }
+        let minted = token_format::mint(&self.settings.prefix, &*self.rng)?;
+        let token = TokenRecord {
+            id: TokenId::from_public_id(&minted.public_id),
+            workspace_id: ws.clone(),
+            app_id: app.id,
+            name: validate_name(&new.name, "name")?,
+            hash: self.pepper.hash(minted.secret.expose()),
+            prefix: self.settings.prefix.as_str().to_owned(),
+            last4: minted.last4,
+            scopes,
+            state: TokenState::Active,
+            expires_at,
+            ip_allowlist: parse_allowlist(&new.ip_allowlist)?,
+            rate_limit,
+            quota,
+            metadata: validate_metadata(new.metadata.unwrap_or_default())?,
+            created_at: now,
+            updated_at: now,
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_from: None,
+            replaced_by: None,
+            exposed_at: None,
+            version: 1,
+        };
+        let audit = NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now).with_after(token.audit_view());
+        self.store.insert_token(&token, &audit).await?;
+        Ok((token, minted.secret))
+    }
+
+    pub async fn token(&self, ws: &WorkspaceId, id: &TokenId) -> Result<TokenRecord> {
+        self.store.token(ws, id).await?.ok_or_else(|| Error::not_found("token"))
+    }
+
+    pub async fn list_tokens(&self, ws: &WorkspaceId, filter: &TokenFilter, page: &PageRequest) -> Result<Page<TokenRecord>> {
+        self.store.list_tokens(ws, filter, self.now(), page).await
+    }
+
+    /// Reads the token, lets `change` edit a copy, and writes it with an audit event holding
+    /// the fields that changed. A change that changes nothing writes nothing.
+    async fn change_token(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &TokenId,
+        action: &str,
+        change: impl FnOnce(&mut TokenRecord, Timestamp) -> Result<()>,
+    ) -> Result<TokenRecord> {
+        let before = self.token(ws, id).await?;
+        let now = self.now();
+        let mut token = before.clone();
+        change(&mut token, now)?;
+        if token == before {
+            return Ok(token);
+        }
+        token.updated_at = now;
+        token.version = before.version + 1;
+        let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now).with_diff(&before.audit_view(), &token.audit_view());
+        self.store.update_token(&token, &audit).await?;
+        Ok(token)
+    }
+
+    pub async fn update_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId, update: TokenUpdate) -> Result<TokenRecord> {
+        // Validation that needs the store happens before the read-modify-write.
+        let current = self.token(ws, id).await?;
+        let scopes = match &update.scopes {
+            Some(raw) => {
+                let scopes = checked_scopes(raw)?;
+                let app = self.app(ws, &current.app_id).await?;
+                self.check_scopes_allowed(ws, &app, &scopes).await?;
+                Some(scopes)
+            }
+            None => None,
+        };
+        self.change_token(ws, actor, id, "token.update", |t, now| {
+            refuse_if_revoked(t)?;
+            if let Some(name) = &update.name {
+                t.name = validate_name(name, "name")?;
+            }
+            if let Some(scopes) = scopes {
+                t.scopes = scopes;
+            }
+            if let Some(expiry) = resolve_expiry(update.expires_in, update.expires_at, now)? {
+                t.expires_at = expiry;
+            }
+            if let Some(list) = &update.ip_allowlist {
+                t.ip_allowlist = parse_allowlist(list)?;
+            }
+            if let Some(r) = update.rate_limit {
+                if let Some(r) = &r {
+                    r.validate()?;
+                }
+                t.rate_limit = r;
+            }
+            if let Some(q) = update.quota {
+                if let Some(q) = &q {
+                    q.validate()?;
+                }
+                t.quota = q;
+            }
+            if let Some(m) = update.metadata {
+                t.metadata = validate_metadata(m)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn suspend_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<TokenRecord> {
+        self.change_token(ws, actor, id, "token.suspend", |t, _| {
+            refuse_if_revoked(t)?;
+            t.state = TokenState::Suspended;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn resume_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<TokenRecord> {
+        self.change_token(ws, actor, id, "token.resume", |t, _| {
+            refuse_if_revoked(t)?;
+            t.state = TokenState::Active;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn revoke_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId, reason: Option<String>) -> Result<TokenRecord> {
+        let reason = reason.map(|r| validate_text(&r, "reason", MAX_REASON_LEN)).transpose()?;
+        self.change_token(ws, actor, id, "token.revoke", |t, now| {
+            if t.state == TokenState::Revoked {
+                return Ok(()); // Revocation is final and idempotent.
+            }
+            t.state = TokenState::Revoked;
+            t.revoked_at = Some(now);
+            t.revoke_reason = reason;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Issues a new secret for the token. The old one keeps working for `grace_period_seconds`
+    /// and then expires; the two records point at each other.
+    pub async fn rotate_token(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &TokenId,
+        grace_period_seconds: u64,
+    ) -> Result<(TokenRecord, TokenSecret)> {
+        if grace_period_seconds > self.settings.max_grace_period_seconds {
+            return Err(Error::invalid(
+                "invalid_grace_period",
+                format!("grace_period_seconds is at most {}", self.settings.max_grace_period_seconds),
+            ));
+        }
+        let before = self.token(ws, id).await?;
+        let now = self.now();
+        match before.status(now) {
+            TokenStatus::Active => {}
+            TokenStatus::Revoked => return Err(token_revoked()),
+            TokenStatus::Expired => {
+                return Err(Error::conflict("token_expired", "the token has expired; create a new token instead"));
+            }
+            TokenStatus::Suspended => {
+                return Err(Error::conflict("token_suspended", "the token is suspended; resume it before rotating"));
+            }
+        }
+        if let Some(next) = &before.replaced_by {
+            return Err(Error::conflict(
+                "token_already_rotated",
+                format!("the token was already rotated to {next}; rotate that one instead"),
+            ));
+        }
+        let minted = token_format::mint(&self.settings.prefix, &*self.rng)?;
+        let new_id = TokenId::from_public_id(&minted.public_id);
+        let new = TokenRecord {
+            id: new_id.clone(),
+            hash: self.pepper.hash(minted.secret.expose()),
+            prefix: self.settings.prefix.as_str().to_owned(),
+            last4: minted.last4,
+            created_at: now,
+            updated_at: now,
+            last_used_at: None,
+            last_used_ip: None,
+            rotated_from: Some(before.id.clone()),
+            replaced_by: None,
+            exposed_at: None,
+            version: 1,
+            ..before.clone()
+        };
+        let mut old = before.clone();
+        let grace_end = now.plus_seconds(i64::try_from(grace_period_seconds).unwrap_or(i64::MAX));
+        old.expires_at = Some(old.expires_at.map_or(grace_end, |e| e.min(grace_end)));
+        old.replaced_by = Some(new_id.clone());
+        old.updated_at = now;
+        old.version = before.version + 1;
+        let (b, mut a) = keygate_core::model::changed_fields(&before.audit_view(), &old.audit_view());
+        if let Some(obj) = a.as_object_mut() {
+            obj.insert("grace_period_seconds".into(), grace_period_seconds.into());
+        }
+        let mut audit = NewAuditEvent::new(ws, actor, "token.rotate", id.as_str(), now);
+        audit.before = Some(b);
+        audit.after = Some(a);
+        self.store.rotate_token(&old, &new, &audit).await?;
+        Ok((new, minted.secret))
+    }
+
+    /// Marks the caller's tokens among `presented` as exposed (found in a file, a URL, …) and
+    /// says which of them are live. Tokens of other workspaces are reported as `unknown`.
+    pub async fn report_exposed(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        presented: &[String],
+        location: Option<&str>,
+    ) -> Result<Vec<Exposure>> {
+        let mut out = Vec::with_capacity(presented.len());
+        for p in presented {
+            let Ok(parsed) = token_format::parse(p, &self.settings.prefix) else {
+                out.push(Exposure { display: "(malformed)".into(), token: None, verdict: "malformed" });
+                continue;
+            };
+            let display = format!("{}_{}…{}", parsed.prefix, parsed.public_id, parsed.last4);
+            let found = self.store.token_by_hash(&self.pepper.hash(p)).await?.filter(|t| &t.workspace_id == ws);
+            let Some(found) = found else {
+                out.push(Exposure { display, token: None, verdict: "unknown" });
+                continue;
+            };
+            let location = location.map(|l| validate_text(l, "location", 500)).transpose()?;
+            let marked = self
+                .change_token(ws, actor, &found.id, "token.exposed", |t, now| {
+                    if t.exposed_at.is_none() {
+                        t.exposed_at = Some(now);
+                    }
+                    Ok(())
+                })
+                .await?;
+            if let Some(loc) = location {
+                // The location is recorded even when the token was already marked.
+                tracing::info!(token_id = %found.id, location = %loc, "token reported exposed");
+            }
+            let verdict = if marked.status(self.now()) == TokenStatus::Active { "live" } else { "inactive" };
+            out.push(Exposure { display, token: Some(marked), verdict });
+        }
+        Ok(out)
+    }
+
+    pub async fn audit_events(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>> {
+        self.store.list_audit(ws, filter, page).await
+    }
+}
+
+fn token_revoked() -> Error {
+    Error::conflict("token_revoked", "the token is revoked, which is final; create a new token instead")
+}
+
+fn refuse_if_revoked(t: &TokenRecord) -> Result<()> {
+    if t.state == TokenState::Revoked { Err(token_revoked()) } else { Ok(()) }
+}
+
+fn app_view(app: &App) -> Value {
+    serde_json::json!({
+        "name": app.name,
+        "description": app.description,
+        "plan_id": app.plan_id,
+        "metadata": app.metadata,
+    })
+}
+
+fn checked_scopes(raw: &[String]) -> Result<Vec<Scope>> {
+    if raw.len() > MAX_SCOPES {
+        return Err(Error::invalid("invalid_scope", format!("a token holds at most {MAX_SCOPES} scopes")));
+    }
+    parse_scope_list(raw)
+}
+
+/// Turns `expires_in` / `expires_at` into the new expiry: `None` when neither is given,
+/// `Some(None)` to clear it.
+fn resolve_expiry(expires_in: Option<i64>, expires_at: Option<Option<Timestamp>>, now: Timestamp) -> Result<Option<Option<Timestamp>>> {
+    match (expires_in, expires_at) {
+        (Some(_), Some(_)) => Err(Error::invalid(
+            "conflicting_expiry",
+            "give either expires_in (seconds from now) or expires_at (a date-time), not both",
+        )),
+        (Some(secs), None) if secs <= 0 => Err(Error::invalid(
+            "invalid_expiry",
+            "expires_in must be a positive number of seconds; to make a token stop now, revoke it",
+        )),
+        (Some(secs), None) if secs > 100 * 365 * 86_400 => {
+            Err(Error::invalid("invalid_expiry", "expires_in is at most 100 years; omit it for a token that does not expire"))
+        }
+        (Some(secs), None) => Ok(Some(Some(now.plus_seconds(secs)))),
+        (None, Some(Some(at))) if at <= now => Err(Error::invalid(
+            "expiry_in_past",
+            "expires_at is in the past; give a future date-time, or revoke the token to stop it now",
+        )),
+        (None, other) => Ok(other),
+    }
+}
+
+fn validate_name(name: &str, what: &str) -> Result<String> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_LEN || trimmed.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "invalid_name",
+            format!("{what} must be 1 to {MAX_NAME_LEN} characters without control characters"),
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn validate_text(text: &str, what: &str, max: usize) -> Result<String> {
+    if text.chars().count() > max || text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(Error::invalid(
+            "invalid_text",
+            format!("{what} must be at most {max} characters without control characters"),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn validate_metadata(m: Map<String, Value>) -> Result<Map<String, Value>> {
+    let size = serde_json::to_vec(&m).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_METADATA_BYTES {
+        return Err(Error::invalid(
+            "metadata_too_large",
+            format!("metadata is at most {MAX_METADATA_BYTES} bytes of JSON"),
+        ));
+    }
+    Ok(m)
+}

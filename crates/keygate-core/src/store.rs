@@ -66,6 +66,8 @@ pub trait TokenStore: Send + Sync {
 pub trait RootKeyStore: Send + Sync {
     async fn insert_root_key(&self, key: &RootKey, audit: &NewAuditEvent) -> Result<()>;
     async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>>;
+    /// How many root keys exist in all workspaces (zero on a fresh store).
+    async fn root_key_count(&self) -> Result<u64>;
 }
 
 #[async_trait]
@@ -97,6 +99,8 @@ pub struct Snapshot {
 pub struct TokenChange {
     pub seq: u64,
     pub id: TokenId,
+    /// The token's keyed hash (the index key), present even when the record is gone.
+    pub hash: SecretHash,
     pub record: Option<TokenRecord>,
 }
 

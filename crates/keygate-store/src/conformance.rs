@@ -287,6 +287,7 @@ async fn change_feed(h: &Harness) {
     assert!(changes[0].seq > snap.seq && changes[1].seq > changes[0].seq);
     assert_eq!(changes[0].id, a.id);
     assert!(changes[0].record.is_none(), "a revoked token leaves the index");
+    assert_eq!(changes[0].hash, a.hash, "the change names the index key");
     assert_eq!(changes[1].record.as_ref().map(|t| &t.id), Some(&b.id));
     assert_eq!(s.changes_since(changes[1].seq, 100).await.unwrap().len(), 0);
     assert_eq!(s.changes_since(snap.seq, 1).await.unwrap().len(), 1);
@@ -307,7 +308,9 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
         permissions: vec![Permission::TokensRead, Permission::AuditRead],
         created_at: T0,
     };
+    assert_eq!(s.root_key_count().await.unwrap(), 0);
     s.insert_root_key(&rk, &audit(&ws.id, "root_key.create", rk.id.as_str())).await.unwrap();
+    assert_eq!(s.root_key_count().await.unwrap(), 1);
     assert_eq!(s.root_key_by_hash(&rk.hash).await.unwrap(), Some(rk.clone()));
     assert_eq!(s.root_key_by_hash(&pepper.hash("kgroot_nope")).await.unwrap(), None);
 
@@ -355,7 +358,7 @@ async fn deleting_apps(h: &Harness) {
     assert!(s.app(&ws.id, &a.id).await.unwrap().is_none());
     assert!(s.token(&ws.id, &t.id).await.unwrap().is_none());
     let changes = s.changes_since(seq, 10).await.unwrap();
-    assert!(changes.iter().any(|c| c.id == t.id && c.record.is_none()));
+    assert!(changes.iter().any(|c| c.id == t.id && c.hash == t.hash && c.record.is_none()));
     let e = s.delete_app(&ws.id, &d.id, true, T0, &audit(&ws.id, "app.delete", d.id.as_str())).await.unwrap_err();
     assert_eq!(e.code, "default_app");
     let e = s.delete_app(&ws.id, &a.id, true, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap_err();

@@ -115,10 +115,11 @@ async fn next_seq(tx: &mut Tx) -> Result<u64> {
     Ok(u64::try_from(seq).unwrap_or(0))
 }
 
-async fn record_change(tx: &mut Tx, seq: u64, token: &TokenId, at: Timestamp) -> Result<()> {
-    sqlx::query("INSERT INTO token_changes (seq, token_id, at) VALUES ($1, $2, $3)")
+async fn record_change(tx: &mut Tx, seq: u64, token: &TokenId, hash: &SecretHash, at: Timestamp) -> Result<()> {
+    sqlx::query("INSERT INTO token_changes (seq, token_id, token_hash, at) VALUES ($1, $2, $3, $4)")
         .bind(i64::try_from(seq).unwrap_or(i64::MAX))
         .bind(token.as_str())
+        .bind(hash.as_bytes().to_vec())
         .bind(at.as_millis())
         .execute(&mut **tx)
         .await
@@ -418,12 +419,19 @@ impl AppStore for SqlStore {
         let mut tx = self.begin().await?;
         // Taken first even when no token changes, so this transaction is a writer from the start.
         let seq = next_seq(&mut tx).await?;
-        let token_ids: Vec<String> = sqlx::query_scalar("SELECT id FROM tokens WHERE workspace_id = $1 AND app_id = $2")
+        let token_rows = sqlx::query("SELECT id, hash FROM tokens WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())
             .fetch_all(&mut *tx)
             .await
             .map_err(db_error)?;
+        let mut token_ids = Vec::with_capacity(token_rows.len());
+        for row in &token_rows {
+            let tid: String = row.try_get("id").map_err(db_error)?;
+            let hash: Vec<u8> = row.try_get("hash").map_err(db_error)?;
+            let hash = SecretHash::from_slice(&hash).ok_or_else(|| Error::internal("a stored token hash is not 32 bytes"))?;
+            token_ids.push((tid, hash));
+        }
         if !token_ids.is_empty() && !revoke_tokens {
             return Err(Error::conflict(
                 "app_has_tokens",
@@ -431,12 +439,12 @@ impl AppStore for SqlStore {
             ));
         }
         let mut last_seq = seq;
-        for (i, tid) in token_ids.iter().enumerate() {
+        for (i, (tid, hash)) in token_ids.iter().enumerate() {
             let tid = TokenId::from_trusted(tid.clone());
             if i > 0 {
                 last_seq = next_seq(&mut tx).await?;
             }
-            record_change(&mut tx, last_seq, &tid, now).await?;
+            record_change(&mut tx, last_seq, &tid, hash, now).await?;
             let mut ev = audit.clone();
             ev.action = "token.revoke".into();
             ev.target = tid.as_str().to_owned();
@@ -492,7 +500,7 @@ impl TokenStore for SqlStore {
         let mut tx = self.begin().await?;
         let seq = next_seq(&mut tx).await?;
         insert_token_row(&mut tx, token).await?;
-        record_change(&mut tx, seq, &token.id, token.updated_at).await?;
+        record_change(&mut tx, seq, &token.id, &token.hash, token.updated_at).await?;
         insert_audit(&mut tx, audit).await?;
         self.commit(tx, Some(seq)).await
     }
@@ -578,7 +586,7 @@ impl TokenStore for SqlStore {
         let mut tx = self.begin().await?;
         let seq = next_seq(&mut tx).await?;
         update_token_row(&mut tx, token).await?;
-        record_change(&mut tx, seq, &token.id, token.updated_at).await?;
+        record_change(&mut tx, seq, &token.id, &token.hash, token.updated_at).await?;
         insert_audit(&mut tx, audit).await?;
         self.commit(tx, Some(seq)).await
     }
@@ -588,10 +596,10 @@ impl TokenStore for SqlStore {
         let seq = next_seq(&mut tx).await?;
         update_token_row(&mut tx, old).await?;
         insert_token_row(&mut tx, new).await?;
-        record_change(&mut tx, seq, &old.id, old.updated_at).await?;
+        record_change(&mut tx, seq, &old.id, &old.hash, old.updated_at).await?;
         // The new token needs its own feed position: take the next one in the same transaction.
         let seq2 = next_seq(&mut tx).await?;
-        record_change(&mut tx, seq2, &new.id, new.updated_at).await?;
+        record_change(&mut tx, seq2, &new.id, &new.hash, new.updated_at).await?;
         insert_audit(&mut tx, audit).await?;
         self.commit(tx, Some(seq2)).await
     }
@@ -629,6 +637,11 @@ impl RootKeyStore for SqlStore {
             .as_ref()
             .map(rows::root_key)
             .transpose()
+    }
+
+    async fn root_key_count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM root_keys").fetch_one(&self.pool).await.map_err(db_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 }
 
@@ -770,7 +783,7 @@ impl ChangeFeed for SqlStore {
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>> {
         let cols: String = TOKEN_COLS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ");
         let sql = format!(
-            "SELECT c.seq AS change_seq, c.token_id AS change_token, {cols} FROM token_changes c \
+            "SELECT c.seq AS change_seq, c.token_id AS change_token, c.token_hash AS change_hash, {cols} FROM token_changes c \
              LEFT JOIN tokens t ON t.id = c.token_id WHERE c.seq > $1 ORDER BY c.seq LIMIT $2"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -783,12 +796,14 @@ impl ChangeFeed for SqlStore {
             .map(|row| {
                 let seq: i64 = row.try_get("change_seq").map_err(db_error)?;
                 let id: String = row.try_get("change_token").map_err(db_error)?;
+                let hash: Vec<u8> = row.try_get("change_hash").map_err(db_error)?;
+                let hash = SecretHash::from_slice(&hash).ok_or_else(|| Error::internal("a change-feed hash is not 32 bytes"))?;
                 let present: Option<String> = row.try_get("id").map_err(db_error)?;
                 let record = match present {
                     Some(_) => Some(rows::token(row)?).filter(|t| t.state != keygate_core::model::TokenState::Revoked),
                     None => None,
                 };
-                Ok(TokenChange { seq: u64::try_from(seq).unwrap_or(0), id: TokenId::from_trusted(id), record })
+                Ok(TokenChange { seq: u64::try_from(seq).unwrap_or(0), id: TokenId::from_trusted(id), hash, record })
             })
             .collect()
     }

@@ -1,1 +1,112 @@
-fn main() {}
+//! The `keygate` binary: parses the command line and hands off. Exit codes: 0 success, 1 a
+//! failure (or, for `scan`, a confirmed token), 2 invalid usage or configuration.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod client;
+mod config;
+mod pepper;
+mod scan;
+mod scan_cmd;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command, ConfigCommand, Output, RootKeyCommand, StoreArgs};
+use config::{Config, LogFormat, Overrides};
+use keygate_core::model::{Actor, Permission};
+
+/// An error in how keygate was asked to run (exit code 2).
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
+}
+
+fn load_config(args: &StoreArgs) -> anyhow::Result<Config> {
+    let flags = Overrides { data_dir: args.data_dir.clone(), database_url: args.database_url.clone() };
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Config::load(args.config.as_deref(), &env, &flags).map_err(|e| UsageError(format!("{e:#}")).into())
+}
+
+fn init_logging(cfg: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .map_err(|e| UsageError(format!("log.level {:?} is not a valid filter: {e}", cfg.log.level)))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = load_config(&args)?;
+            init_logging(&cfg)?;
+            serve::run(cfg).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RootKey(RootKeyCommand::Create { name, permissions, workspace, output, store }) => {
+            let cfg = load_config(&store)?;
+            let perms = if permissions.is_empty() { Permission::ALL.to_vec() } else {
+                Permission::parse_list(&permissions).map_err(|e| UsageError(e.message.into_owned()))?
+            };
+            let opened = serve::open(&cfg).await?;
+            let (key, secret) = opened
+                .admin
+                .create_root_key(&workspace, &name, perms, &Actor::cli())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            opened.store.close().await;
+            match output {
+                Output::Json => println!("{}", serde_json::json!({"id": key.id, "key": secret.expose(), "workspace": workspace})),
+                Output::Table => {
+                    println!("id:          {}", key.id);
+                    println!("workspace:   {workspace}");
+                    println!("permissions: {}", key.permissions.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "));
+                    println!("key:         {}", secret.expose());
+                    println!();
+                    println!("Store this key now: it is shown only once. Use it as `Authorization: Bearer <key>`");
+                    println!("or `export KEYGATE_ADMIN_KEY=<key>` for `keygate token`.");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(args) => {
+            client::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scan(args) => scan_cmd::run(args).await,
+        Command::Config(ConfigCommand::Check { file }) => {
+            Config::from_file(&file).map_err(|e| UsageError(format!("{e:#}")))?;
+            println!("{}: valid", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -96,6 +96,8 @@ CREATE INDEX audit_by_workspace ON audit_events (workspace_id, id);
 CREATE TABLE token_changes (
     seq       BIGINT PRIMARY KEY,
     token_id  TEXT NOT NULL,
+    -- The token's keyed hash, so a follower can drop a token whose row is gone.
+    token_hash BLOB NOT NULL,
     at        BIGINT NOT NULL
 );
 

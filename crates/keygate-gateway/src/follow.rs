@@ -1,0 +1,69 @@
+//! Keeps a [`TokenIndex`] current: loads the store's snapshot, then applies the change feed in
+//! order whenever the store signals a commit (and every few seconds regardless, so a missed
+//! signal only delays). Changes are applied by re-reading each token's current state, so applying
+//! one twice is harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_core::store::Store;
+use keygate_core::{Clock, Result};
+use tokio::task::JoinHandle;
+
+use crate::index::TokenIndex;
+
+const BATCH: u32 = 1000;
+const POLL_EVERY: Duration = Duration::from_secs(5);
+
+/// Loads the index from a snapshot and applies every change committed since.
+pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> Result<()> {
+    let snapshot = store.snapshot(clock.now()).await?;
+    for t in &snapshot.tokens {
+        index.upsert(t);
+    }
+    index.shrink_to_fit();
+    index.set_seq(snapshot.seq);
+    catch_up(index, store).await
+}
+
+/// Applies every change after the index's position; returns when there are none left.
+pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
+    loop {
+        let changes = store.changes_since(index.seq(), BATCH).await?;
+        let Some(last) = changes.last().map(|c| c.seq) else { return Ok(()) };
+        for c in &changes {
+            match &c.record {
+                Some(t) => index.upsert(t),
+                None => index.remove(&c.hash),
+            }
+        }
+        index.set_seq(last);
+        if changes.len() < BATCH as usize {
+            return Ok(());
+        }
+    }
+}
+
+/// Loads the index, then follows the feed in a background task until it is aborted.
+pub async fn start(index: TokenIndex, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<JoinHandle<()>> {
+    // Subscribe before the snapshot, so no commit can fall between the two unnoticed.
+    let mut signal = store.subscribe();
+    load(&index, &*store, &*clock).await?;
+    Ok(tokio::spawn(async move {
+        let mut sweeps = 0u32;
+        loop {
+            tokio::select! {
+                open = signal.changed() => if !open { return },
+                () = tokio::time::sleep(POLL_EVERY) => {
+                    sweeps = sweeps.wrapping_add(1);
+                    if sweeps % 12 == 0 {
+                        index.sweep_expired(clock.now());
+                    }
+                }
+            }
+            if let Err(e) = catch_up(&index, &*store).await {
+                tracing::warn!(error = %e, "token index: cannot read the change feed; keeping the last known state");
+            }
+        }
+    }))
+}

@@ -1,0 +1,376 @@
+//! The in-memory token index: every token that may authenticate, keyed by its keyed hash, so a
+//! presented token is checked with no store round trip: format and checksum first (no lookup for
+//! a malformed token), then HMAC-SHA256 under the pepper, then one hash-map read.
+//!
+//! Memory matters at a million tokens: entries are compact (ids and scope sets are interned and
+//! shared), and the map is keyed by the first 8 bytes of the hash (already uniformly random, so
+//! no re-hashing) with the full hash kept in the entry and compared in constant time.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use ipnet::IpNet;
+use keygate_core::ids::TokenId;
+use keygate_core::model::{TokenRecord, TokenState};
+use keygate_core::policy::{Quota, RateLimit, allowlist_permits};
+use keygate_core::scope::{Scope, any_covers};
+use keygate_core::secret::{Pepper, SecretHash};
+use keygate_core::token_format::{self, FormatError, PUBLIC_ID_LEN, TokenPrefix};
+use keygate_core::Timestamp;
+
+const SHARDS: usize = 16;
+
+/// Hashes a u64 key that is already uniformly random (a slice of an HMAC) as itself.
+#[derive(Default, Clone, Copy)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = HashMap<u64, Arc<IndexedToken>, BuildHasherDefault<IdentityHasher>>;
+
+/// A token as the gateway needs it.
+#[derive(Debug)]
+pub struct IndexedToken {
+    hash: SecretHash,
+    public_id: [u8; PUBLIC_ID_LEN],
+    pub workspace_id: Arc<str>,
+    pub app_id: Arc<str>,
+    pub scopes: Arc<[Scope]>,
+    pub ip_allowlist: Option<Arc<[IpNet]>>,
+    suspended: bool,
+    /// Milliseconds; `i64::MAX` for none.
+    expires_at: i64,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+}
+
+impl IndexedToken {
+    pub fn token_id(&self) -> TokenId {
+        TokenId::from_public_id(std::str::from_utf8(&self.public_id).unwrap_or_default())
+    }
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        (self.expires_at != i64::MAX).then_some(Timestamp::from_millis(self.expires_at))
+    }
+    /// Whether `addr` may use this token.
+    pub fn allows_ip(&self, addr: IpAddr) -> bool {
+        self.ip_allowlist.as_deref().is_none_or(|list| allowlist_permits(list, addr))
+    }
+    /// Whether the token holds a scope that covers `required`.
+    pub fn has_scope(&self, required: &Scope) -> bool {
+        any_covers(&self.scopes, required)
+    }
+}
+
+/// Why a presented token is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong prefix, length, alphabet or checksum: refused without a lookup.
+    Malformed(FormatError),
+    /// Well-formed but not a token this index knows (never issued, revoked or deleted).
+    Unknown,
+    Suspended,
+    Expired,
+}
+
+impl Refusal {
+    /// A stable code for logs and metrics.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed_token",
+            Self::Unknown => "unknown_token",
+            Self::Suspended => "token_suspended",
+            Self::Expired => "token_expired",
+        }
+    }
+}
+
+/// Interned values many tokens share.
+#[derive(Default)]
+struct Interner {
+    strings: HashMap<String, Arc<str>>,
+    scope_sets: HashMap<Vec<Scope>, Arc<[Scope]>>,
+}
+
+impl Interner {
+    fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(v) = self.strings.get(s) {
+            return v.clone();
+        }
+        let v: Arc<str> = Arc::from(s);
+        self.strings.insert(s.to_owned(), v.clone());
+        v
+    }
+    fn scopes(&mut self, s: &[Scope]) -> Arc<[Scope]> {
+        if let Some(v) = self.scope_sets.get(s) {
+            return v.clone();
+        }
+        let v: Arc<[Scope]> = Arc::from(s);
+        self.scope_sets.insert(s.to_vec(), v.clone());
+        v
+    }
+}
+
+struct Inner {
+    prefix: TokenPrefix,
+    pepper: Pepper,
+    shards: Vec<RwLock<Shard>>,
+    /// Entries whose first 8 hash bytes collide with another entry's (vanishingly rare).
+    overflow: RwLock<HashMap<[u8; 32], Arc<IndexedToken>>>,
+    interner: std::sync::Mutex<Interner>,
+    len: AtomicUsize,
+    seq: AtomicU64,
+}
+
+/// The index; clones share it.
+#[derive(Clone)]
+pub struct TokenIndex(Arc<Inner>);
+
+fn split(hash: &SecretHash) -> (usize, u64) {
+    let b = hash.as_bytes();
+    let mut k = [0u8; 8];
+    k.copy_from_slice(b.get(..8).unwrap_or(&[0; 8]));
+    let key = u64::from_le_bytes(k);
+    (usize::from(b.get(8).copied().unwrap_or(0)) % SHARDS, key)
+}
+
+impl TokenIndex {
+    pub fn new(prefix: TokenPrefix, pepper: Pepper) -> Self {
+        Self(Arc::new(Inner {
+            prefix,
+            pepper,
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            overflow: RwLock::new(HashMap::new()),
+            interner: std::sync::Mutex::new(Interner::default()),
+            len: AtomicUsize::new(0),
+            seq: AtomicU64::new(0),
+        }))
+    }
+
+    /// How many tokens are resident.
+    pub fn len(&self) -> usize {
+        self.0.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The change-feed position the index is current to.
+    pub fn seq(&self) -> u64 {
+        self.0.seq.load(Ordering::Acquire)
+    }
+
+    pub fn set_seq(&self, seq: u64) {
+        self.0.seq.store(seq, Ordering::Release);
+    }
+
+    /// Checks a presented token: format, then the index, then status and expiry at `now`.
+    pub fn verify(&self, presented: &str, now: Timestamp) -> Result<Arc<IndexedToken>, Refusal> {
+        token_format::parse(presented, &self.0.prefix).map_err(Refusal::Malformed)?;
+        let hash = self.0.pepper.hash(presented);
+        let entry = self.get(&hash).ok_or(Refusal::Unknown)?;
+        if entry.suspended {
+            return Err(Refusal::Suspended);
+        }
+        if now.as_millis() >= entry.expires_at {
+            return Err(Refusal::Expired);
+        }
+        Ok(entry)
+    }
+
+    fn get(&self, hash: &SecretHash) -> Option<Arc<IndexedToken>> {
+        let (shard, key) = split(hash);
+        let found = self.0.shards.get(shard)?.read().ok()?.get(&key).cloned();
+        match found {
+            // Constant-time comparison of the whole hash.
+            Some(e) if e.hash == *hash => Some(e),
+            Some(_) => self.0.overflow.read().ok()?.get(hash.as_bytes()).cloned(),
+            None => None,
+        }
+    }
+
+    /// Inserts or replaces a token. Revoked tokens are removed instead.
+    pub fn upsert(&self, t: &TokenRecord) {
+        if t.state == TokenState::Revoked {
+            self.remove(&t.hash);
+            return;
+        }
+        let Ok(mut interner) = self.0.interner.lock() else { return };
+        let mut public_id = [0u8; PUBLIC_ID_LEN];
+        let pid = t.public_id().as_bytes();
+        if pid.len() == PUBLIC_ID_LEN {
+            public_id.copy_from_slice(pid);
+        }
+        let entry = Arc::new(IndexedToken {
+            hash: t.hash,
+            public_id,
+            workspace_id: interner.string(t.workspace_id.as_str()),
+            app_id: interner.string(t.app_id.as_str()),
+            scopes: interner.scopes(&t.scopes),
+            ip_allowlist: (!t.ip_allowlist.is_empty()).then(|| Arc::from(t.ip_allowlist.as_slice())),
+            suspended: t.state == TokenState::Suspended,
+            expires_at: t.expires_at.map_or(i64::MAX, Timestamp::as_millis),
+            rate_limit: t.rate_limit,
+            quota: t.quota,
+        });
+        drop(interner);
+        let (shard, key) = split(&t.hash);
+        let Some(lock) = self.0.shards.get(shard) else { return };
+        let Ok(mut map) = lock.write() else { return };
+        match map.get(&key) {
+            Some(existing) if existing.hash != t.hash => {
+                drop(map);
+                if let Ok(mut o) = self.0.overflow.write() {
+                    if o.insert(*t.hash.as_bytes(), entry).is_none() {
+                        self.0.len.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            _ => {
+                if map.insert(key, entry).is_none() {
+                    self.0.len.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Drops the token with this hash, if resident.
+    pub fn remove(&self, hash: &SecretHash) {
+        let (shard, key) = split(hash);
+        if let Ok(mut o) = self.0.overflow.write() {
+            if o.remove(hash.as_bytes()).is_some() {
+                self.0.len.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let Some(lock) = self.0.shards.get(shard) else { return };
+        let Ok(mut map) = lock.write() else { return };
+        if map.get(&key).is_some_and(|e| e.hash == *hash) {
+            map.remove(&key);
+            self.0.len.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops tokens that expired before `now`; they would be refused anyway.
+    pub fn sweep_expired(&self, now: Timestamp) -> usize {
+        let mut dropped = 0;
+        for lock in &self.0.shards {
+            if let Ok(mut map) = lock.write() {
+                let before = map.len();
+                map.retain(|_, e| e.expires_at > now.as_millis());
+                dropped += before - map.len();
+            }
+        }
+        self.0.len.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Releases spare capacity after a bulk load.
+    pub fn shrink_to_fit(&self) {
+        for lock in &self.0.shards {
+            if let Ok(mut map) = lock.write() {
+                map.shrink_to_fit();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::ids::{AppId, WorkspaceId};
+    use keygate_core::secret::OsRandom;
+    use keygate_core::token_format::mint;
+
+    pub(crate) fn record(pepper: &Pepper, secret: &str, public_id: &str) -> TokenRecord {
+        let t0 = Timestamp::from_millis(0);
+        TokenRecord {
+            id: TokenId::from_public_id(public_id),
+            workspace_id: WorkspaceId::from_trusted("ws_1".into()),
+            app_id: AppId::from_trusted("app_1".into()),
+            name: "t".into(),
+            hash: pepper.hash(secret),
+            prefix: "kg".into(),
+            last4: "abcd".into(),
+            scopes: vec![Scope::parse("orders:*").unwrap()],
+            state: TokenState::Active,
+            expires_at: None,
+            ip_allowlist: vec![],
+            rate_limit: None,
+            quota: None,
+            metadata: Default::default(),
+            created_at: t0,
+            updated_at: t0,
+            last_used_at: None,
+            last_used_ip: None,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_from: None,
+            replaced_by: None,
+            exposed_at: None,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn verifies_and_refuses_for_each_reason() {
+        let pepper = Pepper::new(&[1; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let now = Timestamp::from_millis(1000);
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
+        index.upsert(&r);
+        assert_eq!(index.len(), 1);
+        let ok = index.verify(m.secret.expose(), now).unwrap();
+        assert_eq!(ok.token_id(), r.id);
+        assert!(ok.has_scope(&Scope::parse("orders:read").unwrap()));
+        assert!(!ok.has_scope(&Scope::parse("users:read").unwrap()));
+
+        assert!(matches!(index.verify("kg_nope", now), Err(Refusal::Malformed(_))));
+        r.state = TokenState::Suspended;
+        index.upsert(&r);
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Suspended);
+        r.state = TokenState::Active;
+        r.expires_at = Some(now);
+        index.upsert(&r);
+        assert_eq!(index.len(), 1);
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Expired);
+        assert_eq!(index.sweep_expired(now), 1);
+        assert!(index.is_empty());
+        r.expires_at = None;
+        index.upsert(&r);
+        r.state = TokenState::Revoked;
+        index.upsert(&r);
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn ip_allowlist_is_checked() {
+        let pepper = Pepper::new(&[1; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        r.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap()];
+        index.upsert(&r);
+        let t = index.verify(m.secret.expose(), Timestamp::from_millis(0)).unwrap();
+        assert!(t.allows_ip("10.1.1.1".parse().unwrap()));
+        assert!(!t.allows_ip("192.0.2.1".parse().unwrap()));
+    }
+}

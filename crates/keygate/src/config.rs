@@ -1,0 +1,247 @@
+//! keygate's one validated configuration: defaults, then the TOML file, then `KEYGATE_*`
+//! environment variables, then command-line flags. Unknown keys in the file are errors that name
+//! the key. Every field's doc comment is its user documentation (`docs/configuration.md`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use keygate_core::token_format::TokenPrefix;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the embedded SQLite database and the pepper file live; created at first start.
+    /// Env: `KEYGATE_DATA_DIR`; flag: `--data-dir`. Default `./keygate-data`.
+    pub data_dir: PathBuf,
+    /// A `postgres://` URL selects PostgreSQL instead of SQLite. Env: `KEYGATE_DATABASE_URL`.
+    pub database_url: Option<String>,
+    pub admin: AdminConfig,
+    pub gateway: GatewayConfig,
+    pub tokens: TokensConfig,
+    pub log: LogConfig,
+    /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API (and, later, the dashboard). Keep it on loopback or a private
+    /// network. Env: `KEYGATE_ADMIN_LISTEN`. Default `127.0.0.1:8081`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address of the gateway listener. Env: `KEYGATE_GATEWAY_LISTEN`. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// The prefix of issued tokens (2–12 lowercase letters and digits, starting with a letter);
+    /// root keys use `<prefix>root`. Env: `KEYGATE_TOKEN_PREFIX`. Default `kg`.
+    pub prefix: String,
+    /// The longest grace period a rotation may ask for, in seconds. Default 2592000 (30 days).
+    pub max_grace_period_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `keygate=debug,info`. Env: `KEYGATE_LOG`. Default `info`.
+    pub level: String,
+    /// `json` (one object per line) or `text`. Env: `KEYGATE_LOG_FORMAT`. Default `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./keygate-data"),
+            database_url: None,
+            admin: AdminConfig::default(),
+            gateway: GatewayConfig::default(),
+            tokens: TokensConfig::default(),
+            log: LogConfig::default(),
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)) }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self { prefix: "kg".into(), max_grace_period_seconds: 30 * 86_400 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Json }
+    }
+}
+
+/// Values given on the command line, which win over everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Loads the configuration from its layers. `env` is passed in so tests need not touch the
+    /// process environment.
+    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>, flags: &Overrides) -> anyhow::Result<Self> {
+        let mut cfg = match file {
+            Some(f) => Self::from_file(f)?,
+            None => Self::default(),
+        };
+        if let Some(v) = env("KEYGATE_DATA_DIR") {
+            cfg.data_dir = v.into();
+        }
+        if let Some(v) = env("KEYGATE_DATABASE_URL") {
+            cfg.database_url = Some(v);
+        }
+        if let Some(v) = env("KEYGATE_ADMIN_LISTEN") {
+            cfg.admin.listen = v.parse().with_context(|| format!("KEYGATE_ADMIN_LISTEN={v:?} is not an address like 127.0.0.1:8081"))?;
+        }
+        if let Some(v) = env("KEYGATE_GATEWAY_LISTEN") {
+            cfg.gateway.listen = v.parse().with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
+        }
+        if let Some(v) = env("KEYGATE_TOKEN_PREFIX") {
+            cfg.tokens.prefix = v;
+        }
+        if let Some(v) = env("KEYGATE_LOG") {
+            cfg.log.level = v;
+        }
+        if let Some(v) = env("KEYGATE_LOG_FORMAT") {
+            cfg.log.format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                _ => bail!("KEYGATE_LOG_FORMAT must be json or text, not {v:?}"),
+            };
+        }
+        if let Some(v) = &flags.data_dir {
+            cfg.data_dir = v.clone();
+        }
+        if let Some(v) = &flags.database_url {
+            cfg.database_url = Some(v.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.prefix()?;
+        keygate_store::StoreLocation::from_settings(self.database_url.as_deref(), &self.data_dir)
+            .map_err(|e| anyhow::anyhow!("database_url: {}", e.message))?;
+        if self.log.level.trim().is_empty() {
+            bail!("log.level must not be empty (for example \"info\")");
+        }
+        if self.admin.listen == self.gateway.listen {
+            bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> anyhow::Result<TokenPrefix> {
+        TokenPrefix::new(&self.tokens.prefix).map_err(|e| anyhow::anyhow!("tokens.prefix: {}", e.message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::load(None, &no_env, &Overrides::default()).unwrap();
+        assert!(c.admin.listen.ip().is_loopback());
+        assert!(c.gateway.listen.ip().is_loopback());
+        assert_eq!(c.data_dir, PathBuf::from("./keygate-data"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n").unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let e = Config::from_toml("colour = \"red\"\n").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::from_toml("[tokens]\nprefix = \"Bad_Prefix\"\n").is_err());
+        assert!(Config::from_toml("database_url = \"mysql://x\"\n").is_err());
+        assert!(Config::from_toml("[admin]\nlisten = \"nowhere\"\n").is_err());
+        assert!(Config::from_toml("shutdown_grace_seconds = -1\n").is_err());
+        assert!(Config::from_toml("[log]\nformat = \"xml\"\n").is_err());
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keygate.toml");
+        std::fs::write(&file, "data_dir = \"/from-file\"\n[tokens]\nprefix = \"acme\"\n").unwrap();
+        let env = |k: &str| match k {
+            "KEYGATE_DATA_DIR" => Some("/from-env".to_owned()),
+            "KEYGATE_ADMIN_LISTEN" => Some("127.0.0.1:9999".to_owned()),
+            _ => None,
+        };
+        let c = Config::load(Some(&file), &env, &Overrides::default()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from-env"));
+        assert_eq!(c.tokens.prefix, "acme");
+        assert_eq!(c.admin.listen.port(), 9999);
+        let flags = Overrides { data_dir: Some("/from-flag".into()), database_url: None };
+        let c = Config::load(Some(&file), &env, &flags).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from-flag"));
+        let bad_env = |k: &str| (k == "KEYGATE_ADMIN_LISTEN").then(|| "x".to_owned());
+        assert!(Config::load(None, &bad_env, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../../docs/keygate.example.toml");
+        Config::from_toml(text).unwrap();
+    }
+}

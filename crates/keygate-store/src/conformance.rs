@@ -13,7 +13,6 @@ use keygate_core::store::*;
 use keygate_core::token_format::{TokenPrefix, mint};
 use keygate_core::{ErrorKind, Timestamp};
 use serde_json::json;
-use sqlx::Connection;
 
 use crate::{SqlStore, StoreLocation, open};
 
@@ -43,10 +42,7 @@ struct PgDatabase {
 
 impl PgDatabase {
     async fn drop_now(&self) {
-        if let Ok(mut c) = sqlx::postgres::PgConnection::connect(&self.admin_url).await {
-            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
-        }
+        let _ = crate::admin_sql(&self.admin_url, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
     }
 }
 
@@ -63,10 +59,9 @@ async fn sqlite() -> Harness {
 async fn postgres() -> Harness {
     let admin_url = pg_admin_url();
     let name = format!("keygate_test_{}", keygate_core::token_format::random_base62(&OsRandom, 12).unwrap().to_lowercase());
-    let mut c = sqlx::postgres::PgConnection::connect(&admin_url)
+    crate::admin_sql(&admin_url, &format!("CREATE DATABASE {name}"))
         .await
         .expect("PostgreSQL must run for the conformance suite (set KEYGATE_TEST_POSTGRES_URL)");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut c).await.unwrap();
     let url = match admin_url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("KEYGATE_TEST_POSTGRES_URL needs a database path"),

@@ -160,3 +160,13 @@ pub(crate) fn db_error(e: sqlx::Error) -> Error {
 
 #[cfg(test)]
 mod conformance;
+
+/// Runs one administrative statement (such as `CREATE DATABASE`) on a PostgreSQL server, outside
+/// any transaction. For tests and tooling that create and drop their own databases.
+#[doc(hidden)]
+pub async fn admin_sql(url: &str, sql: &str) -> Result<()> {
+    let mut conn = sqlx::postgres::PgConnection::connect(url).await.map_err(|e| open_error(Engine::Postgres, &e))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.map_err(db_error)?;
+    let _ = conn.close().await;
+    Ok(())
+}

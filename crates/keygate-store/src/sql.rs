@@ -419,6 +419,17 @@ impl AppStore for SqlStore {
         let mut tx = self.begin().await?;
         // Taken first even when no token changes, so this transaction is a writer from the start.
         let seq = next_seq(&mut tx).await?;
+        let is_default: Option<i64> = sqlx::query_scalar("SELECT is_default FROM apps WHERE workspace_id = $1 AND id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        match is_default {
+            None => return Err(Error::not_found("app")),
+            Some(0) => {}
+            Some(_) => return Err(Error::conflict("default_app", "the workspace's default app cannot be deleted")),
+        }
         let token_rows = sqlx::query("SELECT id, hash FROM tokens WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())
@@ -458,24 +469,12 @@ impl AppStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        let done = sqlx::query("DELETE FROM apps WHERE workspace_id = $1 AND id = $2 AND is_default = 0")
+        sqlx::query("DELETE FROM apps WHERE workspace_id = $1 AND id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            let exists: Option<i64> = sqlx::query_scalar("SELECT is_default FROM apps WHERE workspace_id = $1 AND id = $2")
-                .bind(ws.as_str())
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            return Err(match exists {
-                Some(_) => Error::conflict("default_app", "the workspace's default app cannot be deleted"),
-                None => Error::not_found("app"),
-            });
-        }
         insert_audit(&mut tx, audit).await?;
         self.commit(tx, Some(last_seq)).await
     }

@@ -1,1 +1,221 @@
-//! stub
+//! Starts a whole keygate in-process on ephemeral ports with a temporary store, and gives tests
+//! a typed client for it. Time is a [`ManualClock`] unless a test asks for the wall clock.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use keygate::config::Config;
+use keygate::serve::{self, Running};
+use keygate_core::model::{Actor, Permission};
+use keygate_core::store::Store;
+use keygate_core::{ManualClock, Timestamp};
+use keygate_gateway::index::TokenIndex;
+pub use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// The instant every test keygate starts at.
+pub const START: Timestamp = Timestamp::from_millis(1_900_000_000_000);
+
+/// A running keygate for one test.
+pub struct TestKeygate {
+    running: Option<Running>,
+    pub clock: ManualClock,
+    pub admin_addr: SocketAddr,
+    /// A root key with every permission in the default workspace.
+    pub root_key: String,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// What to start.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// A `postgres://` URL instead of SQLite in a temporary directory.
+    pub database_url: Option<String>,
+    /// An existing data directory (kept) instead of a temporary one.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl TestKeygate {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> anyhow::Result<Self> {
+        let (dir, data_dir) = match opts.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+                let path = dir.path().join("data");
+                (Some(dir), path)
+            }
+        };
+        let mut cfg = Config { data_dir: data_dir.clone(), database_url: opts.database_url, ..Config::default() };
+        cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        cfg.shutdown_grace_seconds = 5;
+        let clock = ManualClock::new(START);
+        let running = serve::start(&cfg, None, Arc::new(clock.clone())).await?;
+        let (_, secret) = running
+            .admin
+            .create_root_key("default", "testkit", Permission::ALL.to_vec(), &Actor::cli())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self {
+            admin_addr: running.admin_addr,
+            running: Some(running),
+            clock,
+            root_key: secret.expose().to_owned(),
+            data_dir,
+            _dir: dir,
+        })
+    }
+
+    fn running(&self) -> &Running {
+        // `running` is only taken by `stop`, which consumes self.
+        self.running.as_ref().unwrap_or_else(|| unreachable!("TestKeygate used after stop"))
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.running().store.clone()
+    }
+
+    pub fn index(&self) -> &TokenIndex {
+        &self.running().index
+    }
+
+    pub fn admin(&self) -> &Arc<keygate_admin::Admin> {
+        &self.running().admin
+    }
+
+    /// Applies every committed change to the token index now (the background follower does the
+    /// same on its own; this makes tests deterministic).
+    pub async fn sync_index(&self) -> anyhow::Result<()> {
+        keygate_gateway::follow::catch_up(self.index(), &*self.store()).await.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Creates a root key in `workspace` with `permissions`.
+    pub async fn root_key(&self, workspace: &str, permissions: &[Permission]) -> anyhow::Result<String> {
+        let (_, secret) = self
+            .admin()
+            .create_root_key(workspace, "test key", permissions.to_vec(), &Actor::cli())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(secret.expose().to_owned())
+    }
+
+    /// A client authenticated with the default root key.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url(), Some(self.root_key.clone()))
+    }
+
+    pub fn client_with(&self, key: Option<&str>) -> Client {
+        Client::new(&self.url(), key.map(str::to_owned))
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+/// An admin API answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Answer {
+    /// The `error.code` of an error answer.
+    pub fn code(&self) -> &str {
+        self.body.pointer("/error/code").and_then(Value::as_str).unwrap_or("")
+    }
+    pub fn str(&self, pointer: &str) -> String {
+        self.body.pointer(pointer).and_then(Value::as_str).unwrap_or_default().to_owned()
+    }
+}
+
+/// A small admin API client for tests.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Client {
+    pub fn new(base: &str, key: Option<String>) -> Self {
+        Self { http: reqwest::Client::new(), base: base.to_owned(), key }
+    }
+
+    /// Sends a JSON body (or none) and returns the answer, whatever its status.
+    pub async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Answer {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.finish(req).await
+    }
+
+    /// Sends raw bytes with a content type.
+    pub async fn send_raw(&self, method: Method, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).header("content-type", content_type).body(body);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        self.finish(req).await
+    }
+
+    async fn finish(&self, req: reqwest::RequestBuilder) -> Answer {
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                let text = resp.text().await.unwrap_or_default();
+                let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                Answer { status, body, headers }
+            }
+            Err(e) => Answer { status: StatusCode::from_u16(599).unwrap_or(StatusCode::BAD_GATEWAY), body: Value::String(e.to_string()), headers: Default::default() },
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Answer {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value) -> Answer {
+        self.send(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Answer {
+        self.send(Method::DELETE, path, None).await
+    }
+
+    /// Creates a token and returns (id, secret); panics with the answer if that fails.
+    pub async fn create_token(&self, body: &Value) -> (String, String) {
+        let a = self.post("/admin/v1/tokens", body).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        (a.str("/id"), a.str("/token"))
+    }
+}

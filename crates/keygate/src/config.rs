@@ -174,7 +174,7 @@ impl Config {
         if self.log.level.trim().is_empty() {
             bail!("log.level must not be empty (for example \"info\")");
         }
-        if self.admin.listen == self.gateway.listen {
+        if self.admin.listen == self.gateway.listen && self.admin.listen.port() != 0 {
             bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);
         }
         Ok(())

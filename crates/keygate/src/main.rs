@@ -2,19 +2,12 @@
 //! failure (or, for `scan`, a confirmed token), 2 invalid usage or configuration.
 #![forbid(unsafe_code)]
 
-mod cli;
-mod client;
-mod config;
-mod pepper;
-mod scan;
-mod scan_cmd;
-mod serve;
-
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::{Cli, Command, ConfigCommand, Output, RootKeyCommand, StoreArgs};
-use config::{Config, LogFormat, Overrides};
+use keygate::cli::{Cli, Command, ConfigCommand, Output, RootKeyCommand, StoreArgs};
+use keygate::config::{Config, LogFormat, Overrides};
+use keygate::{client, scan_cmd, serve};
 use keygate_core::model::{Actor, Permission};
 
 /// An error in how keygate was asked to run (exit code 2).
@@ -69,7 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let cfg = load_config(&args)?;
             init_logging(&cfg)?;
-            serve::run(cfg).await?;
+            serve::run(cfg, std::env::var("KEYGATE_PEPPER").ok()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::RootKey(RootKeyCommand::Create { name, permissions, workspace, output, store }) => {
@@ -77,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let perms = if permissions.is_empty() { Permission::ALL.to_vec() } else {
                 Permission::parse_list(&permissions).map_err(|e| UsageError(e.message.into_owned()))?
             };
-            let opened = serve::open(&cfg).await?;
+            let opened = serve::open(&cfg, std::env::var("KEYGATE_PEPPER").ok()).await?;
             let (key, secret) = opened
                 .admin
                 .create_root_key(&workspace, &name, perms, &Actor::cli())

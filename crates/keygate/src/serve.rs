@@ -1,5 +1,6 @@
-//! `keygate serve`: opens the store, loads the pepper, creates the default workspace, and runs
-//! the admin listener until SIGTERM or Ctrl-C, then drains in-flight requests.
+//! `keygate serve`: opens the store, loads the pepper, creates the default workspace, loads the
+//! token index and keeps it current, and runs the admin listener until SIGTERM or Ctrl-C, then
+//! drains in-flight requests within `shutdown_grace_seconds`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,82 +8,121 @@ use std::time::Duration;
 
 use anyhow::Context;
 use keygate_admin::{Admin, AdminSettings, AdminState};
-use keygate_core::secret::OsRandom;
+use keygate_core::secret::{OsRandom, Pepper};
 use keygate_core::store::{RootKeyStore, Store};
-use keygate_core::SystemClock;
+use keygate_core::{Clock, SystemClock};
 use keygate_gateway::index::TokenIndex;
-use keygate_store::StoreLocation;
+use keygate_store::{SqlStore, StoreLocation};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 
-/// Everything `serve` and `root-key create` share: the configured store and the service layer.
+/// The configured store and the service layer on it.
 pub struct Opened {
     pub admin: Arc<Admin>,
-    pub store: Arc<keygate_store::SqlStore>,
+    pub store: Arc<SqlStore>,
+    pub pepper: Pepper,
 }
 
-/// Opens the configured store and builds the service layer on it.
-pub async fn open(cfg: &Config) -> anyhow::Result<Opened> {
+/// Opens the configured store and builds the service layer on it. `pepper_env` is the value of
+/// `KEYGATE_PEPPER`, if set.
+pub async fn open(cfg: &Config, pepper_env: Option<String>) -> anyhow::Result<Opened> {
+    open_with_clock(cfg, pepper_env, Arc::new(SystemClock)).await
+}
+
+pub async fn open_with_clock(cfg: &Config, pepper_env: Option<String>, clock: Arc<dyn Clock>) -> anyhow::Result<Opened> {
     let location = StoreLocation::from_settings(cfg.database_url.as_deref(), &cfg.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = keygate_store::open(&location).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let pepper = crate::pepper::load(std::env::var("KEYGATE_PEPPER").ok(), &cfg.data_dir)?;
+    let pepper = crate::pepper::load(pepper_env, &cfg.data_dir)?;
     let settings = AdminSettings { prefix: cfg.prefix()?, max_grace_period_seconds: cfg.tokens.max_grace_period_seconds };
     let dyn_store: Arc<dyn Store> = store.clone();
-    let admin = Arc::new(Admin::new(dyn_store, pepper, settings, Arc::new(SystemClock), Arc::new(OsRandom)));
+    let admin = Arc::new(Admin::new(dyn_store, pepper.clone(), settings, clock, Arc::new(OsRandom)));
     admin.bootstrap().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    Ok(Opened { admin, store })
+    Ok(Opened { admin, store, pepper })
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let opened = open(&cfg).await?;
+/// A keygate whose listeners are running.
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub admin: Arc<Admin>,
+    pub store: Arc<SqlStore>,
+    pub index: TokenIndex,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    follower: JoinHandle<()>,
+    grace: Duration,
+}
+
+/// Starts keygate's listeners (port 0 picks a free port) and background tasks.
+pub async fn start(cfg: &Config, pepper_env: Option<String>, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let opened = open_with_clock(cfg, pepper_env, clock.clone()).await?;
     let store = opened.store.clone();
     tracing::info!(engine = store.engine(), data_dir = %cfg.data_dir.display(), "store opened");
 
-    let admin_listener = TcpListener::bind(cfg.admin.listen)
+    let listener = TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin.listen); is another keygate running?", cfg.admin.listen))?;
+    let admin_addr = listener.local_addr()?;
 
     // The in-memory token index the gateway answers from, kept current by the change feed.
     let dyn_store: Arc<dyn Store> = store.clone();
-    let index = TokenIndex::new(cfg.prefix()?, opened_pepper(&cfg)?);
-    let follower = keygate_gateway::follow::start(index.clone(), dyn_store, Arc::new(SystemClock))
+    let index = TokenIndex::new(cfg.prefix()?, opened.pepper.clone());
+    let follower = keygate_gateway::follow::start(index.clone(), dyn_store, clock)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load the token index: {}", e.message))?;
     tracing::info!(tokens = index.len(), "token index loaded");
 
-    if store.root_key_count().await.map_err(|e| anyhow::anyhow!("{e}"))? == 0 {
-        first_run_hint(&cfg);
-    }
-    let state = AdminState { admin: opened.admin.clone() };
-    let app = keygate_admin::router(state);
-    tracing::info!(admin = %cfg.admin.listen, "keygate is listening");
-    eprintln!("keygate: admin API on http://{}/admin/v1 (explorer: http://{}/admin/docs)", cfg.admin.listen, cfg.admin.listen);
-
-    let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(admin_listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        });
+    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() });
+    let (stop, mut stop_rx) = watch::channel(false);
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    });
     let server = tokio::spawn(async move { server.await });
-    shutdown_signal().await;
-    tracing::info!(grace_seconds = grace.as_secs(), "shutting down; draining in-flight requests");
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(grace, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin listener failed"),
-        Ok(Err(e)) => tracing::error!(error = %e, "admin listener task failed"),
-        Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
-    }
-    follower.abort();
-    store.close().await;
-    tracing::info!("stopped");
-    Ok(())
+    tracing::info!(admin = %admin_addr, "keygate is listening");
+    Ok(Running {
+        admin_addr,
+        admin: opened.admin,
+        store,
+        index,
+        stop,
+        server,
+        follower,
+        grace: Duration::from_secs(cfg.shutdown_grace_seconds),
+    })
 }
 
-fn opened_pepper(cfg: &Config) -> anyhow::Result<keygate_core::secret::Pepper> {
-    crate::pepper::load(std::env::var("KEYGATE_PEPPER").ok(), &cfg.data_dir)
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within the grace period, then closes
+    /// the store.
+    pub async fn shutdown(self) {
+        tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down; draining in-flight requests");
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(self.grace, self.server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin listener failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "admin listener task failed"),
+            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+        }
+        self.follower.abort();
+        self.store.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// `keygate serve`: runs until SIGTERM or Ctrl-C.
+pub async fn run(cfg: Config, pepper_env: Option<String>) -> anyhow::Result<()> {
+    let running = start(&cfg, pepper_env, Arc::new(SystemClock)).await?;
+    if running.store.root_key_count().await.map_err(|e| anyhow::anyhow!("{e}"))? == 0 {
+        first_run_hint(&cfg);
+    }
+    let a = running.admin_addr;
+    // On the terminal, for people; tests read the address from this line.
+    eprintln!("keygate: admin API on http://{a}/admin/v1 (explorer: http://{a}/admin/docs)");
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
 }
 
 /// Says how to get the first root key: on the terminal only, never into the log.

@@ -269,10 +269,16 @@ pub struct Actor {
 
 impl Actor {
     pub fn cli() -> Self {
-        Self { id: "cli".into(), source: Some("local".into()) }
+        Self {
+            id: "cli".into(),
+            source: Some("local".into()),
+        }
     }
     pub fn system() -> Self {
-        Self { id: "system".into(), source: None }
+        Self {
+            id: "system".into(),
+            source: None,
+        }
     }
 }
 
@@ -290,7 +296,13 @@ pub struct NewAuditEvent {
 }
 
 impl NewAuditEvent {
-    pub fn new(workspace_id: &WorkspaceId, actor: &Actor, action: &str, target: &str, at: Timestamp) -> Self {
+    pub fn new(
+        workspace_id: &WorkspaceId,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        at: Timestamp,
+    ) -> Self {
         Self {
             workspace_id: workspace_id.clone(),
             at,
@@ -392,7 +404,10 @@ mod tests {
 
     #[test]
     fn changed_fields_keeps_only_differences() {
-        let (b, a) = changed_fields(&json!({"name": "a", "scopes": ["x:y"], "gone": 1}), &json!({"name": "b", "scopes": ["x:y"], "new": 2}));
+        let (b, a) = changed_fields(
+            &json!({"name": "a", "scopes": ["x:y"], "gone": 1}),
+            &json!({"name": "b", "scopes": ["x:y"], "new": 2}),
+        );
         assert_eq!(b, json!({"name": "a", "gone": 1, "new": null}));
         assert_eq!(a, json!({"name": "b", "gone": null, "new": 2}));
     }
@@ -401,7 +416,15 @@ mod tests {
     fn permissions_parse() {
         let all = Permission::parse_list(&["*".into()]).unwrap();
         assert_eq!(all.len(), Permission::ALL.len());
-        assert_eq!(Permission::parse_list(&["tokens:read".into(), "tokens:read".into()]).unwrap(), vec![Permission::TokensRead]);
-        assert_eq!(Permission::parse_list(&["tokens:delete".into()]).unwrap_err().code, "invalid_permission");
+        assert_eq!(
+            Permission::parse_list(&["tokens:read".into(), "tokens:read".into()]).unwrap(),
+            vec![Permission::TokensRead]
+        );
+        assert_eq!(
+            Permission::parse_list(&["tokens:delete".into()])
+                .unwrap_err()
+                .code,
+            "invalid_permission"
+        );
     }
 }

@@ -31,7 +31,8 @@ impl Scope {
         let parts: Vec<&str> = s.split(':').collect();
         let shape_ok = matches!(parts.len(), 2 | 3);
         let parts_ok = parts.iter().enumerate().all(|(i, p)| {
-            (i > 0 && *p == WILDCARD) || (!p.is_empty() && p.len() <= MAX_PART_LEN && p.bytes().all(is_part_byte))
+            (i > 0 && *p == WILDCARD)
+                || (!p.is_empty() && p.len() <= MAX_PART_LEN && p.bytes().all(is_part_byte))
         });
         // `orders:*:own` makes no sense: after a wildcard action nothing may follow.
         let wildcard_last = parts.get(1) != Some(&WILDCARD) || parts.len() == 2;
@@ -47,7 +48,9 @@ impl Scope {
         if scope.0.split(':').any(|p| p == WILDCARD) {
             return Err(Error::invalid(
                 "invalid_scope",
-                format!("a required scope cannot contain a wildcard: {s:?}; name the exact scope, such as orders:read"),
+                format!(
+                    "a required scope cannot contain a wildcard: {s:?}; name the exact scope, such as orders:read"
+                ),
             ));
         }
         Ok(scope)
@@ -131,7 +134,10 @@ pub fn any_covers(granted: &[Scope], required: &Scope) -> bool {
 
 /// Parses, deduplicates and sorts a list of granted scopes.
 pub fn parse_scope_list(raw: &[String]) -> Result<Vec<Scope>> {
-    let mut out = raw.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>>>()?;
+    let mut out = raw
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<Vec<_>>>()?;
     out.sort();
     out.dedup();
     Ok(out)
@@ -163,8 +169,18 @@ mod tests {
     #[test]
     fn invalid_scopes_are_refused() {
         for bad in [
-            "", "orders", ":read", "orders:", "Orders:read", "orders:read:own:extra", "*:read", "*",
-            "orders:*:own", "or ders:read", "orders:réad", "orders::read",
+            "",
+            "orders",
+            ":read",
+            "orders:",
+            "Orders:read",
+            "orders:read:own:extra",
+            "*:read",
+            "*",
+            "orders:*:own",
+            "or ders:read",
+            "orders:réad",
+            "orders::read",
         ] {
             assert!(Scope::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -43,7 +43,9 @@ impl Pepper {
         if key.len() < MIN_PEPPER_LEN {
             return Err(Error::invalid(
                 "pepper_too_short",
-                format!("the pepper must be at least {MIN_PEPPER_LEN} bytes; generate one with `head -c 32 /dev/urandom | base64`"),
+                format!(
+                    "the pepper must be at least {MIN_PEPPER_LEN} bytes; generate one with `head -c 32 /dev/urandom | base64`"
+                ),
             ));
         }
         let mac = Hmac::<Sha256>::new_from_slice(key)
@@ -73,7 +75,7 @@ impl fmt::Debug for Pepper {
 }
 
 /// A keyed hash of a secret. Equality is constant-time.
-#[derive(Clone, Copy, Eq, Hash)]
+#[derive(Clone, Copy, Eq)]
 pub struct SecretHash(pub [u8; 32]);
 
 impl SecretHash {
@@ -135,7 +137,10 @@ mod tests {
         let p = Pepper::new(&[b'k'; 32]).unwrap();
         let h = p.hash("kg_example");
         let hex: String = h.0.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, "89b2bf69497f91d82f1f863892dc94bd258836d428c72c7a7b73618ee66e132c");
+        assert_eq!(
+            hex,
+            "89b2bf69497f91d82f1f863892dc94bd258836d428c72c7a7b73618ee66e132c"
+        );
     }
 
     #[test]

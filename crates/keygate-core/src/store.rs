@@ -8,8 +8,8 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::ids::{AppId, PlanId, TokenId, WorkspaceId};
 use crate::model::{
-    App, AuditEvent, AuditFilter, NewAuditEvent, Page, PageRequest, Plan, RootKey, ScopeEntry, TokenFilter,
-    TokenRecord, Workspace,
+    App, AuditEvent, AuditFilter, NewAuditEvent, Page, PageRequest, Plan, RootKey, ScopeEntry,
+    TokenFilter, TokenRecord, Workspace,
 };
 use crate::scope::Scope;
 use crate::secret::SecretHash;
@@ -17,7 +17,8 @@ use crate::secret::SecretHash;
 #[async_trait]
 pub trait WorkspaceStore: Send + Sync {
     /// Returns the workspace named like `candidate`, inserting it and `default_app` if missing.
-    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App) -> Result<Workspace>;
+    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App)
+    -> Result<Workspace>;
     async fn workspace(&self, id: &WorkspaceId) -> Result<Option<Workspace>>;
     async fn workspace_by_name(&self, name: &str) -> Result<Option<Workspace>>;
 }
@@ -59,7 +60,12 @@ pub trait TokenStore: Send + Sync {
     /// `token.version - 1`; otherwise fails with `concurrent_update`.
     async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
     /// Writes the rotated-out `old` (under the same version rule) and inserts `new`, atomically.
-    async fn rotate_token(&self, old: &TokenRecord, new: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
+    async fn rotate_token(
+        &self,
+        old: &TokenRecord,
+        new: &TokenRecord,
+        audit: &NewAuditEvent,
+    ) -> Result<()>;
 }
 
 #[async_trait]
@@ -78,12 +84,22 @@ pub trait PlanStore: Send + Sync {
     /// Adds or replaces a scope catalog entry.
     async fn put_scope(&self, entry: &ScopeEntry, audit: &NewAuditEvent) -> Result<()>;
     async fn list_scopes(&self, ws: &WorkspaceId) -> Result<Vec<ScopeEntry>>;
-    async fn delete_scope(&self, ws: &WorkspaceId, scope: &Scope, audit: &NewAuditEvent) -> Result<bool>;
+    async fn delete_scope(
+        &self,
+        ws: &WorkspaceId,
+        scope: &Scope,
+        audit: &NewAuditEvent,
+    ) -> Result<bool>;
 }
 
 #[async_trait]
 pub trait AuditStore: Send + Sync {
-    async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>>;
+    async fn list_audit(
+        &self,
+        ws: &WorkspaceId,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditEvent>>;
 }
 
 /// Every token that may still authenticate, and the change-feed position it is current to.
@@ -123,7 +139,9 @@ pub trait ChangeFeed: Send + Sync {
 
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + ChangeFeed {
+pub trait Store:
+    WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + ChangeFeed
+{
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;
     /// Succeeds when the store answers.

@@ -75,7 +75,9 @@ impl FormatError {
             Self::WrongPrefix => "the token does not start with this server's prefix",
             Self::WrongLength => "the token has the wrong length",
             Self::BadCharacter => "the token contains characters other than letters and digits",
-            Self::BadChecksum => "the token's checksum does not match: it was mistyped or truncated",
+            Self::BadChecksum => {
+                "the token's checksum does not match: it was mistyped or truncated"
+            }
         }
     }
 }
@@ -141,7 +143,11 @@ pub fn mint(prefix: &TokenPrefix, rng: &dyn Randomness) -> Result<MintedToken> {
     let sum = checksum(token.as_bytes());
     token.push_str(&sum);
     let last4 = sum.get(CHECKSUM_LEN - 4..).unwrap_or_default().to_owned();
-    Ok(MintedToken { secret: TokenSecret::new(token), public_id, last4 })
+    Ok(MintedToken {
+        secret: TokenSecret::new(token),
+        public_id,
+        last4,
+    })
 }
 
 /// Checks a presented token against `prefix` with no lookup.
@@ -161,7 +167,11 @@ pub fn parse_any(token: &str) -> Result<ParsedToken<'_>, FormatError> {
     parse_body(token, p.len(), body)
 }
 
-fn parse_body<'a>(token: &'a str, prefix_len: usize, body: &'a str) -> Result<ParsedToken<'a>, FormatError> {
+fn parse_body<'a>(
+    token: &'a str,
+    prefix_len: usize,
+    body: &'a str,
+) -> Result<ParsedToken<'a>, FormatError> {
     if body.len() != BODY_LEN {
         return Err(FormatError::WrongLength);
     }
@@ -170,7 +180,10 @@ fn parse_body<'a>(token: &'a str, prefix_len: usize, body: &'a str) -> Result<Pa
     }
     // All ASCII from here on, so byte offsets are character boundaries.
     let split = token.len() - CHECKSUM_LEN;
-    let (signed, sum) = (token.get(..split).unwrap_or_default(), token.get(split..).unwrap_or_default());
+    let (signed, sum) = (
+        token.get(..split).unwrap_or_default(),
+        token.get(split..).unwrap_or_default(),
+    );
     if checksum(signed.as_bytes()) != sum {
         return Err(FormatError::BadChecksum);
     }
@@ -193,7 +206,10 @@ impl SeededRandom {
 
 impl Randomness for SeededRandom {
     fn fill(&self, dest: &mut [u8]) -> Result<()> {
-        let mut s = self.0.lock().map_err(|_| Error::internal("seeded random poisoned"))?;
+        let mut s = self
+            .0
+            .lock()
+            .map_err(|_| Error::internal("seeded random poisoned"))?;
         for b in dest {
             // splitmix64
             *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -242,8 +258,14 @@ mod tests {
         let prefix = TokenPrefix::default();
         let t = mint(&prefix, &OsRandom).unwrap();
         let s = t.secret.expose();
-        assert_eq!(parse(s, &TokenPrefix::new("acme").unwrap()), Err(FormatError::WrongPrefix));
-        assert_eq!(parse(&s[..s.len() - 1], &prefix), Err(FormatError::WrongLength));
+        assert_eq!(
+            parse(s, &TokenPrefix::new("acme").unwrap()),
+            Err(FormatError::WrongPrefix)
+        );
+        assert_eq!(
+            parse(&s[..s.len() - 1], &prefix),
+            Err(FormatError::WrongLength)
+        );
         let mut bad = s.to_owned();
         bad.replace_range(10..11, "-");
         assert_eq!(parse(&bad, &prefix), Err(FormatError::BadCharacter));
@@ -284,7 +306,11 @@ mod tests {
         assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()));
         for c in ALPHABET {
             let n = s.bytes().filter(|b| b == c).count();
-            assert!((100..=300).contains(&n), "{} appeared {n} times", *c as char);
+            assert!(
+                (100..=300).contains(&n),
+                "{} appeared {n} times",
+                *c as char
+            );
         }
     }
 }

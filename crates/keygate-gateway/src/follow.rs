@@ -30,7 +30,9 @@ pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> R
 pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
     loop {
         let changes = store.changes_since(index.seq(), BATCH).await?;
-        let Some(last) = changes.last().map(|c| c.seq) else { return Ok(()) };
+        let Some(last) = changes.last().map(|c| c.seq) else {
+            return Ok(());
+        };
         for c in &changes {
             match &c.record {
                 Some(t) => index.upsert(t),
@@ -45,7 +47,11 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
 }
 
 /// Loads the index, then follows the feed in a background task until it is aborted.
-pub async fn start(index: TokenIndex, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<JoinHandle<()>> {
+pub async fn start(
+    index: TokenIndex,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<JoinHandle<()>> {
     // Subscribe before the snapshot, so no commit can fall between the two unnoticed.
     let mut signal = store.subscribe();
     load(&index, &*store, &*clock).await?;
@@ -56,7 +62,7 @@ pub async fn start(index: TokenIndex, store: Arc<dyn Store>, clock: Arc<dyn Cloc
                 open = signal.changed() => if !open { return },
                 () = tokio::time::sleep(POLL_EVERY) => {
                     sweeps = sweeps.wrapping_add(1);
-                    if sweeps % 12 == 0 {
+                    if sweeps.is_multiple_of(12) {
                         index.sweep_expired(clock.now());
                     }
                 }

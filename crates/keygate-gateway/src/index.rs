@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
+use keygate_core::Timestamp;
 use keygate_core::ids::TokenId;
 use keygate_core::model::{TokenRecord, TokenState};
 use keygate_core::policy::{Quota, RateLimit, allowlist_permits};
 use keygate_core::scope::{Scope, any_covers};
 use keygate_core::secret::{Pepper, SecretHash};
 use keygate_core::token_format::{self, FormatError, PUBLIC_ID_LEN, TokenPrefix};
-use keygate_core::Timestamp;
 
 const SHARDS: usize = 16;
 
@@ -68,7 +68,9 @@ impl IndexedToken {
     }
     /// Whether `addr` may use this token.
     pub fn allows_ip(&self, addr: IpAddr) -> bool {
-        self.ip_allowlist.as_deref().is_none_or(|list| allowlist_permits(list, addr))
+        self.ip_allowlist
+            .as_deref()
+            .is_none_or(|list| allowlist_permits(list, addr))
     }
     /// Whether the token holds a scope that covers `required`.
     pub fn has_scope(&self, required: &Scope) -> bool {
@@ -210,7 +212,9 @@ impl TokenIndex {
             self.remove(&t.hash);
             return;
         }
-        let Ok(mut interner) = self.0.interner.lock() else { return };
+        let Ok(mut interner) = self.0.interner.lock() else {
+            return;
+        };
         let mut public_id = [0u8; PUBLIC_ID_LEN];
         let pid = t.public_id().as_bytes();
         if pid.len() == PUBLIC_ID_LEN {
@@ -222,7 +226,8 @@ impl TokenIndex {
             workspace_id: interner.string(t.workspace_id.as_str()),
             app_id: interner.string(t.app_id.as_str()),
             scopes: interner.scopes(&t.scopes),
-            ip_allowlist: (!t.ip_allowlist.is_empty()).then(|| Arc::from(t.ip_allowlist.as_slice())),
+            ip_allowlist: (!t.ip_allowlist.is_empty())
+                .then(|| Arc::from(t.ip_allowlist.as_slice())),
             suspended: t.state == TokenState::Suspended,
             expires_at: t.expires_at.map_or(i64::MAX, Timestamp::as_millis),
             rate_limit: t.rate_limit,
@@ -230,15 +235,17 @@ impl TokenIndex {
         });
         drop(interner);
         let (shard, key) = split(&t.hash);
-        let Some(lock) = self.0.shards.get(shard) else { return };
+        let Some(lock) = self.0.shards.get(shard) else {
+            return;
+        };
         let Ok(mut map) = lock.write() else { return };
         match map.get(&key) {
             Some(existing) if existing.hash != t.hash => {
                 drop(map);
-                if let Ok(mut o) = self.0.overflow.write() {
-                    if o.insert(*t.hash.as_bytes(), entry).is_none() {
-                        self.0.len.fetch_add(1, Ordering::Relaxed);
-                    }
+                if let Ok(mut o) = self.0.overflow.write()
+                    && o.insert(*t.hash.as_bytes(), entry).is_none()
+                {
+                    self.0.len.fetch_add(1, Ordering::Relaxed);
                 }
             }
             _ => {
@@ -252,13 +259,15 @@ impl TokenIndex {
     /// Drops the token with this hash, if resident.
     pub fn remove(&self, hash: &SecretHash) {
         let (shard, key) = split(hash);
-        if let Ok(mut o) = self.0.overflow.write() {
-            if o.remove(hash.as_bytes()).is_some() {
-                self.0.len.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
+        if let Ok(mut o) = self.0.overflow.write()
+            && o.remove(hash.as_bytes()).is_some()
+        {
+            self.0.len.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
-        let Some(lock) = self.0.shards.get(shard) else { return };
+        let Some(lock) = self.0.shards.get(shard) else {
+            return;
+        };
         let Ok(mut map) = lock.write() else { return };
         if map.get(&key).is_some_and(|e| e.hash == *hash) {
             map.remove(&key);
@@ -334,7 +343,10 @@ mod tests {
         let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
         let mut r = record(&pepper, m.secret.expose(), &m.public_id);
         let now = Timestamp::from_millis(1000);
-        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
+        assert_eq!(
+            index.verify(m.secret.expose(), now).unwrap_err(),
+            Refusal::Unknown
+        );
         index.upsert(&r);
         assert_eq!(index.len(), 1);
         let ok = index.verify(m.secret.expose(), now).unwrap();
@@ -342,22 +354,34 @@ mod tests {
         assert!(ok.has_scope(&Scope::parse("orders:read").unwrap()));
         assert!(!ok.has_scope(&Scope::parse("users:read").unwrap()));
 
-        assert!(matches!(index.verify("kg_nope", now), Err(Refusal::Malformed(_))));
+        assert!(matches!(
+            index.verify("kg_nope", now),
+            Err(Refusal::Malformed(_))
+        ));
         r.state = TokenState::Suspended;
         index.upsert(&r);
-        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Suspended);
+        assert_eq!(
+            index.verify(m.secret.expose(), now).unwrap_err(),
+            Refusal::Suspended
+        );
         r.state = TokenState::Active;
         r.expires_at = Some(now);
         index.upsert(&r);
         assert_eq!(index.len(), 1);
-        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Expired);
+        assert_eq!(
+            index.verify(m.secret.expose(), now).unwrap_err(),
+            Refusal::Expired
+        );
         assert_eq!(index.sweep_expired(now), 1);
         assert!(index.is_empty());
         r.expires_at = None;
         index.upsert(&r);
         r.state = TokenState::Revoked;
         index.upsert(&r);
-        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
+        assert_eq!(
+            index.verify(m.secret.expose(), now).unwrap_err(),
+            Refusal::Unknown
+        );
         assert!(index.is_empty());
     }
 
@@ -369,7 +393,9 @@ mod tests {
         let mut r = record(&pepper, m.secret.expose(), &m.public_id);
         r.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap()];
         index.upsert(&r);
-        let t = index.verify(m.secret.expose(), Timestamp::from_millis(0)).unwrap();
+        let t = index
+            .verify(m.secret.expose(), Timestamp::from_millis(0))
+            .unwrap();
         assert!(t.allows_ip("10.1.1.1".parse().unwrap()));
         assert!(!t.allows_ip("192.0.2.1".parse().unwrap()));
     }

@@ -83,25 +83,35 @@ impl Default for Config {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)) }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+        }
     }
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
     }
 }
 
 impl Default for TokensConfig {
     fn default() -> Self {
-        Self { prefix: "kg".into(), max_grace_period_seconds: 30 * 86_400 }
+        Self {
+            prefix: "kg".into(),
+            max_grace_period_seconds: 30 * 86_400,
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Json }
+        Self {
+            level: "info".into(),
+            format: LogFormat::Json,
+        }
     }
 }
 
@@ -115,19 +125,25 @@ pub struct Overrides {
 impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let cfg: Self =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
         Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
     /// Loads the configuration from its layers. `env` is passed in so tests need not touch the
     /// process environment.
-    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>, flags: &Overrides) -> anyhow::Result<Self> {
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> anyhow::Result<Self> {
         let mut cfg = match file {
             Some(f) => Self::from_file(f)?,
             None => Self::default(),
@@ -139,10 +155,14 @@ impl Config {
             cfg.database_url = Some(v);
         }
         if let Some(v) = env("KEYGATE_ADMIN_LISTEN") {
-            cfg.admin.listen = v.parse().with_context(|| format!("KEYGATE_ADMIN_LISTEN={v:?} is not an address like 127.0.0.1:8081"))?;
+            cfg.admin.listen = v.parse().with_context(|| {
+                format!("KEYGATE_ADMIN_LISTEN={v:?} is not an address like 127.0.0.1:8081")
+            })?;
         }
         if let Some(v) = env("KEYGATE_GATEWAY_LISTEN") {
-            cfg.gateway.listen = v.parse().with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
+            cfg.gateway.listen = v.parse().with_context(|| {
+                format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080")
+            })?;
         }
         if let Some(v) = env("KEYGATE_TOKEN_PREFIX") {
             cfg.tokens.prefix = v;
@@ -175,13 +195,17 @@ impl Config {
             bail!("log.level must not be empty (for example \"info\")");
         }
         if self.admin.listen == self.gateway.listen && self.admin.listen.port() != 0 {
-            bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);
+            bail!(
+                "admin.listen and gateway.listen must differ (both are {})",
+                self.admin.listen
+            );
         }
         Ok(())
     }
 
     pub fn prefix(&self) -> anyhow::Result<TokenPrefix> {
-        TokenPrefix::new(&self.tokens.prefix).map_err(|e| anyhow::anyhow!("tokens.prefix: {}", e.message))
+        TokenPrefix::new(&self.tokens.prefix)
+            .map_err(|e| anyhow::anyhow!("tokens.prefix: {}", e.message))
     }
 }
 
@@ -203,9 +227,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::from_toml("[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n").unwrap_err().to_string();
+        let e = Config::from_toml("[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lisen"), "{e}");
-        let e = Config::from_toml("colour = \"red\"\n").unwrap_err().to_string();
+        let e = Config::from_toml("colour = \"red\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("colour"), "{e}");
     }
 
@@ -222,7 +250,11 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("keygate.toml");
-        std::fs::write(&file, "data_dir = \"/from-file\"\n[tokens]\nprefix = \"acme\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "data_dir = \"/from-file\"\n[tokens]\nprefix = \"acme\"\n",
+        )
+        .unwrap();
         let env = |k: &str| match k {
             "KEYGATE_DATA_DIR" => Some("/from-env".to_owned()),
             "KEYGATE_ADMIN_LISTEN" => Some("127.0.0.1:9999".to_owned()),
@@ -232,7 +264,10 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/from-env"));
         assert_eq!(c.tokens.prefix, "acme");
         assert_eq!(c.admin.listen.port(), 9999);
-        let flags = Overrides { data_dir: Some("/from-flag".into()), database_url: None };
+        let flags = Overrides {
+            data_dir: Some("/from-flag".into()),
+            database_url: None,
+        };
         let c = Config::load(Some(&file), &env, &flags).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/from-flag"));
         let bad_env = |k: &str| (k == "KEYGATE_ADMIN_LISTEN").then(|| "x".to_owned());

@@ -14,17 +14,25 @@ const FILE_NAME: &str = "pepper";
 /// on first use.
 pub fn load(env_value: Option<String>, data_dir: &Path) -> anyhow::Result<Pepper> {
     if let Some(v) = env_value {
-        return Pepper::new(v.trim().as_bytes()).map_err(|e| anyhow::anyhow!("KEYGATE_PEPPER: {}", e.message));
+        return Pepper::new(v.trim().as_bytes())
+            .map_err(|e| anyhow::anyhow!("KEYGATE_PEPPER: {}", e.message));
     }
     let path = data_dir.join(FILE_NAME);
     if !path.exists() {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         create(&path)?;
     }
     check_mode(&path)?;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the pepper file {}", path.display()))?;
-    Pepper::new(text.trim().as_bytes())
-        .map_err(|e| anyhow::anyhow!("the pepper file {} is not usable: {}", path.display(), e.message))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the pepper file {}", path.display()))?;
+    Pepper::new(text.trim().as_bytes()).map_err(|e| {
+        anyhow::anyhow!(
+            "the pepper file {} is not usable: {}",
+            path.display(),
+            e.message
+        )
+    })
 }
 
 fn create(path: &Path) -> anyhow::Result<()> {
@@ -37,7 +45,9 @@ fn create(path: &Path) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot create the pepper file {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create the pepper file {}", path.display()))?;
     f.write_all(hex.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
@@ -74,10 +84,22 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(FILE_NAME))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
-            std::fs::set_permissions(dir.path().join(FILE_NAME), std::fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(load(None, dir.path()).unwrap_err().to_string().contains("chmod 600"));
+            std::fs::set_permissions(
+                dir.path().join(FILE_NAME),
+                std::fs::Permissions::from_mode(0o644),
+            )
+            .unwrap();
+            assert!(
+                load(None, dir.path())
+                    .unwrap_err()
+                    .to_string()
+                    .contains("chmod 600")
+            );
         }
     }
 
@@ -86,7 +108,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(Some("short".into()), dir.path()).is_err());
         let p = load(Some("x".repeat(40)), dir.path()).unwrap();
-        assert_eq!(p.hash("a"), Pepper::new("x".repeat(40).as_bytes()).unwrap().hash("a"));
+        assert_eq!(
+            p.hash("a"),
+            Pepper::new("x".repeat(40).as_bytes()).unwrap().hash("a")
+        );
         assert!(!dir.path().join(FILE_NAME).exists());
     }
 }

@@ -31,13 +31,21 @@ pub struct RateLimitBody {
 
 impl From<RateLimitBody> for RateLimit {
     fn from(b: RateLimitBody) -> Self {
-        RateLimit { requests: b.requests, per_seconds: b.per_seconds, burst: b.burst }
+        RateLimit {
+            requests: b.requests,
+            per_seconds: b.per_seconds,
+            burst: b.burst,
+        }
     }
 }
 
 impl From<RateLimit> for RateLimitBody {
     fn from(r: RateLimit) -> Self {
-        Self { requests: r.requests, per_seconds: r.per_seconds, burst: r.burst }
+        Self {
+            requests: r.requests,
+            per_seconds: r.per_seconds,
+            burst: r.burst,
+        }
     }
 }
 
@@ -65,7 +73,10 @@ impl From<QuotaBody> for Quota {
             QuotaPeriodBody::Month => QuotaPeriod::Month,
             QuotaPeriodBody::Total => QuotaPeriod::Total,
         };
-        Quota { requests: b.requests, period }
+        Quota {
+            requests: b.requests,
+            period,
+        }
     }
 }
 
@@ -76,7 +87,10 @@ impl From<Quota> for QuotaBody {
             QuotaPeriod::Month => QuotaPeriodBody::Month,
             QuotaPeriod::Total => QuotaPeriodBody::Total,
         };
-        Self { requests: q.requests, period }
+        Self {
+            requests: q.requests,
+            period,
+        }
     }
 }
 
@@ -204,7 +218,10 @@ pub struct TokenView {
 
 impl TokenView {
     pub fn new(t: &TokenRecord, now: Timestamp) -> Self {
-        let status = serde_json::to_value(t.status(now)).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let status = serde_json::to_value(t.status(now))
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         Self {
             id: t.id.to_string(),
             name: t.name.clone(),
@@ -409,7 +426,12 @@ pub struct ScopeView {
 
 impl From<&ScopeEntry> for ScopeView {
     fn from(e: &ScopeEntry) -> Self {
-        Self { scope: e.scope.to_string(), description: e.description.clone(), api: e.api.clone(), created_at: e.created_at }
+        Self {
+            scope: e.scope.to_string(),
+            description: e.description.clone(),
+            api: e.api.clone(),
+            created_at: e.created_at,
+        }
     }
 }
 

@@ -106,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match output {
                 Output::Json => println!(
                     "{}",
-                    serde_json::json!({"id": key.id, "key": secret.expose(), "workspace": workspace})
+                    serde_json::json!({"id": key.id, "key": secret.expose()})
                 ),
                 Output::Table => {
                     println!("id:          {}", key.id);

@@ -93,9 +93,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
 /// The whole admin listener's router: the API, its OpenAPI document and the explorer.
 pub fn router(state: AdminState) -> Router {
     let (api, openapi) = api_router();
-    let docs: Router<AdminState> = SwaggerUi::new("/admin/docs")
-        .url("/admin/v1/openapi.json", openapi)
-        .into();
+    let docs: Router<AdminState> = SwaggerUi::new("/admin/docs").url("/admin/v1/openapi.json", openapi).into();
     api.merge(docs)
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

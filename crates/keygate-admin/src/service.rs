@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
-    Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest,
-    Permission, Plan, RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus,
-    Workspace,
+    Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
+    RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, Workspace,
 };
 use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
 use keygate_core::scope::{Scope, parse_scope_list};
@@ -28,10 +27,7 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self {
-            prefix: TokenPrefix::default(),
-            max_grace_period_seconds: 30 * 86_400,
-        }
+        Self { prefix: TokenPrefix::default(), max_grace_period_seconds: 30 * 86_400 }
     }
 }
 
@@ -122,14 +118,7 @@ impl Admin {
         rng: Arc<dyn Randomness>,
     ) -> Self {
         let root_prefix = settings.prefix.root_key_prefix();
-        Self {
-            store,
-            pepper,
-            settings,
-            root_prefix,
-            clock,
-            rng,
-        }
+        Self { store, pepper, settings, root_prefix, clock, rng }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -148,11 +137,7 @@ impl Admin {
     pub async fn ensure_workspace(&self, name: &str) -> Result<Workspace> {
         let name = validate_name(name, "workspace name")?;
         let now = self.now();
-        let ws = Workspace {
-            id: WorkspaceId::random(&*self.rng)?,
-            name,
-            created_at: now,
-        };
+        let ws = Workspace { id: WorkspaceId::random(&*self.rng)?, name, created_at: now };
         let app = App {
             id: AppId::random(&*self.rng)?,
             workspace_id: ws.id.clone(),
@@ -195,14 +180,8 @@ impl Admin {
             created_at: self.now(),
         };
         let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
-        let audit = NewAuditEvent::new(
-            &ws.id,
-            actor,
-            "root_key.create",
-            key.id.as_str(),
-            key.created_at,
-        )
-        .with_after(serde_json::json!({"name": key.name, "permissions": perms}));
+        let audit = NewAuditEvent::new(&ws.id, actor, "root_key.create", key.id.as_str(), key.created_at)
+            .with_after(serde_json::json!({"name": key.name, "permissions": perms}));
         self.store.insert_root_key(&key, &audit).await?;
         Ok((key, minted.secret))
     }
@@ -218,10 +197,7 @@ impl Admin {
             )
         };
         token_format::parse(presented, &self.root_prefix).map_err(|_| unauthenticated())?;
-        self.store
-            .root_key_by_hash(&self.pepper.hash(presented))
-            .await?
-            .ok_or_else(unauthenticated)
+        self.store.root_key_by_hash(&self.pepper.hash(presented)).await?.ok_or_else(unauthenticated)
     }
 
     // ---- apps ------------------------------------------------------------------------------
@@ -235,49 +211,34 @@ impl Admin {
             id: AppId::random(&*self.rng)?,
             workspace_id: ws.clone(),
             name: validate_name(&new.name, "name")?,
-            description: new
-                .description
-                .map(|d| validate_text(&d, "description", 2000))
-                .transpose()?,
+            description: new.description.map(|d| validate_text(&d, "description", 2000)).transpose()?,
             plan_id: new.plan_id,
             is_default: false,
             metadata: validate_metadata(new.metadata.unwrap_or_default())?,
             created_at: now,
             updated_at: now,
         };
-        let audit = NewAuditEvent::new(ws, actor, "app.create", app.id.as_str(), now)
-            .with_after(app_view(&app));
+        let audit = NewAuditEvent::new(ws, actor, "app.create", app.id.as_str(), now).with_after(app_view(&app));
         self.store.insert_app(&app, &audit).await?;
         Ok(app)
     }
 
     pub async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<App> {
-        self.store
-            .app(ws, id)
-            .await?
-            .ok_or_else(|| Error::not_found("app"))
+        self.store.app(ws, id).await?.ok_or_else(|| Error::not_found("app"))
     }
 
     pub async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>> {
         self.store.list_apps(ws, page).await
     }
 
-    pub async fn update_app(
-        &self,
-        ws: &WorkspaceId,
-        actor: &Actor,
-        id: &AppId,
-        update: AppUpdate,
-    ) -> Result<App> {
+    pub async fn update_app(&self, ws: &WorkspaceId, actor: &Actor, id: &AppId, update: AppUpdate) -> Result<App> {
         let before = self.app(ws, id).await?;
         let mut app = before.clone();
         if let Some(name) = update.name {
             app.name = validate_name(&name, "name")?;
         }
         if let Some(d) = update.description {
-            app.description = d
-                .map(|d| validate_text(&d, "description", 2000))
-                .transpose()?;
+            app.description = d.map(|d| validate_text(&d, "description", 2000)).transpose()?;
         }
         if let Some(plan) = update.plan_id {
             if let Some(p) = &plan {
@@ -298,20 +259,12 @@ impl Admin {
         Ok(app)
     }
 
-    pub async fn delete_app(
-        &self,
-        ws: &WorkspaceId,
-        actor: &Actor,
-        id: &AppId,
-        revoke_tokens: bool,
-    ) -> Result<()> {
+    pub async fn delete_app(&self, ws: &WorkspaceId, actor: &Actor, id: &AppId, revoke_tokens: bool) -> Result<()> {
         let app = self.app(ws, id).await?;
         let now = self.now();
-        let audit = NewAuditEvent::new(ws, actor, "app.delete", id.as_str(), now)
-            .with_diff(&app_view(&app), &Value::Null);
-        self.store
-            .delete_app(ws, id, revoke_tokens, now, &audit)
-            .await
+        let audit =
+            NewAuditEvent::new(ws, actor, "app.delete", id.as_str(), now).with_diff(&app_view(&app), &Value::Null);
+        self.store.delete_app(ws, id, revoke_tokens, now, &audit).await
     }
 
     // ---- plans and the scope catalog -------------------------------------------------------
@@ -327,36 +280,23 @@ impl Admin {
             id: PlanId::random(&*self.rng)?,
             workspace_id: ws.clone(),
             name: validate_name(&new.name, "name")?,
-            description: new
-                .description
-                .map(|d| validate_text(&d, "description", 2000))
-                .transpose()?,
+            description: new.description.map(|d| validate_text(&d, "description", 2000)).transpose()?,
             scopes: checked_scopes(&new.scopes)?,
             rate_limit: new.rate_limit,
             quota: new.quota,
             created_at: self.now(),
         };
         let after = serde_json::to_value(&plan).unwrap_or(Value::Null);
-        let audit = NewAuditEvent::new(ws, actor, "plan.create", plan.id.as_str(), plan.created_at)
-            .with_after(after);
-        self.store
-            .insert_plan(&plan, &audit)
-            .await
-            .map_err(|e| match e.code {
-                "already_exists" => Error::conflict(
-                    "plan_exists",
-                    "a plan with this name already exists in the workspace",
-                ),
-                _ => e,
-            })?;
+        let audit = NewAuditEvent::new(ws, actor, "plan.create", plan.id.as_str(), plan.created_at).with_after(after);
+        self.store.insert_plan(&plan, &audit).await.map_err(|e| match e.code {
+            "already_exists" => Error::conflict("plan_exists", "a plan with this name already exists in the workspace"),
+            _ => e,
+        })?;
         Ok(plan)
     }
 
     pub async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Plan> {
-        self.store
-            .plan(ws, id)
-            .await?
-            .ok_or_else(|| Error::not_found("plan"))
+        self.store.plan(ws, id).await?.ok_or_else(|| Error::not_found("plan"))
     }
 
     pub async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>> {
@@ -374,21 +314,13 @@ impl Admin {
         let entry = ScopeEntry {
             workspace_id: ws.clone(),
             scope: Scope::parse_required(scope)?,
-            description: description
-                .map(|d| validate_text(&d, "description", 2000))
-                .transpose()?,
+            description: description.map(|d| validate_text(&d, "description", 2000)).transpose()?,
             api: api.map(|a| validate_name(&a, "api")).transpose()?,
             created_at: self.now(),
         };
         let after = serde_json::json!({"description": entry.description, "api": entry.api});
-        let audit = NewAuditEvent::new(
-            ws,
-            actor,
-            "scope.put",
-            entry.scope.as_str(),
-            entry.created_at,
-        )
-        .with_after(after);
+        let audit =
+            NewAuditEvent::new(ws, actor, "scope.put", entry.scope.as_str(), entry.created_at).with_after(after);
         self.store.put_scope(&entry, &audit).await?;
         Ok(entry)
     }
@@ -398,38 +330,22 @@ impl Admin {
     }
 
     pub async fn delete_scope(&self, ws: &WorkspaceId, actor: &Actor, scope: &str) -> Result<()> {
-        let scope = Scope::parse(scope).map_err(|_| {
-            Error::new(
-                ErrorKind::NotFound,
-                "scope_not_found",
-                "no such scope in the catalog",
-            )
-        })?;
+        let scope = Scope::parse(scope)
+            .map_err(|_| Error::new(ErrorKind::NotFound, "scope_not_found", "no such scope in the catalog"))?;
         let audit = NewAuditEvent::new(ws, actor, "scope.delete", scope.as_str(), self.now());
         if self.store.delete_scope(ws, &scope, &audit).await? {
             Ok(())
         } else {
-            Err(Error::new(
-                ErrorKind::NotFound,
-                "scope_not_found",
-                "no such scope in the catalog",
-            ))
+            Err(Error::new(ErrorKind::NotFound, "scope_not_found", "no such scope in the catalog"))
         }
     }
 
     /// Checks granted scopes against the workspace's catalog (when it has one) and the app's plan.
-    async fn check_scopes_allowed(
-        &self,
-        ws: &WorkspaceId,
-        app: &App,
-        scopes: &[Scope],
-    ) -> Result<Option<Plan>> {
+    async fn check_scopes_allowed(&self, ws: &WorkspaceId, app: &App, scopes: &[Scope]) -> Result<Option<Plan>> {
         let catalog = self.store.list_scopes(ws).await?;
         if !catalog.is_empty() {
             for s in scopes {
-                let known = catalog
-                    .iter()
-                    .any(|e| s.covers(&e.scope) || e.scope.covers(s));
+                let known = catalog.iter().any(|e| s.covers(&e.scope) || e.scope.covers(s));
                 if !known {
                     return Err(Error::invalid(
                         "unknown_scope",
@@ -476,9 +392,7 @@ impl Admin {
         let scopes = checked_scopes(&new.scopes)?;
         let plan = self.check_scopes_allowed(ws, &app, &scopes).await?;
         let expires_at = resolve_expiry(new.expires_in, new.expires_at.map(Some), now)?.flatten();
-        let rate_limit = new
-            .rate_limit
-            .or_else(|| plan.as_ref().and_then(|p| p.rate_limit));
+        let rate_limit = new.rate_limit.or_else(|| plan.as_ref().and_then(|p| p.rate_limit));
         let quota = new.quota.or_else(|| plan.as_ref().and_then(|p| p.quota));
         if let Some(r) = &rate_limit {
             r.validate()?;
@@ -513,17 +427,14 @@ impl Admin {
             exposed_at: None,
             version: 1,
         };
-        let audit = NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now)
-            .with_after(token.audit_view());
+        let audit =
+            NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now).with_after(token.audit_view());
         self.store.insert_token(&token, &audit).await?;
         Ok((token, minted.secret))
     }
 
     pub async fn token(&self, ws: &WorkspaceId, id: &TokenId) -> Result<TokenRecord> {
-        self.store
-            .token(ws, id)
-            .await?
-            .ok_or_else(|| Error::not_found("token"))
+        self.store.token(ws, id).await?.ok_or_else(|| Error::not_found("token"))
     }
 
     pub async fn list_tokens(
@@ -587,6 +498,12 @@ impl Admin {
                 t.scopes = scopes;
             }
             if let Some(expiry) = resolve_expiry(update.expires_in, update.expires_at, now)? {
+                if let Some(next) = &t.replaced_by {
+                    return Err(Error::conflict(
+                        "token_rotated",
+                        format!("the token was rotated to {next} and stops when its grace period ends; change that token instead"),
+                    ));
+                }
                 t.expires_at = expiry;
             }
             if let Some(list) = &update.ip_allowlist {
@@ -612,12 +529,7 @@ impl Admin {
         .await
     }
 
-    pub async fn suspend_token(
-        &self,
-        ws: &WorkspaceId,
-        actor: &Actor,
-        id: &TokenId,
-    ) -> Result<TokenRecord> {
+    pub async fn suspend_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<TokenRecord> {
         self.change_token(ws, actor, id, "token.suspend", |t, _| {
             refuse_if_revoked(t)?;
             t.state = TokenState::Suspended;
@@ -626,12 +538,7 @@ impl Admin {
         .await
     }
 
-    pub async fn resume_token(
-        &self,
-        ws: &WorkspaceId,
-        actor: &Actor,
-        id: &TokenId,
-    ) -> Result<TokenRecord> {
+    pub async fn resume_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<TokenRecord> {
         self.change_token(ws, actor, id, "token.resume", |t, _| {
             refuse_if_revoked(t)?;
             t.state = TokenState::Active;
@@ -647,9 +554,7 @@ impl Admin {
         id: &TokenId,
         reason: Option<String>,
     ) -> Result<TokenRecord> {
-        let reason = reason
-            .map(|r| validate_text(&r, "reason", MAX_REASON_LEN))
-            .transpose()?;
+        let reason = reason.map(|r| validate_text(&r, "reason", MAX_REASON_LEN)).transpose()?;
         self.change_token(ws, actor, id, "token.revoke", |t, now| {
             if t.state == TokenState::Revoked {
                 return Ok(()); // Revocation is final and idempotent.
@@ -674,10 +579,7 @@ impl Admin {
         if grace_period_seconds > self.settings.max_grace_period_seconds {
             return Err(Error::invalid(
                 "invalid_grace_period",
-                format!(
-                    "grace_period_seconds is at most {}",
-                    self.settings.max_grace_period_seconds
-                ),
+                format!("grace_period_seconds is at most {}", self.settings.max_grace_period_seconds),
             ));
         }
         let before = self.token(ws, id).await?;
@@ -686,16 +588,10 @@ impl Admin {
             TokenStatus::Active => {}
             TokenStatus::Revoked => return Err(token_revoked()),
             TokenStatus::Expired => {
-                return Err(Error::conflict(
-                    "token_expired",
-                    "the token has expired; create a new token instead",
-                ));
+                return Err(Error::conflict("token_expired", "the token has expired; create a new token instead"));
             }
             TokenStatus::Suspended => {
-                return Err(Error::conflict(
-                    "token_suspended",
-                    "the token is suspended; resume it before rotating",
-                ));
+                return Err(Error::conflict("token_suspended", "the token is suspended; resume it before rotating"));
             }
         }
         if let Some(next) = &before.replaced_by {
@@ -727,78 +623,81 @@ impl Admin {
         old.replaced_by = Some(new_id.clone());
         old.updated_at = now;
         old.version = before.version + 1;
-        let (b, mut a) =
-            keygate_core::model::changed_fields(&before.audit_view(), &old.audit_view());
+        let (b, mut a) = keygate_core::model::changed_fields(&before.audit_view(), &old.audit_view());
         if let Some(obj) = a.as_object_mut() {
             obj.insert("grace_period_seconds".into(), grace_period_seconds.into());
         }
         let mut audit = NewAuditEvent::new(ws, actor, "token.rotate", id.as_str(), now);
         audit.before = Some(b);
         audit.after = Some(a);
-        self.store.rotate_token(&old, &new, &audit).await?;
+        let created = NewAuditEvent::new(ws, actor, "token.create", new.id.as_str(), now).with_after(new.audit_view());
+        self.store.rotate_token(&old, &new, &audit, &created).await?;
         Ok((new, minted.secret))
     }
 
-    /// Marks the caller's tokens among `presented` as exposed (found in a file, a URL, …) and
-    /// says which of them are live. Tokens of other workspaces are reported as `unknown`.
+    /// Marks the caller's tokens among `found` (token, where it was found) as exposed, with the
+    /// location in the audit trail, and says which are live. Root keys of the caller's workspace
+    /// are reported too (verdict `live_root_key`). Anything of another workspace is `unknown`.
     pub async fn report_exposed(
         &self,
         ws: &WorkspaceId,
         actor: &Actor,
-        presented: &[String],
-        location: Option<&str>,
+        found: &[(String, Option<String>)],
     ) -> Result<Vec<Exposure>> {
-        let mut out = Vec::with_capacity(presented.len());
-        for p in presented {
-            let Ok(parsed) = token_format::parse(p, &self.settings.prefix) else {
-                out.push(Exposure {
-                    display: "(malformed)".into(),
-                    token: None,
-                    verdict: "malformed",
-                });
+        let mut out = Vec::with_capacity(found.len());
+        for (presented, location) in found {
+            let location = location.as_deref().map(|l| validate_text(l, "location", 500)).transpose()?;
+            let token_parse = token_format::parse(presented, &self.settings.prefix);
+            let root_parse = token_format::parse(presented, &self.root_prefix);
+            let Some(parsed) = token_parse.ok().or(root_parse.ok()) else {
+                out.push(Exposure { display: "(malformed)".into(), token: None, verdict: "malformed" });
                 continue;
             };
             let display = format!("{}_{}…{}", parsed.prefix, parsed.public_id, parsed.last4);
-            let found = self
-                .store
-                .token_by_hash(&self.pepper.hash(p))
-                .await?
-                .filter(|t| &t.workspace_id == ws);
-            let Some(found) = found else {
-                out.push(Exposure {
-                    display,
-                    token: None,
-                    verdict: "unknown",
-                });
+            let hash = self.pepper.hash(presented);
+            if token_parse.is_err() {
+                let key = self.store.root_key_by_hash(&hash).await?.filter(|k| &k.workspace_id == ws);
+                let verdict = if key.is_some() { "live_root_key" } else { "unknown" };
+                if let Some(k) = key {
+                    tracing::warn!(root_key_id = %k.id, location = location.as_deref().unwrap_or("-"), "a root key was reported exposed");
+                }
+                out.push(Exposure { display, token: None, verdict });
+                continue;
+            }
+            let Some(token) = self.store.token_by_hash(&hash).await?.filter(|t| &t.workspace_id == ws) else {
+                out.push(Exposure { display, token: None, verdict: "unknown" });
                 continue;
             };
-            let location = location
-                .map(|l| validate_text(l, "location", 500))
-                .transpose()?;
-            let marked = self
-                .change_token(ws, actor, &found.id, "token.exposed", |t, now| {
-                    if t.exposed_at.is_none() {
-                        t.exposed_at = Some(now);
-                    }
-                    Ok(())
-                })
-                .await?;
-            if let Some(loc) = location {
-                // The location is recorded even when the token was already marked.
-                tracing::info!(token_id = %found.id, location = %loc, "token reported exposed");
-            }
-            let verdict = if marked.status(self.now()) == TokenStatus::Active {
-                "live"
-            } else {
-                "inactive"
-            };
-            out.push(Exposure {
-                display,
-                token: Some(marked),
-                verdict,
-            });
+            let marked = self.mark_exposed(ws, actor, &token, location.as_deref()).await?;
+            let verdict = if marked.status(self.now()) == TokenStatus::Active { "live" } else { "inactive" };
+            out.push(Exposure { display, token: Some(marked), verdict });
         }
         Ok(out)
+    }
+
+    /// Marks `token` exposed (found in a URL, a file, a log) with an audit event that says where.
+    /// Reporting it again adds another event but keeps the first `exposed_at`.
+    pub async fn mark_exposed(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        token: &TokenRecord,
+        location: Option<&str>,
+    ) -> Result<TokenRecord> {
+        let now = self.now();
+        let mut marked = token.clone();
+        if marked.exposed_at.is_none() {
+            marked.exposed_at = Some(now);
+        }
+        marked.updated_at = now;
+        marked.version = token.version + 1;
+        let mut audit = NewAuditEvent::new(ws, actor, "token.exposed", token.id.as_str(), now)
+            .with_diff(&token.audit_view(), &marked.audit_view());
+        if let Some(after) = audit.after.as_mut().and_then(|a| a.as_object_mut()) {
+            after.insert("location".into(), location.map_or(Value::Null, |l| Value::String(l.to_owned())));
+        }
+        self.store.update_token(&marked, &audit).await?;
+        Ok(marked)
     }
 
     pub async fn audit_events(
@@ -812,18 +711,11 @@ impl Admin {
 }
 
 fn token_revoked() -> Error {
-    Error::conflict(
-        "token_revoked",
-        "the token is revoked, which is final; create a new token instead",
-    )
+    Error::conflict("token_revoked", "the token is revoked, which is final; create a new token instead")
 }
 
 fn refuse_if_revoked(t: &TokenRecord) -> Result<()> {
-    if t.state == TokenState::Revoked {
-        Err(token_revoked())
-    } else {
-        Ok(())
-    }
+    if t.state == TokenState::Revoked { Err(token_revoked()) } else { Ok(()) }
 }
 
 fn app_view(app: &App) -> Value {
@@ -837,10 +729,7 @@ fn app_view(app: &App) -> Value {
 
 fn checked_scopes(raw: &[String]) -> Result<Vec<Scope>> {
     if raw.len() > MAX_SCOPES {
-        return Err(Error::invalid(
-            "invalid_scope",
-            format!("a token holds at most {MAX_SCOPES} scopes"),
-        ));
+        return Err(Error::invalid("invalid_scope", format!("a token holds at most {MAX_SCOPES} scopes")));
     }
     parse_scope_list(raw)
 }
@@ -876,10 +765,7 @@ fn resolve_expiry(
 
 fn validate_name(name: &str, what: &str) -> Result<String> {
     let trimmed = name.trim();
-    if trimmed.is_empty()
-        || trimmed.chars().count() > MAX_NAME_LEN
-        || trimmed.chars().any(char::is_control)
-    {
+    if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_LEN || trimmed.chars().any(char::is_control) {
         return Err(Error::invalid(
             "invalid_name",
             format!("{what} must be 1 to {MAX_NAME_LEN} characters without control characters"),
@@ -899,9 +785,7 @@ fn validate_text(text: &str, what: &str, max: usize) -> Result<String> {
 }
 
 fn validate_metadata(m: Map<String, Value>) -> Result<Map<String, Value>> {
-    let size = serde_json::to_vec(&m)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&m).map(|v| v.len()).unwrap_or(usize::MAX);
     if size > MAX_METADATA_BYTES {
         return Err(Error::invalid(
             "metadata_too_large",

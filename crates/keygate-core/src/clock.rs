@@ -27,9 +27,7 @@ impl Timestamp {
     /// Parses an RFC 3339 date-time (`2026-01-31T12:00:00Z`).
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
         let dt = OffsetDateTime::parse(s, &Rfc3339).ok()?;
-        i64::try_from(dt.unix_timestamp_nanos() / 1_000_000)
-            .ok()
-            .map(Self)
+        i64::try_from(dt.unix_timestamp_nanos() / 1_000_000).ok().map(Self)
     }
     pub fn to_rfc3339(self) -> String {
         let nanos = i128::from(self.0) * 1_000_000;
@@ -61,9 +59,8 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Self::parse_rfc3339(&s).ok_or_else(|| {
-            serde::de::Error::custom("expected an RFC 3339 date-time such as 2030-01-31T12:00:00Z")
-        })
+        Self::parse_rfc3339(&s)
+            .ok_or_else(|| serde::de::Error::custom("expected an RFC 3339 date-time such as 2030-01-31T12:00:00Z"))
     }
 }
 
@@ -92,8 +89,7 @@ impl ManualClock {
         Self(Arc::new(AtomicI64::new(start.0)))
     }
     pub fn advance_seconds(&self, secs: i64) {
-        self.0
-            .fetch_add(secs.saturating_mul(1000), Ordering::SeqCst);
+        self.0.fetch_add(secs.saturating_mul(1000), Ordering::SeqCst);
     }
     pub fn set(&self, t: Timestamp) {
         self.0.store(t.0, Ordering::SeqCst);

@@ -35,11 +35,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            kind,
-            code,
-            message: message.into(),
-        }
+        Self { kind, code, message: message.into() }
     }
     pub fn invalid(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorKind::InvalidInput, code, message)
@@ -58,11 +54,7 @@ impl Error {
             "root key" => "root_key_not_found",
             _ => "not_found",
         };
-        Self::new(
-            ErrorKind::NotFound,
-            code,
-            format!("no {what} with this id exists"),
-        )
+        Self::new(ErrorKind::NotFound, code, format!("no {what} with this id exists"))
     }
     pub fn internal(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorKind::Internal, "internal_error", message)

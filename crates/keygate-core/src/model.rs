@@ -269,16 +269,10 @@ pub struct Actor {
 
 impl Actor {
     pub fn cli() -> Self {
-        Self {
-            id: "cli".into(),
-            source: Some("local".into()),
-        }
+        Self { id: "cli".into(), source: Some("local".into()) }
     }
     pub fn system() -> Self {
-        Self {
-            id: "system".into(),
-            source: None,
-        }
+        Self { id: "system".into(), source: None }
     }
 }
 
@@ -296,13 +290,7 @@ pub struct NewAuditEvent {
 }
 
 impl NewAuditEvent {
-    pub fn new(
-        workspace_id: &WorkspaceId,
-        actor: &Actor,
-        action: &str,
-        target: &str,
-        at: Timestamp,
-    ) -> Self {
+    pub fn new(workspace_id: &WorkspaceId, actor: &Actor, action: &str, target: &str, at: Timestamp) -> Self {
         Self {
             workspace_id: workspace_id.clone(),
             at,
@@ -420,11 +408,6 @@ mod tests {
             Permission::parse_list(&["tokens:read".into(), "tokens:read".into()]).unwrap(),
             vec![Permission::TokensRead]
         );
-        assert_eq!(
-            Permission::parse_list(&["tokens:delete".into()])
-                .unwrap_err()
-                .code,
-            "invalid_permission"
-        );
+        assert_eq!(Permission::parse_list(&["tokens:delete".into()]).unwrap_err().code, "invalid_permission");
     }
 }

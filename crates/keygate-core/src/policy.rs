@@ -22,15 +22,12 @@ pub fn parse_allowlist(raw: &[String]) -> Result<Vec<IpNet>> {
     }
     let mut out = Vec::with_capacity(raw.len());
     for entry in raw {
-        let net = entry
-            .parse::<IpNet>()
-            .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                Error::invalid(
-                    "invalid_ip_allowlist",
-                    format!("{entry:?} is not an IPv4 or IPv6 address or CIDR (such as 203.0.113.0/24 or 2001:db8::/32)"),
-                )
-            })?;
+        let net = entry.parse::<IpNet>().or_else(|_| entry.parse::<IpAddr>().map(IpNet::from)).map_err(|_| {
+            Error::invalid(
+                "invalid_ip_allowlist",
+                format!("{entry:?} is not an IPv4 or IPv6 address or CIDR (such as 203.0.113.0/24 or 2001:db8::/32)"),
+            )
+        })?;
         out.push(net.trunc());
     }
     out.sort();
@@ -112,10 +109,7 @@ pub struct Quota {
 impl Quota {
     pub fn validate(&self) -> Result<()> {
         if self.requests == 0 {
-            return Err(Error::invalid(
-                "invalid_quota",
-                "quota.requests must be at least 1",
-            ));
+            return Err(Error::invalid("invalid_quota", "quota.requests must be at least 1"));
         }
         Ok(())
     }
@@ -131,13 +125,7 @@ mod tests {
 
     #[test]
     fn allowlists_parse_normalize_and_match() {
-        let nets = parse_allowlist(&list(&[
-            "10.1.2.3/8",
-            "203.0.113.9",
-            "2001:db8::/32",
-            "10.0.0.0/8",
-        ]))
-        .unwrap();
+        let nets = parse_allowlist(&list(&["10.1.2.3/8", "203.0.113.9", "2001:db8::/32", "10.0.0.0/8"])).unwrap();
         assert_eq!(nets.len(), 3);
         assert!(allowlist_permits(&nets, "10.200.0.1".parse().unwrap()));
         assert!(allowlist_permits(&nets, "203.0.113.9".parse().unwrap()));
@@ -150,14 +138,7 @@ mod tests {
 
     #[test]
     fn invalid_cidrs_are_refused() {
-        for bad in [
-            "10.0.0.0/33",
-            "300.1.1.1",
-            "::/129",
-            "localhost",
-            "",
-            "10.0.0.0/8 ",
-        ] {
+        for bad in ["10.0.0.0/33", "300.1.1.1", "::/129", "localhost", "", "10.0.0.0/8 "] {
             let e = parse_allowlist(&list(&[bad])).unwrap_err();
             assert_eq!(e.code, "invalid_ip_allowlist", "{bad}");
         }
@@ -165,40 +146,9 @@ mod tests {
 
     #[test]
     fn limits_are_validated() {
-        assert!(
-            RateLimit {
-                requests: 0,
-                per_seconds: 1,
-                burst: 0
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            RateLimit {
-                requests: 1,
-                per_seconds: 0,
-                burst: 0
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            RateLimit {
-                requests: 10,
-                per_seconds: 60,
-                burst: 5
-            }
-            .validate()
-            .is_ok()
-        );
-        assert!(
-            Quota {
-                requests: 0,
-                period: QuotaPeriod::Day
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(RateLimit { requests: 0, per_seconds: 1, burst: 0 }.validate().is_err());
+        assert!(RateLimit { requests: 1, per_seconds: 0, burst: 0 }.validate().is_err());
+        assert!(RateLimit { requests: 10, per_seconds: 60, burst: 5 }.validate().is_ok());
+        assert!(Quota { requests: 0, period: QuotaPeriod::Day }.validate().is_err());
     }
 }

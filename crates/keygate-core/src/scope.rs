@@ -31,8 +31,7 @@ impl Scope {
         let parts: Vec<&str> = s.split(':').collect();
         let shape_ok = matches!(parts.len(), 2 | 3);
         let parts_ok = parts.iter().enumerate().all(|(i, p)| {
-            (i > 0 && *p == WILDCARD)
-                || (!p.is_empty() && p.len() <= MAX_PART_LEN && p.bytes().all(is_part_byte))
+            (i > 0 && *p == WILDCARD) || (!p.is_empty() && p.len() <= MAX_PART_LEN && p.bytes().all(is_part_byte))
         });
         // `orders:*:own` makes no sense: after a wildcard action nothing may follow.
         let wildcard_last = parts.get(1) != Some(&WILDCARD) || parts.len() == 2;
@@ -48,9 +47,7 @@ impl Scope {
         if scope.0.split(':').any(|p| p == WILDCARD) {
             return Err(Error::invalid(
                 "invalid_scope",
-                format!(
-                    "a required scope cannot contain a wildcard: {s:?}; name the exact scope, such as orders:read"
-                ),
+                format!("a required scope cannot contain a wildcard: {s:?}; name the exact scope, such as orders:read"),
             ));
         }
         Ok(scope)
@@ -134,10 +131,7 @@ pub fn any_covers(granted: &[Scope], required: &Scope) -> bool {
 
 /// Parses, deduplicates and sorts a list of granted scopes.
 pub fn parse_scope_list(raw: &[String]) -> Result<Vec<Scope>> {
-    let mut out = raw
-        .iter()
-        .map(|s| Scope::parse(s))
-        .collect::<Result<Vec<_>>>()?;
+    let mut out = raw.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>>>()?;
     out.sort();
     out.dedup();
     Ok(out)

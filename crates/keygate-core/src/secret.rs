@@ -22,8 +22,7 @@ pub struct OsRandom;
 
 impl Randomness for OsRandom {
     fn fill(&self, dest: &mut [u8]) -> Result<()> {
-        getrandom::fill(dest)
-            .map_err(|e| Error::internal(format!("the OS random source failed: {e}")))
+        getrandom::fill(dest).map_err(|e| Error::internal(format!("the OS random source failed: {e}")))
     }
 }
 
@@ -48,8 +47,7 @@ impl Pepper {
                 ),
             ));
         }
-        let mac = Hmac::<Sha256>::new_from_slice(key)
-            .map_err(|_| Error::internal("HMAC rejected the pepper"))?;
+        let mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| Error::internal("HMAC rejected the pepper"))?;
         Ok(Self { mac })
     }
 
@@ -137,10 +135,7 @@ mod tests {
         let p = Pepper::new(&[b'k'; 32]).unwrap();
         let h = p.hash("kg_example");
         let hex: String = h.0.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(
-            hex,
-            "89b2bf69497f91d82f1f863892dc94bd258836d428c72c7a7b73618ee66e132c"
-        );
+        assert_eq!(hex, "89b2bf69497f91d82f1f863892dc94bd258836d428c72c7a7b73618ee66e132c");
     }
 
     #[test]

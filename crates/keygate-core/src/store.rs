@@ -8,8 +8,8 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::ids::{AppId, PlanId, TokenId, WorkspaceId};
 use crate::model::{
-    App, AuditEvent, AuditFilter, NewAuditEvent, Page, PageRequest, Plan, RootKey, ScopeEntry,
-    TokenFilter, TokenRecord, Workspace,
+    App, AuditEvent, AuditFilter, NewAuditEvent, Page, PageRequest, Plan, RootKey, ScopeEntry, TokenFilter,
+    TokenRecord, Workspace,
 };
 use crate::scope::Scope;
 use crate::secret::SecretHash;
@@ -17,8 +17,7 @@ use crate::secret::SecretHash;
 #[async_trait]
 pub trait WorkspaceStore: Send + Sync {
     /// Returns the workspace named like `candidate`, inserting it and `default_app` if missing.
-    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App)
-    -> Result<Workspace>;
+    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App) -> Result<Workspace>;
     async fn workspace(&self, id: &WorkspaceId) -> Result<Option<Workspace>>;
     async fn workspace_by_name(&self, name: &str) -> Result<Option<Workspace>>;
 }
@@ -30,9 +29,10 @@ pub trait AppStore: Send + Sync {
     async fn default_app(&self, ws: &WorkspaceId) -> Result<App>;
     async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>>;
     async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()>;
-    /// Deletes the app. Its tokens that are not revoked yet are revoked in the same transaction
-    /// (each with its own audit event built from `token_audit`) when `revoke_tokens` is set;
-    /// otherwise the deletion is refused with `app_has_tokens` while it has any.
+    /// Deletes the app and its token rows in one transaction. While the app holds tokens that
+    /// are not revoked, this is refused with `app_has_tokens` unless `revoke_tokens` is set; then
+    /// each of those gets a `token.revoke` audit event (a copy of `audit` retargeted) and every
+    /// token of the app leaves the change feed's followers. The default app cannot be deleted.
     async fn delete_app(
         &self,
         ws: &WorkspaceId,
@@ -59,12 +59,14 @@ pub trait TokenStore: Send + Sync {
     /// Writes `token` (whose `version` is the one read plus one) if the stored version is still
     /// `token.version - 1`; otherwise fails with `concurrent_update`.
     async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
-    /// Writes the rotated-out `old` (under the same version rule) and inserts `new`, atomically.
+    /// Writes the rotated-out `old` (under the same version rule) and inserts `new`, atomically,
+    /// with an audit event for each.
     async fn rotate_token(
         &self,
         old: &TokenRecord,
         new: &TokenRecord,
-        audit: &NewAuditEvent,
+        old_audit: &NewAuditEvent,
+        new_audit: &NewAuditEvent,
     ) -> Result<()>;
 }
 
@@ -72,8 +74,8 @@ pub trait TokenStore: Send + Sync {
 pub trait RootKeyStore: Send + Sync {
     async fn insert_root_key(&self, key: &RootKey, audit: &NewAuditEvent) -> Result<()>;
     async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>>;
-    /// How many root keys exist in all workspaces (zero on a fresh store).
-    async fn root_key_count(&self) -> Result<u64>;
+    /// How many root keys and how many tokens exist in all workspaces (zeros on a fresh store).
+    async fn credential_counts(&self) -> Result<(u64, u64)>;
 }
 
 #[async_trait]
@@ -84,22 +86,12 @@ pub trait PlanStore: Send + Sync {
     /// Adds or replaces a scope catalog entry.
     async fn put_scope(&self, entry: &ScopeEntry, audit: &NewAuditEvent) -> Result<()>;
     async fn list_scopes(&self, ws: &WorkspaceId) -> Result<Vec<ScopeEntry>>;
-    async fn delete_scope(
-        &self,
-        ws: &WorkspaceId,
-        scope: &Scope,
-        audit: &NewAuditEvent,
-    ) -> Result<bool>;
+    async fn delete_scope(&self, ws: &WorkspaceId, scope: &Scope, audit: &NewAuditEvent) -> Result<bool>;
 }
 
 #[async_trait]
 pub trait AuditStore: Send + Sync {
-    async fn list_audit(
-        &self,
-        ws: &WorkspaceId,
-        filter: &AuditFilter,
-        page: &PageRequest,
-    ) -> Result<Page<AuditEvent>>;
+    async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>>;
 }
 
 /// Every token that may still authenticate, and the change-feed position it is current to.
@@ -139,9 +131,7 @@ pub trait ChangeFeed: Send + Sync {
 
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store:
-    WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + ChangeFeed
-{
+pub trait Store: WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + ChangeFeed {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;
     /// Succeeds when the store answers.

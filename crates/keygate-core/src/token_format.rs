@@ -23,8 +23,11 @@ pub const CHECKSUM_LEN: usize = 6;
 /// Length of everything after the `_`.
 pub const BODY_LEN: usize = PUBLIC_ID_LEN + SECRET_LEN + CHECKSUM_LEN;
 pub const DEFAULT_PREFIX: &str = "kg";
-// 12, so that the root-key prefix (`<prefix>root`) stays a valid prefix too.
+/// The longest prefix a token can have (root-key prefixes included).
 const MAX_PREFIX_LEN: usize = 12;
+/// The longest prefix a server may be configured to issue: its root-key prefix (`<prefix>root`)
+/// must still fit in [`MAX_PREFIX_LEN`].
+pub const MAX_ISSUING_PREFIX_LEN: usize = MAX_PREFIX_LEN - 4;
 
 /// A validated token prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,20 @@ impl TokenPrefix {
             ));
         }
         Ok(Self(p.to_owned()))
+    }
+    /// Validates a prefix to issue tokens with: as [`TokenPrefix::new`], and at most
+    /// [`MAX_ISSUING_PREFIX_LEN`] characters so that its root-key prefix is valid too.
+    pub fn for_issuing(p: &str) -> Result<Self> {
+        let prefix = Self::new(p)?;
+        if p.len() > MAX_ISSUING_PREFIX_LEN {
+            return Err(Error::invalid(
+                "invalid_token_prefix",
+                format!(
+                    "a token prefix is at most {MAX_ISSUING_PREFIX_LEN} characters, so that root keys (<prefix>root) fit too"
+                ),
+            ));
+        }
+        Ok(prefix)
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -75,9 +92,7 @@ impl FormatError {
             Self::WrongPrefix => "the token does not start with this server's prefix",
             Self::WrongLength => "the token has the wrong length",
             Self::BadCharacter => "the token contains characters other than letters and digits",
-            Self::BadChecksum => {
-                "the token's checksum does not match: it was mistyped or truncated"
-            }
+            Self::BadChecksum => "the token's checksum does not match: it was mistyped or truncated",
         }
     }
 }
@@ -143,20 +158,13 @@ pub fn mint(prefix: &TokenPrefix, rng: &dyn Randomness) -> Result<MintedToken> {
     let sum = checksum(token.as_bytes());
     token.push_str(&sum);
     let last4 = sum.get(CHECKSUM_LEN - 4..).unwrap_or_default().to_owned();
-    Ok(MintedToken {
-        secret: TokenSecret::new(token),
-        public_id,
-        last4,
-    })
+    Ok(MintedToken { secret: TokenSecret::new(token), public_id, last4 })
 }
 
 /// Checks a presented token against `prefix` with no lookup.
 pub fn parse<'a>(token: &'a str, prefix: &TokenPrefix) -> Result<ParsedToken<'a>, FormatError> {
     let p = prefix.as_str();
-    let body = token
-        .strip_prefix(p)
-        .and_then(|rest| rest.strip_prefix('_'))
-        .ok_or(FormatError::WrongPrefix)?;
+    let body = token.strip_prefix(p).and_then(|rest| rest.strip_prefix('_')).ok_or(FormatError::WrongPrefix)?;
     parse_body(token, p.len(), body)
 }
 
@@ -167,11 +175,7 @@ pub fn parse_any(token: &str) -> Result<ParsedToken<'_>, FormatError> {
     parse_body(token, p.len(), body)
 }
 
-fn parse_body<'a>(
-    token: &'a str,
-    prefix_len: usize,
-    body: &'a str,
-) -> Result<ParsedToken<'a>, FormatError> {
+fn parse_body<'a>(token: &'a str, prefix_len: usize, body: &'a str) -> Result<ParsedToken<'a>, FormatError> {
     if body.len() != BODY_LEN {
         return Err(FormatError::WrongLength);
     }
@@ -180,10 +184,7 @@ fn parse_body<'a>(
     }
     // All ASCII from here on, so byte offsets are character boundaries.
     let split = token.len() - CHECKSUM_LEN;
-    let (signed, sum) = (
-        token.get(..split).unwrap_or_default(),
-        token.get(split..).unwrap_or_default(),
-    );
+    let (signed, sum) = (token.get(..split).unwrap_or_default(), token.get(split..).unwrap_or_default());
     if checksum(signed.as_bytes()) != sum {
         return Err(FormatError::BadChecksum);
     }
@@ -206,10 +207,7 @@ impl SeededRandom {
 
 impl Randomness for SeededRandom {
     fn fill(&self, dest: &mut [u8]) -> Result<()> {
-        let mut s = self
-            .0
-            .lock()
-            .map_err(|_| Error::internal("seeded random poisoned"))?;
+        let mut s = self.0.lock().map_err(|_| Error::internal("seeded random poisoned"))?;
         for b in dest {
             // splitmix64
             *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -258,14 +256,8 @@ mod tests {
         let prefix = TokenPrefix::default();
         let t = mint(&prefix, &OsRandom).unwrap();
         let s = t.secret.expose();
-        assert_eq!(
-            parse(s, &TokenPrefix::new("acme").unwrap()),
-            Err(FormatError::WrongPrefix)
-        );
-        assert_eq!(
-            parse(&s[..s.len() - 1], &prefix),
-            Err(FormatError::WrongLength)
-        );
+        assert_eq!(parse(s, &TokenPrefix::new("acme").unwrap()), Err(FormatError::WrongPrefix));
+        assert_eq!(parse(&s[..s.len() - 1], &prefix), Err(FormatError::WrongLength));
         let mut bad = s.to_owned();
         bad.replace_range(10..11, "-");
         assert_eq!(parse(&bad, &prefix), Err(FormatError::BadCharacter));
@@ -298,6 +290,10 @@ mod tests {
             assert!(TokenPrefix::new(bad).is_err(), "{bad}");
         }
         assert_eq!(TokenPrefix::default().root_key_prefix().as_str(), "kgroot");
+        assert!(TokenPrefix::for_issuing("abcdefgh").is_ok());
+        assert!(TokenPrefix::for_issuing("abcdefghi").is_err());
+        let longest = TokenPrefix::for_issuing("abcdefgh").unwrap().root_key_prefix();
+        assert!(TokenPrefix::new(longest.as_str()).is_ok(), "its root-key prefix is valid");
     }
 
     #[test]
@@ -306,11 +302,7 @@ mod tests {
         assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()));
         for c in ALPHABET {
             let n = s.bytes().filter(|b| b == c).count();
-            assert!(
-                (100..=300).contains(&n),
-                "{} appeared {n} times",
-                *c as char
-            );
+            assert!((100..=300).contains(&n), "{} appeared {n} times", *c as char);
         }
     }
 }

@@ -60,12 +60,8 @@ struct Tenants {
 impl Tenants {
     fn new() -> Self {
         let rng = SeededRandom::new(7);
-        let workspaces = (0..WORKSPACES)
-            .map(|_| WorkspaceId::random(&rng).unwrap().as_str().to_owned())
-            .collect();
-        let apps = (0..APPS)
-            .map(|_| AppId::random(&rng).unwrap().as_str().to_owned())
-            .collect();
+        let workspaces = (0..WORKSPACES).map(|_| WorkspaceId::random(&rng).unwrap().as_str().to_owned()).collect();
+        let apps = (0..APPS).map(|_| AppId::random(&rng).unwrap().as_str().to_owned()).collect();
         Self { workspaces, apps }
     }
 }
@@ -78,11 +74,7 @@ fn resident_token(i: usize) -> MintedToken {
 
 /// A well-formed token that is never inserted.
 fn unknown_token(i: usize) -> MintedToken {
-    mint(
-        &TokenPrefix::default(),
-        &SeededRandom::new(mix(!(i as u64))),
-    )
-    .unwrap()
+    mint(&TokenPrefix::default(), &SeededRandom::new(mix(!(i as u64)))).unwrap()
 }
 
 /// A record as the store would hold it, with a realistic spread of fields: 1–3 scopes from a
@@ -105,24 +97,11 @@ fn record(i: usize, minted: &MintedToken, pepper: &Pepper, tenants: &Tenants) ->
     picked.sort_unstable();
     let pct = (r >> 40) % 100;
     let limit_presets = [
-        RateLimit {
-            requests: 10,
-            per_seconds: 1,
-            burst: 20,
-        },
-        RateLimit {
-            requests: 100,
-            per_seconds: 60,
-            burst: 0,
-        },
-        RateLimit {
-            requests: 5000,
-            per_seconds: 3600,
-            burst: 100,
-        },
+        RateLimit { requests: 10, per_seconds: 1, burst: 20 },
+        RateLimit { requests: 100, per_seconds: 60, burst: 0 },
+        RateLimit { requests: 5000, per_seconds: 3600, burst: 100 },
     ];
-    let created =
-        Timestamp::from_millis(NOW.as_millis() - 86_400_000 * i64::try_from(r % 365).unwrap());
+    let created = Timestamp::from_millis(NOW.as_millis() - 86_400_000 * i64::try_from(r % 365).unwrap());
     TokenRecord {
         id: TokenId::from_public_id(&minted.public_id),
         workspace_id: WorkspaceId::from_trusted(tenants.workspaces[ws].clone()),
@@ -131,27 +110,12 @@ fn record(i: usize, minted: &MintedToken, pepper: &Pepper, tenants: &Tenants) ->
         hash: pepper.hash(minted.secret.expose()),
         prefix: "kg".into(),
         last4: minted.last4.clone(),
-        scopes: picked
-            .iter()
-            .map(|&s| Scope::parse(SCOPES[s]).unwrap())
-            .collect(),
-        state: if pct == 99 {
-            TokenState::Suspended
-        } else {
-            TokenState::Active
-        },
-        expires_at: (pct < 25)
-            .then(|| NOW.plus_seconds(86_400 * (1 + i64::try_from(r % 90).unwrap()))),
-        ip_allowlist: if pct == 98 {
-            vec![format!("10.{}.0.0/16", r % 256).parse().unwrap()]
-        } else {
-            vec![]
-        },
+        scopes: picked.iter().map(|&s| Scope::parse(SCOPES[s]).unwrap()).collect(),
+        state: if pct == 99 { TokenState::Suspended } else { TokenState::Active },
+        expires_at: (pct < 25).then(|| NOW.plus_seconds(86_400 * (1 + i64::try_from(r % 90).unwrap()))),
+        ip_allowlist: if pct == 98 { vec![format!("10.{}.0.0/16", r % 256).parse().unwrap()] } else { vec![] },
         rate_limit: (pct < 40).then(|| limit_presets[usize::try_from(r % 3).unwrap()]),
-        quota: (pct >= 85).then_some(Quota {
-            requests: 1_000_000,
-            period: QuotaPeriod::Month,
-        }),
+        quota: (pct >= 85).then_some(Quota { requests: 1_000_000, period: QuotaPeriod::Month }),
         metadata: Default::default(),
         created_at: created,
         updated_at: created,
@@ -170,13 +134,7 @@ fn record(i: usize, minted: &MintedToken, pepper: &Pepper, tenants: &Tenants) ->
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    let kb: u64 = line
-        .trim_start_matches("VmRSS:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
+    let kb: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().unwrap();
     kb * 1024
 }
 
@@ -223,15 +181,10 @@ fn bench_verify(c: &mut Criterion, pepper: &Pepper, tenants: &Tenants, many: &To
     assert_eq!(one_probe.len(), 1);
     let many_probes = probes(MANY, many);
     assert_eq!(many_probes.len(), PROBES);
-    let unknown: Vec<String> = (0..PROBES)
-        .map(|i| unknown_token(i).secret.expose().to_owned())
-        .collect();
+    let unknown: Vec<String> = (0..PROBES).map(|i| unknown_token(i).secret.expose().to_owned()).collect();
     let malformed: Vec<String> = many_probes.iter().map(|t| with_typo(t)).collect();
     assert_eq!(many.verify(&unknown[0], NOW).unwrap_err(), Refusal::Unknown);
-    assert!(matches!(
-        many.verify(&malformed[0], NOW),
-        Err(Refusal::Malformed(_))
-    ));
+    assert!(matches!(many.verify(&malformed[0], NOW), Err(Refusal::Malformed(_))));
 
     let mut g = c.benchmark_group("verify");
     g.throughput(Throughput::Elements(1));
@@ -243,8 +196,7 @@ fn bench_verify(c: &mut Criterion, pepper: &Pepper, tenants: &Tenants, many: &To
         let mut i = 0usize;
         b.iter(|| {
             i = i.wrapping_add(1);
-            many.verify(black_box(&many_probes[i & (PROBES - 1)]), NOW)
-                .is_ok()
+            many.verify(black_box(&many_probes[i & (PROBES - 1)]), NOW).is_ok()
         })
     });
     g.finish();
@@ -255,8 +207,7 @@ fn bench_verify(c: &mut Criterion, pepper: &Pepper, tenants: &Tenants, many: &To
         let mut i = 0usize;
         b.iter(|| {
             i = i.wrapping_add(1);
-            many.verify(black_box(&unknown[i & (PROBES - 1)]), NOW)
-                .is_err()
+            many.verify(black_box(&unknown[i & (PROBES - 1)]), NOW).is_err()
         })
     });
     g.finish();
@@ -267,8 +218,7 @@ fn bench_verify(c: &mut Criterion, pepper: &Pepper, tenants: &Tenants, many: &To
         let mut i = 0usize;
         b.iter(|| {
             i = i.wrapping_add(1);
-            many.verify(black_box(&malformed[i & (PROBES - 1)]), NOW)
-                .is_err()
+            many.verify(black_box(&malformed[i & (PROBES - 1)]), NOW).is_err()
         })
     });
     g.finish();
@@ -294,21 +244,10 @@ fn bench_verify(c: &mut Criterion, pepper: &Pepper, tenants: &Tenants, many: &To
 }
 
 fn bench_create(c: &mut Criterion, pepper: &Pepper) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = rt
-        .block_on(keygate_store::open(&StoreLocation::DataDir(
-            dir.path().to_owned(),
-        )))
-        .unwrap();
-    let ws = Workspace {
-        id: WorkspaceId::random(&OsRandom).unwrap(),
-        name: "bench".into(),
-        created_at: NOW,
-    };
+    let store = rt.block_on(keygate_store::open(&StoreLocation::DataDir(dir.path().to_owned()))).unwrap();
+    let ws = Workspace { id: WorkspaceId::random(&OsRandom).unwrap(), name: "bench".into(), created_at: NOW };
     let app = App {
         id: AppId::random(&OsRandom).unwrap(),
         workspace_id: ws.id.clone(),
@@ -321,10 +260,7 @@ fn bench_create(c: &mut Criterion, pepper: &Pepper) {
         updated_at: NOW,
     };
     let ws = rt.block_on(store.ensure_workspace(&ws, &app)).unwrap();
-    let tenants = Tenants {
-        workspaces: vec![ws.id.as_str().to_owned()],
-        apps: vec![app.id.as_str().to_owned()],
-    };
+    let tenants = Tenants { workspaces: vec![ws.id.as_str().to_owned()], apps: vec![app.id.as_str().to_owned()] };
     let actor = Actor::cli();
     let mut n = 0usize;
     c.bench_function("create_token_through_store", |b| {
@@ -333,9 +269,8 @@ fn bench_create(c: &mut Criterion, pepper: &Pepper) {
             rt.block_on(async {
                 let minted = mint(&TokenPrefix::default(), &OsRandom).unwrap();
                 let rec = record(n, &minted, pepper, &tenants);
-                let audit =
-                    NewAuditEvent::new(&ws.id, &actor, "token.create", rec.id.as_str(), NOW)
-                        .with_after(rec.audit_view());
+                let audit = NewAuditEvent::new(&ws.id, &actor, "token.create", rec.id.as_str(), NOW)
+                    .with_after(rec.audit_view());
                 store.insert_token(&rec, &audit).await.unwrap();
             })
         })
@@ -352,10 +287,7 @@ fn main() {
     let many = build_index(MANY, &pepper, &tenants);
     let after = rss_bytes();
     let per_token = after.saturating_sub(before) as f64 / many.len() as f64;
-    println!(
-        "resident tokens: {}, index memory: {per_token:.0} bytes/token (RSS delta)",
-        many.len()
-    );
+    println!("resident tokens: {}, index memory: {per_token:.0} bytes/token (RSS delta)", many.len());
 
     let mut c = Criterion::default().configure_from_args();
     bench_verify(&mut c, &pepper, &tenants, &many);

@@ -14,6 +14,8 @@ use crate::index::TokenIndex;
 
 const BATCH: u32 = 1000;
 const POLL_EVERY: Duration = Duration::from_secs(5);
+/// How often expired tokens are dropped from the index (they are refused either way).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Loads the index from a snapshot and applies every change committed since.
 pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> Result<()> {
@@ -47,24 +49,20 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
 }
 
 /// Loads the index, then follows the feed in a background task until it is aborted.
-pub async fn start(
-    index: TokenIndex,
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-) -> Result<JoinHandle<()>> {
+pub async fn start(index: TokenIndex, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<JoinHandle<()>> {
     // Subscribe before the snapshot, so no commit can fall between the two unnoticed.
     let mut signal = store.subscribe();
     load(&index, &*store, &*clock).await?;
     Ok(tokio::spawn(async move {
-        let mut sweeps = 0u32;
+        let mut poll = tokio::time::interval(POLL_EVERY);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
         loop {
             tokio::select! {
                 open = signal.changed() => if !open { return },
-                () = tokio::time::sleep(POLL_EVERY) => {
-                    sweeps = sweeps.wrapping_add(1);
-                    if sweeps.is_multiple_of(12) {
-                        index.sweep_expired(clock.now());
-                    }
+                _ = poll.tick() => {}
+                _ = sweep.tick() => {
+                    index.sweep_expired(clock.now());
+                    continue;
                 }
             }
             if let Err(e) = catch_up(&index, &*store).await {

@@ -3,11 +3,14 @@
 //! a malformed token), then HMAC-SHA256 under the pepper, then one hash-map read.
 //!
 //! Memory matters at a million tokens: entries are compact (ids and scope sets are interned and
-//! shared), and the map is keyed by the first 8 bytes of the hash (already uniformly random, so
-//! no re-hashing) with the full hash kept in the entry and compared in constant time.
+//! shared), and each shard is a set of pointers to entries keyed by the full hash kept in the
+//! entry: the set hashes it as its first 8 bytes (already uniformly random, so no re-hashing) and
+//! compares all 32 in constant time. A bucket is one pointer, and entries whose first 8 bytes
+//! collide need no second map. `docs/benchmarks.md` has the figures.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -41,12 +44,47 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type Shard = HashMap<u64, Arc<IndexedToken>, BuildHasherDefault<IdentityHasher>>;
+/// A token's keyed hash as the shards key it: hashed as its first 8 bytes, compared whole and in
+/// constant time (`SecretHash`'s equality).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HashKey(SecretHash);
+
+impl Hash for HashKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let first = self.0.as_bytes().first_chunk::<8>().copied().unwrap_or_default();
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// A resident entry, found in its shard by its hash.
+struct Slot(Arc<IndexedToken>);
+
+impl Borrow<HashKey> for Slot {
+    fn borrow(&self) -> &HashKey {
+        &self.0.hash
+    }
+}
+
+impl Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash.hash(state);
+    }
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.hash == other.0.hash
+    }
+}
+
+impl Eq for Slot {}
+
+type Shard = HashSet<Slot, BuildHasherDefault<IdentityHasher>>;
 
 /// A token as the gateway needs it.
 #[derive(Debug)]
 pub struct IndexedToken {
-    hash: SecretHash,
+    hash: HashKey,
     public_id: [u8; PUBLIC_ID_LEN],
     pub workspace_id: Arc<str>,
     pub app_id: Arc<str>,
@@ -68,9 +106,7 @@ impl IndexedToken {
     }
     /// Whether `addr` may use this token.
     pub fn allows_ip(&self, addr: IpAddr) -> bool {
-        self.ip_allowlist
-            .as_deref()
-            .is_none_or(|list| allowlist_permits(list, addr))
+        self.ip_allowlist.as_deref().is_none_or(|list| allowlist_permits(list, addr))
     }
     /// Whether the token holds a scope that covers `required`.
     pub fn has_scope(&self, required: &Scope) -> bool {
@@ -131,8 +167,6 @@ struct Inner {
     prefix: TokenPrefix,
     pepper: Pepper,
     shards: Vec<RwLock<Shard>>,
-    /// Entries whose first 8 hash bytes collide with another entry's (vanishingly rare).
-    overflow: RwLock<HashMap<[u8; 32], Arc<IndexedToken>>>,
     interner: std::sync::Mutex<Interner>,
     len: AtomicUsize,
     seq: AtomicU64,
@@ -142,12 +176,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct TokenIndex(Arc<Inner>);
 
-fn split(hash: &SecretHash) -> (usize, u64) {
-    let b = hash.as_bytes();
-    let mut k = [0u8; 8];
-    k.copy_from_slice(b.get(..8).unwrap_or(&[0; 8]));
-    let key = u64::from_le_bytes(k);
-    (usize::from(b.get(8).copied().unwrap_or(0)) % SHARDS, key)
+/// The shard a hash lives in, from a byte the in-shard hash does not use.
+fn shard_of(hash: &SecretHash) -> usize {
+    usize::from(hash.as_bytes().get(8).copied().unwrap_or(0)) % SHARDS
 }
 
 impl TokenIndex {
@@ -156,7 +187,6 @@ impl TokenIndex {
             prefix,
             pepper,
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
-            overflow: RwLock::new(HashMap::new()),
             interner: std::sync::Mutex::new(Interner::default()),
             len: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
@@ -196,14 +226,8 @@ impl TokenIndex {
     }
 
     fn get(&self, hash: &SecretHash) -> Option<Arc<IndexedToken>> {
-        let (shard, key) = split(hash);
-        let found = self.0.shards.get(shard)?.read().ok()?.get(&key).cloned();
-        match found {
-            // Constant-time comparison of the whole hash.
-            Some(e) if e.hash == *hash => Some(e),
-            Some(_) => self.0.overflow.read().ok()?.get(hash.as_bytes()).cloned(),
-            None => None,
-        }
+        let shard = self.0.shards.get(shard_of(hash))?.read().ok()?;
+        shard.get(&HashKey(*hash)).map(|slot| slot.0.clone())
     }
 
     /// Inserts or replaces a token. Revoked tokens are removed instead.
@@ -221,56 +245,34 @@ impl TokenIndex {
             public_id.copy_from_slice(pid);
         }
         let entry = Arc::new(IndexedToken {
-            hash: t.hash,
+            hash: HashKey(t.hash),
             public_id,
             workspace_id: interner.string(t.workspace_id.as_str()),
             app_id: interner.string(t.app_id.as_str()),
             scopes: interner.scopes(&t.scopes),
-            ip_allowlist: (!t.ip_allowlist.is_empty())
-                .then(|| Arc::from(t.ip_allowlist.as_slice())),
+            ip_allowlist: (!t.ip_allowlist.is_empty()).then(|| Arc::from(t.ip_allowlist.as_slice())),
             suspended: t.state == TokenState::Suspended,
             expires_at: t.expires_at.map_or(i64::MAX, Timestamp::as_millis),
             rate_limit: t.rate_limit,
             quota: t.quota,
         });
         drop(interner);
-        let (shard, key) = split(&t.hash);
-        let Some(lock) = self.0.shards.get(shard) else {
+        let Some(lock) = self.0.shards.get(shard_of(&t.hash)) else {
             return;
         };
-        let Ok(mut map) = lock.write() else { return };
-        match map.get(&key) {
-            Some(existing) if existing.hash != t.hash => {
-                drop(map);
-                if let Ok(mut o) = self.0.overflow.write()
-                    && o.insert(*t.hash.as_bytes(), entry).is_none()
-                {
-                    self.0.len.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            _ => {
-                if map.insert(key, entry).is_none() {
-                    self.0.len.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        let Ok(mut set) = lock.write() else { return };
+        if set.replace(Slot(entry)).is_none() {
+            self.0.len.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Drops the token with this hash, if resident.
     pub fn remove(&self, hash: &SecretHash) {
-        let (shard, key) = split(hash);
-        if let Ok(mut o) = self.0.overflow.write()
-            && o.remove(hash.as_bytes()).is_some()
-        {
-            self.0.len.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-        let Some(lock) = self.0.shards.get(shard) else {
+        let Some(lock) = self.0.shards.get(shard_of(hash)) else {
             return;
         };
-        let Ok(mut map) = lock.write() else { return };
-        if map.get(&key).is_some_and(|e| e.hash == *hash) {
-            map.remove(&key);
+        let Ok(mut set) = lock.write() else { return };
+        if set.remove(&HashKey(*hash)) {
             self.0.len.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -279,10 +281,10 @@ impl TokenIndex {
     pub fn sweep_expired(&self, now: Timestamp) -> usize {
         let mut dropped = 0;
         for lock in &self.0.shards {
-            if let Ok(mut map) = lock.write() {
-                let before = map.len();
-                map.retain(|_, e| e.expires_at > now.as_millis());
-                dropped += before - map.len();
+            if let Ok(mut set) = lock.write() {
+                let before = set.len();
+                set.retain(|slot| slot.0.expires_at > now.as_millis());
+                dropped += before - set.len();
             }
         }
         self.0.len.fetch_sub(dropped, Ordering::Relaxed);
@@ -292,8 +294,8 @@ impl TokenIndex {
     /// Releases spare capacity after a bulk load.
     pub fn shrink_to_fit(&self) {
         for lock in &self.0.shards {
-            if let Ok(mut map) = lock.write() {
-                map.shrink_to_fit();
+            if let Ok(mut set) = lock.write() {
+                set.shrink_to_fit();
             }
         }
     }
@@ -343,10 +345,7 @@ mod tests {
         let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
         let mut r = record(&pepper, m.secret.expose(), &m.public_id);
         let now = Timestamp::from_millis(1000);
-        assert_eq!(
-            index.verify(m.secret.expose(), now).unwrap_err(),
-            Refusal::Unknown
-        );
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
         index.upsert(&r);
         assert_eq!(index.len(), 1);
         let ok = index.verify(m.secret.expose(), now).unwrap();
@@ -354,34 +353,22 @@ mod tests {
         assert!(ok.has_scope(&Scope::parse("orders:read").unwrap()));
         assert!(!ok.has_scope(&Scope::parse("users:read").unwrap()));
 
-        assert!(matches!(
-            index.verify("kg_nope", now),
-            Err(Refusal::Malformed(_))
-        ));
+        assert!(matches!(index.verify("kg_nope", now), Err(Refusal::Malformed(_))));
         r.state = TokenState::Suspended;
         index.upsert(&r);
-        assert_eq!(
-            index.verify(m.secret.expose(), now).unwrap_err(),
-            Refusal::Suspended
-        );
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Suspended);
         r.state = TokenState::Active;
         r.expires_at = Some(now);
         index.upsert(&r);
         assert_eq!(index.len(), 1);
-        assert_eq!(
-            index.verify(m.secret.expose(), now).unwrap_err(),
-            Refusal::Expired
-        );
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Expired);
         assert_eq!(index.sweep_expired(now), 1);
         assert!(index.is_empty());
         r.expires_at = None;
         index.upsert(&r);
         r.state = TokenState::Revoked;
         index.upsert(&r);
-        assert_eq!(
-            index.verify(m.secret.expose(), now).unwrap_err(),
-            Refusal::Unknown
-        );
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
         assert!(index.is_empty());
     }
 
@@ -393,9 +380,7 @@ mod tests {
         let mut r = record(&pepper, m.secret.expose(), &m.public_id);
         r.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap()];
         index.upsert(&r);
-        let t = index
-            .verify(m.secret.expose(), Timestamp::from_millis(0))
-            .unwrap();
+        let t = index.verify(m.secret.expose(), Timestamp::from_millis(0)).unwrap();
         assert!(t.allows_ip("10.1.1.1".parse().unwrap()));
         assert!(!t.allows_ip("192.0.2.1".parse().unwrap()));
     }

@@ -42,39 +42,24 @@ struct PgDatabase {
 
 impl PgDatabase {
     async fn drop_now(&self) {
-        let _ = crate::admin_sql(
-            &self.admin_url,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        )
-        .await;
+        let _ = crate::admin_sql(&self.admin_url, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
     }
 }
 
 pub(crate) fn pg_admin_url() -> String {
-    std::env::var("KEYGATE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("KEYGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 async fn sqlite() -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&StoreLocation::DataDir(dir.path().join("data")))
-        .await
-        .unwrap();
-    Harness {
-        store,
-        _dir: Some(dir),
-        pg: None,
-    }
+    let store = open(&StoreLocation::DataDir(dir.path().join("data"))).await.unwrap();
+    Harness { store, _dir: Some(dir), pg: None }
 }
 
 async fn postgres() -> Harness {
     let admin_url = pg_admin_url();
-    let name = format!(
-        "keygate_test_{}",
-        keygate_core::token_format::random_base62(&OsRandom, 12)
-            .unwrap()
-            .to_lowercase()
-    );
+    let name =
+        format!("keygate_test_{}", keygate_core::token_format::random_base62(&OsRandom, 12).unwrap().to_lowercase());
     crate::admin_sql(&admin_url, &format!("CREATE DATABASE {name}"))
         .await
         .expect("PostgreSQL must run for the conformance suite (set KEYGATE_TEST_POSTGRES_URL)");
@@ -83,19 +68,11 @@ async fn postgres() -> Harness {
         None => panic!("KEYGATE_TEST_POSTGRES_URL needs a database path"),
     };
     let store = open(&StoreLocation::Postgres(url)).await.unwrap();
-    Harness {
-        store,
-        _dir: None,
-        pg: Some(PgDatabase { admin_url, name }),
-    }
+    Harness { store, _dir: None, pg: Some(PgDatabase { admin_url, name }) }
 }
 
 fn workspace(name: &str) -> (Workspace, App) {
-    let ws = Workspace {
-        id: WorkspaceId::random(&OsRandom).unwrap(),
-        name: name.into(),
-        created_at: T0,
-    };
+    let ws = Workspace { id: WorkspaceId::random(&OsRandom).unwrap(), name: name.into(), created_at: T0 };
     let app = app(&ws.id, "Default app", true);
     (ws, app)
 }
@@ -129,15 +106,8 @@ fn token(ws: &WorkspaceId, app: &AppId, name: &str, created: Timestamp) -> Token
         state: TokenState::Active,
         expires_at: None,
         ip_allowlist: vec!["10.0.0.0/8".parse().unwrap()],
-        rate_limit: Some(RateLimit {
-            requests: 10,
-            per_seconds: 1,
-            burst: 5,
-        }),
-        quota: Some(Quota {
-            requests: 1000,
-            period: QuotaPeriod::Month,
-        }),
+        rate_limit: Some(RateLimit { requests: 10, per_seconds: 1, burst: 5 }),
+        quota: Some(Quota { requests: 1000, period: QuotaPeriod::Month }),
         metadata: json!({"team": "billing"}).as_object().cloned().unwrap(),
         created_at: created,
         updated_at: created,
@@ -157,18 +127,7 @@ fn audit(ws: &WorkspaceId, action: &str, target: &str) -> NewAuditEvent {
 }
 
 async fn all_audit(store: &SqlStore, ws: &WorkspaceId) -> Vec<AuditEvent> {
-    store
-        .list_audit(
-            ws,
-            &AuditFilter::default(),
-            &PageRequest {
-                limit: 500,
-                cursor: None,
-            },
-        )
-        .await
-        .unwrap()
-        .items
+    store.list_audit(ws, &AuditFilter::default(), &PageRequest { limit: 500, cursor: None }).await.unwrap().items
 }
 
 async fn workspaces_and_apps(h: &Harness) {
@@ -178,41 +137,15 @@ async fn workspaces_and_apps(h: &Harness) {
     assert_eq!(got, ws);
     // A second call with other ids finds the existing workspace and adds no second default app.
     let (again, other_default) = workspace("acme");
-    assert_eq!(
-        s.ensure_workspace(&again, &other_default).await.unwrap().id,
-        ws.id
-    );
+    assert_eq!(s.ensure_workspace(&again, &other_default).await.unwrap().id, ws.id);
     assert_eq!(s.default_app(&ws.id).await.unwrap(), default_app);
-    assert_eq!(
-        s.workspace_by_name("acme").await.unwrap().map(|w| w.id),
-        Some(ws.id.clone())
-    );
+    assert_eq!(s.workspace_by_name("acme").await.unwrap().map(|w| w.id), Some(ws.id.clone()));
 
     let a = app(&ws.id, "Mobile", false);
-    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str()))
-        .await
-        .unwrap();
-    let page = s
-        .list_apps(
-            &ws.id,
-            &PageRequest {
-                limit: 1,
-                cursor: None,
-            },
-        )
-        .await
-        .unwrap();
+    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
+    let page = s.list_apps(&ws.id, &PageRequest { limit: 1, cursor: None }).await.unwrap();
     assert_eq!(page.items.len(), 1);
-    let next = s
-        .list_apps(
-            &ws.id,
-            &PageRequest {
-                limit: 1,
-                cursor: page.next_cursor.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    let next = s.list_apps(&ws.id, &PageRequest { limit: 1, cursor: page.next_cursor.clone() }).await.unwrap();
     assert_eq!(next.items.len(), 1);
     assert_ne!(page.items[0].id, next.items[0].id);
     assert!(next.next_cursor.is_none());
@@ -221,34 +154,16 @@ async fn workspaces_and_apps(h: &Harness) {
     let (ws2, d2) = workspace("other");
     s.ensure_workspace(&ws2, &d2).await.unwrap();
     assert_eq!(s.app(&ws2.id, &a.id).await.unwrap(), None);
-    assert_eq!(
-        s.list_apps(&ws2.id, &PageRequest::default())
-            .await
-            .unwrap()
-            .items
-            .len(),
-        1
-    );
+    assert_eq!(s.list_apps(&ws2.id, &PageRequest::default()).await.unwrap().items.len(), 1);
     assert!(all_audit(s, &ws2.id).await.is_empty());
 
     let mut renamed = a.clone();
     renamed.name = "Mobile v2".into();
-    s.update_app(&renamed, &audit(&ws.id, "app.update", a.id.as_str()))
-        .await
-        .unwrap();
-    assert_eq!(
-        s.app(&ws.id, &a.id).await.unwrap().unwrap().name,
-        "Mobile v2"
-    );
+    s.update_app(&renamed, &audit(&ws.id, "app.update", a.id.as_str())).await.unwrap();
+    assert_eq!(s.app(&ws.id, &a.id).await.unwrap().unwrap().name, "Mobile v2");
     let mut foreign = renamed.clone();
     foreign.workspace_id = ws2.id.clone();
-    assert_eq!(
-        s.update_app(&foreign, &audit(&ws2.id, "app.update", "x"))
-            .await
-            .unwrap_err()
-            .kind,
-        ErrorKind::NotFound
-    );
+    assert_eq!(s.update_app(&foreign, &audit(&ws2.id, "app.update", "x")).await.unwrap_err().kind, ErrorKind::NotFound);
 }
 
 async fn token_lifecycle(h: &Harness) {
@@ -256,61 +171,33 @@ async fn token_lifecycle(h: &Harness) {
     let (ws, d) = workspace("acme");
     s.ensure_workspace(&ws, &d).await.unwrap();
     let t = token(&ws.id, &d.id, "ci", T0);
-    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str()))
-        .await
-        .unwrap();
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
     assert_eq!(s.token(&ws.id, &t.id).await.unwrap(), Some(t.clone()));
-    assert_eq!(
-        s.token_by_hash(&t.hash).await.unwrap().map(|x| x.id),
-        Some(t.id.clone())
-    );
+    assert_eq!(s.token_by_hash(&t.hash).await.unwrap().map(|x| x.id), Some(t.id.clone()));
 
     // Another workspace cannot see it.
     let (ws2, d2) = workspace("other");
     s.ensure_workspace(&ws2, &d2).await.unwrap();
     assert_eq!(s.token(&ws2.id, &t.id).await.unwrap(), None);
-    let none = s
-        .list_tokens(
-            &ws2.id,
-            &TokenFilter::default(),
-            T0,
-            &PageRequest::default(),
-        )
-        .await
-        .unwrap();
+    let none = s.list_tokens(&ws2.id, &TokenFilter::default(), T0, &PageRequest::default()).await.unwrap();
     assert!(none.items.is_empty());
 
     // Update with the right version; a stale version is refused and writes nothing.
     let mut u = t.clone();
     u.name = "ci-renamed".into();
     u.version = 2;
-    s.update_token(&u, &audit(&ws.id, "token.update", t.id.as_str()))
-        .await
-        .unwrap();
+    s.update_token(&u, &audit(&ws.id, "token.update", t.id.as_str())).await.unwrap();
     let before = all_audit(s, &ws.id).await.len();
     let mut stale = t.clone();
     stale.name = "lost update".into();
     stale.version = 2;
-    let e = s
-        .update_token(&stale, &audit(&ws.id, "token.update", t.id.as_str()))
-        .await
-        .unwrap_err();
+    let e = s.update_token(&stale, &audit(&ws.id, "token.update", t.id.as_str())).await.unwrap_err();
     assert_eq!(e.code, "concurrent_update");
-    assert_eq!(
-        all_audit(s, &ws.id).await.len(),
-        before,
-        "a refused change writes no audit event"
-    );
-    assert_eq!(
-        s.token(&ws.id, &t.id).await.unwrap().unwrap().name,
-        "ci-renamed"
-    );
+    assert_eq!(all_audit(s, &ws.id).await.len(), before, "a refused change writes no audit event");
+    assert_eq!(s.token(&ws.id, &t.id).await.unwrap().unwrap().name, "ci-renamed");
 
     // A duplicate insert fails whole: no audit event either.
-    let e = s
-        .insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str()))
-        .await
-        .unwrap_err();
+    let e = s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Conflict);
     assert_eq!(all_audit(s, &ws.id).await.len(), before);
 
@@ -321,126 +208,54 @@ async fn token_lifecycle(h: &Harness) {
     old.replaced_by = Some(new.id.clone());
     old.expires_at = Some(T0.plus_seconds(70));
     old.version += 1;
-    s.rotate_token(&old, &new, &audit(&ws.id, "token.rotate", t.id.as_str()))
-        .await
-        .unwrap();
+    let new_audit = audit(&ws.id, "token.create", new.id.as_str());
+    s.rotate_token(&old, &new, &audit(&ws.id, "token.rotate", t.id.as_str()), &new_audit).await.unwrap();
     let stored_old = s.token(&ws.id, &t.id).await.unwrap().unwrap();
     assert_eq!(stored_old.replaced_by, Some(new.id.clone()));
     assert_eq!(stored_old.status(T0.plus_seconds(69)), TokenStatus::Active);
     assert_eq!(stored_old.status(T0.plus_seconds(70)), TokenStatus::Expired);
-    assert_eq!(
-        s.token(&ws.id, &new.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .rotated_from,
-        Some(t.id.clone())
-    );
+    assert_eq!(s.token(&ws.id, &new.id).await.unwrap().unwrap().rotated_from, Some(t.id.clone()));
 
     // Filters and pagination.
     let mut suspended = token(&ws.id, &d.id, "Batch Job", T0.plus_seconds(20));
     suspended.state = TokenState::Suspended;
-    s.insert_token(
-        &suspended,
-        &audit(&ws.id, "token.create", suspended.id.as_str()),
-    )
-    .await
-    .unwrap();
+    s.insert_token(&suspended, &audit(&ws.id, "token.create", suspended.id.as_str())).await.unwrap();
     let at = T0.plus_seconds(100);
     let wsid = &ws.id;
     let list = |f: TokenFilter| async move {
-        s.list_tokens(
-            wsid,
-            &f,
-            at,
-            &PageRequest {
-                limit: 10,
-                cursor: None,
-            },
-        )
-        .await
-        .unwrap()
-        .items
+        s.list_tokens(wsid, &f, at, &PageRequest { limit: 10, cursor: None }).await.unwrap().items
     };
     assert_eq!(list(TokenFilter::default()).await.len(), 3);
-    let expired = list(TokenFilter {
-        status: Some(TokenStatus::Expired),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(
-        expired.iter().map(|t| &t.id).collect::<Vec<_>>(),
-        vec![&t.id]
-    );
-    let active = list(TokenFilter {
-        status: Some(TokenStatus::Active),
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(
-        active.iter().map(|t| &t.id).collect::<Vec<_>>(),
-        vec![&new.id]
-    );
-    let by_name = list(TokenFilter {
-        name_contains: Some("batch".into()),
-        ..Default::default()
-    })
-    .await;
+    let expired = list(TokenFilter { status: Some(TokenStatus::Expired), ..Default::default() }).await;
+    assert_eq!(expired.iter().map(|t| &t.id).collect::<Vec<_>>(), vec![&t.id]);
+    let active = list(TokenFilter { status: Some(TokenStatus::Active), ..Default::default() }).await;
+    assert_eq!(active.iter().map(|t| &t.id).collect::<Vec<_>>(), vec![&new.id]);
+    let by_name = list(TokenFilter { name_contains: Some("batch".into()), ..Default::default() }).await;
     assert_eq!(by_name.len(), 1);
-    let wild = list(TokenFilter {
-        name_contains: Some("%".into()),
-        ..Default::default()
-    })
-    .await;
+    let wild = list(TokenFilter { name_contains: Some("%".into()), ..Default::default() }).await;
     assert!(wild.is_empty(), "LIKE wildcards in a search are literal");
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let p = s
-            .list_tokens(
-                &ws.id,
-                &TokenFilter::default(),
-                at,
-                &PageRequest { limit: 2, cursor },
-            )
-            .await
-            .unwrap();
+        let p = s.list_tokens(&ws.id, &TokenFilter::default(), at, &PageRequest { limit: 2, cursor }).await.unwrap();
         seen.extend(p.items.into_iter().map(|t| t.id));
         cursor = p.next_cursor;
         if cursor.is_none() {
             break;
         }
     }
-    assert_eq!(
-        seen,
-        vec![suspended.id.clone(), new.id.clone(), t.id.clone()],
-        "newest first, no duplicates"
-    );
+    assert_eq!(seen, vec![suspended.id.clone(), new.id.clone(), t.id.clone()], "newest first, no duplicates");
     let e = s
-        .list_tokens(
-            &ws.id,
-            &TokenFilter::default(),
-            at,
-            &PageRequest {
-                limit: 2,
-                cursor: Some("junk".into()),
-            },
-        )
+        .list_tokens(&ws.id, &TokenFilter::default(), at, &PageRequest { limit: 2, cursor: Some("junk".into()) })
         .await;
     assert_eq!(e.unwrap_err().code, "invalid_cursor");
 
     let events = all_audit(s, &ws.id).await;
-    assert_eq!(
-        events.first().map(|e| e.action.as_str()),
-        Some("token.create")
-    );
+    assert_eq!(events.first().map(|e| e.action.as_str()), Some("token.create"));
     let by_target = s
         .list_audit(
             &ws.id,
-            &AuditFilter {
-                target: Some(t.id.to_string()),
-                ..Default::default()
-            },
+            &AuditFilter { target: Some(t.id.to_string()), ..Default::default() },
             &PageRequest::default(),
         )
         .await
@@ -453,45 +268,28 @@ async fn change_feed(h: &Harness) {
     let (ws, d) = workspace("acme");
     s.ensure_workspace(&ws, &d).await.unwrap();
     let a = token(&ws.id, &d.id, "a", T0);
-    s.insert_token(&a, &audit(&ws.id, "token.create", a.id.as_str()))
-        .await
-        .unwrap();
+    s.insert_token(&a, &audit(&ws.id, "token.create", a.id.as_str())).await.unwrap();
     let mut expired = token(&ws.id, &d.id, "old", T0);
     expired.expires_at = Some(T0);
-    s.insert_token(
-        &expired,
-        &audit(&ws.id, "token.create", expired.id.as_str()),
-    )
-    .await
-    .unwrap();
+    s.insert_token(&expired, &audit(&ws.id, "token.create", expired.id.as_str())).await.unwrap();
 
     let snap = s.snapshot(T0.plus_seconds(1)).await.unwrap();
-    assert_eq!(
-        snap.tokens.iter().map(|t| &t.id).collect::<Vec<_>>(),
-        vec![&a.id]
-    );
+    assert_eq!(snap.tokens.iter().map(|t| &t.id).collect::<Vec<_>>(), vec![&a.id]);
     let mut signal = s.subscribe();
 
     let mut revoked = a.clone();
     revoked.state = TokenState::Revoked;
     revoked.version = 2;
-    s.update_token(&revoked, &audit(&ws.id, "token.revoke", a.id.as_str()))
-        .await
-        .unwrap();
+    s.update_token(&revoked, &audit(&ws.id, "token.revoke", a.id.as_str())).await.unwrap();
     let b = token(&ws.id, &d.id, "b", T0);
-    s.insert_token(&b, &audit(&ws.id, "token.create", b.id.as_str()))
-        .await
-        .unwrap();
+    s.insert_token(&b, &audit(&ws.id, "token.create", b.id.as_str())).await.unwrap();
     assert!(signal.changed().await, "a commit wakes followers");
 
     let changes = s.changes_since(snap.seq, 100).await.unwrap();
     assert_eq!(changes.len(), 2);
     assert!(changes[0].seq > snap.seq && changes[1].seq > changes[0].seq);
     assert_eq!(changes[0].id, a.id);
-    assert!(
-        changes[0].record.is_none(),
-        "a revoked token leaves the index"
-    );
+    assert!(changes[0].record.is_none(), "a revoked token leaves the index");
     assert_eq!(changes[0].hash, a.hash, "the change names the index key");
     assert_eq!(changes[1].record.as_ref().map(|t| &t.id), Some(&b.id));
     assert_eq!(s.changes_since(changes[1].seq, 100).await.unwrap().len(), 0);
@@ -513,21 +311,11 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
         permissions: vec![Permission::TokensRead, Permission::AuditRead],
         created_at: T0,
     };
-    assert_eq!(s.root_key_count().await.unwrap(), 0);
-    s.insert_root_key(&rk, &audit(&ws.id, "root_key.create", rk.id.as_str()))
-        .await
-        .unwrap();
-    assert_eq!(s.root_key_count().await.unwrap(), 1);
-    assert_eq!(
-        s.root_key_by_hash(&rk.hash).await.unwrap(),
-        Some(rk.clone())
-    );
-    assert_eq!(
-        s.root_key_by_hash(&pepper.hash("kgroot_nope"))
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(s.credential_counts().await.unwrap(), (0, 0));
+    s.insert_root_key(&rk, &audit(&ws.id, "root_key.create", rk.id.as_str())).await.unwrap();
+    assert_eq!(s.credential_counts().await.unwrap(), (1, 0));
+    assert_eq!(s.root_key_by_hash(&rk.hash).await.unwrap(), Some(rk.clone()));
+    assert_eq!(s.root_key_by_hash(&pepper.hash("kgroot_nope")).await.unwrap(), None);
 
     let plan = Plan {
         id: PlanId::random(&OsRandom).unwrap(),
@@ -535,17 +323,11 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
         name: "free".into(),
         description: Some("Starter".into()),
         scopes: vec![Scope::parse("orders:read").unwrap()],
-        rate_limit: Some(RateLimit {
-            requests: 5,
-            per_seconds: 1,
-            burst: 0,
-        }),
+        rate_limit: Some(RateLimit { requests: 5, per_seconds: 1, burst: 0 }),
         quota: None,
         created_at: T0,
     };
-    s.insert_plan(&plan, &audit(&ws.id, "plan.create", plan.id.as_str()))
-        .await
-        .unwrap();
+    s.insert_plan(&plan, &audit(&ws.id, "plan.create", plan.id.as_str())).await.unwrap();
     assert_eq!(s.plan(&ws.id, &plan.id).await.unwrap(), Some(plan.clone()));
     assert_eq!(s.list_plans(&ws.id).await.unwrap(), vec![plan.clone()]);
 
@@ -556,31 +338,11 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
         api: Some("orders".into()),
         created_at: T0,
     };
-    s.put_scope(&entry, &audit(&ws.id, "scope.put", "orders:read"))
-        .await
-        .unwrap();
-    s.put_scope(&entry, &audit(&ws.id, "scope.put", "orders:read"))
-        .await
-        .unwrap();
+    s.put_scope(&entry, &audit(&ws.id, "scope.put", "orders:read")).await.unwrap();
+    s.put_scope(&entry, &audit(&ws.id, "scope.put", "orders:read")).await.unwrap();
     assert_eq!(s.list_scopes(&ws.id).await.unwrap(), vec![entry.clone()]);
-    assert!(
-        s.delete_scope(
-            &ws.id,
-            &entry.scope,
-            &audit(&ws.id, "scope.delete", "orders:read")
-        )
-        .await
-        .unwrap()
-    );
-    assert!(
-        !s.delete_scope(
-            &ws.id,
-            &entry.scope,
-            &audit(&ws.id, "scope.delete", "orders:read")
-        )
-        .await
-        .unwrap()
-    );
+    assert!(s.delete_scope(&ws.id, &entry.scope, &audit(&ws.id, "scope.delete", "orders:read")).await.unwrap());
+    assert!(!s.delete_scope(&ws.id, &entry.scope, &audit(&ws.id, "scope.delete", "orders:read")).await.unwrap());
 }
 
 async fn deleting_apps(h: &Harness) {
@@ -588,64 +350,21 @@ async fn deleting_apps(h: &Harness) {
     let (ws, d) = workspace("acme");
     s.ensure_workspace(&ws, &d).await.unwrap();
     let a = app(&ws.id, "Mobile", false);
-    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str()))
-        .await
-        .unwrap();
+    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
     let t = token(&ws.id, &a.id, "m", T0);
-    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str()))
-        .await
-        .unwrap();
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
     let seq = s.snapshot(T0).await.unwrap().seq;
-    let e = s
-        .delete_app(
-            &ws.id,
-            &a.id,
-            false,
-            T0,
-            &audit(&ws.id, "app.delete", a.id.as_str()),
-        )
-        .await
-        .unwrap_err();
+    let e = s.delete_app(&ws.id, &a.id, false, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap_err();
     assert_eq!(e.code, "app_has_tokens");
     assert!(s.app(&ws.id, &a.id).await.unwrap().is_some());
-    s.delete_app(
-        &ws.id,
-        &a.id,
-        true,
-        T0,
-        &audit(&ws.id, "app.delete", a.id.as_str()),
-    )
-    .await
-    .unwrap();
+    s.delete_app(&ws.id, &a.id, true, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap();
     assert!(s.app(&ws.id, &a.id).await.unwrap().is_none());
     assert!(s.token(&ws.id, &t.id).await.unwrap().is_none());
     let changes = s.changes_since(seq, 10).await.unwrap();
-    assert!(
-        changes
-            .iter()
-            .any(|c| c.id == t.id && c.hash == t.hash && c.record.is_none())
-    );
-    let e = s
-        .delete_app(
-            &ws.id,
-            &d.id,
-            true,
-            T0,
-            &audit(&ws.id, "app.delete", d.id.as_str()),
-        )
-        .await
-        .unwrap_err();
+    assert!(changes.iter().any(|c| c.id == t.id && c.hash == t.hash && c.record.is_none()));
+    let e = s.delete_app(&ws.id, &d.id, true, T0, &audit(&ws.id, "app.delete", d.id.as_str())).await.unwrap_err();
     assert_eq!(e.code, "default_app");
-    let e = s
-        .delete_app(
-            &ws.id,
-            &a.id,
-            true,
-            T0,
-            &audit(&ws.id, "app.delete", a.id.as_str()),
-        )
-        .await
-        .unwrap_err();
+    let e = s.delete_app(&ws.id, &a.id, true, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
 }
 
@@ -674,13 +393,7 @@ macro_rules! conformance {
     };
 }
 
-conformance!(
-    workspaces_and_apps,
-    token_lifecycle,
-    change_feed,
-    root_keys_plans_and_scopes,
-    deleting_apps
-);
+conformance!(workspaces_and_apps, token_lifecycle, change_feed, root_keys_plans_and_scopes, deleting_apps);
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a
 /// node that was not listening converges by its catch-up read.
@@ -696,10 +409,7 @@ async fn postgres_nodes_converge() {
     let (ws, d) = workspace("acme");
     h.store.ensure_workspace(&ws, &d).await.unwrap();
     let t = token(&ws.id, &d.id, "a", T0);
-    h.store
-        .insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str()))
-        .await
-        .unwrap();
+    h.store.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
     let woke = tokio::time::timeout(std::time::Duration::from_secs(30), signal.changed()).await;
     assert_eq!(woke.ok(), Some(true), "the other node is woken");
     let changes = other.changes_since(0, 10).await.unwrap();
@@ -712,28 +422,17 @@ async fn postgres_nodes_converge() {
 #[tokio::test]
 async fn a_corrupt_sqlite_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("keygate.db"),
-        b"this is not a database, just some text that is long enough",
-    )
-    .unwrap();
-    let e = open(&StoreLocation::DataDir(dir.path().to_owned()))
-        .await
-        .err()
+    std::fs::write(dir.path().join("keygate.db"), b"this is not a database, just some text that is long enough")
         .unwrap();
-    assert!(
-        matches!(e.code, "store_corrupt" | "store_migration_failed"),
-        "{e}"
-    );
+    let e = open(&StoreLocation::DataDir(dir.path().to_owned())).await.err().unwrap();
+    assert!(matches!(e.code, "store_corrupt" | "store_migration_failed"), "{e}");
 }
 
 #[tokio::test]
 async fn an_unreachable_postgres_is_a_clear_error() {
-    let e = open(&StoreLocation::Postgres(
-        "postgres://postgres@127.0.0.1:1/none?connect_timeout=2".into(),
-    ))
-    .await
-    .err()
-    .unwrap();
+    let e = open(&StoreLocation::Postgres("postgres://postgres@127.0.0.1:1/none?connect_timeout=2".into()))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.code, "store_unavailable", "{e}");
 }

@@ -65,10 +65,7 @@ pub(crate) async fn follow_postgres(url: String, pool: AnyPool, tx: Arc<watch::S
 
 /// Reads the committed feed position and wakes followers if it moved.
 async fn catch_up(pool: &AnyPool, tx: &watch::Sender<u64>) {
-    match sqlx::query_scalar::<_, i64>("SELECT seq FROM feed_state WHERE id = 1")
-        .fetch_one(pool)
-        .await
-    {
+    match sqlx::query_scalar::<_, i64>("SELECT seq FROM feed_state WHERE id = 1").fetch_one(pool).await {
         Ok(seq) => {
             let seq = u64::try_from(seq).unwrap_or(0);
             tx.send_if_modified(|cur| bump(cur, seq));

@@ -74,28 +74,15 @@ pub async fn open(location: &StoreLocation) -> Result<Arc<SqlStore>> {
         StoreLocation::Postgres(url) => (Engine::Postgres, url.clone(), 16),
     };
     let options = AnyConnectOptions::from_str(&url)
-        .map_err(|e| {
-            Error::invalid(
-                "invalid_database_url",
-                format!("the database URL is not valid: {e}"),
-            )
-        })?
+        .map_err(|e| Error::invalid("invalid_database_url", format!("the database URL is not valid: {e}")))?
         .disable_statement_logging();
     // One connection first, so a damaged file or an unreachable server is reported as such
     // rather than as a pool time-out.
-    let mut probe = sqlx::AnyConnection::connect_with(&options)
-        .await
-        .map_err(|e| open_error(engine, &e))?;
+    let mut probe = sqlx::AnyConnection::connect_with(&options).await.map_err(|e| open_error(engine, &e))?;
     if engine == Engine::Sqlite {
-        probe
-            .execute(SQLITE_PRAGMAS)
-            .await
-            .map_err(|e| open_error(engine, &e))?;
+        probe.execute(SQLITE_PRAGMAS).await.map_err(|e| open_error(engine, &e))?;
     }
-    probe
-        .execute("SELECT 1")
-        .await
-        .map_err(|e| open_error(engine, &e))?;
+    probe.execute("SELECT 1").await.map_err(|e| open_error(engine, &e))?;
     let _ = probe.close().await;
     let pool = AnyPoolOptions::new()
         .max_connections(max_conns)
@@ -119,22 +106,22 @@ pub async fn open(location: &StoreLocation) -> Result<Arc<SqlStore>> {
         Error::new(
             keygate_core::ErrorKind::Unavailable,
             "store_migration_failed",
-            format!("the {} store could not be migrated: {e}; is this a keygate database of a newer version, or damaged?", engine.as_str()),
+            format!(
+                "the {} store could not be migrated: {e}; is this a keygate database of a newer version, or damaged?",
+                engine.as_str()
+            ),
         )
     })?;
     SqlStore::start(pool, engine, url).await
 }
 
 /// WAL lets readers run beside the writer; busy_timeout makes writers queue instead of failing.
-const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;";
+const SQLITE_PRAGMAS: &str =
+    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;";
 
 fn create_private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::unavailable(format!(
-            "cannot create the data directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::unavailable(format!("cannot create the data directory {}: {e}", dir.display())))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -165,10 +152,9 @@ pub(crate) fn db_error(e: sqlx::Error) -> Error {
             tracing::warn!(error = %e, "store unavailable");
             Error::unavailable("the store is not reachable right now; retry shortly")
         }
-        sqlx::Error::Database(db) if db.is_unique_violation() => Error::conflict(
-            "already_exists",
-            "an object with this name or key already exists",
-        ),
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            Error::conflict("already_exists", "an object with this name or key already exists")
+        }
         _ => {
             tracing::error!(error = %e, "store error");
             Error::internal("the store failed; see the server log")
@@ -183,13 +169,8 @@ mod conformance;
 /// any transaction. For tests and tooling that create and drop their own databases.
 #[doc(hidden)]
 pub async fn admin_sql(url: &str, sql: &str) -> Result<()> {
-    let mut conn = sqlx::postgres::PgConnection::connect(url)
-        .await
-        .map_err(|e| open_error(Engine::Postgres, &e))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(&mut conn)
-        .await
-        .map_err(db_error)?;
+    let mut conn = sqlx::postgres::PgConnection::connect(url).await.map_err(|e| open_error(Engine::Postgres, &e))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.map_err(db_error)?;
     let _ = conn.close().await;
     Ok(())
 }

@@ -2,9 +2,7 @@
 //! the records of `keygate-core`. A row that does not decode is a store error, never a panic.
 
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
-use keygate_core::model::{
-    App, AuditEvent, Permission, Plan, RootKey, ScopeEntry, TokenRecord, TokenState, Workspace,
-};
+use keygate_core::model::{App, AuditEvent, Permission, Plan, RootKey, ScopeEntry, TokenRecord, TokenState, Workspace};
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
 use keygate_core::{Error, Result, Timestamp};
@@ -39,9 +37,7 @@ fn json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
 
 fn opt_json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<Option<T>> {
     match get::<Option<String>>(row, col)? {
-        Some(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| corrupt(col, &e.to_string())),
+        Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| corrupt(col, &e.to_string())),
         None => Ok(None),
     }
 }

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keygate_core::ids::{AppId, PlanId, TokenId, WorkspaceId};
 use keygate_core::model::{
-    App, AuditEvent, AuditFilter, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page,
-    PageRequest, Plan, RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenStatus, Workspace,
+    App, AuditEvent, AuditFilter, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest, Plan, RootKey,
+    ScopeEntry, TokenFilter, TokenRecord, TokenStatus, Workspace,
 };
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
 use keygate_core::store::{
-    AppStore, AuditStore, ChangeFeed, ChangeSignal, PlanStore, RootKeyStore, Snapshot, Store,
-    TokenChange, TokenStore, WorkspaceStore,
+    AppStore, AuditStore, ChangeFeed, ChangeSignal, PlanStore, RootKeyStore, Snapshot, Store, TokenChange, TokenStore,
+    WorkspaceStore,
 };
 use keygate_core::{Error, Result, Timestamp};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -34,10 +34,8 @@ type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, scopes, state, expires_at, \
     ip_allowlist, rate_limit, quota, metadata, created_at, updated_at, last_used_at, last_used_ip, revoked_at, \
     revoke_reason, rotated_from, replaced_by, exposed_at, version";
-const APP_COLS: &str =
-    "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at";
-const PLAN_COLS: &str =
-    "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
+const APP_COLS: &str = "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at";
+const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
 
 /// The SQL store. Clone-free: hold it as `Arc<SqlStore>` or `Arc<dyn Store>`.
 pub struct SqlStore {
@@ -64,15 +62,9 @@ impl SqlStore {
         let (tx, _rx) = watch::channel(u64::try_from(seq).unwrap_or(0));
         let feed = Arc::new(tx);
         // Only PostgreSQL has writers in other processes whose changes we must hear about.
-        let listener = (engine == Engine::Postgres).then(|| {
-            tokio::spawn(feed::follow_postgres(url, pool.clone(), feed.clone())).abort_handle()
-        });
-        Ok(Arc::new(Self {
-            pool,
-            engine,
-            feed,
-            listener,
-        }))
+        let listener = (engine == Engine::Postgres)
+            .then(|| tokio::spawn(feed::follow_postgres(url, pool.clone(), feed.clone())).abort_handle());
+        Ok(Arc::new(Self { pool, engine, feed, listener }))
     }
 
     /// Closes the pool; in-flight queries finish first.
@@ -116,32 +108,22 @@ async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
 /// Takes the next feed sequence number. It must be the first write of its transaction: the
 /// row lock it takes orders writers, so numbers become visible in commit order.
 async fn next_seq(tx: &mut Tx) -> Result<u64> {
-    let seq = sqlx::query_scalar::<_, i64>(
-        "UPDATE feed_state SET seq = seq + 1 WHERE id = 1 RETURNING seq",
-    )
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(db_error)?;
+    let seq = sqlx::query_scalar::<_, i64>("UPDATE feed_state SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db_error)?;
     Ok(u64::try_from(seq).unwrap_or(0))
 }
 
-async fn record_change(
-    tx: &mut Tx,
-    seq: u64,
-    token: &TokenId,
-    hash: &SecretHash,
-    at: Timestamp,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO token_changes (seq, token_id, token_hash, at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-    .bind(token.as_str())
-    .bind(hash.as_bytes().to_vec())
-    .bind(at.as_millis())
-    .execute(&mut **tx)
-    .await
-    .map_err(db_error)?;
+async fn record_change(tx: &mut Tx, seq: u64, token: &TokenId, hash: &SecretHash, at: Timestamp) -> Result<()> {
+    sqlx::query("INSERT INTO token_changes (seq, token_id, token_hash, at) VALUES ($1, $2, $3, $4)")
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .bind(token.as_str())
+        .bind(hash.as_bytes().to_vec())
+        .bind(at.as_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
     Ok(())
 }
 
@@ -178,10 +160,7 @@ async fn insert_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
         "INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
          $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
     );
-    bind_token(sqlx::query(AssertSqlSafe(sql)), t)?
-        .execute(&mut **tx)
-        .await
-        .map_err(db_error)?;
+    bind_token(sqlx::query(AssertSqlSafe(sql)), t)?.execute(&mut **tx).await.map_err(db_error)?;
     Ok(())
 }
 
@@ -225,19 +204,12 @@ async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
 }
 
 fn page_size(page: &PageRequest) -> i64 {
-    let n = if page.limit == 0 {
-        DEFAULT_PAGE_SIZE
-    } else {
-        page.limit.min(MAX_PAGE_SIZE)
-    };
+    let n = if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) };
     i64::from(n)
 }
 
 fn invalid_cursor() -> Error {
-    Error::invalid(
-        "invalid_cursor",
-        "the cursor is not one this API returned; start again without it",
-    )
+    Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
 }
 
 /// Cursors of lists ordered by (created_at, id) descending: `<created_at ms>.<id>`.
@@ -263,10 +235,7 @@ enum Arg {
 
 impl Conditions {
     fn new() -> Self {
-        Self {
-            sql: Vec::new(),
-            args: Vec::new(),
-        }
+        Self { sql: Vec::new(), args: Vec::new() }
     }
     /// Adds a condition whose `?` marks are replaced by the next placeholders.
     fn push(&mut self, cond: &str, args: Vec<Arg>) {
@@ -285,11 +254,7 @@ impl Conditions {
         self.sql.push(out);
     }
     fn where_clause(&self) -> String {
-        if self.sql.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", self.sql.join(" AND "))
-        }
+        if self.sql.is_empty() { String::new() } else { format!("WHERE {}", self.sql.join(" AND ")) }
     }
     fn next_placeholder(&self) -> String {
         format!("${}", self.args.len() + 1)
@@ -306,29 +271,23 @@ impl Conditions {
 }
 
 fn like_pattern(s: &str) -> String {
-    let escaped = s
-        .to_lowercase()
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
+    let escaped = s.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
     format!("%{escaped}%")
 }
 
 #[async_trait]
 impl WorkspaceStore for SqlStore {
-    async fn ensure_workspace(
-        &self,
-        candidate: &Workspace,
-        default_app: &App,
-    ) -> Result<Workspace> {
+    async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App) -> Result<Workspace> {
         let mut tx = self.begin().await?;
-        let inserted = sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING")
-            .bind(candidate.id.as_str())
-            .bind(candidate.name.as_str())
-            .bind(candidate.created_at.as_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        let inserted = sqlx::query(
+            "INSERT INTO workspaces (id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(candidate.id.as_str())
+        .bind(candidate.name.as_str())
+        .bind(candidate.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
         if inserted.rows_affected() == 1 {
             insert_app_row(&mut tx, default_app).await?;
         }
@@ -407,15 +366,9 @@ impl AppStore for SqlStore {
 
     async fn default_app(&self, ws: &WorkspaceId) -> Result<App> {
         let sql = format!("SELECT {APP_COLS} FROM apps WHERE workspace_id = $1 AND is_default = 1");
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
-        row.as_ref()
-            .map(rows::app)
-            .transpose()?
-            .ok_or_else(|| Error::not_found("app"))
+        let row =
+            sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_optional(&self.pool).await.map_err(db_error)?;
+        row.as_ref().map(rows::app).transpose()?.ok_or_else(|| Error::not_found("app"))
     }
 
     async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>> {
@@ -423,10 +376,7 @@ impl AppStore for SqlStore {
         c.push("workspace_id = ?", vec![Arg::Text(ws.as_str().to_owned())]);
         if let Some(cursor) = &page.cursor {
             let (ms, id) = parse_time_cursor(cursor)?;
-            c.push(
-                "(created_at < ? OR (created_at = ? AND id < ?))",
-                vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)],
-            );
+            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
         }
         let limit = page_size(page);
         let sql = format!(
@@ -434,15 +384,9 @@ impl AppStore for SqlStore {
             c.where_clause(),
             c.next_placeholder()
         );
-        let rows = c
-            .bind(sqlx::query(AssertSqlSafe(sql)))
-            .bind(limit + 1)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        paginate(&rows, limit, rows::app, |a: &App| {
-            format!("{}.{}", a.created_at.as_millis(), a.id)
-        })
+        let rows =
+            c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, rows::app, |a: &App| format!("{}.{}", a.created_at.as_millis(), a.id))
     }
 
     async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
@@ -490,46 +434,45 @@ impl AppStore for SqlStore {
             None => return Err(Error::not_found("app")),
             Some(0) => {}
             Some(_) => {
-                return Err(Error::conflict(
-                    "default_app",
-                    "the workspace's default app cannot be deleted",
-                ));
+                return Err(Error::conflict("default_app", "the workspace's default app cannot be deleted"));
             }
         }
-        let token_rows =
-            sqlx::query("SELECT id, hash FROM tokens WHERE workspace_id = $1 AND app_id = $2")
-                .bind(ws.as_str())
-                .bind(id.as_str())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_error)?;
+        let token_rows = sqlx::query("SELECT id, hash, state FROM tokens WHERE workspace_id = $1 AND app_id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
         let mut token_ids = Vec::with_capacity(token_rows.len());
         for row in &token_rows {
             let tid: String = row.try_get("id").map_err(db_error)?;
             let hash: Vec<u8> = row.try_get("hash").map_err(db_error)?;
-            let hash = SecretHash::from_slice(&hash)
-                .ok_or_else(|| Error::internal("a stored token hash is not 32 bytes"))?;
-            token_ids.push((tid, hash));
+            let hash =
+                SecretHash::from_slice(&hash).ok_or_else(|| Error::internal("a stored token hash is not 32 bytes"))?;
+            let state: String = row.try_get("state").map_err(db_error)?;
+            token_ids.push((tid, hash, state != "revoked"));
         }
-        if !token_ids.is_empty() && !revoke_tokens {
+        if token_ids.iter().any(|(_, _, live)| *live) && !revoke_tokens {
             return Err(Error::conflict(
                 "app_has_tokens",
                 "the app still has tokens; revoke them first, or delete with ?revoke_tokens=true to revoke and remove them with the app",
             ));
         }
         let mut last_seq = seq;
-        for (i, (tid, hash)) in token_ids.iter().enumerate() {
+        for (i, (tid, hash, live)) in token_ids.iter().enumerate() {
             let tid = TokenId::from_trusted(tid.clone());
             if i > 0 {
                 last_seq = next_seq(&mut tx).await?;
             }
             record_change(&mut tx, last_seq, &tid, hash, now).await?;
+            if !live {
+                continue;
+            }
             let mut ev = audit.clone();
             ev.action = "token.revoke".into();
             ev.target = tid.as_str().to_owned();
             ev.before = None;
-            ev.after =
-                Some(serde_json::json!({"state": "revoked", "revoke_reason": "app deleted"}));
+            ev.after = Some(serde_json::json!({"state": "revoked", "revoke_reason": "app deleted"}));
             insert_audit(&mut tx, &ev).await?;
         }
         sqlx::query("DELETE FROM tokens WHERE workspace_id = $1 AND app_id = $2")
@@ -556,16 +499,8 @@ fn paginate<T>(
     cursor_of: impl Fn(&T) -> String,
 ) -> Result<Page<T>> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let mut items = rows
-        .iter()
-        .take(limit)
-        .map(decode)
-        .collect::<Result<Vec<T>>>()?;
-    let next_cursor = if rows.len() > limit {
-        items.last().map(&cursor_of)
-    } else {
-        None
-    };
+    let mut items = rows.iter().take(limit).map(decode).collect::<Result<Vec<T>>>()?;
+    let next_cursor = if rows.len() > limit { items.last().map(&cursor_of) } else { None };
     items.shrink_to_fit();
     Ok(Page { items, next_cursor })
 }
@@ -623,17 +558,10 @@ impl TokenStore for SqlStore {
             None => {}
             Some(TokenStatus::Revoked) => c.push("state = 'revoked'", vec![]),
             Some(TokenStatus::Expired) => {
-                c.push(
-                    "state <> 'revoked' AND expires_at IS NOT NULL AND expires_at <= ?",
-                    vec![Arg::Int(now)],
-                );
+                c.push("state <> 'revoked' AND expires_at IS NOT NULL AND expires_at <= ?", vec![Arg::Int(now)]);
             }
             Some(s @ (TokenStatus::Active | TokenStatus::Suspended)) => {
-                let state = if s == TokenStatus::Active {
-                    "active"
-                } else {
-                    "suspended"
-                };
+                let state = if s == TokenStatus::Active { "active" } else { "suspended" };
                 c.push(
                     "state = ? AND (expires_at IS NULL OR expires_at > ?)",
                     vec![Arg::Text(state.into()), Arg::Int(now)],
@@ -641,16 +569,10 @@ impl TokenStore for SqlStore {
             }
         }
         if let Some(name) = &filter.name_contains {
-            c.push(
-                "LOWER(name) LIKE ? ESCAPE '\\'",
-                vec![Arg::Text(like_pattern(name))],
-            );
+            c.push("LOWER(name) LIKE ? ESCAPE '\\'", vec![Arg::Text(like_pattern(name))]);
         }
         if let Some(before) = filter.expiring_before {
-            c.push(
-                "expires_at > ? AND expires_at <= ?",
-                vec![Arg::Int(now), Arg::Int(before.as_millis())],
-            );
+            c.push("expires_at > ? AND expires_at <= ?", vec![Arg::Int(now), Arg::Int(before.as_millis())]);
         }
         match filter.exposed {
             Some(true) => c.push("exposed_at IS NOT NULL", vec![]),
@@ -659,10 +581,7 @@ impl TokenStore for SqlStore {
         }
         if let Some(cursor) = &page.cursor {
             let (ms, id) = parse_time_cursor(cursor)?;
-            c.push(
-                "(created_at < ? OR (created_at = ? AND id < ?))",
-                vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)],
-            );
+            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
         }
         let limit = page_size(page);
         let sql = format!(
@@ -670,15 +589,9 @@ impl TokenStore for SqlStore {
             c.where_clause(),
             c.next_placeholder()
         );
-        let rows = c
-            .bind(sqlx::query(AssertSqlSafe(sql)))
-            .bind(limit + 1)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        paginate(&rows, limit, rows::token, |t: &TokenRecord| {
-            format!("{}.{}", t.created_at.as_millis(), t.id)
-        })
+        let rows =
+            c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, rows::token, |t: &TokenRecord| format!("{}.{}", t.created_at.as_millis(), t.id))
     }
 
     async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()> {
@@ -694,7 +607,8 @@ impl TokenStore for SqlStore {
         &self,
         old: &TokenRecord,
         new: &TokenRecord,
-        audit: &NewAuditEvent,
+        old_audit: &NewAuditEvent,
+        new_audit: &NewAuditEvent,
     ) -> Result<()> {
         let mut tx = self.begin().await?;
         let seq = next_seq(&mut tx).await?;
@@ -704,7 +618,8 @@ impl TokenStore for SqlStore {
         // The new token needs its own feed position: take the next one in the same transaction.
         let seq2 = next_seq(&mut tx).await?;
         record_change(&mut tx, seq2, &new.id, &new.hash, new.updated_at).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, old_audit).await?;
+        insert_audit(&mut tx, new_audit).await?;
         self.commit(tx, Some(seq2)).await
     }
 }
@@ -733,22 +648,24 @@ impl RootKeyStore for SqlStore {
     }
 
     async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>> {
-        sqlx::query("SELECT id, workspace_id, name, hash, last4, permissions, created_at FROM root_keys WHERE hash = $1")
-            .bind(hash.as_bytes().to_vec())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .as_ref()
-            .map(rows::root_key)
-            .transpose()
+        sqlx::query(
+            "SELECT id, workspace_id, name, hash, last4, permissions, created_at FROM root_keys WHERE hash = $1",
+        )
+        .bind(hash.as_bytes().to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?
+        .as_ref()
+        .map(rows::root_key)
+        .transpose()
     }
 
-    async fn root_key_count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM root_keys")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(u64::try_from(n).unwrap_or(0))
+    async fn credential_counts(&self) -> Result<(u64, u64)> {
+        let count = |sql: &'static str| async move {
+            let n: i64 = sqlx::query_scalar(sql).fetch_one(&self.pool).await.map_err(db_error)?;
+            Ok::<u64, Error>(u64::try_from(n).unwrap_or(0))
+        };
+        Ok((count("SELECT COUNT(*) FROM root_keys").await?, count("SELECT COUNT(*) FROM tokens").await?))
     }
 }
 
@@ -756,8 +673,7 @@ impl RootKeyStore for SqlStore {
 impl PlanStore for SqlStore {
     async fn insert_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        let sql =
-            format!("INSERT INTO plans ({PLAN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        let sql = format!("INSERT INTO plans ({PLAN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
         sqlx::query(AssertSqlSafe(sql))
             .bind(plan.id.as_str())
             .bind(plan.workspace_id.as_str())
@@ -789,11 +705,7 @@ impl PlanStore for SqlStore {
 
     async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>> {
         let sql = format!("SELECT {PLAN_COLS} FROM plans WHERE workspace_id = $1 ORDER BY name");
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_all(&self.pool).await.map_err(db_error)?;
         rows.iter().map(rows::plan).collect()
     }
 
@@ -826,12 +738,7 @@ impl PlanStore for SqlStore {
         rows.iter().map(rows::scope_entry).collect()
     }
 
-    async fn delete_scope(
-        &self,
-        ws: &WorkspaceId,
-        scope: &Scope,
-        audit: &NewAuditEvent,
-    ) -> Result<bool> {
+    async fn delete_scope(&self, ws: &WorkspaceId, scope: &Scope, audit: &NewAuditEvent) -> Result<bool> {
         let mut tx = self.begin().await?;
         let done = sqlx::query("DELETE FROM scope_catalog WHERE workspace_id = $1 AND scope = $2")
             .bind(ws.as_str())
@@ -850,19 +757,10 @@ impl PlanStore for SqlStore {
 
 #[async_trait]
 impl AuditStore for SqlStore {
-    async fn list_audit(
-        &self,
-        ws: &WorkspaceId,
-        filter: &AuditFilter,
-        page: &PageRequest,
-    ) -> Result<Page<AuditEvent>> {
+    async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>> {
         let mut c = Conditions::new();
         c.push("workspace_id = ?", vec![Arg::Text(ws.as_str().to_owned())]);
-        for (col, v) in [
-            ("actor", &filter.actor),
-            ("action", &filter.action),
-            ("target", &filter.target),
-        ] {
+        for (col, v) in [("actor", &filter.actor), ("action", &filter.action), ("target", &filter.target)] {
             if let Some(v) = v {
                 c.push(&format!("{col} = ?"), vec![Arg::Text(v.clone())]);
             }
@@ -884,15 +782,9 @@ impl AuditStore for SqlStore {
             c.where_clause(),
             c.next_placeholder()
         );
-        let rows = c
-            .bind(sqlx::query(AssertSqlSafe(sql)))
-            .bind(limit + 1)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        paginate(&rows, limit, rows::audit_event, |e: &AuditEvent| {
-            e.id.to_string()
-        })
+        let rows =
+            c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, rows::audit_event, |e: &AuditEvent| e.id.to_string())
     }
 }
 
@@ -908,24 +800,14 @@ impl ChangeFeed for SqlStore {
         let sql = format!(
             "SELECT {TOKEN_COLS} FROM tokens WHERE state <> 'revoked' AND (expires_at IS NULL OR expires_at > $1)"
         );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(now.as_millis())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let rows =
+            sqlx::query(AssertSqlSafe(sql)).bind(now.as_millis()).fetch_all(&self.pool).await.map_err(db_error)?;
         let tokens = rows.iter().map(rows::token).collect::<Result<Vec<_>>>()?;
-        Ok(Snapshot {
-            seq: u64::try_from(seq).unwrap_or(0),
-            tokens,
-        })
+        Ok(Snapshot { seq: u64::try_from(seq).unwrap_or(0), tokens })
     }
 
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>> {
-        let cols: String = TOKEN_COLS
-            .split(", ")
-            .map(|c| format!("t.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols: String = TOKEN_COLS.split(", ").map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ");
         let sql = format!(
             "SELECT c.seq AS change_seq, c.token_id AS change_token, c.token_hash AS change_hash, {cols} FROM token_changes c \
              LEFT JOIN tokens t ON t.id = c.token_id WHERE c.seq > $1 ORDER BY c.seq LIMIT $2"
@@ -945,16 +827,10 @@ impl ChangeFeed for SqlStore {
                     .ok_or_else(|| Error::internal("a change-feed hash is not 32 bytes"))?;
                 let present: Option<String> = row.try_get("id").map_err(db_error)?;
                 let record = match present {
-                    Some(_) => Some(rows::token(row)?)
-                        .filter(|t| t.state != keygate_core::model::TokenState::Revoked),
+                    Some(_) => Some(rows::token(row)?).filter(|t| t.state != keygate_core::model::TokenState::Revoked),
                     None => None,
                 };
-                Ok(TokenChange {
-                    seq: u64::try_from(seq).unwrap_or(0),
-                    id: TokenId::from_trusted(id),
-                    hash,
-                    record,
-                })
+                Ok(TokenChange { seq: u64::try_from(seq).unwrap_or(0), id: TokenId::from_trusted(id), hash, record })
             })
             .collect()
     }
@@ -971,10 +847,7 @@ impl Store for SqlStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error)?;
         Ok(())
     }
 }

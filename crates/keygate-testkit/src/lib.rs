@@ -53,11 +53,7 @@ impl TestKeygate {
                 (Some(dir), path)
             }
         };
-        let mut cfg = Config {
-            data_dir: data_dir.clone(),
-            database_url: opts.database_url,
-            ..Config::default()
-        };
+        let mut cfg = Config { data_dir: data_dir.clone(), database_url: opts.database_url, ..Config::default() };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.shutdown_grace_seconds = 5;
@@ -65,12 +61,7 @@ impl TestKeygate {
         let running = serve::start(&cfg, None, Arc::new(clock.clone())).await?;
         let (_, secret) = running
             .admin
-            .create_root_key(
-                "default",
-                "testkit",
-                Permission::ALL.to_vec(),
-                &Actor::cli(),
-            )
+            .create_root_key("default", "testkit", Permission::ALL.to_vec(), &Actor::cli())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
@@ -85,9 +76,7 @@ impl TestKeygate {
 
     fn running(&self) -> &Running {
         // `running` is only taken by `stop`, which consumes self.
-        self.running
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("TestKeygate used after stop"))
+        self.running.as_ref().unwrap_or_else(|| unreachable!("TestKeygate used after stop"))
     }
 
     pub fn url(&self) -> String {
@@ -109,17 +98,11 @@ impl TestKeygate {
     /// Applies every committed change to the token index now (the background follower does the
     /// same on its own; this makes tests deterministic).
     pub async fn sync_index(&self) -> anyhow::Result<()> {
-        keygate_gateway::follow::catch_up(self.index(), &*self.store())
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        keygate_gateway::follow::catch_up(self.index(), &*self.store()).await.map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// Creates a root key in `workspace` with `permissions`.
-    pub async fn root_key(
-        &self,
-        workspace: &str,
-        permissions: &[Permission],
-    ) -> anyhow::Result<String> {
+    pub async fn root_key(&self, workspace: &str, permissions: &[Permission]) -> anyhow::Result<String> {
         let (_, secret) = self
             .admin()
             .create_root_key(workspace, "test key", permissions.to_vec(), &Actor::cli())
@@ -159,17 +142,10 @@ pub struct Answer {
 impl Answer {
     /// The `error.code` of an error answer.
     pub fn code(&self) -> &str {
-        self.body
-            .pointer("/error/code")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        self.body.pointer("/error/code").and_then(Value::as_str).unwrap_or("")
     }
     pub fn str(&self, pointer: &str) -> String {
-        self.body
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
+        self.body.pointer(pointer).and_then(Value::as_str).unwrap_or_default().to_owned()
     }
 }
 
@@ -183,11 +159,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, key: Option<String>) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base: base.to_owned(),
-            key,
-        }
+        Self { http: reqwest::Client::new(), base: base.to_owned(), key }
     }
 
     /// Sends a JSON body (or none) and returns the answer, whatever its status.
@@ -203,18 +175,9 @@ impl Client {
     }
 
     /// Sends raw bytes with a content type.
-    pub async fn send_raw(
-        &self,
-        method: Method,
-        path: &str,
-        content_type: &str,
-        body: Vec<u8>,
-    ) -> Answer {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .header("content-type", content_type)
-            .body(body);
+    pub async fn send_raw(&self, method: Method, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
+        let mut req =
+            self.http.request(method, format!("{}{path}", self.base)).header("content-type", content_type).body(body);
         if let Some(k) = &self.key {
             req = req.bearer_auth(k);
         }
@@ -228,11 +191,7 @@ impl Client {
                 let headers = resp.headers().clone();
                 let text = resp.text().await.unwrap_or_default();
                 let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                Answer {
-                    status,
-                    body,
-                    headers,
-                }
+                Answer { status, body, headers }
             }
             Err(e) => Answer {
                 status: StatusCode::from_u16(599).unwrap_or(StatusCode::BAD_GATEWAY),

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "keygate",
-    version,
-    about = "API token authority, gateway and dashboard in one program"
-)]
+#[command(name = "keygate", version, about = "API token authority, gateway and dashboard in one program")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -75,12 +71,7 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     /// The admin API's base URL.
-    #[arg(
-        long,
-        env = "KEYGATE_URL",
-        default_value = "http://127.0.0.1:8081",
-        global = true
-    )]
+    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8081", global = true)]
     pub url: String,
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,

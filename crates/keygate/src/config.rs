@@ -44,7 +44,7 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokensConfig {
-    /// The prefix of issued tokens (2–12 lowercase letters and digits, starting with a letter);
+    /// The prefix of issued tokens (2–8 lowercase letters and digits, starting with a letter);
     /// root keys use `<prefix>root`. Env: `KEYGATE_TOKEN_PREFIX`. Default `kg`.
     pub prefix: String,
     /// The longest grace period a rotation may ask for, in seconds. Default 2592000 (30 days).
@@ -83,35 +83,25 @@ impl Default for Config {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)) }
     }
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
     }
 }
 
 impl Default for TokensConfig {
     fn default() -> Self {
-        Self {
-            prefix: "kg".into(),
-            max_grace_period_seconds: 30 * 86_400,
-        }
+        Self { prefix: "kg".into(), max_grace_period_seconds: 30 * 86_400 }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Json,
-        }
+        Self { level: "info".into(), format: LogFormat::Json }
     }
 }
 
@@ -125,25 +115,20 @@ pub struct Overrides {
 impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let cfg: Self =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let cfg: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
         Self::from_toml(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
     /// Loads the configuration from its layers. `env` is passed in so tests need not touch the
     /// process environment.
-    pub fn load(
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-        flags: &Overrides,
-    ) -> anyhow::Result<Self> {
+    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>, flags: &Overrides) -> anyhow::Result<Self> {
         let mut cfg = match file {
             Some(f) => Self::from_file(f)?,
             None => Self::default(),
@@ -155,14 +140,14 @@ impl Config {
             cfg.database_url = Some(v);
         }
         if let Some(v) = env("KEYGATE_ADMIN_LISTEN") {
-            cfg.admin.listen = v.parse().with_context(|| {
-                format!("KEYGATE_ADMIN_LISTEN={v:?} is not an address like 127.0.0.1:8081")
-            })?;
+            cfg.admin.listen = v
+                .parse()
+                .with_context(|| format!("KEYGATE_ADMIN_LISTEN={v:?} is not an address like 127.0.0.1:8081"))?;
         }
         if let Some(v) = env("KEYGATE_GATEWAY_LISTEN") {
-            cfg.gateway.listen = v.parse().with_context(|| {
-                format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080")
-            })?;
+            cfg.gateway.listen = v
+                .parse()
+                .with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
         }
         if let Some(v) = env("KEYGATE_TOKEN_PREFIX") {
             cfg.tokens.prefix = v;
@@ -191,21 +176,17 @@ impl Config {
         self.prefix()?;
         keygate_store::StoreLocation::from_settings(self.database_url.as_deref(), &self.data_dir)
             .map_err(|e| anyhow::anyhow!("database_url: {}", e.message))?;
-        if self.log.level.trim().is_empty() {
-            bail!("log.level must not be empty (for example \"info\")");
-        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            anyhow::anyhow!("log.level {:?} is not a valid filter (such as \"info\"): {e}", self.log.level)
+        })?;
         if self.admin.listen == self.gateway.listen && self.admin.listen.port() != 0 {
-            bail!(
-                "admin.listen and gateway.listen must differ (both are {})",
-                self.admin.listen
-            );
+            bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);
         }
         Ok(())
     }
 
     pub fn prefix(&self) -> anyhow::Result<TokenPrefix> {
-        TokenPrefix::new(&self.tokens.prefix)
-            .map_err(|e| anyhow::anyhow!("tokens.prefix: {}", e.message))
+        TokenPrefix::for_issuing(&self.tokens.prefix).map_err(|e| anyhow::anyhow!("tokens.prefix: {}", e.message))
     }
 }
 
@@ -227,13 +208,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::from_toml("[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml("[admin]\nlisten = \"127.0.0.1:9\"\nlisen = 1\n").unwrap_err().to_string();
         assert!(e.contains("lisen"), "{e}");
-        let e = Config::from_toml("colour = \"red\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml("colour = \"red\"\n").unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
     }
 
@@ -244,17 +221,15 @@ mod tests {
         assert!(Config::from_toml("[admin]\nlisten = \"nowhere\"\n").is_err());
         assert!(Config::from_toml("shutdown_grace_seconds = -1\n").is_err());
         assert!(Config::from_toml("[log]\nformat = \"xml\"\n").is_err());
+        assert!(Config::from_toml("[log]\nlevel = \"info,[[\"\n").is_err());
+        assert!(Config::from_toml("[tokens]\nprefix = \"abcdefghi\"\n").is_err());
     }
 
     #[test]
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("keygate.toml");
-        std::fs::write(
-            &file,
-            "data_dir = \"/from-file\"\n[tokens]\nprefix = \"acme\"\n",
-        )
-        .unwrap();
+        std::fs::write(&file, "data_dir = \"/from-file\"\n[tokens]\nprefix = \"acme\"\n").unwrap();
         let env = |k: &str| match k {
             "KEYGATE_DATA_DIR" => Some("/from-env".to_owned()),
             "KEYGATE_ADMIN_LISTEN" => Some("127.0.0.1:9999".to_owned()),
@@ -264,10 +239,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/from-env"));
         assert_eq!(c.tokens.prefix, "acme");
         assert_eq!(c.admin.listen.port(), 9999);
-        let flags = Overrides {
-            data_dir: Some("/from-flag".into()),
-            database_url: None,
-        };
+        let flags = Overrides { data_dir: Some("/from-flag".into()), database_url: None };
         let c = Config::load(Some(&file), &env, &flags).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/from-flag"));
         let bad_env = |k: &str| (k == "KEYGATE_ADMIN_LISTEN").then(|| "x".to_owned());

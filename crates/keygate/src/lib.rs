@@ -10,3 +10,15 @@ pub mod pepper;
 pub mod scan;
 pub mod scan_cmd;
 pub mod serve;
+
+/// An error in how keygate was asked to run: the process exits with code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}

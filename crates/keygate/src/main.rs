@@ -7,27 +7,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use keygate::cli::{Cli, Command, ConfigCommand, Output, RootKeyCommand, StoreArgs};
 use keygate::config::{Config, LogFormat, Overrides};
-use keygate::{client, scan_cmd, serve};
+use keygate::{UsageError, client, scan_cmd, serve};
 use keygate_core::model::{Actor, Permission};
-
-/// An error in how keygate was asked to run (exit code 2).
-#[derive(Debug)]
-struct UsageError(String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -38,35 +23,21 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            if e.downcast_ref::<UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
         }
     }
 }
 
 fn load_config(args: &StoreArgs) -> anyhow::Result<Config> {
-    let flags = Overrides {
-        data_dir: args.data_dir.clone(),
-        database_url: args.database_url.clone(),
-    };
+    let flags = Overrides { data_dir: args.data_dir.clone(), database_url: args.database_url.clone() };
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    Config::load(args.config.as_deref(), &env, &flags)
-        .map_err(|e| UsageError(format!("{e:#}")).into())
+    Config::load(args.config.as_deref(), &env, &flags).map_err(|e| UsageError(format!("{e:#}")).into())
 }
 
 fn init_logging(cfg: &Config) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level).map_err(|e| {
-        UsageError(format!(
-            "log.level {:?} is not a valid filter: {e}",
-            cfg.log.level
-        ))
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .map_err(|e| UsageError(format!("log.level {:?} is not a valid filter: {e}", cfg.log.level)))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match cfg.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -79,24 +50,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let cfg = load_config(&args)?;
             init_logging(&cfg)?;
-            serve::run(cfg, std::env::var("KEYGATE_PEPPER").ok()).await?;
+            serve::run(cfg, std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty())).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::RootKey(RootKeyCommand::Create {
-            name,
-            permissions,
-            workspace,
-            output,
-            store,
-        }) => {
+        Command::RootKey(RootKeyCommand::Create { name, permissions, workspace, output, store }) => {
             let cfg = load_config(&store)?;
             let perms = if permissions.is_empty() {
                 Permission::ALL.to_vec()
             } else {
-                Permission::parse_list(&permissions)
-                    .map_err(|e| UsageError(e.message.into_owned()))?
+                Permission::parse_list(&permissions).map_err(|e| UsageError(e.message.into_owned()))?
             };
-            let opened = serve::open(&cfg, std::env::var("KEYGATE_PEPPER").ok()).await?;
+            let opened = serve::open(&cfg, std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty())).await?;
             let (key, secret) = opened
                 .admin
                 .create_root_key(&workspace, &name, perms, &Actor::cli())
@@ -104,26 +68,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             opened.store.close().await;
             match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"id": key.id, "key": secret.expose()})
-                ),
+                Output::Json => println!("{}", serde_json::json!({"id": key.id, "key": secret.expose()})),
                 Output::Table => {
                     println!("id:          {}", key.id);
                     println!("workspace:   {workspace}");
                     println!(
                         "permissions: {}",
-                        key.permissions
-                            .iter()
-                            .map(|p| p.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        key.permissions.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
                     );
                     println!("key:         {}", secret.expose());
                     println!();
-                    println!(
-                        "Store this key now: it is shown only once. Use it as `Authorization: Bearer <key>`"
-                    );
+                    println!("Store this key now: it is shown only once. Use it as `Authorization: Bearer <key>`");
                     println!("or `export KEYGATE_ADMIN_KEY=<key>` for `keygate token`.");
                 }
             }

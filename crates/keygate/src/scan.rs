@@ -107,22 +107,13 @@ impl Matcher {
         sorted.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         sorted.dedup();
         let alternatives: Vec<String> = sorted.iter().map(|p| regex::escape(p)).collect();
-        let pattern = format!(
-            r"\b(?:{})_[0-9A-Za-z]{{{BODY_LEN}}}\b",
-            alternatives.join("|")
-        );
+        let pattern = format!(r"\b(?:{})_[0-9A-Za-z]{{{BODY_LEN}}}\b", alternatives.join("|"));
         let regex = Regex::new(&pattern).context("building the token pattern")?;
-        Ok(Self {
-            regex,
-            prefixes: sorted,
-        })
+        Ok(Self { regex, prefixes: sorted })
     }
 
     /// Confirmed tokens in `text`, with their byte offsets.
-    fn confirmed<'t>(
-        &'t self,
-        text: &'t str,
-    ) -> impl Iterator<Item = (usize, String, TokenSecret)> + 't {
+    fn confirmed<'t>(&'t self, text: &'t str) -> impl Iterator<Item = (usize, String, TokenSecret)> + 't {
         self.regex.find_iter(text).filter_map(|m| {
             let parsed = parse_any(m.as_str()).ok()?;
             if !self.prefixes.iter().any(|p| p == parsed.prefix) {
@@ -143,15 +134,8 @@ struct Findings {
 
 impl Findings {
     fn push(&mut self, location: String, display: String, token: TokenSecret) {
-        if self
-            .seen
-            .insert((location.clone(), token.expose().to_owned()))
-        {
-            self.list.push(Finding {
-                location,
-                display,
-                token,
-            });
+        if self.seen.insert((location.clone(), token.expose().to_owned())) {
+            self.list.push(Finding { location, display, token });
         }
     }
 }
@@ -161,12 +145,7 @@ fn scan_text(matcher: &Matcher, text: &str, name: &str, out: &mut Findings) {
     let bytes = text.as_bytes();
     let (mut line, mut counted_to) = (1usize, 0usize);
     for (start, display, token) in matcher.confirmed(text) {
-        line += bytes
-            .get(counted_to..start)
-            .unwrap_or_default()
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count();
+        line += bytes.get(counted_to..start).unwrap_or_default().iter().filter(|b| **b == b'\n').count();
         counted_to = start;
         out.push(format!("{name}:{line}"), display, token);
     }
@@ -183,10 +162,7 @@ fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         } else if meta.is_file() {
             add_file(path, &mut files, &mut seen);
         } else {
-            bail!(
-                "cannot scan {}: not a regular file or directory",
-                path.display()
-            );
+            bail!("cannot scan {}: not a regular file or directory", path.display());
         }
     }
     Ok(files)
@@ -220,9 +196,7 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) {
         let mut subdirs = Vec::new();
         for (path, kind) in children {
             if kind.is_dir() {
-                let skipped = path
-                    .file_name()
-                    .is_some_and(|n| SKIPPED_DIRS.iter().any(|s| n == *s));
+                let skipped = path.file_name().is_some_and(|n| SKIPPED_DIRS.iter().any(|s| n == *s));
                 if !skipped {
                     subdirs.push(path);
                 }
@@ -258,28 +232,15 @@ fn read_text(path: &Path) -> anyhow::Result<Option<String>> {
 
 /// The git work trees holding `paths`, each with the pathspecs (relative to its top) to scan;
 /// an empty list means the whole repository.
-fn repositories(
-    paths: &[PathBuf],
-    bar: &ProgressBar,
-) -> anyhow::Result<BTreeMap<PathBuf, Vec<PathBuf>>> {
+fn repositories(paths: &[PathBuf], bar: &ProgressBar) -> anyhow::Result<BTreeMap<PathBuf, Vec<PathBuf>>> {
     let mut repos: BTreeMap<PathBuf, Option<Vec<PathBuf>>> = BTreeMap::new();
     for path in paths {
         let Some(top) = work_tree_top(path)? else {
-            warn(
-                bar,
-                format_args!(
-                    "{} is not inside a git work tree; its history is not scanned",
-                    path.display()
-                ),
-            );
+            warn(bar, format_args!("{} is not inside a git work tree; its history is not scanned", path.display()));
             continue;
         };
-        let full =
-            fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
-        let relative = full
-            .strip_prefix(&top)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let full = fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+        let relative = full.strip_prefix(&top).map(Path::to_path_buf).unwrap_or_default();
         let specs = repos.entry(top).or_insert_with(|| Some(Vec::new()));
         if relative.as_os_str().is_empty() {
             *specs = None;
@@ -287,10 +248,7 @@ fn repositories(
             list.push(relative);
         }
     }
-    Ok(repos
-        .into_iter()
-        .map(|(top, specs)| (top, specs.unwrap_or_default()))
-        .collect())
+    Ok(repos.into_iter().map(|(top, specs)| (top, specs.unwrap_or_default())).collect())
 }
 
 /// The top of the git work tree `path` is in, canonicalized, or `None` if it is in none.
@@ -314,15 +272,11 @@ fn work_tree_top(path: &Path) -> anyhow::Result<Option<PathBuf>> {
     if !output.status.success() {
         return Ok(None);
     }
-    let top = String::from_utf8_lossy(&output.stdout)
-        .trim_end_matches(['\n', '\r'])
-        .to_owned();
+    let top = String::from_utf8_lossy(&output.stdout).trim_end_matches(['\n', '\r']).to_owned();
     if top.is_empty() {
         return Ok(None);
     }
-    Ok(Some(
-        fs::canonicalize(&top).unwrap_or_else(|_| PathBuf::from(top)),
-    ))
+    Ok(Some(fs::canonicalize(&top).unwrap_or_else(|_| PathBuf::from(top))))
 }
 
 /// Runs `git log` over every ref of `repo` and scans the lines each commit added.
@@ -376,17 +330,11 @@ fn scan_history(
     if parsed.is_err() {
         let _ = child.kill();
     }
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for git log in {}", repo.display()))?;
+    let status = child.wait().with_context(|| format!("waiting for git log in {}", repo.display()))?;
     let stderr_text = stderr_reader.join().unwrap_or_default();
     parsed.with_context(|| format!("reading git log of {}", repo.display()))?;
     if !status.success() {
-        bail!(
-            "git log failed in {} ({status}): {}",
-            repo.display(),
-            stderr_text.trim()
-        );
+        bail!("git log failed in {} ({status}): {}", repo.display(), stderr_text.trim());
     }
     Ok(())
 }
@@ -403,12 +351,7 @@ struct DiffState {
 }
 
 /// Scans the added lines of `git log -p -U0` output (with [`COMMIT_MARKER`] commit headers).
-fn parse_log(
-    matcher: &Matcher,
-    mut input: impl BufRead,
-    bar: &ProgressBar,
-    out: &mut Findings,
-) -> anyhow::Result<()> {
+fn parse_log(matcher: &Matcher, mut input: impl BufRead, bar: &ProgressBar, out: &mut Findings) -> anyhow::Result<()> {
     let mut state = DiffState::default();
     let mut raw = Vec::new();
     loop {
@@ -428,8 +371,7 @@ fn parse_log(
                     if let Some(path) = &state.path {
                         let content = line.get(1..).unwrap_or_default();
                         for (_, display, token) in matcher.confirmed(content) {
-                            let location =
-                                format!("commit {} {path}:{}", state.commit, state.next_line);
+                            let location = format!("commit {} {path}:{}", state.commit, state.next_line);
                             out.push(location, display, token);
                         }
                     }
@@ -453,10 +395,7 @@ fn parse_log(
         }
 
         if let Some(sha) = line.strip_prefix(COMMIT_MARKER) {
-            state = DiffState {
-                commit: sha.trim().chars().take(SHORT_SHA_LEN).collect(),
-                ..DiffState::default()
-            };
+            state = DiffState { commit: sha.trim().chars().take(SHORT_SHA_LEN).collect(), ..DiffState::default() };
             bar.inc(1);
         } else if line.starts_with("diff --git ") {
             state.path = None;
@@ -477,11 +416,7 @@ fn new_side_path(name: &str) -> Option<String> {
     if name == "/dev/null" {
         return None;
     }
-    let name = if name.starts_with('"') {
-        unquote(name)
-    } else {
-        name.to_owned()
-    };
+    let name = if name.starts_with('"') { unquote(name) } else { name.to_owned() };
     Some(name.strip_prefix("b/").map(str::to_owned).unwrap_or(name))
 }
 
@@ -503,10 +438,7 @@ fn hunk_header(line: &str) -> Option<(u64, u64, u64)> {
 
 /// Undoes git's C-style quoting of an unusual path: `"b/tab\there"`.
 fn unquote(quoted: &str) -> String {
-    let inner = quoted
-        .strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .unwrap_or(quoted);
+    let inner = quoted.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(quoted);
     let mut bytes = Vec::with_capacity(inner.len());
     let mut it = inner.bytes().peekable();
     while let Some(b) = it.next() {
@@ -578,11 +510,7 @@ mod tests {
     use keygate_core::token_format::{PUBLIC_ID_LEN, SECRET_LEN, mint};
 
     fn token() -> String {
-        mint(&TokenPrefix::default(), &OsRandom)
-            .unwrap()
-            .secret
-            .expose()
-            .to_owned()
+        mint(&TokenPrefix::default(), &OsRandom).unwrap().secret.expose().to_owned()
     }
 
     fn opts(paths: &[&Path], git_history: bool) -> ScanOptions {
@@ -598,24 +526,13 @@ mod tests {
         let out = Command::new("git")
             .arg("-C")
             .arg(dir)
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "-c",
-                "commit.gpgsign=false",
-            ])
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"])
             .args(args)
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -625,11 +542,7 @@ mod tests {
         let tok = token();
         fs::create_dir_all(dir.path().join("src/deep")).unwrap();
         let file = dir.path().join("src/deep/config.env");
-        fs::write(
-            &file,
-            format!("# settings\nNAME=x\n\nKEYGATE_TOKEN=\"{tok}\" # oops\n"),
-        )
-        .unwrap();
+        fs::write(&file, format!("# settings\nNAME=x\n\nKEYGATE_TOKEN=\"{tok}\" # oops\n")).unwrap();
         fs::write(dir.path().join("clean.txt"), "nothing here\n").unwrap();
 
         let found = scan(&opts(&[dir.path()], false)).unwrap();
@@ -642,28 +555,14 @@ mod tests {
     fn several_tokens_get_their_own_lines_and_root_keys_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (token(), token());
-        let root = mint(&TokenPrefix::default().root_key_prefix(), &OsRandom)
-            .unwrap()
-            .secret
-            .expose()
-            .to_owned();
+        let root = mint(&TokenPrefix::default().root_key_prefix(), &OsRandom).unwrap().secret.expose().to_owned();
         let file = dir.path().join("f.txt");
         fs::write(&file, format!("{a} and {b}\nx\n\ny={root}\r\n")).unwrap();
         let found = scan(&opts(&[&file], false)).unwrap();
-        let got: Vec<(&str, &str)> = found
-            .iter()
-            .map(|f| (f.location.as_str(), f.token.expose()))
-            .collect();
+        let got: Vec<(&str, &str)> = found.iter().map(|f| (f.location.as_str(), f.token.expose())).collect();
         let name = file.display().to_string();
         let (l1, l4) = (format!("{name}:1"), format!("{name}:4"));
-        assert_eq!(
-            got,
-            vec![
-                (l1.as_str(), a.as_str()),
-                (l1.as_str(), b.as_str()),
-                (l4.as_str(), root.as_str())
-            ]
-        );
+        assert_eq!(got, vec![(l1.as_str(), a.as_str()), (l1.as_str(), b.as_str()), (l4.as_str(), root.as_str())]);
         assert!(found[2].display.starts_with("kgroot_"));
     }
 
@@ -673,19 +572,11 @@ mod tests {
         let mut typo = token().into_bytes();
         typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
         let typo = String::from_utf8(typo).unwrap();
-        let other = mint(&TokenPrefix::new("acme").unwrap(), &OsRandom)
-            .unwrap()
-            .secret
-            .expose()
-            .to_owned();
+        let other = mint(&TokenPrefix::new("acme").unwrap(), &OsRandom).unwrap().secret.expose().to_owned();
         let good = token();
         // Glued to more word characters: not a whole token.
         let glued = format!("x_{good} {good}9 {good}_");
-        fs::write(
-            dir.path().join("a.txt"),
-            format!("{typo}\n{other}\n{glued}\n"),
-        )
-        .unwrap();
+        fs::write(dir.path().join("a.txt"), format!("{typo}\n{other}\n{glued}\n")).unwrap();
         assert!(scan(&opts(&[dir.path()], false)).unwrap().is_empty());
     }
 
@@ -698,10 +589,7 @@ mod tests {
         let found = scan(&opts(&[dir.path()], false)).unwrap();
         assert_eq!(found.len(), 1);
         let secret = &tok[3 + PUBLIC_ID_LEN..3 + PUBLIC_ID_LEN + SECRET_LEN];
-        assert_eq!(
-            found[0].display,
-            format!("kg_{}…{}", minted.public_id, minted.last4)
-        );
+        assert_eq!(found[0].display, format!("kg_{}…{}", minted.public_id, minted.last4));
         assert!(!found[0].display.contains(secret));
         assert!(!found[0].display.contains(tok));
         let debug = format!("{:?}", found[0]);
@@ -718,15 +606,8 @@ mod tests {
         }
         fs::write(dir.path().join("blob.bin"), format!("\0\0{}", token())).unwrap();
         // Text for its first 8 KiB (so only its size excludes it), then a sparse tail.
-        fs::write(
-            dir.path().join("big.txt"),
-            format!("{}\n{}", token(), "a".repeat(BINARY_SNIFF_LEN)),
-        )
-        .unwrap();
-        let big = fs::OpenOptions::new()
-            .append(true)
-            .open(dir.path().join("big.txt"))
-            .unwrap();
+        fs::write(dir.path().join("big.txt"), format!("{}\n{}", token(), "a".repeat(BINARY_SNIFF_LEN))).unwrap();
+        let big = fs::OpenOptions::new().append(true).open(dir.path().join("big.txt")).unwrap();
         big.set_len(MAX_FILE_LEN + 1).unwrap();
         let kept = token();
         fs::write(dir.path().join("crate/kept.txt"), &kept).unwrap();
@@ -737,12 +618,7 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].token.expose(), kept);
         // Named explicitly, a skipped directory is scanned.
-        assert_eq!(
-            scan(&opts(&[&dir.path().join("target")], false))
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(scan(&opts(&[&dir.path().join("target")], false)).unwrap().len(), 1);
     }
 
     #[test]
@@ -764,11 +640,7 @@ mod tests {
         let tok = token();
         fs::create_dir_all(repo.join("conf")).unwrap();
         fs::write(repo.join("README"), "hello\n").unwrap();
-        fs::write(
-            repo.join("conf/app env.toml"),
-            format!("a = 1\nb = 2\ntoken = \"{tok}\"\n"),
-        )
-        .unwrap();
+        fs::write(repo.join("conf/app env.toml"), format!("a = 1\nb = 2\ntoken = \"{tok}\"\n")).unwrap();
         git(repo, &["add", "-A"]);
         git(repo, &["commit", "-q", "-m", "add config"]);
         let sha = git(repo, &["rev-parse", "HEAD"]).trim().to_owned();
@@ -780,10 +652,7 @@ mod tests {
         assert!(scan(&opts(&[repo], false)).unwrap().is_empty());
         let found = scan(&opts(&[repo], true)).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!(
-            found[0].location,
-            format!("commit {} conf/app env.toml:3", &sha[..12])
-        );
+        assert_eq!(found[0].location, format!("commit {} conf/app env.toml:3", &sha[..12]));
         assert_eq!(found[0].token.expose(), tok);
     }
 
@@ -799,9 +668,7 @@ mod tests {
         fs::write(repo.join("docs/old.md"), format!("\n{}\n", token())).unwrap();
         git(repo, &["add", "-A"]);
         git(repo, &["commit", "-q", "-m", "one"]);
-        let sha = git(repo, &["rev-parse", "--short=12", "HEAD"])
-            .trim()
-            .to_owned();
+        let sha = git(repo, &["rev-parse", "--short=12", "HEAD"]).trim().to_owned();
 
         // The repository twice: once as a whole and once through a subdirectory.
         let found = scan(&opts(&[repo, &repo.join("src")], true)).unwrap();
@@ -809,30 +676,15 @@ mod tests {
         let tree = format!("{}:1", repo.join("src/lib.rs").display());
         let history_src = format!("commit {sha} src/lib.rs:1");
         let history_docs = format!("commit {sha} docs/old.md:2");
-        assert_eq!(
-            locations.iter().filter(|l| **l == tree).count(),
-            1,
-            "{locations:?}"
-        );
-        assert_eq!(
-            locations.iter().filter(|l| **l == history_src).count(),
-            1,
-            "{locations:?}"
-        );
-        assert_eq!(
-            locations.iter().filter(|l| **l == history_docs).count(),
-            1,
-            "{locations:?}"
-        );
+        assert_eq!(locations.iter().filter(|l| **l == tree).count(), 1, "{locations:?}");
+        assert_eq!(locations.iter().filter(|l| **l == history_src).count(), 1, "{locations:?}");
+        assert_eq!(locations.iter().filter(|l| **l == history_docs).count(), 1, "{locations:?}");
         assert_eq!(found.len(), 4, "{locations:?}");
 
         // Only src: the history of docs/ is out of scope.
         let found = scan(&opts(&[&repo.join("src")], true)).unwrap();
         let locations: Vec<&str> = found.iter().map(|f| f.location.as_str()).collect();
-        assert!(
-            !locations.iter().any(|l| l.contains("docs/")),
-            "{locations:?}"
-        );
+        assert!(!locations.iter().any(|l| l.contains("docs/")), "{locations:?}");
         assert!(locations.contains(&history_src.as_str()), "{locations:?}");
     }
 
@@ -873,11 +725,7 @@ mod tests {
         );
         let mut out = Findings::default();
         parse_log(&matcher, log.as_bytes(), &ProgressBar::hidden(), &mut out).unwrap();
-        let got: Vec<(&str, &str)> = out
-            .list
-            .iter()
-            .map(|f| (f.location.as_str(), f.token.expose()))
-            .collect();
+        let got: Vec<(&str, &str)> = out.list.iter().map(|f| (f.location.as_str(), f.token.expose())).collect();
         assert_eq!(
             got,
             vec![
@@ -895,10 +743,7 @@ mod tests {
         assert_eq!(hunk_header("@@ -5 +4,0 @@"), Some((1, 4, 0)));
         assert_eq!(hunk_header("@@ garbage"), None);
         assert_eq!(unquote(r#""b/caf\303\251 \"q\"""#), "b/café \"q\"");
-        assert_eq!(
-            new_side_path("b/with space.txt\t").as_deref(),
-            Some("with space.txt")
-        );
+        assert_eq!(new_side_path("b/with space.txt\t").as_deref(), Some("with space.txt"));
         assert_eq!(new_side_path("/dev/null"), None);
     }
 

@@ -14,8 +14,8 @@ use crate::scan::{ScanOptions, scan};
 pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
     let mut prefixes = Vec::new();
     for p in &args.prefixes {
-        let prefix = keygate_core::token_format::TokenPrefix::new(p)
-            .map_err(|e| anyhow::anyhow!("--prefix: {}", e.message))?;
+        let prefix =
+            keygate_core::token_format::TokenPrefix::new(p).map_err(|e| anyhow::anyhow!("--prefix: {}", e.message))?;
         prefixes.push(prefix.as_str().to_owned());
         prefixes.push(prefix.root_key_prefix().as_str().to_owned());
     }
@@ -27,30 +27,20 @@ pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
         git_history: !args.no_history,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
-    let findings = tokio::task::spawn_blocking(move || scan(&opts))
-        .await
-        .context("the scan stopped")??;
+    let findings = tokio::task::spawn_blocking(move || scan(&opts)).await.context("the scan stopped")??;
 
     let mut verdicts: Vec<Option<String>> = vec![None; findings.len()];
     if args.online && !findings.is_empty() {
         let client = AdminClient::from_env(&args.url)?;
         for (chunk_no, chunk) in findings.chunks(100).enumerate() {
-            let tokens: Vec<&str> = chunk.iter().map(|f| f.token.expose()).collect();
-            let location = chunk
-                .first()
-                .map(|f| format!("keygate scan: {}", f.location));
+            let findings: Vec<Value> = chunk
+                .iter()
+                .map(|f| json!({"token": f.token.expose(), "location": format!("keygate scan: {}", f.location)}))
+                .collect();
             let answer = client
-                .call(
-                    reqwest::Method::POST,
-                    "/admin/v1/tokens/exposures",
-                    Some(json!({"tokens": tokens, "location": location})),
-                )
+                .call(reqwest::Method::POST, "/admin/v1/tokens/exposures", Some(json!({ "findings": findings })))
                 .await?;
-            let data = answer
-                .get("data")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let data = answer.get("data").and_then(Value::as_array).cloned().unwrap_or_default();
             for (i, d) in data.iter().enumerate() {
                 if let Some(slot) = verdicts.get_mut(chunk_no * 100 + i) {
                     *slot = d.get("verdict").and_then(Value::as_str).map(str::to_owned);
@@ -66,10 +56,7 @@ pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
                 .zip(&verdicts)
                 .map(|(f, v)| json!({"location": f.location, "token": f.display, "verdict": v}))
                 .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({"findings": items}))?
-            );
+            println!("{}", serde_json::to_string_pretty(&json!({"findings": items}))?);
         }
         Output::Table => {
             for (f, v) in findings.iter().zip(&verdicts) {
@@ -81,9 +68,5 @@ pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{} token(s) confirmed by checksum", findings.len());
         }
     }
-    Ok(if findings.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

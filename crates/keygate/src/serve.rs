@@ -37,33 +37,20 @@ pub async fn open_with_clock(
     pepper_env: Option<String>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Opened> {
-    let location = StoreLocation::from_settings(cfg.database_url.as_deref(), &cfg.data_dir)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let store = keygate_store::open(&location)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let pepper = crate::pepper::load(pepper_env, &cfg.data_dir)?;
-    let settings = AdminSettings {
-        prefix: cfg.prefix()?,
-        max_grace_period_seconds: cfg.tokens.max_grace_period_seconds,
-    };
+    if let Some(v) = &pepper_env {
+        crate::pepper::from_env(v)?;
+    }
+    let location =
+        StoreLocation::from_settings(cfg.database_url.as_deref(), &cfg.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = keygate_store::open(&location).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let (keys, tokens) = store.credential_counts().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let pepper = crate::pepper::load(pepper_env, &cfg.data_dir, keys + tokens > 0)?;
+    let settings =
+        AdminSettings { prefix: cfg.prefix()?, max_grace_period_seconds: cfg.tokens.max_grace_period_seconds };
     let dyn_store: Arc<dyn Store> = store.clone();
-    let admin = Arc::new(Admin::new(
-        dyn_store,
-        pepper.clone(),
-        settings,
-        clock,
-        Arc::new(OsRandom),
-    ));
-    admin
-        .bootstrap()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    Ok(Opened {
-        admin,
-        store,
-        pepper,
-    })
+    let admin = Arc::new(Admin::new(dyn_store, pepper.clone(), settings, clock, Arc::new(OsRandom)));
+    admin.bootstrap().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok(Opened { admin, store, pepper })
 }
 
 /// A keygate whose listeners are running.
@@ -79,20 +66,13 @@ pub struct Running {
 }
 
 /// Starts keygate's listeners (port 0 picks a free port) and background tasks.
-pub async fn start(
-    cfg: &Config,
-    pepper_env: Option<String>,
-    clock: Arc<dyn Clock>,
-) -> anyhow::Result<Running> {
+pub async fn start(cfg: &Config, pepper_env: Option<String>, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let opened = open_with_clock(cfg, pepper_env, clock.clone()).await?;
     let store = opened.store.clone();
     tracing::info!(engine = store.engine(), data_dir = %cfg.data_dir.display(), "store opened");
 
     let listener = TcpListener::bind(cfg.admin.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} (admin.listen); is another keygate running?",
-            cfg.admin.listen
-        )
+        format!("cannot listen on {} (admin.listen); is another keygate running?", cfg.admin.listen)
     })?;
     let admin_addr = listener.local_addr()?;
 
@@ -104,17 +84,13 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot load the token index: {}", e.message))?;
     tracing::info!(tokens = index.len(), "token index loaded");
 
-    let app = keygate_admin::router(AdminState {
-        admin: opened.admin.clone(),
-    });
+    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() });
     let (stop, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    });
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    );
     let server = tokio::spawn(async move { server.await });
     tracing::info!(admin = %admin_addr, "keygate is listening");
     Ok(Running {
@@ -133,10 +109,7 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish within the grace period, then closes
     /// the store.
     pub async fn shutdown(self) {
-        tracing::info!(
-            grace_seconds = self.grace.as_secs(),
-            "shutting down; draining in-flight requests"
-        );
+        tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down; draining in-flight requests");
         let _ = self.stop.send(true);
         match tokio::time::timeout(self.grace, self.server).await {
             Ok(Ok(Ok(()))) => {}
@@ -153,13 +126,8 @@ impl Running {
 /// `keygate serve`: runs until SIGTERM or Ctrl-C.
 pub async fn run(cfg: Config, pepper_env: Option<String>) -> anyhow::Result<()> {
     let running = start(&cfg, pepper_env, Arc::new(SystemClock)).await?;
-    if running
-        .store
-        .root_key_count()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        == 0
-    {
+    let (root_keys, _) = running.store.credential_counts().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if root_keys == 0 {
         first_run_hint(&cfg);
     }
     let a = running.admin_addr;

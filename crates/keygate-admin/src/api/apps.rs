@@ -31,10 +31,7 @@ pub(crate) async fn create_app(
         plan_id: req.plan_id.as_deref().map(plan_id).transpose()?,
         metadata: req.metadata,
     };
-    let app = s
-        .admin
-        .create_app(&auth.key.workspace_id, &auth.actor, new)
-        .await?;
+    let app = s.admin.create_app(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(AppView::from(&app))))
 }
 
@@ -46,18 +43,9 @@ pub(crate) async fn list_apps(
 ) -> Result<Json<AppList>, ApiError> {
     let page = s
         .admin
-        .list_apps(
-            &auth.key.workspace_id,
-            &PageRequest {
-                limit: q.limit.unwrap_or(0),
-                cursor: q.cursor,
-            },
-        )
+        .list_apps(&auth.key.workspace_id, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
         .await?;
-    Ok(Json(AppList {
-        data: page.items.iter().map(AppView::from).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(AppList { data: page.items.iter().map(AppView::from).collect(), next_cursor: page.next_cursor }))
 }
 
 #[utoipa::path(get, path = "/admin/v1/apps/{id}", tag = "apps", params(("id" = String, Path, description = "app_…")),
@@ -89,10 +77,7 @@ pub(crate) async fn update_app(
         },
         metadata: req.metadata,
     };
-    let app = s
-        .admin
-        .update_app(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, update)
-        .await?;
+    let app = s.admin.update_app(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, update).await?;
     Ok(Json(AppView::from(&app)))
 }
 
@@ -107,13 +92,6 @@ pub(crate) async fn delete_app(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<DeleteAppQuery>,
 ) -> Result<StatusCode, ApiError> {
-    s.admin
-        .delete_app(
-            &auth.key.workspace_id,
-            &auth.actor,
-            &app_id(&id)?,
-            q.revoke_tokens,
-        )
-        .await?;
+    s.admin.delete_app(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, q.revoke_tokens).await?;
     Ok(StatusCode::NO_CONTENT)
 }

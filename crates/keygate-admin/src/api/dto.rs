@@ -31,21 +31,13 @@ pub struct RateLimitBody {
 
 impl From<RateLimitBody> for RateLimit {
     fn from(b: RateLimitBody) -> Self {
-        RateLimit {
-            requests: b.requests,
-            per_seconds: b.per_seconds,
-            burst: b.burst,
-        }
+        RateLimit { requests: b.requests, per_seconds: b.per_seconds, burst: b.burst }
     }
 }
 
 impl From<RateLimit> for RateLimitBody {
     fn from(r: RateLimit) -> Self {
-        Self {
-            requests: r.requests,
-            per_seconds: r.per_seconds,
-            burst: r.burst,
-        }
+        Self { requests: r.requests, per_seconds: r.per_seconds, burst: r.burst }
     }
 }
 
@@ -73,10 +65,7 @@ impl From<QuotaBody> for Quota {
             QuotaPeriodBody::Month => QuotaPeriod::Month,
             QuotaPeriodBody::Total => QuotaPeriod::Total,
         };
-        Quota {
-            requests: b.requests,
-            period,
-        }
+        Quota { requests: b.requests, period }
     }
 }
 
@@ -87,10 +76,7 @@ impl From<Quota> for QuotaBody {
             QuotaPeriod::Month => QuotaPeriodBody::Month,
             QuotaPeriod::Total => QuotaPeriodBody::Total,
         };
-        Self {
-            requests: q.requests,
-            period,
-        }
+        Self { requests: q.requests, period }
     }
 }
 
@@ -160,9 +146,16 @@ pub struct RotateTokenRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportExposuresRequest {
-    /// Whole tokens found somewhere they should not be (at most 100).
-    pub tokens: Vec<String>,
-    /// Where they were found, for the audit trail (such as `repo/file.env:3`).
+    /// Tokens (or root keys) found somewhere they should not be (at most 100).
+    pub findings: Vec<FindingBody>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FindingBody {
+    /// The whole token as found.
+    pub token: String,
+    /// Where it was found, kept in the token's audit trail (such as `repo/app.env:3`).
     pub location: Option<String>,
 }
 
@@ -170,7 +163,8 @@ pub struct ReportExposuresRequest {
 pub struct ExposureView {
     /// The presented token's display form (`kg_<public id>…<last4>`), never the secret.
     pub display: String,
-    /// `live`, `inactive`, `unknown` (not a token of this workspace) or `malformed`.
+    /// `live`, `inactive` (revoked, expired or suspended), `live_root_key`, `unknown` (not a
+    /// credential of this workspace) or `malformed`.
     pub verdict: String,
     pub token_id: Option<String>,
 }
@@ -218,10 +212,8 @@ pub struct TokenView {
 
 impl TokenView {
     pub fn new(t: &TokenRecord, now: Timestamp) -> Self {
-        let status = serde_json::to_value(t.status(now))
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let status =
+            serde_json::to_value(t.status(now)).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         Self {
             id: t.id.to_string(),
             name: t.name.clone(),

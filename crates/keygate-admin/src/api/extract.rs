@@ -22,19 +22,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let has_json_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(';')
-                    .next()
-                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        let has_json_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+                v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
             });
         let has_type = req.headers().contains_key(header::CONTENT_TYPE);
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|_| body_unreadable())?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|_| body_unreadable())?;
         if bytes.len() > MAX_BODY_BYTES {
             return Err(too_large());
         }
@@ -45,11 +38,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 "send the body as JSON with Content-Type: application/json",
             ));
         }
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
         serde_json::from_slice(bytes).map(ApiJson).map_err(|e| {
             use serde_json::error::Category;
             match e.classify() {
@@ -58,11 +47,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     "malformed_json",
                     format!("the body is not valid JSON ({e})"),
                 ),
-                Category::Data => ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_body",
-                    format!("the body does not fit: {e}"),
-                ),
+                Category::Data => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body does not fit: {e}"))
+                }
             }
         })
     }
@@ -88,15 +75,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        Query::<T>::try_from_uri(&parts.uri)
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_query",
-                    format!("the query string does not fit: {}", e.body_text()),
-                )
-            })
+        Query::<T>::try_from_uri(&parts.uri).map(|q| ApiQuery(q.0)).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("the query string does not fit: {}", e.body_text()),
+            )
+        })
     }
 }
 
@@ -146,10 +131,7 @@ impl<P: RequiredPermission> FromRequestParts<AdminState> for Auth<P> {
         let presented = header
             .to_str()
             .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| {
                 ApiError::new(
@@ -163,24 +145,11 @@ impl<P: RequiredPermission> FromRequestParts<AdminState> for Auth<P> {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "missing_permission",
-                format!(
-                    "this root key lacks the permission {}; use a key that has it",
-                    P::PERMISSION.as_str()
-                ),
+                format!("this root key lacks the permission {}; use a key that has it", P::PERMISSION.as_str()),
             ));
         }
-        let source = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ci| ci.0.ip().to_string());
-        let actor = Actor {
-            id: key.id.to_string(),
-            source,
-        };
-        Ok(Self {
-            key,
-            actor,
-            _permission: PhantomData,
-        })
+        let source = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string());
+        let actor = Actor { id: key.id.to_string(), source };
+        Ok(Self { key, actor, _permission: PhantomData })
     }
 }

@@ -26,22 +26,14 @@ pub(crate) async fn create_plan(
         rate_limit: req.rate_limit.map(Into::into),
         quota: req.quota.map(Into::into),
     };
-    let plan = s
-        .admin
-        .create_plan(&auth.key.workspace_id, &auth.actor, new)
-        .await?;
+    let plan = s.admin.create_plan(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(PlanView::from(&plan))))
 }
 
 #[utoipa::path(get, path = "/admin/v1/plans", tag = "plans", responses((status = 200, body = PlanList)))]
-pub(crate) async fn list_plans(
-    auth: Auth<PlansRead>,
-    State(s): State<AdminState>,
-) -> Result<Json<PlanList>, ApiError> {
+pub(crate) async fn list_plans(auth: Auth<PlansRead>, State(s): State<AdminState>) -> Result<Json<PlanList>, ApiError> {
     let plans = s.admin.list_plans(&auth.key.workspace_id).await?;
-    Ok(Json(PlanList {
-        data: plans.iter().map(PlanView::from).collect(),
-    }))
+    Ok(Json(PlanList { data: plans.iter().map(PlanView::from).collect() }))
 }
 
 #[utoipa::path(get, path = "/admin/v1/scopes", tag = "plans", responses((status = 200, body = ScopeList)))]
@@ -50,9 +42,7 @@ pub(crate) async fn list_scopes(
     State(s): State<AdminState>,
 ) -> Result<Json<ScopeList>, ApiError> {
     let scopes = s.admin.list_scopes(&auth.key.workspace_id).await?;
-    Ok(Json(ScopeList {
-        data: scopes.iter().map(ScopeView::from).collect(),
-    }))
+    Ok(Json(ScopeList { data: scopes.iter().map(ScopeView::from).collect() }))
 }
 
 /// Adds a scope to the catalog, or replaces its description. Once the catalog has entries, tokens
@@ -65,16 +55,7 @@ pub(crate) async fn put_scope(
     Path(scope): Path<String>,
     ApiJson(req): ApiJson<PutScopeRequest>,
 ) -> Result<Json<ScopeView>, ApiError> {
-    let entry = s
-        .admin
-        .put_scope(
-            &auth.key.workspace_id,
-            &auth.actor,
-            &scope,
-            req.description,
-            req.api,
-        )
-        .await?;
+    let entry = s.admin.put_scope(&auth.key.workspace_id, &auth.actor, &scope, req.description, req.api).await?;
     Ok(Json(ScopeView::from(&entry)))
 }
 
@@ -85,9 +66,7 @@ pub(crate) async fn delete_scope(
     State(s): State<AdminState>,
     Path(scope): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.admin
-        .delete_scope(&auth.key.workspace_id, &auth.actor, &scope)
-        .await?;
+    s.admin.delete_scope(&auth.key.workspace_id, &auth.actor, &scope).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -120,14 +99,7 @@ pub(crate) async fn list_audit_events(
     };
     let page = s
         .admin
-        .audit_events(
-            &auth.key.workspace_id,
-            &filter,
-            &PageRequest {
-                limit: q.limit.unwrap_or(0),
-                cursor: q.cursor,
-            },
-        )
+        .audit_events(&auth.key.workspace_id, &filter, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
         .await?;
     Ok(Json(AuditEventList {
         data: page.items.iter().map(AuditEventView::from).collect(),

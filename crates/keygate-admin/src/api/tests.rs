@@ -17,11 +17,7 @@ use crate::service::{Admin, AdminSettings};
 
 async fn setup() -> (axum::Router, Arc<Admin>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(
-        dir.path().to_owned(),
-    ))
-    .await
-    .unwrap();
+    let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
     let store: Arc<dyn Store> = store;
     let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
     let admin = Arc::new(Admin::new(
@@ -32,13 +28,7 @@ async fn setup() -> (axum::Router, Arc<Admin>, tempfile::TempDir) {
         Arc::new(OsRandom),
     ));
     admin.bootstrap().await.unwrap();
-    (
-        router(AdminState {
-            admin: admin.clone(),
-        }),
-        admin,
-        dir,
-    )
+    (router(AdminState { admin: admin.clone() }), admin, dir)
 }
 
 /// Every (method, concrete path) of the OpenAPI document.
@@ -47,9 +37,7 @@ fn operations() -> Vec<(String, String)> {
     let doc = serde_json::to_value(doc).unwrap();
     let mut out = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
-        let concrete = path
-            .replace("{id}", "tok_000000000000")
-            .replace("{scope}", "orders:read");
+        let concrete = path.replace("{id}", "tok_000000000000").replace("{scope}", "orders:read");
         for method in item.as_object().unwrap().keys() {
             out.push((method.to_uppercase(), concrete.clone()));
         }
@@ -57,28 +45,14 @@ fn operations() -> Vec<(String, String)> {
     out
 }
 
-async fn call(
-    app: &axum::Router,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-) -> (StatusCode, serde_json::Value) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json");
+async fn call(app: &axum::Router, method: &str, path: &str, key: Option<&str>) -> (StatusCode, serde_json::Value) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::from("{}")).unwrap())
-        .await
-        .unwrap();
+    let resp = app.clone().oneshot(req.body(Body::from("{}")).unwrap()).await.unwrap();
     let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
     (status, serde_json::from_slice(&bytes).unwrap_or_default())
 }
 
@@ -94,26 +68,15 @@ async fn every_operation_requires_a_credential() {
             continue;
         }
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
-        assert_eq!(
-            body["error"]["code"], "missing_credentials",
-            "{method} {path}"
-        );
+        assert_eq!(body["error"]["code"], "missing_credentials", "{method} {path}");
     }
 }
 
 #[tokio::test]
 async fn every_write_refuses_a_read_only_key() {
     let (app, admin, _dir) = setup().await;
-    let read_all = vec![
-        Permission::TokensRead,
-        Permission::AppsRead,
-        Permission::PlansRead,
-        Permission::AuditRead,
-    ];
-    let (_, key) = admin
-        .create_root_key("default", "reader", read_all, &Actor::cli())
-        .await
-        .unwrap();
+    let read_all = vec![Permission::TokensRead, Permission::AppsRead, Permission::PlansRead, Permission::AuditRead];
+    let (_, key) = admin.create_root_key("default", "reader", read_all, &Actor::cli()).await.unwrap();
     for (method, path) in operations() {
         let (status, body) = call(&app, &method, &path, Some(key.expose())).await;
         if method == "GET" {
@@ -128,12 +91,6 @@ async fn every_write_refuses_a_read_only_key() {
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json() {
     let (app, _admin, _dir) = setup().await;
-    assert_eq!(
-        call(&app, "GET", "/admin/v2/tokens", None).await.1["error"]["code"],
-        "route_not_found"
-    );
-    assert_eq!(
-        call(&app, "DELETE", "/admin/v1/tokens", None).await.1["error"]["code"],
-        "method_not_allowed"
-    );
+    assert_eq!(call(&app, "GET", "/admin/v2/tokens", None).await.1["error"]["code"], "route_not_found");
+    assert_eq!(call(&app, "DELETE", "/admin/v1/tokens", None).await.1["error"]["code"], "method_not_allowed");
 }

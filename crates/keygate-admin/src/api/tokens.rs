@@ -46,18 +46,9 @@ pub(crate) async fn create_token(
         quota: req.quota.map(Into::into),
         metadata: req.metadata,
     };
-    let (record, secret) = s
-        .admin
-        .create_token(&auth.key.workspace_id, &auth.actor, new)
-        .await?;
+    let (record, secret) = s.admin.create_token(&auth.key.workspace_id, &auth.actor, new).await?;
     let view = TokenView::new(&record, s.admin.now());
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenWithSecret {
-            record: view,
-            token: secret.expose().to_owned(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(TokenWithSecret { record: view, token: secret.expose().to_owned() })))
 }
 
 /// Lists tokens, newest first, with filters and cursor pagination.
@@ -77,21 +68,13 @@ pub(crate) async fn list_tokens(
         .status
         .as_deref()
         .map(|st| {
-            TokenStatus::parse(st).ok_or_else(|| {
-                Error::invalid(
-                    "invalid_query",
-                    "status is one of active, suspended, revoked, expired",
-                )
-            })
+            TokenStatus::parse(st)
+                .ok_or_else(|| Error::invalid("invalid_query", "status is one of active, suspended, revoked, expired"))
         })
         .transpose()?;
     let expiring_before = match q.expiring_within {
         Some(secs) if secs <= 0 => {
-            return Err(Error::invalid(
-                "invalid_query",
-                "expiring_within is a positive number of seconds",
-            )
-            .into());
+            return Err(Error::invalid("invalid_query", "expiring_within is a positive number of seconds").into());
         }
         Some(secs) => Some(now.plus_seconds(secs)),
         None => None,
@@ -101,31 +84,15 @@ pub(crate) async fn list_tokens(
         Some(raw) => match AppId::parse(raw) {
             Some(id) => Some(id),
             None => {
-                return Ok(Json(TokenList {
-                    data: vec![],
-                    next_cursor: None,
-                }));
+                return Ok(Json(TokenList { data: vec![], next_cursor: None }));
             }
         },
         None => None,
     };
-    let filter = TokenFilter {
-        app_id: app,
-        status,
-        name_contains: q.q,
-        expiring_before,
-        exposed: q.exposed,
-    };
+    let filter = TokenFilter { app_id: app, status, name_contains: q.q, expiring_before, exposed: q.exposed };
     let page = s
         .admin
-        .list_tokens(
-            &auth.key.workspace_id,
-            &filter,
-            &PageRequest {
-                limit: q.limit.unwrap_or(0),
-                cursor: q.cursor,
-            },
-        )
+        .list_tokens(&auth.key.workspace_id, &filter, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
         .await?;
     Ok(Json(TokenList {
         data: page.items.iter().map(|t| TokenView::new(t, now)).collect(),
@@ -141,10 +108,7 @@ pub(crate) async fn get_token(
     State(s): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    let t = s
-        .admin
-        .token(&auth.key.workspace_id, &token_id(&id)?)
-        .await?;
+    let t = s.admin.token(&auth.key.workspace_id, &token_id(&id)?).await?;
     Ok(Json(TokenView::new(&t, s.admin.now())))
 }
 
@@ -169,10 +133,7 @@ pub(crate) async fn update_token(
         quota: req.quota.map(|q| q.map(Into::into)),
         metadata: req.metadata,
     };
-    let t = s
-        .admin
-        .update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update)
-        .await?;
+    let t = s.admin.update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update).await?;
     Ok(Json(TokenView::new(&t, s.admin.now())))
 }
 
@@ -184,10 +145,7 @@ pub(crate) async fn suspend_token(
     State(s): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    let t = s
-        .admin
-        .suspend_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?)
-        .await?;
+    let t = s.admin.suspend_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?).await?;
     Ok(Json(TokenView::new(&t, s.admin.now())))
 }
 
@@ -199,10 +157,7 @@ pub(crate) async fn resume_token(
     State(s): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
-    let t = s
-        .admin
-        .resume_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?)
-        .await?;
+    let t = s.admin.resume_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?).await?;
     Ok(Json(TokenView::new(&t, s.admin.now())))
 }
 
@@ -216,15 +171,7 @@ pub(crate) async fn revoke_token(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RevokeTokenRequest>,
 ) -> Result<Json<TokenView>, ApiError> {
-    let t = s
-        .admin
-        .revoke_token(
-            &auth.key.workspace_id,
-            &auth.actor,
-            &token_id(&id)?,
-            req.reason,
-        )
-        .await?;
+    let t = s.admin.revoke_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, req.reason).await?;
     Ok(Json(TokenView::new(&t, s.admin.now())))
 }
 
@@ -239,23 +186,10 @@ pub(crate) async fn rotate_token(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RotateTokenRequest>,
 ) -> Result<(StatusCode, Json<TokenWithSecret>), ApiError> {
-    let (record, secret) = s
-        .admin
-        .rotate_token(
-            &auth.key.workspace_id,
-            &auth.actor,
-            &token_id(&id)?,
-            req.grace_period_seconds,
-        )
-        .await?;
+    let (record, secret) =
+        s.admin.rotate_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, req.grace_period_seconds).await?;
     let view = TokenView::new(&record, s.admin.now());
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenWithSecret {
-            record: view,
-            token: secret.expose().to_owned(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(TokenWithSecret { record: view, token: secret.expose().to_owned() })))
 }
 
 /// Reports tokens found where they should not be (`keygate scan --online`): the workspace's own
@@ -267,20 +201,11 @@ pub(crate) async fn report_exposures(
     State(s): State<AdminState>,
     ApiJson(req): ApiJson<ReportExposuresRequest>,
 ) -> Result<Json<ExposuresResponse>, ApiError> {
-    if req.tokens.len() > 100 {
-        return Err(
-            Error::invalid("too_many_tokens", "report at most 100 tokens per request").into(),
-        );
+    if req.findings.len() > 100 {
+        return Err(Error::invalid("too_many_tokens", "report at most 100 findings per request").into());
     }
-    let found = s
-        .admin
-        .report_exposed(
-            &auth.key.workspace_id,
-            &auth.actor,
-            &req.tokens,
-            req.location.as_deref(),
-        )
-        .await?;
+    let found: Vec<(String, Option<String>)> = req.findings.into_iter().map(|f| (f.token, f.location)).collect();
+    let found = s.admin.report_exposed(&auth.key.workspace_id, &auth.actor, &found).await?;
     Ok(Json(ExposuresResponse {
         data: found
             .into_iter()

@@ -411,3 +411,56 @@ mod tests {
         assert_eq!(Permission::parse_list(&["tokens:delete".into()]).unwrap_err().code, "invalid_permission");
     }
 }
+
+/// Upper bounds (milliseconds) of the latency histogram buckets; the last bucket is unbounded.
+pub const LATENCY_BUCKETS_MS: [u64; 9] = [1, 5, 10, 25, 50, 100, 250, 500, 1000];
+
+/// Usage of one token on one route during one minute.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct UsageRecord {
+    pub token_id: TokenId,
+    pub workspace_id: WorkspaceId,
+    pub route: String,
+    /// The minute's start.
+    pub minute: Timestamp,
+    pub requests: u64,
+    /// Answers by status class: 2xx, 3xx, 4xx, 5xx.
+    pub status: [u64; 4],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub latency_us_sum: u64,
+    /// Counts per bucket of [`LATENCY_BUCKETS_MS`], plus one for slower answers.
+    pub latency: [u64; 10],
+}
+
+impl UsageRecord {
+    /// Adds `other`'s counts to this record's.
+    pub fn add(&mut self, other: &UsageRecord) {
+        self.requests += other.requests;
+        for (a, b) in self.status.iter_mut().zip(other.status) {
+            *a += b;
+        }
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.latency_us_sum += other.latency_us_sum;
+        for (a, b) in self.latency.iter_mut().zip(other.latency) {
+            *a += b;
+        }
+    }
+}
+
+/// When a token was last used and from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastUse {
+    pub token_id: TokenId,
+    pub at: Timestamp,
+    pub ip: String,
+}
+
+/// Requests counted against a token's quota in the period starting at `period_start` (ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaCount {
+    pub token_id: TokenId,
+    pub period_start: i64,
+    pub count: u64,
+}

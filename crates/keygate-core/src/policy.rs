@@ -76,6 +76,62 @@ impl RateLimit {
     }
 }
 
+/// The outcome of one GCRA check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcraDecision {
+    pub allowed: bool,
+    /// The theoretical arrival time to store (unchanged when refused), in microseconds.
+    pub new_tat: i64,
+    /// Requests that could still be made right now.
+    pub remaining: u64,
+    /// Microseconds until the bucket is full again.
+    pub reset_after: i64,
+    /// When refused: microseconds until one request is allowed.
+    pub retry_after: i64,
+}
+
+impl RateLimit {
+    /// Microseconds between two requests at the sustained rate (at least 1).
+    pub fn emission_interval_us(&self) -> i64 {
+        (i64::from(self.per_seconds) * 1_000_000 / i64::from(self.requests.max(1))).max(1)
+    }
+
+    /// How many requests fit at once from idle: `requests + burst`.
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.requests) + u64::from(self.burst)
+    }
+
+    /// GCRA (the generic cell rate algorithm, a token bucket without a timer): a bucket of
+    /// `requests + burst` that refills at `requests` per `per_seconds`. `tat` is the stored
+    /// theoretical arrival time and `now` the current time, both in microseconds.
+    pub fn gcra(&self, tat: i64, now: i64) -> GcraDecision {
+        let t = self.emission_interval_us();
+        let capacity = i64::try_from(self.capacity()).unwrap_or(i64::MAX).max(1);
+        let tau = t.saturating_mul(capacity - 1);
+        let tat = tat.max(now);
+        let allow_at = tat.saturating_sub(tau);
+        if now < allow_at {
+            let remaining_span = now.saturating_add(tau).saturating_sub(tat);
+            return GcraDecision {
+                allowed: false,
+                new_tat: tat,
+                remaining: u64::try_from(remaining_span / t).unwrap_or(0),
+                reset_after: tat - now,
+                retry_after: allow_at - now,
+            };
+        }
+        let new_tat = tat.saturating_add(t);
+        let span = now.saturating_add(tau).saturating_add(t).saturating_sub(new_tat);
+        GcraDecision {
+            allowed: true,
+            new_tat,
+            remaining: u64::try_from(span / t).unwrap_or(0),
+            reset_after: new_tat - now,
+            retry_after: 0,
+        }
+    }
+}
+
 /// How long a quota's count runs before it starts again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -89,6 +145,26 @@ pub enum QuotaPeriod {
 }
 
 impl QuotaPeriod {
+    /// The period that holds `now` (milliseconds since the epoch, UTC), as [start, end) in
+    /// milliseconds. `Total` never ends.
+    pub fn window(self, now_ms: i64) -> (i64, i64) {
+        const DAY: i64 = 86_400_000;
+        match self {
+            Self::Total => (0, i64::MAX),
+            Self::Day => {
+                let start = now_ms.div_euclid(DAY) * DAY;
+                (start, start + DAY)
+            }
+            Self::Month => {
+                let days = now_ms.div_euclid(DAY);
+                let (y, m, _) = civil_from_days(days);
+                let start = days_from_civil(y, m, 1) * DAY;
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (start, days_from_civil(ny, nm, 1) * DAY)
+            }
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Day => "day",
@@ -113,6 +189,29 @@ impl Quota {
         }
         Ok(())
     }
+}
+
+// Howard Hinnant's days-from-civil algorithms (public domain), for calendar months in UTC.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
@@ -142,6 +241,39 @@ mod tests {
             let e = parse_allowlist(&list(&[bad])).unwrap_err();
             assert_eq!(e.code, "invalid_ip_allowlist", "{bad}");
         }
+    }
+
+    #[test]
+    fn gcra_allows_a_full_bucket_then_the_sustained_rate() {
+        let rl = RateLimit { requests: 10, per_seconds: 1, burst: 5 };
+        let mut tat = 0;
+        let now = 1_000_000_000;
+        let mut allowed = 0;
+        for _ in 0..20 {
+            let d = rl.gcra(tat, now);
+            if d.allowed {
+                allowed += 1;
+                tat = d.new_tat;
+            }
+        }
+        assert_eq!(allowed, 15, "requests + burst at once");
+        let refused = rl.gcra(tat, now);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, 100_000, "one request every 100 ms");
+        assert!(rl.gcra(tat, now + 100_000).allowed);
+        let fresh = rl.gcra(0, now);
+        assert_eq!(fresh.remaining, 14);
+    }
+
+    #[test]
+    fn quota_windows_are_calendar_periods() {
+        let ms = |s: &str| crate::Timestamp::parse_rfc3339(s).unwrap().as_millis();
+        let now = ms("2026-02-14T13:00:00Z");
+        assert_eq!(QuotaPeriod::Day.window(now), (ms("2026-02-14T00:00:00Z"), ms("2026-02-15T00:00:00Z")));
+        assert_eq!(QuotaPeriod::Month.window(now), (ms("2026-02-01T00:00:00Z"), ms("2026-03-01T00:00:00Z")));
+        let dec = ms("2026-12-31T23:59:59Z");
+        assert_eq!(QuotaPeriod::Month.window(dec), (ms("2026-12-01T00:00:00Z"), ms("2027-01-01T00:00:00Z")));
+        assert_eq!(QuotaPeriod::Total.window(now).1, i64::MAX);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::ids::{AppId, PlanId, TokenId, WorkspaceId};
 use crate::model::{
-    App, AuditEvent, AuditFilter, NewAuditEvent, Page, PageRequest, Plan, RootKey, ScopeEntry, TokenFilter,
-    TokenRecord, Workspace,
+    App, AuditEvent, AuditFilter, LastUse, NewAuditEvent, Page, PageRequest, Plan, QuotaCount, RootKey, ScopeEntry,
+    TokenFilter, TokenRecord, UsageRecord, Workspace,
 };
 use crate::scope::Scope;
 use crate::secret::SecretHash;
@@ -94,6 +94,25 @@ pub trait AuditStore: Send + Sync {
     async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>>;
 }
 
+/// Usage counted by gateways, and the quota counts that must survive a restart.
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Adds the counts of `usage` to what is stored (per token, route and minute), moves
+    /// `last_used_at`/`last_used_ip` forward, and adds `quota` deltas (a delta for a newer
+    /// period replaces the old count), in one transaction.
+    async fn record_usage(&self, usage: &[UsageRecord], last_used: &[LastUse], quota: &[QuotaCount]) -> Result<()>;
+    /// Minute records of a token in the workspace within [from, to).
+    async fn usage(
+        &self,
+        ws: &WorkspaceId,
+        token: &TokenId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<UsageRecord>>;
+    /// Every stored quota count.
+    async fn quota_counts(&self) -> Result<Vec<QuotaCount>>;
+}
+
 /// Every token that may still authenticate, and the change-feed position it is current to.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -131,7 +150,9 @@ pub trait ChangeFeed: Send + Sync {
 
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
 #[async_trait]
-pub trait Store: WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + ChangeFeed {
+pub trait Store:
+    WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + UsageStore + ChangeFeed
+{
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;
     /// Succeeds when the store answers.

@@ -368,6 +368,48 @@ async fn deleting_apps(h: &Harness) {
     assert_eq!(e.kind, ErrorKind::NotFound);
 }
 
+async fn usage_and_quota_counts(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let t = token(&ws.id, &d.id, "u", T0);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    let rec = UsageRecord {
+        token_id: t.id.clone(),
+        workspace_id: ws.id.clone(),
+        route: "orders".into(),
+        minute: T0,
+        requests: 3,
+        status: [2, 0, 1, 0],
+        bytes_in: 10,
+        bytes_out: 300,
+        latency_us_sum: 4500,
+        latency: [1, 2, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+    let used = LastUse { token_id: t.id.clone(), at: T0.plus_seconds(5), ip: "10.0.0.1".into() };
+    let q = QuotaCount { token_id: t.id.clone(), period_start: 100, count: 3 };
+    s.record_usage(&[rec.clone()], &[used], &[q.clone()]).await.unwrap();
+    s.record_usage(&[rec.clone()], &[], &[q.clone()]).await.unwrap();
+    let got = s.usage(&ws.id, &t.id, T0, T0.plus_seconds(60)).await.unwrap();
+    let mut twice = rec.clone();
+    twice.add(&rec);
+    assert_eq!(got, vec![twice], "counts add up");
+    let (ws2, d2) = workspace("other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    assert!(s.usage(&ws2.id, &t.id, T0, T0.plus_seconds(60)).await.unwrap().is_empty());
+    let stored = s.token(&ws.id, &t.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(T0.plus_seconds(5)));
+    assert_eq!(stored.last_used_ip.as_deref(), Some("10.0.0.1"));
+    assert_eq!(stored.version, t.version, "usage does not conflict with admin updates");
+    assert_eq!(s.quota_counts().await.unwrap(), vec![QuotaCount { count: 6, ..q.clone() }]);
+    s.record_usage(&[], &[], &[QuotaCount { period_start: 200, count: 1, ..q.clone() }]).await.unwrap();
+    assert_eq!(
+        s.quota_counts().await.unwrap(),
+        vec![QuotaCount { period_start: 200, count: 1, ..q }],
+        "a new period starts over"
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_engine {
@@ -393,7 +435,14 @@ macro_rules! conformance {
     };
 }
 
-conformance!(workspaces_and_apps, token_lifecycle, change_feed, root_keys_plans_and_scopes, deleting_apps);
+conformance!(
+    workspaces_and_apps,
+    token_lifecycle,
+    change_feed,
+    root_keys_plans_and_scopes,
+    deleting_apps,
+    usage_and_quota_counts
+);
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a
 /// node that was not listening converges by its catch-up read.

@@ -161,3 +161,34 @@ pub(crate) fn audit_event(row: &AnyRow) -> Result<AuditEvent> {
         source: get(row, "source")?,
     })
 }
+
+pub(crate) fn usage(row: &AnyRow) -> Result<keygate_core::model::UsageRecord> {
+    let n = |col: &str| -> Result<u64> { Ok(u64::try_from(get::<i64>(row, col)?).unwrap_or(0)) };
+    let mut latency = [0u64; 10];
+    for (slot, col) in latency.iter_mut().zip([
+        "lat_1ms",
+        "lat_5ms",
+        "lat_10ms",
+        "lat_25ms",
+        "lat_50ms",
+        "lat_100ms",
+        "lat_250ms",
+        "lat_500ms",
+        "lat_1s",
+        "lat_inf",
+    ]) {
+        *slot = n(col)?;
+    }
+    Ok(keygate_core::model::UsageRecord {
+        token_id: TokenId::from_trusted(get(row, "token_id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        route: get(row, "route")?,
+        minute: ts(row, "minute")?,
+        requests: n("requests")?,
+        status: [n("status_2xx")?, n("status_3xx")?, n("status_4xx")?, n("status_5xx")?],
+        bytes_in: n("bytes_in")?,
+        bytes_out: n("bytes_out")?,
+        latency_us_sum: n("latency_us_sum")?,
+        latency,
+    })
+}

@@ -10,11 +10,12 @@ use keygate_core::model::{
     App, AuditEvent, AuditFilter, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest, Plan, RootKey,
     ScopeEntry, TokenFilter, TokenRecord, TokenStatus, Workspace,
 };
+use keygate_core::model::{LastUse, QuotaCount, UsageRecord};
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
 use keygate_core::store::{
     AppStore, AuditStore, ChangeFeed, ChangeSignal, PlanStore, RootKeyStore, Snapshot, Store, TokenChange, TokenStore,
-    WorkspaceStore,
+    UsageStore, WorkspaceStore,
 };
 use keygate_core::{Error, Result, Timestamp};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -785,6 +786,117 @@ impl AuditStore for SqlStore {
         let rows =
             c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
         paginate(&rows, limit, rows::audit_event, |e: &AuditEvent| e.id.to_string())
+    }
+}
+
+const USAGE_COLS: &str = "token_id, workspace_id, route, minute, requests, status_2xx, status_3xx, status_4xx, \
+    status_5xx, bytes_in, bytes_out, latency_us_sum, lat_1ms, lat_5ms, lat_10ms, lat_25ms, lat_50ms, lat_100ms, \
+    lat_250ms, lat_500ms, lat_1s, lat_inf";
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl UsageStore for SqlStore {
+    async fn record_usage(&self, usage: &[UsageRecord], last_used: &[LastUse], quota: &[QuotaCount]) -> Result<()> {
+        if usage.is_empty() && last_used.is_empty() && quota.is_empty() {
+            return Ok(());
+        }
+        let counters: Vec<&str> = USAGE_COLS.split(", ").skip(4).collect();
+        let placeholders: Vec<String> = (1..=USAGE_COLS.split(", ").count()).map(|i| format!("${i}")).collect();
+        let updates: Vec<String> = counters.iter().map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
+        let usage_sql = format!(
+            "INSERT INTO token_usage ({USAGE_COLS}) VALUES ({}) ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
+            placeholders.join(", "),
+            updates.join(", ")
+        );
+        let mut tx = self.begin().await?;
+        for u in usage {
+            let mut q = sqlx::query(AssertSqlSafe(usage_sql.clone()))
+                .bind(u.token_id.as_str())
+                .bind(u.workspace_id.as_str())
+                .bind(u.route.as_str())
+                .bind(u.minute.as_millis())
+                .bind(count(u.requests));
+            for n in u.status {
+                q = q.bind(count(n));
+            }
+            q = q.bind(count(u.bytes_in)).bind(count(u.bytes_out)).bind(count(u.latency_us_sum));
+            for n in u.latency {
+                q = q.bind(count(n));
+            }
+            q.execute(&mut *tx).await.map_err(db_error)?;
+        }
+        for l in last_used {
+            sqlx::query(
+                "UPDATE tokens SET last_used_at = $1, last_used_ip = $2 \
+                 WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
+            )
+            .bind(l.at.as_millis())
+            .bind(l.ip.as_str())
+            .bind(l.token_id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        for c in quota {
+            sqlx::query(
+                "INSERT INTO quota_counters (token_id, period_start, count) VALUES ($1, $2, $3) \
+                 ON CONFLICT (token_id) DO UPDATE SET \
+                 count = CASE WHEN quota_counters.period_start = excluded.period_start \
+                     THEN quota_counters.count + excluded.count ELSE excluded.count END, \
+                 period_start = excluded.period_start",
+            )
+            .bind(c.token_id.as_str())
+            .bind(c.period_start)
+            .bind(count(c.count))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        self.commit(tx, None).await
+    }
+
+    async fn usage(
+        &self,
+        ws: &WorkspaceId,
+        token: &TokenId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<UsageRecord>> {
+        let sql = format!(
+            "SELECT {USAGE_COLS} FROM token_usage WHERE workspace_id = $1 AND token_id = $2 AND minute >= $3 \
+             AND minute < $4 ORDER BY minute, route"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(token.as_str())
+            .bind(from.as_millis())
+            .bind(to.as_millis())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(rows::usage).collect()
+    }
+
+    async fn quota_counts(&self) -> Result<Vec<QuotaCount>> {
+        let rows = sqlx::query("SELECT token_id, period_start, count FROM quota_counters")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let token_id: String = r.try_get("token_id").map_err(db_error)?;
+                let period_start: i64 = r.try_get("period_start").map_err(db_error)?;
+                let n: i64 = r.try_get("count").map_err(db_error)?;
+                Ok(QuotaCount {
+                    token_id: TokenId::from_trusted(token_id),
+                    period_start,
+                    count: u64::try_from(n).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 }
 

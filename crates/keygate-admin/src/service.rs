@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
-    RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, Workspace,
+    RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord, Workspace,
 };
 use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
 use keygate_core::scope::{Scope, parse_scope_list};
@@ -88,6 +88,51 @@ pub struct NewPlan {
     pub quota: Option<Quota>,
 }
 
+/// The bucket size of a usage report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "minute" => Some(Self::Minute),
+            "hour" => Some(Self::Hour),
+            "day" => Some(Self::Day),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Minute => "minute",
+            Self::Hour => "hour",
+            Self::Day => "day",
+        }
+    }
+    pub fn millis(self) -> i64 {
+        match self {
+            Self::Minute => 60_000,
+            Self::Hour => 3_600_000,
+            Self::Day => 86_400_000,
+        }
+    }
+}
+
+/// A token's usage over a range.
+#[derive(Debug, Clone)]
+pub struct UsageReport {
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub granularity: Granularity,
+    /// One record per bucket, `minute` holding the bucket's start.
+    pub buckets: Vec<UsageRecord>,
+    pub routes: Vec<(String, UsageRecord)>,
+    pub total: UsageRecord,
+}
+
 /// What an exposure report found for one presented token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exposure {
@@ -127,6 +172,11 @@ impl Admin {
 
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The keyed hash of a presented secret, as the store keeps it.
+    pub fn hash(&self, presented: &str) -> keygate_core::secret::SecretHash {
+        self.pepper.hash(presented)
     }
 
     pub fn prefix(&self) -> &TokenPrefix {
@@ -698,6 +748,48 @@ impl Admin {
         }
         self.store.update_token(&marked, &audit).await?;
         Ok(marked)
+    }
+
+    /// A token's usage in [from, to), summed per `granularity` bucket (zero-filled) and per route.
+    pub async fn token_usage(
+        &self,
+        ws: &WorkspaceId,
+        id: &TokenId,
+        from: Timestamp,
+        to: Timestamp,
+        granularity: Granularity,
+    ) -> Result<UsageReport> {
+        self.token(ws, id).await?;
+        let step = granularity.millis();
+        let from = Timestamp::from_millis(from.as_millis().div_euclid(step) * step);
+        if to <= from {
+            return Err(Error::invalid("invalid_range", "`to` must be after `from`"));
+        }
+        let buckets = (to.as_millis() - from.as_millis() + step - 1) / step;
+        if buckets > 10_080 {
+            return Err(Error::invalid(
+                "invalid_range",
+                "the range holds too many buckets (at most 10080); use a coarser granularity or a shorter range",
+            ));
+        }
+        let records = self.store.usage(ws, id, from, to).await?;
+        let mut series: Vec<UsageRecord> = (0..buckets)
+            .map(|i| UsageRecord {
+                minute: Timestamp::from_millis(from.as_millis() + i * step),
+                ..UsageRecord::default()
+            })
+            .collect();
+        let mut routes: std::collections::BTreeMap<String, UsageRecord> = Default::default();
+        let mut total = UsageRecord::default();
+        for r in &records {
+            let i = usize::try_from((r.minute.as_millis() - from.as_millis()) / step).unwrap_or(usize::MAX);
+            if let Some(b) = series.get_mut(i) {
+                b.add(r);
+            }
+            routes.entry(r.route.clone()).or_default().add(r);
+            total.add(r);
+        }
+        Ok(UsageReport { from, to, granularity, buckets: series, routes: routes.into_iter().collect(), total })
     }
 
     pub async fn audit_events(

@@ -82,22 +82,31 @@ impl Eq for Slot {}
 type Shard = HashSet<Slot, BuildHasherDefault<IdentityHasher>>;
 
 /// A token as the gateway needs it.
+///
+/// `repr(C)` keeps the fields every check reads (hash, expiry, suspension) together at the
+/// start, beside the `Arc`'s counts, so a lookup touches one or two cache lines of the entry
+/// instead of three; the order also leaves no padding beyond the end (152 bytes).
 #[derive(Debug)]
+#[repr(C)]
 pub struct IndexedToken {
     hash: HashKey,
+    /// Milliseconds; `i64::MAX` for none.
+    expires_at: i64,
+    suspended: bool,
     public_id: [u8; PUBLIC_ID_LEN],
     pub workspace_id: Arc<str>,
     pub app_id: Arc<str>,
     pub scopes: Arc<[Scope]>,
     pub ip_allowlist: Option<Arc<[IpNet]>>,
-    suspended: bool,
-    /// Milliseconds; `i64::MAX` for none.
-    expires_at: i64,
-    pub rate_limit: Option<RateLimit>,
     pub quota: Option<Quota>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl IndexedToken {
+    /// The token's public id (the 12 characters after the prefix), a cheap key for per-token state.
+    pub fn public_id(&self) -> &[u8; PUBLIC_ID_LEN] {
+        &self.public_id
+    }
     pub fn token_id(&self) -> TokenId {
         TokenId::from_public_id(std::str::from_utf8(&self.public_id).unwrap_or_default())
     }
@@ -223,6 +232,12 @@ impl TokenIndex {
             return Err(Refusal::Expired);
         }
         Ok(entry)
+    }
+
+    /// Whether `presented` is the prefix of this server's tokens followed by a valid checksum
+    /// (no lookup).
+    pub fn is_well_formed(&self, presented: &str) -> bool {
+        token_format::parse(presented, &self.0.prefix).is_ok()
     }
 
     fn get(&self, hash: &SecretHash) -> Option<Arc<IndexedToken>> {
@@ -383,5 +398,31 @@ mod tests {
         let t = index.verify(m.secret.expose(), Timestamp::from_millis(0)).unwrap();
         assert!(t.allows_ip("10.1.1.1".parse().unwrap()));
         assert!(!t.allows_ip("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn hashes_sharing_their_first_bytes_stay_apart() {
+        // Same first 9 bytes (so the same shard and the same in-shard hash), different rest.
+        let pepper = Pepper::new(&[1; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let mut a = record(&pepper, "unused", "aaaaaaaaaaaa");
+        let mut b = record(&pepper, "unused", "bbbbbbbbbbbb");
+        a.hash = SecretHash([7; 32]);
+        let mut hb = [7; 32];
+        hb[31] = 8;
+        b.hash = SecretHash(hb);
+        index.upsert(&a);
+        index.upsert(&b);
+        index.upsert(&a);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.get(&a.hash).unwrap().token_id(), a.id);
+        assert_eq!(index.get(&b.hash).unwrap().token_id(), b.id);
+        let mut hc = [7; 32];
+        hc[20] = 9;
+        assert!(index.get(&SecretHash(hc)).is_none());
+        index.remove(&a.hash);
+        assert_eq!(index.len(), 1);
+        assert!(index.get(&a.hash).is_none());
+        assert_eq!(index.get(&b.hash).unwrap().token_id(), b.id);
     }
 }

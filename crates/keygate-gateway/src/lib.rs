@@ -1,6 +1,17 @@
-//! keygate's data plane. So far: the in-memory token index every request is checked against
-//! ([`index`]), and the follower that keeps it current from the store's change feed ([`follow`]).
+//! keygate's data plane: the listener ([`server`]), the request path ([`handler`]), the route
+//! table ([`routes`]), the in-memory token index ([`index`]) kept current by the change feed
+//! ([`follow`]), rate limits and quotas ([`limiter`]), usage metering ([`usage`]), upstream
+//! connections ([`proxy`]) and metrics ([`metrics`]).
 #![forbid(unsafe_code)]
 
+pub mod body;
+pub mod config;
 pub mod follow;
+pub mod handler;
 pub mod index;
+pub mod limiter;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod usage;

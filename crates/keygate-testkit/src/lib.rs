@@ -58,7 +58,7 @@ impl TestKeygate {
         cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.shutdown_grace_seconds = 5;
         let clock = ManualClock::new(START);
-        let running = serve::start(&cfg, None, Arc::new(clock.clone())).await?;
+        let running = serve::start(&cfg, None, None, Arc::new(clock.clone())).await?;
         let (_, secret) = running
             .admin
             .create_root_key("default", "testkit", Permission::ALL.to_vec(), &Actor::cli())

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use keygate_core::token_format::TokenPrefix;
+pub use keygate_gateway::config::{GatewayConfig, RouteConfig};
 use serde::Deserialize;
 
 /// The whole configuration file.
@@ -20,6 +21,12 @@ pub struct Config {
     pub database_url: Option<String>,
     pub admin: AdminConfig,
     pub gateway: GatewayConfig,
+    /// The APIs behind the gateway (`[[routes]]`); see `docs/configuration.md`.
+    pub routes: Vec<RouteConfig>,
+    /// Seconds between flushes of usage counts, quota counts and `last_used_at` to the store.
+    /// Default 5; a crash loses at most this much usage (and lets that many quota requests through
+    /// again).
+    pub usage_flush_seconds: u64,
     pub tokens: TokensConfig,
     pub log: LogConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
@@ -31,13 +38,6 @@ pub struct Config {
 pub struct AdminConfig {
     /// Address of the admin API (and, later, the dashboard). Keep it on loopback or a private
     /// network. Env: `KEYGATE_ADMIN_LISTEN`. Default `127.0.0.1:8081`.
-    pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatewayConfig {
-    /// Address of the gateway listener. Env: `KEYGATE_GATEWAY_LISTEN`. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
 }
 
@@ -74,6 +74,8 @@ impl Default for Config {
             database_url: None,
             admin: AdminConfig::default(),
             gateway: GatewayConfig::default(),
+            routes: Vec::new(),
+            usage_flush_seconds: 5,
             tokens: TokensConfig::default(),
             log: LogConfig::default(),
             shutdown_grace_seconds: 30,
@@ -84,12 +86,6 @@ impl Default for Config {
 impl Default for AdminConfig {
     fn default() -> Self {
         Self { listen: SocketAddr::from(([127, 0, 0, 1], 8081)) }
-    }
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
     }
 }
 
@@ -179,6 +175,19 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             anyhow::anyhow!("log.level {:?} is not a valid filter (such as \"info\"): {e}", self.log.level)
         })?;
+        keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
+            .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+        for p in &self.gateway.trusted_proxies {
+            keygate_core::policy::parse_allowlist(std::slice::from_ref(p))
+                .map_err(|_| anyhow::anyhow!("gateway.trusted_proxies: {p:?} is not an address or CIDR"))?;
+        }
+        if let Some(h) = &self.gateway.api_key_header {
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| anyhow::anyhow!("gateway.api_key_header: {h:?} is not a header name"))?;
+        }
+        if self.usage_flush_seconds == 0 {
+            bail!("usage_flush_seconds must be at least 1");
+        }
         if self.admin.listen == self.gateway.listen && self.admin.listen.port() != 0 {
             bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);
         }
@@ -244,6 +253,19 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/from-flag"));
         let bad_env = |k: &str| (k == "KEYGATE_ADMIN_LISTEN").then(|| "x".to_owned());
         assert!(Config::load(None, &bad_env, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn routes_are_validated_with_the_route_named() {
+        let ok = "[[routes]]\nid = \"orders\"\npath = \"/orders\"\nupstream = \"http://127.0.0.1:9000\"\n[routes.scopes]\nGET = \"orders:read\"\n\"*\" = \"orders:write\"\n\n[[routes]]\nid = \"status\"\npath = \"/status\"\nupstream = \"http://127.0.0.1:9000\"\npublic = true\n";
+        let c = Config::from_toml(ok).unwrap();
+        assert_eq!(c.routes.len(), 2);
+        let e = Config::from_toml("[[routes]]\nid = \"x\"\npath = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("\"x\"") && e.contains("upstream"), "{e}");
+        let e = Config::from_toml("[[routes]]\nid = \"x\"\npath = \"/x\"\nupstream = \"http://a:1\"\nupstram = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstram"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod gateway;
 pub mod pepper;
 pub mod scan;
 pub mod scan_cmd;

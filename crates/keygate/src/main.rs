@@ -50,7 +50,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let cfg = load_config(&args)?;
             init_logging(&cfg)?;
-            serve::run(cfg, std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty())).await?;
+            serve::run(cfg, args.config.as_deref(), std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty()))
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::RootKey(RootKeyCommand::Create { name, permissions, workspace, output, store }) => {

@@ -3,6 +3,7 @@
 //! drains in-flight requests within `shutdown_grace_seconds`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,9 @@ use keygate_admin::{Admin, AdminSettings, AdminState};
 use keygate_core::secret::{OsRandom, Pepper};
 use keygate_core::store::{RootKeyStore, Store};
 use keygate_core::{Clock, SystemClock};
+use keygate_gateway::handler::Gateway;
 use keygate_gateway::index::TokenIndex;
+use keygate_gateway::server::GatewayServer;
 use keygate_store::{SqlStore, StoreLocation};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -56,17 +59,26 @@ pub async fn open_with_clock(
 /// A keygate whose listeners are running.
 pub struct Running {
     pub admin_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
     pub admin: Arc<Admin>,
     pub store: Arc<SqlStore>,
     pub index: TokenIndex,
+    pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    follower: JoinHandle<()>,
+    gateway_server: GatewayServer,
+    tasks: Vec<JoinHandle<()>>,
     grace: Duration,
 }
 
-/// Starts keygate's listeners (port 0 picks a free port) and background tasks.
-pub async fn start(cfg: &Config, pepper_env: Option<String>, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+/// Starts keygate's listeners (port 0 picks a free port) and background tasks. `config_path`
+/// is watched for route changes.
+pub async fn start(
+    cfg: &Config,
+    config_path: Option<&Path>,
+    pepper_env: Option<String>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
     let opened = open_with_clock(cfg, pepper_env, clock.clone()).await?;
     let store = opened.store.clone();
     tracing::info!(engine = store.engine(), data_dir = %cfg.data_dir.display(), "store opened");
@@ -79,12 +91,49 @@ pub async fn start(cfg: &Config, pepper_env: Option<String>, clock: Arc<dyn Cloc
     // The in-memory token index the gateway answers from, kept current by the change feed.
     let dyn_store: Arc<dyn Store> = store.clone();
     let index = TokenIndex::new(cfg.prefix()?, opened.pepper.clone());
-    let follower = keygate_gateway::follow::start(index.clone(), dyn_store, clock)
+    let follower = keygate_gateway::follow::start(index.clone(), dyn_store.clone(), clock.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot load the token index: {}", e.message))?;
     tracing::info!(tokens = index.len(), "token index loaded");
 
-    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() });
+    let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock).await?;
+    let tls = crate::gateway::tls_source(cfg)?;
+    let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
+    let gateway_server = GatewayServer::start(
+        gw.clone(),
+        cfg.gateway.listen,
+        cfg.gateway.threads,
+        tls.as_ref().map(|t| t.0.clone()),
+        grace,
+    )
+    .with_context(|| format!("cannot listen on {} (gateway.listen)", cfg.gateway.listen))?;
+    let tasks = vec![
+        follower,
+        crate::gateway::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
+        crate::gateway::spawn_health_checks(gw.clone()),
+        crate::gateway::spawn_reloader(gw.clone(), config_path.map(Path::to_owned), tls),
+    ];
+
+    let metrics_gw = gw.clone();
+    let metrics = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let gw = metrics_gw.clone();
+            async move {
+                let table = gw.table.load();
+                let body = table.metrics.render(&[
+                    ("keygate_token_index_size", "Tokens resident in the gateway's index.", gw.index.len() as f64),
+                    (
+                        "keygate_change_feed_position",
+                        "Change-feed position the index is current to.",
+                        gw.index.seq() as f64,
+                    ),
+                ]);
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+            }
+        }),
+    );
+    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() }).merge(metrics);
     let (stop, mut stop_rx) = watch::channel(false);
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
         async move {
@@ -92,40 +141,53 @@ pub async fn start(cfg: &Config, pepper_env: Option<String>, clock: Arc<dyn Cloc
         },
     );
     let server = tokio::spawn(async move { server.await });
-    tracing::info!(admin = %admin_addr, "keygate is listening");
+    let gateway_addr = gateway_server.addr;
+    tracing::info!(admin = %admin_addr, gateway = %gateway_addr, "keygate is listening");
     Ok(Running {
         admin_addr,
+        gateway_addr,
         admin: opened.admin,
         store,
         index,
+        gateway: gw,
         stop,
         server,
-        follower,
-        grace: Duration::from_secs(cfg.shutdown_grace_seconds),
+        gateway_server,
+        tasks,
+        grace,
     })
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish within the grace period, then closes
-    /// the store.
+    /// Writes counted usage to the store now.
+    pub async fn flush_usage(&self) {
+        crate::gateway::flush(&self.gateway, &*self.store).await;
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, flushes usage,
+    /// then closes the store.
     pub async fn shutdown(self) {
         tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down; draining in-flight requests");
         let _ = self.stop.send(true);
+        self.gateway_server.shutdown().await;
         match tokio::time::timeout(self.grace, self.server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin listener failed"),
             Ok(Err(e)) => tracing::error!(error = %e, "admin listener task failed"),
             Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
         }
-        self.follower.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
+        crate::gateway::flush(&self.gateway, &*self.store).await;
         self.store.close().await;
         tracing::info!("stopped");
     }
 }
 
 /// `keygate serve`: runs until SIGTERM or Ctrl-C.
-pub async fn run(cfg: Config, pepper_env: Option<String>) -> anyhow::Result<()> {
-    let running = start(&cfg, pepper_env, Arc::new(SystemClock)).await?;
+pub async fn run(cfg: Config, config_path: Option<&Path>, pepper_env: Option<String>) -> anyhow::Result<()> {
+    let running = start(&cfg, config_path, pepper_env, Arc::new(SystemClock)).await?;
     let (root_keys, _) = running.store.credential_counts().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if root_keys == 0 {
         first_run_hint(&cfg);
@@ -133,6 +195,8 @@ pub async fn run(cfg: Config, pepper_env: Option<String>) -> anyhow::Result<()> 
     let a = running.admin_addr;
     // On the terminal, for people; tests read the address from this line.
     eprintln!("keygate: admin API on http://{a}/admin/v1 (explorer: http://{a}/admin/docs)");
+    let g = running.gateway_addr;
+    eprintln!("keygate: gateway on http://{g} (try http://{g}/demo/echo with a token)");
     shutdown_signal().await;
     running.shutdown().await;
     Ok(())

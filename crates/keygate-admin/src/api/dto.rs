@@ -497,3 +497,93 @@ pub struct Health {
     pub store: String,
     pub version: String,
 }
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Start (RFC 3339); default 24 hours before `to`.
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive); default now.
+    pub to: Option<String>,
+    /// `minute`, `hour` (default) or `day`.
+    pub granularity: Option<String>,
+}
+
+/// Counts of one bucket, route or the whole range.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageCounts {
+    pub requests: u64,
+    pub status_2xx: u64,
+    pub status_3xx: u64,
+    pub status_4xx: u64,
+    pub status_5xx: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Mean time to answer, in milliseconds.
+    pub latency_ms_avg: f64,
+    /// Upper bound of the histogram bucket holding the median (ms); `null` without requests.
+    pub latency_ms_p50: Option<u64>,
+    /// Upper bound of the histogram bucket holding the 95th percentile (ms).
+    pub latency_ms_p95: Option<u64>,
+}
+
+impl From<&keygate_core::model::UsageRecord> for UsageCounts {
+    fn from(r: &keygate_core::model::UsageRecord) -> Self {
+        let pct = |p: f64| -> Option<u64> {
+            if r.requests == 0 {
+                return None;
+            }
+            let want = (p * r.requests as f64).ceil() as u64;
+            let mut seen = 0;
+            for (i, n) in r.latency.iter().enumerate() {
+                seen += n;
+                if seen >= want {
+                    return Some(keygate_core::model::LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(u64::MAX));
+                }
+            }
+            None
+        };
+        Self {
+            requests: r.requests,
+            status_2xx: r.status[0],
+            status_3xx: r.status[1],
+            status_4xx: r.status[2],
+            status_5xx: r.status[3],
+            bytes_in: r.bytes_in,
+            bytes_out: r.bytes_out,
+            latency_ms_avg: if r.requests == 0 { 0.0 } else { r.latency_us_sum as f64 / r.requests as f64 / 1000.0 },
+            latency_ms_p50: pct(0.5),
+            latency_ms_p95: pct(0.95),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageBucket {
+    #[schema(value_type = String, format = DateTime)]
+    pub start: Timestamp,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouteUsage {
+    pub route: String,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageResponse {
+    pub token_id: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub from: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub to: Timestamp,
+    pub granularity: String,
+    pub buckets: Vec<UsageBucket>,
+    /// Totals per route, for "top routes".
+    pub routes: Vec<RouteUsage>,
+    pub total: UsageCounts,
+}

@@ -217,3 +217,41 @@ pub(crate) async fn report_exposures(
             .collect(),
     }))
 }
+
+/// A token's usage: requests, status classes, bytes and latency per minute, hour or day, and
+/// per route. Usage reaches the store every few seconds (`usage_flush_seconds`).
+#[utoipa::path(get, path = "/admin/v1/tokens/{id}/usage", tag = "tokens", params(("id" = String, Path), UsageQuery),
+    responses((status = 200, body = UsageResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn token_usage(
+    auth: Auth<TokensRead>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> Result<Json<UsageResponse>, ApiError> {
+    let time = |raw: Option<&str>, name: &str| -> Result<Option<keygate_core::Timestamp>, ApiError> {
+        raw.map(|r| {
+            keygate_core::Timestamp::parse_rfc3339(r).ok_or_else(|| {
+                ApiError::from(Error::invalid("invalid_query", format!("{name} must be an RFC 3339 date-time")))
+            })
+        })
+        .transpose()
+    };
+    let granularity = match q.granularity.as_deref() {
+        None => crate::service::Granularity::Hour,
+        Some(g) => crate::service::Granularity::parse(g)
+            .ok_or_else(|| Error::invalid("invalid_query", "granularity is minute, hour or day"))?,
+    };
+    let to = time(q.to.as_deref(), "to")?.unwrap_or_else(|| s.admin.now());
+    let from = time(q.from.as_deref(), "from")?.unwrap_or_else(|| to.plus_seconds(-86_400));
+    let id = token_id(&id)?;
+    let r = s.admin.token_usage(&auth.key.workspace_id, &id, from, to, granularity).await?;
+    Ok(Json(UsageResponse {
+        token_id: id.to_string(),
+        from: r.from,
+        to: r.to,
+        granularity: r.granularity.as_str().into(),
+        buckets: r.buckets.iter().map(|b| UsageBucket { start: b.minute, counts: b.into() }).collect(),
+        routes: r.routes.iter().map(|(route, u)| RouteUsage { route: route.clone(), counts: u.into() }).collect(),
+        total: (&r.total).into(),
+    }))
+}

@@ -1,0 +1,151 @@
+//! Body types of the data plane. Bodies stream in both directions; nothing is buffered whole.
+//! The request body is counted and cut at the route's size limit; the response body is counted
+//! and, when it ends or is dropped, finishes the request's metering and hands its upstream
+//! connection back to the pool.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// The error of a body cut at its size limit.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body is larger than the route allows")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the gateway sends upstream.
+pub enum UpstreamBody {
+    Empty,
+    Stream { inner: Incoming, limit: u64, seen: Arc<AtomicU64>, too_large: Arc<AtomicBool> },
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Stream { inner, limit, seen, too_large } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let total = seen.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                        if total > *limit {
+                            too_large.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// Runs once when a response body has been sent in full or dropped.
+pub trait OnComplete: Send + 'static {
+    fn complete(self: Box<Self>, bytes_out: u64, finished: bool);
+}
+
+/// What the gateway answers with.
+pub enum GatewayBody {
+    Full(Option<Bytes>),
+    Upstream { inner: Incoming, sent: u64, done: Option<Box<dyn OnComplete>> },
+}
+
+impl GatewayBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        Self::Full(Some(b.into()))
+    }
+    pub fn empty() -> Self {
+        Self::Full(None)
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Upstream { inner, sent, done } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        *sent += d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(d) = done.take() {
+                        d.complete(*sent, false);
+                    }
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+                Poll::Ready(None) => {
+                    if let Some(d) = done.take() {
+                        d.complete(*sent, true);
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(b) => b.is_none(),
+            Self::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for GatewayBody {
+    fn drop(&mut self) {
+        if let Self::Upstream { inner, sent, done } = self
+            && let Some(d) = done.take()
+        {
+            // An empty body that was never polled still ended cleanly.
+            d.complete(*sent, inner.is_end_stream());
+        }
+    }
+}

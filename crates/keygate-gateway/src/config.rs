@@ -1,0 +1,187 @@
+//! The gateway's configuration: the `[gateway]` table and the `[[routes]]` array of keygate's
+//! config file. Each field's doc comment is its user documentation. The shape of `[[routes]]` is
+//! a stable contract (see `docs/configuration.md`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use keygate_core::policy::RateLimit;
+use serde::Deserialize;
+
+/// `[gateway]`: the listener and what applies to every route.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address of the gateway listener. Env: `KEYGATE_GATEWAY_LISTEN`. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// A header that carries the token besides `Authorization: Bearer`, such as `X-API-Key`.
+    pub api_key_header: Option<String>,
+    /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` is believed; the client address is
+    /// the socket's otherwise.
+    pub trusted_proxies: Vec<String>,
+    /// Worker threads, each with its own listener socket and upstream connections. 0: one per
+    /// CPU core.
+    pub threads: usize,
+    /// Largest request body, in bytes, unless a route says otherwise. Default 10 MiB.
+    pub max_body_bytes: u64,
+    /// Time to connect to an upstream, in milliseconds, unless a route says otherwise. Default 2000.
+    pub connect_timeout_ms: u64,
+    /// Time for an upstream to answer with headers, in milliseconds, unless a route says
+    /// otherwise. Default 30000.
+    pub request_timeout_ms: u64,
+    /// Serve the built-in demo route `/demo/echo` (answers with the request and identity it saw)
+    /// when no route claims that path. Default true.
+    pub demo: bool,
+    /// Log one JSON line per request (token id, never the token). Default true.
+    pub access_log: bool,
+    /// TLS from PEM files; the files are re-read when they change. Without it the listener
+    /// speaks plain HTTP/1.1 and h2c.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key_header: None,
+            trusted_proxies: Vec::new(),
+            threads: 0,
+            max_body_bytes: 10 * 1024 * 1024,
+            connect_timeout_ms: 2_000,
+            request_timeout_ms: 30_000,
+            demo: true,
+            access_log: true,
+            tls: None,
+        }
+    }
+}
+
+/// `[gateway.tls]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// How a route spreads requests over its upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastRequests,
+}
+
+/// `[[routes]]`: one API behind the gateway.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A unique name, used in metrics, logs and usage.
+    pub id: String,
+    /// A path prefix, matched on whole segments after normalization (`/orders` matches
+    /// `/orders` and `/orders/7`, not `/orders-old`).
+    pub path: String,
+    /// Match only requests for this host (the `Host` header or `:authority`, without port).
+    pub host: Option<String>,
+    /// The upstream, such as `http://127.0.0.1:9000`. Give this or `upstreams`.
+    pub upstream: Option<String>,
+    /// Several upstreams, balanced by `balance`.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// No token needed.
+    #[serde(default)]
+    pub public: bool,
+    /// The scope each method requires (`GET = "orders:read"`); `"*"` covers the other
+    /// methods. A method with no entry needs only a valid token.
+    #[serde(default)]
+    pub scopes: BTreeMap<String, String>,
+    /// Remove the route's path prefix before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Largest request body for this route, in bytes.
+    pub max_body_bytes: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    /// How many times an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE) is retried on
+    /// another upstream when the connection fails. Default 1.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// A per-token limit on this route; it can only tighten the token's own.
+    pub rate_limit: Option<RateLimit>,
+    pub cors: Option<CorsConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+    /// For the developer portal: what this API is.
+    pub description: Option<String>,
+    /// For the developer portal: an OpenAPI document (file path or URL).
+    pub openapi: Option<String>,
+}
+
+fn default_retries() -> u32 {
+    1
+}
+
+/// `[routes.cors]`: answered by the gateway; preflight requests need no token.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Allowed origins, or `["*"]`.
+    pub allow_origins: Vec<String>,
+    #[serde(default = "default_cors_methods")]
+    pub allow_methods: Vec<String>,
+    #[serde(default = "default_cors_headers")]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// Seconds a browser may cache a preflight answer. Default 600.
+    #[serde(default = "default_max_age")]
+    pub max_age_seconds: u64,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"].map(String::from).to_vec()
+}
+
+fn default_cors_headers() -> Vec<String> {
+    ["authorization", "content-type"].map(String::from).to_vec()
+}
+
+fn default_max_age() -> u64 {
+    600
+}
+
+/// `[routes.health_check]`: active checks; passive checks (failures of real requests) always run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Path requested on each upstream, such as `/healthz`; any 2xx or 3xx is healthy.
+    pub path: String,
+    /// Seconds between checks. Default 5.
+    #[serde(default = "default_interval")]
+    pub interval_seconds: u64,
+    /// Consecutive failures before an upstream is taken out. Default 3.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes before it is put back. Default 2.
+    #[serde(default = "default_healthy")]
+    pub healthy_threshold: u32,
+}
+
+fn default_interval() -> u64 {
+    5
+}
+
+fn default_threshold() -> u32 {
+    3
+}
+
+fn default_healthy() -> u32 {
+    2
+}

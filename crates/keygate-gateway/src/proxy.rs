@@ -1,0 +1,171 @@
+//! Upstream connections: a pool of HTTP/1.1 client connections per worker thread (each worker
+//! runs its own single-threaded runtime, so the pool needs no lock), connect and answer
+//! time-outs, and passive health (consecutive failures take an upstream out of rotation).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::UpstreamBody;
+use crate::routes::Upstream;
+
+/// Idle connections kept per upstream and worker.
+const MAX_IDLE: usize = 64;
+/// Consecutive failures that take an upstream out until it answers again.
+pub const PASSIVE_FAILURE_THRESHOLD: u32 = 5;
+
+type Sender = SendRequest<UpstreamBody>;
+
+thread_local! {
+    static POOL: RefCell<HashMap<Arc<str>, Vec<Sender>>> = RefCell::new(HashMap::new());
+}
+
+/// Why forwarding failed.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, unreachable, connect time-out): safe to retry.
+    Connect(String),
+    /// The request was sent but no answer came in time.
+    Timeout,
+    /// The connection failed after the request was sent: not safe to retry.
+    Failed(String),
+}
+
+/// A connection taken from the pool, to be given back when its response is complete.
+pub struct Lease {
+    pub authority: Arc<str>,
+    pub sender: Sender,
+}
+
+impl Lease {
+    /// Gives the connection back if it can take another request.
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        POOL.with(|p| {
+            if let Ok(mut pool) = p.try_borrow_mut() {
+                let idle = pool.entry(self.authority).or_default();
+                if idle.len() < MAX_IDLE {
+                    idle.push(self.sender);
+                }
+            }
+        });
+    }
+}
+
+fn checkout(authority: &Arc<str>) -> Option<Sender> {
+    POOL.with(|p| {
+        let mut pool = p.try_borrow_mut().ok()?;
+        let idle = pool.get_mut(authority)?;
+        while let Some(s) = idle.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    })
+}
+
+async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Sender, UpstreamError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(&**authority))
+        .await
+        .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
+        .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpstreamError::Connect(format!("handshake with {authority} failed: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` to `upstream` over a pooled (or new) connection.
+pub async fn send(
+    upstream: &Upstream,
+    req: Request<UpstreamBody>,
+    connect_timeout: Duration,
+    answer_timeout: Duration,
+) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    let authority = upstream.authority.clone();
+    let mut sender = match checkout(&authority) {
+        Some(s) => s,
+        None => connect(&authority, connect_timeout).await?,
+    };
+    upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+    let result = tokio::time::timeout(answer_timeout, sender.send_request(req)).await;
+    upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(Ok(resp)) => {
+            note_success(upstream);
+            Ok((resp, Lease { authority, sender }))
+        }
+        Ok(Err(e)) => {
+            note_failure(upstream);
+            // A pooled connection the upstream had closed fails before anything was sent.
+            if e.is_canceled() || e.is_closed() {
+                Err(UpstreamError::Connect(format!("the connection to {authority} was closed: {e}")))
+            } else {
+                Err(UpstreamError::Failed(format!("{authority}: {e}")))
+            }
+        }
+        Err(_) => {
+            note_failure(upstream);
+            Err(UpstreamError::Timeout)
+        }
+    }
+}
+
+pub fn note_success(u: &Upstream) {
+    u.failures.store(0, Ordering::Relaxed);
+    if !u.healthy.swap(true, Ordering::Relaxed) {
+        tracing::info!(upstream = %u.authority, "upstream is healthy again");
+    }
+}
+
+pub fn note_failure(u: &Upstream) {
+    let n = u.failures.fetch_add(1, Ordering::Relaxed) + 1;
+    if n >= PASSIVE_FAILURE_THRESHOLD && u.healthy.swap(false, Ordering::Relaxed) {
+        tracing::warn!(upstream = %u.authority, failures = n, "upstream taken out of rotation");
+    }
+}
+
+/// One active health check: `GET path` on a fresh connection.
+pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
+    let Ok(mut sender) = connect(&upstream.authority, timeout).await else { return false };
+    let Ok(req) = Request::get(path).header(http::header::HOST, &*upstream.authority).body(UpstreamBody::Empty) else {
+        return false;
+    };
+    matches!(tokio::time::timeout(timeout, sender.send_request(req)).await, Ok(Ok(r)) if r.status().is_success() || r.status().is_redirection())
+}
+
+/// Records an active health check: `healthy` consecutive successes put an upstream back,
+/// `unhealthy` consecutive failures take it out.
+pub fn note_probe(u: &Upstream, ok: bool, healthy: u32, unhealthy: u32) {
+    if ok {
+        u.failures.store(0, Ordering::Relaxed);
+        let n = u.successes.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= healthy && !u.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(upstream = %u.authority, "upstream passed its health checks; back in rotation");
+        }
+    } else {
+        u.successes.store(0, Ordering::Relaxed);
+        let n = u.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= unhealthy && u.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(upstream = %u.authority, "upstream failed its health checks; out of rotation");
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The route table: routes compiled from `[[routes]]`, path normalization, and matching on
+//! whole path segments (host-specific routes first, then the longest prefix).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use keygate_core::policy::RateLimit;
+use keygate_core::scope::Scope;
+
+use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, RouteConfig};
+
+/// One upstream server of a route.
+#[derive(Debug)]
+pub struct Upstream {
+    /// `host:port`, as dialled and sent in `Host`.
+    pub authority: Arc<str>,
+    /// A path prefix the upstream URL carried (`http://h/api` → `/api`), or empty.
+    pub base_path: String,
+    pub healthy: AtomicBool,
+    pub in_flight: AtomicU32,
+    /// Consecutive failures seen by real requests and active checks.
+    pub failures: AtomicU32,
+    pub successes: AtomicU32,
+}
+
+impl Upstream {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let rest = raw.strip_prefix("http://").ok_or_else(|| {
+            format!("upstream {raw:?} must be an http:// URL (TLS to upstreams is not supported yet)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("upstream {raw:?} has no usable host"));
+        }
+        let authority = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        };
+        authority
+            .parse::<http::uri::Authority>()
+            .map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
+        Ok(Self {
+            authority: Arc::from(authority),
+            base_path: path.trim_end_matches('/').to_owned(),
+            healthy: AtomicBool::new(true),
+            in_flight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            successes: AtomicU32::new(0),
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub id: Arc<str>,
+    /// Position in the table; indexes per-route metrics.
+    pub index: usize,
+    /// Normalized prefix without a trailing slash (`""` for the root).
+    pub prefix: String,
+    pub host: Option<String>,
+    pub upstreams: Vec<Upstream>,
+    pub balance: Balance,
+    next: AtomicUsize,
+    pub public: bool,
+    pub scopes: HashMap<Method, Scope>,
+    pub default_scope: Option<Scope>,
+    pub strip_prefix: bool,
+    pub max_body_bytes: u64,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub rate_limit: Option<RateLimit>,
+    pub cors: Option<CorsConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+    /// The built-in demo route: answered by the gateway itself.
+    pub demo: bool,
+}
+
+impl Route {
+    /// The scope `method` requires on this route, if any.
+    pub fn required_scope(&self, method: &Method) -> Option<&Scope> {
+        self.scopes.get(method).or(self.default_scope.as_ref())
+    }
+
+    /// Picks an upstream, skipping unhealthy ones (all unhealthy: try them anyway) and any in
+    /// `tried`.
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let n = self.upstreams.len();
+        let candidates = |healthy_only: bool| {
+            (0..n).filter(move |i| {
+                !tried.contains(i) && (!healthy_only || self.upstreams.get(*i).is_some_and(Upstream::is_healthy))
+            })
+        };
+        let pick_from = |healthy_only: bool| -> Option<usize> {
+            match self.balance {
+                Balance::RoundRobin => {
+                    let start = self.next.fetch_add(1, Ordering::Relaxed);
+                    (0..n).map(|k| (start + k) % n).find(|i| candidates(healthy_only).any(|c| c == *i))
+                }
+                Balance::LeastRequests => candidates(healthy_only)
+                    .min_by_key(|i| self.upstreams.get(*i).map_or(u32::MAX, |u| u.in_flight.load(Ordering::Relaxed))),
+            }
+        };
+        pick_from(true).or_else(|| pick_from(false))
+    }
+
+    /// Whether `path` (normalized) is under this route's prefix.
+    fn covers(&self, path: &str) -> bool {
+        self.prefix.is_empty()
+            || path == self.prefix
+            || (path.starts_with(&self.prefix) && path.as_bytes().get(self.prefix.len()) == Some(&b'/'))
+    }
+
+    /// The path to send upstream.
+    pub fn upstream_path(&self, upstream: &Upstream, path: &str) -> String {
+        let rest = if self.strip_prefix { path.get(self.prefix.len()..).unwrap_or(path) } else { path };
+        let rest = if rest.is_empty() { "/" } else { rest };
+        format!("{}{rest}", upstream.base_path)
+    }
+}
+
+/// The demo route's path.
+pub const DEMO_PATH: &str = "/demo/echo";
+
+/// All routes, immutable once built; swapped whole on reload.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Compiles and validates routes. Errors name the route.
+    pub fn build(cfgs: &[RouteConfig], gw: &GatewayConfig) -> Result<Self, String> {
+        let mut routes = Vec::with_capacity(cfgs.len() + 1);
+        let mut ids = std::collections::HashSet::new();
+        for (index, c) in cfgs.iter().enumerate() {
+            let err = |m: String| format!("route {:?}: {m}", c.id);
+            if c.id.is_empty() || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+                return Err(err("id must be letters, digits, - _ . (not empty)".into()));
+            }
+            if !ids.insert(c.id.clone()) {
+                return Err(err("another route has the same id".into()));
+            }
+            let prefix = normalize_path(&c.path).map_err(|e| err(format!("path: {e}")))?;
+            if prefix.contains('?') {
+                return Err(err("path must not contain a query".into()));
+            }
+            let mut raw_upstreams = c.upstreams.clone();
+            if let Some(u) = &c.upstream {
+                raw_upstreams.insert(0, u.clone());
+            }
+            if raw_upstreams.is_empty() {
+                return Err(err("needs an upstream (or upstreams)".into()));
+            }
+            let upstreams =
+                raw_upstreams.iter().map(|u| Upstream::parse(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            let mut scopes = HashMap::new();
+            let mut default_scope = None;
+            for (method, scope) in &c.scopes {
+                let scope = Scope::parse_required(scope).map_err(|e| err(format!("scopes.{method}: {}", e.message)))?;
+                if method == "*" {
+                    default_scope = Some(scope);
+                } else {
+                    let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| err(format!("scopes: {method:?} is not an HTTP method")))?;
+                    scopes.insert(m, scope);
+                }
+            }
+            if c.public && (!scopes.is_empty() || default_scope.is_some()) {
+                return Err(err("a public route cannot require scopes".into()));
+            }
+            if let Some(r) = &c.rate_limit {
+                r.validate().map_err(|e| err(e.message.into_owned()))?;
+            }
+            if let Some(h) = &c.health_check
+                && (!h.path.starts_with('/') || h.interval_seconds == 0)
+            {
+                return Err(err("health_check.path must start with / and interval_seconds be at least 1".into()));
+            }
+            routes.push(Arc::new(Route {
+                id: Arc::from(c.id.as_str()),
+                index,
+                prefix: if prefix == "/" { String::new() } else { prefix.trim_end_matches('/').to_owned() },
+                host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                upstreams,
+                balance: c.balance,
+                next: AtomicUsize::new(0),
+                public: c.public,
+                scopes,
+                default_scope,
+                strip_prefix: c.strip_prefix,
+                max_body_bytes: c.max_body_bytes.unwrap_or(gw.max_body_bytes),
+                connect_timeout: Duration::from_millis(c.connect_timeout_ms.unwrap_or(gw.connect_timeout_ms)),
+                request_timeout: Duration::from_millis(c.request_timeout_ms.unwrap_or(gw.request_timeout_ms)),
+                retries: c.retries,
+                rate_limit: c.rate_limit,
+                cors: c.cors.clone(),
+                health_check: c.health_check.clone(),
+                demo: false,
+            }));
+        }
+        if gw.demo {
+            routes.push(Arc::new(Route {
+                id: Arc::from("demo"),
+                index: routes.len(),
+                prefix: DEMO_PATH.into(),
+                host: None,
+                upstreams: Vec::new(),
+                balance: Balance::RoundRobin,
+                next: AtomicUsize::new(0),
+                public: false,
+                scopes: HashMap::new(),
+                default_scope: None,
+                strip_prefix: false,
+                max_body_bytes: 64 * 1024,
+                connect_timeout: Duration::ZERO,
+                request_timeout: Duration::ZERO,
+                retries: 0,
+                rate_limit: None,
+                cors: None,
+                health_check: None,
+                demo: true,
+            }));
+        }
+        Ok(Self { routes })
+    }
+
+    /// The route for `host` and normalized `path`: host-specific routes win, then the longest
+    /// prefix; configured routes win over the demo route.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .filter(|r| r.covers(path) && r.host.as_deref().is_none_or(|h| Some(h) == host))
+            .max_by_key(|r| (r.host.is_some(), !r.demo, r.prefix.len()))
+    }
+}
+
+/// Why a path cannot be routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    NotAbsolute,
+    /// `%00`, a backslash, or a malformed `%` escape.
+    Forbidden,
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotAbsolute => "the path must start with /",
+            Self::Forbidden => "the path holds a NUL, a backslash or a malformed % escape",
+        })
+    }
+}
+
+/// Normalizes a request path (without its query) so that a scope check cannot be bypassed by
+/// spelling: `%2e`/`%2E` and `%2f`/`%2F` are decoded, empty segments (`//`) and `.` are
+/// dropped, `..` removes the previous segment (never above the root). Other `%` escapes stay as
+/// they are. A trailing slash is kept.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut decoded = String::with_capacity(raw.len());
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::Forbidden)?;
+                let v = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(PathError::Forbidden)?;
+                match v {
+                    b'.' => decoded.push('.'),
+                    b'/' => decoded.push('/'),
+                    0 | b'\\' => return Err(PathError::Forbidden),
+                    _ => {
+                        decoded.push('%');
+                        decoded.push_str(&raw[i + 1..i + 3]);
+                    }
+                }
+                i += 3;
+            }
+            b'\\' | 0 => return Err(PathError::Forbidden),
+            _ => {
+                decoded.push(char::from(b));
+                i += 1;
+            }
+        }
+    }
+    // Bytes above 0x7f were pushed one by one as chars above: rebuild from the raw bytes instead.
+    if !raw.is_ascii() {
+        return Err(PathError::Forbidden);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut path = String::with_capacity(decoded.len());
+    for s in &out {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || (trailing && !out.is_empty()) {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_normalize() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/orders", "/orders"),
+            ("/orders/", "/orders/"),
+            ("/a/../b", "/b"),
+            ("//admin", "/admin"),
+            ("/orders/%2e%2e/admin", "/admin"),
+            ("/orders/%2E%2E/admin", "/admin"),
+            ("/orders%2F..%2Fadmin", "/admin"),
+            ("/../../etc/passwd", "/etc/passwd"),
+            ("/a/./b//c", "/a/b/c"),
+            ("/a/b/..", "/a/"),
+            ("/x%20y", "/x%20y"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for bad in ["orders", "", "/a%00b", "/a\\b", "/a%5cb", "/a%zz", "/a%2", "/é"] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn route(id: &str, path: &str, host: Option<&str>) -> RouteConfig {
+        RouteConfig {
+            id: id.into(),
+            path: path.into(),
+            host: host.map(Into::into),
+            upstream: Some("http://127.0.0.1:9".into()),
+            upstreams: vec![],
+            balance: Balance::RoundRobin,
+            public: false,
+            scopes: Default::default(),
+            strip_prefix: false,
+            max_body_bytes: None,
+            connect_timeout_ms: None,
+            request_timeout_ms: None,
+            retries: 1,
+            rate_limit: None,
+            cors: None,
+            health_check: None,
+            description: None,
+            openapi: None,
+        }
+    }
+
+    #[test]
+    fn matching_is_on_whole_segments_longest_prefix_host_first() {
+        let gw = GatewayConfig::default();
+        let t = RouteTable::build(
+            &[
+                route("orders", "/orders", None),
+                route("admin", "/orders/admin", None),
+                route("b2b", "/orders", Some("b2b.example")),
+            ],
+            &gw,
+        )
+        .unwrap();
+        let id = |host: Option<&str>, p: &str| t.find(host, p).map(|r| r.id.to_string());
+        assert_eq!(id(None, "/orders"), Some("orders".into()));
+        assert_eq!(id(None, "/orders/7"), Some("orders".into()));
+        assert_eq!(id(None, "/orders-old"), None);
+        assert_eq!(id(None, "/orders/admin/x"), Some("admin".into()));
+        assert_eq!(id(Some("b2b.example"), "/orders/7"), Some("b2b".into()));
+        assert_eq!(id(None, "/demo/echo"), Some("demo".into()));
+    }
+
+    #[test]
+    fn invalid_routes_are_named() {
+        let gw = GatewayConfig::default();
+        let mut r = route("x", "/x", None);
+        r.upstream = Some("ftp://a".into());
+        assert!(RouteTable::build(&[r], &gw).unwrap_err().contains("\"x\""));
+        let mut r = route("y", "/y", None);
+        r.scopes.insert("GET".into(), "orders:*".into());
+        assert!(RouteTable::build(&[r], &gw).is_err());
+        assert!(RouteTable::build(&[route("d", "/a", None), route("d", "/b", None)], &gw).is_err());
+        let mut r = route("p", "/p", None);
+        r.public = true;
+        r.scopes.insert("*".into(), "a:b".into());
+        assert!(RouteTable::build(&[r], &gw).is_err());
+    }
+
+    #[test]
+    fn upstream_paths_and_balancing() {
+        let gw = GatewayConfig::default();
+        let mut c = route("o", "/orders", None);
+        c.upstream = Some("http://127.0.0.1:9000/api".into());
+        c.upstreams = vec!["http://127.0.0.1:9001".into()];
+        c.strip_prefix = true;
+        let t = RouteTable::build(&[c], &gw).unwrap();
+        let r = &t.routes[0];
+        assert_eq!(r.upstream_path(&r.upstreams[0], "/orders/7"), "/api/7");
+        assert_eq!(r.upstream_path(&r.upstreams[1], "/orders"), "/");
+        let a = r.pick(&[]).unwrap();
+        let b = r.pick(&[]).unwrap();
+        assert_ne!(a, b, "round robin");
+        r.upstreams[1].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(r.pick(&[]), Some(0));
+        assert_eq!(r.pick(&[0]), Some(1), "all unhealthy: still try");
+    }
+}

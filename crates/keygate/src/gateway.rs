@@ -1,0 +1,213 @@
+//! Wiring of the data plane into `keygate serve`: builds the [`Gateway`] from the configuration,
+//! reports tokens found in query strings, flushes usage to the store, runs active health
+//! checks, reloads routes (on SIGHUP and when the config file changes) and TLS certificates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use keygate_admin::Admin;
+use keygate_core::Clock;
+use keygate_core::model::Actor;
+use keygate_core::secret::TokenSecret;
+use keygate_core::store::Store;
+use keygate_gateway::handler::{ExposureReporter, Gateway, Settings, Table};
+use keygate_gateway::index::TokenIndex;
+use keygate_gateway::limiter::Limiter;
+use keygate_gateway::routes::RouteTable;
+use keygate_gateway::server::{TlsSource, load_tls};
+use keygate_gateway::usage::UsageMeter;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// Marks tokens seen in query strings as exposed, on the main runtime.
+struct AdminReporter {
+    admin: Arc<Admin>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ExposureReporter for AdminReporter {
+    fn token_in_query(&self, token: TokenSecret, where_: String) {
+        let admin = self.admin.clone();
+        self.runtime.spawn(async move {
+            let hash = admin.hash(token.expose());
+            match admin.store().token_by_hash(&hash).await {
+                Ok(Some(t)) => {
+                    let actor = Actor { id: "gateway".into(), source: None };
+                    if let Err(e) = admin.mark_exposed(&t.workspace_id, &actor, &t, Some(&where_)).await {
+                        tracing::warn!(error = %e, token_id = %t.id, "cannot mark a token exposed");
+                    } else {
+                        tracing::warn!(token_id = %t.id, "a token was sent in a query string and is now marked exposed");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot look up a token seen in a query string"),
+            }
+        });
+    }
+}
+
+/// Builds the gateway's state from the configuration.
+pub async fn build(
+    cfg: &Config,
+    admin: Arc<Admin>,
+    index: TokenIndex,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Arc<Gateway>> {
+    let routes = RouteTable::build(&cfg.routes, &cfg.gateway).map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+    let limiter = Limiter::default();
+    let counts = admin.store().quota_counts().await.map_err(|e| anyhow::anyhow!("cannot load quota counts: {e}"))?;
+    limiter.load_quota_counts(&counts);
+    let trusted = keygate_core::policy::parse_allowlist(&cfg.gateway.trusted_proxies)
+        .map_err(|e| anyhow::anyhow!("gateway.trusted_proxies: {}", e.message))?;
+    let api_key_header = cfg
+        .gateway
+        .api_key_header
+        .as_deref()
+        .map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("gateway.api_key_header is not a header name"))?;
+    let reporter: Arc<dyn ExposureReporter> =
+        Arc::new(AdminReporter { admin, runtime: tokio::runtime::Handle::current() });
+    Ok(Arc::new(Gateway {
+        table: ArcSwap::from_pointee(Table::new(routes)),
+        index,
+        limiter,
+        meter: UsageMeter::default(),
+        clock,
+        settings: Settings { api_key_header, trusted_proxies: trusted, access_log: cfg.gateway.access_log },
+        reporter: Some(reporter),
+    }))
+}
+
+/// Writes counted usage, `last_used_at` and quota counts to the store; puts usage back if the
+/// store refuses, so nothing is lost.
+pub async fn flush(gw: &Gateway, store: &dyn Store) {
+    let (usage, last) = gw.meter.drain();
+    let quota = gw.limiter.take_quota_deltas();
+    if let Err(e) = store.record_usage(&usage, &last, &quota).await {
+        tracing::warn!(error = %e, records = usage.len(), "cannot flush usage; keeping it for the next try");
+        gw.meter.restore(usage, last);
+        gw.limiter.restore_quota_deltas(&quota);
+    }
+}
+
+/// Flushes every `every` until aborted.
+pub fn spawn_flusher(gw: Arc<Gateway>, store: Arc<dyn Store>, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            flush(&gw, &*store).await;
+        }
+    })
+}
+
+/// Active health checks of every route that asks for them.
+pub fn spawn_health_checks(gw: Arc<Gateway>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut elapsed: u64 = 0;
+        loop {
+            tick.tick().await;
+            elapsed += 1;
+            let table = gw.table.load_full();
+            for route in &table.routes.routes {
+                let Some(hc) = &route.health_check else { continue };
+                if !elapsed.is_multiple_of(hc.interval_seconds.max(1)) {
+                    continue;
+                }
+                for u in &route.upstreams {
+                    let ok = keygate_gateway::proxy::probe(u, &hc.path, Duration::from_secs(2)).await;
+                    keygate_gateway::proxy::note_probe(u, ok, hc.healthy_threshold, hc.unhealthy_threshold);
+                }
+            }
+        }
+    })
+}
+
+fn modified(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Re-reads the config file; swaps in its routes if they are valid, keeps the old ones if not.
+pub fn reload_routes(gw: &Gateway, path: &Path) {
+    match Config::from_file(path) {
+        Ok(cfg) => match RouteTable::build(&cfg.routes, &cfg.gateway) {
+            Ok(routes) => {
+                let n = routes.routes.len();
+                gw.table.store(Arc::new(Table::new(routes)));
+                tracing::info!(routes = n, file = %path.display(), "routes reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, file = %path.display(), "new routes refused; the old ones keep serving")
+            }
+        },
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), file = %path.display(), "new config refused; the old one keeps serving")
+        }
+    }
+}
+
+/// Watches the config file (every 2 s, and on SIGHUP) and the TLS files.
+pub fn spawn_reloader(
+    gw: Arc<Gateway>,
+    config: Option<PathBuf>,
+    tls: Option<(TlsSource, PathBuf, PathBuf)>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen_cfg = config.as_deref().and_then(modified);
+        let mut seen_tls = tls.as_ref().map(|(_, c, k)| (modified(c), modified(k)));
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            #[cfg(unix)]
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup = std::future::pending::<()>();
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                () = hangup => true,
+            };
+            if let Some(path) = &config {
+                let m = modified(path);
+                if forced || m != seen_cfg {
+                    seen_cfg = m;
+                    reload_routes(&gw, path);
+                }
+            }
+            if let Some((source, cert, key)) = &tls {
+                let m = (modified(cert), modified(key));
+                if forced || Some(m) != seen_tls {
+                    seen_tls = Some(m);
+                    match load_tls(cert, key) {
+                        Ok(acceptor) => {
+                            source.store(Some(Arc::new(acceptor)));
+                            tracing::info!(cert = %cert.display(), "TLS certificate loaded");
+                        }
+                        Err(e) => tracing::error!(error = %e, "new TLS certificate refused; the old one keeps serving"),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The TLS source for the listener, if configured.
+pub fn tls_source(cfg: &Config) -> anyhow::Result<Option<(TlsSource, PathBuf, PathBuf)>> {
+    let Some(tls) = &cfg.gateway.tls else { return Ok(None) };
+    let acceptor = load_tls(&tls.cert, &tls.key).map_err(|e| anyhow::anyhow!("gateway.tls: {e}"))?;
+    let source: TlsSource = Arc::new(ArcSwapOption::from_pointee(acceptor));
+    Ok(Some((source, tls.cert.clone(), tls.key.clone())))
+}

@@ -388,8 +388,8 @@ async fn usage_and_quota_counts(h: &Harness) {
     };
     let used = LastUse { token_id: t.id.clone(), at: T0.plus_seconds(5), ip: "10.0.0.1".into() };
     let q = QuotaCount { token_id: t.id.clone(), period_start: 100, count: 3 };
-    s.record_usage(&[rec.clone()], &[used], &[q.clone()]).await.unwrap();
-    s.record_usage(&[rec.clone()], &[], &[q.clone()]).await.unwrap();
+    s.record_usage(std::slice::from_ref(&rec), &[used], std::slice::from_ref(&q)).await.unwrap();
+    s.record_usage(std::slice::from_ref(&rec), &[], std::slice::from_ref(&q)).await.unwrap();
     let got = s.usage(&ws.id, &t.id, T0, T0.plus_seconds(60)).await.unwrap();
     let mut twice = rec.clone();
     twice.add(&rec);

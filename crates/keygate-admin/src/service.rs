@@ -152,6 +152,16 @@ pub struct Admin {
     root_prefix: TokenPrefix,
     clock: Arc<dyn Clock>,
     rng: Arc<dyn Randomness>,
+    /// Told of every committed token change, so the local gateway's index applies it before the
+    /// API answers (other nodes follow the change feed).
+    hook: std::sync::OnceLock<Arc<dyn TokenChangeHook>>,
+}
+
+/// Something to tell about committed token changes (the local token index).
+pub trait TokenChangeHook: Send + Sync {
+    fn token_changed(&self, token: &TokenRecord);
+    /// Tokens of a deleted app are gone; followers learn it from the feed.
+    fn feed_changed(&self);
 }
 
 impl Admin {
@@ -163,7 +173,20 @@ impl Admin {
         rng: Arc<dyn Randomness>,
     ) -> Self {
         let root_prefix = settings.prefix.root_key_prefix();
-        Self { store, pepper, settings, root_prefix, clock, rng }
+        Self { store, pepper, settings, root_prefix, clock, rng, hook: std::sync::OnceLock::new() }
+    }
+
+    /// Sets the hook told of committed token changes (once).
+    pub fn set_change_hook(&self, hook: Arc<dyn TokenChangeHook>) {
+        let _ = self.hook.set(hook);
+    }
+
+    fn changed(&self, tokens: &[&TokenRecord]) {
+        if let Some(h) = self.hook.get() {
+            for t in tokens {
+                h.token_changed(t);
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -314,7 +337,11 @@ impl Admin {
         let now = self.now();
         let audit =
             NewAuditEvent::new(ws, actor, "app.delete", id.as_str(), now).with_diff(&app_view(&app), &Value::Null);
-        self.store.delete_app(ws, id, revoke_tokens, now, &audit).await
+        self.store.delete_app(ws, id, revoke_tokens, now, &audit).await?;
+        if let Some(h) = self.hook.get() {
+            h.feed_changed();
+        }
+        Ok(())
     }
 
     // ---- plans and the scope catalog -------------------------------------------------------
@@ -480,6 +507,7 @@ impl Admin {
         let audit =
             NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now).with_after(token.audit_view());
         self.store.insert_token(&token, &audit).await?;
+        self.changed(&[&token]);
         Ok((token, minted.secret))
     }
 
@@ -518,6 +546,7 @@ impl Admin {
         let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now)
             .with_diff(&before.audit_view(), &token.audit_view());
         self.store.update_token(&token, &audit).await?;
+        self.changed(&[&token]);
         Ok(token)
     }
 
@@ -682,6 +711,7 @@ impl Admin {
         audit.after = Some(a);
         let created = NewAuditEvent::new(ws, actor, "token.create", new.id.as_str(), now).with_after(new.audit_view());
         self.store.rotate_token(&old, &new, &audit, &created).await?;
+        self.changed(&[&old, &new]);
         Ok((new, minted.secret))
     }
 
@@ -747,6 +777,7 @@ impl Admin {
             after.insert("location".into(), location.map_or(Value::Null, |l| Value::String(l.to_owned())));
         }
         self.store.update_token(&marked, &audit).await?;
+        self.changed(&[&marked]);
         Ok(marked)
     }
 

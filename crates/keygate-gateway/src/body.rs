@@ -29,7 +29,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the gateway sends upstream.
 pub enum UpstreamBody {
     Empty,
-    Stream { inner: Incoming, limit: u64, seen: Arc<AtomicU64>, too_large: Arc<AtomicBool> },
+    Stream { inner: Incoming, limit: u64, seen: Arc<AtomicU64>, too_large: Arc<AtomicBool>, broken: Arc<AtomicBool> },
 }
 
 impl Body for UpstreamBody {
@@ -39,7 +39,7 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Stream { inner, limit, seen, too_large } => match Pin::new(inner).poll_frame(cx) {
+            Self::Stream { inner, limit, seen, too_large, broken } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         let total = seen.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
@@ -50,7 +50,11 @@ impl Body for UpstreamBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => {
+                    // The client sent a body that does not parse (a bad chunk size, …).
+                    broken.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },

@@ -551,6 +551,7 @@ impl Gateway {
 
         let seen = Arc::new(AtomicU64::new(0));
         let too_large = Arc::new(AtomicBool::new(false));
+        let broken = Arc::new(AtomicBool::new(false));
         let incoming = req.into_body();
         let has_body = !http_body::Body::is_end_stream(&incoming);
         let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
@@ -560,6 +561,7 @@ impl Gateway {
                 limit: route.max_body_bytes,
                 seen: seen.clone(),
                 too_large: too_large.clone(),
+                broken: broken.clone(),
             }
         } else {
             UpstreamBody::Empty
@@ -613,7 +615,9 @@ impl Gateway {
                 }
             }
         }
-        let refusal = if too_large.load(Ordering::Relaxed) {
+        let refusal = if broken.load(Ordering::Relaxed) {
+            Refuse::bad_framing("the request body is malformed (such as a bad chunk size)")
+        } else if too_large.load(Ordering::Relaxed) {
             Refuse::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",

@@ -24,6 +24,7 @@ pub struct TestKeygate {
     running: Option<Running>,
     pub clock: ManualClock,
     pub admin_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
     /// A root key with every permission in the default workspace.
     pub root_key: String,
     pub data_dir: PathBuf,
@@ -37,6 +38,12 @@ pub struct Options {
     pub database_url: Option<String>,
     /// An existing data directory (kept) instead of a temporary one.
     pub data_dir: Option<PathBuf>,
+    /// Routes behind the gateway.
+    pub routes: Vec<keygate::config::RouteConfig>,
+    /// Gateway settings (its `listen` is replaced by an ephemeral port).
+    pub gateway: Option<keygate::config::GatewayConfig>,
+    /// A config file to watch for route changes.
+    pub config_path: Option<PathBuf>,
 }
 
 impl TestKeygate {
@@ -53,18 +60,27 @@ impl TestKeygate {
                 (Some(dir), path)
             }
         };
-        let mut cfg = Config { data_dir: data_dir.clone(), database_url: opts.database_url, ..Config::default() };
+        let mut cfg = Config {
+            data_dir: data_dir.clone(),
+            database_url: opts.database_url,
+            routes: opts.routes,
+            gateway: opts.gateway.unwrap_or_default(),
+            ..Config::default()
+        };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        cfg.gateway.threads = 2;
+        cfg.gateway.access_log = false;
         cfg.shutdown_grace_seconds = 5;
         let clock = ManualClock::new(START);
-        let running = serve::start(&cfg, None, None, Arc::new(clock.clone())).await?;
+        let running = serve::start(&cfg, opts.config_path.as_deref(), None, Arc::new(clock.clone())).await?;
         let (_, secret) = running
             .admin
             .create_root_key("default", "testkit", Permission::ALL.to_vec(), &Actor::cli())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
+            gateway_addr: running.gateway_addr,
             admin_addr: running.admin_addr,
             running: Some(running),
             clock,
@@ -81,6 +97,19 @@ impl TestKeygate {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.admin_addr)
+    }
+
+    pub fn gateway_url(&self) -> String {
+        format!("http://{}", self.gateway_addr)
+    }
+
+    /// Writes the gateway's counted usage to the store now.
+    pub async fn flush_usage(&self) {
+        self.running().flush_usage().await;
+    }
+
+    pub fn gateway(&self) -> &Arc<keygate_gateway::handler::Gateway> {
+        &self.running().gateway
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -222,5 +251,104 @@ impl Client {
         let a = self.post("/admin/v1/tokens", body).await;
         assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
         (a.str("/id"), a.str("/token"))
+    }
+}
+
+/// A route to `upstream` for tests, with everything else at its default.
+pub fn route(id: &str, path: &str, upstream: &str) -> keygate::config::RouteConfig {
+    keygate::config::RouteConfig {
+        id: id.into(),
+        path: path.into(),
+        host: None,
+        upstream: Some(upstream.into()),
+        upstreams: Vec::new(),
+        balance: Default::default(),
+        public: false,
+        scopes: Default::default(),
+        strip_prefix: false,
+        max_body_bytes: None,
+        connect_timeout_ms: None,
+        request_timeout_ms: None,
+        retries: 1,
+        rate_limit: None,
+        cors: None,
+        health_check: None,
+        description: None,
+        openapi: None,
+    }
+}
+
+/// A mock upstream on an ephemeral port. `/hold` waits until [`MockUpstream::release`];
+/// `/status/{code}` answers that status; anything else echoes the request as JSON: method,
+/// path and query, headers, and the body's length.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    release: Arc<tokio::sync::Notify>,
+    pub held: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> anyhow::Result<Self> {
+        use axum::extract::{Path as AxPath, Request};
+        use axum::routing::{any, get};
+        let release = Arc::new(tokio::sync::Notify::new());
+        let held = Arc::new(tokio::sync::Notify::new());
+        let (r, h) = (release.clone(), held.clone());
+        let app = axum::Router::new()
+            .route(
+                "/hold",
+                get(move || {
+                    let (r, h) = (r.clone(), h.clone());
+                    async move {
+                        h.notify_one();
+                        r.notified().await;
+                        "released"
+                    }
+                }),
+            )
+            .route(
+                "/status/{code}",
+                get(|AxPath(code): AxPath<u16>| async move {
+                    (axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::OK), "status")
+                }),
+            )
+            .fallback(any(|req: Request| async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+                let headers: serde_json::Map<String, Value> = parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+                    .collect();
+                axum::Json(serde_json::json!({
+                    "method": parts.method.as_str(),
+                    "uri": parts.uri.to_string(),
+                    "headers": headers,
+                    "body_len": bytes.len(),
+                }))
+            }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, release, held, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets every held request answer.
+    pub fn release(&self) {
+        self.release.notify_waiters();
+        self.release.notify_one();
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -49,6 +49,28 @@ impl ExposureReporter for AdminReporter {
     }
 }
 
+/// Applies committed token changes to the local index before the admin API answers, so a
+/// revocation, suspension or scope change holds for the very next request.
+pub struct IndexHook {
+    pub index: TokenIndex,
+    pub store: Arc<dyn Store>,
+}
+
+impl keygate_admin::service::TokenChangeHook for IndexHook {
+    fn token_changed(&self, token: &keygate_core::model::TokenRecord) {
+        self.index.upsert(token);
+    }
+    fn feed_changed(&self) {
+        let index = self.index.clone();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = keygate_gateway::follow::catch_up(&index, &*store).await {
+                tracing::warn!(error = %e, "token index: cannot read the change feed");
+            }
+        });
+    }
+}
+
 /// Builds the gateway's state from the configuration.
 pub async fn build(
     cfg: &Config,

@@ -96,6 +96,9 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot load the token index: {}", e.message))?;
     tracing::info!(tokens = index.len(), "token index loaded");
 
+    opened
+        .admin
+        .set_change_hook(Arc::new(crate::gateway::IndexHook { index: index.clone(), store: dyn_store.clone() }));
     let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock).await?;
     let tls = crate::gateway::tls_source(cfg)?;
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);

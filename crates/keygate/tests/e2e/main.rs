@@ -3,6 +3,8 @@
 //! manual clock, and the token index is synchronized explicitly.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod gateway;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -623,7 +625,7 @@ async fn postgres_backs_the_same_api() {
     let db = TempPg::create().await;
     let kg = keygate_testkit::TestKeygate::start_with(keygate_testkit::Options {
         database_url: Some(db.url.clone()),
-        data_dir: None,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -258,6 +258,23 @@ impl Gateway {
         let table = self.table.load_full();
         let now = self.clock.now();
         let mut limit_headers = HeaderMap::new();
+        // CORS: preflights are answered here, without a token; other answers on a CORS route
+        // carry the allow headers (errors too, so a browser can read them).
+        if let Some(origin) = req.headers().get(header::ORIGIN).cloned()
+            && let Ok(path) = normalize_path(req.uri().path())
+            && let Some(route) = table.routes.find(host_of(&req).as_deref(), &path)
+            && let Some(cors) = &route.cors
+        {
+            let allowed = cors_allows(cors, &origin);
+            if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+                let resp = preflight(cors, &origin, allowed);
+                self.finish(&table, Some(route), None, resp.status().as_u16(), 0, 0, start, now, &req);
+                return resp;
+            }
+            if allowed {
+                add_cors_headers(cors, &origin, &mut limit_headers);
+            }
+        }
         let route_and_caller = self.admit(&table, conn, &req, now, &mut limit_headers);
         let (route, caller) = match route_and_caller {
             Ok(rc) => rc,
@@ -511,6 +528,9 @@ impl Gateway {
         let original_host = req.headers().get(header::HOST).cloned();
         let mut headers = std::mem::take(req.headers_mut());
         strip_hop_by_hop(&mut headers, wants_upgrade);
+        if wants_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         for n in [TOKEN_ID_HEADER, APP_ID_HEADER, SCOPES_HEADER] {
             headers.remove(n);
         }
@@ -781,6 +801,48 @@ impl OnComplete for Completion {
             self.now,
         );
     }
+}
+
+fn cors_allows(cors: &crate::config::CorsConfig, origin: &HeaderValue) -> bool {
+    cors.allow_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+}
+
+fn add_cors_headers(cors: &crate::config::CorsConfig, origin: &HeaderValue, h: &mut HeaderMap) {
+    let wildcard = cors.allow_origins.iter().any(|o| o == "*") && !cors.allow_credentials;
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        if wildcard { HeaderValue::from_static("*") } else { origin.clone() },
+    );
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    if cors.allow_credentials {
+        h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
+    if !cors.expose_headers.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cors.expose_headers.join(", "))
+    {
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+    }
+}
+
+/// Answers a CORS preflight (no token needed: browsers send none).
+fn preflight(cors: &crate::config::CorsConfig, origin: &HeaderValue, allowed: bool) -> Response<GatewayBody> {
+    if !allowed {
+        let r = Refuse::new(StatusCode::FORBIDDEN, "cors_origin_not_allowed", "this origin may not call this API");
+        return error_response(&r, &HeaderMap::new());
+    }
+    let mut h = HeaderMap::new();
+    add_cors_headers(cors, origin, &mut h);
+    if let Ok(v) = HeaderValue::from_str(&cors.allow_methods.join(", ")) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&cors.allow_headers.join(", ")) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+    }
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(cors.max_age_seconds));
+    let mut resp = Response::new(GatewayBody::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    *resp.headers_mut() = h;
+    resp
 }
 
 /// `/demo/echo`: the request as keygate saw it and the identity it would attach.

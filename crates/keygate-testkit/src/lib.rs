@@ -308,6 +308,26 @@ impl MockUpstream {
                 }),
             )
             .route(
+                "/upgrade",
+                get(|mut req: Request| async move {
+                    // A minimal upgraded protocol: echo every byte back.
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = upgrade.await {
+                            let io = hyper_util::rt::TokioIo::new(up);
+                            let (mut r, mut w) = tokio::io::split(io);
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        }
+                    });
+                    axum::http::Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .body(axum::body::Body::empty())
+                        .unwrap_or_default()
+                }),
+            )
+            .route(
                 "/status/{code}",
                 get(|AxPath(code): AxPath<u16>| async move {
                     (axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::OK), "status")

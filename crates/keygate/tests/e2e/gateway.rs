@@ -23,7 +23,15 @@ async fn kit(upstream: &MockUpstream) -> TestKeygate {
     let mut slow = route("slow", "/hold", &upstream.url());
     slow.request_timeout_ms = Some(300);
     let dead = route("dead", "/dead", "http://127.0.0.1:1");
-    let plain = route("plain", "/plain", &upstream.url());
+    let mut plain = route("plain", "/plain", &upstream.url());
+    plain.cors = Some(keygate_gateway::config::CorsConfig {
+        allow_origins: vec!["https://app.example".into()],
+        allow_methods: vec!["GET".into(), "POST".into()],
+        allow_headers: vec!["authorization".into()],
+        expose_headers: vec!["ratelimit".into()],
+        allow_credentials: false,
+        max_age_seconds: 600,
+    });
     let mut failover = route("failover", "/failover", "http://127.0.0.1:1");
     failover.upstreams = vec![upstream.url()];
     failover.balance = keygate_gateway::config::Balance::RoundRobin;
@@ -31,7 +39,17 @@ async fn kit(upstream: &MockUpstream) -> TestKeygate {
         keygate_gateway::config::GatewayConfig { api_key_header: Some("X-API-Key".into()), ..Default::default() };
     gw.max_body_bytes = 1024;
     TestKeygate::start_with(Options {
-        routes: vec![orders, status, limited, stripped, slow, dead, failover, plain],
+        routes: vec![
+            orders,
+            status,
+            limited,
+            stripped,
+            slow,
+            dead,
+            failover,
+            plain,
+            route("upgrade", "/upgrade", &upstream.url()),
+        ],
         gateway: Some(gw),
         ..Options::default()
     })
@@ -288,6 +306,34 @@ async fn rate_limits_quotas_and_exact_usage() {
     let minute = c.get(&format!("/admin/v1/tokens/{id}/usage?granularity=minute")).await;
     assert_eq!(minute.code(), "", "default range works: {:?}", minute.body);
 
+    // CORS: a preflight needs no token; answers carry the allow headers, errors too.
+    let pre = http()
+        .request(reqwest::Method::OPTIONS, format!("{}/plain/x", kg.gateway_url()))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), StatusCode::NO_CONTENT);
+    assert_eq!(pre.headers()["access-control-allow-origin"], "https://app.example");
+    assert_eq!(pre.headers()["access-control-allow-methods"], "GET, POST");
+    let evil = http()
+        .request(reqwest::Method::OPTIONS, format!("{}/plain/x", kg.gateway_url()))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(evil.status(), StatusCode::FORBIDDEN);
+    let denied = http()
+        .get(format!("{}/plain/x", kg.gateway_url()))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(denied.headers()["access-control-allow-origin"], "https://app.example");
+
     // Metrics carry no token ids.
     let m = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
     assert!(m.contains("keygate_gateway_requests_total{route=\"plain\",status=\"2xx\"}"));
@@ -396,4 +442,67 @@ async fn hot_reload_and_graceful_shutdown() {
     assert_eq!(in_flight.await.unwrap().unwrap(), StatusCode::OK);
     stopping.await.unwrap();
     let _ = Clock::now(&keygate_core::SystemClock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_alpn_h2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let gw = keygate_gateway::config::GatewayConfig {
+        tls: Some(keygate_gateway::config::TlsConfig { cert: cert_path, key: key_path }),
+        ..Default::default()
+    };
+    let kg = TestKeygate::start_with(Options { gateway: Some(gw), ..Options::default() }).await.unwrap();
+    let (_, t) = kg.client().create_token(&json!({"name": "tls"})).await;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", kg.gateway_addr)
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://localhost:{}/demo/echo", kg.gateway_addr.port()))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["identity"]["token_id"].as_str().unwrap().starts_with("tok_"));
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_through() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let (_, t) = kg.client().create_token(&json!({"name": "ws"})).await;
+    let addr = kg.gateway_addr;
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = format!("GET /upgrade HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {t}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        s.write_all(b"ping over the tunnel").unwrap();
+        let mut echoed = Vec::new();
+        while echoed.len() < 20 {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            echoed.extend_from_slice(&buf[..n]);
+        }
+        (head, String::from_utf8_lossy(&echoed).into_owned())
+    })
+    .await
+    .unwrap();
+    assert!(got.0.starts_with("HTTP/1.1 101"), "{}", got.0);
+    assert_eq!(got.1, "ping over the tunnel");
+    kg.stop().await;
 }

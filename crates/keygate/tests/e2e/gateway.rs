@@ -506,3 +506,59 @@ async fn upgrades_pass_through() {
     assert_eq!(got.1, "ping over the tunnel");
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_quota_counts_survive_a_restart() {
+    let up = MockUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let opts = || Options {
+        data_dir: Some(data.clone()),
+        routes: vec![route("plain", "/plain", &up.url())],
+        ..Options::default()
+    };
+    let kg = TestKeygate::start_with(opts()).await.unwrap();
+    let (id, t) = kg.client().create_token(&json!({"name": "q", "quota": {"requests": 5, "period": "total"}})).await;
+    for _ in 0..3 {
+        assert_eq!(get(&kg, "/plain/x", Some(&t)).await.0, StatusCode::OK);
+    }
+    // No explicit flush: a graceful stop writes everything.
+    kg.stop().await;
+
+    let kg = TestKeygate::start_with(opts()).await.unwrap();
+    let u = kg
+        .client()
+        .get(&format!("/admin/v1/tokens/{id}/usage?granularity=day&from=2030-01-01T00:00:00Z&to=2031-01-01T00:00:00Z"))
+        .await;
+    assert_eq!(u.body["total"]["requests"], 3, "{:?}", u.body);
+    let codes = futures_codes(&kg, "/plain/x", &t, 3).await;
+    assert_eq!(codes, vec![200, 200, 429], "the quota counted before the restart still holds");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let up = MockUpstream::start().await.unwrap();
+    let gw = keygate_gateway::config::GatewayConfig { trusted_proxies: vec!["127.0.0.1".into()], ..Default::default() };
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![route("plain", "/plain", &up.url())],
+        gateway: Some(gw),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let (_, t) = kg.client().create_token(&json!({"name": "office", "ip_allowlist": ["203.0.113.0/24"]})).await;
+    let send = |xff: &'static str| {
+        let url = format!("{}/plain/x", kg.gateway_url());
+        let t = t.clone();
+        async move { http().get(url).bearer_auth(t).header("x-forwarded-for", xff).send().await.unwrap() }
+    };
+    let ok = send("203.0.113.7").await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let seen: Value = ok.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1", "the chain is extended");
+    assert_eq!(send("198.51.100.1").await.status(), StatusCode::FORBIDDEN);
+    // The rightmost untrusted hop decides, not whatever the client put first.
+    assert_eq!(send("203.0.113.7, 198.51.100.1").await.status(), StatusCode::FORBIDDEN);
+    kg.stop().await;
+}

@@ -146,6 +146,8 @@ pub trait ChangeFeed: Send + Sync {
     /// Changes with a sequence number above `seq`, in order, at most `limit` of them.
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>>;
     fn subscribe(&self) -> Box<dyn ChangeSignal>;
+    /// The newest feed position this process knows to be committed (for lag metrics).
+    fn position(&self) -> u64;
 }
 
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.

@@ -950,6 +950,10 @@ impl ChangeFeed for SqlStore {
     fn subscribe(&self) -> Box<dyn ChangeSignal> {
         Box::new(WatchSignal(self.feed.subscribe()))
     }
+
+    fn position(&self) -> u64 {
+        *self.feed.borrow()
+    }
 }
 
 #[async_trait]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use keygate_admin::{Admin, AdminSettings, AdminState};
 use keygate_core::secret::{OsRandom, Pepper};
-use keygate_core::store::{RootKeyStore, Store};
+use keygate_core::store::{ChangeFeed, RootKeyStore, Store};
 use keygate_core::{Clock, SystemClock};
 use keygate_gateway::handler::Gateway;
 use keygate_gateway::index::TokenIndex;
@@ -118,11 +118,14 @@ pub async fn start(
     ];
 
     let metrics_gw = gw.clone();
+    let metrics_store = store.clone();
     let metrics = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let gw = metrics_gw.clone();
+            let store = metrics_store.clone();
             async move {
+                let lag = store.position().saturating_sub(gw.index.seq());
                 let table = gw.table.load();
                 let body = table.metrics.render(&[
                     ("keygate_token_index_size", "Tokens resident in the gateway's index.", gw.index.len() as f64),
@@ -131,6 +134,7 @@ pub async fn start(
                         "Change-feed position the index is current to.",
                         gw.index.seq() as f64,
                     ),
+                    ("keygate_change_feed_lag", "Committed token changes the index has not applied yet.", lag as f64),
                 ]);
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }

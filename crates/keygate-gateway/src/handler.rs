@@ -268,7 +268,8 @@ impl Gateway {
             let allowed = cors_allows(cors, &origin);
             if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
                 let resp = preflight(cors, &origin, allowed);
-                self.finish(&table, Some(route), None, resp.status().as_u16(), 0, 0, start, now, &req);
+                let o = Outcome { status: resp.status().as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+                self.record(&table, Some(route), None, &o, self.line(req.method(), req.uri().path()).as_ref());
                 return resp;
             }
             if allowed {
@@ -281,13 +282,21 @@ impl Gateway {
             Err((route, caller, refusal)) => {
                 table.metrics.refusal(refusal.code);
                 let resp = error_response(&refusal, &limit_headers);
-                self.finish(&table, route.as_deref(), caller.as_ref(), refusal.status.as_u16(), 0, 0, start, now, &req);
+                let o = Outcome { status: refusal.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+                self.record(
+                    &table,
+                    route.as_deref(),
+                    caller.as_ref(),
+                    &o,
+                    self.line(req.method(), req.uri().path()).as_ref(),
+                );
                 return resp;
             }
         };
         if route.demo {
             let resp = demo_echo(&req, caller.as_ref(), &limit_headers);
-            self.finish(&table, Some(&route), caller.as_ref(), 200, 0, 0, start, now, &req);
+            let o = Outcome { status: 200, bytes_in: 0, bytes_out: 0, start, now };
+            self.record(&table, Some(&route), caller.as_ref(), &o, self.line(req.method(), req.uri().path()).as_ref());
             return resp;
         }
         self.forward(table, route, caller, conn, req, limit_headers, start, now).await
@@ -462,46 +471,47 @@ impl Gateway {
         None
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
+    /// The request line for the access log, taken only when the log is on.
+    fn line(&self, method: &Method, path: &str) -> Option<RequestLine> {
+        self.settings.access_log.then(|| RequestLine { method: method.clone(), path: path.to_owned() })
+    }
+
+    /// Counts a finished request: route metrics, the caller's usage, and the access log line.
+    fn record(
         &self,
         table: &Table,
         route: Option<&Route>,
         caller: Option<&Caller>,
-        status: u16,
-        bytes_in: u64,
-        bytes_out: u64,
-        start: Instant,
-        now: Timestamp,
-        req: &Request<Incoming>,
+        o: &Outcome,
+        line: Option<&RequestLine>,
     ) {
-        let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        table.metrics.request(route.map(|r| r.index), status, latency_us);
+        let latency_us = u64::try_from(o.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        table.metrics.request(route.map(|r| r.index), o.status, latency_us);
         if let (Some(route), Some(c)) = (route, caller) {
             self.meter.record(&Sample {
                 public_id: c.token.public_id(),
                 workspace_id: &c.token.workspace_id,
                 route_index: route.index,
                 route_id: &route.id,
-                status,
-                bytes_in,
-                bytes_out,
+                status: o.status,
+                bytes_in: o.bytes_in,
+                bytes_out: o.bytes_out,
                 latency_us,
-                at: now,
+                at: o.now,
                 client_ip: c.ip,
             });
         }
-        if self.settings.access_log {
+        if let Some(line) = line {
             let token_id = caller.map(|c| c.token.token_id().to_string());
             tracing::info!(
                 target: "keygate::access",
-                method = %req.method(),
-                path = req.uri().path(),
+                method = %line.method,
+                path = %line.path,
                 route = route.map(|r| &*r.id),
-                status,
+                status = o.status,
                 latency_us,
-                bytes_in,
-                bytes_out,
+                bytes_in = o.bytes_in,
+                bytes_out = o.bytes_out,
                 token_id = token_id.as_deref(),
                 "request"
             );
@@ -622,6 +632,7 @@ impl Gateway {
                         start,
                         now,
                         &method,
+                        self.line(&method, &path),
                     );
                 }
                 Err(e) => {
@@ -652,23 +663,14 @@ impl Gateway {
             }
         };
         let resp = error_response(&refusal, &limit_headers);
-        let status = refusal.status.as_u16();
-        let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        table.metrics.request(Some(route.index), status, latency_us);
-        if let Some(c) = &caller {
-            self.meter.record(&Sample {
-                public_id: c.token.public_id(),
-                workspace_id: &c.token.workspace_id,
-                route_index: route.index,
-                route_id: &route.id,
-                status,
-                bytes_in: seen.load(Ordering::Relaxed),
-                bytes_out: 0,
-                latency_us,
-                at: now,
-                client_ip: c.ip,
-            });
-        }
+        let o = Outcome {
+            status: refusal.status.as_u16(),
+            bytes_in: seen.load(Ordering::Relaxed),
+            bytes_out: 0,
+            start,
+            now,
+        };
+        self.record(&table, Some(&route), caller.as_ref(), &o, self.line(&method, &path).as_ref());
         resp
     }
 
@@ -686,6 +688,7 @@ impl Gateway {
         start: Instant,
         now: Timestamp,
         method: &Method,
+        line: Option<RequestLine>,
     ) -> Response<GatewayBody> {
         let status = resp.status();
         if status == StatusCode::SWITCHING_PROTOCOLS
@@ -703,7 +706,8 @@ impl Gateway {
             let mut out = Response::from_parts(parts, GatewayBody::empty());
             let h = out.headers_mut();
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            self.finish_upstream(&table, &route, caller.as_ref(), 101, &seen, 0, start, now);
+            let o = Outcome { status: 101, bytes_in: seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
+            self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
             return out;
         }
         let (mut parts, incoming) = resp.into_parts();
@@ -722,50 +726,9 @@ impl Gateway {
             now,
             lease: Some(lease),
             head: *method == Method::HEAD,
+            line,
         };
         Response::from_parts(parts, GatewayBody::Upstream { inner: incoming, sent: 0, done: Some(Box::new(done)) })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish_upstream(
-        &self,
-        table: &Table,
-        route: &Route,
-        caller: Option<&Caller>,
-        status: u16,
-        seen: &AtomicU64,
-        bytes_out: u64,
-        start: Instant,
-        now: Timestamp,
-    ) {
-        let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        table.metrics.request(Some(route.index), status, latency_us);
-        if let Some(c) = caller {
-            self.meter.record(&Sample {
-                public_id: c.token.public_id(),
-                workspace_id: &c.token.workspace_id,
-                route_index: route.index,
-                route_id: &route.id,
-                status,
-                bytes_in: seen.load(Ordering::Relaxed),
-                bytes_out,
-                latency_us,
-                at: now,
-                client_ip: c.ip,
-            });
-        }
-        if self.settings.access_log {
-            tracing::info!(
-                target: "keygate::access",
-                route = &*route.id,
-                status,
-                latency_us,
-                bytes_in = seen.load(Ordering::Relaxed),
-                bytes_out,
-                token_id = caller.map(|c| c.token.token_id().to_string()).as_deref(),
-                "request"
-            );
-        }
     }
 }
 
@@ -781,6 +744,22 @@ struct Completion {
     now: Timestamp,
     lease: Option<Lease>,
     head: bool,
+    line: Option<RequestLine>,
+}
+
+/// Method and path, for the access log.
+struct RequestLine {
+    method: Method,
+    path: String,
+}
+
+/// How a request ended, for metering.
+struct Outcome {
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    start: Instant,
+    now: Timestamp,
 }
 
 impl OnComplete for Completion {
@@ -790,16 +769,14 @@ impl OnComplete for Completion {
         {
             lease.release();
         }
-        self.gw.finish_upstream(
-            &self.table,
-            &self.route,
-            self.caller.as_ref(),
-            self.status,
-            &self.seen,
+        let o = Outcome {
+            status: self.status,
+            bytes_in: self.seen.load(Ordering::Relaxed),
             bytes_out,
-            self.start,
-            self.now,
-        );
+            start: self.start,
+            now: self.now,
+        };
+        self.gw.record(&self.table, Some(&self.route), self.caller.as_ref(), &o, self.line.as_ref());
     }
 }
 

@@ -140,7 +140,7 @@ pub struct Exposure {
     pub display: String,
     /// The caller's token it matched, if any.
     pub token: Option<TokenRecord>,
-    /// `live`, `inactive` (revoked, expired or suspended), `unknown` or `malformed`.
+    /// `live`, `inactive` (revoked, expired or suspended), `live_root_key`, `unknown` or `malformed`.
     pub verdict: &'static str,
 }
 
@@ -158,10 +158,12 @@ pub struct Admin {
 }
 
 /// Something to tell about committed token changes (the local token index).
+#[async_trait::async_trait]
 pub trait TokenChangeHook: Send + Sync {
     fn token_changed(&self, token: &TokenRecord);
-    /// Tokens of a deleted app are gone; followers learn it from the feed.
-    fn feed_changed(&self);
+    /// Changes the record alone does not describe (the tokens of a deleted app are gone):
+    /// read them from the change feed before the API answers.
+    async fn catch_up(&self);
 }
 
 impl Admin {
@@ -339,7 +341,7 @@ impl Admin {
             NewAuditEvent::new(ws, actor, "app.delete", id.as_str(), now).with_diff(&app_view(&app), &Value::Null);
         self.store.delete_app(ws, id, revoke_tokens, now, &audit).await?;
         if let Some(h) = self.hook.get() {
-            h.feed_changed();
+            h.catch_up().await;
         }
         Ok(())
     }
@@ -724,9 +726,15 @@ impl Admin {
         actor: &Actor,
         found: &[(String, Option<String>)],
     ) -> Result<Vec<Exposure>> {
+        // Every location is checked before anything is written, so a bad one changes nothing.
+        for (_, location) in found {
+            if let Some(l) = location {
+                validate_text(l, "location", 500)?;
+            }
+        }
         let mut out = Vec::with_capacity(found.len());
         for (presented, location) in found {
-            let location = location.as_deref().map(|l| validate_text(l, "location", 500)).transpose()?;
+            let location = location.clone();
             let token_parse = token_format::parse(presented, &self.settings.prefix);
             let root_parse = token_format::parse(presented, &self.root_prefix);
             let Some(parsed) = token_parse.ok().or(root_parse.ok()) else {

@@ -1,6 +1,7 @@
-//! The request path: every step in memory, in this order — framing checks, path normalization,
-//! route match, CORS preflight, refusal of tokens in the query string, credential, token index,
-//! IP allowlist, scope, rate limit and quota, then forwarding with metering. This module is the
+//! The request path: every step in memory, in this order — CORS preflight (answered without a
+//! token), framing checks, path normalization, route match, refusal of tokens in the query string,
+//! credential, token index, IP allowlist, scope, rate limit and quota, then forwarding with
+//! metering. This module is the
 //! one place where data-plane refusals become HTTP answers (RFC 6750 for token errors).
 
 use std::net::{IpAddr, SocketAddr};
@@ -268,6 +269,9 @@ impl Gateway {
             let allowed = cors_allows(cors, &origin);
             if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
                 let resp = preflight(cors, &origin, allowed);
+                if !allowed {
+                    table.metrics.refusal("cors_origin_not_allowed");
+                }
                 let o = Outcome { status: resp.status().as_u16(), bytes_in: 0, bytes_out: 0, start, now };
                 self.record(&table, Some(route), None, &o, self.line(req.method(), req.uri().path()).as_ref());
                 return resp;
@@ -294,7 +298,7 @@ impl Gateway {
             }
         };
         if route.demo {
-            let resp = demo_echo(&req, caller.as_ref(), &limit_headers);
+            let resp = demo_echo(&req, caller.as_ref(), &limit_headers, &self.index);
             let o = Outcome { status: 200, bytes_in: 0, bytes_out: 0, start, now };
             self.record(&table, Some(&route), caller.as_ref(), &o, self.line(req.method(), req.uri().path()).as_ref());
             return resp;
@@ -417,8 +421,7 @@ impl Gateway {
         let id: &[u8; PUBLIC_ID_LEN] = token.public_id();
         let now_us = now.as_millis().saturating_mul(1000);
         let mut refused: Option<GcraDecision> = None;
-        for (name, scope, limit) in
-            [("token", 0u32, token.rate_limit), ("route", route.index as u32 + 1, route.rate_limit)]
+        for (name, scope, limit) in [("token", 0u32, token.rate_limit), ("route", route.limiter_key, route.rate_limit)]
         {
             let Some(limit) = limit else { continue };
             let d = self.limiter.check_rate(id, scope, &limit, now_us);
@@ -636,8 +639,15 @@ impl Gateway {
                     );
                 }
                 Err(e) => {
-                    table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
-                    tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
+                    // A failure caused by the client's own body says nothing about the upstream.
+                    let client_fault = broken.load(Ordering::Relaxed) || too_large.load(Ordering::Relaxed);
+                    if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
+                        proxy::note_failure(upstream);
+                    }
+                    if !client_fault {
+                        table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
+                        tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
+                    }
                     let retry = matches!(e, UpstreamError::Connect(_));
                     last_err = e;
                     if !retry {
@@ -823,11 +833,17 @@ fn preflight(cors: &crate::config::CorsConfig, origin: &HeaderValue, allowed: bo
 }
 
 /// `/demo/echo`: the request as keygate saw it and the identity it would attach.
-fn demo_echo(req: &Request<Incoming>, caller: Option<&Caller>, limit_headers: &HeaderMap) -> Response<GatewayBody> {
+fn demo_echo(
+    req: &Request<Incoming>,
+    caller: Option<&Caller>,
+    limit_headers: &HeaderMap,
+    index: &TokenIndex,
+) -> Response<GatewayBody> {
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
-        .filter(|(k, _)| *k != header::AUTHORIZATION && !k.as_str().starts_with("x-api-key"))
+        // Never echo a credential: not Authorization, nor any header whose value is a token.
+        .filter(|(k, v)| *k != header::AUTHORIZATION && !v.to_str().is_ok_and(|v| index.is_well_formed(v.trim())))
         .map(|(k, v)| (k.to_string(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
         .collect();
     let identity = caller.map(|c| {

@@ -22,7 +22,7 @@ pub const REASONS: [&str; 14] = [
     "bad_request",
     "route_not_found",
     "body_too_large",
-    "method_not_allowed",
+    "cors_origin_not_allowed",
 ];
 
 #[derive(Default)]

@@ -93,7 +93,10 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Sender, Upst
     Ok(sender)
 }
 
-/// Sends `req` to `upstream` over a pooled (or new) connection.
+/// Sends `req` to `upstream` over a pooled (or new) connection. A pooled connection that the
+/// upstream closed while idle is replaced by a fresh one transparently (the request had not been
+/// sent). Connection failures count against the upstream's passive health; a failure after the
+/// request was sent is left to the caller, which knows whether the client's body caused it.
 pub async fn send(
     upstream: &Upstream,
     req: Request<UpstreamBody>,
@@ -101,31 +104,42 @@ pub async fn send(
     answer_timeout: Duration,
 ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
     let authority = upstream.authority.clone();
-    let mut sender = match checkout(&authority) {
-        Some(s) => s,
-        None => connect(&authority, connect_timeout).await?,
+    let connect_counted = |e: UpstreamError| {
+        note_failure(upstream);
+        e
     };
+    let (mut sender, mut pooled) = match checkout(&authority) {
+        Some(s) => (s, true),
+        None => (connect(&authority, connect_timeout).await.map_err(connect_counted)?, false),
+    };
+    let mut req = req;
     upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-    let result = tokio::time::timeout(answer_timeout, sender.send_request(req)).await;
+    let result = loop {
+        match tokio::time::timeout(answer_timeout, sender.try_send_request(req)).await {
+            Ok(Err(mut e)) if pooled => match e.take_message() {
+                // Not sent: the idle connection was dead. Try once more on a new one.
+                Some(back) => {
+                    req = back;
+                    pooled = false;
+                    match connect(&authority, connect_timeout).await {
+                        Ok(s) => sender = s,
+                        Err(err) => break Err(connect_counted(err)),
+                    }
+                }
+                None => break Err(UpstreamError::Failed(format!("{authority}: {}", e.error()))),
+            },
+            Ok(Err(e)) => break Err(UpstreamError::Failed(format!("{authority}: {}", e.error()))),
+            Ok(Ok(resp)) => break Ok(resp),
+            Err(_) => break Err(UpstreamError::Timeout),
+        }
+    };
     upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     match result {
-        Ok(Ok(resp)) => {
+        Ok(resp) => {
             note_success(upstream);
             Ok((resp, Lease { authority, sender }))
         }
-        Ok(Err(e)) => {
-            note_failure(upstream);
-            // A pooled connection the upstream had closed fails before anything was sent.
-            if e.is_canceled() || e.is_closed() {
-                Err(UpstreamError::Connect(format!("the connection to {authority} was closed: {e}")))
-            } else {
-                Err(UpstreamError::Failed(format!("{authority}: {e}")))
-            }
-        }
-        Err(_) => {
-            note_failure(upstream);
-            Err(UpstreamError::Timeout)
-        }
+        Err(e) => Err(e),
     }
 }
 

@@ -67,6 +67,9 @@ pub struct Route {
     pub id: Arc<str>,
     /// Position in the table; indexes per-route metrics.
     pub index: usize,
+    /// A stable number from the route's id (never 0), keying per-route limiter state so that a
+    /// reload that reorders routes keeps each route's buckets.
+    pub limiter_key: u32,
     /// Normalized prefix without a trailing slash (`""` for the root).
     pub prefix: String,
     pub host: Option<String>,
@@ -192,6 +195,7 @@ impl RouteTable {
             routes.push(Arc::new(Route {
                 id: Arc::from(c.id.as_str()),
                 index,
+                limiter_key: limiter_key(&c.id),
                 prefix: if prefix == "/" { String::new() } else { prefix.trim_end_matches('/').to_owned() },
                 host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 upstreams,
@@ -215,6 +219,7 @@ impl RouteTable {
             routes.push(Arc::new(Route {
                 id: Arc::from("demo"),
                 index: routes.len(),
+                limiter_key: limiter_key("demo"),
                 prefix: DEMO_PATH.into(),
                 host: None,
                 upstreams: Vec::new(),
@@ -245,6 +250,12 @@ impl RouteTable {
             .filter(|r| r.covers(path) && r.host.as_deref().is_none_or(|h| Some(h) == host))
             .max_by_key(|r| (r.host.is_some(), !r.demo, r.prefix.len()))
     }
+}
+
+/// FNV-1a of the route id, never 0 (0 keys a token's own limit).
+fn limiter_key(id: &str) -> u32 {
+    let h = id.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    h.max(1)
 }
 
 /// Why a path cannot be routed.

@@ -1,6 +1,6 @@
 //! The gateway listener: one worker thread per core, each with its own single-threaded runtime,
-//! its own `SO_REUSEPORT` socket and its own upstream connections, so no lock is shared on the
-//! request path. HTTP/1.1 and HTTP/2 (h2c, or ALPN under TLS) on the same port. Graceful
+//! its own `SO_REUSEPORT` socket and its own upstream connections; what workers share (the token
+//! index, limiter and usage meter) is sharded, so they rarely meet on a lock. HTTP/1.1 and HTTP/2 (h2c, or ALPN under TLS) on the same port. Graceful
 //! shutdown stops accepting and lets in-flight requests finish within a deadline.
 
 use std::net::SocketAddr;

@@ -56,18 +56,15 @@ pub struct IndexHook {
     pub store: Arc<dyn Store>,
 }
 
+#[async_trait::async_trait]
 impl keygate_admin::service::TokenChangeHook for IndexHook {
     fn token_changed(&self, token: &keygate_core::model::TokenRecord) {
         self.index.upsert(token);
     }
-    fn feed_changed(&self) {
-        let index = self.index.clone();
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = keygate_gateway::follow::catch_up(&index, &*store).await {
-                tracing::warn!(error = %e, "token index: cannot read the change feed");
-            }
-        });
+    async fn catch_up(&self) {
+        if let Err(e) = keygate_gateway::follow::catch_up(&self.index, &*self.store).await {
+            tracing::warn!(error = %e, "token index: cannot read the change feed");
+        }
     }
 }
 

@@ -14,8 +14,8 @@ use crate::scan::{ScanOptions, scan};
 pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
     let mut prefixes = Vec::new();
     for p in &args.prefixes {
-        let prefix =
-            keygate_core::token_format::TokenPrefix::new(p).map_err(|e| anyhow::anyhow!("--prefix: {}", e.message))?;
+        let prefix = keygate_core::token_format::TokenPrefix::for_issuing(p)
+            .map_err(|e| crate::UsageError(format!("--prefix: {}", e.message)))?;
         prefixes.push(prefix.as_str().to_owned());
         prefixes.push(prefix.root_key_prefix().as_str().to_owned());
     }

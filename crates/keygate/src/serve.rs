@@ -175,9 +175,11 @@ impl Running {
     /// then closes the store.
     pub async fn shutdown(self) {
         tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down; draining in-flight requests");
+        // Both listeners drain at once, within one grace period.
+        let deadline = tokio::time::Instant::now() + self.grace;
         let _ = self.stop.send(true);
         self.gateway_server.shutdown().await;
-        match tokio::time::timeout(self.grace, self.server).await {
+        match tokio::time::timeout_at(deadline, self.server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin listener failed"),
             Ok(Err(e)) => tracing::error!(error = %e, "admin listener task failed"),

@@ -522,7 +522,8 @@ pub struct UsageCounts {
     pub bytes_out: u64,
     /// Mean time to answer, in milliseconds.
     pub latency_ms_avg: f64,
-    /// Upper bound of the histogram bucket holding the median (ms); `null` without requests.
+    /// Upper bound of the histogram bucket holding the median (ms; above 1000 ms, the mean);
+    /// `null` without requests.
     pub latency_ms_p50: Option<u64>,
     /// Upper bound of the histogram bucket holding the 95th percentile (ms).
     pub latency_ms_p95: Option<u64>,
@@ -539,7 +540,10 @@ impl From<&keygate_core::model::UsageRecord> for UsageCounts {
             for (i, n) in r.latency.iter().enumerate() {
                 seen += n;
                 if seen >= want {
-                    return Some(keygate_core::model::LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(u64::MAX));
+                    // Above the last bound (1 s) the histogram has no upper edge: the mean stands in.
+                    let mean_ms = r.latency_us_sum / r.requests.max(1) / 1000;
+                    let last = keygate_core::model::LATENCY_BUCKETS_MS.last().copied().unwrap_or(1000);
+                    return Some(keygate_core::model::LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(mean_ms.max(last)));
                 }
             }
             None

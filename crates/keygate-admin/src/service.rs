@@ -157,12 +157,10 @@ pub struct Admin {
     hook: std::sync::OnceLock<Arc<dyn TokenChangeHook>>,
 }
 
-/// Something to tell about committed token changes (the local token index).
+/// Told after every committed token change, before the API answers (the local token index
+/// reads the change feed, so the next request already sees the change).
 #[async_trait::async_trait]
 pub trait TokenChangeHook: Send + Sync {
-    fn token_changed(&self, token: &TokenRecord);
-    /// Changes the record alone does not describe (the tokens of a deleted app are gone):
-    /// read them from the change feed before the API answers.
     async fn catch_up(&self);
 }
 
@@ -183,11 +181,9 @@ impl Admin {
         let _ = self.hook.set(hook);
     }
 
-    fn changed(&self, tokens: &[&TokenRecord]) {
+    async fn changed(&self) {
         if let Some(h) = self.hook.get() {
-            for t in tokens {
-                h.token_changed(t);
-            }
+            h.catch_up().await;
         }
     }
 
@@ -340,9 +336,7 @@ impl Admin {
         let audit =
             NewAuditEvent::new(ws, actor, "app.delete", id.as_str(), now).with_diff(&app_view(&app), &Value::Null);
         self.store.delete_app(ws, id, revoke_tokens, now, &audit).await?;
-        if let Some(h) = self.hook.get() {
-            h.catch_up().await;
-        }
+        self.changed().await;
         Ok(())
     }
 
@@ -509,7 +503,7 @@ impl Admin {
         let audit =
             NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now).with_after(token.audit_view());
         self.store.insert_token(&token, &audit).await?;
-        self.changed(&[&token]);
+        self.changed().await;
         Ok((token, minted.secret))
     }
 
@@ -548,7 +542,7 @@ impl Admin {
         let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now)
             .with_diff(&before.audit_view(), &token.audit_view());
         self.store.update_token(&token, &audit).await?;
-        self.changed(&[&token]);
+        self.changed().await;
         Ok(token)
     }
 
@@ -713,7 +707,7 @@ impl Admin {
         audit.after = Some(a);
         let created = NewAuditEvent::new(ws, actor, "token.create", new.id.as_str(), now).with_after(new.audit_view());
         self.store.rotate_token(&old, &new, &audit, &created).await?;
-        self.changed(&[&old, &new]);
+        self.changed().await;
         Ok((new, minted.secret))
     }
 
@@ -785,7 +779,7 @@ impl Admin {
             after.insert("location".into(), location.map_or(Value::Null, |l| Value::String(l.to_owned())));
         }
         self.store.update_token(&marked, &audit).await?;
-        self.changed(&[&marked]);
+        self.changed().await;
         Ok(marked)
     }
 

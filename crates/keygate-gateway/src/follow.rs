@@ -28,8 +28,10 @@ pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> R
     catch_up(index, store).await
 }
 
-/// Applies every change after the index's position; returns when there are none left.
+/// Applies every change after the index's position; returns when there are none left. Callers
+/// take turns: a batch read before a commit is applied before a batch read after it.
 pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
+    let _turn = index.apply_lock().await;
     loop {
         let changes = store.changes_since(index.seq(), BATCH).await?;
         let Some(last) = changes.last().map(|c| c.seq) else {

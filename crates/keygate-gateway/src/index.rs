@@ -179,6 +179,9 @@ struct Inner {
     interner: std::sync::Mutex<Interner>,
     len: AtomicUsize,
     seq: AtomicU64,
+    /// Held while a batch of changes is read from the feed and applied, so that a batch read
+    /// before a commit can never be applied after a batch read after it.
+    apply: tokio::sync::Mutex<()>,
 }
 
 /// The index; clones share it.
@@ -199,7 +202,13 @@ impl TokenIndex {
             interner: std::sync::Mutex::new(Interner::default()),
             len: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
+            apply: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Serializes readers-and-appliers of the change feed (see `follow::catch_up`).
+    pub async fn apply_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.apply.lock().await
     }
 
     /// How many tokens are resident.

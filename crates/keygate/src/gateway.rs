@@ -49,8 +49,8 @@ impl ExposureReporter for AdminReporter {
     }
 }
 
-/// Applies committed token changes to the local index before the admin API answers, so a
-/// revocation, suspension or scope change holds for the very next request.
+/// Brings the local index up to date before the admin API answers, so a revocation, suspension
+/// or scope change holds for the very next request.
 pub struct IndexHook {
     pub index: TokenIndex,
     pub store: Arc<dyn Store>,
@@ -58,9 +58,6 @@ pub struct IndexHook {
 
 #[async_trait::async_trait]
 impl keygate_admin::service::TokenChangeHook for IndexHook {
-    fn token_changed(&self, token: &keygate_core::model::TokenRecord) {
-        self.index.upsert(token);
-    }
     async fn catch_up(&self) {
         if let Err(e) = keygate_gateway::follow::catch_up(&self.index, &*self.store).await {
             tracing::warn!(error = %e, "token index: cannot read the change feed");

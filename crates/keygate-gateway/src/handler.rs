@@ -602,7 +602,8 @@ impl Gateway {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err = UpstreamError::Connect("no upstream".into());
         let attempts = if has_body || !idempotent { 1 } else { route.retries as usize + 1 };
-        for _ in 0..attempts {
+        let mut headers = Some(headers);
+        for attempt in 0..attempts {
             let Some(ui) = route.pick(&tried) else { break };
             tried.push(ui);
             let Some(upstream) = route.upstreams.get(ui) else { break };
@@ -617,7 +618,10 @@ impl Gateway {
                 Ok(uri) => *up.uri_mut() = uri,
                 Err(_) => break,
             }
-            *up.headers_mut() = headers.clone();
+            // The last attempt takes the headers; earlier ones (retries possible) copy them.
+            let last = attempt + 1 == attempts;
+            *up.headers_mut() =
+                if last { headers.take().unwrap_or_default() } else { headers.clone().unwrap_or_default() };
             if let Ok(v) = HeaderValue::from_str(&upstream.authority) {
                 up.headers_mut().insert(header::HOST, v);
             }

@@ -127,7 +127,35 @@ pub fn base62_fixed(mut n: u64, width: usize) -> String {
 
 /// The 6-character checksum of `data`: CRC-32 (the IEEE polynomial, as zlib's `crc32`) in base62.
 pub fn checksum(data: &[u8]) -> String {
-    base62_fixed(u64::from(crc32fast::hash(data)), CHECKSUM_LEN)
+    String::from_utf8(checksum_bytes(data).to_vec()).unwrap_or_default()
+}
+
+/// [`checksum`] without allocating: the verify path runs it for every request.
+fn checksum_bytes(data: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32fast::hash(data);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET.get((n % 62) as usize).copied().unwrap_or(b'0');
+        n /= 62;
+    }
+    out
+}
+
+/// 1 for the bytes of the base62 alphabet, 0 for every other byte.
+const IS_BASE62: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 62 {
+        t[ALPHABET[i] as usize] = 1;
+        i += 1;
+    }
+    t
+};
+
+/// Whether every byte is in the alphabet. No early exit: on random input the branchy version
+/// mispredicts, and this runs for every request.
+fn all_base62(bytes: &[u8]) -> bool {
+    bytes.iter().fold(1u8, |ok, b| ok & IS_BASE62[usize::from(*b)]) == 1
 }
 
 /// `len` characters drawn uniformly from the base62 alphabet (rejection sampling, so no bias).
@@ -179,13 +207,14 @@ fn parse_body<'a>(token: &'a str, prefix_len: usize, body: &'a str) -> Result<Pa
     if body.len() != BODY_LEN {
         return Err(FormatError::WrongLength);
     }
-    if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if !all_base62(body.as_bytes()) {
         return Err(FormatError::BadCharacter);
     }
     // All ASCII from here on, so byte offsets are character boundaries.
     let split = token.len() - CHECKSUM_LEN;
-    let (signed, sum) = (token.get(..split).unwrap_or_default(), token.get(split..).unwrap_or_default());
-    if checksum(signed.as_bytes()) != sum {
+    let (signed, sum) =
+        (token.as_bytes().get(..split).unwrap_or_default(), token.as_bytes().get(split..).unwrap_or_default());
+    if checksum_bytes(signed) != sum {
         return Err(FormatError::BadChecksum);
     }
     Ok(ParsedToken {

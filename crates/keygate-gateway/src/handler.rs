@@ -201,7 +201,23 @@ fn client_ip(remote: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAd
     ip
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "upgrade"
+    )
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection`, in one pass over
+/// the names (usually one or none are present, so this beats removing each by hash).
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -210,25 +226,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
-        if !(keep_upgrade && n == header::UPGRADE) {
-            h.remove(n);
-        }
-    }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| (is_hop_by_hop(k) || named.contains(k)) && !(keep_upgrade && *k == header::UPGRADE))
+        .cloned()
+        .collect();
+    for n in doomed {
         h.remove(n);
-    }
-    h.remove(header::CONNECTION);
-    if !keep_upgrade {
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -602,8 +606,9 @@ impl Gateway {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err = UpstreamError::Connect("no upstream".into());
         let attempts = if has_body || !idempotent { 1 } else { route.retries as usize + 1 };
+        let mut pending: Option<Request<UpstreamBody>> = None;
         let mut headers = Some(headers);
-        for attempt in 0..attempts {
+        for _ in 0..attempts {
             let Some(ui) = route.pick(&tried) else { break };
             tried.push(ui);
             let Some(upstream) = route.upstreams.get(ui) else { break };
@@ -611,17 +616,21 @@ impl Gateway {
                 Some(q) => format!("{}?{q}", route.upstream_path(upstream, &path)),
                 None => route.upstream_path(upstream, &path),
             };
-            let mut up = Request::new(body.take().unwrap_or(UpstreamBody::Empty));
-            *up.method_mut() = method.clone();
-            *up.version_mut() = Version::HTTP_11;
+            // The first attempt builds the request; a retry reuses the one handed back unsent.
+            let mut up = match pending.take() {
+                Some(r) => r,
+                None => {
+                    let mut r = Request::new(body.take().unwrap_or(UpstreamBody::Empty));
+                    *r.method_mut() = method.clone();
+                    *r.version_mut() = Version::HTTP_11;
+                    *r.headers_mut() = headers.take().unwrap_or_default();
+                    r
+                }
+            };
             match pq.parse() {
                 Ok(uri) => *up.uri_mut() = uri,
                 Err(_) => break,
             }
-            // The last attempt takes the headers; earlier ones (retries possible) copy them.
-            let last = attempt + 1 == attempts;
-            *up.headers_mut() =
-                if last { headers.take().unwrap_or_default() } else { headers.clone().unwrap_or_default() };
             if let Ok(v) = HeaderValue::from_str(&upstream.authority) {
                 up.headers_mut().insert(header::HOST, v);
             }
@@ -642,7 +651,7 @@ impl Gateway {
                         self.line(&method, &path),
                     );
                 }
-                Err(e) => {
+                Err(proxy::Unsent { error: e, request }) => {
                     // A failure caused by the client's own body says nothing about the upstream.
                     let client_fault = broken.load(Ordering::Relaxed) || too_large.load(Ordering::Relaxed);
                     if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
@@ -652,7 +661,8 @@ impl Gateway {
                         table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
                         tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
                     }
-                    let retry = matches!(e, UpstreamError::Connect(_));
+                    let retry = matches!(e, UpstreamError::Connect(_)) && request.is_some();
+                    pending = request;
                     last_err = e;
                     if !retry {
                         break;

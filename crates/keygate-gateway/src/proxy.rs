@@ -102,15 +102,17 @@ pub async fn send(
     req: Request<UpstreamBody>,
     connect_timeout: Duration,
     answer_timeout: Duration,
-) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+) -> Result<(Response<Incoming>, Lease), Unsent> {
     let authority = upstream.authority.clone();
-    let connect_counted = |e: UpstreamError| {
-        note_failure(upstream);
-        e
-    };
     let (mut sender, mut pooled) = match checkout(&authority) {
         Some(s) => (s, true),
-        None => (connect(&authority, connect_timeout).await.map_err(connect_counted)?, false),
+        None => match connect(&authority, connect_timeout).await {
+            Ok(s) => (s, false),
+            Err(e) => {
+                note_failure(upstream);
+                return Err(Unsent { error: e, request: Some(req) });
+            }
+        },
     };
     let mut req = req;
     upstream.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -119,28 +121,47 @@ pub async fn send(
             Ok(Err(mut e)) if pooled => match e.take_message() {
                 // Not sent: the idle connection was dead. Try once more on a new one.
                 Some(back) => {
-                    req = back;
                     pooled = false;
                     match connect(&authority, connect_timeout).await {
-                        Ok(s) => sender = s,
-                        Err(err) => break Err(connect_counted(err)),
+                        Ok(s) => {
+                            sender = s;
+                            req = back;
+                        }
+                        Err(err) => {
+                            note_failure(upstream);
+                            break Err(Unsent { error: err, request: Some(back) });
+                        }
                     }
                 }
-                None => break Err(UpstreamError::Failed(format!("{authority}: {}", e.error()))),
+                None => {
+                    break Err(Unsent {
+                        error: UpstreamError::Failed(format!("{authority}: {}", e.error())),
+                        request: None,
+                    });
+                }
             },
-            Ok(Err(e)) => break Err(UpstreamError::Failed(format!("{authority}: {}", e.error()))),
+            Ok(Err(mut e)) => {
+                let request = e.take_message();
+                let error = match &request {
+                    Some(_) => UpstreamError::Connect(format!("{authority}: {}", e.error())),
+                    None => UpstreamError::Failed(format!("{authority}: {}", e.error())),
+                };
+                break Err(Unsent { error, request });
+            }
             Ok(Ok(resp)) => break Ok(resp),
-            Err(_) => break Err(UpstreamError::Timeout),
+            Err(_) => break Err(Unsent { error: UpstreamError::Timeout, request: None }),
         }
     };
     upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-    match result {
-        Ok(resp) => {
-            note_success(upstream);
-            Ok((resp, Lease { authority, sender }))
-        }
-        Err(e) => Err(e),
-    }
+    let resp = result?;
+    note_success(upstream);
+    Ok((resp, Lease { authority, sender }))
+}
+
+/// A failed attempt, with the request back when it was never sent (so it can go elsewhere).
+pub struct Unsent {
+    pub error: UpstreamError,
+    pub request: Option<Request<UpstreamBody>>,
 }
 
 pub fn note_success(u: &Upstream) {

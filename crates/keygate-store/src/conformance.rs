@@ -402,6 +402,12 @@ async fn usage_and_quota_counts(h: &Harness) {
     assert_eq!(stored.last_used_ip.as_deref(), Some("10.0.0.1"));
     assert_eq!(stored.version, t.version, "usage does not conflict with admin updates");
     assert_eq!(s.quota_counts().await.unwrap(), vec![QuotaCount { count: 6, ..q.clone() }]);
+    // A flush of many rows at once (several statements of many rows each) adds up too.
+    let many: Vec<UsageRecord> =
+        (0..1200).map(|i| UsageRecord { minute: T0.plus_seconds(60 * (i + 1)), ..rec.clone() }).collect();
+    s.record_usage(&many, &[], &[]).await.unwrap();
+    let all = s.usage(&ws.id, &t.id, T0, T0.plus_seconds(60 * 1300)).await.unwrap();
+    assert_eq!(all.iter().map(|u| u.requests).sum::<u64>(), 6 + 1200 * 3);
     s.record_usage(&[], &[], &[QuotaCount { period_start: 200, count: 1, ..q.clone() }]).await.unwrap();
     assert_eq!(
         s.quota_counts().await.unwrap(),

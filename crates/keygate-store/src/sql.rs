@@ -793,6 +793,15 @@ const USAGE_COLS: &str = "token_id, workspace_id, route, minute, requests, statu
     status_5xx, bytes_in, bytes_out, latency_us_sum, lat_1ms, lat_5ms, lat_10ms, lat_25ms, lat_50ms, lat_100ms, \
     lat_250ms, lat_500ms, lat_1s, lat_inf";
 
+/// Rows per statement when flushing usage (22 parameters a row stays well under SQLite's 32766).
+const FLUSH_ROWS: usize = 500;
+
+/// `($first+1, …, $first+n)`.
+fn placeholders(first: usize, n: usize) -> String {
+    let list: Vec<String> = (first + 1..=first + n).map(|i| format!("${i}")).collect();
+    format!("({})", list.join(", "))
+}
+
 fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -803,57 +812,75 @@ impl UsageStore for SqlStore {
         if usage.is_empty() && last_used.is_empty() && quota.is_empty() {
             return Ok(());
         }
-        let counters: Vec<&str> = USAGE_COLS.split(", ").skip(4).collect();
-        let placeholders: Vec<String> = (1..=USAGE_COLS.split(", ").count()).map(|i| format!("${i}")).collect();
-        let updates: Vec<String> = counters.iter().map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
-        let usage_sql = format!(
-            "INSERT INTO token_usage ({USAGE_COLS}) VALUES ({}) ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
-            placeholders.join(", "),
-            updates.join(", ")
-        );
+        let cols: Vec<&str> = USAGE_COLS.split(", ").collect();
+        let updates: Vec<String> =
+            cols.iter().skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
         let mut tx = self.begin().await?;
-        for u in usage {
-            let mut q = sqlx::query(AssertSqlSafe(usage_sql.clone()))
-                .bind(u.token_id.as_str())
-                .bind(u.workspace_id.as_str())
-                .bind(u.route.as_str())
-                .bind(u.minute.as_millis())
-                .bind(count(u.requests));
-            for n in u.status {
-                q = q.bind(count(n));
-            }
-            q = q.bind(count(u.bytes_in)).bind(count(u.bytes_out)).bind(count(u.latency_us_sum));
-            for n in u.latency {
-                q = q.bind(count(n));
+        // Many rows per statement: each statement is a round trip to the database (for SQLite,
+        // to its worker thread), and a flush can hold one row per active token.
+        for chunk in usage.chunks(FLUSH_ROWS) {
+            let rows: Vec<String> = (0..chunk.len()).map(|r| placeholders(r * cols.len(), cols.len())).collect();
+            let sql = format!(
+                "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
+                rows.join(", "),
+                updates.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for u in chunk {
+                q = q
+                    .bind(u.token_id.as_str())
+                    .bind(u.workspace_id.as_str())
+                    .bind(u.route.as_str())
+                    .bind(u.minute.as_millis())
+                    .bind(count(u.requests));
+                for n in u.status {
+                    q = q.bind(count(n));
+                }
+                q = q.bind(count(u.bytes_in)).bind(count(u.bytes_out)).bind(count(u.latency_us_sum));
+                for n in u.latency {
+                    q = q.bind(count(n));
+                }
             }
             q.execute(&mut *tx).await.map_err(db_error)?;
         }
-        for l in last_used {
-            sqlx::query(
-                "UPDATE tokens SET last_used_at = $1, last_used_ip = $2 \
-                 WHERE id = $3 AND (last_used_at IS NULL OR last_used_at < $1)",
-            )
-            .bind(l.at.as_millis())
-            .bind(l.ip.as_str())
-            .bind(l.token_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        for chunk in last_used.chunks(FLUSH_ROWS) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|r| {
+                    format!(
+                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
+                        3 * r + 1,
+                        3 * r + 2,
+                        3 * r + 3
+                    )
+                })
+                .collect();
+            let sql = format!(
+                // VALUES columns are column1.. in both engines (SQLite cannot rename them).
+                "UPDATE tokens SET last_used_at = v.column2, last_used_ip = v.column3 FROM (VALUES {}) AS v \
+                 WHERE tokens.id = v.column1 AND (tokens.last_used_at IS NULL OR tokens.last_used_at < v.column2)",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for l in chunk {
+                q = q.bind(l.token_id.as_str()).bind(l.at.as_millis()).bind(l.ip.as_str());
+            }
+            q.execute(&mut *tx).await.map_err(db_error)?;
         }
-        for c in quota {
-            sqlx::query(
-                "INSERT INTO quota_counters (token_id, period_start, count) VALUES ($1, $2, $3) \
+        for chunk in quota.chunks(FLUSH_ROWS) {
+            let rows: Vec<String> = (0..chunk.len()).map(|r| placeholders(r * 3, 3)).collect();
+            let sql = format!(
+                "INSERT INTO quota_counters (token_id, period_start, count) VALUES {} \
                  ON CONFLICT (token_id) DO UPDATE SET \
                  count = CASE WHEN quota_counters.period_start = excluded.period_start \
                      THEN quota_counters.count + excluded.count ELSE excluded.count END, \
                  period_start = excluded.period_start",
-            )
-            .bind(c.token_id.as_str())
-            .bind(c.period_start)
-            .bind(count(c.count))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for c in chunk {
+                q = q.bind(c.token_id.as_str()).bind(c.period_start).bind(count(c.count));
+            }
+            q.execute(&mut *tx).await.map_err(db_error)?;
         }
         self.commit(tx, None).await
     }

@@ -4,6 +4,12 @@
 
 use std::process::ExitCode;
 
+// glibc's malloc spent ~9% of the gateway workers' time (largely consolidating hyper's read
+// buffers); mimalloc's thread-local free lists fit the thread-per-core design. See
+// docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use keygate::cli::{Cli, Command, ConfigCommand, Output, RootKeyCommand, StoreArgs};
 use keygate::config::{Config, LogFormat, Overrides};

@@ -26,10 +26,21 @@ impl std::error::Error for BodyTooLarge {}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What happened to a request body while it streamed upstream; shared with the handler.
+#[derive(Debug, Default)]
+pub struct BodyState {
+    /// Bytes read from the client.
+    pub seen: AtomicU64,
+    /// The body went over the route's limit.
+    pub too_large: AtomicBool,
+    /// The client's body did not parse (a bad chunk size, …).
+    pub broken: AtomicBool,
+}
+
 /// What the gateway sends upstream.
 pub enum UpstreamBody {
     Empty,
-    Stream { inner: Incoming, limit: u64, seen: Arc<AtomicU64>, too_large: Arc<AtomicBool>, broken: Arc<AtomicBool> },
+    Stream { inner: Incoming, limit: u64, state: Arc<BodyState> },
 }
 
 impl Body for UpstreamBody {
@@ -39,12 +50,12 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Stream { inner, limit, seen, too_large, broken } => match Pin::new(inner).poll_frame(cx) {
+            Self::Stream { inner, limit, state } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
-                        let total = seen.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                        let total = state.seen.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
                         if total > *limit {
-                            too_large.store(true, Ordering::Relaxed);
+                            state.too_large.store(true, Ordering::Relaxed);
                             return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                         }
                     }
@@ -52,7 +63,7 @@ impl Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // The client sent a body that does not parse (a bad chunk size, …).
-                    broken.store(true, Ordering::Relaxed);
+                    state.broken.store(true, Ordering::Relaxed);
                     Poll::Ready(Some(Err(Box::new(e))))
                 }
                 Poll::Ready(None) => Poll::Ready(None),

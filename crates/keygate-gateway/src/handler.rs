@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -20,7 +20,7 @@ use keygate_core::secret::TokenSecret;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use keygate_core::{Clock, Timestamp};
 
-use crate::body::{GatewayBody, OnComplete, UpstreamBody};
+use crate::body::{BodyState, GatewayBody, OnComplete, UpstreamBody};
 use crate::index::{IndexedToken, Refusal, TokenIndex};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
@@ -586,20 +586,12 @@ impl Gateway {
             }
         }
 
-        let seen = Arc::new(AtomicU64::new(0));
-        let too_large = Arc::new(AtomicBool::new(false));
-        let broken = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(BodyState::default());
         let incoming = req.into_body();
         let has_body = !http_body::Body::is_end_stream(&incoming);
         let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
         let mut body = Some(if has_body {
-            UpstreamBody::Stream {
-                inner: incoming,
-                limit: route.max_body_bytes,
-                seen: seen.clone(),
-                too_large: too_large.clone(),
-                broken: broken.clone(),
-            }
+            UpstreamBody::Stream { inner: incoming, limit: route.max_body_bytes, state: state.clone() }
         } else {
             UpstreamBody::Empty
         });
@@ -644,7 +636,7 @@ impl Gateway {
                         lease,
                         client_upgrade,
                         limit_headers,
-                        seen,
+                        state,
                         start,
                         now,
                         &method,
@@ -653,7 +645,7 @@ impl Gateway {
                 }
                 Err(proxy::Unsent { error: e, request }) => {
                     // A failure caused by the client's own body says nothing about the upstream.
-                    let client_fault = broken.load(Ordering::Relaxed) || too_large.load(Ordering::Relaxed);
+                    let client_fault = state.broken.load(Ordering::Relaxed) || state.too_large.load(Ordering::Relaxed);
                     if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
                         proxy::note_failure(upstream);
                     }
@@ -670,9 +662,9 @@ impl Gateway {
                 }
             }
         }
-        let refusal = if broken.load(Ordering::Relaxed) {
+        let refusal = if state.broken.load(Ordering::Relaxed) {
             Refuse::bad_framing("the request body is malformed (such as a bad chunk size)")
-        } else if too_large.load(Ordering::Relaxed) {
+        } else if state.too_large.load(Ordering::Relaxed) {
             Refuse::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
@@ -689,7 +681,7 @@ impl Gateway {
         let resp = error_response(&refusal, &limit_headers);
         let o = Outcome {
             status: refusal.status.as_u16(),
-            bytes_in: seen.load(Ordering::Relaxed),
+            bytes_in: state.seen.load(Ordering::Relaxed),
             bytes_out: 0,
             start,
             now,
@@ -708,7 +700,7 @@ impl Gateway {
         lease: Lease,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         limit_headers: HeaderMap,
-        seen: Arc<AtomicU64>,
+        state: Arc<BodyState>,
         start: Instant,
         now: Timestamp,
         method: &Method,
@@ -730,7 +722,7 @@ impl Gateway {
             let mut out = Response::from_parts(parts, GatewayBody::empty());
             let h = out.headers_mut();
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            let o = Outcome { status: 101, bytes_in: seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
+            let o = Outcome { status: 101, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
             self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
             return out;
         }
@@ -745,7 +737,7 @@ impl Gateway {
             route,
             caller,
             status: status.as_u16(),
-            seen,
+            state,
             start,
             now,
             lease: Some(lease),
@@ -763,7 +755,7 @@ struct Completion {
     route: Arc<Route>,
     caller: Option<Caller>,
     status: u16,
-    seen: Arc<AtomicU64>,
+    state: Arc<BodyState>,
     start: Instant,
     now: Timestamp,
     lease: Option<Lease>,
@@ -795,7 +787,7 @@ impl OnComplete for Completion {
         }
         let o = Outcome {
             status: self.status,
-            bytes_in: self.seen.load(Ordering::Relaxed),
+            bytes_in: self.state.seen.load(Ordering::Relaxed),
             bytes_out,
             start: self.start,
             now: self.now,

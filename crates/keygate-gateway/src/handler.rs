@@ -238,10 +238,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 
 /// The limit answer headers (draft-ietf-httpapi-ratelimit-headers): the policy and what is left.
 fn rate_limit_headers(h: &mut HeaderMap, name: &str, quota: u64, window_s: u64, remaining: u64, reset_s: u64) {
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={quota};w={window_s}")) {
+    // The strings are moved into the header values, not copied again.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(format!("\"{name}\";q={quota};w={window_s}"))) {
         h.append("ratelimit-policy", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={reset_s}")) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(format!("\"{name}\";r={remaining};t={reset_s}"))) {
         h.append("ratelimit", v);
     }
 }
@@ -574,14 +575,23 @@ impl Gateway {
             headers.insert("x-forwarded-host", h);
         }
         if let Some(c) = &caller {
-            if let Ok(v) = HeaderValue::from_str(c.token.token_id().as_str()) {
+            let mut id = [0u8; 4 + PUBLIC_ID_LEN];
+            id[..4].copy_from_slice(b"tok_");
+            id[4..].copy_from_slice(c.token.public_id());
+            if let Ok(v) = HeaderValue::from_bytes(&id) {
                 headers.insert(TOKEN_ID_HEADER, v);
             }
             if let Ok(v) = HeaderValue::from_str(&c.token.app_id) {
                 headers.insert(APP_ID_HEADER, v);
             }
-            let scopes: Vec<&str> = c.token.scopes.iter().map(|s| s.as_str()).collect();
-            if let Ok(v) = HeaderValue::from_str(&scopes.join(" ")) {
+            let mut scopes = String::with_capacity(c.token.scopes.iter().map(|s| s.as_str().len() + 1).sum());
+            for (i, sc) in c.token.scopes.iter().enumerate() {
+                if i > 0 {
+                    scopes.push(' ');
+                }
+                scopes.push_str(sc.as_str());
+            }
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(scopes)) {
                 headers.insert(SCOPES_HEADER, v);
             }
         }

@@ -1,0 +1,1189 @@
+#!/usr/bin/env python3
+"""Gateway benchmark: keygate side by side with nginx and HAProxy, in one run.
+
+Five variants share one upstream (an nginx answering `return 200 "ok"` on its own port) and are
+measured interleaved, round after round, so that whatever else the machine does at a given moment
+weighs on all of them alike:
+
+  direct       the upstream itself, no hop: the ceiling
+  nginx        nginx as a plain reverse proxy (keep-alive upstream, HTTP/1.1, no access log)
+  nginx-keys   the same plus a `map` of the valid keys and `limit_req` keyed on the key
+  haproxy      HAProxy with a map file of valid keys and a stick-table rate limit
+  keygate      keygate with 10,000 tokens (5% revoked, so refused), a per-token rate limit
+               that never fires, and usage metering
+
+Throughput is closed-loop `wrk` with a Lua script that puts a different bearer token on each
+request. Latency is open-loop `h2load --rps` at a fixed rate: half of what the plain nginx proxy
+reached. CPU time per request comes from /proc/PID/stat of each proxy (all its processes and
+threads), peak RSS from /proc/PID/status. Results are medians of per-round figures and ratios.
+
+It installs what it lacks (Debian: nginx, haproxy, wrk, nghttp2-client), builds keygate in
+release mode, prints a table, and writes the table and an SVG chart into docs/. Every process it
+starts is stopped when it ends, including on Ctrl-C.
+
+    python3 bench/gateway.py                 # the full run (about 11 minutes)
+    python3 bench/gateway.py --smoke         # a quick check that every piece works; no docs
+    python3 bench/gateway.py --no-doc --rounds 1 --seconds 5 --latency-rounds 1 --profile 10
+                                             # where the time goes: `perf stat` of every proxy
+                                             # and `perf record` of keygate, into the work dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import random
+import resource
+import re
+import shutil
+import signal
+import statistics
+import textwrap
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+VARIANTS = ["direct", "nginx", "nginx-keys", "haproxy", "keygate"]
+LABELS = {
+    "direct": "direct (no proxy)",
+    "nginx": "nginx, plain proxy",
+    "nginx-keys": "nginx + key map + limit_req",
+    "haproxy": "HAProxy + key map + stick table",
+    "keygate": "keygate (auth + limit + metering)",
+}
+COLORS = {
+    "direct": "#9e9e9e",
+    "nginx": "#2e7d32",
+    "nginx-keys": "#66bb6a",
+    "haproxy": "#1565c0",
+    "keygate": "#e65100",
+}
+TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
+
+BEGIN = "<!-- gateway-bench:begin — written by bench/gateway.py; a rerun replaces what is inside -->"
+END = "<!-- gateway-bench:end -->"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+class Procs:
+    """Every process this script starts, so that all of them (and only them) are stopped."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], logfile: Path, env: dict | None = None) -> subprocess.Popen:
+        out = open(logfile, "ab")
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        out.close()
+        self.started.append((name, p))
+        return p
+
+    def stop_all(self) -> None:
+        for name, p in reversed(self.started):
+            if p.poll() is None:
+                # nginx and HAProxy stop their workers themselves on SIGTERM.
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        for name, p in reversed(self.started):
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                log(f"{name} (pid {p.pid}) did not stop; killing it")
+                p.kill()
+                p.wait()
+        self.started.clear()
+
+
+PROCS = Procs()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def process_tree(pid: int) -> list[int]:
+    out = [pid]
+    for c in children(pid):
+        out.extend(process_tree(c))
+    return out
+
+
+def cpu_split(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of the processes (all their threads), in clock ticks."""
+    user = system = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    return sum(cpu_split(pids))
+
+
+def memory_kib(pids: list[int]) -> tuple[int, int]:
+    """(sum of VmHWM, sum of VmRSS) in KiB."""
+    hwm = rss = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                hwm += int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+    return hwm, rss
+
+
+def machine_busy_ticks() -> int:
+    """Busy time of the whole machine (all cores), in clock ticks, from /proc/stat."""
+    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    v = [int(x) for x in parts]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle
+
+
+def wait_http(port: int, path: str = "/", timeout: float = 30.0, headers: dict | None = None) -> int:
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path, headers=headers or {})
+            status = c.getresponse().status
+            c.close()
+            return status
+        except OSError as e:
+            last = e
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on port {port} after {timeout}s: {last}")
+
+
+def get_status(port: int, token: str | None) -> int:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request("GET", "/bench", headers={"Authorization": f"Bearer {token}"} if token else {})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    return r.status
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+
+
+def ensure_tools(install: bool, profile: bool) -> None:
+    tools = dict(TOOLS, perf="linux-perf") if profile else TOOLS
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    if not install:
+        sys.exit(f"missing tools (Debian packages {' '.join(missing)}); run without --no-install")
+    log(f"installing {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def build_keygate(skip: bool, given: str | None) -> Path:
+    if given:
+        return Path(given).resolve()
+    binary = ROOT / "target" / "release" / "keygate"
+    if not skip:
+        log("building keygate (cargo build --release -p keygate)")
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "keygate"], cwd=ROOT, check=True)
+    if not binary.exists():
+        sys.exit(f"{binary} is missing; build it or drop --no-build")
+    return binary
+
+
+@dataclass
+class Ports:
+    upstream: int
+    nginx: int
+    nginx_keys: int
+    haproxy: int
+    keygate: int
+    admin: int
+
+    @classmethod
+    def from_base(cls, base: int) -> "Ports":
+        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5)
+
+    def of(self, variant: str) -> int:
+        return {
+            "direct": self.upstream,
+            "nginx": self.nginx,
+            "nginx-keys": self.nginx_keys,
+            "haproxy": self.haproxy,
+            "keygate": self.keygate,
+        }[variant]
+
+
+NGINX_COMMON = """\
+worker_processes {workers};
+worker_rlimit_nofile 65536;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+{body}
+}}
+"""
+
+UPSTREAM_BODY = """\
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ return 200 "ok"; }}
+    }}
+"""
+
+PROXY_BODY = """\
+    upstream origin {{
+        server 127.0.0.1:{upstream};
+        keepalive 256;
+        keepalive_requests 100000000;
+    }}
+{extra}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+{checks}
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
+KEYS_EXTRA = """\
+    map_hash_max_size 262144;
+    map_hash_bucket_size 256;
+    map $http_authorization $api_key {{
+        default "";
+        include {dir}/keys.map;
+    }}
+    limit_req_zone $api_key zone=per_key:16m rate=1000000r/s;
+    limit_req_status 429;
+"""
+
+KEYS_CHECKS = """\
+            if ($api_key = "") { return 401; }
+            limit_req zone=per_key burst=100000 nodelay;
+"""
+
+HAPROXY_CFG = """\
+global
+    nbthread {threads}
+    maxconn 4096
+    tune.bufsize 16384
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 120s
+    option http-keep-alive
+
+frontend gateway
+    bind 127.0.0.1:{port}
+    stick-table type string len 96 size 32k expire 60s store http_req_rate(1s)
+    http-request deny deny_status 401 unless {{ req.hdr(authorization) -m beg "Bearer " }}
+    http-request set-var(txn.key) req.hdr(authorization),word(2,' ')
+    http-request set-var(txn.app) var(txn.key),map({dir}/keys.map)
+    http-request deny deny_status 401 unless {{ var(txn.app) -m found }}
+    http-request track-sc0 var(txn.key)
+    http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 1000000 }}
+    default_backend origin
+
+backend origin
+    http-reuse always
+    server up 127.0.0.1:{upstream}
+"""
+
+KEYGATE_CFG = """\
+data_dir = "{dir}/data"
+usage_flush_seconds = 5
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[gateway]
+listen = "127.0.0.1:{port}"
+threads = {threads}
+access_log = false
+demo = false
+
+[log]
+level = "warn"
+format = "text"
+
+[[routes]]
+id = "bench"
+path = "/"
+upstream = "http://127.0.0.1:{upstream}"
+"""
+
+WRK_LUA = """\
+-- Every request carries a bearer token picked at random from KG_BENCH_TOKENS (one a line).
+-- The requests are formatted once per thread, so the choice costs wrk almost nothing.
+local list = {}
+for line in io.lines(os.getenv("KG_BENCH_TOKENS")) do
+    if #line > 0 then list[#list + 1] = line end
+end
+
+local threads = 0
+function setup(thread)
+    threads = threads + 1
+    thread:set("thread_no", threads)
+end
+
+local prepared = {}
+function init(args)
+    math.randomseed(os.time() * 1000 + (thread_no or 0) * 7919)
+    local host = wrk.headers["Host"]
+    for i = 1, #list do
+        prepared[i] = wrk.format("GET", "/bench", { ["Host"] = host, ["Authorization"] = "Bearer " .. list[i] })
+    end
+end
+
+function request()
+    return prepared[math.random(#prepared)]
+end
+
+function done(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format(
+        'KGBENCH {"requests":%d,"duration_us":%d,"non_2xx":%d,"connect_errors":%d,"read_errors":%d,' ..
+        '"write_errors":%d,"timeouts":%d,"p50_us":%d,"p99_us":%d}\\n',
+        summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+        latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir = Path(args.workdir)
+        self.ports = Ports.from_base(args.base_port)
+        self.pids: dict[str, int] = {}
+        self.valid: list[str] = []
+        self.invalid: list[str] = []
+        self.raw = self.dir / "raw"
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def prepare_dir(self) -> None:
+        marker = self.dir / ".keygate-bench"
+        if self.dir.exists() and any(self.dir.iterdir()):
+            if not marker.exists():
+                sys.exit(f"{self.dir} is not empty and was not made by this script; choose another --workdir")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        for sub in ["raw", "upstream/tmp", "nginx/tmp", "nginx-keys/tmp", "haproxy", "keygate"]:
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def start_nginx(self, name: str, workers: int, body: str) -> None:
+        d = self.dir / name
+        (d / "nginx.conf").write_text(NGINX_COMMON.format(workers=workers, dir=d, body=body))
+        subprocess.run(["nginx", "-t", "-q", "-c", str(d / "nginx.conf"), "-p", str(d)], check=True)
+        p = PROCS.start(name, ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)], d / "stdout.log")
+        self.pids[name] = p.pid
+
+    def start_upstream(self) -> None:
+        self.start_nginx("upstream", self.args.upstream_workers, UPSTREAM_BODY.format(port=self.ports.upstream))
+        wait_http(self.ports.upstream)
+
+    def start_keygate(self, binary: Path) -> None:
+        d = self.dir / "keygate"
+        cfg = d / "keygate.toml"
+        cfg.write_text(
+            KEYGATE_CFG.format(
+                dir=d,
+                admin=self.ports.admin,
+                port=self.ports.keygate,
+                threads=self.args.workers,
+                upstream=self.ports.upstream,
+            )
+        )
+        out = subprocess.run(
+            [str(binary), "root-key", "create", "--name", "bench", "--config", str(cfg), "--output", "json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        root_key = json.loads(out.stdout)["key"]
+        env = dict(os.environ)
+        env.pop("KEYGATE_PEPPER", None)
+        p = PROCS.start("keygate", [str(binary), "serve", "--config", str(cfg)], d / "stdout.log", env)
+        self.pids["keygate"] = p.pid
+        wait_http(self.ports.admin, "/admin/v1/health")
+        self.create_tokens(root_key)
+
+    def create_tokens(self, root_key: str) -> None:
+        n, bad = self.args.tokens, self.args.invalid
+        log(f"creating {n} tokens through the admin API ({bad} of them then revoked)")
+        body = json.dumps(
+            {"name": "bench", "rate_limit": {"requests": 1_000_000, "per_seconds": 1, "burst": 0}}
+        )
+        headers = {"Authorization": f"Bearer {root_key}", "Content-Type": "application/json"}
+        made: list[tuple[str, str]] = []
+        lock = threading.Lock()
+        errors: list[str] = []
+
+        def worker(count: int) -> None:
+            c = http.client.HTTPConnection("127.0.0.1", self.ports.admin, timeout=30)
+            mine = []
+            for _ in range(count):
+                c.request("POST", "/admin/v1/tokens", body=body, headers=headers)
+                r = c.getresponse()
+                data = r.read()
+                if r.status != 201:
+                    errors.append(f"{r.status} {data[:200]!r}")
+                    return
+                j = json.loads(data)
+                mine.append((j["id"], j["token"]))
+            c.close()
+            with lock:
+                made.extend(mine)
+
+        t0 = time.time()
+        per = [n // 4 + (1 if i < n % 4 else 0) for i in range(4)]
+        threads = [threading.Thread(target=worker, args=(k,)) for k in per]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors or len(made) != n:
+            sys.exit(f"token creation failed: {errors[:3]}")
+        made.sort()
+        rng = random.Random(20240607)
+        rng.shuffle(made)
+        revoke, keep = made[:bad], made[bad:]
+        c = http.client.HTTPConnection("127.0.0.1", self.ports.admin, timeout=30)
+        for tid, _ in revoke:
+            c.request("POST", f"/admin/v1/tokens/{tid}/revoke", body="{}", headers=headers)
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                sys.exit(f"revoking {tid} answered {r.status}")
+        c.close()
+        self.valid = [t for _, t in keep]
+        self.invalid = [t for _, t in revoke]
+        log(f"tokens ready in {time.time() - t0:.0f}s: {len(self.valid)} valid, {len(self.invalid)} revoked")
+
+    def write_token_files(self) -> None:
+        pool = self.valid + self.invalid
+        random.Random(7).shuffle(pool)
+        (self.dir / "tokens.txt").write_text("\n".join(pool) + "\n")
+        # nginx: `map` lines; the value is a short per-key id that limit_req counts by.
+        lines = [f'"Bearer {t}" k{i};' for i, t in enumerate(self.valid)]
+        (self.dir / "nginx-keys" / "keys.map").write_text("\n".join(lines) + "\n")
+        # HAProxy: "key value" lines, keyed by the token (the header's second word).
+        lines = [f"{t} app{i}" for i, t in enumerate(self.valid)]
+        (self.dir / "haproxy" / "keys.map").write_text("\n".join(lines) + "\n")
+
+    def start_proxies(self) -> None:
+        up = self.ports.upstream
+        self.start_nginx(
+            "nginx",
+            self.args.workers,
+            PROXY_BODY.format(upstream=up, port=self.ports.nginx, extra="", checks=""),
+        )
+        d = self.dir / "nginx-keys"
+        self.start_nginx(
+            "nginx-keys",
+            self.args.workers,
+            PROXY_BODY.format(upstream=up, port=self.ports.nginx_keys, extra=KEYS_EXTRA.format(dir=d), checks=KEYS_CHECKS),
+        )
+        d = self.dir / "haproxy"
+        (d / "haproxy.cfg").write_text(
+            HAPROXY_CFG.format(threads=self.args.workers, port=self.ports.haproxy, upstream=up, dir=d)
+        )
+        subprocess.run(["haproxy", "-c", "-q", "-f", str(d / "haproxy.cfg")], check=True)
+        p = PROCS.start("haproxy", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")], d / "stdout.log")
+        self.pids["haproxy"] = p.pid
+        for v in ["nginx", "nginx-keys", "haproxy"]:
+            wait_http(self.ports.of(v))
+
+    def check_answers(self) -> None:
+        """Each variant answers 200 to a valid token and, if it checks keys, 401 to a revoked one."""
+        good, bad = self.valid[0], self.invalid[0] if self.invalid else "kg_not_a_token"
+        for v in VARIANTS:
+            port = self.ports.of(v)
+            got = (get_status(port, good), get_status(port, bad), get_status(port, None))
+            want = (200, 200, 200) if v in ("direct", "nginx") else (200, 401, 401)
+            if got != want:
+                sys.exit(f"{v} answered {got} (valid, revoked, none); expected {want}")
+        log("every variant answers as expected (valid 200; revoked and missing 401 where keys are checked)")
+
+    def proxy_pids(self, variant: str) -> list[int]:
+        name = "upstream" if variant == "direct" else variant
+        return process_tree(self.pids[name])
+
+    # ---- load -------------------------------------------------------------------------------
+
+    def wrk(self, variant: str, seconds: int, tag: str) -> dict:
+        port = self.ports.of(variant)
+        env = dict(os.environ, KG_BENCH_TOKENS=str(self.dir / "tokens.txt"))
+        argv = [
+            "wrk",
+            f"-t{self.args.wrk_threads}",
+            f"-c{self.args.connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(self.dir / "tokens.lua"),
+            f"http://127.0.0.1:{port}/bench",
+        ]
+        proxy = self.proxy_pids(variant)
+        upstream = process_tree(self.pids["upstream"])
+        busy0, up0, (pu0, ps0) = machine_busy_ticks(), cpu_ticks(upstream), cpu_split(proxy)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.time()
+        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.time() - t0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = p.stdout
+        wrk_ticks = round((kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime) * CLK_TCK)
+        (pu1, ps1), up1, busy1 = cpu_split(proxy), cpu_ticks(upstream), machine_busy_ticks()
+        hwm, rss = memory_kib(proxy)
+        (self.raw / f"{tag}-{variant}.txt").write_text(" ".join(argv) + "\n\n" + out)
+        m = re.search(r"^KGBENCH (\{.*\})$", out, re.M)
+        if p.returncode != 0 or not m:
+            raise RuntimeError(f"wrk against {variant} failed:\n{out}")
+        r = json.loads(m.group(1))
+        reqs = r["requests"]
+        proxy_ticks = (pu1 - pu0) + (ps1 - ps0)
+        upstream_ticks = up1 - up0
+        other = (busy1 - busy0) - proxy_ticks - wrk_ticks - (0 if variant == "direct" else upstream_ticks)
+        r.update(
+            variant=variant,
+            rps=reqs / (r["duration_us"] / 1e6),
+            cpu_us_per_req=proxy_ticks / CLK_TCK * 1e6 / reqs,
+            user_us_per_req=(pu1 - pu0) / CLK_TCK * 1e6 / reqs,
+            sys_us_per_req=(ps1 - ps0) / CLK_TCK * 1e6 / reqs,
+            upstream_cpu_us_per_req=upstream_ticks / CLK_TCK * 1e6 / reqs,
+            wrk_cpu_us_per_req=wrk_ticks / CLK_TCK * 1e6 / reqs,
+            other_cpu_cores=max(0.0, other / CLK_TCK / wall),
+            hwm_kib=hwm,
+            rss_kib=rss,
+        )
+        return r
+
+    def h2load(self, variant: str, rate: int, seconds: int, token: str, tag: str) -> dict:
+        port = self.ports.of(variant)
+        clients = self.args.latency_clients
+        per_client = max(1, round(rate / clients))
+        logfile = self.raw / f"{tag}-{variant}.tsv"
+        argv = [
+            "h2load",
+            "--h1",
+            "-t1",
+            f"-c{clients}",
+            f"--rps={per_client}",
+            f"-D{seconds}",
+            "--warm-up-time=1",
+            "-H",
+            f"Authorization: Bearer {token}",
+            f"--log-file={logfile}",
+            f"http://127.0.0.1:{port}/bench",
+        ]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        (self.raw / f"{tag}-{variant}.txt").write_text(" ".join(argv).replace(token, "<token>") + "\n\n" + out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"h2load against {variant} failed:\n{out.stdout}{out.stderr}")
+        rows = []
+        for line in logfile.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
+        logfile.unlink()
+        if not rows:
+            raise RuntimeError(f"h2load against {variant} logged no request")
+        # Drop the first second (connections opening) whatever h2load counted as warm-up.
+        first = min(r[0] for r in rows)
+        kept = sorted(r[2] for r in rows if r[0] >= first + 1_000_000)
+        bad = sum(1 for r in rows if not 200 <= r[1] < 300)
+        span = (max(r[0] for r in rows) - first) / 1e6 or 1.0
+        return {
+            "variant": variant,
+            "requests": len(rows),
+            "achieved_rps": len(rows) / span,
+            "non_2xx": bad,
+            "p50_us": pct(kept, 50),
+            "p99_us": pct(kept, 99),
+            "p999_us": pct(kept, 99.9),
+        }
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def run(self, binary: Path) -> dict:
+        a = self.args
+        self.prepare_dir()
+        (self.dir / "tokens.lua").write_text(WRK_LUA)
+        # A copy, so that a rebuild while the benchmark runs changes nothing.
+        shutil.copy2(binary, self.dir / "keygate-bin")
+        binary = self.dir / "keygate-bin"
+        facts = machine_facts(binary)
+        facts["load_before"] = os.getloadavg()
+        started = time.time()
+        self.start_upstream()
+        self.start_keygate(binary)
+        self.write_token_files()
+        self.start_proxies()
+        self.check_answers()
+
+        log(f"warm-up: {a.warmup}s per variant")
+        for v in VARIANTS:
+            self.wrk(v, a.warmup, "warmup")
+
+        thr: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for rnd in range(a.rounds):
+            order = interleave(VARIANTS, rnd)
+            for v in order:
+                r = self.wrk(v, a.seconds, f"throughput-r{rnd + 1}")
+                r["round"] = rnd + 1
+                thr[v].append(r)
+            line = "  ".join(f"{v}={thr[v][-1]['rps']:,.0f}" for v in VARIANTS)
+            log(f"round {rnd + 1}/{a.rounds} ({'→'.join(order)}): {line} req/s")
+
+        nginx_max = statistics.median(r["rps"] for r in thr["nginx"])
+        rate = int(nginx_max * a.latency_fraction)
+        log(f"latency at a fixed {rate:,} req/s ({a.latency_fraction:g} of the nginx proxy's median {nginx_max:,.0f})")
+        lat: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        rng = random.Random(11)
+        for rnd in range(a.latency_rounds):
+            token = rng.choice(self.valid)
+            for v in interleave(VARIANTS, rnd):
+                r = self.h2load(v, rate, a.latency_seconds, token, f"latency-r{rnd + 1}")
+                r["round"] = rnd + 1
+                lat[v].append(r)
+            line = "  ".join(f"{v}={lat[v][-1]['p99_us'] / 1000:.2f}" for v in VARIANTS)
+            log(f"latency round {rnd + 1}/{a.latency_rounds}: p99 ms {line}")
+
+        facts["load_after"] = os.getloadavg()
+        facts["minutes"] = (time.time() - started) / 60
+        return {
+            "facts": facts,
+            "params": {k: v for k, v in vars(a).items()},
+            "rate": rate,
+            "throughput": thr,
+            "latency": lat,
+            "summary": summarize(thr, lat),
+        }
+
+    def profile(self, seconds: int) -> None:
+        """Where each proxy's time goes: system calls and context switches per request for every
+        proxy (`perf stat`), then `perf record` of keygate. Reports go to the work directory."""
+        if shutil.which("perf") is None:
+            log("perf is missing (Debian: linux-perf); no profile")
+            return
+        events = [
+            "task-clock", "context-switches", "raw_syscalls:sys_enter",
+            "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_pwait", "syscalls:sys_enter_epoll_ctl",
+            "syscalls:sys_enter_read", "syscalls:sys_enter_readv", "syscalls:sys_enter_recvfrom",
+            "syscalls:sys_enter_write", "syscalls:sys_enter_writev", "syscalls:sys_enter_sendto",
+            "syscalls:sys_enter_futex",
+        ]
+        table = []
+        for v in ["nginx", "nginx-keys", "haproxy", "keygate"]:
+            pids = ",".join(str(p) for p in self.proxy_pids(v))
+            out = self.dir / f"perf-stat-{v}.csv"
+            stat = subprocess.Popen(
+                ["perf", "stat", "-x", ",", "-o", str(out), "-e", ",".join(events), "-p", pids,
+                 "--", "sleep", str(seconds + 1)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            r = self.wrk(v, seconds, "profile")
+            stat.wait()
+            counts = {}
+            for line in out.read_text().splitlines():
+                parts = line.split(",")
+                if len(parts) > 2 and parts[0].replace(".", "").isdigit():
+                    counts[parts[2]] = float(parts[0])
+            n = r["requests"]
+            row = {"variant": v, "requests": n, "rps": r["rps"]}
+            for e in events:
+                short = e.split(":")[-1].replace("sys_enter_", "").replace("sys_enter", "syscalls")
+                row[short] = counts.get(e, float("nan")) / n
+            row["task-clock"] = counts.get("task-clock", float("nan")) * 1000 / n  # msec -> µs per request
+            table.append(row)
+        cols = [k for k in table[0] if k not in ("variant", "requests", "rps")]
+        with open(self.dir / "perf-per-request.txt", "w") as f:
+            f.write("per request (task-clock in µs, the rest are counts):\n")
+            f.write(f"{'variant':<11}" + "".join(f"{c[:11]:>12}" for c in cols) + "\n")
+            for row in table:
+                f.write(f"{row['variant']:<11}" + "".join(f"{row[c]:>12.2f}" for c in cols) + "\n")
+        print((self.dir / "perf-per-request.txt").read_text())
+
+        data = self.dir / "perf.data"
+        pid = self.pids["keygate"]
+        env = dict(os.environ, KG_BENCH_TOKENS=str(self.dir / "tokens.txt"))
+        wrk = subprocess.Popen(
+            ["wrk", f"-t{self.args.wrk_threads}", f"-c{self.args.connections}", f"-d{seconds + 3}s",
+             "-s", str(self.dir / "tokens.lua"), f"http://127.0.0.1:{self.ports.keygate}/bench"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.5)
+        log(f"perf record on keygate (pid {pid}) for {seconds}s under wrk")
+        subprocess.run(
+            ["perf", "record", "-F", "999", "--call-graph", "dwarf,16384", "-o", str(data), "-p", str(pid),
+             "--", "sleep", str(seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wrk.wait()
+        workers = ",".join(f"keygate-gw-{i}" for i in range(self.args.workers))
+        reports = [
+            ("perf-threads.txt", ["--no-children", "--sort", "comm"]),
+            ("perf-self.txt", ["--no-children", "--sort", "dso,symbol"]),
+            ("perf-inclusive.txt", ["--children", "--sort", "symbol", "--comm", workers]),
+        ]
+        for name, extra in reports:
+            with open(self.dir / name, "w") as f:
+                subprocess.run(
+                    ["perf", "report", "-i", str(data), "--stdio", "-g", "none", "--percent-limit", "0.3", *extra],
+                    stdout=f, stderr=subprocess.DEVNULL,
+                )
+        log(f"profile: {self.dir}/perf-per-request.txt, " + ", ".join(n for n, _ in reports) + f" (data: {data})")
+
+
+def interleave(items: list[str], rnd: int) -> list[str]:
+    """A different order each round: rotated by the round number, reversed every other round."""
+    k = rnd % len(items)
+    order = items[k:] + items[:k]
+    return order[::-1] if rnd % 2 else order
+
+
+def pct(sorted_values: list[int], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, max(0, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    return float(sorted_values[i])
+
+
+def med(values) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(thr: dict, lat: dict) -> dict:
+    rounds = len(thr["nginx"])
+    out = {}
+    for v in VARIANTS:
+        runs = thr[v]
+        per_round_nginx = [runs[i]["rps"] / thr["nginx"][i]["rps"] for i in range(rounds)]
+        per_round_direct = [runs[i]["rps"] / thr["direct"][i]["rps"] for i in range(rounds)]
+        lruns = lat[v]
+        added = [lruns[i]["p99_us"] - lat["direct"][i]["p99_us"] for i in range(len(lruns))]
+        out[v] = {
+            "rps": med(r["rps"] for r in runs),
+            "vs_nginx": med(per_round_nginx),
+            "vs_nginx_range": [min(per_round_nginx), max(per_round_nginx)],
+            "vs_direct": med(per_round_direct),
+            "cpu_us_per_req": med(r["cpu_us_per_req"] for r in runs),
+            "user_us_per_req": med(r["user_us_per_req"] for r in runs),
+            "sys_us_per_req": med(r["sys_us_per_req"] for r in runs),
+            "upstream_cpu_us_per_req": med(r["upstream_cpu_us_per_req"] for r in runs),
+            "wrk_cpu_us_per_req": med(r["wrk_cpu_us_per_req"] for r in runs),
+            "peak_rss_mib": max(r["hwm_kib"] for r in runs) / 1024,
+            "non_2xx_share": sum(r["non_2xx"] for r in runs) / max(1, sum(r["requests"] for r in runs)),
+            "socket_errors": sum(r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"] for r in runs),
+            "other_cpu_cores": med(r["other_cpu_cores"] for r in runs),
+            "lat_p50_ms": med(r["p50_us"] for r in lruns) / 1000,
+            "lat_p99_ms": med(r["p99_us"] for r in lruns) / 1000,
+            "lat_p999_ms": med(r["p999_us"] for r in lruns) / 1000,
+            "lat_added_p99_ms": med(added) / 1000,
+            "lat_achieved_rps": med(r["achieved_rps"] for r in lruns),
+            "lat_non_2xx": sum(r["non_2xx"] for r in lruns),
+        }
+    return out
+
+
+def cmd_output(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine_facts(binary: Path) -> dict:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    commit = cmd_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = cmd_output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "crates", "Cargo.toml", "Cargo.lock"])
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024),
+        "kernel": platform.release(),
+        "os": cmd_output(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "nginx": cmd_output(["nginx", "-v"]).replace("nginx version: ", ""),
+        "haproxy": "haproxy/" + (re.findall(r"version (\S+)", cmd_output(["haproxy", "-v"])) or ["?"])[0],
+        "wrk": cmd_output(["wrk", "-v"]).splitlines()[0].split(" [")[0].replace("wrk debian/", "wrk/"),
+        "h2load": cmd_output(["h2load", "--version"]).splitlines()[0],
+        "keygate": cmd_output([str(binary), "--version"]) + f" (commit {commit}{', with uncommitted changes' if dirty else ''})",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def verdicts(s: dict) -> list[tuple[str, bool, str]]:
+    k, n = s["keygate"], s["nginx"]
+    return [
+        (
+            "Throughput at least the plain nginx proxy's (ratio ≥ 1.0)",
+            k["vs_nginx"] >= 1.0,
+            f"ratio {k['vs_nginx']:.2f} (rounds {k['vs_nginx_range'][0]:.2f}–{k['vs_nginx_range'][1]:.2f}); "
+            f"{fmt_int(k['rps'])} against {fmt_int(n['rps'])} req/s",
+        ),
+        (
+            "CPU time per request at most nginx's",
+            k["cpu_us_per_req"] <= n["cpu_us_per_req"],
+            f"{k['cpu_us_per_req']:.1f} µs against {n['cpu_us_per_req']:.1f} µs "
+            f"({k['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}×)",
+        ),
+        (
+            "p99 added latency at half nginx's maximum at most nginx's",
+            k["lat_added_p99_ms"] <= n["lat_added_p99_ms"],
+            f"{k['lat_added_p99_ms']:.2f} ms against {n['lat_added_p99_ms']:.2f} ms",
+        ),
+    ]
+
+
+def markdown(res: dict, chart_name: str) -> str:
+    f, p, s = res["facts"], res["params"], res["summary"]
+    lines = []
+    lines.append(f"Run of {f['date']}, {f['minutes']:.0f} minutes, on {f['cores']} cores ({f['cpu']}), "
+                 f"{f['memory_gib']} GiB, {f['os']}, Linux {f['kernel']}. Load average before: "
+                 f"{f['load_before'][0]:.2f}, after: {f['load_after'][0]:.2f}.")
+    lines.append("")
+    lines.append(f"Versions (Debian packages): {f['nginx']}, {f['haproxy']}, {f['wrk']}, {f['h2load']}; "
+                 f"{f['keygate']}.")
+    lines.append("")
+    lines.append("Reproduce (installs nginx, haproxy, wrk and nghttp2-client if missing, builds keygate, rewrites "
+                 "this part of the page and the chart):")
+    lines.append("")
+    lines.append("```sh")
+    lines.append("python3 bench/gateway.py")
+    lines.append("```")
+    lines.append("")
+    lines.append(
+        f"Setup: every proxy has **{p['workers']} workers** (nginx `worker_processes`, HAProxy `nbthread`, keygate "
+        f"`gateway.threads`) in front of one upstream, an nginx with {p['upstream_workers']} worker answering "
+        f"`return 200 \"ok\"`. Throughput: `wrk -t{p['wrk_threads']} -c{p['connections']}`, {p['rounds']} rounds of "
+        f"{p['seconds']} s per variant, interleaved (the order rotates and reverses each round) after one "
+        f"{p['warmup']} s warm-up per variant; every request carries a bearer token drawn at random from "
+        f"{p['tokens']:,} ({p['invalid']:,} of them revoked, so refused with 401). Latency: `h2load --h1 "
+        f"-c{p['latency_clients']} --rps` at a fixed **{res['rate']:,} req/s** (half the plain nginx proxy's median), "
+        f"{p['latency_rounds']} rounds of {p['latency_seconds']} s, first second dropped, one valid token per round; "
+        f"added latency is the variant's p99 minus the direct p99 of the same round. Figures are medians over rounds; "
+        f"ratios are medians of the per-round ratios."
+    )
+    lines.append("")
+    lines.append("| variant | req/s | × nginx proxy | × direct | CPU µs/req (user + sys) | peak RSS MiB | non-2xx | "
+                 "p50 / p99 ms at fixed rate | p99 added ms |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v in VARIANTS:
+        r = s[v]
+        cpu = f"{r['cpu_us_per_req']:.1f} ({r['user_us_per_req']:.1f} + {r['sys_us_per_req']:.1f})"
+        if v == "direct":
+            cpu += " ¹"
+        added = "—" if v == "direct" else f"{r['lat_added_p99_ms']:+.2f}"
+        rng = f" ({r['vs_nginx_range'][0]:.2f}–{r['vs_nginx_range'][1]:.2f})" if v != "nginx" else ""
+        lines.append(
+            f"| {LABELS[v]} | {fmt_int(r['rps'])} | {r['vs_nginx']:.2f}{rng} | {r['vs_direct']:.2f} | {cpu} | "
+            f"{r['peak_rss_mib']:.1f} | {100 * r['non_2xx_share']:.1f}% | "
+            f"{r['lat_p50_ms']:.2f} / {r['lat_p99_ms']:.2f} | {added} |"
+        )
+    lines.append("")
+    lines.append("¹ For *direct*, the CPU and RSS columns are the upstream's own. For the others they are the "
+                 "proxy's alone: all its processes and threads (utime + stime from `/proc/PID/stat` over the "
+                 "measured run, divided by the requests wrk completed); RSS is the sum of `VmHWM` over its "
+                 "processes. Round ranges of the ratio are in parentheses. Non-2xx are the revoked tokens' 401s.")
+    lines.append("")
+    up = ", ".join(f"{v} {s[v]['upstream_cpu_us_per_req']:.1f}" for v in VARIANTS)
+    wrkc = ", ".join(f"{v} {s[v]['wrk_cpu_us_per_req']:.1f}" for v in VARIANTS)
+    other = max(s[v]["other_cpu_cores"] for v in VARIANTS)
+    lines.append(f"Per request, the upstream spent (µs): {up}; wrk spent: {wrkc}. Other processes on the machine "
+                 f"used at most {other:.2f} cores (median per variant) during the runs. "
+                 f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
+                 f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
+    lines.append("")
+    lines.append(f"![Gateway benchmark: throughput against the nginx proxy, CPU per request, p99 added latency]({chart_name})")
+    lines.append("")
+    lines.append("**Goals** (keygate against the plain nginx proxy, on this machine):")
+    lines.append("")
+    for goal, ok, detail in verdicts(s):
+        lines.append(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}.")
+    lines.append("")
+    lines.append("<details><summary>Every run</summary>")
+    lines.append("")
+    lines.append("| phase | round | variant | req/s | CPU µs/req | upstream µs/req | non-2xx | p50 ms | p99 ms |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for rnd in range(p["rounds"]):
+        for v in VARIANTS:
+            r = res["throughput"][v][rnd]
+            lines.append(f"| wrk | {rnd + 1} | {v} | {fmt_int(r['rps'])} | {r['cpu_us_per_req']:.1f} | "
+                         f"{r['upstream_cpu_us_per_req']:.1f} | {r['non_2xx']} | {r['p50_us'] / 1000:.2f} | "
+                         f"{r['p99_us'] / 1000:.2f} |")
+    for rnd in range(p["latency_rounds"]):
+        for v in VARIANTS:
+            r = res["latency"][v][rnd]
+            lines.append(f"| h2load | {rnd + 1} | {v} | {fmt_int(r['achieved_rps'])} | | | {r['non_2xx']} | "
+                         f"{r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} |")
+    lines.append("")
+    lines.append("</details>")
+    return "\n".join(wrap_prose(lines))
+
+
+def wrap_prose(lines: list[str], width: int = 100) -> list[str]:
+    """Wraps paragraphs and list items at `width`; tables, code, HTML and images stay as they are."""
+    out, code = [], False
+    for line in lines:
+        if line.startswith("```"):
+            code = not code
+        if code or not line or line[0] in "|<!`" or line.startswith("```"):
+            out.append(line)
+        elif line.startswith("- "):
+            out.extend(textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False,
+                                     break_long_words=False))
+        else:
+            out.extend(textwrap.wrap(line, width, break_on_hyphens=False, break_long_words=False))
+    return out
+
+
+SHORT = {
+    "direct": "direct",
+    "nginx": "nginx proxy",
+    "nginx-keys": "nginx + keys + limit_req",
+    "haproxy": "HAProxy + keys + stick table",
+    "keygate": "keygate",
+}
+
+
+def svg_chart(res: dict) -> str:
+    """Three bar panels: throughput relative to the nginx proxy, CPU per request (user solid,
+    kernel pale), p99 added latency. The dashed line in each is the plain nginx proxy."""
+    s = res["summary"]
+    panels = [
+        ("Throughput × nginx proxy (higher is better)", "vs_nginx", "{:.2f}"),
+        ("CPU µs per request (lower is better)", "cpu_us_per_req", "{:.1f}"),
+        (f"p99 added ms at {res['rate']:,} req/s (lower is better)", "lat_added_p99_ms", "{:.2f}"),
+    ]
+    W, H, pw, gap, top, base = 1020, 340, 300, 35, 55, 255
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        'font-family="Helvetica, Arial, sans-serif" font-size="12">',
+        f'<rect width="{W}" height="{H}" fill="#ffffff"/>',
+        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">'
+        f"keygate against nginx and HAProxy: {res['facts']['cores']} cores, medians of "
+        f"{res['params']['rounds']} interleaved rounds</text>",
+    ]
+    for pi, (title, key, fmt) in enumerate(panels):
+        x0 = 20 + pi * (pw + gap)
+        out.append(f'<text x="{x0 + pw / 2}" y="{top - 14}" text-anchor="middle" font-weight="bold">{esc(title)}</text>')
+        shown = [v for v in VARIANTS if not (key == "lat_added_p99_ms" and v == "direct")]
+        values = {v: s[v][key] for v in VARIANTS}
+        hi = max(max(values[v] for v in shown), 0.0) * 1.15 or 1.0
+        lo = min(min(values[v] for v in shown), 0.0) * 1.15
+        scale = (base - top) / (hi - lo)
+        zero = top + hi * scale
+        bw = (pw - 10) / len(VARIANTS)
+        for i, v in enumerate(VARIANTS):
+            cx = x0 + 5 + i * bw
+            val = values[v]
+            if v not in shown:
+                out.append(f'<text x="{cx + bw / 2:.1f}" y="{zero - 4:.1f}" text-anchor="middle" fill="#777">n/a</text>')
+                continue
+            h = abs(val) * scale
+            y = zero - h if val >= 0 else zero
+            tip = f"{LABELS[v]}: {fmt.format(val)}"
+            if key == "cpu_us_per_req":
+                user = s[v]["user_us_per_req"] / max(1e-9, s[v]["user_us_per_req"] + s[v]["sys_us_per_req"]) * h
+                out.append(f'<rect x="{cx + 4:.1f}" y="{y:.1f}" width="{bw - 8:.1f}" height="{h - user:.1f}" '
+                           f'fill="{COLORS[v]}" fill-opacity="0.4"><title>{esc(tip)}</title></rect>')
+                out.append(f'<rect x="{cx + 4:.1f}" y="{y + h - user:.1f}" width="{bw - 8:.1f}" height="{user:.1f}" '
+                           f'fill="{COLORS[v]}"><title>{esc(tip)}</title></rect>')
+            else:
+                out.append(f'<rect x="{cx + 4:.1f}" y="{y:.1f}" width="{bw - 8:.1f}" height="{max(h, 0.5):.1f}" '
+                           f'fill="{COLORS[v]}"><title>{esc(tip)}</title></rect>')
+            ty = y - 4 if val >= 0 else y + h + 13
+            out.append(f'<text x="{cx + bw / 2:.1f}" y="{ty:.1f}" text-anchor="middle">{fmt.format(val)}</text>')
+        out.append(f'<line x1="{x0}" y1="{zero:.1f}" x2="{x0 + pw}" y2="{zero:.1f}" stroke="#333"/>')
+        ry = zero - values["nginx"] * scale
+        out.append(f'<line x1="{x0}" y1="{ry:.1f}" x2="{x0 + pw}" y2="{ry:.1f}" stroke="#2e7d32" '
+                   'stroke-dasharray="4 3"/>')
+    lx = 20
+    for v in VARIANTS:
+        out.append(f'<rect x="{lx}" y="{H - 52}" width="12" height="12" fill="{COLORS[v]}"/>')
+        out.append(f'<text x="{lx + 17}" y="{H - 42}">{esc(SHORT[v])}</text>')
+        lx += 17 + 6.8 * len(SHORT[v]) + 26
+    out.append(f'<text x="20" y="{H - 14}" fill="#555">Dashed line: the plain nginx proxy. CPU bars: solid is user '
+               f"time, pale is kernel time. Generated by bench/gateway.py on {esc(res['facts']['date'])}.</text>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def esc(t: str) -> str:
+    return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+SECTION_TITLE = "## Gateway: keygate against nginx and HAProxy"
+
+
+def update_doc(doc: Path, generated: str) -> None:
+    block = f"{BEGIN}\n\n{generated}\n\n{END}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        a, rest = text.split(BEGIN, 1)
+        _, b = rest.split(END, 1)
+        text = a + block + b
+    else:
+        lines = text.splitlines(keepends=True)
+        start = next((i for i, l in enumerate(lines) if l.startswith("## Gateway")), None)
+        section = f"{SECTION_TITLE}\n\n{block}\n"
+        if start is None:
+            text = text.rstrip("\n") + "\n\n" + section
+        else:
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            tail = "".join(lines[end:])
+            text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    doc.write_text(text)
+
+
+def print_table(res: dict) -> None:
+    s = res["summary"]
+    print()
+    print(f"{'variant':<12} {'req/s':>9} {'×nginx':>7} {'×direct':>8} {'cpu µs':>7} {'rss MiB':>8} "
+          f"{'non2xx':>7} {'p99 ms':>7} {'added':>7}")
+    for v in VARIANTS:
+        r = s[v]
+        print(f"{v:<12} {r['rps']:>9,.0f} {r['vs_nginx']:>7.2f} {r['vs_direct']:>8.2f} {r['cpu_us_per_req']:>7.1f} "
+              f"{r['peak_rss_mib']:>8.1f} {100 * r['non_2xx_share']:>6.1f}% {r['lat_p99_ms']:>7.2f} "
+              f"{r['lat_added_p99_ms']:>+7.2f}")
+    print()
+    for goal, ok, detail in verdicts(s):
+        print(f"{'MET    ' if ok else 'NOT MET'}  {goal}: {detail}")
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7, help="throughput rounds (default 7)")
+    ap.add_argument("--seconds", type=int, default=10, help="seconds per throughput run (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per variant (default 3)")
+    ap.add_argument("--workers", type=int, default=2, help="proxy workers/threads (default 2)")
+    ap.add_argument("--upstream-workers", type=int, default=1, help="upstream nginx workers (default 1)")
+    ap.add_argument("--wrk-threads", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=10_000, help="tokens created in keygate (default 10000)")
+    ap.add_argument("--invalid", type=int, default=500, help="of those, revoked and still sent (default 500)")
+    ap.add_argument("--latency-rounds", type=int, default=4)
+    ap.add_argument("--latency-seconds", type=int, default=8)
+    ap.add_argument("--latency-clients", type=int, default=16)
+    ap.add_argument("--latency-fraction", type=float, default=0.5)
+    ap.add_argument("--base-port", type=int, default=28180, help="six ports from here (default 28180)")
+    ap.add_argument("--workdir", default="/tmp/keygate-bench", help="configs, logs and raw output")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--no-build", action="store_true", help="use target/release/keygate as it is")
+    ap.add_argument("--keygate", metavar="PATH", help="a keygate binary to use instead of building one")
+    ap.add_argument("--from-results", metavar="JSON", help="rewrite the page and chart from a saved results.json")
+    ap.add_argument("--smoke", action="store_true", help="a short run that checks the pieces; implies --no-doc")
+    ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                    help="after the run, perf-record keygate under load for this long")
+    args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.seconds, args.warmup = 1, 2, 1
+        args.latency_rounds, args.latency_seconds = 1, 3
+        args.tokens, args.invalid = min(args.tokens, 200), min(args.invalid, 10)
+        args.no_doc = True
+
+    if args.from_results:
+        # Only the report: the table, the chart and the page, from a saved results.json.
+        res = json.loads(Path(args.from_results).read_text())
+        res["summary"] = summarize(res["throughput"], res["latency"])
+    else:
+        ensure_tools(not args.no_install, args.profile > 0)
+        binary = build_keygate(args.no_build, args.keygate)
+        atexit.register(PROCS.stop_all)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: sys.exit(130))
+        bench = Bench(args)
+        res = bench.run(binary)
+        (bench.dir / "results.json").write_text(json.dumps(res, indent=1))
+        print_table(res)
+        if args.profile:
+            bench.profile(args.profile)
+        PROCS.stop_all()
+        log(f"raw output and results.json in {bench.dir}")
+
+    if not args.no_doc:
+        doc = Path(args.doc)
+        chart = doc.parent / "benchmarks-gateway.svg"
+        chart.write_text(svg_chart(res))
+        update_doc(doc, markdown(res, chart.name))
+        log(f"wrote {doc} and {chart}")
+
+
+if __name__ == "__main__":
+    main()

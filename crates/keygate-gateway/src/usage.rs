@@ -85,11 +85,25 @@ impl UsageMeter {
 
     /// Takes everything counted so far.
     pub fn drain(&self) -> (Vec<UsageRecord>, Vec<LastUse>) {
+        self.drain_before(i64::MAX, true)
+    }
+
+    /// Takes the minutes that started before `minute_ms` (finished minutes: each row then
+    /// reaches the store once, not once per flush), and `last_used` if `with_last_used`.
+    pub fn drain_before(&self, minute_ms: i64, with_last_used: bool) -> (Vec<UsageRecord>, Vec<LastUse>) {
         let mut usage = Vec::new();
         let mut last = Vec::new();
         for shard in &self.shards {
             let Ok(mut s) = shard.lock() else { continue };
-            usage.extend(s.usage.drain().map(|(_, v)| v));
+            if minute_ms == i64::MAX {
+                usage.extend(s.usage.drain().map(|(_, v)| v));
+            } else {
+                let done: Vec<Key> = s.usage.keys().filter(|k| k.2 < minute_ms).copied().collect();
+                usage.extend(done.iter().filter_map(|k| s.usage.remove(k)));
+            }
+            if !with_last_used {
+                continue;
+            }
             last.extend(s.last_used.drain().map(|(id, (at, ip))| LastUse {
                 token_id: TokenId::from_public_id(std::str::from_utf8(&id).unwrap_or_default()),
                 at,
@@ -165,6 +179,33 @@ mod tests {
         assert_eq!(last.len(), 1);
         assert_eq!(last[0].at.as_millis(), 120_000);
         assert!(m.drain().0.is_empty());
+    }
+
+    #[test]
+    fn finished_minutes_drain_first() {
+        let m = UsageMeter::default();
+        let id = *b"abcdefghijkl";
+        for at in [60_000, 125_000] {
+            m.record(&Sample {
+                public_id: &id,
+                workspace_id: "ws_1",
+                route_index: 0,
+                route_id: "r",
+                status: 200,
+                bytes_in: 0,
+                bytes_out: 0,
+                latency_us: 10,
+                at: Timestamp::from_millis(at),
+                client_ip: "10.0.0.1".parse().unwrap(),
+            });
+        }
+        let (done, last) = m.drain_before(120_000, false);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].minute.as_millis(), 60_000);
+        assert!(last.is_empty());
+        let (rest, last) = m.drain();
+        assert_eq!(rest.len(), 1, "the running minute stays until asked for");
+        assert_eq!(last.len(), 1);
     }
 
     #[test]

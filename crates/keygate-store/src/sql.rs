@@ -793,8 +793,12 @@ const USAGE_COLS: &str = "token_id, workspace_id, route, minute, requests, statu
     status_5xx, bytes_in, bytes_out, latency_us_sum, lat_1ms, lat_5ms, lat_10ms, lat_25ms, lat_50ms, lat_100ms, \
     lat_250ms, lat_500ms, lat_1s, lat_inf";
 
-/// Rows per statement when flushing usage (22 parameters a row stays well under SQLite's 32766).
-const FLUSH_ROWS: usize = 500;
+/// Rows per statement when flushing. SQLite looks a `$n` parameter up by a linear scan of the
+/// statement's parameters, so binding costs grow with the square of their number: usage rows
+/// (22 parameters) go one per statement, the 3-parameter rows in small batches. Measured in
+/// docs/benchmarks.md (a 500-row batch made the flush ten times dearer, not cheaper).
+const USAGE_ROWS: usize = 1;
+const SMALL_ROWS: usize = 32;
 
 /// `($first+1, …, $first+n)`.
 fn placeholders(first: usize, n: usize) -> String {
@@ -818,7 +822,7 @@ impl UsageStore for SqlStore {
         let mut tx = self.begin().await?;
         // Many rows per statement: each statement is a round trip to the database (for SQLite,
         // to its worker thread), and a flush can hold one row per active token.
-        for chunk in usage.chunks(FLUSH_ROWS) {
+        for chunk in usage.chunks(USAGE_ROWS) {
             let rows: Vec<String> = (0..chunk.len()).map(|r| placeholders(r * cols.len(), cols.len())).collect();
             let sql = format!(
                 "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
@@ -843,7 +847,7 @@ impl UsageStore for SqlStore {
             }
             q.execute(&mut *tx).await.map_err(db_error)?;
         }
-        for chunk in last_used.chunks(FLUSH_ROWS) {
+        for chunk in last_used.chunks(SMALL_ROWS) {
             let rows: Vec<String> = (0..chunk.len())
                 .map(|r| {
                     format!(
@@ -866,7 +870,7 @@ impl UsageStore for SqlStore {
             }
             q.execute(&mut *tx).await.map_err(db_error)?;
         }
-        for chunk in quota.chunks(FLUSH_ROWS) {
+        for chunk in quota.chunks(SMALL_ROWS) {
             let rows: Vec<String> = (0..chunk.len()).map(|r| placeholders(r * 3, 3)).collect();
             let sql = format!(
                 "INSERT INTO quota_counters (token_id, period_start, count) VALUES {} \

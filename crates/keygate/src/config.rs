@@ -23,9 +23,10 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// The APIs behind the gateway (`[[routes]]`); see `docs/configuration.md`.
     pub routes: Vec<RouteConfig>,
-    /// Seconds between flushes of usage counts, quota counts and `last_used_at` to the store.
-    /// Default 5; a crash loses at most this much usage (and lets that many quota requests through
-    /// again).
+    /// Seconds between flushes of quota counts to the store (default 5): a crash can let this
+    /// much of a quota's use through again. Usage counts and `last_used_at` are written once a
+    /// minute, for the minutes that have ended, so a crash loses at most the running minute and
+    /// this interval of usage. A graceful stop writes everything.
     pub usage_flush_seconds: u64,
     pub tokens: TokensConfig,
     pub log: LogConfig,

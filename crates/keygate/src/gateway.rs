@@ -101,7 +101,23 @@ pub async fn build(
 /// Writes counted usage, `last_used_at` and quota counts to the store; puts usage back if the
 /// store refuses, so nothing is lost.
 pub async fn flush(gw: &Gateway, store: &dyn Store) {
-    let (usage, last) = gw.meter.drain();
+    write(gw, store, gw.meter.drain()).await;
+}
+
+/// The periodic flush: quota counts every time (they bound what a crash can let through);
+/// usage of finished minutes and `last_used_at` once a minute, so each row is written once.
+async fn flush_finished(gw: &Gateway, store: &dyn Store, last_minute: &mut i64) {
+    let minute = gw.clock.now().as_millis().div_euclid(60_000) * 60_000;
+    let new_minute = minute != *last_minute;
+    *last_minute = minute;
+    write(gw, store, if new_minute { gw.meter.drain_before(minute, true) } else { (Vec::new(), Vec::new()) }).await;
+}
+
+async fn write(
+    gw: &Gateway,
+    store: &dyn Store,
+    (usage, last): (Vec<keygate_core::model::UsageRecord>, Vec<keygate_core::model::LastUse>),
+) {
     let quota = gw.limiter.take_quota_deltas();
     if let Err(e) = store.record_usage(&usage, &last, &quota).await {
         tracing::warn!(error = %e, records = usage.len(), "cannot flush usage; keeping it for the next try");
@@ -115,9 +131,10 @@ pub fn spawn_flusher(gw: Arc<Gateway>, store: Arc<dyn Store>, every: Duration) -
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
+        let mut last_minute = 0;
         loop {
             tick.tick().await;
-            flush(&gw, &*store).await;
+            flush_finished(&gw, &*store, &mut last_minute).await;
         }
     })
 }

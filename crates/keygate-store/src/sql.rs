@@ -68,6 +68,31 @@ impl SqlStore {
         Ok(Arc::new(Self { pool, engine, feed, listener }))
     }
 
+    /// One page of `select` (a table with `created_at` and `id`) under conditions `c`, newest
+    /// first, with a keyset cursor `<created_at ms>.<id>`.
+    async fn newest_first<T>(
+        &self,
+        select: &str,
+        mut c: Conditions,
+        page: &PageRequest,
+        decode: fn(&AnyRow) -> Result<T>,
+        key: impl Fn(&T) -> (Timestamp, String),
+    ) -> Result<Page<T>> {
+        if let Some(cursor) = &page.cursor {
+            let (ms, id) = parse_time_cursor(cursor)?;
+            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
+        }
+        let limit = page_size(page);
+        let sql =
+            format!("{select} {} ORDER BY created_at DESC, id DESC LIMIT {}", c.where_clause(), c.next_placeholder());
+        let rows =
+            c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
+        paginate(&rows, limit, decode, |t: &T| {
+            let (at, id) = key(t);
+            format!("{}.{id}", at.as_millis())
+        })
+    }
+
     /// Closes the pool; in-flight queries finish first.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -375,19 +400,10 @@ impl AppStore for SqlStore {
     async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>> {
         let mut c = Conditions::new();
         c.push("workspace_id = ?", vec![Arg::Text(ws.as_str().to_owned())]);
-        if let Some(cursor) = &page.cursor {
-            let (ms, id) = parse_time_cursor(cursor)?;
-            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
-        }
-        let limit = page_size(page);
-        let sql = format!(
-            "SELECT {APP_COLS} FROM apps {} ORDER BY created_at DESC, id DESC LIMIT {}",
-            c.where_clause(),
-            c.next_placeholder()
-        );
-        let rows =
-            c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
-        paginate(&rows, limit, rows::app, |a: &App| format!("{}.{}", a.created_at.as_millis(), a.id))
+        self.newest_first(&format!("SELECT {APP_COLS} FROM apps"), c, page, rows::app, |a: &App| {
+            (a.created_at, a.id.to_string())
+        })
+        .await
     }
 
     async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
@@ -580,19 +596,10 @@ impl TokenStore for SqlStore {
             Some(false) => c.push("exposed_at IS NULL", vec![]),
             None => {}
         }
-        if let Some(cursor) = &page.cursor {
-            let (ms, id) = parse_time_cursor(cursor)?;
-            c.push("(created_at < ? OR (created_at = ? AND id < ?))", vec![Arg::Int(ms), Arg::Int(ms), Arg::Text(id)]);
-        }
-        let limit = page_size(page);
-        let sql = format!(
-            "SELECT {TOKEN_COLS} FROM tokens {} ORDER BY created_at DESC, id DESC LIMIT {}",
-            c.where_clause(),
-            c.next_placeholder()
-        );
-        let rows =
-            c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
-        paginate(&rows, limit, rows::token, |t: &TokenRecord| format!("{}.{}", t.created_at.as_millis(), t.id))
+        self.newest_first(&format!("SELECT {TOKEN_COLS} FROM tokens"), c, page, rows::token, |t: &TokenRecord| {
+            (t.created_at, t.id.to_string())
+        })
+        .await
     }
 
     async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()> {

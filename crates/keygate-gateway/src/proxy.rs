@@ -204,3 +204,48 @@ pub fn note_probe(u: &Upstream, ok: bool, healthy: u32, unhealthy: u32) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GatewayConfig, RouteConfig};
+    use crate::routes::RouteTable;
+
+    fn table() -> RouteTable {
+        let cfg: RouteConfig = serde_json::from_value(serde_json::json!({
+            "id": "r", "path": "/r", "upstreams": ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        }))
+        .unwrap();
+        RouteTable::build(&[cfg], &GatewayConfig { demo: false, ..Default::default() }).unwrap()
+    }
+
+    #[test]
+    fn passive_failures_take_an_upstream_out_and_a_success_brings_it_back() {
+        let t = table();
+        let u = &t.routes[0].upstreams[0];
+        for _ in 0..PASSIVE_FAILURE_THRESHOLD - 1 {
+            note_failure(u);
+        }
+        assert!(u.is_healthy(), "still in rotation below the threshold");
+        note_failure(u);
+        assert!(!u.is_healthy());
+        assert_eq!(t.routes[0].pick(&[]), Some(1), "traffic goes to the healthy one");
+        note_success(u);
+        assert!(u.is_healthy());
+    }
+
+    #[test]
+    fn active_checks_use_their_thresholds() {
+        let t = table();
+        let u = &t.routes[0].upstreams[1];
+        note_probe(u, false, 2, 3);
+        note_probe(u, false, 2, 3);
+        assert!(u.is_healthy());
+        note_probe(u, false, 2, 3);
+        assert!(!u.is_healthy(), "3 failed checks take it out");
+        note_probe(u, true, 2, 3);
+        assert!(!u.is_healthy(), "one success is not enough");
+        note_probe(u, true, 2, 3);
+        assert!(u.is_healthy(), "2 successes put it back");
+    }
+}

@@ -108,6 +108,11 @@ impl TestKeygate {
         self.running().flush_usage().await;
     }
 
+    /// The gateway's TLS settings, when it serves TLS.
+    pub fn tls(&self) -> Option<&keygate_gateway::server::TlsSource> {
+        self.running().tls.as_ref()
+    }
+
     pub fn gateway(&self) -> &Arc<keygate_gateway::handler::Gateway> {
         &self.running().gateway
     }

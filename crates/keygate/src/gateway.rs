@@ -224,17 +224,23 @@ pub fn spawn_reloader(
                 let m = (modified(cert), modified(key));
                 if forced || Some(m) != seen_tls {
                     seen_tls = Some(m);
-                    match load_tls(cert, key) {
-                        Ok(acceptor) => {
-                            source.store(Some(Arc::new(acceptor)));
-                            tracing::info!(cert = %cert.display(), "TLS certificate loaded");
-                        }
-                        Err(e) => tracing::error!(error = %e, "new TLS certificate refused; the old one keeps serving"),
-                    }
+                    reload_tls(source, cert, key);
                 }
             }
         }
     })
+}
+
+/// Re-reads the certificate and key; new connections use them if they are valid, otherwise the
+/// old ones keep serving.
+pub fn reload_tls(source: &TlsSource, cert: &Path, key: &Path) {
+    match load_tls(cert, key) {
+        Ok(acceptor) => {
+            source.store(Some(Arc::new(acceptor)));
+            tracing::info!(cert = %cert.display(), "TLS certificate loaded");
+        }
+        Err(e) => tracing::error!(error = %e, "new TLS certificate refused; the old one keeps serving"),
+    }
 }
 
 /// The TLS source for the listener, if configured.

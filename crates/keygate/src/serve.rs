@@ -64,6 +64,8 @@ pub struct Running {
     pub store: Arc<SqlStore>,
     pub index: TokenIndex,
     pub gateway: Arc<Gateway>,
+    /// The gateway's TLS settings, when it serves TLS (swapped on certificate reload).
+    pub tls: Option<keygate_gateway::server::TlsSource>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     gateway_server: GatewayServer,
@@ -101,6 +103,7 @@ pub async fn start(
         .set_change_hook(Arc::new(crate::gateway::IndexHook { index: index.clone(), store: dyn_store.clone() }));
     let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock).await?;
     let tls = crate::gateway::tls_source(cfg)?;
+    let tls_handle = tls.as_ref().map(|t| t.0.clone());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
     let gateway_server = GatewayServer::start(
         gw.clone(),
@@ -157,6 +160,7 @@ pub async fn start(
         store,
         index,
         gateway: gw,
+        tls: tls_handle,
         stop,
         server,
         gateway_server,

@@ -472,6 +472,28 @@ async fn tls_with_alpn_h2() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN picks h2");
     let body: Value = resp.json().await.unwrap();
     assert!(body["identity"]["token_id"].as_str().unwrap().starts_with("tok_"));
+
+    // A new certificate in the files is served to new connections after a reload.
+    let renewed = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, renewed.cert.pem()).unwrap();
+    std::fs::write(&key_path, renewed.signing_key.serialize_pem()).unwrap();
+    keygate::gateway::reload_tls(kg.tls().unwrap(), &cert_path, &key_path);
+    let trusting = |pem: String| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+            .resolve("localhost", kg.gateway_addr)
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://localhost:{}/demo/echo", kg.gateway_addr.port());
+    let new = trusting(renewed.cert.pem()).get(&url).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(new.status(), StatusCode::OK);
+    assert!(trusting(cert.cert.pem()).get(&url).bearer_auth(&t).send().await.is_err(), "the old certificate is gone");
+    // A broken file is refused and the current certificate keeps serving.
+    std::fs::write(&cert_path, "not a certificate").unwrap();
+    keygate::gateway::reload_tls(kg.tls().unwrap(), &cert_path, &key_path);
+    assert_eq!(trusting(renewed.cert.pem()).get(&url).bearer_auth(&t).send().await.unwrap().status(), StatusCode::OK);
     kg.stop().await;
 }
 

@@ -122,6 +122,33 @@ pub struct RouteConfig {
     pub openapi: Option<String>,
 }
 
+impl RouteConfig {
+    /// A route of `path` to one `upstream`, everything else at its default (as in a file that
+    /// names only `id`, `path` and `upstream`).
+    pub fn new(id: &str, path: &str, upstream: &str) -> Self {
+        Self {
+            id: id.into(),
+            path: path.into(),
+            host: None,
+            upstream: Some(upstream.into()),
+            upstreams: Vec::new(),
+            balance: Balance::default(),
+            public: false,
+            scopes: BTreeMap::new(),
+            strip_prefix: false,
+            max_body_bytes: None,
+            connect_timeout_ms: None,
+            request_timeout_ms: None,
+            retries: default_retries(),
+            rate_limit: None,
+            cors: None,
+            health_check: None,
+            description: None,
+            openapi: None,
+        }
+    }
+}
+
 fn default_retries() -> u32 {
     1
 }

@@ -366,26 +366,7 @@ mod tests {
     }
 
     fn route(id: &str, path: &str, host: Option<&str>) -> RouteConfig {
-        RouteConfig {
-            id: id.into(),
-            path: path.into(),
-            host: host.map(Into::into),
-            upstream: Some("http://127.0.0.1:9".into()),
-            upstreams: vec![],
-            balance: Balance::RoundRobin,
-            public: false,
-            scopes: Default::default(),
-            strip_prefix: false,
-            max_body_bytes: None,
-            connect_timeout_ms: None,
-            request_timeout_ms: None,
-            retries: 1,
-            rate_limit: None,
-            cors: None,
-            health_check: None,
-            description: None,
-            openapi: None,
-        }
+        RouteConfig { host: host.map(Into::into), ..RouteConfig::new(id, path, "http://127.0.0.1:9") }
     }
 
     #[test]

@@ -68,6 +68,27 @@ impl SqlStore {
         Ok(Arc::new(Self { pool, engine, feed, listener }))
     }
 
+    /// The row of `select` (a table with `workspace_id` and `id`) with this id in workspace `ws`;
+    /// another workspace's row is `None`, as if it did not exist.
+    async fn one_in_workspace<T>(
+        &self,
+        select: &str,
+        ws: &WorkspaceId,
+        id: &str,
+        decode: fn(&AnyRow) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let sql = format!("{select} WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(decode)
+            .transpose()
+    }
+
     /// One page of `select` (a table with `created_at` and `id`) under conditions `c`, newest
     /// first, with a keyset cursor `<created_at ms>.<id>`.
     async fn newest_first<T>(
@@ -378,16 +399,7 @@ impl AppStore for SqlStore {
     }
 
     async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<Option<App>> {
-        let sql = format!("SELECT {APP_COLS} FROM apps WHERE workspace_id = $1 AND id = $2");
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .as_ref()
-            .map(rows::app)
-            .transpose()
+        self.one_in_workspace(&format!("SELECT {APP_COLS} FROM apps"), ws, id.as_str(), rows::app).await
     }
 
     async fn default_app(&self, ws: &WorkspaceId) -> Result<App> {
@@ -534,16 +546,7 @@ impl TokenStore for SqlStore {
     }
 
     async fn token(&self, ws: &WorkspaceId, id: &TokenId) -> Result<Option<TokenRecord>> {
-        let sql = format!("SELECT {TOKEN_COLS} FROM tokens WHERE workspace_id = $1 AND id = $2");
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .as_ref()
-            .map(rows::token)
-            .transpose()
+        self.one_in_workspace(&format!("SELECT {TOKEN_COLS} FROM tokens"), ws, id.as_str(), rows::token).await
     }
 
     async fn token_by_hash(&self, hash: &SecretHash) -> Result<Option<TokenRecord>> {
@@ -699,16 +702,7 @@ impl PlanStore for SqlStore {
     }
 
     async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Option<Plan>> {
-        let sql = format!("SELECT {PLAN_COLS} FROM plans WHERE workspace_id = $1 AND id = $2");
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .as_ref()
-            .map(rows::plan)
-            .transpose()
+        self.one_in_workspace(&format!("SELECT {PLAN_COLS} FROM plans"), ws, id.as_str(), rows::plan).await
     }
 
     async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>> {

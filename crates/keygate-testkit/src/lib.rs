@@ -261,26 +261,7 @@ impl Client {
 
 /// A route to `upstream` for tests, with everything else at its default.
 pub fn route(id: &str, path: &str, upstream: &str) -> keygate::config::RouteConfig {
-    keygate::config::RouteConfig {
-        id: id.into(),
-        path: path.into(),
-        host: None,
-        upstream: Some(upstream.into()),
-        upstreams: Vec::new(),
-        balance: Default::default(),
-        public: false,
-        scopes: Default::default(),
-        strip_prefix: false,
-        max_body_bytes: None,
-        connect_timeout_ms: None,
-        request_timeout_ms: None,
-        retries: 1,
-        rate_limit: None,
-        cors: None,
-        health_check: None,
-        description: None,
-        openapi: None,
-    }
+    keygate::config::RouteConfig::new(id, path, upstream)
 }
 
 /// A mock upstream on an ephemeral port. `/hold` waits until [`MockUpstream::release`];

@@ -153,3 +153,17 @@ impl<P: RequiredPermission> FromRequestParts<AdminState> for Auth<P> {
         Ok(Self { key, actor, _permission: PhantomData })
     }
 }
+
+/// An optional RFC 3339 date-time query parameter named `name`.
+pub fn time_param(raw: Option<&str>, name: &str) -> Result<Option<keygate_core::Timestamp>, ApiError> {
+    raw.map(|r| {
+        keygate_core::Timestamp::parse_rfc3339(r).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("{name} must be an RFC 3339 date-time such as 2030-01-31T00:00:00Z"),
+            )
+        })
+    })
+    .transpose()
+}

@@ -4,12 +4,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use keygate_core::model::{AuditFilter, PageRequest};
-use keygate_core::{Error, Timestamp};
 
 use super::AdminState;
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiQuery, AuditRead, Auth, PlansRead, PlansWrite};
+use super::extract::{ApiJson, ApiQuery, AuditRead, Auth, PlansRead, PlansWrite, time_param};
 use crate::service::NewPlan;
 
 #[utoipa::path(post, path = "/admin/v1/plans", tag = "plans", request_body = CreatePlanRequest,
@@ -68,18 +67,6 @@ pub(crate) async fn delete_scope(
 ) -> Result<StatusCode, ApiError> {
     s.admin.delete_scope(&auth.key.workspace_id, &auth.actor, &scope).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-fn time_param(raw: Option<&str>, name: &str) -> Result<Option<Timestamp>, ApiError> {
-    raw.map(|r| {
-        Timestamp::parse_rfc3339(r).ok_or_else(|| {
-            ApiError::from(Error::invalid(
-                "invalid_query",
-                format!("{name} must be an RFC 3339 date-time such as 2030-01-31T00:00:00Z"),
-            ))
-        })
-    })
-    .transpose()
 }
 
 /// The workspace's audit trail, newest first.

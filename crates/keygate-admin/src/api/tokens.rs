@@ -10,7 +10,7 @@ use keygate_core::model::{PageRequest, TokenFilter, TokenStatus};
 use super::AdminState;
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiQuery, Auth, TokensRead, TokensWrite};
+use super::extract::{ApiJson, ApiQuery, Auth, TokensRead, TokensWrite, time_param};
 use crate::service::{NewToken, TokenUpdate};
 
 pub(crate) fn token_id(raw: &str) -> Result<TokenId, ApiError> {
@@ -228,21 +228,13 @@ pub(crate) async fn token_usage(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageResponse>, ApiError> {
-    let time = |raw: Option<&str>, name: &str| -> Result<Option<keygate_core::Timestamp>, ApiError> {
-        raw.map(|r| {
-            keygate_core::Timestamp::parse_rfc3339(r).ok_or_else(|| {
-                ApiError::from(Error::invalid("invalid_query", format!("{name} must be an RFC 3339 date-time")))
-            })
-        })
-        .transpose()
-    };
     let granularity = match q.granularity.as_deref() {
         None => crate::service::Granularity::Hour,
         Some(g) => crate::service::Granularity::parse(g)
             .ok_or_else(|| Error::invalid("invalid_query", "granularity is minute, hour or day"))?,
     };
-    let to = time(q.to.as_deref(), "to")?.unwrap_or_else(|| s.admin.now());
-    let from = time(q.from.as_deref(), "from")?.unwrap_or_else(|| to.plus_seconds(-86_400));
+    let to = time_param(q.to.as_deref(), "to")?.unwrap_or_else(|| s.admin.now());
+    let from = time_param(q.from.as_deref(), "from")?.unwrap_or_else(|| to.plus_seconds(-86_400));
     let id = token_id(&id)?;
     let r = s.admin.token_usage(&auth.key.workspace_id, &id, from, to, granularity).await?;
     Ok(Json(UsageResponse {

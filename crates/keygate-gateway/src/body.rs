@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::proxy::UpstreamResponseBody;
+
 /// The error of a body cut at its size limit.
 #[derive(Debug)]
 pub struct BodyTooLarge;
@@ -89,13 +91,13 @@ impl Body for UpstreamBody {
 
 /// Runs once when a response body has been sent in full or dropped.
 pub trait OnComplete: Send + 'static {
-    fn complete(self: Box<Self>, bytes_out: u64, finished: bool);
+    fn complete(self: Box<Self>, bytes_out: u64);
 }
 
 /// What the gateway answers with.
 pub enum GatewayBody {
     Full(Option<Bytes>),
-    Upstream { inner: Incoming, sent: u64, done: Option<Box<dyn OnComplete>> },
+    Upstream { inner: UpstreamResponseBody, sent: u64, done: Option<Box<dyn OnComplete>> },
 }
 
 impl GatewayBody {
@@ -123,13 +125,13 @@ impl Body for GatewayBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(d) = done.take() {
-                        d.complete(*sent, false);
+                        d.complete(*sent);
                     }
-                    Poll::Ready(Some(Err(Box::new(e))))
+                    Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
                     if let Some(d) = done.take() {
-                        d.complete(*sent, true);
+                        d.complete(*sent);
                     }
                     Poll::Ready(None)
                 }
@@ -156,11 +158,10 @@ impl Body for GatewayBody {
 
 impl Drop for GatewayBody {
     fn drop(&mut self) {
-        if let Self::Upstream { inner, sent, done } = self
+        if let Self::Upstream { sent, done, .. } = self
             && let Some(d) = done.take()
         {
-            // An empty body that was never polled still ended cleanly.
-            d.complete(*sent, inner.is_end_stream());
+            d.complete(*sent);
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::body::{BodyState, GatewayBody, OnComplete, UpstreamBody};
 use crate::index::{IndexedToken, Refusal, TokenIndex};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::proxy::{self, Lease, UpstreamError};
+use crate::proxy::{self, UpstreamError, UpstreamResponseBody, is_hop_by_hop};
 use crate::routes::{Route, RouteTable, normalize_path};
 use crate::usage::{Sample, UsageMeter};
 
@@ -199,21 +199,6 @@ fn client_ip(remote: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAd
         }
     }
     ip
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "upgrade"
-    )
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection`, in one pass over
@@ -599,7 +584,7 @@ impl Gateway {
         let state = Arc::new(BodyState::default());
         let incoming = req.into_body();
         let has_body = !http_body::Body::is_end_stream(&incoming);
-        let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
+        let idempotent = method.is_idempotent();
         let mut body = Some(if has_body {
             UpstreamBody::Stream { inner: incoming, limit: route.max_body_bytes, state: state.clone() }
         } else {
@@ -607,54 +592,38 @@ impl Gateway {
         });
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err = UpstreamError::Connect("no upstream".into());
+        // Only a request without a body can be sent again, and only a safe one after it left.
         let attempts = if has_body || !idempotent { 1 } else { route.retries as usize + 1 };
-        let mut pending: Option<Request<UpstreamBody>> = None;
-        let mut headers = Some(headers);
         for _ in 0..attempts {
             let Some(ui) = route.pick(&tried) else { break };
             tried.push(ui);
             let Some(upstream) = route.upstreams.get(ui) else { break };
-            let pq = match &query {
-                Some(q) => format!("{}?{q}", route.upstream_path(upstream, &path)),
-                None => route.upstream_path(upstream, &path),
-            };
-            // The first attempt builds the request; a retry reuses the one handed back unsent.
-            let mut up = match pending.take() {
-                Some(r) => r,
-                None => {
-                    let mut r = Request::new(body.take().unwrap_or(UpstreamBody::Empty));
-                    *r.method_mut() = method.clone();
-                    *r.version_mut() = Version::HTTP_11;
-                    *r.headers_mut() = headers.take().unwrap_or_default();
-                    r
-                }
-            };
-            match pq.parse() {
-                Ok(uri) => *up.uri_mut() = uri,
-                Err(_) => break,
+            let mut target = route.upstream_path(upstream, &path);
+            if let Some(q) = &query {
+                target.push('?');
+                target.push_str(q);
             }
-            if let Ok(v) = HeaderValue::from_str(&upstream.authority) {
-                up.headers_mut().insert(header::HOST, v);
-            }
-            match proxy::send(upstream, up, route.connect_timeout, route.request_timeout).await {
-                Ok((resp, lease)) => {
+            let out = proxy::Outgoing { method: &method, target: &target, headers: &headers };
+            let attempt_body = body.take().unwrap_or(UpstreamBody::Empty);
+            match proxy::send(upstream, &out, attempt_body, route.connect_timeout, route.request_timeout).await {
+                Ok(resp) => {
                     return self.respond(
                         table,
                         route,
                         caller,
                         resp,
-                        lease,
                         client_upgrade,
                         limit_headers,
                         state,
                         start,
                         now,
-                        &method,
                         self.line(&method, &path),
                     );
                 }
-                Err(proxy::Unsent { error: e, request }) => {
-                    // A failure caused by the client's own body says nothing about the upstream.
+                // The client's own body failed (too large, malformed): nothing to say about the
+                // upstream.
+                Err(proxy::SendError::Body(_)) => break,
+                Err(proxy::SendError::Upstream(e)) => {
                     let client_fault = state.broken.load(Ordering::Relaxed) || state.too_large.load(Ordering::Relaxed);
                     if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
                         proxy::note_failure(upstream);
@@ -663,8 +632,7 @@ impl Gateway {
                         table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
                         tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
                     }
-                    let retry = matches!(e, UpstreamError::Connect(_)) && request.is_some();
-                    pending = request;
+                    let retry = matches!(e, UpstreamError::Connect(_));
                     last_err = e;
                     if !retry {
                         break;
@@ -706,38 +674,44 @@ impl Gateway {
         table: Arc<Table>,
         route: Arc<Route>,
         caller: Option<Caller>,
-        mut resp: Response<Incoming>,
-        lease: Lease,
+        resp: Response<UpstreamResponseBody>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         limit_headers: HeaderMap,
         state: Arc<BodyState>,
         start: Instant,
         now: Timestamp,
-        method: &Method,
         line: Option<RequestLine>,
     ) -> Response<GatewayBody> {
         let status = resp.status();
-        if status == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client) = client_upgrade
-        {
-            let upstream = hyper::upgrade::on(&mut resp);
+        let (mut parts, body) = resp.into_parts();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client), Some(upstream)) = (client_upgrade, body.into_upgraded()) else {
+                table.metrics.upstream_error(route.index, false);
+                let r = Refuse::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    "the upstream switched protocols without being asked",
+                );
+                let o = Outcome { status: 502, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
+                self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
+                return error_response(&r, &limit_headers);
+            };
             tokio::spawn(async move {
-                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
-                    let mut c = hyper_util::rt::TokioIo::new(c);
-                    let mut u = hyper_util::rt::TokioIo::new(u);
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                let Ok(c) = client.await else { return };
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let (mut u, early) = upstream.into_parts();
+                // Bytes the upstream sent right after its 101 belong to the new protocol.
+                if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut c, &early).await.is_err() {
+                    return;
                 }
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
             });
-            let (parts, _) = resp.into_parts();
             let mut out = Response::from_parts(parts, GatewayBody::empty());
-            let h = out.headers_mut();
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             let o = Outcome { status: 101, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
             self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
             return out;
         }
-        let (mut parts, incoming) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers, false);
         for (k, v) in &limit_headers {
             parts.headers.append(k.clone(), v.clone());
         }
@@ -750,11 +724,9 @@ impl Gateway {
             state,
             start,
             now,
-            lease: Some(lease),
-            head: *method == Method::HEAD,
             line,
         };
-        Response::from_parts(parts, GatewayBody::Upstream { inner: incoming, sent: 0, done: Some(Box::new(done)) })
+        Response::from_parts(parts, GatewayBody::Upstream { inner: body, sent: 0, done: Some(Box::new(done)) })
     }
 }
 
@@ -768,8 +740,6 @@ struct Completion {
     state: Arc<BodyState>,
     start: Instant,
     now: Timestamp,
-    lease: Option<Lease>,
-    head: bool,
     line: Option<RequestLine>,
 }
 
@@ -789,12 +759,7 @@ struct Outcome {
 }
 
 impl OnComplete for Completion {
-    fn complete(mut self: Box<Self>, bytes_out: u64, finished: bool) {
-        if let Some(lease) = self.lease.take()
-            && (finished || self.head)
-        {
-            lease.release();
-        }
+    fn complete(self: Box<Self>, bytes_out: u64) {
         let o = Outcome {
             status: self.status,
             bytes_in: self.state.seen.load(Ordering::Relaxed),

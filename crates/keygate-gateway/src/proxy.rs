@@ -1,31 +1,49 @@
-//! Upstream connections: a pool of HTTP/1.1 client connections per worker thread (each worker
-//! runs its own single-threaded runtime, so the pool needs no lock), connect and answer
-//! time-outs, and passive health (consecutive failures take an upstream out of rotation).
+//! Upstream connections: keygate's own HTTP/1.1 client for the upstream leg. Each worker thread
+//! keeps a pool of idle connections per upstream (each worker runs its own single-threaded
+//! runtime, so the pool needs no lock). A request is written as one buffer straight from the
+//! headers the handler prepared and the answer's head is parsed in place, so forwarding costs one
+//! write and usually one read, with no connection task and no channel between the request and
+//! its connection. The answer's body streams to the client; the connection goes back to the pool
+//! the moment that body has been read to its end.
+//!
+//! Also here: connect and answer time-outs, passive health (consecutive failures take an
+//! upstream out of rotation) and active health probes.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::body::UpstreamBody;
+use crate::body::{BoxError, UpstreamBody};
 use crate::routes::Upstream;
 
 /// Idle connections kept per upstream and worker.
 const MAX_IDLE: usize = 64;
 /// Consecutive failures that take an upstream out until it answers again.
 pub const PASSIVE_FAILURE_THRESHOLD: u32 = 5;
-
-type Sender = SendRequest<UpstreamBody>;
+/// The largest response head accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields accepted in a response head.
+const MAX_HEADERS: usize = 128;
+/// The longest chunk-size line (with extensions) or trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// What one read asks the kernel for.
+const READ_CHUNK: usize = 16 * 1024;
 
 thread_local! {
-    static POOL: RefCell<HashMap<Arc<str>, Vec<Sender>>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<HashMap<Arc<str>, Vec<Conn>>> = RefCell::new(HashMap::new());
 }
 
 /// Why forwarding failed.
@@ -35,133 +53,696 @@ pub enum UpstreamError {
     Connect(String),
     /// The request was sent but no answer came in time.
     Timeout,
-    /// The connection failed after the request was sent: not safe to retry.
+    /// The connection failed after the request was sent, or the answer did not parse: not safe
+    /// to retry.
     Failed(String),
 }
 
-/// A connection taken from the pool, to be given back when its response is complete.
-pub struct Lease {
-    pub authority: Arc<str>,
-    pub sender: Sender,
+/// One connection to an upstream, with the bytes read from it and not yet used.
+pub struct Conn {
+    authority: Arc<str>,
+    stream: TcpStream,
+    buf: BytesMut,
 }
 
-impl Lease {
-    /// Gives the connection back if it can take another request.
-    pub fn release(self) {
-        if self.sender.is_closed() {
+impl Conn {
+    /// The stream and the bytes already read past the answer's head (an upgraded connection).
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.stream, self.buf.freeze())
+    }
+
+    /// Puts an idle connection back in this worker's pool.
+    fn release(self) {
+        if !self.buf.is_empty() {
+            // Bytes past the end of the answer: the upstream is not speaking HTTP/1.1 properly.
             return;
         }
         POOL.with(|p| {
             if let Ok(mut pool) = p.try_borrow_mut() {
-                let idle = pool.entry(self.authority).or_default();
+                let idle = pool.entry(self.authority.clone()).or_default();
                 if idle.len() < MAX_IDLE {
-                    idle.push(self.sender);
+                    idle.push(self);
                 }
             }
         });
     }
+
+    /// Still open with nothing unread: an idle connection the upstream closed is readable
+    /// (end of stream). The check uses the readiness the runtime already knows, so it costs no
+    /// system call unless the connection did become readable.
+    fn is_reusable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
-fn checkout(authority: &Arc<str>) -> Option<Sender> {
+fn checkout(authority: &Arc<str>) -> Option<Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
         let idle = pool.get_mut(authority)?;
-        while let Some(s) = idle.pop() {
-            if s.is_ready() {
-                return Some(s);
+        while let Some(c) = idle.pop() {
+            if c.is_reusable() {
+                return Some(c);
             }
         }
         None
     })
 }
 
-async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Sender, UpstreamError> {
+async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, UpstreamError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(&**authority))
         .await
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamError::Connect(format!("handshake with {authority} failed: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection closed");
-        }
-    });
-    Ok(sender)
+    Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK) })
 }
 
-/// Sends `req` to `upstream` over a pooled (or new) connection. A pooled connection that the
-/// upstream closed while idle is replaced by a fresh one transparently (the request had not been
-/// sent). Connection failures count against the upstream's passive health; a failure after the
-/// request was sent is left to the caller, which knows whether the client's body caused it.
+/// What to send upstream. The headers are the client's, already cleaned by the handler
+/// (hop-by-hop and identity headers removed, keygate's added); this module adds `Host` and the
+/// body's framing.
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    /// Path and query, as the upstream should see them.
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Headers this client writes itself (or must not pass on).
+fn written_by_us(name: &HeaderName) -> bool {
+    *name == header::HOST
+        || *name == header::CONTENT_LENGTH
+        || *name == header::TRANSFER_ENCODING
+        // The client's `Expect: 100-continue` is answered by keygate's own listener when the
+        // body is first read; the upstream gets the body without waiting.
+        || *name == header::EXPECT
+}
+
+/// The request head, in one buffer.
+fn write_head(out: &Outgoing<'_>, authority: &str, framing: RequestFraming, buf: &mut Vec<u8>) {
+    buf.extend_from_slice(out.method.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(out.target.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    buf.extend_from_slice(authority.as_bytes());
+    buf.extend_from_slice(b"\r\n");
+    for (name, value) in out.headers {
+        if written_by_us(name) {
+            continue;
+        }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            buf.extend_from_slice(b"content-length: ");
+            buf.extend_from_slice(n.to_string().as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+#[derive(Clone, Copy)]
+enum RequestFraming {
+    /// No body and no header (GET, HEAD, …).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+fn request_framing(method: &Method, body: &UpstreamBody) -> RequestFraming {
+    if body.is_end_stream() {
+        // An empty POST, PUT or PATCH says so, for upstreams that insist on a length.
+        return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            RequestFraming::Length(0)
+        } else {
+            RequestFraming::None
+        };
+    }
+    match body.size_hint().exact() {
+        Some(n) => RequestFraming::Length(n),
+        None => RequestFraming::Chunked,
+    }
+}
+
+/// Streams the request body upstream in the framing announced in the head.
+async fn pump_body<W: tokio::io::AsyncWrite + Unpin>(
+    mut body: UpstreamBody,
+    framing: RequestFraming,
+    w: &mut W,
+) -> Result<(), PumpError> {
+    let chunked = matches!(framing, RequestFraming::Chunked);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(PumpError::Body)?;
+        let Ok(data) = frame.into_data() else { continue }; // trailers are not forwarded
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            w.write_all(size.as_bytes()).await.map_err(PumpError::Write)?;
+            w.write_all(&data).await.map_err(PumpError::Write)?;
+            w.write_all(b"\r\n").await.map_err(PumpError::Write)?;
+        } else {
+            w.write_all(&data).await.map_err(PumpError::Write)?;
+        }
+    }
+    if chunked {
+        w.write_all(b"0\r\n\r\n").await.map_err(PumpError::Write)?;
+    }
+    Ok(())
+}
+
+enum PumpError {
+    /// The client's body failed (too large, malformed, or the client went away).
+    Body(BoxError),
+    Write(io::Error),
+}
+
+/// A parsed answer head.
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: Framing,
+}
+
+/// Reads until a whole answer head is buffered, then parses it. `Ok(None)`: the connection
+/// closed before the first byte of an answer.
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<Head>, UpstreamError> {
+    loop {
+        if !buf.is_empty() {
+            match parse_head(buf, method)? {
+                Some(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
+                    // 100 Continue, 103 Early Hints: not forwarded; the final answer follows.
+                    continue;
+                }
+                Some(head) => return Ok(Some(head)),
+                None => {}
+            }
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(UpstreamError::Failed("the upstream's answer head is too large".into()));
+        }
+        buf.reserve(READ_CHUNK);
+        let n = r.read_buf(buf).await.map_err(|e| UpstreamError::Failed(format!("reading the answer: {e}")))?;
+        if n == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(UpstreamError::Failed("the upstream closed the connection in the middle of its answer".into()))
+            };
+        }
+    }
+}
+
+/// Parses one answer head at the start of `buf` and removes it from there; `None` if it is not
+/// complete yet.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, UpstreamError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(UpstreamError::Failed(format!("the upstream's answer does not parse: {e}"))),
+    };
+    if resp.version != Some(1) {
+        return Err(UpstreamError::Failed("the upstream does not answer in HTTP/1.1".into()));
+    }
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| UpstreamError::Failed("the upstream's status code is not valid".into()))?;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_coding = false;
+    let mut connection_close = false;
+    let mut named: Vec<HeaderName> = Vec::new();
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| UpstreamError::Failed(format!("the upstream sent a bad header name {:?}", h.name)))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| UpstreamError::Failed(format!("the upstream sent a bad value for {name}")))?;
+        if name == header::CONTENT_LENGTH {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| UpstreamError::Failed("the upstream sent a bad Content-Length".into()))?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(UpstreamError::Failed("the upstream sent two different Content-Lengths".into()));
+            }
+            content_length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // The final coding decides (RFC 9112 §6.3); anything but chunked is read to the end.
+            for coding in value.to_str().unwrap_or("").split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                chunked = coding.eq_ignore_ascii_case("chunked");
+                other_coding |= !chunked;
+            }
+            continue; // hop-by-hop: the listener frames the body for the client again
+        } else if name == header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    connection_close = true;
+                } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
+            }
+            continue;
+        } else if is_hop_by_hop(&name) && status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        headers.append(name, value);
+    }
+    for n in named {
+        if !(status == StatusCode::SWITCHING_PROTOCOLS && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    buf.advance(len);
+    // RFC 9112 §6.3, in its order.
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Length(0)
+    } else if chunked && !other_coding {
+        // Transfer-Encoding overrides Content-Length; the length is not passed on.
+        headers.remove(header::CONTENT_LENGTH);
+        Framing::Chunked(Chunked::Size)
+    } else if chunked || other_coding {
+        headers.remove(header::CONTENT_LENGTH);
+        Framing::UntilClose
+    } else {
+        match content_length {
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let framing = match framing {
+        Framing::Length(n) if connection_close => Framing::LengthThenClose(n),
+        Framing::Chunked(c) if connection_close => Framing::ChunkedThenClose(c),
+        f => f,
+    };
+    Ok(Some(Head { status, headers, framing }))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "upgrade"
+    )
+}
+
+/// How the answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain; then the connection can take another request.
+    Length(u64),
+    /// The same, but the upstream said `Connection: close`.
+    LengthThenClose(u64),
+    Chunked(Chunked),
+    ChunkedThenClose(Chunked),
+    /// Until the upstream closes the connection.
+    UntilClose,
+    /// A 101 answer: the connection now belongs to the upgraded protocol.
+    Upgraded,
+    Done,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// This many bytes of chunk data remain.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// After the last chunk: trailer fields until an empty line.
+    Trailers,
+}
+
+/// What the buffered bytes gave.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Data(Bytes),
+    NeedMore,
+    End,
+}
+
+fn bad(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
+}
+
+/// One step of a chunked body over the buffered bytes (RFC 9112 §7.1). Strict: a chunk size is
+/// hex digits (at most 15), optionally followed by extensions, ended by CRLF.
+fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Result<Step> {
+    loop {
+        match *state {
+            Chunked::Size => {
+                let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(bad("chunk-size line too long"));
+                    }
+                    return Ok(Step::NeedMore);
+                };
+                let line = &buf[..eol];
+                let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                if digits == 0 || digits > 15 {
+                    return Err(bad("bad chunk size"));
+                }
+                let rest = &line[digits..];
+                let ext_ok = rest.is_empty() || {
+                    let t = rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&rest[rest.len()..], |i| &rest[i..]);
+                    t.first() == Some(&b';') && !t.iter().any(|b| *b == b'\r' || *b == b'\n')
+                };
+                if !ext_ok {
+                    return Err(bad("bad chunk size"));
+                }
+                let size = line[..digits].iter().fold(0u64, |acc, b| {
+                    acc * 16 + u64::from(char::from(*b).to_digit(16).unwrap_or(0))
+                });
+                buf.advance(eol + 2);
+                *state = if size == 0 { Chunked::Trailers } else { Chunked::Data(size) };
+            }
+            Chunked::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let data = buf.split_to(take).freeze();
+                let left = left - take as u64;
+                *state = if left == 0 { Chunked::DataEnd } else { Chunked::Data(left) };
+                return Ok(Step::Data(data));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Step::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(bad("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => {
+                let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(bad("trailer section too long"));
+                    }
+                    return Ok(Step::NeedMore);
+                };
+                buf.advance(eol + 2);
+                if eol == 0 {
+                    return Ok(Step::End);
+                }
+            }
+        }
+    }
+}
+
+/// The body of an upstream's answer, read straight from its connection. When it ends, the
+/// connection goes back to the pool (or is closed if it cannot take another request).
+pub struct UpstreamResponseBody {
+    conn: Option<Conn>,
+    framing: Framing,
+}
+
+impl UpstreamResponseBody {
+    /// The connection of a 101 answer, for the upgraded protocol.
+    pub fn into_upgraded(mut self) -> Option<Conn> {
+        if self.framing == Framing::Upgraded { self.conn.take() } else { None }
+    }
+
+    /// One step over the buffered bytes.
+    fn step(&mut self) -> io::Result<Step> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(Step::End) };
+        let buf = &mut conn.buf;
+        match &mut self.framing {
+            Framing::Length(0) | Framing::LengthThenClose(0) | Framing::Done | Framing::Upgraded => Ok(Step::End),
+            Framing::Length(left) | Framing::LengthThenClose(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= take as u64;
+                Ok(Step::Data(buf.split_to(take).freeze()))
+            }
+            Framing::Chunked(state) | Framing::ChunkedThenClose(state) => step_chunked(state, buf),
+            Framing::UntilClose => {
+                if buf.is_empty() {
+                    Ok(Step::NeedMore)
+                } else {
+                    Ok(Step::Data(buf.split().freeze()))
+                }
+            }
+        }
+    }
+
+    /// The body is over: a connection that can take another request goes back to the pool.
+    fn finish(&mut self) {
+        let reusable = matches!(self.framing, Framing::Length(0) | Framing::Chunked(_));
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take()
+            && reusable
+        {
+            conn.release();
+        }
+    }
+
+    fn fail(&mut self) {
+        self.framing = Framing::Done;
+        self.conn = None;
+    }
+
+    fn ended(&self) -> bool {
+        matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0) | Framing::Done)
+    }
+}
+
+impl Body for UpstreamResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.step() {
+                Ok(Step::Data(d)) => {
+                    if this.ended() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+                Err(e) => {
+                    this.fail();
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            conn.buf.reserve(READ_CHUNK);
+            let n = match conn.stream.try_read_buf(&mut conn.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = ready!(conn.stream.poll_read_ready(cx)) {
+                        this.fail();
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    this.fail();
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            };
+            if n == 0 {
+                if this.framing == Framing::UntilClose {
+                    this.fail(); // the close is the end; the connection is spent
+                    return Poll::Ready(None);
+                }
+                this.fail();
+                return Poll::Ready(Some(Err(Box::new(bad("the upstream closed the connection before the body ended")))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended() || self.framing == Framing::Upgraded
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) | Framing::LengthThenClose(n) => SizeHint::with_exact(n),
+            Framing::Done | Framing::Upgraded => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for UpstreamResponseBody {
+    fn drop(&mut self) {
+        // A body read to its end was handed back in `finish`; one dropped earlier (the client
+        // went away) leaves its connection in an unknown state, so it is closed. An empty body
+        // that was never polled is over, and its connection can be reused.
+        if self.conn.is_some() && self.ended() {
+            self.finish();
+        }
+    }
+}
+
+/// What went wrong while sending a body, seen by the caller.
+pub enum SendError {
+    Upstream(UpstreamError),
+    /// The client's body failed while it streamed upstream (too large, malformed).
+    Body(BoxError),
+}
+
+/// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head.
+/// A pooled connection found dead before the answer began is replaced by a fresh one once, when
+/// the request can be sent again (no body was consumed). Connection failures count against the
+/// upstream's passive health; a failure after the request was sent is left to the caller, which
+/// knows whether the client's body caused it.
 pub async fn send(
     upstream: &Upstream,
-    req: Request<UpstreamBody>,
+    out: &Outgoing<'_>,
+    body: UpstreamBody,
     connect_timeout: Duration,
     answer_timeout: Duration,
-) -> Result<(Response<Incoming>, Lease), Unsent> {
-    let authority = upstream.authority.clone();
-    let (mut sender, mut pooled) = match checkout(&authority) {
-        Some(s) => (s, true),
-        None => match connect(&authority, connect_timeout).await {
-            Ok(s) => (s, false),
+) -> Result<Response<UpstreamResponseBody>, SendError> {
+    let authority = &upstream.authority;
+    let (mut conn, mut pooled) = match checkout(authority) {
+        Some(c) => (c, true),
+        None => match connect(authority, connect_timeout).await {
+            Ok(c) => (c, false),
             Err(e) => {
                 note_failure(upstream);
-                return Err(Unsent { error: e, request: Some(req) });
+                return Err(SendError::Upstream(e));
             }
         },
     };
-    let mut req = req;
+    let framing = request_framing(out.method, &body);
+    let mut head = Vec::with_capacity(512);
+    write_head(out, authority, framing, &mut head);
     upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+    let mut body = Some(body);
     let result = loop {
-        match tokio::time::timeout(answer_timeout, sender.try_send_request(req)).await {
-            Ok(Err(mut e)) if pooled => match e.take_message() {
-                // Not sent: the idle connection was dead. Try once more on a new one.
-                Some(back) => {
-                    pooled = false;
-                    match connect(&authority, connect_timeout).await {
-                        Ok(s) => {
-                            sender = s;
-                            req = back;
-                        }
-                        Err(err) => {
-                            note_failure(upstream);
-                            break Err(Unsent { error: err, request: Some(back) });
-                        }
+        let attempt = exchange(&mut conn, &head, &mut body, framing, out.method);
+        match tokio::time::timeout(answer_timeout, attempt).await {
+            Err(_) => break Err(SendError::Upstream(UpstreamError::Timeout)),
+            Ok(Ok(Some(h))) => break Ok(h),
+            // Closed before answering. On a reused connection with nothing consumed, this is the
+            // upstream having closed it while idle: try once on a fresh one.
+            Ok(Ok(None)) if pooled && body.is_some() && out.method.is_idempotent() => {
+                pooled = false;
+                match connect(authority, connect_timeout).await {
+                    Ok(c) => conn = c,
+                    Err(e) => {
+                        note_failure(upstream);
+                        break Err(SendError::Upstream(e));
                     }
                 }
-                None => {
-                    break Err(Unsent {
-                        error: UpstreamError::Failed(format!("{authority}: {}", e.error())),
-                        request: None,
-                    });
-                }
-            },
-            Ok(Err(mut e)) => {
-                let request = e.take_message();
-                let error = match &request {
-                    Some(_) => UpstreamError::Connect(format!("{authority}: {}", e.error())),
-                    None => UpstreamError::Failed(format!("{authority}: {}", e.error())),
-                };
-                break Err(Unsent { error, request });
             }
-            Ok(Ok(resp)) => break Ok(resp),
-            Err(_) => break Err(Unsent { error: UpstreamError::Timeout, request: None }),
+            Ok(Ok(None)) => {
+                break Err(SendError::Upstream(UpstreamError::Failed(format!(
+                    "{authority} closed the connection without answering"
+                ))));
+            }
+            Ok(Err(e)) => break Err(e),
         }
     };
     upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-    let resp = result?;
+    let (head, body_done) = result?;
     note_success(upstream);
-    Ok((resp, Lease { authority, sender }))
+    let mut framing = head.framing;
+    if !body_done {
+        // The upstream answered before taking the whole body: the connection is not reusable.
+        framing = match framing {
+            Framing::Length(n) => Framing::LengthThenClose(n),
+            Framing::Chunked(c) => Framing::ChunkedThenClose(c),
+            f => f,
+        };
+    }
+    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        framing = Framing::Upgraded;
+    }
+    let mut resp = Response::new(UpstreamResponseBody { conn: Some(conn), framing });
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = Version::HTTP_11;
+    *resp.headers_mut() = head.headers;
+    Ok(resp)
 }
 
-/// A failed attempt, with the request back when it was never sent (so it can go elsewhere).
-pub struct Unsent {
-    pub error: UpstreamError,
-    pub request: Option<Request<UpstreamBody>>,
+/// Writes the head and body and reads the answer's head. While the body streams, the answer is
+/// read too, so an upstream that answers early (a 413, say) is heard. `Ok(None)`: the connection
+/// closed before the first byte of an answer; `body` is still there if none of it was consumed.
+async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Option<UpstreamBody>,
+    framing: RequestFraming,
+    method: &Method,
+) -> Result<Option<(Head, bool)>, SendError> {
+    let Conn { stream, buf, .. } = conn;
+    if let Err(e) = stream.write_all(head).await {
+        // Nothing of the answer came; a dead idle connection shows up here or in the read.
+        tracing::debug!(error = %e, "writing to the upstream failed");
+        return Ok(None);
+    }
+    let has_body = body.as_ref().is_some_and(|b| !b.is_end_stream());
+    if !has_body {
+        return Ok(read_head(stream, buf, method).await.map_err(SendError::Upstream)?.map(|h| (h, true)));
+    }
+    let Some(b) = body.take() else { return Ok(None) };
+    let (mut rd, mut wr) = stream.split();
+    let pump = pump_body(b, framing, &mut wr);
+    tokio::pin!(pump);
+    let answer = read_head(&mut rd, buf, method);
+    tokio::pin!(answer);
+    let mut pumped = false;
+    loop {
+        tokio::select! {
+            r = &mut pump, if !pumped => match r {
+                Ok(()) => pumped = true,
+                Err(PumpError::Body(e)) => return Err(SendError::Body(e)),
+                Err(PumpError::Write(e)) => {
+                    return Err(SendError::Upstream(UpstreamError::Failed(format!("sending the body: {e}"))));
+                }
+            },
+            h = &mut answer => {
+                return match h.map_err(SendError::Upstream)? {
+                    Some(h) => Ok(Some((h, pumped))),
+                    None => Err(SendError::Upstream(UpstreamError::Failed(
+                        "the upstream closed the connection without answering".into(),
+                    ))),
+                };
+            }
+        }
+    }
 }
 
 pub fn note_success(u: &Upstream) {
@@ -178,13 +759,19 @@ pub fn note_failure(u: &Upstream) {
     }
 }
 
-/// One active health check: `GET path` on a fresh connection.
+/// One active health check: `GET path` on a fresh connection; a 2xx or 3xx answer passes.
 pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
-    let Ok(mut sender) = connect(&upstream.authority, timeout).await else { return false };
-    let Ok(req) = Request::get(path).header(http::header::HOST, &*upstream.authority).body(UpstreamBody::Empty) else {
-        return false;
-    };
-    matches!(tokio::time::timeout(timeout, sender.send_request(req)).await, Ok(Ok(r)) if r.status().is_success() || r.status().is_redirection())
+    let Ok(mut conn) = connect(&upstream.authority, timeout).await else { return false };
+    let headers = HeaderMap::new();
+    let out = Outgoing { method: &Method::GET, target: path, headers: &headers };
+    let mut head = Vec::with_capacity(128);
+    write_head(&out, &upstream.authority, RequestFraming::None, &mut head);
+    let mut body = None;
+    let answer = exchange(&mut conn, &head, &mut body, RequestFraming::None, &Method::GET);
+    matches!(
+        tokio::time::timeout(timeout, answer).await,
+        Ok(Ok(Some((h, _)))) if h.status.is_success() || h.status.is_redirection()
+    )
 }
 
 /// Records an active health check: `healthy` consecutive successes put an upstream back,
@@ -247,5 +834,83 @@ mod tests {
         assert!(!u.is_healthy(), "one success is not enough");
         note_probe(u, true, 2, 3);
         assert!(u.is_healthy(), "2 successes put it back");
+    }
+
+    fn chunks(input: &[u8]) -> io::Result<(Vec<u8>, bool)> {
+        let mut buf = BytesMut::from(input);
+        let mut state = Chunked::Size;
+        let mut out = Vec::new();
+        loop {
+            match step_chunked(&mut state, &mut buf)? {
+                Step::Data(d) => out.extend_from_slice(&d),
+                Step::NeedMore => return Ok((out, false)),
+                Step::End => return Ok((out, true)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_strictly() {
+        assert_eq!(chunks(b"5\r\nhello\r\n0\r\n\r\n").unwrap(), (b"hello".to_vec(), true));
+        assert_eq!(chunks(b"3;ext=1\r\nabc\r\n0\r\nx-t: 1\r\n\r\n").unwrap(), (b"abc".to_vec(), true));
+        assert_eq!(chunks(b"A\r\n0123456789\r\n0\r\n\r\n").unwrap().0, b"0123456789");
+        assert_eq!(chunks(b"5\r\nhel").unwrap(), (b"hel".to_vec(), false), "partial data is passed on");
+        for bad in [
+            &b"x\r\nhello\r\n"[..],
+            b"-5\r\nhello\r\n",
+            b"5 5\r\nhello\r\n",
+            b"0x5\r\nhello\r\n",
+            b"ffffffffffffffff\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"\r\n",
+        ] {
+            assert!(chunks(bad).is_err(), "{:?} must be refused", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn answer_heads_follow_rfc_9112_framing() {
+        let parse = |raw: &[u8], method: &Method| {
+            let mut buf = BytesMut::from(raw);
+            parse_head(&mut buf, method).map(|h| h.map(|h| (h.status, h.framing, h.headers)))
+        };
+        let (s, f, h) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok", &Method::GET).unwrap().unwrap();
+        assert_eq!((s, f), (StatusCode::OK, Framing::Length(2)));
+        assert_eq!(h.get("x-a").unwrap(), "1");
+        let (_, f, h) = parse(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: 5\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(f, Framing::Chunked(Chunked::Size), "Transfer-Encoding wins over Content-Length");
+        assert!(h.get("content-length").is_none() && h.get("x-secret").is_none() && h.get("keep-alive").is_none());
+        let (_, f, _) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
+        assert_eq!(f, Framing::Length(0), "a HEAD answer has no body");
+        let (_, f, _) = parse(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert_eq!(f, Framing::UntilClose);
+        let (_, f, _) =
+            parse(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert_eq!(f, Framing::LengthThenClose(1));
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n", &Method::GET).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n", &Method::GET).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET).unwrap().is_none(), "incomplete");
+        assert!(parse(b"HTTP/1.0 200 OK\r\n\r\n", &Method::GET).is_err());
+    }
+
+    #[test]
+    fn request_heads_carry_host_and_framing_and_nothing_doubled() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert(header::HOST, HeaderValue::from_static("client.example"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        let out = Outgoing { method: &Method::POST, target: "/a?b=1", headers: &headers };
+        let mut buf = Vec::new();
+        write_head(&out, "up:80", RequestFraming::Length(3), &mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\ncontent-length: 3\r\n\r\n"
+        );
     }
 }

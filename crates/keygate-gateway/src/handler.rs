@@ -715,17 +715,8 @@ impl Gateway {
         for (k, v) in &limit_headers {
             parts.headers.append(k.clone(), v.clone());
         }
-        let done = Completion {
-            gw: self.clone(),
-            table,
-            route,
-            caller,
-            status: status.as_u16(),
-            state,
-            start,
-            now,
-            line,
-        };
+        let done =
+            Completion { gw: self.clone(), table, route, caller, status: status.as_u16(), state, start, now, line };
         Response::from_parts(parts, GatewayBody::Upstream { inner: body, sent: 0, done: Some(Box::new(done)) })
     }
 }

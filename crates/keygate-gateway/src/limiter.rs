@@ -2,7 +2,7 @@
 //! calendar period), held in memory. Quota counts are flushed to the store with usage and
 //! loaded at start, so they survive a restart; a crash loses at most one flush interval.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -12,6 +12,10 @@ use keygate_core::policy::{GcraDecision, Quota, RateLimit};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
 const SHARDS: usize = 16;
+
+/// Keys are public ids of tokens that passed verification (chosen by the issuer, not by a
+/// caller), so a fast keyed hash is enough; per-map random seeds keep it unpredictable anyway.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 type Key = ([u8; PUBLIC_ID_LEN], u32);
 
@@ -46,8 +50,8 @@ pub struct Limiter {
 impl Default for Limiter {
     fn default() -> Self {
         Self {
-            tats: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            quotas: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            tats: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
+            quotas: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
         }
     }
 }

@@ -433,15 +433,16 @@ fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Result<Step> {
                 }
                 let rest = &line[digits..];
                 let ext_ok = rest.is_empty() || {
-                    let t = rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&rest[rest.len()..], |i| &rest[i..]);
+                    let t =
+                        rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&rest[rest.len()..], |i| &rest[i..]);
                     t.first() == Some(&b';') && !t.iter().any(|b| *b == b'\r' || *b == b'\n')
                 };
                 if !ext_ok {
                     return Err(bad("bad chunk size"));
                 }
-                let size = line[..digits].iter().fold(0u64, |acc, b| {
-                    acc * 16 + u64::from(char::from(*b).to_digit(16).unwrap_or(0))
-                });
+                let size = line[..digits]
+                    .iter()
+                    .fold(0u64, |acc, b| acc * 16 + u64::from(char::from(*b).to_digit(16).unwrap_or(0)));
                 buf.advance(eol + 2);
                 *state = if size == 0 { Chunked::Trailers } else { Chunked::Data(size) };
             }
@@ -586,7 +587,9 @@ impl Body for UpstreamResponseBody {
                     return Poll::Ready(None);
                 }
                 this.fail();
-                return Poll::Ready(Some(Err(Box::new(bad("the upstream closed the connection before the body ended")))));
+                return Poll::Ready(Some(Err(Box::new(bad(
+                    "the upstream closed the connection before the body ended",
+                )))));
             }
         }
     }
@@ -874,7 +877,8 @@ mod tests {
             let mut buf = BytesMut::from(raw);
             parse_head(&mut buf, method).map(|h| h.map(|h| (h.status, h.framing, h.headers)))
         };
-        let (s, f, h) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok", &Method::GET).unwrap().unwrap();
+        let (s, f, h) =
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok", &Method::GET).unwrap().unwrap();
         assert_eq!((s, f), (StatusCode::OK, Framing::Length(2)));
         assert_eq!(h.get("x-a").unwrap(), "1");
         let (_, f, h) = parse(

@@ -2,7 +2,7 @@
 //! a latency histogram, counted in memory and flushed to the store in the background (and on
 //! graceful shutdown, so that after N requests the usage says N).
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
 use std::sync::{Arc, Mutex};
 
 use keygate_core::Timestamp;
@@ -11,6 +11,10 @@ use keygate_core::model::{LATENCY_BUCKETS_MS, LastUse, UsageRecord};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
 const SHARDS: usize = 16;
+
+/// Keys are public ids of tokens that passed verification (chosen by the issuer, not by a
+/// caller), so a fast keyed hash is enough; per-map random seeds keep it unpredictable anyway.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 type Key = ([u8; PUBLIC_ID_LEN], usize, i64);
 

@@ -4,11 +4,13 @@
 
 use std::sync::Arc;
 
-use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
+use keygate_core::account::AccountStore;
+use keygate_core::account::{Invitation, Membership, Role, Session, User, WorkspacePolicy};
+use keygate_core::ids::{AppId, InvitationId, PlanId, RootKeyId, TokenId, UserId, WorkspaceId};
 use keygate_core::model::*;
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use keygate_core::scope::Scope;
-use keygate_core::secret::{OsRandom, Pepper};
+use keygate_core::secret::{OsRandom, Pepper, SecretHash};
 use keygate_core::store::*;
 use keygate_core::token_format::{TokenPrefix, mint};
 use keygate_core::{ErrorKind, Timestamp};
@@ -416,6 +418,417 @@ async fn usage_and_quota_counts(h: &Harness) {
     );
 }
 
+fn person(email: &str, at: Timestamp) -> User {
+    User {
+        id: UserId::random(&OsRandom).unwrap(),
+        email: email.into(),
+        name: email.split('@').next().unwrap_or_default().into(),
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        totp_sealed: None,
+        totp_enabled: false,
+        totp_last_step: 0,
+        disabled: false,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+fn member(ws: &WorkspaceId, user: &UserId, role: Role, at: Timestamp) -> Membership {
+    Membership { workspace_id: ws.clone(), user_id: user.clone(), role, created_at: at }
+}
+
+fn secret_hash(secret: &str) -> SecretHash {
+    Pepper::new(&[5; 32]).unwrap().hash(secret)
+}
+
+fn session(id: &str, user: &UserId, ws: &WorkspaceId, created: Timestamp) -> Session {
+    Session {
+        id_hash: secret_hash(id),
+        user_id: user.clone(),
+        workspace_id: ws.clone(),
+        pending_mfa: true,
+        created_at: created,
+        last_seen_at: created,
+        expires_at: created.plus_seconds(12 * 3600),
+        ip: Some("192.0.2.7".into()),
+    }
+}
+
+fn invitation(ws: &WorkspaceId, email: &str, role: Role, code: &str, by: &UserId) -> Invitation {
+    Invitation {
+        id: InvitationId::random(&OsRandom).unwrap(),
+        workspace_id: ws.clone(),
+        email: email.into(),
+        role,
+        code_hash: secret_hash(code),
+        invited_by: by.clone(),
+        created_at: T0,
+        expires_at: T0.plus_seconds(7 * 86400),
+        accepted_at: None,
+    }
+}
+
+/// A workspace with its first user, an owner.
+async fn workspace_with_owner(s: &SqlStore, name: &str, email: &str) -> (Workspace, App, User) {
+    let (ws, d) = workspace(name);
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let owner = person(email, T0);
+    let m = member(&ws.id, &owner.id, Role::Owner, T0);
+    s.insert_user(&owner, &m, &audit(&ws.id, "user.create", owner.id.as_str())).await.unwrap();
+    (ws, d, owner)
+}
+
+async fn accounts_users(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    assert_eq!(s.user_count().await.unwrap(), 0, "a fresh store has no accounts");
+
+    // The first user, their membership and the audit event are written together.
+    let mut alice = person("alice@example.com", T0);
+    alice.totp_sealed = Some(vec![1, 2, 3, 0, 255]);
+    let m = member(&ws.id, &alice.id, Role::Owner, T0);
+    s.insert_user(&alice, &m, &audit(&ws.id, "user.create", alice.id.as_str())).await.unwrap();
+    assert_eq!(s.user_count().await.unwrap(), 1);
+    assert_eq!(s.user(&alice.id).await.unwrap(), Some(alice.clone()));
+    assert_eq!(s.user_by_email("alice@example.com").await.unwrap(), Some(alice.clone()));
+    assert_eq!(s.user_by_email("Alice@example.com").await.unwrap(), None, "lookups are exact");
+    assert_eq!(s.membership(&ws.id, &alice.id).await.unwrap(), Some(m.clone()));
+    assert_eq!(s.memberships(&alice.id).await.unwrap(), vec![m.clone()]);
+    let events = all_audit(s, &ws.id).await;
+    assert_eq!(events.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), vec!["user.create"]);
+
+    // A taken email is a conflict, and nothing of the attempt is written.
+    let twin = person("alice@example.com", T0.plus_seconds(1));
+    let e = s
+        .insert_user(&twin, &member(&ws.id, &twin.id, Role::Viewer, T0), &audit(&ws.id, "user.create", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "email_taken"));
+    assert_eq!(s.user_count().await.unwrap(), 1);
+    assert_eq!(s.user(&twin.id).await.unwrap(), None);
+    assert_eq!(s.membership(&ws.id, &twin.id).await.unwrap(), None);
+    assert_eq!(all_audit(s, &ws.id).await.len(), 1);
+
+    // Every field but id, email and created_at is saved; the audit event is optional.
+    let mut changed = alice.clone();
+    changed.email = "ignored@example.com".into();
+    changed.created_at = T0.plus_seconds(999);
+    changed.name = "Alice A.".into();
+    changed.password_hash = "$argon2id$v=19$new".into();
+    changed.totp_sealed = Some(vec![9; 40]);
+    changed.totp_enabled = true;
+    changed.totp_last_step = 42;
+    changed.disabled = true;
+    changed.updated_at = T0.plus_seconds(60);
+    s.update_user(&changed, Some(&audit(&ws.id, "user.update", alice.id.as_str()))).await.unwrap();
+    let stored = s.user(&alice.id).await.unwrap().unwrap();
+    assert_eq!(stored, User { email: alice.email.clone(), created_at: alice.created_at, ..changed.clone() });
+    assert_eq!(all_audit(s, &ws.id).await.len(), 2);
+    let mut cleared = stored.clone();
+    cleared.totp_sealed = None;
+    cleared.totp_enabled = false;
+    cleared.disabled = false;
+    s.update_user(&cleared, None).await.unwrap();
+    assert_eq!(s.user(&alice.id).await.unwrap(), Some(cleared.clone()));
+    assert_eq!(all_audit(s, &ws.id).await.len(), 2, "no audit event when none is given");
+    let ghost = person("ghost@example.com", T0);
+    assert_eq!(s.update_user(&ghost, None).await.unwrap_err().kind, ErrorKind::NotFound);
+
+    // TOTP steps only move forward: a replayed or older step is refused.
+    assert!(s.advance_totp_step(&alice.id, 43).await.unwrap());
+    assert!(!s.advance_totp_step(&alice.id, 43).await.unwrap(), "the same step twice");
+    assert!(!s.advance_totp_step(&alice.id, 40).await.unwrap(), "an older step");
+    assert!(s.advance_totp_step(&alice.id, 45).await.unwrap());
+    assert_eq!(s.user(&alice.id).await.unwrap().unwrap().totp_last_step, 45);
+    assert!(!s.advance_totp_step(&ghost.id, 100).await.unwrap(), "an unknown user");
+}
+
+async fn accounts_recovery_codes(h: &Harness) {
+    let s = &h.store;
+    let (_, _, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let codes: Vec<SecretHash> = (0..3).map(|i| secret_hash(&format!("code-{i}"))).collect();
+    assert_eq!(s.recovery_codes_left(&alice.id).await.unwrap(), 0);
+    s.set_recovery_codes(&alice.id, &codes, T0).await.unwrap();
+    assert_eq!(s.recovery_codes_left(&alice.id).await.unwrap(), 3);
+    assert!(s.use_recovery_code(&alice.id, &codes[1], T0.plus_seconds(5)).await.unwrap());
+    assert!(!s.use_recovery_code(&alice.id, &codes[1], T0.plus_seconds(6)).await.unwrap(), "usable once");
+    assert!(!s.use_recovery_code(&alice.id, &secret_hash("unknown"), T0).await.unwrap());
+    assert_eq!(s.recovery_codes_left(&alice.id).await.unwrap(), 2);
+
+    // Another person cannot use them.
+    let bob = person("bob@example.com", T0);
+    let (ws2, d2) = workspace("other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    s.insert_user(&bob, &member(&ws2.id, &bob.id, Role::Owner, T0), &audit(&ws2.id, "user.create", "b")).await.unwrap();
+    assert!(!s.use_recovery_code(&bob.id, &codes[0], T0).await.unwrap());
+
+    // A new set replaces the old one, used codes included.
+    let fresh: Vec<SecretHash> = (0..2).map(|i| secret_hash(&format!("fresh-{i}"))).collect();
+    s.set_recovery_codes(&alice.id, &fresh, T0.plus_seconds(10)).await.unwrap();
+    assert_eq!(s.recovery_codes_left(&alice.id).await.unwrap(), 2);
+    assert!(!s.use_recovery_code(&alice.id, &codes[0], T0.plus_seconds(11)).await.unwrap(), "old codes are gone");
+    assert!(s.use_recovery_code(&alice.id, &fresh[0], T0.plus_seconds(11)).await.unwrap());
+    s.set_recovery_codes(&alice.id, &[], T0.plus_seconds(12)).await.unwrap();
+    assert_eq!(s.recovery_codes_left(&alice.id).await.unwrap(), 0);
+}
+
+async fn accounts_sessions(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let (ws2, _, bob) = workspace_with_owner(s, "other", "bob@example.com").await;
+    s.put_membership(&member(&ws2.id, &alice.id, Role::Viewer, T0), &audit(&ws2.id, "member.add", "a")).await.unwrap();
+
+    let a1 = session("a1", &alice.id, &ws.id, T0);
+    let mut a2 = session("a2", &alice.id, &ws.id, T0);
+    a2.ip = None;
+    let b1 = session("b1", &bob.id, &ws2.id, T0);
+    for x in [&a1, &a2, &b1] {
+        s.insert_session(x).await.unwrap();
+    }
+    assert_eq!(s.session(&a1.id_hash).await.unwrap(), Some(a1.clone()));
+    assert_eq!(s.session(&a2.id_hash).await.unwrap(), Some(a2.clone()));
+    assert_eq!(s.session(&secret_hash("nope")).await.unwrap(), None);
+    assert_eq!(s.insert_session(&a1).await.unwrap_err().kind, ErrorKind::Conflict);
+
+    // Only last_seen_at, pending_mfa and workspace_id change.
+    let mut moved = a1.clone();
+    moved.pending_mfa = false;
+    moved.last_seen_at = T0.plus_seconds(30);
+    moved.workspace_id = ws2.id.clone();
+    moved.expires_at = T0.plus_seconds(1);
+    moved.ip = Some("203.0.113.1".into());
+    s.update_session(&moved).await.unwrap();
+    let stored = s.session(&a1.id_hash).await.unwrap().unwrap();
+    assert_eq!(stored, Session { expires_at: a1.expires_at, ip: a1.ip.clone(), ..moved.clone() });
+
+    s.delete_session(&a2.id_hash).await.unwrap();
+    assert_eq!(s.session(&a2.id_hash).await.unwrap(), None);
+    s.delete_session(&a2.id_hash).await.unwrap();
+
+    // Signing a person out everywhere leaves others signed in.
+    s.delete_user_sessions(&alice.id).await.unwrap();
+    assert_eq!(s.session(&a1.id_hash).await.unwrap(), None);
+    assert!(s.session(&b1.id_hash).await.unwrap().is_some());
+
+    // Purge: past the absolute end, or idle since before the cut-off.
+    let mut expired = session("expired", &alice.id, &ws.id, T0);
+    expired.expires_at = T0.plus_seconds(100);
+    expired.last_seen_at = T0.plus_seconds(99);
+    let mut idle = session("idle", &alice.id, &ws.id, T0);
+    idle.last_seen_at = T0.plus_seconds(10);
+    let mut active = session("active", &alice.id, &ws.id, T0);
+    active.last_seen_at = T0.plus_seconds(90);
+    let mut b_active = b1.clone();
+    b_active.last_seen_at = T0.plus_seconds(50);
+    s.update_session(&b_active).await.unwrap();
+    for x in [&expired, &idle, &active] {
+        s.insert_session(x).await.unwrap();
+    }
+    assert_eq!(s.purge_sessions(T0.plus_seconds(99), T0.plus_seconds(10)).await.unwrap(), 0, "nothing due yet");
+    assert_eq!(s.purge_sessions(T0.plus_seconds(100), T0.plus_seconds(20)).await.unwrap(), 2);
+    assert_eq!(s.session(&expired.id_hash).await.unwrap(), None, "absolute end reached");
+    assert_eq!(s.session(&idle.id_hash).await.unwrap(), None, "idle too long");
+    assert!(s.session(&active.id_hash).await.unwrap().is_some());
+    assert!(s.session(&b1.id_hash).await.unwrap().is_some());
+}
+
+async fn accounts_memberships(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let (ws2, _, carol) = workspace_with_owner(s, "other", "carol@example.com").await;
+    let bob = person("bob@example.com", T0);
+    s.insert_user(&bob, &member(&ws.id, &bob.id, Role::Developer, T0.plus_seconds(1)), &audit(&ws.id, "u", "b"))
+        .await
+        .unwrap();
+    let before = all_audit(s, &ws.id).await.len();
+
+    // Insert, then change the role; the first created_at stays.
+    let in_ws2 = member(&ws2.id, &bob.id, Role::Viewer, T0.plus_seconds(2));
+    s.put_membership(&in_ws2, &audit(&ws2.id, "member.add", bob.id.as_str())).await.unwrap();
+    let promoted = Membership { role: Role::Admin, created_at: T0.plus_seconds(50), ..in_ws2.clone() };
+    s.put_membership(&promoted, &audit(&ws2.id, "member.role", bob.id.as_str())).await.unwrap();
+    assert_eq!(s.membership(&ws2.id, &bob.id).await.unwrap(), Some(Membership { role: Role::Admin, ..in_ws2.clone() }));
+    assert_eq!(
+        s.memberships(&bob.id).await.unwrap().iter().map(|m| (&m.workspace_id, m.role)).collect::<Vec<_>>(),
+        vec![(&ws.id, Role::Developer), (&ws2.id, Role::Admin)]
+    );
+
+    // Members come with their accounts, oldest first; each workspace sees only its own.
+    let members = s.members(&ws.id).await.unwrap();
+    assert_eq!(
+        members.iter().map(|(m, u)| (m.role, u.id.clone())).collect::<Vec<_>>(),
+        vec![(Role::Owner, alice.id.clone()), (Role::Developer, bob.id.clone())]
+    );
+    assert_eq!(members[1].1, bob);
+    assert_eq!(members[1].0.created_at, T0.plus_seconds(1));
+    let members2 = s.members(&ws2.id).await.unwrap();
+    assert_eq!(members2.iter().map(|(_, u)| u.id.clone()).collect::<Vec<_>>(), vec![carol.id.clone(), bob.id.clone()]);
+    assert_eq!(s.membership(&ws2.id, &alice.id).await.unwrap(), None, "tenant isolation");
+
+    // Removal takes the person's sessions in that workspace with it, and only those.
+    let here = session("here", &bob.id, &ws.id, T0);
+    let there = session("there", &bob.id, &ws2.id, T0);
+    let alices = session("alice", &alice.id, &ws.id, T0);
+    for x in [&here, &there, &alices] {
+        s.insert_session(x).await.unwrap();
+    }
+    assert!(s.delete_membership(&ws.id, &bob.id, &audit(&ws.id, "member.remove", bob.id.as_str())).await.unwrap());
+    assert_eq!(s.membership(&ws.id, &bob.id).await.unwrap(), None);
+    assert_eq!(s.session(&here.id_hash).await.unwrap(), None);
+    assert!(s.session(&there.id_hash).await.unwrap().is_some());
+    assert!(s.session(&alices.id_hash).await.unwrap().is_some());
+    assert_eq!(s.members(&ws.id).await.unwrap().len(), 1);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+    assert!(!s.delete_membership(&ws.id, &bob.id, &audit(&ws.id, "member.remove", "b")).await.unwrap());
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1, "nothing removed, nothing audited");
+    // A workspace cannot remove another workspace's member.
+    assert!(!s.delete_membership(&ws.id, &carol.id, &audit(&ws.id, "member.remove", "c")).await.unwrap());
+    assert!(s.membership(&ws2.id, &carol.id).await.unwrap().is_some());
+}
+
+async fn accounts_invitations(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let (ws2, _, carol) = workspace_with_owner(s, "other", "carol@example.com").await;
+    let inv = invitation(&ws.id, "dave@example.com", Role::Developer, "code-dave", &alice.id);
+    s.insert_invitation(&inv, &audit(&ws.id, "invitation.create", inv.id.as_str())).await.unwrap();
+    assert_eq!(s.invitation_by_code(&inv.code_hash).await.unwrap(), Some(inv.clone()));
+    assert_eq!(s.invitation_by_code(&secret_hash("wrong")).await.unwrap(), None);
+    assert_eq!(s.invitations(&ws.id).await.unwrap(), vec![inv.clone()]);
+    assert!(s.invitations(&ws2.id).await.unwrap().is_empty(), "tenant isolation");
+    let dup = Invitation { id: InvitationId::random(&OsRandom).unwrap(), ..inv.clone() };
+    assert_eq!(s.insert_invitation(&dup, &audit(&ws.id, "i", "x")).await.unwrap_err().kind, ErrorKind::Conflict);
+
+    // Accepted by a new person: the account, membership and acceptance in one transaction.
+    let at = T0.plus_seconds(60);
+    let dave = person("dave@example.com", at);
+    let m = member(&ws.id, &dave.id, Role::Developer, at);
+    let before = all_audit(s, &ws.id).await.len();
+    s.accept_invitation(&inv, Some(&dave), &m, &audit(&ws.id, "invitation.accept", inv.id.as_str())).await.unwrap();
+    assert_eq!(s.user(&dave.id).await.unwrap(), Some(dave.clone()));
+    assert_eq!(s.membership(&ws.id, &dave.id).await.unwrap(), Some(m.clone()));
+    assert_eq!(s.invitation_by_code(&inv.code_hash).await.unwrap().unwrap().accepted_at, Some(at));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+
+    // A second acceptance is refused and writes nothing.
+    let eve = person("eve@example.com", at);
+    let e = s
+        .accept_invitation(&inv, Some(&eve), &member(&ws.id, &eve.id, Role::Developer, at), &audit(&ws.id, "a", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "invitation_accepted"));
+    assert_eq!(s.user(&eve.id).await.unwrap(), None);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+
+    // Accepted by someone with an account already (carol, from the other workspace).
+    let inv2 = invitation(&ws.id, "carol@example.com", Role::Viewer, "code-carol", &alice.id);
+    s.insert_invitation(&inv2, &audit(&ws.id, "invitation.create", inv2.id.as_str())).await.unwrap();
+    let m2 = member(&ws.id, &carol.id, Role::Viewer, at);
+    s.accept_invitation(&inv2, None, &m2, &audit(&ws.id, "invitation.accept", inv2.id.as_str())).await.unwrap();
+    assert_eq!(s.membership(&ws.id, &carol.id).await.unwrap(), Some(m2.clone()));
+    assert_eq!(s.memberships(&carol.id).await.unwrap().len(), 2);
+    let e = s.accept_invitation(&inv2, None, &m2, &audit(&ws.id, "a", "b")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict);
+
+    // A new account whose email is taken: nothing is written, the invitation stays open.
+    let inv3 = invitation(&ws.id, "alice@example.com", Role::Admin, "code-3", &alice.id);
+    s.insert_invitation(&inv3, &audit(&ws.id, "invitation.create", inv3.id.as_str())).await.unwrap();
+    let twin = person("dave@example.com", at);
+    let e = s
+        .accept_invitation(&inv3, Some(&twin), &member(&ws.id, &twin.id, Role::Admin, at), &audit(&ws.id, "a", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "email_taken");
+    assert_eq!(s.invitation_by_code(&inv3.code_hash).await.unwrap().unwrap().accepted_at, None);
+    // A person already in the workspace keeps their role.
+    let e = s
+        .accept_invitation(&inv3, None, &member(&ws.id, &alice.id, Role::Admin, at), &audit(&ws.id, "a", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "already_member"));
+    assert_eq!(s.membership(&ws.id, &alice.id).await.unwrap().unwrap().role, Role::Owner);
+    assert_eq!(s.invitation_by_code(&inv3.code_hash).await.unwrap().unwrap().accepted_at, None);
+
+    // Two acceptances at once: exactly one wins.
+    let inv4 = invitation(&ws.id, "frank@example.com", Role::Viewer, "code-4", &alice.id);
+    s.insert_invitation(&inv4, &audit(&ws.id, "invitation.create", inv4.id.as_str())).await.unwrap();
+    let (f1, f2) = (person("frank@example.com", at), person("frank2@example.com", at));
+    let (m1, m2) = (member(&ws.id, &f1.id, Role::Viewer, at), member(&ws.id, &f2.id, Role::Viewer, at));
+    let (a1, a2) = (audit(&ws.id, "invitation.accept", "1"), audit(&ws.id, "invitation.accept", "2"));
+    let (r1, r2) =
+        tokio::join!(s.accept_invitation(&inv4, Some(&f1), &m1, &a1), s.accept_invitation(&inv4, Some(&f2), &m2, &a2));
+    assert!(r1.is_ok() != r2.is_ok(), "one acceptance wins: {r1:?} {r2:?}");
+    let loser = r1.err().or(r2.err()).unwrap();
+    assert_eq!(loser.code, "invitation_accepted");
+    assert_eq!(
+        u8::from(s.user(&f1.id).await.unwrap().is_some()) + u8::from(s.user(&f2.id).await.unwrap().is_some()),
+        1
+    );
+
+    // Deleting: only in its own workspace, and an unknown invitation cannot be accepted.
+    assert!(!s.delete_invitation(&ws2.id, &inv3.id, &audit(&ws2.id, "invitation.delete", "x")).await.unwrap());
+    let before = all_audit(s, &ws.id).await.len();
+    assert!(
+        s.delete_invitation(&ws.id, &inv3.id, &audit(&ws.id, "invitation.delete", inv3.id.as_str())).await.unwrap()
+    );
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+    assert_eq!(s.invitation_by_code(&inv3.code_hash).await.unwrap(), None);
+    assert!(!s.delete_invitation(&ws.id, &inv3.id, &audit(&ws.id, "invitation.delete", "x")).await.unwrap());
+    let e = s
+        .accept_invitation(&inv3, None, &member(&ws.id, &carol.id, Role::Admin, at), &audit(&ws.id, "a", "b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(s.invitations(&ws.id).await.unwrap().len(), 3, "accepted invitations stay listed");
+}
+
+async fn accounts_policy_and_app_owners(h: &Harness) {
+    let s = &h.store;
+    let (ws, d, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let (ws2, d2, carol) = workspace_with_owner(s, "other", "carol@example.com").await;
+
+    assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), WorkspacePolicy::default());
+    let p = WorkspacePolicy { max_token_lifetime_days: Some(90), require_two_factor: true };
+    s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
+    assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p);
+    assert_eq!(s.workspace_policy(&ws2.id).await.unwrap(), WorkspacePolicy::default(), "tenant isolation");
+    let p2 = WorkspacePolicy { max_token_lifetime_days: None, require_two_factor: false };
+    s.put_workspace_policy(&ws.id, &p2, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
+    assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p2);
+    assert_eq!(all_audit(s, &ws.id).await.iter().filter(|e| e.action == "workspace.policy").count(), 2);
+
+    let a = app(&ws.id, "Mobile", false);
+    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
+    assert_eq!(s.app_owner(&ws.id, &a.id).await.unwrap(), None);
+    s.set_app_owner(&ws.id, &a.id, &alice.id).await.unwrap();
+    s.set_app_owner(&ws.id, &d.id, &alice.id).await.unwrap();
+    assert_eq!(s.app_owner(&ws.id, &a.id).await.unwrap(), Some(alice.id.clone()));
+    let mut owned = vec![a.id.clone(), d.id.clone()];
+    owned.sort();
+    assert_eq!(s.owned_apps(&ws.id, &alice.id).await.unwrap(), owned);
+
+    // Another workspace sees no owner and cannot set one for this workspace's app.
+    assert_eq!(s.app_owner(&ws2.id, &a.id).await.unwrap(), None);
+    assert!(s.owned_apps(&ws2.id, &alice.id).await.unwrap().is_empty());
+    let e = s.set_app_owner(&ws2.id, &a.id, &carol.id).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(s.app_owner(&ws.id, &a.id).await.unwrap(), Some(alice.id.clone()));
+    s.set_app_owner(&ws2.id, &d2.id, &carol.id).await.unwrap();
+    assert_eq!(s.owned_apps(&ws2.id, &carol.id).await.unwrap(), vec![d2.id.clone()]);
+    assert!(s.owned_apps(&ws.id, &carol.id).await.unwrap().is_empty());
+
+    // A new owner replaces the old one; deleting an owned app drops its owner.
+    let bob = person("bob@example.com", T0);
+    s.insert_user(&bob, &member(&ws.id, &bob.id, Role::Developer, T0), &audit(&ws.id, "u", "b")).await.unwrap();
+    s.set_app_owner(&ws.id, &a.id, &bob.id).await.unwrap();
+    assert_eq!(s.app_owner(&ws.id, &a.id).await.unwrap(), Some(bob.id.clone()));
+    assert_eq!(s.owned_apps(&ws.id, &alice.id).await.unwrap(), vec![d.id.clone()]);
+    s.delete_app(&ws.id, &a.id, false, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap();
+    assert_eq!(s.app_owner(&ws.id, &a.id).await.unwrap(), None);
+    assert!(s.owned_apps(&ws.id, &bob.id).await.unwrap().is_empty());
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_engine {
@@ -447,7 +860,13 @@ conformance!(
     change_feed,
     root_keys_plans_and_scopes,
     deleting_apps,
-    usage_and_quota_counts
+    usage_and_quota_counts,
+    accounts_users,
+    accounts_recovery_codes,
+    accounts_sessions,
+    accounts_memberships,
+    accounts_invitations,
+    accounts_policy_and_app_owners
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

@@ -4,6 +4,7 @@
 //! it afterwards.
 #![forbid(unsafe_code)]
 
+mod accounts;
 mod feed;
 mod rows;
 mod sql;

@@ -1,7 +1,8 @@
 //! Row decoding: from the portable column types (TEXT, BIGINT, BLOB/BYTEA, JSON as TEXT) into
 //! the records of `keygate-core`. A row that does not decode is a store error, never a panic.
 
-use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
+use keygate_core::account::{Invitation, Membership, Role, Session, User, WorkspacePolicy};
+use keygate_core::ids::{AppId, InvitationId, PlanId, RootKeyId, TokenId, UserId, WorkspaceId};
 use keygate_core::model::{App, AuditEvent, Permission, Plan, RootKey, ScopeEntry, TokenRecord, TokenState, Workspace};
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
@@ -191,4 +192,76 @@ pub(crate) fn usage(row: &AnyRow) -> Result<keygate_core::model::UsageRecord> {
         latency_us_sum: n("latency_us_sum")?,
         latency,
     })
+}
+
+fn flag(row: &AnyRow, col: &str) -> Result<bool> {
+    Ok(get::<i64>(row, col)? != 0)
+}
+
+fn role(row: &AnyRow, col: &str) -> Result<Role> {
+    let text: String = get(row, col)?;
+    Role::parse(&text).ok_or_else(|| corrupt(col, &text))
+}
+
+pub(crate) fn user(row: &AnyRow) -> Result<User> {
+    Ok(User {
+        id: UserId::from_trusted(get(row, "id")?),
+        email: get(row, "email")?,
+        name: get(row, "name")?,
+        password_hash: get(row, "password_hash")?,
+        totp_sealed: get(row, "totp_sealed")?,
+        totp_enabled: flag(row, "totp_enabled")?,
+        totp_last_step: get(row, "totp_last_step")?,
+        disabled: flag(row, "disabled")?,
+        created_at: ts(row, "created_at")?,
+        updated_at: ts(row, "updated_at")?,
+    })
+}
+
+/// A membership whose `created_at` is in column `created_col` (joins with `users` rename it).
+pub(crate) fn membership_at(row: &AnyRow, created_col: &str) -> Result<Membership> {
+    Ok(Membership {
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        user_id: UserId::from_trusted(get(row, "user_id")?),
+        role: role(row, "role")?,
+        created_at: ts(row, created_col)?,
+    })
+}
+
+pub(crate) fn membership(row: &AnyRow) -> Result<Membership> {
+    membership_at(row, "created_at")
+}
+
+pub(crate) fn session(row: &AnyRow) -> Result<Session> {
+    Ok(Session {
+        id_hash: hash(row, "id_hash")?,
+        user_id: UserId::from_trusted(get(row, "user_id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        pending_mfa: flag(row, "pending_mfa")?,
+        created_at: ts(row, "created_at")?,
+        last_seen_at: ts(row, "last_seen_at")?,
+        expires_at: ts(row, "expires_at")?,
+        ip: get(row, "ip")?,
+    })
+}
+
+pub(crate) fn invitation(row: &AnyRow) -> Result<Invitation> {
+    Ok(Invitation {
+        id: InvitationId::from_trusted(get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        email: get(row, "email")?,
+        role: role(row, "role")?,
+        code_hash: hash(row, "code_hash")?,
+        invited_by: UserId::from_trusted(get(row, "invited_by")?),
+        created_at: ts(row, "created_at")?,
+        expires_at: ts(row, "expires_at")?,
+        accepted_at: opt_ts(row, "accepted_at")?,
+    })
+}
+
+pub(crate) fn workspace_policy(row: &AnyRow) -> Result<WorkspacePolicy> {
+    let days = get::<Option<i64>>(row, "max_token_lifetime_days")?
+        .map(|d| u32::try_from(d).map_err(|_| corrupt("max_token_lifetime_days", &d.to_string())))
+        .transpose()?;
+    Ok(WorkspacePolicy { max_token_lifetime_days: days, require_two_factor: flag(row, "require_two_factor")? })
 }

@@ -27,7 +27,7 @@ use crate::feed::{self, WatchSignal};
 use crate::rows::{self, opt_to_json, to_json};
 use crate::{Engine, db_error};
 
-type Tx = Transaction<'static, Any>;
+pub(crate) type Tx = Transaction<'static, Any>;
 type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 
 // Every SQL string passed as `AssertSqlSafe` below is built only from these constants and
@@ -40,7 +40,7 @@ const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit
 
 /// The SQL store. Clone-free: hold it as `Arc<SqlStore>` or `Arc<dyn Store>`.
 pub struct SqlStore {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     engine: Engine,
     feed: Arc<watch::Sender<u64>>,
     listener: Option<tokio::task::AbortHandle>,
@@ -119,12 +119,12 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    async fn begin(&self) -> Result<Tx> {
+    pub(crate) async fn begin(&self) -> Result<Tx> {
         self.pool.begin().await.map_err(db_error)
     }
 
     /// Commits `tx`, then wakes change-feed followers if it carried token changes.
-    async fn commit(&self, tx: Tx, feed_seq: Option<u64>) -> Result<()> {
+    pub(crate) async fn commit(&self, tx: Tx, feed_seq: Option<u64>) -> Result<()> {
         tx.commit().await.map_err(db_error)?;
         if let Some(seq) = feed_seq {
             self.feed.send_if_modified(|cur| feed::bump(cur, seq));
@@ -133,7 +133,7 @@ impl SqlStore {
     }
 }
 
-async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
+pub(crate) async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
     sqlx::query(
         "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -504,6 +504,12 @@ impl AppStore for SqlStore {
             ev.after = Some(serde_json::json!({"state": "revoked", "revoke_reason": "app deleted"}));
             insert_audit(&mut tx, &ev).await?;
         }
+        sqlx::query("DELETE FROM app_owners WHERE workspace_id = $1 AND app_id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         sqlx::query("DELETE FROM tokens WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())

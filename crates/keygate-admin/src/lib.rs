@@ -2,8 +2,10 @@
 //! dashboard all call, and the admin REST API with its generated OpenAPI document.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod api;
 pub mod service;
+pub mod totp;
 
 pub use api::{AdminState, router};
 pub use service::{Admin, AdminSettings};

@@ -195,6 +195,22 @@ impl Admin {
         self.clock.now()
     }
 
+    /// Fills `dest` from the configured CSPRNG.
+    pub fn random(&self, dest: &mut [u8]) -> Result<()> {
+        self.rng.fill(dest)
+    }
+
+    /// A random base62 string of `len` characters from the configured CSPRNG.
+    pub fn random_text(&self, len: usize) -> Result<String> {
+        keygate_core::token_format::random_base62(&*self.rng, len)
+    }
+
+    /// A key for `purpose`, derived from the pepper (HMAC-SHA256 of a label), so it lives
+    /// where the pepper lives: never in the database.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        self.pepper.hash(&format!("keygate derived key: {purpose}")).0
+    }
+
     /// The keyed hash of a presented secret, as the store keeps it.
     pub fn hash(&self, presented: &str) -> keygate_core::secret::SecretHash {
         self.pepper.hash(presented)

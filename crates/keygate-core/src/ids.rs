@@ -1,4 +1,4 @@
-//! Typed identifiers: `ws_…`, `app_…`, `tok_…`, `rk_…`, `plan_…`. An id is never confused with
+//! Typed identifiers: `ws_…`, `app_…`, `tok_…`, `rk_…`, `plan_…`, `usr_…`, `inv_…`. An id is never confused with
 //! another kind of id, and a malformed id is refused before it reaches a store.
 
 use std::fmt;
@@ -60,6 +60,10 @@ typed_id!(/// A token; its suffix is the token's public id.
     TokenId, "tok");
 typed_id!(/// A root key (admin API credential); its suffix is the key's public id.
     RootKeyId, "rk");
+typed_id!(/// A dashboard account (a person).
+    UserId, "usr");
+typed_id!(/// An invitation to join a workspace.
+    InvitationId, "inv");
 typed_id!(/// A plan (tier of scopes and default limits).
     PlanId, "plan");
 

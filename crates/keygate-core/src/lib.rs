@@ -3,6 +3,7 @@
 //! traits every engine implements. No transport and no IO live here.
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod clock;
 pub mod error;
 pub mod ids;

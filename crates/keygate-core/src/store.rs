@@ -4,6 +4,7 @@
 
 use async_trait::async_trait;
 
+use crate::account::AccountStore;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::ids::{AppId, PlanId, TokenId, WorkspaceId};
@@ -153,7 +154,7 @@ pub trait ChangeFeed: Send + Sync {
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
 #[async_trait]
 pub trait Store:
-    WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + UsageStore + ChangeFeed
+    WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + UsageStore + ChangeFeed + AccountStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -1,0 +1,741 @@
+//! Dashboard accounts: the first-run setup code, sign-in with Argon2id passwords and TOTP,
+//! recovery codes, sessions with idle and absolute time-outs, CSRF tokens, sign-in throttling,
+//! invitations, roles and workspace policy. The dashboard's handlers call this; it calls the
+//! store through [`Admin`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::{Argon2, PasswordHash};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use keygate_core::account::{Invitation, Membership, Role, Session, User, WorkspacePolicy};
+use keygate_core::ids::{InvitationId, UserId, WorkspaceId};
+use keygate_core::model::{Actor, NewAuditEvent};
+use keygate_core::secret::SecretHash;
+use keygate_core::{Error, ErrorKind, Result, Timestamp};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::service::Admin;
+use crate::totp;
+
+/// Session and sign-in settings.
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    /// A session unused this long ends.
+    pub idle_timeout_ms: i64,
+    /// A session ends this long after sign-in, whatever the activity.
+    pub absolute_timeout_ms: i64,
+    /// Failed sign-ins allowed per account, and per address, within `throttle_window_ms`.
+    pub max_failures_per_account: u32,
+    pub max_failures_per_address: u32,
+    pub throttle_window_ms: i64,
+    /// How long an invitation link stays valid.
+    pub invitation_ttl_ms: i64,
+    /// Issuer name shown by authenticator apps.
+    pub issuer: String,
+}
+
+impl Default for AccountSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout_ms: 30 * 60 * 1000,
+            absolute_timeout_ms: 12 * 60 * 60 * 1000,
+            max_failures_per_account: 10,
+            max_failures_per_address: 50,
+            throttle_window_ms: 15 * 60 * 1000,
+            invitation_ttl_ms: 7 * 24 * 60 * 60 * 1000,
+            issuer: "keygate".into(),
+        }
+    }
+}
+
+/// Shortest password accepted (NIST SP 800-63B asks for at least 8; keygate guards tokens).
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// Longest password hashed (bounds the work a request can cause).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Recovery codes issued at two-factor enrolment.
+pub const RECOVERY_CODES: usize = 10;
+/// A session's `last_seen_at` is written at most this often.
+const TOUCH_EVERY_MS: i64 = 60 * 1000;
+
+/// A signed-in person, as a page handler sees them.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    pub session: Session,
+    pub user: User,
+    pub role: Role,
+    /// The cookie's secret, from which the CSRF token is derived.
+    pub csrf: String,
+}
+
+impl Viewer {
+    pub fn actor(&self) -> Actor {
+        Actor { id: self.user.id.to_string(), source: Some("dashboard".into()) }
+    }
+    pub fn workspace(&self) -> &WorkspaceId {
+        &self.session.workspace_id
+    }
+}
+
+/// The result of a password check.
+pub enum SignIn {
+    /// Signed in: the new session's cookie secret.
+    Done(String),
+    /// Password good, a TOTP code is needed next; the cookie secret of the pending session.
+    NeedsSecondFactor(String),
+}
+
+/// Counts failures per key in a sliding window (in memory, per node).
+#[derive(Default)]
+struct Throttle {
+    failures: Mutex<HashMap<String, (Timestamp, u32)>>,
+}
+
+impl Throttle {
+    const MAX_KEYS: usize = 100_000;
+
+    fn blocked(&self, key: &str, limit: u32, window: i64, now: Timestamp) -> bool {
+        let Ok(map) = self.failures.lock() else { return true };
+        map.get(key).is_some_and(|(start, n)| now.as_millis() - start.as_millis() < window && *n >= limit)
+    }
+
+    fn fail(&self, key: &str, window: i64, now: Timestamp) {
+        let Ok(mut map) = self.failures.lock() else { return };
+        if map.len() >= Self::MAX_KEYS {
+            map.retain(|_, (start, _)| now.as_millis() - start.as_millis() < window);
+        }
+        let e = map.entry(key.to_owned()).or_insert((now, 0));
+        if now.as_millis() - e.0.as_millis() >= window {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+    }
+
+    fn clear(&self, key: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(key);
+        }
+    }
+}
+
+fn too_many() -> Error {
+    Error::new(
+        ErrorKind::Forbidden,
+        "too_many_attempts",
+        "too many failed sign-in attempts; wait 15 minutes and try again",
+    )
+}
+
+fn bad_credentials() -> Error {
+    Error::new(ErrorKind::Unauthenticated, "bad_credentials", "the email or password is not right")
+}
+
+/// Accounts, sessions and the setup code.
+pub struct Accounts {
+    admin: Arc<Admin>,
+    settings: AccountSettings,
+    seal_key: LessSafeKey,
+    /// The first-run setup code's hash, while no account exists.
+    setup_code: Mutex<Option<SecretHash>>,
+    throttle: Throttle,
+    /// A hash to verify against when the email is unknown, so the answer takes as long.
+    dummy_hash: String,
+}
+
+fn hasher() -> Argon2<'static> {
+    // Argon2id, 19 MiB, 2 passes, 1 lane: OWASP's recommended minimum.
+    let params = argon2::Params::new(19 * 1024, 2, 1, None).unwrap_or_default();
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
+fn normalize_email(email: &str) -> Result<String> {
+    let e = email.trim().to_lowercase();
+    let ok = e.len() <= 254
+        && e.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && !domain.is_empty() && !domain.starts_with('.') && !e.contains(char::is_whitespace)
+        });
+    if ok { Ok(e) } else { Err(Error::invalid("invalid_email", "enter an email address like ann@example.com")) }
+}
+
+fn check_password(password: &str) -> Result<()> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(Error::invalid(
+            "weak_password",
+            format!("choose a password of at least {MIN_PASSWORD_CHARS} characters"),
+        ));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(Error::invalid("password_too_long", "choose a password under 1024 bytes"));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<String> {
+    let n = name.trim();
+    if n.is_empty() || n.chars().count() > 100 || n.chars().any(char::is_control) {
+        return Err(Error::invalid("invalid_name", "enter a name of 1 to 100 characters"));
+    }
+    Ok(n.to_owned())
+}
+
+impl Accounts {
+    pub fn new(admin: Arc<Admin>, settings: AccountSettings) -> Result<Self> {
+        let key = admin.derive_key("dashboard totp seal v1");
+        let seal_key = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &key).map_err(|_| Error::internal("cannot build the sealing key"))?,
+        );
+        let mut salt = [0u8; 16];
+        admin.random(&mut salt)?;
+        let dummy_hash = hash_password_now(&URL_SAFE_NO_PAD.encode(salt), &salt)?;
+        Ok(Self { admin, settings, seal_key, setup_code: Mutex::new(None), throttle: Throttle::default(), dummy_hash })
+    }
+
+    pub fn admin(&self) -> &Arc<Admin> {
+        &self.admin
+    }
+
+    pub fn settings(&self) -> &AccountSettings {
+        &self.settings
+    }
+
+    fn now(&self) -> Timestamp {
+        self.admin.now()
+    }
+
+    fn store(&self) -> &Arc<dyn keygate_core::store::Store> {
+        self.admin.store()
+    }
+
+    fn hash(&self, secret: &str) -> SecretHash {
+        self.admin.hash(secret)
+    }
+
+    // ---- first run ---------------------------------------------------------------------------
+
+    /// When no account exists yet: a fresh one-time setup code (printed by `keygate serve` on
+    /// its terminal, never logged); `None` once the first owner exists.
+    pub async fn open_setup(&self) -> Result<Option<String>> {
+        if self.store().user_count().await? > 0 {
+            return Ok(None);
+        }
+        let raw = self.admin.random_text(20)?;
+        let code = format!("{}-{}-{}-{}", &raw[..5], &raw[5..10], &raw[10..15], &raw[15..20]);
+        if let Ok(mut slot) = self.setup_code.lock() {
+            *slot = Some(self.hash(&code));
+        }
+        Ok(Some(code))
+    }
+
+    /// Whether the setup page is open (no account yet and a code was issued).
+    pub fn setup_open(&self) -> bool {
+        self.setup_code.lock().is_ok_and(|s| s.is_some())
+    }
+
+    /// Creates the first owner with the setup code, and signs them in.
+    pub async fn complete_setup(
+        &self,
+        code: &str,
+        email: &str,
+        name: &str,
+        password: &str,
+        ip: Option<String>,
+    ) -> Result<String> {
+        let now = self.now();
+        if self.throttle.blocked("setup", 20, self.settings.throttle_window_ms, now) {
+            return Err(too_many());
+        }
+        let email = normalize_email(email)?;
+        let name = check_name(name)?;
+        check_password(password)?;
+        // The code is taken out of its slot before anything else happens: it works once.
+        let taken = {
+            let mut slot = self.setup_code.lock().map_err(|_| Error::internal("setup lock poisoned"))?;
+            let good = slot.as_ref().is_some_and(|h| *h == self.hash(code.trim()));
+            if good { slot.take() } else { None }
+        };
+        if taken.is_none() {
+            self.throttle.fail("setup", self.settings.throttle_window_ms, now);
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                "bad_setup_code",
+                "the setup code is not right; copy it from the terminal where `keygate serve` runs",
+            ));
+        }
+        let restore = || {
+            if let Ok(mut slot) = self.setup_code.lock() {
+                *slot = taken.clone();
+            }
+        };
+        if self.store().user_count().await? > 0 {
+            return Err(Error::conflict("already_set_up", "keygate is already set up; sign in instead"));
+        }
+        let ws = self.admin.bootstrap().await?;
+        let user = match self.new_user(&email, &name, password).await {
+            Ok(u) => u,
+            Err(e) => {
+                restore();
+                return Err(e);
+            }
+        };
+        let m = Membership { workspace_id: ws.id.clone(), user_id: user.id.clone(), role: Role::Owner, created_at: now };
+        let actor = Actor { id: user.id.to_string(), source: Some("dashboard setup".into()) };
+        let mut audit = NewAuditEvent::new(&ws.id, &actor, "user.created", user.id.as_str(), now);
+        audit.after = Some(json!({"email": user.email, "name": user.name, "role": "owner"}));
+        if let Err(e) = self.store().insert_user(&user, &m, &audit).await {
+            restore();
+            return Err(e);
+        }
+        self.start_session(&user, &ws.id, false, ip).await
+    }
+
+    async fn new_user(&self, email: &str, name: &str, password: &str) -> Result<User> {
+        let now = self.now();
+        Ok(User {
+            id: UserId::random(&RngOf(&self.admin))?,
+            email: email.to_owned(),
+            name: name.to_owned(),
+            password_hash: self.hash_password(password).await?,
+            totp_sealed: None,
+            totp_enabled: false,
+            totp_last_step: 0,
+            disabled: false,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    async fn hash_password(&self, password: &str) -> Result<String> {
+        let mut salt = [0u8; 16];
+        self.admin.random(&mut salt)?;
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || hash_password_now(&password, &salt))
+            .await
+            .map_err(|_| Error::internal("password hashing task failed"))?
+    }
+
+    async fn password_matches(&self, password: &str, phc: &str) -> bool {
+        let password = password.to_owned();
+        let phc = phc.to_owned();
+        tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&phc).is_ok_and(|h| hasher().verify_password(password.as_bytes(), &h).is_ok())
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    // ---- sign-in ----------------------------------------------------------------------------
+
+    /// Checks email and password (throttled per account and per address).
+    pub async fn sign_in(&self, email: &str, password: &str, ip: Option<String>) -> Result<SignIn> {
+        let now = self.now();
+        let window = self.settings.throttle_window_ms;
+        let email = email.trim().to_lowercase();
+        let account_key = format!("account:{email}");
+        let address_key = format!("address:{}", ip.as_deref().unwrap_or("-"));
+        if self.throttle.blocked(&account_key, self.settings.max_failures_per_account, window, now)
+            || self.throttle.blocked(&address_key, self.settings.max_failures_per_address, window, now)
+        {
+            return Err(too_many());
+        }
+        let password = if password.len() > MAX_PASSWORD_BYTES { "" } else { password };
+        let user = self.store().user_by_email(&email).await?;
+        let phc = user.as_ref().map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+        let good = self.password_matches(password, phc).await;
+        let Some(user) = user.filter(|u| good && !u.disabled) else {
+            self.throttle.fail(&account_key, window, now);
+            self.throttle.fail(&address_key, window, now);
+            return Err(bad_credentials());
+        };
+        self.throttle.clear(&account_key);
+        let memberships = self.store().memberships(&user.id).await?;
+        let Some(m) = memberships.first() else {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "no_workspace",
+                "this account belongs to no workspace any more; ask an owner to invite you again",
+            ));
+        };
+        let secret = self.start_session(&user, &m.workspace_id, user.totp_enabled, ip.clone()).await?;
+        if user.totp_enabled {
+            return Ok(SignIn::NeedsSecondFactor(secret));
+        }
+        self.audit_sign_in(&user, &m.workspace_id, ip, "password").await;
+        Ok(SignIn::Done(secret))
+    }
+
+    async fn audit_sign_in(&self, user: &User, ws: &WorkspaceId, ip: Option<String>, method: &str) {
+        let actor = Actor { id: user.id.to_string(), source: ip.clone().or(Some("dashboard".into())) };
+        let mut audit = NewAuditEvent::new(ws, &actor, "user.signed_in", user.id.as_str(), self.now());
+        audit.after = Some(json!({"method": method}));
+        // The account row is written unchanged, with the sign-in's audit event beside it.
+        if let Err(e) = self.store().update_user(user, Some(&audit)).await {
+            tracing::warn!(error = %e, "could not record a sign-in in the audit trail");
+        }
+    }
+
+    /// Completes a pending sign-in with a TOTP code or a recovery code.
+    pub async fn second_factor(&self, cookie: &str, code: &str) -> Result<()> {
+        let now = self.now();
+        let Some(mut session) = self.store().session(&self.hash(cookie)).await? else {
+            return Err(Error::new(ErrorKind::Unauthenticated, "session_expired", "sign in again"));
+        };
+        if !session.pending_mfa || self.expired(&session, now) {
+            return Err(Error::new(ErrorKind::Unauthenticated, "session_expired", "sign in again"));
+        }
+        let key = format!("mfa:{}", session.user_id);
+        let window = self.settings.throttle_window_ms;
+        if self.throttle.blocked(&key, self.settings.max_failures_per_account, window, now) {
+            return Err(too_many());
+        }
+        let user = self.store().user(&session.user_id).await?.ok_or_else(bad_credentials)?;
+        let method = if self.check_code(&user, code).await? {
+            "totp"
+        } else if self.store().use_recovery_code(&user.id, &self.hash(&normalize_recovery(code)), now).await? {
+            "recovery_code"
+        } else {
+            self.throttle.fail(&key, window, now);
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                "bad_code",
+                "the code is not right; enter the 6 digits your authenticator app shows now, or a recovery code",
+            ));
+        };
+        self.throttle.clear(&key);
+        session.pending_mfa = false;
+        session.last_seen_at = now;
+        self.store().update_session(&session).await?;
+        self.audit_sign_in(&user, &session.workspace_id, session.ip.clone(), method).await;
+        Ok(())
+    }
+
+    /// Checks a TOTP code for `user` and spends its time step.
+    async fn check_code(&self, user: &User, code: &str) -> Result<bool> {
+        let Some(sealed) = &user.totp_sealed else { return Ok(false) };
+        let secret = self.unseal(user, sealed)?;
+        let now_s = self.now().as_millis().div_euclid(1000);
+        let Some(step) = totp::verify(&secret, code, now_s, user.totp_last_step) else { return Ok(false) };
+        self.store().advance_totp_step(&user.id, step).await
+    }
+
+    async fn start_session(&self, user: &User, ws: &WorkspaceId, pending_mfa: bool, ip: Option<String>) -> Result<String> {
+        let now = self.now();
+        let mut raw = [0u8; 32];
+        self.admin.random(&mut raw)?;
+        let secret = URL_SAFE_NO_PAD.encode(raw);
+        let session = Session {
+            id_hash: self.hash(&secret),
+            user_id: user.id.clone(),
+            workspace_id: ws.clone(),
+            pending_mfa,
+            created_at: now,
+            last_seen_at: now,
+            expires_at: Timestamp::from_millis(now.as_millis() + self.settings.absolute_timeout_ms),
+            ip,
+        };
+        self.store().insert_session(&session).await?;
+        Ok(secret)
+    }
+
+    fn expired(&self, s: &Session, now: Timestamp) -> bool {
+        now >= s.expires_at || now.as_millis() - s.last_seen_at.as_millis() >= self.settings.idle_timeout_ms
+    }
+
+    /// The signed-in person behind a session cookie, or `None` (unknown, expired, pending the
+    /// second factor, account disabled or removed from the workspace).
+    pub async fn resolve(&self, cookie: &str) -> Result<Option<Viewer>> {
+        let now = self.now();
+        let Some(mut session) = self.store().session(&self.hash(cookie)).await? else { return Ok(None) };
+        if self.expired(&session, now) {
+            self.store().delete_session(&session.id_hash).await?;
+            return Ok(None);
+        }
+        if session.pending_mfa {
+            return Ok(None);
+        }
+        let Some(user) = self.store().user(&session.user_id).await?.filter(|u| !u.disabled) else { return Ok(None) };
+        let Some(m) = self.store().membership(&session.workspace_id, &user.id).await? else { return Ok(None) };
+        if now.as_millis() - session.last_seen_at.as_millis() >= TOUCH_EVERY_MS {
+            session.last_seen_at = now;
+            self.store().update_session(&session).await?;
+        }
+        Ok(Some(Viewer { session, user, role: m.role, csrf: self.csrf_token(cookie) }))
+    }
+
+    /// Whether a cookie belongs to a session waiting for its second factor.
+    pub async fn pending(&self, cookie: &str) -> Result<bool> {
+        let now = self.now();
+        Ok(self.store().session(&self.hash(cookie)).await?.is_some_and(|s| s.pending_mfa && !self.expired(&s, now)))
+    }
+
+    pub async fn sign_out(&self, cookie: &str) -> Result<()> {
+        self.store().delete_session(&self.hash(cookie)).await
+    }
+
+    /// The CSRF token of a session: derived from its secret, so it needs no storage and is
+    /// worthless without the cookie.
+    pub fn csrf_token(&self, cookie: &str) -> String {
+        URL_SAFE_NO_PAD.encode(self.hash(&format!("csrf:{cookie}")).0)
+    }
+
+    /// Compares a submitted CSRF token in constant time.
+    pub fn csrf_ok(&self, cookie: &str, submitted: &str) -> bool {
+        self.csrf_token(cookie).as_bytes().ct_eq(submitted.as_bytes()).into()
+    }
+
+    // ---- two-factor enrolment ---------------------------------------------------------------
+
+    fn seal(&self, user: &UserId, secret: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.admin.random(&mut nonce)?;
+        let mut data = secret.to_vec();
+        self.seal_key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(user.as_str().as_bytes()), &mut data)
+            .map_err(|_| Error::internal("sealing failed"))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    fn unseal(&self, user: &User, sealed: &[u8]) -> Result<Vec<u8>> {
+        let (nonce, data) = sealed.split_at_checked(NONCE_LEN).ok_or_else(|| Error::internal("sealed secret too short"))?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
+        let mut data = data.to_vec();
+        let plain = self
+            .seal_key
+            .open_in_place(nonce, Aad::from(user.id.as_str().as_bytes()), &mut data)
+            .map_err(|_| Error::internal("the two-factor secret cannot be opened: was the pepper changed?"))?;
+        Ok(plain.to_vec())
+    }
+
+    /// Starts enrolment: a new secret, sealed and stored (not active until confirmed). Returns
+    /// the `otpauth://` URI for the QR code and the secret in base32 for typing.
+    pub async fn begin_totp(&self, viewer: &Viewer) -> Result<(String, String)> {
+        let mut user = self.store().user(&viewer.user.id).await?.ok_or_else(|| Error::not_found("user"))?;
+        if user.totp_enabled {
+            return Err(Error::conflict("two_factor_on", "two-factor sign-in is already on"));
+        }
+        let mut secret = [0u8; totp::SECRET_BYTES];
+        self.admin.random(&mut secret)?;
+        user.totp_sealed = Some(self.seal(&user.id, &secret)?);
+        user.updated_at = self.now();
+        self.store().update_user(&user, None).await?;
+        Ok((totp::otpauth_uri(&self.settings.issuer, &user.email, &secret), totp::base32(&secret)))
+    }
+
+    /// The pending enrolment's URI and secret again (a reload of the enrolment page).
+    pub async fn pending_totp(&self, viewer: &Viewer) -> Result<Option<(String, String)>> {
+        let user = self.store().user(&viewer.user.id).await?.ok_or_else(|| Error::not_found("user"))?;
+        match (&user.totp_sealed, user.totp_enabled) {
+            (Some(sealed), false) => {
+                let secret = self.unseal(&user, sealed)?;
+                Ok(Some((totp::otpauth_uri(&self.settings.issuer, &user.email, &secret), totp::base32(&secret))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Confirms enrolment with a first code; turns two-factor on and returns fresh recovery
+    /// codes (shown once).
+    pub async fn confirm_totp(&self, viewer: &Viewer, code: &str) -> Result<Vec<String>> {
+        let mut user = self.store().user(&viewer.user.id).await?.ok_or_else(|| Error::not_found("user"))?;
+        if user.totp_enabled {
+            return Err(Error::conflict("two_factor_on", "two-factor sign-in is already on"));
+        }
+        if !self.check_code(&user, code).await? {
+            return Err(Error::invalid("bad_code", "the code is not right; enter the 6 digits your app shows now"));
+        }
+        let now = self.now();
+        user.totp_enabled = true;
+        user.totp_last_step = self.store().user(&user.id).await?.map_or(0, |u| u.totp_last_step);
+        user.updated_at = now;
+        let audit = NewAuditEvent::new(viewer.workspace(), &viewer.actor(), "user.two_factor_enabled", user.id.as_str(), now);
+        self.store().update_user(&user, Some(&audit)).await?;
+        self.new_recovery_codes(&user.id).await
+    }
+
+    async fn new_recovery_codes(&self, user: &UserId) -> Result<Vec<String>> {
+        let mut codes = Vec::with_capacity(RECOVERY_CODES);
+        let mut hashes = Vec::with_capacity(RECOVERY_CODES);
+        for _ in 0..RECOVERY_CODES {
+            let raw = self.admin.random_text(10)?.to_lowercase();
+            let code = format!("{}-{}", &raw[..5], &raw[5..]);
+            hashes.push(self.hash(&normalize_recovery(&code)));
+            codes.push(code);
+        }
+        self.store().set_recovery_codes(user, &hashes, self.now()).await?;
+        Ok(codes)
+    }
+
+    pub async fn recovery_codes_left(&self, user: &UserId) -> Result<u32> {
+        self.store().recovery_codes_left(user).await
+    }
+
+    // ---- members, invitations, policy -----------------------------------------------------
+
+    fn require_owner(viewer: &Viewer) -> Result<()> {
+        if viewer.role.is_owner() {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::Forbidden, "owner_only", "only an owner of this workspace can do this"))
+        }
+    }
+
+    pub async fn members(&self, viewer: &Viewer) -> Result<Vec<(Membership, User)>> {
+        self.store().members(viewer.workspace()).await
+    }
+
+    /// Creates an invitation; returns it and the one-time code for its link.
+    pub async fn invite(&self, viewer: &Viewer, email: &str, role: Role) -> Result<(Invitation, String)> {
+        Self::require_owner(viewer)?;
+        let email = normalize_email(email)?;
+        let now = self.now();
+        let code = self.admin.random_text(32)?;
+        let inv = Invitation {
+            id: InvitationId::random(&RngOf(&self.admin))?,
+            workspace_id: viewer.workspace().clone(),
+            email: email.clone(),
+            role,
+            code_hash: self.hash(&code),
+            invited_by: viewer.user.id.clone(),
+            created_at: now,
+            expires_at: Timestamp::from_millis(now.as_millis() + self.settings.invitation_ttl_ms),
+            accepted_at: None,
+        };
+        let mut audit = NewAuditEvent::new(viewer.workspace(), &viewer.actor(), "member.invited", inv.id.as_str(), now);
+        audit.after = Some(json!({"email": email, "role": role.as_str()}));
+        self.store().insert_invitation(&inv, &audit).await?;
+        Ok((inv, code))
+    }
+
+    pub async fn invitations(&self, viewer: &Viewer) -> Result<Vec<Invitation>> {
+        self.store().invitations(viewer.workspace()).await
+    }
+
+    /// A valid (unexpired, unused) invitation by its code.
+    pub async fn invitation(&self, code: &str) -> Result<Invitation> {
+        let now = self.now();
+        self.store()
+            .invitation_by_code(&self.hash(code))
+            .await?
+            .filter(|i| i.accepted_at.is_none() && now < i.expires_at)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    "invitation_not_found",
+                    "this invitation link is not valid any more; ask for a new one",
+                )
+            })
+    }
+
+    /// Accepts an invitation, creating the account if the email has none; signs the person in.
+    pub async fn accept_invitation(
+        &self,
+        code: &str,
+        name: &str,
+        password: &str,
+        ip: Option<String>,
+    ) -> Result<String> {
+        let inv = self.invitation(code).await?;
+        let now = self.now();
+        let existing = self.store().user_by_email(&inv.email).await?;
+        let new_user = match &existing {
+            Some(u) => {
+                if !self.password_matches(password, &u.password_hash).await {
+                    return Err(bad_credentials());
+                }
+                None
+            }
+            None => {
+                let name = check_name(name)?;
+                check_password(password)?;
+                Some(self.new_user(&inv.email, &name, password).await?)
+            }
+        };
+        let Some(user) = existing.clone().or_else(|| new_user.clone()) else {
+            return Err(Error::internal("no user after accepting an invitation"));
+        };
+        let m = Membership { workspace_id: inv.workspace_id.clone(), user_id: user.id.clone(), role: inv.role, created_at: now };
+        let actor = Actor { id: user.id.to_string(), source: Some("dashboard".into()) };
+        let mut audit = NewAuditEvent::new(&inv.workspace_id, &actor, "member.joined", user.id.as_str(), now);
+        audit.after = Some(json!({"invitation": inv.id.as_str(), "role": inv.role.as_str()}));
+        self.store().accept_invitation(&inv, new_user.as_ref(), &m, &audit).await?;
+        self.start_session(&user, &inv.workspace_id, user.totp_enabled, ip).await
+    }
+
+    pub async fn set_role(&self, viewer: &Viewer, user: &UserId, role: Role) -> Result<()> {
+        Self::require_owner(viewer)?;
+        let ws = viewer.workspace();
+        let mut m = self.store().membership(ws, user).await?.ok_or_else(|| Error::not_found("member"))?;
+        if m.role == Role::Owner && role != Role::Owner {
+            self.keep_an_owner(ws, user).await?;
+        }
+        let before = m.role;
+        m.role = role;
+        let mut audit = NewAuditEvent::new(ws, &viewer.actor(), "member.role_changed", user.as_str(), self.now());
+        audit.before = Some(json!({"role": before.as_str()}));
+        audit.after = Some(json!({"role": role.as_str()}));
+        self.store().put_membership(&m, &audit).await
+    }
+
+    pub async fn remove_member(&self, viewer: &Viewer, user: &UserId) -> Result<()> {
+        Self::require_owner(viewer)?;
+        let ws = viewer.workspace();
+        let m = self.store().membership(ws, user).await?.ok_or_else(|| Error::not_found("member"))?;
+        if m.role == Role::Owner {
+            self.keep_an_owner(ws, user).await?;
+        }
+        let audit = NewAuditEvent::new(ws, &viewer.actor(), "member.removed", user.as_str(), self.now());
+        self.store().delete_membership(ws, user, &audit).await?;
+        Ok(())
+    }
+
+    async fn keep_an_owner(&self, ws: &WorkspaceId, leaving: &UserId) -> Result<()> {
+        let others = self
+            .store()
+            .members(ws)
+            .await?
+            .into_iter()
+            .filter(|(m, _)| m.role == Role::Owner && m.user_id != *leaving)
+            .count();
+        if others == 0 {
+            return Err(Error::conflict("last_owner", "a workspace needs an owner; make someone else owner first"));
+        }
+        Ok(())
+    }
+
+    pub async fn policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {
+        self.store().workspace_policy(ws).await
+    }
+
+    pub async fn set_policy(&self, viewer: &Viewer, policy: &WorkspacePolicy) -> Result<()> {
+        Self::require_owner(viewer)?;
+        let mut audit =
+            NewAuditEvent::new(viewer.workspace(), &viewer.actor(), "workspace.policy_changed", viewer.workspace().as_str(), self.now());
+        audit.after = serde_json::to_value(policy).ok();
+        self.store().put_workspace_policy(viewer.workspace(), policy, &audit).await
+    }
+}
+
+fn normalize_recovery(code: &str) -> String {
+    code.trim().to_lowercase().replace(' ', "")
+}
+
+fn hash_password_now(password: &str, salt: &[u8; 16]) -> Result<String> {
+    hasher()
+        .hash_password_with_salt(password.as_bytes(), salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::internal(format!("password hashing failed: {e}")))
+}
+
+/// The admin's CSRNG as a `Randomness`, for id generation.
+struct RngOf<'a>(&'a Admin);
+
+impl keygate_core::secret::Randomness for RngOf<'_> {
+    fn fill(&self, dest: &mut [u8]) -> Result<()> {
+        self.0.random(dest)
+    }
+}

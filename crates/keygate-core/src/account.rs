@@ -1,0 +1,209 @@
+//! Dashboard accounts: people, their roles per workspace, their sessions, recovery codes and
+//! invitations, and the store trait that keeps them. Passwords are kept as Argon2id PHC strings,
+//! TOTP secrets sealed under a key derived from the pepper, and session ids, recovery codes and
+//! invitation codes only as keyed hashes: nothing here is usable if the database is copied.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Timestamp;
+use crate::error::Result;
+use crate::ids::{AppId, InvitationId, UserId, WorkspaceId};
+use crate::model::NewAuditEvent;
+use crate::secret::SecretHash;
+
+/// What a person may do in a workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read-only.
+    Viewer,
+    /// Their own apps and those apps' tokens.
+    Developer,
+    /// Everything in the workspace except members and settings.
+    Admin,
+    /// Everything, including members and workspace settings.
+    Owner,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Owner, Role::Admin, Role::Developer, Role::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Developer => "developer",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// May change anything in the workspace's apps and tokens (not only their own).
+    pub fn manages_all(self) -> bool {
+        self >= Role::Admin
+    }
+
+    /// May create apps and tokens at all (developers: for their own apps).
+    pub fn can_write(self) -> bool {
+        self >= Role::Developer
+    }
+
+    /// May invite, change roles, remove members and change workspace settings.
+    pub fn is_owner(self) -> bool {
+        self == Role::Owner
+    }
+}
+
+/// A person who signs in to the dashboard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: UserId,
+    /// Lower-cased; unique.
+    pub email: String,
+    pub name: String,
+    /// Argon2id, PHC string format.
+    pub password_hash: String,
+    /// The TOTP secret, sealed (see `keygate-admin`'s account service); `None` before enrolment.
+    pub totp_sealed: Option<Vec<u8>>,
+    /// Two-factor sign-in is on (set when the person confirmed a first code).
+    pub totp_enabled: bool,
+    /// The last TOTP time step accepted, so a code cannot be used twice.
+    pub totp_last_step: i64,
+    pub disabled: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// A person's role in one workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub workspace_id: WorkspaceId,
+    pub user_id: UserId,
+    pub role: Role,
+    pub created_at: Timestamp,
+}
+
+/// A signed-in browser. The cookie holds the session secret; the store holds its keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id_hash: SecretHash,
+    pub user_id: UserId,
+    /// The workspace the person is working in.
+    pub workspace_id: WorkspaceId,
+    /// Password checked but the second factor not yet: only the TOTP step is open.
+    pub pending_mfa: bool,
+    pub created_at: Timestamp,
+    pub last_seen_at: Timestamp,
+    /// Absolute end, whatever the activity.
+    pub expires_at: Timestamp,
+    /// The client's address at sign-in, for the audit trail.
+    pub ip: Option<String>,
+}
+
+/// An invitation to a workspace, accepted once through a link that carries its code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation {
+    pub id: InvitationId,
+    pub workspace_id: WorkspaceId,
+    pub email: String,
+    pub role: Role,
+    pub code_hash: SecretHash,
+    pub invited_by: UserId,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub accepted_at: Option<Timestamp>,
+}
+
+/// Workspace policy set by its owners.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspacePolicy {
+    /// Longest token lifetime allowed, in days; `None`: no limit.
+    pub max_token_lifetime_days: Option<u32>,
+    /// Every member must have two-factor sign-in on.
+    pub require_two_factor: bool,
+}
+
+#[async_trait]
+pub trait AccountStore: Send + Sync {
+    /// How many accounts exist (0: first run, the setup code is open).
+    async fn user_count(&self) -> Result<u64>;
+    /// Inserts a user with their first membership. A taken email is `Conflict`.
+    async fn insert_user(&self, user: &User, membership: &Membership, audit: &NewAuditEvent) -> Result<()>;
+    async fn user(&self, id: &UserId) -> Result<Option<User>>;
+    /// By lower-cased email.
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>>;
+    /// Saves every field of `user` but `id`, `email` and `created_at`.
+    async fn update_user(&self, user: &User, audit: Option<&NewAuditEvent>) -> Result<()>;
+    /// Sets `totp_last_step` to `step` only if it is greater than the stored one; false if the
+    /// step was already used (a replayed code).
+    async fn advance_totp_step(&self, id: &UserId, step: i64) -> Result<bool>;
+
+    async fn memberships(&self, user: &UserId) -> Result<Vec<Membership>>;
+    async fn membership(&self, ws: &WorkspaceId, user: &UserId) -> Result<Option<Membership>>;
+    /// Members of a workspace with their accounts, oldest first.
+    async fn members(&self, ws: &WorkspaceId) -> Result<Vec<(Membership, User)>>;
+    /// Inserts or changes a membership.
+    async fn put_membership(&self, m: &Membership, audit: &NewAuditEvent) -> Result<()>;
+    /// Removes a membership and the person's sessions in that workspace; false if there was none.
+    async fn delete_membership(&self, ws: &WorkspaceId, user: &UserId, audit: &NewAuditEvent) -> Result<bool>;
+
+    /// Replaces a person's recovery codes (keyed hashes).
+    async fn set_recovery_codes(&self, user: &UserId, codes: &[SecretHash], at: Timestamp) -> Result<()>;
+    /// Uses one recovery code: true once, false if unknown or used.
+    async fn use_recovery_code(&self, user: &UserId, code: &SecretHash, at: Timestamp) -> Result<bool>;
+    /// Recovery codes not used yet.
+    async fn recovery_codes_left(&self, user: &UserId) -> Result<u32>;
+
+    async fn insert_session(&self, s: &Session) -> Result<()>;
+    async fn session(&self, id_hash: &SecretHash) -> Result<Option<Session>>;
+    /// Saves `last_seen_at`, `pending_mfa` and `workspace_id`.
+    async fn update_session(&self, s: &Session) -> Result<()>;
+    async fn delete_session(&self, id_hash: &SecretHash) -> Result<()>;
+    /// Signs a person out everywhere (password change, removal, disabling).
+    async fn delete_user_sessions(&self, user: &UserId) -> Result<()>;
+    /// Deletes sessions past `expires_at` or idle since before `idle_before`.
+    async fn purge_sessions(&self, now: Timestamp, idle_before: Timestamp) -> Result<u64>;
+
+    async fn insert_invitation(&self, inv: &Invitation, audit: &NewAuditEvent) -> Result<()>;
+    async fn invitation_by_code(&self, code_hash: &SecretHash) -> Result<Option<Invitation>>;
+    async fn invitations(&self, ws: &WorkspaceId) -> Result<Vec<Invitation>>;
+    /// Marks it accepted and adds the membership (inserting `new_user` first when the person has
+    /// no account yet), in one transaction; `Conflict` if it was already accepted.
+    async fn accept_invitation(
+        &self,
+        inv: &Invitation,
+        new_user: Option<&User>,
+        membership: &Membership,
+        audit: &NewAuditEvent,
+    ) -> Result<()>;
+    async fn delete_invitation(&self, ws: &WorkspaceId, id: &InvitationId, audit: &NewAuditEvent) -> Result<bool>;
+
+    async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy>;
+    async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()>;
+
+    /// The person who owns an app (developers manage their own apps), if any.
+    async fn app_owner(&self, ws: &WorkspaceId, app: &AppId) -> Result<Option<UserId>>;
+    async fn set_app_owner(&self, ws: &WorkspaceId, app: &AppId, owner: &UserId) -> Result<()>;
+    /// Apps owned by `user` in `ws`.
+    async fn owned_apps(&self, ws: &WorkspaceId, user: &UserId) -> Result<Vec<AppId>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_order_and_parse() {
+        assert!(Role::Owner.manages_all() && Role::Admin.manages_all() && !Role::Developer.manages_all());
+        assert!(Role::Developer.can_write() && !Role::Viewer.can_write());
+        assert!(Role::Owner.is_owner() && !Role::Admin.is_owner());
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(Role::parse("root"), None);
+    }
+}

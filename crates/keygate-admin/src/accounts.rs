@@ -267,7 +267,7 @@ impl Accounts {
         }
         let restore = || {
             if let Ok(mut slot) = self.setup_code.lock() {
-                *slot = taken.clone();
+                *slot = taken;
             }
         };
         if self.store().user_count().await? > 0 {
@@ -281,7 +281,8 @@ impl Accounts {
                 return Err(e);
             }
         };
-        let m = Membership { workspace_id: ws.id.clone(), user_id: user.id.clone(), role: Role::Owner, created_at: now };
+        let m =
+            Membership { workspace_id: ws.id.clone(), user_id: user.id.clone(), role: Role::Owner, created_at: now };
         let actor = Actor { id: user.id.to_string(), source: Some("dashboard setup".into()) };
         let mut audit = NewAuditEvent::new(&ws.id, &actor, "user.created", user.id.as_str(), now);
         audit.after = Some(json!({"email": user.email, "name": user.name, "role": "owner"}));
@@ -421,7 +422,13 @@ impl Accounts {
         self.store().advance_totp_step(&user.id, step).await
     }
 
-    async fn start_session(&self, user: &User, ws: &WorkspaceId, pending_mfa: bool, ip: Option<String>) -> Result<String> {
+    async fn start_session(
+        &self,
+        user: &User,
+        ws: &WorkspaceId,
+        pending_mfa: bool,
+        ip: Option<String>,
+    ) -> Result<String> {
         let now = self.now();
         let mut raw = [0u8; 32];
         self.admin.random(&mut raw)?;
@@ -493,7 +500,11 @@ impl Accounts {
         self.admin.random(&mut nonce)?;
         let mut data = secret.to_vec();
         self.seal_key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(user.as_str().as_bytes()), &mut data)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(user.as_str().as_bytes()),
+                &mut data,
+            )
             .map_err(|_| Error::internal("sealing failed"))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&data);
@@ -501,7 +512,8 @@ impl Accounts {
     }
 
     fn unseal(&self, user: &User, sealed: &[u8]) -> Result<Vec<u8>> {
-        let (nonce, data) = sealed.split_at_checked(NONCE_LEN).ok_or_else(|| Error::internal("sealed secret too short"))?;
+        let (nonce, data) =
+            sealed.split_at_checked(NONCE_LEN).ok_or_else(|| Error::internal("sealed secret too short"))?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
         let mut data = data.to_vec();
         let plain = self
@@ -552,7 +564,8 @@ impl Accounts {
         user.totp_enabled = true;
         user.totp_last_step = self.store().user(&user.id).await?.map_or(0, |u| u.totp_last_step);
         user.updated_at = now;
-        let audit = NewAuditEvent::new(viewer.workspace(), &viewer.actor(), "user.two_factor_enabled", user.id.as_str(), now);
+        let audit =
+            NewAuditEvent::new(viewer.workspace(), &viewer.actor(), "user.two_factor_enabled", user.id.as_str(), now);
         self.store().update_user(&user, Some(&audit)).await?;
         self.new_recovery_codes(&user.id).await
     }
@@ -658,7 +671,12 @@ impl Accounts {
         let Some(user) = existing.clone().or_else(|| new_user.clone()) else {
             return Err(Error::internal("no user after accepting an invitation"));
         };
-        let m = Membership { workspace_id: inv.workspace_id.clone(), user_id: user.id.clone(), role: inv.role, created_at: now };
+        let m = Membership {
+            workspace_id: inv.workspace_id.clone(),
+            user_id: user.id.clone(),
+            role: inv.role,
+            created_at: now,
+        };
         let actor = Actor { id: user.id.to_string(), source: Some("dashboard".into()) };
         let mut audit = NewAuditEvent::new(&inv.workspace_id, &actor, "member.joined", user.id.as_str(), now);
         audit.after = Some(json!({"invitation": inv.id.as_str(), "role": inv.role.as_str()}));
@@ -713,8 +731,13 @@ impl Accounts {
 
     pub async fn set_policy(&self, viewer: &Viewer, policy: &WorkspacePolicy) -> Result<()> {
         Self::require_owner(viewer)?;
-        let mut audit =
-            NewAuditEvent::new(viewer.workspace(), &viewer.actor(), "workspace.policy_changed", viewer.workspace().as_str(), self.now());
+        let mut audit = NewAuditEvent::new(
+            viewer.workspace(),
+            &viewer.actor(),
+            "workspace.policy_changed",
+            viewer.workspace().as_str(),
+            self.now(),
+        );
         audit.after = serde_json::to_value(policy).ok();
         self.store().put_workspace_policy(viewer.workspace(), policy, &audit).await
     }

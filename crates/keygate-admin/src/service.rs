@@ -155,6 +155,13 @@ pub struct Admin {
     /// Told of every committed token change, so the local gateway's index applies it before the
     /// API answers (other nodes follow the change feed).
     hook: std::sync::OnceLock<Arc<dyn TokenChangeHook>>,
+    pending_usage: std::sync::OnceLock<Arc<dyn PendingUsage>>,
+}
+
+/// Usage counted in memory and not yet in the store (the local gateway's meter), so reports
+/// are live.
+pub trait PendingUsage: Send + Sync {
+    fn pending(&self, token: &TokenId) -> Vec<UsageRecord>;
 }
 
 /// Told after every committed token change, before the API answers (the local token index
@@ -173,12 +180,26 @@ impl Admin {
         rng: Arc<dyn Randomness>,
     ) -> Self {
         let root_prefix = settings.prefix.root_key_prefix();
-        Self { store, pepper, settings, root_prefix, clock, rng, hook: std::sync::OnceLock::new() }
+        Self {
+            store,
+            pepper,
+            settings,
+            root_prefix,
+            clock,
+            rng,
+            hook: std::sync::OnceLock::new(),
+            pending_usage: std::sync::OnceLock::new(),
+        }
     }
 
     /// Sets the hook told of committed token changes (once).
     pub fn set_change_hook(&self, hook: Arc<dyn TokenChangeHook>) {
         let _ = self.hook.set(hook);
+    }
+
+    /// Sets where unflushed usage is read from (once).
+    pub fn set_pending_usage(&self, source: Arc<dyn PendingUsage>) {
+        let _ = self.pending_usage.set(source);
     }
 
     async fn changed(&self) {
@@ -821,7 +842,12 @@ impl Admin {
                 "the range holds too many buckets (at most 10080); use a coarser granularity or a shorter range",
             ));
         }
-        let records = self.store.usage(ws, id, from, to).await?;
+        let mut records = self.store.usage(ws, id, from, to).await?;
+        if let Some(p) = self.pending_usage.get() {
+            records.extend(
+                p.pending(id).into_iter().filter(|r| r.workspace_id == *ws && r.minute >= from && r.minute < to),
+            );
+        }
         let mut series: Vec<UsageRecord> = (0..buckets)
             .map(|i| UsageRecord {
                 minute: Timestamp::from_millis(from.as_millis() + i * step),

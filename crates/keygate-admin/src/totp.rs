@@ -191,7 +191,15 @@ mod tests {
     #[test]
     fn base32_matches_rfc_4648() {
         // RFC 4648 §10, without padding.
-        for (input, out) in [("", ""), ("f", "MY"), ("fo", "MZXQ"), ("foo", "MZXW6"), ("foob", "MZXW6YQ"), ("fooba", "MZXW6YTB"), ("foobar", "MZXW6YTBOI")] {
+        for (input, out) in [
+            ("", ""),
+            ("f", "MY"),
+            ("fo", "MZXQ"),
+            ("foo", "MZXW6"),
+            ("foob", "MZXW6YQ"),
+            ("fooba", "MZXW6YTB"),
+            ("foobar", "MZXW6YTBOI"),
+        ] {
             assert_eq!(base32(input.as_bytes()), out);
         }
         let uri = otpauth_uri("keygate", "ann@example.com", b"12345678901234567890");

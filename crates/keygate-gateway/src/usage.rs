@@ -50,6 +50,10 @@ impl Default for UsageMeter {
     }
 }
 
+fn shard_of(public_id: &[u8; PUBLIC_ID_LEN]) -> usize {
+    public_id.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(usize::from(*b))) % SHARDS
+}
+
 fn bucket(latency_us: u64) -> usize {
     let ms = latency_us / 1000;
     LATENCY_BUCKETS_MS
@@ -60,8 +64,7 @@ fn bucket(latency_us: u64) -> usize {
 
 impl UsageMeter {
     pub fn record(&self, s: &Sample<'_>) {
-        let shard_no =
-            s.public_id.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(usize::from(*b))) % SHARDS;
+        let shard_no = shard_of(s.public_id);
         let Some(Ok(mut shard)) = self.shards.get(shard_no).map(Mutex::lock) else { return };
         let minute = s.at.as_millis().div_euclid(60_000) * 60_000;
         let rec = shard.usage.entry((*s.public_id, s.route_index, minute)).or_insert_with(|| UsageRecord {
@@ -85,6 +88,13 @@ impl UsageMeter {
         if s.at >= last.0 {
             *last = (s.at, s.client_ip);
         }
+    }
+
+    /// A copy of what is counted for one token and not flushed yet (the dashboard shows live
+    /// usage by adding this to what the store holds).
+    pub fn peek(&self, public_id: &[u8; PUBLIC_ID_LEN]) -> Vec<UsageRecord> {
+        let Some(Ok(shard)) = self.shards.get(shard_of(public_id)).map(Mutex::lock) else { return Vec::new() };
+        shard.usage.iter().filter(|(k, _)| k.0 == *public_id).map(|(_, v)| v.clone()).collect()
     }
 
     /// Takes everything counted so far.

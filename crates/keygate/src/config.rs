@@ -20,6 +20,7 @@ pub struct Config {
     /// A `postgres://` URL selects PostgreSQL instead of SQLite. Env: `KEYGATE_DATABASE_URL`.
     pub database_url: Option<String>,
     pub admin: AdminConfig,
+    pub dashboard: DashboardConfig,
     pub gateway: GatewayConfig,
     /// The APIs behind the gateway (`[[routes]]`); see `docs/configuration.md`.
     pub routes: Vec<RouteConfig>,
@@ -40,6 +41,28 @@ pub struct AdminConfig {
     /// Address of the admin API (and, later, the dashboard). Keep it on loopback or a private
     /// network. Env: `KEYGATE_ADMIN_LISTEN`. Default `127.0.0.1:8081`.
     pub listen: SocketAddr,
+}
+
+/// The web dashboard, served on the admin listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardConfig {
+    /// Mark the session cookie `Secure` and send HSTS: set it when people reach the dashboard
+    /// over HTTPS (through a TLS-terminating proxy). Default false (loopback, plain HTTP).
+    pub secure_cookies: bool,
+    /// A session unused for this many minutes ends. Default 30.
+    pub idle_timeout_minutes: u32,
+    /// A session ends this many hours after sign-in, whatever the activity. Default 12.
+    pub session_hours: u32,
+    /// The gateway's address as callers reach it, shown in examples. Default: the gateway's
+    /// listen address.
+    pub gateway_url: Option<String>,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self { secure_cookies: false, idle_timeout_minutes: 30, session_hours: 12, gateway_url: None }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +97,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./keygate-data"),
             database_url: None,
             admin: AdminConfig::default(),
+            dashboard: DashboardConfig::default(),
             gateway: GatewayConfig::default(),
             routes: Vec::new(),
             usage_flush_seconds: 5,

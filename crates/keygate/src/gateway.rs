@@ -98,6 +98,19 @@ pub async fn build(
     }))
 }
 
+/// The gateway's unflushed usage, for live usage reports.
+pub struct MeterUsage(pub Arc<Gateway>);
+
+impl keygate_admin::service::PendingUsage for MeterUsage {
+    fn pending(&self, token: &keygate_core::ids::TokenId) -> Vec<keygate_core::model::UsageRecord> {
+        let Some(id) = token.as_str().strip_prefix("tok_") else { return Vec::new() };
+        let Ok(public_id) = <[u8; keygate_core::token_format::PUBLIC_ID_LEN]>::try_from(id.as_bytes()) else {
+            return Vec::new();
+        };
+        self.0.meter.peek(&public_id)
+    }
+}
+
 /// Writes counted usage, `last_used_at` and quota counts to the store; puts usage back if the
 /// store refuses, so nothing is lost.
 pub async fn flush(gw: &Gateway, store: &dyn Store) {

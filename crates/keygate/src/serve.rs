@@ -66,6 +66,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// The gateway's TLS settings, when it serves TLS (swapped on certificate reload).
     pub tls: Option<keygate_gateway::server::TlsSource>,
+    /// The dashboard's one-time setup code, while no account exists (printed on the terminal).
+    pub setup_code: Option<String>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     gateway_server: GatewayServer,
@@ -102,6 +104,7 @@ pub async fn start(
         .admin
         .set_change_hook(Arc::new(crate::gateway::IndexHook { index: index.clone(), store: dyn_store.clone() }));
     let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock).await?;
+    opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     let tls = crate::gateway::tls_source(cfg)?;
     let tls_handle = tls.as_ref().map(|t| t.0.clone());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
@@ -143,7 +146,27 @@ pub async fn start(
             }
         }),
     );
-    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() }).merge(metrics);
+    let account_settings = keygate_admin::accounts::AccountSettings {
+        idle_timeout_ms: i64::from(cfg.dashboard.idle_timeout_minutes.max(1)) * 60_000,
+        absolute_timeout_ms: i64::from(cfg.dashboard.session_hours.max(1)) * 3_600_000,
+        ..Default::default()
+    };
+    let accounts = Arc::new(
+        keygate_admin::accounts::Accounts::new(opened.admin.clone(), account_settings)
+            .map_err(|e| anyhow::anyhow!("cannot start the dashboard: {}", e.message))?,
+    );
+    let setup_code = accounts.open_setup().await.map_err(|e| anyhow::anyhow!("cannot read accounts: {}", e.message))?;
+    let gateway_url = cfg.dashboard.gateway_url.clone().unwrap_or_else(|| format!("http://{}", gateway_server.addr));
+    let dashboard = keygate_admin::dashboard::DashboardState::new(
+        opened.admin.clone(),
+        accounts.clone(),
+        cfg.dashboard.secure_cookies,
+        gateway_url,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() })
+        .merge(metrics)
+        .merge(keygate_admin::dashboard::router(dashboard));
     let (stop, mut stop_rx) = watch::channel(false);
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
         async move {
@@ -161,6 +184,7 @@ pub async fn start(
         index,
         gateway: gw,
         tls: tls_handle,
+        setup_code,
         stop,
         server,
         gateway_server,
@@ -210,6 +234,10 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, pepper_env: Option<Str
     eprintln!("keygate: admin API on http://{a}/admin/v1 (explorer: http://{a}/admin/docs)");
     let g = running.gateway_addr;
     eprintln!("keygate: gateway on http://{g} (try http://{g}/demo/echo with a token)");
+    if let Some(code) = &running.setup_code {
+        // On the terminal only, never in the log: it creates the first owner account.
+        eprintln!("keygate: dashboard setup code: {code} (open http://{a}/setup)");
+    }
     shutdown_signal().await;
     running.shutdown().await;
     Ok(())

@@ -1,0 +1,291 @@
+//! The dashboard: server-rendered pages on the admin listener (`/`), embedded in the binary,
+//! loading nothing from any other host. Every flow works without JavaScript; `app.js` only adds
+//! copy buttons and confirmations. Sessions live in an HttpOnly, SameSite=Strict cookie (Secure
+//! when configured behind TLS); every state change carries a CSRF token derived from the
+//! session and is refused from another origin; pages carry a CSP without `unsafe-inline`.
+
+mod chart;
+mod pages;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use keygate_core::{Error, ErrorKind};
+use minijinja::{Environment, Value, context};
+
+use crate::accounts::{Accounts, Viewer};
+use crate::service::Admin;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "keygate_session";
+
+/// What the dashboard's handlers reach.
+#[derive(Clone)]
+pub struct DashboardState {
+    pub admin: Arc<Admin>,
+    pub accounts: Arc<Accounts>,
+    templates: Arc<Environment<'static>>,
+    /// Mark cookies `Secure` and send HSTS (the dashboard is served over HTTPS, directly or
+    /// behind a TLS-terminating proxy).
+    pub secure: bool,
+    /// The gateway's address as callers reach it, for examples.
+    pub gateway_url: String,
+}
+
+const TEMPLATES: &[(&str, &str)] = &[
+    ("base.html", include_str!("../dashboard/templates/base.html")),
+    ("audit_table.html", include_str!("../dashboard/templates/audit_table.html")),
+    ("setup.html", include_str!("../dashboard/templates/setup.html")),
+    ("login.html", include_str!("../dashboard/templates/login.html")),
+    ("login_2fa.html", include_str!("../dashboard/templates/login_2fa.html")),
+    ("home.html", include_str!("../dashboard/templates/home.html")),
+    ("security.html", include_str!("../dashboard/templates/security.html")),
+    ("apps.html", include_str!("../dashboard/templates/apps.html")),
+    ("tokens.html", include_str!("../dashboard/templates/tokens.html")),
+    ("token_new.html", include_str!("../dashboard/templates/token_new.html")),
+    ("token_created.html", include_str!("../dashboard/templates/token_created.html")),
+    ("token.html", include_str!("../dashboard/templates/token.html")),
+    ("token_revoke.html", include_str!("../dashboard/templates/token_revoke.html")),
+    ("audit.html", include_str!("../dashboard/templates/audit.html")),
+    ("members.html", include_str!("../dashboard/templates/members.html")),
+    ("invite.html", include_str!("../dashboard/templates/invite.html")),
+    ("error.html", include_str!("../dashboard/templates/error.html")),
+];
+
+const CSS: &str = include_str!("../dashboard/assets/app.css");
+const JS: &str = include_str!("../dashboard/assets/app.js");
+
+impl DashboardState {
+    pub fn new(admin: Arc<Admin>, accounts: Arc<Accounts>, secure: bool, gateway_url: String) -> Result<Self, String> {
+        let mut env = Environment::new();
+        for (name, source) in TEMPLATES {
+            env.add_template(name, source).map_err(|e| format!("dashboard template {name}: {e}"))?;
+        }
+        Ok(Self { admin, accounts, templates: Arc::new(env), secure, gateway_url })
+    }
+
+    /// Renders a page; `base` adds the viewer, CSRF token and navigation to `ctx`.
+    fn render(&self, status: StatusCode, name: &str, viewer: Option<&Viewer>, nav: &str, ctx: Value) -> Response {
+        let base = context! {
+            viewer => viewer.map(|v| context! { name => v.user.name.clone(), email => v.user.email.clone(), role => v.role.as_str() }),
+            csrf => viewer.map(|v| v.csrf.clone()),
+            nav => nav,
+        };
+        let merged = context! { ..ctx, ..base };
+        match self.templates.get_template(name).and_then(|t| t.render(merged)) {
+            Ok(html) => (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
+            Err(e) => {
+                tracing::error!(template = name, error = %e, "dashboard page failed to render");
+                (StatusCode::INTERNAL_SERVER_ERROR, "the page failed to render; see the server log").into_response()
+            }
+        }
+    }
+
+    fn cookie(&self, secret: &str) -> HeaderValue {
+        let secure = if self.secure { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!("{COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict{secure}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+
+    fn clear_cookie(&self) -> HeaderValue {
+        let secure = if self.secure { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// The session cookie's value, if the request carries one.
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+/// A failed page request, rendered as an error page (or a redirect to sign in).
+pub enum PageError {
+    SignIn,
+    Status(StatusCode, String, Option<Box<Viewer>>),
+}
+
+impl PageError {
+    fn from_error(e: Error, viewer: Option<&Viewer>) -> Self {
+        let status = match e.kind {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Unauthenticated => return PageError::SignIn,
+            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = if e.kind == ErrorKind::Internal {
+            "something went wrong on our side; the details are in the server log".to_owned()
+        } else {
+            e.message.to_string()
+        };
+        if e.kind == ErrorKind::Internal {
+            tracing::error!(error = %e, "dashboard request failed");
+        }
+        PageError::Status(status, message, viewer.map(|v| Box::new(v.clone())))
+    }
+
+    fn not_found(viewer: &Viewer) -> Self {
+        PageError::Status(
+            StatusCode::NOT_FOUND,
+            "there is nothing here, or it is not yours to see".into(),
+            Some(Box::new(viewer.clone())),
+        )
+    }
+
+    fn forbidden(viewer: &Viewer, what: &str) -> Self {
+        PageError::Status(
+            StatusCode::FORBIDDEN,
+            format!("your role ({}) cannot {what}", viewer.role.as_str()),
+            Some(Box::new(viewer.clone())),
+        )
+    }
+}
+
+impl From<Error> for PageError {
+    fn from(e: Error) -> Self {
+        Self::from_error(e, None)
+    }
+}
+
+/// Renders errors; needs the state, so handlers map with [`DashboardState::error`].
+impl DashboardState {
+    fn error(&self, e: PageError) -> Response {
+        match e {
+            PageError::SignIn => Redirect::to("/login").into_response(),
+            PageError::Status(status, message, viewer) => self.render(
+                status,
+                "error.html",
+                viewer.as_deref(),
+                "",
+                context! { title => status.canonical_reason().unwrap_or("Error"), status => status.as_u16(), message },
+            ),
+        }
+    }
+}
+
+/// The signed-in person; pages that need one take this extractor (no session: to sign-in).
+pub struct SignedIn(pub Viewer);
+
+impl FromRequestParts<DashboardState> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &DashboardState) -> Result<Self, Self::Rejection> {
+        let Some(cookie) = session_cookie(&parts.headers) else {
+            return Err(Redirect::to(if state.accounts.setup_open() { "/setup" } else { "/login" }).into_response());
+        };
+        match state.accounts.resolve(&cookie).await {
+            Ok(Some(v)) => Ok(SignedIn(v)),
+            Ok(None) => Err(Redirect::to("/login").into_response()),
+            Err(e) => Err(state.error(PageError::from(e))),
+        }
+    }
+}
+
+/// The request comes from a page of this dashboard: not a cross-site request (Fetch metadata)
+/// and, when the browser sends `Origin`, the same host.
+pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
+    let cross_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|v| v == "cross-site");
+    let origin_ok = match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
+        (Some(o), Some(h)) => {
+            let (o, h) = (o.to_str().unwrap_or(""), h.to_str().unwrap_or(""));
+            o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")).is_some_and(|rest| rest == h)
+        }
+        _ => true,
+    };
+    !cross_site && origin_ok
+}
+
+/// The refusal of a state change whose CSRF token does not match the session's, or that comes
+/// from another origin (defence in depth beside SameSite=Strict); `None` when it may proceed.
+fn csrf_refusal(state: &DashboardState, headers: &HeaderMap, submitted: &str) -> Option<Response> {
+    let token_ok = session_cookie(headers).is_some_and(|cookie| state.accounts.csrf_ok(&cookie, submitted));
+    if token_ok && same_origin(headers) {
+        return None;
+    }
+    tracing::warn!("dashboard: a state change without a valid CSRF token or from another origin was refused");
+    Some(
+        state.error(PageError::Status(
+            StatusCode::FORBIDDEN,
+            "this form is stale or did not come from this dashboard (CSRF check failed); reload the page and try again"
+                .into(),
+            None,
+        )),
+    )
+}
+
+async fn security_headers(State(state): State<DashboardState>, req: axum::extract::Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    if state.secure {
+        h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    }
+    resp
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=3600")], body).into_response()
+}
+
+/// The dashboard's routes (no fallback: the admin API's JSON 404 answers unknown paths).
+pub fn router(state: DashboardState) -> Router {
+    Router::new()
+        .route("/", get(pages::home))
+        .route("/setup", get(pages::setup_page).post(pages::setup_submit))
+        .route("/login", get(pages::login_page).post(pages::login_submit))
+        .route("/login/2fa", get(pages::second_factor_page).post(pages::second_factor_submit))
+        .route("/logout", post(pages::logout))
+        .route("/account/security", get(pages::security))
+        .route("/account/2fa/start", post(pages::totp_start))
+        .route("/account/2fa/confirm", post(pages::totp_confirm))
+        .route("/apps", get(pages::apps).post(pages::create_app))
+        .route("/tokens", get(pages::tokens).post(pages::create_token))
+        .route("/tokens/new", get(pages::new_token))
+        .route("/tokens/{id}", get(pages::token))
+        .route("/tokens/{id}/edit", post(pages::edit_token))
+        .route("/tokens/{id}/suspend", post(pages::suspend_token))
+        .route("/tokens/{id}/resume", post(pages::resume_token))
+        .route("/tokens/{id}/rotate", post(pages::rotate_token))
+        .route("/tokens/{id}/revoke", get(pages::revoke_page).post(pages::revoke_token))
+        .route("/audit", get(pages::audit))
+        .route("/audit/export.csv", get(pages::audit_csv))
+        .route("/audit/export.json", get(pages::audit_json))
+        .route("/members", get(pages::members))
+        .route("/members/invite", post(pages::invite))
+        .route("/members/{user}/role", post(pages::set_role))
+        .route("/members/{user}/remove", post(pages::remove_member))
+        .route("/invite/{code}", get(pages::invitation_page).post(pages::invitation_submit))
+        .route("/assets/app.css", get(|| async { asset(CSS, "text/css; charset=utf-8") }))
+        .route("/assets/app.js", get(|| async { asset(JS, "text/javascript; charset=utf-8") }))
+        .layer(middleware::from_fn_with_state(state.clone(), security_headers))
+        .with_state(state)
+}

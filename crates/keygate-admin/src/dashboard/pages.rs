@@ -1,0 +1,1311 @@
+//! The dashboard's page handlers. Each reads the signed-in person (or sends them to sign in),
+//! checks what their role allows, calls the service layer and renders a template. Forms post
+//! back and redirect (POST/redirect/GET), with a message code in the query string.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use keygate_core::account::Role;
+use keygate_core::ids::{AppId, TokenId, UserId};
+use keygate_core::model::{
+    AuditFilter, DEFAULT_PAGE_SIZE, LATENCY_BUCKETS_MS, PageRequest, TokenFilter, TokenRecord, TokenStatus, UsageRecord,
+};
+use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
+use keygate_core::{Error, Timestamp};
+use minijinja::{Value, context};
+use serde::Deserialize;
+
+use super::chart::{self, Bar};
+use super::{DashboardState, PageError, SignedIn, csrf_refusal, same_origin, session_cookie};
+use crate::accounts::{SignIn, Viewer};
+use crate::api::{AuditEventView, TokenView};
+use crate::service::{Granularity, NewApp, NewToken, TokenUpdate};
+
+/// A serializable value for a template.
+fn ser<T: serde::Serialize>(t: T) -> Value {
+    Value::from(minijinja::value::Serde(t))
+}
+
+/// The fields of a submitted form (repeated names allowed, e.g. scope checkboxes).
+struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    fn parse(body: &Bytes) -> Self {
+        Self(form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+    }
+    fn get(&self, name: &str) -> &str {
+        self.0.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str())
+    }
+    fn opt(&self, name: &str) -> Option<&str> {
+        Some(self.get(name).trim()).filter(|v| !v.is_empty())
+    }
+    fn all(&self, name: &str) -> Vec<String> {
+        self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
+    }
+}
+
+fn client_ip(conn: &ConnectInfo<SocketAddr>) -> Option<String> {
+    Some(conn.0.ip().to_string())
+}
+
+/// A notice from the `msg` query parameter: fixed texts only, nothing reflected.
+fn notice(msg: Option<&str>) -> Value {
+    let (kind, text) = match msg.unwrap_or("") {
+        "2fa_on" => ("ok", "Two-factor sign-in is on."),
+        "app_created" => ("ok", "App created."),
+        "token_updated" => ("ok", "Token updated."),
+        "token_suspended" => ("ok", "Token suspended: the gateway refuses it until it is resumed."),
+        "token_resumed" => ("ok", "Token resumed."),
+        "token_revoked" => ("ok", "Token revoked: the gateway refuses it from now on."),
+        "role_changed" => ("ok", "Role changed."),
+        "member_removed" => ("ok", "Member removed."),
+        "signed_out" => ("ok", "You are signed out."),
+        _ => return Value::from(()),
+    };
+    context! { kind, text }
+}
+
+#[derive(Deserialize, Default)]
+pub struct MsgQuery {
+    msg: Option<String>,
+}
+
+fn see_other(to: &str) -> Response {
+    Redirect::to(to).into_response()
+}
+
+/// Apps a developer owns; `None` for roles that see the whole workspace.
+async fn owned_apps(st: &DashboardState, v: &Viewer) -> Result<Option<HashSet<AppId>>, PageError> {
+    if v.role != Role::Developer {
+        return Ok(None);
+    }
+    let apps =
+        st.admin.store().owned_apps(v.workspace(), &v.user.id).await.map_err(|e| PageError::from_error(e, Some(v)))?;
+    Ok(Some(apps.into_iter().collect()))
+}
+
+fn visible(owned: &Option<HashSet<AppId>>, app: &AppId) -> bool {
+    owned.as_ref().is_none_or(|o| o.contains(app))
+}
+
+/// The token by id, if this person may see it (others' tokens are "not found", not "forbidden").
+async fn token_for(st: &DashboardState, v: &Viewer, id: &str) -> Result<TokenRecord, PageError> {
+    let id = TokenId::parse(id).ok_or_else(|| PageError::not_found(v))?;
+    let t = st.admin.token(v.workspace(), &id).await.map_err(|e| PageError::from_error(e, Some(v)))?;
+    if !visible(&owned_apps(st, v).await?, &t.app_id) {
+        return Err(PageError::not_found(v));
+    }
+    Ok(t)
+}
+
+/// A token this person may change.
+async fn writable_token(st: &DashboardState, v: &Viewer, id: &str) -> Result<TokenRecord, PageError> {
+    if !v.role.can_write() {
+        return Err(PageError::forbidden(v, "change tokens"));
+    }
+    token_for(st, v, id).await
+}
+
+macro_rules! page {
+    ($st:expr, $body:expr) => {
+        match $body {
+            Ok(r) => r,
+            Err(e) => $st.error(e),
+        }
+    };
+}
+
+fn ctx_err(v: &Viewer) -> impl Fn(Error) -> PageError + '_ {
+    move |e| PageError::from_error(e, Some(v))
+}
+
+// ---- first run and sign-in ------------------------------------------------------------------
+
+pub async fn setup_page(State(st): State<DashboardState>) -> Response {
+    if !st.accounts.setup_open() {
+        return see_other("/login");
+    }
+    st.render(StatusCode::OK, "setup.html", None, "", context! { title => "Set up keygate", form => context!{} })
+}
+
+pub async fn setup_submit(
+    State(st): State<DashboardState>,
+    conn: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !same_origin(&headers) {
+        return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
+    }
+    let f = Fields::parse(&body);
+    match st
+        .accounts
+        .complete_setup(f.get("code"), f.get("email"), f.get("name"), f.get("password"), client_ip(&conn))
+        .await
+    {
+        Ok(secret) => signed_in_redirect(&st, &secret, "/"),
+        Err(e) => st.render(
+            StatusCode::BAD_REQUEST,
+            "setup.html",
+            None,
+            "",
+            context! { title => "Set up keygate", notice => context!{ kind => "error", text => e.message.to_string() },
+            form => context!{ name => f.get("name"), email => f.get("email") } },
+        ),
+    }
+}
+
+fn signed_in_redirect(st: &DashboardState, secret: &str, to: &str) -> Response {
+    let mut r = see_other(to);
+    r.headers_mut().insert(header::SET_COOKIE, st.cookie(secret));
+    r
+}
+
+pub async fn login_page(State(st): State<DashboardState>, Query(q): Query<MsgQuery>) -> Response {
+    if st.accounts.setup_open() {
+        return see_other("/setup");
+    }
+    st.render(
+        StatusCode::OK,
+        "login.html",
+        None,
+        "",
+        context! { title => "Sign in", form => context!{}, notice => notice(q.msg.as_deref()) },
+    )
+}
+
+pub async fn login_submit(
+    State(st): State<DashboardState>,
+    conn: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !same_origin(&headers) {
+        return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
+    }
+    let f = Fields::parse(&body);
+    match st.accounts.sign_in(f.get("email"), f.get("password"), client_ip(&conn)).await {
+        Ok(SignIn::Done(secret)) => signed_in_redirect(&st, &secret, "/"),
+        Ok(SignIn::NeedsSecondFactor(secret)) => signed_in_redirect(&st, &secret, "/login/2fa"),
+        Err(e) => {
+            let status =
+                if e.code == "too_many_attempts" { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::UNAUTHORIZED };
+            st.render(
+                status,
+                "login.html",
+                None,
+                "",
+                context! { title => "Sign in", notice => context!{ kind => "error", text => e.message.to_string() },
+                form => context!{ email => f.get("email") } },
+            )
+        }
+    }
+}
+
+pub async fn second_factor_page(State(st): State<DashboardState>, headers: HeaderMap) -> Response {
+    let Some(cookie) = session_cookie(&headers) else { return see_other("/login") };
+    match st.accounts.pending(&cookie).await {
+        Ok(true) => st.render(
+            StatusCode::OK,
+            "login_2fa.html",
+            None,
+            "",
+            context! { title => "Two-factor sign-in", pending_csrf => st.accounts.csrf_token(&cookie) },
+        ),
+        _ => see_other("/login"),
+    }
+}
+
+pub async fn second_factor_submit(State(st): State<DashboardState>, headers: HeaderMap, body: Bytes) -> Response {
+    let f = Fields::parse(&body);
+    let Some(cookie) = session_cookie(&headers) else { return see_other("/login") };
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    match st.accounts.second_factor(&cookie, f.get("code")).await {
+        Ok(()) => see_other("/"),
+        Err(e) if e.code == "session_expired" => see_other("/login"),
+        Err(e) => st.render(
+            StatusCode::UNAUTHORIZED,
+            "login_2fa.html",
+            None,
+            "",
+            context! { title => "Two-factor sign-in", pending_csrf => st.accounts.csrf_token(&cookie),
+            notice => context!{ kind => "error", text => e.message.to_string() } },
+        ),
+    }
+}
+
+pub async fn logout(State(st): State<DashboardState>, headers: HeaderMap, body: Bytes) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    if let Some(cookie) = session_cookie(&headers)
+        && let Err(e) = st.accounts.sign_out(&cookie).await
+    {
+        return st.error(e.into());
+    }
+    let mut r = see_other("/login?msg=signed_out");
+    r.headers_mut().insert(header::SET_COOKIE, st.clear_cookie());
+    r
+}
+
+// ---- home -----------------------------------------------------------------------------------
+
+fn start_of_day(now: Timestamp) -> Timestamp {
+    Timestamp::from_millis(now.as_millis().div_euclid(86_400_000) * 86_400_000)
+}
+
+pub async fn home(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
+    page!(st, home_inner(&st, &v).await)
+}
+
+async fn home_inner(st: &DashboardState, v: &Viewer) -> Result<Response, PageError> {
+    let ws = v.workspace();
+    let now = st.admin.now();
+    let owned = owned_apps(st, v).await?;
+    let apps: Vec<_> = st
+        .admin
+        .list_apps(ws, &PageRequest { limit: 500, cursor: None })
+        .await
+        .map_err(ctx_err(v))?
+        .items
+        .into_iter()
+        .filter(|a| visible(&owned, &a.id))
+        .collect();
+    let active =
+        list_visible(st, v, &owned, TokenFilter { status: Some(TokenStatus::Active), ..Default::default() }).await?;
+    let soon = Timestamp::from_millis(now.as_millis() + 7 * 86_400_000);
+    let expiring =
+        list_visible(st, v, &owned, TokenFilter { expiring_before: Some(soon), ..Default::default() }).await?;
+    let exposed = list_visible(st, v, &owned, TokenFilter { exposed: Some(true), ..Default::default() }).await?;
+    // Requests today over the person's active tokens (the first page of them).
+    let mut today = UsageRecord::default();
+    for t in active.iter().take(50) {
+        let r = st.admin.token_usage(ws, &t.id, start_of_day(now), now.plus_seconds(1), Granularity::Day).await;
+        if let Ok(r) = r {
+            today.add(&r.total);
+        }
+    }
+    let errors = today.status[2] + today.status[3];
+    let error_rate = if today.requests == 0 {
+        "—".to_owned()
+    } else {
+        format!("{:.1}%", errors as f64 * 100.0 / today.requests as f64)
+    };
+    let events = match &owned {
+        // Developers see the trail of their own actions.
+        Some(_) => AuditFilter { actor: Some(v.user.id.to_string()), ..Default::default() },
+        None => AuditFilter::default(),
+    };
+    let events =
+        st.admin.audit_events(ws, &events, &PageRequest { limit: 10, cursor: None }).await.map_err(ctx_err(v))?;
+    let events: Vec<AuditEventView> = events.items.iter().map(Into::into).collect();
+    let view = |ts: &[TokenRecord]| ts.iter().map(|t| TokenView::new(t, now)).collect::<Vec<_>>();
+    Ok(st.render(
+        StatusCode::OK,
+        "home.html",
+        Some(v),
+        "home",
+        context! {
+            title => "Home",
+            apps => apps.iter().map(|a| context!{ id => a.id.to_string(), name => a.name.clone() }).collect::<Vec<_>>(),
+            active_tokens => active.len(),
+            requests_today => today.requests,
+            error_rate,
+            expiring => ser(view(&expiring)),
+            exposed => ser(view(&exposed)),
+            events => ser(events),
+            can_write => v.role.can_write(),
+            needs_2fa => !v.user.totp_enabled,
+        },
+    ))
+}
+
+async fn list_visible(
+    st: &DashboardState,
+    v: &Viewer,
+    owned: &Option<HashSet<AppId>>,
+    filter: TokenFilter,
+) -> Result<Vec<TokenRecord>, PageError> {
+    let page = st
+        .admin
+        .list_tokens(v.workspace(), &filter, &PageRequest { limit: 500, cursor: None })
+        .await
+        .map_err(ctx_err(v))?;
+    Ok(page.items.into_iter().filter(|t| visible(owned, &t.app_id)).collect())
+}
+
+// ---- two-factor enrolment -------------------------------------------------------------------
+
+fn qr_data_uri(text: &str) -> String {
+    use base64::Engine;
+    match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(code) => {
+            let svg = code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(200, 200).build();
+            format!("data:image/svg+xml;base64,{}", base64::engine::general_purpose::STANDARD.encode(svg))
+        }
+        Err(_) => String::new(),
+    }
+}
+
+pub async fn security(State(st): State<DashboardState>, SignedIn(v): SignedIn, Query(q): Query<MsgQuery>) -> Response {
+    page!(st, security_inner(&st, &v, q.msg.as_deref(), None).await)
+}
+
+async fn security_inner(
+    st: &DashboardState,
+    v: &Viewer,
+    msg: Option<&str>,
+    recovery: Option<Vec<String>>,
+) -> Result<Response, PageError> {
+    let pending = st.accounts.pending_totp(v).await.map_err(ctx_err(v))?;
+    let left = st.accounts.recovery_codes_left(&v.user.id).await.map_err(ctx_err(v))?;
+    let enrol = pending.map(|(uri, secret)| context! { qr => qr_data_uri(&uri), secret, uri });
+    let user = st.admin.store().user(&v.user.id).await.map_err(ctx_err(v))?;
+    Ok(st.render(
+        StatusCode::OK,
+        "security.html",
+        Some(v),
+        "security",
+        context! {
+            title => "Security",
+            enabled => user.is_some_and(|u| u.totp_enabled),
+            enrol,
+            recovery_codes => recovery,
+            codes_left => left,
+            notice => notice(msg),
+        },
+    ))
+}
+
+pub async fn totp_start(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    match st.accounts.begin_totp(&v).await {
+        Ok(_) => see_other("/account/security"),
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn totp_confirm(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    match st.accounts.confirm_totp(&v, f.get("code")).await {
+        Ok(codes) => page!(st, security_inner(&st, &v, Some("2fa_on"), Some(codes)).await),
+        Err(e) if e.code == "bad_code" => {
+            let mut r = page!(st, security_inner(&st, &v, None, None).await);
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            // The enrolment page again, with the error; rendering once more keeps it simple.
+            let pending = st.accounts.pending_totp(&v).await.ok().flatten();
+            let enrol = pending.map(|(uri, secret)| context! { qr => qr_data_uri(&uri), secret, uri });
+            st.render(
+                StatusCode::BAD_REQUEST,
+                "security.html",
+                Some(&v),
+                "security",
+                context! { title => "Security", enabled => false, enrol, codes_left => 0,
+                notice => context!{ kind => "error", text => e.message.to_string() } },
+            )
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+// ---- apps -----------------------------------------------------------------------------------
+
+pub async fn apps(State(st): State<DashboardState>, SignedIn(v): SignedIn, Query(q): Query<MsgQuery>) -> Response {
+    page!(st, apps_inner(&st, &v, q.msg.as_deref(), None).await)
+}
+
+async fn apps_inner(
+    st: &DashboardState,
+    v: &Viewer,
+    msg: Option<&str>,
+    error: Option<String>,
+) -> Result<Response, PageError> {
+    let owned = owned_apps(st, v).await?;
+    let apps =
+        st.admin.list_apps(v.workspace(), &PageRequest { limit: 500, cursor: None }).await.map_err(ctx_err(v))?;
+    let rows: Vec<Value> = apps
+        .items
+        .iter()
+        .filter(|a| visible(&owned, &a.id))
+        .map(|a| {
+            context! { id => a.id.to_string(), name => a.name.clone(), description => a.description.clone(),
+            default => a.is_default, created_at => ser(a.created_at) }
+        })
+        .collect();
+    let notice = match error {
+        Some(text) => context! { kind => "error", text },
+        None => notice(msg),
+    };
+    Ok(st.render(
+        if notice.get_attr("kind").ok().and_then(|k| k.as_str().map(str::to_owned)).as_deref() == Some("error") {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        },
+        "apps.html",
+        Some(v),
+        "apps",
+        context! { title => "Apps", apps => rows, can_write => v.role.can_write(), notice },
+    ))
+}
+
+pub async fn create_app(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    if !v.role.can_write() {
+        return st.error(PageError::forbidden(&v, "create apps"));
+    }
+    let new = NewApp {
+        name: f.get("name").to_owned(),
+        description: f.opt("description").map(str::to_owned),
+        ..Default::default()
+    };
+    match st.admin.create_app(v.workspace(), &v.actor(), new).await {
+        Ok(app) => {
+            if let Err(e) = st.admin.store().set_app_owner(v.workspace(), &app.id, &v.user.id).await {
+                return st.error(PageError::from_error(e, Some(&v)));
+            }
+            see_other("/apps?msg=app_created")
+        }
+        Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput || e.kind == keygate_core::ErrorKind::Conflict => {
+            page!(st, apps_inner(&st, &v, None, Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+// ---- tokens ---------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct TokenListQuery {
+    status: Option<String>,
+    app: Option<String>,
+    q: Option<String>,
+    expiring: Option<String>,
+    msg: Option<String>,
+}
+
+pub async fn tokens(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Query(q): Query<TokenListQuery>,
+) -> Response {
+    page!(st, tokens_inner(&st, &v, q).await)
+}
+
+async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Result<Response, PageError> {
+    let now = st.admin.now();
+    let owned = owned_apps(st, v).await?;
+    let filter = TokenFilter {
+        app_id: q.app.as_deref().and_then(AppId::parse),
+        status: q.status.as_deref().and_then(TokenStatus::parse),
+        name_contains: q.q.clone().filter(|s| !s.trim().is_empty()),
+        expiring_before: q.expiring.as_deref().filter(|e| *e == "7d").map(|_| now.plus_seconds(7 * 86_400)),
+        exposed: None,
+    };
+    let list = list_visible(st, v, &owned, filter).await?;
+    let apps =
+        st.admin.list_apps(v.workspace(), &PageRequest { limit: 500, cursor: None }).await.map_err(ctx_err(v))?;
+    let app_names: std::collections::HashMap<String, String> =
+        apps.items.iter().map(|a| (a.id.to_string(), a.name.clone())).collect();
+    let rows: Vec<Value> = list
+        .iter()
+        .map(|t| {
+            let view = TokenView::new(t, now);
+            let app_name = app_names.get(&view.app_id).cloned().unwrap_or_default();
+            context! { ..ser(&view), ..context!{ app_name } }
+        })
+        .collect();
+    let app_options: Vec<Value> = apps
+        .items
+        .iter()
+        .filter(|a| visible(&owned, &a.id))
+        .map(|a| context! { id => a.id.to_string(), name => a.name.clone() })
+        .collect();
+    Ok(st.render(
+        StatusCode::OK,
+        "tokens.html",
+        Some(v),
+        "tokens",
+        context! {
+            title => "Tokens",
+            tokens => rows,
+            apps => app_options,
+            q => context!{ status => q.status, app => q.app, q => q.q, expiring => q.expiring },
+            can_write => v.role.can_write(),
+            notice => notice(q.msg.as_deref()),
+        },
+    ))
+}
+
+pub async fn new_token(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
+    page!(st, new_token_inner(&st, &v, None, None).await)
+}
+
+async fn new_token_inner(
+    st: &DashboardState,
+    v: &Viewer,
+    error: Option<String>,
+    form: Option<&Fields>,
+) -> Result<Response, PageError> {
+    if !v.role.can_write() {
+        return Err(PageError::forbidden(v, "create tokens"));
+    }
+    let owned = owned_apps(st, v).await?;
+    let apps =
+        st.admin.list_apps(v.workspace(), &PageRequest { limit: 500, cursor: None }).await.map_err(ctx_err(v))?;
+    let apps: Vec<Value> = apps
+        .items
+        .iter()
+        .filter(|a| visible(&owned, &a.id))
+        .map(|a| context! { id => a.id.to_string(), name => a.name.clone() })
+        .collect();
+    if apps.is_empty() {
+        return Err(PageError::Status(
+            StatusCode::CONFLICT,
+            "you have no app to hold the token yet: create an app first".into(),
+            Some(Box::new(v.clone())),
+        ));
+    }
+    // The scope catalog, grouped by API (the part before the first colon).
+    let scopes = st.admin.list_scopes(v.workspace()).await.map_err(ctx_err(v))?;
+    let mut groups: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for s in &scopes {
+        let name = s.scope.to_string();
+        let api = name.split(':').next().unwrap_or("").to_owned();
+        groups.entry(api).or_default().push(context! { name, description => s.description.clone() });
+    }
+    let groups: Vec<Value> = groups.into_iter().map(|(api, scopes)| context! { api, scopes }).collect();
+    let policy = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?;
+    let form = form.map(|f| {
+        context! { name => f.get("name"), app => f.get("app"), scopes_text => f.get("scopes_text"),
+        ip_allowlist => f.get("ip_allowlist"), rate_limit => f.get("rate_limit"), quota => f.get("quota"),
+        expiry => f.get("expiry"), expires_on => f.get("expires_on") }
+    });
+    Ok(st.render(
+        if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
+        "token_new.html",
+        Some(v),
+        "tokens",
+        context! {
+            title => "Create a token",
+            apps,
+            groups,
+            max_days => policy.max_token_lifetime_days,
+            form,
+            notice => error.map(|text| context!{ kind => "error", text }),
+        },
+    ))
+}
+
+/// Expiry from the form: a preset number of days, a date, or never.
+fn expiry_from(f: &Fields, now: Timestamp) -> Result<Option<Timestamp>, Error> {
+    let days = |d: i64| Some(now.plus_seconds(d * 86_400));
+    match f.get("expiry") {
+        "" | "never" => Ok(None),
+        "7d" => Ok(days(7)),
+        "30d" => Ok(days(30)),
+        "90d" => Ok(days(90)),
+        "365d" => Ok(days(365)),
+        "date" => {
+            let date = f.get("expires_on");
+            Timestamp::parse_rfc3339(&format!("{date}T23:59:59Z"))
+                .filter(|t| *t > now)
+                .map(Some)
+                .ok_or_else(|| Error::invalid("invalid_expiry", "choose an expiry date in the future (YYYY-MM-DD)"))
+        }
+        _ => Err(Error::invalid("invalid_expiry", "choose one of the expiry options")),
+    }
+}
+
+fn limits_from(f: &Fields) -> Result<(Option<RateLimit>, Option<Quota>), Error> {
+    let rate = match f.opt("rate_limit") {
+        None => None,
+        Some(n) => {
+            let requests: u32 = n.parse().map_err(|_| {
+                Error::invalid("invalid_rate_limit", "the rate limit is a whole number of requests per minute")
+            })?;
+            Some(RateLimit { requests, per_seconds: 60, burst: 0 })
+        }
+    };
+    let quota = match f.opt("quota") {
+        None => None,
+        Some(n) => {
+            let requests: u64 =
+                n.parse().map_err(|_| Error::invalid("invalid_quota", "the quota is a whole number of requests"))?;
+            let period = match f.get("quota_period") {
+                "month" => QuotaPeriod::Month,
+                "total" => QuotaPeriod::Total,
+                _ => QuotaPeriod::Day,
+            };
+            Some(Quota { requests, period })
+        }
+    };
+    Ok((rate, quota))
+}
+
+fn scopes_from(f: &Fields) -> Vec<String> {
+    let mut scopes = f.all("scopes");
+    scopes.extend(f.get("scopes_text").split_whitespace().map(str::to_owned));
+    scopes
+}
+
+fn allowlist_from(f: &Fields) -> Vec<String> {
+    f.get("ip_allowlist")
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn check_lifetime(st: &DashboardState, v: &Viewer, expires: Option<Timestamp>) -> Result<(), Error> {
+    let policy = st.accounts.policy(v.workspace()).await?;
+    if let Some(days) = policy.max_token_lifetime_days {
+        let limit = st.admin.now().plus_seconds(i64::from(days) * 86_400);
+        if expires.is_none_or(|e| e > limit) {
+            return Err(Error::invalid(
+                "lifetime_too_long",
+                format!("this workspace allows tokens of at most {days} days; choose an earlier expiry"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub async fn create_token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    if !v.role.can_write() {
+        return st.error(PageError::forbidden(&v, "create tokens"));
+    }
+    let result = async {
+        let owned = owned_apps(&st, &v).await.map_err(|_| Error::internal("cannot read app ownership"))?;
+        let app = AppId::parse(f.get("app"))
+            .filter(|a| visible(&owned, a))
+            .ok_or_else(|| Error::invalid("invalid_app", "choose one of your apps"))?;
+        let now = st.admin.now();
+        let expires_at = expiry_from(&f, now)?;
+        check_lifetime(&st, &v, expires_at).await?;
+        let (rate_limit, quota) = limits_from(&f)?;
+        let new = NewToken {
+            name: f.get("name").to_owned(),
+            app_id: Some(app),
+            scopes: scopes_from(&f),
+            expires_in: None,
+            expires_at,
+            ip_allowlist: allowlist_from(&f),
+            rate_limit,
+            quota,
+            metadata: None,
+        };
+        st.admin.create_token(v.workspace(), &v.actor(), new).await
+    }
+    .await;
+    match result {
+        Ok((record, secret)) => token_created(&st, &v, &record, secret.expose(), false),
+        Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::NotFound) => {
+            page!(st, new_token_inner(&st, &v, Some(e.message.to_string()), Some(&f)).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+/// The page that shows a new secret, once. Not cached anywhere.
+fn token_created(st: &DashboardState, v: &Viewer, record: &TokenRecord, secret: &str, rotated: bool) -> Response {
+    let now = st.admin.now();
+    let gw = &st.gateway_url;
+    st.render(
+        StatusCode::OK,
+        "token_created.html",
+        Some(v),
+        "tokens",
+        context! {
+            title => "Token created",
+            token => ser(TokenView::new(record, now)),
+            secret,
+            rotated,
+            gateway => gw,
+        },
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub struct TokenPageQuery {
+    g: Option<String>,
+    msg: Option<String>,
+}
+
+pub async fn token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    Query(q): Query<TokenPageQuery>,
+) -> Response {
+    page!(st, token_inner(&st, &v, &id, q, None).await)
+}
+
+/// p50 and p95 from the latency histogram (upper bounds of the buckets, in ms).
+fn percentile(rec: &UsageRecord, p: f64) -> String {
+    let total: u64 = rec.latency.iter().sum();
+    if total == 0 {
+        return "—".into();
+    }
+    let want = (total as f64 * p).ceil() as u64;
+    let mut seen = 0;
+    for (i, n) in rec.latency.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return match LATENCY_BUCKETS_MS.get(i) {
+                Some(ms) => format!("≤ {ms} ms"),
+                None => "> 1 s".into(),
+            };
+        }
+    }
+    "—".into()
+}
+
+async fn token_inner(
+    st: &DashboardState,
+    v: &Viewer,
+    id: &str,
+    q: TokenPageQuery,
+    error: Option<String>,
+) -> Result<Response, PageError> {
+    let t = token_for(st, v, id).await?;
+    let now = st.admin.now();
+    let g = q.g.as_deref().and_then(Granularity::parse).unwrap_or(Granularity::Minute);
+    let span = match g {
+        Granularity::Minute => 60,
+        Granularity::Hour => 48,
+        Granularity::Day => 30,
+    };
+    let to = Timestamp::from_millis((now.as_millis() / g.millis() + 1) * g.millis());
+    let from = Timestamp::from_millis(to.as_millis() - span * g.millis());
+    let report = st.admin.token_usage(v.workspace(), &t.id, from, to, g).await.map_err(ctx_err(v))?;
+    let label = |ts: Timestamp| {
+        let s = ts.to_rfc3339();
+        match g {
+            Granularity::Minute | Granularity::Hour => s.get(11..16).unwrap_or(&s).to_owned(),
+            Granularity::Day => s.get(..10).unwrap_or(&s).to_owned(),
+        }
+    };
+    let bars: Vec<Bar> = report
+        .buckets
+        .iter()
+        .map(|b| Bar { label: label(b.minute), requests: b.requests, errors: b.status[2] + b.status[3] })
+        .collect();
+    let svg = chart::requests("usage-chart", &format!("Requests and errors per {}", g.as_str()), &bars);
+    let mut routes: Vec<Value> = report
+        .routes
+        .iter()
+        .map(|(r, u)| context! { route => r.clone(), requests => u.requests, errors => u.status[2] + u.status[3] })
+        .collect();
+    routes.sort_by_key(|r| {
+        std::cmp::Reverse(r.get_attr("requests").ok().and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
+    });
+    routes.truncate(5);
+    let view = TokenView::new(&t, now);
+    let writable = v.role.can_write() && view.status != "revoked";
+    Ok(st.render(
+        if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
+        "token.html",
+        Some(v),
+        "tokens",
+        context! {
+            title => format!("Token {}", t.name),
+            token => ser(&view),
+            chart => Value::from_safe_string(svg),
+            granularity => g.as_str(),
+            total => report.total.requests,
+            errors => report.total.status[2] + report.total.status[3],
+            p50 => percentile(&report.total, 0.5),
+            p95 => percentile(&report.total, 0.95),
+            routes,
+            writable,
+            scopes_text => view.scopes.join(" "),
+            allowlist_text => view.ip_allowlist.join(", "),
+            rate_limit => t.rate_limit.filter(|r| r.per_seconds == 60).map(|r| r.requests),
+            quota => t.quota.map(|q| q.requests),
+            quota_period => t.quota.map(|q| q.period.as_str()),
+            notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(q.msg.as_deref())),
+        },
+    ))
+}
+
+pub async fn edit_token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let t = match writable_token(&st, &v, &id).await {
+        Ok(t) => t,
+        Err(e) => return st.error(e),
+    };
+    let result = async {
+        let (rate_limit, quota) = limits_from(&f)?;
+        let update = TokenUpdate {
+            name: f.opt("name").map(str::to_owned),
+            scopes: Some(scopes_from(&f)),
+            ip_allowlist: Some(allowlist_from(&f)),
+            rate_limit: Some(rate_limit),
+            quota: Some(quota),
+            ..Default::default()
+        };
+        st.admin.update_token(v.workspace(), &v.actor(), &t.id, update).await
+    }
+    .await;
+    match result {
+        Ok(_) => see_other(&format!("/tokens/{}?msg=token_updated", t.id)),
+        Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
+            page!(st, token_inner(&st, &v, &id, TokenPageQuery::default(), Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+async fn lifecycle(
+    st: DashboardState,
+    v: Viewer,
+    id: String,
+    headers: HeaderMap,
+    body: Bytes,
+    action: &'static str,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let t = match writable_token(&st, &v, &id).await {
+        Ok(t) => t,
+        Err(e) => return st.error(e),
+    };
+    let ws = v.workspace();
+    let actor = v.actor();
+    let result = match action {
+        "suspend" => st.admin.suspend_token(ws, &actor, &t.id).await.map(|_| "token_suspended"),
+        "resume" => st.admin.resume_token(ws, &actor, &t.id).await.map(|_| "token_resumed"),
+        "revoke" => {
+            st.admin.revoke_token(ws, &actor, &t.id, f.opt("reason").map(str::to_owned)).await.map(|_| "token_revoked")
+        }
+        _ => Err(Error::internal("unknown token action")),
+    };
+    match result {
+        Ok(msg) => see_other(&format!("/tokens/{}?msg={msg}", t.id)),
+        Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::Conflict) => {
+            page!(st, token_inner(&st, &v, &id, TokenPageQuery::default(), Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn suspend_token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    lifecycle(st, v, id, headers, body, "suspend").await
+}
+
+pub async fn resume_token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    lifecycle(st, v, id, headers, body, "resume").await
+}
+
+pub async fn revoke_page(State(st): State<DashboardState>, SignedIn(v): SignedIn, Path(id): Path<String>) -> Response {
+    match writable_token(&st, &v, &id).await {
+        Ok(t) => st.render(
+            StatusCode::OK,
+            "token_revoke.html",
+            Some(&v),
+            "tokens",
+            context! { title => "Revoke token", token => ser(TokenView::new(&t, st.admin.now())) },
+        ),
+        Err(e) => st.error(e),
+    }
+}
+
+pub async fn revoke_token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    lifecycle(st, v, id, headers, body, "revoke").await
+}
+
+pub async fn rotate_token(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let t = match writable_token(&st, &v, &id).await {
+        Ok(t) => t,
+        Err(e) => return st.error(e),
+    };
+    let grace: u64 = f.get("grace").parse().unwrap_or(0);
+    match st.admin.rotate_token(v.workspace(), &v.actor(), &t.id, grace).await {
+        Ok((record, secret)) => token_created(&st, &v, &record, secret.expose(), true),
+        Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::Conflict) => {
+            page!(st, token_inner(&st, &v, &id, TokenPageQuery::default(), Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+// ---- audit ----------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct AuditQuery {
+    actor: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn day_param(s: Option<&str>, end: bool) -> Option<Timestamp> {
+    let s = s?.trim();
+    if s.is_empty() {
+        return None;
+    }
+    Timestamp::parse_rfc3339(s)
+        .or_else(|| Timestamp::parse_rfc3339(&format!("{s}T{}Z", if end { "23:59:59" } else { "00:00:00" })))
+}
+
+/// What this person may read of the audit trail: all of it, or (developers) their own actions.
+fn audit_filter(v: &Viewer, q: &AuditQuery) -> AuditFilter {
+    let nonempty = |s: &Option<String>| s.clone().filter(|s| !s.trim().is_empty());
+    let mut f = AuditFilter {
+        actor: nonempty(&q.actor),
+        action: nonempty(&q.action),
+        target: nonempty(&q.target),
+        from: day_param(q.from.as_deref(), false),
+        to: day_param(q.to.as_deref(), true),
+    };
+    if v.role == Role::Developer {
+        f.actor = Some(v.user.id.to_string());
+    }
+    f
+}
+
+async fn audit_events(
+    st: &DashboardState,
+    v: &Viewer,
+    q: &AuditQuery,
+    limit: u32,
+) -> Result<Vec<AuditEventView>, PageError> {
+    let page = st
+        .admin
+        .audit_events(v.workspace(), &audit_filter(v, q), &PageRequest { limit, cursor: None })
+        .await
+        .map_err(ctx_err(v))?;
+    Ok(page.items.iter().map(Into::into).collect())
+}
+
+pub async fn audit(State(st): State<DashboardState>, SignedIn(v): SignedIn, Query(q): Query<AuditQuery>) -> Response {
+    let events = match audit_events(&st, &v, &q, DEFAULT_PAGE_SIZE * 4).await {
+        Ok(e) => e,
+        Err(e) => return st.error(e),
+    };
+    let qs = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("actor", q.actor.clone().unwrap_or_default()),
+            ("action", q.action.clone().unwrap_or_default()),
+            ("target", q.target.clone().unwrap_or_default()),
+            ("from", q.from.clone().unwrap_or_default()),
+            ("to", q.to.clone().unwrap_or_default()),
+        ])
+        .finish();
+    st.render(
+        StatusCode::OK,
+        "audit.html",
+        Some(&v),
+        "audit",
+        context! { title => "Audit log", events => ser(events), q => context!{ actor => q.actor, action => q.action, target => q.target, from => q.from, to => q.to }, qs },
+    )
+}
+
+fn csv_field(s: &str) -> String {
+    // Quote every field; neutralize spreadsheet formulas (CSV injection).
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_owned() };
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+const EXPORT_LIMIT: u32 = 10_000;
+
+pub async fn audit_csv(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let events = match audit_events(&st, &v, &q, EXPORT_LIMIT).await {
+        Ok(e) => e,
+        Err(e) => return st.error(e),
+    };
+    let mut out = String::from("at,actor,action,target,source,before,after\r\n");
+    for e in &events {
+        let fields = [
+            e.at.to_rfc3339(),
+            e.actor.clone(),
+            e.action.clone(),
+            e.target.clone(),
+            e.source.clone().unwrap_or_default(),
+            e.before.as_ref().map(ToString::to_string).unwrap_or_default(),
+            e.after.as_ref().map(ToString::to_string).unwrap_or_default(),
+        ];
+        out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        out.push_str("\r\n");
+    }
+    download(out, "text/csv; charset=utf-8", "keygate-audit.csv")
+}
+
+pub async fn audit_json(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    match audit_events(&st, &v, &q, EXPORT_LIMIT).await {
+        Ok(events) => download(
+            serde_json::to_string_pretty(&events).unwrap_or_default(),
+            "application/json",
+            "keygate-audit.json",
+        ),
+        Err(e) => st.error(e),
+    }
+}
+
+fn download(body: String, content_type: &'static str, name: &'static str) -> Response {
+    let mut r = (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
+}
+
+// ---- members and invitations ----------------------------------------------------------------
+
+pub async fn members(State(st): State<DashboardState>, SignedIn(v): SignedIn, Query(q): Query<MsgQuery>) -> Response {
+    page!(st, members_inner(&st, &v, q.msg.as_deref(), None, None).await)
+}
+
+async fn members_inner(
+    st: &DashboardState,
+    v: &Viewer,
+    msg: Option<&str>,
+    error: Option<String>,
+    invite_link: Option<String>,
+) -> Result<Response, PageError> {
+    if !v.role.is_owner() {
+        return Err(PageError::forbidden(v, "manage members"));
+    }
+    let members = st.accounts.members(v).await.map_err(ctx_err(v))?;
+    let rows: Vec<Value> = members
+        .iter()
+        .map(|(m, u)| context! { id => u.id.to_string(), name => u.name.clone(), email => u.email.clone(), role => m.role.as_str(),
+                                 two_factor => u.totp_enabled, me => u.id == v.user.id })
+        .collect();
+    let now = st.admin.now();
+    let invitations: Vec<Value> = st
+        .accounts
+        .invitations(v)
+        .await
+        .map_err(ctx_err(v))?
+        .iter()
+        .filter(|i| i.accepted_at.is_none() && i.expires_at > now)
+        .map(|i| context! { email => i.email.clone(), role => i.role.as_str(), expires_at => ser(i.expires_at) })
+        .collect();
+    Ok(st.render(
+        if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
+        "members.html",
+        Some(v),
+        "members",
+        context! {
+            title => "Members",
+            members => rows,
+            invitations,
+            roles => Role::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            invite_link,
+            notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
+        },
+    ))
+}
+
+fn origin_of(headers: &HeaderMap, secure: bool) -> String {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("{}://{host}", if secure { "https" } else { "http" })
+}
+
+pub async fn invite(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let Some(role) = Role::parse(f.get("role")) else {
+        return page!(st, members_inner(&st, &v, None, Some("choose a role".into()), None).await);
+    };
+    match st.accounts.invite(&v, f.get("email"), role).await {
+        Ok((_, code)) => {
+            let link = format!("{}/invite/{code}", origin_of(&headers, st.secure));
+            page!(st, members_inner(&st, &v, None, None, Some(link)).await)
+        }
+        Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
+            page!(st, members_inner(&st, &v, None, Some(e.message.to_string()), None).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn set_role(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let (Some(user), Some(role)) = (UserId::parse(&user), Role::parse(f.get("role"))) else {
+        return st.error(PageError::not_found(&v));
+    };
+    match st.accounts.set_role(&v, &user, role).await {
+        Ok(()) => see_other("/members?msg=role_changed"),
+        Err(e) if e.kind == keygate_core::ErrorKind::Conflict => {
+            page!(st, members_inner(&st, &v, None, Some(e.message.to_string()), None).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn remove_member(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let Some(user) = UserId::parse(&user) else { return st.error(PageError::not_found(&v)) };
+    match st.accounts.remove_member(&v, &user).await {
+        Ok(()) => see_other("/members?msg=member_removed"),
+        Err(e) if e.kind == keygate_core::ErrorKind::Conflict => {
+            page!(st, members_inner(&st, &v, None, Some(e.message.to_string()), None).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn invitation_page(State(st): State<DashboardState>, Path(code): Path<String>) -> Response {
+    match st.accounts.invitation(&code).await {
+        Ok(inv) => {
+            let existing = st.admin.store().user_by_email(&inv.email).await.ok().flatten().is_some();
+            st.render(
+                StatusCode::OK,
+                "invite.html",
+                None,
+                "",
+                context! { title => "Join a workspace", email => inv.email, role => inv.role.as_str(), existing, code },
+            )
+        }
+        Err(e) => st.error(e.into()),
+    }
+}
+
+pub async fn invitation_submit(
+    State(st): State<DashboardState>,
+    Path(code): Path<String>,
+    conn: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !same_origin(&headers) {
+        return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
+    }
+    let f = Fields::parse(&body);
+    match st.accounts.accept_invitation(&code, f.get("name"), f.get("password"), client_ip(&conn)).await {
+        Ok(secret) => {
+            let pending = st.accounts.pending(&secret).await.unwrap_or(false);
+            signed_in_redirect(&st, &secret, if pending { "/login/2fa" } else { "/" })
+        }
+        Err(e) => match st.accounts.invitation(&code).await {
+            Ok(inv) => {
+                let existing = st.admin.store().user_by_email(&inv.email).await.ok().flatten().is_some();
+                st.render(
+                StatusCode::BAD_REQUEST,
+                "invite.html",
+                None,
+                "",
+                context! { title => "Join a workspace", email => inv.email, role => inv.role.as_str(), existing, code,
+                           notice => context!{ kind => "error", text => e.message.to_string() } },
+                )
+            }
+            Err(e2) => st.error(e2.into()),
+        },
+    }
+}

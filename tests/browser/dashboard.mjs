@@ -228,6 +228,7 @@ let base; // the dashboard's origin, e.g. http://127.0.0.1:34567
 let gatewayBase;
 let currentPage; // the page shown in the failure screenshot
 const shots = {};
+const lastSubmit = new WeakMap(); // page -> the last form request's method, path, status, headers
 
 const url = (p) => new URL(p, base).toString();
 const pathOf = (page) => new URL(page.url()).pathname;
@@ -243,6 +244,15 @@ async function newSession(browser) {
   return { context, page };
 }
 
+function submitted(page) {
+  const s = lastSubmit.get(page);
+  if (!s || s.status < 400) return '';
+  return (
+    `\n    the form's ${s.method} ${s.path} answered ${s.status}; the browser sent ` +
+    `Origin: ${s.origin === undefined ? '(none)' : s.origin}, Sec-Fetch-Site: ${s.fetchSite === undefined ? '(none)' : s.fetchSite}`
+  );
+}
+
 // What the page says, for failure messages: URL, h1 and any notice.
 async function describe(page) {
   try {
@@ -253,7 +263,8 @@ async function describe(page) {
       `\n    at ${page.url()}` +
       `\n    h1: ${JSON.stringify(h1 && h1.trim())}` +
       (notices.length ? `\n    notices: ${JSON.stringify(notices.map((n) => n.trim()))}` : '') +
-      `\n    page text: ${JSON.stringify(body.replace(/\s+/g, ' ').slice(0, 400))}`
+      `\n    page text: ${JSON.stringify(body.replace(/\s+/g, ' ').slice(0, 400))}` +
+      submitted(page)
     );
   } catch {
     return `\n    at ${page.url()}`;
@@ -275,13 +286,35 @@ async function clickAndLoad(page, locator, what) {
   await mustExist(page, locator, what);
   const navigated = page.waitForEvent('framenavigated', { predicate: (f) => f === page.mainFrame(), timeout: TIMEOUT });
   navigated.catch(() => {});
-  await locator.click();
+  // Remember the form's request (the first document request after the click), for messages.
+  let request = null;
+  const onRequest = (r) => {
+    if (!request && r.isNavigationRequest() && r.frame() === page.mainFrame()) request = r;
+  };
+  page.on('request', onRequest);
   try {
-    await navigated;
-  } catch {
-    fail(`clicking ${what} did not load a new page within ${TIMEOUT / 1000} s (form validation?)${await describe(page)}`);
+    await locator.click();
+    try {
+      await navigated;
+    } catch {
+      fail(`clicking ${what} did not load a new page within ${TIMEOUT / 1000} s (form validation?)${await describe(page)}`);
+    }
+    await page.waitForLoadState('load');
+  } finally {
+    page.off('request', onRequest);
   }
-  await page.waitForLoadState('load');
+  lastSubmit.delete(page);
+  if (request) {
+    const resp = await request.response().catch(() => null);
+    const headers = await request.allHeaders().catch(() => ({}));
+    lastSubmit.set(page, {
+      method: request.method(),
+      path: new URL(request.url()).pathname,
+      status: resp ? resp.status() : 0,
+      origin: headers.origin,
+      fetchSite: headers['sec-fetch-site'],
+    });
+  }
 }
 
 async function mustExist(page, locator, what) {
@@ -654,11 +687,11 @@ async function run(browser, kg) {
     await goto(page, '/tokens/new', { expectStatus: 403 });
     await goto(page, '/');
     const csrf = await csrfOf(page);
-    // A 403 must be the role's refusal, not the CSRF check's (whose message names CSRF).
+    // A 403 must be the role's refusal, not the CSRF check's (whose message says "CSRF check").
     const refused = async (resp, what) => {
       const body = await resp.text();
       check(resp.status() === 403, `a viewer's ${what} answered ${resp.status()}, expected 403`);
-      check(!/CSRF/i.test(body), `a viewer's ${what} was refused by the CSRF check, not for the role: the viewer's csrf token should have been good`);
+      check(!/CSRF check/.test(body), `a viewer's ${what} was refused by the CSRF check, not for the role: the viewer's csrf token should have been good. The page said: ${body.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 300)}`);
     };
     await refused(await page.request.post(url('/apps'), { form: { name: 'viewer-app', csrf }, maxRedirects: 0 }), 'POST /apps');
     // The owner's own token and invitation forms, replayed with the viewer's session and csrf.

@@ -103,6 +103,11 @@ impl TestKeygate {
         format!("http://{}", self.gateway_addr)
     }
 
+    /// The dashboard's one-time setup code, while no account exists.
+    pub fn setup_code(&self) -> Option<String> {
+        self.running().setup_code.clone()
+    }
+
     /// Writes the gateway's counted usage to the store now.
     pub async fn flush_usage(&self) {
         self.running().flush_usage().await;

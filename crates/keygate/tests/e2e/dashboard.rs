@@ -1,0 +1,372 @@
+//! The dashboard through HTTP, as a browser without JavaScript would use it: cookies, forms with
+//! CSRF tokens, redirects. Time is the testkit's manual clock, so TOTP codes and session
+//! time-outs are exact. (The real-browser test is `tests/browser/dashboard.mjs`.)
+
+use keygate_admin::totp;
+use keygate_core::Clock;
+use keygate_testkit::TestKeygate;
+use reqwest::StatusCode;
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A cookie-keeping client that does not follow redirects.
+struct Browser {
+    base: String,
+    http: reqwest::Client,
+    cookie: Option<String>,
+}
+
+struct Page {
+    status: StatusCode,
+    location: Option<String>,
+    body: String,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Page {
+    fn csrf(&self) -> String {
+        let at = self.body.find("name=\"csrf\" value=\"").expect("the page has a CSRF field");
+        let rest = &self.body[at + 19..];
+        rest[..rest.find('"').unwrap()].to_owned()
+    }
+    fn between(&self, start: &str, end: &str) -> String {
+        let at = self.body.find(start).unwrap_or_else(|| panic!("{start:?} not in the page:\n{}", self.body));
+        let rest = &self.body[at + start.len()..];
+        rest[..rest.find(end).unwrap()].to_owned()
+    }
+}
+
+impl Browser {
+    fn new(kg: &TestKeygate) -> Self {
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        Self { base: kg.url(), http, cookie: None }
+    }
+
+    async fn send(&mut self, req: reqwest::RequestBuilder) -> Page {
+        let req = match &self.cookie {
+            Some(c) => req.header(COOKIE, format!("keygate_session={c}")),
+            None => req,
+        };
+        let resp = req.send().await.unwrap();
+        if let Some(set) = resp.headers().get(SET_COOKIE).and_then(|v| v.to_str().ok()) {
+            let value = set.split(';').next().unwrap().trim_start_matches("keygate_session=").to_owned();
+            self.cookie = (!value.is_empty()).then_some(value);
+        }
+        let status = resp.status();
+        let location = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let headers = resp.headers().clone();
+        // minijinja escapes `/` in values as `&#x2f;`, which browsers read back as `/`.
+        let body = resp.text().await.unwrap().replace("&#x2f;", "/");
+        Page { status, location, body, headers }
+    }
+
+    async fn get(&mut self, path: &str) -> Page {
+        let req = self.http.get(format!("{}{path}", self.base));
+        self.send(req).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+        let req = self.http.post(format!("{}{path}", self.base)).form(form);
+        self.send(req).await
+    }
+
+    /// Posts a form with the CSRF token of `page_path`.
+    async fn submit(&mut self, page_path: &str, action: &str, form: &[(&str, &str)]) -> Page {
+        let csrf = self.get(page_path).await.csrf();
+        let mut fields = vec![("csrf", csrf.as_str())];
+        fields.extend_from_slice(form);
+        self.post(action, &fields).await
+    }
+}
+
+fn code_at(secret_b32: &str, kg: &TestKeygate, offset_s: i64) -> String {
+    let key = base32_decode(secret_b32);
+    totp::totp(totp::Algorithm::Sha1, &key, kg.clock.now().as_millis() / 1000 + offset_s, 30, 6)
+}
+
+fn base32_decode(s: &str) -> Vec<u8> {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut buf, mut bits, mut out) = (0u32, 0, Vec::new());
+    for c in s.bytes() {
+        let v = alphabet.iter().position(|a| *a == c).unwrap() as u32;
+        buf = (buf << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            out.push((buf >> (bits - 8)) as u8);
+            bits -= 8;
+        }
+    }
+    out
+}
+
+/// Sets up the first owner and returns their browser.
+async fn owner(kg: &TestKeygate) -> Browser {
+    let mut b = Browser::new(kg);
+    let code = kg.setup_code().expect("a fresh keygate offers a setup code");
+    let p = b
+        .post("/setup", &[("code", &code), ("name", "Olivia"), ("email", "olivia@example.com"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    b
+}
+
+/// Invites `email` as `role` and accepts in a fresh browser.
+async fn member(kg: &TestKeygate, owner: &mut Browser, email: &str, role: &str) -> Browser {
+    let p = owner.submit("/members", "/members/invite", &[("email", email), ("role", role)]).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    let link = p.between("id=\"invite-link\" class=\"secret\">", "<").replace("&#x2f;", "/");
+    let path = &link[link.find("/invite/").unwrap()..];
+    let mut b = Browser::new(kg);
+    assert_eq!(b.get(path).await.status, StatusCode::OK);
+    let p = b.post(path, &[("name", email), ("password", PASSWORD)]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    assert_eq!(b.get(path).await.status, StatusCode::NOT_FOUND, "an invitation works once");
+    b
+}
+
+async fn create_app(b: &mut Browser, name: &str) -> String {
+    let p = b.submit("/apps", "/apps", &[("name", name)]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let page = b.get("/tokens/new").await;
+    let at = page.body.find(&format!(">{name}</option>")).unwrap();
+    let before = &page.body[..at];
+    let start = before.rfind("value=\"").unwrap() + 7;
+    before[start..start + before[start..].find('"').unwrap()].to_owned()
+}
+
+async fn create_token(b: &mut Browser, app: &str) -> (String, String) {
+    let p = b.submit("/tokens/new", "/tokens", &[("name", "t"), ("app", app), ("expiry", "30d")]).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    let secret = p.between("id=\"token-secret\" class=\"secret\">", "<");
+    let id = p.between("href=\"/tokens/tok_", "\"");
+    (format!("tok_{id}"), secret)
+}
+
+#[tokio::test]
+async fn setup_two_factor_sign_in_and_recovery() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut anon = Browser::new(&kg);
+    let p = anon.get("/").await;
+    assert_eq!(p.location.as_deref(), Some("/setup"), "a fresh keygate sends people to the setup page");
+    let p = anon
+        .post("/setup", &[("code", "wrong-code"), ("name", "X"), ("email", "x@example.com"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("setup code is not right"));
+    let p = anon
+        .post(
+            "/setup",
+            &[("code", &kg.setup_code().unwrap()), ("name", "X"), ("email", "x@example.com"), ("password", "short")],
+        )
+        .await;
+    assert!(p.body.contains("at least 12 characters"), "a weak password is refused and the code still works");
+
+    let mut b = owner(&kg).await;
+    let again = Browser::new(&kg)
+        .post(
+            "/setup",
+            &[("code", &kg.setup_code().unwrap()), ("name", "Y"), ("email", "y@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_ne!(again.status, StatusCode::SEE_OTHER, "the setup code works once");
+    let home = b.get("/").await;
+    assert!(home.body.contains("Welcome, Olivia"));
+    assert!(home.body.contains("Two-factor sign-in is off"));
+    for h in ["content-security-policy", "x-frame-options", "x-content-type-options"] {
+        assert!(home.headers.contains_key(h), "{h}");
+    }
+    let csp = home.headers["content-security-policy"].to_str().unwrap();
+    assert!(!csp.contains("unsafe-inline") && csp.contains("frame-ancestors 'none'"));
+
+    // Enrol: the secret is shown with its QR code; a wrong code does not turn it on.
+    let p = b.submit("/account/security", "/account/2fa/start", &[]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let page = b.get("/account/security").await;
+    assert!(page.body.contains("id=\"totp-qr\"") && page.body.contains("data:image/svg+xml;base64,"));
+    let secret = page.between("id=\"totp-secret\">", "<");
+    let p = b.submit("/account/security", "/account/2fa/confirm", &[("code", "000000")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    let code = code_at(&secret, &kg, 0);
+    let p = b.submit("/account/security", "/account/2fa/confirm", &[("code", &code)]).await;
+    assert!(p.body.contains("Two-factor sign-in is on"), "{}", p.body);
+    let recovery = p.between("<ul id=\"recovery-codes\" class=\"codes\"><li>", "</li>");
+
+    // Sign out, then in: the password alone is not enough.
+    let p = b.submit("/", "/logout", &[]).await;
+    assert_eq!(p.location.as_deref(), Some("/login?msg=signed_out"));
+    assert_eq!(b.get("/").await.location.as_deref(), Some("/login"));
+    let p = b.post("/login", &[("email", "OLIVIA@example.com"), ("password", PASSWORD)]).await;
+    assert_eq!(p.location.as_deref(), Some("/login/2fa"));
+    assert_eq!(b.get("/").await.location.as_deref(), Some("/login"), "a pending session opens no page");
+    let p = b.submit("/login/2fa", "/login/2fa", &[("code", &code)]).await;
+    assert_eq!(p.status, StatusCode::UNAUTHORIZED, "the code used at enrolment cannot be replayed");
+    let next = code_at(&secret, &kg, 30);
+    let p = b.submit("/login/2fa", "/login/2fa", &[("code", &next)]).await;
+    assert_eq!(p.location.as_deref(), Some("/"));
+    assert_eq!(b.get("/").await.status, StatusCode::OK);
+
+    // A recovery code works once.
+    for (i, expect) in [(0, Some("/")), (1, None)] {
+        let mut other = Browser::new(&kg);
+        other.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+        let p = other.submit("/login/2fa", "/login/2fa", &[("code", &recovery)]).await;
+        assert_eq!(p.location.as_deref(), expect, "recovery code use {i}");
+    }
+    let audit = b.get("/audit?action=user.signed_in").await;
+    assert!(audit.body.contains("user.signed_in"));
+    let csv = b.get("/audit/export.csv").await;
+    assert!(csv.body.starts_with("at,actor,action,target"));
+    assert!(!csv.body.contains(PASSWORD) && !csv.body.contains(&recovery), "no secret in the audit trail");
+}
+
+#[tokio::test]
+async fn every_role_can_do_what_it_should_and_nothing_else() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut own = owner(&kg).await;
+    let mut admin = member(&kg, &mut own, "admin@example.com", "admin").await;
+    let mut dev_a = member(&kg, &mut own, "a@example.com", "developer").await;
+    let mut dev_b = member(&kg, &mut own, "b@example.com", "developer").await;
+    let mut viewer = member(&kg, &mut own, "v@example.com", "viewer").await;
+
+    let app_a = create_app(&mut dev_a, "App A").await;
+    let (tok_a, _) = create_token(&mut dev_a, &app_a).await;
+    let app_b = create_app(&mut dev_b, "App B").await;
+    let token_page = format!("/tokens/{tok_a}");
+
+    // Reading: everyone but the other developer sees A's token.
+    for (who, b, expect) in [
+        ("owner", &mut own, StatusCode::OK),
+        ("admin", &mut admin, StatusCode::OK),
+        ("developer A", &mut dev_a, StatusCode::OK),
+        ("developer B", &mut dev_b, StatusCode::NOT_FOUND),
+        ("viewer", &mut viewer, StatusCode::OK),
+    ] {
+        assert_eq!(b.get(&token_page).await.status, expect, "{who} reading A's token");
+    }
+    assert!(!dev_b.get("/tokens").await.body.contains(&tok_a), "B's list does not show A's token");
+    assert!(!dev_b.get("/tokens/new").await.body.contains(&app_a), "B cannot pick A's app");
+
+    // Changing: B and the viewer cannot suspend A's token; the admin can.
+    let suspend = format!("/tokens/{tok_a}/suspend");
+    let p = dev_b.submit("/tokens", &suspend, &[]).await;
+    assert_eq!(p.status, StatusCode::NOT_FOUND, "developer B suspending A's token");
+    let p = viewer.submit("/tokens", &suspend, &[]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "viewer suspending");
+    let p = admin.submit(&token_page, &suspend, &[]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "admin suspending");
+    let p = dev_a.submit(&token_page, &format!("/tokens/{tok_a}/resume"), &[]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "A resuming their own token");
+
+    // Creating: the viewer cannot; B cannot create a token in A's app.
+    assert_eq!(viewer.get("/tokens/new").await.status, StatusCode::FORBIDDEN);
+    let p = viewer.submit("/apps", "/apps", &[("name", "viewer app")]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN);
+    assert!(!viewer.get("/").await.body.contains("Create a token"));
+    let p = dev_b.submit("/tokens/new", "/tokens", &[("name", "sneaky"), ("app", &app_a), ("expiry", "30d")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST, "B creating a token in A's app");
+    let (_, _) = create_token(&mut dev_b, &app_b).await;
+
+    // Members: only owners.
+    for (who, b) in [("admin", &mut admin), ("developer", &mut dev_a), ("viewer", &mut viewer)] {
+        assert_eq!(b.get("/members").await.status, StatusCode::FORBIDDEN, "{who} opening members");
+        let p = b.submit("/", "/members/invite", &[("email", "z@example.com"), ("role", "owner")]).await;
+        assert_eq!(p.status, StatusCode::FORBIDDEN, "{who} inviting");
+    }
+    // Audit: developers see their own actions only.
+    let a_audit = dev_a.get("/audit").await.body;
+    assert!(a_audit.contains("token.create") && !a_audit.contains("member.invited"));
+    assert!(own.get("/audit").await.body.contains("member.invited"));
+
+    // The last owner cannot leave or be demoted.
+    let members = own.get("/members").await;
+    let mine = &members.body[members.body.find("(you)").unwrap()..];
+    let at = mine.find("action=\"/members/").unwrap() + "action=\"/members/".len();
+    let me = mine[at..at + mine[at..].find('/').unwrap()].to_owned();
+    let p = own.submit("/members", &format!("/members/{me}/role"), &[("role", "viewer")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("needs an owner"));
+}
+
+#[tokio::test]
+async fn forms_need_the_sessions_csrf_token_and_the_same_origin() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut b = owner(&kg).await;
+    let csrf = b.get("/apps").await.csrf();
+    for (name, fields, origin) in [
+        ("no token", vec![("name", "forged1")], None),
+        ("a wrong token", vec![("csrf", "AAAA"), ("name", "forged2")], None),
+        ("another site", vec![("csrf", csrf.as_str()), ("name", "forged3")], Some("https://evil.example")),
+    ] {
+        let mut req = b.http.post(format!("{}/apps", b.base)).form(&fields);
+        if let Some(o) = origin {
+            req = req.header("origin", o).header("sec-fetch-site", "cross-site");
+        }
+        let p = b.send(req).await;
+        assert_eq!(p.status, StatusCode::FORBIDDEN, "{name}");
+    }
+    let apps = b.get("/apps").await.body;
+    assert!(!apps.contains("forged"), "nothing was created");
+    // Another person's token does not fit this session.
+    let mut other = member(&kg, &mut b, "d@example.com", "developer").await;
+    let theirs = other.get("/apps").await.csrf();
+    assert_ne!(theirs, csrf);
+    let p = b.post("/apps", &[("csrf", &theirs), ("name", "forged4")]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn sessions_end_when_idle_or_old_and_sign_in_is_throttled() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut b = owner(&kg).await;
+    assert_eq!(b.get("/").await.status, StatusCode::OK);
+    kg.clock.advance_seconds(31 * 60);
+    assert_eq!(b.get("/").await.location.as_deref(), Some("/login"), "idle for 31 minutes");
+
+    let p = b.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+    assert_eq!(p.location.as_deref(), Some("/"));
+    for _ in 0..36 {
+        kg.clock.advance_seconds(20 * 60);
+        if b.get("/").await.status != StatusCode::OK {
+            break;
+        }
+    }
+    let elapsed_ok = b.get("/").await;
+    assert_eq!(elapsed_ok.location.as_deref(), Some("/login"), "a session ends 12 hours after sign-in");
+
+    // Ten wrong passwords lock the account for a while, even for the right one.
+    let mut attacker = Browser::new(&kg);
+    for _ in 0..10 {
+        let p = attacker.post("/login", &[("email", "olivia@example.com"), ("password", "wrong password!!")]).await;
+        assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    }
+    let p = attacker.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    kg.clock.advance_seconds(16 * 60);
+    let p = attacker.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+    assert_eq!(p.location.as_deref(), Some("/"), "the lock lifts after the window");
+}
+
+#[tokio::test]
+async fn a_token_made_in_the_dashboard_works_at_the_gateway_until_revoked() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut b = owner(&kg).await;
+    let app = create_app(&mut b, "Shop").await;
+    let (id, secret) = create_token(&mut b, &app).await;
+    let gw = reqwest::Client::new();
+    let call = |s: String| {
+        let gw = gw.clone();
+        let url = format!("{}/demo/echo", kg.gateway_url());
+        async move { gw.get(url).bearer_auth(s).send().await.unwrap().status() }
+    };
+    assert_eq!(call(secret.clone()).await, StatusCode::OK);
+    let page = b.get(&format!("/tokens/{id}")).await;
+    assert_eq!(page.between("id=\"usage-total\">", "<"), "1", "live usage before any flush");
+    assert!(page.body.contains("id=\"usage-chart\""));
+    let p =
+        b.submit(&format!("/tokens/{id}"), &format!("/tokens/{id}/revoke"), &[("reason", "leaked in a demo")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    assert_eq!(call(secret).await, StatusCode::UNAUTHORIZED, "revoked on the next request");
+    let page = b.get(&format!("/tokens/{id}")).await;
+    assert!(page.body.contains("badge revoked") && page.body.contains("leaked in a demo"));
+}

@@ -6,6 +6,7 @@
 
 mod chart;
 mod pages;
+mod portal;
 
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ pub struct DashboardState {
     pub secure: bool,
     /// The gateway's address as callers reach it, for examples.
     pub gateway_url: String,
+    /// The APIs behind the gateway, for the developer portal.
+    pub catalog: Option<Arc<dyn crate::catalog::ApiCatalog>>,
 }
 
 const TEMPLATES: &[(&str, &str)] = &[
@@ -56,6 +59,9 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("members.html", include_str!("../dashboard/templates/members.html")),
     ("invite.html", include_str!("../dashboard/templates/invite.html")),
     ("error.html", include_str!("../dashboard/templates/error.html")),
+    ("settings.html", include_str!("../dashboard/templates/settings.html")),
+    ("portal.html", include_str!("../dashboard/templates/portal.html")),
+    ("api.html", include_str!("../dashboard/templates/api.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -67,7 +73,13 @@ impl DashboardState {
         for (name, source) in TEMPLATES {
             env.add_template(name, source).map_err(|e| format!("dashboard template {name}: {e}"))?;
         }
-        Ok(Self { admin, accounts, templates: Arc::new(env), secure, gateway_url })
+        Ok(Self { admin, accounts, templates: Arc::new(env), secure, gateway_url, catalog: None })
+    }
+
+    /// Sets the API catalog of the developer portal.
+    pub fn with_catalog(mut self, catalog: Arc<dyn crate::catalog::ApiCatalog>) -> Self {
+        self.catalog = Some(catalog);
+        self
     }
 
     /// Renders a page; `base` adds the viewer, CSRF token and navigation to `ctx`.
@@ -191,7 +203,19 @@ impl FromRequestParts<DashboardState> for SignedIn {
             return Err(Redirect::to(if state.accounts.setup_open() { "/setup" } else { "/login" }).into_response());
         };
         match state.accounts.resolve(&cookie).await {
-            Ok(Some(v)) => Ok(SignedIn(v)),
+            Ok(Some(v)) => {
+                // A workspace that requires two-factor sign-in opens only the enrolment pages
+                // (and sign-out) to members who have not turned it on.
+                let path = parts.uri.path();
+                let exempt = path.starts_with("/account/") || path == "/logout";
+                if !v.user.totp_enabled && !exempt {
+                    let policy = state.accounts.policy(v.workspace()).await.map_err(|e| state.error(e.into()))?;
+                    if policy.require_two_factor {
+                        return Err(Redirect::to("/account/security?msg=2fa_required").into_response());
+                    }
+                }
+                Ok(SignedIn(v))
+            }
             Ok(None) => Err(Redirect::to("/login").into_response()),
             Err(e) => Err(state.error(PageError::from(e))),
         }
@@ -279,6 +303,10 @@ pub fn router(state: DashboardState) -> Router {
         .route("/audit", get(pages::audit))
         .route("/audit/export.csv", get(pages::audit_csv))
         .route("/audit/export.json", get(pages::audit_json))
+        .route("/settings", get(pages::settings).post(pages::save_settings))
+        .route("/portal", get(portal::catalog))
+        .route("/portal/{id}", get(portal::api))
+        .route("/portal/{id}/try", post(portal::try_it))
         .route("/members", get(pages::members))
         .route("/members/invite", post(pages::invite))
         .route("/members/{user}/role", post(pages::set_role))

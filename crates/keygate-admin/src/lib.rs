@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod catalog;
 pub mod dashboard;
 pub mod service;
 pub mod totp;

@@ -486,6 +486,21 @@ impl Admin {
         Ok(plan)
     }
 
+    /// The workspace policy's longest token lifetime, if the owners set one.
+    async fn check_lifetime(&self, ws: &WorkspaceId, expires_at: Option<Timestamp>) -> Result<()> {
+        let policy = self.store.workspace_policy(ws).await?;
+        if let Some(days) = policy.max_token_lifetime_days {
+            let limit = self.now().plus_seconds(i64::from(days) * 86_400);
+            if expires_at.is_none_or(|e| e > limit) {
+                return Err(Error::invalid(
+                    "lifetime_too_long",
+                    format!("this workspace allows tokens of at most {days} days; set an expiry within that"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     // ---- tokens ----------------------------------------------------------------------------
 
     pub async fn create_token(
@@ -502,6 +517,7 @@ impl Admin {
         let scopes = checked_scopes(&new.scopes)?;
         let plan = self.check_scopes_allowed(ws, &app, &scopes).await?;
         let expires_at = resolve_expiry(new.expires_in, new.expires_at.map(Some), now)?.flatten();
+        self.check_lifetime(ws, expires_at).await?;
         let rate_limit = new.rate_limit.or_else(|| plan.as_ref().and_then(|p| p.rate_limit));
         let quota = new.quota.or_else(|| plan.as_ref().and_then(|p| p.quota));
         if let Some(r) = &rate_limit {

@@ -89,6 +89,9 @@ pub struct Route {
     pub health_check: Option<HealthCheckConfig>,
     /// The built-in demo route: answered by the gateway itself.
     pub demo: bool,
+    /// For the developer portal: what this API is, and where its OpenAPI document is.
+    pub description: Option<String>,
+    pub openapi: Option<String>,
 }
 
 impl Route {
@@ -213,6 +216,8 @@ impl RouteTable {
                 cors: c.cors.clone(),
                 health_check: c.health_check.clone(),
                 demo: false,
+                description: c.description.clone(),
+                openapi: c.openapi.clone(),
             }));
         }
         if gw.demo {
@@ -237,6 +242,11 @@ impl RouteTable {
                 cors: None,
                 health_check: None,
                 demo: true,
+                description: Some(
+                    "keygate's built-in demo: answers with the request it saw and the identity keygate attached to it"
+                        .into(),
+                ),
+                openapi: None,
             }));
         }
         Ok(Self { routes })

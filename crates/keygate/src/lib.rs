@@ -3,6 +3,7 @@
 //! [`serve::start`].
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;

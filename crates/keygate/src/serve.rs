@@ -163,7 +163,12 @@ pub async fn start(
         cfg.dashboard.secure_cookies,
         gateway_url,
     )
-    .map_err(|e| anyhow::anyhow!(e))?;
+    .map_err(|e| anyhow::anyhow!(e))?
+    .with_catalog(Arc::new(crate::catalog::Catalog::new(
+        gw.clone(),
+        gateway_server.addr,
+        config_path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default(),
+    )));
     let app = keygate_admin::router(AdminState { admin: opened.admin.clone() })
         .merge(metrics)
         .merge(keygate_admin::dashboard::router(dashboard));

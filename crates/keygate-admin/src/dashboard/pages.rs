@@ -26,21 +26,21 @@ use crate::api::{AuditEventView, TokenView};
 use crate::service::{Granularity, NewApp, NewToken, TokenUpdate};
 
 /// A serializable value for a template.
-fn ser<T: serde::Serialize>(t: T) -> Value {
+pub(super) fn ser<T: serde::Serialize>(t: T) -> Value {
     Value::from(minijinja::value::Serde(t))
 }
 
 /// The fields of a submitted form (repeated names allowed, e.g. scope checkboxes).
-struct Fields(Vec<(String, String)>);
+pub(super) struct Fields(Vec<(String, String)>);
 
 impl Fields {
-    fn parse(body: &Bytes) -> Self {
+    pub(super) fn parse(body: &Bytes) -> Self {
         Self(form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
     }
-    fn get(&self, name: &str) -> &str {
+    pub(super) fn get(&self, name: &str) -> &str {
         self.0.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str())
     }
-    fn opt(&self, name: &str) -> Option<&str> {
+    pub(super) fn opt(&self, name: &str) -> Option<&str> {
         Some(self.get(name).trim()).filter(|v| !v.is_empty())
     }
     fn all(&self, name: &str) -> Vec<String> {
@@ -64,6 +64,8 @@ fn notice(msg: Option<&str>) -> Value {
         "role_changed" => ("ok", "Role changed."),
         "member_removed" => ("ok", "Member removed."),
         "signed_out" => ("ok", "You are signed out."),
+        "settings_saved" => ("ok", "Settings saved."),
+        "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
         _ => return Value::from(()),
     };
     context! { kind, text }
@@ -688,20 +690,6 @@ fn allowlist_from(f: &Fields) -> Vec<String> {
         .collect()
 }
 
-async fn check_lifetime(st: &DashboardState, v: &Viewer, expires: Option<Timestamp>) -> Result<(), Error> {
-    let policy = st.accounts.policy(v.workspace()).await?;
-    if let Some(days) = policy.max_token_lifetime_days {
-        let limit = st.admin.now().plus_seconds(i64::from(days) * 86_400);
-        if expires.is_none_or(|e| e > limit) {
-            return Err(Error::invalid(
-                "lifetime_too_long",
-                format!("this workspace allows tokens of at most {days} days; choose an earlier expiry"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 pub async fn create_token(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
@@ -722,7 +710,6 @@ pub async fn create_token(
             .ok_or_else(|| Error::invalid("invalid_app", "choose one of your apps"))?;
         let now = st.admin.now();
         let expires_at = expiry_from(&f, now)?;
-        check_lifetime(&st, &v, expires_at).await?;
         let (rate_limit, quota) = limits_from(&f)?;
         let new = NewToken {
             name: f.get("name").to_owned(),
@@ -1307,5 +1294,89 @@ pub async fn invitation_submit(
             }
             Err(e2) => st.error(e2.into()),
         },
+    }
+}
+
+// ---- workspace settings ---------------------------------------------------------------------
+
+pub async fn settings(State(st): State<DashboardState>, SignedIn(v): SignedIn, Query(q): Query<MsgQuery>) -> Response {
+    page!(st, settings_inner(&st, &v, q.msg.as_deref(), None).await)
+}
+
+async fn settings_inner(
+    st: &DashboardState,
+    v: &Viewer,
+    msg: Option<&str>,
+    error: Option<String>,
+) -> Result<Response, PageError> {
+    if !v.role.is_owner() {
+        return Err(PageError::forbidden(v, "change workspace settings"));
+    }
+    let policy = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?;
+    let plans = st.admin.list_plans(v.workspace()).await.map_err(ctx_err(v))?;
+    let plans: Vec<Value> = plans
+        .iter()
+        .map(|p| context! { name => p.name.clone(), scopes => p.scopes.iter().map(ToString::to_string).collect::<Vec<_>>() })
+        .collect();
+    Ok(st.render(
+        if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
+        "settings.html",
+        Some(v),
+        "settings",
+        context! {
+            title => "Workspace settings",
+            max_days => policy.max_token_lifetime_days,
+            require_two_factor => policy.require_two_factor,
+            plans,
+            notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
+        },
+    ))
+}
+
+pub async fn save_settings(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let max = match f.opt("max_token_lifetime_days").map(str::parse::<u32>) {
+        None => None,
+        Some(Ok(d)) if (1..=3650).contains(&d) => Some(d),
+        Some(_) => {
+            return page!(
+                st,
+                settings_inner(
+                    &st,
+                    &v,
+                    None,
+                    Some("the longest token lifetime is a number of days from 1 to 3650".into())
+                )
+                .await
+            );
+        }
+    };
+    let policy = keygate_core::account::WorkspacePolicy {
+        max_token_lifetime_days: max,
+        require_two_factor: f.get("require_two_factor") == "on",
+    };
+    if policy.require_two_factor && !v.user.totp_enabled {
+        return page!(
+            st,
+            settings_inner(
+                &st,
+                &v,
+                None,
+                Some("turn on two-factor sign-in for your own account first, so you are not locked out".into())
+            )
+            .await
+        );
+    }
+    match st.accounts.set_policy(&v, &policy).await {
+        Ok(()) => see_other("/settings?msg=settings_saved"),
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }

@@ -370,3 +370,87 @@ async fn a_token_made_in_the_dashboard_works_at_the_gateway_until_revoked() {
     let page = b.get(&format!("/tokens/{id}")).await;
     assert!(page.body.contains("badge revoked") && page.body.contains("leaked in a demo"));
 }
+
+#[tokio::test]
+async fn the_portal_lists_apis_renders_their_openapi_and_tries_them() {
+    let upstream = keygate_testkit::MockUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("orders.json");
+    std::fs::write(
+        &doc,
+        r#"{"openapi":"3.1.0","info":{"title":"Orders API","version":"2.0","description":"Orders <b>of the shop</b>"},
+            "paths":{"/orders/{id}":{"get":{"summary":"Read an order","parameters":[{"name":"id","in":"path"}]}}}}"#,
+    )
+    .unwrap();
+    let mut orders = keygate_testkit::route("orders", "/orders", &upstream.url());
+    orders.description = Some("Orders of the shop".into());
+    orders.openapi = Some(doc.display().to_string());
+    orders.scopes.insert("GET".into(), "orders:read".into());
+    let mut broken = keygate_testkit::route("broken", "/broken", &upstream.url());
+    broken.openapi = Some(dir.path().join("missing.json").display().to_string());
+    let kg = TestKeygate::start_with(keygate_testkit::Options { routes: vec![orders, broken], ..Default::default() })
+        .await
+        .unwrap();
+    let mut b = owner(&kg).await;
+    let portal = b.get("/portal").await;
+    assert!(portal.body.contains("/portal/orders") && portal.body.contains("/portal/demo"));
+    let api = b.get("/portal/orders").await;
+    assert_eq!(api.status, StatusCode::OK);
+    assert!(api.body.contains("Orders API") && api.body.contains("Read an order") && api.body.contains("id (path)"));
+    assert!(api.body.contains("&lt;b&gt;of the shop"), "document text is escaped, never markup");
+    assert!(api.body.contains("curl -H") && api.body.contains("requests.get") && api.body.contains("reqwest::Client"));
+    let broken = b.get("/portal/broken").await;
+    assert!(broken.body.contains("could not be read"), "a missing document is reported on the page");
+    assert_eq!(b.get("/portal/nope").await.status, StatusCode::NOT_FOUND);
+
+    // The explorer sends a real request through the gateway, with the token from the form.
+    let app = create_app(&mut b, "Explorer").await;
+    let (_, secret) = create_token(&mut b, &app).await;
+    let p = b
+        .submit(
+            "/portal/demo",
+            "/portal/demo/try",
+            &[("method", "GET"), ("path", "/demo/echo?x=1"), ("token", &secret)],
+        )
+        .await;
+    assert!(p.body.contains("HTTP 200"), "{}", p.body);
+    assert!(p.body.contains("identity") && !p.body.contains(&secret), "the answer is shown, the token is not echoed");
+    let p =
+        b.submit("/portal/demo", "/portal/demo/try", &[("method", "GET"), ("path", "/demo/echo"), ("token", "")]).await;
+    assert!(p.body.contains("HTTP 401"));
+    let p = b
+        .submit("/portal/demo", "/portal/demo/try", &[("method", "GET"), ("path", "/orders/1"), ("token", &secret)])
+        .await;
+    assert!(p.body.contains("must start with this API"), "the explorer stays within the API it is on");
+}
+
+#[tokio::test]
+async fn owners_set_the_workspace_policy_and_it_is_enforced() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut own = owner(&kg).await;
+    let mut dev = member(&kg, &mut own, "dev@example.com", "developer").await;
+    assert_eq!(dev.get("/settings").await.status, StatusCode::FORBIDDEN);
+
+    let p = own.submit("/settings", "/settings", &[("max_token_lifetime_days", "30")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let app = create_app(&mut dev, "Limited").await;
+    let p = dev.submit("/tokens/new", "/tokens", &[("name", "long"), ("app", &app), ("expiry", "90d")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("at most 30 days"));
+    let api = kg.client().post("/admin/v1/tokens", &serde_json::json!({"name": "no expiry"})).await;
+    assert_eq!(api.status, StatusCode::BAD_REQUEST, "the policy applies to the admin API too");
+    assert_eq!(api.code(), "lifetime_too_long");
+
+    // Requiring two-factor: not before the owner has it; then members without it are sent to
+    // the enrolment page.
+    let p = own.submit("/settings", "/settings", &[("require_two_factor", "on")]).await;
+    assert!(p.body.contains("turn on two-factor sign-in for your own account first"));
+    own.submit("/account/security", "/account/2fa/start", &[]).await;
+    let secret = own.get("/account/security").await.between("id=\"totp-secret\">", "<");
+    let code = code_at(&secret, &kg, 0);
+    own.submit("/account/security", "/account/2fa/confirm", &[("code", &code)]).await;
+    let p = own.submit("/settings", "/settings", &[("require_two_factor", "on")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    assert_eq!(dev.get("/tokens").await.location.as_deref(), Some("/account/security?msg=2fa_required"));
+    assert_eq!(dev.get("/account/security").await.status, StatusCode::OK);
+}

@@ -1,0 +1,45 @@
+//! What the developer portal shows: the APIs behind the gateway (from the live route table),
+//! their OpenAPI documents, and an explorer that sends a real request through the gateway. The
+//! binary implements [`ApiCatalog`]; the admin crate knows nothing of the gateway.
+
+/// One API of the catalog: a route of the gateway.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApiEntry {
+    pub id: String,
+    /// The path prefix callers use.
+    pub path: String,
+    pub host: Option<String>,
+    /// No token needed.
+    pub public: bool,
+    pub description: Option<String>,
+    /// `(method, scope)`: the scope each method needs (`*`: the other methods).
+    pub scopes: Vec<(String, String)>,
+    /// Where the route's OpenAPI document comes from (a file or URL), if any.
+    pub openapi: Option<String>,
+}
+
+/// The answer to an explorer request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TryAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// The body was longer than what is shown.
+    pub truncated: bool,
+}
+
+#[async_trait::async_trait]
+pub trait ApiCatalog: Send + Sync {
+    /// The APIs the gateway serves now.
+    fn apis(&self) -> Vec<ApiEntry>;
+    /// The OpenAPI document at `source` (a file path or an http(s) URL), parsed.
+    async fn openapi(&self, source: &str) -> Result<serde_json::Value, String>;
+    /// Sends a request through the gateway with `token` (never logged) and returns its answer.
+    async fn send(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Result<TryAnswer, String>;
+}

@@ -1,0 +1,165 @@
+//! The developer portal: the API catalog from the gateway's routes, each API's documentation
+//! from its OpenAPI document, code samples, plans on offer, and an explorer that sends a real
+//! request through the gateway with a token the person pastes (keygate keeps only hashes, so it
+//! cannot fill one in; the token travels in the form body, never in a URL or a log).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use minijinja::{Value, context};
+
+use super::pages::{Fields, ser};
+use super::{DashboardState, PageError, SignedIn, csrf_refusal};
+use crate::accounts::Viewer;
+use crate::catalog::{ApiEntry, TryAnswer};
+
+const METHODS: [&str; 7] = ["get", "post", "put", "patch", "delete", "head", "options"];
+
+fn entries(st: &DashboardState) -> Vec<ApiEntry> {
+    st.catalog.as_ref().map(|c| c.apis()).unwrap_or_default()
+}
+
+pub async fn catalog(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
+    let plans = match st.admin.list_plans(v.workspace()).await {
+        Ok(p) => p,
+        Err(e) => return st.error(PageError::from_error(e, Some(&v))),
+    };
+    let plans: Vec<Value> = plans
+        .iter()
+        .map(|p| {
+            context! {
+                name => p.name.clone(), description => p.description.clone(),
+                scopes => p.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                rate_limit => p.rate_limit.map(|r| format!("{} requests per {} s", r.requests, r.per_seconds)),
+                quota => p.quota.map(|q| format!("{} requests per {}", q.requests, q.period.as_str())),
+            }
+        })
+        .collect();
+    st.render(
+        StatusCode::OK,
+        "portal.html",
+        Some(&v),
+        "portal",
+        context! { title => "APIs", apis => ser(entries(&st)), plans, can_write => v.role.can_write() },
+    )
+}
+
+/// The operations of an OpenAPI document, as rows to show.
+fn operations(doc: &serde_json::Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    let Some(paths) = doc.get("paths").and_then(|p| p.as_object()) else { return out };
+    for (path, item) in paths {
+        for m in METHODS {
+            let Some(op) = item.get(m) else { continue };
+            let params: Vec<String> = op
+                .get("parameters")
+                .and_then(|p| p.as_array())
+                .map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| {
+                            let name = p.get("name")?.as_str()?;
+                            let place = p.get("in").and_then(|i| i.as_str()).unwrap_or("");
+                            Some(format!("{name} ({place})"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(context! {
+                method => m.to_uppercase(),
+                path => path.clone(),
+                summary => op.get("summary").and_then(|s| s.as_str()).map(str::to_owned),
+                description => op.get("description").and_then(|s| s.as_str()).map(str::to_owned),
+                params,
+            });
+        }
+    }
+    out
+}
+
+async fn api_page(
+    st: &DashboardState,
+    v: &Viewer,
+    id: &str,
+    answer: Option<TryAnswer>,
+    form: Option<&Fields>,
+) -> Response {
+    let Some(api) = entries(st).into_iter().find(|a| a.id == id) else {
+        return st.error(PageError::not_found(v));
+    };
+    let (doc, doc_error) = match (&api.openapi, &st.catalog) {
+        (Some(src), Some(c)) => match c.openapi(src).await {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(e)),
+        },
+        _ => (None, None),
+    };
+    let ops = doc.as_ref().map(operations).unwrap_or_default();
+    let info = doc.as_ref().and_then(|d| d.get("info")).map(|i| {
+        context! {
+            title => i.get("title").and_then(|t| t.as_str()).map(str::to_owned),
+            version => i.get("version").and_then(|t| t.as_str()).map(str::to_owned),
+            description => i.get("description").and_then(|t| t.as_str()).map(str::to_owned),
+        }
+    });
+    let sample_path = if api.path.is_empty() { "/".to_owned() } else { api.path.clone() };
+    let url = format!("{}{}", st.gateway_url.trim_end_matches('/'), sample_path);
+    st.render(
+        if answer.as_ref().is_some_and(|a| a.status == 0) { StatusCode::BAD_GATEWAY } else { StatusCode::OK },
+        "api.html",
+        Some(v),
+        "portal",
+        context! {
+            title => format!("API {}", api.id),
+            api => ser(&api),
+            info,
+            operations => ops,
+            doc_error,
+            url,
+            sample_path,
+            answer => answer.map(ser),
+            form => form.map(|f| context!{ method => f.get("method"), path => f.get("path"), body => f.get("body") }),
+        },
+    )
+}
+
+pub async fn api(State(st): State<DashboardState>, SignedIn(v): SignedIn, Path(id): Path<String>) -> Response {
+    api_page(&st, &v, &id, None, None).await
+}
+
+pub async fn try_it(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let Some(api) = entries(&st).into_iter().find(|a| a.id == id) else {
+        return st.error(PageError::not_found(&v));
+    };
+    let Some(catalog) = st.catalog.clone() else { return st.error(PageError::not_found(&v)) };
+    let method = f.get("method").to_ascii_uppercase();
+    let path = f.get("path").trim().to_owned();
+    let prefix = if api.path.is_empty() { "/" } else { api.path.as_str() };
+    let answer = if !METHODS.iter().any(|m| m.eq_ignore_ascii_case(&method)) {
+        TryAnswer { status: 0, headers: Vec::new(), body: "choose an HTTP method".into(), truncated: false }
+    } else if !path.starts_with(prefix) || path.contains(['\r', '\n', ' ', '#']) {
+        TryAnswer {
+            status: 0,
+            headers: Vec::new(),
+            body: format!("the path must start with this API's prefix {prefix} and hold no spaces"),
+            truncated: false,
+        }
+    } else {
+        let body = f.opt("body").map(str::to_owned);
+        match catalog.send(&method, &path, f.opt("token"), body).await {
+            Ok(a) => a,
+            Err(e) => TryAnswer { status: 0, headers: Vec::new(), body: e, truncated: false },
+        }
+    };
+    api_page(&st, &v, &id, Some(answer), Some(&f)).await
+}

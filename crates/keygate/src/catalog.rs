@@ -1,0 +1,142 @@
+//! The developer portal's view of the gateway: its routes as an API catalog, their OpenAPI
+//! documents (from files, or URLs fetched and cached for a few minutes), and the explorer's
+//! requests, sent through the gateway's own listener.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keygate_admin::catalog::{ApiCatalog, ApiEntry, TryAnswer};
+use keygate_gateway::handler::Gateway;
+
+/// The largest OpenAPI document or explorer answer read.
+const MAX_DOC_BYTES: usize = 4 * 1024 * 1024;
+const MAX_ANSWER_SHOWN: usize = 64 * 1024;
+const URL_CACHE: Duration = Duration::from_secs(300);
+/// Answer headers the explorer shows.
+const SHOWN_HEADERS: [&str; 6] =
+    ["content-type", "ratelimit", "ratelimit-policy", "retry-after", "www-authenticate", "content-length"];
+
+pub struct Catalog {
+    gateway: Arc<Gateway>,
+    gateway_addr: SocketAddr,
+    /// Relative OpenAPI paths are read from here (the config file's directory).
+    base_dir: PathBuf,
+    http: reqwest::Client,
+    fetched: Mutex<HashMap<String, (Instant, serde_json::Value)>>,
+}
+
+impl Catalog {
+    pub fn new(gateway: Arc<Gateway>, gateway_addr: SocketAddr, base_dir: PathBuf) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Self { gateway, gateway_addr, base_dir, http, fetched: Mutex::new(HashMap::new()) }
+    }
+
+    async fn fetch(&self, url: &str) -> Result<serde_json::Value, String> {
+        if let Ok(cache) = self.fetched.lock()
+            && let Some((at, doc)) = cache.get(url)
+            && at.elapsed() < URL_CACHE
+        {
+            return Ok(doc.clone());
+        }
+        let resp = self.http.get(url).send().await.map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url} answered {}", resp.status()));
+        }
+        let bytes = resp.bytes().await.map_err(|e| format!("reading {url}: {e}"))?;
+        if bytes.len() > MAX_DOC_BYTES {
+            return Err(format!("{url} is larger than 4 MiB"));
+        }
+        let doc = parse_doc(&bytes)?;
+        if let Ok(mut cache) = self.fetched.lock() {
+            cache.insert(url.to_owned(), (Instant::now(), doc.clone()));
+        }
+        Ok(doc)
+    }
+}
+
+fn parse_doc(bytes: &[u8]) -> Result<serde_json::Value, String> {
+    let doc: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| format!("it is not JSON ({e}); keygate reads OpenAPI documents in JSON"))?;
+    if doc.get("openapi").is_none() && doc.get("swagger").is_none() {
+        return Err("it has no `openapi` field: is it an OpenAPI document?".into());
+    }
+    Ok(doc)
+}
+
+#[async_trait::async_trait]
+impl ApiCatalog for Catalog {
+    fn apis(&self) -> Vec<ApiEntry> {
+        let table = self.gateway.table.load();
+        table
+            .routes
+            .routes
+            .iter()
+            .map(|r| {
+                let mut scopes: Vec<(String, String)> =
+                    r.scopes.iter().map(|(m, s)| (m.to_string(), s.to_string())).collect();
+                scopes.sort();
+                if let Some(d) = &r.default_scope {
+                    scopes.push(("*".into(), d.to_string()));
+                }
+                ApiEntry {
+                    id: r.id.to_string(),
+                    path: r.prefix.clone(),
+                    host: r.host.clone(),
+                    public: r.public,
+                    description: r.description.clone(),
+                    scopes,
+                    openapi: r.openapi.clone(),
+                }
+            })
+            .collect()
+    }
+
+    async fn openapi(&self, source: &str) -> Result<serde_json::Value, String> {
+        if source.starts_with("http://") || source.starts_with("https://") {
+            return self.fetch(source).await;
+        }
+        let path = self.base_dir.join(source);
+        let bytes = tokio::fs::read(&path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() > MAX_DOC_BYTES {
+            return Err(format!("{} is larger than 4 MiB", path.display()));
+        }
+        parse_doc(&bytes)
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Result<TryAnswer, String> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| "not an HTTP method".to_owned())?;
+        let url = format!("http://{}{path_and_query}", self.gateway_addr);
+        let mut req = self.http.request(method, url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.trim());
+        }
+        if let Some(b) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b);
+        }
+        let resp = req.send().await.map_err(|e| format!("the gateway could not be reached: {}", e.without_url()))?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter(|(k, _)| SHOWN_HEADERS.contains(&k.as_str()))
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let bytes = resp.bytes().await.map_err(|e| format!("reading the answer: {}", e.without_url()))?;
+        let truncated = bytes.len() > MAX_ANSWER_SHOWN;
+        let shown = &bytes[..bytes.len().min(MAX_ANSWER_SHOWN)];
+        Ok(TryAnswer { status, headers, body: String::from_utf8_lossy(shown).into_owned(), truncated })
+    }
+}

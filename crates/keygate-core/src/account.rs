@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::ids::{AppId, InvitationId, UserId, WorkspaceId};
+use crate::ids::{AppId, InvitationId, PlanId, PlanRequestId, UserId, WorkspaceId};
 use crate::model::NewAuditEvent;
 use crate::secret::SecretHash;
 
@@ -125,6 +125,47 @@ pub struct WorkspacePolicy {
     pub max_token_lifetime_days: Option<u32>,
     /// Every member must have two-factor sign-in on.
     pub require_two_factor: bool,
+    /// Developers' requests to move an app to a plan wait for an admin's approval (otherwise
+    /// they apply at once).
+    #[serde(default)]
+    pub plan_changes_need_approval: bool,
+}
+
+/// Where a plan request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanRequestStatus {
+    Pending,
+    Approved,
+    Denied,
+}
+
+impl PlanRequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Approved, Self::Denied].into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A developer's request to move one of their apps to a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRequest {
+    pub id: PlanRequestId,
+    pub workspace_id: WorkspaceId,
+    pub app_id: AppId,
+    pub plan_id: PlanId,
+    pub requested_by: UserId,
+    pub note: Option<String>,
+    pub status: PlanRequestStatus,
+    pub created_at: Timestamp,
+    pub decided_by: Option<UserId>,
+    pub decided_at: Option<Timestamp>,
 }
 
 #[async_trait]
@@ -184,6 +225,22 @@ pub trait AccountStore: Send + Sync {
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy>;
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()>;
+
+    async fn insert_plan_request(&self, r: &PlanRequest, audit: &NewAuditEvent) -> Result<()>;
+    async fn plan_request(&self, ws: &WorkspaceId, id: &PlanRequestId) -> Result<Option<PlanRequest>>;
+    /// Requests of a workspace, newest first; only those with `status` if given.
+    async fn plan_requests(&self, ws: &WorkspaceId, status: Option<PlanRequestStatus>) -> Result<Vec<PlanRequest>>;
+    /// Records the decision on a pending request (`Conflict` if it was decided already), in one
+    /// transaction with `audit`. Moving the app to the plan is the caller's next step.
+    async fn decide_plan_request(
+        &self,
+        ws: &WorkspaceId,
+        id: &PlanRequestId,
+        status: PlanRequestStatus,
+        by: &UserId,
+        at: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<()>;
 
     /// The person who owns an app (developers manage their own apps), if any.
     async fn app_owner(&self, ws: &WorkspaceId, app: &AppId) -> Result<Option<UserId>>;

@@ -64,6 +64,8 @@ typed_id!(/// A dashboard account (a person).
     UserId, "usr");
 typed_id!(/// An invitation to join a workspace.
     InvitationId, "inv");
+typed_id!(/// A request to move an app to a plan, waiting for an admin's decision.
+    PlanRequestId, "preq");
 typed_id!(/// A plan (tier of scopes and default limits).
     PlanId, "plan");
 

@@ -93,6 +93,8 @@ pub trait PlanStore: Send + Sync {
 #[async_trait]
 pub trait AuditStore: Send + Sync {
     async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>>;
+    /// Records an event that goes with no other change (a sign-in, say).
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<()>;
 }
 
 /// Usage counted by gateways, and the quota counts that must survive a restart.

@@ -1,11 +1,13 @@
 //! [`AccountStore`] for [`SqlStore`]: dashboard users, memberships, recovery codes, sessions,
-//! invitations, workspace policies and app owners. Same rules as `sql.rs`: `$n` placeholders in
+//! invitations, workspace policies, plan requests and app owners. Same rules as `sql.rs`: `$n` placeholders in
 //! the SQL both engines share, booleans as BIGINT 0/1, and every change that takes an audit event
 //! writes it in the same transaction. Sessions and recovery codes carry no audit events.
 
 use async_trait::async_trait;
-use keygate_core::account::{AccountStore, Invitation, Membership, Session, User, WorkspacePolicy};
-use keygate_core::ids::{AppId, InvitationId, UserId, WorkspaceId};
+use keygate_core::account::{
+    AccountStore, Invitation, Membership, PlanRequest, PlanRequestStatus, Session, User, WorkspacePolicy,
+};
+use keygate_core::ids::{AppId, InvitationId, PlanRequestId, UserId, WorkspaceId};
 use keygate_core::model::NewAuditEvent;
 use keygate_core::secret::SecretHash;
 use keygate_core::{Error, ErrorKind, Result, Timestamp};
@@ -22,6 +24,8 @@ const MEMBERSHIP_COLS: &str = "workspace_id, user_id, role, created_at";
 const SESSION_COLS: &str = "id_hash, user_id, workspace_id, pending_mfa, created_at, last_seen_at, expires_at, ip";
 const INVITATION_COLS: &str =
     "id, workspace_id, email, role, code_hash, invited_by, created_at, expires_at, accepted_at";
+const PLAN_REQUEST_COLS: &str =
+    "id, workspace_id, app_id, plan_id, requested_by, note, status, created_at, decided_by, decided_at";
 
 fn email_taken() -> Error {
     Error::conflict("email_taken", "an account with this email address already exists")
@@ -431,7 +435,8 @@ impl AccountStore for SqlStore {
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {
         let row = sqlx::query(
-            "SELECT max_token_lifetime_days, require_two_factor FROM workspace_policies WHERE workspace_id = $1",
+            "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval \
+             FROM workspace_policies WHERE workspace_id = $1",
         )
         .bind(ws.as_str())
         .fetch_optional(&self.pool)
@@ -443,17 +448,135 @@ impl AccountStore for SqlStore {
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO workspace_policies (workspace_id, max_token_lifetime_days, require_two_factor) \
-             VALUES ($1, $2, $3) ON CONFLICT (workspace_id) DO UPDATE SET \
+            "INSERT INTO workspace_policies \
+             (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (workspace_id) DO UPDATE SET \
              max_token_lifetime_days = excluded.max_token_lifetime_days, \
-             require_two_factor = excluded.require_two_factor",
+             require_two_factor = excluded.require_two_factor, \
+             plan_changes_need_approval = excluded.plan_changes_need_approval",
         )
         .bind(ws.as_str())
         .bind(p.max_token_lifetime_days.map(i64::from))
         .bind(i64::from(p.require_two_factor))
+        .bind(i64::from(p.plan_changes_need_approval))
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn insert_plan_request(&self, r: &PlanRequest, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        // The app and the plan must be the request's workspace's own; the foreign keys alone
+        // would accept another workspace's.
+        for (table, id, what) in [("apps", r.app_id.as_str(), "app"), ("plans", r.plan_id.as_str(), "plan")] {
+            let sql = format!("SELECT id FROM {table} WHERE workspace_id = $1 AND id = $2");
+            let found: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+                .bind(r.workspace_id.as_str())
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            if found.is_none() {
+                return Err(Error::not_found(what));
+            }
+        }
+        let sql =
+            format!("INSERT INTO plan_requests ({PLAN_REQUEST_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(r.id.as_str())
+            .bind(r.workspace_id.as_str())
+            .bind(r.app_id.as_str())
+            .bind(r.plan_id.as_str())
+            .bind(r.requested_by.as_str())
+            .bind(r.note.as_deref())
+            .bind(r.status.as_str())
+            .bind(r.created_at.as_millis())
+            .bind(r.decided_by.as_ref().map(UserId::as_str))
+            .bind(r.decided_at.map(Timestamp::as_millis))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn plan_request(&self, ws: &WorkspaceId, id: &PlanRequestId) -> Result<Option<PlanRequest>> {
+        let sql = format!("SELECT {PLAN_REQUEST_COLS} FROM plan_requests WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::plan_request)
+            .transpose()
+    }
+
+    async fn plan_requests(&self, ws: &WorkspaceId, status: Option<PlanRequestStatus>) -> Result<Vec<PlanRequest>> {
+        let rows = match status {
+            None => {
+                let sql = format!(
+                    "SELECT {PLAN_REQUEST_COLS} FROM plan_requests WHERE workspace_id = $1 \
+                     ORDER BY created_at DESC, id DESC"
+                );
+                sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_all(&self.pool).await
+            }
+            Some(status) => {
+                let sql = format!(
+                    "SELECT {PLAN_REQUEST_COLS} FROM plan_requests WHERE workspace_id = $1 AND status = $2 \
+                     ORDER BY created_at DESC, id DESC"
+                );
+                sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).bind(status.as_str()).fetch_all(&self.pool).await
+            }
+        }
+        .map_err(db_error)?;
+        rows.iter().map(rows::plan_request).collect()
+    }
+
+    async fn decide_plan_request(
+        &self,
+        ws: &WorkspaceId,
+        id: &PlanRequestId,
+        status: PlanRequestStatus,
+        by: &UserId,
+        at: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<()> {
+        if status == PlanRequestStatus::Pending {
+            return Err(Error::invalid("invalid_decision", "a plan request is decided by approving or denying it"));
+        }
+        let mut tx = self.begin().await?;
+        // One conditional statement: of two concurrent decisions only one finds the request
+        // pending (PostgreSQL re-checks the condition after the row lock; SQLite runs one writer
+        // at a time).
+        let done = sqlx::query(
+            "UPDATE plan_requests SET status = $1, decided_by = $2, decided_at = $3 \
+             WHERE workspace_id = $4 AND id = $5 AND status = 'pending'",
+        )
+        .bind(status.as_str())
+        .bind(by.as_str())
+        .bind(at.as_millis())
+        .bind(ws.as_str())
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT id FROM plan_requests WHERE workspace_id = $1 AND id = $2")
+                    .bind(ws.as_str())
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            return Err(match exists {
+                Some(_) => Error::conflict("already_decided", "this plan request has already been decided"),
+                None => Error::not_found("plan request"),
+            });
+        }
         insert_audit(&mut tx, audit).await?;
         self.commit(tx, None).await
     }

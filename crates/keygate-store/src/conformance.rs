@@ -5,8 +5,10 @@
 use std::sync::Arc;
 
 use keygate_core::account::AccountStore;
-use keygate_core::account::{Invitation, Membership, Role, Session, User, WorkspacePolicy};
-use keygate_core::ids::{AppId, InvitationId, PlanId, RootKeyId, TokenId, UserId, WorkspaceId};
+use keygate_core::account::{
+    Invitation, Membership, PlanRequest, PlanRequestStatus, Role, Session, User, WorkspacePolicy,
+};
+use keygate_core::ids::{AppId, InvitationId, PlanId, PlanRequestId, RootKeyId, TokenId, UserId, WorkspaceId};
 use keygate_core::model::*;
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use keygate_core::scope::Scope;
@@ -789,14 +791,23 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
     let (ws2, d2, carol) = workspace_with_owner(s, "other", "carol@example.com").await;
 
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), WorkspacePolicy::default());
-    let p = WorkspacePolicy { max_token_lifetime_days: Some(90), require_two_factor: true };
+    let p = WorkspacePolicy {
+        max_token_lifetime_days: Some(90),
+        require_two_factor: true,
+        plan_changes_need_approval: true,
+    };
     s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p);
     assert_eq!(s.workspace_policy(&ws2.id).await.unwrap(), WorkspacePolicy::default(), "tenant isolation");
-    let p2 = WorkspacePolicy { max_token_lifetime_days: None, require_two_factor: false };
+    let p2 = WorkspacePolicy { max_token_lifetime_days: None, require_two_factor: false, ..p.clone() };
     s.put_workspace_policy(&ws.id, &p2, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p2);
-    assert_eq!(all_audit(s, &ws.id).await.iter().filter(|e| e.action == "workspace.policy").count(), 2);
+    assert!(s.workspace_policy(&ws.id).await.unwrap().plan_changes_need_approval, "the flag is kept on its own");
+    let p3 = WorkspacePolicy { plan_changes_need_approval: false, ..p2.clone() };
+    s.put_workspace_policy(&ws.id, &p3, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
+    assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p3);
+    assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), WorkspacePolicy::default());
+    assert_eq!(all_audit(s, &ws.id).await.iter().filter(|e| e.action == "workspace.policy").count(), 3);
 
     let a = app(&ws.id, "Mobile", false);
     s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
@@ -827,6 +838,192 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
     s.delete_app(&ws.id, &a.id, false, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap();
     assert_eq!(s.app_owner(&ws.id, &a.id).await.unwrap(), None);
     assert!(s.owned_apps(&ws.id, &bob.id).await.unwrap().is_empty());
+}
+
+async fn audit_append(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let (ws2, _, _) = workspace_with_owner(s, "other", "carol@example.com").await;
+    let before = all_audit(s, &ws.id).await.len();
+    let ev = NewAuditEvent::new(&ws.id, &Actor::cli(), "user.sign_in", alice.id.as_str(), T0.plus_seconds(5))
+        .with_after(json!({"ip": "192.0.2.7"}));
+    s.append_audit(&ev).await.unwrap();
+    let events = all_audit(s, &ws.id).await;
+    assert_eq!(events.len(), before + 1);
+    let got = &events[0];
+    assert_eq!(
+        (got.workspace_id.clone(), got.at, got.action.as_str(), got.target.as_str(), got.after.clone()),
+        (ws.id.clone(), T0.plus_seconds(5), "user.sign_in", alice.id.as_str(), Some(json!({"ip": "192.0.2.7"})))
+    );
+    let by_action = s
+        .list_audit(
+            &ws.id,
+            &AuditFilter { action: Some("user.sign_in".into()), ..Default::default() },
+            &PageRequest::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_action.items.len(), 1);
+    assert!(all_audit(s, &ws2.id).await.iter().all(|e| e.action != "user.sign_in"), "tenant isolation");
+}
+
+fn plan(ws: &WorkspaceId, name: &str) -> Plan {
+    Plan {
+        id: PlanId::random(&OsRandom).unwrap(),
+        workspace_id: ws.clone(),
+        name: name.into(),
+        description: None,
+        scopes: vec![Scope::parse("orders:read").unwrap()],
+        rate_limit: None,
+        quota: None,
+        created_at: T0,
+    }
+}
+
+fn plan_request(ws: &WorkspaceId, app: &AppId, plan: &PlanId, by: &UserId, at: Timestamp) -> PlanRequest {
+    PlanRequest {
+        id: PlanRequestId::random(&OsRandom).unwrap(),
+        workspace_id: ws.clone(),
+        app_id: app.clone(),
+        plan_id: plan.clone(),
+        requested_by: by.clone(),
+        note: Some("we need more requests".into()),
+        status: PlanRequestStatus::Pending,
+        created_at: at,
+        decided_by: None,
+        decided_at: None,
+    }
+}
+
+async fn accounts_plan_requests(h: &Harness) {
+    let s = &h.store;
+    let (ws, d, alice) = workspace_with_owner(s, "acme", "alice@example.com").await;
+    let (ws2, d2, carol) = workspace_with_owner(s, "other", "carol@example.com").await;
+    let bob = person("bob@example.com", T0);
+    s.insert_user(&bob, &member(&ws.id, &bob.id, Role::Developer, T0), &audit(&ws.id, "u", "b")).await.unwrap();
+    let a = app(&ws.id, "Mobile", false);
+    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
+    let (pro, pro2) = (plan(&ws.id, "pro"), plan(&ws2.id, "pro"));
+    s.insert_plan(&pro, &audit(&ws.id, "plan.create", pro.id.as_str())).await.unwrap();
+    s.insert_plan(&pro2, &audit(&ws2.id, "plan.create", pro2.id.as_str())).await.unwrap();
+
+    // Inserted with their audit events, read back whole.
+    let before = all_audit(s, &ws.id).await.len();
+    let r1 = plan_request(&ws.id, &a.id, &pro.id, &bob.id, T0);
+    let r2 = PlanRequest { note: None, ..plan_request(&ws.id, &a.id, &pro.id, &bob.id, T0.plus_seconds(10)) };
+    let r3 = plan_request(&ws.id, &d.id, &pro.id, &alice.id, T0.plus_seconds(20));
+    for r in [&r1, &r2, &r3] {
+        s.insert_plan_request(r, &audit(&ws.id, "plan_request.create", r.id.as_str())).await.unwrap();
+    }
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 3);
+    assert_eq!(s.plan_request(&ws.id, &r1.id).await.unwrap(), Some(r1.clone()));
+    assert_eq!(s.plan_request(&ws.id, &r2.id).await.unwrap(), Some(r2.clone()));
+    assert_eq!(s.plan_request(&ws.id, &PlanRequestId::random(&OsRandom).unwrap()).await.unwrap(), None);
+    let dup = s.insert_plan_request(&r1, &audit(&ws.id, "plan_request.create", "dup")).await.unwrap_err();
+    assert_eq!(dup.kind, ErrorKind::Conflict);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 3, "a refused insert writes no audit event");
+
+    // Another workspace's app or plan cannot be requested.
+    let foreign_plan = plan_request(&ws.id, &a.id, &pro2.id, &bob.id, T0);
+    let e = s.insert_plan_request(&foreign_plan, &audit(&ws.id, "x", "y")).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "plan_not_found"));
+    let foreign_app = plan_request(&ws.id, &d2.id, &pro.id, &bob.id, T0);
+    let e = s.insert_plan_request(&foreign_app, &audit(&ws.id, "x", "y")).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "app_not_found"));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 3);
+
+    // Newest first, with and without a status filter.
+    let ids = |v: Vec<PlanRequest>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let all = vec![r3.id.clone(), r2.id.clone(), r1.id.clone()];
+    assert_eq!(ids(s.plan_requests(&ws.id, None).await.unwrap()), all);
+    assert_eq!(ids(s.plan_requests(&ws.id, Some(PlanRequestStatus::Pending)).await.unwrap()), all);
+    assert!(s.plan_requests(&ws.id, Some(PlanRequestStatus::Approved)).await.unwrap().is_empty());
+
+    // Another workspace sees none of them and cannot decide them.
+    assert_eq!(s.plan_request(&ws2.id, &r1.id).await.unwrap(), None);
+    assert!(s.plan_requests(&ws2.id, None).await.unwrap().is_empty());
+    let e = s
+        .decide_plan_request(&ws2.id, &r1.id, PlanRequestStatus::Approved, &carol.id, T0, &audit(&ws2.id, "x", "y"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "not_found"));
+    assert_eq!(s.plan_request(&ws.id, &r1.id).await.unwrap(), Some(r1.clone()));
+
+    // Decided once, with its audit event; a second decision is refused and writes nothing.
+    let at = T0.plus_seconds(60);
+    let before = all_audit(s, &ws.id).await.len();
+    let ev = audit(&ws.id, "plan_request.approve", r2.id.as_str());
+    s.decide_plan_request(&ws.id, &r2.id, PlanRequestStatus::Approved, &alice.id, at, &ev).await.unwrap();
+    let decided = PlanRequest {
+        status: PlanRequestStatus::Approved,
+        decided_by: Some(alice.id.clone()),
+        decided_at: Some(at),
+        ..r2.clone()
+    };
+    assert_eq!(s.plan_request(&ws.id, &r2.id).await.unwrap(), Some(decided.clone()));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+    let e = s
+        .decide_plan_request(
+            &ws.id,
+            &r2.id,
+            PlanRequestStatus::Denied,
+            &bob.id,
+            at.plus_seconds(1),
+            &audit(&ws.id, "plan_request.deny", r2.id.as_str()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "already_decided"));
+    assert_eq!(s.plan_request(&ws.id, &r2.id).await.unwrap(), Some(decided.clone()));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+    let unknown = PlanRequestId::random(&OsRandom).unwrap();
+    let e = s
+        .decide_plan_request(&ws.id, &unknown, PlanRequestStatus::Denied, &alice.id, at, &audit(&ws.id, "x", "y"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "not_found"));
+    let e = s
+        .decide_plan_request(&ws.id, &r1.id, PlanRequestStatus::Pending, &alice.id, at, &audit(&ws.id, "x", "y"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::InvalidInput, "invalid_decision"));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+
+    // Two decisions at once: exactly one wins.
+    let (e1, e2) = (audit(&ws.id, "plan_request.approve", "1"), audit(&ws.id, "plan_request.deny", "2"));
+    let (x, y) = tokio::join!(
+        s.decide_plan_request(&ws.id, &r3.id, PlanRequestStatus::Approved, &alice.id, at, &e1),
+        s.decide_plan_request(&ws.id, &r3.id, PlanRequestStatus::Denied, &alice.id, at, &e2),
+    );
+    assert!(x.is_ok() != y.is_ok(), "one decision wins: {x:?} {y:?}");
+    assert_eq!(x.err().or(y.err()).unwrap().code, "already_decided");
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 2);
+
+    let status_of = |v: Vec<PlanRequest>| v.into_iter().map(|r| (r.id, r.status)).collect::<Vec<_>>();
+    let r3_status = s.plan_request(&ws.id, &r3.id).await.unwrap().unwrap().status;
+    assert_eq!(
+        status_of(s.plan_requests(&ws.id, None).await.unwrap()),
+        vec![
+            (r3.id.clone(), r3_status),
+            (r2.id.clone(), PlanRequestStatus::Approved),
+            (r1.id.clone(), PlanRequestStatus::Pending)
+        ]
+    );
+    assert_eq!(ids(s.plan_requests(&ws.id, Some(PlanRequestStatus::Pending)).await.unwrap()), vec![r1.id.clone()]);
+    let approved = ids(s.plan_requests(&ws.id, Some(PlanRequestStatus::Approved)).await.unwrap());
+    let denied = ids(s.plan_requests(&ws.id, Some(PlanRequestStatus::Denied)).await.unwrap());
+    if r3_status == PlanRequestStatus::Approved {
+        assert_eq!((approved, denied), (vec![r3.id.clone(), r2.id.clone()], vec![]));
+    } else {
+        assert_eq!((approved, denied), (vec![r2.id.clone()], vec![r3.id.clone()]));
+    }
+
+    // Deleting an app with requests takes its requests with it, and only its own.
+    s.delete_app(&ws.id, &a.id, false, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap();
+    assert!(s.app(&ws.id, &a.id).await.unwrap().is_none());
+    assert_eq!(s.plan_request(&ws.id, &r1.id).await.unwrap(), None);
+    assert_eq!(s.plan_request(&ws.id, &r2.id).await.unwrap(), None);
+    assert_eq!(ids(s.plan_requests(&ws.id, None).await.unwrap()), vec![r3.id.clone()]);
 }
 
 macro_rules! conformance {
@@ -866,7 +1063,9 @@ conformance!(
     accounts_sessions,
     accounts_memberships,
     accounts_invitations,
-    accounts_policy_and_app_owners
+    accounts_policy_and_app_owners,
+    audit_append,
+    accounts_plan_requests
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

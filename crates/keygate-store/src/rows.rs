@@ -1,8 +1,10 @@
 //! Row decoding: from the portable column types (TEXT, BIGINT, BLOB/BYTEA, JSON as TEXT) into
 //! the records of `keygate-core`. A row that does not decode is a store error, never a panic.
 
-use keygate_core::account::{Invitation, Membership, Role, Session, User, WorkspacePolicy};
-use keygate_core::ids::{AppId, InvitationId, PlanId, RootKeyId, TokenId, UserId, WorkspaceId};
+use keygate_core::account::{
+    Invitation, Membership, PlanRequest, PlanRequestStatus, Role, Session, User, WorkspacePolicy,
+};
+use keygate_core::ids::{AppId, InvitationId, PlanId, PlanRequestId, RootKeyId, TokenId, UserId, WorkspaceId};
 use keygate_core::model::{App, AuditEvent, Permission, Plan, RootKey, ScopeEntry, TokenRecord, TokenState, Workspace};
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
@@ -263,5 +265,25 @@ pub(crate) fn workspace_policy(row: &AnyRow) -> Result<WorkspacePolicy> {
     let days = get::<Option<i64>>(row, "max_token_lifetime_days")?
         .map(|d| u32::try_from(d).map_err(|_| corrupt("max_token_lifetime_days", &d.to_string())))
         .transpose()?;
-    Ok(WorkspacePolicy { max_token_lifetime_days: days, require_two_factor: flag(row, "require_two_factor")? })
+    Ok(WorkspacePolicy {
+        max_token_lifetime_days: days,
+        require_two_factor: flag(row, "require_two_factor")?,
+        plan_changes_need_approval: flag(row, "plan_changes_need_approval")?,
+    })
+}
+
+pub(crate) fn plan_request(row: &AnyRow) -> Result<PlanRequest> {
+    let status: String = get(row, "status")?;
+    Ok(PlanRequest {
+        id: PlanRequestId::from_trusted(get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        app_id: AppId::from_trusted(get(row, "app_id")?),
+        plan_id: PlanId::from_trusted(get(row, "plan_id")?),
+        requested_by: UserId::from_trusted(get(row, "requested_by")?),
+        note: get(row, "note")?,
+        status: PlanRequestStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        created_at: ts(row, "created_at")?,
+        decided_by: get::<Option<String>>(row, "decided_by")?.map(UserId::from_trusted),
+        decided_at: opt_ts(row, "decided_at")?,
+    })
 }

@@ -504,7 +504,14 @@ impl AppStore for SqlStore {
             ev.after = Some(serde_json::json!({"state": "revoked", "revoke_reason": "app deleted"}));
             insert_audit(&mut tx, &ev).await?;
         }
+        // Rows that reference the app go first: the foreign keys would refuse the app's deletion.
         sqlx::query("DELETE FROM app_owners WHERE workspace_id = $1 AND app_id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        sqlx::query("DELETE FROM plan_requests WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())
             .execute(&mut *tx)
@@ -793,6 +800,12 @@ impl AuditStore for SqlStore {
         let rows =
             c.bind(sqlx::query(AssertSqlSafe(sql))).bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
         paginate(&rows, limit, rows::audit_event, |e: &AuditEvent| e.id.to_string())
+    }
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        insert_audit(&mut tx, event).await?;
+        self.commit(tx, None).await
     }
 }
 

@@ -11,8 +11,10 @@ use argon2::{Argon2, PasswordHash};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use keygate_core::account::{Invitation, Membership, Role, Session, User, WorkspacePolicy};
-use keygate_core::ids::{InvitationId, UserId, WorkspaceId};
+use keygate_core::account::{
+    Invitation, Membership, PlanRequest, PlanRequestStatus, Role, Session, User, WorkspacePolicy,
+};
+use keygate_core::ids::{AppId, InvitationId, PlanId, PlanRequestId, UserId, WorkspaceId};
 use keygate_core::model::{Actor, NewAuditEvent};
 use keygate_core::secret::SecretHash;
 use keygate_core::{Error, ErrorKind, Result, Timestamp};
@@ -372,8 +374,7 @@ impl Accounts {
         let actor = Actor { id: user.id.to_string(), source: ip.clone().or(Some("dashboard".into())) };
         let mut audit = NewAuditEvent::new(ws, &actor, "user.signed_in", user.id.as_str(), self.now());
         audit.after = Some(json!({"method": method}));
-        // The account row is written unchanged, with the sign-in's audit event beside it.
-        if let Err(e) = self.store().update_user(user, Some(&audit)).await {
+        if let Err(e) = self.store().append_audit(&audit).await {
             tracing::warn!(error = %e, "could not record a sign-in in the audit trail");
         }
     }
@@ -740,6 +741,103 @@ impl Accounts {
         );
         audit.after = serde_json::to_value(policy).ok();
         self.store().put_workspace_policy(viewer.workspace(), policy, &audit).await
+    }
+}
+
+/// What became of a plan change a person asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanChange {
+    /// The app is on the plan now.
+    Applied,
+    /// An admin has to approve it first.
+    Requested,
+}
+
+impl Accounts {
+    /// Whether this person may change `app` (developers: only apps they own).
+    pub async fn may_change_app(&self, viewer: &Viewer, app: &AppId) -> Result<bool> {
+        if viewer.role.manages_all() {
+            return Ok(true);
+        }
+        if !viewer.role.can_write() {
+            return Ok(false);
+        }
+        Ok(self.store().app_owner(viewer.workspace(), app).await?.as_ref() == Some(&viewer.user.id))
+    }
+
+    /// Moves `app` to `plan`, or files a request for an admin when the workspace wants plan
+    /// changes approved and the person is not an admin.
+    pub async fn change_plan(
+        &self,
+        viewer: &Viewer,
+        app: &AppId,
+        plan: &PlanId,
+        note: Option<String>,
+    ) -> Result<PlanChange> {
+        let ws = viewer.workspace();
+        if !self.may_change_app(viewer, app).await? {
+            return Err(Error::not_found("app"));
+        }
+        self.admin.app(ws, app).await?;
+        self.admin.plan(ws, plan).await?;
+        let policy = self.store().workspace_policy(ws).await?;
+        if !policy.plan_changes_need_approval || viewer.role.manages_all() {
+            let update = crate::service::AppUpdate { plan_id: Some(Some(plan.clone())), ..Default::default() };
+            self.admin.update_app(ws, &viewer.actor(), app, update).await?;
+            return Ok(PlanChange::Applied);
+        }
+        let note = note.map(|n| n.trim().chars().take(500).collect::<String>()).filter(|n| !n.is_empty());
+        let now = self.now();
+        let req = PlanRequest {
+            id: PlanRequestId::random(&RngOf(&self.admin))?,
+            workspace_id: ws.clone(),
+            app_id: app.clone(),
+            plan_id: plan.clone(),
+            requested_by: viewer.user.id.clone(),
+            note,
+            status: PlanRequestStatus::Pending,
+            created_at: now,
+            decided_by: None,
+            decided_at: None,
+        };
+        let mut audit = NewAuditEvent::new(ws, &viewer.actor(), "plan.requested", req.id.as_str(), now);
+        audit.after = Some(json!({"app_id": app.as_str(), "plan_id": plan.as_str()}));
+        self.store().insert_plan_request(&req, &audit).await?;
+        Ok(PlanChange::Requested)
+    }
+
+    /// Plan requests this person may see: admins all of them, developers their own.
+    pub async fn plan_requests(&self, viewer: &Viewer) -> Result<Vec<PlanRequest>> {
+        let all = self.store().plan_requests(viewer.workspace(), None).await?;
+        Ok(if viewer.role.manages_all() {
+            all
+        } else {
+            all.into_iter().filter(|r| r.requested_by == viewer.user.id).collect()
+        })
+    }
+
+    /// An admin approves (the app moves to the plan) or denies a pending request.
+    pub async fn decide_plan_request(&self, viewer: &Viewer, id: &PlanRequestId, approve: bool) -> Result<()> {
+        if !viewer.role.manages_all() {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "admin_only",
+                "only an admin or owner can decide plan requests",
+            ));
+        }
+        let ws = viewer.workspace();
+        let req = self.store().plan_request(ws, id).await?.ok_or_else(|| Error::not_found("plan request"))?;
+        let status = if approve { PlanRequestStatus::Approved } else { PlanRequestStatus::Denied };
+        let now = self.now();
+        let action = if approve { "plan.request_approved" } else { "plan.request_denied" };
+        let mut audit = NewAuditEvent::new(ws, &viewer.actor(), action, id.as_str(), now);
+        audit.after = Some(json!({"app_id": req.app_id.as_str(), "plan_id": req.plan_id.as_str()}));
+        self.store().decide_plan_request(ws, id, status, &viewer.user.id, now, &audit).await?;
+        if approve {
+            let update = crate::service::AppUpdate { plan_id: Some(Some(req.plan_id.clone())), ..Default::default() };
+            self.admin.update_app(ws, &viewer.actor(), &req.app_id, update).await?;
+        }
+        Ok(())
     }
 }
 

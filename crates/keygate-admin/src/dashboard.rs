@@ -225,15 +225,20 @@ impl FromRequestParts<DashboardState> for SignedIn {
 /// The request comes from a page of this dashboard: not a cross-site request (Fetch metadata)
 /// and, when the browser sends `Origin`, the same host.
 pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
-    let cross_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|v| v == "cross-site");
-    let origin_ok = match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if site == Some("cross-site") {
+        return false;
+    }
+    match (headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()), headers.get(header::HOST)) {
+        // Browsers send `Origin: null` in some same-origin cases (privacy settings, a stricter
+        // referrer policy); Fetch metadata then says whether it really is same-origin.
+        (Some("null"), _) => site == Some("same-origin"),
         (Some(o), Some(h)) => {
-            let (o, h) = (o.to_str().unwrap_or(""), h.to_str().unwrap_or(""));
+            let h = h.to_str().unwrap_or("");
             o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")).is_some_and(|rest| rest == h)
         }
         _ => true,
-    };
-    !cross_site && origin_ok
+    }
 }
 
 /// The refusal of a state change whose CSRF token does not match the session's, or that comes
@@ -265,7 +270,9 @@ async fn security_headers(State(state): State<DashboardState>, req: axum::extrac
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // `same-origin`, not `no-referrer`: with no referrer at all, browsers send `Origin: null` on
+    // this dashboard's own form posts, and the origin check needs the real one.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -292,6 +299,9 @@ pub fn router(state: DashboardState) -> Router {
         .route("/account/2fa/start", post(pages::totp_start))
         .route("/account/2fa/confirm", post(pages::totp_confirm))
         .route("/apps", get(pages::apps).post(pages::create_app))
+        .route("/apps/{id}/plan", post(pages::change_plan))
+        .route("/plan-requests/{id}/approve", post(pages::approve_plan))
+        .route("/plan-requests/{id}/deny", post(pages::deny_plan))
         .route("/tokens", get(pages::tokens).post(pages::create_token))
         .route("/tokens/new", get(pages::new_token))
         .route("/tokens/{id}", get(pages::token))

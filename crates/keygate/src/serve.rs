@@ -103,7 +103,7 @@ pub async fn start(
     opened
         .admin
         .set_change_hook(Arc::new(crate::gateway::IndexHook { index: index.clone(), store: dyn_store.clone() }));
-    let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock).await?;
+    let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock.clone()).await?;
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     let tls = crate::gateway::tls_source(cfg)?;
     let tls_handle = tls.as_ref().map(|t| t.0.clone());
@@ -116,7 +116,7 @@ pub async fn start(
         grace,
     )
     .with_context(|| format!("cannot listen on {} (gateway.listen)", cfg.gateway.listen))?;
-    let tasks = vec![
+    let mut tasks = vec![
         follower,
         crate::gateway::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
         crate::gateway::spawn_health_checks(gw.clone()),
@@ -155,6 +155,7 @@ pub async fn start(
         keygate_admin::accounts::Accounts::new(opened.admin.clone(), account_settings)
             .map_err(|e| anyhow::anyhow!("cannot start the dashboard: {}", e.message))?,
     );
+    tasks.push(spawn_session_purge(store.clone(), clock.clone(), accounts.settings().idle_timeout_ms));
     let setup_code = accounts.open_setup().await.map_err(|e| anyhow::anyhow!("cannot read accounts: {}", e.message))?;
     let gateway_url = cfg.dashboard.gateway_url.clone().unwrap_or_else(|| format!("http://{}", gateway_server.addr));
     let dashboard = keygate_admin::dashboard::DashboardState::new(
@@ -225,6 +226,22 @@ impl Running {
         self.store.close().await;
         tracing::info!("stopped");
     }
+}
+
+/// Deletes ended dashboard sessions every ten minutes.
+fn spawn_session_purge(store: Arc<dyn Store>, clock: Arc<dyn Clock>, idle_ms: i64) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let now = clock.now();
+            match store.purge_sessions(now, keygate_core::Timestamp::from_millis(now.as_millis() - idle_ms)).await {
+                Ok(n) if n > 0 => tracing::debug!(sessions = n, "ended dashboard sessions deleted"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot delete ended dashboard sessions"),
+            }
+        }
+    })
 }
 
 /// `keygate serve`: runs until SIGTERM or Ctrl-C.

@@ -32,7 +32,9 @@ pub fn requests(id: &str, title: &str, bars: &[Bar]) -> String {
         bars.len()
     );
     // Axis and two grid lines with their values.
-    for frac in [0.0, 0.5, 1.0] {
+    // Grid lines at 0, the maximum, and half of it when that is a whole number of requests.
+    let fracs: &[f64] = if max >= 2 && max % 2 == 0 { &[0.0, 0.5, 1.0] } else { &[0.0, 1.0] };
+    for frac in fracs {
         let y = top + plot_h * (1.0 - frac);
         let value = (max as f64 * frac).round() as u64;
         let _ = write!(

@@ -65,6 +65,9 @@ fn notice(msg: Option<&str>) -> Value {
         "member_removed" => ("ok", "Member removed."),
         "signed_out" => ("ok", "You are signed out."),
         "settings_saved" => ("ok", "Settings saved."),
+        "plan_applied" => ("ok", "The app is on its new plan."),
+        "plan_requested" => ("ok", "Plan change requested: an admin will approve or deny it."),
+        "plan_decided" => ("ok", "Plan request decided."),
         "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
         _ => return Value::from(()),
     };
@@ -308,6 +311,7 @@ async fn home_inner(st: &DashboardState, v: &Viewer) -> Result<Response, PageErr
     let events =
         st.admin.audit_events(ws, &events, &PageRequest { limit: 10, cursor: None }).await.map_err(ctx_err(v))?;
     let events: Vec<AuditEventView> = events.items.iter().map(Into::into).collect();
+    let events = with_actor_names(st, v, events).await;
     let view = |ts: &[TokenRecord]| ts.iter().map(|t| TokenView::new(t, now)).collect::<Vec<_>>();
     Ok(st.render(
         StatusCode::OK,
@@ -322,7 +326,7 @@ async fn home_inner(st: &DashboardState, v: &Viewer) -> Result<Response, PageErr
             error_rate,
             expiring => ser(view(&expiring)),
             exposed => ser(view(&exposed)),
-            events => ser(events),
+            events,
             can_write => v.role.can_write(),
             needs_2fa => !v.user.totp_enabled,
         },
@@ -448,15 +452,35 @@ async fn apps_inner(
     let owned = owned_apps(st, v).await?;
     let apps =
         st.admin.list_apps(v.workspace(), &PageRequest { limit: 500, cursor: None }).await.map_err(ctx_err(v))?;
+    let plans = st.admin.list_plans(v.workspace()).await.map_err(ctx_err(v))?;
+    let plan_name = |id: &keygate_core::ids::PlanId| plans.iter().find(|p| p.id == *id).map(|p| p.name.clone());
+    let app_name = |id: &AppId| apps.items.iter().find(|a| a.id == *id).map(|a| a.name.clone());
     let rows: Vec<Value> = apps
         .items
         .iter()
         .filter(|a| visible(&owned, &a.id))
         .map(|a| {
+            let changeable =
+                v.role.manages_all() || (v.role.can_write() && owned.as_ref().is_some_and(|o| o.contains(&a.id)));
             context! { id => a.id.to_string(), name => a.name.clone(), description => a.description.clone(),
-            default => a.is_default, created_at => ser(a.created_at) }
+            default => a.is_default, created_at => ser(a.created_at),
+            plan => a.plan_id.as_ref().and_then(plan_name), changeable }
         })
         .collect();
+    let requests: Vec<Value> = st
+        .accounts
+        .plan_requests(v)
+        .await
+        .map_err(ctx_err(v))?
+        .iter()
+        .map(|r| {
+            context! { id => r.id.to_string(), app => app_name(&r.app_id).unwrap_or_else(|| r.app_id.to_string()),
+            plan => plan_name(&r.plan_id).unwrap_or_else(|| r.plan_id.to_string()), note => r.note.clone(),
+            status => r.status.as_str(), created_at => ser(r.created_at) }
+        })
+        .collect();
+    let plan_options: Vec<Value> =
+        plans.iter().map(|p| context! { id => p.id.to_string(), name => p.name.clone() }).collect();
     let notice = match error {
         Some(text) => context! { kind => "error", text },
         None => notice(msg),
@@ -470,7 +494,8 @@ async fn apps_inner(
         "apps.html",
         Some(v),
         "apps",
-        context! { title => "Apps", apps => rows, can_write => v.role.can_write(), notice },
+        context! { title => "Apps", apps => rows, can_write => v.role.can_write(), notice, plans => plan_options, requests,
+                   can_decide => v.role.manages_all() },
     ))
 }
 
@@ -1032,6 +1057,19 @@ fn audit_filter(v: &Viewer, q: &AuditQuery) -> AuditFilter {
     f
 }
 
+/// Audit rows for a template, with the names of the people behind `usr_…` actors.
+async fn with_actor_names(st: &DashboardState, v: &Viewer, events: Vec<AuditEventView>) -> Vec<Value> {
+    let names: std::collections::HashMap<String, String> =
+        st.accounts.members(v).await.unwrap_or_default().into_iter().map(|(_, u)| (u.id.to_string(), u.name)).collect();
+    events
+        .into_iter()
+        .map(|e| {
+            let actor_name = names.get(&e.actor).cloned();
+            context! { ..ser(e), ..context!{ actor_name } }
+        })
+        .collect()
+}
+
 async fn audit_events(
     st: &DashboardState,
     v: &Viewer,
@@ -1065,7 +1103,7 @@ pub async fn audit(State(st): State<DashboardState>, SignedIn(v): SignedIn, Quer
         "audit.html",
         Some(&v),
         "audit",
-        context! { title => "Audit log", events => ser(events), q => context!{ actor => q.actor, action => q.action, target => q.target, from => q.from, to => q.to }, qs },
+        context! { title => "Audit log", events => with_actor_names(&st, &v, events).await, q => context!{ actor => q.actor, action => q.action, target => q.target, from => q.from, to => q.to }, qs },
     )
 }
 
@@ -1327,6 +1365,7 @@ async fn settings_inner(
             title => "Workspace settings",
             max_days => policy.max_token_lifetime_days,
             require_two_factor => policy.require_two_factor,
+            plan_approval => policy.plan_changes_need_approval,
             plans,
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
         },
@@ -1362,6 +1401,7 @@ pub async fn save_settings(
     let policy = keygate_core::account::WorkspacePolicy {
         max_token_lifetime_days: max,
         require_two_factor: f.get("require_two_factor") == "on",
+        plan_changes_need_approval: f.get("plan_changes_need_approval") == "on",
     };
     if policy.require_two_factor && !v.user.totp_enabled {
         return page!(
@@ -1379,4 +1419,65 @@ pub async fn save_settings(
         Ok(()) => see_other("/settings?msg=settings_saved"),
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
+}
+
+// ---- plans ----------------------------------------------------------------------------------
+
+pub async fn change_plan(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let (Some(app), Some(plan)) = (AppId::parse(&id), keygate_core::ids::PlanId::parse(f.get("plan"))) else {
+        return page!(st, apps_inner(&st, &v, None, Some("choose a plan".into())).await);
+    };
+    match st.accounts.change_plan(&v, &app, &plan, f.opt("note").map(str::to_owned)).await {
+        Ok(crate::accounts::PlanChange::Applied) => see_other("/apps?msg=plan_applied"),
+        Ok(crate::accounts::PlanChange::Requested) => see_other("/apps?msg=plan_requested"),
+        Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
+            page!(st, apps_inner(&st, &v, None, Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+async fn decide(st: DashboardState, v: Viewer, id: String, headers: HeaderMap, body: Bytes, approve: bool) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    let Some(id) = keygate_core::ids::PlanRequestId::parse(&id) else { return st.error(PageError::not_found(&v)) };
+    match st.accounts.decide_plan_request(&v, &id, approve).await {
+        Ok(()) => see_other("/apps?msg=plan_decided"),
+        Err(e) if matches!(e.kind, keygate_core::ErrorKind::Conflict | keygate_core::ErrorKind::InvalidInput) => {
+            page!(st, apps_inner(&st, &v, None, Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn approve_plan(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    decide(st, v, id, headers, body, true).await
+}
+
+pub async fn deny_plan(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    decide(st, v, id, headers, body, false).await
 }

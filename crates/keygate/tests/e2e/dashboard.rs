@@ -307,6 +307,15 @@ async fn forms_need_the_sessions_csrf_token_and_the_same_origin() {
     }
     let apps = b.get("/apps").await.body;
     assert!(!apps.contains("forged"), "nothing was created");
+    // What Chromium sends on a same-origin post when it withholds the origin: accepted with the
+    // token; the same from another site is not.
+    let fields = [("csrf", csrf.as_str()), ("name", "legit")];
+    let req = b.http.post(format!("{}/apps", b.base)).form(&fields).header("origin", "null");
+    let cross = b.send(req.header("sec-fetch-site", "cross-site")).await;
+    assert_eq!(cross.status, StatusCode::FORBIDDEN);
+    let req = b.http.post(format!("{}/apps", b.base)).form(&fields).header("origin", "null");
+    let same = b.send(req.header("sec-fetch-site", "same-origin")).await;
+    assert_eq!(same.status, StatusCode::SEE_OTHER);
     // Another person's token does not fit this session.
     let mut other = member(&kg, &mut b, "d@example.com", "developer").await;
     let theirs = other.get("/apps").await.csrf();
@@ -453,4 +462,42 @@ async fn owners_set_the_workspace_policy_and_it_is_enforced() {
     assert_eq!(p.status, StatusCode::SEE_OTHER);
     assert_eq!(dev.get("/tokens").await.location.as_deref(), Some("/account/security?msg=2fa_required"));
     assert_eq!(dev.get("/account/security").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn plan_changes_wait_for_an_admin_when_the_workspace_says_so() {
+    let kg = TestKeygate::start().await.unwrap();
+    let plan = kg.client().post("/admin/v1/plans", &serde_json::json!({"name": "Pro", "scopes": []})).await;
+    assert_eq!(plan.status, StatusCode::CREATED, "{:?}", plan.body);
+    let plan_id = plan.str("/id");
+    let mut own = owner(&kg).await;
+    let mut dev = member(&kg, &mut own, "dev@example.com", "developer").await;
+    let app = create_app(&mut dev, "Needs Pro").await;
+
+    // Without the policy, a developer moves their own app at once.
+    let p = dev.submit("/apps", &format!("/apps/{app}/plan"), &[("plan", &plan_id)]).await;
+    assert_eq!(p.location.as_deref(), Some("/apps?msg=plan_applied"));
+
+    let p = own.submit("/settings", "/settings", &[("plan_changes_need_approval", "on")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let app2 = create_app(&mut dev, "Second").await;
+    let p = dev.submit("/apps", &format!("/apps/{app2}/plan"), &[("plan", &plan_id), ("note", "launch week")]).await;
+    assert_eq!(p.location.as_deref(), Some("/apps?msg=plan_requested"));
+    let apps = dev.get("/apps").await;
+    assert!(apps.body.contains("launch week") && apps.body.contains(">pending<"));
+    let req = format!("preq_{}", own.get("/apps").await.between("action=\"/plan-requests/preq_", "/approve"));
+    let p = dev.submit("/apps", &format!("/plan-requests/{req}/approve"), &[]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "a developer cannot approve their own request");
+    let p = own.submit("/apps", &format!("/plan-requests/{req}/approve"), &[]).await;
+    assert_eq!(p.location.as_deref(), Some("/apps?msg=plan_decided"));
+    let app_json = kg.client().get(&format!("/admin/v1/apps/{app2}")).await;
+    assert_eq!(app_json.str("/plan_id"), plan_id, "approval moved the app");
+    let p = own.submit("/apps", &format!("/plan-requests/{req}/deny"), &[]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST, "a decided request stays decided");
+    let audit = own.get("/audit").await.body;
+    assert!(audit.contains("plan.requested") && audit.contains("plan.request_approved"));
+    // Another developer's app cannot be moved at all.
+    let mut other = member(&kg, &mut own, "other@example.com", "developer").await;
+    let p = other.submit("/apps", &format!("/apps/{app}/plan"), &[("plan", &plan_id)]).await;
+    assert_eq!(p.status, StatusCode::NOT_FOUND);
 }

@@ -728,6 +728,33 @@ async function run(browser, kg) {
     currentPage = page;
     await goto(page, ctx.devAToken.href, { expectStatus: 404 });
   });
+
+  await step('phone-sized screen: pages fit 390 px without sideways scrolling', async () => {
+    currentPage = owner;
+    await owner.setViewportSize({ width: 390, height: 844 });
+    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal']) {
+      await goto(owner, p);
+      const overflow = await owner.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      if (overflow > 1) throw new Error(`${p} is ${overflow} px wider than a 390 px screen`);
+    }
+    await goto(owner, '/');
+    await shot(owner, '10-home-phone');
+    await owner.setViewportSize({ width: 1280, height: 800 });
+  });
+
+  await step('keyboard: the skip link comes first and every field of the token form has a label', async () => {
+    currentPage = owner;
+    await goto(owner, '/tokens/new');
+    await owner.keyboard.press('Tab');
+    const first = await owner.evaluate(() => document.activeElement && document.activeElement.textContent.trim());
+    if (first !== 'Skip to content') throw new Error(`the first Tab stop is ${JSON.stringify(first)}, not the skip link`);
+    const unlabelled = await owner.evaluate(() =>
+      [...document.querySelectorAll('main input:not([type=hidden]), main select, main textarea')]
+        .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+        .map((el) => el.name || el.id),
+    );
+    if (unlabelled.length) throw new Error(`fields without a label: ${unlabelled.join(', ')}`);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -501,3 +501,145 @@ async fn plan_changes_wait_for_an_admin_when_the_workspace_says_so() {
     let p = other.submit("/apps", &format!("/apps/{app}/plan"), &[("plan", &plan_id)]).await;
     assert_eq!(p.status, StatusCode::NOT_FOUND);
 }
+
+/// Every role against every action of the dashboard, in one table: `O` owner, `A` admin, `D`
+/// the developer who owns the app, `d` another developer, `V` viewer.
+#[tokio::test]
+async fn the_role_action_matrix() {
+    let kg = TestKeygate::start().await.unwrap();
+    let plan = kg.client().post("/admin/v1/plans", &serde_json::json!({"name": "Pro", "scopes": []})).await.str("/id");
+    let mut o = owner(&kg).await;
+    let mut a = member(&kg, &mut o, "admin@example.com", "admin").await;
+    let mut d = member(&kg, &mut o, "dev@example.com", "developer").await;
+    let mut d2 = member(&kg, &mut o, "dev2@example.com", "developer").await;
+    let mut v = member(&kg, &mut o, "viewer@example.com", "viewer").await;
+    let app = create_app(&mut d, "Owned by D").await;
+    let (tok, _) = create_token(&mut d, &app).await;
+    let members = o.get("/members").await.body;
+    let user_id = |email: &str| {
+        let at = members.find(&format!("<td>{email}</td>")).unwrap();
+        let rest = &members[at..];
+        let start = rest.find("action=\"/members/").unwrap() + "action=\"/members/".len();
+        rest[start..start + rest[start..].find('/').unwrap()].to_owned()
+    };
+    let d2_id = user_id("dev2@example.com");
+
+    let mut failures = Vec::new();
+    let mut check = |action: &str, who: char, got: StatusCode, want: u16| {
+        if got.as_u16() != want {
+            failures.push(format!("{action:<28} {who}: got {}, want {want}", got.as_u16()));
+        }
+    };
+    let roles: [(char, &mut Browser); 5] = [('O', &mut o), ('A', &mut a), ('D', &mut d), ('d', &mut d2), ('V', &mut v)];
+    // Expected statuses in the order O, A, D, d, V.
+    let reads: [(&str, String, [u16; 5]); 9] = [
+        ("GET /", "/".into(), [200; 5]),
+        ("GET /tokens", "/tokens".into(), [200; 5]),
+        ("GET /tokens/{D's}", format!("/tokens/{tok}"), [200, 200, 200, 404, 200]),
+        // The other developer has no app yet: the page says to create one first.
+        ("GET /tokens/new", "/tokens/new".into(), [200, 200, 200, 409, 403]),
+        ("GET /audit", "/audit".into(), [200; 5]),
+        ("GET /audit/export.csv", "/audit/export.csv".into(), [200; 5]),
+        ("GET /members", "/members".into(), [200, 403, 403, 403, 403]),
+        ("GET /settings", "/settings".into(), [200, 403, 403, 403, 403]),
+        ("GET /portal", "/portal".into(), [200; 5]),
+    ];
+    let mut roles = roles;
+    for (name, path, want) in &reads {
+        for (i, (who, b)) in roles.iter_mut().enumerate() {
+            check(name, *who, b.get(path).await.status, want[i]);
+        }
+    }
+    // Writes on D's token: each role acts on a fresh token of D's, so one role's change does not
+    // decide the next one's answer.
+    let writes: [(&str, &str, Vec<(&str, &str)>, [u16; 5]); 5] = [
+        ("POST edit", "edit", vec![("name", "renamed")], [303, 303, 303, 404, 403]),
+        ("POST suspend", "suspend", vec![], [303, 303, 303, 404, 403]),
+        ("POST rotate", "rotate", vec![("grace", "3600")], [200, 200, 200, 404, 403]),
+        ("POST revoke", "revoke", vec![("reason", "matrix")], [303, 303, 303, 404, 403]),
+        ("GET revoke page", "revoke-page", vec![], [200, 200, 200, 404, 403]),
+    ];
+    for (name, what, form, want) in &writes {
+        for (i, (who, b)) in roles.iter_mut().enumerate() {
+            let fresh = {
+                // Made by D through the admin API into D's app (the API acts for the workspace).
+                let r = kg
+                    .client()
+                    .post("/admin/v1/tokens", &serde_json::json!({"name": "fresh", "app_id": app, "expires_in": 86400}))
+                    .await;
+                r.str("/id")
+            };
+            let got = if *what == "revoke-page" {
+                b.get(&format!("/tokens/{fresh}/revoke")).await.status
+            } else {
+                b.submit("/tokens", &format!("/tokens/{fresh}/{what}"), form).await.status
+            };
+            check(name, *who, got, want[i]);
+        }
+    }
+    // Creating.
+    for (i, (who, b)) in roles.iter_mut().enumerate() {
+        let want = [303, 303, 303, 303, 403][i];
+        check("POST /apps", *who, b.submit("/", "/apps", &[("name", &format!("app by {who}"))]).await.status, want);
+        let want = [200, 200, 200, 400, 403][i];
+        let got = b.submit("/", "/tokens", &[("name", "x"), ("app", &app), ("expiry", "30d")]).await.status;
+        check("POST /tokens in D's app", *who, got, want);
+        let want = [303, 303, 303, 404, 404][i];
+        check(
+            "POST /apps/{D's}/plan",
+            *who,
+            b.submit("/", &format!("/apps/{app}/plan"), &[("plan", &plan)]).await.status,
+            want,
+        );
+        let got =
+            b.submit("/portal/demo", "/portal/demo/try", &[("method", "GET"), ("path", "/demo/echo")]).await.status;
+        check("POST /portal/demo/try", *who, got, 200);
+    }
+    // Owner-only changes.
+    for (i, (who, b)) in roles.iter_mut().enumerate() {
+        let want = [200, 403, 403, 403, 403][i];
+        let got = b
+            .submit("/", "/members/invite", &[("email", &format!("new{i}@example.com")), ("role", "viewer")])
+            .await
+            .status;
+        check("POST /members/invite", *who, got, want);
+        let want = [303, 403, 403, 403, 403][i];
+        check("POST /settings", *who, b.submit("/", "/settings", &[]).await.status, want);
+        let got = b.submit("/", &format!("/members/{d2_id}/role"), &[("role", "developer")]).await.status;
+        check("POST /members/{id}/role", *who, got, want);
+    }
+    // Deciding plan requests: admins and owners only.
+    o.submit("/settings", "/settings", &[("plan_changes_need_approval", "on")]).await;
+    let mut roles: [(char, &mut Browser); 5] =
+        [('O', &mut o), ('A', &mut a), ('D', &mut d), ('d', &mut d2), ('V', &mut v)];
+    for i in 0..5 {
+        let p = roles[2].1.submit("/apps", &format!("/apps/{app}/plan"), &[("plan", &plan)]).await;
+        assert_eq!(p.location.as_deref(), Some("/apps?msg=plan_requested"));
+        let apps = roles[0].1.get("/apps").await;
+        let req = format!("preq_{}", apps.between("action=\"/plan-requests/preq_", "/approve"));
+        let (who, b) = &mut roles[i];
+        let want = [303, 303, 403, 403, 403][i];
+        check(
+            "POST /plan-requests/approve",
+            *who,
+            b.submit("/", &format!("/plan-requests/{req}/approve"), &[]).await.status,
+            want,
+        );
+        if want != 303 {
+            roles[0].1.submit("/apps", &format!("/plan-requests/{req}/deny"), &[]).await;
+        }
+    }
+    // Removing a member (the owner last, since the removal signs the person out).
+    for i in [1, 2, 3, 4, 0] {
+        let (who, b) = &mut roles[i];
+        let want = [303, 403, 403, 403, 403][i];
+        check(
+            "POST /members/{id}/remove",
+            *who,
+            b.submit("/", &format!("/members/{d2_id}/remove"), &[]).await.status,
+            want,
+        );
+    }
+    assert_eq!(d2.get("/").await.location.as_deref(), Some("/login"), "a removed member is signed out");
+    assert!(failures.is_empty(), "role × action mismatches:\n{}", failures.join("\n"));
+}

@@ -552,7 +552,8 @@ async fn the_role_action_matrix() {
     }
     // Writes on D's token: each role acts on a fresh token of D's, so one role's change does not
     // decide the next one's answer.
-    let writes: [(&str, &str, Vec<(&str, &str)>, [u16; 5]); 5] = [
+    type Write<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, [u16; 5]);
+    let writes: [Write<'_>; 5] = [
         ("POST edit", "edit", vec![("name", "renamed")], [303, 303, 303, 404, 403]),
         ("POST suspend", "suspend", vec![], [303, 303, 303, 404, 403]),
         ("POST rotate", "rotate", vec![("grace", "3600")], [200, 200, 200, 404, 403]),

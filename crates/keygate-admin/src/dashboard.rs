@@ -314,6 +314,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/audit/export.csv", get(pages::audit_csv))
         .route("/audit/export.json", get(pages::audit_json))
         .route("/settings", get(pages::settings).post(pages::save_settings))
+        .route("/settings/plans", post(pages::create_plan))
+        .route("/settings/plans/{id}/scopes", post(pages::set_plan_scopes))
         .route("/portal", get(portal::catalog))
         .route("/portal/{id}", get(portal::api))
         .route("/portal/{id}/try", post(portal::try_it))

@@ -405,6 +405,25 @@ impl Admin {
         Ok(plan)
     }
 
+    /// Changes the scopes a plan allows. Tokens already issued keep theirs (the next change to
+    /// such a token is checked against the new list).
+    pub async fn set_plan_scopes(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &PlanId,
+        scopes: &[String],
+    ) -> Result<Plan> {
+        let mut plan = self.plan(ws, id).await?;
+        let before = serde_json::json!({"scopes": plan.scopes});
+        plan.scopes = checked_scopes(scopes)?;
+        let mut audit = NewAuditEvent::new(ws, actor, "plan.update", plan.id.as_str(), self.now());
+        audit.before = Some(before);
+        audit.after = Some(serde_json::json!({"scopes": plan.scopes}));
+        self.store.update_plan(&plan, &audit).await?;
+        Ok(plan)
+    }
+
     pub async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Plan> {
         self.store.plan(ws, id).await?.ok_or_else(|| Error::not_found("plan"))
     }

@@ -82,6 +82,9 @@ pub trait RootKeyStore: Send + Sync {
 #[async_trait]
 pub trait PlanStore: Send + Sync {
     async fn insert_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()>;
+    /// Saves a plan's name, description, scopes and limits; `not_found` if it is not in its
+    /// workspace.
+    async fn update_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()>;
     async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Option<Plan>>;
     async fn list_plans(&self, ws: &WorkspaceId) -> Result<Vec<Plan>>;
     /// Adds or replaces a scope catalog entry.

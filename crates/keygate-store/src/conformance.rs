@@ -334,6 +334,16 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
     s.insert_plan(&plan, &audit(&ws.id, "plan.create", plan.id.as_str())).await.unwrap();
     assert_eq!(s.plan(&ws.id, &plan.id).await.unwrap(), Some(plan.clone()));
     assert_eq!(s.list_plans(&ws.id).await.unwrap(), vec![plan.clone()]);
+    let mut changed = plan.clone();
+    changed.scopes.push(Scope::parse("orders:write").unwrap());
+    changed.quota = Some(Quota { requests: 10, period: QuotaPeriod::Day });
+    s.update_plan(&changed, &audit(&ws.id, "plan.update", plan.id.as_str())).await.unwrap();
+    assert_eq!(s.plan(&ws.id, &plan.id).await.unwrap(), Some(changed.clone()));
+    let mut elsewhere = changed.clone();
+    elsewhere.workspace_id = WorkspaceId::random(&OsRandom).unwrap();
+    let err = s.update_plan(&elsewhere, &audit(&ws.id, "plan.update", plan.id.as_str())).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "a plan is changed only in its own workspace");
+    s.update_plan(&plan, &audit(&ws.id, "plan.update", plan.id.as_str())).await.unwrap();
 
     let entry = ScopeEntry {
         workspace_id: ws.id.clone(),

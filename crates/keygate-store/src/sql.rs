@@ -714,6 +714,29 @@ impl PlanStore for SqlStore {
         self.commit(tx, None).await
     }
 
+    async fn update_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE plans SET name = $1, description = $2, scopes = $3, rate_limit = $4, quota = $5 \
+             WHERE workspace_id = $6 AND id = $7",
+        )
+        .bind(plan.name.as_str())
+        .bind(plan.description.as_deref())
+        .bind(to_json(&plan.scopes)?)
+        .bind(opt_to_json(&plan.rate_limit)?)
+        .bind(opt_to_json(&plan.quota)?)
+        .bind(plan.workspace_id.as_str())
+        .bind(plan.id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found("plan"));
+        }
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await
+    }
+
     async fn plan(&self, ws: &WorkspaceId, id: &PlanId) -> Result<Option<Plan>> {
         self.one_in_workspace(&format!("SELECT {PLAN_COLS} FROM plans"), ws, id.as_str(), rows::plan).await
     }

@@ -66,6 +66,7 @@ fn notice(msg: Option<&str>) -> Value {
         "signed_out" => ("ok", "You are signed out."),
         "settings_saved" => ("ok", "Settings saved."),
         "plan_applied" => ("ok", "The app is on its new plan."),
+        "plan_saved" => ("ok", "Plan saved."),
         "plan_requested" => ("ok", "Plan change requested: an admin will approve or deny it."),
         "plan_decided" => ("ok", "Plan request decided."),
         "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
@@ -1354,7 +1355,10 @@ async fn settings_inner(
     let plans = st.admin.list_plans(v.workspace()).await.map_err(ctx_err(v))?;
     let plans: Vec<Value> = plans
         .iter()
-        .map(|p| context! { name => p.name.clone(), scopes => p.scopes.iter().map(ToString::to_string).collect::<Vec<_>>() })
+        .map(|p| {
+            let scopes: Vec<String> = p.scopes.iter().map(ToString::to_string).collect();
+            context! { id => p.id.to_string(), name => p.name.clone(), scopes_text => scopes.join(" "), scopes }
+        })
         .collect();
     Ok(st.render(
         if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
@@ -1480,4 +1484,62 @@ pub async fn deny_plan(
     body: Bytes,
 ) -> Response {
     decide(st, v, id, headers, body, false).await
+}
+
+pub async fn create_plan(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    if !v.role.is_owner() {
+        return st.error(PageError::forbidden(&v, "change plans"));
+    }
+    let result = async {
+        let (rate_limit, quota) = limits_from(&f)?;
+        let new = crate::service::NewPlan {
+            name: f.get("name").to_owned(),
+            description: f.opt("description").map(str::to_owned),
+            scopes: scopes_from(&f),
+            rate_limit,
+            quota,
+        };
+        st.admin.create_plan(v.workspace(), &v.actor(), new).await
+    }
+    .await;
+    match result {
+        Ok(_) => see_other("/settings?msg=plan_saved"),
+        Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::Conflict) => {
+            page!(st, settings_inner(&st, &v, None, Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn set_plan_scopes(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
+        return r;
+    }
+    if !v.role.is_owner() {
+        return st.error(PageError::forbidden(&v, "change plans"));
+    }
+    let Some(id) = keygate_core::ids::PlanId::parse(&id) else { return st.error(PageError::not_found(&v)) };
+    match st.admin.set_plan_scopes(v.workspace(), &v.actor(), &id, &scopes_from(&f)).await {
+        Ok(_) => see_other("/settings?msg=plan_saved"),
+        Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
+            page!(st, settings_inner(&st, &v, None, Some(e.message.to_string())).await)
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
 }

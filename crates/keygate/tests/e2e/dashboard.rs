@@ -440,6 +440,30 @@ async fn owners_set_the_workspace_policy_and_it_is_enforced() {
     let mut dev = member(&kg, &mut own, "dev@example.com", "developer").await;
     assert_eq!(dev.get("/settings").await.status, StatusCode::FORBIDDEN);
 
+    // Plans: made and narrowed by owners, in the settings.
+    let p = own
+        .submit(
+            "/settings",
+            "/settings/plans",
+            &[("name", "Starter"), ("scopes_text", "orders:read"), ("rate_limit", "60")],
+        )
+        .await;
+    assert_eq!(p.location.as_deref(), Some("/settings?msg=plan_saved"));
+    let plans = kg.client().get("/admin/v1/plans").await;
+    let plan_id = plans.str("/data/0/id");
+    assert_eq!(plans.body["data"][0]["rate_limit"]["requests"], 60);
+    let p = own
+        .submit("/settings", &format!("/settings/plans/{plan_id}/scopes"), &[("scopes_text", "orders:* users:read")])
+        .await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let plans = kg.client().get("/admin/v1/plans").await;
+    assert_eq!(plans.body["data"][0]["scopes"], serde_json::json!(["orders:*", "users:read"]));
+    let p =
+        own.submit("/settings", &format!("/settings/plans/{plan_id}/scopes"), &[("scopes_text", "Not A Scope!")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    let p = dev.submit("/", &format!("/settings/plans/{plan_id}/scopes"), &[("scopes_text", "")]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN);
+
     let p = own.submit("/settings", "/settings", &[("max_token_lifetime_days", "30")]).await;
     assert_eq!(p.status, StatusCode::SEE_OTHER);
     let app = create_app(&mut dev, "Limited").await;

@@ -630,7 +630,8 @@ async fn new_token_inner(
     let mut groups: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
     for s in &scopes {
         let name = s.scope.to_string();
-        let api = name.split(':').next().unwrap_or("").to_owned();
+        // The catalog entry's API, or the part of the scope before its first colon.
+        let api = s.api.clone().unwrap_or_else(|| name.split(':').next().unwrap_or("").to_owned());
         groups.entry(api).or_default().push(context! { name, description => s.description.clone() });
     }
     let groups: Vec<Value> = groups.into_iter().map(|(api, scopes)| context! { api, scopes }).collect();

@@ -241,6 +241,33 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
+/// The fields of a form that changes something, after its CSRF token and origin were checked:
+/// handlers that take this cannot forget the check.
+struct CsrfForm(pages::Fields);
+
+/// The largest form body read.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+impl axum::extract::FromRequest<DashboardState> for CsrfForm {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &DashboardState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
+            return Err(state.error(PageError::Status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the form is larger than 64 KiB".into(),
+                None,
+            )));
+        };
+        let fields = pages::Fields::parse(&bytes);
+        match csrf_refusal(state, &parts.headers, fields.get("csrf")) {
+            Some(refusal) => Err(refusal),
+            None => Ok(CsrfForm(fields)),
+        }
+    }
+}
+
 /// The refusal of a state change whose CSRF token does not match the session's, or that comes
 /// from another origin (defence in depth beside SameSite=Strict); `None` when it may proceed.
 fn csrf_refusal(state: &DashboardState, headers: &HeaderMap, submitted: &str) -> Option<Response> {

@@ -20,7 +20,7 @@ use minijinja::{Value, context};
 use serde::Deserialize;
 
 use super::chart::{self, Bar};
-use super::{DashboardState, PageError, SignedIn, csrf_refusal, same_origin, session_cookie};
+use super::{CsrfForm, DashboardState, PageError, SignedIn, same_origin, session_cookie};
 use crate::accounts::{SignIn, Viewer};
 use crate::api::{AuditEventView, TokenView};
 use crate::service::{Granularity, NewApp, NewToken, TokenUpdate};
@@ -226,12 +226,12 @@ pub async fn second_factor_page(State(st): State<DashboardState>, headers: Heade
     }
 }
 
-pub async fn second_factor_submit(State(st): State<DashboardState>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = Fields::parse(&body);
+pub async fn second_factor_submit(
+    State(st): State<DashboardState>,
+    headers: HeaderMap,
+    CsrfForm(f): CsrfForm,
+) -> Response {
     let Some(cookie) = session_cookie(&headers) else { return see_other("/login") };
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     match st.accounts.second_factor(&cookie, f.get("code")).await {
         Ok(()) => see_other("/"),
         Err(e) if e.code == "session_expired" => see_other("/login"),
@@ -246,11 +246,7 @@ pub async fn second_factor_submit(State(st): State<DashboardState>, headers: Hea
     }
 }
 
-pub async fn logout(State(st): State<DashboardState>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn logout(State(st): State<DashboardState>, headers: HeaderMap, _form: CsrfForm) -> Response {
     if let Some(cookie) = session_cookie(&headers)
         && let Err(e) = st.accounts.sign_out(&cookie).await
     {
@@ -391,32 +387,14 @@ async fn security_inner(
     ))
 }
 
-pub async fn totp_start(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn totp_start(State(st): State<DashboardState>, SignedIn(v): SignedIn, _form: CsrfForm) -> Response {
     match st.accounts.begin_totp(&v).await {
         Ok(_) => see_other("/account/security"),
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }
 
-pub async fn totp_confirm(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn totp_confirm(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
     match st.accounts.confirm_totp(&v, f.get("code")).await {
         Ok(codes) => page!(st, security_inner(&st, &v, Some("2fa_on"), Some(codes)).await),
         Err(e) if e.code == "bad_code" => {
@@ -500,16 +478,7 @@ async fn apps_inner(
     ))
 }
 
-pub async fn create_app(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn create_app(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
     if !v.role.can_write() {
         return st.error(PageError::forbidden(&v, "create apps"));
     }
@@ -717,16 +686,7 @@ fn allowlist_from(f: &Fields) -> Vec<String> {
         .collect()
 }
 
-pub async fn create_token(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
     if !v.role.can_write() {
         return st.error(PageError::forbidden(&v, "create tokens"));
     }
@@ -887,13 +847,8 @@ pub async fn edit_token(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let t = match writable_token(&st, &v, &id).await {
         Ok(t) => t,
         Err(e) => return st.error(e),
@@ -920,18 +875,7 @@ pub async fn edit_token(
     }
 }
 
-async fn lifecycle(
-    st: DashboardState,
-    v: Viewer,
-    id: String,
-    headers: HeaderMap,
-    body: Bytes,
-    action: &'static str,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+async fn lifecycle(st: DashboardState, v: Viewer, id: String, f: Fields, action: &'static str) -> Response {
     let t = match writable_token(&st, &v, &id).await {
         Ok(t) => t,
         Err(e) => return st.error(e),
@@ -959,20 +903,18 @@ pub async fn suspend_token(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    lifecycle(st, v, id, headers, body, "suspend").await
+    lifecycle(st, v, id, f, "suspend").await
 }
 
 pub async fn resume_token(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    lifecycle(st, v, id, headers, body, "resume").await
+    lifecycle(st, v, id, f, "resume").await
 }
 
 pub async fn revoke_page(State(st): State<DashboardState>, SignedIn(v): SignedIn, Path(id): Path<String>) -> Response {
@@ -992,23 +934,17 @@ pub async fn revoke_token(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    lifecycle(st, v, id, headers, body, "revoke").await
+    lifecycle(st, v, id, f, "revoke").await
 }
 
 pub async fn rotate_token(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let t = match writable_token(&st, &v, &id).await {
         Ok(t) => t,
         Err(e) => return st.error(e),
@@ -1223,12 +1159,8 @@ pub async fn invite(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let Some(role) = Role::parse(f.get("role")) else {
         return page!(st, members_inner(&st, &v, None, Some("choose a role".into()), None).await);
     };
@@ -1248,13 +1180,8 @@ pub async fn set_role(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(user): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let (Some(user), Some(role)) = (UserId::parse(&user), Role::parse(f.get("role"))) else {
         return st.error(PageError::not_found(&v));
     };
@@ -1271,13 +1198,8 @@ pub async fn remove_member(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(user): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    _form: CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let Some(user) = UserId::parse(&user) else { return st.error(PageError::not_found(&v)) };
     match st.accounts.remove_member(&v, &user).await {
         Ok(()) => see_other("/members?msg=member_removed"),
@@ -1377,16 +1299,7 @@ async fn settings_inner(
     ))
 }
 
-pub async fn save_settings(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
     let max = match f.opt("max_token_lifetime_days").map(str::parse::<u32>) {
         None => None,
         Some(Ok(d)) if (1..=3650).contains(&d) => Some(d),
@@ -1432,13 +1345,8 @@ pub async fn change_plan(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let (Some(app), Some(plan)) = (AppId::parse(&id), keygate_core::ids::PlanId::parse(f.get("plan"))) else {
         return page!(st, apps_inner(&st, &v, None, Some("choose a plan".into())).await);
     };
@@ -1452,11 +1360,7 @@ pub async fn change_plan(
     }
 }
 
-async fn decide(st: DashboardState, v: Viewer, id: String, headers: HeaderMap, body: Bytes, approve: bool) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+async fn decide(st: DashboardState, v: Viewer, id: String, approve: bool) -> Response {
     let Some(id) = keygate_core::ids::PlanRequestId::parse(&id) else { return st.error(PageError::not_found(&v)) };
     match st.accounts.decide_plan_request(&v, &id, approve).await {
         Ok(()) => see_other("/apps?msg=plan_decided"),
@@ -1471,32 +1375,21 @@ pub async fn approve_plan(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    _form: CsrfForm,
 ) -> Response {
-    decide(st, v, id, headers, body, true).await
+    decide(st, v, id, true).await
 }
 
 pub async fn deny_plan(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    _form: CsrfForm,
 ) -> Response {
-    decide(st, v, id, headers, body, false).await
+    decide(st, v, id, false).await
 }
 
-pub async fn create_plan(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
+pub async fn create_plan(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
     if !v.role.is_owner() {
         return st.error(PageError::forbidden(&v, "change plans"));
     }
@@ -1525,13 +1418,8 @@ pub async fn set_plan_scopes(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     if !v.role.is_owner() {
         return st.error(PageError::forbidden(&v, "change plans"));
     }

@@ -3,14 +3,13 @@
 //! request through the gateway with a token the person pastes (keygate keeps only hashes, so it
 //! cannot fill one in; the token travels in the form body, never in a URL or a log).
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use minijinja::{Value, context};
 
 use super::pages::{Fields, ser};
-use super::{DashboardState, PageError, SignedIn, csrf_refusal};
+use super::{CsrfForm, DashboardState, PageError, SignedIn};
 use crate::accounts::Viewer;
 use crate::catalog::{ApiEntry, TryAnswer};
 
@@ -131,13 +130,8 @@ pub async fn try_it(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    CsrfForm(f): CsrfForm,
 ) -> Response {
-    let f = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&st, &headers, f.get("csrf")) {
-        return r;
-    }
     let Some(api) = entries(&st).into_iter().find(|a| a.id == id) else {
         return st.error(PageError::not_found(&v));
     };

@@ -1,0 +1,190 @@
+//! DPoP proof verification (RFC 9449 §4.3). The caller normalizes the request URI, supplies the
+//! time, and keeps the `jti` replay cache: [`verify_proof`] returns the `jti` and how long it must
+//! be remembered, and the key thumbprint (`jkt`) to compare with the token's `cnf.jkt`.
+//!
+//! # Error codes
+//! All are [`ErrorKind::Unauthenticated`](crate::ErrorKind::Unauthenticated). On the wire every code
+//! but `use_dpop_nonce` is the OAuth error `invalid_dpop_proof` (see [`crate::jose::oauth_error`]):
+//!
+//! | code | meaning |
+//! |---|---|
+//! | `invalid_dpop_proof` | malformed proof, `typ` not `dpop+jwt`, `alg` not EdDSA/ES256, `jwk` missing, private or not matching `alg`, bad signature, missing or ill-typed `jti`/`htm`/`htu`/`iat` |
+//! | `dpop_method_mismatch` | `htm` is not the request's method |
+//! | `dpop_url_mismatch` | `htu` is not the request's URI (query and fragment ignored) |
+//! | `dpop_proof_expired` | `iat` is older than `max_age` |
+//! | `dpop_proof_not_yet_valid` | `iat` is further in the future than `leeway` |
+//! | `dpop_ath_mismatch` | `ath` is missing or is not the hash of the presented access token |
+//! | `dpop_key_mismatch` | the proof's key is not the one the token is bound to (`cnf.jkt`) |
+//! | `use_dpop_nonce` | the server requires a nonce and the proof has none or another one |
+
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::error::{Error, Result};
+use crate::jose::{self, PublicJwk, token_err};
+
+/// Malformed proof, wrong `typ`/`alg`/`jwk`, bad signature, missing claims.
+pub const INVALID_DPOP_PROOF: &str = "invalid_dpop_proof";
+/// `htm` differs from the request method.
+pub const DPOP_METHOD_MISMATCH: &str = "dpop_method_mismatch";
+/// `htu` differs from the request URI.
+pub const DPOP_URL_MISMATCH: &str = "dpop_url_mismatch";
+/// `iat` too old.
+pub const DPOP_PROOF_EXPIRED: &str = "dpop_proof_expired";
+/// `iat` too far in the future.
+pub const DPOP_PROOF_NOT_YET_VALID: &str = "dpop_proof_not_yet_valid";
+/// `ath` missing or not matching the access token.
+pub const DPOP_ATH_MISMATCH: &str = "dpop_ath_mismatch";
+/// The proof's key is not the token's `cnf.jkt`.
+pub const DPOP_KEY_MISMATCH: &str = "dpop_key_mismatch";
+/// A server nonce is required (RFC 9449 §8).
+pub const USE_DPOP_NONCE: &str = "use_dpop_nonce";
+
+/// The `typ` of a DPoP proof.
+pub const DPOP_TYP: &str = "dpop+jwt";
+/// The longest `jti` accepted (it goes into the replay cache).
+pub const MAX_JTI_LEN: usize = 256;
+
+fn err(code: &'static str, message: &'static str) -> Error {
+    token_err(code, message)
+}
+
+/// What the proof must match.
+#[derive(Debug, Clone, Copy)]
+pub struct ProofCheck<'a> {
+    /// The request's method, e.g. `GET` (compared case-sensitively).
+    pub method: &'a str,
+    /// The request's URI as the caller normalized it (scheme and host lowercase, default port
+    /// removed); its query and fragment are ignored, as are the proof's.
+    pub uri: &'a str,
+    /// The current time in seconds since the epoch.
+    pub now: i64,
+    /// How many seconds after its `iat` a proof is still accepted.
+    pub max_age: u32,
+    /// How many seconds into the future an `iat` may be (clock skew).
+    pub leeway: u32,
+    /// The access token sent with the proof, if any: then `ath` must be its hash.
+    pub access_token: Option<&'a str>,
+    /// The thumbprint the access token is bound to (`cnf.jkt`), if any.
+    pub expected_jkt: Option<&'a str>,
+    /// The nonce the server requires, if any.
+    pub nonce: Option<&'a str>,
+}
+
+/// A verified proof: what the caller needs for the binding check and the replay cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedProof {
+    /// The RFC 7638 thumbprint of the proof's key.
+    pub jkt: String,
+    /// The proof's unique id: refuse a second proof with the same `jti` (per `jkt`) until
+    /// `replay_until`.
+    pub jti: String,
+    pub iat: i64,
+    /// After this time the proof is refused as expired anyway, so the cache may forget the `jti`.
+    pub replay_until: i64,
+}
+
+#[derive(Deserialize)]
+struct ProofClaims {
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    htm: Option<String>,
+    #[serde(default)]
+    htu: Option<String>,
+    #[serde(default)]
+    iat: Option<i64>,
+    #[serde(default)]
+    ath: Option<String>,
+    #[serde(default)]
+    nonce: Option<String>,
+}
+
+/// The DPoP `jkt` of a key: its RFC 7638 thumbprint.
+pub fn jkt(jwk: &PublicJwk) -> String {
+    jwk.thumbprint()
+}
+
+/// The `ath` of an access token: base64url(SHA-256(token)).
+pub fn ath(access_token: &str) -> String {
+    jose::sha256_b64url(access_token.as_bytes())
+}
+
+/// The URI without its query and fragment.
+fn strip_query(uri: &str) -> &str {
+    let end = uri.find(['?', '#']).unwrap_or(uri.len());
+    &uri[..end]
+}
+
+/// Verifies a DPoP proof against the request (RFC 9449 §4.3 checks 1–12, the replay check
+/// excepted, which is the caller's with the returned `jti`).
+pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof> {
+    let jws = jose::split(proof).map_err(|e| err(INVALID_DPOP_PROOF, proof_message(&e)))?;
+    let header = jws.header();
+    if header.typ.as_deref() != Some(DPOP_TYP) {
+        return Err(err(INVALID_DPOP_PROOF, "the proof's typ is not dpop+jwt"));
+    }
+    let Some(key) = header.jwk.clone() else {
+        return Err(err(INVALID_DPOP_PROOF, "the proof has no jwk header"));
+    };
+    let alg = header.alg;
+    if key.alg() != alg {
+        return Err(err(INVALID_DPOP_PROOF, "the proof's alg does not match its jwk"));
+    }
+    let verified = jws.verify(&key, alg).map_err(|e| err(INVALID_DPOP_PROOF, proof_message(&e)))?;
+    let claims: ProofClaims = serde_json::from_slice(&verified.payload)
+        .map_err(|_| err(INVALID_DPOP_PROOF, "the proof's claims are malformed"))?;
+
+    let jti = claims.jti.ok_or_else(|| err(INVALID_DPOP_PROOF, "the proof has no jti"))?;
+    if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+        return Err(err(INVALID_DPOP_PROOF, "the proof's jti is empty or too long"));
+    }
+    let htm = claims.htm.ok_or_else(|| err(INVALID_DPOP_PROOF, "the proof has no htm"))?;
+    let htu = claims.htu.ok_or_else(|| err(INVALID_DPOP_PROOF, "the proof has no htu"))?;
+    let iat = claims.iat.ok_or_else(|| err(INVALID_DPOP_PROOF, "the proof has no integer iat"))?;
+
+    if htm != check.method {
+        return Err(err(DPOP_METHOD_MISMATCH, "the proof is for another HTTP method"));
+    }
+    if strip_query(&htu) != strip_query(check.uri) {
+        return Err(err(DPOP_URL_MISMATCH, "the proof is for another URL"));
+    }
+    if check.now.saturating_sub(iat) > i64::from(check.max_age) {
+        return Err(err(DPOP_PROOF_EXPIRED, "the proof is too old"));
+    }
+    if iat.saturating_sub(check.now) > i64::from(check.leeway) {
+        return Err(err(DPOP_PROOF_NOT_YET_VALID, "the proof's iat is in the future"));
+    }
+    if let Some(nonce) = check.nonce
+        && claims.nonce.as_deref() != Some(nonce)
+    {
+        return Err(err(USE_DPOP_NONCE, "the server requires a DPoP nonce"));
+    }
+    if let Some(token) = check.access_token {
+        let expected = ath(token);
+        let matches = claims.ath.as_deref().is_some_and(|a| bool::from(a.as_bytes().ct_eq(expected.as_bytes())));
+        if !matches {
+            return Err(err(DPOP_ATH_MISMATCH, "the proof's ath is not the access token's hash"));
+        }
+    }
+    let jkt = key.thumbprint();
+    if let Some(expected) = check.expected_jkt
+        && expected != jkt
+    {
+        return Err(err(DPOP_KEY_MISMATCH, "the proof is signed by another key than the token is bound to"));
+    }
+    let replay_until = iat.saturating_add(i64::from(check.max_age));
+    Ok(VerifiedProof { jkt, jti, iat, replay_until })
+}
+
+/// Keeps the precise reason from the JOSE layer in the message (its messages are static).
+fn proof_message(e: &Error) -> &'static str {
+    match &e.message {
+        std::borrow::Cow::Borrowed(m) => m,
+        std::borrow::Cow::Owned(_) => "the proof is not a valid JWS",
+    }
+}
+
+#[cfg(test)]
+#[path = "dpop_tests.rs"]
+mod tests;

@@ -202,25 +202,14 @@ impl AccountStore for SqlStore {
     }
 
     async fn delete_membership(&self, ws: &WorkspaceId, user: &UserId, audit: &NewAuditEvent) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query("DELETE FROM memberships WHERE workspace_id = $1 AND user_id = $2")
-            .bind(ws.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        sqlx::query("DELETE FROM sessions WHERE workspace_id = $1 AND user_id = $2")
-            .bind(ws.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
-        self.commit(tx, None).await?;
-        Ok(true)
+        self.delete_in_workspace(
+            "DELETE FROM memberships WHERE workspace_id = $1 AND user_id = $2",
+            &["DELETE FROM sessions WHERE workspace_id = $1 AND user_id = $2"],
+            ws,
+            user.as_str(),
+            audit,
+        )
+        .await
     }
 
     async fn set_recovery_codes(&self, user: &UserId, codes: &[SecretHash], at: Timestamp) -> Result<()> {
@@ -418,19 +407,14 @@ impl AccountStore for SqlStore {
     }
 
     async fn delete_invitation(&self, ws: &WorkspaceId, id: &InvitationId, audit: &NewAuditEvent) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query("DELETE FROM invitations WHERE workspace_id = $1 AND id = $2")
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        self.commit(tx, None).await?;
-        Ok(true)
+        self.delete_in_workspace(
+            "DELETE FROM invitations WHERE workspace_id = $1 AND id = $2",
+            &[],
+            ws,
+            id.as_str(),
+            audit,
+        )
+        .await
     }
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {

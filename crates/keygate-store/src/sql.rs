@@ -70,6 +70,30 @@ impl SqlStore {
 
     /// The row of `select` (a table with `workspace_id` and `id`) with this id in workspace `ws`;
     /// another workspace's row is `None`, as if it did not exist.
+    /// Runs `delete` (`… WHERE workspace_id = $1 AND <key> = $2`), then each of `also` with the
+    /// same two parameters, and writes `audit`, in one transaction. `false`, with nothing
+    /// written, when `delete` matched no row.
+    pub(crate) async fn delete_in_workspace(
+        &self,
+        delete: &'static str,
+        also: &[&'static str],
+        ws: &WorkspaceId,
+        key: &str,
+        audit: &NewAuditEvent,
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(delete).bind(ws.as_str()).bind(key).execute(&mut *tx).await.map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for sql in also {
+            sqlx::query(*sql).bind(ws.as_str()).bind(key).execute(&mut *tx).await.map_err(db_error)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await?;
+        Ok(true)
+    }
+
     async fn one_in_workspace<T>(
         &self,
         select: &str,
@@ -777,19 +801,14 @@ impl PlanStore for SqlStore {
     }
 
     async fn delete_scope(&self, ws: &WorkspaceId, scope: &Scope, audit: &NewAuditEvent) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query("DELETE FROM scope_catalog WHERE workspace_id = $1 AND scope = $2")
-            .bind(ws.as_str())
-            .bind(scope.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        self.commit(tx, None).await?;
-        Ok(true)
+        self.delete_in_workspace(
+            "DELETE FROM scope_catalog WHERE workspace_id = $1 AND scope = $2",
+            &[],
+            ws,
+            scope.as_str(),
+            audit,
+        )
+        .await
     }
 }
 

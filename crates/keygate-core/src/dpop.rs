@@ -132,6 +132,9 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof
         return Err(err(INVALID_DPOP_PROOF, "the proof's alg does not match its jwk"));
     }
     let verified = jws.verify(&key, alg).map_err(|e| err(INVALID_DPOP_PROOF, proof_message(&e)))?;
+    if !jose::is_json_object(&verified.payload) {
+        return Err(err(INVALID_DPOP_PROOF, "the proof's claims are not a JSON object"));
+    }
     let claims: ProofClaims = serde_json::from_slice(&verified.payload)
         .map_err(|_| err(INVALID_DPOP_PROOF, "the proof's claims are malformed"))?;
 

@@ -37,6 +37,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 use std::str::FromStr;
 
 use aws_lc_rs::rand::SystemRandom;
@@ -46,7 +47,8 @@ use aws_lc_rs::signature::{
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -222,10 +224,93 @@ pub struct PublicJwk {
     parsed: ParsedPublicKey,
 }
 
+/// The encodings (`y`, sign bit ignored) of the eight small-order points of edwards25519, with the
+/// non-canonical ones (`y + p`): 0, 1, the two order-8 `y`, p - 1, p, p + 1 (as libsodium's list).
+const ED25519_SMALL_ORDER: [[u8; 32]; 7] = {
+    let zero = [0u8; 32];
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    let mut p_minus_1 = [0xffu8; 32];
+    p_minus_1[0] = 0xec;
+    p_minus_1[31] = 0x7f;
+    let mut p = p_minus_1;
+    p[0] = 0xed;
+    let mut p_plus_1 = p_minus_1;
+    p_plus_1[0] = 0xee;
+    [
+        zero,
+        one,
+        [
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98, 0xf0, 0xd5, 0xdf,
+            0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53, 0xfc, 0x05,
+        ],
+        [
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67, 0x0f, 0x2a, 0x20,
+            0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac, 0x03, 0x7a,
+        ],
+        p_minus_1,
+        p,
+        p_plus_1,
+    ]
+};
+
+fn ed25519_small_order(key: &[u8; 32]) -> bool {
+    let mut y = *key;
+    y[31] &= 0x7f;
+    ED25519_SMALL_ORDER.contains(&y)
+}
+
 /// Deserializes any value and records that the member was present (even as `null`).
 fn present<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
     IgnoredAny::deserialize(d)?;
     Ok(true)
+}
+
+/// Whether `json` is (after whitespace) a JSON object. serde's derived structs also accept a JSON
+/// array (members by position); JOSE headers, JWKs and claims sets are objects only.
+pub(crate) fn is_json_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// Deserializes a `T` from a JSON object only (never from an array taken positionally), keeping
+/// serde's duplicate-member detection.
+struct ObjectVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<T, A::Error> {
+        T::deserialize(MapAccessDeserializer::new(map))
+    }
+}
+
+struct OptionalObjectVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for OptionalObjectVisitor<T> {
+    type Value = Option<T>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object or null")
+    }
+    fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Option<T>, D::Error> {
+        d.deserialize_map(ObjectVisitor(PhantomData)).map(Some)
+    }
+}
+
+/// For a nested member that must be a JSON object (or absent/null).
+pub(crate) fn nested_object<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    d.deserialize_option(OptionalObjectVisitor(PhantomData))
 }
 
 /// The JSON form of a JWK, before validation. Members we do not use are ignored, but every
@@ -269,6 +354,9 @@ impl PublicJwk {
     /// private member (`d`, `p`, `q`, `dp`, `dq`, `qi`, `oth`, `k`) is refused, as is an `alg` other
     /// than the key type's and a `use` other than `sig`. Error code `invalid_jwk`.
     pub fn from_json(json: &str) -> Result<Self> {
+        if !is_json_object(json.as_bytes()) {
+            return Err(jwk_err("the JWK is not a JSON object"));
+        }
         let raw: RawJwk = serde_json::from_str(json).map_err(|_| jwk_err("the JWK is not a valid JSON object"))?;
         Self::from_raw(raw).map_err(jwk_err)
     }
@@ -307,9 +395,15 @@ impl PublicJwk {
         Ok(jwk)
     }
 
-    /// An Ed25519 public key from its 32 bytes.
+    /// An Ed25519 public key from its 32 bytes. Small-order points are refused: aws-lc-rs accepts
+    /// them, and for such a key one signature verifies for every message. (aws-lc-rs checks only
+    /// the length of an Ed25519 key when parsing; a point that does not decode is refused by every
+    /// verification instead.)
     pub fn from_ed25519(x: &[u8]) -> Result<Self> {
         let x: [u8; COORD_LEN] = x.try_into().map_err(|_| jwk_err("an Ed25519 key is 32 bytes"))?;
+        if ed25519_small_order(&x) {
+            return Err(jwk_err("the Ed25519 key is a small-order point"));
+        }
         let parsed = ParsedPublicKey::new(&ED25519, x).map_err(|_| jwk_err("not a valid Ed25519 key"))?;
         Ok(Self { material: KeyMaterial::Ed25519 { x }, kid: None, parsed })
     }
@@ -426,7 +520,7 @@ impl Serialize for PublicJwk {
 
 impl<'de> Deserialize<'de> for PublicJwk {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let raw = RawJwk::deserialize(d)?;
+        let raw: RawJwk = d.deserialize_map(ObjectVisitor(PhantomData))?;
         PublicJwk::from_raw(raw).map_err(serde::de::Error::custom)
     }
 }
@@ -649,7 +743,7 @@ struct RawHeader<'a> {
     typ: Option<String>,
     #[serde(default)]
     kid: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nested_object")]
     jwk: Option<RawJwk>,
     #[serde(default, deserialize_with = "present")]
     crit: bool,
@@ -675,7 +769,12 @@ pub struct Verified {
 
 impl Verified {
     /// The payload parsed as JSON claims; `invalid_token_claims` when it does not fit `T`.
+    /// The payload must be a JSON object (nested structs of `T` should use objects too: serde's
+    /// derived structs accept arrays positionally, so `Claims` guards its nested `cnf`).
     pub fn claims<T: DeserializeOwned>(&self) -> Result<T> {
+        if !is_json_object(&self.payload) {
+            return Err(token_err(INVALID_TOKEN_CLAIMS, "the claims set is not a JSON object"));
+        }
         serde_json::from_slice(&self.payload)
             .map_err(|_| token_err(INVALID_TOKEN_CLAIMS, "the claims are missing a member or are malformed"))
     }
@@ -698,6 +797,9 @@ pub fn split(compact: &str) -> Result<Jws<'_>> {
     let header_json = URL_SAFE_NO_PAD
         .decode(h)
         .map_err(|_| token_err(INVALID_TOKEN, "the token header is not base64url without padding"))?;
+    if !is_json_object(&header_json) {
+        return Err(token_err(INVALID_TOKEN, "the token header is not a JSON object"));
+    }
     let raw: RawHeader<'_> = serde_json::from_slice(&header_json)
         .map_err(|_| token_err(INVALID_TOKEN, "the token header is not a valid JSON object"))?;
     if raw.crit {
@@ -793,7 +895,7 @@ pub struct Claims {
     pub client_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "nested_object")]
     pub cnf: Option<Confirmation>,
 }
 

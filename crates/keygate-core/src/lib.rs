@@ -5,9 +5,12 @@
 
 pub mod account;
 pub mod clock;
+pub mod dpop;
 pub mod error;
 pub mod ids;
+pub mod jose;
 pub mod model;
+pub mod pkce;
 pub mod policy;
 pub mod scope;
 pub mod secret;

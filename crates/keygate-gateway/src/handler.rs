@@ -414,7 +414,11 @@ impl Gateway {
         for (name, scope, limit) in [("token", 0u32, token.rate_limit), ("route", route.limiter_key, route.rate_limit)]
         {
             let Some(limit) = limit else { continue };
-            let d = self.limiter.check_rate(id, scope, &limit, now_us);
+            let d = if scope == 0 {
+                Limiter::check_cell(token.rate_state(), &limit, now_us)
+            } else {
+                self.limiter.check_rate(id, scope, &limit, now_us)
+            };
             rate_limit_headers(
                 headers,
                 name,

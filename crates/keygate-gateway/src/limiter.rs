@@ -72,6 +72,12 @@ impl Limiter {
         cas(cell, limit, now_us)
     }
 
+    /// Checks and, if allowed, takes one request from the bucket whose state is `cell` (a token's
+    /// own limit keeps its state in its index entry).
+    pub fn check_cell(cell: &AtomicI64, limit: &RateLimit, now_us: i64) -> GcraDecision {
+        cas(cell, limit, now_us)
+    }
+
     /// Counts one request against `quota` for token `id` if it fits.
     pub fn check_quota(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64) -> QuotaDecision {
         let (start, end) = quota.period.window(now_ms);

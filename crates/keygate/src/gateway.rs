@@ -160,19 +160,25 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> JoinHandle<()> {
         loop {
             tick.tick().await;
             elapsed += 1;
-            let table = gw.table.load_full();
-            for route in &table.routes.routes {
-                let Some(hc) = &route.health_check else { continue };
-                if !elapsed.is_multiple_of(hc.interval_seconds.max(1)) {
-                    continue;
-                }
-                for u in &route.upstreams {
-                    let ok = keygate_gateway::proxy::probe(u, &hc.path, Duration::from_secs(2)).await;
-                    keygate_gateway::proxy::note_probe(u, ok, hc.healthy_threshold, hc.unhealthy_threshold);
-                }
-            }
+            health_check_round(&gw, elapsed).await;
         }
     })
+}
+
+/// Probes every upstream of every route whose health-check interval divides `elapsed_seconds`
+/// (the background task calls this once a second; tests call it directly).
+pub async fn health_check_round(gw: &Gateway, elapsed_seconds: u64) {
+    let table = gw.table.load_full();
+    for route in &table.routes.routes {
+        let Some(hc) = &route.health_check else { continue };
+        if !elapsed_seconds.is_multiple_of(hc.interval_seconds.max(1)) {
+            continue;
+        }
+        for u in &route.upstreams {
+            let ok = keygate_gateway::proxy::probe(u, &hc.path, Duration::from_secs(2)).await;
+            keygate_gateway::proxy::note_probe(u, ok, hc.healthy_threshold, hc.unhealthy_threshold);
+        }
+    }
 }
 
 fn modified(p: &Path) -> Option<SystemTime> {

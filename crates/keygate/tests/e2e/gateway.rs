@@ -584,3 +584,73 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     assert_eq!(send("203.0.113.7, 198.51.100.1").await.status(), StatusCode::FORBIDDEN);
     kg.stop().await;
 }
+
+/// An upstream that answers every request with 200 or 503, as the test switches it.
+async fn switchable_upstream(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            let up = up.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let status = if up.load(std::sync::atomic::Ordering::SeqCst) { "200 OK" } else { "503 Busy" };
+                let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn active_health_checks_take_an_upstream_out_and_put_it_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let healthy = MockUpstream::start().await.unwrap();
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    let flaky = switchable_upstream(flag.clone()).await;
+    let mut checked = route("checked", "/checked", &flaky);
+    checked.upstreams = vec![healthy.url()];
+    checked.health_check = Some(keygate_gateway::config::HealthCheckConfig {
+        path: "/healthz".into(),
+        interval_seconds: 5,
+        unhealthy_threshold: 2,
+        healthy_threshold: 2,
+    });
+    let kg = TestKeygate::start_with(Options { routes: vec![checked], ..Options::default() }).await.unwrap();
+    let flaky_is_healthy = || {
+        let table = kg.gateway().table.load();
+        let route = table.routes.routes.iter().find(|r| &*r.id == "checked").unwrap().clone();
+        route.upstreams[0].is_healthy()
+    };
+    // Rounds run only when the interval divides the elapsed seconds.
+    keygate::gateway::health_check_round(kg.gateway(), 3).await;
+    assert!(flaky_is_healthy(), "no check at second 3 of a 5-second interval");
+    keygate::gateway::health_check_round(kg.gateway(), 5).await;
+    assert!(flaky_is_healthy(), "one failed check is below the threshold of 2");
+    keygate::gateway::health_check_round(kg.gateway(), 10).await;
+    assert!(!flaky_is_healthy(), "two failed checks take it out");
+
+    // Out of rotation: every request goes to the healthy upstream.
+    let (_, secret) = kg.client().create_token(&json!({"name": "hc"})).await;
+    kg.sync_index().await.unwrap();
+    for _ in 0..4 {
+        let r = http().get(format!("{}/checked/x", kg.gateway_url())).bearer_auth(&secret).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "the healthy upstream answers");
+    }
+
+    flag.store(true, Ordering::SeqCst);
+    keygate::gateway::health_check_round(kg.gateway(), 15).await;
+    assert!(!flaky_is_healthy(), "one success is below the healthy threshold of 2");
+    keygate::gateway::health_check_round(kg.gateway(), 20).await;
+    assert!(flaky_is_healthy(), "two successes put it back");
+}

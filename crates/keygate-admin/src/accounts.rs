@@ -92,36 +92,72 @@ pub enum SignIn {
 }
 
 /// Counts failures per key in a sliding window (in memory, per node).
+/// Counts failed attempts per key in a window (in memory, per node). An attempt is counted
+/// before it is checked and given back when it succeeds, so concurrent attempts cannot slip past
+/// the limit while the first ones are still being checked.
 #[derive(Default)]
 struct Throttle {
     failures: Mutex<HashMap<String, (Timestamp, u32)>>,
 }
 
 impl Throttle {
+    /// Keys kept at most; past that, expired entries go, and if that is not enough the counts
+    /// start over (each attempt costs an Argon2 hash, so refilling is slow).
     const MAX_KEYS: usize = 100_000;
 
-    fn blocked(&self, key: &str, limit: u32, window: i64, now: Timestamp) -> bool {
-        let Ok(map) = self.failures.lock() else { return true };
-        map.get(key).is_some_and(|(start, n)| now.as_millis() - start.as_millis() < window && *n >= limit)
+    /// Takes an attempt under each `(key, limit)`; `false` (nothing taken) if any is used up.
+    fn attempt(&self, keys: &[(&str, u32)], window: i64, now: Timestamp) -> bool {
+        let Ok(mut map) = self.failures.lock() else { return false };
+        let live = |e: &(Timestamp, u32)| now.as_millis() - e.0.as_millis() < window;
+        if keys.iter().any(|(k, limit)| map.get(*k).is_some_and(|e| live(e) && e.1 >= *limit)) {
+            return false;
+        }
+        if map.len() + keys.len() > Self::MAX_KEYS {
+            map.retain(|_, e| now.as_millis() - e.0.as_millis() < window);
+            if map.len() + keys.len() > Self::MAX_KEYS {
+                tracing::warn!("sign-in throttle full; its counts start over");
+                map.clear();
+            }
+        }
+        for (k, _) in keys {
+            let e = map.entry((*k).to_owned()).or_insert((now, 0));
+            if !live(e) {
+                *e = (now, 0);
+            }
+            e.1 += 1;
+        }
+        true
     }
 
-    fn fail(&self, key: &str, window: i64, now: Timestamp) {
-        let Ok(mut map) = self.failures.lock() else { return };
-        if map.len() >= Self::MAX_KEYS {
-            map.retain(|_, (start, _)| now.as_millis() - start.as_millis() < window);
-        }
-        let e = map.entry(key.to_owned()).or_insert((now, 0));
-        if now.as_millis() - e.0.as_millis() >= window {
-            *e = (now, 0);
-        }
-        e.1 += 1;
-    }
-
-    fn clear(&self, key: &str) {
+    /// Gives back the attempt taken under each key (it succeeded).
+    fn succeeded(&self, keys: &[&str]) {
         if let Ok(mut map) = self.failures.lock() {
-            map.remove(key);
+            for k in keys {
+                if let Some(e) = map.get_mut(*k) {
+                    e.1 = e.1.saturating_sub(1);
+                }
+            }
         }
     }
+}
+
+/// The throttle key of an address: IPv6 by its /64 (one host usually holds a whole /64).
+fn address_key(ip: Option<&str>) -> String {
+    match ip.and_then(|i| i.parse::<std::net::IpAddr>().ok()) {
+        Some(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(ip) => format!("address:{ip}"),
+        None => "address:-".into(),
+    }
+}
+
+/// The throttle key of an account: the normalized email, bounded.
+fn account_key(email: &str) -> String {
+    let e = email.trim().to_lowercase();
+    let end = (0..=e.len().min(254)).rev().find(|i| e.is_char_boundary(*i)).unwrap_or(0);
+    format!("account:{}", &e[..end])
 }
 
 fn too_many() -> Error {
@@ -146,6 +182,9 @@ pub struct Accounts {
     throttle: Throttle,
     /// A hash to verify against when the email is unknown, so the answer takes as long.
     dummy_hash: String,
+    /// Argon2 runs at most this many at once (each takes 19 MiB): a flood of sign-ins queues
+    /// instead of exhausting memory.
+    hashing: tokio::sync::Semaphore,
 }
 
 fn hasher() -> Argon2<'static> {
@@ -193,7 +232,16 @@ impl Accounts {
         let mut salt = [0u8; 16];
         admin.random(&mut salt)?;
         let dummy_hash = hash_password_now(&URL_SAFE_NO_PAD.encode(salt), &salt)?;
-        Ok(Self { admin, settings, seal_key, setup_code: Mutex::new(None), throttle: Throttle::default(), dummy_hash })
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        Ok(Self {
+            admin,
+            settings,
+            seal_key,
+            setup_code: Mutex::new(None),
+            throttle: Throttle::default(),
+            dummy_hash,
+            hashing: tokio::sync::Semaphore::new(parallel),
+        })
     }
 
     pub fn admin(&self) -> &Arc<Admin> {
@@ -247,7 +295,7 @@ impl Accounts {
         ip: Option<String>,
     ) -> Result<String> {
         let now = self.now();
-        if self.throttle.blocked("setup", 20, self.settings.throttle_window_ms, now) {
+        if !self.throttle.attempt(&[("setup", 20)], self.settings.throttle_window_ms, now) {
             return Err(too_many());
         }
         let email = normalize_email(email)?;
@@ -260,38 +308,43 @@ impl Accounts {
             if good { slot.take() } else { None }
         };
         if taken.is_none() {
-            self.throttle.fail("setup", self.settings.throttle_window_ms, now);
             return Err(Error::new(
                 ErrorKind::Unauthenticated,
                 "bad_setup_code",
                 "the setup code is not right; copy it from the terminal where `keygate serve` runs",
             ));
         }
-        let restore = || {
-            if let Ok(mut slot) = self.setup_code.lock() {
-                *slot = taken;
+        // Whatever fails from here on, the code works again.
+        let result = async {
+            if self.store().user_count().await? > 0 {
+                return Err(Error::conflict("already_set_up", "keygate is already set up; sign in instead"));
             }
-        };
-        if self.store().user_count().await? > 0 {
-            return Err(Error::conflict("already_set_up", "keygate is already set up; sign in instead"));
+            let ws = self.admin.bootstrap().await?;
+            let user = self.new_user(&email, &name, password).await?;
+            let m = Membership {
+                workspace_id: ws.id.clone(),
+                user_id: user.id.clone(),
+                role: Role::Owner,
+                created_at: now,
+            };
+            let actor = Actor { id: user.id.to_string(), source: Some("dashboard setup".into()) };
+            let mut audit = NewAuditEvent::new(&ws.id, &actor, "user.created", user.id.as_str(), now);
+            audit.after = Some(json!({"email": user.email, "name": user.name, "role": "owner"}));
+            self.store().insert_user(&user, &m, &audit).await?;
+            Ok((user, ws))
         }
-        let ws = self.admin.bootstrap().await?;
-        let user = match self.new_user(&email, &name, password).await {
-            Ok(u) => u,
+        .await;
+        let (user, ws) = match result {
+            Ok(done) => done,
             Err(e) => {
-                restore();
+                if e.code != "already_set_up"
+                    && let Ok(mut slot) = self.setup_code.lock()
+                {
+                    *slot = taken;
+                }
                 return Err(e);
             }
         };
-        let m =
-            Membership { workspace_id: ws.id.clone(), user_id: user.id.clone(), role: Role::Owner, created_at: now };
-        let actor = Actor { id: user.id.to_string(), source: Some("dashboard setup".into()) };
-        let mut audit = NewAuditEvent::new(&ws.id, &actor, "user.created", user.id.as_str(), now);
-        audit.after = Some(json!({"email": user.email, "name": user.name, "role": "owner"}));
-        if let Err(e) = self.store().insert_user(&user, &m, &audit).await {
-            restore();
-            return Err(e);
-        }
         self.start_session(&user, &ws.id, false, ip).await
     }
 
@@ -315,6 +368,7 @@ impl Accounts {
         let mut salt = [0u8; 16];
         self.admin.random(&mut salt)?;
         let password = password.to_owned();
+        let _permit = self.hashing.acquire().await.map_err(|_| Error::internal("password hashing stopped"))?;
         tokio::task::spawn_blocking(move || hash_password_now(&password, &salt))
             .await
             .map_err(|_| Error::internal("password hashing task failed"))?
@@ -323,6 +377,7 @@ impl Accounts {
     async fn password_matches(&self, password: &str, phc: &str) -> bool {
         let password = password.to_owned();
         let phc = phc.to_owned();
+        let Ok(_permit) = self.hashing.acquire().await else { return false };
         tokio::task::spawn_blocking(move || {
             PasswordHash::new(&phc).is_ok_and(|h| hasher().verify_password(password.as_bytes(), &h).is_ok())
         })
@@ -334,26 +389,7 @@ impl Accounts {
 
     /// Checks email and password (throttled per account and per address).
     pub async fn sign_in(&self, email: &str, password: &str, ip: Option<String>) -> Result<SignIn> {
-        let now = self.now();
-        let window = self.settings.throttle_window_ms;
-        let email = email.trim().to_lowercase();
-        let account_key = format!("account:{email}");
-        let address_key = format!("address:{}", ip.as_deref().unwrap_or("-"));
-        if self.throttle.blocked(&account_key, self.settings.max_failures_per_account, window, now)
-            || self.throttle.blocked(&address_key, self.settings.max_failures_per_address, window, now)
-        {
-            return Err(too_many());
-        }
-        let password = if password.len() > MAX_PASSWORD_BYTES { "" } else { password };
-        let user = self.store().user_by_email(&email).await?;
-        let phc = user.as_ref().map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
-        let good = self.password_matches(password, phc).await;
-        let Some(user) = user.filter(|u| good && !u.disabled) else {
-            self.throttle.fail(&account_key, window, now);
-            self.throttle.fail(&address_key, window, now);
-            return Err(bad_credentials());
-        };
-        self.throttle.clear(&account_key);
+        let user = self.check_password_throttled(email, password, ip.as_deref()).await?;
         let memberships = self.store().memberships(&user.id).await?;
         let Some(m) = memberships.first() else {
             return Err(Error::new(
@@ -370,6 +406,28 @@ impl Accounts {
         Ok(SignIn::Done(secret))
     }
 
+    /// The account whose password this is, throttled per account and per address (an attempt
+    /// is counted before the hash is checked, and given back if the password is right).
+    async fn check_password_throttled(&self, email: &str, password: &str, ip: Option<&str>) -> Result<User> {
+        let now = self.now();
+        let account = account_key(email);
+        let address = address_key(ip);
+        let keys = [
+            (account.as_str(), self.settings.max_failures_per_account),
+            (address.as_str(), self.settings.max_failures_per_address),
+        ];
+        if !self.throttle.attempt(&keys, self.settings.throttle_window_ms, now) {
+            return Err(too_many());
+        }
+        let password = if password.len() > MAX_PASSWORD_BYTES { "" } else { password };
+        let user = self.store().user_by_email(&email.trim().to_lowercase()).await?;
+        let phc = user.as_ref().map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+        let good = self.password_matches(password, phc).await;
+        let user = user.filter(|u| good && !u.disabled).ok_or_else(bad_credentials)?;
+        self.throttle.succeeded(&[account.as_str(), address.as_str()]);
+        Ok(user)
+    }
+
     async fn audit_sign_in(&self, user: &User, ws: &WorkspaceId, ip: Option<String>, method: &str) {
         let actor = Actor { id: user.id.to_string(), source: ip.clone().or(Some("dashboard".into())) };
         let mut audit = NewAuditEvent::new(ws, &actor, "user.signed_in", user.id.as_str(), self.now());
@@ -379,10 +437,11 @@ impl Accounts {
         }
     }
 
-    /// Completes a pending sign-in with a TOTP code or a recovery code.
-    pub async fn second_factor(&self, cookie: &str, code: &str) -> Result<()> {
+    /// Completes a pending sign-in with a TOTP code or a recovery code. The pending session is
+    /// replaced by a new one (a fresh secret at the change of privilege); returns its secret.
+    pub async fn second_factor(&self, cookie: &str, code: &str) -> Result<String> {
         let now = self.now();
-        let Some(mut session) = self.store().session(&self.hash(cookie)).await? else {
+        let Some(session) = self.store().session(&self.hash(cookie)).await? else {
             return Err(Error::new(ErrorKind::Unauthenticated, "session_expired", "sign in again"));
         };
         if !session.pending_mfa || self.expired(&session, now) {
@@ -390,7 +449,7 @@ impl Accounts {
         }
         let key = format!("mfa:{}", session.user_id);
         let window = self.settings.throttle_window_ms;
-        if self.throttle.blocked(&key, self.settings.max_failures_per_account, window, now) {
+        if !self.throttle.attempt(&[(key.as_str(), self.settings.max_failures_per_account)], window, now) {
             return Err(too_many());
         }
         let user = self.store().user(&session.user_id).await?.ok_or_else(bad_credentials)?;
@@ -399,19 +458,17 @@ impl Accounts {
         } else if self.store().use_recovery_code(&user.id, &self.hash(&normalize_recovery(code)), now).await? {
             "recovery_code"
         } else {
-            self.throttle.fail(&key, window, now);
             return Err(Error::new(
                 ErrorKind::Unauthenticated,
                 "bad_code",
                 "the code is not right; enter the 6 digits your authenticator app shows now, or a recovery code",
             ));
         };
-        self.throttle.clear(&key);
-        session.pending_mfa = false;
-        session.last_seen_at = now;
-        self.store().update_session(&session).await?;
+        self.throttle.succeeded(&[key.as_str()]);
+        self.store().delete_session(&session.id_hash).await?;
+        let secret = self.start_session(&user, &session.workspace_id, false, session.ip.clone()).await?;
         self.audit_sign_in(&user, &session.workspace_id, session.ip.clone(), method).await;
-        Ok(())
+        Ok(secret)
     }
 
     /// Checks a TOTP code for `user` and spends its time step.
@@ -658,9 +715,15 @@ impl Accounts {
         let existing = self.store().user_by_email(&inv.email).await?;
         let new_user = match &existing {
             Some(u) => {
-                if !self.password_matches(password, &u.password_hash).await {
-                    return Err(bad_credentials());
+                // Asked before the password, so the answer says nothing about the password.
+                if self.store().membership(&inv.workspace_id, &u.id).await?.is_some() {
+                    return Err(Error::conflict(
+                        "already_member",
+                        "you are already a member of this workspace; sign in",
+                    ));
                 }
+                // The same throttle as sign-in: an invitation link is not a way to guess passwords.
+                self.check_password_throttled(&inv.email, password, ip.as_deref()).await?;
                 None
             }
             None => {

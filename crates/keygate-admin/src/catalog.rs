@@ -35,8 +35,11 @@ pub trait ApiCatalog: Send + Sync {
     /// The OpenAPI document at `source` (a file path or an http(s) URL), parsed.
     async fn openapi(&self, source: &str) -> Result<serde_json::Value, String>;
     /// Sends a request through the gateway with `token` (never logged) and returns its answer.
+    /// The path (normalized as the gateway does) must be one the API `api_id` serves; the answer
+    /// body is cut at 64 KiB.
     async fn send(
         &self,
+        api_id: &str,
         method: &str,
         path_and_query: &str,
         token: Option<&str>,

@@ -229,7 +229,9 @@ impl Admin {
     /// A key for `purpose`, derived from the pepper (HMAC-SHA256 of a label), so it lives
     /// where the pepper lives: never in the database.
     pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
-        self.pepper.hash(&format!("keygate derived key: {purpose}")).0
+        // The NUL keeps derivation inputs apart from every text keygate hashes (tokens, codes,
+        // session secrets), none of which can hold one.
+        self.pepper.hash(&format!("\0keygate derived key\0{purpose}")).0
     }
 
     /// The keyed hash of a presented secret, as the store keeps it.

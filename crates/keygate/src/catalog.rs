@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use keygate_admin::catalog::{ApiCatalog, ApiEntry, TryAnswer};
 use keygate_gateway::handler::Gateway;
+use keygate_gateway::routes::normalize_path;
 
 /// The largest OpenAPI document or explorer answer read.
 const MAX_DOC_BYTES: usize = 4 * 1024 * 1024;
@@ -112,13 +113,31 @@ impl ApiCatalog for Catalog {
 
     async fn send(
         &self,
+        api_id: &str,
         method: &str,
         path_and_query: &str,
         token: Option<&str>,
         body: Option<String>,
     ) -> Result<TryAnswer, String> {
         let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| "not an HTTP method".to_owned())?;
-        let url = format!("http://{}{path_and_query}", self.gateway_addr);
+        // The request must reach this API, as the gateway will route it: normalize the path the
+        // same way and match it against the live route table.
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let path = normalize_path(path).map_err(|e| format!("the path is not valid: {e}"))?;
+        let table = self.gateway.table.load();
+        let routed = table.routes.find(None, &path).is_some_and(|r| &*r.id == api_id);
+        if !routed {
+            return Err(format!("{path} is not served by the API {api_id}"));
+        }
+        let target = match query {
+            Some(q) if !q.contains(['#', ' ', '\r', '\n']) => format!("{path}?{q}"),
+            Some(_) => return Err("the query string holds characters a URL cannot".into()),
+            None => path,
+        };
+        let url = format!("http://{}{target}", self.gateway_addr);
         let mut req = self.http.request(method, url);
         if let Some(t) = token {
             req = req.bearer_auth(t.trim());
@@ -134,9 +153,18 @@ impl ApiCatalog for Catalog {
             .filter(|(k, _)| SHOWN_HEADERS.contains(&k.as_str()))
             .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
-        let bytes = resp.bytes().await.map_err(|e| format!("reading the answer: {}", e.without_url()))?;
-        let truncated = bytes.len() > MAX_ANSWER_SHOWN;
-        let shown = &bytes[..bytes.len().min(MAX_ANSWER_SHOWN)];
-        Ok(TryAnswer { status, headers, body: String::from_utf8_lossy(shown).into_owned(), truncated })
+        // Read no more than is shown: a large answer is cut, not buffered whole.
+        let mut resp = resp;
+        let mut shown: Vec<u8> = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading the answer: {}", e.without_url()))? {
+            let room = MAX_ANSWER_SHOWN - shown.len();
+            shown.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() > room {
+                truncated = true;
+                break;
+            }
+        }
+        Ok(TryAnswer { status, headers, body: String::from_utf8_lossy(&shown).into_owned(), truncated })
     }
 }

@@ -153,15 +153,37 @@ pub async fn setup_submit(
         .complete_setup(f.get("code"), f.get("email"), f.get("name"), f.get("password"), client_ip(&conn))
         .await
     {
-        Ok(secret) => signed_in_redirect(&st, &secret, "/"),
+        Ok(secret) => {
+            end_previous_session(&st, &headers).await;
+            signed_in_redirect(&st, &secret, "/")
+        }
         Err(e) => st.render(
             StatusCode::BAD_REQUEST,
             "setup.html",
             None,
             "",
-            context! { title => "Set up keygate", notice => context!{ kind => "error", text => e.message.to_string() },
+            context! { title => "Set up keygate", notice => context!{ kind => "error", text => public_message(&e) },
             form => context!{ name => f.get("name"), email => f.get("email") } },
         ),
+    }
+}
+
+/// The text of an error shown before sign-in: internal errors are logged, not shown.
+fn public_message(e: &Error) -> String {
+    if e.kind == keygate_core::ErrorKind::Internal || e.kind == keygate_core::ErrorKind::Unavailable {
+        tracing::error!(error = %e, "dashboard sign-in step failed");
+        "something went wrong on our side; try again, and see the server log if it persists".into()
+    } else {
+        e.message.to_string()
+    }
+}
+
+/// Ends the session the browser held before signing in again (a new secret at every sign-in).
+async fn end_previous_session(st: &DashboardState, headers: &HeaderMap) {
+    if let Some(old) = session_cookie(headers)
+        && let Err(e) = st.accounts.sign_out(&old).await
+    {
+        tracing::warn!(error = %e, "could not end the previous dashboard session");
     }
 }
 
@@ -195,8 +217,14 @@ pub async fn login_submit(
     }
     let f = Fields::parse(&body);
     match st.accounts.sign_in(f.get("email"), f.get("password"), client_ip(&conn)).await {
-        Ok(SignIn::Done(secret)) => signed_in_redirect(&st, &secret, "/"),
-        Ok(SignIn::NeedsSecondFactor(secret)) => signed_in_redirect(&st, &secret, "/login/2fa"),
+        Ok(SignIn::Done(secret)) => {
+            end_previous_session(&st, &headers).await;
+            signed_in_redirect(&st, &secret, "/")
+        }
+        Ok(SignIn::NeedsSecondFactor(secret)) => {
+            end_previous_session(&st, &headers).await;
+            signed_in_redirect(&st, &secret, "/login/2fa")
+        }
         Err(e) => {
             let status =
                 if e.code == "too_many_attempts" { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::UNAUTHORIZED };
@@ -205,7 +233,7 @@ pub async fn login_submit(
                 "login.html",
                 None,
                 "",
-                context! { title => "Sign in", notice => context!{ kind => "error", text => e.message.to_string() },
+                context! { title => "Sign in", notice => context!{ kind => "error", text => public_message(&e) },
                 form => context!{ email => f.get("email") } },
             )
         }
@@ -233,7 +261,7 @@ pub async fn second_factor_submit(
 ) -> Response {
     let Some(cookie) = session_cookie(&headers) else { return see_other("/login") };
     match st.accounts.second_factor(&cookie, f.get("code")).await {
-        Ok(()) => see_other("/"),
+        Ok(secret) => signed_in_redirect(&st, &secret, "/"),
         Err(e) if e.code == "session_expired" => see_other("/login"),
         Err(e) => st.render(
             StatusCode::UNAUTHORIZED,
@@ -241,7 +269,7 @@ pub async fn second_factor_submit(
             None,
             "",
             context! { title => "Two-factor sign-in", pending_csrf => st.accounts.csrf_token(&cookie),
-            notice => context!{ kind => "error", text => e.message.to_string() } },
+            notice => context!{ kind => "error", text => public_message(&e) } },
         ),
     }
 }
@@ -695,6 +723,17 @@ pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedI
         let app = AppId::parse(f.get("app"))
             .filter(|a| visible(&owned, a))
             .ok_or_else(|| Error::invalid("invalid_app", "choose one of your apps"))?;
+        if v.role == Role::Developer {
+            // Where plans need an admin's approval, an app without a plan would let a developer
+            // pick any scope from the catalog: its tokens wait until it is on a plan.
+            let policy = st.accounts.policy(v.workspace()).await?;
+            if policy.plan_changes_need_approval && st.admin.app(v.workspace(), &app).await?.plan_id.is_none() {
+                return Err(Error::invalid(
+                    "app_needs_plan",
+                    "this workspace approves plans: request a plan for this app (Apps → Change plan) before creating its tokens",
+                ));
+            }
+        }
         let now = st.admin.now();
         let expires_at = expiry_from(&f, now)?;
         let (rate_limit, quota) = limits_from(&f)?;
@@ -1239,6 +1278,7 @@ pub async fn invitation_submit(
     let f = Fields::parse(&body);
     match st.accounts.accept_invitation(&code, f.get("name"), f.get("password"), client_ip(&conn)).await {
         Ok(secret) => {
+            end_previous_session(&st, &headers).await;
             let pending = st.accounts.pending(&secret).await.unwrap_or(false);
             signed_in_redirect(&st, &secret, if pending { "/login/2fa" } else { "/" })
         }
@@ -1251,7 +1291,7 @@ pub async fn invitation_submit(
                 None,
                 "",
                 context! { title => "Join a workspace", email => inv.email, role => inv.role.as_str(), existing, code,
-                           notice => context!{ kind => "error", text => e.message.to_string() } },
+                           notice => context!{ kind => "error", text => public_message(&e) } },
                 )
             }
             Err(e2) => st.error(e2.into()),

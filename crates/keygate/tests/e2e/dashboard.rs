@@ -430,7 +430,15 @@ async fn the_portal_lists_apis_renders_their_openapi_and_tries_them() {
     let p = b
         .submit("/portal/demo", "/portal/demo/try", &[("method", "GET"), ("path", "/orders/1"), ("token", &secret)])
         .await;
-    assert!(p.body.contains("must start with this API"), "the explorer stays within the API it is on");
+    assert!(p.body.contains("is not served by the API demo"), "the explorer stays within the API it is on");
+    let p = b
+        .submit(
+            "/portal/demo",
+            "/portal/demo/try",
+            &[("method", "GET"), ("path", "/demo/echo/../../orders/1"), ("token", &secret)],
+        )
+        .await;
+    assert!(p.body.contains("is not served by the API demo"), "dot segments are resolved before the check");
 }
 
 #[tokio::test]
@@ -505,6 +513,8 @@ async fn plan_changes_wait_for_an_admin_when_the_workspace_says_so() {
     let p = own.submit("/settings", "/settings", &[("plan_changes_need_approval", "on")]).await;
     assert_eq!(p.status, StatusCode::SEE_OTHER);
     let app2 = create_app(&mut dev, "Second").await;
+    let p = dev.submit("/tokens/new", "/tokens", &[("name", "early"), ("app", &app2), ("expiry", "30d")]).await;
+    assert!(p.body.contains("request a plan for this app"), "no tokens before the app is on a plan");
     let p = dev.submit("/apps", &format!("/apps/{app2}/plan"), &[("plan", &plan_id), ("note", "launch week")]).await;
     assert_eq!(p.location.as_deref(), Some("/apps?msg=plan_requested"));
     let apps = dev.get("/apps").await;
@@ -618,7 +628,7 @@ async fn the_role_action_matrix() {
         );
         let got =
             b.submit("/portal/demo", "/portal/demo/try", &[("method", "GET"), ("path", "/demo/echo")]).await.status;
-        check("POST /portal/demo/try", *who, got, 200);
+        check("POST /portal/demo/try", *who, got, [200, 200, 200, 200, 403][i]);
     }
     // Owner-only changes.
     for (i, (who, b)) in roles.iter_mut().enumerate() {
@@ -667,4 +677,80 @@ async fn the_role_action_matrix() {
     }
     assert_eq!(d2.get("/").await.location.as_deref(), Some("/login"), "a removed member is signed out");
     assert!(failures.is_empty(), "role × action mismatches:\n{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn guessing_is_throttled_even_in_parallel_and_through_invitations() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut own = owner(&kg).await;
+    own.submit("/account/security", "/account/2fa/start", &[]).await;
+    let secret = own.get("/account/security").await.between("id=\"totp-secret\">", "<");
+    own.submit("/account/security", "/account/2fa/confirm", &[("code", &code_at(&secret, &kg, 0))]).await;
+
+    // 40 wrong second-factor codes at once from one pending session: at most the limit (10) are
+    // even checked; the rest are refused unchecked.
+    let mut pending = Browser::new(&kg);
+    pending.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+    let csrf = pending.get("/login/2fa").await.csrf();
+    let cookie = pending.cookie.clone().unwrap();
+    let base = pending.base.clone();
+    let attempts = (0..40).map(|i| {
+        let http = pending.http.clone();
+        let (base, cookie, csrf) = (base.clone(), cookie.clone(), csrf.clone());
+        async move {
+            let code = format!("{:06}", 100_000 + i);
+            let r = http
+                .post(format!("{base}/login/2fa"))
+                .header(COOKIE, format!("keygate_session={cookie}"))
+                .form(&[("csrf", csrf.as_str()), ("code", code.as_str())])
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap()
+        }
+    });
+    let answers = futures_join_all(attempts).await;
+    let checked = answers.iter().filter(|b| b.contains("the code is not right")).count();
+    assert!(checked <= 10, "{checked} codes were checked; the limit is 10");
+    assert!(answers.iter().any(|b| b.contains("too many failed")), "the rest are refused");
+
+    // An invitation for an existing account (a former member) does not let anyone guess its
+    // password freely.
+    kg.clock.advance_seconds(16 * 60); // the second-factor lock from above lifts
+    let mut own = Browser::new(&kg);
+    own.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+    let next = code_at(&secret, &kg, 0);
+    own.submit("/login/2fa", "/login/2fa", &[("code", &next)]).await;
+    let _former = member(&kg, &mut own, "former@example.com", "developer").await;
+    let members = own.get("/members").await.body;
+    let at = members.find("<td>former@example.com</td>").unwrap();
+    let start = at + members[at..].find("action=\"/members/").unwrap() + "action=\"/members/".len();
+    let former_id = members[start..start + members[start..].find('/').unwrap()].to_owned();
+    let p = own.submit("/members", &format!("/members/{former_id}/remove"), &[]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let p = own.submit("/members", "/members/invite", &[("email", "former@example.com"), ("role", "viewer")]).await;
+    let link = p.between("id=\"invite-link\" class=\"secret\">", "<");
+    let path = &link[link.find("/invite/").unwrap()..];
+    let mut guesser = Browser::new(&kg);
+    let mut refused = false;
+    for i in 0..12 {
+        let p = guesser.post(path, &[("password", &format!("guess number {i}"))]).await;
+        if p.body.contains("too many failed") {
+            refused = true;
+            break;
+        }
+        assert!(p.body.contains("email or password is not right"), "{}", p.body);
+    }
+    assert!(refused, "guessing through an invitation is throttled like sign-in");
+}
+
+async fn futures_join_all<F: std::future::Future<Output = String> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<String> {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }

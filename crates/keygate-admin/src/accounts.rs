@@ -682,6 +682,23 @@ impl Accounts {
         Ok((inv, code))
     }
 
+    /// Withdraws an invitation (its link stops working).
+    pub async fn withdraw_invitation(&self, viewer: &Viewer, id: &InvitationId) -> Result<()> {
+        Self::require_owner(viewer)?;
+        let audit = NewAuditEvent::new(
+            viewer.workspace(),
+            &viewer.actor(),
+            "member.invitation_withdrawn",
+            id.as_str(),
+            self.now(),
+        );
+        if self.store().delete_invitation(viewer.workspace(), id, &audit).await? {
+            Ok(())
+        } else {
+            Err(Error::not_found("invitation"))
+        }
+    }
+
     pub async fn invitations(&self, viewer: &Viewer) -> Result<Vec<Invitation>> {
         self.store().invitations(viewer.workspace()).await
     }

@@ -39,6 +39,9 @@ pub struct DashboardState {
     pub gateway_url: String,
     /// The APIs behind the gateway, for the developer portal.
     pub catalog: Option<Arc<dyn crate::catalog::ApiCatalog>>,
+    /// Where people reach the dashboard (`https://keys.example.com`), for links sent to them;
+    /// `None`: the request's host.
+    pub public_url: Option<String>,
 }
 
 const TEMPLATES: &[(&str, &str)] = &[
@@ -73,7 +76,13 @@ impl DashboardState {
         for (name, source) in TEMPLATES {
             env.add_template(name, source).map_err(|e| format!("dashboard template {name}: {e}"))?;
         }
-        Ok(Self { admin, accounts, templates: Arc::new(env), secure, gateway_url, catalog: None })
+        Ok(Self { admin, accounts, templates: Arc::new(env), secure, gateway_url, catalog: None, public_url: None })
+    }
+
+    /// Sets the dashboard's public URL, used in invitation links.
+    pub fn with_public_url(mut self, url: Option<String>) -> Self {
+        self.public_url = url;
+        self
     }
 
     /// Sets the API catalog of the developer portal.
@@ -350,6 +359,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/members/invite", post(pages::invite))
         .route("/members/{user}/role", post(pages::set_role))
         .route("/members/{user}/remove", post(pages::remove_member))
+        .route("/members/invitations/{id}/withdraw", post(pages::withdraw_invitation))
         .route("/invite/{code}", get(pages::invitation_page).post(pages::invitation_submit))
         .route("/assets/app.css", get(|| async { asset(CSS, "text/css; charset=utf-8") }))
         .route("/assets/app.js", get(|| async { asset(JS, "text/javascript; charset=utf-8") }))

@@ -57,11 +57,14 @@ pub struct DashboardConfig {
     /// The gateway's address as callers reach it, shown in examples. Default: the gateway's
     /// listen address.
     pub gateway_url: Option<String>,
+    /// Where people reach the dashboard (such as `https://keys.example.com`), used in invitation
+    /// links. Default: the host each request names.
+    pub public_url: Option<String>,
 }
 
 impl Default for DashboardConfig {
     fn default() -> Self {
-        Self { secure_cookies: false, idle_timeout_minutes: 30, session_hours: 12, gateway_url: None }
+        Self { secure_cookies: false, idle_timeout_minutes: 30, session_hours: 12, gateway_url: None, public_url: None }
     }
 }
 
@@ -212,6 +215,19 @@ impl Config {
         }
         if self.usage_flush_seconds == 0 {
             bail!("usage_flush_seconds must be at least 1");
+        }
+        for (key, url) in [
+            ("dashboard.public_url", &self.dashboard.public_url),
+            ("dashboard.gateway_url", &self.dashboard.gateway_url),
+        ] {
+            if let Some(u) = url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                bail!("{key} must be an http:// or https:// URL, such as https://keys.example.com");
+            }
+        }
+        if self.dashboard.idle_timeout_minutes == 0 || self.dashboard.session_hours == 0 {
+            bail!("dashboard.idle_timeout_minutes and dashboard.session_hours must be at least 1");
         }
         if self.admin.listen == self.gateway.listen && self.admin.listen.port() != 0 {
             bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);

@@ -63,6 +63,7 @@ fn notice(msg: Option<&str>) -> Value {
         "token_revoked" => ("ok", "Token revoked: the gateway refuses it from now on."),
         "role_changed" => ("ok", "Role changed."),
         "member_removed" => ("ok", "Member removed."),
+        "invitation_withdrawn" => ("ok", "Invitation withdrawn: its link no longer works."),
         "signed_out" => ("ok", "You are signed out."),
         "settings_saved" => ("ok", "Settings saved."),
         "plan_applied" => ("ok", "The app is on its new plan."),
@@ -1171,7 +1172,7 @@ async fn members_inner(
         .map_err(ctx_err(v))?
         .iter()
         .filter(|i| i.accepted_at.is_none() && i.expires_at > now)
-        .map(|i| context! { email => i.email.clone(), role => i.role.as_str(), expires_at => ser(i.expires_at) })
+        .map(|i| context! { id => i.id.to_string(), email => i.email.clone(), role => i.role.as_str(), expires_at => ser(i.expires_at) })
         .collect();
     Ok(st.render(
         if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
@@ -1189,9 +1190,13 @@ async fn members_inner(
     ))
 }
 
-fn origin_of(headers: &HeaderMap, secure: bool) -> String {
+/// Where people reach the dashboard: the configured public URL, or this request's host.
+fn origin_of(st: &DashboardState, headers: &HeaderMap) -> String {
+    if let Some(url) = &st.public_url {
+        return url.trim_end_matches('/').to_owned();
+    }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    format!("{}://{host}", if secure { "https" } else { "http" })
+    format!("{}://{host}", if st.secure { "https" } else { "http" })
 }
 
 pub async fn invite(
@@ -1205,7 +1210,7 @@ pub async fn invite(
     };
     match st.accounts.invite(&v, f.get("email"), role).await {
         Ok((_, code)) => {
-            let link = format!("{}/invite/{code}", origin_of(&headers, st.secure));
+            let link = format!("{}/invite/{code}", origin_of(&st, &headers));
             page!(st, members_inner(&st, &v, None, None, Some(link)).await)
         }
         Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
@@ -1469,6 +1474,19 @@ pub async fn set_plan_scopes(
         Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
             page!(st, settings_inner(&st, &v, None, Some(e.message.to_string())).await)
         }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+pub async fn withdraw_invitation(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    _form: CsrfForm,
+) -> Response {
+    let Some(id) = keygate_core::ids::InvitationId::parse(&id) else { return st.error(PageError::not_found(&v)) };
+    match st.accounts.withdraw_invitation(&v, &id).await {
+        Ok(()) => see_other("/members?msg=invitation_withdrawn"),
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }

@@ -267,6 +267,18 @@ async fn every_role_can_do_what_it_should_and_nothing_else() {
     assert_eq!(p.status, StatusCode::BAD_REQUEST, "B creating a token in A's app");
     let (_, _) = create_token(&mut dev_b, &app_b).await;
 
+    // Invitations can be withdrawn by owners; the link then stops working.
+    let p = own.submit("/members", "/members/invite", &[("email", "late@example.com"), ("role", "viewer")]).await;
+    let link = p.between("id=\"invite-link\" class=\"secret\">", "<");
+    let path = link[link.find("/invite/").unwrap()..].to_owned();
+    let members = own.get("/members").await;
+    let inv = format!("inv_{}", members.between("action=\"/members/invitations/inv_", "/withdraw"));
+    let p = admin.submit("/", &format!("/members/invitations/{inv}/withdraw"), &[]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "admins cannot withdraw invitations");
+    let p = own.submit("/members", &format!("/members/invitations/{inv}/withdraw"), &[]).await;
+    assert_eq!(p.location.as_deref(), Some("/members?msg=invitation_withdrawn"));
+    assert_eq!(Browser::new(&kg).get(&path).await.status, StatusCode::NOT_FOUND);
+
     // Members: only owners.
     for (who, b) in [("admin", &mut admin), ("developer", &mut dev_a), ("viewer", &mut viewer)] {
         assert_eq!(b.get("/members").await.status, StatusCode::FORBIDDEN, "{who} opening members");

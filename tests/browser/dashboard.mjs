@@ -742,6 +742,34 @@ async function run(browser, kg) {
     await owner.setViewportSize({ width: 1280, height: 800 });
   });
 
+  await step('accessibility: axe-core finds no serious or critical WCAG 2 A/AA violation', async () => {
+    // axe is injected as a script, which the dashboard's CSP forbids (rightly): this one
+    // context bypasses it, with the owner's session.
+    const state = await owner.context().storageState();
+    const context = await browser.newContext({ bypassCSP: true, storageState: state, viewport: { width: 1280, height: 800 } });
+    const page = await context.newPage();
+    currentPage = page;
+    const axePath = path.join(ROOT, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js');
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', '/audit', '/members', '/settings', '/portal', '/portal/demo', '/account/security'];
+    const problems = [];
+    for (const p of pages) {
+      await goto(page, p);
+      await page.addScriptTag({ path: axePath });
+      const result = await page.evaluate(async () =>
+        // eslint-disable-next-line no-undef
+        axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } }),
+      );
+      if (!result.passes.length) throw new Error(`axe checked nothing on ${p}`);
+      for (const v of result.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')) {
+        const where = v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ');
+        problems.push(`${p}: ${v.id} (${v.impact}): ${v.help} — ${where}`);
+      }
+    }
+    await context.close();
+    currentPage = owner;
+    if (problems.length) throw new Error(`accessibility violations:\n      ${problems.join('\n      ')}`);
+  });
+
   await step('keyboard: the skip link comes first and every field of the token form has a label', async () => {
     currentPage = owner;
     await goto(owner, '/tokens/new');

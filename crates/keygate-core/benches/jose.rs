@@ -35,7 +35,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 verify_access_token(
                     black_box(&token),
-                    &public,
+                    public,
                     alg,
                     1_950_000_000,
                     30,
@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
                 .unwrap()
             })
         });
-        c.bench_function(&format!("jws_only/{name}"), |b| b.iter(|| verify(black_box(&token), &public, alg).unwrap()));
+        c.bench_function(&format!("jws_only/{name}"), |b| b.iter(|| verify(black_box(&token), public, alg).unwrap()));
     }
 }
 

@@ -249,17 +249,19 @@ fn spawn_session_purge(store: Arc<dyn Store>, clock: Arc<dyn Clock>, idle_ms: i6
 pub async fn run(cfg: Config, config_path: Option<&Path>, pepper_env: Option<String>) -> anyhow::Result<()> {
     let running = start(&cfg, config_path, pepper_env, Arc::new(SystemClock)).await?;
     let (root_keys, _) = running.store.credential_counts().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let a = running.admin_addr;
+    let g = running.gateway_addr;
+    // On the terminal, for people (never in the log); tests read the addresses from these lines.
+    eprintln!();
+    eprintln!("keygate: dashboard on http://{a}/");
+    if let Some(code) = &running.setup_code {
+        // It creates the first owner account, once.
+        eprintln!("keygate: dashboard setup code: {code} (open http://{a}/setup)");
+    }
+    eprintln!("keygate: admin API on http://{a}/admin/v1 (explorer: http://{a}/admin/docs)");
+    eprintln!("keygate: gateway on http://{g} (try http://{g}/demo/echo with a token)");
     if root_keys == 0 {
         first_run_hint(&cfg);
-    }
-    let a = running.admin_addr;
-    // On the terminal, for people; tests read the address from this line.
-    eprintln!("keygate: admin API on http://{a}/admin/v1 (explorer: http://{a}/admin/docs)");
-    let g = running.gateway_addr;
-    eprintln!("keygate: gateway on http://{g} (try http://{g}/demo/echo with a token)");
-    if let Some(code) = &running.setup_code {
-        // On the terminal only, never in the log: it creates the first owner account.
-        eprintln!("keygate: dashboard setup code: {code} (open http://{a}/setup)");
     }
     shutdown_signal().await;
     running.shutdown().await;
@@ -273,7 +275,9 @@ fn first_run_hint(cfg: &Config) {
         None => format!("--data-dir {}", cfg.data_dir.display()),
     };
     eprintln!();
-    eprintln!("keygate: no root key exists yet. Create the first one (it is printed once) with:");
+    eprintln!(
+        "keygate: for automation, no admin API root key exists yet. Create the first one (it is printed once) with:"
+    );
     eprintln!();
     eprintln!("    keygate root-key create --name admin {target}");
     eprintln!();

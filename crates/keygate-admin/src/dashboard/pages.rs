@@ -883,54 +883,73 @@ async fn token_inner(
     ))
 }
 
-pub async fn edit_token(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    Path(id): Path<String>,
-    CsrfForm(f): CsrfForm,
-) -> Response {
-    let t = match writable_token(&st, &v, &id).await {
-        Ok(t) => t,
-        Err(e) => return st.error(e),
-    };
-    let result = async {
-        let (rate_limit, quota) = limits_from(&f)?;
-        let update = TokenUpdate {
-            name: f.opt("name").map(str::to_owned),
-            scopes: Some(scopes_from(&f)),
-            ip_allowlist: Some(allowlist_from(&f)),
-            rate_limit: Some(rate_limit),
-            quota: Some(quota),
-            ..Default::default()
-        };
-        st.admin.update_token(v.workspace(), &v.actor(), &t.id, update).await
-    }
-    .await;
-    match result {
-        Ok(_) => see_other(&format!("/tokens/{}?msg=token_updated", t.id)),
-        Err(e) if e.kind == keygate_core::ErrorKind::InvalidInput => {
-            page!(st, token_inner(&st, &v, &id, TokenPageQuery::default(), Some(e.message.to_string())).await)
+/// What a form on a token's page asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenAction {
+    Edit,
+    Suspend,
+    Resume,
+    Rotate,
+    Revoke,
+}
+
+impl TokenAction {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "edit" => Some(Self::Edit),
+            "suspend" => Some(Self::Suspend),
+            "resume" => Some(Self::Resume),
+            "rotate" => Some(Self::Rotate),
+            "revoke" => Some(Self::Revoke),
+            _ => None,
         }
-        Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }
 
-async fn lifecycle(st: DashboardState, v: Viewer, id: String, f: Fields, action: &'static str) -> Response {
+/// `POST /tokens/{id}/{edit|suspend|resume|rotate|revoke}`: one place that checks the person
+/// may change the token, does the change, and shows a refused change on the token's page.
+pub async fn token_action(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path((id, action)): Path<(String, String)>,
+    CsrfForm(f): CsrfForm,
+) -> Response {
+    let Some(action) = TokenAction::parse(&action) else { return st.error(PageError::not_found(&v)) };
     let t = match writable_token(&st, &v, &id).await {
         Ok(t) => t,
         Err(e) => return st.error(e),
     };
-    let ws = v.workspace();
-    let actor = v.actor();
-    let result = match action {
-        "suspend" => st.admin.suspend_token(ws, &actor, &t.id).await.map(|_| "token_suspended"),
-        "resume" => st.admin.resume_token(ws, &actor, &t.id).await.map(|_| "token_resumed"),
-        "revoke" => {
+    let (ws, actor) = (v.workspace(), v.actor());
+    let done = match action {
+        TokenAction::Edit => {
+            async {
+                let (rate_limit, quota) = limits_from(&f)?;
+                let update = TokenUpdate {
+                    name: f.opt("name").map(str::to_owned),
+                    scopes: Some(scopes_from(&f)),
+                    ip_allowlist: Some(allowlist_from(&f)),
+                    rate_limit: Some(rate_limit),
+                    quota: Some(quota),
+                    ..Default::default()
+                };
+                st.admin.update_token(ws, &actor, &t.id, update).await.map(|_| "token_updated")
+            }
+            .await
+        }
+        TokenAction::Suspend => st.admin.suspend_token(ws, &actor, &t.id).await.map(|_| "token_suspended"),
+        TokenAction::Resume => st.admin.resume_token(ws, &actor, &t.id).await.map(|_| "token_resumed"),
+        TokenAction::Revoke => {
             st.admin.revoke_token(ws, &actor, &t.id, f.opt("reason").map(str::to_owned)).await.map(|_| "token_revoked")
         }
-        _ => Err(Error::internal("unknown token action")),
+        TokenAction::Rotate => {
+            let grace: u64 = f.get("grace").parse().unwrap_or(0);
+            match st.admin.rotate_token(ws, &actor, &t.id, grace).await {
+                Ok((record, secret)) => return token_created(&st, &v, &record, secret.expose(), true),
+                Err(e) => Err(e),
+            }
+        }
     };
-    match result {
+    match done {
         Ok(msg) => see_other(&format!("/tokens/{}?msg={msg}", t.id)),
         Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::Conflict) => {
             page!(st, token_inner(&st, &v, &id, TokenPageQuery::default(), Some(e.message.to_string())).await)
@@ -939,63 +958,29 @@ async fn lifecycle(st: DashboardState, v: Viewer, id: String, f: Fields, action:
     }
 }
 
-pub async fn suspend_token(
+/// `GET /tokens/{id}/revoke`: the confirmation page before a revocation (other actions have no
+/// page of their own).
+pub async fn token_action_page(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
-    Path(id): Path<String>,
-    CsrfForm(f): CsrfForm,
+    Path((id, action)): Path<(String, String)>,
 ) -> Response {
-    lifecycle(st, v, id, f, "suspend").await
+    if TokenAction::parse(&action) != Some(TokenAction::Revoke) {
+        return st.error(PageError::not_found(&v));
+    }
+    revoke_page(&st, &v, &id).await
 }
 
-pub async fn resume_token(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    Path(id): Path<String>,
-    CsrfForm(f): CsrfForm,
-) -> Response {
-    lifecycle(st, v, id, f, "resume").await
-}
-
-pub async fn revoke_page(State(st): State<DashboardState>, SignedIn(v): SignedIn, Path(id): Path<String>) -> Response {
-    match writable_token(&st, &v, &id).await {
+async fn revoke_page(st: &DashboardState, v: &Viewer, id: &str) -> Response {
+    match writable_token(st, v, id).await {
         Ok(t) => st.render(
             StatusCode::OK,
             "token_revoke.html",
-            Some(&v),
+            Some(v),
             "tokens",
             context! { title => "Revoke token", token => ser(TokenView::new(&t, st.admin.now())) },
         ),
         Err(e) => st.error(e),
-    }
-}
-
-pub async fn revoke_token(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    Path(id): Path<String>,
-    CsrfForm(f): CsrfForm,
-) -> Response {
-    lifecycle(st, v, id, f, "revoke").await
-}
-
-pub async fn rotate_token(
-    State(st): State<DashboardState>,
-    SignedIn(v): SignedIn,
-    Path(id): Path<String>,
-    CsrfForm(f): CsrfForm,
-) -> Response {
-    let t = match writable_token(&st, &v, &id).await {
-        Ok(t) => t,
-        Err(e) => return st.error(e),
-    };
-    let grace: u64 = f.get("grace").parse().unwrap_or(0);
-    match st.admin.rotate_token(v.workspace(), &v.actor(), &t.id, grace).await {
-        Ok((record, secret)) => token_created(&st, &v, &record, secret.expose(), true),
-        Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::Conflict) => {
-            page!(st, token_inner(&st, &v, &id, TokenPageQuery::default(), Some(e.message.to_string())).await)
-        }
-        Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }
 

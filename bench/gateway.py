@@ -26,6 +26,10 @@ starts is stopped when it ends, including on Ctrl-C.
     python3 bench/gateway.py --no-doc --rounds 1 --seconds 5 --latency-rounds 1 --profile 10
                                              # where the time goes: `perf stat` of every proxy
                                              # and `perf record` of keygate, into the work dir
+    python3 bench/gateway.py --no-doc --baseline /tmp/keygate-old
+                                             # an A/B: another keygate binary runs as a sixth
+                                             # variant, "baseline", on a copy of the same data
+                                             # (same tokens, same pepper), interleaved with the rest
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ LABELS = {
     "nginx-keys": "nginx + key map + limit_req",
     "haproxy": "HAProxy + key map + stick table",
     "keygate": "keygate (auth + limit + metering)",
+    "baseline": "keygate, baseline binary (--baseline)",
 }
 COLORS = {
     "direct": "#9e9e9e",
@@ -68,6 +73,7 @@ COLORS = {
     "nginx-keys": "#66bb6a",
     "haproxy": "#1565c0",
     "keygate": "#e65100",
+    "baseline": "#8d6e63",
 }
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
 
@@ -95,6 +101,14 @@ class Procs:
         out.close()
         self.started.append((name, p))
         return p
+
+    def stop(self, name: str) -> None:
+        """Stops the process started under `name` (SIGTERM, so it shuts down gracefully)."""
+        for n, p in self.started:
+            if n == name and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+        self.started = [(n, p) for n, p in self.started if n != name]
 
     def stop_all(self) -> None:
         for name, p in reversed(self.started):
@@ -235,10 +249,12 @@ class Ports:
     haproxy: int
     keygate: int
     admin: int
+    baseline: int
+    baseline_admin: int
 
     @classmethod
     def from_base(cls, base: int) -> "Ports":
-        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5)
+        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7)
 
     def of(self, variant: str) -> int:
         return {
@@ -247,6 +263,7 @@ class Ports:
             "nginx-keys": self.nginx_keys,
             "haproxy": self.haproxy,
             "keygate": self.keygate,
+            "baseline": self.baseline,
         }[variant]
 
 
@@ -423,7 +440,7 @@ class Bench:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        for sub in ["raw", "upstream/tmp", "nginx/tmp", "nginx-keys/tmp", "haproxy", "keygate"]:
+        for sub in ["raw", "upstream/tmp", "nginx/tmp", "nginx-keys/tmp", "haproxy", "keygate", "baseline"]:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
     def start_nginx(self, name: str, workers: int, body: str) -> None:
@@ -437,18 +454,23 @@ class Bench:
         self.start_nginx("upstream", self.args.upstream_workers, UPSTREAM_BODY.format(port=self.ports.upstream))
         wait_http(self.ports.upstream)
 
-    def start_keygate(self, binary: Path) -> None:
-        d = self.dir / "keygate"
+    def keygate_config(self, name: str, port: int, admin: int) -> Path:
+        d = self.dir / name
         cfg = d / "keygate.toml"
         cfg.write_text(
-            KEYGATE_CFG.format(
-                dir=d,
-                admin=self.ports.admin,
-                port=self.ports.keygate,
-                threads=self.args.workers,
-                upstream=self.ports.upstream,
-            )
+            KEYGATE_CFG.format(dir=d, admin=admin, port=port, threads=self.args.workers, upstream=self.ports.upstream)
         )
+        return cfg
+
+    def spawn_keygate(self, name: str, binary: Path, cfg: Path, admin: int) -> None:
+        env = dict(os.environ)
+        env.pop("KEYGATE_PEPPER", None)
+        p = PROCS.start(name, [str(binary), "serve", "--config", str(cfg)], self.dir / name / "stdout.log", env)
+        self.pids[name] = p.pid
+        wait_http(admin, "/admin/v1/health")
+
+    def start_keygate(self, binary: Path) -> None:
+        cfg = self.keygate_config("keygate", self.ports.keygate, self.ports.admin)
         out = subprocess.run(
             [str(binary), "root-key", "create", "--name", "bench", "--config", str(cfg), "--output", "json"],
             check=True,
@@ -456,12 +478,16 @@ class Bench:
             text=True,
         )
         root_key = json.loads(out.stdout)["key"]
-        env = dict(os.environ)
-        env.pop("KEYGATE_PEPPER", None)
-        p = PROCS.start("keygate", [str(binary), "serve", "--config", str(cfg)], d / "stdout.log", env)
-        self.pids["keygate"] = p.pid
-        wait_http(self.ports.admin, "/admin/v1/health")
+        self.spawn_keygate("keygate", binary, cfg, self.ports.admin)
         self.create_tokens(root_key)
+        if self.args.baseline:
+            # The baseline serves a copy of the same data directory (tokens, pepper), taken while
+            # keygate is stopped so that the copy is consistent; then both run.
+            PROCS.stop("keygate")
+            shutil.copytree(self.dir / "keygate" / "data", self.dir / "baseline" / "data")
+            self.spawn_keygate("keygate", binary, cfg, self.ports.admin)
+            base_cfg = self.keygate_config("baseline", self.ports.baseline, self.ports.baseline_admin)
+            self.spawn_keygate("baseline", Path(self.args.baseline).resolve(), base_cfg, self.ports.baseline_admin)
 
     def create_tokens(self, root_key: str) -> None:
         n, bad = self.args.tokens, self.args.invalid
@@ -1147,6 +1173,9 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--no-build", action="store_true", help="use target/release/keygate as it is")
     ap.add_argument("--keygate", metavar="PATH", help="a keygate binary to use instead of building one")
+    ap.add_argument("--skip", metavar="LIST", help="variants to leave out (nginx-keys,haproxy); implies --no-doc")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="another keygate binary, run as the variant 'baseline' on the same tokens (an A/B); implies --no-doc")
     ap.add_argument("--from-results", metavar="JSON", help="rewrite the page and chart from a saved results.json")
     ap.add_argument("--smoke", action="store_true", help="a short run that checks the pieces; implies --no-doc")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
@@ -1156,6 +1185,16 @@ def main() -> None:
         args.rounds, args.seconds, args.warmup = 1, 2, 1
         args.latency_rounds, args.latency_seconds = 1, 3
         args.tokens, args.invalid = min(args.tokens, 200), min(args.invalid, 10)
+        args.no_doc = True
+
+    if args.baseline:
+        VARIANTS.append("baseline")
+        args.no_doc = True
+    if args.skip:
+        for v in args.skip.split(","):
+            if v in ("direct", "nginx", "keygate") or v not in VARIANTS:
+                sys.exit(f"--skip {v}: only nginx-keys and haproxy can be left out (the ratios need the others)")
+            VARIANTS.remove(v)
         args.no_doc = True
 
     if args.from_results:

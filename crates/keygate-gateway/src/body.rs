@@ -3,6 +3,7 @@
 //! and, when it ends or is dropped, finishes the request's metering and hands its upstream
 //! connection back to the pool.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,12 +38,56 @@ pub struct BodyState {
     pub too_large: AtomicBool,
     /// The client's body did not parse (a bad chunk size, …).
     pub broken: AtomicBool,
+    /// The body was read to its end (HTTP/1.1: the connection can take the next request).
+    pub finished: AtomicBool,
 }
 
-/// What the gateway sends upstream.
+/// A request body on its way upstream, whichever protocol it came in: data until the end, with
+/// its length when the client announced one.
+pub trait BodySource {
+    /// Nothing (more) to send.
+    fn is_end_stream(&self) -> bool;
+    /// The whole length, when it is known before the body is read.
+    fn exact_len(&self) -> Option<u64>;
+    /// The next piece of data; `None` at the end.
+    fn data(&mut self) -> impl Future<Output = Option<Result<Bytes, BoxError>>> + Send;
+}
+
+/// What the gateway sends upstream of an HTTP/2 request (served by hyper).
 pub enum UpstreamBody {
     Empty,
     Stream { inner: Incoming, limit: u64, state: Arc<BodyState> },
+}
+
+impl UpstreamBody {
+    /// The client's body, cut at `limit` bytes; `state` hears how it went.
+    pub fn new(inner: Incoming, limit: u64, state: Arc<BodyState>) -> Self {
+        if inner.is_end_stream() { Self::Empty } else { Self::Stream { inner, limit, state } }
+    }
+}
+
+impl BodySource for UpstreamBody {
+    fn is_end_stream(&self) -> bool {
+        Body::is_end_stream(self)
+    }
+
+    fn exact_len(&self) -> Option<u64> {
+        self.size_hint().exact()
+    }
+
+    async fn data(&mut self) -> Option<Result<Bytes, BoxError>> {
+        loop {
+            match http_body_util::BodyExt::frame(self).await? {
+                Ok(frame) => {
+                    // Trailers are not forwarded.
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 impl Body for UpstreamBody {

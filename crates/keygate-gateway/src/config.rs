@@ -35,6 +35,12 @@ pub struct GatewayConfig {
     pub demo: bool,
     /// Log one JSON line per request (token id, never the token). Default true.
     pub access_log: bool,
+    /// How long an idle HTTP/1.1 keep-alive connection is kept open waiting for its next
+    /// request, in seconds. Default 60.
+    pub keep_alive_timeout_seconds: u64,
+    /// How long a request head may take to arrive once it has begun, in seconds (a defence
+    /// against slow-header attacks; also the TLS handshake's limit). Default 10.
+    pub header_timeout_seconds: u64,
     /// TLS from PEM files; the files are re-read when they change. Without it the listener
     /// speaks plain HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
@@ -52,7 +58,19 @@ impl Default for GatewayConfig {
             request_timeout_ms: 30_000,
             demo: true,
             access_log: true,
+            keep_alive_timeout_seconds: 60,
+            header_timeout_seconds: 10,
             tls: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The client connection time limits.
+    pub fn timeouts(&self) -> crate::h1::Timeouts {
+        crate::h1::Timeouts {
+            keep_alive: std::time::Duration::from_secs(self.keep_alive_timeout_seconds.max(1)),
+            header: std::time::Duration::from_secs(self.header_timeout_seconds.max(1)),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The request path: every step in memory, in this order — CORS preflight (answered without a
 //! token), framing checks, path normalization, route match, refusal of tokens in the query string,
 //! credential, token index, IP allowlist, scope, rate limit and quota, then forwarding with
-//! metering. This module is the
-//! one place where data-plane refusals become HTTP answers (RFC 6750 for token errors).
+//! metering. This module is the one place where data-plane refusals become answers (RFC 6750 for
+//! token errors); the protocol front ends ([`crate::h1`] for HTTP/1.1, [`Gateway::handle`] for
+//! HTTP/2 through hyper) only carry them.
 
+use std::borrow::Cow;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,8 +14,8 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use keygate_core::policy::GcraDecision;
@@ -20,12 +23,14 @@ use keygate_core::secret::TokenSecret;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use keygate_core::{Clock, Timestamp};
 
-use crate::body::{BodyState, GatewayBody, OnComplete, UpstreamBody};
+use crate::answer::{Answer, AnswerExtra};
+use crate::body::{BodySource, BodyState, GatewayBody, OnComplete, UpstreamBody};
+use crate::head::{self, Known, ReqHead};
 use crate::index::{IndexedToken, Refusal, TokenIndex};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::proxy::{self, UpstreamError, UpstreamResponseBody, is_hop_by_hop};
-use crate::routes::{Route, RouteTable, normalize_path};
+use crate::proxy::{self, Answered, HeadSink, MapSink, RequestFraming, UpstreamError};
+use crate::routes::{Route, RouteTable, Upstream, normalize_path};
 use crate::usage::{Sample, UsageMeter};
 
 /// Identity headers keygate sets for the upstream; client-supplied copies are removed.
@@ -74,12 +79,41 @@ pub struct Gateway {
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The remote address as text, formatted once per connection (`X-Forwarded-For`).
+    ip_text: IpText,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, tls: bool) -> Self {
+        Self { remote, tls, ip_text: IpText::new(remote.ip()) }
+    }
+}
+
+/// An IP address as text, without a heap allocation.
+#[derive(Debug, Clone, Copy)]
+struct IpText {
+    buf: [u8; 46],
+    len: u8,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        let mut buf = [0u8; 46];
+        let mut cur = std::io::Cursor::new(&mut buf[..]);
+        let _ = write!(cur, "{ip}");
+        let len = u8::try_from(cur.position()).unwrap_or(0);
+        Self { buf, len }
+    }
+    fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..usize::from(self.len)).unwrap_or_default()
+    }
 }
 
 /// A refusal: the status, a stable code, a message, and how to say it.
-struct Refuse {
-    status: StatusCode,
-    code: &'static str,
+#[derive(Debug)]
+pub(crate) struct Refuse {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
     message: String,
     www_authenticate: Option<String>,
     close: bool,
@@ -87,10 +121,10 @@ struct Refuse {
 }
 
 impl Refuse {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into(), www_authenticate: None, close: false, retry_after: None }
     }
-    fn bad_framing(message: &str) -> Self {
+    pub(crate) fn bad_framing(message: &str) -> Self {
         Self { close: true, ..Self::new(StatusCode::BAD_REQUEST, "bad_request", message) }
     }
     /// RFC 6750 §3: 401 with `error="invalid_token"`.
@@ -98,76 +132,64 @@ impl Refuse {
         let challenge = format!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"{message}\"");
         Self { www_authenticate: Some(challenge), ..Self::new(StatusCode::UNAUTHORIZED, code, message) }
     }
-}
 
-fn error_response(r: &Refuse, extra: &HeaderMap) -> Response<GatewayBody> {
-    let body = serde_json::json!({"error": {"code": r.code, "message": r.message}}).to_string();
-    let mut resp = Response::new(GatewayBody::full(body));
-    *resp.status_mut() = r.status;
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some(w) = &r.www_authenticate
-        && let Ok(v) = HeaderValue::from_str(w)
-    {
-        h.insert(header::WWW_AUTHENTICATE, v);
+    /// Whether the connection must close after this refusal.
+    pub(crate) fn closes(&self) -> bool {
+        self.close
     }
-    if let Some(s) = r.retry_after {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+
+    /// The JSON answer: `{"error": {"code", "message"}}`.
+    pub(crate) fn answer(&self) -> Answer {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string();
+        let mut a = Answer::json(self.status, body).header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(w) = &self.www_authenticate
+            && let Ok(v) = HeaderValue::from_str(w)
+        {
+            a.headers.push((header::WWW_AUTHENTICATE, v));
+        }
+        if let Some(s) = self.retry_after {
+            a.headers.push((header::RETRY_AFTER, HeaderValue::from(s)));
+        }
+        a.close = self.close;
+        a
     }
-    if r.close {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    for (k, v) in extra {
-        h.insert(k.clone(), v.clone());
-    }
-    resp
 }
 
 /// RFC 9112 §6: refuse framing two parsers could read differently.
-fn check_framing(req: &Request<Incoming>) -> Result<(), Refuse> {
-    let h = req.headers();
-    if h.get_all(header::HOST).iter().count() > 1 {
+fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
+    let k = &head.known;
+    if k.hosts > 1 {
         return Err(Refuse::bad_framing("more than one Host header"));
     }
-    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if !te.is_empty() {
-        if h.contains_key(header::CONTENT_LENGTH) {
+    if k.transfer_encodings > 0 {
+        if k.content_lengths > 0 {
             return Err(Refuse::bad_framing("both Transfer-Encoding and Content-Length"));
         }
-        if req.version() == Version::HTTP_10 {
+        if head.version == http::Version::HTTP_10 {
             return Err(Refuse::bad_framing("Transfer-Encoding in HTTP/1.0"));
         }
-        let ok = te.len() == 1 && te.first().is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let ok = k.transfer_encodings == 1
+            && head.at(k.transfer_encoding).is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
         if !ok {
             return Err(Refuse::bad_framing("Transfer-Encoding other than a single \"chunked\""));
         }
     }
-    let cls: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
-    if cls.len() > 1 || cls.iter().any(|v| v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit)) {
+    if k.content_lengths > 1
+        || head.at(k.content_length).is_some_and(|v| v.is_empty() || !v.iter().all(u8::is_ascii_digit))
+    {
         return Err(Refuse::bad_framing("Content-Length must be one plain number"));
     }
     Ok(())
 }
 
-fn host_of(req: &Request<Incoming>) -> Option<String> {
-    let raw = req.uri().authority().map(|a| a.host().to_owned()).or_else(|| {
-        let h = req.headers().get(header::HOST)?.to_str().ok()?;
-        Some(match h.rsplit_once(':') {
-            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host.to_owned(),
-            _ => h.to_owned(),
-        })
-    })?;
-    Some(raw.to_ascii_lowercase())
-}
-
 /// The credential: `Authorization: Bearer …` or the configured API-key header.
-fn credential<'a>(req: &'a Request<Incoming>, api_key_header: Option<&HeaderName>) -> Option<&'a str> {
-    if let Some(v) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+fn credential<'a>(head: &ReqHead<'a>) -> Option<&'a str> {
+    if let Some(v) = head.at(head.known.authorization) {
+        let v = std::str::from_utf8(v).ok()?;
         let (scheme, rest) = v.split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim());
     }
-    api_key_header.and_then(|h| req.headers().get(h)).and_then(|v| v.to_str().ok()).map(str::trim)
+    head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim)
 }
 
 /// A well-formed token anywhere in the query string, in any parameter.
@@ -179,57 +201,30 @@ fn token_in_query(query: &str, index: &TokenIndex) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn client_ip(remote: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+fn is_trusted(trusted: &[IpNet], ip: &IpAddr) -> bool {
+    trusted.iter().any(|n| n.contains(ip))
+}
+
+/// The client's address: the socket's, or — when the socket is a trusted proxy — the nearest
+/// untrusted hop of `X-Forwarded-For`.
+fn client_ip(remote: SocketAddr, head: &ReqHead<'_>, trusted: &[IpNet]) -> IpAddr {
     let mut ip = remote.ip();
-    if !is_trusted(&ip) {
+    if !head.known.forwarded_for || !is_trusted(trusted, &ip) {
         return ip;
     }
-    let hops: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    let hops: Vec<IpAddr> = head
+        .all("x-forwarded-for")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     for hop in hops.iter().rev() {
         ip = *hop;
-        if !is_trusted(hop) {
+        if !is_trusted(trusted, hop) {
             break;
         }
     }
     ip
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection`, in one pass over
-/// the names (usually one or none are present, so this beats removing each by hash).
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    let doomed: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| (is_hop_by_hop(k) || named.contains(k)) && !(keep_upgrade && *k == header::UPGRADE))
-        .cloned()
-        .collect();
-    for n in doomed {
-        h.remove(n);
-    }
-}
-
-/// The limit answer headers (draft-ietf-httpapi-ratelimit-headers): the policy and what is left.
-fn rate_limit_headers(h: &mut HeaderMap, name: &str, quota: u64, window_s: u64, remaining: u64, reset_s: u64) {
-    // The strings are moved into the header values, not copied again.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(format!("\"{name}\";q={quota};w={window_s}"))) {
-        h.append("ratelimit-policy", v);
-    }
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(format!("\"{name}\";r={remaining};t={reset_s}"))) {
-        h.append("ratelimit", v);
-    }
 }
 
 fn ceil_secs_us(us: i64) -> u64 {
@@ -237,81 +232,165 @@ fn ceil_secs_us(us: i64) -> u64 {
 }
 
 /// What was decided about an authenticated request, carried to metering.
-struct Caller {
-    token: Arc<IndexedToken>,
-    ip: IpAddr,
+pub(crate) struct Caller {
+    pub(crate) token: Arc<IndexedToken>,
+    pub(crate) ip: IpAddr,
+}
+
+/// What to do with a request.
+pub(crate) enum Decision<'h> {
+    /// Forward it to the route's upstreams; `path` is the normalized path.
+    Forward { route: Arc<Route>, caller: Option<Caller>, path: Cow<'h, str> },
+    /// keygate answers itself: a refusal (with its code, for the refusal metrics), a CORS
+    /// preflight, the demo route.
+    Answer { answer: Answer, refusal: Option<&'static str>, route: Option<Arc<Route>>, caller: Option<Caller> },
+}
+
+/// Method and path, for the access log.
+pub(crate) struct RequestLine {
+    method: Method,
+    path: String,
+}
+
+/// How a request ended, for metering.
+pub(crate) struct Outcome {
+    pub(crate) status: u16,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) start: Instant,
+    pub(crate) now: Timestamp,
 }
 
 impl Gateway {
-    /// Answers one request.
+    /// Answers one request that came through hyper (HTTP/2).
     pub async fn handle(self: &Arc<Self>, conn: ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
         let start = Instant::now();
         let table = self.table.load_full();
         let now = self.clock.now();
-        let mut limit_headers = HeaderMap::new();
-        // CORS: preflights are answered here, without a token; other answers on a CORS route
-        // carry the allow headers (errors too, so a browser can read them).
-        if let Some(origin) = req.headers().get(header::ORIGIN).cloned()
-            && let Ok(path) = normalize_path(req.uri().path())
-            && let Some(route) = table.routes.find(host_of(&req).as_deref(), &path)
-            && let Some(cors) = &route.cors
-        {
-            let allowed = cors_allows(cors, &origin);
-            if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
-                let resp = preflight(cors, &origin, allowed);
-                if !allowed {
-                    table.metrics.refusal("cors_origin_not_allowed");
-                }
-                let o = Outcome { status: resp.status().as_u16(), bytes_in: 0, bytes_out: 0, start, now };
-                self.record(&table, Some(route), None, &o, self.line(req.method(), req.uri().path()).as_ref());
-                return resp;
-            }
-            if allowed {
-                add_cors_headers(cors, &origin, &mut limit_headers);
-            }
-        }
-        let route_and_caller = self.admit(&table, conn, &req, now, &mut limit_headers);
-        let (route, caller) = match route_and_caller {
-            Ok(rc) => rc,
-            Err((route, caller, refusal)) => {
-                table.metrics.refusal(refusal.code);
-                let resp = error_response(&refusal, &limit_headers);
-                let o = Outcome { status: refusal.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
-                self.record(
-                    &table,
-                    route.as_deref(),
-                    caller.as_ref(),
-                    &o,
-                    self.line(req.method(), req.uri().path()).as_ref(),
-                );
-                return resp;
+        let (parts, body) = req.into_parts();
+        let fields = head::fields_of(&parts.headers);
+        let head = ReqHead {
+            method: parts.method.clone(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            version: parts.version,
+            authority: parts.uri.authority().map(|a| a.as_str()),
+            fields: &fields,
+            known: Known::classify(&fields, self.settings.api_key_header.as_ref()),
+        };
+        let mut extra = AnswerExtra::default();
+        let (route, caller, path) = match self.decide(&table, conn, &head, now, &mut extra) {
+            Decision::Forward { route, caller, path } => (route, caller, path),
+            Decision::Answer { answer, refusal, route, caller } => {
+                let o = Outcome { status: answer.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+                self.finish_own(&table, refusal, route.as_deref(), caller.as_ref(), &o, &head);
+                return answer.into_response(&extra);
             }
         };
-        if route.demo {
-            let resp = demo_echo(&req, caller.as_ref(), &limit_headers, &self.index);
-            let o = Outcome { status: 200, bytes_in: 0, bytes_out: 0, start, now };
-            self.record(&table, Some(&route), caller.as_ref(), &o, self.line(req.method(), req.uri().path()).as_ref());
-            return resp;
+        let state = Arc::new(BodyState::default());
+        let mut upstream_body = Some(UpstreamBody::new(body, route.max_body_bytes, state.clone()));
+        let mut sink = MapSink::default();
+        let line = self.line(&head.method, &path);
+        match self
+            .exchange(&table, &route, &head, &path, caller.as_ref(), &conn, &mut upstream_body, &state, &mut sink)
+            .await
+        {
+            Ok(answered) => {
+                let status = answered.status;
+                let mut resp = Response::new(());
+                *resp.status_mut() = status;
+                *resp.headers_mut() = sink.headers;
+                extra.to_map(resp.headers_mut());
+                let done = Completion {
+                    gw: self.clone(),
+                    table,
+                    route,
+                    caller,
+                    status: status.as_u16(),
+                    state,
+                    start,
+                    now,
+                    line,
+                };
+                resp.map(|()| GatewayBody::Upstream { inner: answered.body, sent: 0, done: Some(Box::new(done)) })
+            }
+            Err(refusal) => {
+                let o = Outcome {
+                    status: refusal.status.as_u16(),
+                    bytes_in: state.seen.load(Ordering::Relaxed),
+                    bytes_out: 0,
+                    start,
+                    now,
+                };
+                self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
+                refusal.answer().into_response(&extra)
+            }
         }
-        self.forward(table, route, caller, conn, req, limit_headers, start, now).await
+    }
+
+    /// Decides about a request from its head: forward it, or answer it here. Adds the headers
+    /// every answer on the route carries (limits, CORS) to `extra`.
+    pub(crate) fn decide<'h>(
+        &self,
+        table: &Table,
+        conn: ConnInfo,
+        head: &ReqHead<'h>,
+        now: Timestamp,
+        extra: &mut AnswerExtra,
+    ) -> Decision<'h> {
+        // CORS: preflights are answered here, without a token; other answers on a CORS route
+        // carry the allow headers (errors too, so a browser can read them).
+        if let Some(origin) = head.at(head.known.origin)
+            && let Ok(path) = normalize_path(head.path)
+            && let Some(route) = table.routes.find(head.host(), &path)
+            && let Some(cors) = &route.cors
+        {
+            let allowed = cors_allows(cors, origin);
+            if allowed {
+                add_cors_headers(cors, origin, extra);
+            }
+            if head.method == Method::OPTIONS && head.known.access_control_request_method {
+                let (answer, refusal) = if allowed {
+                    (preflight(cors), None)
+                } else {
+                    let r = Refuse::new(
+                        StatusCode::FORBIDDEN,
+                        "cors_origin_not_allowed",
+                        "this origin may not call this API",
+                    );
+                    (r.answer(), Some(r.code))
+                };
+                return Decision::Answer { answer, refusal, route: Some(route.clone()), caller: None };
+            }
+        }
+        match self.admit(table, conn, head, now, extra) {
+            Ok((route, caller, path)) if route.demo => {
+                let answer = demo_echo(head, caller.as_ref(), &self.index);
+                let _ = path;
+                Decision::Answer { answer, refusal: None, route: Some(route), caller }
+            }
+            Ok((route, caller, path)) => Decision::Forward { route, caller, path },
+            Err((route, caller, refusal)) => {
+                Decision::Answer { answer: refusal.answer(), refusal: Some(refusal.code), route, caller }
+            }
+        }
     }
 
     /// Runs every check; on refusal returns the route and caller known so far, for metering.
     /// (The refusal path is the slow path; its large error value is not worth a box.)
     #[allow(clippy::type_complexity, clippy::result_large_err)]
-    fn admit(
+    fn admit<'h>(
         &self,
         table: &Table,
         conn: ConnInfo,
-        req: &Request<Incoming>,
+        head: &ReqHead<'h>,
         now: Timestamp,
-        limit_headers: &mut HeaderMap,
-    ) -> Result<(Arc<Route>, Option<Caller>), (Option<Arc<Route>>, Option<Caller>, Refuse)> {
-        check_framing(req).map_err(|r| (None, None, r))?;
-        let path = normalize_path(req.uri().path())
+        extra: &mut AnswerExtra,
+    ) -> Result<(Arc<Route>, Option<Caller>, Cow<'h, str>), (Option<Arc<Route>>, Option<Caller>, Refuse)> {
+        check_framing(head).map_err(|r| (None, None, r))?;
+        let path = normalize_path(head.path)
             .map_err(|e| (None, None, Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())))?;
-        let host = host_of(req);
-        let Some(route) = table.routes.find(host.as_deref(), &path).cloned() else {
+        let Some(route) = table.routes.find(head.host(), &path).cloned() else {
             return Err((
                 None,
                 None,
@@ -319,11 +398,11 @@ impl Gateway {
             ));
         };
         let fail = |route: &Arc<Route>, caller: Option<Caller>, r: Refuse| (Some(route.clone()), caller, r);
-        if let Some(q) = req.uri().query()
+        if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {
             if let Some(rep) = &self.reporter {
-                rep.token_in_query(TokenSecret::new(tok), format!("gateway: query string of {} {path}", req.method()));
+                rep.token_in_query(TokenSecret::new(tok), format!("gateway: query string of {} {path}", head.method));
             }
             return Err(fail(
                 &route,
@@ -336,9 +415,9 @@ impl Gateway {
             ));
         }
         if route.public {
-            return Ok((route, None));
+            return Ok((route, None, path));
         }
-        let Some(presented) = credential(req, self.settings.api_key_header.as_ref()) else {
+        let Some(presented) = credential(head) else {
             let r = Refuse {
                 www_authenticate: Some("Bearer realm=\"keygate\"".into()),
                 ..Refuse::new(
@@ -360,14 +439,14 @@ impl Gateway {
             };
             fail(&route, None, Refuse::invalid_token(code, msg))
         })?;
-        let ip = client_ip(conn.remote, req.headers(), &self.settings.trusted_proxies);
+        let ip = client_ip(conn.remote, head, &self.settings.trusted_proxies);
         let caller = Caller { token, ip };
         if !caller.token.allows_ip(ip) {
             let r =
                 Refuse::new(StatusCode::FORBIDDEN, "ip_not_allowed", format!("the token may not be used from {ip}"));
             return Err(fail(&route, Some(caller), r));
         }
-        if let Some(scope) = route.required_scope(req.method())
+        if let Some(scope) = route.required_scope(&head.method)
             && !caller.token.has_scope(scope)
         {
             let challenge = format!(
@@ -383,10 +462,10 @@ impl Gateway {
             };
             return Err(fail(&route, Some(caller), r));
         }
-        if let Some(r) = self.check_limits(table, &route, &caller.token, now, limit_headers) {
+        if let Some(r) = self.check_limits(table, &route, &caller.token, now, extra) {
             return Err(fail(&route, Some(caller), r));
         }
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        if let Some(len) = head.at(head.known.content_length).and_then(parse_length)
             && len > route.max_body_bytes
         {
             let r = Refuse::new(
@@ -396,7 +475,7 @@ impl Gateway {
             );
             return Err(fail(&route, Some(caller), r));
         }
-        Ok((route, Some(caller)))
+        Ok((route, Some(caller), path))
     }
 
     /// Token rate limit, route rate limit (it can only tighten) and quota; adds the limit headers.
@@ -406,7 +485,7 @@ impl Gateway {
         route: &Route,
         token: &IndexedToken,
         now: Timestamp,
-        headers: &mut HeaderMap,
+        extra: &mut AnswerExtra,
     ) -> Option<Refuse> {
         let id: &[u8; PUBLIC_ID_LEN] = token.public_id();
         let now_us = now.as_millis().saturating_mul(1000);
@@ -419,14 +498,7 @@ impl Gateway {
             } else {
                 self.limiter.check_rate(id, scope, &limit, now_us)
             };
-            rate_limit_headers(
-                headers,
-                name,
-                limit.capacity(),
-                u64::from(limit.per_seconds),
-                d.remaining,
-                ceil_secs_us(d.reset_after),
-            );
+            extra.limit(name, limit.capacity(), u64::from(limit.per_seconds), d.remaining, ceil_secs_us(d.reset_after));
             table.metrics.limiter(d.allowed);
             if !d.allowed {
                 refused = Some(d);
@@ -452,7 +524,7 @@ impl Gateway {
             } else {
                 u64::try_from((d.reset_after_ms + 999) / 1000).unwrap_or(0)
             };
-            rate_limit_headers(headers, "quota", q.requests, window_s, d.remaining, reset_s);
+            extra.limit("quota", q.requests, window_s, d.remaining, reset_s);
             table.metrics.limiter(d.allowed);
             if !d.allowed {
                 return Some(Refuse {
@@ -468,13 +540,119 @@ impl Gateway {
         None
     }
 
+    /// Sends the request to the route's upstreams: one attempt, or more for a request without a
+    /// body when a connection cannot be made. The answer's head goes to `sink`; on failure, the
+    /// refusal to give the client.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn exchange<B: BodySource, S: HeadSink>(
+        &self,
+        table: &Table,
+        route: &Route,
+        head: &ReqHead<'_>,
+        path: &str,
+        caller: Option<&Caller>,
+        conn: &ConnInfo,
+        body: &mut Option<B>,
+        state: &BodyState,
+        sink: &mut S,
+    ) -> Result<Answered, Refuse> {
+        let has_body = body.as_ref().is_some_and(|b| !b.is_end_stream());
+        let trusted_peer = head.known.forwarded_for && is_trusted(&self.settings.trusted_proxies, &conn.remote.ip());
+        let out = UpstreamHead {
+            head,
+            path,
+            route,
+            caller,
+            conn,
+            api_key: self.settings.api_key_header.as_ref(),
+            trusted_peer,
+        };
+        // Upstreams already tried; allocated only when a retry happens.
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_err = UpstreamError::Connect("no upstream".into());
+        // Only a request without a body can be sent again, and only a safe one after it left.
+        let attempts = if has_body || !head.method.is_idempotent() { 1 } else { route.retries as usize + 1 };
+        for _ in 0..attempts {
+            let Some(ui) = route.pick(&tried) else { break };
+            let Some(upstream) = route.upstreams.get(ui) else { break };
+            let write_head = |framing: RequestFraming, buf: &mut Vec<u8>| out.write(upstream, framing, buf);
+            match proxy::send(
+                upstream,
+                &head.method,
+                &write_head,
+                body,
+                sink,
+                route.connect_timeout,
+                route.request_timeout,
+            )
+            .await
+            {
+                Ok(answered) => return Ok(answered),
+                // The client's own body failed (too large, malformed): nothing to say about the
+                // upstream.
+                Err(proxy::SendError::Body(_)) => break,
+                Err(proxy::SendError::Upstream(e)) => {
+                    let client_fault = state.broken.load(Ordering::Relaxed) || state.too_large.load(Ordering::Relaxed);
+                    if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
+                        proxy::note_failure(upstream);
+                    }
+                    if !client_fault {
+                        table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
+                        tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
+                    }
+                    let retry = matches!(e, UpstreamError::Connect(_));
+                    last_err = e;
+                    if !retry {
+                        break;
+                    }
+                    tried.push(ui);
+                }
+            }
+        }
+        Err(if state.broken.load(Ordering::Relaxed) {
+            Refuse::bad_framing("the request body is malformed (such as a bad chunk size)")
+        } else if state.too_large.load(Ordering::Relaxed) {
+            Refuse {
+                close: true,
+                ..Refuse::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("this route takes bodies up to {} bytes", route.max_body_bytes),
+                )
+            }
+        } else {
+            match last_err {
+                UpstreamError::Timeout => {
+                    Refuse::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "the upstream did not answer in time")
+                }
+                _ => Refuse::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", "the upstream could not be reached"),
+            }
+        })
+    }
+
+    /// Counts an answer keygate gave itself: its refusal reason, then as any finished request.
+    pub(crate) fn finish_own(
+        &self,
+        table: &Table,
+        refusal: Option<&'static str>,
+        route: Option<&Route>,
+        caller: Option<&Caller>,
+        o: &Outcome,
+        head: &ReqHead<'_>,
+    ) {
+        if let Some(code) = refusal {
+            table.metrics.refusal(code);
+        }
+        self.record(table, route, caller, o, self.line(&head.method, head.path).as_ref());
+    }
+
     /// The request line for the access log, taken only when the log is on.
-    fn line(&self, method: &Method, path: &str) -> Option<RequestLine> {
+    pub(crate) fn line(&self, method: &Method, path: &str) -> Option<RequestLine> {
         self.settings.access_log.then(|| RequestLine { method: method.clone(), path: path.to_owned() })
     }
 
     /// Counts a finished request: route metrics, the caller's usage, and the access log line.
-    fn record(
+    pub(crate) fn record(
         &self,
         table: &Table,
         route: Option<&Route>,
@@ -514,218 +692,146 @@ impl Gateway {
             );
         }
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
-        self: &Arc<Self>,
-        table: Arc<Table>,
-        route: Arc<Route>,
-        caller: Option<Caller>,
-        conn: ConnInfo,
-        mut req: Request<Incoming>,
-        limit_headers: HeaderMap,
-        start: Instant,
-        now: Timestamp,
-    ) -> Response<GatewayBody> {
-        let wants_upgrade = req.headers().contains_key(header::UPGRADE);
-        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-        let method = req.method().clone();
-        let path = normalize_path(req.uri().path()).unwrap_or_else(|_| "/".into());
-        let query = req.uri().query().map(str::to_owned);
-        let original_host = req.headers().get(header::HOST).cloned();
-        let mut headers = std::mem::take(req.headers_mut());
-        strip_hop_by_hop(&mut headers, wants_upgrade);
-        if wants_upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        for n in [TOKEN_ID_HEADER, APP_ID_HEADER, SCOPES_HEADER] {
-            headers.remove(n);
-        }
-        if !route.public {
-            headers.remove(header::AUTHORIZATION);
-            if let Some(h) = &self.settings.api_key_header {
-                headers.remove(h);
-            }
-        }
-        let remote_ip = conn.remote.ip();
-        let trusted = self.settings.trusted_proxies.iter().any(|n| n.contains(&remote_ip));
-        let xff = match (trusted, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
-            (true, Some(prev)) => format!("{prev}, {remote_ip}"),
-            _ => remote_ip.to_string(),
-        };
-        headers.remove("x-forwarded-for");
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert("x-forwarded-for", v);
-        }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
-        if let Some(h) =
-            original_host.or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()))
-        {
-            headers.insert("x-forwarded-host", h);
-        }
-        if let Some(c) = &caller {
-            let mut id = [0u8; 4 + PUBLIC_ID_LEN];
-            id[..4].copy_from_slice(b"tok_");
-            id[4..].copy_from_slice(c.token.public_id());
-            if let Ok(v) = HeaderValue::from_bytes(&id) {
-                headers.insert(TOKEN_ID_HEADER, v);
-            }
-            if let Ok(v) = HeaderValue::from_str(&c.token.app_id) {
-                headers.insert(APP_ID_HEADER, v);
-            }
-            let mut scopes = String::with_capacity(c.token.scopes.iter().map(|s| s.as_str().len() + 1).sum());
-            for (i, sc) in c.token.scopes.iter().enumerate() {
-                if i > 0 {
-                    scopes.push(' ');
-                }
-                scopes.push_str(sc.as_str());
-            }
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(scopes)) {
-                headers.insert(SCOPES_HEADER, v);
-            }
-        }
+fn parse_length(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
 
-        let state = Arc::new(BodyState::default());
-        let incoming = req.into_body();
-        let has_body = !http_body::Body::is_end_stream(&incoming);
-        let idempotent = method.is_idempotent();
-        let mut body = Some(if has_body {
-            UpstreamBody::Stream { inner: incoming, limit: route.max_body_bytes, state: state.clone() }
-        } else {
-            UpstreamBody::Empty
-        });
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last_err = UpstreamError::Connect("no upstream".into());
-        // Only a request without a body can be sent again, and only a safe one after it left.
-        let attempts = if has_body || !idempotent { 1 } else { route.retries as usize + 1 };
-        for _ in 0..attempts {
-            let Some(ui) = route.pick(&tried) else { break };
-            tried.push(ui);
-            let Some(upstream) = route.upstreams.get(ui) else { break };
-            let mut target = route.upstream_path(upstream, &path);
-            if let Some(q) = &query {
-                target.push('?');
-                target.push_str(q);
-            }
-            let out = proxy::Outgoing { method: &method, target: &target, headers: &headers };
-            let attempt_body = body.take().unwrap_or(UpstreamBody::Empty);
-            match proxy::send(upstream, &out, attempt_body, route.connect_timeout, route.request_timeout).await {
-                Ok(resp) => {
-                    return self.respond(
-                        table,
-                        route,
-                        caller,
-                        resp,
-                        client_upgrade,
-                        limit_headers,
-                        state,
-                        start,
-                        now,
-                        self.line(&method, &path),
-                    );
-                }
-                // The client's own body failed (too large, malformed): nothing to say about the
-                // upstream.
-                Err(proxy::SendError::Body(_)) => break,
-                Err(proxy::SendError::Upstream(e)) => {
-                    let client_fault = state.broken.load(Ordering::Relaxed) || state.too_large.load(Ordering::Relaxed);
-                    if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
-                        proxy::note_failure(upstream);
-                    }
-                    if !client_fault {
-                        table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
-                        tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
-                    }
-                    let retry = matches!(e, UpstreamError::Connect(_));
-                    last_err = e;
-                    if !retry {
-                        break;
-                    }
-                }
-            }
-        }
-        let refusal = if state.broken.load(Ordering::Relaxed) {
-            Refuse::bad_framing("the request body is malformed (such as a bad chunk size)")
-        } else if state.too_large.load(Ordering::Relaxed) {
-            Refuse::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("this route takes bodies up to {} bytes", route.max_body_bytes),
-            )
-        } else {
-            match last_err {
-                UpstreamError::Timeout => {
-                    Refuse::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "the upstream did not answer in time")
-                }
-                _ => Refuse::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", "the upstream could not be reached"),
-            }
-        };
-        let resp = error_response(&refusal, &limit_headers);
-        let o = Outcome {
-            status: refusal.status.as_u16(),
-            bytes_in: state.seen.load(Ordering::Relaxed),
-            bytes_out: 0,
-            start,
-            now,
-        };
-        self.record(&table, Some(&route), caller.as_ref(), &o, self.line(&method, &path).as_ref());
-        resp
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn respond(
-        self: &Arc<Self>,
-        table: Arc<Table>,
-        route: Arc<Route>,
-        caller: Option<Caller>,
-        resp: Response<UpstreamResponseBody>,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        limit_headers: HeaderMap,
-        state: Arc<BodyState>,
-        start: Instant,
-        now: Timestamp,
-        line: Option<RequestLine>,
-    ) -> Response<GatewayBody> {
-        let status = resp.status();
-        let (mut parts, body) = resp.into_parts();
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client), Some(upstream)) = (client_upgrade, body.into_upgraded()) else {
-                table.metrics.upstream_error(route.index, false);
-                let r = Refuse::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unavailable",
-                    "the upstream switched protocols without being asked",
-                );
-                let o = Outcome { status: 502, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
-                self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
-                return error_response(&r, &limit_headers);
-            };
-            tokio::spawn(async move {
-                let Ok(c) = client.await else { return };
-                let mut c = hyper_util::rt::TokioIo::new(c);
-                let (mut u, early) = upstream.into_parts();
-                // Bytes the upstream sent right after its 101 belong to the new protocol.
-                if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut c, &early).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-            });
-            let mut out = Response::from_parts(parts, GatewayBody::empty());
-            out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            let o = Outcome { status: 101, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
-            self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
-            return out;
-        }
-        for (k, v) in &limit_headers {
-            parts.headers.append(k.clone(), v.clone());
-        }
-        let done =
-            Completion { gw: self.clone(), table, route, caller, status: status.as_u16(), state, start, now, line };
-        Response::from_parts(parts, GatewayBody::Upstream { inner: body, sent: 0, done: Some(Box::new(done)) })
+/// Request header fields that do not go upstream as the client sent them: hop-by-hop fields
+/// (RFC 9110 §7.6.1), the framing (keygate frames the body again), `Host` (the upstream's
+/// authority is sent), `Expect` (answered by keygate), keygate's identity fields (a client must
+/// not forge them) and the `X-Forwarded-*` set (rewritten).
+fn never_forwarded(name: &[u8]) -> bool {
+    let n = name.len();
+    let is = |s: &[u8]| n == s.len() && name.eq_ignore_ascii_case(s);
+    match n {
+        2 => is(b"te"),
+        4 => is(b"host"),
+        6 => is(b"expect"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"content-length"),
+        15 => is(b"x-forwarded-for"),
+        16 => is(b"proxy-connection") || is(b"x-keygate-app-id") || is(b"x-keygate-scopes") || is(b"x-forwarded-host"),
+        17 => is(b"transfer-encoding") || is(b"x-forwarded-proto"),
+        18 => is(b"x-keygate-token-id") || is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
     }
 }
 
-/// Finishes metering when the response body is done, and returns the connection to the pool.
+/// Everything the request head sent upstream is made from.
+pub(crate) struct UpstreamHead<'a, 'h> {
+    head: &'a ReqHead<'h>,
+    /// Normalized.
+    path: &'a str,
+    route: &'a Route,
+    caller: Option<&'a Caller>,
+    conn: &'a ConnInfo,
+    api_key: Option<&'a HeaderName>,
+    /// The socket is a trusted proxy with an `X-Forwarded-For` of its own, which is kept.
+    trusted_peer: bool,
+}
+
+impl UpstreamHead<'_, '_> {
+    /// Writes the request head for `upstream` in one buffer: the client's fields minus those
+    /// that must not pass (hop-by-hop ones and any named in `Connection` are removed before
+    /// keygate's own are added), then `X-Forwarded-*`, the identity fields and the framing.
+    pub(crate) fn write(&self, upstream: &Upstream, framing: RequestFraming, buf: &mut Vec<u8>) {
+        let head = self.head;
+        buf.extend_from_slice(head.method.as_str().as_bytes());
+        buf.push(b' ');
+        buf.extend_from_slice(upstream.base_path.as_bytes());
+        let rest =
+            if self.route.strip_prefix { self.path.get(self.route.prefix.len()..).unwrap_or("") } else { self.path };
+        buf.extend_from_slice(if rest.is_empty() { b"/" } else { rest.as_bytes() });
+        if let Some(q) = head.query {
+            buf.push(b'?');
+            buf.extend_from_slice(q.as_bytes());
+        }
+        buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        buf.extend_from_slice(upstream.authority.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        let upgrade = head.known.upgrade && head.known.connection;
+        // Fields named in `Connection` (RFC 9110 §7.6.1): few, and only looked at when present.
+        let mut named: [&[u8]; 8] = [b""; 8];
+        let mut n_named = 0;
+        if head.known.connection {
+            for token in head.all("connection").flat_map(|v| v.split(|b| *b == b',')) {
+                let t = token.trim_ascii();
+                if let Some(slot) = named.get_mut(n_named)
+                    && !t.is_empty()
+                {
+                    *slot = t;
+                    n_named += 1;
+                }
+            }
+        }
+        let named = named.get(..n_named).unwrap_or_default();
+        let strip_credential = !self.route.public;
+        for f in head.fields {
+            let name = f.name.as_bytes();
+            if never_forwarded(name)
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+                || (strip_credential
+                    && (name.eq_ignore_ascii_case(b"authorization")
+                        || self.api_key.is_some_and(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()))))
+            {
+                continue;
+            }
+            crate::answer::line(buf, name, f.value);
+        }
+        if upgrade {
+            for v in head.all("upgrade") {
+                crate::answer::line(buf, b"upgrade", v);
+            }
+            buf.extend_from_slice(b"connection: upgrade\r\n");
+        }
+        buf.extend_from_slice(b"x-forwarded-for: ");
+        if self.trusted_peer {
+            for v in head.all("x-forwarded-for") {
+                buf.extend_from_slice(v);
+                buf.extend_from_slice(b", ");
+            }
+        }
+        buf.extend_from_slice(self.conn.ip_text.as_bytes());
+        buf.extend_from_slice(if self.conn.tls {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
+        if let Some(h) = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host)) {
+            crate::answer::line(buf, b"x-forwarded-host", h);
+        }
+        if let Some(c) = self.caller {
+            buf.extend_from_slice(b"x-keygate-token-id: tok_");
+            buf.extend_from_slice(c.token.public_id());
+            buf.extend_from_slice(b"\r\nx-keygate-app-id: ");
+            buf.extend_from_slice(c.token.app_id.as_bytes());
+            buf.extend_from_slice(b"\r\nx-keygate-scopes: ");
+            for (i, sc) in c.token.scopes.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b' ');
+                }
+                buf.extend_from_slice(sc.as_str().as_bytes());
+            }
+            buf.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            RequestFraming::None => {}
+            RequestFraming::Length(n) => {
+                buf.extend_from_slice(b"content-length: ");
+                buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                buf.extend_from_slice(b"\r\n");
+            }
+            RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Finishes metering when the response body is done (HTTP/2 answers).
 struct Completion {
     gw: Arc<Gateway>,
     table: Arc<Table>,
@@ -736,21 +842,6 @@ struct Completion {
     start: Instant,
     now: Timestamp,
     line: Option<RequestLine>,
-}
-
-/// Method and path, for the access log.
-struct RequestLine {
-    method: Method,
-    path: String,
-}
-
-/// How a request ended, for metering.
-struct Outcome {
-    status: u16,
-    bytes_in: u64,
-    bytes_out: u64,
-    start: Instant,
-    now: Timestamp,
 }
 
 impl OnComplete for Completion {
@@ -766,61 +857,54 @@ impl OnComplete for Completion {
     }
 }
 
-fn cors_allows(cors: &crate::config::CorsConfig, origin: &HeaderValue) -> bool {
-    cors.allow_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+fn cors_allows(cors: &crate::config::CorsConfig, origin: &[u8]) -> bool {
+    cors.allow_origins.iter().any(|o| o == "*" || o.as_bytes() == origin)
 }
 
-fn add_cors_headers(cors: &crate::config::CorsConfig, origin: &HeaderValue, h: &mut HeaderMap) {
+fn add_cors_headers(cors: &crate::config::CorsConfig, origin: &[u8], extra: &mut AnswerExtra) {
     let wildcard = cors.allow_origins.iter().any(|o| o == "*") && !cors.allow_credentials;
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        if wildcard { HeaderValue::from_static("*") } else { origin.clone() },
-    );
-    h.append(header::VARY, HeaderValue::from_static("Origin"));
+    let allow = if wildcard { Ok(HeaderValue::from_static("*")) } else { HeaderValue::from_bytes(origin) };
+    if let Ok(v) = allow {
+        extra.cors(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    extra.cors(header::VARY, HeaderValue::from_static("Origin"));
     if cors.allow_credentials {
-        h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+        extra.cors(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
     }
     if !cors.expose_headers.is_empty()
         && let Ok(v) = HeaderValue::from_str(&cors.expose_headers.join(", "))
     {
-        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+        extra.cors(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
     }
 }
 
-/// Answers a CORS preflight (no token needed: browsers send none).
-fn preflight(cors: &crate::config::CorsConfig, origin: &HeaderValue, allowed: bool) -> Response<GatewayBody> {
-    if !allowed {
-        let r = Refuse::new(StatusCode::FORBIDDEN, "cors_origin_not_allowed", "this origin may not call this API");
-        return error_response(&r, &HeaderMap::new());
-    }
-    let mut h = HeaderMap::new();
-    add_cors_headers(cors, origin, &mut h);
+/// Answers an allowed CORS preflight (no token needed: browsers send none). The allow-origin
+/// headers come with the route's other answer headers.
+fn preflight(cors: &crate::config::CorsConfig) -> Answer {
+    let mut a = Answer::new(StatusCode::NO_CONTENT);
     if let Ok(v) = HeaderValue::from_str(&cors.allow_methods.join(", ")) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+        a.headers.push((header::ACCESS_CONTROL_ALLOW_METHODS, v));
     }
     if let Ok(v) = HeaderValue::from_str(&cors.allow_headers.join(", ")) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+        a.headers.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v));
     }
-    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(cors.max_age_seconds));
-    let mut resp = Response::new(GatewayBody::empty());
-    *resp.status_mut() = StatusCode::NO_CONTENT;
-    *resp.headers_mut() = h;
-    resp
+    a.headers.push((header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(cors.max_age_seconds)));
+    a
 }
 
 /// `/demo/echo`: the request as keygate saw it and the identity it would attach.
-fn demo_echo(
-    req: &Request<Incoming>,
-    caller: Option<&Caller>,
-    limit_headers: &HeaderMap,
-    index: &TokenIndex,
-) -> Response<GatewayBody> {
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
+fn demo_echo(head: &ReqHead<'_>, caller: Option<&Caller>, index: &TokenIndex) -> Answer {
+    let headers: serde_json::Map<String, serde_json::Value> = head
+        .fields
         .iter()
         // Never echo a credential: not Authorization, nor any header whose value is a token.
-        .filter(|(k, v)| *k != header::AUTHORIZATION && !v.to_str().is_ok_and(|v| index.is_well_formed(v.trim())))
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+        .filter(|f| {
+            !f.name.eq_ignore_ascii_case("authorization")
+                && !std::str::from_utf8(f.value).is_ok_and(|v| index.is_well_formed(v.trim()))
+        })
+        .map(|f| {
+            (f.name.to_ascii_lowercase(), serde_json::Value::String(String::from_utf8_lossy(f.value).into_owned()))
+        })
         .collect();
     let identity = caller.map(|c| {
         serde_json::json!({
@@ -832,17 +916,110 @@ fn demo_echo(
         })
     });
     let body = serde_json::json!({
-        "method": req.method().as_str(),
-        "path": req.uri().path(),
-        "query": req.uri().query(),
+        "method": head.method.as_str(),
+        "path": head.path,
+        "query": head.query,
         "headers": headers,
         "identity": identity,
         "note": "answered by keygate's built-in demo route; configure [[routes]] to forward to your API",
     });
-    let mut resp = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    for (k, v) in limit_headers {
-        resp.headers_mut().append(k.clone(), v.clone());
+    Answer::json(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_that_never_pass_are_recognized_in_any_case() {
+        for n in [
+            "TE",
+            "Host",
+            "expect",
+            "Trailer",
+            "Upgrade",
+            "Connection",
+            "Keep-Alive",
+            "content-length",
+            "X-Forwarded-For",
+            "Proxy-Connection",
+            "x-keygate-app-id",
+            "X-Keygate-Scopes",
+            "x-forwarded-host",
+            "Transfer-Encoding",
+            "x-forwarded-proto",
+            "X-Keygate-Token-Id",
+            "proxy-authenticate",
+            "Proxy-Authorization",
+        ] {
+            assert!(never_forwarded(n.as_bytes()), "{n}");
+        }
+        for n in ["accept", "x-custom", "authorization", "content-type", "x-keygate-other", "tea"] {
+            assert!(!never_forwarded(n.as_bytes()), "{n}");
+        }
     }
-    resp
+
+    #[test]
+    fn upstream_heads_carry_what_may_pass_and_keygate_fields() {
+        let cfg = crate::config::RouteConfig {
+            strip_prefix: true,
+            ..crate::config::RouteConfig::new("o", "/orders", "http://127.0.0.1:9000/api")
+        };
+        let table = RouteTable::build(&[cfg], &crate::config::GatewayConfig::default()).unwrap();
+        let route = &table.routes[0];
+        let f = |name, value: &'static str| head::Field { name, value: value.as_bytes() };
+        let fields = [
+            f("Host", "client.example"),
+            f("Authorization", "Bearer kg_secret"),
+            f("X-Api-Key", "kg_secret"),
+            f("Connection", "x-hop, keep-alive"),
+            f("X-Hop", "1"),
+            f("Keep-Alive", "5"),
+            f("Content-Length", "99"),
+            f("Expect", "100-continue"),
+            f("X-Keygate-Token-Id", "tok_forged"),
+            f("X-Forwarded-For", "6.6.6.6"),
+            f("X-Custom", "kept"),
+        ];
+        let key = HeaderName::from_static("x-api-key");
+        let head = ReqHead {
+            method: Method::POST,
+            path: "/orders/7",
+            query: Some("a=1"),
+            version: http::Version::HTTP_11,
+            authority: None,
+            fields: &fields,
+            known: Known::classify(&fields, Some(&key)),
+        };
+        let conn = ConnInfo::new("10.0.0.9:5000".parse().unwrap(), true);
+        let out = UpstreamHead {
+            head: &head,
+            path: "/orders/7",
+            route,
+            caller: None,
+            conn: &conn,
+            api_key: Some(&key),
+            trusted_peer: false,
+        };
+        let mut buf = Vec::new();
+        out.write(&route.upstreams[0], RequestFraming::Length(3), &mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "POST /api/7?a=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\nX-Custom: kept\r\nx-forwarded-for: 10.0.0.9\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: client.example\r\ncontent-length: 3\r\n\r\n"
+        );
+        // From a trusted proxy, its X-Forwarded-For is extended.
+        let out = UpstreamHead { trusted_peer: true, ..out };
+        let mut buf = Vec::new();
+        out.write(&route.upstreams[0], RequestFraming::None, &mut buf);
+        assert!(String::from_utf8(buf).unwrap().contains("\r\nx-forwarded-for: 6.6.6.6, 10.0.0.9\r\n"));
+    }
+
+    #[test]
+    fn ip_text_is_the_display_form() {
+        for ip in ["127.0.0.1", "::1", "2001:db8::ffff:1:2:3", "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"] {
+            let t = IpText::new(ip.parse().unwrap());
+            assert_eq!(std::str::from_utf8(t.as_bytes()).unwrap(), ip.parse::<IpAddr>().unwrap().to_string());
+        }
+    }
 }

@@ -4,10 +4,13 @@
 //! connections ([`proxy`]) and metrics ([`metrics`]).
 #![forbid(unsafe_code)]
 
+pub mod answer;
 pub mod body;
 pub mod config;
 pub mod follow;
+pub mod h1;
 pub mod handler;
+pub mod head;
 pub mod index;
 pub mod limiter;
 pub mod metrics;

@@ -19,14 +19,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode, Version};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::body::{BoxError, UpstreamBody};
+use crate::body::{BodySource, BoxError};
 use crate::routes::Upstream;
 
 /// Idle connections kept per upstream and worker.
@@ -118,88 +117,39 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, Upstre
     Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK) })
 }
 
-/// What to send upstream. The headers are the client's, already cleaned by the handler
-/// (hop-by-hop and identity headers removed, keygate's added); this module adds `Host` and the
-/// body's framing.
-pub struct Outgoing<'a> {
-    pub method: &'a Method,
-    /// Path and query, as the upstream should see them.
-    pub target: &'a str,
-    pub headers: &'a HeaderMap,
-}
-
-/// Headers this client writes itself (or must not pass on).
-fn written_by_us(name: &HeaderName) -> bool {
-    *name == header::HOST
-        || *name == header::CONTENT_LENGTH
-        || *name == header::TRANSFER_ENCODING
-        // The client's `Expect: 100-continue` is answered by keygate's own listener when the
-        // body is first read; the upstream gets the body without waiting.
-        || *name == header::EXPECT
-}
-
-/// The request head, in one buffer.
-fn write_head(out: &Outgoing<'_>, authority: &str, framing: RequestFraming, buf: &mut Vec<u8>) {
-    buf.extend_from_slice(out.method.as_str().as_bytes());
-    buf.push(b' ');
-    buf.extend_from_slice(out.target.as_bytes());
-    buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    buf.extend_from_slice(authority.as_bytes());
-    buf.extend_from_slice(b"\r\n");
-    for (name, value) in out.headers {
-        if written_by_us(name) {
-            continue;
-        }
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        RequestFraming::None => {}
-        RequestFraming::Length(n) => {
-            buf.extend_from_slice(b"content-length: ");
-            buf.extend_from_slice(n.to_string().as_bytes());
-            buf.extend_from_slice(b"\r\n");
-        }
-        RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    buf.extend_from_slice(b"\r\n");
-}
-
-#[derive(Clone, Copy)]
-enum RequestFraming {
+/// How a request's body is framed upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestFraming {
     /// No body and no header (GET, HEAD, …).
     None,
     Length(u64),
     Chunked,
 }
 
-fn request_framing(method: &Method, body: &UpstreamBody) -> RequestFraming {
-    if body.is_end_stream() {
+fn request_framing<B: BodySource>(method: &Method, body: Option<&B>) -> RequestFraming {
+    let Some(body) = body.filter(|b| !b.is_end_stream()) else {
         // An empty POST, PUT or PATCH says so, for upstreams that insist on a length.
         return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
             RequestFraming::Length(0)
         } else {
             RequestFraming::None
         };
-    }
-    match body.size_hint().exact() {
+    };
+    match body.exact_len() {
         Some(n) => RequestFraming::Length(n),
         None => RequestFraming::Chunked,
     }
 }
 
 /// Streams the request body upstream in the framing announced in the head.
-async fn pump_body<W: tokio::io::AsyncWrite + Unpin>(
-    mut body: UpstreamBody,
+async fn pump_body<B: BodySource, W: tokio::io::AsyncWrite + Unpin>(
+    body: &mut B,
     framing: RequestFraming,
     w: &mut W,
 ) -> Result<(), PumpError> {
     let chunked = matches!(framing, RequestFraming::Chunked);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(PumpError::Body)?;
-        let Ok(data) = frame.into_data() else { continue }; // trailers are not forwarded
+    while let Some(data) = body.data().await {
+        let data = data.map_err(PumpError::Body)?;
         if data.is_empty() {
             continue;
         }
@@ -224,29 +174,56 @@ enum PumpError {
     Write(io::Error),
 }
 
-/// A parsed answer head.
+/// Where the fields of an upstream's answer head go: a header map (answers through hyper) or
+/// HTTP/1.1 bytes (keygate's own listener). Only a final answer's head is given to a sink, and
+/// only the fields that may pass to the client.
+pub trait HeadSink {
+    fn status(&mut self, status: StatusCode);
+    /// `Err` if the field cannot be carried (the answer then fails as malformed).
+    fn field(&mut self, name: &str, value: &[u8]) -> Result<(), BadField>;
+}
+
+/// A header field a sink cannot carry.
+#[derive(Debug)]
+pub struct BadField;
+
+/// Collects an answer head into a header map.
+#[derive(Default)]
+pub struct MapSink {
+    pub headers: HeaderMap,
+}
+
+impl HeadSink for MapSink {
+    fn status(&mut self, _: StatusCode) {}
+    fn field(&mut self, name: &str, value: &[u8]) -> Result<(), BadField> {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| BadField)?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| BadField)?;
+        self.headers.append(name, value);
+        Ok(())
+    }
+}
+
+/// An answer's status and how its body ends, from its head.
 struct Head {
     status: StatusCode,
-    headers: HeaderMap,
     framing: Framing,
 }
 
-/// Reads until a whole answer head is buffered, then parses it. `Ok(None)`: the connection
-/// closed before the first byte of an answer.
-async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+/// Reads until a whole answer head is buffered, then parses it into `sink`. `Ok(None)`: the
+/// connection closed before the first byte of an answer.
+async fn read_head<R: tokio::io::AsyncRead + Unpin, S: HeadSink>(
     r: &mut R,
     buf: &mut BytesMut,
     method: &Method,
+    sink: &mut S,
 ) -> Result<Option<Head>, UpstreamError> {
     loop {
         if !buf.is_empty() {
-            match parse_head(buf, method)? {
-                Some(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
-                    // 100 Continue, 103 Early Hints: not forwarded; the final answer follows.
-                    continue;
-                }
-                Some(head) => return Ok(Some(head)),
-                None => {}
+            match parse_head(buf, method, sink)? {
+                // 100 Continue, 103 Early Hints: not forwarded; the final answer follows.
+                Parsed::Interim => continue,
+                Parsed::Final(head) => return Ok(Some(head)),
+                Parsed::Partial => {}
             }
         }
         if buf.len() >= MAX_HEAD {
@@ -264,14 +241,24 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Parses one answer head at the start of `buf` and removes it from there; `None` if it is not
-/// complete yet.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, UpstreamError> {
+enum Parsed {
+    Partial,
+    /// An informational answer (not 101), skipped.
+    Interim,
+    Final(Head),
+}
+
+/// Parses one answer head at the start of `buf` and removes it from there. A final answer's
+/// status and passing fields go to `sink`: not the hop-by-hop fields, not those named in
+/// `Connection`, and not the framing (the listener frames the body for the client again), except
+/// the `Content-Length` of an answer that has no body (HEAD, 204, 304), which describes the
+/// resource.
+fn parse_head<S: HeadSink>(buf: &mut BytesMut, method: &Method, sink: &mut S) -> Result<Parsed, UpstreamError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(UpstreamError::Failed(format!("the upstream's answer does not parse: {e}"))),
     };
     if resp.version != Some(1) {
@@ -281,18 +268,19 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Upstr
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| UpstreamError::Failed("the upstream's status code is not valid".into()))?;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Parsed::Interim);
+    }
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut other_coding = false;
     let mut connection_close = false;
-    let mut named: Vec<HeaderName> = Vec::new();
+    let mut named: [&[u8]; 8] = [b""; 8];
+    let mut n_named = 0;
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| UpstreamError::Failed(format!("the upstream sent a bad header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| UpstreamError::Failed(format!("the upstream sent a bad value for {name}")))?;
-        if name == header::CONTENT_LENGTH {
+        if h.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -302,46 +290,35 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Upstr
                 return Err(UpstreamError::Failed("the upstream sent two different Content-Lengths".into()));
             }
             content_length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // The final coding decides (RFC 9112 §6.3); anything but chunked is read to the end.
-            for coding in value.to_str().unwrap_or("").split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                chunked = coding.eq_ignore_ascii_case("chunked");
+            for coding in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+                chunked = coding.eq_ignore_ascii_case(b"chunked");
                 other_coding |= !chunked;
             }
-            continue; // hop-by-hop: the listener frames the body for the client again
-        } else if name == header::CONNECTION {
-            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
                     connection_close = true;
-                } else if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                    named.push(n);
+                } else if let Some(slot) = named.get_mut(n_named)
+                    && !token.is_empty()
+                {
+                    *slot = token;
+                    n_named += 1;
                 }
             }
-            continue;
-        } else if is_hop_by_hop(&name) && status != StatusCode::SWITCHING_PROTOCOLS {
-            continue;
-        }
-        headers.append(name, value);
-    }
-    for n in named {
-        if !(status == StatusCode::SWITCHING_PROTOCOLS && n == header::UPGRADE) {
-            headers.remove(n);
         }
     }
-    buf.advance(len);
     // RFC 9112 §6.3, in its order.
-    let framing = if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let no_body = *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let framing = if upgrade {
+        Framing::Upgraded
+    } else if no_body {
         Framing::Length(0)
     } else if chunked && !other_coding {
         // Transfer-Encoding overrides Content-Length; the length is not passed on.
-        headers.remove(header::CONTENT_LENGTH);
         Framing::Chunked(Chunked::Size)
     } else if chunked || other_coding {
-        headers.remove(header::CONTENT_LENGTH);
         Framing::UntilClose
     } else {
         match content_length {
@@ -354,23 +331,44 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Upstr
         Framing::Chunked(c) if connection_close => Framing::ChunkedThenClose(c),
         f => f,
     };
-    Ok(Some(Head { status, headers, framing }))
+    sink.status(status);
+    let named = named.get(..n_named).unwrap_or_default();
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let pass = if name.eq_ignore_ascii_case(b"content-length") {
+            no_body
+        } else if name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"transfer-encoding") {
+            false
+        } else if upgrade {
+            // A 101 keeps `Upgrade`; what it names is the new protocol.
+            name.eq_ignore_ascii_case(b"upgrade")
+                || !(is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)))
+        } else {
+            !(is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)))
+        };
+        if pass {
+            sink.field(h.name, h.value).map_err(|BadField| {
+                UpstreamError::Failed(format!("the upstream sent a bad header field {:?}", h.name))
+            })?;
+        }
+    }
+    buf.advance(len);
+    Ok(Parsed::Final(Head { status, framing }))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "upgrade"
-    )
+/// Hop-by-hop fields (RFC 9110 §7.6.1), in any case.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// How the answer's body ends.
@@ -391,7 +389,7 @@ enum Framing {
 
 /// Where a chunked body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub(crate) enum Chunked {
     /// Expecting a chunk-size line.
     Size,
     /// This many bytes of chunk data remain.
@@ -404,7 +402,7 @@ enum Chunked {
 
 /// What the buffered bytes gave.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     NeedMore,
     End,
@@ -416,7 +414,7 @@ fn bad(msg: &str) -> io::Error {
 
 /// One step of a chunked body over the buffered bytes (RFC 9112 §7.1). Strict: a chunk size is
 /// hex digits (at most 15), optionally followed by extensions, ended by CRLF.
-fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Result<Step> {
+pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Result<Step> {
     loop {
         match *state {
             Chunked::Size => {
@@ -493,6 +491,42 @@ impl UpstreamResponseBody {
     /// The connection of a 101 answer, for the upgraded protocol.
     pub fn into_upgraded(mut self) -> Option<Conn> {
         if self.framing == Framing::Upgraded { self.conn.take() } else { None }
+    }
+
+    /// The body's length, when the upstream gave one.
+    pub fn exact_len(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Length(n) | Framing::LengthThenClose(n) => Some(n),
+            Framing::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Whether the answer has no body to read (a HEAD answer, 204, 304, an empty length).
+    pub fn is_empty(&self) -> bool {
+        self.ended()
+    }
+
+    /// The body's bytes that are already buffered, without reading from the connection: for a
+    /// small answer, usually the whole body, which then goes out in the same write as the head.
+    pub fn buffered(&mut self) -> io::Result<Option<Bytes>> {
+        match self.step() {
+            Ok(Step::Data(d)) => {
+                if self.ended() {
+                    self.finish();
+                }
+                Ok(Some(d))
+            }
+            Ok(Step::End) => {
+                self.finish();
+                Ok(None)
+            }
+            Ok(Step::NeedMore) => Ok(None),
+            Err(e) => {
+                self.fail();
+                Err(e)
+            }
+        }
     }
 
     /// One step over the buffered bytes.
@@ -625,18 +659,32 @@ pub enum SendError {
     Body(BoxError),
 }
 
-/// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head.
-/// A pooled connection found dead before the answer began is replaced by a fresh one once, when
-/// the request can be sent again (no body was consumed). Connection failures count against the
-/// upstream's passive health; a failure after the request was sent is left to the caller, which
-/// knows whether the client's body caused it.
-pub async fn send(
+/// An upstream's answer: its status (its head went to the sink) and its body.
+pub struct Answered {
+    pub status: StatusCode,
+    pub body: UpstreamResponseBody,
+}
+
+thread_local! {
+    /// A request-head buffer, taken for the time of one send (never borrowed across an await).
+    static HEAD_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head
+/// into `sink`. `write_head` writes the request head for the body's framing. `body` is taken
+/// when it is sent; a request whose body was not consumed can be sent again: a pooled
+/// connection found dead before the answer began is replaced by a fresh one once. Connection
+/// failures count against the upstream's passive health; a failure after the request was sent is
+/// left to the caller, which knows whether the client's body caused it.
+pub async fn send<B: BodySource, S: HeadSink>(
     upstream: &Upstream,
-    out: &Outgoing<'_>,
-    body: UpstreamBody,
+    method: &Method,
+    write_head: &(dyn Fn(RequestFraming, &mut Vec<u8>) + Sync),
+    body: &mut Option<B>,
+    sink: &mut S,
     connect_timeout: Duration,
     answer_timeout: Duration,
-) -> Result<Response<UpstreamResponseBody>, SendError> {
+) -> Result<Answered, SendError> {
     let authority = &upstream.authority;
     let (mut conn, mut pooled) = match checkout(authority) {
         Some(c) => (c, true),
@@ -648,19 +696,19 @@ pub async fn send(
             }
         },
     };
-    let framing = request_framing(out.method, &body);
-    let mut head = Vec::with_capacity(512);
-    write_head(out, authority, framing, &mut head);
+    let framing = request_framing(method, body.as_ref());
+    let mut head = HEAD_BUF.with(std::cell::Cell::take);
+    head.clear();
+    write_head(framing, &mut head);
     upstream.in_flight.fetch_add(1, Ordering::Relaxed);
-    let mut body = Some(body);
     let result = loop {
-        let attempt = exchange(&mut conn, &head, &mut body, framing, out.method);
+        let attempt = exchange(&mut conn, &head, body, framing, method, sink);
         match tokio::time::timeout(answer_timeout, attempt).await {
             Err(_) => break Err(SendError::Upstream(UpstreamError::Timeout)),
             Ok(Ok(Some(h))) => break Ok(h),
             // Closed before answering. On a reused connection with nothing consumed, this is the
             // upstream having closed it while idle: try once on a fresh one.
-            Ok(Ok(None)) if pooled && body.is_some() && out.method.is_idempotent() => {
+            Ok(Ok(None)) if pooled && body.is_some() && method.is_idempotent() => {
                 pooled = false;
                 match connect(authority, connect_timeout).await {
                     Ok(c) => conn = c,
@@ -678,6 +726,7 @@ pub async fn send(
             Ok(Err(e)) => break Err(e),
         }
     };
+    HEAD_BUF.with(|c| c.set(head));
     upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     let (head, body_done) = result?;
     note_success(upstream);
@@ -690,25 +739,19 @@ pub async fn send(
             f => f,
         };
     }
-    if head.status == StatusCode::SWITCHING_PROTOCOLS {
-        framing = Framing::Upgraded;
-    }
-    let mut resp = Response::new(UpstreamResponseBody { conn: Some(conn), framing });
-    *resp.status_mut() = head.status;
-    *resp.version_mut() = Version::HTTP_11;
-    *resp.headers_mut() = head.headers;
-    Ok(resp)
+    Ok(Answered { status: head.status, body: UpstreamResponseBody { conn: Some(conn), framing } })
 }
 
 /// Writes the head and body and reads the answer's head. While the body streams, the answer is
 /// read too, so an upstream that answers early (a 413, say) is heard. `Ok(None)`: the connection
 /// closed before the first byte of an answer; `body` is still there if none of it was consumed.
-async fn exchange(
+async fn exchange<B: BodySource, S: HeadSink>(
     conn: &mut Conn,
     head: &[u8],
-    body: &mut Option<UpstreamBody>,
+    body: &mut Option<B>,
     framing: RequestFraming,
     method: &Method,
+    sink: &mut S,
 ) -> Result<Option<(Head, bool)>, SendError> {
     let Conn { stream, buf, .. } = conn;
     if let Err(e) = stream.write_all(head).await {
@@ -718,13 +761,13 @@ async fn exchange(
     }
     let has_body = body.as_ref().is_some_and(|b| !b.is_end_stream());
     if !has_body {
-        return Ok(read_head(stream, buf, method).await.map_err(SendError::Upstream)?.map(|h| (h, true)));
+        return Ok(read_head(stream, buf, method, sink).await.map_err(SendError::Upstream)?.map(|h| (h, true)));
     }
-    let Some(b) = body.take() else { return Ok(None) };
+    let Some(mut b) = body.take() else { return Ok(None) };
     let (mut rd, mut wr) = stream.split();
-    let pump = pump_body(b, framing, &mut wr);
+    let pump = pump_body(&mut b, framing, &mut wr);
     tokio::pin!(pump);
-    let answer = read_head(&mut rd, buf, method);
+    let answer = read_head(&mut rd, buf, method, sink);
     tokio::pin!(answer);
     let mut pumped = false;
     loop {
@@ -765,12 +808,11 @@ pub fn note_failure(u: &Upstream) {
 /// One active health check: `GET path` on a fresh connection; a 2xx or 3xx answer passes.
 pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
     let Ok(mut conn) = connect(&upstream.authority, timeout).await else { return false };
-    let headers = HeaderMap::new();
-    let out = Outgoing { method: &Method::GET, target: path, headers: &headers };
-    let mut head = Vec::with_capacity(128);
-    write_head(&out, &upstream.authority, RequestFraming::None, &mut head);
-    let mut body = None;
-    let answer = exchange(&mut conn, &head, &mut body, RequestFraming::None, &Method::GET);
+    let head =
+        format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.authority);
+    let mut body: Option<crate::body::UpstreamBody> = None;
+    let mut sink = MapSink::default();
+    let answer = exchange(&mut conn, head.as_bytes(), &mut body, RequestFraming::None, &Method::GET, &mut sink);
     matches!(
         tokio::time::timeout(timeout, answer).await,
         Ok(Ok(Some((h, _)))) if h.status.is_success() || h.status.is_redirection()
@@ -875,12 +917,17 @@ mod tests {
     fn answer_heads_follow_rfc_9112_framing() {
         let parse = |raw: &[u8], method: &Method| {
             let mut buf = BytesMut::from(raw);
-            parse_head(&mut buf, method).map(|h| h.map(|h| (h.status, h.framing, h.headers)))
+            let mut sink = MapSink::default();
+            parse_head(&mut buf, method, &mut sink).map(|p| match p {
+                Parsed::Final(h) => Some((h.status, h.framing, sink.headers)),
+                _ => None,
+            })
         };
         let (s, f, h) =
             parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok", &Method::GET).unwrap().unwrap();
         assert_eq!((s, f), (StatusCode::OK, Framing::Length(2)));
         assert_eq!(h.get("x-a").unwrap(), "1");
+        assert!(h.get("content-length").is_none(), "the listener frames the body itself");
         let (_, f, h) = parse(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\nconnection: x-secret\r\nx-secret: 1\r\nkeep-alive: 5\r\n\r\n",
             &Method::GET,
@@ -889,13 +936,27 @@ mod tests {
         .unwrap();
         assert_eq!(f, Framing::Chunked(Chunked::Size), "Transfer-Encoding wins over Content-Length");
         assert!(h.get("content-length").is_none() && h.get("x-secret").is_none() && h.get("keep-alive").is_none());
-        let (_, f, _) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
+        assert!(h.get("transfer-encoding").is_none() && h.get("connection").is_none());
+        let (_, f, h) = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
         assert_eq!(f, Framing::Length(0), "a HEAD answer has no body");
+        assert_eq!(h.get("content-length").unwrap(), "5", "but its length describes the resource");
         let (_, f, _) = parse(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET).unwrap().unwrap();
         assert_eq!(f, Framing::UntilClose);
         let (_, f, _) =
             parse(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n", &Method::GET).unwrap().unwrap();
         assert_eq!(f, Framing::LengthThenClose(1));
+        let (s, f, h) = parse(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((s, f), (StatusCode::SWITCHING_PROTOCOLS, Framing::Upgraded));
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert!(
+            parse(b"HTTP/1.1 100 Continue\r\n\r\n", &Method::GET).unwrap().is_none(),
+            "interim answers are skipped"
+        );
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n", &Method::GET).is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n", &Method::GET).is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET).unwrap().is_none(), "incomplete");
@@ -903,18 +964,12 @@ mod tests {
     }
 
     #[test]
-    fn request_heads_carry_host_and_framing_and_nothing_doubled() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-a", HeaderValue::from_static("1"));
-        headers.insert(header::HOST, HeaderValue::from_static("client.example"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
-        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        let out = Outgoing { method: &Method::POST, target: "/a?b=1", headers: &headers };
-        let mut buf = Vec::new();
-        write_head(&out, "up:80", RequestFraming::Length(3), &mut buf);
-        assert_eq!(
-            String::from_utf8(buf).unwrap(),
-            "POST /a?b=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\ncontent-length: 3\r\n\r\n"
-        );
+    fn hop_by_hop_fields_in_any_case() {
+        for n in ["TE", "Trailer", "upgrade", "Connection", "KEEP-ALIVE", "proxy-connection", "Transfer-Encoding"] {
+            assert!(is_hop_by_hop(n.as_bytes()), "{n}");
+        }
+        for n in ["content-length", "x-custom", "tea"] {
+            assert!(!is_hop_by_hop(n.as_bytes()), "{n}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The route table: routes compiled from `[[routes]]`, path normalization, and matching on
 //! whole path segments (host-specific routes first, then the longest prefix).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -159,7 +160,7 @@ impl RouteTable {
             if !ids.insert(c.id.clone()) {
                 return Err(err("another route has the same id".into()));
             }
-            let prefix = normalize_path(&c.path).map_err(|e| err(format!("path: {e}")))?;
+            let prefix = normalize_path(&c.path).map_err(|e| err(format!("path: {e}")))?.into_owned();
             if prefix.contains('?') {
                 return Err(err("path must not contain a query".into()));
             }
@@ -288,10 +289,14 @@ impl std::fmt::Display for PathError {
 /// Normalizes a request path (without its query) so that a scope check cannot be bypassed by
 /// spelling: `%2e`/`%2E` and `%2f`/`%2F` are decoded, empty segments (`//`) and `.` are
 /// dropped, `..` removes the previous segment (never above the root). Other `%` escapes stay as
-/// they are. A trailing slash is kept.
-pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+/// they are. A trailing slash is kept. A path that is already normal (the usual case) is
+/// returned as it is, without a copy.
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if is_normal(raw.as_bytes()) {
+        return Ok(Cow::Borrowed(raw));
     }
     let mut decoded = String::with_capacity(raw.len());
     let bytes = raw.as_bytes();
@@ -345,7 +350,28 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     if path.is_empty() || (trailing && !out.is_empty()) {
         path.push('/');
     }
-    Ok(path)
+    Ok(Cow::Owned(path))
+}
+
+/// Whether `raw` (which starts with `/`) is already what [`normalize_path`] would make of it:
+/// ASCII without `%`, a backslash or NUL, and no empty, `.` or `..` segment (a trailing slash is fine).
+fn is_normal(raw: &[u8]) -> bool {
+    let mut seg_start = 1;
+    for i in 1..=raw.len() {
+        match raw.get(i) {
+            None | Some(b'/') => {
+                let seg = raw.get(seg_start..i).unwrap_or_default();
+                let last = i == raw.len();
+                if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
+                    return false;
+                }
+                seg_start = i + 1;
+            }
+            Some(b'%' | b'\\' | 0 | 0x80..=0xff) => return false,
+            Some(_) => {}
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -372,6 +398,12 @@ mod tests {
         }
         for bad in ["orders", "", "/a%00b", "/a\\b", "/a%5cb", "/a%zz", "/a%2", "/é"] {
             assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+        for already in ["/", "/orders", "/orders/", "/a/b.c/..d/.e"] {
+            assert!(matches!(normalize_path(already), Ok(Cow::Borrowed(_))), "{already}");
+        }
+        for changed in ["//a", "/a//b", "/a/./b", "/a/..", "/.", "/a%41"] {
+            assert!(!is_normal(changed.as_bytes()), "{changed}");
         }
     }
 

@@ -1,24 +1,33 @@
 //! The gateway listener: one worker thread per core, each with its own single-threaded runtime,
 //! its own `SO_REUSEPORT` socket and its own upstream connections; what workers share (the token
-//! index, limiter and usage meter) is sharded, so they rarely meet on a lock. HTTP/1.1 and HTTP/2 (h2c, or ALPN under TLS) on the same port. Graceful
-//! shutdown stops accepting and lets in-flight requests finish within a deadline.
+//! index, limiter and usage meter) is sharded, so they rarely meet on a lock. HTTP/1.1 is served
+//! by keygate's own server ([`crate::h1`]); HTTP/2 — h2c with prior knowledge, or ALPN `h2`
+//! under TLS — by hyper, on the same port. Graceful shutdown stops accepting, closes idle
+//! connections and lets in-flight requests finish within a deadline.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::h1::{self, Timeouts};
 use crate::handler::{ConnInfo, Gateway};
 
 /// Where TLS settings come from; swapped when the certificate files change.
 pub type TlsSource = Arc<arc_swap::ArcSwapOption<TlsAcceptor>>;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): how an h2c client with prior knowledge begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A running gateway listener.
 pub struct GatewayServer {
@@ -47,6 +56,7 @@ impl GatewayServer {
         threads: usize,
         tls: Option<TlsSource>,
         grace: Duration,
+        timeouts: Timeouts,
     ) -> std::io::Result<Self> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let first = bind(addr)?;
@@ -69,7 +79,8 @@ impl GatewayServer {
                         return;
                     }
                 };
-                rt.block_on(worker(gw, socket, tls, stop_rx, grace));
+                let worker = Worker { gw, tls, timeouts };
+                rt.block_on(worker.run(socket, stop_rx, grace));
             })?;
             workers.push(worker);
         }
@@ -89,83 +100,182 @@ impl GatewayServer {
     }
 }
 
-async fn worker(
+/// One worker thread's share of the listener.
+struct Worker {
     gw: Arc<Gateway>,
-    socket: std::net::TcpListener,
     tls: Option<TlsSource>,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let listener = match TcpListener::from_std(socket) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "gateway worker cannot use its socket");
-            return;
-        }
-    };
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let (stream, remote) = match accepted {
-            Ok(a) => a,
+    timeouts: Timeouts,
+}
+
+/// What a connection task holds: the stop signal of its worker (not shared with the other
+/// workers, so waiting on it touches no other core's memory) and a token whose drop tells the
+/// worker the connection is over.
+#[derive(Clone)]
+struct ConnTicket {
+    stop: watch::Receiver<bool>,
+    _alive: mpsc::Sender<()>,
+}
+
+impl Worker {
+    async fn run(self, socket: std::net::TcpListener, mut stop: watch::Receiver<bool>, grace: Duration) {
+        let listener = match TcpListener::from_std(socket) {
+            Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+                tracing::error!(error = %e, "gateway worker cannot use its socket");
+                return;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let acceptor = tls.as_ref().and_then(|t| t.load_full());
-        serve(&gw, &builder, &graceful, stream, remote, acceptor);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let (local_stop, local_stop_rx) = watch::channel(false);
+        let (alive, mut all_done) = mpsc::channel::<()>(1);
+        let ticket = ConnTicket { stop: local_stop_rx, _alive: alive };
+        let this = Arc::new(self);
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (stream, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = this.tls.as_ref().and_then(|t| t.load_full());
+            let info = ConnInfo::new(remote, acceptor.is_some());
+            let watcher = graceful.watcher();
+            let (this, ticket) = (this.clone(), ticket.clone());
+            tokio::spawn(async move {
+                match acceptor {
+                    None => this.plain(stream, info, ticket, watcher).await,
+                    Some(acceptor) => this.tls(stream, info, acceptor, ticket, watcher).await,
+                }
+            });
+        }
+        drop(listener);
+        let _ = local_stop.send(true);
+        drop(ticket);
+        let drained = async {
+            graceful.shutdown().await;
+            let _ = all_done.recv().await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!("gateway: in-flight requests did not finish within the grace period");
+        }
     }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!("gateway: in-flight requests did not finish within the grace period");
+
+    /// A plain TCP connection: HTTP/2 if it opens with the preface, HTTP/1.1 otherwise.
+    async fn plain(
+        &self,
+        mut stream: TcpStream,
+        info: ConnInfo,
+        mut ticket: ConnTicket,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let mut rbuf = BytesMut::with_capacity(8 * 1024);
+        let h2 = loop {
+            if rbuf.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&rbuf) {
+                break rbuf.starts_with(H2_PREFACE);
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout(self.timeouts.keep_alive, stream.read_buf(&mut rbuf)) => r,
+                _ = ticket.stop.wait_for(|s| *s) => return,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        };
+        if h2 {
+            let io = Prefixed { prefix: rbuf.freeze(), io: stream };
+            self.h2(io, info, watcher).await;
+        } else {
+            let (rd, wr) = stream.split();
+            h1::serve(self.gw.clone(), info, rd, wr, rbuf, ticket.stop.clone(), self.timeouts).await;
+        }
+    }
+
+    /// A TLS connection: HTTP/2 when ALPN chose it, HTTP/1.1 otherwise.
+    async fn tls(
+        &self,
+        stream: TcpStream,
+        info: ConnInfo,
+        acceptor: Arc<TlsAcceptor>,
+        ticket: ConnTicket,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let tls = match tokio::time::timeout(self.timeouts.header, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            _ => return,
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            self.h2(tls, info, watcher).await;
+        } else {
+            let (rd, wr) = tokio::io::split(tls);
+            h1::serve(self.gw.clone(), info, rd, wr, BytesMut::new(), ticket.stop.clone(), self.timeouts).await;
+        }
+    }
+
+    async fn h2<IO>(&self, io: IO, info: ConnInfo, watcher: hyper_util::server::graceful::Watcher)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let gw = self.gw.clone();
+        let service = service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, std::convert::Infallible>(gw.handle(info, req).await) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(256)
+            .serve_connection(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
     }
 }
 
-fn serve(
-    gw: &Arc<Gateway>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
-    stream: TcpStream,
-    remote: SocketAddr,
-    acceptor: Option<Arc<TlsAcceptor>>,
-) {
-    let info = ConnInfo { remote, tls: acceptor.is_some() };
-    let gw = gw.clone();
-    let service = service_fn(move |req| {
-        let gw = gw.clone();
-        async move { Ok::<_, std::convert::Infallible>(gw.handle(info, req).await) }
-    });
-    match acceptor {
-        None => {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-            });
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            if let Some(head) = self.prefix.get(..n) {
+                buf.put_slice(head);
+            }
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
         }
-        Some(acceptor) => {
-            let builder = builder.clone();
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    _ => return,
-                };
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned();
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-            });
-        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 

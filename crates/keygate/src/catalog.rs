@@ -135,7 +135,7 @@ impl ApiCatalog for Catalog {
         let target = match query {
             Some(q) if !q.contains(['#', ' ', '\r', '\n']) => format!("{path}?{q}"),
             Some(_) => return Err("the query string holds characters a URL cannot".into()),
-            None => path,
+            None => path.into_owned(),
         };
         let url = format!("http://{}{target}", self.gateway_addr);
         let mut req = self.http.request(method, url);

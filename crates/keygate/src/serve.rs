@@ -114,6 +114,7 @@ pub async fn start(
         cfg.gateway.threads,
         tls.as_ref().map(|t| t.0.clone()),
         grace,
+        cfg.gateway.timeouts(),
     )
     .with_context(|| format!("cannot listen on {} (gateway.listen)", cfg.gateway.listen))?;
     let mut tasks = vec![

@@ -1,0 +1,268 @@
+//! What keygate says itself: its own answers (refusals, CORS preflights, the demo route) and the
+//! headers it adds to every answer on a route (`RateLimit`, `RateLimit-Policy`, CORS), rendered
+//! either as HTTP/1.1 bytes for keygate's own listener or into a header map for hyper (HTTP/2).
+
+use std::cell::Cell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::GatewayBody;
+
+/// One `RateLimit-Policy` / `RateLimit` pair (draft-ietf-httpapi-ratelimit-headers).
+#[derive(Debug, Clone, Copy)]
+struct LimitHeader {
+    name: &'static str,
+    quota: u64,
+    window_s: u64,
+    remaining: u64,
+    reset_s: u64,
+}
+
+/// Headers added to every answer on a route, whoever answers: the limits that applied and, on
+/// a CORS route, the allow headers. Holds no heap memory unless CORS is configured.
+#[derive(Debug, Default)]
+pub struct AnswerExtra {
+    limits: [Option<LimitHeader>; 3],
+    cors: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl AnswerExtra {
+    /// Adds a limit: its policy (`q` requests per `w` seconds) and what is left (`r` requests,
+    /// reset in `t` seconds).
+    pub fn limit(&mut self, name: &'static str, quota: u64, window_s: u64, remaining: u64, reset_s: u64) {
+        if let Some(slot) = self.limits.iter_mut().find(|l| l.is_none()) {
+            *slot = Some(LimitHeader { name, quota, window_s, remaining, reset_s });
+        }
+    }
+
+    pub fn cors(&mut self, name: HeaderName, value: HeaderValue) {
+        self.cors.push((name, value));
+    }
+
+    /// As HTTP/1.1 header lines.
+    pub fn write_h1(&self, out: &mut Vec<u8>) {
+        let mut n = itoa::Buffer::new();
+        for l in self.limits.iter().flatten() {
+            out.extend_from_slice(b"ratelimit-policy: \"");
+            out.extend_from_slice(l.name.as_bytes());
+            out.extend_from_slice(b"\";q=");
+            out.extend_from_slice(n.format(l.quota).as_bytes());
+            out.extend_from_slice(b";w=");
+            out.extend_from_slice(n.format(l.window_s).as_bytes());
+            out.extend_from_slice(b"\r\nratelimit: \"");
+            out.extend_from_slice(l.name.as_bytes());
+            out.extend_from_slice(b"\";r=");
+            out.extend_from_slice(n.format(l.remaining).as_bytes());
+            out.extend_from_slice(b";t=");
+            out.extend_from_slice(n.format(l.reset_s).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        for (k, v) in &self.cors {
+            line(out, k.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+
+    /// Into a header map (answers through hyper).
+    pub fn to_map(&self, h: &mut HeaderMap) {
+        for l in self.limits.iter().flatten() {
+            let policy = format!("\"{}\";q={};w={}", l.name, l.quota, l.window_s);
+            let left = format!("\"{}\";r={};t={}", l.name, l.remaining, l.reset_s);
+            if let (Ok(p), Ok(r)) = (HeaderValue::try_from(policy), HeaderValue::try_from(left)) {
+                h.append("ratelimit-policy", p);
+                h.append("ratelimit", r);
+            }
+        }
+        for (k, v) in &self.cors {
+            h.append(k.clone(), v.clone());
+        }
+    }
+}
+
+/// Appends `name: value\r\n`.
+pub fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// An answer keygate gives itself (not the upstream's).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+    /// The connection must close after it (the request's framing could not be trusted).
+    pub close: bool,
+}
+
+impl Answer {
+    pub fn new(status: StatusCode) -> Self {
+        Self { status, headers: Vec::new(), body: Bytes::new(), close: false }
+    }
+
+    pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        let mut a = Self::new(status);
+        a.headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+        a.body = body.into();
+        a
+    }
+
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// For hyper (HTTP/2).
+    pub fn into_response(self, extra: &AnswerExtra) -> Response<GatewayBody> {
+        let mut resp = Response::new(GatewayBody::full(self.body));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        for (k, v) in self.headers {
+            h.append(k, v);
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        extra.to_map(h);
+        resp
+    }
+
+    /// As HTTP/1.1 bytes, whole. `head` leaves the body out (the answer to a HEAD request);
+    /// `connection` is the `Connection` field to send, if any (see [`connection_field`]).
+    pub fn write_h1(&self, extra: &AnswerExtra, head: bool, connection: Option<&str>, out: &mut Vec<u8>) {
+        status_line(out, self.status);
+        date_line(out);
+        for (k, v) in &self.headers {
+            line(out, k.as_str().as_bytes(), v.as_bytes());
+        }
+        extra.write_h1(out);
+        if let Some(c) = connection {
+            line(out, b"connection", c.as_bytes());
+        }
+        if self.status != StatusCode::NO_CONTENT && self.status != StatusCode::NOT_MODIFIED {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(self.body.len()).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head {
+            out.extend_from_slice(&self.body);
+        }
+    }
+}
+
+/// The `Connection` field an HTTP/1.1 answer needs: `close` when the connection ends after it,
+/// `keep-alive` when an HTTP/1.0 client's connection stays open, none otherwise.
+pub fn connection_field(keep: bool, client_11: bool) -> Option<&'static str> {
+    match (keep, client_11) {
+        (false, _) => Some("close"),
+        (true, false) => Some("keep-alive"),
+        (true, true) => None,
+    }
+}
+
+/// `HTTP/1.1 <code> <reason>\r\n`.
+pub fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `Date` value of the current second (RFC 9110 §5.6.7), formatted once per second.
+    static DATE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+}
+
+/// `date: <IMF-fixdate>\r\n` for answers keygate gives itself (RFC 9110 §6.6.1).
+pub fn date_line(out: &mut Vec<u8>) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let value = DATE.with(|c| {
+        let (at, v) = c.get();
+        if at == now {
+            return v;
+        }
+        let v = imf_fixdate(now);
+        c.set((now, v));
+        v
+    });
+    line(out, b"date", &value);
+}
+
+/// Formats Unix seconds as `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn imf_fixdate(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] =
+        [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    let two = |v: u64, at: &mut [u8]| {
+        if let [a, b] = at {
+            *a = b'0' + (v / 10 % 10) as u8;
+            *b = b'0' + (v % 10) as u8;
+        }
+    };
+    if let Some(d) = DAYS.get((days % 7) as usize) {
+        out[..3].copy_from_slice(*d);
+    }
+    two(day as u64, &mut out[5..7]);
+    if let Some(m) = usize::try_from(month - 1).ok().and_then(|m| MONTHS.get(m)) {
+        out[8..11].copy_from_slice(*m);
+    }
+    let y = year.clamp(0, 9999) as u64;
+    two(y / 100, &mut out[12..14]);
+    two(y % 100, &mut out[14..16]);
+    two(rem / 3600, &mut out[17..19]);
+    two(rem / 60 % 60, &mut out[20..22]);
+    two(rem % 60, &mut out[23..25]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_follow_imf_fixdate() {
+        assert_eq!(&imf_fixdate(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&imf_fixdate(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&imf_fixdate(1_709_208_000), b"Thu, 29 Feb 2024 12:00:00 GMT");
+        assert_eq!(&imf_fixdate(4_102_444_799), b"Thu, 31 Dec 2099 23:59:59 GMT");
+    }
+
+    #[test]
+    fn own_answers_render_whole() {
+        let mut extra = AnswerExtra::default();
+        extra.limit("token", 10, 1, 9, 1);
+        let a = Answer::json(StatusCode::TOO_MANY_REQUESTS, "{}").header(header::RETRY_AFTER, HeaderValue::from(3));
+        let mut out = Vec::new();
+        a.write_h1(&extra, false, None, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\ndate: "), "{text}");
+        assert!(text.contains("\r\nretry-after: 3\r\n"));
+        assert!(text.contains("\r\nratelimit-policy: \"token\";q=10;w=1\r\nratelimit: \"token\";r=9;t=1\r\n"));
+        assert!(text.ends_with("content-length: 2\r\n\r\n{}"));
+        let mut out = Vec::new();
+        a.write_h1(&extra, true, Some("close"), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("connection: close\r\ncontent-length: 2\r\n\r\n"), "HEAD: no body");
+        let resp = a.into_response(&extra);
+        assert_eq!(resp.headers()["ratelimit"], "\"token\";r=9;t=1");
+    }
+}

@@ -1,0 +1,707 @@
+//! keygate's own HTTP/1.1 server side. Each connection is one task that reads a request head,
+//! parses it in place (httparse), lets the request path decide, and then either answers itself
+//! or forwards: the upstream's request head is written straight from the client's fields, the
+//! answer's head straight from the upstream's, and a small answer goes back to the client in the
+//! same write as its head. No header map is built and no task or channel sits between the two
+//! legs; this is where most of a proxied request's user-space time went with a general-purpose
+//! server (`docs/benchmarks.md`).
+//!
+//! Framing is strict (RFC 9112): a request whose framing two parsers could read differently is
+//! refused and the connection closed ([`crate::handler`] decides which); request bodies are
+//! counted, cut at the route's limit and re-framed for the upstream; a body that is not read to
+//! its end (a refusal, an early answer) ends the connection after the answer, so the next bytes
+//! are never taken for a request. Pipelined requests are answered in order. `Upgrade`
+//! (WebSocket) becomes a tunnel after the upstream's 101.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, StatusCode, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::answer::{AnswerExtra, connection_field, line, status_line};
+use crate::body::{BodySource, BodyState, BodyTooLarge, BoxError};
+use crate::handler::{ConnInfo, Decision, Gateway, Outcome, Refuse, Table};
+use crate::head::{Field, Known, ReqHead, split_target};
+use crate::proxy::{BadField, Chunked, HeadSink, Step, UpstreamResponseBody, step_chunked};
+
+/// The largest request head accepted (431 beyond).
+const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields accepted in a request (431 beyond).
+const MAX_FIELDS: usize = 100;
+/// What one read asks the kernel for.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Time limits of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keep_alive: Duration,
+    /// How long a request head may take to arrive once it has begun (slow-header attacks).
+    pub header: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { keep_alive: Duration::from_secs(60), header: Duration::from_secs(10) }
+    }
+}
+
+/// What reading the next request head gave.
+enum Next {
+    /// A whole head of this many bytes is at the start of the buffer.
+    Head(usize),
+    /// The connection is over: closed by the client, idle too long, or the server is stopping.
+    Closed,
+    /// The head cannot be read; answer this and close.
+    Refuse(Refuse),
+}
+
+/// Serves one client connection until it closes. `rbuf` holds bytes already read from it.
+pub(crate) async fn serve<R, W>(
+    gw: Arc<Gateway>,
+    info: ConnInfo,
+    mut rd: R,
+    mut wr: W,
+    mut rbuf: BytesMut,
+    mut stop: watch::Receiver<bool>,
+    timeouts: Timeouts,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut table = gw.table.load_full();
+    let mut body_buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        let len = match next_head(&mut rd, &mut rbuf, &mut stop, &timeouts).await {
+            Next::Head(len) => len,
+            Next::Closed => return,
+            Next::Refuse(r) => {
+                let o = Outcome {
+                    status: r.status.as_u16(),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    start: Instant::now(),
+                    now: gw.clock.now(),
+                };
+                table.metrics.refusal(r.code);
+                gw.record(&table, None, None, &o, None);
+                out.clear();
+                r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), &mut out);
+                let _ = wr.write_all(&out).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+        };
+        // The route table of this request: the connection keeps its own reference and renews
+        // it when a reload swapped the table (no shared reference count touched per request).
+        {
+            let cur = gw.table.load();
+            if !Arc::ptr_eq(&cur, &table) {
+                table = arc_swap::Guard::into_inner(cur);
+            }
+        }
+        // Bytes after the head (a body, or pipelined requests) move to their own buffer, so the
+        // head can stay borrowed while the body is read.
+        if let Some(rest) = rbuf.get(len..)
+            && !rest.is_empty()
+        {
+            body_buf.extend_from_slice(rest);
+        }
+        let raw = rbuf.get(..len).unwrap_or_default();
+        let keep =
+            request(&gw, &table, info, raw, &mut rd, &mut wr, &mut body_buf, &mut out, &stop).await.unwrap_or(false);
+        rbuf.clear();
+        if !body_buf.is_empty() {
+            rbuf.extend_from_slice(&body_buf);
+            body_buf.clear();
+        }
+        if !keep || *stop.borrow() {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Reads until the buffer holds a whole request head.
+async fn next_head<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    stop: &mut watch::Receiver<bool>,
+    timeouts: &Timeouts,
+) -> Next {
+    let mut began: Option<Instant> = None;
+    loop {
+        if !rbuf.is_empty() {
+            match head_len(rbuf) {
+                Ok(Some(len)) => return Next::Head(len),
+                Ok(None) => {}
+                Err(r) => return Next::Refuse(r),
+            }
+            if rbuf.len() >= MAX_HEAD {
+                return Next::Refuse(Refuse::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "header_too_large",
+                    "the request head is larger than 64 KiB",
+                ));
+            }
+        }
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        let read = if rbuf.is_empty() {
+            // Idle between requests: the stop signal and the keep-alive time end the wait.
+            if *stop.borrow() {
+                return Next::Closed;
+            }
+            tokio::select! {
+                r = tokio::time::timeout(timeouts.keep_alive, rd.read_buf(rbuf)) => r,
+                _ = stop.changed() => return Next::Closed,
+            }
+        } else {
+            let began = *began.get_or_insert_with(Instant::now);
+            let left = timeouts.header.saturating_sub(began.elapsed());
+            tokio::time::timeout(left, rd.read_buf(rbuf)).await
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return Next::Closed,
+            Ok(Ok(_)) => {}
+            Err(_elapsed) if rbuf.is_empty() => return Next::Closed,
+            Err(_elapsed) => {
+                return Next::Refuse(Refuse::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request head did not arrive in time",
+                ));
+            }
+        }
+    }
+}
+
+fn parse_error(e: httparse::Error) -> Refuse {
+    match e {
+        httparse::Error::TooManyHeaders => Refuse::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            "the request has more than 100 header fields",
+        ),
+        httparse::Error::Version => Refuse::bad_framing("only HTTP/1.0 and HTTP/1.1 are served here"),
+        e => Refuse::bad_framing(&format!("the request head does not parse: {e}")),
+    }
+}
+
+/// The length of the request head at the start of `buf`, once it is all there.
+fn head_len(buf: &[u8]) -> Result<Option<usize>, Refuse> {
+    let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(parse_error(e)),
+    }
+}
+
+/// The target's parts: `(authority, path, query)`. Origin form (`/p?q`) and absolute form
+/// (`http://host/p?q`); other forms are not requests for a route.
+fn target_parts(target: &str) -> Option<(Option<&str>, &str, Option<&str>)> {
+    if target.starts_with('/') {
+        let (path, query) = split_target(target);
+        return Some((None, path, query));
+    }
+    let rest = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://"))?;
+    let (authority, path_query) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let (path, query) = split_target(path_query);
+    Some((Some(authority), if path.is_empty() { "/" } else { path }, query))
+}
+
+/// How the client frames its request body.
+enum BodyFraming {
+    Length(u64),
+    Chunked(Chunked),
+    Done,
+}
+
+/// A request body read from the client connection as it is forwarded: counted, cut at the
+/// route's limit, de-chunked. A `100 Continue` is sent when the body is first wanted.
+struct ClientBody<'c, R, W> {
+    rd: &'c mut R,
+    buf: &'c mut BytesMut,
+    framing: BodyFraming,
+    limit: u64,
+    state: &'c BodyState,
+    /// Where to send `100 Continue` if the client asked for it and it is still owed.
+    continue_to: Option<&'c mut W>,
+}
+
+impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> ClientBody<'_, R, W> {
+    /// Counts `n` more bytes of body against the route's limit.
+    fn count(&mut self, n: usize) -> Result<(), BoxError> {
+        let total = self.state.seen.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if total > self.limit {
+            self.state.too_large.store(true, Ordering::Relaxed);
+            return Err(Box::new(BodyTooLarge));
+        }
+        Ok(())
+    }
+
+    fn end(&mut self) {
+        self.framing = BodyFraming::Done;
+        self.state.finished.store(true, Ordering::Relaxed);
+    }
+
+    fn broken(&mut self, e: io::Error) -> BoxError {
+        self.state.broken.store(true, Ordering::Relaxed);
+        Box::new(e)
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> BodySource for ClientBody<'_, R, W> {
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, BodyFraming::Length(0) | BodyFraming::Done)
+    }
+
+    fn exact_len(&self) -> Option<u64> {
+        match self.framing {
+            BodyFraming::Length(n) => Some(n),
+            BodyFraming::Done => Some(0),
+            BodyFraming::Chunked(_) => None,
+        }
+    }
+
+    async fn data(&mut self) -> Option<Result<Bytes, BoxError>> {
+        if let Some(w) = self.continue_to.take()
+            && let Err(e) = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await
+        {
+            return Some(Err(Box::new(e)));
+        }
+        loop {
+            match &mut self.framing {
+                BodyFraming::Done | BodyFraming::Length(0) => {
+                    self.end();
+                    return None;
+                }
+                BodyFraming::Length(left) => {
+                    if !self.buf.is_empty() {
+                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buf.len());
+                        *left -= n as u64;
+                        let data = self.buf.split_to(n).freeze();
+                        if matches!(self.framing, BodyFraming::Length(0)) {
+                            self.end();
+                        }
+                        return Some(self.count(n).map(|()| data));
+                    }
+                }
+                BodyFraming::Chunked(state) => match step_chunked(state, self.buf) {
+                    Ok(Step::Data(d)) => return Some(self.count(d.len()).map(|()| d)),
+                    Ok(Step::End) => {
+                        self.end();
+                        return None;
+                    }
+                    Ok(Step::NeedMore) => {}
+                    Err(e) => return Some(Err(self.broken(e))),
+                },
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.rd.read_buf(self.buf).await {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed before its body ended");
+                    return Some(Err(self.broken(e)));
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(self.broken(e))),
+            }
+        }
+    }
+}
+
+/// Writes an upstream's answer head as HTTP/1.1 bytes.
+struct H1Sink<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl HeadSink for H1Sink<'_> {
+    fn status(&mut self, status: StatusCode) {
+        status_line(self.out, status);
+    }
+    fn field(&mut self, name: &str, value: &[u8]) -> Result<(), BadField> {
+        line(self.out, name.as_bytes(), value);
+        Ok(())
+    }
+}
+
+/// Answers one request whose head is `raw`. `Ok(true)`: the connection can take another.
+#[allow(clippy::too_many_arguments)]
+async fn request<R, W>(
+    gw: &Arc<Gateway>,
+    table: &Arc<Table>,
+    info: ConnInfo,
+    raw: &[u8],
+    rd: &mut R,
+    wr: &mut W,
+    body_buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    stop: &watch::Receiver<bool>,
+) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let start = Instant::now();
+    let now = gw.clock.now();
+    let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    if let Err(e) = req.parse_with_uninit_headers(raw, &mut slots) {
+        return refuse_bare(gw, table, wr, out, parse_error(e), start, now).await;
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return refuse_bare(gw, table, wr, out, Refuse::bad_framing("the request line is incomplete"), start, now)
+            .await;
+    };
+    let Some((authority, path, query)) = target_parts(target) else {
+        let r = Refuse::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request target must be a path (or an absolute URL)",
+        );
+        return refuse_bare(gw, table, wr, out, r, start, now).await;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return refuse_bare(gw, table, wr, out, Refuse::bad_framing("the method is not valid"), start, now).await;
+    };
+    let fields: &[Field<'_>] = req.headers;
+    let head = ReqHead {
+        method,
+        path,
+        query,
+        version: if version == 0 { Version::HTTP_10 } else { Version::HTTP_11 },
+        authority,
+        fields,
+        known: Known::classify(fields, gw.settings.api_key_header.as_ref()),
+    };
+    let head_req = head.method == Method::HEAD;
+    let client_11 = head.version == Version::HTTP_11;
+    let mut keep = head.keep_alive();
+    // How the request's body is framed, if the request path lets it through (it refuses the
+    // framings it cannot trust, so this need not look at them twice).
+    let framing = if head.known.transfer_encodings > 0 {
+        BodyFraming::Chunked(Chunked::Size)
+    } else {
+        match head
+            .at(head.known.content_length)
+            .map(|v| std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()))
+        {
+            Some(Some(n)) => BodyFraming::Length(n),
+            Some(None) => BodyFraming::Length(u64::MAX),
+            None => BodyFraming::Done,
+        }
+    };
+    let mut extra = AnswerExtra::default();
+    let (route, caller, path) = match gw.decide(table, info, &head, now, &mut extra) {
+        Decision::Forward { route, caller, path } => (route, caller, path),
+        Decision::Answer { answer, refusal, route, caller } => {
+            // A body nobody read: skip it if it is all here, else end the connection after.
+            keep &= !answer.close && !*stop.borrow() && skip_body(&framing, body_buf);
+            out.clear();
+            answer.write_h1(&extra, head_req, connection_field(keep, client_11), out);
+            let r = wr.write_all(out).await;
+            let o = Outcome {
+                status: answer.status.as_u16(),
+                bytes_in: 0,
+                bytes_out: answer.body.len() as u64,
+                start,
+                now,
+            };
+            gw.finish_own(table, refusal, route.as_deref(), caller.as_ref(), &o, &head);
+            r?;
+            return Ok(keep);
+        }
+    };
+    let upgrade = head.known.upgrade && head.known.connection;
+    let state = BodyState::default();
+    let has_body = !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
+    if !has_body {
+        state.finished.store(true, Ordering::Relaxed);
+    }
+    let expect = head.known.expect_continue && head.version == Version::HTTP_11 && has_body;
+    out.clear();
+    let line = gw.line(&head.method, &path);
+    let answered = {
+        let mut body = Some(ClientBody {
+            rd: &mut *rd,
+            buf: &mut *body_buf,
+            framing,
+            limit: route.max_body_bytes,
+            state: &state,
+            continue_to: if expect { Some(&mut *wr) } else { None },
+        });
+        let mut sink = H1Sink { out };
+        gw.exchange(table, &route, &head, &path, caller.as_ref(), &info, &mut body, &state, &mut sink).await
+    };
+    let body_read = state.finished.load(Ordering::Relaxed);
+    let bytes_in = state.seen.load(Ordering::Relaxed);
+    let mut answered = match answered {
+        Ok(a) => a,
+        Err(refusal) => {
+            keep &= body_read && !refusal.closes() && !*stop.borrow();
+            out.clear();
+            refusal.answer().write_h1(&extra, head_req, connection_field(keep, client_11), out);
+            let r = wr.write_all(out).await;
+            let o = Outcome { status: refusal.status.as_u16(), bytes_in, bytes_out: 0, start, now };
+            gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+            r?;
+            return Ok(keep);
+        }
+    };
+    let status = answered.status;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        let o = Outcome { status: 101, bytes_in, bytes_out: 0, start, now };
+        let result = if upgrade && let Some(conn) = answered.body.into_upgraded() {
+            out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+            gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+            tunnel(rd, wr, body_buf, out, conn).await
+        } else {
+            table.metrics.upstream_error(route.index, false);
+            let r = Refuse::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the upstream switched protocols without being asked",
+            );
+            out.clear();
+            r.answer().write_h1(&extra, head_req, Some("close"), out);
+            let o = Outcome { status: 502, ..o };
+            gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+            wr.write_all(out).await
+        };
+        return result.map(|()| false);
+    }
+    keep &= body_read && !*stop.borrow();
+    let (result, sent) = relay(wr, out, &mut answered.body, &extra, client_11, &mut keep).await;
+    let o = Outcome { status: status.as_u16(), bytes_in, bytes_out: sent, start, now };
+    gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+    result.map(|()| keep)
+}
+
+/// Answers a request whose head could not be used, and ends the connection.
+async fn refuse_bare<W: AsyncWrite + Unpin>(
+    gw: &Gateway,
+    table: &Table,
+    wr: &mut W,
+    out: &mut Vec<u8>,
+    r: Refuse,
+    start: Instant,
+    now: keygate_core::Timestamp,
+) -> io::Result<bool> {
+    out.clear();
+    r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), out);
+    table.metrics.refusal(r.code);
+    let o = Outcome { status: r.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+    gw.record(table, None, None, &o, None);
+    wr.write_all(out).await?;
+    Ok(false)
+}
+
+/// Whether an unread request body can be skipped so the connection stays usable: it can when
+/// it has a length and is already all buffered.
+fn skip_body(framing: &BodyFraming, buf: &mut BytesMut) -> bool {
+    match framing {
+        BodyFraming::Done => true,
+        BodyFraming::Length(n) => match usize::try_from(*n) {
+            Ok(n) if n <= buf.len() => {
+                buf.advance(n);
+                true
+            }
+            _ => false,
+        },
+        BodyFraming::Chunked(_) => false,
+    }
+}
+
+/// Sends the upstream's answer to the client: the head (already in `out`, status line and
+/// fields) completed with keygate's headers and the framing, then the body as it arrives.
+/// Returns how many body bytes were sent.
+async fn relay<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut Vec<u8>,
+    body: &mut UpstreamResponseBody,
+    extra: &AnswerExtra,
+    client_11: bool,
+    keep: &mut bool,
+) -> (io::Result<()>, u64) {
+    extra.write_h1(out);
+    let no_body = body.is_empty();
+    let mut chunked = false;
+    if !no_body {
+        match body.exact_len() {
+            Some(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            // A body of unknown length: chunked to an HTTP/1.1 client, until close otherwise.
+            None if client_11 => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+            None => *keep = false,
+        }
+    }
+    if let Some(c) = connection_field(*keep, client_11) {
+        line(out, b"connection", c.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut sent = 0u64;
+    if !no_body {
+        match body.buffered() {
+            Ok(Some(d)) => {
+                sent += d.len() as u64;
+                frame_data(out, &d, chunked);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                // The upstream's body is malformed: what was sent cannot be completed.
+                *keep = false;
+                let r = wr.write_all(out).await;
+                return (r.and(Err(io::Error::other("the upstream's body is malformed"))), sent);
+            }
+        }
+    }
+    let mut ended = no_body || http_body::Body::is_end_stream(body);
+    if ended && chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if let Err(e) = wr.write_all(out).await {
+        return (Err(e), sent);
+    }
+    while !ended {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                let Ok(d) = frame.into_data() else { continue };
+                sent += d.len() as u64;
+                out.clear();
+                frame_data(out, &d, chunked);
+                if let Err(e) = wr.write_all(out).await {
+                    return (Err(e), sent);
+                }
+            }
+            Some(Err(e)) => {
+                // The upstream failed in the middle of the body: the client sees the connection
+                // close before the body's end, as the framing tells it.
+                *keep = false;
+                return (Err(io::Error::other(e)), sent);
+            }
+            None => {
+                ended = true;
+                if chunked && let Err(e) = wr.write_all(b"0\r\n\r\n").await {
+                    return (Err(e), sent);
+                }
+            }
+        }
+    }
+    (Ok(()), sent)
+}
+
+/// Appends body data, as a chunk when the answer is chunked.
+fn frame_data(out: &mut Vec<u8>, d: &[u8], chunked: bool) {
+    if d.is_empty() {
+        return;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", d.len()).as_bytes());
+        out.extend_from_slice(d);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(d);
+    }
+}
+
+/// After a 101: the head to the client, then bytes both ways until either side closes.
+async fn tunnel<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    client_early: &mut BytesMut,
+    out: &[u8],
+    upstream: crate::proxy::Conn,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    wr.write_all(out).await?;
+    let (mut up, upstream_early) = upstream.into_parts();
+    // Bytes the upstream sent right after its 101 belong to the new protocol.
+    if !upstream_early.is_empty() {
+        wr.write_all(&upstream_early).await?;
+    }
+    let (mut ur, mut uw) = up.split();
+    if !client_early.is_empty() {
+        uw.write_all(client_early).await?;
+        client_early.clear();
+    }
+    let to_upstream = async {
+        let _ = tokio::io::copy(rd, &mut uw).await;
+        let _ = uw.shutdown().await;
+    };
+    let to_client = async {
+        let _ = tokio::io::copy(&mut ur, wr).await;
+        let _ = wr.shutdown().await;
+    };
+    tokio::join!(to_upstream, to_client);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(target_parts("/a/b?c=1"), Some((None, "/a/b", Some("c=1"))));
+        assert_eq!(target_parts("http://h:1/a?x"), Some((Some("h:1"), "/a", Some("x"))));
+        assert_eq!(target_parts("http://h"), Some((Some("h"), "/", None)));
+        assert_eq!(target_parts("http://h?q"), Some((Some("h"), "/", Some("q"))));
+        assert_eq!(target_parts("*"), None);
+        assert_eq!(target_parts("h:443"), None);
+        assert_eq!(target_parts("http://u@h/"), None);
+    }
+
+    #[test]
+    fn heads_are_measured_and_bad_ones_refused() {
+        assert_eq!(head_len(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest").ok().flatten(), Some(27));
+        assert!(head_len(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+            b"GET / HTTP/2.0\r\n\r\n",
+        ] {
+            assert!(head_len(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let many: String = (0..=MAX_FIELDS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let r = head_len(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()).err().unwrap();
+        assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    #[test]
+    fn unread_bodies_are_skipped_only_when_all_here() {
+        let mut buf = BytesMut::from(&b"abcdeGET"[..]);
+        assert!(skip_body(&BodyFraming::Length(5), &mut buf));
+        assert_eq!(&buf[..], b"GET");
+        assert!(!skip_body(&BodyFraming::Length(10), &mut buf));
+        assert!(!skip_body(&BodyFraming::Chunked(Chunked::Size), &mut buf));
+        assert!(skip_body(&BodyFraming::Done, &mut buf));
+    }
+}

@@ -426,7 +426,7 @@ where
                 start,
                 now,
             };
-            gw.finish_own(table, refusal, route.as_deref(), caller.as_ref(), &o, &head);
+            gw.finish_own(table, refusal, route, caller.as_ref(), &o, &head);
             r?;
             return Ok(keep);
         }
@@ -450,7 +450,7 @@ where
             continue_to: if expect { Some(&mut *wr) } else { None },
         });
         let mut sink = H1Sink { out };
-        gw.exchange(table, &route, &head, &path, caller.as_ref(), &info, &mut body, &state, &mut sink).await
+        gw.exchange(table, route, &head, &path, caller.as_ref(), &info, &mut body, &state, &mut sink).await
     };
     let body_read = state.finished.load(Ordering::Relaxed);
     let bytes_in = state.seen.load(Ordering::Relaxed);
@@ -462,7 +462,7 @@ where
             refusal.answer().write_h1(&extra, head_req, connection_field(keep, client_11), out);
             let r = wr.write_all(out).await;
             let o = Outcome { status: refusal.status.as_u16(), bytes_in, bytes_out: 0, start, now };
-            gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+            gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
             r?;
             return Ok(keep);
         }
@@ -472,7 +472,7 @@ where
         let o = Outcome { status: 101, bytes_in, bytes_out: 0, start, now };
         let result = if upgrade && let Some(conn) = answered.body.into_upgraded() {
             out.extend_from_slice(b"connection: upgrade\r\n\r\n");
-            gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+            gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
             tunnel(rd, wr, body_buf, out, conn).await
         } else {
             table.metrics.upstream_error(route.index, false);
@@ -484,7 +484,7 @@ where
             out.clear();
             r.answer().write_h1(&extra, head_req, Some("close"), out);
             let o = Outcome { status: 502, ..o };
-            gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+            gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
             wr.write_all(out).await
         };
         return result.map(|()| false);
@@ -492,7 +492,7 @@ where
     keep &= body_read && !*stop.borrow();
     let (result, sent) = relay(wr, out, &mut answered.body, &extra, client_11, &mut keep).await;
     let o = Outcome { status: status.as_u16(), bytes_in, bytes_out: sent, start, now };
-    gw.record(table, Some(&route), caller.as_ref(), &o, line.as_ref());
+    gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
     result.map(|()| keep)
 }
 

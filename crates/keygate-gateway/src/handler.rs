@@ -238,12 +238,12 @@ pub(crate) struct Caller {
 }
 
 /// What to do with a request.
-pub(crate) enum Decision<'h> {
+pub(crate) enum Decision<'t, 'h> {
     /// Forward it to the route's upstreams; `path` is the normalized path.
-    Forward { route: Arc<Route>, caller: Option<Caller>, path: Cow<'h, str> },
+    Forward { route: &'t Route, caller: Option<Caller>, path: Cow<'h, str> },
     /// keygate answers itself: a refusal (with its code, for the refusal metrics), a CORS
     /// preflight, the demo route.
-    Answer { answer: Answer, refusal: Option<&'static str>, route: Option<Arc<Route>>, caller: Option<Caller> },
+    Answer { answer: Answer, refusal: Option<&'static str>, route: Option<&'t Route>, caller: Option<Caller> },
 }
 
 /// Method and path, for the access log.
@@ -283,7 +283,7 @@ impl Gateway {
             Decision::Forward { route, caller, path } => (route, caller, path),
             Decision::Answer { answer, refusal, route, caller } => {
                 let o = Outcome { status: answer.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
-                self.finish_own(&table, refusal, route.as_deref(), caller.as_ref(), &o, &head);
+                self.finish_own(&table, refusal, route, caller.as_ref(), &o, &head);
                 return answer.into_response(&extra);
             }
         };
@@ -292,7 +292,7 @@ impl Gateway {
         let mut sink = MapSink::default();
         let line = self.line(&head.method, &path);
         match self
-            .exchange(&table, &route, &head, &path, caller.as_ref(), &conn, &mut upstream_body, &state, &mut sink)
+            .exchange(&table, route, &head, &path, caller.as_ref(), &conn, &mut upstream_body, &state, &mut sink)
             .await
         {
             Ok(answered) => {
@@ -303,8 +303,8 @@ impl Gateway {
                 extra.to_map(resp.headers_mut());
                 let done = Completion {
                     gw: self.clone(),
+                    route: route.index,
                     table,
-                    route,
                     caller,
                     status: status.as_u16(),
                     state,
@@ -322,7 +322,7 @@ impl Gateway {
                     start,
                     now,
                 };
-                self.record(&table, Some(&route), caller.as_ref(), &o, line.as_ref());
+                self.record(&table, Some(route), caller.as_ref(), &o, line.as_ref());
                 refusal.answer().into_response(&extra)
             }
         }
@@ -330,14 +330,14 @@ impl Gateway {
 
     /// Decides about a request from its head: forward it, or answer it here. Adds the headers
     /// every answer on the route carries (limits, CORS) to `extra`.
-    pub(crate) fn decide<'h>(
+    pub(crate) fn decide<'t, 'h>(
         &self,
-        table: &Table,
+        table: &'t Table,
         conn: ConnInfo,
         head: &ReqHead<'h>,
         now: Timestamp,
         extra: &mut AnswerExtra,
-    ) -> Decision<'h> {
+    ) -> Decision<'t, 'h> {
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
@@ -360,7 +360,7 @@ impl Gateway {
                     );
                     (r.answer(), Some(r.code))
                 };
-                return Decision::Answer { answer, refusal, route: Some(route.clone()), caller: None };
+                return Decision::Answer { answer, refusal, route: Some(route), caller: None };
             }
         }
         match self.admit(table, conn, head, now, extra) {
@@ -379,25 +379,25 @@ impl Gateway {
     /// Runs every check; on refusal returns the route and caller known so far, for metering.
     /// (The refusal path is the slow path; its large error value is not worth a box.)
     #[allow(clippy::type_complexity, clippy::result_large_err)]
-    fn admit<'h>(
+    fn admit<'t, 'h>(
         &self,
-        table: &Table,
+        table: &'t Table,
         conn: ConnInfo,
         head: &ReqHead<'h>,
         now: Timestamp,
         extra: &mut AnswerExtra,
-    ) -> Result<(Arc<Route>, Option<Caller>, Cow<'h, str>), (Option<Arc<Route>>, Option<Caller>, Refuse)> {
+    ) -> Result<(&'t Route, Option<Caller>, Cow<'h, str>), (Option<&'t Route>, Option<Caller>, Refuse)> {
         check_framing(head).map_err(|r| (None, None, r))?;
         let path = normalize_path(head.path)
             .map_err(|e| (None, None, Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())))?;
-        let Some(route) = table.routes.find(head.host(), &path).cloned() else {
+        let Some(route) = table.routes.find(head.host(), &path) else {
             return Err((
                 None,
                 None,
                 Refuse::new(StatusCode::NOT_FOUND, "route_not_found", "no route serves this path"),
             ));
         };
-        let fail = |route: &Arc<Route>, caller: Option<Caller>, r: Refuse| (Some(route.clone()), caller, r);
+        let fail = |route: &'t Route, caller: Option<Caller>, r: Refuse| (Some(route), caller, r);
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {
@@ -405,7 +405,7 @@ impl Gateway {
                 rep.token_in_query(TokenSecret::new(tok), format!("gateway: query string of {} {path}", head.method));
             }
             return Err(fail(
-                &route,
+                route,
                 None,
                 Refuse::new(
                     StatusCode::BAD_REQUEST,
@@ -426,7 +426,7 @@ impl Gateway {
                     "send a token as Authorization: Bearer <token>",
                 )
             };
-            return Err(fail(&route, None, r));
+            return Err(fail(route, None, r));
         };
         let token = self.index.verify(presented, now).map_err(|e| {
             let (code, msg) = match e {
@@ -437,14 +437,14 @@ impl Gateway {
                 Refusal::Suspended => ("token_suspended", "the token is suspended"),
                 Refusal::Expired => ("token_expired", "the token has expired"),
             };
-            fail(&route, None, Refuse::invalid_token(code, msg))
+            fail(route, None, Refuse::invalid_token(code, msg))
         })?;
         let ip = client_ip(conn.remote, head, &self.settings.trusted_proxies);
         let caller = Caller { token, ip };
         if !caller.token.allows_ip(ip) {
             let r =
                 Refuse::new(StatusCode::FORBIDDEN, "ip_not_allowed", format!("the token may not be used from {ip}"));
-            return Err(fail(&route, Some(caller), r));
+            return Err(fail(route, Some(caller), r));
         }
         if let Some(scope) = route.required_scope(&head.method)
             && !caller.token.has_scope(scope)
@@ -460,10 +460,10 @@ impl Gateway {
                     format!("this request needs the scope {scope}"),
                 )
             };
-            return Err(fail(&route, Some(caller), r));
+            return Err(fail(route, Some(caller), r));
         }
-        if let Some(r) = self.check_limits(table, &route, &caller.token, now, extra) {
-            return Err(fail(&route, Some(caller), r));
+        if let Some(r) = self.check_limits(table, route, &caller.token, now, extra) {
+            return Err(fail(route, Some(caller), r));
         }
         if let Some(len) = head.at(head.known.content_length).and_then(parse_length)
             && len > route.max_body_bytes
@@ -473,7 +473,7 @@ impl Gateway {
                 "body_too_large",
                 format!("this route takes bodies up to {} bytes", route.max_body_bytes),
             );
-            return Err(fail(&route, Some(caller), r));
+            return Err(fail(route, Some(caller), r));
         }
         Ok((route, Some(caller), path))
     }
@@ -835,7 +835,8 @@ impl UpstreamHead<'_, '_> {
 struct Completion {
     gw: Arc<Gateway>,
     table: Arc<Table>,
-    route: Arc<Route>,
+    /// The route's position in `table`.
+    route: usize,
     caller: Option<Caller>,
     status: u16,
     state: Arc<BodyState>,
@@ -853,7 +854,8 @@ impl OnComplete for Completion {
             start: self.start,
             now: self.now,
         };
-        self.gw.record(&self.table, Some(&self.route), self.caller.as_ref(), &o, self.line.as_ref());
+        let route = self.table.routes.routes.get(self.route).map(|r| &**r);
+        self.gw.record(&self.table, route, self.caller.as_ref(), &o, self.line.as_ref());
     }
 }
 

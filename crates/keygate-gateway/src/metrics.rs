@@ -1,9 +1,20 @@
 //! Gateway metrics in the Prometheus text format: requests by route and status class, latency
 //! histograms by route, refusals by reason, limiter decisions, upstream errors. No per-token
-//! labels (their number is unbounded). Counters are relaxed atomics.
+//! labels (their number is unbounded). Counters are relaxed atomics, kept in one shard per
+//! thread (up to [`SHARDS`]) so that the gateway's workers never write to the same cache line;
+//! a scrape sums the shards.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Counter shards; a thread keeps the one it was given first.
+const SHARDS: usize = 8;
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
 
 use keygate_core::model::LATENCY_BUCKETS_MS;
 
@@ -34,129 +45,153 @@ struct RouteMetrics {
     upstream_timeouts: AtomicU64,
 }
 
-/// All counters of one route table's lifetime (replaced with the table on reload).
-pub struct Metrics {
-    routes: Vec<(String, RouteMetrics)>,
+/// One thread's counters, on cache lines of their own.
+#[repr(align(128))]
+struct Shard {
+    routes: Vec<RouteMetrics>,
     refusals: [AtomicU64; REASONS.len()],
     limiter_allowed: AtomicU64,
     limiter_refused: AtomicU64,
     unrouted: AtomicU64,
 }
 
+/// All counters of one route table's lifetime (replaced with the table on reload).
+pub struct Metrics {
+    route_ids: Vec<String>,
+    shards: Vec<Shard>,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
 impl Metrics {
     pub fn new(route_ids: impl IntoIterator<Item = String>) -> Self {
-        Self {
-            routes: route_ids.into_iter().map(|id| (id, RouteMetrics::default())).collect(),
-            refusals: Default::default(),
-            limiter_allowed: AtomicU64::new(0),
-            limiter_refused: AtomicU64::new(0),
-            unrouted: AtomicU64::new(0),
-        }
+        let route_ids: Vec<String> = route_ids.into_iter().collect();
+        let shards = (0..SHARDS)
+            .map(|_| Shard {
+                routes: route_ids.iter().map(|_| RouteMetrics::default()).collect(),
+                refusals: Default::default(),
+                limiter_allowed: AtomicU64::new(0),
+                limiter_refused: AtomicU64::new(0),
+                unrouted: AtomicU64::new(0),
+            })
+            .collect();
+        Self { route_ids, shards }
+    }
+
+    /// This thread's shard.
+    fn mine(&self) -> Option<&Shard> {
+        self.shards.get(SHARD.with(|s| *s))
     }
 
     pub fn request(&self, route: Option<usize>, status: u16, latency_us: u64) {
-        let Some((_, r)) = route.and_then(|i| self.routes.get(i)) else {
-            self.unrouted.fetch_add(1, Ordering::Relaxed);
+        let Some(shard) = self.mine() else { return };
+        let Some(r) = route.and_then(|i| shard.routes.get(i)) else {
+            add(&shard.unrouted, 1);
             return;
         };
         if let Some(c) = r.status.get(usize::from((status / 100).clamp(1, 5) - 1)) {
-            c.fetch_add(1, Ordering::Relaxed);
+            add(c, 1);
         }
         let ms = latency_us / 1000;
         let b = LATENCY_BUCKETS_MS.iter().position(|b| ms < *b).unwrap_or(LATENCY_BUCKETS_MS.len());
         if let Some(c) = r.latency.get(b) {
-            c.fetch_add(1, Ordering::Relaxed);
+            add(c, 1);
         }
-        r.latency_sum_us.fetch_add(latency_us, Ordering::Relaxed);
+        add(&r.latency_sum_us, latency_us);
     }
 
     pub fn refusal(&self, reason: &str) {
         if let Some(i) = REASONS.iter().position(|r| *r == reason)
-            && let Some(c) = self.refusals.get(i)
+            && let Some(c) = self.mine().and_then(|s| s.refusals.get(i))
         {
-            c.fetch_add(1, Ordering::Relaxed);
+            add(c, 1);
         }
     }
 
     pub fn limiter(&self, allowed: bool) {
-        let c = if allowed { &self.limiter_allowed } else { &self.limiter_refused };
-        c.fetch_add(1, Ordering::Relaxed);
+        if let Some(s) = self.mine() {
+            add(if allowed { &s.limiter_allowed } else { &s.limiter_refused }, 1);
+        }
     }
 
     pub fn upstream_error(&self, route: usize, timeout: bool) {
-        if let Some((_, r)) = self.routes.get(route) {
-            let c = if timeout { &r.upstream_timeouts } else { &r.upstream_errors };
-            c.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = self.mine().and_then(|s| s.routes.get(route)) {
+            add(if timeout { &r.upstream_timeouts } else { &r.upstream_errors }, 1);
         }
+    }
+
+    /// The sum of one counter over the shards.
+    fn sum(&self, f: impl Fn(&Shard) -> Option<&AtomicU64>) -> u64 {
+        self.shards.iter().filter_map(f).map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
     /// Renders every metric; `extra` adds gauges owned elsewhere (index size, feed lag).
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
+        let route = |i: usize, f: &dyn Fn(&RouteMetrics) -> &AtomicU64| self.sum(|s| s.routes.get(i).map(f));
         let _ = writeln!(out, "# HELP keygate_gateway_requests_total Requests answered, by route and status class.");
         let _ = writeln!(out, "# TYPE keygate_gateway_requests_total counter");
-        for (id, r) in &self.routes {
-            for (i, c) in r.status.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "keygate_gateway_requests_total{{route=\"{id}\",status=\"{}xx\"}} {}",
-                    i + 1,
-                    c.load(Ordering::Relaxed)
-                );
+        for (i, id) in self.route_ids.iter().enumerate() {
+            for class in 0..5 {
+                let n = self.sum(|s| s.routes.get(i).and_then(|r| r.status.get(class)));
+                let _ =
+                    writeln!(out, "keygate_gateway_requests_total{{route=\"{id}\",status=\"{}xx\"}} {n}", class + 1);
             }
         }
         let _ = writeln!(
             out,
             "keygate_gateway_requests_total{{route=\"\",status=\"unrouted\"}} {}",
-            self.unrouted.load(Ordering::Relaxed)
+            self.sum(|s| Some(&s.unrouted))
         );
         let _ = writeln!(out, "# HELP keygate_gateway_request_duration_seconds Time to answer, by route.");
         let _ = writeln!(out, "# TYPE keygate_gateway_request_duration_seconds histogram");
-        for (id, r) in &self.routes {
+        for (i, id) in self.route_ids.iter().enumerate() {
             let mut cumulative = 0;
-            for (i, c) in r.latency.iter().enumerate() {
-                cumulative += c.load(Ordering::Relaxed);
-                let le = LATENCY_BUCKETS_MS.get(i).map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
+            for b in 0..=LATENCY_BUCKETS_MS.len() {
+                cumulative += self.sum(|s| s.routes.get(i).and_then(|r| r.latency.get(b)));
+                let le = LATENCY_BUCKETS_MS.get(b).map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
                 let _ = writeln!(
                     out,
                     "keygate_gateway_request_duration_seconds_bucket{{route=\"{id}\",le=\"{le}\"}} {cumulative}"
                 );
             }
-            let sum = r.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let sum = route(i, &|r| &r.latency_sum_us) as f64 / 1e6;
             let _ = writeln!(out, "keygate_gateway_request_duration_seconds_sum{{route=\"{id}\"}} {sum}");
             let _ = writeln!(out, "keygate_gateway_request_duration_seconds_count{{route=\"{id}\"}} {cumulative}");
         }
         let _ = writeln!(out, "# HELP keygate_gateway_refusals_total Requests refused by the gateway, by reason.");
         let _ = writeln!(out, "# TYPE keygate_gateway_refusals_total counter");
-        for (reason, c) in REASONS.iter().zip(&self.refusals) {
-            let _ =
-                writeln!(out, "keygate_gateway_refusals_total{{reason=\"{reason}\"}} {}", c.load(Ordering::Relaxed));
+        for (i, reason) in REASONS.iter().enumerate() {
+            let n = self.sum(|s| s.refusals.get(i));
+            let _ = writeln!(out, "keygate_gateway_refusals_total{{reason=\"{reason}\"}} {n}");
         }
         let _ = writeln!(out, "# HELP keygate_gateway_limiter_decisions_total Rate-limit and quota decisions.");
         let _ = writeln!(out, "# TYPE keygate_gateway_limiter_decisions_total counter");
         let _ = writeln!(
             out,
             "keygate_gateway_limiter_decisions_total{{decision=\"allowed\"}} {}",
-            self.limiter_allowed.load(Ordering::Relaxed)
+            self.sum(|s| Some(&s.limiter_allowed))
         );
         let _ = writeln!(
             out,
             "keygate_gateway_limiter_decisions_total{{decision=\"refused\"}} {}",
-            self.limiter_refused.load(Ordering::Relaxed)
+            self.sum(|s| Some(&s.limiter_refused))
         );
         let _ =
             writeln!(out, "# HELP keygate_gateway_upstream_errors_total Upstream connection failures and time-outs.");
         let _ = writeln!(out, "# TYPE keygate_gateway_upstream_errors_total counter");
-        for (id, r) in &self.routes {
+        for (i, id) in self.route_ids.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "keygate_gateway_upstream_errors_total{{route=\"{id}\",kind=\"unavailable\"}} {}",
-                r.upstream_errors.load(Ordering::Relaxed)
+                route(i, &|r| &r.upstream_errors)
             );
             let _ = writeln!(
                 out,
                 "keygate_gateway_upstream_errors_total{{route=\"{id}\",kind=\"timeout\"}} {}",
-                r.upstream_timeouts.load(Ordering::Relaxed)
+                route(i, &|r| &r.upstream_timeouts)
             );
         }
         for (name, help, value) in extra {
@@ -165,5 +200,43 @@ impl Metrics {
             let _ = writeln!(out, "{name} {value}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_every_thread_are_summed() {
+        let m = std::sync::Arc::new(Metrics::new(["orders".to_owned()]));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    m.request(Some(0), 200, 1500);
+                    m.request(None, 404, 10);
+                    m.refusal("unknown_token");
+                    m.limiter(false);
+                    m.upstream_error(0, true);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = m.render(&[("keygate_gateway_index_tokens", "Tokens resident.", 7.0)]);
+        for line in [
+            "keygate_gateway_requests_total{route=\"orders\",status=\"2xx\"} 3",
+            "keygate_gateway_requests_total{route=\"\",status=\"unrouted\"} 3",
+            "keygate_gateway_request_duration_seconds_bucket{route=\"orders\",le=\"0.005\"} 3",
+            "keygate_gateway_request_duration_seconds_count{route=\"orders\"} 3",
+            "keygate_gateway_refusals_total{reason=\"unknown_token\"} 3",
+            "keygate_gateway_limiter_decisions_total{decision=\"refused\"} 3",
+            "keygate_gateway_upstream_errors_total{route=\"orders\",kind=\"timeout\"} 3",
+            "keygate_gateway_index_tokens 7",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

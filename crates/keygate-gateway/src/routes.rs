@@ -258,7 +258,9 @@ impl RouteTable {
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
         self.routes
             .iter()
-            .filter(|r| r.covers(path) && r.host.as_deref().is_none_or(|h| Some(h) == host))
+            .filter(|r| {
+                r.covers(path) && r.host.as_deref().is_none_or(|h| host.is_some_and(|x| x.eq_ignore_ascii_case(h)))
+            })
             .max_by_key(|r| (r.host.is_some(), !r.demo, r.prefix.len()))
     }
 }

@@ -52,6 +52,8 @@ impl Error {
             "plan" => "plan_not_found",
             "workspace" => "workspace_not_found",
             "root key" => "root_key_not_found",
+            "oauth client" => "oauth_client_not_found",
+            "signing key" => "signing_key_not_found",
             _ => "not_found",
         };
         Self::new(ErrorKind::NotFound, code, format!("no {what} with this id exists"))

@@ -1,6 +1,6 @@
 //! keygate's domain: the token format and its secrets, scopes and their matching, token policies,
-//! the records of the data model, audit events, the `Clock` and randomness seams, and the store
-//! traits every engine implements. No transport and no IO live here.
+//! the records of the data model and of the OAuth2 authorization server, audit events, the `Clock`
+//! and randomness seams, and the store traits every engine implements. No transport and no IO live here.
 #![forbid(unsafe_code)]
 
 pub mod account;
@@ -10,6 +10,7 @@ pub mod error;
 pub mod ids;
 pub mod jose;
 pub mod model;
+pub mod oauth;
 pub mod pkce;
 pub mod policy;
 pub mod scope;

@@ -12,6 +12,7 @@ use crate::model::{
     App, AuditEvent, AuditFilter, LastUse, NewAuditEvent, Page, PageRequest, Plan, QuotaCount, RootKey, ScopeEntry,
     TokenFilter, TokenRecord, UsageRecord, Workspace,
 };
+use crate::oauth::{JtiRevocation, OAuthStore};
 use crate::scope::Scope;
 use crate::secret::SecretHash;
 
@@ -33,7 +34,9 @@ pub trait AppStore: Send + Sync {
     /// Deletes the app and its token rows in one transaction. While the app holds tokens that
     /// are not revoked, this is refused with `app_has_tokens` unless `revoke_tokens` is set; then
     /// each of those gets a `token.revoke` audit event (a copy of `audit` retargeted) and every
-    /// token of the app leaves the change feed's followers. The default app cannot be deleted.
+    /// token of the app leaves the change feed's followers. The app's OAuth client goes too (with
+    /// an `oauth_client.delete` event), with its refresh tokens; its token families are revoked,
+    /// and so are its live access tokens, on the change feed. The default app cannot be deleted.
     async fn delete_app(
         &self,
         ws: &WorkspaceId,
@@ -151,6 +154,14 @@ pub trait ChangeFeed: Send + Sync {
     async fn snapshot(&self, now: Timestamp) -> Result<Snapshot>;
     /// Changes with a sequence number above `seq`, in order, at most `limit` of them.
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>>;
+    /// Access-token revocations with a sequence number above `seq`, in order, at most `limit` of
+    /// them. They are numbered from the same sequence as token changes, so the two lists leave
+    /// gaps in each other: a follower that pages through both keeps a position for each.
+    async fn revocations_since(&self, seq: u64, limit: u32) -> Result<Vec<JtiRevocation>>;
+    /// Every revocation whose token has not expired at `now`, for a gateway starting up. Read the
+    /// feed position first (`snapshot`), then this, then `revocations_since` that position:
+    /// seeing a revocation twice is harmless, missing one is not.
+    async fn revoked_jtis(&self, now: Timestamp) -> Result<Vec<JtiRevocation>>;
     fn subscribe(&self) -> Box<dyn ChangeSignal>;
     /// The newest feed position this process knows to be committed (for lag metrics).
     fn position(&self) -> u64;
@@ -159,7 +170,16 @@ pub trait ChangeFeed: Send + Sync {
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
 #[async_trait]
 pub trait Store:
-    WorkspaceStore + AppStore + TokenStore + RootKeyStore + PlanStore + AuditStore + UsageStore + ChangeFeed + AccountStore
+    WorkspaceStore
+    + AppStore
+    + TokenStore
+    + RootKeyStore
+    + PlanStore
+    + AuditStore
+    + UsageStore
+    + ChangeFeed
+    + AccountStore
+    + OAuthStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

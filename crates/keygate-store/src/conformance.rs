@@ -10,6 +10,7 @@ use keygate_core::account::{
 };
 use keygate_core::ids::{AppId, InvitationId, PlanId, PlanRequestId, RootKeyId, TokenId, UserId, WorkspaceId};
 use keygate_core::model::*;
+use keygate_core::oauth::*;
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use keygate_core::scope::Scope;
 use keygate_core::secret::{OsRandom, Pepper, SecretHash};
@@ -367,15 +368,62 @@ async fn deleting_apps(h: &Harness) {
     s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
     let t = token(&ws.id, &a.id, "m", T0);
     s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    // The app is also an OAuth client, with a refresh-token family and access tokens.
+    let c = oauth_client(&ws.id, &a.id);
+    s.insert_oauth_client(&c, &audit(&ws.id, "oauth_client.create", &c.client_id)).await.unwrap();
+    let r = refresh_token(&c, "fam_del", "rt-del", T0, 3600);
+    s.insert_refresh_token(&r).await.unwrap();
+    let live = access_token(&c, Some("fam_del"), "jti-del-live", T0, 600);
+    let plain = access_token(&c, None, "jti-del-cc", T0, 600);
+    let expired = access_token(&c, None, "jti-del-old", T0.plus_seconds(-600), 300);
+    for at in [&live, &plain, &expired] {
+        s.insert_access_token(at).await.unwrap();
+    }
+    // An access token of another app is left alone.
+    let other_app = app(&ws.id, "Other", false);
+    s.insert_app(&other_app, &audit(&ws.id, "app.create", other_app.id.as_str())).await.unwrap();
+    let other_client = oauth_client(&ws.id, &other_app.id);
+    s.insert_oauth_client(&other_client, &audit(&ws.id, "oauth_client.create", "x")).await.unwrap();
+    let bystander = access_token(&other_client, None, "jti-bystander", T0, 600);
+    s.insert_access_token(&bystander).await.unwrap();
+
     let seq = s.snapshot(T0).await.unwrap().seq;
+    let before = all_audit(s, &ws.id).await.len();
     let e = s.delete_app(&ws.id, &a.id, false, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap_err();
     assert_eq!(e.code, "app_has_tokens");
     assert!(s.app(&ws.id, &a.id).await.unwrap().is_some());
-    s.delete_app(&ws.id, &a.id, true, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap();
+    assert_eq!(all_audit(s, &ws.id).await.len(), before, "a refused change writes no audit event");
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(c.clone()), "a refused delete keeps the client");
+    assert!(s.revocations_since(seq, 10).await.unwrap().is_empty());
+    let now = T0.plus_seconds(1);
+    s.delete_app(&ws.id, &a.id, true, now, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap();
     assert!(s.app(&ws.id, &a.id).await.unwrap().is_none());
     assert!(s.token(&ws.id, &t.id).await.unwrap().is_none());
     let changes = s.changes_since(seq, 10).await.unwrap();
     assert!(changes.iter().any(|c| c.id == t.id && c.hash == t.hash && c.record.is_none()));
+
+    // The client and its refresh tokens are gone; its live access tokens are revoked, on the feed.
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), None);
+    assert_eq!(s.oauth_client_for_app(&ws.id, &a.id).await.unwrap(), None);
+    assert_eq!(s.refresh_token(&r.hash).await.unwrap(), None);
+    assert_eq!(s.use_refresh_token(&r.hash, now).await.unwrap(), RefreshUse::Invalid);
+    for at in [&live, &plain] {
+        assert_eq!(s.access_token(&at.jti).await.unwrap().unwrap().revoked_at, Some(now), "{}", at.jti);
+    }
+    assert_eq!(s.access_token(&expired.jti).await.unwrap().unwrap().revoked_at, None, "expired: nothing to revoke");
+    assert_eq!(s.access_token(&bystander.jti).await.unwrap().unwrap().revoked_at, None);
+    let mut feed: Vec<String> = s.revocations_since(seq, 10).await.unwrap().into_iter().map(|r| r.jti).collect();
+    feed.sort();
+    assert_eq!(feed, vec![plain.jti.clone(), live.jti.clone()]);
+    let token_seq = changes.iter().find(|ch| ch.id == t.id).unwrap().seq;
+    assert!(s.revocations_since(seq, 10).await.unwrap().iter().all(|r| r.seq != token_seq), "one position each");
+    let events = all_audit(s, &ws.id).await;
+    let gone = events.iter().find(|e| e.action == "oauth_client.delete").expect("the client's deletion is audited");
+    assert_eq!(gone.target, c.client_id);
+    assert_eq!(gone.after.as_ref().unwrap()["access_tokens_revoked"], json!(2));
+    // A rotation that was in flight cannot add to the deleted app's family afterwards.
+    let late = access_token(&c, Some("fam_del"), "jti-del-late", now, 600);
+    assert_eq!(s.insert_access_token(&late).await.unwrap_err().code, "token_family_revoked");
     let e = s.delete_app(&ws.id, &d.id, true, T0, &audit(&ws.id, "app.delete", d.id.as_str())).await.unwrap_err();
     assert_eq!(e.code, "default_app");
     let e = s.delete_app(&ws.id, &a.id, true, T0, &audit(&ws.id, "app.delete", a.id.as_str())).await.unwrap_err();
@@ -1036,6 +1084,417 @@ async fn accounts_plan_requests(h: &Harness) {
     assert_eq!(ids(s.plan_requests(&ws.id, None).await.unwrap()), vec![r3.id.clone()]);
 }
 
+fn oauth_client(ws: &WorkspaceId, app: &AppId) -> OAuthClient {
+    OAuthClient {
+        client_id: format!("cl_{}", keygate_core::token_format::random_base62(&OsRandom, 16).unwrap()),
+        workspace_id: ws.clone(),
+        app_id: app.clone(),
+        grant_types: vec![GrantType::ClientCredentials, GrantType::RefreshToken],
+        scopes: vec![Scope::parse("orders:read").unwrap()],
+        auth_method: ClientAuthMethod::ClientSecretBasic,
+        secret_hash: Some(secret_hash("client-secret-1")),
+        secret_last4: Some("et-1".into()),
+        previous_secret_hash: None,
+        previous_secret_expires_at: None,
+        jwks: None,
+        access_token_format: AccessTokenFormat::Jwt,
+        signing_alg: "EdDSA".into(),
+        access_token_ttl_seconds: 300,
+        refresh_token_ttl_seconds: 86_400,
+        created_at: T0,
+        updated_at: T0,
+        version: 1,
+    }
+}
+
+fn refresh_token(c: &OAuthClient, family: &str, secret: &str, created: Timestamp, ttl: i64) -> RefreshTokenRecord {
+    RefreshTokenRecord {
+        hash: secret_hash(secret),
+        family_id: family.into(),
+        client_id: c.client_id.clone(),
+        workspace_id: c.workspace_id.clone(),
+        app_id: c.app_id.clone(),
+        subject: c.client_id.clone(),
+        scopes: c.scopes.clone(),
+        dpop_jkt: Some("0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into()),
+        created_at: created,
+        expires_at: created.plus_seconds(ttl),
+        used_at: None,
+        revoked_at: None,
+    }
+}
+
+fn access_token(c: &OAuthClient, family: Option<&str>, jti: &str, issued: Timestamp, ttl: i64) -> AccessTokenRecord {
+    AccessTokenRecord {
+        jti: jti.into(),
+        client_id: c.client_id.clone(),
+        workspace_id: c.workspace_id.clone(),
+        app_id: c.app_id.clone(),
+        family_id: family.map(Into::into),
+        subject: c.client_id.clone(),
+        scopes: c.scopes.clone(),
+        dpop_jkt: None,
+        issued_at: issued,
+        expires_at: issued.plus_seconds(ttl),
+        revoked_at: None,
+    }
+}
+
+/// A workspace with a second app that is an OAuth client.
+async fn oauth_setup(s: &SqlStore, name: &str) -> (Workspace, App, OAuthClient) {
+    let (ws, d) = workspace(name);
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let a = app(&ws.id, "Service", false);
+    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
+    let c = oauth_client(&ws.id, &a.id);
+    s.insert_oauth_client(&c, &audit(&ws.id, "oauth_client.create", &c.client_id)).await.unwrap();
+    (ws, a, c)
+}
+
+async fn oauth_clients(h: &Harness) {
+    let s = &h.store;
+    let (ws, a, c) = oauth_setup(s, "acme").await;
+    let (ws2, d2) = workspace("other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(c.clone()));
+    assert_eq!(s.oauth_client_for_app(&ws.id, &a.id).await.unwrap(), Some(c.clone()));
+    assert_eq!(s.oauth_client_for_app(&ws2.id, &a.id).await.unwrap(), None, "tenant isolation");
+    assert_eq!(s.oauth_client("cl_unknown").await.unwrap(), None);
+    let created = all_audit(s, &ws.id).await;
+    assert_eq!(created[0].action, "oauth_client.create");
+    assert!(all_audit(s, &ws2.id).await.is_empty());
+
+    // A private_key_jwt client: no secret, a JWK Set, every grant, opaque tokens.
+    let b = app(&ws.id, "Batch", false);
+    s.insert_app(&b, &audit(&ws.id, "app.create", b.id.as_str())).await.unwrap();
+    let jwt_client = OAuthClient {
+        grant_types: GrantType::ALL.to_vec(),
+        auth_method: ClientAuthMethod::PrivateKeyJwt,
+        secret_hash: None,
+        secret_last4: None,
+        jwks: Some(
+            json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "k1"}]}),
+        ),
+        access_token_format: AccessTokenFormat::Opaque,
+        signing_alg: "ES256".into(),
+        ..oauth_client(&ws.id, &b.id)
+    };
+    s.insert_oauth_client(&jwt_client, &audit(&ws.id, "oauth_client.create", &jwt_client.client_id)).await.unwrap();
+    assert_eq!(s.oauth_client(&jwt_client.client_id).await.unwrap(), Some(jwt_client.clone()));
+
+    // One client per app; another workspace's app cannot get one. Neither refusal is audited.
+    let before = all_audit(s, &ws.id).await.len();
+    let twin = oauth_client(&ws.id, &a.id);
+    let e = s.insert_oauth_client(&twin, &audit(&ws.id, "oauth_client.create", &twin.client_id)).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "oauth_client_exists"));
+    let foreign = oauth_client(&ws.id, &d2.id);
+    let e = s.insert_oauth_client(&foreign, &audit(&ws.id, "oauth_client.create", "x")).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "app_not_found"));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before, "a refused change writes no audit event");
+    assert_eq!(s.oauth_client(&twin.client_id).await.unwrap(), None);
+    assert_eq!(s.oauth_client(&foreign.client_id).await.unwrap(), None);
+
+    // A secret rotation with a grace period, under the version rule.
+    let mut rotated = c.clone();
+    rotated.previous_secret_hash = c.secret_hash;
+    rotated.previous_secret_expires_at = Some(T0.plus_seconds(3600));
+    rotated.secret_hash = Some(secret_hash("client-secret-2"));
+    rotated.secret_last4 = Some("et-2".into());
+    rotated.scopes.push(Scope::parse("orders:write").unwrap());
+    rotated.access_token_ttl_seconds = 60;
+    rotated.updated_at = T0.plus_seconds(10);
+    rotated.version = 2;
+    s.update_oauth_client(&rotated, &audit(&ws.id, "oauth_client.rotate_secret", &c.client_id)).await.unwrap();
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(rotated.clone()));
+    let before = all_audit(s, &ws.id).await.len();
+    let mut stale = c.clone();
+    stale.grant_types = vec![GrantType::TokenExchange];
+    stale.version = 2;
+    let e = s.update_oauth_client(&stale, &audit(&ws.id, "oauth_client.update", &c.client_id)).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "concurrent_update"));
+    let mut elsewhere = rotated.clone();
+    elsewhere.workspace_id = ws2.id.clone();
+    elsewhere.version = 3;
+    let e = s.update_oauth_client(&elsewhere, &audit(&ws2.id, "oauth_client.update", "x")).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "oauth_client_not_found"));
+    assert_eq!(all_audit(s, &ws.id).await.len(), before, "a refused change writes no audit event");
+    assert!(all_audit(s, &ws2.id).await.is_empty());
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(rotated.clone()));
+
+    // Two updates from the same read: exactly one wins.
+    let (mut x, mut y) = (rotated.clone(), rotated.clone());
+    (x.version, y.version) = (3, 3);
+    x.signing_alg = "ES256".into();
+    y.access_token_format = AccessTokenFormat::Opaque;
+    let (ex, ey) = (audit(&ws.id, "oauth_client.update", "x"), audit(&ws.id, "oauth_client.update", "y"));
+    let (rx, ry) = tokio::join!(s.update_oauth_client(&x, &ex), s.update_oauth_client(&y, &ey));
+    assert!(rx.is_ok() != ry.is_ok(), "one update wins: {rx:?} {ry:?}");
+    assert_eq!(rx.err().or(ry.err()).unwrap().code, "concurrent_update");
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+    let stored = s.oauth_client(&c.client_id).await.unwrap().unwrap();
+    assert!(stored == x || stored == y);
+}
+
+fn signing_key(kid: &str, created: Timestamp) -> SigningKeyRecord {
+    SigningKeyRecord {
+        kid: kid.into(),
+        alg: "EdDSA".into(),
+        public_jwk: json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": kid}),
+        sealed_private: vec![0, 1, 2, 255, 254, 7],
+        created_at: created,
+        signs_from: created.plus_seconds(3600),
+        retired_at: None,
+        drop_after: None,
+    }
+}
+
+async fn oauth_signing_keys(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    assert!(s.signing_keys().await.unwrap().is_empty());
+    let (old, new) = (signing_key("k-old", T0), signing_key("k-new", T0.plus_seconds(86_400)));
+    // Inserted newest first, listed oldest first.
+    s.insert_signing_key(&new, &audit(&ws.id, "signing_key.create", &new.kid)).await.unwrap();
+    s.insert_signing_key(&old, &audit(&ws.id, "signing_key.create", &old.kid)).await.unwrap();
+    assert_eq!(s.signing_keys().await.unwrap(), vec![old.clone(), new.clone()]);
+    assert_eq!(all_audit(s, &ws.id).await.len(), 2);
+
+    let e = s.insert_signing_key(&old, &audit(&ws.id, "signing_key.create", &old.kid)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert_eq!(all_audit(s, &ws.id).await.len(), 2, "a refused change writes no audit event");
+
+    // Retiring writes retired_at and drop_after only.
+    let mut retired = old.clone();
+    retired.retired_at = Some(T0.plus_seconds(86_400 + 3600));
+    retired.drop_after = Some(T0.plus_seconds(86_400 + 7200));
+    let mut tampered = retired.clone();
+    tampered.alg = "ES256".into();
+    tampered.sealed_private = vec![9];
+    s.update_signing_key(&tampered, &audit(&ws.id, "signing_key.retire", &old.kid)).await.unwrap();
+    assert_eq!(s.signing_keys().await.unwrap(), vec![retired.clone(), new.clone()]);
+    let ghost = signing_key("k-ghost", T0);
+    let e = s.update_signing_key(&ghost, &audit(&ws.id, "signing_key.retire", "k-ghost")).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "signing_key_not_found"));
+    assert_eq!(all_audit(s, &ws.id).await.len(), 3);
+
+    // A key leaves once its drop_after has passed, not before.
+    let drop_at = retired.drop_after.unwrap();
+    assert_eq!(s.delete_signing_keys_dropped_before(drop_at).await.unwrap(), 0);
+    assert_eq!(s.delete_signing_keys_dropped_before(drop_at.plus_seconds(1)).await.unwrap(), 1);
+    assert_eq!(s.signing_keys().await.unwrap(), vec![new.clone()]);
+    assert_eq!(s.delete_signing_keys_dropped_before(drop_at.plus_seconds(1_000_000)).await.unwrap(), 0);
+}
+
+async fn oauth_refresh_rotation(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, c) = oauth_setup(s, "acme").await;
+    let r1 = refresh_token(&c, "fam_a", "rt-1", T0, 3600);
+    s.insert_refresh_token(&r1).await.unwrap();
+    assert_eq!(s.refresh_token(&r1.hash).await.unwrap(), Some(r1.clone()));
+    assert_eq!(s.refresh_token(&secret_hash("rt-unknown")).await.unwrap(), None);
+    let e = s.insert_refresh_token(&r1).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "a hash is stored once");
+
+    // First use: fresh, and marked used. Second use: reuse, with the record.
+    let used = RefreshTokenRecord { used_at: Some(T0.plus_seconds(1)), ..r1.clone() };
+    assert_eq!(s.use_refresh_token(&r1.hash, T0.plus_seconds(1)).await.unwrap(), RefreshUse::Fresh(used.clone()));
+    assert_eq!(s.use_refresh_token(&r1.hash, T0.plus_seconds(2)).await.unwrap(), RefreshUse::Reused(used.clone()));
+    assert_eq!(s.refresh_token(&r1.hash).await.unwrap(), Some(used.clone()));
+    assert!(!used.is_active(T0.plus_seconds(2)));
+    // Its successor joins the family, and rotates in turn.
+    let r2 = refresh_token(&c, "fam_a", "rt-2", T0.plus_seconds(1), 3600);
+    s.insert_refresh_token(&r2).await.unwrap();
+    assert!(matches!(s.use_refresh_token(&r2.hash, T0.plus_seconds(3)).await.unwrap(), RefreshUse::Fresh(_)));
+    // A used token is still recognized as reused after it expires (until pruned).
+    assert!(matches!(s.use_refresh_token(&r1.hash, T0.plus_seconds(7200)).await.unwrap(), RefreshUse::Reused(_)));
+
+    // Unknown and expired tokens are invalid; an expired one is not marked used.
+    assert_eq!(s.use_refresh_token(&secret_hash("rt-unknown"), T0).await.unwrap(), RefreshUse::Invalid);
+    let short = refresh_token(&c, "fam_b", "rt-short", T0, 10);
+    s.insert_refresh_token(&short).await.unwrap();
+    assert_eq!(s.use_refresh_token(&short.hash, T0.plus_seconds(10)).await.unwrap(), RefreshUse::Invalid);
+    assert_eq!(s.refresh_token(&short.hash).await.unwrap().unwrap().used_at, None);
+
+    // Revoked tokens are invalid, used or not, and a revoked family takes no new token.
+    let before = all_audit(s, &ws.id).await.len();
+    let r3 = refresh_token(&c, "fam_a", "rt-3", T0.plus_seconds(3), 3600);
+    s.insert_refresh_token(&r3).await.unwrap();
+    let at = T0.plus_seconds(4);
+    assert_eq!(s.revoke_token_family("fam_a", at, &audit(&ws.id, "oauth.family_revoke", "fam_a")).await.unwrap(), 0);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1, "refresh tokens revoked: audited");
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(s.refresh_token(&r.hash).await.unwrap().unwrap().revoked_at, Some(at));
+        assert_eq!(s.use_refresh_token(&r.hash, at).await.unwrap(), RefreshUse::Invalid);
+    }
+    let r4 = refresh_token(&c, "fam_a", "rt-4", at, 3600);
+    let e = s.insert_refresh_token(&r4).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "token_family_revoked"));
+    assert_eq!(s.refresh_token(&r4.hash).await.unwrap(), None);
+    let a4 = access_token(&c, Some("fam_a"), "jti-late", at, 300);
+    assert_eq!(s.insert_access_token(&a4).await.unwrap_err().code, "token_family_revoked");
+    assert_eq!(s.access_token("jti-late").await.unwrap(), None);
+    // Revoking it again finds nothing: no audit event.
+    assert_eq!(s.revoke_token_family("fam_a", at, &audit(&ws.id, "oauth.family_revoke", "fam_a")).await.unwrap(), 0);
+    assert_eq!(s.revoke_token_family("fam_nope", at, &audit(&ws.id, "x", "y")).await.unwrap(), 0);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1, "a revocation that finds nothing is not audited");
+    // Other families are untouched.
+    assert_eq!(s.refresh_token(&short.hash).await.unwrap().unwrap().revoked_at, None);
+}
+
+async fn oauth_refresh_concurrent_use(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, c) = oauth_setup(s, "acme").await;
+    for i in 0..10 {
+        let r = refresh_token(&c, &format!("fam_{i}"), &format!("rt-race-{i}"), T0, 3600);
+        s.insert_refresh_token(&r).await.unwrap();
+        let now = T0.plus_seconds(5);
+        let (x, y) = tokio::join!(s.use_refresh_token(&r.hash, now), s.use_refresh_token(&r.hash, now));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        let fresh = [&x, &y].iter().filter(|u| matches!(u, RefreshUse::Fresh(_))).count();
+        let reused = [&x, &y].iter().filter(|u| matches!(u, RefreshUse::Reused(_))).count();
+        assert_eq!((fresh, reused), (1, 1), "exactly one use is fresh: {x:?} {y:?}");
+    }
+
+    // A rotation racing with its family's revocation either lands first (and is revoked with
+    // the family) or is refused: never a live token in a revoked family.
+    for i in 0..10 {
+        let family = format!("fam_rev_{i}");
+        let r = refresh_token(&c, &family, &format!("rt-rev-{i}"), T0, 3600);
+        s.insert_refresh_token(&r).await.unwrap();
+        let next = refresh_token(&c, &family, &format!("rt-rev-next-{i}"), T0, 3600);
+        let ev = audit(&ws.id, "oauth.family_revoke", &family);
+        let (ins, rev) = tokio::join!(s.insert_refresh_token(&next), s.revoke_token_family(&family, T0, &ev));
+        rev.unwrap();
+        match ins {
+            Ok(()) => assert_eq!(s.refresh_token(&next.hash).await.unwrap().unwrap().revoked_at, Some(T0)),
+            Err(e) => assert_eq!(e.code, "token_family_revoked"),
+        }
+        assert_eq!(s.use_refresh_token(&next.hash, T0).await.unwrap(), RefreshUse::Invalid);
+    }
+}
+
+async fn oauth_access_tokens_and_revocations(h: &Harness) {
+    let s = &h.store;
+    let (ws, d, c) = oauth_setup(s, "acme").await;
+    let now = T0.plus_seconds(60);
+    let r = refresh_token(&c, "fam_x", "rt-x", T0, 3600);
+    s.insert_refresh_token(&r).await.unwrap();
+    let fam: Vec<AccessTokenRecord> =
+        (0..3).map(|i| access_token(&c, Some("fam_x"), &format!("jti-fam-{i}"), T0, 600 + i)).collect();
+    let fam_expired = access_token(&c, Some("fam_x"), "jti-fam-expired", T0, 30);
+    let fam_revoked = access_token(&c, Some("fam_x"), "jti-fam-revoked", T0, 900);
+    let other = access_token(&c, Some("fam_y"), "jti-other-family", T0, 600);
+    let plain = access_token(&c, None, "jti-cc", T0, 600);
+    for t in fam.iter().chain([&fam_expired, &fam_revoked, &other, &plain]) {
+        s.insert_access_token(t).await.unwrap();
+    }
+    assert_eq!(s.access_token("jti-cc").await.unwrap(), Some(plain.clone()));
+    assert!(plain.is_active(now));
+    assert_eq!(s.access_token("jti-unknown").await.unwrap(), None);
+    assert_eq!(s.insert_access_token(&plain).await.unwrap_err().kind, ErrorKind::Conflict, "a jti is stored once");
+
+    // One token revoked: audited, on the feed, and waking followers.
+    let start = s.snapshot(T0).await.unwrap().seq;
+    let mut signal = s.subscribe();
+    let before = all_audit(s, &ws.id).await.len();
+    assert!(s.revoke_access_token("jti-fam-revoked", T0, &audit(&ws.id, "oauth.token_revoke", "jti")).await.unwrap());
+    assert!(signal.changed().await, "a revocation wakes followers");
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1);
+    let first = s.revocations_since(start, 100).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].jti.as_str(), first[0].expires_at), ("jti-fam-revoked", fam_revoked.expires_at));
+    assert!(first[0].seq > start);
+    // Unknown or already revoked: false, nothing written.
+    let ev = audit(&ws.id, "oauth.token_revoke", "jti");
+    assert!(!s.revoke_access_token("jti-fam-revoked", now, &ev).await.unwrap());
+    assert!(!s.revoke_access_token("jti-unknown", now, &ev).await.unwrap());
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1, "a revocation that finds nothing is not audited");
+    assert_eq!(s.access_token("jti-fam-revoked").await.unwrap().unwrap().revoked_at, Some(T0));
+    assert_eq!(s.revocations_since(start, 100).await.unwrap(), first);
+
+    // The family: its refresh token and its live access tokens, each on the feed at its own position.
+    let n = s.revoke_token_family("fam_x", now, &audit(&ws.id, "oauth.family_revoke", "fam_x")).await.unwrap();
+    assert_eq!(n, 3, "the expired and the already revoked ones are not counted");
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 2);
+    assert_eq!(s.refresh_token(&r.hash).await.unwrap().unwrap().revoked_at, Some(now));
+    for t in &fam {
+        let stored = s.access_token(&t.jti).await.unwrap().unwrap();
+        assert_eq!(stored.revoked_at, Some(now));
+        assert!(!stored.is_active(now));
+    }
+    assert_eq!(s.access_token("jti-fam-expired").await.unwrap().unwrap().revoked_at, None);
+    assert_eq!(s.access_token("jti-fam-revoked").await.unwrap().unwrap().revoked_at, Some(T0), "kept");
+    assert_eq!(s.access_token("jti-other-family").await.unwrap().unwrap().revoked_at, None);
+    assert_eq!(s.access_token("jti-cc").await.unwrap().unwrap().revoked_at, None);
+    let feed = s.revocations_since(start, 100).await.unwrap();
+    assert_eq!(feed.len(), 4);
+    let mut jtis: Vec<&str> = feed[1..].iter().map(|r| r.jti.as_str()).collect();
+    jtis.sort();
+    assert_eq!(jtis, vec!["jti-fam-0", "jti-fam-1", "jti-fam-2"]);
+    assert!(feed.windows(2).all(|w| w[1].seq == w[0].seq + 1), "consecutive positions: {feed:?}");
+    assert_eq!(s.revocations_since(start, 2).await.unwrap(), feed[..2].to_vec(), "limit");
+    assert_eq!(s.revocations_since(feed[3].seq, 100).await.unwrap(), vec![]);
+    // Again: nothing left to revoke, nothing written.
+    assert_eq!(s.revoke_token_family("fam_x", now, &audit(&ws.id, "x", "y")).await.unwrap(), 0);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 2);
+    assert_eq!(s.revocations_since(start, 100).await.unwrap().len(), 4);
+
+    // Token changes and revocations share one sequence.
+    let t = token(&ws.id, &d.id, "api", now);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    let change = s.changes_since(start, 10).await.unwrap();
+    assert_eq!(change.len(), 1);
+    assert_eq!(change[0].seq, feed[3].seq + 1);
+
+    // A gateway starting up: every revocation whose token has not expired.
+    let live = |v: Vec<JtiRevocation>| v.into_iter().map(|r| r.jti).collect::<Vec<_>>();
+    assert_eq!(live(s.revoked_jtis(now).await.unwrap()), live(feed.clone()));
+    // jti-fam-0 expires at T0+600, jti-fam-1 at T0+601, jti-fam-2 at T0+602, jti-fam-revoked at T0+900.
+    let later = live(s.revoked_jtis(T0.plus_seconds(601)).await.unwrap());
+    assert_eq!(later.len(), 2);
+    assert!(later.contains(&"jti-fam-revoked".to_string()) && later.contains(&"jti-fam-2".to_string()));
+    assert!(s.revoked_jtis(T0.plus_seconds(900)).await.unwrap().is_empty());
+}
+
+async fn oauth_prune(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, c) = oauth_setup(s, "acme").await;
+    let ev = || audit(&ws.id, "oauth.token_revoke", "jti");
+    let short = access_token(&c, None, "jti-short", T0, 10);
+    let long = access_token(&c, Some("fam_long"), "jti-long", T0, 100_000);
+    for t in [&short, &long] {
+        s.insert_access_token(t).await.unwrap();
+        assert!(s.revoke_access_token(&t.jti, T0, &ev()).await.unwrap());
+    }
+    let gone_soon = refresh_token(&c, "fam_short", "rt-short", T0, 10);
+    let kept = refresh_token(&c, "fam_long", "rt-long", T0, 100_000);
+    for r in [&gone_soon, &kept] {
+        s.insert_refresh_token(r).await.unwrap();
+    }
+    let key = signing_key("k1", T0);
+    s.insert_signing_key(&key, &audit(&ws.id, "signing_key.create", "k1")).await.unwrap();
+
+    // Nothing has expired yet.
+    assert_eq!(s.prune_oauth(T0.plus_seconds(5)).await.unwrap(), 0);
+    // The short access token and its revocation go at its expiry; the refresh token a day after.
+    assert_eq!(s.prune_oauth(T0.plus_seconds(10)).await.unwrap(), 2);
+    assert_eq!(s.access_token("jti-short").await.unwrap(), None);
+    assert!(s.access_token("jti-long").await.unwrap().is_some());
+    assert_eq!(s.revocations_since(0, 100).await.unwrap().into_iter().map(|r| r.jti).collect::<Vec<_>>(), ["jti-long"]);
+    assert!(s.refresh_token(&gone_soon.hash).await.unwrap().is_some(), "kept a day to recognize late reuse");
+    assert!(matches!(s.use_refresh_token(&gone_soon.hash, T0.plus_seconds(20)).await.unwrap(), RefreshUse::Invalid));
+    assert_eq!(s.prune_oauth(T0.plus_seconds(10 + 86_400)).await.unwrap(), 0);
+    // A day after its expiry the refresh token goes, and with it its now empty family.
+    assert_eq!(s.prune_oauth(T0.plus_seconds(11 + 86_400)).await.unwrap(), 2);
+    assert_eq!(s.refresh_token(&gone_soon.hash).await.unwrap(), None);
+    assert!(s.refresh_token(&kept.hash).await.unwrap().is_some());
+    // A family with tokens left is kept and still takes new ones.
+    s.insert_refresh_token(&refresh_token(&c, "fam_long", "rt-long-2", T0.plus_seconds(100), 100)).await.unwrap();
+    assert_eq!(s.signing_keys().await.unwrap(), vec![key], "signing keys are not pruned here");
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(c.clone()));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_engine {
@@ -1075,7 +1534,13 @@ conformance!(
     accounts_invitations,
     accounts_policy_and_app_owners,
     audit_append,
-    accounts_plan_requests
+    accounts_plan_requests,
+    oauth_clients,
+    oauth_signing_keys,
+    oauth_refresh_rotation,
+    oauth_refresh_concurrent_use,
+    oauth_access_tokens_and_revocations,
+    oauth_prune
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a
@@ -1099,6 +1564,28 @@ async fn postgres_nodes_converge() {
     assert_eq!(changes.last().map(|c| &c.id), Some(&t.id));
     other.close().await;
     drop(other);
+    h.finish().await;
+}
+
+/// On PostgreSQL an access-token revocation notifies every node, like a token change: the trigger
+/// on `jti_revocations` sends the new position on the change-feed channel at commit.
+#[tokio::test]
+async fn postgres_revocations_notify() {
+    let h = postgres().await;
+    let url = match pg_admin_url().rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{}", h.pg.as_ref().unwrap().name),
+        None => unreachable!(),
+    };
+    let (ws, _, c) = oauth_setup(&h.store, "acme").await;
+    let t = access_token(&c, None, "jti-notify", T0, 600);
+    h.store.insert_access_token(&t).await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    listener.listen(crate::feed::CHANNEL).await.unwrap();
+    assert!(h.store.revoke_access_token(&t.jti, T0, &audit(&ws.id, "oauth.token_revoke", "jti")).await.unwrap());
+    let n = tokio::time::timeout(std::time::Duration::from_secs(30), listener.recv()).await.unwrap().unwrap();
+    let seq = h.store.revocations_since(0, 10).await.unwrap()[0].seq;
+    assert_eq!(n.payload(), seq.to_string());
+    drop(listener);
     h.finish().await;
 }
 

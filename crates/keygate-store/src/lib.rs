@@ -1,11 +1,12 @@
 //! keygate's store: one implementation of the `keygate-core` store traits over SQLite (the
 //! embedded default) and PostgreSQL (several nodes), the migrations of each engine, and the
-//! token change feed. The engine is chosen once, from the URL, in [`open`]; no query branches on
-//! it afterwards.
+//! change feed (token changes and access-token revocations). The engine is chosen once, from the
+//! URL, in [`open`]; no query branches on it afterwards.
 #![forbid(unsafe_code)]
 
 mod accounts;
 mod feed;
+mod oauth;
 mod rows;
 mod sql;
 

@@ -6,6 +6,10 @@ use keygate_core::account::{
 };
 use keygate_core::ids::{AppId, InvitationId, PlanId, PlanRequestId, RootKeyId, TokenId, UserId, WorkspaceId};
 use keygate_core::model::{App, AuditEvent, Permission, Plan, RootKey, ScopeEntry, TokenRecord, TokenState, Workspace};
+use keygate_core::oauth::{
+    AccessTokenFormat, AccessTokenRecord, ClientAuthMethod, GrantType, JtiRevocation, OAuthClient, RefreshTokenRecord,
+    SigningKeyRecord,
+};
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
 use keygate_core::{Error, Result, Timestamp};
@@ -286,4 +290,97 @@ pub(crate) fn plan_request(row: &AnyRow) -> Result<PlanRequest> {
         decided_by: get::<Option<String>>(row, "decided_by")?.map(UserId::from_trusted),
         decided_at: opt_ts(row, "decided_at")?,
     })
+}
+
+fn opt_hash(row: &AnyRow, col: &str) -> Result<Option<SecretHash>> {
+    match get::<Option<Vec<u8>>>(row, col)? {
+        Some(bytes) => SecretHash::from_slice(&bytes).map(Some).ok_or_else(|| corrupt(col, "hash is not 32 bytes")),
+        None => Ok(None),
+    }
+}
+
+fn seconds(row: &AnyRow, col: &str) -> Result<u32> {
+    let n: i64 = get(row, col)?;
+    u32::try_from(n).map_err(|_| corrupt(col, &n.to_string()))
+}
+
+fn seq(row: &AnyRow, col: &str) -> Result<u64> {
+    let n: i64 = get(row, col)?;
+    u64::try_from(n).map_err(|_| corrupt(col, &n.to_string()))
+}
+
+pub(crate) fn oauth_client(row: &AnyRow) -> Result<OAuthClient> {
+    let method: String = get(row, "auth_method")?;
+    let format: String = get(row, "access_token_format")?;
+    Ok(OAuthClient {
+        client_id: get(row, "client_id")?,
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        app_id: AppId::from_trusted(get(row, "app_id")?),
+        grant_types: json::<Vec<GrantType>>(row, "grant_types")?,
+        scopes: json::<Vec<Scope>>(row, "scopes")?,
+        auth_method: ClientAuthMethod::parse(&method).ok_or_else(|| corrupt("auth_method", &method))?,
+        secret_hash: opt_hash(row, "secret_hash")?,
+        secret_last4: get(row, "secret_last4")?,
+        previous_secret_hash: opt_hash(row, "previous_secret_hash")?,
+        previous_secret_expires_at: opt_ts(row, "previous_secret_expires_at")?,
+        jwks: opt_json(row, "jwks")?,
+        access_token_format: AccessTokenFormat::parse(&format)
+            .ok_or_else(|| corrupt("access_token_format", &format))?,
+        signing_alg: get(row, "signing_alg")?,
+        access_token_ttl_seconds: seconds(row, "access_token_ttl_seconds")?,
+        refresh_token_ttl_seconds: seconds(row, "refresh_token_ttl_seconds")?,
+        created_at: ts(row, "created_at")?,
+        updated_at: ts(row, "updated_at")?,
+        version: get(row, "version")?,
+    })
+}
+
+pub(crate) fn signing_key(row: &AnyRow) -> Result<SigningKeyRecord> {
+    Ok(SigningKeyRecord {
+        kid: get(row, "kid")?,
+        alg: get(row, "alg")?,
+        public_jwk: json(row, "public_jwk")?,
+        sealed_private: get(row, "sealed_private")?,
+        created_at: ts(row, "created_at")?,
+        signs_from: ts(row, "signs_from")?,
+        retired_at: opt_ts(row, "retired_at")?,
+        drop_after: opt_ts(row, "drop_after")?,
+    })
+}
+
+pub(crate) fn refresh_token(row: &AnyRow) -> Result<RefreshTokenRecord> {
+    Ok(RefreshTokenRecord {
+        hash: hash(row, "hash")?,
+        family_id: get(row, "family_id")?,
+        client_id: get(row, "client_id")?,
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        app_id: AppId::from_trusted(get(row, "app_id")?),
+        subject: get(row, "subject")?,
+        scopes: json::<Vec<Scope>>(row, "scopes")?,
+        dpop_jkt: get(row, "dpop_jkt")?,
+        created_at: ts(row, "created_at")?,
+        expires_at: ts(row, "expires_at")?,
+        used_at: opt_ts(row, "used_at")?,
+        revoked_at: opt_ts(row, "revoked_at")?,
+    })
+}
+
+pub(crate) fn access_token(row: &AnyRow) -> Result<AccessTokenRecord> {
+    Ok(AccessTokenRecord {
+        jti: get(row, "jti")?,
+        client_id: get(row, "client_id")?,
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        app_id: AppId::from_trusted(get(row, "app_id")?),
+        family_id: get(row, "family_id")?,
+        subject: get(row, "subject")?,
+        scopes: json::<Vec<Scope>>(row, "scopes")?,
+        dpop_jkt: get(row, "dpop_jkt")?,
+        issued_at: ts(row, "issued_at")?,
+        expires_at: ts(row, "expires_at")?,
+        revoked_at: opt_ts(row, "revoked_at")?,
+    })
+}
+
+pub(crate) fn jti_revocation(row: &AnyRow) -> Result<JtiRevocation> {
+    Ok(JtiRevocation { seq: seq(row, "seq")?, jti: get(row, "jti")?, expires_at: ts(row, "expires_at")? })
 }

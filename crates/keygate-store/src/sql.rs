@@ -11,6 +11,7 @@ use keygate_core::model::{
     ScopeEntry, TokenFilter, TokenRecord, TokenStatus, Workspace,
 };
 use keygate_core::model::{LastUse, QuotaCount, UsageRecord};
+use keygate_core::oauth::JtiRevocation;
 use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
 use keygate_core::store::{
@@ -28,7 +29,7 @@ use crate::rows::{self, opt_to_json, to_json};
 use crate::{Engine, db_error};
 
 pub(crate) type Tx = Transaction<'static, Any>;
-type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
+pub(crate) type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 
 // Every SQL string passed as `AssertSqlSafe` below is built only from these constants and
 // numbered placeholders; values always travel as bind parameters.
@@ -184,6 +185,54 @@ async fn next_seq(tx: &mut Tx) -> Result<u64> {
         .await
         .map_err(db_error)?;
     Ok(u64::try_from(seq).unwrap_or(0))
+}
+
+/// The feed positions one transaction hands out. The first is taken when the transaction starts
+/// (its first write, see [`next_seq`]); more are reserved as the changes need them. The
+/// transaction holds `feed_state`'s row lock throughout, so its positions are consecutive.
+pub(crate) struct FeedSeqs {
+    /// Taken at the start and not handed out yet.
+    spare: Option<u64>,
+    /// The highest position handed out: the one to announce after commit.
+    last: Option<u64>,
+}
+
+impl FeedSeqs {
+    pub(crate) async fn start(tx: &mut Tx) -> Result<Self> {
+        Ok(Self { spare: Some(next_seq(tx).await?), last: None })
+    }
+
+    /// `n` more positions, in order: the spare one first, the rest reserved in one statement.
+    pub(crate) async fn take(&mut self, tx: &mut Tx, n: u64) -> Result<std::ops::Range<u64>> {
+        if n == 0 {
+            return Ok(0..0);
+        }
+        let (start, end) = match self.spare.take() {
+            Some(first) if n == 1 => (first, first),
+            Some(first) => (first, reserve_seqs(tx, n - 1).await?),
+            None => {
+                let end = reserve_seqs(tx, n).await?;
+                (end.saturating_sub(n - 1), end)
+            }
+        };
+        self.last = Some(end);
+        Ok(start..end.saturating_add(1))
+    }
+
+    /// The position to announce after commit, if any change was recorded.
+    pub(crate) fn last(&self) -> Option<u64> {
+        self.last
+    }
+}
+
+/// Moves the feed position `n` further in one statement; returns the new position.
+async fn reserve_seqs(tx: &mut Tx, n: u64) -> Result<u64> {
+    let end = sqlx::query_scalar::<_, i64>("UPDATE feed_state SET seq = seq + $1 WHERE id = 1 RETURNING seq")
+        .bind(i64::try_from(n).unwrap_or(i64::MAX))
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(u64::try_from(end).unwrap_or(0))
 }
 
 async fn record_change(tx: &mut Tx, seq: u64, token: &TokenId, hash: &SecretHash, at: Timestamp) -> Result<()> {
@@ -475,7 +524,7 @@ impl AppStore for SqlStore {
     ) -> Result<()> {
         let mut tx = self.begin().await?;
         // Taken first even when no token changes, so this transaction is a writer from the start.
-        let seq = next_seq(&mut tx).await?;
+        let mut seqs = FeedSeqs::start(&mut tx).await?;
         let is_default: Option<i64> =
             sqlx::query_scalar("SELECT is_default FROM apps WHERE workspace_id = $1 AND id = $2")
                 .bind(ws.as_str())
@@ -511,13 +560,10 @@ impl AppStore for SqlStore {
                 "the app still has tokens; revoke them first, or delete with ?revoke_tokens=true to revoke and remove them with the app",
             ));
         }
-        let mut last_seq = seq;
-        for (i, (tid, hash, live)) in token_ids.iter().enumerate() {
+        let positions = seqs.take(&mut tx, u64::try_from(token_ids.len()).unwrap_or(u64::MAX)).await?;
+        for ((tid, hash, live), seq) in token_ids.iter().zip(positions) {
             let tid = TokenId::from_trusted(tid.clone());
-            if i > 0 {
-                last_seq = next_seq(&mut tx).await?;
-            }
-            record_change(&mut tx, last_seq, &tid, hash, now).await?;
+            record_change(&mut tx, seq, &tid, hash, now).await?;
             if !live {
                 continue;
             }
@@ -529,6 +575,7 @@ impl AppStore for SqlStore {
             insert_audit(&mut tx, &ev).await?;
         }
         // Rows that reference the app go first: the foreign keys would refuse the app's deletion.
+        crate::oauth::delete_app_oauth(&mut tx, &mut seqs, ws, id, now, audit).await?;
         sqlx::query("DELETE FROM app_owners WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())
@@ -554,7 +601,7 @@ impl AppStore for SqlStore {
             .await
             .map_err(db_error)?;
         insert_audit(&mut tx, audit).await?;
-        self.commit(tx, Some(last_seq)).await
+        self.commit(tx, seqs.last()).await
     }
 }
 
@@ -1038,6 +1085,26 @@ impl ChangeFeed for SqlStore {
                 Ok(TokenChange { seq: u64::try_from(seq).unwrap_or(0), id: TokenId::from_trusted(id), hash, record })
             })
             .collect()
+    }
+
+    async fn revocations_since(&self, seq: u64, limit: u32) -> Result<Vec<JtiRevocation>> {
+        let found =
+            sqlx::query("SELECT seq, jti, expires_at FROM jti_revocations WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        found.iter().map(rows::jti_revocation).collect()
+    }
+
+    async fn revoked_jtis(&self, now: Timestamp) -> Result<Vec<JtiRevocation>> {
+        let found = sqlx::query("SELECT seq, jti, expires_at FROM jti_revocations WHERE expires_at > $1 ORDER BY seq")
+            .bind(now.as_millis())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        found.iter().map(rows::jti_revocation).collect()
     }
 
     fn subscribe(&self) -> Box<dyn ChangeSignal> {

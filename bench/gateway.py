@@ -470,26 +470,30 @@ class Bench:
         wait_http(admin, "/admin/v1/health")
 
     def start_keygate(self, binary: Path) -> None:
-        cfg = self.keygate_config("keygate", self.ports.keygate, self.ports.admin)
+        # With --baseline, the tokens are made by the baseline binary and its data directory is
+        # copied (while it is stopped, so the copy is consistent) for keygate: both then serve the
+        # same tokens under the same pepper, and a newer binary migrates an older store forward
+        # (not the other way round).
+        first, first_bin = ("baseline", Path(self.args.baseline).resolve()) if self.args.baseline else ("keygate", binary)
+        ports = {"keygate": (self.ports.keygate, self.ports.admin), "baseline": (self.ports.baseline, self.ports.baseline_admin)}
+        cfg = self.keygate_config(first, *ports[first])
         out = subprocess.run(
-            [str(binary), "root-key", "create", "--name", "bench", "--config", str(cfg), "--output", "json"],
+            [str(first_bin), "root-key", "create", "--name", "bench", "--config", str(cfg), "--output", "json"],
             check=True,
             capture_output=True,
             text=True,
         )
         root_key = json.loads(out.stdout)["key"]
-        self.spawn_keygate("keygate", binary, cfg, self.ports.admin)
-        self.create_tokens(root_key)
+        self.spawn_keygate(first, first_bin, cfg, ports[first][1])
+        self.create_tokens(root_key, ports[first][1])
         if self.args.baseline:
-            # The baseline serves a copy of the same data directory (tokens, pepper), taken while
-            # keygate is stopped so that the copy is consistent; then both run.
-            PROCS.stop("keygate")
-            shutil.copytree(self.dir / "keygate" / "data", self.dir / "baseline" / "data")
-            self.spawn_keygate("keygate", binary, cfg, self.ports.admin)
-            base_cfg = self.keygate_config("baseline", self.ports.baseline, self.ports.baseline_admin)
-            self.spawn_keygate("baseline", Path(self.args.baseline).resolve(), base_cfg, self.ports.baseline_admin)
+            PROCS.stop("baseline")
+            shutil.copytree(self.dir / "baseline" / "data", self.dir / "keygate" / "data")
+            self.spawn_keygate("baseline", first_bin, cfg, self.ports.baseline_admin)
+            kcfg = self.keygate_config("keygate", self.ports.keygate, self.ports.admin)
+            self.spawn_keygate("keygate", binary, kcfg, self.ports.admin)
 
-    def create_tokens(self, root_key: str) -> None:
+    def create_tokens(self, root_key: str, admin: int) -> None:
         n, bad = self.args.tokens, self.args.invalid
         log(f"creating {n} tokens through the admin API ({bad} of them then revoked)")
         body = json.dumps(
@@ -501,7 +505,7 @@ class Bench:
         errors: list[str] = []
 
         def worker(count: int) -> None:
-            c = http.client.HTTPConnection("127.0.0.1", self.ports.admin, timeout=30)
+            c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
             mine = []
             for _ in range(count):
                 c.request("POST", "/admin/v1/tokens", body=body, headers=headers)
@@ -529,7 +533,7 @@ class Bench:
         rng = random.Random(20240607)
         rng.shuffle(made)
         revoke, keep = made[:bad], made[bad:]
-        c = http.client.HTTPConnection("127.0.0.1", self.ports.admin, timeout=30)
+        c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
         for tid, _ in revoke:
             c.request("POST", f"/admin/v1/tokens/{tid}/revoke", body="{}", headers=headers)
             r = c.getresponse()
@@ -757,7 +761,7 @@ class Bench:
             "syscalls:sys_enter_futex",
         ]
         table = []
-        for v in ["nginx", "nginx-keys", "haproxy", "keygate"]:
+        for v in [v for v in VARIANTS if v != "direct"]:
             pids = ",".join(str(p) for p in self.proxy_pids(v))
             out = self.dir / f"perf-stat-{v}.csv"
             stat = subprocess.Popen(

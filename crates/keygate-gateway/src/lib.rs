@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+mod timer;
 pub mod usage;

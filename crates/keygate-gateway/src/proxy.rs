@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 
 use crate::body::{BodySource, BoxError};
 use crate::routes::Upstream;
+use crate::timer::Deadline;
 
 /// Idle connections kept per upstream and worker.
 const MAX_IDLE: usize = 64;
@@ -62,6 +63,8 @@ pub struct Conn {
     authority: Arc<str>,
     stream: TcpStream,
     buf: BytesMut,
+    /// The answer time limit of the request in flight on this connection.
+    timer: Deadline,
 }
 
 impl Conn {
@@ -114,7 +117,7 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, Upstre
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK) })
+    Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK), timer: Deadline::new() })
 }
 
 /// How a request's body is framed upstream.
@@ -701,14 +704,15 @@ pub async fn send<B: BodySource, S: HeadSink>(
     head.clear();
     write_head(framing, &mut head);
     upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + answer_timeout;
     let result = loop {
-        let attempt = exchange(&mut conn, &head, body, framing, method, sink);
-        match tokio::time::timeout(answer_timeout, attempt).await {
-            Err(_) => break Err(SendError::Upstream(UpstreamError::Timeout)),
-            Ok(Ok(Some(h))) => break Ok(h),
+        let attempt = exchange(&mut conn.stream, &mut conn.buf, &head, body, framing, method, sink);
+        match conn.timer.run(deadline, attempt).await {
+            None => break Err(SendError::Upstream(UpstreamError::Timeout)),
+            Some(Ok(Some(h))) => break Ok(h),
             // Closed before answering. On a reused connection with nothing consumed, this is the
             // upstream having closed it while idle: try once on a fresh one.
-            Ok(Ok(None)) if pooled && body.is_some() && method.is_idempotent() => {
+            Some(Ok(None)) if pooled && body.is_some() && method.is_idempotent() => {
                 pooled = false;
                 match connect(authority, connect_timeout).await {
                     Ok(c) => conn = c,
@@ -718,12 +722,12 @@ pub async fn send<B: BodySource, S: HeadSink>(
                     }
                 }
             }
-            Ok(Ok(None)) => {
+            Some(Ok(None)) => {
                 break Err(SendError::Upstream(UpstreamError::Failed(format!(
                     "{authority} closed the connection without answering"
                 ))));
             }
-            Ok(Err(e)) => break Err(e),
+            Some(Err(e)) => break Err(e),
         }
     };
     HEAD_BUF.with(|c| c.set(head));
@@ -746,14 +750,14 @@ pub async fn send<B: BodySource, S: HeadSink>(
 /// read too, so an upstream that answers early (a 413, say) is heard. `Ok(None)`: the connection
 /// closed before the first byte of an answer; `body` is still there if none of it was consumed.
 async fn exchange<B: BodySource, S: HeadSink>(
-    conn: &mut Conn,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
     head: &[u8],
     body: &mut Option<B>,
     framing: RequestFraming,
     method: &Method,
     sink: &mut S,
 ) -> Result<Option<(Head, bool)>, SendError> {
-    let Conn { stream, buf, .. } = conn;
     if let Err(e) = stream.write_all(head).await {
         // Nothing of the answer came; a dead idle connection shows up here or in the read.
         tracing::debug!(error = %e, "writing to the upstream failed");
@@ -812,7 +816,15 @@ pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
         format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.authority);
     let mut body: Option<crate::body::UpstreamBody> = None;
     let mut sink = MapSink::default();
-    let answer = exchange(&mut conn, head.as_bytes(), &mut body, RequestFraming::None, &Method::GET, &mut sink);
+    let answer = exchange(
+        &mut conn.stream,
+        &mut conn.buf,
+        head.as_bytes(),
+        &mut body,
+        RequestFraming::None,
+        &Method::GET,
+        &mut sink,
+    );
     matches!(
         tokio::time::timeout(timeout, answer).await,
         Ok(Ok(Some((h, _)))) if h.status.is_success() || h.status.is_redirection()

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::h1::{self, Timeouts};
 use crate::handler::{ConnInfo, Gateway};
+use crate::timer::Shutdown;
 
 /// Where TLS settings come from; swapped when the certificate files change.
 pub type TlsSource = Arc<arc_swap::ArcSwapOption<TlsAcceptor>>;
@@ -112,7 +113,7 @@ struct Worker {
 /// worker the connection is over.
 #[derive(Clone)]
 struct ConnTicket {
-    stop: watch::Receiver<bool>,
+    stop: Arc<Shutdown>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -126,9 +127,9 @@ impl Worker {
             }
         };
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let (local_stop, local_stop_rx) = watch::channel(false);
+        let local_stop = Arc::new(Shutdown::default());
         let (alive, mut all_done) = mpsc::channel::<()>(1);
-        let ticket = ConnTicket { stop: local_stop_rx, _alive: alive };
+        let ticket = ConnTicket { stop: local_stop.clone(), _alive: alive };
         let this = Arc::new(self);
         loop {
             let accepted = tokio::select! {
@@ -156,7 +157,7 @@ impl Worker {
             });
         }
         drop(listener);
-        let _ = local_stop.send(true);
+        local_stop.trigger();
         drop(ticket);
         let drained = async {
             graceful.shutdown().await;
@@ -172,17 +173,18 @@ impl Worker {
         &self,
         mut stream: TcpStream,
         info: ConnInfo,
-        mut ticket: ConnTicket,
+        ticket: ConnTicket,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let mut rbuf = BytesMut::with_capacity(8 * 1024);
+        let mut stopping = ticket.stop.waiter();
         let h2 = loop {
             if rbuf.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&rbuf) {
                 break rbuf.starts_with(H2_PREFACE);
             }
             let read = tokio::select! {
                 r = tokio::time::timeout(self.timeouts.keep_alive, stream.read_buf(&mut rbuf)) => r,
-                _ = ticket.stop.wait_for(|s| *s) => return,
+                () = &mut stopping => return,
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}

@@ -166,7 +166,7 @@ fn parse_error(e: httparse::Error) -> Refuse {
             "the request has more than 100 header fields",
         ),
         httparse::Error::Version => Refuse::bad_framing("only HTTP/1.0 and HTTP/1.1 are served here"),
-        e => Refuse::bad_framing(&format!("the request head does not parse: {e}")),
+        e => Refuse::bad_framing(format!("the request head does not parse: {e}")),
     }
 }
 

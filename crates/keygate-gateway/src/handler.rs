@@ -109,28 +109,53 @@ impl IpText {
     }
 }
 
-/// A refusal: the status, a stable code, a message, and how to say it.
+/// A refusal: the status, a stable code, a message, and how to say it. The common refusals are
+/// made of static text, so refusing costs about as little as forwarding.
 #[derive(Debug)]
 pub(crate) struct Refuse {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
-    message: String,
-    www_authenticate: Option<String>,
+    message: Cow<'static, str>,
+    www_authenticate: Option<Cow<'static, str>>,
     close: bool,
     retry_after: Option<u64>,
 }
 
+/// An RFC 6750 §3 `invalid_token` challenge with a fixed description.
+macro_rules! invalid_token_challenge {
+    ($description:literal) => {
+        concat!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"", $description, "\"")
+    };
+}
+
 impl Refuse {
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self { status, code, message: message.into(), www_authenticate: None, close: false, retry_after: None }
     }
-    pub(crate) fn bad_framing(message: &str) -> Self {
+    pub(crate) fn bad_framing(message: impl Into<Cow<'static, str>>) -> Self {
         Self { close: true, ..Self::new(StatusCode::BAD_REQUEST, "bad_request", message) }
     }
     /// RFC 6750 §3: 401 with `error="invalid_token"`.
-    fn invalid_token(code: &'static str, message: &str) -> Self {
-        let challenge = format!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"{message}\"");
-        Self { www_authenticate: Some(challenge), ..Self::new(StatusCode::UNAUTHORIZED, code, message) }
+    fn invalid_token(refusal: Refusal) -> Self {
+        let (code, message, challenge) = match refusal {
+            Refusal::Malformed(_) => (
+                "malformed_token",
+                "the token is malformed (wrong prefix, length or checksum)",
+                invalid_token_challenge!("the token is malformed (wrong prefix, length or checksum)"),
+            ),
+            Refusal::Unknown => (
+                "unknown_token",
+                "the token is not valid: unknown or revoked",
+                invalid_token_challenge!("the token is not valid: unknown or revoked"),
+            ),
+            Refusal::Suspended => {
+                ("token_suspended", "the token is suspended", invalid_token_challenge!("the token is suspended"))
+            }
+            Refusal::Expired => {
+                ("token_expired", "the token has expired", invalid_token_challenge!("the token has expired"))
+            }
+        };
+        Self { www_authenticate: Some(challenge.into()), ..Self::new(StatusCode::UNAUTHORIZED, code, message) }
     }
 
     /// Whether the connection must close after this refusal.
@@ -140,11 +165,19 @@ impl Refuse {
 
     /// The JSON answer: `{"error": {"code", "message"}}`.
     pub(crate) fn answer(&self) -> Answer {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}}).to_string();
+        let mut body = Vec::with_capacity(48 + self.code.len() + self.message.len());
+        body.extend_from_slice(b"{\"error\":{\"code\":\"");
+        body.extend_from_slice(self.code.as_bytes());
+        body.extend_from_slice(b"\",\"message\":");
+        let _ = serde_json::to_writer(&mut body, &*self.message);
+        body.extend_from_slice(b"}}");
         let mut a = Answer::json(self.status, body).header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(w) = &self.www_authenticate
-            && let Ok(v) = HeaderValue::from_str(w)
-        {
+        let challenge = match &self.www_authenticate {
+            Some(Cow::Borrowed(w)) => Some(HeaderValue::from_static(w)),
+            Some(Cow::Owned(w)) => HeaderValue::from_str(w).ok(),
+            None => None,
+        };
+        if let Some(v) = challenge {
             a.headers.push((header::WWW_AUTHENTICATE, v));
         }
         if let Some(s) = self.retry_after {
@@ -419,7 +452,7 @@ impl Gateway {
         }
         let Some(presented) = credential(head) else {
             let r = Refuse {
-                www_authenticate: Some("Bearer realm=\"keygate\"".into()),
+                www_authenticate: Some(Cow::Borrowed("Bearer realm=\"keygate\"")),
                 ..Refuse::new(
                     StatusCode::UNAUTHORIZED,
                     "missing_token",
@@ -428,17 +461,8 @@ impl Gateway {
             };
             return Err(fail(route, None, r));
         };
-        let token = self.index.verify(presented, now).map_err(|e| {
-            let (code, msg) = match e {
-                Refusal::Malformed(_) => {
-                    ("malformed_token", "the token is malformed (wrong prefix, length or checksum)")
-                }
-                Refusal::Unknown => ("unknown_token", "the token is not valid: unknown or revoked"),
-                Refusal::Suspended => ("token_suspended", "the token is suspended"),
-                Refusal::Expired => ("token_expired", "the token has expired"),
-            };
-            fail(route, None, Refuse::invalid_token(code, msg))
-        })?;
+        let token =
+            self.index.verify(presented, now).map_err(|e| fail(route, None, Refuse::invalid_token(e)))?;
         let ip = client_ip(conn.remote, head, &self.settings.trusted_proxies);
         let caller = Caller { token, ip };
         if !caller.token.allows_ip(ip) {
@@ -453,7 +477,7 @@ impl Gateway {
                 "Bearer realm=\"keygate\", error=\"insufficient_scope\", error_description=\"this request needs the scope {scope}\", scope=\"{scope}\""
             );
             let r = Refuse {
-                www_authenticate: Some(challenge),
+                www_authenticate: Some(challenge.into()),
                 ..Refuse::new(
                     StatusCode::FORBIDDEN,
                     "insufficient_scope",

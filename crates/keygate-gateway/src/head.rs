@@ -28,49 +28,40 @@ pub struct Known {
     pub forwarded_for: bool,
 }
 
-/// Lowercases an ASCII header name into `out`; `None` if it is longer than `out`.
-fn lower<'b>(name: &[u8], out: &'b mut [u8; 32]) -> Option<&'b [u8]> {
-    let dst = out.get_mut(..name.len())?;
-    for (d, s) in dst.iter_mut().zip(name) {
-        *d = s.to_ascii_lowercase();
-    }
-    Some(dst)
-}
-
 impl Known {
-    /// One pass over the fields. `api_key` is the configured API-key header, if any.
+    /// One pass over the fields. `api_key` is the configured API-key header, if any. Names are
+    /// told apart by length first, so most fields cost one comparison.
     pub fn classify(fields: &[Field<'_>], api_key: Option<&HeaderName>) -> Self {
         let mut k = Known::default();
-        let mut buf = [0u8; 32];
+        let key = api_key.map(|h| h.as_str().as_bytes());
         for (i, f) in fields.iter().enumerate() {
             let at = u16::try_from(i).ok();
-            // Names longer than any we look for are skipped without lowercasing.
-            let Some(name) = lower(f.name.as_bytes(), &mut buf) else { continue };
-            match name {
-                b"host" => {
+            let name = f.name.as_bytes();
+            let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+            match name.len() {
+                4 if is("host") => {
                     k.hosts = k.hosts.saturating_add(1);
                     k.host = k.host.or(at);
                 }
-                b"authorization" => k.authorization = k.authorization.or(at),
-                b"origin" => k.origin = k.origin.or(at),
-                b"access-control-request-method" => k.access_control_request_method = true,
-                b"content-length" => {
+                6 if is("origin") => k.origin = k.origin.or(at),
+                6 if is("expect") => k.expect_continue |= f.value.eq_ignore_ascii_case(b"100-continue"),
+                7 if is("upgrade") => k.upgrade = true,
+                10 if is("connection") => k.connection = true,
+                13 if is("authorization") => k.authorization = k.authorization.or(at),
+                14 if is("content-length") => {
                     k.content_lengths = k.content_lengths.saturating_add(1);
                     k.content_length = k.content_length.or(at);
                 }
-                b"transfer-encoding" => {
+                15 if is("x-forwarded-for") => k.forwarded_for = true,
+                17 if is("transfer-encoding") => {
                     k.transfer_encodings = k.transfer_encodings.saturating_add(1);
                     k.transfer_encoding = k.transfer_encoding.or(at);
                 }
-                b"connection" => k.connection = true,
-                b"upgrade" => k.upgrade = true,
-                b"expect" => k.expect_continue |= f.value.eq_ignore_ascii_case(b"100-continue"),
-                b"x-forwarded-for" => k.forwarded_for = true,
-                _ => {
-                    if api_key.is_some_and(|h| h.as_str().as_bytes() == name) {
-                        k.api_key = k.api_key.or(at);
-                    }
-                }
+                29 if is("access-control-request-method") => k.access_control_request_method = true,
+                _ => {}
+            }
+            if key.is_some_and(|key| name.eq_ignore_ascii_case(key)) {
+                k.api_key = k.api_key.or(at);
             }
         }
         k

@@ -703,7 +703,9 @@ pub async fn send<B: BodySource, S: HeadSink>(
     let mut head = HEAD_BUF.with(std::cell::Cell::take);
     head.clear();
     write_head(framing, &mut head);
-    upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+    if upstream.counts_in_flight {
+        upstream.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
     let deadline = tokio::time::Instant::now() + answer_timeout;
     let result = loop {
         let attempt = exchange(&mut conn.stream, &mut conn.buf, &head, body, framing, method, sink);
@@ -731,7 +733,9 @@ pub async fn send<B: BodySource, S: HeadSink>(
         }
     };
     HEAD_BUF.with(|c| c.set(head));
-    upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+    if upstream.counts_in_flight {
+        upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
     let (head, body_done) = result?;
     note_success(upstream);
     let mut framing = head.framing;
@@ -795,9 +799,13 @@ async fn exchange<B: BodySource, S: HeadSink>(
     }
 }
 
+/// Records an answer. Reads before it writes: on the usual path (healthy, no failures) both
+/// workers only read the upstream's counters, so its cache line is not moved between cores.
 pub fn note_success(u: &Upstream) {
-    u.failures.store(0, Ordering::Relaxed);
-    if !u.healthy.swap(true, Ordering::Relaxed) {
+    if u.failures.load(Ordering::Relaxed) != 0 {
+        u.failures.store(0, Ordering::Relaxed);
+    }
+    if !u.healthy.load(Ordering::Relaxed) && !u.healthy.swap(true, Ordering::Relaxed) {
         tracing::info!(upstream = %u.authority, "upstream is healthy again");
     }
 }

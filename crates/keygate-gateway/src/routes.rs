@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::Method;
@@ -21,7 +21,10 @@ pub struct Upstream {
     /// A path prefix the upstream URL carried (`http://h/api` → `/api`), or empty.
     pub base_path: String,
     pub healthy: AtomicBool,
+    /// Requests waiting for this upstream's answer; counted only where least-requests balancing
+    /// reads it (a counter both workers write costs every request a cache-line transfer).
     pub in_flight: AtomicU32,
+    pub counts_in_flight: bool,
     /// Consecutive failures seen by real requests and active checks.
     pub failures: AtomicU32,
     pub successes: AtomicU32,
@@ -52,6 +55,7 @@ impl Upstream {
             base_path: path.trim_end_matches('/').to_owned(),
             healthy: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
+            counts_in_flight: false,
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
         })
@@ -60,6 +64,11 @@ impl Upstream {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+}
+
+thread_local! {
+    /// Where round robin goes next, per worker thread.
+    static NEXT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// A compiled route.
@@ -76,7 +85,6 @@ pub struct Route {
     pub host: Option<String>,
     pub upstreams: Vec<Upstream>,
     pub balance: Balance,
-    next: AtomicUsize,
     pub public: bool,
     pub scopes: HashMap<Method, Scope>,
     pub default_scope: Option<Scope>,
@@ -102,9 +110,12 @@ impl Route {
     }
 
     /// Picks an upstream, skipping unhealthy ones (all unhealthy: try them anyway) and any in
-    /// `tried`.
+    /// `tried`. Round robin turns per worker thread, so the workers share no counter.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
         let n = self.upstreams.len();
+        if n == 1 {
+            return tried.is_empty().then_some(0);
+        }
         let candidates = |healthy_only: bool| {
             (0..n).filter(move |i| {
                 !tried.contains(i) && (!healthy_only || self.upstreams.get(*i).is_some_and(Upstream::is_healthy))
@@ -113,7 +124,11 @@ impl Route {
         let pick_from = |healthy_only: bool| -> Option<usize> {
             match self.balance {
                 Balance::RoundRobin => {
-                    let start = self.next.fetch_add(1, Ordering::Relaxed);
+                    let start = NEXT.with(|c| {
+                        let v = c.get();
+                        c.set(v.wrapping_add(1));
+                        v
+                    });
                     (0..n).map(|k| (start + k) % n).find(|i| candidates(healthy_only).any(|c| c == *i))
                 }
                 Balance::LeastRequests => candidates(healthy_only)
@@ -171,8 +186,13 @@ impl RouteTable {
             if raw_upstreams.is_empty() {
                 return Err(err("needs an upstream (or upstreams)".into()));
             }
-            let upstreams =
+            let mut upstreams =
                 raw_upstreams.iter().map(|u| Upstream::parse(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            if c.balance == Balance::LeastRequests {
+                for u in &mut upstreams {
+                    u.counts_in_flight = true;
+                }
+            }
             let mut scopes = HashMap::new();
             let mut default_scope = None;
             for (method, scope) in &c.scopes {
@@ -204,7 +224,6 @@ impl RouteTable {
                 host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 upstreams,
                 balance: c.balance,
-                next: AtomicUsize::new(0),
                 public: c.public,
                 scopes,
                 default_scope,
@@ -230,7 +249,6 @@ impl RouteTable {
                 host: None,
                 upstreams: Vec::new(),
                 balance: Balance::RoundRobin,
-                next: AtomicUsize::new(0),
                 public: false,
                 scopes: HashMap::new(),
                 default_scope: None,

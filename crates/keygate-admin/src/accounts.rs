@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Argon2, PasswordHash};
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keygate_core::account::{
@@ -21,6 +20,7 @@ use keygate_core::{Error, ErrorKind, Result, Timestamp};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::seal::Sealer;
 use crate::service::Admin;
 use crate::totp;
 
@@ -176,7 +176,7 @@ fn bad_credentials() -> Error {
 pub struct Accounts {
     admin: Arc<Admin>,
     settings: AccountSettings,
-    seal_key: LessSafeKey,
+    sealer: Sealer,
     /// The first-run setup code's hash, while no account exists.
     setup_code: Mutex<Option<SecretHash>>,
     throttle: Throttle,
@@ -225,10 +225,7 @@ fn check_name(name: &str) -> Result<String> {
 
 impl Accounts {
     pub fn new(admin: Arc<Admin>, settings: AccountSettings) -> Result<Self> {
-        let key = admin.derive_key("dashboard totp seal v1");
-        let seal_key = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &key).map_err(|_| Error::internal("cannot build the sealing key"))?,
-        );
+        let sealer = Sealer::new(&admin, "dashboard totp seal v1")?;
         let mut salt = [0u8; 16];
         admin.random(&mut salt)?;
         let dummy_hash = hash_password_now(&URL_SAFE_NO_PAD.encode(salt), &salt)?;
@@ -236,7 +233,7 @@ impl Accounts {
         Ok(Self {
             admin,
             settings,
-            seal_key,
+            sealer,
             setup_code: Mutex::new(None),
             throttle: Throttle::default(),
             dummy_hash,
@@ -554,31 +551,11 @@ impl Accounts {
     // ---- two-factor enrolment ---------------------------------------------------------------
 
     fn seal(&self, user: &UserId, secret: &[u8]) -> Result<Vec<u8>> {
-        let mut nonce = [0u8; NONCE_LEN];
-        self.admin.random(&mut nonce)?;
-        let mut data = secret.to_vec();
-        self.seal_key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(user.as_str().as_bytes()),
-                &mut data,
-            )
-            .map_err(|_| Error::internal("sealing failed"))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&data);
-        Ok(out)
+        self.sealer.seal(&self.admin, user.as_str(), secret)
     }
 
     fn unseal(&self, user: &User, sealed: &[u8]) -> Result<Vec<u8>> {
-        let (nonce, data) =
-            sealed.split_at_checked(NONCE_LEN).ok_or_else(|| Error::internal("sealed secret too short"))?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
-        let mut data = data.to_vec();
-        let plain = self
-            .seal_key
-            .open_in_place(nonce, Aad::from(user.id.as_str().as_bytes()), &mut data)
-            .map_err(|_| Error::internal("the two-factor secret cannot be opened: was the pepper changed?"))?;
-        Ok(plain.to_vec())
+        self.sealer.open(user.id.as_str(), sealed, "the two-factor secret")
     }
 
     /// Starts enrolment: a new secret, sealed and stored (not active until confirmed). Returns

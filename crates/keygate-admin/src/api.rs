@@ -6,6 +6,7 @@ mod dto;
 mod error;
 mod extract;
 mod misc;
+mod oauth;
 mod tokens;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AdminState {
     pub admin: Arc<Admin>,
+    pub oauth: Arc<crate::oauth::OAuth>,
 }
 
 #[derive(OpenApi)]
@@ -47,6 +49,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "apps", description = "Apps: the API consumers that hold tokens"),
         (name = "plans", description = "Plans and the scope catalog"),
         (name = "audit", description = "The audit trail"),
+        (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
         (name = "system", description = "Health")
     )
 )]
@@ -88,6 +91,10 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(misc::put_scope, misc::delete_scope))
         .routes(routes!(misc::list_audit_events))
         .routes(routes!(misc::health))
+        .routes(routes!(oauth::create_client, oauth::get_client))
+        .routes(routes!(oauth::rotate_client_secret))
+        .routes(routes!(oauth::list_keys))
+        .routes(routes!(oauth::rotate_keys))
         .split_for_parts()
 }
 

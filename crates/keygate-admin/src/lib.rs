@@ -6,6 +6,8 @@ pub mod accounts;
 pub mod api;
 pub mod catalog;
 pub mod dashboard;
+pub mod oauth;
+pub mod seal;
 pub mod service;
 pub mod totp;
 

@@ -48,6 +48,8 @@ pub struct NewToken {
     pub rate_limit: Option<RateLimit>,
     pub quota: Option<Quota>,
     pub metadata: Option<Map<String, Value>>,
+    /// Binds the token to a DPoP key: the key's RFC 7638 thumbprint.
+    pub dpop_jkt: Option<String>,
 }
 
 /// Changes to a token, applied without reissuing it. `None`: unchanged; `Some(None)`: cleared.
@@ -61,6 +63,7 @@ pub struct TokenUpdate {
     pub rate_limit: Option<Option<RateLimit>>,
     pub quota: Option<Option<Quota>>,
     pub metadata: Option<Map<String, Value>>,
+    pub dpop_jkt: Option<Option<String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -219,6 +222,11 @@ impl Admin {
     /// Fills `dest` from the configured CSPRNG.
     pub fn random(&self, dest: &mut [u8]) -> Result<()> {
         self.rng.fill(dest)
+    }
+
+    /// The configured CSPRNG.
+    pub fn rng(&self) -> &dyn Randomness {
+        &*self.rng
     }
 
     /// A random base62 string of `len` characters from the configured CSPRNG.
@@ -472,7 +480,12 @@ impl Admin {
     }
 
     /// Checks granted scopes against the workspace's catalog (when it has one) and the app's plan.
-    async fn check_scopes_allowed(&self, ws: &WorkspaceId, app: &App, scopes: &[Scope]) -> Result<Option<Plan>> {
+    pub(crate) async fn check_scopes_allowed(
+        &self,
+        ws: &WorkspaceId,
+        app: &App,
+        scopes: &[Scope],
+    ) -> Result<Option<Plan>> {
         let catalog = self.store.list_scopes(ws).await?;
         if !catalog.is_empty() {
             for s in scopes {
@@ -563,6 +576,7 @@ impl Admin {
             rate_limit,
             quota,
             metadata: validate_metadata(new.metadata.unwrap_or_default())?,
+            dpop_jkt: new.dpop_jkt.map(|j| validate_jkt(&j)).transpose()?,
             created_at: now,
             updated_at: now,
             last_used_at: None,
@@ -672,6 +686,9 @@ impl Admin {
             }
             if let Some(m) = update.metadata {
                 t.metadata = validate_metadata(m)?;
+            }
+            if let Some(j) = &update.dpop_jkt {
+                t.dpop_jkt = j.as_deref().map(validate_jkt).transpose()?;
             }
             Ok(())
         })
@@ -986,6 +1003,18 @@ fn validate_text(text: &str, what: &str, max: usize) -> Result<String> {
         ));
     }
     Ok(text.to_owned())
+}
+
+/// A DPoP key thumbprint (RFC 7638): 43 base64url characters (a SHA-256).
+fn validate_jkt(jkt: &str) -> Result<String> {
+    let ok = jkt.len() == 43 && jkt.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(Error::invalid(
+            "invalid_dpop_jkt",
+            "dpop_jkt must be the RFC 7638 thumbprint of the client's DPoP key: 43 base64url characters",
+        ));
+    }
+    Ok(jkt.to_owned())
 }
 
 fn validate_metadata(m: Map<String, Value>) -> Result<Map<String, Value>> {

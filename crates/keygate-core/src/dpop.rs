@@ -180,6 +180,38 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof
     Ok(VerifiedProof { jkt, jti, iat, replay_until })
 }
 
+/// Remembers the `jti`s of proofs (and other one-time JWTs, such as client assertions) until
+/// they would be refused as expired anyway, so each is accepted once. Bounded: when full, it
+/// forgets expired entries first and then refuses new ones (a flood cannot grow it forever, nor
+/// make it forget a live `jti`).
+pub struct ReplayCache {
+    seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    capacity: usize,
+}
+
+impl ReplayCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { seen: std::sync::Mutex::new(std::collections::HashMap::new()), capacity }
+    }
+
+    /// Records `key` until `until` (seconds); `false` if it was already there (a replay) or the
+    /// cache is full of live entries.
+    pub fn first_use(&self, key: &str, until: i64, now: i64) -> bool {
+        let Ok(mut seen) = self.seen.lock() else { return false };
+        if seen.get(key).is_some_and(|exp| *exp >= now) {
+            return false;
+        }
+        if seen.len() >= self.capacity {
+            seen.retain(|_, exp| *exp >= now);
+            if seen.len() >= self.capacity {
+                return false;
+            }
+        }
+        seen.insert(key.to_owned(), until);
+        true
+    }
+}
+
 /// Keeps the precise reason from the JOSE layer in the message (its messages are static).
 fn proof_message(e: &Error) -> &'static str {
     match &e.message {

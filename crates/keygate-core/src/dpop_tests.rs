@@ -268,3 +268,17 @@ fn codes_map_to_oauth_errors() {
     }
     assert_eq!(oauth_error(crate::jose::TOKEN_EXPIRED), "invalid_token");
 }
+
+#[test]
+fn the_replay_cache_accepts_each_jti_once_and_stays_bounded() {
+    let c = ReplayCache::new(2);
+    assert!(c.first_use("a", 100, 10));
+    assert!(!c.first_use("a", 100, 50), "a replay inside the window");
+    assert!(c.first_use("b", 20, 10));
+    assert!(!c.first_use("c", 200, 15), "full of live entries: refused, nothing forgotten");
+    assert!(c.first_use("c", 200, 25), "b expired and made room");
+    let c = ReplayCache::new(4);
+    assert!(c.first_use("b", 20, 10));
+    assert!(!c.first_use("b", 40, 20));
+    assert!(c.first_use("b", 300, 30), "an expired jti may come again");
+}

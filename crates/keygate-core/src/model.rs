@@ -116,6 +116,9 @@ pub struct TokenRecord {
     pub replaced_by: Option<TokenId>,
     /// When the token was found somewhere it should not be (a URL, a scanned file).
     pub exposed_at: Option<Timestamp>,
+    /// The RFC 7638 thumbprint of the DPoP key the token is bound to (RFC 9449): a request with
+    /// it must carry a DPoP proof signed by that key, so a leaked copy alone is useless.
+    pub dpop_jkt: Option<String>,
     /// Bumped by every change; updates carry the version they read (optimistic concurrency).
     pub version: i64,
 }
@@ -155,6 +158,7 @@ impl TokenRecord {
             "replaced_by": self.replaced_by,
             "rotated_from": self.rotated_from,
             "exposed_at": self.exposed_at,
+            "dpop_jkt": self.dpop_jkt,
         })
     }
 }
@@ -194,10 +198,12 @@ pub enum Permission {
     PlansRead,
     PlansWrite,
     AuditRead,
+    /// Rotate the instance's OAuth signing keys (root keys of the default workspace only).
+    KeysWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 7] = [
+    pub const ALL: [Permission; 8] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -205,6 +211,7 @@ impl Permission {
         Self::PlansRead,
         Self::PlansWrite,
         Self::AuditRead,
+        Self::KeysWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -216,6 +223,7 @@ impl Permission {
             Self::PlansRead => "plans:read",
             Self::PlansWrite => "plans:write",
             Self::AuditRead => "audit:read",
+            Self::KeysWrite => "keys:write",
         }
     }
 

@@ -321,6 +321,9 @@ pub trait OAuthStore: Send + Sync {
     /// Records an issued access token; one of a revoked family is refused like a refresh token.
     async fn insert_access_token(&self, token: &AccessTokenRecord) -> Result<()>;
     async fn access_token(&self, jti: &str) -> Result<Option<AccessTokenRecord>>;
+    /// The access tokens issued from a refresh-token family, oldest first (the service revokes
+    /// the opaque ones with the family).
+    async fn access_tokens_of_family(&self, family_id: &str) -> Result<Vec<AccessTokenRecord>>;
     /// Revokes the token and publishes its `jti` on the change feed. `false`, with nothing written
     /// (no audit event either), if it is unknown or already revoked.
     async fn revoke_access_token(&self, jti: &str, now: Timestamp, audit: &NewAuditEvent) -> Result<bool>;

@@ -126,6 +126,7 @@ fn record(i: usize, minted: &MintedToken, pepper: &Pepper, tenants: &Tenants) ->
         rotated_from: None,
         replaced_by: None,
         exposed_at: None,
+        dpop_jkt: None,
         version: 1,
     }
 }

@@ -25,6 +25,8 @@ pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> R
     }
     index.shrink_to_fit();
     index.set_seq(snapshot.seq);
+    index.revoke_jtis(store.revoked_jtis(clock.now()).await?.into_iter().map(|r| (r.jti, r.expires_at)));
+    index.set_jti_seq(snapshot.seq);
     catch_up(index, store).await
 }
 
@@ -32,6 +34,18 @@ pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> R
 /// take turns: a batch read before a commit is applied before a batch read after it.
 pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
     let _turn = index.apply_lock().await;
+    // JWT revocations share the feed's sequence but have their own position (each stream has
+    // gaps where the other's entries are).
+    loop {
+        let revoked = store.revocations_since(index.jti_seq(), BATCH).await?;
+        let Some(last) = revoked.last().map(|r| r.seq) else { break };
+        let n = revoked.len();
+        index.revoke_jtis(revoked.into_iter().map(|r| (r.jti, r.expires_at)));
+        index.set_jti_seq(last);
+        if n < BATCH as usize {
+            break;
+        }
+    }
     loop {
         let changes = store.changes_since(index.seq(), BATCH).await?;
         let Some(last) = changes.last().map(|c| c.seq) else {

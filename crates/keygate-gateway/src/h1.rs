@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::answer::{AnswerExtra, connection_field, line, status_line};
 use crate::body::{BodySource, BodyState, BodyTooLarge, BoxError};
-use crate::handler::{ConnInfo, Decision, Gateway, Outcome, Refuse, Table};
+use crate::handler::{ConnInfo, Decision, Gateway, LocalService, MAX_LOCAL_BODY, Outcome, Refuse, Table};
 use crate::head::{Field, Known, ReqHead, split_target};
 use crate::proxy::{BadField, Chunked, HeadSink, Step, UpstreamResponseBody, step_chunked};
 use crate::timer::{Deadline, Shutdown};
@@ -382,8 +382,7 @@ where
         }
     };
     let mut extra = AnswerExtra::default();
-    let (route, caller, path) = match gw.decide(table, info, &head, now, &mut extra) {
-        Decision::Forward { route, caller, path } => (route, caller, path),
+    let decided = match gw.decide(table, info, &head, now, &mut extra) {
         Decision::Answer { answer, refusal, route, caller } => {
             // A body nobody read: skip it if it is all here, else end the connection after.
             keep &= !answer.close && !shutdown.is_set() && skip_body(&framing, body_buf);
@@ -401,9 +400,34 @@ where
             r?;
             return Ok(Served::Done(keep));
         }
+        other => other,
     };
     let upgrade = head.known.upgrade && head.known.connection;
     let state = BodyState::default();
+    let (route, caller, path) = match decided {
+        Decision::Forward { route, caller, path } => (route, caller, path),
+        Decision::Local(service) => {
+            let r = local(
+                &*service,
+                &head,
+                info,
+                framing,
+                rd,
+                wr,
+                body_buf,
+                out,
+                &state,
+                client_11,
+                keep && !shutdown.is_set(),
+            )
+            .await;
+            let status = r.as_ref().map_or(500, |(s, _)| *s);
+            let o = Outcome { status, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
+            gw.record(table, None, None, &o, gw.line(&head.method, head.path).as_ref());
+            return r.map(|(_, keep)| Served::Done(keep));
+        }
+        Decision::Answer { .. } => return Ok(Served::Done(false)),
+    };
     let has_body = !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
     if !has_body {
         state.finished.store(true, Ordering::Relaxed);
@@ -465,6 +489,99 @@ where
     let o = Outcome { status: status.as_u16(), bytes_in, bytes_out: sent, start, now };
     gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
     result.map(|()| Served::Done(keep))
+}
+
+/// Serves a request for one of keygate's own services (the OAuth endpoints): its body is read
+/// whole (at most [`MAX_LOCAL_BODY`]), the service answers, the answer goes out whole.
+/// Returns the status and whether the connection can take another request.
+#[allow(clippy::too_many_arguments)]
+async fn local<R, W>(
+    service: &dyn LocalService,
+    head: &ReqHead<'_>,
+    info: ConnInfo,
+    framing: BodyFraming,
+    rd: &mut R,
+    wr: &mut W,
+    body_buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    state: &BodyState,
+    client_11: bool,
+    mut keep: bool,
+) -> io::Result<(u16, bool)>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let expect =
+        head.known.expect_continue && client_11 && !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
+    let mut body = ClientBody {
+        rd,
+        buf: body_buf,
+        framing,
+        limit: MAX_LOCAL_BODY,
+        state,
+        continue_to: if expect { Some(&mut *wr) } else { None },
+    };
+    let mut bytes = Vec::new();
+    let mut failed = false;
+    while let Some(piece) = body.data().await {
+        match piece {
+            Ok(d) => bytes.extend_from_slice(&d),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    out.clear();
+    if failed {
+        let r = if state.too_large.load(Ordering::Relaxed) {
+            Refuse::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "this endpoint takes bodies up to 64 KiB")
+        } else {
+            Refuse::bad_framing("the request body is malformed")
+        };
+        r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), out);
+        wr.write_all(out).await?;
+        return Ok((r.status.as_u16(), false));
+    }
+    let mut req = http::Request::new(Bytes::from(bytes));
+    *req.method_mut() = head.method.clone();
+    let target = match head.query {
+        Some(q) => format!("{}?{q}", head.path),
+        None => head.path.to_owned(),
+    };
+    if let Ok(uri) = target.parse() {
+        *req.uri_mut() = uri;
+    }
+    for f in head.fields {
+        if let (Ok(k), Ok(v)) =
+            (http::HeaderName::from_bytes(f.name.as_bytes()), http::HeaderValue::from_bytes(f.value))
+        {
+            req.headers_mut().append(k, v);
+        }
+    }
+    let resp = service.call(req, info.remote).await;
+    let status = resp.status();
+    keep &= state.finished.load(Ordering::Relaxed);
+    status_line(out, status);
+    crate::answer::date_line(out);
+    for (k, v) in resp.headers() {
+        if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING && k != http::header::CONNECTION {
+            line(out, k.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+    if let Some(c) = connection_field(keep, client_11) {
+        line(out, b"connection", c.as_bytes());
+    }
+    let body = resp.into_body();
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    if head.method != Method::HEAD {
+        out.extend_from_slice(&body);
+    }
+    wr.write_all(out).await?;
+    Ok((status.as_u16(), keep))
 }
 
 /// Answers a request whose head could not be used, and ends the connection.

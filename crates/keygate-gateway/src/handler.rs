@@ -18,7 +18,9 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use keygate_core::dpop::{self, ProofCheck, ReplayCache};
 use keygate_core::policy::GcraDecision;
+use keygate_core::scope::Scope;
 use keygate_core::secret::TokenSecret;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use keygate_core::{Clock, Timestamp};
@@ -27,6 +29,7 @@ use crate::answer::{Answer, AnswerExtra};
 use crate::body::{BodySource, BodyState, GatewayBody, OnComplete, UpstreamBody};
 use crate::head::{self, Known, ReqHead};
 use crate::index::{IndexedToken, Refusal, TokenIndex};
+use crate::jwt::{JwtIdentity, JwtRefusal, JwtVerifier, looks_like_jwt};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Answered, HeadSink, MapSink, RequestFraming, UpstreamError};
@@ -72,7 +75,32 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     pub settings: Settings,
     pub reporter: Option<Arc<dyn ExposureReporter>>,
+    /// JWT access tokens: keygate's own and configured issuers'. `None`: API keys only.
+    pub jwt: Option<JwtVerifier>,
+    /// Requests keygate answers itself on this listener (the OAuth endpoints).
+    pub local: Option<Arc<dyn LocalService>>,
+    /// DPoP proofs seen at the gateway, each accepted once (RFC 9449 §11.1).
+    pub dpop_replay: ReplayCache,
 }
+
+/// Requests keygate answers itself on the gateway listener, with the whole (small) body read:
+/// its OAuth endpoints, served by the control plane.
+pub trait LocalService: Send + Sync {
+    /// Whether `path` (normalized) is one of them.
+    fn serves(&self, path: &str) -> bool;
+    fn call(
+        &self,
+        req: Request<Bytes>,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Bytes>> + Send>>;
+}
+
+/// The largest body read for a [`LocalService`].
+pub const MAX_LOCAL_BODY: u64 = 64 * 1024;
+
+/// How long a DPoP proof is accepted after its `iat`, and the clock skew allowed, in seconds.
+const DPOP_MAX_AGE_S: u32 = 300;
+const DPOP_LEEWAY_S: u32 = 30;
 
 /// The connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +186,26 @@ impl Refuse {
         Self { www_authenticate: Some(challenge.into()), ..Self::new(StatusCode::UNAUTHORIZED, code, message) }
     }
 
+    /// A JWT refused (RFC 6750 §3 `invalid_token`).
+    fn jwt(r: JwtRefusal) -> Self {
+        let challenge =
+            format!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"{}\"", r.message());
+        Self { www_authenticate: Some(challenge.into()), ..Self::new(StatusCode::UNAUTHORIZED, r.code(), r.message()) }
+    }
+
+    /// A DPoP failure (RFC 9449 §7.1): 401 with a `DPoP` challenge naming the error.
+    fn dpop(code: &'static str, message: &str) -> Self {
+        let error = if code == "invalid_token" { "invalid_token" } else { "invalid_dpop_proof" };
+        let challenge = format!(
+            "DPoP algs=\"EdDSA ES256\", error=\"{error}\", error_description=\"{}\"",
+            message.replace('"', "'")
+        );
+        Self {
+            www_authenticate: Some(challenge.into()),
+            ..Self::new(StatusCode::UNAUTHORIZED, code, message.to_owned())
+        }
+    }
+
     /// Whether the connection must close after this refusal.
     pub(crate) fn closes(&self) -> bool {
         self.close
@@ -215,14 +263,32 @@ fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
     Ok(())
 }
 
-/// The credential: `Authorization: Bearer …` or the configured API-key header.
-fn credential<'a>(head: &ReqHead<'a>) -> Option<&'a str> {
+/// How the credential came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Bearer,
+    /// `Authorization: DPoP`, with a `DPoP` proof (RFC 9449 §7.1).
+    Dpop,
+    /// The configured API-key header.
+    ApiKey,
+}
+
+/// The credential: `Authorization: Bearer …`, `Authorization: DPoP …` or the configured API-key
+/// header.
+fn credential<'a>(head: &ReqHead<'a>) -> Option<(Scheme, &'a str)> {
     if let Some(v) = head.at(head.known.authorization) {
         let v = std::str::from_utf8(v).ok()?;
         let (scheme, rest) = v.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim());
+        let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+            Scheme::Bearer
+        } else if scheme.eq_ignore_ascii_case("dpop") {
+            Scheme::Dpop
+        } else {
+            return None;
+        };
+        return Some((scheme, rest.trim()));
     }
-    head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim)
+    head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(|v| (Scheme::ApiKey, v.trim()))
 }
 
 /// A well-formed token anywhere in the query string, in any parameter.
@@ -264,10 +330,52 @@ fn ceil_secs_us(us: i64) -> u64 {
     u64::try_from((us + 999_999) / 1_000_000).unwrap_or(0)
 }
 
+/// Who a request comes from.
+pub(crate) enum Identity {
+    /// An API key (or an opaque OAuth access token), from the token index.
+    Key(Arc<IndexedToken>),
+    /// A JWT access token.
+    Jwt(Arc<JwtIdentity>),
+}
+
 /// What was decided about an authenticated request, carried to metering.
 pub(crate) struct Caller {
-    pub(crate) token: Arc<IndexedToken>,
+    pub(crate) who: Identity,
     pub(crate) ip: IpAddr,
+}
+
+impl Caller {
+    fn has_scope(&self, s: &Scope) -> bool {
+        match &self.who {
+            Identity::Key(t) => t.has_scope(s),
+            Identity::Jwt(j) => j.has_scope(s),
+        }
+    }
+    fn dpop_jkt(&self) -> Option<&str> {
+        match &self.who {
+            Identity::Key(t) => t.dpop_jkt(),
+            Identity::Jwt(j) => j.jkt.as_deref(),
+        }
+    }
+    fn allows_ip(&self, ip: IpAddr) -> bool {
+        match &self.who {
+            Identity::Key(t) => t.allows_ip(ip),
+            Identity::Jwt(_) => true,
+        }
+    }
+    /// The key of per-caller limiter state.
+    fn limit_key(&self) -> &[u8; PUBLIC_ID_LEN] {
+        match &self.who {
+            Identity::Key(t) => t.public_id(),
+            Identity::Jwt(j) => &j.limit_key,
+        }
+    }
+    fn scopes(&self) -> &[Scope] {
+        match &self.who {
+            Identity::Key(t) => &t.scopes,
+            Identity::Jwt(j) => &j.scopes,
+        }
+    }
 }
 
 /// What to do with a request.
@@ -277,6 +385,8 @@ pub(crate) enum Decision<'t, 'h> {
     /// keygate answers itself: a refusal (with its code, for the refusal metrics), a CORS
     /// preflight, the demo route.
     Answer { answer: Answer, refusal: Option<&'static str>, route: Option<&'t Route>, caller: Option<Caller> },
+    /// A request for one of keygate's own services on this listener (the OAuth endpoints).
+    Local(Arc<dyn LocalService>),
 }
 
 /// Method and path, for the access log.
@@ -318,6 +428,25 @@ impl Gateway {
                 let o = Outcome { status: answer.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
                 self.finish_own(&table, refusal, route, caller.as_ref(), &o, &head);
                 return answer.into_response(&extra);
+            }
+            Decision::Local(service) => {
+                let limited = http_body_util::Limited::new(body, usize::try_from(MAX_LOCAL_BODY).unwrap_or(usize::MAX));
+                let Ok(collected) = http_body_util::BodyExt::collect(limited).await else {
+                    let r = Refuse::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        "this endpoint takes bodies up to 64 KiB",
+                    );
+                    return r.answer().into_response(&extra);
+                };
+                let mut req = Request::new(collected.to_bytes());
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.headers_mut() = parts.headers.clone();
+                let resp = service.call(req, conn.remote).await;
+                let o = Outcome { status: resp.status().as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+                self.record(&table, None, None, &o, self.line(&head.method, head.path).as_ref());
+                return resp.map(GatewayBody::full);
             }
         };
         let state = Arc::new(BodyState::default());
@@ -371,6 +500,9 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Decision<'t, 'h> {
+        if let Err(r) = check_framing(head) {
+            return Decision::Answer { answer: r.answer(), refusal: Some(r.code), route: None, caller: None };
+        }
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
@@ -396,6 +528,12 @@ impl Gateway {
                 return Decision::Answer { answer, refusal, route: Some(route), caller: None };
             }
         }
+        if let Some(local) = &self.local
+            && let Ok(path) = normalize_path(head.path)
+            && local.serves(&path)
+        {
+            return Decision::Local(local.clone());
+        }
         match self.admit(table, conn, head, now, extra) {
             Ok((route, caller, path)) if route.demo => {
                 let answer = demo_echo(head, caller.as_ref(), &self.index);
@@ -420,7 +558,6 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Result<(&'t Route, Option<Caller>, Cow<'h, str>), (Option<&'t Route>, Option<Caller>, Refuse)> {
-        check_framing(head).map_err(|r| (None, None, r))?;
         let path = normalize_path(head.path)
             .map_err(|e| (None, None, Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())))?;
         let Some(route) = table.routes.find(head.host(), &path) else {
@@ -450,7 +587,7 @@ impl Gateway {
         if route.public {
             return Ok((route, None, path));
         }
-        let Some(presented) = credential(head) else {
+        let Some((scheme, presented)) = credential(head) else {
             let r = Refuse {
                 www_authenticate: Some(Cow::Borrowed("Bearer realm=\"keygate\"")),
                 ..Refuse::new(
@@ -461,17 +598,26 @@ impl Gateway {
             };
             return Err(fail(route, None, r));
         };
-        let token =
-            self.index.verify(presented, now).map_err(|e| fail(route, None, Refuse::invalid_token(e)))?;
+        let who = if looks_like_jwt(presented) {
+            let Some(verifier) = &self.jwt else {
+                return Err(fail(route, None, Refuse::jwt(JwtRefusal::UnknownIssuer)));
+            };
+            Identity::Jwt(verifier.verify(presented, now, &self.index).map_err(|e| fail(route, None, Refuse::jwt(e)))?)
+        } else {
+            Identity::Key(self.index.verify(presented, now).map_err(|e| fail(route, None, Refuse::invalid_token(e)))?)
+        };
         let ip = client_ip(conn.remote, head, &self.settings.trusted_proxies);
-        let caller = Caller { token, ip };
-        if !caller.token.allows_ip(ip) {
+        let caller = Caller { who, ip };
+        if let Err(r) = self.check_dpop(head, &conn, scheme, presented, &caller, now) {
+            return Err(fail(route, Some(caller), r));
+        }
+        if !caller.allows_ip(ip) {
             let r =
                 Refuse::new(StatusCode::FORBIDDEN, "ip_not_allowed", format!("the token may not be used from {ip}"));
             return Err(fail(route, Some(caller), r));
         }
         if let Some(scope) = route.required_scope(&head.method)
-            && !caller.token.has_scope(scope)
+            && !caller.has_scope(scope)
         {
             let challenge = format!(
                 "Bearer realm=\"keygate\", error=\"insufficient_scope\", error_description=\"this request needs the scope {scope}\", scope=\"{scope}\""
@@ -486,7 +632,7 @@ impl Gateway {
             };
             return Err(fail(route, Some(caller), r));
         }
-        if let Some(r) = self.check_limits(table, route, &caller.token, now, extra) {
+        if let Some(r) = self.check_limits(table, route, &caller, now, extra) {
             return Err(fail(route, Some(caller), r));
         }
         if let Some(len) = head.at(head.known.content_length).and_then(parse_length)
@@ -502,25 +648,75 @@ impl Gateway {
         Ok((route, Some(caller), path))
     }
 
+    /// RFC 9449 §7: a token bound to a DPoP key must come as `Authorization: DPoP` with a proof
+    /// of that key for this request (method, URL, the token's hash), used once; a proof sent
+    /// with an unbound token must be valid too.
+    fn check_dpop(
+        &self,
+        head: &ReqHead<'_>,
+        conn: &ConnInfo,
+        scheme: Scheme,
+        token: &str,
+        caller: &Caller,
+        now: Timestamp,
+    ) -> Result<(), Refuse> {
+        let bound = caller.dpop_jkt();
+        if scheme != Scheme::Dpop {
+            return match bound {
+                Some(_) => Err(Refuse::dpop(
+                    "invalid_token",
+                    "this token is bound to a DPoP key: send it as Authorization: DPoP with a DPoP proof",
+                )),
+                None => Ok(()),
+            };
+        }
+        let mut proofs = head.all("dpop");
+        let (Some(proof), None) = (proofs.next(), proofs.next()) else {
+            return Err(Refuse::dpop("invalid_dpop_proof", "send exactly one DPoP header with the proof"));
+        };
+        let proof =
+            std::str::from_utf8(proof).map_err(|_| Refuse::dpop("invalid_dpop_proof", "the DPoP proof is not text"))?;
+        let htu = request_url(head, conn);
+        let now_s = now.as_millis() / 1000;
+        let check = ProofCheck {
+            method: head.method.as_str(),
+            uri: &htu,
+            now: now_s,
+            max_age: DPOP_MAX_AGE_S,
+            leeway: DPOP_LEEWAY_S,
+            access_token: Some(token),
+            expected_jkt: bound,
+            nonce: None,
+        };
+        let v = dpop::verify_proof(proof, &check).map_err(|e| Refuse::dpop(e.code, e.message.as_ref()))?;
+        if !self.dpop_replay.first_use(&format!("{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
+            return Err(Refuse::dpop("invalid_dpop_proof", "this DPoP proof was already used"));
+        }
+        Ok(())
+    }
+
     /// Token rate limit, route rate limit (it can only tighten) and quota; adds the limit headers.
     fn check_limits(
         &self,
         table: &Table,
         route: &Route,
-        token: &IndexedToken,
+        caller: &Caller,
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Option<Refuse> {
-        let id: &[u8; PUBLIC_ID_LEN] = token.public_id();
+        let id: &[u8; PUBLIC_ID_LEN] = caller.limit_key();
+        let token = match &caller.who {
+            Identity::Key(t) => Some(&**t),
+            Identity::Jwt(_) => None,
+        };
         let now_us = now.as_millis().saturating_mul(1000);
         let mut refused: Option<GcraDecision> = None;
-        for (name, scope, limit) in [("token", 0u32, token.rate_limit), ("route", route.limiter_key, route.rate_limit)]
-        {
+        let own = token.and_then(|t| t.rate_limit);
+        for (name, scope, limit) in [("token", 0u32, own), ("route", route.limiter_key, route.rate_limit)] {
             let Some(limit) = limit else { continue };
-            let d = if scope == 0 {
-                Limiter::check_cell(token.rate_state(), &limit, now_us)
-            } else {
-                self.limiter.check_rate(id, scope, &limit, now_us)
+            let d = match token {
+                Some(t) if scope == 0 => Limiter::check_cell(t.rate_state(), &limit, now_us),
+                _ => self.limiter.check_rate(id, scope, &limit, now_us),
             };
             extra.limit(name, limit.capacity(), u64::from(limit.per_seconds), d.remaining, ceil_secs_us(d.reset_after));
             table.metrics.limiter(d.allowed);
@@ -539,7 +735,7 @@ impl Gateway {
                 )
             });
         }
-        if let Some(q) = token.quota {
+        if let Some(q) = token.and_then(|t| t.quota) {
             let d = self.limiter.check_quota(id, &q, now.as_millis());
             let (start, end) = q.period.window(now.as_millis());
             let window_s = if end == i64::MAX { 0 } else { u64::try_from((end - start) / 1000).unwrap_or(0) };
@@ -686,10 +882,11 @@ impl Gateway {
     ) {
         let latency_us = u64::try_from(o.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         table.metrics.request(route.map(|r| r.index), o.status, latency_us);
-        if let (Some(route), Some(c)) = (route, caller) {
+        // Usage is metered per API key; JWT callers count in the route metrics.
+        if let (Some(route), Some(Caller { who: Identity::Key(token), ip })) = (route, caller) {
             self.meter.record(&Sample {
-                public_id: c.token.public_id(),
-                workspace_id: &c.token.workspace_id,
+                public_id: token.public_id(),
+                workspace_id: &token.workspace_id,
                 route_index: route.index,
                 route_id: &route.id,
                 status: o.status,
@@ -697,11 +894,14 @@ impl Gateway {
                 bytes_out: o.bytes_out,
                 latency_us,
                 at: o.now,
-                client_ip: c.ip,
+                client_ip: *ip,
             });
         }
         if let Some(line) = line {
-            let token_id = caller.map(|c| c.token.token_id().to_string());
+            let token_id = caller.map(|c| match &c.who {
+                Identity::Key(t) => t.token_id().to_string(),
+                Identity::Jwt(j) => format!("jwt:{}", j.jti.as_deref().unwrap_or("-")),
+            });
             tracing::info!(
                 target: "keygate::access",
                 method = %line.method,
@@ -716,6 +916,17 @@ impl Gateway {
             );
         }
     }
+}
+
+/// The request's URL as the client addressed it, for DPoP's `htu` (RFC 9449 §4.3): scheme and
+/// host lowercase, the default port left out, the path as sent, no query.
+fn request_url(head: &ReqHead<'_>, conn: &ConnInfo) -> String {
+    let scheme = if conn.tls { "https" } else { "http" };
+    let raw = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host)).unwrap_or_default();
+    let host = String::from_utf8_lossy(raw).to_ascii_lowercase();
+    let default = if conn.tls { ":443" } else { ":80" };
+    let host = host.strip_suffix(default).unwrap_or(&host);
+    format!("{scheme}://{host}{}", head.path)
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -829,12 +1040,26 @@ impl UpstreamHead<'_, '_> {
             crate::answer::line(buf, b"x-forwarded-host", h);
         }
         if let Some(c) = self.caller {
-            buf.extend_from_slice(b"x-keygate-token-id: tok_");
-            buf.extend_from_slice(c.token.public_id());
-            buf.extend_from_slice(b"\r\nx-keygate-app-id: ");
-            buf.extend_from_slice(c.token.app_id.as_bytes());
+            match &c.who {
+                Identity::Key(t) => {
+                    buf.extend_from_slice(b"x-keygate-token-id: tok_");
+                    buf.extend_from_slice(t.public_id());
+                    buf.extend_from_slice(b"\r\nx-keygate-app-id: ");
+                    buf.extend_from_slice(t.app_id.as_bytes());
+                }
+                Identity::Jwt(j) => {
+                    // A JWT's id and its client (keygate's tokens name the app the client belongs to).
+                    buf.extend_from_slice(b"x-keygate-token-id: ");
+                    buf.extend_from_slice(j.jti.as_deref().unwrap_or("").as_bytes());
+                    buf.extend_from_slice(b"\r\nx-keygate-app-id: ");
+                    let app = j.app_id.as_deref().or(j.client_id.as_deref()).unwrap_or(&j.sub);
+                    buf.extend_from_slice(app.as_bytes());
+                    buf.extend_from_slice(b"\r\nx-keygate-subject: ");
+                    buf.extend_from_slice(j.sub.as_bytes());
+                }
+            }
             buf.extend_from_slice(b"\r\nx-keygate-scopes: ");
-            for (i, sc) in c.token.scopes.iter().enumerate() {
+            for (i, sc) in c.scopes().iter().enumerate() {
                 if i > 0 {
                     buf.push(b' ');
                 }
@@ -933,13 +1158,26 @@ fn demo_echo(head: &ReqHead<'_>, caller: Option<&Caller>, index: &TokenIndex) ->
         })
         .collect();
     let identity = caller.map(|c| {
-        serde_json::json!({
-            "token_id": c.token.token_id().to_string(),
-            "app_id": &*c.token.app_id,
-            "workspace_id": &*c.token.workspace_id,
-            "scopes": c.token.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            "client_ip": c.ip.to_string(),
-        })
+        let scopes: Vec<&str> = c.scopes().iter().map(|s| s.as_str()).collect();
+        match &c.who {
+            Identity::Key(t) => serde_json::json!({
+                "token_id": t.token_id().to_string(),
+                "app_id": &*t.app_id,
+                "workspace_id": &*t.workspace_id,
+                "scopes": scopes,
+                "client_ip": c.ip.to_string(),
+            }),
+            Identity::Jwt(j) => serde_json::json!({
+                "token_id": j.jti.as_deref(),
+                "app_id": j.app_id.as_deref(),
+                "client_id": j.client_id.as_deref(),
+                "sub": &*j.sub,
+                "issuer": &*j.issuer,
+                "scopes": scopes,
+                "dpop_bound": j.jkt.is_some(),
+                "client_ip": c.ip.to_string(),
+            }),
+        }
     });
     let body = serde_json::json!({
         "method": head.method.as_str(),

@@ -97,7 +97,9 @@ pub struct IndexedToken {
     pub workspace_id: Arc<str>,
     pub app_id: Arc<str>,
     pub scopes: Arc<[Scope]>,
-    pub ip_allowlist: Option<Arc<[IpNet]>>,
+    /// What few tokens have (an IP allowlist, a DPoP binding), behind one pointer so the
+    /// entry stays in its allocation class.
+    extras: Option<Arc<Extras>>,
     pub quota: Option<Quota>,
     pub rate_limit: Option<RateLimit>,
     /// The GCRA theoretical arrival time of the token's own rate limit, in microseconds: kept in
@@ -123,12 +125,23 @@ impl IndexedToken {
     }
     /// Whether `addr` may use this token.
     pub fn allows_ip(&self, addr: IpAddr) -> bool {
-        self.ip_allowlist.as_deref().is_none_or(|list| allowlist_permits(list, addr))
+        self.extras.as_deref().is_none_or(|e| e.ip_allowlist.is_empty() || allowlist_permits(&e.ip_allowlist, addr))
+    }
+    /// The RFC 7638 thumbprint of the DPoP key the token is bound to, if any.
+    pub fn dpop_jkt(&self) -> Option<&str> {
+        self.extras.as_deref().and_then(|e| e.dpop_jkt.as_deref())
     }
     /// Whether the token holds a scope that covers `required`.
     pub fn has_scope(&self, required: &Scope) -> bool {
         any_covers(&self.scopes, required)
     }
+}
+
+/// The rarely set parts of a token.
+#[derive(Debug)]
+struct Extras {
+    ip_allowlist: Box<[IpNet]>,
+    dpop_jkt: Option<Box<str>>,
 }
 
 /// Why a presented token is refused.
@@ -187,6 +200,11 @@ struct Inner {
     interner: std::sync::Mutex<Interner>,
     len: AtomicUsize,
     seq: AtomicU64,
+    /// Ids (`jti`) of revoked JWT access tokens, until they expire (milliseconds), and the feed
+    /// position of the revocations applied. Revocations are rare and every JWT request reads
+    /// the set, so it is copied on write and read without a lock.
+    revoked_jtis: arc_swap::ArcSwap<HashMap<Box<str>, i64>>,
+    jti_seq: AtomicU64,
     /// Held while a batch of changes is read from the feed and applied, so that a batch read
     /// before a commit can never be applied after a batch read after it.
     apply: tokio::sync::Mutex<()>,
@@ -210,6 +228,8 @@ impl TokenIndex {
             interner: std::sync::Mutex::new(Interner::default()),
             len: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
+            revoked_jtis: arc_swap::ArcSwap::from_pointee(HashMap::new()),
+            jti_seq: AtomicU64::new(0),
             apply: tokio::sync::Mutex::new(()),
         }))
     }
@@ -288,7 +308,12 @@ impl TokenIndex {
             workspace_id: interner.string(t.workspace_id.as_str()),
             app_id: interner.string(t.app_id.as_str()),
             scopes: interner.scopes(&t.scopes),
-            ip_allowlist: (!t.ip_allowlist.is_empty()).then(|| Arc::from(t.ip_allowlist.as_slice())),
+            extras: (!t.ip_allowlist.is_empty() || t.dpop_jkt.is_some()).then(|| {
+                Arc::new(Extras {
+                    ip_allowlist: t.ip_allowlist.clone().into(),
+                    dpop_jkt: t.dpop_jkt.as_deref().map(Into::into),
+                })
+            }),
             suspended: t.state == TokenState::Suspended,
             expires_at: t.expires_at.map_or(i64::MAX, Timestamp::as_millis),
             rate_limit: t.rate_limit,
@@ -301,6 +326,34 @@ impl TokenIndex {
     }
 
     /// Drops the token with this hash, if resident.
+    /// Whether the JWT access token `jti` was revoked.
+    pub fn is_jti_revoked(&self, jti: &str) -> bool {
+        self.0.revoked_jtis.load().contains_key(jti)
+    }
+
+    /// Records revoked JWT ids (with their expiry, after which they are forgotten).
+    pub fn revoke_jtis(&self, revoked: impl IntoIterator<Item = (String, Timestamp)>) {
+        let added: Vec<(Box<str>, i64)> =
+            revoked.into_iter().map(|(jti, exp)| (jti.into_boxed_str(), exp.as_millis())).collect();
+        if added.is_empty() {
+            return;
+        }
+        self.0.revoked_jtis.rcu(|cur| {
+            let mut next = HashMap::clone(cur);
+            next.extend(added.iter().cloned());
+            next
+        });
+    }
+
+    /// The change-feed position of the JWT revocations applied.
+    pub fn jti_seq(&self) -> u64 {
+        self.0.jti_seq.load(Ordering::Acquire)
+    }
+
+    pub fn set_jti_seq(&self, seq: u64) {
+        self.0.jti_seq.store(seq, Ordering::Release);
+    }
+
     pub fn remove(&self, hash: &SecretHash) {
         let Some(lock) = self.0.shards.get(shard_of(hash)) else {
             return;
@@ -311,8 +364,16 @@ impl TokenIndex {
         }
     }
 
-    /// Drops tokens that expired before `now`; they would be refused anyway.
+    /// Drops tokens that expired before `now`; they would be refused anyway. So are the ids of
+    /// revoked JWTs that have expired.
     pub fn sweep_expired(&self, now: Timestamp) -> usize {
+        if self.0.revoked_jtis.load().values().any(|exp| *exp <= now.as_millis()) {
+            self.0.revoked_jtis.rcu(|cur| {
+                let mut next = HashMap::clone(cur);
+                next.retain(|_, exp| *exp > now.as_millis());
+                next
+            });
+        }
         let mut dropped = 0;
         for lock in &self.0.shards {
             if let Ok(mut set) = lock.write() {
@@ -368,6 +429,7 @@ mod tests {
             rotated_from: None,
             replaced_by: None,
             exposed_at: None,
+            dpop_jkt: None,
             version: 1,
         }
     }

@@ -12,6 +12,7 @@ pub mod h1;
 pub mod handler;
 pub mod head;
 pub mod index;
+pub mod jwt;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;

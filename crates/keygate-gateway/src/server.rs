@@ -48,9 +48,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// The listener's sockets, bound and not served yet (so what is built before serving can know
+/// the address, such as the OAuth issuer on a port picked at random).
+pub struct BoundGateway {
+    pub addr: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+}
+
 impl GatewayServer {
-    /// Binds `threads` sockets on `addr` (port 0 picks one free port for all) and starts the
-    /// workers.
+    /// Binds and serves at once.
     pub fn start(
         gw: Arc<Gateway>,
         addr: SocketAddr,
@@ -59,6 +65,11 @@ impl GatewayServer {
         grace: Duration,
         timeouts: Timeouts,
     ) -> std::io::Result<Self> {
+        Self::bind(addr, threads)?.start(gw, tls, grace, timeouts)
+    }
+
+    /// Binds `threads` sockets on `addr` (port 0 picks one free port for all).
+    pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<BoundGateway> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let first = bind(addr)?;
         let addr = first.local_addr()?;
@@ -66,6 +77,21 @@ impl GatewayServer {
         for _ in 1..threads {
             sockets.push(bind(addr)?);
         }
+        Ok(BoundGateway { addr, sockets })
+    }
+}
+
+impl BoundGateway {
+    /// Starts one worker per socket.
+    pub fn start(
+        self,
+        gw: Arc<Gateway>,
+        tls: Option<TlsSource>,
+        grace: Duration,
+        timeouts: Timeouts,
+    ) -> std::io::Result<GatewayServer> {
+        let BoundGateway { addr, sockets } = self;
+        let threads = sockets.len();
         let (stop, stop_rx) = watch::channel(false);
         let mut workers = Vec::with_capacity(threads);
         for (i, socket) in sockets.into_iter().enumerate() {
@@ -85,9 +111,11 @@ impl GatewayServer {
             })?;
             workers.push(worker);
         }
-        Ok(Self { addr, stop, workers })
+        Ok(GatewayServer { addr, stop, workers })
     }
+}
 
+impl GatewayServer {
     /// Stops accepting, then waits for in-flight requests (at most the grace period).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

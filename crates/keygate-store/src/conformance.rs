@@ -123,6 +123,7 @@ fn token(ws: &WorkspaceId, app: &AppId, name: &str, created: Timestamp) -> Token
         rotated_from: None,
         replaced_by: None,
         exposed_at: None,
+        dpop_jkt: None,
         version: 1,
     }
 }
@@ -1393,6 +1394,10 @@ async fn oauth_access_tokens_and_revocations(h: &Harness) {
     assert!(plain.is_active(now));
     assert_eq!(s.access_token("jti-unknown").await.unwrap(), None);
     assert_eq!(s.insert_access_token(&plain).await.unwrap_err().kind, ErrorKind::Conflict, "a jti is stored once");
+    let of_family: Vec<String> = s.access_tokens_of_family("fam_x").await.unwrap().into_iter().map(|t| t.jti).collect();
+    assert_eq!(of_family.len(), 5, "every access token of the family, and only those: {of_family:?}");
+    assert!(of_family.iter().all(|j| j.starts_with("jti-fam-")));
+    assert!(s.access_tokens_of_family("fam_none").await.unwrap().is_empty());
 
     // One token revoked: audited, on the feed, and waking followers.
     let start = s.snapshot(T0).await.unwrap().seq;

@@ -454,6 +454,12 @@ impl OAuthStore for SqlStore {
             .transpose()
     }
 
+    async fn access_tokens_of_family(&self, family_id: &str) -> Result<Vec<AccessTokenRecord>> {
+        let sql = format!("SELECT {ACCESS_COLS} FROM oauth_access_tokens WHERE family_id = $1 ORDER BY issued_at, jti");
+        let found = sqlx::query(AssertSqlSafe(sql)).bind(family_id).fetch_all(&self.pool).await.map_err(db_error)?;
+        found.iter().map(rows::access_token).collect()
+    }
+
     async fn revoke_access_token(&self, jti: &str, now: Timestamp, audit: &NewAuditEvent) -> Result<bool> {
         let mut tx = self.begin().await?;
         let mut seqs = FeedSeqs::start(&mut tx).await?;

@@ -114,6 +114,7 @@ pub(crate) fn token(row: &AnyRow) -> Result<TokenRecord> {
         rotated_from: get::<Option<String>>(row, "rotated_from")?.map(TokenId::from_trusted),
         replaced_by: get::<Option<String>>(row, "replaced_by")?.map(TokenId::from_trusted),
         exposed_at: opt_ts(row, "exposed_at")?,
+        dpop_jkt: get(row, "dpop_jkt")?,
         version: get(row, "version")?,
     })
 }

@@ -30,6 +30,7 @@ pub struct Config {
     /// this interval of usage. A graceful stop writes everything.
     pub usage_flush_seconds: u64,
     pub tokens: TokensConfig,
+    pub oauth: OAuthConfig,
     pub log: LogConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
@@ -78,6 +79,65 @@ pub struct TokensConfig {
     pub max_grace_period_seconds: u64,
 }
 
+/// `[oauth]`: the OAuth2 authorization server and the JWT access tokens the gateway accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    /// The issuer (`iss` of keygate's tokens, and the base of the endpoint URLs in the metadata):
+    /// the gateway's URL as clients reach it. Default `http://` + `gateway.listen`.
+    pub issuer: Option<String>,
+    /// The audience (`aud`) of access tokens when a client names none, and the one the gateway
+    /// requires of keygate's tokens. Default: the issuer.
+    pub audience: Option<String>,
+    /// Access-token lifetime for clients that set none, in seconds. Default 900.
+    pub access_token_ttl_seconds: u32,
+    /// Refresh-token lifetime for clients that set none, in seconds. Default 2592000 (30 days).
+    pub refresh_token_ttl_seconds: u32,
+    /// The longest access-token lifetime a client may set, in seconds. Default 86400.
+    pub max_access_token_ttl_seconds: u32,
+    /// The longest lifetime of a token from token exchange, in seconds. Default 300.
+    pub exchange_ttl_seconds: u32,
+    /// Clock skew allowed when checking tokens and proofs, in seconds. Default 30.
+    pub leeway_seconds: u32,
+    /// Signing keys are replaced after this many days. Default 90.
+    pub key_rotation_days: u32,
+    /// A new signing key is in the JWKS this long before it signs, in seconds. Default 3600.
+    pub key_publish_ahead_seconds: u32,
+    /// Other issuers whose JWT access tokens the gateway accepts.
+    pub trusted_issuers: Vec<TrustedIssuerConfig>,
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            access_token_ttl_seconds: 900,
+            refresh_token_ttl_seconds: 30 * 86_400,
+            max_access_token_ttl_seconds: 86_400,
+            exchange_ttl_seconds: 300,
+            leeway_seconds: 30,
+            key_rotation_days: 90,
+            key_publish_ahead_seconds: 3_600,
+            trusted_issuers: Vec::new(),
+        }
+    }
+}
+
+/// `[[oauth.trusted_issuers]]`: an identity provider whose access tokens (EdDSA or ES256 JWTs)
+/// the gateway accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuerConfig {
+    /// Its `iss`.
+    pub issuer: String,
+    /// The `aud` its tokens must carry for this gateway.
+    pub audience: String,
+    /// Where its JWK Set is fetched (at start, every 10 minutes, and — at most every 30 s — when a
+    /// token names a key not yet known). Keys named inside tokens are never fetched.
+    pub jwks_url: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -105,6 +165,7 @@ impl Default for Config {
             routes: Vec::new(),
             usage_flush_seconds: 5,
             tokens: TokensConfig::default(),
+            oauth: OAuthConfig::default(),
             log: LogConfig::default(),
             shutdown_grace_seconds: 30,
         }
@@ -216,10 +277,20 @@ impl Config {
         if self.usage_flush_seconds == 0 {
             bail!("usage_flush_seconds must be at least 1");
         }
+        let issuers: Vec<(&str, Option<String>)> = self
+            .oauth
+            .trusted_issuers
+            .iter()
+            .map(|t| ("oauth.trusted_issuers.jwks_url", Some(t.jwks_url.clone())))
+            .collect();
         for (key, url) in [
             ("dashboard.public_url", &self.dashboard.public_url),
             ("dashboard.gateway_url", &self.dashboard.gateway_url),
-        ] {
+            ("oauth.issuer", &self.oauth.issuer),
+        ]
+        .into_iter()
+        .chain(issuers.iter().map(|(k, u)| (*k, u)))
+        {
             if let Some(u) = url
                 && !(u.starts_with("http://") || u.starts_with("https://"))
             {
@@ -229,10 +300,26 @@ impl Config {
         if self.dashboard.idle_timeout_minutes == 0 || self.dashboard.session_hours == 0 {
             bail!("dashboard.idle_timeout_minutes and dashboard.session_hours must be at least 1");
         }
+        let o = &self.oauth;
+        if o.access_token_ttl_seconds == 0
+            || o.access_token_ttl_seconds > o.max_access_token_ttl_seconds
+            || o.refresh_token_ttl_seconds == 0
+            || o.exchange_ttl_seconds == 0
+            || o.key_rotation_days == 0
+        {
+            bail!(
+                "oauth: the lifetimes and key_rotation_days must be at least 1, and access_token_ttl_seconds at most max_access_token_ttl_seconds"
+            );
+        }
         if self.admin.listen == self.gateway.listen && self.admin.listen.port() != 0 {
             bail!("admin.listen and gateway.listen must differ (both are {})", self.admin.listen);
         }
         Ok(())
+    }
+
+    /// The OAuth issuer: as configured, else the gateway's listen address.
+    pub fn oauth_issuer(&self, gateway: SocketAddr) -> String {
+        self.oauth.issuer.clone().unwrap_or_else(|| format!("http://{gateway}")).trim_end_matches('/').to_owned()
     }
 
     pub fn prefix(&self) -> anyhow::Result<TokenPrefix> {

@@ -8,12 +8,15 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use keygate_admin::Admin;
+use keygate_admin::oauth::{KeyRing, KeysChanged, OAuth, OAuthSettings};
 use keygate_core::Clock;
+use keygate_core::jose::PublicJwk;
 use keygate_core::model::Actor;
 use keygate_core::secret::TokenSecret;
 use keygate_core::store::Store;
-use keygate_gateway::handler::{ExposureReporter, Gateway, Settings, Table};
+use keygate_gateway::handler::{ExposureReporter, Gateway, LocalService, Settings, Table};
 use keygate_gateway::index::TokenIndex;
+use keygate_gateway::jwt::{Issuer, JwtVerifier};
 use keygate_gateway::limiter::Limiter;
 use keygate_gateway::routes::RouteTable;
 use keygate_gateway::server::{TlsSource, load_tls};
@@ -65,12 +68,81 @@ impl keygate_admin::service::TokenChangeHook for IndexHook {
     }
 }
 
-/// Builds the gateway's state from the configuration.
+/// The OAuth authorization server's settings from the configuration.
+pub fn oauth_settings(cfg: &Config, issuer: &str) -> OAuthSettings {
+    let o = &cfg.oauth;
+    OAuthSettings {
+        audience: o.audience.clone().unwrap_or_else(|| issuer.to_owned()),
+        access_token_ttl_seconds: o.access_token_ttl_seconds,
+        refresh_token_ttl_seconds: o.refresh_token_ttl_seconds,
+        max_access_token_ttl_seconds: o.max_access_token_ttl_seconds,
+        exchange_ttl_seconds: o.exchange_ttl_seconds,
+        leeway_seconds: o.leeway_seconds,
+        key_rotation_days: o.key_rotation_days,
+        key_publish_ahead_seconds: o.key_publish_ahead_seconds,
+        ..OAuthSettings::for_issuer(issuer)
+    }
+}
+
+/// The OAuth endpoints, served on the gateway listener by the control plane's router. They run
+/// on the main runtime (where the store's connections live), not on the gateway worker that
+/// received the request.
+struct OAuthEndpoints {
+    router: axum::Router,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LocalService for OAuthEndpoints {
+    fn serves(&self, path: &str) -> bool {
+        keygate_admin::oauth::http::serves(path)
+    }
+
+    fn call(
+        &self,
+        req: http::Request<bytes::Bytes>,
+        peer: std::net::SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<bytes::Bytes>> + Send>> {
+        use tower::ServiceExt as _;
+        let router = self.router.clone();
+        let task = self.runtime.spawn(async move {
+            let (parts, body) = req.into_parts();
+            let mut req = http::Request::from_parts(parts, axum::body::Body::from(body));
+            req.extensions_mut().insert(keygate_admin::oauth::http::PeerAddr(peer.ip()));
+            let resp = match router.oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+            let (parts, body) = resp.into_parts();
+            let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+            http::Response::from_parts(parts, bytes)
+        });
+        Box::pin(async move {
+            task.await.unwrap_or_else(|_| {
+                let mut r = http::Response::new(bytes::Bytes::from_static(b"{\"error\":\"server_error\"}"));
+                *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                r
+            })
+        })
+    }
+}
+
+/// Tells keygate's own issuer at the gateway about the authorization server's keys.
+struct GatewayKeys(Arc<Issuer>);
+
+impl KeysChanged for GatewayKeys {
+    fn keys_changed(&self, ring: &KeyRing) {
+        self.0.set_keys(ring.public_keys());
+    }
+}
+
+/// Builds the gateway's state from the configuration. `oauth` (with its issuer) makes the
+/// gateway serve the OAuth endpoints and accept keygate's JWT access tokens.
 pub async fn build(
     cfg: &Config,
     admin: Arc<Admin>,
     index: TokenIndex,
     clock: Arc<dyn Clock>,
+    oauth: Option<Arc<OAuth>>,
 ) -> anyhow::Result<Arc<Gateway>> {
     let routes = RouteTable::build(&cfg.routes, &cfg.gateway).map_err(|e| anyhow::anyhow!("routes: {e}"))?;
     let limiter = Limiter::default();
@@ -87,6 +159,23 @@ pub async fn build(
         .map_err(|_| anyhow::anyhow!("gateway.api_key_header is not a header name"))?;
     let reporter: Arc<dyn ExposureReporter> =
         Arc::new(AdminReporter { admin, runtime: tokio::runtime::Handle::current() });
+    let mut issuers = Vec::new();
+    let mut local: Option<Arc<dyn LocalService>> = None;
+    if let Some(oauth) = &oauth {
+        let s = oauth.settings();
+        let ours = Arc::new(Issuer::new(&s.issuer, &s.audience, true));
+        ours.set_keys(oauth.keys().public_keys());
+        oauth.set_keys_listener(Arc::new(GatewayKeys(ours.clone())));
+        issuers.push(ours);
+        local = Some(Arc::new(OAuthEndpoints {
+            router: keygate_admin::oauth::http::router(oauth.clone()),
+            runtime: tokio::runtime::Handle::current(),
+        }));
+    }
+    for t in &cfg.oauth.trusted_issuers {
+        issuers.push(Arc::new(Issuer::new(&t.issuer, &t.audience, false)));
+    }
+    let jwt = (!issuers.is_empty()).then(|| JwtVerifier::new(issuers, cfg.oauth.leeway_seconds));
     Ok(Arc::new(Gateway {
         table: ArcSwap::from_pointee(Table::new(routes)),
         index,
@@ -95,7 +184,78 @@ pub async fn build(
         clock,
         settings: Settings { api_key_header, trusted_proxies: trusted, access_log: cfg.gateway.access_log },
         reporter: Some(reporter),
+        jwt,
+        local,
+        dpop_replay: keygate_core::dpop::ReplayCache::new(100_000),
     }))
+}
+
+/// Fetches the JWK Sets of the trusted issuers: at start, every 10 minutes, and when a token
+/// names a key not known yet (at most every 30 seconds per issuer).
+pub fn spawn_jwks_fetchers(gw: &Arc<Gateway>, cfg: &Config) -> Vec<JoinHandle<()>> {
+    let Some(verifier) = &gw.jwt else { return Vec::new() };
+    let mut tasks = Vec::new();
+    for t in &cfg.oauth.trusted_issuers {
+        let Some(issuer) = verifier.issuers().iter().find(|i| i.issuer == t.issuer.trim_end_matches('/')).cloned()
+        else {
+            continue;
+        };
+        let url = t.jwks_url.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the JWKS client");
+                    return;
+                }
+            };
+            loop {
+                match fetch_jwks(&client, &url).await {
+                    Ok(keys) => {
+                        tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "fetched the issuer's JWKS");
+                        issuer.set_keys(keys);
+                    }
+                    Err(e) => tracing::warn!(issuer = %issuer.issuer, url = %url, error = %e, "cannot fetch the issuer's JWKS"),
+                }
+                tokio::select! {
+                    () = issuer.wants_keys.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(600)) => {}
+                }
+                // A burst of tokens with unknown keys refetches once, then waits.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }));
+    }
+    tasks
+}
+
+/// The EdDSA and ES256 public keys of a JWK Set (others are skipped: the gateway verifies only
+/// those algorithms).
+async fn fetch_jwks(client: &reqwest::Client, url: &str) -> anyhow::Result<Vec<(String, PublicJwk)>> {
+    let set: serde_json::Value = client.get(url).send().await?.error_for_status()?.json().await?;
+    let keys = set.get("keys").and_then(|k| k.as_array()).ok_or_else(|| anyhow::anyhow!("no keys array"))?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| {
+            let jwk = PublicJwk::from_json(&k.to_string()).ok()?;
+            Some((jwk.kid().unwrap_or_default().to_owned(), jwk))
+        })
+        .collect())
+}
+
+/// OAuth housekeeping: key rotation on schedule, pruning, and re-reading the keys (another node
+/// may have rotated them), every minute.
+pub fn spawn_oauth_maintenance(oauth: Arc<OAuth>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if let Err(e) = oauth.maintain().await {
+                tracing::warn!(error = %e, "oauth: maintenance failed; retrying in a minute");
+            }
+        }
+    })
 }
 
 /// The gateway's unflushed usage, for live usage reports.

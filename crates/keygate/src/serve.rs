@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use keygate_admin::oauth::OAuth;
 use keygate_admin::{Admin, AdminSettings, AdminState};
 use keygate_core::secret::{OsRandom, Pepper};
 use keygate_core::store::{ChangeFeed, RootKeyStore, Store};
@@ -103,21 +104,30 @@ pub async fn start(
     opened
         .admin
         .set_change_hook(Arc::new(crate::gateway::IndexHook { index: index.clone(), store: dyn_store.clone() }));
-    let gw = crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock.clone()).await?;
+    let bound = GatewayServer::bind(cfg.gateway.listen, cfg.gateway.threads)
+        .with_context(|| format!("cannot listen on {} (gateway.listen)", cfg.gateway.listen))?;
+    // The OAuth authorization server: its issuer is the gateway's URL.
+    let issuer = cfg.oauth_issuer(bound.addr);
+    let oauth = Arc::new(
+        OAuth::new(opened.admin.clone(), crate::gateway::oauth_settings(cfg, &issuer))
+            .map_err(|e| anyhow::anyhow!("cannot start the OAuth server: {}", e.message))?,
+    );
+    oauth.reload_keys().await.map_err(|e| anyhow::anyhow!("cannot read the OAuth signing keys: {}", e.message))?;
+    oauth
+        .ensure_key(keygate_core::jose::Alg::EdDSA)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create an OAuth signing key: {}", e.message))?;
+    let gw =
+        crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock.clone(), Some(oauth.clone())).await?;
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     let tls = crate::gateway::tls_source(cfg)?;
     let tls_handle = tls.as_ref().map(|t| t.0.clone());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
-    let gateway_server = GatewayServer::start(
-        gw.clone(),
-        cfg.gateway.listen,
-        cfg.gateway.threads,
-        tls.as_ref().map(|t| t.0.clone()),
-        grace,
-        cfg.gateway.timeouts(),
-    )
-    .with_context(|| format!("cannot listen on {} (gateway.listen)", cfg.gateway.listen))?;
+    let gateway_server = bound
+        .start(gw.clone(), tls.as_ref().map(|t| t.0.clone()), grace, cfg.gateway.timeouts())
+        .with_context(|| format!("cannot start the gateway on {}", cfg.gateway.listen))?;
     let mut tasks = vec![
+        crate::gateway::spawn_oauth_maintenance(oauth.clone()),
         follower,
         crate::gateway::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
         crate::gateway::spawn_health_checks(gw.clone()),
@@ -172,7 +182,8 @@ pub async fn start(
         gateway_server.addr,
         config_path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default(),
     )));
-    let app = keygate_admin::router(AdminState { admin: opened.admin.clone() })
+    tasks.extend(crate::gateway::spawn_jwks_fetchers(&gw, cfg));
+    let app = keygate_admin::router(AdminState { admin: opened.admin.clone(), oauth: oauth.clone() })
         .merge(metrics)
         .merge(keygate_admin::dashboard::router(dashboard));
     let (stop, mut stop_rx) = watch::channel(false);

@@ -103,6 +103,9 @@ pub struct CreateTokenRequest {
     /// Free-form JSON object (at most 8 KiB).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+    /// Binds the token to a DPoP key (RFC 9449): the RFC 7638 thumbprint of the client's public
+    /// key. Every request with the token must then carry a DPoP proof signed by that key.
+    pub dpop_jkt: Option<String>,
 }
 
 /// Fields to change; omitted fields stay as they are, `null` clears an optional one.
@@ -126,6 +129,10 @@ pub struct UpdateTokenRequest {
     pub quota: Option<Option<QuotaBody>>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+    /// A DPoP key thumbprint to bind the token to, or `null` to unbind it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub dpop_jkt: Option<Option<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -208,6 +215,8 @@ pub struct TokenView {
     pub replaced_by: Option<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub exposed_at: Option<Timestamp>,
+    /// The DPoP key the token is bound to (RFC 7638 thumbprint), if any.
+    pub dpop_jkt: Option<String>,
 }
 
 impl TokenView {
@@ -237,6 +246,7 @@ impl TokenView {
             rotated_from: t.rotated_from.as_ref().map(ToString::to_string),
             replaced_by: t.replaced_by.as_ref().map(ToString::to_string),
             exposed_at: t.exposed_at,
+            dpop_jkt: t.dpop_jkt.clone(),
         }
     }
 }

@@ -108,6 +108,7 @@ permission_marker!(
     PlansRead => PlansRead,
     PlansWrite => PlansWrite,
     AuditRead => AuditRead,
+    KeysWrite => KeysWrite,
 );
 
 /// An authenticated root key holding permission `P`.

@@ -28,7 +28,11 @@ async fn setup() -> (axum::Router, Arc<Admin>, tempfile::TempDir) {
         Arc::new(OsRandom),
     ));
     admin.bootstrap().await.unwrap();
-    (router(AdminState { admin: admin.clone() }), admin, dir)
+    let oauth = Arc::new(
+        crate::oauth::OAuth::new(admin.clone(), crate::oauth::OAuthSettings::for_issuer("http://127.0.0.1:8080"))
+            .unwrap(),
+    );
+    (router(AdminState { admin: admin.clone(), oauth }), admin, dir)
 }
 
 /// Every (method, concrete path) of the OpenAPI document.

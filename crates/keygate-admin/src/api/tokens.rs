@@ -45,6 +45,7 @@ pub(crate) async fn create_token(
         rate_limit: req.rate_limit.map(Into::into),
         quota: req.quota.map(Into::into),
         metadata: req.metadata,
+        dpop_jkt: req.dpop_jkt,
     };
     let (record, secret) = s.admin.create_token(&auth.key.workspace_id, &auth.actor, new).await?;
     let view = TokenView::new(&record, s.admin.now());
@@ -132,6 +133,7 @@ pub(crate) async fn update_token(
         rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
         quota: req.quota.map(|q| q.map(Into::into)),
         metadata: req.metadata,
+        dpop_jkt: req.dpop_jkt,
     };
     let t = s.admin.update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update).await?;
     Ok(Json(TokenView::new(&t, s.admin.now())))

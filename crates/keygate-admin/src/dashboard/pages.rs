@@ -748,6 +748,7 @@ pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedI
             rate_limit,
             quota,
             metadata: None,
+            dpop_jkt: None,
         };
         st.admin.create_token(v.workspace(), &v.actor(), new).await
     }

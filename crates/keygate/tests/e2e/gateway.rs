@@ -654,3 +654,162 @@ async fn active_health_checks_take_an_upstream_out_and_put_it_back() {
     keygate::gateway::health_check_round(kg.gateway(), 20).await;
     assert!(flaky_is_healthy(), "two successes put it back");
 }
+
+/// One HTTP/1.1 answer read off a raw socket: status code, lowercase header lines, body.
+struct RawAnswer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads `n` answers (or fewer, if the connection closes first) from `s`; `head` marks answers
+/// to HEAD requests (no body) by position.
+fn read_answers(s: &mut TcpStream, n: usize, head: &[usize]) -> (Vec<RawAnswer>, bool) {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut closed = false;
+    let mut chunk = [0u8; 8192];
+    while out.len() < n {
+        // Parse what is buffered.
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let mut lines = text.split("\r\n");
+            let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            let len = headers.iter().find(|(k, _)| k == "content-length").map(|(_, v)| v.parse::<usize>().unwrap());
+            let no_body = head.contains(&out.len()) || status == 100 || status == 204 || status == 304;
+            let body_len = if no_body { 0 } else { len.unwrap_or(0) };
+            if buf.len() >= end + 4 + body_len {
+                let body = buf[end + 4..end + 4 + body_len].to_vec();
+                buf.drain(..end + 4 + body_len);
+                if status != 100 {
+                    out.push(RawAnswer { status, headers, body });
+                } else {
+                    out.push(RawAnswer { status, headers, body: Vec::new() });
+                }
+                continue;
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                closed = true;
+                break;
+            }
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    if !closed {
+        // Whether the server closed right after: a short read that sees the end.
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        closed = matches!(s.read(&mut chunk), Ok(0));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    (out, closed)
+}
+
+fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_connections_follow_rfc_9112() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let (_, t) = kg.client().create_token(&json!({"name": "h1", "scopes": ["orders:*"]})).await;
+    let addr = kg.gateway_addr;
+    let auth = format!("Authorization: Bearer {t}\r\n");
+    tokio::task::spawn_blocking(move || {
+        // Pipelined requests are answered in order on one connection.
+        let mut s = connect(addr);
+        let two = format!("GET /orders/1 HTTP/1.1\r\nHost: a\r\n{auth}\r\nGET /orders/2?x=1 HTTP/1.1\r\nHost: a\r\n{auth}\r\n");
+        s.write_all(two.as_bytes()).unwrap();
+        let (answers, closed) = read_answers(&mut s, 2, &[]);
+        assert_eq!(answers.len(), 2);
+        let uris: Vec<String> = answers
+            .iter()
+            .map(|a| serde_json::from_slice::<Value>(&a.body).unwrap()["uri"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(uris, ["/orders/1", "/orders/2?x=1"]);
+        assert!(!closed, "HTTP/1.1 keeps the connection");
+
+        // A chunked request body is de-chunked, counted and re-framed for the upstream; an
+        // absolute-form target is served like its path.
+        let body = format!(
+            "POST http://a/orders HTTP/1.1\r\nHost: a\r\n{auth}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+        );
+        s.write_all(body.as_bytes()).unwrap();
+        let (a, _) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a[0].status, 200);
+        assert_eq!(serde_json::from_slice::<Value>(&a[0].body).unwrap()["body_len"], 11);
+
+        // Expect: 100-continue gets its interim answer once the body is wanted.
+        let expect = format!("POST /orders HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 4\r\nExpect: 100-continue\r\n\r\n");
+        s.write_all(expect.as_bytes()).unwrap();
+        let (a, _) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a[0].status, 100, "100 Continue before the body is sent");
+        s.write_all(b"data").unwrap();
+        let (a, _) = read_answers(&mut s, 1, &[]);
+        assert_eq!(serde_json::from_slice::<Value>(&a[0].body).unwrap()["body_len"], 4);
+
+        // HEAD: the length of the resource, no body, and the connection goes on.
+        let head = format!("HEAD /orders/3 HTTP/1.1\r\nHost: a\r\n{auth}\r\nGET /orders/4 HTTP/1.1\r\nHost: a\r\n{auth}\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let (a, _) = read_answers(&mut s, 2, &[0]);
+        assert_eq!((a[0].status, a[1].status), (200, 200));
+        assert!(a[0].header("content-length").is_some_and(|l| l != "0"));
+        assert!(a[0].body.is_empty());
+
+        // A refusal whose small body arrived whole leaves the connection usable.
+        s.write_all(b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /status HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        let (a, closed) = read_answers(&mut s, 2, &[]);
+        assert_eq!((a[0].status, a[1].status), (401, 200));
+        assert!(!closed);
+
+        // HTTP/1.0: closed after the answer, unless it asks to keep the connection.
+        let mut s = connect(addr);
+        s.write_all(format!("GET /orders/5 HTTP/1.0\r\n{auth}\r\n").as_bytes()).unwrap();
+        let (a, closed) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a[0].status, 200);
+        assert!(closed, "HTTP/1.0 without keep-alive ends the connection");
+        let mut s = connect(addr);
+        s.write_all(format!("GET /orders/6 HTTP/1.0\r\nConnection: keep-alive\r\n{auth}\r\n").as_bytes()).unwrap();
+        let (a, closed) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a[0].header("connection"), Some("keep-alive"));
+        assert!(!closed);
+
+        // Heads beyond the limits: 431 and the connection ends.
+        let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let mut s = connect(addr);
+        s.write_all(format!("GET /orders/7 HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes()).unwrap();
+        let (a, closed) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a[0].status, 431);
+        assert!(closed);
+        let mut s = connect(addr);
+        let huge = format!("GET /orders/8 HTTP/1.1\r\nHost: a\r\nx-big: {}\r\n", "a".repeat(70 * 1024));
+        let _ = s.write_all(huge.as_bytes());
+        let (a, _) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a.first().map(|a| a.status), Some(431));
+
+        // Not HTTP/1.x: refused.
+        let mut s = connect(addr);
+        s.write_all(b"GET /orders/9 HTTP/3.0\r\nHost: a\r\n\r\n").unwrap();
+        let (a, closed) = read_answers(&mut s, 1, &[]);
+        assert_eq!(a[0].status, 400);
+        assert!(closed);
+    })
+    .await
+    .unwrap();
+    kg.stop().await;
+}

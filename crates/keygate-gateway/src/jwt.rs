@@ -1,0 +1,323 @@
+//! JWT access tokens at the gateway (issue 5): keygate's own (RFC 9068, from this instance's
+//! authorization server) and, when configured, other issuers'. A token is verified with local
+//! keys only — never a key or URL the token names (`jku`, `x5u`, embedded `jwk` are ignored) —
+//! and then cached by the SHA-256 of the token until its `exp`, so each further request costs a
+//! hash and a lookup, not a signature check. Every request, cached or not, is checked against
+//! the revoked `jti`s the change feed delivers ([`TokenIndex::is_jti_revoked`]), so a revoked
+//! JWT is refused on the next request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use keygate_core::Timestamp;
+use keygate_core::jose::{self, Alg, Audience, PublicJwk};
+use keygate_core::scope::Scope;
+use keygate_core::token_format::PUBLIC_ID_LEN;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::index::TokenIndex;
+
+/// Entries kept per cache shard; beyond it, expired entries go, then the shard starts over.
+const SHARD_CAPACITY: usize = 16 * 1024;
+const SHARDS: usize = 16;
+
+/// A verified access token, as the request path needs it.
+#[derive(Debug)]
+pub struct JwtIdentity {
+    /// `exp`, in milliseconds.
+    pub exp_ms: i64,
+    pub jti: Option<Arc<str>>,
+    pub sub: Arc<str>,
+    pub client_id: Option<Arc<str>>,
+    pub scopes: Arc<[Scope]>,
+    /// `cnf.jkt`: the DPoP key the token is bound to.
+    pub jkt: Option<Arc<str>>,
+    /// The issuer, for logs.
+    pub issuer: Arc<str>,
+    /// The app of the client (a claim of keygate's own tokens).
+    pub app_id: Option<Arc<str>>,
+    /// Per-caller limiter state is keyed by this: a digest of the client (or subject).
+    pub limit_key: [u8; PUBLIC_ID_LEN],
+}
+
+impl JwtIdentity {
+    pub fn has_scope(&self, required: &Scope) -> bool {
+        keygate_core::scope::any_covers(&self.scopes, required)
+    }
+}
+
+/// Why a JWT is refused; each maps to an RFC 6750 `invalid_token` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtRefusal {
+    /// Not a JWS, or its header or claims do not parse.
+    Malformed,
+    /// Signed with a key this gateway does not know (a JWKS refetch is asked for).
+    UnknownKey,
+    /// From an issuer this gateway does not accept.
+    UnknownIssuer,
+    BadSignature,
+    /// Wrong `typ`, audience or required claims.
+    Invalid,
+    Expired,
+    NotYetValid,
+    Revoked,
+}
+
+impl JwtRefusal {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed_token",
+            Self::UnknownKey => "unknown_signing_key",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::BadSignature => "invalid_signature",
+            Self::Invalid => "invalid_token_claims",
+            Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
+            Self::Revoked => "token_revoked",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Malformed => "the token is not a well-formed JWT",
+            Self::UnknownKey => "the token is signed with an unknown key",
+            Self::UnknownIssuer => "the token is from an issuer this gateway does not accept",
+            Self::BadSignature => "the token's signature is not valid",
+            Self::Invalid => "the token is not an access token for this API (typ, audience or claims)",
+            Self::Expired => "the token has expired",
+            Self::NotYetValid => "the token is not valid yet",
+            Self::Revoked => "the token was revoked",
+        }
+    }
+}
+
+/// An issuer whose tokens are accepted, with its verification keys by `kid`.
+pub struct Issuer {
+    pub issuer: String,
+    pub audience: String,
+    /// keygate's own tokens are RFC 9068 (`typ` `at+jwt`, `client_id`, `jti`); other issuers'
+    /// may be any JWT with `iss`, `sub`, `aud` and `exp`.
+    pub strict: bool,
+    keys: ArcSwap<HashMap<String, PublicJwk>>,
+    /// Set when a token named a key this issuer does not have; the key fetcher watches it.
+    pub wants_keys: tokio::sync::Notify,
+}
+
+impl Issuer {
+    pub fn new(issuer: &str, audience: &str, strict: bool) -> Self {
+        Self {
+            issuer: issuer.trim_end_matches('/').to_owned(),
+            audience: audience.to_owned(),
+            strict,
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            wants_keys: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Replaces the verification keys (keys without a `kid` are kept under `""`).
+    pub fn set_keys(&self, keys: impl IntoIterator<Item = (String, PublicJwk)>) {
+        self.keys.store(Arc::new(keys.into_iter().collect()));
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.load().len()
+    }
+}
+
+/// The claims read from a token of another issuer.
+#[derive(Deserialize)]
+struct LooseClaims {
+    iss: String,
+    sub: String,
+    aud: Audience,
+    exp: i64,
+    #[serde(default)]
+    nbf: Option<i64>,
+    #[serde(default)]
+    iat: Option<i64>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+    /// Keycloak and others name the client `azp`.
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default, deserialize_with = "cnf_jkt")]
+    cnf: Option<String>,
+}
+
+fn cnf_jkt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Cnf {
+        jkt: Option<String>,
+    }
+    Ok(Option::<Cnf>::deserialize(d)?.and_then(|c| c.jkt))
+}
+
+/// The `iss` of a token, read before its signature to pick the issuer's keys, and keygate's
+/// own `app_id` claim.
+#[derive(Deserialize)]
+struct Peek {
+    iss: Option<String>,
+    #[serde(default)]
+    app_id: Option<String>,
+}
+
+fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
+    let d = Sha256::digest(client_or_sub.as_bytes());
+    let mut k = [0u8; PUBLIC_ID_LEN];
+    k.copy_from_slice(d.get(..PUBLIC_ID_LEN).unwrap_or(&[0; PUBLIC_ID_LEN]));
+    k
+}
+
+/// Verifies JWT access tokens and caches what it verified.
+pub struct JwtVerifier {
+    issuers: Vec<Arc<Issuer>>,
+    leeway_s: i64,
+    cache: Vec<Mutex<HashMap<[u8; 32], Arc<JwtIdentity>>>>,
+}
+
+/// Whether `presented` looks like a JWT (three base64url segments) rather than an API key.
+pub fn looks_like_jwt(presented: &str) -> bool {
+    presented.starts_with("eyJ") && presented.bytes().filter(|b| *b == b'.').count() == 2
+}
+
+impl JwtVerifier {
+    pub fn new(issuers: Vec<Arc<Issuer>>, leeway_s: u32) -> Self {
+        Self {
+            issuers,
+            leeway_s: i64::from(leeway_s),
+            cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    pub fn issuers(&self) -> &[Arc<Issuer>] {
+        &self.issuers
+    }
+
+    /// Checks a token: from the cache when it was verified before, else in full. Revocation is
+    /// checked either way.
+    pub fn verify(&self, token: &str, now: Timestamp, index: &TokenIndex) -> Result<Arc<JwtIdentity>, JwtRefusal> {
+        if token.len() > jose::MAX_TOKEN_LEN {
+            return Err(JwtRefusal::Malformed);
+        }
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let shard = self.cache.get(usize::from(key[0]) % SHARDS);
+        let cached = shard.and_then(|s| s.lock().ok()?.get(&key).cloned());
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let id = Arc::new(self.verify_fully(token, now)?);
+                if let Some(Ok(mut s)) = shard.map(Mutex::lock) {
+                    if s.len() >= SHARD_CAPACITY {
+                        s.retain(|_, v| v.exp_ms > now.as_millis());
+                        if s.len() >= SHARD_CAPACITY {
+                            s.clear();
+                        }
+                    }
+                    s.insert(key, id.clone());
+                }
+                id
+            }
+        };
+        if now.as_millis() >= id.exp_ms.saturating_add(self.leeway_s * 1000) {
+            return Err(JwtRefusal::Expired);
+        }
+        if let Some(jti) = &id.jti
+            && index.is_jti_revoked(jti)
+        {
+            return Err(JwtRefusal::Revoked);
+        }
+        Ok(id)
+    }
+
+    fn verify_fully(&self, token: &str, now: Timestamp) -> Result<JwtIdentity, JwtRefusal> {
+        let jws = jose::split(token).map_err(|_| JwtRefusal::Malformed)?;
+        let payload = jose::b64url_decode(jws.payload_b64()).map_err(|_| JwtRefusal::Malformed)?;
+        let Peek { iss, app_id } = serde_json::from_slice::<Peek>(&payload).map_err(|_| JwtRefusal::Malformed)?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| iss.as_deref().map(|s| s.trim_end_matches('/')) == Some(i.issuer.as_str()))
+            .ok_or(JwtRefusal::UnknownIssuer)?;
+        let kid = jws.header().kid.clone().unwrap_or_default();
+        let key = {
+            let keys = issuer.keys.load();
+            match keys.get(&kid) {
+                Some(k) => k.clone(),
+                None => {
+                    issuer.wants_keys.notify_one();
+                    return Err(JwtRefusal::UnknownKey);
+                }
+            }
+        };
+        let alg: Alg = key.alg();
+        let now_s = now.as_millis() / 1000;
+        let leeway = u32::try_from(self.leeway_s).unwrap_or(0);
+        if issuer.strict {
+            let at = jose::verify_access_token(token, &key, alg, now_s, leeway, &issuer.issuer, &issuer.audience)
+                .map_err(refusal_of)?;
+            let c = at.claims;
+            let scopes: Vec<Scope> = c.scopes().filter_map(|s| Scope::parse(s).ok()).collect();
+            return Ok(JwtIdentity {
+                exp_ms: c.exp.saturating_mul(1000),
+                jti: Some(c.jti.into()),
+                limit_key: limit_key(&c.client_id),
+                sub: c.sub.into(),
+                client_id: Some(c.client_id.into()),
+                scopes: scopes.into(),
+                jkt: c.cnf.and_then(|c| c.jkt).map(Into::into),
+                issuer: issuer.issuer.as_str().into(),
+                app_id: app_id.map(Into::into),
+            });
+        }
+        let verified = jws.verify(&key, alg).map_err(|_| JwtRefusal::BadSignature)?;
+        let typ_ok = verified.header.typ.as_deref().is_none_or(|t| {
+            t.eq_ignore_ascii_case("at+jwt")
+                || t.eq_ignore_ascii_case("application/at+jwt")
+                || t.eq_ignore_ascii_case("jwt")
+        });
+        if !typ_ok {
+            return Err(JwtRefusal::Invalid);
+        }
+        let c: LooseClaims = serde_json::from_slice(&verified.payload).map_err(|_| JwtRefusal::Invalid)?;
+        if c.iss.trim_end_matches('/') != issuer.issuer || !c.aud.contains(&issuer.audience) {
+            return Err(JwtRefusal::Invalid);
+        }
+        if now_s >= c.exp.saturating_add(self.leeway_s) {
+            return Err(JwtRefusal::Expired);
+        }
+        let later = now_s.saturating_add(self.leeway_s);
+        if c.nbf.is_some_and(|n| later < n) || c.iat.is_some_and(|i| i > later) {
+            return Err(JwtRefusal::NotYetValid);
+        }
+        let scopes: Vec<Scope> =
+            c.scope.as_deref().unwrap_or("").split(' ').filter_map(|s| Scope::parse(s).ok()).collect();
+        let client_id = c.client_id.or(c.azp);
+        Ok(JwtIdentity {
+            exp_ms: c.exp.saturating_mul(1000),
+            jti: c.jti.map(Into::into),
+            limit_key: limit_key(&format!("{}\0{}", issuer.issuer, client_id.as_deref().unwrap_or(&c.sub))),
+            sub: c.sub.into(),
+            client_id: client_id.map(Into::into),
+            scopes: scopes.into(),
+            jkt: c.cnf.map(Into::into),
+            issuer: issuer.issuer.as_str().into(),
+            app_id: None,
+        })
+    }
+}
+
+fn refusal_of(e: keygate_core::Error) -> JwtRefusal {
+    match e.code {
+        jose::TOKEN_EXPIRED => JwtRefusal::Expired,
+        jose::TOKEN_NOT_YET_VALID => JwtRefusal::NotYetValid,
+        jose::INVALID_TOKEN_SIGNATURE | jose::INVALID_TOKEN_ALG => JwtRefusal::BadSignature,
+        jose::INVALID_TOKEN => JwtRefusal::Malformed,
+        _ => JwtRefusal::Invalid,
+    }
+}

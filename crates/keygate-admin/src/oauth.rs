@@ -486,6 +486,15 @@ impl OAuth {
         })
     }
 
+    /// Signs a claims set with the instance's current key of `alg` (the gateway's identity
+    /// tokens for upstreams use it). `header_extra` adds header members such as `typ`.
+    pub fn sign(&self, alg: Alg, header_extra: &Value, claims: &Value) -> Result<String> {
+        let signer = self
+            .signer(alg.as_str())
+            .ok_or_else(|| Error::internal(format!("no {} signing key signs now", alg.as_str())))?;
+        signer.sign_claims(header_extra, claims)
+    }
+
     fn signer(&self, alg: &str) -> Option<Arc<SigningKey>> {
         let now = self.now();
         let ring = self.keys.load();
@@ -958,6 +967,8 @@ impl OAuth {
                 self.revoke_opaque(&at.workspace_id, &id, "its refresh-token family was revoked").await?;
             }
         }
+        // The local gateway refuses the family's JWTs before this answers.
+        self.admin.changed().await;
         Ok(())
     }
 
@@ -1264,6 +1275,7 @@ impl OAuth {
             if let Some(id) = TokenId::parse(jti) {
                 self.revoke_opaque(&t.workspace_id, &id, "revoked by its client").await?;
             }
+            self.admin.changed().await;
         }
         Ok(())
     }

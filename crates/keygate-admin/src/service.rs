@@ -205,7 +205,8 @@ impl Admin {
         let _ = self.pending_usage.set(source);
     }
 
-    async fn changed(&self) {
+    /// Tells the hook (the local gateway's index) that something changed, and waits for it.
+    pub(crate) async fn changed(&self) {
         if let Some(h) = self.hook.get() {
             h.catch_up().await;
         }

@@ -134,6 +134,11 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimit>,
     pub cors: Option<CorsConfig>,
     pub health_check: Option<HealthCheckConfig>,
+    /// Send the upstream a short-lived JWT signed by keygate (`Authorization: Bearer`, 60
+    /// seconds, verifiable with keygate's JWKS) that says who called, instead of the caller's
+    /// credential — the "phantom token" pattern: upstreams never see tokens.
+    #[serde(default)]
+    pub identity_token: bool,
     /// For the developer portal: what this API is.
     pub description: Option<String>,
     /// For the developer portal: an OpenAPI document (file path or URL).
@@ -161,6 +166,7 @@ impl RouteConfig {
             rate_limit: None,
             cors: None,
             health_check: None,
+            identity_token: false,
             description: None,
             openapi: None,
         }

@@ -81,7 +81,25 @@ pub struct Gateway {
     pub local: Option<Arc<dyn LocalService>>,
     /// DPoP proofs seen at the gateway, each accepted once (RFC 9449 §11.1).
     pub dpop_replay: ReplayCache,
+    /// Signs the identity tokens of routes with `identity_token`.
+    pub identity: Option<Arc<dyn IdentitySigner>>,
+    /// Identity tokens minted, by caller and route, reused while they have a while to live.
+    pub identity_cache: std::sync::Mutex<std::collections::HashMap<(Box<str>, usize), (Arc<str>, i64)>>,
 }
+
+/// Signs the short-lived identity tokens upstreams receive on routes with `identity_token` (the
+/// phantom-token pattern), with keygate's own signing key.
+pub trait IdentitySigner: Send + Sync {
+    /// The `iss` of the tokens.
+    fn issuer(&self) -> &str;
+    /// A compact JWS of `claims`; `None` if no key signs now.
+    fn sign(&self, claims: &serde_json::Value) -> Option<String>;
+}
+
+/// How long an identity token lives, and how much life it must have left to be reused, in
+/// seconds.
+const IDENTITY_TTL_S: i64 = 60;
+const IDENTITY_REUSE_S: i64 = 15;
 
 /// Requests keygate answers itself on the gateway listener, with the whole (small) body read:
 /// its OAuth endpoints, served by the control plane.
@@ -778,6 +796,7 @@ impl Gateway {
     ) -> Result<Answered, Refuse> {
         let has_body = body.as_ref().is_some_and(|b| !b.is_end_stream());
         let trusted_peer = head.known.forwarded_for && is_trusted(&self.settings.trusted_proxies, &conn.remote.ip());
+        let identity = if route.identity_token { caller.and_then(|c| self.identity_token(c, route)) } else { None };
         let out = UpstreamHead {
             head,
             path,
@@ -786,6 +805,7 @@ impl Gateway {
             conn,
             api_key: self.settings.api_key_header.as_ref(),
             trusted_peer,
+            identity: identity.as_deref(),
         };
         // Upstreams already tried; allocated only when a retry happens.
         let mut tried: Vec<usize> = Vec::new();
@@ -848,6 +868,54 @@ impl Gateway {
                 _ => Refuse::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", "the upstream could not be reached"),
             }
         })
+    }
+
+    /// The identity token for `caller` on `route`: reused from the cache while it has at least
+    /// [`IDENTITY_REUSE_S`] to live, else minted.
+    fn identity_token(&self, caller: &Caller, route: &Route) -> Option<Arc<str>> {
+        let signer = self.identity.as_ref()?;
+        let now_s = self.clock.now().as_millis() / 1000;
+        let (who, sub, extra) = match &caller.who {
+            Identity::Key(t) => (
+                t.token_id().to_string(),
+                t.app_id.to_string(),
+                serde_json::json!({"token_id": t.token_id().to_string(), "workspace_id": &*t.workspace_id}),
+            ),
+            Identity::Jwt(j) => (
+                format!("jwt:{}", j.jti.as_deref().unwrap_or(&j.sub)),
+                j.app_id.as_deref().unwrap_or(&j.sub).to_owned(),
+                serde_json::json!({"token_id": j.jti.as_deref(), "client_id": j.client_id.as_deref(), "token_issuer": &*j.issuer}),
+            ),
+        };
+        let key = (who.into_boxed_str(), route.index);
+        if let Ok(cache) = self.identity_cache.lock()
+            && let Some((jwt, exp)) = cache.get(&key)
+            && *exp - now_s >= IDENTITY_REUSE_S
+        {
+            return Some(jwt.clone());
+        }
+        let scopes: Vec<&str> = caller.scopes().iter().map(Scope::as_str).collect();
+        let mut claims = serde_json::json!({
+            "iss": signer.issuer(),
+            "sub": sub,
+            "aud": format!("keygate-route:{}", route.id),
+            "iat": now_s,
+            "exp": now_s + IDENTITY_TTL_S,
+            "jti": format!("{}.{}.{now_s}", key.0, route.id),
+            "scope": scopes.join(" "),
+            "client_ip": caller.ip.to_string(),
+        });
+        if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+            c.extend(e.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let jwt: Arc<str> = signer.sign(&claims)?.into();
+        if let Ok(mut cache) = self.identity_cache.lock() {
+            if cache.len() > 100_000 {
+                cache.retain(|_, (_, exp)| *exp > now_s);
+            }
+            cache.insert(key, (jwt.clone(), now_s + IDENTITY_TTL_S));
+        }
+        Some(jwt)
     }
 
     /// Counts an answer keygate gave itself: its refusal reason, then as any finished request.
@@ -967,6 +1035,8 @@ pub(crate) struct UpstreamHead<'a, 'h> {
     api_key: Option<&'a HeaderName>,
     /// The socket is a trusted proxy with an `X-Forwarded-For` of its own, which is kept.
     trusted_peer: bool,
+    /// The identity token to send in `Authorization` (routes with `identity_token`).
+    identity: Option<&'a str>,
 }
 
 impl UpstreamHead<'_, '_> {
@@ -1065,6 +1135,11 @@ impl UpstreamHead<'_, '_> {
                 }
                 buf.extend_from_slice(sc.as_str().as_bytes());
             }
+            buf.extend_from_slice(b"\r\n");
+        }
+        if let Some(jwt) = self.identity {
+            buf.extend_from_slice(b"authorization: Bearer ");
+            buf.extend_from_slice(jwt.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
         match framing {
@@ -1264,6 +1339,7 @@ mod tests {
             conn: &conn,
             api_key: Some(&key),
             trusted_peer: false,
+            identity: None,
         };
         let mut buf = Vec::new();
         out.write(&route.upstreams[0], RequestFraming::Length(3), &mut buf);

@@ -98,6 +98,8 @@ pub struct Route {
     pub health_check: Option<HealthCheckConfig>,
     /// The built-in demo route: answered by the gateway itself.
     pub demo: bool,
+    /// Upstreams get a keygate-signed identity JWT instead of the caller's credential.
+    pub identity_token: bool,
     /// For the developer portal: what this API is, and where its OpenAPI document is.
     pub description: Option<String>,
     pub openapi: Option<String>,
@@ -236,6 +238,7 @@ impl RouteTable {
                 cors: c.cors.clone(),
                 health_check: c.health_check.clone(),
                 demo: false,
+                identity_token: c.identity_token,
                 description: c.description.clone(),
                 openapi: c.openapi.clone(),
             }));
@@ -261,6 +264,7 @@ impl RouteTable {
                 cors: None,
                 health_check: None,
                 demo: true,
+                identity_token: false,
                 description: Some(
                     "keygate's built-in demo: answers with the request it saw and the identity keygate attached to it"
                         .into(),

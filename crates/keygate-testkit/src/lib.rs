@@ -44,6 +44,8 @@ pub struct Options {
     pub gateway: Option<keygate::config::GatewayConfig>,
     /// A config file to watch for route changes.
     pub config_path: Option<PathBuf>,
+    /// `[oauth]` settings.
+    pub oauth: Option<keygate::config::OAuthConfig>,
 }
 
 impl TestKeygate {
@@ -65,6 +67,7 @@ impl TestKeygate {
             database_url: opts.database_url,
             routes: opts.routes,
             gateway: opts.gateway.unwrap_or_default(),
+            oauth: opts.oauth.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -132,6 +135,10 @@ impl TestKeygate {
 
     pub fn admin(&self) -> &Arc<keygate_admin::Admin> {
         &self.running().admin
+    }
+
+    pub fn oauth(&self) -> &Arc<keygate_admin::oauth::OAuth> {
+        &self.running().oauth
     }
 
     /// Applies every committed change to the token index now (the background follower does the

@@ -14,7 +14,7 @@ use keygate_core::jose::PublicJwk;
 use keygate_core::model::Actor;
 use keygate_core::secret::TokenSecret;
 use keygate_core::store::Store;
-use keygate_gateway::handler::{ExposureReporter, Gateway, LocalService, Settings, Table};
+use keygate_gateway::handler::{ExposureReporter, Gateway, IdentitySigner, LocalService, Settings, Table};
 use keygate_gateway::index::TokenIndex;
 use keygate_gateway::jwt::{Issuer, JwtVerifier};
 use keygate_gateway::limiter::Limiter;
@@ -126,6 +126,21 @@ impl LocalService for OAuthEndpoints {
     }
 }
 
+/// Signs the identity tokens of `identity_token` routes with the authorization server's key.
+struct IdentityTokens(Arc<OAuth>);
+
+impl IdentitySigner for IdentityTokens {
+    fn issuer(&self) -> &str {
+        &self.0.settings().issuer
+    }
+    fn sign(&self, claims: &serde_json::Value) -> Option<String> {
+        self.0
+            .sign(keygate_core::jose::Alg::EdDSA, &serde_json::json!({"typ": "JWT"}), claims)
+            .map_err(|e| tracing::warn!(error = %e, "cannot sign an identity token"))
+            .ok()
+    }
+}
+
 /// Tells keygate's own issuer at the gateway about the authorization server's keys.
 struct GatewayKeys(Arc<Issuer>);
 
@@ -187,6 +202,8 @@ pub async fn build(
         jwt,
         local,
         dpop_replay: keygate_core::dpop::ReplayCache::new(100_000),
+        identity: oauth.map(|o| Arc::new(IdentityTokens(o)) as Arc<dyn IdentitySigner>),
+        identity_cache: Default::default(),
     }))
 }
 

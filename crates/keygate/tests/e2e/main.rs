@@ -5,6 +5,7 @@
 
 mod dashboard;
 mod gateway;
+mod oauth;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -627,6 +627,34 @@ async function run(browser, kg) {
     check(r.status === 401, `the gateway answered ${r.status} to the revoked token, expected 401`);
   });
 
+  await step('OAuth client: register one on the page of "billing"; the secret, shown once, gets a token', async () => {
+    await goto(owner, '/apps');
+    await clickAndLoad(owner, owner.getByRole('link', { name: 'billing', exact: true }), 'the link "billing" in the apps table');
+    await expectH1(owner, 'billing');
+    ctx.appHref = pathOf(owner);
+    await owner.getByLabel(/refresh token/).check();
+    await owner.getByLabel(/^\s*Access-token lifetime\b/).fill('600');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Register OAuth client' }), 'the "Register OAuth client" button');
+    await expectH1(owner, 'OAuth client registered');
+    const clientId = await textOf(owner, owner.locator('code#client-id'), 'code#client-id');
+    const secret = await textOf(owner, owner.locator('code#client-secret'), 'code#client-secret');
+    await shot(owner, '11-oauth-client-created');
+    const resp = await fetch(`${gatewayBase}/oauth2/token`, {
+      method: 'POST',
+      headers: {
+        authorization: `Basic ${Buffer.from(`${clientId}:${secret}`).toString('base64')}`,
+        'content-type': 'application/x-www-form-urlencoded',
+      },
+      body: 'grant_type=client_credentials',
+    });
+    const text = await resp.text();
+    check(resp.status === 200 && text.includes('"access_token"'), `/oauth2/token answered ${resp.status}: ${text.slice(0, 300)}`);
+    await goto(owner, ctx.appHref);
+    const html = await owner.content();
+    check(html.includes(clientId) && !html.includes(secret), 'the app page shows the client id, and not the secret again');
+    await expectVisible(owner, owner.getByRole('button', { name: 'Rotate secret' }), 'the "Rotate secret" button');
+  });
+
   await step('audit log: lists token.revoke; CSV and JSON exports', async () => {
     await goto(owner, '/audit');
     const row = owner.locator('table tbody tr').filter({ hasText: 'token.revoke' });
@@ -732,7 +760,7 @@ async function run(browser, kg) {
   await step('phone-sized screen: pages fit 390 px without sideways scrolling', async () => {
     currentPage = owner;
     await owner.setViewportSize({ width: 390, height: 844 });
-    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal']) {
+    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', ctx.appHref, '/settings']) {
       await goto(owner, p);
       const overflow = await owner.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       if (overflow > 1) throw new Error(`${p} is ${overflow} px wider than a 390 px screen`);
@@ -750,7 +778,7 @@ async function run(browser, kg) {
     const page = await context.newPage();
     currentPage = page;
     const axePath = path.join(ROOT, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js');
-    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', '/audit', '/members', '/settings', '/portal', '/portal/demo', '/account/security'];
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/account/security'];
     const problems = [];
     for (const p of pages) {
       await goto(page, p);

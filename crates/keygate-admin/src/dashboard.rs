@@ -5,6 +5,7 @@
 //! session and is refused from another origin; pages carry a CSP without `unsafe-inline`.
 
 mod chart;
+mod oauth;
 mod pages;
 mod portal;
 
@@ -42,6 +43,9 @@ pub struct DashboardState {
     /// Where people reach the dashboard (`https://keys.example.com`), for links sent to them;
     /// `None`: the request's host.
     pub public_url: Option<String>,
+    /// The OAuth2 authorization server, for apps' OAuth clients and the signing keys; `None`
+    /// hides those screens.
+    pub oauth: Option<Arc<crate::oauth::OAuth>>,
 }
 
 const TEMPLATES: &[(&str, &str)] = &[
@@ -65,6 +69,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("settings.html", include_str!("../dashboard/templates/settings.html")),
     ("portal.html", include_str!("../dashboard/templates/portal.html")),
     ("api.html", include_str!("../dashboard/templates/api.html")),
+    ("scope_picker.html", include_str!("../dashboard/templates/scope_picker.html")),
+    ("app.html", include_str!("../dashboard/templates/app.html")),
+    ("oauth_client_created.html", include_str!("../dashboard/templates/oauth_client_created.html")),
+    ("signing_keys_rotate.html", include_str!("../dashboard/templates/signing_keys_rotate.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -76,7 +84,16 @@ impl DashboardState {
         for (name, source) in TEMPLATES {
             env.add_template(name, source).map_err(|e| format!("dashboard template {name}: {e}"))?;
         }
-        Ok(Self { admin, accounts, templates: Arc::new(env), secure, gateway_url, catalog: None, public_url: None })
+        Ok(Self {
+            admin,
+            accounts,
+            templates: Arc::new(env),
+            secure,
+            gateway_url,
+            catalog: None,
+            public_url: None,
+            oauth: None,
+        })
     }
 
     /// Sets the dashboard's public URL, used in invitation links.
@@ -88,6 +105,12 @@ impl DashboardState {
     /// Sets the API catalog of the developer portal.
     pub fn with_catalog(mut self, catalog: Arc<dyn crate::catalog::ApiCatalog>) -> Self {
         self.catalog = Some(catalog);
+        self
+    }
+
+    /// Sets the OAuth2 authorization server whose clients and signing keys the dashboard shows.
+    pub fn with_oauth(mut self, oauth: Arc<crate::oauth::OAuth>) -> Self {
+        self.oauth = Some(oauth);
         self
     }
 
@@ -335,7 +358,10 @@ pub fn router(state: DashboardState) -> Router {
         .route("/account/2fa/start", post(pages::totp_start))
         .route("/account/2fa/confirm", post(pages::totp_confirm))
         .route("/apps", get(pages::apps).post(pages::create_app))
+        .route("/apps/{id}", get(oauth::app_page))
         .route("/apps/{id}/plan", post(pages::change_plan))
+        .route("/apps/{id}/oauth-client", post(oauth::create_client))
+        .route("/apps/{id}/oauth-client/rotate", post(oauth::rotate_secret))
         .route("/plan-requests/{id}/approve", post(pages::approve_plan))
         .route("/plan-requests/{id}/deny", post(pages::deny_plan))
         .route("/tokens", get(pages::tokens).post(pages::create_token))
@@ -348,6 +374,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings", get(pages::settings).post(pages::save_settings))
         .route("/settings/plans", post(pages::create_plan))
         .route("/settings/plans/{id}/scopes", post(pages::set_plan_scopes))
+        .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
         .route("/portal", get(portal::catalog))
         .route("/portal/{id}", get(portal::api))
         .route("/portal/{id}/try", post(portal::try_it))

@@ -178,6 +178,7 @@ pub async fn start(
     )
     .map_err(|e| anyhow::anyhow!(e))?
     .with_public_url(cfg.dashboard.public_url.clone())
+    .with_oauth(oauth.clone())
     .with_catalog(Arc::new(crate::catalog::Catalog::new(
         gw.clone(),
         gateway_server.addr,

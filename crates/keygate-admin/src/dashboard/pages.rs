@@ -43,7 +43,7 @@ impl Fields {
     pub(super) fn opt(&self, name: &str) -> Option<&str> {
         Some(self.get(name).trim()).filter(|v| !v.is_empty())
     }
-    fn all(&self, name: &str) -> Vec<String> {
+    pub(super) fn all(&self, name: &str) -> Vec<String> {
         self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect()
     }
 }
@@ -53,7 +53,7 @@ fn client_ip(conn: &ConnectInfo<SocketAddr>) -> Option<String> {
 }
 
 /// A notice from the `msg` query parameter: fixed texts only, nothing reflected.
-fn notice(msg: Option<&str>) -> Value {
+pub(super) fn notice(msg: Option<&str>) -> Value {
     let (kind, text) = match msg.unwrap_or("") {
         "2fa_on" => ("ok", "Two-factor sign-in is on."),
         "app_created" => ("ok", "App created."),
@@ -70,6 +70,10 @@ fn notice(msg: Option<&str>) -> Value {
         "plan_saved" => ("ok", "Plan saved."),
         "plan_requested" => ("ok", "Plan change requested: an admin will approve or deny it."),
         "plan_decided" => ("ok", "Plan request decided."),
+        "keys_rotated" => (
+            "ok",
+            "Signing keys rotated: the new keys are in the JWKS now and sign once the publish-ahead time has passed.",
+        ),
         "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
         _ => return Value::from(()),
     };
@@ -78,15 +82,15 @@ fn notice(msg: Option<&str>) -> Value {
 
 #[derive(Deserialize, Default)]
 pub struct MsgQuery {
-    msg: Option<String>,
+    pub(super) msg: Option<String>,
 }
 
-fn see_other(to: &str) -> Response {
+pub(super) fn see_other(to: &str) -> Response {
     Redirect::to(to).into_response()
 }
 
 /// Apps a developer owns; `None` for roles that see the whole workspace.
-async fn owned_apps(st: &DashboardState, v: &Viewer) -> Result<Option<HashSet<AppId>>, PageError> {
+pub(super) async fn owned_apps(st: &DashboardState, v: &Viewer) -> Result<Option<HashSet<AppId>>, PageError> {
     if v.role != Role::Developer {
         return Ok(None);
     }
@@ -95,7 +99,7 @@ async fn owned_apps(st: &DashboardState, v: &Viewer) -> Result<Option<HashSet<Ap
     Ok(Some(apps.into_iter().collect()))
 }
 
-fn visible(owned: &Option<HashSet<AppId>>, app: &AppId) -> bool {
+pub(super) fn visible(owned: &Option<HashSet<AppId>>, app: &AppId) -> bool {
     owned.as_ref().is_none_or(|o| o.contains(app))
 }
 
@@ -126,7 +130,7 @@ macro_rules! page {
     };
 }
 
-fn ctx_err(v: &Viewer) -> impl Fn(Error) -> PageError + '_ {
+pub(super) fn ctx_err(v: &Viewer) -> impl Fn(Error) -> PageError + '_ {
     move |e| PageError::from_error(e, Some(v))
 }
 
@@ -623,19 +627,10 @@ async fn new_token_inner(
             Some(Box::new(v.clone())),
         ));
     }
-    // The scope catalog, grouped by API (the part before the first colon).
-    let scopes = st.admin.list_scopes(v.workspace()).await.map_err(ctx_err(v))?;
-    let mut groups: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
-    for s in &scopes {
-        let name = s.scope.to_string();
-        // The catalog entry's API, or the part of the scope before its first colon.
-        let api = s.api.clone().unwrap_or_else(|| name.split(':').next().unwrap_or("").to_owned());
-        groups.entry(api).or_default().push(context! { name, description => s.description.clone() });
-    }
-    let groups: Vec<Value> = groups.into_iter().map(|(api, scopes)| context! { api, scopes }).collect();
+    let groups = scope_groups(st, v).await?;
     let policy = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?;
     let form = form.map(|f| {
-        context! { name => f.get("name"), app => f.get("app"), scopes_text => f.get("scopes_text"),
+        context! { name => f.get("name"), app => f.get("app"), scopes_text => f.get("scopes_text"), scopes => f.all("scopes"),
         ip_allowlist => f.get("ip_allowlist"), rate_limit => f.get("rate_limit"), quota => f.get("quota"),
         expiry => f.get("expiry"), expires_on => f.get("expires_on") }
     });
@@ -653,6 +648,37 @@ async fn new_token_inner(
             notice => error.map(|text| context!{ kind => "error", text }),
         },
     ))
+}
+
+/// The scope catalog for the scope picker (`scope_picker.html`), grouped by API; empty when the
+/// workspace has no catalog (the picker is then a text field).
+pub(super) async fn scope_groups(st: &DashboardState, v: &Viewer) -> Result<Vec<Value>, PageError> {
+    let scopes = st.admin.list_scopes(v.workspace()).await.map_err(ctx_err(v))?;
+    let mut groups: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for s in &scopes {
+        let name = s.scope.to_string();
+        // The catalog entry's API, or the part of the scope before its first colon.
+        let api = s.api.clone().unwrap_or_else(|| name.split(':').next().unwrap_or("").to_owned());
+        groups.entry(api).or_default().push(context! { name, description => s.description.clone() });
+    }
+    Ok(groups.into_iter().map(|(api, scopes)| context! { api, scopes }).collect())
+}
+
+/// Where plans need an admin's approval, an app without a plan would let a developer pick any
+/// scope from the catalog: its credentials (tokens, its OAuth client) wait until it is on a plan.
+/// `what` ends the refusal ("before creating its tokens").
+pub(super) async fn developer_may_issue(st: &DashboardState, v: &Viewer, app: &AppId, what: &str) -> Result<(), Error> {
+    if v.role != Role::Developer {
+        return Ok(());
+    }
+    let policy = st.accounts.policy(v.workspace()).await?;
+    if policy.plan_changes_need_approval && st.admin.app(v.workspace(), app).await?.plan_id.is_none() {
+        return Err(Error::invalid(
+            "app_needs_plan",
+            format!("this workspace approves plans: request a plan for this app (Apps → Change plan) {what}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Expiry from the form: a preset number of days, a date, or never.
@@ -701,7 +727,7 @@ fn limits_from(f: &Fields) -> Result<(Option<RateLimit>, Option<Quota>), Error> 
     Ok((rate, quota))
 }
 
-fn scopes_from(f: &Fields) -> Vec<String> {
+pub(super) fn scopes_from(f: &Fields) -> Vec<String> {
     let mut scopes = f.all("scopes");
     scopes.extend(f.get("scopes_text").split_whitespace().map(str::to_owned));
     scopes
@@ -724,17 +750,7 @@ pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedI
         let app = AppId::parse(f.get("app"))
             .filter(|a| visible(&owned, a))
             .ok_or_else(|| Error::invalid("invalid_app", "choose one of your apps"))?;
-        if v.role == Role::Developer {
-            // Where plans need an admin's approval, an app without a plan would let a developer
-            // pick any scope from the catalog: its tokens wait until it is on a plan.
-            let policy = st.accounts.policy(v.workspace()).await?;
-            if policy.plan_changes_need_approval && st.admin.app(v.workspace(), &app).await?.plan_id.is_none() {
-                return Err(Error::invalid(
-                    "app_needs_plan",
-                    "this workspace approves plans: request a plan for this app (Apps → Change plan) before creating its tokens",
-                ));
-            }
-        }
+        developer_may_issue(&st, &v, &app, "before creating its tokens").await?;
         let now = st.admin.now();
         let expires_at = expiry_from(&f, now)?;
         let (rate_limit, quota) = limits_from(&f)?;
@@ -1314,6 +1330,7 @@ async fn settings_inner(
             context! { id => p.id.to_string(), name => p.name.clone(), scopes_text => scopes.join(" "), scopes }
         })
         .collect();
+    let signing_keys = super::oauth::signing_keys(st, v).await?;
     Ok(st.render(
         if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
         "settings.html",
@@ -1325,6 +1342,7 @@ async fn settings_inner(
             require_two_factor => policy.require_two_factor,
             plan_approval => policy.plan_changes_need_approval,
             plans,
+            signing_keys,
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
         },
     ))

@@ -392,6 +392,180 @@ async fn a_token_made_in_the_dashboard_works_at_the_gateway_until_revoked() {
     assert!(page.body.contains("badge revoked") && page.body.contains("leaked in a demo"));
 }
 
+/// `POST /oauth2/token` on the gateway: client credentials with HTTP Basic.
+async fn client_credentials(kg: &TestKeygate, id: &str, secret: &str) -> (StatusCode, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/oauth2/token", kg.gateway_url()))
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_apps_oauth_client_is_registered_and_rotated_from_its_page() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut own = owner(&kg).await;
+    let mut viewer = member(&kg, &mut own, "v@example.com", "viewer").await;
+    let app = create_app(&mut own, "Billing").await;
+    let page_path = format!("/apps/{app}");
+    assert!(own.get("/apps").await.body.contains(&format!("href=\"/apps/{app}\"")), "the apps list links the page");
+    let page = own.get(&page_path).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("Register OAuth client"));
+    assert!(page.body.contains(&format!("{}/oauth2/token", kg.gateway_url())), "the token endpoint is named");
+    let seen = viewer.get(&page_path).await;
+    assert_eq!(seen.status, StatusCode::OK);
+    assert!(!seen.body.contains("Register OAuth client"), "a viewer gets no form");
+
+    // The service's refusals are shown on the form, with what was typed.
+    let action = format!("/apps/{app}/oauth-client");
+    let basic = ("grant_types", "client_credentials");
+    for (form, says) in [
+        (vec![], "choose at least one grant type"),
+        (vec![basic, ("auth_method", "private_key_jwt"), ("jwks", r#"{"keys": []}"#)], "jwks must be a JWK Set"),
+        (vec![basic, ("auth_method", "private_key_jwt"), ("jwks", "not json")], "the JWKS is not valid JSON"),
+        (vec![basic, ("access_token_ttl", "999999")], "access_token_ttl_seconds must be between 1 and 86400"),
+        (vec![basic, ("scopes_text", "Not A Scope")], "scope"),
+    ] {
+        let p = own.submit(&page_path, &action, &form).await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{says}: {}", p.body);
+        assert!(p.body.contains(says) && p.body.contains("notice error"), "{says}: {}", p.body);
+        assert!(p.body.contains("Register OAuth client"), "the form is shown again");
+    }
+    let p = own.submit(&page_path, &action, &[basic, ("auth_method", "private_key_jwt"), ("jwks", "not json")]).await;
+    assert!(p.body.contains(">not json</textarea>") && p.body.contains("value=\"private_key_jwt\" selected"));
+    // The scope picker is the token form's: the catalog's scopes as checkboxes.
+    for scope in ["orders:read", "users:read"] {
+        let body = serde_json::json!({"api": "shop"});
+        let put = kg.client().send(reqwest::Method::PUT, &format!("/admin/v1/scopes/{scope}"), Some(&body)).await;
+        assert_eq!(put.status, StatusCode::OK, "{:?}", put.body);
+    }
+    let p = own.submit(&page_path, &action, &[basic, ("scopes", "orders:read"), ("access_token_ttl", "0")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("value=\"orders:read\" checked") && !p.body.contains("value=\"users:read\" checked"));
+
+    // Registered: the client id, and the secret shown once.
+    let p = own
+        .submit(
+            &page_path,
+            &action,
+            &[
+                basic,
+                ("grant_types", "refresh_token"),
+                ("scopes", "orders:read"),
+                ("auth_method", "client_secret_basic"),
+                ("access_token_format", "jwt"),
+                ("signing_alg", "EdDSA"),
+                ("access_token_ttl", "600"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    assert_eq!(p.headers["cache-control"], "no-store");
+    assert!(p.body.contains("Copy this client secret now"));
+    let client_id = p.between("id=\"client-id\" class=\"secret\">", "<");
+    let secret = p.between("id=\"client-secret\" class=\"secret\">", "<");
+    let page = own.get(&page_path).await;
+    assert!(page.body.contains(&client_id) && !page.body.contains(&secret), "the secret is not shown again");
+    assert!(page.body.contains(&format!("…{}", &secret[secret.len() - 4..])), "its last four are");
+    assert!(page.body.contains("Rotate secret") && !page.body.contains("Register OAuth client"));
+    assert!(page.body.contains("<code>orders:read</code>") && page.body.contains("JWT signed EdDSA, valid 600 s"));
+    let seen = viewer.get(&page_path).await.body;
+    assert!(seen.contains(&client_id) && !seen.contains("Rotate secret"), "a viewer sees the client, not the form");
+
+    // It works at the gateway's token endpoint.
+    let (status, t) = client_credentials(&kg, &client_id, &secret).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert!(t["access_token"].as_str().is_some_and(|a| a.split('.').count() == 3), "a JWT: {t}");
+    assert_eq!((t["expires_in"].as_u64(), t["scope"].as_str()), (Some(600), Some("orders:read")));
+    assert!(t["refresh_token"].is_string(), "the refresh grant was chosen: {t}");
+    let p = own.submit(&page_path, &action, &[basic]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("already an OAuth client"), "{}", p.body);
+
+    // Rotation: the old secret works for the grace period, then not.
+    let rotate = format!("/apps/{app}/oauth-client/rotate");
+    let p = viewer.submit(&page_path, &rotate, &[("grace", "3600")]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "a viewer cannot rotate");
+    let p = own.submit(&page_path, &rotate, &[("grace", "5")]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("choose one of the grace periods"));
+    let p = own.submit(&page_path, &rotate, &[("grace", "3600")]).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    assert!(p.body.contains("Client secret rotated") && p.body.contains("keeps working only for the grace period"));
+    let rotated = p.between("id=\"client-secret\" class=\"secret\">", "<");
+    assert_ne!(rotated, secret);
+    assert_eq!(client_credentials(&kg, &client_id, &rotated).await.0, StatusCode::OK);
+    assert_eq!(client_credentials(&kg, &client_id, &secret).await.0, StatusCode::OK, "within the grace period");
+    assert!(own.get(&page_path).await.between("id=\"previous-secret\">", "</td>").starts_with("works until"));
+    kg.clock.advance_seconds(3601);
+    assert_eq!(client_credentials(&kg, &client_id, &secret).await.0, StatusCode::UNAUTHORIZED, "after it");
+    assert_eq!(client_credentials(&kg, &client_id, &rotated).await.0, StatusCode::OK);
+    // (The session ended while idle.)
+    let p = own.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+    assert_eq!(p.location.as_deref(), Some("/"));
+    assert!(own.get(&page_path).await.between("id=\"previous-secret\">", "</td>").starts_with("stopped working"));
+    for action in ["oauth_client.create", "oauth_client.rotate_secret"] {
+        let audit = own.get(&format!("/audit?action={action}")).await.body;
+        assert!(audit.contains(&format!(">{action}<")) && audit.contains("Olivia"), "{action} by the owner: {audit}");
+    }
+    let csv = own.get("/audit/export.csv").await.body;
+    assert!(!csv.contains(&secret) && !csv.contains(&rotated), "no secret in the audit trail");
+
+    // A private_key_jwt client has no secret to show or rotate.
+    let signer = create_app(&mut own, "Signer").await;
+    let key = keygate_core::jose::SigningKey::generate(keygate_core::jose::Alg::ES256, "k1").unwrap();
+    let jwks = format!("{{\"keys\": [{}]}}", key.public_jwk().to_json());
+    let form = [basic, ("auth_method", "private_key_jwt"), ("jwks", jwks.as_str())];
+    let p = own.submit(&format!("/apps/{signer}"), &format!("/apps/{signer}/oauth-client"), &form).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    assert!(p.body.contains("it has no secret") && !p.body.contains("id=\"client-secret\""));
+    let page = own.get(&format!("/apps/{signer}")).await.body;
+    assert!(page.contains("(1 registered key)") && !page.contains("Rotate secret"), "{page}");
+}
+
+#[tokio::test]
+async fn owners_rotate_the_signing_keys_from_the_settings() {
+    let kg = TestKeygate::start().await.unwrap();
+    let mut own = owner(&kg).await;
+    let mut admin = member(&kg, &mut own, "a@example.com", "admin").await;
+    let settings = own.get("/settings").await;
+    assert!(settings.body.contains("Signing keys"), "{}", settings.body);
+    assert_eq!(settings.body.matches("<tr><td><code>eddsa-").count(), 1, "the key made at start");
+    assert!(settings.body.contains("badge active\">signing<"));
+    assert_eq!(admin.get("/settings/signing-keys/rotate").await.status, StatusCode::FORBIDDEN);
+    let p = admin.submit("/", "/settings/signing-keys/rotate", &[]).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "admins cannot rotate the instance's keys");
+
+    let confirm = own.get("/settings/signing-keys/rotate").await;
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(
+        confirm.body.contains("Rotate the signing keys?")
+            && confirm.body.contains("action=\"/settings/signing-keys/rotate\"")
+    );
+    let p = own.submit("/settings/signing-keys/rotate", "/settings/signing-keys/rotate", &[]).await;
+    assert_eq!(p.location.as_deref(), Some("/settings?msg=keys_rotated"), "{}", p.body);
+    let settings = own.get("/settings?msg=keys_rotated").await.body;
+    assert!(settings.contains("Signing keys rotated"));
+    assert_eq!(settings.matches("<tr><td><code>eddsa-").count(), 2, "the new key is published beside the old");
+    assert!(settings.contains("published, signs later") && settings.contains("badge active\">signing<"));
+    let keys = kg.client().get("/admin/v1/oauth/keys").await;
+    let data = keys.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(
+        data.iter().filter(|k| k["retired_at"].is_string()).count(),
+        1,
+        "the old key retires when the new signs"
+    );
+    for action in ["oauth.signing_key.create", "oauth.signing_key.retire"] {
+        let audit = own.get(&format!("/audit?action={action}")).await.body;
+        assert!(audit.contains(&format!(">{action}<")) && audit.contains("Olivia"), "{action} by the owner: {audit}");
+    }
+}
+
 #[tokio::test]
 async fn the_portal_lists_apis_renders_their_openapi_and_tries_them() {
     let upstream = keygate_testkit::MockUpstream::start().await.unwrap();
@@ -527,6 +701,15 @@ async fn plan_changes_wait_for_an_admin_when_the_workspace_says_so() {
     let app2 = create_app(&mut dev, "Second").await;
     let p = dev.submit("/tokens/new", "/tokens", &[("name", "early"), ("app", &app2), ("expiry", "30d")]).await;
     assert!(p.body.contains("request a plan for this app"), "no tokens before the app is on a plan");
+    let p = dev
+        .submit(
+            &format!("/apps/{app2}"),
+            &format!("/apps/{app2}/oauth-client"),
+            &[("grant_types", "client_credentials")],
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("request a plan for this app"), "nor an OAuth client");
     let p = dev.submit("/apps", &format!("/apps/{app2}/plan"), &[("plan", &plan_id), ("note", "launch week")]).await;
     assert_eq!(p.location.as_deref(), Some("/apps?msg=plan_requested"));
     let apps = dev.get("/apps").await;
@@ -578,8 +761,10 @@ async fn the_role_action_matrix() {
     };
     let roles: [(char, &mut Browser); 5] = [('O', &mut o), ('A', &mut a), ('D', &mut d), ('d', &mut d2), ('V', &mut v)];
     // Expected statuses in the order O, A, D, d, V.
-    let reads: [(&str, String, [u16; 5]); 9] = [
+    let reads: [(&str, String, [u16; 5]); 11] = [
         ("GET /", "/".into(), [200; 5]),
+        ("GET /apps/{D's}", format!("/apps/{app}"), [200, 200, 200, 404, 200]),
+        ("GET /settings/signing-keys/rotate", "/settings/signing-keys/rotate".into(), [200, 403, 403, 403, 403]),
         ("GET /tokens", "/tokens".into(), [200; 5]),
         ("GET /tokens/{D's}", format!("/tokens/{tok}"), [200, 200, 200, 404, 200]),
         // The other developer has no app yet: the page says to create one first.
@@ -642,6 +827,20 @@ async fn the_role_action_matrix() {
             b.submit("/portal/demo", "/portal/demo/try", &[("method", "GET"), ("path", "/demo/echo")]).await.status;
         check("POST /portal/demo/try", *who, got, [200, 200, 200, 200, 403][i]);
     }
+    // OAuth clients: each role registers one for a fresh app of D's, and rotates the secret of
+    // the client of another app of D's.
+    let client_app = create_app(&mut *roles[2].1, "client app of D").await;
+    let form = [("grant_types", "client_credentials")];
+    let p = roles[2].1.submit("/", &format!("/apps/{client_app}/oauth-client"), &form).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    for i in 0..5 {
+        let fresh = create_app(&mut *roles[2].1, &format!("app {i} of D")).await;
+        let (who, b) = &mut roles[i];
+        let got = b.submit("/", &format!("/apps/{fresh}/oauth-client"), &form).await.status;
+        check("POST /apps/{D's}/oauth-client", *who, got, [200, 200, 200, 404, 403][i]);
+        let got = b.submit("/", &format!("/apps/{client_app}/oauth-client/rotate"), &[("grace", "3600")]).await.status;
+        check("POST …/oauth-client/rotate", *who, got, [200, 200, 200, 404, 403][i]);
+    }
     // Owner-only changes.
     for (i, (who, b)) in roles.iter_mut().enumerate() {
         let want = [200, 403, 403, 403, 403][i];
@@ -654,6 +853,8 @@ async fn the_role_action_matrix() {
         check("POST /settings", *who, b.submit("/", "/settings", &[]).await.status, want);
         let got = b.submit("/", &format!("/members/{d2_id}/role"), &[("role", "developer")]).await.status;
         check("POST /members/{id}/role", *who, got, want);
+        let got = b.submit("/", "/settings/signing-keys/rotate", &[]).await.status;
+        check("POST /settings/signing-keys/rotate", *who, got, want);
     }
     // Deciding plan requests: admins and owners only.
     o.submit("/settings", "/settings", &[("plan_changes_need_approval", "on")]).await;

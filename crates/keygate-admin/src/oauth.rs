@@ -625,6 +625,12 @@ impl OAuth {
         app_id: &AppId,
         grace_seconds: u64,
     ) -> Result<(OAuthClient, TokenSecret)> {
+        if grace_seconds > self.admin.max_grace_period_seconds() {
+            return Err(Error::invalid(
+                "invalid_grace_period",
+                format!("grace_period_seconds is at most {}", self.admin.max_grace_period_seconds()),
+            ));
+        }
         let mut client = self.client_for_app(ws, app_id).await?;
         if !client.auth_method.uses_secret() {
             return Err(Error::invalid(

@@ -225,6 +225,11 @@ impl Admin {
         self.rng.fill(dest)
     }
 
+    /// The longest grace period a rotation may ask for (tokens, client secrets).
+    pub fn max_grace_period_seconds(&self) -> u64 {
+        self.settings.max_grace_period_seconds
+    }
+
     /// The configured CSPRNG.
     pub fn rng(&self) -> &dyn Randomness {
         &*self.rng

@@ -81,13 +81,16 @@ pub(crate) async fn serve<R, W>(
     let mut began: Option<Instant> = None;
     let mut idle_time = Deadline::new();
     let mut stopping = shutdown.waiter();
+    // When the current request began (its first bytes were read); the keep-alive wait after a
+    // request runs from there, which saves reading the clock again.
+    let mut start = Instant::now();
     loop {
         if rbuf.is_empty() {
             if shutdown.is_set() {
                 return;
             }
             reserve(&mut rbuf);
-            let deadline = tokio::time::Instant::now() + timeouts.keep_alive;
+            let deadline = tokio::time::Instant::from_std(start) + timeouts.keep_alive;
             let read = tokio::select! {
                 biased;
                 r = idle_time.run(deadline, rd.read_buf(&mut rbuf)) => matches!(r, Some(Ok(n)) if n > 0),
@@ -96,6 +99,7 @@ pub(crate) async fn serve<R, W>(
             if !read {
                 return;
             }
+            start = Instant::now();
         }
         // The route table of this request: the connection keeps its own reference and renews
         // it when a reload swapped the table (no shared reference count touched per request).
@@ -105,7 +109,8 @@ pub(crate) async fn serve<R, W>(
                 table = arc_swap::Guard::into_inner(cur);
             }
         }
-        let served = request(&gw, &table, info, &rbuf, &mut rd, &mut wr, &mut body_buf, &mut out, &shutdown).await;
+        let served =
+            request(&gw, &table, info, start, &rbuf, &mut rd, &mut wr, &mut body_buf, &mut out, &shutdown).await;
         match served {
             Ok(Served::Partial) => {
                 let refusal = if rbuf.len() >= MAX_HEAD {
@@ -314,6 +319,7 @@ async fn request<R, W>(
     gw: &Arc<Gateway>,
     table: &Arc<Table>,
     info: ConnInfo,
+    start: Instant,
     rbuf: &[u8],
     rd: &mut R,
     wr: &mut W,
@@ -325,7 +331,6 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let start = Instant::now();
     let now = gw.clock.now();
     let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
@@ -445,7 +450,7 @@ where
             continue_to: if expect { Some(&mut *wr) } else { None },
         });
         let mut sink = H1Sink { out };
-        gw.exchange(table, route, &head, &path, caller.as_ref(), &info, &mut body, &state, &mut sink).await
+        gw.exchange(table, route, &head, &path, caller.as_ref(), &info, start, &mut body, &state, &mut sink).await
     };
     let body_read = state.finished.load(Ordering::Relaxed);
     let bytes_in = state.seen.load(Ordering::Relaxed);

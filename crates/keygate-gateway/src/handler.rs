@@ -84,8 +84,11 @@ pub struct Gateway {
     /// Signs the identity tokens of routes with `identity_token`.
     pub identity: Option<Arc<dyn IdentitySigner>>,
     /// Identity tokens minted, by caller and route, reused while they have a while to live.
-    pub identity_cache: std::sync::Mutex<std::collections::HashMap<(Box<str>, usize), (Arc<str>, i64)>>,
+    pub identity_cache: IdentityCache,
 }
+
+/// Identity tokens by (caller, route position): the token and its `exp` (seconds).
+pub type IdentityCache = std::sync::Mutex<std::collections::HashMap<(Box<str>, usize), (Arc<str>, i64)>>;
 
 /// Signs the short-lived identity tokens upstreams receive on routes with `identity_token` (the
 /// phantom-token pattern), with keygate's own signing key.
@@ -472,7 +475,7 @@ impl Gateway {
         let mut sink = MapSink::default();
         let line = self.line(&head.method, &path);
         match self
-            .exchange(&table, route, &head, &path, caller.as_ref(), &conn, &mut upstream_body, &state, &mut sink)
+            .exchange(&table, route, &head, &path, caller.as_ref(), &conn, start, &mut upstream_body, &state, &mut sink)
             .await
         {
             Ok(answered) => {
@@ -518,13 +521,16 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Decision<'t, 'h> {
-        if let Err(r) = check_framing(head) {
-            return Decision::Answer { answer: r.answer(), refusal: Some(r.code), route: None, caller: None };
-        }
+        let checked = check_framing(head).and_then(|()| {
+            normalize_path(head.path).map_err(|e| Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
+        });
+        let path = match checked {
+            Ok(p) => p,
+            Err(r) => return Decision::Answer { answer: r.answer(), refusal: Some(r.code), route: None, caller: None },
+        };
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
-            && let Ok(path) = normalize_path(head.path)
             && let Some(route) = table.routes.find(head.host(), &path)
             && let Some(cors) = &route.cors
         {
@@ -547,12 +553,11 @@ impl Gateway {
             }
         }
         if let Some(local) = &self.local
-            && let Ok(path) = normalize_path(head.path)
             && local.serves(&path)
         {
             return Decision::Local(local.clone());
         }
-        match self.admit(table, conn, head, now, extra) {
+        match self.admit(table, conn, head, path, now, extra) {
             Ok((route, caller, path)) if route.demo => {
                 let answer = demo_echo(head, caller.as_ref(), &self.index);
                 let _ = path;
@@ -573,11 +578,10 @@ impl Gateway {
         table: &'t Table,
         conn: ConnInfo,
         head: &ReqHead<'h>,
+        path: Cow<'h, str>,
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Result<(&'t Route, Option<Caller>, Cow<'h, str>), (Option<&'t Route>, Option<Caller>, Refuse)> {
-        let path = normalize_path(head.path)
-            .map_err(|e| (None, None, Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())))?;
         let Some(route) = table.routes.find(head.host(), &path) else {
             return Err((
                 None,
@@ -790,6 +794,7 @@ impl Gateway {
         path: &str,
         caller: Option<&Caller>,
         conn: &ConnInfo,
+        start: Instant,
         body: &mut Option<B>,
         state: &BodyState,
         sink: &mut S,
@@ -823,7 +828,7 @@ impl Gateway {
                 body,
                 sink,
                 route.connect_timeout,
-                route.request_timeout,
+                tokio::time::Instant::from_std(start) + route.request_timeout,
             )
             .await
             {

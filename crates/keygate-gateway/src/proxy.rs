@@ -43,7 +43,9 @@ const MAX_CHUNK_LINE: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
 
 thread_local! {
-    static POOL: RefCell<HashMap<Arc<str>, Vec<Conn>>> = RefCell::new(HashMap::new());
+    /// Keyed by upstream authority (configured, not chosen by callers), so a fast hash will do.
+    static POOL: RefCell<HashMap<Arc<str>, Vec<Conn>, foldhash::fast::FixedState>> =
+        RefCell::new(HashMap::with_hasher(foldhash::fast::FixedState::default()));
 }
 
 /// Why forwarding failed.
@@ -686,7 +688,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
     body: &mut Option<B>,
     sink: &mut S,
     connect_timeout: Duration,
-    answer_timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Answered, SendError> {
     let authority = &upstream.authority;
     let (mut conn, mut pooled) = match checkout(authority) {
@@ -706,7 +708,6 @@ pub async fn send<B: BodySource, S: HeadSink>(
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
     }
-    let deadline = tokio::time::Instant::now() + answer_timeout;
     let result = loop {
         let attempt = exchange(&mut conn.stream, &mut conn.buf, &head, body, framing, method, sink);
         match conn.timer.run(deadline, attempt).await {

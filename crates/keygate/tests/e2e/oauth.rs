@@ -39,7 +39,13 @@ async fn client(kg: &TestKeygate, body: Value) -> (String, String, String) {
 }
 
 /// `POST /oauth2/token` on the gateway with HTTP Basic client authentication.
-async fn token(kg: &TestKeygate, id: &str, secret: &str, form: &[(&str, &str)], dpop: Option<String>) -> (StatusCode, Value) {
+async fn token(
+    kg: &TestKeygate,
+    id: &str,
+    secret: &str,
+    form: &[(&str, &str)],
+    dpop: Option<String>,
+) -> (StatusCode, Value) {
     let mut req = http().post(format!("{}/oauth2/token", kg.gateway_url())).basic_auth(id, Some(secret)).form(form);
     if let Some(p) = dpop {
         req = req.header("dpop", p);
@@ -50,7 +56,13 @@ async fn token(kg: &TestKeygate, id: &str, secret: &str, form: &[(&str, &str)], 
     (status, resp.json().await.unwrap())
 }
 
-async fn call(kg: &TestKeygate, method: reqwest::Method, path: &str, auth: &str, dpop: Option<String>) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+async fn call(
+    kg: &TestKeygate,
+    method: reqwest::Method,
+    path: &str,
+    auth: &str,
+    dpop: Option<String>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
     let mut req = http().request(method, format!("{}{path}", kg.gateway_url())).header("authorization", auth);
     if let Some(p) = dpop {
         req = req.header("dpop", p);
@@ -212,15 +224,30 @@ async fn dpop_bound_tokens_and_api_keys_need_a_fresh_proof_of_their_key() {
     assert_eq!(call(&kg, reqwest::Method::GET, "/orders/1", &auth, Some(first.clone())).await.0, StatusCode::OK);
     for (what, dpop, authz, code) in [
         ("replayed", Some(first.clone()), auth.clone(), "invalid_dpop_proof"),
-        ("another method", Some(proof(&key, "POST", &url, Some(&at), "r-2", now)), auth.clone(), "dpop_method_mismatch"),
+        (
+            "another method",
+            Some(proof(&key, "POST", &url, Some(&at), "r-2", now)),
+            auth.clone(),
+            "dpop_method_mismatch",
+        ),
         (
             "another URL",
             Some(proof(&key, "GET", &format!("{}/orders/2", kg.gateway_url()), Some(&at), "r-3", now)),
             auth.clone(),
             "dpop_url_mismatch",
         ),
-        ("another key", Some(proof(&SigningKey::generate(Alg::ES256, "").unwrap(), "GET", &url, Some(&at), "r-4", now)), auth.clone(), "dpop_key_mismatch"),
-        ("another token's hash", Some(proof(&key, "GET", &url, Some("other"), "r-5", now)), auth.clone(), "dpop_ath_mismatch"),
+        (
+            "another key",
+            Some(proof(&SigningKey::generate(Alg::ES256, "").unwrap(), "GET", &url, Some(&at), "r-4", now)),
+            auth.clone(),
+            "dpop_key_mismatch",
+        ),
+        (
+            "another token's hash",
+            Some(proof(&key, "GET", &url, Some("other"), "r-5", now)),
+            auth.clone(),
+            "dpop_ath_mismatch",
+        ),
         ("too old", Some(proof(&key, "GET", &url, Some(&at), "r-6", now - 3600)), auth.clone(), "dpop_proof_expired"),
         ("as Bearer", None, format!("Bearer {at}"), "invalid_token"),
         ("no proof", None, auth.clone(), "invalid_dpop_proof"),
@@ -232,11 +259,15 @@ async fn dpop_bound_tokens_and_api_keys_need_a_fresh_proof_of_their_key() {
 
     // An API key bound to a DPoP key: useless without the private key.
     let jkt = key.public_jwk().thumbprint();
-    let (_, api_key) = kg.client().create_token(&json!({"name": "bound", "scopes": ["orders:read"], "dpop_jkt": jkt})).await;
+    let (_, api_key) =
+        kg.client().create_token(&json!({"name": "bound", "scopes": ["orders:read"], "dpop_jkt": jkt})).await;
     let (s, _, body) = call(&kg, reqwest::Method::GET, "/orders/1", &format!("Bearer {api_key}"), None).await;
     assert_eq!((s, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_token")));
     let p = proof(&key, "GET", &url, Some(&api_key), "k-1", now);
-    assert_eq!(call(&kg, reqwest::Method::GET, "/orders/1", &format!("DPoP {api_key}"), Some(p)).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&kg, reqwest::Method::GET, "/orders/1", &format!("DPoP {api_key}"), Some(p)).await.0,
+        StatusCode::OK
+    );
     kg.stop().await;
 }
 
@@ -274,7 +305,13 @@ async fn tokens_of_a_trusted_issuer_are_verified_with_its_fetched_keys() {
     // The identity provider: its JWKS on a local server.
     let idp_key = SigningKey::generate(Alg::ES256, "idp-1").unwrap();
     let jwks = json!({"keys": [serde_json::from_str::<Value>(&idp_key.public_jwk().to_json()).unwrap()]});
-    let app = axum::Router::new().route("/jwks", get(move || { let j = jwks.clone(); async move { axum::Json(j) } }));
+    let app = axum::Router::new().route(
+        "/jwks",
+        get(move || {
+            let j = jwks.clone();
+            async move { axum::Json(j) }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let idp = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -304,9 +341,17 @@ async fn tokens_of_a_trusted_issuer_are_verified_with_its_fetched_keys() {
     assert_eq!(seen["headers"]["x-keygate-subject"], "user-7");
     assert_eq!(seen["headers"]["x-keygate-app-id"], "web-app");
     // Its tokens for another audience, or signed by a key it does not publish, are refused.
-    let other_aud = idp_key.sign_claims(&json!({}), &json!({"iss": "https://idp.example", "sub": "u", "aud": "x", "exp": now + 60})).unwrap();
-    assert_eq!(call(&kg, reqwest::Method::GET, "/orders/1", &format!("Bearer {other_aud}"), None).await.0, StatusCode::UNAUTHORIZED);
+    let other_aud = idp_key
+        .sign_claims(&json!({}), &json!({"iss": "https://idp.example", "sub": "u", "aud": "x", "exp": now + 60}))
+        .unwrap();
+    assert_eq!(
+        call(&kg, reqwest::Method::GET, "/orders/1", &format!("Bearer {other_aud}"), None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let rogue = SigningKey::generate(Alg::ES256, "idp-1").unwrap().sign_claims(&json!({}), &claims).unwrap();
-    assert_eq!(call(&kg, reqwest::Method::GET, "/orders/1", &format!("Bearer {rogue}"), None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&kg, reqwest::Method::GET, "/orders/1", &format!("Bearer {rogue}"), None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     kg.stop().await;
 }

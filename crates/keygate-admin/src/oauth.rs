@@ -478,10 +478,10 @@ impl OAuth {
             "grant_types_supported": GrantType::ALL.map(GrantType::as_str),
             "response_types_supported": [],
             "token_endpoint_auth_methods_supported": auth_methods,
-            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256"],
+            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "Ed25519", "ES256"],
             "introspection_endpoint_auth_methods_supported": auth_methods,
             "revocation_endpoint_auth_methods_supported": auth_methods,
-            "dpop_signing_alg_values_supported": ["EdDSA", "ES256"],
+            "dpop_signing_alg_values_supported": ["EdDSA", "Ed25519", "ES256"],
             "access_token_signing_alg_values_supported": ["EdDSA", "ES256"],
         })
     }
@@ -1260,10 +1260,13 @@ impl OAuth {
         let now = self.now();
         let actor = actor_of(&client);
         let store = self.admin.store();
+        let foreign = || OAuthError::new(400, "unauthorized_client", "the token was issued to another client");
         if token_format::parse(token, &self.refresh_prefix).is_ok() {
-            if let Some(rt) = store.refresh_token(&self.admin.hash(token)).await?
-                && rt.client_id == client.client_id
-            {
+            if let Some(rt) = store.refresh_token(&self.admin.hash(token)).await? {
+                // RFC 7009 §2.1: a token of another client is refused, and left alone.
+                if rt.client_id != client.client_id {
+                    return Err(foreign());
+                }
                 let audit =
                     NewAuditEvent::new(&rt.workspace_id, &actor, "oauth.refresh_token.revoke", &rt.family_id, now)
                         .with_after(json!({"client_id": rt.client_id, "family_id": rt.family_id}));
@@ -1273,7 +1276,7 @@ impl OAuth {
         }
         let Some(t) = self.active_token(token).await? else { return Ok(()) };
         if t.client_id.as_deref() != Some(client.client_id.as_str()) {
-            return Ok(()); // RFC 7009 §2.1: another client's token is left alone.
+            return Err(foreign());
         }
         if let Some(jti) = &t.jti {
             let audit = NewAuditEvent::new(&t.workspace_id, &actor, "oauth.access_token.revoke", jti, now);

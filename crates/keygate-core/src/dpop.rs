@@ -110,10 +110,76 @@ pub fn ath(access_token: &str) -> String {
     jose::sha256_b64url(access_token.as_bytes())
 }
 
-/// The URI without its query and fragment.
-fn strip_query(uri: &str) -> &str {
+/// The URI without its query and fragment, normalized as RFC 9449 §4.3 asks (RFC 3986 §6.2.2
+/// and §6.2.3): scheme and host in lowercase, the scheme's default port left out, an empty path
+/// as `/`, percent-escapes of unreserved characters decoded and the others in uppercase, and
+/// `.` and `..` segments resolved. So `HTTP://Example.com:80/a/%7Euser/./b` and
+/// `http://example.com/a/~user/b` are the same `htu`.
+pub fn normalize_htu(uri: &str) -> String {
     let end = uri.find(['?', '#']).unwrap_or(uri.len());
-    &uri[..end]
+    let uri = uri.get(..end).unwrap_or(uri);
+    let Some((scheme, rest)) = uri.split_once("://") else { return uri.to_owned() };
+    let scheme = scheme.to_ascii_lowercase();
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let mut authority = authority.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" => Some(":80"),
+        "https" => Some(":443"),
+        _ => None,
+    };
+    if let Some(port) = default
+        && authority.ends_with(port)
+    {
+        authority.truncate(authority.len() - port.len());
+    }
+    // Percent-escapes: unreserved characters decoded, the rest with uppercase hex.
+    let mut decoded = String::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, hex) {
+            (b'%', Some(v)) if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
+                decoded.push(char::from(v));
+                i += 3;
+            }
+            (b'%', Some(v)) => {
+                decoded.push_str(&format!("%{v:02X}"));
+                i += 3;
+            }
+            _ => {
+                decoded.push(char::from(b));
+                i += 1;
+            }
+        }
+    }
+    // Dot segments (RFC 3986 §5.2.4).
+    let mut segments: Vec<&str> = Vec::new();
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    for seg in decoded.split('/').skip(1) {
+        match seg {
+            "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len() + 1);
+    for s in &segments {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || (trailing && !path.ends_with('/')) {
+        path.push('/');
+    }
+    format!("{scheme}://{authority}{path}")
 }
 
 /// Verifies a DPoP proof against the request (RFC 9449 §4.3 checks 1–12, the replay check
@@ -149,7 +215,7 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof
     if htm != check.method {
         return Err(err(DPOP_METHOD_MISMATCH, "the proof is for another HTTP method"));
     }
-    if strip_query(&htu) != strip_query(check.uri) {
+    if normalize_htu(&htu) != normalize_htu(check.uri) {
         return Err(err(DPOP_URL_MISMATCH, "the proof is for another URL"));
     }
     if check.now.saturating_sub(iat) > i64::from(check.max_age) {

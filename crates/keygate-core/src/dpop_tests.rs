@@ -282,3 +282,25 @@ fn the_replay_cache_accepts_each_jti_once_and_stays_bounded() {
     assert!(!c.first_use("b", 40, 20));
     assert!(c.first_use("b", 300, 30), "an expired jti may come again");
 }
+
+#[test]
+fn htu_is_compared_after_normalization() {
+    let same = [
+        ("HTTP://Example.COM:80/a/%7Euser/./b?q=1#f", "http://example.com/a/~user/b"),
+        ("https://h:443", "https://h/"),
+        ("http://h/a/../b/%2f", "http://h/b/%2F"),
+        ("http://h/x/.", "http://h/x/"),
+    ];
+    for (a, b) in same {
+        assert_eq!(normalize_htu(a), normalize_htu(b), "{a} vs {b}");
+    }
+    let different = [
+        ("http://h/a", "https://h/a"),
+        ("http://h:8080/a", "http://h/a"),
+        ("http://h/a", "http://h/A"),
+        ("http://h/a%2Fb", "http://h/a/b"),
+    ];
+    for (a, b) in different {
+        assert_ne!(normalize_htu(a), normalize_htu(b), "{a} vs {b}");
+    }
+}

@@ -169,13 +169,14 @@ impl Alg {
         }
     }
 
-    /// Parses a JOSE `alg` name; `invalid_token_alg` for anything but `EdDSA` and `ES256`
-    /// (exact, case-sensitive, as RFC 7515 says).
+    /// Parses a JOSE `alg` name; `invalid_token_alg` for anything but `EdDSA` (also under its
+    /// fully-specified name `Ed25519`, RFC 9864 §2.2, which newer clients send) and `ES256`
+    /// (exact, case-sensitive, as RFC 7515 says). keygate itself signs as `EdDSA`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
-            "EdDSA" => Ok(Alg::EdDSA),
+            "EdDSA" | "Ed25519" => Ok(Alg::EdDSA),
             "ES256" => Ok(Alg::ES256),
-            _ => Err(token_err(INVALID_TOKEN_ALG, "unsupported alg: only EdDSA and ES256 are accepted")),
+            _ => Err(token_err(INVALID_TOKEN_ALG, "unsupported alg: only EdDSA (Ed25519) and ES256 are accepted")),
         }
     }
 }
@@ -387,7 +388,7 @@ impl PublicJwk {
             _ => return Err("unsupported kty: only OKP (Ed25519) and EC (P-256)"),
         };
         if let Some(alg) = raw.alg.as_deref()
-            && alg != jwk.alg().as_str()
+            && Alg::parse(alg).ok() != Some(jwk.alg())
         {
             return Err("the JWK's alg does not match its key type");
         }

@@ -54,8 +54,10 @@ fn base64url_is_strict() {
 #[test]
 fn only_eddsa_and_es256_parse() {
     assert_eq!(Alg::parse("EdDSA").unwrap(), Alg::EdDSA);
+    assert_eq!(Alg::parse("Ed25519").unwrap(), Alg::EdDSA, "RFC 9864's fully-specified name");
     assert_eq!("ES256".parse::<Alg>().unwrap(), Alg::ES256);
-    for bad in ["none", "None", "HS256", "RS256", "PS256", "ES384", "ES256K", "eddsa", "es256", "Ed25519", ""] {
+    for bad in ["none", "None", "HS256", "RS256", "PS256", "ES384", "ES256K", "eddsa", "es256", "ed25519", "Ed448", ""]
+    {
         assert_eq!(err_code(Alg::parse(bad)), INVALID_TOKEN_ALG, "{bad}");
     }
     assert_eq!(serde_json::to_string(&Alg::EdDSA).unwrap(), r#""EdDSA""#);

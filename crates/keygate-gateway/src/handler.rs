@@ -218,7 +218,7 @@ impl Refuse {
     fn dpop(code: &'static str, message: &str) -> Self {
         let error = if code == "invalid_token" { "invalid_token" } else { "invalid_dpop_proof" };
         let challenge = format!(
-            "DPoP algs=\"EdDSA ES256\", error=\"{error}\", error_description=\"{}\"",
+            "DPoP algs=\"EdDSA Ed25519 ES256\", error=\"{error}\", error_description=\"{}\"",
             message.replace('"', "'")
         );
         Self {

@@ -58,13 +58,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-VARIANTS = ["direct", "nginx", "nginx-keys", "haproxy", "keygate"]
+VARIANTS = ["direct", "nginx", "nginx-keys", "haproxy", "keygate", "keygate-jwt"]
 LABELS = {
     "direct": "direct (no proxy)",
     "nginx": "nginx, plain proxy",
     "nginx-keys": "nginx + key map + limit_req",
     "haproxy": "HAProxy + key map + stick table",
     "keygate": "keygate (auth + limit + metering)",
+    "keygate-jwt": "keygate with JWT access tokens (cached)",
+    "keygate-jwt-new": "keygate with JWTs never seen before",
     "baseline": "keygate, baseline binary (--baseline)",
 }
 COLORS = {
@@ -73,6 +75,7 @@ COLORS = {
     "nginx-keys": "#66bb6a",
     "haproxy": "#1565c0",
     "keygate": "#e65100",
+    "keygate-jwt": "#ffa726",
     "baseline": "#8d6e63",
 }
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
@@ -251,10 +254,11 @@ class Ports:
     admin: int
     baseline: int
     baseline_admin: int
+    jwks: int
 
     @classmethod
     def from_base(cls, base: int) -> "Ports":
-        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7)
+        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7, base + 8)
 
     def of(self, variant: str) -> int:
         return {
@@ -263,6 +267,8 @@ class Ports:
             "nginx-keys": self.nginx_keys,
             "haproxy": self.haproxy,
             "keygate": self.keygate,
+            "keygate-jwt": self.keygate,
+            "keygate-jwt-new": self.keygate,
             "baseline": self.baseline,
         }[variant]
 
@@ -376,6 +382,15 @@ demo = false
 level = "warn"
 format = "text"
 
+[oauth]
+issuer = "http://127.0.0.1:{port}"
+access_token_ttl_seconds = 86400
+
+[[oauth.trusted_issuers]]
+issuer = "https://bench-idp.invalid"
+audience = "bench"
+jwks_url = "http://127.0.0.1:{jwks}/jwks.json"
+
 [[routes]]
 id = "bench"
 path = "/"
@@ -384,7 +399,11 @@ upstream = "http://127.0.0.1:{upstream}"
 
 WRK_LUA = """\
 -- Every request carries a bearer token picked at random from KG_BENCH_TOKENS (one a line).
--- The requests are formatted once per thread, so the choice costs wrk almost nothing.
+-- The requests are formatted once per thread, so the choice costs wrk almost nothing. With
+-- KG_BENCH_SEQ=1 each thread instead takes every KG_BENCH_THREADS-th token, in order, so that no
+-- token is sent twice while the list lasts (JWTs never seen before).
+local seq = os.getenv("KG_BENCH_SEQ") == "1"
+local nthreads = tonumber(os.getenv("KG_BENCH_THREADS") or "1")
 local list = {}
 for line in io.lines(os.getenv("KG_BENCH_TOKENS")) do
     if #line > 0 then list[#list + 1] = line end
@@ -400,12 +419,19 @@ local prepared = {}
 function init(args)
     math.randomseed(os.time() * 1000 + (thread_no or 0) * 7919)
     local host = wrk.headers["Host"]
-    for i = 1, #list do
-        prepared[i] = wrk.format("GET", "/bench", { ["Host"] = host, ["Authorization"] = "Bearer " .. list[i] })
+    local first, step = 1, 1
+    if seq then first, step = thread_no or 1, nthreads end
+    for i = first, #list, step do
+        prepared[#prepared + 1] = wrk.format("GET", "/bench", { ["Host"] = host, ["Authorization"] = "Bearer " .. list[i] })
     end
 end
 
+local next_i = 0
 function request()
+    if seq then
+        next_i = next_i % #prepared + 1
+        return prepared[next_i]
+    end
     return prepared[math.random(#prepared)]
 end
 
@@ -458,7 +484,10 @@ class Bench:
         d = self.dir / name
         cfg = d / "keygate.toml"
         cfg.write_text(
-            KEYGATE_CFG.format(dir=d, admin=admin, port=port, threads=self.args.workers, upstream=self.ports.upstream)
+            KEYGATE_CFG.format(
+                dir=d, admin=admin, port=port, threads=self.args.workers, upstream=self.ports.upstream,
+                jwks=self.ports.jwks,
+            )
         )
         return cfg
 
@@ -484,6 +513,7 @@ class Bench:
             text=True,
         )
         root_key = json.loads(out.stdout)["key"]
+        self.root_key, self.admin_port = root_key, self.ports.admin
         self.spawn_keygate(first, first_bin, cfg, ports[first][1])
         self.create_tokens(root_key, ports[first][1])
         if self.args.baseline:
@@ -591,14 +621,17 @@ class Bench:
         log("every variant answers as expected (valid 200; revoked and missing 401 where keys are checked)")
 
     def proxy_pids(self, variant: str) -> list[int]:
-        name = "upstream" if variant == "direct" else variant
+        name = {"direct": "upstream", "keygate-jwt": "keygate", "keygate-jwt-new": "keygate"}.get(variant, variant)
         return process_tree(self.pids[name])
 
     # ---- load -------------------------------------------------------------------------------
 
-    def wrk(self, variant: str, seconds: int, tag: str) -> dict:
+    def wrk(self, variant: str, seconds: int, tag: str, tokens: Path | None = None) -> dict:
         port = self.ports.of(variant)
-        env = dict(os.environ, KG_BENCH_TOKENS=str(self.dir / "tokens.txt"))
+        default = self.dir / ("tokens-jwt.txt" if variant == "keygate-jwt" else "tokens.txt")
+        env = dict(os.environ, KG_BENCH_TOKENS=str(tokens or default), KG_BENCH_THREADS=str(self.args.wrk_threads))
+        if tokens is not None:
+            env["KG_BENCH_SEQ"] = "1"
         argv = [
             "wrk",
             f"-t{self.args.wrk_threads}",
@@ -703,8 +736,11 @@ class Bench:
         facts["load_before"] = os.getloadavg()
         started = time.time()
         self.start_upstream()
+        self.start_idp()
         self.start_keygate(binary)
         self.write_token_files()
+        if "keygate-jwt" in VARIANTS:
+            self.make_jwts()
         self.start_proxies()
         self.check_answers()
 
@@ -727,14 +763,18 @@ class Bench:
         log(f"latency at a fixed {rate:,} req/s ({a.latency_fraction:g} of the nginx proxy's median {nginx_max:,.0f})")
         lat: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         rng = random.Random(11)
+        jwts = (self.dir / "tokens-jwt.txt").read_text().split() if "keygate-jwt" in VARIANTS else []
         for rnd in range(a.latency_rounds):
             token = rng.choice(self.valid)
+            jwt = rng.choice(jwts) if jwts else ""
             for v in interleave(VARIANTS, rnd):
-                r = self.h2load(v, rate, a.latency_seconds, token, f"latency-r{rnd + 1}")
+                r = self.h2load(v, rate, a.latency_seconds, jwt if v == "keygate-jwt" else token, f"latency-r{rnd + 1}")
                 r["round"] = rnd + 1
                 lat[v].append(r)
             line = "  ".join(f"{v}={lat[v][-1]['p99_us'] / 1000:.2f}" for v in VARIANTS)
             log(f"latency round {rnd + 1}/{a.latency_rounds}: p99 ms {line}")
+
+        fresh = self.fresh_runs() if "keygate-jwt" in VARIANTS and a.fresh_rounds > 0 else []
 
         facts["load_after"] = os.getloadavg()
         facts["minutes"] = (time.time() - started) / 60
@@ -744,8 +784,114 @@ class Bench:
             "rate": rate,
             "throughput": thr,
             "latency": lat,
+            "fresh": fresh,
             "summary": summarize(thr, lat),
         }
+
+    # ---- JWT variants -------------------------------------------------------------------------
+
+    def start_idp(self) -> None:
+        """A stand-in identity provider: an Ed25519 key whose JWKS is served on its own port, so that
+        keygate (which trusts it, see KEYGATE_CFG) verifies its tokens, and tokens that keygate has
+        never seen can be made here by the hundred thousand."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+        import base64
+        import http.server
+
+        self.idp_key = Ed25519PrivateKey.generate()
+        raw = self.idp_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        jwks = json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "bench-1", "alg": "EdDSA"}]}).encode()
+
+        class Jwks(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(jwks)))
+                self.end_headers()
+                self.wfile.write(jwks)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", self.ports.jwks), Jwks)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        atexit.register(server.shutdown)
+
+    def idp_tokens(self, n: int) -> list[str]:
+        """`n` distinct JWTs of the stand-in identity provider."""
+        import base64
+
+        def b64(b: bytes) -> str:
+            return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+        header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": "bench-1"}, separators=(",", ":")).encode())
+        now = int(time.time())
+        out = []
+        for i in range(n):
+            claims = {"iss": "https://bench-idp.invalid", "sub": f"user-{i}", "aud": "bench", "exp": now + 86_400,
+                      "iat": now, "jti": f"fresh-{now}-{i}", "azp": "bench-app"}
+            payload = b64(json.dumps(claims, separators=(",", ":")).encode())
+            sig = b64(self.idp_key.sign(f"{header}.{payload}".encode()))
+            out.append(f"{header}.{payload}.{sig}")
+        return out
+
+    def make_jwts(self) -> None:
+        """JWT access tokens from keygate's own token endpoint, for the `keygate-jwt` variant: an OAuth
+        client, then `--jwts` tokens (paced by the endpoint's rate limit per address)."""
+        n = self.args.jwts
+        headers = {"Authorization": f"Bearer {self.root_key}", "Content-Type": "application/json"}
+        c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=30)
+        c.request("POST", "/admin/v1/apps", body=json.dumps({"name": "bench-jwt"}), headers=headers)
+        app = json.loads(c.getresponse().read())["id"]
+        c.request("POST", f"/admin/v1/apps/{app}/oauth-client",
+                  body=json.dumps({"access_token_ttl_seconds": 86_400}), headers=headers)
+        r = c.getresponse()
+        client = json.loads(r.read())
+        if r.status != 201:
+            sys.exit(f"cannot register the bench's OAuth client: {r.status} {client}")
+        c.close()
+        import base64
+        basic = base64.b64encode(f"{client['client_id']}:{client['client_secret']}".encode()).decode()
+        log(f"minting {n} JWT access tokens at keygate's token endpoint (rate-limited per address)")
+        t0 = time.time()
+        tokens: list[str] = []
+        g = http.client.HTTPConnection("127.0.0.1", self.ports.keygate, timeout=30)
+        while len(tokens) < n:
+            g.request("POST", "/oauth2/token", body="grant_type=client_credentials",
+                      headers={"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"})
+            r = g.getresponse()
+            body = json.loads(r.read())
+            if r.status == 429:
+                time.sleep(float(r.getheader("retry-after", "1")))
+                continue
+            if r.status != 200:
+                sys.exit(f"the token endpoint answered {r.status} {body}")
+            tokens.append(body["access_token"])
+        g.close()
+        (self.dir / "tokens-jwt.txt").write_text("\n".join(tokens) + "\n")
+        log(f"{n} JWTs ready in {time.time() - t0:.0f}s")
+
+    def fresh_runs(self) -> list[dict]:
+        """`keygate-jwt-new`: every request carries a JWT keygate has never seen, so each is verified in
+        full (signature and claims). Runs after the interleaved rounds, `--fresh-rounds` of
+        `--fresh-seconds` each, every run on its own block of never-used tokens."""
+        a = self.args
+        per_run = a.fresh_tokens
+        log(f"signing {per_run * a.fresh_rounds:,} fresh JWTs of the stand-in identity provider")
+        runs = []
+        for rnd in range(a.fresh_rounds):
+            path = self.dir / f"tokens-fresh-{rnd + 1}.txt"
+            path.write_text("\n".join(self.idp_tokens(per_run)) + "\n")
+            r = self.wrk("keygate-jwt-new", a.fresh_seconds, f"fresh-r{rnd + 1}", tokens=path)
+            r["round"] = rnd + 1
+            r["tokens_reused"] = max(0, r["requests"] - per_run)
+            runs.append(r)
+            log(f"fresh JWTs, run {rnd + 1}/{a.fresh_rounds}: {r['rps']:,.0f} req/s, {r['cpu_us_per_req']:.1f} µs CPU/req"
+                + (f" ({r['tokens_reused']:,} requests reused a token)" if r["tokens_reused"] else ""))
+            path.unlink()
+        return runs
 
     def profile(self, seconds: int) -> None:
         """Where each proxy's time goes: system calls and context switches per request for every
@@ -851,8 +997,11 @@ def summarize(thr: dict, lat: dict) -> dict:
         per_round_direct = [runs[i]["rps"] / thr["direct"][i]["rps"] for i in range(rounds)]
         lruns = lat[v]
         added = [lruns[i]["p99_us"] - lat["direct"][i]["p99_us"] for i in range(len(lruns))]
+        per_round_keygate = [runs[i]["rps"] / thr["keygate"][i]["rps"] for i in range(rounds)]
         out[v] = {
             "rps": med(r["rps"] for r in runs),
+            "vs_keygate": med(per_round_keygate),
+            "vs_keygate_range": [min(per_round_keygate), max(per_round_keygate)],
             "vs_nginx": med(per_round_nginx),
             "vs_nginx_range": [min(per_round_nginx), max(per_round_nginx)],
             "vs_direct": med(per_round_direct),
@@ -917,6 +1066,15 @@ def fmt_int(x: float) -> str:
 
 def verdicts(s: dict) -> list[tuple[str, bool, str]]:
     k, n = s["keygate"], s["nginx"]
+    jwt = []
+    if "keygate-jwt" in s:
+        j = s["keygate-jwt"]
+        jwt = [(
+            "Throughput with JWT access tokens (cached) within 5% of API keys (issue 5)",
+            j["vs_keygate"] >= 0.95,
+            f"ratio {j['vs_keygate']:.2f} (rounds {j['vs_keygate_range'][0]:.2f}–{j['vs_keygate_range'][1]:.2f}); "
+            f"{fmt_int(j['rps'])} against {fmt_int(k['rps'])} req/s",
+        )]
     return [
         (
             "Throughput at least the plain nginx proxy's (ratio ≥ 1.0)",
@@ -935,7 +1093,7 @@ def verdicts(s: dict) -> list[tuple[str, bool, str]]:
             k["lat_added_p99_ms"] <= n["lat_added_p99_ms"],
             f"{k['lat_added_p99_ms']:.2f} ms against {n['lat_added_p99_ms']:.2f} ms",
         ),
-    ]
+    ] + jwt
 
 
 def markdown(res: dict, chart_name: str) -> str:
@@ -961,7 +1119,9 @@ def markdown(res: dict, chart_name: str) -> str:
         f"`return 200 \"ok\"`. Throughput: `wrk -t{p['wrk_threads']} -c{p['connections']}`, {p['rounds']} rounds of "
         f"{p['seconds']} s per variant, interleaved (the order rotates and reverses each round) after one "
         f"{p['warmup']} s warm-up per variant; every request carries a bearer token drawn at random from "
-        f"{p['tokens']:,} ({p['invalid']:,} of them revoked, so refused with 401). Latency: `h2load --h1 "
+        f"{p['tokens']:,} ({p['invalid']:,} of them revoked, so refused with 401); for *keygate with JWT access "
+        f"tokens*, from {p.get('jwts', 0):,} JWTs issued by keygate's token endpoint (each verified once, then "
+        f"from the cache). Latency: `h2load --h1 "
         f"-c{p['latency_clients']} --rps` at a fixed **{res['rate']:,} req/s** (half the plain nginx proxy's median), "
         f"{p['latency_rounds']} rounds of {p['latency_seconds']} s, first second dropped, one valid token per round; "
         f"added latency is the variant's p99 minus the direct p99 of the same round. Figures are medians over rounds; "
@@ -997,6 +1157,22 @@ def markdown(res: dict, chart_name: str) -> str:
                  f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
                  f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
     lines.append("")
+    fresh = res.get("fresh") or []
+    if fresh:
+        n_med = s["nginx"]["rps"]
+        rps = med(r["rps"] for r in fresh)
+        reused = sum(r.get("tokens_reused", 0) for r in fresh)
+        lines.append(
+            f"**JWTs never seen before** (`keygate-jwt-new`): after the rounds, {len(fresh)} runs of "
+            f"{p['fresh_seconds']} s in which every request carries a JWT the gateway has not seen (EdDSA, from a "
+            f"trusted issuer standing in for an identity provider, each verified in full: signature and claims): "
+            f"**{fmt_int(rps)} req/s** ({rps / n_med:.2f}× the nginx proxy's median), "
+            f"{med(r['cpu_us_per_req'] for r in fresh):.1f} µs CPU per request "
+            f"({med(r['user_us_per_req'] for r in fresh):.1f} user + {med(r['sys_us_per_req'] for r in fresh):.1f} sys). "
+            + (f"{reused:,} requests reused a token (the runs outlasted the tokens signed for them)." if reused else
+               "No token was sent twice.")
+        )
+        lines.append("")
     lines.append(f"![Gateway benchmark: throughput against the nginx proxy, CPU per request, p99 added latency]({chart_name})")
     lines.append("")
     lines.append("**Goals** (keygate against the plain nginx proxy, on this machine):")
@@ -1046,6 +1222,8 @@ SHORT = {
     "nginx-keys": "nginx + keys + limit_req",
     "haproxy": "HAProxy + keys + stick table",
     "keygate": "keygate",
+    "keygate-jwt": "keygate, JWT",
+    "baseline": "baseline",
 }
 
 
@@ -1152,6 +1330,8 @@ def print_table(res: dict) -> None:
     print()
     for goal, ok, detail in verdicts(s):
         print(f"{'MET    ' if ok else 'NOT MET'}  {goal}: {detail}")
+    for r in res.get("fresh") or []:
+        print(f"fresh JWTs, run {r['round']}: {r['rps']:,.0f} req/s, {r['cpu_us_per_req']:.1f} µs CPU/req")
     print()
 
 
@@ -1177,7 +1357,13 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--no-build", action="store_true", help="use target/release/keygate as it is")
     ap.add_argument("--keygate", metavar="PATH", help="a keygate binary to use instead of building one")
-    ap.add_argument("--skip", metavar="LIST", help="variants to leave out (nginx-keys,haproxy); implies --no-doc")
+    ap.add_argument("--skip", metavar="LIST",
+                    help="variants to leave out (nginx-keys,haproxy,keygate-jwt); implies --no-doc")
+    ap.add_argument("--jwts", type=int, default=1000, help="JWTs minted for keygate-jwt (default 1000)")
+    ap.add_argument("--fresh-rounds", type=int, default=3, help="runs of keygate-jwt-new (default 3; 0: none)")
+    ap.add_argument("--fresh-seconds", type=int, default=3, help="seconds per keygate-jwt-new run (default 3)")
+    ap.add_argument("--fresh-tokens", type=int, default=150_000,
+                    help="never-seen JWTs signed per keygate-jwt-new run (default 150000)")
     ap.add_argument("--baseline", metavar="PATH",
                     help="another keygate binary, run as the variant 'baseline' on the same tokens (an A/B); implies --no-doc")
     ap.add_argument("--from-results", metavar="JSON", help="rewrite the page and chart from a saved results.json")
@@ -1189,6 +1375,8 @@ def main() -> None:
         args.rounds, args.seconds, args.warmup = 1, 2, 1
         args.latency_rounds, args.latency_seconds = 1, 3
         args.tokens, args.invalid = min(args.tokens, 200), min(args.invalid, 10)
+        args.jwts, args.fresh_tokens = min(args.jwts, 20), min(args.fresh_tokens, 5_000)
+        args.fresh_rounds, args.fresh_seconds = min(args.fresh_rounds, 1), 1
         args.no_doc = True
 
     if args.baseline:
@@ -1197,7 +1385,7 @@ def main() -> None:
     if args.skip:
         for v in args.skip.split(","):
             if v in ("direct", "nginx", "keygate") or v not in VARIANTS:
-                sys.exit(f"--skip {v}: only nginx-keys and haproxy can be left out (the ratios need the others)")
+                sys.exit(f"--skip {v}: only nginx-keys, haproxy and keygate-jwt can be left out (the ratios need the others)")
             VARIANTS.remove(v)
         args.no_doc = True
 

@@ -75,6 +75,8 @@ pub struct OAuthSettings {
     pub address_rate: RateLimit,
     /// How old a DPoP proof may be, in seconds.
     pub dpop_max_age_seconds: u32,
+    /// Require server-provided nonces in DPoP proofs (RFC 9449 §8), handed out in `DPoP-Nonce`.
+    pub dpop_nonces: bool,
 }
 
 impl OAuthSettings {
@@ -93,6 +95,7 @@ impl OAuthSettings {
             client_rate: RateLimit { requests: 20, per_seconds: 1, burst: 40 },
             address_rate: RateLimit { requests: 50, per_seconds: 1, burst: 100 },
             dpop_max_age_seconds: 300,
+            dpop_nonces: false,
         }
     }
 
@@ -111,11 +114,20 @@ pub struct OAuthError {
     /// Sent with 401 `invalid_client` when the client tried HTTP Basic (RFC 6749 §5.2).
     pub www_authenticate: Option<&'static str>,
     pub retry_after: Option<u64>,
+    /// A nonce to use in the next DPoP proof (RFC 9449 §8), sent as `DPoP-Nonce`.
+    pub dpop_nonce: Option<String>,
 }
 
 impl OAuthError {
     fn new(status: u16, error: &'static str, description: impl Into<Cow<'static, str>>) -> Self {
-        Self { status, error, description: description.into(), www_authenticate: None, retry_after: None }
+        Self {
+            status,
+            error,
+            description: description.into(),
+            www_authenticate: None,
+            retry_after: None,
+            dpop_nonce: None,
+        }
     }
     fn invalid_request(d: impl Into<Cow<'static, str>>) -> Self {
         Self::new(400, "invalid_request", d)
@@ -257,6 +269,8 @@ pub struct OAuth {
     replay: ReplayCache,
     per_client: KeyedRate,
     per_address: KeyedRate,
+    /// Server-provided DPoP nonces, when required.
+    nonces: Option<dpop::NonceKey>,
     client_secret_prefix: TokenPrefix,
     refresh_prefix: TokenPrefix,
     listener: std::sync::OnceLock<Arc<dyn KeysChanged>>,
@@ -303,7 +317,9 @@ impl OAuth {
         let sealer = Sealer::new(&admin, "oauth signing key seal v1")?;
         let client_secret_prefix = prefix_with(admin.prefix(), "cs")?;
         let refresh_prefix = prefix_with(admin.prefix(), "rt")?;
+        let nonces = if settings.dpop_nonces { Some(nonce_key(&admin)?) } else { None };
         Ok(Self {
+            nonces,
             per_client: KeyedRate::new(settings.client_rate),
             per_address: KeyedRate::new(settings.address_rate),
             admin,
@@ -319,6 +335,12 @@ impl OAuth {
 
     pub fn settings(&self) -> &OAuthSettings {
         &self.settings
+    }
+
+    /// The DPoP nonce to hand out now, when nonces are required.
+    pub fn dpop_nonce(&self) -> Option<String> {
+        let now_s = self.now().as_millis() / 1000;
+        self.nonces.as_ref().map(|k| k.current(now_s))
     }
 
     /// Sets who hears about key changes (once).
@@ -812,9 +834,22 @@ impl OAuth {
             leeway: self.settings.leeway_seconds,
             access_token: None,
             expected_jkt: bound_to,
-            nonce: None,
+            nonces: &[],
         };
-        let v = dpop::verify_proof(proof, &check).map_err(|e| OAuthError::dpop(&e))?;
+        let accepted = self.nonces.as_ref().map(|k| k.accepted(now_s));
+        let accepted: Vec<&str> = accepted.iter().flatten().map(String::as_str).collect();
+        let check = ProofCheck { nonces: &accepted, ..check };
+        let v = dpop::verify_proof(proof, &check).map_err(|e| {
+            if e.code == dpop::USE_DPOP_NONCE {
+                // RFC 9449 §8: a 400 use_dpop_nonce with the nonce to use.
+                OAuthError {
+                    dpop_nonce: self.dpop_nonce(),
+                    ..OAuthError::new(400, "use_dpop_nonce", e.message.clone())
+                }
+            } else {
+                OAuthError::dpop(&e)
+            }
+        })?;
         if !self.replay.first_use(&format!("dpop:{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
             return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
         }
@@ -1335,6 +1370,15 @@ struct ActiveToken {
     jti: Option<String>,
     jkt: Option<String>,
 }
+
+/// The key of the server's DPoP nonces: derived from the pepper, so every node issues and
+/// accepts the same nonces (the gateway derives the same one through [`Admin::derive_key`]).
+pub fn nonce_key(admin: &Admin) -> Result<dpop::NonceKey> {
+    dpop::NonceKey::new(&admin.derive_key("dpop nonce v1"), NONCE_WINDOW_S)
+}
+
+/// How long a DPoP nonce is handed out; it is accepted for as long again after that.
+pub const NONCE_WINDOW_S: i64 = 300;
 
 /// `Authorization: Basic` credentials, form-decoded as RFC 6749 §2.3.1 requires.
 fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {

@@ -67,8 +67,9 @@ pub struct ProofCheck<'a> {
     pub access_token: Option<&'a str>,
     /// The thumbprint the access token is bound to (`cnf.jkt`), if any.
     pub expected_jkt: Option<&'a str>,
-    /// The nonce the server requires, if any.
-    pub nonce: Option<&'a str>,
+    /// The nonces the server accepts now (RFC 9449 §8), if it requires one: the current one and
+    /// an earlier one still honoured. Empty: no nonce required.
+    pub nonces: &'a [&'a str],
 }
 
 /// A verified proof: what the caller needs for the binding check and the replay cache.
@@ -224,8 +225,11 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof
     if iat.saturating_sub(check.now) > i64::from(check.leeway) {
         return Err(err(DPOP_PROOF_NOT_YET_VALID, "the proof's iat is in the future"));
     }
-    if let Some(nonce) = check.nonce
-        && claims.nonce.as_deref() != Some(nonce)
+    if !check.nonces.is_empty()
+        && !claims
+            .nonce
+            .as_deref()
+            .is_some_and(|n| check.nonces.iter().any(|ok| bool::from(ok.as_bytes().ct_eq(n.as_bytes()))))
     {
         return Err(err(USE_DPOP_NONCE, "the server requires a DPoP nonce"));
     }
@@ -244,6 +248,45 @@ pub fn verify_proof(proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof
     }
     let replay_until = iat.saturating_add(i64::from(check.max_age));
     Ok(VerifiedProof { jkt, jti, iat, replay_until })
+}
+
+/// Server-provided DPoP nonces (RFC 9449 §8 and §9) without server state: a nonce is an HMAC of
+/// the current time window under a key derived from the pepper, so every node of a deployment
+/// issues and accepts the same nonces. The current window's nonce and the previous one are
+/// accepted, so a nonce lives between one and two windows.
+#[derive(Clone)]
+pub struct NonceKey {
+    mac: hmac::Hmac<sha2::Sha256>,
+    window_s: i64,
+}
+
+impl NonceKey {
+    /// Nonces from `key` (32 bytes derived for this purpose) that change every `window_s` seconds.
+    pub fn new(key: &[u8; 32], window_s: i64) -> Result<Self> {
+        use hmac::Mac;
+        let mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+            .map_err(|_| Error::internal("HMAC refused the nonce key"))?;
+        Ok(Self { mac, window_s: window_s.max(1) })
+    }
+
+    fn for_window(&self, window: i64) -> String {
+        use hmac::Mac;
+        let mut mac = self.mac.clone();
+        mac.update(&window.to_be_bytes());
+        let tag = mac.finalize().into_bytes();
+        jose::b64url_encode(tag.get(..18).unwrap_or_default())
+    }
+
+    /// The nonce to hand out at `now_s`.
+    pub fn current(&self, now_s: i64) -> String {
+        self.for_window(now_s.div_euclid(self.window_s))
+    }
+
+    /// The nonces accepted at `now_s`: the current one, then the previous window's.
+    pub fn accepted(&self, now_s: i64) -> [String; 2] {
+        let w = now_s.div_euclid(self.window_s);
+        [self.for_window(w), self.for_window(w - 1)]
+    }
 }
 
 /// Remembers the `jti`s of proofs (and other one-time JWTs, such as client assertions) until

@@ -21,7 +21,7 @@ fn check<'a>(case: &'a serde_json::Value) -> ProofCheck<'a> {
         leeway: 5,
         access_token: None,
         expected_jkt: None,
-        nonce: None,
+        nonces: &[],
     }
 }
 
@@ -100,7 +100,7 @@ fn rfc9449_proofs_refused_for_another_request_or_time() {
     verify_proof(proof, &ProofCheck { now: c.now - 5, ..c }).unwrap();
     assert_eq!(code(verify_proof(proof, &ProofCheck { now: c.now - 6, ..c })), DPOP_PROOF_NOT_YET_VALID);
     // A nonce is required but the proof has none.
-    assert_eq!(code(verify_proof(proof, &ProofCheck { nonce: Some("n-1"), ..c })), USE_DPOP_NONCE);
+    assert_eq!(code(verify_proof(proof, &ProofCheck { nonces: &["n-1"], ..c })), USE_DPOP_NONCE);
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn our_check() -> ProofCheck<'static> {
         leeway: 5,
         access_token: Some("kg_token"),
         expected_jkt: None,
-        nonce: None,
+        nonces: &[],
     }
 }
 
@@ -160,8 +160,9 @@ fn proofs_we_sign_verify_with_both_algs_and_nonces() {
         let mut with_nonce = our_claims();
         with_nonce["nonce"] = json!("n-1");
         let p = proof(&key, header.clone(), &with_nonce);
-        verify_proof(&p, &ProofCheck { nonce: Some("n-1"), ..our_check() }).unwrap();
-        assert_eq!(code(verify_proof(&p, &ProofCheck { nonce: Some("n-2"), ..our_check() })), USE_DPOP_NONCE);
+        verify_proof(&p, &ProofCheck { nonces: &["n-1"], ..our_check() }).unwrap();
+        verify_proof(&p, &ProofCheck { nonces: &["n-0", "n-1"], ..our_check() }).unwrap();
+        assert_eq!(code(verify_proof(&p, &ProofCheck { nonces: &["n-2"], ..our_check() })), USE_DPOP_NONCE);
         // A nonce the server does not require is fine.
         verify_proof(&p, &our_check()).unwrap();
     }
@@ -303,4 +304,16 @@ fn htu_is_compared_after_normalization() {
     for (a, b) in different {
         assert_ne!(normalize_htu(a), normalize_htu(b), "{a} vs {b}");
     }
+}
+
+#[test]
+fn server_nonces_change_with_the_window_and_overlap_one_window() {
+    let k = NonceKey::new(&[4; 32], 60).unwrap();
+    let n0 = k.current(600);
+    assert_eq!(k.current(659), n0, "one window");
+    assert_ne!(k.current(660), n0);
+    assert_eq!(k.accepted(660)[1], n0, "the previous window's is still accepted");
+    assert!(!k.accepted(720).contains(&n0), "two windows later it is not");
+    assert_eq!(n0.len(), 24);
+    assert_ne!(NonceKey::new(&[5; 32], 60).unwrap().current(600), n0, "another key, other nonces");
 }

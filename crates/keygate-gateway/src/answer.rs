@@ -22,11 +22,12 @@ struct LimitHeader {
 }
 
 /// Headers added to every answer on a route, whoever answers: the limits that applied and, on
-/// a CORS route, the allow headers. Holds no heap memory unless CORS is configured.
+/// a CORS route, the allow headers (or a DPoP nonce). Holds no heap memory unless one of those
+/// few is there.
 #[derive(Debug, Default)]
 pub struct AnswerExtra {
     limits: [Option<LimitHeader>; 3],
-    cors: Vec<(HeaderName, HeaderValue)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl AnswerExtra {
@@ -38,8 +39,9 @@ impl AnswerExtra {
         }
     }
 
-    pub fn cors(&mut self, name: HeaderName, value: HeaderValue) {
-        self.cors.push((name, value));
+    /// Adds a header field (CORS, `DPoP-Nonce`).
+    pub fn header(&mut self, name: HeaderName, value: HeaderValue) {
+        self.headers.push((name, value));
     }
 
     /// As HTTP/1.1 header lines.
@@ -60,7 +62,7 @@ impl AnswerExtra {
             out.extend_from_slice(n.format(l.reset_s).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        for (k, v) in &self.cors {
+        for (k, v) in &self.headers {
             line(out, k.as_str().as_bytes(), v.as_bytes());
         }
     }
@@ -75,7 +77,7 @@ impl AnswerExtra {
                 h.append("ratelimit", r);
             }
         }
-        for (k, v) in &self.cors {
+        for (k, v) in &self.headers {
             h.append(k.clone(), v.clone());
         }
     }

@@ -81,6 +81,8 @@ pub struct Gateway {
     pub local: Option<Arc<dyn LocalService>>,
     /// DPoP proofs seen at the gateway, each accepted once (RFC 9449 §11.1).
     pub dpop_replay: ReplayCache,
+    /// Server-provided DPoP nonces (RFC 9449 §9), when required.
+    pub dpop_nonces: Option<keygate_core::dpop::NonceKey>,
     /// Signs the identity tokens of routes with `identity_token`.
     pub identity: Option<Arc<dyn IdentitySigner>>,
     /// Identity tokens minted, by caller and route, reused while they have a while to live.
@@ -168,6 +170,8 @@ pub(crate) struct Refuse {
     www_authenticate: Option<Cow<'static, str>>,
     close: bool,
     retry_after: Option<u64>,
+    /// The nonce for the next DPoP proof (RFC 9449 §9), sent as `DPoP-Nonce`.
+    dpop_nonce: Option<String>,
 }
 
 /// An RFC 6750 §3 `invalid_token` challenge with a fixed description.
@@ -179,7 +183,15 @@ macro_rules! invalid_token_challenge {
 
 impl Refuse {
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { status, code, message: message.into(), www_authenticate: None, close: false, retry_after: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            www_authenticate: None,
+            close: false,
+            retry_after: None,
+            dpop_nonce: None,
+        }
     }
     pub(crate) fn bad_framing(message: impl Into<Cow<'static, str>>) -> Self {
         Self { close: true, ..Self::new(StatusCode::BAD_REQUEST, "bad_request", message) }
@@ -216,7 +228,10 @@ impl Refuse {
 
     /// A DPoP failure (RFC 9449 §7.1): 401 with a `DPoP` challenge naming the error.
     fn dpop(code: &'static str, message: &str) -> Self {
-        let error = if code == "invalid_token" { "invalid_token" } else { "invalid_dpop_proof" };
+        let error = match code {
+            "invalid_token" | dpop::USE_DPOP_NONCE => code,
+            _ => "invalid_dpop_proof",
+        };
         let challenge = format!(
             "DPoP algs=\"EdDSA Ed25519 ES256\", error=\"{error}\", error_description=\"{}\"",
             message.replace('"', "'")
@@ -251,6 +266,9 @@ impl Refuse {
         }
         if let Some(s) = self.retry_after {
             a.headers.push((header::RETRY_AFTER, HeaderValue::from(s)));
+        }
+        if let Some(v) = self.dpop_nonce.as_deref().and_then(|n| HeaderValue::from_str(n).ok()) {
+            a.headers.push((HeaderName::from_static("dpop-nonce"), v));
         }
         a.close = self.close;
         a
@@ -633,6 +651,13 @@ impl Gateway {
         if let Err(r) = self.check_dpop(head, &conn, scheme, presented, &caller, now) {
             return Err(fail(route, Some(caller), r));
         }
+        // RFC 9449 §9: the nonce for the next proof, with the answer.
+        if scheme == Scheme::Dpop
+            && let Some(k) = &self.dpop_nonces
+            && let Ok(v) = HeaderValue::from_str(&k.current(now.as_millis() / 1000))
+        {
+            extra.header(HeaderName::from_static("dpop-nonce"), v);
+        }
         if !caller.allows_ip(ip) {
             let r =
                 Refuse::new(StatusCode::FORBIDDEN, "ip_not_allowed", format!("the token may not be used from {ip}"));
@@ -700,6 +725,8 @@ impl Gateway {
             std::str::from_utf8(proof).map_err(|_| Refuse::dpop("invalid_dpop_proof", "the DPoP proof is not text"))?;
         let htu = request_url(head, conn);
         let now_s = now.as_millis() / 1000;
+        let accepted = self.dpop_nonces.as_ref().map(|k| k.accepted(now_s));
+        let accepted: Vec<&str> = accepted.iter().flatten().map(String::as_str).collect();
         let check = ProofCheck {
             method: head.method.as_str(),
             uri: &htu,
@@ -708,9 +735,15 @@ impl Gateway {
             leeway: DPOP_LEEWAY_S,
             access_token: Some(token),
             expected_jkt: bound,
-            nonce: None,
+            nonces: &accepted,
         };
-        let v = dpop::verify_proof(proof, &check).map_err(|e| Refuse::dpop(e.code, e.message.as_ref()))?;
+        let v = dpop::verify_proof(proof, &check).map_err(|e| {
+            let mut r = Refuse::dpop(e.code, e.message.as_ref());
+            if e.code == dpop::USE_DPOP_NONCE {
+                r.dpop_nonce = accepted.first().map(|n| (*n).to_owned());
+            }
+            r
+        })?;
         if !self.dpop_replay.first_use(&format!("{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
             return Err(Refuse::dpop("invalid_dpop_proof", "this DPoP proof was already used"));
         }
@@ -1196,16 +1229,16 @@ fn add_cors_headers(cors: &crate::config::CorsConfig, origin: &[u8], extra: &mut
     let wildcard = cors.allow_origins.iter().any(|o| o == "*") && !cors.allow_credentials;
     let allow = if wildcard { Ok(HeaderValue::from_static("*")) } else { HeaderValue::from_bytes(origin) };
     if let Ok(v) = allow {
-        extra.cors(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        extra.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
     }
-    extra.cors(header::VARY, HeaderValue::from_static("Origin"));
+    extra.header(header::VARY, HeaderValue::from_static("Origin"));
     if cors.allow_credentials {
-        extra.cors(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+        extra.header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
     }
     if !cors.expose_headers.is_empty()
         && let Ok(v) = HeaderValue::from_str(&cors.expose_headers.join(", "))
     {
-        extra.cors(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+        extra.header(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
     }
 }
 

@@ -103,6 +103,9 @@ pub struct OAuthConfig {
     pub key_rotation_days: u32,
     /// A new signing key is in the JWKS this long before it signs, in seconds. Default 3600.
     pub key_publish_ahead_seconds: u32,
+    /// Require server-provided nonces in DPoP proofs (RFC 9449 §8 and §9), at the token endpoint
+    /// and the gateway; clients get them in `DPoP-Nonce`. Default false.
+    pub dpop_nonces: bool,
     /// Other issuers whose JWT access tokens the gateway accepts.
     pub trusted_issuers: Vec<TrustedIssuerConfig>,
 }
@@ -119,6 +122,7 @@ impl Default for OAuthConfig {
             leeway_seconds: 30,
             key_rotation_days: 90,
             key_publish_ahead_seconds: 3_600,
+            dpop_nonces: false,
             trusted_issuers: Vec::new(),
         }
     }

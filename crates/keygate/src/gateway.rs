@@ -80,6 +80,7 @@ pub fn oauth_settings(cfg: &Config, issuer: &str) -> OAuthSettings {
         leeway_seconds: o.leeway_seconds,
         key_rotation_days: o.key_rotation_days,
         key_publish_ahead_seconds: o.key_publish_ahead_seconds,
+        dpop_nonces: o.dpop_nonces,
         ..OAuthSettings::for_issuer(issuer)
     }
 }
@@ -172,6 +173,11 @@ pub async fn build(
         .map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()))
         .transpose()
         .map_err(|_| anyhow::anyhow!("gateway.api_key_header is not a header name"))?;
+    let dpop_nonces = if cfg.oauth.dpop_nonces {
+        Some(keygate_admin::oauth::nonce_key(&admin).map_err(|e| anyhow::anyhow!("DPoP nonces: {}", e.message))?)
+    } else {
+        None
+    };
     let reporter: Arc<dyn ExposureReporter> =
         Arc::new(AdminReporter { admin, runtime: tokio::runtime::Handle::current() });
     let mut issuers = Vec::new();
@@ -202,6 +208,7 @@ pub async fn build(
         jwt,
         local,
         dpop_replay: keygate_core::dpop::ReplayCache::new(100_000),
+        dpop_nonces,
         identity: oauth.map(|o| Arc::new(IdentityTokens(o)) as Arc<dyn IdentitySigner>),
         identity_cache: Default::default(),
     }))

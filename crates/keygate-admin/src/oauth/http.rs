@@ -67,6 +67,9 @@ fn error(e: &OAuthError) -> Response {
     if let Some(s) = e.retry_after {
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
+    if let Some(v) = e.dpop_nonce.as_deref().and_then(|n| HeaderValue::from_str(n).ok()) {
+        r.headers_mut().insert("dpop-nonce", v);
+    }
     r
 }
 
@@ -114,10 +117,15 @@ async fn token(State(o): State<Arc<OAuth>>, req: axum::extract::Request) -> Resp
         Ok(r) => r,
         Err(e) => return error(&e),
     };
-    match o.token(&req).await {
+    let mut resp = match o.token(&req).await {
         Ok(t) => no_store(StatusCode::OK, &serde_json::to_value(t).unwrap_or(Value::Null)),
         Err(e) => error(&e),
+    };
+    // RFC 9449 §8: the nonce for the client's next proof, with every answer.
+    if let Some(v) = o.dpop_nonce().and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert("dpop-nonce", v);
     }
+    resp
 }
 
 async fn introspect(State(o): State<Arc<OAuth>>, req: axum::extract::Request) -> Response {

@@ -496,3 +496,38 @@ async fn the_endpoints_are_rate_limited_per_client() {
     assert_eq!((e.status, e.error), (429, "slow_down"));
     assert!(e.retry_after.is_some_and(|s| s > 0));
 }
+
+#[tokio::test]
+async fn dpop_nonces_are_required_when_configured() {
+    let k = kit_with(|s| s.dpop_nonces = true).await;
+    let (c, secret) = k.client(cc_client(&[], &[])).await;
+    let auth = Some(basic(&c.client_id, &secret.unwrap()));
+    let dkey = SigningKey::generate(Alg::ES256, "").unwrap();
+    let jwk: Value = serde_json::from_str(&dkey.public_jwk().to_json()).unwrap();
+    let proof = |jti: &str, nonce: Option<&str>| {
+        let mut claims = json!({"jti": jti, "htm": "POST", "htu": format!("{ISS}/oauth2/token"), "iat": k.now_s()});
+        if let Some(n) = nonce {
+            claims["nonce"] = json!(n);
+        }
+        dkey.sign_claims(&json!({"typ": "dpop+jwt", "jwk": jwk}), &claims).unwrap()
+    };
+    let mut r = req(auth.clone(), &[("grant_type", "client_credentials")]);
+    r.dpop = Some(proof("n1", None));
+    let e = k.oauth.token(&r).await.unwrap_err();
+    assert_eq!((e.status, e.error), (400, "use_dpop_nonce"));
+    let nonce = e.dpop_nonce.expect("the nonce to use comes with the error");
+    assert_eq!(k.oauth.dpop_nonce().as_deref(), Some(nonce.as_str()));
+    r.dpop = Some(proof("n2", Some("made-up")));
+    assert_eq!(k.oauth.token(&r).await.unwrap_err().error, "use_dpop_nonce");
+    r.dpop = Some(proof("n3", Some(&nonce)));
+    assert_eq!(k.oauth.token(&r).await.unwrap().token_type, "DPoP");
+    // The previous window's nonce is still accepted; older ones are not.
+    k.clock.advance_seconds(NONCE_WINDOW_S);
+    r.dpop = Some(proof("n4", Some(&nonce)));
+    assert!(k.oauth.token(&r).await.is_ok());
+    k.clock.advance_seconds(NONCE_WINDOW_S);
+    r.dpop = Some(proof("n5", Some(&nonce)));
+    assert_eq!(k.oauth.token(&r).await.unwrap_err().error, "use_dpop_nonce");
+    // Without DPoP, nothing changes.
+    assert!(k.oauth.token(&req(auth, &[("grant_type", "client_credentials")])).await.is_ok());
+}

@@ -355,3 +355,36 @@ async fn tokens_of_a_trusted_issuer_are_verified_with_its_fetched_keys() {
     );
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_nonces_at_the_gateway_when_configured() {
+    let up = MockUpstream::start().await.unwrap();
+    let oauth = keygate::config::OAuthConfig { dpop_nonces: true, ..Default::default() };
+    let kg = kit_with(&up, Options { oauth: Some(oauth), ..Options::default() }).await;
+    let key = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    let jkt = key.public_jwk().thumbprint();
+    let (_, api_key) =
+        kg.client().create_token(&json!({"name": "n", "scopes": ["orders:read"], "dpop_jkt": jkt})).await;
+    let url = format!("{}/orders/1", kg.gateway_url());
+    let auth = format!("DPoP {api_key}");
+    let now = now_s(&kg);
+    // No nonce: 401 use_dpop_nonce, with the nonce to use (RFC 9449 §9).
+    let (s, h, body) =
+        call(&kg, reqwest::Method::GET, "/orders/1", &auth, Some(proof(&key, "GET", &url, Some(&api_key), "a", now)))
+            .await;
+    assert_eq!((s, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("use_dpop_nonce")));
+    assert!(h["www-authenticate"].to_str().unwrap().contains("error=\"use_dpop_nonce\""));
+    let nonce = h["dpop-nonce"].to_str().unwrap().to_owned();
+    // With it: accepted, and the answer names the nonce for the next proof.
+    let jwk: Value = serde_json::from_str(&key.public_jwk().to_json()).unwrap();
+    let with_nonce = key
+        .sign_claims(
+            &json!({"typ": "dpop+jwt", "jwk": jwk}),
+            &json!({"jti": "b", "htm": "GET", "htu": url, "iat": now, "nonce": nonce, "ath": keygate_core::dpop::ath(&api_key)}),
+        )
+        .unwrap();
+    let (s, h, _) = call(&kg, reqwest::Method::GET, "/orders/1", &auth, Some(with_nonce)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h.contains_key("dpop-nonce"));
+    kg.stop().await;
+}

@@ -226,9 +226,7 @@ fn check_name(name: &str) -> Result<String> {
 impl Accounts {
     pub fn new(admin: Arc<Admin>, settings: AccountSettings) -> Result<Self> {
         let sealer = Sealer::new(&admin, "dashboard totp seal v1")?;
-        let mut salt = [0u8; 16];
-        admin.random(&mut salt)?;
-        let dummy_hash = hash_password_now(&URL_SAFE_NO_PAD.encode(salt), &salt)?;
+        let dummy_hash = dummy_phc(&admin)?;
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         Ok(Self {
             admin,
@@ -902,6 +900,33 @@ fn normalize_recovery(code: &str) -> String {
     code.trim().to_lowercase().replace(' ', "")
 }
 
+/// A PHC string with the parameters real hashes have, a random salt and a random output: checking
+/// a password against it costs exactly what checking a real one does, and never matches. It is
+/// made without running Argon2, so starting keygate does not take (and, with the allocator
+/// keeping freed memory, hold) Argon2's 19 MiB.
+fn dummy_phc(admin: &Admin) -> Result<String> {
+    let mut salt = [0u8; 16];
+    let mut output = [0u8; 32];
+    admin.random(&mut salt)?;
+    admin.random(&mut output)?;
+    Ok(phc_of(&salt, &output))
+}
+
+/// The PHC string of an Argon2id output made with [`hasher`]'s parameters.
+fn phc_of(salt: &[u8; 16], output: &[u8; 32]) -> String {
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+    let h = hasher();
+    let p = h.params();
+    format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        p.m_cost(),
+        p.t_cost(),
+        p.p_cost(),
+        STANDARD_NO_PAD.encode(salt),
+        STANDARD_NO_PAD.encode(output)
+    )
+}
+
 fn hash_password_now(password: &str, salt: &[u8; 16]) -> Result<String> {
     hasher()
         .hash_password_with_salt(password.as_bytes(), salt)
@@ -915,5 +940,33 @@ struct RngOf<'a>(&'a Admin);
 impl keygate_core::secret::Randomness for RngOf<'_> {
     fn fill(&self, dest: &mut [u8]) -> Result<()> {
         self.0.random(dest)
+    }
+}
+
+#[cfg(test)]
+mod dummy_hash_tests {
+    use super::*;
+
+    #[test]
+    fn the_dummy_hash_costs_what_a_real_one_does_and_matches_nothing() {
+        let salt = [7u8; 16];
+        let real = hash_password_now("correct horse battery", &salt).unwrap();
+        let real = PasswordHash::new(&real).unwrap();
+        // Same algorithm, version, parameters and output length as a real hash: the same work.
+        let dummy = phc_of(&salt, &[1u8; 32]);
+        let parsed = PasswordHash::new(&dummy).unwrap();
+        assert_eq!(parsed.algorithm, real.algorithm);
+        assert_eq!(parsed.version, real.version);
+        assert_eq!(parsed.params, real.params);
+        assert_eq!(parsed.hash.map(|h| h.len()), real.hash.map(|h| h.len()));
+        // The output is random, so no password verifies against it, including the one whose
+        // real hash shares its salt.
+        assert!(hasher().verify_password(b"correct horse battery", &parsed).is_err());
+        // And a real output in the same format does verify: the format is Argon2's own.
+        let out = real.hash.unwrap();
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(out.as_bytes());
+        let rebuilt = phc_of(&salt, &bytes);
+        assert!(hasher().verify_password(b"correct horse battery", &PasswordHash::new(&rebuilt).unwrap()).is_ok());
     }
 }

@@ -259,9 +259,11 @@ enum Parsed {
 /// the `Content-Length` of an answer that has no body (HEAD, 204, 304), which describes the
 /// resource.
 fn parse_head<S: HeadSink>(buf: &mut BytesMut, method: &Method, sink: &mut S) -> Result<Parsed, UpstreamError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    // Uninitialised slots: zeroing 128 of them (4 KiB) on every answer was a visible share of
+    // the profile.
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(UpstreamError::Failed(format!("the upstream's answer does not parse: {e}"))),

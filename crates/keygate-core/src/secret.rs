@@ -87,7 +87,13 @@ impl SecretHash {
 
 impl PartialEq for SecretHash {
     fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
+        // Word by word: as constant-time as byte by byte, in an eighth of the steps.
+        let (a, _) = self.0.as_chunks::<8>();
+        let (b, _) = other.0.as_chunks::<8>();
+        a.iter()
+            .zip(b)
+            .fold(subtle::Choice::from(1), |all, (x, y)| all & u64::from_ne_bytes(*x).ct_eq(&u64::from_ne_bytes(*y)))
+            .into()
     }
 }
 
@@ -136,6 +142,19 @@ mod tests {
         let h = p.hash("kg_example");
         let hex: String = h.0.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, "89b2bf69497f91d82f1f863892dc94bd258836d428c72c7a7b73618ee66e132c");
+    }
+
+    #[test]
+    fn hashes_differing_in_any_byte_are_unequal() {
+        let a = SecretHash([0x5a; 32]);
+        assert_eq!(a, SecretHash([0x5a; 32]));
+        for i in 0..32 {
+            for bit in [0x01, 0x80] {
+                let mut b = a;
+                b.0[i] ^= bit;
+                assert_ne!(a, b, "byte {i}, bit {bit:#x}");
+            }
+        }
     }
 
     #[test]

@@ -100,7 +100,9 @@ impl<'a> ReqHead<'a> {
             Some(a) => a,
             None => std::str::from_utf8(self.at(self.known.host)?).ok()?,
         };
-        Some(match raw.rsplit_once(':') {
+        // The port, if any, is after the last colon (a byte search: this runs on every request).
+        let colon = raw.as_bytes().iter().rposition(|b| *b == b':');
+        Some(match colon.and_then(|i| Some((raw.get(..i)?, raw.get(i + 1..)?))) {
             Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
             _ => raw,
         })
@@ -178,6 +180,29 @@ mod tests {
         assert_eq!(head.host(), Some("API.example"));
         assert!(!head.keep_alive(), "Connection: close");
         assert_eq!(head.all("connection").count(), 1);
+    }
+
+    #[test]
+    fn the_host_is_named_without_its_port() {
+        for (authority, host) in [
+            ("api.example:8080", "api.example"),
+            ("api.example", "api.example"),
+            ("api.example:", "api.example"),
+            ("[::1]:443", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("api.example:x1", "api.example:x1"),
+        ] {
+            let head = ReqHead {
+                method: Method::GET,
+                path: "/",
+                query: None,
+                version: Version::HTTP_11,
+                authority: Some(authority),
+                fields: &[],
+                known: Known::default(),
+            };
+            assert_eq!(head.host(), Some(host), "{authority}");
+        }
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct Conn {
     authority: Arc<str>,
     stream: TcpStream,
     buf: BytesMut,
+    /// The buffer request heads are written into: kept with the connection, so a pooled
+    /// connection brings one that is already large enough.
+    head: Vec<u8>,
     /// The answer time limit of the request in flight on this connection.
     timer: Deadline,
 }
@@ -119,7 +122,13 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, Upstre
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK), timer: Deadline::new() })
+    Ok(Conn {
+        authority: authority.clone(),
+        stream,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        head: Vec::new(),
+        timer: Deadline::new(),
+    })
 }
 
 /// How a request's body is framed upstream.
@@ -672,11 +681,6 @@ pub struct Answered {
     pub body: UpstreamResponseBody,
 }
 
-thread_local! {
-    /// A request-head buffer, taken for the time of one send (never borrowed across an await).
-    static HEAD_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
 /// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head
 /// into `sink`. `write_head` writes the request head for the body's framing. `body` is taken
 /// when it is sent; a request whose body was not consumed can be sent again: a pooled
@@ -704,7 +708,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
         },
     };
     let framing = request_framing(method, body.as_ref());
-    let mut head = HEAD_BUF.with(std::cell::Cell::take);
+    let mut head = std::mem::take(&mut conn.head);
     head.clear();
     write_head(framing, &mut head);
     if upstream.counts_in_flight {
@@ -735,7 +739,8 @@ pub async fn send<B: BodySource, S: HeadSink>(
             Some(Err(e)) => break Err(e),
         }
     };
-    HEAD_BUF.with(|c| c.set(head));
+    // Back with the connection that is kept (a retry may have replaced the first).
+    conn.head = head;
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

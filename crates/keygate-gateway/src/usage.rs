@@ -3,14 +3,20 @@
 //! graceful shutdown, so that after N requests the usage says N).
 //!
 //! Counts live in one shard per thread (each gateway worker has its own), so a worker's lock
-//! and map stay in its own core's cache and the workers never contend; `last_used_at` rides in
-//! the same entry, so a request costs one lookup. Shards are merged when usage is drained.
+//! and table stay in its own core's cache and the workers never contend; `last_used_at` rides in
+//! the same entry, so a request costs one lookup. An entry holds its key and every counter in
+//! 128 bytes aligned to 128 (one adjacent pair of cache lines, which the CPU fetches together):
+//! route and workspace are named by small per-shard numbers, the request count is the sum of the
+//! status classes. Shards are merged when usage is drained.
 
 use std::collections::HashMap as StdHashMap;
-use std::net::IpAddr;
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 use keygate_core::Timestamp;
 use keygate_core::ids::{TokenId, WorkspaceId};
 use keygate_core::model::{LATENCY_BUCKETS_MS, LastUse, UsageRecord};
@@ -28,9 +34,6 @@ thread_local! {
 /// caller), so a fast keyed hash is enough; per-map random seeds keep it unpredictable anyway.
 type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
-/// (token public id, route position, minute start in ms).
-type Key = ([u8; PUBLIC_ID_LEN], usize, i64);
-
 /// One finished request, as the meter counts it.
 #[derive(Debug, Clone)]
 pub struct Sample<'a> {
@@ -47,27 +50,47 @@ pub struct Sample<'a> {
 }
 
 /// The counts of one token on one route in one minute, and the token's last use seen there
-/// since the last drain.
+/// since the last drain. Counters saturate instead of wrapping.
+#[repr(C, align(128))]
 struct Entry {
-    workspace_id: Arc<str>,
-    route: Arc<str>,
-    requests: u64,
-    status: [u32; 4],
     bytes_in: u64,
     bytes_out: u64,
     latency_us_sum: u64,
+    public_id: [u8; PUBLIC_ID_LEN],
+    /// Minutes since the epoch.
+    minute: i32,
+    route_index: u32,
+    /// The route's and the workspace's ids, as numbers of the shard's [`Names`].
+    route: u32,
+    workspace: u32,
+    /// Requests by status class: 2xx (and 1xx), 3xx, 4xx, 5xx. Their sum is the request count.
+    status: [u32; 4],
     latency: [u32; 10],
-    last_use: Option<(Timestamp, IpAddr)>,
+    /// The last use: milliseconds into the minute, plus one (0: none since the last drain).
+    last_ms: u16,
+    /// The last use's client address, IPv4 as IPv4-mapped IPv6.
+    last_ip: [u8; 16],
 }
 
+const _: () = assert!(size_of::<Entry>() == 128, "an entry is one pair of cache lines");
+
 impl Entry {
-    fn record(&self, key: &Key) -> UsageRecord {
+    fn key(&self) -> (&[u8; PUBLIC_ID_LEN], u32, i32) {
+        (&self.public_id, self.route_index, self.minute)
+    }
+    fn minute_ms(&self) -> i64 {
+        i64::from(self.minute) * 60_000
+    }
+    fn token_id(&self) -> TokenId {
+        TokenId::from_public_id(std::str::from_utf8(&self.public_id).unwrap_or_default())
+    }
+    fn record(&self, names: &Names) -> UsageRecord {
         UsageRecord {
-            token_id: TokenId::from_public_id(std::str::from_utf8(&key.0).unwrap_or_default()),
-            workspace_id: WorkspaceId::from_trusted(self.workspace_id.to_string()),
-            route: self.route.to_string(),
-            minute: Timestamp::from_millis(key.2),
-            requests: self.requests,
+            token_id: self.token_id(),
+            workspace_id: WorkspaceId::from_trusted(names.get(self.workspace).to_owned()),
+            route: names.get(self.route).to_owned(),
+            minute: Timestamp::from_millis(self.minute_ms()),
+            requests: self.status.iter().map(|n| u64::from(*n)).sum(),
             status: self.status.map(u64::from),
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
@@ -75,12 +98,50 @@ impl Entry {
             latency: self.latency.map(u64::from),
         }
     }
+    /// The last use seen since the last drain, taking it.
+    fn take_last_use(&mut self) -> Option<(Timestamp, IpAddr)> {
+        let ms = std::mem::take(&mut self.last_ms);
+        (ms > 0).then(|| {
+            let at = Timestamp::from_millis(self.minute_ms() + i64::from(ms) - 1);
+            (at, IpAddr::V6(Ipv6Addr::from(self.last_ip)).to_canonical())
+        })
+    }
+}
+
+/// Route and workspace ids, numbered per shard so that an entry holds 4 bytes for each instead
+/// of a pointer pair (looked up only when an entry is made).
+#[derive(Default)]
+struct Names {
+    list: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, u32>,
+}
+
+impl Names {
+    fn number(&mut self, name: &Arc<str>) -> u32 {
+        if let Some(n) = self.numbers.get(name) {
+            return *n;
+        }
+        let n = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        self.list.push(name.clone());
+        self.numbers.insert(name.clone(), n);
+        n
+    }
+    fn get(&self, n: u32) -> &str {
+        self.list.get(n as usize).map_or("", |s| s)
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    table: HashTable<Entry>,
+    hasher: foldhash::fast::RandomState,
+    names: Names,
 }
 
 /// One thread's counts, on cache lines of its own.
 #[repr(align(128))]
 #[derive(Default)]
-struct Shard(Mutex<HashMap<Key, Entry>>);
+struct Shard(Mutex<Counts>);
 
 /// Counts usage until [`UsageMeter::drain`] takes it.
 pub struct UsageMeter {
@@ -107,33 +168,67 @@ fn last_use(id: &[u8; PUBLIC_ID_LEN], (at, ip): (Timestamp, IpAddr)) -> LastUse 
     LastUse { token_id: TokenId::from_public_id(std::str::from_utf8(id).unwrap_or_default()), at, ip: ip.to_string() }
 }
 
+fn bump(n: &mut u32) {
+    *n = n.saturating_add(1);
+}
+
+/// Keeps the latest of the last uses seen for each token.
+fn keep_latest(
+    latest: &mut HashMap<[u8; PUBLIC_ID_LEN], (Timestamp, IpAddr)>,
+    id: [u8; PUBLIC_ID_LEN],
+    seen: (Timestamp, IpAddr),
+) {
+    let l = latest.entry(id).or_insert(seen);
+    if seen.0 > l.0 {
+        *l = seen;
+    }
+}
+
 impl UsageMeter {
     pub fn record(&self, s: &Sample<'_>) {
-        let Some(Ok(mut map)) = self.shards.get(SHARD.with(|i| *i)).map(|s| s.0.lock()) else { return };
-        let minute = s.at.as_millis().div_euclid(60_000) * 60_000;
-        let e = map.entry((*s.public_id, s.route_index, minute)).or_insert_with(|| Entry {
-            workspace_id: s.workspace_id.clone(),
-            route: s.route_id.clone(),
-            requests: 0,
-            status: [0; 4],
-            bytes_in: 0,
-            bytes_out: 0,
-            latency_us_sum: 0,
-            latency: [0; 10],
-            last_use: None,
-        });
-        e.requests += 1;
+        let Some(Ok(mut guard)) = self.shards.get(SHARD.with(|i| *i)).map(|s| s.0.lock()) else { return };
+        let Counts { table, hasher, names } = &mut *guard;
+        let at = s.at.as_millis();
+        let minute_ms = at.div_euclid(60_000) * 60_000;
+        let minute = i32::try_from(at.div_euclid(60_000)).unwrap_or(i32::MAX);
+        let route_index = u32::try_from(s.route_index).unwrap_or(u32::MAX);
+        let key = (s.public_id, route_index, minute);
+        let e = match table.entry(hasher.hash_one(key), |e| e.key() == key, |e| hasher.hash_one(e.key())) {
+            Slot::Occupied(o) => o.into_mut(),
+            Slot::Vacant(v) => v
+                .insert(Entry {
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    latency_us_sum: 0,
+                    public_id: *s.public_id,
+                    minute,
+                    route_index,
+                    route: names.number(s.route_id),
+                    workspace: names.number(s.workspace_id),
+                    status: [0; 4],
+                    latency: [0; 10],
+                    last_ms: 0,
+                    last_ip: [0; 16],
+                })
+                .into_mut(),
+        };
         if let Some(class) = e.status.get_mut(usize::from((s.status / 100).clamp(2, 5) - 2)) {
-            *class += 1;
+            bump(class);
         }
-        e.bytes_in += s.bytes_in;
-        e.bytes_out += s.bytes_out;
-        e.latency_us_sum += s.latency_us;
+        e.bytes_in = e.bytes_in.saturating_add(s.bytes_in);
+        e.bytes_out = e.bytes_out.saturating_add(s.bytes_out);
+        e.latency_us_sum = e.latency_us_sum.saturating_add(s.latency_us);
         if let Some(b) = e.latency.get_mut(bucket(s.latency_us)) {
-            *b += 1;
+            bump(b);
         }
-        if e.last_use.is_none_or(|(at, _)| s.at >= at) {
-            e.last_use = Some((s.at, s.client_ip));
+        // Milliseconds into the minute (below 60,000), plus one.
+        let ms = u16::try_from(at - minute_ms + 1).unwrap_or(u16::MAX);
+        if ms >= e.last_ms {
+            e.last_ms = ms;
+            e.last_ip = match s.client_ip {
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                IpAddr::V6(a) => a.octets(),
+            };
         }
     }
 
@@ -142,8 +237,8 @@ impl UsageMeter {
     pub fn peek(&self, public_id: &[u8; PUBLIC_ID_LEN]) -> Vec<UsageRecord> {
         let mut out: Vec<UsageRecord> = Vec::new();
         for shard in &self.shards {
-            let Ok(map) = shard.0.lock() else { continue };
-            out.extend(map.iter().filter(|(k, _)| k.0 == *public_id).map(|(k, e)| e.record(k)));
+            let Ok(c) = shard.0.lock() else { continue };
+            out.extend(c.table.iter().filter(|e| e.public_id == *public_id).map(|e| e.record(&c.names)));
         }
         if let Ok(r) = self.restored.lock() {
             let id = TokenId::from_public_id(std::str::from_utf8(public_id).unwrap_or_default());
@@ -170,32 +265,25 @@ impl UsageMeter {
             .unwrap_or_default();
         let mut latest: HashMap<[u8; PUBLIC_ID_LEN], (Timestamp, IpAddr)> = HashMap::default();
         for shard in &self.shards {
-            let Ok(mut map) = shard.0.lock() else { continue };
-            if with_last_used {
-                for (k, e) in map.iter_mut() {
-                    if let Some(seen) = e.last_use.take() {
-                        let l = latest.entry(k.0).or_insert(seen);
-                        if seen.0 > l.0 {
-                            *l = seen;
-                        }
-                    }
+            let Ok(mut guard) = shard.0.lock() else { continue };
+            let Counts { table, names, .. } = &mut *guard;
+            table.retain(|e| {
+                let finished = e.minute_ms() < minute_ms;
+                // A finished minute's last use leaves with it.
+                if (with_last_used || finished)
+                    && let Some(seen) = e.take_last_use()
+                {
+                    keep_latest(&mut latest, e.public_id, seen);
                 }
-            }
-            map.retain(|k, e| {
-                if k.2 < minute_ms {
-                    usage.push(e.record(k));
-                    if let Some(seen) = e.last_use {
-                        // A finished minute's last use leaves with it.
-                        let l = latest.entry(k.0).or_insert(seen);
-                        if seen.0 > l.0 {
-                            *l = seen;
-                        }
-                    }
-                    false
-                } else {
-                    true
+                if finished {
+                    usage.push(e.record(names));
                 }
+                !finished
             });
+            if table.is_empty() {
+                // Nothing refers to the numbered names any more: let go of them.
+                *names = Names::default();
+            }
         }
         let latest = latest.iter().map(|(id, seen)| last_use(id, *seen));
         if with_last_used {
@@ -358,6 +446,73 @@ mod tests {
         let (again, last) = m.drain();
         assert_eq!((again.len(), again[0].requests, last.len()), (1, 30, 1));
         assert!(m.drain().0.is_empty());
+    }
+
+    #[test]
+    fn last_use_keeps_the_address_family_and_the_millisecond() {
+        let m = UsageMeter::default();
+        let id = *b"abcdefghijkl";
+        let (ws, route): (Arc<str>, Arc<str>) = ("ws_1".into(), "r".into());
+        let sample = |at: i64, ip: &str| Sample {
+            public_id: &id,
+            workspace_id: &ws,
+            route_index: 0,
+            route_id: &route,
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 0,
+            latency_us: 10,
+            at: Timestamp::from_millis(at),
+            client_ip: ip.parse().unwrap(),
+        };
+        m.record(&sample(-59_999, "2001:db8::7"));
+        m.record(&sample(120_000, "2001:db8::8"));
+        m.record(&sample(179_999, "192.0.2.9"));
+        m.record(&sample(150_000, "2001:db8::9"));
+        let (usage, last) = m.drain();
+        assert_eq!(usage.len(), 2, "a minute before the epoch is a minute like any other");
+        assert!(usage.iter().any(|u| u.minute.as_millis() == -60_000 && u.requests == 1));
+        assert_eq!(last.len(), 1);
+        assert_eq!(
+            (last[0].at.as_millis(), last[0].ip.as_str()),
+            (179_999, "192.0.2.9"),
+            "the later use, IPv4 as IPv4"
+        );
+        m.record(&sample(0, "::ffff:192.0.2.1"));
+        m.record(&sample(1, "2001:db8::1"));
+        let (_, last) = m.drain();
+        assert_eq!((last[0].at.as_millis(), last[0].ip.as_str()), (1, "2001:db8::1"));
+    }
+
+    #[test]
+    fn names_are_numbered_per_shard_and_let_go_when_drained() {
+        let m = UsageMeter::default();
+        let (ws, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("ws_1".into(), "orders".into(), "status".into());
+        for (i, route) in [&a, &b, &a].into_iter().enumerate() {
+            m.record(&Sample {
+                public_id: b"abcdefghijkl",
+                workspace_id: &ws,
+                route_index: i,
+                route_id: route,
+                status: 404,
+                bytes_in: 0,
+                bytes_out: 0,
+                latency_us: 10,
+                at: Timestamp::from_millis(1000),
+                client_ip: "10.0.0.1".parse().unwrap(),
+            });
+        }
+        let mut routes: Vec<_> = m.peek(b"abcdefghijkl").into_iter().map(|u| (u.route, u.status[2])).collect();
+        routes.sort();
+        assert_eq!(
+            routes,
+            [("orders".to_owned(), 2), ("status".to_owned(), 1)],
+            "a reloaded route at a new position keeps its id"
+        );
+        let (usage, _) = m.drain();
+        assert!(usage.iter().all(|u| u.workspace_id.as_str() == "ws_1"));
+        let shard = m.shards.iter().find_map(|s| s.0.lock().ok().filter(|c| !c.names.list.is_empty()).map(|_| ()));
+        assert!(shard.is_none(), "an empty shard holds no names");
     }
 
     #[test]

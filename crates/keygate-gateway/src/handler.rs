@@ -317,7 +317,7 @@ enum Scheme {
 fn credential<'a>(head: &ReqHead<'a>) -> Option<(Scheme, &'a str)> {
     if let Some(v) = head.at(head.known.authorization) {
         let v = std::str::from_utf8(v).ok()?;
-        let (scheme, rest) = v.split_once(' ')?;
+        let (scheme, rest) = crate::head::split_once_ascii(v, b' ')?;
         let scheme = if scheme.eq_ignore_ascii_case("bearer") {
             Scheme::Bearer
         } else if scheme.eq_ignore_ascii_case("dpop") {

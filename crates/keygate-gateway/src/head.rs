@@ -100,9 +100,7 @@ impl<'a> ReqHead<'a> {
             Some(a) => a,
             None => std::str::from_utf8(self.at(self.known.host)?).ok()?,
         };
-        // The port, if any, is after the last colon (a byte search: this runs on every request).
-        let colon = raw.as_bytes().iter().rposition(|b| *b == b':');
-        Some(match colon.and_then(|i| Some((raw.get(..i)?, raw.get(i + 1..)?))) {
+        Some(match rsplit_once_ascii(raw, b':') {
             Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
             _ => raw,
         })
@@ -135,10 +133,23 @@ pub fn fields_of(map: &HeaderMap) -> Vec<Field<'_>> {
 
 /// Splits a request target into path and query.
 pub fn split_target(target: &str) -> (&str, Option<&str>) {
-    match target.split_once('?') {
+    match split_once_ascii(target, b'?') {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     }
+}
+
+/// `s.split_once(c)` for an ASCII `c`, as a plain byte search: `str`'s generic searcher costs
+/// more than the whole search on the short strings of a request head.
+pub fn split_once_ascii(s: &str, c: u8) -> Option<(&str, &str)> {
+    let i = s.as_bytes().iter().position(|b| *b == c)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
+}
+
+/// `s.rsplit_once(c)` for an ASCII `c` (see [`split_once_ascii`]).
+pub fn rsplit_once_ascii(s: &str, c: u8) -> Option<(&str, &str)> {
+    let i = s.as_bytes().iter().rposition(|b| *b == c)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
 }
 
 #[cfg(test)]
@@ -223,6 +234,16 @@ mod tests {
         assert!(head(Version::HTTP_11, none).keep_alive());
         assert!(!head(Version::HTTP_10, none).keep_alive());
         assert!(head(Version::HTTP_10, ka).keep_alive());
+    }
+
+    #[test]
+    fn ascii_splits_agree_with_str_splits() {
+        for s in ["", "?", "a?b?c", "/p", "é?ü", "x:1:2", "Bearer  tok"] {
+            for c in [b'?', b':', b' '] {
+                assert_eq!(split_once_ascii(s, c), s.split_once(char::from(c)), "{s:?} {c}");
+                assert_eq!(rsplit_once_ascii(s, c), s.rsplit_once(char::from(c)), "{s:?} {c}");
+            }
+        }
     }
 
     #[test]

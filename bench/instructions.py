@@ -120,6 +120,9 @@ def run_once(bench: gw.Bench, binary: Path, label: str, n: int, tokens: list[str
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             gw.wait_http(bench.ports.admin, "/admin/v1/health", timeout=600)
+            # Let the start-up tasks that run after the listeners open (the JWKS client with its
+            # root certificates, the first change-feed poll) finish in both runs alike.
+            time.sleep(5)
             codes = drive(bench.ports.keygate, tokens, n) if n else {}
         finally:
             p.send_signal(signal.SIGTERM)

@@ -345,23 +345,39 @@ pub type SharedMeter = Arc<UsageMeter>;
 mod tests {
     use super::*;
 
+    /// A token, its workspace and a route, and requests of it.
+    struct Fixture {
+        id: [u8; PUBLIC_ID_LEN],
+        ws: Arc<str>,
+        route: Arc<str>,
+    }
+
+    impl Fixture {
+        fn new(route: &str) -> Self {
+            Self { id: *b"abcdefghijkl", ws: "ws_1".into(), route: route.into() }
+        }
+        /// A 200 answered in 10 µs at `at_ms` to `ip`, no bytes.
+        fn sample(&self, at_ms: i64, ip: &str) -> Sample<'_> {
+            Sample {
+                public_id: &self.id,
+                workspace_id: &self.ws,
+                route_index: 0,
+                route_id: &self.route,
+                status: 200,
+                bytes_in: 0,
+                bytes_out: 0,
+                latency_us: 10,
+                at: Timestamp::from_millis(at_ms),
+                client_ip: ip.parse().unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn counts_per_token_route_and_minute() {
         let m = UsageMeter::default();
-        let id = *b"abcdefghijkl";
-        let (ws, route): (Arc<str>, Arc<str>) = ("ws_1".into(), "orders".into());
-        let mut s = Sample {
-            public_id: &id,
-            workspace_id: &ws,
-            route_index: 0,
-            route_id: &route,
-            status: 200,
-            bytes_in: 10,
-            bytes_out: 100,
-            latency_us: 1500,
-            at: Timestamp::from_millis(60_000),
-            client_ip: "10.0.0.1".parse().unwrap(),
-        };
+        let f = Fixture::new("orders");
+        let mut s = Sample { bytes_in: 10, bytes_out: 100, latency_us: 1500, ..f.sample(60_000, "10.0.0.1") };
         m.record(&s);
         s.status = 503;
         s.latency_us = 2_000_000;
@@ -383,21 +399,9 @@ mod tests {
     #[test]
     fn finished_minutes_drain_first() {
         let m = UsageMeter::default();
-        let id = *b"abcdefghijkl";
-        let (ws, route): (Arc<str>, Arc<str>) = ("ws_1".into(), "r".into());
+        let f = Fixture::new("r");
         for at in [60_000, 125_000] {
-            m.record(&Sample {
-                public_id: &id,
-                workspace_id: &ws,
-                route_index: 0,
-                route_id: &route,
-                status: 200,
-                bytes_in: 0,
-                bytes_out: 0,
-                latency_us: 10,
-                at: Timestamp::from_millis(at),
-                client_ip: "10.0.0.1".parse().unwrap(),
-            });
+            m.record(&f.sample(at, "10.0.0.1"));
         }
         let (done, last) = m.drain_before(120_000, false);
         assert_eq!(done.len(), 1);
@@ -411,25 +415,14 @@ mod tests {
     #[test]
     fn threads_count_apart_and_drain_together_and_failed_flushes_come_back() {
         let m = Arc::new(UsageMeter::default());
-        let id = *b"abcdefghijkl";
-        let (ws, route): (Arc<str>, Arc<str>) = ("ws_1".into(), "r".into());
+        let id = Fixture::new("r").id;
         let threads: Vec<_> = (0..3)
             .map(|i| {
-                let (m, ws, route) = (m.clone(), ws.clone(), route.clone());
+                let m = m.clone();
                 std::thread::spawn(move || {
+                    let f = Fixture::new("r");
                     for _ in 0..10 {
-                        m.record(&Sample {
-                            public_id: &id,
-                            workspace_id: &ws,
-                            route_index: 0,
-                            route_id: &route,
-                            status: 200,
-                            bytes_in: 1,
-                            bytes_out: 2,
-                            latency_us: 10,
-                            at: Timestamp::from_millis(60_000 + i),
-                            client_ip: format!("10.0.0.{i}").parse().unwrap(),
-                        });
+                        m.record(&Sample { bytes_in: 1, bytes_out: 2, ..f.sample(60_000 + i, &format!("10.0.0.{i}")) });
                     }
                 })
             })
@@ -453,20 +446,8 @@ mod tests {
     #[test]
     fn last_use_keeps_the_address_family_and_the_millisecond() {
         let m = UsageMeter::default();
-        let id = *b"abcdefghijkl";
-        let (ws, route): (Arc<str>, Arc<str>) = ("ws_1".into(), "r".into());
-        let sample = |at: i64, ip: &str| Sample {
-            public_id: &id,
-            workspace_id: &ws,
-            route_index: 0,
-            route_id: &route,
-            status: 200,
-            bytes_in: 0,
-            bytes_out: 0,
-            latency_us: 10,
-            at: Timestamp::from_millis(at),
-            client_ip: ip.parse().unwrap(),
-        };
+        let f = Fixture::new("r");
+        let sample = |at, ip| f.sample(at, ip);
         m.record(&sample(-59_999, "2001:db8::7"));
         m.record(&sample(120_000, "2001:db8::8"));
         m.record(&sample(179_999, "192.0.2.9"));
@@ -489,20 +470,9 @@ mod tests {
     #[test]
     fn names_are_numbered_per_shard_and_let_go_when_drained() {
         let m = UsageMeter::default();
-        let (ws, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("ws_1".into(), "orders".into(), "status".into());
-        for (i, route) in [&a, &b, &a].into_iter().enumerate() {
-            m.record(&Sample {
-                public_id: b"abcdefghijkl",
-                workspace_id: &ws,
-                route_index: i,
-                route_id: route,
-                status: 404,
-                bytes_in: 0,
-                bytes_out: 0,
-                latency_us: 10,
-                at: Timestamp::from_millis(1000),
-                client_ip: "10.0.0.1".parse().unwrap(),
-            });
+        let (f, b) = (Fixture::new("orders"), Arc::<str>::from("status"));
+        for (i, route) in [&f.route, &b, &f.route].into_iter().enumerate() {
+            m.record(&Sample { route_index: i, route_id: route, status: 404, ..f.sample(1000, "10.0.0.1") });
         }
         let mut routes: Vec<_> = m.peek(b"abcdefghijkl").into_iter().map(|u| (u.route, u.status[2])).collect();
         routes.sort();

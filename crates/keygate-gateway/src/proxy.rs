@@ -60,6 +60,9 @@ pub enum UpstreamError {
     Failed(String),
 }
 
+/// The largest request-head buffer a pooled connection keeps for the next request.
+const KEPT_HEAD_CAPACITY: usize = 16 * 1024;
+
 /// One connection to an upstream, with the bytes read from it and not yet used.
 pub struct Conn {
     authority: Arc<str>,
@@ -739,8 +742,11 @@ pub async fn send<B: BodySource, S: HeadSink>(
             Some(Err(e)) => break Err(e),
         }
     };
-    // Back with the connection that is kept (a retry may have replaced the first).
-    conn.head = head;
+    // Back with the connection that is kept (a retry may have replaced the first), unless an
+    // unusually large head made it big: idle pooled connections should not hold much memory.
+    if head.capacity() <= KEPT_HEAD_CAPACITY {
+        conn.head = head;
+    }
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

@@ -155,7 +155,7 @@ def per_request(hi: dict, lo: dict, key: str) -> dict[str, float]:
     return {e: (hi[key][e] - lo[key][e]) / n for e in EVENTS}
 
 
-def summary(label: str, runs: dict) -> dict:
+def summary(runs: dict) -> dict:
     lo, hi = runs["0"], runs["n"]
     out = {k: per_request(hi, lo, k) for k in ("total", "worker", "hmac")}
     n = hi["requests"]
@@ -222,7 +222,7 @@ def main() -> None:
             t0 = time.time()
             runs = {"0": run_once(bench, b, label, 0, tokens), "n": run_once(bench, b, label, a.requests, tokens)}
             gw.log(f"{label}: done in {time.time() - t0:.0f}s")
-            results[label] = summary(label, runs)
+            results[label] = summary(runs)
     finally:
         gw.PROCS.stop_all()
     for label, s in results.items():

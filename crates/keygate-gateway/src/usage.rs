@@ -191,7 +191,6 @@ impl UsageMeter {
         let Some(Ok(mut guard)) = self.shards.get(SHARD.with(|i| *i)).map(|s| s.0.lock()) else { return };
         let Counts { table, hasher, names } = &mut *guard;
         let at = s.at.as_millis();
-        let minute_ms = at.div_euclid(60_000) * 60_000;
         let minute = i32::try_from(at.div_euclid(60_000)).unwrap_or(i32::MAX);
         let route_index = u32::try_from(s.route_index).unwrap_or(u32::MAX);
         let key = (s.public_id, route_index, minute);
@@ -224,7 +223,7 @@ impl UsageMeter {
             bump(b);
         }
         // Milliseconds into the minute (below 60,000), plus one.
-        let ms = u16::try_from(at - minute_ms + 1).unwrap_or(u16::MAX);
+        let ms = u16::try_from(at.rem_euclid(60_000) + 1).unwrap_or(u16::MAX);
         if ms >= e.last_ms {
             e.last_ms = ms;
             e.last_ip = match s.client_ip {

@@ -418,10 +418,45 @@ mod tests {
         );
         assert_eq!(Permission::parse_list(&["tokens:delete".into()]).unwrap_err().code, "invalid_permission");
     }
+
+    #[test]
+    fn latency_bounds_are_inclusive() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(999), 0);
+        assert_eq!(latency_bucket(1000), 0, "exactly 1 ms is within the 1 ms bound");
+        assert_eq!(latency_bucket(1001), 1);
+        assert_eq!(latency_bucket(5000), 1);
+        assert_eq!(latency_bucket(1_000_000), 8);
+        assert_eq!(latency_bucket(1_000_001), 9);
+        assert_eq!(latency_bucket(u64::MAX), 9);
+    }
+
+    #[test]
+    fn quantiles_come_from_the_histogram_by_nearest_rank() {
+        let mut r = UsageRecord::default();
+        assert_eq!(r.latency_quantile_bucket(0.5), None, "nothing counted");
+        // 10 answers: 5 within 1 ms, 4 within 5 ms, 1 over 1 s.
+        r.latency[0] = 5;
+        r.latency[1] = 4;
+        r.latency[9] = 1;
+        assert_eq!(r.latency_quantile_bucket(0.5), Some(0), "rank 5 is the last of the first bucket");
+        assert_eq!(r.latency_quantile_bucket(0.51), Some(1));
+        assert_eq!(r.latency_quantile_bucket(0.9), Some(1));
+        assert_eq!(r.latency_quantile_bucket(0.95), Some(9));
+        assert_eq!(r.latency_quantile_bucket(1.0), Some(9));
+        assert_eq!(r.latency_quantile_bucket(0.0), Some(0), "rank 0 is taken as the first answer");
+    }
 }
 
 /// Upper bounds (milliseconds) of the latency histogram buckets; the last bucket is unbounded.
 pub const LATENCY_BUCKETS_MS: [u64; 9] = [1, 5, 10, 25, 50, 100, 250, 500, 1000];
+
+/// The bucket of [`LATENCY_BUCKETS_MS`] a latency is counted in: the first whose bound it does
+/// not exceed (bounds are inclusive, like Prometheus's `le`), or the last, unbounded one. The
+/// usage meter and the `/metrics` histograms both count with it, so they agree on every answer.
+pub fn latency_bucket(latency_us: u64) -> usize {
+    LATENCY_BUCKETS_MS.iter().position(|ms| latency_us <= ms.saturating_mul(1000)).unwrap_or(LATENCY_BUCKETS_MS.len())
+}
 
 /// Usage of one token on one route during one minute.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -442,6 +477,23 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
+    /// The histogram bucket holding the `q` quantile (`0 < q ≤ 1`) of the latencies counted, as
+    /// an index into [`UsageRecord::latency`]; `None` when nothing was counted. Its bound in
+    /// [`LATENCY_BUCKETS_MS`] is an upper bound of the quantile (none for the last bucket).
+    pub fn latency_quantile_bucket(&self, q: f64) -> Option<usize> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        // The rank of the quantile among the answers, 1-based (nearest-rank method).
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        self.latency.iter().position(|n| {
+            seen += n;
+            seen >= rank
+        })
+    }
+
     /// Adds `other`'s counts to this record's.
     pub fn add(&mut self, other: &UsageRecord) {
         self.requests += other.requests;

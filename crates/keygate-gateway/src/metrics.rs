@@ -16,7 +16,7 @@ thread_local! {
     static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
 }
 
-use keygate_core::model::LATENCY_BUCKETS_MS;
+use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
 pub const REASONS: [&str; 14] = [
@@ -94,9 +94,7 @@ impl Metrics {
         if let Some(c) = r.status.get(usize::from((status / 100).clamp(1, 5) - 1)) {
             add(c, 1);
         }
-        let ms = latency_us / 1000;
-        let b = LATENCY_BUCKETS_MS.iter().position(|b| ms < *b).unwrap_or(LATENCY_BUCKETS_MS.len());
-        if let Some(c) = r.latency.get(b) {
+        if let Some(c) = r.latency.get(latency_bucket(latency_us)) {
             add(c, 1);
         }
         add(&r.latency_sum_us, latency_us);
@@ -215,6 +213,7 @@ mod tests {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     m.request(Some(0), 200, 1500);
+                    m.request(Some(0), 200, 1000);
                     m.request(None, 404, 10);
                     m.refusal("unknown_token");
                     m.limiter(false);
@@ -227,10 +226,12 @@ mod tests {
         }
         let text = m.render(&[("keygate_gateway_index_tokens", "Tokens resident.", 7.0)]);
         for line in [
-            "keygate_gateway_requests_total{route=\"orders\",status=\"2xx\"} 3",
+            "keygate_gateway_requests_total{route=\"orders\",status=\"2xx\"} 6",
             "keygate_gateway_requests_total{route=\"\",status=\"unrouted\"} 3",
-            "keygate_gateway_request_duration_seconds_bucket{route=\"orders\",le=\"0.005\"} 3",
-            "keygate_gateway_request_duration_seconds_count{route=\"orders\"} 3",
+            // Exactly 1 ms is within `le="0.001"` (bounds are inclusive).
+            "keygate_gateway_request_duration_seconds_bucket{route=\"orders\",le=\"0.001\"} 3",
+            "keygate_gateway_request_duration_seconds_bucket{route=\"orders\",le=\"0.005\"} 6",
+            "keygate_gateway_request_duration_seconds_count{route=\"orders\"} 6",
             "keygate_gateway_refusals_total{reason=\"unknown_token\"} 3",
             "keygate_gateway_limiter_decisions_total{decision=\"refused\"} 3",
             "keygate_gateway_upstream_errors_total{route=\"orders\",kind=\"timeout\"} 3",

@@ -19,7 +19,7 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
 use keygate_core::Timestamp;
 use keygate_core::ids::{TokenId, WorkspaceId};
-use keygate_core::model::{LATENCY_BUCKETS_MS, LastUse, UsageRecord};
+use keygate_core::model::{LastUse, UsageRecord, latency_bucket};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
 const SHARDS: usize = 8;
@@ -158,14 +158,6 @@ impl Default for UsageMeter {
     }
 }
 
-fn bucket(latency_us: u64) -> usize {
-    let ms = latency_us / 1000;
-    LATENCY_BUCKETS_MS
-        .iter()
-        .position(|b| ms < *b || (ms == *b && latency_us.is_multiple_of(1000)))
-        .unwrap_or(LATENCY_BUCKETS_MS.len())
-}
-
 fn last_use(id: &[u8; PUBLIC_ID_LEN], (at, ip): (Timestamp, IpAddr)) -> LastUse {
     LastUse { token_id: TokenId::from_public_id(std::str::from_utf8(id).unwrap_or_default()), at, ip: ip.to_string() }
 }
@@ -219,7 +211,7 @@ impl UsageMeter {
         e.bytes_in = e.bytes_in.saturating_add(s.bytes_in);
         e.bytes_out = e.bytes_out.saturating_add(s.bytes_out);
         e.latency_us_sum = e.latency_us_sum.saturating_add(s.latency_us);
-        if let Some(b) = e.latency.get_mut(bucket(s.latency_us)) {
+        if let Some(b) = e.latency.get_mut(latency_bucket(s.latency_us)) {
             bump(b);
         }
         // Milliseconds into the minute (below 60,000), plus one.
@@ -484,14 +476,5 @@ mod tests {
         assert!(usage.iter().all(|u| u.workspace_id.as_str() == "ws_1"));
         let shard = m.shards.iter().find_map(|s| s.0.lock().ok().filter(|c| !c.names.list.is_empty()).map(|_| ()));
         assert!(shard.is_none(), "an empty shard holds no names");
-    }
-
-    #[test]
-    fn buckets() {
-        assert_eq!(bucket(0), 0);
-        assert_eq!(bucket(999), 0);
-        assert_eq!(bucket(1000), 0);
-        assert_eq!(bucket(1001), 1);
-        assert_eq!(bucket(5_000_000), 9);
     }
 }

@@ -2,7 +2,7 @@
 //! secret except the `token` of a create or rotate answer, shown that once.
 
 use keygate_core::Timestamp;
-use keygate_core::model::{App, AuditEvent, Plan, ScopeEntry, TokenRecord};
+use keygate_core::model::{App, AuditEvent, LATENCY_BUCKETS_MS, Plan, ScopeEntry, TokenRecord};
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -541,22 +541,12 @@ pub struct UsageCounts {
 
 impl From<&keygate_core::model::UsageRecord> for UsageCounts {
     fn from(r: &keygate_core::model::UsageRecord) -> Self {
-        let pct = |p: f64| -> Option<u64> {
-            if r.requests == 0 {
-                return None;
-            }
-            let want = (p * r.requests as f64).ceil() as u64;
-            let mut seen = 0;
-            for (i, n) in r.latency.iter().enumerate() {
-                seen += n;
-                if seen >= want {
-                    // Above the last bound (1 s) the histogram has no upper edge: the mean stands in.
-                    let mean_ms = r.latency_us_sum / r.requests.max(1) / 1000;
-                    let last = keygate_core::model::LATENCY_BUCKETS_MS.last().copied().unwrap_or(1000);
-                    return Some(keygate_core::model::LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(mean_ms.max(last)));
-                }
-            }
-            None
+        let pct = |q: f64| -> Option<u64> {
+            let i = r.latency_quantile_bucket(q)?;
+            // Above the last bound (1 s) the histogram has no upper edge: the mean stands in.
+            let last = LATENCY_BUCKETS_MS.last().copied().unwrap_or(1000);
+            let mean_ms = r.latency_us_sum / r.requests.max(1) / 1000;
+            Some(LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(mean_ms.max(last)))
         };
         Self {
             requests: r.requests,
@@ -600,4 +590,24 @@ pub struct UsageResponse {
     /// Totals per route, for "top routes".
     pub routes: Vec<RouteUsage>,
     pub total: UsageCounts,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_core::model::UsageRecord;
+
+    #[test]
+    fn usage_percentiles_are_bucket_bounds_and_the_mean_past_the_last() {
+        let empty = UsageCounts::from(&UsageRecord::default());
+        assert_eq!((empty.latency_ms_p50, empty.latency_ms_p95), (None, None));
+        let mut r = UsageRecord { requests: 20, latency_us_sum: 20 * 3_000_000, ..UsageRecord::default() };
+        r.latency[1] = 10;
+        r.latency[9] = 10;
+        let c = UsageCounts::from(&r);
+        assert_eq!(c.latency_ms_p50, Some(5), "the median is in the ≤ 5 ms bucket");
+        assert_eq!(c.latency_ms_p95, Some(3000), "past 1 s, the mean (3 s) stands in");
+        r.latency_us_sum = 20 * 1000;
+        assert_eq!(UsageCounts::from(&r).latency_ms_p95, Some(1000), "never below the last bound");
+    }
 }

@@ -814,22 +814,13 @@ pub async fn token(
 
 /// p50 and p95 from the latency histogram (upper bounds of the buckets, in ms).
 fn percentile(rec: &UsageRecord, p: f64) -> String {
-    let total: u64 = rec.latency.iter().sum();
-    if total == 0 {
-        return "—".into();
+    match rec.latency_quantile_bucket(p) {
+        None => "—".into(),
+        Some(i) => match LATENCY_BUCKETS_MS.get(i) {
+            Some(ms) => format!("≤ {ms} ms"),
+            None => "> 1 s".into(),
+        },
     }
-    let want = (total as f64 * p).ceil() as u64;
-    let mut seen = 0;
-    for (i, n) in rec.latency.iter().enumerate() {
-        seen += n;
-        if seen >= want {
-            return match LATENCY_BUCKETS_MS.get(i) {
-                Some(ms) => format!("≤ {ms} ms"),
-                None => "> 1 s".into(),
-            };
-        }
-    }
-    "—".into()
 }
 
 async fn token_inner(

@@ -549,7 +549,7 @@ impl Gateway {
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
-            && let Some(route) = table.routes.find(head.host(), &path)
+            && let Some(route) = table.routes.find(|| head.host(), &path)
             && let Some(cors) = &route.cors
         {
             let allowed = cors_allows(cors, origin);
@@ -600,7 +600,7 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Result<(&'t Route, Option<Caller>, Cow<'h, str>), (Option<&'t Route>, Option<Caller>, Refuse)> {
-        let Some(route) = table.routes.find(head.host(), &path) else {
+        let Some(route) = table.routes.find(|| head.host(), &path) else {
             return Err((
                 None,
                 None,

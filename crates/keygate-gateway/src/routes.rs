@@ -275,15 +275,31 @@ impl RouteTable {
         Ok(Self { routes })
     }
 
-    /// The route for `host` and normalized `path`: host-specific routes win, then the longest
-    /// prefix; configured routes win over the demo route.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        self.routes
-            .iter()
-            .filter(|r| {
-                r.covers(path) && r.host.as_deref().is_none_or(|h| host.is_some_and(|x| x.eq_ignore_ascii_case(h)))
-            })
-            .max_by_key(|r| (r.host.is_some(), !r.demo, r.prefix.len()))
+    /// The route for the request's host and normalized `path`: host-specific routes win, then
+    /// the longest prefix; configured routes win over the demo route. `host` is asked for only
+    /// when a route with a `host` covers the path (most tables have none, and finding the host
+    /// means reading and checking the `Host` field).
+    pub fn find<'h>(&self, host: impl FnOnce() -> Option<&'h str>, path: &str) -> Option<&Arc<Route>> {
+        let mut host = Some(host);
+        let mut known: Option<Option<&'h str>> = None;
+        let mut best: Option<&Arc<Route>> = None;
+        let rank = |r: &Route| (r.host.is_some(), !r.demo, r.prefix.len());
+        for r in &self.routes {
+            if !r.covers(path) {
+                continue;
+            }
+            if let Some(want) = r.host.as_deref() {
+                let got = *known.get_or_insert_with(|| host.take().and_then(|f| f()));
+                if !got.is_some_and(|h| h.eq_ignore_ascii_case(want)) {
+                    continue;
+                }
+            }
+            // The last of equal rank wins, as with `Iterator::max_by_key`.
+            if best.is_none_or(|b| rank(r) >= rank(b)) {
+                best = Some(r);
+            }
+        }
+        best
     }
 }
 
@@ -447,13 +463,24 @@ mod tests {
             &gw,
         )
         .unwrap();
-        let id = |host: Option<&str>, p: &str| t.find(host, p).map(|r| r.id.to_string());
+        let id = |host: Option<&str>, p: &str| t.find(|| host, p).map(|r| r.id.to_string());
         assert_eq!(id(None, "/orders"), Some("orders".into()));
         assert_eq!(id(None, "/orders/7"), Some("orders".into()));
         assert_eq!(id(None, "/orders-old"), None);
         assert_eq!(id(None, "/orders/admin/x"), Some("admin".into()));
         assert_eq!(id(Some("b2b.example"), "/orders/7"), Some("b2b".into()));
+        assert_eq!(id(Some("B2B.example"), "/orders/7"), Some("b2b".into()), "hosts compare ignoring case");
+        assert_eq!(id(Some("other.example"), "/orders/7"), Some("orders".into()));
         assert_eq!(id(None, "/demo/echo"), Some("demo".into()));
+        let asked = std::cell::Cell::new(0);
+        let ask = || {
+            asked.set(asked.get() + 1);
+            Some("b2b.example")
+        };
+        assert_eq!(t.find(ask, "/demo/echo").map(|r| &*r.id), Some("demo"));
+        assert_eq!(asked.get(), 0, "no route with a host covers the path: the host is not read");
+        assert_eq!(t.find(ask, "/orders/admin/1").map(|r| &*r.id), Some("b2b"), "a host route wins");
+        assert_eq!(asked.get(), 1);
     }
 
     #[test]

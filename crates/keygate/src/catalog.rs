@@ -128,7 +128,7 @@ impl ApiCatalog for Catalog {
         };
         let path = normalize_path(path).map_err(|e| format!("the path is not valid: {e}"))?;
         let table = self.gateway.table.load();
-        let routed = table.routes.find(None, &path).is_some_and(|r| &*r.id == api_id);
+        let routed = table.routes.find(|| None, &path).is_some_and(|r| &*r.id == api_id);
         if !routed {
             return Err(format!("{path} is not served by the API {api_id}"));
         }

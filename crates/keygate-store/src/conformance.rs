@@ -471,6 +471,18 @@ async fn usage_and_quota_counts(h: &Harness) {
     s.record_usage(&many, &[], &[]).await.unwrap();
     let all = s.usage(&ws.id, &t.id, T0, T0.plus_seconds(60 * 1300)).await.unwrap();
     assert_eq!(all.iter().map(|u| u.requests).sum::<u64>(), 6 + 1200 * 3);
+    // Last uses of more tokens than one statement takes: two statements of different lengths.
+    let mut uses = Vec::new();
+    for i in 0..40u8 {
+        let t = token(&ws.id, &d.id, &format!("lu{i}"), T0);
+        s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+        uses.push(LastUse { token_id: t.id.clone(), at: T0.plus_seconds(i64::from(i) + 1), ip: format!("10.0.1.{i}") });
+    }
+    s.record_usage(&[], &uses, &[]).await.unwrap();
+    for u in &uses {
+        let stored = s.token(&ws.id, &u.token_id).await.unwrap().unwrap();
+        assert_eq!((stored.last_used_at, stored.last_used_ip.as_deref()), (Some(u.at), Some(u.ip.as_str())));
+    }
     s.record_usage(&[], &[], &[QuotaCount { period_start: 200, count: 1, ..q.clone() }]).await.unwrap();
     assert_eq!(
         s.quota_counts().await.unwrap(),

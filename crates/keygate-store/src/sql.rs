@@ -930,26 +930,83 @@ fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// A statement's text for a chunk of `n` rows, built once per distinct `n` within one flush:
+/// every chunk but the last has the same length, so a flush of many rows builds it once or twice
+/// instead of once per chunk, and each execution shares it.
+struct ChunkSql<F: Fn(usize) -> String> {
+    build: F,
+    last: Option<(usize, Arc<str>)>,
+}
+
+impl<F: Fn(usize) -> String> ChunkSql<F> {
+    fn new(build: F) -> Self {
+        Self { build, last: None }
+    }
+
+    fn get(&mut self, n: usize) -> AssertSqlSafe<Arc<str>> {
+        let sql = match &self.last {
+            Some((m, sql)) if *m == n => sql.clone(),
+            _ => {
+                let sql: Arc<str> = (self.build)(n).into();
+                self.last = Some((n, sql.clone()));
+                sql
+            }
+        };
+        AssertSqlSafe(sql)
+    }
+}
+
 #[async_trait]
 impl UsageStore for SqlStore {
     async fn record_usage(&self, usage: &[UsageRecord], last_used: &[LastUse], quota: &[QuotaCount]) -> Result<()> {
         if usage.is_empty() && last_used.is_empty() && quota.is_empty() {
             return Ok(());
         }
-        let cols: Vec<&str> = USAGE_COLS.split(", ").collect();
-        let updates: Vec<String> =
-            cols.iter().skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
+        let mut usage_sql = ChunkSql::new(|n| {
+            let cols = USAGE_COLS.split(", ").count();
+            let rows: Vec<String> = (0..n).map(|r| placeholders(r * cols, cols)).collect();
+            let updates: Vec<String> =
+                USAGE_COLS.split(", ").skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
+            format!(
+                "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
+                rows.join(", "),
+                updates.join(", ")
+            )
+        });
+        let mut last_used_sql = ChunkSql::new(|n| {
+            let rows: Vec<String> = (0..n)
+                .map(|r| {
+                    format!(
+                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
+                        3 * r + 1,
+                        3 * r + 2,
+                        3 * r + 3
+                    )
+                })
+                .collect();
+            format!(
+                // VALUES columns are column1.. in both engines (SQLite cannot rename them).
+                "UPDATE tokens SET last_used_at = v.column2, last_used_ip = v.column3 FROM (VALUES {}) AS v \
+                 WHERE tokens.id = v.column1 AND (tokens.last_used_at IS NULL OR tokens.last_used_at < v.column2)",
+                rows.join(", ")
+            )
+        });
+        let mut quota_sql = ChunkSql::new(|n| {
+            let rows: Vec<String> = (0..n).map(|r| placeholders(r * 3, 3)).collect();
+            format!(
+                "INSERT INTO quota_counters (token_id, period_start, count) VALUES {} \
+                 ON CONFLICT (token_id) DO UPDATE SET \
+                 count = CASE WHEN quota_counters.period_start = excluded.period_start \
+                     THEN quota_counters.count + excluded.count ELSE excluded.count END, \
+                 period_start = excluded.period_start",
+                rows.join(", ")
+            )
+        });
         let mut tx = self.begin().await?;
         // Many rows per statement: each statement is a round trip to the database (for SQLite,
         // to its worker thread), and a flush can hold one row per active token.
         for chunk in usage.chunks(USAGE_ROWS) {
-            let rows: Vec<String> = (0..chunk.len()).map(|r| placeholders(r * cols.len(), cols.len())).collect();
-            let sql = format!(
-                "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
-                rows.join(", "),
-                updates.join(", ")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = sqlx::query(usage_sql.get(chunk.len()));
             for u in chunk {
                 q = q
                     .bind(u.token_id.as_str())
@@ -968,39 +1025,14 @@ impl UsageStore for SqlStore {
             q.execute(&mut *tx).await.map_err(db_error)?;
         }
         for chunk in last_used.chunks(SMALL_ROWS) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|r| {
-                    format!(
-                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
-                        3 * r + 1,
-                        3 * r + 2,
-                        3 * r + 3
-                    )
-                })
-                .collect();
-            let sql = format!(
-                // VALUES columns are column1.. in both engines (SQLite cannot rename them).
-                "UPDATE tokens SET last_used_at = v.column2, last_used_ip = v.column3 FROM (VALUES {}) AS v \
-                 WHERE tokens.id = v.column1 AND (tokens.last_used_at IS NULL OR tokens.last_used_at < v.column2)",
-                rows.join(", ")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = sqlx::query(last_used_sql.get(chunk.len()));
             for l in chunk {
                 q = q.bind(l.token_id.as_str()).bind(l.at.as_millis()).bind(l.ip.as_str());
             }
             q.execute(&mut *tx).await.map_err(db_error)?;
         }
         for chunk in quota.chunks(SMALL_ROWS) {
-            let rows: Vec<String> = (0..chunk.len()).map(|r| placeholders(r * 3, 3)).collect();
-            let sql = format!(
-                "INSERT INTO quota_counters (token_id, period_start, count) VALUES {} \
-                 ON CONFLICT (token_id) DO UPDATE SET \
-                 count = CASE WHEN quota_counters.period_start = excluded.period_start \
-                     THEN quota_counters.count + excluded.count ELSE excluded.count END, \
-                 period_start = excluded.period_start",
-                rows.join(", ")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut q = sqlx::query(quota_sql.get(chunk.len()));
             for c in chunk {
                 q = q.bind(c.token_id.as_str()).bind(c.period_start).bind(count(c.count));
             }
@@ -1146,5 +1178,18 @@ mod tests {
         assert_eq!(super::placeholders(0, 3), "($1, $2, $3)");
         assert_eq!(super::placeholders(13, 2), "($14, $15)");
         assert_eq!(super::placeholders(0, 1), "($1)");
+    }
+
+    #[test]
+    fn a_statement_is_built_once_per_chunk_length() {
+        let built = std::cell::Cell::new(0);
+        let mut sql = super::ChunkSql::new(|n| {
+            built.set(built.get() + 1);
+            format!("INSERT … {}", super::placeholders(0, n))
+        });
+        let texts: Vec<String> = [32, 32, 32, 7].iter().map(|n| sql.get(*n).0.to_string()).collect();
+        assert_eq!(built.get(), 2, "one build for the full chunks, one for the last");
+        assert_eq!(texts[0], texts[2]);
+        assert!(texts[3].ends_with("$7)") && !texts[3].contains("$8"));
     }
 }

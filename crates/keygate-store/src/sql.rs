@@ -963,10 +963,11 @@ impl UsageStore for SqlStore {
             return Ok(());
         }
         let mut usage_sql = ChunkSql::new(|n| {
-            let cols = USAGE_COLS.split(", ").count();
-            let rows: Vec<String> = (0..n).map(|r| placeholders(r * cols, cols)).collect();
+            let cols: Vec<&str> = USAGE_COLS.split(", ").collect();
+            let rows: Vec<String> = (0..n).map(|r| placeholders(r * cols.len(), cols.len())).collect();
+            // The key columns (token, workspace, route, minute) are kept; the counts add up.
             let updates: Vec<String> =
-                USAGE_COLS.split(", ").skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
+                cols.iter().skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
             format!(
                 "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
                 rows.join(", "),
@@ -1003,8 +1004,9 @@ impl UsageStore for SqlStore {
             )
         });
         let mut tx = self.begin().await?;
-        // Many rows per statement: each statement is a round trip to the database (for SQLite,
-        // to its worker thread), and a flush can hold one row per active token.
+        // Each statement is a round trip to the database (for SQLite, to its worker thread), and a
+        // flush can hold one row per active token: the small rows go [`SMALL_ROWS`] to a
+        // statement, usage rows [`USAGE_ROWS`] (see there why).
         for chunk in usage.chunks(USAGE_ROWS) {
             let mut q = sqlx::query(usage_sql.get(chunk.len()));
             for u in chunk {

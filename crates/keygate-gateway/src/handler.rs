@@ -302,6 +302,57 @@ fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
     Ok(())
 }
 
+/// Whether the request asks to switch protocols (RFC 9110 §7.8): an `Upgrade` field, and
+/// `Connection` naming `upgrade` (the field is hop-by-hop, so without that it is not meant for
+/// this hop). The one definition of an upgrade: what is checked is exactly what is forwarded and
+/// tunnelled.
+pub(crate) fn upgrade_requested(head: &ReqHead<'_>) -> bool {
+    head.known.upgrade
+        && head.known.connection
+        && head
+            .all("connection")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+}
+
+/// The protocol names of an `Upgrade` list (`name[/version]`, RFC 9110 §7.8), in order.
+pub(crate) fn upgrade_protocols<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values.flat_map(|v| v.split(|b| *b == b',')).map(|p| {
+        let p = p.trim_ascii();
+        p.split(|b| *b == b'/').next().unwrap_or(p).trim_ascii()
+    })
+}
+
+/// Refuses an upgrade to `h2c`, always (RFC 9113 §3.1 removed it: after its 101 the client
+/// would speak HTTP/2 straight to the upstream, and its requests there would pass no check), and
+/// to any protocol the route's `upgrades` does not list.
+fn check_upgrade(head: &ReqHead<'_>, route: &Route) -> Result<(), Refuse> {
+    let refuse =
+        |m: Cow<'static, str>| Refuse { close: true, ..Refuse::new(StatusCode::BAD_REQUEST, UPGRADE_NOT_ALLOWED, m) };
+    for name in upgrade_protocols(head.all("upgrade")) {
+        if name.eq_ignore_ascii_case(b"h2c") {
+            return Err(refuse(Cow::Borrowed(
+                "upgrading to h2c is not supported (RFC 9113 §3.1): use HTTP/2 with prior knowledge, or TLS with ALPN h2",
+            )));
+        }
+        if !route.upgrades.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(name)) {
+            let allowed = if route.upgrades.is_empty() { "none".to_owned() } else { route.upgrades.join(", ") };
+            return Err(refuse(Cow::Owned(format!(
+                "this route does not allow upgrading to {:?} (allowed: {allowed}); list it in the route's upgrades",
+                String::from_utf8_lossy(name)
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// The code of an upgrade refused.
+pub(crate) const UPGRADE_NOT_ALLOWED: &str = "upgrade_not_allowed";
+
+/// The longest a tunnel waits between two checks of its token when nothing changes in the index
+/// (a clock set back or forward is noticed within it).
+const TUNNEL_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How the credential came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scheme {
@@ -444,8 +495,14 @@ pub(crate) struct Outcome {
 }
 
 impl Gateway {
-    /// Answers one request that came through hyper (HTTP/2).
-    pub async fn handle(self: &Arc<Self>, conn: ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
+    /// Answers one request that came through hyper (HTTP/2). The body of a request keygate
+    /// answers itself must arrive within `local_body_timeout`.
+    pub async fn handle(
+        self: &Arc<Self>,
+        conn: ConnInfo,
+        req: Request<Incoming>,
+        local_body_timeout: std::time::Duration,
+    ) -> Response<GatewayBody> {
         let start = Instant::now();
         let table = self.table.load_full();
         let now = self.clock.now();
@@ -470,14 +527,30 @@ impl Gateway {
             }
             Decision::Local(service) => {
                 let limited = http_body_util::Limited::new(body, usize::try_from(MAX_LOCAL_BODY).unwrap_or(usize::MAX));
-                let Ok(collected) = http_body_util::BodyExt::collect(limited).await else {
-                    let r = Refuse::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        "this endpoint takes bodies up to 64 KiB",
-                    );
-                    return r.answer().into_response(&extra);
-                };
+                // The whole body within one deadline (a stream fed a byte now and then must
+                // not hold a task of the control plane's forever).
+                let collected =
+                    match tokio::time::timeout(local_body_timeout, http_body_util::BodyExt::collect(limited)).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(_)) => {
+                            let r = Refuse::new(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "body_too_large",
+                                "this endpoint takes bodies up to 64 KiB",
+                            );
+                            return r.answer().into_response(&extra);
+                        }
+                        Err(_elapsed) => {
+                            let r = Refuse::new(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request_timeout",
+                                "the request body did not arrive in time",
+                            );
+                            let o = Outcome { status: r.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+                            self.finish_own(&table, Some(r.code), None, None, &o, &head);
+                            return r.answer().into_response(&extra);
+                        }
+                    };
                 let mut req = Request::new(collected.to_bytes());
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = parts.uri.clone();
@@ -608,6 +681,11 @@ impl Gateway {
             ));
         };
         let fail = |route: &'t Route, caller: Option<Caller>, r: Refuse| (Some(route), caller, r);
+        if upgrade_requested(head)
+            && let Err(r) = check_upgrade(head, route)
+        {
+            return Err(fail(route, None, r));
+        }
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {
@@ -956,6 +1034,55 @@ impl Gateway {
         Some(jwt)
     }
 
+    /// Completes when `caller`, who opened an upgraded tunnel on `route` with `method`, would no
+    /// longer be let through: its token revoked, suspended or expired, its scopes or allowlist
+    /// changed so that the request would be refused now, or its JWT revoked or expired. It wakes
+    /// at each change to the token index and when the token's expiry comes (at least every
+    /// [`TUNNEL_RECHECK`]), never for the bytes that pass, so a tunnel costs nothing per byte.
+    pub(crate) async fn until_refused(&self, route: &Route, method: &Method, caller: &Caller) {
+        let mut changes = self.index.changes();
+        let mut entry = match &caller.who {
+            Identity::Key(t) => Some(t.clone()),
+            Identity::Jwt(_) => None,
+        };
+        loop {
+            let now = self.clock.now();
+            let expires_ms = match (&caller.who, entry.as_mut()) {
+                (Identity::Key(_), Some(held)) => match self.index.recheck(held, now) {
+                    Ok(current) => {
+                        let ok = current.allows_ip(caller.ip)
+                            && route.required_scope(method).is_none_or(|s| current.has_scope(s));
+                        if !ok {
+                            return;
+                        }
+                        let exp = current.expires_at().map_or(i64::MAX, Timestamp::as_millis);
+                        *held = current;
+                        exp
+                    }
+                    Err(_) => return,
+                },
+                (Identity::Jwt(j), _) => {
+                    if now.as_millis() >= j.exp_ms || j.jti.as_deref().is_some_and(|id| self.index.is_jti_revoked(id)) {
+                        return;
+                    }
+                    j.exp_ms
+                }
+                (Identity::Key(_), None) => return,
+            };
+            let left = u64::try_from(expires_ms.saturating_sub(now.as_millis())).unwrap_or(0);
+            let wait = std::time::Duration::from_millis(left).min(TUNNEL_RECHECK);
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        // The index is gone (never while the gateway runs): time alone wakes.
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
     /// Counts an answer keygate gave itself: its refusal reason, then as any finished request.
     pub(crate) fn finish_own(
         &self,
@@ -1040,7 +1167,7 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 }
 
 /// Request header fields that do not go upstream as the client sent them: hop-by-hop fields
-/// (RFC 9110 §7.6.1), the framing (keygate frames the body again), `Host` (the upstream's
+/// (RFC 9110 §7.6.1) and `HTTP2-Settings`, the framing (keygate frames the body again), `Host` (the upstream's
 /// authority is sent), `Expect` (answered by keygate), keygate's identity fields (a client must
 /// not forge them) and the `X-Forwarded-*` set (rewritten).
 fn never_forwarded(name: &[u8]) -> bool {
@@ -1052,7 +1179,9 @@ fn never_forwarded(name: &[u8]) -> bool {
         6 => is(b"expect"),
         7 => is(b"trailer") || is(b"upgrade"),
         10 => is(b"connection") || is(b"keep-alive"),
-        14 => is(b"content-length"),
+        // `HTTP2-Settings` belongs to an h2c upgrade (RFC 9113 §3.1 removed it), which keygate
+        // refuses; it is connection-specific even when `Connection` does not name it.
+        14 => is(b"content-length") || is(b"http2-settings"),
         15 => is(b"x-forwarded-for"),
         16 => is(b"proxy-connection") || is(b"x-keygate-app-id") || is(b"x-keygate-scopes") || is(b"x-forwarded-host"),
         17 => is(b"transfer-encoding") || is(b"x-forwarded-proto"),
@@ -1096,7 +1225,7 @@ impl UpstreamHead<'_, '_> {
         buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         buf.extend_from_slice(upstream.authority.as_bytes());
         buf.extend_from_slice(b"\r\n");
-        let upgrade = head.known.upgrade && head.known.connection;
+        let upgrade = upgrade_requested(head);
         // Fields named in `Connection` (RFC 9110 §7.6.1): few, and only looked at when present.
         let mut named: [&[u8]; 8] = [b""; 8];
         let mut n_named = 0;
@@ -1328,6 +1457,7 @@ mod tests {
             "X-Keygate-Token-Id",
             "proxy-authenticate",
             "Proxy-Authorization",
+            "HTTP2-Settings",
         ] {
             assert!(never_forwarded(n.as_bytes()), "{n}");
         }

@@ -72,7 +72,10 @@ impl TestKeygate {
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        cfg.gateway.threads = 2;
+        // Two workers unless the test asks for a number (a per-worker cap is tested on one).
+        if cfg.gateway.threads == 0 {
+            cfg.gateway.threads = 2;
+        }
         cfg.gateway.access_log = false;
         cfg.shutdown_grace_seconds = 5;
         let clock = ManualClock::new(START);

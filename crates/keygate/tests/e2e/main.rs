@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod dashboard;
+mod edge_conn;
+mod edge_upgrade;
 mod gateway;
 mod oauth;
 

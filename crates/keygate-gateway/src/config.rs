@@ -46,6 +46,10 @@ pub struct GatewayConfig {
     /// and the connection closed after that. Forwarded bodies are bounded by the route's
     /// `request_timeout_ms` instead. Default 10000.
     pub body_timeout_ms: u64,
+    /// How long a write to an HTTP/1.1 client may make no progress (the client reads nothing
+    /// of the answer, or of a tunnel), in milliseconds, before the connection is closed.
+    /// Default 60000.
+    pub send_timeout_ms: u64,
     /// HTTP/2: a connection with no open stream for this long is closed (GOAWAY), in
     /// milliseconds. Default 60000.
     pub http2_idle_timeout_ms: u64,
@@ -86,6 +90,7 @@ impl Default for GatewayConfig {
             keep_alive_timeout_seconds: 60,
             header_timeout_seconds: 10,
             body_timeout_ms: 10_000,
+            send_timeout_ms: 60_000,
             http2_idle_timeout_ms: 60_000,
             http2_keep_alive_interval_ms: 30_000,
             http2_keep_alive_timeout_ms: 10_000,
@@ -104,6 +109,7 @@ impl GatewayConfig {
             keep_alive: std::time::Duration::from_secs(self.keep_alive_timeout_seconds.max(1)),
             header: std::time::Duration::from_secs(self.header_timeout_seconds.max(1)),
             body: std::time::Duration::from_millis(self.body_timeout_ms.max(1)),
+            send: std::time::Duration::from_millis(self.send_timeout_ms.max(1)),
         }
     }
 
@@ -130,6 +136,7 @@ impl GatewayConfig {
             ("keep_alive_timeout_seconds", self.keep_alive_timeout_seconds),
             ("header_timeout_seconds", self.header_timeout_seconds),
             ("body_timeout_ms", self.body_timeout_ms),
+            ("send_timeout_ms", self.send_timeout_ms),
             ("http2_idle_timeout_ms", self.http2_idle_timeout_ms),
             ("http2_keep_alive_timeout_ms", self.http2_keep_alive_timeout_ms),
         ] {

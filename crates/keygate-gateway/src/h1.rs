@@ -32,7 +32,7 @@ use crate::handler::{
 };
 use crate::head::{Field, Known, ReqHead, split_target};
 use crate::proxy::{BadField, Chunked, HeadSink, Step, UpstreamResponseBody, step_chunked};
-use crate::timer::{Deadline, Shutdown};
+use crate::timer::{Deadline, SendDeadline, Shutdown};
 
 /// The largest request head accepted (431 beyond).
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -51,11 +51,18 @@ pub struct Timeouts {
     /// How long the body of a request keygate answers itself may take to arrive once its head
     /// has (slow-body attacks on the OAuth endpoints).
     pub body: Duration,
+    /// How long a write to the client may make no progress (a client that stops reading).
+    pub send: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { keep_alive: Duration::from_secs(60), header: Duration::from_secs(10), body: Duration::from_secs(10) }
+        Self {
+            keep_alive: Duration::from_secs(60),
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(10),
+            send: Duration::from_secs(60),
+        }
     }
 }
 
@@ -72,7 +79,7 @@ pub(crate) async fn serve<R, W>(
     gw: Arc<Gateway>,
     info: ConnInfo,
     mut rd: R,
-    mut wr: W,
+    wr: W,
     mut rbuf: BytesMut,
     shutdown: Arc<Shutdown>,
     timeouts: Timeouts,
@@ -80,6 +87,9 @@ pub(crate) async fn serve<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
+    // Every write to the client, answers and tunnels alike, fails when the client has read
+    // nothing of it for the send time-out.
+    let mut wr = SendDeadline::new(wr, timeouts.send);
     let mut table = gw.table.load_full();
     let mut body_buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::with_capacity(1024);

@@ -407,6 +407,7 @@ mod tests {
         assert_eq!(c.gateway.conn_settings().timeouts.body, std::time::Duration::from_millis(500));
         for (bad, key) in [
             ("[gateway]\nbody_timeout_ms = 0\n", "body_timeout_ms"),
+            ("[gateway]\nsend_timeout_ms = 0\n", "send_timeout_ms"),
             ("[gateway]\nhttp2_idle_timeout_ms = 0\n", "http2_idle_timeout_ms"),
             ("[gateway]\nhttp2_keep_alive_timeout_ms = 0\n", "http2_keep_alive_timeout_ms"),
             ("[gateway]\nhttp2_max_concurrent_streams = 0\n", "http2_max_concurrent_streams"),

@@ -236,6 +236,43 @@ async fn a_slow_oauth_body_is_cut_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_at_the_send_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that streams a large answer for as long as it can, and says when keygate
+    // closed its connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 4096];
+        let _ = s.read(&mut head).await;
+        let mut ok = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n").await.is_ok();
+        let chunk = vec![b'x'; 64 * 1024];
+        while ok {
+            ok = s.write_all(&chunk).await.is_ok();
+        }
+        let _ = closed_tx.send(());
+    });
+    let mut big = route("big", "/big", &format!("http://{up_addr}"));
+    big.public = true;
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![big],
+        gateway: Some(GatewayConfig { send_timeout_ms: 300, ..Default::default() }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let mut client = connect(kg.gateway_addr);
+    client.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    // The client reads nothing: once the buffers on the way are full, keygate's writes stall.
+    let cut = tokio::time::timeout(READ_LIMIT, closed_rx).await;
+    assert!(matches!(cut, Ok(Ok(()))), "keygate gave up the answer (and its upstream connection)");
+    drop(client);
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_its_idle_timeout() {
     let up = MockUpstream::start().await.unwrap();
     let kg = start(&up, GatewayConfig { http2_idle_timeout_ms: 300, ..Default::default() }).await;

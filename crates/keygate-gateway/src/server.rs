@@ -348,6 +348,11 @@ impl Worker {
         // graceful close) and still has no stream, it is dropped.
         let mut idle_closing = false;
         let mut stop_closing = false;
+        // A stop signalled before the waiter was registered is seen by the flag.
+        if stop.is_set() {
+            conn.as_mut().graceful_shutdown();
+            stop_closing = true;
+        }
         loop {
             tokio::select! {
                 r = conn.as_mut() => {

@@ -313,6 +313,48 @@ async fn an_unanswered_http2_ping_closes_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_are_announced_and_a_flood_of_bad_streams_ends_the_connection() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = start(&up, GatewayConfig { http2_max_concurrent_streams: 7, ..Default::default() }).await;
+    let addr = kg.gateway_addr;
+    tokio::task::spawn_blocking(move || {
+        let mut s = h2_connect(addr);
+        let (ty, _, _, payload) = read_frame(&mut s).unwrap();
+        assert_eq!(ty, SETTINGS);
+        let settings: Vec<(u16, u32)> = payload
+            .chunks(6)
+            .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+            .collect();
+        // SETTINGS_MAX_CONCURRENT_STREAMS (0x3) and SETTINGS_MAX_HEADER_LIST_SIZE (0x6).
+        assert!(settings.contains(&(0x3, 7)), "{settings:?}");
+        assert!(settings.contains(&(0x6, 64 * 1024)), "{settings:?}");
+        // Streams keygate must reset for the client's errors (a connection-specific field is
+        // malformed in HTTP/2, RFC 9113 §8.2.2): past 1024 of them the connection ends with
+        // GOAWAY ENHANCE_YOUR_CALM instead of costing a reset each, forever.
+        let bad = header_block(2, "/status/200", &[("connection", "close")]);
+        let mut flood = Vec::new();
+        for i in 0..1100u32 {
+            flood.extend_from_slice(&frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &bad));
+        }
+        let _ = s.write_all(&flood);
+        let mut goaway = None;
+        while let Some((ty, flags, _, payload)) = read_frame(&mut s) {
+            if ty == SETTINGS && flags & ACK == 0 {
+                let _ = s.write_all(&frame(SETTINGS, ACK, 0, &[]));
+            }
+            if ty == GOAWAY {
+                goaway = Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
+                break;
+            }
+        }
+        assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM");
+    })
+    .await
+    .unwrap();
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_a_workers_cap_are_refused_and_counted() {
     let up = MockUpstream::start().await.unwrap();
     let gw = GatewayConfig { threads: 1, max_connections_per_worker: 2, ..Default::default() };

@@ -27,18 +27,44 @@ pub enum Refused {
     Address,
 }
 
-/// One worker's count of open connections, on a cache line of its own (only its worker writes
-/// it; `/metrics` reads it).
+/// One worker's count of open connections, on a cache line of its own: only its worker admits
+/// on it and its connections (tasks of that worker) give their place back, so neither the
+/// count nor the reference count of its `Arc` is written by another core; `/metrics` reads it.
 #[derive(Default)]
 #[repr(align(128))]
 struct WorkerCount(AtomicUsize);
+
+/// Open connections by client address, sharded (a connection takes one shard's lock twice:
+/// when it is admitted and when it ends).
+struct AddressCounts {
+    shards: Box<[Mutex<HashMap<u128, u32>>]>,
+}
+
+impl AddressCounts {
+    fn shard(&self, key: u128) -> Option<&Mutex<HashMap<u128, u32>>> {
+        // Fold the whole key: what varies between clients is an IPv4 address's low bytes, or an
+        // IPv6 /64's bits above the interface half; a client choosing them only spreads its own
+        // entries.
+        let folded = (key ^ (key >> 64)) as u64;
+        let folded = folded ^ (folded >> 32);
+        let n = self.shards.len() as u64;
+        self.shards.get(usize::try_from(folded % n.max(1)).unwrap_or(0))
+    }
+
+    fn lock(&self, key: u128) -> Option<std::sync::MutexGuard<'_, HashMap<u128, u32>>> {
+        // A poisoned lock still holds valid counts (each is changed in one statement): never
+        // skip a count because another thread panicked.
+        self.shard(key).map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
 
 /// The connection counts of one gateway listener, shared by its workers.
 pub struct ConnStats {
     max_per_worker: usize,
     max_per_address: usize,
-    workers: Box<[WorkerCount]>,
-    addresses: Box<[Mutex<HashMap<u128, u32>>]>,
+    workers: Box<[Arc<WorkerCount>]>,
+    /// `None` without a per-address cap: no map is kept.
+    addresses: Option<Arc<AddressCounts>>,
     refused_worker: AtomicU64,
     refused_address: AtomicU64,
 }
@@ -62,31 +88,18 @@ impl ConnStats {
         Self {
             max_per_worker: max_per_worker.max(1),
             max_per_address,
-            workers: (0..workers.max(1)).map(|_| WorkerCount::default()).collect(),
-            addresses: if max_per_address == 0 {
-                Box::default()
-            } else {
-                (0..ADDRESS_SHARDS).map(|_| Mutex::new(HashMap::new())).collect()
-            },
+            workers: (0..workers.max(1)).map(|_| Arc::new(WorkerCount::default())).collect(),
+            addresses: (max_per_address > 0).then(|| {
+                Arc::new(AddressCounts { shards: (0..ADDRESS_SHARDS).map(|_| Mutex::new(HashMap::new())).collect() })
+            }),
             refused_worker: AtomicU64::new(0),
             refused_address: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, key: u128) -> Option<&Mutex<HashMap<u128, u32>>> {
-        // The key's low bits vary most between clients (an IPv4 address's last byte, an IPv6
-        // /64's last bits); an attacker choosing them only spreads its own entries.
-        let n = self.addresses.len();
-        if n == 0 {
-            return None;
-        }
-        let folded = (key ^ (key >> 64)) as u64;
-        self.addresses.get(usize::try_from(folded % n as u64).unwrap_or(0))
-    }
-
-    /// Admits a connection from `ip` on `worker`, or says why not. The slot keeps it counted
-    /// until it drops.
-    pub fn admit(self: &Arc<Self>, worker: usize, ip: IpAddr) -> Result<ConnSlot, Refused> {
+    /// Admits a connection from `ip` on `worker` (called by that worker only), or says why
+    /// not. The slot keeps it counted until it drops.
+    pub fn admit(&self, worker: usize, ip: IpAddr) -> Result<ConnSlot, Refused> {
         let Some(count) = self.workers.get(worker) else {
             return Err(Refused::Worker);
         };
@@ -94,24 +107,23 @@ impl ConnStats {
             self.refused_worker.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Worker);
         }
-        let key = address_key(ip);
         let mut address = None;
-        if let Some(shard) = self.shard(key) {
-            // A poisoned lock still holds valid counts (each is changed in one statement):
-            // never skip a count because another thread panicked.
-            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            let n = map.entry(key).or_insert(0);
-            if usize::try_from(*n).unwrap_or(usize::MAX) >= self.max_per_address {
-                drop(map);
-                self.refused_address.fetch_add(1, Ordering::Relaxed);
-                return Err(Refused::Address);
+        if let Some(counts) = &self.addresses {
+            let key = address_key(ip);
+            if let Some(mut map) = counts.lock(key) {
+                let n = map.entry(key).or_insert(0);
+                if usize::try_from(*n).unwrap_or(usize::MAX) >= self.max_per_address {
+                    drop(map);
+                    self.refused_address.fetch_add(1, Ordering::Relaxed);
+                    return Err(Refused::Address);
+                }
+                *n += 1;
+                address = Some((counts.clone(), key));
             }
-            *n += 1;
-            address = Some(key);
         }
-        // Only this worker's thread admits on its count, so the check above cannot be raced.
+        // Only this worker admits on its count, so the check above cannot be raced.
         count.0.fetch_add(1, Ordering::Relaxed);
-        Ok(ConnSlot { stats: self.clone(), worker, address })
+        Ok(ConnSlot { worker: count.clone(), address })
     }
 
     /// Connections open now, over every worker.
@@ -121,7 +133,9 @@ impl ConnStats {
 
     /// Addresses with a connection open (the per-address map's size).
     pub fn addresses(&self) -> usize {
-        self.addresses.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+        self.addresses
+            .as_ref()
+            .map_or(0, |a| a.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum())
     }
 
     /// Connections refused so far, for one reason.
@@ -159,25 +173,20 @@ impl ConnStats {
 
 /// An admitted connection; dropping it gives its place back.
 pub struct ConnSlot {
-    stats: Arc<ConnStats>,
-    worker: usize,
-    address: Option<u128>,
+    worker: Arc<WorkerCount>,
+    address: Option<(Arc<AddressCounts>, u128)>,
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        if let Some(count) = self.stats.workers.get(self.worker) {
-            count.0.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(key) = self.address
-            && let Some(shard) = self.stats.shard(key)
+        self.worker.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some((counts, key)) = &self.address
+            && let Some(mut map) = counts.lock(*key)
+            && let Some(n) = map.get_mut(key)
         {
-            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(n) = map.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    map.remove(&key);
-                }
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(key);
             }
         }
     }
@@ -193,7 +202,7 @@ mod tests {
 
     #[test]
     fn a_worker_admits_up_to_its_cap_and_again_after_a_close() {
-        let stats = Arc::new(ConnStats::new(2, 2, 0));
+        let stats = ConnStats::new(2, 2, 0);
         let a = stats.admit(0, ip("10.0.0.1")).unwrap();
         let _b = stats.admit(0, ip("10.0.0.2")).unwrap();
         assert_eq!(stats.admit(0, ip("10.0.0.3")).err(), Some(Refused::Worker));
@@ -208,7 +217,7 @@ mod tests {
 
     #[test]
     fn an_address_is_capped_over_workers_and_its_entry_goes_with_its_last_connection() {
-        let stats = Arc::new(ConnStats::new(2, 100, 2));
+        let stats = ConnStats::new(2, 100, 2);
         let a = stats.admit(0, ip("192.0.2.1")).unwrap();
         let b = stats.admit(1, ip("::ffff:192.0.2.1")).unwrap();
         assert_eq!(stats.admit(0, ip("192.0.2.1")).err(), Some(Refused::Address), "IPv4-mapped is the same address");
@@ -226,7 +235,7 @@ mod tests {
 
     #[test]
     fn without_a_per_address_cap_no_map_is_kept() {
-        let stats = Arc::new(ConnStats::new(1, 10, 0));
+        let stats = ConnStats::new(1, 10, 0);
         let _a: Vec<ConnSlot> = (0..5).map(|_| stats.admit(0, ip("192.0.2.1")).unwrap()).collect();
         assert_eq!(stats.addresses(), 0);
     }

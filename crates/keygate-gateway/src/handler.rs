@@ -681,11 +681,6 @@ impl Gateway {
             ));
         };
         let fail = |route: &'t Route, caller: Option<Caller>, r: Refuse| (Some(route), caller, r);
-        if upgrade_requested(head)
-            && let Err(r) = check_upgrade(head, route)
-        {
-            return Err(fail(route, None, r));
-        }
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {
@@ -703,6 +698,11 @@ impl Gateway {
             ));
         }
         if route.public {
+            if upgrade_requested(head)
+                && let Err(r) = check_upgrade(head, route)
+            {
+                return Err(fail(route, None, r));
+            }
             return Ok((route, None, path));
         }
         let Some((scheme, presented)) = credential(head) else {
@@ -755,6 +755,13 @@ impl Gateway {
                     format!("this request needs the scope {scope}"),
                 )
             };
+            return Err(fail(route, Some(caller), r));
+        }
+        // After the credential and the scope (so a caller without them learns nothing of the
+        // route's list), before the limits (a refused upgrade costs the caller nothing).
+        if upgrade_requested(head)
+            && let Err(r) = check_upgrade(head, route)
+        {
             return Err(fail(route, Some(caller), r));
         }
         if let Some(r) = self.check_limits(table, route, &caller, now, extra) {

@@ -57,6 +57,10 @@ async fn h2c_and_unlisted_upgrades_are_refused_and_listed_ones_tunnel() {
             assert!(head.contains("\"upgrade_not_allowed\""), "{head}");
             assert!(read_to_close(&mut s).1, "the connection ends after the refusal");
         }
+        // Without a valid token, the answer is the token's refusal: the route's list is not
+        // told to callers it would not let through.
+        let (head, _) = upgrade(addr, "/upgrade", "kg_not_a_token", "h2c", "");
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
         // A protocol the route does not list (the default list is websocket only).
         let (head, _) = upgrade(addr, "/ws", &t, "echo", "");
         assert!(head.starts_with("HTTP/1.1 400") && head.contains("upgrade_not_allowed"), "{head}");

@@ -531,6 +531,9 @@ where
             // runs; after the 101 keygate sees no requests, so this is the only check left.
             let ends = async {
                 let mut stopping = shutdown.waiter();
+                if shutdown.is_set() {
+                    return;
+                }
                 match &caller {
                     Some(c) => tokio::select! {
                         () = gw.until_refused(route, &head.method, c) => {

@@ -270,12 +270,21 @@ impl Worker {
     async fn plain(&self, mut stream: TcpStream, info: ConnInfo, ticket: ConnTicket) {
         let mut rbuf = BytesMut::with_capacity(8 * 1024);
         let mut stopping = ticket.stop.waiter();
+        // The first bytes within the keep-alive time; once they came, the rest of the preface
+        // within the header time, as a head (a client feeding it a byte at a time must not
+        // hold the connection for a keep-alive time per byte).
+        let mut deadline = tokio::time::Instant::now() + self.settings.timeouts.keep_alive;
+        let mut begun = false;
         let h2 = loop {
             if rbuf.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&rbuf) {
                 break rbuf.starts_with(H2_PREFACE);
             }
+            if !begun && !rbuf.is_empty() {
+                begun = true;
+                deadline = deadline.min(tokio::time::Instant::now() + self.settings.timeouts.header);
+            }
             let read = tokio::select! {
-                r = tokio::time::timeout(self.settings.timeouts.keep_alive, stream.read_buf(&mut rbuf)) => r,
+                r = tokio::time::timeout_at(deadline, stream.read_buf(&mut rbuf)) => r,
                 () = &mut stopping => return,
             };
             match read {

@@ -273,6 +273,23 @@ async fn a_client_that_stops_reading_is_disconnected_at_the_send_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_http2_preface_is_cut_at_the_header_deadline() {
+    let up = MockUpstream::start().await.unwrap();
+    // The shortest header time (1 s) against the default keep-alive time (60 s).
+    let kg = start(&up, GatewayConfig { header_timeout_seconds: 1, ..Default::default() }).await;
+    let addr = kg.gateway_addr;
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut s = connect(addr);
+        s.write_all(&PREFACE[..16]).unwrap();
+        read_to_close(&mut s).1
+    })
+    .await
+    .unwrap();
+    assert!(closed, "a preface that stops half-way is a head that does not arrive");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_its_idle_timeout() {
     let up = MockUpstream::start().await.unwrap();
     let kg = start(&up, GatewayConfig { http2_idle_timeout_ms: 300, ..Default::default() }).await;

@@ -46,9 +46,9 @@ pub struct GatewayConfig {
     /// and the connection closed after that. Forwarded bodies are bounded by the route's
     /// `request_timeout_ms` instead. Default 10000.
     pub body_timeout_ms: u64,
-    /// How long a write to an HTTP/1.1 client may make no progress (the client reads nothing
-    /// of the answer, or of a tunnel), in milliseconds, before the connection is closed.
-    /// Default 60000.
+    /// How long an answer may wait for its client to take any of it, in milliseconds, before
+    /// the connection is closed: an HTTP/1.1 write (an answer, a tunnel) that makes no
+    /// progress, an HTTP/2 answer waiting for its flow-control window. Default 60000.
     pub send_timeout_ms: u64,
     /// HTTP/2: a connection with no open stream for this long is closed (GOAWAY), in
     /// milliseconds. Default 60000.

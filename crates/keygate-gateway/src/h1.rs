@@ -51,7 +51,8 @@ pub struct Timeouts {
     /// How long the body of a request keygate answers itself may take to arrive once its head
     /// has (slow-body attacks on the OAuth endpoints).
     pub body: Duration,
-    /// How long a write to the client may make no progress (a client that stops reading).
+    /// How long an answer may wait for the client to take any of it (a client that stops
+    /// reading): an HTTP/1.1 write without progress, an HTTP/2 answer without window.
     pub send: Duration,
 }
 

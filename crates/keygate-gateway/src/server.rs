@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -324,7 +324,8 @@ impl Worker {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let h2 = self.settings.http2;
-        let streams = Arc::new(OpenStreams::new());
+        let streams = Arc::new(OpenStreams::new(h2.max_concurrent_streams));
+        let send = self.settings.timeouts.send;
         let gw = self.gw.clone();
         let body_timeout = self.settings.timeouts.body;
         let counted = streams.clone();
@@ -335,7 +336,9 @@ impl Worker {
             let open = counted.open();
             async move {
                 let resp = gw.handle(info, req, body_timeout).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|body| CountedBody { body, _open: open }))
+                // From here the answer waits for hyper to take it.
+                open.waiting();
+                Ok::<_, std::convert::Infallible>(resp.map(|body| CountedBody { body, open }))
             }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -351,7 +354,9 @@ impl Worker {
             .keep_alive_timeout(h2.keep_alive_timeout);
         let mut conn = pin!(builder.serve_connection(TokioIo::new(io), service));
         let mut stopping = stop.waiter();
-        let mut timer = pin!(tokio::time::sleep(h2.idle));
+        // Every wait is at most the send time: open streams are checked for answers their client
+        // takes nothing of, as an HTTP/1.1 write is.
+        let mut timer = pin!(tokio::time::sleep(h2.idle.min(send)));
         // Set once a GOAWAY was sent because the connection was idle: when it has not ended
         // one keep-alive timeout later (a client that does not answer the PING of the
         // graceful close) and still has no stream, it is dropped.
@@ -385,8 +390,19 @@ impl Worker {
                             idle_closing = true;
                             timer.as_mut().reset(now + h2.keep_alive_timeout);
                         }
-                        Some(since) => timer.as_mut().reset(since + h2.idle),
-                        None => timer.as_mut().reset(now + h2.idle),
+                        Some(since) => timer.as_mut().reset((since + h2.idle).min(now + send)),
+                        None => match streams.waiting_since() {
+                            // An answer has waited for its client's flow-control window (the
+                            // client read nothing) for the send time: the client is gone or
+                            // slow-reading on purpose; its streams and the upstream
+                            // connections behind them go with the connection.
+                            Some(since) if now >= since + send => {
+                                tracing::debug!("closing an HTTP/2 connection whose client takes no data");
+                                return;
+                            }
+                            Some(since) => timer.as_mut().reset(since + send),
+                            None => timer.as_mut().reset(now + send),
+                        },
                     }
                 }
             }
@@ -394,22 +410,49 @@ impl Worker {
     }
 }
 
-/// The streams of one HTTP/2 connection that are open, and since when none has been.
+/// The streams of one HTTP/2 connection that are open, since when none has been, and since
+/// when each answer has waited for hyper to take it.
 struct OpenStreams {
     epoch: tokio::time::Instant,
     open: AtomicUsize,
     /// Milliseconds from `epoch` to when the last stream closed.
     idle_since_ms: AtomicU64,
+    /// One slot per stream that can be open at once (allocated with the connection, so a
+    /// stream allocates nothing): 0 while free or while its answer is not waiting for the
+    /// client, else 1 + the milliseconds from `epoch` to when it began to wait.
+    slots: Box<[StreamSlot]>,
+}
+
+#[derive(Default)]
+struct StreamSlot {
+    used: AtomicBool,
+    waiting_since: AtomicU64,
 }
 
 impl OpenStreams {
-    fn new() -> Self {
-        Self { epoch: tokio::time::Instant::now(), open: AtomicUsize::new(0), idle_since_ms: AtomicU64::new(0) }
+    fn new(max_streams: u32) -> Self {
+        // A few more than the streams that may be open, for answers hyper drops a moment after
+        // their stream closed.
+        let n = usize::try_from(max_streams).unwrap_or(usize::MAX).saturating_add(16).min(4096);
+        Self {
+            epoch: tokio::time::Instant::now(),
+            open: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            slots: (0..n).map(|_| StreamSlot::default()).collect(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn open(self: &Arc<Self>) -> OpenStream {
         self.open.fetch_add(1, Ordering::AcqRel);
-        OpenStream(self.clone())
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.used.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+        OpenStream { streams: self.clone(), slot }
     }
 
     /// When the connection became idle; `None` while a stream is open.
@@ -417,25 +460,62 @@ impl OpenStreams {
         (self.open.load(Ordering::Acquire) == 0)
             .then(|| self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)))
     }
+
+    /// Since when the answer that has waited longest for the client has waited.
+    fn waiting_since(&self) -> Option<tokio::time::Instant> {
+        let oldest = self.slots.iter().map(|s| s.waiting_since.load(Ordering::Acquire)).filter(|w| *w > 0).min()?;
+        Some(self.epoch + Duration::from_millis(oldest - 1))
+    }
 }
 
 /// One open stream; dropping it closes it.
-struct OpenStream(Arc<OpenStreams>);
+struct OpenStream {
+    streams: Arc<OpenStreams>,
+    /// Its slot, if one was free.
+    slot: Option<usize>,
+}
 
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        let s = &self.0;
-        if s.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let ms = u64::try_from(s.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-            s.idle_since_ms.store(ms, Ordering::Release);
+impl OpenStream {
+    fn slot(&self) -> Option<&StreamSlot> {
+        self.streams.slots.get(self.slot?)
+    }
+
+    /// The answer waits for hyper to take its next piece (the client's window permitting).
+    fn waiting(&self) {
+        if let Some(s) = self.slot() {
+            s.waiting_since.store(self.streams.now_ms().saturating_add(1), Ordering::Release);
+        }
+    }
+
+    /// hyper takes the answer's next piece.
+    fn taken(&self) {
+        if let Some(s) = self.slot() {
+            s.waiting_since.store(0, Ordering::Release);
         }
     }
 }
 
-/// An HTTP/2 answer's body, which keeps its stream counted as open until it is done.
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot() {
+            s.waiting_since.store(0, Ordering::Release);
+            s.used.store(false, Ordering::Release);
+        }
+        let s = &self.streams;
+        if s.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            s.idle_since_ms.store(s.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+/// An HTTP/2 answer's body, which keeps its stream counted as open until it is done, and says
+/// when it waits for hyper to take it: from the answer's start until hyper asks for data, and
+/// from each piece given until hyper asks for the next (hyper asks only when the client's
+/// flow-control window has room). While the body waits for its upstream, it is not waiting for
+/// the client.
 struct CountedBody {
     body: GatewayBody,
-    _open: OpenStream,
+    open: OpenStream,
 }
 
 impl http_body::Body for CountedBody {
@@ -446,7 +526,12 @@ impl http_body::Body for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        self.open.taken();
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &r {
+            self.open.waiting();
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

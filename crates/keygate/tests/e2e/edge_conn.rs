@@ -273,6 +273,27 @@ async fn a_client_that_stops_reading_is_disconnected_at_the_send_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_takes_no_data_is_disconnected_at_the_send_deadline() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = start(&up, GatewayConfig { send_timeout_ms: 300, ..Default::default() }).await;
+    let addr = kg.gateway_addr;
+    let (seen, closed) = tokio::task::spawn_blocking(move || {
+        let mut s = connect(addr);
+        s.write_all(PREFACE).unwrap();
+        // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0: no answer data may be sent until the client
+        // opens a stream's window, which it never does (it answers PINGs: it is there).
+        s.write_all(&frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0])).unwrap();
+        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &header_block(2, "/status/200", &[]))).unwrap();
+        h2_until_closed(&mut s, true)
+    })
+    .await
+    .unwrap();
+    assert!(seen.data.is_empty(), "no data could be sent: {seen:?}");
+    assert!(closed, "the connection whose client took nothing was closed: {seen:?}");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_http2_preface_is_cut_at_the_header_deadline() {
     let up = MockUpstream::start().await.unwrap();
     // The shortest header time (1 s) against the default keep-alive time (60 s).

@@ -393,8 +393,9 @@ fn parse_hop(entry: &[u8]) -> Option<IpAddr> {
 
 /// The scheme and host the client asked for: from a trusted proxy, its single
 /// `X-Forwarded-Proto` (`http` or `https`) and single `X-Forwarded-Host` (a host with an
-/// optional port) when they are valid; otherwise — and from anyone else, always — this
-/// listener's scheme and the request's own authority (`Host` or `:authority`).
+/// optional port) when they are valid, else the `proto` and `host` of the element it added last
+/// to `Forwarded` (RFC 7239 §5.3, §5.4), when valid; otherwise — and from anyone else, always —
+/// this listener's scheme and the request's own authority (`Host` or `:authority`).
 fn origin<'h>(head: &ReqHead<'h>, conn: &ConnInfo, peer_trusted: bool) -> (&'static str, Option<&'h [u8]>) {
     let own_scheme = if conn.tls { "https" } else { "http" };
     let own_host = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host));
@@ -408,13 +409,47 @@ fn origin<'h>(head: &ReqHead<'h>, conn: &ConnInfo, peer_trusted: bool) -> (&'sta
             _ => None,
         }
     };
-    let scheme = match single("x-forwarded-proto") {
-        Some(v) if v.eq_ignore_ascii_case(b"https") => "https",
-        Some(v) if v.eq_ignore_ascii_case(b"http") => "http",
-        _ => own_scheme,
+    let scheme_of = |v: &[u8]| {
+        if v.eq_ignore_ascii_case(b"https") {
+            Some("https")
+        } else if v.eq_ignore_ascii_case(b"http") {
+            Some("http")
+        } else {
+            None
+        }
     };
-    let host = single("x-forwarded-host").filter(|h| is_authority(h)).or(own_host);
+    // The element the trusted proxy appended: the last of the last `Forwarded` field.
+    let forwarded = head.fields.iter().rev().find(|f| f.name.eq_ignore_ascii_case("forwarded"));
+    let element = forwarded.and_then(|f| f.value.rsplit(|b| *b == b',').next());
+    let param = |key: &[u8]| element.and_then(|e| forwarded_param(e, key));
+    let scheme = single("x-forwarded-proto")
+        .and_then(scheme_of)
+        .or_else(|| param(b"proto").and_then(scheme_of))
+        .unwrap_or(own_scheme);
+    let host = single("x-forwarded-host")
+        .filter(|h| is_authority(h))
+        .or_else(|| param(b"host").filter(|h| is_authority(h)))
+        .or(own_host);
     (scheme, host)
+}
+
+/// The value of `key` in one `Forwarded` element (`for=…;proto=https;host="api.example"`),
+/// unquoted; `None` when absent, or quoted with an escape (not worth reading for a host).
+fn forwarded_param<'v>(element: &'v [u8], key: &[u8]) -> Option<&'v [u8]> {
+    element.split(|b| *b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let (k, v) = (pair.get(..eq)?, pair.get(eq + 1..)?);
+        if !k.trim_ascii().eq_ignore_ascii_case(key) {
+            return None;
+        }
+        let v = v.trim_ascii();
+        match v.strip_prefix(b"\"").and_then(|q| q.strip_suffix(b"\"")) {
+            Some(q) if q.contains(&b'\\') => None,
+            Some(q) => Some(q),
+            None => Some(v),
+        }
+    })
 }
 
 /// Whether `v` is a host with an optional port (RFC 3986 §3.2.2): a name of letters, digits,
@@ -1437,6 +1472,16 @@ mod tests {
         ] {
             assert_eq!(parse_hop(entry.as_bytes()), ip.map(|i| i.parse().unwrap()), "{entry:?}");
         }
+    }
+
+    #[test]
+    fn forwarded_elements_name_proto_and_host() {
+        let e = br#"for=192.0.2.60;Proto=https;host="api.example:8443""#;
+        assert_eq!(forwarded_param(e, b"proto"), Some(&b"https"[..]));
+        assert_eq!(forwarded_param(e, b"host"), Some(&b"api.example:8443"[..]));
+        assert_eq!(forwarded_param(e, b"by"), None);
+        assert_eq!(forwarded_param(br#"host="a\"b""#, b"host"), None);
+        assert_eq!(forwarded_param(b" proto = http ", b"proto"), Some(&b"http"[..]));
     }
 
     #[test]

@@ -479,6 +479,18 @@ async fn dpop_proofs_name_the_url_a_trusted_tls_proxy_was_asked_for() {
             let seen = only_request(&up);
             assert_eq!(seen.headers("x-forwarded-proto"), vec!["https"]);
             assert_eq!(seen.headers("x-forwarded-host"), vec!["api.example"]);
+            // Or, without them, from the element the proxy added to Forwarded (RFC 7239).
+            let p = proof(&dpop_key, "GET", "https://api.example/keyed/1", &key, "f-1", now);
+            let req = format!(
+                "GET /keyed/1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: DPoP {key}\r\nDPoP: {p}\r\n\
+                 Forwarded: for=198.51.100.1;proto=http, for=203.0.113.7;proto=https;host=\"api.example\"\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            let a = h1(kg.gateway_addr, req.as_bytes()).await;
+            assert_eq!(status_of(&a), 200, "{a}");
+            let seen = only_request(&up);
+            assert_eq!(seen.headers("x-forwarded-proto"), vec!["https"]);
+            assert_eq!(seen.headers("x-forwarded-host"), vec!["api.example"]);
             // The proxy's values are checked: ones that are not a scheme or a host are not used.
             for (jti, proto, host) in [
                 ("p-2", "gopher", "api.example"),

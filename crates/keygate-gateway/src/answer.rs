@@ -1,6 +1,8 @@
 //! What keygate says itself: its own answers (refusals, CORS preflights, the demo route) and the
 //! headers it adds to every answer on a route (`RateLimit`, `RateLimit-Policy`, CORS), rendered
 //! either as HTTP/1.1 bytes for keygate's own listener or into a header map for hyper (HTTP/2).
+//! Also the one writer of HTTP/1.1 header fields ([`line`], [`begin`]), which writes a field only
+//! when its value is a valid field value, for every head keygate writes.
 
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,7 +1,9 @@
 //! The request head as the request path reads it, whichever protocol carried it: keygate's own
 //! HTTP/1.1 server hands over the fields it parsed in place, HTTP/2 (hyper) the fields of its
 //! header map. The fields the checks need (Host, Authorization, Content-Length, …) are found in
-//! one pass when the head is built, so no check scans the fields again.
+//! one pass when the head is built, so no check scans the fields again. Also what becomes of a
+//! field on its way upstream, by its name ([`classify_name`]), including the spellings that
+//! upstream frameworks fold together ([`fold`]), and the names `Connection` lists.
 
 use http::{HeaderMap, HeaderName, Method, Version};
 

@@ -336,3 +336,50 @@ fn refusal_of(e: keygate_core::Error) -> JwtRefusal {
         _ => JwtRefusal::Invalid,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use keygate_core::jose::{Alg, SigningKey};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const NOW: i64 = 1_900_000_000;
+
+    fn verifier(strict: bool) -> (JwtVerifier, SigningKey) {
+        let key = SigningKey::generate(Alg::EdDSA, "k1").unwrap();
+        let issuer = Issuer::new("https://iss.example", "api", strict);
+        issuer.set_keys([("k1".to_owned(), key.public_jwk().clone())]);
+        (JwtVerifier::new(vec![Arc::new(issuer)], 30), key)
+    }
+
+    fn token(key: &SigningKey, strict: bool, extra: &Value) -> String {
+        let mut c = json!({"iss": "https://iss.example", "sub": "s", "aud": "api", "exp": NOW + 60, "iat": NOW,
+            "jti": "j", "client_id": "c", "azp": "c", "app_id": "app_1"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        key.sign_claims(&json!({"typ": if strict { "at+jwt" } else { "JWT" }}), &c).unwrap()
+    }
+
+    #[test]
+    fn identity_claims_with_control_characters_are_refused_for_every_issuer() {
+        let now = Timestamp::from_millis(NOW * 1000);
+        for strict in [true, false] {
+            let (v, key) = verifier(strict);
+            assert!(v.verify_fully(&token(&key, strict, &json!({})), now).is_ok(), "strict={strict}");
+            let claims: &[&str] =
+                if strict { &["sub", "jti", "client_id", "app_id"] } else { &["sub", "jti", "client_id", "azp"] };
+            for claim in claims {
+                let t = token(&key, strict, &json!({ *claim: "a\r\nx-forged: 1" }));
+                let r = v.verify_fully(&t, now).unwrap_err();
+                assert_eq!(
+                    (r, r.code()),
+                    (JwtRefusal::IdentityClaim, "invalid_identity_claim"),
+                    "{claim} strict={strict}"
+                );
+            }
+        }
+    }
+}

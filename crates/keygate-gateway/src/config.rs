@@ -17,8 +17,10 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// A header that carries the token besides `Authorization: Bearer`, such as `X-API-Key`.
     pub api_key_header: Option<String>,
-    /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` is believed; the client address is
-    /// the socket's otherwise.
+    /// Proxies (addresses or CIDRs) whose forwarding headers are believed: `X-Forwarded-For` (the
+    /// client address), a valid `X-Forwarded-Proto` and `X-Forwarded-Host` (the scheme and host
+    /// asked for), `Forwarded` and the other `X-Forwarded-*` fields. From anyone else, the client
+    /// address is the socket's and those headers are removed or rewritten.
     pub trusted_proxies: Vec<String>,
     /// Worker threads, each with its own listener socket and upstream connections. 0: one per
     /// CPU core.

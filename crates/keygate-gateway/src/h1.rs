@@ -142,12 +142,9 @@ pub(crate) async fn serve<R, W>(
         .await;
         match served {
             Ok(Served::Partial) => {
+                // MAX_HEAD bytes without the head's end: the head is longer than the limit.
                 let refusal = if rbuf.len() >= MAX_HEAD {
-                    Some(Refuse::new(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "header_too_large",
-                        "the request head is larger than 64 KiB",
-                    ))
+                    Some(head_too_large())
                 } else {
                     let began = *began.get_or_insert_with(Instant::now);
                     let left = timeouts.header.saturating_sub(began.elapsed());
@@ -190,6 +187,14 @@ fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
+}
+
+fn head_too_large() -> Refuse {
+    Refuse::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "header_too_large",
+        "the request head is larger than 64 KiB; send fewer or shorter header fields",
+    )
 }
 
 fn parse_error(e: httparse::Error) -> Refuse {
@@ -354,8 +359,7 @@ impl HeadSink for H1Sink<'_, '_> {
             let mut named = upgrade_protocols(std::iter::once(value)).peekable();
             self.switched_as_asked = named.peek().is_some() && named.all(|p| !p.is_empty() && asked(p));
         }
-        line(self.out, name.as_bytes(), value);
-        Ok(())
+        if line(self.out, name.as_bytes(), value) { Ok(()) } else { Err(BadField) }
     }
 }
 
@@ -384,6 +388,11 @@ where
     let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(rbuf, &mut slots) {
+        // The limit is on the head itself, however its bytes arrived: a read can bring more than
+        // was asked for, so a head can be whole only past the limit.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return refuse_bare(gw, table, wr, out, head_too_large(), start, now).await;
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Served::Partial),
         Err(e) => return refuse_bare(gw, table, wr, out, parse_error(e), start, now).await,
@@ -426,13 +435,10 @@ where
     let framing = if head.known.transfer_encodings > 0 {
         BodyFraming::Chunked(Chunked::Size)
     } else {
-        match head
-            .at(head.known.content_length)
-            .map(|v| std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()))
-        {
+        // A length that does not parse is refused by the request path; until then, none.
+        match head.at(head.known.content_length).map(crate::handler::parse_length) {
             Some(Some(n)) => BodyFraming::Length(n),
-            Some(None) => BodyFraming::Length(u64::MAX),
-            None => BodyFraming::Done,
+            Some(None) | None => BodyFraming::Done,
         }
     };
     let mut extra = AnswerExtra::default();

@@ -5,6 +5,7 @@
 
 mod dashboard;
 mod edge_conn;
+mod edge_headers;
 mod edge_upgrade;
 mod gateway;
 mod oauth;

@@ -23,8 +23,8 @@ use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::jose::{self, Alg, Audience, Claims, Confirmation, PublicJwk, SigningKey};
 use keygate_core::model::{Actor, NewAuditEvent, TokenState, TokenStatus};
 use keygate_core::oauth::{
-    AccessTokenFormat, AccessTokenRecord, ClientAuthMethod, GrantType, OAuthClient, RefreshTokenRecord, RefreshUse,
-    SigningKeyRecord,
+    AccessTokenFormat, AccessTokenRecord, ClientAuthMethod, ExchangedFrom, GrantType, OAuthClient, RefreshTokenRecord,
+    RefreshUse, SigningKeyRecord,
 };
 use keygate_core::policy::RateLimit;
 use keygate_core::scope::{Scope, any_covers};
@@ -203,7 +203,12 @@ pub struct NewClient {
     pub signing_alg: Option<String>,
     pub access_token_ttl_seconds: Option<u32>,
     pub refresh_token_ttl_seconds: Option<u32>,
+    /// Apps whose credentials the client may exchange (see [`OAuthClient::exchange_subject_apps`]).
+    pub exchange_subject_apps: Vec<String>,
 }
+
+/// The most apps a client's delegation rule may name.
+pub const MAX_EXCHANGE_SUBJECT_APPS: usize = 100;
 
 /// The instance's signing keys as the server uses them: every published key's public half, and
 /// the private half of those that sign now.
@@ -310,6 +315,17 @@ fn grant_scopes(asked: Option<&str>, allowed: &[Scope]) -> OResult<Vec<Scope>> {
         }
     }
     Ok(asked)
+}
+
+/// The scopes both sets grant (each scope of either that the other covers): what a token
+/// exchange may pass on, since the new token must hold neither more than its subject nor more
+/// than the exchanging client was registered for.
+fn intersect_scopes(a: &[Scope], b: &[Scope]) -> Vec<Scope> {
+    let mut out: Vec<Scope> =
+        a.iter().filter(|s| any_covers(b, s)).chain(b.iter().filter(|s| any_covers(a, s))).cloned().collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl OAuth {
@@ -601,6 +617,7 @@ impl OAuth {
         if refresh_ttl == 0 {
             return Err(Error::invalid("invalid_ttl", "refresh_token_ttl_seconds must be at least 1"));
         }
+        let exchange_subject_apps = self.delegation_apps(ws, &app.id, &new.exchange_subject_apps).await?;
         let minted = if auth_method.uses_secret() {
             Some(token_format::mint(&self.client_secret_prefix, self.admin.rng())?)
         } else {
@@ -622,6 +639,7 @@ impl OAuth {
             signing_alg: signing_alg.as_str().to_owned(),
             access_token_ttl_seconds: ttl,
             refresh_token_ttl_seconds: refresh_ttl,
+            exchange_subject_apps,
             created_at: now,
             updated_at: now,
             version: 1,
@@ -633,6 +651,41 @@ impl OAuth {
             .with_after(client.audit_view());
         self.admin.store().insert_oauth_client(&client, &audit).await?;
         Ok((client, minted.map(|m| m.secret)))
+    }
+
+    /// Validates a delegation rule: apps of the workspace, named once each (the client's own app
+    /// needs no naming).
+    async fn delegation_apps(&self, ws: &WorkspaceId, own: &AppId, raw: &[String]) -> Result<Vec<AppId>> {
+        if raw.len() > MAX_EXCHANGE_SUBJECT_APPS {
+            return Err(Error::invalid(
+                "invalid_exchange_subject_apps",
+                format!("exchange_subject_apps names at most {MAX_EXCHANGE_SUBJECT_APPS} apps"),
+            ));
+        }
+        let mut apps = Vec::new();
+        for id in raw {
+            let Some(id) = AppId::parse(id) else {
+                return Err(Error::invalid(
+                    "invalid_exchange_subject_apps",
+                    "exchange_subject_apps takes app ids (app_…) of this workspace",
+                ));
+            };
+            // Another workspace's app is as unknown as one that does not exist.
+            let app = self.admin.app(ws, &id).await.map_err(|e| {
+                if e.kind == ErrorKind::NotFound {
+                    Error::invalid(
+                        "invalid_exchange_subject_apps",
+                        format!("exchange_subject_apps names {id}, which is not an app of this workspace"),
+                    )
+                } else {
+                    e
+                }
+            })?;
+            if app.id != *own && !apps.contains(&app.id) {
+                apps.push(app.id);
+            }
+        }
+        Ok(apps)
     }
 
     pub async fn client_for_app(&self, ws: &WorkspaceId, app_id: &AppId) -> Result<OAuthClient> {
@@ -819,7 +872,7 @@ impl OAuth {
                 return Err(OAuthError::new(
                     400,
                     "invalid_dpop_proof",
-                    "this refresh token is bound to a DPoP key; send a DPoP proof",
+                    "this token is bound to a DPoP key; send a DPoP proof of that key",
                 ));
             }
             return Ok(None);
@@ -901,6 +954,8 @@ impl OAuth {
             subject: &client.client_id,
             ttl: client.access_token_ttl_seconds,
             act: None,
+            format: client.access_token_format,
+            exchanged_from: None,
         };
         let mut resp = self.issue(&issued).await?;
         if let Some(family) = &family {
@@ -989,6 +1044,8 @@ impl OAuth {
             subject: &rt.subject,
             ttl: client.access_token_ttl_seconds,
             act: None,
+            format: client.access_token_format,
+            exchanged_from: None,
         };
         let mut resp = self.issue(&issued).await?;
         // The rotated token keeps the family's scopes: narrowing one access token does not narrow
@@ -1022,6 +1079,15 @@ impl OAuth {
         }
     }
 
+    /// Token exchange (RFC 8693 §2). The new token may do no more than its subject: it holds at
+    /// most the scopes both the subject and the exchanging client hold, lives no longer than the
+    /// subject, keeps the subject's DPoP key, and names the subject in its `subject_token` claim,
+    /// through which the gateway applies the subject's IP allowlist, rate limit, quota, suspension
+    /// and revocation at every request (and introspection its revocation). Which subjects a client
+    /// may present is the server's policy (RFC 8693 §2.1, §5): its own tokens and its own app's
+    /// API keys, and those of the apps its `exchange_subject_apps` names; never a refresh token
+    /// (a credential for this endpoint, not for APIs), nor a token that is itself the result of
+    /// an exchange.
     async fn exchange(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let subject_token = req.required("subject_token")?;
         let kind = req.required("subject_token_type")?;
@@ -1041,14 +1107,55 @@ impl OAuth {
         if subject.workspace_id != client.workspace_id {
             return Err(OAuthError::invalid_grant("the subject token is not active"));
         }
-        let scopes = grant_scopes(req.param("scope"), &subject.scopes)?;
+        let from = match &subject.origin {
+            Origin::Refresh => {
+                return Err(OAuthError::invalid_grant(
+                    "a refresh token cannot be a subject token; exchange an access token or an API key",
+                ));
+            }
+            Origin::Exchanged => {
+                return Err(OAuthError::invalid_grant(
+                    "a token obtained by token exchange cannot be exchanged again; exchange the token it came from",
+                ));
+            }
+            Origin::Jwt { jti, client_id } => {
+                ExchangedFrom { jti: Some(jti.clone()), client_id: Some(client_id.clone()), ..ExchangedFrom::default() }
+            }
+            Origin::Key { id, hash } => ExchangedFrom {
+                token_id: Some(id.to_string()),
+                key_ref: Some(jose::b64url_encode(hash.as_bytes())),
+                ..ExchangedFrom::default()
+            },
+        };
+        // The delegation rule: another app's credentials only where an administrator allowed it.
+        if subject.app_id != client.app_id && !client.exchange_subject_apps.contains(&subject.app_id) {
+            return Err(OAuthError::invalid_grant(format!(
+                "the subject token belongs to the app {}; this client may exchange it only if its exchange_subject_apps names that app",
+                subject.app_id
+            )));
+        }
+        let allowed = intersect_scopes(&subject.scopes, &client.scopes);
+        if allowed.is_empty() {
+            return Err(OAuthError::invalid_scope(
+                "this client and the subject token have no scope in common; the client's registered scopes cap what an exchange can grant",
+            ));
+        }
+        let scopes = grant_scopes(req.param("scope"), &allowed)?;
         let aud = self.audience(req)?;
-        let jkt = self.token_endpoint_dpop(req, None)?;
+        // RFC 9449 §5: a subject bound to a key needs a proof of that key, and so does its heir.
+        let jkt = self.token_endpoint_dpop(req, subject.jkt.as_deref())?;
         let now_s = self.now().as_millis() / 1000;
-        let left = u32::try_from(subject.exp.saturating_sub(now_s)).unwrap_or(0);
+        // An API key without an expiry has `exp` i64::MAX: its time left saturates, it does not
+        // overflow into a refusal.
+        let left = u32::try_from(subject.exp.saturating_sub(now_s).max(0)).unwrap_or(u32::MAX);
         let ttl = self.settings.exchange_ttl_seconds.min(client.access_token_ttl_seconds).min(left);
         if ttl == 0 {
             return Err(OAuthError::invalid_grant("the subject token expires too soon"));
+        }
+        // An exchanged token is always a JWT: the gateway finds its subject through the claim.
+        let alg = Alg::parse(&client.signing_alg).map_err(|e| OAuthError::server(&e))?;
+        if self.signer(&client.signing_alg).is_none() {
+            self.ensure_key(alg).await?;
         }
         // RFC 8693 §4.1: the client acting for the subject.
         let act =
@@ -1062,6 +1169,8 @@ impl OAuth {
             subject: &subject.sub,
             ttl,
             act,
+            format: AccessTokenFormat::Jwt,
+            exchanged_from: Some(from),
         };
         let mut resp = self.issue(&issued).await?;
         resp.issued_token_type = Some(TOKEN_TYPE_ACCESS);
@@ -1073,7 +1182,7 @@ impl OAuth {
         let now = self.now();
         let now_s = now.as_millis() / 1000;
         let client = i.client;
-        let (access_token, jti) = match client.access_token_format {
+        let (access_token, jti) = match i.format {
             AccessTokenFormat::Jwt => {
                 let jti = self.admin.random_text(22)?;
                 let signer = self.signer(&client.signing_alg).ok_or_else(|| {
@@ -1094,6 +1203,8 @@ impl OAuth {
                     },
                     act: i.act.clone(),
                     app_id: client.app_id.to_string(),
+                    workspace_id: client.workspace_id.to_string(),
+                    subject_token: i.exchanged_from.clone(),
                 };
                 let jwt = signer.sign_claims(&json!({"typ": jose::ACCESS_TOKEN_TYP}), &claims)?;
                 (jwt, jti)
@@ -1174,10 +1285,23 @@ impl OAuth {
             if !rec.is_active(now) {
                 return Ok(None);
             }
+            // An exchanged token lives only as long as the credential it came from.
+            let from = exchanged_from(token);
+            if let Some(from) = &from
+                && !self.subject_still_active(from, now).await?
+            {
+                return Ok(None);
+            }
             let c = at.claims;
+            let origin = match from {
+                Some(_) => Origin::Exchanged,
+                None => Origin::Jwt { jti: c.jti.clone(), client_id: c.client_id.clone() },
+            };
             return Ok(Some(ActiveToken {
                 kind: "access_token",
+                origin,
                 workspace_id: rec.workspace_id,
+                app_id: rec.app_id,
                 client_id: Some(c.client_id.clone()),
                 scopes: rec.scopes,
                 exp: c.exp,
@@ -1195,7 +1319,9 @@ impl OAuth {
             }
             return Ok(Some(ActiveToken {
                 kind: "refresh_token",
+                origin: Origin::Refresh,
                 workspace_id: rt.workspace_id,
+                app_id: rt.app_id,
                 client_id: Some(rt.client_id),
                 scopes: rt.scopes,
                 exp: rt.expires_at.as_millis() / 1000,
@@ -1214,7 +1340,9 @@ impl OAuth {
             let client_id = t.metadata.get("oauth_client_id").and_then(Value::as_str).map(str::to_owned);
             return Ok(Some(ActiveToken {
                 kind: "access_token",
+                origin: Origin::Key { id: t.id.clone(), hash: t.hash },
                 workspace_id: t.workspace_id.clone(),
+                app_id: t.app_id.clone(),
                 client_id,
                 scopes: t.scopes.clone(),
                 exp: t.expires_at.map_or(i64::MAX, |e| e.as_millis() / 1000),
@@ -1226,6 +1354,20 @@ impl OAuth {
             }));
         }
         Ok(None)
+    }
+
+    /// Whether the credential an exchanged token came from is still good: the API key active
+    /// (not revoked, suspended or expired), or the JWT not revoked and unexpired.
+    async fn subject_still_active(&self, from: &ExchangedFrom, now: Timestamp) -> Result<bool> {
+        if let Some(hash) = from.key_hash() {
+            let Some(t) = self.admin.store().token_by_hash(&hash).await? else { return Ok(false) };
+            return Ok(t.status(now) == TokenStatus::Active && t.state == TokenState::Active);
+        }
+        if let Some(jti) = &from.jti {
+            return Ok(self.admin.store().access_token(jti).await?.is_some_and(|r| r.is_active(now)));
+        }
+        // A claim naming nothing we know: treat the token as inactive.
+        Ok(false)
     }
 
     /// `POST /oauth2/introspect` (RFC 7662): the caller is a client (of the token's workspace)
@@ -1287,7 +1429,9 @@ impl OAuth {
     }
 
     /// `POST /oauth2/revoke` (RFC 7009): 200 whether or not the token was known; a refresh token
-    /// takes its family's access tokens with it.
+    /// takes its family's access tokens with it. A token of another client is left alone and
+    /// answered exactly like an unknown one (RFC 7009 §2.2: the answer says nothing of a token the
+    /// caller may not revoke), so the endpoint tells no client which tokens exist.
     pub async fn revoke(&self, req: &OAuthRequest) -> OResult<()> {
         self.check_rate(req, Self::claimed_client(req).as_deref())?;
         let client = self.authenticate_client(req).await?;
@@ -1295,12 +1439,11 @@ impl OAuth {
         let now = self.now();
         let actor = actor_of(&client);
         let store = self.admin.store();
-        let foreign = || OAuthError::new(400, "unauthorized_client", "the token was issued to another client");
         if token_format::parse(token, &self.refresh_prefix).is_ok() {
             if let Some(rt) = store.refresh_token(&self.admin.hash(token)).await? {
-                // RFC 7009 §2.1: a token of another client is refused, and left alone.
+                // RFC 7009 §2.1: only the client's own tokens; another's is left alone, silently.
                 if rt.client_id != client.client_id {
-                    return Err(foreign());
+                    return Ok(());
                 }
                 let audit =
                     NewAuditEvent::new(&rt.workspace_id, &actor, "oauth.refresh_token.revoke", &rt.family_id, now)
@@ -1311,7 +1454,7 @@ impl OAuth {
         }
         let Some(t) = self.active_token(token).await? else { return Ok(()) };
         if t.client_id.as_deref() != Some(client.client_id.as_str()) {
-            return Err(foreign());
+            return Ok(());
         }
         if let Some(jti) = &t.jti {
             let audit = NewAuditEvent::new(&t.workspace_id, &actor, "oauth.access_token.revoke", jti, now);
@@ -1323,6 +1466,15 @@ impl OAuth {
         }
         Ok(())
     }
+}
+
+/// The `subject_token` claim of a JWT whose signature was verified, if it has one.
+fn exchanged_from(jwt: &str) -> Option<ExchangedFrom> {
+    let jws = jose::split(jwt).ok()?;
+    let payload: Value = serde_json::from_slice(&jose::b64url_decode(jws.payload_b64()).ok()?).ok()?;
+    let claim = payload.get(ExchangedFrom::CLAIM)?;
+    // A claim that does not parse still marks the token as exchanged (and so inactive).
+    Some(serde_json::from_value(claim.clone()).unwrap_or_default())
 }
 
 /// The expected audience to validate a token of ours against: its own (we describe tokens for
@@ -1344,10 +1496,16 @@ struct Issue<'a> {
     subject: &'a str,
     ttl: u32,
     act: Option<Value>,
+    /// The client's format, except for exchanged tokens (always JWTs).
+    format: AccessTokenFormat,
+    /// For an exchanged token: its subject (the `subject_token` claim).
+    exchanged_from: Option<ExchangedFrom>,
 }
 
-/// RFC 9068 claims plus the RFC 8693 `act` claim and the client's app (which keygate's gateway
-/// passes to upstreams as `X-Keygate-App-Id`).
+/// RFC 9068 claims plus the RFC 8693 `act` claim, the client's app (which keygate's gateway
+/// passes to upstreams as `X-Keygate-App-Id`), its workspace (so that a resource server trusting
+/// the JWKS, which signs for every workspace, can tell tenants apart), and, for an exchanged
+/// token, the credential it came from.
 #[derive(Serialize)]
 struct AccessClaims {
     #[serde(flatten)]
@@ -1355,12 +1513,29 @@ struct AccessClaims {
     #[serde(skip_serializing_if = "Option::is_none")]
     act: Option<Value>,
     app_id: String,
+    workspace_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_token: Option<ExchangedFrom>,
+}
+
+/// What kind of credential an active token is, and where it came from.
+enum Origin {
+    /// A JWT access token keygate issued.
+    Jwt { jti: String, client_id: String },
+    /// An API key (an opaque access token is one).
+    Key { id: TokenId, hash: SecretHash },
+    /// A refresh token.
+    Refresh,
+    /// An access token obtained by token exchange.
+    Exchanged,
 }
 
 /// A token found active.
 struct ActiveToken {
     kind: &'static str,
+    origin: Origin,
     workspace_id: WorkspaceId,
+    app_id: AppId,
     client_id: Option<String>,
     scopes: Vec<Scope>,
     exp: i64,

@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use keygate_core::Timestamp;
 use keygate_core::jose::{self, Alg, Audience, PublicJwk};
+use keygate_core::oauth::ExchangedFrom;
 use keygate_core::scope::Scope;
+use keygate_core::secret::SecretHash;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::index::TokenIndex;
+use crate::index::{IndexedToken, TokenIndex};
 
 /// Entries kept per cache shard; beyond it, expired entries go, then the shard starts over.
 const SHARD_CAPACITY: usize = 16 * 1024;
@@ -38,13 +40,31 @@ pub struct JwtIdentity {
     pub issuer: Arc<str>,
     /// The app of the client (a claim of keygate's own tokens).
     pub app_id: Option<Arc<str>>,
-    /// Per-caller limiter state is keyed by this: a digest of the client (or subject).
+    /// The workspace of the client (a claim of keygate's own tokens).
+    pub workspace_id: Option<Arc<str>>,
+    /// Per-caller limiter state is keyed by this: a digest of the client (or subject). An
+    /// exchanged token of a JWT counts against that JWT's client.
     pub limit_key: [u8; PUBLIC_ID_LEN],
+    /// For a token exchanged from an API key: the key's keyed hash, resolved in the index at
+    /// every request ([`JwtIdentity::exchanged_from`]).
+    pub subject_key: Option<SecretHash>,
+    /// For a token exchanged from a JWT: that JWT's `jti`, checked for revocation at every
+    /// request.
+    pub subject_jti: Option<Arc<str>>,
 }
 
 impl JwtIdentity {
     pub fn has_scope(&self, required: &Scope) -> bool {
         keygate_core::scope::any_covers(&self.scopes, required)
+    }
+
+    /// The API key a token obtained by token exchange stands for, as the index has it now: the
+    /// key's allowlist, limits, quota and DPoP binding apply to the token, and the key's
+    /// revocation, suspension or expiry ends it (RFC 8693 leaves the derived token's life to the
+    /// server; keygate ties it to its subject's). `None` for every other token.
+    pub fn exchanged_from(&self, index: &TokenIndex, now: Timestamp) -> Result<Option<Arc<IndexedToken>>, JwtRefusal> {
+        let Some(hash) = &self.subject_key else { return Ok(None) };
+        index.verify_hash(hash, now).map(Some).map_err(|_| JwtRefusal::SubjectInactive)
     }
 }
 
@@ -63,6 +83,8 @@ pub enum JwtRefusal {
     Expired,
     NotYetValid,
     Revoked,
+    /// Obtained by token exchange from a credential that is no longer valid.
+    SubjectInactive,
 }
 
 impl JwtRefusal {
@@ -76,6 +98,7 @@ impl JwtRefusal {
             Self::Expired => "token_expired",
             Self::NotYetValid => "token_not_yet_valid",
             Self::Revoked => "token_revoked",
+            Self::SubjectInactive => "subject_token_inactive",
         }
     }
 
@@ -89,6 +112,9 @@ impl JwtRefusal {
             Self::Expired => "the token has expired",
             Self::NotYetValid => "the token is not valid yet",
             Self::Revoked => "the token was revoked",
+            Self::SubjectInactive => {
+                "the token it was exchanged from is no longer valid (revoked, suspended or expired)"
+            }
         }
     }
 }
@@ -159,12 +185,16 @@ fn cnf_jkt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 }
 
 /// The `iss` of a token, read before its signature to pick the issuer's keys, and keygate's
-/// own `app_id` claim.
+/// own claims (used only once the signature is verified, and only for keygate's own tokens).
 #[derive(Deserialize)]
 struct Peek {
     iss: Option<String>,
     #[serde(default)]
     app_id: Option<String>,
+    #[serde(default)]
+    workspace_id: Option<String>,
+    #[serde(default)]
+    subject_token: Option<ExchangedFrom>,
 }
 
 fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
@@ -232,13 +262,19 @@ impl JwtVerifier {
         {
             return Err(JwtRefusal::Revoked);
         }
+        if let Some(jti) = &id.subject_jti
+            && index.is_jti_revoked(jti)
+        {
+            return Err(JwtRefusal::SubjectInactive);
+        }
         Ok(id)
     }
 
     fn verify_fully(&self, token: &str, now: Timestamp) -> Result<JwtIdentity, JwtRefusal> {
         let jws = jose::split(token).map_err(|_| JwtRefusal::Malformed)?;
         let payload = jose::b64url_decode(jws.payload_b64()).map_err(|_| JwtRefusal::Malformed)?;
-        let Peek { iss, app_id } = serde_json::from_slice::<Peek>(&payload).map_err(|_| JwtRefusal::Malformed)?;
+        let Peek { iss, app_id, workspace_id, subject_token } =
+            serde_json::from_slice::<Peek>(&payload).map_err(|_| JwtRefusal::Malformed)?;
         let issuer = self
             .issuers
             .iter()
@@ -263,10 +299,27 @@ impl JwtVerifier {
                 .map_err(refusal_of)?;
             let c = at.claims;
             let scopes: Vec<Scope> = c.scopes().filter_map(|s| Scope::parse(s).ok()).collect();
+            // An exchanged token names its subject: an API key by its keyed hash, or a JWT by its
+            // `jti` (and counts against that JWT's client). A claim naming neither is refused.
+            let (subject_key, subject_jti, limit_key) = match subject_token {
+                None => (None, None, limit_key(&c.client_id)),
+                Some(from) => match (from.key_hash(), from.jti.as_deref()) {
+                    (Some(hash), _) => (Some(hash), None, limit_key(&c.client_id)),
+                    (None, Some(jti)) => (
+                        None,
+                        Some(Arc::from(jti)),
+                        limit_key(from.client_id.as_deref().unwrap_or(c.client_id.as_str())),
+                    ),
+                    (None, None) => return Err(JwtRefusal::Invalid),
+                },
+            };
             return Ok(JwtIdentity {
                 exp_ms: c.exp.saturating_mul(1000),
                 jti: Some(c.jti.into()),
-                limit_key: limit_key(&c.client_id),
+                limit_key,
+                subject_key,
+                subject_jti,
+                workspace_id: workspace_id.map(Into::into),
                 sub: c.sub.into(),
                 client_id: Some(c.client_id.into()),
                 scopes: scopes.into(),
@@ -308,6 +361,9 @@ impl JwtVerifier {
             jkt: c.cnf.map(Into::into),
             issuer: issuer.issuer.as_str().into(),
             app_id: None,
+            workspace_id: None,
+            subject_key: None,
+            subject_jti: None,
         })
     }
 }

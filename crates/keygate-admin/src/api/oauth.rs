@@ -39,6 +39,11 @@ pub struct CreateClientRequest {
     pub signing_alg: Option<String>,
     pub access_token_ttl_seconds: Option<u32>,
     pub refresh_token_ttl_seconds: Option<u32>,
+    /// Token exchange's delegation rule: the apps (`app_…` of this workspace, at most 100) whose
+    /// API keys and OAuth tokens this client may present as `subject_token`, besides its own
+    /// app's. Empty by default: the client exchanges only its own tokens and its app's keys.
+    #[serde(default)]
+    pub exchange_subject_apps: Vec<String>,
 }
 
 /// An OAuth client as the API shows it: never its secret.
@@ -57,6 +62,8 @@ pub struct ClientView {
     pub signing_alg: String,
     pub access_token_ttl_seconds: u32,
     pub refresh_token_ttl_seconds: u32,
+    /// The apps whose credentials this client may exchange, besides its own app's.
+    pub exchange_subject_apps: Vec<String>,
     /// Until when the previous secret still works after a rotation.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub previous_secret_expires_at: Option<Timestamp>,
@@ -78,6 +85,7 @@ impl From<&OAuthClient> for ClientView {
             signing_alg: c.signing_alg.clone(),
             access_token_ttl_seconds: c.access_token_ttl_seconds,
             refresh_token_ttl_seconds: c.refresh_token_ttl_seconds,
+            exchange_subject_apps: c.exchange_subject_apps.iter().map(ToString::to_string).collect(),
             previous_secret_expires_at: c.previous_secret_expires_at,
             created_at: c.created_at,
         }
@@ -164,6 +172,7 @@ pub(crate) async fn create_client(
         signing_alg: req.signing_alg,
         access_token_ttl_seconds: req.access_token_ttl_seconds,
         refresh_token_ttl_seconds: req.refresh_token_ttl_seconds,
+        exchange_subject_apps: req.exchange_subject_apps,
     };
     let (client, secret) = s.oauth.create_client(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, new).await?;
     let client_secret = secret.map(|s| s.expose().to_owned());

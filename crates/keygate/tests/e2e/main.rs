@@ -6,6 +6,7 @@
 mod dashboard;
 mod gateway;
 mod oauth;
+mod oauth_hardening;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

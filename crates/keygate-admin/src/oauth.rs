@@ -10,10 +10,14 @@
 //! private halves are stored sealed under a pepper-derived key ([`crate::seal`]).
 
 pub mod http;
+mod throttle;
+
+use throttle::KeyedRate;
+pub use throttle::{Footprint, THROTTLE_CAPACITY};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
@@ -69,10 +73,13 @@ pub struct OAuthSettings {
     /// A new signing key is published in the JWKS this long before it signs, so that verifiers
     /// that cache the JWKS know it before they meet it.
     pub key_publish_ahead_seconds: u32,
-    /// Requests per client at the token, introspection and revocation endpoints.
+    /// Requests per authenticated client at the token, introspection and revocation endpoints.
     pub client_rate: RateLimit,
-    /// Requests per client address at those endpoints (guessing secrets from one place).
+    /// Requests per client address at those endpoints (an IPv6 address counts as its /64).
     pub address_rate: RateLimit,
+    /// Failed client authentications per (address, claimed client id): guessing from one place
+    /// is slowed, and nobody elsewhere can lock a client out by its public id.
+    pub failure_rate: RateLimit,
     /// How old a DPoP proof may be, in seconds.
     pub dpop_max_age_seconds: u32,
     /// Require server-provided nonces in DPoP proofs (RFC 9449 §8), handed out in `DPoP-Nonce`.
@@ -94,6 +101,7 @@ impl OAuthSettings {
             key_publish_ahead_seconds: 3_600,
             client_rate: RateLimit { requests: 20, per_seconds: 1, burst: 40 },
             address_rate: RateLimit { requests: 50, per_seconds: 1, burst: 100 },
+            failure_rate: RateLimit { requests: 1, per_seconds: 1, burst: 19 },
             dpop_max_age_seconds: 300,
             dpop_nonces: false,
         }
@@ -236,34 +244,6 @@ pub trait KeysChanged: Send + Sync {
     fn keys_changed(&self, ring: &KeyRing);
 }
 
-/// A GCRA limit per key (client id or address), with a bounded map.
-struct KeyedRate {
-    limit: RateLimit,
-    tats: Mutex<HashMap<String, i64>>,
-}
-
-impl KeyedRate {
-    fn new(limit: RateLimit) -> Self {
-        Self { limit, tats: Mutex::new(HashMap::new()) }
-    }
-
-    /// `Err(retry_after_seconds)` when over the limit.
-    fn check(&self, key: &str, now_us: i64) -> std::result::Result<(), u64> {
-        let Ok(mut tats) = self.tats.lock() else { return Ok(()) };
-        if tats.len() > 50_000 {
-            tats.retain(|_, tat| *tat > now_us);
-        }
-        let tat = tats.get(key).copied().unwrap_or(0);
-        let d = self.limit.gcra(tat, now_us);
-        if d.allowed {
-            tats.insert(key.to_owned(), d.new_tat);
-            Ok(())
-        } else {
-            Err(u64::try_from((d.retry_after + 999_999) / 1_000_000).unwrap_or(1).max(1))
-        }
-    }
-}
-
 /// The authorization server.
 pub struct OAuth {
     admin: Arc<Admin>,
@@ -274,6 +254,7 @@ pub struct OAuth {
     replay: ReplayCache,
     per_client: KeyedRate,
     per_address: KeyedRate,
+    failures: KeyedRate,
     /// Server-provided DPoP nonces, when required.
     nonces: Option<dpop::NonceKey>,
     client_secret_prefix: TokenPrefix,
@@ -336,8 +317,9 @@ impl OAuth {
         let nonces = if settings.dpop_nonces { Some(nonce_key(&admin)?) } else { None };
         Ok(Self {
             nonces,
-            per_client: KeyedRate::new(settings.client_rate),
-            per_address: KeyedRate::new(settings.address_rate),
+            per_client: KeyedRate::new(settings.client_rate, THROTTLE_CAPACITY),
+            per_address: KeyedRate::new(settings.address_rate, THROTTLE_CAPACITY),
+            failures: KeyedRate::new(settings.failure_rate, THROTTLE_CAPACITY),
             admin,
             settings,
             sealer,
@@ -351,6 +333,11 @@ impl OAuth {
 
     pub fn settings(&self) -> &OAuthSettings {
         &self.settings
+    }
+
+    /// What the rate limits and failure throttles of the endpoints hold now.
+    pub fn throttle_footprint(&self) -> Footprint {
+        self.per_client.footprint() + self.per_address.footprint() + self.failures.footprint()
     }
 
     /// The DPoP nonce to hand out now, when nonces are required.
@@ -731,21 +718,28 @@ impl OAuth {
 
     // ---- the endpoints -----------------------------------------------------------------------
 
-    /// Rate limits of the OAuth endpoints: per address, then per client id (as claimed; it is
-    /// counted before it is checked, so guessing a client's secret is slowed too).
-    fn check_rate(&self, req: &OAuthRequest, client_id: Option<&str>) -> OResult<()> {
-        let now_us = self.now().as_millis().saturating_mul(1000);
-        let limited = |retry: u64| OAuthError {
-            retry_after: Some(retry),
-            ..OAuthError::new(429, "slow_down", "too many requests; retry after the time in Retry-After")
-        };
-        if let Some(ip) = req.peer {
-            self.per_address.check(&ip.to_string(), now_us).map_err(limited)?;
-        }
-        if let Some(id) = client_id {
-            self.per_client.check(id, now_us).map_err(limited)?;
-        }
-        Ok(())
+    fn now_us(&self) -> i64 {
+        self.now().as_millis().saturating_mul(1000)
+    }
+
+    /// The first throttle of every request: its address.
+    fn check_address(&self, req: &OAuthRequest) -> OResult<()> {
+        let Some(ip) = req.peer else { return Ok(()) };
+        let key = throttle::key(&[b"address", &throttle::address_bytes(ip)]);
+        self.per_address.check(&key, self.now_us()).map_err(slow_down)
+    }
+
+    /// The per-client limit, counted once the client is authenticated: a claimed id costs its
+    /// claimant nothing here, so no one can use up another client's allowance.
+    fn check_client(&self, client: &OAuthClient) -> OResult<()> {
+        let key = throttle::key(&[b"client", client.client_id.as_bytes()]);
+        self.per_client.check(&key, self.now_us()).map_err(slow_down)
+    }
+
+    /// The failure throttle's key: the caller's address with the client id it claims.
+    fn failure_key(req: &OAuthRequest, claimed: &str) -> throttle::Key {
+        let addr = req.peer.map(throttle::address_bytes).unwrap_or_default();
+        throttle::key(&[b"failure", &addr, claimed.as_bytes()])
     }
 
     /// The client id the request claims, from HTTP Basic, the form, or a client assertion.
@@ -782,19 +776,45 @@ impl OAuth {
             })));
         }
         let claimed = Self::claimed_client(req).ok_or_else(|| challenge(OAuthError::invalid_client("no client_id")))?;
-        if let (Some((basic_id, _)), Some(form_id)) = (&basic, req.param("client_id"))
+        // A claimed id is checked for form before anything is looked up or kept for it.
+        if !plausible_client_id(&claimed) {
+            return Err(challenge(OAuthError::invalid_client("client authentication failed")));
+        }
+        let failures = Self::failure_key(req, &claimed);
+        self.failures.allows(&failures, self.now_us()).map_err(slow_down)?;
+        match self.verify_client(req, &claimed, basic.as_ref(), post, assertion).await {
+            Ok(client) => Ok(client),
+            Err(e) if e.status == 401 => {
+                // Counted per (address, claimed id): a flood elsewhere does not slow the real client.
+                let _ = self.failures.check(&failures, self.now_us());
+                Err(challenge(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks the credentials of the client `claimed` (its form already checked).
+    async fn verify_client(
+        &self,
+        req: &OAuthRequest,
+        claimed: &str,
+        basic: Option<&(String, String)>,
+        post: Option<&str>,
+        assertion: Option<&str>,
+    ) -> OResult<OAuthClient> {
+        if let (Some((basic_id, _)), Some(form_id)) = (basic, req.param("client_id"))
             && basic_id != form_id
         {
-            return Err(challenge(OAuthError::invalid_client("client_id differs from the authenticated client")));
+            return Err(OAuthError::invalid_client("client_id differs from the authenticated client"));
         }
-        let unknown = || challenge(OAuthError::invalid_client("client authentication failed"));
-        let Some(client) = self.admin.store().oauth_client(&claimed).await? else {
+        let unknown = || OAuthError::invalid_client("client authentication failed");
+        let Some(client) = self.admin.store().oauth_client(claimed).await? else {
             // Spend the same hash as a real check, so an unknown client answers in the same time.
-            let _ = self.admin.hash(post.or(basic.as_ref().map(|b| b.1.as_str())).unwrap_or(""));
+            let _ = self.admin.hash(post.or(basic.map(|b| b.1.as_str())).unwrap_or(""));
             return Err(unknown());
         };
         let now = self.now();
-        let ok = match (client.auth_method, &basic, post, assertion) {
+        let ok = match (client.auth_method, basic, post, assertion) {
             (ClientAuthMethod::ClientSecretBasic, Some((_, secret)), None, None) => {
                 self.secret_matches(&client, secret, now)
             }
@@ -911,9 +931,10 @@ impl OAuth {
 
     /// `POST /oauth2/token`.
     pub async fn token(&self, req: &OAuthRequest) -> OResult<TokenResponse> {
-        self.check_rate(req, Self::claimed_client(req).as_deref())?;
+        self.check_address(req)?;
         let grant = req.required("grant_type")?;
         let client = self.authenticate_client(req).await?;
+        self.check_client(&client)?;
         let grant = GrantType::parse(grant).ok_or_else(|| {
             OAuthError::new(400, "unsupported_grant_type", format!("the grant type {grant} is not supported"))
         })?;
@@ -1374,7 +1395,7 @@ impl OAuth {
     /// or a root key with `tokens:read`; an inactive, unknown or foreign token is only
     /// `{"active": false}`.
     pub async fn introspect(&self, req: &OAuthRequest) -> OResult<Value> {
-        self.check_rate(req, Self::claimed_client(req).as_deref())?;
+        self.check_address(req)?;
         let token = req.required("token")?.to_owned();
         let ws = self.introspection_caller(req).await?;
         let Some(t) = self.active_token(&token).await? else { return Ok(json!({"active": false})) };
@@ -1415,17 +1436,21 @@ impl OAuth {
             let (scheme, rest) = a.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         }) {
-            let key = self
-                .admin
-                .authenticate(bearer)
-                .await
-                .map_err(|_| OAuthError::invalid_client("the bearer key is not valid"))?;
+            // Root-key guesses are throttled per address like client secrets.
+            let failures = Self::failure_key(req, "root key");
+            self.failures.allows(&failures, self.now_us()).map_err(slow_down)?;
+            let key = self.admin.authenticate(bearer).await.map_err(|_| {
+                let _ = self.failures.check(&failures, self.now_us());
+                OAuthError::invalid_client("the bearer key is not valid")
+            })?;
             if !key.permissions.contains(&keygate_core::model::Permission::TokensRead) {
                 return Err(OAuthError::new(403, "insufficient_scope", "the root key lacks tokens:read"));
             }
             return Ok(key.workspace_id);
         }
-        Ok(self.authenticate_client(req).await?.workspace_id)
+        let client = self.authenticate_client(req).await?;
+        self.check_client(&client)?;
+        Ok(client.workspace_id)
     }
 
     /// `POST /oauth2/revoke` (RFC 7009): 200 whether or not the token was known; a refresh token
@@ -1433,8 +1458,9 @@ impl OAuth {
     /// answered exactly like an unknown one (RFC 7009 §2.2: the answer says nothing of a token the
     /// caller may not revoke), so the endpoint tells no client which tokens exist.
     pub async fn revoke(&self, req: &OAuthRequest) -> OResult<()> {
-        self.check_rate(req, Self::claimed_client(req).as_deref())?;
+        self.check_address(req)?;
         let client = self.authenticate_client(req).await?;
+        self.check_client(&client)?;
         let token = req.required("token")?;
         let now = self.now();
         let actor = actor_of(&client);
@@ -1554,6 +1580,20 @@ pub fn nonce_key(admin: &Admin) -> Result<dpop::NonceKey> {
 
 /// How long a DPoP nonce is handed out; it is accepted for as long again after that.
 pub const NONCE_WINDOW_S: i64 = 300;
+
+/// 429 `slow_down` with the seconds to wait.
+fn slow_down(retry_after: u64) -> OAuthError {
+    OAuthError {
+        retry_after: Some(retry_after),
+        ..OAuthError::new(429, "slow_down", "too many requests; retry after the time in Retry-After")
+    }
+}
+
+/// Whether a claimed client id could be one: 1 to 128 visible ASCII characters. Anything else is
+/// refused before a lookup, and never kept.
+fn plausible_client_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
 
 /// `Authorization: Basic` credentials, form-decoded as RFC 6749 §2.3.1 requires.
 fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {

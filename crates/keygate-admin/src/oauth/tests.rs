@@ -532,3 +532,30 @@ async fn dpop_nonces_are_required_when_configured() {
     // Without DPoP, nothing changes.
     assert!(k.oauth.token(&req(auth, &[("grant_type", "client_credentials")])).await.is_ok());
 }
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_where_they_come_from() {
+    let k = kit().await;
+    let (c, secret) = k.client(cc_client(&[], &[])).await;
+    let secret = secret.unwrap();
+    let from = |ip: &str, s: &str| {
+        let mut r = req(Some(basic(&c.client_id, s)), &[("grant_type", "client_credentials")]);
+        r.peer = Some(ip.parse().unwrap());
+        r
+    };
+    for _ in 0..20 {
+        assert_eq!(k.oauth.token(&from("10.0.0.9", "guess")).await.unwrap_err().error, "invalid_client");
+    }
+    let e = k.oauth.token(&from("10.0.0.9", "guess")).await.unwrap_err();
+    assert_eq!((e.status, e.error), (429, "slow_down"));
+    assert!(k.oauth.token(&from("10.0.0.8", &secret)).await.is_ok(), "the client elsewhere is not locked out");
+    // Successes and other clients' ids are not counted as failures of this one.
+    assert!(k.oauth.token(&from("10.0.0.8", &secret)).await.is_ok());
+    // A claimed id that cannot be one is refused without being kept.
+    let before = k.oauth.throttle_footprint();
+    let mut r =
+        req(None, &[("grant_type", "client_credentials"), ("client_id", &"x".repeat(5000)), ("client_secret", "s")]);
+    r.peer = Some("10.0.0.7".parse().unwrap());
+    assert_eq!(k.oauth.token(&r).await.unwrap_err().error, "invalid_client");
+    assert_eq!(k.oauth.throttle_footprint().entries, before.entries + 1, "only the address is counted");
+}

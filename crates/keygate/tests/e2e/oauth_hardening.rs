@@ -371,3 +371,59 @@ async fn jwts_name_their_workspace() {
     assert!(c["workspace_id"].as_str().is_some_and(|w| w.starts_with("ws_") && w != ws.as_str()), "{c}");
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_client_ids_do_not_grow_the_throttles() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let url = format!("{}/oauth2/token", kg.gateway_url());
+    // 300 requests from one address, each claiming a distinct 60 KB client id (the clock moves on
+    // so that the address's own limit lets them all through to client authentication).
+    for i in 0..300 {
+        if i % 50 == 0 {
+            kg.clock.advance_seconds(10);
+        }
+        let id = format!("{i:05}{}", "x".repeat(60_000));
+        let form = [("grant_type", "client_credentials"), ("client_id", id.as_str()), ("client_secret", "nope")];
+        let r = http().post(&url).form(&form).send().await.unwrap();
+        assert!(matches!(r.status().as_u16(), 400 | 401), "{}", r.status());
+    }
+    // And 300 distinct well-formed ids of clients that do not exist.
+    for i in 0..300 {
+        if i % 50 == 0 {
+            kg.clock.advance_seconds(10);
+        }
+        let id = format!("kgc_unknown{i:05}");
+        let r = http().post(&url).basic_auth(&id, Some("nope")).form(&[("grant_type", "client_credentials")]).send();
+        assert_eq!(r.await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    let held = kg.oauth().throttle_footprint();
+    // No claimed id is kept as sent: every entry is a fixed-size key and value.
+    assert!(held.entries <= 302 && held.bytes <= held.entries * 64, "{held:?}");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_do_not_lock_a_client_out() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let a = client(&kg, "a", json!({"scopes": ["orders:read"]})).await;
+    let url = format!("{}/oauth2/token", kg.gateway_url());
+    // A flood of wrong secrets for A's public client id, from another address (127.0.0.2 reaches
+    // the loopback listener too).
+    let elsewhere = reqwest::Client::builder().local_address(Some("127.0.0.2".parse().unwrap())).build().unwrap();
+    let mut throttled = 0;
+    for _ in 0..120 {
+        let r = elsewhere.post(&url).basic_auth(&a.id, Some("guess")).form(&[("grant_type", "client_credentials")]);
+        match r.send().await.unwrap().status().as_u16() {
+            401 => {}
+            429 => throttled += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(throttled > 0, "the guessing address is slowed down");
+    // A, from its own address, is not.
+    let (s, t) = post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    kg.stop().await;
+}

@@ -427,3 +427,24 @@ async fn failed_authentications_do_not_lock_a_client_out() {
     assert_eq!(s, StatusCode::OK, "{t}");
     kg.stop().await;
 }
+
+#[test]
+fn config_check_names_a_jwks_url_fetched_in_the_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("keygate.toml");
+    let issuer = |url: &str| {
+        format!(
+            "[[oauth.trusted_issuers]]\nissuer = \"https://idp.example.com\"\naudience = \"api\"\njwks_url = \"{url}\"\n"
+        )
+    };
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_keygate")).args(["config", "check"]).arg(&cfg).output().unwrap()
+    };
+    std::fs::write(&cfg, issuer("http://idp.example.com/jwks")).unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("oauth.trusted_issuers.jwks_url") && err.contains("https://"), "{err}");
+    std::fs::write(&cfg, issuer("http://127.0.0.1:9/jwks")).unwrap();
+    assert_eq!(check().status.code(), Some(0), "loopback http is allowed");
+}

@@ -10,8 +10,10 @@
 //! private halves are stored sealed under a pepper-derived key ([`crate::seal`]).
 
 pub mod http;
+mod replay;
 mod throttle;
 
+use replay::{Replay, ReplayGuard};
 use throttle::KeyedRate;
 pub use throttle::{Footprint, THROTTLE_CAPACITY};
 
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use keygate_core::dpop::{self, ProofCheck, ReplayCache};
+use keygate_core::dpop::{self, ProofCheck};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::jose::{self, Alg, Audience, Claims, Confirmation, PublicJwk, SigningKey};
 use keygate_core::model::{Actor, NewAuditEvent, TokenState, TokenStatus};
@@ -84,6 +86,8 @@ pub struct OAuthSettings {
     pub dpop_max_age_seconds: u32,
     /// Require server-provided nonces in DPoP proofs (RFC 9449 §8), handed out in `DPoP-Nonce`.
     pub dpop_nonces: bool,
+    /// Unexpired DPoP proofs and client assertions remembered per client (replay detection).
+    pub replay_per_client: usize,
 }
 
 impl OAuthSettings {
@@ -104,6 +108,7 @@ impl OAuthSettings {
             failure_rate: RateLimit { requests: 1, per_seconds: 1, burst: 19 },
             dpop_max_age_seconds: 300,
             dpop_nonces: false,
+            replay_per_client: 20_000,
         }
     }
 
@@ -250,8 +255,8 @@ pub struct OAuth {
     settings: OAuthSettings,
     sealer: Sealer,
     keys: ArcSwap<KeyRing>,
-    /// DPoP proofs and client assertions seen, each accepted once.
-    replay: ReplayCache,
+    /// DPoP proofs and client assertions seen, each accepted once, per client.
+    replay: ReplayGuard,
     per_client: KeyedRate,
     per_address: KeyedRate,
     failures: KeyedRate,
@@ -320,11 +325,11 @@ impl OAuth {
             per_client: KeyedRate::new(settings.client_rate, THROTTLE_CAPACITY),
             per_address: KeyedRate::new(settings.address_rate, THROTTLE_CAPACITY),
             failures: KeyedRate::new(settings.failure_rate, THROTTLE_CAPACITY),
+            replay: ReplayGuard::new(settings.replay_per_client),
             admin,
             settings,
             sealer,
             keys: ArcSwap::from_pointee(KeyRing::default()),
-            replay: ReplayCache::new(100_000),
             client_secret_prefix,
             refresh_prefix,
             listener: std::sync::OnceLock::new(),
@@ -338,6 +343,11 @@ impl OAuth {
     /// What the rate limits and failure throttles of the endpoints hold now.
     pub fn throttle_footprint(&self) -> Footprint {
         self.per_client.footprint() + self.per_address.footprint() + self.failures.footprint()
+    }
+
+    /// What replay detection (DPoP proofs, client assertions) holds now.
+    pub fn replay_footprint(&self) -> Footprint {
+        self.replay.footprint()
     }
 
     /// The DPoP nonce to hand out now, when nonces are required.
@@ -879,14 +889,22 @@ impl OAuth {
             return Err(bad("the client assertion is expired or lives longer than an hour"));
         }
         let jti = s("jti").ok_or_else(|| bad("the client assertion has no jti"))?;
-        if !self.replay.first_use(&format!("assertion:{}:{jti}", client.client_id), exp + leeway, now_s) {
-            return Err(bad("the client assertion was already used"));
+        match self.replay.first_use(&client.client_id, &[b"assertion", jti.as_bytes()], exp + leeway, now_s) {
+            Ok(()) => {}
+            Err(Replay::Used) => return Err(bad("the client assertion was already used")),
+            Err(Replay::Full(wait)) => return Err(replay_full(wait)),
         }
         Ok(())
     }
 
     /// Checks a DPoP proof sent to the token endpoint (RFC 9449 §5); `Some(jkt)` when there is one.
-    fn token_endpoint_dpop(&self, req: &OAuthRequest, bound_to: Option<&str>) -> OResult<Option<String>> {
+    /// The proof's `jti` is remembered for the authenticated `client_id` (its own replay partition).
+    fn token_endpoint_dpop(
+        &self,
+        req: &OAuthRequest,
+        client_id: &str,
+        bound_to: Option<&str>,
+    ) -> OResult<Option<String>> {
         let Some(proof) = req.dpop.as_deref() else {
             if bound_to.is_some() {
                 return Err(OAuthError::new(
@@ -923,8 +941,12 @@ impl OAuth {
                 OAuthError::dpop(&e)
             }
         })?;
-        if !self.replay.first_use(&format!("dpop:{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
-            return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
+        match self.replay.first_use(client_id, &[b"dpop", v.jkt.as_bytes(), v.jti.as_bytes()], v.replay_until, now_s) {
+            Ok(()) => {}
+            Err(Replay::Used) => {
+                return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
+            }
+            Err(Replay::Full(wait)) => return Err(replay_full(wait)),
         }
         Ok(Some(v.jkt))
     }
@@ -962,7 +984,7 @@ impl OAuth {
 
     async fn client_credentials(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let scopes = grant_scopes(req.param("scope"), &client.scopes)?;
-        let jkt = self.token_endpoint_dpop(req, None)?;
+        let jkt = self.token_endpoint_dpop(req, &client.client_id, None)?;
         let aud = self.audience(req)?;
         let family =
             client.grant_types.contains(&GrantType::RefreshToken).then(|| self.admin.random_text(22)).transpose()?;
@@ -1030,7 +1052,7 @@ impl OAuth {
         if found.client_id != client.client_id {
             return Err(invalid());
         }
-        let jkt = self.token_endpoint_dpop(req, found.dpop_jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(req, &client.client_id, found.dpop_jkt.as_deref())?;
         let now = self.now();
         let rt = match store.use_refresh_token(&hash, now).await? {
             RefreshUse::Fresh(rt) => rt,
@@ -1164,7 +1186,7 @@ impl OAuth {
         let scopes = grant_scopes(req.param("scope"), &allowed)?;
         let aud = self.audience(req)?;
         // RFC 9449 §5: a subject bound to a key needs a proof of that key, and so does its heir.
-        let jkt = self.token_endpoint_dpop(req, subject.jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(req, &client.client_id, subject.jkt.as_deref())?;
         let now_s = self.now().as_millis() / 1000;
         // An API key without an expiry has `exp` i64::MAX: its time left saturates, it does not
         // overflow into a refusal.
@@ -1580,6 +1602,18 @@ pub fn nonce_key(admin: &Admin) -> Result<dpop::NonceKey> {
 
 /// How long a DPoP nonce is handed out; it is accepted for as long again after that.
 pub const NONCE_WINDOW_S: i64 = 300;
+
+/// 429 when a client has more unexpired proofs or assertions on record than it may.
+fn replay_full(wait: u64) -> OAuthError {
+    OAuthError {
+        retry_after: Some(wait),
+        ..OAuthError::new(
+            429,
+            "slow_down",
+            "this client has too many unexpired DPoP proofs or client assertions on record; retry after the time in Retry-After (and use shorter-lived assertions)",
+        )
+    }
+}
 
 /// 429 `slow_down` with the seconds to wait.
 fn slow_down(retry_after: u64) -> OAuthError {

@@ -559,3 +559,38 @@ async fn failed_authentications_are_throttled_where_they_come_from() {
     assert_eq!(k.oauth.token(&r).await.unwrap_err().error, "invalid_client");
     assert_eq!(k.oauth.throttle_footprint().entries, before.entries + 1, "only the address is counted");
 }
+
+#[tokio::test]
+async fn one_client_cannot_fill_the_replay_memory_of_another() {
+    let k = kit_with(|s| s.replay_per_client = 5).await;
+    let dkey = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    let jwk: Value = serde_json::from_str(&dkey.public_jwk().to_json()).unwrap();
+    let proof = |jti: &str| {
+        dkey.sign_claims(
+            &json!({"typ": "dpop+jwt", "jwk": jwk}),
+            &json!({"jti": jti, "htm": "POST", "htu": format!("{ISS}/oauth2/token"), "iat": k.now_s()}),
+        )
+        .unwrap()
+    };
+    let (a, sa) = k.client(cc_client(&[], &[])).await;
+    let (b, sb) = k.client(cc_client(&[], &[])).await;
+    let with = |c: &OAuthClient, s: &Option<String>, jti: &str| {
+        let mut r = req(Some(basic(&c.client_id, s.as_deref().unwrap())), &[("grant_type", "client_credentials")]);
+        r.dpop = Some(proof(jti));
+        r
+    };
+    // A fills what is kept for it, with long jtis...
+    for i in 0..5 {
+        k.oauth.token(&with(&a, &sa, &format!("{i}{}", "j".repeat(250)))).await.unwrap();
+    }
+    let e = k.oauth.token(&with(&a, &sa, "one-too-many")).await.unwrap_err();
+    assert_eq!(e.status, 429, "{e:?}");
+    // ...and B is not affected.
+    assert_eq!(k.oauth.token(&with(&b, &sb, "b-1")).await.unwrap().token_type, "DPoP");
+    // Once A's proofs are too old to be replayed anyway, A is served again.
+    k.clock.advance_seconds(400);
+    let fresh = with(&a, &sa, "later");
+    assert_eq!(k.oauth.token(&fresh).await.unwrap().token_type, "DPoP");
+    let held = k.oauth.replay_footprint();
+    assert!(held.entries <= 2 && held.bytes <= 1024, "fixed-size entries, the expired ones gone: {held:?}");
+}

@@ -689,6 +689,31 @@ impl OAuth {
         self.admin.store().oauth_client_for_app(ws, app_id).await?.ok_or_else(|| Error::not_found("oauth client"))
     }
 
+    /// Changes a client's delegation rule (`None` leaves it); a change that changes nothing is
+    /// not written.
+    pub async fn update_client(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        app_id: &AppId,
+        exchange_subject_apps: Option<Vec<String>>,
+    ) -> Result<OAuthClient> {
+        let mut client = self.client_for_app(ws, app_id).await?;
+        let Some(raw) = exchange_subject_apps else { return Ok(client) };
+        let apps = self.delegation_apps(ws, &client.app_id, &raw).await?;
+        if apps == client.exchange_subject_apps {
+            return Ok(client);
+        }
+        let before = client.audit_view();
+        client.exchange_subject_apps = apps;
+        client.updated_at = self.now();
+        client.version += 1;
+        let audit = NewAuditEvent::new(ws, actor, "oauth_client.update", &client.client_id, client.updated_at)
+            .with_diff(&before, &client.audit_view());
+        self.admin.store().update_oauth_client(&client, &audit).await?;
+        Ok(client)
+    }
+
     /// Issues a new client secret; the old one keeps working for `grace_seconds`.
     pub async fn rotate_client_secret(
         &self,

@@ -191,10 +191,12 @@ struct Peek {
     iss: Option<String>,
     #[serde(default)]
     app_id: Option<String>,
+    /// Read as any JSON (another issuer may use these names for other things) and interpreted
+    /// only for keygate's own tokens.
     #[serde(default)]
-    workspace_id: Option<String>,
+    workspace_id: Option<serde_json::Value>,
     #[serde(default)]
-    subject_token: Option<ExchangedFrom>,
+    subject_token: Option<serde_json::Value>,
 }
 
 fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
@@ -301,6 +303,10 @@ impl JwtVerifier {
             let scopes: Vec<Scope> = c.scopes().filter_map(|s| Scope::parse(s).ok()).collect();
             // An exchanged token names its subject: an API key by its keyed hash, or a JWT by its
             // `jti` (and counts against that JWT's client). A claim naming neither is refused.
+            let subject_token = subject_token
+                .map(serde_json::from_value::<ExchangedFrom>)
+                .transpose()
+                .map_err(|_| JwtRefusal::Invalid)?;
             let (subject_key, subject_jti, limit_key) = match subject_token {
                 None => (None, None, limit_key(&c.client_id)),
                 Some(from) => match (from.key_hash(), from.jti.as_deref()) {
@@ -319,7 +325,7 @@ impl JwtVerifier {
                 limit_key,
                 subject_key,
                 subject_jti,
-                workspace_id: workspace_id.map(Into::into),
+                workspace_id: workspace_id.as_ref().and_then(serde_json::Value::as_str).map(Into::into),
                 sub: c.sub.into(),
                 client_id: Some(c.client_id.into()),
                 scopes: scopes.into(),

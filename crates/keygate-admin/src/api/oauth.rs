@@ -102,6 +102,14 @@ pub struct ClientWithSecret {
     pub client_secret: Option<String>,
 }
 
+/// A change to an OAuth client: the fields named are replaced.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateClientRequest {
+    /// Token exchange's delegation rule (see the registration's field of the same name).
+    pub exchange_subject_apps: Option<Vec<String>>,
+}
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecretRequest {
@@ -188,6 +196,21 @@ pub(crate) async fn get_client(
     Path(id): Path<String>,
 ) -> Result<Json<ClientView>, ApiError> {
     let client = s.oauth.client_for_app(&auth.key.workspace_id, &app_id(&id)?).await?;
+    Ok(Json(ClientView::from(&client)))
+}
+
+#[utoipa::path(patch, path = "/admin/v1/apps/{id}/oauth-client", tag = "oauth",
+    params(("id" = String, Path, description = "app_…")), request_body = UpdateClientRequest,
+    responses((status = 200, body = ClientView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The client changed meanwhile", body = ErrorBody)))]
+pub(crate) async fn update_client(
+    auth: Auth<AppsWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateClientRequest>,
+) -> Result<Json<ClientView>, ApiError> {
+    let client =
+        s.oauth.update_client(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, req.exchange_subject_apps).await?;
     Ok(Json(ClientView::from(&client)))
 }
 

@@ -190,6 +190,18 @@ async fn exchanged_scopes_are_capped_by_the_client_and_delegation_is_explicit() 
     assert_eq!((c["sub"].as_str(), c["client_id"].as_str()), (Some(a.id.as_str()), Some(d.id.as_str())));
     assert_eq!(c["act"]["sub"], d.id.as_str());
 
+    // A delegation is granted (and taken back) by changing the client.
+    let late = client(&kg, "late", json!({"grant_types": [EXCHANGE], "scopes": ["orders:read"]})).await;
+    assert_eq!(exchange(&kg, &late, &at, None, None).await.0, StatusCode::BAD_REQUEST);
+    let path = format!("/admin/v1/apps/{}/oauth-client", late.app);
+    let changed = kg.client().patch(&path, &json!({"exchange_subject_apps": [a.app]})).await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    assert_eq!(exchange(&kg, &late, &at, None, None).await.0, StatusCode::OK);
+    kg.client().patch(&path, &json!({"exchange_subject_apps": []})).await;
+    assert_eq!(exchange(&kg, &late, &at, None, None).await.0, StatusCode::BAD_REQUEST);
+    let trail = kg.client().get(&format!("/admin/v1/audit-events?target={}", late.id)).await;
+    assert_eq!(trail.body["data"][0]["action"], "oauth_client.update", "{:?}", trail.body);
+
     // A delegation names apps of the client's own workspace only.
     let c = kg.client();
     let app = c.post("/admin/v1/apps", &json!({"name": "x"})).await.str("/id");

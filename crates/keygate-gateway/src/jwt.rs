@@ -24,6 +24,18 @@ use crate::index::{IndexedToken, TokenIndex};
 /// Entries kept per cache shard; beyond it, expired entries go, then the shard starts over.
 const SHARD_CAPACITY: usize = 16 * 1024;
 const SHARDS: usize = 16;
+/// Bytes the cache may hold in all (the same rule as entries applies beyond it). Each entry counts
+/// as its token's length, which bounds what its claims hold, plus the entry itself: verified
+/// tokens of up to `MAX_TOKEN_LEN` cannot make the cache grow past this.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// One shard of the cache: identities by the SHA-256 of their token, each with what it counts
+/// for, and their sum.
+#[derive(Default)]
+struct CacheShard {
+    map: HashMap<[u8; 32], (Arc<JwtIdentity>, usize)>,
+    bytes: usize,
+}
 
 /// A verified access token, as the request path needs it.
 #[derive(Debug)]
@@ -210,7 +222,8 @@ fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
 pub struct JwtVerifier {
     issuers: Vec<Arc<Issuer>>,
     leeway_s: i64,
-    cache: Vec<Mutex<HashMap<[u8; 32], Arc<JwtIdentity>>>>,
+    cache: Vec<Mutex<CacheShard>>,
+    shard_bytes: usize,
 }
 
 /// Whether `presented` looks like a JWT (three base64url segments) rather than an API key.
@@ -223,8 +236,20 @@ impl JwtVerifier {
         Self {
             issuers,
             leeway_s: i64::from(leeway_s),
-            cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: (0..SHARDS).map(|_| Mutex::new(CacheShard::default())).collect(),
+            shard_bytes: CACHE_BYTES / SHARDS,
         }
+    }
+
+    /// The same verifier with a cache of at most `bytes` (tests use a small one).
+    pub fn with_cache_bytes(mut self, bytes: usize) -> Self {
+        self.shard_bytes = bytes / SHARDS;
+        self
+    }
+
+    /// Entries and bytes (as counted against [`CACHE_BYTES`]) the cache holds.
+    pub fn cache_footprint(&self) -> (usize, usize) {
+        self.cache.iter().filter_map(|s| s.lock().ok()).fold((0, 0), |(n, b), s| (n + s.map.len(), b + s.bytes))
     }
 
     pub fn issuers(&self) -> &[Arc<Issuer>] {
@@ -239,19 +264,25 @@ impl JwtVerifier {
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let shard = self.cache.get(usize::from(key[0]) % SHARDS);
-        let cached = shard.and_then(|s| s.lock().ok()?.get(&key).cloned());
+        let cached = shard.and_then(|s| s.lock().ok()?.map.get(&key).map(|(id, _)| id.clone()));
         let id = match cached {
             Some(id) => id,
             None => {
                 let id = Arc::new(self.verify_fully(token, now)?);
+                let cost = token.len() + std::mem::size_of::<JwtIdentity>();
                 if let Some(Ok(mut s)) = shard.map(Mutex::lock) {
-                    if s.len() >= SHARD_CAPACITY {
-                        s.retain(|_, v| v.exp_ms > now.as_millis());
-                        if s.len() >= SHARD_CAPACITY {
-                            s.clear();
+                    let full = |s: &CacheShard| s.map.len() >= SHARD_CAPACITY || s.bytes + cost > self.shard_bytes;
+                    if full(&s) {
+                        s.map.retain(|_, (v, _)| v.exp_ms > now.as_millis());
+                        s.bytes = s.map.values().map(|(_, c)| c).sum();
+                        if full(&s) {
+                            s.map.clear();
+                            s.bytes = 0;
                         }
                     }
-                    s.insert(key, id.clone());
+                    if cost <= self.shard_bytes && s.map.insert(key, (id.clone(), cost)).is_none() {
+                        s.bytes += cost;
+                    }
                 }
                 id
             }
@@ -381,5 +412,36 @@ fn refusal_of(e: keygate_core::Error) -> JwtRefusal {
         jose::INVALID_TOKEN_SIGNATURE | jose::INVALID_TOKEN_ALG => JwtRefusal::BadSignature,
         jose::INVALID_TOKEN => JwtRefusal::Malformed,
         _ => JwtRefusal::Invalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+    use keygate_core::jose::SigningKey;
+    use keygate_core::secret::Pepper;
+    use keygate_core::token_format::TokenPrefix;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_cache_is_bounded_in_bytes() {
+        let key = SigningKey::generate(Alg::ES256, "k1").unwrap();
+        let issuer = Arc::new(Issuer::new("https://idp.test", "api", false));
+        issuer.set_keys([("k1".to_owned(), key.public_jwk().clone())]);
+        let budget = 256 * 1024;
+        let v = JwtVerifier::new(vec![issuer], 30).with_cache_bytes(budget);
+        let index = TokenIndex::new(TokenPrefix::new("kg").unwrap(), Pepper::new(&[1; 32]).unwrap());
+        let now = Timestamp::from_millis(1_900_000_000_000);
+        // Verified tokens with 4 KB claims, each distinct: as many as fit stay, never more.
+        for i in 0..400 {
+            let claims = json!({"iss": "https://idp.test", "aud": "api", "exp": 1_900_000_600, "sub": format!("{i}{}", "s".repeat(4000))});
+            let t = key.sign_claims(&json!({"typ": "JWT"}), &claims).unwrap();
+            v.verify(&t, now, &index).unwrap();
+            let (n, bytes) = v.cache_footprint();
+            assert!(bytes <= budget && n > 0, "{n} entries, {bytes} bytes");
+        }
     }
 }

@@ -330,19 +330,25 @@ await section('token exchange (RFC 8693) with oauth4webapi: a down-scoped, short
   const r = await resource(narrow.access_token);
   expect(r.status === 200 && r.body?.headers?.['x-keygate-scopes'] === 'orders:read',
     'the exchanged token works at the gateway with scope orders:read only', describe(r));
-  let error;
-  try {
-    await oauth.processGenericTokenEndpointResponse(as, client, await oauth.genericTokenEndpointRequest(as, client, auth,
-      'urn:ietf:params:oauth:grant-type:token-exchange', {
-        subject_token: narrow.access_token,
-        subject_token_type: 'urn:ietf:params:oauth:token-type:access_token',
-        scope: 'orders:write',
-      }, insecure));
-  } catch (e) {
-    error = e;
-  }
+  const refused = async (subject, scope) => {
+    try {
+      await oauth.processGenericTokenEndpointResponse(as, client, await oauth.genericTokenEndpointRequest(as, client, auth,
+        'urn:ietf:params:oauth:grant-type:token-exchange', {
+          subject_token: subject,
+          subject_token_type: 'urn:ietf:params:oauth:token-type:access_token',
+          scope,
+        }, insecure));
+    } catch (e) {
+      return e;
+    }
+    return undefined;
+  };
+  let error = await refused(broad.access_token, 'admin:all');
   expect(error instanceof oauth.ResponseBodyError && error.error === 'invalid_scope',
-    'exchanging the narrow token for a broader scope: invalid_scope', `${error?.name} ${error?.error}`);
+    'exchanging the broad token for a scope neither it nor the client holds: invalid_scope', `${error?.name} ${error?.error}`);
+  error = await refused(narrow.access_token, 'orders:write');
+  expect(error instanceof oauth.ResponseBodyError && error.error === 'invalid_grant',
+    'exchanging the exchanged token again (for a broader scope): invalid_grant', `${error?.name} ${error?.error}`);
 });
 
 console.log(`node: ${passed} passed, ${failed} failed`);

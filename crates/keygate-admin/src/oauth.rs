@@ -10,21 +10,27 @@
 //! private halves are stored sealed under a pepper-derived key ([`crate::seal`]).
 
 pub mod http;
+mod replay;
+mod throttle;
+
+use replay::{Replay, ReplayGuard};
+use throttle::KeyedRate;
+pub use throttle::{Footprint, THROTTLE_CAPACITY};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use keygate_core::dpop::{self, ProofCheck, ReplayCache};
+use keygate_core::dpop::{self, ProofCheck};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::jose::{self, Alg, Audience, Claims, Confirmation, PublicJwk, SigningKey};
 use keygate_core::model::{Actor, NewAuditEvent, TokenState, TokenStatus};
 use keygate_core::oauth::{
-    AccessTokenFormat, AccessTokenRecord, ClientAuthMethod, GrantType, OAuthClient, RefreshTokenRecord, RefreshUse,
-    SigningKeyRecord,
+    AccessTokenFormat, AccessTokenRecord, ClientAuthMethod, ExchangedFrom, GrantType, OAuthClient, RefreshTokenRecord,
+    RefreshUse, SigningKeyRecord,
 };
 use keygate_core::policy::RateLimit;
 use keygate_core::scope::{Scope, any_covers};
@@ -69,14 +75,19 @@ pub struct OAuthSettings {
     /// A new signing key is published in the JWKS this long before it signs, so that verifiers
     /// that cache the JWKS know it before they meet it.
     pub key_publish_ahead_seconds: u32,
-    /// Requests per client at the token, introspection and revocation endpoints.
+    /// Requests per authenticated client at the token, introspection and revocation endpoints.
     pub client_rate: RateLimit,
-    /// Requests per client address at those endpoints (guessing secrets from one place).
+    /// Requests per client address at those endpoints (an IPv6 address counts as its /64).
     pub address_rate: RateLimit,
+    /// Failed client authentications per (address, claimed client id): guessing from one place
+    /// is slowed, and nobody elsewhere can lock a client out by its public id.
+    pub failure_rate: RateLimit,
     /// How old a DPoP proof may be, in seconds.
     pub dpop_max_age_seconds: u32,
     /// Require server-provided nonces in DPoP proofs (RFC 9449 §8), handed out in `DPoP-Nonce`.
     pub dpop_nonces: bool,
+    /// Unexpired DPoP proofs and client assertions remembered per client (replay detection).
+    pub replay_per_client: usize,
 }
 
 impl OAuthSettings {
@@ -94,8 +105,10 @@ impl OAuthSettings {
             key_publish_ahead_seconds: 3_600,
             client_rate: RateLimit { requests: 20, per_seconds: 1, burst: 40 },
             address_rate: RateLimit { requests: 50, per_seconds: 1, burst: 100 },
+            failure_rate: RateLimit { requests: 1, per_seconds: 1, burst: 19 },
             dpop_max_age_seconds: 300,
             dpop_nonces: false,
+            replay_per_client: 20_000,
         }
     }
 
@@ -203,7 +216,12 @@ pub struct NewClient {
     pub signing_alg: Option<String>,
     pub access_token_ttl_seconds: Option<u32>,
     pub refresh_token_ttl_seconds: Option<u32>,
+    /// Apps whose credentials the client may exchange (see [`OAuthClient::exchange_subject_apps`]).
+    pub exchange_subject_apps: Vec<String>,
 }
+
+/// The most apps a client's delegation rule may name.
+pub const MAX_EXCHANGE_SUBJECT_APPS: usize = 100;
 
 /// The instance's signing keys as the server uses them: every published key's public half, and
 /// the private half of those that sign now.
@@ -231,44 +249,17 @@ pub trait KeysChanged: Send + Sync {
     fn keys_changed(&self, ring: &KeyRing);
 }
 
-/// A GCRA limit per key (client id or address), with a bounded map.
-struct KeyedRate {
-    limit: RateLimit,
-    tats: Mutex<HashMap<String, i64>>,
-}
-
-impl KeyedRate {
-    fn new(limit: RateLimit) -> Self {
-        Self { limit, tats: Mutex::new(HashMap::new()) }
-    }
-
-    /// `Err(retry_after_seconds)` when over the limit.
-    fn check(&self, key: &str, now_us: i64) -> std::result::Result<(), u64> {
-        let Ok(mut tats) = self.tats.lock() else { return Ok(()) };
-        if tats.len() > 50_000 {
-            tats.retain(|_, tat| *tat > now_us);
-        }
-        let tat = tats.get(key).copied().unwrap_or(0);
-        let d = self.limit.gcra(tat, now_us);
-        if d.allowed {
-            tats.insert(key.to_owned(), d.new_tat);
-            Ok(())
-        } else {
-            Err(u64::try_from((d.retry_after + 999_999) / 1_000_000).unwrap_or(1).max(1))
-        }
-    }
-}
-
 /// The authorization server.
 pub struct OAuth {
     admin: Arc<Admin>,
     settings: OAuthSettings,
     sealer: Sealer,
     keys: ArcSwap<KeyRing>,
-    /// DPoP proofs and client assertions seen, each accepted once.
-    replay: ReplayCache,
+    /// DPoP proofs and client assertions seen, each accepted once, per client.
+    replay: ReplayGuard,
     per_client: KeyedRate,
     per_address: KeyedRate,
+    failures: KeyedRate,
     /// Server-provided DPoP nonces, when required.
     nonces: Option<dpop::NonceKey>,
     client_secret_prefix: TokenPrefix,
@@ -312,6 +303,17 @@ fn grant_scopes(asked: Option<&str>, allowed: &[Scope]) -> OResult<Vec<Scope>> {
     Ok(asked)
 }
 
+/// The scopes both sets grant (each scope of either that the other covers): what a token
+/// exchange may pass on, since the new token must hold neither more than its subject nor more
+/// than the exchanging client was registered for.
+fn intersect_scopes(a: &[Scope], b: &[Scope]) -> Vec<Scope> {
+    let mut out: Vec<Scope> =
+        a.iter().filter(|s| any_covers(b, s)).chain(b.iter().filter(|s| any_covers(a, s))).cloned().collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl OAuth {
     pub fn new(admin: Arc<Admin>, settings: OAuthSettings) -> Result<Self> {
         let sealer = Sealer::new(&admin, "oauth signing key seal v1")?;
@@ -320,13 +322,14 @@ impl OAuth {
         let nonces = if settings.dpop_nonces { Some(nonce_key(&admin)?) } else { None };
         Ok(Self {
             nonces,
-            per_client: KeyedRate::new(settings.client_rate),
-            per_address: KeyedRate::new(settings.address_rate),
+            per_client: KeyedRate::new(settings.client_rate, THROTTLE_CAPACITY),
+            per_address: KeyedRate::new(settings.address_rate, THROTTLE_CAPACITY),
+            failures: KeyedRate::new(settings.failure_rate, THROTTLE_CAPACITY),
+            replay: ReplayGuard::new(settings.replay_per_client),
             admin,
             settings,
             sealer,
             keys: ArcSwap::from_pointee(KeyRing::default()),
-            replay: ReplayCache::new(100_000),
             client_secret_prefix,
             refresh_prefix,
             listener: std::sync::OnceLock::new(),
@@ -335,6 +338,16 @@ impl OAuth {
 
     pub fn settings(&self) -> &OAuthSettings {
         &self.settings
+    }
+
+    /// What the rate limits and failure throttles of the endpoints hold now.
+    pub fn throttle_footprint(&self) -> Footprint {
+        self.per_client.footprint() + self.per_address.footprint() + self.failures.footprint()
+    }
+
+    /// What replay detection (DPoP proofs, client assertions) holds now.
+    pub fn replay_footprint(&self) -> Footprint {
+        self.replay.footprint()
     }
 
     /// The DPoP nonce to hand out now, when nonces are required.
@@ -601,6 +614,7 @@ impl OAuth {
         if refresh_ttl == 0 {
             return Err(Error::invalid("invalid_ttl", "refresh_token_ttl_seconds must be at least 1"));
         }
+        let exchange_subject_apps = self.delegation_apps(ws, &app.id, &new.exchange_subject_apps).await?;
         let minted = if auth_method.uses_secret() {
             Some(token_format::mint(&self.client_secret_prefix, self.admin.rng())?)
         } else {
@@ -622,6 +636,7 @@ impl OAuth {
             signing_alg: signing_alg.as_str().to_owned(),
             access_token_ttl_seconds: ttl,
             refresh_token_ttl_seconds: refresh_ttl,
+            exchange_subject_apps,
             created_at: now,
             updated_at: now,
             version: 1,
@@ -635,8 +650,68 @@ impl OAuth {
         Ok((client, minted.map(|m| m.secret)))
     }
 
+    /// Validates a delegation rule: apps of the workspace, named once each (the client's own app
+    /// needs no naming).
+    async fn delegation_apps(&self, ws: &WorkspaceId, own: &AppId, raw: &[String]) -> Result<Vec<AppId>> {
+        if raw.len() > MAX_EXCHANGE_SUBJECT_APPS {
+            return Err(Error::invalid(
+                "invalid_exchange_subject_apps",
+                format!("exchange_subject_apps names at most {MAX_EXCHANGE_SUBJECT_APPS} apps"),
+            ));
+        }
+        let mut apps = Vec::new();
+        for id in raw {
+            let Some(id) = AppId::parse(id) else {
+                return Err(Error::invalid(
+                    "invalid_exchange_subject_apps",
+                    "exchange_subject_apps takes app ids (app_…) of this workspace",
+                ));
+            };
+            // Another workspace's app is as unknown as one that does not exist.
+            let app = self.admin.app(ws, &id).await.map_err(|e| {
+                if e.kind == ErrorKind::NotFound {
+                    Error::invalid(
+                        "invalid_exchange_subject_apps",
+                        format!("exchange_subject_apps names {id}, which is not an app of this workspace"),
+                    )
+                } else {
+                    e
+                }
+            })?;
+            if app.id != *own && !apps.contains(&app.id) {
+                apps.push(app.id);
+            }
+        }
+        Ok(apps)
+    }
+
     pub async fn client_for_app(&self, ws: &WorkspaceId, app_id: &AppId) -> Result<OAuthClient> {
         self.admin.store().oauth_client_for_app(ws, app_id).await?.ok_or_else(|| Error::not_found("oauth client"))
+    }
+
+    /// Changes a client's delegation rule (`None` leaves it); a change that changes nothing is
+    /// not written.
+    pub async fn update_client(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        app_id: &AppId,
+        exchange_subject_apps: Option<Vec<String>>,
+    ) -> Result<OAuthClient> {
+        let mut client = self.client_for_app(ws, app_id).await?;
+        let Some(raw) = exchange_subject_apps else { return Ok(client) };
+        let apps = self.delegation_apps(ws, &client.app_id, &raw).await?;
+        if apps == client.exchange_subject_apps {
+            return Ok(client);
+        }
+        let before = client.audit_view();
+        client.exchange_subject_apps = apps;
+        client.updated_at = self.now();
+        client.version += 1;
+        let audit = NewAuditEvent::new(ws, actor, "oauth_client.update", &client.client_id, client.updated_at)
+            .with_diff(&before, &client.audit_view());
+        self.admin.store().update_oauth_client(&client, &audit).await?;
+        Ok(client)
     }
 
     /// Issues a new client secret; the old one keeps working for `grace_seconds`.
@@ -678,21 +753,28 @@ impl OAuth {
 
     // ---- the endpoints -----------------------------------------------------------------------
 
-    /// Rate limits of the OAuth endpoints: per address, then per client id (as claimed; it is
-    /// counted before it is checked, so guessing a client's secret is slowed too).
-    fn check_rate(&self, req: &OAuthRequest, client_id: Option<&str>) -> OResult<()> {
-        let now_us = self.now().as_millis().saturating_mul(1000);
-        let limited = |retry: u64| OAuthError {
-            retry_after: Some(retry),
-            ..OAuthError::new(429, "slow_down", "too many requests; retry after the time in Retry-After")
-        };
-        if let Some(ip) = req.peer {
-            self.per_address.check(&ip.to_string(), now_us).map_err(limited)?;
-        }
-        if let Some(id) = client_id {
-            self.per_client.check(id, now_us).map_err(limited)?;
-        }
-        Ok(())
+    fn now_us(&self) -> i64 {
+        self.now().as_millis().saturating_mul(1000)
+    }
+
+    /// The first throttle of every request: its address.
+    fn check_address(&self, req: &OAuthRequest) -> OResult<()> {
+        let Some(ip) = req.peer else { return Ok(()) };
+        let key = throttle::key(&[b"address", &throttle::address_bytes(ip)]);
+        self.per_address.check(&key, self.now_us()).map_err(slow_down)
+    }
+
+    /// The per-client limit, counted once the client is authenticated: a claimed id costs its
+    /// claimant nothing here, so no one can use up another client's allowance.
+    fn check_client(&self, client: &OAuthClient) -> OResult<()> {
+        let key = throttle::key(&[b"client", client.client_id.as_bytes()]);
+        self.per_client.check(&key, self.now_us()).map_err(slow_down)
+    }
+
+    /// The failure throttle's key: the caller's address with the client id it claims.
+    fn failure_key(req: &OAuthRequest, claimed: &str) -> throttle::Key {
+        let addr = req.peer.map(throttle::address_bytes).unwrap_or_default();
+        throttle::key(&[b"failure", &addr, claimed.as_bytes()])
     }
 
     /// The client id the request claims, from HTTP Basic, the form, or a client assertion.
@@ -729,19 +811,45 @@ impl OAuth {
             })));
         }
         let claimed = Self::claimed_client(req).ok_or_else(|| challenge(OAuthError::invalid_client("no client_id")))?;
-        if let (Some((basic_id, _)), Some(form_id)) = (&basic, req.param("client_id"))
+        // A claimed id is checked for form before anything is looked up or kept for it.
+        if !plausible_client_id(&claimed) {
+            return Err(challenge(OAuthError::invalid_client("client authentication failed")));
+        }
+        let failures = Self::failure_key(req, &claimed);
+        self.failures.allows(&failures, self.now_us()).map_err(slow_down)?;
+        match self.verify_client(req, &claimed, basic.as_ref(), post, assertion).await {
+            Ok(client) => Ok(client),
+            Err(e) if e.status == 401 => {
+                // Counted per (address, claimed id): a flood elsewhere does not slow the real client.
+                let _ = self.failures.check(&failures, self.now_us());
+                Err(challenge(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks the credentials of the client `claimed` (its form already checked).
+    async fn verify_client(
+        &self,
+        req: &OAuthRequest,
+        claimed: &str,
+        basic: Option<&(String, String)>,
+        post: Option<&str>,
+        assertion: Option<&str>,
+    ) -> OResult<OAuthClient> {
+        if let (Some((basic_id, _)), Some(form_id)) = (basic, req.param("client_id"))
             && basic_id != form_id
         {
-            return Err(challenge(OAuthError::invalid_client("client_id differs from the authenticated client")));
+            return Err(OAuthError::invalid_client("client_id differs from the authenticated client"));
         }
-        let unknown = || challenge(OAuthError::invalid_client("client authentication failed"));
-        let Some(client) = self.admin.store().oauth_client(&claimed).await? else {
+        let unknown = || OAuthError::invalid_client("client authentication failed");
+        let Some(client) = self.admin.store().oauth_client(claimed).await? else {
             // Spend the same hash as a real check, so an unknown client answers in the same time.
-            let _ = self.admin.hash(post.or(basic.as_ref().map(|b| b.1.as_str())).unwrap_or(""));
+            let _ = self.admin.hash(post.or(basic.map(|b| b.1.as_str())).unwrap_or(""));
             return Err(unknown());
         };
         let now = self.now();
-        let ok = match (client.auth_method, &basic, post, assertion) {
+        let ok = match (client.auth_method, basic, post, assertion) {
             (ClientAuthMethod::ClientSecretBasic, Some((_, secret)), None, None) => {
                 self.secret_matches(&client, secret, now)
             }
@@ -806,20 +914,28 @@ impl OAuth {
             return Err(bad("the client assertion is expired or lives longer than an hour"));
         }
         let jti = s("jti").ok_or_else(|| bad("the client assertion has no jti"))?;
-        if !self.replay.first_use(&format!("assertion:{}:{jti}", client.client_id), exp + leeway, now_s) {
-            return Err(bad("the client assertion was already used"));
+        match self.replay.first_use(&client.client_id, &[b"assertion", jti.as_bytes()], exp + leeway, now_s) {
+            Ok(()) => {}
+            Err(Replay::Used) => return Err(bad("the client assertion was already used")),
+            Err(Replay::Full(wait)) => return Err(replay_full(wait)),
         }
         Ok(())
     }
 
     /// Checks a DPoP proof sent to the token endpoint (RFC 9449 §5); `Some(jkt)` when there is one.
-    fn token_endpoint_dpop(&self, req: &OAuthRequest, bound_to: Option<&str>) -> OResult<Option<String>> {
+    /// The proof's `jti` is remembered for the authenticated `client_id` (its own replay partition).
+    fn token_endpoint_dpop(
+        &self,
+        req: &OAuthRequest,
+        client_id: &str,
+        bound_to: Option<&str>,
+    ) -> OResult<Option<String>> {
         let Some(proof) = req.dpop.as_deref() else {
             if bound_to.is_some() {
                 return Err(OAuthError::new(
                     400,
                     "invalid_dpop_proof",
-                    "this refresh token is bound to a DPoP key; send a DPoP proof",
+                    "this token is bound to a DPoP key; send a DPoP proof of that key",
                 ));
             }
             return Ok(None);
@@ -850,17 +966,22 @@ impl OAuth {
                 OAuthError::dpop(&e)
             }
         })?;
-        if !self.replay.first_use(&format!("dpop:{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
-            return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
+        match self.replay.first_use(client_id, &[b"dpop", v.jkt.as_bytes(), v.jti.as_bytes()], v.replay_until, now_s) {
+            Ok(()) => {}
+            Err(Replay::Used) => {
+                return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
+            }
+            Err(Replay::Full(wait)) => return Err(replay_full(wait)),
         }
         Ok(Some(v.jkt))
     }
 
     /// `POST /oauth2/token`.
     pub async fn token(&self, req: &OAuthRequest) -> OResult<TokenResponse> {
-        self.check_rate(req, Self::claimed_client(req).as_deref())?;
+        self.check_address(req)?;
         let grant = req.required("grant_type")?;
         let client = self.authenticate_client(req).await?;
+        self.check_client(&client)?;
         let grant = GrantType::parse(grant).ok_or_else(|| {
             OAuthError::new(400, "unsupported_grant_type", format!("the grant type {grant} is not supported"))
         })?;
@@ -888,7 +1009,7 @@ impl OAuth {
 
     async fn client_credentials(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let scopes = grant_scopes(req.param("scope"), &client.scopes)?;
-        let jkt = self.token_endpoint_dpop(req, None)?;
+        let jkt = self.token_endpoint_dpop(req, &client.client_id, None)?;
         let aud = self.audience(req)?;
         let family =
             client.grant_types.contains(&GrantType::RefreshToken).then(|| self.admin.random_text(22)).transpose()?;
@@ -901,6 +1022,8 @@ impl OAuth {
             subject: &client.client_id,
             ttl: client.access_token_ttl_seconds,
             act: None,
+            format: client.access_token_format,
+            exchanged_from: None,
         };
         let mut resp = self.issue(&issued).await?;
         if let Some(family) = &family {
@@ -954,7 +1077,7 @@ impl OAuth {
         if found.client_id != client.client_id {
             return Err(invalid());
         }
-        let jkt = self.token_endpoint_dpop(req, found.dpop_jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(req, &client.client_id, found.dpop_jkt.as_deref())?;
         let now = self.now();
         let rt = match store.use_refresh_token(&hash, now).await? {
             RefreshUse::Fresh(rt) => rt,
@@ -989,6 +1112,8 @@ impl OAuth {
             subject: &rt.subject,
             ttl: client.access_token_ttl_seconds,
             act: None,
+            format: client.access_token_format,
+            exchanged_from: None,
         };
         let mut resp = self.issue(&issued).await?;
         // The rotated token keeps the family's scopes: narrowing one access token does not narrow
@@ -1022,6 +1147,15 @@ impl OAuth {
         }
     }
 
+    /// Token exchange (RFC 8693 §2). The new token may do no more than its subject: it holds at
+    /// most the scopes both the subject and the exchanging client hold, lives no longer than the
+    /// subject, keeps the subject's DPoP key, and names the subject in its `subject_token` claim,
+    /// through which the gateway applies the subject's IP allowlist, rate limit, quota, suspension
+    /// and revocation at every request (and introspection its revocation). Which subjects a client
+    /// may present is the server's policy (RFC 8693 §2.1, §5): its own tokens and its own app's
+    /// API keys, and those of the apps its `exchange_subject_apps` names; never a refresh token
+    /// (a credential for this endpoint, not for APIs), nor a token that is itself the result of
+    /// an exchange.
     async fn exchange(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let subject_token = req.required("subject_token")?;
         let kind = req.required("subject_token_type")?;
@@ -1041,14 +1175,55 @@ impl OAuth {
         if subject.workspace_id != client.workspace_id {
             return Err(OAuthError::invalid_grant("the subject token is not active"));
         }
-        let scopes = grant_scopes(req.param("scope"), &subject.scopes)?;
+        let from = match &subject.origin {
+            Origin::Refresh => {
+                return Err(OAuthError::invalid_grant(
+                    "a refresh token cannot be a subject token; exchange an access token or an API key",
+                ));
+            }
+            Origin::Exchanged => {
+                return Err(OAuthError::invalid_grant(
+                    "a token obtained by token exchange cannot be exchanged again; exchange the token it came from",
+                ));
+            }
+            Origin::Jwt { jti, client_id } => {
+                ExchangedFrom { jti: Some(jti.clone()), client_id: Some(client_id.clone()), ..ExchangedFrom::default() }
+            }
+            Origin::Key { id, hash } => ExchangedFrom {
+                token_id: Some(id.to_string()),
+                key_ref: Some(jose::b64url_encode(hash.as_bytes())),
+                ..ExchangedFrom::default()
+            },
+        };
+        // The delegation rule: another app's credentials only where an administrator allowed it.
+        if subject.app_id != client.app_id && !client.exchange_subject_apps.contains(&subject.app_id) {
+            return Err(OAuthError::invalid_grant(format!(
+                "the subject token belongs to the app {}; this client may exchange it only if its exchange_subject_apps names that app",
+                subject.app_id
+            )));
+        }
+        let allowed = intersect_scopes(&subject.scopes, &client.scopes);
+        if allowed.is_empty() {
+            return Err(OAuthError::invalid_scope(
+                "this client and the subject token have no scope in common; the client's registered scopes cap what an exchange can grant",
+            ));
+        }
+        let scopes = grant_scopes(req.param("scope"), &allowed)?;
         let aud = self.audience(req)?;
-        let jkt = self.token_endpoint_dpop(req, None)?;
+        // RFC 9449 §5: a subject bound to a key needs a proof of that key, and so does its heir.
+        let jkt = self.token_endpoint_dpop(req, &client.client_id, subject.jkt.as_deref())?;
         let now_s = self.now().as_millis() / 1000;
-        let left = u32::try_from(subject.exp.saturating_sub(now_s)).unwrap_or(0);
+        // An API key without an expiry has `exp` i64::MAX: its time left saturates, it does not
+        // overflow into a refusal.
+        let left = u32::try_from(subject.exp.saturating_sub(now_s).max(0)).unwrap_or(u32::MAX);
         let ttl = self.settings.exchange_ttl_seconds.min(client.access_token_ttl_seconds).min(left);
         if ttl == 0 {
             return Err(OAuthError::invalid_grant("the subject token expires too soon"));
+        }
+        // An exchanged token is always a JWT: the gateway finds its subject through the claim.
+        let alg = Alg::parse(&client.signing_alg).map_err(|e| OAuthError::server(&e))?;
+        if self.signer(&client.signing_alg).is_none() {
+            self.ensure_key(alg).await?;
         }
         // RFC 8693 §4.1: the client acting for the subject.
         let act =
@@ -1062,6 +1237,8 @@ impl OAuth {
             subject: &subject.sub,
             ttl,
             act,
+            format: AccessTokenFormat::Jwt,
+            exchanged_from: Some(from),
         };
         let mut resp = self.issue(&issued).await?;
         resp.issued_token_type = Some(TOKEN_TYPE_ACCESS);
@@ -1073,7 +1250,7 @@ impl OAuth {
         let now = self.now();
         let now_s = now.as_millis() / 1000;
         let client = i.client;
-        let (access_token, jti) = match client.access_token_format {
+        let (access_token, jti) = match i.format {
             AccessTokenFormat::Jwt => {
                 let jti = self.admin.random_text(22)?;
                 let signer = self.signer(&client.signing_alg).ok_or_else(|| {
@@ -1094,6 +1271,8 @@ impl OAuth {
                     },
                     act: i.act.clone(),
                     app_id: client.app_id.to_string(),
+                    workspace_id: client.workspace_id.to_string(),
+                    subject_token: i.exchanged_from.clone(),
                 };
                 let jwt = signer.sign_claims(&json!({"typ": jose::ACCESS_TOKEN_TYP}), &claims)?;
                 (jwt, jti)
@@ -1174,10 +1353,23 @@ impl OAuth {
             if !rec.is_active(now) {
                 return Ok(None);
             }
+            // An exchanged token lives only as long as the credential it came from.
+            let from = exchanged_from(token);
+            if let Some(from) = &from
+                && !self.subject_still_active(from, now).await?
+            {
+                return Ok(None);
+            }
             let c = at.claims;
+            let origin = match from {
+                Some(_) => Origin::Exchanged,
+                None => Origin::Jwt { jti: c.jti.clone(), client_id: c.client_id.clone() },
+            };
             return Ok(Some(ActiveToken {
                 kind: "access_token",
+                origin,
                 workspace_id: rec.workspace_id,
+                app_id: rec.app_id,
                 client_id: Some(c.client_id.clone()),
                 scopes: rec.scopes,
                 exp: c.exp,
@@ -1195,7 +1387,9 @@ impl OAuth {
             }
             return Ok(Some(ActiveToken {
                 kind: "refresh_token",
+                origin: Origin::Refresh,
                 workspace_id: rt.workspace_id,
+                app_id: rt.app_id,
                 client_id: Some(rt.client_id),
                 scopes: rt.scopes,
                 exp: rt.expires_at.as_millis() / 1000,
@@ -1214,7 +1408,9 @@ impl OAuth {
             let client_id = t.metadata.get("oauth_client_id").and_then(Value::as_str).map(str::to_owned);
             return Ok(Some(ActiveToken {
                 kind: "access_token",
+                origin: Origin::Key { id: t.id.clone(), hash: t.hash },
                 workspace_id: t.workspace_id.clone(),
+                app_id: t.app_id.clone(),
                 client_id,
                 scopes: t.scopes.clone(),
                 exp: t.expires_at.map_or(i64::MAX, |e| e.as_millis() / 1000),
@@ -1228,11 +1424,25 @@ impl OAuth {
         Ok(None)
     }
 
+    /// Whether the credential an exchanged token came from is still good: the API key active
+    /// (not revoked, suspended or expired), or the JWT not revoked and unexpired.
+    async fn subject_still_active(&self, from: &ExchangedFrom, now: Timestamp) -> Result<bool> {
+        if let Some(hash) = from.key_hash() {
+            let Some(t) = self.admin.store().token_by_hash(&hash).await? else { return Ok(false) };
+            return Ok(t.status(now) == TokenStatus::Active && t.state == TokenState::Active);
+        }
+        if let Some(jti) = &from.jti {
+            return Ok(self.admin.store().access_token(jti).await?.is_some_and(|r| r.is_active(now)));
+        }
+        // A claim naming nothing we know: treat the token as inactive.
+        Ok(false)
+    }
+
     /// `POST /oauth2/introspect` (RFC 7662): the caller is a client (of the token's workspace)
     /// or a root key with `tokens:read`; an inactive, unknown or foreign token is only
     /// `{"active": false}`.
     pub async fn introspect(&self, req: &OAuthRequest) -> OResult<Value> {
-        self.check_rate(req, Self::claimed_client(req).as_deref())?;
+        self.check_address(req)?;
         let token = req.required("token")?.to_owned();
         let ws = self.introspection_caller(req).await?;
         let Some(t) = self.active_token(&token).await? else { return Ok(json!({"active": false})) };
@@ -1273,34 +1483,40 @@ impl OAuth {
             let (scheme, rest) = a.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         }) {
-            let key = self
-                .admin
-                .authenticate(bearer)
-                .await
-                .map_err(|_| OAuthError::invalid_client("the bearer key is not valid"))?;
+            // Root-key guesses are throttled per address like client secrets.
+            let failures = Self::failure_key(req, "root key");
+            self.failures.allows(&failures, self.now_us()).map_err(slow_down)?;
+            let key = self.admin.authenticate(bearer).await.map_err(|_| {
+                let _ = self.failures.check(&failures, self.now_us());
+                OAuthError::invalid_client("the bearer key is not valid")
+            })?;
             if !key.permissions.contains(&keygate_core::model::Permission::TokensRead) {
                 return Err(OAuthError::new(403, "insufficient_scope", "the root key lacks tokens:read"));
             }
             return Ok(key.workspace_id);
         }
-        Ok(self.authenticate_client(req).await?.workspace_id)
+        let client = self.authenticate_client(req).await?;
+        self.check_client(&client)?;
+        Ok(client.workspace_id)
     }
 
     /// `POST /oauth2/revoke` (RFC 7009): 200 whether or not the token was known; a refresh token
-    /// takes its family's access tokens with it.
+    /// takes its family's access tokens with it. A token of another client is left alone and
+    /// answered exactly like an unknown one (RFC 7009 §2.2: the answer says nothing of a token the
+    /// caller may not revoke), so the endpoint tells no client which tokens exist.
     pub async fn revoke(&self, req: &OAuthRequest) -> OResult<()> {
-        self.check_rate(req, Self::claimed_client(req).as_deref())?;
+        self.check_address(req)?;
         let client = self.authenticate_client(req).await?;
+        self.check_client(&client)?;
         let token = req.required("token")?;
         let now = self.now();
         let actor = actor_of(&client);
         let store = self.admin.store();
-        let foreign = || OAuthError::new(400, "unauthorized_client", "the token was issued to another client");
         if token_format::parse(token, &self.refresh_prefix).is_ok() {
             if let Some(rt) = store.refresh_token(&self.admin.hash(token)).await? {
-                // RFC 7009 §2.1: a token of another client is refused, and left alone.
+                // RFC 7009 §2.1: only the client's own tokens; another's is left alone, silently.
                 if rt.client_id != client.client_id {
-                    return Err(foreign());
+                    return Ok(());
                 }
                 let audit =
                     NewAuditEvent::new(&rt.workspace_id, &actor, "oauth.refresh_token.revoke", &rt.family_id, now)
@@ -1311,7 +1527,7 @@ impl OAuth {
         }
         let Some(t) = self.active_token(token).await? else { return Ok(()) };
         if t.client_id.as_deref() != Some(client.client_id.as_str()) {
-            return Err(foreign());
+            return Ok(());
         }
         if let Some(jti) = &t.jti {
             let audit = NewAuditEvent::new(&t.workspace_id, &actor, "oauth.access_token.revoke", jti, now);
@@ -1323,6 +1539,15 @@ impl OAuth {
         }
         Ok(())
     }
+}
+
+/// The `subject_token` claim of a JWT whose signature was verified, if it has one.
+fn exchanged_from(jwt: &str) -> Option<ExchangedFrom> {
+    let jws = jose::split(jwt).ok()?;
+    let payload: Value = serde_json::from_slice(&jose::b64url_decode(jws.payload_b64()).ok()?).ok()?;
+    let claim = payload.get(ExchangedFrom::CLAIM)?;
+    // A claim that does not parse still marks the token as exchanged (and so inactive).
+    Some(serde_json::from_value(claim.clone()).unwrap_or_default())
 }
 
 /// The expected audience to validate a token of ours against: its own (we describe tokens for
@@ -1344,10 +1569,16 @@ struct Issue<'a> {
     subject: &'a str,
     ttl: u32,
     act: Option<Value>,
+    /// The client's format, except for exchanged tokens (always JWTs).
+    format: AccessTokenFormat,
+    /// For an exchanged token: its subject (the `subject_token` claim).
+    exchanged_from: Option<ExchangedFrom>,
 }
 
-/// RFC 9068 claims plus the RFC 8693 `act` claim and the client's app (which keygate's gateway
-/// passes to upstreams as `X-Keygate-App-Id`).
+/// RFC 9068 claims plus the RFC 8693 `act` claim, the client's app (which keygate's gateway
+/// passes to upstreams as `X-Keygate-App-Id`), its workspace (so that a resource server trusting
+/// the JWKS, which signs for every workspace, can tell tenants apart), and, for an exchanged
+/// token, the credential it came from.
 #[derive(Serialize)]
 struct AccessClaims {
     #[serde(flatten)]
@@ -1355,12 +1586,29 @@ struct AccessClaims {
     #[serde(skip_serializing_if = "Option::is_none")]
     act: Option<Value>,
     app_id: String,
+    workspace_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject_token: Option<ExchangedFrom>,
+}
+
+/// What kind of credential an active token is, and where it came from.
+enum Origin {
+    /// A JWT access token keygate issued.
+    Jwt { jti: String, client_id: String },
+    /// An API key (an opaque access token is one).
+    Key { id: TokenId, hash: SecretHash },
+    /// A refresh token.
+    Refresh,
+    /// An access token obtained by token exchange.
+    Exchanged,
 }
 
 /// A token found active.
 struct ActiveToken {
     kind: &'static str,
+    origin: Origin,
     workspace_id: WorkspaceId,
+    app_id: AppId,
     client_id: Option<String>,
     scopes: Vec<Scope>,
     exp: i64,
@@ -1379,6 +1627,32 @@ pub fn nonce_key(admin: &Admin) -> Result<dpop::NonceKey> {
 
 /// How long a DPoP nonce is handed out; it is accepted for as long again after that.
 pub const NONCE_WINDOW_S: i64 = 300;
+
+/// 429 when a client has more unexpired proofs or assertions on record than it may.
+fn replay_full(wait: u64) -> OAuthError {
+    OAuthError {
+        retry_after: Some(wait),
+        ..OAuthError::new(
+            429,
+            "slow_down",
+            "this client has too many unexpired DPoP proofs or client assertions on record; retry after the time in Retry-After (and use shorter-lived assertions)",
+        )
+    }
+}
+
+/// 429 `slow_down` with the seconds to wait.
+fn slow_down(retry_after: u64) -> OAuthError {
+    OAuthError {
+        retry_after: Some(retry_after),
+        ..OAuthError::new(429, "slow_down", "too many requests; retry after the time in Retry-After")
+    }
+}
+
+/// Whether a claimed client id could be one: 1 to 128 visible ASCII characters. Anything else is
+/// refused before a lookup, and never kept.
+fn plausible_client_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
 
 /// `Authorization: Basic` credentials, form-decoded as RFC 6749 §2.3.1 requires.
 fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {

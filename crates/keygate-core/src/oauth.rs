@@ -132,6 +132,11 @@ pub struct OAuthClient {
     pub signing_alg: String,
     pub access_token_ttl_seconds: u32,
     pub refresh_token_ttl_seconds: u32,
+    /// The delegation rule of token exchange (RFC 8693 §1.1): besides the client's own tokens and
+    /// its own app's API keys, the apps (of its workspace) whose API keys and OAuth tokens it may
+    /// present as `subject_token`. Empty by default: a client cannot act for another's credentials
+    /// unless an administrator says so.
+    pub exchange_subject_apps: Vec<AppId>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     /// Bumped by every change; updates carry the version they read (optimistic concurrency).
@@ -153,6 +158,7 @@ impl OAuthClient {
             "signing_alg": self.signing_alg,
             "access_token_ttl_seconds": self.access_token_ttl_seconds,
             "refresh_token_ttl_seconds": self.refresh_token_ttl_seconds,
+            "exchange_subject_apps": self.exchange_subject_apps,
         })
     }
 }
@@ -262,6 +268,39 @@ impl AccessTokenRecord {
     /// Whether the token is valid at `now` (RFC 7662's `active`).
     pub fn is_active(&self, now: Timestamp) -> bool {
         self.revoked_at.is_none() && now < self.expires_at
+    }
+}
+
+/// The `subject_token` claim of a token obtained by token exchange (RFC 8693): the credential it
+/// was derived from, so that every check of that credential applies to the derived token too. A
+/// gateway resolves it at each request; introspection at each call. Exactly one form is set:
+///
+/// - a JWT access token of keygate's: its `jti` (revoking it ends the derived token) and its
+///   `client_id` (the derived token counts against that client's rate limits);
+/// - an API key (opaque access tokens are API keys): its id, and `key_ref`, the base64url of its
+///   keyed hash (HMAC-SHA256 under the pepper: it reveals nothing of the key, and is how the
+///   gateway's index finds the key, so the key's allowlist, limits, quota, suspension and
+///   revocation apply).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangedFrom {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ref: Option<String>,
+}
+
+impl ExchangedFrom {
+    /// The name of the claim.
+    pub const CLAIM: &'static str = "subject_token";
+
+    /// The keyed hash of the API key this token was derived from, if it was.
+    pub fn key_hash(&self) -> Option<SecretHash> {
+        let raw = crate::jose::b64url_decode(self.key_ref.as_deref()?).ok()?;
+        SecretHash::from_slice(&raw)
     }
 }
 

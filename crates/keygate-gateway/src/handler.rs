@@ -538,32 +538,43 @@ pub(crate) enum Identity {
 pub(crate) struct Caller {
     pub(crate) who: Identity,
     pub(crate) ip: IpAddr,
+    /// For a JWT obtained by token exchange from an API key: that key, as the index has it now.
+    /// Its allowlist, DPoP binding, scopes, rate limit and quota bind the JWT too, so an exchange
+    /// never launders a restricted key into an unrestricted token.
+    pub(crate) subject: Option<Arc<IndexedToken>>,
 }
 
 impl Caller {
     fn has_scope(&self, s: &Scope) -> bool {
         match &self.who {
             Identity::Key(t) => t.has_scope(s),
-            Identity::Jwt(j) => j.has_scope(s),
+            Identity::Jwt(j) => j.has_scope(s) && self.subject.as_ref().is_none_or(|t| t.has_scope(s)),
         }
     }
     fn dpop_jkt(&self) -> Option<&str> {
         match &self.who {
             Identity::Key(t) => t.dpop_jkt(),
-            Identity::Jwt(j) => j.jkt.as_deref(),
+            Identity::Jwt(j) => self.subject.as_ref().and_then(|t| t.dpop_jkt()).or(j.jkt.as_deref()),
         }
     }
     fn allows_ip(&self, ip: IpAddr) -> bool {
         match &self.who {
             Identity::Key(t) => t.allows_ip(ip),
-            Identity::Jwt(_) => true,
+            Identity::Jwt(_) => self.subject.as_ref().is_none_or(|t| t.allows_ip(ip)),
+        }
+    }
+    /// The API key whose own rate limit, quota and usage the request counts against.
+    fn key(&self) -> Option<&IndexedToken> {
+        match &self.who {
+            Identity::Key(t) => Some(t),
+            Identity::Jwt(_) => self.subject.as_deref(),
         }
     }
     /// The key of per-caller limiter state.
     fn limit_key(&self) -> &[u8; PUBLIC_ID_LEN] {
-        match &self.who {
-            Identity::Key(t) => t.public_id(),
-            Identity::Jwt(j) => &j.limit_key,
+        match (&self.who, &self.subject) {
+            (Identity::Key(t), _) | (Identity::Jwt(_), Some(t)) => t.public_id(),
+            (Identity::Jwt(j), None) => &j.limit_key,
         }
     }
     fn scopes(&self) -> &[Scope] {
@@ -822,16 +833,19 @@ impl Gateway {
             };
             return Err(fail(route, None, r));
         };
-        let who = if looks_like_jwt(presented) {
+        let (who, subject) = if looks_like_jwt(presented) {
             let Some(verifier) = &self.jwt else {
                 return Err(fail(route, None, Refuse::jwt(JwtRefusal::UnknownIssuer)));
             };
-            Identity::Jwt(verifier.verify(presented, now, &self.index).map_err(|e| fail(route, None, Refuse::jwt(e)))?)
+            let jwt = verifier.verify(presented, now, &self.index).map_err(|e| fail(route, None, Refuse::jwt(e)))?;
+            let subject = jwt.exchanged_from(&self.index, now).map_err(|e| fail(route, None, Refuse::jwt(e)))?;
+            (Identity::Jwt(jwt), subject)
         } else {
-            Identity::Key(self.index.verify(presented, now).map_err(|e| fail(route, None, Refuse::invalid_token(e)))?)
+            let key = self.index.verify(presented, now).map_err(|e| fail(route, None, Refuse::invalid_token(e)))?;
+            (Identity::Key(key), None)
         };
         let ip = client_ip(conn.remote, head, &self.settings.trusted_proxies);
-        let caller = Caller { who, ip };
+        let caller = Caller { who, ip, subject };
         if let Err(r) = self.check_dpop(head, &conn, scheme, presented, &caller, now) {
             return Err(fail(route, Some(caller), r));
         }
@@ -952,10 +966,7 @@ impl Gateway {
         extra: &mut AnswerExtra,
     ) -> Option<Refuse> {
         let id: &[u8; PUBLIC_ID_LEN] = caller.limit_key();
-        let token = match &caller.who {
-            Identity::Key(t) => Some(&**t),
-            Identity::Jwt(_) => None,
-        };
+        let token = caller.key();
         let now_us = now.as_millis().saturating_mul(1000);
         let mut refused: Option<GcraDecision> = None;
         let own = token.and_then(|t| t.rate_limit);
@@ -1121,7 +1132,7 @@ impl Gateway {
             Identity::Jwt(j) => (
                 format!("jwt:{}", j.jti.as_deref().unwrap_or(&j.sub)),
                 j.app_id.as_deref().unwrap_or(&j.sub).to_owned(),
-                serde_json::json!({"token_id": j.jti.as_deref(), "client_id": j.client_id.as_deref(), "token_issuer": &*j.issuer}),
+                serde_json::json!({"token_id": j.jti.as_deref(), "client_id": j.client_id.as_deref(), "token_issuer": &*j.issuer, "workspace_id": j.workspace_id.as_deref()}),
             ),
         };
         let key = (who.into_boxed_str(), route.index);
@@ -1236,8 +1247,12 @@ impl Gateway {
     ) {
         let latency_us = u64::try_from(o.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         table.metrics.request(route.map(|r| r.index), o.status, latency_us);
-        // Usage is metered per API key; JWT callers count in the route metrics.
-        if let (Some(route), Some(Caller { who: Identity::Key(token), ip })) = (route, caller) {
+        // Usage is metered per API key (a JWT exchanged from a key, as that key); other JWT callers
+        // count in the route metrics.
+        if let (Some(route), Some(c)) = (route, caller)
+            && let Some(token) = c.key()
+        {
+            let ip = &c.ip;
             self.meter.record(&Sample {
                 public_id: token.public_id(),
                 workspace_id: &token.workspace_id,

@@ -307,8 +307,13 @@ impl TokenIndex {
     /// Checks a presented token: format, then the index, then status and expiry at `now`.
     pub fn verify(&self, presented: &str, now: Timestamp) -> Result<Arc<IndexedToken>, Refusal> {
         token_format::parse(presented, &self.0.prefix).map_err(Refusal::Malformed)?;
-        let hash = self.0.pepper.hash(presented);
-        let entry = self.get(&hash).ok_or(Refusal::Unknown)?;
+        self.verify_hash(&self.0.pepper.hash(presented), now)
+    }
+
+    /// Checks the token with this keyed hash (one a JWT obtained by token exchange names): in the
+    /// index, then status and expiry at `now`.
+    pub fn verify_hash(&self, hash: &SecretHash, now: Timestamp) -> Result<Arc<IndexedToken>, Refusal> {
+        let entry = self.get(hash).ok_or(Refusal::Unknown)?;
         if entry.suspended {
             return Err(Refusal::Suspended);
         }

@@ -12,16 +12,30 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use keygate_core::Timestamp;
 use keygate_core::jose::{self, Alg, Audience, PublicJwk};
+use keygate_core::oauth::ExchangedFrom;
 use keygate_core::scope::Scope;
+use keygate_core::secret::SecretHash;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::index::TokenIndex;
+use crate::index::{IndexedToken, TokenIndex};
 
 /// Entries kept per cache shard; beyond it, expired entries go, then the shard starts over.
 const SHARD_CAPACITY: usize = 16 * 1024;
 const SHARDS: usize = 16;
+/// Bytes the cache may hold in all (the same rule as entries applies beyond it). Each entry counts
+/// as its token's length, which bounds what its claims hold, plus the entry itself: verified
+/// tokens of up to `MAX_TOKEN_LEN` cannot make the cache grow past this.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// One shard of the cache: identities by the SHA-256 of their token, each with what it counts
+/// for, and their sum.
+#[derive(Default)]
+struct CacheShard {
+    map: HashMap<[u8; 32], (Arc<JwtIdentity>, usize)>,
+    bytes: usize,
+}
 
 /// A verified access token, as the request path needs it.
 #[derive(Debug)]
@@ -38,13 +52,31 @@ pub struct JwtIdentity {
     pub issuer: Arc<str>,
     /// The app of the client (a claim of keygate's own tokens).
     pub app_id: Option<Arc<str>>,
-    /// Per-caller limiter state is keyed by this: a digest of the client (or subject).
+    /// The workspace of the client (a claim of keygate's own tokens).
+    pub workspace_id: Option<Arc<str>>,
+    /// Per-caller limiter state is keyed by this: a digest of the client (or subject). An
+    /// exchanged token of a JWT counts against that JWT's client.
     pub limit_key: [u8; PUBLIC_ID_LEN],
+    /// For a token exchanged from an API key: the key's keyed hash, resolved in the index at
+    /// every request ([`JwtIdentity::exchanged_from`]).
+    pub subject_key: Option<SecretHash>,
+    /// For a token exchanged from a JWT: that JWT's `jti`, checked for revocation at every
+    /// request.
+    pub subject_jti: Option<Arc<str>>,
 }
 
 impl JwtIdentity {
     pub fn has_scope(&self, required: &Scope) -> bool {
         keygate_core::scope::any_covers(&self.scopes, required)
+    }
+
+    /// The API key a token obtained by token exchange stands for, as the index has it now: the
+    /// key's allowlist, limits, quota and DPoP binding apply to the token, and the key's
+    /// revocation, suspension or expiry ends it (RFC 8693 leaves the derived token's life to the
+    /// server; keygate ties it to its subject's). `None` for every other token.
+    pub fn exchanged_from(&self, index: &TokenIndex, now: Timestamp) -> Result<Option<Arc<IndexedToken>>, JwtRefusal> {
+        let Some(hash) = &self.subject_key else { return Ok(None) };
+        index.verify_hash(hash, now).map(Some).map_err(|_| JwtRefusal::SubjectInactive)
     }
 }
 
@@ -66,6 +98,8 @@ pub enum JwtRefusal {
     Expired,
     NotYetValid,
     Revoked,
+    /// Obtained by token exchange from a credential that is no longer valid.
+    SubjectInactive,
 }
 
 impl JwtRefusal {
@@ -80,6 +114,7 @@ impl JwtRefusal {
             Self::Expired => "token_expired",
             Self::NotYetValid => "token_not_yet_valid",
             Self::Revoked => "token_revoked",
+            Self::SubjectInactive => "subject_token_inactive",
         }
     }
 
@@ -96,6 +131,9 @@ impl JwtRefusal {
             Self::Expired => "the token has expired",
             Self::NotYetValid => "the token is not valid yet",
             Self::Revoked => "the token was revoked",
+            Self::SubjectInactive => {
+                "the token it was exchanged from is no longer valid (revoked, suspended or expired)"
+            }
         }
     }
 }
@@ -166,12 +204,18 @@ fn cnf_jkt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 }
 
 /// The `iss` of a token, read before its signature to pick the issuer's keys, and keygate's
-/// own `app_id` claim.
+/// own claims (used only once the signature is verified, and only for keygate's own tokens).
 #[derive(Deserialize)]
 struct Peek {
     iss: Option<String>,
     #[serde(default)]
     app_id: Option<String>,
+    /// Read as any JSON (another issuer may use these names for other things) and interpreted
+    /// only for keygate's own tokens.
+    #[serde(default)]
+    workspace_id: Option<serde_json::Value>,
+    #[serde(default)]
+    subject_token: Option<serde_json::Value>,
 }
 
 fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
@@ -185,7 +229,8 @@ fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
 pub struct JwtVerifier {
     issuers: Vec<Arc<Issuer>>,
     leeway_s: i64,
-    cache: Vec<Mutex<HashMap<[u8; 32], Arc<JwtIdentity>>>>,
+    cache: Vec<Mutex<CacheShard>>,
+    shard_bytes: usize,
 }
 
 /// Whether `presented` looks like a JWT (three base64url segments) rather than an API key.
@@ -198,8 +243,20 @@ impl JwtVerifier {
         Self {
             issuers,
             leeway_s: i64::from(leeway_s),
-            cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: (0..SHARDS).map(|_| Mutex::new(CacheShard::default())).collect(),
+            shard_bytes: CACHE_BYTES / SHARDS,
         }
+    }
+
+    /// The same verifier with a cache of at most `bytes` (tests use a small one).
+    pub fn with_cache_bytes(mut self, bytes: usize) -> Self {
+        self.shard_bytes = bytes / SHARDS;
+        self
+    }
+
+    /// Entries and bytes (as counted against [`CACHE_BYTES`]) the cache holds.
+    pub fn cache_footprint(&self) -> (usize, usize) {
+        self.cache.iter().filter_map(|s| s.lock().ok()).fold((0, 0), |(n, b), s| (n + s.map.len(), b + s.bytes))
     }
 
     pub fn issuers(&self) -> &[Arc<Issuer>] {
@@ -214,19 +271,25 @@ impl JwtVerifier {
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let shard = self.cache.get(usize::from(key[0]) % SHARDS);
-        let cached = shard.and_then(|s| s.lock().ok()?.get(&key).cloned());
+        let cached = shard.and_then(|s| s.lock().ok()?.map.get(&key).map(|(id, _)| id.clone()));
         let id = match cached {
             Some(id) => id,
             None => {
                 let id = Arc::new(self.verify_fully(token, now)?);
+                let cost = token.len() + std::mem::size_of::<JwtIdentity>();
                 if let Some(Ok(mut s)) = shard.map(Mutex::lock) {
-                    if s.len() >= SHARD_CAPACITY {
-                        s.retain(|_, v| v.exp_ms > now.as_millis());
-                        if s.len() >= SHARD_CAPACITY {
-                            s.clear();
+                    let full = |s: &CacheShard| s.map.len() >= SHARD_CAPACITY || s.bytes + cost > self.shard_bytes;
+                    if full(&s) {
+                        s.map.retain(|_, (v, _)| v.exp_ms > now.as_millis());
+                        s.bytes = s.map.values().map(|(_, c)| c).sum();
+                        if full(&s) {
+                            s.map.clear();
+                            s.bytes = 0;
                         }
                     }
-                    s.insert(key, id.clone());
+                    if cost <= self.shard_bytes && s.map.insert(key, (id.clone(), cost)).is_none() {
+                        s.bytes += cost;
+                    }
                 }
                 id
             }
@@ -239,13 +302,19 @@ impl JwtVerifier {
         {
             return Err(JwtRefusal::Revoked);
         }
+        if let Some(jti) = &id.subject_jti
+            && index.is_jti_revoked(jti)
+        {
+            return Err(JwtRefusal::SubjectInactive);
+        }
         Ok(id)
     }
 
     fn verify_fully(&self, token: &str, now: Timestamp) -> Result<JwtIdentity, JwtRefusal> {
         let jws = jose::split(token).map_err(|_| JwtRefusal::Malformed)?;
         let payload = jose::b64url_decode(jws.payload_b64()).map_err(|_| JwtRefusal::Malformed)?;
-        let Peek { iss, app_id } = serde_json::from_slice::<Peek>(&payload).map_err(|_| JwtRefusal::Malformed)?;
+        let Peek { iss, app_id, workspace_id, subject_token } =
+            serde_json::from_slice::<Peek>(&payload).map_err(|_| JwtRefusal::Malformed)?;
         let issuer = self
             .issuers
             .iter()
@@ -273,10 +342,31 @@ impl JwtVerifier {
             }
             let c = at.claims;
             let scopes: Vec<Scope> = c.scopes().filter_map(|s| Scope::parse(s).ok()).collect();
+            // An exchanged token names its subject: an API key by its keyed hash, or a JWT by its
+            // `jti` (and counts against that JWT's client). A claim naming neither is refused.
+            let subject_token = subject_token
+                .map(serde_json::from_value::<ExchangedFrom>)
+                .transpose()
+                .map_err(|_| JwtRefusal::Invalid)?;
+            let (subject_key, subject_jti, limit_key) = match subject_token {
+                None => (None, None, limit_key(&c.client_id)),
+                Some(from) => match (from.key_hash(), from.jti.as_deref()) {
+                    (Some(hash), _) => (Some(hash), None, limit_key(&c.client_id)),
+                    (None, Some(jti)) => (
+                        None,
+                        Some(Arc::from(jti)),
+                        limit_key(from.client_id.as_deref().unwrap_or(c.client_id.as_str())),
+                    ),
+                    (None, None) => return Err(JwtRefusal::Invalid),
+                },
+            };
             return Ok(JwtIdentity {
                 exp_ms: c.exp.saturating_mul(1000),
                 jti: Some(c.jti.into()),
-                limit_key: limit_key(&c.client_id),
+                limit_key,
+                subject_key,
+                subject_jti,
+                workspace_id: workspace_id.as_ref().and_then(serde_json::Value::as_str).map(Into::into),
                 sub: c.sub.into(),
                 client_id: Some(c.client_id.into()),
                 scopes: scopes.into(),
@@ -322,6 +412,9 @@ impl JwtVerifier {
             jkt: c.cnf.map(Into::into),
             issuer: issuer.issuer.as_str().into(),
             app_id: None,
+            workspace_id: None,
+            subject_key: None,
+            subject_jti: None,
         })
     }
 }
@@ -339,8 +432,10 @@ fn refusal_of(e: keygate_core::Error) -> JwtRefusal {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
     use keygate_core::jose::{Alg, SigningKey};
+    use keygate_core::secret::Pepper;
+    use keygate_core::token_format::TokenPrefix;
     use serde_json::{Value, json};
 
     use super::*;
@@ -380,6 +475,25 @@ mod tests {
                     "{claim} strict={strict}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_cache_is_bounded_in_bytes() {
+        let key = SigningKey::generate(Alg::ES256, "k1").unwrap();
+        let issuer = Arc::new(Issuer::new("https://idp.test", "api", false));
+        issuer.set_keys([("k1".to_owned(), key.public_jwk().clone())]);
+        let budget = 256 * 1024;
+        let v = JwtVerifier::new(vec![issuer], 30).with_cache_bytes(budget);
+        let index = TokenIndex::new(TokenPrefix::new("kg").unwrap(), Pepper::new(&[1; 32]).unwrap());
+        let now = Timestamp::from_millis(1_900_000_000_000);
+        // Verified tokens with 4 KB claims, each distinct: as many as fit stay, never more.
+        for i in 0..400 {
+            let claims = json!({"iss": "https://idp.test", "aud": "api", "exp": 1_900_000_600, "sub": format!("{i}{}", "s".repeat(4000))});
+            let t = key.sign_claims(&json!({"typ": "JWT"}), &claims).unwrap();
+            v.verify(&t, now, &index).unwrap();
+            let (n, bytes) = v.cache_footprint();
+            assert!(bytes <= budget && n > 0, "{n} entries, {bytes} bytes");
         }
     }
 }

@@ -1114,6 +1114,7 @@ fn oauth_client(ws: &WorkspaceId, app: &AppId) -> OAuthClient {
         signing_alg: "EdDSA".into(),
         access_token_ttl_seconds: 300,
         refresh_token_ttl_seconds: 86_400,
+        exchange_subject_apps: Vec::new(),
         created_at: T0,
         updated_at: T0,
         version: 1,
@@ -1190,6 +1191,7 @@ async fn oauth_clients(h: &Harness) {
         ),
         access_token_format: AccessTokenFormat::Opaque,
         signing_alg: "ES256".into(),
+        exchange_subject_apps: vec![a.id.clone()],
         ..oauth_client(&ws.id, &b.id)
     };
     s.insert_oauth_client(&jwt_client, &audit(&ws.id, "oauth_client.create", &jwt_client.client_id)).await.unwrap();
@@ -1215,6 +1217,7 @@ async fn oauth_clients(h: &Harness) {
     rotated.secret_last4 = Some("et-2".into());
     rotated.scopes.push(Scope::parse("orders:write").unwrap());
     rotated.access_token_ttl_seconds = 60;
+    rotated.exchange_subject_apps = vec![b.id.clone()];
     rotated.updated_at = T0.plus_seconds(10);
     rotated.version = 2;
     s.update_oauth_client(&rotated, &audit(&ws.id, "oauth_client.rotate_secret", &c.client_id)).await.unwrap();

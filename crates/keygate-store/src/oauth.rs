@@ -21,7 +21,7 @@ use crate::sql::{AnyQuery, FeedSeqs, SqlStore, Tx, insert_audit};
 // placeholders.
 const CLIENT_COLS: &str = "client_id, workspace_id, app_id, grant_types, scopes, auth_method, secret_hash, \
     secret_last4, previous_secret_hash, previous_secret_expires_at, jwks, access_token_format, signing_alg, \
-    access_token_ttl_seconds, refresh_token_ttl_seconds, created_at, updated_at, version";
+    access_token_ttl_seconds, refresh_token_ttl_seconds, created_at, updated_at, version, exchange_subject_apps";
 const SIGNING_KEY_COLS: &str = "kid, alg, public_jwk, sealed_private, created_at, signs_from, retired_at, drop_after";
 const REFRESH_COLS: &str = "hash, family_id, client_id, workspace_id, app_id, subject, scopes, dpop_jkt, created_at, \
     expires_at, used_at, revoked_at";
@@ -197,7 +197,8 @@ fn bind_client<'q>(q: AnyQuery<'q>, c: &'q OAuthClient) -> Result<AnyQuery<'q>> 
         .bind(i64::from(c.refresh_token_ttl_seconds))
         .bind(c.created_at.as_millis())
         .bind(c.updated_at.as_millis())
-        .bind(c.version))
+        .bind(c.version)
+        .bind(to_json(&c.exchange_subject_apps)?))
 }
 
 #[async_trait]
@@ -209,7 +210,7 @@ impl OAuthStore for SqlStore {
         // is skipped rather than failing the transaction.
         let sql = format!(
             "INSERT INTO oauth_clients ({CLIENT_COLS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $16, $17, $18 WHERE EXISTS (SELECT 1 FROM apps WHERE id = $19 AND workspace_id = $20) \
+             $13, $14, $15, $16, $17, $18, $19 WHERE EXISTS (SELECT 1 FROM apps WHERE id = $20 AND workspace_id = $21) \
              ON CONFLICT (app_id) DO NOTHING"
         );
         let done = bind_client(sqlx::query(AssertSqlSafe(sql)), client)?
@@ -262,8 +263,8 @@ impl OAuthStore for SqlStore {
             "UPDATE oauth_clients SET grant_types = $1, scopes = $2, auth_method = $3, secret_hash = $4, \
              secret_last4 = $5, previous_secret_hash = $6, previous_secret_expires_at = $7, jwks = $8, \
              access_token_format = $9, signing_alg = $10, access_token_ttl_seconds = $11, \
-             refresh_token_ttl_seconds = $12, updated_at = $13, version = $14 \
-             WHERE client_id = $15 AND workspace_id = $16 AND version = $17",
+             refresh_token_ttl_seconds = $12, updated_at = $13, version = $14, exchange_subject_apps = $15 \
+             WHERE client_id = $16 AND workspace_id = $17 AND version = $18",
         )
         .bind(to_json(&c.grant_types)?)
         .bind(to_json(&c.scopes)?)
@@ -279,6 +280,7 @@ impl OAuthStore for SqlStore {
         .bind(i64::from(c.refresh_token_ttl_seconds))
         .bind(c.updated_at.as_millis())
         .bind(c.version)
+        .bind(to_json(&c.exchange_subject_apps)?)
         .bind(c.client_id.as_str())
         .bind(c.workspace_id.as_str())
         .bind(c.version - 1)

@@ -330,6 +330,7 @@ pub(crate) fn oauth_client(row: &AnyRow) -> Result<OAuthClient> {
         signing_alg: get(row, "signing_alg")?,
         access_token_ttl_seconds: seconds(row, "access_token_ttl_seconds")?,
         refresh_token_ttl_seconds: seconds(row, "refresh_token_ttl_seconds")?,
+        exchange_subject_apps: json::<Vec<AppId>>(row, "exchange_subject_apps")?,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
         version: get(row, "version")?,

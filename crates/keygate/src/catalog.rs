@@ -31,11 +31,8 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(gateway: Arc<Gateway>, gateway_addr: SocketAddr, base_dir: PathBuf) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
+        // No redirects, bounded time (the explorer's calls to the gateway too).
+        let http = crate::fetch::client().unwrap_or_default();
         Self { gateway, gateway_addr, base_dir, http, fetched: Mutex::new(HashMap::new()) }
     }
 
@@ -46,14 +43,8 @@ impl Catalog {
         {
             return Ok(doc.clone());
         }
-        let resp = self.http.get(url).send().await.map_err(|e| format!("cannot fetch {url}: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!("{url} answered {}", resp.status()));
-        }
-        let bytes = resp.bytes().await.map_err(|e| format!("reading {url}: {e}"))?;
-        if bytes.len() > MAX_DOC_BYTES {
-            return Err(format!("{url} is larger than 4 MiB"));
-        }
+        // Streamed with a cap: a huge or endless document is cut off, never buffered whole.
+        let bytes = crate::fetch::get_bounded(&self.http, url, MAX_DOC_BYTES).await?;
         let doc = parse_doc(&bytes)?;
         if let Ok(mut cache) = self.fetched.lock() {
             cache.insert(url.to_owned(), (Instant::now(), doc.clone()));

@@ -302,6 +302,16 @@ impl Config {
                 bail!("{key} must be an http:// or https:// URL, such as https://keys.example.com");
             }
         }
+        // Documents keygate fetches decide whose tokens it accepts (and what the portal shows):
+        // https://, or http:// only to a loopback host.
+        for t in &self.oauth.trusted_issuers {
+            crate::fetch::check_url(&t.jwks_url).map_err(|e| anyhow::anyhow!("oauth.trusted_issuers.jwks_url: {e}"))?;
+        }
+        for r in &self.routes {
+            if let Some(doc) = r.openapi.as_deref().filter(|d| d.starts_with("http://") || d.starts_with("https://")) {
+                crate::fetch::check_url(doc).map_err(|e| anyhow::anyhow!("routes.openapi of {}: {e}", r.id))?;
+            }
+        }
         if self.dashboard.idle_timeout_minutes == 0 || self.dashboard.session_hours == 0 {
             bail!("dashboard.idle_timeout_minutes and dashboard.session_hours must be at least 1");
         }
@@ -346,6 +356,29 @@ mod tests {
         assert!(c.admin.listen.ip().is_loopback());
         assert!(c.gateway.listen.ip().is_loopback());
         assert_eq!(c.data_dir, PathBuf::from("./keygate-data"));
+    }
+
+    #[test]
+    fn fetched_documents_need_https_or_a_loopback_host() {
+        let issuer = |url: &str| {
+            Config::from_toml(&format!(
+                "[[oauth.trusted_issuers]]\nissuer = \"https://idp.example.com\"\naudience = \"api\"\njwks_url = \"{url}\"\n"
+            ))
+        };
+        let e = issuer("http://idp.example.com/jwks").unwrap_err().to_string();
+        assert!(e.contains("oauth.trusted_issuers.jwks_url") && e.contains("https://"), "{e}");
+        for ok in ["https://idp.example.com/jwks", "http://127.0.0.1:9/jwks", "http://localhost:9/jwks"] {
+            assert!(issuer(ok).is_ok(), "{ok}");
+        }
+        let route = |doc: &str| {
+            Config::from_toml(&format!(
+                "[[routes]]\nid = \"orders\"\npath = \"/orders\"\nupstream = \"http://127.0.0.1:9\"\nopenapi = \"{doc}\"\n"
+            ))
+        };
+        let e = route("http://docs.example.com/openapi.json").unwrap_err().to_string();
+        assert!(e.contains("routes.openapi of orders"), "{e}");
+        assert!(route("https://docs.example.com/openapi.json").is_ok());
+        assert!(route("openapi/orders.json").is_ok(), "a file");
     }
 
     #[test]

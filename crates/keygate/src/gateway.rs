@@ -226,7 +226,7 @@ pub fn spawn_jwks_fetchers(gw: &Arc<Gateway>, cfg: &Config) -> Vec<JoinHandle<()
         };
         let url = t.jwks_url.clone();
         tasks.push(tokio::spawn(async move {
-            let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
+            let client = match crate::fetch::client() {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot build the JWKS client");
@@ -253,10 +253,14 @@ pub fn spawn_jwks_fetchers(gw: &Arc<Gateway>, cfg: &Config) -> Vec<JoinHandle<()
     tasks
 }
 
+/// The most a JWK Set may weigh: room for dozens of keys with certificate chains.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+
 /// The EdDSA and ES256 public keys of a JWK Set (others are skipped: the gateway verifies only
-/// those algorithms).
+/// those algorithms), fetched as [`crate::fetch`] fetches: no redirects, bounded time and size.
 async fn fetch_jwks(client: &reqwest::Client, url: &str) -> anyhow::Result<Vec<(String, PublicJwk)>> {
-    let set: serde_json::Value = client.get(url).send().await?.error_for_status()?.json().await?;
+    let body = crate::fetch::get_bounded(client, url, MAX_JWKS_BYTES).await.map_err(anyhow::Error::msg)?;
+    let set: serde_json::Value = serde_json::from_slice(&body)?;
     let keys = set.get("keys").and_then(|k| k.as_array()).ok_or_else(|| anyhow::anyhow!("no keys array"))?;
     Ok(keys
         .iter()

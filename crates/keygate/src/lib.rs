@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fetch;
 pub mod gateway;
 pub mod pepper;
 pub mod scan;

@@ -39,6 +39,11 @@ pub struct CreateClientRequest {
     pub signing_alg: Option<String>,
     pub access_token_ttl_seconds: Option<u32>,
     pub refresh_token_ttl_seconds: Option<u32>,
+    /// Token exchange's delegation rule: the apps (`app_…` of this workspace, at most 100) whose
+    /// API keys and OAuth tokens this client may present as `subject_token`, besides its own
+    /// app's. Empty by default: the client exchanges only its own tokens and its app's keys.
+    #[serde(default)]
+    pub exchange_subject_apps: Vec<String>,
 }
 
 /// An OAuth client as the API shows it: never its secret.
@@ -57,6 +62,8 @@ pub struct ClientView {
     pub signing_alg: String,
     pub access_token_ttl_seconds: u32,
     pub refresh_token_ttl_seconds: u32,
+    /// The apps whose credentials this client may exchange, besides its own app's.
+    pub exchange_subject_apps: Vec<String>,
     /// Until when the previous secret still works after a rotation.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub previous_secret_expires_at: Option<Timestamp>,
@@ -78,6 +85,7 @@ impl From<&OAuthClient> for ClientView {
             signing_alg: c.signing_alg.clone(),
             access_token_ttl_seconds: c.access_token_ttl_seconds,
             refresh_token_ttl_seconds: c.refresh_token_ttl_seconds,
+            exchange_subject_apps: c.exchange_subject_apps.iter().map(ToString::to_string).collect(),
             previous_secret_expires_at: c.previous_secret_expires_at,
             created_at: c.created_at,
         }
@@ -92,6 +100,14 @@ pub struct ClientWithSecret {
     pub client: ClientView,
     /// Absent for `private_key_jwt` clients.
     pub client_secret: Option<String>,
+}
+
+/// A change to an OAuth client: the fields named are replaced.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateClientRequest {
+    /// Token exchange's delegation rule (see the registration's field of the same name).
+    pub exchange_subject_apps: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -164,6 +180,7 @@ pub(crate) async fn create_client(
         signing_alg: req.signing_alg,
         access_token_ttl_seconds: req.access_token_ttl_seconds,
         refresh_token_ttl_seconds: req.refresh_token_ttl_seconds,
+        exchange_subject_apps: req.exchange_subject_apps,
     };
     let (client, secret) = s.oauth.create_client(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, new).await?;
     let client_secret = secret.map(|s| s.expose().to_owned());
@@ -179,6 +196,21 @@ pub(crate) async fn get_client(
     Path(id): Path<String>,
 ) -> Result<Json<ClientView>, ApiError> {
     let client = s.oauth.client_for_app(&auth.key.workspace_id, &app_id(&id)?).await?;
+    Ok(Json(ClientView::from(&client)))
+}
+
+#[utoipa::path(patch, path = "/admin/v1/apps/{id}/oauth-client", tag = "oauth",
+    params(("id" = String, Path, description = "app_…")), request_body = UpdateClientRequest,
+    responses((status = 200, body = ClientView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The client changed meanwhile", body = ErrorBody)))]
+pub(crate) async fn update_client(
+    auth: Auth<AppsWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdateClientRequest>,
+) -> Result<Json<ClientView>, ApiError> {
+    let client =
+        s.oauth.update_client(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, req.exchange_subject_apps).await?;
     Ok(Json(ClientView::from(&client)))
 }
 

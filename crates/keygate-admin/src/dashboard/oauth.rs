@@ -222,6 +222,7 @@ fn client_from(f: &Fields) -> Result<NewClient, Error> {
         signing_alg: f.opt("signing_alg").map(str::to_owned),
         access_token_ttl_seconds,
         refresh_token_ttl_seconds: None,
+        exchange_subject_apps: Vec::new(),
     })
 }
 

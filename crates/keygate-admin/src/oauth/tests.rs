@@ -401,16 +401,17 @@ async fn introspection_and_revocation_follow_rfc7662_and_rfc7009() {
         json!({"active": false})
     );
     assert!(k.oauth.revoke(&req(None, &[("token", &t.access_token)])).await.is_err(), "revocation needs a client");
-    // Another client's token: refused (RFC 7009 §2.1) and left alone.
+    // Another client's token: answered like an unknown one (RFC 7009 §2.2) and left alone.
     let live = k.oauth.token(&req(auth.clone(), &[("grant_type", "client_credentials")])).await.unwrap();
     let app = k.app("other").await;
     let (oc, os) = k.oauth.create_client(&k.ws, &actor(), &app, cc_client(&[], &[])).await.unwrap();
     let other = Some(basic(&oc.client_id, os.unwrap().expose()));
     for t in [live.access_token.as_str(), live.refresh_token.as_deref().unwrap()] {
-        let e = k.oauth.revoke(&req(other.clone(), &[("token", t)])).await.unwrap_err();
-        assert_eq!((e.status, e.error), (400, "unauthorized_client"));
+        k.oauth.revoke(&req(other.clone(), &[("token", t)])).await.unwrap();
     }
     assert_eq!(k.oauth.introspect(&req(auth.clone(), &[("token", &live.access_token)])).await.unwrap()["active"], true);
+    let rt = live.refresh_token.as_deref().unwrap();
+    assert_eq!(k.oauth.introspect(&req(auth.clone(), &[("token", rt)])).await.unwrap()["active"], true);
 }
 
 #[tokio::test]
@@ -530,4 +531,66 @@ async fn dpop_nonces_are_required_when_configured() {
     assert_eq!(k.oauth.token(&r).await.unwrap_err().error, "use_dpop_nonce");
     // Without DPoP, nothing changes.
     assert!(k.oauth.token(&req(auth, &[("grant_type", "client_credentials")])).await.is_ok());
+}
+
+#[tokio::test]
+async fn failed_authentications_are_throttled_where_they_come_from() {
+    let k = kit().await;
+    let (c, secret) = k.client(cc_client(&[], &[])).await;
+    let secret = secret.unwrap();
+    let from = |ip: &str, s: &str| {
+        let mut r = req(Some(basic(&c.client_id, s)), &[("grant_type", "client_credentials")]);
+        r.peer = Some(ip.parse().unwrap());
+        r
+    };
+    for _ in 0..20 {
+        assert_eq!(k.oauth.token(&from("10.0.0.9", "guess")).await.unwrap_err().error, "invalid_client");
+    }
+    let e = k.oauth.token(&from("10.0.0.9", "guess")).await.unwrap_err();
+    assert_eq!((e.status, e.error), (429, "slow_down"));
+    assert!(k.oauth.token(&from("10.0.0.8", &secret)).await.is_ok(), "the client elsewhere is not locked out");
+    // Successes and other clients' ids are not counted as failures of this one.
+    assert!(k.oauth.token(&from("10.0.0.8", &secret)).await.is_ok());
+    // A claimed id that cannot be one is refused without being kept.
+    let before = k.oauth.throttle_footprint();
+    let mut r =
+        req(None, &[("grant_type", "client_credentials"), ("client_id", &"x".repeat(5000)), ("client_secret", "s")]);
+    r.peer = Some("10.0.0.7".parse().unwrap());
+    assert_eq!(k.oauth.token(&r).await.unwrap_err().error, "invalid_client");
+    assert_eq!(k.oauth.throttle_footprint().entries, before.entries + 1, "only the address is counted");
+}
+
+#[tokio::test]
+async fn one_client_cannot_fill_the_replay_memory_of_another() {
+    let k = kit_with(|s| s.replay_per_client = 5).await;
+    let dkey = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    let jwk: Value = serde_json::from_str(&dkey.public_jwk().to_json()).unwrap();
+    let proof = |jti: &str| {
+        dkey.sign_claims(
+            &json!({"typ": "dpop+jwt", "jwk": jwk}),
+            &json!({"jti": jti, "htm": "POST", "htu": format!("{ISS}/oauth2/token"), "iat": k.now_s()}),
+        )
+        .unwrap()
+    };
+    let (a, sa) = k.client(cc_client(&[], &[])).await;
+    let (b, sb) = k.client(cc_client(&[], &[])).await;
+    let with = |c: &OAuthClient, s: &Option<String>, jti: &str| {
+        let mut r = req(Some(basic(&c.client_id, s.as_deref().unwrap())), &[("grant_type", "client_credentials")]);
+        r.dpop = Some(proof(jti));
+        r
+    };
+    // A fills what is kept for it, with long jtis...
+    for i in 0..5 {
+        k.oauth.token(&with(&a, &sa, &format!("{i}{}", "j".repeat(250)))).await.unwrap();
+    }
+    let e = k.oauth.token(&with(&a, &sa, "one-too-many")).await.unwrap_err();
+    assert_eq!(e.status, 429, "{e:?}");
+    // ...and B is not affected.
+    assert_eq!(k.oauth.token(&with(&b, &sb, "b-1")).await.unwrap().token_type, "DPoP");
+    // Once A's proofs are too old to be replayed anyway, A is served again.
+    k.clock.advance_seconds(400);
+    let fresh = with(&a, &sa, "later");
+    assert_eq!(k.oauth.token(&fresh).await.unwrap().token_type, "DPoP");
+    let held = k.oauth.replay_footprint();
+    assert!(held.entries <= 2 && held.bytes <= 1024, "fixed-size entries, the expired ones gone: {held:?}");
 }

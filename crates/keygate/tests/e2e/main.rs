@@ -9,6 +9,7 @@ mod edge_headers;
 mod edge_upgrade;
 mod gateway;
 mod oauth;
+mod oauth_hardening;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -3,6 +3,7 @@
 //! manual clock, and the token index is synchronized explicitly.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod admin_hardening;
 mod dashboard;
 mod gateway;
 mod oauth;

@@ -12,10 +12,9 @@ mod portal;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use keygate_core::{Error, ErrorKind};
@@ -278,25 +277,43 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
 struct CsrfForm(pages::Fields);
 
 /// The largest form body read.
-const MAX_FORM_BYTES: usize = 64 * 1024;
+const MAX_FORM_BYTES: usize = crate::api::MAX_BODY_BYTES;
 
 impl axum::extract::FromRequest<DashboardState> for CsrfForm {
     type Rejection = Response;
 
     async fn from_request(req: axum::extract::Request, state: &DashboardState) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
-            return Err(state.error(PageError::Status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the form is larger than 64 KiB".into(),
-                None,
-            )));
-        };
-        let fields = pages::Fields::parse(&bytes);
+        let fields = read_form(state, body).await?;
         match csrf_refusal(state, &parts.headers, fields.get("csrf")) {
             Some(refusal) => Err(refusal),
             None => Ok(CsrfForm(fields)),
         }
+    }
+}
+
+/// The fields of a form posted before sign-in (setup, sign-in, invitations): no session, so no
+/// CSRF token, but read under the same bound.
+struct PublicForm(pages::Fields);
+
+impl axum::extract::FromRequest<DashboardState> for PublicForm {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &DashboardState) -> Result<Self, Self::Rejection> {
+        read_form(state, req.into_body()).await.map(PublicForm)
+    }
+}
+
+/// Reads a form body, at most [`MAX_FORM_BYTES`]: the read stops at the bound (the admin
+/// listener also refuses a larger `Content-Length` before any handler runs).
+async fn read_form(state: &DashboardState, body: axum::body::Body) -> Result<pages::Fields, Response> {
+    match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
+        Ok(bytes) => Ok(pages::Fields::parse(&bytes)),
+        Err(_) => Err(state.error(PageError::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the form is larger than {MAX_FORM_BYTES} bytes (body_too_large)"),
+            None,
+        ))),
     }
 }
 
@@ -316,30 +333,6 @@ fn csrf_refusal(state: &DashboardState, headers: &HeaderMap, submitted: &str) ->
             None,
         )),
     )
-}
-
-async fn security_headers(State(state): State<DashboardState>, req: axum::extract::Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    // `same-origin`, not `no-referrer`: with no referrer at all, browsers send `Origin: null` on
-    // this dashboard's own form posts, and the origin check needs the real one.
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
-    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    if !h.contains_key(header::CACHE_CONTROL) {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    if state.secure {
-        h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
-    }
-    resp
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -386,6 +379,5 @@ pub fn router(state: DashboardState) -> Router {
         .route("/invite/{code}", get(pages::invitation_page).post(pages::invitation_submit))
         .route("/assets/app.css", get(|| async { asset(CSS, "text/css; charset=utf-8") }))
         .route("/assets/app.js", get(|| async { asset(JS, "text/javascript; charset=utf-8") }))
-        .layer(middleware::from_fn_with_state(state.clone(), security_headers))
         .with_state(state)
 }

@@ -20,7 +20,7 @@ use minijinja::{Value, context};
 use serde::Deserialize;
 
 use super::chart::{self, Bar};
-use super::{CsrfForm, DashboardState, PageError, SignedIn, same_origin, session_cookie};
+use super::{CsrfForm, DashboardState, PageError, PublicForm, SignedIn, same_origin, session_cookie};
 use crate::accounts::{SignIn, Viewer};
 use crate::api::{AuditEventView, TokenView};
 use crate::service::{Granularity, NewApp, NewToken, TokenUpdate};
@@ -147,12 +147,11 @@ pub async fn setup_submit(
     State(st): State<DashboardState>,
     conn: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    PublicForm(f): PublicForm,
 ) -> Response {
     if !same_origin(&headers) {
         return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
     }
-    let f = Fields::parse(&body);
     match st
         .accounts
         .complete_setup(f.get("code"), f.get("email"), f.get("name"), f.get("password"), client_ip(&conn))
@@ -215,12 +214,11 @@ pub async fn login_submit(
     State(st): State<DashboardState>,
     conn: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    PublicForm(f): PublicForm,
 ) -> Response {
     if !same_origin(&headers) {
         return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
     }
-    let f = Fields::parse(&body);
     match st.accounts.sign_in(f.get("email"), f.get("password"), client_ip(&conn)).await {
         Ok(SignIn::Done(secret)) => {
             end_previous_session(&st, &headers).await;
@@ -1268,12 +1266,11 @@ pub async fn invitation_submit(
     Path(code): Path<String>,
     conn: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    PublicForm(f): PublicForm,
 ) -> Response {
     if !same_origin(&headers) {
         return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
     }
-    let f = Fields::parse(&body);
     match st.accounts.accept_invitation(&code, f.get("name"), f.get("password"), client_ip(&conn)).await {
         Ok(secret) => {
             end_previous_session(&st, &headers).await;

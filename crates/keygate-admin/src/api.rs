@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod misc;
 mod oauth;
+mod root_keys;
 mod tokens;
 
 use std::sync::Arc;
@@ -50,6 +51,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "plans", description = "Plans and the scope catalog"),
         (name = "audit", description = "The audit trail"),
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
+        (name = "root keys", description = "The admin API's own credentials: list and revoke"),
         (name = "system", description = "Health")
     )
 )]
@@ -95,6 +97,8 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(oauth::rotate_client_secret))
         .routes(routes!(oauth::list_keys))
         .routes(routes!(oauth::rotate_keys))
+        .routes(routes!(root_keys::list_root_keys))
+        .routes(routes!(root_keys::revoke_root_key))
         .split_for_parts()
 }
 

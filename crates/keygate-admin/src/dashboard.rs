@@ -8,6 +8,7 @@ mod chart;
 mod oauth;
 mod pages;
 mod portal;
+mod root_keys;
 
 use std::sync::Arc;
 
@@ -72,6 +73,9 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("app.html", include_str!("../dashboard/templates/app.html")),
     ("oauth_client_created.html", include_str!("../dashboard/templates/oauth_client_created.html")),
     ("signing_keys_rotate.html", include_str!("../dashboard/templates/signing_keys_rotate.html")),
+    ("root_keys.html", include_str!("../dashboard/templates/root_keys.html")),
+    ("root_key_created.html", include_str!("../dashboard/templates/root_key_created.html")),
+    ("root_key_revoke.html", include_str!("../dashboard/templates/root_key_revoke.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -368,6 +372,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/plans", post(pages::create_plan))
         .route("/settings/plans/{id}/scopes", post(pages::set_plan_scopes))
         .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
+        .route("/settings/root-keys", get(root_keys::list).post(root_keys::create))
+        .route("/settings/root-keys/{id}/revoke", get(root_keys::revoke_page).post(root_keys::revoke))
         .route("/portal", get(portal::catalog))
         .route("/portal/{id}", get(portal::api))
         .route("/portal/{id}/try", post(portal::try_it))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
-    RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord, Workspace,
+    RootKey, RootKeyStatus, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord, Workspace,
 };
 use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
 use keygate_core::scope::{Scope, parse_scope_list};
@@ -64,6 +64,16 @@ pub struct TokenUpdate {
     pub quota: Option<Option<Quota>>,
     pub metadata: Option<Map<String, Value>>,
     pub dpop_jkt: Option<Option<String>>,
+}
+
+/// A root key to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewRootKey {
+    pub name: String,
+    pub permissions: Vec<Permission>,
+    /// Lifetime in seconds from now; or `expires_at`; neither: no expiry.
+    pub expires_in: Option<i64>,
+    pub expires_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -257,6 +267,11 @@ impl Admin {
         &self.settings.prefix
     }
 
+    /// The prefix of root keys (`kgroot`).
+    pub fn root_prefix(&self) -> &TokenPrefix {
+        &self.root_prefix
+    }
+
     /// Finds the workspace named `name`, creating it (with its default app) if missing.
     pub async fn ensure_workspace(&self, name: &str) -> Result<Workspace> {
         let name = validate_name(name, "workspace name")?;
@@ -283,7 +298,8 @@ impl Admin {
 
     // ---- root keys -------------------------------------------------------------------------
 
-    /// Creates a root key in `workspace` (created if missing). The secret is returned once.
+    /// Creates a root key in `workspace` (created if missing), without expiry. The secret is
+    /// returned once.
     pub async fn create_root_key(
         &self,
         workspace: &str,
@@ -291,9 +307,32 @@ impl Admin {
         permissions: Vec<Permission>,
         actor: &Actor,
     ) -> Result<(RootKey, TokenSecret)> {
+        let new = NewRootKey { name: name.to_owned(), permissions, ..NewRootKey::default() };
+        self.create_root_key_with(workspace, new, actor).await
+    }
+
+    /// Creates a root key in `workspace` (created if missing). The secret is returned once and
+    /// never again: the store keeps only its keyed hash.
+    pub async fn create_root_key_with(
+        &self,
+        workspace: &str,
+        new: NewRootKey,
+        actor: &Actor,
+    ) -> Result<(RootKey, TokenSecret)> {
+        let now = self.now();
+        let expires_at = resolve_expiry(new.expires_in, new.expires_at.map(Some), now)?.flatten();
+        let name = validate_name(&new.name, "root key name")?;
+        if new.permissions.is_empty() {
+            return Err(Error::invalid(
+                "invalid_permission",
+                "a root key needs at least one permission; * stands for all of them",
+            ));
+        }
         let ws = self.ensure_workspace(workspace).await?;
-        let name = validate_name(name, "root key name")?;
         let minted = token_format::mint(&self.root_prefix, &*self.rng)?;
+        let mut permissions = new.permissions;
+        permissions.sort();
+        permissions.dedup();
         let key = RootKey {
             id: RootKeyId::from_public_id(&minted.public_id),
             workspace_id: ws.id.clone(),
@@ -301,17 +340,20 @@ impl Admin {
             hash: self.pepper.hash(minted.secret.expose()),
             last4: minted.last4,
             permissions,
-            created_at: self.now(),
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used_at: None,
         };
-        let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
         let audit = NewAuditEvent::new(&ws.id, actor, "root_key.create", key.id.as_str(), key.created_at)
-            .with_after(serde_json::json!({"name": key.name, "permissions": perms}));
+            .with_after(root_key_view(&key));
         self.store.insert_root_key(&key, &audit).await?;
         Ok((key, minted.secret))
     }
 
     /// Checks a presented root key: its format first (no lookup for a malformed key), then the
-    /// store by keyed hash.
+    /// store by keyed hash, on every request (so a revocation or an expiry holds from the next
+    /// request on, on every node), then its state. Notes the use at most once a minute per key.
     pub async fn authenticate(&self, presented: &str) -> Result<RootKey> {
         let unauthenticated = || {
             Error::new(
@@ -321,7 +363,85 @@ impl Admin {
             )
         };
         token_format::parse(presented, &self.root_prefix).map_err(|_| unauthenticated())?;
-        self.store.root_key_by_hash(&self.pepper.hash(presented)).await?.ok_or_else(unauthenticated)
+        let key = self.store.root_key_by_hash(&self.pepper.hash(presented)).await?.ok_or_else(unauthenticated)?;
+        let now = self.now();
+        match key.status(now) {
+            RootKeyStatus::Active => {}
+            RootKeyStatus::Revoked => {
+                return Err(Error::new(
+                    ErrorKind::Unauthenticated,
+                    "root_key_revoked",
+                    "this root key was revoked; use another, or create one with `keygate root-key create`",
+                ));
+            }
+            RootKeyStatus::Expired => {
+                return Err(Error::new(
+                    ErrorKind::Unauthenticated,
+                    "root_key_expired",
+                    "this root key has expired; create a new one with `keygate root-key create`",
+                ));
+            }
+        }
+        // One conditional write per key and minute, whatever the request rate: the key read above
+        // says whether it is due, and the store's condition keeps concurrent requests (and other
+        // nodes) from writing it more than once. A failure here must not refuse the request.
+        let due = key.last_used_at.is_none_or(|t| now.as_millis() - t.as_millis() >= RootKey::LAST_USED_EVERY_MS);
+        if due && let Err(e) = self.store.touch_root_key(&key.id, now, RootKey::LAST_USED_EVERY_MS).await {
+            tracing::warn!(root_key_id = %key.id, error = %e, "cannot record a root key's last use");
+        }
+        Ok(key)
+    }
+
+    /// The workspace's root keys, revoked and expired ones included, newest first.
+    pub async fn list_root_keys(&self, ws: &WorkspaceId) -> Result<Vec<RootKey>> {
+        self.store.list_root_keys(ws).await
+    }
+
+    pub async fn root_key(&self, ws: &WorkspaceId, id: &RootKeyId) -> Result<RootKey> {
+        self.store.root_key(ws, id).await?.ok_or_else(|| Error::not_found("root key"))
+    }
+
+    /// Revokes a root key of `ws` (final; idempotent). `by`: the root key asking, when one is
+    /// (the admin API); it may revoke only keys whose permissions it holds all of, so a narrow key
+    /// cannot switch off a broader one. People (dashboard owners) and the local command line pass
+    /// `None`. Effective from the next request on every node: keys are looked up per request.
+    pub async fn revoke_root_key(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        by: Option<&RootKey>,
+        id: &RootKeyId,
+    ) -> Result<RootKey> {
+        let key = self.root_key(ws, id).await?;
+        if let Some(by) = by
+            && !by.covers(&key)
+        {
+            let missing: Vec<&str> =
+                key.permissions.iter().filter(|p| !by.permissions.contains(p)).map(|p| p.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "root_key_outranks",
+                format!(
+                    "that root key holds permissions this one lacks ({}); revoke it with a key that holds them all, \
+                     from the dashboard, or with `keygate root-key revoke`",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        if key.revoked_at.is_some() {
+            return Ok(key); // Revocation is final and idempotent.
+        }
+        let now = self.now();
+        let mut revoked = key.clone();
+        revoked.revoked_at = Some(now);
+        let audit = NewAuditEvent::new(ws, actor, "root_key.revoke", id.as_str(), now)
+            .with_diff(&root_key_view(&key), &root_key_view(&revoked));
+        if !self.store.revoke_root_key(&key, now, &audit).await? {
+            // Revoked concurrently: report what the store holds now.
+            return self.root_key(ws, id).await;
+        }
+        tracing::info!(root_key_id = %id, actor = %actor.id, "root key revoked");
+        Ok(revoked)
     }
 
     // ---- apps ------------------------------------------------------------------------------
@@ -943,6 +1063,17 @@ fn token_revoked() -> Error {
 
 fn refuse_if_revoked(t: &TokenRecord) -> Result<()> {
     if t.state == TokenState::Revoked { Err(token_revoked()) } else { Ok(()) }
+}
+
+/// What an audit event records of a root key (never its hash).
+fn root_key_view(key: &RootKey) -> Value {
+    let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
+    serde_json::json!({
+        "name": key.name,
+        "permissions": perms,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+    })
 }
 
 fn app_view(app: &App) -> Value {

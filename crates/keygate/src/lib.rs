@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod pepper;
+pub mod root_key_cmd;
 pub mod scan;
 pub mod scan_cmd;
 pub mod serve;

@@ -109,6 +109,8 @@ permission_marker!(
     PlansWrite => PlansWrite,
     AuditRead => AuditRead,
     KeysWrite => KeysWrite,
+    RootKeysRead => RootKeysRead,
+    RootKeysWrite => RootKeysWrite,
 );
 
 /// An authenticated root key holding permission `P`.

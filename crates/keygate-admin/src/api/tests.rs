@@ -79,7 +79,13 @@ async fn every_operation_requires_a_credential() {
 #[tokio::test]
 async fn every_write_refuses_a_read_only_key() {
     let (app, admin, _dir) = setup().await;
-    let read_all = vec![Permission::TokensRead, Permission::AppsRead, Permission::PlansRead, Permission::AuditRead];
+    let read_all = vec![
+        Permission::TokensRead,
+        Permission::AppsRead,
+        Permission::PlansRead,
+        Permission::AuditRead,
+        Permission::RootKeysRead,
+    ];
     let (_, key) = admin.create_root_key("default", "reader", read_all, &Actor::cli()).await.unwrap();
     for (method, path) in operations() {
         let (status, body) = call(&app, &method, &path, Some(key.expose())).await;

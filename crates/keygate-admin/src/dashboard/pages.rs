@@ -74,6 +74,7 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
             "ok",
             "Signing keys rotated: the new keys are in the JWKS now and sign once the publish-ahead time has passed.",
         ),
+        "root_key_revoked" => ("ok", "Root key revoked: it is refused from its next request on."),
         "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
         _ => return Value::from(()),
     };

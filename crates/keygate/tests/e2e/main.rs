@@ -7,6 +7,7 @@ mod admin_hardening;
 mod dashboard;
 mod gateway;
 mod oauth;
+mod root_keys;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -25,7 +25,8 @@ pub fn layers(app: Router, secure: bool) -> Router {
 /// body is read leaves unread bytes on the connection: the answer says `Connection: close`, and the
 /// server closes it instead of draining what the client keeps sending (RFC 9112 §9.6).
 async fn bound_body(req: Request, next: Next) -> Response {
-    let announced = req.headers().get(header::CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
+    let announced =
+        req.headers().get(header::CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
     match announced {
         // hyper refuses a malformed Content-Length before this runs; a value past u64 lands here.
         Some(None) => return body_too_large(),

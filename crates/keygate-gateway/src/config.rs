@@ -222,11 +222,12 @@ impl CorsConfig {
         for (key, list) in lists {
             // Each entry is written into an answer's head: it must be a field value with no
             // separators of its own (RFC 9110 §5.5), or the header would be dropped or split.
-            if let Some(bad) = list
-                .iter()
-                .find(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic() && b != b','))
+            if let Some(bad) =
+                list.iter().find(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic() && b != b','))
             {
-                return Err(format!("cors.{key}: {bad:?} is not a single value without spaces, commas or control characters"));
+                return Err(format!(
+                    "cors.{key}: {bad:?} is not a single value without spaces, commas or control characters"
+                ));
             }
         }
         Ok(())

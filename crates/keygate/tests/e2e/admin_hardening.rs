@@ -139,3 +139,39 @@ async fn admin_bodies_are_bounded_while_read_and_refused_by_length() {
     assert_eq!(ok.status, StatusCode::CREATED, "{:?}", ok.body);
     kg.stop().await;
 }
+
+/// Whoever reaches `/setup` cannot lock the owner out by hammering wrong codes: the throttle
+/// counts per source address (the attacker here connects from 127.0.0.2, the owner from
+/// 127.0.0.1), and the code is long enough that guessing is hopeless.
+#[tokio::test]
+async fn wrong_setup_codes_from_elsewhere_do_not_lock_the_owner_out() {
+    let kg = TestKeygate::start().await.unwrap();
+    let code = kg.setup_code().unwrap();
+    let symbols: String = code.chars().filter(|c| *c != '-').collect();
+    assert!(symbols.len() >= 20 && symbols.chars().all(|c| c.is_ascii_alphanumeric()), "{code}");
+    let no_redirects = || reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    let attacker = no_redirects().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let url = format!("{}/setup", kg.url());
+    let form = |code: &str| {
+        vec![
+            ("code", code.to_owned()),
+            ("name", "Mallory".to_owned()),
+            ("email", "m@example.com".to_owned()),
+            ("password", "a long enough password".to_owned()),
+        ]
+    };
+    let mut throttled = false;
+    for i in 0..40 {
+        let r = attacker.post(&url).form(&form(&format!("wrong-{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        throttled |= r.text().await.unwrap().contains("too many");
+    }
+    assert!(throttled, "the attacker's own address is throttled");
+    let owner = no_redirects().build().unwrap();
+    let mut fields = form(&code);
+    fields[1].1 = "Olivia".into();
+    fields[2].1 = "olivia@example.com".into();
+    let r = owner.post(&url).form(&fields).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "the owner still sets up: {}", r.text().await.unwrap());
+    kg.stop().await;
+}

@@ -175,3 +175,35 @@ async fn wrong_setup_codes_from_elsewhere_do_not_lock_the_owner_out() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER, "the owner still sets up: {}", r.text().await.unwrap());
     kg.stop().await;
 }
+
+/// The portal's explorer sends its request as the person using the dashboard: the gateway checks
+/// a token's IP allowlist against their address (here 127.0.0.2), not against keygate's own
+/// (127.0.0.1), so an allowlist naming the keygate host lets nobody in through the explorer.
+#[tokio::test]
+async fn the_explorer_is_checked_against_the_address_of_the_person_using_it() {
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let (_, host_bound) = c.create_token(&serde_json::json!({"name": "host", "ip_allowlist": ["127.0.0.1/32"]})).await;
+    let (id, person_bound) =
+        c.create_token(&serde_json::json!({"name": "person", "ip_allowlist": ["127.0.0.2/32"]})).await;
+    kg.sync_index().await.unwrap();
+    let mut b = super::dashboard::owner(&kg).await;
+    b.http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let try_with = |token: String| [("method", "GET".to_owned()), ("path", "/demo/echo".to_owned()), ("token", token)];
+    let fields = try_with(host_bound);
+    let form: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let p = b.submit("/portal/demo", "/portal/demo/try", &form).await;
+    assert!(p.body.contains("HTTP 403") && p.body.contains("ip_not_allowed"), "{}", p.body);
+    let fields = try_with(person_bound);
+    let form: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let p = b.submit("/portal/demo", "/portal/demo/try", &form).await;
+    assert!(p.body.contains("HTTP 200"), "{}", p.body);
+    kg.flush_usage().await;
+    let shown = c.get(&format!("/admin/v1/tokens/{id}")).await;
+    assert_eq!(shown.str("/last_used_ip"), "127.0.0.2", "the gateway recorded the person's address");
+    kg.stop().await;
+}

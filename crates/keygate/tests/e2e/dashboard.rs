@@ -13,7 +13,7 @@ const PASSWORD: &str = "correct horse battery staple";
 /// A cookie-keeping client that does not follow redirects.
 pub(crate) struct Browser {
     base: String,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     cookie: Option<String>,
 }
 

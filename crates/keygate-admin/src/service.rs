@@ -35,6 +35,8 @@ const MAX_NAME_LEN: usize = 200;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
 const MAX_REASON_LEN: usize = 500;
 const MAX_SCOPES: usize = 100;
+/// The most buckets a usage report holds (a week of minutes).
+const MAX_USAGE_BUCKETS: i64 = 10_080;
 
 /// A token to create.
 #[derive(Debug, Clone, Default)]
@@ -616,8 +618,10 @@ impl Admin {
         if !catalog.is_empty() {
             for s in scopes {
                 let known = catalog.iter().any(|e| s.covers(&e.scope) || e.scope.covers(s));
+                // 409, not 400: the request is well formed; the workspace's catalog (its current
+                // state) does not hold the scope, and it may tomorrow.
                 if !known {
-                    return Err(Error::invalid(
+                    return Err(Error::conflict(
                         "unknown_scope",
                         format!(
                             "{s} is not in the workspace's scope catalog; add it there first or pick a listed scope"
@@ -633,7 +637,7 @@ impl Admin {
         if let Some(plan) = &plan {
             for s in scopes {
                 if !plan.scopes.iter().any(|p| p.covers(s)) {
-                    return Err(Error::invalid(
+                    return Err(Error::conflict(
                         "scope_not_in_plan",
                         format!(
                             "the app's plan {:?} does not include {s}; move the app to a plan that does",
@@ -1012,16 +1016,18 @@ impl Admin {
         self.token(ws, id).await?;
         let step = granularity.millis();
         let from = Timestamp::from_millis(from.as_millis().div_euclid(step) * step);
-        if to <= from {
-            return Err(Error::invalid("invalid_range", "`to` must be after `from`"));
-        }
-        let buckets = (to.as_millis() - from.as_millis() + step - 1) / step;
-        if buckets > 10_080 {
-            return Err(Error::invalid(
-                "invalid_range",
-                "the range holds too many buckets (at most 10080); use a coarser granularity or a shorter range",
-            ));
-        }
+        // An empty range (`to` not after `from`) has no buckets and counts nothing.
+        let mut buckets = ((to.as_millis() - from.as_millis() + step - 1) / step).max(0);
+        // At most MAX_USAGE_BUCKETS buckets, the last ones of the range: a longer range is cut at
+        // its start, and the answer's `from` says where it begins (the work a request causes is
+        // bounded whatever range it names).
+        let from = if buckets > MAX_USAGE_BUCKETS {
+            buckets = MAX_USAGE_BUCKETS;
+            let last = (to.as_millis() - 1).div_euclid(step) * step;
+            Timestamp::from_millis(last - (MAX_USAGE_BUCKETS - 1) * step)
+        } else {
+            from
+        };
         let mut records = self.store.usage(ws, id, from, to).await?;
         if let Some(p) = self.pending_usage.get() {
             records.extend(
@@ -1113,7 +1119,9 @@ fn resolve_expiry(
             "expires_in is at most 100 years; omit it for a token that does not expire",
         )),
         (Some(secs), None) => Ok(Some(Some(now.plus_seconds(secs)))),
-        (None, Some(Some(at))) if at <= now => Err(Error::invalid(
+        // A conflict with the clock, not a malformed request: the same body is valid a moment
+        // earlier (409, like other conflicts with the current state).
+        (None, Some(Some(at))) if at <= now => Err(Error::conflict(
             "expiry_in_past",
             "expires_at is in the past; give a future date-time, or revoke the token to stop it now",
         )),
@@ -1123,7 +1131,8 @@ fn resolve_expiry(
 
 fn validate_name(name: &str, what: &str) -> Result<String> {
     let trimmed = name.trim();
-    if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_LEN || trimmed.chars().any(char::is_control) {
+    // The length is the given one's, before trimming, as the API's document states it.
+    if trimmed.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
         return Err(Error::invalid(
             "invalid_name",
             format!("{what} must be 1 to {MAX_NAME_LEN} characters without control characters"),

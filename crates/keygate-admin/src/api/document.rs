@@ -51,15 +51,18 @@ fn allowlist() -> Value {
 /// coordinates are a point on the curve cannot be said in a schema; see `scripts/api-fuzz`.)
 fn jwks() -> Value {
     let coord = json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$"});
+    // Members keygate does not use are ignored, as RFC 7517 §4 asks; private-key members refuse
+    // the key.
+    let private = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"].map(|m| json!({"required": [m]}));
+    let key = |kty: &str, crv: &str, y: Value, algs: Value| {
+        json!({"type": "object", "required": ["kty", "crv", "x"], "not": {"anyOf": private},
+            "properties": {"kty": {"const": kty}, "crv": {"const": crv}, "x": coord, "y": y,
+                "kid": {"type": ["string", "null"]}, "alg": {"enum": algs}, "use": {"enum": ["sig", null]}}})
+    };
+    let mut ec = key("EC", "P-256", coord.clone(), json!(["ES256", null]));
+    ec["required"] = json!(["kty", "crv", "x", "y"]);
     json!({"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "minItems": 1, "maxItems": 10,
-    "items": {"oneOf": [
-        {"type": "object", "required": ["kty", "crv", "x"], "additionalProperties": false, "properties": {
-            "kty": {"const": "OKP"}, "crv": {"const": "Ed25519"}, "x": coord, "kid": {"type": "string"},
-            "alg": {"enum": ["EdDSA", "Ed25519"]}, "use": {"const": "sig"}}},
-        {"type": "object", "required": ["kty", "crv", "x", "y"], "additionalProperties": false, "properties": {
-            "kty": {"const": "EC"}, "crv": {"const": "P-256"}, "x": coord, "y": coord, "kid": {"type": "string"},
-            "alg": {"const": "ES256"}, "use": {"const": "sig"}}}
-    ]}}}})
+        "items": {"oneOf": [key("OKP", "Ed25519", json!({"type": "null"}), json!(["EdDSA", "Ed25519", null])), ec]}}}})
 }
 
 /// Sets `value` at `pointer` (whose parent must exist); a missing parent is skipped, so a renamed

@@ -84,7 +84,8 @@ impl Catalog {
         let info = ConnInfo::new(SocketAddr::new(caller, 0), false);
         let service = hyper::service::service_fn(move |req| {
             let gw = gw.clone();
-            async move { Ok::<_, std::convert::Infallible>(gw.handle(info, req).await) }
+            // The body is already in memory: the explorer's own time limit covers it.
+            async move { Ok::<_, std::convert::Infallible>(gw.handle(info, req, EXPLORER_TIMEOUT).await) }
         });
         let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .max_concurrent_streams(1)

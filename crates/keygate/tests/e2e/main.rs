@@ -5,6 +5,9 @@
 
 mod admin_hardening;
 mod dashboard;
+mod edge_conn;
+mod edge_headers;
+mod edge_upgrade;
 mod gateway;
 mod oauth;
 mod root_keys;

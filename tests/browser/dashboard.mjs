@@ -811,6 +811,43 @@ async function run(browser, kg) {
     );
     if (unlabelled.length) throw new Error(`fields without a label: ${unlabelled.join(', ')}`);
   });
+
+  await step('root keys: an owner creates one (shown once) and revokes it', async () => {
+    currentPage = owner;
+    await goto(owner, '/settings/root-keys');
+    await owner.fill('#rk-name', 'browser key');
+    await owner.check('input[name=permission][value="tokens:read"]');
+    await owner.selectOption('#rk-lifetime', '30');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Create root key' }), 'create a root key');
+    const secret = (await textOf(owner, owner.locator('#root-key-secret'), 'the new root key')).trim();
+    check(secret.startsWith('kgroot_'), `the key shown is ${JSON.stringify(secret)}`);
+    await goto(owner, '/settings/root-keys');
+    check(!(await owner.content()).includes(secret.slice(12)), 'the list shows the secret again');
+    await clickAndLoad(owner, owner.locator('tr', { hasText: 'browser key' }).getByRole('link', { name: 'Revoke…' }), 'open the revoke page');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Revoke root key' }), 'revoke the root key');
+    await expectPath(owner, '/settings/root-keys');
+    const row = await textOf(owner, owner.locator('tr', { hasText: 'browser key' }), 'the revoked key');
+    check(row.includes('revoked'), `the key's row reads ${JSON.stringify(row)}`);
+  });
+
+  await step('/admin/docs: Swagger UI renders its operations under the admin listener\'s CSP', async () => {
+    const docs = await owner.context().newPage();
+    currentPage = docs;
+    const violations = [];
+    docs.on('console', (m) => {
+      if (/Content Security Policy|Refused to/i.test(m.text())) violations.push(m.text());
+    });
+    docs.on('pageerror', (e) => violations.push(String(e)));
+    const resp = await docs.goto(url('/admin/docs/'), { timeout: TIMEOUT });
+    check(resp && resp.status() === 200, `/admin/docs/ answered ${resp && resp.status()}`);
+    check((resp.headers()['content-security-policy'] || '').includes("frame-ancestors 'none'"), 'no CSP on /admin/docs/');
+    await docs.locator('.opblock').first().waitFor({ timeout: TIMEOUT });
+    const operations = await docs.locator('.opblock').count();
+    check(operations >= 20, `Swagger UI shows ${operations} operations`);
+    check(violations.length === 0, `CSP violations or errors: ${violations.join(' | ')}`);
+    await docs.close();
+    currentPage = owner;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

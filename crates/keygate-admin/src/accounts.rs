@@ -61,6 +61,8 @@ pub const MIN_PASSWORD_CHARS: usize = 12;
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// Recovery codes issued at two-factor enrolment.
 pub const RECOVERY_CODES: usize = 10;
+/// Setup attempts one address may make within the throttle window.
+pub const SETUP_ATTEMPTS_PER_ADDRESS: u32 = 20;
 /// A session's `last_seen_at` is written at most this often.
 const TOUCH_EVERY_MS: i64 = 60 * 1000;
 
@@ -290,7 +292,16 @@ impl Accounts {
         ip: Option<String>,
     ) -> Result<String> {
         let now = self.now();
-        if !self.throttle.attempt(&[("setup", 20)], self.settings.throttle_window_ms, now) {
+        // Throttled per source address (an IPv6 /64 as one), never globally: a global count let
+        // anyone who reached /setup lock the owner out with a few wrong codes. Guessing is hopeless
+        // anyway (a 20-character base62 code: about 119 bits); the throttle only bounds the work
+        // one address can cause, and its map is bounded like every throttle's.
+        let address = format!("setup:{}", address_key(ip.as_deref()));
+        if !self.throttle.attempt(
+            &[(address.as_str(), SETUP_ATTEMPTS_PER_ADDRESS)],
+            self.settings.throttle_window_ms,
+            now,
+        ) {
             return Err(too_many());
         }
         let email = normalize_email(email)?;

@@ -2,11 +2,13 @@
 //! OpenAPI 3.1 document generated from the handlers and an embedded explorer at `/admin/docs`.
 
 mod apps;
+mod document;
 mod dto;
 mod error;
 mod extract;
 mod misc;
 mod oauth;
+mod root_keys;
 mod tokens;
 
 use std::sync::Arc;
@@ -50,12 +52,70 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "plans", description = "Plans and the scope catalog"),
         (name = "audit", description = "The audit trail"),
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
+        (name = "root keys", description = "The admin API's own credentials: list and revoke"),
         (name = "system", description = "Health")
     )
 )]
 struct ApiDoc;
 
 struct BearerAuth;
+
+/// The answers every operation can give besides its own, added to each operation of the document
+/// in one place, so that none can forget one (schemathesis checks every status code against the
+/// document): 401/403 where a root key is needed, 400/413/415 where a body is read, 400 where a
+/// query is parsed, 404 where a path names an object, 405 for the methods a path does not take.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let ops =
+                [item.get.as_mut(), item.put.as_mut(), item.post.as_mut(), item.delete.as_mut(), item.patch.as_mut()];
+            for op in ops.into_iter().flatten() {
+                // `security(())` (one empty requirement) marks an operation without credentials.
+                let open = op.security.as_ref().is_some_and(|reqs| {
+                    reqs.iter()
+                        .all(|r| serde_json::to_value(r).is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty())))
+                });
+                let params = op.parameters.as_deref().unwrap_or_default();
+                let has = |place: ParameterIn| {
+                    params.iter().any(|p| matches!(p, RefOr::T(p) if std::mem::discriminant(&p.parameter_in) == std::mem::discriminant(&place)))
+                };
+                let mut add = |status: &str, description: &str| {
+                    op.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description));
+                };
+                if !open {
+                    add("401", "No root key, or one that is malformed, unknown, revoked or expired");
+                    add("403", "The root key lacks the permission this operation needs");
+                }
+                if has(ParameterIn::Path) {
+                    add("404", "No such object in the root key's workspace");
+                }
+                if has(ParameterIn::Query) {
+                    add("400", "A query parameter does not fit");
+                }
+                if op.request_body.is_some() {
+                    add("400", "The body is not valid JSON or does not fit");
+                    add("413", "The body is larger than 64 KiB");
+                    add("415", "The body is not sent as application/json");
+                }
+            }
+        }
+    }
+}
 
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -75,7 +135,7 @@ impl Modify for BearerAuth {
 
 /// The admin API's routes and its OpenAPI document.
 pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(tokens::create_token, tokens::list_tokens))
         .routes(routes!(tokens::get_token, tokens::update_token))
         .routes(routes!(tokens::suspend_token))
@@ -95,13 +155,26 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(oauth::rotate_client_secret))
         .routes(routes!(oauth::list_keys))
         .routes(routes!(oauth::rotate_keys))
-        .split_for_parts()
+        .routes(routes!(root_keys::list_root_keys))
+        .routes(routes!(root_keys::revoke_root_key))
+        .split_for_parts();
+    // After the routes: the modifiers of `ApiDoc` run before any path is in the document.
+    CommonResponses.modify(&mut doc);
+    (router, doc)
 }
 
 /// The whole admin listener's router: the API, its OpenAPI document and the explorer.
 pub fn router(state: AdminState) -> Router {
     let (api, openapi) = api_router();
-    let docs: Router<AdminState> = SwaggerUi::new("/admin/docs").url("/admin/v1/openapi.json", openapi).into();
+    // The document as served: the generated one, refined with what the types cannot say.
+    let mut doc = serde_json::to_value(&openapi).unwrap_or_default();
+    document::refine(
+        &mut doc,
+        state.admin.max_grace_period_seconds(),
+        state.oauth.settings().max_access_token_ttl_seconds,
+    );
+    let docs: Router<AdminState> =
+        SwaggerUi::new("/admin/docs").external_url_unchecked("/admin/v1/openapi.json", doc).into();
     api.merge(docs)
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -36,9 +36,12 @@ pub trait ApiCatalog: Send + Sync {
     async fn openapi(&self, source: &str) -> Result<serde_json::Value, String>;
     /// Sends a request through the gateway with `token` (never logged) and returns its answer.
     /// The path (normalized as the gateway does) must be one the API `api_id` serves; the answer
-    /// body is cut at 64 KiB.
+    /// body is cut at 64 KiB. `caller` is the address of the person using the explorer: the
+    /// gateway sees the request as coming from it (IP allowlists, limits, `last_used_ip`), never
+    /// from keygate's own address.
     async fn send(
         &self,
+        caller: std::net::IpAddr,
         api_id: &str,
         method: &str,
         path_and_query: &str,

@@ -8,14 +8,14 @@ mod chart;
 mod oauth;
 mod pages;
 mod portal;
+mod root_keys;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use keygate_core::{Error, ErrorKind};
@@ -73,6 +73,9 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("app.html", include_str!("../dashboard/templates/app.html")),
     ("oauth_client_created.html", include_str!("../dashboard/templates/oauth_client_created.html")),
     ("signing_keys_rotate.html", include_str!("../dashboard/templates/signing_keys_rotate.html")),
+    ("root_keys.html", include_str!("../dashboard/templates/root_keys.html")),
+    ("root_key_created.html", include_str!("../dashboard/templates/root_key_created.html")),
+    ("root_key_revoke.html", include_str!("../dashboard/templates/root_key_revoke.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -278,25 +281,43 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
 struct CsrfForm(pages::Fields);
 
 /// The largest form body read.
-const MAX_FORM_BYTES: usize = 64 * 1024;
+const MAX_FORM_BYTES: usize = crate::api::MAX_BODY_BYTES;
 
 impl axum::extract::FromRequest<DashboardState> for CsrfForm {
     type Rejection = Response;
 
     async fn from_request(req: axum::extract::Request, state: &DashboardState) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
-            return Err(state.error(PageError::Status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the form is larger than 64 KiB".into(),
-                None,
-            )));
-        };
-        let fields = pages::Fields::parse(&bytes);
+        let fields = read_form(state, body).await?;
         match csrf_refusal(state, &parts.headers, fields.get("csrf")) {
             Some(refusal) => Err(refusal),
             None => Ok(CsrfForm(fields)),
         }
+    }
+}
+
+/// The fields of a form posted before sign-in (setup, sign-in, invitations): no session, so no
+/// CSRF token, but read under the same bound.
+struct PublicForm(pages::Fields);
+
+impl axum::extract::FromRequest<DashboardState> for PublicForm {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &DashboardState) -> Result<Self, Self::Rejection> {
+        read_form(state, req.into_body()).await.map(PublicForm)
+    }
+}
+
+/// Reads a form body, at most [`MAX_FORM_BYTES`]: the read stops at the bound (the admin
+/// listener also refuses a larger `Content-Length` before any handler runs).
+async fn read_form(state: &DashboardState, body: axum::body::Body) -> Result<pages::Fields, Response> {
+    match axum::body::to_bytes(body, MAX_FORM_BYTES).await {
+        Ok(bytes) => Ok(pages::Fields::parse(&bytes)),
+        Err(_) => Err(state.error(PageError::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the form is larger than {MAX_FORM_BYTES} bytes (body_too_large)"),
+            None,
+        ))),
     }
 }
 
@@ -316,30 +337,6 @@ fn csrf_refusal(state: &DashboardState, headers: &HeaderMap, submitted: &str) ->
             None,
         )),
     )
-}
-
-async fn security_headers(State(state): State<DashboardState>, req: axum::extract::Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    // `same-origin`, not `no-referrer`: with no referrer at all, browsers send `Origin: null` on
-    // this dashboard's own form posts, and the origin check needs the real one.
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
-    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    if !h.contains_key(header::CACHE_CONTROL) {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    if state.secure {
-        h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
-    }
-    resp
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -375,6 +372,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/plans", post(pages::create_plan))
         .route("/settings/plans/{id}/scopes", post(pages::set_plan_scopes))
         .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
+        .route("/settings/root-keys", get(root_keys::list).post(root_keys::create))
+        .route("/settings/root-keys/{id}/revoke", get(root_keys::revoke_page).post(root_keys::revoke))
         .route("/portal", get(portal::catalog))
         .route("/portal/{id}", get(portal::api))
         .route("/portal/{id}/try", post(portal::try_it))
@@ -386,6 +385,5 @@ pub fn router(state: DashboardState) -> Router {
         .route("/invite/{code}", get(pages::invitation_page).post(pages::invitation_submit))
         .route("/assets/app.css", get(|| async { asset(CSS, "text/css; charset=utf-8") }))
         .route("/assets/app.js", get(|| async { asset(JS, "text/javascript; charset=utf-8") }))
-        .layer(middleware::from_fn_with_state(state.clone(), security_headers))
         .with_state(state)
 }

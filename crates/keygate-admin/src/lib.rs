@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod api;
 pub mod catalog;
 pub mod dashboard;
+pub mod listener;
 pub mod oauth;
 pub mod seal;
 pub mod service;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
-    RootKey, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord, Workspace,
+    RootKey, RootKeyStatus, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord, Workspace,
 };
 use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
 use keygate_core::scope::{Scope, parse_scope_list};
@@ -35,6 +35,8 @@ const MAX_NAME_LEN: usize = 200;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
 const MAX_REASON_LEN: usize = 500;
 const MAX_SCOPES: usize = 100;
+/// The most buckets a usage report holds (a week of minutes).
+const MAX_USAGE_BUCKETS: i64 = 10_080;
 
 /// A token to create.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +66,16 @@ pub struct TokenUpdate {
     pub quota: Option<Option<Quota>>,
     pub metadata: Option<Map<String, Value>>,
     pub dpop_jkt: Option<Option<String>>,
+}
+
+/// A root key to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewRootKey {
+    pub name: String,
+    pub permissions: Vec<Permission>,
+    /// Lifetime in seconds from now; or `expires_at`; neither: no expiry.
+    pub expires_in: Option<i64>,
+    pub expires_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -257,6 +269,11 @@ impl Admin {
         &self.settings.prefix
     }
 
+    /// The prefix of root keys (`kgroot`).
+    pub fn root_prefix(&self) -> &TokenPrefix {
+        &self.root_prefix
+    }
+
     /// Finds the workspace named `name`, creating it (with its default app) if missing.
     pub async fn ensure_workspace(&self, name: &str) -> Result<Workspace> {
         let name = validate_name(name, "workspace name")?;
@@ -283,7 +300,8 @@ impl Admin {
 
     // ---- root keys -------------------------------------------------------------------------
 
-    /// Creates a root key in `workspace` (created if missing). The secret is returned once.
+    /// Creates a root key in `workspace` (created if missing), without expiry. The secret is
+    /// returned once.
     pub async fn create_root_key(
         &self,
         workspace: &str,
@@ -291,9 +309,32 @@ impl Admin {
         permissions: Vec<Permission>,
         actor: &Actor,
     ) -> Result<(RootKey, TokenSecret)> {
+        let new = NewRootKey { name: name.to_owned(), permissions, ..NewRootKey::default() };
+        self.create_root_key_with(workspace, new, actor).await
+    }
+
+    /// Creates a root key in `workspace` (created if missing). The secret is returned once and
+    /// never again: the store keeps only its keyed hash.
+    pub async fn create_root_key_with(
+        &self,
+        workspace: &str,
+        new: NewRootKey,
+        actor: &Actor,
+    ) -> Result<(RootKey, TokenSecret)> {
+        let now = self.now();
+        let expires_at = resolve_expiry(new.expires_in, new.expires_at.map(Some), now)?.flatten();
+        let name = validate_name(&new.name, "root key name")?;
+        if new.permissions.is_empty() {
+            return Err(Error::invalid(
+                "invalid_permission",
+                "a root key needs at least one permission; * stands for all of them",
+            ));
+        }
         let ws = self.ensure_workspace(workspace).await?;
-        let name = validate_name(name, "root key name")?;
         let minted = token_format::mint(&self.root_prefix, &*self.rng)?;
+        let mut permissions = new.permissions;
+        permissions.sort();
+        permissions.dedup();
         let key = RootKey {
             id: RootKeyId::from_public_id(&minted.public_id),
             workspace_id: ws.id.clone(),
@@ -301,17 +342,20 @@ impl Admin {
             hash: self.pepper.hash(minted.secret.expose()),
             last4: minted.last4,
             permissions,
-            created_at: self.now(),
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used_at: None,
         };
-        let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
         let audit = NewAuditEvent::new(&ws.id, actor, "root_key.create", key.id.as_str(), key.created_at)
-            .with_after(serde_json::json!({"name": key.name, "permissions": perms}));
+            .with_after(root_key_view(&key));
         self.store.insert_root_key(&key, &audit).await?;
         Ok((key, minted.secret))
     }
 
     /// Checks a presented root key: its format first (no lookup for a malformed key), then the
-    /// store by keyed hash.
+    /// store by keyed hash, on every request (so a revocation or an expiry holds from the next
+    /// request on, on every node), then its state. Notes the use at most once a minute per key.
     pub async fn authenticate(&self, presented: &str) -> Result<RootKey> {
         let unauthenticated = || {
             Error::new(
@@ -321,7 +365,85 @@ impl Admin {
             )
         };
         token_format::parse(presented, &self.root_prefix).map_err(|_| unauthenticated())?;
-        self.store.root_key_by_hash(&self.pepper.hash(presented)).await?.ok_or_else(unauthenticated)
+        let key = self.store.root_key_by_hash(&self.pepper.hash(presented)).await?.ok_or_else(unauthenticated)?;
+        let now = self.now();
+        match key.status(now) {
+            RootKeyStatus::Active => {}
+            RootKeyStatus::Revoked => {
+                return Err(Error::new(
+                    ErrorKind::Unauthenticated,
+                    "root_key_revoked",
+                    "this root key was revoked; use another, or create one with `keygate root-key create`",
+                ));
+            }
+            RootKeyStatus::Expired => {
+                return Err(Error::new(
+                    ErrorKind::Unauthenticated,
+                    "root_key_expired",
+                    "this root key has expired; create a new one with `keygate root-key create`",
+                ));
+            }
+        }
+        // One conditional write per key and minute, whatever the request rate: the key read above
+        // says whether it is due, and the store's condition keeps concurrent requests (and other
+        // nodes) from writing it more than once. A failure here must not refuse the request.
+        let due = key.last_used_at.is_none_or(|t| now.as_millis() - t.as_millis() >= RootKey::LAST_USED_EVERY_MS);
+        if due && let Err(e) = self.store.touch_root_key(&key.id, now, RootKey::LAST_USED_EVERY_MS).await {
+            tracing::warn!(root_key_id = %key.id, error = %e, "cannot record a root key's last use");
+        }
+        Ok(key)
+    }
+
+    /// The workspace's root keys, revoked and expired ones included, newest first.
+    pub async fn list_root_keys(&self, ws: &WorkspaceId) -> Result<Vec<RootKey>> {
+        self.store.list_root_keys(ws).await
+    }
+
+    pub async fn root_key(&self, ws: &WorkspaceId, id: &RootKeyId) -> Result<RootKey> {
+        self.store.root_key(ws, id).await?.ok_or_else(|| Error::not_found("root key"))
+    }
+
+    /// Revokes a root key of `ws` (final; idempotent). `by`: the root key asking, when one is
+    /// (the admin API); it may revoke only keys whose permissions it holds all of, so a narrow key
+    /// cannot switch off a broader one. People (dashboard owners) and the local command line pass
+    /// `None`. Effective from the next request on every node: keys are looked up per request.
+    pub async fn revoke_root_key(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        by: Option<&RootKey>,
+        id: &RootKeyId,
+    ) -> Result<RootKey> {
+        let key = self.root_key(ws, id).await?;
+        if let Some(by) = by
+            && !by.covers(&key)
+        {
+            let missing: Vec<&str> =
+                key.permissions.iter().filter(|p| !by.permissions.contains(p)).map(|p| p.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "root_key_outranks",
+                format!(
+                    "that root key holds permissions this one lacks ({}); revoke it with a key that holds them all, \
+                     from the dashboard, or with `keygate root-key revoke`",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        if key.revoked_at.is_some() {
+            return Ok(key); // Revocation is final and idempotent.
+        }
+        let now = self.now();
+        let mut revoked = key.clone();
+        revoked.revoked_at = Some(now);
+        let audit = NewAuditEvent::new(ws, actor, "root_key.revoke", id.as_str(), now)
+            .with_diff(&root_key_view(&key), &root_key_view(&revoked));
+        if !self.store.revoke_root_key(&key, now, &audit).await? {
+            // Revoked concurrently: report what the store holds now.
+            return self.root_key(ws, id).await;
+        }
+        tracing::info!(root_key_id = %id, actor = %actor.id, "root key revoked");
+        Ok(revoked)
     }
 
     // ---- apps ------------------------------------------------------------------------------
@@ -496,8 +618,10 @@ impl Admin {
         if !catalog.is_empty() {
             for s in scopes {
                 let known = catalog.iter().any(|e| s.covers(&e.scope) || e.scope.covers(s));
+                // 409, not 400: the request is well formed; the workspace's catalog (its current
+                // state) does not hold the scope, and it may tomorrow.
                 if !known {
-                    return Err(Error::invalid(
+                    return Err(Error::conflict(
                         "unknown_scope",
                         format!(
                             "{s} is not in the workspace's scope catalog; add it there first or pick a listed scope"
@@ -513,7 +637,7 @@ impl Admin {
         if let Some(plan) = &plan {
             for s in scopes {
                 if !plan.scopes.iter().any(|p| p.covers(s)) {
-                    return Err(Error::invalid(
+                    return Err(Error::conflict(
                         "scope_not_in_plan",
                         format!(
                             "the app's plan {:?} does not include {s}; move the app to a plan that does",
@@ -892,16 +1016,18 @@ impl Admin {
         self.token(ws, id).await?;
         let step = granularity.millis();
         let from = Timestamp::from_millis(from.as_millis().div_euclid(step) * step);
-        if to <= from {
-            return Err(Error::invalid("invalid_range", "`to` must be after `from`"));
-        }
-        let buckets = (to.as_millis() - from.as_millis() + step - 1) / step;
-        if buckets > 10_080 {
-            return Err(Error::invalid(
-                "invalid_range",
-                "the range holds too many buckets (at most 10080); use a coarser granularity or a shorter range",
-            ));
-        }
+        // An empty range (`to` not after `from`) has no buckets and counts nothing.
+        let mut buckets = ((to.as_millis() - from.as_millis() + step - 1) / step).max(0);
+        // At most MAX_USAGE_BUCKETS buckets, the last ones of the range: a longer range is cut at
+        // its start, and the answer's `from` says where it begins (the work a request causes is
+        // bounded whatever range it names).
+        let from = if buckets > MAX_USAGE_BUCKETS {
+            buckets = MAX_USAGE_BUCKETS;
+            let last = (to.as_millis() - 1).div_euclid(step) * step;
+            Timestamp::from_millis(last - (MAX_USAGE_BUCKETS - 1) * step)
+        } else {
+            from
+        };
         let mut records = self.store.usage(ws, id, from, to).await?;
         if let Some(p) = self.pending_usage.get() {
             records.extend(
@@ -945,6 +1071,17 @@ fn refuse_if_revoked(t: &TokenRecord) -> Result<()> {
     if t.state == TokenState::Revoked { Err(token_revoked()) } else { Ok(()) }
 }
 
+/// What an audit event records of a root key (never its hash).
+fn root_key_view(key: &RootKey) -> Value {
+    let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
+    serde_json::json!({
+        "name": key.name,
+        "permissions": perms,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+    })
+}
+
 fn app_view(app: &App) -> Value {
     serde_json::json!({
         "name": app.name,
@@ -982,7 +1119,9 @@ fn resolve_expiry(
             "expires_in is at most 100 years; omit it for a token that does not expire",
         )),
         (Some(secs), None) => Ok(Some(Some(now.plus_seconds(secs)))),
-        (None, Some(Some(at))) if at <= now => Err(Error::invalid(
+        // A conflict with the clock, not a malformed request: the same body is valid a moment
+        // earlier (409, like other conflicts with the current state).
+        (None, Some(Some(at))) if at <= now => Err(Error::conflict(
             "expiry_in_past",
             "expires_at is in the past; give a future date-time, or revoke the token to stop it now",
         )),
@@ -992,7 +1131,8 @@ fn resolve_expiry(
 
 fn validate_name(name: &str, what: &str) -> Result<String> {
     let trimmed = name.trim();
-    if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_LEN || trimmed.chars().any(char::is_control) {
+    // The length is the given one's, before trimming, as the API's document states it.
+    if trimmed.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
         return Err(Error::invalid(
             "invalid_name",
             format!("{what} must be 1 to {MAX_NAME_LEN} characters without control characters"),

@@ -200,10 +200,15 @@ pub enum Permission {
     AuditRead,
     /// Rotate the instance's OAuth signing keys (root keys of the default workspace only).
     KeysWrite,
+    /// List the workspace's root keys (never their secrets).
+    RootKeysRead,
+    /// Revoke the workspace's root keys, each only if it holds no permission the revoking key
+    /// lacks (so a narrow key cannot switch off a broader one).
+    RootKeysWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 8] = [
+    pub const ALL: [Permission; 10] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -212,6 +217,8 @@ impl Permission {
         Self::PlansWrite,
         Self::AuditRead,
         Self::KeysWrite,
+        Self::RootKeysRead,
+        Self::RootKeysWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -224,6 +231,8 @@ impl Permission {
             Self::PlansWrite => "plans:write",
             Self::AuditRead => "audit:read",
             Self::KeysWrite => "keys:write",
+            Self::RootKeysRead => "root_keys:read",
+            Self::RootKeysWrite => "root_keys:write",
         }
     }
 
@@ -255,7 +264,8 @@ impl Permission {
     }
 }
 
-/// A credential for the admin API, bound to one workspace.
+/// A credential for the admin API, bound to one workspace. Looked up in the store on every
+/// request, so a revocation or an expiry holds from the next request on, on every node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RootKey {
     pub id: RootKeyId,
@@ -265,6 +275,57 @@ pub struct RootKey {
     pub last4: String,
     pub permissions: Vec<Permission>,
     pub created_at: Timestamp,
+    /// When the key stops working by itself; `None`: never.
+    pub expires_at: Option<Timestamp>,
+    /// When it was revoked (final); a revoked key is kept for the audit trail and the list.
+    pub revoked_at: Option<Timestamp>,
+    /// When it last authenticated, to within [`RootKey::LAST_USED_EVERY_MS`]: written at most
+    /// once per that interval, not on every request.
+    pub last_used_at: Option<Timestamp>,
+}
+
+/// A root key's state at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootKeyStatus {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl RootKeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+impl RootKey {
+    /// How stale `last_used_at` may get before a request writes it again (one minute).
+    pub const LAST_USED_EVERY_MS: i64 = 60_000;
+
+    pub fn status(&self, now: Timestamp) -> RootKeyStatus {
+        if self.revoked_at.is_some() {
+            RootKeyStatus::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            RootKeyStatus::Expired
+        } else {
+            RootKeyStatus::Active
+        }
+    }
+
+    /// `kgroot_3kT9xQ2mZp7A…Ab12`: enough to recognize the key, useless to an attacker.
+    pub fn display(&self, prefix: &str) -> String {
+        format!("{prefix}_{}…{}", self.id.as_str().strip_prefix("rk_").unwrap_or_default(), self.last4)
+    }
+
+    /// Whether this key holds every permission `other` holds: only then may it revoke `other`.
+    pub fn covers(&self, other: &RootKey) -> bool {
+        other.permissions.iter().all(|p| self.permissions.contains(p))
+    }
 }
 
 /// Who made a change, and from where.

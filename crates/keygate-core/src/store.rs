@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use crate::account::AccountStore;
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::ids::{AppId, PlanId, TokenId, WorkspaceId};
+use crate::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use crate::model::{
     App, AuditEvent, AuditFilter, LastUse, NewAuditEvent, Page, PageRequest, Plan, QuotaCount, RootKey, ScopeEntry,
     TokenFilter, TokenRecord, UsageRecord, Workspace,
@@ -77,7 +77,20 @@ pub trait TokenStore: Send + Sync {
 #[async_trait]
 pub trait RootKeyStore: Send + Sync {
     async fn insert_root_key(&self, key: &RootKey, audit: &NewAuditEvent) -> Result<()>;
+    /// Any workspace's key with this hash, revoked and expired ones included (the caller decides).
     async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>>;
+    async fn root_key(&self, ws: &WorkspaceId, id: &RootKeyId) -> Result<Option<RootKey>>;
+    /// The workspace's root keys, revoked ones included, newest first.
+    async fn list_root_keys(&self, ws: &WorkspaceId) -> Result<Vec<RootKey>>;
+    /// Every workspace's root keys, newest first: for the local command line only, which works on
+    /// the store as its operator.
+    async fn all_root_keys(&self) -> Result<Vec<RootKey>>;
+    /// Sets `revoked_at` of the key (in its workspace) if it is not revoked yet, with the audit
+    /// event, in one transaction; `false` (and no event) when it was already revoked or is gone.
+    async fn revoke_root_key(&self, key: &RootKey, at: Timestamp, audit: &NewAuditEvent) -> Result<bool>;
+    /// Moves `last_used_at` to `at` unless it is already later than `at - every_ms` (one
+    /// conditional write: concurrent requests and other nodes write at most once per interval).
+    async fn touch_root_key(&self, id: &RootKeyId, at: Timestamp, every_ms: i64) -> Result<()>;
     /// How many root keys and how many tokens exist in all workspaces (zeros on a fresh store).
     async fn credential_counts(&self) -> Result<(u64, u64)>;
 }

@@ -288,6 +288,44 @@ pub struct CorsConfig {
     pub max_age_seconds: u64,
 }
 
+impl CorsConfig {
+    /// Refuses what a browser would turn into a hole. `allow_credentials` with a `"*"` origin
+    /// would make the gateway send the caller's own origin back with
+    /// `Access-Control-Allow-Credentials: true` (the Fetch standard forbids `*` with credentials,
+    /// so the only way to "allow every origin with credentials" is reflection): any site a signed-in
+    /// user visits could then read answers made with that user's cookies or client certificate.
+    /// The error names the key, for `keygate config check`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.allow_credentials && self.allow_origins.iter().any(|o| o == "*") {
+            return Err("cors.allow_credentials = true cannot be combined with allow_origins = [\"*\"]: \
+                 list the origins that may send credentials (such as \"https://app.example\"), or drop \
+                 allow_credentials"
+                .into());
+        }
+        if self.allow_origins.is_empty() {
+            return Err("cors.allow_origins is empty; list the allowed origins, or remove the cors table".into());
+        }
+        let lists = [
+            ("allow_origins", &self.allow_origins),
+            ("allow_methods", &self.allow_methods),
+            ("allow_headers", &self.allow_headers),
+            ("expose_headers", &self.expose_headers),
+        ];
+        for (key, list) in lists {
+            // Each entry is written into an answer's head: it must be a field value with no
+            // separators of its own (RFC 9110 §5.5), or the header would be dropped or split.
+            if let Some(bad) =
+                list.iter().find(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic() && b != b','))
+            {
+                return Err(format!(
+                    "cors.{key}: {bad:?} is not a single value without spaces, commas or control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_cors_methods() -> Vec<String> {
     ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"].map(String::from).to_vec()
 }
@@ -345,4 +383,35 @@ pub(crate) fn upgrade_allowlist(names: &[String]) -> Result<Box<[Box<str>]>, Str
             Ok(n.to_ascii_lowercase().into_boxed_str())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn cors(origins: &[&str], credentials: bool) -> CorsConfig {
+        CorsConfig {
+            allow_origins: origins.iter().map(|o| (*o).to_owned()).collect(),
+            allow_methods: default_cors_methods(),
+            allow_headers: default_cors_headers(),
+            expose_headers: Vec::new(),
+            allow_credentials: credentials,
+            max_age_seconds: default_max_age(),
+        }
+    }
+
+    #[test]
+    fn cors_wildcard_with_credentials_is_refused_and_names_the_key() {
+        let e = cors(&["*"], true).validate().unwrap_err();
+        assert!(e.contains("cors.allow_credentials"), "{e}");
+        assert!(cors(&["https://a.example", "*"], true).validate().is_err());
+        assert!(cors(&["*"], false).validate().is_ok());
+        assert!(cors(&["https://a.example"], true).validate().is_ok());
+        assert!(cors(&[], false).validate().unwrap_err().contains("cors.allow_origins"));
+        assert!(cors(&["https://a.example\r\nx: y"], false).validate().unwrap_err().contains("cors.allow_origins"));
+        let mut spaced = cors(&["https://a.example"], false);
+        spaced.expose_headers = vec!["a, b".into()];
+        assert!(spaced.validate().unwrap_err().contains("cors.expose_headers"));
+    }
 }

@@ -215,6 +215,9 @@ impl RouteTable {
             if let Some(r) = &c.rate_limit {
                 r.validate().map_err(|e| err(e.message.into_owned()))?;
             }
+            if let Some(cors) = &c.cors {
+                cors.validate().map_err(err)?;
+            }
             if let Some(h) = &c.health_check
                 && (!h.path.starts_with('/') || h.interval_seconds == 0)
             {

@@ -302,6 +302,72 @@ async fn change_feed(h: &Harness) {
     assert_eq!(s.changes_since(snap.seq, 1).await.unwrap().len(), 1);
 }
 
+fn root_key(ws: &WorkspaceId, name: &str, created_at: Timestamp) -> RootKey {
+    let minted = mint(&TokenPrefix::default().root_key_prefix(), &OsRandom).unwrap();
+    RootKey {
+        id: RootKeyId::from_public_id(&minted.public_id),
+        workspace_id: ws.clone(),
+        name: name.into(),
+        hash: Pepper::new(&[3; 32]).unwrap().hash(minted.secret.expose()),
+        last4: minted.last4,
+        permissions: vec![Permission::RootKeysRead, Permission::TokensRead],
+        created_at,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+    }
+}
+
+/// Root keys: listed per workspace (newest first) and for the operator across workspaces, found
+/// by id only in their workspace, revoked once (one audit event), expiry kept, last use moved
+/// forward at most once per interval.
+async fn root_key_lifecycle(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (other, od) = workspace("other");
+    s.ensure_workspace(&other, &od).await.unwrap();
+    let mut old = root_key(&ws.id, "old", T0);
+    old.expires_at = Some(Timestamp::from_millis(T0.as_millis() + 3_600_000));
+    let new = root_key(&ws.id, "new", Timestamp::from_millis(T0.as_millis() + 1));
+    let theirs = root_key(&other.id, "theirs", T0);
+    for k in [&old, &new, &theirs] {
+        s.insert_root_key(k, &audit(&k.workspace_id, "root_key.create", k.id.as_str())).await.unwrap();
+    }
+    assert_eq!(s.list_root_keys(&ws.id).await.unwrap(), vec![new.clone(), old.clone()]);
+    assert_eq!(s.list_root_keys(&other.id).await.unwrap(), vec![theirs.clone()]);
+    assert_eq!(s.all_root_keys().await.unwrap().len(), 3);
+    assert_eq!(s.root_key(&ws.id, &old.id).await.unwrap(), Some(old.clone()), "the expiry is kept");
+    assert_eq!(s.root_key(&ws.id, &theirs.id).await.unwrap(), None, "another workspace's key is not found");
+
+    // Revocation: once, with its event; the key stays (for the list and the trail).
+    let at = Timestamp::from_millis(T0.as_millis() + 5_000);
+    let events = all_audit(s, &ws.id).await.len();
+    assert!(s.revoke_root_key(&old, at, &audit(&ws.id, "root_key.revoke", old.id.as_str())).await.unwrap());
+    assert!(!s.revoke_root_key(&old, at, &audit(&ws.id, "root_key.revoke", old.id.as_str())).await.unwrap());
+    assert_eq!(all_audit(s, &ws.id).await.len(), events + 1, "one event for one revocation");
+    let revoked = s.root_key_by_hash(&old.hash).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(at));
+    // A key of another workspace is not revoked through a record that names the wrong one.
+    let mut forged = theirs.clone();
+    forged.workspace_id = ws.id.clone();
+    assert!(!s.revoke_root_key(&forged, at, &audit(&ws.id, "root_key.revoke", theirs.id.as_str())).await.unwrap());
+    assert_eq!(s.root_key(&other.id, &theirs.id).await.unwrap().unwrap().revoked_at, None);
+
+    // Last use: written, then not again within the interval, then again after it.
+    s.touch_root_key(&new.id, at, 60_000).await.unwrap();
+    assert_eq!(s.root_key(&ws.id, &new.id).await.unwrap().unwrap().last_used_at, Some(at));
+    let soon = Timestamp::from_millis(at.as_millis() + 59_999);
+    s.touch_root_key(&new.id, soon, 60_000).await.unwrap();
+    assert_eq!(s.root_key(&ws.id, &new.id).await.unwrap().unwrap().last_used_at, Some(at));
+    let later = Timestamp::from_millis(at.as_millis() + 60_000);
+    s.touch_root_key(&new.id, later, 60_000).await.unwrap();
+    assert_eq!(s.root_key(&ws.id, &new.id).await.unwrap().unwrap().last_used_at, Some(later));
+    // Never back in time (a slow request of an earlier instant).
+    s.touch_root_key(&new.id, at, 0).await.unwrap();
+    assert_eq!(s.root_key(&ws.id, &new.id).await.unwrap().unwrap().last_used_at, Some(later));
+}
+
 async fn root_keys_plans_and_scopes(h: &Harness) {
     let s = &h.store;
     let (ws, d) = workspace("acme");
@@ -316,6 +382,9 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
         last4: minted.last4.clone(),
         permissions: vec![Permission::TokensRead, Permission::AuditRead],
         created_at: T0,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
     };
     assert_eq!(s.credential_counts().await.unwrap(), (0, 0));
     s.insert_root_key(&rk, &audit(&ws.id, "root_key.create", rk.id.as_str())).await.unwrap();
@@ -1545,6 +1614,7 @@ conformance!(
     token_lifecycle,
     change_feed,
     root_keys_plans_and_scopes,
+    root_key_lifecycle,
     deleting_apps,
     usage_and_quota_counts,
     accounts_users,

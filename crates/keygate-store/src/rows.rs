@@ -153,6 +153,9 @@ pub(crate) fn root_key(row: &AnyRow) -> Result<RootKey> {
         last4: get(row, "last4")?,
         permissions: perms.iter().filter_map(|p| Permission::parse(p)).collect(),
         created_at: ts(row, "created_at")?,
+        expires_at: opt_ts(row, "expires_at")?,
+        revoked_at: opt_ts(row, "revoked_at")?,
+        last_used_at: opt_ts(row, "last_used_at")?,
     })
 }
 

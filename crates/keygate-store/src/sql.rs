@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keygate_core::ids::{AppId, PlanId, TokenId, WorkspaceId};
+use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     App, AuditEvent, AuditFilter, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest, Plan, RootKey,
     ScopeEntry, TokenFilter, TokenRecord, TokenStatus, Workspace,
@@ -38,6 +38,8 @@ const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, s
     revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt";
 const APP_COLS: &str = "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at";
 const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
+const ROOT_KEY_COLS: &str =
+    "id, workspace_id, name, hash, last4, permissions, created_at, expires_at, revoked_at, last_used_at";
 
 /// The SQL store. Clone-free: hold it as `Arc<SqlStore>` or `Arc<dyn Store>`.
 pub struct SqlStore {
@@ -726,35 +728,97 @@ impl RootKeyStore for SqlStore {
     async fn insert_root_key(&self, key: &RootKey, audit: &NewAuditEvent) -> Result<()> {
         let perms: Vec<&str> = key.permissions.iter().map(|p| p.as_str()).collect();
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO root_keys (id, workspace_id, name, hash, last4, permissions, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(key.id.as_str())
-        .bind(key.workspace_id.as_str())
-        .bind(key.name.as_str())
-        .bind(key.hash.as_bytes().to_vec())
-        .bind(key.last4.as_str())
-        .bind(to_json(&perms)?)
-        .bind(key.created_at.as_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let sql = format!("INSERT INTO root_keys ({ROOT_KEY_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key.id.as_str())
+            .bind(key.workspace_id.as_str())
+            .bind(key.name.as_str())
+            .bind(key.hash.as_bytes().to_vec())
+            .bind(key.last4.as_str())
+            .bind(to_json(&perms)?)
+            .bind(key.created_at.as_millis())
+            .bind(key.expires_at.map(Timestamp::as_millis))
+            .bind(key.revoked_at.map(Timestamp::as_millis))
+            .bind(key.last_used_at.map(Timestamp::as_millis))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         insert_audit(&mut tx, audit).await?;
         self.commit(tx, None).await
     }
 
     async fn root_key_by_hash(&self, hash: &SecretHash) -> Result<Option<RootKey>> {
-        sqlx::query(
-            "SELECT id, workspace_id, name, hash, last4, permissions, created_at FROM root_keys WHERE hash = $1",
+        let sql = format!("SELECT {ROOT_KEY_COLS} FROM root_keys WHERE hash = $1");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(hash.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::root_key)
+            .transpose()
+    }
+
+    async fn root_key(&self, ws: &WorkspaceId, id: &RootKeyId) -> Result<Option<RootKey>> {
+        let sql = format!("SELECT {ROOT_KEY_COLS} FROM root_keys WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::root_key)
+            .transpose()
+    }
+
+    async fn list_root_keys(&self, ws: &WorkspaceId) -> Result<Vec<RootKey>> {
+        let sql =
+            format!("SELECT {ROOT_KEY_COLS} FROM root_keys WHERE workspace_id = $1 ORDER BY created_at DESC, id DESC");
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_all(&self.pool).await.map_err(db_error)?;
+        rows.iter().map(rows::root_key).collect()
+    }
+
+    async fn all_root_keys(&self) -> Result<Vec<RootKey>> {
+        let sql = format!("SELECT {ROOT_KEY_COLS} FROM root_keys ORDER BY created_at DESC, id DESC");
+        let rows = sqlx::query(AssertSqlSafe(sql)).fetch_all(&self.pool).await.map_err(db_error)?;
+        rows.iter().map(rows::root_key).collect()
+    }
+
+    async fn revoke_root_key(&self, key: &RootKey, at: Timestamp, audit: &NewAuditEvent) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        // Conditional, so that of two concurrent revocations exactly one writes its event.
+        let done = sqlx::query(
+            "UPDATE root_keys SET revoked_at = $3 WHERE workspace_id = $1 AND id = $2 AND revoked_at IS NULL",
         )
-        .bind(hash.as_bytes().to_vec())
-        .fetch_optional(&self.pool)
+        .bind(key.workspace_id.as_str())
+        .bind(key.id.as_str())
+        .bind(at.as_millis())
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?
-        .as_ref()
-        .map(rows::root_key)
-        .transpose()
+        .rows_affected()
+            == 1;
+        if !done {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        self.commit(tx, None).await?;
+        Ok(true)
+    }
+
+    async fn touch_root_key(&self, id: &RootKeyId, at: Timestamp, every_ms: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE root_keys SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at <= $3)",
+        )
+        .bind(id.as_str())
+        .bind(at.as_millis())
+        .bind(at.as_millis().saturating_sub(every_ms))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 
     async fn credential_counts(&self) -> Result<(u64, u64)> {

@@ -1,21 +1,26 @@
 //! The developer portal's view of the gateway: its routes as an API catalog, their OpenAPI
 //! documents (from files, or URLs fetched and cached for a few minutes), and the explorer's
-//! requests, sent through the gateway's own listener.
+//! requests, sent into the gateway's request path as the person using the explorer.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate_admin::catalog::{ApiCatalog, ApiEntry, TryAnswer};
-use keygate_gateway::handler::Gateway;
+use keygate_gateway::handler::{ConnInfo, Gateway};
 use keygate_gateway::routes::normalize_path;
 
 /// The largest OpenAPI document or explorer answer read.
 const MAX_DOC_BYTES: usize = 4 * 1024 * 1024;
 const MAX_ANSWER_SHOWN: usize = 64 * 1024;
 const URL_CACHE: Duration = Duration::from_secs(300);
+/// How long the explorer waits for the gateway's answer, and then for its body.
+const EXPLORER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answer headers the explorer shows.
 const SHOWN_HEADERS: [&str; 6] =
     ["content-type", "ratelimit", "ratelimit-policy", "retry-after", "www-authenticate", "content-length"];
@@ -50,6 +55,43 @@ impl Catalog {
             cache.insert(url.to_owned(), (Instant::now(), doc.clone()));
         }
         Ok(doc)
+    }
+}
+
+impl Catalog {
+    /// Sends `req` into the gateway's own request path over an in-process HTTP/2 connection whose
+    /// remote address is `caller`, the person using the explorer. Through a socket, the gateway
+    /// would see keygate's own address instead, and a token whose IP allowlist names the keygate
+    /// host would pass for anyone who can open the dashboard (issue 12). So every check the
+    /// gateway makes on the client address (allowlists, and what it records as `last_used_ip`)
+    /// is made on the person's address, with no header to trust and no special case in the gateway.
+    async fn through_gateway(
+        &self,
+        caller: IpAddr,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let gw = self.gateway.clone();
+        let info = ConnInfo::new(SocketAddr::new(caller, 0), false);
+        let service = hyper::service::service_fn(move |req| {
+            let gw = gw.clone();
+            // The body is already in memory: the explorer's own time limit covers it.
+            async move { Ok::<_, std::convert::Infallible>(gw.handle(info, req, EXPLORER_TIMEOUT).await) }
+        });
+        let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(1)
+            .serve_connection(TokioIo::new(server_io), service);
+        // Both halves end with the connection: when `sender` is dropped after the answer is read.
+        tokio::spawn(async move {
+            let _ = server.await;
+        });
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
+            .await
+            .map_err(|e| format!("the gateway could not be reached: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender.send_request(req).await.map_err(|e| format!("the gateway could not be reached: {e}"))
     }
 }
 
@@ -104,13 +146,14 @@ impl ApiCatalog for Catalog {
 
     async fn send(
         &self,
+        caller: IpAddr,
         api_id: &str,
         method: &str,
         path_and_query: &str,
         token: Option<&str>,
         body: Option<String>,
     ) -> Result<TryAnswer, String> {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| "not an HTTP method".to_owned())?;
+        let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| "not an HTTP method".to_owned())?;
         // The request must reach this API, as the gateway will route it: normalize the path the
         // same way and match it against the live route table.
         let (path, query) = match path_and_query.split_once('?') {
@@ -128,15 +171,25 @@ impl ApiCatalog for Catalog {
             Some(_) => return Err("the query string holds characters a URL cannot".into()),
             None => path.into_owned(),
         };
-        let url = format!("http://{}{target}", self.gateway_addr);
-        let mut req = self.http.request(method, url);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{target}", self.gateway_addr))
+            .header(http::header::HOST, self.gateway_addr.to_string());
         if let Some(t) = token {
-            req = req.bearer_auth(t.trim());
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", t.trim()));
         }
-        if let Some(b) = body {
-            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b);
-        }
-        let resp = req.send().await.map_err(|e| format!("the gateway could not be reached: {}", e.without_url()))?;
+        let body = match body {
+            Some(b) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(b)
+            }
+            None => Bytes::new(),
+        };
+        let req =
+            req.body(Full::new(body)).map_err(|_| "the token or path holds characters a request cannot".to_owned())?;
+        let mut resp = tokio::time::timeout(EXPLORER_TIMEOUT, self.through_gateway(caller, req))
+            .await
+            .map_err(|_| "the gateway did not answer in time".to_owned())??;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -145,17 +198,24 @@ impl ApiCatalog for Catalog {
             .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
         // Read no more than is shown: a large answer is cut, not buffered whole.
-        let mut resp = resp;
         let mut shown: Vec<u8> = Vec::new();
         let mut truncated = false;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading the answer: {}", e.without_url()))? {
-            let room = MAX_ANSWER_SHOWN - shown.len();
-            shown.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if chunk.len() > room {
-                truncated = true;
-                break;
+        let read = async {
+            while let Some(frame) = resp.body_mut().frame().await {
+                let frame = frame.map_err(|e| format!("reading the answer: {e}"))?;
+                let Ok(chunk) = frame.into_data() else { continue };
+                let room = MAX_ANSWER_SHOWN - shown.len();
+                shown.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if chunk.len() > room {
+                    truncated = true;
+                    break;
+                }
             }
-        }
+            Ok::<(), String>(())
+        };
+        tokio::time::timeout(EXPLORER_TIMEOUT, read)
+            .await
+            .map_err(|_| "the answer did not arrive in time".to_owned())??;
         Ok(TryAnswer { status, headers, body: String::from_utf8_lossy(&shown).into_owned(), truncated })
     }
 }

@@ -49,17 +49,53 @@ pub enum RootKeyCommand {
         #[arg(long)]
         name: String,
         /// A permission (repeatable): tokens:read, tokens:write, apps:read, apps:write,
-        /// plans:read, plans:write, audit:read, or * for all. Default: all.
+        /// plans:read, plans:write, audit:read, keys:write, root_keys:read, root_keys:write, or *
+        /// for all. Default: all.
         #[arg(long = "permission", value_name = "P")]
         permissions: Vec<String>,
         /// The workspace the key belongs to; created if missing.
         #[arg(long, default_value = "default")]
         workspace: String,
+        /// Lifetime in seconds from now; the key is refused after it (root_key_expired).
+        /// Default: no expiry.
+        #[arg(long, value_name = "SECONDS", conflicts_with = "expires_at")]
+        expires_in: Option<i64>,
+        /// Expiry as an RFC 3339 date-time, such as 2030-01-31T00:00:00Z.
+        #[arg(long, value_name = "DATE_TIME")]
+        expires_at: Option<String>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List root keys (never their secrets), newest first: every workspace's, or one's.
+    List {
+        /// Only this workspace's keys.
+        #[arg(long)]
+        workspace: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a root key for good: refused from its next request on, on every node.
+    Revoke {
+        /// The key's id (rk_…), as `root-key list` shows it.
+        id: String,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+impl RootKeyCommand {
+    /// Where the store is.
+    pub fn store(&self) -> &StoreArgs {
+        match self {
+            Self::Create { store, .. } | Self::List { store, .. } | Self::Revoke { store, .. } => store,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

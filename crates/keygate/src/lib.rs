@@ -10,6 +10,7 @@ pub mod config;
 pub mod fetch;
 pub mod gateway;
 pub mod pepper;
+pub mod root_key_cmd;
 pub mod scan;
 pub mod scan_cmd;
 pub mod serve;

@@ -11,10 +11,9 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
-use keygate::cli::{Cli, Command, ConfigCommand, Output, RootKeyCommand, StoreArgs};
+use keygate::cli::{Cli, Command, ConfigCommand, StoreArgs};
 use keygate::config::{Config, LogFormat, Overrides};
-use keygate::{UsageError, client, scan_cmd, serve};
-use keygate_core::model::{Actor, Permission};
+use keygate::{UsageError, client, root_key_cmd, scan_cmd, serve};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -60,35 +59,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::RootKey(RootKeyCommand::Create { name, permissions, workspace, output, store }) => {
-            let cfg = load_config(&store)?;
-            let perms = if permissions.is_empty() {
-                Permission::ALL.to_vec()
-            } else {
-                Permission::parse_list(&permissions).map_err(|e| UsageError(e.message.into_owned()))?
-            };
-            let opened = serve::open(&cfg, std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty())).await?;
-            let (key, secret) = opened
-                .admin
-                .create_root_key(&workspace, &name, perms, &Actor::cli())
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            opened.store.close().await;
-            match output {
-                Output::Json => println!("{}", serde_json::json!({"id": key.id, "key": secret.expose()})),
-                Output::Table => {
-                    println!("id:          {}", key.id);
-                    println!("workspace:   {workspace}");
-                    println!(
-                        "permissions: {}",
-                        key.permissions.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
-                    );
-                    println!("key:         {}", secret.expose());
-                    println!();
-                    println!("Store this key now: it is shown only once. Use it as `Authorization: Bearer <key>`");
-                    println!("or `export KEYGATE_ADMIN_KEY=<key>` for `keygate token`.");
-                }
-            }
+        Command::RootKey(cmd) => {
+            let cfg = load_config(cmd.store())?;
+            let pepper = std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty());
+            root_key_cmd::run(cmd, &cfg, pepper).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(args) => {

@@ -187,9 +187,13 @@ pub async fn start(
         config_path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default(),
     )));
     tasks.extend(crate::gateway::spawn_jwks_fetchers(&gw, cfg));
-    let app = keygate_admin::router(AdminState { admin: opened.admin.clone(), oauth: oauth.clone() })
-        .merge(metrics)
-        .merge(keygate_admin::dashboard::router(dashboard));
+    // One router for the admin listener, and the body bound and security headers around all of it.
+    let app = keygate_admin::listener::layers(
+        keygate_admin::router(AdminState { admin: opened.admin.clone(), oauth: oauth.clone() })
+            .merge(metrics)
+            .merge(keygate_admin::dashboard::router(dashboard)),
+        cfg.dashboard.secure_cookies,
+    );
     let (stop, mut stop_rx) = watch::channel(false);
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
         async move {

@@ -43,7 +43,13 @@ pub(crate) async fn list_apps(
 ) -> Result<Json<AppList>, ApiError> {
     let page = s
         .admin
-        .list_apps(&auth.key.workspace_id, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
+        .list_apps(
+            &auth.key.workspace_id,
+            &PageRequest {
+                limit: super::extract::page_limit(q.limit)?,
+                cursor: super::extract::time_cursor(q.cursor)?,
+            },
+        )
         .await?;
     Ok(Json(AppList { data: page.items.iter().map(AppView::from).collect(), next_cursor: page.next_cursor }))
 }

@@ -2,7 +2,7 @@
 //! secret except the `token` of a create or rotate answer, shown that once.
 
 use keygate_core::Timestamp;
-use keygate_core::model::{App, AuditEvent, LATENCY_BUCKETS_MS, Plan, ScopeEntry, TokenRecord};
+use keygate_core::model::{App, AuditEvent, LATENCY_BUCKETS_MS, Plan, RootKey, RootKeyStatus, ScopeEntry, TokenRecord};
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -308,6 +308,48 @@ pub struct UpdateAppRequest {
     pub plan_id: Option<Option<String>>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+}
+
+/// A root key as the API shows it: never its secret, which was shown once, at creation.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RootKeyView {
+    pub id: String,
+    pub name: String,
+    /// `kgroot_<public id>…<last 4>`: enough to recognize the key.
+    pub display: String,
+    pub permissions: Vec<String>,
+    #[schema(value_type = String)]
+    pub status: RootKeyStatus,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<Timestamp>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<Timestamp>,
+    /// When the key last authenticated, to within a minute.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<Timestamp>,
+}
+
+impl RootKeyView {
+    pub fn new(k: &RootKey, now: Timestamp, prefix: &str) -> Self {
+        Self {
+            id: k.id.to_string(),
+            name: k.name.clone(),
+            display: k.display(prefix),
+            permissions: k.permissions.iter().map(|p| p.as_str().to_owned()).collect(),
+            status: k.status(now),
+            created_at: k.created_at,
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+            last_used_at: k.last_used_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RootKeyList {
+    pub data: Vec<RootKeyView>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

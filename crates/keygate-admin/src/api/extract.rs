@@ -39,19 +39,88 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             ));
         }
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-        serde_json::from_slice(bytes).map(ApiJson).map_err(|e| {
-            use serde_json::error::Category;
-            match e.classify() {
-                Category::Syntax | Category::Eof | Category::Io => ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_json",
-                    format!("the body is not valid JSON ({e})"),
-                ),
-                Category::Data => {
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body does not fit: {e}"))
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON ({e})"))
+        })?;
+        // Every body is an object: serde would also read a struct from an array of its fields.
+        if !value.is_object() {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the body must be a JSON object"));
+        }
+        integral_numbers(&mut value);
+        serde_json::from_value(value)
+            .map(ApiJson)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body does not fit: {e}")))
+    }
+}
+
+/// Turns numbers written with a zero fraction (`60.0`, `6e1`) into the integers they are. JSON
+/// has one number type, and JSON Schema's `integer` is any number whose fraction is zero (JSON
+/// Schema 2020-12 §6.1.1), so the document's integer fields accept `60.0`; serde's integer types do
+/// not. Done once here, for every body, rather than field by field.
+fn integral_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.is_finite()) {
+                // Exactly representable integers only (|f| < 2^53); larger ones stay as they are
+                // and are refused by the field's type.
+                if f.abs() < 9_007_199_254_740_992.0 {
+                    #[allow(clippy::cast_possible_truncation, reason = "integral and below 2^53: exact")]
+                    let i = f as i64;
+                    *v = serde_json::Value::from(i);
                 }
             }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
+/// A page size given as `limit`: 1 to 500; none gives the default.
+pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    use keygate_core::model::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+    match limit {
+        None => Ok(DEFAULT_PAGE_SIZE),
+        Some(n) if (1..=MAX_PAGE_SIZE).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("limit is a page size from 1 to {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+/// A list cursor by creation time, as the API hands them out: `<ms>.<id>` (the document's
+/// pattern, checked here too, so that what it refuses is refused).
+pub fn time_cursor(cursor: Option<String>) -> Result<Option<String>, ApiError> {
+    let ok = |c: &str| {
+        c.split_once('.').is_some_and(|(ms, id)| {
+            (1..=15).contains(&ms.len())
+                && ms.bytes().all(|b| b.is_ascii_digit())
+                && id.split_once('_').is_some_and(|(kind, rest)| {
+                    (2..=4).contains(&kind.len())
+                        && kind.bytes().all(|b| b.is_ascii_lowercase())
+                        && (1..=64).contains(&rest.len())
+                        && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+                })
         })
+    };
+    cursor_checked(cursor, ok)
+}
+
+/// An audit-trail cursor: an event id of 1 to 15 digits.
+pub fn audit_cursor(cursor: Option<String>) -> Result<Option<String>, ApiError> {
+    cursor_checked(cursor, |c| (1..=15).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn cursor_checked(cursor: Option<String>, ok: impl Fn(&str) -> bool) -> Result<Option<String>, ApiError> {
+    match cursor {
+        Some(c) if !ok(&c) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+            "the cursor is not one this API returned; start again without it",
+        )),
+        other => Ok(other),
     }
 }
 
@@ -109,6 +178,8 @@ permission_marker!(
     PlansWrite => PlansWrite,
     AuditRead => AuditRead,
     KeysWrite => KeysWrite,
+    RootKeysRead => RootKeysRead,
+    RootKeysWrite => RootKeysWrite,
 );
 
 /// An authenticated root key holding permission `P`.

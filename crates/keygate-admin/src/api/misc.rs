@@ -86,7 +86,14 @@ pub(crate) async fn list_audit_events(
     };
     let page = s
         .admin
-        .audit_events(&auth.key.workspace_id, &filter, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
+        .audit_events(
+            &auth.key.workspace_id,
+            &filter,
+            &PageRequest {
+                limit: super::extract::page_limit(q.limit)?,
+                cursor: super::extract::audit_cursor(q.cursor)?,
+            },
+        )
         .await?;
     Ok(Json(AuditEventList {
         data: page.items.iter().map(AuditEventView::from).collect(),

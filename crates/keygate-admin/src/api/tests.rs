@@ -79,7 +79,13 @@ async fn every_operation_requires_a_credential() {
 #[tokio::test]
 async fn every_write_refuses_a_read_only_key() {
     let (app, admin, _dir) = setup().await;
-    let read_all = vec![Permission::TokensRead, Permission::AppsRead, Permission::PlansRead, Permission::AuditRead];
+    let read_all = vec![
+        Permission::TokensRead,
+        Permission::AppsRead,
+        Permission::PlansRead,
+        Permission::AuditRead,
+        Permission::RootKeysRead,
+    ];
     let (_, key) = admin.create_root_key("default", "reader", read_all, &Actor::cli()).await.unwrap();
     for (method, path) in operations() {
         let (status, body) = call(&app, &method, &path, Some(key.expose())).await;
@@ -97,4 +103,94 @@ async fn unknown_routes_and_methods_answer_json() {
     let (app, _admin, _dir) = setup().await;
     assert_eq!(call(&app, "GET", "/admin/v2/tokens", None).await.1["error"]["code"], "route_not_found");
     assert_eq!(call(&app, "DELETE", "/admin/v1/tokens", None).await.1["error"]["code"], "method_not_allowed");
+}
+
+/// Every operation documents the answers the API's layers can give it (schemathesis holds every
+/// status code to the document): 401/403 where a key is needed, 400/413/415 where a body is read.
+#[test]
+fn every_operation_documents_its_common_answers() {
+    let doc = serde_json::to_value(api_router().1).unwrap();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let has = |status: &str| op["responses"].get(status).is_some();
+            if path != "/admin/v1/health" {
+                assert!(has("401") && has("403"), "{method} {path}");
+            }
+            if op.get("requestBody").is_some() {
+                assert!(has("400") && has("413") && has("415"), "{method} {path}");
+            }
+            if path.contains('{') {
+                assert!(has("404"), "{method} {path}");
+            }
+        }
+    }
+}
+
+/// The served document states what the service checks: sizes, characters, ranges.
+#[tokio::test]
+async fn the_served_document_states_the_limits_the_service_enforces() {
+    let (app, _admin, _dir) = setup().await;
+    let (status, doc) = call(&app, "GET", "/admin/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let name = &doc["components"]["schemas"]["CreateTokenRequest"]["properties"]["name"];
+    assert_eq!((name["minLength"].as_u64(), name["maxLength"].as_u64()), (Some(1), Some(200)));
+    assert!(doc["components"]["schemas"]["CreateTokenRequest"]["not"].is_object(), "expires_in xor expires_at");
+    let grace = &doc["components"]["schemas"]["RotateTokenRequest"]["properties"]["grace_period_seconds"];
+    assert_eq!(grace["maximum"].as_u64(), Some(30 * 86_400), "the configured maximum");
+    let params = doc["paths"]["/admin/v1/tokens"]["get"]["parameters"].as_array().unwrap();
+    let limit = params.iter().find(|p| p["name"] == "limit").unwrap();
+    assert_eq!((limit["schema"]["minimum"].as_u64(), limit["schema"]["maximum"].as_u64()), (Some(1), Some(500)));
+    let revoke = &doc["paths"]["/admin/v1/tokens/{id}/revoke"]["post"]["requestBody"];
+    assert_eq!(revoke["required"], false, "a body whose fields are all optional may be left out");
+}
+
+/// What the document allows is accepted, what it refuses is refused: integral numbers written
+/// with a fraction, page sizes, cursors, bodies that are not objects.
+#[tokio::test]
+async fn bodies_and_queries_are_read_as_the_document_states() {
+    let (app, admin, _dir) = setup().await;
+    let (_, key) = admin.create_root_key("default", "k", Permission::ALL.to_vec(), &Actor::cli()).await.unwrap();
+    let send = |method: &'static str, path: &'static str, body: &'static str| {
+        let app = app.clone();
+        let key = key.expose().to_owned();
+        async move {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::from(body))
+                .unwrap();
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+            (status, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default())
+        }
+    };
+    let (status, body) = send(
+        "POST",
+        "/admin/v1/tokens",
+        r#"{"name":"n","expires_in":60.0,"rate_limit":{"requests":1e1,"per_seconds":1}}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["rate_limit"]["requests"], 10);
+    let (status, body) = send("POST", "/admin/v1/tokens", r#"{"name":"n","expires_in":60.5}"#).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_body")));
+    let (status, body) = send("PUT", "/admin/v1/scopes/orders:read", "[null, null]").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_body")));
+    for bad in ["/admin/v1/tokens?limit=0", "/admin/v1/apps?limit=501", "/admin/v1/audit-events?limit=4294967295"] {
+        let (status, body) = send("GET", bad, "").await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_query")), "{bad}");
+    }
+    for bad in ["/admin/v1/tokens?cursor=0.5", "/admin/v1/apps?cursor=", "/admin/v1/audit-events?cursor=x"] {
+        let (status, body) = send("GET", bad, "").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_cursor")),
+            "{bad}"
+        );
+    }
+    let (status, _) = send("GET", "/admin/v1/tokens?limit=500&cursor=1900000000000.tok_abc", "").await;
+    assert_eq!(status, StatusCode::OK);
 }

@@ -13,6 +13,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiQuery, Auth, TokensRead, TokensWrite, time_param};
 use crate::service::{NewToken, TokenUpdate};
 
+/// The longest `expiring_within` (100 years), as the document states.
+const MAX_EXPIRING_WITHIN: i64 = 100 * 365 * 86_400;
+
 pub(crate) fn token_id(raw: &str) -> Result<TokenId, ApiError> {
     TokenId::parse(raw).ok_or_else(|| Error::not_found("token").into())
 }
@@ -29,6 +32,7 @@ pub(crate) fn app_id(raw: &str) -> Result<AppId, ApiError> {
         (status = 401, description = "No valid root key", body = ErrorBody),
         (status = 403, description = "The root key lacks tokens:write", body = ErrorBody),
         (status = 404, description = "No such app", body = ErrorBody),
+        (status = 409, description = "expires_at has passed (expiry_in_past)", body = ErrorBody),
     ))]
 pub(crate) async fn create_token(
     auth: Auth<TokensWrite>,
@@ -74,8 +78,12 @@ pub(crate) async fn list_tokens(
         })
         .transpose()?;
     let expiring_before = match q.expiring_within {
-        Some(secs) if secs <= 0 => {
-            return Err(Error::invalid("invalid_query", "expiring_within is a positive number of seconds").into());
+        Some(secs) if secs <= 0 || secs > MAX_EXPIRING_WITHIN => {
+            return Err(Error::invalid(
+                "invalid_query",
+                "expiring_within is a number of seconds from 1 to 3153600000 (100 years)",
+            )
+            .into());
         }
         Some(secs) => Some(now.plus_seconds(secs)),
         None => None,
@@ -93,7 +101,14 @@ pub(crate) async fn list_tokens(
     let filter = TokenFilter { app_id: app, status, name_contains: q.q, expiring_before, exposed: q.exposed };
     let page = s
         .admin
-        .list_tokens(&auth.key.workspace_id, &filter, &PageRequest { limit: q.limit.unwrap_or(0), cursor: q.cursor })
+        .list_tokens(
+            &auth.key.workspace_id,
+            &filter,
+            &PageRequest {
+                limit: super::extract::page_limit(q.limit)?,
+                cursor: super::extract::time_cursor(q.cursor)?,
+            },
+        )
         .await?;
     Ok(Json(TokenList {
         data: page.items.iter().map(|t| TokenView::new(t, now)).collect(),

@@ -20,7 +20,7 @@ use minijinja::{Value, context};
 use serde::Deserialize;
 
 use super::chart::{self, Bar};
-use super::{CsrfForm, DashboardState, PageError, SignedIn, same_origin, session_cookie};
+use super::{CsrfForm, DashboardState, PageError, PublicForm, SignedIn, same_origin, session_cookie};
 use crate::accounts::{SignIn, Viewer};
 use crate::api::{AuditEventView, TokenView};
 use crate::service::{Granularity, NewApp, NewToken, TokenUpdate};
@@ -74,6 +74,7 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
             "ok",
             "Signing keys rotated: the new keys are in the JWKS now and sign once the publish-ahead time has passed.",
         ),
+        "root_key_revoked" => ("ok", "Root key revoked: it is refused from its next request on."),
         "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
         _ => return Value::from(()),
     };
@@ -147,12 +148,11 @@ pub async fn setup_submit(
     State(st): State<DashboardState>,
     conn: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    PublicForm(f): PublicForm,
 ) -> Response {
     if !same_origin(&headers) {
         return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
     }
-    let f = Fields::parse(&body);
     match st
         .accounts
         .complete_setup(f.get("code"), f.get("email"), f.get("name"), f.get("password"), client_ip(&conn))
@@ -215,12 +215,11 @@ pub async fn login_submit(
     State(st): State<DashboardState>,
     conn: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    PublicForm(f): PublicForm,
 ) -> Response {
     if !same_origin(&headers) {
         return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
     }
-    let f = Fields::parse(&body);
     match st.accounts.sign_in(f.get("email"), f.get("password"), client_ip(&conn)).await {
         Ok(SignIn::Done(secret)) => {
             end_previous_session(&st, &headers).await;
@@ -1268,12 +1267,11 @@ pub async fn invitation_submit(
     Path(code): Path<String>,
     conn: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    PublicForm(f): PublicForm,
 ) -> Response {
     if !same_origin(&headers) {
         return st.error(PageError::Status(StatusCode::FORBIDDEN, "cross-site form refused".into(), None));
     }
-    let f = Fields::parse(&body);
     match st.accounts.accept_invitation(&code, f.get("name"), f.get("password"), client_ip(&conn)).await {
         Ok(secret) => {
             end_previous_session(&st, &headers).await;

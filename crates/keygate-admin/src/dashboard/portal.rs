@@ -129,6 +129,7 @@ pub async fn api(State(st): State<DashboardState>, SignedIn(v): SignedIn, Path(i
 
 pub async fn try_it(
     State(st): State<DashboardState>,
+    conn: axum::extract::ConnectInfo<std::net::SocketAddr>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
     CsrfForm(f): CsrfForm,
@@ -146,7 +147,8 @@ pub async fn try_it(
         TryAnswer { status: 0, headers: Vec::new(), body: "choose an HTTP method".into(), truncated: false }
     } else {
         let body = f.opt("body").map(str::to_owned);
-        match catalog.send(&api.id, &method, &path, f.opt("token"), body).await {
+        // The request is the person's: the gateway checks it against their address.
+        match catalog.send(conn.0.ip(), &api.id, &method, &path, f.opt("token"), body).await {
             Ok(a) => a,
             Err(e) => TryAnswer { status: 0, headers: Vec::new(), body: e, truncated: false },
         }

@@ -11,26 +11,26 @@ use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 const PASSWORD: &str = "correct horse battery staple";
 
 /// A cookie-keeping client that does not follow redirects.
-struct Browser {
+pub(crate) struct Browser {
     base: String,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     cookie: Option<String>,
 }
 
-struct Page {
-    status: StatusCode,
-    location: Option<String>,
-    body: String,
-    headers: reqwest::header::HeaderMap,
+pub(crate) struct Page {
+    pub(crate) status: StatusCode,
+    pub(crate) location: Option<String>,
+    pub(crate) body: String,
+    pub(crate) headers: reqwest::header::HeaderMap,
 }
 
 impl Page {
-    fn csrf(&self) -> String {
+    pub(crate) fn csrf(&self) -> String {
         let at = self.body.find("name=\"csrf\" value=\"").expect("the page has a CSRF field");
         let rest = &self.body[at + 19..];
         rest[..rest.find('"').unwrap()].to_owned()
     }
-    fn between(&self, start: &str, end: &str) -> String {
+    pub(crate) fn between(&self, start: &str, end: &str) -> String {
         let at = self.body.find(start).unwrap_or_else(|| panic!("{start:?} not in the page:\n{}", self.body));
         let rest = &self.body[at + start.len()..];
         rest[..rest.find(end).unwrap()].to_owned()
@@ -38,7 +38,7 @@ impl Page {
 }
 
 impl Browser {
-    fn new(kg: &TestKeygate) -> Self {
+    pub(crate) fn new(kg: &TestKeygate) -> Self {
         let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
         Self { base: kg.url(), http, cookie: None }
     }
@@ -61,18 +61,18 @@ impl Browser {
         Page { status, location, body, headers }
     }
 
-    async fn get(&mut self, path: &str) -> Page {
+    pub(crate) async fn get(&mut self, path: &str) -> Page {
         let req = self.http.get(format!("{}{path}", self.base));
         self.send(req).await
     }
 
-    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+    pub(crate) async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
         let req = self.http.post(format!("{}{path}", self.base)).form(form);
         self.send(req).await
     }
 
     /// Posts a form with the CSRF token of `page_path`.
-    async fn submit(&mut self, page_path: &str, action: &str, form: &[(&str, &str)]) -> Page {
+    pub(crate) async fn submit(&mut self, page_path: &str, action: &str, form: &[(&str, &str)]) -> Page {
         let csrf = self.get(page_path).await.csrf();
         let mut fields = vec![("csrf", csrf.as_str())];
         fields.extend_from_slice(form);
@@ -101,7 +101,7 @@ fn base32_decode(s: &str) -> Vec<u8> {
 }
 
 /// Sets up the first owner and returns their browser.
-async fn owner(kg: &TestKeygate) -> Browser {
+pub(crate) async fn owner(kg: &TestKeygate) -> Browser {
     let mut b = Browser::new(kg);
     let code = kg.setup_code().expect("a fresh keygate offers a setup code");
     let p = b
@@ -112,7 +112,7 @@ async fn owner(kg: &TestKeygate) -> Browser {
 }
 
 /// Invites `email` as `role` and accepts in a fresh browser.
-async fn member(kg: &TestKeygate, owner: &mut Browser, email: &str, role: &str) -> Browser {
+pub(crate) async fn member(kg: &TestKeygate, owner: &mut Browser, email: &str, role: &str) -> Browser {
     let p = owner.submit("/members", "/members/invite", &[("email", email), ("role", role)]).await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.body);
     let link = p.between("id=\"invite-link\" class=\"secret\">", "<").replace("&#x2f;", "/");

@@ -3,6 +3,7 @@
 //! manual clock, and the token index is synchronized explicitly.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod admin_hardening;
 mod dashboard;
 mod edge_conn;
 mod edge_headers;
@@ -10,6 +11,7 @@ mod edge_upgrade;
 mod gateway;
 mod oauth;
 mod oauth_hardening;
+mod root_keys;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -206,7 +208,7 @@ async fn apps_plans_and_the_scope_catalog() {
     assert_eq!(t.status, StatusCode::CREATED, "{:?}", t.body);
     assert_eq!(t.body["rate_limit"]["requests"], 5);
     let t2 = c.post("/admin/v1/tokens", &json!({"name": "m", "app_id": app_id, "scopes": ["orders:write"]})).await;
-    assert_eq!((t2.status, t2.code()), (StatusCode::BAD_REQUEST, "scope_not_in_plan"));
+    assert_eq!((t2.status, t2.code()), (StatusCode::CONFLICT, "scope_not_in_plan"));
 
     // A non-empty catalog bounds every token's scopes.
     let put = c

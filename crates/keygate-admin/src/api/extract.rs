@@ -56,7 +56,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// Turns numbers written with a zero fraction (`60.0`, `6e1`) into the integers they are. JSON
 /// has one number type, and JSON Schema's `integer` is any number whose fraction is zero (JSON
 /// Schema 2020-12 §6.1.1), so the document's integer fields accept `60.0`; serde's integer types do
-/// not. Done once here, for every body, rather than field by field.
+/// not. Done once here, for every body, rather than field by field — except inside `metadata`,
+/// which is the caller's own free-form JSON and is kept exactly as sent.
 fn integral_numbers(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Number(n) if n.is_f64() => {
@@ -71,7 +72,9 @@ fn integral_numbers(v: &mut serde_json::Value) {
             }
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers),
-        serde_json::Value::Object(map) => map.values_mut().for_each(integral_numbers),
+        serde_json::Value::Object(map) => {
+            map.iter_mut().filter(|(k, _)| k.as_str() != "metadata").for_each(|(_, v)| integral_numbers(v));
+        }
         _ => {}
     }
 }

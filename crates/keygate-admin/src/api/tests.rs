@@ -170,11 +170,13 @@ async fn bodies_and_queries_are_read_as_the_document_states() {
     let (status, body) = send(
         "POST",
         "/admin/v1/tokens",
-        r#"{"name":"n","expires_in":60.0,"rate_limit":{"requests":1e1,"per_seconds":1}}"#,
+        r#"{"name":"n","expires_in":60.0,"rate_limit":{"requests":1e1,"per_seconds":1},"metadata":{"v":2.0}}"#,
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["rate_limit"]["requests"], 10);
+    // The caller's own metadata is kept as sent.
+    assert!(body["metadata"]["v"].is_f64(), "{body}");
     let (status, body) = send("POST", "/admin/v1/tokens", r#"{"name":"n","expires_in":60.5}"#).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_body")));
     let (status, body) = send("PUT", "/admin/v1/scopes/orders:read", "[null, null]").await;

@@ -276,7 +276,7 @@ impl Refuse {
 }
 
 /// RFC 9112 §6: refuse framing two parsers could read differently.
-fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
+pub(crate) fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
     let k = &head.known;
     if k.hosts > 1 {
         return Err(Refuse::bad_framing("more than one Host header"));
@@ -294,12 +294,21 @@ fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
             return Err(Refuse::bad_framing("Transfer-Encoding other than a single \"chunked\""));
         }
     }
-    if k.content_lengths > 1
-        || head.at(k.content_length).is_some_and(|v| v.is_empty() || !v.iter().all(u8::is_ascii_digit))
-    {
-        return Err(Refuse::bad_framing("Content-Length must be one plain number"));
+    // One Content-Length of plain digits that fits in 64 bits (RFC 9112 §6.3: anything else is
+    // an unrecoverable framing error); a larger one was once read as u64::MAX (fuzz target
+    // `h1_head`).
+    if k.content_lengths > 1 || head.at(k.content_length).is_some_and(|v| content_length(v).is_none()) {
+        return Err(Refuse::bad_framing("Content-Length must be one plain number below 2^64"));
     }
     Ok(())
+}
+
+/// A Content-Length value: plain ASCII digits (no sign, no space, not empty) that fit in a u64.
+pub(crate) fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// How the credential came.

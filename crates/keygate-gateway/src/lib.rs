@@ -8,6 +8,8 @@ pub mod answer;
 pub mod body;
 pub mod config;
 pub mod follow;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod h1;
 pub mod handler;
 pub mod head;

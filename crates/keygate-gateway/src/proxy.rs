@@ -437,12 +437,17 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
     loop {
         match *state {
             Chunked::Size => {
+                // The limit holds whether or not the line's CRLF came in the same read: where
+                // a body ends must not depend on how its bytes were cut (fuzz target `chunked`).
                 let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
                     if buf.len() > MAX_CHUNK_LINE {
                         return Err(bad("chunk-size line too long"));
                     }
                     return Ok(Step::NeedMore);
                 };
+                if eol > MAX_CHUNK_LINE {
+                    return Err(bad("chunk-size line too long"));
+                }
                 let line = &buf[..eol];
                 let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
                 if digits == 0 || digits > 15 {
@@ -490,6 +495,9 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                     }
                     return Ok(Step::NeedMore);
                 };
+                if eol > MAX_CHUNK_LINE {
+                    return Err(bad("trailer section too long"));
+                }
                 buf.advance(eol + 2);
                 if eol == 0 {
                     return Ok(Step::End);
@@ -944,6 +952,41 @@ mod tests {
             b"\r\n",
         ] {
             assert!(chunks(bad).is_err(), "{:?} must be refused", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_line_too_long_is_refused_however_the_bytes_arrive() {
+        // Found by the `chunked` fuzz target (fuzz/corpus/chunked/regression-long-line): a size
+        // or trailer line longer than MAX_CHUNK_LINE was refused while its CRLF had not arrived
+        // yet, but accepted when it came in the same read, so where a body ended depended on how
+        // the bytes were cut.
+        let mut size_line = b"1;".to_vec();
+        size_line.resize(MAX_CHUNK_LINE + 8, b'e');
+        size_line.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+        let mut trailer = b"0\r\nx-t: ".to_vec();
+        trailer.resize(MAX_CHUNK_LINE + 8, b'v');
+        trailer.extend_from_slice(b"\r\n\r\n");
+        for body in [size_line, trailer] {
+            assert!(chunks(&body).is_err(), "whole");
+            let (head, tail) = body.split_at(MAX_CHUNK_LINE + 4);
+            let mut buf = BytesMut::from(head);
+            let mut state = Chunked::Size;
+            let mut refused = false;
+            for more in [&[][..], tail] {
+                buf.extend_from_slice(more);
+                loop {
+                    match step_chunked(&mut state, &mut buf) {
+                        Ok(Step::Data(_)) => {}
+                        Ok(Step::NeedMore | Step::End) => break,
+                        Err(_) => {
+                            refused = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            assert!(refused, "in two reads");
         }
     }
 

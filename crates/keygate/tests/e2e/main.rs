@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod dashboard;
+mod fuzz_finds;
 mod gateway;
 mod oauth;
 

@@ -7,6 +7,7 @@
 pub mod answer;
 pub mod body;
 pub mod config;
+pub mod conns;
 pub mod follow;
 #[doc(hidden)]
 pub mod fuzz_api;

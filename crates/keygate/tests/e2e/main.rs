@@ -4,6 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod dashboard;
+mod edge_conn;
+mod edge_headers;
+mod edge_upgrade;
 mod fuzz_finds;
 mod gateway;
 mod oauth;

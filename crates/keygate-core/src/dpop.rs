@@ -141,10 +141,14 @@ pub fn normalize_htu(uri: &str) -> String {
     let bytes = path.as_bytes();
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        // Exactly two hex digits (RFC 3986 §2.1): `u8::from_str_radix` would also take a sign
+        // before one digit, reading `%+a` as `%0A`.
+        let hex = match bytes.get(i + 1..i + 3) {
+            Some(&[hi, lo]) if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() => {
+                std::str::from_utf8(&[hi, lo]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+            }
+            _ => None,
+        };
         match (b, hex) {
             (b'%', Some(v)) if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
                 decoded.push(char::from(v));

@@ -307,6 +307,15 @@ fn htu_is_compared_after_normalization() {
 }
 
 #[test]
+fn an_htu_escape_is_a_percent_and_two_hex_digits() {
+    // The mechanism of a bug the `path` fuzz target found in the gateway's path normalization:
+    // `u8::from_str_radix` takes a sign, so `%+a` was read as the escape `%0A`.
+    assert_ne!(normalize_htu("http://h/%+a"), normalize_htu("http://h/%0a"));
+    assert_eq!(normalize_htu("http://h/%+a"), "http://h/%+a");
+    assert_eq!(normalize_htu("http://h/%-1x"), "http://h/%-1x");
+}
+
+#[test]
 fn server_nonces_change_with_the_window_and_overlap_one_window() {
     let k = NonceKey::new(&[4; 32], 60).unwrap();
     let n0 = k.current(600);

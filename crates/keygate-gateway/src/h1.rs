@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, StatusCode, Version};
+use http::{HeaderName, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -37,7 +37,7 @@ use crate::timer::{Deadline, SendDeadline, Shutdown};
 /// The largest request head accepted (431 beyond).
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields accepted in a request (431 beyond).
-const MAX_FIELDS: usize = 100;
+pub(crate) const MAX_FIELDS: usize = 100;
 /// What one read asks the kernel for.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -229,10 +229,72 @@ fn target_parts(target: &str) -> Option<(Option<&str>, &str, Option<&str>)> {
 }
 
 /// How the client frames its request body.
-enum BodyFraming {
+pub(crate) enum BodyFraming {
     Length(u64),
     Chunked(Chunked),
     Done,
+}
+
+impl BodyFraming {
+    /// How the body of `head` is framed, once the request path let its framing through
+    /// (`handler::check_framing` refuses the framings it cannot trust, so this need not look at
+    /// them twice).
+    pub(crate) fn of(head: &ReqHead<'_>) -> Self {
+        if head.known.transfer_encodings > 0 {
+            return BodyFraming::Chunked(Chunked::Size);
+        }
+        // A length that does not parse is refused by the request path; until then, none.
+        match head.at(head.known.content_length).map(crate::handler::parse_length) {
+            Some(Some(n)) => BodyFraming::Length(n),
+            Some(None) | None => BodyFraming::Done,
+        }
+    }
+}
+
+/// The request head at the start of `buf`, parsed in place into `slots`: `Ok(None)` while it is
+/// not all there, else its length in bytes and the head. Refused here: a head that does not
+/// parse or is larger than [`MAX_HEAD`], an incomplete request line, a target that is neither a
+/// path nor an absolute URL, an invalid method. The framing checks come next, in the request path (`Gateway::decide`).
+/// The server and the fuzz target of the head (`fuzz/`, through [`crate::fuzz_api`]) both read
+/// heads with this one function.
+pub(crate) fn parse_head<'b>(
+    buf: &'b [u8],
+    slots: &'b mut [MaybeUninit<Field<'b>>],
+    api_key: Option<&HeaderName>,
+) -> Result<Option<(usize, ReqHead<'b>)>, Refuse> {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, slots) {
+        // The limit is on the head itself, however its bytes arrived: a read can bring more than
+        // was asked for, so a head can be whole only past the limit.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(head_too_large()),
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Refuse::bad_framing("the request line is incomplete"));
+    };
+    let Some((authority, path, query)) = target_parts(target) else {
+        return Err(Refuse::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request target must be a path (or an absolute URL)",
+        ));
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Err(Refuse::bad_framing("the method is not valid"));
+    };
+    let fields: &'b [Field<'b>] = req.headers;
+    let head = ReqHead {
+        method,
+        path,
+        query,
+        version: if version == 0 { Version::HTTP_10 } else { Version::HTTP_11 },
+        authority,
+        fields,
+        known: Known::classify(fields, api_key),
+    };
+    Ok(Some((len, head)))
 }
 
 /// A request body read from the client connection as it is forwarded: counted, cut at the
@@ -386,61 +448,20 @@ where
 {
     let now = gw.clock.now();
     let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut []);
-    let len = match req.parse_with_uninit_headers(rbuf, &mut slots) {
-        // The limit is on the head itself, however its bytes arrived: a read can bring more than
-        // was asked for, so a head can be whole only past the limit.
-        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
-            return refuse_bare(gw, table, wr, out, head_too_large(), start, now).await;
-        }
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(Served::Partial),
-        Err(e) => return refuse_bare(gw, table, wr, out, parse_error(e), start, now).await,
+    let (len, head) = match parse_head(rbuf, &mut slots, gw.settings.api_key_header.as_ref()) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return Ok(Served::Partial),
+        Err(r) => return refuse_bare(gw, table, wr, out, r, start, now).await,
     };
     if let Some(rest) = rbuf.get(len..)
         && !rest.is_empty()
     {
         body_buf.extend_from_slice(rest);
     }
-    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return refuse_bare(gw, table, wr, out, Refuse::bad_framing("the request line is incomplete"), start, now)
-            .await;
-    };
-    let Some((authority, path, query)) = target_parts(target) else {
-        let r = Refuse::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the request target must be a path (or an absolute URL)",
-        );
-        return refuse_bare(gw, table, wr, out, r, start, now).await;
-    };
-    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-        return refuse_bare(gw, table, wr, out, Refuse::bad_framing("the method is not valid"), start, now).await;
-    };
-    let fields: &[Field<'_>] = req.headers;
-    let head = ReqHead {
-        method,
-        path,
-        query,
-        version: if version == 0 { Version::HTTP_10 } else { Version::HTTP_11 },
-        authority,
-        fields,
-        known: Known::classify(fields, gw.settings.api_key_header.as_ref()),
-    };
     let head_req = head.method == Method::HEAD;
     let client_11 = head.version == Version::HTTP_11;
     let mut keep = head.keep_alive();
-    // How the request's body is framed, if the request path lets it through (it refuses the
-    // framings it cannot trust, so this need not look at them twice).
-    let framing = if head.known.transfer_encodings > 0 {
-        BodyFraming::Chunked(Chunked::Size)
-    } else {
-        // A length that does not parse is refused by the request path; until then, none.
-        match head.at(head.known.content_length).map(crate::handler::parse_length) {
-            Some(Some(n)) => BodyFraming::Length(n),
-            Some(None) | None => BodyFraming::Done,
-        }
-    };
+    let framing = BodyFraming::of(&head);
     let mut extra = AnswerExtra::default();
     let decided = match gw.decide(table, info, &head, now, &mut extra) {
         Decision::Answer { answer, refusal, route, caller } => {
@@ -860,6 +881,30 @@ mod tests {
         assert_eq!(target_parts("*"), None);
         assert_eq!(target_parts("h:443"), None);
         assert_eq!(target_parts("http://u@h/"), None);
+    }
+
+    #[test]
+    fn a_content_length_is_a_number_that_fits() {
+        use crate::fuzz_api::{HeadOutcome, RequestBody, request_head};
+        // Found by the `h1_head` fuzz target (fuzz/corpus/h1_head/regression-length-overflow): a
+        // Content-Length of digits beyond u64 passed the framing check and was read as
+        // 18446744073709551615, a length the client never sent (RFC 9112 §6.3: an invalid
+        // Content-Length is an unrecoverable framing error).
+        for raw in [&b"99999999999999999999999"[..], b"18446744073709551616"] {
+            let mut head = b"POST /o HTTP/1.1\r\nHost: h\r\nContent-Length: ".to_vec();
+            head.extend_from_slice(raw);
+            head.extend_from_slice(b"\r\n\r\n");
+            assert!(
+                matches!(request_head(&head, None), HeadOutcome::Refused { status: 400, closes: true, .. }),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let max = b"POST /o HTTP/1.1\r\nContent-Length: 018446744073709551615\r\n\r\n";
+        assert!(matches!(
+            request_head(max, None),
+            HeadOutcome::Accepted(h) if h.body == RequestBody::Length(u64::MAX)
+        ));
     }
 
     #[test]

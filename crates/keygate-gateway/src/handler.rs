@@ -276,7 +276,7 @@ impl Refuse {
 }
 
 /// RFC 9112 §6: refuse framing two parsers could read differently.
-fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
+pub(crate) fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
     let k = &head.known;
     if k.hosts > 1 {
         return Err(Refuse::bad_framing("more than one Host header"));

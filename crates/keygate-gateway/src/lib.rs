@@ -9,6 +9,8 @@ pub mod body;
 pub mod config;
 pub mod conns;
 pub mod follow;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod h1;
 pub mod handler;
 pub mod head;

@@ -429,12 +429,19 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
     loop {
         match *state {
             Chunked::Size => {
+                // At most MAX_CHUNK_LINE bytes with its CRLF, whether or not the CRLF came in the
+                // same read: where a body ends must not depend on how its bytes were cut (fuzz
+                // target `chunked`). Without a CRLF yet, the line is refused only once it is
+                // sure to be too long (its CR may be the last byte here).
                 let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                    if buf.len() > MAX_CHUNK_LINE {
+                    if buf.len() >= MAX_CHUNK_LINE {
                         return Err(bad("chunk-size line too long"));
                     }
                     return Ok(Step::NeedMore);
                 };
+                if eol + 2 > MAX_CHUNK_LINE {
+                    return Err(bad("chunk-size line too long"));
+                }
                 let line = &buf[..eol];
                 let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
                 if digits == 0 || digits > 15 {
@@ -973,6 +980,75 @@ mod tests {
             b"0\r\n: a\r\n\r\n",
         ] {
             assert!(chunks(bad).is_err(), "{:?} must be refused", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_line_too_long_is_refused_however_the_bytes_arrive() {
+        // Found by the `chunked` fuzz target (fuzz/corpus/chunked/regression-long-line): a size
+        // or trailer line longer than MAX_CHUNK_LINE was refused while its CRLF had not arrived
+        // yet, but accepted when it came in the same read, so where a body ended depended on how
+        // the bytes were cut.
+        let mut size_line = b"1;".to_vec();
+        size_line.resize(MAX_CHUNK_LINE + 8, b'e');
+        size_line.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+        let mut trailer = b"0\r\nx-t: ".to_vec();
+        trailer.resize(MAX_CHUNK_LINE + 8, b'v');
+        trailer.extend_from_slice(b"\r\n\r\n");
+        for body in [size_line, trailer] {
+            assert!(chunks(&body).is_err(), "whole");
+            let (head, tail) = body.split_at(MAX_CHUNK_LINE + 4);
+            let mut buf = BytesMut::from(head);
+            let mut state = Chunked::Size;
+            let mut refused = false;
+            for more in [&[][..], tail] {
+                buf.extend_from_slice(more);
+                loop {
+                    match step_chunked(&mut state, &mut buf) {
+                        Ok(Step::Data(_)) => {}
+                        Ok(Step::NeedMore | Step::End) => break,
+                        Err(_) => {
+                            refused = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            assert!(refused, "in two reads");
+        }
+    }
+
+    #[test]
+    fn a_size_line_at_the_limit_reads_alike_however_it_is_cut() {
+        // The limit counts the CRLF: a line of MAX_CHUNK_LINE bytes with it passes, one byte more
+        // does not, and a cut anywhere (the CR last in one read, the LF first in the next)
+        // changes neither.
+        for (len, ok) in [(MAX_CHUNK_LINE - 2, true), (MAX_CHUNK_LINE - 1, false)] {
+            let mut body = b"1;".to_vec();
+            body.resize(len, b'e');
+            body.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+            assert_eq!(chunks(&body).is_ok(), ok, "whole, line of {len}");
+            for cut in len - 2..len + 3 {
+                let (head, tail) = body.split_at(cut);
+                let mut buf = BytesMut::from(head);
+                let mut state = Chunked::Size;
+                let mut result = Ok(false);
+                for more in [&[][..], tail] {
+                    buf.extend_from_slice(more);
+                    result = loop {
+                        match step_chunked(&mut state, &mut buf) {
+                            Ok(Step::Data(_)) => {}
+                            Ok(Step::NeedMore) => break Ok(false),
+                            Ok(Step::End) => break Ok(true),
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                assert_eq!(result.is_ok(), ok, "line of {len} cut at {cut}");
+            }
         }
     }
 

@@ -8,6 +8,7 @@ mod dashboard;
 mod edge_conn;
 mod edge_headers;
 mod edge_upgrade;
+mod fuzz_finds;
 mod gateway;
 mod oauth;
 mod oauth_hardening;

@@ -33,7 +33,7 @@ use crate::jwt::{JwtIdentity, JwtRefusal, JwtVerifier, looks_like_jwt};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Answered, HeadSink, MapSink, RequestFraming, UpstreamError};
-use crate::routes::{Route, RouteTable, Upstream, normalize_path};
+use crate::routes::{PathError, Route, RouteTable, Upstream, normalize_path};
 use crate::usage::{Sample, UsageMeter};
 
 /// Identity headers keygate sets for the upstream; client-supplied copies are removed.
@@ -42,8 +42,13 @@ pub const APP_ID_HEADER: &str = "x-keygate-app-id";
 pub const SCOPES_HEADER: &str = "x-keygate-scopes";
 
 /// Told about tokens found where they must not be (the query string), off the request path.
+/// A request can carry a made-up well-formed token (the checksum is public), so an
+/// implementation bounds the work reports cause: it may drop a report, and says so.
 pub trait ExposureReporter: Send + Sync {
-    fn token_in_query(&self, token: TokenSecret, where_: String);
+    /// Takes a report of `token`, found at `where_`; `live` when the token is in the index (a
+    /// token that can authenticate, which must not be crowded out by made-up ones). `false`
+    /// when the report was dropped.
+    fn token_in_query(&self, token: TokenSecret, where_: String, live: bool) -> bool;
 }
 
 /// A route table and the metrics that go with it; swapped whole on reload.
@@ -242,6 +247,11 @@ impl Refuse {
         }
     }
 
+    /// A path that cannot be normalized or routed unambiguously: 400, the connection kept.
+    fn path(e: PathError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+    }
+
     /// Whether the connection must close after this refusal.
     pub(crate) fn closes(&self) -> bool {
         self.close
@@ -330,13 +340,45 @@ fn credential<'a>(head: &ReqHead<'a>) -> Option<(Scheme, &'a str)> {
     head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(|v| (Scheme::ApiKey, v.trim()))
 }
 
-/// A well-formed token anywhere in the query string, in any parameter.
+/// A well-formed token anywhere in the query string: in a name or a value, alone or inside a
+/// longer text (`Bearer kg_…`, JSON), with its characters percent-encoded or not and `+` read
+/// as a space, as application/x-www-form-urlencoded parsers read a query (issue 12 #4). A query
+/// without escapes is searched as it is; one with escapes is decoded first, on the stack when
+/// it is short.
 fn token_in_query(query: &str, index: &TokenIndex) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').map(|(_, v)| v))
-        .find(|v| index.is_well_formed(v))
-        .map(str::to_owned)
+    let raw = query.as_bytes();
+    if !raw.contains(&b'%') {
+        // `+` is not a character of tokens: reading it as a space changes no match.
+        return index.find_well_formed(raw).map(str::to_owned);
+    }
+    let mut stack = [0u8; 1024];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = match stack.get_mut(..raw.len()) {
+        Some(s) => s,
+        None => {
+            heap.resize(raw.len(), 0);
+            &mut heap
+        }
+    };
+    let n = decode_query(raw, buf);
+    index.find_well_formed(buf.get(..n).unwrap_or_default()).map(str::to_owned)
+}
+
+/// Percent-decodes `raw` into `out` (at least as long) and returns the decoded length; a `%`
+/// not followed by two hex digits stays as it is.
+fn decode_query(raw: &[u8], out: &mut [u8]) -> usize {
+    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let (mut i, mut n) = (0, 0);
+    while let Some(&b) = raw.get(i) {
+        let escaped = (b == b'%').then(|| Some(hex(*raw.get(i + 1)?)? << 4 | hex(*raw.get(i + 2)?)?)).flatten();
+        let (byte, step) = escaped.map_or((b, 1), |v| (v, 3));
+        if let Some(slot) = out.get_mut(n) {
+            *slot = byte;
+            n += 1;
+        }
+        i += step;
+    }
+    n
 }
 
 fn is_trusted(trusted: &[IpNet], ip: &IpAddr) -> bool {
@@ -539,9 +581,7 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Decision<'t, 'h> {
-        let checked = check_framing(head).and_then(|()| {
-            normalize_path(head.path).map_err(|e| Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
-        });
+        let checked = check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path));
         let path = match checked {
             Ok(p) => p,
             Err(r) => return Decision::Answer { answer: r.answer(), refusal: Some(r.code), route: None, caller: None },
@@ -549,7 +589,7 @@ impl Gateway {
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
-            && let Some(route) = table.routes.find(|| head.host(), &path)
+            && let Ok(Some(route)) = table.routes.resolve(|| head.host(), &path)
             && let Some(cors) = &route.cors
         {
             let allowed = cors_allows(cors, origin);
@@ -600,19 +640,24 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Result<(&'t Route, Option<Caller>, Cow<'h, str>), (Option<&'t Route>, Option<Caller>, Refuse)> {
-        let Some(route) = table.routes.find(|| head.host(), &path) else {
-            return Err((
-                None,
-                None,
-                Refuse::new(StatusCode::NOT_FOUND, "route_not_found", "no route serves this path"),
-            ));
+        let route = match table.routes.resolve(|| head.host(), &path) {
+            Ok(Some(route)) => route,
+            Ok(None) => {
+                let r = Refuse::new(StatusCode::NOT_FOUND, "route_not_found", "no route serves this path");
+                return Err((None, None, r));
+            }
+            Err(e) => return Err((None, None, Refuse::path(e))),
         };
         let fail = |route: &'t Route, caller: Option<Caller>, r: Refuse| (Some(route), caller, r);
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {
             if let Some(rep) = &self.reporter {
-                rep.token_in_query(TokenSecret::new(tok), format!("gateway: query string of {} {path}", head.method));
+                let live = self.index.contains(&tok);
+                let where_ = format!("gateway: query string of {} {path}", head.method);
+                if !rep.token_in_query(TokenSecret::new(tok), where_, live) {
+                    table.metrics.exposure_report_dropped();
+                }
             }
             return Err(fail(
                 route,

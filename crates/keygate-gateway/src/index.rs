@@ -277,6 +277,27 @@ impl TokenIndex {
         token_format::parse(presented, &self.0.prefix).is_ok()
     }
 
+    /// The first well-formed token of this server's format anywhere in `text` (a decoded query
+    /// string, say): each place where `<prefix>_` starts is checked for a whole token after it,
+    /// whatever comes before or after (no lookup).
+    pub fn find_well_formed<'t>(&self, text: &'t [u8]) -> Option<&'t str> {
+        let prefix = self.0.prefix.as_str().as_bytes();
+        let len = prefix.len() + 1 + token_format::BODY_LEN;
+        let first = *prefix.first()?;
+        (0..text.len().saturating_sub(len - 1))
+            .filter(|i| text.get(*i) == Some(&first))
+            .filter_map(|i| text.get(i..i + len))
+            .filter(|cand| cand.starts_with(prefix) && cand.get(prefix.len()) == Some(&b'_'))
+            .filter_map(|cand| std::str::from_utf8(cand).ok())
+            .find(|cand| self.is_well_formed(cand))
+    }
+
+    /// Whether `presented` is a token resident in the index (active, suspended, or expired
+    /// but not swept yet).
+    pub fn contains(&self, presented: &str) -> bool {
+        self.is_well_formed(presented) && self.get(&self.0.pepper.hash(presented)).is_some()
+    }
+
     fn get(&self, hash: &SecretHash) -> Option<Arc<IndexedToken>> {
         let shard = self.0.shards.get(shard_of(hash))?.read().ok()?;
         shard.get(&HashKey(*hash)).map(|slot| slot.0.clone())

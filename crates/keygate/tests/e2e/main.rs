@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod dashboard;
+mod edge_policy;
 mod gateway;
 mod oauth;
 

@@ -326,7 +326,7 @@ impl OAuth {
             settings,
             sealer,
             keys: ArcSwap::from_pointee(KeyRing::default()),
-            replay: ReplayCache::new(100_000),
+            replay: ReplayCache::new(dpop::ReplayLimits::default()),
             client_secret_prefix,
             refresh_prefix,
             listener: std::sync::OnceLock::new(),
@@ -806,14 +806,19 @@ impl OAuth {
             return Err(bad("the client assertion is expired or lives longer than an hour"));
         }
         let jti = s("jti").ok_or_else(|| bad("the client assertion has no jti"))?;
-        if !self.replay.first_use(&format!("assertion:{}:{jti}", client.client_id), exp + leeway, now_s) {
+        if !self.replay.first_use(client.client_id.as_bytes(), "client-assertion", jti, exp + leeway, now_s) {
             return Err(bad("the client assertion was already used"));
         }
         Ok(())
     }
 
     /// Checks a DPoP proof sent to the token endpoint (RFC 9449 §5); `Some(jkt)` when there is one.
-    fn token_endpoint_dpop(&self, req: &OAuthRequest, bound_to: Option<&str>) -> OResult<Option<String>> {
+    fn token_endpoint_dpop(
+        &self,
+        client: &OAuthClient,
+        req: &OAuthRequest,
+        bound_to: Option<&str>,
+    ) -> OResult<Option<String>> {
         let Some(proof) = req.dpop.as_deref() else {
             if bound_to.is_some() {
                 return Err(OAuthError::new(
@@ -850,7 +855,8 @@ impl OAuth {
                 OAuthError::dpop(&e)
             }
         })?;
-        if !self.replay.first_use(&format!("dpop:{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
+        // Remembered in the authenticated client's own partition (issue 12 #6).
+        if !self.replay.first_use(client.client_id.as_bytes(), &v.jkt, &v.jti, v.replay_until, now_s) {
             return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
         }
         Ok(Some(v.jkt))
@@ -888,7 +894,7 @@ impl OAuth {
 
     async fn client_credentials(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let scopes = grant_scopes(req.param("scope"), &client.scopes)?;
-        let jkt = self.token_endpoint_dpop(req, None)?;
+        let jkt = self.token_endpoint_dpop(client, req, None)?;
         let aud = self.audience(req)?;
         let family =
             client.grant_types.contains(&GrantType::RefreshToken).then(|| self.admin.random_text(22)).transpose()?;
@@ -954,7 +960,7 @@ impl OAuth {
         if found.client_id != client.client_id {
             return Err(invalid());
         }
-        let jkt = self.token_endpoint_dpop(req, found.dpop_jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(client, req, found.dpop_jkt.as_deref())?;
         let now = self.now();
         let rt = match store.use_refresh_token(&hash, now).await? {
             RefreshUse::Fresh(rt) => rt,
@@ -1043,7 +1049,7 @@ impl OAuth {
         }
         let scopes = grant_scopes(req.param("scope"), &subject.scopes)?;
         let aud = self.audience(req)?;
-        let jkt = self.token_endpoint_dpop(req, None)?;
+        let jkt = self.token_endpoint_dpop(client, req, None)?;
         let now_s = self.now().as_millis() / 1000;
         let left = u32::try_from(subject.exp.saturating_sub(now_s)).unwrap_or(0);
         let ttl = self.settings.exchange_ttl_seconds.min(client.access_token_ttl_seconds).min(left);

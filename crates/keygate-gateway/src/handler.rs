@@ -94,8 +94,70 @@ pub struct Gateway {
     pub identity_cache: IdentityCache,
 }
 
-/// Identity tokens by (caller, route position): the token and its `exp` (seconds).
-pub type IdentityCache = std::sync::Mutex<std::collections::HashMap<(Box<str>, usize), (Arc<str>, i64)>>;
+/// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.
+///
+/// Keyed by the caller's identity **entry** (an index entry, or a verified JWT), the route's id
+/// and the client address, all of which the token states (issue 12): any change to a token
+/// (scopes, say) replaces its index entry, so the next request mints a token with the new
+/// claims, and a reload that moves routes cannot hand one route's token to another. Each cached
+/// token holds the entry it was minted for, so that entry's address cannot be reused by another
+/// while cached. Bounded: two generations of [`IDENTITY_CACHE`] / 2 entries, the older let go of
+/// whole when the newer is full (no scan under the lock).
+#[derive(Default)]
+pub struct IdentityCache(parking_lot::Mutex<IdentityGenerations>);
+
+/// Identity tokens cached at most.
+pub const IDENTITY_CACHE: usize = 65_536;
+
+#[derive(Default)]
+struct IdentityGenerations {
+    current: std::collections::HashMap<IdentityKey, Minted>,
+    previous: std::collections::HashMap<IdentityKey, Minted>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct IdentityKey {
+    /// The address of the caller's identity entry (pinned by [`Minted::pinned`]).
+    who: usize,
+    route: Arc<str>,
+    ip: IpAddr,
+}
+
+struct Minted {
+    /// Keeps the identity entry alive, and so its address unique, while cached.
+    #[allow(dead_code, reason = "held for its address, never read")]
+    pinned: Pinned,
+    jwt: Arc<str>,
+    /// `exp`, in seconds.
+    exp: i64,
+}
+
+#[allow(dead_code, reason = "held for its address, never read")]
+enum Pinned {
+    Key(Arc<IndexedToken>),
+    Jwt(Arc<JwtIdentity>),
+}
+
+impl IdentityCache {
+    fn get(&self, key: &IdentityKey, now_s: i64) -> Option<Arc<str>> {
+        let g = self.0.lock();
+        let m = g.current.get(key).or_else(|| g.previous.get(key))?;
+        (m.exp - now_s >= IDENTITY_REUSE_S).then(|| m.jwt.clone())
+    }
+
+    fn put(&self, key: IdentityKey, minted: Minted) {
+        let mut g = self.0.lock();
+        let gone = if g.current.len() >= IDENTITY_CACHE / 2 {
+            let full = std::mem::take(&mut g.current);
+            Some(std::mem::replace(&mut g.previous, full))
+        } else {
+            None
+        };
+        g.current.insert(key, minted);
+        drop(g);
+        drop(gone);
+    }
+}
 
 /// Signs the short-lived identity tokens upstreams receive on routes with `identity_token` (the
 /// phantom-token pattern), with keygate's own signing key.
@@ -789,7 +851,9 @@ impl Gateway {
             }
             r
         })?;
-        if !self.dpop_replay.first_use(&format!("{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
+        // Remembered in the caller's own partition (issue 12 #6): a flood of proofs from one
+        // token can neither fill the cache for others nor make it forget their proofs.
+        if !self.dpop_replay.first_use(caller.limit_key(), &v.jkt, &v.jti, v.replay_until, now_s) {
             return Err(Refuse::dpop("invalid_dpop_proof", "this DPoP proof was already used"));
         }
         Ok(())
@@ -958,7 +1022,15 @@ impl Gateway {
     fn identity_token(&self, caller: &Caller, route: &Route) -> Option<Arc<str>> {
         let signer = self.identity.as_ref()?;
         let now_s = self.clock.now().as_millis() / 1000;
-        let (who, sub, extra) = match &caller.who {
+        let (who, pinned) = match &caller.who {
+            Identity::Key(t) => (Arc::as_ptr(t) as usize, Pinned::Key(t.clone())),
+            Identity::Jwt(j) => (Arc::as_ptr(j) as usize, Pinned::Jwt(j.clone())),
+        };
+        let key = IdentityKey { who, route: route.id.clone(), ip: caller.ip };
+        if let Some(jwt) = self.identity_cache.get(&key, now_s) {
+            return Some(jwt);
+        }
+        let (id, sub, extra) = match &caller.who {
             Identity::Key(t) => (
                 t.token_id().to_string(),
                 t.app_id.to_string(),
@@ -970,13 +1042,6 @@ impl Gateway {
                 serde_json::json!({"token_id": j.jti.as_deref(), "client_id": j.client_id.as_deref(), "token_issuer": &*j.issuer}),
             ),
         };
-        let key = (who.into_boxed_str(), route.index);
-        if let Ok(cache) = self.identity_cache.lock()
-            && let Some((jwt, exp)) = cache.get(&key)
-            && *exp - now_s >= IDENTITY_REUSE_S
-        {
-            return Some(jwt.clone());
-        }
         let scopes: Vec<&str> = caller.scopes().iter().map(Scope::as_str).collect();
         let mut claims = serde_json::json!({
             "iss": signer.issuer(),
@@ -984,7 +1049,7 @@ impl Gateway {
             "aud": format!("keygate-route:{}", route.id),
             "iat": now_s,
             "exp": now_s + IDENTITY_TTL_S,
-            "jti": format!("{}.{}.{now_s}", key.0, route.id),
+            "jti": format!("{id}.{}.{now_s}", route.id),
             "scope": scopes.join(" "),
             "client_ip": caller.ip.to_string(),
         });
@@ -992,12 +1057,7 @@ impl Gateway {
             c.extend(e.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())));
         }
         let jwt: Arc<str> = signer.sign(&claims)?.into();
-        if let Ok(mut cache) = self.identity_cache.lock() {
-            if cache.len() > 100_000 {
-                cache.retain(|_, (_, exp)| *exp > now_s);
-            }
-            cache.insert(key, (jwt.clone(), now_s + IDENTITY_TTL_S));
-        }
+        self.identity_cache.put(key, Minted { pinned, jwt: jwt.clone(), exp: now_s + IDENTITY_TTL_S });
         Some(jwt)
     }
 

@@ -7,7 +7,7 @@
 //! JWT is refused on the next request.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use keygate_core::Timestamp;
@@ -19,8 +19,17 @@ use sha2::{Digest, Sha256};
 
 use crate::index::TokenIndex;
 
-/// Entries kept per cache shard; beyond it, expired entries go, then the shard starts over.
+/// Entries kept per cache shard, in two generations of half as many each: when the current one
+/// is full it becomes the previous one and the previous one goes, whole, in O(1) under the lock
+/// (no scan; issue 12). An entry of the previous generation stays usable until then.
 const SHARD_CAPACITY: usize = 16 * 1024;
+
+/// One shard of verified tokens by the SHA-256 of the token.
+#[derive(Default)]
+struct CacheShard {
+    current: HashMap<[u8; 32], Arc<JwtIdentity>>,
+    previous: HashMap<[u8; 32], Arc<JwtIdentity>>,
+}
 const SHARDS: usize = 16;
 
 /// A verified access token, as the request path needs it.
@@ -178,7 +187,8 @@ fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
 pub struct JwtVerifier {
     issuers: Vec<Arc<Issuer>>,
     leeway_s: i64,
-    cache: Vec<Mutex<HashMap<[u8; 32], Arc<JwtIdentity>>>>,
+    /// `parking_lot` locks: never poisoned, so no lookup or insert is skipped after a panic.
+    cache: Vec<parking_lot::Mutex<CacheShard>>,
 }
 
 /// Whether `presented` looks like a JWT (three base64url segments) rather than an API key.
@@ -191,7 +201,7 @@ impl JwtVerifier {
         Self {
             issuers,
             leeway_s: i64::from(leeway_s),
-            cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: (0..SHARDS).map(|_| parking_lot::Mutex::new(CacheShard::default())).collect(),
         }
     }
 
@@ -207,19 +217,26 @@ impl JwtVerifier {
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let shard = self.cache.get(usize::from(key[0]) % SHARDS);
-        let cached = shard.and_then(|s| s.lock().ok()?.get(&key).cloned());
+        let cached = shard.and_then(|s| {
+            let s = s.lock();
+            s.current.get(&key).or_else(|| s.previous.get(&key)).cloned()
+        });
         let id = match cached {
             Some(id) => id,
             None => {
                 let id = Arc::new(self.verify_fully(token, now)?);
-                if let Some(Ok(mut s)) = shard.map(Mutex::lock) {
-                    if s.len() >= SHARD_CAPACITY {
-                        s.retain(|_, v| v.exp_ms > now.as_millis());
-                        if s.len() >= SHARD_CAPACITY {
-                            s.clear();
-                        }
-                    }
-                    s.insert(key, id.clone());
+                if let Some(s) = shard {
+                    let mut s = s.lock();
+                    let gone = if s.current.len() >= SHARD_CAPACITY / 2 {
+                        let full = std::mem::take(&mut s.current);
+                        Some(std::mem::replace(&mut s.previous, full))
+                    } else {
+                        None
+                    };
+                    s.current.insert(key, id.clone());
+                    drop(s);
+                    // The generation let go of is freed outside the lock.
+                    drop(gone);
                 }
                 id
             }

@@ -311,7 +311,10 @@ pub async fn build(
         reporter: Some(reporter),
         jwt,
         local,
-        dpop_replay: keygate_core::dpop::ReplayCache::new(100_000),
+        dpop_replay: keygate_core::dpop::ReplayCache::new(keygate_core::dpop::ReplayLimits {
+            max_bytes: cfg.gateway.dpop_replay_max_bytes,
+            max_per_caller: cfg.gateway.dpop_replay_max_per_caller,
+        }),
         dpop_nonces,
         identity: oauth.map(|o| Arc::new(IdentityTokens(o)) as Arc<dyn IdentitySigner>),
         identity_cache: Default::default(),
@@ -412,6 +415,10 @@ async fn flush_finished(gw: &Gateway, store: &dyn Store, last_minute: &mut i64) 
     let new_minute = minute != *last_minute;
     *last_minute = minute;
     write(gw, store, if new_minute { gw.meter.drain_before(minute, true) } else { (Vec::new(), Vec::new()) }).await;
+    if new_minute {
+        // Once a minute: route buckets back at rest and quota counts of ended periods go.
+        gw.limiter.prune(gw.clock.now().as_millis());
+    }
 }
 
 async fn write(

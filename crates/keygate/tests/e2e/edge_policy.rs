@@ -311,3 +311,113 @@ async fn exposure_reports_are_bounded_and_live_tokens_come_first() {
     assert_eq!(metric(&kg, "keygate_gateway_exposure_reports_dropped_total").await, again);
     kg.stop().await;
 }
+
+/// A DPoP proof (RFC 9449 §4.2) by `key` for `GET url`, with the token's hash.
+fn dpop_proof(key: &keygate_core::jose::SigningKey, url: &str, token: &str, jti: &str, iat: i64) -> String {
+    let jwk: serde_json::Value = serde_json::from_str(&key.public_jwk().to_json()).unwrap();
+    let claims = json!({"jti": jti, "htm": "GET", "htu": url, "iat": iat, "ath": keygate_core::dpop::ath(token)});
+    key.sign_claims(&json!({"typ": "dpop+jwt", "jwk": jwk}), &claims).unwrap()
+}
+
+/// Issue 12 #6: one token holder flooding the gateway with DPoP proofs can neither lock other
+/// DPoP clients out nor make the gateway forget their proofs (so a replay of theirs is still
+/// refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_holder_cannot_lock_out_dpop_clients() {
+    use keygate_core::jose::{Alg, SigningKey};
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let mut gw = keygate_gateway::config::GatewayConfig::default();
+    // Room for about 30 proofs in all, 10 per caller.
+    gw.dpop_replay_max_bytes =
+        30 * keygate_core::dpop::ReplayCache::ENTRY_BYTES + 8 * keygate_core::dpop::ReplayCache::CALLER_BYTES;
+    gw.dpop_replay_max_per_caller = 10;
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![route("orders", "/orders", &up.url())],
+        gateway: Some(gw),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/orders/1", kg.gateway_url());
+    let now = keygate_core::Clock::now(&kg.clock).as_millis() / 1000;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let call = |token: String, proof: String| {
+        let req = http.get(&url).header("authorization", format!("DPoP {token}")).header("dpop", proof);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap_or_default())
+        }
+    };
+
+    // A client whose API key is bound to its key.
+    let key = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    let (_, victim) =
+        kg.client().create_token(&json!({"name": "victim", "dpop_jkt": key.public_jwk().thumbprint()})).await;
+    let first = dpop_proof(&key, &url, &victim, "v-1", now);
+    assert_eq!(call(victim.clone(), first.clone()).await.0, 200);
+
+    // Two holders of unbound keys send fresh proofs, far more than the whole memory holds.
+    let mut attackers = Vec::new();
+    for i in 0..2 {
+        attackers.push(kg.client().create_token(&json!({"name": format!("flood-{i}")})).await.1);
+    }
+    let junk = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    for i in 0..120 {
+        let t = attackers[i % 2].clone();
+        let (status, body) = call(t.clone(), dpop_proof(&junk, &url, &t, &format!("a-{i}"), now)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // The bound client still gets in, and its first proof is still remembered.
+    assert_eq!(call(victim.clone(), dpop_proof(&key, &url, &victim, "v-2", now)).await.0, 200);
+    let (status, body) = call(victim.clone(), first).await;
+    assert_eq!((status, code_of(&body).as_str()), (401, "invalid_dpop_proof"), "{body}");
+    assert!(body.contains("already used"), "{body}");
+    // A flooder's own replays are refused while it keeps within its share.
+    let t = attackers[0].clone();
+    let p = dpop_proof(&junk, &url, &t, "again", now);
+    assert_eq!(call(t.clone(), p.clone()).await.0, 200);
+    assert_eq!(call(t, p).await.0, 401);
+    kg.stop().await;
+}
+
+/// The claims of a compact JWS, unverified (the upstream's view is what is checked here).
+fn jwt_claims(jwt: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// Issue 12 (low): a scope change shows in the very next identity token an upstream receives,
+/// and each route's identity token names that route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_tokens_follow_scope_changes_at_once() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let mut a = route("phantom-a", "/a", &up.url());
+    a.identity_token = true;
+    let mut b = route("phantom-b", "/b", &up.url());
+    b.identity_token = true;
+    let kg = TestKeygate::start_with(Options { routes: vec![a, b], ..Options::default() }).await.unwrap();
+    let (id, t) = kg.client().create_token(&json!({"name": "id", "scopes": ["orders:read"]})).await;
+    let http = reqwest::Client::new();
+    let seen = |path: &'static str| {
+        let req = http.get(format!("{}{path}", kg.gateway_url())).bearer_auth(&t);
+        async move {
+            let echo: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+            let authz = echo["headers"]["authorization"].as_str().unwrap().to_owned();
+            jwt_claims(authz.strip_prefix("Bearer ").unwrap())
+        }
+    };
+    let first = seen("/a").await;
+    assert_eq!(first["scope"], "orders:read");
+    assert_eq!(first["aud"], "keygate-route:phantom-a");
+    assert_eq!(seen("/b").await["aud"], "keygate-route:phantom-b");
+    let changed = kg.client().patch(&format!("/admin/v1/tokens/{id}"), &json!({"scopes": ["orders:write"]})).await;
+    assert_eq!(changed.status.as_u16(), 200, "{:?}", changed.body);
+    let after = seen("/a").await;
+    assert_eq!(after["scope"], "orders:write", "the upstream got the old scopes after a change");
+    // Unchanged, the token is reused while it has a while to live.
+    assert_eq!(seen("/a").await["jti"], after["jti"]);
+    kg.stop().await;
+}

@@ -72,6 +72,9 @@ pub const INVALID_TOKEN_SIGNATURE: &str = "invalid_token_signature";
 pub const INVALID_TOKEN_TYPE: &str = "invalid_token_type";
 /// A required claim is missing or ill-typed.
 pub const INVALID_TOKEN_CLAIMS: &str = "invalid_token_claims";
+/// A claim naming the token's subject, id or client holds a control character
+/// ([`is_identity_text`]).
+pub const INVALID_IDENTITY_CLAIM: &str = "invalid_identity_claim";
 /// `exp` is past.
 pub const TOKEN_EXPIRED: &str = "token_expired";
 /// `nbf` or `iat` is in the future.
@@ -881,6 +884,16 @@ pub struct Confirmation {
     pub jkt: Option<String>,
 }
 
+/// Whether a claim that names who or what a token is for (`sub`, `jti`, `client_id`, `azp`,
+/// keygate's `app_id`) is text a gateway may copy into a header field, a log line or a URL: no
+/// control character (C0, DEL or C1). A CR or LF there would let a token's issuer, or whoever
+/// got a trusted issuer to sign such a claim, write fields, or a whole second request, into an
+/// upstream's request head (RFC 9110 §5.5, RFC 9112 §2.2). Tokens with such claims are refused
+/// when they are verified, with [`INVALID_IDENTITY_CLAIM`].
+pub fn is_identity_text(claim: &str) -> bool {
+    !claim.chars().any(char::is_control)
+}
+
 /// The claims of an RFC 9068 access token. Times are integer NumericDates (seconds since the
 /// epoch); a fractional or missing required claim is `invalid_token_claims`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -905,6 +918,12 @@ impl Claims {
     /// (`token_expired`: the token is expired once `now >= exp + leeway`), and `nbf`/`iat`
     /// (`token_not_yet_valid`: `now + leeway < nbf`, or `iat > now + leeway`).
     pub fn validate(&self, now: i64, leeway: u32, expected_iss: &str, expected_aud: &str) -> Result<()> {
+        if ![&self.sub, &self.jti, &self.client_id].iter().all(|c| is_identity_text(c)) {
+            return Err(token_err(
+                INVALID_IDENTITY_CLAIM,
+                "a claim naming the token's subject, id or client (sub, jti, client_id) holds a control character",
+            ));
+        }
         let leeway = i64::from(leeway);
         if self.iss != expected_iss {
             return Err(token_err(INVALID_TOKEN_ISSUER, "the token is from another issuer"));

@@ -411,6 +411,23 @@ fn claims_are_validated() {
 }
 
 #[test]
+fn identity_claims_with_control_characters_are_refused() {
+    let key = SigningKey::generate(Alg::EdDSA, "k1").unwrap();
+    for claim in ["sub", "jti", "client_id"] {
+        for value in ["a\r\nx-forged: 1", "a\nb", "a\rb", "a\u{0}b", "a\u{1b}[31m", "a\u{7f}", "a\u{85}b", "\t"] {
+            let mut c = claims();
+            c[claim] = json!(value);
+            assert_eq!(err_code(check(&at(&key, &c), &key)), INVALID_IDENTITY_CLAIM, "{claim}={value:?}");
+        }
+        // Text beyond ASCII, spaces and punctuation are not control characters.
+        let mut c = claims();
+        c[claim] = json!("Jürgen O'Neil <j@example> 東京");
+        check(&at(&key, &c), &key).unwrap();
+    }
+    assert!(is_identity_text("user-7") && is_identity_text(""));
+}
+
+#[test]
 fn jku_x5u_and_embedded_jwk_are_never_trusted() {
     let ours = SigningKey::generate(Alg::EdDSA, "k1").unwrap();
     let attacker = SigningKey::generate(Alg::EdDSA, "k1").unwrap();

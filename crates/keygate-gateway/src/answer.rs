@@ -1,6 +1,8 @@
 //! What keygate says itself: its own answers (refusals, CORS preflights, the demo route) and the
 //! headers it adds to every answer on a route (`RateLimit`, `RateLimit-Policy`, CORS), rendered
 //! either as HTTP/1.1 bytes for keygate's own listener or into a header map for hyper (HTTP/2).
+//! Also the one writer of HTTP/1.1 header fields ([`line`], [`begin`]), which writes a field only
+//! when its value is a valid field value, for every head keygate writes.
 
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,19 +50,14 @@ impl AnswerExtra {
     pub fn write_h1(&self, out: &mut Vec<u8>) {
         let mut n = itoa::Buffer::new();
         for l in self.limits.iter().flatten() {
-            out.extend_from_slice(b"ratelimit-policy: \"");
-            out.extend_from_slice(l.name.as_bytes());
-            out.extend_from_slice(b"\";q=");
-            out.extend_from_slice(n.format(l.quota).as_bytes());
-            out.extend_from_slice(b";w=");
-            out.extend_from_slice(n.format(l.window_s).as_bytes());
-            out.extend_from_slice(b"\r\nratelimit: \"");
-            out.extend_from_slice(l.name.as_bytes());
-            out.extend_from_slice(b"\";r=");
-            out.extend_from_slice(n.format(l.remaining).as_bytes());
-            out.extend_from_slice(b";t=");
-            out.extend_from_slice(n.format(l.reset_s).as_bytes());
-            out.extend_from_slice(b"\r\n");
+            let mut f = begin(out, b"ratelimit-policy");
+            f.push(b"\"").push(l.name.as_bytes()).push(b"\";q=").push(n.format(l.quota).as_bytes());
+            f.push(b";w=").push(n.format(l.window_s).as_bytes());
+            f.end();
+            let mut f = begin(out, b"ratelimit");
+            f.push(b"\"").push(l.name.as_bytes()).push(b"\";r=").push(n.format(l.remaining).as_bytes());
+            f.push(b";t=").push(n.format(l.reset_s).as_bytes());
+            f.end();
         }
         for (k, v) in &self.headers {
             line(out, k.as_str().as_bytes(), v.as_bytes());
@@ -83,12 +80,65 @@ impl AnswerExtra {
     }
 }
 
-/// Appends `name: value\r\n`.
-pub fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Whether `v` may be written as a field value (RFC 9110 §5.5): visible characters, spaces,
+/// horizontal tabs and obs-text (bytes from 0x80), and no other control byte. A CR or LF in a
+/// value would end the field there and let the rest be read as more fields, or a second message
+/// (RFC 9112 §2.2); a NUL makes parsers disagree. The loop has no early exit, so it compiles to
+/// a vector loop: every value of every head keygate writes passes through it.
+pub fn is_field_value(v: &[u8]) -> bool {
+    !v.iter().fold(false, |bad, &b| bad | ((b < 0x20) & (b != b'\t')) | (b == 0x7f))
+}
+
+/// Appends `name: value\r\n` when `value` is a valid field value ([`is_field_value`]), and
+/// nothing otherwise; returns whether the field was written. Every head keygate writes (the
+/// upstream's request head, its own answers, the upstream's answers relayed) writes its fields
+/// through this function or [`begin`], so no value can break a head, whoever made it.
+pub fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) -> bool {
+    if !is_field_value(value) {
+        return false;
+    }
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+    true
+}
+
+/// A field whose value is written in parts ([`FieldLine::push`]) and checked whole when it
+/// ends ([`FieldLine::end`]), as [`line`] checks one written at once.
+pub struct FieldLine<'o> {
+    out: &'o mut Vec<u8>,
+    start: usize,
+    value: usize,
+}
+
+/// Starts the field `name` in `out`.
+pub fn begin<'o>(out: &'o mut Vec<u8>, name: &[u8]) -> FieldLine<'o> {
+    let start = out.len();
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    let value = out.len();
+    FieldLine { out, start, value }
+}
+
+impl FieldLine<'_> {
+    /// Appends a part of the value.
+    pub fn push(&mut self, part: &[u8]) -> &mut Self {
+        self.out.extend_from_slice(part);
+        self
+    }
+
+    /// Ends the field: kept if its value is a valid field value, removed otherwise. Returns
+    /// whether it was kept.
+    pub fn end(self) -> bool {
+        if self.out.get(self.value..).is_some_and(is_field_value) {
+            self.out.extend_from_slice(b"\r\n");
+            true
+        } else {
+            self.out.truncate(self.start);
+            false
+        }
+    }
 }
 
 /// An answer keygate gives itself (not the upstream's).
@@ -246,6 +296,29 @@ mod tests {
         assert_eq!(&imf_fixdate(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(&imf_fixdate(1_709_208_000), b"Thu, 29 Feb 2024 12:00:00 GMT");
         assert_eq!(&imf_fixdate(4_102_444_799), b"Thu, 31 Dec 2099 23:59:59 GMT");
+    }
+
+    #[test]
+    fn only_field_values_are_written() {
+        for ok in [&b""[..], b"a b\tc", b"J\xc3\xbcrgen", b"\x80\xff", b"~!\"#"] {
+            let mut out = b"x".to_vec();
+            assert!(line(&mut out, b"n", ok), "{ok:?}");
+            assert_eq!(out, [&b"xn: "[..], ok, b"\r\n"].concat());
+        }
+        for bad in [&b"a\r\nx-forged: 1"[..], b"a\nb", b"a\rb", b"\0", b"a\x01", b"\x7f", b"\x1b[31m"] {
+            let mut out = b"x".to_vec();
+            assert!(!line(&mut out, b"n", bad), "{bad:?}");
+            assert_eq!(out, b"x", "nothing written for {bad:?}");
+            let mut f = begin(&mut out, b"n");
+            f.push(b"good, ").push(bad);
+            assert!(!f.end());
+            assert_eq!(out, b"x", "a field written in parts is removed whole: {bad:?}");
+        }
+        let mut out = Vec::new();
+        let mut f = begin(&mut out, b"n");
+        f.push(b"a").push(b", b");
+        assert!(f.end());
+        assert_eq!(out, b"n: a, b\r\n");
     }
 
     #[test]

@@ -17,8 +17,10 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// A header that carries the token besides `Authorization: Bearer`, such as `X-API-Key`.
     pub api_key_header: Option<String>,
-    /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` is believed; the client address is
-    /// the socket's otherwise.
+    /// Proxies (addresses or CIDRs) whose forwarding headers are believed: `X-Forwarded-For` (the
+    /// client address), a valid `X-Forwarded-Proto` and `X-Forwarded-Host` (the scheme and host
+    /// asked for), `Forwarded` and the other `X-Forwarded-*` fields. From anyone else, the client
+    /// address is the socket's and those headers are removed or rewritten.
     pub trusted_proxies: Vec<String>,
     /// Worker threads, each with its own listener socket and upstream connections. 0: one per
     /// CPU core.
@@ -41,6 +43,35 @@ pub struct GatewayConfig {
     /// How long a request head may take to arrive once it has begun, in seconds (a defence
     /// against slow-header attacks; also the TLS handshake's limit). Default 10.
     pub header_timeout_seconds: u64,
+    /// How long the body of a request keygate answers itself (the OAuth endpoints on this
+    /// listener) may take to arrive once its head has, in milliseconds; 408 `request_timeout`
+    /// and the connection closed after that. Forwarded bodies are bounded by the route's
+    /// `request_timeout_ms` instead. Default 10000.
+    pub body_timeout_ms: u64,
+    /// How long an answer may wait for its client to take any of it, in milliseconds, before
+    /// the connection is closed: an HTTP/1.1 write (an answer, a tunnel) that makes no
+    /// progress, an HTTP/2 answer waiting for its flow-control window. Default 60000.
+    pub send_timeout_ms: u64,
+    /// HTTP/2: a connection with no open stream for this long is closed (GOAWAY), in
+    /// milliseconds. Default 60000.
+    pub http2_idle_timeout_ms: u64,
+    /// HTTP/2: how often keygate sends a PING to check that the client is still there, in
+    /// milliseconds; 0 sends none. Default 30000.
+    pub http2_keep_alive_interval_ms: u64,
+    /// HTTP/2: how long a PING may go unanswered before the connection is closed, in
+    /// milliseconds. Default 10000.
+    pub http2_keep_alive_timeout_ms: u64,
+    /// HTTP/2: how many streams a client may have open at once on one connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`, RFC 9113 §6.5.2). Default 128.
+    pub http2_max_concurrent_streams: u32,
+    /// How many client connections one worker thread serves at once; a new connection beyond
+    /// it is refused at once (503 `too_many_connections` on a plain listener, closed under TLS)
+    /// and counted in `/metrics`. Default 10000.
+    pub max_connections_per_worker: usize,
+    /// How many connections one client address (an IPv6 address counts by its /64) may hold
+    /// open at once, over all workers; 0: no such cap. Leave it at 0 behind a proxy, whose
+    /// address every client shares. Default 0.
+    pub max_connections_per_address: usize,
     /// TLS from PEM files; the files are re-read when they change. Without it the listener
     /// speaks plain HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
@@ -67,6 +98,14 @@ impl Default for GatewayConfig {
             access_log: true,
             keep_alive_timeout_seconds: 60,
             header_timeout_seconds: 10,
+            body_timeout_ms: 10_000,
+            send_timeout_ms: 60_000,
+            http2_idle_timeout_ms: 60_000,
+            http2_keep_alive_interval_ms: 30_000,
+            http2_keep_alive_timeout_ms: 10_000,
+            http2_max_concurrent_streams: 128,
+            max_connections_per_worker: 10_000,
+            max_connections_per_address: 0,
             tls: None,
             dpop_replay_max_bytes: keygate_core::dpop::ReplayLimits::default().max_bytes,
             dpop_replay_max_per_caller: keygate_core::dpop::ReplayLimits::default().max_per_caller,
@@ -80,7 +119,49 @@ impl GatewayConfig {
         crate::h1::Timeouts {
             keep_alive: std::time::Duration::from_secs(self.keep_alive_timeout_seconds.max(1)),
             header: std::time::Duration::from_secs(self.header_timeout_seconds.max(1)),
+            body: std::time::Duration::from_millis(self.body_timeout_ms.max(1)),
+            send: std::time::Duration::from_millis(self.send_timeout_ms.max(1)),
         }
+    }
+
+    /// Everything about client connections: time limits, HTTP/2 settings and caps.
+    pub fn conn_settings(&self) -> crate::server::ConnSettings {
+        let ms = std::time::Duration::from_millis;
+        crate::server::ConnSettings {
+            timeouts: self.timeouts(),
+            http2: crate::server::Http2Settings {
+                idle: ms(self.http2_idle_timeout_ms.max(1)),
+                keep_alive_interval: (self.http2_keep_alive_interval_ms > 0)
+                    .then(|| ms(self.http2_keep_alive_interval_ms)),
+                keep_alive_timeout: ms(self.http2_keep_alive_timeout_ms.max(1)),
+                max_concurrent_streams: self.http2_max_concurrent_streams.max(1),
+            },
+            max_per_worker: self.max_connections_per_worker.max(1),
+            max_per_address: self.max_connections_per_address,
+        }
+    }
+
+    /// Checks the listener settings; the error names the key and what to do.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, v) in [
+            ("keep_alive_timeout_seconds", self.keep_alive_timeout_seconds),
+            ("header_timeout_seconds", self.header_timeout_seconds),
+            ("body_timeout_ms", self.body_timeout_ms),
+            ("send_timeout_ms", self.send_timeout_ms),
+            ("http2_idle_timeout_ms", self.http2_idle_timeout_ms),
+            ("http2_keep_alive_timeout_ms", self.http2_keep_alive_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(format!("gateway.{key} must be at least 1"));
+            }
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            return Err("gateway.http2_max_concurrent_streams must be at least 1".into());
+        }
+        if self.max_connections_per_worker == 0 {
+            return Err("gateway.max_connections_per_worker must be at least 1 (it bounds what a worker holds)".into());
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +229,12 @@ pub struct RouteConfig {
     /// credential — the "phantom token" pattern: upstreams never see tokens.
     #[serde(default)]
     pub identity_token: bool,
+    /// The protocols a request may switch to with `Upgrade` on this route (RFC 9110 §7.8),
+    /// compared by name, ignoring case (a `/version` suffix of the request is ignored). Default
+    /// `["websocket"]`; `[]` allows none. `h2c` is never allowed (RFC 9113 §3.1 removed it, and
+    /// after its 101 a client could send the upstream requests keygate never checked).
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
     /// For the developer portal: what this API is.
     pub description: Option<String>,
     /// For the developer portal: an OpenAPI document (file path or URL).
@@ -176,6 +263,7 @@ impl RouteConfig {
             cors: None,
             health_check: None,
             identity_token: false,
+            upgrades: default_upgrades(),
             description: None,
             openapi: None,
         }
@@ -184,6 +272,10 @@ impl RouteConfig {
 
 fn default_retries() -> u32 {
     1
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".into()]
 }
 
 /// `[routes.cors]`: answered by the gateway; preflight requests need no token.
@@ -244,4 +336,22 @@ fn default_threshold() -> u32 {
 
 fn default_healthy() -> u32 {
     2
+}
+
+/// A route's `upgrades`, checked and lowercased: each a protocol name (an RFC 9110 token),
+/// never `h2c`.
+pub(crate) fn upgrade_allowlist(names: &[String]) -> Result<Box<[Box<str>]>, String> {
+    names
+        .iter()
+        .map(|n| {
+            let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if n.is_empty() || !n.bytes().all(tchar) {
+                return Err(format!("upgrades: {n:?} is not a protocol name (such as \"websocket\")"));
+            }
+            if n.eq_ignore_ascii_case("h2c") {
+                return Err("upgrades: h2c cannot be allowed (RFC 9113 §3.1); HTTP/2 clients connect with prior knowledge or ALPN".into());
+            }
+            Ok(n.to_ascii_lowercase().into_boxed_str())
+        })
+        .collect()
 }

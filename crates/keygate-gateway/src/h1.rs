@@ -26,13 +26,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::answer::{AnswerExtra, connection_field, line, status_line};
 use crate::body::{BodySource, BodyState, BodyTooLarge, BoxError};
-use crate::handler::{ConnInfo, Decision, Gateway, LocalService, MAX_LOCAL_BODY, Outcome, Refuse, Table};
+use crate::handler::{
+    ConnInfo, Decision, Gateway, LocalService, MAX_LOCAL_BODY, Outcome, Refuse, Table, upgrade_protocols,
+    upgrade_requested,
+};
 use crate::head::{Field, Known, ReqHead, split_target};
 use crate::proxy::{BadField, Chunked, HeadSink, Step, UpstreamResponseBody, step_chunked};
-use crate::timer::{Deadline, Shutdown};
+use crate::timer::{Deadline, SendDeadline, Shutdown};
 
 /// The largest request head accepted (431 beyond).
-const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields accepted in a request (431 beyond).
 const MAX_FIELDS: usize = 100;
 /// What one read asks the kernel for.
@@ -45,11 +48,22 @@ pub struct Timeouts {
     pub keep_alive: Duration,
     /// How long a request head may take to arrive once it has begun (slow-header attacks).
     pub header: Duration,
+    /// How long the body of a request keygate answers itself may take to arrive once its head
+    /// has (slow-body attacks on the OAuth endpoints).
+    pub body: Duration,
+    /// How long an answer may wait for the client to take any of it (a client that stops
+    /// reading): an HTTP/1.1 write without progress, an HTTP/2 answer without window.
+    pub send: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { keep_alive: Duration::from_secs(60), header: Duration::from_secs(10) }
+        Self {
+            keep_alive: Duration::from_secs(60),
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(10),
+            send: Duration::from_secs(60),
+        }
     }
 }
 
@@ -66,7 +80,7 @@ pub(crate) async fn serve<R, W>(
     gw: Arc<Gateway>,
     info: ConnInfo,
     mut rd: R,
-    mut wr: W,
+    wr: W,
     mut rbuf: BytesMut,
     shutdown: Arc<Shutdown>,
     timeouts: Timeouts,
@@ -74,6 +88,9 @@ pub(crate) async fn serve<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
+    // Every write to the client, answers and tunnels alike, fails when the client has read
+    // nothing of it for the send time-out.
+    let mut wr = SendDeadline::new(wr, timeouts.send);
     let mut table = gw.table.load_full();
     let mut body_buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -109,16 +126,25 @@ pub(crate) async fn serve<R, W>(
                 table = arc_swap::Guard::into_inner(cur);
             }
         }
-        let served =
-            request(&gw, &table, info, start, &rbuf, &mut rd, &mut wr, &mut body_buf, &mut out, &shutdown).await;
+        let served = request(
+            &gw,
+            &table,
+            info,
+            start,
+            &rbuf,
+            &mut rd,
+            &mut wr,
+            &mut body_buf,
+            &mut out,
+            &shutdown,
+            timeouts.body,
+        )
+        .await;
         match served {
             Ok(Served::Partial) => {
+                // MAX_HEAD bytes without the head's end: the head is longer than the limit.
                 let refusal = if rbuf.len() >= MAX_HEAD {
-                    Some(Refuse::new(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "header_too_large",
-                        "the request head is larger than 64 KiB",
-                    ))
+                    Some(head_too_large())
                 } else {
                     let began = *began.get_or_insert_with(Instant::now);
                     let left = timeouts.header.saturating_sub(began.elapsed());
@@ -161,6 +187,14 @@ fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
+}
+
+fn head_too_large() -> Refuse {
+    Refuse::new(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "header_too_large",
+        "the request head is larger than 64 KiB; send fewer or shorter header fields",
+    )
 }
 
 fn parse_error(e: httparse::Error) -> Refuse {
@@ -296,18 +330,36 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> BodySource for C
     }
 }
 
-/// Writes an upstream's answer head as HTTP/1.1 bytes.
-struct H1Sink<'o> {
+/// Writes an upstream's answer head as HTTP/1.1 bytes. Of a 101 answer it also checks that the
+/// protocols switched to are ones the client asked for.
+struct H1Sink<'o, 'h> {
     out: &'o mut Vec<u8>,
+    /// The request, when it asked to upgrade.
+    upgrade_of: Option<&'o ReqHead<'h>>,
+    /// The answer is a 101.
+    switching: bool,
+    /// Of a 101: every protocol its `Upgrade` names was asked for (and so allowed on the route),
+    /// and it names one.
+    switched_as_asked: bool,
 }
 
-impl HeadSink for H1Sink<'_> {
+impl HeadSink for H1Sink<'_, '_> {
     fn status(&mut self, status: StatusCode) {
+        self.switching = status == StatusCode::SWITCHING_PROTOCOLS;
         status_line(self.out, status);
     }
     fn field(&mut self, name: &str, value: &[u8]) -> Result<(), BadField> {
-        line(self.out, name.as_bytes(), value);
-        Ok(())
+        if self.switching
+            && name.eq_ignore_ascii_case("upgrade")
+            && let Some(head) = self.upgrade_of
+        {
+            // RFC 9110 §7.8: a server must not switch to a protocol the client did not name;
+            // an upstream that does is not followed (after the switch nothing is checked).
+            let asked = |p: &[u8]| upgrade_protocols(head.all("upgrade")).any(|a| a.eq_ignore_ascii_case(p));
+            let mut named = upgrade_protocols(std::iter::once(value)).peekable();
+            self.switched_as_asked = named.peek().is_some() && named.all(|p| !p.is_empty() && asked(p));
+        }
+        if line(self.out, name.as_bytes(), value) { Ok(()) } else { Err(BadField) }
     }
 }
 
@@ -326,6 +378,7 @@ async fn request<R, W>(
     body_buf: &mut BytesMut,
     out: &mut Vec<u8>,
     shutdown: &Shutdown,
+    body_timeout: Duration,
 ) -> io::Result<Served>
 where
     R: AsyncRead + Unpin + Send,
@@ -335,6 +388,11 @@ where
     let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(rbuf, &mut slots) {
+        // The limit is on the head itself, however its bytes arrived: a read can bring more than
+        // was asked for, so a head can be whole only past the limit.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return refuse_bare(gw, table, wr, out, head_too_large(), start, now).await;
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Served::Partial),
         Err(e) => return refuse_bare(gw, table, wr, out, parse_error(e), start, now).await,
@@ -377,13 +435,10 @@ where
     let framing = if head.known.transfer_encodings > 0 {
         BodyFraming::Chunked(Chunked::Size)
     } else {
-        match head
-            .at(head.known.content_length)
-            .map(|v| std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()))
-        {
+        // A length that does not parse is refused by the request path; until then, none.
+        match head.at(head.known.content_length).map(crate::handler::parse_length) {
             Some(Some(n)) => BodyFraming::Length(n),
-            Some(None) => BodyFraming::Length(u64::MAX),
-            None => BodyFraming::Done,
+            Some(None) | None => BodyFraming::Done,
         }
     };
     let mut extra = AnswerExtra::default();
@@ -407,7 +462,7 @@ where
         }
         other => other,
     };
-    let upgrade = head.known.upgrade && head.known.connection;
+    let upgrade = upgrade_requested(&head);
     let state = BodyState::default();
     let (route, caller, path) = match decided {
         Decision::Forward { route, caller, path } => (route, caller, path),
@@ -424,6 +479,7 @@ where
                 &state,
                 client_11,
                 keep && !shutdown.is_set(),
+                body_timeout,
             )
             .await;
             let status = r.as_ref().map_or(500, |(s, _)| *s);
@@ -440,7 +496,7 @@ where
     let expect = head.known.expect_continue && head.version == Version::HTTP_11 && has_body;
     out.clear();
     let line = gw.line(&head.method, &path);
-    let answered = {
+    let (answered, switched_as_asked) = {
         let mut body = Some(ClientBody {
             rd: &mut *rd,
             buf: &mut *body_buf,
@@ -449,8 +505,10 @@ where
             state: &state,
             continue_to: if expect { Some(&mut *wr) } else { None },
         });
-        let mut sink = H1Sink { out };
-        gw.exchange(table, route, &head, &path, caller.as_ref(), &info, start, &mut body, &state, &mut sink).await
+        let mut sink = H1Sink { out, upgrade_of: upgrade.then_some(&head), switching: false, switched_as_asked: false };
+        let a =
+            gw.exchange(table, route, &head, &path, caller.as_ref(), &info, start, &mut body, &state, &mut sink).await;
+        (a, sink.switched_as_asked)
     };
     let body_read = state.finished.load(Ordering::Relaxed);
     let bytes_in = state.seen.load(Ordering::Relaxed);
@@ -470,16 +528,36 @@ where
     let status = answered.status;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let o = Outcome { status: 101, bytes_in, bytes_out: 0, start, now };
-        let result = if upgrade && let Some(conn) = answered.body.into_upgraded() {
+        let result = if upgrade
+            && switched_as_asked
+            && let Some(conn) = answered.body.into_upgraded()
+        {
             out.extend_from_slice(b"connection: upgrade\r\n\r\n");
             gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
-            tunnel(rd, wr, body_buf, out, conn).await
+            // The tunnel lives while its caller would still be let through, and while the worker
+            // runs; after the 101 keygate sees no requests, so this is the only check left.
+            let ends = async {
+                let mut stopping = shutdown.waiter();
+                if shutdown.is_set() {
+                    return;
+                }
+                match &caller {
+                    Some(c) => tokio::select! {
+                        () = gw.until_refused(route, &head.method, c) => {
+                            tracing::info!(route = %route.id, "tunnel closed: its token is no longer valid for the route");
+                        }
+                        () = &mut stopping => {}
+                    },
+                    None => stopping.await,
+                }
+            };
+            tunnel(rd, wr, body_buf, out, conn, ends).await
         } else {
             table.metrics.upstream_error(route.index, false);
             let r = Refuse::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
-                "the upstream switched protocols without being asked",
+                "the upstream switched protocols without being asked, or to one not asked for",
             );
             out.clear();
             r.answer().write_h1(&extra, head_req, Some("close"), out);
@@ -497,8 +575,9 @@ where
 }
 
 /// Serves a request for one of keygate's own services (the OAuth endpoints): its body is read
-/// whole (at most [`MAX_LOCAL_BODY`]), the service answers, the answer goes out whole.
-/// Returns the status and whether the connection can take another request.
+/// whole (at most [`MAX_LOCAL_BODY`], within `body_timeout` of the head), the service answers,
+/// the answer goes out whole. Returns the status and whether the connection can take another
+/// request.
 #[allow(clippy::too_many_arguments)]
 async fn local<R, W>(
     service: &dyn LocalService,
@@ -512,6 +591,7 @@ async fn local<R, W>(
     state: &BodyState,
     client_11: bool,
     mut keep: bool,
+    body_timeout: Duration,
 ) -> io::Result<(u16, bool)>
 where
     R: AsyncRead + Unpin + Send,
@@ -528,19 +608,23 @@ where
         continue_to: if expect { Some(&mut *wr) } else { None },
     };
     let mut bytes = Vec::new();
-    let mut failed = false;
-    while let Some(piece) = body.data().await {
-        match piece {
-            Ok(d) => bytes.extend_from_slice(&d),
-            Err(_) => {
-                failed = true;
-                break;
+    // The whole body within one deadline from the end of the head: a client that sends a byte
+    // now and then must not hold the connection, and a task of the control plane's, forever.
+    let read_all = async {
+        while let Some(piece) = body.data().await {
+            match piece {
+                Ok(d) => bytes.extend_from_slice(&d),
+                Err(_) => return false,
             }
         }
-    }
+        true
+    };
+    let read = tokio::time::timeout(body_timeout, read_all).await;
     out.clear();
-    if failed {
-        let r = if state.too_large.load(Ordering::Relaxed) {
+    if !matches!(read, Ok(true)) {
+        let r = if read.is_err() {
+            Refuse::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time")
+        } else if state.too_large.load(Ordering::Relaxed) {
             Refuse::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "this endpoint takes bodies up to 64 KiB")
         } else {
             Refuse::bad_framing("the request body is malformed")
@@ -722,13 +806,16 @@ fn frame_data(out: &mut Vec<u8>, d: &[u8], chunked: bool) {
     }
 }
 
-/// After a 101: the head to the client, then bytes both ways until either side closes.
+/// After a 101: the head to the client, then bytes both ways until either side closes or `ends`
+/// completes (its caller's token is no longer valid, the worker stops); both connections are
+/// closed then.
 async fn tunnel<R, W>(
     rd: &mut R,
     wr: &mut W,
     client_early: &mut BytesMut,
     out: &[u8],
     upstream: crate::proxy::Conn,
+    ends: impl std::future::Future<Output = ()>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send,
@@ -753,7 +840,10 @@ where
         let _ = tokio::io::copy(&mut ur, wr).await;
         let _ = wr.shutdown().await;
     };
-    tokio::join!(to_upstream, to_client);
+    tokio::select! {
+        _ = async { tokio::join!(to_upstream, to_client) } => {}
+        () = ends => {}
+    }
     Ok(())
 }
 

@@ -366,13 +366,69 @@ fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
             return Err(Refuse::bad_framing("Transfer-Encoding other than a single \"chunked\""));
         }
     }
-    if k.content_lengths > 1
-        || head.at(k.content_length).is_some_and(|v| v.is_empty() || !v.iter().all(u8::is_ascii_digit))
-    {
-        return Err(Refuse::bad_framing("Content-Length must be one plain number"));
+    if k.content_lengths > 1 || head.at(k.content_length).is_some_and(|v| parse_length(v).is_none()) {
+        return Err(Refuse::bad_framing("Content-Length must be one plain number below 2^64"));
+    }
+    if k.framing_lookalike {
+        // `Content_Length` or `Transfer--Encoding`: frameworks that fold `_` into `-` (CGI,
+        // WSGI, Rack) could read the body's length from a field keygate did not frame it by.
+        return Err(Refuse::bad_framing(
+            "a header name is a near-spelling of Content-Length or Transfer-Encoding (such as Content_Length); send the field under its own name",
+        ));
     }
     Ok(())
 }
+
+/// Whether the request asks to switch protocols (RFC 9110 §7.8): an `Upgrade` field, and
+/// `Connection` naming `upgrade` (the field is hop-by-hop, so without that it is not meant for
+/// this hop). The one definition of an upgrade: what is checked is exactly what is forwarded and
+/// tunnelled.
+pub(crate) fn upgrade_requested(head: &ReqHead<'_>) -> bool {
+    head.known.upgrade
+        && head.known.connection
+        && head
+            .all("connection")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+}
+
+/// The protocol names of an `Upgrade` list (`name[/version]`, RFC 9110 §7.8), in order.
+pub(crate) fn upgrade_protocols<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values.flat_map(|v| v.split(|b| *b == b',')).map(|p| {
+        let p = p.trim_ascii();
+        p.split(|b| *b == b'/').next().unwrap_or(p).trim_ascii()
+    })
+}
+
+/// Refuses an upgrade to `h2c`, always (RFC 9113 §3.1 removed it: after its 101 the client
+/// would speak HTTP/2 straight to the upstream, and its requests there would pass no check), and
+/// to any protocol the route's `upgrades` does not list.
+fn check_upgrade(head: &ReqHead<'_>, route: &Route) -> Result<(), Refuse> {
+    let refuse =
+        |m: Cow<'static, str>| Refuse { close: true, ..Refuse::new(StatusCode::BAD_REQUEST, UPGRADE_NOT_ALLOWED, m) };
+    for name in upgrade_protocols(head.all("upgrade")) {
+        if name.eq_ignore_ascii_case(b"h2c") {
+            return Err(refuse(Cow::Borrowed(
+                "upgrading to h2c is not supported (RFC 9113 §3.1): use HTTP/2 with prior knowledge, or TLS with ALPN h2",
+            )));
+        }
+        if !route.upgrades.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(name)) {
+            let allowed = if route.upgrades.is_empty() { "none".to_owned() } else { route.upgrades.join(", ") };
+            return Err(refuse(Cow::Owned(format!(
+                "this route does not allow upgrading to {:?} (allowed: {allowed}); list it in the route's upgrades",
+                String::from_utf8_lossy(name)
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// The code of an upgrade refused.
+pub(crate) const UPGRADE_NOT_ALLOWED: &str = "upgrade_not_allowed";
+
+/// The longest a tunnel waits between two checks of its token when nothing changes in the index
+/// (a clock set back or forward is noticed within it).
+const TUNNEL_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the credential came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -448,25 +504,126 @@ fn is_trusted(trusted: &[IpNet], ip: &IpAddr) -> bool {
 }
 
 /// The client's address: the socket's, or — when the socket is a trusted proxy — the nearest
-/// untrusted hop of `X-Forwarded-For`.
+/// untrusted hop of `X-Forwarded-For`, read from the right. Each entry is an address, with or
+/// without a port (`203.0.113.7:5555`, `[2001:db8::1]:443`, `[2001:db8::1]`, `2001:db8::1`).
+/// An entry that is not one of these ends the walk where it is: the address is then the
+/// trusted hop that passed it on, never one further left, where the client writes.
 fn client_ip(remote: SocketAddr, head: &ReqHead<'_>, trusted: &[IpNet]) -> IpAddr {
     let mut ip = remote.ip();
     if !head.known.forwarded_for || !is_trusted(trusted, &ip) {
         return ip;
     }
-    let hops: Vec<IpAddr> = head
-        .all("x-forwarded-for")
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    for hop in hops.iter().rev() {
-        ip = *hop;
-        if !is_trusted(trusted, hop) {
+    let lines = head.fields.iter().rev().filter(|f| f.name.eq_ignore_ascii_case("x-forwarded-for"));
+    for entry in lines.flat_map(|f| f.value.rsplit(|b| *b == b',')) {
+        let Some(hop) = parse_hop(entry) else { return ip };
+        ip = hop;
+        if !is_trusted(trusted, &hop) {
             break;
         }
     }
     ip
+}
+
+/// One `X-Forwarded-For` entry: an IPv4 or IPv6 address, an IPv4 address with a port, or a
+/// bracketed IPv6 address with or without a port.
+fn parse_hop(entry: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(entry.trim_ascii()).ok()?;
+    let is_port = |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok();
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = head::split_once_ascii(rest, b']')?;
+        if !after.is_empty() && !after.strip_prefix(':').is_some_and(is_port) {
+            return None;
+        }
+        return addr.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let (addr, port) = head::split_once_ascii(s, b':')?;
+    if !is_port(port) {
+        return None;
+    }
+    addr.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// The scheme and host the client asked for: from a trusted proxy, its single
+/// `X-Forwarded-Proto` (`http` or `https`) and single `X-Forwarded-Host` (a host with an
+/// optional port) when they are valid, else the `proto` and `host` of the element it added last
+/// to `Forwarded` (RFC 7239 §5.3, §5.4), when valid; otherwise — and from anyone else, always —
+/// this listener's scheme and the request's own authority (`Host` or `:authority`).
+fn origin<'h>(head: &ReqHead<'h>, conn: &ConnInfo, peer_trusted: bool) -> (&'static str, Option<&'h [u8]>) {
+    let own_scheme = if conn.tls { "https" } else { "http" };
+    let own_host = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host));
+    if !peer_trusted {
+        return (own_scheme, own_host);
+    }
+    let single = |name: &'static str| {
+        let mut all = head.all(name);
+        match (all.next(), all.next()) {
+            (Some(v), None) => Some(v.trim_ascii()),
+            _ => None,
+        }
+    };
+    let scheme_of = |v: &[u8]| {
+        if v.eq_ignore_ascii_case(b"https") {
+            Some("https")
+        } else if v.eq_ignore_ascii_case(b"http") {
+            Some("http")
+        } else {
+            None
+        }
+    };
+    // The element the trusted proxy appended: the last of the last `Forwarded` field.
+    let forwarded = head.fields.iter().rev().find(|f| f.name.eq_ignore_ascii_case("forwarded"));
+    let element = forwarded.and_then(|f| f.value.rsplit(|b| *b == b',').next());
+    let param = |key: &[u8]| element.and_then(|e| forwarded_param(e, key));
+    let scheme = single("x-forwarded-proto")
+        .and_then(scheme_of)
+        .or_else(|| param(b"proto").and_then(scheme_of))
+        .unwrap_or(own_scheme);
+    let host = single("x-forwarded-host")
+        .filter(|h| is_authority(h))
+        .or_else(|| param(b"host").filter(|h| is_authority(h)))
+        .or(own_host);
+    (scheme, host)
+}
+
+/// The value of `key` in one `Forwarded` element (`for=…;proto=https;host="api.example"`),
+/// unquoted; `None` when absent, or quoted with an escape (not worth reading for a host).
+fn forwarded_param<'v>(element: &'v [u8], key: &[u8]) -> Option<&'v [u8]> {
+    element.split(|b| *b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let (k, v) = (pair.get(..eq)?, pair.get(eq + 1..)?);
+        if !k.trim_ascii().eq_ignore_ascii_case(key) {
+            return None;
+        }
+        let v = v.trim_ascii();
+        match v.strip_prefix(b"\"").and_then(|q| q.strip_suffix(b"\"")) {
+            Some(q) if q.contains(&b'\\') => None,
+            Some(q) => Some(q),
+            None => Some(v),
+        }
+    })
+}
+
+/// Whether `v` is a host with an optional port (RFC 3986 §3.2.2): a name of letters, digits,
+/// `-`, `.`, `_` and `~`, or a bracketed IPv6 address; nothing else (no path, no user, no list).
+fn is_authority(v: &[u8]) -> bool {
+    let port_ok = |p: &[u8]| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit);
+    if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|b| *b == b']') else { return false };
+        let (addr, after) = (rest.get(..end).unwrap_or_default(), rest.get(end + 1..).unwrap_or_default());
+        let addr_ok = std::str::from_utf8(addr).is_ok_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        return addr_ok && (after.is_empty() || after.strip_prefix(b":").is_some_and(port_ok));
+    }
+    let (host, port) = match v.iter().position(|b| *b == b':') {
+        Some(i) => (v.get(..i).unwrap_or_default(), v.get(i + 1..)),
+        None => (v, None),
+    };
+    !host.is_empty()
+        && host.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        && port.is_none_or(port_ok)
 }
 
 fn ceil_secs_us(us: i64) -> u64 {
@@ -548,8 +705,14 @@ pub(crate) struct Outcome {
 }
 
 impl Gateway {
-    /// Answers one request that came through hyper (HTTP/2).
-    pub async fn handle(self: &Arc<Self>, conn: ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
+    /// Answers one request that came through hyper (HTTP/2). The body of a request keygate
+    /// answers itself must arrive within `local_body_timeout`.
+    pub async fn handle(
+        self: &Arc<Self>,
+        conn: ConnInfo,
+        req: Request<Incoming>,
+        local_body_timeout: std::time::Duration,
+    ) -> Response<GatewayBody> {
         let start = Instant::now();
         let table = self.table.load_full();
         let now = self.clock.now();
@@ -574,14 +737,30 @@ impl Gateway {
             }
             Decision::Local(service) => {
                 let limited = http_body_util::Limited::new(body, usize::try_from(MAX_LOCAL_BODY).unwrap_or(usize::MAX));
-                let Ok(collected) = http_body_util::BodyExt::collect(limited).await else {
-                    let r = Refuse::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        "this endpoint takes bodies up to 64 KiB",
-                    );
-                    return r.answer().into_response(&extra);
-                };
+                // The whole body within one deadline (a stream fed a byte now and then must
+                // not hold a task of the control plane's forever).
+                let collected =
+                    match tokio::time::timeout(local_body_timeout, http_body_util::BodyExt::collect(limited)).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(_)) => {
+                            let r = Refuse::new(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "body_too_large",
+                                "this endpoint takes bodies up to 64 KiB",
+                            );
+                            return r.answer().into_response(&extra);
+                        }
+                        Err(_elapsed) => {
+                            let r = Refuse::new(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request_timeout",
+                                "the request body did not arrive in time",
+                            );
+                            let o = Outcome { status: r.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
+                            self.finish_own(&table, Some(r.code), None, None, &o, &head);
+                            return r.answer().into_response(&extra);
+                        }
+                    };
                 let mut req = Request::new(collected.to_bytes());
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = parts.uri.clone();
@@ -732,6 +911,11 @@ impl Gateway {
             ));
         }
         if route.public {
+            if upgrade_requested(head)
+                && let Err(r) = check_upgrade(head, route)
+            {
+                return Err(fail(route, None, r));
+            }
             return Ok((route, None, path));
         }
         let Some((scheme, presented)) = credential(head) else {
@@ -786,6 +970,13 @@ impl Gateway {
             };
             return Err(fail(route, Some(caller), r));
         }
+        // After the credential and the scope (so a caller without them learns nothing of the
+        // route's list), before the limits (a refused upgrade costs the caller nothing).
+        if upgrade_requested(head)
+            && let Err(r) = check_upgrade(head, route)
+        {
+            return Err(fail(route, Some(caller), r));
+        }
         if let Some(r) = self.check_limits(table, route, &caller, now, extra) {
             return Err(fail(route, Some(caller), r));
         }
@@ -830,7 +1021,8 @@ impl Gateway {
         };
         let proof =
             std::str::from_utf8(proof).map_err(|_| Refuse::dpop("invalid_dpop_proof", "the DPoP proof is not text"))?;
-        let htu = request_url(head, conn);
+        let peer_trusted = is_trusted(&self.settings.trusted_proxies, &conn.remote.ip());
+        let htu = request_url(head, conn, peer_trusted);
         let now_s = now.as_millis() / 1000;
         let accepted = self.dpop_nonces.as_ref().map(|k| k.accepted(now_s));
         let accepted: Vec<&str> = accepted.iter().flatten().map(String::as_str).collect();
@@ -942,7 +1134,13 @@ impl Gateway {
         sink: &mut S,
     ) -> Result<Answered, Refuse> {
         let has_body = body.as_ref().is_some_and(|b| !b.is_end_stream());
-        let trusted_peer = head.known.forwarded_for && is_trusted(&self.settings.trusted_proxies, &conn.remote.ip());
+        let trusted = &self.settings.trusted_proxies;
+        let peer_trusted = !trusted.is_empty() && is_trusted(trusted, &conn.remote.ip());
+        let client = match caller {
+            Some(c) => c.ip,
+            None if peer_trusted => client_ip(conn.remote, head, trusted),
+            None => conn.remote.ip(),
+        };
         let identity = if route.identity_token { caller.and_then(|c| self.identity_token(c, route)) } else { None };
         let out = UpstreamHead {
             head,
@@ -951,7 +1149,8 @@ impl Gateway {
             caller,
             conn,
             api_key: self.settings.api_key_header.as_ref(),
-            trusted_peer,
+            peer_trusted,
+            client,
             identity: identity.as_deref(),
         };
         // Upstreams already tried; allocated only when a retry happens.
@@ -1061,6 +1260,55 @@ impl Gateway {
         Some(jwt)
     }
 
+    /// Completes when `caller`, who opened an upgraded tunnel on `route` with `method`, would no
+    /// longer be let through: its token revoked, suspended or expired, its scopes or allowlist
+    /// changed so that the request would be refused now, or its JWT revoked or expired. It wakes
+    /// at each change to the token index and when the token's expiry comes (at least every
+    /// [`TUNNEL_RECHECK`]), never for the bytes that pass, so a tunnel costs nothing per byte.
+    pub(crate) async fn until_refused(&self, route: &Route, method: &Method, caller: &Caller) {
+        let mut changes = self.index.changes();
+        let mut entry = match &caller.who {
+            Identity::Key(t) => Some(t.clone()),
+            Identity::Jwt(_) => None,
+        };
+        loop {
+            let now = self.clock.now();
+            let expires_ms = match (&caller.who, entry.as_mut()) {
+                (Identity::Key(_), Some(held)) => match self.index.recheck(held, now) {
+                    Ok(current) => {
+                        let ok = current.allows_ip(caller.ip)
+                            && route.required_scope(method).is_none_or(|s| current.has_scope(s));
+                        if !ok {
+                            return;
+                        }
+                        let exp = current.expires_at().map_or(i64::MAX, Timestamp::as_millis);
+                        *held = current;
+                        exp
+                    }
+                    Err(_) => return,
+                },
+                (Identity::Jwt(j), _) => {
+                    if now.as_millis() >= j.exp_ms || j.jti.as_deref().is_some_and(|id| self.index.is_jti_revoked(id)) {
+                        return;
+                    }
+                    j.exp_ms
+                }
+                (Identity::Key(_), None) => return,
+            };
+            let left = u64::try_from(expires_ms.saturating_sub(now.as_millis())).unwrap_or(0);
+            let wait = std::time::Duration::from_millis(left).min(TUNNEL_RECHECK);
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        // The index is gone (never while the gateway runs): time alone wakes.
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
     /// Counts an answer keygate gave itself: its refusal reason, then as any finished request.
     pub(crate) fn finish_own(
         &self,
@@ -1109,14 +1357,16 @@ impl Gateway {
             });
         }
         if let Some(line) = line {
+            // The log line holds only valid field values (no line breaks or other controls),
+            // checked as a head's are: a value that is not one is logged as `-`.
             let token_id = caller.map(|c| match &c.who {
                 Identity::Key(t) => t.token_id().to_string(),
-                Identity::Jwt(j) => format!("jwt:{}", j.jti.as_deref().unwrap_or("-")),
+                Identity::Jwt(j) => format!("jwt:{}", logged(j.jti.as_deref().unwrap_or("-"))),
             });
             tracing::info!(
                 target: "keygate::access",
                 method = %line.method,
-                path = %line.path,
+                path = %logged(&line.path),
                 route = route.map(|r| &*r.id),
                 status = o.status,
                 latency_us,
@@ -1129,42 +1379,35 @@ impl Gateway {
     }
 }
 
-/// The request's URL as the client addressed it, for DPoP's `htu` (RFC 9449 §4.3): scheme and
-/// host lowercase, the default port left out, the path as sent, no query.
-fn request_url(head: &ReqHead<'_>, conn: &ConnInfo) -> String {
-    let scheme = if conn.tls { "https" } else { "http" };
-    let raw = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host)).unwrap_or_default();
-    let host = String::from_utf8_lossy(raw).to_ascii_lowercase();
-    let default = if conn.tls { ":443" } else { ":80" };
+/// A value for the access log: itself when it is a valid field value (no line break or other
+/// control character, see [`crate::answer::is_field_value`]), else `-`.
+fn logged(v: &str) -> &str {
+    if crate::answer::is_field_value(v.as_bytes()) { v } else { "-" }
+}
+
+/// The request's URL as the client addressed it, for DPoP's `htu` (RFC 9449 §4.3): the scheme
+/// and host it asked for ([`origin`]: behind a trusted TLS-terminating proxy, the proxy's), both
+/// lowercase, the scheme's default port left out, the path as sent, no query.
+fn request_url(head: &ReqHead<'_>, conn: &ConnInfo, peer_trusted: bool) -> String {
+    let (scheme, host) = origin(head, conn, peer_trusted);
+    let host = String::from_utf8_lossy(host.unwrap_or_default()).to_ascii_lowercase();
+    let default = if scheme == "https" { ":443" } else { ":80" };
     let host = host.strip_suffix(default).unwrap_or(&host);
     format!("{scheme}://{host}{}", head.path)
 }
 
-fn parse_length(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok()?.parse().ok()
-}
-
-/// Request header fields that do not go upstream as the client sent them: hop-by-hop fields
-/// (RFC 9110 §7.6.1), the framing (keygate frames the body again), `Host` (the upstream's
-/// authority is sent), `Expect` (answered by keygate), keygate's identity fields (a client must
-/// not forge them) and the `X-Forwarded-*` set (rewritten).
-fn never_forwarded(name: &[u8]) -> bool {
-    let n = name.len();
-    let is = |s: &[u8]| n == s.len() && name.eq_ignore_ascii_case(s);
-    match n {
-        2 => is(b"te"),
-        4 => is(b"host"),
-        6 => is(b"expect"),
-        7 => is(b"trailer") || is(b"upgrade"),
-        10 => is(b"connection") || is(b"keep-alive"),
-        14 => is(b"content-length"),
-        15 => is(b"x-forwarded-for"),
-        16 => is(b"proxy-connection") || is(b"x-keygate-app-id") || is(b"x-keygate-scopes") || is(b"x-forwarded-host"),
-        17 => is(b"transfer-encoding") || is(b"x-forwarded-proto"),
-        18 => is(b"x-keygate-token-id") || is(b"proxy-authenticate"),
-        19 => is(b"proxy-authorization"),
-        _ => false,
+/// A `Content-Length` value (RFC 9110 §8.6): one or more digits, and a number that fits in 64
+/// bits. Anything else (a sign, spaces, hex, a length past 2⁶⁴−1) is `None`.
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
     }
+    v.iter().try_fold(
+        0u64,
+        |n, &b| {
+            if b.is_ascii_digit() { n.checked_mul(10)?.checked_add(u64::from(b - b'0')) } else { None }
+        },
+    )
 }
 
 /// Everything the request head sent upstream is made from.
@@ -1176,8 +1419,12 @@ pub(crate) struct UpstreamHead<'a, 'h> {
     caller: Option<&'a Caller>,
     conn: &'a ConnInfo,
     api_key: Option<&'a HeaderName>,
-    /// The socket is a trusted proxy with an `X-Forwarded-For` of its own, which is kept.
-    trusted_peer: bool,
+    /// The socket's peer is a trusted proxy (`gateway.trusted_proxies`): its `X-Forwarded-For`
+    /// and `Forwarded` are extended, the other `X-Forwarded-*` fields it sends pass, and the
+    /// scheme and host it was asked for are believed.
+    peer_trusted: bool,
+    /// The client's address as keygate decided it ([`client_ip`]).
+    client: IpAddr,
     /// The identity token to send in `Authorization` (routes with `identity_token`).
     identity: Option<&'a str>,
 }
@@ -1185,8 +1432,12 @@ pub(crate) struct UpstreamHead<'a, 'h> {
 impl UpstreamHead<'_, '_> {
     /// Writes the request head for `upstream` in one buffer: the client's fields minus those
     /// that must not pass (hop-by-hop ones and any named in `Connection` are removed before
-    /// keygate's own are added), then `X-Forwarded-*`, the identity fields and the framing.
+    /// keygate's own are added, see [`head::classify_name`]), then `X-Forwarded-*`,
+    /// `Forwarded`, `X-Real-IP`, the identity fields and the framing. Every field goes through
+    /// [`crate::answer::line`] (or [`crate::answer::begin`]), which writes only valid field
+    /// values.
     pub(crate) fn write(&self, upstream: &Upstream, framing: RequestFraming, buf: &mut Vec<u8>) {
+        use crate::answer::{begin, line};
         let head = self.head;
         buf.extend_from_slice(head.method.as_str().as_bytes());
         buf.push(b' ');
@@ -1201,89 +1452,114 @@ impl UpstreamHead<'_, '_> {
         buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         buf.extend_from_slice(upstream.authority.as_bytes());
         buf.extend_from_slice(b"\r\n");
-        let upgrade = head.known.upgrade && head.known.connection;
-        // Fields named in `Connection` (RFC 9110 §7.6.1): few, and only looked at when present.
-        let mut named: [&[u8]; 8] = [b""; 8];
-        let mut n_named = 0;
-        if head.known.connection {
-            for token in head.all("connection").flat_map(|v| v.split(|b| *b == b',')) {
-                let t = token.trim_ascii();
-                if let Some(slot) = named.get_mut(n_named)
-                    && !t.is_empty()
-                {
-                    *slot = t;
-                    n_named += 1;
-                }
-            }
-        }
-        let named = named.get(..n_named).unwrap_or_default();
+        let upgrade = upgrade_requested(head);
         let strip_credential = !self.route.public;
+        let api_key = self.api_key.filter(|_| strip_credential).map(|k| k.as_str().as_bytes());
+        // Fields named in `Connection` (RFC 9110 §7.6.1), looked at only when there is one.
+        let mut named = head.known.connection.then(|| head::ConnectionNames::new(head.fields));
+        // Names are compared folded (`X_Keygate_Subject` as `x-keygate-subject`) only when some
+        // name needs it; the common request takes the plain comparisons.
+        let folded = head.known.odd_names
+            || api_key.is_some_and(head::needs_fold)
+            || named.as_ref().is_some_and(head::ConnectionNames::any_odd);
+        if let Some(n) = named.as_mut() {
+            n.folded = folded;
+        }
+        let mut key_buf = [0u8; head::FOLD_LEN];
+        let api_key = match api_key {
+            Some(k) if folded => Some(head::fold(k, &mut key_buf)),
+            k => k,
+        };
+        let mut name_buf = [0u8; head::FOLD_LEN];
         for f in head.fields {
             let name = f.name.as_bytes();
-            if never_forwarded(name)
-                || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            let canon = if folded { head::fold(name, &mut name_buf) } else { name };
+            let passes = match head::classify_name(canon) {
+                head::NameClass::Passes => true,
+                head::NameClass::Stripped => false,
+                head::NameClass::FromTrustedProxy => self.peer_trusted,
+            };
+            if !passes
+                || named.as_ref().is_some_and(|n| n.lists(canon))
                 || (strip_credential
-                    && (name.eq_ignore_ascii_case(b"authorization")
-                        || self.api_key.is_some_and(|k| name.eq_ignore_ascii_case(k.as_str().as_bytes()))))
+                    && (canon.eq_ignore_ascii_case(b"authorization")
+                        || api_key.is_some_and(|k| canon.eq_ignore_ascii_case(k))))
             {
                 continue;
             }
-            crate::answer::line(buf, name, f.value);
+            line(buf, name, f.value);
         }
         if upgrade {
             for v in head.all("upgrade") {
-                crate::answer::line(buf, b"upgrade", v);
+                line(buf, b"upgrade", v);
             }
             buf.extend_from_slice(b"connection: upgrade\r\n");
         }
-        buf.extend_from_slice(b"x-forwarded-for: ");
-        if self.trusted_peer {
+        // X-Forwarded-For: a trusted proxy's chain, extended with the socket's address.
+        let mut xff = begin(buf, b"x-forwarded-for");
+        if self.peer_trusted && head.known.forwarded_for {
             for v in head.all("x-forwarded-for") {
-                buf.extend_from_slice(v);
-                buf.extend_from_slice(b", ");
+                xff.push(v).push(b", ");
             }
         }
-        buf.extend_from_slice(self.conn.ip_text.as_bytes());
-        buf.extend_from_slice(if self.conn.tls {
-            b"\r\nx-forwarded-proto: https\r\n"
+        xff.push(self.conn.ip_text.as_bytes());
+        xff.end();
+        let (scheme, host) = origin(head, self.conn, self.peer_trusted);
+        line(buf, b"x-forwarded-proto", scheme.as_bytes());
+        if let Some(h) = host {
+            line(buf, b"x-forwarded-host", h);
+        }
+        // Forwarded (RFC 7239 §4): a trusted proxy's, extended with this hop; nobody else's.
+        if self.peer_trusted && head.fields.iter().any(|f| f.name.eq_ignore_ascii_case("forwarded")) {
+            let mut fwd = begin(buf, b"forwarded");
+            for v in head.all("forwarded") {
+                fwd.push(v).push(b", ");
+            }
+            // RFC 7239 §6: an IPv6 node is quoted and bracketed.
+            match self.conn.remote.ip() {
+                IpAddr::V4(_) => fwd.push(b"for=").push(self.conn.ip_text.as_bytes()),
+                IpAddr::V6(_) => fwd.push(b"for=\"[").push(self.conn.ip_text.as_bytes()).push(b"]\""),
+            };
+            fwd.end();
+        }
+        // X-Real-IP: the client's address as keygate decided it (formatted again only when a
+        // trusted proxy's X-Forwarded-For named another).
+        if self.client == self.conn.remote.ip() {
+            line(buf, b"x-real-ip", self.conn.ip_text.as_bytes());
         } else {
-            b"\r\nx-forwarded-proto: http\r\n"
-        });
-        if let Some(h) = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host)) {
-            crate::answer::line(buf, b"x-forwarded-host", h);
+            line(buf, b"x-real-ip", IpText::new(self.client).as_bytes());
         }
         if let Some(c) = self.caller {
             match &c.who {
                 Identity::Key(t) => {
-                    buf.extend_from_slice(b"x-keygate-token-id: tok_");
-                    buf.extend_from_slice(t.public_id());
-                    buf.extend_from_slice(b"\r\nx-keygate-app-id: ");
-                    buf.extend_from_slice(t.app_id.as_bytes());
+                    let mut id = begin(buf, b"x-keygate-token-id");
+                    id.push(b"tok_").push(t.public_id());
+                    id.end();
+                    line(buf, b"x-keygate-app-id", t.app_id.as_bytes());
                 }
                 Identity::Jwt(j) => {
-                    // A JWT's id and its client (keygate's tokens name the app the client belongs to).
-                    buf.extend_from_slice(b"x-keygate-token-id: ");
-                    buf.extend_from_slice(j.jti.as_deref().unwrap_or("").as_bytes());
-                    buf.extend_from_slice(b"\r\nx-keygate-app-id: ");
+                    // A JWT's id and its client (keygate's tokens name the app the client belongs
+                    // to). Claims with control characters were refused when the token was
+                    // verified; `line` would leave them out anyway.
+                    line(buf, b"x-keygate-token-id", j.jti.as_deref().unwrap_or("").as_bytes());
                     let app = j.app_id.as_deref().or(j.client_id.as_deref()).unwrap_or(&j.sub);
-                    buf.extend_from_slice(app.as_bytes());
-                    buf.extend_from_slice(b"\r\nx-keygate-subject: ");
-                    buf.extend_from_slice(j.sub.as_bytes());
+                    line(buf, b"x-keygate-app-id", app.as_bytes());
+                    line(buf, b"x-keygate-subject", j.sub.as_bytes());
                 }
             }
-            buf.extend_from_slice(b"\r\nx-keygate-scopes: ");
+            let mut scopes = begin(buf, b"x-keygate-scopes");
             for (i, sc) in c.scopes().iter().enumerate() {
                 if i > 0 {
-                    buf.push(b' ');
+                    scopes.push(b" ");
                 }
-                buf.extend_from_slice(sc.as_str().as_bytes());
+                scopes.push(sc.as_str().as_bytes());
             }
-            buf.extend_from_slice(b"\r\n");
+            scopes.end();
         }
         if let Some(jwt) = self.identity {
-            buf.extend_from_slice(b"authorization: Bearer ");
-            buf.extend_from_slice(jwt.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+            let mut auth = begin(buf, b"authorization");
+            auth.push(b"Bearer ").push(jwt.as_bytes());
+            auth.end();
         }
         match framing {
             RequestFraming::None => {}
@@ -1413,31 +1689,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fields_that_never_pass_are_recognized_in_any_case() {
-        for n in [
-            "TE",
-            "Host",
-            "expect",
-            "Trailer",
-            "Upgrade",
-            "Connection",
-            "Keep-Alive",
-            "content-length",
-            "X-Forwarded-For",
-            "Proxy-Connection",
-            "x-keygate-app-id",
-            "X-Keygate-Scopes",
-            "x-forwarded-host",
-            "Transfer-Encoding",
-            "x-forwarded-proto",
-            "X-Keygate-Token-Id",
-            "proxy-authenticate",
-            "Proxy-Authorization",
+    fn forwarded_for_entries_parse_with_ports() {
+        for (entry, ip) in [
+            ("203.0.113.7", Some("203.0.113.7")),
+            (" 203.0.113.7:5555 ", Some("203.0.113.7")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("::ffff:203.0.113.7", Some("::ffff:203.0.113.7")),
+            ("203.0.113.7:", None),
+            ("203.0.113.7:99999", None),
+            ("203.0.113.7:+1", None),
+            ("[2001:db8::1]x", None),
+            ("[2001:db8::1", None),
+            ("[203.0.113.7]", None),
+            ("2001:db8::1:443x", None),
+            ("unknown", None),
+            ("_hidden", None),
+            ("", None),
+            ("fe80::1%eth0", None),
         ] {
-            assert!(never_forwarded(n.as_bytes()), "{n}");
+            assert_eq!(parse_hop(entry.as_bytes()), ip.map(|i| i.parse().unwrap()), "{entry:?}");
         }
-        for n in ["accept", "x-custom", "authorization", "content-type", "x-keygate-other", "tea"] {
-            assert!(!never_forwarded(n.as_bytes()), "{n}");
+    }
+
+    #[test]
+    fn forwarded_elements_name_proto_and_host() {
+        let e = br#"for=192.0.2.60;Proto=https;host="api.example:8443""#;
+        assert_eq!(forwarded_param(e, b"proto"), Some(&b"https"[..]));
+        assert_eq!(forwarded_param(e, b"host"), Some(&b"api.example:8443"[..]));
+        assert_eq!(forwarded_param(e, b"by"), None);
+        assert_eq!(forwarded_param(br#"host="a\"b""#, b"host"), None);
+        assert_eq!(forwarded_param(b" proto = http ", b"proto"), Some(&b"http"[..]));
+    }
+
+    #[test]
+    fn forwarded_hosts_are_authorities() {
+        for ok in ["api.example", "api.example:443", "[2001:db8::1]", "[2001:db8::1]:8443", "a_b~c-d.e"] {
+            assert!(is_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "api.example/x", "a@b", "a b", "api.example:", "a:b", "a,b", "[::1", "[zz]", "a:1:2", "[::1]x"]
+        {
+            assert!(!is_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn content_lengths_are_plain_numbers_below_2_to_the_64() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"007"), Some(7));
+        assert_eq!(parse_length(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [&b""[..], b"18446744073709551616", b"99999999999999999999999", b"+5", b"-1", b"0x5", b"5 ", b"1_0"]
+        {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
         }
     }
 
@@ -1481,7 +1785,8 @@ mod tests {
             caller: None,
             conn: &conn,
             api_key: Some(&key),
-            trusted_peer: false,
+            peer_trusted: false,
+            client: conn.remote.ip(),
             identity: None,
         };
         let mut buf = Vec::new();
@@ -1489,10 +1794,11 @@ mod tests {
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             "POST /api/7?a=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\nX-Custom: kept\r\nx-forwarded-for: 10.0.0.9\r\n\
-             x-forwarded-proto: https\r\nx-forwarded-host: client.example\r\ncontent-length: 3\r\n\r\n"
+             x-forwarded-proto: https\r\nx-forwarded-host: client.example\r\nx-real-ip: 10.0.0.9\r\n\
+             content-length: 3\r\n\r\n"
         );
         // From a trusted proxy, its X-Forwarded-For is extended.
-        let out = UpstreamHead { trusted_peer: true, ..out };
+        let out = UpstreamHead { peer_trusted: true, ..out };
         let mut buf = Vec::new();
         out.write(&route.upstreams[0], RequestFraming::None, &mut buf);
         assert!(String::from_utf8(buf).unwrap().contains("\r\nx-forwarded-for: 6.6.6.6, 10.0.0.9\r\n"));

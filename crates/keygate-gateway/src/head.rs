@@ -1,7 +1,9 @@
 //! The request head as the request path reads it, whichever protocol carried it: keygate's own
 //! HTTP/1.1 server hands over the fields it parsed in place, HTTP/2 (hyper) the fields of its
 //! header map. The fields the checks need (Host, Authorization, Content-Length, …) are found in
-//! one pass when the head is built, so no check scans the fields again.
+//! one pass when the head is built, so no check scans the fields again. Also what becomes of a
+//! field on its way upstream, by its name ([`classify_name`]), including the spellings that
+//! upstream frameworks fold together ([`fold`]), and the names `Connection` lists.
 
 use http::{HeaderMap, HeaderName, Method, Version};
 
@@ -26,6 +28,12 @@ pub struct Known {
     pub upgrade: bool,
     pub expect_continue: bool,
     pub forwarded_for: bool,
+    /// Some name needs [`fold`]ing to be compared (it holds `_`, a run of `-`, or a `-` at an
+    /// end): only then do the stripping rules look at folded names.
+    pub odd_names: bool,
+    /// Some name folds to `content-length` or `transfer-encoding` without being spelled so
+    /// (`Content_Length`, `Transfer--Encoding`): refused, since an upstream may read it as one.
+    pub framing_lookalike: bool,
 }
 
 impl Known {
@@ -63,8 +71,172 @@ impl Known {
             if key.is_some_and(|key| name.eq_ignore_ascii_case(key)) {
                 k.api_key = k.api_key.or(at);
             }
+            if needs_fold(name) {
+                k.odd_names = true;
+                let mut buf = [0u8; FOLD_LEN];
+                let folded = fold(name, &mut buf);
+                k.framing_lookalike |= folded == b"content-length" || folded == b"transfer-encoding";
+            }
         }
         k
+    }
+}
+
+/// How much of a folded name is kept: more than the longest name compared whole, and enough for
+/// the prefixes compared.
+pub const FOLD_LEN: usize = 64;
+
+/// Whether `name` reads differently once folded: it holds `_`, a run of `-`, or a `-` at either
+/// end. One pass, no early exit for the common names.
+pub fn needs_fold(name: &[u8]) -> bool {
+    let mut prev = b'-';
+    let mut odd = false;
+    for &b in name {
+        odd |= b == b'_' || (b == b'-' && prev == b'-');
+        prev = b;
+    }
+    odd || prev == b'-'
+}
+
+/// A header name as upstream frameworks may read it: CGI, WSGI, Rack and PHP turn `-` into `_`
+/// (`HTTP_CONTENT_LENGTH`), so `Content_Length` and `Content-Length` arrive as one name, and some
+/// collapse or trim separators too. The folded form is lowercase, with `_` as `-`, runs of `-`
+/// as one, and no `-` at either end; keygate classifies a name by it so that no spelling of a
+/// field it strips or refuses gets through as another field (the first [`FOLD_LEN`] bytes are
+/// kept: enough to compare every name keygate knows and its prefixes).
+pub fn fold<'b>(name: &[u8], buf: &'b mut [u8; FOLD_LEN]) -> &'b [u8] {
+    let mut n = 0;
+    let mut dash = false;
+    for &b in name {
+        if b == b'-' || b == b'_' {
+            dash = n > 0;
+            continue;
+        }
+        if dash {
+            if let Some(slot) = buf.get_mut(n) {
+                *slot = b'-';
+            }
+            n += 1;
+            dash = false;
+        }
+        if let Some(slot) = buf.get_mut(n) {
+            *slot = b.to_ascii_lowercase();
+        }
+        n += 1;
+    }
+    buf.get(..n.min(FOLD_LEN)).unwrap_or_default()
+}
+
+/// What becomes of a client's header field on its way upstream, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameClass {
+    /// It passes (unless `Connection` names it, or it carries the credential).
+    Passes,
+    /// Never forwarded as the client sent it: hop-by-hop fields (RFC 9110 §7.6.1) and
+    /// `HTTP2-Settings`, the framing (the body is framed again), `Host` (the upstream's authority is sent), `Expect` (answered
+    /// here), keygate's identity fields (`X-Keygate` and every `X-Keygate-*`), the fields keygate writes itself
+    /// (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`, `X-Real-IP`), and the fields that make
+    /// frameworks act on another URL or method than the one the route and scope checks saw
+    /// (`X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`, `X-HTTP-Method`,
+    /// `X-Method-Override`).
+    Stripped,
+    /// Another `X-Forwarded-*` field (`-Port`, `-Prefix`, …): what a proxy asserts, so it passes
+    /// only from a trusted proxy.
+    FromTrustedProxy,
+}
+
+/// The class of a header name, compared without regard to ASCII case: by length first, so most
+/// names cost one comparison, then by the `X-Forwarded-` and `X-Keygate-` prefixes. Names that
+/// need [`fold`]ing are classified by their folded form.
+pub fn classify_name(name: &[u8]) -> NameClass {
+    let n = name.len();
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    let stripped = match n {
+        2 => is(b"te"),
+        4 => is(b"host"),
+        6 => is(b"expect"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        9 => is(b"forwarded") || is(b"x-real-ip") || is(b"x-keygate"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        13 => is(b"x-http-method") || is(b"x-rewrite-url"),
+        // `HTTP2-Settings` belongs to an h2c upgrade, which keygate refuses (RFC 9113 §3.1
+        // removed it): connection-specific even when `Connection` does not name it.
+        14 => is(b"content-length") || is(b"x-original-url") || is(b"http2-settings"),
+        15 => is(b"x-forwarded-for"),
+        16 => is(b"proxy-connection") || is(b"x-forwarded-host"),
+        17 => is(b"transfer-encoding") || is(b"x-forwarded-proto") || is(b"x-method-override"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        22 => is(b"x-http-method-override"),
+        _ => false,
+    };
+    let prefix = |p: &[u8]| name.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
+    if stripped || (n >= 10 && prefix(b"x-keygate-")) {
+        NameClass::Stripped
+    } else if n > 12 && prefix(b"x-forwarded-") {
+        NameClass::FromTrustedProxy
+    } else {
+        NameClass::Passes
+    }
+}
+
+/// The field names `Connection` headers list (RFC 9110 §7.6.1), however many: the first
+/// [`ConnectionNames::KEPT`] are kept at hand, and beyond them the fields are read again.
+pub struct ConnectionNames<'a> {
+    kept: [&'a [u8]; ConnectionNames::KEPT],
+    n: usize,
+    /// There were more than `KEPT`.
+    more: bool,
+    fields: &'a [Field<'a>],
+    /// Names are compared in their [`fold`]ed form.
+    pub folded: bool,
+}
+
+impl<'a> ConnectionNames<'a> {
+    const KEPT: usize = 16;
+
+    /// The names listed in the `Connection` fields among `fields`.
+    pub fn new(fields: &'a [Field<'a>]) -> Self {
+        let mut c = Self { kept: [b""; Self::KEPT], n: 0, more: false, fields, folded: false };
+        for t in Self::tokens(fields) {
+            match c.kept.get_mut(c.n) {
+                Some(slot) => {
+                    *slot = t;
+                    c.n += 1;
+                }
+                None => c.more = true,
+            }
+        }
+        c
+    }
+
+    fn tokens(fields: &'a [Field<'a>]) -> impl Iterator<Item = &'a [u8]> {
+        fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|f| f.value.split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Whether `name` (folded, if these names are compared folded) is listed.
+    pub fn lists(&self, name: &[u8]) -> bool {
+        let same = |t: &[u8]| {
+            if self.folded {
+                let mut buf = [0u8; FOLD_LEN];
+                fold(t, &mut buf) == name
+            } else {
+                t.eq_ignore_ascii_case(name)
+            }
+        };
+        let kept = self.kept.get(..self.n).unwrap_or_default();
+        kept.iter().any(|t| same(t)) || (self.more && Self::tokens(self.fields).skip(Self::KEPT).any(same))
+    }
+
+    /// Whether a listed name needs folding to be compared.
+    pub fn any_odd(&self) -> bool {
+        self.kept.get(..self.n).unwrap_or_default().iter().any(|t| needs_fold(t))
+            || (self.more && Self::tokens(self.fields).any(needs_fold))
     }
 }
 
@@ -191,6 +363,118 @@ mod tests {
         assert_eq!(head.host(), Some("API.example"));
         assert!(!head.keep_alive(), "Connection: close");
         assert_eq!(head.all("connection").count(), 1);
+    }
+
+    #[test]
+    fn names_classify_in_any_case_and_any_spelling_a_framework_folds() {
+        let class = |n: &str| {
+            let mut buf = [0u8; FOLD_LEN];
+            let canon = if needs_fold(n.as_bytes()) { fold(n.as_bytes(), &mut buf) } else { n.as_bytes() };
+            classify_name(canon)
+        };
+        for n in [
+            "TE",
+            "Host",
+            "expect",
+            "Trailer",
+            "Upgrade",
+            "Connection",
+            "Keep-Alive",
+            "content-length",
+            "X-Forwarded-For",
+            "Proxy-Connection",
+            "x-forwarded-host",
+            "Transfer-Encoding",
+            "x-forwarded-proto",
+            "proxy-authenticate",
+            "Proxy-Authorization",
+            "Forwarded",
+            "X-Real-IP",
+            "X-Original-URL",
+            "X-Rewrite-URL",
+            "X-HTTP-Method-Override",
+            "X-HTTP-Method",
+            "X-Method-Override",
+            // Every X-Keygate-* field, not only the ones keygate writes today.
+            "x-keygate-app-id",
+            "X-Keygate-Scopes",
+            "X-Keygate-Token-Id",
+            "X-Keygate-Subject",
+            "x-keygate-",
+            "X-Keygate",
+            "X-Keygate-Workspace-Id",
+            // Near-spellings.
+            "X_Keygate_Subject",
+            "x-keygate--subject",
+            "X__Forwarded__For",
+            "Proxy_Authorization",
+            "keep_alive",
+            "-Host-",
+            "x_real_ip",
+            "X-Original_URL",
+            "x_http_method_override",
+            // An h2c upgrade's settings (RFC 9113 §3.1), in any spelling.
+            "HTTP2-Settings",
+            "http2_settings",
+        ] {
+            assert_eq!(class(n), NameClass::Stripped, "{n}");
+        }
+        for n in ["X-Forwarded-Port", "x-forwarded-prefix", "X_Forwarded_Port", "x-forwarded-ssl"] {
+            assert_eq!(class(n), NameClass::FromTrustedProxy, "{n}");
+        }
+        for n in
+            ["accept", "x-custom", "authorization", "content-type", "x-keygatex", "xkeygate-a", "tea", "x-forwarded"]
+        {
+            assert_eq!(class(n), NameClass::Passes, "{n}");
+        }
+    }
+
+    #[test]
+    fn folding_is_case_separators_and_runs() {
+        let folded = |n: &str| {
+            let mut buf = [0u8; FOLD_LEN];
+            String::from_utf8(fold(n.as_bytes(), &mut buf).to_vec()).unwrap()
+        };
+        assert_eq!(folded("Content_Length"), "content-length");
+        assert_eq!(folded("TRANSFER__ENCODING"), "transfer-encoding");
+        assert_eq!(folded("-_Content-_-Length_"), "content-length");
+        assert_eq!(folded("x"), "x");
+        assert_eq!(folded("__"), "");
+        assert_eq!(folded(&"a-".repeat(100)).len(), FOLD_LEN, "long names keep their prefix");
+        for plain in ["host", "content-length", "x-a-b", "a"] {
+            assert!(!needs_fold(plain.as_bytes()), "{plain}");
+        }
+        for odd in ["x_a", "x--a", "-x", "x-", "_", "a__b"] {
+            assert!(needs_fold(odd.as_bytes()), "{odd}");
+        }
+        let fields = [f("Content_Length", "3"), f("x-a", "1")];
+        assert!(Known::classify(&fields, None).framing_lookalike);
+        let fields = [f("Transfer--Encoding", "chunked")];
+        assert!(Known::classify(&fields, None).framing_lookalike);
+        let fields = [f("X_Forwarded_For", "1.2.3.4"), f("content-length", "3")];
+        let k = Known::classify(&fields, None);
+        assert!(k.odd_names && !k.framing_lookalike);
+        assert!(!Known::classify(&[f("x-a", "1"), f("Content-Length", "1")], None).odd_names);
+    }
+
+    #[test]
+    fn connection_names_any_number_of_fields() {
+        let names: Vec<String> = (0..40).map(|i| format!("x-hop-{i}")).collect();
+        let first = names[..25].join(", ");
+        let second = names[25..].join(",");
+        let fields = [f("Connection", &first), f("connection", &second)];
+        let listed = ConnectionNames::new(&fields);
+        for n in &names {
+            assert!(listed.lists(n.as_bytes()), "{n}");
+            assert!(listed.lists(n.to_ascii_uppercase().as_bytes()), "{n}");
+        }
+        assert!(!listed.lists(b"x-hop-40") && !listed.lists(b"x-hop"));
+        assert!(!listed.any_odd());
+        let fields = [f("Connection", "close, X_Secret")];
+        let mut listed = ConnectionNames::new(&fields);
+        assert!(listed.any_odd());
+        listed.folded = true;
+        assert!(listed.lists(b"x-secret"));
     }
 
     #[test]

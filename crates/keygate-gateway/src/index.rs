@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -95,6 +95,10 @@ pub struct IndexedToken {
     /// Milliseconds; `i64::MAX` for none.
     expires_at: i64,
     suspended: bool,
+    /// Set when the entry leaves the index (replaced by a change, removed by a revocation or a
+    /// deletion, swept at expiry): whoever still holds it (an upgraded tunnel) must look the
+    /// token up again. It sits in padding, so the entry does not grow.
+    retired: AtomicBool,
     public_id: [u8; PUBLIC_ID_LEN],
     pub workspace_id: Arc<str>,
     pub app_id: Arc<str>,
@@ -219,6 +223,9 @@ struct Inner {
     /// Held while a batch of changes is read from the feed and applied, so that a batch read
     /// before a commit can never be applied after a batch read after it.
     apply: tokio::sync::Mutex<()>,
+    /// Counts the changes applied, for those that hold a token for longer than a request (see
+    /// [`TokenIndex::changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The index; clones share it.
@@ -242,7 +249,47 @@ impl TokenIndex {
             revoked_jtis: arc_swap::ArcSwap::from_pointee(HashMap::new()),
             jti_seq: AtomicU64::new(0),
             apply: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// A receiver that sees a new value whenever the index changes (an entry added, replaced or
+    /// removed, a JWT revoked): what holds a token beyond one request (an upgraded tunnel) waits
+    /// on it and then asks [`TokenIndex::recheck`], so a revocation reaches it without a check
+    /// per byte.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.changes.subscribe()
+    }
+
+    /// Marks `old` as no longer the index's entry and tells the waiters of [`Self::changes`]
+    /// (nobody is told while nobody waits, so a bulk load pays one atomic read per token).
+    fn retire(&self, old: &IndexedToken) {
+        old.retired.store(true, Ordering::Release);
+        self.changed();
+    }
+
+    fn changed(&self) {
+        if self.0.changes.receiver_count() > 0 {
+            self.0.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Checks again a token that was verified earlier and is still in use: the index's current
+    /// entry for the same token (the same one while nothing changed), refused as
+    /// [`Self::verify`] would refuse it at `now`.
+    pub fn recheck(&self, held: &Arc<IndexedToken>, now: Timestamp) -> Result<Arc<IndexedToken>, Refusal> {
+        let entry = if held.retired.load(Ordering::Acquire) {
+            self.get(&held.hash.0).ok_or(Refusal::Unknown)?
+        } else {
+            held.clone()
+        };
+        if entry.suspended {
+            return Err(Refusal::Suspended);
+        }
+        if now.as_millis() >= entry.expires_at {
+            return Err(Refusal::Expired);
+        }
+        Ok(entry)
     }
 
     /// Serializes readers-and-appliers of the change feed (see `follow::catch_up`).
@@ -333,6 +380,7 @@ impl TokenIndex {
         let mut set = lock.write();
         let tat = set.get(&HashKey(t.hash)).map_or(0, |old| old.0.tat.load(Ordering::Acquire));
         let entry = Arc::new(IndexedToken {
+            retired: AtomicBool::new(false),
             tat: AtomicI64::new(tat),
             hash: HashKey(t.hash),
             public_id,
@@ -351,8 +399,12 @@ impl TokenIndex {
             quota: t.quota,
         });
         drop(interner);
-        if set.replace(Slot(entry)).is_none() {
-            self.0.len.fetch_add(1, Ordering::Relaxed);
+        match set.replace(Slot(entry)) {
+            Some(old) => self.retire(&old.0),
+            None => {
+                self.0.len.fetch_add(1, Ordering::Relaxed);
+                self.changed();
+            }
         }
     }
 
@@ -374,6 +426,7 @@ impl TokenIndex {
             next.extend(added.iter().cloned());
             next
         });
+        self.changed();
     }
 
     /// The change-feed position of the JWT revocations applied.
@@ -389,8 +442,10 @@ impl TokenIndex {
         let Some(lock) = self.0.shards.get(shard_of(hash)) else {
             return;
         };
-        if lock.write().remove(&HashKey(*hash)) {
+        let old = lock.write().take(&HashKey(*hash));
+        if let Some(old) = old {
             self.0.len.fetch_sub(1, Ordering::Relaxed);
+            self.retire(&old.0);
         }
     }
 
@@ -408,10 +463,19 @@ impl TokenIndex {
         for lock in &self.0.shards {
             let mut set = lock.write();
             let before = set.len();
-            set.retain(|slot| slot.0.expires_at > now.as_millis());
+            set.retain(|slot| {
+                let keep = slot.0.expires_at > now.as_millis();
+                if !keep {
+                    slot.0.retired.store(true, Ordering::Release);
+                }
+                keep
+            });
             dropped += before - set.len();
         }
         self.0.len.fetch_sub(dropped, Ordering::Relaxed);
+        if dropped > 0 {
+            self.changed();
+        }
         // Ids and scope sets of tokens gone (expired, revoked, changed) are let go of too.
         self.0.interner.lock().prune();
         dropped
@@ -576,6 +640,42 @@ mod tests {
         let after = index.verify(minted.secret.expose(), now).unwrap();
         assert!(after.has_scope(&Scope::parse("a:b").unwrap()), "the change applied");
         assert_eq!(after.rate_state().load(Ordering::Acquire), 42, "the limiter's state carried over");
+    }
+
+    #[test]
+    fn a_held_entry_is_rechecked_after_every_change_and_the_holders_are_told() {
+        let pepper = Pepper::new(&[3; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        index.upsert(&r);
+        let now = Timestamp::from_millis(1000);
+        let held = index.verify(m.secret.expose(), now).unwrap();
+        let mut changes = index.changes();
+        assert!(Arc::ptr_eq(&index.recheck(&held, now).unwrap(), &held), "unchanged: the same entry");
+        assert!(!changes.has_changed().unwrap());
+        // A change replaces the entry: the holder is told and gets the new one.
+        r.scopes = vec![Scope::parse("a:b").unwrap()];
+        index.upsert(&r);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        let held = index.recheck(&held, now).unwrap();
+        assert!(held.has_scope(&Scope::parse("a:b").unwrap()));
+        r.state = TokenState::Suspended;
+        index.upsert(&r);
+        assert_eq!(index.recheck(&held, now).unwrap_err(), Refusal::Suspended);
+        let held = index.get(&r.hash).unwrap();
+        r.state = TokenState::Revoked;
+        index.upsert(&r);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(index.recheck(&held, now).unwrap_err(), Refusal::Unknown, "revoked");
+        // Expiry, at the time it comes.
+        r.state = TokenState::Active;
+        r.expires_at = Some(Timestamp::from_millis(2000));
+        index.upsert(&r);
+        let held = index.get(&r.hash).unwrap();
+        assert!(index.recheck(&held, now).is_ok());
+        assert_eq!(index.recheck(&held, Timestamp::from_millis(2000)).unwrap_err(), Refusal::Expired);
     }
 
     #[test]

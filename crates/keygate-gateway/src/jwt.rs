@@ -69,6 +69,9 @@ pub enum JwtRefusal {
     BadSignature,
     /// Wrong `typ`, audience or required claims.
     Invalid,
+    /// A claim copied into headers (`sub`, `jti`, `client_id`, `azp`, `app_id`) holds a
+    /// control character ([`jose::is_identity_text`]).
+    IdentityClaim,
     Expired,
     NotYetValid,
     Revoked,
@@ -82,6 +85,7 @@ impl JwtRefusal {
             Self::UnknownIssuer => "unknown_issuer",
             Self::BadSignature => "invalid_signature",
             Self::Invalid => "invalid_token_claims",
+            Self::IdentityClaim => jose::INVALID_IDENTITY_CLAIM,
             Self::Expired => "token_expired",
             Self::NotYetValid => "token_not_yet_valid",
             Self::Revoked => "token_revoked",
@@ -95,6 +99,9 @@ impl JwtRefusal {
             Self::UnknownIssuer => "the token is from an issuer this gateway does not accept",
             Self::BadSignature => "the token's signature is not valid",
             Self::Invalid => "the token is not an access token for this API (typ, audience or claims)",
+            Self::IdentityClaim => {
+                "a claim naming the token's subject, id or client (sub, jti, client_id, azp, app_id) holds a control character"
+            }
             Self::Expired => "the token has expired",
             Self::NotYetValid => "the token is not valid yet",
             Self::Revoked => "the token was revoked",
@@ -278,6 +285,9 @@ impl JwtVerifier {
         if issuer.strict {
             let at = jose::verify_access_token(token, &key, alg, now_s, leeway, &issuer.issuer, &issuer.audience)
                 .map_err(refusal_of)?;
+            if app_id.as_deref().is_some_and(|a| !jose::is_identity_text(a)) {
+                return Err(JwtRefusal::IdentityClaim);
+            }
             let c = at.claims;
             let scopes: Vec<Scope> = c.scopes().filter_map(|s| Scope::parse(s).ok()).collect();
             return Ok(JwtIdentity {
@@ -304,6 +314,10 @@ impl JwtVerifier {
         let c: LooseClaims = serde_json::from_slice(&verified.payload).map_err(|_| JwtRefusal::Invalid)?;
         if c.iss.trim_end_matches('/') != issuer.issuer || !c.aud.contains(&issuer.audience) {
             return Err(JwtRefusal::Invalid);
+        }
+        let identity = [Some(&c.sub), c.jti.as_ref(), c.client_id.as_ref(), c.azp.as_ref()];
+        if !identity.into_iter().flatten().all(|v| jose::is_identity_text(v)) {
+            return Err(JwtRefusal::IdentityClaim);
         }
         if now_s >= c.exp.saturating_add(self.leeway_s) {
             return Err(JwtRefusal::Expired);
@@ -335,6 +349,54 @@ fn refusal_of(e: keygate_core::Error) -> JwtRefusal {
         jose::TOKEN_NOT_YET_VALID => JwtRefusal::NotYetValid,
         jose::INVALID_TOKEN_SIGNATURE | jose::INVALID_TOKEN_ALG => JwtRefusal::BadSignature,
         jose::INVALID_TOKEN => JwtRefusal::Malformed,
+        jose::INVALID_IDENTITY_CLAIM => JwtRefusal::IdentityClaim,
         _ => JwtRefusal::Invalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use keygate_core::jose::{Alg, SigningKey};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const NOW: i64 = 1_900_000_000;
+
+    fn verifier(strict: bool) -> (JwtVerifier, SigningKey) {
+        let key = SigningKey::generate(Alg::EdDSA, "k1").unwrap();
+        let issuer = Issuer::new("https://iss.example", "api", strict);
+        issuer.set_keys([("k1".to_owned(), key.public_jwk().clone())]);
+        (JwtVerifier::new(vec![Arc::new(issuer)], 30), key)
+    }
+
+    fn token(key: &SigningKey, strict: bool, extra: &Value) -> String {
+        let mut c = json!({"iss": "https://iss.example", "sub": "s", "aud": "api", "exp": NOW + 60, "iat": NOW,
+            "jti": "j", "client_id": "c", "azp": "c", "app_id": "app_1"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        key.sign_claims(&json!({"typ": if strict { "at+jwt" } else { "JWT" }}), &c).unwrap()
+    }
+
+    #[test]
+    fn identity_claims_with_control_characters_are_refused_for_every_issuer() {
+        let now = Timestamp::from_millis(NOW * 1000);
+        for strict in [true, false] {
+            let (v, key) = verifier(strict);
+            assert!(v.verify_fully(&token(&key, strict, &json!({})), now).is_ok(), "strict={strict}");
+            let claims: &[&str] =
+                if strict { &["sub", "jti", "client_id", "app_id"] } else { &["sub", "jti", "client_id", "azp"] };
+            for claim in claims {
+                let t = token(&key, strict, &json!({ *claim: "a\r\nx-forged: 1" }));
+                let r = v.verify_fully(&t, now).unwrap_err();
+                assert_eq!(
+                    (r, r.code()),
+                    (JwtRefusal::IdentityClaim, "invalid_identity_claim"),
+                    "{claim} strict={strict}"
+                );
+            }
+        }
     }
 }

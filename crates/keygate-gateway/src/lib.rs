@@ -7,6 +7,7 @@
 pub mod answer;
 pub mod body;
 pub mod config;
+pub mod conns;
 pub mod follow;
 pub mod h1;
 pub mod handler;

@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 15] = [
+pub const REASONS: [&str; 17] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -35,6 +35,8 @@ pub const REASONS: [&str; 15] = [
     "route_not_found",
     "body_too_large",
     "cors_origin_not_allowed",
+    "upgrade_not_allowed",
+    "request_timeout",
 ];
 
 #[derive(Default)]

@@ -39,6 +39,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// The longest chunk-size line (with extensions) or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4096;
+/// The most trailer fields accepted after a chunked body.
+const MAX_TRAILERS: u16 = 64;
 /// What one read asks the kernel for.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -296,8 +298,6 @@ fn parse_head<S: HeadSink>(buf: &mut BytesMut, method: &Method, sink: &mut S) ->
     let mut chunked = false;
     let mut other_coding = false;
     let mut connection_close = false;
-    let mut named: [&[u8]; 8] = [b""; 8];
-    let mut n_named = 0;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
@@ -316,16 +316,7 @@ fn parse_head<S: HeadSink>(buf: &mut BytesMut, method: &Method, sink: &mut S) ->
                 other_coding |= !chunked;
             }
         } else if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    connection_close = true;
-                } else if let Some(slot) = named.get_mut(n_named)
-                    && !token.is_empty()
-                {
-                    *slot = token;
-                    n_named += 1;
-                }
-            }
+            connection_close |= h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
     // RFC 9112 §6.3, in its order.
@@ -351,7 +342,8 @@ fn parse_head<S: HeadSink>(buf: &mut BytesMut, method: &Method, sink: &mut S) ->
         f => f,
     };
     sink.status(status);
-    let named = named.get(..n_named).unwrap_or_default();
+    // Every field the answer's `Connection` names is removed, however many it names.
+    let named = crate::head::ConnectionNames::new(resp.headers);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let pass = if name.eq_ignore_ascii_case(b"content-length") {
@@ -360,10 +352,9 @@ fn parse_head<S: HeadSink>(buf: &mut BytesMut, method: &Method, sink: &mut S) ->
             false
         } else if upgrade {
             // A 101 keeps `Upgrade`; what it names is the new protocol.
-            name.eq_ignore_ascii_case(b"upgrade")
-                || !(is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)))
+            name.eq_ignore_ascii_case(b"upgrade") || !(is_hop_by_hop(name) || named.lists(name))
         } else {
-            !(is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)))
+            !(is_hop_by_hop(name) || named.lists(name))
         };
         if pass {
             sink.field(h.name, h.value).map_err(|BadField| {
@@ -415,8 +406,9 @@ pub(crate) enum Chunked {
     Data(u64),
     /// Expecting the CRLF after chunk data.
     DataEnd,
-    /// After the last chunk: trailer fields until an empty line.
-    Trailers,
+    /// After the last chunk: trailer fields until an empty line; how many were read, and
+    /// their bytes.
+    Trailers { fields: u16, bytes: u16 },
 }
 
 /// What the buffered bytes gave.
@@ -449,10 +441,12 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                     return Err(bad("bad chunk size"));
                 }
                 let rest = &line[digits..];
+                // Extensions (RFC 9112 §7.1.1) are skipped, but must hold no control byte: no
+                // bare CR or LF another parser could end the line at.
                 let ext_ok = rest.is_empty() || {
                     let t =
                         rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&rest[rest.len()..], |i| &rest[i..]);
-                    t.first() == Some(&b';') && !t.iter().any(|b| *b == b'\r' || *b == b'\n')
+                    t.first() == Some(&b';') && crate::answer::is_field_value(t)
                 };
                 if !ext_ok {
                     return Err(bad("bad chunk size"));
@@ -461,7 +455,7 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                     .iter()
                     .fold(0u64, |acc, b| acc * 16 + u64::from(char::from(*b).to_digit(16).unwrap_or(0)));
                 buf.advance(eol + 2);
-                *state = if size == 0 { Chunked::Trailers } else { Chunked::Data(size) };
+                *state = if size == 0 { Chunked::Trailers { fields: 0, bytes: 0 } } else { Chunked::Data(size) };
             }
             Chunked::Data(left) => {
                 if buf.is_empty() {
@@ -483,20 +477,44 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                 buf.advance(2);
                 *state = Chunked::Size;
             }
-            Chunked::Trailers => {
+            Chunked::Trailers { fields, bytes } => {
+                // Trailer fields are not forwarded, but they are read as strictly as a head's
+                // (RFC 9112 §7.1.2): each line ends in CRLF and is `name: value`, with a token
+                // for a name and a valid field value; a bare LF, a folded line or a control
+                // byte is refused, so no other parser can read a message boundary here that
+                // keygate did not. The section is bounded in fields and bytes.
+                let used = usize::from(bytes);
                 let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                    if buf.len() > MAX_CHUNK_LINE {
+                    if used + buf.len() > MAX_CHUNK_LINE {
                         return Err(bad("trailer section too long"));
                     }
                     return Ok(Step::NeedMore);
                 };
-                buf.advance(eol + 2);
                 if eol == 0 {
+                    buf.advance(2);
                     return Ok(Step::End);
                 }
+                if used + eol + 2 > MAX_CHUNK_LINE || fields >= MAX_TRAILERS {
+                    return Err(bad("trailer section too long"));
+                }
+                if !is_field_line(&buf[..eol]) {
+                    return Err(bad("malformed trailer field"));
+                }
+                buf.advance(eol + 2);
+                *state =
+                    Chunked::Trailers { fields: fields + 1, bytes: u16::try_from(used + eol + 2).unwrap_or(u16::MAX) };
             }
         }
     }
+}
+
+/// Whether `line` (without its CRLF) is a field line: a token, a colon, and a valid field value
+/// (RFC 9110 §5.1, §5.5; RFC 9112 §5).
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|b| *b == b':') else { return false };
+    let (name, value) = line.split_at(colon);
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    !name.is_empty() && name.iter().all(tchar) && crate::answer::is_field_value(value.get(1..).unwrap_or_default())
 }
 
 /// The body of an upstream's answer, read straight from its connection. When it ends, the
@@ -942,9 +960,60 @@ mod tests {
             b"ffffffffffffffff\r\n",
             b"5\r\nhelloXX0\r\n\r\n",
             b"\r\n",
+            b"3;a=\x01\r\nabc\r\n0\r\n\r\n",
+            b"3;a\nb\r\nabc\r\n0\r\n\r\n",
+            // Trailers: a bare LF that another parser ends the section at, a control byte, no
+            // colon, a folded line, a name that is not a token.
+            b"0\r\nx-t: a\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n",
+            b"0\r\nx-t: a\x01b\r\n\r\n",
+            b"0\r\nx-t: a\rb\r\n\r\n",
+            b"0\r\nx-t\r\n\r\n",
+            b"0\r\nx-t: a\r\n b\r\n\r\n",
+            b"0\r\nx t: a\r\n\r\n",
+            b"0\r\n: a\r\n\r\n",
         ] {
             assert!(chunks(bad).is_err(), "{:?} must be refused", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn trailer_sections_are_bounded() {
+        let many = [&b"0\r\n"[..], &b"x-t: a\r\n".repeat(usize::from(MAX_TRAILERS) + 1), b"\r\n"].concat();
+        assert!(chunks(&many).is_err(), "too many fields");
+        let long = [&b"0\r\nx-t: "[..], &b"a".repeat(MAX_CHUNK_LINE), b"\r\n\r\n"].concat();
+        assert!(chunks(&long).is_err(), "too many bytes");
+        let ok = [&b"0\r\n"[..], &b"x-t: a\r\n".repeat(usize::from(MAX_TRAILERS)), b"\r\n"].concat();
+        assert_eq!(chunks(&ok).unwrap(), (Vec::new(), true));
+        // Fed a byte at a time, the same limits hold.
+        let mut buf = BytesMut::new();
+        let mut state = Chunked::Size;
+        let mut refused = false;
+        for b in &many {
+            buf.extend_from_slice(&[*b]);
+            match step_chunked(&mut state, &mut buf) {
+                Ok(_) => {}
+                Err(_) => {
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        assert!(refused);
+    }
+
+    #[test]
+    fn answer_heads_drop_every_field_connection_names() {
+        let names: Vec<String> = (0..30).map(|i| format!("x-hop-{i}")).collect();
+        let mut raw = format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: {}\r\n", names.join(", "));
+        for n in &names {
+            raw.push_str(&format!("{n}: secret\r\n"));
+        }
+        raw.push_str("x-kept: 1\r\n\r\n");
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let mut sink = MapSink::default();
+        assert!(matches!(parse_head(&mut buf, &Method::GET, &mut sink), Ok(Parsed::Final(_))));
+        assert_eq!(sink.headers.len(), 1, "{:?}", sink.headers);
+        assert_eq!(sink.headers["x-kept"], "1");
     }
 
     #[test]

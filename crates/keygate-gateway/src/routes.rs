@@ -100,6 +100,8 @@ pub struct Route {
     pub demo: bool,
     /// Upstreams get a keygate-signed identity JWT instead of the caller's credential.
     pub identity_token: bool,
+    /// The protocols an `Upgrade` may name on this route, lowercase (`upgrades`).
+    pub upgrades: Box<[Box<str>]>,
     /// For the developer portal: what this API is, and where its OpenAPI document is.
     pub description: Option<String>,
     pub openapi: Option<String>,
@@ -230,6 +232,7 @@ impl RouteTable {
             {
                 return Err(err("health_check.path must start with / and interval_seconds be at least 1".into()));
             }
+            let upgrades = crate::config::upgrade_allowlist(&c.upgrades).map_err(err)?;
             routes.push(Arc::new(Route {
                 id: Arc::from(c.id.as_str()),
                 index,
@@ -251,6 +254,7 @@ impl RouteTable {
                 health_check: c.health_check.clone(),
                 demo: false,
                 identity_token: c.identity_token,
+                upgrades,
                 description: c.description.clone(),
                 openapi: c.openapi.clone(),
             }));
@@ -294,6 +298,7 @@ impl RouteTable {
                 health_check: None,
                 demo: true,
                 identity_token: false,
+                upgrades: Box::default(),
                 description: Some(
                     "keygate's built-in demo: answers with the request it saw and the identity keygate attached to it"
                         .into(),

@@ -2,6 +2,8 @@
 //! a typed client for it. Time is a [`ManualClock`] unless a test asks for the wall clock.
 #![forbid(unsafe_code)]
 
+pub mod recording;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use keygate_core::model::{Actor, Permission};
 use keygate_core::store::Store;
 use keygate_core::{ManualClock, Timestamp};
 use keygate_gateway::index::TokenIndex;
+pub use recording::RecordingUpstream;
 pub use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -46,6 +49,8 @@ pub struct Options {
     pub config_path: Option<PathBuf>,
     /// `[oauth]` settings.
     pub oauth: Option<keygate::config::OAuthConfig>,
+    /// Write the gateway's access log (off by default in tests).
+    pub access_log: bool,
 }
 
 impl TestKeygate {
@@ -72,8 +77,11 @@ impl TestKeygate {
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        cfg.gateway.threads = 2;
-        cfg.gateway.access_log = false;
+        // Two workers unless the test asks for a number (a per-worker cap is tested on one).
+        if cfg.gateway.threads == 0 {
+            cfg.gateway.threads = 2;
+        }
+        cfg.gateway.access_log = opts.access_log;
         cfg.shutdown_grace_seconds = 5;
         let clock = ManualClock::new(START);
         let running = serve::start(&cfg, opts.config_path.as_deref(), None, Arc::new(clock.clone())).await?;

@@ -268,6 +268,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             anyhow::anyhow!("log.level {:?} is not a valid filter (such as \"info\"): {e}", self.log.level)
         })?;
+        self.gateway.validate().map_err(|e| anyhow::anyhow!(e))?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
         for p in &self.gateway.trusted_proxies {
@@ -398,6 +399,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("upstram"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_and_upgrades_are_validated() {
+        let c = Config::from_toml("[gateway]\nbody_timeout_ms = 500\nmax_connections_per_address = 8\n").unwrap();
+        assert_eq!(c.gateway.conn_settings().timeouts.body, std::time::Duration::from_millis(500));
+        for (bad, key) in [
+            ("[gateway]\nbody_timeout_ms = 0\n", "body_timeout_ms"),
+            ("[gateway]\nsend_timeout_ms = 0\n", "send_timeout_ms"),
+            ("[gateway]\nhttp2_idle_timeout_ms = 0\n", "http2_idle_timeout_ms"),
+            ("[gateway]\nhttp2_keep_alive_timeout_ms = 0\n", "http2_keep_alive_timeout_ms"),
+            ("[gateway]\nhttp2_max_concurrent_streams = 0\n", "http2_max_concurrent_streams"),
+            ("[gateway]\nmax_connections_per_worker = 0\n", "max_connections_per_worker"),
+            ("[gateway]\nkeep_alive_timeout_seconds = 0\n", "keep_alive_timeout_seconds"),
+        ] {
+            let e = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        // Keep-alive PINGs can be turned off.
+        let c = Config::from_toml("[gateway]\nhttp2_keep_alive_interval_ms = 0\n").unwrap();
+        assert!(c.gateway.conn_settings().http2.keep_alive_interval.is_none());
+        let route = "[[routes]]\nid = \"ws\"\npath = \"/ws\"\nupstream = \"http://127.0.0.1:9\"\n";
+        assert!(Config::from_toml(&format!("{route}upgrades = [\"websocket\", \"x-custom\"]\n")).is_ok());
+        assert!(Config::from_toml(&format!("{route}upgrades = []\n")).is_ok());
+        let e = Config::from_toml(&format!("{route}upgrades = [\"H2C\"]\n")).unwrap_err().to_string();
+        assert!(e.contains("\"ws\"") && e.contains("h2c"), "{e}");
+        let e = Config::from_toml(&format!("{route}upgrades = [\"web socket\"]\n")).unwrap_err().to_string();
+        assert!(e.contains("not a protocol name"), "{e}");
     }
 
     #[test]

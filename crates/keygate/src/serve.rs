@@ -125,7 +125,7 @@ pub async fn start(
     let tls_handle = tls.as_ref().map(|t| t.0.clone());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
     let gateway_server = bound
-        .start(gw.clone(), tls.as_ref().map(|t| t.0.clone()), grace, cfg.gateway.timeouts())
+        .start(gw.clone(), tls.as_ref().map(|t| t.0.clone()), grace, cfg.gateway.conn_settings())
         .with_context(|| format!("cannot start the gateway on {}", cfg.gateway.listen))?;
     let mut tasks = vec![
         crate::gateway::spawn_oauth_maintenance(oauth.clone()),
@@ -137,11 +137,13 @@ pub async fn start(
 
     let metrics_gw = gw.clone();
     let metrics_store = store.clone();
+    let metrics_conns = gateway_server.connections();
     let metrics = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let gw = metrics_gw.clone();
             let store = metrics_store.clone();
+            let conns = metrics_conns.clone();
             async move {
                 let lag = store.position().saturating_sub(gw.index.seq());
                 let table = gw.table.load();
@@ -153,7 +155,7 @@ pub async fn start(
                         gw.index.seq() as f64,
                     ),
                     ("keygate_change_feed_lag", "Committed token changes the index has not applied yet.", lag as f64),
-                ]);
+                ]) + &conns.render();
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

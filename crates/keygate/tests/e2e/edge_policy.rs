@@ -326,11 +326,13 @@ fn dpop_proof(key: &keygate_core::jose::SigningKey, url: &str, token: &str, jti:
 async fn one_token_holder_cannot_lock_out_dpop_clients() {
     use keygate_core::jose::{Alg, SigningKey};
     let up = keygate_testkit::MockUpstream::start().await.unwrap();
-    let mut gw = keygate_gateway::config::GatewayConfig::default();
     // Room for about 30 proofs in all, 10 per caller.
-    gw.dpop_replay_max_bytes =
-        30 * keygate_core::dpop::ReplayCache::ENTRY_BYTES + 8 * keygate_core::dpop::ReplayCache::CALLER_BYTES;
-    gw.dpop_replay_max_per_caller = 10;
+    let gw = keygate_gateway::config::GatewayConfig {
+        dpop_replay_max_bytes: 30 * keygate_core::dpop::ReplayCache::ENTRY_BYTES
+            + 8 * keygate_core::dpop::ReplayCache::CALLER_BYTES,
+        dpop_replay_max_per_caller: 10,
+        ..Default::default()
+    };
     let kg = TestKeygate::start_with(Options {
         routes: vec![route("orders", "/orders", &up.url())],
         gateway: Some(gw),

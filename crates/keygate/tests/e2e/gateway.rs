@@ -48,7 +48,12 @@ async fn kit(upstream: &MockUpstream) -> TestKeygate {
             dead,
             failover,
             plain,
-            route("upgrade", "/upgrade", &upstream.url()),
+            // The mock upstream's upgrade is its own "echo" protocol (issue 12: routes list the
+            // protocols they tunnel).
+            keygate::config::RouteConfig {
+                upgrades: vec!["echo".into()],
+                ..route("upgrade", "/upgrade", &upstream.url())
+            },
         ],
         gateway: Some(gw),
         ..Options::default()

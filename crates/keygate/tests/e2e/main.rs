@@ -4,7 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod dashboard;
+mod edge_conn;
+mod edge_headers;
 mod edge_policy;
+mod edge_upgrade;
 mod gateway;
 mod oauth;
 

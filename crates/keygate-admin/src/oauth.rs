@@ -10,10 +10,8 @@
 //! private halves are stored sealed under a pepper-derived key ([`crate::seal`]).
 
 pub mod http;
-mod replay;
 mod throttle;
 
-use replay::{Replay, ReplayGuard};
 use throttle::KeyedRate;
 pub use throttle::{Footprint, THROTTLE_CAPACITY};
 
@@ -24,7 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use keygate_core::dpop::{self, ProofCheck};
+use keygate_core::dpop::{self, ProofCheck, ReplayCache};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::jose::{self, Alg, Audience, Claims, Confirmation, PublicJwk, SigningKey};
 use keygate_core::model::{Actor, NewAuditEvent, TokenState, TokenStatus};
@@ -255,8 +253,9 @@ pub struct OAuth {
     settings: OAuthSettings,
     sealer: Sealer,
     keys: ArcSwap<KeyRing>,
-    /// DPoP proofs and client assertions seen, each accepted once, per client.
-    replay: ReplayGuard,
+    /// DPoP proofs and client assertions seen, each accepted once, partitioned by client (one
+    /// client's flood shortens only its own memory: [`ReplayCache`]).
+    replay: ReplayCache,
     per_client: KeyedRate,
     per_address: KeyedRate,
     failures: KeyedRate,
@@ -325,7 +324,10 @@ impl OAuth {
             per_client: KeyedRate::new(settings.client_rate, THROTTLE_CAPACITY),
             per_address: KeyedRate::new(settings.address_rate, THROTTLE_CAPACITY),
             failures: KeyedRate::new(settings.failure_rate, THROTTLE_CAPACITY),
-            replay: ReplayGuard::new(settings.replay_per_client),
+            replay: ReplayCache::new(dpop::ReplayLimits {
+                max_per_caller: settings.replay_per_client,
+                ..dpop::ReplayLimits::default()
+            }),
             admin,
             settings,
             sealer,
@@ -347,7 +349,8 @@ impl OAuth {
 
     /// What replay detection (DPoP proofs, client assertions) holds now.
     pub fn replay_footprint(&self) -> Footprint {
-        self.replay.footprint()
+        let (callers, entries) = self.replay.len();
+        Footprint { entries, bytes: entries * ReplayCache::ENTRY_BYTES + callers * ReplayCache::CALLER_BYTES }
     }
 
     /// The DPoP nonce to hand out now, when nonces are required.
@@ -914,20 +917,17 @@ impl OAuth {
             return Err(bad("the client assertion is expired or lives longer than an hour"));
         }
         let jti = s("jti").ok_or_else(|| bad("the client assertion has no jti"))?;
-        match self.replay.first_use(&client.client_id, &[b"assertion", jti.as_bytes()], exp + leeway, now_s) {
-            Ok(()) => {}
-            Err(Replay::Used) => return Err(bad("the client assertion was already used")),
-            Err(Replay::Full(wait)) => return Err(replay_full(wait)),
+        if !self.replay.first_use(client.client_id.as_bytes(), "client-assertion", jti, exp + leeway, now_s) {
+            return Err(bad("the client assertion was already used"));
         }
         Ok(())
     }
 
     /// Checks a DPoP proof sent to the token endpoint (RFC 9449 §5); `Some(jkt)` when there is one.
-    /// The proof's `jti` is remembered for the authenticated `client_id` (its own replay partition).
     fn token_endpoint_dpop(
         &self,
+        client: &OAuthClient,
         req: &OAuthRequest,
-        client_id: &str,
         bound_to: Option<&str>,
     ) -> OResult<Option<String>> {
         let Some(proof) = req.dpop.as_deref() else {
@@ -966,12 +966,9 @@ impl OAuth {
                 OAuthError::dpop(&e)
             }
         })?;
-        match self.replay.first_use(client_id, &[b"dpop", v.jkt.as_bytes(), v.jti.as_bytes()], v.replay_until, now_s) {
-            Ok(()) => {}
-            Err(Replay::Used) => {
-                return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
-            }
-            Err(Replay::Full(wait)) => return Err(replay_full(wait)),
+        // Remembered in the authenticated client's own partition (issue 12 #6).
+        if !self.replay.first_use(client.client_id.as_bytes(), &v.jkt, &v.jti, v.replay_until, now_s) {
+            return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
         }
         Ok(Some(v.jkt))
     }
@@ -1009,7 +1006,7 @@ impl OAuth {
 
     async fn client_credentials(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let scopes = grant_scopes(req.param("scope"), &client.scopes)?;
-        let jkt = self.token_endpoint_dpop(req, &client.client_id, None)?;
+        let jkt = self.token_endpoint_dpop(client, req, None)?;
         let aud = self.audience(req)?;
         let family =
             client.grant_types.contains(&GrantType::RefreshToken).then(|| self.admin.random_text(22)).transpose()?;
@@ -1077,7 +1074,7 @@ impl OAuth {
         if found.client_id != client.client_id {
             return Err(invalid());
         }
-        let jkt = self.token_endpoint_dpop(req, &client.client_id, found.dpop_jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(client, req, found.dpop_jkt.as_deref())?;
         let now = self.now();
         let rt = match store.use_refresh_token(&hash, now).await? {
             RefreshUse::Fresh(rt) => rt,
@@ -1211,7 +1208,7 @@ impl OAuth {
         let scopes = grant_scopes(req.param("scope"), &allowed)?;
         let aud = self.audience(req)?;
         // RFC 9449 §5: a subject bound to a key needs a proof of that key, and so does its heir.
-        let jkt = self.token_endpoint_dpop(req, &client.client_id, subject.jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(client, req, subject.jkt.as_deref())?;
         let now_s = self.now().as_millis() / 1000;
         // An API key without an expiry has `exp` i64::MAX: its time left saturates, it does not
         // overflow into a refusal.
@@ -1627,18 +1624,6 @@ pub fn nonce_key(admin: &Admin) -> Result<dpop::NonceKey> {
 
 /// How long a DPoP nonce is handed out; it is accepted for as long again after that.
 pub const NONCE_WINDOW_S: i64 = 300;
-
-/// 429 when a client has more unexpired proofs or assertions on record than it may.
-fn replay_full(wait: u64) -> OAuthError {
-    OAuthError {
-        retry_after: Some(wait),
-        ..OAuthError::new(
-            429,
-            "slow_down",
-            "this client has too many unexpired DPoP proofs or client assertions on record; retry after the time in Retry-After (and use shorter-lived assertions)",
-        )
-    }
-}
 
 /// 429 `slow_down` with the seconds to wait.
 fn slow_down(retry_after: u64) -> OAuthError {

@@ -293,36 +293,210 @@ impl NonceKey {
     }
 }
 
+/// How much a [`ReplayCache`] may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayLimits {
+    /// The whole cache, in bytes (counted as [`ReplayCache::ENTRY_BYTES`] per remembered `jti`
+    /// and [`ReplayCache::CALLER_BYTES`] per caller).
+    pub max_bytes: usize,
+    /// The `jti`s remembered for one caller.
+    pub max_per_caller: usize,
+}
+
+impl Default for ReplayLimits {
+    /// 32 MiB in all (about 260,000 proofs), 65,536 proofs per caller (a client sending 200
+    /// requests a second for the 330 seconds a proof lives).
+    fn default() -> Self {
+        Self { max_bytes: 32 << 20, max_per_caller: 65_536 }
+    }
+}
+
+/// A remembered `jti`: the first 16 bytes of a SHA-256 (collisions are out of reach).
+type Digest = [u8; 16];
+
+/// One caller's remembered `jti`s: when each may be forgotten, and the same ordered by that time
+/// and then by arrival (a min-heap), so expired and oldest entries leave without a scan.
+#[derive(Default)]
+struct Partition {
+    seen: std::collections::HashMap<Digest, i64>,
+    order: std::collections::BinaryHeap<std::cmp::Reverse<(i64, u64, Digest)>>,
+}
+
+impl Partition {
+    /// Forgets the entry that may be forgotten first.
+    fn pop_oldest(&mut self) -> Option<i64> {
+        let std::cmp::Reverse((until, _, d)) = self.order.pop()?;
+        self.seen.remove(&d);
+        Some(until)
+    }
+    fn earliest(&self) -> Option<i64> {
+        self.order.peek().map(|std::cmp::Reverse((until, _, _))| *until)
+    }
+}
+
+#[derive(Default)]
+struct Replays {
+    callers: std::collections::HashMap<Digest, Partition>,
+    /// Every caller with entries, by the time its first entry may be forgotten.
+    by_expiry: std::collections::BTreeSet<(i64, Digest)>,
+    /// Every caller with entries, by how many it has.
+    by_size: std::collections::BTreeSet<(usize, Digest)>,
+    entries: usize,
+    /// Entries made so far: the arrival order of entries that expire in the same second.
+    arrivals: u64,
+}
+
+impl Replays {
+    /// Takes `caller` out of the two orders before it changes.
+    fn detach(&mut self, caller: &Digest) {
+        if let Some(p) = self.callers.get(caller) {
+            if let Some(e) = p.earliest() {
+                self.by_expiry.remove(&(e, *caller));
+            }
+            self.by_size.remove(&(p.seen.len(), *caller));
+        }
+    }
+    /// Puts `caller` back into the two orders after it changed, or drops it when empty.
+    fn attach(&mut self, caller: &Digest) {
+        match self.callers.get(caller) {
+            Some(p) if !p.seen.is_empty() => {
+                if let Some(e) = p.earliest() {
+                    self.by_expiry.insert((e, *caller));
+                }
+                self.by_size.insert((p.seen.len(), *caller));
+            }
+            Some(_) => {
+                self.callers.remove(caller);
+            }
+            None => {}
+        }
+    }
+    /// Forgets, in `caller`'s partition, what expired before `now` (at most `budget` entries)
+    /// and, if `oldest`, one more: its oldest. Returns how many went.
+    fn forget(&mut self, caller: &Digest, now: i64, budget: usize, oldest: bool) -> usize {
+        self.detach(caller);
+        let mut gone = 0;
+        if let Some(p) = self.callers.get_mut(caller) {
+            while gone < budget && p.earliest().is_some_and(|e| e < now) {
+                p.pop_oldest();
+                gone += 1;
+            }
+            if oldest && p.pop_oldest().is_some() {
+                gone += 1;
+            }
+        }
+        self.entries = self.entries.saturating_sub(gone);
+        self.attach(caller);
+        gone
+    }
+    fn bytes(&self) -> usize {
+        self.entries
+            .saturating_mul(ReplayCache::ENTRY_BYTES)
+            .saturating_add(self.callers.len().saturating_mul(ReplayCache::CALLER_BYTES))
+    }
+}
+
 /// Remembers the `jti`s of proofs (and other one-time JWTs, such as client assertions) until
-/// they would be refused as expired anyway, so each is accepted once. Bounded: when full, it
-/// forgets expired entries first and then refuses new ones (a flood cannot grow it forever, nor
-/// make it forget a live `jti`).
+/// they would be refused as expired anyway, so each is accepted once (RFC 9449 §11.1).
+///
+/// **Partitioned by caller** (issue 12 #6): each `jti` is remembered in the partition of the
+/// authenticated caller that sent it (a token, a client), which holds at most
+/// [`ReplayLimits::max_per_caller`] entries; beyond that the caller's own oldest entry goes. The
+/// whole cache holds at most [`ReplayLimits::max_bytes`]; beyond that an entry of the caller with
+/// the most entries goes, which is always a caller at or above its fair share (the bound divided
+/// by the number of callers). So no caller can make the cache refuse or forget another caller's
+/// proofs while that caller keeps within its share, and a caller that floods the cache only
+/// shortens its own memory. Nothing is ever refused for want of room.
+///
+/// **Expiry without a sweep:** each partition keeps its entries ordered by expiry (a min-heap),
+/// and the callers are ordered by their first expiry, so every call forgets a bounded number of
+/// expired entries ([`ReplayCache::EXPIRE_PER_CALL`]) in O(log n) each, never scanning the cache
+/// under its lock.
 pub struct ReplayCache {
-    seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
-    capacity: usize,
+    inner: parking_lot::Mutex<Replays>,
+    limits: ReplayLimits,
 }
 
 impl ReplayCache {
-    pub fn new(capacity: usize) -> Self {
-        Self { seen: std::sync::Mutex::new(std::collections::HashMap::new()), capacity }
+    /// What one remembered `jti` is counted as: its slots in the partition's map (24 bytes) and
+    /// heap (40 bytes), each with up to as much again of spare capacity.
+    pub const ENTRY_BYTES: usize = 128;
+    /// What one caller is counted as: its partition and its places in the two orders.
+    pub const CALLER_BYTES: usize = 256;
+    /// Expired entries forgotten per call, at most (besides the caller's own).
+    pub const EXPIRE_PER_CALL: usize = 64;
+
+    pub fn new(limits: ReplayLimits) -> Self {
+        Self { inner: parking_lot::Mutex::new(Replays::default()), limits }
     }
 
-    /// Records `key` until `until` (seconds); `false` if it was already there (a replay) or the
-    /// cache is full of live entries.
-    pub fn first_use(&self, key: &str, until: i64, now: i64) -> bool {
-        let Ok(mut seen) = self.seen.lock() else { return false };
-        if seen.get(key).is_some_and(|exp| *exp >= now) {
+    /// Records that `caller` (an authenticated caller's stable id) used the one-time `jti`,
+    /// unique within `scope` (a proof's key thumbprint, or a kind such as `client-assertion`),
+    /// until `until` (seconds). `false` if it was used already and has not expired (`until` of
+    /// the first use at or after `now`): a replay.
+    pub fn first_use(&self, caller: &[u8], scope: &str, jti: &str, until: i64, now: i64) -> bool {
+        let c = digest(&[caller]);
+        let d = digest(&[scope.as_bytes(), jti.as_bytes()]);
+        let mut r = self.inner.lock();
+        // Due partitions first, a bounded amount, then the caller's own expired entries.
+        let mut budget = Self::EXPIRE_PER_CALL;
+        while budget > 0
+            && let Some(&(earliest, due)) = r.by_expiry.first()
+            && earliest < now
+        {
+            budget -= r.forget(&due, now, budget, false).max(1);
+        }
+        r.forget(&c, now, usize::MAX, false);
+        if r.callers.get(&c).is_some_and(|p| p.seen.contains_key(&d)) {
             return false;
         }
-        if seen.len() >= self.capacity {
-            seen.retain(|_, exp| *exp >= now);
-            if seen.len() >= self.capacity {
-                return false;
+        r.detach(&c);
+        r.arrivals += 1;
+        let arrival = r.arrivals;
+        let p = r.callers.entry(c).or_default();
+        p.seen.insert(d, until);
+        p.order.push(std::cmp::Reverse((until, arrival, d)));
+        let over_own = p.seen.len() > self.limits.max_per_caller.max(1);
+        r.entries += 1;
+        r.attach(&c);
+        if over_own {
+            r.forget(&c, now, 0, true);
+        }
+        // Over the whole bound: the caller with the most entries gives up its oldest (it may be
+        // this caller).
+        while r.bytes() > self.limits.max_bytes
+            && let Some(&(_, largest)) = r.by_size.last()
+        {
+            if r.forget(&largest, now, 0, true) == 0 {
+                break;
             }
         }
-        seen.insert(key.to_owned(), until);
         true
     }
+
+    /// The callers and entries held, for tests and metrics.
+    pub fn len(&self) -> (usize, usize) {
+        let r = self.inner.lock();
+        (r.callers.len(), r.entries)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().entries == 0
+    }
+}
+
+/// SHA-256 of length-prefixed `parts`, cut to 16 bytes.
+fn digest(parts: &[&[u8]]) -> Digest {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    let full = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(full.get(..16).unwrap_or(&[0; 16]));
+    out
 }
 
 /// Keeps the precise reason from the JOSE layer in the message (its messages are static).

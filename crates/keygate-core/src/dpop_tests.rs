@@ -271,17 +271,80 @@ fn codes_map_to_oauth_errors() {
 }
 
 #[test]
-fn the_replay_cache_accepts_each_jti_once_and_stays_bounded() {
-    let c = ReplayCache::new(2);
-    assert!(c.first_use("a", 100, 10));
-    assert!(!c.first_use("a", 100, 50), "a replay inside the window");
-    assert!(c.first_use("b", 20, 10));
-    assert!(!c.first_use("c", 200, 15), "full of live entries: refused, nothing forgotten");
-    assert!(c.first_use("c", 200, 25), "b expired and made room");
-    let c = ReplayCache::new(4);
-    assert!(c.first_use("b", 20, 10));
-    assert!(!c.first_use("b", 40, 20));
-    assert!(c.first_use("b", 300, 30), "an expired jti may come again");
+fn the_replay_cache_accepts_each_jti_once_until_it_expires() {
+    let c = ReplayCache::new(ReplayLimits::default());
+    assert!(c.first_use(b"t1", "k", "a", 100, 10));
+    assert!(!c.first_use(b"t1", "k", "a", 100, 50), "a replay inside the window");
+    assert!(!c.first_use(b"t1", "k", "a", 100, 100), "still inside at its last second");
+    assert!(c.first_use(b"t1", "k2", "a", 100, 50), "the same jti with another key");
+    assert!(c.first_use(b"t2", "k", "a", 100, 50), "the same jti from another caller");
+    assert!(c.first_use(b"t1", "k", "a", 300, 101), "an expired jti may come again");
+    assert!(c.first_use(b"t1", "k", "b", 20, 10));
+    assert!(!c.first_use(b"t1", "k", "b", 40, 20));
+}
+
+#[test]
+fn one_caller_cannot_fill_the_replay_cache_for_everyone() {
+    // Room for about 40 entries in all, 10 per caller.
+    let limits =
+        ReplayLimits { max_bytes: 40 * ReplayCache::ENTRY_BYTES + 8 * ReplayCache::CALLER_BYTES, max_per_caller: 10 };
+    let c = ReplayCache::new(limits);
+    assert!(c.first_use(b"victim", "k", "v-1", 400, 100));
+    for i in 0..1000 {
+        let until = 400 + i64::from(i);
+        assert!(c.first_use(b"attacker", "k", &format!("a-{i}"), until, 100), "nothing is refused for want of room");
+    }
+    assert_eq!(c.len(), (2, 11), "the attacker keeps only its own 10");
+    assert!(c.first_use(b"victim", "k", "v-2", 400, 100), "another caller's proof is accepted");
+    assert!(!c.first_use(b"victim", "k", "v-1", 400, 100), "and its earlier proof is still remembered");
+    assert!(c.first_use(b"attacker", "k", "a-0", 400, 100), "the attacker's flood only shortened its own memory");
+}
+
+#[test]
+fn many_callers_evict_the_one_over_its_share_not_a_small_one() {
+    let limits = ReplayLimits {
+        max_bytes: 100 * ReplayCache::ENTRY_BYTES + 30 * ReplayCache::CALLER_BYTES,
+        max_per_caller: 1000,
+    };
+    let c = ReplayCache::new(limits);
+    for v in 0..3 {
+        assert!(c.first_use(format!("victim-{v}").as_bytes(), "k", "v", 400, 100));
+    }
+    // Twenty attackers, each flooding from its own tokens, far past the whole bound.
+    for i in 0..2000 {
+        let who = format!("attacker-{}", i % 20);
+        assert!(c.first_use(who.as_bytes(), "k", &format!("a-{i}"), 400, 100));
+    }
+    let (callers, entries) = c.len();
+    // 100 entries and 30 callers' worth of bytes, with 23 callers: at most 118 entries.
+    assert!(callers == 23 && entries <= 118, "{callers} callers, {entries} entries");
+    for v in 0..3 {
+        assert!(!c.first_use(format!("victim-{v}").as_bytes(), "k", "v", 400, 100), "victim {v} was evicted");
+    }
+}
+
+#[test]
+fn expired_entries_go_as_time_passes_without_a_sweep() {
+    let c = ReplayCache::new(ReplayLimits::default());
+    for i in 0..500 {
+        assert!(c.first_use(
+            format!("caller-{}", i % 50).as_bytes(),
+            "k",
+            &format!("j-{i}"),
+            100 + i64::from(i % 7),
+            10
+        ));
+    }
+    assert_eq!(c.len(), (50, 500));
+    // Each later call forgets a bounded number of expired entries of other callers.
+    let mut calls = 0;
+    while c.len().0 > 1 {
+        assert!(c.first_use(b"late", "k", &format!("l-{calls}"), 200, 107 + 1));
+        calls += 1;
+        assert!(calls < 500, "expired entries are not forgotten");
+    }
+    assert!(calls <= 500 / ReplayCache::EXPIRE_PER_CALL + 2, "{calls} calls");
+    assert_eq!(c.len(), (1, calls), "only the late caller's live entries are left");
 }
 
 #[test]

@@ -75,6 +75,13 @@ pub struct GatewayConfig {
     /// TLS from PEM files; the files are re-read when they change. Without it the listener
     /// speaks plain HTTP/1.1 and h2c.
     pub tls: Option<TlsConfig>,
+    /// The memory for DPoP proofs seen (each is accepted once), in bytes, for all callers
+    /// together. Beyond it, the caller with the most proofs remembered forgets its oldest.
+    /// Default 32 MiB (about 260,000 proofs).
+    pub dpop_replay_max_bytes: usize,
+    /// DPoP proofs remembered per caller (a token, or a JWT's client); beyond it the caller's
+    /// own oldest proof is forgotten. Default 65536.
+    pub dpop_replay_max_per_caller: usize,
 }
 
 impl Default for GatewayConfig {
@@ -100,6 +107,8 @@ impl Default for GatewayConfig {
             max_connections_per_worker: 10_000,
             max_connections_per_address: 0,
             tls: None,
+            dpop_replay_max_bytes: keygate_core::dpop::ReplayLimits::default().max_bytes,
+            dpop_replay_max_per_caller: keygate_core::dpop::ReplayLimits::default().max_per_caller,
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::jwt::{JwtIdentity, JwtRefusal, JwtVerifier, looks_like_jwt};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Answered, HeadSink, MapSink, RequestFraming, UpstreamError};
-use crate::routes::{Route, RouteTable, Upstream, normalize_path};
+use crate::routes::{PathError, Route, RouteTable, Upstream, normalize_path};
 use crate::usage::{Sample, UsageMeter};
 
 /// Identity headers keygate sets for the upstream; client-supplied copies are removed.
@@ -42,8 +42,13 @@ pub const APP_ID_HEADER: &str = "x-keygate-app-id";
 pub const SCOPES_HEADER: &str = "x-keygate-scopes";
 
 /// Told about tokens found where they must not be (the query string), off the request path.
+/// A request can carry a made-up well-formed token (the checksum is public), so an
+/// implementation bounds the work reports cause: it may drop a report, and says so.
 pub trait ExposureReporter: Send + Sync {
-    fn token_in_query(&self, token: TokenSecret, where_: String);
+    /// Takes a report of `token`, found at `where_`; `live` when the token is in the index (a
+    /// token that can authenticate, which must not be crowded out by made-up ones). `false`
+    /// when the report was dropped.
+    fn token_in_query(&self, token: TokenSecret, where_: String, live: bool) -> bool;
 }
 
 /// A route table and the metrics that go with it; swapped whole on reload.
@@ -89,8 +94,70 @@ pub struct Gateway {
     pub identity_cache: IdentityCache,
 }
 
-/// Identity tokens by (caller, route position): the token and its `exp` (seconds).
-pub type IdentityCache = std::sync::Mutex<std::collections::HashMap<(Box<str>, usize), (Arc<str>, i64)>>;
+/// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.
+///
+/// Keyed by the caller's identity **entry** (an index entry, or a verified JWT), the route's id
+/// and the client address, all of which the token states (issue 12): any change to a token
+/// (scopes, say) replaces its index entry, so the next request mints a token with the new
+/// claims, and a reload that moves routes cannot hand one route's token to another. Each cached
+/// token holds the entry it was minted for, so that entry's address cannot be reused by another
+/// while cached. Bounded: two generations of [`IDENTITY_CACHE`] / 2 entries, the older let go of
+/// whole when the newer is full (no scan under the lock).
+#[derive(Default)]
+pub struct IdentityCache(parking_lot::Mutex<IdentityGenerations>);
+
+/// Identity tokens cached at most.
+pub const IDENTITY_CACHE: usize = 65_536;
+
+#[derive(Default)]
+struct IdentityGenerations {
+    current: std::collections::HashMap<IdentityKey, Minted>,
+    previous: std::collections::HashMap<IdentityKey, Minted>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct IdentityKey {
+    /// The address of the caller's identity entry (pinned by [`Minted::pinned`]).
+    who: usize,
+    route: Arc<str>,
+    ip: IpAddr,
+}
+
+struct Minted {
+    /// Keeps the identity entry alive, and so its address unique, while cached.
+    #[allow(dead_code, reason = "held for its address, never read")]
+    pinned: Pinned,
+    jwt: Arc<str>,
+    /// `exp`, in seconds.
+    exp: i64,
+}
+
+#[allow(dead_code, reason = "held for its address, never read")]
+enum Pinned {
+    Key(Arc<IndexedToken>),
+    Jwt(Arc<JwtIdentity>),
+}
+
+impl IdentityCache {
+    fn get(&self, key: &IdentityKey, now_s: i64) -> Option<Arc<str>> {
+        let g = self.0.lock();
+        let m = g.current.get(key).or_else(|| g.previous.get(key))?;
+        (m.exp - now_s >= IDENTITY_REUSE_S).then(|| m.jwt.clone())
+    }
+
+    fn put(&self, key: IdentityKey, minted: Minted) {
+        let mut g = self.0.lock();
+        let gone = if g.current.len() >= IDENTITY_CACHE / 2 {
+            let full = std::mem::take(&mut g.current);
+            Some(std::mem::replace(&mut g.previous, full))
+        } else {
+            None
+        };
+        g.current.insert(key, minted);
+        drop(g);
+        drop(gone);
+    }
+}
 
 /// Signs the short-lived identity tokens upstreams receive on routes with `identity_token` (the
 /// phantom-token pattern), with keygate's own signing key.
@@ -242,6 +309,11 @@ impl Refuse {
         }
     }
 
+    /// A path that cannot be normalized or routed unambiguously: 400, the connection kept.
+    fn path(e: PathError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+    }
+
     /// Whether the connection must close after this refusal.
     pub(crate) fn closes(&self) -> bool {
         self.close
@@ -386,13 +458,45 @@ fn credential<'a>(head: &ReqHead<'a>) -> Option<(Scheme, &'a str)> {
     head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(|v| (Scheme::ApiKey, v.trim()))
 }
 
-/// A well-formed token anywhere in the query string, in any parameter.
+/// A well-formed token anywhere in the query string: in a name or a value, alone or inside a
+/// longer text (`Bearer kg_…`, JSON), with its characters percent-encoded or not and `+` read
+/// as a space, as application/x-www-form-urlencoded parsers read a query (issue 12 #4). A query
+/// without escapes is searched as it is; one with escapes is decoded first, on the stack when
+/// it is short.
 fn token_in_query(query: &str, index: &TokenIndex) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').map(|(_, v)| v))
-        .find(|v| index.is_well_formed(v))
-        .map(str::to_owned)
+    let raw = query.as_bytes();
+    if !raw.contains(&b'%') {
+        // `+` is not a character of tokens: reading it as a space changes no match.
+        return index.find_well_formed(raw).map(str::to_owned);
+    }
+    let mut stack = [0u8; 1024];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = match stack.get_mut(..raw.len()) {
+        Some(s) => s,
+        None => {
+            heap.resize(raw.len(), 0);
+            &mut heap
+        }
+    };
+    let n = decode_query(raw, buf);
+    index.find_well_formed(buf.get(..n).unwrap_or_default()).map(str::to_owned)
+}
+
+/// Percent-decodes `raw` into `out` (at least as long) and returns the decoded length; a `%`
+/// not followed by two hex digits stays as it is.
+fn decode_query(raw: &[u8], out: &mut [u8]) -> usize {
+    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let (mut i, mut n) = (0, 0);
+    while let Some(&b) = raw.get(i) {
+        let escaped = (b == b'%').then(|| Some(hex(*raw.get(i + 1)?)? << 4 | hex(*raw.get(i + 2)?)?)).flatten();
+        let (byte, step) = escaped.map_or((b, 1), |v| (v, 3));
+        if let Some(slot) = out.get_mut(n) {
+            *slot = byte;
+            n += 1;
+        }
+        i += step;
+    }
+    n
 }
 
 fn is_trusted(trusted: &[IpNet], ip: &IpAddr) -> bool {
@@ -729,9 +833,7 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Decision<'t, 'h> {
-        let checked = check_framing(head).and_then(|()| {
-            normalize_path(head.path).map_err(|e| Refuse::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
-        });
+        let checked = check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path));
         let path = match checked {
             Ok(p) => p,
             Err(r) => return Decision::Answer { answer: r.answer(), refusal: Some(r.code), route: None, caller: None },
@@ -739,7 +841,7 @@ impl Gateway {
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
-            && let Some(route) = table.routes.find(|| head.host(), &path)
+            && let Ok(Some(route)) = table.routes.resolve(|| head.host(), &path)
             && let Some(cors) = &route.cors
         {
             let allowed = cors_allows(cors, origin);
@@ -790,19 +892,24 @@ impl Gateway {
         now: Timestamp,
         extra: &mut AnswerExtra,
     ) -> Result<(&'t Route, Option<Caller>, Cow<'h, str>), (Option<&'t Route>, Option<Caller>, Refuse)> {
-        let Some(route) = table.routes.find(|| head.host(), &path) else {
-            return Err((
-                None,
-                None,
-                Refuse::new(StatusCode::NOT_FOUND, "route_not_found", "no route serves this path"),
-            ));
+        let route = match table.routes.resolve(|| head.host(), &path) {
+            Ok(Some(route)) => route,
+            Ok(None) => {
+                let r = Refuse::new(StatusCode::NOT_FOUND, "route_not_found", "no route serves this path");
+                return Err((None, None, r));
+            }
+            Err(e) => return Err((None, None, Refuse::path(e))),
         };
         let fail = |route: &'t Route, caller: Option<Caller>, r: Refuse| (Some(route), caller, r);
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {
             if let Some(rep) = &self.reporter {
-                rep.token_in_query(TokenSecret::new(tok), format!("gateway: query string of {} {path}", head.method));
+                let live = self.index.contains(&tok);
+                let where_ = format!("gateway: query string of {} {path}", head.method);
+                if !rep.token_in_query(TokenSecret::new(tok), where_, live) {
+                    table.metrics.exposure_report_dropped();
+                }
             }
             return Err(fail(
                 route,
@@ -950,7 +1057,9 @@ impl Gateway {
             }
             r
         })?;
-        if !self.dpop_replay.first_use(&format!("{}:{}", v.jkt, v.jti), v.replay_until, now_s) {
+        // Remembered in the caller's own partition (issue 12 #6): a flood of proofs from one
+        // token can neither fill the cache for others nor make it forget their proofs.
+        if !self.dpop_replay.first_use(caller.limit_key(), &v.jkt, &v.jti, v.replay_until, now_s) {
             return Err(Refuse::dpop("invalid_dpop_proof", "this DPoP proof was already used"));
         }
         Ok(())
@@ -1123,7 +1232,15 @@ impl Gateway {
     fn identity_token(&self, caller: &Caller, route: &Route) -> Option<Arc<str>> {
         let signer = self.identity.as_ref()?;
         let now_s = self.clock.now().as_millis() / 1000;
-        let (who, sub, extra) = match &caller.who {
+        let (who, pinned) = match &caller.who {
+            Identity::Key(t) => (Arc::as_ptr(t) as usize, Pinned::Key(t.clone())),
+            Identity::Jwt(j) => (Arc::as_ptr(j) as usize, Pinned::Jwt(j.clone())),
+        };
+        let key = IdentityKey { who, route: route.id.clone(), ip: caller.ip };
+        if let Some(jwt) = self.identity_cache.get(&key, now_s) {
+            return Some(jwt);
+        }
+        let (id, sub, extra) = match &caller.who {
             Identity::Key(t) => (
                 t.token_id().to_string(),
                 t.app_id.to_string(),
@@ -1135,13 +1252,6 @@ impl Gateway {
                 serde_json::json!({"token_id": j.jti.as_deref(), "client_id": j.client_id.as_deref(), "token_issuer": &*j.issuer, "workspace_id": j.workspace_id.as_deref()}),
             ),
         };
-        let key = (who.into_boxed_str(), route.index);
-        if let Ok(cache) = self.identity_cache.lock()
-            && let Some((jwt, exp)) = cache.get(&key)
-            && *exp - now_s >= IDENTITY_REUSE_S
-        {
-            return Some(jwt.clone());
-        }
         let scopes: Vec<&str> = caller.scopes().iter().map(Scope::as_str).collect();
         let mut claims = serde_json::json!({
             "iss": signer.issuer(),
@@ -1149,7 +1259,7 @@ impl Gateway {
             "aud": format!("keygate-route:{}", route.id),
             "iat": now_s,
             "exp": now_s + IDENTITY_TTL_S,
-            "jti": format!("{}.{}.{now_s}", key.0, route.id),
+            "jti": format!("{id}.{}.{now_s}", route.id),
             "scope": scopes.join(" "),
             "client_ip": caller.ip.to_string(),
         });
@@ -1157,12 +1267,7 @@ impl Gateway {
             c.extend(e.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())));
         }
         let jwt: Arc<str> = signer.sign(&claims)?.into();
-        if let Ok(mut cache) = self.identity_cache.lock() {
-            if cache.len() > 100_000 {
-                cache.retain(|_, (_, exp)| *exp > now_s);
-            }
-            cache.insert(key, (jwt.clone(), now_s + IDENTITY_TTL_S));
-        }
+        self.identity_cache.put(key, Minted { pinned, jwt: jwt.clone(), exp: now_s + IDENTITY_TTL_S });
         Some(jwt)
     }
 

@@ -12,8 +12,10 @@ use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use ipnet::IpNet;
 use keygate_core::Timestamp;
@@ -171,11 +173,13 @@ impl Refusal {
     }
 }
 
-/// Interned values many tokens share.
+/// Interned values many tokens share. A value no entry refers to any more (its only owner is
+/// the interner) is let go of by [`Interner::prune`], so the interner holds what the resident
+/// tokens use, not every id and scope set ever seen.
 #[derive(Default)]
 struct Interner {
-    strings: HashMap<String, Arc<str>>,
-    scope_sets: HashMap<Vec<Scope>, Arc<[Scope]>>,
+    strings: HashSet<Arc<str>>,
+    scope_sets: HashSet<Arc<[Scope]>>,
 }
 
 impl Interner {
@@ -184,7 +188,7 @@ impl Interner {
             return v.clone();
         }
         let v: Arc<str> = Arc::from(s);
-        self.strings.insert(s.to_owned(), v.clone());
+        self.strings.insert(v.clone());
         v
     }
     fn scopes(&mut self, s: &[Scope]) -> Arc<[Scope]> {
@@ -192,16 +196,23 @@ impl Interner {
             return v.clone();
         }
         let v: Arc<[Scope]> = Arc::from(s);
-        self.scope_sets.insert(s.to_vec(), v.clone());
+        self.scope_sets.insert(v.clone());
         v
+    }
+    /// Drops the values only the interner holds.
+    fn prune(&mut self) {
+        self.strings.retain(|v| Arc::strong_count(v) > 1);
+        self.scope_sets.retain(|v| Arc::strong_count(v) > 1);
     }
 }
 
 struct Inner {
     prefix: TokenPrefix,
     pepper: Pepper,
+    /// `parking_lot` locks: they cannot be poisoned, so a panic elsewhere can never make a
+    /// later change (a revocation) skip its work.
     shards: Vec<RwLock<Shard>>,
-    interner: std::sync::Mutex<Interner>,
+    interner: Mutex<Interner>,
     len: AtomicUsize,
     seq: AtomicU64,
     /// Ids (`jti`) of revoked JWT access tokens, until they expire (milliseconds), and the feed
@@ -232,7 +243,7 @@ impl TokenIndex {
             prefix,
             pepper,
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
-            interner: std::sync::Mutex::new(Interner::default()),
+            interner: Mutex::new(Interner::default()),
             len: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
             revoked_jtis: arc_swap::ArcSwap::from_pointee(HashMap::new()),
@@ -329,8 +340,29 @@ impl TokenIndex {
         token_format::parse(presented, &self.0.prefix).is_ok()
     }
 
+    /// The first well-formed token of this server's format anywhere in `text` (a decoded query
+    /// string, say): each place where `<prefix>_` starts is checked for a whole token after it,
+    /// whatever comes before or after (no lookup).
+    pub fn find_well_formed<'t>(&self, text: &'t [u8]) -> Option<&'t str> {
+        let prefix = self.0.prefix.as_str().as_bytes();
+        let len = prefix.len() + 1 + token_format::BODY_LEN;
+        let first = *prefix.first()?;
+        (0..text.len().saturating_sub(len - 1))
+            .filter(|i| text.get(*i) == Some(&first))
+            .filter_map(|i| text.get(i..i + len))
+            .filter(|cand| cand.starts_with(prefix) && cand.get(prefix.len()) == Some(&b'_'))
+            .filter_map(|cand| std::str::from_utf8(cand).ok())
+            .find(|cand| self.is_well_formed(cand))
+    }
+
+    /// Whether `presented` is a token resident in the index (active, suspended, or expired
+    /// but not swept yet).
+    pub fn contains(&self, presented: &str) -> bool {
+        self.is_well_formed(presented) && self.get(&self.0.pepper.hash(presented)).is_some()
+    }
+
     fn get(&self, hash: &SecretHash) -> Option<Arc<IndexedToken>> {
-        let shard = self.0.shards.get(shard_of(hash))?.read().ok()?;
+        let shard = self.0.shards.get(shard_of(hash))?.read();
         shard.get(&HashKey(*hash)).map(|slot| slot.0.clone())
     }
 
@@ -340,18 +372,17 @@ impl TokenIndex {
             self.remove(&t.hash);
             return;
         }
-        let Ok(mut interner) = self.0.interner.lock() else {
-            return;
-        };
+        let mut interner = self.0.interner.lock();
         let mut public_id = [0u8; PUBLIC_ID_LEN];
         let pid = t.public_id().as_bytes();
         if pid.len() == PUBLIC_ID_LEN {
             public_id.copy_from_slice(pid);
         }
+        // `shard_of` is below SHARDS, so the shard exists.
         let Some(lock) = self.0.shards.get(shard_of(&t.hash)) else {
             return;
         };
-        let Ok(mut set) = lock.write() else { return };
+        let mut set = lock.write();
         let tat = set.get(&HashKey(t.hash)).map_or(0, |old| old.0.tat.load(Ordering::Acquire));
         let entry = Arc::new(IndexedToken {
             retired: AtomicBool::new(false),
@@ -416,8 +447,8 @@ impl TokenIndex {
         let Some(lock) = self.0.shards.get(shard_of(hash)) else {
             return;
         };
-        let Ok(mut set) = lock.write() else { return };
-        if let Some(old) = set.take(&HashKey(*hash)) {
+        let old = lock.write().take(&HashKey(*hash));
+        if let Some(old) = old {
             self.0.len.fetch_sub(1, Ordering::Relaxed);
             self.retire(&old.0);
         }
@@ -435,31 +466,30 @@ impl TokenIndex {
         }
         let mut dropped = 0;
         for lock in &self.0.shards {
-            if let Ok(mut set) = lock.write() {
-                let before = set.len();
-                set.retain(|slot| {
-                    let keep = slot.0.expires_at > now.as_millis();
-                    if !keep {
-                        slot.0.retired.store(true, Ordering::Release);
-                    }
-                    keep
-                });
-                dropped += before - set.len();
-            }
+            let mut set = lock.write();
+            let before = set.len();
+            set.retain(|slot| {
+                let keep = slot.0.expires_at > now.as_millis();
+                if !keep {
+                    slot.0.retired.store(true, Ordering::Release);
+                }
+                keep
+            });
+            dropped += before - set.len();
         }
         self.0.len.fetch_sub(dropped, Ordering::Relaxed);
         if dropped > 0 {
             self.changed();
         }
+        // Ids and scope sets of tokens gone (expired, revoked, changed) are let go of too.
+        self.0.interner.lock().prune();
         dropped
     }
 
     /// Releases spare capacity after a bulk load.
     pub fn shrink_to_fit(&self) {
         for lock in &self.0.shards {
-            if let Ok(mut set) = lock.write() {
-                set.shrink_to_fit();
-            }
+            lock.write().shrink_to_fit();
         }
     }
 }
@@ -534,6 +564,62 @@ mod tests {
         index.upsert(&r);
         assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_change_is_never_dropped_after_a_panic_under_a_lock() {
+        // A thread that panics while it holds the index's locks must not make later changes
+        // skip: a suspension or a revocation must take effect whatever happened before.
+        let pepper = Pepper::new(&[3; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        index.upsert(&r);
+        let now = Timestamp::from_millis(1000);
+        assert!(index.verify(m.secret.expose(), now).is_ok());
+        let held = index.clone();
+        let shard = shard_of(&r.hash);
+        let panicked = std::thread::spawn(move || {
+            let _interner = held.0.interner.lock();
+            let _shard = held.0.shards[shard].write();
+            panic!("a bug while the locks are held");
+        })
+        .join();
+        assert!(panicked.is_err());
+        r.state = TokenState::Suspended;
+        index.upsert(&r);
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Suspended, "the suspension was dropped");
+        r.scopes = vec![Scope::parse("users:read").unwrap()];
+        r.state = TokenState::Active;
+        index.upsert(&r);
+        let t = index.verify(m.secret.expose(), now).unwrap();
+        assert!(!t.has_scope(&Scope::parse("orders:read").unwrap()), "the scope change was dropped");
+        r.state = TokenState::Revoked;
+        index.upsert(&r);
+        assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
+        assert!(index.is_empty(), "the revocation was dropped");
+    }
+
+    #[test]
+    fn interned_values_no_token_uses_are_let_go() {
+        let pepper = Pepper::new(&[4; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let now = Timestamp::from_millis(1000);
+        for s in ["a:1", "a:2", "a:3"] {
+            r.scopes = vec![Scope::parse(s).unwrap()];
+            index.upsert(&r);
+        }
+        index.sweep_expired(now);
+        let sizes = |i: &TokenIndex| {
+            let g = i.0.interner.lock();
+            (g.strings.len(), g.scope_sets.len())
+        };
+        assert_eq!(sizes(&index), (2, 1), "the workspace, the app and the scope set in use");
+        index.remove(&r.hash);
+        index.sweep_expired(now);
+        assert_eq!(sizes(&index), (0, 0));
     }
 
     #[test]

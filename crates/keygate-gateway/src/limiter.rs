@@ -1,17 +1,30 @@
 //! Per-token rate limits (GCRA, one compare-and-swap per request) and quotas (a count per
 //! calendar period), held in memory. Quota counts are flushed to the store with usage and
 //! loaded at start, so they survive a restart; a crash loses at most one flush interval.
+//!
+//! The maps are bounded (issue 12): [`Limiter::prune`] (run with every flush) drops the route
+//! buckets that are back at rest (GCRA `tat` ≤ now: a full bucket, the same as no entry) and the
+//! quota counts of periods that have ended (once flushed); a shard of route buckets holds at most
+//! [`SHARD_CAPACITY`] callers, past which new callers share one bucket per route until buckets
+//! come to rest. The locks are `parking_lot`'s, which cannot be poisoned: no check or count is
+//! ever skipped because another thread panicked.
 
 use std::collections::HashMap as StdHashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 
 use keygate_core::ids::TokenId;
 use keygate_core::model::QuotaCount;
-use keygate_core::policy::{GcraDecision, Quota, RateLimit};
+use keygate_core::policy::{GcraDecision, Quota, QuotaPeriod, RateLimit};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
 const SHARDS: usize = 16;
+/// Route buckets per shard (16 shards: about a million callers with a live route bucket).
+pub const SHARD_CAPACITY: usize = 65_536;
+/// The key callers share past [`SHARD_CAPACITY`] (no public id is all `~`: ids are base62).
+const OVERFLOW: [u8; PUBLIC_ID_LEN] = [b'~'; PUBLIC_ID_LEN];
 
 /// Keys are public ids of tokens that passed verification (chosen by the issuer, not by a
 /// caller), so a fast keyed hash is enough; per-map random seeds keep it unpredictable anyway.
@@ -35,22 +48,44 @@ pub struct QuotaDecision {
 #[derive(Debug, Default)]
 struct QuotaState {
     period_start: i64,
+    /// When the period ends, once a check has told (counts loaded at start do not say).
+    period_end: Option<i64>,
     count: u64,
     /// Counted since the last flush.
     unflushed: u64,
 }
 
+impl QuotaState {
+    /// Whether the count can be forgotten at `now_ms`: flushed, and of a period that has ended
+    /// (a loaded count of unknown kind: a period that began before this month, and so ended,
+    /// whether it was a day or a month; a `total` count, which begins at 0, is kept).
+    fn at_rest(&self, now_ms: i64) -> bool {
+        self.unflushed == 0
+            && match self.period_end {
+                Some(end) => end <= now_ms,
+                None => self.period_start > 0 && self.period_start < QuotaPeriod::Month.window(now_ms).0,
+            }
+    }
+}
+
+/// One shard of route buckets, and when it was last pruned because it was full.
+#[derive(Default)]
+struct Buckets {
+    map: HashMap<Key, AtomicI64>,
+    pruned_at_us: i64,
+}
+
 /// Rate-limit and quota state of every token seen.
 pub struct Limiter {
     /// Key: (token public id, route index + 1, or 0 for the token's own limit).
-    tats: Vec<RwLock<HashMap<Key, AtomicI64>>>,
+    tats: Vec<RwLock<Buckets>>,
     quotas: Vec<Mutex<HashMap<[u8; PUBLIC_ID_LEN], QuotaState>>>,
 }
 
 impl Default for Limiter {
     fn default() -> Self {
         Self {
-            tats: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
+            tats: (0..SHARDS).map(|_| RwLock::new(Buckets::default())).collect(),
             quotas: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
         }
     }
@@ -61,14 +96,23 @@ impl Limiter {
     /// `scope` is 0 for the token's own limit, or a route index + 1.
     pub fn check_rate(&self, id: &[u8; PUBLIC_ID_LEN], scope: u32, limit: &RateLimit, now_us: i64) -> GcraDecision {
         let Some(shard) = self.tats.get(shard_of(id)) else { return limit.gcra(0, now_us) };
-        let key = (*id, scope);
-        if let Ok(map) = shard.read()
-            && let Some(cell) = map.get(&key)
-        {
+        let mut key = (*id, scope);
+        if let Some(cell) = shard.read().map.get(&key) {
             return cas(cell, limit, now_us);
         }
-        let Ok(mut map) = shard.write() else { return limit.gcra(0, now_us) };
-        let cell = map.entry(key).or_insert_with(|| AtomicI64::new(0));
+        let mut b = shard.write();
+        if b.map.len() >= SHARD_CAPACITY && !b.map.contains_key(&key) {
+            // Full: drop the buckets at rest (at most once a second), else share the overflow
+            // bucket of the route: limits stay in force, and memory stays bounded.
+            if now_us.saturating_sub(b.pruned_at_us) >= 1_000_000 {
+                b.pruned_at_us = now_us;
+                b.map.retain(|_, tat| tat.load(Ordering::Acquire) > now_us);
+            }
+            if b.map.len() >= SHARD_CAPACITY {
+                key = (OVERFLOW, scope);
+            }
+        }
+        let cell = b.map.entry(key).or_insert_with(|| AtomicI64::new(0));
         cas(cell, limit, now_us)
     }
 
@@ -82,7 +126,7 @@ impl Limiter {
     pub fn check_quota(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64) -> QuotaDecision {
         let (start, end) = quota.period.window(now_ms);
         let reset_after_ms = if end == i64::MAX { i64::MAX } else { end - now_ms };
-        let Some(Ok(mut map)) = self.quotas.get(shard_of(id)).map(Mutex::lock) else {
+        let Some(mut map) = self.quotas.get(shard_of(id)).map(Mutex::lock) else {
             return QuotaDecision { allowed: true, remaining: quota.requests, reset_after_ms };
         };
         let st = map.entry(*id).or_default();
@@ -90,6 +134,7 @@ impl Limiter {
             st.period_start = start;
             st.count = 0;
         }
+        st.period_end = Some(end);
         if st.count >= quota.requests {
             return QuotaDecision { allowed: false, remaining: 0, reset_after_ms };
         }
@@ -103,8 +148,11 @@ impl Limiter {
         for c in counts {
             let Some(public) = c.token_id.as_str().strip_prefix("tok_") else { continue };
             let Ok(id) = <[u8; PUBLIC_ID_LEN]>::try_from(public.as_bytes()) else { continue };
-            if let Some(Ok(mut map)) = self.quotas.get(shard_of(&id)).map(Mutex::lock) {
-                map.insert(id, QuotaState { period_start: c.period_start, count: c.count, unflushed: 0 });
+            if let Some(mut map) = self.quotas.get(shard_of(&id)).map(Mutex::lock) {
+                map.insert(
+                    id,
+                    QuotaState { period_start: c.period_start, period_end: None, count: c.count, unflushed: 0 },
+                );
             }
         }
     }
@@ -113,7 +161,7 @@ impl Limiter {
     pub fn take_quota_deltas(&self) -> Vec<QuotaCount> {
         let mut out = Vec::new();
         for shard in &self.quotas {
-            let Ok(mut map) = shard.lock() else { continue };
+            let mut map = shard.lock();
             for (id, st) in map.iter_mut().filter(|(_, st)| st.unflushed > 0) {
                 out.push(QuotaCount {
                     token_id: TokenId::from_public_id(std::str::from_utf8(id).unwrap_or_default()),
@@ -147,13 +195,45 @@ impl Limiter {
         for c in deltas {
             let Some(public) = c.token_id.as_str().strip_prefix("tok_") else { continue };
             let Ok(id) = <[u8; PUBLIC_ID_LEN]>::try_from(public.as_bytes()) else { continue };
-            if let Some(Ok(mut map)) = self.quotas.get(shard_of(&id)).map(Mutex::lock)
+            if let Some(mut map) = self.quotas.get(shard_of(&id)).map(Mutex::lock)
                 && let Some(st) = map.get_mut(&id)
                 && st.period_start == c.period_start
             {
                 st.unflushed += c.count;
             }
         }
+    }
+}
+
+impl Limiter {
+    /// Drops what no longer tells anything: route buckets back at rest at `now_ms` (a full
+    /// bucket is what a missing entry means) and flushed quota counts of ended periods. Returns
+    /// how many entries went. One pass per shard, each under its own lock.
+    pub fn prune(&self, now_ms: i64) -> usize {
+        let now_us = now_ms.saturating_mul(1000);
+        let mut gone = 0;
+        for shard in &self.tats {
+            let mut b = shard.write();
+            let before = b.map.len();
+            b.map.retain(|_, tat| tat.load(Ordering::Acquire) > now_us);
+            gone += before - b.map.len();
+        }
+        for shard in &self.quotas {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|_, st| !st.at_rest(now_ms));
+            gone += before - map.len();
+        }
+        gone
+    }
+
+    /// Route buckets and quota counts held, for tests.
+    pub fn len(&self) -> (usize, usize) {
+        (self.tats.iter().map(|s| s.read().map.len()).sum(), self.quotas.iter().map(|s| s.lock().len()).sum())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == (0, 0)
     }
 }
 
@@ -177,6 +257,57 @@ mod tests {
         assert!(l.check_rate(&b, 0, &rl, 0).allowed, "another token has its own bucket");
         assert!(l.check_rate(&a, 3, &rl, 0).allowed, "a route limit has its own bucket");
         assert!(l.check_rate(&a, 0, &rl, 500_000).allowed, "refilled after half a second");
+    }
+
+    #[test]
+    fn buckets_at_rest_and_ended_quota_periods_are_pruned() {
+        let l = Limiter::default();
+        let rl = RateLimit { requests: 1, per_seconds: 1, burst: 0 };
+        let q = Quota { requests: 5, period: QuotaPeriod::Day };
+        let day = 86_400_000;
+        for i in 0..100u8 {
+            let id = [b'a' + i % 26, b'a' + i / 26, b'x', b'x', b'x', b'x', b'x', b'x', b'x', b'x', b'x', b'x'];
+            assert!(l.check_rate(&id, 7, &rl, day * 1000).allowed);
+            assert!(l.check_quota(&id, &q, day).allowed);
+        }
+        l.load_quota_counts(&[
+            QuotaCount { token_id: TokenId::from_public_id("loadedtotal1"), period_start: 0, count: 3 },
+            QuotaCount { token_id: TokenId::from_public_id("loadedoldday"), period_start: day, count: 3 },
+        ]);
+        assert_eq!(l.len(), (100, 102));
+        assert_eq!(l.prune(day), 0, "buckets in use and unflushed counts stay");
+        l.take_quota_deltas();
+        // A second later every bucket is full again; a month later the day has ended.
+        assert_eq!(l.prune(day + 1000), 100);
+        assert_eq!(l.len(), (0, 102));
+        assert_eq!(l.prune(day * 40), 101);
+        assert_eq!(l.len(), (0, 1), "a loaded total count is kept");
+        assert!(!l.check_quota(b"loadedtotal1", &Quota { requests: 3, period: QuotaPeriod::Total }, day * 40).allowed);
+    }
+
+    #[test]
+    fn a_full_shard_shares_an_overflow_bucket() {
+        let l = Limiter::default();
+        let rl = RateLimit { requests: 1, per_seconds: 3600, burst: 0 };
+        // Fill one shard with callers whose buckets are in use.
+        let mut n = 0u64;
+        let mut in_shard = Vec::new();
+        while in_shard.len() < SHARD_CAPACITY + 2 {
+            let mut id = [b'0'; PUBLIC_ID_LEN];
+            let text = format!("{n:012}");
+            id.copy_from_slice(text.as_bytes());
+            n += 1;
+            if shard_of(&id) == 0 {
+                in_shard.push(id);
+            }
+        }
+        for id in in_shard.iter().take(SHARD_CAPACITY) {
+            assert!(l.check_rate(id, 1, &rl, 0).allowed);
+        }
+        let (a, b) = (in_shard[SHARD_CAPACITY], in_shard[SHARD_CAPACITY + 1]);
+        assert!(l.check_rate(&a, 1, &rl, 0).allowed, "the first caller past the bound");
+        assert!(!l.check_rate(&b, 1, &rl, 0).allowed, "shares its bucket with the next: the limit holds");
+        assert_eq!(l.len().0, SHARD_CAPACITY + 1);
     }
 
     #[test]

@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 16] = [
+pub const REASONS: [&str; 17] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -31,6 +31,7 @@ pub const REASONS: [&str; 16] = [
     "quota_exceeded",
     "token_in_query",
     "bad_request",
+    "ambiguous_path",
     "route_not_found",
     "body_too_large",
     "cors_origin_not_allowed",
@@ -55,6 +56,7 @@ struct Shard {
     limiter_allowed: AtomicU64,
     limiter_refused: AtomicU64,
     unrouted: AtomicU64,
+    exposure_dropped: AtomicU64,
 }
 
 /// All counters of one route table's lifetime (replaced with the table on reload).
@@ -77,6 +79,7 @@ impl Metrics {
                 limiter_allowed: AtomicU64::new(0),
                 limiter_refused: AtomicU64::new(0),
                 unrouted: AtomicU64::new(0),
+                exposure_dropped: AtomicU64::new(0),
             })
             .collect();
         Self { route_ids, shards }
@@ -113,6 +116,13 @@ impl Metrics {
     pub fn limiter(&self, allowed: bool) {
         if let Some(s) = self.mine() {
             add(if allowed { &s.limiter_allowed } else { &s.limiter_refused }, 1);
+        }
+    }
+
+    /// A token found in a query string whose exposure report was dropped (too many reports).
+    pub fn exposure_report_dropped(&self) {
+        if let Some(s) = self.mine() {
+            add(&s.exposure_dropped, 1);
         }
     }
 
@@ -194,6 +204,13 @@ impl Metrics {
                 route(i, &|r| &r.upstream_timeouts)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP keygate_gateway_exposure_reports_dropped_total Tokens found in query strings whose exposure report was dropped (too many reports at once)."
+        );
+        let _ = writeln!(out, "# TYPE keygate_gateway_exposure_reports_dropped_total counter");
+        let _ =
+            writeln!(out, "keygate_gateway_exposure_reports_dropped_total {}", self.sum(|s| Some(&s.exposure_dropped)));
         for (name, help, value) in extra {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");

@@ -149,6 +149,13 @@ impl Route {
             || (path.starts_with(&self.prefix) && path.as_bytes().get(self.prefix.len()) == Some(&b'/'))
     }
 
+    /// Whether `path` is under this route's prefix when letters are compared ignoring case.
+    fn covers_folded(&self, path: &str) -> bool {
+        let (p, prefix) = (path.as_bytes(), self.prefix.as_bytes());
+        p.get(..prefix.len()).is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+            && matches!(p.get(prefix.len()), None | Some(b'/'))
+    }
+
     /// The path to send upstream.
     pub fn upstream_path(&self, upstream: &Upstream, path: &str) -> String {
         let rest = if self.strip_prefix { path.get(self.prefix.len()..).unwrap_or(path) } else { path };
@@ -182,6 +189,11 @@ impl RouteTable {
             let prefix = normalize_path(&c.path).map_err(|e| err(format!("path: {e}")))?.into_owned();
             if prefix.contains('?') {
                 return Err(err("path must not contain a query".into()));
+            }
+            // Such a prefix could not be told apart from the readings `resolve` compares.
+            let upper = prefix.to_ascii_uppercase();
+            if prefix.contains(';') || upper.contains("%3B") || upper.contains("%25") {
+                return Err(err("path must not hold ';' (path parameters), %3B or %25".into()));
             }
             let mut raw_upstreams = c.upstreams.clone();
             if let Some(u) = &c.upstream {
@@ -250,6 +262,23 @@ impl RouteTable {
                 openapi: c.openapi.clone(),
             }));
         }
+        // Two prefixes that differ only in letter case would make every request to either one
+        // ambiguous (see `resolve`).
+        for (i, a) in routes.iter().enumerate() {
+            for b in routes.iter().skip(i + 1) {
+                let same_host = match (&a.host, &b.host) {
+                    (None, None) => true,
+                    (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
+                    _ => false,
+                };
+                if same_host && a.prefix != b.prefix && a.prefix.eq_ignore_ascii_case(&b.prefix) {
+                    return Err(format!(
+                        "routes {:?} and {:?}: paths that differ only in letter case cannot be told apart",
+                        a.id, b.id
+                    ));
+                }
+            }
+        }
         if gw.demo {
             routes.push(Arc::new(Route {
                 id: Arc::from("demo"),
@@ -283,31 +312,77 @@ impl RouteTable {
         Ok(Self { routes })
     }
 
-    /// The route for the request's host and normalized `path`: host-specific routes win, then
-    /// the longest prefix; configured routes win over the demo route. `host` is asked for only
-    /// when a route with a `host` covers the path (most tables have none, and finding the host
-    /// means reading and checking the `Host` field).
+    /// The route for the request's host and normalized `path`, as keygate reads the path:
+    /// host-specific routes win, then the longest prefix; configured routes win over the demo
+    /// route. `host` is asked for only when a route with a `host` covers the path (most tables
+    /// have none, and finding the host means reading and checking the `Host` field).
     pub fn find<'h>(&self, host: impl FnOnce() -> Option<&'h str>, path: &str) -> Option<&Arc<Route>> {
         let mut host = Some(host);
         let mut known: Option<Option<&'h str>> = None;
-        let mut best: Option<&Arc<Route>> = None;
-        let rank = |r: &Route| (r.host.is_some(), !r.demo, r.prefix.len());
-        for r in &self.routes {
-            if !r.covers(path) {
-                continue;
-            }
-            if let Some(want) = r.host.as_deref() {
-                let got = *known.get_or_insert_with(|| host.take().and_then(|f| f()));
-                if !got.is_some_and(|h| h.eq_ignore_ascii_case(want)) {
-                    continue;
+        self.matches(&mut || *known.get_or_insert_with(|| host.take().and_then(|f| f())), path).0
+    }
+
+    /// The route for the request's host and normalized `path` ([`RouteTable::find`]), provided
+    /// every way an upstream may read the path selects the same route; otherwise
+    /// [`PathError::Ambiguous`]. The readings: letters in either case (Express and ASP.NET match
+    /// routes ignoring case), and, for paths that hold `;`, `%3B` or `%25`, the path without its
+    /// path parameters and with its escapes decoded twice (see `other_readings`). So a spelling
+    /// can never reach, at the upstream, a route other than the one whose scope was checked
+    /// (issue 12 #4). The usual path holds none of those, and costs one pass over the routes.
+    pub fn resolve<'h>(
+        &self,
+        host: impl FnOnce() -> Option<&'h str>,
+        path: &str,
+    ) -> Result<Option<&Arc<Route>>, PathError> {
+        let mut host = Some(host);
+        let mut known: Option<Option<&'h str>> = None;
+        let mut host = || *known.get_or_insert_with(|| host.take().and_then(|f| f()));
+        let (exact, folded) = self.matches(&mut host, path);
+        let Some(route) = exact else { return Ok(None) };
+        let same = |r: Option<&Arc<Route>>| r.is_some_and(|r| Arc::ptr_eq(r, route));
+        if !same(folded) {
+            return Err(PathError::Ambiguous);
+        }
+        if path.bytes().any(|b| b == b';' || b == b'%') {
+            for reading in other_readings(path) {
+                let p = reading.map_err(|_| PathError::Ambiguous)?;
+                let (e, f) = self.matches(&mut host, &p);
+                if !same(e) || !same(f) {
+                    return Err(PathError::Ambiguous);
                 }
             }
+        }
+        Ok(Some(route))
+    }
+
+    /// The best route for `path` compared exactly, and the best compared ignoring ASCII case,
+    /// in one pass.
+    fn matches<'h>(
+        &self,
+        host: &mut dyn FnMut() -> Option<&'h str>,
+        path: &str,
+    ) -> (Option<&Arc<Route>>, Option<&Arc<Route>>) {
+        let rank = |r: &Route| (r.host.is_some(), !r.demo, r.prefix.len());
+        let (mut exact, mut folded): (Option<&Arc<Route>>, Option<&Arc<Route>>) = (None, None);
+        for r in &self.routes {
+            let covers = r.covers(path);
+            if !covers && !r.covers_folded(path) {
+                continue;
+            }
+            if let Some(want) = r.host.as_deref()
+                && !host().is_some_and(|h| h.eq_ignore_ascii_case(want))
+            {
+                continue;
+            }
             // The last of equal rank wins, as with `Iterator::max_by_key`.
-            if best.is_none_or(|b| rank(r) >= rank(b)) {
-                best = Some(r);
+            if covers && exact.is_none_or(|b| rank(r) >= rank(b)) {
+                exact = Some(r);
+            }
+            if folded.is_none_or(|b| rank(r) >= rank(b)) {
+                folded = Some(r);
             }
         }
-        best
+        (exact, folded)
     }
 }
 
@@ -321,24 +396,99 @@ fn limiter_key(id: &str) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
     NotAbsolute,
-    /// `%00`, a backslash, or a malformed `%` escape.
+    /// `%00` or a backslash (raw or `%5C`): refused, as upstreams disagree on what they mean.
     Forbidden,
+    /// A `%` not followed by two hex digits.
+    MalformedEscape,
+    /// Escapes of bytes above 0x7f that are not UTF-8 (overlong forms such as `%C0%AE` included),
+    /// or a raw byte above 0x7f.
+    NotUtf8,
+    /// The route the path selects depends on how the upstream reads it (see
+    /// [`RouteTable::resolve`]).
+    Ambiguous,
+}
+
+impl PathError {
+    /// The stable code of the refusal.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Ambiguous => "ambiguous_path",
+            _ => "bad_request",
+        }
+    }
 }
 
 impl std::fmt::Display for PathError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::NotAbsolute => "the path must start with /",
-            Self::Forbidden => "the path holds a NUL, a backslash or a malformed % escape",
+            Self::Forbidden => "the path holds a NUL or a backslash (raw or percent-encoded); send neither",
+            Self::MalformedEscape => "the path holds a % that is not followed by two hex digits; encode a % as %25",
+            Self::NotUtf8 => {
+                "the path holds a byte above 0x7f, raw or in escapes that are not UTF-8; percent-encode the UTF-8 bytes of the text"
+            }
+            Self::Ambiguous => {
+                "the path can be read as another route's (path parameters after ';', letter case, or an escape encoded twice); send it in its plain form"
+            }
         })
     }
 }
 
+/// Bytes a normalized path holds as they are: RFC 3986 §3.3 `pchar` without `%` (unreserved,
+/// sub-delims, `:` and `@`) and `/`. Everything else is percent-encoded or refused.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~')
+            || matches!(c, b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
+            || matches!(c, b':' | b'@' | b'/');
+        b += 1;
+    }
+    t
+};
+
+/// RFC 3986 §2.3: characters whose escapes are decoded (§6.2.2.2).
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_escape(out: &mut String, b: u8) {
+    out.push('%');
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 15)]));
+}
+
+/// The byte a `%XX` escape at `bytes[i]` stands for.
+fn escape_at(bytes: &[u8], i: usize) -> Option<u8> {
+    if bytes.get(i) != Some(&b'%') {
+        return None;
+    }
+    let hex = bytes.get(i + 1..i + 3)?;
+    let digit = |h: u8| char::from(h).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    Some(digit(*hex.first()?)? << 4 | digit(*hex.get(1)?)?)
+}
+
 /// Normalizes a request path (without its query) so that a scope check cannot be bypassed by
-/// spelling: `%2e`/`%2E` and `%2f`/`%2F` are decoded, empty segments (`//`) and `.` are
-/// dropped, `..` removes the previous segment (never above the root). Other `%` escapes stay as
-/// they are. A trailing slash is kept. A path that is already normal (the usual case) is
-/// returned as it is, without a copy.
+/// spelling (RFC 3986 §6.2.2), and returns the form that is matched **and forwarded**:
+///
+/// - escapes of unreserved characters are decoded (`%61` → `a`, `%2E` → `.`, `%7E` → `~`),
+///   and so is `%2F` (to `/`, so that a slash is one whatever its spelling);
+/// - other escapes stay escaped, with uppercase hex (`%2b` → `%2B`); escapes of bytes above 0x7f
+///   must spell UTF-8 (no overlong `%C0%AE`, no surrogates);
+/// - bytes a path may not hold raw (space, `"`, `#`, `<`, `>`, `[`, `]`, `^`, `` ` ``, `{`, `|`,
+///   `}`, control bytes) are percent-encoded;
+/// - NUL and backslash, raw or encoded, and raw bytes above 0x7f are refused;
+/// - empty segments (`//`) and `.` are dropped, `..` removes the previous segment (never above the
+///   root); a trailing slash is kept.
+///
+/// Path parameters (`;`) are left as they are here: [`RouteTable::resolve`] refuses a path whose
+/// route depends on them. A path that is already normal (the usual case) is returned as it is,
+/// without a copy.
 pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
@@ -346,41 +496,61 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if is_normal(raw.as_bytes()) {
         return Ok(Cow::Borrowed(raw));
     }
-    let mut decoded = String::with_capacity(raw.len());
+    let mut decoded = String::with_capacity(raw.len() + 8);
     let bytes = raw.as_bytes();
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         match b {
             b'%' => {
-                // Exactly two hex digits (RFC 3986 §2.1); `u8::from_str_radix` would also take a
-                // sign before one digit (`%+2`), which the fuzz target `path` found.
-                let (hi, lo) = match bytes.get(i + 1..i + 3) {
-                    Some(&[hi, lo]) if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() => (hi, lo),
-                    _ => return Err(PathError::Forbidden),
-                };
-                match hex_value(hi) << 4 | hex_value(lo) {
-                    b'.' => decoded.push('.'),
-                    b'/' => decoded.push('/'),
+                let v = escape_at(bytes, i).ok_or(PathError::MalformedEscape)?;
+                match v {
                     0 | b'\\' => return Err(PathError::Forbidden),
-                    _ => {
-                        decoded.push('%');
-                        decoded.push(char::from(hi));
-                        decoded.push(char::from(lo));
+                    b'/' => decoded.push('/'),
+                    v if is_unreserved(v) => decoded.push(char::from(v)),
+                    0x80..=0xff => {
+                        // A UTF-8 sequence spelled as escapes: its length from the lead byte,
+                        // then std's validation (which refuses overlong forms and surrogates).
+                        let len = match v {
+                            0xc2..=0xdf => 2,
+                            0xe0..=0xef => 3,
+                            0xf0..=0xf4 => 4,
+                            _ => return Err(PathError::NotUtf8),
+                        };
+                        let mut seq = [0u8; 4];
+                        for (k, slot) in seq.iter_mut().take(len).enumerate() {
+                            *slot = escape_at(bytes, i + 3 * k).ok_or(PathError::NotUtf8)?;
+                        }
+                        if std::str::from_utf8(seq.get(..len).unwrap_or_default()).is_err() {
+                            return Err(PathError::NotUtf8);
+                        }
+                        for b in seq.iter().take(len) {
+                            push_escape(&mut decoded, *b);
+                        }
+                        i += 3 * len;
+                        continue;
                     }
+                    v => push_escape(&mut decoded, v),
                 }
                 i += 3;
             }
             b'\\' | 0 => return Err(PathError::Forbidden),
-            _ => {
+            0x80..=0xff => return Err(PathError::NotUtf8),
+            b if PLAIN[usize::from(b)] => {
                 decoded.push(char::from(b));
+                i += 1;
+            }
+            b => {
+                push_escape(&mut decoded, b);
                 i += 1;
             }
         }
     }
-    // Bytes above 0x7f were pushed one by one as chars above: rebuild from the raw bytes instead.
-    if !raw.is_ascii() {
-        return Err(PathError::Forbidden);
-    }
+    Ok(Cow::Owned(remove_dot_segments(&decoded)))
+}
+
+/// Drops empty and `.` segments and resolves `..` (never above the root), keeping a trailing
+/// slash (RFC 3986 §5.2.4, with empty segments dropped as well).
+fn remove_dot_segments(decoded: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
         match seg {
@@ -400,21 +570,12 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if path.is_empty() || (trailing && !out.is_empty()) {
         path.push('/');
     }
-    Ok(Cow::Owned(path))
-}
-
-/// The value of an ASCII hex digit (0 for any other byte; callers check `is_ascii_hexdigit`).
-fn hex_value(b: u8) -> u8 {
-    match b {
-        b'0'..=b'9' => b - b'0',
-        b'a'..=b'f' => b - b'a' + 10,
-        b'A'..=b'F' => b - b'A' + 10,
-        _ => 0,
-    }
+    path
 }
 
 /// Whether `raw` (which starts with `/`) is already what [`normalize_path`] would make of it:
-/// ASCII without `%`, a backslash or NUL, and no empty, `.` or `..` segment (a trailing slash is fine).
+/// only bytes a path holds as they are (no `%`), and no empty, `.` or `..` segment (a trailing
+/// slash is fine). One table lookup per byte: the fast path of every request.
 fn is_normal(raw: &[u8]) -> bool {
     let mut seg_start = 1;
     for i in 1..=raw.len() {
@@ -427,11 +588,77 @@ fn is_normal(raw: &[u8]) -> bool {
                 }
                 seg_start = i + 1;
             }
-            Some(b'%' | b'\\' | 0 | 0x80..=0xff) => return false,
-            Some(_) => {}
+            Some(b) if PLAIN[usize::from(*b)] => {}
+            Some(_) => return false,
         }
     }
     true
+}
+
+/// The other ways an upstream may read a normalized path, each itself normalized: without the
+/// path parameters of each segment (`;…`, as servlet containers such as Tomcat and Jetty, and
+/// Spring, read them; also with `%3B` taken as `;`, for servers that decode before they split),
+/// and with its escapes decoded a second time (`%2561` → `%61` → `a`), alone and together. Only
+/// paths that hold `;`, `%3B` or `%25` have any. A reading that cannot be normalized is an
+/// `Err`: some upstream would see something keygate refuses.
+fn other_readings(path: &str) -> Vec<Result<String, PathError>> {
+    let has = |s: &str, pat: &str| s.as_bytes().windows(pat.len()).any(|w| w.eq_ignore_ascii_case(pat.as_bytes()));
+    let mut out = Vec::new();
+    let params = |p: &str, out: &mut Vec<Result<String, PathError>>| {
+        if p.contains(';') {
+            out.push(Ok(remove_dot_segments(&strip_params(p, false))));
+        }
+        if has(p, "%3B") {
+            out.push(Ok(remove_dot_segments(&strip_params(p, true))));
+        }
+    };
+    params(path, &mut out);
+    if has(path, "%25") {
+        match decode_percent_escapes(path).and_then(|p| normalize_path(&p).map(Cow::into_owned)) {
+            Ok(twice) => {
+                params(&twice, &mut out);
+                out.push(Ok(twice));
+            }
+            Err(_) => out.push(Err(PathError::Ambiguous)),
+        }
+    }
+    out
+}
+
+/// `path` with each segment cut at its first `;` (and, if `escaped`, its first `%3B`).
+fn strip_params(path: &str, escaped: bool) -> String {
+    let mut out = String::with_capacity(path.len());
+    for (k, seg) in path.split('/').enumerate() {
+        if k > 0 {
+            out.push('/');
+        }
+        let mut end = seg.find(';').unwrap_or(seg.len());
+        if escaped && let Some(e) = seg.as_bytes().windows(3).position(|w| w.eq_ignore_ascii_case(b"%3B")) {
+            end = end.min(e);
+        }
+        out.push_str(seg.get(..end).unwrap_or(seg));
+    }
+    out
+}
+
+/// `%25XX` → `%XX` (XX hex): the escapes of `%` decoded once more (the others are already in
+/// normal form).
+fn decode_percent_escapes(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let byte = |k: usize| bytes.get(k).copied().unwrap_or(0);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        // Only an escape of `%` that is followed by two hex digits spells another escape.
+        if escape_at(bytes, i) == Some(b'%') && escape_at(&[b'%', byte(i + 3), byte(i + 4)], 0).is_some() {
+            out.push(b'%');
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| PathError::NotUtf8)
 }
 
 #[cfg(test)]
@@ -453,18 +680,76 @@ mod tests {
             ("/a/./b//c", "/a/b/c"),
             ("/a/b/..", "/a/"),
             ("/x%20y", "/x%20y"),
+            // RFC 3986 §6.2.2.2: unreserved characters decoded; §6.2.2.1: other escapes uppercase.
+            ("/orders/%61dmin", "/orders/admin"),
+            ("/%7euser/%2D%5F%2e", "/~user/-_."),
+            ("/a%2bb%3a", "/a%2Bb%3A"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/%F0%9F%98%80", "/%F0%9F%98%80"),
+            // Double encoding stays what it says: a literal %61.
+            ("/%2561", "/%2561"),
+            ("/100%25", "/100%25"),
+            // What a path may not hold raw is escaped.
+            ("/a b", "/a%20b"),
+            ("/a#b", "/a%23b"),
+            ("/{x}|[y]^`\"<>", "/%7Bx%7D%7C%5By%5D%5E%60%22%3C%3E"),
+            ("/a\u{7f}", "/a%7F"),
+            // Path parameters and sub-delims stay.
+            ("/a;b=c/d", "/a;b=c/d"),
+            ("/a!$&'()*+,=:@", "/a!$&'()*+,=:@"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
         }
-        for bad in ["orders", "", "/a%00b", "/a\\b", "/a%5cb", "/a%zz", "/a%2", "/é"] {
-            assert!(normalize_path(bad).is_err(), "{bad}");
+        for (bad, why) in [
+            ("orders", PathError::NotAbsolute),
+            ("", PathError::NotAbsolute),
+            ("/a%00b", PathError::Forbidden),
+            ("/a\\b", PathError::Forbidden),
+            ("/a%5cb", PathError::Forbidden),
+            ("/a%zz", PathError::MalformedEscape),
+            ("/a%2", PathError::MalformedEscape),
+            ("/a%", PathError::MalformedEscape),
+            ("/é", PathError::NotUtf8),
+            // Overlong `.` and `/`, a surrogate, a lone continuation byte, a cut sequence.
+            ("/%C0%AE%C0%AE/", PathError::NotUtf8),
+            ("/%c0%af", PathError::NotUtf8),
+            ("/%E0%80%AE", PathError::NotUtf8),
+            ("/%ED%A0%80", PathError::NotUtf8),
+            ("/%80", PathError::NotUtf8),
+            ("/%C3", PathError::NotUtf8),
+            ("/%C3x", PathError::NotUtf8),
+            ("/%C3%28", PathError::NotUtf8),
+            ("/%F5%80%80%80", PathError::NotUtf8),
+        ] {
+            assert_eq!(normalize_path(bad), Err(why), "{bad}");
         }
-        for already in ["/", "/orders", "/orders/", "/a/b.c/..d/.e"] {
+        for already in ["/", "/orders", "/orders/", "/a/b.c/..d/.e", "/a;b=1/~x", "/a+b@c:d"] {
             assert!(matches!(normalize_path(already), Ok(Cow::Borrowed(_))), "{already}");
         }
-        for changed in ["//a", "/a//b", "/a/./b", "/a/..", "/.", "/a%41"] {
+        for changed in ["//a", "/a//b", "/a/./b", "/a/..", "/.", "/a%41", "/a b", "/a#", "/a|b"] {
             assert!(!is_normal(changed.as_bytes()), "{changed}");
         }
+        // Normalizing is idempotent.
+        for raw in ["/a%2561/%3b;x/..;/b", "/caf%c3%a9/%7e", "/x/%2e%2e/y//z/"] {
+            let once = normalize_path(raw).unwrap().into_owned();
+            assert_eq!(normalize_path(&once).unwrap(), once, "{raw}");
+        }
+    }
+
+    #[test]
+    fn other_readings_strip_parameters_and_decode_twice() {
+        let readings = |p: &str| other_readings(p).into_iter().map(Result::unwrap).collect::<Vec<_>>();
+        assert!(readings("/orders/admin/users").is_empty());
+        assert_eq!(readings("/orders/admin;x/users"), ["/orders/admin/users"]);
+        assert_eq!(readings("/a/..;/b"), ["/b"]);
+        assert_eq!(readings("/a;/b"), ["/a/b"]);
+        assert_eq!(readings("/a%3Bx/b"), ["/a/b"]);
+        assert_eq!(readings("/a;y%3Bx/b"), ["/a/b", "/a/b"]);
+        assert_eq!(readings("/%2561dmin"), ["/admin"]);
+        assert_eq!(readings("/%252e%252e/x"), ["/x"]);
+        assert_eq!(readings("/a%253Bx/b"), ["/a/b", "/a%3Bx/b"]);
+        assert_eq!(readings("/100%25"), ["/100%25"], "a % escape before no hex digits stays");
+        assert!(other_readings("/a%255C").iter().all(Result::is_err), "a backslash once decoded twice");
     }
 
     #[test]
@@ -473,7 +758,7 @@ mod tests {
         // before one hex digit passed as an escape (`u8::from_str_radix` takes a sign), so
         // `%+2` stayed in the normalized path, spelled in a way no upstream decodes alike.
         for bad in ["/a/%+2e", "/a%+f", "/a%-1", "/a%+0", "/a% f"] {
-            assert_eq!(normalize_path(bad), Err(PathError::Forbidden), "{bad}");
+            assert_eq!(normalize_path(bad), Err(PathError::MalformedEscape), "{bad}");
         }
     }
 
@@ -514,6 +799,37 @@ mod tests {
     }
 
     #[test]
+    fn a_route_is_resolved_only_when_every_reading_agrees() {
+        let gw = GatewayConfig::default();
+        let mut root = route("root", "/", None);
+        root.public = true;
+        let t =
+            RouteTable::build(&[route("orders", "/orders", None), route("admin", "/orders/admin", None), root], &gw)
+                .unwrap();
+        let id = |p: &str| t.resolve(|| None, p).map(|r| r.map(|r| r.id.to_string()));
+        let some = |s: &str| Ok(Some(s.to_owned()));
+        assert_eq!(id("/orders/7"), some("orders"));
+        assert_eq!(id("/orders/admin/x"), some("admin"));
+        assert_eq!(id("/orders/7;v=2/x"), some("orders"), "a parameter that changes nothing");
+        assert_eq!(id("/orders/admin;v=2/x"), Err(PathError::Ambiguous));
+        assert_eq!(id("/orders;v=2"), Err(PathError::Ambiguous), "root, or orders without the parameter");
+        assert_eq!(id("/orders/x/..;/admin"), Err(PathError::Ambiguous));
+        assert_eq!(id("/x/..;/orders"), Err(PathError::Ambiguous));
+        assert_eq!(id("/orders/ADMIN"), Err(PathError::Ambiguous));
+        assert_eq!(id("/Orders/7"), Err(PathError::Ambiguous));
+        assert_eq!(id("/orders/%2561dmin"), Err(PathError::Ambiguous));
+        assert_eq!(id("/orders/a%3Bb"), some("orders"));
+        assert_eq!(id("/orders/admin%3Bb"), Err(PathError::Ambiguous));
+        assert_eq!(id("/orders/%2561"), some("orders"), "decoded twice it is still an order");
+        assert_eq!(id("/orders/%255C"), Err(PathError::Ambiguous));
+        assert_eq!(id("/elsewhere"), some("root"));
+        let t = RouteTable::build(&[route("orders", "/orders", None)], &GatewayConfig { demo: false, ..gw.clone() })
+            .unwrap();
+        assert!(matches!(t.resolve(|| None, "/Orders"), Ok(None)), "no route as keygate reads it: 404 whatever else");
+        assert_eq!(t.resolve(|| None, "/x/..;/orders").map(|r| r.is_some()), Ok(false));
+    }
+
+    #[test]
     fn invalid_routes_are_named() {
         let gw = GatewayConfig::default();
         let mut r = route("x", "/x", None);
@@ -527,6 +843,16 @@ mod tests {
         r.public = true;
         r.scopes.insert("*".into(), "a:b".into());
         assert!(RouteTable::build(&[r], &gw).is_err());
+        for p in ["/a;b", "/a%3bb", "/a%25"] {
+            let e = RouteTable::build(&[route("semi", p, None)], &gw).unwrap_err();
+            assert!(e.contains("\"semi\""), "{p}: {e}");
+        }
+        let e = RouteTable::build(&[route("a", "/Orders", None), route("b", "/orders", None)], &gw).unwrap_err();
+        assert!(e.contains("letter case"), "{e}");
+        assert!(
+            RouteTable::build(&[route("a", "/Orders", Some("a.example")), route("b", "/orders", None)], &gw).is_ok(),
+            "on different hosts"
+        );
     }
 
     #[test]

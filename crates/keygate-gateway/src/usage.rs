@@ -12,8 +12,10 @@
 use std::collections::HashMap as StdHashMap;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
@@ -109,9 +111,9 @@ impl Entry {
 }
 
 /// Route and workspace ids, numbered per shard so that an entry holds 4 bytes for each instead
-/// of a pointer pair (looked up only when an entry is made). The list is let go of when a drain
-/// leaves the shard empty; under constant traffic it holds each route and workspace id seen since
-/// then once (ids, not tokens: it grows with the configuration, not with the traffic).
+/// of a pointer pair (looked up only when an entry is made). Every drain numbers again the names
+/// that the entries it leaves still use, so the list holds only the ids of the current minute's
+/// entries (issue 12: it was never pruned under constant traffic).
 #[derive(Default)]
 struct Names {
     list: Vec<Arc<str>>,
@@ -180,7 +182,7 @@ fn keep_latest(
 
 impl UsageMeter {
     pub fn record(&self, s: &Sample<'_>) {
-        let Some(Ok(mut guard)) = self.shards.get(SHARD.with(|i| *i)).map(|s| s.0.lock()) else { return };
+        let Some(mut guard) = self.shards.get(SHARD.with(|i| *i)).map(|s| s.0.lock()) else { return };
         let Counts { table, hasher, names } = &mut *guard;
         let at = s.at.as_millis();
         let minute = i32::try_from(at.div_euclid(60_000)).unwrap_or(i32::MAX);
@@ -230,13 +232,11 @@ impl UsageMeter {
     pub fn peek(&self, public_id: &[u8; PUBLIC_ID_LEN]) -> Vec<UsageRecord> {
         let mut out: Vec<UsageRecord> = Vec::new();
         for shard in &self.shards {
-            let Ok(c) = shard.0.lock() else { continue };
+            let c = shard.0.lock();
             out.extend(c.table.iter().filter(|e| e.public_id == *public_id).map(|e| e.record(&c.names)));
         }
-        if let Ok(r) = self.restored.lock() {
-            let id = TokenId::from_public_id(std::str::from_utf8(public_id).unwrap_or_default());
-            out.extend(r.0.iter().filter(|u| u.token_id == id).cloned());
-        }
+        let id = TokenId::from_public_id(std::str::from_utf8(public_id).unwrap_or_default());
+        out.extend(self.restored.lock().0.iter().filter(|u| u.token_id == id).cloned());
         merge(out)
     }
 
@@ -248,17 +248,14 @@ impl UsageMeter {
     /// Takes the minutes that started before `minute_ms` (finished minutes: each row then
     /// reaches the store once, not once per flush), and `last_used` if `with_last_used`.
     pub fn drain_before(&self, minute_ms: i64, with_last_used: bool) -> (Vec<UsageRecord>, Vec<LastUse>) {
-        let (mut usage, mut last) = self
-            .restored
-            .lock()
-            .map(|mut r| {
-                let last = if with_last_used { std::mem::take(&mut r.1) } else { Vec::new() };
-                (std::mem::take(&mut r.0), last)
-            })
-            .unwrap_or_default();
+        let (mut usage, mut last) = {
+            let mut r = self.restored.lock();
+            let last = if with_last_used { std::mem::take(&mut r.1) } else { Vec::new() };
+            (std::mem::take(&mut r.0), last)
+        };
         let mut latest: HashMap<[u8; PUBLIC_ID_LEN], (Timestamp, IpAddr)> = HashMap::default();
         for shard in &self.shards {
-            let Ok(mut guard) = shard.0.lock() else { continue };
+            let mut guard = shard.0.lock();
             let Counts { table, names, .. } = &mut *guard;
             table.retain(|e| {
                 let finished = e.minute_ms() < minute_ms;
@@ -273,28 +270,30 @@ impl UsageMeter {
                 }
                 !finished
             });
-            if table.is_empty() {
-                // Nothing refers to the numbered names any more: let go of them.
-                *names = Names::default();
+            // Number again the names the entries left (the running minute's) still use, so the
+            // list never holds ids no entry refers to (routes reloaded away, workspaces gone).
+            let old = std::mem::take(names);
+            for e in table.iter_mut() {
+                e.route = old.list.get(e.route as usize).map_or(u32::MAX, |n| names.number(n));
+                e.workspace = old.list.get(e.workspace as usize).map_or(u32::MAX, |n| names.number(n));
             }
         }
         let latest = latest.iter().map(|(id, seen)| last_use(id, *seen));
         if with_last_used {
             last.extend(latest);
             last = merge_last(last);
-        } else if let Ok(mut r) = self.restored.lock() {
+        } else {
             // Last uses that left with their minute wait for the next drain that takes them.
-            r.1.extend(latest);
+            self.restored.lock().1.extend(latest);
         }
         (merge(usage), last)
     }
 
     /// Puts counts back after a failed flush, so nothing is lost.
     pub fn restore(&self, usage: Vec<UsageRecord>, last: Vec<LastUse>) {
-        if let Ok(mut r) = self.restored.lock() {
-            r.0.extend(usage);
-            r.1.extend(last);
-        }
+        let mut r = self.restored.lock();
+        r.0.extend(usage);
+        r.1.extend(last);
     }
 }
 
@@ -474,7 +473,17 @@ mod tests {
         );
         let (usage, _) = m.drain();
         assert!(usage.iter().all(|u| u.workspace_id.as_str() == "ws_1"));
-        let shard = m.shards.iter().find_map(|s| s.0.lock().ok().filter(|c| !c.names.list.is_empty()).map(|_| ()));
-        assert!(shard.is_none(), "an empty shard holds no names");
+        assert!(m.shards.iter().all(|s| s.0.lock().names.list.is_empty()), "an empty shard holds no names");
+        // Under constant traffic (the shard never empties), names of the minutes gone go too.
+        let other: Arc<str> = "gone".into();
+        m.record(&Sample { route_id: &other, route_index: 9, ..f.sample(60_000, "10.0.0.1") });
+        m.record(&f.sample(120_000, "10.0.0.1"));
+        let (usage, _) = m.drain_before(120_000, false);
+        assert_eq!(usage.len(), 1);
+        let names: Vec<Vec<String>> =
+            m.shards.iter().map(|s| s.0.lock().names.list.iter().map(|n| n.to_string()).collect()).collect();
+        assert!(names.iter().flatten().all(|n| n != "gone"), "{names:?}");
+        let left = m.peek(b"abcdefghijkl");
+        assert_eq!((left.len(), left[0].route.as_str(), left[0].workspace_id.as_str()), (1, "orders", "ws_1"));
     }
 }

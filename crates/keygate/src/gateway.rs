@@ -25,30 +25,135 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 
-/// Marks tokens seen in query strings as exposed, on the main runtime.
+/// Marks tokens seen in query strings as exposed, on the main runtime, within bounds (issue 12):
+/// anyone can put a made-up well-formed token in a URL (the checksum is public), so a report
+/// must not cost a store lookup each.
+///
+/// - **Deduplicated:** a token whose report was queued within the last [`EXPOSURE_RECENT`]
+///   distinct reports is not reported again (it is already being marked, or marked).
+/// - **Two bounded queues**, drained one report at a time by one task (at most one store lookup
+///   in flight): tokens that are in the index (they can authenticate; only a holder of real
+///   tokens can send them) and all others (unknown, revoked, expired), which are also limited to
+///   [`EXPOSURE_OTHER_RATE`] per second. The task takes resident tokens first, so made-up tokens
+///   never crowd out the report of a live one.
+/// - A report that finds its queue full, or over the rate, is dropped, and the gateway counts it
+///   in `keygate_gateway_exposure_reports_dropped_total`. The request is refused either way.
 struct AdminReporter {
-    admin: Arc<Admin>,
-    runtime: tokio::runtime::Handle,
+    live: tokio::sync::mpsc::Sender<Exposure>,
+    other: tokio::sync::mpsc::Sender<Exposure>,
+    /// The GCRA state of the rate of other reports, in microseconds.
+    other_rate: std::sync::atomic::AtomicI64,
+    recent: parking_lot::Mutex<Recent>,
+    hash: Arc<Admin>,
+    clock: Arc<dyn Clock>,
+}
+
+/// One report: the token and where it was found.
+struct Exposure {
+    token: TokenSecret,
+    where_: String,
+}
+
+/// Reports kept in each queue, and distinct tokens remembered for deduplication.
+const EXPOSURE_LIVE_QUEUE: usize = 1024;
+const EXPOSURE_OTHER_QUEUE: usize = 64;
+const EXPOSURE_RECENT: usize = 4096;
+/// Reports of tokens that are not in the index, per second (with as many at once).
+const EXPOSURE_OTHER_RATE: u32 = 10;
+
+/// The keyed hashes of the last tokens reported, oldest first.
+#[derive(Default)]
+struct Recent {
+    order: std::collections::VecDeque<[u8; 32]>,
+    set: std::collections::HashSet<[u8; 32]>,
+}
+
+impl Recent {
+    /// Remembers `h`; `false` if it was remembered already.
+    fn insert(&mut self, h: [u8; 32]) -> bool {
+        if !self.set.insert(h) {
+            return false;
+        }
+        self.order.push_back(h);
+        if self.order.len() > EXPOSURE_RECENT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+impl AdminReporter {
+    /// The reporter, and its task on the current runtime.
+    fn start(admin: Arc<Admin>, clock: Arc<dyn Clock>) -> Self {
+        let (live, mut live_rx) = tokio::sync::mpsc::channel::<Exposure>(EXPOSURE_LIVE_QUEUE);
+        let (other, mut other_rx) = tokio::sync::mpsc::channel::<Exposure>(EXPOSURE_OTHER_QUEUE);
+        let worker = admin.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    Some(e) = live_rx.recv() => e,
+                    Some(e) = other_rx.recv() => e,
+                    else => return,
+                };
+                mark_exposed(&worker, next).await;
+            }
+        });
+        Self {
+            live,
+            other,
+            other_rate: std::sync::atomic::AtomicI64::new(0),
+            recent: parking_lot::Mutex::new(Recent::default()),
+            hash: admin,
+            clock,
+        }
+    }
+}
+
+async fn mark_exposed(admin: &Admin, Exposure { token, where_ }: Exposure) {
+    let hash = admin.hash(token.expose());
+    match admin.store().token_by_hash(&hash).await {
+        Ok(Some(t)) => {
+            let actor = Actor { id: "gateway".into(), source: None };
+            if let Err(e) = admin.mark_exposed(&t.workspace_id, &actor, &t, Some(&where_)).await {
+                tracing::warn!(error = %e, token_id = %t.id, "cannot mark a token exposed");
+            } else {
+                tracing::warn!(token_id = %t.id, "a token was sent in a query string and is now marked exposed");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot look up a token seen in a query string"),
+    }
 }
 
 impl ExposureReporter for AdminReporter {
-    fn token_in_query(&self, token: TokenSecret, where_: String) {
-        let admin = self.admin.clone();
-        self.runtime.spawn(async move {
-            let hash = admin.hash(token.expose());
-            match admin.store().token_by_hash(&hash).await {
-                Ok(Some(t)) => {
-                    let actor = Actor { id: "gateway".into(), source: None };
-                    if let Err(e) = admin.mark_exposed(&t.workspace_id, &actor, &t, Some(&where_)).await {
-                        tracing::warn!(error = %e, token_id = %t.id, "cannot mark a token exposed");
-                    } else {
-                        tracing::warn!(token_id = %t.id, "a token was sent in a query string and is now marked exposed");
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot look up a token seen in a query string"),
+    fn token_in_query(&self, token: TokenSecret, where_: String, live: bool) -> bool {
+        let hash = *self.hash.hash(token.expose()).as_bytes();
+        if self.recent.lock().set.contains(&hash) {
+            return true;
+        }
+        let queue = if live {
+            &self.live
+        } else {
+            let limit = keygate_core::policy::RateLimit {
+                requests: EXPOSURE_OTHER_RATE,
+                per_seconds: 1,
+                burst: EXPOSURE_OTHER_RATE,
+            };
+            let now_us = self.clock.now().as_millis().saturating_mul(1000);
+            if !keygate_gateway::limiter::Limiter::check_cell(&self.other_rate, &limit, now_us).allowed {
+                return false;
             }
-        });
+            &self.other
+        };
+        // Remembered only once queued: a dropped report is made again at the next sighting.
+        let queued = queue.try_send(Exposure { token, where_ }).is_ok();
+        if queued {
+            self.recent.lock().insert(hash);
+        }
+        queued
     }
 }
 
@@ -178,8 +283,7 @@ pub async fn build(
     } else {
         None
     };
-    let reporter: Arc<dyn ExposureReporter> =
-        Arc::new(AdminReporter { admin, runtime: tokio::runtime::Handle::current() });
+    let reporter: Arc<dyn ExposureReporter> = Arc::new(AdminReporter::start(admin, clock.clone()));
     let mut issuers = Vec::new();
     let mut local: Option<Arc<dyn LocalService>> = None;
     if let Some(oauth) = &oauth {
@@ -207,7 +311,10 @@ pub async fn build(
         reporter: Some(reporter),
         jwt,
         local,
-        dpop_replay: keygate_core::dpop::ReplayCache::new(100_000),
+        dpop_replay: keygate_core::dpop::ReplayCache::new(keygate_core::dpop::ReplayLimits {
+            max_bytes: cfg.gateway.dpop_replay_max_bytes,
+            max_per_caller: cfg.gateway.dpop_replay_max_per_caller,
+        }),
         dpop_nonces,
         identity: oauth.map(|o| Arc::new(IdentityTokens(o)) as Arc<dyn IdentitySigner>),
         identity_cache: Default::default(),
@@ -312,6 +419,10 @@ async fn flush_finished(gw: &Gateway, store: &dyn Store, last_minute: &mut i64) 
     let new_minute = minute != *last_minute;
     *last_minute = minute;
     write(gw, store, if new_minute { gw.meter.drain_before(minute, true) } else { (Vec::new(), Vec::new()) }).await;
+    if new_minute {
+        // Once a minute: route buckets back at rest and quota counts of ended periods go.
+        gw.limiter.prune(gw.clock.now().as_millis());
+    }
 }
 
 async fn write(

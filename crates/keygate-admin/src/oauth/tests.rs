@@ -579,18 +579,31 @@ async fn one_client_cannot_fill_the_replay_memory_of_another() {
         r.dpop = Some(proof(jti));
         r
     };
-    // A fills what is kept for it, with long jtis...
-    for i in 0..5 {
+    // B's proof is remembered; then A floods far past what is kept for one client, with long
+    // jtis...
+    let b1 = with(&b, &sb, "b-1");
+    assert_eq!(k.oauth.token(&b1).await.unwrap().token_type, "DPoP");
+    for i in 0..50 {
         k.oauth.token(&with(&a, &sa, &format!("{i}{}", "j".repeat(250)))).await.unwrap();
     }
-    let e = k.oauth.token(&with(&a, &sa, "one-too-many")).await.unwrap_err();
-    assert_eq!(e.status, 429, "{e:?}");
-    // ...and B is not affected.
-    assert_eq!(k.oauth.token(&with(&b, &sb, "b-1")).await.unwrap().token_type, "DPoP");
-    // Once A's proofs are too old to be replayed anyway, A is served again.
-    k.clock.advance_seconds(400);
-    let fresh = with(&a, &sa, "later");
-    assert_eq!(k.oauth.token(&fresh).await.unwrap().token_type, "DPoP");
+    // ...which costs A only its own oldest memories: it holds at most its share (digests, not
+    // the jtis as sent), and B's proof is still known as used.
     let held = k.oauth.replay_footprint();
-    assert!(held.entries <= 2 && held.bytes <= 1024, "fixed-size entries, the expired ones gone: {held:?}");
+    assert!(held.entries <= 5 + 1, "A keeps at most its share, B its one: {held:?}");
+    assert!(
+        held.bytes
+            <= 6 * keygate_core::dpop::ReplayCache::ENTRY_BYTES + 2 * keygate_core::dpop::ReplayCache::CALLER_BYTES,
+        "{held:?}"
+    );
+    assert_eq!(k.oauth.token(&b1).await.unwrap_err().error, "invalid_dpop_proof", "B's replay is still caught");
+    // A's latest proofs are still caught too.
+    assert_eq!(
+        k.oauth.token(&with(&a, &sa, &format!("49{}", "j".repeat(250)))).await.unwrap_err().error,
+        "invalid_dpop_proof"
+    );
+    // Once the proofs are too old to be replayed anyway, they are forgotten.
+    k.clock.advance_seconds(400);
+    assert_eq!(k.oauth.token(&with(&a, &sa, "later")).await.unwrap().token_type, "DPoP");
+    let held = k.oauth.replay_footprint();
+    assert!(held.entries <= 2, "the expired ones gone: {held:?}");
 }

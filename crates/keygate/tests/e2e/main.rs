@@ -7,6 +7,7 @@ mod admin_hardening;
 mod dashboard;
 mod edge_conn;
 mod edge_headers;
+mod edge_policy;
 mod edge_upgrade;
 mod fuzz_finds;
 mod gateway;

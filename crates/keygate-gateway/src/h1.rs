@@ -589,7 +589,10 @@ where
         return result.map(|()| Served::Done(false));
     }
     keep &= body_read && !shutdown.is_set();
-    let (result, sent) = relay(wr, out, &mut answered.body, &extra, client_11, &mut keep).await;
+    // Answers that cannot have a body (RFC 9112 §6.3) keep the upstream's fields as they are;
+    // every other answer says where its body ends, an empty one included.
+    let bodiless = head_req || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let (result, sent) = relay(wr, out, &mut answered.body, &extra, client_11, bodiless, &mut keep).await;
     let o = Outcome { status: status.as_u16(), bytes_in, bytes_out: sent, start, now };
     gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
     result.map(|()| Served::Done(keep))
@@ -731,19 +734,23 @@ fn skip_body(framing: &BodyFraming, buf: &mut BytesMut) -> bool {
 
 /// Sends the upstream's answer to the client: the head (already in `out`, status line and
 /// fields) completed with keygate's headers and the framing, then the body as it arrives.
-/// Returns how many body bytes were sent.
+/// `bodiless` is for answers that have no body whatever their fields say (to HEAD, 1xx, 204,
+/// 304): they get no framing of keygate's; every other answer gets one, `content-length: 0`
+/// for an empty body, so that a keep-alive client knows where it ends. Returns how many body
+/// bytes were sent.
 async fn relay<W: AsyncWrite + Unpin>(
     wr: &mut W,
     out: &mut Vec<u8>,
     body: &mut UpstreamResponseBody,
     extra: &AnswerExtra,
     client_11: bool,
+    bodiless: bool,
     keep: &mut bool,
 ) -> (io::Result<()>, u64) {
     extra.write_h1(out);
     let no_body = body.is_empty();
     let mut chunked = false;
-    if !no_body {
+    if !bodiless {
         match body.exact_len() {
             Some(n) => {
                 out.extend_from_slice(b"content-length: ");

@@ -90,7 +90,10 @@ async fn every_refusal_reason_and_rfc6750_answers() {
     assert_eq!((s, b["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_token")));
     assert_eq!(h["www-authenticate"], "Bearer realm=\"keygate\"");
     // Malformed and unknown tokens: 401 invalid_token.
-    for bad in ["kg_nope", "not-a-token", &format!("{}x", &reader[..reader.len() - 1])] {
+    // The reader's token with its last character changed (to one it is not already).
+    let last = if reader.ends_with('x') { 'y' } else { 'x' };
+    let altered = format!("{}{last}", &reader[..reader.len() - 1]);
+    for bad in ["kg_nope", "not-a-token", &altered] {
         let (s, h, b) = get(&kg, "/orders/1", Some(bad)).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert!(h["www-authenticate"].to_str().unwrap().contains("error=\"invalid_token\""), "{bad}");

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod admin_hardening;
+mod answer_framing;
 mod dashboard;
 mod edge_conn;
 mod edge_headers;

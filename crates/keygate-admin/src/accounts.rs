@@ -4,7 +4,7 @@
 //! store through [`Admin`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Argon2, PasswordHash};
@@ -17,6 +17,7 @@ use keygate_core::ids::{AppId, InvitationId, PlanId, PlanRequestId, UserId, Work
 use keygate_core::model::{Actor, NewAuditEvent};
 use keygate_core::secret::SecretHash;
 use keygate_core::{Error, ErrorKind, Result, Timestamp};
+use parking_lot::Mutex;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
@@ -109,7 +110,7 @@ impl Throttle {
 
     /// Takes an attempt under each `(key, limit)`; `false` (nothing taken) if any is used up.
     fn attempt(&self, keys: &[(&str, u32)], window: i64, now: Timestamp) -> bool {
-        let Ok(mut map) = self.failures.lock() else { return false };
+        let mut map = self.failures.lock();
         let live = |e: &(Timestamp, u32)| now.as_millis() - e.0.as_millis() < window;
         if keys.iter().any(|(k, limit)| map.get(*k).is_some_and(|e| live(e) && e.1 >= *limit)) {
             return false;
@@ -133,11 +134,10 @@ impl Throttle {
 
     /// Gives back the attempt taken under each key (it succeeded).
     fn succeeded(&self, keys: &[&str]) {
-        if let Ok(mut map) = self.failures.lock() {
-            for k in keys {
-                if let Some(e) = map.get_mut(*k) {
-                    e.1 = e.1.saturating_sub(1);
-                }
+        let mut map = self.failures.lock();
+        for k in keys {
+            if let Some(e) = map.get_mut(*k) {
+                e.1 = e.1.saturating_sub(1);
             }
         }
     }
@@ -271,15 +271,13 @@ impl Accounts {
         }
         let raw = self.admin.random_text(20)?;
         let code = format!("{}-{}-{}-{}", &raw[..5], &raw[5..10], &raw[10..15], &raw[15..20]);
-        if let Ok(mut slot) = self.setup_code.lock() {
-            *slot = Some(self.hash(&code));
-        }
+        *self.setup_code.lock() = Some(self.hash(&code));
         Ok(Some(code))
     }
 
     /// Whether the setup page is open (no account yet and a code was issued).
     pub fn setup_open(&self) -> bool {
-        self.setup_code.lock().is_ok_and(|s| s.is_some())
+        self.setup_code.lock().is_some()
     }
 
     /// Creates the first owner with the setup code, and signs them in.
@@ -309,7 +307,7 @@ impl Accounts {
         check_password(password)?;
         // The code is taken out of its slot before anything else happens: it works once.
         let taken = {
-            let mut slot = self.setup_code.lock().map_err(|_| Error::internal("setup lock poisoned"))?;
+            let mut slot = self.setup_code.lock();
             let good = slot.as_ref().is_some_and(|h| *h == self.hash(code.trim()));
             if good { slot.take() } else { None }
         };
@@ -343,10 +341,8 @@ impl Accounts {
         let (user, ws) = match result {
             Ok(done) => done,
             Err(e) => {
-                if e.code != "already_set_up"
-                    && let Ok(mut slot) = self.setup_code.lock()
-                {
-                    *slot = taken;
+                if e.code != "already_set_up" {
+                    *self.setup_code.lock() = taken;
                 }
                 return Err(e);
             }

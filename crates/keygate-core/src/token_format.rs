@@ -226,17 +226,17 @@ fn parse_body<'a>(token: &'a str, prefix_len: usize, body: &'a str) -> Result<Pa
 
 /// A deterministic [`Randomness`] for tests and vectors (not for secrets).
 #[derive(Debug)]
-pub struct SeededRandom(std::sync::Mutex<u64>);
+pub struct SeededRandom(parking_lot::Mutex<u64>);
 
 impl SeededRandom {
     pub fn new(seed: u64) -> Self {
-        Self(std::sync::Mutex::new(seed))
+        Self(parking_lot::Mutex::new(seed))
     }
 }
 
 impl Randomness for SeededRandom {
     fn fill(&self, dest: &mut [u8]) -> Result<()> {
-        let mut s = self.0.lock().map_err(|_| Error::internal("seeded random poisoned"))?;
+        let mut s = self.0.lock();
         for b in dest {
             // splitmix64
             *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);

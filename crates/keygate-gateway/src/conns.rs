@@ -12,8 +12,10 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+
+use parking_lot::{Mutex, MutexGuard};
 
 /// Shards of the per-address map (a connection takes one shard's lock twice: open and close).
 const ADDRESS_SHARDS: usize = 16;
@@ -51,10 +53,9 @@ impl AddressCounts {
         self.shards.get(usize::try_from(folded % n.max(1)).unwrap_or(0))
     }
 
-    fn lock(&self, key: u128) -> Option<std::sync::MutexGuard<'_, HashMap<u128, u32>>> {
-        // A poisoned lock still holds valid counts (each is changed in one statement): never
-        // skip a count because another thread panicked.
-        self.shard(key).map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    fn lock(&self, key: u128) -> Option<MutexGuard<'_, HashMap<u128, u32>>> {
+        // parking_lot's locks do not poison: a panic elsewhere never makes a count be skipped.
+        self.shard(key).map(|m| m.lock())
     }
 }
 
@@ -133,9 +134,7 @@ impl ConnStats {
 
     /// Addresses with a connection open (the per-address map's size).
     pub fn addresses(&self) -> usize {
-        self.addresses
-            .as_ref()
-            .map_or(0, |a| a.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum())
+        self.addresses.as_ref().map_or(0, |a| a.shards.iter().map(|s| s.lock().len()).sum())
     }
 
     /// Connections refused so far, for one reason.

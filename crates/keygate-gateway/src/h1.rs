@@ -591,7 +591,8 @@ where
     keep &= body_read && !shutdown.is_set();
     // Answers that cannot have a body (RFC 9112 §6.3) keep the upstream's fields as they are;
     // every other answer says where its body ends, an empty one included.
-    let bodiless = head_req || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let bodiless =
+        head_req || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (result, sent) = relay(wr, out, &mut answered.body, &extra, client_11, bodiless, &mut keep).await;
     let o = Outcome { status: status.as_u16(), bytes_in, bytes_out: sent, start, now };
     gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());

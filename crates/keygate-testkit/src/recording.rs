@@ -4,7 +4,9 @@
 //! connection, shows up here as the upstream's own parser saw it.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -70,12 +72,10 @@ impl RecordingUpstream {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                let conn = match l.lock() {
-                    Ok(mut log) => {
-                        log.raw.push(Vec::new());
-                        log.raw.len() - 1
-                    }
-                    Err(_) => return,
+                let conn = {
+                    let mut log = l.lock();
+                    log.raw.push(Vec::new());
+                    log.raw.len() - 1
                 };
                 tokio::spawn(serve(stream, conn, l.clone()));
             }
@@ -89,21 +89,20 @@ impl RecordingUpstream {
 
     /// The requests parsed so far, in the order they were read.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.log.lock().map(|l| l.requests.clone()).unwrap_or_default()
+        self.log.lock().requests.clone()
     }
 
     /// Every byte received so far, per connection.
     pub fn raw(&self) -> Vec<Vec<u8>> {
-        self.log.lock().map(|l| l.raw.clone()).unwrap_or_default()
+        self.log.lock().raw.clone()
     }
 
     /// Forgets what was recorded (connections stay numbered on).
     pub fn clear(&self) {
-        if let Ok(mut l) = self.log.lock() {
-            l.requests.clear();
-            for r in &mut l.raw {
-                r.clear();
-            }
+        let mut l = self.log.lock();
+        l.requests.clear();
+        for r in &mut l.raw {
+            r.clear();
         }
     }
 }
@@ -125,9 +124,7 @@ async fn serve(mut stream: tokio::net::TcpStream, conn: usize, log: Arc<Mutex<Lo
         match parse_one(&buf) {
             Parsed::Request { used, head, body } => {
                 buf.drain(..used);
-                if let Ok(mut l) = log.lock() {
-                    l.requests.push(Recorded { conn, head, body });
-                }
+                log.lock().requests.push(Recorded { conn, head, body });
                 n += 1;
                 let body = n.to_string();
                 let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
@@ -150,9 +147,7 @@ async fn serve(mut stream: tokio::net::TcpStream, conn: usize, log: Arc<Mutex<Lo
         };
         let bytes = chunk.get(..got).unwrap_or_default();
         buf.extend_from_slice(bytes);
-        if let Ok(mut l) = log.lock()
-            && let Some(r) = l.raw.get_mut(conn)
-        {
+        if let Some(r) = log.lock().raw.get_mut(conn) {
             r.extend_from_slice(bytes);
         }
     }

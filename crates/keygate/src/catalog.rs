@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate_admin::catalog::{ApiCatalog, ApiEntry, TryAnswer};
 use keygate_gateway::handler::{ConnInfo, Gateway};
 use keygate_gateway::routes::normalize_path;
+use parking_lot::Mutex;
 
 /// The largest OpenAPI document or explorer answer read.
 const MAX_DOC_BYTES: usize = 4 * 1024 * 1024;
@@ -42,8 +43,7 @@ impl Catalog {
     }
 
     async fn fetch(&self, url: &str) -> Result<serde_json::Value, String> {
-        if let Ok(cache) = self.fetched.lock()
-            && let Some((at, doc)) = cache.get(url)
+        if let Some((at, doc)) = self.fetched.lock().get(url)
             && at.elapsed() < URL_CACHE
         {
             return Ok(doc.clone());
@@ -51,9 +51,7 @@ impl Catalog {
         // Streamed with a cap: a huge or endless document is cut off, never buffered whole.
         let bytes = crate::fetch::get_bounded(&self.http, url, MAX_DOC_BYTES).await?;
         let doc = parse_doc(&bytes)?;
-        if let Ok(mut cache) = self.fetched.lock() {
-            cache.insert(url.to_owned(), (Instant::now(), doc.clone()));
-        }
+        self.fetched.lock().insert(url.to_owned(), (Instant::now(), doc.clone()));
         Ok(doc)
     }
 }

@@ -11,9 +11,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
 
 use keygate_core::policy::RateLimit;
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 /// A throttle key: the first 16 bytes of a SHA-256 digest.
@@ -91,8 +91,8 @@ impl KeyedRate {
     }
 
     fn decide(&self, key: &Key, now_us: i64, count: bool) -> Result<(), u64> {
-        // A panic elsewhere while holding the lock leaves valid state: keep throttling.
-        let mut g = self.gens.lock().unwrap_or_else(PoisonError::into_inner);
+        // parking_lot's lock does not poison: a panic elsewhere never stops the throttling.
+        let mut g = self.gens.lock();
         let tat = g.current.get(key).or_else(|| g.previous.get(key)).copied().unwrap_or(0);
         let d = self.limit.gcra(tat, now_us);
         // Counted requests keep their key in the current generation (a refused one too, so that
@@ -107,7 +107,7 @@ impl KeyedRate {
     }
 
     pub(crate) fn footprint(&self) -> Footprint {
-        let g = self.gens.lock().unwrap_or_else(PoisonError::into_inner);
+        let g = self.gens.lock();
         let entries = g.current.len() + g.previous.len();
         Footprint { entries, bytes: entries * std::mem::size_of::<(Key, i64)>() }
     }

@@ -2,7 +2,9 @@
 //! and framing, DPoP behind a TLS-terminating proxy): raw HTTP/1.1 sockets and an HTTP/2 client
 //! in front, an upstream that records every byte it receives behind.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use keygate_core::jose::{Alg, SigningKey};
@@ -175,7 +177,7 @@ struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        self.0.lock().extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -237,7 +239,7 @@ async fn identity_claims_with_control_characters_never_reach_a_head_or_the_log()
     let last = up.requests().pop().unwrap();
     assert!(last.head.windows("Jürgen".len()).any(|w| w == "Jürgen".as_bytes()));
     kg.stop().await;
-    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    let text = String::from_utf8_lossy(&log.0.lock()).into_owned();
     assert!(text.contains("keygate::access"), "the access log was written: {text}");
     for line in text.lines() {
         assert!(

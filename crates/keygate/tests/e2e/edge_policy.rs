@@ -5,7 +5,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use keygate_testkit::{Options, TestKeygate, route};
@@ -37,7 +39,7 @@ impl Recorder {
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                             buf.drain(..end + 4);
-                            seen.lock().unwrap().push(head.lines().next().unwrap_or_default().to_owned());
+                            seen.lock().push(head.lines().next().unwrap_or_default().to_owned());
                             if sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.is_err() {
                                 return;
                             }
@@ -58,7 +60,7 @@ impl Recorder {
     }
 
     fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.lines.lock().unwrap())
+        std::mem::take(&mut *self.lines.lock())
     }
 }
 

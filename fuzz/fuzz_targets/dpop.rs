@@ -12,6 +12,8 @@
 //! the replay window it returns must cover "now".
 #![no_main]
 
+mod common;
+
 use std::sync::LazyLock;
 
 use keygate_core::dpop::{DPOP_TYP, MAX_JTI_LEN, ProofCheck, ath, normalize_htu, verify_proof};
@@ -119,24 +121,7 @@ fn sign_and_mutate(flags: u8, rest: &[u8]) {
     }
     let Ok(proof) = KEY.sign_payload(&Value::Object(header), claims) else { return };
     check_proof(&proof, flags);
-    let mut t = proof.as_bytes().to_vec();
-    for e in edits.chunks_exact(4) {
-        let at = usize::from(u16::from_be_bytes([e[1], e[2]]));
-        match e[0] % 3 {
-            0 if !t.is_empty() => {
-                let i = at % t.len();
-                t[i] = e[3];
-            }
-            1 => t.insert(at % (t.len() + 1), e[3]),
-            2 if !t.is_empty() => {
-                t.remove(at % t.len());
-            }
-            _ => {}
-        }
-    }
-    if let Ok(m) = String::from_utf8(t)
-        && m != proof
-    {
+    if let Some(m) = common::mutate(&proof, edits) {
         check_proof(&m, flags);
         for check in &CHECKS[0] {
             let mutated = verify_proof(&m, check);

@@ -13,8 +13,11 @@
 //!   a mutation must carry the very same signing input.
 #![no_main]
 
+mod common;
+
 use std::sync::LazyLock;
 
+use common::mutate;
 use keygate_core::jose::{
     Alg, Claims, PublicJwk, SigningKey, b64url_decode, jwk_thumbprint_json, split, verify, verify_access_token,
 };
@@ -72,26 +75,6 @@ fn check_jwk(json: &str) {
         assert_eq!(again.thumbprint(), jwk.thumbprint());
         assert_eq!(jwk_thumbprint_json(json).ok(), Some(jwk.thumbprint()));
     }
-}
-
-/// Applies edits of 4 bytes each (kind, position high, position low, byte) to `token`.
-fn mutate(token: &str, edits: &[u8]) -> Option<String> {
-    let mut t = token.as_bytes().to_vec();
-    for e in edits.chunks_exact(4) {
-        let at = usize::from(u16::from_be_bytes([e[1], e[2]]));
-        match e[0] % 3 {
-            0 if !t.is_empty() => {
-                let i = at % t.len();
-                t[i] = e[3];
-            }
-            1 => t.insert(at % (t.len() + 1), e[3]),
-            2 if !t.is_empty() => {
-                t.remove(at % t.len());
-            }
-            _ => {}
-        }
-    }
-    String::from_utf8(t).ok().filter(|m| m != token)
 }
 
 fn sign_and_mutate(rest: &[u8]) {

@@ -499,7 +499,16 @@ mod tests {
     use super::*;
     use keygate_core::ids::{AppId, WorkspaceId};
     use keygate_core::secret::OsRandom;
-    use keygate_core::token_format::mint;
+    use keygate_core::token_format::{MintedToken, mint};
+
+    /// An index (under a pepper of `seed` bytes) and a minted token with its record, not yet in it.
+    fn one_token(seed: u8) -> (TokenIndex, MintedToken, TokenRecord) {
+        let pepper = Pepper::new(&[seed; 32]).unwrap();
+        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
+        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+        let r = record(&pepper, m.secret.expose(), &m.public_id);
+        (index, m, r)
+    }
 
     pub(crate) fn record(pepper: &Pepper, secret: &str, public_id: &str) -> TokenRecord {
         let t0 = Timestamp::from_millis(0);
@@ -534,10 +543,7 @@ mod tests {
 
     #[test]
     fn verifies_and_refuses_for_each_reason() {
-        let pepper = Pepper::new(&[1; 32]).unwrap();
-        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
-        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
-        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let (index, m, mut r) = one_token(1);
         let now = Timestamp::from_millis(1000);
         assert_eq!(index.verify(m.secret.expose(), now).unwrap_err(), Refusal::Unknown);
         index.upsert(&r);
@@ -570,10 +576,7 @@ mod tests {
     fn a_change_is_never_dropped_after_a_panic_under_a_lock() {
         // A thread that panics while it holds the index's locks must not make later changes
         // skip: a suspension or a revocation must take effect whatever happened before.
-        let pepper = Pepper::new(&[3; 32]).unwrap();
-        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
-        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
-        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let (index, m, mut r) = one_token(3);
         index.upsert(&r);
         let now = Timestamp::from_millis(1000);
         assert!(index.verify(m.secret.expose(), now).is_ok());
@@ -602,10 +605,7 @@ mod tests {
 
     #[test]
     fn interned_values_no_token_uses_are_let_go() {
-        let pepper = Pepper::new(&[4; 32]).unwrap();
-        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
-        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
-        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let (index, _, mut r) = one_token(4);
         let now = Timestamp::from_millis(1000);
         for s in ["a:1", "a:2", "a:3"] {
             r.scopes = vec![Scope::parse(s).unwrap()];
@@ -633,10 +633,7 @@ mod tests {
 
     #[test]
     fn rate_state_survives_a_change_to_the_token() {
-        let pepper = Pepper::new(&[7; 32]).unwrap();
-        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
-        let minted = mint(&TokenPrefix::default(), &OsRandom).unwrap();
-        let mut rec = record(&pepper, minted.secret.expose(), &minted.public_id);
+        let (index, minted, mut rec) = one_token(7);
         index.upsert(&rec);
         let now = Timestamp::from_millis(1_000);
         index.verify(minted.secret.expose(), now).unwrap().rate_state().store(42, Ordering::Release);
@@ -649,10 +646,7 @@ mod tests {
 
     #[test]
     fn a_held_entry_is_rechecked_after_every_change_and_the_holders_are_told() {
-        let pepper = Pepper::new(&[3; 32]).unwrap();
-        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
-        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
-        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let (index, m, mut r) = one_token(3);
         index.upsert(&r);
         let now = Timestamp::from_millis(1000);
         let held = index.verify(m.secret.expose(), now).unwrap();
@@ -685,10 +679,7 @@ mod tests {
 
     #[test]
     fn ip_allowlist_is_checked() {
-        let pepper = Pepper::new(&[1; 32]).unwrap();
-        let index = TokenIndex::new(TokenPrefix::default(), pepper.clone());
-        let m = mint(&TokenPrefix::default(), &OsRandom).unwrap();
-        let mut r = record(&pepper, m.secret.expose(), &m.public_id);
+        let (index, m, mut r) = one_token(1);
         r.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap()];
         index.upsert(&r);
         let t = index.verify(m.secret.expose(), Timestamp::from_millis(0)).unwrap();

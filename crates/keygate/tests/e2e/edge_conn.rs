@@ -392,6 +392,27 @@ async fn http2_limits_are_announced_and_a_flood_of_bad_streams_ends_the_connecti
     kg.stop().await;
 }
 
+/// `n` connections, each of which has been served a request (so the gateway holds them open).
+fn served_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = connect(addr);
+            s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+            assert!(read_answer(&mut s).starts_with("HTTP/1.1 200"));
+            s
+        })
+        .collect()
+}
+
+/// A new connection gets 503 `too_many_connections` without sending anything, then is closed.
+fn refused_at_accept(addr: SocketAddr) {
+    let mut s = connect(addr);
+    let (answer, closed) = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("\"too_many_connections\""), "{answer}");
+    assert!(closed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_a_workers_cap_are_refused_and_counted() {
     let up = MockUpstream::start().await.unwrap();
@@ -400,20 +421,9 @@ async fn connections_beyond_a_workers_cap_are_refused_and_counted() {
     let addr = kg.gateway_addr;
     let (first, _second) = tokio::task::spawn_blocking(move || {
         // Two connections, each served (so the worker holds both).
-        let open: Vec<TcpStream> = (0..2)
-            .map(|_| {
-                let mut s = connect(addr);
-                s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-                assert!(read_answer(&mut s).starts_with("HTTP/1.1 200"));
-                s
-            })
-            .collect();
+        let open = served_connections(addr, 2);
         // The third is refused at once, before it sends anything.
-        let mut third = connect(addr);
-        let (answer, closed) = read_to_close(&mut third);
-        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
-        assert!(answer.contains("\"too_many_connections\""), "{answer}");
-        assert!(closed);
+        refused_at_accept(addr);
         let mut it = open.into_iter();
         (it.next().unwrap(), it.next().unwrap())
     })
@@ -451,17 +461,8 @@ async fn connections_beyond_an_addresss_cap_are_refused_and_other_addresses_are_
     other.set_nonblocking(false).unwrap();
     other.set_read_timeout(Some(READ_LIMIT)).unwrap();
     tokio::task::spawn_blocking(move || {
-        let _open: Vec<TcpStream> = (0..2)
-            .map(|_| {
-                let mut s = connect(addr);
-                s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-                assert!(read_answer(&mut s).starts_with("HTTP/1.1 200"));
-                s
-            })
-            .collect();
-        let mut third = connect(addr);
-        let (answer, _) = read_to_close(&mut third);
-        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"), "{answer:?}");
+        let _open = served_connections(addr, 2);
+        refused_at_accept(addr);
         let mut other = other;
         other.write_all(b"GET /status/200 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
         assert!(read_answer(&mut other).starts_with("HTTP/1.1 200"), "another address is not capped");

@@ -5,6 +5,7 @@
 
 mod admin_hardening;
 mod answer_framing;
+mod cli;
 mod dashboard;
 mod edge_conn;
 mod edge_headers;
@@ -502,7 +503,7 @@ async fn cli_root_keys_tokens_scan_and_config() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("token_not_found"), "{stderr}");
     let no_key = keygate(&["token", "--url", &url, "list"]).output().unwrap();
-    assert_eq!(no_key.status.code(), Some(1));
+    assert_eq!(no_key.status.code(), Some(2), "a missing key is a usage error");
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("KEYGATE_ADMIN_KEY"));
 
     // scan: finds the token by checksum, never prints it, and --online marks it exposed.

@@ -411,6 +411,37 @@ pub enum PlanCommand {
     },
     /// List plans, sorted by name.
     List,
+    /// Change a plan. Options not given stay as they are; its apps' tokens keep their scopes and
+    /// limits (the limits are the defaults of tokens created from now on).
+    Update {
+        /// The plan (plan_…).
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Remove the description.
+        #[arg(long, conflicts_with = "description")]
+        no_description: bool,
+        /// A scope the plan allows (repeatable); the scopes given replace the old list.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Allow no scope at all.
+        #[arg(long, conflicts_with = "scopes")]
+        clear_scopes: bool,
+        /// Default rate limit, as REQUESTS/SECONDS[+BURST].
+        #[arg(long)]
+        rate_limit: Option<String>,
+        /// Remove the default rate limit.
+        #[arg(long, conflicts_with = "rate_limit")]
+        no_rate_limit: bool,
+        /// Default quota, as REQUESTS/PERIOD (day, month or total).
+        #[arg(long)]
+        quota: Option<String>,
+        /// Remove the default quota.
+        #[arg(long, conflicts_with = "quota")]
+        no_quota: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

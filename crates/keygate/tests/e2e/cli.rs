@@ -94,6 +94,14 @@ async fn cli_manages_plans_scopes_apps_and_oauth_clients() {
     let table = cli.table(&["plan", "list"]);
     assert!(table.contains("starter") && table.contains("10/1+0") && table.contains("1000/month"), "{table}");
     cli.refused(&["plan", "create", "--name", "starter"], "plan_exists");
+    let changed = cli.json(&["plan", "update", &plan_id, "--scope", "orders:*", "--no-rate-limit", "--no-description"]);
+    assert_eq!(changed["scopes"], json!(["orders:*"]));
+    assert_eq!((&changed["rate_limit"], &changed["description"]), (&Value::Null, &Value::Null));
+    assert_eq!(changed["quota"], plan["quota"], "options not given stay as they are");
+    let changed = cli.json(&["plan", "update", &plan_id, "--rate-limit", "5/1+1", "--name", "basic"]);
+    assert_eq!((changed["name"].as_str(), changed["rate_limit"]["burst"].as_u64()), (Some("basic"), Some(1)));
+    assert_eq!(cli.run(&["plan", "update", &plan_id]).code, Some(2), "nothing to update");
+    cli.refused(&["plan", "update", "plan_0000000000000000", "--name", "x"], "plan_not_found");
 
     // The scope catalog: put, list, delete.
     let put = cli.json(&["scope", "put", "orders:read", "--description", "Read orders", "--api", "orders"]);

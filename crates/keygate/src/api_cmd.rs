@@ -42,7 +42,7 @@ impl Shown {
         Self { answer, layout: Layout::Rows { columns, secret: Some(secret) } }
     }
 
-    /// Prints to stdout. JSON is the API's answer, unchanged; an answer without a body prints
+    /// Prints to stdout. JSON is the API's answer (its fields and values); an answer without a body prints
     /// nothing in JSON (the exit code 0 is the answer).
     pub fn print(&self, output: Output) -> anyhow::Result<()> {
         match output {

@@ -140,7 +140,7 @@ pub struct ApiArgs {
     /// The admin API's base URL.
     #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8081", global = true)]
     pub url: String,
-    /// `table` for people; `json` for scripts: the API's own JSON, unchanged.
+    /// `table` for people; `json` for scripts: the API's own JSON (its fields and values).
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
 }

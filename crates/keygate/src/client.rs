@@ -94,7 +94,11 @@ impl AdminClient {
         }
         let resp = req.send().await.map_err(|e| {
             if e.is_builder() {
-                anyhow::Error::from(UsageError(format!("--url {:?} is not a usable URL: {e}", self.base)))
+                anyhow::Error::from(UsageError(format!(
+                    "--url {:?} is not a usable URL: {}",
+                    self.base,
+                    error_chain(&e)
+                )))
             } else {
                 TransportError(format!("cannot reach keygate at {}: {}", self.base, error_chain(&e))).into()
             }

@@ -282,6 +282,7 @@ async fn cli_exit_codes_and_completions() {
         &["app", "show", "../tokens"],
         &["plan", "create", "--name", "x", "--rate-limit", "fast"],
         &["completions", "tcsh"],
+        &["app", "list", "--url", "notaurl"],
     ] {
         let r = cli.run(args);
         assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);

@@ -304,6 +304,14 @@ async fn cli_exit_codes_and_completions() {
         assert!(r.stderr.starts_with(&format!("error: cannot reach keygate at {closed}")), "{}", r.stderr);
     }
 
+    // 3 too: a server that closes the connection without answering.
+    let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closing_url = format!("http://{}", closing.local_addr().unwrap());
+    let closer = std::thread::spawn(move || closing.incoming().take(1).for_each(drop));
+    let r = cli.run(&["scope", "list", "--url", &closing_url]);
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    closer.join().unwrap();
+
     // Completions: a script on stdout for every shell clap_complete knows.
     let bash = cli.table(&["completions", "bash"]);
     assert!(bash.contains("_keygate()") && bash.contains("oauth-client") && bash.contains("rotate-secret"), "{bash}");

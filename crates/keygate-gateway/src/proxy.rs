@@ -1,7 +1,7 @@
 //! Upstream connections: keygate's own HTTP/1.1 client for the upstream leg. Each worker thread
 //! keeps a pool of idle connections per upstream (each worker runs its own single-threaded
-//! runtime, so the pool needs no lock). A request is written as one buffer straight from the
-//! headers the handler prepared and the answer's head is parsed in place, so forwarding costs one
+//! runtime, so the pool needs no lock). A request head is sent as the one buffer the forward phase
+//! wrote ([`crate::phase::forward`]) and the answer's head is parsed in place, so forwarding costs one
 //! write and usually one read, with no connection task and no channel between the request and
 //! its connection. The answer's body streams to the client; the connection goes back to the pool
 //! the moment that body has been read to its end.
@@ -62,17 +62,11 @@ pub enum UpstreamError {
     Failed(String),
 }
 
-/// The largest request-head buffer a pooled connection keeps for the next request.
-const KEPT_HEAD_CAPACITY: usize = 16 * 1024;
-
 /// One connection to an upstream, with the bytes read from it and not yet used.
 pub struct Conn {
     authority: Arc<str>,
     stream: TcpStream,
     buf: BytesMut,
-    /// The buffer request heads are written into: kept with the connection, so a pooled
-    /// connection brings one that is already large enough.
-    head: Vec<u8>,
     /// The answer time limit of the request in flight on this connection.
     timer: Deadline,
 }
@@ -127,13 +121,7 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, Upstre
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    Ok(Conn {
-        authority: authority.clone(),
-        stream,
-        buf: BytesMut::with_capacity(READ_CHUNK),
-        head: Vec::new(),
-        timer: Deadline::new(),
-    })
+    Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK), timer: Deadline::new() })
 }
 
 /// How a request's body is framed upstream.
@@ -145,7 +133,8 @@ pub enum RequestFraming {
     Chunked,
 }
 
-fn request_framing<B: BodySource>(method: &Method, body: Option<&B>) -> RequestFraming {
+/// How `body`, of a request with `method`, is framed upstream.
+pub fn request_framing<B: BodySource>(method: &Method, body: Option<&B>) -> RequestFraming {
     let Some(body) = body.filter(|b| !b.is_end_stream()) else {
         // An empty POST, PUT or PATCH says so, for upstreams that insist on a length.
         return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
@@ -453,7 +442,7 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                 let ext_ok = rest.is_empty() || {
                     let t =
                         rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&rest[rest.len()..], |i| &rest[i..]);
-                    t.first() == Some(&b';') && crate::answer::is_field_value(t)
+                    t.first() == Some(&b';') && crate::head::is_field_value(t)
                 };
                 if !ext_ok {
                     return Err(bad("bad chunk size"));
@@ -521,7 +510,7 @@ fn is_field_line(line: &[u8]) -> bool {
     let Some(colon) = line.iter().position(|b| *b == b':') else { return false };
     let (name, value) = line.split_at(colon);
     let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    !name.is_empty() && name.iter().all(tchar) && crate::answer::is_field_value(value.get(1..).unwrap_or_default())
+    !name.is_empty() && name.iter().all(tchar) && crate::head::is_field_value(value.get(1..).unwrap_or_default())
 }
 
 /// The body of an upstream's answer, read straight from its connection. When it ends, the
@@ -709,21 +698,31 @@ pub struct Answered {
     pub body: UpstreamResponseBody,
 }
 
+/// A request for [`send`]: its head, written whole by the caller for the body's framing
+/// ([`request_framing`]), and its time limits.
+pub struct UpstreamRequest<'a> {
+    pub method: &'a Method,
+    /// The request head, `\r\n\r\n` included.
+    pub head: &'a [u8],
+    pub framing: RequestFraming,
+    pub connect_timeout: Duration,
+    /// When the answer's head must have come.
+    pub deadline: tokio::time::Instant,
+}
+
 /// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head
-/// into `sink`. `write_head` writes the request head for the body's framing. `body` is taken
-/// when it is sent; a request whose body was not consumed can be sent again: a pooled
-/// connection found dead before the answer began is replaced by a fresh one once. Connection
-/// failures count against the upstream's passive health; a failure after the request was sent is
-/// left to the caller, which knows whether the client's body caused it.
+/// into `sink`. The head is sent as it is: what passes upstream is decided before, by the
+/// request path. `body` is taken when it is sent; a request whose body was not consumed can be
+/// sent again: a pooled connection found dead before the answer began is replaced by a fresh
+/// one once. Connection failures count against the upstream's passive health; a failure after
+/// the request was sent is left to the caller, which knows whether the client's body caused it.
 pub async fn send<B: BodySource, S: HeadSink>(
     upstream: &Upstream,
-    method: &Method,
-    write_head: &(dyn Fn(RequestFraming, &mut Vec<u8>) + Sync),
+    req: &UpstreamRequest<'_>,
     body: &mut Option<B>,
     sink: &mut S,
-    connect_timeout: Duration,
-    deadline: tokio::time::Instant,
 ) -> Result<Answered, SendError> {
+    let UpstreamRequest { method, head, framing, connect_timeout, deadline } = *req;
     let authority = &upstream.authority;
     let (mut conn, mut pooled) = match checkout(authority) {
         Some(c) => (c, true),
@@ -735,15 +734,11 @@ pub async fn send<B: BodySource, S: HeadSink>(
             }
         },
     };
-    let framing = request_framing(method, body.as_ref());
-    let mut head = std::mem::take(&mut conn.head);
-    head.clear();
-    write_head(framing, &mut head);
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
     }
     let result = loop {
-        let attempt = exchange(&mut conn.stream, &mut conn.buf, &head, body, framing, method, sink);
+        let attempt = exchange(&mut conn.stream, &mut conn.buf, head, body, framing, method, sink);
         match conn.timer.run(deadline, attempt).await {
             None => break Err(SendError::Upstream(UpstreamError::Timeout)),
             Some(Ok(Some(h))) => break Ok(h),
@@ -767,11 +762,6 @@ pub async fn send<B: BodySource, S: HeadSink>(
             Some(Err(e)) => break Err(e),
         }
     };
-    // Back with the connection that is kept (a retry may have replaced the first), unless an
-    // unusually large head made it big: idle pooled connections should not hold much memory.
-    if head.capacity() <= KEPT_HEAD_CAPACITY {
-        conn.head = head;
-    }
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

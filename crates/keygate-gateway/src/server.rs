@@ -27,11 +27,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::answer::AnswerExtra;
-use crate::body::{BoxError, GatewayBody};
+use crate::answer::{AnswerExtra, GatewayBody, Refuse};
+use crate::body::BoxError;
 use crate::conns::{ConnSlot, ConnStats, Refused};
-use crate::h1::{self, Timeouts};
-use crate::handler::{ConnInfo, Gateway, Refuse};
+use crate::ctx::ConnInfo;
+use crate::gateway::Gateway;
+use crate::h1;
 use crate::timer::Shutdown;
 
 /// Where TLS settings come from; swapped when the certificate files change.
@@ -47,35 +48,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// The HTTP/2 settings of client connections.
-#[derive(Debug, Clone, Copy)]
-pub struct Http2Settings {
-    /// A connection with no open stream for this long is closed.
-    pub idle: Duration,
-    /// How often a PING checks the client is there; `None` sends none.
-    pub keep_alive_interval: Option<Duration>,
-    /// How long a PING may go unanswered.
-    pub keep_alive_timeout: Duration,
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`.
-    pub max_concurrent_streams: u32,
-}
-
-/// Everything about client connections: time limits, HTTP/2 and the connection caps.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnSettings {
-    pub timeouts: Timeouts,
-    pub http2: Http2Settings,
-    /// Connections one worker serves at once.
-    pub max_per_worker: usize,
-    /// Connections one address (IPv6: /64) holds at once over all workers; 0: no cap.
-    pub max_per_address: usize,
-}
-
-impl Default for ConnSettings {
-    fn default() -> Self {
-        crate::config::GatewayConfig::default().conn_settings()
-    }
-}
+pub use crate::config::{ConnSettings, Http2Settings};
 
 /// A running gateway listener.
 pub struct GatewayServer {

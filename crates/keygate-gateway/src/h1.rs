@@ -67,12 +67,12 @@ struct H1Conn<'c, R, W> {
     timeouts: Timeouts,
 }
 
-/// Serves one client connection until it closes. `rbuf` holds bytes already read from it.
+/// Serves one client connection, read from `rd` and written to `wr`, until it closes. `rbuf`
+/// holds bytes already read from it.
 pub(crate) async fn serve<R, W>(
     gw: Arc<Gateway>,
     info: ConnInfo,
-    rd: R,
-    wr: W,
+    (rd, wr): (R, W),
     mut rbuf: BytesMut,
     shutdown: Arc<Shutdown>,
     timeouts: Timeouts,

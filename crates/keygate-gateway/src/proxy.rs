@@ -722,7 +722,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
     body: &mut Option<B>,
     sink: &mut S,
 ) -> Result<Answered, SendError> {
-    let UpstreamRequest { method, head, framing, connect_timeout, deadline } = *req;
+    let UpstreamRequest { method, connect_timeout, deadline, .. } = *req;
     let authority = &upstream.authority;
     let (mut conn, mut pooled) = match checkout(authority) {
         Some(c) => (c, true),
@@ -738,7 +738,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
     }
     let result = loop {
-        let attempt = exchange(&mut conn.stream, &mut conn.buf, head, body, framing, method, sink);
+        let attempt = exchange(&mut conn.stream, &mut conn.buf, req, body, sink);
         match conn.timer.run(deadline, attempt).await {
             None => break Err(SendError::Upstream(UpstreamError::Timeout)),
             Some(Ok(Some(h))) => break Ok(h),
@@ -785,12 +785,11 @@ pub async fn send<B: BodySource, S: HeadSink>(
 async fn exchange<B: BodySource, S: HeadSink>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    head: &[u8],
+    req: &UpstreamRequest<'_>,
     body: &mut Option<B>,
-    framing: RequestFraming,
-    method: &Method,
     sink: &mut S,
 ) -> Result<Option<(Head, bool)>, SendError> {
+    let UpstreamRequest { method, head, framing, .. } = *req;
     if let Err(e) = stream.write_all(head).await {
         // Nothing of the answer came; a dead idle connection shows up here or in the read.
         tracing::debug!(error = %e, "writing to the upstream failed");
@@ -853,15 +852,14 @@ pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
         format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.authority);
     let mut body: Option<crate::body::UpstreamBody> = None;
     let mut sink = MapSink::default();
-    let answer = exchange(
-        &mut conn.stream,
-        &mut conn.buf,
-        head.as_bytes(),
-        &mut body,
-        RequestFraming::None,
-        &Method::GET,
-        &mut sink,
-    );
+    let req = UpstreamRequest {
+        method: &Method::GET,
+        head: head.as_bytes(),
+        framing: RequestFraming::None,
+        connect_timeout: timeout,
+        deadline: tokio::time::Instant::now() + timeout,
+    };
+    let answer = exchange(&mut conn.stream, &mut conn.buf, &req, &mut body, &mut sink);
     matches!(
         tokio::time::timeout(timeout, answer).await,
         Ok(Ok(Some((h, _)))) if h.status.is_success() || h.status.is_redirection()

@@ -270,7 +270,7 @@ impl Worker {
             self.h2(io, info, &ticket.stop).await;
         } else {
             let (rd, wr) = stream.split();
-            h1::serve(self.gw.clone(), info, rd, wr, rbuf, ticket.stop.clone(), self.settings.timeouts).await;
+            h1::serve(self.gw.clone(), info, (rd, wr), rbuf, ticket.stop.clone(), self.settings.timeouts).await;
         }
     }
 
@@ -284,7 +284,7 @@ impl Worker {
             self.h2(tls, info, &ticket.stop).await;
         } else {
             let (rd, wr) = tokio::io::split(tls);
-            h1::serve(self.gw.clone(), info, rd, wr, BytesMut::new(), ticket.stop.clone(), self.settings.timeouts)
+            h1::serve(self.gw.clone(), info, (rd, wr), BytesMut::new(), ticket.stop.clone(), self.settings.timeouts)
                 .await;
         }
     }

@@ -62,11 +62,20 @@ pub enum UpstreamError {
     Failed(String),
 }
 
+/// The largest request-head buffer a pooled connection keeps for the next request.
+const KEPT_HEAD_CAPACITY: usize = 16 * 1024;
+
 /// One connection to an upstream, with the bytes read from it and not yet used.
 pub struct Conn {
     authority: Arc<str>,
     stream: TcpStream,
     buf: BytesMut,
+    /// The buffer request heads are written into: kept with the connection, so a pooled
+    /// connection brings one that is already large enough (a buffer of the worker thread's would
+    /// be taken by one request while the next ones on the thread find none).
+    head: Vec<u8>,
+    /// It came from the pool (it may have been closed by the upstream while idle).
+    pooled: bool,
     /// The answer time limit of the request in flight on this connection.
     timer: Deadline,
 }
@@ -106,8 +115,9 @@ fn checkout(authority: &Arc<str>) -> Option<Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
         let idle = pool.get_mut(authority)?;
-        while let Some(c) = idle.pop() {
+        while let Some(mut c) = idle.pop() {
             if c.is_reusable() {
+                c.pooled = true;
                 return Some(c);
             }
         }
@@ -121,7 +131,14 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, Upstre
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    Ok(Conn { authority: authority.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK), timer: Deadline::new() })
+    Ok(Conn {
+        authority: authority.clone(),
+        stream,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        head: Vec::new(),
+        pooled: false,
+        timer: Deadline::new(),
+    })
 }
 
 /// How a request's body is framed upstream.
@@ -698,47 +715,58 @@ pub struct Answered {
     pub body: UpstreamResponseBody,
 }
 
-/// A request for [`send`]: its head, written whole by the caller for the body's framing
-/// ([`request_framing`]), and its time limits.
+/// A request for [`send`], whose head the caller wrote whole into the connection
+/// ([`Conn::head_buf`]) for the body's framing ([`request_framing`]), and its time limits.
+#[derive(Clone, Copy)]
 pub struct UpstreamRequest<'a> {
     pub method: &'a Method,
-    /// The request head, `\r\n\r\n` included.
-    pub head: &'a [u8],
     pub framing: RequestFraming,
     pub connect_timeout: Duration,
     /// When the answer's head must have come.
     pub deadline: tokio::time::Instant,
 }
 
-/// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head
-/// into `sink`. The head is sent as it is: what passes upstream is decided before, by the
-/// request path. `body` is taken when it is sent; a request whose body was not consumed can be
-/// sent again: a pooled connection found dead before the answer began is replaced by a fresh
-/// one once. Connection failures count against the upstream's passive health; a failure after
-/// the request was sent is left to the caller, which knows whether the client's body caused it.
+/// A connection to `upstream` for one request: an idle pooled one, else a new one. A failure
+/// to connect counts against the upstream's passive health.
+pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Conn, UpstreamError> {
+    if let Some(c) = checkout(&upstream.authority) {
+        return Ok(c);
+    }
+    connect(&upstream.authority, connect_timeout).await.inspect_err(|_| note_failure(upstream))
+}
+
+impl Conn {
+    /// The connection's buffer for the next request head, empty: the caller writes the head
+    /// whole, `\r\n\r\n` included, and [`send`] sends it as it is.
+    pub fn head_buf(&mut self) -> &mut Vec<u8> {
+        self.head.clear();
+        &mut self.head
+    }
+}
+
+/// Sends a request over `conn` (from [`open`], its head written into [`Conn::head_buf`]) and
+/// reads the answer's head into `sink`. What passes upstream was decided before, by the request
+/// path; this only carries bytes. `body` is taken when it is sent; a request whose body was not
+/// consumed can be sent again: a pooled connection found dead before the answer began is
+/// replaced by a fresh one once. Connection failures count against the upstream's passive
+/// health; a failure after the request was sent is left to the caller, which knows whether the
+/// client's body caused it.
 pub async fn send<B: BodySource, S: HeadSink>(
     upstream: &Upstream,
+    mut conn: Conn,
     req: &UpstreamRequest<'_>,
     body: &mut Option<B>,
     sink: &mut S,
 ) -> Result<Answered, SendError> {
     let UpstreamRequest { method, connect_timeout, deadline, .. } = *req;
     let authority = &upstream.authority;
-    let (mut conn, mut pooled) = match checkout(authority) {
-        Some(c) => (c, true),
-        None => match connect(authority, connect_timeout).await {
-            Ok(c) => (c, false),
-            Err(e) => {
-                note_failure(upstream);
-                return Err(SendError::Upstream(e));
-            }
-        },
-    };
+    let mut pooled = conn.pooled;
+    let head = std::mem::take(&mut conn.head);
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
     }
     let result = loop {
-        let attempt = exchange(&mut conn.stream, &mut conn.buf, req, body, sink);
+        let attempt = exchange(&mut conn.stream, &mut conn.buf, (req, &head), body, sink);
         match conn.timer.run(deadline, attempt).await {
             None => break Err(SendError::Upstream(UpstreamError::Timeout)),
             Some(Ok(Some(h))) => break Ok(h),
@@ -762,6 +790,11 @@ pub async fn send<B: BodySource, S: HeadSink>(
             Some(Err(e)) => break Err(e),
         }
     };
+    // Back with the connection that is kept (a retry may have replaced the first), unless an
+    // unusually large head made it big: idle pooled connections should not hold much memory.
+    if head.capacity() <= KEPT_HEAD_CAPACITY {
+        conn.head = head;
+    }
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -785,11 +818,11 @@ pub async fn send<B: BodySource, S: HeadSink>(
 async fn exchange<B: BodySource, S: HeadSink>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    req: &UpstreamRequest<'_>,
+    (req, head): (&UpstreamRequest<'_>, &[u8]),
     body: &mut Option<B>,
     sink: &mut S,
 ) -> Result<Option<(Head, bool)>, SendError> {
-    let UpstreamRequest { method, head, framing, .. } = *req;
+    let UpstreamRequest { method, framing, .. } = *req;
     if let Err(e) = stream.write_all(head).await {
         // Nothing of the answer came; a dead idle connection shows up here or in the read.
         tracing::debug!(error = %e, "writing to the upstream failed");
@@ -854,12 +887,11 @@ pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
     let mut sink = MapSink::default();
     let req = UpstreamRequest {
         method: &Method::GET,
-        head: head.as_bytes(),
         framing: RequestFraming::None,
         connect_timeout: timeout,
         deadline: tokio::time::Instant::now() + timeout,
     };
-    let answer = exchange(&mut conn.stream, &mut conn.buf, &req, &mut body, &mut sink);
+    let answer = exchange(&mut conn.stream, &mut conn.buf, (&req, head.as_bytes()), &mut body, &mut sink);
     matches!(
         tokio::time::timeout(timeout, answer).await,
         Ok(Ok(Some((h, _)))) if h.status.is_success() || h.status.is_redirection()

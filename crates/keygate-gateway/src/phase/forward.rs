@@ -3,11 +3,11 @@
 //! head the upstream receives ([`UpstreamHead`]: the client's fields minus the credential,
 //! hop-by-hop fields and client-supplied identity fields, then `X-Forwarded-*`, `Forwarded`,
 //! `X-Real-IP` and keygate's identity fields, or a short-lived identity token), and the attempts.
-//! The head is written here, whole, and handed to the upstream client ([`crate::proxy::send`]),
-//! which only carries bytes. A failure becomes a refusal through
-//! [`Refuse::forward_failed`], the one place upstream errors get their answer.
+//! The head is written here, whole, into the buffer of the upstream connection
+//! ([`crate::proxy::open`]); the upstream client ([`crate::proxy::send`]) only carries bytes. A
+//! failure becomes a refusal through [`Refuse::forward_failed`], the one place upstream errors
+//! get their answer.
 
-use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,17 +22,6 @@ use crate::gateway::{Gateway, IDENTITY_TTL_S, IdentityKey, Minted, Pinned};
 use crate::head::{self, ReqHead, upgrade_requested};
 use crate::proxy::{self, Answered, HeadSink, RequestFraming, UpstreamError, UpstreamRequest};
 use crate::routes::{Route, Upstream};
-
-thread_local! {
-    /// The buffer upstream request heads are written into, one per worker thread (each runs its
-    /// own single-threaded runtime), so that a request allocates none. A request that finds it
-    /// taken (two in flight on one thread) uses its own.
-    static HEAD_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The largest head buffer kept for the next request: an unusually large head does not make
-/// every idle worker hold its memory.
-const KEPT_HEAD_CAPACITY: usize = 16 * 1024;
 
 impl Gateway {
     /// Forward: sends the request to the route's upstreams, one attempt, or more for a request
@@ -69,30 +58,27 @@ impl Gateway {
         };
         let framing = proxy::request_framing(&head.method, body.as_ref());
         let deadline = tokio::time::Instant::from_std(ctx.start) + route.request_timeout;
-        let mut buf = HEAD_BUF.with(|b| b.try_borrow_mut().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default());
         // Upstreams already tried; allocated only when a retry happens.
         let mut tried: Vec<usize> = Vec::new();
         let mut last_err = UpstreamError::Connect("no upstream".into());
         // Only a request without a body can be sent again, and only a safe one after it left.
         let attempts = if has_body || !head.method.is_idempotent() { 1 } else { route.retries as usize + 1 };
-        let mut answered = None;
         for _ in 0..attempts {
             let Some(ui) = route.pick(&tried) else { break };
             let Some(upstream) = route.upstreams.get(ui) else { break };
-            buf.clear();
-            out.write(upstream, framing, &mut buf);
-            let req = UpstreamRequest {
-                method: &head.method,
-                head: &buf,
-                framing,
-                connect_timeout: route.connect_timeout,
-                deadline,
-            };
-            match proxy::send(upstream, &req, body, sink).await {
-                Ok(a) => {
-                    answered = Some(a);
-                    break;
+            let req =
+                UpstreamRequest { method: &head.method, framing, connect_timeout: route.connect_timeout, deadline };
+            let sent = match proxy::open(upstream, route.connect_timeout).await {
+                Ok(mut conn) => {
+                    // The head is written here, whole, into the connection's own buffer; the
+                    // upstream client only sends it.
+                    out.write(upstream, framing, conn.head_buf());
+                    proxy::send(upstream, conn, &req, body, sink).await
                 }
+                Err(e) => Err(proxy::SendError::Upstream(e)),
+            };
+            match sent {
+                Ok(answered) => return Ok(answered),
                 // The client's own body failed (too large, malformed): nothing to say about the
                 // upstream.
                 Err(proxy::SendError::Body(_)) => break,
@@ -114,16 +100,7 @@ impl Gateway {
                 }
             }
         }
-        if buf.capacity() <= KEPT_HEAD_CAPACITY {
-            HEAD_BUF.with(|b| {
-                if let Ok(mut b) = b.try_borrow_mut()
-                    && b.capacity() < buf.capacity()
-                {
-                    *b = buf;
-                }
-            });
-        }
-        answered.ok_or_else(|| Refuse::forward_failed(&last_err, state, route.max_body_bytes))
+        Err(Refuse::forward_failed(&last_err, state, route.max_body_bytes))
     }
 
     /// The identity token for `caller` on `route`: reused from the cache while it has at least

@@ -29,6 +29,71 @@ use crate::jwt::JwtRefusal;
 use crate::proxy::{UpstreamError, UpstreamResponseBody};
 use crate::routes::PathError;
 
+/// keygate's own refusal codes on the data plane and the status each is answered with: the one
+/// table of them. (A refused token, JWT or DPoP proof is a 401 whose code its check names, a path
+/// that cannot be read unambiguously a 400 with the code of its [`PathError`]: see the
+/// constructors of [`Refuse`] below.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Code {
+    /// Framing, request line or target that cannot be read as one request.
+    BadRequest,
+    HeaderTooLarge,
+    RequestTimeout,
+    BodyTooLarge,
+    RouteNotFound,
+    TokenInQuery,
+    MissingToken,
+    IpNotAllowed,
+    InsufficientScope,
+    CorsOriginNotAllowed,
+    UpgradeNotAllowed,
+    RateLimited,
+    QuotaExceeded,
+    TooManyConnections,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+}
+
+impl Code {
+    /// The stable code clients see (`{"error": {"code": …}}`) and the refusal metrics count.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Code::BadRequest => "bad_request",
+            Code::HeaderTooLarge => "header_too_large",
+            Code::RequestTimeout => "request_timeout",
+            Code::BodyTooLarge => "body_too_large",
+            Code::RouteNotFound => "route_not_found",
+            Code::TokenInQuery => "token_in_query",
+            Code::MissingToken => "missing_token",
+            Code::IpNotAllowed => "ip_not_allowed",
+            Code::InsufficientScope => "insufficient_scope",
+            Code::CorsOriginNotAllowed => "cors_origin_not_allowed",
+            Code::UpgradeNotAllowed => "upgrade_not_allowed",
+            Code::RateLimited => "rate_limited",
+            Code::QuotaExceeded => "quota_exceeded",
+            Code::TooManyConnections => "too_many_connections",
+            Code::UpstreamTimeout => "upstream_timeout",
+            Code::UpstreamUnavailable => "upstream_unavailable",
+        }
+    }
+
+    pub(crate) const fn status(self) -> StatusCode {
+        match self {
+            Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
+            Code::MissingToken => StatusCode::UNAUTHORIZED,
+            Code::IpNotAllowed | Code::InsufficientScope | Code::CorsOriginNotAllowed => StatusCode::FORBIDDEN,
+            Code::RouteNotFound => StatusCode::NOT_FOUND,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::RateLimited | Code::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            Code::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
 /// A refusal: the status, a stable code, a message, and how to say it. The common refusals are
 /// made of static text, so refusing costs about as little as forwarding.
 #[derive(Debug)]
@@ -51,7 +116,12 @@ macro_rules! invalid_token_challenge {
 }
 
 impl Refuse {
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    /// A refusal with one of keygate's own codes, answered with the status of [`Code::status`].
+    pub(crate) fn of(code: Code, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(code.status(), code.as_str(), message)
+    }
+
+    fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
         Self {
             status,
             code,
@@ -63,7 +133,7 @@ impl Refuse {
         }
     }
     pub(crate) fn bad_framing(message: impl Into<Cow<'static, str>>) -> Self {
-        Self { close: true, ..Self::new(StatusCode::BAD_REQUEST, "bad_request", message) }
+        Self { close: true, ..Self::of(Code::BadRequest, message) }
     }
     /// RFC 6750 §3: 401 with `error="invalid_token"`.
     pub(crate) fn invalid_token(refusal: Refusal) -> Self {
@@ -126,18 +196,12 @@ impl Refuse {
         } else if body.too_large.load(Ordering::Relaxed) {
             Self {
                 close: true,
-                ..Self::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("this route takes bodies up to {max_body} bytes"),
-                )
+                ..Self::of(Code::BodyTooLarge, format!("this route takes bodies up to {max_body} bytes"))
             }
         } else {
             match err {
-                UpstreamError::Timeout => {
-                    Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "the upstream did not answer in time")
-                }
-                _ => Self::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", "the upstream could not be reached"),
+                UpstreamError::Timeout => Self::of(Code::UpstreamTimeout, "the upstream did not answer in time"),
+                _ => Self::of(Code::UpstreamUnavailable, "the upstream could not be reached"),
             }
         }
     }
@@ -147,9 +211,8 @@ impl Refuse {
     pub(crate) fn unasked_switch() -> Self {
         Self {
             close: true,
-            ..Self::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
+            ..Self::of(
+                Code::UpstreamUnavailable,
                 "the upstream switched protocols without being asked, or to one not asked for",
             )
         }
@@ -532,6 +595,38 @@ impl Drop for GatewayBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_codes_are_distinct_and_errors() {
+        use Code::*;
+        let all = [
+            BadRequest,
+            HeaderTooLarge,
+            RequestTimeout,
+            BodyTooLarge,
+            RouteNotFound,
+            TokenInQuery,
+            MissingToken,
+            IpNotAllowed,
+            InsufficientScope,
+            CorsOriginNotAllowed,
+            UpgradeNotAllowed,
+            RateLimited,
+            QuotaExceeded,
+            TooManyConnections,
+            UpstreamTimeout,
+            UpstreamUnavailable,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for c in all {
+            assert!(seen.insert(c.as_str()), "{c:?}");
+            assert!(c.status().is_client_error() || c.status().is_server_error(), "{c:?}");
+            let r = Refuse::of(c, "m");
+            assert_eq!((r.status, r.code), (c.status(), c.as_str()));
+        }
+        assert_eq!(Code::UpstreamTimeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(Code::TooManyConnections.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn dates_follow_imf_fixdate() {

@@ -25,7 +25,7 @@ use http::{HeaderName, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::answer::{AnswerExtra, Refuse, connection_field, line, status_line};
+use crate::answer::{AnswerExtra, Code, Refuse, connection_field, line, status_line};
 use crate::body::{BodySource, BodyState, BodyTooLarge, BoxError};
 use crate::ctx::{ConnInfo, Outcome, RequestCtx};
 use crate::gateway::{Gateway, LocalService, MAX_LOCAL_BODY, Table};
@@ -135,11 +135,9 @@ pub(crate) async fn serve<R, W>(
                     match tokio::time::timeout(left, c.rd.read_buf(&mut rbuf)).await {
                         Ok(Ok(n)) if n > 0 => None,
                         Ok(_) => return,
-                        Err(_elapsed) => Some(Refuse::new(
-                            StatusCode::REQUEST_TIMEOUT,
-                            "request_timeout",
-                            "the request head did not arrive in time",
-                        )),
+                        Err(_elapsed) => {
+                            Some(Refuse::of(Code::RequestTimeout, "the request head did not arrive in time"))
+                        }
                     }
                 };
                 if let Some(r) = refusal {
@@ -173,20 +171,14 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 fn head_too_large() -> Refuse {
-    Refuse::new(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "header_too_large",
-        "the request head is larger than 64 KiB; send fewer or shorter header fields",
-    )
+    Refuse::of(Code::HeaderTooLarge, "the request head is larger than 64 KiB; send fewer or shorter header fields")
 }
 
 fn parse_error(e: httparse::Error) -> Refuse {
     match e {
-        httparse::Error::TooManyHeaders => Refuse::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "header_too_large",
-            "the request has more than 100 header fields",
-        ),
+        httparse::Error::TooManyHeaders => {
+            Refuse::of(Code::HeaderTooLarge, "the request has more than 100 header fields")
+        }
         httparse::Error::Version => Refuse::bad_framing("only HTTP/1.0 and HTTP/1.1 are served here"),
         e => Refuse::bad_framing(format!("the request head does not parse: {e}")),
     }
@@ -258,11 +250,7 @@ pub(crate) fn parse_head<'b>(
         return Err(Refuse::bad_framing("the request line is incomplete"));
     };
     let Some((authority, path, query)) = target_parts(target) else {
-        return Err(Refuse::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the request target must be a path (or an absolute URL)",
-        ));
+        return Err(Refuse::of(Code::BadRequest, "the request target must be a path (or an absolute URL)"));
     };
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Err(Refuse::bad_framing("the method is not valid"));
@@ -594,9 +582,9 @@ where
         out.clear();
         if !matches!(read, Ok(true)) {
             let r = if read.is_err() {
-                Refuse::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time")
+                Refuse::of(Code::RequestTimeout, "the request body did not arrive in time")
             } else if state.too_large.load(Ordering::Relaxed) {
-                Refuse::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "this endpoint takes bodies up to 64 KiB")
+                Refuse::of(Code::BodyTooLarge, "this endpoint takes bodies up to 64 KiB")
             } else {
                 Refuse::bad_framing("the request body is malformed")
             };

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::answer::{GatewayBody, Refuse};
+use crate::answer::{Code, GatewayBody, Refuse};
 use crate::body::{BodyState, UpstreamBody};
 use crate::ctx::{ConnInfo, Outcome, RequestCtx};
 use crate::gateway::{Gateway, LocalService, MAX_LOCAL_BODY};
@@ -93,19 +93,11 @@ impl Gateway {
         let collected = match tokio::time::timeout(body_timeout, http_body_util::BodyExt::collect(limited)).await {
             Ok(Ok(c)) => c,
             Ok(Err(_)) => {
-                let r = Refuse::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "this endpoint takes bodies up to 64 KiB",
-                );
+                let r = Refuse::of(Code::BodyTooLarge, "this endpoint takes bodies up to 64 KiB");
                 return r.answer().into_response(&ctx.extra);
             }
             Err(_elapsed) => {
-                let r = Refuse::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    "the request body did not arrive in time",
-                );
+                let r = Refuse::of(Code::RequestTimeout, "the request body did not arrive in time");
                 let o = Outcome { status: r.status.as_u16(), bytes_in: 0, bytes_out: 0 };
                 self.record_own(ctx, Some(r.code), o);
                 return r.answer().into_response(&ctx.extra);

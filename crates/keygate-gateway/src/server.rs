@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::answer::{AnswerExtra, GatewayBody, Refuse};
+use crate::answer::{AnswerExtra, Code, GatewayBody, Refuse};
 use crate::body::BoxError;
 use crate::conns::{ConnSlot, ConnStats, Refused};
 use crate::ctx::ConnInfo;
@@ -522,7 +521,7 @@ fn refusal_bytes(why: Refused) -> Vec<u8> {
         Refused::Worker => "the gateway holds as many connections as it serves; retry shortly",
         Refused::Address => "your address holds as many connections as the gateway allows one client; close some first",
     };
-    let r = Refuse::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", message);
+    let r = Refuse::of(Code::TooManyConnections, message);
     let mut out = Vec::with_capacity(256);
     r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), &mut out);
     out

@@ -20,7 +20,7 @@ use keygate_core::policy::GcraDecision;
 use keygate_core::secret::TokenSecret;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
-use crate::answer::{Answer, AnswerExtra, Refuse};
+use crate::answer::{Answer, AnswerExtra, Code, Refuse};
 use crate::ctx::{Caller, ConnInfo, Identity, RequestCtx, client_ip, is_trusted, origin};
 use crate::gateway::{Gateway, LocalService};
 use crate::head::{ReqHead, parse_length, upgrade_protocols, upgrade_requested};
@@ -86,8 +86,7 @@ pub(crate) fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
 /// would speak HTTP/2 straight to the upstream, and its requests there would pass no check), and
 /// to any protocol the route's `upgrades` does not list.
 fn check_upgrade(head: &ReqHead<'_>, route: &Route) -> Result<(), Refuse> {
-    let refuse =
-        |m: Cow<'static, str>| Refuse { close: true, ..Refuse::new(StatusCode::BAD_REQUEST, UPGRADE_NOT_ALLOWED, m) };
+    let refuse = |m: Cow<'static, str>| Refuse { close: true, ..Refuse::of(Code::UpgradeNotAllowed, m) };
     for name in upgrade_protocols(head.all("upgrade")) {
         if name.eq_ignore_ascii_case(b"h2c") {
             return Err(refuse(Cow::Borrowed(
@@ -104,9 +103,6 @@ fn check_upgrade(head: &ReqHead<'_>, route: &Route) -> Result<(), Refuse> {
     }
     Ok(())
 }
-
-/// The code of an upgrade refused.
-pub(crate) const UPGRADE_NOT_ALLOWED: &str = "upgrade_not_allowed";
 
 /// The longest a tunnel waits between two checks of its token when nothing changes in the index
 /// (a clock set back or forward is noticed within it).
@@ -221,8 +217,7 @@ impl Gateway {
                 if allowed {
                     return Verdict::Answer { answer: preflight(cors), refusal: None };
                 }
-                let r =
-                    Refuse::new(StatusCode::FORBIDDEN, "cors_origin_not_allowed", "this origin may not call this API");
+                let r = Refuse::of(Code::CorsOriginNotAllowed, "this origin may not call this API");
                 return Verdict::refused(&r);
             }
         }
@@ -248,7 +243,7 @@ impl Gateway {
         let head = ctx.head;
         let route = match ctx.table.routes.resolve(|| head.host(), &ctx.path) {
             Ok(Some(route)) => route,
-            Ok(None) => return Err(Refuse::new(StatusCode::NOT_FOUND, "route_not_found", "no route serves this path")),
+            Ok(None) => return Err(Refuse::of(Code::RouteNotFound, "no route serves this path")),
             Err(e) => return Err(Refuse::path(e)),
         };
         ctx.route = Some(route);
@@ -262,9 +257,8 @@ impl Gateway {
                     ctx.table.metrics.exposure_report_dropped();
                 }
             }
-            return Err(Refuse::new(
-                StatusCode::BAD_REQUEST,
-                "token_in_query",
+            return Err(Refuse::of(
+                Code::TokenInQuery,
                 "tokens must not be sent in the URL, which ends up in logs; the token is now marked exposed: rotate it and send it as Authorization: Bearer",
             ));
         }
@@ -277,11 +271,7 @@ impl Gateway {
         let Some((scheme, presented)) = credential(head) else {
             return Err(Refuse {
                 www_authenticate: Some(Cow::Borrowed("Bearer realm=\"keygate\"")),
-                ..Refuse::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_token",
-                    "send a token as Authorization: Bearer <token>",
-                )
+                ..Refuse::of(Code::MissingToken, "send a token as Authorization: Bearer <token>")
             });
         };
         let now = ctx.now;
@@ -307,11 +297,7 @@ impl Gateway {
             ctx.extra.header(HeaderName::from_static("dpop-nonce"), v);
         }
         if !caller.allows_ip(ip) {
-            return Err(Refuse::new(
-                StatusCode::FORBIDDEN,
-                "ip_not_allowed",
-                format!("the token may not be used from {ip}"),
-            ));
+            return Err(Refuse::of(Code::IpNotAllowed, format!("the token may not be used from {ip}")));
         }
         if let Some(scope) = route.required_scope(&head.method)
             && !caller.has_scope(scope)
@@ -321,11 +307,7 @@ impl Gateway {
             );
             return Err(Refuse {
                 www_authenticate: Some(challenge.into()),
-                ..Refuse::new(
-                    StatusCode::FORBIDDEN,
-                    "insufficient_scope",
-                    format!("this request needs the scope {scope}"),
-                )
+                ..Refuse::of(Code::InsufficientScope, format!("this request needs the scope {scope}"))
             });
         }
         // After the credential and the scope (so a caller without them learns nothing of the
@@ -337,9 +319,8 @@ impl Gateway {
         if let Some(len) = head.at(head.known.content_length).and_then(parse_length)
             && len > route.max_body_bytes
         {
-            return Err(Refuse::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
+            return Err(Refuse::of(
+                Code::BodyTooLarge,
                 format!("this route takes bodies up to {} bytes", route.max_body_bytes),
             ));
         }
@@ -429,11 +410,7 @@ impl Gateway {
         if let Some(d) = refused {
             return Err(Refuse {
                 retry_after: Some(ceil_secs_us(d.retry_after).max(1)),
-                ..Refuse::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "too many requests; retry after the time in Retry-After",
-                )
+                ..Refuse::of(Code::RateLimited, "too many requests; retry after the time in Retry-After")
             });
         }
         if let Some(q) = token.and_then(|t| t.quota) {
@@ -450,9 +427,8 @@ impl Gateway {
             if !d.allowed {
                 return Err(Refuse {
                     retry_after: (reset_s > 0).then_some(reset_s),
-                    ..Refuse::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "quota_exceeded",
+                    ..Refuse::of(
+                        Code::QuotaExceeded,
                         format!("the token's quota of {} requests per {} is used up", q.requests, q.period.as_str()),
                     )
                 });

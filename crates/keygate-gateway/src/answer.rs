@@ -1,17 +1,255 @@
-//! What keygate says itself: its own answers (refusals, CORS preflights, the demo route) and the
+//! What keygate says itself, and the one place where anything that stops a request becomes an
+//! answer: a refusal of keygate's own ([`Refuse`]: framing, path, credential, scope, limits…)
+//! and an upstream failure ([`Refuse::forward_failed`]: time-out, no connection, a malformed
+//! answer, the client's own body) get their status, stable code, message and headers here, for
+//! HTTP/1.1 and HTTP/2 alike. Also keygate's own answers (CORS preflights, the demo route), the
+//! body of every HTTP/2 answer ([`GatewayBody`]), and the
 //! headers it adds to every answer on a route (`RateLimit`, `RateLimit-Policy`, CORS), rendered
 //! either as HTTP/1.1 bytes for keygate's own listener or into a header map for hyper (HTTP/2).
 //! Also the one writer of HTTP/1.1 header fields ([`line`], [`begin`]), which writes a field only
 //! when its value is a valid field value, for every head keygate writes.
 
+use std::borrow::Cow;
 use std::cell::Cell;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use keygate_core::dpop;
 
-use crate::body::GatewayBody;
+use crate::body::{BodyState, BoxError};
+pub use crate::head::is_field_value;
+use crate::index::Refusal;
+use crate::jwt::JwtRefusal;
+use crate::proxy::{UpstreamError, UpstreamResponseBody};
+use crate::routes::PathError;
+
+/// keygate's own refusal codes on the data plane and the status each is answered with: the one
+/// table of them. (A refused token, JWT or DPoP proof is a 401 whose code its check names, a path
+/// that cannot be read unambiguously a 400 with the code of its [`PathError`]: see the
+/// constructors of [`Refuse`] below.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Code {
+    /// Framing, request line or target that cannot be read as one request.
+    BadRequest,
+    HeaderTooLarge,
+    RequestTimeout,
+    BodyTooLarge,
+    RouteNotFound,
+    TokenInQuery,
+    MissingToken,
+    IpNotAllowed,
+    InsufficientScope,
+    CorsOriginNotAllowed,
+    UpgradeNotAllowed,
+    RateLimited,
+    QuotaExceeded,
+    TooManyConnections,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+}
+
+impl Code {
+    /// The stable code clients see (`{"error": {"code": …}}`) and the refusal metrics count.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Code::BadRequest => "bad_request",
+            Code::HeaderTooLarge => "header_too_large",
+            Code::RequestTimeout => "request_timeout",
+            Code::BodyTooLarge => "body_too_large",
+            Code::RouteNotFound => "route_not_found",
+            Code::TokenInQuery => "token_in_query",
+            Code::MissingToken => "missing_token",
+            Code::IpNotAllowed => "ip_not_allowed",
+            Code::InsufficientScope => "insufficient_scope",
+            Code::CorsOriginNotAllowed => "cors_origin_not_allowed",
+            Code::UpgradeNotAllowed => "upgrade_not_allowed",
+            Code::RateLimited => "rate_limited",
+            Code::QuotaExceeded => "quota_exceeded",
+            Code::TooManyConnections => "too_many_connections",
+            Code::UpstreamTimeout => "upstream_timeout",
+            Code::UpstreamUnavailable => "upstream_unavailable",
+        }
+    }
+
+    pub(crate) const fn status(self) -> StatusCode {
+        match self {
+            Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
+            Code::MissingToken => StatusCode::UNAUTHORIZED,
+            Code::IpNotAllowed | Code::InsufficientScope | Code::CorsOriginNotAllowed => StatusCode::FORBIDDEN,
+            Code::RouteNotFound => StatusCode::NOT_FOUND,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::RateLimited | Code::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            Code::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// A refusal: the status, a stable code, a message, and how to say it. The common refusals are
+/// made of static text, so refusing costs about as little as forwarding.
+#[derive(Debug)]
+pub(crate) struct Refuse {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: Cow<'static, str>,
+    pub(crate) www_authenticate: Option<Cow<'static, str>>,
+    pub(crate) close: bool,
+    pub(crate) retry_after: Option<u64>,
+    /// The nonce for the next DPoP proof (RFC 9449 §9), sent as `DPoP-Nonce`.
+    pub(crate) dpop_nonce: Option<String>,
+}
+
+/// An RFC 6750 §3 `invalid_token` challenge with a fixed description.
+macro_rules! invalid_token_challenge {
+    ($description:literal) => {
+        concat!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"", $description, "\"")
+    };
+}
+
+impl Refuse {
+    /// A refusal with one of keygate's own codes, answered with the status of [`Code::status`].
+    pub(crate) fn of(code: Code, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(code.status(), code.as_str(), message)
+    }
+
+    fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            www_authenticate: None,
+            close: false,
+            retry_after: None,
+            dpop_nonce: None,
+        }
+    }
+    pub(crate) fn bad_framing(message: impl Into<Cow<'static, str>>) -> Self {
+        Self { close: true, ..Self::of(Code::BadRequest, message) }
+    }
+    /// RFC 6750 §3: 401 with `error="invalid_token"`.
+    pub(crate) fn invalid_token(refusal: Refusal) -> Self {
+        let (code, message, challenge) = match refusal {
+            Refusal::Malformed(_) => (
+                "malformed_token",
+                "the token is malformed (wrong prefix, length or checksum)",
+                invalid_token_challenge!("the token is malformed (wrong prefix, length or checksum)"),
+            ),
+            Refusal::Unknown => (
+                "unknown_token",
+                "the token is not valid: unknown or revoked",
+                invalid_token_challenge!("the token is not valid: unknown or revoked"),
+            ),
+            Refusal::Suspended => {
+                ("token_suspended", "the token is suspended", invalid_token_challenge!("the token is suspended"))
+            }
+            Refusal::Expired => {
+                ("token_expired", "the token has expired", invalid_token_challenge!("the token has expired"))
+            }
+        };
+        Self { www_authenticate: Some(challenge.into()), ..Self::new(StatusCode::UNAUTHORIZED, code, message) }
+    }
+
+    /// A JWT refused (RFC 6750 §3 `invalid_token`).
+    pub(crate) fn jwt(r: JwtRefusal) -> Self {
+        let challenge =
+            format!("Bearer realm=\"keygate\", error=\"invalid_token\", error_description=\"{}\"", r.message());
+        Self { www_authenticate: Some(challenge.into()), ..Self::new(StatusCode::UNAUTHORIZED, r.code(), r.message()) }
+    }
+
+    /// A DPoP failure (RFC 9449 §7.1): 401 with a `DPoP` challenge naming the error.
+    pub(crate) fn dpop(code: &'static str, message: &str) -> Self {
+        let error = match code {
+            "invalid_token" | dpop::USE_DPOP_NONCE => code,
+            _ => "invalid_dpop_proof",
+        };
+        let challenge = format!(
+            "DPoP algs=\"EdDSA Ed25519 ES256\", error=\"{error}\", error_description=\"{}\"",
+            message.replace('"', "'")
+        );
+        Self {
+            www_authenticate: Some(challenge.into()),
+            ..Self::new(StatusCode::UNAUTHORIZED, code, message.to_owned())
+        }
+    }
+
+    /// A path that cannot be normalized or routed unambiguously: 400, the connection kept.
+    pub(crate) fn path(e: PathError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+    }
+
+    /// Why forwarding failed, as the client is told: its own body (malformed, or larger than the
+    /// route's `max_body` bytes: the connection closes, the rest is unread), else the upstream
+    /// (a time-out is 504, anything else — no connection, a malformed or missing answer — 502).
+    /// 5xx details are logged where they happen, never returned.
+    pub(crate) fn forward_failed(err: &UpstreamError, body: &BodyState, max_body: u64) -> Self {
+        if body.broken.load(Ordering::Relaxed) {
+            Self::bad_framing("the request body is malformed (such as a bad chunk size)")
+        } else if body.too_large.load(Ordering::Relaxed) {
+            Self {
+                close: true,
+                ..Self::of(Code::BodyTooLarge, format!("this route takes bodies up to {max_body} bytes"))
+            }
+        } else {
+            match err {
+                UpstreamError::Timeout => Self::of(Code::UpstreamTimeout, "the upstream did not answer in time"),
+                _ => Self::of(Code::UpstreamUnavailable, "the upstream could not be reached"),
+            }
+        }
+    }
+
+    /// An upstream that answered `101` without being asked, or switched to a protocol not asked
+    /// for: not followed (RFC 9110 §7.8), and the connection closes.
+    pub(crate) fn unasked_switch() -> Self {
+        Self {
+            close: true,
+            ..Self::of(
+                Code::UpstreamUnavailable,
+                "the upstream switched protocols without being asked, or to one not asked for",
+            )
+        }
+    }
+
+    /// Whether the connection must close after this refusal.
+    pub(crate) fn closes(&self) -> bool {
+        self.close
+    }
+
+    /// The JSON answer: `{"error": {"code", "message"}}`.
+    pub(crate) fn answer(&self) -> Answer {
+        let mut body = Vec::with_capacity(48 + self.code.len() + self.message.len());
+        body.extend_from_slice(b"{\"error\":{\"code\":\"");
+        body.extend_from_slice(self.code.as_bytes());
+        body.extend_from_slice(b"\",\"message\":");
+        let _ = serde_json::to_writer(&mut body, &*self.message);
+        body.extend_from_slice(b"}}");
+        let mut a = Answer::json(self.status, body).header(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let challenge = match &self.www_authenticate {
+            Some(Cow::Borrowed(w)) => Some(HeaderValue::from_static(w)),
+            Some(Cow::Owned(w)) => HeaderValue::from_str(w).ok(),
+            None => None,
+        };
+        if let Some(v) = challenge {
+            a.headers.push((header::WWW_AUTHENTICATE, v));
+        }
+        if let Some(s) = self.retry_after {
+            a.headers.push((header::RETRY_AFTER, HeaderValue::from(s)));
+        }
+        if let Some(v) = self.dpop_nonce.as_deref().and_then(|n| HeaderValue::from_str(n).ok()) {
+            a.headers.push((HeaderName::from_static("dpop-nonce"), v));
+        }
+        a.close = self.close;
+        a
+    }
+}
 
 /// One `RateLimit-Policy` / `RateLimit` pair (draft-ietf-httpapi-ratelimit-headers).
 #[derive(Debug, Clone, Copy)]
@@ -78,15 +316,6 @@ impl AnswerExtra {
             h.append(k.clone(), v.clone());
         }
     }
-}
-
-/// Whether `v` may be written as a field value (RFC 9110 §5.5): visible characters, spaces,
-/// horizontal tabs and obs-text (bytes from 0x80), and no other control byte. A CR or LF in a
-/// value would end the field there and let the rest be read as more fields, or a second message
-/// (RFC 9112 §2.2); a NUL makes parsers disagree. The loop has no early exit, so it compiles to
-/// a vector loop: every value of every head keygate writes passes through it.
-pub fn is_field_value(v: &[u8]) -> bool {
-    !v.iter().fold(false, |bad, &b| bad | ((b < 0x20) & (b != b'\t')) | (b == 0x7f))
 }
 
 /// Appends `name: value\r\n` when `value` is a valid field value ([`is_field_value`]), and
@@ -286,9 +515,118 @@ fn imf_fixdate(secs: u64) -> [u8; 29] {
     out
 }
 
+/// Runs once when a response body has been sent in full or dropped.
+pub trait OnComplete: Send + 'static {
+    fn complete(self: Box<Self>, bytes_out: u64);
+}
+
+/// What the gateway answers with.
+pub enum GatewayBody {
+    Full(Option<Bytes>),
+    Upstream { inner: UpstreamResponseBody, sent: u64, done: Option<Box<dyn OnComplete>> },
+}
+
+impl GatewayBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        Self::Full(Some(b.into()))
+    }
+    pub fn empty() -> Self {
+        Self::Full(None)
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Upstream { inner, sent, done } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        *sent += d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(d) = done.take() {
+                        d.complete(*sent);
+                    }
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => {
+                    if let Some(d) = done.take() {
+                        d.complete(*sent);
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(b) => b.is_none(),
+            Self::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for GatewayBody {
+    fn drop(&mut self) {
+        if let Self::Upstream { sent, done, .. } = self
+            && let Some(d) = done.take()
+        {
+            d.complete(*sent);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_codes_are_distinct_and_errors() {
+        use Code::*;
+        let all = [
+            BadRequest,
+            HeaderTooLarge,
+            RequestTimeout,
+            BodyTooLarge,
+            RouteNotFound,
+            TokenInQuery,
+            MissingToken,
+            IpNotAllowed,
+            InsufficientScope,
+            CorsOriginNotAllowed,
+            UpgradeNotAllowed,
+            RateLimited,
+            QuotaExceeded,
+            TooManyConnections,
+            UpstreamTimeout,
+            UpstreamUnavailable,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for c in all {
+            assert!(seen.insert(c.as_str()), "{c:?}");
+            assert!(c.status().is_client_error() || c.status().is_server_error(), "{c:?}");
+            let r = Refuse::of(c, "m");
+            assert_eq!((r.status, r.code), (c.status(), c.as_str()));
+        }
+        assert_eq!(Code::UpstreamTimeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(Code::TooManyConnections.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn dates_follow_imf_fixdate() {

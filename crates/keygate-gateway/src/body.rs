@@ -13,8 +13,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::proxy::UpstreamResponseBody;
-
 /// The error of a body cut at its size limit.
 #[derive(Debug)]
 pub struct BodyTooLarge;
@@ -29,7 +27,7 @@ impl std::error::Error for BodyTooLarge {}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What happened to a request body while it streamed upstream; shared with the handler.
+/// What happened to a request body while it streamed upstream; shared with the front end.
 #[derive(Debug, Default)]
 pub struct BodyState {
     /// Bytes read from the client.
@@ -130,83 +128,6 @@ impl Body for UpstreamBody {
         match self {
             Self::Empty => SizeHint::with_exact(0),
             Self::Stream { inner, .. } => inner.size_hint(),
-        }
-    }
-}
-
-/// Runs once when a response body has been sent in full or dropped.
-pub trait OnComplete: Send + 'static {
-    fn complete(self: Box<Self>, bytes_out: u64);
-}
-
-/// What the gateway answers with.
-pub enum GatewayBody {
-    Full(Option<Bytes>),
-    Upstream { inner: UpstreamResponseBody, sent: u64, done: Option<Box<dyn OnComplete>> },
-}
-
-impl GatewayBody {
-    pub fn full(b: impl Into<Bytes>) -> Self {
-        Self::Full(Some(b.into()))
-    }
-    pub fn empty() -> Self {
-        Self::Full(None)
-    }
-}
-
-impl Body for GatewayBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Self::Upstream { inner, sent, done } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(d) = frame.data_ref() {
-                        *sent += d.len() as u64;
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    if let Some(d) = done.take() {
-                        d.complete(*sent);
-                    }
-                    Poll::Ready(Some(Err(e)))
-                }
-                Poll::Ready(None) => {
-                    if let Some(d) = done.take() {
-                        d.complete(*sent);
-                    }
-                    Poll::Ready(None)
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Full(b) => b.is_none(),
-            Self::Upstream { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Self::Full(None) => SizeHint::with_exact(0),
-            Self::Upstream { inner, .. } => inner.size_hint(),
-        }
-    }
-}
-
-impl Drop for GatewayBody {
-    fn drop(&mut self) {
-        if let Self::Upstream { sent, done, .. } = self
-            && let Some(d) = done.take()
-        {
-            d.complete(*sent);
         }
     }
 }

@@ -113,10 +113,66 @@ impl Default for GatewayConfig {
     }
 }
 
+/// Time limits of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keep_alive: std::time::Duration,
+    /// How long a request head may take to arrive once it has begun (slow-header attacks).
+    pub header: std::time::Duration,
+    /// How long the body of a request keygate answers itself may take to arrive once its head
+    /// has (slow-body attacks on the OAuth endpoints).
+    pub body: std::time::Duration,
+    /// How long an answer may wait for the client to take any of it (a client that stops
+    /// reading): an HTTP/1.1 write without progress, an HTTP/2 answer without window.
+    pub send: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            keep_alive: std::time::Duration::from_secs(60),
+            header: std::time::Duration::from_secs(10),
+            body: std::time::Duration::from_secs(10),
+            send: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// The HTTP/2 settings of client connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Settings {
+    /// A connection with no open stream for this long is closed.
+    pub idle: std::time::Duration,
+    /// How often a PING checks the client is there; `None` sends none.
+    pub keep_alive_interval: Option<std::time::Duration>,
+    /// How long a PING may go unanswered.
+    pub keep_alive_timeout: std::time::Duration,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub max_concurrent_streams: u32,
+}
+
+/// Everything about client connections: time limits, HTTP/2 and the connection caps.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    pub timeouts: Timeouts,
+    pub http2: Http2Settings,
+    /// Connections one worker serves at once.
+    pub max_per_worker: usize,
+    /// Connections one address (IPv6: /64) holds at once over all workers; 0: no cap.
+    pub max_per_address: usize,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        GatewayConfig::default().conn_settings()
+    }
+}
+
 impl GatewayConfig {
     /// The client connection time limits.
-    pub fn timeouts(&self) -> crate::h1::Timeouts {
-        crate::h1::Timeouts {
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
             keep_alive: std::time::Duration::from_secs(self.keep_alive_timeout_seconds.max(1)),
             header: std::time::Duration::from_secs(self.header_timeout_seconds.max(1)),
             body: std::time::Duration::from_millis(self.body_timeout_ms.max(1)),
@@ -125,11 +181,11 @@ impl GatewayConfig {
     }
 
     /// Everything about client connections: time limits, HTTP/2 settings and caps.
-    pub fn conn_settings(&self) -> crate::server::ConnSettings {
+    pub fn conn_settings(&self) -> ConnSettings {
         let ms = std::time::Duration::from_millis;
-        crate::server::ConnSettings {
+        ConnSettings {
             timeouts: self.timeouts(),
-            http2: crate::server::Http2Settings {
+            http2: Http2Settings {
                 idle: ms(self.http2_idle_timeout_ms.max(1)),
                 keep_alive_interval: (self.http2_keep_alive_interval_ms > 0)
                     .then(|| ms(self.http2_keep_alive_interval_ms)),

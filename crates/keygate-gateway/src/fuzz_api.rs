@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderName, Method, Version};
 
 use crate::h1::{BodyFraming, MAX_FIELDS, parse_head};
-use crate::handler::check_framing;
 use crate::head::{Field, Known};
+use crate::phase::admit::check_framing;
 use crate::proxy::{Chunked, Step, step_chunked};
 
 /// What keygate's HTTP/1.1 server makes of the bytes at the start of its read buffer, up to the
@@ -56,7 +56,7 @@ pub enum RequestBody {
     Chunked,
 }
 
-/// Reads a request head as `h1::serve` does: `h1::parse_head`, then `handler::check_framing`,
+/// Reads a request head as `h1::serve` does: `h1::parse_head`, then `phase::admit::check_framing`,
 /// then the body framing. `api_key` is the configured API-key header, if any.
 pub fn request_head(buf: &[u8], api_key: Option<&HeaderName>) -> HeadOutcome {
     let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];

@@ -1,5 +1,6 @@
 //! keygate's own HTTP/1.1 server side. Each connection is one task that reads a request head,
-//! parses it in place (httparse), lets the request path decide, and then either answers itself
+//! parses it in place (httparse), makes the request's context and runs the phases
+//! ([`crate::phase`]: admit, forward, record, as [`crate::h2`] does for HTTP/2), and then either answers itself
 //! or forwards: the upstream's request head is written straight from the client's fields, the
 //! answer's head straight from the upstream's, and a small answer goes back to the client in the
 //! same write as its head. No header map is built and no task or channel sits between the two
@@ -7,7 +8,7 @@
 //! server (`docs/benchmarks.md`).
 //!
 //! Framing is strict (RFC 9112): a request whose framing two parsers could read differently is
-//! refused and the connection closed ([`crate::handler`] decides which); request bodies are
+//! refused and the connection closed (the admit phase, [`crate::phase::admit`], decides which); request bodies are
 //! counted, cut at the route's limit and re-framed for the upstream; a body that is not read to
 //! its end (a refusal, an early answer) ends the connection after the answer, so the next bytes
 //! are never taken for a request. Pipelined requests are answered in order. `Upgrade`
@@ -17,20 +18,19 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderName, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::answer::{AnswerExtra, connection_field, line, status_line};
+use crate::answer::{AnswerExtra, Code, Refuse, connection_field, line, status_line};
 use crate::body::{BodySource, BodyState, BodyTooLarge, BoxError};
-use crate::handler::{
-    ConnInfo, Decision, Gateway, LocalService, MAX_LOCAL_BODY, Outcome, Refuse, Table, upgrade_protocols,
-    upgrade_requested,
-};
-use crate::head::{Field, Known, ReqHead, split_target};
+use crate::ctx::{ConnInfo, Outcome, RequestCtx};
+use crate::gateway::{Gateway, LocalService, MAX_LOCAL_BODY, Table};
+use crate::head::{Field, Known, ReqHead, parse_length, split_target, upgrade_protocols, upgrade_requested};
+use crate::phase::admit::Verdict;
 use crate::proxy::{BadField, Chunked, HeadSink, Step, UpstreamResponseBody, step_chunked};
 use crate::timer::{Deadline, SendDeadline, Shutdown};
 
@@ -41,31 +41,7 @@ pub(crate) const MAX_FIELDS: usize = 100;
 /// What one read asks the kernel for.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Time limits of a client connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// How long an idle keep-alive connection waits for its next request.
-    pub keep_alive: Duration,
-    /// How long a request head may take to arrive once it has begun (slow-header attacks).
-    pub header: Duration,
-    /// How long the body of a request keygate answers itself may take to arrive once its head
-    /// has (slow-body attacks on the OAuth endpoints).
-    pub body: Duration,
-    /// How long an answer may wait for the client to take any of it (a client that stops
-    /// reading): an HTTP/1.1 write without progress, an HTTP/2 answer without window.
-    pub send: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            keep_alive: Duration::from_secs(60),
-            header: Duration::from_secs(10),
-            body: Duration::from_secs(10),
-            send: Duration::from_secs(60),
-        }
-    }
-}
+pub use crate::config::Timeouts;
 
 /// What became of the bytes at the start of the read buffer.
 enum Served {
@@ -75,12 +51,28 @@ enum Served {
     Done(bool),
 }
 
-/// Serves one client connection until it closes. `rbuf` holds bytes already read from it.
+/// One client connection: what its requests share.
+struct H1Conn<'c, R, W> {
+    gw: &'c Arc<Gateway>,
+    info: ConnInfo,
+    rd: R,
+    /// Every write to the client, answers and tunnels alike, fails when the client has read
+    /// nothing of it for the send time-out.
+    wr: SendDeadline<W>,
+    /// Bytes after the current request's head (its body, pipelined requests).
+    body_buf: BytesMut,
+    /// What is written next to the client.
+    out: Vec<u8>,
+    shutdown: &'c Shutdown,
+    timeouts: Timeouts,
+}
+
+/// Serves one client connection, read from `rd` and written to `wr`, until it closes. `rbuf`
+/// holds bytes already read from it.
 pub(crate) async fn serve<R, W>(
     gw: Arc<Gateway>,
     info: ConnInfo,
-    mut rd: R,
-    wr: W,
+    (rd, wr): (R, W),
     mut rbuf: BytesMut,
     shutdown: Arc<Shutdown>,
     timeouts: Timeouts,
@@ -88,12 +80,17 @@ pub(crate) async fn serve<R, W>(
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    // Every write to the client, answers and tunnels alike, fails when the client has read
-    // nothing of it for the send time-out.
-    let mut wr = SendDeadline::new(wr, timeouts.send);
+    let mut c = H1Conn {
+        gw: &gw,
+        info,
+        rd,
+        wr: SendDeadline::new(wr, timeouts.send),
+        body_buf: BytesMut::new(),
+        out: Vec::with_capacity(1024),
+        shutdown: &shutdown,
+        timeouts,
+    };
     let mut table = gw.table.load_full();
-    let mut body_buf = BytesMut::new();
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
     // When the head being read began to arrive (set only once one read was not enough).
     let mut began: Option<Instant> = None;
     let mut idle_time = Deadline::new();
@@ -110,7 +107,7 @@ pub(crate) async fn serve<R, W>(
             let deadline = tokio::time::Instant::from_std(start) + timeouts.keep_alive;
             let read = tokio::select! {
                 biased;
-                r = idle_time.run(deadline, rd.read_buf(&mut rbuf)) => matches!(r, Some(Ok(n)) if n > 0),
+                r = idle_time.run(deadline, c.rd.read_buf(&mut rbuf)) => matches!(r, Some(Ok(n)) if n > 0),
                 () = &mut stopping => false,
             };
             if !read {
@@ -126,21 +123,7 @@ pub(crate) async fn serve<R, W>(
                 table = arc_swap::Guard::into_inner(cur);
             }
         }
-        let served = request(
-            &gw,
-            &table,
-            info,
-            start,
-            &rbuf,
-            &mut rd,
-            &mut wr,
-            &mut body_buf,
-            &mut out,
-            &shutdown,
-            timeouts.body,
-        )
-        .await;
-        match served {
+        match c.request(&table, &rbuf, start).await {
             Ok(Served::Partial) => {
                 // MAX_HEAD bytes without the head's end: the head is longer than the limit.
                 let refusal = if rbuf.len() >= MAX_HEAD {
@@ -149,31 +132,29 @@ pub(crate) async fn serve<R, W>(
                     let began = *began.get_or_insert_with(Instant::now);
                     let left = timeouts.header.saturating_sub(began.elapsed());
                     reserve(&mut rbuf);
-                    match tokio::time::timeout(left, rd.read_buf(&mut rbuf)).await {
+                    match tokio::time::timeout(left, c.rd.read_buf(&mut rbuf)).await {
                         Ok(Ok(n)) if n > 0 => None,
                         Ok(_) => return,
-                        Err(_elapsed) => Some(Refuse::new(
-                            StatusCode::REQUEST_TIMEOUT,
-                            "request_timeout",
-                            "the request head did not arrive in time",
-                        )),
+                        Err(_elapsed) => {
+                            Some(Refuse::of(Code::RequestTimeout, "the request head did not arrive in time"))
+                        }
                     }
                 };
                 if let Some(r) = refusal {
-                    let _ = refuse_bare(&gw, &table, &mut wr, &mut out, r, Instant::now(), gw.clock.now()).await;
-                    let _ = wr.shutdown().await;
+                    let _ = c.refuse_unread(&table, r, Instant::now()).await;
+                    let _ = c.wr.shutdown().await;
                     return;
                 }
             }
             Ok(Served::Done(keep)) => {
                 began = None;
                 rbuf.clear();
-                if !body_buf.is_empty() {
-                    rbuf.extend_from_slice(&body_buf);
-                    body_buf.clear();
+                if !c.body_buf.is_empty() {
+                    rbuf.extend_from_slice(&c.body_buf);
+                    c.body_buf.clear();
                 }
                 if !keep || shutdown.is_set() {
-                    let _ = wr.shutdown().await;
+                    let _ = c.wr.shutdown().await;
                     return;
                 }
             }
@@ -190,20 +171,14 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 fn head_too_large() -> Refuse {
-    Refuse::new(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "header_too_large",
-        "the request head is larger than 64 KiB; send fewer or shorter header fields",
-    )
+    Refuse::of(Code::HeaderTooLarge, "the request head is larger than 64 KiB; send fewer or shorter header fields")
 }
 
 fn parse_error(e: httparse::Error) -> Refuse {
     match e {
-        httparse::Error::TooManyHeaders => Refuse::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "header_too_large",
-            "the request has more than 100 header fields",
-        ),
+        httparse::Error::TooManyHeaders => {
+            Refuse::of(Code::HeaderTooLarge, "the request has more than 100 header fields")
+        }
         httparse::Error::Version => Refuse::bad_framing("only HTTP/1.0 and HTTP/1.1 are served here"),
         e => Refuse::bad_framing(format!("the request head does not parse: {e}")),
     }
@@ -237,14 +212,14 @@ pub(crate) enum BodyFraming {
 
 impl BodyFraming {
     /// How the body of `head` is framed, once the request path let its framing through
-    /// (`handler::check_framing` refuses the framings it cannot trust, so this need not look at
+    /// (`phase::admit::check_framing` refuses the framings it cannot trust, so this need not look at
     /// them twice).
     pub(crate) fn of(head: &ReqHead<'_>) -> Self {
         if head.known.transfer_encodings > 0 {
             return BodyFraming::Chunked(Chunked::Size);
         }
         // A length that does not parse is refused by the request path; until then, none.
-        match head.at(head.known.content_length).map(crate::handler::parse_length) {
+        match head.at(head.known.content_length).map(parse_length) {
             Some(Some(n)) => BodyFraming::Length(n),
             Some(None) | None => BodyFraming::Done,
         }
@@ -254,7 +229,7 @@ impl BodyFraming {
 /// The request head at the start of `buf`, parsed in place into `slots`: `Ok(None)` while it is
 /// not all there, else its length in bytes and the head. Refused here: a head that does not
 /// parse or is larger than [`MAX_HEAD`], an incomplete request line, a target that is neither a
-/// path nor an absolute URL, an invalid method. The framing checks come next, in the request path (`Gateway::decide`).
+/// path nor an absolute URL, an invalid method. The framing checks come next, in the admit phase.
 /// The server and the fuzz target of the head (`fuzz/`, through [`crate::fuzz_api`]) both read
 /// heads with this one function.
 pub(crate) fn parse_head<'b>(
@@ -275,11 +250,7 @@ pub(crate) fn parse_head<'b>(
         return Err(Refuse::bad_framing("the request line is incomplete"));
     };
     let Some((authority, path, query)) = target_parts(target) else {
-        return Err(Refuse::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the request target must be a path (or an absolute URL)",
-        ));
+        return Err(Refuse::of(Code::BadRequest, "the request target must be a path (or an absolute URL)"));
     };
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Err(Refuse::bad_framing("the method is not valid"));
@@ -425,296 +396,254 @@ impl HeadSink for H1Sink<'_, '_> {
     }
 }
 
-/// Answers the request at the start of `rbuf`, if its head is all there. Bytes after the head
-/// (a body, pipelined requests) move to `body_buf`, so that the head stays borrowed while the
-/// body is read.
-#[allow(clippy::too_many_arguments)]
-async fn request<R, W>(
-    gw: &Arc<Gateway>,
-    table: &Arc<Table>,
-    info: ConnInfo,
-    start: Instant,
-    rbuf: &[u8],
-    rd: &mut R,
-    wr: &mut W,
-    body_buf: &mut BytesMut,
-    out: &mut Vec<u8>,
-    shutdown: &Shutdown,
-    body_timeout: Duration,
-) -> io::Result<Served>
+impl<R, W> H1Conn<'_, R, W>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let now = gw.clock.now();
-    let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
-    let (len, head) = match parse_head(rbuf, &mut slots, gw.settings.api_key_header.as_ref()) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => return Ok(Served::Partial),
-        Err(r) => return refuse_bare(gw, table, wr, out, r, start, now).await,
-    };
-    if let Some(rest) = rbuf.get(len..)
-        && !rest.is_empty()
-    {
-        body_buf.extend_from_slice(rest);
-    }
-    let head_req = head.method == Method::HEAD;
-    let client_11 = head.version == Version::HTTP_11;
-    let mut keep = head.keep_alive();
-    let framing = BodyFraming::of(&head);
-    let mut extra = AnswerExtra::default();
-    let decided = match gw.decide(table, info, &head, now, &mut extra) {
-        Decision::Answer { answer, refusal, route, caller } => {
-            // A body nobody read: skip it if it is all here, else end the connection after.
-            keep &= !answer.close && !shutdown.is_set() && skip_body(&framing, body_buf);
-            out.clear();
-            answer.write_h1(&extra, head_req, connection_field(keep, client_11), out);
-            let r = wr.write_all(out).await;
-            let o = Outcome {
-                status: answer.status.as_u16(),
-                bytes_in: 0,
-                bytes_out: answer.body.len() as u64,
-                start,
-                now,
-            };
-            gw.finish_own(table, refusal, route, caller.as_ref(), &o, &head);
-            r?;
-            return Ok(Served::Done(keep));
-        }
-        other => other,
-    };
-    let upgrade = upgrade_requested(&head);
-    let state = BodyState::default();
-    let (route, caller, path) = match decided {
-        Decision::Forward { route, caller, path } => (route, caller, path),
-        Decision::Local(service) => {
-            let r = local(
-                &*service,
-                &head,
-                info,
-                framing,
-                rd,
-                wr,
-                body_buf,
-                out,
-                &state,
-                client_11,
-                keep && !shutdown.is_set(),
-                body_timeout,
-            )
-            .await;
-            let status = r.as_ref().map_or(500, |(s, _)| *s);
-            let o = Outcome { status, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0, start, now };
-            gw.record(table, None, None, &o, gw.line(&head.method, head.path).as_ref());
-            return r.map(|(_, keep)| Served::Done(keep));
-        }
-        Decision::Answer { .. } => return Ok(Served::Done(false)),
-    };
-    let has_body = !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
-    if !has_body {
-        state.finished.store(true, Ordering::Relaxed);
-    }
-    let expect = head.known.expect_continue && head.version == Version::HTTP_11 && has_body;
-    out.clear();
-    let line = gw.line(&head.method, &path);
-    let (answered, switched_as_asked) = {
-        let mut body = Some(ClientBody {
-            rd: &mut *rd,
-            buf: &mut *body_buf,
-            framing,
-            limit: route.max_body_bytes,
-            state: &state,
-            continue_to: if expect { Some(&mut *wr) } else { None },
-        });
-        let mut sink = H1Sink { out, upgrade_of: upgrade.then_some(&head), switching: false, switched_as_asked: false };
-        let a =
-            gw.exchange(table, route, &head, &path, caller.as_ref(), &info, start, &mut body, &state, &mut sink).await;
-        (a, sink.switched_as_asked)
-    };
-    let body_read = state.finished.load(Ordering::Relaxed);
-    let bytes_in = state.seen.load(Ordering::Relaxed);
-    let mut answered = match answered {
-        Ok(a) => a,
-        Err(refusal) => {
-            keep &= body_read && !refusal.closes() && !shutdown.is_set();
-            out.clear();
-            refusal.answer().write_h1(&extra, head_req, connection_field(keep, client_11), out);
-            let r = wr.write_all(out).await;
-            let o = Outcome { status: refusal.status.as_u16(), bytes_in, bytes_out: 0, start, now };
-            gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
-            r?;
-            return Ok(Served::Done(keep));
-        }
-    };
-    let status = answered.status;
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        let o = Outcome { status: 101, bytes_in, bytes_out: 0, start, now };
-        let result = if upgrade
-            && switched_as_asked
-            && let Some(conn) = answered.body.into_upgraded()
-        {
-            out.extend_from_slice(b"connection: upgrade\r\n\r\n");
-            gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
-            // The tunnel lives while its caller would still be let through, and while the worker
-            // runs; after the 101 keygate sees no requests, so this is the only check left.
-            let ends = async {
-                let mut stopping = shutdown.waiter();
-                if shutdown.is_set() {
-                    return;
-                }
-                match &caller {
-                    Some(c) => tokio::select! {
-                        () = gw.until_refused(route, &head.method, c) => {
-                            tracing::info!(route = %route.id, "tunnel closed: its token is no longer valid for the route");
-                        }
-                        () = &mut stopping => {}
-                    },
-                    None => stopping.await,
-                }
-            };
-            tunnel(rd, wr, body_buf, out, conn, ends).await
-        } else {
-            table.metrics.upstream_error(route.index, false);
-            let r = Refuse::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                "the upstream switched protocols without being asked, or to one not asked for",
-            );
-            out.clear();
-            r.answer().write_h1(&extra, head_req, Some("close"), out);
-            let o = Outcome { status: 502, ..o };
-            gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
-            wr.write_all(out).await
+    /// Answers the request at the start of `rbuf`, if its head is all there: the phases in their
+    /// order (admit, then forward or keygate's own answer, then record), as for HTTP/2 in
+    /// [`crate::h2`]. Bytes after the head (a body, pipelined requests) move to `body_buf`, so
+    /// that the head stays borrowed while the body is read.
+    async fn request(&mut self, table: &Arc<Table>, rbuf: &[u8], start: Instant) -> io::Result<Served> {
+        let gw = self.gw;
+        let now = gw.clock.now();
+        let mut slots = [const { MaybeUninit::<Field<'_>>::uninit() }; MAX_FIELDS];
+        let (len, head) = match parse_head(rbuf, &mut slots, gw.settings.api_key_header.as_ref()) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return Ok(Served::Partial),
+            Err(r) => return self.refuse_unread(table, r, start).await,
         };
-        return result.map(|()| Served::Done(false));
+        if let Some(rest) = rbuf.get(len..)
+            && !rest.is_empty()
+        {
+            self.body_buf.extend_from_slice(rest);
+        }
+        let head_req = head.method == Method::HEAD;
+        let client_11 = head.version == Version::HTTP_11;
+        let mut keep = head.keep_alive();
+        let framing = BodyFraming::of(&head);
+        let mut ctx = RequestCtx::new(table, self.info, &head, start, now);
+        let route = match gw.admit(&mut ctx) {
+            Verdict::Forward(route) => route,
+            Verdict::Answer { answer, refusal } => {
+                // A body nobody read: skip it if it is all here, else end the connection after.
+                keep &= !answer.close && !self.shutdown.is_set() && skip_body(&framing, &mut self.body_buf);
+                self.out.clear();
+                answer.write_h1(&ctx.extra, head_req, connection_field(keep, client_11), &mut self.out);
+                let r = self.wr.write_all(&self.out).await;
+                let o = Outcome { status: answer.status.as_u16(), bytes_in: 0, bytes_out: answer.body.len() as u64 };
+                gw.record_own(&ctx, refusal, o);
+                r?;
+                return Ok(Served::Done(keep));
+            }
+            Verdict::Local(service) => {
+                let state = BodyState::default();
+                let keep = keep && !self.shutdown.is_set();
+                let r = self.local(&ctx, &*service, framing, &state, keep).await;
+                let status = r.as_ref().map_or(500, |(s, _)| *s);
+                let o = Outcome { status, bytes_in: state.seen.load(Ordering::Relaxed), bytes_out: 0 };
+                gw.record_own(&ctx, None, o);
+                return r.map(|(_, keep)| Served::Done(keep));
+            }
+        };
+        let upgrade = upgrade_requested(&head);
+        let state = BodyState::default();
+        let has_body = !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
+        if !has_body {
+            state.finished.store(true, Ordering::Relaxed);
+        }
+        let expect = head.known.expect_continue && head.version == Version::HTTP_11 && has_body;
+        self.out.clear();
+        let (answered, switched_as_asked) = {
+            let mut body = Some(ClientBody {
+                rd: &mut self.rd,
+                buf: &mut self.body_buf,
+                framing,
+                limit: route.max_body_bytes,
+                state: &state,
+                continue_to: if expect { Some(&mut self.wr) } else { None },
+            });
+            let mut sink = H1Sink {
+                out: &mut self.out,
+                upgrade_of: upgrade.then_some(&head),
+                switching: false,
+                switched_as_asked: false,
+            };
+            let a = gw.forward(&ctx, route, &mut body, &state, &mut sink).await;
+            (a, sink.switched_as_asked)
+        };
+        let body_read = state.finished.load(Ordering::Relaxed);
+        let bytes_in = state.seen.load(Ordering::Relaxed);
+        let mut answered = match answered {
+            Ok(a) => a,
+            Err(refusal) => {
+                keep &= body_read && !refusal.closes() && !self.shutdown.is_set();
+                self.out.clear();
+                refusal.answer().write_h1(&ctx.extra, head_req, connection_field(keep, client_11), &mut self.out);
+                let r = self.wr.write_all(&self.out).await;
+                gw.record(&ctx, Outcome { status: refusal.status.as_u16(), bytes_in, bytes_out: 0 });
+                r?;
+                return Ok(Served::Done(keep));
+            }
+        };
+        let status = answered.status;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            let o = Outcome { status: 101, bytes_in, bytes_out: 0 };
+            let result = if upgrade
+                && switched_as_asked
+                && let Some(conn) = answered.body.into_upgraded()
+            {
+                self.out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+                gw.record(&ctx, o);
+                // The tunnel lives while its caller would still be let through, and while the
+                // worker runs; after the 101 keygate sees no requests, so this is the only check
+                // left.
+                let shutdown = self.shutdown;
+                let caller = ctx.caller.as_ref();
+                let ends = async {
+                    let mut stopping = shutdown.waiter();
+                    if shutdown.is_set() {
+                        return;
+                    }
+                    match caller {
+                        Some(c) => tokio::select! {
+                            () = gw.until_refused(route, &head.method, c) => {
+                                tracing::info!(route = %route.id, "tunnel closed: its token is no longer valid for the route");
+                            }
+                            () = &mut stopping => {}
+                        },
+                        None => stopping.await,
+                    }
+                };
+                tunnel(&mut self.rd, &mut self.wr, &mut self.body_buf, &self.out, conn, ends).await
+            } else {
+                table.metrics.upstream_error(route.index, false);
+                let r = Refuse::unasked_switch();
+                self.out.clear();
+                r.answer().write_h1(&ctx.extra, head_req, Some("close"), &mut self.out);
+                gw.record(&ctx, Outcome { status: 502, ..o });
+                self.wr.write_all(&self.out).await
+            };
+            return result.map(|()| Served::Done(false));
+        }
+        keep &= body_read && !self.shutdown.is_set();
+        // Answers that cannot have a body (RFC 9112 §6.3) keep the upstream's fields as they are;
+        // every other answer says where its body ends, an empty one included.
+        let bodiless = head_req
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framed = Framed { extra: &ctx.extra, client_11, bodiless };
+        let (result, sent) = relay(&mut self.wr, &mut self.out, &mut answered.body, &framed, &mut keep).await;
+        gw.record(&ctx, Outcome { status: status.as_u16(), bytes_in, bytes_out: sent });
+        result.map(|()| Served::Done(keep))
     }
-    keep &= body_read && !shutdown.is_set();
-    // Answers that cannot have a body (RFC 9112 §6.3) keep the upstream's fields as they are;
-    // every other answer says where its body ends, an empty one included.
-    let bodiless =
-        head_req || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let (result, sent) = relay(wr, out, &mut answered.body, &extra, client_11, bodiless, &mut keep).await;
-    let o = Outcome { status: status.as_u16(), bytes_in, bytes_out: sent, start, now };
-    gw.record(table, Some(route), caller.as_ref(), &o, line.as_ref());
-    result.map(|()| Served::Done(keep))
-}
 
-/// Serves a request for one of keygate's own services (the OAuth endpoints): its body is read
-/// whole (at most [`MAX_LOCAL_BODY`], within `body_timeout` of the head), the service answers,
-/// the answer goes out whole. Returns the status and whether the connection can take another
-/// request.
-#[allow(clippy::too_many_arguments)]
-async fn local<R, W>(
-    service: &dyn LocalService,
-    head: &ReqHead<'_>,
-    info: ConnInfo,
-    framing: BodyFraming,
-    rd: &mut R,
-    wr: &mut W,
-    body_buf: &mut BytesMut,
-    out: &mut Vec<u8>,
-    state: &BodyState,
-    client_11: bool,
-    mut keep: bool,
-    body_timeout: Duration,
-) -> io::Result<(u16, bool)>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    let expect =
-        head.known.expect_continue && client_11 && !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
-    let mut body = ClientBody {
-        rd,
-        buf: body_buf,
-        framing,
-        limit: MAX_LOCAL_BODY,
-        state,
-        continue_to: if expect { Some(&mut *wr) } else { None },
-    };
-    let mut bytes = Vec::new();
-    // The whole body within one deadline from the end of the head: a client that sends a byte
-    // now and then must not hold the connection, and a task of the control plane's, forever.
-    let read_all = async {
-        while let Some(piece) = body.data().await {
-            match piece {
-                Ok(d) => bytes.extend_from_slice(&d),
-                Err(_) => return false,
+    /// Serves a request for one of keygate's own services (the OAuth endpoints): its body is
+    /// read whole (at most [`MAX_LOCAL_BODY`], within the body time-out of the head), the
+    /// service answers, the answer goes out whole. Returns the status and whether the
+    /// connection can take another request.
+    async fn local(
+        &mut self,
+        ctx: &RequestCtx<'_, '_>,
+        service: &dyn LocalService,
+        framing: BodyFraming,
+        state: &BodyState,
+        mut keep: bool,
+    ) -> io::Result<(u16, bool)> {
+        let head = ctx.head;
+        let client_11 = head.version == Version::HTTP_11;
+        let expect =
+            head.known.expect_continue && client_11 && !matches!(framing, BodyFraming::Done | BodyFraming::Length(0));
+        let mut body = ClientBody {
+            rd: &mut self.rd,
+            buf: &mut self.body_buf,
+            framing,
+            limit: MAX_LOCAL_BODY,
+            state,
+            continue_to: if expect { Some(&mut self.wr) } else { None },
+        };
+        let mut bytes = Vec::new();
+        // The whole body within one deadline from the end of the head: a client that sends a
+        // byte now and then must not hold the connection, and a task of the control plane's,
+        // forever.
+        let read_all = async {
+            while let Some(piece) = body.data().await {
+                match piece {
+                    Ok(d) => bytes.extend_from_slice(&d),
+                    Err(_) => return false,
+                }
+            }
+            true
+        };
+        let read = tokio::time::timeout(self.timeouts.body, read_all).await;
+        let out = &mut self.out;
+        out.clear();
+        if !matches!(read, Ok(true)) {
+            let r = if read.is_err() {
+                Refuse::of(Code::RequestTimeout, "the request body did not arrive in time")
+            } else if state.too_large.load(Ordering::Relaxed) {
+                Refuse::of(Code::BodyTooLarge, "this endpoint takes bodies up to 64 KiB")
+            } else {
+                Refuse::bad_framing("the request body is malformed")
+            };
+            r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), out);
+            self.wr.write_all(out).await?;
+            return Ok((r.status.as_u16(), false));
+        }
+        let mut req = http::Request::new(Bytes::from(bytes));
+        *req.method_mut() = head.method.clone();
+        let target = match head.query {
+            Some(q) => format!("{}?{q}", head.path),
+            None => head.path.to_owned(),
+        };
+        if let Ok(uri) = target.parse() {
+            *req.uri_mut() = uri;
+        }
+        for f in head.fields {
+            if let (Ok(k), Ok(v)) =
+                (http::HeaderName::from_bytes(f.name.as_bytes()), http::HeaderValue::from_bytes(f.value))
+            {
+                req.headers_mut().append(k, v);
             }
         }
-        true
-    };
-    let read = tokio::time::timeout(body_timeout, read_all).await;
-    out.clear();
-    if !matches!(read, Ok(true)) {
-        let r = if read.is_err() {
-            Refuse::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request body did not arrive in time")
-        } else if state.too_large.load(Ordering::Relaxed) {
-            Refuse::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "this endpoint takes bodies up to 64 KiB")
-        } else {
-            Refuse::bad_framing("the request body is malformed")
-        };
-        r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), out);
-        wr.write_all(out).await?;
-        return Ok((r.status.as_u16(), false));
-    }
-    let mut req = http::Request::new(Bytes::from(bytes));
-    *req.method_mut() = head.method.clone();
-    let target = match head.query {
-        Some(q) => format!("{}?{q}", head.path),
-        None => head.path.to_owned(),
-    };
-    if let Ok(uri) = target.parse() {
-        *req.uri_mut() = uri;
-    }
-    for f in head.fields {
-        if let (Ok(k), Ok(v)) =
-            (http::HeaderName::from_bytes(f.name.as_bytes()), http::HeaderValue::from_bytes(f.value))
-        {
-            req.headers_mut().append(k, v);
+        let resp = service.call(req, ctx.conn.remote).await;
+        let status = resp.status();
+        keep &= state.finished.load(Ordering::Relaxed);
+        status_line(out, status);
+        crate::answer::date_line(out);
+        for (k, v) in resp.headers() {
+            if k != http::header::CONTENT_LENGTH
+                && k != http::header::TRANSFER_ENCODING
+                && k != http::header::CONNECTION
+            {
+                line(out, k.as_str().as_bytes(), v.as_bytes());
+            }
         }
-    }
-    let resp = service.call(req, info.remote).await;
-    let status = resp.status();
-    keep &= state.finished.load(Ordering::Relaxed);
-    status_line(out, status);
-    crate::answer::date_line(out);
-    for (k, v) in resp.headers() {
-        if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING && k != http::header::CONNECTION {
-            line(out, k.as_str().as_bytes(), v.as_bytes());
+        if let Some(c) = connection_field(keep, client_11) {
+            line(out, b"connection", c.as_bytes());
         }
+        let body = resp.into_body();
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        if head.method != Method::HEAD {
+            out.extend_from_slice(&body);
+        }
+        self.wr.write_all(out).await?;
+        Ok((status.as_u16(), keep))
     }
-    if let Some(c) = connection_field(keep, client_11) {
-        line(out, b"connection", c.as_bytes());
-    }
-    let body = resp.into_body();
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
-    if head.method != Method::HEAD {
-        out.extend_from_slice(&body);
-    }
-    wr.write_all(out).await?;
-    Ok((status.as_u16(), keep))
-}
 
-/// Answers a request whose head could not be used, and ends the connection.
-async fn refuse_bare<W: AsyncWrite + Unpin>(
-    gw: &Gateway,
-    table: &Table,
-    wr: &mut W,
-    out: &mut Vec<u8>,
-    r: Refuse,
-    start: Instant,
-    now: keygate_core::Timestamp,
-) -> io::Result<Served> {
-    out.clear();
-    r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), out);
-    table.metrics.refusal(r.code);
-    let o = Outcome { status: r.status.as_u16(), bytes_in: 0, bytes_out: 0, start, now };
-    gw.record(table, None, None, &o, None);
-    wr.write_all(out).await?;
-    Ok(Served::Done(false))
+    /// Answers a request whose head could not be used, and ends the connection.
+    async fn refuse_unread(&mut self, table: &Table, r: Refuse, start: Instant) -> io::Result<Served> {
+        self.out.clear();
+        r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), &mut self.out);
+        let o = Outcome { status: r.status.as_u16(), bytes_in: 0, bytes_out: 0 };
+        self.gw.record_unread(table, r.code, start, o);
+        self.wr.write_all(&self.out).await?;
+        Ok(Served::Done(false))
+    }
 }
 
 /// Whether an unread request body can be skipped so the connection stays usable: it can when
@@ -743,11 +672,10 @@ async fn relay<W: AsyncWrite + Unpin>(
     wr: &mut W,
     out: &mut Vec<u8>,
     body: &mut UpstreamResponseBody,
-    extra: &AnswerExtra,
-    client_11: bool,
-    bodiless: bool,
+    framed: &Framed<'_>,
     keep: &mut bool,
 ) -> (io::Result<()>, u64) {
+    let Framed { extra, client_11, bodiless } = *framed;
     extra.write_h1(out);
     let no_body = body.is_empty();
     let mut chunked = false;
@@ -819,6 +747,16 @@ async fn relay<W: AsyncWrite + Unpin>(
         }
     }
     (Ok(()), sent)
+}
+
+/// How a relayed answer is completed: keygate's headers, and what the framing depends on.
+#[derive(Clone, Copy)]
+struct Framed<'a> {
+    extra: &'a AnswerExtra,
+    /// The client speaks HTTP/1.1 (chunked is possible, keep-alive is the default).
+    client_11: bool,
+    /// The answer has no body whatever its fields say (to HEAD, 1xx, 204, 304).
+    bodiless: bool,
 }
 
 /// Appends body data, as a chunk when the answer is chunked.

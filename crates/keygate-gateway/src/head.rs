@@ -324,6 +324,49 @@ pub fn rsplit_once_ascii(s: &str, c: u8) -> Option<(&str, &str)> {
     Some((s.get(..i)?, s.get(i + 1..)?))
 }
 
+/// Whether the request asks to switch protocols (RFC 9110 §7.8): an `Upgrade` field, and
+/// `Connection` naming `upgrade` (the field is hop-by-hop, so without that it is not meant for
+/// this hop). The one definition of an upgrade: what is checked is exactly what is forwarded and
+/// tunnelled.
+pub(crate) fn upgrade_requested(head: &ReqHead<'_>) -> bool {
+    head.known.upgrade
+        && head.known.connection
+        && head
+            .all("connection")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+}
+
+/// The protocol names of an `Upgrade` list (`name[/version]`, RFC 9110 §7.8), in order.
+pub(crate) fn upgrade_protocols<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values.flat_map(|v| v.split(|b| *b == b',')).map(|p| {
+        let p = p.trim_ascii();
+        p.split(|b| *b == b'/').next().unwrap_or(p).trim_ascii()
+    })
+}
+
+/// bits. Anything else (a sign, spaces, hex, a length past 2⁶⁴−1) is `None`.
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(
+        0u64,
+        |n, &b| {
+            if b.is_ascii_digit() { n.checked_mul(10)?.checked_add(u64::from(b - b'0')) } else { None }
+        },
+    )
+}
+
+/// Whether `v` may be written as a field value (RFC 9110 §5.5): visible characters, spaces,
+/// horizontal tabs and obs-text (bytes from 0x80), and no other control byte. A CR or LF in a
+/// value would end the field there and let the rest be read as more fields, or a second message
+/// (RFC 9112 §2.2); a NUL makes parsers disagree. The loop has no early exit, so it compiles to
+/// a vector loop: every value of every head keygate writes passes through it.
+pub fn is_field_value(v: &[u8]) -> bool {
+    !v.iter().fold(false, |bad, &b| bad | ((b < 0x20) & (b != b'\t')) | (b == 0x7f))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,5 +577,16 @@ mod tests {
     fn targets_split() {
         assert_eq!(split_target("/a?b=1"), ("/a", Some("b=1")));
         assert_eq!(split_target("/a"), ("/a", None));
+    }
+
+    #[test]
+    fn content_lengths_are_plain_numbers_below_2_to_the_64() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"007"), Some(7));
+        assert_eq!(parse_length(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [&b""[..], b"18446744073709551616", b"99999999999999999999999", b"+5", b"-1", b"0x5", b"5 ", b"1_0"]
+        {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
     }
 }

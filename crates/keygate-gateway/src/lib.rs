@@ -1,25 +1,39 @@
-//! keygate's data plane: the listener ([`server`]), the request path ([`handler`]), the route
-//! table ([`routes`]), the in-memory token index ([`index`]) kept current by the change feed
-//! ([`follow`]), rate limits and quotas ([`limiter`]), usage metering ([`usage`]), upstream
-//! connections ([`proxy`]) and metrics ([`metrics`]).
+//! keygate's data plane. Its request path, top to bottom (imports point down, never up):
+//!
+//! - the listener ([`server`]) and the front ends, [`h1`] (keygate's own HTTP/1.1 server) and
+//!   [`h2`] (HTTP/2 through hyper), which parse a request, make its context ([`ctx`]) and run
+//! - the phases ([`phase`]): [`phase::admit`] (route, credential, token, DPoP, IP, scope, limits,
+//!   CORS), [`phase::forward`] (upstream choice, the upstream head, attempts), [`phase::record`]
+//!   (metering, access log);
+//! - [`answer`], the one place a refusal or an upstream error becomes an answer;
+//! - the state they read ([`gateway`]) and the leaves: the route table ([`routes`]), the in-memory
+//!   token index ([`index`]) kept current by the change feed ([`follow`]), JWTs ([`jwt`]), rate
+//!   limits and quotas ([`limiter`]), usage metering ([`usage`]), the upstream client
+//!   ([`proxy`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
+//!
+//! [`tasks`] holds the gateway's background loops (usage flusher, health checks).
 #![forbid(unsafe_code)]
 
 pub mod answer;
 pub mod body;
 pub mod config;
 pub mod conns;
+pub mod ctx;
 pub mod follow;
 #[doc(hidden)]
 pub mod fuzz_api;
+pub mod gateway;
 pub mod h1;
-pub mod handler;
+pub mod h2;
 pub mod head;
 pub mod index;
 pub mod jwt;
 pub mod limiter;
 pub mod metrics;
+pub mod phase;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod tasks;
 mod timer;
 pub mod usage;

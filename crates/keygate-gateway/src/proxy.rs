@@ -1,7 +1,7 @@
 //! Upstream connections: keygate's own HTTP/1.1 client for the upstream leg. Each worker thread
 //! keeps a pool of idle connections per upstream (each worker runs its own single-threaded
-//! runtime, so the pool needs no lock). A request is written as one buffer straight from the
-//! headers the handler prepared and the answer's head is parsed in place, so forwarding costs one
+//! runtime, so the pool needs no lock). A request head is sent as the one buffer the forward phase
+//! wrote ([`crate::phase::forward`]) and the answer's head is parsed in place, so forwarding costs one
 //! write and usually one read, with no connection task and no channel between the request and
 //! its connection. The answer's body streams to the client; the connection goes back to the pool
 //! the moment that body has been read to its end.
@@ -71,8 +71,11 @@ pub struct Conn {
     stream: TcpStream,
     buf: BytesMut,
     /// The buffer request heads are written into: kept with the connection, so a pooled
-    /// connection brings one that is already large enough.
+    /// connection brings one that is already large enough (a buffer of the worker thread's would
+    /// be taken by one request while the next ones on the thread find none).
     head: Vec<u8>,
+    /// It came from the pool (it may have been closed by the upstream while idle).
+    pooled: bool,
     /// The answer time limit of the request in flight on this connection.
     timer: Deadline,
 }
@@ -112,8 +115,9 @@ fn checkout(authority: &Arc<str>) -> Option<Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
         let idle = pool.get_mut(authority)?;
-        while let Some(c) = idle.pop() {
+        while let Some(mut c) = idle.pop() {
             if c.is_reusable() {
+                c.pooled = true;
                 return Some(c);
             }
         }
@@ -132,6 +136,7 @@ async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, Upstre
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
         head: Vec::new(),
+        pooled: false,
         timer: Deadline::new(),
     })
 }
@@ -145,7 +150,8 @@ pub enum RequestFraming {
     Chunked,
 }
 
-fn request_framing<B: BodySource>(method: &Method, body: Option<&B>) -> RequestFraming {
+/// How `body`, of a request with `method`, is framed upstream.
+pub fn request_framing<B: BodySource>(method: &Method, body: Option<&B>) -> RequestFraming {
     let Some(body) = body.filter(|b| !b.is_end_stream()) else {
         // An empty POST, PUT or PATCH says so, for upstreams that insist on a length.
         return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
@@ -453,7 +459,7 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                 let ext_ok = rest.is_empty() || {
                     let t =
                         rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&rest[rest.len()..], |i| &rest[i..]);
-                    t.first() == Some(&b';') && crate::answer::is_field_value(t)
+                    t.first() == Some(&b';') && crate::head::is_field_value(t)
                 };
                 if !ext_ok {
                     return Err(bad("bad chunk size"));
@@ -521,7 +527,7 @@ fn is_field_line(line: &[u8]) -> bool {
     let Some(colon) = line.iter().position(|b| *b == b':') else { return false };
     let (name, value) = line.split_at(colon);
     let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    !name.is_empty() && name.iter().all(tchar) && crate::answer::is_field_value(value.get(1..).unwrap_or_default())
+    !name.is_empty() && name.iter().all(tchar) && crate::head::is_field_value(value.get(1..).unwrap_or_default())
 }
 
 /// The body of an upstream's answer, read straight from its connection. When it ends, the
@@ -709,41 +715,58 @@ pub struct Answered {
     pub body: UpstreamResponseBody,
 }
 
-/// Sends a request to `upstream` over a pooled (or new) connection and reads the answer's head
-/// into `sink`. `write_head` writes the request head for the body's framing. `body` is taken
-/// when it is sent; a request whose body was not consumed can be sent again: a pooled
-/// connection found dead before the answer began is replaced by a fresh one once. Connection
-/// failures count against the upstream's passive health; a failure after the request was sent is
-/// left to the caller, which knows whether the client's body caused it.
+/// A request for [`send`], whose head the caller wrote whole into the connection
+/// ([`Conn::head_buf`]) for the body's framing ([`request_framing`]), and its time limits.
+#[derive(Clone, Copy)]
+pub struct UpstreamRequest<'a> {
+    pub method: &'a Method,
+    pub framing: RequestFraming,
+    pub connect_timeout: Duration,
+    /// When the answer's head must have come.
+    pub deadline: tokio::time::Instant,
+}
+
+/// A connection to `upstream` for one request: an idle pooled one, else a new one. A failure
+/// to connect counts against the upstream's passive health.
+pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Conn, UpstreamError> {
+    if let Some(c) = checkout(&upstream.authority) {
+        return Ok(c);
+    }
+    connect(&upstream.authority, connect_timeout).await.inspect_err(|_| note_failure(upstream))
+}
+
+impl Conn {
+    /// The connection's buffer for the next request head, empty: the caller writes the head
+    /// whole, `\r\n\r\n` included, and [`send`] sends it as it is.
+    pub fn head_buf(&mut self) -> &mut Vec<u8> {
+        self.head.clear();
+        &mut self.head
+    }
+}
+
+/// Sends a request over `conn` (from [`open`], its head written into [`Conn::head_buf`]) and
+/// reads the answer's head into `sink`. What passes upstream was decided before, by the request
+/// path; this only carries bytes. `body` is taken when it is sent; a request whose body was not
+/// consumed can be sent again: a pooled connection found dead before the answer began is
+/// replaced by a fresh one once. Connection failures count against the upstream's passive
+/// health; a failure after the request was sent is left to the caller, which knows whether the
+/// client's body caused it.
 pub async fn send<B: BodySource, S: HeadSink>(
     upstream: &Upstream,
-    method: &Method,
-    write_head: &(dyn Fn(RequestFraming, &mut Vec<u8>) + Sync),
+    mut conn: Conn,
+    req: &UpstreamRequest<'_>,
     body: &mut Option<B>,
     sink: &mut S,
-    connect_timeout: Duration,
-    deadline: tokio::time::Instant,
 ) -> Result<Answered, SendError> {
+    let UpstreamRequest { method, connect_timeout, deadline, .. } = *req;
     let authority = &upstream.authority;
-    let (mut conn, mut pooled) = match checkout(authority) {
-        Some(c) => (c, true),
-        None => match connect(authority, connect_timeout).await {
-            Ok(c) => (c, false),
-            Err(e) => {
-                note_failure(upstream);
-                return Err(SendError::Upstream(e));
-            }
-        },
-    };
-    let framing = request_framing(method, body.as_ref());
-    let mut head = std::mem::take(&mut conn.head);
-    head.clear();
-    write_head(framing, &mut head);
+    let mut pooled = conn.pooled;
+    let head = std::mem::take(&mut conn.head);
     if upstream.counts_in_flight {
         upstream.in_flight.fetch_add(1, Ordering::Relaxed);
     }
     let result = loop {
-        let attempt = exchange(&mut conn.stream, &mut conn.buf, &head, body, framing, method, sink);
+        let attempt = exchange(&mut conn.stream, &mut conn.buf, (req, &head), body, sink);
         match conn.timer.run(deadline, attempt).await {
             None => break Err(SendError::Upstream(UpstreamError::Timeout)),
             Some(Ok(Some(h))) => break Ok(h),
@@ -795,12 +818,11 @@ pub async fn send<B: BodySource, S: HeadSink>(
 async fn exchange<B: BodySource, S: HeadSink>(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    head: &[u8],
+    (req, head): (&UpstreamRequest<'_>, &[u8]),
     body: &mut Option<B>,
-    framing: RequestFraming,
-    method: &Method,
     sink: &mut S,
 ) -> Result<Option<(Head, bool)>, SendError> {
+    let UpstreamRequest { method, framing, .. } = *req;
     if let Err(e) = stream.write_all(head).await {
         // Nothing of the answer came; a dead idle connection shows up here or in the read.
         tracing::debug!(error = %e, "writing to the upstream failed");
@@ -863,15 +885,13 @@ pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
         format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.authority);
     let mut body: Option<crate::body::UpstreamBody> = None;
     let mut sink = MapSink::default();
-    let answer = exchange(
-        &mut conn.stream,
-        &mut conn.buf,
-        head.as_bytes(),
-        &mut body,
-        RequestFraming::None,
-        &Method::GET,
-        &mut sink,
-    );
+    let req = UpstreamRequest {
+        method: &Method::GET,
+        framing: RequestFraming::None,
+        connect_timeout: timeout,
+        deadline: tokio::time::Instant::now() + timeout,
+    };
+    let answer = exchange(&mut conn.stream, &mut conn.buf, (&req, head.as_bytes()), &mut body, &mut sink);
     matches!(
         tokio::time::timeout(timeout, answer).await,
         Ok(Ok(Some((h, _)))) if h.status.is_success() || h.status.is_redirection()

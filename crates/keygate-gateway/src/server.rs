@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,11 +26,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::answer::AnswerExtra;
-use crate::body::{BoxError, GatewayBody};
+use crate::answer::{AnswerExtra, Code, GatewayBody, Refuse};
+use crate::body::BoxError;
 use crate::conns::{ConnSlot, ConnStats, Refused};
-use crate::h1::{self, Timeouts};
-use crate::handler::{ConnInfo, Gateway, Refuse};
+use crate::ctx::ConnInfo;
+use crate::gateway::Gateway;
+use crate::h1;
 use crate::timer::Shutdown;
 
 /// Where TLS settings come from; swapped when the certificate files change.
@@ -47,35 +47,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// The HTTP/2 settings of client connections.
-#[derive(Debug, Clone, Copy)]
-pub struct Http2Settings {
-    /// A connection with no open stream for this long is closed.
-    pub idle: Duration,
-    /// How often a PING checks the client is there; `None` sends none.
-    pub keep_alive_interval: Option<Duration>,
-    /// How long a PING may go unanswered.
-    pub keep_alive_timeout: Duration,
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS`.
-    pub max_concurrent_streams: u32,
-}
-
-/// Everything about client connections: time limits, HTTP/2 and the connection caps.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnSettings {
-    pub timeouts: Timeouts,
-    pub http2: Http2Settings,
-    /// Connections one worker serves at once.
-    pub max_per_worker: usize,
-    /// Connections one address (IPv6: /64) holds at once over all workers; 0: no cap.
-    pub max_per_address: usize,
-}
-
-impl Default for ConnSettings {
-    fn default() -> Self {
-        crate::config::GatewayConfig::default().conn_settings()
-    }
-}
+pub use crate::config::{ConnSettings, Http2Settings};
 
 /// A running gateway listener.
 pub struct GatewayServer {
@@ -297,7 +269,7 @@ impl Worker {
             self.h2(io, info, &ticket.stop).await;
         } else {
             let (rd, wr) = stream.split();
-            h1::serve(self.gw.clone(), info, rd, wr, rbuf, ticket.stop.clone(), self.settings.timeouts).await;
+            h1::serve(self.gw.clone(), info, (rd, wr), rbuf, ticket.stop.clone(), self.settings.timeouts).await;
         }
     }
 
@@ -311,7 +283,7 @@ impl Worker {
             self.h2(tls, info, &ticket.stop).await;
         } else {
             let (rd, wr) = tokio::io::split(tls);
-            h1::serve(self.gw.clone(), info, rd, wr, BytesMut::new(), ticket.stop.clone(), self.settings.timeouts)
+            h1::serve(self.gw.clone(), info, (rd, wr), BytesMut::new(), ticket.stop.clone(), self.settings.timeouts)
                 .await;
         }
     }
@@ -549,7 +521,7 @@ fn refusal_bytes(why: Refused) -> Vec<u8> {
         Refused::Worker => "the gateway holds as many connections as it serves; retry shortly",
         Refused::Address => "your address holds as many connections as the gateway allows one client; close some first",
     };
-    let r = Refuse::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", message);
+    let r = Refuse::of(Code::TooManyConnections, message);
     let mut out = Vec::with_capacity(256);
     r.answer().write_h1(&AnswerExtra::default(), false, Some("close"), &mut out);
     out

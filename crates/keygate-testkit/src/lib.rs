@@ -129,7 +129,7 @@ impl TestKeygate {
         self.running().tls.as_ref()
     }
 
-    pub fn gateway(&self) -> &Arc<keygate_gateway::handler::Gateway> {
+    pub fn gateway(&self) -> &Arc<keygate_gateway::gateway::Gateway> {
         &self.running().gateway
     }
 

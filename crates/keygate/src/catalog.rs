@@ -12,7 +12,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate_admin::catalog::{ApiCatalog, ApiEntry, TryAnswer};
-use keygate_gateway::handler::{ConnInfo, Gateway};
+use keygate_gateway::ctx::ConnInfo;
+use keygate_gateway::gateway::Gateway;
 use keygate_gateway::routes::normalize_path;
 use parking_lot::Mutex;
 

@@ -13,7 +13,7 @@ use keygate_admin::{Admin, AdminSettings, AdminState};
 use keygate_core::secret::{OsRandom, Pepper};
 use keygate_core::store::{ChangeFeed, RootKeyStore, Store};
 use keygate_core::{Clock, SystemClock};
-use keygate_gateway::handler::Gateway;
+use keygate_gateway::gateway::Gateway;
 use keygate_gateway::index::TokenIndex;
 use keygate_gateway::server::GatewayServer;
 use keygate_store::{SqlStore, StoreLocation};
@@ -130,8 +130,8 @@ pub async fn start(
     let mut tasks = vec![
         crate::gateway::spawn_oauth_maintenance(oauth.clone()),
         follower,
-        crate::gateway::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
-        crate::gateway::spawn_health_checks(gw.clone()),
+        keygate_gateway::tasks::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
+        keygate_gateway::tasks::spawn_health_checks(gw.clone()),
         crate::gateway::spawn_reloader(gw.clone(), config_path.map(Path::to_owned), tls),
     ];
 
@@ -224,7 +224,7 @@ pub async fn start(
 impl Running {
     /// Writes counted usage to the store now.
     pub async fn flush_usage(&self) {
-        crate::gateway::flush(&self.gateway, &*self.store).await;
+        keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace period, flushes usage,
@@ -244,7 +244,7 @@ impl Running {
         for t in &self.tasks {
             t.abort();
         }
-        crate::gateway::flush(&self.gateway, &*self.store).await;
+        keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
         self.store.close().await;
         tracing::info!("stopped");
     }

@@ -641,11 +641,11 @@ async fn active_health_checks_take_an_upstream_out_and_put_it_back() {
         route.upstreams[0].is_healthy()
     };
     // Rounds run only when the interval divides the elapsed seconds.
-    keygate::gateway::health_check_round(kg.gateway(), 3).await;
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 3).await;
     assert!(flaky_is_healthy(), "no check at second 3 of a 5-second interval");
-    keygate::gateway::health_check_round(kg.gateway(), 5).await;
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 5).await;
     assert!(flaky_is_healthy(), "one failed check is below the threshold of 2");
-    keygate::gateway::health_check_round(kg.gateway(), 10).await;
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 10).await;
     assert!(!flaky_is_healthy(), "two failed checks take it out");
 
     // Out of rotation: every request goes to the healthy upstream.
@@ -657,9 +657,9 @@ async fn active_health_checks_take_an_upstream_out_and_put_it_back() {
     }
 
     flag.store(true, Ordering::SeqCst);
-    keygate::gateway::health_check_round(kg.gateway(), 15).await;
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 15).await;
     assert!(!flaky_is_healthy(), "one success is below the healthy threshold of 2");
-    keygate::gateway::health_check_round(kg.gateway(), 20).await;
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 20).await;
     assert!(flaky_is_healthy(), "two successes put it back");
 }
 

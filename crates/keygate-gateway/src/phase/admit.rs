@@ -1,0 +1,569 @@
+//! Admit: the first phase, which decides from the request head alone whether a request goes on
+//! — every step in memory, in this order: framing checks (RFC 9112 §6), path normalization,
+//! route match, CORS preflight (answered without a token), keygate's own services on this
+//! listener, refusal of tokens in the query string, the credential, the token (index or JWT),
+//! DPoP, the IP allowlist, the scope, an upgrade's protocol, rate limits and quota, the body's
+//! announced size. What it learns goes into the [`RequestCtx`] (route, caller, the headers every
+//! answer on the route carries); what it refuses is a [`Refuse`], which [`crate::answer`] turns
+//! into an answer. Also here: the demo route's answer, and the re-admission of an open tunnel
+//! ([`Gateway::until_refused`]).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use keygate_core::Timestamp;
+use keygate_core::dpop::{self, ProofCheck};
+use keygate_core::policy::GcraDecision;
+use keygate_core::secret::TokenSecret;
+use keygate_core::token_format::PUBLIC_ID_LEN;
+
+use crate::answer::{Answer, AnswerExtra, Code, Refuse};
+use crate::ctx::{Caller, ConnInfo, Identity, RequestCtx, client_ip, is_trusted, origin};
+use crate::gateway::{Gateway, LocalService};
+use crate::head::{ReqHead, parse_length, upgrade_protocols, upgrade_requested};
+use crate::index::TokenIndex;
+use crate::jwt::{JwtRefusal, looks_like_jwt};
+use crate::limiter::Limiter;
+use crate::routes::{Route, normalize_path};
+
+/// How long a DPoP proof is accepted after its `iat`, and the clock skew allowed, in seconds.
+const DPOP_MAX_AGE_S: u32 = 300;
+const DPOP_LEEWAY_S: u32 = 30;
+
+/// What admit decided about a request.
+pub(crate) enum Verdict<'a> {
+    /// Forward it to this route's upstreams (the route and caller are in the context).
+    Forward(&'a Route),
+    /// keygate answers itself: a refusal (with its code, for the refusal metrics), a CORS
+    /// preflight, the demo route.
+    Answer { answer: Answer, refusal: Option<&'static str> },
+    /// A request for one of keygate's own services on this listener (the OAuth endpoints).
+    Local(Arc<dyn LocalService>),
+}
+
+impl Verdict<'_> {
+    fn refused(r: &Refuse) -> Self {
+        Verdict::Answer { answer: r.answer(), refusal: Some(r.code) }
+    }
+}
+
+/// RFC 9112 §6: refuse framing two parsers could read differently.
+pub(crate) fn check_framing(head: &ReqHead<'_>) -> Result<(), Refuse> {
+    let k = &head.known;
+    if k.hosts > 1 {
+        return Err(Refuse::bad_framing("more than one Host header"));
+    }
+    if k.transfer_encodings > 0 {
+        if k.content_lengths > 0 {
+            return Err(Refuse::bad_framing("both Transfer-Encoding and Content-Length"));
+        }
+        if head.version == http::Version::HTTP_10 {
+            return Err(Refuse::bad_framing("Transfer-Encoding in HTTP/1.0"));
+        }
+        let ok = k.transfer_encodings == 1
+            && head.at(k.transfer_encoding).is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+        if !ok {
+            return Err(Refuse::bad_framing("Transfer-Encoding other than a single \"chunked\""));
+        }
+    }
+    if k.content_lengths > 1 || head.at(k.content_length).is_some_and(|v| parse_length(v).is_none()) {
+        return Err(Refuse::bad_framing("Content-Length must be one plain number below 2^64"));
+    }
+    if k.framing_lookalike {
+        // `Content_Length` or `Transfer--Encoding`: frameworks that fold `_` into `-` (CGI,
+        // WSGI, Rack) could read the body's length from a field keygate did not frame it by.
+        return Err(Refuse::bad_framing(
+            "a header name is a near-spelling of Content-Length or Transfer-Encoding (such as Content_Length); send the field under its own name",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an upgrade to `h2c`, always (RFC 9113 §3.1 removed it: after its 101 the client
+/// would speak HTTP/2 straight to the upstream, and its requests there would pass no check), and
+/// to any protocol the route's `upgrades` does not list.
+fn check_upgrade(head: &ReqHead<'_>, route: &Route) -> Result<(), Refuse> {
+    let refuse = |m: Cow<'static, str>| Refuse { close: true, ..Refuse::of(Code::UpgradeNotAllowed, m) };
+    for name in upgrade_protocols(head.all("upgrade")) {
+        if name.eq_ignore_ascii_case(b"h2c") {
+            return Err(refuse(Cow::Borrowed(
+                "upgrading to h2c is not supported (RFC 9113 §3.1): use HTTP/2 with prior knowledge, or TLS with ALPN h2",
+            )));
+        }
+        if !route.upgrades.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(name)) {
+            let allowed = if route.upgrades.is_empty() { "none".to_owned() } else { route.upgrades.join(", ") };
+            return Err(refuse(Cow::Owned(format!(
+                "this route does not allow upgrading to {:?} (allowed: {allowed}); list it in the route's upgrades",
+                String::from_utf8_lossy(name)
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// The longest a tunnel waits between two checks of its token when nothing changes in the index
+/// (a clock set back or forward is noticed within it).
+const TUNNEL_RECHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How the credential came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Bearer,
+    /// `Authorization: DPoP`, with a `DPoP` proof (RFC 9449 §7.1).
+    Dpop,
+    /// The configured API-key header.
+    ApiKey,
+}
+
+/// The credential: `Authorization: Bearer …`, `Authorization: DPoP …` or the configured API-key
+/// header.
+fn credential<'a>(head: &ReqHead<'a>) -> Option<(Scheme, &'a str)> {
+    if let Some(v) = head.at(head.known.authorization) {
+        let v = std::str::from_utf8(v).ok()?;
+        let (scheme, rest) = crate::head::split_once_ascii(v, b' ')?;
+        let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+            Scheme::Bearer
+        } else if scheme.eq_ignore_ascii_case("dpop") {
+            Scheme::Dpop
+        } else {
+            return None;
+        };
+        return Some((scheme, rest.trim()));
+    }
+    head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(|v| (Scheme::ApiKey, v.trim()))
+}
+
+/// A well-formed token anywhere in the query string: in a name or a value, alone or inside a
+/// longer text (`Bearer kg_…`, JSON), with its characters percent-encoded or not and `+` read
+/// as a space, as application/x-www-form-urlencoded parsers read a query (issue 12 #4). A query
+/// without escapes is searched as it is; one with escapes is decoded first, on the stack when
+/// it is short.
+fn token_in_query(query: &str, index: &TokenIndex) -> Option<String> {
+    let raw = query.as_bytes();
+    if !raw.contains(&b'%') {
+        // `+` is not a character of tokens: reading it as a space changes no match.
+        return index.find_well_formed(raw).map(str::to_owned);
+    }
+    let mut stack = [0u8; 1024];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = match stack.get_mut(..raw.len()) {
+        Some(s) => s,
+        None => {
+            heap.resize(raw.len(), 0);
+            &mut heap
+        }
+    };
+    let n = decode_query(raw, buf);
+    index.find_well_formed(buf.get(..n).unwrap_or_default()).map(str::to_owned)
+}
+
+/// Percent-decodes `raw` into `out` (at least as long) and returns the decoded length; a `%`
+/// not followed by two hex digits stays as it is.
+fn decode_query(raw: &[u8], out: &mut [u8]) -> usize {
+    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let (mut i, mut n) = (0, 0);
+    while let Some(&b) = raw.get(i) {
+        let escaped = (b == b'%').then(|| Some(hex(*raw.get(i + 1)?)? << 4 | hex(*raw.get(i + 2)?)?)).flatten();
+        let (byte, step) = escaped.map_or((b, 1), |v| (v, 3));
+        if let Some(slot) = out.get_mut(n) {
+            *slot = byte;
+            n += 1;
+        }
+        i += step;
+    }
+    n
+}
+
+fn ceil_secs_us(us: i64) -> u64 {
+    u64::try_from((us + 999_999) / 1_000_000).unwrap_or(0)
+}
+
+/// The request's URL as the client addressed it, for DPoP's `htu` (RFC 9449 §4.3): the scheme
+/// and host it asked for ([`origin`]: behind a trusted TLS-terminating proxy, the proxy's), both
+/// lowercase, the scheme's default port left out, the path as sent, no query.
+fn request_url(head: &ReqHead<'_>, conn: &ConnInfo, peer_trusted: bool) -> String {
+    let (scheme, host) = origin(head, conn, peer_trusted);
+    let host = String::from_utf8_lossy(host.unwrap_or_default()).to_ascii_lowercase();
+    let default = if scheme == "https" { ":443" } else { ":80" };
+    let host = host.strip_suffix(default).unwrap_or(&host);
+    format!("{scheme}://{host}{}", head.path)
+}
+
+impl Gateway {
+    /// Admit: decides about a request from its head, forward it or answer it here. Fills in the
+    /// context's path, route and caller as it learns them (a refusal is metered with what was
+    /// known), and the headers every answer on the route carries (limits, CORS).
+    pub(crate) fn admit<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Verdict<'a> {
+        let head = ctx.head;
+        match check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path)) {
+            Ok(p) => ctx.path = p,
+            Err(r) => return Verdict::refused(&r),
+        }
+        // CORS: preflights are answered here, without a token; other answers on a CORS route
+        // carry the allow headers (errors too, so a browser can read them).
+        if let Some(origin) = head.at(head.known.origin)
+            && let Ok(Some(route)) = ctx.table.routes.resolve(|| head.host(), &ctx.path)
+            && let Some(cors) = &route.cors
+        {
+            let allowed = cors_allows(cors, origin);
+            if allowed {
+                add_cors_headers(cors, origin, &mut ctx.extra);
+            }
+            if head.method == Method::OPTIONS && head.known.access_control_request_method {
+                ctx.route = Some(route);
+                if allowed {
+                    return Verdict::Answer { answer: preflight(cors), refusal: None };
+                }
+                let r = Refuse::of(Code::CorsOriginNotAllowed, "this origin may not call this API");
+                return Verdict::refused(&r);
+            }
+        }
+        if let Some(local) = &self.local
+            && local.serves(&ctx.path)
+        {
+            return Verdict::Local(local.clone());
+        }
+        match self.check(ctx) {
+            Ok(route) if route.demo => {
+                Verdict::Answer { answer: demo_echo(head, ctx.caller.as_ref(), &self.index), refusal: None }
+            }
+            Ok(route) => Verdict::Forward(route),
+            Err(r) => Verdict::refused(&r),
+        }
+    }
+
+    /// Runs every check of a routed request, setting the context's route and caller as they
+    /// become known. (The refusal path is the slow path; its large error value is not worth a
+    /// box.)
+    #[allow(clippy::result_large_err)]
+    fn check<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Result<&'a Route, Refuse> {
+        let head = ctx.head;
+        let route = match ctx.table.routes.resolve(|| head.host(), &ctx.path) {
+            Ok(Some(route)) => route,
+            Ok(None) => return Err(Refuse::of(Code::RouteNotFound, "no route serves this path")),
+            Err(e) => return Err(Refuse::path(e)),
+        };
+        ctx.route = Some(route);
+        if let Some(q) = head.query
+            && let Some(tok) = token_in_query(q, &self.index)
+        {
+            if let Some(rep) = &self.reporter {
+                let live = self.index.contains(&tok);
+                let where_ = format!("gateway: query string of {} {}", head.method, ctx.path);
+                if !rep.token_in_query(TokenSecret::new(tok), where_, live) {
+                    ctx.table.metrics.exposure_report_dropped();
+                }
+            }
+            return Err(Refuse::of(
+                Code::TokenInQuery,
+                "tokens must not be sent in the URL, which ends up in logs; the token is now marked exposed: rotate it and send it as Authorization: Bearer",
+            ));
+        }
+        if route.public {
+            if upgrade_requested(head) {
+                check_upgrade(head, route)?;
+            }
+            return Ok(route);
+        }
+        let Some((scheme, presented)) = credential(head) else {
+            return Err(Refuse {
+                www_authenticate: Some(Cow::Borrowed("Bearer realm=\"keygate\"")),
+                ..Refuse::of(Code::MissingToken, "send a token as Authorization: Bearer <token>")
+            });
+        };
+        let now = ctx.now;
+        let (who, subject) = if looks_like_jwt(presented) {
+            let Some(verifier) = &self.jwt else {
+                return Err(Refuse::jwt(JwtRefusal::UnknownIssuer));
+            };
+            let jwt = verifier.verify(presented, now, &self.index).map_err(Refuse::jwt)?;
+            let subject = jwt.exchanged_from(&self.index, now).map_err(Refuse::jwt)?;
+            (Identity::Jwt(jwt), subject)
+        } else {
+            let key = self.index.verify(presented, now).map_err(Refuse::invalid_token)?;
+            (Identity::Key(key), None)
+        };
+        let ip = client_ip(ctx.conn.remote, head, &self.settings.trusted_proxies);
+        let caller = ctx.caller.insert(Caller { who, ip, subject });
+        self.check_dpop(head, &ctx.conn, (scheme, presented), caller, now)?;
+        // RFC 9449 §9: the nonce for the next proof, with the answer.
+        if scheme == Scheme::Dpop
+            && let Some(k) = &self.dpop_nonces
+            && let Ok(v) = HeaderValue::from_str(&k.current(now.as_millis() / 1000))
+        {
+            ctx.extra.header(HeaderName::from_static("dpop-nonce"), v);
+        }
+        if !caller.allows_ip(ip) {
+            return Err(Refuse::of(Code::IpNotAllowed, format!("the token may not be used from {ip}")));
+        }
+        if let Some(scope) = route.required_scope(&head.method)
+            && !caller.has_scope(scope)
+        {
+            let challenge = format!(
+                "Bearer realm=\"keygate\", error=\"insufficient_scope\", error_description=\"this request needs the scope {scope}\", scope=\"{scope}\""
+            );
+            return Err(Refuse {
+                www_authenticate: Some(challenge.into()),
+                ..Refuse::of(Code::InsufficientScope, format!("this request needs the scope {scope}"))
+            });
+        }
+        // After the credential and the scope (so a caller without them learns nothing of the
+        // route's list), before the limits (a refused upgrade costs the caller nothing).
+        if upgrade_requested(head) {
+            check_upgrade(head, route)?;
+        }
+        self.check_limits(ctx, route)?;
+        if let Some(len) = head.at(head.known.content_length).and_then(parse_length)
+            && len > route.max_body_bytes
+        {
+            return Err(Refuse::of(
+                Code::BodyTooLarge,
+                format!("this route takes bodies up to {} bytes", route.max_body_bytes),
+            ));
+        }
+        Ok(route)
+    }
+
+    /// RFC 9449 §7: a token bound to a DPoP key must come as `Authorization: DPoP` with a proof
+    /// of that key for this request (method, URL, the token's hash), used once; a proof sent
+    /// with an unbound token must be valid too.
+    fn check_dpop(
+        &self,
+        head: &ReqHead<'_>,
+        conn: &ConnInfo,
+        (scheme, token): (Scheme, &str),
+        caller: &Caller,
+        now: Timestamp,
+    ) -> Result<(), Refuse> {
+        let bound = caller.dpop_jkt();
+        if scheme != Scheme::Dpop {
+            return match bound {
+                Some(_) => Err(Refuse::dpop(
+                    "invalid_token",
+                    "this token is bound to a DPoP key: send it as Authorization: DPoP with a DPoP proof",
+                )),
+                None => Ok(()),
+            };
+        }
+        let mut proofs = head.all("dpop");
+        let (Some(proof), None) = (proofs.next(), proofs.next()) else {
+            return Err(Refuse::dpop("invalid_dpop_proof", "send exactly one DPoP header with the proof"));
+        };
+        let proof =
+            std::str::from_utf8(proof).map_err(|_| Refuse::dpop("invalid_dpop_proof", "the DPoP proof is not text"))?;
+        let peer_trusted = is_trusted(&self.settings.trusted_proxies, &conn.remote.ip());
+        let htu = request_url(head, conn, peer_trusted);
+        let now_s = now.as_millis() / 1000;
+        let accepted = self.dpop_nonces.as_ref().map(|k| k.accepted(now_s));
+        let accepted: Vec<&str> = accepted.iter().flatten().map(String::as_str).collect();
+        let check = ProofCheck {
+            method: head.method.as_str(),
+            uri: &htu,
+            now: now_s,
+            max_age: DPOP_MAX_AGE_S,
+            leeway: DPOP_LEEWAY_S,
+            access_token: Some(token),
+            expected_jkt: bound,
+            nonces: &accepted,
+        };
+        let v = dpop::verify_proof(proof, &check).map_err(|e| {
+            let mut r = Refuse::dpop(e.code, e.message.as_ref());
+            if e.code == dpop::USE_DPOP_NONCE {
+                r.dpop_nonce = accepted.first().map(|n| (*n).to_owned());
+            }
+            r
+        })?;
+        // Remembered in the caller's own partition (issue 12 #6): a flood of proofs from one
+        // token can neither fill the cache for others nor make it forget their proofs.
+        if !self.dpop_replay.first_use(caller.limit_key(), &v.jkt, &v.jti, v.replay_until, now_s) {
+            return Err(Refuse::dpop("invalid_dpop_proof", "this DPoP proof was already used"));
+        }
+        Ok(())
+    }
+
+    /// Token rate limit, route rate limit (it can only tighten) and quota; adds the limit headers.
+    fn check_limits(&self, ctx: &mut RequestCtx<'_, '_>, route: &Route) -> Result<(), Refuse> {
+        let RequestCtx { table, now, caller, extra, .. } = ctx;
+        let (now, extra) = (*now, extra);
+        let Some(caller) = caller.as_ref() else { return Ok(()) };
+        let id: &[u8; PUBLIC_ID_LEN] = caller.limit_key();
+        let token = caller.key();
+        let now_us = now.as_millis().saturating_mul(1000);
+        let mut refused: Option<GcraDecision> = None;
+        let own = token.and_then(|t| t.rate_limit);
+        for (name, scope, limit) in [("token", 0u32, own), ("route", route.limiter_key, route.rate_limit)] {
+            let Some(limit) = limit else { continue };
+            let d = match token {
+                Some(t) if scope == 0 => Limiter::check_cell(t.rate_state(), &limit, now_us),
+                _ => self.limiter.check_rate(id, scope, &limit, now_us),
+            };
+            extra.limit(name, limit.capacity(), u64::from(limit.per_seconds), d.remaining, ceil_secs_us(d.reset_after));
+            table.metrics.limiter(d.allowed);
+            if !d.allowed {
+                refused = Some(d);
+                break;
+            }
+        }
+        if let Some(d) = refused {
+            return Err(Refuse {
+                retry_after: Some(ceil_secs_us(d.retry_after).max(1)),
+                ..Refuse::of(Code::RateLimited, "too many requests; retry after the time in Retry-After")
+            });
+        }
+        if let Some(q) = token.and_then(|t| t.quota) {
+            let d = self.limiter.check_quota(id, &q, now.as_millis());
+            let (start, end) = q.period.window(now.as_millis());
+            let window_s = if end == i64::MAX { 0 } else { u64::try_from((end - start) / 1000).unwrap_or(0) };
+            let reset_s = if d.reset_after_ms == i64::MAX {
+                0
+            } else {
+                u64::try_from((d.reset_after_ms + 999) / 1000).unwrap_or(0)
+            };
+            extra.limit("quota", q.requests, window_s, d.remaining, reset_s);
+            table.metrics.limiter(d.allowed);
+            if !d.allowed {
+                return Err(Refuse {
+                    retry_after: (reset_s > 0).then_some(reset_s),
+                    ..Refuse::of(
+                        Code::QuotaExceeded,
+                        format!("the token's quota of {} requests per {} is used up", q.requests, q.period.as_str()),
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes when `caller`, who opened an upgraded tunnel on `route` with `method`, would no
+    /// longer be let through: its token revoked, suspended or expired, its scopes or allowlist
+    /// changed so that the request would be refused now, or its JWT revoked or expired. It wakes
+    /// at each change to the token index and when the token's expiry comes (at least every
+    /// [`TUNNEL_RECHECK`]), never for the bytes that pass, so a tunnel costs nothing per byte.
+    pub(crate) async fn until_refused(&self, route: &Route, method: &Method, caller: &Caller) {
+        let mut changes = self.index.changes();
+        let mut entry = match &caller.who {
+            Identity::Key(t) => Some(t.clone()),
+            Identity::Jwt(_) => None,
+        };
+        loop {
+            let now = self.clock.now();
+            let expires_ms = match (&caller.who, entry.as_mut()) {
+                (Identity::Key(_), Some(held)) => match self.index.recheck(held, now) {
+                    Ok(current) => {
+                        let ok = current.allows_ip(caller.ip)
+                            && route.required_scope(method).is_none_or(|s| current.has_scope(s));
+                        if !ok {
+                            return;
+                        }
+                        let exp = current.expires_at().map_or(i64::MAX, Timestamp::as_millis);
+                        *held = current;
+                        exp
+                    }
+                    Err(_) => return,
+                },
+                (Identity::Jwt(j), _) => {
+                    if now.as_millis() >= j.exp_ms || j.jti.as_deref().is_some_and(|id| self.index.is_jti_revoked(id)) {
+                        return;
+                    }
+                    j.exp_ms
+                }
+                (Identity::Key(_), None) => return,
+            };
+            let left = u64::try_from(expires_ms.saturating_sub(now.as_millis())).unwrap_or(0);
+            let wait = std::time::Duration::from_millis(left).min(TUNNEL_RECHECK);
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        // The index is gone (never while the gateway runs): time alone wakes.
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+fn cors_allows(cors: &crate::config::CorsConfig, origin: &[u8]) -> bool {
+    cors.allow_origins.iter().any(|o| o == "*" || o.as_bytes() == origin)
+}
+
+fn add_cors_headers(cors: &crate::config::CorsConfig, origin: &[u8], extra: &mut AnswerExtra) {
+    let wildcard = cors.allow_origins.iter().any(|o| o == "*") && !cors.allow_credentials;
+    let allow = if wildcard { Ok(HeaderValue::from_static("*")) } else { HeaderValue::from_bytes(origin) };
+    if let Ok(v) = allow {
+        extra.header(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    extra.header(header::VARY, HeaderValue::from_static("Origin"));
+    if cors.allow_credentials {
+        extra.header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
+    if !cors.expose_headers.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cors.expose_headers.join(", "))
+    {
+        extra.header(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+    }
+}
+
+/// Answers an allowed CORS preflight (no token needed: browsers send none). The allow-origin
+/// headers come with the route's other answer headers.
+fn preflight(cors: &crate::config::CorsConfig) -> Answer {
+    let mut a = Answer::new(StatusCode::NO_CONTENT);
+    if let Ok(v) = HeaderValue::from_str(&cors.allow_methods.join(", ")) {
+        a.headers.push((header::ACCESS_CONTROL_ALLOW_METHODS, v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&cors.allow_headers.join(", ")) {
+        a.headers.push((header::ACCESS_CONTROL_ALLOW_HEADERS, v));
+    }
+    a.headers.push((header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(cors.max_age_seconds)));
+    a
+}
+
+fn demo_echo(head: &ReqHead<'_>, caller: Option<&Caller>, index: &TokenIndex) -> Answer {
+    let headers: serde_json::Map<String, serde_json::Value> = head
+        .fields
+        .iter()
+        // Never echo a credential: not Authorization, nor any header whose value is a token.
+        .filter(|f| {
+            !f.name.eq_ignore_ascii_case("authorization")
+                && !std::str::from_utf8(f.value).is_ok_and(|v| index.is_well_formed(v.trim()))
+        })
+        .map(|f| {
+            (f.name.to_ascii_lowercase(), serde_json::Value::String(String::from_utf8_lossy(f.value).into_owned()))
+        })
+        .collect();
+    let identity = caller.map(|c| {
+        let scopes: Vec<&str> = c.scopes().iter().map(|s| s.as_str()).collect();
+        match &c.who {
+            Identity::Key(t) => serde_json::json!({
+                "token_id": t.token_id().to_string(),
+                "app_id": &*t.app_id,
+                "workspace_id": &*t.workspace_id,
+                "scopes": scopes,
+                "client_ip": c.ip.to_string(),
+            }),
+            Identity::Jwt(j) => serde_json::json!({
+                "token_id": j.jti.as_deref(),
+                "app_id": j.app_id.as_deref(),
+                "client_id": j.client_id.as_deref(),
+                "sub": &*j.sub,
+                "issuer": &*j.issuer,
+                "scopes": scopes,
+                "dpop_bound": j.jkt.is_some(),
+                "client_ip": c.ip.to_string(),
+            }),
+        }
+    });
+    let body = serde_json::json!({
+        "method": head.method.as_str(),
+        "path": head.path,
+        "query": head.query,
+        "headers": headers,
+        "identity": identity,
+        "note": "answered by keygate's built-in demo route; configure [[routes]] to forward to your API",
+    });
+    Answer::json(StatusCode::OK, Bytes::from(body.to_string()))
+}

@@ -1,0 +1,177 @@
+//! Record: the last phase, which counts a finished request — the route's metrics (requests,
+//! statuses, latency, refusal reasons), the caller's usage for the meter (flushed to the store by
+//! [`crate::tasks`]), and the access log line. An answer forwarded over HTTP/2 is recorded when
+//! its body has been sent ([`Gateway::completion`]); every other answer when it has been written.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::Method;
+use keygate_core::Timestamp;
+
+use crate::answer::OnComplete;
+use crate::body::BodyState;
+use crate::ctx::{Caller, Identity, Outcome, RequestCtx, RequestLine};
+use crate::gateway::{Gateway, Table};
+use crate::routes::Route;
+use crate::usage::Sample;
+
+/// What a finished request is counted against.
+#[derive(Clone, Copy)]
+struct Metered<'a> {
+    table: &'a Table,
+    route: Option<&'a Route>,
+    caller: Option<&'a Caller>,
+    line: Option<&'a RequestLine>,
+    start: Instant,
+    now: Timestamp,
+}
+
+impl Gateway {
+    /// Records a request keygate answered itself (a refusal, a CORS preflight, the demo route,
+    /// one of its own services): its refusal reason, then as any finished request, logged with
+    /// the path as sent.
+    pub(crate) fn record_own(&self, ctx: &RequestCtx<'_, '_>, refusal: Option<&'static str>, o: Outcome) {
+        if let Some(code) = refusal {
+            ctx.table.metrics.refusal(code);
+        }
+        let line = self.line(&ctx.head.method, ctx.head.path);
+        self.count(&Metered::of(ctx, line.as_ref()), o);
+    }
+
+    /// Records a request that was forwarded (or refused while forwarding), logged with the
+    /// normalized path.
+    pub(crate) fn record(&self, ctx: &RequestCtx<'_, '_>, o: Outcome) {
+        let line = self.line(&ctx.head.method, &ctx.path);
+        self.count(&Metered::of(ctx, line.as_ref()), o);
+    }
+
+    /// Records a request whose head could not be read (no route, no caller, no log line).
+    pub(crate) fn record_unread(&self, table: &Table, refusal: &'static str, start: Instant, o: Outcome) {
+        table.metrics.refusal(refusal);
+        let m = Metered { table, route: None, caller: None, line: None, start, now: self.clock.now() };
+        self.count(&m, o);
+    }
+
+    /// What records an answer forwarded over HTTP/2 once its body has been sent: the caller
+    /// moves out of `ctx` into it.
+    pub(crate) fn completion(
+        self: &Arc<Self>,
+        ctx: &mut RequestCtx<'_, '_>,
+        route: &Route,
+        status: u16,
+        state: Arc<BodyState>,
+    ) -> Box<dyn OnComplete> {
+        Box::new(Completion {
+            gw: self.clone(),
+            table: ctx.table.clone(),
+            route: route.index,
+            caller: ctx.caller.take(),
+            status,
+            state,
+            start: ctx.start,
+            now: ctx.now,
+            line: self.line(&ctx.head.method, &ctx.path),
+        })
+    }
+
+    /// The request line for the access log, taken only when the log is on.
+    fn line(&self, method: &Method, path: &str) -> Option<RequestLine> {
+        self.settings.access_log.then(|| RequestLine { method: method.clone(), path: path.to_owned() })
+    }
+
+    /// Counts a finished request: route metrics, the caller's usage, and the access log line.
+    fn count(&self, m: &Metered<'_>, o: Outcome) {
+        let Metered { table, route, caller, line, start, now } = *m;
+        let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        table.metrics.request(route.map(|r| r.index), o.status, latency_us);
+        // Usage is metered per API key (a JWT exchanged from a key, as that key); other JWT callers
+        // count in the route metrics.
+        if let (Some(route), Some(c)) = (route, caller)
+            && let Some(token) = c.key()
+        {
+            let ip = &c.ip;
+            self.meter.record(&Sample {
+                public_id: token.public_id(),
+                workspace_id: &token.workspace_id,
+                route_index: route.index,
+                route_id: &route.id,
+                status: o.status,
+                bytes_in: o.bytes_in,
+                bytes_out: o.bytes_out,
+                latency_us,
+                at: now,
+                client_ip: *ip,
+            });
+        }
+        if let Some(line) = line {
+            // The log line holds only valid field values (no line breaks or other controls),
+            // checked as a head's are: a value that is not one is logged as `-`.
+            let token_id = caller.map(|c| match &c.who {
+                Identity::Key(t) => t.token_id().to_string(),
+                Identity::Jwt(j) => format!("jwt:{}", logged(j.jti.as_deref().unwrap_or("-"))),
+            });
+            tracing::info!(
+                target: "keygate::access",
+                method = %line.method,
+                path = %logged(&line.path),
+                route = route.map(|r| &*r.id),
+                status = o.status,
+                latency_us,
+                bytes_in = o.bytes_in,
+                bytes_out = o.bytes_out,
+                token_id = token_id.as_deref(),
+                "request"
+            );
+        }
+    }
+}
+
+impl<'a> Metered<'a> {
+    fn of(ctx: &'a RequestCtx<'_, '_>, line: Option<&'a RequestLine>) -> Self {
+        Metered {
+            table: ctx.table,
+            route: ctx.route,
+            caller: ctx.caller.as_ref(),
+            line,
+            start: ctx.start,
+            now: ctx.now,
+        }
+    }
+}
+
+/// A value for the access log: itself when it is a valid field value (no line break or other
+/// control character, see [`crate::answer::is_field_value`]), else `-`.
+fn logged(v: &str) -> &str {
+    if crate::answer::is_field_value(v.as_bytes()) { v } else { "-" }
+}
+
+/// Finishes metering when the response body is done (HTTP/2 answers).
+struct Completion {
+    gw: Arc<Gateway>,
+    table: Arc<Table>,
+    /// The route's position in `table`.
+    route: usize,
+    caller: Option<Caller>,
+    status: u16,
+    state: Arc<BodyState>,
+    start: Instant,
+    now: Timestamp,
+    line: Option<RequestLine>,
+}
+
+impl OnComplete for Completion {
+    fn complete(self: Box<Self>, bytes_out: u64) {
+        let o = Outcome { status: self.status, bytes_in: self.state.seen.load(Ordering::Relaxed), bytes_out };
+        let m = Metered {
+            table: &self.table,
+            route: self.table.routes.routes.get(self.route).map(|r| &**r),
+            caller: self.caller.as_ref(),
+            line: self.line.as_ref(),
+            start: self.start,
+            now: self.now,
+        };
+        self.gw.count(&m, o);
+    }
+}

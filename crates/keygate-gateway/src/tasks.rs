@@ -1,0 +1,94 @@
+//! The gateway's own background loops (the binary only starts them): the usage flusher, which
+//! writes what the meter counted, `last_used_at` and quota counts to the store and puts them
+//! back when the store refuses, and the active health checks of the routes' upstreams. Also the
+//! unflushed usage of one token, for live usage reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_core::ids::TokenId;
+use keygate_core::model::{LastUse, UsageRecord};
+use keygate_core::store::Store;
+use keygate_core::token_format::PUBLIC_ID_LEN;
+use tokio::task::JoinHandle;
+
+use crate::gateway::Gateway;
+
+/// The usage counted for `token` and not flushed yet (live usage reports).
+pub fn pending_usage(gw: &Gateway, token: &TokenId) -> Vec<UsageRecord> {
+    let Some(id) = token.as_str().strip_prefix("tok_") else { return Vec::new() };
+    let Ok(public_id) = <[u8; PUBLIC_ID_LEN]>::try_from(id.as_bytes()) else {
+        return Vec::new();
+    };
+    gw.meter.peek(&public_id)
+}
+
+/// Writes counted usage, `last_used_at` and quota counts to the store; puts usage back if the
+/// store refuses, so nothing is lost.
+pub async fn flush(gw: &Gateway, store: &dyn Store) {
+    write(gw, store, gw.meter.drain()).await;
+}
+
+/// The periodic flush: quota counts every time (they bound what a crash can let through);
+/// usage of finished minutes and `last_used_at` once a minute, so each row is written once.
+async fn flush_finished(gw: &Gateway, store: &dyn Store, last_minute: &mut i64) {
+    let minute = gw.clock.now().as_millis().div_euclid(60_000) * 60_000;
+    let new_minute = minute != *last_minute;
+    *last_minute = minute;
+    write(gw, store, if new_minute { gw.meter.drain_before(minute, true) } else { (Vec::new(), Vec::new()) }).await;
+    if new_minute {
+        // Once a minute: route buckets back at rest and quota counts of ended periods go.
+        gw.limiter.prune(gw.clock.now().as_millis());
+    }
+}
+
+async fn write(gw: &Gateway, store: &dyn Store, (usage, last): (Vec<UsageRecord>, Vec<LastUse>)) {
+    let quota = gw.limiter.take_quota_deltas();
+    if let Err(e) = store.record_usage(&usage, &last, &quota).await {
+        tracing::warn!(error = %e, records = usage.len(), "cannot flush usage; keeping it for the next try");
+        gw.meter.restore(usage, last);
+        gw.limiter.restore_quota_deltas(&quota);
+    }
+}
+
+/// Flushes every `every` until aborted.
+pub fn spawn_flusher(gw: Arc<Gateway>, store: Arc<dyn Store>, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        let mut last_minute = 0;
+        loop {
+            tick.tick().await;
+            flush_finished(&gw, &*store, &mut last_minute).await;
+        }
+    })
+}
+
+/// Active health checks of every route that asks for them.
+pub fn spawn_health_checks(gw: Arc<Gateway>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut elapsed: u64 = 0;
+        loop {
+            tick.tick().await;
+            elapsed += 1;
+            health_check_round(&gw, elapsed).await;
+        }
+    })
+}
+
+/// Probes every upstream of every route whose health-check interval divides `elapsed_seconds`
+/// (the background task calls this once a second; tests call it directly).
+pub async fn health_check_round(gw: &Gateway, elapsed_seconds: u64) {
+    let table = gw.table.load_full();
+    for route in &table.routes.routes {
+        let Some(hc) = &route.health_check else { continue };
+        if !elapsed_seconds.is_multiple_of(hc.interval_seconds.max(1)) {
+            continue;
+        }
+        for u in &route.upstreams {
+            let ok = crate::proxy::probe(u, &hc.path, Duration::from_secs(2)).await;
+            crate::proxy::note_probe(u, ok, hc.healthy_threshold, hc.unhealthy_threshold);
+        }
+    }
+}

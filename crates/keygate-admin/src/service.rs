@@ -94,6 +94,16 @@ pub struct AppUpdate {
     pub metadata: Option<Map<String, Value>>,
 }
 
+/// A change to a plan: a field that is `None` stays as it is; `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct PlanUpdate {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub quota: Option<Option<Quota>>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct NewPlan {
     pub name: String,
@@ -537,6 +547,46 @@ impl Admin {
         let after = serde_json::to_value(&plan).unwrap_or(Value::Null);
         let audit = NewAuditEvent::new(ws, actor, "plan.create", plan.id.as_str(), plan.created_at).with_after(after);
         self.store.insert_plan(&plan, &audit).await.map_err(|e| match e.code {
+            "already_exists" => Error::conflict("plan_exists", "a plan with this name already exists in the workspace"),
+            _ => e,
+        })?;
+        Ok(plan)
+    }
+
+    /// Changes a plan. Its apps' tokens are not touched: they keep their scopes and limits (the
+    /// next change to such a token is checked against the new scopes, and the new limits are the
+    /// defaults of tokens created from now on). A change that changes nothing writes nothing.
+    pub async fn update_plan(&self, ws: &WorkspaceId, actor: &Actor, id: &PlanId, update: PlanUpdate) -> Result<Plan> {
+        let before = self.plan(ws, id).await?;
+        let mut plan = before.clone();
+        if let Some(name) = update.name {
+            plan.name = validate_name(&name, "name")?;
+        }
+        if let Some(d) = update.description {
+            plan.description = d.map(|d| validate_text(&d, "description", 2000)).transpose()?;
+        }
+        if let Some(scopes) = update.scopes {
+            plan.scopes = checked_scopes(&scopes)?;
+        }
+        if let Some(r) = update.rate_limit {
+            if let Some(r) = &r {
+                r.validate()?;
+            }
+            plan.rate_limit = r;
+        }
+        if let Some(q) = update.quota {
+            if let Some(q) = &q {
+                q.validate()?;
+            }
+            plan.quota = q;
+        }
+        if plan == before {
+            return Ok(plan);
+        }
+        let view = |p: &Plan| serde_json::to_value(p).unwrap_or(Value::Null);
+        let audit = NewAuditEvent::new(ws, actor, "plan.update", id.as_str(), self.now())
+            .with_diff(&view(&before), &view(&plan));
+        self.store.update_plan(&plan, &audit).await.map_err(|e| match e.code {
             "already_exists" => Error::conflict("plan_exists", "a plan with this name already exists in the workspace"),
             _ => e,
         })?;

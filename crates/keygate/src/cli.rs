@@ -1,4 +1,6 @@
-//! The command line: `keygate serve | root-key | token | scan | config`.
+//! The command line: `keygate serve | root-key | token | app | oauth-client | signing-key | plan |
+//! scope | audit | scan | config | completions`. Exit codes are set in one place,
+//! [`crate::exit_code`].
 
 use std::path::PathBuf;
 
@@ -19,12 +21,30 @@ pub enum Command {
     #[command(subcommand)]
     RootKey(RootKeyCommand),
     /// Manage tokens through a running keygate's admin API (key from KEYGATE_ADMIN_KEY).
-    Token(TokenArgs),
+    Token(ApiCommand<TokenCommand>),
+    /// Manage apps (the holders of tokens) through the admin API.
+    App(ApiCommand<AppCommand>),
+    /// Manage an app's OAuth2 client through the admin API; secrets are printed once.
+    OauthClient(ApiCommand<OAuthClientCommand>),
+    /// List and rotate the OAuth2 server's signing keys through the admin API.
+    SigningKey(ApiCommand<SigningKeyCommand>),
+    /// Manage plans (the scopes and default limits of apps) through the admin API.
+    Plan(ApiCommand<PlanCommand>),
+    /// Manage the workspace's scope catalog through the admin API.
+    Scope(ApiCommand<ScopeCommand>),
+    /// Read the workspace's audit trail through the admin API.
+    Audit(ApiCommand<AuditCommand>),
     /// Find keygate tokens in files and git history; exits 1 when one is confirmed.
     Scan(ScanArgs),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print a shell completion script to stdout, such as
+    /// `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where the configuration and the store are.
@@ -104,15 +124,39 @@ pub enum Output {
     Json,
 }
 
+/// A command group that works through a running keygate's admin API. The root key comes from
+/// `KEYGATE_ADMIN_KEY` only: a flag would show in `ps` and in shell history.
 #[derive(Debug, Args)]
-pub struct TokenArgs {
+pub struct ApiCommand<C: Subcommand> {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(subcommand)]
+    pub command: C,
+}
+
+/// Where the admin API is and how to print its answers; accepted before or after the subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
     /// The admin API's base URL.
     #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8081", global = true)]
     pub url: String,
+    /// `table` for people; `json` for scripts: the API's own JSON (its fields and values).
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
-    #[command(subcommand)]
-    pub command: TokenCommand,
+}
+
+/// A page of a list: `--limit` and `--cursor`, or `--all` pages.
+#[derive(Debug, Clone, Args)]
+pub struct PageArgs {
+    /// Items per page, 1 to 500.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub limit: u32,
+    /// Start after this cursor (the `next_cursor` of the previous page).
+    #[arg(long, conflicts_with = "all")]
+    pub cursor: Option<String>,
+    /// Follow `next_cursor` to the last page and print every item as one list.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Limits and policy given on the command line.
@@ -163,10 +207,8 @@ pub enum TokenCommand {
         /// Part of the name.
         #[arg(long)]
         search: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one token (never its secret).
     Show { id: String },
@@ -209,6 +251,239 @@ pub enum TokenCommand {
         /// Seconds the old secret keeps working.
         #[arg(long, default_value_t = 0)]
         grace_period: u64,
+    },
+    /// The requests the gateway counted for a token, in time buckets and per route.
+    Usage {
+        id: String,
+        /// Start, an RFC 3339 date-time (default: `--to` minus 24 hours); rounded down to its bucket.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, an RFC 3339 date-time, exclusive (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Bucket size (default: hour).
+        #[arg(long, value_parser = ["minute", "hour", "day"])]
+        granularity: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Create an app.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// The app's plan (plan_…).
+        #[arg(long, value_name = "PLAN_ID")]
+        plan: Option<String>,
+        /// Metadata as a JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// List apps, newest first.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one app.
+    Show { id: String },
+    /// Change an app. Options not given stay as they are.
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Remove the description.
+        #[arg(long, conflicts_with = "description")]
+        no_description: bool,
+        /// Move the app to this plan (plan_…). Its tokens keep their scopes and limits.
+        #[arg(long, value_name = "PLAN_ID")]
+        plan: Option<String>,
+        /// Take the app off its plan.
+        #[arg(long, conflicts_with = "plan")]
+        no_plan: bool,
+        /// Metadata as a JSON object; replaces the whole object.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// Delete an app. An app that holds tokens that are not revoked is refused (app_has_tokens)
+    /// unless --revoke-tokens is given. The default app is never deleted.
+    Delete {
+        id: String,
+        /// Revoke the app's tokens and remove them with it (audited as token.revoke).
+        #[arg(long)]
+        revoke_tokens: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OAuthClientCommand {
+    /// Register the app's OAuth2 client; its secret is printed once.
+    Create {
+        /// The app (app_…).
+        app_id: String,
+        /// A grant type (repeatable): client_credentials, refresh_token,
+        /// urn:ietf:params:oauth:grant-type:token-exchange. Default: the server's.
+        #[arg(long = "grant-type", value_name = "GRANT")]
+        grant_types: Vec<String>,
+        /// A scope the client may ask for (repeatable).
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// client_secret_basic, client_secret_post or private_key_jwt.
+        #[arg(long, value_name = "METHOD")]
+        auth_method: Option<String>,
+        /// The client's public keys for private_key_jwt: a JWK Set as JSON, or @FILE to read it.
+        #[arg(long)]
+        jwks: Option<String>,
+        /// jwt or opaque.
+        #[arg(long, value_name = "FORMAT")]
+        access_token_format: Option<String>,
+        /// EdDSA or ES256.
+        #[arg(long, value_name = "ALG")]
+        signing_alg: Option<String>,
+        #[arg(long, value_name = "SECONDS")]
+        access_token_ttl: Option<u32>,
+        #[arg(long, value_name = "SECONDS")]
+        refresh_token_ttl: Option<u32>,
+        /// An app whose credentials this client may exchange (repeatable).
+        #[arg(long = "exchange-subject-app", value_name = "APP_ID")]
+        exchange_subject_apps: Vec<String>,
+    },
+    /// Show the app's OAuth2 client (never its secret).
+    Show { app_id: String },
+    /// Change token exchange's delegation rule: the given list replaces the old one.
+    Update {
+        app_id: String,
+        /// An app whose credentials this client may exchange (repeatable).
+        #[arg(
+            long = "exchange-subject-app",
+            value_name = "APP_ID",
+            required_unless_present = "no_exchange_subject_apps"
+        )]
+        exchange_subject_apps: Vec<String>,
+        /// Exchange only the client's own app's credentials.
+        #[arg(long, conflicts_with = "exchange_subject_apps")]
+        no_exchange_subject_apps: bool,
+    },
+    /// Issue a new client secret, printed once; the old one works for the grace period.
+    RotateSecret {
+        app_id: String,
+        /// Seconds the old secret keeps working.
+        #[arg(long, default_value_t = 0)]
+        grace_period: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SigningKeyCommand {
+    /// List the signing keys (published, signing, retired).
+    List,
+    /// Publish new signing keys; they sign after `oauth.key_publish_ahead_seconds`. Needs a root
+    /// key of the default workspace with keys:write.
+    Rotate {
+        /// Only this algorithm's key (EdDSA or ES256); default: every algorithm in use.
+        #[arg(long)]
+        alg: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Create a plan.
+    Create {
+        /// Unique in the workspace.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// A scope the plan allows (repeatable); wildcards allowed, such as orders:*.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Default rate limit of its apps' new tokens, as REQUESTS/SECONDS[+BURST].
+        #[arg(long)]
+        rate_limit: Option<String>,
+        /// Default quota of its apps' new tokens, as REQUESTS/PERIOD (day, month or total).
+        #[arg(long)]
+        quota: Option<String>,
+    },
+    /// List plans, sorted by name.
+    List,
+    /// Change a plan. Options not given stay as they are; its apps' tokens keep their scopes and
+    /// limits (the limits are the defaults of tokens created from now on).
+    Update {
+        /// The plan (plan_…).
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Remove the description.
+        #[arg(long, conflicts_with = "description")]
+        no_description: bool,
+        /// A scope the plan allows (repeatable); the scopes given replace the old list.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Allow no scope at all.
+        #[arg(long, conflicts_with = "scopes")]
+        clear_scopes: bool,
+        /// Default rate limit, as REQUESTS/SECONDS[+BURST].
+        #[arg(long)]
+        rate_limit: Option<String>,
+        /// Remove the default rate limit.
+        #[arg(long, conflicts_with = "rate_limit")]
+        no_rate_limit: bool,
+        /// Default quota, as REQUESTS/PERIOD (day, month or total).
+        #[arg(long)]
+        quota: Option<String>,
+        /// Remove the default quota.
+        #[arg(long, conflicts_with = "quota")]
+        no_quota: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScopeCommand {
+    /// List the scope catalog, sorted by scope.
+    List,
+    /// Add a scope to the catalog, or replace its description and API (an option not given
+    /// becomes empty).
+    Put {
+        /// An exact scope, such as orders:read.
+        scope: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// A grouping name, such as orders.
+        #[arg(long)]
+        api: Option<String>,
+    },
+    /// Remove a scope from the catalog; tokens keep it.
+    Delete { scope: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit events, newest first.
+    List {
+        /// Exact actor: rk_… (a root key), usr_… (a person), cli or gateway.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Exact action, such as token.create.
+        #[arg(long)]
+        action: Option<String>,
+        /// Exact target: the changed object's id, or the scope.
+        #[arg(long)]
+        target: Option<String>,
+        /// Events at or after this RFC 3339 date-time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Events before this RFC 3339 date-time.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
 }
 

@@ -1,5 +1,6 @@
-//! The `keygate` binary: parses the command line and hands off. Exit codes: 0 success, 1 a
-//! failure (or, for `scan`, a confirmed token), 2 invalid usage or configuration.
+//! The `keygate` binary: parses the command line and hands off. Exit codes are decided by
+//! [`keygate::exit_code`]: 0 success, 1 the server refused or another failure (for `scan`, a
+//! confirmed token), 2 invalid usage or configuration, 3 the admin API could not be reached.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use keygate::cli::{Cli, Command, ConfigCommand, StoreArgs};
 use keygate::config::{Config, LogFormat, Overrides};
-use keygate::{UsageError, client, root_key_cmd, scan_cmd, serve};
+use keygate::{UsageError, api_cmd, root_key_cmd, scan_cmd, serve};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+            ExitCode::from(keygate::exit_code(&e))
         }
     }
 }
@@ -65,8 +66,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root_key_cmd::run(cmd, &cfg, pepper).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token(args) => {
-            client::run(args).await?;
+        Command::Token(args) => api_cmd::token::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::App(args) => api_cmd::app::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::OauthClient(args) => api_cmd::oauth::run_client(args).await.map(|()| ExitCode::SUCCESS),
+        Command::SigningKey(args) => api_cmd::oauth::run_keys(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => api_cmd::plan::run_plan(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Scope(args) => api_cmd::plan::run_scope(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Audit(args) => api_cmd::audit::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "keygate", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Scan(args) => scan_cmd::run(args).await,

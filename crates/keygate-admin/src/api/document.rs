@@ -123,7 +123,12 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     set(doc, &format!("{s}/FindingBody/properties/location"), lines(500));
     set(doc, &format!("{s}/ReportExposuresRequest/properties/findings/maxItems"), json!(100));
     // Apps and plans.
-    for (schema, required) in [("CreateAppRequest", true), ("UpdateAppRequest", false), ("CreatePlanRequest", true)] {
+    for (schema, required) in [
+        ("CreateAppRequest", true),
+        ("UpdateAppRequest", false),
+        ("CreatePlanRequest", true),
+        ("UpdatePlanRequest", false),
+    ] {
         let p = format!("{s}/{schema}/properties");
         set(doc, &format!("{p}/name"), if required { name() } else { nullable(name()) });
         set(
@@ -133,6 +138,7 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         );
     }
     set(doc, &format!("{s}/CreatePlanRequest/properties/scopes"), scopes());
+    set(doc, &format!("{s}/UpdatePlanRequest/properties/scopes"), nullable(scopes()));
     // Lists: page sizes and the cursors they hand out.
     let limit = json!({"type": "integer", "minimum": 1, "maximum": 500});
     for path in ["/admin/v1/tokens", "/admin/v1/apps", "/admin/v1/audit-events"] {

@@ -420,6 +420,27 @@ pub struct CreatePlanRequest {
     pub quota: Option<QuotaBody>,
 }
 
+/// A change to a plan. Absent fields stay as they are; `null` clears `description`, `rate_limit`
+/// or `quota`; `scopes` replaces the whole list.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePlanRequest {
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub description: Option<Option<String>>,
+    /// The scopes an app on this plan may grant its tokens.
+    pub scopes: Option<Vec<String>>,
+    /// Default rate limit of tokens created from now on for apps on this plan.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub rate_limit: Option<Option<RateLimitBody>>,
+    /// Default quota of tokens created from now on for apps on this plan.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub quota: Option<Option<QuotaBody>>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanView {
     pub id: String,

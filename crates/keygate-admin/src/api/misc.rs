@@ -3,13 +3,15 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use keygate_core::Error;
+use keygate_core::ids::PlanId;
 use keygate_core::model::{AuditFilter, PageRequest};
 
 use super::AdminState;
 use super::dto::*;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiQuery, AuditRead, Auth, PlansRead, PlansWrite, time_param};
-use crate::service::NewPlan;
+use crate::service::{NewPlan, PlanUpdate};
 
 #[utoipa::path(post, path = "/admin/v1/plans", tag = "plans", request_body = CreatePlanRequest,
     responses((status = 201, body = PlanView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -27,6 +29,30 @@ pub(crate) async fn create_plan(
     };
     let plan = s.admin.create_plan(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(PlanView::from(&plan))))
+}
+
+/// Changes a plan. Its apps' tokens keep their scopes and limits: the scopes bound their next
+/// change, the limits are the defaults of tokens created from now on.
+#[utoipa::path(patch, path = "/admin/v1/plans/{id}", tag = "plans", params(("id" = String, Path, description = "plan_…")),
+    request_body = UpdatePlanRequest,
+    responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Another plan has this name", body = ErrorBody)))]
+pub(crate) async fn update_plan(
+    auth: Auth<PlansWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UpdatePlanRequest>,
+) -> Result<Json<PlanView>, ApiError> {
+    let id = PlanId::parse(&id).ok_or_else(|| Error::not_found("plan"))?;
+    let update = PlanUpdate {
+        name: req.name,
+        description: req.description,
+        scopes: req.scopes,
+        rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
+        quota: req.quota.map(|q| q.map(Into::into)),
+    };
+    let plan = s.admin.update_plan(&auth.key.workspace_id, &auth.actor, &id, update).await?;
+    Ok(Json(PlanView::from(&plan)))
 }
 
 #[utoipa::path(get, path = "/admin/v1/plans", tag = "plans", responses((status = 200, body = PlanList)))]

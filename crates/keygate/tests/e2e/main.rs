@@ -5,6 +5,7 @@
 
 mod admin_hardening;
 mod answer_framing;
+mod cli;
 mod dashboard;
 mod edge_conn;
 mod edge_headers;
@@ -212,6 +213,28 @@ async fn apps_plans_and_the_scope_catalog() {
     assert_eq!(t.body["rate_limit"]["requests"], 5);
     let t2 = c.post("/admin/v1/tokens", &json!({"name": "m", "app_id": app_id, "scopes": ["orders:write"]})).await;
     assert_eq!((t2.status, t2.code()), (StatusCode::CONFLICT, "scope_not_in_plan"));
+
+    // A plan changes in place; its apps' tokens keep what they were given.
+    let plan_path = format!("/admin/v1/plans/{plan_id}");
+    let changed =
+        c.patch(&plan_path, &json!({"scopes": ["orders:*"], "rate_limit": null, "description": "all orders"})).await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    assert_eq!(changed.body["scopes"], json!(["orders:*"]));
+    assert_eq!((&changed.body["rate_limit"], changed.str("/name")), (&Value::Null, "free".to_owned()));
+    assert_eq!(c.get(&format!("/admin/v1/tokens/{}", t.str("/id"))).await.body["rate_limit"]["requests"], 5);
+    let t3 = c.post("/admin/v1/tokens", &json!({"name": "m", "app_id": app_id, "scopes": ["orders:write"]})).await;
+    assert_eq!((t3.status, t3.body["rate_limit"].clone()), (StatusCode::CREATED, Value::Null), "{:?}", t3.body);
+    let update = c.get(&format!("/admin/v1/audit-events?action=plan.update&target={plan_id}")).await;
+    assert_eq!(update.body["data"][0]["before"]["scopes"], json!(["orders:read"]));
+    assert!(update.body["data"][0]["after"].get("name").is_none(), "only changed fields are recorded");
+    let events = audit_count(&kg).await;
+    assert_eq!(c.patch(&plan_path, &json!({"scopes": ["orders:*"]})).await.status, StatusCode::OK);
+    assert_eq!(audit_count(&kg).await, events, "a change that changes nothing writes nothing");
+    c.post("/admin/v1/plans", &json!({"name": "pro"})).await;
+    assert_eq!(c.patch(&plan_path, &json!({"name": "pro"})).await.code(), "plan_exists");
+    assert_eq!(c.patch(&plan_path, &json!({"quota": {"requests": 0, "period": "day"}})).await.code(), "invalid_quota");
+    assert_eq!(c.patch("/admin/v1/plans/plan_x", &json!({"name": "x"})).await.code(), "plan_not_found");
+    assert_eq!(c.patch(&plan_path, &json!({"rate": 1})).await.code(), "invalid_body");
 
     // A non-empty catalog bounds every token's scopes.
     let put = c
@@ -502,7 +525,7 @@ async fn cli_root_keys_tokens_scan_and_config() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("token_not_found"), "{stderr}");
     let no_key = keygate(&["token", "--url", &url, "list"]).output().unwrap();
-    assert_eq!(no_key.status.code(), Some(1));
+    assert_eq!(no_key.status.code(), Some(2), "a missing key is a usage error");
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("KEYGATE_ADMIN_KEY"));
 
     // scan: finds the token by checksum, never prints it, and --online marks it exposed.

@@ -1,0 +1,322 @@
+//! The command line against a running keygate: every admin API command group through the real
+//! binary, JSON output parsed as JSON, and the documented exit codes (0 ok, 1 refused with the
+//! stable code on stderr, 2 usage, 3 unreachable). `cli_root_keys_tokens_scan_and_config` in
+//! main.rs covers `token`'s lifecycle, `root-key`, `scan` and `config check`.
+
+use keygate_testkit::TestKeygate;
+use serde_json::{Value, json};
+
+use super::keygate;
+
+/// The CLI pointed at a test server, with its default root key.
+struct Cli {
+    url: String,
+    key: String,
+}
+
+/// One run of the binary.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Cli {
+    fn new(kg: &TestKeygate) -> Self {
+        Self { url: kg.url(), key: kg.root_key.clone() }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let out = keygate(args).env("KEYGATE_URL", &self.url).env("KEYGATE_ADMIN_KEY", &self.key).output().unwrap();
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs with `--output json`, expects exit code 0 and parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let r = self.run(&all);
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", r.stdout))
+    }
+
+    /// Runs with table output and expects exit code 0.
+    fn table(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+        r.stdout
+    }
+
+    /// Expects the server to refuse: exit code 1 and `error: CODE: …` on stderr.
+    fn refused(&self, args: &[&str], code: &str) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, Some(1), "{args:?}: {} {}", r.stdout, r.stderr);
+        assert!(r.stderr.starts_with(&format!("error: {code}: ")), "{args:?}: {}", r.stderr);
+        r.stderr
+    }
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list["data"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect()
+}
+
+// Multi-threaded: the CLI runs as a blocking child process while the server answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_plans_scopes_apps_and_oauth_clients() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+
+    // Plans: create (limits in the flags' syntax), list.
+    let plan = cli.json(&[
+        "plan",
+        "create",
+        "--name",
+        "starter",
+        "--description",
+        "Read-only",
+        "--scope",
+        "orders:read",
+        "--scope",
+        "catalog:*",
+        "--rate-limit",
+        "10/1",
+        "--quota",
+        "1000/month",
+    ]);
+    let plan_id = plan["id"].as_str().unwrap().to_owned();
+    assert_eq!(plan["scopes"], json!(["catalog:*", "orders:read"]));
+    assert_eq!(plan["rate_limit"], json!({"requests": 10, "per_seconds": 1, "burst": 0}));
+    assert_eq!(cli.json(&["plan", "list"])["data"][0]["id"], plan_id.as_str());
+    let table = cli.table(&["plan", "list"]);
+    assert!(table.contains("starter") && table.contains("10/1+0") && table.contains("1000/month"), "{table}");
+    cli.refused(&["plan", "create", "--name", "starter"], "plan_exists");
+    let changed = cli.json(&["plan", "update", &plan_id, "--scope", "orders:*", "--no-rate-limit", "--no-description"]);
+    assert_eq!(changed["scopes"], json!(["orders:*"]));
+    assert_eq!((&changed["rate_limit"], &changed["description"]), (&Value::Null, &Value::Null));
+    assert_eq!(changed["quota"], plan["quota"], "options not given stay as they are");
+    let changed = cli.json(&["plan", "update", &plan_id, "--rate-limit", "5/1+1", "--name", "basic"]);
+    assert_eq!((changed["name"].as_str(), changed["rate_limit"]["burst"].as_u64()), (Some("basic"), Some(1)));
+    assert_eq!(cli.run(&["plan", "update", &plan_id]).code, Some(2), "nothing to update");
+    cli.refused(&["plan", "update", "plan_0000000000000000", "--name", "x"], "plan_not_found");
+
+    // The scope catalog: put, list, delete.
+    let put = cli.json(&["scope", "put", "orders:read", "--description", "Read orders", "--api", "orders"]);
+    assert_eq!((put["scope"].as_str(), put["api"].as_str()), (Some("orders:read"), Some("orders")));
+    cli.json(&["scope", "put", "orders:write"]);
+    let scopes = cli.json(&["scope", "list"]);
+    assert_eq!(scopes["data"].as_array().unwrap().len(), 2);
+    assert!(cli.table(&["scope", "list"]).contains("Read orders"));
+    let deleted = cli.run(&["scope", "delete", "orders:write", "--output", "json"]);
+    assert_eq!((deleted.code, deleted.stdout.as_str()), (Some(0), ""), "a 204 prints nothing as JSON");
+    assert!(cli.table(&["scope", "delete", "orders:read"]).contains("removed orders:read"));
+    cli.refused(&["scope", "delete", "orders:read"], "scope_not_found");
+    assert_eq!(cli.json(&["scope", "list"])["data"], json!([]));
+
+    // Apps: create, show, update, list (one page, the next, all pages). The clock moves between
+    // creations so that "newest first" is one order.
+    kg.clock.advance_seconds(1);
+    let app = cli.json(&[
+        "app",
+        "create",
+        "--name",
+        "Mobile",
+        "--description",
+        "iOS",
+        "--plan",
+        &plan_id,
+        "--metadata",
+        r#"{"team":"mobile"}"#,
+    ]);
+    let app_id = app["id"].as_str().unwrap().to_owned();
+    assert_eq!((app["plan_id"].as_str(), app["metadata"]["team"].as_str()), (Some(plan_id.as_str()), Some("mobile")));
+    assert_eq!(cli.json(&["app", "show", &app_id])["name"], "Mobile");
+    let updated = cli.json(&["app", "update", &app_id, "--name", "Mobile 2", "--no-description", "--no-plan"]);
+    assert_eq!(
+        (updated["name"].as_str(), &updated["description"], &updated["plan_id"]),
+        (Some("Mobile 2"), &Value::Null, &Value::Null)
+    );
+    kg.clock.advance_seconds(1);
+    let other = cli.json(&["app", "create", "--name", "Web"])["id"].as_str().unwrap().to_owned();
+    let first = cli.json(&["app", "list", "--limit", "1"]);
+    assert_eq!(ids(&first), vec![other.clone()], "newest first");
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = cli.json(&["app", "list", "--limit", "1", "--cursor", cursor]);
+    assert_eq!(ids(&second), vec![app_id.clone()]);
+    let all = cli.json(&["app", "list", "--limit", "1", "--all"]);
+    assert_eq!(all["data"].as_array().unwrap().len(), 3, "both apps and the default app: {all}");
+    assert_eq!(all["next_cursor"], Value::Null);
+    let table = cli.table(&["app", "list", "--limit", "1"]);
+    assert!(table.contains("Web") && table.contains("more: --cursor"), "{table}");
+    cli.refused(&["app", "show", "app_000000000000"], "app_not_found");
+
+    // OAuth clients: the secret is printed once, by create and by rotate-secret only.
+    let client = cli.json(&["oauth-client", "create", &app_id, "--grant-type", "client_credentials"]);
+    let secret = client["client_secret"].as_str().unwrap().to_owned();
+    assert_eq!(client["grant_types"], json!(["client_credentials"]));
+    let shown = cli.json(&["oauth-client", "show", &app_id]);
+    assert!(shown.get("client_secret").is_none() && !shown.to_string().contains(&secret));
+    assert_eq!(shown["client_id"], client["client_id"]);
+    assert!(!cli.table(&["oauth-client", "show", &app_id]).contains(&secret));
+    cli.refused(&["oauth-client", "create", &app_id], "oauth_client_exists");
+    let changed = cli.json(&["oauth-client", "update", &app_id, "--exchange-subject-app", &other]);
+    assert_eq!(changed["exchange_subject_apps"], json!([other]));
+    let cleared = cli.json(&["oauth-client", "update", &app_id, "--no-exchange-subject-apps"]);
+    assert_eq!(cleared["exchange_subject_apps"], json!([]));
+    let rotated = cli.table(&["oauth-client", "rotate-secret", &app_id, "--grace-period", "60"]);
+    assert!(rotated.contains("client_secret: ") && rotated.contains("shown only once"), "{rotated}");
+    assert!(!rotated.contains(&secret), "a new secret");
+    cli.refused(&["oauth-client", "show", &other], "oauth_client_not_found");
+
+    // Signing keys: list, rotate (a new key is published beside the old one).
+    assert_eq!(cli.json(&["signing-key", "list"])["data"].as_array().unwrap().len(), 1);
+    let new_keys = cli.json(&["signing-key", "rotate"]);
+    assert_eq!(new_keys["data"].as_array().unwrap().len(), 1, "{new_keys}");
+    assert_eq!(cli.json(&["signing-key", "list"])["data"].as_array().unwrap().len(), 2);
+
+    // Deleting an app that holds a token is refused unless --revoke-tokens says so.
+    let token = cli.json(&["token", "create", "--name", "m", "--app", &app_id]);
+    let token_id = token["id"].as_str().unwrap().to_owned();
+    let refusal = cli.refused(&["app", "delete", &app_id], "app_has_tokens");
+    assert!(refusal.contains(&format!("hint: `keygate app delete {app_id} --revoke-tokens`")), "{refusal}");
+    assert_eq!(cli.json(&["token", "show", &token_id])["status"], "active", "nothing was revoked");
+    let deleted = cli.table(&["app", "delete", &app_id, "--revoke-tokens"]);
+    assert!(deleted.contains(&format!("deleted {app_id}")), "{deleted}");
+    cli.refused(&["token", "show", &token_id], "token_not_found");
+    let default_app = ids(&all).into_iter().find(|id| *id != app_id && *id != other).unwrap();
+    cli.refused(&["app", "delete", &default_app, "--revoke-tokens"], "default_app");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reads_the_audit_trail_and_token_usage() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+    let token = cli.json(&["token", "create", "--name", "metered"]);
+    let (id, secret) = (token["id"].as_str().unwrap().to_owned(), token["token"].as_str().unwrap().to_owned());
+    cli.json(&["token", "suspend", &id]);
+    cli.json(&["token", "resume", &id]);
+
+    // Filters and pagination, as the API has them.
+    let trail = cli.json(&["audit", "list", "--target", &id]);
+    let actions: Vec<&str> = trail["data"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["token.resume", "token.suspend", "token.create"]);
+    let page = cli.json(&["audit", "list", "--target", &id, "--limit", "2"]);
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let next = cli.json(&[
+        "audit",
+        "list",
+        "--target",
+        &id,
+        "--limit",
+        "2",
+        "--cursor",
+        page["next_cursor"].as_str().unwrap(),
+    ]);
+    assert_eq!(next["data"][0]["action"], "token.create");
+    assert_eq!(next["next_cursor"], Value::Null);
+    let all = cli.json(&["audit", "list", "--target", &id, "--limit", "1", "--all"]);
+    assert_eq!(all["data"], trail["data"], "--all follows every cursor");
+    let suspends = cli.json(&["audit", "list", "--action", "token.suspend"]);
+    assert_eq!(suspends["data"].as_array().unwrap().len(), 1);
+    let actor = trail["data"][0]["actor"].as_str().unwrap();
+    assert!(actor.starts_with("rk_"), "{actor}");
+    let by_actor = cli.json(&["audit", "list", "--actor", actor]);
+    assert_eq!(by_actor["data"].as_array().unwrap().len(), 3, "{by_actor}");
+    assert_eq!(cli.json(&["audit", "list", "--actor", "cli"])["data"].as_array().unwrap().len(), 1, "root_key.create");
+    let early = cli.json(&["audit", "list", "--to", "2000-01-01T00:00:00Z"]);
+    assert_eq!(early["data"], json!([]));
+    let table = cli.table(&["audit", "list", "--target", &id]);
+    assert!(table.contains("token.suspend") && table.contains("ACTOR"), "{table}");
+    cli.refused(&["audit", "list", "--from", "yesterday"], "invalid_query");
+
+    // Usage: one request through the gateway, counted after a flush.
+    kg.sync_index().await.unwrap();
+    let answer = reqwest::Client::new()
+        .get(format!("{}/demo/echo", kg.gateway_url()))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    kg.flush_usage().await;
+    let range = ["--from", "2030-01-01T00:00:00Z", "--to", "2031-01-01T00:00:00Z", "--granularity", "day"];
+    let mut args = vec!["token", "usage", id.as_str()];
+    args.extend(range);
+    let usage = cli.json(&args);
+    assert_eq!((usage["token_id"].as_str(), usage["granularity"].as_str()), (Some(id.as_str()), Some("day")));
+    assert_eq!(usage["total"]["requests"], 1, "{usage}");
+    assert_eq!(usage["routes"][0]["route"], "demo");
+    let table = cli.table(&args);
+    assert!(table.contains("total") && table.contains("demo") && table.contains("REQUESTS"), "{table}");
+    let bad = cli.run(&["token", "usage", &id, "--granularity", "week"]);
+    assert_eq!(bad.code, Some(2), "clap refuses an unknown granularity: {}", bad.stderr);
+    cli.refused(&["token", "usage", "tok_000000000000"], "token_not_found");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_exit_codes_and_completions() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+
+    // 1: the server refused; its stable code and message on stderr, nothing on stdout.
+    let r = cli.run(&["token", "show", "tok_000000000000", "--output", "json"]);
+    assert_eq!((r.code, r.stdout.as_str()), (Some(1), ""));
+    assert_eq!(r.stderr.trim_end(), "error: token_not_found: no token with this id exists");
+    let narrow = kg.root_key("default", &[keygate_core::model::Permission::TokensRead]).await.unwrap();
+    let r = Cli { url: kg.url(), key: narrow }.run(&["app", "list"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.starts_with("error: missing_permission: "), "{}", r.stderr);
+
+    // 2: usage errors, clap's and ours; nothing is sent.
+    for args in [
+        &["app", "list", "--limit", "0"][..],
+        &["app", "list", "--cursor", "x", "--all"],
+        &["app", "frobnicate"],
+        &["app", "update", "app_x"],
+        &["app", "create", "--name", "x", "--metadata", "[1]"],
+        &["app", "show", "../tokens"],
+        &["plan", "create", "--name", "x", "--rate-limit", "fast"],
+        &["completions", "tcsh"],
+        &["app", "list", "--url", "notaurl"],
+    ] {
+        let r = cli.run(args);
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
+    }
+    let no_key = keygate(&["app", "list", "--url", &kg.url()]).output().unwrap();
+    assert_eq!(no_key.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_key.stderr).contains("KEYGATE_ADMIN_KEY"));
+
+    // 3: nothing listens there (a port just released by the OS).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    for args in [&["app", "list"][..], &["token", "list"], &["audit", "list", "--all"]] {
+        let mut all = args.to_vec();
+        all.extend(["--url", closed.as_str()]);
+        let r = cli.run(&all);
+        assert_eq!(r.code, Some(3), "{args:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with(&format!("error: cannot reach keygate at {closed}")), "{}", r.stderr);
+    }
+
+    // 3 too: a server that closes the connection without answering.
+    let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closing_url = format!("http://{}", closing.local_addr().unwrap());
+    let closer = std::thread::spawn(move || closing.incoming().take(1).for_each(drop));
+    let r = cli.run(&["scope", "list", "--url", &closing_url]);
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    closer.join().unwrap();
+
+    // Completions: a script on stdout for every shell clap_complete knows.
+    let bash = cli.table(&["completions", "bash"]);
+    assert!(bash.contains("_keygate()") && bash.contains("oauth-client") && bash.contains("rotate-secret"), "{bash}");
+    for shell in ["zsh", "fish", "powershell", "elvish"] {
+        assert!(cli.table(&["completions", shell]).contains("keygate"), "{shell}");
+    }
+    kg.stop().await;
+}

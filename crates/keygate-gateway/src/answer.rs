@@ -55,6 +55,27 @@ pub(crate) enum Code {
 }
 
 impl Code {
+    /// Every code, for the test that they are distinct (keep in step with the enum).
+    #[cfg(test)]
+    const ALL: [Code; 16] = [
+        Code::BadRequest,
+        Code::HeaderTooLarge,
+        Code::RequestTimeout,
+        Code::BodyTooLarge,
+        Code::RouteNotFound,
+        Code::TokenInQuery,
+        Code::MissingToken,
+        Code::IpNotAllowed,
+        Code::InsufficientScope,
+        Code::CorsOriginNotAllowed,
+        Code::UpgradeNotAllowed,
+        Code::RateLimited,
+        Code::QuotaExceeded,
+        Code::TooManyConnections,
+        Code::UpstreamTimeout,
+        Code::UpstreamUnavailable,
+    ];
+
     /// The stable code clients see (`{"error": {"code": …}}`) and the refusal metrics count.
     pub(crate) const fn as_str(self) -> &'static str {
         match self {
@@ -598,27 +619,8 @@ mod tests {
 
     #[test]
     fn refusal_codes_are_distinct_and_errors() {
-        use Code::*;
-        let all = [
-            BadRequest,
-            HeaderTooLarge,
-            RequestTimeout,
-            BodyTooLarge,
-            RouteNotFound,
-            TokenInQuery,
-            MissingToken,
-            IpNotAllowed,
-            InsufficientScope,
-            CorsOriginNotAllowed,
-            UpgradeNotAllowed,
-            RateLimited,
-            QuotaExceeded,
-            TooManyConnections,
-            UpstreamTimeout,
-            UpstreamUnavailable,
-        ];
         let mut seen = std::collections::HashSet::new();
-        for c in all {
+        for c in Code::ALL {
             assert!(seen.insert(c.as_str()), "{c:?}");
             assert!(c.status().is_client_error() || c.status().is_server_error(), "{c:?}");
             let r = Refuse::of(c, "m");

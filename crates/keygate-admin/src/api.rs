@@ -9,6 +9,7 @@ mod extract;
 mod misc;
 mod oauth;
 mod root_keys;
+mod routes;
 mod tokens;
 
 use std::sync::Arc;
@@ -52,6 +53,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "plans", description = "Plans and the scope catalog"),
         (name = "audit", description = "The audit trail"),
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
+        (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
         (name = "system", description = "Health")
     )
@@ -158,6 +160,8 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(oauth::rotate_keys))
         .routes(routes!(root_keys::list_root_keys))
         .routes(routes!(root_keys::revoke_root_key))
+        .routes(routes!(routes::list_routes, routes::create_route))
+        .routes(routes!(routes::get_route, routes::update_route, routes::delete_route))
         .split_for_parts();
     // After the routes: the modifiers of `ApiDoc` run before any path is in the document.
     CommonResponses.modify(&mut doc);

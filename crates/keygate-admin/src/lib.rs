@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod dashboard;
 pub mod listener;
 pub mod oauth;
+pub mod routes;
 pub mod seal;
 pub mod service;
 pub mod totp;

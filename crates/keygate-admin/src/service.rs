@@ -171,7 +171,7 @@ pub struct Exposure {
 
 /// The token authority's service layer.
 pub struct Admin {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     pepper: Pepper,
     settings: AdminSettings,
     root_prefix: TokenPrefix,
@@ -181,6 +181,8 @@ pub struct Admin {
     /// API answers (other nodes follow the change feed).
     hook: std::sync::OnceLock<Arc<dyn TokenChangeHook>>,
     pending_usage: std::sync::OnceLock<Arc<dyn PendingUsage>>,
+    /// Compiles and applies API-managed routes (the gateway's; see [`crate::routes`]).
+    pub(crate) route_rules: std::sync::OnceLock<Arc<dyn crate::routes::RouteRules>>,
 }
 
 /// Usage counted in memory and not yet in the store (the local gateway's meter), so reports
@@ -214,6 +216,7 @@ impl Admin {
             rng,
             hook: std::sync::OnceLock::new(),
             pending_usage: std::sync::OnceLock::new(),
+            route_rules: std::sync::OnceLock::new(),
         }
     }
 

@@ -188,6 +188,20 @@ pub struct ScopeEntry {
     pub created_at: Timestamp,
 }
 
+/// A route managed through the admin API (routes from the config file are not stored). `config`
+/// holds the fields of a `[[routes]]` table as JSON, without `workspace` (the route's workspace is
+/// `workspace_id`); the gateway validates and compiles it, the store only keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredRoute {
+    /// The route's id, unique in the instance (file routes included): it names the route in
+    /// metrics, logs and usage.
+    pub id: String,
+    pub workspace_id: WorkspaceId,
+    pub config: Map<String, Value>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
 /// What a root key may do through the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Permission {
@@ -205,10 +219,14 @@ pub enum Permission {
     /// Revoke the workspace's root keys, each only if it holds no permission the revoking key
     /// lacks (so a narrow key cannot switch off a broader one).
     RootKeysWrite,
+    /// List the routes (file and API-managed) of the workspace.
+    RoutesRead,
+    /// Create, change and delete the workspace's API-managed routes.
+    RoutesWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 10] = [
+    pub const ALL: [Permission; 12] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -219,6 +237,8 @@ impl Permission {
         Self::KeysWrite,
         Self::RootKeysRead,
         Self::RootKeysWrite,
+        Self::RoutesRead,
+        Self::RoutesWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -233,6 +253,8 @@ impl Permission {
             Self::KeysWrite => "keys:write",
             Self::RootKeysRead => "root_keys:read",
             Self::RootKeysWrite => "root_keys:write",
+            Self::RoutesRead => "routes:read",
+            Self::RoutesWrite => "routes:write",
         }
     }
 
@@ -382,6 +404,11 @@ impl NewAuditEvent {
 
     pub fn with_after(mut self, after: Value) -> Self {
         self.after = Some(after);
+        self
+    }
+
+    pub fn with_before(mut self, before: Value) -> Self {
+        self.before = Some(before);
         self
     }
 }

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use crate::model::{
     App, AuditEvent, AuditFilter, LastUse, NewAuditEvent, Page, PageRequest, Plan, QuotaCount, RootKey, ScopeEntry,
-    TokenFilter, TokenRecord, UsageRecord, Workspace,
+    StoredRoute, TokenFilter, TokenRecord, UsageRecord, Workspace,
 };
 use crate::oauth::{JtiRevocation, OAuthStore};
 use crate::scope::Scope;
@@ -116,6 +116,27 @@ pub trait AuditStore: Send + Sync {
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<()>;
 }
 
+/// Routes managed through the admin API. Every change takes a change-feed position (recorded in
+/// `route_changes`) and wakes the feed's followers, so every node's gateway rebuilds its route
+/// table from [`RouteStore::list_routes`] without a restart.
+#[async_trait]
+pub trait RouteStore: Send + Sync {
+    /// Adds a route; `conflict` (`route_exists`) if a stored route has its id.
+    async fn insert_route(&self, route: &StoredRoute, audit: &NewAuditEvent) -> Result<()>;
+    /// Replaces a route's config; `not_found` if the workspace has no route with its id.
+    async fn update_route(&self, route: &StoredRoute, audit: &NewAuditEvent) -> Result<()>;
+    /// Deletes a route; `false` if the workspace has no route with this id.
+    async fn delete_route(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool>;
+    /// A route by id, in whichever workspace it is.
+    async fn route(&self, id: &str) -> Result<Option<StoredRoute>>;
+    /// Every stored route of every workspace, ordered by id, with the feed position of the
+    /// newest route change they include.
+    async fn list_routes(&self) -> Result<(u64, Vec<StoredRoute>)>;
+    /// The feed position of the newest route change (0 if none): a follower whose table is older
+    /// reloads.
+    async fn routes_position(&self) -> Result<u64>;
+}
+
 /// Usage counted by gateways, and the quota counts that must survive a restart.
 #[async_trait]
 pub trait UsageStore: Send + Sync {
@@ -188,6 +209,7 @@ pub trait Store:
     + TokenStore
     + RootKeyStore
     + PlanStore
+    + RouteStore
     + AuditStore
     + UsageStore
     + ChangeFeed

@@ -43,6 +43,8 @@ pub(crate) enum Code {
     RouteNotFound,
     TokenInQuery,
     MissingToken,
+    /// A credential of another workspace than the route's (and the route is not shared).
+    RouteNotInWorkspace,
     IpNotAllowed,
     InsufficientScope,
     CorsOriginNotAllowed,
@@ -57,7 +59,7 @@ pub(crate) enum Code {
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 16] = [
+    const ALL: [Code; 17] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -65,6 +67,7 @@ impl Code {
         Code::RouteNotFound,
         Code::TokenInQuery,
         Code::MissingToken,
+        Code::RouteNotInWorkspace,
         Code::IpNotAllowed,
         Code::InsufficientScope,
         Code::CorsOriginNotAllowed,
@@ -86,6 +89,7 @@ impl Code {
             Code::RouteNotFound => "route_not_found",
             Code::TokenInQuery => "token_in_query",
             Code::MissingToken => "missing_token",
+            Code::RouteNotInWorkspace => "route_not_in_workspace",
             Code::IpNotAllowed => "ip_not_allowed",
             Code::InsufficientScope => "insufficient_scope",
             Code::CorsOriginNotAllowed => "cors_origin_not_allowed",
@@ -102,7 +106,9 @@ impl Code {
         match self {
             Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
             Code::MissingToken => StatusCode::UNAUTHORIZED,
-            Code::IpNotAllowed | Code::InsufficientScope | Code::CorsOriginNotAllowed => StatusCode::FORBIDDEN,
+            Code::IpNotAllowed | Code::InsufficientScope | Code::CorsOriginNotAllowed | Code::RouteNotInWorkspace => {
+                StatusCode::FORBIDDEN
+            }
             Code::RouteNotFound => StatusCode::NOT_FOUND,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

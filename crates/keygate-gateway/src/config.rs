@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use keygate_core::policy::RateLimit;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[gateway]`: the listener and what applies to every route.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -232,7 +232,7 @@ pub struct TlsConfig {
 }
 
 /// How a route spreads requests over its upstreams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     #[default]
@@ -241,7 +241,7 @@ pub enum Balance {
 }
 
 /// `[[routes]]`: one API behind the gateway.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// A unique name, used in metrics, logs and usage.
@@ -295,6 +295,14 @@ pub struct RouteConfig {
     pub description: Option<String>,
     /// For the developer portal: an OpenAPI document (file path or URL).
     pub openapi: Option<String>,
+    /// The workspace (by name) the route belongs to: only its tokens, API keys and JWTs are
+    /// accepted here, unless the route is `shared`. Default: the default workspace. Routes made
+    /// through the admin API belong to the caller's workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// Accept the credentials of every workspace on this route (the demo route is shared).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 impl RouteConfig {
@@ -322,6 +330,8 @@ impl RouteConfig {
             upgrades: default_upgrades(),
             description: None,
             openapi: None,
+            workspace: None,
+            shared: false,
         }
     }
 }
@@ -335,7 +345,7 @@ fn default_upgrades() -> Vec<String> {
 }
 
 /// `[routes.cors]`: answered by the gateway; preflight requests need no token.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     /// Allowed origins, or `["*"]`.
@@ -404,7 +414,7 @@ fn default_max_age() -> u64 {
 }
 
 /// `[routes.health_check]`: active checks; passive checks (failures of real requests) always run.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// Path requested on each upstream, such as `/healthz`; any 2xx or 3xx is healthy.

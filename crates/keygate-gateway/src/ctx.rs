@@ -295,6 +295,13 @@ impl Caller {
             (Identity::Jwt(j), None) => &j.limit_key,
         }
     }
+    /// The workspace the credential belongs to (`None`: a JWT of an issuer with no workspace).
+    pub(crate) fn workspace_id(&self) -> Option<&str> {
+        match &self.who {
+            Identity::Key(t) => Some(&t.workspace_id),
+            Identity::Jwt(j) => j.workspace_id.as_deref(),
+        }
+    }
     pub(crate) fn scopes(&self) -> &[Scope] {
         match &self.who {
             Identity::Key(t) => &t.scopes,

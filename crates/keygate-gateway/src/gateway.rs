@@ -50,6 +50,13 @@ impl Table {
         let metrics = Metrics::new(routes.routes.iter().map(|r| r.id.to_string()));
         Self { routes, metrics }
     }
+
+    /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]).
+    pub fn succeeding(routes: RouteTable, old: &Table) -> Self {
+        let table = Self::new(routes);
+        table.metrics.carry_from(&old.metrics);
+        table
+    }
 }
 
 /// Settings of the request path that do not change with reloads of routes.

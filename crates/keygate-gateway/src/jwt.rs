@@ -158,6 +158,9 @@ pub struct Issuer {
     keys: ArcSwap<HashMap<String, PublicJwk>>,
     /// Set when a token named a key this issuer does not have; the key fetcher watches it.
     pub wants_keys: tokio::sync::Notify,
+    /// The workspace another issuer's tokens belong to (keygate's own tokens name theirs in a
+    /// claim). `None`: they are accepted only on shared routes.
+    pub workspace_id: Option<Arc<str>>,
 }
 
 impl Issuer {
@@ -168,7 +171,16 @@ impl Issuer {
             strict,
             keys: ArcSwap::from_pointee(HashMap::new()),
             wants_keys: tokio::sync::Notify::new(),
+            workspace_id: None,
         }
+    }
+
+    /// The workspace this issuer's tokens belong to (for another issuer's tokens, which carry no
+    /// workspace of their own).
+    #[must_use]
+    pub fn with_workspace(mut self, workspace_id: Option<Arc<str>>) -> Self {
+        self.workspace_id = workspace_id;
+        self
     }
 
     /// Replaces the verification keys (keys without a `kid` are kept under `""`).
@@ -434,7 +446,7 @@ impl JwtVerifier {
             jkt: c.cnf.map(Into::into),
             issuer: issuer.issuer.as_str().into(),
             app_id: None,
-            workspace_id: None,
+            workspace_id: issuer.workspace_id.clone(),
             subject_key: None,
             subject_jti: None,
         })

@@ -85,6 +85,36 @@ impl Metrics {
         Self { route_ids, shards }
     }
 
+    /// Adds what `old` (the table this one replaces) counted, so that counters keep counting
+    /// across a route change: per route by id (a removed route's counters go with it), and the
+    /// table-wide ones. A request that finishes on the old table after this is not counted.
+    pub fn carry_from(&self, old: &Metrics) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (new_shard, old_shard) in self.shards.iter().zip(&old.shards) {
+            for (i, id) in self.route_ids.iter().enumerate() {
+                let (Some(to), Some(from)) = (
+                    new_shard.routes.get(i),
+                    old.route_ids.iter().position(|o| o == id).and_then(|j| old_shard.routes.get(j)),
+                ) else {
+                    continue;
+                };
+                for (t, f) in to.status.iter().zip(&from.status).chain(to.latency.iter().zip(&from.latency)) {
+                    add(t, load(f));
+                }
+                add(&to.latency_sum_us, load(&from.latency_sum_us));
+                add(&to.upstream_errors, load(&from.upstream_errors));
+                add(&to.upstream_timeouts, load(&from.upstream_timeouts));
+            }
+            for (t, f) in new_shard.refusals.iter().zip(&old_shard.refusals) {
+                add(t, load(f));
+            }
+            add(&new_shard.limiter_allowed, load(&old_shard.limiter_allowed));
+            add(&new_shard.limiter_refused, load(&old_shard.limiter_refused));
+            add(&new_shard.unrouted, load(&old_shard.unrouted));
+            add(&new_shard.exposure_dropped, load(&old_shard.exposure_dropped));
+        }
+    }
+
     /// This thread's shard.
     fn mine(&self) -> Option<&Shard> {
         self.shards.get(SHARD.with(|s| *s))

@@ -105,6 +105,39 @@ pub struct Route {
     /// For the developer portal: what this API is, and where its OpenAPI document is.
     pub description: Option<String>,
     pub openapi: Option<String>,
+    /// The workspace whose credentials the route accepts (unless `shared`). `None` only in
+    /// tables built without a store (`keygate config check`, tests): keygate's gateway always
+    /// builds its table with every route's workspace known ([`RouteSpec`]).
+    pub workspace_id: Option<Arc<str>>,
+    /// Accepts the credentials of every workspace.
+    pub shared: bool,
+    /// Where the route is defined.
+    pub source: RouteSource,
+}
+
+impl Route {
+    /// Whether a credential of workspace `ws` may be used on this route.
+    #[inline]
+    pub fn admits_workspace(&self, ws: Option<&str>) -> bool {
+        self.shared || self.workspace_id.as_deref().is_none_or(|own| ws == Some(own))
+    }
+}
+
+/// Where a route is defined: the config file, or the admin API (stored, changed live).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteSource {
+    #[default]
+    File,
+    Api,
+}
+
+/// One route to compile: its config, the id of its workspace, and where it comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec<'a> {
+    pub config: &'a RouteConfig,
+    pub workspace_id: Option<&'a str>,
+    pub source: RouteSource,
 }
 
 impl Route {
@@ -174,11 +207,20 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Compiles and validates routes. Errors name the route.
+    /// Compiles and validates routes of the config file, without their workspaces (see
+    /// [`Route::workspace_id`]). Errors name the route.
     pub fn build(cfgs: &[RouteConfig], gw: &GatewayConfig) -> Result<Self, String> {
-        let mut routes = Vec::with_capacity(cfgs.len() + 1);
+        let specs: Vec<RouteSpec<'_>> =
+            cfgs.iter().map(|config| RouteSpec { config, workspace_id: None, source: RouteSource::File }).collect();
+        Self::build_specs(&specs, gw)
+    }
+
+    /// Compiles and validates routes, each with its workspace and source. Errors name the route.
+    pub fn build_specs(specs: &[RouteSpec<'_>], gw: &GatewayConfig) -> Result<Self, String> {
+        let mut routes = Vec::with_capacity(specs.len() + 1);
         let mut ids = std::collections::HashSet::new();
-        for (index, c) in cfgs.iter().enumerate() {
+        for (index, spec) in specs.iter().enumerate() {
+            let c = spec.config;
             let err = |m: String| format!("route {:?}: {m}", c.id);
             if c.id.is_empty() || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
                 return Err(err("id must be letters, digits, - _ . (not empty)".into()));
@@ -260,6 +302,9 @@ impl RouteTable {
                 upgrades,
                 description: c.description.clone(),
                 openapi: c.openapi.clone(),
+                workspace_id: spec.workspace_id.map(Arc::from),
+                shared: c.shared,
+                source: spec.source,
             }));
         }
         // Two prefixes that differ only in letter case would make every request to either one
@@ -307,6 +352,9 @@ impl RouteTable {
                         .into(),
                 ),
                 openapi: None,
+                workspace_id: None,
+                shared: true,
+                source: RouteSource::File,
             }));
         }
         Ok(Self { routes })

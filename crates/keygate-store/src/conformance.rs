@@ -302,6 +302,75 @@ async fn change_feed(h: &Harness) {
     assert_eq!(s.changes_since(snap.seq, 1).await.unwrap().len(), 1);
 }
 
+fn stored_route(ws: &WorkspaceId, id: &str, path: &str) -> StoredRoute {
+    StoredRoute {
+        id: id.into(),
+        workspace_id: ws.clone(),
+        config: json!({"id": id, "path": path, "upstream": "http://127.0.0.1:9000"}).as_object().cloned().unwrap(),
+        created_at: T0,
+        updated_at: T0,
+    }
+}
+
+/// API-managed routes: ids unique in the instance, changed only in their workspace, every change
+/// a new feed position that wakes followers and is audited in the same transaction.
+async fn routes(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (ws2, d2) = workspace("other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    assert_eq!(s.routes_position().await.unwrap(), 0);
+    assert_eq!(s.list_routes().await.unwrap(), (0, vec![]));
+    let mut signal = s.subscribe();
+
+    let orders = stored_route(&ws.id, "orders", "/orders");
+    s.insert_route(&orders, &audit(&ws.id, "route.create", "orders")).await.unwrap();
+    assert!(signal.changed().await, "a route change wakes followers");
+    let p1 = s.routes_position().await.unwrap();
+    assert!(p1 > 0);
+    // The id is taken in every workspace.
+    let clash = stored_route(&ws2.id, "orders", "/elsewhere");
+    let e = s.insert_route(&clash, &audit(&ws2.id, "route.create", "orders")).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "route_exists"));
+    assert_eq!(s.routes_position().await.unwrap(), p1, "a refused change takes no position");
+
+    let mut moved = orders.clone();
+    moved.config.insert("path".into(), json!("/v2/orders"));
+    moved.updated_at = T0.plus_seconds(5);
+    // Another workspace cannot change it.
+    let mut foreign = moved.clone();
+    foreign.workspace_id = ws2.id.clone();
+    assert_eq!(
+        s.update_route(&foreign, &audit(&ws2.id, "route.update", "orders")).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    s.update_route(&moved, &audit(&ws.id, "route.update", "orders")).await.unwrap();
+    let p2 = s.routes_position().await.unwrap();
+    assert!(p2 > p1);
+    assert_eq!(s.route("orders").await.unwrap(), Some(moved.clone()));
+    let billing = stored_route(&ws2.id, "billing", "/billing");
+    s.insert_route(&billing, &audit(&ws2.id, "route.create", "billing")).await.unwrap();
+    let (p3, all) = s.list_routes().await.unwrap();
+    assert!(p3 > p2);
+    assert_eq!(all, vec![billing.clone(), moved.clone()], "every workspace's routes, by id");
+
+    assert!(!s.delete_route(&ws2.id, "orders", &audit(&ws2.id, "route.delete", "orders")).await.unwrap());
+    assert!(s.delete_route(&ws.id, "orders", &audit(&ws.id, "route.delete", "orders")).await.unwrap());
+    assert!(s.routes_position().await.unwrap() > p3, "a deletion is a change too");
+    assert_eq!(s.route("orders").await.unwrap(), None);
+    let actions: Vec<String> = all_audit(s, &ws.id).await.into_iter().map(|e| e.action).collect();
+    for a in ["route.create", "route.update", "route.delete"] {
+        assert!(actions.iter().any(|x| x == a), "{a} audited: {actions:?}");
+    }
+    // Token changes and route changes share the feed without disturbing each other.
+    let t = token(&ws.id, &d.id, "t", T0);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    let pos = s.routes_position().await.unwrap();
+    assert_eq!(s.changes_since(p3, 100).await.unwrap().len(), 1, "only the token's change is a token change");
+    assert!(s.snapshot(T0).await.unwrap().seq > pos);
+}
+
 fn root_key(ws: &WorkspaceId, name: &str, created_at: Timestamp) -> RootKey {
     let minted = mint(&TokenPrefix::default().root_key_prefix(), &OsRandom).unwrap();
     RootKey {
@@ -1613,6 +1682,7 @@ conformance!(
     workspaces_and_apps,
     token_lifecycle,
     change_feed,
+    routes,
     root_keys_plans_and_scopes,
     root_key_lifecycle,
     deleting_apps,

@@ -7,6 +7,7 @@
 mod accounts;
 mod feed;
 mod oauth;
+mod routes;
 mod rows;
 mod sql;
 

@@ -389,3 +389,13 @@ pub(crate) fn access_token(row: &AnyRow) -> Result<AccessTokenRecord> {
 pub(crate) fn jti_revocation(row: &AnyRow) -> Result<JtiRevocation> {
     Ok(JtiRevocation { seq: seq(row, "seq")?, jti: get(row, "jti")?, expires_at: ts(row, "expires_at")? })
 }
+
+pub(crate) fn route(row: &AnyRow) -> Result<keygate_core::model::StoredRoute> {
+    Ok(keygate_core::model::StoredRoute {
+        id: get(row, "id")?,
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        config: json(row, "config")?,
+        created_at: ts(row, "created_at")?,
+        updated_at: ts(row, "updated_at")?,
+    })
+}

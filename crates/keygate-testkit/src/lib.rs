@@ -133,6 +133,11 @@ impl TestKeygate {
         &self.running().gateway
     }
 
+    /// The gateway's live route table (file and stored routes).
+    pub fn routes(&self) -> &Arc<keygate::live_routes::LiveRoutes> {
+        &self.running().routes
+    }
+
     pub fn store(&self) -> Arc<dyn Store> {
         self.running().store.clone()
     }

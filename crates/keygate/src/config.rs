@@ -140,6 +140,10 @@ pub struct TrustedIssuerConfig {
     /// Where its JWK Set is fetched (at start, every 10 minutes, and — at most every 30 s — when a
     /// token names a key not yet known). Keys named inside tokens are never fetched.
     pub jwks_url: String,
+    /// The workspace (by name) its tokens belong to: they are accepted on that workspace's routes
+    /// and on shared ones. Default: the default workspace.
+    #[serde(default)]
+    pub workspace: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -24,6 +24,7 @@ use keygate_gateway::usage::UsageMeter;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::live_routes::LiveRoutes;
 
 /// Marks tokens seen in query strings as exposed, on the main runtime, within bounds (issue 12):
 /// anyone can put a made-up well-formed token in a URL (the checksum is public), so a report
@@ -285,6 +286,7 @@ pub async fn build(
     } else {
         None
     };
+    let store = admin.store().clone();
     let reporter: Arc<dyn ExposureReporter> = Arc::new(AdminReporter::start(admin, clock.clone()));
     let mut issuers = Vec::new();
     let mut local: Option<Arc<dyn LocalService>> = None;
@@ -300,7 +302,15 @@ pub async fn build(
         }));
     }
     for t in &cfg.oauth.trusted_issuers {
-        issuers.push(Arc::new(Issuer::new(&t.issuer, &t.audience, false)));
+        // Another issuer's tokens carry no workspace: they belong to the one configured.
+        let name = t.workspace.as_deref().unwrap_or(keygate_core::model::DEFAULT_WORKSPACE);
+        let ws = store
+            .workspace_by_name(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("oauth.trusted_issuers: {}", e.message))?
+            .ok_or_else(|| anyhow::anyhow!("oauth.trusted_issuers.workspace: no workspace is named {name:?}"))?;
+        issuers
+            .push(Arc::new(Issuer::new(&t.issuer, &t.audience, false).with_workspace(Some(Arc::from(ws.id.as_str())))));
     }
     let jwt = (!issuers.is_empty()).then(|| JwtVerifier::new(issuers, cfg.oauth.leeway_seconds));
     Ok(Arc::new(Gateway {
@@ -409,15 +419,12 @@ fn modified(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Re-reads the config file; swaps in its routes if they are valid, keeps the old ones if not.
-pub fn reload_routes(gw: &Gateway, path: &Path) {
+/// Re-reads the config file; swaps in its routes (with the stored ones) if the table compiles,
+/// keeps the old table if not.
+pub async fn reload_routes(live: &LiveRoutes, path: &Path) {
     match Config::from_file(path) {
-        Ok(cfg) => match RouteTable::build(&cfg.routes, &cfg.gateway) {
-            Ok(routes) => {
-                let n = routes.routes.len();
-                gw.table.store(Arc::new(Table::new(routes)));
-                tracing::info!(routes = n, file = %path.display(), "routes reloaded");
-            }
+        Ok(cfg) => match live.set_file(cfg.routes, cfg.gateway).await {
+            Ok(()) => tracing::info!(file = %path.display(), "routes reloaded"),
             Err(e) => {
                 tracing::error!(error = %e, file = %path.display(), "new routes refused; the old ones keep serving")
             }
@@ -430,7 +437,7 @@ pub fn reload_routes(gw: &Gateway, path: &Path) {
 
 /// Watches the config file (every 2 s, and on SIGHUP) and the TLS files.
 pub fn spawn_reloader(
-    gw: Arc<Gateway>,
+    live: Arc<LiveRoutes>,
     config: Option<PathBuf>,
     tls: Option<(TlsSource, PathBuf, PathBuf)>,
 ) -> JoinHandle<()> {
@@ -460,7 +467,7 @@ pub fn spawn_reloader(
                 let m = modified(path);
                 if forced || m != seen_cfg {
                     seen_cfg = m;
-                    reload_routes(&gw, path);
+                    reload_routes(&live, path).await;
                 }
             }
             if let Some((source, cert, key)) = &tls {

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod fetch;
 pub mod gateway;
+pub mod live_routes;
 pub mod pepper;
 pub mod root_key_cmd;
 pub mod scan;

@@ -66,6 +66,8 @@ pub struct Running {
     pub store: Arc<SqlStore>,
     pub index: TokenIndex,
     pub gateway: Arc<Gateway>,
+    /// The gateway's route table and its sources (the file, the store).
+    pub routes: Arc<crate::live_routes::LiveRoutes>,
     /// The gateway's TLS settings, when it serves TLS (swapped on certificate reload).
     pub tls: Option<keygate_gateway::server::TlsSource>,
     /// The dashboard's one-time setup code, while no account exists (printed on the terminal).
@@ -121,6 +123,12 @@ pub async fn start(
     let gw =
         crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock.clone(), Some(oauth.clone())).await?;
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
+    // The route table: the file's routes and the stored ones, each with its workspace, built
+    // before the listener serves a request.
+    let routes =
+        crate::live_routes::LiveRoutes::start(gw.clone(), dyn_store.clone(), cfg.routes.clone(), cfg.gateway.clone())
+            .await?;
+    opened.admin.set_route_rules(routes.clone());
     let tls = crate::gateway::tls_source(cfg)?;
     let tls_handle = tls.as_ref().map(|t| t.0.clone());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
@@ -132,7 +140,8 @@ pub async fn start(
         follower,
         keygate_gateway::tasks::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
         keygate_gateway::tasks::spawn_health_checks(gw.clone()),
-        crate::gateway::spawn_reloader(gw.clone(), config_path.map(Path::to_owned), tls),
+        crate::gateway::spawn_reloader(routes.clone(), config_path.map(Path::to_owned), tls),
+        routes.spawn_follower(),
     ];
 
     let metrics_gw = gw.clone();
@@ -211,6 +220,7 @@ pub async fn start(
         store,
         index,
         gateway: gw,
+        routes,
         tls: tls_handle,
         setup_code,
         stop,

@@ -183,6 +183,8 @@ permission_marker!(
     KeysWrite => KeysWrite,
     RootKeysRead => RootKeysRead,
     RootKeysWrite => RootKeysWrite,
+    RoutesRead => RoutesRead,
+    RoutesWrite => RoutesWrite,
 );
 
 /// An authenticated root key holding permission `P`.

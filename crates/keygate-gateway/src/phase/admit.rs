@@ -288,6 +288,14 @@ impl Gateway {
         };
         let ip = client_ip(ctx.conn.remote, head, &self.settings.trusted_proxies);
         let caller = ctx.caller.insert(Caller { who, ip, subject });
+        // Tenants apart: a credential works only on its own workspace's routes and on shared
+        // ones. Before DPoP and the rest, so another workspace learns nothing of the route.
+        if !route.admits_workspace(caller.workspace_id()) {
+            return Err(Refuse::of(
+                Code::RouteNotInWorkspace,
+                "this token belongs to another workspace than this route; use a token of the route's workspace",
+            ));
+        }
         self.check_dpop(head, &ctx.conn, (scheme, presented), caller, now)?;
         // RFC 9449 §9: the nonce for the next proof, with the answer.
         if scheme == Scheme::Dpop

@@ -33,6 +33,7 @@ async fn kit(up: &RecordingUpstream, trusted: bool, access_log: bool) -> (TestKe
             audience: "orders-api".into(),
             // Never fetched successfully: the test sets the keys itself, so no waiting.
             jwks_url: "http://127.0.0.1:1/jwks".into(),
+            workspace: None,
         }],
         ..Default::default()
     };

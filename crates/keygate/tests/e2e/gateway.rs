@@ -430,16 +430,16 @@ async fn hot_reload_and_graceful_shutdown() {
     let (_, t) = kg.client().create_token(&json!({"name": "r"})).await;
     assert_eq!(get(&kg, "/one", Some(&t)).await.0, StatusCode::OK);
     write("/two");
-    keygate::gateway::reload_routes(kg.gateway(), &file);
+    keygate::gateway::reload_routes(kg.routes(), &file).await;
     assert_eq!(get(&kg, "/two", Some(&t)).await.0, StatusCode::OK);
     assert_eq!(get(&kg, "/one", Some(&t)).await.0, StatusCode::NOT_FOUND);
     std::fs::write(&file, "[[routes]]\nid = \"broken\"\npath = \"/x\"\n").unwrap();
-    keygate::gateway::reload_routes(kg.gateway(), &file);
+    keygate::gateway::reload_routes(kg.routes(), &file).await;
     assert_eq!(get(&kg, "/two", Some(&t)).await.0, StatusCode::OK, "an invalid config keeps the old routes");
 
     // A request in flight when shutdown starts still completes.
     write("/hold");
-    keygate::gateway::reload_routes(kg.gateway(), &file);
+    keygate::gateway::reload_routes(kg.routes(), &file).await;
     let url = format!("{}/hold", kg.gateway_url());
     let t2 = t.clone();
     let in_flight = tokio::spawn(async move { http().get(url).bearer_auth(&t2).send().await.map(|r| r.status()) });

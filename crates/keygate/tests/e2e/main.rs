@@ -16,6 +16,7 @@ mod gateway;
 mod oauth;
 mod oauth_hardening;
 mod root_keys;
+mod routes_live;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

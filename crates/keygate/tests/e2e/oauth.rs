@@ -155,9 +155,11 @@ async fn forged_and_foreign_jwts_are_refused() {
     let kg = kit(&up).await;
     let now = now_s(&kg);
     let iss = kg.gateway_url();
+    // keygate's own tokens name their workspace: only its routes (and shared ones) take them.
+    let ws = kg.store().workspace_by_name("default").await.unwrap().unwrap().id;
     let good = json!({
         "iss": iss, "sub": "kgc_x", "aud": iss, "exp": now + 300, "iat": now, "jti": "j1",
-        "client_id": "kgc_x", "scope": "orders:read",
+        "client_id": "kgc_x", "scope": "orders:read", "workspace_id": ws.as_str(),
     });
     let sign = |header: Value, claims: &Value| kg.oauth().sign(Alg::EdDSA, &header, claims).unwrap();
     let ok = sign(json!({"typ": "at+jwt"}), &good);
@@ -320,6 +322,7 @@ async fn tokens_of_a_trusted_issuer_are_verified_with_its_fetched_keys() {
             issuer: "https://idp.example".into(),
             audience: "orders-api".into(),
             jwks_url: format!("http://{idp}/jwks"),
+            workspace: None,
         }],
         ..Default::default()
     };

@@ -11,6 +11,7 @@ mod oauth;
 mod root_keys;
 mod routes;
 mod tokens;
+mod workspaces;
 
 use std::sync::Arc;
 
@@ -54,6 +55,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "audit", description = "The audit trail"),
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
+        (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
         (name = "system", description = "Health")
     )
@@ -162,6 +164,8 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(root_keys::revoke_root_key))
         .routes(routes!(routes::list_routes, routes::create_route))
         .routes(routes!(routes::get_route, routes::update_route, routes::delete_route))
+        .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
+        .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
         .split_for_parts();
     // After the routes: the modifiers of `ApiDoc` run before any path is in the document.
     CommonResponses.modify(&mut doc);

@@ -12,6 +12,7 @@ pub mod routes;
 pub mod seal;
 pub mod service;
 pub mod totp;
+pub mod workspaces;
 
 pub use api::{AdminState, router};
 pub use service::{Admin, AdminSettings};

@@ -66,9 +66,13 @@ fn route_from_file(id: &str) -> Error {
 
 impl Admin {
     fn rules(&self) -> Result<&Arc<dyn RouteRules>> {
-        self.route_rules
-            .get()
-            .ok_or_else(|| Error::unavailable("routes cannot be managed on this node: its gateway is not running"))
+        self.route_rules.get().ok_or_else(|| {
+            Error::new(
+                keygate_core::ErrorKind::Unavailable,
+                "routes_unavailable",
+                "routes cannot be managed on this node: its gateway is not running",
+            )
+        })
     }
 
     /// Sets what compiles and applies routes (once).

@@ -1182,7 +1182,7 @@ fn resolve_expiry(
     }
 }
 
-fn validate_name(name: &str, what: &str) -> Result<String> {
+pub(crate) fn validate_name(name: &str, what: &str) -> Result<String> {
     let trimmed = name.trim();
     // The length is the given one's, before trimming, as the API's document states it.
     if trimmed.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {

@@ -223,10 +223,14 @@ pub enum Permission {
     RoutesRead,
     /// Create, change and delete the workspace's API-managed routes.
     RoutesWrite,
+    /// List the instance's workspaces (root keys of the default workspace only).
+    WorkspacesRead,
+    /// Create, rename and delete workspaces (root keys of the default workspace only).
+    WorkspacesWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 12] = [
+    pub const ALL: [Permission; 14] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -239,6 +243,8 @@ impl Permission {
         Self::RootKeysWrite,
         Self::RoutesRead,
         Self::RoutesWrite,
+        Self::WorkspacesRead,
+        Self::WorkspacesWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -255,6 +261,8 @@ impl Permission {
             Self::RootKeysWrite => "root_keys:write",
             Self::RoutesRead => "routes:read",
             Self::RoutesWrite => "routes:write",
+            Self::WorkspacesRead => "workspaces:read",
+            Self::WorkspacesWrite => "workspaces:write",
         }
     }
 

@@ -22,6 +22,32 @@ pub trait WorkspaceStore: Send + Sync {
     async fn ensure_workspace(&self, candidate: &Workspace, default_app: &App) -> Result<Workspace>;
     async fn workspace(&self, id: &WorkspaceId) -> Result<Option<Workspace>>;
     async fn workspace_by_name(&self, name: &str) -> Result<Option<Workspace>>;
+    /// Every workspace not deleted, by name.
+    async fn list_workspaces(&self) -> Result<Vec<Workspace>>;
+    /// Renames a workspace; `conflict` (`workspace_exists`) if the name is taken, `not_found` if
+    /// there is no such workspace.
+    async fn rename_workspace(&self, id: &WorkspaceId, name: &str, audit: &NewAuditEvent) -> Result<()>;
+    /// Deletes a workspace in one transaction (`conflict` `workspace_has_tokens` if tokens that
+    /// can authenticate remain and `revoke_tokens` is false): its tokens revoked (on the change feed, each
+    /// audited), its apps' OAuth clients removed and their access tokens revoked, its root keys
+    /// revoked, its routes deleted, its memberships and invitations removed; the row itself stays
+    /// (audit trail, token history) under a name that frees the old one, and is never found again.
+    async fn delete_workspace(
+        &self,
+        id: &WorkspaceId,
+        at: Timestamp,
+        revoke_tokens: bool,
+        audit: &NewAuditEvent,
+    ) -> Result<WorkspaceDeletion>;
+}
+
+/// What deleting a workspace revoked and removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WorkspaceDeletion {
+    pub tokens_revoked: u64,
+    pub root_keys_revoked: u64,
+    pub routes_deleted: u64,
+    pub oauth_clients_deleted: u64,
 }
 
 #[async_trait]

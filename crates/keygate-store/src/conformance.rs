@@ -371,6 +371,51 @@ async fn routes(h: &Harness) {
     assert!(s.snapshot(T0).await.unwrap().seq > pos);
 }
 
+/// Workspaces: listed by name, renamed (names unique), deleted in one transaction that revokes
+/// tokens (on the feed) and root keys, deletes routes and memberships, and frees the name.
+async fn workspace_lifecycle(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (other, od) = workspace("beta");
+    s.ensure_workspace(&other, &od).await.unwrap();
+    assert_eq!(
+        s.list_workspaces().await.unwrap().iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+        ["acme", "beta"]
+    );
+    let e = s.rename_workspace(&ws.id, "beta", &audit(&ws.id, "workspace.rename", ws.id.as_str())).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "workspace_exists"));
+    s.rename_workspace(&ws.id, "acme-2", &audit(&ws.id, "workspace.rename", ws.id.as_str())).await.unwrap();
+    assert_eq!(s.workspace(&ws.id).await.unwrap().unwrap().name, "acme-2");
+
+    let t = token(&ws.id, &d.id, "t", T0);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    let key = root_key(&ws.id, "k", T0);
+    s.insert_root_key(&key, &audit(&ws.id, "root_key.create", key.id.as_str())).await.unwrap();
+    s.insert_route(&stored_route(&ws.id, "r1", "/r1"), &audit(&ws.id, "route.create", "r1")).await.unwrap();
+    let before = s.snapshot(T0).await.unwrap().seq;
+    let routes_before = s.routes_position().await.unwrap();
+    let del = audit(&ws.id, "workspace.delete", ws.id.as_str());
+    let e = s.delete_workspace(&ws.id, T0, false, &del).await.unwrap_err();
+    assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "workspace_has_tokens"));
+    assert!(s.workspace(&ws.id).await.unwrap().is_some(), "a refused deletion changes nothing");
+    let done = s.delete_workspace(&ws.id, T0, true, &del).await.unwrap();
+    assert_eq!((done.tokens_revoked, done.root_keys_revoked, done.routes_deleted), (1, 1, 1));
+    let changes = s.changes_since(before, 10).await.unwrap();
+    assert_eq!(changes.len(), 1);
+    assert!(changes[0].record.is_none(), "the revoked token leaves every index");
+    assert!(s.routes_position().await.unwrap() > routes_before, "the route's deletion is on the feed");
+    assert!(s.route("r1").await.unwrap().is_none());
+    assert!(s.root_key_by_hash(&key.hash).await.unwrap().is_none_or(|k| k.revoked_at.is_some()));
+    assert!(s.workspace(&ws.id).await.unwrap().is_none());
+    assert!(s.workspace_by_name("acme-2").await.unwrap().is_none());
+    assert_eq!(s.list_workspaces().await.unwrap().len(), 1);
+    // The name is free again; deleting twice finds nothing.
+    let (again, ad) = workspace("acme-2");
+    assert_ne!(s.ensure_workspace(&again, &ad).await.unwrap().id, ws.id);
+    assert_eq!(s.delete_workspace(&ws.id, T0, true, &del).await.unwrap_err().kind, ErrorKind::NotFound);
+}
+
 fn root_key(ws: &WorkspaceId, name: &str, created_at: Timestamp) -> RootKey {
     let minted = mint(&TokenPrefix::default().root_key_prefix(), &OsRandom).unwrap();
     RootKey {
@@ -1683,6 +1728,7 @@ conformance!(
     token_lifecycle,
     change_feed,
     routes,
+    workspace_lifecycle,
     root_keys_plans_and_scopes,
     root_key_lifecycle,
     deleting_apps,

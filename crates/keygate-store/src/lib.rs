@@ -10,6 +10,7 @@ mod oauth;
 mod routes;
 mod rows;
 mod sql;
+mod workspaces;
 
 use std::path::Path;
 use std::str::FromStr;

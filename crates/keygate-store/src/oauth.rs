@@ -119,7 +119,8 @@ pub(crate) async fn publish_revocations(
 /// The OAuth part of deleting an app, inside `delete_app`'s transaction (whose first write took
 /// the feed position): revokes the app's token families first (so a rotation in flight cannot add
 /// to them afterwards), revokes its live access tokens on the feed, deletes its refresh tokens and
-/// then its client, with an `oauth_client.delete` event (a copy of `audit` retargeted).
+/// then its client, with an `oauth_client.delete` event (a copy of `audit` retargeted). Returns
+/// whether the app had a client.
 pub(crate) async fn delete_app_oauth(
     tx: &mut Tx,
     seqs: &mut FeedSeqs,
@@ -127,7 +128,7 @@ pub(crate) async fn delete_app_oauth(
     app: &AppId,
     now: Timestamp,
     audit: &NewAuditEvent,
-) -> Result<()> {
+) -> Result<bool> {
     sqlx::query(
         "UPDATE oauth_token_families SET revoked_at = $1 WHERE workspace_id = $2 AND app_id = $3 AND revoked_at IS NULL",
     )
@@ -164,19 +165,20 @@ pub(crate) async fn delete_app_oauth(
             .fetch_optional(&mut **tx)
             .await
             .map_err(db_error)?;
+    let deleted = client.is_some();
     if let Some(client_id) = client {
         let mut ev = audit.clone();
         ev.action = "oauth_client.delete".into();
         ev.target = client_id;
         ev.before = None;
         ev.after = Some(serde_json::json!({
-            "reason": "app deleted",
+            "reason": if audit.action == "workspace.delete" { "workspace deleted" } else { "app deleted" },
             "access_tokens_revoked": revoked.len(),
             "refresh_tokens_deleted": refresh.rows_affected(),
         }));
         insert_audit(tx, &ev).await?;
     }
-    Ok(())
+    Ok(deleted)
 }
 
 fn bind_client<'q>(q: AnyQuery<'q>, c: &'q OAuthClient) -> Result<AnyQuery<'q>> {

@@ -16,7 +16,7 @@ use keygate_core::scope::Scope;
 use keygate_core::secret::SecretHash;
 use keygate_core::store::{
     AppStore, AuditStore, ChangeFeed, ChangeSignal, PlanStore, RootKeyStore, Snapshot, Store, TokenChange, TokenStore,
-    UsageStore, WorkspaceStore,
+    UsageStore, WorkspaceDeletion, WorkspaceStore,
 };
 use keygate_core::{Error, Result, Timestamp};
 use sqlx::any::{AnyArguments, AnyRow};
@@ -237,7 +237,13 @@ async fn reserve_seqs(tx: &mut Tx, n: u64) -> Result<u64> {
     Ok(u64::try_from(end).unwrap_or(0))
 }
 
-async fn record_change(tx: &mut Tx, seq: u64, token: &TokenId, hash: &SecretHash, at: Timestamp) -> Result<()> {
+pub(crate) async fn record_change(
+    tx: &mut Tx,
+    seq: u64,
+    token: &TokenId,
+    hash: &SecretHash,
+    at: Timestamp,
+) -> Result<()> {
     sqlx::query("INSERT INTO token_changes (seq, token_id, token_hash, at) VALUES ($1, $2, $3, $4)")
         .bind(i64::try_from(seq).unwrap_or(i64::MAX))
         .bind(token.as_str())
@@ -426,7 +432,7 @@ impl WorkspaceStore for SqlStore {
     }
 
     async fn workspace(&self, id: &WorkspaceId) -> Result<Option<Workspace>> {
-        sqlx::query("SELECT id, name, created_at FROM workspaces WHERE id = $1")
+        sqlx::query("SELECT id, name, created_at FROM workspaces WHERE id = $1 AND deleted_at IS NULL")
             .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await
@@ -437,7 +443,7 @@ impl WorkspaceStore for SqlStore {
     }
 
     async fn workspace_by_name(&self, name: &str) -> Result<Option<Workspace>> {
-        sqlx::query("SELECT id, name, created_at FROM workspaces WHERE name = $1")
+        sqlx::query("SELECT id, name, created_at FROM workspaces WHERE name = $1 AND deleted_at IS NULL")
             .bind(name)
             .fetch_optional(&self.pool)
             .await
@@ -445,6 +451,24 @@ impl WorkspaceStore for SqlStore {
             .as_ref()
             .map(rows::workspace)
             .transpose()
+    }
+
+    async fn list_workspaces(&self) -> Result<Vec<Workspace>> {
+        crate::workspaces::list(self).await
+    }
+
+    async fn rename_workspace(&self, id: &WorkspaceId, name: &str, audit: &NewAuditEvent) -> Result<()> {
+        crate::workspaces::rename(self, id, name, audit).await
+    }
+
+    async fn delete_workspace(
+        &self,
+        id: &WorkspaceId,
+        at: Timestamp,
+        revoke_tokens: bool,
+        audit: &NewAuditEvent,
+    ) -> Result<WorkspaceDeletion> {
+        crate::workspaces::delete(self, id, at, revoke_tokens, audit).await
     }
 }
 

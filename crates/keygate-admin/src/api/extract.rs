@@ -185,6 +185,8 @@ permission_marker!(
     RootKeysWrite => RootKeysWrite,
     RoutesRead => RoutesRead,
     RoutesWrite => RoutesWrite,
+    WorkspacesRead => WorkspacesRead,
+    WorkspacesWrite => WorkspacesWrite,
 );
 
 /// An authenticated root key holding permission `P`.

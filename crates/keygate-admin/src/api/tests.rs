@@ -86,6 +86,7 @@ async fn every_write_refuses_a_read_only_key() {
         Permission::AuditRead,
         Permission::RootKeysRead,
         Permission::RoutesRead,
+        Permission::WorkspacesRead,
     ];
     let (_, key) = admin.create_root_key("default", "reader", read_all, &Actor::cli()).await.unwrap();
     for (method, path) in operations() {

@@ -1,0 +1,6 @@
+-- Keys that held every permission there was (`*`, the default of `keygate root-key create`) keep
+-- holding every permission: they gain routes:read, routes:write, workspaces:read and
+-- workspaces:write. Narrower keys do not. (workspaces:* only act for instance-level keys.)
+UPDATE root_keys
+SET permissions = '["tokens:read","tokens:write","apps:read","apps:write","plans:read","plans:write","audit:read","keys:write","root_keys:read","root_keys:write","routes:read","routes:write","workspaces:read","workspaces:write"]'
+WHERE permissions = '["tokens:read","tokens:write","apps:read","apps:write","plans:read","plans:write","audit:read","keys:write","root_keys:read","root_keys:write"]';

@@ -222,8 +222,13 @@ impl RouteTable {
         for (index, spec) in specs.iter().enumerate() {
             let c = spec.config;
             let err = |m: String| format!("route {:?}: {m}", c.id);
-            if c.id.is_empty() || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
-                return Err(err("id must be letters, digits, - _ . (not empty)".into()));
+            // Not dots alone: `.` and `..` are path segments a URL normalizes away (so
+            // /admin/v1/routes/{id} could not name the route).
+            if c.id.is_empty()
+                || !c.id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                || c.id.bytes().all(|b| b == b'.')
+            {
+                return Err(err("id must be letters, digits, - _ . (not empty, not dots alone)".into()));
             }
             if !ids.insert(c.id.clone()) {
                 return Err(err("another route has the same id".into()));

@@ -1,5 +1,5 @@
 //! The commands that work through a running keygate's admin API (`token`, `app`, `oauth-client`,
-//! `signing-key`, `plan`, `scope`, `audit`): each builds one request (or, with `--all`, one per
+//! `signing-key`, `plan`, `scope`, `audit`, `route`, `workspace`): each builds one request (or, with `--all`, one per
 //! page), and prints the answer as a table for people or, with `--output json`, as the API's own
 //! JSON for scripts. Secrets the API shows once (a new token, a client secret) are printed once.
 
@@ -7,7 +7,9 @@ pub mod app;
 pub mod audit;
 pub mod oauth;
 pub mod plan;
+pub mod route;
 pub mod token;
+pub mod workspace;
 
 use anyhow::Context;
 use serde_json::{Map, Value, json};

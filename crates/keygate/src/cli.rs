@@ -1,5 +1,5 @@
 //! The command line: `keygate serve | root-key | token | app | oauth-client | signing-key | plan |
-//! scope | audit | scan | config | completions`. Exit codes are set in one place,
+//! scope | audit | route | workspace | scan | config | completions`. Exit codes are set in one place,
 //! [`crate::exit_code`].
 
 use std::path::PathBuf;
@@ -34,6 +34,10 @@ pub enum Command {
     Scope(ApiCommand<ScopeCommand>),
     /// Read the workspace's audit trail through the admin API.
     Audit(ApiCommand<AuditCommand>),
+    /// Manage the gateway's routes through the admin API; changes apply on every node at once.
+    Route(ApiCommand<RouteCommand>),
+    /// Manage workspaces (tenants) through the admin API; needs an instance-level root key.
+    Workspace(ApiCommand<WorkspaceCommand>),
     /// Find keygate tokens in files and git history; exits 1 when one is confirmed.
     Scan(ScanArgs),
     /// Work with configuration files.
@@ -69,8 +73,8 @@ pub enum RootKeyCommand {
         #[arg(long)]
         name: String,
         /// A permission (repeatable): tokens:read, tokens:write, apps:read, apps:write,
-        /// plans:read, plans:write, audit:read, keys:write, root_keys:read, root_keys:write, or *
-        /// for all. Default: all.
+        /// plans:read, plans:write, audit:read, keys:write, root_keys:read, root_keys:write,
+        /// routes:read, routes:write, workspaces:read, workspaces:write, or * for all. Default: all.
         #[arg(long = "permission", value_name = "P")]
         permissions: Vec<String>,
         /// The workspace the key belongs to; created if missing.
@@ -484,6 +488,49 @@ pub enum AuditCommand {
         to: Option<String>,
         #[command(flatten)]
         page: PageArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// List the workspace's routes and the shared ones, those of the config file included.
+    List,
+    /// Show one route with every field, defaults filled in.
+    Show { id: String },
+    /// Create a route from a file: one `[[routes]]` table (or its fields at the top level) in
+    /// TOML, or the route as a JSON object; `-` reads stdin.
+    Create {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Replace an API-managed route's fields with those of a file (a field left out takes its
+    /// default, as in the config file); `keygate route show ID --output json` is a starting point.
+    Update {
+        id: String,
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Delete an API-managed route; its requests get 404 from the next request on, on every node.
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// List the instance's workspaces.
+    List,
+    /// Show one workspace.
+    Show { id: String },
+    /// Create a workspace.
+    Create { name: String },
+    /// Rename a workspace; its id, tokens and routes stay.
+    Rename { id: String, name: String },
+    /// Delete a workspace with its root keys, routes, members and OAuth clients. One that still
+    /// holds tokens is deleted only with --revoke-tokens, which revokes them.
+    Delete {
+        id: String,
+        /// Revoke the workspace's tokens with it.
+        #[arg(long)]
+        revoke_tokens: bool,
     },
 }
 

@@ -320,3 +320,83 @@ async fn cli_exit_codes_and_completions() {
     }
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_routes_and_workspaces() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let kg = TestKeygate::start_with(keygate_testkit::Options {
+        routes: vec![keygate_testkit::route("orders", "/orders", &up.url())],
+        ..keygate_testkit::Options::default()
+    })
+    .await
+    .unwrap();
+    let cli = Cli::new(&kg);
+    let dir = tempfile::tempdir().unwrap();
+
+    // A route written as in the config file, created, served, listed beside the file's.
+    let toml = dir.path().join("billing.toml");
+    std::fs::write(
+        &toml,
+        format!("[[routes]]\nid = \"billing\"\npath = \"/billing\"\nupstream = \"{}\"\npublic = true\n", up.url()),
+    )
+    .unwrap();
+    let created = cli.json(&["route", "create", "-f", toml.to_str().unwrap()]);
+    assert_eq!((created["id"].as_str(), created["source"].as_str()), (Some("billing"), Some("api")));
+    let served = reqwest::get(format!("{}/billing/1", kg.gateway_url())).await.unwrap();
+    assert_eq!(served.status(), 200, "the route serves as soon as the command returns");
+    let list = cli.json(&["route", "list"]);
+    assert_eq!(ids(&list), ["orders", "billing"]);
+    let table = cli.table(&["route", "list"]);
+    assert!(table.starts_with("ID") && table.contains("billing") && table.contains("file"), "{table}");
+
+    // `show --output json` is a starting point for `update -f`: the answer goes back as it is.
+    let mut shown = cli.json(&["route", "show", "billing"]);
+    shown["path"] = json!("/invoices");
+    shown["public"] = json!(false);
+    let json_file = dir.path().join("billing.json");
+    std::fs::write(&json_file, shown.to_string()).unwrap();
+    let updated = cli.json(&["route", "update", "billing", "-f", json_file.to_str().unwrap()]);
+    assert_eq!(updated["path"], "/invoices");
+    assert_eq!(reqwest::get(format!("{}/invoices/1", kg.gateway_url())).await.unwrap().status(), 401);
+
+    // Refusals keep the API's codes; the file's routes say where to change them.
+    cli.refused(&["route", "update", "orders", "-f", json_file.to_str().unwrap()], "route_from_file");
+    let stderr = cli.refused(&["route", "delete", "orders"], "route_from_file");
+    assert!(stderr.contains("config file"), "{stderr}");
+    std::fs::write(&json_file, json!({"id": "other", "path": "/o", "upstream": up.url()}).to_string()).unwrap();
+    cli.refused(&["route", "update", "billing", "-f", json_file.to_str().unwrap()], "route_id_mismatch");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "id = \"x\"\npath = \"/x\"\nupstream = \"ftp://example.com\"\n").unwrap();
+    cli.refused(&["route", "create", "-f", bad.to_str().unwrap()], "invalid_route");
+    std::fs::write(&bad, "[[routes]]\nid = \"a\"\n[[routes]]\nid = \"b\"\n").unwrap();
+    let r = cli.run(&["route", "create", "-f", bad.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "two routes in one file is a usage error: {}", r.stderr);
+    assert_eq!(cli.run(&["route", "show", ".."]).code, Some(2));
+    assert_eq!(cli.run(&["route", "create", "-f", "/nonexistent/route.toml"]).code, Some(2));
+
+    cli.table(&["route", "delete", "billing"]);
+    cli.refused(&["route", "show", "billing"], "route_not_found");
+
+    // Workspaces: created, renamed, listed; deleting one with tokens needs --revoke-tokens.
+    let ws = cli.json(&["workspace", "create", "team-a"]);
+    let ws_id = ws["id"].as_str().unwrap().to_owned();
+    let renamed = cli.json(&["workspace", "rename", &ws_id, "team-b"]);
+    assert_eq!(renamed["name"], "team-b");
+    let names: Vec<Value> =
+        cli.json(&["workspace", "list"])["data"].as_array().unwrap().iter().map(|w| w["name"].clone()).collect();
+    assert_eq!(names, [json!("default"), json!("team-b")]);
+    cli.refused(&["workspace", "create", "team-b"], "workspace_exists");
+
+    // A root key of the new workspace, a token in it, then the deletion.
+    let b_key = kg.root_key("team-b", &keygate_core::model::Permission::ALL).await.unwrap();
+    let team = Cli { url: kg.url(), key: b_key };
+    team.json(&["token", "create", "--name", "t"]);
+    let stderr = team.refused(&["workspace", "list"], "instance_key_required");
+    assert!(stderr.contains("hint: workspaces are managed with a root key of the default workspace"), "{stderr}");
+    let stderr = cli.refused(&["workspace", "delete", &ws_id], "workspace_has_tokens");
+    assert!(stderr.contains("--revoke-tokens"), "{stderr}");
+    let gone = cli.json(&["workspace", "delete", &ws_id, "--revoke-tokens"]);
+    assert_eq!((gone["tokens_revoked"].as_u64(), gone["root_keys_revoked"].as_u64()), (Some(1), Some(1)));
+    cli.refused(&["workspace", "show", &ws_id], "workspace_not_found");
+    cli.refused(&["workspace", "delete", "ws_default_is_not_an_id"], "workspace_not_found");
+}

@@ -59,6 +59,7 @@ async fn routes_are_created_changed_and_deleted_through_the_api_and_serve_at_onc
         (json!({"id": "x", "path": "/x", "upstream": up.url(), "colour": "red"}), "invalid_route"),
         (json!({"id": "x", "path": "/x", "upstream": "ftp://example.com"}), "invalid_route"),
         (json!({"id": "x", "path": "/x"}), "invalid_route"),
+        (json!({"id": "..", "path": "/x", "upstream": up.url()}), "invalid_route"),
         (json!({"id": "x", "path": "/ORDERS", "upstream": up.url()}), "invalid_route"),
         (json!({"id": "x", "path": "/x", "upstream": up.url(), "workspace": "elsewhere"}), "route_workspace_mismatch"),
         (json!(["not", "an", "object"]), "invalid_body"),

@@ -39,6 +39,10 @@ pub trait RouteRules: Send + Sync {
     /// Rebuilds this node's route table from the store now, so the next request sees the change
     /// (other nodes follow the change feed).
     async fn apply(&self);
+    /// What in the configuration names the workspace called `name` (a route of the file, a
+    /// trusted issuer), if anything: such a workspace cannot be renamed or deleted, or the next
+    /// reload or start would fail on an unknown name.
+    fn config_uses_workspace(&self, name: &str) -> Option<String>;
 }
 
 /// A route as the admin API shows it.

@@ -52,12 +52,26 @@ impl Admin {
         Ok(ws)
     }
 
+    /// A workspace the configuration names by name stays as it is until the configuration no
+    /// longer does: otherwise the next reload or start would stop on an unknown workspace.
+    fn refuse_if_configured(&self, name: &str, what: &str) -> Result<()> {
+        let used = self.route_rules.get().and_then(|rules| rules.config_uses_workspace(name));
+        match used {
+            Some(user) => Err(Error::conflict(
+                "workspace_in_config",
+                format!("{user} names workspace {name:?}, so it cannot be {what}; change the configuration file first"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub async fn rename_workspace(&self, actor: &Actor, id: &WorkspaceId, name: &str) -> Result<Workspace> {
         let before = self.workspace(id).await?;
         if before.name == DEFAULT_WORKSPACE {
             return Err(default_workspace_fixed());
         }
         let name = validate_name(name, "name")?;
+        self.refuse_if_configured(&before.name, "renamed")?;
         let default = self.bootstrap().await?;
         let ev = NewAuditEvent::new(&default.id, actor, "workspace.rename", id.as_str(), self.now())
             .with_before(json!({"name": before.name}))
@@ -79,6 +93,7 @@ impl Admin {
         if ws.name == DEFAULT_WORKSPACE {
             return Err(default_workspace_fixed());
         }
+        self.refuse_if_configured(&ws.name, "deleted")?;
         let now = self.now();
         let ev =
             NewAuditEvent::new(id, actor, "workspace.delete", id.as_str(), now).with_before(json!({"name": ws.name}));

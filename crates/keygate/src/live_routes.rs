@@ -38,6 +38,8 @@ pub struct LiveRoutes {
     /// The store's route position the table is current to; held while a table is built, so
     /// rebuilds take turns.
     applied: tokio::sync::Mutex<u64>,
+    /// The workspace (by name) of each `[[oauth.trusted_issuers]]` entry, by issuer: read at start.
+    issuer_workspaces: Vec<(String, String)>,
 }
 
 /// Reads stored route fields as the file's (they were checked the same way when stored).
@@ -53,12 +55,14 @@ impl LiveRoutes {
         store: Arc<dyn Store>,
         routes: Vec<RouteConfig>,
         gateway: GatewayConfig,
+        issuer_workspaces: Vec<(String, String)>,
     ) -> anyhow::Result<Arc<Self>> {
         let live = Arc::new(Self {
             gw,
             store,
             file: ArcSwap::from_pointee(FileRoutes { routes, gateway }),
             applied: tokio::sync::Mutex::new(0),
+            issuer_workspaces,
         });
         live.rebuild().await.map_err(|e| anyhow::anyhow!("routes: {e}"))?;
         Ok(live)
@@ -210,5 +214,15 @@ impl RouteRules for LiveRoutes {
         if let Err(e) = self.rebuild().await {
             tracing::error!(error = %e, "routes: the new route table is refused; the old one keeps serving");
         }
+    }
+
+    fn config_uses_workspace(&self, name: &str) -> Option<String> {
+        let file = self.file.load();
+        let route = file.routes.iter().find(|r| r.workspace.as_deref().unwrap_or(DEFAULT_WORKSPACE) == name);
+        if let Some(r) = route {
+            return Some(format!("route {:?} of the config file", r.id));
+        }
+        let issuer = self.issuer_workspaces.iter().find(|(_, ws)| ws == name);
+        issuer.map(|(iss, _)| format!("the oauth.trusted_issuers entry for {iss:?}"))
     }
 }

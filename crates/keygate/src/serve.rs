@@ -125,9 +125,19 @@ pub async fn start(
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     // The route table: the file's routes and the stored ones, each with its workspace, built
     // before the listener serves a request.
-    let routes =
-        crate::live_routes::LiveRoutes::start(gw.clone(), dyn_store.clone(), cfg.routes.clone(), cfg.gateway.clone())
-            .await?;
+    let issuer_workspaces = (cfg.oauth.trusted_issuers.iter())
+        .map(|t| {
+            (t.issuer.clone(), t.workspace.clone().unwrap_or_else(|| keygate_core::model::DEFAULT_WORKSPACE.into()))
+        })
+        .collect();
+    let routes = crate::live_routes::LiveRoutes::start(
+        gw.clone(),
+        dyn_store.clone(),
+        cfg.routes.clone(),
+        cfg.gateway.clone(),
+        issuer_workspaces,
+    )
+    .await?;
     opened.admin.set_route_rules(routes.clone());
     let tls = crate::gateway::tls_source(cfg)?;
     let tls_handle = tls.as_ref().map(|t| t.0.clone());

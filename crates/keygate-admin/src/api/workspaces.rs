@@ -102,7 +102,7 @@ pub(crate) async fn get_workspace(
 #[utoipa::path(patch, path = "/admin/v1/workspaces/{id}", tag = "workspaces", params(("id" = String, Path)),
     request_body = WorkspaceNameRequest,
     responses((status = 200, body = WorkspaceView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "The name is taken, or the default workspace", body = ErrorBody)))]
+        (status = 409, description = "The name is taken, the default workspace, or one the configuration names", body = ErrorBody)))]
 pub(crate) async fn rename_workspace(
     auth: Auth<WorkspacesWrite>,
     State(s): State<AdminState>,
@@ -118,7 +118,7 @@ pub(crate) async fn rename_workspace(
 /// which revokes them (and its root keys, OAuth tokens and routes) in the same transaction.
 #[utoipa::path(delete, path = "/admin/v1/workspaces/{id}", tag = "workspaces", params(("id" = String, Path), DeleteWorkspaceQuery),
     responses((status = 200, body = WorkspaceDeletionView), (status = 404, body = ErrorBody),
-        (status = 409, description = "The default workspace, or one with tokens", body = ErrorBody)))]
+        (status = 409, description = "The default workspace, one with tokens, or one the configuration names", body = ErrorBody)))]
 pub(crate) async fn delete_workspace(
     auth: Auth<WorkspacesWrite>,
     State(s): State<AdminState>,

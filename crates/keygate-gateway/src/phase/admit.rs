@@ -293,7 +293,7 @@ impl Gateway {
         if !route.admits_workspace(caller.workspace_id()) {
             return Err(Refuse::of(
                 Code::RouteNotInWorkspace,
-                "this token belongs to another workspace than this route; use a token of the route's workspace",
+                "this route is not open to this token's workspace; use a token of the route's workspace",
             ));
         }
         self.check_dpop(head, &ctx.conn, (scheme, presented), caller, now)?;

@@ -71,3 +71,30 @@ async fn workspaces_are_created_renamed_and_deleted_by_the_instance_only() {
     assert_eq!(trail.body["data"][0]["after"]["tokens_revoked"], 1);
     kg.stop().await;
 }
+
+/// A workspace the configuration names (a file route, a trusted issuer) is neither renamed nor
+/// deleted: the next reload or start would stop on an unknown workspace.
+#[tokio::test]
+async fn a_workspace_the_config_file_names_stays() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let id = c.post("/admin/v1/workspaces", &json!({"name": "acme"})).await.str("/id");
+    let mut r = keygate_testkit::route("acme-orders", "/acme", &up.url());
+    r.workspace = Some("acme".into());
+    kg.routes().set_file(vec![r], keygate::config::GatewayConfig::default()).await.unwrap();
+
+    for answer in [
+        c.patch(&format!("/admin/v1/workspaces/{id}"), &json!({"name": "acme-2"})).await,
+        c.delete(&format!("/admin/v1/workspaces/{id}?revoke_tokens=true")).await,
+    ] {
+        assert_eq!((answer.status, answer.code()), (StatusCode::CONFLICT, "workspace_in_config"), "{:?}", answer.body);
+        assert!(answer.str("/error/message").contains("acme-orders"), "{:?}", answer.body);
+    }
+    assert_eq!(c.get(&format!("/admin/v1/workspaces/{id}")).await.str("/name"), "acme");
+
+    // Once the file no longer names it, it can go.
+    kg.routes().set_file(vec![], keygate::config::GatewayConfig::default()).await.unwrap();
+    let gone = c.delete(&format!("/admin/v1/workspaces/{id}")).await;
+    assert_eq!(gone.status, StatusCode::OK, "{:?}", gone.body);
+}

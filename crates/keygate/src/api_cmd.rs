@@ -4,6 +4,7 @@
 //! JSON for scripts. Secrets the API shows once (a new token, a client secret) are printed once.
 
 pub mod app;
+pub mod apply;
 pub mod audit;
 pub mod oauth;
 pub mod plan;

@@ -1,5 +1,5 @@
 //! The command line: `keygate serve | root-key | token | app | oauth-client | signing-key | plan |
-//! scope | audit | route | workspace | scan | config | completions`. Exit codes are set in one place,
+//! scope | audit | route | workspace | apply | export | scan | config | completions`. Exit codes are set in one place,
 //! [`crate::exit_code`].
 
 use std::path::PathBuf;
@@ -38,6 +38,11 @@ pub enum Command {
     Route(ApiCommand<RouteCommand>),
     /// Manage workspaces (tenants) through the admin API; needs an instance-level root key.
     Workspace(ApiCommand<WorkspaceCommand>),
+    /// Make the workspace match a file: its scope catalog, plans, apps and API-managed routes.
+    Apply(ApplyArgs),
+    /// Write the workspace's scope catalog, plans, apps and API-managed routes as a file for
+    /// `keygate apply`.
+    Export(ExportArgs),
     /// Find keygate tokens in files and git history; exits 1 when one is confirmed.
     Scan(ScanArgs),
     /// Work with configuration files.
@@ -532,6 +537,34 @@ pub enum WorkspaceCommand {
         #[arg(long)]
         revoke_tokens: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The file (TOML: [[scopes]], [[plans]], [[apps]], [[routes]]), or - for standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print what would change, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also delete what the file does not have, in the sections it has (never plans or the default
+    /// app; an app with tokens stops the run).
+    #[arg(long)]
+    pub prune: bool,
+    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8081")]
+    pub url: String,
+    /// `table`: one line per change; `json`: {"changes": […], "applied": bool}.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Write to this file instead of standard output.
+    #[arg(short = 'o', long = "out", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:8081")]
+    pub url: String,
 }
 
 #[derive(Debug, Args)]

@@ -73,6 +73,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(args) => api_cmd::plan::run_plan(args).await.map(|()| ExitCode::SUCCESS),
         Command::Scope(args) => api_cmd::plan::run_scope(args).await.map(|()| ExitCode::SUCCESS),
         Command::Audit(args) => api_cmd::audit::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Apply(args) => api_cmd::apply::run_apply(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Export(args) => api_cmd::apply::run_export(args).await.map(|()| ExitCode::SUCCESS),
         Command::Route(args) => api_cmd::route::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Workspace(args) => api_cmd::workspace::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {

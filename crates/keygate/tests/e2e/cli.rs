@@ -400,3 +400,114 @@ async fn cli_manages_routes_and_workspaces() {
     cli.refused(&["workspace", "show", &ws_id], "workspace_not_found");
     cli.refused(&["workspace", "delete", "ws_default_is_not_an_id"], "workspace_not_found");
 }
+
+/// `keygate export` writes a workspace as a file; `keygate apply -f` makes another keygate match
+/// it (a dry run first, which changes nothing), again and again without change; `--prune` deletes
+/// what the file no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_exports_a_workspace_and_applies_it_elsewhere() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let source = TestKeygate::start().await.unwrap();
+    let c = source.client();
+    assert_eq!(
+        c.send(
+            reqwest::Method::PUT,
+            "/admin/v1/scopes/orders:read",
+            Some(&json!({"description": "Read orders", "api": "orders"}))
+        )
+        .await
+        .status,
+        200
+    );
+    let plan = c
+        .post(
+            "/admin/v1/plans",
+            &json!({"name": "starter", "scopes": ["orders:read"], "rate_limit": {"requests": 10, "per_seconds": 1}}),
+        )
+        .await;
+    assert_eq!(plan.status, 201, "{:?}", plan.body);
+    let app = c
+        .post("/admin/v1/apps", &json!({"name": "billing", "plan_id": plan.str("/id"), "metadata": {"team": "b"}}))
+        .await;
+    assert_eq!(app.status, 201, "{:?}", app.body);
+    let route = json!({"id": "orders", "path": "/orders", "upstream": up.url(), "scopes": {"GET": "orders:read"}, "retries": 0});
+    assert_eq!(c.post("/admin/v1/routes", &route).await.status, 201);
+
+    let exported = Cli::new(&source).table(&["export"]);
+    for part in [
+        "[[scopes]]",
+        "scope = \"orders:read\"",
+        "[[plans]]",
+        "name = \"starter\"",
+        "[[apps]]",
+        "plan = \"starter\"",
+        "[[routes]]",
+        "retries = 0",
+    ] {
+        assert!(exported.contains(part), "{part} in:\n{exported}");
+    }
+    assert!(!exported.contains("created_at") && !exported.contains("plan_"), "no server fields or ids:\n{exported}");
+
+    let target = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&target);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("workspace.toml");
+    std::fs::write(&file, &exported).unwrap();
+    let f = file.to_str().unwrap();
+
+    let dry = cli.table(&["apply", "-f", f, "--dry-run"]);
+    assert!(
+        dry.contains("+ scope orders:read")
+            && dry.contains("+ plan starter")
+            && dry.contains("+ app billing")
+            && dry.contains("+ route orders"),
+        "{dry}"
+    );
+    assert!(dry.contains("(dry run: nothing was changed)"), "{dry}");
+    assert_eq!(target.client().get("/admin/v1/plans").await.body["data"], json!([]), "a dry run changes nothing");
+
+    let applied = cli.table(&["apply", "-f", f]);
+    assert!(applied.ends_with("4 created, 0 changed, 0 deleted\n"), "{applied}");
+    assert_eq!(cli.table(&["export"]), exported, "the target now exports the same file");
+    let again = cli.json(&["apply", "-f", f]);
+    assert_eq!(again["changes"], json!([]), "applying twice changes nothing");
+    let (_, token) = target.client().create_token(&json!({"name": "t", "scopes": ["orders:read"]})).await;
+    target.sync_index().await.unwrap();
+    let served = reqwest::Client::new()
+        .get(format!("{}/orders/1", target.gateway_url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200, "the applied route serves");
+
+    // The file changes: the route moves, the app goes, the plan loses its limit.
+    let mut doc: toml::Table = exported.parse().unwrap();
+    doc["routes"][0]["path"] = "/v2/orders".into();
+    doc["plans"][0].as_table_mut().unwrap().remove("rate_limit");
+    doc["apps"].as_array_mut().unwrap().retain(|a| a["name"].as_str() != Some("billing"));
+    let edited = toml::to_string(&doc).unwrap();
+    assert_ne!(edited, exported);
+    std::fs::write(&file, &edited).unwrap();
+    let pruned = cli.json(&["apply", "-f", f, "--prune"]);
+    let lines: Vec<(String, String)> = pruned["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["action"].as_str().unwrap().to_owned(), c["key"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(lines.contains(&("update".into(), "starter".into())), "{pruned}");
+    assert!(lines.contains(&("update".into(), "orders".into())), "{pruned}");
+    assert!(lines.contains(&("delete".into(), "billing".into())), "{pruned}");
+    let apps = target.client().get("/admin/v1/apps").await.body;
+    assert_eq!(apps["data"].as_array().unwrap().len(), 1, "billing deleted, the default app kept: {apps}");
+    assert!(target.client().get("/admin/v1/plans").await.body["data"][0]["rate_limit"].is_null());
+    let r = cli.json(&["route", "show", "orders"]);
+    assert_eq!(r["path"], "/v2/orders");
+
+    // A file with a mistake is refused before anything is sent.
+    std::fs::write(&file, "[[plans]]\nname = \"x\"\ncolour = 1\n").unwrap();
+    let r = cli.run(&["apply", "-f", f]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("unknown field \"colour\""), "{}", r.stderr);
+}

@@ -52,13 +52,11 @@ fn fixable(e: &Error) -> bool {
 fn read_route(text: &str) -> Result<serde_json::Value, Error> {
     let text = text.trim();
     if text.starts_with('{') {
-        return serde_json::from_str(text).map_err(|e| {
-            Error::invalid("invalid_route", format!("the route is not a valid JSON object: {e}"))
-        });
+        return serde_json::from_str(text)
+            .map_err(|e| Error::invalid("invalid_route", format!("the route is not a valid JSON object: {e}")));
     }
-    let table: toml::Table = toml::from_str(text).map_err(|e| {
-        Error::invalid("invalid_route", format!("the route is not valid TOML: {}", e.message()))
-    })?;
+    let table: toml::Table = toml::from_str(text)
+        .map_err(|e| Error::invalid("invalid_route", format!("the route is not valid TOML: {}", e.message())))?;
     serde_json::to_value(table).map_err(|e| Error::invalid("invalid_route", e.to_string()))
 }
 
@@ -220,9 +218,9 @@ pub async fn update(
     };
     match done {
         Ok(()) => see_other("/routes?msg=route_updated"),
-        Err(e) if fixable(&e) => {
-            page_inner(&st, &v, &id, Some((Some(text), FormError::from_error(&e)))).await.unwrap_or_else(|e| st.error(e))
-        }
+        Err(e) if fixable(&e) => page_inner(&st, &v, &id, Some((Some(text), FormError::from_error(&e))))
+            .await
+            .unwrap_or_else(|e| st.error(e)),
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }

@@ -108,12 +108,7 @@ pub async fn rename(
     }
 }
 
-async fn delete_inner(
-    st: &DashboardState,
-    v: &Viewer,
-    id: &str,
-    error: Option<&Error>,
-) -> Result<Response, PageError> {
+async fn delete_inner(st: &DashboardState, v: &Viewer, id: &str, error: Option<&Error>) -> Result<Response, PageError> {
     let _owner = InstanceOwner::of(st, v).await?;
     let ws = st.admin.workspace(&workspace_id(v, id)?).await.map_err(ctx_err(v))?;
     Ok(st.render(

@@ -243,3 +243,33 @@ pub async fn delete(
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_route_shown_as_toml_reads_back_as_it_was_without_its_unset_fields() {
+        let config = json!({
+            "id": "billing", "path": "/billing", "host": null, "upstream": "http://127.0.0.1:9000",
+            "upstreams": [], "retries": 1, "public": false, "scopes": {"GET": "billing:read", "*": "billing:write"},
+            "rate_limit": {"requests": 10, "per_seconds": 1}, "cors": null,
+        });
+        let serde_json::Value::Object(map) = config.clone() else { unreachable!() };
+        let text = as_toml(&map);
+        assert!(!text.contains("host") && !text.contains("cors"), "{text}");
+        assert_eq!(read_route(&text).unwrap(), without_nulls(&config));
+    }
+
+    #[test]
+    fn json_is_read_too_and_mistakes_say_where() {
+        assert_eq!(read_route(" {\"id\": \"x\"} ").unwrap(), json!({"id": "x"}));
+        let e = read_route("id = [unclosed").unwrap_err();
+        assert_eq!(e.code, "invalid_route");
+        assert!(e.message.contains("not valid TOML"), "{}", e.message);
+        assert!(read_route("{not json").unwrap_err().message.contains("JSON"));
+    }
+}

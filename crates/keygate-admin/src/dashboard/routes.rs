@@ -116,7 +116,7 @@ fn route_row(r: &RouteEntry, own_workspace: &str, editor: bool) -> Value {
     }
 }
 
-/// A starting point for the form: the fields a route needs, commented.
+/// What the empty form starts with: the fields most routes need.
 const EXAMPLE: &str = "id = \"billing\"\npath = \"/billing\"\nupstream = \"http://127.0.0.1:9000\"\n\n[scopes]\nGET = \"billing:read\"\n\"*\" = \"billing:write\"\n";
 
 async fn list_inner(

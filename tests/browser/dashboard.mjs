@@ -760,7 +760,7 @@ async function run(browser, kg) {
   await step('phone-sized screen: pages fit 390 px without sideways scrolling', async () => {
     currentPage = owner;
     await owner.setViewportSize({ width: 390, height: 844 });
-    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', ctx.appHref, '/settings']) {
+    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', ctx.appHref, '/settings', '/workspaces']) {
       await goto(owner, p);
       const overflow = await owner.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       if (overflow > 1) throw new Error(`${p} is ${overflow} px wider than a 390 px screen`);
@@ -778,7 +778,7 @@ async function run(browser, kg) {
     const page = await context.newPage();
     currentPage = page;
     const axePath = path.join(ROOT, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js');
-    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/account/security'];
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/workspaces', '/account/security'];
     const problems = [];
     for (const p of pages) {
       await goto(page, p);
@@ -828,6 +828,42 @@ async function run(browser, kg) {
     await expectPath(owner, '/settings/root-keys');
     const row = await textOf(owner, owner.locator('tr', { hasText: 'browser key' }), 'the revoked key');
     check(row.includes('revoked'), `the key's row reads ${JSON.stringify(row)}`);
+  });
+
+  await step('routes: an owner adds a route as TOML; the gateway serves it; a mistake is shown on the form', async () => {
+    currentPage = owner;
+    await goto(owner, '/routes');
+    await expectH1(owner, 'Routes');
+    // The upstream is keygate's own admin listener: /browser-api/admin/v1/health is its health check.
+    const route = `id = "browser-api"\npath = "/browser-api"\nupstream = "${base}"\nstrip_prefix = true\npublic = true\n`;
+    await owner.fill('#route-text', `${route}colour = "red"\n`);
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Add route' }), 'add a route with an unknown field');
+    const error = await textOf(owner, owner.locator('#route-error'), 'the error beside the form');
+    check(error.includes('invalid_route') && error.includes('colour'), `the form's error reads ${JSON.stringify(error)}`);
+    check((await owner.inputValue('#route-text')).includes('colour'), 'the input was not kept');
+    await owner.fill('#route-text', route);
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Add route' }), 'add the route');
+    await expectPath(owner, '/routes');
+    await mustExist(owner, owner.locator('#route-browser-api'), 'the new route in the list');
+    await shot(owner, '12-routes');
+    const resp = await fetch(`${gatewayBase}/browser-api/admin/v1/health`);
+    check(resp.status === 200, `the gateway answers ${resp.status} on the new route`);
+    await clickAndLoad(owner, owner.getByRole('link', { name: 'browser-api' }), 'open the route');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Delete route' }), 'delete the route');
+    await expectPath(owner, '/routes');
+    const gone = await fetch(`${gatewayBase}/browser-api/admin/v1/health`);
+    check(gone.status === 404, `the gateway answers ${gone.status} after the deletion`);
+  });
+
+  await step('workspaces: the instance owner creates one and sees it listed', async () => {
+    currentPage = owner;
+    await goto(owner, '/workspaces');
+    await expectH1(owner, 'Workspaces');
+    await owner.fill('#ws-name', 'browser-team');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Create workspace' }), 'create a workspace');
+    await expectPath(owner, '/workspaces');
+    await mustExist(owner, owner.locator('tr', { hasText: 'browser-team' }), 'the new workspace in the list');
+    await shot(owner, '13-workspaces');
   });
 
   await step('/admin/docs: Swagger UI renders its operations under the admin listener\'s CSP', async () => {

@@ -5,6 +5,7 @@ mod apps;
 mod document;
 mod dto;
 mod error;
+pub(crate) use error::status_of;
 mod extract;
 mod misc;
 mod oauth;

@@ -16,6 +16,19 @@ pub struct ApiEntry {
     pub scopes: Vec<(String, String)>,
     /// Where the route's OpenAPI document comes from (a file or URL), if any.
     pub openapi: Option<String>,
+    /// The workspace (id) whose credentials the route accepts; `None`: a route known to no
+    /// workspace (the built-in demo route).
+    pub workspace_id: Option<String>,
+    /// Accepts the credentials of every workspace, so every workspace's portal lists it.
+    pub shared: bool,
+}
+
+impl ApiEntry {
+    /// Whether the portal of workspace `ws` lists this API: the workspace's own routes and
+    /// shared ones (issue 13: a person sees only what their workspace's credentials can call).
+    pub fn serves_workspace(&self, ws: &str) -> bool {
+        self.shared || self.workspace_id.as_deref().is_none_or(|own| own == ws)
+    }
 }
 
 /// The answer to an explorer request.

@@ -9,6 +9,8 @@ mod oauth;
 mod pages;
 mod portal;
 mod root_keys;
+mod routes;
+mod workspaces;
 
 use std::sync::Arc;
 
@@ -46,6 +48,9 @@ pub struct DashboardState {
     /// The OAuth2 authorization server, for apps' OAuth clients and the signing keys; `None`
     /// hides those screens.
     pub oauth: Option<Arc<crate::oauth::OAuth>>,
+    /// The default workspace's id, read once (it is never renamed or deleted): its owners are
+    /// the instance's owners, who alone manage workspaces.
+    default_workspace: Arc<std::sync::OnceLock<keygate_core::ids::WorkspaceId>>,
 }
 
 const TEMPLATES: &[(&str, &str)] = &[
@@ -76,6 +81,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("root_keys.html", include_str!("../dashboard/templates/root_keys.html")),
     ("root_key_created.html", include_str!("../dashboard/templates/root_key_created.html")),
     ("root_key_revoke.html", include_str!("../dashboard/templates/root_key_revoke.html")),
+    ("routes.html", include_str!("../dashboard/templates/routes.html")),
+    ("route.html", include_str!("../dashboard/templates/route.html")),
+    ("workspaces.html", include_str!("../dashboard/templates/workspaces.html")),
+    ("workspace_delete.html", include_str!("../dashboard/templates/workspace_delete.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -96,6 +105,7 @@ impl DashboardState {
             catalog: None,
             public_url: None,
             oauth: None,
+            default_workspace: Arc::default(),
         })
     }
 
@@ -117,10 +127,25 @@ impl DashboardState {
         self
     }
 
+    /// The default workspace's id (read from the store the first time).
+    async fn default_workspace(&self) -> keygate_core::Result<&keygate_core::ids::WorkspaceId> {
+        if let Some(id) = self.default_workspace.get() {
+            return Ok(id);
+        }
+        let ws = self.admin.bootstrap().await?;
+        Ok(self.default_workspace.get_or_init(|| ws.id))
+    }
+
+    /// Whether `v` is an owner of the instance: an owner of the default workspace signed in to
+    /// it (keygate has no instance-level role apart from that; the first person set up is one).
+    fn is_instance_owner(&self, v: &Viewer) -> bool {
+        v.role.is_owner() && self.default_workspace.get() == Some(v.workspace())
+    }
+
     /// Renders a page; `base` adds the viewer, CSRF token and navigation to `ctx`.
     fn render(&self, status: StatusCode, name: &str, viewer: Option<&Viewer>, nav: &str, ctx: Value) -> Response {
         let base = context! {
-            viewer => viewer.map(|v| context! { name => v.user.name.clone(), email => v.user.email.clone(), role => v.role.as_str() }),
+            viewer => viewer.map(|v| context! { name => v.user.name.clone(), email => v.user.email.clone(), role => v.role.as_str(), instance_owner => self.is_instance_owner(v) }),
             csrf => viewer.map(|v| v.csrf.clone()),
             nav => nav,
         };
@@ -239,6 +264,8 @@ impl FromRequestParts<DashboardState> for SignedIn {
         };
         match state.accounts.resolve(&cookie).await {
             Ok(Some(v)) => {
+                // Known before any page renders, so the navigation can offer Workspaces.
+                state.default_workspace().await.map_err(|e| state.error(e.into()))?;
                 // A workspace that requires two-factor sign-in opens only the enrolment pages
                 // (and sign-out) to members who have not turned it on.
                 let path = parts.uri.path();
@@ -374,6 +401,12 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
         .route("/settings/root-keys", get(root_keys::list).post(root_keys::create))
         .route("/settings/root-keys/{id}/revoke", get(root_keys::revoke_page).post(root_keys::revoke))
+        .route("/routes", get(routes::list).post(routes::create))
+        .route("/routes/{id}", get(routes::page).post(routes::update))
+        .route("/routes/{id}/delete", post(routes::delete))
+        .route("/workspaces", get(workspaces::list).post(workspaces::create))
+        .route("/workspaces/{id}/rename", post(workspaces::rename))
+        .route("/workspaces/{id}/delete", get(workspaces::delete_page).post(workspaces::delete))
         .route("/portal", get(portal::catalog))
         .route("/portal/{id}", get(portal::api))
         .route("/portal/{id}/try", post(portal::try_it))

@@ -127,6 +127,41 @@ impl Admin {
         Ok(out)
     }
 
+    /// The routes a workspace's credentials can call: its own ([`Admin::list_routes`]), then the
+    /// other workspaces' shared routes (file, then stored), which it may see but not change.
+    pub async fn visible_routes(&self, ws: &WorkspaceId) -> Result<Vec<RouteEntry>> {
+        let rules = self.rules()?;
+        let mut out = self.list_routes(ws).await?;
+        let own = self.workspace_name(ws).await?;
+        let names: std::collections::HashMap<WorkspaceId, String> =
+            self.store.list_workspaces().await?.into_iter().map(|w| (w.id, w.name)).collect();
+        let shared = |config: &Map<String, Value>| config.get("shared").and_then(Value::as_bool) == Some(true);
+        let mut file: Vec<RouteEntry> = rules
+            .file_routes()
+            .into_iter()
+            .filter(|r| shared(&r.config))
+            .filter_map(|r| {
+                let name = r.workspace.unwrap_or_else(|| keygate_core::model::DEFAULT_WORKSPACE.to_owned());
+                (name != own).then(|| RouteEntry {
+                    id: r.config.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                    workspace: name,
+                    from_file: true,
+                    config: r.config,
+                    created_at: None,
+                    updated_at: None,
+                })
+            })
+            .collect();
+        file.sort_by(|a, b| a.id.cmp(&b.id));
+        out.extend(file);
+        let (_, stored) = self.store.list_routes().await?;
+        out.extend(stored.into_iter().filter(|r| &r.workspace_id != ws && shared(&r.config)).map(|r| {
+            let name = names.get(&r.workspace_id).cloned().unwrap_or_default();
+            Self::stored_entry(r, &name)
+        }));
+        Ok(out)
+    }
+
     /// One of the workspace's routes.
     pub async fn route(&self, ws: &WorkspaceId, id: &str) -> Result<RouteEntry> {
         let rules = self.rules()?;

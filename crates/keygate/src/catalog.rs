@@ -126,6 +126,8 @@ impl ApiCatalog for Catalog {
                     description: r.description.clone(),
                     scopes,
                     openapi: r.openapi.clone(),
+                    workspace_id: r.workspace_id.as_deref().map(str::to_owned),
+                    shared: r.shared,
                 }
             })
             .collect()

@@ -15,8 +15,11 @@ use crate::catalog::{ApiEntry, TryAnswer};
 
 const METHODS: [&str; 7] = ["get", "post", "put", "patch", "delete", "head", "options"];
 
-fn entries(st: &DashboardState) -> Vec<ApiEntry> {
-    st.catalog.as_ref().map(|c| c.apis()).unwrap_or_default()
+/// The APIs the viewer's workspace can call: its own routes and shared ones. Another
+/// workspace's API is "not found" here, as its tokens and apps are.
+fn entries(st: &DashboardState, v: &Viewer) -> Vec<ApiEntry> {
+    let ws = v.workspace().as_str();
+    st.catalog.as_ref().map(|c| c.apis()).unwrap_or_default().into_iter().filter(|a| a.serves_workspace(ws)).collect()
 }
 
 pub async fn catalog(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
@@ -40,7 +43,7 @@ pub async fn catalog(State(st): State<DashboardState>, SignedIn(v): SignedIn) ->
         "portal.html",
         Some(&v),
         "portal",
-        context! { title => "APIs", apis => ser(entries(&st)), plans, can_write => v.role.can_write() },
+        context! { title => "APIs", apis => ser(entries(&st, &v)), plans, can_write => v.role.can_write() },
     )
 }
 
@@ -83,7 +86,7 @@ async fn api_page(
     answer: Option<TryAnswer>,
     form: Option<&Fields>,
 ) -> Response {
-    let Some(api) = entries(st).into_iter().find(|a| a.id == id) else {
+    let Some(api) = entries(st, v).into_iter().find(|a| a.id == id) else {
         return st.error(PageError::not_found(v));
     };
     let (doc, doc_error) = match (&api.openapi, &st.catalog) {
@@ -134,7 +137,7 @@ pub async fn try_it(
     Path(id): Path<String>,
     CsrfForm(f): CsrfForm,
 ) -> Response {
-    let Some(api) = entries(&st).into_iter().find(|a| a.id == id) else {
+    let Some(api) = entries(&st, &v).into_iter().find(|a| a.id == id) else {
         return st.error(PageError::not_found(&v));
     };
     let Some(catalog) = st.catalog.clone() else { return st.error(PageError::not_found(&v)) };

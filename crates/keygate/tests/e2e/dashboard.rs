@@ -8,7 +8,7 @@ use keygate_testkit::TestKeygate;
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 
-const PASSWORD: &str = "correct horse battery staple";
+pub(crate) const PASSWORD: &str = "correct horse battery staple";
 
 /// A cookie-keeping client that does not follow redirects.
 pub(crate) struct Browser {

@@ -7,6 +7,7 @@ mod admin_hardening;
 mod answer_framing;
 mod cli;
 mod dashboard;
+mod dashboard_routes;
 mod edge_conn;
 mod edge_headers;
 mod edge_policy;

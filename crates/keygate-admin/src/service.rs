@@ -189,6 +189,8 @@ pub struct Admin {
 /// are live.
 pub trait PendingUsage: Send + Sync {
     fn pending(&self, token: &TokenId) -> Vec<UsageRecord>;
+    /// The latest use of each of `tokens` counted and not written yet.
+    fn last_uses(&self, tokens: &[TokenId]) -> Vec<keygate_core::model::LastUse>;
 }
 
 /// Told after every committed token change, before the API answers (the local token index
@@ -779,7 +781,9 @@ impl Admin {
     }
 
     pub async fn token(&self, ws: &WorkspaceId, id: &TokenId) -> Result<TokenRecord> {
-        self.store.token(ws, id).await?.ok_or_else(|| Error::not_found("token"))
+        let mut t = self.store.token(ws, id).await?.ok_or_else(|| Error::not_found("token"))?;
+        self.with_pending_last_use(std::slice::from_mut(&mut t));
+        Ok(t)
     }
 
     pub async fn list_tokens(
@@ -788,7 +792,24 @@ impl Admin {
         filter: &TokenFilter,
         page: &PageRequest,
     ) -> Result<Page<TokenRecord>> {
-        self.store.list_tokens(ws, filter, self.now(), page).await
+        let mut page = self.store.list_tokens(ws, filter, self.now(), page).await?;
+        self.with_pending_last_use(&mut page.items);
+        Ok(page)
+    }
+
+    /// The last use is written with the usage, once a minute; the gateway's uses since then are
+    /// added here, so a token shows its last use as soon as its usage shows the request.
+    fn with_pending_last_use(&self, tokens: &mut [TokenRecord]) {
+        let Some(p) = self.pending_usage.get() else { return };
+        let ids: Vec<TokenId> = tokens.iter().map(|t| t.id.clone()).collect();
+        for seen in p.last_uses(&ids) {
+            if let Some(t) = tokens.iter_mut().find(|t| t.id == seen.token_id)
+                && t.last_used_at.is_none_or(|at| at < seen.at)
+            {
+                t.last_used_at = Some(seen.at);
+                t.last_used_ip = Some(seen.ip);
+            }
+        }
     }
 
     /// Reads the token, lets `change` edit a copy, and writes it with an audit event holding

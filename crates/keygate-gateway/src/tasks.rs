@@ -23,6 +23,11 @@ pub fn pending_usage(gw: &Gateway, token: &TokenId) -> Vec<UsageRecord> {
     gw.meter.peek(&public_id)
 }
 
+/// The latest unflushed use of each of `tokens` (`last_used_at` as soon as usage shows it).
+pub fn pending_last_uses(gw: &Gateway, tokens: &[TokenId]) -> Vec<LastUse> {
+    gw.meter.peek_last_uses(tokens)
+}
+
 /// Writes counted usage, `last_used_at` and quota counts to the store; puts usage back if the
 /// store refuses, so nothing is lost.
 pub async fn flush(gw: &Gateway, store: &dyn Store) {

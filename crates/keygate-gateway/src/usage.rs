@@ -100,13 +100,18 @@ impl Entry {
             latency: self.latency.map(u64::from),
         }
     }
-    /// The last use seen since the last drain, taking it.
-    fn take_last_use(&mut self) -> Option<(Timestamp, IpAddr)> {
-        let ms = std::mem::take(&mut self.last_ms);
-        (ms > 0).then(|| {
-            let at = Timestamp::from_millis(self.minute_ms() + i64::from(ms) - 1);
+    /// The last use seen since the last drain.
+    fn last_use(&self) -> Option<(Timestamp, IpAddr)> {
+        (self.last_ms > 0).then(|| {
+            let at = Timestamp::from_millis(self.minute_ms() + i64::from(self.last_ms) - 1);
             (at, IpAddr::V6(Ipv6Addr::from(self.last_ip)).to_canonical())
         })
+    }
+    /// The last use seen since the last drain, taking it.
+    fn take_last_use(&mut self) -> Option<(Timestamp, IpAddr)> {
+        let seen = self.last_use();
+        self.last_ms = 0;
+        seen
     }
 }
 
@@ -238,6 +243,31 @@ impl UsageMeter {
         let id = TokenId::from_public_id(std::str::from_utf8(public_id).unwrap_or_default());
         out.extend(self.restored.lock().0.iter().filter(|u| u.token_id == id).cloned());
         merge(out)
+    }
+
+    /// The latest use of each of `tokens` seen and not flushed yet (so `last_used_at` is shown as
+    /// soon as the usage is, not a flush later). One pass over the counts, whatever the number of
+    /// tokens asked about.
+    pub fn peek_last_uses(&self, tokens: &[TokenId]) -> Vec<LastUse> {
+        let wanted: std::collections::HashSet<&str> =
+            tokens.iter().filter_map(|t| t.as_str().strip_prefix("tok_")).collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let mut latest: HashMap<[u8; PUBLIC_ID_LEN], (Timestamp, IpAddr)> = HashMap::default();
+        for shard in &self.shards {
+            let c = shard.0.lock();
+            for e in c.table.iter() {
+                if let Some(seen) = e.last_use()
+                    && std::str::from_utf8(&e.public_id).is_ok_and(|id| wanted.contains(id))
+                {
+                    keep_latest(&mut latest, e.public_id, seen);
+                }
+            }
+        }
+        let mut out: Vec<LastUse> = latest.iter().map(|(id, seen)| last_use(id, *seen)).collect();
+        out.extend(self.restored.lock().1.iter().filter(|u| tokens.contains(&u.token_id)).cloned());
+        merge_last(out)
     }
 
     /// Takes everything counted so far.

@@ -413,6 +413,10 @@ impl keygate_admin::service::PendingUsage for MeterUsage {
     fn pending(&self, token: &keygate_core::ids::TokenId) -> Vec<keygate_core::model::UsageRecord> {
         keygate_gateway::tasks::pending_usage(&self.0, token)
     }
+
+    fn last_uses(&self, tokens: &[keygate_core::ids::TokenId]) -> Vec<keygate_core::model::LastUse> {
+        keygate_gateway::tasks::pending_last_uses(&self.0, tokens)
+    }
 }
 
 fn modified(p: &Path) -> Option<SystemTime> {

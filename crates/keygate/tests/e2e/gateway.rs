@@ -821,3 +821,28 @@ async fn http1_connections_follow_rfc_9112() {
     .unwrap();
     kg.stop().await;
 }
+
+/// A token shows its last use as soon as its usage shows the request: the gateway's uses not yet
+/// written (once a minute) are added to what the store holds, on the token and in lists.
+#[tokio::test]
+async fn last_use_shows_as_soon_as_usage_does() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let c = kg.client();
+    let (id, t) = c.create_token(&json!({"name": "fresh"})).await;
+    assert!(c.get(&format!("/admin/v1/tokens/{id}")).await.body["last_used_at"].is_null());
+    kg.clock.advance_seconds(7);
+    assert_eq!(get(&kg, "/plain/x", Some(&t)).await.0, StatusCode::OK);
+
+    let shown = c.get(&format!("/admin/v1/tokens/{id}")).await.body;
+    let at = shown["last_used_at"].as_str().expect("the use is shown before any flush").to_owned();
+    assert_eq!(shown["last_used_ip"], "127.0.0.1");
+    let listed = c.get("/admin/v1/tokens").await.body;
+    let row = listed["data"].as_array().unwrap().iter().find(|r| r["id"] == id.as_str()).unwrap().clone();
+    assert_eq!(row["last_used_at"].as_str(), Some(at.as_str()), "lists show it too");
+    let usage = c.get(&format!("/admin/v1/tokens/{id}/usage")).await.body;
+    assert_eq!(usage["total"]["requests"], 1, "as the usage does");
+
+    kg.flush_usage().await;
+    assert_eq!(c.get(&format!("/admin/v1/tokens/{id}")).await.body["last_used_at"].as_str(), Some(at.as_str()));
+}

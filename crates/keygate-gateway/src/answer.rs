@@ -23,6 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use keygate_core::dpop;
 
 use crate::body::{BodyState, BoxError};
+use crate::head::ReqHead;
 pub use crate::head::is_field_value;
 use crate::index::Refusal;
 use crate::jwt::JwtRefusal;
@@ -250,6 +251,45 @@ impl Refuse {
         self.close
     }
 
+    /// The answer for this request: a gRPC status for a gRPC call (its client reads no JSON),
+    /// the JSON answer otherwise.
+    pub(crate) fn answer_to(&self, head: &ReqHead<'_>) -> Answer {
+        if head.is_grpc() { self.grpc_answer() } else { self.answer() }
+    }
+
+    /// The gRPC status a refusal is (gRPC's status codes, doc/statuscodes.md): what a gRPC client
+    /// reports to its caller.
+    pub(crate) fn grpc_status(&self) -> u8 {
+        match self.status.as_u16() {
+            400 => 3,             // INVALID_ARGUMENT
+            401 => 16,            // UNAUTHENTICATED
+            403 => 7,             // PERMISSION_DENIED
+            404 => 12,            // UNIMPLEMENTED: no such service here
+            408 | 504 => 4,       // DEADLINE_EXCEEDED
+            413 | 429 | 431 => 8, // RESOURCE_EXHAUSTED
+            502 | 503 => 14,      // UNAVAILABLE
+            _ => 13,              // INTERNAL
+        }
+    }
+
+    /// A gRPC "Trailers-Only" answer (gRPC over HTTP/2, PROTOCOL-HTTP2.md): HTTP 200 whose only
+    /// HEADERS frame ends the stream and carries `grpc-status` and `grpc-message` (the stable code
+    /// and the message, percent-encoded as the protocol says), and the challenge and limit
+    /// headers a JSON refusal has.
+    pub(crate) fn grpc_answer(&self) -> Answer {
+        let mut a = self.answer();
+        a.status = StatusCode::OK;
+        a.body = Bytes::new();
+        a.headers.retain(|(name, _)| name != header::CONTENT_TYPE);
+        a.headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/grpc")));
+        a.headers.push((HeaderName::from_static("grpc-status"), HeaderValue::from(u16::from(self.grpc_status()))));
+        let message = grpc_percent_encode(&format!("{}: {}", self.code, self.message));
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            a.headers.push((HeaderName::from_static("grpc-message"), v));
+        }
+        a
+    }
+
     /// The JSON answer: `{"error": {"code", "message"}}`.
     pub(crate) fn answer(&self) -> Answer {
         let mut body = Vec::with_capacity(48 + self.code.len() + self.message.len());
@@ -276,6 +316,19 @@ impl Refuse {
         a.close = self.close;
         a
     }
+}
+
+/// `grpc-message`'s encoding: every byte outside printable ASCII, and `%`, as `%XX`.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// One `RateLimit-Policy` / `RateLimit` pair (draft-ietf-httpapi-ratelimit-headers).
@@ -426,7 +479,9 @@ impl Answer {
 
     /// For hyper (HTTP/2).
     pub fn into_response(self, extra: &AnswerExtra) -> Response<GatewayBody> {
-        let mut resp = Response::new(GatewayBody::full(self.body));
+        // No body: the HEADERS frame ends the stream (a gRPC Trailers-Only answer needs that).
+        let body = if self.body.is_empty() { GatewayBody::empty() } else { GatewayBody::full(self.body) };
+        let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         for (k, v) in self.headers {
@@ -634,6 +689,27 @@ mod tests {
         }
         assert_eq!(Code::UpstreamTimeout.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(Code::TooManyConnections.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_and_statuses_mapped() {
+        assert_eq!(grpc_percent_encode("a b: 100% ok"), "a b: 100%25 ok");
+        assert_eq!(grpc_percent_encode("caf\u{e9}\n"), "caf%C3%A9%0A");
+        let status = |code| Refuse::of(code, "m").grpc_status();
+        assert_eq!(
+            [status(Code::MissingToken), status(Code::InsufficientScope), status(Code::RateLimited)],
+            [16, 7, 8]
+        );
+        assert_eq!([status(Code::RouteNotFound), status(Code::UpstreamUnavailable)], [12, 14]);
+        let a = Refuse::of(Code::RateLimited, "slow down").grpc_answer();
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(a.body.is_empty());
+        let has = |n: &str, v: &str| a.headers.iter().any(|(k, x)| k == n && x == v);
+        assert!(
+            has("grpc-status", "8")
+                && has("grpc-message", "rate_limited: slow down")
+                && has("content-type", "application/grpc")
+        );
     }
 
     #[test]

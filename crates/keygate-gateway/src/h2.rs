@@ -73,7 +73,7 @@ impl Gateway {
                     bytes_out: 0,
                 };
                 self.record(&ctx, o);
-                refusal.answer().into_response(&ctx.extra)
+                refusal.answer_to(ctx.head).into_response(&ctx.extra)
             }
         }
     }

@@ -260,6 +260,17 @@ impl<'a> ReqHead<'a> {
         self.fields.get(usize::from(at?)).map(|f| f.value)
     }
 
+    /// Whether this is a gRPC call (`content-type: application/grpc`, `application/grpc+proto`,
+    /// …): its refusals are gRPC statuses. Read only on the refusal path.
+    pub fn is_grpc(&self) -> bool {
+        self.all("content-type").next().is_some_and(|v| {
+            let v = v.trim_ascii_start();
+            v.len() >= 16
+                && v[..16].eq_ignore_ascii_case(b"application/grpc")
+                && v.get(16).is_none_or(|b| matches!(b, b'+' | b';' | b' ' | b'-'))
+        })
+    }
+
     /// Every value of the fields named `name` (lowercase), in order.
     pub fn all(&self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.fields.iter().filter(move |f| f.name.eq_ignore_ascii_case(name)).map(|f| f.value)

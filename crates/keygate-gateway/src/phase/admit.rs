@@ -45,8 +45,8 @@ pub(crate) enum Verdict<'a> {
 }
 
 impl Verdict<'_> {
-    fn refused(r: &Refuse) -> Self {
-        Verdict::Answer { answer: r.answer(), refusal: Some(r.code) }
+    fn refused(r: &Refuse, head: &ReqHead<'_>) -> Self {
+        Verdict::Answer { answer: r.answer_to(head), refusal: Some(r.code) }
     }
 }
 
@@ -200,7 +200,7 @@ impl Gateway {
         let head = ctx.head;
         match check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path)) {
             Ok(p) => ctx.path = p,
-            Err(r) => return Verdict::refused(&r),
+            Err(r) => return Verdict::refused(&r, head),
         }
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
@@ -218,7 +218,7 @@ impl Gateway {
                     return Verdict::Answer { answer: preflight(cors), refusal: None };
                 }
                 let r = Refuse::of(Code::CorsOriginNotAllowed, "this origin may not call this API");
-                return Verdict::refused(&r);
+                return Verdict::refused(&r, head);
             }
         }
         if let Some(local) = &self.local
@@ -231,7 +231,7 @@ impl Gateway {
                 Verdict::Answer { answer: demo_echo(head, ctx.caller.as_ref(), &self.index), refusal: None }
             }
             Ok(route) => Verdict::Forward(route),
-            Err(r) => Verdict::refused(&r),
+            Err(r) => Verdict::refused(&r, head),
         }
     }
 

@@ -846,3 +846,57 @@ async fn last_use_shows_as_soon_as_usage_does() {
     kg.flush_usage().await;
     assert_eq!(c.get(&format!("/admin/v1/tokens/{id}")).await.body["last_used_at"].as_str(), Some(at.as_str()));
 }
+
+/// keygate's own refusals of a gRPC call are gRPC statuses (a gRPC client reads no JSON): HTTP
+/// 200, Trailers-Only, `grpc-status` 16/7/8/12/14 and `grpc-message` with the stable code.
+#[tokio::test]
+async fn grpc_calls_get_grpc_statuses() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let c = kg.client();
+    let (_, reader) = c.create_token(&json!({"name": "r", "scopes": ["orders:read"]})).await;
+    kg.sync_index().await.unwrap();
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let call = |path: &str, token: Option<&str>, content_type: &str| {
+        let mut req = h2
+            .post(format!("{}{path}", kg.gateway_url()))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(vec![0u8, 0, 0, 0, 0]);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    for (path, token, status, code) in [
+        ("/orders/pkg.Service/Get", None, "16", "missing_token"),
+        ("/orders/pkg.Service/Get", Some("kg_notatoken"), "16", "malformed_token"),
+        ("/orders/pkg.Service/Get", Some(reader.as_str()), "7", "insufficient_scope"),
+        ("/nowhere.Service/Get", Some(reader.as_str()), "12", "route_not_found"),
+    ] {
+        let resp = call(path, token, "application/grpc").await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let h = resp.headers().clone();
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["grpc-status"], status, "{path} {code}");
+        assert!(h["grpc-message"].to_str().unwrap().starts_with(&format!("{code}: ")), "{h:?}");
+        assert!(resp.bytes().await.unwrap().is_empty(), "Trailers-Only: no body");
+    }
+    // Limits: RESOURCE_EXHAUSTED, with the limit headers a JSON refusal has.
+    let (_, writer) = c.create_token(&json!({"name": "w"})).await;
+    kg.sync_index().await.unwrap();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(call("/limited/pkg.S/M", Some(&writer), "application/grpc+proto").await.unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.headers()["grpc-status"], "8");
+    assert!(last.headers().contains_key("retry-after"));
+    // An upstream that cannot be reached: UNAVAILABLE.
+    let resp = call("/dead/pkg.S/M", Some(&writer), "application/grpc").await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers()["grpc-status"].to_str().unwrap()), (200, "14"));
+    // Not gRPC (or a look-alike type): JSON as ever.
+    let resp = call("/orders/x", None, "application/grpcx").await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("grpc-status").is_none());
+}

@@ -16,8 +16,17 @@ use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, Route
 /// One upstream server of a route.
 #[derive(Debug)]
 pub struct Upstream {
-    /// `host:port`, as dialled and sent in `Host`.
+    /// `host:port`, as dialled.
     pub authority: Arc<str>,
+    /// What is sent in `Host`: the authority for `http://` (as it always was), the host with
+    /// its port only if that is not 443 for `https://`.
+    pub host_header: Arc<str>,
+    /// The key of this upstream's idle connections in a worker's pool: the authority for
+    /// `http://`; for `https://`, the scheme, authority, server name and TLS identity, so that
+    /// connections of different identities are never shared.
+    pub pool_key: Arc<str>,
+    /// `https://`: how to make the TLS handshake.
+    pub tls: Option<crate::upstream_tls::TlsTarget>,
     /// A path prefix the upstream URL carried (`http://h/api` → `/api`), or empty.
     pub base_path: String,
     pub healthy: AtomicBool,
@@ -30,29 +39,67 @@ pub struct Upstream {
     pub successes: AtomicU32,
 }
 
+/// An upstream URL read: its scheme, host, `host:port` and base path.
+struct UpstreamUrl<'a> {
+    https: bool,
+    host: &'a str,
+    authority: String,
+    /// The port was given and is not the scheme's default.
+    odd_port: bool,
+    path: &'a str,
+}
+
+fn parse_upstream_url(raw: &str) -> Result<UpstreamUrl<'_>, String> {
+    let (https, rest) = match (raw.strip_prefix("http://"), raw.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => return Err(format!("upstream {raw:?} must be an http:// or https:// URL")),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("upstream {raw:?} has no usable host"));
+    }
+    let default_port = if https { "443" } else { "80" };
+    let (host, authority, odd_port) = if authority.contains(':') && !authority.ends_with(']') {
+        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, default_port));
+        (host, authority.to_owned(), port != default_port)
+    } else {
+        (authority, format!("{authority}:{default_port}"), false)
+    };
+    authority
+        .parse::<http::uri::Authority>()
+        .map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
+    Ok(UpstreamUrl { https, host, authority, odd_port, path })
+}
+
 impl Upstream {
+    #[cfg(test)]
     fn parse(raw: &str) -> Result<Self, String> {
-        let rest = raw.strip_prefix("http://").ok_or_else(|| {
-            format!("upstream {raw:?} must be an http:// URL (TLS to upstreams is not supported yet)")
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
+        Self::from_url(&parse_upstream_url(raw)?, None).map_err(|e| e.to_string())
+    }
+
+    fn from_url(
+        url: &UpstreamUrl<'_>,
+        tls: Option<&crate::upstream_tls::RouteTls>,
+    ) -> Result<Self, crate::upstream_tls::UpstreamTlsError> {
+        let authority: Arc<str> = Arc::from(url.authority.as_str());
+        let (host_header, pool_key, tls) = match (url.https, tls) {
+            (true, Some(tls)) => {
+                let (target, key) = tls.target(url.host, &url.authority)?;
+                let host = if url.odd_port { authority.clone() } else { Arc::from(url.host) };
+                (host, Arc::from(key), Some(target))
+            }
+            _ => (authority.clone(), authority.clone(), None),
         };
-        if authority.is_empty() || authority.contains('@') {
-            return Err(format!("upstream {raw:?} has no usable host"));
-        }
-        let authority = if authority.contains(':') && !authority.ends_with(']') {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
-        authority
-            .parse::<http::uri::Authority>()
-            .map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
         Ok(Self {
-            authority: Arc::from(authority),
-            base_path: path.trim_end_matches('/').to_owned(),
+            authority,
+            host_header,
+            pool_key,
+            tls,
+            base_path: url.path.trim_end_matches('/').to_owned(),
             healthy: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
             counts_in_flight: false,
@@ -244,8 +291,16 @@ impl RouteTable {
             if raw_upstreams.is_empty() {
                 return Err(err("needs an upstream (or upstreams)".into()));
             }
+            let urls = raw_upstreams.iter().map(|u| parse_upstream_url(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            let tls_err = |e: crate::upstream_tls::UpstreamTlsError| err(e.to_string());
+            let tls = crate::upstream_tls::RouteTls::from_config(
+                c,
+                urls.iter().any(|u| u.https),
+                urls.iter().any(|u| !u.https),
+            )
+            .map_err(tls_err)?;
             let mut upstreams =
-                raw_upstreams.iter().map(|u| Upstream::parse(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+                urls.iter().map(|u| Upstream::from_url(u, tls.as_ref())).collect::<Result<Vec<_>, _>>().map_err(tls_err)?;
             if c.balance == Balance::LeastRequests {
                 for u in &mut upstreams {
                     u.counts_in_flight = true;

@@ -878,7 +878,13 @@ async fn exchange<B: BodySource, S: HeadSink>(
     let written = match stream {
         UpstreamStream::Plain(s) => s.write_all(head).await,
         // A TLS stream may keep written bytes until it is flushed.
-        UpstreamStream::Tls(s) => async { s.write_all(head).await?; s.flush().await }.await,
+        UpstreamStream::Tls(s) => {
+            async {
+                s.write_all(head).await?;
+                s.flush().await
+            }
+            .await
+        }
     };
     if let Err(e) = written {
         // Nothing of the answer came; a dead idle connection shows up here or in the read.

@@ -69,18 +69,11 @@ fn parse_upstream_url(raw: &str) -> Result<UpstreamUrl<'_>, String> {
     } else {
         (authority, format!("{authority}:{default_port}"), false)
     };
-    authority
-        .parse::<http::uri::Authority>()
-        .map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
+    authority.parse::<http::uri::Authority>().map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
     Ok(UpstreamUrl { https, host, authority, odd_port, path })
 }
 
 impl Upstream {
-    #[cfg(test)]
-    fn parse(raw: &str) -> Result<Self, String> {
-        Self::from_url(&parse_upstream_url(raw)?, None).map_err(|e| e.to_string())
-    }
-
     fn from_url(
         url: &UpstreamUrl<'_>,
         tls: Option<&crate::upstream_tls::RouteTls>,
@@ -291,7 +284,8 @@ impl RouteTable {
             if raw_upstreams.is_empty() {
                 return Err(err("needs an upstream (or upstreams)".into()));
             }
-            let urls = raw_upstreams.iter().map(|u| parse_upstream_url(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            let urls =
+                raw_upstreams.iter().map(|u| parse_upstream_url(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
             let tls_err = |e: crate::upstream_tls::UpstreamTlsError| err(e.to_string());
             let tls = crate::upstream_tls::RouteTls::from_config(
                 c,
@@ -299,8 +293,11 @@ impl RouteTable {
                 urls.iter().any(|u| !u.https),
             )
             .map_err(tls_err)?;
-            let mut upstreams =
-                urls.iter().map(|u| Upstream::from_url(u, tls.as_ref())).collect::<Result<Vec<_>, _>>().map_err(tls_err)?;
+            let mut upstreams = urls
+                .iter()
+                .map(|u| Upstream::from_url(u, tls.as_ref()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(tls_err)?;
             if c.balance == Balance::LeastRequests {
                 for u in &mut upstreams {
                     u.counts_in_flight = true;
@@ -975,5 +972,37 @@ mod tests {
         r.upstreams[1].healthy.store(false, Ordering::Relaxed);
         assert_eq!(r.pick(&[]), Some(0));
         assert_eq!(r.pick(&[0]), Some(1), "all unhealthy: still try");
+    }
+
+    #[test]
+    fn https_upstreams_have_their_host_their_port_and_a_pool_key_of_their_identity() {
+        let gw = GatewayConfig::default();
+        let mut c = route("s", "/s", None);
+        c.upstream = Some("https://api.example".into());
+        c.upstreams = vec!["https://api.example:8443/v1".into(), "https://[::1]".into()];
+        let t = RouteTable::build(&[c.clone()], &gw).unwrap();
+        let u = &t.routes[0].upstreams;
+        assert_eq!((&*u[0].authority, &*u[0].host_header), ("api.example:443", "api.example"));
+        assert_eq!((&*u[1].authority, &*u[1].host_header), ("api.example:8443", "api.example:8443"));
+        assert_eq!(u[1].base_path, "/v1");
+        assert_eq!(&*u[2].host_header, "[::1]");
+        assert!(u[0].pool_key.starts_with("https://api.example:443#api.example#"), "{}", u[0].pool_key);
+        assert!(u.iter().all(|u| u.tls.is_some()));
+        // Another identity (skipped verification here), another pool key.
+        c.tls_insecure_skip_verify = true;
+        let other = RouteTable::build(&[c.clone()], &gw).unwrap();
+        assert_ne!(other.routes[0].upstreams[0].pool_key, u[0].pool_key);
+        // Plain upstreams keep their authority as Host and as pool key.
+        let mut p = route("p", "/p", None);
+        p.upstream = Some("http://api.example".into());
+        let plain = RouteTable::build(&[p.clone()], &gw).unwrap();
+        let u = &plain.routes[0].upstreams[0];
+        assert_eq!((&*u.host_header, &*u.pool_key), ("api.example:80", "api.example:80"));
+        assert!(u.tls.is_none());
+        // tls_* on http, a key without its certificate: refused with their codes.
+        p.tls_server_name = Some("x".into());
+        assert!(RouteTable::build(&[p], &gw).unwrap_err().contains("upstream_tls_on_http"));
+        c.tls_client_key = Some("/k.pem".into());
+        assert!(RouteTable::build(&[c], &gw).unwrap_err().contains("upstream_tls_key_without_cert"));
     }
 }

@@ -234,7 +234,9 @@ impl RouteTls {
                 })?;
                 id.update(b"client\0");
                 id.update(&cert_pem);
-                builder.with_client_auth_cert(chain, key).map_err(|e| UpstreamTlsError::BadClientIdentity(e.to_string()))?
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| UpstreamTlsError::BadClientIdentity(e.to_string()))?
             }
             _ => builder.with_no_client_auth(),
         };

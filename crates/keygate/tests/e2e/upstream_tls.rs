@@ -50,7 +50,8 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str, client_ca: Option<&str>) ->
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
     let builder = match client_ca {
         Some(pem) => {
             let mut roots = rustls::RootCertStore::empty();
@@ -92,8 +93,8 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str, client_ca: Option<&str>) ->
                             .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("host")))
                             .map(|(_, v)| v.trim().to_owned());
                         let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
-                        let body = json!({"host": host, "path": path, "client_cert": client_cert, "alpn": alpn})
-                            .to_string();
+                        let body =
+                            json!({"host": host, "path": path, "client_cert": client_cert, "alpn": alpn}).to_string();
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                             body.len()
@@ -183,14 +184,22 @@ async fn https_upstreams_are_verified_with_a_ca_bundle_a_name_and_client_certifi
     // (2) A certificate for another name is refused, with a stable code; tls_server_name
     // verifies that name instead.
     let (status, body) = get(&kg, "/wrong-name").await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("upstream_tls_failed")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_GATEWAY, Some("upstream_tls_failed")),
+        "{body}"
+    );
     let (status, body) = get(&kg, "/named").await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // (3) A CA the route does not trust, with its bundle or with the system's store.
     for path in ["/untrusted", "/system-roots"] {
         let (status, body) = get(&kg, path).await;
-        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_GATEWAY, Some("upstream_tls_failed")), "{path}: {body}");
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_GATEWAY, Some("upstream_tls_failed")),
+            "{path}: {body}"
+        );
     }
 
     // (4) mTLS: with the client certificate it works, without it the upstream refuses.
@@ -231,7 +240,10 @@ async fn https_upstreams_are_verified_with_a_ca_bundle_a_name_and_client_certifi
     }
     // A good one is created live, and answers with every TLS field.
     let created = c
-        .post("/admin/v1/routes", &json!({"id": "live", "path": "/live", "upstream": up, "public": true, "tls_ca_file": ca_file}))
+        .post(
+            "/admin/v1/routes",
+            &json!({"id": "live", "path": "/live", "upstream": up, "public": true, "tls_ca_file": ca_file}),
+        )
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     assert_eq!(created.body["tls_insecure_skip_verify"], false);
@@ -254,7 +266,9 @@ fn config_check_gives_tls_codes_and_warns_about_skipped_verification() {
     );
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream_tls_key_without_cert"), "{out:?}");
-    let out = check("[[routes]]\nid = \"r\"\npath = \"/r\"\nupstream = \"https://127.0.0.1:8443\"\ntls_ca_file = \"/nowhere/ca.pem\"\n");
+    let out = check(
+        "[[routes]]\nid = \"r\"\npath = \"/r\"\nupstream = \"https://127.0.0.1:8443\"\ntls_ca_file = \"/nowhere/ca.pem\"\n",
+    );
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream_tls_file_unreadable"), "{out:?}");
     let out = check(

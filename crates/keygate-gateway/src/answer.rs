@@ -55,12 +55,15 @@ pub(crate) enum Code {
     TooManyConnections,
     UpstreamTimeout,
     UpstreamUnavailable,
+    /// The TLS handshake with an `https://` upstream failed (its certificate not trusted or not
+    /// for its name, keygate's client certificate refused).
+    UpstreamTlsFailed,
 }
 
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 17] = [
+    const ALL: [Code; 18] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -78,6 +81,7 @@ impl Code {
         Code::TooManyConnections,
         Code::UpstreamTimeout,
         Code::UpstreamUnavailable,
+        Code::UpstreamTlsFailed,
     ];
 
     /// The stable code clients see (`{"error": {"code": …}}`) and the refusal metrics count.
@@ -100,6 +104,7 @@ impl Code {
             Code::TooManyConnections => "too_many_connections",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamUnavailable => "upstream_unavailable",
+            Code::UpstreamTlsFailed => "upstream_tls_failed",
         }
     }
 
@@ -115,7 +120,7 @@ impl Code {
             Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::RateLimited | Code::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Code::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Code::UpstreamUnavailable | Code::UpstreamTlsFailed => StatusCode::BAD_GATEWAY,
             Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -229,6 +234,10 @@ impl Refuse {
         } else {
             match err {
                 UpstreamError::Timeout => Self::of(Code::UpstreamTimeout, "the upstream did not answer in time"),
+                UpstreamError::Tls(_) => Self::of(
+                    Code::UpstreamTlsFailed,
+                    "the TLS handshake with the upstream failed (the gateway's log says why)",
+                ),
                 _ => Self::of(Code::UpstreamUnavailable, "the upstream could not be reached"),
             }
         }

@@ -303,6 +303,26 @@ pub struct RouteConfig {
     /// Accept the credentials of every workspace on this route (the demo route is shared).
     #[serde(default)]
     pub shared: bool,
+    /// `https://` upstreams: a PEM file of the CA certificates to trust instead of the
+    /// operating system's trust store.
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
+    /// `https://` upstreams: the name sent in SNI and verified in the upstream's certificate,
+    /// instead of the upstream URL's host.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// `https://` upstreams: a PEM certificate chain keygate presents as a client (mTLS); needs
+    /// `tls_client_key`.
+    #[serde(default)]
+    pub tls_client_cert: Option<String>,
+    /// `https://` upstreams: the PEM private key of `tls_client_cert`.
+    #[serde(default)]
+    pub tls_client_key: Option<String>,
+    /// DANGEROUS: accept any certificate for any name from this route's `https://` upstreams
+    /// (anyone on the path can then read and change the traffic). Off by default; a warning
+    /// names the route at every start. For tests only: prefer `tls_ca_file`.
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
 }
 
 impl RouteConfig {
@@ -332,6 +352,11 @@ impl RouteConfig {
             openapi: None,
             workspace: None,
             shared: false,
+            tls_ca_file: None,
+            tls_server_name: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            tls_insecure_skip_verify: false,
         }
     }
 }

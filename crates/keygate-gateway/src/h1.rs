@@ -794,7 +794,7 @@ where
     if !upstream_early.is_empty() {
         wr.write_all(&upstream_early).await?;
     }
-    let (mut ur, mut uw) = up.split();
+    let (mut ur, mut uw) = tokio::io::split(&mut up);
     if !client_early.is_empty() {
         uw.write_all(client_early).await?;
         client_early.clear();

@@ -6,6 +6,10 @@
 //! its connection. The answer's body streams to the client; the connection goes back to the pool
 //! the moment that body has been read to its end.
 //!
+//! The stream is plain TCP or TLS ([`UpstreamStream`], made in [`crate::upstream_tls`]); the pool
+//! is keyed by [`Upstream::pool_key`], which holds the whole TLS identity of an `https://`
+//! upstream, so connections of different identities are never shared.
+//!
 //! Also here: connect and answer time-outs, passive health (consecutive failures take an
 //! upstream out of rotation) and active health probes.
 
@@ -28,6 +32,7 @@ use tokio::net::TcpStream;
 use crate::body::{BodySource, BoxError};
 use crate::routes::Upstream;
 use crate::timer::Deadline;
+pub use crate::upstream_tls::UpstreamStream;
 
 /// Idle connections kept per upstream and worker.
 const MAX_IDLE: usize = 64;
@@ -45,7 +50,7 @@ const MAX_TRAILERS: u16 = 64;
 const READ_CHUNK: usize = 16 * 1024;
 
 thread_local! {
-    /// Keyed by upstream authority (configured, not chosen by callers), so a fast hash will do.
+    /// Keyed by [`Upstream::pool_key`] (configured, not chosen by callers), so a fast hash will do.
     static POOL: RefCell<HashMap<Arc<str>, Vec<Conn>, foldhash::fast::FixedState>> =
         RefCell::new(HashMap::with_hasher(foldhash::fast::FixedState::default()));
 }
@@ -60,6 +65,16 @@ pub enum UpstreamError {
     /// The connection failed after the request was sent, or the answer did not parse: not safe
     /// to retry.
     Failed(String),
+    /// The TLS handshake with an `https://` upstream failed (an untrusted certificate, a name
+    /// that does not match, a client certificate refused): nothing was sent, safe to retry.
+    Tls(String),
+}
+
+impl UpstreamError {
+    /// Nothing of the request was sent: another upstream may be tried.
+    pub fn before_sending(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Tls(_))
+    }
 }
 
 /// The largest request-head buffer a pooled connection keeps for the next request.
@@ -67,8 +82,8 @@ const KEPT_HEAD_CAPACITY: usize = 16 * 1024;
 
 /// One connection to an upstream, with the bytes read from it and not yet used.
 pub struct Conn {
-    authority: Arc<str>,
-    stream: TcpStream,
+    pool_key: Arc<str>,
+    stream: UpstreamStream,
     buf: BytesMut,
     /// The buffer request heads are written into: kept with the connection, so a pooled
     /// connection brings one that is already large enough (a buffer of the worker thread's would
@@ -82,7 +97,7 @@ pub struct Conn {
 
 impl Conn {
     /// The stream and the bytes already read past the answer's head (an upgraded connection).
-    pub fn into_parts(self) -> (TcpStream, Bytes) {
+    pub fn into_parts(self) -> (UpstreamStream, Bytes) {
         (self.stream, self.buf.freeze())
     }
 
@@ -94,7 +109,7 @@ impl Conn {
         }
         POOL.with(|p| {
             if let Ok(mut pool) = p.try_borrow_mut() {
-                let idle = pool.entry(self.authority.clone()).or_default();
+                let idle = pool.entry(self.pool_key.clone()).or_default();
                 if idle.len() < MAX_IDLE {
                     idle.push(self);
                 }
@@ -103,18 +118,16 @@ impl Conn {
     }
 
     /// Still open with nothing unread: an idle connection the upstream closed is readable
-    /// (end of stream). The check uses the readiness the runtime already knows, so it costs no
-    /// system call unless the connection did become readable.
-    fn is_reusable(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    /// (end of stream). See [`UpstreamStream::is_reusable`].
+    fn is_reusable(&mut self) -> bool {
+        self.stream.is_reusable()
     }
 }
 
-fn checkout(authority: &Arc<str>) -> Option<Conn> {
+fn checkout(pool_key: &Arc<str>) -> Option<Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
-        let idle = pool.get_mut(authority)?;
+        let idle = pool.get_mut(pool_key)?;
         while let Some(mut c) = idle.pop() {
             if c.is_reusable() {
                 c.pooled = true;
@@ -125,14 +138,26 @@ fn checkout(authority: &Arc<str>) -> Option<Conn> {
     })
 }
 
-async fn connect(authority: &Arc<str>, timeout: Duration) -> Result<Conn, UpstreamError> {
+async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Conn, UpstreamError> {
+    let authority = &upstream.authority;
     let stream = tokio::time::timeout(timeout, TcpStream::connect(&**authority))
         .await
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
+    let stream = match &upstream.tls {
+        None => UpstreamStream::Plain(stream),
+        Some(target) => {
+            // The handshake has a time limit of its own, as long as the connect's.
+            let name = target.server_name.to_str();
+            tokio::time::timeout(timeout, UpstreamStream::handshake(stream, target))
+                .await
+                .map_err(|_| UpstreamError::Tls(format!("TLS handshake with {authority} (name {name}) timed out")))?
+                .map_err(|e| UpstreamError::Tls(format!("TLS handshake with {authority} (name {name}) failed: {e}")))?
+        }
+    };
     Ok(Conn {
-        authority: authority.clone(),
+        pool_key: upstream.pool_key.clone(),
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
         head: Vec::new(),
@@ -186,9 +211,12 @@ async fn pump_body<B: BodySource, W: tokio::io::AsyncWrite + Unpin>(
         } else {
             w.write_all(&data).await.map_err(PumpError::Write)?;
         }
+        // A TLS stream may hold written bytes until flushed; a TCP one flushes for free.
+        w.flush().await.map_err(PumpError::Write)?;
     }
     if chunked {
         w.write_all(b"0\r\n\r\n").await.map_err(PumpError::Write)?;
+        w.flush().await.map_err(PumpError::Write)?;
     }
     Ok(())
 }
@@ -651,15 +679,21 @@ impl Body for UpstreamResponseBody {
             }
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
             conn.buf.reserve(READ_CHUNK);
-            let n = match conn.stream.try_read_buf(&mut conn.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = ready!(conn.stream.poll_read_ready(cx)) {
-                        this.fail();
-                        return Poll::Ready(Some(Err(Box::new(e))));
+            let read = match &mut conn.stream {
+                UpstreamStream::Plain(stream) => match stream.try_read_buf(&mut conn.buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = ready!(stream.poll_read_ready(cx)) {
+                            this.fail();
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                    r => r,
+                },
+                UpstreamStream::Tls(stream) => ready!(poll_read_tls(stream, cx, &mut conn.buf)),
+            };
+            let n = match read {
+                Ok(n) => n,
                 Err(e) => {
                     this.fail();
                     return Poll::Ready(Some(Err(Box::new(e))));
@@ -689,6 +723,24 @@ impl Body for UpstreamResponseBody {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// One read of decrypted bytes from a TLS stream onto the end of `buf`. (A plain stream reads
+/// into the buffer's spare capacity; without `unsafe` this one zeroes the bytes it lends the
+/// reader first, a small cost next to decryption.)
+fn poll_read_tls(
+    stream: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    use tokio::io::AsyncRead;
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let mut rb = tokio::io::ReadBuf::new(buf.get_mut(start..).unwrap_or_default());
+    let r = Pin::new(stream).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    buf.truncate(start + n);
+    r.map_ok(|()| n)
 }
 
 impl Drop for UpstreamResponseBody {
@@ -729,10 +781,10 @@ pub struct UpstreamRequest<'a> {
 /// A connection to `upstream` for one request: an idle pooled one, else a new one. A failure
 /// to connect counts against the upstream's passive health.
 pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Conn, UpstreamError> {
-    if let Some(c) = checkout(&upstream.authority) {
+    if let Some(c) = checkout(&upstream.pool_key) {
         return Ok(c);
     }
-    connect(&upstream.authority, connect_timeout).await.inspect_err(|_| note_failure(upstream))
+    connect(upstream, connect_timeout).await.inspect_err(|_| note_failure(upstream))
 }
 
 impl Conn {
@@ -774,7 +826,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
             // upstream having closed it while idle: try once on a fresh one.
             Some(Ok(None)) if pooled && body.is_some() && method.is_idempotent() => {
                 pooled = false;
-                match connect(authority, connect_timeout).await {
+                match connect(upstream, connect_timeout).await {
                     Ok(c) => conn = c,
                     Err(e) => {
                         note_failure(upstream);
@@ -816,14 +868,25 @@ pub async fn send<B: BodySource, S: HeadSink>(
 /// read too, so an upstream that answers early (a 413, say) is heard. `Ok(None)`: the connection
 /// closed before the first byte of an answer; `body` is still there if none of it was consumed.
 async fn exchange<B: BodySource, S: HeadSink>(
-    stream: &mut TcpStream,
+    stream: &mut UpstreamStream,
     buf: &mut BytesMut,
     (req, head): (&UpstreamRequest<'_>, &[u8]),
     body: &mut Option<B>,
     sink: &mut S,
 ) -> Result<Option<(Head, bool)>, SendError> {
     let UpstreamRequest { method, framing, .. } = *req;
-    if let Err(e) = stream.write_all(head).await {
+    let written = match stream {
+        UpstreamStream::Plain(s) => s.write_all(head).await,
+        // A TLS stream may keep written bytes until it is flushed.
+        UpstreamStream::Tls(s) => {
+            async {
+                s.write_all(head).await?;
+                s.flush().await
+            }
+            .await
+        }
+    };
+    if let Err(e) = written {
         // Nothing of the answer came; a dead idle connection shows up here or in the read.
         tracing::debug!(error = %e, "writing to the upstream failed");
         return Ok(None);
@@ -833,8 +896,35 @@ async fn exchange<B: BodySource, S: HeadSink>(
         return Ok(read_head(stream, buf, method, sink).await.map_err(SendError::Upstream)?.map(|h| (h, true)));
     }
     let Some(mut b) = body.take() else { return Ok(None) };
-    let (mut rd, mut wr) = stream.split();
-    let pump = pump_body(&mut b, framing, &mut wr);
+    match stream {
+        UpstreamStream::Plain(s) => {
+            let (rd, wr) = s.split();
+            exchange_body(rd, wr, buf, method, framing, &mut b, sink).await
+        }
+        UpstreamStream::Tls(s) => {
+            let (rd, wr) = tokio::io::split(&mut **s);
+            exchange_body(rd, wr, buf, method, framing, &mut b, sink).await
+        }
+    }
+}
+
+/// The body half of [`exchange`]: the body streams out while the answer's head is read.
+async fn exchange_body<B, S, R, W>(
+    mut rd: R,
+    mut wr: W,
+    buf: &mut BytesMut,
+    method: &Method,
+    framing: RequestFraming,
+    b: &mut B,
+    sink: &mut S,
+) -> Result<Option<(Head, bool)>, SendError>
+where
+    B: BodySource,
+    S: HeadSink,
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let pump = pump_body(b, framing, &mut wr);
     tokio::pin!(pump);
     let answer = read_head(&mut rd, buf, method, sink);
     tokio::pin!(answer);
@@ -880,9 +970,9 @@ pub fn note_failure(u: &Upstream) {
 
 /// One active health check: `GET path` on a fresh connection; a 2xx or 3xx answer passes.
 pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
-    let Ok(mut conn) = connect(&upstream.authority, timeout).await else { return false };
+    let Ok(mut conn) = connect(upstream, timeout).await else { return false };
     let head =
-        format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.authority);
+        format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.host_header);
     let mut body: Option<crate::body::UpstreamBody> = None;
     let mut sink = MapSink::default();
     let req = UpstreamRequest {

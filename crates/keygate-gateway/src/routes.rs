@@ -16,8 +16,17 @@ use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, Route
 /// One upstream server of a route.
 #[derive(Debug)]
 pub struct Upstream {
-    /// `host:port`, as dialled and sent in `Host`.
+    /// `host:port`, as dialled.
     pub authority: Arc<str>,
+    /// What is sent in `Host`: the authority for `http://` (as it always was), the host with
+    /// its port only if that is not 443 for `https://`.
+    pub host_header: Arc<str>,
+    /// The key of this upstream's idle connections in a worker's pool: the authority for
+    /// `http://`; for `https://`, the scheme, authority, server name and TLS identity, so that
+    /// connections of different identities are never shared.
+    pub pool_key: Arc<str>,
+    /// `https://`: how to make the TLS handshake.
+    pub tls: Option<crate::upstream_tls::TlsTarget>,
     /// A path prefix the upstream URL carried (`http://h/api` → `/api`), or empty.
     pub base_path: String,
     pub healthy: AtomicBool,
@@ -30,29 +39,60 @@ pub struct Upstream {
     pub successes: AtomicU32,
 }
 
+/// An upstream URL read: its scheme, host, `host:port` and base path.
+struct UpstreamUrl<'a> {
+    https: bool,
+    host: &'a str,
+    authority: String,
+    /// The port was given and is not the scheme's default.
+    odd_port: bool,
+    path: &'a str,
+}
+
+fn parse_upstream_url(raw: &str) -> Result<UpstreamUrl<'_>, String> {
+    let (https, rest) = match (raw.strip_prefix("http://"), raw.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => return Err(format!("upstream {raw:?} must be an http:// or https:// URL")),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("upstream {raw:?} has no usable host"));
+    }
+    let default_port = if https { "443" } else { "80" };
+    let (host, authority, odd_port) = if authority.contains(':') && !authority.ends_with(']') {
+        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, default_port));
+        (host, authority.to_owned(), port != default_port)
+    } else {
+        (authority, format!("{authority}:{default_port}"), false)
+    };
+    authority.parse::<http::uri::Authority>().map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
+    Ok(UpstreamUrl { https, host, authority, odd_port, path })
+}
+
 impl Upstream {
-    fn parse(raw: &str) -> Result<Self, String> {
-        let rest = raw.strip_prefix("http://").ok_or_else(|| {
-            format!("upstream {raw:?} must be an http:// URL (TLS to upstreams is not supported yet)")
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
+    fn from_url(
+        url: &UpstreamUrl<'_>,
+        tls: Option<&crate::upstream_tls::RouteTls>,
+    ) -> Result<Self, crate::upstream_tls::UpstreamTlsError> {
+        let authority: Arc<str> = Arc::from(url.authority.as_str());
+        let (host_header, pool_key, tls) = match (url.https, tls) {
+            (true, Some(tls)) => {
+                let (target, key) = tls.target(url.host, &url.authority)?;
+                let host = if url.odd_port { authority.clone() } else { Arc::from(url.host) };
+                (host, Arc::from(key), Some(target))
+            }
+            _ => (authority.clone(), authority.clone(), None),
         };
-        if authority.is_empty() || authority.contains('@') {
-            return Err(format!("upstream {raw:?} has no usable host"));
-        }
-        let authority = if authority.contains(':') && !authority.ends_with(']') {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
-        authority
-            .parse::<http::uri::Authority>()
-            .map_err(|_| format!("upstream {raw:?} has an invalid host or port"))?;
         Ok(Self {
-            authority: Arc::from(authority),
-            base_path: path.trim_end_matches('/').to_owned(),
+            authority,
+            host_header,
+            pool_key,
+            tls,
+            base_path: url.path.trim_end_matches('/').to_owned(),
             healthy: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
             counts_in_flight: false,
@@ -249,8 +289,20 @@ impl RouteTable {
             if raw_upstreams.is_empty() {
                 return Err(err("needs an upstream (or upstreams)".into()));
             }
-            let mut upstreams =
-                raw_upstreams.iter().map(|u| Upstream::parse(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            let urls =
+                raw_upstreams.iter().map(|u| parse_upstream_url(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            let tls_err = |e: crate::upstream_tls::UpstreamTlsError| err(e.to_string());
+            let tls = crate::upstream_tls::RouteTls::from_config(
+                c,
+                urls.iter().any(|u| u.https),
+                urls.iter().any(|u| !u.https),
+            )
+            .map_err(tls_err)?;
+            let mut upstreams = urls
+                .iter()
+                .map(|u| Upstream::from_url(u, tls.as_ref()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(tls_err)?;
             if c.balance == Balance::LeastRequests {
                 for u in &mut upstreams {
                     u.counts_in_flight = true;
@@ -925,5 +977,37 @@ mod tests {
         r.upstreams[1].healthy.store(false, Ordering::Relaxed);
         assert_eq!(r.pick(&[]), Some(0));
         assert_eq!(r.pick(&[0]), Some(1), "all unhealthy: still try");
+    }
+
+    #[test]
+    fn https_upstreams_have_their_host_their_port_and_a_pool_key_of_their_identity() {
+        let gw = GatewayConfig::default();
+        let mut c = route("s", "/s", None);
+        c.upstream = Some("https://api.example".into());
+        c.upstreams = vec!["https://api.example:8443/v1".into(), "https://[::1]".into()];
+        let t = RouteTable::build(&[c.clone()], &gw).unwrap();
+        let u = &t.routes[0].upstreams;
+        assert_eq!((&*u[0].authority, &*u[0].host_header), ("api.example:443", "api.example"));
+        assert_eq!((&*u[1].authority, &*u[1].host_header), ("api.example:8443", "api.example:8443"));
+        assert_eq!(u[1].base_path, "/v1");
+        assert_eq!(&*u[2].host_header, "[::1]");
+        assert!(u[0].pool_key.starts_with("https://api.example:443#api.example#"), "{}", u[0].pool_key);
+        assert!(u.iter().all(|u| u.tls.is_some()));
+        // Another identity (skipped verification here), another pool key.
+        c.tls_insecure_skip_verify = true;
+        let other = RouteTable::build(&[c.clone()], &gw).unwrap();
+        assert_ne!(other.routes[0].upstreams[0].pool_key, u[0].pool_key);
+        // Plain upstreams keep their authority as Host and as pool key.
+        let mut p = route("p", "/p", None);
+        p.upstream = Some("http://api.example".into());
+        let plain = RouteTable::build(&[p.clone()], &gw).unwrap();
+        let u = &plain.routes[0].upstreams[0];
+        assert_eq!((&*u.host_header, &*u.pool_key), ("api.example:80", "api.example:80"));
+        assert!(u.tls.is_none());
+        // tls_* on http, a key without its certificate: refused with their codes.
+        p.tls_server_name = Some("x".into());
+        assert!(RouteTable::build(&[p], &gw).unwrap_err().contains("upstream_tls_on_http"));
+        c.tls_client_key = Some("/k.pem".into());
+        assert!(RouteTable::build(&[c], &gw).unwrap_err().contains("upstream_tls_key_without_cert"));
     }
 }

@@ -84,7 +84,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Scan(args) => scan_cmd::run(args).await,
         Command::Config(ConfigCommand::Check { file }) => {
-            Config::from_file(&file).map_err(|e| UsageError(format!("{e:#}")))?;
+            let config = Config::from_file(&file).map_err(|e| UsageError(format!("{e:#}")))?;
+            // Valid, but dangerous: said as loudly here as at start.
+            for r in config.routes.iter().filter(|r| r.tls_insecure_skip_verify) {
+                eprintln!(
+                    "warning: route {:?}: DANGER: tls_insecure_skip_verify = true: its https upstreams' certificates \
+                     and names are not verified",
+                    r.id
+                );
+            }
             println!("{}: valid", file.display());
             Ok(ExitCode::SUCCESS)
         }

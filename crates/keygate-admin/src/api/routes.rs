@@ -38,7 +38,7 @@ pub struct RouteBody {
     #[schema(pattern = "^/")]
     pub path: String,
     pub host: Option<String>,
-    /// `http://host[:port][/base]`. Give this or `upstreams`.
+    /// `http://host[:port][/base]` or `https://host[:port][/base]`. Give this or `upstreams`.
     pub upstream: Option<String>,
     #[serde(default)]
     pub upstreams: Vec<String>,
@@ -71,6 +71,18 @@ pub struct RouteBody {
     /// Accept every workspace's credentials on this route.
     #[serde(default)]
     pub shared: bool,
+    /// `https://` upstreams: a PEM file (on the gateway's hosts) of the CA certificates to trust
+    /// instead of the system's trust store.
+    pub tls_ca_file: Option<String>,
+    /// `https://` upstreams: the name sent in SNI and verified, instead of the URL's host.
+    pub tls_server_name: Option<String>,
+    /// `https://` upstreams: a PEM client certificate chain (mTLS); needs `tls_client_key`.
+    pub tls_client_cert: Option<String>,
+    /// `https://` upstreams: the PEM private key of `tls_client_cert`.
+    pub tls_client_key: Option<String>,
+    /// DANGEROUS: accept any certificate for any name from this route's `https://` upstreams.
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
 }
 
 /// Where a route is defined.

@@ -84,14 +84,15 @@ impl Gateway {
                 Err(proxy::SendError::Body(_)) => break,
                 Err(proxy::SendError::Upstream(e)) => {
                     let client_fault = state.broken.load(Ordering::Relaxed) || state.too_large.load(Ordering::Relaxed);
-                    if !client_fault && !matches!(e, UpstreamError::Connect(_)) {
+                    // A failure before sending was counted when the connection was opened.
+                    if !client_fault && !e.before_sending() {
                         proxy::note_failure(upstream);
                     }
                     if !client_fault {
                         ctx.table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
                         tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
                     }
-                    let retry = matches!(e, UpstreamError::Connect(_));
+                    let retry = e.before_sending();
                     last_err = e;
                     if !retry {
                         break;
@@ -188,7 +189,7 @@ impl UpstreamHead<'_, '_> {
             buf.extend_from_slice(q.as_bytes());
         }
         buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        buf.extend_from_slice(upstream.authority.as_bytes());
+        buf.extend_from_slice(upstream.host_header.as_bytes());
         buf.extend_from_slice(b"\r\n");
         let upgrade = upgrade_requested(head);
         let strip_credential = !self.route.public;

@@ -18,6 +18,7 @@ mod oauth;
 mod oauth_hardening;
 mod root_keys;
 mod routes_live;
+mod upstream_tls;
 mod workspaces;
 
 use std::io::{BufRead, BufReader};

@@ -37,3 +37,4 @@ pub mod server;
 pub mod tasks;
 mod timer;
 pub mod usage;
+pub mod verify;

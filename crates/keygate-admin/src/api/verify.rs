@@ -33,7 +33,7 @@ pub(crate) async fn verify_token(
     ApiJson(req): ApiJson<VerifyRequestBody>,
 ) -> Result<Json<VerifyResponseBody>, ApiError> {
     let bad = |code: &'static str, message: String| ApiError::new(StatusCode::BAD_REQUEST, code, message);
-    if req.token.is_empty() || req.token.len() > MAX_TOKEN_LEN {
+    if req.token.is_empty() || req.token.chars().count() > MAX_TOKEN_LEN {
         return Err(bad("invalid_token_field", format!("token must be 1 to {MAX_TOKEN_LEN} characters")));
     }
     let scope = req.scope.as_deref().map(Scope::parse_required).transpose()?;

@@ -17,6 +17,7 @@ mod oauth;
 mod oauth_hardening;
 mod root_keys;
 mod routes_live;
+mod verify;
 mod workspaces;
 
 use std::io::{BufRead, BufReader};

@@ -36,7 +36,8 @@ pub(crate) async fn verify_token(
     if req.token.is_empty() || req.token.chars().count() > MAX_TOKEN_LEN {
         return Err(bad("invalid_token_field", format!("token must be 1 to {MAX_TOKEN_LEN} characters")));
     }
-    let scope = req.scope.as_deref().map(Scope::parse_required).transpose()?;
+    // An empty scope is no scope (clients whose languages have no absent string send one).
+    let scope = req.scope.as_deref().filter(|s| !s.is_empty()).map(Scope::parse_required).transpose()?;
     let cost = match req.cost {
         None => 1,
         Some(c) => u32::try_from(c)

@@ -137,7 +137,8 @@ impl VerifyBuilder<'_> {
             return Ok(resp.json().await?);
         }
         let err: serde_json::Value = resp.json().await.unwrap_or_default();
-        let field = |name: &str| err.pointer(&format!("/error/{name}")).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let field =
+            |name: &str| err.pointer(&format!("/error/{name}")).and_then(|v| v.as_str()).unwrap_or("").to_owned();
         Err(Error::Api { status: status.as_u16(), code: field("code"), message: field("message") })
     }
 }

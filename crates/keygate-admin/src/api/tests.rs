@@ -256,7 +256,10 @@ async fn verify_asks_the_verifier_with_the_keys_workspace() {
     };
     let k = || key.expose().to_owned();
     let (status, body) = post(r#"{"token":"kg_x"}"#, k()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("verification_unavailable")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("verification_unavailable"))
+    );
 
     let fake = Arc::new(FakeVerifier { asked: parking_lot::Mutex::new(Vec::new()) });
     admin.set_verifier(fake.clone());
@@ -291,8 +294,7 @@ async fn verify_asks_the_verifier_with_the_keys_workspace() {
     }
     assert!(fake.asked.lock().is_empty(), "nothing invalid reaches the verifier");
 
-    let (_, reader) =
-        admin.create_root_key("default", "r", vec![Permission::TokensRead], &Actor::cli()).await.unwrap();
+    let (_, reader) = admin.create_root_key("default", "r", vec![Permission::TokensRead], &Actor::cli()).await.unwrap();
     let (status, body) = post(r#"{"token":"kg_x"}"#, reader.expose().to_owned()).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("missing_permission")));
 }

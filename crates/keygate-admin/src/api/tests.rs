@@ -278,6 +278,7 @@ async fn verify_asks_the_verifier_with_the_keys_workspace() {
     assert_eq!(fake.asked.lock().pop().unwrap().2, 1, "cost defaults to 1");
     let (status, body) = post(r#"{"token":"kg_refused"}"#, k()).await;
     assert_eq!((status, body), (StatusCode::OK, serde_json::json!({"valid": false, "code": "unknown_token"})));
+    fake.asked.lock().clear();
 
     for (bad, code) in [
         ("{}", "invalid_body"),

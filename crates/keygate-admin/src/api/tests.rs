@@ -199,9 +199,12 @@ async fn bodies_and_queries_are_read_as_the_document_states() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// What the verifier was asked: token, scope, cost, ip, workspace.
+type Asked = (String, Option<String>, u32, Option<std::net::IpAddr>, String);
+
 /// A verifier that records what it was asked and answers as told.
 struct FakeVerifier {
-    asked: parking_lot::Mutex<Vec<(String, Option<String>, u32, Option<std::net::IpAddr>, String)>>,
+    asked: parking_lot::Mutex<Vec<Asked>>,
 }
 
 impl keygate_core::verify::TokenVerifier for FakeVerifier {

@@ -12,6 +12,7 @@ mod oauth;
 mod root_keys;
 mod routes;
 mod tokens;
+mod verify;
 mod workspaces;
 
 use std::sync::Arc;
@@ -50,7 +51,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
     modifiers(&BearerAuth),
     security(("root_key" = [])),
     tags(
-        (name = "tokens", description = "API tokens: create, list, update, suspend, resume, revoke, rotate"),
+        (name = "tokens", description = "API tokens: create, list, update, suspend, resume, revoke, rotate, verify"),
         (name = "apps", description = "Apps: the API consumers that hold tokens"),
         (name = "plans", description = "Plans and the scope catalog"),
         (name = "audit", description = "The audit trail"),
@@ -149,6 +150,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(tokens::rotate_token))
         .routes(routes!(tokens::report_exposures))
         .routes(routes!(tokens::token_usage))
+        .routes(routes!(verify::verify_token))
         .routes(routes!(apps::create_app, apps::list_apps))
         .routes(routes!(apps::get_app, apps::update_app, apps::delete_app))
         .routes(routes!(misc::create_plan, misc::list_plans))

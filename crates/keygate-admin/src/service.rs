@@ -183,6 +183,8 @@ pub struct Admin {
     pending_usage: std::sync::OnceLock<Arc<dyn PendingUsage>>,
     /// Compiles and applies API-managed routes (the gateway's; see [`crate::routes`]).
     pub(crate) route_rules: std::sync::OnceLock<Arc<dyn crate::routes::RouteRules>>,
+    /// Answers `POST /admin/v1/verify` from memory (the local gateway's index and limits).
+    verifier: std::sync::OnceLock<Arc<dyn keygate_core::verify::TokenVerifier>>,
 }
 
 /// Usage counted in memory and not yet in the store (the local gateway's meter), so reports
@@ -219,6 +221,7 @@ impl Admin {
             hook: std::sync::OnceLock::new(),
             pending_usage: std::sync::OnceLock::new(),
             route_rules: std::sync::OnceLock::new(),
+            verifier: std::sync::OnceLock::new(),
         }
     }
 
@@ -230,6 +233,16 @@ impl Admin {
     /// Sets where unflushed usage is read from (once).
     pub fn set_pending_usage(&self, source: Arc<dyn PendingUsage>) {
         let _ = self.pending_usage.set(source);
+    }
+
+    /// Sets what answers token verifications (once): the local gateway.
+    pub fn set_verifier(&self, verifier: Arc<dyn keygate_core::verify::TokenVerifier>) {
+        let _ = self.verifier.set(verifier);
+    }
+
+    /// What answers token verifications, if this node has one.
+    pub fn verifier(&self) -> Option<&Arc<dyn keygate_core::verify::TokenVerifier>> {
+        self.verifier.get()
     }
 
     /// Tells the hook (the local gateway's index) that something changed, and waits for it.

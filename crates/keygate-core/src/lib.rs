@@ -17,6 +17,7 @@ pub mod scope;
 pub mod secret;
 pub mod store;
 pub mod token_format;
+pub mod verify;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{Error, ErrorKind, Result};

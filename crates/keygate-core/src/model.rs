@@ -227,10 +227,13 @@ pub enum Permission {
     WorkspacesRead,
     /// Create, rename and delete workspaces (root keys of the default workspace only).
     WorkspacesWrite,
+    /// Verify tokens through `POST /admin/v1/verify` (for services that check tokens
+    /// themselves): nothing else, so a service holding it can neither read nor change tokens.
+    TokensVerify,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 14] = [
+    pub const ALL: [Permission; 15] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -245,6 +248,7 @@ impl Permission {
         Self::RoutesWrite,
         Self::WorkspacesRead,
         Self::WorkspacesWrite,
+        Self::TokensVerify,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -263,6 +267,7 @@ impl Permission {
             Self::RoutesWrite => "routes:write",
             Self::WorkspacesRead => "workspaces:read",
             Self::WorkspacesWrite => "workspaces:write",
+            Self::TokensVerify => "tokens:verify",
         }
     }
 

@@ -105,13 +105,23 @@ impl RateLimit {
     /// `requests + burst` that refills at `requests` per `per_seconds`. `tat` is the stored
     /// theoretical arrival time and `now` the current time, both in microseconds.
     pub fn gcra(&self, tat: i64, now: i64) -> GcraDecision {
+        self.gcra_cost(tat, now, 1)
+    }
+
+    /// [`Self::gcra`] for a request that weighs `cost` requests (the verification endpoint's
+    /// `cost`): allowed when `cost` requests fit in the bucket now, taking all of them; a cost of
+    /// 0 takes nothing and is never refused (it only reads the bucket).
+    pub fn gcra_cost(&self, tat: i64, now: i64, cost: u32) -> GcraDecision {
         let t = self.emission_interval_us();
         let capacity = i64::try_from(self.capacity()).unwrap_or(i64::MAX).max(1);
         let tau = t.saturating_mul(capacity - 1);
         let tat = tat.max(now);
-        let allow_at = tat.saturating_sub(tau);
+        let increment = t.saturating_mul(i64::from(cost));
+        let new_tat = tat.saturating_add(increment);
+        // The bucket holds `now + tau + t - tat` worth of requests; `cost` of them must fit.
+        let allow_at = new_tat.saturating_sub(tau).saturating_sub(t);
         if now < allow_at {
-            let remaining_span = now.saturating_add(tau).saturating_sub(tat);
+            let remaining_span = now.saturating_add(tau).saturating_add(t).saturating_sub(tat);
             return GcraDecision {
                 allowed: false,
                 new_tat: tat,
@@ -120,7 +130,6 @@ impl RateLimit {
                 retry_after: allow_at - now,
             };
         }
-        let new_tat = tat.saturating_add(t);
         let span = now.saturating_add(tau).saturating_add(t).saturating_sub(new_tat);
         GcraDecision {
             allowed: true,
@@ -263,6 +272,27 @@ mod tests {
         assert!(rl.gcra(tat, now + 100_000).allowed);
         let fresh = rl.gcra(0, now);
         assert_eq!(fresh.remaining, 14);
+    }
+
+    #[test]
+    fn gcra_cost_takes_several_at_once_and_zero_only_reads() {
+        let rl = RateLimit { requests: 10, per_seconds: 1, burst: 0 };
+        let now = 1_000_000_000;
+        let d = rl.gcra_cost(0, now, 4);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 6);
+        let peek = rl.gcra_cost(d.new_tat, now, 0);
+        assert!(peek.allowed);
+        assert_eq!((peek.new_tat, peek.remaining), (d.new_tat, 6), "a cost of 0 takes nothing");
+        let too_much = rl.gcra_cost(d.new_tat, now, 7);
+        assert!(!too_much.allowed);
+        assert_eq!(too_much.remaining, 6, "a refused cost leaves the bucket as it was");
+        assert_eq!(too_much.retry_after, 100_000, "one more request's worth refills in 100 ms");
+        let all = rl.gcra_cost(d.new_tat, now, 6);
+        assert!(all.allowed && all.remaining == 0);
+        for tat in [0, now - 1, now + 300_000] {
+            assert_eq!(rl.gcra(tat, now), rl.gcra_cost(tat, now, 1), "cost 1 is the plain check");
+        }
     }
 
     #[test]

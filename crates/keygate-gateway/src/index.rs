@@ -334,6 +334,24 @@ impl TokenIndex {
         Ok(entry)
     }
 
+    /// [`Self::verify`] for a caller that may only know the tokens of `workspace_id`: a token
+    /// of another workspace is [`Refusal::Unknown`] whatever its state, so that its suspension or
+    /// expiry tells nothing of its existence.
+    pub fn verify_in(&self, presented: &str, now: Timestamp, workspace_id: &str) -> Result<Arc<IndexedToken>, Refusal> {
+        token_format::parse(presented, &self.0.prefix).map_err(Refusal::Malformed)?;
+        let entry = self.get(&self.0.pepper.hash(presented)).ok_or(Refusal::Unknown)?;
+        if &*entry.workspace_id != workspace_id {
+            return Err(Refusal::Unknown);
+        }
+        if entry.suspended {
+            return Err(Refusal::Suspended);
+        }
+        if now.as_millis() >= entry.expires_at {
+            return Err(Refusal::Expired);
+        }
+        Ok(entry)
+    }
+
     /// Whether `presented` is the prefix of this server's tokens followed by a valid checksum
     /// (no lookup).
     pub fn is_well_formed(&self, presented: &str) -> bool {

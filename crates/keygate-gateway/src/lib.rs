@@ -38,3 +38,4 @@ pub mod tasks;
 mod timer;
 pub mod upstream_tls;
 pub mod usage;
+pub mod verify;

@@ -124,6 +124,12 @@ impl Limiter {
 
     /// Counts one request against `quota` for token `id` if it fits.
     pub fn check_quota(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64) -> QuotaDecision {
+        self.check_quota_cost(id, quota, now_ms, 1)
+    }
+
+    /// Counts `cost` requests against `quota` for token `id` if all of them fit (a cost of 0
+    /// counts nothing and only reads).
+    pub fn check_quota_cost(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64, cost: u64) -> QuotaDecision {
         let (start, end) = quota.period.window(now_ms);
         let reset_after_ms = if end == i64::MAX { i64::MAX } else { end - now_ms };
         let Some(mut map) = self.quotas.get(shard_of(id)).map(Mutex::lock) else {
@@ -135,12 +141,28 @@ impl Limiter {
             st.count = 0;
         }
         st.period_end = Some(end);
-        if st.count >= quota.requests {
-            return QuotaDecision { allowed: false, remaining: 0, reset_after_ms };
+        let left = quota.requests.saturating_sub(st.count);
+        if cost > left {
+            return QuotaDecision { allowed: false, remaining: left, reset_after_ms };
         }
-        st.count += 1;
-        st.unflushed += 1;
-        QuotaDecision { allowed: true, remaining: quota.requests - st.count, reset_after_ms }
+        st.count += cost;
+        st.unflushed += cost;
+        QuotaDecision { allowed: true, remaining: quota.requests.saturating_sub(st.count), reset_after_ms }
+    }
+
+    /// Takes `cost` requests from the bucket whose state is `cell` if all of them fit.
+    pub fn check_cell_cost(cell: &AtomicI64, limit: &RateLimit, now_us: i64, cost: u32) -> GcraDecision {
+        let mut tat = cell.load(Ordering::Acquire);
+        loop {
+            let d = limit.gcra_cost(tat, now_us, cost);
+            if !d.allowed || d.new_tat == tat {
+                return d;
+            }
+            match cell.compare_exchange_weak(tat, d.new_tat, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return d,
+                Err(actual) => tat = actual,
+            }
+        }
     }
 
     /// Loads stored counts (at start).
@@ -257,6 +279,25 @@ mod tests {
         assert!(l.check_rate(&b, 0, &rl, 0).allowed, "another token has its own bucket");
         assert!(l.check_rate(&a, 3, &rl, 0).allowed, "a route limit has its own bucket");
         assert!(l.check_rate(&a, 0, &rl, 500_000).allowed, "refilled after half a second");
+    }
+
+    #[test]
+    fn costs_take_several_requests_or_none() {
+        let l = Limiter::default();
+        let q = Quota { requests: 10, period: QuotaPeriod::Total };
+        let a = *b"aaaaaaaaaaaa";
+        assert_eq!(l.check_quota_cost(&a, &q, 0, 4).remaining, 6);
+        let peek = l.check_quota_cost(&a, &q, 0, 0);
+        assert!(peek.allowed && peek.remaining == 6, "a cost of 0 only reads");
+        let refused = l.check_quota_cost(&a, &q, 0, 7);
+        assert!(!refused.allowed && refused.remaining == 6, "a refused cost counts nothing");
+        assert!(l.check_quota(&a, &q, 0).allowed, "cost and plain checks share the count");
+        assert_eq!(l.take_quota_deltas().first().map(|c| c.count), Some(5));
+        let cell = AtomicI64::new(0);
+        let rl = RateLimit { requests: 5, per_seconds: 1, burst: 0 };
+        assert_eq!(Limiter::check_cell_cost(&cell, &rl, 1_000_000, 3).remaining, 2);
+        assert!(!Limiter::check_cell_cost(&cell, &rl, 1_000_000, 3).allowed);
+        assert!(Limiter::check_cell(&cell, &rl, 1_000_000).allowed, "the same bucket as the gateway's");
     }
 
     #[test]

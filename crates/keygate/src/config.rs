@@ -151,15 +151,29 @@ pub struct TrustedIssuerConfig {
 pub struct LogConfig {
     /// A tracing filter such as `info` or `keygate=debug,info`. Env: `KEYGATE_LOG`. Default `info`.
     pub level: String,
-    /// `json` (one object per line) or `text`. Env: `KEYGATE_LOG_FORMAT`. Default `json`.
+    /// `auto` (readable text when stderr is a terminal, JSON otherwise), `json` (one object per
+    /// line) or `text`. Env: `KEYGATE_LOG_FORMAT`. Default `auto`.
     pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
+    /// `text` on a terminal, `json` otherwise (a service manager, a pipe, a file).
+    Auto,
     Json,
     Text,
+}
+
+impl LogFormat {
+    /// The format to write: `Auto` decided by whether stderr is a terminal.
+    pub fn resolve(self, stderr_is_terminal: bool) -> LogFormat {
+        match self {
+            Self::Auto if stderr_is_terminal => Self::Text,
+            Self::Auto => Self::Json,
+            other => other,
+        }
+    }
 }
 
 impl Default for Config {
@@ -194,7 +208,7 @@ impl Default for TokensConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Json }
+        Self { level: "info".into(), format: LogFormat::Auto }
     }
 }
 
@@ -250,9 +264,10 @@ impl Config {
         }
         if let Some(v) = env("KEYGATE_LOG_FORMAT") {
             cfg.log.format = match v.as_str() {
+                "auto" => LogFormat::Auto,
                 "json" => LogFormat::Json,
                 "text" => LogFormat::Text,
-                _ => bail!("KEYGATE_LOG_FORMAT must be json or text, not {v:?}"),
+                _ => bail!("KEYGATE_LOG_FORMAT must be auto, json or text, not {v:?}"),
             };
         }
         if let Some(v) = &flags.data_dir {
@@ -402,6 +417,25 @@ mod tests {
         assert!(Config::from_toml("[log]\nformat = \"xml\"\n").is_err());
         assert!(Config::from_toml("[log]\nlevel = \"info,[[\"\n").is_err());
         assert!(Config::from_toml("[tokens]\nprefix = \"abcdefghi\"\n").is_err());
+    }
+
+    #[test]
+    fn log_format_is_auto_json_or_text() {
+        assert_eq!(Config::default().log.format, LogFormat::Auto);
+        for (text, want) in [("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)] {
+            let c = Config::from_toml(&format!("[log]\nformat = \"{text}\"\n")).unwrap();
+            assert_eq!(c.log.format, want, "{text}");
+        }
+        let e = Config::from_toml("[log]\nformat = \"pretty\"\n").unwrap_err().to_string();
+        assert!(e.contains("pretty") || e.contains("auto"), "the value or the choices are named: {e}");
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Text, "readable on a terminal");
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json, "JSON in a pipe or a file");
+        assert_eq!(LogFormat::Json.resolve(true), LogFormat::Json, "a configured format wins");
+        assert_eq!(LogFormat::Text.resolve(false), LogFormat::Text);
+        let env = |k: &str| (k == "KEYGATE_LOG_FORMAT").then(|| "xml".to_owned());
+        assert!(Config::load(None, &env, &Overrides::default()).is_err());
+        let env = |k: &str| (k == "KEYGATE_LOG_FORMAT").then(|| "auto".to_owned());
+        assert_eq!(Config::load(None, &env, &Overrides::default()).unwrap().log.format, LogFormat::Auto);
     }
 
     #[test]

@@ -44,9 +44,11 @@ fn init_logging(cfg: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .map_err(|e| UsageError(format!("log.level {:?} is not a valid filter: {e}", cfg.log.level)))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match cfg.log.format {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let result = match cfg.log.format.resolve(terminal) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        // Colours only where a person reads them.
+        LogFormat::Text | LogFormat::Auto => builder.with_ansi(terminal).try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot start logging: {e}"))
 }

@@ -117,6 +117,20 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         json!({"not": {"required": ["expires_in", "expires_at"],
                        "properties": {"expires_in": {"type": "integer"}}}}),
     );
+    // Verification: what the handler refuses with 400 is outside the schema.
+    let v = format!("{s}/VerifyRequestBody/properties");
+    set(doc, &format!("{v}/token"), json!({"type": "string", "minLength": 1, "maxLength": 256}));
+    set(doc, &format!("{v}/scope"), json!({"type": ["string", "null"], "pattern": EXACT_SCOPE}));
+    set(
+        doc,
+        &format!("{v}/cost"),
+        json!({"type": ["integer", "null"], "minimum": 0, "maximum": keygate_core::verify::MAX_COST}),
+    );
+    set(
+        doc,
+        &format!("{v}/ip"),
+        json!({"type": ["string", "null"], "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}),
+    );
     // `validate_text` allows line feeds in these.
     let lines = |max: u32| json!({"type": ["string", "null"], "maxLength": max, "pattern": TEXT_LINES});
     set(doc, &format!("{s}/RevokeTokenRequest/properties/reason"), lines(500));

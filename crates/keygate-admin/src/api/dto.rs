@@ -674,3 +674,123 @@ mod tests {
         assert_eq!(UsageCounts::from(&r).latency_ms_p95, Some(1000), "never below the last bound");
     }
 }
+
+/// A token to verify, on behalf of a service that checks tokens itself.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequestBody {
+    /// The token as presented to the service (never logged).
+    #[schema(min_length = 1, max_length = 256, example = "kg_…")]
+    pub token: String,
+    /// The scope the service needs for this call, such as `orders:read`; without it any valid
+    /// token of the workspace is `ok`.
+    #[serde(default)]
+    #[schema(example = "orders:read")]
+    pub scope: Option<String>,
+    /// How many requests this verification counts against the token's rate limit and quota (the
+    /// same ones the gateway counts its requests in); 0 only reads them. Default 1.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1000)]
+    pub cost: Option<i64>,
+    /// The client address the token was presented from, checked against the token's IP
+    /// allowlist when given.
+    #[serde(default)]
+    #[schema(example = "203.0.113.7")]
+    pub ip: Option<String>,
+}
+
+/// What a verification decided: `ok`, or why the token must not be accepted.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyCodeBody {
+    Ok,
+    MalformedToken,
+    UnknownToken,
+    TokenSuspended,
+    TokenExpired,
+    IpNotAllowed,
+    InsufficientScope,
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl From<keygate_core::verify::VerifyCode> for VerifyCodeBody {
+    fn from(c: keygate_core::verify::VerifyCode) -> Self {
+        use keygate_core::verify::VerifyCode as C;
+        match c {
+            C::Ok => Self::Ok,
+            C::MalformedToken => Self::MalformedToken,
+            C::UnknownToken => Self::UnknownToken,
+            C::TokenSuspended => Self::TokenSuspended,
+            C::TokenExpired => Self::TokenExpired,
+            C::IpNotAllowed => Self::IpNotAllowed,
+            C::InsufficientScope => Self::InsufficientScope,
+            C::RateLimited => Self::RateLimited,
+            C::QuotaExceeded => Self::QuotaExceeded,
+        }
+    }
+}
+
+/// One of the token's limits after this verification.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifyLimit {
+    /// Requests per window (the rate limit's `requests + burst`, or the quota's `requests`).
+    pub limit: u64,
+    /// Requests left now.
+    pub remaining: u64,
+    /// When the limit is whole again (rate limit) or the quota's period ends; absent for a
+    /// `total` quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_at: Option<String>,
+}
+
+impl From<keygate_core::verify::LimitState> for VerifyLimit {
+    fn from(l: keygate_core::verify::LimitState) -> Self {
+        Self { limit: l.limit, remaining: l.remaining, reset_at: l.reset_at.map(Timestamp::to_rfc3339) }
+    }
+}
+
+/// The answer to a verification. The token's fields are present when the token was found in the
+/// root key's workspace, active and not expired (also when it is then refused for its scope,
+/// address or limits).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifyResponseBody {
+    /// Whether the service may accept the token for this call (`code` is `ok`).
+    pub valid: bool,
+    pub code: VerifyCodeBody,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// When the token expires; absent for a token that does not, or one not found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// The token's own rate limit, if it has one (and the check reached it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<VerifyLimit>,
+    /// The token's quota, if it has one (and the check reached it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<VerifyLimit>,
+}
+
+impl From<keygate_core::verify::Verification> for VerifyResponseBody {
+    fn from(v: keygate_core::verify::Verification) -> Self {
+        let valid = v.valid();
+        let t = v.token;
+        Self {
+            valid,
+            code: v.code.into(),
+            token_id: t.as_ref().map(|t| t.token_id.clone()),
+            app_id: t.as_ref().map(|t| t.app_id.clone()),
+            workspace_id: t.as_ref().map(|t| t.workspace_id.clone()),
+            expires_at: t.as_ref().and_then(|t| t.expires_at).map(Timestamp::to_rfc3339),
+            scopes: t.map(|t| t.scopes),
+            rate_limit: v.rate_limit.map(Into::into),
+            quota: v.quota.map(Into::into),
+        }
+    }
+}

@@ -187,6 +187,7 @@ permission_marker!(
     RoutesWrite => RoutesWrite,
     WorkspacesRead => WorkspacesRead,
     WorkspacesWrite => WorkspacesWrite,
+    TokensVerify => TokensVerify,
 );
 
 /// An authenticated root key holding permission `P`.

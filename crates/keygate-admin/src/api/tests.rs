@@ -198,3 +198,107 @@ async fn bodies_and_queries_are_read_as_the_document_states() {
     let (status, _) = send("GET", "/admin/v1/tokens?limit=500&cursor=1900000000000.tok_abc", "").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// What the verifier was asked: token, scope, cost, ip, workspace.
+type Asked = (String, Option<String>, u32, Option<std::net::IpAddr>, String);
+
+/// A verifier that records what it was asked and answers as told.
+struct FakeVerifier {
+    asked: parking_lot::Mutex<Vec<Asked>>,
+}
+
+impl keygate_core::verify::TokenVerifier for FakeVerifier {
+    fn verify(&self, req: &keygate_core::verify::VerifyRequest<'_>) -> keygate_core::verify::Verification {
+        use keygate_core::verify::{LimitState, Verification, VerifiedToken, VerifyCode};
+        self.asked.lock().push((
+            req.token.to_owned(),
+            req.scope.map(ToString::to_string),
+            req.cost,
+            req.ip,
+            req.workspace.to_string(),
+        ));
+        if req.token == "kg_refused" {
+            return Verification::refused(VerifyCode::UnknownToken);
+        }
+        Verification {
+            code: VerifyCode::Ok,
+            token: Some(VerifiedToken {
+                token_id: "tok_abc".into(),
+                app_id: "app_abc".into(),
+                workspace_id: req.workspace.to_string(),
+                scopes: vec!["orders:read".into()],
+                expires_at: None,
+            }),
+            rate_limit: None,
+            quota: Some(LimitState { limit: 10, remaining: 9, reset_at: None }),
+        }
+    }
+}
+
+/// `POST /admin/v1/verify`: its own permission, what it passes to the verifier, its 400s, and 503
+/// on a node without a token index.
+#[tokio::test]
+async fn verify_asks_the_verifier_with_the_keys_workspace() {
+    let (app, admin, _dir) = setup().await;
+    let (_, key) = admin.create_root_key("default", "v", vec![Permission::TokensVerify], &Actor::cli()).await.unwrap();
+    let post = |body: &'static str, key: String| {
+        let app = app.clone();
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/admin/v1/verify")
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::from(body))
+                .unwrap();
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+            (status, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default())
+        }
+    };
+    let k = || key.expose().to_owned();
+    let (status, body) = post(r#"{"token":"kg_x"}"#, k()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("verification_unavailable"))
+    );
+
+    let fake = Arc::new(FakeVerifier { asked: parking_lot::Mutex::new(Vec::new()) });
+    admin.set_verifier(fake.clone());
+    let (status, body) = post(r#"{"token":"kg_x","scope":"orders:read","cost":3.0,"ip":"10.0.0.1"}"#, k()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["valid"], true);
+    assert_eq!(body["code"], "ok");
+    assert_eq!(body["token_id"], "tok_abc");
+    assert_eq!(body["quota"], serde_json::json!({"limit": 10, "remaining": 9}));
+    assert!(body.get("rate_limit").is_none() && body.get("expires_at").is_none(), "{body}");
+    let ws = admin.store().workspace_by_name("default").await.unwrap().unwrap().id.to_string();
+    let asked = fake.asked.lock().pop().unwrap();
+    assert_eq!(asked, ("kg_x".into(), Some("orders:read".into()), 3, Some("10.0.0.1".parse().unwrap()), ws));
+    let (_, body) = post(r#"{"token":"kg_x"}"#, k()).await;
+    assert_eq!(body["valid"], true);
+    assert_eq!(fake.asked.lock().pop().unwrap().2, 1, "cost defaults to 1");
+    let (status, body) = post(r#"{"token":"kg_refused"}"#, k()).await;
+    assert_eq!((status, body), (StatusCode::OK, serde_json::json!({"valid": false, "code": "unknown_token"})));
+    fake.asked.lock().clear();
+
+    for (bad, code) in [
+        ("{}", "invalid_body"),
+        ("{", "malformed_json"),
+        (r#"{"token":""}"#, "invalid_token_field"),
+        (r#"{"token":"kg_x","cost":1001}"#, "invalid_cost"),
+        (r#"{"token":"kg_x","cost":-1}"#, "invalid_cost"),
+        (r#"{"token":"kg_x","cost":1.5}"#, "invalid_body"),
+        (r#"{"token":"kg_x","scope":"orders:*"}"#, "invalid_scope"),
+        (r#"{"token":"kg_x","ip":"10.0.0.0/8"}"#, "invalid_ip"),
+    ] {
+        let (status, body) = post(bad, k()).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some(code)), "{bad}");
+    }
+    assert!(fake.asked.lock().is_empty(), "nothing invalid reaches the verifier");
+
+    let (_, reader) = admin.create_root_key("default", "r", vec![Permission::TokensRead], &Actor::cli()).await.unwrap();
+    let (status, body) = post(r#"{"token":"kg_x"}"#, reader.expose().to_owned()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("missing_permission")));
+}

@@ -19,6 +19,7 @@ mod oauth_hardening;
 mod root_keys;
 mod routes_live;
 mod upstream_tls;
+mod verify;
 mod workspaces;
 
 use std::io::{BufRead, BufReader};

@@ -11,35 +11,22 @@ Environment (set by scripts/interop-test):
 The route /grpc.health.v1.Health needs the scope health:read (scripts/interop-test's config).
 """
 
-import json
 import os
 import urllib.parse
-import urllib.request
 
 import grpc
+
+from checks import Checks, create_token
 
 ADMIN = os.environ["KEYGATE_ADMIN_URL"]
 GATEWAY = urllib.parse.urlparse(os.environ["KEYGATE_GATEWAY_URL"]).netloc
 KEY = os.environ["KEYGATE_ROOT_KEY"]
-PASSED = FAILED = 0
-
-
-def check(name, ok, detail=""):
-    global PASSED, FAILED
-    if ok:
-        PASSED += 1
-        print(f"ok    {name}")
-    else:
-        FAILED += 1
-        print(f"FAIL  {name} {detail}")
+checks = Checks("grpc-refusals")
+check = checks.check
 
 
 def token(scopes):
-    req = urllib.request.Request(
-        ADMIN + "/admin/v1/tokens", data=json.dumps({"name": "grpc", "scopes": scopes}).encode(), method="POST",
-        headers={"Authorization": "Bearer " + KEY, "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.load(resp)["token"]
+    return create_token(ADMIN, KEY, {"name": "grpc", "scopes": scopes})["token"]
 
 
 def call(method, bearer=None):
@@ -67,9 +54,4 @@ code, details = call("/no.Such/Service", token([]))
 check("no route: UNIMPLEMENTED, route_not_found", code == grpc.StatusCode.UNIMPLEMENTED
       and details.startswith("route_not_found: "), (code, details))
 
-results = os.environ.get("INTEROP_RESULTS")
-if results:
-    with open(results, "a") as f:
-        f.write(f"grpc-refusals {PASSED} {FAILED}\n")
-print(f"grpc refusals: {PASSED} passed, {FAILED} failed")
-raise SystemExit(1 if FAILED else 0)
+checks.finish()

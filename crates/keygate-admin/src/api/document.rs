@@ -120,7 +120,8 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     // Verification: what the handler refuses with 400 is outside the schema.
     let v = format!("{s}/VerifyRequestBody/properties");
     set(doc, &format!("{v}/token"), json!({"type": "string", "minLength": 1, "maxLength": 256}));
-    set(doc, &format!("{v}/scope"), json!({"type": ["string", "null"], "pattern": EXACT_SCOPE}));
+    // An empty scope is no scope (the handler's rule, for clients that cannot leave a field out).
+    set(doc, &format!("{v}/scope"), json!({"type": ["string", "null"], "pattern": format!("^$|{EXACT_SCOPE}")}));
     set(
         doc,
         &format!("{v}/cost"),

@@ -49,6 +49,12 @@ pub trait BodySource {
     fn exact_len(&self) -> Option<u64>;
     /// The next piece of data; `None` at the end.
     fn data(&mut self) -> impl Future<Output = Option<Result<Bytes, BoxError>>> + Send;
+    /// The body as an owned stream that can outlive the request's task (an HTTP/2 upstream
+    /// stream reads it on its own, both directions then flowing at once), if this kind of body
+    /// can be one; what is left here is then empty.
+    fn take_owned(&mut self) -> Option<UpstreamBody> {
+        None
+    }
 }
 
 /// What the gateway sends upstream of an HTTP/2 request (served by hyper).
@@ -71,6 +77,10 @@ impl BodySource for UpstreamBody {
 
     fn exact_len(&self) -> Option<u64> {
         self.size_hint().exact()
+    }
+
+    fn take_owned(&mut self) -> Option<UpstreamBody> {
+        Some(std::mem::replace(self, Self::Empty))
     }
 
     async fn data(&mut self) -> Option<Result<Bytes, BoxError>> {

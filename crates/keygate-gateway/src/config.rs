@@ -240,6 +240,20 @@ pub enum Balance {
     LeastRequests,
 }
 
+/// The HTTP version keygate speaks to a route's upstreams (`upstream_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (ALPN `http/1.1` on `https://`).
+    #[default]
+    Http1,
+    /// HTTP/2 only: ALPN `h2` on `https://`, prior knowledge (h2c) on `http://`. What gRPC
+    /// upstreams need.
+    Http2,
+    /// `https://` only: ALPN offers `h2` and `http/1.1`, and the upstream's choice is used.
+    Auto,
+}
+
 /// `[[routes]]`: one API behind the gateway.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -323,6 +337,11 @@ pub struct RouteConfig {
     /// names the route at every start. For tests only: prefer `tls_ca_file`.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// The HTTP version spoken to the upstreams: `http1` (default), `http2` (h2 over TLS, or
+    /// h2c with prior knowledge over `http://`; needed for gRPC), or `auto` (`https://` only:
+    /// negotiated by ALPN).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
 }
 
 impl RouteConfig {
@@ -357,6 +376,7 @@ impl RouteConfig {
             tls_client_cert: None,
             tls_client_key: None,
             tls_insecure_skip_verify: false,
+            upstream_protocol: UpstreamProtocol::Http1,
         }
     }
 }

@@ -138,14 +138,16 @@ fn checkout(pool_key: &Arc<str>) -> Option<Conn> {
     })
 }
 
-async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Conn, UpstreamError> {
+/// A new connection to `upstream`: TCP, then the TLS handshake of an `https://` upstream (with
+/// the ALPN its route's `upstream_protocol` offers).
+pub(crate) async fn dial(upstream: &Upstream, timeout: Duration) -> Result<UpstreamStream, UpstreamError> {
     let authority = &upstream.authority;
     let stream = tokio::time::timeout(timeout, TcpStream::connect(&**authority))
         .await
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    let stream = match &upstream.tls {
+    Ok(match &upstream.tls {
         None => UpstreamStream::Plain(stream),
         Some(target) => {
             // The handshake has a time limit of its own, as long as the connect's.
@@ -155,15 +157,24 @@ async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Conn, Upstrea
                 .map_err(|_| UpstreamError::Tls(format!("TLS handshake with {authority} (name {name}) timed out")))?
                 .map_err(|e| UpstreamError::Tls(format!("TLS handshake with {authority} (name {name}) failed: {e}")))?
         }
-    };
-    Ok(Conn {
-        pool_key: upstream.pool_key.clone(),
-        stream,
-        buf: BytesMut::with_capacity(READ_CHUNK),
-        head: Vec::new(),
-        pooled: false,
-        timer: Deadline::new(),
     })
+}
+
+async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Conn, UpstreamError> {
+    dial(upstream, timeout).await.map(|stream| Conn::new(upstream, stream))
+}
+
+impl Conn {
+    fn new(upstream: &Upstream, stream: UpstreamStream) -> Self {
+        Self {
+            pool_key: upstream.pool_key.clone(),
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            head: Vec::new(),
+            pooled: false,
+            timer: Deadline::new(),
+        }
+    }
 }
 
 /// How a request's body is framed upstream.
@@ -563,9 +574,16 @@ fn is_field_line(line: &[u8]) -> bool {
 pub struct UpstreamResponseBody {
     conn: Option<Conn>,
     framing: Framing,
+    /// The answer came over HTTP/2: its body (and trailers) from hyper's stream instead.
+    h2: Option<hyper::body::Incoming>,
 }
 
 impl UpstreamResponseBody {
+    /// The body of an answer that came over HTTP/2.
+    pub fn from_h2(body: hyper::body::Incoming) -> Self {
+        Self { conn: None, framing: Framing::Done, h2: Some(body) }
+    }
+
     /// The connection of a 101 answer, for the upgraded protocol.
     pub fn into_upgraded(mut self) -> Option<Conn> {
         if self.framing == Framing::Upgraded { self.conn.take() } else { None }
@@ -573,6 +591,9 @@ impl UpstreamResponseBody {
 
     /// The body's length, when the upstream gave one.
     pub fn exact_len(&self) -> Option<u64> {
+        if let Some(b) = &self.h2 {
+            return if b.is_end_stream() { Some(0) } else { b.size_hint().exact() };
+        }
         match self.framing {
             Framing::Length(n) | Framing::LengthThenClose(n) => Some(n),
             Framing::Done => Some(0),
@@ -588,6 +609,9 @@ impl UpstreamResponseBody {
     /// The body's bytes that are already buffered, without reading from the connection: for a
     /// small answer, usually the whole body, which then goes out in the same write as the head.
     pub fn buffered(&mut self) -> io::Result<Option<Bytes>> {
+        if self.h2.is_some() {
+            return Ok(None);
+        }
         match self.step() {
             Ok(Step::Data(d)) => {
                 if self.ended() {
@@ -649,6 +673,9 @@ impl UpstreamResponseBody {
     }
 
     fn ended(&self) -> bool {
+        if let Some(b) = &self.h2 {
+            return b.is_end_stream();
+        }
         matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0) | Framing::Done)
     }
 }
@@ -659,6 +686,11 @@ impl Body for UpstreamResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(b) = &mut this.h2 {
+            // Data and trailers as they come (an HTTP/2 client gets the trailers; the HTTP/1.1
+            // front end takes only the data).
+            return Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError);
+        }
         loop {
             match this.step() {
                 Ok(Step::Data(d)) => {
@@ -717,6 +749,9 @@ impl Body for UpstreamResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(b) = &self.h2 {
+            return b.size_hint();
+        }
         match self.framing {
             Framing::Length(n) | Framing::LengthThenClose(n) => SizeHint::with_exact(n),
             Framing::Done | Framing::Upgraded => SizeHint::with_exact(0),
@@ -778,13 +813,49 @@ pub struct UpstreamRequest<'a> {
     pub deadline: tokio::time::Instant,
 }
 
-/// A connection to `upstream` for one request: an idle pooled one, else a new one. A failure
-/// to connect counts against the upstream's passive health.
-pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Conn, UpstreamError> {
-    if let Some(c) = checkout(&upstream.pool_key) {
-        return Ok(c);
-    }
-    connect(upstream, connect_timeout).await.inspect_err(|_| note_failure(upstream))
+/// A connection for one request, in the HTTP version the upstream speaks.
+pub enum Opened {
+    H1(Conn),
+    H2(crate::upstream_h2::H2Conn),
+}
+
+/// A connection to `upstream` for one request: an idle pooled one (or the worker's HTTP/2
+/// connection), else a new one. With `upstream_protocol = "auto"`, a new connection speaks what
+/// ALPN agreed. A failure to connect counts against the upstream's passive health.
+pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Opened, UpstreamError> {
+    use crate::config::UpstreamProtocol;
+    use crate::upstream_h2 as h2;
+    let opened = match upstream.protocol {
+        UpstreamProtocol::Http1 => {
+            if let Some(c) = checkout(&upstream.pool_key) {
+                return Ok(Opened::H1(c));
+            }
+            connect(upstream, connect_timeout).await.map(Opened::H1)
+        }
+        UpstreamProtocol::Http2 => {
+            if let Some(c) = h2::checkout(upstream) {
+                return Ok(Opened::H2(c));
+            }
+            match dial(upstream, connect_timeout).await {
+                Ok(stream) => h2::handshake(upstream, stream).await.map(Opened::H2),
+                Err(e) => Err(e),
+            }
+        }
+        UpstreamProtocol::Auto => {
+            if let Some(c) = h2::checkout(upstream) {
+                return Ok(Opened::H2(c));
+            }
+            if let Some(c) = checkout(&upstream.pool_key) {
+                return Ok(Opened::H1(c));
+            }
+            match dial(upstream, connect_timeout).await {
+                Ok(stream) if stream.is_h2() => h2::handshake(upstream, stream).await.map(Opened::H2),
+                Ok(stream) => Ok(Opened::H1(Conn::new(upstream, stream))),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    opened.inspect_err(|_| note_failure(upstream))
 }
 
 impl Conn {
@@ -861,7 +932,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
             f => f,
         };
     }
-    Ok(Answered { status: head.status, body: UpstreamResponseBody { conn: Some(conn), framing } })
+    Ok(Answered { status: head.status, body: UpstreamResponseBody { conn: Some(conn), framing, h2: None } })
 }
 
 /// Writes the head and body and reads the answer's head. While the body streams, the answer is
@@ -970,7 +1041,17 @@ pub fn note_failure(u: &Upstream) {
 
 /// One active health check: `GET path` on a fresh connection; a 2xx or 3xx answer passes.
 pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
-    let Ok(mut conn) = connect(upstream, timeout).await else { return false };
+    let Ok(stream) = dial(upstream, timeout).await else { return false };
+    let h2 = match upstream.protocol {
+        crate::config::UpstreamProtocol::Http1 => false,
+        crate::config::UpstreamProtocol::Http2 => true,
+        crate::config::UpstreamProtocol::Auto => stream.is_h2(),
+    };
+    if h2 {
+        let checked = crate::upstream_h2::probe(upstream, stream, path);
+        return matches!(tokio::time::timeout(timeout, checked).await, Ok(true));
+    }
+    let mut conn = Conn::new(upstream, stream);
     let head =
         format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.host_header);
     let mut body: Option<crate::body::UpstreamBody> = None;

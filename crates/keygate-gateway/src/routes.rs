@@ -11,7 +11,7 @@ use http::Method;
 use keygate_core::policy::RateLimit;
 use keygate_core::scope::Scope;
 
-use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, RouteConfig};
+use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, RouteConfig, UpstreamProtocol};
 
 /// One upstream server of a route.
 #[derive(Debug)]
@@ -27,6 +27,9 @@ pub struct Upstream {
     pub pool_key: Arc<str>,
     /// `https://`: how to make the TLS handshake.
     pub tls: Option<crate::upstream_tls::TlsTarget>,
+    /// The HTTP version spoken to it (the route's `upstream_protocol`): `Http2` over `http://` is
+    /// h2c with prior knowledge; `Auto` is only found on `https://` upstreams.
+    pub protocol: UpstreamProtocol,
     /// A path prefix the upstream URL carried (`http://h/api` → `/api`), or empty.
     pub base_path: String,
     pub healthy: AtomicBool,
@@ -77,6 +80,7 @@ impl Upstream {
     fn from_url(
         url: &UpstreamUrl<'_>,
         tls: Option<&crate::upstream_tls::RouteTls>,
+        protocol: UpstreamProtocol,
     ) -> Result<Self, crate::upstream_tls::UpstreamTlsError> {
         let authority: Arc<str> = Arc::from(url.authority.as_str());
         let (host_header, pool_key, tls) = match (url.https, tls) {
@@ -92,6 +96,7 @@ impl Upstream {
             host_header,
             pool_key,
             tls,
+            protocol,
             base_path: url.path.trim_end_matches('/').to_owned(),
             healthy: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -291,6 +296,13 @@ impl RouteTable {
             }
             let urls =
                 raw_upstreams.iter().map(|u| parse_upstream_url(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+            if c.upstream_protocol == UpstreamProtocol::Auto && urls.iter().any(|u| !u.https) {
+                return Err(err(
+                    "upstream_protocol_auto_needs_https: upstream_protocol = \"auto\" negotiates the HTTP version by \
+                     TLS ALPN, so every upstream must be https://; for HTTP/2 over http:// (h2c) use \"http2\""
+                        .into(),
+                ));
+            }
             let tls_err = |e: crate::upstream_tls::UpstreamTlsError| err(e.to_string());
             let tls = crate::upstream_tls::RouteTls::from_config(
                 c,
@@ -300,7 +312,7 @@ impl RouteTable {
             .map_err(tls_err)?;
             let mut upstreams = urls
                 .iter()
-                .map(|u| Upstream::from_url(u, tls.as_ref()))
+                .map(|u| Upstream::from_url(u, tls.as_ref(), c.upstream_protocol))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(tls_err)?;
             if c.balance == Balance::LeastRequests {

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, UpstreamProtocol};
 
 /// TLS sessions remembered per route for resumption (one entry per server name, bounded).
 pub const SESSION_CACHE_SIZE: usize = 256;
@@ -240,8 +240,17 @@ impl RouteTls {
             }
             _ => builder.with_no_client_auth(),
         };
-        // HTTP/1.1 only for now (HTTP/2 upstreams are a later step).
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // What ALPN offers follows `upstream_protocol`; the choice is part of the pool key, so
+        // connections negotiated for one route's protocol are not handed to another's.
+        config.alpn_protocols = match c.upstream_protocol {
+            UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+            UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
+            UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        for p in &config.alpn_protocols {
+            id.update(b"alpn\0");
+            id.update(p);
+        }
         config.resumption = rustls::client::Resumption::in_memory_sessions(SESSION_CACHE_SIZE);
         let identity = id.finalize().iter().map(|b| format!("{b:02x}")).collect();
         Ok(Some(Self { config: Arc::new(config), server_name, identity }))
@@ -310,6 +319,14 @@ impl UpstreamStream {
     pub async fn handshake(tcp: TcpStream, target: &TlsTarget) -> io::Result<Self> {
         let tls = target.connector.connect(target.server_name.clone(), tcp).await?;
         Ok(Self::Tls(Box::new(tls)))
+    }
+
+    /// TLS with ALPN `h2` agreed: the connection speaks HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
     }
 
     /// Still open with nothing unread. A plain stream is probed with the readiness the runtime

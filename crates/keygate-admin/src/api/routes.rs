@@ -83,6 +83,18 @@ pub struct RouteBody {
     /// DANGEROUS: accept any certificate for any name from this route's `https://` upstreams.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// The HTTP version spoken to the upstreams: `http1` (default), `http2` (h2 over TLS, h2c
+    /// over `http://`; what gRPC needs) or `auto` (`https://` only, negotiated by ALPN).
+    pub upstream_protocol: Option<UpstreamProtocolBody>,
+}
+
+/// The HTTP version keygate speaks to a route's upstreams.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocolBody {
+    Http1,
+    Http2,
+    Auto,
 }
 
 /// Where a route is defined.

@@ -20,8 +20,20 @@ use crate::body::{BodySource, BodyState};
 use crate::ctx::{Caller, ConnInfo, Identity, IpText, RequestCtx, client_ip, is_trusted, origin};
 use crate::gateway::{Gateway, IDENTITY_TTL_S, IdentityKey, Minted, Pinned};
 use crate::head::{self, ReqHead, upgrade_requested};
-use crate::proxy::{self, Answered, HeadSink, RequestFraming, UpstreamError, UpstreamRequest};
+use crate::proxy::{self, Answered, HeadSink, Opened, RequestFraming, UpstreamError, UpstreamRequest};
 use crate::routes::{Route, Upstream};
+use crate::upstream_h2;
+
+/// The client asked for trailers (`TE: trailers`, as gRPC clients do): an HTTP/2 upstream is told
+/// so (HTTP/1.1 upstreams never are: `TE` is hop-by-hop there, and their trailers are not passed).
+fn te_trailers(head: &ReqHead<'_>) -> bool {
+    head.all("te").any(|v| {
+        v.split(|b| *b == b',').any(|t| {
+            let coding = t.split(|b| *b == b';').next().unwrap_or_default();
+            coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+    })
+}
 
 impl Gateway {
     /// Forward: sends the request to the route's upstreams, one attempt, or more for a request
@@ -69,11 +81,17 @@ impl Gateway {
             let req =
                 UpstreamRequest { method: &head.method, framing, connect_timeout: route.connect_timeout, deadline };
             let sent = match proxy::open(upstream, route.connect_timeout).await {
-                Ok(mut conn) => {
+                Ok(Opened::H1(mut conn)) => {
                     // The head is written here, whole, into the connection's own buffer; the
                     // upstream client only sends it.
                     out.write(upstream, framing, conn.head_buf());
                     proxy::send(upstream, conn, &req, body, sink).await
+                }
+                Ok(Opened::H2(conn)) => {
+                    // The same head, read back into an HTTP/2 request by the HTTP/2 client.
+                    let mut buf = Vec::with_capacity(512);
+                    out.write(upstream, framing, &mut buf);
+                    upstream_h2::send(upstream, conn, &req, &buf, te_trailers(head), body, sink).await
                 }
                 Err(e) => Err(proxy::SendError::Upstream(e)),
             };

@@ -18,6 +18,7 @@ mod oauth;
 mod oauth_hardening;
 mod root_keys;
 mod routes_live;
+mod upstream_h2;
 mod upstream_tls;
 mod verify;
 mod workspaces;

@@ -14,12 +14,12 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A test CA: its certificate (PEM) and what signs with it.
-struct Ca {
-    pem: String,
+pub(crate) struct Ca {
+    pub(crate) pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
-fn ca(name: &str) -> Ca {
+pub(crate) fn ca(name: &str) -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(rcgen::DnType::CommonName, name);
@@ -29,14 +29,14 @@ fn ca(name: &str) -> Ca {
 }
 
 /// A certificate for `names` signed by `ca`: (certificate PEM, key PEM).
-fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
+pub(crate) fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
     let cert = params.signed_by(&key, &ca.issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> String {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> String {
     let p: PathBuf = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p.to_str().unwrap().to_owned()

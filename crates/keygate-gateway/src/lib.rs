@@ -9,7 +9,8 @@
 //! - the state they read ([`gateway`]) and the leaves: the route table ([`routes`]), the in-memory
 //!   token index ([`index`]) kept current by the change feed ([`follow`]), JWTs ([`jwt`]), rate
 //!   limits and quotas ([`limiter`]), usage metering ([`usage`]), the upstream client
-//!   ([`proxy`]), its TLS ([`upstream_tls`]) and HTTP/2 ([`upstream_h2`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
+//!   ([`proxy`], HTTP/1.1), its TLS ([`upstream_tls`]), HTTP/2 ([`upstream_h2`]) and the choice
+//!   between them ([`upstream`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
 //!
 //! [`tasks`] holds the gateway's background loops (usage flusher, health checks).
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod routes;
 pub mod server;
 pub mod tasks;
 mod timer;
+pub mod upstream;
 pub mod upstream_h2;
 pub mod upstream_tls;
 pub mod usage;

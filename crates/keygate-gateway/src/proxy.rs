@@ -165,7 +165,8 @@ async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Conn, Upstrea
 }
 
 impl Conn {
-    fn new(upstream: &Upstream, stream: UpstreamStream) -> Self {
+    /// A new connection's state around its stream.
+    pub(crate) fn new(upstream: &Upstream, stream: UpstreamStream) -> Self {
         Self {
             pool_key: upstream.pool_key.clone(),
             stream,
@@ -813,49 +814,19 @@ pub struct UpstreamRequest<'a> {
     pub deadline: tokio::time::Instant,
 }
 
-/// A connection for one request, in the HTTP version the upstream speaks.
-pub enum Opened {
-    H1(Conn),
-    H2(crate::upstream_h2::H2Conn),
+/// An idle pooled HTTP/1.1 connection to `upstream`, else a new one. A failure to connect counts
+/// against the upstream's passive health. (Which HTTP version to speak is decided in
+/// [`crate::upstream::open`].)
+pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Conn, UpstreamError> {
+    if let Some(c) = checkout(&upstream.pool_key) {
+        return Ok(c);
+    }
+    connect(upstream, connect_timeout).await.inspect_err(|_| note_failure(upstream))
 }
 
-/// A connection to `upstream` for one request: an idle pooled one (or the worker's HTTP/2
-/// connection), else a new one. With `upstream_protocol = "auto"`, a new connection speaks what
-/// ALPN agreed. A failure to connect counts against the upstream's passive health.
-pub async fn open(upstream: &Upstream, connect_timeout: Duration) -> Result<Opened, UpstreamError> {
-    use crate::config::UpstreamProtocol;
-    use crate::upstream_h2 as h2;
-    let opened = match upstream.protocol {
-        UpstreamProtocol::Http1 => {
-            if let Some(c) = checkout(&upstream.pool_key) {
-                return Ok(Opened::H1(c));
-            }
-            connect(upstream, connect_timeout).await.map(Opened::H1)
-        }
-        UpstreamProtocol::Http2 => {
-            if let Some(c) = h2::checkout(upstream) {
-                return Ok(Opened::H2(c));
-            }
-            match dial(upstream, connect_timeout).await {
-                Ok(stream) => h2::handshake(upstream, stream).await.map(Opened::H2),
-                Err(e) => Err(e),
-            }
-        }
-        UpstreamProtocol::Auto => {
-            if let Some(c) = h2::checkout(upstream) {
-                return Ok(Opened::H2(c));
-            }
-            if let Some(c) = checkout(&upstream.pool_key) {
-                return Ok(Opened::H1(c));
-            }
-            match dial(upstream, connect_timeout).await {
-                Ok(stream) if stream.is_h2() => h2::handshake(upstream, stream).await.map(Opened::H2),
-                Ok(stream) => Ok(Opened::H1(Conn::new(upstream, stream))),
-                Err(e) => Err(e),
-            }
-        }
-    };
-    opened.inspect_err(|_| note_failure(upstream))
+/// An idle pooled HTTP/1.1 connection to `upstream`, if this worker has one.
+pub(crate) fn checkout_idle(upstream: &Upstream) -> Option<Conn> {
+    checkout(&upstream.pool_key)
 }
 
 impl Conn {
@@ -1039,18 +1010,9 @@ pub fn note_failure(u: &Upstream) {
     }
 }
 
-/// One active health check: `GET path` on a fresh connection; a 2xx or 3xx answer passes.
-pub async fn probe(upstream: &Upstream, path: &str, timeout: Duration) -> bool {
-    let Ok(stream) = dial(upstream, timeout).await else { return false };
-    let h2 = match upstream.protocol {
-        crate::config::UpstreamProtocol::Http1 => false,
-        crate::config::UpstreamProtocol::Http2 => true,
-        crate::config::UpstreamProtocol::Auto => stream.is_h2(),
-    };
-    if h2 {
-        let checked = crate::upstream_h2::probe(upstream, stream, path);
-        return matches!(tokio::time::timeout(timeout, checked).await, Ok(true));
-    }
+/// One active health check over HTTP/1.1 on `stream` (a new connection): `GET path`; a 2xx or
+/// 3xx answer passes.
+pub async fn probe_h1(upstream: &Upstream, stream: UpstreamStream, path: &str, timeout: Duration) -> bool {
     let mut conn = Conn::new(upstream, stream);
     let head =
         format!("GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: keygate-health-check\r\n\r\n", upstream.host_header);

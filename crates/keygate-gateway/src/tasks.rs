@@ -92,7 +92,7 @@ pub async fn health_check_round(gw: &Gateway, elapsed_seconds: u64) {
             continue;
         }
         for u in &route.upstreams {
-            let ok = crate::proxy::probe(u, &hc.path, Duration::from_secs(2)).await;
+            let ok = crate::upstream::probe(u, &hc.path, Duration::from_secs(2)).await;
             crate::proxy::note_probe(u, ok, hc.healthy_threshold, hc.unhealthy_threshold);
         }
     }

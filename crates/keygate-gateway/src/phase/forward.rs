@@ -20,8 +20,9 @@ use crate::body::{BodySource, BodyState};
 use crate::ctx::{Caller, ConnInfo, Identity, IpText, RequestCtx, client_ip, is_trusted, origin};
 use crate::gateway::{Gateway, IDENTITY_TTL_S, IdentityKey, Minted, Pinned};
 use crate::head::{self, ReqHead, upgrade_requested};
-use crate::proxy::{self, Answered, HeadSink, Opened, RequestFraming, UpstreamError, UpstreamRequest};
+use crate::proxy::{self, Answered, HeadSink, RequestFraming, UpstreamError, UpstreamRequest};
 use crate::routes::{Route, Upstream};
+use crate::upstream::Opened;
 use crate::upstream_h2;
 
 /// The client asked for trailers (`TE: trailers`, as gRPC clients do): an HTTP/2 upstream is told
@@ -80,7 +81,7 @@ impl Gateway {
             let Some(upstream) = route.upstreams.get(ui) else { break };
             let req =
                 UpstreamRequest { method: &head.method, framing, connect_timeout: route.connect_timeout, deadline };
-            let sent = match proxy::open(upstream, route.connect_timeout).await {
+            let sent = match crate::upstream::open(upstream, route.connect_timeout).await {
                 Ok(Opened::H1(mut conn)) => {
                     // The head is written here, whole, into the connection's own buffer; the
                     // upstream client only sends it.

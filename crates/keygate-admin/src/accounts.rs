@@ -75,6 +75,9 @@ pub struct Viewer {
     pub role: Role,
     /// The cookie's secret, from which the CSRF token is derived.
     pub csrf: String,
+    /// The workspaces the account belongs to (id and name, by name), the session's among them:
+    /// what the dashboard's workspace switcher offers.
+    pub workspaces: Vec<(WorkspaceId, String)>,
 }
 
 impl Viewer {
@@ -489,6 +492,20 @@ impl Accounts {
         pending_mfa: bool,
         ip: Option<String>,
     ) -> Result<String> {
+        self.start_session_until(user, ws, pending_mfa, ip, None).await
+    }
+
+    /// [`Self::start_session`], ending at `until` (a session moved to another workspace keeps
+    /// the end of the one it replaces: switching does not extend a sign-in) or after the
+    /// absolute time-out.
+    async fn start_session_until(
+        &self,
+        user: &User,
+        ws: &WorkspaceId,
+        pending_mfa: bool,
+        ip: Option<String>,
+        until: Option<Timestamp>,
+    ) -> Result<String> {
         let now = self.now();
         let mut raw = [0u8; 32];
         self.admin.random(&mut raw)?;
@@ -500,7 +517,8 @@ impl Accounts {
             pending_mfa,
             created_at: now,
             last_seen_at: now,
-            expires_at: Timestamp::from_millis(now.as_millis() + self.settings.absolute_timeout_ms),
+            expires_at: until
+                .unwrap_or_else(|| Timestamp::from_millis(now.as_millis() + self.settings.absolute_timeout_ms)),
             ip,
         };
         self.store().insert_session(&session).await?;
@@ -529,7 +547,50 @@ impl Accounts {
             session.last_seen_at = now;
             self.store().update_session(&session).await?;
         }
-        Ok(Some(Viewer { session, user, role: m.role, csrf: self.csrf_token(cookie) }))
+        let workspaces = self.workspaces_of(&user).await?;
+        Ok(Some(Viewer { session, user, role: m.role, csrf: self.csrf_token(cookie), workspaces }))
+    }
+
+    /// The workspaces `user` is a member of (id and name), by name. Memberships of a workspace
+    /// being deleted are skipped.
+    async fn workspaces_of(&self, user: &User) -> Result<Vec<(WorkspaceId, String)>> {
+        let mut out = Vec::new();
+        for m in self.store().memberships(&user.id).await? {
+            if let Some(ws) = self.store().workspace(&m.workspace_id).await? {
+                out.push((ws.id, ws.name));
+            }
+        }
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(out)
+    }
+
+    /// Moves `viewer` to another workspace they are a member of: a new session there (a fresh
+    /// secret, as at every change of privilege; the second factor, if any, was given for this
+    /// sign-in and still counts), the old one ended, and a sign-in in the target workspace's
+    /// audit trail (method `workspace_switch`). Returns the new session's secret. A workspace
+    /// the account is not a member of is `workspace_not_found`, whether it exists or not.
+    pub async fn switch_workspace(&self, viewer: &Viewer, target: &str) -> Result<String> {
+        let Some((ws, _)) = viewer.workspaces.iter().find(|(id, _)| id.as_str() == target) else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "workspace_not_found",
+                "you are not a member of that workspace; pick one from the list",
+            ));
+        };
+        // Membership is checked again against the store: the list was read with the page.
+        if self.store().membership(ws, &viewer.user.id).await?.is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "workspace_not_found",
+                "you are no longer a member of that workspace",
+            ));
+        }
+        let ip = viewer.session.ip.clone();
+        let until = Some(viewer.session.expires_at);
+        let secret = self.start_session_until(&viewer.user, ws, false, ip.clone(), until).await?;
+        self.store().delete_session(&viewer.session.id_hash).await?;
+        self.audit_sign_in(&viewer.user, ws, ip, "workspace_switch").await;
+        Ok(secret)
     }
 
     /// Whether a cookie belongs to a session waiting for its second factor.

@@ -145,7 +145,12 @@ impl DashboardState {
     /// Renders a page; `base` adds the viewer, CSRF token and navigation to `ctx`.
     fn render(&self, status: StatusCode, name: &str, viewer: Option<&Viewer>, nav: &str, ctx: Value) -> Response {
         let base = context! {
-            viewer => viewer.map(|v| context! { name => v.user.name.clone(), email => v.user.email.clone(), role => v.role.as_str(), instance_owner => self.is_instance_owner(v) }),
+            viewer => viewer.map(|v| context! {
+                name => v.user.name.clone(), email => v.user.email.clone(), role => v.role.as_str(),
+                instance_owner => self.is_instance_owner(v),
+                workspace => v.workspaces.iter().find(|(id, _)| id == v.workspace()).map(|(_, n)| n.clone()),
+                workspaces => v.workspaces.iter().map(|(id, n)| context! { id => id.as_str(), name => n, current => id == v.workspace() }).collect::<Vec<_>>(),
+            }),
             csrf => viewer.map(|v| v.csrf.clone()),
             nav => nav,
         };
@@ -404,6 +409,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/routes", get(routes::list).post(routes::create))
         .route("/routes/{id}", get(routes::page).post(routes::update))
         .route("/routes/{id}/delete", post(routes::delete))
+        .route("/workspace", post(workspaces::switch))
         .route("/workspaces", get(workspaces::list).post(workspaces::create))
         .route("/workspaces/{id}/rename", post(workspaces::rename))
         .route("/workspaces/{id}/delete", get(workspaces::delete_page).post(workspaces::delete))

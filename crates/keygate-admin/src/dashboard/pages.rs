@@ -198,7 +198,7 @@ async fn end_previous_session(st: &DashboardState, headers: &HeaderMap) {
     }
 }
 
-fn signed_in_redirect(st: &DashboardState, secret: &str, to: &str) -> Response {
+pub(super) fn signed_in_redirect(st: &DashboardState, secret: &str, to: &str) -> Response {
     let mut r = see_other(to);
     r.headers_mut().insert(header::SET_COOKIE, st.cookie(secret));
     r

@@ -4,6 +4,9 @@
 //! calls as `/admin/v1/workspaces`, audited with the person as actor. Deleting a workspace that
 //! still holds tokens needs the "revoke its tokens" box ticked (the API's `revoke_tokens=true`);
 //! the default workspace cannot be renamed or deleted.
+//!
+//! Also here, for everyone signed in: the switch between the workspaces a person is a member of
+//! (`POST /workspace`, the selector in the page header).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -13,7 +16,7 @@ use keygate_core::model::{DEFAULT_WORKSPACE, Workspace};
 use keygate_core::{Error, ErrorKind};
 use minijinja::{Value, context};
 
-use super::pages::{MsgQuery, ctx_err, notice, see_other};
+use super::pages::{MsgQuery, ctx_err, notice, see_other, signed_in_redirect};
 use super::{CsrfForm, DashboardState, PageError, SignedIn};
 use crate::accounts::Viewer;
 
@@ -87,18 +90,23 @@ fn workspace_id(v: &Viewer, id: &str) -> Result<WorkspaceId, PageError> {
     WorkspaceId::parse(id).ok_or_else(|| PageError::not_found(v))
 }
 
+/// What a change to one workspace needs: an instance owner, and the workspace's id.
+async fn owner_and_id<'a>(
+    st: &DashboardState,
+    v: &'a Viewer,
+    id: &str,
+) -> Result<(InstanceOwner<'a>, WorkspaceId), PageError> {
+    Ok((InstanceOwner::of(st, v).await?, workspace_id(v, id)?))
+}
+
 pub async fn rename(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path(id): Path<String>,
     CsrfForm(f): CsrfForm,
 ) -> Response {
-    let owner = match InstanceOwner::of(&st, &v).await {
+    let (owner, id) = match owner_and_id(&st, &v, &id).await {
         Ok(o) => o,
-        Err(e) => return st.error(e),
-    };
-    let id = match workspace_id(&v, &id) {
-        Ok(id) => id,
         Err(e) => return st.error(e),
     };
     match st.admin.rename_workspace(&owner.0.actor(), &id, f.get("name")).await {
@@ -135,12 +143,8 @@ pub async fn delete(
     Path(id): Path<String>,
     CsrfForm(f): CsrfForm,
 ) -> Response {
-    let owner = match InstanceOwner::of(&st, &v).await {
+    let (owner, ws) = match owner_and_id(&st, &v, &id).await {
         Ok(o) => o,
-        Err(e) => return st.error(e),
-    };
-    let ws = match workspace_id(&v, &id) {
-        Ok(ws) => ws,
         Err(e) => return st.error(e),
     };
     // Tokens are revoked only when the box saying so was ticked.
@@ -148,6 +152,15 @@ pub async fn delete(
     match st.admin.delete_workspace(&owner.0.actor(), &ws, revoke_tokens).await {
         Ok(_) => see_other("/workspaces?msg=workspace_deleted"),
         Err(e) if fixable(&e) => delete_inner(&st, &v, &id, Some(&e)).await.unwrap_or_else(|e| st.error(e)),
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+/// Moves the signed-in person to another of their workspaces (the header's selector): a new
+/// session there, the home page of that workspace.
+pub async fn switch(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
+    match st.accounts.switch_workspace(&v, f.get("workspace")).await {
+        Ok(secret) => signed_in_redirect(&st, &secret, "/"),
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }

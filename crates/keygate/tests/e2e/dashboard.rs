@@ -14,7 +14,7 @@ pub(crate) const PASSWORD: &str = "correct horse battery staple";
 pub(crate) struct Browser {
     base: String,
     pub(crate) http: reqwest::Client,
-    cookie: Option<String>,
+    pub(crate) cookie: Option<String>,
 }
 
 pub(crate) struct Page {

@@ -281,3 +281,66 @@ async fn only_the_instance_owner_manages_workspaces_and_deleting_one_with_tokens
     assert!(trail["data"][0]["actor"].as_str().unwrap().starts_with("usr_"));
     assert_eq!(trail["data"][0]["after"]["tokens_revoked"], 1);
 }
+
+#[tokio::test]
+async fn a_member_of_two_workspaces_switches_between_them_in_the_header() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let mut own = owner(&kg).await;
+    let mut bob = member(&kg, &mut own, "bob@example.com", "developer").await;
+    assert_eq!(c.post("/admin/v1/workspaces", &json!({"name": "team-b"})).await.status, StatusCode::CREATED);
+    let b = kg.client_with(Some(&kg.root_key("team-b", &Permission::ALL).await.unwrap()));
+    for (client, id) in [(&c, "a-api"), (&b, "b-api")] {
+        let made =
+            client.post("/admin/v1/routes", &json!({"id": id, "path": format!("/{id}"), "upstream": up.url()})).await;
+        assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    }
+    // One workspace: no switcher, its name in the header.
+    let home = bob.get("/routes").await;
+    assert!(!home.body.contains("id=\"workspace-switch\""), "{}", home.body);
+    assert!(home.body.contains("· developer · default"), "{}", home.body);
+
+    // Bob joins team-b too (as its owner); the header now offers both.
+    let store = kg.store();
+    let user = store.user_by_email("bob@example.com").await.unwrap().unwrap();
+    let team_b = store.workspace_by_name("team-b").await.unwrap().unwrap().id;
+    let now = kg.clock.now();
+    let actor = Actor { id: "test".into(), source: None };
+    let m = Membership { workspace_id: team_b.clone(), user_id: user.id.clone(), role: Role::Owner, created_at: now };
+    store
+        .put_membership(&m, &NewAuditEvent::new(&team_b, &actor, "member.added", user.id.as_str(), now))
+        .await
+        .unwrap();
+    let page = bob.get("/routes").await;
+    assert!(page.body.contains("id=\"workspace-switch\""), "{}", page.body);
+    assert!(page.body.contains(&format!("<option value=\"{team_b}\">team-b</option>")), "{}", page.body);
+    assert!(page.body.contains("id=\"route-a-api\"") && !page.body.contains("id=\"route-b-api\""));
+    let old_cookie = bob.cookie.clone().unwrap();
+
+    // Switching: a new session in team-b (another cookie), its routes, its role.
+    let p = bob.submit("/routes", "/workspace", &[("workspace", team_b.as_str())]).await;
+    assert_eq!((p.status, p.location.as_deref()), (StatusCode::SEE_OTHER, Some("/")), "{}", p.body);
+    assert_ne!(bob.cookie.as_deref(), Some(old_cookie.as_str()), "a fresh session secret");
+    let page = bob.get("/routes").await;
+    assert!(page.body.contains("id=\"route-b-api\"") && !page.body.contains("id=\"route-a-api\""), "{}", page.body);
+    assert!(page.body.contains("· owner"), "the role is team-b's");
+    let mut stale = Browser::new(&kg);
+    stale.cookie = Some(old_cookie);
+    assert_eq!(stale.get("/routes").await.status, StatusCode::SEE_OTHER, "the old session ended");
+    let trail = b.get("/admin/v1/audit-events?action=user.signed_in").await;
+    assert_eq!(trail.body["data"][0]["after"]["method"], "workspace_switch", "{:?}", trail.body);
+
+    // A workspace Bob is not a member of (or no workspace at all) is not found; nothing changes.
+    let other = c.post("/admin/v1/workspaces", &json!({"name": "team-c"})).await.str("/id");
+    for target in [other.as_str(), "ws_nope", ""] {
+        let p = bob.submit("/routes", "/workspace", &[("workspace", target)]).await;
+        assert_eq!(p.status, StatusCode::NOT_FOUND, "{target}: {}", p.body);
+    }
+    assert!(bob.get("/routes").await.body.contains("id=\"route-b-api\""), "still in team-b");
+    // And back.
+    let default = store.workspace_by_name("default").await.unwrap().unwrap().id;
+    let p = bob.submit("/routes", "/workspace", &[("workspace", default.as_str())]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    assert!(bob.get("/routes").await.body.contains("id=\"route-a-api\""));
+}

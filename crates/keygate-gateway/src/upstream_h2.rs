@@ -317,6 +317,27 @@ pub async fn send<B: BodySource, S: HeadSink>(
                         }
                     }
                 }
+                // Refused before the upstream processed it (REFUSED_STREAM, or above a GOAWAY's
+                // last stream: RFC 9113 §8.7): a safe request without a body is rebuilt from its
+                // head and sent on a new connection, once.
+                None if !replaced && !has_body && req.method.is_idempotent() && unprocessed(e.error()) => {
+                    replaced = true;
+                    forget(upstream);
+                    let fresh = match crate::proxy::dial(upstream, req.connect_timeout).await {
+                        Ok(stream) => handshake(upstream, stream).await,
+                        Err(e) => {
+                            crate::proxy::note_failure(upstream);
+                            Err(e)
+                        }
+                    };
+                    match (fresh, request_of(head, upstream, te_trailers)) {
+                        (Ok(c), Ok(r)) => {
+                            conn = c;
+                            request = r.map(|()| H2Body::Empty);
+                        }
+                        (Err(e), _) | (_, Err(e)) => break Err(SendError::Upstream(e)),
+                    }
+                }
                 _ => {
                     let e = e.into_error();
                     if e.is_closed() || e.is_canceled() {
@@ -348,6 +369,19 @@ pub async fn send<B: BodySource, S: HeadSink>(
         })?;
     }
     Ok(Answered { status, body: UpstreamResponseBody::from_h2(incoming) })
+}
+
+/// Whether an HTTP/2 request failed without the upstream having processed it: refused with
+/// `REFUSED_STREAM`, or above the last stream id of a GOAWAY (RFC 9113 §8.7, §6.8).
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// One active health check over HTTP/2 on `stream` (a new connection): `GET path`; a 2xx or 3xx

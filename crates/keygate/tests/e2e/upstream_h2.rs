@@ -259,3 +259,48 @@ async fn auto_follows_alpn_and_http2_needs_a_server_that_speaks_it() {
         .unwrap_err();
     assert!(err.contains("upstream_protocol_auto_needs_https"), "{err}");
 }
+
+/// An HTTP/2 upstream that closes each connection (GOAWAY) as soon as it has taken one request.
+async fn closing_h2_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (tx, mut rx) = mpsc::channel::<()>(1);
+                let svc = hyper::service::service_fn(move |req| {
+                    let _ = tx.try_send(());
+                    echo(req)
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = rx.recv() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_closed_http2_connection_is_replaced_without_failing_requests() {
+    let up = closing_h2_upstream().await;
+    let mut r = route("closing", "/closing", &format!("http://127.0.0.1:{}", up.port()));
+    r.public = true;
+    r.upstream_protocol = keygate_gateway::config::UpstreamProtocol::Http2;
+    let kg = TestKeygate::start_with(Options { routes: vec![r], ..Options::default() }).await.unwrap();
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let resp = client.get(format!("{}/closing/{i}", kg.gateway_url())).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "request {i}: {:?}", resp.text().await);
+        assert_eq!(resp.text().await.unwrap(), "");
+    }
+    kg.stop().await;
+}

@@ -9,9 +9,9 @@
 //! - the state they read ([`gateway`]) and the leaves: the route table ([`routes`]), the in-memory
 //!   token index ([`index`]) kept current by the change feed ([`follow`]), JWTs ([`jwt`]), rate
 //!   limits and quotas ([`limiter`]), usage metering ([`usage`]), the upstream client
-//!   ([`proxy`]) and its TLS ([`upstream_tls`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
+//!   ([`proxy`]) and its TLS ([`upstream_tls`]), upstreams' DNS names ([`resolve`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
 //!
-//! [`tasks`] holds the gateway's background loops (usage flusher, health checks).
+//! [`tasks`] holds the gateway's background loops (usage flusher, health checks, DNS refresh).
 #![forbid(unsafe_code)]
 
 pub mod answer;
@@ -32,6 +32,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod phase;
 pub mod proxy;
+pub mod resolve;
 pub mod routes;
 pub mod server;
 pub mod tasks;

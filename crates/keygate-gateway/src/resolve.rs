@@ -70,7 +70,7 @@ pub fn monotonic_ms() -> u64 {
 enum Slot {
     /// An IP literal: one target, always.
     Fixed(Arc<Upstream>),
-    Name(DnsName),
+    Name(Box<DnsName>),
 }
 
 /// An upstream URL whose host is a DNS name, and what it resolves to.
@@ -139,13 +139,13 @@ impl RouteDns {
             .zip(names)
             .map(|(u, name)| match name {
                 None => Slot::Fixed(Arc::new(u.target(None))),
-                Some((host, port)) => Slot::Name(DnsName {
+                Some((host, port)) => Slot::Name(Box::new(DnsName {
                     host: host.into(),
                     port,
                     template: u.target(None),
                     state: parking_lot::Mutex::new(NameState::default()),
                     failures: AtomicU64::new(0),
-                }),
+                })),
             })
             .collect();
         let dns = Self { route: Arc::from(route), slots, refresh, targets: ArcSwap::from_pointee(Vec::new()) };
@@ -162,7 +162,7 @@ impl RouteDns {
     /// The route's DNS names.
     pub fn names(&self) -> impl Iterator<Item = &DnsName> {
         self.slots.iter().filter_map(|s| match s {
-            Slot::Name(n) => Some(n),
+            Slot::Name(n) => Some(&**n),
             Slot::Fixed(_) => None,
         })
     }

@@ -127,6 +127,7 @@ impl Conn {
 fn checkout(pool_key: &Arc<str>) -> Option<Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
+        crate::resolve::forget_retired(&mut pool);
         let idle = pool.get_mut(pool_key)?;
         while let Some(mut c) = idle.pop() {
             if c.is_reusable() {

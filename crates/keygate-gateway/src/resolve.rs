@@ -22,7 +22,10 @@
 //! which honours `/etc/hosts`) in keygate, a fake one in tests. The system resolver does not
 //! tell the records' TTL, so the configured interval is the TTL.
 
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -40,6 +43,45 @@ pub const MAX_ADDRESSES: usize = 64;
 pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
 /// How long one lookup may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pool keys of targets retired (their address went away) remembered for workers to forget.
+const RETIRED_KEPT: usize = 4096;
+
+/// Bumped when a target is retired: each worker then forgets the retired targets' idle
+/// connections the next time it looks in its pool.
+static RETIRED_EPOCH: AtomicU64 = AtomicU64::new(0);
+static RETIRED: parking_lot::Mutex<VecDeque<Arc<str>>> = parking_lot::const_mutex(VecDeque::new());
+
+thread_local! {
+    /// The retirements this thread's pool has forgotten the connections of.
+    static FORGOTTEN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Closes the idle connections, in a worker's `pool` (by pool key), of targets whose address
+/// went away since this thread last looked. Costs one atomic load when nothing was retired.
+#[inline]
+pub fn forget_retired<V, S: BuildHasher>(pool: &mut HashMap<Arc<str>, V, S>) {
+    let epoch = RETIRED_EPOCH.load(Ordering::Acquire);
+    if FORGOTTEN.with(Cell::get) == epoch {
+        return;
+    }
+    FORGOTTEN.with(|f| f.set(epoch));
+    for key in RETIRED.lock().iter() {
+        pool.remove(key);
+    }
+}
+
+fn retire(targets: impl Iterator<Item = Arc<Upstream>>) {
+    let mut retired = RETIRED.lock();
+    for t in targets {
+        if retired.len() == RETIRED_KEPT {
+            retired.pop_front();
+        }
+        retired.push_back(t.pool_key.clone());
+    }
+    drop(retired);
+    RETIRED_EPOCH.fetch_add(1, Ordering::Release);
+}
 
 /// A lookup in progress.
 pub type Lookup<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
@@ -241,8 +283,9 @@ impl RouteDns {
             })
             .collect();
         tracing::info!(route = %self.route, upstream = %name.template.authority, addresses = ?addrs, "upstream name resolved");
-        st.addrs = targets;
+        let gone = std::mem::replace(&mut st.addrs, targets);
         drop(st);
+        retire(gone.into_iter().filter(|u| !u.addr.is_some_and(|a| addrs.contains(&a))));
         self.publish();
         true
     }
@@ -376,8 +419,6 @@ pub fn render_metrics(table: &RouteTable) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use crate::config::{Balance, GatewayConfig, RouteConfig};
 
@@ -470,6 +511,10 @@ mod tests {
         assert!(!now[1].is_healthy() && now[1].failures.load(Ordering::Relaxed) == 7, "with its state");
         assert!(now[0].is_healthy(), "a new address starts healthy");
         assert!(!now.iter().any(|u| Arc::ptr_eq(u, b)), "10.0.0.2 is gone");
+        // Its idle connections are forgotten by each worker's pool; the others' stay.
+        let mut pool: HashMap<Arc<str>, u8> = HashMap::from([(b.pool_key.clone(), 1), (a.pool_key.clone(), 2)]);
+        forget_retired(&mut pool);
+        assert_eq!(pool.into_values().collect::<Vec<_>>(), [2]);
         // The same answer again changes nothing.
         let same = vec!["10.0.0.3:8080".parse().unwrap(), "10.0.0.1:8080".parse().unwrap()];
         assert!(!route.dns.as_ref().unwrap().apply(0, Ok(same), 20_000));
@@ -593,6 +638,6 @@ mod tests {
         assert_eq!(tls.server_name.to_str(), "api.example", "SNI and verification use the URL's name");
         assert_eq!(&*u.host_header, "api.example:8443");
         assert_eq!(u.addr, Some("192.0.2.1:8443".parse().unwrap()));
-        assert!(u.pool_key.starts_with("https://api.example:8443#") && u.pool_key.ends_with("@192.0.2.1:8443"));
+        assert!(u.pool_key.starts_with("https://api.example:8443#") && u.pool_key.contains("@192.0.2.1:8443#"));
     }
 }

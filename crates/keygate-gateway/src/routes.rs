@@ -116,8 +116,11 @@ impl Upstream {
     /// resolved to, with idle connections pooled apart from the other addresses'), or, without,
     /// a copy of this one.
     pub(crate) fn target(&self, addr: Option<SocketAddr>) -> Self {
+        // Numbered, so that connections pooled for an address that went away are never taken
+        // for one that comes back later (see `crate::resolve::forget_retired`).
+        static TARGETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let pool_key = match addr {
-            Some(a) => Arc::from(format!("{}@{a}", self.pool_key)),
+            Some(a) => Arc::from(format!("{}@{a}#{}", self.pool_key, TARGETS.fetch_add(1, Ordering::Relaxed))),
             None => self.pool_key.clone(),
         };
         Self {

@@ -140,14 +140,6 @@ impl Upstream {
             successes: AtomicU32::new(0),
         }
     }
-
-    /// For logs: `authority`, and the address dialled if it is a resolved one.
-    pub fn label(&self) -> String {
-        match self.addr {
-            Some(a) => format!("{} ({a})", self.authority),
-            None => self.authority.to_string(),
-        }
-    }
 }
 
 /// The host of an upstream URL and its port, if the host is a DNS name (not an IP literal).

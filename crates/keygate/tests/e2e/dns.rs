@@ -128,8 +128,17 @@ async fn a_name_with_two_addresses_balances_and_one_stopping_leaves_the_other_se
     let name = "svc.keygate.invalid";
     let mut svc = route("svc", "/svc", &format!("http://{name}:{port}"));
     svc.public = true;
+    // The same name on a route with active health checks.
+    let mut checked = route("checked", "/checked", &format!("http://{name}:{port}"));
+    checked.public = true;
+    checked.health_check = Some(keygate_gateway::config::HealthCheckConfig {
+        path: "/healthz".into(),
+        interval_seconds: 5,
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+    });
     // The name does not resolve at start (.invalid never does): keygate starts anyway.
-    let kg = TestKeygate::start_with(Options { routes: vec![svc], ..Options::default() }).await.unwrap();
+    let kg = TestKeygate::start_with(Options { routes: vec![svc, checked], ..Options::default() }).await.unwrap();
     let r = reqwest::get(format!("{}/svc/x", kg.gateway_url())).await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -145,7 +154,7 @@ async fn a_name_with_two_addresses_balances_and_one_stopping_leaves_the_other_se
         let table = kg.gateway().table.load_full();
         resolve::refresh(&table.routes, &resolver, now, Which::Due).await
     };
-    assert_eq!(refresh(now).await, 1);
+    assert_eq!(refresh(now).await, 2, "the name of each route");
     let mut seen = BTreeSet::new();
     for _ in 0..6 {
         let (status, body) = get(&kg, "/svc/x").await;
@@ -155,19 +164,28 @@ async fn a_name_with_two_addresses_balances_and_one_stopping_leaves_the_other_se
     assert_eq!(seen, BTreeSet::from([a.to_string(), b.to_string()]), "round robin over both addresses");
 
     // 127.0.0.2 stops: GETs retry on 127.0.0.1, and its failures take 127.0.0.2 out.
+    let health = |id: &str| {
+        let table = kg.gateway().table.load_full();
+        let route = table.routes.routes.iter().find(|r| &*r.id == id).unwrap().clone();
+        route.targets().iter().map(|u| (u.addr.unwrap().ip(), u.is_healthy())).collect::<Vec<_>>()
+    };
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 5).await;
+    assert_eq!(health("checked"), [(a, true), (b, true)], "each address passes its check");
     let (_, task) = up.pop().unwrap();
     task.abort();
     let _ = task.await;
+    // Active checks probe each address: 127.0.0.2 fails its check, 127.0.0.1 passes.
+    keygate_gateway::tasks::health_check_round(kg.gateway(), 10).await;
+    assert_eq!(health("checked"), [(a, true), (b, false)], "the stopped address fails its check");
+    for _ in 0..4 {
+        let (status, body) = get(&kg, "/checked/x").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "127.0.0.1"));
+    }
     for _ in 0..12 {
         let (status, body) = get(&kg, "/svc/x").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "127.0.0.1"));
     }
-    let table = kg.gateway().table.load_full();
-    let route = table.routes.routes.iter().find(|r| &*r.id == "svc").unwrap().clone();
-    let health = |route: &keygate_gateway::routes::Route| {
-        route.targets().iter().map(|u| (u.addr.unwrap().ip(), u.is_healthy())).collect::<Vec<_>>()
-    };
-    assert_eq!(health(&route), [(a, true), (b, false)], "the stopped address is out of rotation");
+    assert_eq!(health("svc"), [(a, true), (b, false)], "passive checks took the stopped address out");
     let m = metrics(&kg).await;
     let line = format!("keygate_gateway_upstream_healthy_addresses{{route=\"svc\",upstream=\"{name}:{port}\"}} 1");
     assert!(m.contains(&line), "{line} in\n{m}");
@@ -176,11 +194,11 @@ async fn a_name_with_two_addresses_balances_and_one_stopping_leaves_the_other_se
     fake.0.lock().insert(name.into(), vec![a]);
     now += 60_000;
     refresh(now).await;
-    assert_eq!(health(&route), [(a, true)]);
+    assert_eq!(health("svc"), [(a, true)]);
     fake.0.lock().remove(name);
     now += 60_000;
     refresh(now).await;
-    assert_eq!(health(&route), [(a, true)], "a failed lookup keeps the last address");
+    assert_eq!(health("svc"), [(a, true)], "a failed lookup keeps the last address");
     let (status, _) = get(&kg, "/svc/x").await;
     assert_eq!(status, StatusCode::OK);
 }

@@ -483,6 +483,16 @@ mod tests {
         assert_eq!(names, [("orders.internal".to_owned(), 8080)]);
         assert_eq!(dns.refresh(), Duration::from_secs(10));
         assert_eq!(addrs(&t.routes[0]), ["127.0.0.1:9"], "unresolved: only the literal serves");
+        let mut c = RouteConfig::new("z", "/z", "http://svc.test");
+        c.dns_refresh_seconds = Some(0);
+        let e = RouteTable::build(&[c], &GatewayConfig::default()).unwrap_err();
+        assert!(e.contains("dns_refresh_seconds must be at least 1") && e.contains("\"z\""), "{e}");
+        let t = RouteTable::build(
+            &[RouteConfig::new("d", "/d", "http://svc.test")],
+            &GatewayConfig { dns_refresh_seconds: 7, ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(t.routes[0].dns.as_ref().unwrap().refresh(), Duration::from_secs(7), "the gateway's default");
     }
 
     #[tokio::test]

@@ -1,8 +1,7 @@
 //! The gateway's own background loops (the binary only starts them): the usage flusher, which
 //! writes what the meter counted, `last_used_at` and quota counts to the store and puts them
 //! back when the store refuses, the active health checks of the routes' upstreams, and the
-//! refresh of their DNS names. Also the
-//! unflushed usage of one token, for live usage reports.
+//! refresh of their DNS names. Also the unflushed usage of one token, for live usage reports.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -72,6 +72,10 @@ pub fn forget_retired<V, S: BuildHasher>(pool: &mut HashMap<Arc<str>, V, S>) {
 }
 
 fn retire(targets: impl Iterator<Item = Arc<Upstream>>) {
+    let mut targets = targets.peekable();
+    if targets.peek().is_none() {
+        return;
+    }
     let mut retired = RETIRED.lock();
     for t in targets {
         if retired.len() == RETIRED_KEPT {
@@ -165,6 +169,9 @@ pub struct RouteDns {
     refresh: Duration,
     /// Every slot's targets in URL order: what requests balance over.
     targets: ArcSwap<Vec<Arc<Upstream>>>,
+    /// Held while `targets` is made and stored, so that of two names updated at once the last
+    /// one published sees both.
+    publishing: parking_lot::Mutex<()>,
 }
 
 impl RouteDns {
@@ -190,7 +197,13 @@ impl RouteDns {
                 })),
             })
             .collect();
-        let dns = Self { route: Arc::from(route), slots, refresh, targets: ArcSwap::from_pointee(Vec::new()) };
+        let dns = Self {
+            route: Arc::from(route),
+            slots,
+            refresh,
+            targets: ArcSwap::from_pointee(Vec::new()),
+            publishing: parking_lot::Mutex::new(()),
+        };
         dns.publish();
         dns
     }
@@ -216,6 +229,7 @@ impl RouteDns {
 
     /// Makes the targets of every slot, in URL order, what requests balance over.
     fn publish(&self) {
+        let _one_at_a_time = self.publishing.lock();
         let mut all = Vec::new();
         for slot in &self.slots {
             match slot {

@@ -58,12 +58,15 @@ pub(crate) enum Code {
     /// The TLS handshake with an `https://` upstream failed (its certificate not trusted or not
     /// for its name, keygate's client certificate refused).
     UpstreamTlsFailed,
+    /// Every upstream of the route is named by a DNS host name that has not resolved to any
+    /// address yet (see [`crate::resolve`]).
+    UpstreamUnresolved,
 }
 
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 18] = [
+    const ALL: [Code; 19] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -82,6 +85,7 @@ impl Code {
         Code::UpstreamTimeout,
         Code::UpstreamUnavailable,
         Code::UpstreamTlsFailed,
+        Code::UpstreamUnresolved,
     ];
 
     /// The stable code clients see (`{"error": {"code": …}}`) and the refusal metrics count.
@@ -105,6 +109,7 @@ impl Code {
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamUnavailable => "upstream_unavailable",
             Code::UpstreamTlsFailed => "upstream_tls_failed",
+            Code::UpstreamUnresolved => "upstream_unresolved",
         }
     }
 
@@ -120,7 +125,7 @@ impl Code {
             Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::RateLimited | Code::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             Code::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Code::UpstreamUnavailable | Code::UpstreamTlsFailed => StatusCode::BAD_GATEWAY,
+            Code::UpstreamUnavailable | Code::UpstreamTlsFailed | Code::UpstreamUnresolved => StatusCode::BAD_GATEWAY,
             Code::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -241,6 +246,14 @@ impl Refuse {
                 _ => Self::of(Code::UpstreamUnavailable, "the upstream could not be reached"),
             }
         }
+    }
+
+    /// The route's upstreams are DNS names none of which resolves to an address yet.
+    pub(crate) fn upstream_unresolved() -> Self {
+        Self::of(
+            Code::UpstreamUnresolved,
+            "the upstream's host name does not resolve to any address (the gateway's log says why)",
+        )
     }
 
     /// An upstream that answered `101` without being asked, or switched to a protocol not asked

@@ -32,6 +32,11 @@ pub struct GatewayConfig {
     /// Time for an upstream to answer with headers, in milliseconds, unless a route says
     /// otherwise. Default 30000.
     pub request_timeout_ms: u64,
+    /// How often an upstream named by a DNS host name is looked up again, in seconds, unless a
+    /// route says otherwise (`dns_refresh_seconds`). keygate asks the system resolver (which
+    /// honours `/etc/hosts`), which does not tell the records' TTL: this is the TTL keygate
+    /// uses. Default 30.
+    pub dns_refresh_seconds: u64,
     /// Serve the built-in demo route `/demo/echo` (answers with the request and identity it saw)
     /// when no route claims that path. Default true.
     pub demo: bool,
@@ -94,6 +99,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 10 * 1024 * 1024,
             connect_timeout_ms: 2_000,
             request_timeout_ms: 30_000,
+            dns_refresh_seconds: 30,
             demo: true,
             access_log: true,
             keep_alive_timeout_seconds: 60,
@@ -211,6 +217,9 @@ impl GatewayConfig {
                 return Err(format!("gateway.{key} must be at least 1"));
             }
         }
+        if self.dns_refresh_seconds == 0 {
+            return Err("gateway.dns_refresh_seconds must be at least 1".into());
+        }
         if self.http2_max_concurrent_streams == 0 {
             return Err("gateway.http2_max_concurrent_streams must be at least 1".into());
         }
@@ -286,6 +295,10 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
+    /// Upstreams named by DNS host names: how often the names are looked up again, in seconds.
+    /// Default: `[gateway] dns_refresh_seconds` (30).
+    #[serde(default)]
+    pub dns_refresh_seconds: Option<u64>,
     /// How many times an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE) is retried on
     /// another upstream when the connection fails. Default 1.
     #[serde(default = "default_retries")]
@@ -361,6 +374,7 @@ impl RouteConfig {
             max_body_bytes: None,
             connect_timeout_ms: None,
             request_timeout_ms: None,
+            dns_refresh_seconds: None,
             retries: default_retries(),
             rate_limit: None,
             cors: None,

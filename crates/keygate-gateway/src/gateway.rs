@@ -51,10 +51,12 @@ impl Table {
         Self { routes, metrics }
     }
 
-    /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]).
+    /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]), and
+    /// what its routes knew of their upstreams' DNS names ([`crate::resolve::carry`]).
     pub fn succeeding(routes: RouteTable, old: &Table) -> Self {
         let table = Self::new(routes);
         table.metrics.carry_from(&old.metrics);
+        crate::resolve::carry(&table.routes, &old.routes);
         table
     }
 }

@@ -10,9 +10,10 @@
 //!   token index ([`index`]) kept current by the change feed ([`follow`]), JWTs ([`jwt`]), rate
 //!   limits and quotas ([`limiter`]), usage metering ([`usage`]), the upstream client
 //!   ([`proxy`], HTTP/1.1), its TLS ([`upstream_tls`]), HTTP/2 ([`upstream_h2`]) and the choice
-//!   between them ([`upstream`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
+//!   between them ([`upstream`]), upstreams' DNS names ([`resolve`]), bodies ([`body`]), request
+//!   heads ([`head`]), metrics ([`metrics`]).
 //!
-//! [`tasks`] holds the gateway's background loops (usage flusher, health checks).
+//! [`tasks`] holds the gateway's background loops (usage flusher, health checks, DNS refresh).
 #![forbid(unsafe_code)]
 
 pub mod answer;
@@ -33,6 +34,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod phase;
 pub mod proxy;
+pub mod resolve;
 pub mod routes;
 pub mod server;
 pub mod tasks;

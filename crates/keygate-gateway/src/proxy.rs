@@ -53,6 +53,8 @@ thread_local! {
     /// Keyed by [`Upstream::pool_key`] (configured, not chosen by callers), so a fast hash will do.
     static POOL: RefCell<HashMap<Arc<str>, Vec<Conn>, foldhash::fast::FixedState>> =
         RefCell::new(HashMap::with_hasher(foldhash::fast::FixedState::default()));
+    /// The retired targets this pool has forgotten ([`crate::resolve::forget_retired`]).
+    static FORGOTTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Why forwarding failed.
@@ -127,6 +129,7 @@ impl Conn {
 fn checkout(pool_key: &Arc<str>) -> Option<Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
+        FORGOTTEN.with(|seen| crate::resolve::forget_retired(&mut pool, seen));
         let idle = pool.get_mut(pool_key)?;
         while let Some(mut c) = idle.pop() {
             if c.is_reusable() {
@@ -142,7 +145,14 @@ fn checkout(pool_key: &Arc<str>) -> Option<Conn> {
 /// the ALPN its route's `upstream_protocol` offers).
 pub(crate) async fn dial(upstream: &Upstream, timeout: Duration) -> Result<UpstreamStream, UpstreamError> {
     let authority = &upstream.authority;
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(&**authority))
+    // A name's resolved address (see `crate::resolve`), else the URL's authority (an IP literal).
+    let dial = async {
+        match upstream.addr {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect(&**authority).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, dial)
         .await
         .map_err(|_| UpstreamError::Connect(format!("connecting to {authority} timed out")))?
         .map_err(|e| UpstreamError::Connect(format!("cannot connect to {authority}: {e}")))?;
@@ -999,14 +1009,14 @@ pub fn note_success(u: &Upstream) {
         u.failures.store(0, Ordering::Relaxed);
     }
     if !u.healthy.load(Ordering::Relaxed) && !u.healthy.swap(true, Ordering::Relaxed) {
-        tracing::info!(upstream = %u.authority, "upstream is healthy again");
+        tracing::info!(upstream = %u.authority, address = ?u.addr, "upstream is healthy again");
     }
 }
 
 pub fn note_failure(u: &Upstream) {
     let n = u.failures.fetch_add(1, Ordering::Relaxed) + 1;
     if n >= PASSIVE_FAILURE_THRESHOLD && u.healthy.swap(false, Ordering::Relaxed) {
-        tracing::warn!(upstream = %u.authority, failures = n, "upstream taken out of rotation");
+        tracing::warn!(upstream = %u.authority, address = ?u.addr, failures = n, "upstream taken out of rotation");
     }
 }
 
@@ -1038,13 +1048,13 @@ pub fn note_probe(u: &Upstream, ok: bool, healthy: u32, unhealthy: u32) {
         u.failures.store(0, Ordering::Relaxed);
         let n = u.successes.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= healthy && !u.healthy.swap(true, Ordering::Relaxed) {
-            tracing::info!(upstream = %u.authority, "upstream passed its health checks; back in rotation");
+            tracing::info!(upstream = %u.authority, address = ?u.addr, "upstream passed its health checks; back in rotation");
         }
     } else {
         u.successes.store(0, Ordering::Relaxed);
         let n = u.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= unhealthy && u.healthy.swap(false, Ordering::Relaxed) {
-            tracing::warn!(upstream = %u.authority, "upstream failed its health checks; out of rotation");
+            tracing::warn!(upstream = %u.authority, address = ?u.addr, "upstream failed its health checks; out of rotation");
         }
     }
 }

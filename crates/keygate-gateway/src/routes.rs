@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
@@ -13,11 +14,15 @@ use keygate_core::scope::Scope;
 
 use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, RouteConfig, UpstreamProtocol};
 
-/// One upstream server of a route.
+/// One upstream server of a route: an upstream URL, or one address its DNS name resolved to
+/// (see [`crate::resolve`]).
 #[derive(Debug)]
 pub struct Upstream {
-    /// `host:port`, as dialled.
+    /// `host:port` of the URL: dialled as it is, unless `addr` is set.
     pub authority: Arc<str>,
+    /// The address this balancing target dials: one of the addresses the URL's DNS name
+    /// resolved to. `None`: an upstream URL (an IP literal is dialled as `authority`).
+    pub addr: Option<SocketAddr>,
     /// What is sent in `Host`: the authority for `http://` (as it always was), the host with
     /// its port only if that is not 443 for `https://`.
     pub host_header: Arc<str>,
@@ -93,6 +98,7 @@ impl Upstream {
         };
         Ok(Self {
             authority,
+            addr: None,
             host_header,
             pool_key,
             tls,
@@ -109,6 +115,122 @@ impl Upstream {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
+
+    /// A balancing target with this upstream's URL (its `Host`, base path, TLS identity and
+    /// server name) and state of its own, healthy: one that dials `addr` (an address its name
+    /// resolved to, with idle connections pooled apart from the other addresses'), or, without,
+    /// a copy of this one.
+    pub(crate) fn target(&self, addr: Option<SocketAddr>) -> Self {
+        // Numbered, so that connections pooled for an address that went away are never taken
+        // for one that comes back later (see `crate::resolve::forget_retired`).
+        static TARGETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let pool_key = match addr {
+            Some(a) => Arc::from(format!("{}@{a}#{}", self.pool_key, TARGETS.fetch_add(1, Ordering::Relaxed))),
+            None => self.pool_key.clone(),
+        };
+        Self {
+            authority: self.authority.clone(),
+            addr,
+            host_header: self.host_header.clone(),
+            pool_key,
+            tls: self.tls.as_ref().map(|t| crate::upstream_tls::TlsTarget {
+                connector: t.connector.clone(),
+                server_name: t.server_name.clone(),
+            }),
+            protocol: self.protocol,
+            base_path: self.base_path.clone(),
+            healthy: AtomicBool::new(true),
+            in_flight: AtomicU32::new(0),
+            counts_in_flight: self.counts_in_flight,
+            failures: AtomicU32::new(0),
+            successes: AtomicU32::new(0),
+        }
+    }
+}
+
+/// The host of an upstream URL and its port, if the host is a DNS name (not an IP literal).
+fn dns_name(url: &UpstreamUrl<'_>) -> Option<(String, u16)> {
+    let host = url.host.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    let port = match url.authority.rsplit_once(':') {
+        Some((_, p)) => p.parse().ok()?,
+        None => return None,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// The balancing targets of a route, as they are for one request: its upstreams, or, on a route
+/// with DNS names, the addresses they resolve to now (and its IP-literal upstreams).
+pub enum Targets<'a> {
+    Fixed(&'a [Upstream]),
+    Resolved(Arc<Vec<Arc<Upstream>>>),
+}
+
+impl Targets<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Fixed(u) => u.len(),
+            Self::Resolved(u) => u.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<&Upstream> {
+        match self {
+            Self::Fixed(u) => u.get(i),
+            Self::Resolved(u) => u.get(i).map(|u| &**u),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Upstream> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    /// Picks a target by `balance`, skipping unhealthy ones (all unhealthy: try them anyway) and
+    /// any in `tried`. Round robin turns per worker thread, so the workers share no counter.
+    pub fn pick(&self, balance: Balance, tried: &[usize]) -> Option<usize> {
+        match self {
+            Self::Fixed(u) => pick_in(balance, u.len(), |i| u.get(i), tried),
+            Self::Resolved(u) => pick_in(balance, u.len(), |i| u.get(i).map(|u| &**u), tried),
+        }
+    }
+}
+
+#[inline]
+fn pick_in<'u>(
+    balance: Balance,
+    n: usize,
+    get: impl Fn(usize) -> Option<&'u Upstream>,
+    tried: &[usize],
+) -> Option<usize> {
+    if n == 1 {
+        return tried.is_empty().then_some(0);
+    }
+    let get = &get;
+    let candidates = |healthy_only: bool| {
+        (0..n).filter(move |i| !tried.contains(i) && (!healthy_only || get(*i).is_some_and(Upstream::is_healthy)))
+    };
+    let pick_from = |healthy_only: bool| -> Option<usize> {
+        match balance {
+            Balance::RoundRobin => {
+                let start = NEXT.with(|c| {
+                    let v = c.get();
+                    c.set(v.wrapping_add(1));
+                    v
+                });
+                (0..n).map(|k| (start + k) % n).find(|i| candidates(healthy_only).any(|c| c == *i))
+            }
+            Balance::LeastRequests => candidates(healthy_only)
+                .min_by_key(|i| get(*i).map_or(u32::MAX, |u| u.in_flight.load(Ordering::Relaxed))),
+        }
+    };
+    pick_from(true).or_else(|| pick_from(false))
 }
 
 thread_local! {
@@ -128,7 +250,12 @@ pub struct Route {
     /// Normalized prefix without a trailing slash (`""` for the root).
     pub prefix: String,
     pub host: Option<String>,
+    /// One per upstream URL. On a route without DNS names these are its balancing targets;
+    /// on one with names, see [`Route::targets`].
     pub upstreams: Vec<Upstream>,
+    /// The upstreams named by DNS host names and the addresses they resolve to; `None` when
+    /// every upstream is an IP literal (the common case, which reads no address set).
+    pub dns: Option<Box<crate::resolve::RouteDns>>,
     pub balance: Balance,
     pub public: bool,
     pub scopes: HashMap<Method, Scope>,
@@ -191,33 +318,20 @@ impl Route {
         self.scopes.get(method).or(self.default_scope.as_ref())
     }
 
-    /// Picks an upstream, skipping unhealthy ones (all unhealthy: try them anyway) and any in
-    /// `tried`. Round robin turns per worker thread, so the workers share no counter.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
-        let n = self.upstreams.len();
-        if n == 1 {
-            return tried.is_empty().then_some(0);
+    /// The balancing targets now: the upstreams, or on a route with DNS names the addresses
+    /// they resolve to (read without a lock).
+    #[inline]
+    pub fn targets(&self) -> Targets<'_> {
+        match &self.dns {
+            None => Targets::Fixed(&self.upstreams),
+            Some(dns) => Targets::Resolved(dns.targets()),
         }
-        let candidates = |healthy_only: bool| {
-            (0..n).filter(move |i| {
-                !tried.contains(i) && (!healthy_only || self.upstreams.get(*i).is_some_and(Upstream::is_healthy))
-            })
-        };
-        let pick_from = |healthy_only: bool| -> Option<usize> {
-            match self.balance {
-                Balance::RoundRobin => {
-                    let start = NEXT.with(|c| {
-                        let v = c.get();
-                        c.set(v.wrapping_add(1));
-                        v
-                    });
-                    (0..n).map(|k| (start + k) % n).find(|i| candidates(healthy_only).any(|c| c == *i))
-                }
-                Balance::LeastRequests => candidates(healthy_only)
-                    .min_by_key(|i| self.upstreams.get(*i).map_or(u32::MAX, |u| u.in_flight.load(Ordering::Relaxed))),
-            }
-        };
-        pick_from(true).or_else(|| pick_from(false))
+    }
+
+    /// Picks a balancing target (an index into [`Route::targets`]), skipping unhealthy ones
+    /// (all unhealthy: try them anyway) and any in `tried`.
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        self.targets().pick(self.balance, tried)
     }
 
     /// Whether `path` (normalized) is under this route's prefix.
@@ -320,6 +434,14 @@ impl RouteTable {
                     u.counts_in_flight = true;
                 }
             }
+            if c.dns_refresh_seconds == Some(0) {
+                return Err(err("dns_refresh_seconds must be at least 1".into()));
+            }
+            let names: Vec<Option<(String, u16)>> = urls.iter().map(dns_name).collect();
+            let dns = names.iter().any(Option::is_some).then(|| {
+                let refresh = Duration::from_secs(c.dns_refresh_seconds.unwrap_or(gw.dns_refresh_seconds).max(1));
+                Box::new(crate::resolve::RouteDns::new(&c.id, &upstreams, names, refresh))
+            });
             let mut scopes = HashMap::new();
             let mut default_scope = None;
             for (method, scope) in &c.scopes {
@@ -354,6 +476,7 @@ impl RouteTable {
                 prefix: if prefix == "/" { String::new() } else { prefix.trim_end_matches('/').to_owned() },
                 host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 upstreams,
+                dns,
                 balance: c.balance,
                 public: c.public,
                 scopes,
@@ -401,6 +524,7 @@ impl RouteTable {
                 prefix: DEMO_PATH.into(),
                 host: None,
                 upstreams: Vec::new(),
+                dns: None,
                 balance: Balance::RoundRobin,
                 public: false,
                 scopes: HashMap::new(),

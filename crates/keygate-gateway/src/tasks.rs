@@ -1,7 +1,7 @@
 //! The gateway's own background loops (the binary only starts them): the usage flusher, which
 //! writes what the meter counted, `last_used_at` and quota counts to the store and puts them
-//! back when the store refuses, and the active health checks of the routes' upstreams. Also the
-//! unflushed usage of one token, for live usage reports.
+//! back when the store refuses, the active health checks of the routes' upstreams, and the
+//! refresh of their DNS names. Also the unflushed usage of one token, for live usage reports.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +82,21 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> JoinHandle<()> {
     })
 }
 
+/// Looks up the upstreams' DNS names again as they fall due (`dns_refresh_seconds`), on the
+/// current table (so a removed route's names are no longer looked up), once a second.
+pub fn spawn_resolver(gw: Arc<Gateway>, resolver: Arc<dyn crate::resolve::Resolve>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let table = gw.table.load_full();
+            let now = crate::resolve::monotonic_ms();
+            crate::resolve::refresh(&table.routes, &resolver, now, crate::resolve::Which::Due).await;
+        }
+    })
+}
+
 /// Probes every upstream of every route whose health-check interval divides `elapsed_seconds`
 /// (the background task calls this once a second; tests call it directly).
 pub async fn health_check_round(gw: &Gateway, elapsed_seconds: u64) {
@@ -91,7 +106,8 @@ pub async fn health_check_round(gw: &Gateway, elapsed_seconds: u64) {
         if !elapsed_seconds.is_multiple_of(hc.interval_seconds.max(1)) {
             continue;
         }
-        for u in &route.upstreams {
+        // Each balancing target: each address of an upstream named by a DNS name.
+        for u in route.targets().iter() {
             let ok = crate::upstream::probe(u, &hc.path, Duration::from_secs(2)).await;
             crate::proxy::note_probe(u, ok, hc.healthy_threshold, hc.unhealthy_threshold);
         }

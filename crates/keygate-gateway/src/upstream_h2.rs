@@ -49,6 +49,8 @@ thread_local! {
     /// One HTTP/2 connection per upstream and worker, keyed as the HTTP/1.1 pool.
     static POOL: RefCell<HashMap<Arc<str>, SendRequest<H2Body>, foldhash::fast::FixedState>> =
         RefCell::new(HashMap::with_hasher(foldhash::fast::FixedState::default()));
+    /// The retired targets (addresses a DNS name no longer has) this pool has forgotten.
+    static FORGOTTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// An HTTP/2 connection to an upstream, for one request.
@@ -62,6 +64,7 @@ pub struct H2Conn {
 pub fn checkout(upstream: &Upstream) -> Option<H2Conn> {
     POOL.with(|p| {
         let mut pool = p.try_borrow_mut().ok()?;
+        FORGOTTEN.with(|seen| crate::resolve::forget_retired(&mut pool, seen));
         let sender = pool.get(&upstream.pool_key)?;
         if sender.is_closed() {
             pool.remove(&upstream.pool_key);

@@ -269,6 +269,11 @@ pub async fn build(
     oauth: Option<Arc<OAuth>>,
 ) -> anyhow::Result<Arc<Gateway>> {
     let routes = RouteTable::build(&cfg.routes, &cfg.gateway).map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+    // Upstreams named by DNS names are looked up before the gateway serves; a name that does
+    // not resolve is logged and keygate starts anyway (see keygate_gateway::resolve).
+    let resolver: Arc<dyn keygate_gateway::resolve::Resolve> = Arc::new(keygate_gateway::resolve::SystemResolver);
+    let now = keygate_gateway::resolve::monotonic_ms();
+    keygate_gateway::resolve::refresh(&routes, &resolver, now, keygate_gateway::resolve::Which::New).await;
     let limiter = Limiter::default();
     let counts = admin.store().quota_counts().await.map_err(|e| anyhow::anyhow!("cannot load quota counts: {e}"))?;
     limiter.load_quota_counts(&counts);

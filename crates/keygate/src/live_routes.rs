@@ -128,8 +128,13 @@ impl LiveRoutes {
         let names = self.file_workspaces(&file.routes).await?;
         let table = Self::compile(&file, &names, &stored)?;
         let n = table.routes.len();
-        let old = self.gw.table.load();
-        self.gw.table.store(Arc::new(Table::succeeding(table, &old)));
+        let next = Table::succeeding(table, &self.gw.table.load());
+        // Upstream names new in this table are looked up before it serves (the others keep
+        // what the old table knew).
+        let resolver: Arc<dyn keygate_gateway::resolve::Resolve> = Arc::new(keygate_gateway::resolve::SystemResolver);
+        let now = keygate_gateway::resolve::monotonic_ms();
+        keygate_gateway::resolve::refresh(&next.routes, &resolver, now, keygate_gateway::resolve::Which::New).await;
+        self.gw.table.store(Arc::new(next));
         if *applied != pos || pos == 0 {
             tracing::info!(routes = n, stored = stored.len(), position = pos, "route table built");
         }

@@ -151,6 +151,7 @@ pub async fn start(
         follower,
         keygate_gateway::tasks::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
         keygate_gateway::tasks::spawn_health_checks(gw.clone()),
+        keygate_gateway::tasks::spawn_resolver(gw.clone(), Arc::new(keygate_gateway::resolve::SystemResolver)),
         crate::gateway::spawn_reloader(routes.clone(), config_path.map(Path::to_owned), tls),
         routes.spawn_follower(),
     ];
@@ -175,7 +176,8 @@ pub async fn start(
                         gw.index.seq() as f64,
                     ),
                     ("keygate_change_feed_lag", "Committed token changes the index has not applied yet.", lag as f64),
-                ]) + &conns.render();
+                ]) + &conns.render()
+                    + &keygate_gateway::resolve::render_metrics(&table.routes);
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

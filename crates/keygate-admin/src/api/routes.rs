@@ -53,6 +53,8 @@ pub struct RouteBody {
     pub max_body_bytes: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub request_timeout_ms: Option<u64>,
+    /// Upstreams named by DNS host names: how often they are looked up again, in seconds.
+    pub dns_refresh_seconds: Option<u64>,
     pub retries: Option<u32>,
     pub rate_limit: Option<RateLimitBody>,
     /// `[routes.cors]`: `allow_origins` and the rest.

@@ -76,9 +76,15 @@ impl Gateway {
         let mut last_err = UpstreamError::Connect("no upstream".into());
         // Only a request without a body can be sent again, and only a safe one after it left.
         let attempts = if has_body || !head.method.is_idempotent() { 1 } else { route.retries as usize + 1 };
+        // The balancing targets: the upstreams, or the addresses their DNS names resolve to.
+        let targets = route.targets();
+        if targets.is_empty() {
+            ctx.table.metrics.upstream_error(route.index, false);
+            return Err(Refuse::upstream_unresolved());
+        }
         for _ in 0..attempts {
-            let Some(ui) = route.pick(&tried) else { break };
-            let Some(upstream) = route.upstreams.get(ui) else { break };
+            let Some(ui) = targets.pick(route.balance, &tried) else { break };
+            let Some(upstream) = targets.get(ui) else { break };
             let req =
                 UpstreamRequest { method: &head.method, framing, connect_timeout: route.connect_timeout, deadline };
             let sent = match crate::upstream::open(upstream, route.connect_timeout).await {
@@ -109,7 +115,7 @@ impl Gateway {
                     }
                     if !client_fault {
                         ctx.table.metrics.upstream_error(route.index, matches!(e, UpstreamError::Timeout));
-                        tracing::warn!(route = %route.id, upstream = %upstream.authority, error = ?e, "upstream request failed");
+                        tracing::warn!(route = %route.id, upstream = %upstream.authority, address = ?upstream.addr, error = ?e, "upstream request failed");
                     }
                     let retry = e.before_sending();
                     last_err = e;

@@ -8,6 +8,7 @@ mod answer_framing;
 mod cli;
 mod dashboard;
 mod dashboard_routes;
+mod dns;
 mod edge_conn;
 mod edge_headers;
 mod edge_policy;

@@ -52,7 +52,9 @@ impl Table {
     }
 
     /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]).
-    pub fn succeeding(routes: RouteTable, old: &Table) -> Self {
+    /// Each cached route defined as before keeps its response cache ([`crate::cache::carry`]).
+    pub fn succeeding(mut routes: RouteTable, old: &Table) -> Self {
+        crate::cache::carry(&mut routes, &old.routes);
         let table = Self::new(routes);
         table.metrics.carry_from(&old.metrics);
         table

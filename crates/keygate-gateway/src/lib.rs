@@ -9,13 +9,15 @@
 //! - the state they read ([`gateway`]) and the leaves: the route table ([`routes`]), the in-memory
 //!   token index ([`index`]) kept current by the change feed ([`follow`]), JWTs ([`jwt`]), rate
 //!   limits and quotas ([`limiter`]), usage metering ([`usage`]), the upstream client
-//!   ([`proxy`]) and its TLS ([`upstream_tls`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]).
+//!   ([`proxy`]) and its TLS ([`upstream_tls`]), bodies ([`body`]), request heads ([`head`]), metrics ([`metrics`]), the per-route response
+//!   cache ([`cache`]).
 //!
 //! [`tasks`] holds the gateway's background loops (usage flusher, health checks).
 #![forbid(unsafe_code)]
 
 pub mod answer;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod conns;
 pub mod ctx;

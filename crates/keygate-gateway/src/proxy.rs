@@ -563,6 +563,9 @@ fn is_field_line(line: &[u8]) -> bool {
 pub struct UpstreamResponseBody {
     conn: Option<Conn>,
     framing: Framing,
+    /// The response cache's part ([`crate::cache`]): the body served from memory (a hit), or a
+    /// copy kept as it streams (stored when it ends whole).
+    cache: Option<Box<crate::cache::Tap>>,
 }
 
 impl UpstreamResponseBody {
@@ -571,8 +574,31 @@ impl UpstreamResponseBody {
         if self.framing == Framing::Upgraded { self.conn.take() } else { None }
     }
 
+    /// A body served from memory (a cache hit).
+    pub fn from_memory(body: Bytes) -> Self {
+        Self { conn: None, framing: Framing::Done, cache: Some(Box::new(crate::cache::Tap::Memory(Some(body)))) }
+    }
+
+    /// Keeps a copy of the body as it streams, for the cache. `false` (and nothing kept) when
+    /// its end could not be told from a failure (read until the connection closes).
+    pub fn tee(&mut self, tap: crate::cache::Tap) -> bool {
+        if matches!(self.framing, Framing::UntilClose | Framing::Upgraded) {
+            return false;
+        }
+        self.cache = Some(Box::new(tap));
+        true
+    }
+
+    /// Of a body served from memory: the bytes not yet given.
+    fn memory_len(&self) -> Option<u64> {
+        self.cache.as_deref().and_then(crate::cache::Tap::memory_len)
+    }
+
     /// The body's length, when the upstream gave one.
     pub fn exact_len(&self) -> Option<u64> {
+        if let Some(n) = self.memory_len() {
+            return Some(n);
+        }
         match self.framing {
             Framing::Length(n) | Framing::LengthThenClose(n) => Some(n),
             Framing::Done => Some(0),
@@ -582,14 +608,18 @@ impl UpstreamResponseBody {
 
     /// Whether the answer has no body to read (a HEAD answer, 204, 304, an empty length).
     pub fn is_empty(&self) -> bool {
-        self.ended()
+        self.memory_len().map_or_else(|| self.ended(), |n| n == 0)
     }
 
     /// The body's bytes that are already buffered, without reading from the connection: for a
     /// small answer, usually the whole body, which then goes out in the same write as the head.
     pub fn buffered(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(d) = self.cache.as_deref_mut().and_then(crate::cache::Tap::take_memory) {
+            return Ok(d);
+        }
         match self.step() {
             Ok(Step::Data(d)) => {
+                self.copy(&d);
                 if self.ended() {
                     self.finish();
                 }
@@ -632,10 +662,20 @@ impl UpstreamResponseBody {
         }
     }
 
+    /// Body bytes on their way to the client: the cache keeps a copy if it wants one.
+    fn copy(&mut self, d: &Bytes) {
+        if let Some(tap) = self.cache.as_deref_mut() {
+            tap.copy(d);
+        }
+    }
+
     /// The body is over: a connection that can take another request goes back to the pool.
     fn finish(&mut self) {
         let reusable = matches!(self.framing, Framing::Length(0) | Framing::Chunked(_));
         self.framing = Framing::Done;
+        if let Some(tap) = self.cache.take() {
+            tap.complete();
+        }
         if let Some(conn) = self.conn.take()
             && reusable
         {
@@ -646,6 +686,7 @@ impl UpstreamResponseBody {
     fn fail(&mut self) {
         self.framing = Framing::Done;
         self.conn = None;
+        self.cache = None;
     }
 
     fn ended(&self) -> bool {
@@ -659,9 +700,13 @@ impl Body for UpstreamResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(d) = this.cache.as_deref_mut().and_then(crate::cache::Tap::take_memory) {
+            return Poll::Ready(d.map(|d| Ok(Frame::data(d))));
+        }
         loop {
             match this.step() {
                 Ok(Step::Data(d)) => {
+                    this.copy(&d);
                     if this.ended() {
                         this.finish();
                     }
@@ -713,10 +758,16 @@ impl Body for UpstreamResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(n) = self.memory_len() {
+            return n == 0;
+        }
         self.ended() || self.framing == Framing::Upgraded
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(n) = self.memory_len() {
+            return SizeHint::with_exact(n);
+        }
         match self.framing {
             Framing::Length(n) | Framing::LengthThenClose(n) => SizeHint::with_exact(n),
             Framing::Done | Framing::Upgraded => SizeHint::with_exact(0),
@@ -861,7 +912,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
             f => f,
         };
     }
-    Ok(Answered { status: head.status, body: UpstreamResponseBody { conn: Some(conn), framing } })
+    Ok(Answered { status: head.status, body: UpstreamResponseBody { conn: Some(conn), framing, cache: None } })
 }
 
 /// Writes the head and body and reads the answer's head. While the body streams, the answer is

@@ -688,7 +688,7 @@ fn uri_key(head: &ReqHead<'_>, path: &str) -> String {
 fn bypasses(head: &ReqHead<'_>) -> bool {
     head.fields.iter().any(|f| {
         let n = f.name.as_bytes();
-        n.len() > 3 && n.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"if-")) || n.eq_ignore_ascii_case(b"range")
+        (n.len() > 3 && n.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"if-"))) || n.eq_ignore_ascii_case(b"range")
     })
 }
 

@@ -83,6 +83,10 @@ pub struct RouteBody {
     /// DANGEROUS: accept any certificate for any name from this route's `https://` upstreams.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// `[routes.cache]`: the route's response cache, `{max_bytes, max_entry_bytes, key_by}`
+    /// (`key_by`: `token`, `app` or `route`); absent or null: no cache.
+    #[schema(value_type = Option<Object>)]
+    pub cache: Option<Value>,
 }
 
 /// Where a route is defined.

@@ -385,12 +385,15 @@ pub fn carry(new: &mut RouteTable, old: &RouteTable) {
     }
 }
 
+/// Picks one of a cache's counters.
+type Counter = fn(&Stats) -> &AtomicU64;
+
 /// The cache metrics of every cached route, in the Prometheus text format.
 pub fn render(table: &RouteTable) -> String {
     let cached: Vec<(&str, &RouteCache)> =
         table.routes.iter().filter_map(|r| r.cache.as_deref().map(|c| (&*r.id, c))).collect();
     let mut out = String::new();
-    let counters: [(&str, &str, fn(&Stats) -> &AtomicU64); 4] = [
+    let counters: [(&str, &str, Counter); 4] = [
         ("hits", "Answers served from the route's response cache.", |s| &s.hits),
         ("misses", "GET and HEAD requests on a cached route sent upstream.", |s| &s.misses),
         ("stores", "Answers stored in the route's response cache.", |s| &s.stores),

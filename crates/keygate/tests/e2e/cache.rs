@@ -250,6 +250,13 @@ async fn http2_clients_get_hits_and_a_shared_route_shares() {
     let over_h1 = get(&kg, "/s/public/1", Some(&a), &[]).await;
     assert_eq!((over_h1.cache.as_str(), over_h1.body.as_str()), ("keygate; hit; ttl=60", first.body.as_str()));
     assert_eq!(origin.seen(), 1);
+    // A HEAD over HTTP/2: the GET's entry, its length, no body.
+    let head = send(&h2, h2.head(&url).bearer_auth(&a)).await;
+    assert_eq!((head.status, head.cache.as_str()), (StatusCode::OK, "keygate; hit; ttl=60"));
+    let len = first.body.len().to_string();
+    assert_eq!(head.headers.get("content-length").map(|v| v.to_str().unwrap()), Some(len.as_str()));
+    assert!(head.body.is_empty());
+    assert_eq!(origin.seen(), 1);
     // Still a token is needed.
     assert_eq!(send(&h2, h2.get(&url)).await.status, StatusCode::UNAUTHORIZED);
     kg.stop().await;
@@ -296,5 +303,51 @@ async fn a_changed_route_drops_its_entries_and_bad_sizes_are_refused() {
         )
         .await;
     assert!(bad.body["error"]["message"].as_str().unwrap().contains("cache_entry_larger_than_cache"), "{:?}", bad.body);
+    kg.stop().await;
+}
+
+/// An answer whose upstream body is cut short is never stored, though its head (sent before the
+/// body) said it would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_upstream_body_is_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                // 100 bytes announced, 9 sent, then the connection closes.
+                let head =
+                    b"HTTP/1.1 200 OK\r\ncache-control: public, max-age=60\r\ncontent-length: 100\r\n\r\nonly part";
+                let _ = s.write_all(head).await;
+            });
+        }
+    });
+    let mut cut = route("cut", "/cut", &format!("http://{addr}"));
+    cut.cache = Some(CacheConfig::default());
+    let kg = TestKeygate::start_with(Options { routes: vec![cut], ..Options::default() }).await.unwrap();
+    let (_, t) = kg.client().create_token(&json!({"name": "t"})).await;
+    for _ in 0..2 {
+        let resp =
+            reqwest::Client::new().get(format!("{}/cut/1", kg.gateway_url())).bearer_auth(&t).send().await.unwrap();
+        assert_eq!(resp.headers()["cache-status"], "keygate; fwd=uri-miss; stored; ttl=60");
+        assert!(resp.bytes().await.is_err(), "the client sees the body cut short");
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "nothing was stored: the second request went upstream");
+    let m = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(m.contains("keygate_gateway_cache_stores_total{route=\"cut\"} 0"), "{m}");
+    task.abort();
     kg.stop().await;
 }

@@ -112,13 +112,17 @@ struct Store {
 struct Entry {
     /// Its place in the LRU order (unique).
     tick: u64,
-    /// The request's values of the fields the answer's `Vary` names (`None`: absent).
+    /// The request's values of the fields the answer's `Vary` names, as digests (`None`:
+    /// absent).
     vary: Vary,
     answer: Arc<Stored>,
     size: u64,
 }
 
-type Vary = Box<[(Box<str>, Option<Box<[u8]>>)]>;
+/// Each field a stored answer's `Vary` names, and the SHA-256 of the request's values of it: a
+/// digest, so that a field such as `Authorization` never stays in memory as it was sent, and
+/// every value costs the same 32 bytes.
+type Vary = Box<[(Box<str>, Option<[u8; 32]>)]>;
 
 /// A stored answer.
 pub(crate) struct Stored {
@@ -350,22 +354,24 @@ fn slot(uri: &str) -> usize {
 
 /// Whether the request's values of the fields named in `vary` are those stored.
 fn vary_matches(vary: &Vary, head: &ReqHead<'_>) -> bool {
-    vary.iter().all(|(name, want)| request_value(head, name).as_deref() == want.as_deref())
+    vary.iter().all(|(name, want)| request_value(head, name) == *want)
 }
 
-/// All values of the request field `name`, joined by `, `; `None` when absent.
-fn request_value(head: &ReqHead<'_>, name: &str) -> Option<Vec<u8>> {
-    let mut out: Option<Vec<u8>> = None;
+/// The SHA-256 of all values of the request field `name` (each trimmed, joined by `, `);
+/// `None` when absent.
+fn request_value(head: &ReqHead<'_>, name: &str) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let mut out: Option<sha2::Sha256> = None;
     for f in head.fields.iter().filter(|f| f.name.eq_ignore_ascii_case(name)) {
         match out.as_mut() {
-            Some(v) => {
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(f.value.trim_ascii());
-            }
-            None => out = Some(f.value.trim_ascii().to_vec()),
+            Some(h) => h.update(b", "),
+            None => out = Some(sha2::Sha256::new()),
+        }
+        if let Some(h) = out.as_mut() {
+            h.update(f.value.trim_ascii());
         }
     }
-    out
+    out.map(|h| h.finalize().into())
 }
 
 /// Before a new route table replaces `old`: each cached route defined exactly as before (every
@@ -850,14 +856,11 @@ pub(crate) async fn forward<B: BodySource, S: HeadSink>(
         let authenticated = !route.public || carries_credential(gw, head);
         match decide(answered.status, &fields, authenticated, &req, (request_ms, response_ms)) {
             Ok(plan) => {
-                let vary: Vary = plan
-                    .vary
-                    .iter()
-                    .map(|n| (n.clone().into_boxed_str(), request_value(head, n).map(Vec::into_boxed_slice)))
-                    .collect();
+                let vary: Vary =
+                    plan.vary.iter().map(|n| (n.clone().into_boxed_str(), request_value(head, n))).collect();
                 let size = ENTRY_OVERHEAD
                     + (uri.len() + partition.len()) as u64
-                    + vary.iter().map(|(n, v)| (n.len() + v.as_ref().map_or(0, |v| v.len())) as u64).sum::<u64>()
+                    + vary.iter().map(|(n, _)| n.len() as u64 + 33).sum::<u64>()
                     + fields.iter().map(|(n, v)| (n.len() + v.len()) as u64 + FIELD_OVERHEAD).sum::<u64>();
                 let limit = cache.config.max_entry_bytes.saturating_sub(size);
                 let ttl_s = (plan.lifetime_ms - plan.initial_age_ms) / 1000;
@@ -1122,7 +1125,9 @@ mod tests {
     fn vary_selects_the_variant() {
         let c = cache(1 << 20, 1 << 16);
         let vary = |v: Option<&str>| -> Vary {
-            vec![("accept-language".into(), v.map(|v| v.as_bytes().to_vec().into_boxed_slice()))].into_boxed_slice()
+            let f = v.map(|v| [Field { name: "accept-language", value: v.as_bytes() }]);
+            let value = f.as_ref().and_then(|f| request_value(&head(f, Method::GET), "accept-language"));
+            vec![("accept-language".into(), value)].into_boxed_slice()
         };
         put(&c, "/r/1", "", vary(Some("fr")), b"bonjour", 0, 60);
         put(&c, "/r/1", "", vary(None), b"hello", 0, 60);
@@ -1132,6 +1137,11 @@ mod tests {
         assert_eq!(hit(&c, "/r/1", "", &head(&fr, Method::GET), 0).unwrap().0, "bonjour");
         assert_eq!(hit(&c, "/r/1", "", &head(&none, Method::GET), 0).unwrap().0, "hello");
         assert_eq!(hit(&c, "/r/1", "", &head(&de, Method::GET), 0), Err(Fwd::VaryMiss));
+        let two = [Field { name: "accept-language", value: b"fr" }, Field { name: "Accept-Language", value: b" de" }];
+        let one = [Field { name: "accept-language", value: b"fr, de" }];
+        let value = |f: &[Field<'_>]| request_value(&head(f, Method::GET), "accept-language");
+        assert_eq!(value(&two), value(&one), "several fields read as one list");
+        assert_ne!(value(&one), value(&fr));
         // The same variant again replaces the entry.
         put(&c, "/r/1", "", vary(Some("fr")), b"salut", 0, 60);
         assert_eq!(hit(&c, "/r/1", "", &head(&fr, Method::GET), 0).unwrap().0, "salut");

@@ -640,6 +640,14 @@ pub(crate) fn decide(
         if !name.iter().all(|b| is_tchar(*b)) {
             return Err("vary-invalid");
         }
+        // A field keygate writes for the upstream (`X-Keygate-*`, `X-Forwarded-*`, `X-Real-IP`,
+        // `Forwarded`…): the upstream varied on keygate's value, not on the client's, which the
+        // key would hold. (`Host` is in the key already.)
+        if !name.eq_ignore_ascii_case(b"host")
+            && !matches!(crate::head::classify_name(name), crate::head::NameClass::Passes)
+        {
+            return Err("vary-gateway-field");
+        }
         let lower = String::from_utf8_lossy(name).to_ascii_lowercase();
         if !vary.contains(&lower) {
             vary.push(lower);
@@ -1017,6 +1025,11 @@ mod tests {
             true,
         );
         assert_eq!(vary.unwrap().vary, ["accept", "accept-language"]);
+        for name in ["X-Keygate-App-Id", "x-forwarded-for", "X-Real-IP", "forwarded", "x-forwarded-port"] {
+            let v = decide_with(&[("cache-control", "public, max-age=1"), ("vary", name)], true);
+            assert_eq!(v, Err("vary-gateway-field"), "{name}: the upstream saw keygate's value, not the client's");
+        }
+        assert!(decide_with(&[("cache-control", "public, max-age=1"), ("vary", "Host, Authorization")], true).is_ok());
         // Expires minus Date.
         let e = decide_with(
             &[

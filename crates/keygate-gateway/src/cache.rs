@@ -700,13 +700,80 @@ fn uri_key(head: &ReqHead<'_>, path: &str) -> String {
     k
 }
 
-/// A request whose answer the cache cannot serve or keep whole: a precondition (RFC 9110
-/// §13.1) or a range (§14.2).
+/// A request whose answer the cache cannot serve or keep whole: a range (RFC 9110 §14.2), or a
+/// precondition (§13.1) other than `If-None-Match` and `If-Modified-Since`, which the cache
+/// evaluates itself ([`not_modified`]).
 fn bypasses(head: &ReqHead<'_>) -> bool {
     head.fields.iter().any(|f| {
         let n = f.name.as_bytes();
-        (n.len() > 3 && n.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"if-"))) || n.eq_ignore_ascii_case(b"range")
+        let precondition = n.len() > 3
+            && n.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"if-"))
+            && !n.eq_ignore_ascii_case(b"if-none-match")
+            && !n.eq_ignore_ascii_case(b"if-modified-since");
+        precondition || n.eq_ignore_ascii_case(b"range")
     })
+}
+
+/// The entity tags of an `If-None-Match` value (`*`, `"x"`, `W/"x"`), a comma inside quotes
+/// included; anything else is skipped.
+fn entity_tags(v: &[u8]) -> Vec<&[u8]> {
+    let at = |i: usize| v.get(i).copied();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        while matches!(at(i), Some(b' ' | b'\t' | b',')) {
+            i += 1;
+        }
+        let start = i;
+        if at(i) == Some(b'*') {
+            out.push(v.get(i..=i).unwrap_or_default());
+            i += 1;
+            continue;
+        }
+        if v.get(i..i + 2) == Some(b"W/") {
+            i += 2;
+        }
+        if at(i) != Some(b'"') {
+            while at(i).is_some_and(|b| b != b',') {
+                i += 1;
+            }
+            continue;
+        }
+        i += 1;
+        while at(i).is_some_and(|b| b != b'"') {
+            i += 1;
+        }
+        if at(i).is_none() {
+            break;
+        }
+        i += 1;
+        out.push(v.get(start..i).unwrap_or_default());
+    }
+    out
+}
+
+/// Whether the request's `If-None-Match` (weak comparison, RFC 9110 §13.1.2), or else its
+/// `If-Modified-Since` (§13.1.3), says the client's copy is the stored one: a 304 then. Only
+/// for a stored 200 or 203.
+fn not_modified(a: &Stored, head: &ReqHead<'_>) -> bool {
+    if a.status != StatusCode::OK && a.status != StatusCode::NON_AUTHORITATIVE_INFORMATION {
+        return false;
+    }
+    let stored = |name: &str| a.fields.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_ref());
+    let weak = |t: &[u8]| -> Vec<u8> { t.strip_prefix(b"W/").unwrap_or(t).to_vec() };
+    let mut inm = head.fields.iter().filter(|f| f.name.eq_ignore_ascii_case("if-none-match")).peekable();
+    if inm.peek().is_some() {
+        let Some(etag) = stored("etag").map(<[u8]>::trim_ascii) else { return false };
+        let etag = weak(etag);
+        return inm.flat_map(|f| entity_tags(f.value)).any(|t| t == b"*" || weak(t) == etag);
+    }
+    let date = |v: &[u8]| std::str::from_utf8(v).ok().and_then(|s| httpdate::parse_http_date(s.trim()).ok());
+    let since =
+        head.fields.iter().find(|f| f.name.eq_ignore_ascii_case("if-modified-since")).and_then(|f| date(f.value));
+    match (since, stored("last-modified").and_then(date)) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
 }
 
 /// A head sink that also keeps the fields, for the entry.
@@ -848,7 +915,8 @@ pub(crate) async fn forward<B: BodySource, S: HeadSink>(
         match cache.lookup(&uri, &partition, head, &req, request_ms) {
             Lookup::Hit { answer, age_s, ttl_s } => {
                 bump(&cache.stats.hits);
-                return Ok(serve_hit(&answer, age_s, ttl_s, !is_get, sink));
+                let hit = Hit { age_s, ttl_s, head_req: !is_get, not_modified: not_modified(&answer, head) };
+                return Ok(serve_hit(&answer, &hit, sink));
             }
             Lookup::Miss(f) => f,
         }
@@ -921,25 +989,37 @@ fn carries_credential(gw: &Gateway, head: &ReqHead<'_>) -> bool {
 
 /// A hit: the stored head (its `Age` now, RFC 9111 §5.1), and the body from memory (none to a
 /// HEAD, whose `Content-Length` says the stored body's).
-fn serve_hit<S: HeadSink>(a: &Stored, age_s: u64, ttl_s: u64, head_req: bool, sink: &mut S) -> Answered {
-    sink.status(a.status);
+/// How a hit is answered.
+struct Hit {
+    age_s: u64,
+    ttl_s: u64,
+    /// A HEAD: no body.
+    head_req: bool,
+    /// The client's copy is the stored one: 304, with the fields RFC 9110 §15.4.5 names.
+    not_modified: bool,
+}
+
+fn serve_hit<S: HeadSink>(a: &Stored, hit: &Hit, sink: &mut S) -> Answered {
+    const OF_304: [&str; 7] = ["cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"];
+    let status = if hit.not_modified { StatusCode::NOT_MODIFIED } else { a.status };
+    sink.status(status);
     let mut has_len = false;
     for (n, v) in &a.fields {
-        if n.eq_ignore_ascii_case("age") {
+        if n.eq_ignore_ascii_case("age") || (hit.not_modified && !OF_304.iter().any(|k| n.eq_ignore_ascii_case(k))) {
             continue;
         }
         has_len |= n.eq_ignore_ascii_case("content-length");
         let _ = sink.field(n, v);
     }
     let mut num = itoa::Buffer::new();
-    let _ = sink.field("age", num.format(age_s).as_bytes());
-    let bodiless = a.status == StatusCode::NO_CONTENT || a.status == StatusCode::NOT_MODIFIED;
-    if head_req && !has_len && !bodiless {
+    let _ = sink.field("age", num.format(hit.age_s).as_bytes());
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if hit.head_req && !has_len && !bodiless {
         let _ = sink.field("content-length", num.format(a.body.len()).as_bytes());
     }
-    cache_status(sink, &format!("keygate; hit; ttl={ttl_s}"));
-    let body = if head_req { Bytes::new() } else { a.body.clone() };
-    Answered { status: a.status, body: UpstreamResponseBody::from_memory(body) }
+    cache_status(sink, &format!("keygate; hit; ttl={}", hit.ttl_s));
+    let body = if hit.head_req || bodiless { Bytes::new() } else { a.body.clone() };
+    Answered { status, body: UpstreamResponseBody::from_memory(body) }
 }
 
 #[cfg(test)]
@@ -1220,9 +1300,16 @@ mod tests {
 
     #[test]
     fn requests_with_preconditions_or_ranges_pass_through() {
-        for (name, bypass) in
-            [("If-None-Match", true), ("range", true), ("if-modified-since", true), ("iffy", false), ("if", false)]
-        {
+        for (name, bypass) in [
+            ("If-None-Match", false),
+            ("if-modified-since", false),
+            ("range", true),
+            ("If-Match", true),
+            ("if-unmodified-since", true),
+            ("If-Range", true),
+            ("iffy", false),
+            ("if", false),
+        ] {
             let f = [Field { name, value: b"x" }];
             assert_eq!(bypasses(&head(&f, Method::GET)), bypass, "{name}");
         }
@@ -1231,6 +1318,41 @@ mod tests {
         let f = [Field { name: "Pragma", value: b"no-cache" }, Field { name: "cache-control", value: b"max-age=5" }];
         let d = Directives::of_request(&head(&f, Method::GET));
         assert!(!d.no_cache && d.max_age == Some(5), "Cache-Control wins over Pragma");
+    }
+
+    #[test]
+    fn preconditions_are_evaluated_against_the_stored_answer() {
+        assert_eq!(entity_tags(br#""a", W/"b,c" , *, junk, "unterminated"#), [&br#""a""#[..], br#"W/"b,c""#, b"*"]);
+        assert!(entity_tags(b"").is_empty() && entity_tags(b",,").is_empty());
+        let stored = |status: u16, list: &[(&str, &str)]| Stored {
+            status: StatusCode::from_u16(status).unwrap(),
+            fields: fields(list).into_boxed_slice(),
+            body: Bytes::new(),
+            response_time_ms: 0,
+            initial_age_ms: 0,
+            lifetime_ms: 1,
+        };
+        let tagged = stored(200, &[("ETag", "W/\"v1\""), ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+        let ask = |name: &'static str, value: &'static str, a: &Stored| {
+            let f = [Field { name, value: value.as_bytes() }];
+            not_modified(a, &head(&f, Method::GET))
+        };
+        assert!(ask("If-None-Match", "\"v1\"", &tagged), "weak comparison");
+        assert!(ask("if-none-match", "\"v0\", W/\"v1\"", &tagged));
+        assert!(ask("if-none-match", "*", &tagged));
+        assert!(!ask("if-none-match", "\"v2\"", &tagged));
+        assert!(!ask("if-none-match", "\"v1\"", &stored(200, &[])), "nothing to compare with");
+        assert!(!ask("if-none-match", "\"v1\"", &stored(404, &[("etag", "\"v1\"")])), "only a 200 or 203");
+        assert!(ask("If-Modified-Since", "Sun, 06 Nov 1994 08:49:37 GMT", &tagged));
+        assert!(ask("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT", &tagged));
+        assert!(!ask("if-modified-since", "Sat, 05 Nov 1994 08:49:37 GMT", &tagged));
+        assert!(!ask("if-modified-since", "yesterday", &tagged), "an invalid date is ignored");
+        // If-None-Match decides when both are there.
+        let both = [
+            Field { name: "if-none-match", value: b"\"v2\"" },
+            Field { name: "if-modified-since", value: b"Mon, 07 Nov 1994 08:49:37 GMT" },
+        ];
+        assert!(!not_modified(&tagged, &head(&both, Method::GET)));
     }
 
     #[test]

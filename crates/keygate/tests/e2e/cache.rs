@@ -9,7 +9,7 @@ use keygate_gateway::config::{CacheConfig, CacheKeyBy};
 use keygate_testkit::{Options, StatusCode, TestKeygate, route};
 use serde_json::json;
 
-/// An origin: `/…/public/…` answers `public, max-age=60`, `/…/private/…` `private, max-age=60`,
+/// An origin: `/…/public/…` answers `public, max-age=60` and `ETag: "v1"`, `/…/private/…` `private, max-age=60`,
 /// `/…/vary/…` `public, max-age=60` with `Vary: Accept-Language`, `/…/cookie/…` the same as
 /// public with a `Set-Cookie`, anything else no directive. The body names the method, the
 /// request's number and its `Accept-Language`.
@@ -33,6 +33,9 @@ impl Origin {
                 let mut b = axum::http::Response::builder().header("content-type", "text/plain");
                 if path.contains("/public/") || path.contains("/vary/") || path.contains("/cookie/") {
                     b = b.header("cache-control", "public, max-age=60");
+                }
+                if path.contains("/public/") {
+                    b = b.header("etag", "\"v1\"");
                 }
                 if path.contains("/private/") {
                     b = b.header("cache-control", "private, max-age=60");
@@ -151,6 +154,17 @@ async fn a_second_get_is_a_hit_that_is_still_checked_limited_and_metered() {
     assert_eq!(head.headers["content-length"], "8");
     assert!(head.body.is_empty());
 
+    // The client's copy is the stored one: 304 from the cache.
+    let not_modified = get(&kg, "/c/public/1", Some(&rw), &[("if-none-match", "W/\"v0\", \"v1\"")]).await;
+    assert_eq!(
+        (not_modified.status, not_modified.cache.as_str(), not_modified.body.as_str()),
+        (StatusCode::NOT_MODIFIED, "keygate; hit; ttl=55", "")
+    );
+    assert_eq!(not_modified.headers["etag"], "\"v1\"");
+    assert!(not_modified.headers.get("content-type").is_none(), "a 304 carries no representation fields");
+    assert_eq!(get(&kg, "/c/public/1", Some(&rw), &[("if-none-match", "\"v2\"")]).await.body, "GET #1 -");
+    assert_eq!(origin.seen(), 1);
+
     // Another token has entries of its own (key_by = "token", the default).
     let (_, reader) = c.create_token(&json!({"name": "reader", "scopes": ["c:read"]})).await;
     let theirs = get(&kg, "/c/public/1", Some(&reader), &[]).await;
@@ -216,12 +230,13 @@ async fn a_second_get_is_a_hit_that_is_still_checked_limited_and_metered() {
         ))
         .await;
     assert_eq!(u.status, StatusCode::OK, "{:?}", u.body);
-    // 3 public + HEAD + 6 not shareable + 4 vary + 2 no-cache + 1 no-store + POST + GET + stale.
-    assert_eq!(u.body["total"]["requests"], 20, "{:?}", u.body);
+    // 3 public + HEAD + 2 conditional + 6 not shareable + 4 vary + 2 no-cache + 1 no-store + POST
+    // + GET + stale.
+    assert_eq!(u.body["total"]["requests"], 22, "{:?}", u.body);
 
     let m = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
     for line in [
-        "keygate_gateway_cache_hits_total{route=\"cached\"} 7",
+        "keygate_gateway_cache_hits_total{route=\"cached\"} 9",
         "keygate_gateway_cache_stores_total{route=\"cached\"} 9",
         "keygate_gateway_cache_entries{route=\"cached\"} 5",
         "keygate_gateway_cache_hits_total{route=\"shared\"} 0",

@@ -31,14 +31,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode};
 
-use crate::answer::Refuse;
-use crate::body::{BodySource, BodyState};
 use crate::config::{CacheConfig, CacheKeyBy, RouteConfig};
-use crate::ctx::{Caller, Identity, RequestCtx};
-use crate::gateway::Gateway;
 use crate::head::ReqHead;
 use crate::proxy::{Answered, BadField, HeadSink, UpstreamResponseBody};
-use crate::routes::{Route, RouteSpec, RouteTable};
+use crate::routes::{RouteSpec, RouteTable};
 
 /// Variants (by `Vary`) kept per URI and partition; the least recently used goes beyond.
 const MAX_VARIANTS: usize = 16;
@@ -669,24 +665,6 @@ pub(crate) fn decide(
     Ok(Plan { lifetime_ms, initial_age_ms, vary })
 }
 
-/// Who shares the entries, as a key: empty for every caller of the route (and every request
-/// of a public route made without a credential).
-fn partition(key_by: CacheKeyBy, caller: Option<&Caller>) -> String {
-    let Some(c) = caller else { return String::new() };
-    match (key_by, &c.who) {
-        (CacheKeyBy::Route, _) => String::new(),
-        (CacheKeyBy::Token, Identity::Key(t)) => format!("tok:{}", String::from_utf8_lossy(t.public_id())),
-        (CacheKeyBy::Token, Identity::Jwt(j)) => {
-            format!("jwt:{}\n{}", j.issuer, j.jti.as_deref().unwrap_or(&j.sub))
-        }
-        (CacheKeyBy::App, Identity::Key(t)) => format!("app:{}", t.app_id),
-        (CacheKeyBy::App, Identity::Jwt(j)) => {
-            let app = j.app_id.as_deref().or(j.client_id.as_deref()).unwrap_or(&j.sub);
-            format!("app:{}\n{app}", j.issuer)
-        }
-    }
-}
-
 /// The URI part of the key: the host asked for (lowercase), the normalized path, the query.
 fn uri_key(head: &ReqHead<'_>, path: &str) -> String {
     let host = head.authority.map(str::as_bytes).or_else(|| head.at(head.known.host)).unwrap_or_default();
@@ -777,9 +755,20 @@ fn not_modified(a: &Stored, head: &ReqHead<'_>) -> bool {
 }
 
 /// A head sink that also keeps the fields, for the entry.
-struct Collect<'s, S> {
+pub(crate) struct Collect<'s, S> {
     inner: &'s mut S,
     fields: Vec<(Box<str>, Bytes)>,
+}
+
+impl<'s, S> Collect<'s, S> {
+    pub(crate) fn new(inner: &'s mut S) -> Self {
+        Self { inner, fields: Vec::new() }
+    }
+
+    /// The sink, and the fields it was given.
+    pub(crate) fn into_parts(self) -> (&'s mut S, Vec<(Box<str>, Bytes)>) {
+        (self.inner, self.fields)
+    }
 }
 
 impl<S: HeadSink> HeadSink for Collect<'_, S> {
@@ -883,108 +872,133 @@ fn cache_status<S: HeadSink>(sink: &mut S, value: &str) {
     let _ = sink.field("cache-status", value.as_bytes());
 }
 
-/// The forward phase on a route with a cache: a fresh entry answers; anything else goes
-/// upstream ([`Gateway::forward_upstream`]), and its answer is kept when RFC 9111 allows.
-pub(crate) async fn forward<B: BodySource, S: HeadSink>(
-    gw: &Gateway,
-    cache: &Arc<RouteCache>,
-    ctx: &RequestCtx<'_, '_>,
-    route: &Route,
-    body: &mut Option<B>,
-    state: &BodyState,
-    sink: &mut S,
-) -> Result<Answered, Refuse> {
-    let head = ctx.head;
-    let uri = uri_key(head, &ctx.path);
-    let is_get = head.method == Method::GET;
-    if !is_get && head.method != Method::HEAD {
-        let answered = gw.forward_upstream(ctx, route, body, state, sink).await?;
-        if !head.method.is_safe() && (answered.status.is_success() || answered.status.is_redirection()) {
-            cache.invalidate(&uri);
-        }
-        cache_status(sink, &format!("keygate; fwd={}", Fwd::Method.as_str()));
-        return Ok(answered);
-    }
-    let request_ms = gw.clock.now().as_millis();
-    let req = Directives::of_request(head);
-    let partition = partition(cache.config.key_by, ctx.caller.as_ref());
-    let bypass = bypasses(head);
-    let fwd = if bypass {
-        Fwd::Bypass
-    } else {
-        match cache.lookup(&uri, &partition, head, &req, request_ms) {
-            Lookup::Hit { answer, age_s, ttl_s } => {
-                bump(&cache.stats.hits);
-                let hit = Hit { age_s, ttl_s, head_req: !is_get, not_modified: not_modified(&answer, head) };
-                return Ok(serve_hit(&answer, &hit, sink));
-            }
-            Lookup::Miss(f) => f,
-        }
-    };
-    bump(&cache.stats.misses);
-    let generation = cache.generation(&uri);
-    let mut collect = Collect { inner: sink, fields: Vec::new() };
-    let mut answered = gw.forward_upstream(ctx, route, body, state, &mut collect).await?;
-    let Collect { inner: sink, fields } = collect;
-    let mut status = format!("keygate; fwd={}", fwd.as_str());
-    if is_get && !bypass {
-        let response_ms = gw.clock.now().as_millis();
-        let authenticated = !route.public || carries_credential(gw, head);
-        match decide(answered.status, &fields, authenticated, &req, (request_ms, response_ms)) {
-            Ok(plan) => {
-                let vary: Vary =
-                    plan.vary.iter().map(|n| (n.clone().into_boxed_str(), request_value(head, n))).collect();
-                let size = ENTRY_OVERHEAD
-                    + (uri.len() + partition.len()) as u64
-                    + vary.iter().map(|(n, _)| n.len() as u64 + 33).sum::<u64>()
-                    + fields.iter().map(|(n, v)| (n.len() + v.len()) as u64 + FIELD_OVERHEAD).sum::<u64>();
-                let limit = cache.config.max_entry_bytes.saturating_sub(size);
-                let ttl_s = (plan.lifetime_ms - plan.initial_age_ms) / 1000;
-                if size > cache.config.max_entry_bytes || answered.body.exact_len().is_some_and(|n| n > limit) {
-                    status.push_str("; detail=too-large");
-                } else {
-                    let tee = Tee {
-                        cache: cache.clone(),
-                        pending: Some(Box::new(Pending {
-                            uri: Arc::from(uri),
-                            partition: Arc::from(partition),
-                            vary,
-                            status: answered.status,
-                            fields: fields.into_boxed_slice(),
-                            response_time_ms: response_ms,
-                            initial_age_ms: plan.initial_age_ms,
-                            lifetime_ms: plan.lifetime_ms,
-                            size,
-                            generation,
-                        })),
-                        chunks: Vec::new(),
-                        len: 0,
-                        limit,
-                    };
-                    if answered.body.tee(Tap::Tee(tee)) {
-                        let _ = write!(status, "; stored; ttl={ttl_s}");
-                    } else {
-                        status.push_str("; detail=close-delimited");
-                    }
-                }
-            }
-            Err(why) => {
-                status.push_str("; detail=");
-                status.push_str(why);
-            }
-        }
-    }
-    cache_status(sink, &status);
-    Ok(answered)
+/// What the cache makes of a GET or HEAD before it would be forwarded.
+pub(crate) enum Before {
+    /// A fresh entry answered (its head went to the sink).
+    Hit(Answered),
+    /// It goes upstream; [`RouteCache::after`] then decides about its answer.
+    Forward(Miss),
 }
 
-/// Whether the request carries a credential keygate passes on (on a public route, an
-/// `Authorization` or API-key field goes to the upstream): RFC 9111 §3.5 applies to it.
-fn carries_credential(gw: &Gateway, head: &ReqHead<'_>) -> bool {
-    let key = gw.settings.api_key_header.as_ref().map(http::HeaderName::as_str);
-    head.fields
-        .iter()
-        .any(|f| f.name.eq_ignore_ascii_case("authorization") || key.is_some_and(|k| f.name.eq_ignore_ascii_case(k)))
+/// A GET or HEAD on its way upstream, as the cache saw it.
+pub(crate) struct Miss {
+    fwd: Fwd,
+    uri: String,
+    partition: String,
+    req: Directives,
+    bypass: bool,
+    is_get: bool,
+    request_ms: i64,
+    generation: u64,
+}
+
+impl RouteCache {
+    /// Who shares entries on this route.
+    pub(crate) fn key_by(&self) -> CacheKeyBy {
+        self.config.key_by
+    }
+
+    /// A GET or HEAD at `now_ms`, whose caller's entries are `partition` (`""`: everyone's): a
+    /// fresh entry answers into `sink`, else it is to be forwarded.
+    pub(crate) fn before<S: HeadSink>(
+        &self,
+        head: &ReqHead<'_>,
+        path: &str,
+        partition: String,
+        now_ms: i64,
+        sink: &mut S,
+    ) -> Before {
+        let uri = uri_key(head, path);
+        let is_get = head.method == Method::GET;
+        let req = Directives::of_request(head);
+        let bypass = bypasses(head);
+        let fwd = if bypass {
+            Fwd::Bypass
+        } else {
+            match self.lookup(&uri, &partition, head, &req, now_ms) {
+                Lookup::Hit { answer, age_s, ttl_s } => {
+                    bump(&self.stats.hits);
+                    let hit = Hit { age_s, ttl_s, head_req: !is_get, not_modified: not_modified(&answer, head) };
+                    return Before::Hit(serve_hit(&answer, &hit, sink));
+                }
+                Lookup::Miss(f) => f,
+            }
+        };
+        bump(&self.stats.misses);
+        let generation = self.generation(&uri);
+        Before::Forward(Miss { fwd, uri, partition, req, bypass, is_get, request_ms: now_ms, generation })
+    }
+
+    /// The upstream's answer to a forwarded GET or HEAD (its head's fields in `fields`, as
+    /// [`Collect`] kept them), at `now_ms`: kept as its body streams when RFC 9111 allows
+    /// (`authenticated`: the request carried a credential), and `Cache-Status` says so.
+    pub(crate) fn after<S: HeadSink>(
+        self: &Arc<Self>,
+        miss: Miss,
+        head: &ReqHead<'_>,
+        authenticated: bool,
+        (answered, fields): (&mut Answered, Vec<(Box<str>, Bytes)>),
+        now_ms: i64,
+        sink: &mut S,
+    ) {
+        let Miss { fwd, uri, partition, req, bypass, is_get, request_ms, generation } = miss;
+        let mut status = format!("keygate; fwd={}", fwd.as_str());
+        if is_get && !bypass {
+            match decide(answered.status, &fields, authenticated, &req, (request_ms, now_ms)) {
+                Ok(plan) => {
+                    let vary: Vary =
+                        plan.vary.iter().map(|n| (n.clone().into_boxed_str(), request_value(head, n))).collect();
+                    let size = ENTRY_OVERHEAD
+                        + (uri.len() + partition.len()) as u64
+                        + vary.iter().map(|(n, _)| n.len() as u64 + 33).sum::<u64>()
+                        + fields.iter().map(|(n, v)| (n.len() + v.len()) as u64 + FIELD_OVERHEAD).sum::<u64>();
+                    let limit = self.config.max_entry_bytes.saturating_sub(size);
+                    let ttl_s = (plan.lifetime_ms - plan.initial_age_ms) / 1000;
+                    if size > self.config.max_entry_bytes || answered.body.exact_len().is_some_and(|n| n > limit) {
+                        status.push_str("; detail=too-large");
+                    } else {
+                        let tee = Tee {
+                            cache: self.clone(),
+                            pending: Some(Box::new(Pending {
+                                uri: Arc::from(uri),
+                                partition: Arc::from(partition),
+                                vary,
+                                status: answered.status,
+                                fields: fields.into_boxed_slice(),
+                                response_time_ms: now_ms,
+                                initial_age_ms: plan.initial_age_ms,
+                                lifetime_ms: plan.lifetime_ms,
+                                size,
+                                generation,
+                            })),
+                            chunks: Vec::new(),
+                            len: 0,
+                            limit,
+                        };
+                        if answered.body.tee(Tap::Tee(tee)) {
+                            let _ = write!(status, "; stored; ttl={ttl_s}");
+                        } else {
+                            status.push_str("; detail=close-delimited");
+                        }
+                    }
+                }
+                Err(why) => {
+                    status.push_str("; detail=");
+                    status.push_str(why);
+                }
+            }
+        }
+        cache_status(sink, &status);
+    }
+
+    /// The answer to a request that is not a GET or HEAD: a successful unsafe one drops its
+    /// URI's entries (RFC 9111 §4.4).
+    pub(crate) fn after_other<S: HeadSink>(&self, head: &ReqHead<'_>, path: &str, status: StatusCode, sink: &mut S) {
+        if !head.method.is_safe() && (status.is_success() || status.is_redirection()) {
+            self.invalidate(&uri_key(head, path));
+        }
+        cache_status(sink, &format!("keygate; fwd={}", Fwd::Method.as_str()));
+    }
 }
 
 /// A hit: the stored head (its `Age` now, RFC 9111 §5.1), and the body from memory (none to a

@@ -36,7 +36,7 @@ impl Gateway {
         sink: &mut S,
     ) -> Result<Answered, Refuse> {
         match &route.cache {
-            Some(cache) => crate::cache::forward(self, cache, ctx, route, body, state, sink).await,
+            Some(cache) => self.forward_cached(cache, ctx, route, body, state, sink).await,
             None => self.forward_upstream(ctx, route, body, state, sink).await,
         }
     }

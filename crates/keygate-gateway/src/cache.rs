@@ -230,10 +230,11 @@ impl RouteCache {
 
     /// Drops every entry of `uri`, for every caller and variant (RFC 9111 §4.4).
     pub(crate) fn invalidate(&self, uri: &str) {
+        // Under the lock, as `insert` compares it: an answer on its way meanwhile is not stored.
+        let mut s = self.store.lock();
         if let Some(g) = self.generations.get(slot(uri)) {
             g.fetch_add(1, Ordering::Relaxed);
         }
-        let mut s = self.store.lock();
         if let Some(parts) = s.uris.remove(uri) {
             for e in parts.into_values().flatten() {
                 s.lru.remove(&e.tick);
@@ -251,7 +252,7 @@ impl RouteCache {
     /// making room by dropping the least recently used entries.
     fn insert(&self, p: Pending, body: Bytes) {
         let size = p.size + body.len() as u64;
-        if size > self.config.max_entry_bytes || self.generation(&p.uri) != p.generation {
+        if size > self.config.max_entry_bytes {
             return;
         }
         let answer = Arc::new(Stored {
@@ -263,6 +264,9 @@ impl RouteCache {
             lifetime_ms: p.lifetime_ms,
         });
         let mut s = self.store.lock();
+        if self.generation(&p.uri) != p.generation {
+            return;
+        }
         let same = s.uris.get(&p.uri).and_then(|m| m.get(&p.partition)).map(|v| {
             let same = v.iter().position(|e| e.vary == p.vary);
             let oldest = v.iter().enumerate().min_by_key(|(_, e)| e.tick).map(|(i, _)| i);

@@ -9,12 +9,16 @@
 //! A request that carries a credential (every request on a route that is not public) is stored
 //! only when the answer says `public`, `s-maxage` or `must-revalidate` (§3.5). A request's
 //! `no-store` keeps its answer out; `no-cache`, `max-age` and `min-fresh` send it upstream (and the
-//! answer may replace the entry). A request with a precondition or a `Range` passes through. A
-//! successful unsafe request (POST, PUT, PATCH, DELETE…) empties its URI's entries (§4.4).
+//! answer may replace the entry). `If-None-Match` and `If-Modified-Since` are evaluated against
+//! a fresh entry (a 304 from the cache); a request with another precondition or a `Range` passes
+//! through. A successful unsafe request (POST, PUT, PATCH, DELETE…) empties its URI's entries
+//! (§4.4). An answer whose `Vary` names a field keygate writes for the upstream is not stored.
+//!
+//! This module is a leaf: the forward phase drives it ([`crate::phase::cache`]).
 //!
 //! The key: the host asked for, the normalized path and the query, then a partition by who asks
 //! ([`CacheKeyBy`]: each token by default), then the values of the request fields the stored
-//! answer's `Vary` names. Bounded memory: each route's cache counts its entries' keys, fields and
+//! answer's `Vary` names (as digests). Bounded memory: each route's cache counts its entries' keys, fields and
 //! bodies, and drops the least recently used to stay within `max_bytes`. A cache lives with its
 //! route: a table rebuilt with the route unchanged keeps it ([`carry`]), a changed route starts
 //! empty, so no answer of an old definition is ever served.
@@ -682,9 +686,9 @@ fn uri_key(head: &ReqHead<'_>, path: &str) -> String {
     k
 }
 
-/// A request whose answer the cache cannot serve or keep whole: a range (RFC 9110 §14.2), or a
+/// A request whose answer the cache cannot serve or keep whole: a range (RFC 9110 §14.2), a
 /// precondition (§13.1) other than `If-None-Match` and `If-Modified-Since`, which the cache
-/// evaluates itself ([`not_modified`]).
+/// evaluates itself ([`not_modified`]), or a request to switch protocols (a WebSocket's GET).
 fn bypasses(head: &ReqHead<'_>) -> bool {
     head.fields.iter().any(|f| {
         let n = f.name.as_bytes();
@@ -692,7 +696,7 @@ fn bypasses(head: &ReqHead<'_>) -> bool {
             && n.get(..3).is_some_and(|p| p.eq_ignore_ascii_case(b"if-"))
             && !n.eq_ignore_ascii_case(b"if-none-match")
             && !n.eq_ignore_ascii_case(b"if-modified-since");
-        precondition || n.eq_ignore_ascii_case(b"range")
+        precondition || n.eq_ignore_ascii_case(b"range") || n.eq_ignore_ascii_case(b"upgrade")
     })
 }
 
@@ -946,6 +950,10 @@ impl RouteCache {
         sink: &mut S,
     ) {
         let Miss { fwd, uri, partition, req, bypass, is_get, request_ms, generation } = miss;
+        if answered.status.is_informational() {
+            // A 101: the connection is another protocol's now.
+            return;
+        }
         let mut status = format!("keygate; fwd={}", fwd.as_str());
         if is_get && !bypass {
             match decide(answered.status, &fields, authenticated, &req, (request_ms, now_ms)) {
@@ -1325,6 +1333,7 @@ mod tests {
             ("If-Match", true),
             ("if-unmodified-since", true),
             ("If-Range", true),
+            ("Upgrade", true),
             ("iffy", false),
             ("if", false),
         ] {

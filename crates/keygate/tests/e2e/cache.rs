@@ -79,7 +79,9 @@ async fn kit(origin: &Origin) -> TestKeygate {
     cached.cache = Some(CacheConfig::default());
     let mut shared = route("shared", "/s", &origin.url());
     shared.cache = Some(CacheConfig { key_by: CacheKeyBy::Route, ..CacheConfig::default() });
-    TestKeygate::start_with(Options { routes: vec![cached, shared], ..Options::default() }).await.unwrap()
+    let mut per_app = route("per-app", "/a", &origin.url());
+    per_app.cache = Some(CacheConfig { key_by: CacheKeyBy::App, ..CacheConfig::default() });
+    TestKeygate::start_with(Options { routes: vec![cached, shared, per_app], ..Options::default() }).await.unwrap()
 }
 
 /// A request's status, `Cache-Status`, `Age` and body.
@@ -364,5 +366,28 @@ async fn an_aborted_upstream_body_is_never_stored() {
     let m = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
     assert!(m.contains("keygate_gateway_cache_stores_total{route=\"cut\"} 0"), "{m}");
     task.abort();
+    kg.stop().await;
+}
+
+/// `key_by = "app"`: the tokens of one app share entries, another app's tokens do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_tokens_share_entries_with_key_by_app() {
+    let origin = Origin::start().await;
+    let kg = kit(&origin).await;
+    let c = kg.client();
+    let other = c.post("/admin/v1/apps", &json!({"name": "other"})).await;
+    assert_eq!(other.status, StatusCode::CREATED, "{:?}", other.body);
+    let (_, a1) = c.create_token(&json!({"name": "a1"})).await;
+    let (_, a2) = c.create_token(&json!({"name": "a2"})).await;
+    let (_, b1) = c.create_token(&json!({"name": "b1", "app_id": other.str("/id")})).await;
+    assert_eq!(get(&kg, "/a/public/1", Some(&a1), &[]).await.cache, "keygate; fwd=uri-miss; stored; ttl=60");
+    let same_app = get(&kg, "/a/public/1", Some(&a2), &[]).await;
+    assert_eq!((same_app.cache.as_str(), same_app.body.as_str()), ("keygate; hit; ttl=60", "GET #1 -"));
+    let other_app = get(&kg, "/a/public/1", Some(&b1), &[]).await;
+    assert_eq!(
+        (other_app.cache.as_str(), other_app.body.as_str()),
+        ("keygate; fwd=uri-miss; stored; ttl=60", "GET #2 -")
+    );
+    assert_eq!(origin.seen(), 2);
     kg.stop().await;
 }

@@ -1383,6 +1383,25 @@ mod tests {
     }
 
     #[test]
+    fn header_parsers_take_any_bytes() {
+        // Deterministic noise from the characters these grammars care about.
+        const ALPHABET: &[u8] = b"aZ09=,;\"\\/W* \t-\x00\x7f\xff";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| ALPHABET[((x >> (i % 56)) as usize + i) % ALPHABET.len()]).collect();
+            let d = Directives::parse([bytes.as_slice()]);
+            assert!(d.max_age.is_none_or(|m| m <= DELTA_MAX));
+            for t in entity_tags(&bytes) {
+                assert!(t == b"*" || t.ends_with(b"\""), "{t:?}");
+            }
+        }
+    }
+
+    #[test]
     fn memory_bodies_are_given_once() {
         let mut t = Tap::Memory(Some(Bytes::from_static(b"abc")));
         assert_eq!(t.memory_len(), Some(3));

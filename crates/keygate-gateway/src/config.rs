@@ -355,6 +355,10 @@ pub struct RouteConfig {
     /// negotiated by ALPN).
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
+    /// `[routes.cache]`: keep answers the upstream marks cacheable for shared caches (RFC
+    /// 9111) in memory, and serve them again to callers the route admits. Off without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
 }
 
 impl RouteConfig {
@@ -391,6 +395,7 @@ impl RouteConfig {
             tls_client_key: None,
             tls_insecure_skip_verify: false,
             upstream_protocol: UpstreamProtocol::Http1,
+            cache: None,
         }
     }
 }
@@ -472,6 +477,80 @@ fn default_max_age() -> u64 {
     600
 }
 
+/// `[routes.cache]`: the route's response cache (see `docs/gateway.md#response-cache`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The memory the route's cache may hold, in bytes, counting each entry's key, header fields
+    /// and body; beyond it the least recently used entries go. Default 16 MiB.
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: u64,
+    /// The largest entry kept, in bytes (key, fields and body); a larger answer is passed on
+    /// and not kept. Default 1 MiB.
+    #[serde(default = "default_cache_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// Who shares an entry: `token` (default: each token its own), `app` (the tokens of one
+    /// app), or `route` (every caller the route admits).
+    #[serde(default)]
+    pub key_by: CacheKeyBy,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_cache_max_bytes(),
+            max_entry_bytes: default_cache_max_entry_bytes(),
+            key_by: CacheKeyBy::default(),
+        }
+    }
+}
+
+/// Who shares the entries of a route's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheKeyBy {
+    /// Each token (an API key, a JWT by its id) has entries of its own.
+    #[default]
+    Token,
+    /// The tokens of one app share entries.
+    App,
+    /// Every caller the route admits shares entries.
+    Route,
+}
+
+/// The smallest `max_bytes` accepted.
+pub const CACHE_MIN_BYTES: u64 = 1024;
+
+impl CacheConfig {
+    /// Checks the sizes; the error starts with its stable code and names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes < CACHE_MIN_BYTES {
+            return Err(format!(
+                "cache_max_bytes_too_small: cache.max_bytes must be at least {CACHE_MIN_BYTES} (it is {})",
+                self.max_bytes
+            ));
+        }
+        if self.max_entry_bytes == 0 {
+            return Err("cache_max_entry_bytes_zero: cache.max_entry_bytes must be at least 1".into());
+        }
+        if self.max_entry_bytes > self.max_bytes {
+            return Err(format!(
+                "cache_entry_larger_than_cache: cache.max_entry_bytes ({}) must not exceed cache.max_bytes ({})",
+                self.max_entry_bytes, self.max_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_cache_max_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+
+fn default_cache_max_entry_bytes() -> u64 {
+    1024 * 1024
+}
+
 /// `[routes.health_check]`: active checks; passive checks (failures of real requests) always run.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -547,5 +626,26 @@ mod tests {
         let mut spaced = cors(&["https://a.example"], false);
         spaced.expose_headers = vec!["a, b".into()];
         assert!(spaced.validate().unwrap_err().contains("cors.expose_headers"));
+    }
+
+    #[test]
+    fn cache_sizes_are_checked_with_stable_codes() {
+        assert!(CacheConfig::default().validate().is_ok());
+        let c = |max_bytes, max_entry_bytes| CacheConfig { max_bytes, max_entry_bytes, ..Default::default() };
+        assert!(c(1023, 1).validate().unwrap_err().starts_with("cache_max_bytes_too_small: cache.max_bytes"));
+        assert!(c(4096, 0).validate().unwrap_err().starts_with("cache_max_entry_bytes_zero:"));
+        assert!(c(4096, 4097).validate().unwrap_err().starts_with("cache_entry_larger_than_cache:"));
+        assert!(c(4096, 4096).validate().is_ok());
+        let parsed: RouteConfig = serde_json::from_value(serde_json::json!({
+            "id": "r", "path": "/r", "upstream": "http://127.0.0.1:1", "cache": {"key_by": "app"}
+        }))
+        .unwrap();
+        assert_eq!(parsed.cache, Some(CacheConfig { key_by: CacheKeyBy::App, ..Default::default() }));
+        let unknown = serde_json::from_value::<RouteConfig>(serde_json::json!({
+            "id": "r", "path": "/r", "upstream": "http://127.0.0.1:1", "cache": {"ttl": 5}
+        }));
+        assert!(unknown.is_err(), "unknown keys are refused");
+        let back = serde_json::to_value(RouteConfig::new("r", "/r", "http://127.0.0.1:1")).unwrap();
+        assert!(back.get("cache").is_none(), "no cache table: none written");
     }
 }

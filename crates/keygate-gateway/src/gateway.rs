@@ -51,9 +51,11 @@ impl Table {
         Self { routes, metrics }
     }
 
-    /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]), and
-    /// what its routes knew of their upstreams' DNS names ([`crate::resolve::carry`]).
-    pub fn succeeding(routes: RouteTable, old: &Table) -> Self {
+    /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]), what its
+    /// routes knew of their upstreams' DNS names ([`crate::resolve::carry`]), and the response
+    /// cache of each cached route defined as before ([`crate::cache::carry`]).
+    pub fn succeeding(mut routes: RouteTable, old: &Table) -> Self {
+        crate::cache::carry(&mut routes, &old.routes);
         let table = Self::new(routes);
         table.metrics.carry_from(&old.metrics);
         crate::resolve::carry(&table.routes, &old.routes);

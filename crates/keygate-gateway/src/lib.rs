@@ -11,13 +11,14 @@
 //!   limits and quotas ([`limiter`]), usage metering ([`usage`]), the upstream client
 //!   ([`proxy`], HTTP/1.1), its TLS ([`upstream_tls`]), HTTP/2 ([`upstream_h2`]) and the choice
 //!   between them ([`upstream`]), upstreams' DNS names ([`resolve`]), bodies ([`body`]), request
-//!   heads ([`head`]), metrics ([`metrics`]).
+//!   heads ([`head`]), metrics ([`metrics`]), the per-route response cache ([`cache`]).
 //!
 //! [`tasks`] holds the gateway's background loops (usage flusher, health checks, DNS refresh).
 #![forbid(unsafe_code)]
 
 pub mod answer;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod conns;
 pub mod ctx;

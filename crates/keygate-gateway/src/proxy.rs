@@ -587,12 +587,15 @@ pub struct UpstreamResponseBody {
     framing: Framing,
     /// The answer came over HTTP/2: its body (and trailers) from hyper's stream instead.
     h2: Option<hyper::body::Incoming>,
+    /// The response cache's part ([`crate::cache`]): the body served from memory (a hit), or a
+    /// copy kept as it streams (stored when it ends whole).
+    cache: Option<Box<crate::cache::Tap>>,
 }
 
 impl UpstreamResponseBody {
     /// The body of an answer that came over HTTP/2.
     pub fn from_h2(body: hyper::body::Incoming) -> Self {
-        Self { conn: None, framing: Framing::Done, h2: Some(body) }
+        Self { conn: None, framing: Framing::Done, h2: Some(body), cache: None }
     }
 
     /// The connection of a 101 answer, for the upgraded protocol.
@@ -600,8 +603,36 @@ impl UpstreamResponseBody {
         if self.framing == Framing::Upgraded { self.conn.take() } else { None }
     }
 
+    /// A body served from memory (a cache hit).
+    pub fn from_memory(body: Bytes) -> Self {
+        Self {
+            conn: None,
+            framing: Framing::Done,
+            h2: None,
+            cache: Some(Box::new(crate::cache::Tap::Memory(Some(body)))),
+        }
+    }
+
+    /// Keeps a copy of the body as it streams, for the cache. `false` (and nothing kept) when
+    /// its end could not be told from a failure (read until the connection closes).
+    pub fn tee(&mut self, tap: crate::cache::Tap) -> bool {
+        if matches!(self.framing, Framing::UntilClose | Framing::Upgraded) {
+            return false;
+        }
+        self.cache = Some(Box::new(tap));
+        true
+    }
+
+    /// Of a body served from memory: the bytes not yet given.
+    fn memory_len(&self) -> Option<u64> {
+        self.cache.as_deref().and_then(crate::cache::Tap::memory_len)
+    }
+
     /// The body's length, when the upstream gave one.
     pub fn exact_len(&self) -> Option<u64> {
+        if let Some(n) = self.memory_len() {
+            return Some(n);
+        }
         if let Some(b) = &self.h2 {
             return if b.is_end_stream() { Some(0) } else { b.size_hint().exact() };
         }
@@ -614,17 +645,21 @@ impl UpstreamResponseBody {
 
     /// Whether the answer has no body to read (a HEAD answer, 204, 304, an empty length).
     pub fn is_empty(&self) -> bool {
-        self.ended()
+        self.memory_len().map_or_else(|| self.ended(), |n| n == 0)
     }
 
     /// The body's bytes that are already buffered, without reading from the connection: for a
     /// small answer, usually the whole body, which then goes out in the same write as the head.
     pub fn buffered(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(d) = self.cache.as_deref_mut().and_then(crate::cache::Tap::take_memory) {
+            return Ok(d);
+        }
         if self.h2.is_some() {
             return Ok(None);
         }
         match self.step() {
             Ok(Step::Data(d)) => {
+                self.copy(&d);
                 if self.ended() {
                     self.finish();
                 }
@@ -667,10 +702,20 @@ impl UpstreamResponseBody {
         }
     }
 
+    /// Body bytes on their way to the client: the cache keeps a copy if it wants one.
+    fn copy(&mut self, d: &Bytes) {
+        if let Some(tap) = self.cache.as_deref_mut() {
+            tap.copy(d);
+        }
+    }
+
     /// The body is over: a connection that can take another request goes back to the pool.
     fn finish(&mut self) {
         let reusable = matches!(self.framing, Framing::Length(0) | Framing::Chunked(_));
         self.framing = Framing::Done;
+        if let Some(tap) = self.cache.take() {
+            tap.complete();
+        }
         if let Some(conn) = self.conn.take()
             && reusable
         {
@@ -681,6 +726,7 @@ impl UpstreamResponseBody {
     fn fail(&mut self) {
         self.framing = Framing::Done;
         self.conn = None;
+        self.cache = None;
     }
 
     fn ended(&self) -> bool {
@@ -697,14 +743,40 @@ impl Body for UpstreamResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(d) = this.cache.as_deref_mut().and_then(crate::cache::Tap::take_memory) {
+            return Poll::Ready(d.map(|d| Ok(Frame::data(d))));
+        }
         if let Some(b) = &mut this.h2 {
             // Data and trailers as they come (an HTTP/2 client gets the trailers; the HTTP/1.1
-            // front end takes only the data).
-            return Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError);
+            // front end takes only the data), each data piece copied for the cache when it
+            // keeps one, which completes at the stream's end (the last data frame may be the
+            // end: a consumer need not poll again after it).
+            let frame = ready!(Pin::new(&mut *b).poll_frame(cx));
+            let at_end = b.is_end_stream();
+            return Poll::Ready(match frame {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        this.copy(d);
+                    }
+                    if at_end {
+                        this.finish();
+                    }
+                    Some(Ok(f))
+                }
+                Some(Err(e)) => {
+                    this.fail();
+                    Some(Err(Box::new(e)))
+                }
+                None => {
+                    this.finish();
+                    None
+                }
+            });
         }
         loop {
             match this.step() {
                 Ok(Step::Data(d)) => {
+                    this.copy(&d);
                     if this.ended() {
                         this.finish();
                     }
@@ -756,10 +828,16 @@ impl Body for UpstreamResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(n) = self.memory_len() {
+            return n == 0;
+        }
         self.ended() || self.framing == Framing::Upgraded
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(n) = self.memory_len() {
+            return SizeHint::with_exact(n);
+        }
         if let Some(b) = &self.h2 {
             return b.size_hint();
         }
@@ -913,7 +991,10 @@ pub async fn send<B: BodySource, S: HeadSink>(
             f => f,
         };
     }
-    Ok(Answered { status: head.status, body: UpstreamResponseBody { conn: Some(conn), framing, h2: None } })
+    Ok(Answered {
+        status: head.status,
+        body: UpstreamResponseBody { conn: Some(conn), framing, h2: None, cache: None },
+    })
 }
 
 /// Writes the head and body and reads the answer's head. While the body streams, the answer is

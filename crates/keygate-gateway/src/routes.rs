@@ -285,6 +285,8 @@ pub struct Route {
     pub shared: bool,
     /// Where the route is defined.
     pub source: RouteSource,
+    /// The route's response cache (`[routes.cache]`), if it has one.
+    pub cache: Option<Arc<crate::cache::RouteCache>>,
 }
 
 impl Route {
@@ -469,6 +471,7 @@ impl RouteTable {
                 return Err(err("health_check.path must start with / and interval_seconds be at least 1".into()));
             }
             let upgrades = crate::config::upgrade_allowlist(&c.upgrades).map_err(err)?;
+            let cache = crate::cache::RouteCache::for_route(spec).map_err(err)?;
             routes.push(Arc::new(Route {
                 id: Arc::from(c.id.as_str()),
                 index,
@@ -497,6 +500,7 @@ impl RouteTable {
                 workspace_id: spec.workspace_id.map(Arc::from),
                 shared: c.shared,
                 source: spec.source,
+                cache,
             }));
         }
         // Two prefixes that differ only in letter case would make every request to either one
@@ -548,6 +552,7 @@ impl RouteTable {
                 workspace_id: None,
                 shared: true,
                 source: RouteSource::File,
+                cache: None,
             }));
         }
         Ok(Self { routes })

@@ -176,7 +176,8 @@ pub async fn start(
                         gw.index.seq() as f64,
                     ),
                     ("keygate_change_feed_lag", "Committed token changes the index has not applied yet.", lag as f64),
-                ]) + &conns.render()
+                ]) + &keygate_gateway::cache::render(&table.routes)
+                    + &conns.render()
                     + &keygate_gateway::resolve::render_metrics(&table.routes);
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }

@@ -85,6 +85,10 @@ pub struct RouteBody {
     /// DANGEROUS: accept any certificate for any name from this route's `https://` upstreams.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// `[routes.cache]`: the route's response cache, `{max_bytes, max_entry_bytes, key_by}`
+    /// (`key_by`: `token`, `app` or `route`); absent or null: no cache.
+    #[schema(value_type = Option<Object>)]
+    pub cache: Option<Value>,
     /// The HTTP version spoken to the upstreams: `http1` (default), `http2` (h2 over TLS, h2c
     /// over `http://`; what gRPC needs) or `auto` (`https://` only, negotiated by ALPN).
     pub upstream_protocol: Option<UpstreamProtocolBody>,

@@ -37,10 +37,27 @@ fn te_trailers(head: &ReqHead<'_>) -> bool {
 }
 
 impl Gateway {
-    /// Forward: sends the request to the route's upstreams, one attempt, or more for a request
-    /// without a body when a connection cannot be made. The answer's head goes to `sink`; on
-    /// failure, the refusal to give the client.
+    /// Forward: on a route with a response cache, a fresh stored answer, else (and on every
+    /// other route) the request sent upstream ([`Gateway::forward_upstream`]). The answer's head
+    /// goes to `sink`; on failure, the refusal to give the client.
     pub(crate) async fn forward<B: BodySource, S: HeadSink>(
+        &self,
+        ctx: &RequestCtx<'_, '_>,
+        route: &Route,
+        body: &mut Option<B>,
+        state: &BodyState,
+        sink: &mut S,
+    ) -> Result<Answered, Refuse> {
+        match &route.cache {
+            Some(cache) => self.forward_cached(cache, ctx, route, body, state, sink).await,
+            None => self.forward_upstream(ctx, route, body, state, sink).await,
+        }
+    }
+
+    /// Sends the request to the route's upstreams, one attempt, or more for a request without a
+    /// body when a connection cannot be made. The answer's head goes to `sink`; on failure, the
+    /// refusal to give the client.
+    pub(crate) async fn forward_upstream<B: BodySource, S: HeadSink>(
         &self,
         ctx: &RequestCtx<'_, '_>,
         route: &Route,

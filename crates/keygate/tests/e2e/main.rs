@@ -5,6 +5,7 @@
 
 mod admin_hardening;
 mod answer_framing;
+mod cache;
 mod cli;
 mod dashboard;
 mod dashboard_routes;

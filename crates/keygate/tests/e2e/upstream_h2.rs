@@ -49,6 +49,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<ChanBody>, Infallible> 
         .header("x-seen-token-id", seen("x-keygate-token-id"))
         .header("x-seen-authorization", if h.contains_key("authorization") { "yes" } else { "no" })
         .header("x-seen-path", req.uri().path_and_query().map_or("", |p| p.as_str()).to_owned())
+        .header("cache-control", if req.uri().path().contains("/cached") { "public, max-age=60" } else { "no-store" })
         .body(ChanBody(rx))
         .unwrap();
     let mut body = req.into_body();
@@ -302,5 +303,35 @@ async fn a_closed_http2_connection_is_replaced_without_failing_requests() {
         assert_eq!(resp.status(), StatusCode::OK, "request {i}: {:?}", resp.text().await);
         assert_eq!(resp.text().await.unwrap(), "");
     }
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn answers_of_an_http2_upstream_are_cached_like_any_other() {
+    let up = h2_upstream(None).await;
+    let mut r = route("h2c", "/h2c", &format!("http://127.0.0.1:{}", up.port()));
+    r.public = true;
+    r.upstream_protocol = keygate_gateway::config::UpstreamProtocol::Http2;
+    r.cache = Some(keygate_gateway::config::CacheConfig::default());
+    let kg = TestKeygate::start_with(Options { routes: vec![r], ..Options::default() }).await.unwrap();
+    let client = reqwest::Client::new();
+    let post = |path: &str| client.post(format!("{}{path}", kg.gateway_url())).body("x");
+    // A GET's answer (the echo of an empty body, ended by trailers) is stored whole ...
+    let cache_status = |r: &reqwest::Response| r.headers()["cache-status"].to_str().unwrap().to_owned();
+    let first = client.get(format!("{}/h2c/cached/a", kg.gateway_url())).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(cache_status(&first).contains("stored"), "{}", cache_status(&first));
+    assert_eq!(first.bytes().await.unwrap().len(), 0);
+    let second = client.get(format!("{}/h2c/cached/a", kg.gateway_url())).send().await.unwrap();
+    assert!(cache_status(&second).starts_with("keygate; hit"), "{}", cache_status(&second));
+    assert_eq!(second.headers()["x-seen-version"], "HTTP/2.0", "the stored fields");
+    // ... and what the upstream forbids is not.
+    let other = client.get(format!("{}/h2c/plain", kg.gateway_url())).send().await.unwrap();
+    assert!(cache_status(&other).contains("detail=no-store"), "{}", cache_status(&other));
+    // A POST passes through (and drops the URI's entry).
+    let posted = post("/h2c/cached/a").send().await.unwrap();
+    assert_eq!(posted.text().await.unwrap(), "x");
+    let third = client.get(format!("{}/h2c/cached/a", kg.gateway_url())).send().await.unwrap();
+    assert!(cache_status(&third).contains("fwd=uri-miss"), "{}", cache_status(&third));
     kg.stop().await;
 }

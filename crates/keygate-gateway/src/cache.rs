@@ -20,7 +20,7 @@
 //! ([`CacheKeyBy`]: each token by default), then the values of the request fields the stored
 //! answer's `Vary` names (as digests). Bounded memory: each route's cache counts its entries' keys, fields and
 //! bodies, and drops the least recently used to stay within `max_bytes`. A cache lives with its
-//! route: a table rebuilt with the route unchanged keeps it ([`carry`]), a changed route starts
+//! route: a table rebuilt with the route unchanged keeps it ([`carry`], walked by `RouteTable::carry_caches`), a changed route starts
 //! empty, so no answer of an old definition is ever served.
 //!
 //! Every answer on a cached route says what the cache did in `Cache-Status` (RFC 9211).
@@ -37,8 +37,7 @@ use http::{Method, StatusCode};
 
 use crate::config::{CacheConfig, CacheKeyBy, RouteConfig};
 use crate::head::ReqHead;
-use crate::proxy::{Answered, BadField, HeadSink, UpstreamResponseBody};
-use crate::routes::{RouteSpec, RouteTable};
+use crate::proxy::{Answered, BadField, BodyCopy, HeadSink, Tap, UpstreamResponseBody};
 
 /// Variants (by `Vary`) kept per URI and partition; the least recently used goes beyond.
 const MAX_VARIANTS: usize = 16;
@@ -184,10 +183,10 @@ pub(crate) enum Lookup {
 
 impl RouteCache {
     /// The cache of a route being built, if it has a `[routes.cache]`: checked, empty.
-    pub(crate) fn for_route(spec: &RouteSpec<'_>) -> Result<Option<Arc<Self>>, String> {
-        let Some(cfg) = &spec.config.cache else { return Ok(None) };
+    pub(crate) fn for_route(config: &RouteConfig, workspace_id: Option<&str>) -> Result<Option<Arc<Self>>, String> {
+        let Some(cfg) = &config.cache else { return Ok(None) };
         cfg.validate()?;
-        Ok(Some(Arc::new(Self::new(cfg.clone(), spec.config.clone(), spec.workspace_id.map(Arc::from)))))
+        Ok(Some(Arc::new(Self::new(cfg.clone(), config.clone(), workspace_id.map(Arc::from)))))
     }
 
     fn new(config: CacheConfig, definition: RouteConfig, workspace: Option<Arc<str>>) -> Self {
@@ -378,30 +377,24 @@ fn request_value(head: &ReqHead<'_>, name: &str) -> Option<[u8; 32]> {
     out.map(|h| h.finalize().into())
 }
 
-/// Before a new route table replaces `old`: each cached route defined exactly as before (every
-/// key, the workspace) keeps its cache and entries; a changed one starts empty, its counters
-/// carried.
-pub fn carry(new: &mut RouteTable, old: &RouteTable) {
-    for r in &mut new.routes {
-        let Some(route) = Arc::get_mut(r) else { continue };
-        let id = route.id.clone();
-        let Some(cache) = route.cache.as_mut() else { continue };
-        let Some(prev) = old.routes.iter().find(|o| o.id == id).and_then(|o| o.cache.as_ref()) else { continue };
-        if prev.definition == cache.definition && prev.workspace == cache.workspace {
-            *cache = prev.clone();
-        } else {
-            cache.stats.add_from(&prev.stats);
-        }
+/// Before a new route table replaces the old one, for a cached route of both (by id): defined
+/// exactly as before (every key, the workspace), it keeps `prev`'s cache and entries; changed, it
+/// starts empty, its counters carried. (The table walk is `RouteTable::carry_caches`.)
+pub fn carry(cache: &mut Arc<RouteCache>, prev: &Arc<RouteCache>) {
+    if prev.definition == cache.definition && prev.workspace == cache.workspace {
+        *cache = prev.clone();
+    } else {
+        cache.stats.add_from(&prev.stats);
     }
 }
 
 /// Picks one of a cache's counters.
 type Counter = fn(&Stats) -> &AtomicU64;
 
-/// The cache metrics of every cached route, in the Prometheus text format.
-pub fn render(table: &RouteTable) -> String {
-    let cached: Vec<(&str, &RouteCache)> =
-        table.routes.iter().filter_map(|r| r.cache.as_deref().map(|c| (&*r.id, c))).collect();
+/// The cache metrics of every cached route (route id and cache, as `RouteTable::caches` gives
+/// them), in the Prometheus text format.
+pub fn render<'a>(caches: impl IntoIterator<Item = (&'a str, &'a RouteCache)>) -> String {
+    let cached: Vec<(&str, &RouteCache)> = caches.into_iter().collect();
     let mut out = String::new();
     let counters: [(&str, &str, Counter); 4] = [
         ("hits", "Answers served from the route's response cache.", |s| &s.hits),
@@ -791,7 +784,7 @@ impl<S: HeadSink> HeadSink for Collect<'_, S> {
     }
 }
 
-/// An answer being kept while its body streams: stored by [`Tap::complete`] if it ends whole.
+/// An answer being kept while its body streams: stored by [`BodyCopy::complete`] if it ends whole.
 pub struct Tee {
     cache: Arc<RouteCache>,
     pending: Option<Box<Pending>>,
@@ -816,62 +809,37 @@ struct Pending {
     generation: u64,
 }
 
-/// What the response cache does with an upstream body ([`UpstreamResponseBody`]): serve it from
-/// memory (a hit), or keep a copy of it as it streams (a miss being stored).
-pub enum Tap {
-    Memory(Option<Bytes>),
-    Tee(Tee),
-}
-
-impl Tap {
-    /// Of a body served from memory: the bytes not yet given.
-    pub fn memory_len(&self) -> Option<u64> {
-        match self {
-            Self::Memory(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Tee(_) => None,
-        }
-    }
-
-    /// Of a body served from memory: its bytes, once (`Some(None)` after). `None` otherwise.
-    pub fn take_memory(&mut self) -> Option<Option<Bytes>> {
-        match self {
-            Self::Memory(b) => Some(b.take()),
-            Self::Tee(_) => None,
-        }
-    }
-
+impl BodyCopy for Tee {
     /// Body bytes that went to the client: a copy is kept, up to the entry's limit.
-    pub fn copy(&mut self, d: &Bytes) {
-        let Self::Tee(t) = self else { return };
-        if t.pending.is_none() || d.is_empty() {
+    fn copy(&mut self, d: &Bytes) {
+        if self.pending.is_none() || d.is_empty() {
             return;
         }
-        t.len += d.len() as u64;
-        if t.len > t.limit {
-            t.pending = None;
-            t.chunks = Vec::new();
+        self.len += d.len() as u64;
+        if self.len > self.limit {
+            self.pending = None;
+            self.chunks = Vec::new();
             return;
         }
-        t.chunks.push(d.clone());
+        self.chunks.push(d.clone());
     }
 
     /// The body ended whole: the answer is stored. (A body that failed or was dropped before
     /// its end never gets here.)
-    pub fn complete(self) {
-        let Self::Tee(t) = self else { return };
-        let Some(p) = t.pending else { return };
-        let body = match t.chunks.as_slice() {
+    fn complete(self: Box<Self>) {
+        let Some(p) = self.pending else { return };
+        let body = match self.chunks.as_slice() {
             [] => Bytes::new(),
             // A copy of its own: the entry must not hold a connection's read buffer.
             chunks => {
-                let mut b = BytesMut::with_capacity(usize::try_from(t.len).unwrap_or(0));
+                let mut b = BytesMut::with_capacity(usize::try_from(self.len).unwrap_or(0));
                 for c in chunks {
                     b.extend_from_slice(c);
                 }
                 b.freeze()
             }
         };
-        t.cache.insert(*p, body);
+        self.cache.insert(*p, body);
     }
 }
 
@@ -987,7 +955,7 @@ impl RouteCache {
                             len: 0,
                             limit,
                         };
-                        if answered.body.tee(Tap::Tee(tee)) {
+                        if answered.body.tee(Tap::Tee(Box::new(tee))) {
                             let _ = write!(status, "; stored; ttl={ttl_s}");
                         } else {
                             status.push_str("; detail=close-delimited");
@@ -1198,13 +1166,13 @@ mod tests {
             size: ENTRY_OVERHEAD + uri.len() as u64,
             generation: c.generation(uri),
         };
-        let mut tap = Tap::Tee(Tee {
+        let mut tap = Tap::Tee(Box::new(Tee {
             cache: c.clone(),
             pending: Some(Box::new(p)),
             chunks: Vec::new(),
             len: 0,
             limit: c.config.max_entry_bytes,
-        });
+        }));
         let (a, b) = body.split_at(body.len() / 2);
         tap.copy(&Bytes::from_static(a));
         tap.copy(&Bytes::from_static(b));
@@ -1289,9 +1257,9 @@ mod tests {
         assert_eq!(hit(&c, "/r/5", "", &h, 0), Err(Fwd::UriMiss));
         assert_eq!(c.held().1, 3);
         // A body that grows past the limit while streaming is dropped at once.
-        let mut tap = Tap::Tee(Tee { cache: c.clone(), pending: None, chunks: Vec::new(), len: 0, limit: 10 });
-        tap.copy(&Bytes::from_static(b"0123456789abc"));
-        assert!(matches!(&tap, Tap::Tee(t) if t.chunks.is_empty()));
+        let mut tee = Tee { cache: c.clone(), pending: None, chunks: Vec::new(), len: 0, limit: 10 };
+        tee.copy(&Bytes::from_static(b"0123456789abc"));
+        assert!(tee.chunks.is_empty());
     }
 
     #[test]

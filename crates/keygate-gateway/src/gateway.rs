@@ -52,13 +52,13 @@ impl Table {
     }
 
     /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]), what its
-    /// routes knew of their upstreams' DNS names ([`crate::resolve::carry`]), and the response
-    /// cache of each cached route defined as before ([`crate::cache::carry`]).
+    /// routes knew of their upstreams' DNS names ([`RouteTable::carry_dns`]), and the response
+    /// cache of each cached route defined as before ([`RouteTable::carry_caches`]).
     pub fn succeeding(mut routes: RouteTable, old: &Table) -> Self {
-        crate::cache::carry(&mut routes, &old.routes);
+        routes.carry_caches(&old.routes);
         let table = Self::new(routes);
         table.metrics.carry_from(&old.metrics);
-        crate::resolve::carry(&table.routes, &old.routes);
+        table.routes.carry_dns(&old.routes);
         table
     }
 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::body::{BodySource, BoxError};
-use crate::routes::Upstream;
+use crate::target::Upstream;
 use crate::timer::Deadline;
 pub use crate::upstream_tls::UpstreamStream;
 
@@ -589,7 +589,7 @@ pub struct UpstreamResponseBody {
     h2: Option<hyper::body::Incoming>,
     /// The response cache's part ([`crate::cache`]): the body served from memory (a hit), or a
     /// copy kept as it streams (stored when it ends whole).
-    cache: Option<Box<crate::cache::Tap>>,
+    cache: Option<Box<Tap>>,
 }
 
 impl UpstreamResponseBody {
@@ -605,17 +605,12 @@ impl UpstreamResponseBody {
 
     /// A body served from memory (a cache hit).
     pub fn from_memory(body: Bytes) -> Self {
-        Self {
-            conn: None,
-            framing: Framing::Done,
-            h2: None,
-            cache: Some(Box::new(crate::cache::Tap::Memory(Some(body)))),
-        }
+        Self { conn: None, framing: Framing::Done, h2: None, cache: Some(Box::new(Tap::Memory(Some(body)))) }
     }
 
     /// Keeps a copy of the body as it streams, for the cache. `false` (and nothing kept) when
     /// its end could not be told from a failure (read until the connection closes).
-    pub fn tee(&mut self, tap: crate::cache::Tap) -> bool {
+    pub fn tee(&mut self, tap: Tap) -> bool {
         if matches!(self.framing, Framing::UntilClose | Framing::Upgraded) {
             return false;
         }
@@ -625,7 +620,7 @@ impl UpstreamResponseBody {
 
     /// Of a body served from memory: the bytes not yet given.
     fn memory_len(&self) -> Option<u64> {
-        self.cache.as_deref().and_then(crate::cache::Tap::memory_len)
+        self.cache.as_deref().and_then(Tap::memory_len)
     }
 
     /// The body's length, when the upstream gave one.
@@ -651,7 +646,7 @@ impl UpstreamResponseBody {
     /// The body's bytes that are already buffered, without reading from the connection: for a
     /// small answer, usually the whole body, which then goes out in the same write as the head.
     pub fn buffered(&mut self) -> io::Result<Option<Bytes>> {
-        if let Some(d) = self.cache.as_deref_mut().and_then(crate::cache::Tap::take_memory) {
+        if let Some(d) = self.cache.as_deref_mut().and_then(Tap::take_memory) {
             return Ok(d);
         }
         if self.h2.is_some() {
@@ -743,7 +738,7 @@ impl Body for UpstreamResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(d) = this.cache.as_deref_mut().and_then(crate::cache::Tap::take_memory) {
+        if let Some(d) = this.cache.as_deref_mut().and_then(Tap::take_memory) {
             return Poll::Ready(d.map(|d| Ok(Frame::data(d))));
         }
         if let Some(b) = &mut this.h2 {
@@ -883,6 +878,54 @@ pub enum SendError {
     Upstream(UpstreamError),
     /// The client's body failed while it streamed upstream (too large, malformed).
     Body(BoxError),
+}
+
+/// What a response cache ([`crate::cache`]) does with an answer's body: serve it from memory (a
+/// hit), or keep a copy of it as it streams (a miss being stored). Defined here, with the body,
+/// so that the cache depends on the upstream client and not the other way round.
+pub enum Tap {
+    Memory(Option<Bytes>),
+    Tee(Box<dyn BodyCopy>),
+}
+
+/// A copy of an answer's body kept as it streams; completed only if the body ended whole.
+pub trait BodyCopy: Send {
+    /// Body bytes that went to the client.
+    fn copy(&mut self, d: &Bytes);
+    /// The body ended whole.
+    fn complete(self: Box<Self>);
+}
+
+impl Tap {
+    /// Of a body served from memory: the bytes not yet given.
+    pub fn memory_len(&self) -> Option<u64> {
+        match self {
+            Self::Memory(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Tee(_) => None,
+        }
+    }
+
+    /// Of a body served from memory: its bytes, once (`Some(None)` after). `None` otherwise.
+    pub fn take_memory(&mut self) -> Option<Option<Bytes>> {
+        match self {
+            Self::Memory(b) => Some(b.take()),
+            Self::Tee(_) => None,
+        }
+    }
+
+    /// Body bytes that went to the client: a copy keeps them.
+    pub fn copy(&mut self, d: &Bytes) {
+        if let Self::Tee(t) = self {
+            t.copy(d);
+        }
+    }
+
+    /// The body ended whole.
+    pub fn complete(self) {
+        if let Self::Tee(t) = self {
+            t.complete();
+        }
+    }
 }
 
 /// An upstream's answer: its status (its head went to the sink) and its body.

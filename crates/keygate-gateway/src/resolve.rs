@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::routes::{Route, RouteTable, Upstream};
+use crate::target::Upstream;
 
 /// The most addresses of one name that become targets.
 pub const MAX_ADDRESSES: usize = 64;
@@ -328,17 +328,6 @@ impl RouteDns {
     }
 }
 
-/// What each route of `table` that `old` also has (by id) knew of its names: see
-/// [`RouteDns::carry_from`].
-pub fn carry(table: &RouteTable, old: &RouteTable) {
-    for route in &table.routes {
-        let Some(dns) = &route.dns else { continue };
-        if let Some(prev) = old.routes.iter().find(|o| o.id == route.id).and_then(|o| o.dns.as_deref()) {
-            dns.carry_from(prev);
-        }
-    }
-}
-
 /// Which names [`refresh`] looks up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
@@ -348,12 +337,17 @@ pub enum Which {
     Due,
 }
 
-/// Looks up the names of `table` that `which` says, all at once (each within
-/// [`LOOKUP_TIMEOUT`]), and applies the results at `now_ms`. Returns how many lookups were made.
-pub async fn refresh(table: &RouteTable, resolver: &Arc<dyn Resolve>, now_ms: u64, which: Which) -> usize {
+/// Looks up the names of the routes' DNS sides `dns` (a table's: `RouteTable::dns`) that `which`
+/// says, all at once (each within [`LOOKUP_TIMEOUT`]), and applies the results at `now_ms`.
+/// Returns how many lookups were made.
+pub async fn refresh<'a>(
+    dns: impl IntoIterator<Item = &'a Arc<RouteDns>>,
+    resolver: &Arc<dyn Resolve>,
+    now_ms: u64,
+    which: Which,
+) -> usize {
     let mut lookups = tokio::task::JoinSet::new();
-    for route in &table.routes {
-        let Some(dns) = &route.dns else { continue };
+    for dns in dns {
         for (k, name) in dns.names().enumerate() {
             let due = {
                 let st = name.state.lock();
@@ -363,8 +357,8 @@ pub async fn refresh(table: &RouteTable, resolver: &Arc<dyn Resolve>, now_ms: u6
                 }
             };
             if due {
-                let (route, resolver) = (route.clone(), resolver.clone());
-                lookups.spawn(async move { lookup_and_apply(&route, &*resolver, k, now_ms).await });
+                let (dns, resolver) = (dns.clone(), resolver.clone());
+                lookups.spawn(async move { lookup_and_apply(&dns, &*resolver, k, now_ms).await });
             }
         }
     }
@@ -373,8 +367,7 @@ pub async fn refresh(table: &RouteTable, resolver: &Arc<dyn Resolve>, now_ms: u6
     n
 }
 
-async fn lookup_and_apply(route: &Route, resolver: &dyn Resolve, k: usize, now_ms: u64) {
-    let Some(dns) = &route.dns else { return };
+async fn lookup_and_apply(dns: &RouteDns, resolver: &dyn Resolve, k: usize, now_ms: u64) {
     let Some(name) = dns.names().nth(k) else { return };
     let result = tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup(&name.host, name.port))
         .await
@@ -382,17 +375,13 @@ async fn lookup_and_apply(route: &Route, resolver: &dyn Resolve, k: usize, now_m
     dns.apply(k, result, now_ms);
 }
 
-/// The DNS metrics of `table`, in the Prometheus text format: per route and upstream name, its
-/// addresses, how many of them are healthy, and failed lookups.
-pub fn render_metrics(table: &RouteTable) -> String {
+/// The DNS metrics of the routes' DNS sides `dns` (a table's: `RouteTable::dns`), in the
+/// Prometheus text format: per route and upstream name, its addresses, how many of them are
+/// healthy, and failed lookups.
+pub fn render_metrics<'a>(dns: impl IntoIterator<Item = &'a Arc<RouteDns>>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let names: Vec<(&Route, &DnsName)> = table
-        .routes
-        .iter()
-        .filter_map(|r| r.dns.as_ref().map(|d| (r, d)))
-        .flat_map(|(r, d)| d.names().map(move |n| (&**r, n)))
-        .collect();
+    let names: Vec<(&str, &DnsName)> = dns.into_iter().flat_map(|d| d.names().map(move |n| (&*d.route, n))).collect();
     let mut gauge = |metric: &str, kind: &str, help: &str, value: &dyn Fn(&DnsName) -> u64| {
         let _ = writeln!(out, "# HELP {metric} {help}");
         let _ = writeln!(out, "# TYPE {metric} {kind}");
@@ -400,7 +389,7 @@ pub fn render_metrics(table: &RouteTable) -> String {
             let _ = writeln!(
                 out,
                 "{metric}{{route=\"{}\",upstream=\"{}:{}\"}} {}",
-                route.id,
+                route,
                 name.host,
                 name.port,
                 value(name)
@@ -432,6 +421,7 @@ pub fn render_metrics(table: &RouteTable) -> String {
 mod tests {
     use super::*;
     use crate::config::{Balance, GatewayConfig, RouteConfig};
+    use crate::routes::{Route, RouteTable};
 
     /// Answers from a table the test changes; counts lookups.
     #[derive(Default)]
@@ -513,7 +503,7 @@ mod tests {
         let route = &t.routes[0];
         assert!(route.targets().is_empty());
         f.set("svc.test", &["10.0.0.1:0", "10.0.0.2:0", "10.0.0.1:0"]);
-        assert_eq!(refresh(&t, &r, 0, Which::New).await, 1);
+        assert_eq!(refresh(t.dns(), &r, 0, Which::New).await, 1);
         assert_eq!(addrs(route), ["10.0.0.1:8080", "10.0.0.2:8080"], "deduplicated, in the resolver's order");
         let first = resolved(route);
         let (a, b) = (&first[0], &first[1]);
@@ -523,9 +513,9 @@ mod tests {
         a.failures.store(7, Ordering::Relaxed);
 
         // Not due before the refresh interval; due after.
-        assert_eq!(refresh(&t, &r, 9_999, Which::Due).await, 0);
+        assert_eq!(refresh(t.dns(), &r, 9_999, Which::Due).await, 0);
         f.set("svc.test", &["10.0.0.3:0", "10.0.0.1:0"]);
-        assert_eq!(refresh(&t, &r, 10_000, Which::Due).await, 1);
+        assert_eq!(refresh(t.dns(), &r, 10_000, Which::Due).await, 1);
         assert_eq!(addrs(route), ["10.0.0.3:8080", "10.0.0.1:8080"]);
         let now = resolved(route);
         assert!(Arc::ptr_eq(&now[1], a), "10.0.0.1 stays: the same target");
@@ -554,21 +544,21 @@ mod tests {
         let route = &t.routes[0];
         let dns = route.dns.as_ref().unwrap();
         // Never resolved: no address, retried sooner than the refresh interval.
-        refresh(&t, &r, 0, Which::New).await;
+        refresh(t.dns(), &r, 0, Which::New).await;
         assert!(route.targets().is_empty());
         assert_eq!(dns.names().next().unwrap().failures(), 1);
-        assert_eq!(refresh(&t, &r, 4_999, Which::Due).await, 0);
+        assert_eq!(refresh(t.dns(), &r, 4_999, Which::Due).await, 0);
         f.set("svc.test", &["10.0.0.1:0"]);
-        assert_eq!(refresh(&t, &r, 5_000, Which::Due).await, 1, "an unresolved name is retried after 5 s");
+        assert_eq!(refresh(t.dns(), &r, 5_000, Which::Due).await, 1, "an unresolved name is retried after 5 s");
         assert_eq!(addrs(route), ["10.0.0.1:8080"]);
         f.fail("svc.test");
-        refresh(&t, &r, 15_000, Which::Due).await;
+        refresh(t.dns(), &r, 15_000, Which::Due).await;
         assert_eq!(addrs(route), ["10.0.0.1:8080"], "SERVFAIL keeps the last set");
         f.set("svc.test", &[]);
-        refresh(&t, &r, 25_000, Which::Due).await;
+        refresh(t.dns(), &r, 25_000, Which::Due).await;
         assert_eq!(addrs(route), ["10.0.0.1:8080"], "no address keeps the last set");
         assert_eq!(dns.names().next().unwrap().failures(), 3);
-        let text = render_metrics(&t);
+        let text = render_metrics(t.dns());
         for line in [
             "keygate_gateway_upstream_addresses{route=\"r\",upstream=\"svc.test:8080\"} 1",
             "keygate_gateway_upstream_healthy_addresses{route=\"r\",upstream=\"svc.test:8080\"} 1",
@@ -584,7 +574,7 @@ mod tests {
         let many: Vec<String> = (0..100).map(|i| format!("10.0.{}.{}:0", i / 250, i % 250 + 1)).collect();
         f.set("svc.test", &many.iter().map(String::as_str).collect::<Vec<_>>());
         let t = table(&["http://svc.test:80"], Balance::RoundRobin);
-        refresh(&t, &r, 0, Which::New).await;
+        refresh(t.dns(), &r, 0, Which::New).await;
         assert_eq!(t.routes[0].targets().len(), MAX_ADDRESSES);
     }
 
@@ -593,7 +583,7 @@ mod tests {
         let (f, r) = fake();
         f.set("svc.test", &["10.0.0.1:0", "10.0.0.2:0"]);
         let t = table(&["http://svc.test:8080", "http://127.0.0.1:9"], Balance::RoundRobin);
-        refresh(&t, &r, 0, Which::New).await;
+        refresh(t.dns(), &r, 0, Which::New).await;
         let route = &t.routes[0];
         assert_eq!(addrs(route), ["10.0.0.1:8080", "10.0.0.2:8080", "127.0.0.1:9"]);
         let targets = route.targets();
@@ -619,7 +609,7 @@ mod tests {
         let (f, r) = fake();
         f.set("svc.test", &["10.0.0.1:0", "10.0.0.2:0"]);
         let t = table(&["http://svc.test:8080"], Balance::LeastRequests);
-        refresh(&t, &r, 0, Which::New).await;
+        refresh(t.dns(), &r, 0, Which::New).await;
         let targets = t.routes[0].targets();
         assert!(targets.iter().all(|u| u.counts_in_flight));
         targets.get(0).unwrap().in_flight.store(3, Ordering::Relaxed);
@@ -631,23 +621,23 @@ mod tests {
         let (f, r) = fake();
         f.set("svc.test", &["10.0.0.1:0"]);
         let old = table(&["http://svc.test:8080"], Balance::RoundRobin);
-        refresh(&old, &r, 0, Which::New).await;
+        refresh(old.dns(), &r, 0, Which::New).await;
         resolved(&old.routes[0])[0].healthy.store(false, Ordering::Relaxed);
         let asked = f.asked.load(Ordering::Relaxed);
 
         let new = table(&["http://svc.test:8080", "http://other.test:80"], Balance::RoundRobin);
-        carry(&new, &old);
+        new.carry_dns(&old);
         let kept = resolved(&new.routes[0]);
         assert_eq!(kept.len(), 1);
         assert!(Arc::ptr_eq(&kept[0], &resolved(&old.routes[0])[0]), "the same target, health and all");
         f.set("other.test", &["10.0.0.9:0"]);
-        assert_eq!(refresh(&new, &r, 1, Which::New).await, 1, "only the new name is looked up");
+        assert_eq!(refresh(new.dns(), &r, 1, Which::New).await, 1, "only the new name is looked up");
         assert_eq!(f.asked.load(Ordering::Relaxed), asked + 1);
         assert_eq!(addrs(&new.routes[0]), ["10.0.0.1:8080", "10.0.0.9:80"]);
 
         // Another base path: the addresses are kept, with new targets.
         let moved = table(&["http://svc.test:8080/v2"], Balance::RoundRobin);
-        carry(&moved, &old);
+        moved.carry_dns(&old);
         let t = resolved(&moved.routes[0]);
         assert_eq!(t.len(), 1);
         assert!(!Arc::ptr_eq(&t[0], &resolved(&old.routes[0])[0]) && t[0].is_healthy() && t[0].base_path == "/v2");

@@ -92,7 +92,7 @@ pub fn spawn_resolver(gw: Arc<Gateway>, resolver: Arc<dyn crate::resolve::Resolv
             tick.tick().await;
             let table = gw.table.load_full();
             let now = crate::resolve::monotonic_ms();
-            crate::resolve::refresh(&table.routes, &resolver, now, crate::resolve::Which::Due).await;
+            crate::resolve::refresh(table.routes.dns(), &resolver, now, crate::resolve::Which::Due).await;
         }
     })
 }

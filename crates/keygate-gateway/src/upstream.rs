@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::config::UpstreamProtocol;
 use crate::proxy::{self, Conn, UpstreamError};
-use crate::routes::Upstream;
+use crate::target::Upstream;
 use crate::upstream_h2::{self as h2, H2Conn};
 
 /// A connection for one request, in the HTTP version the upstream speaks.

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::body::{BodySource, BoxError, UpstreamBody};
 use crate::proxy::{Answered, HeadSink, SendError, UpstreamError, UpstreamRequest, UpstreamResponseBody};
-use crate::routes::Upstream;
+use crate::target::Upstream;
 use crate::upstream_tls::UpstreamStream;
 
 /// The largest answer head (HPACK-decoded field section) accepted from an upstream, as for

@@ -273,7 +273,7 @@ pub async fn build(
     // not resolve is logged and keygate starts anyway (see keygate_gateway::resolve).
     let resolver: Arc<dyn keygate_gateway::resolve::Resolve> = Arc::new(keygate_gateway::resolve::SystemResolver);
     let now = keygate_gateway::resolve::monotonic_ms();
-    keygate_gateway::resolve::refresh(&routes, &resolver, now, keygate_gateway::resolve::Which::New).await;
+    keygate_gateway::resolve::refresh(routes.dns(), &resolver, now, keygate_gateway::resolve::Which::New).await;
     let limiter = Limiter::default();
     let counts = admin.store().quota_counts().await.map_err(|e| anyhow::anyhow!("cannot load quota counts: {e}"))?;
     limiter.load_quota_counts(&counts);

@@ -176,9 +176,9 @@ pub async fn start(
                         gw.index.seq() as f64,
                     ),
                     ("keygate_change_feed_lag", "Committed token changes the index has not applied yet.", lag as f64),
-                ]) + &keygate_gateway::cache::render(&table.routes)
+                ]) + &keygate_gateway::cache::render(table.routes.caches())
                     + &conns.render()
-                    + &keygate_gateway::resolve::render_metrics(&table.routes);
+                    + &keygate_gateway::resolve::render_metrics(table.routes.dns());
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

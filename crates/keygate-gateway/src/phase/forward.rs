@@ -21,7 +21,8 @@ use crate::ctx::{Caller, ConnInfo, Identity, IpText, RequestCtx, client_ip, is_t
 use crate::gateway::{Gateway, IDENTITY_TTL_S, IdentityKey, Minted, Pinned};
 use crate::head::{self, ReqHead, upgrade_requested};
 use crate::proxy::{self, Answered, HeadSink, RequestFraming, UpstreamError, UpstreamRequest};
-use crate::routes::{Route, Upstream};
+use crate::routes::Route;
+use crate::target::Upstream;
 use crate::upstream::Opened;
 use crate::upstream_h2;
 

@@ -152,7 +152,7 @@ async fn a_name_with_two_addresses_balances_and_one_stopping_leaves_the_other_se
     let mut now = 1_000_000_000;
     let refresh = async |now: u64| {
         let table = kg.gateway().table.load_full();
-        resolve::refresh(&table.routes, &resolver, now, Which::Due).await
+        resolve::refresh(table.routes.dns(), &resolver, now, Which::Due).await
     };
     assert_eq!(refresh(now).await, 2, "the name of each route");
     let mut seen = BTreeSet::new();

@@ -1474,6 +1474,17 @@ def every_run(res: dict) -> list[str]:
     return lines
 
 
+def side_costs(s: dict, load_generator: str) -> str:
+    """What the upstream, the load generator and the rest of the machine spent, and the errors."""
+    up = ", ".join(f"{v} {s[v]['upstream_cpu_us_per_req']:.1f}" for v in VARIANTS)
+    load = ", ".join(f"{v} {s[v]['wrk_cpu_us_per_req']:.1f}" for v in VARIANTS)
+    other = max(s[v]["other_cpu_cores"] for v in VARIANTS)
+    return (f"Per request, the upstream spent (µs): {up}; {load_generator} spent: {load}. Other processes on the "
+            f"machine used at most {other:.2f} cores (median per variant) during the runs. "
+            f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
+            f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
+
+
 def markdown(res: dict, chart_name: str) -> str:
     f, p, s = res["facts"], res["params"], res["summary"]
     lines = run_header(res, f"{f['nginx']}, {f['haproxy']}, {f['wrk']}, {f['h2load']}", "python3 bench/gateway.py")
@@ -1513,13 +1524,7 @@ def markdown(res: dict, chart_name: str) -> str:
                  "measured run, divided by the requests wrk completed); RSS is the sum of `VmHWM` over its "
                  "processes. Round ranges of the ratio are in parentheses. Non-2xx are the revoked tokens' 401s.")
     lines.append("")
-    up = ", ".join(f"{v} {s[v]['upstream_cpu_us_per_req']:.1f}" for v in VARIANTS)
-    wrkc = ", ".join(f"{v} {s[v]['wrk_cpu_us_per_req']:.1f}" for v in VARIANTS)
-    other = max(s[v]["other_cpu_cores"] for v in VARIANTS)
-    lines.append(f"Per request, the upstream spent (µs): {up}; wrk spent: {wrkc}. Other processes on the machine "
-                 f"used at most {other:.2f} cores (median per variant) during the runs. "
-                 f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
-                 f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
+    lines.append(side_costs(s, "wrk"))
     lines.append("")
     fresh = res.get("fresh") or []
     if fresh:
@@ -1537,15 +1542,18 @@ def markdown(res: dict, chart_name: str) -> str:
                "No token was sent twice.")
         )
         lines.append("")
-    lines.append(f"![Gateway benchmark: throughput against the nginx proxy, CPU per request, p99 added latency]({chart_name})")
-    lines.append("")
-    lines.append("**Goals** (keygate against the plain nginx proxy, on this machine):")
-    lines.append("")
-    for goal, ok, detail in verdicts(s):
-        lines.append(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}.")
-    lines.append("")
-    lines.extend(every_run(res))
+    lines.extend(chart_goals_runs(
+        res, f"![Gateway benchmark: throughput against the nginx proxy, CPU per request, p99 added latency]({chart_name})",
+        "keygate against the plain nginx proxy, on this machine", verdicts(s)))
     return "\n".join(wrap_prose(lines))
+
+
+def chart_goals_runs(res: dict, image: str, whom: str, goals: list[tuple[str, bool, str]]) -> list[str]:
+    """The end of a section: the chart, the goals met or not, every run."""
+    lines = [image, "", f"**Goals** ({whom}):", ""]
+    lines.extend(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}." for goal, ok, detail in goals)
+    lines.append("")
+    return lines + every_run(res)
 
 
 def tls_verdicts(s: dict) -> list[tuple[str, bool, str]]:
@@ -1628,31 +1636,22 @@ def markdown_tls(res: dict, chart_name: str) -> str:
             f"{fmt_int(res['rates'][v])} | {r['lat_p50_ms']:.2f} / {r['lat_p99_ms']:.2f} |"
         )
     lines.append("")
-    lines.append("What each TLS leg negotiated (the client leg as seen by `openssl s_client`, an OpenSSL client "
-                 "like wrk and h2load; the upstream leg as the upstream nginx saw it, its `$ssl_protocol "
-                 "$ssl_cipher, $ssl_curve, reused=$ssl_session_reused` fetched through the proxy):")
+    lines.append("What each TLS leg negotiated: the client leg as `openssl s_client` with OpenSSL's defaults (those "
+                 "wrk uses) saw it, or, for the HTTP/2 pair, as h2load reported it (h2load puts AES-128-GCM first in "
+                 "its TLS 1.3 suites); the upstream leg as the upstream nginx saw it, its `$ssl_protocol "
+                 "$ssl_cipher, $ssl_curve, reused=$ssl_session_reused` fetched through the proxy. In TLS 1.3 both "
+                 "servers follow the client's order of preference, so each pair runs the same suite:")
     lines.append("")
     for v in VARIANTS:
         for leg, text in tls.get(v, {}).items():
             name = "client → proxy" if leg == "client" else "proxy → upstream"
             lines.append(f"- {LABELS[v]}, {name}: {text}")
     lines.append("")
-    up = ", ".join(f"{v} {s[v]['upstream_cpu_us_per_req']:.1f}" for v in VARIANTS)
-    load = ", ".join(f"{v} {s[v]['wrk_cpu_us_per_req']:.1f}" for v in VARIANTS)
-    other = max(s[v]["other_cpu_cores"] for v in VARIANTS)
-    lines.append(f"Per request, the upstream spent (µs): {up}; the load generator spent: {load}. Other processes "
-                 f"on the machine used at most {other:.2f} cores (median per variant) during the runs. "
-                 f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
-                 f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
+    lines.append(side_costs(s, "the load generator"))
     lines.append("")
-    lines.append(f"![Gateway over TLS and HTTP/2: throughput against its nginx, CPU per request, p99]({chart_name})")
-    lines.append("")
-    lines.append("**Goals** (issue 13; each keygate variant against the nginx of its pair, on this machine):")
-    lines.append("")
-    for goal, ok, detail in tls_verdicts(s):
-        lines.append(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}.")
-    lines.append("")
-    lines.extend(every_run(res))
+    lines.extend(chart_goals_runs(
+        res, f"![Gateway over TLS and HTTP/2: throughput against its nginx, CPU per request, p99]({chart_name})",
+        "issue 13; each keygate variant against the nginx of its pair, on this machine", tls_verdicts(s)))
     return "\n".join(wrap_prose(lines))
 
 

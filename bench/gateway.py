@@ -30,12 +30,26 @@ starts is stopped when it ends, including on Ctrl-C.
                                              # an A/B: another keygate binary runs as a sixth
                                              # variant, "baseline", on a copy of the same data
                                              # (same tokens, same pepper), interleaved with the rest
+    python3 bench/gateway.py --suite tls     # TLS and HTTP/2, each keygate variant beside its nginx
+
+`--suite tls` measures three other pairs, interleaved the same way, on a certificate (ECDSA P-256,
+from a CA made for the run) that both sides serve:
+
+  nginx-tls / keygate-tls            TLS on the listener (nginx with OpenSSL, keygate with rustls),
+                                     wrk over HTTPS with keep-alive, plain HTTP to the upstream
+  nginx-https-up / keygate-https-up  plain HTTP from wrk, `https://` to the upstream (an nginx TLS
+                                     listener), the upstream's certificate verified by both
+  nginx-h2 / keygate-h2              HTTP/2 clients: h2load over TLS, ALPN h2, on the TLS listeners
+
+Each variant's ratio is to the nginx of its pair; the TLS version, cipher suite and group each
+side negotiated are recorded. The page gets its own section (the plain one stays as it is).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -46,6 +60,7 @@ import resource
 import re
 import shutil
 import signal
+import ssl
 import statistics
 import textwrap
 import subprocess
@@ -59,6 +74,22 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 VARIANTS = ["direct", "nginx", "nginx-keys", "haproxy", "keygate", "keygate-jwt"]
+# `--suite tls`: each keygate variant and the nginx it is measured against (its "reference"; in the
+# plain suite every variant's reference is the plain nginx proxy).
+TLS_PAIRS = [("nginx-tls", "keygate-tls"), ("nginx-https-up", "keygate-https-up"), ("nginx-h2", "keygate-h2")]
+SUITES = {"plain": list(VARIANTS), "tls": [v for pair in TLS_PAIRS for v in pair]}
+REFERENCE = {v: n for n, k in TLS_PAIRS for v in (n, k)}
+TLS_LISTENER = {"nginx-tls", "keygate-tls", "nginx-h2", "keygate-h2"}
+HTTP2 = {"nginx-h2", "keygate-h2"}
+# The process that serves a variant, where it is not the variant's own name.
+PROCESS = {"direct": "upstream", "keygate-jwt": "keygate", "keygate-jwt-new": "keygate",
+           "nginx-h2": "nginx-tls", "keygate-h2": "keygate-tls"}
+
+
+def reference(variant: str) -> str:
+    return REFERENCE.get(variant, "nginx")
+
+
 LABELS = {
     "direct": "direct (no proxy)",
     "nginx": "nginx, plain proxy",
@@ -68,6 +99,12 @@ LABELS = {
     "keygate-jwt": "keygate with JWT access tokens (cached)",
     "keygate-jwt-new": "keygate with JWTs never seen before",
     "baseline": "keygate, baseline binary (--baseline)",
+    "nginx-tls": "nginx, TLS listener (OpenSSL)",
+    "keygate-tls": "keygate, TLS listener (rustls)",
+    "nginx-https-up": "nginx, https:// upstream",
+    "keygate-https-up": "keygate, https:// upstream",
+    "nginx-h2": "nginx, HTTP/2 clients (TLS, ALPN h2)",
+    "keygate-h2": "keygate, HTTP/2 clients (TLS, ALPN h2)",
 }
 COLORS = {
     "direct": "#9e9e9e",
@@ -77,11 +114,22 @@ COLORS = {
     "keygate": "#e65100",
     "keygate-jwt": "#ffa726",
     "baseline": "#8d6e63",
+    "nginx-tls": "#2e7d32",
+    "keygate-tls": "#e65100",
+    "nginx-https-up": "#66bb6a",
+    "keygate-https-up": "#ffa726",
+    "nginx-h2": "#a5d6a7",
+    "keygate-h2": "#ffcc80",
 }
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
 
 BEGIN = "<!-- gateway-bench:begin — written by bench/gateway.py; a rerun replaces what is inside -->"
 END = "<!-- gateway-bench:end -->"
+TLS_BEGIN = "<!-- gateway-bench-tls:begin — written by bench/gateway.py --suite tls; a rerun replaces what is inside -->"
+TLS_END = "<!-- gateway-bench-tls:end -->"
+# Set by Bench.make_certs: trusts the run's CA, for the script's own HTTPS requests.
+CLIENT_TLS: ssl.SSLContext | None = None
+CLIENT_TLS_CA: Path | None = None
 
 
 def log(msg: str) -> None:
@@ -189,12 +237,18 @@ def machine_busy_ticks() -> int:
     return sum(v[:8]) - idle
 
 
-def wait_http(port: int, path: str = "/", timeout: float = 30.0, headers: dict | None = None) -> int:
+def connection(port: int, tls: bool = False, timeout: float = 5) -> http.client.HTTPConnection:
+    if tls:
+        return http.client.HTTPSConnection("localhost", port, timeout=timeout, context=CLIENT_TLS)
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+
+def wait_http(port: int, path: str = "/", timeout: float = 30.0, headers: dict | None = None, tls: bool = False) -> int:
     deadline = time.time() + timeout
     last: Exception | None = None
     while time.time() < deadline:
         try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c = connection(port, tls, timeout=2)
             c.request("GET", path, headers=headers or {})
             status = c.getresponse().status
             c.close()
@@ -205,13 +259,54 @@ def wait_http(port: int, path: str = "/", timeout: float = 30.0, headers: dict |
     raise RuntimeError(f"nothing answers on port {port} after {timeout}s: {last}")
 
 
-def get_status(port: int, token: str | None) -> int:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    c.request("GET", "/bench", headers={"Authorization": f"Bearer {token}"} if token else {})
+def fetch(port: int, token: str | None, tls: bool = False, path: str = "/bench") -> tuple[int, str]:
+    c = connection(port, tls)
+    c.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
     r = c.getresponse()
-    r.read()
+    body = r.read().decode(errors="replace")
     c.close()
-    return r.status
+    return r.status, body
+
+
+def get_status(port: int, token: str | None, tls: bool = False) -> int:
+    return fetch(port, token, tls)[0]
+
+
+def h2_once(port: int, token: str | None) -> tuple[int, str]:
+    """One HTTP/2 request over TLS with h2load (the load generator of the h2 variants), which must
+    negotiate h2 by ALPN: the status class (200, 300, 400 or 500) and what the TLS negotiated, as
+    h2load reports it."""
+    argv = ["h2load", "-n1", "-c1", f"https://localhost:{port}/bench"]
+    if token:
+        argv[1:1] = ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    if not re.search(r"^application protocol: h2$", out, re.M | re.I):
+        raise RuntimeError(f"h2load did not negotiate h2 with port {port}:\n{out}")
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not m:
+        raise RuntimeError(f"h2load against port {port} gave no status:\n{out}")
+    counts = [int(x) for x in m.groups()]
+    tls = re.search(r"TLS Protocol: (\S+)\nCipher: (\S+)\nServer Temp Key: (\S+)", out)
+    facts = f"{tls.group(1)} {tls.group(2)}, {tls.group(3)}, ALPN h2 (as h2load reports it)" if tls else "?"
+    return ([200, 300, 400, 500][counts.index(1)] if 1 in counts else 0), facts
+
+
+def negotiated_tls(port: int, alpn: str) -> str:
+    """What an OpenSSL client (the library wrk and h2load use) negotiates with the listener on `port`."""
+    p = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-alpn", alpn,
+         "-CAfile", str(CLIENT_TLS_CA)],
+        input="", capture_output=True, text=True, timeout=20,
+    )
+    out = p.stdout + p.stderr
+    proto = re.search(r"New, (TLSv[\d.]+), Cipher is (\S+)", out)
+    group = re.search(r"Server Temp Key: ([^\n]+)", out)
+    got_alpn = re.search(r"ALPN protocol: (\S+)", out)
+    verify = re.search(r"Verify return code: (\d+)", out)
+    if not proto:
+        return "?"
+    return (f"{proto.group(1)} {proto.group(2)}, {group.group(1).split(',')[0] if group else '?'}, "
+            f"ALPN {got_alpn.group(1) if got_alpn else 'none'}, verify {'ok' if verify and verify.group(1) == '0' else 'FAILED'}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,10 +350,17 @@ class Ports:
     baseline: int
     baseline_admin: int
     jwks: int
+    upstream_tls: int
+    nginx_tls: int
+    nginx_https_up: int
+    keygate_tls: int
+    keygate_tls_admin: int
+    keygate_https_up: int
+    keygate_https_up_admin: int
 
     @classmethod
     def from_base(cls, base: int) -> "Ports":
-        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7, base + 8)
+        return cls(*range(base, base + len(dataclasses.fields(cls))))
 
     def of(self, variant: str) -> int:
         return {
@@ -270,6 +372,12 @@ class Ports:
             "keygate-jwt": self.keygate,
             "keygate-jwt-new": self.keygate,
             "baseline": self.baseline,
+            "nginx-tls": self.nginx_tls,
+            "nginx-h2": self.nginx_tls,
+            "nginx-https-up": self.nginx_https_up,
+            "keygate-tls": self.keygate_tls,
+            "keygate-h2": self.keygate_tls,
+            "keygate-https-up": self.keygate_https_up,
         }[variant]
 
 
@@ -301,6 +409,36 @@ UPSTREAM_BODY = """\
     }}
 """
 
+# The upstream's TLS listener (`--suite tls`): what the https:// upstream variants talk to.
+# /tls-info answers with what the connection negotiated, for the record; /bench is "ok" as above.
+UPSTREAM_TLS_BODY = """\
+    server {{
+        listen 127.0.0.1:{port} ssl backlog=4096;
+{tls}
+        location / {{ return 200 "ok"; }}
+        location = /tls-info {{ return 200 "$ssl_protocol $ssl_cipher, $ssl_curve, reused=$ssl_session_reused"; }}
+    }}
+"""
+
+# The same certificate and key for every TLS listener, nginx's and keygate's.
+NGINX_TLS = """\
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:16m;
+        ssl_session_timeout 1h;"""
+
+# The https:// upstream as nginx does it, verifying the certificate as keygate always does, with
+# SNI and the verified name "localhost" (keygate's `tls_server_name`), sessions reused.
+NGINX_PROXY_SSL = """\
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {dir}/ca.pem;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;"""
+
 PROXY_BODY = """\
     upstream origin {{
         server 127.0.0.1:{upstream};
@@ -309,15 +447,30 @@ PROXY_BODY = """\
     }}
 {extra}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{listen} backlog=4096;
+{server}
         location / {{
 {checks}
-            proxy_pass http://origin;
+            proxy_pass {scheme}://origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+{proxy}
         }}
     }}
 """
+
+
+def proxy_body(port: int, upstream: int, extra: str = "", checks: str = "", tls_dir: Path | None = None,
+               listener_tls: bool = False, upstream_tls: bool = False) -> str:
+    """An nginx reverse proxy: plain, or with TLS (and HTTP/2 by ALPN) on the listener, or with an
+    https:// upstream."""
+    return PROXY_BODY.format(
+        upstream=upstream, port=port, extra=extra, checks=checks,
+        listen=" ssl http2" if listener_tls else "",
+        server=NGINX_TLS.format(dir=tls_dir) if listener_tls else "",
+        scheme="https" if upstream_tls else "http",
+        proxy=NGINX_PROXY_SSL.format(dir=tls_dir) if upstream_tls else "",
+    )
 
 KEYS_EXTRA = """\
     map_hash_max_size 262144;
@@ -394,7 +547,21 @@ jwks_url = "http://127.0.0.1:{jwks}/jwks.json"
 [[routes]]
 id = "bench"
 path = "/"
-upstream = "http://127.0.0.1:{upstream}"
+upstream = "{upstream}"
+"""
+
+# `--suite tls`: the route's https:// upstream, verified against the run's CA under the name the
+# certificate carries (as nginx's proxy_ssl_name), and the gateway's own TLS listener.
+KEYGATE_UPSTREAM_TLS = """\
+tls_ca_file = "{dir}/ca.pem"
+tls_server_name = "localhost"
+"""
+
+KEYGATE_LISTENER_TLS = """\
+
+[gateway.tls]
+cert = "{dir}/cert.pem"
+key = "{dir}/key.pem"
 """
 
 WRK_LUA = """\
@@ -466,7 +633,8 @@ class Bench:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        for sub in ["raw", "upstream/tmp", "nginx/tmp", "nginx-keys/tmp", "haproxy", "keygate", "baseline"]:
+        for sub in ["raw", "upstream/tmp", "nginx/tmp", "nginx-keys/tmp", "haproxy", "keygate", "baseline",
+                    "tls", "nginx-tls/tmp", "nginx-https-up/tmp", "keygate-tls", "keygate-https-up"]:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
     def start_nginx(self, name: str, workers: int, body: str) -> None:
@@ -476,18 +644,78 @@ class Bench:
         p = PROCS.start(name, ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)], d / "stdout.log")
         self.pids[name] = p.pid
 
-    def start_upstream(self) -> None:
-        self.start_nginx("upstream", self.args.upstream_workers, UPSTREAM_BODY.format(port=self.ports.upstream))
-        wait_http(self.ports.upstream)
+    def make_certs(self) -> None:
+        """A CA and a server certificate for "localhost" and 127.0.0.1 (ECDSA P-256), in tls/: every
+        TLS listener of the run serves this one certificate."""
+        global CLIENT_TLS, CLIENT_TLS_CA
+        import ipaddress
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    def keygate_config(self, name: str, port: int, admin: int) -> Path:
+        d = self.dir / "tls"
+        now = dt.datetime.now(dt.timezone.utc)
+
+        def cert(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+            b = (x509.CertificateBuilder()
+                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                 .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2))
+                 .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+            if ca:
+                b = b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            else:
+                b = (b.add_extension(x509.SubjectAlternativeName(
+                        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                     .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+            return b.sign(issuer_key, hashes.SHA256())
+
+        ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        ca = cert("keygate bench CA", ca_key, "keygate bench CA", ca_key, True)
+        leaf = cert("localhost", key, "keygate bench CA", ca_key, False)
+        pem = serialization.Encoding.PEM
+        (d / "ca.pem").write_bytes(ca.public_bytes(pem))
+        (d / "cert.pem").write_bytes(leaf.public_bytes(pem))
+        (d / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+        CLIENT_TLS_CA = d / "ca.pem"
+        CLIENT_TLS = ssl.create_default_context(cafile=str(CLIENT_TLS_CA))
+
+    def start_upstream(self) -> None:
+        body = UPSTREAM_BODY.format(port=self.ports.upstream)
+        if self.args.suite == "tls":
+            body += UPSTREAM_TLS_BODY.format(port=self.ports.upstream_tls, tls=NGINX_TLS.format(dir=self.dir / "tls"))
+        self.start_nginx("upstream", self.args.upstream_workers, body)
+        wait_http(self.ports.upstream)
+        if self.args.suite == "tls":
+            wait_http(self.ports.upstream_tls, tls=True)
+
+    def keygate_ports(self, name: str) -> tuple[int, int]:
+        """(gateway port, admin port) of a keygate instance."""
+        p = self.ports
+        return {
+            "keygate": (p.keygate, p.admin),
+            "baseline": (p.baseline, p.baseline_admin),
+            "keygate-tls": (p.keygate_tls, p.keygate_tls_admin),
+            "keygate-https-up": (p.keygate_https_up, p.keygate_https_up_admin),
+        }[name]
+
+    def keygate_config(self, name: str) -> Path:
         d = self.dir / name
+        port, admin = self.keygate_ports(name)
+        tls = self.dir / "tls"
+        upstream = f"http://127.0.0.1:{self.ports.upstream}"
+        if name == "keygate-https-up":
+            upstream = f"https://127.0.0.1:{self.ports.upstream_tls}"
         cfg = d / "keygate.toml"
         cfg.write_text(
             KEYGATE_CFG.format(
-                dir=d, admin=admin, port=port, threads=self.args.workers, upstream=self.ports.upstream,
-                jwks=self.ports.jwks,
+                dir=d, admin=admin, port=port, threads=self.args.workers, upstream=upstream, jwks=self.ports.jwks,
             )
+            + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
+            + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")
         )
         return cfg
 
@@ -499,13 +727,18 @@ class Bench:
         wait_http(admin, "/admin/v1/health")
 
     def start_keygate(self, binary: Path) -> None:
-        # With --baseline, the tokens are made by the baseline binary and its data directory is
-        # copied (while it is stopped, so the copy is consistent) for keygate: both then serve the
-        # same tokens under the same pepper, and a newer binary migrates an older store forward
-        # (not the other way round).
-        first, first_bin = ("baseline", Path(self.args.baseline).resolve()) if self.args.baseline else ("keygate", binary)
-        ports = {"keygate": (self.ports.keygate, self.ports.admin), "baseline": (self.ports.baseline, self.ports.baseline_admin)}
-        cfg = self.keygate_config(first, *ports[first])
+        # The tokens are made by the first instance; with more than one, its data directory is then
+        # copied (while it is stopped, so the copy is consistent) for each of the others: all serve
+        # the same tokens under the same pepper. With --baseline the first is the baseline binary,
+        # as a newer binary migrates an older store forward (not the other way round).
+        if self.args.suite == "tls":
+            instances = [("keygate-tls", binary), ("keygate-https-up", binary)]
+        elif self.args.baseline:
+            instances = [("baseline", Path(self.args.baseline).resolve()), ("keygate", binary)]
+        else:
+            instances = [("keygate", binary)]
+        first, first_bin = instances[0]
+        cfg = self.keygate_config(first)
         out = subprocess.run(
             [str(first_bin), "root-key", "create", "--name", "bench", "--config", str(cfg), "--output", "json"],
             check=True,
@@ -514,14 +747,14 @@ class Bench:
         )
         root_key = json.loads(out.stdout)["key"]
         self.root_key, self.admin_port = root_key, self.ports.admin
-        self.spawn_keygate(first, first_bin, cfg, ports[first][1])
-        self.create_tokens(root_key, ports[first][1])
-        if self.args.baseline:
-            PROCS.stop("baseline")
-            shutil.copytree(self.dir / "baseline" / "data", self.dir / "keygate" / "data")
-            self.spawn_keygate("baseline", first_bin, cfg, self.ports.baseline_admin)
-            kcfg = self.keygate_config("keygate", self.ports.keygate, self.ports.admin)
-            self.spawn_keygate("keygate", binary, kcfg, self.ports.admin)
+        self.spawn_keygate(first, first_bin, cfg, self.keygate_ports(first)[1])
+        self.create_tokens(root_key, self.keygate_ports(first)[1])
+        if len(instances) > 1:
+            PROCS.stop(first)
+            for name, _ in instances[1:]:
+                shutil.copytree(self.dir / first / "data", self.dir / name / "data")
+            for name, b in instances:
+                self.spawn_keygate(name, b, self.keygate_config(name), self.keygate_ports(name)[1])
 
     def create_tokens(self, root_key: str, admin: int) -> None:
         n, bad = self.args.tokens, self.args.invalid
@@ -588,16 +821,21 @@ class Bench:
 
     def start_proxies(self) -> None:
         up = self.ports.upstream
-        self.start_nginx(
-            "nginx",
-            self.args.workers,
-            PROXY_BODY.format(upstream=up, port=self.ports.nginx, extra="", checks=""),
-        )
+        if self.args.suite == "tls":
+            tls = self.dir / "tls"
+            self.start_nginx("nginx-tls", self.args.workers,
+                             proxy_body(self.ports.nginx_tls, up, tls_dir=tls, listener_tls=True))
+            self.start_nginx("nginx-https-up", self.args.workers,
+                             proxy_body(self.ports.nginx_https_up, self.ports.upstream_tls, tls_dir=tls, upstream_tls=True))
+            wait_http(self.ports.nginx_tls, tls=True)
+            wait_http(self.ports.nginx_https_up)
+            return
+        self.start_nginx("nginx", self.args.workers, proxy_body(self.ports.nginx, up))
         d = self.dir / "nginx-keys"
         self.start_nginx(
             "nginx-keys",
             self.args.workers,
-            PROXY_BODY.format(upstream=up, port=self.ports.nginx_keys, extra=KEYS_EXTRA.format(dir=d), checks=KEYS_CHECKS),
+            proxy_body(self.ports.nginx_keys, up, extra=KEYS_EXTRA.format(dir=d), checks=KEYS_CHECKS),
         )
         d = self.dir / "haproxy"
         (d / "haproxy.cfg").write_text(
@@ -614,20 +852,97 @@ class Bench:
         good, bad = self.valid[0], self.invalid[0] if self.invalid else "kg_not_a_token"
         for v in VARIANTS:
             port = self.ports.of(v)
-            got = (get_status(port, good), get_status(port, bad), get_status(port, None))
-            want = (200, 200, 200) if v in ("direct", "nginx") else (200, 401, 401)
+            if v in HTTP2:
+                got = tuple(h2_once(port, t)[0] for t in (good, bad, None))
+            else:
+                got = tuple(get_status(port, t, v in TLS_LISTENER) for t in (good, bad, None))
+            checks_keys = v.startswith(("keygate", "baseline")) or v in ("nginx-keys", "haproxy")
+            # (h2load tells only the status class: 400 stands for any 4xx.)
+            refused = 400 if v in HTTP2 else 401
+            want = (200, refused, refused) if checks_keys else (200, 200, 200)
             if got != want:
                 sys.exit(f"{v} answered {got} (valid, revoked, none); expected {want}")
         log("every variant answers as expected (valid 200; revoked and missing 401 where keys are checked)")
 
     def proxy_pids(self, variant: str) -> list[int]:
-        name = {"direct": "upstream", "keygate-jwt": "keygate", "keygate-jwt-new": "keygate"}.get(variant, variant)
-        return process_tree(self.pids[name])
+        return process_tree(self.pids[PROCESS.get(variant, variant)])
+
+    def tls_facts(self) -> dict[str, dict[str, str]]:
+        """What each TLS leg negotiated: the client's (an OpenSSL client, as wrk and h2load are) with
+        the listener, and the proxy's with the upstream (the upstream's /tls-info, through the proxy)."""
+        out: dict[str, dict[str, str]] = {}
+        for v in VARIANTS:
+            port = self.ports.of(v)
+            facts = {}
+            if v in HTTP2:
+                facts["client"] = h2_once(port, self.valid[0])[1]
+            elif v in TLS_LISTENER:
+                facts["client"] = negotiated_tls(port, "http/1.1")
+            if v.endswith("-https-up"):
+                status, body = fetch(port, self.valid[0], path="/tls-info")
+                facts["upstream"] = body.strip() if status == 200 else f"? ({status})"
+            out[v] = facts
+            log(f"TLS of {v}: " + "; ".join(f"{k}: {x}" for k, x in facts.items()))
+        return out
 
     # ---- load -------------------------------------------------------------------------------
 
+    def url(self, variant: str) -> str:
+        scheme = "https" if variant in TLS_LISTENER else "http"
+        return f"{scheme}://{'localhost' if scheme == 'https' else '127.0.0.1'}:{self.ports.of(variant)}/bench"
+
+    def load(self, variant: str, seconds: int, tag: str) -> dict:
+        """A closed-loop throughput run: h2load for the HTTP/2 variants, wrk for the others."""
+        if variant in HTTP2:
+            return self.h2load_throughput(variant, seconds, tag)
+        return self.wrk(variant, seconds, tag)
+
+    def measured(self, variant: str, argv: list[str], env: dict | None, tag: str) -> tuple[str, dict]:
+        """Runs a load generator against `variant`; returns its output and what the processes
+        spent meanwhile (clock ticks), for `per_request`."""
+        proxy = self.proxy_pids(variant)
+        upstream = process_tree(self.pids["upstream"])
+        busy0, up0, (pu0, ps0) = machine_busy_ticks(), cpu_ticks(upstream), cpu_split(proxy)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.time()
+        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.time() - t0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = p.stdout
+        load_ticks = round((kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime) * CLK_TCK)
+        (pu1, ps1), up1, busy1 = cpu_split(proxy), cpu_ticks(upstream), machine_busy_ticks()
+        hwm, rss = memory_kib(proxy)
+        shown = " ".join("Authorization: Bearer <token>" if a.startswith("Authorization: Bearer ") else a for a in argv)
+        (self.raw / f"{tag}-{variant}.txt").write_text(shown + "\n\n" + out)
+        if p.returncode != 0:
+            raise RuntimeError(f"{argv[0]} against {variant} failed:\n{out}")
+        proxy_ticks = (pu1 - pu0) + (ps1 - ps0)
+        upstream_ticks = up1 - up0
+        other = (busy1 - busy0) - proxy_ticks - load_ticks - (0 if variant == "direct" else upstream_ticks)
+        ticks = dict(user=pu1 - pu0, sys=ps1 - ps0, upstream=upstream_ticks, load=load_ticks,
+                     other_cores=max(0.0, other / CLK_TCK / wall), hwm_kib=hwm, rss_kib=rss)
+        return out, ticks
+
+    @staticmethod
+    def per_request(variant: str, r: dict, ticks: dict) -> dict:
+        """Adds throughput and CPU per request to a run's counts (`requests`, `duration_us`)."""
+        reqs = r["requests"]
+        us = 1e6 / CLK_TCK / reqs
+        r.update(
+            variant=variant,
+            rps=reqs / (r["duration_us"] / 1e6),
+            cpu_us_per_req=(ticks["user"] + ticks["sys"]) * us,
+            user_us_per_req=ticks["user"] * us,
+            sys_us_per_req=ticks["sys"] * us,
+            upstream_cpu_us_per_req=ticks["upstream"] * us,
+            wrk_cpu_us_per_req=ticks["load"] * us,
+            other_cpu_cores=ticks["other_cores"],
+            hwm_kib=ticks["hwm_kib"],
+            rss_kib=ticks["rss_kib"],
+        )
+        return r
+
     def wrk(self, variant: str, seconds: int, tag: str, tokens: Path | None = None) -> dict:
-        port = self.ports.of(variant)
         default = self.dir / ("tokens-jwt.txt" if variant == "keygate-jwt" else "tokens.txt")
         env = dict(os.environ, KG_BENCH_TOKENS=str(tokens or default), KG_BENCH_THREADS=str(self.args.wrk_threads))
         if tokens is not None:
@@ -641,51 +956,44 @@ class Bench:
             "5s",
             "-s",
             str(self.dir / "tokens.lua"),
-            f"http://127.0.0.1:{port}/bench",
+            self.url(variant),
         ]
-        proxy = self.proxy_pids(variant)
-        upstream = process_tree(self.pids["upstream"])
-        busy0, up0, (pu0, ps0) = machine_busy_ticks(), cpu_ticks(upstream), cpu_split(proxy)
-        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.time()
-        p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wall = time.time() - t0
-        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out = p.stdout
-        wrk_ticks = round((kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime) * CLK_TCK)
-        (pu1, ps1), up1, busy1 = cpu_split(proxy), cpu_ticks(upstream), machine_busy_ticks()
-        hwm, rss = memory_kib(proxy)
-        (self.raw / f"{tag}-{variant}.txt").write_text(" ".join(argv) + "\n\n" + out)
+        out, ticks = self.measured(variant, argv, env, tag)
         m = re.search(r"^KGBENCH (\{.*\})$", out, re.M)
-        if p.returncode != 0 or not m:
+        if not m:
             raise RuntimeError(f"wrk against {variant} failed:\n{out}")
-        r = json.loads(m.group(1))
-        reqs = r["requests"]
-        proxy_ticks = (pu1 - pu0) + (ps1 - ps0)
-        upstream_ticks = up1 - up0
-        other = (busy1 - busy0) - proxy_ticks - wrk_ticks - (0 if variant == "direct" else upstream_ticks)
-        r.update(
-            variant=variant,
-            rps=reqs / (r["duration_us"] / 1e6),
-            cpu_us_per_req=proxy_ticks / CLK_TCK * 1e6 / reqs,
-            user_us_per_req=(pu1 - pu0) / CLK_TCK * 1e6 / reqs,
-            sys_us_per_req=(ps1 - ps0) / CLK_TCK * 1e6 / reqs,
-            upstream_cpu_us_per_req=upstream_ticks / CLK_TCK * 1e6 / reqs,
-            wrk_cpu_us_per_req=wrk_ticks / CLK_TCK * 1e6 / reqs,
-            other_cpu_cores=max(0.0, other / CLK_TCK / wall),
-            hwm_kib=hwm,
-            rss_kib=rss,
-        )
-        return r
+        return self.per_request(variant, json.loads(m.group(1)), ticks)
+
+    def h2load_throughput(self, variant: str, seconds: int, tag: str) -> dict:
+        """Closed-loop HTTP/2: `--h2-clients` connections of `--h2-streams` concurrent streams each,
+        over TLS with ALPN h2. h2load sends one header set, so each run carries one valid token
+        (another each run), not a token drawn per request as with wrk."""
+        a = self.args
+        token = random.Random(f"{tag}-{variant}").choice(self.valid)
+        argv = ["h2load", f"-t{a.wrk_threads}", f"-c{a.h2_clients}", f"-m{a.h2_streams}", f"-D{seconds}",
+                "-H", f"Authorization: Bearer {token}", self.url(variant)]
+        out, ticks = self.measured(variant, argv, None, tag)
+        fin = re.search(r"finished in ([\d.]+)s", out)
+        req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                        r"(\d+) errored, (\d+) timeout", out)
+        codes = re.search(r"status codes: (\d+) 2xx", out)
+        mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+        if not (fin and req and codes) or not re.search(r"^application protocol: h2$", out, re.M | re.I):
+            raise RuntimeError(f"h2load against {variant} failed:\n{out}")
+        done = int(req.group(3))
+        r = {"requests": done, "duration_us": float(fin.group(1)) * 1e6, "non_2xx": done - int(codes.group(1)),
+             "connect_errors": 0, "read_errors": int(req.group(6)), "write_errors": 0, "timeouts": int(req.group(7)),
+             "p50_us": None, "p99_us": None,
+             "mean_us": float(mean.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[mean.group(2)] if mean else None}
+        return self.per_request(variant, r, ticks)
 
     def h2load(self, variant: str, rate: int, seconds: int, token: str, tag: str) -> dict:
-        port = self.ports.of(variant)
         clients = self.args.latency_clients
         per_client = max(1, round(rate / clients))
         logfile = self.raw / f"{tag}-{variant}.tsv"
         argv = [
             "h2load",
-            "--h1",
+            *([] if variant in HTTP2 else ["--h1"]),
             "-t1",
             f"-c{clients}",
             f"--rps={per_client}",
@@ -694,7 +1002,7 @@ class Bench:
             "-H",
             f"Authorization: Bearer {token}",
             f"--log-file={logfile}",
-            f"http://127.0.0.1:{port}/bench",
+            self.url(variant),
         ]
         out = subprocess.run(argv, capture_output=True, text=True)
         (self.raw / f"{tag}-{variant}.txt").write_text(" ".join(argv).replace(token, "<token>") + "\n\n" + out.stdout + out.stderr)
@@ -735,6 +1043,8 @@ class Bench:
         facts = machine_facts(binary)
         facts["load_before"] = os.getloadavg()
         started = time.time()
+        if a.suite == "tls":
+            self.make_certs()
         self.start_upstream()
         self.start_idp()
         self.start_keygate(binary)
@@ -743,24 +1053,27 @@ class Bench:
             self.make_jwts()
         self.start_proxies()
         self.check_answers()
+        if a.suite == "tls":
+            facts["tls"] = self.tls_facts()
 
         log(f"warm-up: {a.warmup}s per variant")
         for v in VARIANTS:
-            self.wrk(v, a.warmup, "warmup")
+            self.load(v, a.warmup, "warmup")
 
         thr: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for rnd in range(a.rounds):
             order = interleave(VARIANTS, rnd)
             for v in order:
-                r = self.wrk(v, a.seconds, f"throughput-r{rnd + 1}")
+                r = self.load(v, a.seconds, f"throughput-r{rnd + 1}")
                 r["round"] = rnd + 1
                 thr[v].append(r)
             line = "  ".join(f"{v}={thr[v][-1]['rps']:,.0f}" for v in VARIANTS)
             log(f"round {rnd + 1}/{a.rounds} ({'→'.join(order)}): {line} req/s")
 
-        nginx_max = statistics.median(r["rps"] for r in thr["nginx"])
-        rate = int(nginx_max * a.latency_fraction)
-        log(f"latency at a fixed {rate:,} req/s ({a.latency_fraction:g} of the nginx proxy's median {nginx_max:,.0f})")
+        # Each variant's fixed rate is a fraction of its reference nginx's median throughput.
+        rates = {v: int(statistics.median(r["rps"] for r in thr[reference(v)]) * a.latency_fraction) for v in VARIANTS}
+        for n in sorted({reference(v) for v in VARIANTS}):
+            log(f"latency of {n} and its peers at a fixed {rates[n]:,} req/s ({a.latency_fraction:g} of its median)")
         lat: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         rng = random.Random(11)
         jwts = (self.dir / "tokens-jwt.txt").read_text().split() if "keygate-jwt" in VARIANTS else []
@@ -768,7 +1081,7 @@ class Bench:
             token = rng.choice(self.valid)
             jwt = rng.choice(jwts) if jwts else ""
             for v in interleave(VARIANTS, rnd):
-                r = self.h2load(v, rate, a.latency_seconds, jwt if v == "keygate-jwt" else token, f"latency-r{rnd + 1}")
+                r = self.h2load(v, rates[v], a.latency_seconds, jwt if v == "keygate-jwt" else token, f"latency-r{rnd + 1}")
                 r["round"] = rnd + 1
                 lat[v].append(r)
             line = "  ".join(f"{v}={lat[v][-1]['p99_us'] / 1000:.2f}" for v in VARIANTS)
@@ -781,7 +1094,8 @@ class Bench:
         return {
             "facts": facts,
             "params": {k: v for k, v in vars(a).items()},
-            "rate": rate,
+            "rate": rates.get("nginx"),
+            "rates": rates,
             "throughput": thr,
             "latency": lat,
             "fresh": fresh,
@@ -988,16 +1302,25 @@ def med(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def per_round(thr: dict, v: str, ref: str) -> list[float]:
+    """The per-round throughput ratios of `v` to `ref` (none if `ref` was not measured)."""
+    if ref not in thr:
+        return [float("nan")]
+    return [a["rps"] / b["rps"] for a, b in zip(thr[v], thr[ref])]
+
+
 def summarize(thr: dict, lat: dict) -> dict:
-    rounds = len(thr["nginx"])
+    """Medians per variant. "vs_nginx" is the ratio to the variant's reference nginx: the plain
+    proxy, or in the TLS suite the nginx of its pair."""
     out = {}
     for v in VARIANTS:
         runs = thr[v]
-        per_round_nginx = [runs[i]["rps"] / thr["nginx"][i]["rps"] for i in range(rounds)]
-        per_round_direct = [runs[i]["rps"] / thr["direct"][i]["rps"] for i in range(rounds)]
+        per_round_nginx = per_round(thr, v, reference(v))
+        per_round_direct = per_round(thr, v, "direct")
         lruns = lat[v]
-        added = [lruns[i]["p99_us"] - lat["direct"][i]["p99_us"] for i in range(len(lruns))]
-        per_round_keygate = [runs[i]["rps"] / thr["keygate"][i]["rps"] for i in range(rounds)]
+        direct_lat = lat.get("direct") or [{"p99_us": float("nan")}] * len(lruns)
+        added = [a["p99_us"] - b["p99_us"] for a, b in zip(lruns, direct_lat)]
+        per_round_keygate = per_round(thr, v, "keygate")
         out[v] = {
             "rps": med(r["rps"] for r in runs),
             "vs_keygate": med(per_round_keygate),
@@ -1041,6 +1364,12 @@ def machine_facts(binary: Path) -> dict:
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
     commit = cmd_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = cmd_output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "crates", "Cargo.toml", "Cargo.lock"])
+    lock = (ROOT / "Cargo.lock").read_text() if (ROOT / "Cargo.lock").exists() else ""
+
+    def locked(crate: str) -> str:
+        m = re.search(rf'^name = "{crate}"\nversion = "([^"]+)"', lock, re.M)
+        return f"{crate} {m.group(1) if m else '?'}"
+
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
@@ -1052,6 +1381,8 @@ def machine_facts(binary: Path) -> dict:
         "haproxy": "haproxy/" + (re.findall(r"version (\S+)", cmd_output(["haproxy", "-v"])) or ["?"])[0],
         "wrk": cmd_output(["wrk", "-v"]).splitlines()[0].split(" [")[0].replace("wrk debian/", "wrk/"),
         "h2load": cmd_output(["h2load", "--version"]).splitlines()[0],
+        "openssl": cmd_output(["openssl", "version"]).split(" (")[0],
+        "rustls": f"{locked('rustls')} with {locked('aws-lc-rs')}",
         "keygate": cmd_output([str(binary), "--version"]) + f" (commit {commit}{', with uncommitted changes' if dirty else ''})",
     }
 
@@ -1096,23 +1427,67 @@ def verdicts(s: dict) -> list[tuple[str, bool, str]]:
     ] + jwt
 
 
+def run_header(res: dict, versions: str, command: str) -> list[str]:
+    """The lines every section starts with: the machine, its load, the versions, the command."""
+    f = res["facts"]
+    return [
+        f"Run of {f['date']}, {f['minutes']:.0f} minutes, on {f['cores']} cores ({f['cpu']}), "
+        f"{f['memory_gib']} GiB, {f['os']}, Linux {f['kernel']}. Load average before: "
+        f"{f['load_before'][0]:.2f}, after: {f['load_after'][0]:.2f}.",
+        "",
+        f"Versions (Debian packages): {versions}; {f['keygate']}.",
+        "",
+        "Reproduce (installs nginx, haproxy, wrk and nghttp2-client if missing, builds keygate, rewrites "
+        "this part of the page and the chart):",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+    ]
+
+
+def ms(us: float | None) -> str:
+    return "—" if us is None else f"{us / 1000:.2f}"
+
+
+def every_run(res: dict) -> list[str]:
+    """The collapsed table of every run, throughput then latency."""
+    p = res["params"]
+    lines = ["<details><summary>Every run</summary>", ""]
+    lines.append("| phase | round | variant | req/s | CPU µs/req | upstream µs/req | non-2xx | p50 ms | p99 ms |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for rnd in range(p["rounds"]):
+        for v in VARIANTS:
+            r = res["throughput"][v][rnd]
+            tool = "h2load" if v in HTTP2 else "wrk"
+            lines.append(f"| {tool} | {rnd + 1} | {v} | {fmt_int(r['rps'])} | {r['cpu_us_per_req']:.1f} | "
+                         f"{r['upstream_cpu_us_per_req']:.1f} | {r['non_2xx']} | {ms(r['p50_us'])} | "
+                         f"{ms(r['p99_us'])} |")
+    for rnd in range(p["latency_rounds"]):
+        for v in VARIANTS:
+            r = res["latency"][v][rnd]
+            lines.append(f"| h2load | {rnd + 1} | {v} | {fmt_int(r['achieved_rps'])} | | | {r['non_2xx']} | "
+                         f"{ms(r['p50_us'])} | {ms(r['p99_us'])} |")
+    lines.append("")
+    lines.append("</details>")
+    return lines
+
+
+def side_costs(s: dict, load_generator: str) -> str:
+    """What the upstream, the load generator and the rest of the machine spent, and the errors."""
+    up = ", ".join(f"{v} {s[v]['upstream_cpu_us_per_req']:.1f}" for v in VARIANTS)
+    load = ", ".join(f"{v} {s[v]['wrk_cpu_us_per_req']:.1f}" for v in VARIANTS)
+    other = max(s[v]["other_cpu_cores"] for v in VARIANTS)
+    return (f"Per request, the upstream spent (µs): {up}; {load_generator} spent: {load}. Other processes on the "
+            f"machine used at most {other:.2f} cores (median per variant) during the runs. "
+            f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
+            f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
+
+
 def markdown(res: dict, chart_name: str) -> str:
     f, p, s = res["facts"], res["params"], res["summary"]
-    lines = []
-    lines.append(f"Run of {f['date']}, {f['minutes']:.0f} minutes, on {f['cores']} cores ({f['cpu']}), "
-                 f"{f['memory_gib']} GiB, {f['os']}, Linux {f['kernel']}. Load average before: "
-                 f"{f['load_before'][0]:.2f}, after: {f['load_after'][0]:.2f}.")
-    lines.append("")
-    lines.append(f"Versions (Debian packages): {f['nginx']}, {f['haproxy']}, {f['wrk']}, {f['h2load']}; "
-                 f"{f['keygate']}.")
-    lines.append("")
-    lines.append("Reproduce (installs nginx, haproxy, wrk and nghttp2-client if missing, builds keygate, rewrites "
-                 "this part of the page and the chart):")
-    lines.append("")
-    lines.append("```sh")
-    lines.append("python3 bench/gateway.py")
-    lines.append("```")
-    lines.append("")
+    lines = run_header(res, f"{f['nginx']}, {f['haproxy']}, {f['wrk']}, {f['h2load']}", "python3 bench/gateway.py")
     lines.append(
         f"Setup: every proxy has **{p['workers']} workers** (nginx `worker_processes`, HAProxy `nbthread`, keygate "
         f"`gateway.threads`) in front of one upstream, an nginx with {p['upstream_workers']} worker answering "
@@ -1149,13 +1524,7 @@ def markdown(res: dict, chart_name: str) -> str:
                  "measured run, divided by the requests wrk completed); RSS is the sum of `VmHWM` over its "
                  "processes. Round ranges of the ratio are in parentheses. Non-2xx are the revoked tokens' 401s.")
     lines.append("")
-    up = ", ".join(f"{v} {s[v]['upstream_cpu_us_per_req']:.1f}" for v in VARIANTS)
-    wrkc = ", ".join(f"{v} {s[v]['wrk_cpu_us_per_req']:.1f}" for v in VARIANTS)
-    other = max(s[v]["other_cpu_cores"] for v in VARIANTS)
-    lines.append(f"Per request, the upstream spent (µs): {up}; wrk spent: {wrkc}. Other processes on the machine "
-                 f"used at most {other:.2f} cores (median per variant) during the runs. "
-                 f"Socket errors: {sum(s[v]['socket_errors'] for v in VARIANTS)}; non-2xx at the fixed rate: "
-                 f"{sum(s[v]['lat_non_2xx'] for v in VARIANTS)}.")
+    lines.append(side_costs(s, "wrk"))
     lines.append("")
     fresh = res.get("fresh") or []
     if fresh:
@@ -1173,30 +1542,116 @@ def markdown(res: dict, chart_name: str) -> str:
                "No token was sent twice.")
         )
         lines.append("")
-    lines.append(f"![Gateway benchmark: throughput against the nginx proxy, CPU per request, p99 added latency]({chart_name})")
+    lines.extend(chart_goals_runs(
+        res, f"![Gateway benchmark: throughput against the nginx proxy, CPU per request, p99 added latency]({chart_name})",
+        "keygate against the plain nginx proxy, on this machine", verdicts(s)))
+    return "\n".join(wrap_prose(lines))
+
+
+def chart_goals_runs(res: dict, image: str, whom: str, goals: list[tuple[str, bool, str]]) -> list[str]:
+    """The end of a section: the chart, the goals met or not, every run."""
+    lines = [image, "", f"**Goals** ({whom}):", ""]
+    lines.extend(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}." for goal, ok, detail in goals)
     lines.append("")
-    lines.append("**Goals** (keygate against the plain nginx proxy, on this machine):")
+    return lines + every_run(res)
+
+
+def tls_verdicts(s: dict) -> list[tuple[str, bool, str]]:
+    """Issue 13's goals for each pair: throughput at least its nginx's, CPU per request at most."""
+    out = []
+    for n, k in TLS_PAIRS:
+        a, b = s[k], s[n]
+        what = LABELS[k].split(", ", 1)[1]
+        out.append((
+            f"{what}: throughput at least nginx's (ratio ≥ 1.0)",
+            a["vs_nginx"] >= 1.0,
+            f"ratio {a['vs_nginx']:.2f} (rounds {a['vs_nginx_range'][0]:.2f}–{a['vs_nginx_range'][1]:.2f}); "
+            f"{fmt_int(a['rps'])} against {fmt_int(b['rps'])} req/s",
+        ))
+        out.append((
+            f"{what}: CPU time per request at most nginx's",
+            a["cpu_us_per_req"] <= b["cpu_us_per_req"],
+            f"{a['cpu_us_per_req']:.1f} µs against {b['cpu_us_per_req']:.1f} µs "
+            f"({a['cpu_us_per_req'] / b['cpu_us_per_req']:.2f}×)",
+        ))
+    return out
+
+
+def markdown_tls(res: dict, chart_name: str) -> str:
+    f, p, s = res["facts"], res["params"], res["summary"]
+    tls = f.get("tls", {})
+    lines = run_header(res, f"{f['nginx']} ({f.get('openssl', 'OpenSSL')}), {f['wrk']}, {f['h2load']}",
+                       "python3 bench/gateway.py --suite tls")
+    lines.append(
+        f"Setup: every proxy has **{p['workers']} workers** (nginx `worker_processes`, keygate `gateway.threads`) in "
+        f"front of one upstream, an nginx with {p['upstream_workers']} worker answering `return 200 \"ok\"` on a "
+        f"plain port and on a TLS port. The script makes a CA and one server certificate (ECDSA P-256, for "
+        f"`localhost` and 127.0.0.1) that every TLS listener serves, nginx's and keygate's alike; both sides keep "
+        f"their TLS defaults but for the protocol versions, set on nginx to `TLSv1.2 TLSv1.3` (`ssl_protocols`, "
+        f"`proxy_ssl_protocols`) as rustls offers them, since nginx 1.22 leaves TLS 1.3 out by default "
+        f"(nginx: `ssl_session_cache shared`; keygate: {f.get('rustls', 'rustls')}). Three pairs, each keygate variant against the nginx next to it, all six "
+        f"interleaved (the order rotates and reverses each round), {p['rounds']} rounds of {p['seconds']} s after "
+        f"one {p['warmup']} s warm-up per variant:"
+    )
     lines.append("")
-    for goal, ok, detail in verdicts(s):
-        lines.append(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}.")
+    lines.append(
+        f"- **TLS on the listener**: `wrk -t{p['wrk_threads']} -c{p['connections']}` over HTTPS (HTTP/1.1 by ALPN), "
+        f"plain HTTP/1.1 to the upstream. wrk keeps its connections open, so each of the {p['connections']} "
+        f"connections makes one handshake per run: this measures the record layer (encryption), not handshakes."
+    )
+    lines.append(
+        f"- **`https://` upstream**: `wrk` over plain HTTP to the proxy, TLS from the proxy to the upstream's TLS "
+        f"port, kept alive and pooled. Both verify the upstream's certificate against the run's CA under the name "
+        f"`localhost` (keygate: `tls_ca_file`, `tls_server_name`; nginx: `proxy_ssl_verify on`, "
+        f"`proxy_ssl_trusted_certificate`, `proxy_ssl_name`, `proxy_ssl_server_name on`, "
+        f"`proxy_ssl_session_reuse on`, `keepalive 256`)."
+    )
+    lines.append(
+        f"- **HTTP/2 clients**: `h2load -t{p['wrk_threads']} -c{p['h2_clients']} -m{p['h2_streams']}` "
+        f"({p['h2_clients'] * p['h2_streams']} streams in flight) over TLS with ALPN h2, on the same TLS listeners "
+        f"(nginx `listen … ssl http2`), plain HTTP/1.1 to the upstream. h2load sends one set of headers, so each "
+        f"h2load run carries one valid token (a different one each run), where wrk draws a token per request."
+    )
     lines.append("")
-    lines.append("<details><summary>Every run</summary>")
+    lines.append(
+        f"With wrk every request carries a bearer token drawn at random from {p['tokens']:,} ({p['invalid']:,} of "
+        f"them revoked, so refused by keygate with 401; nginx does not check tokens and answers them 200). "
+        f"Latency: `h2load -c{p['latency_clients']} --rps` (`--h1` except for the HTTP/2 pair) at a fixed rate, "
+        f"{p['latency_fraction']:g} of the pair's nginx median throughput, {p['latency_rounds']} rounds of "
+        f"{p['latency_seconds']} s, first second dropped. CPU per request: utime + stime of all the proxy's "
+        f"processes and threads from `/proc/PID/stat` over the measured run, divided by the requests completed. "
+        f"Figures are medians over rounds; ratios are medians of the per-round ratios."
+    )
     lines.append("")
-    lines.append("| phase | round | variant | req/s | CPU µs/req | upstream µs/req | non-2xx | p50 ms | p99 ms |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for rnd in range(p["rounds"]):
-        for v in VARIANTS:
-            r = res["throughput"][v][rnd]
-            lines.append(f"| wrk | {rnd + 1} | {v} | {fmt_int(r['rps'])} | {r['cpu_us_per_req']:.1f} | "
-                         f"{r['upstream_cpu_us_per_req']:.1f} | {r['non_2xx']} | {r['p50_us'] / 1000:.2f} | "
-                         f"{r['p99_us'] / 1000:.2f} |")
-    for rnd in range(p["latency_rounds"]):
-        for v in VARIANTS:
-            r = res["latency"][v][rnd]
-            lines.append(f"| h2load | {rnd + 1} | {v} | {fmt_int(r['achieved_rps'])} | | | {r['non_2xx']} | "
-                         f"{r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} |")
+    lines.append("| variant | req/s | × its nginx (rounds) | CPU µs/req (user + sys) | peak RSS MiB | non-2xx | "
+                 "fixed rate req/s | p50 / p99 ms at fixed rate |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for v in VARIANTS:
+        r = s[v]
+        ratio = "1.00" if v == reference(v) else (
+            f"**{r['vs_nginx']:.2f}** ({r['vs_nginx_range'][0]:.2f}–{r['vs_nginx_range'][1]:.2f})")
+        lines.append(
+            f"| {LABELS[v]} | {fmt_int(r['rps'])} | {ratio} | {r['cpu_us_per_req']:.1f} ({r['user_us_per_req']:.1f} + "
+            f"{r['sys_us_per_req']:.1f}) | {r['peak_rss_mib']:.1f} | {100 * r['non_2xx_share']:.1f}% | "
+            f"{fmt_int(res['rates'][v])} | {r['lat_p50_ms']:.2f} / {r['lat_p99_ms']:.2f} |"
+        )
     lines.append("")
-    lines.append("</details>")
+    lines.append("What each TLS leg negotiated: the client leg as `openssl s_client` with OpenSSL's defaults (those "
+                 "wrk uses) saw it, or, for the HTTP/2 pair, as h2load reported it (h2load puts AES-128-GCM first in "
+                 "its TLS 1.3 suites); the upstream leg as the upstream nginx saw it, its `$ssl_protocol "
+                 "$ssl_cipher, $ssl_curve, reused=$ssl_session_reused` fetched through the proxy. In TLS 1.3 both "
+                 "servers follow the client's order of preference, so each pair runs the same suite:")
+    lines.append("")
+    for v in VARIANTS:
+        for leg, text in tls.get(v, {}).items():
+            name = "client → proxy" if leg == "client" else "proxy → upstream"
+            lines.append(f"- {LABELS[v]}, {name}: {text}")
+    lines.append("")
+    lines.append(side_costs(s, "the load generator"))
+    lines.append("")
+    lines.extend(chart_goals_runs(
+        res, f"![Gateway over TLS and HTTP/2: throughput against its nginx, CPU per request, p99]({chart_name})",
+        "issue 13; each keygate variant against the nginx of its pair, on this machine", tls_verdicts(s)))
     return "\n".join(wrap_prose(lines))
 
 
@@ -1224,6 +1679,12 @@ SHORT = {
     "keygate": "keygate",
     "keygate-jwt": "keygate, JWT",
     "baseline": "baseline",
+    "nginx-tls": "nginx TLS",
+    "keygate-tls": "keygate TLS",
+    "nginx-https-up": "nginx → https",
+    "keygate-https-up": "keygate → https",
+    "nginx-h2": "nginx h2",
+    "keygate-h2": "keygate h2",
 }
 
 
@@ -1231,19 +1692,26 @@ def svg_chart(res: dict) -> str:
     """Three bar panels: throughput relative to the nginx proxy, CPU per request (user solid,
     kernel pale), p99 added latency. The dashed line in each is the plain nginx proxy."""
     s = res["summary"]
+    tls = res["params"].get("suite") == "tls"
     panels = [
         ("Throughput × nginx proxy (higher is better)", "vs_nginx", "{:.2f}"),
         ("CPU µs per request (lower is better)", "cpu_us_per_req", "{:.1f}"),
         (f"p99 added ms at {res['rate']:,} req/s (lower is better)", "lat_added_p99_ms", "{:.2f}"),
+    ] if not tls else [
+        ("Throughput × its nginx (higher is better)", "vs_nginx", "{:.2f}"),
+        ("CPU µs per request (lower is better)", "cpu_us_per_req", "{:.1f}"),
+        ("p99 ms at half its nginx's max (lower is better)", "lat_p99_ms", "{:.2f}"),
     ]
+    title = (f"keygate against nginx over TLS and HTTP/2: {res['facts']['cores']} cores, medians of "
+             f"{res['params']['rounds']} interleaved rounds") if tls else (
+             f"keygate against nginx and HAProxy: {res['facts']['cores']} cores, medians of "
+             f"{res['params']['rounds']} interleaved rounds")
     W, H, pw, gap, top, base = 1020, 340, 300, 35, 55, 255
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
         'font-family="Helvetica, Arial, sans-serif" font-size="12">',
         f'<rect width="{W}" height="{H}" fill="#ffffff"/>',
-        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">'
-        f"keygate against nginx and HAProxy: {res['facts']['cores']} cores, medians of "
-        f"{res['params']['rounds']} interleaved rounds</text>",
+        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{esc(title)}</text>',
     ]
     for pi, (title, key, fmt) in enumerate(panels):
         x0 = 20 + pi * (pw + gap)
@@ -1276,15 +1744,19 @@ def svg_chart(res: dict) -> str:
             ty = y - 4 if val >= 0 else y + h + 13
             out.append(f'<text x="{cx + bw / 2:.1f}" y="{ty:.1f}" text-anchor="middle">{fmt.format(val)}</text>')
         out.append(f'<line x1="{x0}" y1="{zero:.1f}" x2="{x0 + pw}" y2="{zero:.1f}" stroke="#333"/>')
-        ry = zero - values["nginx"] * scale
-        out.append(f'<line x1="{x0}" y1="{ry:.1f}" x2="{x0 + pw}" y2="{ry:.1f}" stroke="#2e7d32" '
-                   'stroke-dasharray="4 3"/>')
+        # The dashed line: the plain nginx proxy; in the TLS suite, a ratio of 1 to its nginx.
+        line = values.get("nginx", 1.0 if key == "vs_nginx" else None)
+        if line is not None:
+            ry = zero - line * scale
+            out.append(f'<line x1="{x0}" y1="{ry:.1f}" x2="{x0 + pw}" y2="{ry:.1f}" stroke="#2e7d32" '
+                       'stroke-dasharray="4 3"/>')
     lx = 20
     for v in VARIANTS:
         out.append(f'<rect x="{lx}" y="{H - 52}" width="12" height="12" fill="{COLORS[v]}"/>')
         out.append(f'<text x="{lx + 17}" y="{H - 42}">{esc(SHORT[v])}</text>')
         lx += 17 + 6.8 * len(SHORT[v]) + 26
-    out.append(f'<text x="20" y="{H - 14}" fill="#555">Dashed line: the plain nginx proxy. CPU bars: solid is user '
+    dashed = "a ratio of 1 to the nginx of the pair" if tls else "the plain nginx proxy"
+    out.append(f'<text x="20" y="{H - 14}" fill="#555">Dashed line: {dashed}. CPU bars: solid is user '
                f"time, pale is kernel time. Generated by bench/gateway.py on {esc(res['facts']['date'])}.</text>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -1297,17 +1769,22 @@ def esc(t: str) -> str:
 SECTION_TITLE = "## Gateway: keygate against nginx and HAProxy"
 
 
-def update_doc(doc: Path, generated: str) -> None:
-    block = f"{BEGIN}\n\n{generated}\n\n{END}"
+TLS_SECTION_TITLE = "## Gateway over TLS and HTTP/2: keygate against nginx (issue 13)"
+
+
+def update_doc(doc: Path, generated: str, begin: str = BEGIN, end: str = END, title: str = SECTION_TITLE) -> None:
+    """Replaces what is between the section's markers, or, the first time, the section titled
+    `title` (appended at the end of the page if there is none)."""
+    block = f"{begin}\n\n{generated}\n\n{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a, rest = text.split(BEGIN, 1)
-        _, b = rest.split(END, 1)
+    if begin in text and end in text:
+        a, rest = text.split(begin, 1)
+        _, b = rest.split(end, 1)
         text = a + block + b
     else:
         lines = text.splitlines(keepends=True)
-        start = next((i for i, l in enumerate(lines) if l.startswith("## Gateway")), None)
-        section = f"{SECTION_TITLE}\n\n{block}\n"
+        start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == title), None)
+        section = f"{title}\n\n{block}\n"
         if start is None:
             text = text.rstrip("\n") + "\n\n" + section
         else:
@@ -1320,15 +1797,15 @@ def update_doc(doc: Path, generated: str) -> None:
 def print_table(res: dict) -> None:
     s = res["summary"]
     print()
-    print(f"{'variant':<12} {'req/s':>9} {'×nginx':>7} {'×direct':>8} {'cpu µs':>7} {'rss MiB':>8} "
+    print(f"{'variant':<16} {'req/s':>9} {'×nginx':>7} {'×direct':>8} {'cpu µs':>7} {'rss MiB':>8} "
           f"{'non2xx':>7} {'p99 ms':>7} {'added':>7}")
     for v in VARIANTS:
         r = s[v]
-        print(f"{v:<12} {r['rps']:>9,.0f} {r['vs_nginx']:>7.2f} {r['vs_direct']:>8.2f} {r['cpu_us_per_req']:>7.1f} "
+        print(f"{v:<16} {r['rps']:>9,.0f} {r['vs_nginx']:>7.2f} {r['vs_direct']:>8.2f} {r['cpu_us_per_req']:>7.1f} "
               f"{r['peak_rss_mib']:>8.1f} {100 * r['non_2xx_share']:>6.1f}% {r['lat_p99_ms']:>7.2f} "
               f"{r['lat_added_p99_ms']:>+7.2f}")
     print()
-    for goal, ok, detail in verdicts(s):
+    for goal, ok, detail in (tls_verdicts(s) if res["params"].get("suite") == "tls" else verdicts(s)):
         print(f"{'MET    ' if ok else 'NOT MET'}  {goal}: {detail}")
     for r in res.get("fresh") or []:
         print(f"fresh JWTs, run {r['round']}: {r['rps']:,.0f} req/s, {r['cpu_us_per_req']:.1f} µs CPU/req")
@@ -1337,6 +1814,9 @@ def print_table(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), default="plain",
+                    help="plain: HTTP/1.1 against nginx, HAProxy (default); tls: TLS listener, https:// upstream "
+                         "and HTTP/2 clients, each against nginx")
     ap.add_argument("--rounds", type=int, default=7, help="throughput rounds (default 7)")
     ap.add_argument("--seconds", type=int, default=10, help="seconds per throughput run (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per variant (default 3)")
@@ -1346,11 +1826,13 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=10_000, help="tokens created in keygate (default 10000)")
     ap.add_argument("--invalid", type=int, default=500, help="of those, revoked and still sent (default 500)")
+    ap.add_argument("--h2-clients", type=int, default=16, help="h2load connections of the HTTP/2 pair (default 16)")
+    ap.add_argument("--h2-streams", type=int, default=4, help="h2load streams per connection (default 4)")
     ap.add_argument("--latency-rounds", type=int, default=4)
     ap.add_argument("--latency-seconds", type=int, default=8)
     ap.add_argument("--latency-clients", type=int, default=16)
     ap.add_argument("--latency-fraction", type=float, default=0.5)
-    ap.add_argument("--base-port", type=int, default=28180, help="six ports from here (default 28180)")
+    ap.add_argument("--base-port", type=int, default=28180, help="sixteen ports from here (default 28180)")
     ap.add_argument("--workdir", default="/tmp/keygate-bench", help="configs, logs and raw output")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
@@ -1379,6 +1861,11 @@ def main() -> None:
         args.fresh_rounds, args.fresh_seconds = min(args.fresh_rounds, 1), 1
         args.no_doc = True
 
+    if args.from_results:
+        args.suite = json.loads(Path(args.from_results).read_text())["params"].get("suite", "plain")
+    VARIANTS[:] = SUITES[args.suite]
+    if args.suite != "plain" and (args.baseline or args.skip or args.profile):
+        sys.exit("--baseline, --skip and --profile go with --suite plain only")
     if args.baseline:
         VARIANTS.append("baseline")
         args.no_doc = True
@@ -1410,9 +1897,14 @@ def main() -> None:
 
     if not args.no_doc:
         doc = Path(args.doc)
-        chart = doc.parent / "benchmarks-gateway.svg"
-        chart.write_text(svg_chart(res))
-        update_doc(doc, markdown(res, chart.name))
+        if args.suite == "tls":
+            chart = doc.parent / "benchmarks-gateway-tls.svg"
+            chart.write_text(svg_chart(res))
+            update_doc(doc, markdown_tls(res, chart.name), TLS_BEGIN, TLS_END, TLS_SECTION_TITLE)
+        else:
+            chart = doc.parent / "benchmarks-gateway.svg"
+            chart.write_text(svg_chart(res))
+            update_doc(doc, markdown(res, chart.name))
         log(f"wrote {doc} and {chart}")
 
 

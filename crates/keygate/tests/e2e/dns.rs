@@ -11,7 +11,7 @@ use std::sync::Arc;
 use keygate_gateway::resolve::{self, Lookup, Resolve, Which};
 use keygate_testkit::{Options, StatusCode, TestKeygate, route};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -23,13 +23,8 @@ fn answer_with_address(listener: TcpListener) -> JoinHandle<()> {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let me = me.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !crate::read_request_head(&mut s).await {
+                    return;
                 }
                 let answer =
                     format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{me}", me.len());

@@ -595,7 +595,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
 
 /// An upstream that answers every request with 200 or 503, as the test switches it.
 async fn switchable_upstream(up: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -603,13 +603,8 @@ async fn switchable_upstream(up: std::sync::Arc<std::sync::atomic::AtomicBool>) 
             let Ok((mut s, _)) = listener.accept().await else { return };
             let up = up.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !crate::read_request_head(&mut s).await {
+                    return;
                 }
                 let status = if up.load(std::sync::atomic::Ordering::SeqCst) { "200 OK" } else { "503 Busy" };
                 let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");

@@ -46,6 +46,21 @@ async fn token_count(kg: &TestKeygate) -> usize {
     a.body["data"].as_array().map_or(0, Vec::len)
 }
 
+/// Reads from a test upstream's connection until a whole request head has come; `false` if the
+/// connection closed or failed first.
+async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 fn now(kg: &TestKeygate) -> Timestamp {
     use keygate_core::Clock;
     kg.clock.now()

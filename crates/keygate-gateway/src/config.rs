@@ -32,11 +32,15 @@ pub struct GatewayConfig {
     /// Time for an upstream to answer with headers, in milliseconds, unless a route says
     /// otherwise. Default 30000.
     pub request_timeout_ms: u64,
-    /// How often an upstream named by a DNS host name is looked up again, in seconds, unless a
-    /// route says otherwise (`dns_refresh_seconds`). keygate asks the system resolver (which
-    /// honours `/etc/hosts`), which does not tell the records' TTL: this is the TTL keygate
-    /// uses. Default 30.
+    /// The longest an upstream named by a DNS host name goes without being looked up again,
+    /// in seconds, unless a route says otherwise (`dns_refresh_seconds`). A name is looked up
+    /// again when its records' TTL runs out, if that is sooner (but not sooner than 1 s); names
+    /// from `/etc/hosts` have no TTL and are read again at this interval. Default 30.
     pub dns_refresh_seconds: u64,
+    /// DNS servers (`"10.0.0.2"`, `"127.0.0.1:8600"`; port 53 when none is given) to ask for
+    /// upstream names instead of `/etc/resolv.conf`'s (whose search domains and options still
+    /// apply). Default: none, `/etc/resolv.conf`'s servers.
+    pub dns_servers: Vec<String>,
     /// Serve the built-in demo route `/demo/echo` (answers with the request and identity it saw)
     /// when no route claims that path. Default true.
     pub demo: bool,
@@ -100,6 +104,7 @@ impl Default for GatewayConfig {
             connect_timeout_ms: 2_000,
             request_timeout_ms: 30_000,
             dns_refresh_seconds: 30,
+            dns_servers: Vec::new(),
             demo: true,
             access_log: true,
             keep_alive_timeout_seconds: 60,
@@ -203,6 +208,27 @@ impl GatewayConfig {
         }
     }
 
+    /// The DNS servers of `dns_servers`, with their ports (53 when not given).
+    pub fn dns_server_addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        const MAX_DNS_SERVERS: usize = 8;
+        if self.dns_servers.len() > MAX_DNS_SERVERS {
+            return Err(format!("gateway.dns_servers: at most {MAX_DNS_SERVERS} servers"));
+        }
+        self.dns_servers
+            .iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .map_err(|_| {
+                        format!(
+                            "gateway.dns_servers: {s:?} is not an IP address or IP:port (for example \"10.0.0.2\" or \"127.0.0.1:8600\")"
+                        )
+                    })
+            })
+            .collect()
+    }
+
     /// Checks the listener settings; the error names the key and what to do.
     pub fn validate(&self) -> Result<(), String> {
         for (key, v) in [
@@ -220,6 +246,7 @@ impl GatewayConfig {
         if self.dns_refresh_seconds == 0 {
             return Err("gateway.dns_refresh_seconds must be at least 1".into());
         }
+        self.dns_server_addrs()?;
         if self.http2_max_concurrent_streams == 0 {
             return Err("gateway.http2_max_concurrent_streams must be at least 1".into());
         }

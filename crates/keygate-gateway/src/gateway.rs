@@ -91,6 +91,8 @@ pub struct Gateway {
     pub identity: Option<Arc<dyn IdentitySigner>>,
     /// Identity tokens minted, by caller and route, reused while they have a while to live.
     pub identity_cache: IdentityCache,
+    /// Looks up the upstreams named by DNS names ([`crate::resolve`]).
+    pub resolver: Arc<dyn crate::resolve::Resolve>,
 }
 
 /// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.

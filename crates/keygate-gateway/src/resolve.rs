@@ -18,9 +18,16 @@
 //!   route change neither forgets health nor needs a lookup; the background task always works
 //!   on the current table, so removed routes are no longer looked up.
 //!
-//! The lookups go through a [`Resolve`]: the system resolver ([`SystemResolver`], getaddrinfo,
-//! which honours `/etc/hosts`) in keygate, a fake one in tests. The system resolver does not
-//! tell the records' TTL, so the configured interval is the TTL.
+//! - **TTL:** a name is looked up again when its records expire (the smallest TTL among the
+//!   answers), but at least [`MIN_REFRESH`] and at most `dns_refresh_seconds` after the last
+//!   lookup, so a TTL of 0 does not turn into a lookup storm and a day-long TTL does not pin an
+//!   address for a day.
+//!
+//! The lookups go through a [`Resolve`]: in keygate a [`DnsResolver`] (a stub resolver that
+//! reads `/etc/resolv.conf` and `/etc/hosts` as the C library does, or asks the servers of
+//! `[gateway] dns_servers`, and tells the records' TTL), falling back to the C library's
+//! getaddrinfo ([`SystemResolver`], which tells no TTL) where there is no resolver
+//! configuration; a fake one in tests.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -43,6 +50,8 @@ pub const MAX_ADDRESSES: usize = 64;
 pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
 /// How long one lookup may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A name is never looked up again sooner than this, whatever its records' TTL.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 
 /// Pool keys of targets retired (their address went away) remembered for workers to forget.
 const RETIRED_KEPT: usize = 4096;
@@ -84,20 +93,141 @@ fn retire(targets: impl Iterator<Item = Arc<Upstream>>) {
     RETIRED_EPOCH.fetch_add(1, Ordering::Release);
 }
 
+/// What a lookup found: the addresses, and how long they may be used (the records' TTL), when
+/// the resolver tells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub addrs: Vec<SocketAddr>,
+    pub ttl: Option<Duration>,
+}
+
+impl From<Vec<SocketAddr>> for Resolved {
+    /// Addresses of unknown TTL.
+    fn from(addrs: Vec<SocketAddr>) -> Self {
+        Self { addrs, ttl: None }
+    }
+}
+
 /// A lookup in progress.
-pub type Lookup<'a> = Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+pub type Lookup<'a> = Pin<Box<dyn Future<Output = io::Result<Resolved>> + Send + 'a>>;
 
 /// Looks up a host name's addresses.
 pub trait Resolve: Send + Sync {
     fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a>;
 }
 
-/// The operating system's resolver (getaddrinfo on a blocking thread; `/etc/hosts` first).
+/// The C library's resolver (getaddrinfo on a blocking thread; `/etc/hosts` first). It does not
+/// tell the records' TTL.
 pub struct SystemResolver;
 
 impl Resolve for SystemResolver {
     fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
-        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect::<Vec<_>>().into()) })
+    }
+}
+
+/// keygate's resolver: `/etc/hosts` first (read again at each lookup, so an edit is seen, and
+/// all of a name's entries as the C library gives them), then DNS (hickory's stub resolver,
+/// configured from `/etc/resolv.conf`: its servers, search domains, `ndots`, timeouts), which
+/// tells the records' TTL. A and AAAA are asked at once, IPv4 addresses first, as nginx's
+/// resolver does. RFC 6761 names are answered without asking (`localhost` is loopback,
+/// `.invalid` does not exist).
+pub struct DnsResolver {
+    dns: hickory_resolver::TokioResolver,
+}
+
+impl DnsResolver {
+    /// A resolver configured from `/etc/resolv.conf`, with `servers` instead of its name
+    /// servers when given (`[gateway] dns_servers`: a service-discovery DNS such as Consul's,
+    /// say). Fails when there is no resolver configuration and no server is given.
+    pub fn new(servers: &[SocketAddr]) -> io::Result<Self> {
+        use hickory_resolver::config::{
+            ConnectionConfig, LookupIpStrategy, NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig,
+            ResolverOpts,
+        };
+        let system = hickory_resolver::system_conf::read_system_conf();
+        let (mut config, mut opts) = match system {
+            Ok(c) => c,
+            Err(e) if servers.is_empty() => return Err(io::Error::other(e.to_string())),
+            Err(_) => (ResolverConfig::from_name_servers(Vec::new()), ResolverOpts::default()),
+        };
+        if !servers.is_empty() {
+            let name_servers = servers
+                .iter()
+                .map(|s| {
+                    let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
+                    udp.port = s.port();
+                    let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
+                    tcp.port = s.port();
+                    let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+                    ns.connections = vec![udp, tcp];
+                    ns
+                })
+                .collect();
+            config = ResolverConfig::from_parts(config.domain.clone(), config.search.clone(), name_servers);
+        }
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        // /etc/hosts is read here at each lookup instead (see `lookup`).
+        opts.use_hosts_file = ResolveHosts::Never;
+        // Each name is asked again only as its TTL runs out: the resolver's own cache need hold
+        // little more than the names being looked up at once.
+        opts.cache_size = 256;
+        let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+            config,
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        );
+        *builder.options_mut() = opts;
+        let dns = builder.build().map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Self { dns })
+    }
+
+    /// The addresses `/etc/hosts` gives `host`, if it has any.
+    fn from_hosts_file(host: &str) -> Option<Vec<std::net::IpAddr>> {
+        use hickory_resolver::proto::op::Query;
+        use hickory_resolver::proto::rr::{Name, RecordType};
+        let hosts = hickory_resolver::Hosts::from_system().ok()?;
+        let name = Name::from_ascii(host).ok()?;
+        let mut ips = Vec::new();
+        for kind in [RecordType::A, RecordType::AAAA] {
+            if let Some(found) = hosts.lookup_static_host(&Query::query(name.clone(), kind)) {
+                ips.extend(found.answers().iter().filter_map(|r| r.data.ip_addr()));
+            }
+        }
+        (!ips.is_empty()).then_some(ips)
+    }
+}
+
+impl Resolve for DnsResolver {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        Box::pin(async move {
+            if let Some(ips) = Self::from_hosts_file(host) {
+                return Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect::<Vec<_>>().into());
+            }
+            // A name with a final dot is not searched in the search domains.
+            let found = self.dns.lookup_ip(host).await.map_err(|e| {
+                let kind = if e.is_no_records_found() || e.is_nx_domain() {
+                    io::ErrorKind::NotFound
+                } else {
+                    io::ErrorKind::Other
+                };
+                io::Error::new(kind, e.to_string())
+            })?;
+            let ttl = found.valid_until().saturating_duration_since(std::time::Instant::now());
+            let addrs = found.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+            Ok(Resolved { addrs, ttl: Some(ttl) })
+        })
+    }
+}
+
+/// The resolver keygate uses for upstream names: a [`DnsResolver`] with `servers`, or the C
+/// library's (logged) when there is no resolver configuration to read.
+pub fn resolver(servers: &[SocketAddr]) -> Arc<dyn Resolve> {
+    match DnsResolver::new(servers) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver configuration (/etc/resolv.conf); upstream names are looked up with the C library, without TTLs");
+            Arc::new(SystemResolver)
+        }
     }
 }
 
@@ -240,13 +370,13 @@ impl RouteDns {
     /// Takes the result of looking up name number `k` (of [`RouteDns::names`]) at `now_ms`:
     /// addresses that stay keep their targets, new ones get new (healthy) targets, removed ones
     /// go. A failure, or no address, keeps the last addresses. `true` if the targets changed.
-    pub fn apply(&self, k: usize, result: io::Result<Vec<SocketAddr>>, now_ms: u64) -> bool {
+    pub fn apply(&self, k: usize, result: io::Result<Resolved>, now_ms: u64) -> bool {
         let Some(name) = self.names().nth(k) else { return false };
         let refresh_ms = u64::try_from(self.refresh.as_millis()).unwrap_or(u64::MAX);
         let mut st = name.state.lock();
         st.asked = true;
-        let found = match result {
-            Ok(list) if !list.is_empty() => list,
+        let (found, ttl) = match result {
+            Ok(r) if !r.addrs.is_empty() => (r.addrs, r.ttl),
             Ok(_) | Err(_) => {
                 let why = match result {
                     Err(e) => e.to_string(),
@@ -267,7 +397,12 @@ impl RouteDns {
                 return false;
             }
         };
-        st.next_ms = now_ms.saturating_add(refresh_ms);
+        // Due again when the records expire, within [MIN_REFRESH, the refresh interval].
+        let due_ms = ttl.map_or(refresh_ms, |t| {
+            let t = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+            t.clamp(MIN_REFRESH.as_millis() as u64, refresh_ms.max(MIN_REFRESH.as_millis() as u64))
+        });
+        st.next_ms = now_ms.saturating_add(due_ms);
         if st.failing.take().is_some() {
             tracing::info!(route = %self.route, upstream = %name.template.authority, "upstream name resolves again");
         }
@@ -427,6 +562,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         answers: parking_lot::Mutex<HashMap<String, io::Result<Vec<SocketAddr>>>>,
+        /// The TTL every answer tells (none: unknown).
+        ttl: parking_lot::Mutex<Option<Duration>>,
         asked: AtomicU64,
     }
 
@@ -444,7 +581,10 @@ mod tests {
         fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
             self.asked.fetch_add(1, Ordering::Relaxed);
             let r = match self.answers.lock().get(host) {
-                Some(Ok(v)) => Ok(v.iter().map(|a| SocketAddr::new(a.ip(), port)).collect()),
+                Some(Ok(v)) => Ok(Resolved {
+                    addrs: v.iter().map(|a| SocketAddr::new(a.ip(), port)).collect(),
+                    ttl: *self.ttl.lock(),
+                }),
                 Some(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
                 None => Err(io::Error::new(io::ErrorKind::NotFound, "no such name")),
             };
@@ -533,8 +673,32 @@ mod tests {
         assert!(other.is_empty());
         // The same answer again changes nothing.
         let same = vec!["10.0.0.3:8080".parse().unwrap(), "10.0.0.1:8080".parse().unwrap()];
-        assert!(!route.dns.as_ref().unwrap().apply(0, Ok(same), 20_000));
+        assert!(!route.dns.as_ref().unwrap().apply(0, Ok(same.into()), 20_000));
         assert!(Arc::ptr_eq(&resolved(route), &now), "not even republished");
+    }
+
+    #[tokio::test]
+    async fn a_name_is_asked_again_when_its_ttl_runs_out_within_bounds() {
+        let (f, r) = fake();
+        let t = table(&["http://svc.test:8080"], Balance::RoundRobin);
+        f.set("svc.test", &["10.0.0.1:0"]);
+        *f.ttl.lock() = Some(Duration::from_millis(3_500));
+        assert_eq!(refresh(t.dns(), &r, 0, Which::New).await, 1);
+        assert_eq!(refresh(t.dns(), &r, 3_499, Which::Due).await, 0, "the records are still valid");
+        // TTL 0: asked again, but not sooner than MIN_REFRESH.
+        *f.ttl.lock() = Some(Duration::ZERO);
+        assert_eq!(refresh(t.dns(), &r, 3_500, Which::Due).await, 1, "due when the TTL runs out");
+        assert_eq!(refresh(t.dns(), &r, 4_499, Which::Due).await, 0);
+        // An hour: asked again at the route's refresh interval (10 s) all the same.
+        *f.ttl.lock() = Some(Duration::from_secs(3_600));
+        assert_eq!(refresh(t.dns(), &r, 4_500, Which::Due).await, 1, "not sooner than 1 s");
+        assert_eq!(refresh(t.dns(), &r, 14_499, Which::Due).await, 0);
+        // No TTL told (getaddrinfo, /etc/hosts): the interval.
+        *f.ttl.lock() = None;
+        assert_eq!(refresh(t.dns(), &r, 14_500, Which::Due).await, 1, "a long TTL is capped at the interval");
+        assert_eq!(refresh(t.dns(), &r, 24_499, Which::Due).await, 0);
+        assert_eq!(refresh(t.dns(), &r, 24_500, Which::Due).await, 1);
+        assert_eq!(f.asked.load(Ordering::Relaxed), 5);
     }
 
     #[tokio::test]
@@ -647,7 +811,7 @@ mod tests {
     fn https_targets_keep_the_name_for_tls() {
         let t = table(&["https://api.example:8443"], Balance::RoundRobin);
         let dns = t.routes[0].dns.as_ref().unwrap();
-        assert!(dns.apply(0, Ok(vec!["192.0.2.1:8443".parse().unwrap()]), 0));
+        assert!(dns.apply(0, Ok(vec!["192.0.2.1:8443".parse::<SocketAddr>().unwrap()].into()), 0));
         let targets = t.routes[0].targets();
         let u = targets.get(0).unwrap();
         let tls = u.tls.as_ref().unwrap();

@@ -82,9 +82,10 @@ pub fn spawn_health_checks(gw: Arc<Gateway>) -> JoinHandle<()> {
     })
 }
 
-/// Looks up the upstreams' DNS names again as they fall due (`dns_refresh_seconds`), on the
-/// current table (so a removed route's names are no longer looked up), once a second.
-pub fn spawn_resolver(gw: Arc<Gateway>, resolver: Arc<dyn crate::resolve::Resolve>) -> JoinHandle<()> {
+/// Looks up the upstreams' DNS names again as they fall due (their TTL, within
+/// `dns_refresh_seconds`), on the current table (so a removed route's names are no longer
+/// looked up), once a second, with the gateway's resolver.
+pub fn spawn_resolver(gw: Arc<Gateway>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,7 +93,7 @@ pub fn spawn_resolver(gw: Arc<Gateway>, resolver: Arc<dyn crate::resolve::Resolv
             tick.tick().await;
             let table = gw.table.load_full();
             let now = crate::resolve::monotonic_ms();
-            crate::resolve::refresh(table.routes.dns(), &resolver, now, crate::resolve::Which::Due).await;
+            crate::resolve::refresh(table.routes.dns(), &gw.resolver, now, crate::resolve::Which::Due).await;
         }
     })
 }

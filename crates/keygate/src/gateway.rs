@@ -271,7 +271,8 @@ pub async fn build(
     let routes = RouteTable::build(&cfg.routes, &cfg.gateway).map_err(|e| anyhow::anyhow!("routes: {e}"))?;
     // Upstreams named by DNS names are looked up before the gateway serves; a name that does
     // not resolve is logged and keygate starts anyway (see keygate_gateway::resolve).
-    let resolver: Arc<dyn keygate_gateway::resolve::Resolve> = Arc::new(keygate_gateway::resolve::SystemResolver);
+    let dns_servers = cfg.gateway.dns_server_addrs().map_err(|e| anyhow::anyhow!(e))?;
+    let resolver = keygate_gateway::resolve::resolver(&dns_servers);
     let now = keygate_gateway::resolve::monotonic_ms();
     keygate_gateway::resolve::refresh(routes.dns(), &resolver, now, keygate_gateway::resolve::Which::New).await;
     let limiter = Limiter::default();
@@ -335,6 +336,7 @@ pub async fn build(
         dpop_nonces,
         identity: oauth.map(|o| Arc::new(IdentityTokens(o)) as Arc<dyn IdentitySigner>),
         identity_cache: Default::default(),
+        resolver,
     }))
 }
 

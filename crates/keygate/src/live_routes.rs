@@ -131,10 +131,14 @@ impl LiveRoutes {
         let next = Table::succeeding(table, &self.gw.table.load());
         // Upstream names new in this table are looked up before it serves (the others keep
         // what the old table knew).
-        let resolver: Arc<dyn keygate_gateway::resolve::Resolve> = Arc::new(keygate_gateway::resolve::SystemResolver);
         let now = keygate_gateway::resolve::monotonic_ms();
-        keygate_gateway::resolve::refresh(next.routes.dns(), &resolver, now, keygate_gateway::resolve::Which::New)
-            .await;
+        keygate_gateway::resolve::refresh(
+            next.routes.dns(),
+            &self.gw.resolver,
+            now,
+            keygate_gateway::resolve::Which::New,
+        )
+        .await;
         self.gw.table.store(Arc::new(next));
         if *applied != pos || pos == 0 {
             tracing::info!(routes = n, stored = stored.len(), position = pos, "route table built");

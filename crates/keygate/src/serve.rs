@@ -151,7 +151,7 @@ pub async fn start(
         follower,
         keygate_gateway::tasks::spawn_flusher(gw.clone(), dyn_store, Duration::from_secs(cfg.usage_flush_seconds)),
         keygate_gateway::tasks::spawn_health_checks(gw.clone()),
-        keygate_gateway::tasks::spawn_resolver(gw.clone(), Arc::new(keygate_gateway::resolve::SystemResolver)),
+        keygate_gateway::tasks::spawn_resolver(gw.clone()),
         crate::gateway::spawn_reloader(routes.clone(), config_path.map(Path::to_owned), tls),
         routes.spawn_follower(),
     ];

@@ -1,7 +1,8 @@
-//! Upstreams named by DNS host names: `localhost` through the system resolver (`/etc/hosts`),
-//! and a name with several addresses through a fake resolver driven by the test (each address a
-//! balancing target; one that stops is taken out while the others serve; a name that does not
-//! resolve answers 502 `upstream_unresolved` and keygate starts anyway).
+//! Upstreams named by DNS host names: `localhost` through keygate's resolver (`/etc/hosts`), a
+//! name served by a DNS server the test runs (`[gateway] dns_servers`: TTLs, a changed answer,
+//! NXDOMAIN), and a name with several addresses through a fake resolver driven by the test (each
+//! address a balancing target; one that stops is taken out while the others serve; a name that
+//! does not resolve answers 502 `upstream_unresolved` and keygate starts anyway).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -108,7 +109,7 @@ struct Fake(parking_lot::Mutex<HashMap<String, Vec<IpAddr>>>);
 impl Resolve for Fake {
     fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
         let r = match self.0.lock().get(host) {
-            Some(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()),
+            Some(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect::<Vec<_>>().into()),
             None => Err(io::Error::new(io::ErrorKind::NotFound, "no such name")),
         };
         Box::pin(async move { r })
@@ -196,4 +197,142 @@ async fn a_name_with_two_addresses_balances_and_one_stopping_leaves_the_other_se
     assert_eq!(health("svc"), [(a, true)], "a failed lookup keeps the last address");
     let (status, _) = get(&kg, "/svc/x").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// Names with their IPv4 addresses and TTL.
+type Zone = Arc<parking_lot::Mutex<HashMap<String, (Vec<std::net::Ipv4Addr>, u32)>>>;
+
+/// A DNS server on a UDP port of 127.0.0.1: answers A queries for the names in its zone with
+/// their TTL, AAAA queries with no data, other names with NXDOMAIN; counts the queries.
+struct FakeDns {
+    addr: SocketAddr,
+    zone: Zone,
+    queries: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeDns {
+    async fn start() -> Self {
+        use hickory_resolver::proto::op::{Message, ResponseCode};
+        use hickory_resolver::proto::rr::rdata::A;
+        use hickory_resolver::proto::rr::{RData, Record, RecordType};
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let zone: Zone = Arc::default();
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (z, q) = (zone.clone(), queries.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else { return };
+                let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+                q.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
+                answer.metadata.recursion_desired = query.metadata.recursion_desired;
+                answer.metadata.recursion_available = true;
+                for question in &query.queries {
+                    answer.add_query(question.clone());
+                    let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+                    match z.lock().get(&name) {
+                        Some((ips, ttl)) if question.query_type() == RecordType::A => {
+                            for ip in ips {
+                                answer.add_answer(Record::from_rdata(question.name().clone(), *ttl, RData::A(A(*ip))));
+                            }
+                        }
+                        Some(_) => {}
+                        None => answer.metadata.response_code = ResponseCode::NXDomain,
+                    }
+                }
+                let _ = sock.send_to(&answer.to_vec().unwrap(), from).await;
+            }
+        });
+        Self { addr, zone, queries, task }
+    }
+
+    fn set(&self, name: &str, ips: &[[u8; 4]], ttl: u32) {
+        self.zone.lock().insert(name.into(), (ips.iter().map(|ip| (*ip).into()).collect(), ttl));
+    }
+
+    fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[tokio::test]
+async fn keygates_resolver_tells_the_ttl_and_answers_special_names_itself() {
+    let dns = FakeDns::start().await;
+    dns.set("orders.keygate.test", &[[127, 0, 0, 1], [127, 0, 0, 2]], 7);
+    let r = resolve::DnsResolver::new(&[dns.addr]).unwrap();
+    let found = r.lookup("orders.keygate.test", 8080).await.unwrap();
+    let want: Vec<SocketAddr> = vec!["127.0.0.1:8080".parse().unwrap(), "127.0.0.2:8080".parse().unwrap()];
+    assert_eq!(found.addrs, want);
+    let ttl = found.ttl.expect("DNS answers tell their TTL");
+    assert!(ttl <= std::time::Duration::from_secs(7) && ttl > std::time::Duration::from_secs(5), "{ttl:?}");
+    let asked = dns.queries();
+    assert!(asked >= 1, "the test's server was asked");
+
+    let missing = r.lookup("missing.keygate.test", 80).await.unwrap_err();
+    assert_eq!(missing.kind(), io::ErrorKind::NotFound, "{missing}");
+
+    // RFC 6761 names and /etc/hosts never reach the DNS server.
+    let asked = dns.queries();
+    assert!(r.lookup("svc.keygate.invalid", 80).await.is_err());
+    let local = r.lookup("localhost", 80).await.unwrap();
+    assert!(local.addrs.contains(&"127.0.0.1:80".parse().unwrap()), "{local:?}");
+    assert_eq!(dns.queries(), asked, "asked nothing for .invalid and localhost");
+    // `dns_servers` values are checked.
+    let bad = keygate_gateway::config::GatewayConfig { dns_servers: vec!["dns.example".into()], ..Default::default() };
+    let e = bad.validate().unwrap_err();
+    assert!(e.contains("gateway.dns_servers") && e.contains("\"dns.example\""), "{e}");
+    let ok = keygate_gateway::config::GatewayConfig {
+        dns_servers: vec!["10.0.0.2".into(), "127.0.0.1:8600".into(), "[::1]:53".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        ok.dns_server_addrs().unwrap(),
+        ["10.0.0.2:53".parse::<SocketAddr>().unwrap(), "127.0.0.1:8600".parse().unwrap(), "[::1]:53".parse().unwrap()]
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_name_follows_its_dns_answers_as_their_ttl_runs_out() {
+    let dns = FakeDns::start().await;
+    let (a, b): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
+    let (port, up) = listen_on(&[a, b]).await;
+    assert_eq!(up.len(), 2);
+    let name = "payments.keygate.test";
+    dns.set(name, &[[127, 0, 0, 1]], 0);
+    let mut pay = route("pay", "/pay", &format!("http://{name}:{port}"));
+    pay.public = true;
+    let gateway = keygate_gateway::config::GatewayConfig {
+        dns_servers: vec![dns.addr.to_string()],
+        demo: false,
+        ..Default::default()
+    };
+    let kg = TestKeygate::start_with(Options { routes: vec![pay], gateway: Some(gateway), ..Options::default() })
+        .await
+        .unwrap();
+    let (status, body) = get(&kg, "/pay/x").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "127.0.0.1"), "resolved by the configured server");
+
+    // The answer changes; its TTL was 0, so the name is due again a second after its lookup
+    // (the time given here is past that; the background resolver may have asked already).
+    dns.set(name, &[[127, 0, 0, 2]], 300);
+    let table = kg.gateway().table.load_full();
+    let later = resolve::monotonic_ms() + 1_000;
+    resolve::refresh(table.routes.dns(), &kg.gateway().resolver, later, Which::Due).await;
+    let (status, body) = get(&kg, "/pay/x").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "127.0.0.2"), "the new address serves");
+    // Now a TTL of 300 s caps at the refresh interval (30 s): not due a second later.
+    let asked = dns.queries();
+    let n = resolve::refresh(table.routes.dns(), &kg.gateway().resolver, later + 1_000, Which::Due).await;
+    assert_eq!((n, dns.queries()), (0, asked), "not due before the interval");
+    let n = resolve::refresh(table.routes.dns(), &kg.gateway().resolver, later + 30_000, Which::Due).await;
+    assert_eq!(n, 1, "due at the refresh interval");
 }

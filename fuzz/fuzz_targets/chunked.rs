@@ -24,6 +24,8 @@ enum Outcome {
 #[derive(Debug, PartialEq, Eq)]
 struct Run {
     data: Vec<u8>,
+    /// The trailer fields passed on.
+    trailers: Option<Vec<(String, Vec<u8>)>>,
     outcome: Outcome,
 }
 
@@ -32,6 +34,7 @@ fn run(input: &[u8], cuts: &[usize]) -> Run {
     let mut dec = ChunkedDecoder::default();
     let mut buf = BytesMut::new();
     let mut data = Vec::new();
+    let mut trailers = None;
     let mut fed = 0;
     let ends = cuts.iter().copied().filter(|&c| c > 0 && c < input.len()).chain([input.len()]);
     for end in ends {
@@ -47,19 +50,23 @@ fn run(input: &[u8], cuts: &[usize]) -> Run {
                     data.extend_from_slice(&d);
                     assert!(data.len() <= input.len(), "more body bytes out than input in");
                 }
+                Ok(ChunkedStep::Trailers(t)) => {
+                    assert!(!t.is_empty() && trailers.is_none(), "trailers once, when there are some");
+                    trailers = Some(t);
+                }
                 Ok(ChunkedStep::NeedMore) => break,
-                Ok(ChunkedStep::End) => return Run { data, outcome: Outcome::End(fed - buf.len()) },
+                Ok(ChunkedStep::End) => return Run { data, trailers, outcome: Outcome::End(fed - buf.len()) },
                 Err(_) => {
                     // Refused stays refused, whatever comes next.
                     buf.extend_from_slice(&input[fed..]);
                     buf.extend_from_slice(b"\r\n0\r\n\r\n");
                     assert!(dec.step(&mut buf).is_err(), "a refused body was taken up again");
-                    return Run { data, outcome: Outcome::Refused };
+                    return Run { data, trailers, outcome: Outcome::Refused };
                 }
             }
         }
     }
-    Run { data, outcome: Outcome::NeedMore }
+    Run { data, trailers, outcome: Outcome::NeedMore }
 }
 
 fn decode_three_ways(input: &[u8], seed: u8) -> Run {
@@ -115,6 +122,8 @@ fn round_trip(seed: u8, payload: &[u8]) {
     let decoded = decode_three_ways(&body, seed);
     assert_eq!(decoded.data, payload, "a well-formed body decodes to what was encoded");
     assert_eq!(decoded.outcome, Outcome::End(len), "and ends where its encoder ended it");
+    let trailers = (seed & 0x20 != 0).then(|| vec![("x-checksum".to_owned(), b"1".to_vec())]);
+    assert_eq!(decoded.trailers, trailers, "with the trailer fields it was given");
 }
 
 fuzz_target!(|input: &[u8]| {

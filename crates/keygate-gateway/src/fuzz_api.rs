@@ -100,6 +100,9 @@ pub enum ChunkedStep {
     Data(Bytes),
     /// The buffered bytes end before the next decision: read more, then step again.
     NeedMore,
+    /// The trailer fields passed on (names lowercase, values as sent), the last chunk and the
+    /// trailer section consumed; `End` comes next.
+    Trailers(Vec<(String, Vec<u8>)>),
     /// The body ended (last chunk and trailers consumed); the buffer holds what follows it.
     End,
 }
@@ -115,6 +118,9 @@ impl ChunkedDecoder {
     pub fn step(&mut self, buf: &mut BytesMut) -> io::Result<ChunkedStep> {
         step_chunked(&mut self.0, buf).map(|s| match s {
             Step::Data(d) => ChunkedStep::Data(d),
+            Step::Trailers(t) => {
+                ChunkedStep::Trailers(t.iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())).collect())
+            }
             Step::NeedMore => ChunkedStep::NeedMore,
             Step::End => ChunkedStep::End,
         })

@@ -340,6 +340,9 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> BodySource for C
                 }
                 BodyFraming::Chunked(state) => match step_chunked(state, self.buf) {
                     Ok(Step::Data(d)) => return Some(self.count(d.len()).map(|()| d)),
+                    // A request's trailer fields are not passed on (the body is what the
+                    // upstream gets); the body ends with the next step.
+                    Ok(Step::Trailers(_)) => continue,
                     Ok(Step::End) => {
                         self.end();
                         return None;
@@ -721,10 +724,27 @@ async fn relay<W: AsyncWrite + Unpin>(
     if let Err(e) = wr.write_all(out).await {
         return (Err(e), sent);
     }
+    // The last chunk went out with trailer fields.
+    let mut trailed = false;
     while !ended {
         match body.frame().await {
             Some(Ok(frame)) => {
-                let Ok(d) = frame.into_data() else { continue };
+                let d = match frame.into_data() {
+                    Ok(d) => d,
+                    Err(frame) => {
+                        // Trailer fields (an HTTP/2 upstream's, or a chunked HTTP/1.1 one's)
+                        // end a chunked answer; an answer of known length cannot carry them.
+                        if let (true, Ok(t)) = (chunked, frame.into_trailers()) {
+                            out.clear();
+                            last_chunk_with(out, &t);
+                            if let Err(e) = wr.write_all(out).await {
+                                return (Err(e), sent);
+                            }
+                            trailed = true;
+                        }
+                        continue;
+                    }
+                };
                 sent += d.len() as u64;
                 out.clear();
                 frame_data(out, &d, chunked);
@@ -740,7 +760,10 @@ async fn relay<W: AsyncWrite + Unpin>(
             }
             None => {
                 ended = true;
-                if chunked && let Err(e) = wr.write_all(b"0\r\n\r\n").await {
+                if chunked
+                    && !trailed
+                    && let Err(e) = wr.write_all(b"0\r\n\r\n").await
+                {
                     return (Err(e), sent);
                 }
             }
@@ -757,6 +780,18 @@ struct Framed<'a> {
     client_11: bool,
     /// The answer has no body whatever its fields say (to HEAD, 1xx, 204, 304).
     bodiless: bool,
+}
+
+/// Appends the last chunk of a chunked answer with its trailer section: the fields that may be
+/// trailers ([`crate::proxy::may_trail`]).
+fn last_chunk_with(out: &mut Vec<u8>, trailers: &http::HeaderMap) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers {
+        if crate::proxy::may_trail(name.as_str().as_bytes()) {
+            line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends body data, as a chunk when the answer is chunked.

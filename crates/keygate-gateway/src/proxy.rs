@@ -462,15 +462,19 @@ pub(crate) enum Chunked {
     Data(u64),
     /// Expecting the CRLF after chunk data.
     DataEnd,
-    /// After the last chunk: trailer fields until an empty line; how many were read, and
-    /// their bytes.
-    Trailers { fields: u16, bytes: u16 },
+    /// After the last chunk: trailer fields until an empty line.
+    Trailers,
+    /// The body and its trailer section were read.
+    Ended,
 }
 
 /// What the buffered bytes gave.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     Data(Bytes),
+    /// The body's trailer fields (at the end of a chunked body that has some to pass on): the
+    /// next step is [`Step::End`].
+    Trailers(http::HeaderMap),
     NeedMore,
     End,
 }
@@ -518,7 +522,7 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                     .iter()
                     .fold(0u64, |acc, b| acc * 16 + u64::from(char::from(*b).to_digit(16).unwrap_or(0)));
                 buf.advance(eol + 2);
-                *state = if size == 0 { Chunked::Trailers { fields: 0, bytes: 0 } } else { Chunked::Data(size) };
+                *state = if size == 0 { Chunked::Trailers } else { Chunked::Data(size) };
             }
             Chunked::Data(left) => {
                 if buf.is_empty() {
@@ -540,35 +544,89 @@ pub(crate) fn step_chunked(state: &mut Chunked, buf: &mut BytesMut) -> io::Resul
                 buf.advance(2);
                 *state = Chunked::Size;
             }
-            Chunked::Trailers { fields, bytes } => {
-                // Trailer fields are not forwarded, but they are read as strictly as a head's
-                // (RFC 9112 §7.1.2): each line ends in CRLF and is `name: value`, with a token
-                // for a name and a valid field value; a bare LF, a folded line or a control
-                // byte is refused, so no other parser can read a message boundary here that
-                // keygate did not. The section is bounded in fields and bytes.
-                let used = usize::from(bytes);
-                let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                    if used + buf.len() > MAX_CHUNK_LINE {
+            Chunked::Trailers => {
+                // The trailer section is read whole before it is taken, as strictly as a
+                // head (RFC 9112 §7.1.2): each line ends in CRLF and is `name: value`, with a
+                // token for a name and a valid field value; a bare LF, a folded line or a
+                // control byte is refused, so no other parser can read a message boundary here
+                // that keygate did not. At most MAX_TRAILERS fields in MAX_CHUNK_LINE bytes;
+                // "too long" is said only once it is sure, whatever the cut of the bytes.
+                let mut at = 0;
+                let mut fields = 0u16;
+                let end = loop {
+                    let rest = &buf[at..];
+                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                        // A line not ended yet: the CR, or CRLF, that would end it still to come.
+                        let to_come = if rest.last() == Some(&b'\r') { 1 } else { 2 };
+                        if rest != b"\r" && !rest.is_empty() && buf.len() + to_come > MAX_CHUNK_LINE {
+                            return Err(bad("trailer section too long"));
+                        }
+                        return Ok(Step::NeedMore);
+                    };
+                    if eol == 0 {
+                        break at;
+                    }
+                    if at + eol + 2 > MAX_CHUNK_LINE || fields >= MAX_TRAILERS {
                         return Err(bad("trailer section too long"));
                     }
-                    return Ok(Step::NeedMore);
+                    if !is_field_line(&rest[..eol]) {
+                        return Err(bad("malformed trailer field"));
+                    }
+                    at += eol + 2;
+                    fields += 1;
                 };
-                if eol == 0 {
-                    buf.advance(2);
-                    return Ok(Step::End);
+                let trailers = trailer_fields(&buf[..end]);
+                buf.advance(end + 2);
+                *state = Chunked::Ended;
+                if !trailers.is_empty() {
+                    return Ok(Step::Trailers(trailers));
                 }
-                if used + eol + 2 > MAX_CHUNK_LINE || fields >= MAX_TRAILERS {
-                    return Err(bad("trailer section too long"));
-                }
-                if !is_field_line(&buf[..eol]) {
-                    return Err(bad("malformed trailer field"));
-                }
-                buf.advance(eol + 2);
-                *state =
-                    Chunked::Trailers { fields: fields + 1, bytes: u16::try_from(used + eol + 2).unwrap_or(u16::MAX) };
             }
+            Chunked::Ended => return Ok(Step::End),
         }
     }
+}
+
+/// The fields of a trailer section (`name: value` lines, each ended by CRLF, checked by
+/// [`is_field_line`]) that may be passed on: all but those that are hop-by-hop or that frame,
+/// route or describe the message ([`may_trail`]).
+fn trailer_fields(section: &[u8]) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for line in section.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let name = &line[..colon];
+        let value = line[colon + 1..].trim_ascii();
+        if !may_trail(name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name), http::HeaderValue::from_bytes(value)) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+/// Whether a trailer field named `name` is passed on: not hop-by-hop, and none of those that
+/// frame, route or describe the message, which RFC 9110 §6.5.1 says cannot be trailers
+/// (`Content-Length`, `Host`, `Content-Type`, `Content-Encoding`, `Content-Range`,
+/// `Authorization`, `Set-Cookie`, `Cache-Control`, …).
+pub fn may_trail(name: &[u8]) -> bool {
+    const NOT: [&[u8]; 12] = [
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"host",
+        b"authorization",
+        b"set-cookie",
+        b"cookie",
+        b"cache-control",
+        b"expires",
+        b"age",
+        b"expect",
+    ];
+    !is_hop_by_hop(name) && !NOT.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// Whether `line` (without its CRLF) is a field line: a token, a colon, and a valid field value
@@ -590,12 +648,14 @@ pub struct UpstreamResponseBody {
     /// The response cache's part ([`crate::cache`]): the body served from memory (a hit), or a
     /// copy kept as it streams (stored when it ends whole).
     cache: Option<Box<Tap>>,
+    /// The trailer fields of a chunked body, read with its last data and not given yet.
+    trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl UpstreamResponseBody {
     /// The body of an answer that came over HTTP/2.
     pub fn from_h2(body: hyper::body::Incoming) -> Self {
-        Self { conn: None, framing: Framing::Done, h2: Some(body), cache: None }
+        Self { conn: None, framing: Framing::Done, h2: Some(body), cache: None, trailers: None }
     }
 
     /// The connection of a 101 answer, for the upgraded protocol.
@@ -605,7 +665,13 @@ impl UpstreamResponseBody {
 
     /// A body served from memory (a cache hit).
     pub fn from_memory(body: Bytes) -> Self {
-        Self { conn: None, framing: Framing::Done, h2: None, cache: Some(Box::new(Tap::Memory(Some(body)))) }
+        Self {
+            conn: None,
+            framing: Framing::Done,
+            h2: None,
+            cache: Some(Box::new(Tap::Memory(Some(body)))),
+            trailers: None,
+        }
     }
 
     /// Keeps a copy of the body as it streams, for the cache. `false` (and nothing kept) when
@@ -640,7 +706,7 @@ impl UpstreamResponseBody {
 
     /// Whether the answer has no body to read (a HEAD answer, 204, 304, an empty length).
     pub fn is_empty(&self) -> bool {
-        self.memory_len().map_or_else(|| self.ended(), |n| n == 0)
+        self.memory_len().map_or_else(|| self.ended() && self.trailers.is_none(), |n| n == 0)
     }
 
     /// The body's bytes that are already buffered, without reading from the connection: for a
@@ -661,6 +727,11 @@ impl UpstreamResponseBody {
                 Ok(Some(d))
             }
             Ok(Step::End) => {
+                self.finish();
+                Ok(None)
+            }
+            Ok(Step::Trailers(t)) => {
+                self.trailers = Some(Box::new(t));
                 self.finish();
                 Ok(None)
             }
@@ -741,6 +812,9 @@ impl Body for UpstreamResponseBody {
         if let Some(d) = this.cache.as_deref_mut().and_then(Tap::take_memory) {
             return Poll::Ready(d.map(|d| Ok(Frame::data(d))));
         }
+        if let Some(t) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(*t))));
+        }
         if let Some(b) = &mut this.h2 {
             // Data and trailers as they come (an HTTP/2 client gets the trailers; the HTTP/1.1
             // front end takes only the data), each data piece copied for the cache when it
@@ -780,6 +854,10 @@ impl Body for UpstreamResponseBody {
                 Ok(Step::End) => {
                     this.finish();
                     return Poll::Ready(None);
+                }
+                Ok(Step::Trailers(t)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
                 Ok(Step::NeedMore) => {}
                 Err(e) => {
@@ -826,7 +904,7 @@ impl Body for UpstreamResponseBody {
         if let Some(n) = self.memory_len() {
             return n == 0;
         }
-        self.ended() || self.framing == Framing::Upgraded
+        (self.ended() && self.trailers.is_none()) || self.framing == Framing::Upgraded
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -1036,7 +1114,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
     }
     Ok(Answered {
         status: head.status,
-        body: UpstreamResponseBody { conn: Some(conn), framing, h2: None, cache: None },
+        body: UpstreamResponseBody { conn: Some(conn), framing, h2: None, cache: None, trailers: None },
     })
 }
 
@@ -1234,10 +1312,53 @@ mod tests {
         loop {
             match step_chunked(&mut state, &mut buf)? {
                 Step::Data(d) => out.extend_from_slice(&d),
+                Step::Trailers(_) => {}
                 Step::NeedMore => return Ok((out, false)),
                 Step::End => return Ok((out, true)),
             }
         }
+    }
+
+    /// The trailer fields a chunked body gives, fed `step` bytes at a time.
+    fn trailers_of(input: &[u8], step: usize) -> Option<Vec<(String, String)>> {
+        let mut buf = BytesMut::new();
+        let mut state = Chunked::Size;
+        let mut got = None;
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            loop {
+                match step_chunked(&mut state, &mut buf).unwrap() {
+                    Step::Data(_) => {}
+                    Step::Trailers(t) => {
+                        assert!(got.is_none(), "trailers come once");
+                        got = Some(
+                            t.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned())).collect::<Vec<_>>(),
+                        );
+                    }
+                    Step::NeedMore => break,
+                    Step::End => {
+                        assert!(b"NEXT".starts_with(&buf), "what follows is left");
+                        return got;
+                    }
+                }
+            }
+        }
+        panic!("the body did not end")
+    }
+
+    #[test]
+    fn trailer_fields_are_passed_on_but_not_those_that_frame_or_route() {
+        let body = b"5\r\nhello\r\n0\r\nGrpc-Status: 0\r\ncontent-length: 5\r\nX-Sum:  abc \r\nhost: evil\r\nTE: trailers\r\nx-sum: def\r\n\r\nNEXT";
+        let want = vec![
+            ("grpc-status".to_owned(), "0".to_owned()),
+            ("x-sum".to_owned(), "abc".to_owned()),
+            ("x-sum".to_owned(), "def".to_owned()),
+        ];
+        for step in [1, 2, 3, 7, body.len()] {
+            assert_eq!(trailers_of(body, step), Some(want.clone()), "fed {step} bytes at a time");
+        }
+        assert_eq!(trailers_of(b"0\r\n\r\nNEXT", 1), None, "no trailer section: no trailers");
+        assert_eq!(trailers_of(b"0\r\nhost: x\r\n\r\n", 1), None, "none that may be passed on");
     }
 
     #[test]
@@ -1292,7 +1413,7 @@ mod tests {
                 buf.extend_from_slice(more);
                 loop {
                     match step_chunked(&mut state, &mut buf) {
-                        Ok(Step::Data(_)) => {}
+                        Ok(Step::Data(_) | Step::Trailers(_)) => {}
                         Ok(Step::NeedMore | Step::End) => break,
                         Err(_) => {
                             refused = true;
@@ -1324,7 +1445,7 @@ mod tests {
                     buf.extend_from_slice(more);
                     result = loop {
                         match step_chunked(&mut state, &mut buf) {
-                            Ok(Step::Data(_)) => {}
+                            Ok(Step::Data(_) | Step::Trailers(_)) => {}
                             Ok(Step::NeedMore) => break Ok(false),
                             Ok(Step::End) => break Ok(true),
                             Err(e) => break Err(e),
@@ -1347,6 +1468,36 @@ mod tests {
         assert!(chunks(&long).is_err(), "too many bytes");
         let ok = [&b"0\r\n"[..], &b"x-t: a\r\n".repeat(usize::from(MAX_TRAILERS)), b"\r\n"].concat();
         assert_eq!(chunks(&ok).unwrap(), (Vec::new(), true));
+        // A section of MAX_CHUNK_LINE bytes (its lines with their CRLFs) passes, one byte more
+        // does not, however the bytes are cut (the section is taken whole).
+        for (len, ok) in [(MAX_CHUNK_LINE, true), (MAX_CHUNK_LINE + 1, false)] {
+            let mut section = b"x-t: ".to_vec();
+            section.resize(len - 2, b'v');
+            section.extend_from_slice(b"\r\n");
+            let body = [&b"0\r\n"[..], &section, b"\r\n"].concat();
+            assert_eq!(chunks(&body).is_ok(), ok, "whole, section of {len}");
+            for cut in (3..body.len()).filter(|c| *c < 8 || *c + 6 > body.len()) {
+                let (head, tail) = body.split_at(cut);
+                let mut buf = BytesMut::from(head);
+                let mut state = Chunked::Size;
+                let mut result = Ok(false);
+                for more in [&[][..], tail] {
+                    buf.extend_from_slice(more);
+                    result = loop {
+                        match step_chunked(&mut state, &mut buf) {
+                            Ok(Step::Data(_) | Step::Trailers(_)) => {}
+                            Ok(Step::NeedMore) => break Ok(false),
+                            Ok(Step::End) => break Ok(true),
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                assert_eq!(result.is_ok(), ok, "section of {len} cut at {cut}");
+            }
+        }
         // Fed a byte at a time, the same limits hold.
         let mut buf = BytesMut::new();
         let mut state = Chunked::Size;

@@ -27,7 +27,7 @@ use crate::upstream::Opened;
 use crate::upstream_h2;
 
 /// The client asked for trailers (`TE: trailers`, as gRPC clients do): an HTTP/2 upstream is told
-/// so (HTTP/1.1 upstreams never are: `TE` is hop-by-hop there, and their trailers are not passed).
+/// so (HTTP/1.1 upstreams are not: `TE` is hop-by-hop there; their trailers pass all the same).
 fn te_trailers(head: &ReqHead<'_>) -> bool {
     head.all("te").any(|v| {
         v.split(|b| *b == b',').any(|t| {

@@ -335,3 +335,85 @@ async fn answers_of_an_http2_upstream_are_cached_like_any_other() {
     assert!(cache_status(&third).contains("fwd=uri-miss"), "{}", cache_status(&third));
     kg.stop().await;
 }
+
+/// Sends `request` to keygate's gateway over HTTP/1.1 (it asks for `connection: close`) and
+/// returns the whole answer as it came.
+async fn raw_http1(kg: &TestKeygate, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = kg.gateway_url().trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8(answer).unwrap()
+}
+
+/// An HTTP/1.1 upstream that answers every request with a chunked body and a trailer section
+/// (`x-checksum`, and a `content-length` that has no place there).
+async fn chunked_trailers_upstream() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                while crate::read_request_head(&mut s).await {
+                    let answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\
+                                  X-Checksum: abc\r\ncontent-length: 99\r\n\r\n";
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn trailers_reach_http1_clients_and_come_from_http1_upstreams_too() {
+    let h2 = h2_upstream(None).await;
+    let mut over_h2 = route("over-h2", "/over-h2", &format!("http://127.0.0.1:{}", h2.port()));
+    over_h2.upstream_protocol = keygate_gateway::config::UpstreamProtocol::Http2;
+    over_h2.public = true;
+    let h1 = chunked_trailers_upstream().await;
+    let mut over_h1 = route("over-h1", "/over-h1", &format!("http://127.0.0.1:{}", h1.port()));
+    over_h1.public = true;
+    let kg = TestKeygate::start_with(Options { routes: vec![over_h2, over_h1], ..Options::default() }).await.unwrap();
+
+    // An HTTP/2 upstream's trailers reach an HTTP/1.1 client in the chunked answer's trailer
+    // section.
+    let answer = raw_http1(
+        &kg,
+        "POST /over-h2/x HTTP/1.1\r\nhost: keygate.test\r\nte: trailers\r\ncontent-length: 5\r\n\
+         connection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("\r\ntransfer-encoding: chunked\r\n"), "{answer}");
+    assert!(answer.contains("\r\nx-seen-te: trailers\r\n"), "TE: trailers reaches the HTTP/2 upstream: {answer}");
+    assert!(answer.ends_with("\r\n5\r\nhello\r\n0\r\ngrpc-status: 0\r\nx-echoed: 5\r\n\r\n"), "{answer:?}");
+
+    // An HTTP/1.1 upstream's trailers: to an HTTP/1.1 client, in the trailer section, without
+    // the field that has no place there …
+    let answer =
+        raw_http1(&kg, "GET /over-h1/x HTTP/1.1\r\nhost: keygate.test\r\nte: trailers\r\nconnection: close\r\n\r\n")
+            .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with("\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"), "{answer:?}");
+    // … and to an HTTP/2 client as a trailers frame.
+    let mut client = h2_client(&kg).await;
+    let req = Request::get("http://keygate.test/over-h1/y").body(ChanBody(mpsc::channel(1).1)).unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert_eq!(next_data(&mut body).await, "hello");
+    let trailers = body.frame().await.expect("trailers").unwrap().into_trailers().expect("a trailers frame");
+    assert_eq!(trailers.len(), 1, "{trailers:?}");
+    assert_eq!(trailers["x-checksum"], "abc");
+    // An HTTP/1.0 client cannot take trailers: it gets the body, read until the close.
+    let answer = raw_http1(&kg, "GET /over-h1/z HTTP/1.0\r\nhost: keygate.test\r\n\r\n").await;
+    assert!(answer.ends_with("\r\n\r\nhello"), "{answer:?}");
+    kg.stop().await;
+}

@@ -307,7 +307,11 @@ impl Worker {
             // done or dropped (a stream the client resets drops both).
             let open = counted.open();
             async move {
-                let resp = gw.handle(info, req, body_timeout).await;
+                // Boxed: hyper spawns each stream's future as a task, and moves it (and tokio
+                // copies it when the task ends) whole several times; the request path's future
+                // is a few KiB, a box is a pointer (measured with perf under h2load: those
+                // copies were the largest user-space cost of an HTTP/2 request).
+                let resp = Box::pin(gw.handle(info, req, body_timeout)).await;
                 // From here the answer waits for hyper to take it.
                 open.waiting();
                 Ok::<_, std::convert::Infallible>(resp.map(|body| CountedBody { body, open }))

@@ -199,7 +199,7 @@ def main() -> None:
     gw.ensure_tools(not a.no_install, False)
     args = argparse.Namespace(
         workdir=a.workdir, base_port=a.base_port, tokens=a.tokens, invalid=a.invalid, workers=2,
-        upstream_workers=1, baseline=a.baseline,
+        upstream_workers=1, baseline=a.baseline, suite="plain",
     )
     bench = gw.Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))

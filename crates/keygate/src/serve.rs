@@ -304,7 +304,9 @@ pub async fn run(cfg: Config, config_path: Option<&Path>, pepper_env: Option<Str
         eprintln!("keygate: dashboard setup code: {code} (open http://{a}/setup)");
     }
     eprintln!("keygate: admin API on http://{a}/admin/v1 (explorer: http://{a}/admin/docs)");
-    eprintln!("keygate: gateway on http://{g} (try http://{g}/demo/echo with a token)");
+    // The scheme the gateway listener speaks: TLS when `[gateway.tls]` is set.
+    let scheme = if running.tls.is_some() { "https" } else { "http" };
+    eprintln!("keygate: gateway on {scheme}://{g} (try {scheme}://{g}/demo/echo with a token)");
     if root_keys == 0 {
         first_run_hint(&cfg);
     }

@@ -159,6 +159,8 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(misc::put_scope, misc::delete_scope))
         .routes(routes!(misc::list_audit_events))
         .routes(routes!(misc::health))
+        .routes(routes!(misc::healthz))
+        .routes(routes!(misc::readyz))
         .routes(routes!(oauth::create_client, oauth::get_client, oauth::update_client))
         .routes(routes!(oauth::rotate_client_secret))
         .routes(routes!(oauth::list_keys))

@@ -185,6 +185,7 @@ pub struct Admin {
     pub(crate) route_rules: std::sync::OnceLock<Arc<dyn crate::routes::RouteRules>>,
     /// Answers `POST /admin/v1/verify` from memory (the local gateway's index and limits).
     verifier: std::sync::OnceLock<Arc<dyn keygate_core::verify::TokenVerifier>>,
+    index: std::sync::OnceLock<Arc<dyn keygate_core::verify::IndexReadiness>>,
 }
 
 /// Usage counted in memory and not yet in the store (the local gateway's meter), so reports
@@ -222,6 +223,7 @@ impl Admin {
             pending_usage: std::sync::OnceLock::new(),
             route_rules: std::sync::OnceLock::new(),
             verifier: std::sync::OnceLock::new(),
+            index: std::sync::OnceLock::new(),
         }
     }
 
@@ -236,6 +238,15 @@ impl Admin {
     }
 
     /// Sets what answers token verifications (once): the local gateway.
+    /// The node's token index, whose state `GET /readyz` reports.
+    pub fn set_index(&self, index: Arc<dyn keygate_core::verify::IndexReadiness>) {
+        let _ = self.index.set(index);
+    }
+
+    pub fn index(&self) -> Option<&Arc<dyn keygate_core::verify::IndexReadiness>> {
+        self.index.get()
+    }
+
     pub fn set_verifier(&self, verifier: Arc<dyn keygate_core::verify::TokenVerifier>) {
         let _ = self.verifier.set(verifier);
     }

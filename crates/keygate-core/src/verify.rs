@@ -122,6 +122,23 @@ impl Verification {
     }
 }
 
+/// What a node's token index knows of the change feed, for its readiness (`GET /readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexStatus {
+    /// Tokens resident.
+    pub tokens: usize,
+    /// The change-feed position applied.
+    pub position: u64,
+    /// How long ago the index last read the feed to its end; `None` if it never did since it
+    /// loaded.
+    pub caught_up_ago: Option<std::time::Duration>,
+}
+
+/// A node's token index, as its readiness sees it.
+pub trait IndexReadiness: Send + Sync {
+    fn status(&self) -> IndexStatus;
+}
+
 /// Verifies tokens from memory (the gateway's index and limiter). Synchronous: it must not wait
 /// on a store.
 pub trait TokenVerifier: Send + Sync {

@@ -49,6 +49,7 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
     loop {
         let changes = store.changes_since(index.seq(), BATCH).await?;
         let Some(last) = changes.last().map(|c| c.seq) else {
+            index.mark_caught_up();
             return Ok(());
         };
         for c in &changes {
@@ -59,6 +60,7 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
         }
         index.set_seq(last);
         if changes.len() < BATCH as usize {
+            index.mark_caught_up();
             return Ok(());
         }
     }

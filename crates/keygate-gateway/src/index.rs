@@ -215,6 +215,8 @@ struct Inner {
     interner: Mutex<Interner>,
     len: AtomicUsize,
     seq: AtomicU64,
+    /// When the feed was last read to its end ([`crate::resolve::monotonic_ms`] + 1; 0: never).
+    caught_up: AtomicU64,
     /// Ids (`jti`) of revoked JWT access tokens, until they expire (milliseconds), and the feed
     /// position of the revocations applied. Revocations are rare and every JWT request reads
     /// the set, so it is copied on write and read without a lock.
@@ -232,6 +234,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct TokenIndex(Arc<Inner>);
 
+impl keygate_core::verify::IndexReadiness for TokenIndex {
+    fn status(&self) -> keygate_core::verify::IndexStatus {
+        TokenIndex::status(self)
+    }
+}
+
 /// The shard a hash lives in, from a byte the in-shard hash does not use.
 fn shard_of(hash: &SecretHash) -> usize {
     usize::from(hash.as_bytes().get(8).copied().unwrap_or(0)) % SHARDS
@@ -246,6 +254,7 @@ impl TokenIndex {
             interner: Mutex::new(Interner::default()),
             len: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
+            caught_up: AtomicU64::new(0),
             revoked_jtis: arc_swap::ArcSwap::from_pointee(HashMap::new()),
             jti_seq: AtomicU64::new(0),
             apply: tokio::sync::Mutex::new(()),
@@ -313,6 +322,22 @@ impl TokenIndex {
 
     pub fn set_seq(&self, seq: u64) {
         self.0.seq.store(seq, Ordering::Release);
+    }
+
+    /// Notes that the change feed was just read to its end (`follow::catch_up`).
+    pub fn mark_caught_up(&self) {
+        self.0.caught_up.store(crate::resolve::monotonic_ms().saturating_add(1), Ordering::Release);
+    }
+
+    /// What the index knows of the feed, for readiness.
+    pub fn status(&self) -> keygate_core::verify::IndexStatus {
+        let at = self.0.caught_up.load(Ordering::Acquire);
+        keygate_core::verify::IndexStatus {
+            tokens: self.len(),
+            position: self.seq(),
+            caught_up_ago: (at > 0)
+                .then(|| std::time::Duration::from_millis(crate::resolve::monotonic_ms().saturating_sub(at - 1))),
+        }
     }
 
     /// Checks a presented token: format, then the index, then status and expiry at `now`.

@@ -124,6 +124,7 @@ pub async fn start(
         crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock.clone(), Some(oauth.clone())).await?;
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     opened.admin.set_verifier(Arc::new(keygate_gateway::verify::GatewayVerifier::new(gw.clone())));
+    opened.admin.set_index(Arc::new(gw.index.clone()));
     // The route table: the file's routes and the stored ones, each with its workspace, built
     // before the listener serves a request.
     let issuer_workspaces = (cfg.oauth.trusted_issuers.iter())

@@ -562,6 +562,50 @@ pub struct AuditEventList {
     pub next_cursor: Option<String>,
 }
 
+/// `GET /healthz`: the process answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Liveness {
+    /// Always `alive`.
+    pub status: String,
+}
+
+/// `GET /readyz`: whether this node should get traffic, and why.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` (HTTP 200) or `not_ready` (HTTP 503).
+    pub status: String,
+    /// Why not ready; or, when ready, what is degraded (the store not answering: the node serves
+    /// from memory). Absent when all is well.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub token_index: IndexReadinessView,
+    pub store: StoreReadinessView,
+    pub version: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IndexReadinessView {
+    /// The token index is loaded.
+    pub loaded: bool,
+    /// Tokens resident.
+    pub tokens: u64,
+    /// The change-feed position applied.
+    pub position: u64,
+    /// Milliseconds since the index last read the change feed to its end.
+    pub caught_up_ms_ago: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoreReadinessView {
+    /// `sqlite` or `postgres`.
+    pub engine: String,
+    /// The store answered a query within 2 seconds.
+    pub reachable: bool,
+    /// Why it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     /// `ok` when the store answers.

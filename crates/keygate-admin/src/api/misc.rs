@@ -127,6 +127,77 @@ pub(crate) async fn list_audit_events(
     }))
 }
 
+/// How long the token index may go without reading the change feed to its end while the store
+/// answers, before the node is not ready: three times the follower's poll interval (5 s).
+pub(crate) const FEED_LAG_BOUND: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How long `GET /readyz` waits for the store.
+const STORE_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Liveness: the process answers HTTP. Asks nothing of the store. Needs no credential.
+#[utoipa::path(get, path = "/healthz", tag = "system", security(()),
+    responses((status = 200, body = Liveness)))]
+pub(crate) async fn healthz() -> Json<Liveness> {
+    Json(Liveness { status: "alive".into() })
+}
+
+/// Whether a node should get traffic: not ready (`None`) with the reason, or ready with what is
+/// degraded. Ready needs the token index loaded and, while the store answers, the change feed
+/// read to its end within [`FEED_LAG_BOUND`] (a node whose follower is stuck would serve stale
+/// token states). A store that does not answer leaves the node ready: every node would see the
+/// same outage, and the gateway serves from memory by design.
+pub(crate) fn readiness(
+    index: Option<keygate_core::verify::IndexStatus>,
+    store: &Result<(), String>,
+) -> Result<Option<String>, String> {
+    let Some(index) = index else { return Err("the token index is not loaded yet".into()) };
+    match store {
+        Err(e) => Ok(Some(format!("the store does not answer ({e}); serving from memory"))),
+        Ok(()) => match index.caught_up_ago {
+            Some(ago) if ago <= FEED_LAG_BOUND => Ok(None),
+            Some(ago) => Err(format!(
+                "the token index has not read the change feed for {} s although the store answers",
+                ago.as_secs()
+            )),
+            None => Err("the token index has not read the change feed since it loaded".into()),
+        },
+    }
+}
+
+/// Readiness, for load balancers and orchestrators: 200 when this node should get traffic, 503
+/// with the reason when not. Needs no credential.
+#[utoipa::path(get, path = "/readyz", tag = "system", security(()),
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub(crate) async fn readyz(State(s): State<AdminState>) -> (StatusCode, Json<Readiness>) {
+    let store = s.admin.store();
+    let ping = match tokio::time::timeout(STORE_PING_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.message.into_owned()),
+        Err(_) => Err(format!("no answer within {} s", STORE_PING_TIMEOUT.as_secs())),
+    };
+    let index = s.admin.index().map(|i| i.status());
+    let verdict = readiness(index, &ping);
+    let (code, status, reason) = match verdict {
+        Ok(degraded) => (StatusCode::OK, "ready", degraded),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready", Some(why)),
+    };
+    let body = Readiness {
+        status: status.into(),
+        reason,
+        token_index: IndexReadinessView {
+            loaded: index.is_some(),
+            tokens: index.map_or(0, |i| i.tokens as u64),
+            position: index.map_or(0, |i| i.position),
+            caught_up_ms_ago: index
+                .and_then(|i| i.caught_up_ago)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        },
+        store: StoreReadinessView { engine: store.engine().into(), reachable: ping.is_ok(), error: ping.err() },
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    (code, Json(body))
+}
+
 /// Whether the server and its store answer. Needs no credential.
 #[utoipa::path(get, path = "/admin/v1/health", tag = "system", security(()),
     responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
@@ -137,4 +208,35 @@ pub(crate) async fn health(State(s): State<AdminState>) -> Result<Json<Health>, 
         store: s.admin.store().engine().into(),
         version: env!("CARGO_PKG_VERSION").into(),
     }))
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use std::time::Duration;
+
+    use keygate_core::verify::IndexStatus;
+
+    use super::{FEED_LAG_BOUND, readiness};
+
+    fn index(ago: Option<u64>) -> Option<IndexStatus> {
+        Some(IndexStatus { tokens: 3, position: 7, caught_up_ago: ago.map(Duration::from_secs) })
+    }
+
+    #[test]
+    fn a_node_is_ready_with_its_index_current_or_its_store_down() {
+        assert_eq!(readiness(index(Some(1)), &Ok(())), Ok(None), "all is well");
+        let bound = FEED_LAG_BOUND.as_secs();
+        assert_eq!(readiness(index(Some(bound)), &Ok(())), Ok(None), "at the bound");
+        let late = readiness(index(Some(bound + 1)), &Ok(())).unwrap_err();
+        assert!(late.contains("has not read the change feed for 16 s"), "{late}");
+        let never = readiness(index(None), &Ok(())).unwrap_err();
+        assert!(never.contains("since it loaded"), "{never}");
+        let unloaded = readiness(None, &Ok(())).unwrap_err();
+        assert!(unloaded.contains("not loaded"), "{unloaded}");
+        // The store down: ready (serving from memory), however old the index's reading.
+        let down = Err("connection refused".to_owned());
+        let degraded = readiness(index(Some(600)), &down).unwrap().unwrap();
+        assert!(degraded.contains("connection refused") && degraded.contains("serving from memory"), "{degraded}");
+        assert!(readiness(None, &down).is_err(), "but not without an index");
+    }
 }

@@ -16,6 +16,7 @@ mod edge_policy;
 mod edge_upgrade;
 mod fuzz_finds;
 mod gateway;
+mod health;
 mod oauth;
 mod oauth_hardening;
 mod root_keys;

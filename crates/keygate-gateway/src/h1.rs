@@ -782,14 +782,13 @@ struct Framed<'a> {
     bodiless: bool,
 }
 
-/// Appends the last chunk of a chunked answer with its trailer section: the fields that may be
-/// trailers ([`crate::proxy::may_trail`]).
+/// Appends the last chunk of a chunked answer with its trailer section (the upstream's body
+/// gives only the fields that may trail: `proxy::may_trail`; each value is checked again by
+/// [`line`]).
 fn last_chunk_with(out: &mut Vec<u8>, trailers: &http::HeaderMap) {
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers {
-        if crate::proxy::may_trail(name.as_str().as_bytes()) {
-            line(out, name.as_str().as_bytes(), value.as_bytes());
-        }
+        line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }

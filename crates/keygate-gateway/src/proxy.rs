@@ -607,11 +607,19 @@ fn trailer_fields(section: &[u8]) -> http::HeaderMap {
     map
 }
 
+/// Drops from `trailers` the fields that may not trail ([`may_trail`]).
+fn retain_trailing(trailers: &mut http::HeaderMap) {
+    let drop: Vec<http::HeaderName> = trailers.keys().filter(|n| !may_trail(n.as_str().as_bytes())).cloned().collect();
+    for name in drop {
+        trailers.remove(name);
+    }
+}
+
 /// Whether a trailer field named `name` is passed on: not hop-by-hop, and none of those that
 /// frame, route or describe the message, which RFC 9110 §6.5.1 says cannot be trailers
 /// (`Content-Length`, `Host`, `Content-Type`, `Content-Encoding`, `Content-Range`,
 /// `Authorization`, `Set-Cookie`, `Cache-Control`, …).
-pub fn may_trail(name: &[u8]) -> bool {
+fn may_trail(name: &[u8]) -> bool {
     const NOT: [&[u8]; 12] = [
         b"content-length",
         b"content-type",
@@ -830,7 +838,15 @@ impl Body for UpstreamResponseBody {
                     if at_end {
                         this.finish();
                     }
-                    Some(Ok(f))
+                    // Trailers pass with the fields that may trail, as an HTTP/1.1 upstream's
+                    // do ([`trailer_fields`]): one rule whatever the client speaks.
+                    Some(Ok(match f.into_trailers() {
+                        Ok(mut t) => {
+                            retain_trailing(&mut t);
+                            Frame::trailers(t)
+                        }
+                        Err(f) => f,
+                    }))
                 }
                 Some(Err(e)) => {
                     this.fail();

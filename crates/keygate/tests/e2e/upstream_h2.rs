@@ -66,6 +66,8 @@ async fn echo(req: Request<Incoming>) -> Result<Response<ChanBody>, Infallible> 
         let mut t = HeaderMap::new();
         t.insert("grpc-status", HeaderValue::from_static("0"));
         t.insert("x-echoed", HeaderValue::from(n));
+        // A field that may not trail (RFC 9110 §6.5.1): keygate drops it.
+        t.insert("set-cookie", HeaderValue::from_static("trailing=1"));
         let _ = tx.send(Frame::trailers(t)).await;
     });
     Ok(resp)
@@ -183,6 +185,7 @@ async fn http2_upstreams_stream_both_ways_and_pass_trailers() {
         };
         assert_eq!(trailers["grpc-status"], "0");
         assert_eq!(trailers["x-echoed"], "13");
+        assert!(trailers.get("set-cookie").is_none(), "a field that may not trail is dropped: {trailers:?}");
     }
 
     // Without a token, keygate refuses a gRPC call itself, in gRPC's terms.

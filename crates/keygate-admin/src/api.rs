@@ -8,6 +8,7 @@ mod error;
 pub(crate) use error::status_of;
 mod extract;
 mod misc;
+mod nodes;
 mod oauth;
 mod root_keys;
 mod routes;
@@ -59,6 +60,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
+        (name = "nodes", description = "The keygate processes sharing the store, with how far each has applied the change feed (root keys of the default workspace only)"),
         (name = "system", description = "Health")
     )
 )]
@@ -161,6 +163,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(misc::health))
         .routes(routes!(misc::healthz))
         .routes(routes!(misc::readyz))
+        .routes(routes!(nodes::list_nodes))
         .routes(routes!(oauth::create_client, oauth::get_client, oauth::update_client))
         .routes(routes!(oauth::rotate_client_secret))
         .routes(routes!(oauth::list_keys))

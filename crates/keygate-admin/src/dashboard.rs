@@ -85,6 +85,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("route.html", include_str!("../dashboard/templates/route.html")),
     ("workspaces.html", include_str!("../dashboard/templates/workspaces.html")),
     ("workspace_delete.html", include_str!("../dashboard/templates/workspace_delete.html")),
+    ("nodes.html", include_str!("../dashboard/templates/nodes.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -411,6 +412,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/routes/{id}/delete", post(routes::delete))
         .route("/workspace", post(workspaces::switch))
         .route("/workspaces", get(workspaces::list).post(workspaces::create))
+        .route("/nodes", get(workspaces::nodes))
         .route("/workspaces/{id}/rename", post(workspaces::rename))
         .route("/workspaces/{id}/delete", get(workspaces::delete_page).post(workspaces::delete))
         .route("/portal", get(portal::catalog))

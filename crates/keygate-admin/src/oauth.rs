@@ -1130,8 +1130,8 @@ impl OAuth {
                 self.revoke_opaque(&at.workspace_id, &id, "its refresh-token family was revoked").await?;
             }
         }
-        // The local gateway refuses the family's JWTs before this answers.
-        self.admin.changed().await;
+        // Every live node refuses the family's JWTs before this answers (bounded wait).
+        self.admin.acknowledged(store.position()).await;
         Ok(())
     }
 
@@ -1532,7 +1532,7 @@ impl OAuth {
             if let Some(id) = TokenId::parse(jti) {
                 self.revoke_opaque(&t.workspace_id, &id, "revoked by its client").await?;
             }
-            self.admin.changed().await;
+            self.admin.acknowledged(store.position()).await;
         }
         Ok(())
     }

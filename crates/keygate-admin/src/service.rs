@@ -7,7 +7,8 @@ use std::sync::Arc;
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
-    RootKey, RootKeyStatus, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord, Workspace,
+    Propagation, RootKey, RootKeyStatus, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord,
+    Workspace,
 };
 use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
 use keygate_core::scope::{Scope, parse_scope_list};
@@ -23,11 +24,13 @@ pub struct AdminSettings {
     pub prefix: TokenPrefix,
     /// The longest `grace_period_seconds` a rotation may ask for.
     pub max_grace_period_seconds: u64,
+    /// A node whose last heartbeat is older than this is no longer live (milliseconds).
+    pub node_timeout_ms: i64,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { prefix: TokenPrefix::default(), max_grace_period_seconds: 30 * 86_400 }
+        Self { prefix: TokenPrefix::default(), max_grace_period_seconds: 30 * 86_400, node_timeout_ms: 10_000 }
     }
 }
 
@@ -201,6 +204,73 @@ pub trait PendingUsage: Send + Sync {
 #[async_trait::async_trait]
 pub trait TokenChangeHook: Send + Sync {
     async fn catch_up(&self);
+    /// Waits (bounded) until every live node has applied the change at feed position `seq`
+    /// and says how far it got; `None` where no node registry runs.
+    async fn acknowledge(&self, _seq: u64) -> Option<Propagation> {
+        None
+    }
+}
+
+/// A registered node as `GET /admin/v1/nodes` and the dashboard show it.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub node: keygate_core::model::NodeRecord,
+    pub state: NodeState,
+    /// Feed positions the node has not applied yet (as of its last heartbeat).
+    pub lag: u64,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: i64,
+}
+
+/// Whether a node takes part: `Live` nodes are waited for when a change is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Live,
+    /// No heartbeat within the node timeout: crashed, cut off, or its clock is far behind.
+    Unreachable,
+    /// It stopped gracefully.
+    Stopped,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Unreachable => "unreachable",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// The state of `n` at `now`.
+    pub fn of(n: &keygate_core::model::NodeRecord, now: Timestamp, timeout_ms: i64) -> Self {
+        if n.stopped_at.is_some() {
+            Self::Stopped
+        } else if now.as_millis().saturating_sub(n.heartbeat_at.as_millis()) > timeout_ms {
+            Self::Unreachable
+        } else {
+            Self::Live
+        }
+    }
+}
+
+impl NodeStatus {
+    fn of(node: keygate_core::model::NodeRecord, now: Timestamp, timeout_ms: i64, head: u64) -> Self {
+        Self {
+            state: NodeState::of(&node, now, timeout_ms),
+            lag: head.saturating_sub(node.applied_seq),
+            heartbeat_age_ms: now.as_millis().saturating_sub(node.heartbeat_at.as_millis()).max(0),
+            node,
+        }
+    }
+}
+
+/// A change, and how far it had spread across the nodes when it was answered (`None` when it
+/// changed nothing, or nothing waits for nodes here).
+#[derive(Debug, Clone)]
+pub struct Applied<T> {
+    pub value: T,
+    pub propagation: Option<Propagation>,
 }
 
 impl Admin {
@@ -256,11 +326,51 @@ impl Admin {
         self.verifier.get()
     }
 
+    /// The nodes registered in the store, each with its state at `now` and how far behind the
+    /// newest feed position it is.
+    pub async fn nodes(&self) -> Result<Vec<NodeStatus>> {
+        let now = self.now();
+        let head = self.store.position();
+        let mut out: Vec<NodeStatus> = (self.store.list_nodes().await?.into_iter())
+            .map(|n| NodeStatus::of(n, now, self.settings.node_timeout_ms, head))
+            .collect();
+        // The newest position any node applied may be ahead of what this process has heard of.
+        let head = out.iter().map(|n| n.node.applied_seq).max().unwrap_or(0).max(head);
+        for n in &mut out {
+            n.lag = head.saturating_sub(n.node.applied_seq);
+        }
+        Ok(out)
+    }
+
     /// Tells the hook (the local gateway's index) that something changed, and waits for it.
     pub(crate) async fn changed(&self) {
         if let Some(h) = self.hook.get() {
             h.catch_up().await;
         }
+    }
+
+    /// As [`Self::changed`], then waits until the live nodes have applied the change at feed
+    /// position `seq` (bounded), records how far it spread, and says so.
+    pub(crate) async fn acknowledged(&self, seq: u64) -> Option<Propagation> {
+        let h = self.hook.get()?;
+        let started = std::time::Instant::now();
+        h.catch_up().await;
+        let mut p = h.acknowledge(seq).await?;
+        // From the commit (this node's own catch-up included) to the answer.
+        p.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = self.store.record_propagation(seq, &p, self.now()).await {
+            tracing::warn!(error = %e, seq, "cannot record how far a change spread");
+        }
+        if !p.complete() {
+            tracing::warn!(
+                seq,
+                nodes = p.nodes,
+                applied = p.applied,
+                elapsed_ms = p.elapsed_ms,
+                "a token change was answered before every live node had applied it"
+            );
+        }
+        Some(p)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -845,21 +955,21 @@ impl Admin {
         id: &TokenId,
         action: &str,
         change: impl FnOnce(&mut TokenRecord, Timestamp) -> Result<()>,
-    ) -> Result<TokenRecord> {
+    ) -> Result<Applied<TokenRecord>> {
         let before = self.token(ws, id).await?;
         let now = self.now();
         let mut token = before.clone();
         change(&mut token, now)?;
         if token == before {
-            return Ok(token);
+            return Ok(Applied { value: token, propagation: None });
         }
         token.updated_at = now;
         token.version = before.version + 1;
         let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now)
             .with_diff(&before.audit_view(), &token.audit_view());
-        self.store.update_token(&token, &audit).await?;
-        self.changed().await;
-        Ok(token)
+        let seq = self.store.update_token(&token, &audit).await?;
+        let propagation = self.acknowledged(seq).await;
+        Ok(Applied { value: token, propagation })
     }
 
     pub async fn update_token(
@@ -868,7 +978,7 @@ impl Admin {
         actor: &Actor,
         id: &TokenId,
         update: TokenUpdate,
-    ) -> Result<TokenRecord> {
+    ) -> Result<Applied<TokenRecord>> {
         // Validation that needs the store happens before the read-modify-write.
         let current = self.token(ws, id).await?;
         let scopes = match &update.scopes {
@@ -923,7 +1033,7 @@ impl Admin {
         .await
     }
 
-    pub async fn suspend_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<TokenRecord> {
+    pub async fn suspend_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<Applied<TokenRecord>> {
         self.change_token(ws, actor, id, "token.suspend", |t, _| {
             refuse_if_revoked(t)?;
             t.state = TokenState::Suspended;
@@ -932,7 +1042,7 @@ impl Admin {
         .await
     }
 
-    pub async fn resume_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<TokenRecord> {
+    pub async fn resume_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<Applied<TokenRecord>> {
         self.change_token(ws, actor, id, "token.resume", |t, _| {
             refuse_if_revoked(t)?;
             t.state = TokenState::Active;
@@ -947,7 +1057,7 @@ impl Admin {
         actor: &Actor,
         id: &TokenId,
         reason: Option<String>,
-    ) -> Result<TokenRecord> {
+    ) -> Result<Applied<TokenRecord>> {
         let reason = reason.map(|r| validate_text(&r, "reason", MAX_REASON_LEN)).transpose()?;
         self.change_token(ws, actor, id, "token.revoke", |t, now| {
             if t.state == TokenState::Revoked {
@@ -969,7 +1079,7 @@ impl Admin {
         actor: &Actor,
         id: &TokenId,
         grace_period_seconds: u64,
-    ) -> Result<(TokenRecord, TokenSecret)> {
+    ) -> Result<(Applied<TokenRecord>, TokenSecret)> {
         if grace_period_seconds > self.settings.max_grace_period_seconds {
             return Err(Error::invalid(
                 "invalid_grace_period",
@@ -1025,9 +1135,9 @@ impl Admin {
         audit.before = Some(b);
         audit.after = Some(a);
         let created = NewAuditEvent::new(ws, actor, "token.create", new.id.as_str(), now).with_after(new.audit_view());
-        self.store.rotate_token(&old, &new, &audit, &created).await?;
-        self.changed().await;
-        Ok((new, minted.secret))
+        let seq = self.store.rotate_token(&old, &new, &audit, &created).await?;
+        let propagation = self.acknowledged(seq).await;
+        Ok((Applied { value: new, propagation }, minted.secret))
     }
 
     /// Marks the caller's tokens among `found` (token, where it was found) as exposed, with the

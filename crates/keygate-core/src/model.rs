@@ -455,6 +455,45 @@ pub struct AuditEvent {
     pub before: Option<Value>,
     pub after: Option<Value>,
     pub source: Option<String>,
+    /// For a change to a token: how far it had reached the cluster's nodes when the change was
+    /// answered (see [`Propagation`]).
+    pub propagation: Option<Propagation>,
+}
+
+/// How far one change had spread when its answer was sent: of the `nodes` live then (this one
+/// included), `applied` had applied it to their token index, `elapsed_ms` after the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Propagation {
+    pub nodes: u32,
+    pub applied: u32,
+    pub elapsed_ms: u64,
+}
+
+impl Propagation {
+    /// Every live node has the change.
+    pub fn complete(&self) -> bool {
+        self.applied >= self.nodes
+    }
+}
+
+/// One keygate process as it registers itself in the store: what it serves and how far it has
+/// read the change feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRecord {
+    /// Stable across restarts of the same node (configured, or the host name and gateway port).
+    pub id: String,
+    /// Random per process start: tells two processes that share an `id` apart.
+    pub instance: String,
+    /// The gateway listener's address as the node advertises it.
+    pub gateway_address: String,
+    pub admin_address: String,
+    pub version: String,
+    pub started_at: Timestamp,
+    /// The change-feed position every change up to which is applied to the node's index.
+    pub applied_seq: u64,
+    pub heartbeat_at: Timestamp,
+    /// Set when the node stopped gracefully; a stopped node is not waited for.
+    pub stopped_at: Option<Timestamp>,
 }
 
 /// One page of a list, and the cursor of the next one.

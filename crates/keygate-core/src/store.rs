@@ -9,8 +9,8 @@ use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use crate::model::{
-    App, AuditEvent, AuditFilter, LastUse, NewAuditEvent, Page, PageRequest, Plan, QuotaCount, RootKey, ScopeEntry,
-    StoredRoute, TokenFilter, TokenRecord, UsageRecord, Workspace,
+    App, AuditEvent, AuditFilter, LastUse, NewAuditEvent, NodeRecord, Page, PageRequest, Plan, Propagation, QuotaCount,
+    RootKey, ScopeEntry, StoredRoute, TokenFilter, TokenRecord, UsageRecord, Workspace,
 };
 use crate::oauth::{JtiRevocation, OAuthStore};
 use crate::scope::Scope;
@@ -88,16 +88,17 @@ pub trait TokenStore: Send + Sync {
     ) -> Result<Page<TokenRecord>>;
     /// Writes `token` (whose `version` is the one read plus one) if the stored version is still
     /// `token.version - 1`; otherwise fails with `concurrent_update`.
-    async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()>;
+    /// Returns the change's feed position (what the nodes' indexes must reach to have it).
+    async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<u64>;
     /// Writes the rotated-out `old` (under the same version rule) and inserts `new`, atomically,
-    /// with an audit event for each.
+    /// with an audit event for each. Returns the feed position of the last of the two changes.
     async fn rotate_token(
         &self,
         old: &TokenRecord,
         new: &TokenRecord,
         old_audit: &NewAuditEvent,
         new_audit: &NewAuditEvent,
-    ) -> Result<()>;
+    ) -> Result<u64>;
 }
 
 #[async_trait]
@@ -227,6 +228,25 @@ pub trait ChangeFeed: Send + Sync {
     fn position(&self) -> u64;
 }
 
+/// The registry of keygate processes sharing the store, and what each change reached.
+#[async_trait]
+pub trait NodeStore: Send + Sync {
+    /// Adds the node, or replaces the row of an earlier process with the same id.
+    async fn register_node(&self, node: &NodeRecord) -> Result<()>;
+    /// Records a heartbeat and the feed position applied (never moving it back). `false` when
+    /// the row is not this process's (gone, or taken over by another process with the same id).
+    async fn node_heartbeat(&self, id: &str, instance: &str, applied_seq: u64, at: Timestamp) -> Result<bool>;
+    /// Marks the node stopped (a graceful shutdown): it is no longer waited for.
+    async fn node_stopped(&self, id: &str, instance: &str, at: Timestamp) -> Result<()>;
+    /// Every registered node, by id.
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Forgets nodes whose last heartbeat is older than `before`; returns how many.
+    async fn prune_nodes(&self, before: Timestamp) -> Result<u64>;
+    /// Records how far the change at feed position `seq` had spread when it was answered; the
+    /// audit events written with that change show it.
+    async fn record_propagation(&self, seq: u64, propagation: &Propagation, at: Timestamp) -> Result<()>;
+}
+
 /// All of a store, as the rest of keygate holds it: `Arc<dyn Store>`.
 #[async_trait]
 pub trait Store:
@@ -241,6 +261,7 @@ pub trait Store:
     + ChangeFeed
     + AccountStore
     + OAuthStore
+    + NodeStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -34,6 +34,10 @@ pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> R
 /// take turns: a batch read before a commit is applied before a batch read after it.
 pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
     let _turn = index.apply_lock().await;
+    // Every change up to this committed position is visible to the reads below, so once both
+    // streams are read to their end, it is applied (a later change read on the way is applied
+    // too, but a revocation committed after the first loop may not be).
+    let target = store.position();
     // JWT revocations share the feed's sequence but have their own position (each stream has
     // gaps where the other's entries are).
     loop {
@@ -50,6 +54,7 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
         let changes = store.changes_since(index.seq(), BATCH).await?;
         let Some(last) = changes.last().map(|c| c.seq) else {
             index.mark_caught_up();
+            index.set_applied(target);
             return Ok(());
         };
         for c in &changes {
@@ -61,6 +66,7 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
         index.set_seq(last);
         if changes.len() < BATCH as usize {
             index.mark_caught_up();
+            index.set_applied(target);
             return Ok(());
         }
     }

@@ -228,6 +228,9 @@ struct Inner {
     /// Counts the changes applied, for those that hold a token for longer than a request (see
     /// [`TokenIndex::changes`]).
     changes: tokio::sync::watch::Sender<u64>,
+    /// The feed position every change up to which (token changes and JWT revocations) is
+    /// applied: what this node acknowledges to the others (see `follow::catch_up`).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 /// The index; clones share it.
@@ -259,6 +262,7 @@ impl TokenIndex {
             jti_seq: AtomicU64::new(0),
             apply: tokio::sync::Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -322,6 +326,28 @@ impl TokenIndex {
 
     pub fn set_seq(&self, seq: u64) {
         self.0.seq.store(seq, Ordering::Release);
+    }
+
+    /// The feed position every change up to which is applied (token changes and JWT
+    /// revocations alike).
+    pub fn applied(&self) -> u64 {
+        *self.0.applied.borrow()
+    }
+
+    /// A receiver that sees [`Self::applied`] move.
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.applied.subscribe()
+    }
+
+    /// Records that every change up to `seq` is applied (never moves back).
+    pub fn set_applied(&self, seq: u64) {
+        self.0.applied.send_if_modified(|cur| {
+            let moved = seq > *cur;
+            if moved {
+                *cur = seq;
+            }
+            moved
+        });
     }
 
     /// Notes that the change feed was just read to its end (`follow::catch_up`).

@@ -1698,6 +1698,88 @@ async fn oauth_prune(h: &Harness) {
     assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(c.clone()));
 }
 
+async fn node_registry_and_propagation(h: &Harness) {
+    let s = &h.store;
+    let node = |id: &str, instance: &str, applied: u64, at: Timestamp| NodeRecord {
+        id: id.into(),
+        instance: instance.into(),
+        gateway_address: "10.0.0.1:8080".into(),
+        admin_address: "127.0.0.1:8081".into(),
+        version: "0.1.0".into(),
+        started_at: at,
+        applied_seq: applied,
+        heartbeat_at: at,
+        stopped_at: None,
+    };
+    s.register_node(&node("b", "i1", 3, T0)).await.unwrap();
+    s.register_node(&node("a", "i2", 0, T0)).await.unwrap();
+    let later = T0.plus_seconds(2);
+    // A heartbeat moves the applied position forward, never back.
+    assert!(s.node_heartbeat("b", "i1", 7, later).await.unwrap());
+    assert!(s.node_heartbeat("b", "i1", 5, later).await.unwrap());
+    // Another process's instance (or a row that is gone) is not this process's.
+    assert!(!s.node_heartbeat("b", "someone-else", 9, later).await.unwrap());
+    assert!(!s.node_heartbeat("gone", "i9", 9, later).await.unwrap());
+    let nodes = s.list_nodes().await.unwrap();
+    assert_eq!(nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!((nodes[1].applied_seq, nodes[1].heartbeat_at), (7, later));
+    assert_eq!(nodes[0].applied_seq, 0);
+
+    // A restart with the same id replaces the row; a graceful stop marks it; a beat revives it.
+    s.register_node(&node("a", "i3", 1, later)).await.unwrap();
+    s.node_stopped("a", "i2", later).await.unwrap(); // the old instance cannot stop the new one
+    assert_eq!(s.list_nodes().await.unwrap()[0].stopped_at, None);
+    s.node_stopped("a", "i3", later).await.unwrap();
+    assert_eq!(s.list_nodes().await.unwrap()[0].stopped_at, Some(later));
+    assert!(s.node_heartbeat("a", "i3", 1, later).await.unwrap());
+    assert_eq!(s.list_nodes().await.unwrap()[0].stopped_at, None);
+    assert_eq!(s.prune_nodes(T0.plus_seconds(1)).await.unwrap(), 0);
+    assert_eq!(s.prune_nodes(T0.plus_seconds(3)).await.unwrap(), 2);
+    assert!(s.list_nodes().await.unwrap().is_empty());
+
+    // A token change's audit event shows how far the change spread once that is recorded.
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let t = token(&ws.id, &d.id, "ci", T0);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    let mut u = t.clone();
+    u.state = TokenState::Suspended;
+    u.version = 2;
+    let seq = s.update_token(&u, &audit(&ws.id, "token.suspend", t.id.as_str())).await.unwrap();
+    assert_eq!(seq, s.changes_since(0, 10).await.unwrap().last().unwrap().seq);
+    assert_eq!(all_audit(s, &ws.id).await[0].propagation, None);
+    let p = Propagation { nodes: 3, applied: 2, elapsed_ms: 1000 };
+    s.record_propagation(seq, &p, later).await.unwrap();
+    let p2 = Propagation { nodes: 3, applied: 3, elapsed_ms: 1200 };
+    s.record_propagation(seq, &p2, later).await.unwrap(); // recorded again: the last one holds
+    let events = all_audit(s, &ws.id).await;
+    assert_eq!((events[0].action.as_str(), events[0].propagation), ("token.suspend", Some(p2)));
+    assert_eq!((events[1].action.as_str(), events[1].propagation), ("token.create", None));
+    // Filters on the event's own columns still work with the join.
+    let only = AuditFilter { action: Some("token.suspend".into()), from: Some(T0), ..AuditFilter::default() };
+    let got = s.list_audit(&ws.id, &only, &PageRequest { limit: 10, cursor: None }).await.unwrap();
+    assert_eq!(got.items.len(), 1);
+
+    // A rotation's two events carry the position of the rotation's last change.
+    let mut old = u.clone();
+    old.state = TokenState::Active;
+    old.version = 3;
+    let new = token(&ws.id, &d.id, "ci-2", T0);
+    let seq = s
+        .rotate_token(
+            &old,
+            &new,
+            &audit(&ws.id, "token.rotate", t.id.as_str()),
+            &audit(&ws.id, "token.create", new.id.as_str()),
+        )
+        .await
+        .unwrap();
+    s.record_propagation(seq, &p, later).await.unwrap();
+    let events = all_audit(s, &ws.id).await;
+    assert_eq!(events[0].propagation, Some(p));
+    assert_eq!(events[1].propagation, Some(p));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_engine {
@@ -1746,7 +1828,8 @@ conformance!(
     oauth_refresh_rotation,
     oauth_refresh_concurrent_use,
     oauth_access_tokens_and_revocations,
-    oauth_prune
+    oauth_prune,
+    node_registry_and_propagation
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

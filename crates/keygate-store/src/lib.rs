@@ -6,6 +6,7 @@
 
 mod accounts;
 mod feed;
+mod nodes;
 mod oauth;
 mod routes;
 mod rows;

@@ -170,6 +170,34 @@ pub(crate) fn audit_event(row: &AnyRow) -> Result<AuditEvent> {
         before: opt_json(row, "before_json")?,
         after: opt_json(row, "after_json")?,
         source: get(row, "source")?,
+        propagation: propagation(row)?,
+    })
+}
+
+/// The `feed_acks` columns joined to an audit event, if its change was acknowledged.
+fn propagation(row: &AnyRow) -> Result<Option<keygate_core::model::Propagation>> {
+    let n = |col: &str| -> Result<Option<i64>> { get::<Option<i64>>(row, col) };
+    Ok(match (n("ack_nodes")?, n("ack_applied")?, n("ack_elapsed_ms")?) {
+        (Some(nodes), Some(applied), Some(ms)) => Some(keygate_core::model::Propagation {
+            nodes: u32::try_from(nodes).unwrap_or(0),
+            applied: u32::try_from(applied).unwrap_or(0),
+            elapsed_ms: u64::try_from(ms).unwrap_or(0),
+        }),
+        _ => None,
+    })
+}
+
+pub(crate) fn node(row: &AnyRow) -> Result<keygate_core::model::NodeRecord> {
+    Ok(keygate_core::model::NodeRecord {
+        id: get(row, "id")?,
+        instance: get(row, "instance")?,
+        gateway_address: get(row, "gateway_address")?,
+        admin_address: get(row, "admin_address")?,
+        version: get(row, "version")?,
+        started_at: ts(row, "started_at")?,
+        applied_seq: u64::try_from(get::<i64>(row, "applied_seq")?).unwrap_or(0),
+        heartbeat_at: ts(row, "heartbeat_at")?,
+        stopped_at: opt_ts(row, "stopped_at")?,
     })
 }
 

@@ -161,9 +161,15 @@ impl SqlStore {
 }
 
 pub(crate) async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
+    insert_change_audit(tx, e, None).await
+}
+
+/// Writes an audit event that records the token change at feed position `feed_seq` (so the
+/// event can show how far that change spread, see `NodeStore::record_propagation`).
+pub(crate) async fn insert_change_audit(tx: &mut Tx, e: &NewAuditEvent, feed_seq: Option<u64>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source, feed_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(e.workspace_id.as_str())
     .bind(e.at.as_millis())
@@ -173,6 +179,7 @@ pub(crate) async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
     .bind(opt_to_json(&e.before)?)
     .bind(opt_to_json(&e.after)?)
     .bind(e.source.as_deref())
+    .bind(feed_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)))
     .execute(&mut **tx)
     .await
     .map_err(db_error)?;
@@ -717,13 +724,14 @@ impl TokenStore for SqlStore {
         .await
     }
 
-    async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<()> {
+    async fn update_token(&self, token: &TokenRecord, audit: &NewAuditEvent) -> Result<u64> {
         let mut tx = self.begin().await?;
         let seq = next_seq(&mut tx).await?;
         update_token_row(&mut tx, token).await?;
         record_change(&mut tx, seq, &token.id, &token.hash, token.updated_at).await?;
-        insert_audit(&mut tx, audit).await?;
-        self.commit(tx, Some(seq)).await
+        insert_change_audit(&mut tx, audit, Some(seq)).await?;
+        self.commit(tx, Some(seq)).await?;
+        Ok(seq)
     }
 
     async fn rotate_token(
@@ -732,7 +740,7 @@ impl TokenStore for SqlStore {
         new: &TokenRecord,
         old_audit: &NewAuditEvent,
         new_audit: &NewAuditEvent,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let mut tx = self.begin().await?;
         let seq = next_seq(&mut tx).await?;
         update_token_row(&mut tx, old).await?;
@@ -741,9 +749,10 @@ impl TokenStore for SqlStore {
         // The new token needs its own feed position: take the next one in the same transaction.
         let seq2 = next_seq(&mut tx).await?;
         record_change(&mut tx, seq2, &new.id, &new.hash, new.updated_at).await?;
-        insert_audit(&mut tx, old_audit).await?;
-        insert_audit(&mut tx, new_audit).await?;
-        self.commit(tx, Some(seq2)).await
+        insert_change_audit(&mut tx, old_audit, Some(seq2)).await?;
+        insert_change_audit(&mut tx, new_audit, Some(seq2)).await?;
+        self.commit(tx, Some(seq2)).await?;
+        Ok(seq2)
     }
 }
 
@@ -971,7 +980,9 @@ impl AuditStore for SqlStore {
         }
         let limit = page_size(page);
         let sql = format!(
-            "SELECT id, workspace_id, at, actor, action, target, before_json, after_json, source FROM audit_events {} \
+            "SELECT id, workspace_id, at, actor, action, target, before_json, after_json, source, \
+             k.nodes AS ack_nodes, k.applied AS ack_applied, k.elapsed_ms AS ack_elapsed_ms \
+             FROM audit_events LEFT JOIN feed_acks k ON k.seq = audit_events.feed_seq {} \
              ORDER BY id DESC LIMIT {}",
             c.where_clause(),
             c.next_placeholder()

@@ -51,6 +51,8 @@ pub struct Options {
     pub oauth: Option<keygate::config::OAuthConfig>,
     /// Write the gateway's access log (off by default in tests).
     pub access_log: bool,
+    /// `[cluster]` settings (node registry, acknowledged changes).
+    pub cluster: Option<keygate::config::ClusterConfig>,
 }
 
 impl TestKeygate {
@@ -73,6 +75,7 @@ impl TestKeygate {
             routes: opts.routes,
             gateway: opts.gateway.unwrap_or_default(),
             oauth: opts.oauth.unwrap_or_default(),
+            cluster: opts.cluster.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -183,6 +186,11 @@ impl TestKeygate {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
+    }
+
+    /// This node in the node registry.
+    pub fn cluster(&self) -> &Arc<keygate::cluster::Cluster> {
+        &self.running().cluster
     }
 
     pub fn data_dir(&self) -> &Path {

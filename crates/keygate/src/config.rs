@@ -32,6 +32,7 @@ pub struct Config {
     pub tokens: TokensConfig,
     pub oauth: OAuthConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -146,6 +147,55 @@ pub struct TrustedIssuerConfig {
     pub workspace: Option<String>,
 }
 
+/// `[cluster]`: how the nodes that share one PostgreSQL know each other. Each node registers
+/// itself in the store and beats with the change-feed position it has applied; the answer to a
+/// token change waits until every live node has applied it. One node (SQLite) needs none of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name in the registry, stable across restarts (1–128 of `A-Z a-z 0-9 . _ : -`).
+    /// Env: `KEYGATE_NODE_ID`. Default: the host name and the gateway port (`web-1:8080`).
+    pub node_id: Option<String>,
+    /// Seconds between heartbeats. Default 2.
+    pub heartbeat_seconds: u64,
+    /// A node whose last heartbeat is older than this many seconds is no longer live: it is
+    /// listed as `unreachable` and not waited for. At least twice `heartbeat_seconds`. Default 10.
+    pub node_timeout_seconds: u64,
+    /// How long the answer to a token change (revoke, suspend, resume, update, rotate; OAuth
+    /// revocations) waits for every live node to apply it, in milliseconds; the answer says how
+    /// many did. 0 answers at once. Env: `KEYGATE_PROPAGATION_TIMEOUT_MS`. Default 1000.
+    pub propagation_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { node_id: None, heartbeat_seconds: 2, node_timeout_seconds: 10, propagation_timeout_ms: 1_000 }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(id) = &self.node_id {
+            let ok = !id.is_empty()
+                && id.len() <= 128
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+            if !ok {
+                bail!("cluster.node_id {id:?} must be 1 to 128 of A-Z a-z 0-9 . _ : -");
+            }
+        }
+        if !(1..=60).contains(&self.heartbeat_seconds) {
+            bail!("cluster.heartbeat_seconds must be between 1 and 60");
+        }
+        if self.node_timeout_seconds < 2 * self.heartbeat_seconds || self.node_timeout_seconds > 3_600 {
+            bail!("cluster.node_timeout_seconds must be at least twice cluster.heartbeat_seconds and at most 3600");
+        }
+        if self.propagation_timeout_ms > 30_000 {
+            bail!("cluster.propagation_timeout_ms must be at most 30000");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -189,6 +239,7 @@ impl Default for Config {
             tokens: TokensConfig::default(),
             oauth: OAuthConfig::default(),
             log: LogConfig::default(),
+            cluster: ClusterConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -256,6 +307,14 @@ impl Config {
                 .parse()
                 .with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
         }
+        if let Some(v) = env("KEYGATE_NODE_ID") {
+            cfg.cluster.node_id = Some(v);
+        }
+        if let Some(v) = env("KEYGATE_PROPAGATION_TIMEOUT_MS") {
+            cfg.cluster.propagation_timeout_ms = v.parse().with_context(|| {
+                format!("KEYGATE_PROPAGATION_TIMEOUT_MS={v:?} is not a number of milliseconds such as 1000")
+            })?;
+        }
         if let Some(v) = env("KEYGATE_TOKEN_PREFIX") {
             cfg.tokens.prefix = v;
         }
@@ -288,6 +347,7 @@ impl Config {
             anyhow::anyhow!("log.level {:?} is not a valid filter (such as \"info\"): {e}", self.log.level)
         })?;
         self.gateway.validate().map_err(|e| anyhow::anyhow!(e))?;
+        self.cluster.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
         for p in &self.gateway.trusted_proxies {

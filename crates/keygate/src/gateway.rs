@@ -165,6 +165,7 @@ impl ExposureReporter for AdminReporter {
 pub struct IndexHook {
     pub index: TokenIndex,
     pub store: Arc<dyn Store>,
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 #[async_trait::async_trait]
@@ -173,6 +174,10 @@ impl keygate_admin::service::TokenChangeHook for IndexHook {
         if let Err(e) = keygate_gateway::follow::catch_up(&self.index, &*self.store).await {
             tracing::warn!(error = %e, "token index: cannot read the change feed");
         }
+    }
+
+    async fn acknowledge(&self, seq: u64) -> Option<keygate_core::model::Propagation> {
+        Some(self.cluster.wait_applied(seq).await)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod api_cmd;
 pub mod catalog;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod fetch;
 pub mod gateway;

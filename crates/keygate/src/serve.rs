@@ -49,8 +49,11 @@ pub async fn open_with_clock(
     let store = keygate_store::open(&location).await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let (keys, tokens) = store.credential_counts().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let pepper = crate::pepper::load(pepper_env, &cfg.data_dir, keys + tokens > 0)?;
-    let settings =
-        AdminSettings { prefix: cfg.prefix()?, max_grace_period_seconds: cfg.tokens.max_grace_period_seconds };
+    let settings = AdminSettings {
+        prefix: cfg.prefix()?,
+        max_grace_period_seconds: cfg.tokens.max_grace_period_seconds,
+        node_timeout_ms: i64::try_from(cfg.cluster.node_timeout_seconds.saturating_mul(1_000)).unwrap_or(i64::MAX),
+    };
     let dyn_store: Arc<dyn Store> = store.clone();
     let admin = Arc::new(Admin::new(dyn_store, pepper.clone(), settings, clock, Arc::new(OsRandom)));
     admin.bootstrap().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -72,6 +75,8 @@ pub struct Running {
     pub tls: Option<keygate_gateway::server::TlsSource>,
     /// The dashboard's one-time setup code, while no account exists (printed on the terminal).
     pub setup_code: Option<String>,
+    /// This node in the node registry.
+    pub cluster: Arc<crate::cluster::Cluster>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     gateway_server: GatewayServer,
@@ -104,11 +109,23 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot load the token index: {}", e.message))?;
     tracing::info!(tokens = index.len(), "token index loaded");
 
-    opened
-        .admin
-        .set_change_hook(Arc::new(crate::gateway::IndexHook { index: index.clone(), store: dyn_store.clone() }));
     let bound = GatewayServer::bind(cfg.gateway.listen, cfg.gateway.threads)
         .with_context(|| format!("cannot listen on {} (gateway.listen)", cfg.gateway.listen))?;
+    // This node in the registry: the answer to a token change waits for the live nodes.
+    let cluster = crate::cluster::Cluster::register(
+        &cfg.cluster,
+        dyn_store.clone(),
+        clock.clone(),
+        index.clone(),
+        bound.addr,
+        admin_addr,
+    )
+    .await?;
+    opened.admin.set_change_hook(Arc::new(crate::gateway::IndexHook {
+        index: index.clone(),
+        store: dyn_store.clone(),
+        cluster: cluster.clone(),
+    }));
     // The OAuth authorization server: its issuer is the gateway's URL.
     let issuer = cfg.oauth_issuer(bound.addr);
     let oauth = Arc::new(
@@ -155,6 +172,7 @@ pub async fn start(
         keygate_gateway::tasks::spawn_resolver(gw.clone()),
         crate::gateway::spawn_reloader(routes.clone(), config_path.map(Path::to_owned), tls),
         routes.spawn_follower(),
+        cluster.spawn(),
     ];
 
     let metrics_gw = gw.clone();
@@ -238,6 +256,7 @@ pub async fn start(
         routes,
         tls: tls_handle,
         setup_code,
+        cluster,
         stop,
         server,
         gateway_server,
@@ -270,6 +289,7 @@ impl Running {
             t.abort();
         }
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
+        self.cluster.stopped().await;
         self.store.close().await;
         tracing::info!("stopped");
     }

@@ -1,8 +1,11 @@
 //! The JSON shapes of the admin API. Requests refuse unknown fields; responses never carry a
 //! secret except the `token` of a create or rotate answer, shown that once.
 
+use crate::service::Applied;
 use keygate_core::Timestamp;
-use keygate_core::model::{App, AuditEvent, LATENCY_BUCKETS_MS, Plan, RootKey, RootKeyStatus, ScopeEntry, TokenRecord};
+use keygate_core::model::{
+    App, AuditEvent, LATENCY_BUCKETS_MS, Plan, Propagation, RootKey, RootKeyStatus, ScopeEntry, TokenRecord,
+};
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -217,9 +220,36 @@ pub struct TokenView {
     pub exposed_at: Option<Timestamp>,
     /// The DPoP key the token is bound to (RFC 7638 thumbprint), if any.
     pub dpop_jkt: Option<String>,
+    /// In the answer to a change (update, suspend, resume, revoke, rotate): how many of the
+    /// live nodes had applied it when the answer was sent. Absent elsewhere, and when the
+    /// change changed nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<PropagationView>,
+}
+
+/// How far a change had spread when it was answered.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct PropagationView {
+    /// Live nodes when the change was answered, this one included.
+    pub nodes: u32,
+    /// Of those, the nodes whose token index had applied it.
+    pub applied: u32,
+    /// Milliseconds from the commit to the answer.
+    pub elapsed_ms: u64,
+}
+
+impl From<Propagation> for PropagationView {
+    fn from(p: Propagation) -> Self {
+        Self { nodes: p.nodes, applied: p.applied, elapsed_ms: p.elapsed_ms }
+    }
 }
 
 impl TokenView {
+    /// The answer to a change: the token and how far the change spread.
+    pub fn applied(a: &Applied<TokenRecord>, now: Timestamp) -> Self {
+        Self { propagation: a.propagation.map(Into::into), ..Self::new(&a.value, now) }
+    }
+
     pub fn new(t: &TokenRecord, now: Timestamp) -> Self {
         let status =
             serde_json::to_value(t.status(now)).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
@@ -247,6 +277,7 @@ impl TokenView {
             replaced_by: t.replaced_by.as_ref().map(ToString::to_string),
             exposed_at: t.exposed_at,
             dpop_jkt: t.dpop_jkt.clone(),
+            propagation: None,
         }
     }
 }
@@ -539,6 +570,9 @@ pub struct AuditEventView {
     pub after: Option<Value>,
     /// The address the change came from.
     pub source: Option<String>,
+    /// For a token change: how many of the live nodes had applied it when it was answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<PropagationView>,
 }
 
 impl From<&AuditEvent> for AuditEventView {
@@ -552,6 +586,7 @@ impl From<&AuditEvent> for AuditEventView {
             before: e.before.clone(),
             after: e.after.clone(),
             source: e.source.clone(),
+            propagation: e.propagation.map(Into::into),
         }
     }
 }

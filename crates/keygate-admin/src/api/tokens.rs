@@ -151,7 +151,7 @@ pub(crate) async fn update_token(
         dpop_jkt: req.dpop_jkt,
     };
     let t = s.admin.update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update).await?;
-    Ok(Json(TokenView::new(&t, s.admin.now())))
+    Ok(Json(TokenView::applied(&t, s.admin.now())))
 }
 
 /// Suspends a token: it is refused until resumed.
@@ -163,7 +163,7 @@ pub(crate) async fn suspend_token(
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
     let t = s.admin.suspend_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?).await?;
-    Ok(Json(TokenView::new(&t, s.admin.now())))
+    Ok(Json(TokenView::applied(&t, s.admin.now())))
 }
 
 /// Resumes a suspended token.
@@ -175,7 +175,7 @@ pub(crate) async fn resume_token(
     Path(id): Path<String>,
 ) -> Result<Json<TokenView>, ApiError> {
     let t = s.admin.resume_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?).await?;
-    Ok(Json(TokenView::new(&t, s.admin.now())))
+    Ok(Json(TokenView::applied(&t, s.admin.now())))
 }
 
 /// Revokes a token, for good. Revoking a revoked token changes nothing.
@@ -189,7 +189,7 @@ pub(crate) async fn revoke_token(
     ApiJson(req): ApiJson<RevokeTokenRequest>,
 ) -> Result<Json<TokenView>, ApiError> {
     let t = s.admin.revoke_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, req.reason).await?;
-    Ok(Json(TokenView::new(&t, s.admin.now())))
+    Ok(Json(TokenView::applied(&t, s.admin.now())))
 }
 
 /// Issues a new secret; the old one keeps working for `grace_period_seconds`, then expires.
@@ -205,7 +205,7 @@ pub(crate) async fn rotate_token(
 ) -> Result<(StatusCode, Json<TokenWithSecret>), ApiError> {
     let (record, secret) =
         s.admin.rotate_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, req.grace_period_seconds).await?;
-    let view = TokenView::new(&record, s.admin.now());
+    let view = TokenView::applied(&record, s.admin.now());
     Ok((StatusCode::CREATED, Json(TokenWithSecret { record: view, token: secret.expose().to_owned() })))
 }
 

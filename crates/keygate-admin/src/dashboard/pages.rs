@@ -870,6 +870,24 @@ async fn token_inner(
     routes.truncate(5);
     let view = TokenView::new(&t, now);
     let writable = v.role.can_write() && view.status != "revoked";
+    // How far the token's latest acknowledged change spread ("revoked on 3/3 nodes").
+    let recent = AuditFilter { target: Some(t.id.to_string()), ..AuditFilter::default() };
+    let spread = (st.admin.audit_events(v.workspace(), &recent, &PageRequest { limit: 5, cursor: None }).await)
+        .map_err(ctx_err(v))?
+        .items
+        .iter()
+        .find_map(|e| e.propagation.map(|p| (e, p)))
+        .map(|(e, p)| {
+            let done = match e.action.as_str() {
+                "token.revoke" => "Revoked",
+                "token.suspend" => "Suspended",
+                "token.resume" => "Resumed",
+                "token.rotate" => "Rotated",
+                "token.create" => "Created",
+                _ => "Last change applied",
+            };
+            context! { done, nodes => p.nodes, applied => p.applied, elapsed_ms => p.elapsed_ms, complete => p.complete() }
+        });
     Ok(st.render(
         if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK },
         "token.html",
@@ -891,6 +909,7 @@ async fn token_inner(
             rate_limit => t.rate_limit.filter(|r| r.per_seconds == 60).map(|r| r.requests),
             quota => t.quota.map(|q| q.requests),
             quota_period => t.quota.map(|q| q.period.as_str()),
+            spread,
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(q.msg.as_deref())),
         },
     ))
@@ -957,7 +976,7 @@ pub async fn token_action(
         TokenAction::Rotate => {
             let grace: u64 = f.get("grace").parse().unwrap_or(0);
             match st.admin.rotate_token(ws, &actor, &t.id, grace).await {
-                Ok((record, secret)) => return token_created(&st, &v, &record, secret.expose(), true),
+                Ok((record, secret)) => return token_created(&st, &v, &record.value, secret.expose(), true),
                 Err(e) => Err(e),
             }
         }

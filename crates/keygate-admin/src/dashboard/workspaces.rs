@@ -164,3 +164,38 @@ pub async fn switch(State(st): State<DashboardState>, SignedIn(v): SignedIn, Csr
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }
+
+/// `GET /nodes`: the keygate processes sharing the store, for the instance's owners (the same
+/// list as `GET /admin/v1/nodes`).
+pub async fn nodes(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
+    nodes_inner(&st, &v).await.unwrap_or_else(|e| st.error(e))
+}
+
+async fn nodes_inner(st: &DashboardState, v: &Viewer) -> Result<Response, PageError> {
+    let _owner = InstanceOwner::of(st, v).await?;
+    let all = st.admin.nodes().await.map_err(ctx_err(v))?;
+    let live = all.iter().filter(|n| n.state == crate::service::NodeState::Live).count();
+    let rows: Vec<Value> = all
+        .iter()
+        .map(|n| {
+            context! {
+                id => n.node.id.clone(),
+                state => n.state.as_str(),
+                gateway => n.node.gateway_address.clone(),
+                admin => n.node.admin_address.clone(),
+                version => n.node.version.clone(),
+                started_at => n.node.started_at.to_rfc3339(),
+                heartbeat_age_s => format!("{:.1}", n.heartbeat_age_ms as f64 / 1000.0),
+                applied => n.node.applied_seq,
+                lag => n.lag,
+            }
+        })
+        .collect();
+    Ok(st.render(
+        StatusCode::OK,
+        "nodes.html",
+        Some(v),
+        "nodes",
+        context! { title => "Nodes", nodes => rows, live, total => all.len() },
+    ))
+}

@@ -390,6 +390,12 @@ async fn a_token_made_in_the_dashboard_works_at_the_gateway_until_revoked() {
     assert_eq!(call(secret).await, StatusCode::UNAUTHORIZED, "revoked on the next request");
     let page = b.get(&format!("/tokens/{id}")).await;
     assert!(page.body.contains("badge revoked") && page.body.contains("leaked in a demo"));
+    // How far the revocation spread: one node here, which had applied it.
+    assert_eq!(page.between("id=\"propagation\" class=\"muted\">", "</p>"), "Revoked on 1/1 nodes");
+    let nodes = b.get("/nodes").await;
+    assert_eq!(nodes.status, StatusCode::OK);
+    assert!(nodes.body.contains(&kg.cluster().id().to_owned()), "{}", nodes.body);
+    assert_eq!(nodes.between("<p id=\"nodes-live\"><strong>", "</strong>"), "1");
 }
 
 /// `POST /oauth2/token` on the gateway: client credentials with HTTP Basic.

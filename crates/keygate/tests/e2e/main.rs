@@ -7,6 +7,7 @@ mod admin_hardening;
 mod answer_framing;
 mod cache;
 mod cli;
+mod cluster;
 mod dashboard;
 mod dashboard_routes;
 mod dns;

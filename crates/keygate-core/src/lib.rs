@@ -9,6 +9,7 @@ pub mod dpop;
 pub mod error;
 pub mod ids;
 pub mod jose;
+pub mod limits;
 pub mod model;
 pub mod oauth;
 pub mod pkce;

@@ -93,6 +93,8 @@ pub struct Gateway {
     pub identity_cache: IdentityCache,
     /// Looks up the upstreams named by DNS names ([`crate::resolve`]).
     pub resolver: Arc<dyn crate::resolve::Resolve>,
+    /// Rate limits and quotas shared with the other nodes (Redis); `None`: this node's alone.
+    pub shared: Option<Arc<crate::shared::SharedLimiter>>,
 }
 
 /// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.

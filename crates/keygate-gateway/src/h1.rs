@@ -30,7 +30,7 @@ use crate::body::{BodySource, BodyState, BodyTooLarge, BoxError};
 use crate::ctx::{ConnInfo, Outcome, RequestCtx};
 use crate::gateway::{Gateway, LocalService, MAX_LOCAL_BODY, Table};
 use crate::head::{Field, Known, ReqHead, parse_length, split_target, upgrade_protocols, upgrade_requested};
-use crate::phase::admit::Verdict;
+use crate::phase::admit::{Admission, Verdict};
 use crate::proxy::{BadField, Chunked, HeadSink, Step, UpstreamResponseBody, step_chunked};
 use crate::timer::{Deadline, SendDeadline, Shutdown};
 
@@ -427,7 +427,11 @@ where
         let mut keep = head.keep_alive();
         let framing = BodyFraming::of(&head);
         let mut ctx = RequestCtx::new(table, self.info, &head, start, now);
-        let route = match gw.admit(&mut ctx) {
+        let verdict = match gw.admit(&mut ctx) {
+            Admission::Wait(route, wait) => gw.admit_after_wait(&mut ctx, route, wait).await,
+            Admission::Ready(v) => v,
+        };
+        let route = match verdict {
             Verdict::Forward(route) => route,
             Verdict::Answer { answer, refusal } => {
                 // A body nobody read: skip it if it is all here, else end the connection after.

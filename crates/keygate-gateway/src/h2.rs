@@ -15,7 +15,7 @@ use crate::body::{BodyState, UpstreamBody};
 use crate::ctx::{ConnInfo, Outcome, RequestCtx};
 use crate::gateway::{Gateway, LocalService, MAX_LOCAL_BODY};
 use crate::head::{self, Known, ReqHead};
-use crate::phase::admit::Verdict;
+use crate::phase::admit::{Admission, Verdict};
 use crate::proxy::MapSink;
 
 impl Gateway {
@@ -42,7 +42,11 @@ impl Gateway {
             known: Known::classify(&fields, self.settings.api_key_header.as_ref()),
         };
         let mut ctx = RequestCtx::new(&table, conn, &head, start, now);
-        let route = match self.admit(&mut ctx) {
+        let verdict = match self.admit(&mut ctx) {
+            Admission::Wait(route, wait) => self.admit_after_wait(&mut ctx, route, wait).await,
+            Admission::Ready(v) => v,
+        };
+        let route = match verdict {
             Verdict::Forward(route) => route,
             Verdict::Answer { answer, refusal } => {
                 let o = Outcome { status: answer.status.as_u16(), bytes_in: 0, bytes_out: 0 };

@@ -38,6 +38,7 @@ pub mod proxy;
 pub mod resolve;
 pub mod routes;
 pub mod server;
+pub mod shared;
 pub mod target;
 pub mod tasks;
 mod timer;

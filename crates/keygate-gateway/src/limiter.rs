@@ -150,6 +150,20 @@ impl Limiter {
         QuotaDecision { allowed: true, remaining: quota.requests.saturating_sub(st.count), reset_after_ms }
     }
 
+    /// Counts one request against `quota` for token `id` without checking it (the shared count
+    /// decided): this node's count, written to the store with usage.
+    pub fn count_quota(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64) {
+        let unbounded = Quota { requests: u64::MAX, period: quota.period };
+        self.check_quota_cost(id, &unbounded, now_ms, 1);
+    }
+
+    /// The count this node knows for token `id` in the period that starts at `period_start`
+    /// (loaded from the store at start, plus what it counted since).
+    pub fn quota_count(&self, id: &[u8; PUBLIC_ID_LEN], period_start: i64) -> u64 {
+        let Some(map) = self.quotas.get(shard_of(id)).map(Mutex::lock) else { return 0 };
+        map.get(id).filter(|st| st.period_start == period_start).map_or(0, |st| st.count)
+    }
+
     /// Takes `cost` requests from the bucket whose state is `cell` if all of them fit.
     pub fn check_cell_cost(cell: &AtomicI64, limit: &RateLimit, now_us: i64, cost: u32) -> GcraDecision {
         let mut tat = cell.load(Ordering::Acquire);

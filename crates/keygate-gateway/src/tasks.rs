@@ -44,6 +44,9 @@ async fn flush_finished(gw: &Gateway, store: &dyn Store, last_minute: &mut i64) 
     if new_minute {
         // Once a minute: route buckets back at rest and quota counts of ended periods go.
         gw.limiter.prune(gw.clock.now().as_millis());
+        if let Some(shared) = &gw.shared {
+            shared.prune(gw.clock.now().as_millis().saturating_mul(1000));
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod accounts;
 mod feed;
 mod nodes;
 mod oauth;
+pub mod redis_limits;
 mod routes;
 mod rows;
 mod sql;

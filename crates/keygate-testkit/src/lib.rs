@@ -53,6 +53,8 @@ pub struct Options {
     pub access_log: bool,
     /// `[cluster]` settings (node registry, acknowledged changes).
     pub cluster: Option<keygate::config::ClusterConfig>,
+    /// `[redis]` settings (shared limits).
+    pub redis: Option<keygate::config::RedisConfig>,
 }
 
 impl TestKeygate {
@@ -76,6 +78,7 @@ impl TestKeygate {
             gateway: opts.gateway.unwrap_or_default(),
             oauth: opts.oauth.unwrap_or_default(),
             cluster: opts.cluster.unwrap_or_default(),
+            redis: opts.redis.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

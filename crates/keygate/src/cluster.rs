@@ -36,6 +36,9 @@ pub struct Cluster {
     wait: Duration,
     /// What registration wrote, to register again if the row is lost.
     record: NodeRecord,
+    /// The shared limits, told how many nodes are live (their budgets are divided by it while
+    /// Redis is down).
+    shared: std::sync::OnceLock<Arc<keygate_gateway::shared::SharedLimiter>>,
 }
 
 /// The default node id: the host name and the gateway port.
@@ -89,7 +92,13 @@ impl Cluster {
             timeout_ms: i64::try_from(cfg.node_timeout_seconds.saturating_mul(1_000)).unwrap_or(i64::MAX),
             wait: Duration::from_millis(cfg.propagation_timeout_ms),
             record,
+            shared: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Keeps `shared` told of the live nodes, at every heartbeat.
+    pub fn set_shared(&self, shared: Arc<keygate_gateway::shared::SharedLimiter>) {
+        let _ = self.shared.set(shared);
     }
 
     pub fn id(&self) -> &str {
@@ -147,6 +156,15 @@ impl Cluster {
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "node heartbeat failed; the store is unreachable"),
             Err(_) => tracing::warn!("node heartbeat timed out; the store is unreachable"),
+        }
+        if let Some(shared) = self.shared.get()
+            && let Ok(Ok(nodes)) = tokio::time::timeout(STORE_BOUND, self.store.list_nodes()).await
+        {
+            let live = nodes
+                .iter()
+                .filter(|n| n.id == self.id || NodeState::of(n, now, self.timeout_ms) == NodeState::Live)
+                .count();
+            shared.set_nodes(u32::try_from(live).unwrap_or(u32::MAX));
         }
     }
 

@@ -33,6 +33,7 @@ pub struct Config {
     pub oauth: OAuthConfig,
     pub log: LogConfig,
     pub cluster: ClusterConfig,
+    pub redis: RedisConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -173,6 +174,54 @@ impl Default for ClusterConfig {
     }
 }
 
+/// `[redis]`: shared rate limits and quotas for several nodes. Without `url` every node counts
+/// alone (a token used through three nodes gets three times its limit); with it, the nodes draw
+/// from one bucket per limit (see `docs/operations.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. Env: `KEYGATE_REDIS_URL`.
+    /// Default unset.
+    pub url: Option<String>,
+    /// Prefix of keygate's keys, so that several deployments can share one Redis. Default `kg`.
+    pub key_prefix: String,
+    /// The longest a request waits for its share of a limit from Redis, in milliseconds; past
+    /// it the node decides alone with its share of the limit. Default 5.
+    pub wait_ms: u64,
+    /// How long connecting may take at start, in milliseconds. Default 2000.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: None, key_prefix: "kg".into(), wait_ms: 5, connect_timeout_ms: 2_000 }
+    }
+}
+
+impl RedisConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            bail!("redis.url must be a redis:// or rediss:// URL");
+        }
+        let p = &self.key_prefix;
+        if p.is_empty()
+            || p.len() > 32
+            || !p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            bail!("redis.key_prefix {p:?} must be 1 to 32 of A-Z a-z 0-9 _ - .");
+        }
+        if !(1..=1_000).contains(&self.wait_ms) {
+            bail!("redis.wait_ms must be between 1 and 1000");
+        }
+        if !(100..=60_000).contains(&self.connect_timeout_ms) {
+            bail!("redis.connect_timeout_ms must be between 100 and 60000");
+        }
+        Ok(())
+    }
+}
+
 impl ClusterConfig {
     fn validate(&self) -> anyhow::Result<()> {
         if let Some(id) = &self.node_id {
@@ -240,6 +289,7 @@ impl Default for Config {
             oauth: OAuthConfig::default(),
             log: LogConfig::default(),
             cluster: ClusterConfig::default(),
+            redis: RedisConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -307,6 +357,9 @@ impl Config {
                 .parse()
                 .with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
         }
+        if let Some(v) = env("KEYGATE_REDIS_URL") {
+            cfg.redis.url = Some(v);
+        }
         if let Some(v) = env("KEYGATE_NODE_ID") {
             cfg.cluster.node_id = Some(v);
         }
@@ -348,6 +401,7 @@ impl Config {
         })?;
         self.gateway.validate().map_err(|e| anyhow::anyhow!(e))?;
         self.cluster.validate()?;
+        self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
         for p in &self.gateway.trusted_proxies {

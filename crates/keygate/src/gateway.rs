@@ -324,6 +324,7 @@ pub async fn build(
             .push(Arc::new(Issuer::new(&t.issuer, &t.audience, false).with_workspace(Some(Arc::from(ws.id.as_str())))));
     }
     let jwt = (!issuers.is_empty()).then(|| JwtVerifier::new(issuers, cfg.oauth.leeway_seconds));
+    let shared = shared_limits(cfg).await?;
     Ok(Arc::new(Gateway {
         table: ArcSwap::from_pointee(Table::new(routes)),
         index,
@@ -342,7 +343,24 @@ pub async fn build(
         identity: oauth.map(|o| Arc::new(IdentityTokens(o)) as Arc<dyn IdentitySigner>),
         identity_cache: Default::default(),
         resolver,
+        shared,
     }))
+}
+
+/// The shared limits of `[redis]`, if configured. A Redis that cannot be reached at start does
+/// not stop the node: it starts deciding alone with its share of each limit, and the first
+/// lease that Redis grants later takes it back to shared accounting.
+async fn shared_limits(cfg: &Config) -> anyhow::Result<Option<Arc<keygate_gateway::shared::SharedLimiter>>> {
+    let Some(url) = &cfg.redis.url else { return Ok(None) };
+    let r = &cfg.redis;
+    let backend =
+        keygate_store::redis_limits::RedisLimits::connect_lazily(url, Duration::from_millis(r.connect_timeout_ms))
+            .await
+            .map_err(|e| anyhow::anyhow!("redis.url: {}", e.message))?;
+    let shared =
+        keygate_gateway::shared::SharedLimiter::new(Arc::new(backend), &r.key_prefix, Duration::from_millis(r.wait_ms));
+    tracing::info!(redis = %shared.describe(), "rate limits and quotas are shared through Redis");
+    Ok(Some(Arc::new(shared)))
 }
 
 /// Fetches the JWK Sets of the trusted issuers: at start, every 10 minutes, and when a token

@@ -139,6 +139,9 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot create an OAuth signing key: {}", e.message))?;
     let gw =
         crate::gateway::build(cfg, opened.admin.clone(), index.clone(), clock.clone(), Some(oauth.clone())).await?;
+    if let Some(shared) = &gw.shared {
+        cluster.set_shared(shared.clone());
+    }
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     opened.admin.set_verifier(Arc::new(keygate_gateway::verify::GatewayVerifier::new(gw.clone())));
     opened.admin.set_index(Arc::new(gw.index.clone()));
@@ -197,7 +200,8 @@ pub async fn start(
                     ("keygate_change_feed_lag", "Committed token changes the index has not applied yet.", lag as f64),
                 ]) + &keygate_gateway::cache::render(table.routes.caches())
                     + &conns.render()
-                    + &keygate_gateway::resolve::render_metrics(table.routes.dns());
+                    + &keygate_gateway::resolve::render_metrics(table.routes.dns())
+                    + &gw.shared.as_ref().map(|s| s.render()).unwrap_or_default();
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

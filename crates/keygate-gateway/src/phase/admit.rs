@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -26,8 +27,9 @@ use crate::gateway::{Gateway, LocalService};
 use crate::head::{ReqHead, parse_length, upgrade_protocols, upgrade_requested};
 use crate::index::TokenIndex;
 use crate::jwt::{JwtRefusal, looks_like_jwt};
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, QuotaDecision};
 use crate::routes::{Route, normalize_path};
+use crate::shared::Take;
 
 /// How long a DPoP proof is accepted after its `iat`, and the clock skew allowed, in seconds.
 const DPOP_MAX_AGE_S: u32 = 300;
@@ -42,6 +44,27 @@ pub(crate) enum Verdict<'a> {
     Answer { answer: Answer, refusal: Option<&'static str> },
     /// A request for one of keygate's own services on this listener (the OAuth endpoints).
     Local(Arc<dyn LocalService>),
+}
+
+/// What [`Gateway::admit`] decided from the head alone.
+pub(crate) enum Admission<'a> {
+    Ready(Verdict<'a>),
+    /// Every check passed so far but a limit's shared lease is being refilled: finish with
+    /// [`Gateway::admit_after_wait`].
+    Wait(&'a Route, LimitWait),
+}
+
+impl<'a> From<Verdict<'a>> for Admission<'a> {
+    fn from(v: Verdict<'a>) -> Self {
+        Admission::Ready(v)
+    }
+}
+
+/// Where the limit checks of a request stopped to wait for a shared lease.
+pub(crate) struct LimitWait {
+    /// The check to start again from (0: the token's rate limit, 1: the route's, 2: the quota).
+    step: u8,
+    pending: crate::shared::Pending,
 }
 
 impl Verdict<'_> {
@@ -196,11 +219,11 @@ impl Gateway {
     /// Admit: decides about a request from its head, forward it or answer it here. Fills in the
     /// context's path, route and caller as it learns them (a refusal is metered with what was
     /// known), and the headers every answer on the route carries (limits, CORS).
-    pub(crate) fn admit<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Verdict<'a> {
+    pub(crate) fn admit<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Admission<'a> {
         let head = ctx.head;
         match check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path)) {
             Ok(p) => ctx.path = p,
-            Err(r) => return Verdict::refused(&r, head),
+            Err(r) => return Verdict::refused(&r, head).into(),
         }
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
@@ -215,23 +238,57 @@ impl Gateway {
             if head.method == Method::OPTIONS && head.known.access_control_request_method {
                 ctx.route = Some(route);
                 if allowed {
-                    return Verdict::Answer { answer: preflight(cors), refusal: None };
+                    return Verdict::Answer { answer: preflight(cors), refusal: None }.into();
                 }
                 let r = Refuse::of(Code::CorsOriginNotAllowed, "this origin may not call this API");
-                return Verdict::refused(&r, head);
+                return Verdict::refused(&r, head).into();
             }
         }
         if let Some(local) = &self.local
             && local.serves(&ctx.path)
         {
-            return Verdict::Local(local.clone());
+            return Verdict::Local(local.clone()).into();
         }
         match self.check(ctx) {
-            Ok(route) if route.demo => {
-                Verdict::Answer { answer: demo_echo(head, ctx.caller.as_ref(), &self.index), refusal: None }
+            Ok((route, None)) => self.admitted(ctx, route).into(),
+            Ok((route, Some(wait))) => Admission::Wait(route, wait),
+            Err(r) => Verdict::refused(&r, head).into(),
+        }
+    }
+
+    /// The verdict for a request every check let through.
+    fn admitted<'a>(&self, ctx: &RequestCtx<'a, '_>, route: &'a Route) -> Verdict<'a> {
+        if route.demo {
+            Verdict::Answer { answer: demo_echo(ctx.head, ctx.caller.as_ref(), &self.index), refusal: None }
+        } else {
+            Verdict::Forward(route)
+        }
+    }
+
+    /// Finishes the limit checks of a request whose shared lease was being refilled: waits for
+    /// the refill, at most the configured bound in all, then decides (alone, with this node's
+    /// share of each limit, if the lease did not come in time).
+    pub(crate) async fn admit_after_wait<'a>(
+        &self,
+        ctx: &mut RequestCtx<'a, '_>,
+        route: &'a Route,
+        mut wait: LimitWait,
+    ) -> Verdict<'a> {
+        let bound = self.shared.as_ref().map_or(Duration::ZERO, |s| s.wait);
+        if let Some(s) = &self.shared {
+            s.stats.waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let alone = tokio::time::timeout_at(deadline, wait.pending.wait()).await.is_err();
+            if alone && let Some(s) = &self.shared {
+                s.waited_too_long();
             }
-            Ok(route) => Verdict::Forward(route),
-            Err(r) => Verdict::refused(&r, head),
+            match self.check_limits(ctx, route, wait.step, alone) {
+                Ok(None) => return self.admitted(ctx, route),
+                Ok(Some(again)) => wait = again,
+                Err(r) => return Verdict::refused(&r, ctx.head),
+            }
         }
     }
 
@@ -239,7 +296,7 @@ impl Gateway {
     /// become known. (The refusal path is the slow path; its large error value is not worth a
     /// box.)
     #[allow(clippy::result_large_err)]
-    fn check<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Result<&'a Route, Refuse> {
+    fn check<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Result<(&'a Route, Option<LimitWait>), Refuse> {
         let head = ctx.head;
         let route = match ctx.table.routes.resolve(|| head.host(), &ctx.path) {
             Ok(Some(route)) => route,
@@ -266,7 +323,7 @@ impl Gateway {
             if upgrade_requested(head) {
                 check_upgrade(head, route)?;
             }
-            return Ok(route);
+            return Ok((route, None));
         }
         let Some((scheme, presented)) = credential(head) else {
             return Err(Refuse {
@@ -323,7 +380,7 @@ impl Gateway {
         if upgrade_requested(head) {
             check_upgrade(head, route)?;
         }
-        self.check_limits(ctx, route)?;
+        // Before the limits: a body refused for its size costs the caller nothing.
         if let Some(len) = head.at(head.known.content_length).and_then(parse_length)
             && len > route.max_body_bytes
         {
@@ -332,7 +389,8 @@ impl Gateway {
                 format!("this route takes bodies up to {} bytes", route.max_body_bytes),
             ));
         }
-        Ok(route)
+        let wait = self.check_limits(ctx, route, 0, false)?;
+        Ok((route, wait))
     }
 
     /// RFC 9449 §7: a token bound to a DPoP key must come as `Authorization: DPoP` with a proof
@@ -392,21 +450,55 @@ impl Gateway {
         Ok(())
     }
 
-    /// Token rate limit, route rate limit (it can only tighten) and quota; adds the limit headers.
-    fn check_limits(&self, ctx: &mut RequestCtx<'_, '_>, route: &Route) -> Result<(), Refuse> {
+    /// Token rate limit, route rate limit (it can only tighten) and quota, from check `from` on;
+    /// adds the limit headers. With shared limits, a check whose lease is being refilled stops
+    /// there and says where to start again; `alone` decides with this node's share instead.
+    #[allow(clippy::result_large_err)]
+    fn check_limits(
+        &self,
+        ctx: &mut RequestCtx<'_, '_>,
+        route: &Route,
+        from: u8,
+        alone: bool,
+    ) -> Result<Option<LimitWait>, Refuse> {
         let RequestCtx { table, now, caller, extra, .. } = ctx;
         let (now, extra) = (*now, extra);
-        let Some(caller) = caller.as_ref() else { return Ok(()) };
+        let Some(caller) = caller.as_ref() else { return Ok(None) };
         let id: &[u8; PUBLIC_ID_LEN] = caller.limit_key();
         let token = caller.key();
         let now_us = now.as_millis().saturating_mul(1000);
         let mut refused: Option<GcraDecision> = None;
         let own = token.and_then(|t| t.rate_limit);
-        for (name, scope, limit) in [("token", 0u32, own), ("route", route.limiter_key, route.rate_limit)] {
+        for (step, name, scope, limit) in [(0u8, "token", 0u32, own), (1, "route", route.limiter_key, route.rate_limit)]
+        {
             let Some(limit) = limit else { continue };
-            let d = match token {
-                Some(t) if scope == 0 => Limiter::check_cell(t.rate_state(), &limit, now_us),
-                _ => self.limiter.check_rate(id, scope, &limit, now_us),
+            if step < from {
+                continue;
+            }
+            let d = match (&self.shared, token) {
+                (Some(shared), _) => {
+                    let take = if alone { Take::Local } else { shared.take_rate(id, scope, &limit, now_us) };
+                    match take {
+                        Take::Allowed { remaining, reset_after_us } => GcraDecision {
+                            allowed: true,
+                            new_tat: 0,
+                            remaining,
+                            reset_after: reset_after_us,
+                            retry_after: 0,
+                        },
+                        Take::Refused { retry_after_us, reset_after_us } => GcraDecision {
+                            allowed: false,
+                            new_tat: 0,
+                            remaining: 0,
+                            reset_after: reset_after_us,
+                            retry_after: retry_after_us,
+                        },
+                        Take::Pending(pending) => return Ok(Some(LimitWait { step, pending })),
+                        Take::Local => self.limiter.check_rate(id, scope, &shared.scaled(&limit), now_us),
+                    }
+                }
+                (None, Some(t)) if scope == 0 => Limiter::check_cell(t.rate_state(), &limit, now_us),
+                (None, _) => self.limiter.check_rate(id, scope, &limit, now_us),
             };
             extra.limit(name, limit.capacity(), u64::from(limit.per_seconds), d.remaining, ceil_secs_us(d.reset_after));
             table.metrics.limiter(d.allowed);
@@ -422,7 +514,31 @@ impl Gateway {
             });
         }
         if let Some(q) = token.and_then(|t| t.quota) {
-            let d = self.limiter.check_quota(id, &q, now.as_millis());
+            let now_ms = now.as_millis();
+            let d = match &self.shared {
+                None => self.limiter.check_quota(id, &q, now_ms),
+                Some(shared) => {
+                    let (start, _) = q.period.window(now_ms);
+                    let known = self.limiter.quota_count(id, start);
+                    let take = if alone { Take::Local } else { shared.take_quota(id, &q, now_ms, known) };
+                    match take {
+                        Take::Allowed { remaining, reset_after_us } => {
+                            // Counted here too, for the store (usage and the count a restart loads).
+                            self.limiter.count_quota(id, &q, now_ms);
+                            let reset_after_ms =
+                                if reset_after_us == i64::MAX { i64::MAX } else { reset_after_us / 1000 };
+                            QuotaDecision { allowed: true, remaining, reset_after_ms }
+                        }
+                        Take::Refused { reset_after_us, .. } => QuotaDecision {
+                            allowed: false,
+                            remaining: 0,
+                            reset_after_ms: if reset_after_us == i64::MAX { i64::MAX } else { reset_after_us / 1000 },
+                        },
+                        Take::Pending(pending) => return Ok(Some(LimitWait { step: 2, pending })),
+                        Take::Local => self.limiter.check_quota(id, &shared.scaled_quota(&q), now_ms),
+                    }
+                }
+            };
             let (start, end) = q.period.window(now.as_millis());
             let window_s = if end == i64::MAX { 0 } else { u64::try_from((end - start) / 1000).unwrap_or(0) };
             let reset_s = if d.reset_after_ms == i64::MAX {
@@ -442,7 +558,7 @@ impl Gateway {
                 });
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Completes when `caller`, who opened an upgraded tunnel on `route` with `method`, would no

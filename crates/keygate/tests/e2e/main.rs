@@ -22,6 +22,7 @@ mod oauth;
 mod oauth_hardening;
 mod root_keys;
 mod routes_live;
+mod shared_limits;
 mod upstream_h2;
 mod upstream_tls;
 mod verify;

@@ -1,0 +1,56 @@
+//! Rate limits and quotas shared by the nodes of a deployment (Redis, in `keygate-store`). The
+//! gateway never calls these on a request's path unless its local lease of the budget is used
+//! up: it takes a small share of a bucket at a time ([`SharedLimits::take_rate`]) and spends it
+//! from memory, so a shared limit costs one round trip per lease, not per request. Whatever is
+//! admitted was first taken from the shared bucket, so nodes together never admit more than the
+//! limit; a lease not spent in time is handed back with the next one.
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::policy::RateLimit;
+
+/// What a shared GCRA bucket granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateGrant {
+    /// Requests taken for the caller (0 ..= what it asked for).
+    pub granted: u32,
+    /// Requests that could still be taken right after.
+    pub remaining: u64,
+    /// Microseconds until the bucket is full again.
+    pub reset_after_us: i64,
+    /// When nothing was granted: microseconds until one request fits.
+    pub retry_after_us: i64,
+}
+
+/// What a shared quota count granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaGrant {
+    pub granted: u64,
+    /// The period's count after the grant (every node's).
+    pub count: u64,
+}
+
+/// Shared limit state: one implementation per backend, held as `Arc<dyn SharedLimits>`.
+#[async_trait]
+pub trait SharedLimits: Send + Sync {
+    /// Gives back `refund` requests taken earlier and not used, then takes up to `want` from the
+    /// GCRA bucket `key` of `limit` at `now_us` (as many as fit), atomically.
+    async fn take_rate(&self, key: &str, limit: &RateLimit, refund: u32, want: u32, now_us: i64) -> Result<RateGrant>;
+    /// Gives back `refund`, then counts up to `want` more against the quota `limit` whose period
+    /// count is `key` (starting from `init` if the key is new: the count the store knows),
+    /// kept until `expire_at_ms`.
+    async fn take_quota(
+        &self,
+        key: &str,
+        limit: u64,
+        refund: u64,
+        want: u64,
+        init: u64,
+        expire_at_ms: i64,
+    ) -> Result<QuotaGrant>;
+    /// Succeeds when the backend answers.
+    async fn ping(&self) -> Result<()>;
+    /// Where the state lives, for logs (never a password).
+    fn describe(&self) -> String;
+}

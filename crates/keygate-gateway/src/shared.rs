@@ -1,0 +1,677 @@
+//! Rate limits and quotas shared by every node through a [`SharedLimits`] backend (Redis), with
+//! local leases so that the request path seldom waits on it.
+//!
+//! A node never admits a request the shared bucket did not grant: it takes a **lease** — a small
+//! share of the bucket (1% of its capacity divided by the live nodes, between 1 and 256) — in one
+//! atomic call, and spends it from memory with one compare-and-swap per request. When a lease
+//! runs low it is refilled in the background; a request that finds it empty waits for the refill,
+//! at most `wait` (a few milliseconds). Nodes together therefore admit at most the limit: the
+//! error is on the safe side, at most the leases held but not spent (a lease unspent after
+//! [`LEASE_TTL_US`] is handed back with the next call). Quotas work the same way per period, and a
+//! new period starts from fresh keys, so counts are exact at period boundaries.
+//!
+//! When the backend fails (an error, or no answer within the wait), the node stops asking it for
+//! [`RETRY_DOWN_US`] and decides alone, with each limit divided by the number of live nodes
+//! ([`SharedLimiter::scaled`]); the log says so once and `keygate_shared_limits_up` drops to 0.
+//! Back to shared accounting at the first successful call, without a burst of refusals: the
+//! shared state is at most what it was, never more.
+
+use std::collections::HashMap as StdHashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use keygate_core::limits::SharedLimits;
+use keygate_core::policy::{Quota, RateLimit};
+use keygate_core::token_format::PUBLIC_ID_LEN;
+use parking_lot::RwLock;
+use tokio::sync::Notify;
+
+const SHARDS: usize = 16;
+/// Leases per shard at most; past it, new keys are decided locally (limits still hold per node).
+pub const SHARD_CAPACITY: usize = 65_536;
+/// A lease not spent within this long (microseconds) is handed back with the next call.
+pub const LEASE_TTL_US: i64 = 1_000_000;
+/// After a failure, the backend is not asked again for this long (microseconds).
+pub const RETRY_DOWN_US: i64 = 1_000_000;
+/// The longest a background call to the backend may take before it counts as failed.
+const CALL_BOUND: Duration = Duration::from_secs(1);
+/// The largest lease.
+const MAX_LEASE: u64 = 256;
+
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+
+/// What a lease is of: a rate bucket (0: the token's own limit, else a route's limiter key) or a
+/// quota's period (its start, in milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Of {
+    Rate(u32),
+    Quota(i64),
+}
+
+type Key = ([u8; PUBLIC_ID_LEN], Of);
+
+/// One node's share of a shared bucket or quota count.
+pub struct Lease {
+    /// The backend's key.
+    key: Box<str>,
+    /// Requests this node may still admit from the lease.
+    left: AtomicI64,
+    granted_at_us: AtomicI64,
+    /// Set when the backend granted nothing: refused without asking until then.
+    deny_until_us: AtomicI64,
+    refilling: AtomicBool,
+    /// Expired leftovers, handed back with the next call.
+    stale: AtomicU64,
+    /// What the backend said is left beyond the lease, and when the bucket is full again (rate)
+    /// or the period ends (quota), at the last grant.
+    beyond: AtomicU64,
+    reset_at_us: AtomicI64,
+    notify: Notify,
+}
+
+impl Lease {
+    fn new(key: String) -> Self {
+        Self {
+            key: key.into_boxed_str(),
+            left: AtomicI64::new(0),
+            granted_at_us: AtomicI64::new(0),
+            deny_until_us: AtomicI64::new(0),
+            refilling: AtomicBool::new(false),
+            stale: AtomicU64::new(0),
+            beyond: AtomicU64::new(0),
+            reset_at_us: AtomicI64::new(0),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Takes one request from the lease: `Some(left after)`, or `None` when it is empty (or has
+    /// expired, whose leftover then goes back with the next call).
+    fn take(&self, now_us: i64) -> Option<i64> {
+        if now_us.saturating_sub(self.granted_at_us.load(Ordering::Acquire)) > LEASE_TTL_US {
+            let left = self.left.swap(0, Ordering::AcqRel);
+            if left > 0 {
+                self.stale.fetch_add(u64::try_from(left).unwrap_or(0), Ordering::AcqRel);
+            }
+            return None;
+        }
+        let mut left = self.left.load(Ordering::Acquire);
+        loop {
+            if left <= 0 {
+                return None;
+            }
+            match self.left.compare_exchange_weak(left, left - 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(left - 1),
+                Err(actual) => left = actual,
+            }
+        }
+    }
+}
+
+/// What the shared limiter decided about one request.
+pub enum Take {
+    Allowed {
+        remaining: u64,
+        reset_after_us: i64,
+    },
+    Refused {
+        retry_after_us: i64,
+        reset_after_us: i64,
+    },
+    /// The lease is empty and a refill is under way: wait on [`Pending::wait`], then ask again.
+    Pending(Pending),
+    /// The backend is down (or the lease map is full): decide locally with [`SharedLimiter::scaled`].
+    Local,
+}
+
+/// A request waiting for a lease.
+pub struct Pending(Arc<Lease>);
+
+impl Pending {
+    /// Completes when the lease was refilled (or the refill failed).
+    pub async fn wait(&self) {
+        let n = self.0.notify.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if !self.0.refilling.load(Ordering::Acquire) {
+            return;
+        }
+        n.await;
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct SharedStats {
+    pub calls: AtomicU64,
+    pub failures: AtomicU64,
+    pub waits: AtomicU64,
+    /// Requests decided locally because the backend was down or slow.
+    pub local_decisions: AtomicU64,
+}
+
+pub struct SharedLimiter {
+    backend: Arc<dyn SharedLimits>,
+    prefix: Box<str>,
+    leases: Vec<RwLock<HashMap<Key, Arc<Lease>>>>,
+    nodes: AtomicU32,
+    down_until_us: AtomicI64,
+    up: AtomicBool,
+    /// How long a request may wait for a lease.
+    pub wait: Duration,
+    pub stats: SharedStats,
+}
+
+fn shard_of(id: &[u8; PUBLIC_ID_LEN]) -> usize {
+    id.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(usize::from(*b))) % SHARDS
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SharedLimiter {
+    pub fn new(backend: Arc<dyn SharedLimits>, prefix: &str, wait: Duration) -> Self {
+        Self {
+            backend,
+            prefix: prefix.into(),
+            leases: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
+            nodes: AtomicU32::new(1),
+            down_until_us: AtomicI64::new(0),
+            up: AtomicBool::new(true),
+            wait,
+            stats: SharedStats::default(),
+        }
+    }
+
+    /// Where the shared state lives, for logs.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The live nodes the budget is shared by (from the node registry).
+    pub fn set_nodes(&self, n: u32) {
+        self.nodes.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn nodes(&self) -> u32 {
+        self.nodes.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Whether the backend answered its last call.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// `limit` divided among the live nodes, for deciding alone while the backend is down.
+    pub fn scaled(&self, limit: &RateLimit) -> RateLimit {
+        let n = self.nodes();
+        RateLimit {
+            requests: limit.requests.div_ceil(n).max(1),
+            per_seconds: limit.per_seconds,
+            burst: limit.burst / n,
+        }
+    }
+
+    /// `quota` divided among the live nodes.
+    pub fn scaled_quota(&self, quota: &Quota) -> Quota {
+        Quota { requests: quota.requests.div_ceil(u64::from(self.nodes())).max(1), period: quota.period }
+    }
+
+    fn lease_size(&self, capacity: u64) -> u64 {
+        (capacity / (100 * u64::from(self.nodes()))).clamp(1, MAX_LEASE)
+    }
+
+    fn lease(&self, id: &[u8; PUBLIC_ID_LEN], of: Of) -> Option<Arc<Lease>> {
+        let shard = self.leases.get(shard_of(id))?;
+        let key = (*id, of);
+        if let Some(l) = shard.read().get(&key) {
+            return Some(l.clone());
+        }
+        let mut map = shard.write();
+        if map.len() >= SHARD_CAPACITY && !map.contains_key(&key) {
+            return None;
+        }
+        let name = match of {
+            Of::Rate(0) => format!("{{{}:{}}}:t", self.prefix, hex(id)),
+            Of::Rate(r) => format!("{{{}:{}}}:r{r:08x}", self.prefix, hex(id)),
+            Of::Quota(start) => format!("{{{}:{}}}:q{start}", self.prefix, hex(id)),
+        };
+        Some(map.entry(key).or_insert_with(|| Arc::new(Lease::new(name))).clone())
+    }
+
+    fn down(&self, now_us: i64) -> bool {
+        let until = self.down_until_us.load(Ordering::Relaxed);
+        until != 0 && now_us < until
+    }
+
+    fn mark_up(&self) {
+        self.down_until_us.store(0, Ordering::Relaxed);
+        if !self.up.swap(true, Ordering::AcqRel) {
+            tracing::info!(backend = %self.backend.describe(), "shared limits: the backend answers again; limits are shared again");
+        }
+    }
+
+    fn mark_down(&self, now_us: i64, why: &str) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.down_until_us.store(now_us.saturating_add(RETRY_DOWN_US).max(1), Ordering::Relaxed);
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(backend = %self.backend.describe(), error = why, nodes = self.nodes(),
+                "shared limits: the backend failed; each node now enforces every limit divided by the live nodes until it answers again");
+        }
+    }
+
+    /// Notes a request decided locally because the lease did not come within the wait.
+    pub fn waited_too_long(&self) {
+        self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one request from the shared rate bucket of `limit` for `(id, scope)` (scope 0: the
+    /// token's own limit; a route's limiter key).
+    pub fn take_rate(self: &Arc<Self>, id: &[u8; PUBLIC_ID_LEN], scope: u32, limit: &RateLimit, now_us: i64) -> Take {
+        if self.down(now_us) {
+            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return Take::Local;
+        }
+        let Some(lease) = self.lease(id, Of::Rate(scope)) else { return Take::Local };
+        let deny = lease.deny_until_us.load(Ordering::Acquire);
+        if now_us < deny {
+            return Take::Refused {
+                retry_after_us: deny - now_us,
+                reset_after_us: lease.reset_at_us.load(Ordering::Acquire) - now_us,
+            };
+        }
+        let want = self.lease_size(limit.capacity());
+        match lease.take(now_us) {
+            Some(left) => {
+                if left <= i64::try_from(want / 2).unwrap_or(0) {
+                    self.refill(&lease, Refill::Rate(*limit, want), now_us);
+                }
+                Take::Allowed {
+                    remaining: lease.beyond.load(Ordering::Acquire) + u64::try_from(left).unwrap_or(0),
+                    reset_after_us: (lease.reset_at_us.load(Ordering::Acquire) - now_us).max(0),
+                }
+            }
+            None => {
+                self.refill(&lease, Refill::Rate(*limit, want), now_us);
+                Take::Pending(Pending(lease))
+            }
+        }
+    }
+
+    /// Counts one request against the shared count of `quota` for `id` in the period of
+    /// `now_ms`. `known` is the count this node knows for the period (the store's, at start): a
+    /// count the backend lost starts from it.
+    pub fn take_quota(self: &Arc<Self>, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64, known: u64) -> Take {
+        let now_us = now_ms.saturating_mul(1000);
+        if self.down(now_us) {
+            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return Take::Local;
+        }
+        let (start, end) = quota.period.window(now_ms);
+        let Some(lease) = self.lease(id, Of::Quota(start)) else { return Take::Local };
+        let reset_after_us = if end == i64::MAX { i64::MAX } else { (end - now_ms).saturating_mul(1000) };
+        let deny = lease.deny_until_us.load(Ordering::Acquire);
+        if now_us < deny {
+            return Take::Refused { retry_after_us: reset_after_us, reset_after_us };
+        }
+        let want = self.lease_size(quota.requests);
+        // A total quota's key lives for a year past its last use; a period's until it ends.
+        let expire_at_ms = if end == i64::MAX { now_ms.saturating_add(365 * 86_400_000) } else { end + 60_000 };
+        let refill =
+            Refill::Quota { limit: quota.requests, want, known, expire_at_ms, reset_at_us: end.saturating_mul(1000) };
+        match lease.take(now_us) {
+            Some(left) => {
+                if left <= i64::try_from(want / 2).unwrap_or(0) {
+                    self.refill(&lease, refill, now_us);
+                }
+                Take::Allowed {
+                    remaining: lease.beyond.load(Ordering::Acquire) + u64::try_from(left).unwrap_or(0),
+                    reset_after_us,
+                }
+            }
+            None => {
+                self.refill(&lease, refill, now_us);
+                Take::Pending(Pending(lease))
+            }
+        }
+    }
+
+    /// Asks the backend for more of `lease` in the background, unless a call is under way; the
+    /// grant is dated `now_us`, the time of the request that asked.
+    fn refill(self: &Arc<Self>, lease: &Arc<Lease>, what: Refill, now_us: i64) {
+        if lease.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let lease = lease.clone();
+        tokio::spawn(async move {
+            me.stats.calls.fetch_add(1, Ordering::Relaxed);
+            let refund = lease.stale.swap(0, Ordering::AcqRel);
+            let done = match what {
+                Refill::Rate(limit, want) => {
+                    let call = me.backend.take_rate(
+                        &lease.key,
+                        &limit,
+                        u32::try_from(refund).unwrap_or(u32::MAX),
+                        u32::try_from(want).unwrap_or(1),
+                        now_us,
+                    );
+                    match tokio::time::timeout(CALL_BOUND, call).await {
+                        Ok(Ok(g)) => {
+                            lease.beyond.store(g.remaining, Ordering::Release);
+                            lease.reset_at_us.store(now_us.saturating_add(g.reset_after_us), Ordering::Release);
+                            let deny = if g.granted == 0 { now_us.saturating_add(g.retry_after_us.max(1)) } else { 0 };
+                            Ok((u64::from(g.granted), deny))
+                        }
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no answer within 1 s".to_owned()),
+                    }
+                }
+                Refill::Quota { limit, want, known, expire_at_ms, reset_at_us } => {
+                    let call = me.backend.take_quota(&lease.key, limit, refund, want, known, expire_at_ms);
+                    match tokio::time::timeout(CALL_BOUND, call).await {
+                        Ok(Ok(g)) => {
+                            lease.beyond.store(limit.saturating_sub(g.count), Ordering::Release);
+                            lease.reset_at_us.store(reset_at_us, Ordering::Release);
+                            // Nothing left this period: refused until it ends (or a lease
+                            // handed back makes room, seen at the next refill after a second).
+                            let deny = if g.granted == 0 { now_us.saturating_add(LEASE_TTL_US) } else { 0 };
+                            Ok((g.granted, deny))
+                        }
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no answer within 1 s".to_owned()),
+                    }
+                }
+            };
+            match done {
+                Ok((granted, deny)) => {
+                    me.mark_up();
+                    lease.deny_until_us.store(deny, Ordering::Release);
+                    if granted > 0 {
+                        lease.granted_at_us.store(now_us, Ordering::Release);
+                        lease.left.fetch_add(i64::try_from(granted).unwrap_or(0), Ordering::AcqRel);
+                    }
+                }
+                Err(why) => {
+                    lease.stale.fetch_add(refund, Ordering::AcqRel);
+                    me.mark_down(now_us, &why);
+                }
+            }
+            lease.refilling.store(false, Ordering::Release);
+            lease.notify.notify_waiters();
+        });
+    }
+
+    /// Forgets leases idle for ten lease lifetimes (their leftovers were handed back or are
+    /// lost, which only ever makes a limit stricter). Returns how many went.
+    pub fn prune(&self, now_us: i64) -> usize {
+        let mut gone = 0;
+        for shard in &self.leases {
+            let mut map = shard.write();
+            let before = map.len();
+            map.retain(|_, l| {
+                l.refilling.load(Ordering::Acquire)
+                    || now_us.saturating_sub(l.granted_at_us.load(Ordering::Acquire)) <= 10 * LEASE_TTL_US
+                    || l.deny_until_us.load(Ordering::Acquire) > now_us
+            });
+            gone += before - map.len();
+        }
+        gone
+    }
+
+    /// Leases held.
+    pub fn len(&self) -> usize {
+        self.leases.iter().map(|s| s.read().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The shared limits' metrics, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let s = &self.stats;
+        let mut out = String::new();
+        for (name, help, kind, v) in [
+            (
+                "keygate_shared_limits_up",
+                "1 while the shared limit backend (Redis) answers; 0 while each node decides alone with its share.",
+                "gauge",
+                u64::from(self.is_up()),
+            ),
+            (
+                "keygate_shared_limits_nodes",
+                "Live nodes the shared budgets are divided by when the backend is down.",
+                "gauge",
+                u64::from(self.nodes()),
+            ),
+            (
+                "keygate_shared_limits_leases",
+                "Leases of shared buckets and quota counts held by this node.",
+                "gauge",
+                self.len() as u64,
+            ),
+            (
+                "keygate_shared_limits_calls_total",
+                "Calls to the shared limit backend (one per lease).",
+                "counter",
+                s.calls.load(Ordering::Relaxed),
+            ),
+            (
+                "keygate_shared_limits_failures_total",
+                "Calls to the shared limit backend that failed or timed out.",
+                "counter",
+                s.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "keygate_shared_limits_waits_total",
+                "Requests that waited for a lease.",
+                "counter",
+                s.waits.load(Ordering::Relaxed),
+            ),
+            (
+                "keygate_shared_limits_local_decisions_total",
+                "Limit checks decided by this node alone (backend down or slow).",
+                "counter",
+                s.local_decisions.load(Ordering::Relaxed),
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Refill {
+    Rate(RateLimit, u64),
+    Quota { limit: u64, want: u64, known: u64, expire_at_ms: i64, reset_at_us: i64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use keygate_core::Result;
+    use keygate_core::limits::{QuotaGrant, RateGrant};
+    use parking_lot::Mutex;
+
+    /// An in-memory backend with the same semantics as the Redis scripts, that can be switched off.
+    #[derive(Default)]
+    struct Fake {
+        tats: Mutex<HashMap<String, i64>>,
+        counts: Mutex<HashMap<String, u64>>,
+        down: AtomicBool,
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl SharedLimits for Fake {
+        async fn take_rate(&self, key: &str, limit: &RateLimit, refund: u32, want: u32, now: i64) -> Result<RateGrant> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(keygate_core::Error::internal("down"));
+            }
+            let mut tats = self.tats.lock();
+            let t = limit.emission_interval_us();
+            let tat = tats.get(key).copied().unwrap_or(0) - i64::from(refund) * t;
+            let mut granted = 0;
+            let mut cur = tat;
+            while granted < want {
+                let d = limit.gcra(cur, now);
+                if !d.allowed {
+                    break;
+                }
+                cur = d.new_tat;
+                granted += 1;
+            }
+            tats.insert(key.to_owned(), cur.max(now));
+            let d = limit.gcra_cost(cur, now, 0);
+            let retry = if granted == 0 { limit.gcra(cur, now).retry_after } else { 0 };
+            Ok(RateGrant { granted, remaining: d.remaining, reset_after_us: d.reset_after, retry_after_us: retry })
+        }
+        async fn take_quota(
+            &self,
+            key: &str,
+            limit: u64,
+            refund: u64,
+            want: u64,
+            init: u64,
+            _: i64,
+        ) -> Result<QuotaGrant> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(keygate_core::Error::internal("down"));
+            }
+            let mut counts = self.counts.lock();
+            let c = counts.entry(key.to_owned()).or_insert(init);
+            *c = c.saturating_sub(refund);
+            let granted = limit.saturating_sub(*c).min(want);
+            *c += granted;
+            Ok(QuotaGrant { granted, count: *c })
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    const T0: i64 = 1_900_000_000_000;
+
+    fn node(fake: &Arc<Fake>) -> Arc<SharedLimiter> {
+        Arc::new(SharedLimiter::new(fake.clone(), "kg", Duration::from_millis(50)))
+    }
+
+    /// Drives one request through `l` as the gateway does: waits for leases, decides locally
+    /// when told to.
+    async fn admit(l: &Arc<SharedLimiter>, id: &[u8; 12], limit: &RateLimit, now_us: i64) -> bool {
+        for _ in 0..10 {
+            match l.take_rate(id, 0, limit, now_us) {
+                Take::Allowed { .. } => return true,
+                Take::Refused { .. } => return false,
+                Take::Local => return false,
+                Take::Pending(p) => p.wait().await,
+            }
+        }
+        panic!("no decision after ten refills")
+    }
+
+    /// Three nodes sharing one bucket admit exactly what one bucket would, however the requests
+    /// fall on them; an unspent lease goes back to the bucket.
+    #[tokio::test]
+    async fn nodes_together_admit_at_most_the_limit() {
+        let fake = Arc::new(Fake::default());
+        let nodes: Vec<_> = (0..3).map(|_| node(&fake)).collect();
+        for n in &nodes {
+            n.set_nodes(3);
+        }
+        let limit = RateLimit { requests: 3000, per_seconds: 60, burst: 0 };
+        let id = *b"abcdefghijkl";
+        let now = T0 * 1000;
+        let mut admitted = 0;
+        for i in 0..4000 {
+            admitted += u32::from(admit(&nodes[i % 3], &id, &limit, now).await);
+        }
+        assert_eq!(admitted, 3000, "exactly the capacity, never more");
+        assert!(fake.calls.load(Ordering::Relaxed) < 400, "leases, not a call per request");
+
+        // Another token: node 0 takes a lease (10 = 1% of 3000 / 3) and spends one request;
+        // the others drain the rest of the bucket.
+        let other = *b"zzzzzzzzzzzz";
+        assert!(admit(&nodes[0], &other, &limit, now).await);
+        let mut drained = 0;
+        for i in 0..4000 {
+            drained += u32::from(admit(&nodes[1 + i % 2], &other, &limit, now).await);
+        }
+        assert_eq!(drained, 2990, "all but node 0's lease");
+        // After the lease's lifetime its 9 unspent requests go back with node 0's next call:
+        // the second's refill (50) and those 9 are admitted, no more.
+        let later = now + LEASE_TTL_US + 1;
+        let mut n = 0;
+        for i in 0..4000 {
+            n += u32::from(admit(&nodes[i % 3], &other, &limit, later).await);
+        }
+        assert_eq!(n, 59);
+    }
+
+    /// The backend down: every node decides alone with its share, says so, and goes back to the
+    /// shared bucket when it answers again.
+    #[tokio::test]
+    async fn a_failed_backend_makes_each_node_decide_alone_with_its_share() {
+        let fake = Arc::new(Fake::default());
+        let l = node(&fake);
+        l.set_nodes(3);
+        fake.down.store(true, Ordering::Relaxed);
+        let limit = RateLimit { requests: 30, per_seconds: 60, burst: 0 };
+        let id = *b"abcdefghijkl";
+        let now = T0 * 1000;
+        match l.take_rate(&id, 0, &limit, now) {
+            Take::Pending(p) => p.wait().await,
+            _ => panic!("the first request asks the backend"),
+        }
+        assert!(!l.is_up());
+        assert!(matches!(l.take_rate(&id, 0, &limit, now), Take::Local), "no call while down");
+        assert_eq!(l.scaled(&limit), RateLimit { requests: 10, per_seconds: 60, burst: 0 });
+        assert_eq!(
+            l.scaled_quota(&Quota { requests: 100, period: keygate_core::policy::QuotaPeriod::Day }).requests,
+            34
+        );
+        fake.down.store(false, Ordering::Relaxed);
+        let later = now + RETRY_DOWN_US + 1;
+        assert!(admit(&l, &id, &limit, later).await, "asked again after the pause");
+        assert!(l.is_up());
+        assert!(l.render().contains("keygate_shared_limits_up 1"));
+    }
+
+    /// Quotas: exact across nodes within a period; a new period starts afresh; a lost count
+    /// starts from what the store knew.
+    #[tokio::test]
+    async fn quotas_are_exact_across_nodes_and_periods() {
+        let fake = Arc::new(Fake::default());
+        let nodes: Vec<_> = (0..3).map(|_| node(&fake)).collect();
+        let q = Quota { requests: 1000, period: keygate_core::policy::QuotaPeriod::Day };
+        let id = *b"abcdefghijkl";
+        let run = async |now_ms: i64, known: u64, n: usize| {
+            let mut ok = 0;
+            for i in 0..n {
+                loop {
+                    match nodes[i % 3].take_quota(&id, &q, now_ms, known) {
+                        Take::Allowed { .. } => {
+                            ok += 1;
+                            break;
+                        }
+                        Take::Refused { .. } | Take::Local => break,
+                        Take::Pending(p) => p.wait().await,
+                    }
+                }
+            }
+            ok
+        };
+        assert_eq!(run(T0, 100, 2000).await, 900, "starts from the stored 100");
+        let next_day = (T0 / 86_400_000 + 1) * 86_400_000;
+        assert_eq!(run(next_day, 0, 1500).await, 1000, "a new day: the whole quota again");
+    }
+}

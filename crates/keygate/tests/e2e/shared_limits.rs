@@ -1,0 +1,226 @@
+//! Limits that hold across nodes (issue 14): three nodes on one PostgreSQL draw from one Redis
+//! bucket per limit, so a token gets its limit once, not once per node; with Redis gone each node
+//! enforces its share and the nodes keep serving.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keygate::config::RedisConfig;
+use keygate_testkit::{Options, StatusCode, TestKeygate};
+use serde_json::json;
+
+/// A key prefix of this test's own, so tests sharing the machine's Redis never meet.
+fn prefix() -> String {
+    format!("kgtest{}", keygate_core::token_format::random_base62(&keygate_core::secret::OsRandom, 10).unwrap())
+}
+
+async fn metrics(kg: &TestKeygate) -> String {
+    reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap()
+}
+
+fn redis_url() -> String {
+    std::env::var("KEYGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn three_nodes(db: &str, redis: Option<RedisConfig>) -> Vec<TestKeygate> {
+    let opts = Options { database_url: Some(db.to_owned()), redis, ..Options::default() };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let dir = a.data_dir().to_owned();
+    let b = TestKeygate::start_with(Options { data_dir: Some(dir.clone()), ..opts.clone() }).await.unwrap();
+    let c = TestKeygate::start_with(Options { data_dir: Some(dir), ..opts }).await.unwrap();
+    let nodes = vec![a, b, c];
+    for n in &nodes {
+        n.cluster().beat_now().await; // each learns that three nodes are live
+    }
+    nodes
+}
+
+/// Sends `n` requests with `token`, spread round-robin over `nodes`, 30 at a time; counts the
+/// answers by status.
+async fn drive(nodes: &[TestKeygate], token: &str, n: usize) -> (usize, usize) {
+    let http = reqwest::Client::new();
+    let urls: Vec<String> = nodes.iter().map(|k| format!("{}/demo/echo", k.gateway_url())).collect();
+    let (mut ok, mut limited) = (0, 0);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(30) {
+        let calls = chunk.iter().map(|i| {
+            let req = http.get(&urls[i % urls.len()]).bearer_auth(token);
+            async move { req.send().await.unwrap().status() }
+        });
+        for s in futures_join(calls).await {
+            match s {
+                StatusCode::OK => ok += 1,
+                StatusCode::TOO_MANY_REQUESTS => limited += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    (ok, limited)
+}
+
+async fn futures_join<F: std::future::Future<Output = StatusCode> + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<StatusCode> {
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// The figure the issue starts from, and the fix: a token limited to 60 requests a minute,
+/// driven concurrently through three nodes. Alone, each node lets 60 through (180 in all, 3×);
+/// sharing Redis, the three let through 60 (1.00×). The quota holds the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_holds_across_three_nodes_when_they_share_redis() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let shared = RedisConfig { url: Some(redis_url()), key_prefix: prefix(), wait_ms: 1_000, ..RedisConfig::default() };
+    let nodes = three_nodes(&db.url, Some(shared)).await;
+    let body = json!({"name": "limited", "rate_limit": {"requests": 60, "per_seconds": 60}});
+    let (_, token) = nodes[0].client().create_token(&body).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+    }
+    let (ok, limited) = drive(&nodes, &token, 300).await;
+    eprintln!("shared limit of 60 through 3 nodes: {ok} admitted ({:.2}×), {limited} refused", ok as f64 / 60.0);
+    assert_eq!((ok, limited), (60, 240), "exactly the limit, across all three nodes");
+
+    // A quota of 100 a day, through the three nodes: 100.
+    let body = json!({"name": "quota", "quota": {"requests": 100, "period": "day"}});
+    let (_, token) = nodes[1].client().create_token(&body).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+    }
+    let http = reqwest::Client::new();
+    let mut ok = 0;
+    for i in 0..150 {
+        let s = http.get(format!("{}/demo/echo", nodes[i % 3].gateway_url())).bearer_auth(&token).send().await.unwrap();
+        if s.status() == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(s.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert!(s.headers()["ratelimit"].to_str().unwrap().contains("r=0"), "{:?}", s.headers());
+        }
+    }
+    assert_eq!(ok, 100, "the quota counted once across the nodes");
+    let text = metrics(&nodes[0]).await;
+    assert!(text.contains("keygate_shared_limits_up 1"), "{text}");
+    for n in nodes {
+        n.stop().await;
+    }
+    db.drop_db().await;
+}
+
+/// Without Redis each node counts alone: the same token gets its limit on each of the three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_node_counts_alone() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let nodes = three_nodes(&db.url, None).await;
+    let body = json!({"name": "limited", "rate_limit": {"requests": 60, "per_seconds": 60}});
+    let (_, token) = nodes[0].client().create_token(&body).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+    }
+    let (ok, _) = drive(&nodes, &token, 300).await;
+    assert_eq!(ok, 180, "three nodes, three buckets: the documented single-node behaviour");
+    for n in nodes {
+        n.stop().await;
+    }
+    db.drop_db().await;
+}
+
+/// A throwaway Redis on a free port, which this test may stop.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for the fault tests");
+        let me = Self { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return me;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Redis stopped: every node keeps serving and enforces its share (60 / 3 = 20 each: 60 in all);
+/// Redis back: shared accounting again, with no burst of refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_each_node_enforces_its_share_and_recovers() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let cfg = RedisConfig { url: Some(redis.url()), key_prefix: prefix(), wait_ms: 1_000, ..RedisConfig::default() };
+    let nodes = three_nodes(&db.url, Some(cfg)).await;
+    let body = json!({"name": "limited", "rate_limit": {"requests": 60, "per_seconds": 60}});
+    let (_, token) = nodes[0].client().create_token(&body).await;
+    let (_, other) = nodes[0].client().create_token(&body).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+    }
+    assert_eq!(drive(&nodes, &token, 30).await, (30, 0));
+    redis.stop();
+    // The first request on each node finds Redis gone and is decided alone; then every node
+    // decides alone with 20 of the 60.
+    let (ok, limited) = drive(&nodes, &other, 300).await;
+    eprintln!("Redis down: {ok} admitted of a limit of 60 through 3 nodes, {limited} refused");
+    assert_eq!(ok, 60, "each node its share: 20 + 20 + 20");
+    let text = metrics(&nodes[0]).await;
+    assert!(text.contains("keygate_shared_limits_up 0"), "{text}");
+    assert!(text.contains("keygate_shared_limits_nodes 3"), "{text}");
+
+    // Back (an empty Redis: it kept nothing): shared again once the pause after a failure is
+    // over; the bucket is full again, so nobody is refused for what happened meanwhile.
+    let redis = OwnRedis::start(port);
+    for n in &nodes {
+        n.clock.advance_seconds(2);
+    }
+    let (_, fresh) = nodes[0].client().create_token(&body).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+    }
+    let mut recovered = false;
+    for _ in 0..50 {
+        let (ok, _) = drive(&nodes, &fresh, 3).await;
+        assert_eq!(ok, 3, "no refusals while the connection comes back");
+        let text = metrics(&nodes[0]).await;
+        if text.contains("keygate_shared_limits_up 1") {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the nodes use Redis again");
+    for n in nodes {
+        n.stop().await;
+    }
+    redis.stop();
+    db.drop_db().await;
+}

@@ -30,8 +30,12 @@ use tokio::sync::Notify;
 const SHARDS: usize = 16;
 /// Leases per shard at most; past it, new keys are decided locally (limits still hold per node).
 pub const SHARD_CAPACITY: usize = 65_536;
-/// A lease not spent within this long (microseconds) is handed back with the next call.
-pub const LEASE_TTL_US: i64 = 1_000_000;
+/// A lease not spent within this long (microseconds) is handed back with the next call. A lease
+/// in use is renewed in the background after half of it, so a steady caller never waits.
+pub const LEASE_TTL_US: i64 = 10_000_000;
+/// A quota found used up is asked about again after this long (microseconds): another node may
+/// have handed back what it held.
+const QUOTA_RECHECK_US: i64 = 1_000_000;
 /// After a failure, the backend is not asked again for this long (microseconds).
 pub const RETRY_DOWN_US: i64 = 1_000_000;
 /// The longest a background call to the backend may take before it counts as failed.
@@ -222,11 +226,14 @@ impl SharedLimiter {
         (capacity / (100 * u64::from(self.nodes()))).clamp(1, MAX_LEASE)
     }
 
-    fn lease(&self, id: &[u8; PUBLIC_ID_LEN], of: Of) -> Option<Arc<Lease>> {
+    /// Runs `f` on the lease of `(id, of)`, made if new, under the shard's lock (a read lock
+    /// unless the lease is new: no reference count is touched on the request path). `None` when
+    /// the shard is full.
+    fn with_lease<R>(&self, id: &[u8; PUBLIC_ID_LEN], of: Of, f: impl FnOnce(&Arc<Lease>) -> R) -> Option<R> {
         let shard = self.leases.get(shard_of(id))?;
         let key = (*id, of);
         if let Some(l) = shard.read().get(&key) {
-            return Some(l.clone());
+            return Some(f(l));
         }
         let mut map = shard.write();
         if map.len() >= SHARD_CAPACITY && !map.contains_key(&key) {
@@ -237,7 +244,12 @@ impl SharedLimiter {
             Of::Rate(r) => format!("{{{}:{}}}:r{r:08x}", self.prefix, hex(id)),
             Of::Quota(start) => format!("{{{}:{}}}:q{start}", self.prefix, hex(id)),
         };
-        Some(map.entry(key).or_insert_with(|| Arc::new(Lease::new(name))).clone())
+        Some(f(map.entry(key).or_insert_with(|| Arc::new(Lease::new(name)))))
+    }
+
+    /// Whether a lease with `left` requests, granted at `granted_at_us`, should be topped up now.
+    fn due(left: i64, want: u64, granted_at_us: i64, now_us: i64) -> bool {
+        left <= i64::try_from(want / 2).unwrap_or(0) || now_us.saturating_sub(granted_at_us) > LEASE_TTL_US / 2
     }
 
     fn down(&self, now_us: i64) -> bool {
@@ -273,30 +285,32 @@ impl SharedLimiter {
             self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
             return Take::Local;
         }
-        let Some(lease) = self.lease(id, Of::Rate(scope)) else { return Take::Local };
-        let deny = lease.deny_until_us.load(Ordering::Acquire);
-        if now_us < deny {
-            return Take::Refused {
-                retry_after_us: deny - now_us,
-                reset_after_us: lease.reset_at_us.load(Ordering::Acquire) - now_us,
-            };
-        }
         let want = self.lease_size(limit.capacity());
-        match lease.take(now_us) {
-            Some(left) => {
-                if left <= i64::try_from(want / 2).unwrap_or(0) {
-                    self.refill(&lease, Refill::Rate(*limit, want), now_us);
+        let decided = self.with_lease(id, Of::Rate(scope), |lease| {
+            let deny = lease.deny_until_us.load(Ordering::Acquire);
+            if now_us < deny {
+                return Take::Refused {
+                    retry_after_us: deny - now_us,
+                    reset_after_us: lease.reset_at_us.load(Ordering::Acquire) - now_us,
+                };
+            }
+            match lease.take(now_us) {
+                Some(left) => {
+                    if Self::due(left, want, lease.granted_at_us.load(Ordering::Relaxed), now_us) {
+                        self.refill(lease, Refill::Rate(*limit, want), now_us);
+                    }
+                    Take::Allowed {
+                        remaining: lease.beyond.load(Ordering::Acquire) + u64::try_from(left).unwrap_or(0),
+                        reset_after_us: (lease.reset_at_us.load(Ordering::Acquire) - now_us).max(0),
+                    }
                 }
-                Take::Allowed {
-                    remaining: lease.beyond.load(Ordering::Acquire) + u64::try_from(left).unwrap_or(0),
-                    reset_after_us: (lease.reset_at_us.load(Ordering::Acquire) - now_us).max(0),
+                None => {
+                    self.refill(lease, Refill::Rate(*limit, want), now_us);
+                    Take::Pending(Pending(lease.clone()))
                 }
             }
-            None => {
-                self.refill(&lease, Refill::Rate(*limit, want), now_us);
-                Take::Pending(Pending(lease))
-            }
-        }
+        });
+        decided.unwrap_or(Take::Local)
     }
 
     /// Counts one request against the shared count of `quota` for `id` in the period of
@@ -309,32 +323,34 @@ impl SharedLimiter {
             return Take::Local;
         }
         let (start, end) = quota.period.window(now_ms);
-        let Some(lease) = self.lease(id, Of::Quota(start)) else { return Take::Local };
         let reset_after_us = if end == i64::MAX { i64::MAX } else { (end - now_ms).saturating_mul(1000) };
-        let deny = lease.deny_until_us.load(Ordering::Acquire);
-        if now_us < deny {
-            return Take::Refused { retry_after_us: reset_after_us, reset_after_us };
-        }
         let want = self.lease_size(quota.requests);
         // A total quota's key lives for a year past its last use; a period's until it ends.
         let expire_at_ms = if end == i64::MAX { now_ms.saturating_add(365 * 86_400_000) } else { end + 60_000 };
         let refill =
             Refill::Quota { limit: quota.requests, want, known, expire_at_ms, reset_at_us: end.saturating_mul(1000) };
-        match lease.take(now_us) {
-            Some(left) => {
-                if left <= i64::try_from(want / 2).unwrap_or(0) {
-                    self.refill(&lease, refill, now_us);
+        let decided = self.with_lease(id, Of::Quota(start), |lease| {
+            let deny = lease.deny_until_us.load(Ordering::Acquire);
+            if now_us < deny {
+                return Take::Refused { retry_after_us: reset_after_us, reset_after_us };
+            }
+            match lease.take(now_us) {
+                Some(left) => {
+                    if Self::due(left, want, lease.granted_at_us.load(Ordering::Relaxed), now_us) {
+                        self.refill(lease, refill, now_us);
+                    }
+                    Take::Allowed {
+                        remaining: lease.beyond.load(Ordering::Acquire) + u64::try_from(left).unwrap_or(0),
+                        reset_after_us,
+                    }
                 }
-                Take::Allowed {
-                    remaining: lease.beyond.load(Ordering::Acquire) + u64::try_from(left).unwrap_or(0),
-                    reset_after_us,
+                None => {
+                    self.refill(lease, refill, now_us);
+                    Take::Pending(Pending(lease.clone()))
                 }
             }
-            None => {
-                self.refill(&lease, refill, now_us);
-                Take::Pending(Pending(lease))
-            }
-        }
+        });
+        decided.unwrap_or(Take::Local)
     }
 
     /// Asks the backend for more of `lease` in the background, unless a call is under way; the
@@ -376,7 +392,7 @@ impl SharedLimiter {
                             lease.reset_at_us.store(reset_at_us, Ordering::Release);
                             // Nothing left this period: refused until it ends (or a lease
                             // handed back makes room, seen at the next refill after a second).
-                            let deny = if g.granted == 0 { now_us.saturating_add(LEASE_TTL_US) } else { 0 };
+                            let deny = if g.granted == 0 { now_us.saturating_add(QUOTA_RECHECK_US) } else { 0 };
                             Ok((g.granted, deny))
                         }
                         Ok(Err(e)) => Err(e.to_string()),
@@ -608,13 +624,13 @@ mod tests {
         }
         assert_eq!(drained, 2990, "all but node 0's lease");
         // After the lease's lifetime its 9 unspent requests go back with node 0's next call:
-        // the second's refill (50) and those 9 are admitted, no more.
+        // the ten seconds' refill (500) and those 9 are admitted, no more.
         let later = now + LEASE_TTL_US + 1;
         let mut n = 0;
         for i in 0..4000 {
             n += u32::from(admit(&nodes[i % 3], &other, &limit, later).await);
         }
-        assert_eq!(n, 59);
+        assert_eq!(n, 509);
     }
 
     /// The backend down: every node decides alone with its share, says so, and goes back to the

@@ -25,6 +25,9 @@ use sqlx::{ConnectOptions, Connection, Executor};
 
 pub use sql::SqlStore;
 
+/// How long a PostgreSQL caller waits for a pooled connection before `store_unavailable`.
+pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The engines keygate runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -92,7 +95,13 @@ pub async fn open(location: &StoreLocation) -> Result<Arc<SqlStore>> {
     let _ = probe.close().await;
     let pool = AnyPoolOptions::new()
         .max_connections(max_conns)
-        .acquire_timeout(Duration::from_secs(10))
+        // A PostgreSQL that is gone makes callers wait this long for a connection, then answer
+        // `store_unavailable` (the admin API's 503): bounded, not hanging. SQLite waits longer
+        // (its only cause is a long write holding the file).
+        .acquire_timeout(match engine {
+            Engine::Postgres => PG_ACQUIRE_TIMEOUT,
+            Engine::Sqlite => Duration::from_secs(10),
+        })
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if engine == Engine::Sqlite {

@@ -15,6 +15,7 @@ mod edge_conn;
 mod edge_headers;
 mod edge_policy;
 mod edge_upgrade;
+mod faults;
 mod fuzz_finds;
 mod gateway;
 mod health;

@@ -3,7 +3,7 @@
 
 Parsed with PyYAML (merge keys included); checks that every keygate node builds from
 deploy/Containerfile, needs the same pepper and the same database, mounts a data volume of its own
-where the image keeps its state, sets only documented KEYGATE_* variables, and that whatever is
+where the image keeps its state, shares one Redis, sets only documented KEYGATE_* variables, and that whatever is
 published goes to the host's loopback only; that HAProxy's configuration names every node.
 """
 
@@ -36,8 +36,8 @@ def main() -> int:
 
     nodes = sorted(n for n in services if n.startswith("keygate-"))
     expect(len(nodes) == 3, f"three keygate nodes (found {nodes})")
-    expect("postgres" in services and "haproxy" in services, "postgres and haproxy services")
-    peppers, databases, volumes = set(), set(), set()
+    expect("postgres" in services and "haproxy" in services and "redis" in services, "postgres, redis and haproxy services")
+    peppers, databases, volumes, redises = set(), set(), set(), set()
     for name in nodes:
         s = services[name]
         build = s.get("build") or {}
@@ -52,6 +52,9 @@ def main() -> int:
         expect(db.startswith("postgres://") and "@postgres:5432/" in db, f"{name}: KEYGATE_DATABASE_URL names the postgres service")
         databases.add(db)
         expect("postgres" in (s.get("depends_on") or {}), f"{name} waits for postgres")
+        redis = str(env.get("KEYGATE_REDIS_URL", ""))
+        expect(redis.startswith("redis://redis:6379"), f"{name}: KEYGATE_REDIS_URL names the redis service")
+        redises.add(redis)
         mounts = [v for v in s.get("volumes") or [] if str(v).endswith(f":{data_dir}")]
         expect(len(mounts) == 1, f"{name} mounts one volume at {data_dir}")
         for m in mounts:
@@ -60,6 +63,7 @@ def main() -> int:
             volumes.add(vol)
     expect(len(peppers) == 1, "every node has the same pepper")
     expect(len(databases) == 1, "every node has the same database")
+    expect(len(redises) == 1, "every node shares the same Redis")
     expect(len(volumes) == len(nodes), "each node has a data volume of its own")
 
     for name, s in services.items():

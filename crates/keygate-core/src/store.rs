@@ -226,6 +226,12 @@ pub trait ChangeFeed: Send + Sync {
     fn subscribe(&self) -> Box<dyn ChangeSignal>;
     /// The newest feed position this process knows to be committed (for lag metrics).
     fn position(&self) -> u64;
+    /// Deletes token changes recorded before `before`; returns how many. The highest position
+    /// deleted becomes the feed's floor.
+    async fn prune_feed(&self, before: Timestamp) -> Result<u64>;
+    /// The highest position pruned (0: none). A follower behind it cannot replay the feed: read
+    /// it *after* reading changes, and reload a snapshot if it is above the position read from.
+    async fn feed_floor(&self) -> Result<u64>;
 }
 
 /// The registry of keygate processes sharing the store, and what each change reached.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::store::Store;
-use keygate_core::{Clock, Result};
+use keygate_core::{Clock, Result, Timestamp};
 use tokio::task::JoinHandle;
 
 use crate::index::TokenIndex;
@@ -51,7 +51,13 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
         }
     }
     loop {
-        let changes = store.changes_since(index.seq(), BATCH).await?;
+        let from = index.seq();
+        let changes = store.changes_since(from, BATCH).await?;
+        // Read after the changes: if the feed was pruned above where this read started, the
+        // read may have missed changes, and only a snapshot tells the current state.
+        if store.feed_floor().await? > from {
+            return reload(index, store, target).await;
+        }
         let Some(last) = changes.last().map(|c| c.seq) else {
             index.mark_caught_up();
             index.set_applied(target);
@@ -70,6 +76,30 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Replaces the index's content with a snapshot (a node that was away for longer than the feed
+/// is kept): every token of the snapshot is put in, every other one taken out. Expired tokens
+/// are included (the sweep drops them; they are refused anyway).
+async fn reload(index: &TokenIndex, store: &dyn Store, target: u64) -> Result<()> {
+    let snapshot = store.snapshot(Timestamp::from_millis(0)).await?;
+    let keep: std::collections::HashSet<[u8; 32]> = snapshot.tokens.iter().map(|t| t.hash.0).collect();
+    for t in &snapshot.tokens {
+        index.upsert(t);
+    }
+    let dropped = index.retain_only(&keep);
+    index.set_seq(snapshot.seq);
+    index.revoke_jtis(store.revoked_jtis(Timestamp::from_millis(0)).await?.into_iter().map(|r| (r.jti, r.expires_at)));
+    index.set_jti_seq(index.jti_seq().max(snapshot.seq));
+    tracing::warn!(
+        tokens = snapshot.tokens.len(),
+        dropped,
+        position = snapshot.seq,
+        "token index: this node was behind the pruned change feed; reloaded a snapshot"
+    );
+    index.mark_caught_up();
+    index.set_applied(target.min(snapshot.seq));
+    Ok(())
 }
 
 /// Loads the index, then follows the feed in a background task until it is aborted.

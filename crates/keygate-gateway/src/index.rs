@@ -555,6 +555,30 @@ impl TokenIndex {
         dropped
     }
 
+    /// Drops every token whose hash `keep` does not hold (after a snapshot reload); returns how
+    /// many went.
+    pub fn retain_only(&self, keep: &std::collections::HashSet<[u8; 32]>) -> usize {
+        let mut dropped = 0;
+        for lock in &self.0.shards {
+            let mut set = lock.write();
+            let before = set.len();
+            set.retain(|slot| {
+                let kept = keep.contains(&slot.0.hash.0.0);
+                if !kept {
+                    slot.0.retired.store(true, Ordering::Release);
+                }
+                kept
+            });
+            dropped += before - set.len();
+        }
+        self.0.len.fetch_sub(dropped, Ordering::Relaxed);
+        if dropped > 0 {
+            self.changed();
+        }
+        self.0.interner.lock().prune();
+        dropped
+    }
+
     /// Releases spare capacity after a bulk load.
     pub fn shrink_to_fit(&self) {
         for lock in &self.0.shards {

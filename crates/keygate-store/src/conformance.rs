@@ -1780,6 +1780,35 @@ async fn node_registry_and_propagation(h: &Harness) {
     assert_eq!(events[1].propagation, Some(p));
 }
 
+async fn feed_pruning(h: &Harness) {
+    let s = &h.store;
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    assert_eq!(s.feed_floor().await.unwrap(), 0);
+    assert_eq!(s.prune_feed(T0.plus_seconds(3600)).await.unwrap(), 0, "nothing to prune");
+    let a = token(&ws.id, &d.id, "a", T0);
+    let b = token(&ws.id, &d.id, "b", T0);
+    s.insert_token(&a, &audit(&ws.id, "token.create", a.id.as_str())).await.unwrap();
+    s.insert_token(&b, &audit(&ws.id, "token.create", b.id.as_str())).await.unwrap();
+    let mut later = a.clone();
+    later.name = "a2".into();
+    later.version = 2;
+    later.updated_at = T0.plus_seconds(600);
+    let last = s.update_token(&later, &audit(&ws.id, "token.update", a.id.as_str())).await.unwrap();
+    // Changes recorded before T0 + 5 min go; the floor is the highest position that went.
+    assert_eq!(s.prune_feed(T0.plus_seconds(300)).await.unwrap(), 2);
+    let floor = s.feed_floor().await.unwrap();
+    let left = s.changes_since(0, 10).await.unwrap();
+    assert_eq!(left.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![last]);
+    assert!(floor < last && floor > 0, "floor {floor}, last {last}");
+    // The tokens themselves stay; a snapshot still has them.
+    assert_eq!(s.snapshot(T0).await.unwrap().tokens.len(), 2);
+    assert_eq!(s.prune_feed(T0.plus_seconds(300)).await.unwrap(), 0);
+    assert_eq!(s.feed_floor().await.unwrap(), floor, "the floor never moves back");
+    assert_eq!(s.prune_feed(T0.plus_seconds(3600)).await.unwrap(), 1);
+    assert_eq!(s.feed_floor().await.unwrap(), last);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_engine {
@@ -1829,7 +1858,8 @@ conformance!(
     oauth_refresh_concurrent_use,
     oauth_access_tokens_and_revocations,
     oauth_prune,
-    node_registry_and_propagation
+    node_registry_and_propagation,
+    feed_pruning
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

@@ -1231,6 +1231,41 @@ impl ChangeFeed for SqlStore {
             .collect()
     }
 
+    async fn prune_feed(&self, before: Timestamp) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let top: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM token_changes WHERE at < $1")
+            .bind(before.as_millis())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let Some(top) = top else { return Ok(0) };
+        // The floor first (it takes feed_state's row lock, as writers do first, so no writer
+        // waits on rows this deletes), then the rows at or below it.
+        sqlx::query(
+            "UPDATE feed_state SET pruned_through = CASE WHEN pruned_through < $1 THEN $1 ELSE pruned_through END \
+             WHERE id = 1",
+        )
+        .bind(top)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let done = sqlx::query("DELETE FROM token_changes WHERE seq <= $1")
+            .bind(top)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        self.commit(tx, None).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn feed_floor(&self) -> Result<u64> {
+        let floor = sqlx::query_scalar::<_, i64>("SELECT pruned_through FROM feed_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(u64::try_from(floor).unwrap_or(0))
+    }
+
     async fn revocations_since(&self, seq: u64, limit: u32) -> Result<Vec<JtiRevocation>> {
         let found =
             sqlx::query("SELECT seq, jti, expires_at FROM jti_revocations WHERE seq > $1 ORDER BY seq LIMIT $2")

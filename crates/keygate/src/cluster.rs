@@ -33,6 +33,7 @@ pub struct Cluster {
     instance: String,
     heartbeat: Duration,
     timeout_ms: i64,
+    retention_ms: i64,
     wait: Duration,
     /// What registration wrote, to register again if the row is lost.
     record: NodeRecord,
@@ -90,6 +91,7 @@ impl Cluster {
             instance,
             heartbeat: Duration::from_secs(cfg.heartbeat_seconds),
             timeout_ms: i64::try_from(cfg.node_timeout_seconds.saturating_mul(1_000)).unwrap_or(i64::MAX),
+            retention_ms: i64::try_from(cfg.feed_retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
             wait: Duration::from_millis(cfg.propagation_timeout_ms),
             record,
             shared: std::sync::OnceLock::new(),
@@ -120,17 +122,32 @@ impl Cluster {
                 }
                 me.beat().await;
                 beats += 1;
-                // About once an hour, forget nodes that have been gone for a day.
-                if beats.is_multiple_of(1_800) {
-                    let before = Timestamp::from_millis(me.clock.now().as_millis().saturating_sub(FORGET_AFTER_MS));
-                    if let Ok(Ok(n)) = tokio::time::timeout(STORE_BOUND, me.store.prune_nodes(before)).await
-                        && n > 0
-                    {
-                        tracing::info!(nodes = n, "forgot nodes without a heartbeat for a day");
-                    }
+                // About once an hour (and soon after start): forget nodes gone for a day, and
+                // prune the change feed.
+                if beats % 1_800 == 30 {
+                    me.housekeeping().await;
                 }
             }
         })
+    }
+
+    /// Forgets nodes without a heartbeat for a day and deletes change-feed rows older than the
+    /// retention. Every node does it; doing it twice is harmless.
+    pub async fn housekeeping(&self) {
+        let now = self.clock.now().as_millis();
+        let before = Timestamp::from_millis(now.saturating_sub(FORGET_AFTER_MS));
+        if let Ok(Ok(n)) = tokio::time::timeout(STORE_BOUND, self.store.prune_nodes(before)).await
+            && n > 0
+        {
+            tracing::info!(nodes = n, "forgot nodes without a heartbeat for a day");
+        }
+        let before = Timestamp::from_millis(now.saturating_sub(self.retention_ms));
+        match tokio::time::timeout(Duration::from_secs(60), self.store.prune_feed(before)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(changes = n, "pruned the change feed"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune the change feed"),
+            Err(_) => tracing::warn!("pruning the change feed took more than a minute; stopped waiting"),
+        }
     }
 
     /// Writes a heartbeat now (the background task does every `heartbeat_seconds`).

@@ -166,11 +166,21 @@ pub struct ClusterConfig {
     /// revocations) waits for every live node to apply it, in milliseconds; the answer says how
     /// many did. 0 answers at once. Env: `KEYGATE_PROPAGATION_TIMEOUT_MS`. Default 1000.
     pub propagation_timeout_ms: u64,
+    /// How long the change feed keeps token changes, in hours; older ones are deleted (hourly, by
+    /// any node). A node that was away longer reloads a snapshot instead of replaying. Default
+    /// 168 (7 days).
+    pub feed_retention_hours: u64,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { node_id: None, heartbeat_seconds: 2, node_timeout_seconds: 10, propagation_timeout_ms: 1_000 }
+        Self {
+            node_id: None,
+            heartbeat_seconds: 2,
+            node_timeout_seconds: 10,
+            propagation_timeout_ms: 1_000,
+            feed_retention_hours: 168,
+        }
     }
 }
 
@@ -237,6 +247,9 @@ impl ClusterConfig {
         }
         if self.node_timeout_seconds < 2 * self.heartbeat_seconds || self.node_timeout_seconds > 3_600 {
             bail!("cluster.node_timeout_seconds must be at least twice cluster.heartbeat_seconds and at most 3600");
+        }
+        if !(1..=87_600).contains(&self.feed_retention_hours) {
+            bail!("cluster.feed_retention_hours must be between 1 and 87600 (ten years)");
         }
         if self.propagation_timeout_ms > 30_000 {
             bail!("cluster.propagation_timeout_ms must be at most 30000");

@@ -222,3 +222,34 @@ async fn revocations_reach_every_node_under_load() {
     }
     db.drop_db().await;
 }
+
+/// A node that was away longer than the change feed is kept (its position is below what was
+/// pruned) cannot replay the feed: it reloads a snapshot, and ends up with exactly the tokens
+/// that can authenticate — a token revoked in the pruned stretch is gone, one created there is in.
+#[tokio::test]
+async fn a_node_behind_the_pruned_feed_reloads_a_snapshot() {
+    use keygate_gateway::index::TokenIndex;
+    let kg = TestKeygate::start().await.unwrap();
+    let store = kg.store();
+    let (old_id, old_secret) = kg.client().create_token(&json!({"name": "old"})).await;
+    let (_, kept_secret) = kg.client().create_token(&json!({"name": "kept"})).await;
+    // A second index, as another node would hold, loaded now and then left behind.
+    let pepper = keygate::pepper::load(None, kg.data_dir(), true).unwrap();
+    let away = TokenIndex::new(keygate_core::token_format::TokenPrefix::default(), pepper);
+    keygate_gateway::follow::load(&away, &*store, &kg.clock).await.unwrap();
+    let now = kg.clock.now();
+    assert!(away.verify(&old_secret, now).is_ok());
+    // While it is away: a revocation and a creation, then the feed is pruned past both.
+    assert_eq!(kg.client().post(&format!("/admin/v1/tokens/{old_id}/revoke"), &json!({})).await.status, StatusCode::OK);
+    let (_, new_secret) = kg.client().create_token(&json!({"name": "new"})).await;
+    kg.clock.advance_seconds(8 * 86_400);
+    assert!(store.prune_feed(kg.clock.now()).await.unwrap() >= 4);
+    assert!(store.feed_floor().await.unwrap() > away.seq());
+    keygate_gateway::follow::catch_up(&away, &*store).await.unwrap();
+    assert!(away.verify(&old_secret, now).is_err(), "the revocation it could not replay");
+    assert!(away.verify(&new_secret, now).is_ok(), "the token made while it was away");
+    assert!(away.verify(&kept_secret, now).is_ok());
+    assert_eq!(away.len(), kg.index().len());
+    assert_eq!(away.seq(), store.position());
+    kg.stop().await;
+}

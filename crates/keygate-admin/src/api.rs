@@ -180,6 +180,17 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
     (router, doc)
 }
 
+/// Only the probes (`GET /healthz`, `GET /readyz`), for a listener of their own (`[health]
+/// listen`): what a load balancer on another host may reach while the admin API stays private.
+pub fn probes_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", axum::routing::get(misc::healthz))
+        .route("/readyz", axum::routing::get(misc::readyz))
+        .fallback(error::route_not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(state)
+}
+
 /// The whole admin listener's router: the API, its OpenAPI document and the explorer.
 pub fn router(state: AdminState) -> Router {
     let (api, openapi) = api_router();

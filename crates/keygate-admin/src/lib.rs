@@ -14,5 +14,5 @@ pub mod service;
 pub mod totp;
 pub mod workspaces;
 
-pub use api::{AdminState, router};
+pub use api::{AdminState, probes_router, router};
 pub use service::{Admin, AdminSettings};

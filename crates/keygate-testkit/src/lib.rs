@@ -55,6 +55,8 @@ pub struct Options {
     pub cluster: Option<keygate::config::ClusterConfig>,
     /// `[redis]` settings (shared limits).
     pub redis: Option<keygate::config::RedisConfig>,
+    /// Open the probes' own listener (`[health] listen`) on an ephemeral port.
+    pub health_listener: bool,
 }
 
 impl TestKeygate {
@@ -83,6 +85,9 @@ impl TestKeygate {
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        if opts.health_listener {
+            cfg.health.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
         // Two workers unless the test asks for a number (a per-worker cap is tested on one).
         if cfg.gateway.threads == 0 {
             cfg.gateway.threads = 2;
@@ -189,6 +194,11 @@ impl TestKeygate {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
+    }
+
+    /// The probes' own listener, if [`Options::health_listener`] asked for one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.running().health_addr
     }
 
     /// This node in the node registry.

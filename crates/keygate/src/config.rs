@@ -20,6 +20,7 @@ pub struct Config {
     /// A `postgres://` URL selects PostgreSQL instead of SQLite. Env: `KEYGATE_DATABASE_URL`.
     pub database_url: Option<String>,
     pub admin: AdminConfig,
+    pub health: HealthConfig,
     pub dashboard: DashboardConfig,
     pub gateway: GatewayConfig,
     /// The APIs behind the gateway (`[[routes]]`); see `docs/configuration.md`.
@@ -44,6 +45,16 @@ pub struct AdminConfig {
     /// Address of the admin API (and, later, the dashboard). Keep it on loopback or a private
     /// network. Env: `KEYGATE_ADMIN_LISTEN`. Default `127.0.0.1:8081`.
     pub listen: SocketAddr,
+}
+
+/// `[health]`: a listener with only `GET /healthz` and `GET /readyz`, for load balancers and
+/// orchestrators that must not reach the admin API (which stays on loopback).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Its address, such as `0.0.0.0:8082`. Env: `KEYGATE_HEALTH_LISTEN`. Default unset (the
+    /// probes are on the admin listener only).
+    pub listen: Option<SocketAddr>,
 }
 
 /// The web dashboard, served on the admin listener.
@@ -294,6 +305,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./keygate-data"),
             database_url: None,
             admin: AdminConfig::default(),
+            health: HealthConfig::default(),
             dashboard: DashboardConfig::default(),
             gateway: GatewayConfig::default(),
             routes: Vec::new(),
@@ -364,6 +376,12 @@ impl Config {
             cfg.admin.listen = v
                 .parse()
                 .with_context(|| format!("KEYGATE_ADMIN_LISTEN={v:?} is not an address like 127.0.0.1:8081"))?;
+        }
+        if let Some(v) = env("KEYGATE_HEALTH_LISTEN") {
+            cfg.health.listen = Some(
+                v.parse()
+                    .with_context(|| format!("KEYGATE_HEALTH_LISTEN={v:?} is not an address like 0.0.0.0:8082"))?,
+            );
         }
         if let Some(v) = env("KEYGATE_GATEWAY_LISTEN") {
             cfg.gateway.listen = v

@@ -63,6 +63,8 @@ pub async fn open_with_clock(
 /// A keygate whose listeners are running.
 pub struct Running {
     pub admin_addr: SocketAddr,
+    /// The probes' own listener (`[health] listen`), if configured.
+    pub health_addr: Option<SocketAddr>,
     pub gateway_addr: SocketAddr,
     pub admin: Arc<Admin>,
     pub oauth: Arc<OAuth>,
@@ -100,6 +102,12 @@ pub async fn start(
         format!("cannot listen on {} (admin.listen); is another keygate running?", cfg.admin.listen)
     })?;
     let admin_addr = listener.local_addr()?;
+    let health_listener = match cfg.health.listen {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (health.listen)"))?)
+        }
+        None => None,
+    };
 
     // The in-memory token index the gateway answers from, kept current by the change feed.
     let dyn_store: Arc<dyn Store> = store.clone();
@@ -247,10 +255,32 @@ pub async fn start(
         },
     );
     let server = tokio::spawn(async move { server.await });
+    // The probes' own listener, if configured: it stops with the admin listener.
+    let mut health_addr = None;
+    if let Some(l) = health_listener {
+        health_addr = Some(l.local_addr()?);
+        let probes = keygate_admin::listener::layers(
+            keygate_admin::probes_router(AdminState { admin: opened.admin.clone(), oauth: oauth.clone() }),
+            cfg.dashboard.secure_cookies,
+        );
+        let mut stop_rx = stop.subscribe();
+        let serve = axum::serve(l, probes.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "health listener failed");
+            }
+        }));
+        tracing::info!(health = ?health_addr, "probes listening");
+    }
     let gateway_addr = gateway_server.addr;
     tracing::info!(admin = %admin_addr, gateway = %gateway_addr, "keygate is listening");
     Ok(Running {
         admin_addr,
+        health_addr,
         gateway_addr,
         admin: opened.admin,
         oauth,

@@ -33,3 +33,25 @@ async fn healthz_says_alive_and_readyz_reports_the_index_and_the_store() {
     assert!(n(&after, "position") > n(&before, "position"), "{after}");
     kg.stop().await;
 }
+
+/// `[health] listen`: the probes on a listener of their own, and nothing else there (the admin
+/// API and the dashboard stay on the admin listener).
+#[tokio::test]
+async fn the_probes_have_a_listener_of_their_own_with_nothing_else_on_it() {
+    let opts = keygate_testkit::Options { health_listener: true, ..Default::default() };
+    let kg = TestKeygate::start_with(opts).await.unwrap();
+    let base = format!("http://{}", kg.health_addr().expect("a health listener"));
+    let alive = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(alive.status(), StatusCode::OK);
+    assert_eq!(alive.json::<Value>().await.unwrap()["status"], "alive");
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(ready.json::<Value>().await.unwrap()["token_index"]["loaded"], true);
+    for path in ["/admin/v1/tokens", "/admin/v1/health", "/", "/metrics"] {
+        let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path} is not on the probes' listener");
+    }
+    let post = reqwest::Client::new().post(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+    kg.stop().await;
+}

@@ -25,6 +25,8 @@ use keygate_core::model::{LastUse, UsageRecord, latency_bucket};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
 const SHARDS: usize = 8;
+/// Usage records kept after failed flushes before they are folded into coarser time.
+pub const RESTORED_CAP: usize = 100_000;
 
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
@@ -321,9 +323,33 @@ impl UsageMeter {
 
     /// Puts counts back after a failed flush, so nothing is lost.
     pub fn restore(&self, usage: Vec<UsageRecord>, last: Vec<LastUse>) {
+        self.restore_within(usage, last, RESTORED_CAP);
+    }
+
+    fn restore_within(&self, usage: Vec<UsageRecord>, last: Vec<LastUse>, cap: usize) {
         let mut r = self.restored.lock();
         r.0.extend(usage);
         r.1.extend(last);
+        if r.0.len() > cap {
+            // A long store outage: keep every count, in coarser time (an hour's, then a day's
+            // requests in the period's first minute), so memory stays bounded by tokens × routes
+            // × periods rather than by minutes.
+            let mut held = merge(std::mem::take(&mut r.0));
+            for period_ms in [3_600_000, 86_400_000] {
+                if held.len() <= cap {
+                    break;
+                }
+                for u in &mut held {
+                    u.minute = Timestamp::from_millis(u.minute.as_millis().div_euclid(period_ms) * period_ms);
+                }
+                held = merge(held);
+                tracing::warn!(records = held.len(), period_ms, "usage kept while the store is away, in coarser time");
+            }
+            r.0 = held;
+        }
+        if r.1.len() > cap {
+            r.1 = merge_last(std::mem::take(&mut r.1));
+        }
     }
 }
 
@@ -461,6 +487,43 @@ mod tests {
         let (again, last) = m.drain();
         assert_eq!((again.len(), again[0].requests, last.len()), (1, 30, 1));
         assert!(m.drain().0.is_empty());
+    }
+
+    /// A long store outage: failed flushes keep coming back, and what is kept stays bounded —
+    /// every count exact, in coarser time once there are too many minutes.
+    #[test]
+    fn usage_kept_through_a_long_outage_is_bounded_and_exact() {
+        let m = UsageMeter::default();
+        // Two days of minutes for 10 tokens, an hour at a time: 28,800 records, far more than a
+        // cap of 1,000.
+        const CAP: usize = 1_000;
+        let mut sent = 0u64;
+        for hour in 0..48 {
+            let mut batch = Vec::with_capacity(600);
+            for minute in hour * 60..(hour + 1) * 60 {
+                for t in 0..10u32 {
+                    batch.push(UsageRecord {
+                        token_id: TokenId::from_public_id(&format!("tok{t:09}")),
+                        workspace_id: keygate_core::ids::WorkspaceId::from_trusted("ws_1".into()),
+                        route: "r".into(),
+                        minute: Timestamp::from_millis(minute * 60_000),
+                        requests: 2,
+                        status: [2, 0, 0, 0],
+                        bytes_in: 0,
+                        bytes_out: 0,
+                        latency_us_sum: 20,
+                        latency: [2, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    });
+                    sent += 2;
+                }
+            }
+            m.restore_within(batch, Vec::new(), CAP);
+            assert!(m.restored.lock().0.len() <= CAP);
+        }
+        let (held, _) = m.drain();
+        assert!(held.len() <= CAP, "{} records kept", held.len());
+        assert_eq!(held.iter().map(|u| u.requests).sum::<u64>(), sent, "no request lost");
+        assert_eq!(held.iter().map(|u| u.latency[0]).sum::<u64>(), sent, "nor any other count");
     }
 
     #[test]

@@ -185,6 +185,9 @@ pub struct Accounts {
     /// The first-run setup code's hash, while no account exists.
     setup_code: Mutex<Option<SecretHash>>,
     throttle: Throttle,
+    /// Sign-in throttling shared by every node (Redis), with its key prefix; the local
+    /// [`Throttle`] decides while it does not answer.
+    shared: std::sync::OnceLock<(Arc<dyn keygate_core::limits::SharedLimits>, String)>,
     /// A hash to verify against when the email is unknown, so the answer takes as long.
     dummy_hash: String,
     /// Argon2 runs at most this many at once (each takes 19 MiB): a flood of sign-ins queues
@@ -239,6 +242,7 @@ impl Accounts {
             sealer,
             setup_code: Mutex::new(None),
             throttle: Throttle::default(),
+            shared: std::sync::OnceLock::new(),
             dummy_hash,
             hashing: tokio::sync::Semaphore::new(parallel),
         })
@@ -246,6 +250,47 @@ impl Accounts {
 
     pub fn admin(&self) -> &Arc<Admin> {
         &self.admin
+    }
+
+    /// Shares sign-in throttling with the other nodes through `backend` (set once).
+    pub fn set_shared_throttle(&self, backend: Arc<dyn keygate_core::limits::SharedLimits>, prefix: &str) {
+        let _ = self.shared.set((backend, prefix.to_owned()));
+    }
+
+    /// The shared key of a throttle key: digested (an email is no key name), in one hash slot.
+    fn shared_key(prefix: &str, key: &str) -> String {
+        let d = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
+        let hex: String = d.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("{{{prefix}:signin}}:{hex}")
+    }
+
+    /// Takes an attempt under each `(key, limit)`, on every node's count when shared; `false` if
+    /// one is used up. A shared count that does not answer within a second falls back to this
+    /// node's.
+    async fn attempt(&self, keys: &[(&str, u32)], now: Timestamp) -> bool {
+        let window = self.settings.throttle_window_ms;
+        if let Some((shared, prefix)) = self.shared.get() {
+            let named: Vec<(String, u32)> = keys.iter().map(|(k, l)| (Self::shared_key(prefix, k), *l)).collect();
+            let refs: Vec<(&str, u32)> = named.iter().map(|(k, l)| (k.as_str(), *l)).collect();
+            match tokio::time::timeout(std::time::Duration::from_secs(1), shared.attempt(&refs, window)).await {
+                Ok(Ok(allowed)) => return allowed,
+                Ok(Err(e)) => tracing::warn!(error = %e, "sign-in throttle: Redis failed; counting on this node"),
+                Err(_) => tracing::warn!("sign-in throttle: Redis did not answer; counting on this node"),
+            }
+        }
+        self.throttle.attempt(keys, window, now)
+    }
+
+    /// Gives back the attempt taken under each key (it succeeded).
+    async fn succeeded(&self, keys: &[&str]) {
+        self.throttle.succeeded(keys);
+        if let Some((shared, prefix)) = self.shared.get() {
+            let named: Vec<String> = keys.iter().map(|k| Self::shared_key(prefix, k)).collect();
+            let refs: Vec<&str> = named.iter().map(String::as_str).collect();
+            if let Ok(Err(e)) = tokio::time::timeout(std::time::Duration::from_secs(1), shared.give_back(&refs)).await {
+                tracing::warn!(error = %e, "sign-in throttle: cannot give an attempt back in Redis");
+            }
+        }
     }
 
     pub fn settings(&self) -> &AccountSettings {
@@ -298,11 +343,7 @@ impl Accounts {
         // anyway (a 20-character base62 code: about 119 bits); the throttle only bounds the work
         // one address can cause, and its map is bounded like every throttle's.
         let address = format!("setup:{}", address_key(ip.as_deref()));
-        if !self.throttle.attempt(
-            &[(address.as_str(), SETUP_ATTEMPTS_PER_ADDRESS)],
-            self.settings.throttle_window_ms,
-            now,
-        ) {
+        if !self.attempt(&[(address.as_str(), SETUP_ATTEMPTS_PER_ADDRESS)], now).await {
             return Err(too_many());
         }
         let email = normalize_email(email)?;
@@ -421,7 +462,7 @@ impl Accounts {
             (account.as_str(), self.settings.max_failures_per_account),
             (address.as_str(), self.settings.max_failures_per_address),
         ];
-        if !self.throttle.attempt(&keys, self.settings.throttle_window_ms, now) {
+        if !self.attempt(&keys, now).await {
             return Err(too_many());
         }
         let password = if password.len() > MAX_PASSWORD_BYTES { "" } else { password };
@@ -429,7 +470,7 @@ impl Accounts {
         let phc = user.as_ref().map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
         let good = self.password_matches(password, phc).await;
         let user = user.filter(|u| good && !u.disabled).ok_or_else(bad_credentials)?;
-        self.throttle.succeeded(&[account.as_str(), address.as_str()]);
+        self.succeeded(&[account.as_str(), address.as_str()]).await;
         Ok(user)
     }
 
@@ -453,8 +494,7 @@ impl Accounts {
             return Err(Error::new(ErrorKind::Unauthenticated, "session_expired", "sign in again"));
         }
         let key = format!("mfa:{}", session.user_id);
-        let window = self.settings.throttle_window_ms;
-        if !self.throttle.attempt(&[(key.as_str(), self.settings.max_failures_per_account)], window, now) {
+        if !self.attempt(&[(key.as_str(), self.settings.max_failures_per_account)], now).await {
             return Err(too_many());
         }
         let user = self.store().user(&session.user_id).await?.ok_or_else(bad_credentials)?;
@@ -469,7 +509,7 @@ impl Accounts {
                 "the code is not right; enter the 6 digits your authenticator app shows now, or a recovery code",
             ));
         };
-        self.throttle.succeeded(&[key.as_str()]);
+        self.succeeded(&[key.as_str()]).await;
         self.store().delete_session(&session.id_hash).await?;
         let secret = self.start_session(&user, &session.workspace_id, false, session.ip.clone()).await?;
         self.audit_sign_in(&user, &session.workspace_id, session.ip.clone(), method).await;

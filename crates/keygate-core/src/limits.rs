@@ -49,6 +49,12 @@ pub trait SharedLimits: Send + Sync {
         init: u64,
         expire_at_ms: i64,
     ) -> Result<QuotaGrant>;
+    /// Counts one attempt under each of `keys` (each `(key, limit)`; a key's window of
+    /// `window_ms` starts at its first attempt) unless one of them has reached its limit:
+    /// `false` then, and nothing is counted. All or nothing, atomically.
+    async fn attempt(&self, keys: &[(&str, u32)], window_ms: i64) -> Result<bool>;
+    /// Gives back one attempt under each of `keys` (it succeeded).
+    async fn give_back(&self, keys: &[&str]) -> Result<()>;
     /// Succeeds when the backend answers.
     async fn ping(&self) -> Result<()>;
     /// Where the state lives, for logs (never a password).

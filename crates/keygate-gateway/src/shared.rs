@@ -188,6 +188,11 @@ impl SharedLimiter {
         }
     }
 
+    /// The backend, for other shared counts (sign-in throttling) and its key prefix.
+    pub fn backend(&self) -> (Arc<dyn SharedLimits>, &str) {
+        (self.backend.clone(), &self.prefix)
+    }
+
     /// Where the shared state lives, for logs.
     pub fn describe(&self) -> String {
         self.backend.describe()
@@ -566,6 +571,12 @@ mod tests {
             let granted = limit.saturating_sub(*c).min(want);
             *c += granted;
             Ok(QuotaGrant { granted, count: *c })
+        }
+        async fn attempt(&self, _: &[(&str, u32)], _: i64) -> Result<bool> {
+            Ok(true)
+        }
+        async fn give_back(&self, _: &[&str]) -> Result<()> {
+            Ok(())
         }
         async fn ping(&self) -> Result<()> {
             Ok(())

@@ -59,11 +59,36 @@ redis.call('SET', KEYS[1], string.format('%d', c), 'PXAT', ARGV[5])
 return {granted, c}
 ";
 
+/// Attempts under several keys at once (sign-in throttling): refused, counting nothing, if any
+/// key is at its limit; else each is counted, a new one expiring after the window.
+/// KEYS: the counters. ARGV[1]: the window (ms); ARGV[1 + i]: the limit of KEYS[i].
+const ATTEMPT: &str = r"
+for i, k in ipairs(KEYS) do
+  local c = tonumber(redis.call('GET', k) or '0')
+  if c >= tonumber(ARGV[i + 1]) then return 0 end
+end
+for i, k in ipairs(KEYS) do
+  if redis.call('INCR', k) == 1 then redis.call('PEXPIRE', k, ARGV[1]) end
+end
+return 1
+";
+
+/// Gives back one attempt under each key that still counts.
+const GIVE_BACK: &str = r"
+for i, k in ipairs(KEYS) do
+  local c = tonumber(redis.call('GET', k) or '0')
+  if c > 0 then redis.call('DECR', k) end
+end
+return 1
+";
+
 /// Redis as keygate's shared limit state.
 pub struct RedisLimits {
     conn: ConnectionManager,
     gcra: redis::Script,
     quota: redis::Script,
+    attempt: redis::Script,
+    give_back: redis::Script,
     shown: String,
 }
 
@@ -88,7 +113,7 @@ impl RedisLimits {
             .map_err(|e| Error::invalid("invalid_redis_url", format!("redis.url is not a Redis URL: {e}")))?;
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config(connect_timeout))
             .map_err(|e| unavailable(&e))?;
-        let me = Self { conn, gcra: redis::Script::new(GCRA), quota: redis::Script::new(QUOTA), shown: redact(url) };
+        let me = Self::with(conn, url);
         match tokio::time::timeout(connect_timeout, me.ping()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -119,7 +144,18 @@ impl RedisLimits {
             )
         })?
         .map_err(|e| unavailable(&e))?;
-        Ok(Self { conn, gcra: redis::Script::new(GCRA), quota: redis::Script::new(QUOTA), shown: redact(url) })
+        Ok(Self::with(conn, url))
+    }
+
+    fn with(conn: ConnectionManager, url: &str) -> Self {
+        Self {
+            conn,
+            gcra: redis::Script::new(GCRA),
+            quota: redis::Script::new(QUOTA),
+            attempt: redis::Script::new(ATTEMPT),
+            give_back: redis::Script::new(GIVE_BACK),
+            shown: redact(url),
+        }
     }
 }
 
@@ -187,6 +223,27 @@ impl SharedLimits for RedisLimits {
         })
     }
 
+    async fn attempt(&self, keys: &[(&str, u32)], window_ms: i64) -> Result<bool> {
+        let mut call = self.attempt.prepare_invoke();
+        call.arg(window_ms);
+        for (k, limit) in keys {
+            call.key(*k).arg(*limit);
+        }
+        let mut conn = self.conn.clone();
+        let ok: i64 = call.invoke_async(&mut conn).await.map_err(|e| unavailable(&e))?;
+        Ok(ok == 1)
+    }
+
+    async fn give_back(&self, keys: &[&str]) -> Result<()> {
+        let mut call = self.give_back.prepare_invoke();
+        for k in keys {
+            call.key(*k);
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = call.invoke_async(&mut conn).await.map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<()> {
         let mut conn = self.conn.clone();
         redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| unavailable(&e))?;
@@ -247,8 +304,16 @@ mod tests {
         assert_eq!((g.granted, g.count), (1, 5));
         let g = r.take_quota(&q, 5, 2, 3, 0, end).await.unwrap();
         assert_eq!((g.granted, g.count), (2, 5), "two given back, two taken");
+        // Attempts: all or nothing across keys; given back on success.
+        let (a, b) = (key("a"), key("b"));
+        assert!(r.attempt(&[(&a, 2), (&b, 5)], 60_000).await.unwrap());
+        assert!(r.attempt(&[(&a, 2), (&b, 5)], 60_000).await.unwrap());
+        assert!(!r.attempt(&[(&a, 2), (&b, 5)], 60_000).await.unwrap(), "a is at its limit");
+        assert!(r.attempt(&[(&b, 5)], 60_000).await.unwrap(), "b counted only the two that passed");
+        r.give_back(&[&a]).await.unwrap();
+        assert!(r.attempt(&[(&a, 2)], 60_000).await.unwrap(), "one given back");
         let mut c = r.conn.clone();
-        let _: () = redis::cmd("DEL").arg(&k).arg(&q).query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("DEL").arg(&k).arg(&q).arg(&a).arg(&b).query_async(&mut c).await.unwrap();
     }
 
     #[tokio::test]

@@ -223,6 +223,10 @@ pub async fn start(
         keygate_admin::accounts::Accounts::new(opened.admin.clone(), account_settings)
             .map_err(|e| anyhow::anyhow!("cannot start the dashboard: {}", e.message))?,
     );
+    if let Some(shared) = &gw.shared {
+        let (backend, prefix) = shared.backend();
+        accounts.set_shared_throttle(backend, prefix);
+    }
     tasks.push(spawn_session_purge(store.clone(), clock.clone(), accounts.settings().idle_timeout_ms));
     let setup_code = accounts.open_setup().await.map_err(|e| anyhow::anyhow!("cannot read accounts: {}", e.message))?;
     let gateway_url = cfg.dashboard.gateway_url.clone().unwrap_or_else(|| format!("http://{}", gateway_server.addr));

@@ -224,3 +224,29 @@ async fn redis_down_each_node_enforces_its_share_and_recovers() {
     redis.stop();
     db.drop_db().await;
 }
+
+/// Dashboard sign-in throttling is shared too: ten wrong passwords for one account, spread over
+/// two nodes, lock it on both (each node alone would allow ten of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_throttling_counts_across_nodes() {
+    use crate::dashboard::{Browser, PASSWORD, owner};
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let shared = RedisConfig { url: Some(redis_url()), key_prefix: prefix(), ..RedisConfig::default() };
+    let opts = Options { database_url: Some(db.url.clone()), redis: Some(shared), ..Options::default() };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let _owner = owner(&a).await;
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    let (mut on_a, mut on_b) = (Browser::new(&a), Browser::new(&b));
+    for i in 0..10 {
+        let browser = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let p = browser.post("/login", &[("email", "olivia@example.com"), ("password", "wrong password!!")]).await;
+        assert_eq!(p.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    for browser in [&mut on_a, &mut on_b] {
+        let p = browser.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
+        assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS, "locked on both nodes");
+    }
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}

@@ -256,6 +256,8 @@ pub struct OAuth {
     /// DPoP proofs and client assertions seen, each accepted once, partitioned by client (one
     /// client's flood shortens only its own memory: [`ReplayCache`]).
     replay: ReplayCache,
+    /// The same, shared by every node (Redis), with its key prefix, when configured.
+    shared_replay: std::sync::OnceLock<(Arc<dyn keygate_core::limits::SharedLimits>, String)>,
     per_client: KeyedRate,
     per_address: KeyedRate,
     failures: KeyedRate,
@@ -328,6 +330,7 @@ impl OAuth {
                 max_per_caller: settings.replay_per_client,
                 ..dpop::ReplayLimits::default()
             }),
+            shared_replay: std::sync::OnceLock::new(),
             admin,
             settings,
             sealer,
@@ -863,7 +866,7 @@ impl OAuth {
                         "client_assertion_type must be {CLIENT_ASSERTION_JWT}"
                     )));
                 }
-                self.check_assertion(&client, a, now)?;
+                self.check_assertion(&client, a, now).await?;
                 true
             }
             _ => false,
@@ -880,7 +883,7 @@ impl OAuth {
 
     /// RFC 7523 §3: signed by a key of the client's JWKS, `iss` = `sub` = client id, `aud` the
     /// token endpoint or the issuer, unexpired, and its `jti` used once.
-    fn check_assertion(&self, client: &OAuthClient, assertion: &str, now: Timestamp) -> OResult<()> {
+    async fn check_assertion(&self, client: &OAuthClient, assertion: &str, now: Timestamp) -> OResult<()> {
         let bad = |why: &'static str| OAuthError::invalid_client(why);
         let jws = jose::split(assertion).map_err(|_| bad("the client assertion is not a JWS"))?;
         let kid = jws.header().kid.clone();
@@ -917,14 +920,49 @@ impl OAuth {
             return Err(bad("the client assertion is expired or lives longer than an hour"));
         }
         let jti = s("jti").ok_or_else(|| bad("the client assertion has no jti"))?;
-        if !self.replay.first_use(client.client_id.as_bytes(), "client-assertion", jti, exp + leeway, now_s) {
+        if !self.first_use(client.client_id.as_bytes(), "client-assertion", jti, exp + leeway, now_s).await {
             return Err(bad("the client assertion was already used"));
         }
         Ok(())
     }
 
+    /// Shares the memory of one-time values (DPoP proofs, client assertions) with the other nodes
+    /// through `backend` (set once).
+    pub fn set_shared_replay(&self, backend: Arc<dyn keygate_core::limits::SharedLimits>, prefix: &str) {
+        let _ = self.shared_replay.set((backend, prefix.to_owned()));
+    }
+
+    /// Records the one-time `jti` of `caller` within `scope` until `until` (seconds): `false` if
+    /// it was used already — on this node, or, when shared, on any node. A shared memory that
+    /// does not answer within a second leaves this node's answer.
+    async fn first_use(&self, caller: &[u8], scope: &str, jti: &str, until: i64, now: i64) -> bool {
+        if !self.replay.first_use(caller, scope, jti, until, now) {
+            return false;
+        }
+        let Some((shared, prefix)) = self.shared_replay.get() else { return true };
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        for part in [caller, scope.as_bytes(), jti.as_bytes()] {
+            sha2::Digest::update(&mut h, u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
+            sha2::Digest::update(&mut h, part);
+        }
+        let key: String = sha2::Digest::finalize(h).iter().take(16).map(|b| format!("{b:02x}")).collect();
+        let key = format!("{{{prefix}:replay}}:{key}");
+        let ttl_ms = until.saturating_sub(now).saturating_add(1).saturating_mul(1000).max(1000);
+        match tokio::time::timeout(std::time::Duration::from_secs(1), shared.first_use(&key, ttl_ms)).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "replay memory: Redis failed; this node's memory decides");
+                true
+            }
+            Err(_) => {
+                tracing::warn!("replay memory: Redis did not answer; this node's memory decides");
+                true
+            }
+        }
+    }
+
     /// Checks a DPoP proof sent to the token endpoint (RFC 9449 §5); `Some(jkt)` when there is one.
-    fn token_endpoint_dpop(
+    async fn token_endpoint_dpop(
         &self,
         client: &OAuthClient,
         req: &OAuthRequest,
@@ -967,7 +1005,7 @@ impl OAuth {
             }
         })?;
         // Remembered in the authenticated client's own partition (issue 12 #6).
-        if !self.replay.first_use(client.client_id.as_bytes(), &v.jkt, &v.jti, v.replay_until, now_s) {
+        if !self.first_use(client.client_id.as_bytes(), &v.jkt, &v.jti, v.replay_until, now_s).await {
             return Err(OAuthError::new(400, "invalid_dpop_proof", "the DPoP proof was already used"));
         }
         Ok(Some(v.jkt))
@@ -1006,7 +1044,7 @@ impl OAuth {
 
     async fn client_credentials(&self, client: &OAuthClient, req: &OAuthRequest) -> OResult<TokenResponse> {
         let scopes = grant_scopes(req.param("scope"), &client.scopes)?;
-        let jkt = self.token_endpoint_dpop(client, req, None)?;
+        let jkt = self.token_endpoint_dpop(client, req, None).await?;
         let aud = self.audience(req)?;
         let family =
             client.grant_types.contains(&GrantType::RefreshToken).then(|| self.admin.random_text(22)).transpose()?;
@@ -1074,7 +1112,7 @@ impl OAuth {
         if found.client_id != client.client_id {
             return Err(invalid());
         }
-        let jkt = self.token_endpoint_dpop(client, req, found.dpop_jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(client, req, found.dpop_jkt.as_deref()).await?;
         let now = self.now();
         let rt = match store.use_refresh_token(&hash, now).await? {
             RefreshUse::Fresh(rt) => rt,
@@ -1208,7 +1246,7 @@ impl OAuth {
         let scopes = grant_scopes(req.param("scope"), &allowed)?;
         let aud = self.audience(req)?;
         // RFC 9449 §5: a subject bound to a key needs a proof of that key, and so does its heir.
-        let jkt = self.token_endpoint_dpop(client, req, subject.jkt.as_deref())?;
+        let jkt = self.token_endpoint_dpop(client, req, subject.jkt.as_deref()).await?;
         let now_s = self.now().as_millis() / 1000;
         // An API key without an expiry has `exp` i64::MAX: its time left saturates, it does not
         // overflow into a refusal.

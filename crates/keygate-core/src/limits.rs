@@ -55,6 +55,9 @@ pub trait SharedLimits: Send + Sync {
     async fn attempt(&self, keys: &[(&str, u32)], window_ms: i64) -> Result<bool>;
     /// Gives back one attempt under each of `keys` (it succeeded).
     async fn give_back(&self, keys: &[&str]) -> Result<()>;
+    /// Records the one-time value `key` for `ttl_ms`: `false` if it was recorded already and
+    /// has not expired (a replay).
+    async fn first_use(&self, key: &str, ttl_ms: i64) -> Result<bool>;
     /// Succeeds when the backend answers.
     async fn ping(&self) -> Result<()>;
     /// Where the state lives, for logs (never a password).

@@ -578,6 +578,9 @@ mod tests {
         async fn give_back(&self, _: &[&str]) -> Result<()> {
             Ok(())
         }
+        async fn first_use(&self, _: &str, _: i64) -> Result<bool> {
+            Ok(true)
+        }
         async fn ping(&self) -> Result<()> {
             Ok(())
         }

@@ -244,6 +244,20 @@ impl SharedLimits for RedisLimits {
         Ok(())
     }
 
+    async fn first_use(&self, key: &str, ttl_ms: i64) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(set.is_some())
+    }
+
     async fn ping(&self) -> Result<()> {
         let mut conn = self.conn.clone();
         redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| unavailable(&e))?;
@@ -312,8 +326,12 @@ mod tests {
         assert!(r.attempt(&[(&b, 5)], 60_000).await.unwrap(), "b counted only the two that passed");
         r.give_back(&[&a]).await.unwrap();
         assert!(r.attempt(&[(&a, 2)], 60_000).await.unwrap(), "one given back");
+        // One-time values: the first use only.
+        let once = key("once");
+        assert!(r.first_use(&once, 60_000).await.unwrap());
+        assert!(!r.first_use(&once, 60_000).await.unwrap(), "a replay");
         let mut c = r.conn.clone();
-        let _: () = redis::cmd("DEL").arg(&k).arg(&q).arg(&a).arg(&b).query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("DEL").arg(&k).arg(&q).arg(&a).arg(&b).arg(&once).query_async(&mut c).await.unwrap();
     }
 
     #[tokio::test]

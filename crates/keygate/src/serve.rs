@@ -225,7 +225,8 @@ pub async fn start(
     );
     if let Some(shared) = &gw.shared {
         let (backend, prefix) = shared.backend();
-        accounts.set_shared_throttle(backend, prefix);
+        accounts.set_shared_throttle(backend.clone(), prefix);
+        oauth.set_shared_replay(backend, prefix);
     }
     tasks.push(spawn_session_purge(store.clone(), clock.clone(), accounts.settings().idle_timeout_ms));
     let setup_code = accounts.open_setup().await.map_err(|e| anyhow::anyhow!("cannot read accounts: {}", e.message))?;

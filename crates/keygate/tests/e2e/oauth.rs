@@ -28,7 +28,7 @@ fn http() -> reqwest::Client {
 }
 
 /// An app with an OAuth client; returns (app id, client id, client secret).
-async fn client(kg: &TestKeygate, body: Value) -> (String, String, String) {
+pub(crate) async fn client(kg: &TestKeygate, body: Value) -> (String, String, String) {
     let c = kg.client();
     let app = c.post("/admin/v1/apps", &json!({"name": "svc"})).await;
     assert_eq!(app.status, StatusCode::CREATED, "{:?}", app.body);
@@ -39,7 +39,7 @@ async fn client(kg: &TestKeygate, body: Value) -> (String, String, String) {
 }
 
 /// `POST /oauth2/token` on the gateway with HTTP Basic client authentication.
-async fn token(
+pub(crate) async fn token(
     kg: &TestKeygate,
     id: &str,
     secret: &str,
@@ -78,7 +78,7 @@ fn now_s(kg: &TestKeygate) -> i64 {
 }
 
 /// A DPoP proof (RFC 9449 §4.2) by `key`.
-fn proof(key: &SigningKey, method: &str, url: &str, token: Option<&str>, jti: &str, iat: i64) -> String {
+pub(crate) fn proof(key: &SigningKey, method: &str, url: &str, token: Option<&str>, jti: &str, iat: i64) -> String {
     let jwk: Value = serde_json::from_str(&key.public_jwk().to_json()).unwrap();
     let mut claims = json!({"jti": jti, "htm": method, "htu": url, "iat": iat});
     if let Some(t) = token {

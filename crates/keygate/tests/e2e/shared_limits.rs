@@ -250,3 +250,34 @@ async fn sign_in_throttling_counts_across_nodes() {
     b.stop().await;
     db.drop_db().await;
 }
+
+/// One-time values are one-time across nodes: a DPoP proof the token endpoint of one node
+/// accepted is refused by another's (each node alone would take it once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_proof_used_on_one_node_is_refused_on_another() {
+    use crate::oauth::{client, proof, token};
+    use keygate_core::jose::{Alg, SigningKey};
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let shared = RedisConfig { url: Some(redis_url()), key_prefix: prefix(), ..RedisConfig::default() };
+    // One issuer for both, as behind a load balancer: the proof names the same token endpoint.
+    let oauth = keygate::config::OAuthConfig { issuer: Some("http://keys.test".into()), ..Default::default() };
+    let opts =
+        Options { database_url: Some(db.url.clone()), redis: Some(shared), oauth: Some(oauth), ..Options::default() };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    let (_, id, secret) = client(&a, json!({"scopes": []})).await;
+    let key = SigningKey::generate(Alg::ES256, "").unwrap();
+    let now = keygate_core::Clock::now(&a.clock).as_millis() / 1000;
+    let p = proof(&key, "POST", "http://keys.test/oauth2/token", None, "once-1", now);
+    let form = [("grant_type", "client_credentials")];
+    let (s, body) = token(&a, &id, &secret, &form, Some(p.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = token(&b, &id, &secret, &form, Some(p)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_dpop_proof", "{body}");
+    let fresh = proof(&key, "POST", "http://keys.test/oauth2/token", None, "once-2", now);
+    assert_eq!(token(&b, &id, &secret, &form, Some(fresh)).await.0, StatusCode::OK, "a fresh proof is fine");
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}

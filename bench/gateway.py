@@ -31,6 +31,7 @@ starts is stopped when it ends, including on Ctrl-C.
                                              # variant, "baseline", on a copy of the same data
                                              # (same tokens, same pepper), interleaved with the rest
     python3 bench/gateway.py --suite tls     # TLS and HTTP/2, each keygate variant beside its nginx
+    python3 bench/gateway.py --suite shared  # rate limits shared through Redis against local ones
 
 `--suite tls` measures three other pairs, interleaved the same way, on a certificate (ECDSA P-256,
 from a CA made for the run) that both sides serve:
@@ -43,6 +44,22 @@ from a CA made for the run) that both sides serve:
 
 Each variant's ratio is to the nginx of its pair; the TLS version, cipher suite and group each
 side negotiated are recorded. The page gets its own section (the plain one stays as it is).
+
+`--suite shared` measures what sharing rate limits through Redis costs one node (issue 14): two
+keygate processes of the same binary on copies of the same data (same tokens, same pepper), in
+front of the same upstream, interleaved the same way, with no nginx or HAProxy:
+
+  keygate        the plain suite's keygate: local rate limits (an atomic cell per token)
+  keygate-redis  the same configuration plus `[redis]` (`--redis-url`, a key prefix of its own,
+                 `kgbench-…`): each token's limit is a GCRA bucket in Redis, spent from leases
+
+keygate-redis's ratio is to keygate. Around each of its runs the script reads its `/metrics`
+(admin listener) for the calls to Redis, the requests that waited for a lease and those decided
+locally; after the run it checks that the limiter saw every request and refused none
+(`keygate_gateway_limiter_decisions_total`) on both, and that `keygate_shared_limits_up` is 1. It
+deletes its Redis keys when it ends. Needs `redis-cli` and a Redis it may write keys into. Its
+section of the page is its own too; bench/nodes.py (several nodes) and bench/startup.py (start-up
+with 1,000,000 tokens) measure the rest of issue 14, written up by hand after it.
 """
 
 from __future__ import annotations
@@ -77,8 +94,11 @@ VARIANTS = ["direct", "nginx", "nginx-keys", "haproxy", "keygate", "keygate-jwt"
 # `--suite tls`: each keygate variant and the nginx it is measured against (its "reference"; in the
 # plain suite every variant's reference is the plain nginx proxy).
 TLS_PAIRS = [("nginx-tls", "keygate-tls"), ("nginx-https-up", "keygate-https-up"), ("nginx-h2", "keygate-h2")]
-SUITES = {"plain": list(VARIANTS), "tls": [v for pair in TLS_PAIRS for v in pair]}
+SUITES = {"plain": list(VARIANTS), "tls": [v for pair in TLS_PAIRS for v in pair],
+          "shared": ["keygate", "keygate-redis"]}
 REFERENCE = {v: n for n, k in TLS_PAIRS for v in (n, k)}
+# `--suite shared`: both are measured against keygate with local limits (set in main).
+SHARED_REFERENCE = {"keygate": "keygate", "keygate-redis": "keygate"}
 TLS_LISTENER = {"nginx-tls", "keygate-tls", "nginx-h2", "keygate-h2"}
 HTTP2 = {"nginx-h2", "keygate-h2"}
 # The process that serves a variant, where it is not the variant's own name.
@@ -105,6 +125,7 @@ LABELS = {
     "keygate-https-up": "keygate, https:// upstream",
     "nginx-h2": "nginx, HTTP/2 clients (TLS, ALPN h2)",
     "keygate-h2": "keygate, HTTP/2 clients (TLS, ALPN h2)",
+    "keygate-redis": "keygate, rate limits shared on Redis",
 }
 COLORS = {
     "direct": "#9e9e9e",
@@ -120,13 +141,23 @@ COLORS = {
     "keygate-https-up": "#ffa726",
     "nginx-h2": "#a5d6a7",
     "keygate-h2": "#ffcc80",
+    "keygate-redis": "#bf360c",
 }
 TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
+# keygate-redis's counters on /metrics (`--suite shared`).
+SHARED_COUNTERS = {
+    "calls": "keygate_shared_limits_calls_total",
+    "waits": "keygate_shared_limits_waits_total",
+    "local": "keygate_shared_limits_local_decisions_total",
+    "failures": "keygate_shared_limits_failures_total",
+}
 
 BEGIN = "<!-- gateway-bench:begin — written by bench/gateway.py; a rerun replaces what is inside -->"
 END = "<!-- gateway-bench:end -->"
 TLS_BEGIN = "<!-- gateway-bench-tls:begin — written by bench/gateway.py --suite tls; a rerun replaces what is inside -->"
 TLS_END = "<!-- gateway-bench-tls:end -->"
+SHARED_BEGIN = "<!-- gateway-bench-shared:begin — written by bench/gateway.py --suite shared; a rerun replaces what is inside -->"
+SHARED_END = "<!-- gateway-bench-shared:end -->"
 # Set by Bench.make_certs: trusts the run's CA, for the script's own HTTPS requests.
 CLIENT_TLS: ssl.SSLContext | None = None
 CLIENT_TLS_CA: Path | None = None
@@ -357,6 +388,8 @@ class Ports:
     keygate_tls_admin: int
     keygate_https_up: int
     keygate_https_up_admin: int
+    keygate_redis: int
+    keygate_redis_admin: int
 
     @classmethod
     def from_base(cls, base: int) -> "Ports":
@@ -378,6 +411,7 @@ class Ports:
             "keygate-tls": self.keygate_tls,
             "keygate-h2": self.keygate_tls,
             "keygate-https-up": self.keygate_https_up,
+            "keygate-redis": self.keygate_redis,
         }[variant]
 
 
@@ -564,6 +598,14 @@ cert = "{dir}/cert.pem"
 key = "{dir}/key.pem"
 """
 
+# `--suite shared`: the same configuration, with every rate limit a bucket in Redis.
+KEYGATE_REDIS = """\
+
+[redis]
+url = "{url}"
+key_prefix = "{prefix}"
+"""
+
 WRK_LUA = """\
 -- Every request carries a bearer token picked at random from KG_BENCH_TOKENS (one a line).
 -- The requests are formatted once per thread, so the choice costs wrk almost nothing. With
@@ -622,6 +664,8 @@ class Bench:
         self.valid: list[str] = []
         self.invalid: list[str] = []
         self.raw = self.dir / "raw"
+        # `--suite shared`: keygate-redis's keys in Redis start with "{<prefix>:" (deleted at the end).
+        self.redis_prefix = f"kgbench-{random.SystemRandom().getrandbits(32):08x}"
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -634,7 +678,7 @@ class Bench:
         self.dir.mkdir(parents=True, exist_ok=True)
         marker.touch()
         for sub in ["raw", "upstream/tmp", "nginx/tmp", "nginx-keys/tmp", "haproxy", "keygate", "baseline",
-                    "tls", "nginx-tls/tmp", "nginx-https-up/tmp", "keygate-tls", "keygate-https-up"]:
+                    "tls", "nginx-tls/tmp", "nginx-https-up/tmp", "keygate-tls", "keygate-https-up", "keygate-redis"]:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
     def start_nginx(self, name: str, workers: int, body: str) -> None:
@@ -700,6 +744,7 @@ class Bench:
             "baseline": (p.baseline, p.baseline_admin),
             "keygate-tls": (p.keygate_tls, p.keygate_tls_admin),
             "keygate-https-up": (p.keygate_https_up, p.keygate_https_up_admin),
+            "keygate-redis": (p.keygate_redis, p.keygate_redis_admin),
         }[name]
 
     def keygate_config(self, name: str) -> Path:
@@ -716,6 +761,7 @@ class Bench:
             )
             + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
             + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")
+            + (KEYGATE_REDIS.format(url=self.args.redis_url, prefix=self.redis_prefix) if name == "keygate-redis" else "")
         )
         return cfg
 
@@ -733,6 +779,8 @@ class Bench:
         # as a newer binary migrates an older store forward (not the other way round).
         if self.args.suite == "tls":
             instances = [("keygate-tls", binary), ("keygate-https-up", binary)]
+        elif self.args.suite == "shared":
+            instances = [("keygate", binary), ("keygate-redis", binary)]
         elif self.args.baseline:
             instances = [("baseline", Path(self.args.baseline).resolve()), ("keygate", binary)]
         else:
@@ -830,6 +878,8 @@ class Bench:
             wait_http(self.ports.nginx_tls, tls=True)
             wait_http(self.ports.nginx_https_up)
             return
+        if self.args.suite == "shared":
+            return
         self.start_nginx("nginx", self.args.workers, proxy_body(self.ports.nginx, up))
         d = self.dir / "nginx-keys"
         self.start_nginx(
@@ -883,6 +933,120 @@ class Bench:
                 facts["upstream"] = body.strip() if status == 200 else f"? ({status})"
             out[v] = facts
             log(f"TLS of {v}: " + "; ".join(f"{k}: {x}" for k, x in facts.items()))
+        return out
+
+    # ---- shared limits (`--suite shared`) -------------------------------------------------------
+
+    def admin_metrics(self, name: str) -> dict[str, float]:
+        """A keygate instance's `/metrics` (admin listener), as {"name{labels}": value}."""
+        c = connection(self.keygate_ports(name)[1])
+        c.request("GET", "/metrics")
+        r = c.getresponse()
+        text = r.read().decode()
+        c.close()
+        if r.status != 200:
+            raise RuntimeError(f"/metrics of {name} answered {r.status}")
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def shared_counters(self, variant: str) -> dict[str, float]:
+        """keygate-redis's shared-limit counters (calls to Redis, waits for a lease, local
+        decisions, failed calls); nothing for the other variants."""
+        if variant != "keygate-redis":
+            return {}
+        m = self.admin_metrics("keygate-redis")
+        return {k: m.get(name, 0.0) for k, name in SHARED_COUNTERS.items()}
+
+    def counted(self, run, variant: str) -> dict:
+        """`run()`, with the shared-limit counters' increase during it in the result's "shared" and,
+        in the shared suite, the Redis server's CPU time per request."""
+        before = self.shared_counters(variant)
+        redis = getattr(self, "redis_pid", None)
+        redis0 = cpu_ticks([redis]) if redis else 0
+        r = run()
+        if redis:
+            r["redis_cpu_us_per_req"] = (cpu_ticks([redis]) - redis0) * 1e6 / CLK_TCK / max(1, r["requests"])
+        if before:
+            after = self.shared_counters(variant)
+            r["shared"] = {k: after[k] - before[k] for k in before}
+        return r
+
+    def ratelimit_fields(self, variant: str) -> dict[str, str]:
+        """The RateLimit fields of the answer to a valid token: keygate writes them whenever the
+        token's limit was checked."""
+        c = connection(self.ports.of(variant))
+        c.request("GET", "/bench", headers={"Authorization": f"Bearer {self.valid[0]}"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        return {k.lower(): v for k, v in r.getheaders() if k.lower().startswith("ratelimit")}
+
+    def redis_cli(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-u", self.args.redis_url, *args], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+
+    def redis_keys(self) -> list[str]:
+        """The Redis keys of this run's keygate-redis (hash-tagged "{<prefix>:<token id>}:…")."""
+        return [k for k in self.redis_cli("--scan", "--pattern", f"{{{self.redis_prefix}:*").split() if k]
+
+    def cleanup_redis(self) -> None:
+        """Deletes this run's keys (they also expire by themselves about a second after use)."""
+        if self.args.suite != "shared" or getattr(self, "redis_cleaned", False):
+            return
+        try:
+            keys = self.redis_keys()
+            for i in range(0, len(keys), 500):
+                self.redis_cli("DEL", *keys[i : i + 500])
+            self.redis_cleaned = True
+            log(f"deleted {len(keys)} Redis keys of prefix {self.redis_prefix}")
+        except (OSError, subprocess.SubprocessError) as e:
+            log(f"could not delete the Redis keys {{{self.redis_prefix}:*: {e}")
+
+    def shared_facts_before(self) -> dict:
+        facts = {"redis_prefix": self.redis_prefix,
+                 "ratelimit_fields": {v: self.ratelimit_fields(v) for v in VARIANTS}}
+        info = self.redis_cli("INFO", "server")
+        m = re.search(r"redis_version:(\S+)", info)
+        facts["redis_version"] = m.group(1) if m else "?"
+        # The Redis server's CPU time is read around each run (when it runs on this machine).
+        m = re.search(r"process_id:(\d+)", info)
+        if m and Path(f"/proc/{m.group(1)}/stat").exists():
+            self.redis_pid = int(m.group(1))
+        for v, fields in facts["ratelimit_fields"].items():
+            log(f"{v} answers a valid token with " + ("; ".join(f"{k}: {x}" for k, x in fields.items()) or "no RateLimit fields"))
+            if not fields:
+                sys.exit(f"{v} wrote no RateLimit fields: the tokens' rate limit is not checked")
+        return facts
+
+    def shared_facts_after(self) -> dict:
+        """What each instance's limiter decided over the whole run, and whether keygate-redis used
+        Redis: its counters, `keygate_shared_limits_up`, and its keys in Redis right after."""
+        out = {}
+        for v in VARIANTS:
+            m = self.admin_metrics(v)
+            out[v] = {
+                "limiter_allowed": m.get('keygate_gateway_limiter_decisions_total{decision="allowed"}', 0.0),
+                "limiter_refused": m.get('keygate_gateway_limiter_decisions_total{decision="refused"}', 0.0),
+                "rate_limited": m.get('keygate_gateway_refusals_total{reason="rate_limited"}', 0.0),
+                "unknown_token": m.get('keygate_gateway_refusals_total{reason="unknown_token"}', 0.0),
+                "requests_2xx": m.get('keygate_gateway_requests_total{route="bench",status="2xx"}', 0.0),
+            }
+            if v == "keygate-redis":
+                out[v].update({k: m.get(name, float("nan")) for k, name in SHARED_COUNTERS.items()})
+                for k in ("up", "nodes", "leases"):
+                    out[v][k] = m.get(f"keygate_shared_limits_{k}", float("nan"))
+                out[v]["redis_keys"] = len(self.redis_keys())
+            log(f"{v}: " + ", ".join(f"{k} {x:,.0f}" for k, x in out[v].items()))
+        r = out.get("keygate-redis", {})
+        if r.get("up") != 1 or not r.get("calls"):
+            log("WARNING: keygate-redis did not use Redis (keygate_shared_limits_up != 1 or no calls)")
         return out
 
     # ---- load -------------------------------------------------------------------------------
@@ -1055,20 +1219,23 @@ class Bench:
         self.check_answers()
         if a.suite == "tls":
             facts["tls"] = self.tls_facts()
+        if a.suite == "shared":
+            facts["shared"] = self.shared_facts_before()
 
         log(f"warm-up: {a.warmup}s per variant")
-        for v in VARIANTS:
-            self.load(v, a.warmup, "warmup")
+        warmup = {v: self.counted(lambda: self.load(v, a.warmup, "warmup"), v) for v in VARIANTS}
 
         thr: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for rnd in range(a.rounds):
             order = interleave(VARIANTS, rnd)
             for v in order:
-                r = self.load(v, a.seconds, f"throughput-r{rnd + 1}")
+                r = self.counted(lambda: self.load(v, a.seconds, f"throughput-r{rnd + 1}"), v)
                 r["round"] = rnd + 1
                 thr[v].append(r)
             line = "  ".join(f"{v}={thr[v][-1]['rps']:,.0f}" for v in VARIANTS)
-            log(f"round {rnd + 1}/{a.rounds} ({'→'.join(order)}): {line} req/s")
+            extra = "".join(f"; {v}: " + ", ".join(f"{k} {x:,.0f}" for k, x in thr[v][-1]["shared"].items())
+                            for v in VARIANTS if "shared" in thr[v][-1])
+            log(f"round {rnd + 1}/{a.rounds} ({'→'.join(order)}): {line} req/s{extra}")
 
         # Each variant's fixed rate is a fraction of its reference nginx's median throughput.
         rates = {v: int(statistics.median(r["rps"] for r in thr[reference(v)]) * a.latency_fraction) for v in VARIANTS}
@@ -1081,13 +1248,17 @@ class Bench:
             token = rng.choice(self.valid)
             jwt = rng.choice(jwts) if jwts else ""
             for v in interleave(VARIANTS, rnd):
-                r = self.h2load(v, rates[v], a.latency_seconds, jwt if v == "keygate-jwt" else token, f"latency-r{rnd + 1}")
+                r = self.counted(lambda: self.h2load(v, rates[v], a.latency_seconds, jwt if v == "keygate-jwt" else token,
+                                                     f"latency-r{rnd + 1}"), v)
                 r["round"] = rnd + 1
                 lat[v].append(r)
             line = "  ".join(f"{v}={lat[v][-1]['p99_us'] / 1000:.2f}" for v in VARIANTS)
             log(f"latency round {rnd + 1}/{a.latency_rounds}: p99 ms {line}")
 
         fresh = self.fresh_runs() if "keygate-jwt" in VARIANTS and a.fresh_rounds > 0 else []
+        if a.suite == "shared":
+            facts["shared"]["after"] = self.shared_facts_after()
+            facts["shared"]["warmup"] = {v: r.get("shared", {}) for v, r in warmup.items()}
 
         facts["load_after"] = os.getloadavg()
         facts["minutes"] = (time.time() - started) / 60
@@ -1284,7 +1455,10 @@ class Bench:
 
 
 def interleave(items: list[str], rnd: int) -> list[str]:
-    """A different order each round: rotated by the round number, reversed every other round."""
+    """A different order each round: rotated by the round number, reversed every other round (two
+    items, where rotating and reversing would cancel out, simply alternate)."""
+    if len(items) == 2:
+        return list(items) if rnd % 2 == 0 else items[::-1]
     k = rnd % len(items)
     order = items[k:] + items[:k]
     return order[::-1] if rnd % 2 else order
@@ -1344,6 +1518,12 @@ def summarize(thr: dict, lat: dict) -> dict:
             "lat_achieved_rps": med(r["achieved_rps"] for r in lruns),
             "lat_non_2xx": sum(r["non_2xx"] for r in lruns),
         }
+        if runs and "redis_cpu_us_per_req" in runs[0]:
+            out[v]["redis_cpu_us_per_req"] = med(r["redis_cpu_us_per_req"] for r in runs)
+        if runs and "shared" in runs[0]:
+            reqs = sum(r["requests"] for r in runs)
+            out[v]["shared"] = {k: sum(r["shared"][k] for r in runs) for k in SHARED_COUNTERS}
+            out[v]["shared_calls_per_1000"] = 1000 * out[v]["shared"]["calls"] / max(1, reqs)
     return out
 
 
@@ -1427,7 +1607,9 @@ def verdicts(s: dict) -> list[tuple[str, bool, str]]:
     ] + jwt
 
 
-def run_header(res: dict, versions: str, command: str) -> list[str]:
+def run_header(res: dict, versions: str, command: str,
+               what: str = "Reproduce (installs nginx, haproxy, wrk and nghttp2-client if missing, builds keygate, "
+                           "rewrites this part of the page and the chart):") -> list[str]:
     """The lines every section starts with: the machine, its load, the versions, the command."""
     f = res["facts"]
     return [
@@ -1437,8 +1619,7 @@ def run_header(res: dict, versions: str, command: str) -> list[str]:
         "",
         f"Versions (Debian packages): {versions}; {f['keygate']}.",
         "",
-        "Reproduce (installs nginx, haproxy, wrk and nghttp2-client if missing, builds keygate, rewrites "
-        "this part of the page and the chart):",
+        what,
         "",
         "```sh",
         command,
@@ -1575,6 +1756,145 @@ def tls_verdicts(s: dict) -> list[tuple[str, bool, str]]:
             f"({a['cpu_us_per_req'] / b['cpu_us_per_req']:.2f}×)",
         ))
     return out
+
+
+def shared_verdicts(s: dict, facts: dict) -> list[tuple[str, bool, str]]:
+    """Issue 14's goal for one node: shared limits cost at most 10% of the throughput; and the
+    checks that make the comparison mean something."""
+    r, k = s["keygate-redis"], s["keygate"]
+    after = facts.get("shared", {}).get("after", {})
+    ra = after.get("keygate-redis", {})
+    refused = sum(after.get(v, {}).get("limiter_refused", 0) for v in VARIANTS)
+    return [
+        (
+            "Throughput with rate limits shared on Redis at least 0.9× local limits",
+            r["vs_keygate"] >= 0.9,
+            f"ratio {r['vs_keygate']:.2f} (rounds {r['vs_keygate_range'][0]:.2f}–{r['vs_keygate_range'][1]:.2f}); "
+            f"{fmt_int(r['rps'])} against {fmt_int(k['rps'])} req/s",
+        ),
+        (
+            "keygate-redis used Redis (`keygate_shared_limits_up` 1 at the end, calls > 0)",
+            ra.get("up") == 1 and ra.get("calls", 0) > 0,
+            f"up {ra.get('up', float('nan')):.0f}, {fmt_int(ra.get('calls', 0))} calls over the whole run "
+            f"({fmt_int(ra.get('failures', 0))} of them failed or timed out)",
+        ),
+        (
+            "The tokens' rate limit was checked on every admitted request and never refused one",
+            refused == 0 and all(after.get(v, {}).get("limiter_allowed", 0) > 0 for v in VARIANTS),
+            "; ".join(f"{v}: {fmt_int(after.get(v, {}).get('limiter_allowed', 0))} allowed, "
+                      f"{fmt_int(after.get(v, {}).get('limiter_refused', 0))} refused" for v in VARIANTS),
+        ),
+    ]
+
+
+def markdown_shared(res: dict) -> str:
+    f, p, s = res["facts"], res["params"], res["summary"]
+    sh = f.get("shared", {})
+    lines = run_header(res, f"{f['wrk']}, {f['h2load']}, Redis {sh.get('redis_version', '?')}",
+                       f.get("command", "python3 bench/gateway.py --suite shared"),
+                       "Command (installs nginx, haproxy, wrk and nghttp2-client if missing; builds keygate unless "
+                       "`--keygate` names a binary; rewrites this part of the page; needs `redis-cli` and a Redis):")
+    lines.append(
+        f"Setup: two keygate processes of the same binary, each with **{p['workers']} gateway threads**, on copies "
+        f"of the same data directory (same {p['tokens']:,} tokens, same pepper), in front of one upstream, an nginx "
+        f"with {p['upstream_workers']} worker answering `return 200 \"ok\"`. *keygate* has the plain suite's "
+        f"configuration (rate limits counted in the node); *keygate-redis* the same plus `[redis]` with `url = "
+        f"\"{p['redis_url']}\"` and `key_prefix = \"{sh.get('redis_prefix', 'kgbench-…')}\"` (`wait_ms` at its "
+        f"default). Every token carries the bench's rate limit, 1,000,000 requests per second with no burst, which "
+        f"never fires: each request is checked against it (locally, or against the token's GCRA bucket in Redis "
+        f"through a lease of 256 requests). Throughput: `wrk -t{p['wrk_threads']} -c{p['connections']}`, "
+        f"{p['rounds']} rounds of {p['seconds']} s per variant, interleaved (the order alternates each round) after "
+        f"one {p['warmup']} s warm-up per variant; every request carries a bearer token drawn at random from "
+        f"{p['tokens']:,} ({p['invalid']:,} of them revoked, so refused with 401). Latency: `h2load --h1 "
+        f"-c{p['latency_clients']} --rps` at a fixed **{res['rates']['keygate']:,} req/s** "
+        f"({p['latency_fraction']:g} of keygate's median), {p['latency_rounds']} rounds of {p['latency_seconds']} s, "
+        f"first second dropped, one valid token per round. CPU per request: utime + stime of all the process's "
+        f"threads from `/proc/PID/stat` over the run, divided by the requests wrk completed; the Redis server's "
+        f"(on the same machine, the same 2 cores) is counted the same way, apart. Figures are medians "
+        f"over rounds; ratios are medians of the per-round ratios."
+    )
+    lines.append("")
+    lines.append("| variant | req/s | × keygate (rounds) | CPU µs/req (user + sys) | Redis server CPU µs/req | "
+                 "peak RSS MiB | non-2xx | p50 / p99 ms at fixed rate | Redis calls per 1,000 requests |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v in VARIANTS:
+        r = s[v]
+        ratio = "1.00" if v == "keygate" else (
+            f"**{r['vs_keygate']:.2f}** ({r['vs_keygate_range'][0]:.2f}–{r['vs_keygate_range'][1]:.2f})")
+        calls = f"{r['shared_calls_per_1000']:.1f}" if "shared" in r else "—"
+        lines.append(
+            f"| {LABELS[v]} | {fmt_int(r['rps'])} | {ratio} | {r['cpu_us_per_req']:.1f} ({r['user_us_per_req']:.1f} + "
+            f"{r['sys_us_per_req']:.1f}) | {r.get('redis_cpu_us_per_req', float('nan')):.1f} | "
+            f"{r['peak_rss_mib']:.1f} | {100 * r['non_2xx_share']:.1f}% | "
+            f"{r['lat_p50_ms']:.2f} / {r['lat_p99_ms']:.2f} | {calls} |"
+        )
+    lines.append("")
+    r = s["keygate-redis"]
+    c = r.get("shared", {})
+    reqs = sum(x["requests"] for x in res["throughput"]["keygate-redis"])
+    w = sh.get("warmup", {}).get("keygate-redis", {})
+    lat_c = {k: sum(x.get("shared", {}).get(k, 0) for x in res["latency"]["keygate-redis"]) for k in SHARED_COUNTERS}
+    lines.append(
+        f"keygate-redis's counters (`/metrics` on its admin listener, read before and after each run): over the "
+        f"{p['rounds']} measured runs, {fmt_int(reqs)} requests made {fmt_int(c.get('calls', 0))} calls to Redis "
+        f"(`keygate_shared_limits_calls_total`), {fmt_int(c.get('waits', 0))} requests waited for a lease "
+        f"(`…_waits_total`), {fmt_int(c.get('local', 0))} were decided locally (`…_local_decisions_total`) and "
+        f"{fmt_int(c.get('failures', 0))} calls failed. During its warm-up: {fmt_int(w.get('calls', 0))} calls, "
+        f"{fmt_int(w.get('waits', 0))} waits, {fmt_int(w.get('local', 0))} local decisions. During the fixed-rate "
+        f"runs (one token each): {fmt_int(lat_c['calls'])} calls, {fmt_int(lat_c['waits'])} waits, "
+        f"{fmt_int(lat_c['local'])} local decisions."
+    )
+    lines.append("")
+    after = sh.get("after", {})
+    if after:
+        ra = after.get("keygate-redis", {})
+        lines.append(
+            "At the end of the run: " + "; ".join(
+                f"{v} counted {fmt_int(a['limiter_allowed'])} limiter decisions `allowed` and "
+                f"{fmt_int(a['limiter_refused'])} `refused` ({fmt_int(a['rate_limited'])} refusals `rate_limited`)"
+                for v, a in after.items())
+            + f". keygate-redis: `keygate_shared_limits_up` {ra.get('up', float('nan')):.0f}, "
+            f"`…_nodes` {ra.get('nodes', float('nan')):.0f}, `…_leases` {fmt_int(ra.get('leases', 0))}, "
+            f"`…_calls_total` {fmt_int(ra.get('calls', 0))}, `…_waits_total` {fmt_int(ra.get('waits', 0))}, "
+            f"`…_local_decisions_total` {fmt_int(ra.get('local', 0))}, `…_failures_total` "
+            f"{fmt_int(ra.get('failures', 0))}; {fmt_int(ra.get('redis_keys', 0))} of its keys in Redis."
+        )
+        lines.append("")
+    fields = sh.get("ratelimit_fields", {})
+    if fields:
+        lines.append("The answer to a valid token, before the rounds: " + "; ".join(
+            f"{v}: " + ", ".join(f"`{k}: {x}`" for k, x in fl.items()) for v, fl in fields.items()) + ".")
+        lines.append("")
+    lines.append(side_costs(s, "wrk"))
+    lines.append("")
+    lines.append("**Goals** (issue 14, one node, on this machine):")
+    lines.append("")
+    lines.extend(f"- {goal}: **{'met' if ok else 'not met'}**, {detail}." for goal, ok, detail in shared_verdicts(s, f))
+    lines.append("")
+    lines.extend(["<details><summary>Every run</summary>", "",
+                  "| phase | round | variant | req/s | CPU µs/req | Redis CPU µs/req | non-2xx | p50 ms | p99 ms | "
+                  "Redis calls | waits | local | failed calls |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"])
+
+    def counts(r: dict) -> str:
+        sc = r.get("shared")
+        return " | ".join(fmt_int(sc[k]) for k in ("calls", "waits", "local", "failures")) if sc else "— | — | — | —"
+
+    def redis_cpu(r: dict) -> str:
+        return f"{r['redis_cpu_us_per_req']:.1f}" if "redis_cpu_us_per_req" in r else ""
+
+    for rnd in range(p["rounds"]):
+        for v in VARIANTS:
+            r = res["throughput"][v][rnd]
+            lines.append(f"| wrk | {rnd + 1} | {v} | {fmt_int(r['rps'])} | {r['cpu_us_per_req']:.1f} | {redis_cpu(r)} | "
+                         f"{r['non_2xx']} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | {counts(r)} |")
+    for rnd in range(p["latency_rounds"]):
+        for v in VARIANTS:
+            r = res["latency"][v][rnd]
+            lines.append(f"| h2load | {rnd + 1} | {v} | {fmt_int(r['achieved_rps'])} | | {redis_cpu(r)} | "
+                         f"{r['non_2xx']} | {ms(r['p50_us'])} | {ms(r['p99_us'])} | {counts(r)} |")
+    lines.extend(["", "</details>"])
+    return "\n".join(wrap_prose(lines))
 
 
 def markdown_tls(res: dict, chart_name: str) -> str:
@@ -1772,6 +2092,9 @@ SECTION_TITLE = "## Gateway: keygate against nginx and HAProxy"
 TLS_SECTION_TITLE = "## Gateway over TLS and HTTP/2: keygate against nginx (issue 13)"
 
 
+SHARED_SECTION_TITLE = "## Shared rate limits on Redis, several nodes, start-up (issue 14)"
+
+
 def update_doc(doc: Path, generated: str, begin: str = BEGIN, end: str = END, title: str = SECTION_TITLE) -> None:
     """Replaces what is between the section's markers, or, the first time, the section titled
     `title` (appended at the end of the page if there is none)."""
@@ -1797,7 +2120,8 @@ def update_doc(doc: Path, generated: str, begin: str = BEGIN, end: str = END, ti
 def print_table(res: dict) -> None:
     s = res["summary"]
     print()
-    print(f"{'variant':<16} {'req/s':>9} {'×nginx':>7} {'×direct':>8} {'cpu µs':>7} {'rss MiB':>8} "
+    ref = "×kg" if res["params"].get("suite") == "shared" else "×nginx"
+    print(f"{'variant':<16} {'req/s':>9} {ref:>7} {'×direct':>8} {'cpu µs':>7} {'rss MiB':>8} "
           f"{'non2xx':>7} {'p99 ms':>7} {'added':>7}")
     for v in VARIANTS:
         r = s[v]
@@ -1805,7 +2129,9 @@ def print_table(res: dict) -> None:
               f"{r['peak_rss_mib']:>8.1f} {100 * r['non_2xx_share']:>6.1f}% {r['lat_p99_ms']:>7.2f} "
               f"{r['lat_added_p99_ms']:>+7.2f}")
     print()
-    for goal, ok, detail in (tls_verdicts(s) if res["params"].get("suite") == "tls" else verdicts(s)):
+    suite = res["params"].get("suite")
+    goals = tls_verdicts(s) if suite == "tls" else shared_verdicts(s, res["facts"]) if suite == "shared" else verdicts(s)
+    for goal, ok, detail in goals:
         print(f"{'MET    ' if ok else 'NOT MET'}  {goal}: {detail}")
     for r in res.get("fresh") or []:
         print(f"fresh JWTs, run {r['round']}: {r['rps']:,.0f} req/s, {r['cpu_us_per_req']:.1f} µs CPU/req")
@@ -1816,7 +2142,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(SUITES), default="plain",
                     help="plain: HTTP/1.1 against nginx, HAProxy (default); tls: TLS listener, https:// upstream "
-                         "and HTTP/2 clients, each against nginx")
+                         "and HTTP/2 clients, each against nginx; shared: rate limits on Redis against local ones")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379",
+                    help="the Redis of --suite shared (default redis://127.0.0.1:6379)")
     ap.add_argument("--rounds", type=int, default=7, help="throughput rounds (default 7)")
     ap.add_argument("--seconds", type=int, default=10, help="seconds per throughput run (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up seconds per variant (default 3)")
@@ -1832,7 +2160,7 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=int, default=8)
     ap.add_argument("--latency-clients", type=int, default=16)
     ap.add_argument("--latency-fraction", type=float, default=0.5)
-    ap.add_argument("--base-port", type=int, default=28180, help="sixteen ports from here (default 28180)")
+    ap.add_argument("--base-port", type=int, default=28180, help="eighteen ports from here (default 28180)")
     ap.add_argument("--workdir", default="/tmp/keygate-bench", help="configs, logs and raw output")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
@@ -1864,6 +2192,10 @@ def main() -> None:
     if args.from_results:
         args.suite = json.loads(Path(args.from_results).read_text())["params"].get("suite", "plain")
     VARIANTS[:] = SUITES[args.suite]
+    if args.suite == "shared":
+        REFERENCE.update(SHARED_REFERENCE)
+        if shutil.which("redis-cli") is None:
+            sys.exit("--suite shared needs redis-cli (Debian: redis-tools) and a Redis at --redis-url")
     if args.suite != "plain" and (args.baseline or args.skip or args.profile):
         sys.exit("--baseline, --skip and --profile go with --suite plain only")
     if args.baseline:
@@ -1887,16 +2219,25 @@ def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: sys.exit(130))
         bench = Bench(args)
+        # Last in, first out: keygate-redis stops before its keys are deleted.
+        atexit.register(bench.cleanup_redis)
+        atexit.register(PROCS.stop_all)
         res = bench.run(binary)
+        res["facts"]["command"] = "python3 bench/gateway.py " + " ".join(sys.argv[1:])
         (bench.dir / "results.json").write_text(json.dumps(res, indent=1))
         print_table(res)
         if args.profile:
             bench.profile(args.profile)
         PROCS.stop_all()
+        bench.cleanup_redis()
         log(f"raw output and results.json in {bench.dir}")
 
     if not args.no_doc:
         doc = Path(args.doc)
+        if args.suite == "shared":
+            update_doc(doc, markdown_shared(res), SHARED_BEGIN, SHARED_END, SHARED_SECTION_TITLE)
+            log(f"wrote {doc}")
+            return
         if args.suite == "tls":
             chart = doc.parent / "benchmarks-gateway-tls.svg"
             chart.write_text(svg_chart(res))

@@ -2,8 +2,8 @@
 //! gateway never calls these on a request's path unless its local lease of the budget is used
 //! up: it takes a small share of a bucket at a time ([`SharedLimits::take_rate`]) and spends it
 //! from memory, so a shared limit costs one round trip per lease, not per request. Whatever is
-//! admitted was first taken from the shared bucket, so nodes together never admit more than the
-//! limit; a lease not spent in time is handed back with the next one.
+//! admitted was first taken from the shared bucket, so nodes together admit at most the limit
+//! plus the small leases they hold; a lease not spent in time is handed back with the next one.
 
 use async_trait::async_trait;
 

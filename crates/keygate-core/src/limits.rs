@@ -34,17 +34,29 @@ pub struct QuotaGrant {
 /// Shared limit state: one implementation per backend, held as `Arc<dyn SharedLimits>`.
 #[async_trait]
 pub trait SharedLimits: Send + Sync {
-    /// Gives back `refund` requests taken earlier and not used, then takes up to `want` from the
-    /// GCRA bucket `key` of `limit` at `now_us` (as many as fit), atomically.
-    async fn take_rate(&self, key: &str, limit: &RateLimit, refund: u32, want: u32, now_us: i64) -> Result<RateGrant>;
-    /// Gives back `refund`, then counts up to `want` more against the quota `limit` whose period
-    /// count is `key` (starting from `init` if the key is new: the count the store knows),
-    /// kept until `expire_at_ms`.
+    /// Gives back `refund` requests taken earlier and not used, charges `force` requests a node
+    /// admitted on its own while it could not wait for the bucket (whether they fit or not),
+    /// then takes up to `want` from the GCRA bucket `key` of `limit` at `now_us` (as many as
+    /// fit), atomically.
+    async fn take_rate(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        refund: u32,
+        force: u32,
+        want: u32,
+        now_us: i64,
+    ) -> Result<RateGrant>;
+    /// Gives back `refund`, charges `force` (admitted without the count), then counts up to
+    /// `want` more against the quota `limit` whose period count is `key` (starting from `init` if
+    /// the key is new: the count the store knows), kept until `expire_at_ms`.
+    #[allow(clippy::too_many_arguments)]
     async fn take_quota(
         &self,
         key: &str,
         limit: u64,
         refund: u64,
+        force: u64,
         want: u64,
         init: u64,
         expire_at_ms: i64,

@@ -213,6 +213,13 @@ pub trait ChangeSignal: Send {
 pub trait ChangeFeed: Send + Sync {
     /// Every token not revoked and not expired at `now`, with the feed position it is current to.
     async fn snapshot(&self, now: Timestamp) -> Result<Snapshot>;
+    /// The committed feed position, read from the store (a snapshot taken in pages reads it
+    /// first; tokens read afterwards are at least that current).
+    async fn feed_position(&self) -> Result<u64>;
+    /// One page of a snapshot: tokens not revoked and not expired at `now` whose id sorts after
+    /// `after`, in id order, at most `limit` — so a million tokens load without a million rows in
+    /// memory at once.
+    async fn snapshot_page(&self, now: Timestamp, after: Option<&TokenId>, limit: u32) -> Result<Vec<TokenRecord>>;
     /// Changes with a sequence number above `seq`, in order, at most `limit` of them.
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>>;
     /// Access-token revocations with a sequence number above `seq`, in order, at most `limit` of

@@ -19,15 +19,44 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Loads the index from a snapshot and applies every change committed since.
 pub async fn load(index: &TokenIndex, store: &dyn Store, clock: &dyn Clock) -> Result<()> {
-    let snapshot = store.snapshot(clock.now()).await?;
-    for t in &snapshot.tokens {
-        index.upsert(t);
-    }
+    let seq = store.feed_position().await?;
+    load_pages(index, store, clock.now(), |_| {}).await?;
     index.shrink_to_fit();
-    index.set_seq(snapshot.seq);
+    index.set_seq(seq);
     index.revoke_jtis(store.revoked_jtis(clock.now()).await?.into_iter().map(|r| (r.jti, r.expires_at)));
-    index.set_jti_seq(snapshot.seq);
+    index.set_jti_seq(seq);
     catch_up(index, store).await
+}
+
+/// Tokens read per page of a snapshot.
+const PAGE: u32 = 20_000;
+
+/// Puts every token of a snapshot at `now` into the index, a page at a time (the next page is
+/// read while this one is applied), telling `seen` each hash; returns how many.
+async fn load_pages(
+    index: &TokenIndex,
+    store: &dyn Store,
+    now: Timestamp,
+    mut seen: impl FnMut(&[u8; 32]),
+) -> Result<usize> {
+    let mut n = 0;
+    let mut page = store.snapshot_page(now, None, PAGE).await?;
+    loop {
+        let Some(last) = page.last().map(|t| t.id.clone()) else { return Ok(n) };
+        let full = page.len() == PAGE as usize;
+        // Read the next page while this one goes into the index.
+        let next = async { if full { store.snapshot_page(now, Some(&last), PAGE).await } else { Ok(Vec::new()) } };
+        let apply = async {
+            for t in &page {
+                index.upsert(t);
+                seen(&t.hash.0);
+            }
+            tokio::task::yield_now().await;
+        };
+        let (next, ()) = tokio::join!(next, apply);
+        n += page.len();
+        page = next?;
+    }
 }
 
 /// Applies every change after the index's position; returns when there are none left. Callers
@@ -82,23 +111,24 @@ pub async fn catch_up(index: &TokenIndex, store: &dyn Store) -> Result<()> {
 /// is kept): every token of the snapshot is put in, every other one taken out. Expired tokens
 /// are included (the sweep drops them; they are refused anyway).
 async fn reload(index: &TokenIndex, store: &dyn Store, target: u64) -> Result<()> {
-    let snapshot = store.snapshot(Timestamp::from_millis(0)).await?;
-    let keep: std::collections::HashSet<[u8; 32]> = snapshot.tokens.iter().map(|t| t.hash.0).collect();
-    for t in &snapshot.tokens {
-        index.upsert(t);
-    }
+    let seq = store.feed_position().await?;
+    let mut keep: std::collections::HashSet<[u8; 32]> = std::collections::HashSet::new();
+    let tokens = load_pages(index, store, Timestamp::from_millis(0), |h| {
+        keep.insert(*h);
+    })
+    .await?;
     let dropped = index.retain_only(&keep);
-    index.set_seq(snapshot.seq);
+    index.set_seq(seq);
     index.revoke_jtis(store.revoked_jtis(Timestamp::from_millis(0)).await?.into_iter().map(|r| (r.jti, r.expires_at)));
-    index.set_jti_seq(index.jti_seq().max(snapshot.seq));
+    index.set_jti_seq(index.jti_seq().max(seq));
     tracing::warn!(
-        tokens = snapshot.tokens.len(),
+        tokens,
         dropped,
-        position = snapshot.seq,
+        position = seq,
         "token index: this node was behind the pruned change feed; reloaded a snapshot"
     );
     index.mark_caught_up();
-    index.set_applied(target.min(snapshot.seq));
+    index.set_applied(target.min(seq));
     Ok(())
 }
 

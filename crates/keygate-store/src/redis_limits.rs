@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 
 /// GCRA, returning unused requests first, then taking as many of `want` as fit.
 /// KEYS[1]: the bucket (its theoretical arrival time, microseconds).
-/// ARGV: now, emission interval T, tolerance tau = T × (capacity − 1), refund, want.
+/// ARGV: now, emission interval T, tolerance tau = T × (capacity − 1), refund, want, force.
 /// Returns {granted, remaining, reset_after, retry_after}.
 const GCRA: &str = r"
 local now = tonumber(ARGV[1])
@@ -25,6 +25,7 @@ local want = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 tat = tat - refund * t
 if tat < now then tat = now end
+tat = tat + tonumber(ARGV[6]) * t
 local fits = math.floor((now + tau + t - tat) / t)
 if fits < 0 then fits = 0 end
 local granted = want
@@ -43,7 +44,7 @@ return {granted, remaining, new_tat - now, retry}
 
 /// A quota's count for one period: gives back `refund`, then counts up to `want` more under
 /// `limit`. KEYS[1]: the count. ARGV: limit, refund, want, init (the count if the key is new),
-/// expire_at (ms since the epoch). Returns {granted, count}.
+/// expire_at (ms since the epoch), force (counted whatever the limit). Returns {granted, count}.
 const QUOTA: &str = r"
 local limit = tonumber(ARGV[1])
 local refund = tonumber(ARGV[2])
@@ -51,6 +52,7 @@ local want = tonumber(ARGV[3])
 local c = tonumber(redis.call('GET', KEYS[1]) or ARGV[4])
 c = c - refund
 if c < 0 then c = 0 end
+c = c + tonumber(ARGV[6])
 local granted = limit - c
 if granted > want then granted = want end
 if granted < 0 then granted = 0 end
@@ -172,7 +174,15 @@ fn to_i64(v: &[i64], i: usize) -> i64 {
 
 #[async_trait]
 impl SharedLimits for RedisLimits {
-    async fn take_rate(&self, key: &str, limit: &RateLimit, refund: u32, want: u32, now_us: i64) -> Result<RateGrant> {
+    async fn take_rate(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        refund: u32,
+        force: u32,
+        want: u32,
+        now_us: i64,
+    ) -> Result<RateGrant> {
         let t = limit.emission_interval_us();
         let capacity = i64::try_from(limit.capacity()).unwrap_or(i64::MAX).max(1);
         let tau = t.saturating_mul(capacity - 1);
@@ -185,6 +195,7 @@ impl SharedLimits for RedisLimits {
             .arg(tau)
             .arg(refund)
             .arg(want)
+            .arg(force)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -201,6 +212,7 @@ impl SharedLimits for RedisLimits {
         key: &str,
         limit: u64,
         refund: u64,
+        force: u64,
         want: u64,
         init: u64,
         expire_at_ms: i64,
@@ -214,6 +226,7 @@ impl SharedLimits for RedisLimits {
             .arg(want)
             .arg(init)
             .arg(expire_at_ms)
+            .arg(force)
             .invoke_async(&mut conn)
             .await
             .map_err(|e| unavailable(&e))?;
@@ -297,26 +310,26 @@ mod tests {
         let k = key("t");
         let rl = RateLimit { requests: 10, per_seconds: 1, burst: 0 };
         let now = 1_900_000_000_000_000i64;
-        let g = r.take_rate(&k, &rl, 0, 4, now).await.unwrap();
+        let g = r.take_rate(&k, &rl, 0, 0, 4, now).await.unwrap();
         assert_eq!((g.granted, g.remaining), (4, 6));
         assert_eq!(g.remaining, rl.gcra_cost(0, now, 4).remaining, "the same maths as the local limiter");
-        let g = r.take_rate(&k, &rl, 0, 8, now).await.unwrap();
+        let g = r.take_rate(&k, &rl, 0, 0, 8, now).await.unwrap();
         assert_eq!((g.granted, g.remaining), (6, 0), "only what fits");
-        let g = r.take_rate(&k, &rl, 0, 1, now).await.unwrap();
+        let g = r.take_rate(&k, &rl, 0, 0, 1, now).await.unwrap();
         assert_eq!(g.granted, 0);
         assert_eq!(g.retry_after_us, 100_000, "one request fits after one emission interval");
-        let g = r.take_rate(&k, &rl, 3, 1, now).await.unwrap();
+        let g = r.take_rate(&k, &rl, 3, 0, 1, now).await.unwrap();
         assert_eq!((g.granted, g.remaining), (1, 2), "three given back, one taken");
-        let g = r.take_rate(&k, &rl, 0, 10, now + 1_000_000).await.unwrap();
+        let g = r.take_rate(&k, &rl, 0, 0, 10, now + 1_000_000).await.unwrap();
         assert_eq!(g.granted, 10, "a second later the bucket is full again");
 
         let q = key("q");
         let end = now / 1000 + 60_000;
-        let g = r.take_quota(&q, 5, 0, 3, 1, end).await.unwrap();
+        let g = r.take_quota(&q, 5, 0, 0, 3, 1, end).await.unwrap();
         assert_eq!((g.granted, g.count), (3, 4), "a new count starts from what the store knew");
-        let g = r.take_quota(&q, 5, 0, 3, 0, end).await.unwrap();
+        let g = r.take_quota(&q, 5, 0, 0, 3, 0, end).await.unwrap();
         assert_eq!((g.granted, g.count), (1, 5));
-        let g = r.take_quota(&q, 5, 2, 3, 0, end).await.unwrap();
+        let g = r.take_quota(&q, 5, 2, 0, 3, 0, end).await.unwrap();
         assert_eq!((g.granted, g.count), (2, 5), "two given back, two taken");
         // Attempts: all or nothing across keys; given back on success.
         let (a, b) = (key("a"), key("b"));

@@ -1061,85 +1061,26 @@ impl UsageStore for SqlStore {
         if usage.is_empty() && last_used.is_empty() && quota.is_empty() {
             return Ok(());
         }
-        let mut usage_sql = ChunkSql::new(|n| {
-            let cols: Vec<&str> = USAGE_COLS.split(", ").collect();
-            let rows: Vec<String> = (0..n).map(|r| placeholders(r * cols.len(), cols.len())).collect();
-            // The key columns (token, workspace, route, minute) are kept; the counts add up.
-            let updates: Vec<String> =
-                cols.iter().skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
-            format!(
-                "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
-                rows.join(", "),
-                updates.join(", ")
-            )
-        });
-        let mut last_used_sql = ChunkSql::new(|n| {
-            let rows: Vec<String> = (0..n)
-                .map(|r| {
-                    format!(
-                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
-                        3 * r + 1,
-                        3 * r + 2,
-                        3 * r + 3
-                    )
-                })
-                .collect();
-            format!(
-                // VALUES columns are column1.. in both engines (SQLite cannot rename them).
-                "UPDATE tokens SET last_used_at = v.column2, last_used_ip = v.column3 FROM (VALUES {}) AS v \
-                 WHERE tokens.id = v.column1 AND (tokens.last_used_at IS NULL OR tokens.last_used_at < v.column2)",
-                rows.join(", ")
-            )
-        });
-        let mut quota_sql = ChunkSql::new(|n| {
-            let rows: Vec<String> = (0..n).map(|r| placeholders(r * 3, 3)).collect();
-            format!(
-                "INSERT INTO quota_counters (token_id, period_start, count) VALUES {} \
-                 ON CONFLICT (token_id) DO UPDATE SET \
-                 count = CASE WHEN quota_counters.period_start = excluded.period_start \
-                     THEN quota_counters.count + excluded.count ELSE excluded.count END, \
-                 period_start = excluded.period_start",
-                rows.join(", ")
-            )
-        });
-        let mut tx = self.begin().await?;
-        // Each statement is a round trip to the database (for SQLite, to its worker thread), and a
-        // flush can hold one row per active token: the small rows go [`SMALL_ROWS`] to a
-        // statement, usage rows [`USAGE_ROWS`] (see there why).
-        for chunk in usage.chunks(USAGE_ROWS) {
-            let mut q = sqlx::query(usage_sql.get(chunk.len()));
-            for u in chunk {
-                q = q
-                    .bind(u.token_id.as_str())
-                    .bind(u.workspace_id.as_str())
-                    .bind(u.route.as_str())
-                    .bind(u.minute.as_millis())
-                    .bind(count(u.requests));
-                for n in u.status {
-                    q = q.bind(count(n));
+        // Every node writes its rows in the same order (by key), so two nodes flushing at once
+        // (all stopping together) wait on each other instead of deadlocking; a deadlock still
+        // reported (PostgreSQL picks one victim) is tried again.
+        let mut usage = usage.to_vec();
+        usage.sort_by(|a, b| (a.token_id.as_str(), &a.route, a.minute).cmp(&(b.token_id.as_str(), &b.route, b.minute)));
+        let mut last_used = last_used.to_vec();
+        last_used.sort_by(|a, b| a.token_id.as_str().cmp(b.token_id.as_str()));
+        let mut quota = quota.to_vec();
+        quota.sort_by(|a, b| a.token_id.as_str().cmp(b.token_id.as_str()));
+        let mut tries = 0;
+        loop {
+            match self.record_usage_once(&usage, &last_used, &quota).await {
+                Err(e) if e.code == "deadlock" && tries < 4 => {
+                    tries += 1;
+                    tracing::info!(tries, "usage flush met another node's; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * tries)).await;
                 }
-                q = q.bind(count(u.bytes_in)).bind(count(u.bytes_out)).bind(count(u.latency_us_sum));
-                for n in u.latency {
-                    q = q.bind(count(n));
-                }
+                other => return other,
             }
-            q.execute(&mut *tx).await.map_err(db_error)?;
         }
-        for chunk in last_used.chunks(SMALL_ROWS) {
-            let mut q = sqlx::query(last_used_sql.get(chunk.len()));
-            for l in chunk {
-                q = q.bind(l.token_id.as_str()).bind(l.at.as_millis()).bind(l.ip.as_str());
-            }
-            q.execute(&mut *tx).await.map_err(db_error)?;
-        }
-        for chunk in quota.chunks(SMALL_ROWS) {
-            let mut q = sqlx::query(quota_sql.get(chunk.len()));
-            for c in chunk {
-                q = q.bind(c.token_id.as_str()).bind(c.period_start).bind(count(c.count));
-            }
-            q.execute(&mut *tx).await.map_err(db_error)?;
-        }
-        self.commit(tx, None).await
     }
 
     async fn usage(
@@ -1200,6 +1141,29 @@ impl ChangeFeed for SqlStore {
             sqlx::query(AssertSqlSafe(sql)).bind(now.as_millis()).fetch_all(&self.pool).await.map_err(db_error)?;
         let tokens = rows.iter().map(rows::token).collect::<Result<Vec<_>>>()?;
         Ok(Snapshot { seq: u64::try_from(seq).unwrap_or(0), tokens })
+    }
+
+    async fn feed_position(&self) -> Result<u64> {
+        let seq = sqlx::query_scalar::<_, i64>("SELECT seq FROM feed_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    async fn snapshot_page(&self, now: Timestamp, after: Option<&TokenId>, limit: u32) -> Result<Vec<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLS} FROM tokens WHERE state <> 'revoked' AND (expires_at IS NULL OR expires_at > $1) \
+             AND id > $2 ORDER BY id LIMIT $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(now.as_millis())
+            .bind(after.map_or("", TokenId::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(rows::token).collect()
     }
 
     async fn changes_since(&self, seq: u64, limit: u32) -> Result<Vec<TokenChange>> {
@@ -1328,4 +1292,104 @@ mod tests {
         assert_eq!(texts[0], texts[2]);
         assert!(texts[3].ends_with("$7)") && !texts[3].contains("$8"));
     }
+}
+
+impl SqlStore {
+    /// One attempt of [`UsageStore::record_usage`], with its rows in key order.
+    async fn record_usage_once(
+        &self,
+        usage: &[UsageRecord],
+        last_used: &[LastUse],
+        quota: &[QuotaCount],
+    ) -> Result<()> {
+        let mut usage_sql = ChunkSql::new(|n| {
+            let cols: Vec<&str> = USAGE_COLS.split(", ").collect();
+            let rows: Vec<String> = (0..n).map(|r| placeholders(r * cols.len(), cols.len())).collect();
+            // The key columns (token, workspace, route, minute) are kept; the counts add up.
+            let updates: Vec<String> =
+                cols.iter().skip(4).map(|c| format!("{c} = token_usage.{c} + excluded.{c}")).collect();
+            format!(
+                "INSERT INTO token_usage ({USAGE_COLS}) VALUES {} ON CONFLICT (token_id, route, minute) DO UPDATE SET {}",
+                rows.join(", "),
+                updates.join(", ")
+            )
+        });
+        let mut last_used_sql = ChunkSql::new(|n| {
+            let rows: Vec<String> = (0..n)
+                .map(|r| {
+                    format!(
+                        "(CAST(${} AS TEXT), CAST(${} AS BIGINT), CAST(${} AS TEXT))",
+                        3 * r + 1,
+                        3 * r + 2,
+                        3 * r + 3
+                    )
+                })
+                .collect();
+            format!(
+                // VALUES columns are column1.. in both engines (SQLite cannot rename them).
+                "UPDATE tokens SET last_used_at = v.column2, last_used_ip = v.column3 FROM (VALUES {}) AS v \
+                 WHERE tokens.id = v.column1 AND (tokens.last_used_at IS NULL OR tokens.last_used_at < v.column2)",
+                rows.join(", ")
+            )
+        });
+        let mut quota_sql = ChunkSql::new(|n| {
+            let rows: Vec<String> = (0..n).map(|r| placeholders(r * 3, 3)).collect();
+            format!(
+                "INSERT INTO quota_counters (token_id, period_start, count) VALUES {} \
+                 ON CONFLICT (token_id) DO UPDATE SET \
+                 count = CASE WHEN quota_counters.period_start = excluded.period_start \
+                     THEN quota_counters.count + excluded.count ELSE excluded.count END, \
+                 period_start = excluded.period_start",
+                rows.join(", ")
+            )
+        });
+        let mut tx = self.begin().await?;
+        // Each statement is a round trip to the database (for SQLite, to its worker thread), and a
+        // flush can hold one row per active token: the small rows go [`SMALL_ROWS`] to a
+        // statement, usage rows [`USAGE_ROWS`] (see there why).
+        for chunk in usage.chunks(USAGE_ROWS) {
+            let mut q = sqlx::query(usage_sql.get(chunk.len()));
+            for u in chunk {
+                q = q
+                    .bind(u.token_id.as_str())
+                    .bind(u.workspace_id.as_str())
+                    .bind(u.route.as_str())
+                    .bind(u.minute.as_millis())
+                    .bind(count(u.requests));
+                for n in u.status {
+                    q = q.bind(count(n));
+                }
+                q = q.bind(count(u.bytes_in)).bind(count(u.bytes_out)).bind(count(u.latency_us_sum));
+                for n in u.latency {
+                    q = q.bind(count(n));
+                }
+            }
+            q.execute(&mut *tx).await.map_err(flush_error)?;
+        }
+        for chunk in last_used.chunks(SMALL_ROWS) {
+            let mut q = sqlx::query(last_used_sql.get(chunk.len()));
+            for l in chunk {
+                q = q.bind(l.token_id.as_str()).bind(l.at.as_millis()).bind(l.ip.as_str());
+            }
+            q.execute(&mut *tx).await.map_err(flush_error)?;
+        }
+        for chunk in quota.chunks(SMALL_ROWS) {
+            let mut q = sqlx::query(quota_sql.get(chunk.len()));
+            for c in chunk {
+                q = q.bind(c.token_id.as_str()).bind(c.period_start).bind(count(c.count));
+            }
+            q.execute(&mut *tx).await.map_err(flush_error)?;
+        }
+        self.commit(tx, None).await
+    }
+}
+
+/// A flush's database error; a deadlock (PostgreSQL's 40P01) is told apart so it can be retried.
+fn flush_error(e: sqlx::Error) -> Error {
+    if let sqlx::Error::Database(db) = &e
+        && db.code().as_deref() == Some("40P01")
+    {
+        return Error::conflict("deadlock", "the flush met another node's; try again");
+    }
+    db_error(e)
 }

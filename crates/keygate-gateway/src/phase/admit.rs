@@ -494,7 +494,13 @@ impl Gateway {
                             retry_after: retry_after_us,
                         },
                         Take::Pending(pending) => return Ok(Some(LimitWait { step, pending })),
-                        Take::Local => self.limiter.check_rate(id, scope, &shared.scaled(&limit), now_us),
+                        Take::Local => {
+                            let d = self.limiter.check_rate(id, scope, &shared.scaled(&limit), now_us);
+                            if alone && d.allowed {
+                                shared.charge_rate(id, scope);
+                            }
+                            d
+                        }
                     }
                 }
                 (None, Some(t)) if scope == 0 => Limiter::check_cell(t.rate_state(), &limit, now_us),
@@ -535,7 +541,13 @@ impl Gateway {
                             reset_after_ms: if reset_after_us == i64::MAX { i64::MAX } else { reset_after_us / 1000 },
                         },
                         Take::Pending(pending) => return Ok(Some(LimitWait { step: 2, pending })),
-                        Take::Local => self.limiter.check_quota(id, &shared.scaled_quota(&q), now_ms),
+                        Take::Local => {
+                            let d = self.limiter.check_quota(id, &shared.scaled_quota(&q), now_ms);
+                            if alone && d.allowed {
+                                shared.charge_quota(id, start);
+                            }
+                            d
+                        }
                     }
                 }
             };

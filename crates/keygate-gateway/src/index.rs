@@ -533,37 +533,19 @@ impl TokenIndex {
                 next
             });
         }
-        let mut dropped = 0;
-        for lock in &self.0.shards {
-            let mut set = lock.write();
-            let before = set.len();
-            set.retain(|slot| {
-                let keep = slot.0.expires_at > now.as_millis();
-                if !keep {
-                    slot.0.retired.store(true, Ordering::Release);
-                }
-                keep
-            });
-            dropped += before - set.len();
-        }
-        self.0.len.fetch_sub(dropped, Ordering::Relaxed);
-        if dropped > 0 {
-            self.changed();
-        }
-        // Ids and scope sets of tokens gone (expired, revoked, changed) are let go of too.
-        self.0.interner.lock().prune();
-        dropped
+        self.keep_only(|t| t.expires_at > now.as_millis())
     }
 
-    /// Drops every token whose hash `keep` does not hold (after a snapshot reload); returns how
-    /// many went.
-    pub fn retain_only(&self, keep: &std::collections::HashSet<[u8; 32]>) -> usize {
+    /// Drops every entry `keep` says no to (retired, so that holders see it), tells the waiters
+    /// of [`Self::changes`], and lets go of the ids and scope sets no entry uses any more
+    /// (tokens expired, revoked or changed). Returns how many went.
+    fn keep_only(&self, keep: impl Fn(&IndexedToken) -> bool) -> usize {
         let mut dropped = 0;
         for lock in &self.0.shards {
             let mut set = lock.write();
             let before = set.len();
             set.retain(|slot| {
-                let kept = keep.contains(&slot.0.hash.0.0);
+                let kept = keep(&slot.0);
                 if !kept {
                     slot.0.retired.store(true, Ordering::Release);
                 }
@@ -577,6 +559,12 @@ impl TokenIndex {
         }
         self.0.interner.lock().prune();
         dropped
+    }
+
+    /// Drops every token whose hash `keep` does not hold (after a snapshot reload); returns how
+    /// many went.
+    pub fn retain_only(&self, keep: &std::collections::HashSet<[u8; 32]>) -> usize {
+        self.keep_only(|t| keep.contains(&t.hash.0.0))
     }
 
     /// Releases spare capacity after a bulk load.

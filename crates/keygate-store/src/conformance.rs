@@ -1804,7 +1804,7 @@ async fn feed_pruning(h: &Harness) {
     // The tokens themselves stay; a snapshot still has them, whole or in pages by id.
     assert_eq!(s.snapshot(T0).await.unwrap().tokens.len(), 2);
     assert_eq!(s.feed_position().await.unwrap(), s.snapshot(T0).await.unwrap().seq);
-    let mut ids = vec![a.id.clone(), b.id.clone()];
+    let mut ids = [a.id.clone(), b.id.clone()];
     ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
     let first = s.snapshot_page(T0, None, 1).await.unwrap();
     assert_eq!(first.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), vec![ids[0].clone()]);

@@ -777,6 +777,51 @@ impl OAuth {
         self.per_client.check(&key, self.now_us()).map_err(slow_down)
     }
 
+    /// The failure throttle's shared bucket for `key` (hex of a digest: nothing the request sent).
+    fn shared_failure_key(prefix: &str, key: &throttle::Key) -> String {
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{{{prefix}:oauth-failures}}:{hex}")
+    }
+
+    /// Whether another failed authentication under `key` may be tried now: on this node, and,
+    /// when the nodes share state, in the bucket every node counts into — so several nodes give a
+    /// guesser no more tries than one. A shared state that does not answer within a second
+    /// leaves this node's answer.
+    async fn failures_allow(&self, key: &throttle::Key) -> OResult<()> {
+        self.failures.allows(key, self.now_us()).map_err(slow_down)?;
+        let Some((shared, prefix)) = self.shared_replay.get() else { return Ok(()) };
+        let bucket = Self::shared_failure_key(prefix, key);
+        let limit = self.failures.limit();
+        let peek = shared.take_rate(&bucket, &limit, 0, 0, 0, self.now_us());
+        match tokio::time::timeout(std::time::Duration::from_secs(1), peek).await {
+            Ok(Ok(g)) if g.remaining == 0 => {
+                let secs = u64::try_from(g.retry_after_us.max(1)).unwrap_or(1).div_ceil(1_000_000);
+                Err(slow_down(secs))
+            }
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "OAuth failure throttle: Redis failed; this node's count decides");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!("OAuth failure throttle: Redis did not answer; this node's count decides");
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts a failed authentication under `key`, here and in the shared bucket.
+    async fn failed(&self, key: &throttle::Key) {
+        let _ = self.failures.check(key, self.now_us());
+        let Some((shared, prefix)) = self.shared_replay.get() else { return };
+        let bucket = Self::shared_failure_key(prefix, key);
+        let limit = self.failures.limit();
+        let count = shared.take_rate(&bucket, &limit, 0, 1, 0, self.now_us());
+        if let Ok(Err(e)) = tokio::time::timeout(std::time::Duration::from_secs(1), count).await {
+            tracing::warn!(error = %e, "OAuth failure throttle: cannot count a failure in Redis");
+        }
+    }
+
     /// The failure throttle's key: the caller's address with the client id it claims.
     fn failure_key(req: &OAuthRequest, claimed: &str) -> throttle::Key {
         let addr = req.peer.map(throttle::address_bytes).unwrap_or_default();
@@ -822,12 +867,12 @@ impl OAuth {
             return Err(challenge(OAuthError::invalid_client("client authentication failed")));
         }
         let failures = Self::failure_key(req, &claimed);
-        self.failures.allows(&failures, self.now_us()).map_err(slow_down)?;
+        self.failures_allow(&failures).await?;
         match self.verify_client(req, &claimed, basic.as_ref(), post, assertion).await {
             Ok(client) => Ok(client),
             Err(e) if e.status == 401 => {
                 // Counted per (address, claimed id): a flood elsewhere does not slow the real client.
-                let _ = self.failures.check(&failures, self.now_us());
+                self.failed(&failures).await;
                 Err(challenge(e))
             }
             Err(e) => Err(e),
@@ -926,8 +971,8 @@ impl OAuth {
         Ok(())
     }
 
-    /// Shares the memory of one-time values (DPoP proofs, client assertions) with the other nodes
-    /// through `backend` (set once).
+    /// Shares the memory of one-time values (DPoP proofs, client assertions) and the count of
+    /// failed client authentications with the other nodes through `backend` (set once).
     pub fn set_shared_replay(&self, backend: Arc<dyn keygate_core::limits::SharedLimits>, prefix: &str) {
         let _ = self.shared_replay.set((backend, prefix.to_owned()));
     }
@@ -940,14 +985,8 @@ impl OAuth {
             return false;
         }
         let Some((shared, prefix)) = self.shared_replay.get() else { return true };
-        let mut h = <sha2::Sha256 as sha2::Digest>::new();
-        for part in [caller, scope.as_bytes(), jti.as_bytes()] {
-            sha2::Digest::update(&mut h, u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
-            sha2::Digest::update(&mut h, part);
-        }
-        let key: String = sha2::Digest::finalize(h).iter().take(16).map(|b| format!("{b:02x}")).collect();
-        let key = format!("{{{prefix}:replay}}:{key}");
-        let ttl_ms = until.saturating_sub(now).saturating_add(1).saturating_mul(1000).max(1000);
+        let key = keygate_core::limits::replay_key(prefix, caller, scope, jti);
+        let ttl_ms = keygate_core::limits::replay_ttl_ms(until, now);
         match tokio::time::timeout(std::time::Duration::from_secs(1), shared.first_use(&key, ttl_ms)).await {
             Ok(Ok(first)) => first,
             Ok(Err(e)) => {
@@ -1520,11 +1559,11 @@ impl OAuth {
         }) {
             // Root-key guesses are throttled per address like client secrets.
             let failures = Self::failure_key(req, "root key");
-            self.failures.allows(&failures, self.now_us()).map_err(slow_down)?;
-            let key = self.admin.authenticate(bearer).await.map_err(|_| {
-                let _ = self.failures.check(&failures, self.now_us());
-                OAuthError::invalid_client("the bearer key is not valid")
-            })?;
+            self.failures_allow(&failures).await?;
+            let Ok(key) = self.admin.authenticate(bearer).await else {
+                self.failed(&failures).await;
+                return Err(OAuthError::invalid_client("the bearer key is not valid"));
+            };
             if !key.permissions.contains(&keygate_core::model::Permission::TokensRead) {
                 return Err(OAuthError::new(403, "insufficient_scope", "the root key lacks tokens:read"));
             }

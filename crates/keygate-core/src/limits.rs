@@ -75,3 +75,23 @@ pub trait SharedLimits: Send + Sync {
     /// Where the state lives, for logs (never a password).
     fn describe(&self) -> String;
 }
+
+/// The shared key under which the one-time value `jti` of `caller` within `scope` (a DPoP key
+/// thumbprint, "client-assertion") is remembered: a digest, so no caller-chosen text reaches
+/// the backend's key space, hash-tagged under `prefix`.
+pub fn replay_key(prefix: &str, caller: &[u8], scope: &str, jti: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [caller, scope.as_bytes(), jti.as_bytes()] {
+        h.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
+        h.update(part);
+    }
+    let digest: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{{{prefix}:replay}}:{digest}")
+}
+
+/// How long a one-time value valid until `until` (seconds) is remembered at `now` (seconds),
+/// in milliseconds: past its end, and at least a second.
+pub fn replay_ttl_ms(until: i64, now: i64) -> i64 {
+    until.saturating_sub(now).saturating_add(1).saturating_mul(1000).max(1000)
+}

@@ -139,8 +139,10 @@ pub trait IndexReadiness: Send + Sync {
     fn status(&self) -> IndexStatus;
 }
 
-/// Verifies tokens from memory (the gateway's index and limiter). Synchronous: it must not wait
-/// on a store.
+/// Verifies tokens from memory (the gateway's index and limiter): it never waits on a store. With
+/// shared limits a verification that counts a cost asks the shared state (Redis) once, within the
+/// gateway's wait bound.
+#[async_trait::async_trait]
 pub trait TokenVerifier: Send + Sync {
-    fn verify(&self, req: &VerifyRequest<'_>) -> Verification;
+    async fn verify(&self, req: &VerifyRequest<'_>) -> Verification;
 }

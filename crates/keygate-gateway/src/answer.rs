@@ -204,6 +204,11 @@ impl Refuse {
     }
 
     /// A DPoP failure (RFC 9449 §7.1): 401 with a `DPoP` challenge naming the error.
+    /// A DPoP proof seen before (on this node, or on another one through the shared memory).
+    pub(crate) fn dpop_replayed() -> Self {
+        Self::dpop("invalid_dpop_proof", "this DPoP proof was already used; make a new proof for each request")
+    }
+
     pub(crate) fn dpop(code: &'static str, message: &str) -> Self {
         let error = match code {
             "invalid_token" | dpop::USE_DPOP_NONCE => code,

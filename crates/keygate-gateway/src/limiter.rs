@@ -95,10 +95,29 @@ impl Limiter {
     /// Checks and, if allowed, takes one request from the bucket of `limit` for `(id, scope)`.
     /// `scope` is 0 for the token's own limit, or a route index + 1.
     pub fn check_rate(&self, id: &[u8; PUBLIC_ID_LEN], scope: u32, limit: &RateLimit, now_us: i64) -> GcraDecision {
-        let Some(shard) = self.tats.get(shard_of(id)) else { return limit.gcra(0, now_us) };
+        self.with_cell(id, scope, now_us, |cell| cas(cell, limit, now_us))
+    }
+
+    /// Takes `cost` requests at once from the bucket of `(id, scope)`, if all of them fit (for
+    /// verifications that count a cost).
+    pub fn check_rate_cost(
+        &self,
+        id: &[u8; PUBLIC_ID_LEN],
+        scope: u32,
+        limit: &RateLimit,
+        now_us: i64,
+        cost: u32,
+    ) -> GcraDecision {
+        self.with_cell(id, scope, now_us, |cell| Self::check_cell_cost(cell, limit, now_us, cost))
+    }
+
+    /// Runs `f` on the bucket of `(id, scope)`, made if new (the overflow bucket of the scope
+    /// when the shard is full).
+    fn with_cell<R>(&self, id: &[u8; PUBLIC_ID_LEN], scope: u32, now_us: i64, f: impl FnOnce(&AtomicI64) -> R) -> R {
+        let Some(shard) = self.tats.get(shard_of(id)) else { return f(&AtomicI64::new(0)) };
         let mut key = (*id, scope);
         if let Some(cell) = shard.read().map.get(&key) {
-            return cas(cell, limit, now_us);
+            return f(cell);
         }
         let mut b = shard.write();
         if b.map.len() >= SHARD_CAPACITY && !b.map.contains_key(&key) {
@@ -113,7 +132,7 @@ impl Limiter {
             }
         }
         let cell = b.map.entry(key).or_insert_with(|| AtomicI64::new(0));
-        cas(cell, limit, now_us)
+        f(cell)
     }
 
     /// Checks and, if allowed, takes one request from the bucket whose state is `cell` (a token's
@@ -153,8 +172,13 @@ impl Limiter {
     /// Counts one request against `quota` for token `id` without checking it (the shared count
     /// decided): this node's count, written to the store with usage.
     pub fn count_quota(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64) {
+        self.count_quota_cost(id, quota, now_ms, 1);
+    }
+
+    /// Counts `cost` requests of `quota` without deciding (the shared count decided).
+    pub fn count_quota_cost(&self, id: &[u8; PUBLIC_ID_LEN], quota: &Quota, now_ms: i64, cost: u64) {
         let unbounded = Quota { requests: u64::MAX, period: quota.period };
-        self.check_quota_cost(id, &unbounded, now_ms, 1);
+        self.check_quota_cost(id, &unbounded, now_ms, cost);
     }
 
     /// The count this node knows for token `id` in the period that starts at `period_start`

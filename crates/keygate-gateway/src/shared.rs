@@ -57,6 +57,20 @@ enum Of {
 
 type Key = ([u8; PUBLIC_ID_LEN], Of);
 
+/// What a cost taken at once from a shared bucket or count decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostDecision {
+    pub allowed: bool,
+    /// What could still be taken after.
+    pub remaining: u64,
+    /// Microseconds until the bucket is full again, or the quota's period ends (`i64::MAX`: never).
+    pub reset_after_us: i64,
+}
+
+/// A shared replay check in flight: `Some(true)` if the value was new to every node, `Some(false)`
+/// for a replay, `None` if the backend failed.
+pub type ReplayCheck = std::pin::Pin<Box<dyn std::future::Future<Output = Option<bool>> + Send>>;
+
 /// One node's share of a shared bucket or quota count.
 pub struct Lease {
     /// The backend's key.
@@ -206,6 +220,11 @@ impl SharedLimiter {
         (self.backend.clone(), &self.prefix)
     }
 
+    /// The prefix of every key this deployment keeps in the backend.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Where the shared state lives, for logs.
     pub fn describe(&self) -> String {
         self.backend.describe()
@@ -257,12 +276,115 @@ impl SharedLimiter {
         if map.len() >= SHARD_CAPACITY && !map.contains_key(&key) {
             return None;
         }
-        let name = match of {
+        let name = self.key_name(id, of);
+        Some(f(map.entry(key).or_insert_with(|| Arc::new(Lease::new(name)))))
+    }
+
+    /// The backend's key of the bucket or count `of` of token `id`.
+    fn key_name(&self, id: &[u8; PUBLIC_ID_LEN], of: Of) -> String {
+        match of {
             Of::Rate(0) => format!("{{{}:{}}}:t", self.prefix, hex(id)),
             Of::Rate(r) => format!("{{{}:{}}}:r{r:08x}", self.prefix, hex(id)),
             Of::Quota(start) => format!("{{{}:{}}}:q{start}", self.prefix, hex(id)),
-        };
-        Some(f(map.entry(key).or_insert_with(|| Arc::new(Lease::new(name)))))
+        }
+    }
+
+    /// When a quota count whose period ends at `end_ms` is let go: a period's a minute after
+    /// it ends; a total quota's (no end) a year after its last use.
+    fn quota_expiry(now_ms: i64, end_ms: i64) -> i64 {
+        if end_ms == i64::MAX { now_ms.saturating_add(365 * 86_400_000) } else { end_ms + 60_000 }
+    }
+
+    /// One call to the backend made while a caller waits: at most [`SharedLimiter::wait`]; `None`
+    /// if it fails (the backend is then marked down) or is late (decided alone this time).
+    async fn call_now<T>(
+        &self,
+        call: impl std::future::Future<Output = keygate_core::Result<T>>,
+        now_us: i64,
+    ) -> Option<T> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.wait, call).await {
+            Ok(Ok(v)) => {
+                self.mark_up();
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.mark_down(now_us, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.waited_too_long();
+                None
+            }
+        }
+    }
+
+    /// Takes `cost` requests at once, all or nothing, from the token `id`'s own shared rate
+    /// bucket, in one call to the backend (for `POST /admin/v1/verify`, which counts a cost; the
+    /// gateway's leases of the same bucket were taken from it already). `None` when the backend
+    /// is down, fails or is late: decide alone, with this node's share.
+    pub async fn take_rate_cost(
+        &self,
+        id: &[u8; PUBLIC_ID_LEN],
+        limit: &RateLimit,
+        cost: u32,
+        now_us: i64,
+    ) -> Option<CostDecision> {
+        if self.down(now_us) {
+            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let key = self.key_name(id, Of::Rate(0));
+        let g = self.call_now(self.backend.take_rate(&key, limit, 0, 0, cost, now_us), now_us).await?;
+        let allowed = g.granted >= cost;
+        if !allowed && g.granted > 0 {
+            // Part of the cost fitted: it goes back, in the background.
+            let (backend, limit, refund) = (self.backend.clone(), *limit, g.granted);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(CALL_BOUND, backend.take_rate(&key, &limit, refund, 0, 0, now_us)).await;
+            });
+        }
+        Some(CostDecision {
+            allowed,
+            remaining: if allowed { g.remaining } else { g.remaining + u64::from(g.granted) },
+            reset_after_us: g.reset_after_us,
+        })
+    }
+
+    /// The same for `cost` requests of the token `id`'s shared quota count in the period of
+    /// `now_ms`; `known` is the count this node knows (a count the backend lost starts from it).
+    pub async fn take_quota_cost(
+        &self,
+        id: &[u8; PUBLIC_ID_LEN],
+        quota: &Quota,
+        cost: u64,
+        now_ms: i64,
+        known: u64,
+    ) -> Option<CostDecision> {
+        let now_us = now_ms.saturating_mul(1000);
+        if self.down(now_us) {
+            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let (start, end) = quota.period.window(now_ms);
+        let expire_at_ms = Self::quota_expiry(now_ms, end);
+        let key = self.key_name(id, Of::Quota(start));
+        let call = self.backend.take_quota(&key, quota.requests, 0, 0, cost, known, expire_at_ms);
+        let g = self.call_now(call, now_us).await?;
+        let allowed = g.granted >= cost;
+        if !allowed && g.granted > 0 {
+            let (backend, limit, refund) = (self.backend.clone(), quota.requests, g.granted);
+            tokio::spawn(async move {
+                let back = backend.take_quota(&key, limit, refund, 0, 0, known, expire_at_ms);
+                let _ = tokio::time::timeout(CALL_BOUND, back).await;
+            });
+        }
+        let count = if allowed { g.count } else { g.count.saturating_sub(g.granted) };
+        Some(CostDecision {
+            allowed,
+            remaining: quota.requests.saturating_sub(count),
+            reset_after_us: if end == i64::MAX { i64::MAX } else { (end - now_ms).saturating_mul(1000) },
+        })
     }
 
     /// Whether `lease`, with `left` requests after this one, should be replaced now: half spent,
@@ -308,6 +430,30 @@ impl SharedLimiter {
     /// The same for the quota count of the period that starts at `period_start`.
     pub fn charge_quota(&self, id: &[u8; PUBLIC_ID_LEN], period_start: i64) {
         self.with_lease(id, Of::Quota(period_start), |l| l.debt.fetch_add(1, Ordering::AcqRel));
+    }
+
+    /// Asks the backend whether the one-time value `key` (a DPoP proof's, see
+    /// [`keygate_core::limits::replay_key`]) is new to every node, remembering it for `ttl_ms`.
+    /// `None` while the backend is down: this node's memory decides alone. The answer is `None`
+    /// too when the call fails (the backend is then marked down, as for a lease).
+    pub fn first_use(self: &Arc<Self>, key: String, ttl_ms: i64, now_us: i64) -> Option<ReplayCheck> {
+        if self.down(now_us) {
+            return None;
+        }
+        let me = self.clone();
+        Some(Box::pin(async move {
+            me.stats.calls.fetch_add(1, Ordering::Relaxed);
+            match me.backend.first_use(&key, ttl_ms).await {
+                Ok(first) => {
+                    me.mark_up();
+                    Some(first)
+                }
+                Err(e) => {
+                    me.mark_down(now_us, &e.to_string());
+                    None
+                }
+            }
+        }))
     }
 
     /// Takes one request from the shared rate bucket of `limit` for `(id, scope)` (scope 0: the
@@ -357,8 +503,7 @@ impl SharedLimiter {
         let (start, end) = quota.period.window(now_ms);
         let reset_after_us = if end == i64::MAX { i64::MAX } else { (end - now_ms).saturating_mul(1000) };
         let want = self.lease_size(quota.requests);
-        // A total quota's key lives for a year past its last use; a period's until it ends.
-        let expire_at_ms = if end == i64::MAX { now_ms.saturating_add(365 * 86_400_000) } else { end + 60_000 };
+        let expire_at_ms = Self::quota_expiry(now_ms, end);
         let refill =
             Refill::Quota { limit: quota.requests, want, known, expire_at_ms, reset_at_us: end.saturating_mul(1000) };
         let decided = self.with_lease(id, Of::Quota(start), |lease| {

@@ -113,19 +113,50 @@ impl AdminReporter {
     }
 }
 
+/// The first pause before a report is tried again while the store cannot be reached; doubled
+/// up to [`EXPOSURE_RETRY_MAX`]. The report waits in the task (the queues behind it are bounded).
+const EXPOSURE_RETRY_FIRST: Duration = Duration::from_millis(500);
+const EXPOSURE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Tries of a report that meets a concurrent change of its token (a version conflict).
+const EXPOSURE_CONFLICT_TRIES: u32 = 3;
+
+/// Marks the reported token exposed (with its audit event). While the store cannot be reached
+/// (PostgreSQL stopped, failing over) the report is kept and tried again with growing pauses, so
+/// an outage loses no exposure: the token is marked once the store answers.
 async fn mark_exposed(admin: &Admin, Exposure { token, where_ }: Exposure) {
     let hash = admin.hash(token.expose());
-    match admin.store().token_by_hash(&hash).await {
-        Ok(Some(t)) => {
-            let actor = Actor { id: "gateway".into(), source: None };
-            if let Err(e) = admin.mark_exposed(&t.workspace_id, &actor, &t, Some(&where_)).await {
-                tracing::warn!(error = %e, token_id = %t.id, "cannot mark a token exposed");
-            } else {
-                tracing::warn!(token_id = %t.id, "a token was sent in a query string and is now marked exposed");
+    let mut pause = EXPOSURE_RETRY_FIRST;
+    let mut conflicts = 0;
+    loop {
+        let marked = match admin.store().token_by_hash(&hash).await {
+            Ok(Some(t)) => {
+                let actor = Actor { id: "gateway".into(), source: None };
+                admin.mark_exposed(&t.workspace_id, &actor, &t, Some(&where_)).await.map(|m| Some(m.id))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match marked {
+            Ok(Some(id)) => {
+                tracing::warn!(token_id = %id, "a token was sent in a query string and is now marked exposed");
+                return;
+            }
+            Ok(None) => return,
+            Err(e) if e.kind == keygate_core::ErrorKind::Unavailable => {
+                if pause == EXPOSURE_RETRY_FIRST {
+                    tracing::warn!(error = %e, "cannot mark a token seen in a query string exposed yet: the store is not reachable; the report is kept and tried again");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(EXPOSURE_RETRY_MAX);
+            }
+            Err(e) if e.kind == keygate_core::ErrorKind::Conflict && conflicts + 1 < EXPOSURE_CONFLICT_TRIES => {
+                conflicts += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mark a token seen in a query string exposed");
+                return;
             }
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot look up a token seen in a query string"),
     }
 }
 

@@ -212,8 +212,9 @@ struct FakeVerifier {
     asked: parking_lot::Mutex<Vec<Asked>>,
 }
 
+#[async_trait::async_trait]
 impl keygate_core::verify::TokenVerifier for FakeVerifier {
-    fn verify(&self, req: &keygate_core::verify::VerifyRequest<'_>) -> keygate_core::verify::Verification {
+    async fn verify(&self, req: &keygate_core::verify::VerifyRequest<'_>) -> keygate_core::verify::Verification {
         use keygate_core::verify::{LimitState, Verification, VerifiedToken, VerifyCode};
         self.asked.lock().push((
             req.token.to_owned(),

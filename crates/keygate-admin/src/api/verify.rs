@@ -61,12 +61,14 @@ pub(crate) async fn verify_token(
             "this node has no token index; send verifications to a node that runs the gateway",
         ));
     };
-    let v = verifier.verify(&VerifyRequest {
-        token: &req.token,
-        scope: scope.as_ref(),
-        cost,
-        ip,
-        workspace: &auth.key.workspace_id,
-    });
+    let v = verifier
+        .verify(&VerifyRequest {
+            token: &req.token,
+            scope: scope.as_ref(),
+            cost,
+            ip,
+            workspace: &auth.key.workspace_id,
+        })
+        .await;
     Ok(Json(v.into()))
 }

@@ -80,6 +80,11 @@ impl KeyedRate {
         Self { limit, half: (capacity / 2).max(1), gens: Mutex::new(Generations::default()) }
     }
 
+    /// The limit each key has.
+    pub(crate) fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
     /// Counts a request against `key`: `Err(retry_after_seconds)` when over the limit.
     pub(crate) fn check(&self, key: &Key, now_us: i64) -> Result<(), u64> {
         self.decide(key, now_us, true)

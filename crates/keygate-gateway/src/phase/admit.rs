@@ -49,9 +49,18 @@ pub(crate) enum Verdict<'a> {
 /// What [`Gateway::admit`] decided from the head alone.
 pub(crate) enum Admission<'a> {
     Ready(Verdict<'a>),
-    /// Every check passed so far but a limit's shared lease is being refilled: finish with
-    /// [`Gateway::admit_after_wait`].
-    Wait(&'a Route, LimitWait),
+    /// Every check passed so far but one needs the shared state (a DPoP proof's first use on
+    /// every node, a limit's lease being refilled): finish with [`Gateway::admit_after_wait`].
+    Wait(&'a Route, Resume),
+}
+
+/// Where the checks of a request stopped to wait for the shared state.
+pub(crate) enum Resume {
+    /// The DPoP proof was new to this node; the shared memory is asked whether another node saw
+    /// it. Every check after DPoP follows.
+    Replay(crate::shared::ReplayCheck),
+    /// A limit's lease is being refilled.
+    Limits(LimitWait),
 }
 
 impl<'a> From<Verdict<'a>> for Admission<'a> {
@@ -265,20 +274,41 @@ impl Gateway {
         }
     }
 
-    /// Finishes the limit checks of a request whose shared lease was being refilled: waits for
-    /// the refill, at most the configured bound in all, then decides (alone, with this node's
-    /// share of each limit, if the lease did not come in time).
+    /// Finishes the checks of a request that waits for the shared state: the answer about its
+    /// DPoP proof, a limit's lease being refilled. Waits at most the configured bound in all,
+    /// then decides alone: with this node's memory of DPoP proofs, with this node's share of
+    /// each limit.
     pub(crate) async fn admit_after_wait<'a>(
         &self,
         ctx: &mut RequestCtx<'a, '_>,
         route: &'a Route,
-        mut wait: LimitWait,
+        resume: Resume,
     ) -> Verdict<'a> {
         let bound = self.shared.as_ref().map_or(Duration::ZERO, |s| s.wait);
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut wait = match resume {
+            Resume::Limits(wait) => wait,
+            Resume::Replay(first_use) => {
+                match tokio::time::timeout_at(deadline, first_use).await {
+                    Ok(Some(false)) => return Verdict::refused(&Refuse::dpop_replayed(), ctx.head),
+                    // New everywhere, or the backend failed (it is then marked down).
+                    Ok(_) => {}
+                    Err(_) => {
+                        if let Some(s) = &self.shared {
+                            s.waited_too_long();
+                        }
+                    }
+                }
+                match self.check_after_dpop(ctx, route) {
+                    Ok(None) => return self.admitted(ctx, route),
+                    Ok(Some(wait)) => wait,
+                    Err(r) => return Verdict::refused(&r, ctx.head),
+                }
+            }
+        };
         if let Some(s) = &self.shared {
             s.stats.waits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let deadline = tokio::time::Instant::now() + bound;
         loop {
             let alone = tokio::time::timeout_at(deadline, wait.pending.wait()).await.is_err();
             if alone && let Some(s) = &self.shared {
@@ -296,7 +326,7 @@ impl Gateway {
     /// become known. (The refusal path is the slow path; its large error value is not worth a
     /// box.)
     #[allow(clippy::result_large_err)]
-    fn check<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Result<(&'a Route, Option<LimitWait>), Refuse> {
+    fn check<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Result<(&'a Route, Option<Resume>), Refuse> {
         let head = ctx.head;
         let route = match ctx.table.routes.resolve(|| head.host(), &ctx.path) {
             Ok(Some(route)) => route,
@@ -353,7 +383,7 @@ impl Gateway {
                 "this route is not open to this token's workspace; use a token of the route's workspace",
             ));
         }
-        self.check_dpop(head, &ctx.conn, (scheme, presented), caller, now)?;
+        let shared_replay = self.check_dpop(head, &ctx.conn, (scheme, presented), caller, now)?;
         // RFC 9449 §9: the nonce for the next proof, with the answer.
         if scheme == Scheme::Dpop
             && let Some(k) = &self.dpop_nonces
@@ -361,6 +391,19 @@ impl Gateway {
         {
             ctx.extra.header(HeaderName::from_static("dpop-nonce"), v);
         }
+        if let Some(first_use) = shared_replay {
+            return Ok((route, Some(Resume::Replay(first_use))));
+        }
+        Ok((route, self.check_after_dpop(ctx, route)?.map(Resume::Limits)))
+    }
+
+    /// The checks after the credential and its DPoP proof: the IP allowlist, the scope, an
+    /// upgrade, the body's size, then the limits.
+    #[allow(clippy::result_large_err)]
+    fn check_after_dpop(&self, ctx: &mut RequestCtx<'_, '_>, route: &Route) -> Result<Option<LimitWait>, Refuse> {
+        let head = ctx.head;
+        let Some(caller) = ctx.caller.as_ref() else { return Ok(None) };
+        let ip = caller.ip;
         if !caller.allows_ip(ip) {
             return Err(Refuse::of(Code::IpNotAllowed, format!("the token may not be used from {ip}")));
         }
@@ -389,13 +432,14 @@ impl Gateway {
                 format!("this route takes bodies up to {} bytes", route.max_body_bytes),
             ));
         }
-        let wait = self.check_limits(ctx, route, 0, false)?;
-        Ok((route, wait))
+        self.check_limits(ctx, route, 0, false)
     }
 
     /// RFC 9449 §7: a token bound to a DPoP key must come as `Authorization: DPoP` with a proof
     /// of that key for this request (method, URL, the token's hash), used once; a proof sent
-    /// with an unbound token must be valid too.
+    /// with an unbound token must be valid too. With shared limits, a proof new to this node is
+    /// then asked about on every node: the check to wait for is returned.
+    #[allow(clippy::result_large_err)]
     fn check_dpop(
         &self,
         head: &ReqHead<'_>,
@@ -403,7 +447,7 @@ impl Gateway {
         (scheme, token): (Scheme, &str),
         caller: &Caller,
         now: Timestamp,
-    ) -> Result<(), Refuse> {
+    ) -> Result<Option<crate::shared::ReplayCheck>, Refuse> {
         let bound = caller.dpop_jkt();
         if scheme != Scheme::Dpop {
             return match bound {
@@ -411,7 +455,7 @@ impl Gateway {
                     "invalid_token",
                     "this token is bound to a DPoP key: send it as Authorization: DPoP with a DPoP proof",
                 )),
-                None => Ok(()),
+                None => Ok(None),
             };
         }
         let mut proofs = head.all("dpop");
@@ -445,9 +489,16 @@ impl Gateway {
         // Remembered in the caller's own partition (issue 12 #6): a flood of proofs from one
         // token can neither fill the cache for others nor make it forget their proofs.
         if !self.dpop_replay.first_use(caller.limit_key(), &v.jkt, &v.jti, v.replay_until, now_s) {
-            return Err(Refuse::dpop("invalid_dpop_proof", "this DPoP proof was already used"));
+            return Err(Refuse::dpop_replayed());
         }
-        Ok(())
+        Ok(self.shared.as_ref().and_then(|shared| {
+            let key = keygate_core::limits::replay_key(shared.prefix(), caller.limit_key(), &v.jkt, &v.jti);
+            shared.first_use(
+                key,
+                keygate_core::limits::replay_ttl_ms(v.replay_until, now_s),
+                now.as_millis().saturating_mul(1000),
+            )
+        }))
     }
 
     /// Token rate limit, route rate limit (it can only tighten) and quota, from check `from` on;

@@ -117,7 +117,9 @@ async fn a_database_outage_is_served_through_and_caught_up_after() {
     let a = TestKeygate::start_with(opts.clone()).await.unwrap();
     let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
     let (id, token) = a.client().create_token(&json!({"name": "t"})).await;
+    let (leak_id, leak) = a.client().create_token(&json!({"name": "leaked"})).await;
     b.sync_index().await.unwrap();
+    a.sync_index().await.unwrap();
 
     pg.stop();
     for _ in 0..10 {
@@ -132,6 +134,10 @@ async fn a_database_outage_is_served_through_and_caught_up_after() {
     // A flush while the store is gone keeps the counts for the next one.
     a.flush_usage().await;
     b.flush_usage().await;
+    // A second token seen in a query string during the outage: refused at once, marked exposed
+    // (with its audit event) once the store is back — the report is kept, not lost.
+    let leaked = reqwest::get(format!("{}/demo/echo?access_token={leak}", a.gateway_url())).await.unwrap();
+    assert_eq!(leaked.status(), StatusCode::BAD_REQUEST);
 
     pg.start(); // the same address: to keygate, a failover to a new primary looks the same
     let mut revoked = None;
@@ -150,6 +156,14 @@ async fn a_database_outage_is_served_through_and_caught_up_after() {
     let caught_up = until(async || b.index().verify(&token, now).is_err()).await;
     assert!(caught_up, "node b applies the revocation from the feed after the outage");
     assert_eq!(call(&b, &token).await, StatusCode::UNAUTHORIZED);
+    let exposed = until(async || {
+        let t = a.client().get(&format!("/admin/v1/tokens/{leak_id}")).await;
+        t.body["exposed_at"].is_string()
+    })
+    .await;
+    assert!(exposed, "the exposure seen during the outage is recorded once the database is back");
+    let trail = a.client().get(&format!("/admin/v1/audit-events?target={leak_id}&action=token.exposed")).await;
+    assert_eq!(trail.body["data"].as_array().map(Vec::len), Some(1), "{}", trail.body);
 
     // Every request counted during the outage reached the store: the 20 it served (the refusal
     // after the revocation is of a token no longer in the index, counted for no token).

@@ -276,7 +276,95 @@ async fn a_dpop_proof_used_on_one_node_is_refused_on_another() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"], "invalid_dpop_proof", "{body}");
     let fresh = proof(&key, "POST", "http://keys.test/oauth2/token", None, "once-2", now);
-    assert_eq!(token(&b, &id, &secret, &form, Some(fresh)).await.0, StatusCode::OK, "a fresh proof is fine");
+    let (s, issued) = token(&b, &id, &secret, &form, Some(fresh)).await;
+    assert_eq!(s, StatusCode::OK, "a fresh proof is fine: {issued}");
+
+    // At the gateway too: a proof for a request that node a let through is refused by node b,
+    // asked for the same URL (as behind a load balancer, one host name for both).
+    let at = issued["access_token"].as_str().unwrap();
+    let host = a.gateway_url().trim_start_matches("http://").to_owned();
+    let url = format!("http://{host}/demo/echo");
+    let p = proof(&key, "GET", &url, Some(at), "call-1", now);
+    let send = |kg: &TestKeygate, p: &str| {
+        reqwest::Client::new()
+            .get(format!("{}/demo/echo", kg.gateway_url()))
+            .header("host", host.as_str())
+            .header("authorization", format!("DPoP {at}"))
+            .header("dpop", p)
+            .send()
+    };
+    let first = send(&a, &p).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK, "{:?}", first.text().await);
+    let replayed = send(&b, &p).await.unwrap();
+    assert_eq!(replayed.status(), StatusCode::UNAUTHORIZED);
+    let challenge = replayed.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.contains("already used"), "{challenge}");
+    let p2 = proof(&key, "GET", &url, Some(at), "call-2", now);
+    assert_eq!(send(&b, &p2).await.unwrap().status(), StatusCode::OK, "a fresh proof is fine on b");
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
+/// Failed client authentications count on every node: a guesser spreading wrong secrets over two
+/// nodes is slowed down after the one allowance (20 in a burst), not after one per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_client_authentications_count_across_nodes() {
+    use crate::oauth::{client, token};
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let shared = RedisConfig { url: Some(redis_url()), key_prefix: prefix(), ..RedisConfig::default() };
+    let opts = Options { database_url: Some(db.url.clone()), redis: Some(shared), ..Options::default() };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    let (_, id, _) = client(&a, json!({"scopes": []})).await;
+    let form = [("grant_type", "client_credentials")];
+    let mut statuses = Vec::new();
+    for i in 0..24 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        statuses.push(token(node, &id, "kgcs_wrong", &form, None).await.0.as_u16());
+    }
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    let slowed = statuses.iter().filter(|s| **s == 429).count();
+    // The clock stands still: 20 failures in all (a burst of 19 and one), then slow_down on both.
+    assert_eq!((refused, slowed), (20, 4), "{statuses:?}");
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}
+
+/// `POST /admin/v1/verify` counts its cost in the shared bucket and quota, the ones the gateway's
+/// leases draw from: what one node's services took is gone on the others, and gateway traffic and
+/// verifications share one allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_costs_count_across_nodes() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let shared = RedisConfig { url: Some(redis_url()), key_prefix: prefix(), wait_ms: 1_000, ..RedisConfig::default() };
+    let opts = Options { database_url: Some(db.url.clone()), redis: Some(shared), ..Options::default() };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    for n in [&a, &b] {
+        n.cluster().beat_now().await;
+    }
+    let body = json!({"name": "svc", "rate_limit": {"requests": 10, "per_seconds": 60},
+        "quota": {"requests": 25, "period": "day"}});
+    let (_, token) = a.client().create_token(&body).await;
+    b.sync_index().await.unwrap();
+    let verify = async |kg: &TestKeygate, cost: u32| {
+        let r = kg.client().post("/admin/v1/verify", &json!({"token": token, "cost": cost})).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body
+    };
+    let first = verify(&a, 6).await;
+    assert_eq!((first["code"].as_str(), first["rate_limit"]["remaining"].as_u64()), (Some("ok"), Some(4)), "{first}");
+    let second = verify(&b, 6).await;
+    assert_eq!(second["code"], "rate_limited", "6 of 10 were taken on node a: {second}");
+    assert_eq!(second["rate_limit"]["remaining"], 4, "{second}");
+    let rest = verify(&b, 4).await;
+    assert_eq!(rest["code"], "ok", "{rest}");
+    assert_eq!(rest["quota"]["remaining"], 15, "the quota counted a's 6 and b's 4: {rest}");
+    // The gateway draws from the same bucket: nothing left for a request on either node.
+    let r = reqwest::Client::new().get(format!("{}/demo/echo", a.gateway_url())).bearer_auth(&token).send().await;
+    assert_eq!(r.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
     a.stop().await;
     b.stop().await;
     db.drop_db().await;

@@ -23,6 +23,10 @@ pepper, one PostgreSQL database and one Redis key prefix:
        redis     Redis stopped: nodes keep serving, each enforces its share, the metrics say
                  keygate_shared_limits_up 0; started: back to 1, no refusals meanwhile, limits
                  shared again
+       slow-redis  Redis behind a delay line in this program: 50 ms away (ten times redis.wait_ms),
+                 then partitioned (bytes held 5 s), then healed: requests keep being answered, a
+                 limit admits at most the limit plus each node's share (decided alone after
+                 wait_ms), each node its share while cut off, shared again after the heal
        postgres  PostgreSQL stopped: gateways keep serving, the admin API answers 503
                  store_unavailable; started: a revocation reaches every node
      then the same usage comparison, exact.
@@ -372,6 +376,83 @@ class OwnRedis:
 
     def url(self):
         return f"redis://127.0.0.1:{self.port}"
+
+
+class DelayLine:
+    """A TCP relay between the nodes and a Redis that delays every byte by `delay` seconds each way
+    (as a slow network would: in order, nothing lost, throughput kept). A long delay is a
+    partition as TCP lives it: the bytes wait, and arrive when it heals. Threads, one listener."""
+
+    def __init__(self, h, target_port):
+        self.h, self.target = h, target_port
+        self.delay = 0.0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self.conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                q = queue.Queue()
+                threading.Thread(target=self._read, args=(src, q), daemon=True).start()
+                threading.Thread(target=self._write, args=(dst, q), daemon=True).start()
+
+    def _read(self, src, q):
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            q.put((time.monotonic() + self.delay, data))
+            if not data:
+                return
+
+    def _write(self, dst, q):
+        while True:
+            due, data = q.get()
+            while True:
+                wait = min(due, time.monotonic() + self.delay) - time.monotonic() if self.delay else 0
+                if wait <= 0:
+                    break
+                time.sleep(min(wait, 0.05))  # a shorter delay set meanwhile releases sooner
+            if not data:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
 
 
 class Node:
@@ -1017,6 +1098,73 @@ def redis_outage(h, c, redis):
             f"after Redis came back: {a_admitted} admitted, ideal {a_ideal}, {local} decided locally")
 
 
+def slow_redis(h, c, line):
+    """Redis behind a delay line: slow (50 ms round trip, ten times redis.wait_ms), then cut off
+    (bytes held 5 s, a partition as TCP lives it), then healed."""
+    name = "slow-redis"
+    lim = {"requests": 60, "per_seconds": 60}
+    slow_id, slow_secret = c.create_token({"name": "slow", "rate_limit": lim})
+    cut_id, cut_secret = c.create_token({"name": "partitioned", "rate_limit": lim})
+    sid, ssecret = c.create_token({"name": "steady-slow", "rate_limit": {"requests": 6000, "per_seconds": 60}})
+    c.sync()
+    share = math.ceil(60 / 3)
+
+    def local_total():
+        return sum(n.metrics().get("keygate_shared_limits_local_decisions_total", 0) for n in c.nodes)
+
+    line.delay = 0.025
+    local0 = local_total()
+    t = time.monotonic()
+    lat = []
+    for i in range(30):  # one request at a time: what the delay costs a caller
+        t1 = time.monotonic()
+        s = gw_call(c.nodes[i % 3].gw_port, ssecret)
+        lat.append((time.monotonic() - t1) * 1000)
+        c.count(sid, s)
+        h.check(name, s == 200, f"a token without limits answered {s} while Redis was slow")
+    counts, elapsed = drive(c, slow_id, slow_secret, total=300, threads_per_node=2)
+    slow_admitted = sum(x.get(200, 0) for x in counts)
+    slow_other = {k: v for x in counts for k, v in x.items() if k not in (200, 429)}
+    slow_ideal = 60 + math.floor(elapsed * 60 / 60)
+    slow_local = int(local_total() - local0)
+    slow_s = time.monotonic() - t
+
+    line.delay = 5.0
+    with Steady(c, sid, ssecret, rps=60) as steady:
+        # The first limited requests wait for leases that do not come; after the backend's call
+        # bound (1 s) every node marks Redis down and decides alone with its share.
+        counts2, elapsed2 = drive(c, cut_id, cut_secret, total=300, threads_per_node=2)
+        wait_until("keygate_shared_limits_up 0 on every node during the partition", 10,
+                   lambda: all(n.metrics().get("keygate_shared_limits_up") == 0 for n in c.nodes), every=0.1)
+        line.delay = 0.0
+        t_heal = time.monotonic()
+
+        def healed():
+            for n in c.nodes:
+                c.count(cut_id, gw_call(n.gw_port, cut_secret))  # a call to Redis, to learn it is back
+            return all(n.metrics().get("keygate_shared_limits_up") == 1 for n in c.nodes)
+
+        wait_until("keygate_shared_limits_up 1 on every node after the partition heals", 20, healed, every=0.2)
+        heal_s = time.monotonic() - t_heal
+        steady_all = dict(steady.counts)
+    cut = [x.get(200, 0) for x in counts2]
+    cut_other = {k: v for x in counts2 for k, v in x.items() if k not in (200, 429)}
+    share_ideal = share + math.floor(elapsed2 * share / 60)
+    figure(name, f"Redis 50 ms away: single requests p50 {pct(lat, 0.5):.1f} ms, max {max(lat):.1f} ms "
+                 f"(redis.wait_ms {h.args.redis_wait_ms}); limit 60/60s through 3 nodes admitted {slow_admitted} "
+                 f"(ideal {slow_ideal}, {slow_admitted / slow_ideal:.2f}x; bound: limit plus each node's share "
+                 f"decided alone), {slow_local} decided locally in {slow_s:.1f} s; partitioned (bytes held 5 s): "
+                 f"{sum(cut)} admitted ({'/'.join(map(str, cut))} per node, share {share}), steady token "
+                 f"{steady_all.get(200, 0)} served of {sum(steady_all.values())}; healed: shared again after "
+                 f"{heal_s:.1f} s")
+    h.check(name, not slow_other and not cut_other, f"unexpected answers: {slow_other} {cut_other}")
+    h.check(name, slow_admitted <= math.floor((slow_ideal + 3 * share) * 1.02),
+            f"slow Redis: {slow_admitted} admitted, more than the limit plus the nodes' shares")
+    h.check(name, all(x <= math.floor(share_ideal * 1.02) for x in cut),
+            f"partitioned: a node admitted more than its share {share_ideal}: {cut}")
+    h.check(name, set(steady_all) <= {200}, f"the steady token got other answers than 200: {steady_all}")
+
+
 def postgres_outage(h, c, pg):
     name = "postgres"
     uid, usecret = c.create_token({"name": "through-the-outage"})
@@ -1146,9 +1294,12 @@ def phase_b(h):
     redis = OwnRedis(h)
     redis.start()
     h.cleanups.append(redis.stop)
-    c = Cluster(h, "b", pg.url(), redis.url(), "kgh" + rand(12))
+    line = DelayLine(h, redis.port)  # no delay until slow-redis sets one
+    h.cleanups.append(line.close)
+    c = Cluster(h, "b", pg.url(), line.url(), "kgh" + rand(12))
     c.start()
     run_scenario(h, "redis", redis_outage, c, redis)
+    run_scenario(h, "slow-redis", slow_redis, c, line)
     run_scenario(h, "postgres", postgres_outage, c, pg)
     say("phase B: stopping the nodes (SIGTERM writes usage), one started again to read it")
     sent, metered, ntok, wrong = c.check_usage("usage-b")

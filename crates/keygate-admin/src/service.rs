@@ -282,7 +282,7 @@ impl Admin {
         rng: Arc<dyn Randomness>,
     ) -> Self {
         let root_prefix = settings.prefix.root_key_prefix();
-        Self {
+        let admin = Self {
             store,
             pepper,
             settings,
@@ -294,7 +294,15 @@ impl Admin {
             route_rules: std::sync::OnceLock::new(),
             verifier: std::sync::OnceLock::new(),
             index: std::sync::OnceLock::new(),
-        }
+        };
+        // Every audit event written from here on is linked under the pepper's key.
+        admin.store.set_audit_chain_key(admin.audit_chain_key());
+        admin
+    }
+
+    /// The key of the audit trail's hash chain, derived from the pepper.
+    fn audit_chain_key(&self) -> [u8; 32] {
+        self.derive_key("audit chain")
     }
 
     /// Sets the hook told of committed token changes (once).
@@ -444,6 +452,10 @@ impl Admin {
 
     /// Creates the default workspace at first start.
     pub async fn bootstrap(&self) -> Result<Workspace> {
+        let linked = self.store.link_legacy_audit().await?;
+        if linked > 0 {
+            tracing::info!(events = linked, "linked the audit events written before the audit chain existed");
+        }
         self.ensure_workspace(DEFAULT_WORKSPACE).await
     }
 
@@ -1268,6 +1280,22 @@ impl Admin {
         page: &PageRequest,
     ) -> Result<Page<AuditEvent>> {
         self.store.list_audit(ws, filter, page).await
+    }
+
+    /// The head of `ws`'s audit chain: keep it somewhere else to compare later
+    /// ([`Admin::verify_audit_chain`] with it as the checkpoint).
+    pub async fn audit_chain_head(&self, ws: &WorkspaceId) -> Result<keygate_core::audit_chain::ChainHead> {
+        self.store.audit_chain_head(ws).await
+    }
+
+    /// Checks every link of `ws`'s audit trail, and that `checkpoint` (a head recorded earlier)
+    /// is still in it; names the first broken link.
+    pub async fn verify_audit_chain(
+        &self,
+        ws: &WorkspaceId,
+        checkpoint: Option<keygate_core::audit_chain::Checkpoint>,
+    ) -> Result<keygate_core::audit_chain::ChainReport> {
+        self.store.verify_audit_chain(ws, self.audit_chain_key(), checkpoint).await
     }
 }
 

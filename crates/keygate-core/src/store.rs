@@ -141,6 +141,25 @@ pub trait AuditStore: Send + Sync {
     async fn list_audit(&self, ws: &WorkspaceId, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>>;
     /// Records an event that goes with no other change (a sign-in, say).
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<()>;
+    /// Sets the key every event's link in the hash chain is made with (derived from the pepper;
+    /// see [`crate::audit_chain`]). Set once at start, before anything is written.
+    fn set_audit_chain_key(&self, key: [u8; 32]);
+    /// Links the events written before the chain existed, each workspace's in id order, under
+    /// the current key, if their workspace's chain has no event yet. Returns how many.
+    async fn link_legacy_audit(&self) -> Result<u64>;
+    /// The head of `ws`'s chain (empty if it has no event).
+    async fn audit_chain_head(&self, ws: &WorkspaceId) -> Result<crate::audit_chain::ChainHead>;
+    /// Verifies `ws`'s chain under `key` (against `checkpoint`, a position and link recorded
+    /// earlier, if given): its head and every stored event, read from one snapshot.
+    async fn verify_audit_chain(
+        &self,
+        ws: &WorkspaceId,
+        key: [u8; 32],
+        checkpoint: Option<crate::audit_chain::Checkpoint>,
+    ) -> Result<crate::audit_chain::ChainReport>;
+    /// Deletes every workspace's events older than `before` (the oldest first, in chain order),
+    /// keeping the link of the last one deleted as its chain's anchor. Returns how many.
+    async fn prune_audit(&self, before: Timestamp) -> Result<u64>;
 }
 
 /// Routes managed through the admin API. Every change takes a change-feed position (recorded in

@@ -103,7 +103,7 @@ impl AccountStore for SqlStore {
         let mut tx = self.begin().await?;
         insert_user_row(&mut tx, user).await?;
         insert_membership_row(&mut tx, membership).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -136,7 +136,7 @@ impl AccountStore for SqlStore {
             return Err(Error::not_found("user"));
         }
         if let Some(audit) = audit {
-            insert_audit(&mut tx, audit).await?;
+            insert_audit(&mut tx, &self.chain_key(), audit).await?;
         }
         self.commit(tx, None).await
     }
@@ -197,7 +197,7 @@ impl AccountStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -339,7 +339,7 @@ impl AccountStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -402,7 +402,7 @@ impl AccountStore for SqlStore {
             insert_user_row(&mut tx, user).await?;
         }
         insert_membership_row(&mut tx, membership).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -446,7 +446,7 @@ impl AccountStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -482,7 +482,7 @@ impl AccountStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -561,7 +561,7 @@ impl AccountStore for SqlStore {
                 None => Error::not_found("plan request"),
             });
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 

@@ -1842,6 +1842,119 @@ macro_rules! conformance {
     };
 }
 
+/// The audit trail's hash chain: every write links its event under the store's key; changing,
+/// deleting or forging a row breaks the chain at that event; retention deletes the oldest events
+/// and verification starts from the anchor they leave; events written before the chain existed
+/// are linked once.
+async fn audit_chain(h: &Harness) {
+    use keygate_core::audit_chain::{Checkpoint, from_hex};
+    let s = &h.store;
+    let key = [5u8; 32];
+    s.set_audit_chain_key(key);
+    let (ws, d) = workspace("acme");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let verify = async |cp: Option<Checkpoint>| s.verify_audit_chain(&ws.id, key, cp).await.unwrap();
+    let empty = verify(None).await;
+    assert!(empty.intact && empty.checked == 0, "{empty:?}");
+    let t = token(&ws.id, &d.id, "a", T0);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    for i in 0..4 {
+        let at = T0.plus_seconds(600 * (i + 1));
+        s.append_audit(&NewAuditEvent::new(&ws.id, &Actor::cli(), "user.sign_in", &format!("usr_{i}"), at))
+            .await
+            .unwrap();
+    }
+    let head = s.audit_chain_head(&ws.id).await.unwrap();
+    assert_eq!(head.seq, 5, "the token and four sign-ins: {head:?}");
+    let ok = verify(None).await;
+    assert!(ok.intact && ok.checked == 5, "{ok:?}");
+    let cp = Checkpoint { seq: head.seq, link: from_hex(&head.link).unwrap() };
+    assert_eq!(verify(Some(cp)).await.checkpoint, Some("matched"));
+    // Another workspace has its own chain.
+    let (other, od) = workspace("other");
+    s.ensure_workspace(&other, &od).await.unwrap();
+    assert_eq!(s.audit_chain_head(&other.id).await.unwrap().seq, 0);
+    s.append_audit(&audit(&other.id, "user.sign_in", "usr_o")).await.unwrap();
+    assert_eq!(s.audit_chain_head(&other.id).await.unwrap().seq, 1);
+
+    let events = all_audit(s, &ws.id).await; // newest first
+    let third = events[3].id;
+    let exec = async |sql: &str, id: i64| {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).bind(id).execute(&s.pool).await.unwrap();
+    };
+    // A changed field.
+    exec("UPDATE audit_events SET actor = 'someone else' WHERE id = $1", third).await;
+    let r = verify(None).await;
+    let b = r.broken.unwrap();
+    assert_eq!((b.code, b.event_id), ("altered", Some(third)), "{}", b.message);
+    exec("UPDATE audit_events SET actor = 'cli' WHERE id = $1", third).await;
+    assert!(verify(None).await.intact, "put back, it verifies again");
+    // A forged row, written without a link.
+    sqlx::query(
+        "INSERT INTO audit_events (workspace_id, at, actor, action, target) VALUES ($1, $2, 'cli', 'token.revoke', 'tok_x')",
+    )
+    .bind(ws.id.as_str())
+    .bind(T0.as_millis())
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let forged: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit_events").fetch_one(&s.pool).await.unwrap();
+    assert_eq!(verify(None).await.broken.map(|b| (b.code, b.event_id)), Some(("unlinked", Some(forged))));
+    exec("DELETE FROM audit_events WHERE id = $1", forged).await;
+    // A deleted row.
+    exec("DELETE FROM audit_events WHERE id = $1", third).await;
+    assert_eq!(verify(None).await.broken.map(|b| b.code), Some("missing"));
+
+    // Retention, on a fresh workspace: events before T0 + 25 min go; the anchor keeps the chain.
+    let (kept, kd) = workspace("kept");
+    s.ensure_workspace(&kept, &kd).await.unwrap();
+    for i in 0..4 {
+        let at = T0.plus_seconds(600 * (i + 1));
+        s.append_audit(&NewAuditEvent::new(&kept.id, &Actor::cli(), "user.sign_in", "usr_k", at)).await.unwrap();
+    }
+    let before = s.audit_chain_head(&kept.id).await.unwrap();
+    let early = Checkpoint { seq: 2, link: [0; 32] };
+    let pruned = s.prune_audit(T0.plus_seconds(1500)).await.unwrap();
+    assert!(pruned >= 2, "at least the first two sign-ins: {pruned}");
+    let after = s.audit_chain_head(&kept.id).await.unwrap();
+    assert_eq!((after.seq, after.anchor_seq), (before.seq, 2), "{after:?}");
+    let r = s.verify_audit_chain(&kept.id, key, Some(early)).await.unwrap();
+    assert!(r.intact && r.checked == 2 && r.checkpoint == Some("pruned"), "{r:?}");
+    assert_eq!(s.prune_audit(T0.plus_seconds(1500)).await.unwrap(), 0, "nothing more to prune");
+    // Under another key nothing verifies.
+    let wrong = s.verify_audit_chain(&kept.id, [6u8; 32], None).await.unwrap();
+    assert_eq!(wrong.broken.map(|b| b.code), Some("altered"));
+
+    // Events written before the chain existed: linked once, in id order, by the current key.
+    let (old, odd) = workspace("legacy");
+    s.ensure_workspace(&old, &odd).await.unwrap();
+    s.append_audit(&audit(&old.id, "app.create", "app_l")).await.unwrap();
+    sqlx::query("DELETE FROM audit_chains WHERE workspace_id = $1")
+        .bind(old.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_events SET chain_seq = NULL, link = NULL WHERE workspace_id = $1")
+        .bind(old.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let max: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit_events").fetch_one(&s.pool).await.unwrap();
+    sqlx::query("UPDATE audit_chain_state SET legacy_through = $1 WHERE id = 1")
+        .bind(max)
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(verify_ws(s, &old.id, key).await, Some("unlinked"), "written before the chain, not linked yet");
+    assert_eq!(s.link_legacy_audit().await.unwrap(), 1);
+    assert_eq!(verify_ws(s, &old.id, key).await, None);
+    assert_eq!(s.link_legacy_audit().await.unwrap(), 0, "once");
+}
+
+async fn verify_ws(s: &SqlStore, ws: &WorkspaceId, key: [u8; 32]) -> Option<&'static str> {
+    s.verify_audit_chain(ws, key, None).await.unwrap().broken.map(|b| b.code)
+}
+
 conformance!(
     workspaces_and_apps,
     token_lifecycle,
@@ -1867,7 +1980,8 @@ conformance!(
     oauth_access_tokens_and_revocations,
     oauth_prune,
     node_registry_and_propagation,
-    feed_pruning
+    feed_pruning,
+    audit_chain
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod accounts;
+mod audit;
 mod feed;
 mod nodes;
 mod oauth;

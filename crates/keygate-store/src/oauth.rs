@@ -123,6 +123,7 @@ pub(crate) async fn publish_revocations(
 /// whether the app had a client.
 pub(crate) async fn delete_app_oauth(
     tx: &mut Tx,
+    chain_key: &[u8; 32],
     seqs: &mut FeedSeqs,
     ws: &WorkspaceId,
     app: &AppId,
@@ -176,7 +177,7 @@ pub(crate) async fn delete_app_oauth(
             "access_tokens_revoked": revoked.len(),
             "refresh_tokens_deleted": refresh.rows_affected(),
         }));
-        insert_audit(tx, &ev).await?;
+        insert_audit(tx, chain_key, &ev).await?;
     }
     Ok(deleted)
 }
@@ -230,7 +231,7 @@ impl OAuthStore for SqlStore {
                 .map_err(db_error)?;
             return Err(if app.is_some() { oauth_client_exists() } else { Error::not_found("app") });
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -305,7 +306,7 @@ impl OAuthStore for SqlStore {
                 None => Error::not_found("oauth client"),
             });
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -325,7 +326,7 @@ impl OAuthStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -347,7 +348,7 @@ impl OAuthStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(Error::not_found("signing key"));
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -481,7 +482,7 @@ impl OAuthStore for SqlStore {
             return Ok(false);
         }
         publish_revocations(&mut tx, &mut seqs, &revoked_pairs(&found)?).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, seqs.last()).await?;
         Ok(true)
     }
@@ -519,7 +520,7 @@ impl OAuthStore for SqlStore {
         }
         let revoked = revoked_pairs(&found)?;
         publish_revocations(&mut tx, &mut seqs, &revoked).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, seqs.last()).await?;
         Ok(u64::try_from(revoked.len()).unwrap_or(u64::MAX))
     }

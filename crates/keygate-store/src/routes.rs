@@ -54,7 +54,7 @@ impl RouteStore for SqlStore {
             .await
             .map_err(db_error)?;
         record_change(&mut tx, &mut seqs, &route.id, route.updated_at).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, seqs.last()).await
     }
 
@@ -73,7 +73,7 @@ impl RouteStore for SqlStore {
             return Err(Error::not_found("route"));
         }
         record_change(&mut tx, &mut seqs, &route.id, route.updated_at).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, seqs.last()).await
     }
 
@@ -90,7 +90,7 @@ impl RouteStore for SqlStore {
             return Ok(false);
         }
         record_change(&mut tx, &mut seqs, id, audit.at).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, seqs.last()).await?;
         Ok(true)
     }

@@ -44,7 +44,10 @@ const ROOT_KEY_COLS: &str =
 /// The SQL store. Clone-free: hold it as `Arc<SqlStore>` or `Arc<dyn Store>`.
 pub struct SqlStore {
     pub(crate) pool: AnyPool,
-    engine: Engine,
+    pub(crate) engine: Engine,
+    /// The audit chain's key (derived from the pepper by the admin service; see
+    /// `Store::set_audit_chain_key`).
+    chain_key: parking_lot::RwLock<[u8; 32]>,
     feed: Arc<watch::Sender<u64>>,
     listener: Option<tokio::task::AbortHandle>,
 }
@@ -68,7 +71,7 @@ impl SqlStore {
         // Only PostgreSQL has writers in other processes whose changes we must hear about.
         let listener = (engine == Engine::Postgres)
             .then(|| tokio::spawn(feed::follow_postgres(url, pool.clone(), feed.clone())).abort_handle());
-        Ok(Arc::new(Self { pool, engine, feed, listener }))
+        Ok(Arc::new(Self { pool, engine, chain_key: parking_lot::RwLock::new([0; 32]), feed, listener }))
     }
 
     /// The row of `select` (a table with `workspace_id` and `id`) with this id in workspace `ws`;
@@ -92,7 +95,7 @@ impl SqlStore {
         for sql in also {
             sqlx::query(*sql).bind(ws.as_str()).bind(key).execute(&mut *tx).await.map_err(db_error)?;
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await?;
         Ok(true)
     }
@@ -141,6 +144,15 @@ impl SqlStore {
         })
     }
 
+    /// The audit chain's key.
+    pub(crate) fn chain_key(&self) -> [u8; 32] {
+        *self.chain_key.read()
+    }
+
+    pub(crate) fn put_chain_key(&self, key: [u8; 32]) {
+        *self.chain_key.write() = key;
+    }
+
     /// Closes the pool; in-flight queries finish first.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -160,30 +172,55 @@ impl SqlStore {
     }
 }
 
-pub(crate) async fn insert_audit(tx: &mut Tx, e: &NewAuditEvent) -> Result<()> {
-    insert_change_audit(tx, e, None).await
+pub(crate) async fn insert_audit(tx: &mut Tx, chain_key: &[u8; 32], e: &NewAuditEvent) -> Result<()> {
+    insert_change_audit(tx, chain_key, e, None).await
 }
 
 /// Writes an audit event that records the token change at feed position `feed_seq` (so the
-/// event can show how far that change spread, see `NodeStore::record_propagation`).
-pub(crate) async fn insert_change_audit(tx: &mut Tx, e: &NewAuditEvent, feed_seq: Option<u64>) -> Result<()> {
+/// event can show how far that change spread, see `NodeStore::record_propagation`), linked into
+/// its workspace's hash chain under `chain_key` (see [`crate::audit`]).
+pub(crate) async fn insert_change_audit(
+    tx: &mut Tx,
+    chain_key: &[u8; 32],
+    e: &NewAuditEvent,
+    feed_seq: Option<u64>,
+) -> Result<()> {
+    let before = opt_to_json(&e.before)?;
+    let after = opt_to_json(&e.after)?;
+    let feed_seq = feed_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+    let (seq, prev) = crate::audit::lock_head(tx, e.workspace_id.as_str()).await?;
+    let fields = keygate_core::audit_chain::LinkFields {
+        workspace_id: e.workspace_id.as_str(),
+        seq,
+        at_ms: e.at.as_millis(),
+        actor: &e.actor,
+        action: &e.action,
+        target: &e.target,
+        before: before.as_deref(),
+        after: after.as_deref(),
+        source: e.source.as_deref(),
+        feed_seq,
+    };
+    let link = keygate_core::audit_chain::to_hex(&keygate_core::audit_chain::link(chain_key, &prev, &fields));
     sqlx::query(
-        "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source, feed_seq) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source, feed_seq, \
+         chain_seq, link) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(e.workspace_id.as_str())
     .bind(e.at.as_millis())
     .bind(e.actor.as_str())
     .bind(e.action.as_str())
     .bind(e.target.as_str())
-    .bind(opt_to_json(&e.before)?)
-    .bind(opt_to_json(&e.after)?)
+    .bind(before)
+    .bind(after)
     .bind(e.source.as_deref())
-    .bind(feed_seq.map(|s| i64::try_from(s).unwrap_or(i64::MAX)))
+    .bind(feed_seq)
+    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+    .bind(link.as_str())
     .execute(&mut **tx)
     .await
     .map_err(db_error)?;
-    Ok(())
+    crate::audit::move_head(tx, e.workspace_id.as_str(), seq, &link).await
 }
 
 /// Takes the next feed sequence number. It must be the first write of its transaction: the
@@ -502,7 +539,7 @@ impl AppStore for SqlStore {
     async fn insert_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
         insert_app_row(&mut tx, app).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -545,7 +582,7 @@ impl AppStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(Error::not_found("app"));
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -607,10 +644,10 @@ impl AppStore for SqlStore {
             ev.target = tid.as_str().to_owned();
             ev.before = None;
             ev.after = Some(serde_json::json!({"state": "revoked", "revoke_reason": "app deleted"}));
-            insert_audit(&mut tx, &ev).await?;
+            insert_audit(&mut tx, &self.chain_key(), &ev).await?;
         }
         // Rows that reference the app go first: the foreign keys would refuse the app's deletion.
-        crate::oauth::delete_app_oauth(&mut tx, &mut seqs, ws, id, now, audit).await?;
+        crate::oauth::delete_app_oauth(&mut tx, &self.chain_key(), &mut seqs, ws, id, now, audit).await?;
         sqlx::query("DELETE FROM app_owners WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())
@@ -635,7 +672,7 @@ impl AppStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, seqs.last()).await
     }
 }
@@ -660,7 +697,7 @@ impl TokenStore for SqlStore {
         let seq = next_seq(&mut tx).await?;
         insert_token_row(&mut tx, token).await?;
         record_change(&mut tx, seq, &token.id, &token.hash, token.updated_at).await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, Some(seq)).await
     }
 
@@ -729,7 +766,7 @@ impl TokenStore for SqlStore {
         let seq = next_seq(&mut tx).await?;
         update_token_row(&mut tx, token).await?;
         record_change(&mut tx, seq, &token.id, &token.hash, token.updated_at).await?;
-        insert_change_audit(&mut tx, audit, Some(seq)).await?;
+        insert_change_audit(&mut tx, &self.chain_key(), audit, Some(seq)).await?;
         self.commit(tx, Some(seq)).await?;
         Ok(seq)
     }
@@ -749,8 +786,8 @@ impl TokenStore for SqlStore {
         // The new token needs its own feed position: take the next one in the same transaction.
         let seq2 = next_seq(&mut tx).await?;
         record_change(&mut tx, seq2, &new.id, &new.hash, new.updated_at).await?;
-        insert_change_audit(&mut tx, old_audit, Some(seq2)).await?;
-        insert_change_audit(&mut tx, new_audit, Some(seq2)).await?;
+        insert_change_audit(&mut tx, &self.chain_key(), old_audit, Some(seq2)).await?;
+        insert_change_audit(&mut tx, &self.chain_key(), new_audit, Some(seq2)).await?;
         self.commit(tx, Some(seq2)).await?;
         Ok(seq2)
     }
@@ -776,7 +813,7 @@ impl RootKeyStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -836,7 +873,7 @@ impl RootKeyStore for SqlStore {
             tx.rollback().await.map_err(db_error)?;
             return Ok(false);
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await?;
         Ok(true)
     }
@@ -880,7 +917,7 @@ impl PlanStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -903,7 +940,7 @@ impl PlanStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(Error::not_found("plan"));
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -931,7 +968,7 @@ impl PlanStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }
 
@@ -994,8 +1031,33 @@ impl AuditStore for SqlStore {
 
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(&mut tx, event).await?;
+        insert_audit(&mut tx, &self.chain_key(), event).await?;
         self.commit(tx, None).await
+    }
+
+    fn set_audit_chain_key(&self, key: [u8; 32]) {
+        self.put_chain_key(key);
+    }
+
+    async fn link_legacy_audit(&self) -> Result<u64> {
+        self.link_legacy().await
+    }
+
+    async fn audit_chain_head(&self, ws: &WorkspaceId) -> Result<keygate_core::audit_chain::ChainHead> {
+        self.chain_head(ws).await
+    }
+
+    async fn verify_audit_chain(
+        &self,
+        ws: &WorkspaceId,
+        key: [u8; 32],
+        checkpoint: Option<keygate_core::audit_chain::Checkpoint>,
+    ) -> Result<keygate_core::audit_chain::ChainReport> {
+        self.verify_chain(ws, key, checkpoint).await
+    }
+
+    async fn prune_audit(&self, before: Timestamp) -> Result<u64> {
+        self.prune_chain(before).await
     }
 }
 

@@ -44,7 +44,7 @@ pub(crate) async fn rename(s: &SqlStore, id: &WorkspaceId, name: &str, audit: &N
     if done.rows_affected() == 0 {
         return Err(Error::not_found("workspace"));
     }
-    insert_audit(&mut tx, audit).await?;
+    insert_audit(&mut tx, &s.chain_key(), audit).await?;
     s.commit(tx, None).await
 }
 
@@ -105,7 +105,7 @@ pub(crate) async fn delete(
         ev.target = tid.as_str().to_owned();
         ev.before = None;
         ev.after = Some(serde_json::json!({"state": "revoked", "revoke_reason": "workspace deleted"}));
-        insert_audit(&mut tx, &ev).await?;
+        insert_audit(&mut tx, &s.chain_key(), &ev).await?;
         done.tokens_revoked += 1;
     }
 
@@ -116,7 +116,9 @@ pub(crate) async fn delete(
         .await
         .map_err(db_error)?;
     for app in apps {
-        if crate::oauth::delete_app_oauth(&mut tx, &mut seqs, id, &AppId::from_trusted(app), now, audit).await? {
+        if crate::oauth::delete_app_oauth(&mut tx, &s.chain_key(), &mut seqs, id, &AppId::from_trusted(app), now, audit)
+            .await?
+        {
             done.oauth_clients_deleted += 1;
         }
     }
@@ -166,7 +168,7 @@ pub(crate) async fn delete(
         .map_err(db_error)?;
     let mut ev = audit.clone();
     ev.after = Some(serde_json::to_value(done).unwrap_or_default());
-    insert_audit(&mut tx, &ev).await?;
+    insert_audit(&mut tx, &s.chain_key(), &ev).await?;
     s.commit(tx, seqs.last()).await?;
     Ok(done)
 }

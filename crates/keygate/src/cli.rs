@@ -495,6 +495,26 @@ pub enum AuditCommand {
         #[command(flatten)]
         page: PageArgs,
     },
+    /// Print the head of the workspace's audit chain as JSON: keep it outside keygate
+    /// (`keygate audit head > head.json`) to check the trail against it later.
+    Head,
+    /// Check every link of the workspace's audit chain; names the first broken link and exits 1.
+    /// With `--data-dir` or `--database-url` it reads the store directly (no server needed, the
+    /// pepper as `keygate serve` finds it) and checks every workspace, or `--workspace`.
+    Verify {
+        /// A head saved earlier with `keygate audit head`: the trail must still contain it.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// Read this data directory's store directly.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Read this PostgreSQL database directly (the pepper from KEYGATE_PEPPER or --data-dir).
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// With the store read directly: only this workspace (by name).
+        #[arg(long)]
+        workspace: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

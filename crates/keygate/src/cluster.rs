@@ -34,6 +34,8 @@ pub struct Cluster {
     heartbeat: Duration,
     timeout_ms: i64,
     retention_ms: i64,
+    /// `audit.retention_days` in milliseconds, if events are deleted at all.
+    audit_retention_ms: Option<i64>,
     wait: Duration,
     /// What registration wrote, to register again if the row is lost.
     record: NodeRecord,
@@ -59,6 +61,7 @@ impl Cluster {
     /// Registers this process (replacing an earlier process's row with the same id).
     pub async fn register(
         cfg: &ClusterConfig,
+        audit_retention_days: u64,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         index: TokenIndex,
@@ -92,6 +95,8 @@ impl Cluster {
             heartbeat: Duration::from_secs(cfg.heartbeat_seconds),
             timeout_ms: i64::try_from(cfg.node_timeout_seconds.saturating_mul(1_000)).unwrap_or(i64::MAX),
             retention_ms: i64::try_from(cfg.feed_retention_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
+            audit_retention_ms: (audit_retention_days > 0)
+                .then(|| i64::try_from(audit_retention_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX)),
             wait: Duration::from_millis(cfg.propagation_timeout_ms),
             record,
             shared: std::sync::OnceLock::new(),
@@ -147,6 +152,17 @@ impl Cluster {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune the change feed"),
             Err(_) => tracing::warn!("pruning the change feed took more than a minute; stopped waiting"),
+        }
+        if let Some(keep) = self.audit_retention_ms {
+            let before = Timestamp::from_millis(now.saturating_sub(keep));
+            match tokio::time::timeout(Duration::from_secs(300), self.store.prune_audit(before)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(events = n, "deleted audit events older than audit.retention_days")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete old audit events"),
+                Err(_) => tracing::warn!("deleting old audit events took more than five minutes; stopped waiting"),
+            }
         }
     }
 

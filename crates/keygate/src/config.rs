@@ -35,6 +35,7 @@ pub struct Config {
     pub log: LogConfig,
     pub cluster: ClusterConfig,
     pub redis: RedisConfig,
+    pub audit: AuditConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -183,6 +184,24 @@ pub struct ClusterConfig {
     pub feed_retention_hours: u64,
 }
 
+/// `[audit]`: the audit trail.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Days audit events are kept; older ones are deleted (hourly, by any node), the link of the
+    /// last one deleted kept as its chain's anchor. 0 keeps them for ever. Default 0.
+    pub retention_days: u64,
+}
+
+impl AuditConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.retention_days > 36_500 {
+            bail!("audit.retention_days must be 0 (keep for ever) or at most 36500 (a hundred years)");
+        }
+        Ok(())
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
@@ -315,6 +334,7 @@ impl Default for Config {
             log: LogConfig::default(),
             cluster: ClusterConfig::default(),
             redis: RedisConfig::default(),
+            audit: AuditConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -432,6 +452,7 @@ impl Config {
         })?;
         self.gateway.validate().map_err(|e| anyhow::anyhow!(e))?;
         self.cluster.validate()?;
+        self.audit.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;

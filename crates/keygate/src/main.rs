@@ -12,7 +12,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
-use keygate::cli::{Cli, Command, ConfigCommand, StoreArgs};
+use keygate::cli::{AuditCommand, Cli, Command, ConfigCommand, StoreArgs};
 use keygate::config::{Config, LogFormat, Overrides};
 use keygate::{UsageError, api_cmd, root_key_cmd, scan_cmd, serve};
 
@@ -74,7 +74,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::SigningKey(args) => api_cmd::oauth::run_keys(args).await.map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => api_cmd::plan::run_plan(args).await.map(|()| ExitCode::SUCCESS),
         Command::Scope(args) => api_cmd::plan::run_scope(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Audit(args) => api_cmd::audit::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Audit(args) => match &args.command {
+            AuditCommand::Verify { data_dir, database_url, workspace, checkpoint }
+                if data_dir.is_some() || database_url.is_some() =>
+            {
+                let store = StoreArgs { config: None, data_dir: data_dir.clone(), database_url: database_url.clone() };
+                let cfg = load_config(&store)?;
+                let pepper = std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty());
+                api_cmd::audit::verify_on_store(
+                    &cfg,
+                    pepper,
+                    workspace.as_deref(),
+                    checkpoint.as_deref(),
+                    args.api.output,
+                )
+                .await
+            }
+            _ => api_cmd::audit::run(args).await,
+        },
         Command::Apply(args) => api_cmd::apply::run_apply(args).await.map(|()| ExitCode::SUCCESS),
         Command::Export(args) => api_cmd::apply::run_export(args).await.map(|()| ExitCode::SUCCESS),
         Command::Route(args) => api_cmd::route::run(args).await.map(|()| ExitCode::SUCCESS),

@@ -122,6 +122,7 @@ pub async fn start(
     // This node in the registry: the answer to a token change waits for the live nodes.
     let cluster = crate::cluster::Cluster::register(
         &cfg.cluster,
+        cfg.audit.retention_days,
         dyn_store.clone(),
         clock.clone(),
         index.clone(),

@@ -597,6 +597,98 @@ pub struct AuditEventList {
     pub next_cursor: Option<String>,
 }
 
+/// `GET /admin/v1/audit-chain`: the head of the workspace's audit chain. Keep it outside keygate
+/// (`keygate audit head > head.json`) and give its seq and link to `GET /audit-chain/verify` later: a
+/// trail rewritten in between, even by someone holding the pepper, no longer contains it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuditChainHead {
+    pub workspace_id: String,
+    /// The last event's position in the chain (0: none yet).
+    pub seq: u64,
+    /// The last event's link: 64 hex digits.
+    pub link: String,
+    /// Events up to this position were deleted by `audit.retention_days`.
+    pub anchor_seq: u64,
+    /// The link of the last deleted event, where verification starts.
+    pub anchor_link: String,
+}
+
+impl From<keygate_core::audit_chain::ChainHead> for AuditChainHead {
+    fn from(h: keygate_core::audit_chain::ChainHead) -> Self {
+        Self {
+            workspace_id: h.workspace_id,
+            seq: h.seq,
+            link: h.link,
+            anchor_seq: h.anchor_seq,
+            anchor_link: h.anchor_link,
+        }
+    }
+}
+
+/// `GET /admin/v1/audit-chain/verify`: a head recorded earlier (`GET /audit-chain`) to compare,
+/// both parameters or neither.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditChainVerifyQuery {
+    /// The recorded head's `seq`.
+    pub checkpoint_seq: Option<u64>,
+    /// The recorded head's `link` (64 hex digits).
+    pub checkpoint_link: Option<String>,
+}
+
+/// The first broken link.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditChainBreak {
+    /// The stored event where it shows, if one does.
+    pub event_id: Option<i64>,
+    /// The chain position where it shows.
+    pub seq: u64,
+    /// `unlinked`, `missing`, `out_of_order`, `altered`, `truncated`, `head_mismatch`,
+    /// `checkpoint_mismatch` or `checkpoint_missing`.
+    pub code: String,
+    pub message: String,
+}
+
+/// What a verification of the audit chain found.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditChainReport {
+    pub workspace_id: String,
+    /// Every link holds, and the checkpoint (if given) is in the chain.
+    pub intact: bool,
+    /// Events whose links were checked.
+    pub checked: u64,
+    /// Where verification started (events up to it were deleted by retention).
+    pub from_seq: u64,
+    pub head_seq: u64,
+    pub head_link: String,
+    pub broken: Option<AuditChainBreak>,
+    /// `matched`, or `pruned` (older than the retention kept: not comparable); absent without a
+    /// checkpoint or after a break.
+    pub checkpoint: Option<String>,
+}
+
+impl From<keygate_core::audit_chain::ChainReport> for AuditChainReport {
+    fn from(r: keygate_core::audit_chain::ChainReport) -> Self {
+        Self {
+            workspace_id: r.workspace_id,
+            intact: r.intact,
+            checked: r.checked,
+            from_seq: r.from_seq,
+            head_seq: r.head_seq,
+            head_link: r.head_link,
+            broken: r.broken.map(|b| AuditChainBreak {
+                event_id: b.event_id,
+                seq: b.seq,
+                code: b.code.to_owned(),
+                message: b.message,
+            }),
+            checkpoint: r.checkpoint.map(str::to_owned),
+        }
+    }
+}
+
 /// `GET /healthz`: the process answers.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Liveness {

@@ -127,6 +127,47 @@ pub(crate) async fn list_audit_events(
     }))
 }
 
+/// The head of the workspace's audit chain (see `docs/security.md`, "Tamper-evident audit trail").
+#[utoipa::path(get, path = "/admin/v1/audit-chain", tag = "audit",
+    responses((status = 200, body = AuditChainHead)))]
+pub(crate) async fn audit_chain_head(
+    auth: Auth<AuditRead>,
+    State(s): State<AdminState>,
+) -> Result<Json<AuditChainHead>, ApiError> {
+    Ok(Json(s.admin.audit_chain_head(&auth.key.workspace_id).await?.into()))
+}
+
+/// Checks every link of the workspace's audit chain (and a head recorded earlier, if given):
+/// `intact`, or the first broken link named.
+#[utoipa::path(get, path = "/admin/v1/audit-chain/verify", tag = "audit", params(AuditChainVerifyQuery),
+    responses((status = 200, body = AuditChainReport), (status = 400, body = ErrorBody)))]
+pub(crate) async fn verify_audit_chain(
+    auth: Auth<AuditRead>,
+    State(s): State<AdminState>,
+    ApiQuery(q): ApiQuery<AuditChainVerifyQuery>,
+) -> Result<Json<AuditChainReport>, ApiError> {
+    let checkpoint = match (q.checkpoint_seq, q.checkpoint_link) {
+        (None, None) => None,
+        (Some(seq), Some(link)) => Some(keygate_core::audit_chain::Checkpoint {
+            seq,
+            link: keygate_core::audit_chain::from_hex(&link).ok_or_else(|| {
+                Error::invalid(
+                    "invalid_checkpoint",
+                    "checkpoint_link must be 64 hex digits, as GET /audit-chain gives it",
+                )
+            })?,
+        }),
+        _ => {
+            return Err(Error::invalid(
+                "invalid_checkpoint",
+                "give checkpoint_seq and checkpoint_link together (the seq and link of a head from GET /audit-chain)",
+            )
+            .into());
+        }
+    };
+    Ok(Json(s.admin.verify_audit_chain(&auth.key.workspace_id, checkpoint).await?.into()))
+}
+
 /// How long the token index may go without reading the change feed to its end while the store
 /// answers, before the node is not ready: three times the follower's poll interval (5 s).
 pub(crate) const FEED_LAG_BOUND: std::time::Duration = std::time::Duration::from_secs(15);

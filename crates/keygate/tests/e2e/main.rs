@@ -5,6 +5,7 @@
 
 mod admin_hardening;
 mod answer_framing;
+mod audit_chain;
 mod cache;
 mod cli;
 mod cluster;

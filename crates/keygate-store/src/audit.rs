@@ -1,0 +1,276 @@
+//! The audit trail's hash chain in SQL (issue 15; the links themselves are keygate-core's
+//! `audit_chain`). Each workspace's head lives in a row of `audit_chains`, which every writer of an
+//! event takes first (an upsert that changes nothing, so it locks the row on PostgreSQL; SQLite has
+//! one writer): events of a workspace are therefore linked in the order their ids are given, and
+//! verification reads them by id.
+
+use keygate_core::audit_chain::{self, ChainHead, ChainReport, Checkpoint, GENESIS, StoredEvent, Verifier};
+use keygate_core::ids::WorkspaceId;
+use keygate_core::{Result, Timestamp};
+use sqlx::Row;
+
+use crate::db_error;
+use crate::sql::{SqlStore, Tx};
+
+/// Events linked per statement batch when linking the events written before the chain.
+const LEGACY_PAGE: i64 = 1_000;
+/// Events read per page when verifying.
+const VERIFY_PAGE: i64 = 2_000;
+
+fn seq_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Takes `ws`'s chain head (made if new) for this transaction: the next event's position and the
+/// link it follows. A head whose link is not one (changed in the database) is followed from the
+/// genesis link, which verification then reports.
+pub(crate) async fn lock_head(tx: &mut Tx, ws: &str) -> Result<(u64, [u8; 32])> {
+    let genesis = audit_chain::to_hex(&GENESIS);
+    let row = sqlx::query(
+        "INSERT INTO audit_chains (workspace_id, seq, link, anchor_seq, anchor_link) VALUES ($1, 0, $2, 0, $2) \
+         ON CONFLICT (workspace_id) DO UPDATE SET seq = audit_chains.seq RETURNING seq, link",
+    )
+    .bind(ws)
+    .bind(genesis.as_str())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    let seq: i64 = row.try_get("seq").map_err(db_error)?;
+    let link: String = row.try_get("link").map_err(db_error)?;
+    let prev = audit_chain::from_hex(&link).unwrap_or_else(|| {
+        tracing::error!(
+            workspace = ws,
+            "the audit chain's head link is not a link; `keygate audit verify` will report it"
+        );
+        GENESIS
+    });
+    Ok((seq_of(seq) + 1, prev))
+}
+
+/// Moves `ws`'s head to the event just written at `seq` with `link`.
+pub(crate) async fn move_head(tx: &mut Tx, ws: &str, seq: u64, link: &str) -> Result<()> {
+    sqlx::query("UPDATE audit_chains SET seq = $1, link = $2 WHERE workspace_id = $3")
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .bind(link)
+        .bind(ws)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+async fn read_head(conn: &mut sqlx::AnyConnection, ws: &WorkspaceId) -> Result<ChainHead> {
+    let row = sqlx::query("SELECT seq, link, anchor_seq, anchor_link FROM audit_chains WHERE workspace_id = $1")
+        .bind(ws.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    let Some(row) = row else { return Ok(ChainHead::empty(ws.as_str())) };
+    Ok(ChainHead {
+        workspace_id: ws.as_str().to_owned(),
+        seq: seq_of(row.try_get("seq").map_err(db_error)?),
+        link: row.try_get("link").map_err(db_error)?,
+        anchor_seq: seq_of(row.try_get("anchor_seq").map_err(db_error)?),
+        anchor_link: row.try_get("anchor_link").map_err(db_error)?,
+    })
+}
+
+const STORED_COLS: &str = "id, workspace_id, chain_seq, link, at, actor, action, target, before_json, after_json, \
+    source, feed_seq";
+
+fn stored(row: &sqlx::any::AnyRow) -> Result<StoredEvent> {
+    Ok(StoredEvent {
+        id: row.try_get("id").map_err(db_error)?,
+        workspace_id: row.try_get("workspace_id").map_err(db_error)?,
+        chain_seq: row.try_get("chain_seq").map_err(db_error)?,
+        link: row.try_get("link").map_err(db_error)?,
+        at_ms: row.try_get("at").map_err(db_error)?,
+        actor: row.try_get("actor").map_err(db_error)?,
+        action: row.try_get("action").map_err(db_error)?,
+        target: row.try_get("target").map_err(db_error)?,
+        before: row.try_get("before_json").map_err(db_error)?,
+        after: row.try_get("after_json").map_err(db_error)?,
+        source: row.try_get("source").map_err(db_error)?,
+        feed_seq: row.try_get("feed_seq").map_err(db_error)?,
+    })
+}
+
+impl SqlStore {
+    /// See `AuditStore::link_legacy_audit`.
+    pub(crate) async fn link_legacy(&self) -> Result<u64> {
+        let through: Option<i64> = sqlx::query_scalar("SELECT legacy_through FROM audit_chain_state WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let through = through.unwrap_or(0);
+        if through == 0 {
+            return Ok(0);
+        }
+        let workspaces: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT workspace_id FROM audit_events WHERE link IS NULL AND id <= $1 ORDER BY workspace_id",
+        )
+        .bind(through)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let key = self.chain_key();
+        let mut linked = 0u64;
+        for ws in workspaces {
+            let mut tx = self.begin().await?;
+            let (mut seq, mut prev) = lock_head(&mut tx, &ws).await?;
+            if seq != 1 {
+                // The workspace's chain has begun (another node linked these first, or events
+                // were written since): they stay unlinked, and verification says so.
+                continue;
+            }
+            let mut after = 0i64;
+            let mut last_link = None;
+            loop {
+                let sql = format!(
+                    "SELECT {STORED_COLS} FROM audit_events WHERE workspace_id = $1 AND link IS NULL AND id <= $2 \
+                     AND id > $3 ORDER BY id LIMIT $4"
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(ws.as_str())
+                    .bind(through)
+                    .bind(after)
+                    .bind(LEGACY_PAGE)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in &rows {
+                    let e = stored(row)?;
+                    let link = audit_chain::link(&key, &prev, &e.fields(seq));
+                    let hex = audit_chain::to_hex(&link);
+                    sqlx::query("UPDATE audit_events SET chain_seq = $1, link = $2 WHERE id = $3")
+                        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+                        .bind(hex.as_str())
+                        .bind(e.id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    after = e.id;
+                    prev = link;
+                    last_link = Some((seq, hex));
+                    seq += 1;
+                    linked += 1;
+                }
+            }
+            if let Some((seq, hex)) = last_link {
+                move_head(&mut tx, &ws, seq, &hex).await?;
+            }
+            tx.commit().await.map_err(db_error)?;
+        }
+        Ok(linked)
+    }
+
+    pub(crate) async fn chain_head(&self, ws: &WorkspaceId) -> Result<ChainHead> {
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        read_head(&mut conn, ws).await
+    }
+
+    /// See `AuditStore::verify_audit_chain`: one read-only transaction, a snapshot on both
+    /// engines (PostgreSQL's repeatable read; SQLite's WAL read transaction), read in pages.
+    pub(crate) async fn verify_chain(
+        &self,
+        ws: &WorkspaceId,
+        key: [u8; 32],
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<ChainReport> {
+        let mut tx = self.begin().await?;
+        if self.engine == crate::Engine::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        }
+        let head = read_head(&mut tx, ws).await?;
+        let mut verifier = Verifier::new(key, head, checkpoint);
+        let mut after = 0i64;
+        while !verifier.is_broken() {
+            let sql = format!(
+                "SELECT {STORED_COLS} FROM audit_events WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(ws.as_str())
+                .bind(after)
+                .bind(VERIFY_PAGE)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get("id").map_err(db_error)?;
+            for row in &rows {
+                verifier.feed(&stored(row)?);
+            }
+        }
+        tx.rollback().await.map_err(db_error)?;
+        Ok(verifier.finish())
+    }
+
+    /// See `AuditStore::prune_audit`.
+    pub(crate) async fn prune_chain(&self, before: Timestamp) -> Result<u64> {
+        let workspaces: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT workspace_id FROM audit_events WHERE at < $1 ORDER BY workspace_id")
+                .bind(before.as_millis())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        let mut deleted = 0u64;
+        for ws in workspaces {
+            let mut tx = self.begin().await?;
+            lock_head(&mut tx, &ws).await?;
+            // The last linked event old enough, in chain order: it and every event before it go.
+            let last = sqlx::query(
+                "SELECT chain_seq, link FROM audit_events WHERE workspace_id = $1 AND at < $2 \
+                 AND chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1",
+            )
+            .bind(ws.as_str())
+            .bind(before.as_millis())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let (upto, link): (i64, String) = match &last {
+                Some(row) => (row.try_get("chain_seq").map_err(db_error)?, row.try_get("link").map_err(db_error)?),
+                None => (0, String::new()),
+            };
+            // Their propagation records go with them.
+            sqlx::query(
+                "DELETE FROM feed_acks WHERE seq IN (SELECT feed_seq FROM audit_events WHERE workspace_id = $1 \
+                 AND feed_seq IS NOT NULL AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3)))",
+            )
+            .bind(ws.as_str())
+            .bind(upto)
+            .bind(before.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            let gone = sqlx::query(
+                "DELETE FROM audit_events WHERE workspace_id = $1 AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3))",
+            )
+            .bind(ws.as_str())
+            .bind(upto)
+            .bind(before.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if upto > 0 {
+                sqlx::query(
+                    "UPDATE audit_chains SET anchor_seq = $1, anchor_link = $2 WHERE workspace_id = $3 AND anchor_seq < $1",
+                )
+                .bind(upto)
+                .bind(link.as_str())
+                .bind(ws.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
+            tx.commit().await.map_err(db_error)?;
+            deleted += gone.rows_affected();
+        }
+        Ok(deleted)
+    }
+}

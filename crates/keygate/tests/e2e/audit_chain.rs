@@ -1,0 +1,126 @@
+//! The audit trail's hash chain from outside (issue 15): `keygate audit head` and `keygate audit
+//! verify`, as processes, against a running keygate and against its store directly; a row changed
+//! in the database behind keygate's back is named, with a non-zero exit.
+
+use std::process::Command;
+
+use keygate_testkit::{Options, StatusCode, TestKeygate};
+use serde_json::{Value, json};
+
+use crate::BIN;
+
+fn keygate(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("KEYGATE_ADMIN_KEY").env_remove("KEYGATE_PEPPER").env_remove("KEYGATE_DATA_DIR");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_a_row_changed_in_the_database() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    // A data directory (the pepper) that outlives the server, for the offline check at the end.
+    let kept = tempfile::tempdir().unwrap();
+    let opts =
+        Options { database_url: Some(db.url.clone()), data_dir: Some(kept.path().to_owned()), ..Options::default() };
+    let kg = TestKeygate::start_with(opts).await.unwrap();
+    let data_dir = kg.data_dir().to_str().unwrap().to_owned();
+    let (_, out, err) = run(&mut keygate(&[
+        "root-key",
+        "create",
+        "--name",
+        "auditor",
+        "--output",
+        "json",
+        "--data-dir",
+        &data_dir,
+        "--database-url",
+        &db.url,
+    ]));
+    let key = serde_json::from_str::<Value>(&out).unwrap_or_else(|_| panic!("{out} {err}"))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let c = kg.client();
+    let (id, _) = c.create_token(&json!({"name": "a"})).await;
+    assert_eq!(c.post(&format!("/admin/v1/tokens/{id}/revoke"), &json!({})).await.status, StatusCode::OK);
+    let url = kg.url();
+    let api = |args: &[&str]| {
+        let mut all = vec!["audit"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--url", url.as_str()]);
+        run(keygate(&all).env("KEYGATE_ADMIN_KEY", &key))
+    };
+
+    // The head, saved; the chain verifies, checkpoint included.
+    let (code, head, err) = api(&["head"]);
+    assert_eq!(code, Some(0), "{err}");
+    let saved: Value = serde_json::from_str(&head).unwrap();
+    assert!(saved["seq"].as_u64().unwrap() >= 3 && saved["link"].as_str().unwrap().len() == 64, "{saved}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("head.json");
+    std::fs::write(&file, &head).unwrap();
+    let file = file.to_str().unwrap();
+    let (code, out, err) = api(&["verify", "--checkpoint", file]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("audit chain intact") && out.contains("checkpoint: found in the chain"), "{out}");
+
+    // Someone with the database, not the pepper, softens the revocation's record.
+    let revoked_event: i64 = {
+        let a = c.get(&format!("/admin/v1/audit-events?target={id}&action=token.revoke")).await;
+        a.body["data"][0]["id"].as_i64().unwrap()
+    };
+    keygate_store::admin_sql(&db.url, &format!("UPDATE audit_events SET actor = 'cli' WHERE id = {revoked_event}"))
+        .await
+        .unwrap();
+    let (code, out, _) = api(&["verify"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("BROKEN") && out.contains(&format!("first broken link: event {revoked_event}")), "{out}");
+    let (code, out, _) = api(&["verify", "--output", "json"]);
+    assert_eq!(code, Some(1));
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (report["intact"].as_bool(), report["broken"]["code"].as_str()),
+        (Some(false), Some("altered")),
+        "{report}"
+    );
+    assert_eq!(report["broken"]["event_id"].as_i64(), Some(revoked_event));
+
+    // The same on the store directly, with no server in the way; every workspace is checked.
+    kg.stop().await;
+    let (code, out, err) =
+        run(&mut keygate(&["audit", "verify", "--data-dir", &data_dir, "--database-url", &db.url, "--output", "json"]));
+    assert_eq!(code, Some(1), "{out} {err}");
+    let reports: Value = serde_json::from_str(&out).unwrap();
+    let broken: Vec<&Value> = reports.as_array().unwrap().iter().filter(|r| r["intact"] == false).collect();
+    assert_eq!(broken.len(), 1, "{reports}");
+    assert_eq!(broken[0]["broken"]["event_id"].as_i64(), Some(revoked_event));
+    // Put back, it verifies again; a checkpoint file that is not one is a usage error (exit 2).
+    keygate_store::admin_sql(&db.url, &format!("UPDATE audit_events SET actor = (SELECT actor FROM audit_events WHERE action = 'token.create' LIMIT 1) WHERE id = {revoked_event}"))
+        .await
+        .unwrap();
+    let (code, out, err) = run(&mut keygate(&["audit", "verify", "--data-dir", &data_dir, "--database-url", &db.url]));
+    assert_eq!(code, Some(0), "{out} {err}");
+    std::fs::write(dir.path().join("bad.json"), "{\"seq\": 1}").unwrap();
+    let bad = dir.path().join("bad.json");
+    let (code, _, err) = run(&mut keygate(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        &data_dir,
+        "--database-url",
+        &db.url,
+        "--checkpoint",
+        bad.to_str().unwrap(),
+    ]));
+    assert_eq!(code, Some(2), "{err}");
+    db.drop_db().await;
+}

@@ -590,9 +590,14 @@ pub struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
-    /// Files or directories to scan.
-    #[arg(required = true)]
+    /// Files or directories to scan (with --staged: the repositories or parts of them; default
+    /// the current directory's).
+    #[arg(required_unless_present = "staged")]
     pub paths: Vec<PathBuf>,
+    /// Scan only what is staged for the next commit (`git diff --cached`), for a git pre-commit
+    /// hook: exit 1 when a token would be committed.
+    #[arg(long, conflicts_with = "no_history")]
+    pub staged: bool,
     /// Token prefix to look for (repeatable); root keys (<prefix>root) are always included.
     #[arg(long = "prefix", default_value = "kg")]
     pub prefixes: Vec<String>,

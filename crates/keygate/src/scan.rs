@@ -41,6 +41,9 @@ pub struct ScanOptions {
     pub prefixes: Vec<String>,
     /// Also scan the lines added by every commit of the git repositories the paths are in.
     pub git_history: bool,
+    /// Scan only the lines staged for the next commit in the git repositories the paths are in
+    /// (`git diff --cached`), for a pre-commit hook; files and history are not read.
+    pub staged: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -65,6 +68,18 @@ pub fn scan(opts: &ScanOptions) -> anyhow::Result<Vec<Finding>> {
     let matcher = Matcher::new(&opts.prefixes)?;
     let mut out = Findings::default();
 
+    if opts.staged {
+        let repos = repositories(&opts.paths, &ProgressBar::hidden())?;
+        if repos.is_empty() {
+            bail!("--staged scans what is staged in a git work tree, and none of the paths is in one");
+        }
+        for (repo, pathspecs) in repos {
+            let args = ["diff", "--cached"];
+            run_git_diff(&matcher, &repo, &args, &pathspecs, "staged", &ProgressBar::hidden(), &mut out)?;
+        }
+        return Ok(out.list);
+    }
+
     let files = collect_files(&opts.paths)?;
     let bar = files_bar(opts.progress, files.len());
     for file in &files {
@@ -80,7 +95,9 @@ pub fn scan(opts: &ScanOptions) -> anyhow::Result<Vec<Finding>> {
     if opts.git_history {
         for (repo, pathspecs) in repositories(&opts.paths, &bar)? {
             let spinner = history_spinner(opts.progress, &repo);
-            let result = scan_history(&matcher, &repo, &pathspecs, &spinner, &mut out);
+            let format = format!("--format={COMMIT_MARKER}%H");
+            let args = ["log", "--all", "--no-show-signature", format.as_str()];
+            let result = run_git_diff(&matcher, &repo, &args, &pathspecs, "", &spinner, &mut out);
             spinner.finish_and_clear();
             result?;
         }
@@ -279,11 +296,15 @@ fn work_tree_top(path: &Path) -> anyhow::Result<Option<PathBuf>> {
     Ok(Some(fs::canonicalize(&top).unwrap_or_else(|_| PathBuf::from(top))))
 }
 
-/// Runs `git log` over every ref of `repo` and scans the lines each commit added.
-fn scan_history(
+/// Runs `git <command>` (`log --all`: every commit of every ref; `diff --cached`: what is staged)
+/// in `repo` as a patch and scans the lines it adds; `label` names where the lines are until a
+/// commit header says otherwise.
+fn run_git_diff(
     matcher: &Matcher,
     repo: &Path,
+    command: &[&str],
     pathspecs: &[PathBuf],
+    label: &str,
     bar: &ProgressBar,
     out: &mut Findings,
 ) -> anyhow::Result<()> {
@@ -292,19 +313,8 @@ fn scan_history(
         // the standard ones whatever the user's configuration says.
         .args(["--literal-pathspecs", "-c", "core.quotePath=false", "-C"])
         .arg(repo)
-        .args([
-            "log",
-            "--all",
-            "-p",
-            "--no-color",
-            "-U0",
-            "--no-ext-diff",
-            "--no-textconv",
-            "--no-show-signature",
-            "--src-prefix=a/",
-            "--dst-prefix=b/",
-        ])
-        .arg(format!("--format={COMMIT_MARKER}%H"))
+        .args(command)
+        .args(["-p", "--no-color", "-U0", "--no-ext-diff", "--no-textconv", "--src-prefix=a/", "--dst-prefix=b/"])
         .arg("--")
         .args(pathspecs)
         .stdin(Stdio::null())
@@ -324,7 +334,7 @@ fn scan_history(
     });
 
     let parsed = match child.stdout.take() {
-        Some(stdout) => parse_log(matcher, BufReader::new(stdout), bar, out),
+        Some(stdout) => parse_log(matcher, BufReader::new(stdout), label, bar, out),
         None => Err(anyhow::anyhow!("git log produced no output pipe")),
     };
     if parsed.is_err() {
@@ -351,8 +361,14 @@ struct DiffState {
 }
 
 /// Scans the added lines of `git log -p -U0` output (with [`COMMIT_MARKER`] commit headers).
-fn parse_log(matcher: &Matcher, mut input: impl BufRead, bar: &ProgressBar, out: &mut Findings) -> anyhow::Result<()> {
-    let mut state = DiffState::default();
+fn parse_log(
+    matcher: &Matcher,
+    mut input: impl BufRead,
+    label: &str,
+    bar: &ProgressBar,
+    out: &mut Findings,
+) -> anyhow::Result<()> {
+    let mut state = DiffState { commit: label.to_owned(), ..DiffState::default() };
     let mut raw = Vec::new();
     loop {
         raw.clear();
@@ -371,7 +387,7 @@ fn parse_log(matcher: &Matcher, mut input: impl BufRead, bar: &ProgressBar, out:
                     if let Some(path) = &state.path {
                         let content = line.get(1..).unwrap_or_default();
                         for (_, display, token) in matcher.confirmed(content) {
-                            let location = format!("commit {} {path}:{}", state.commit, state.next_line);
+                            let location = format!("{} {path}:{}", state.commit, state.next_line);
                             out.push(location, display, token);
                         }
                     }
@@ -395,7 +411,8 @@ fn parse_log(matcher: &Matcher, mut input: impl BufRead, bar: &ProgressBar, out:
         }
 
         if let Some(sha) = line.strip_prefix(COMMIT_MARKER) {
-            state = DiffState { commit: sha.trim().chars().take(SHORT_SHA_LEN).collect(), ..DiffState::default() };
+            let short: String = sha.trim().chars().take(SHORT_SHA_LEN).collect();
+            state = DiffState { commit: format!("commit {short}"), ..DiffState::default() };
             bar.inc(1);
         } else if line.starts_with("diff --git ") {
             state.path = None;
@@ -518,6 +535,7 @@ mod tests {
             paths: paths.iter().map(|p| p.to_path_buf()).collect(),
             prefixes: vec!["kg".into(), "kgroot".into()],
             git_history,
+            staged: false,
             progress: false,
         }
     }
@@ -657,6 +675,34 @@ mod tests {
     }
 
     #[test]
+    fn staged_scans_only_what_the_next_commit_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        git(repo, &["init", "-q"]);
+        let (old, staged, unstaged) = (token(), token(), token());
+        // Nothing committed yet: the first commit's staged files are new files.
+        fs::write(repo.join("a.env"), "x = 1\n").unwrap();
+        git(repo, &["add", "-A"]);
+        assert!(scan(&ScanOptions { staged: true, ..opts(&[repo], false) }).unwrap().is_empty());
+        fs::write(repo.join("a.env"), format!("x = 1\nold = {old}\n")).unwrap();
+        git(repo, &["add", "-A"]);
+        let found = scan(&ScanOptions { staged: true, ..opts(&[repo], false) }).unwrap();
+        assert_eq!(found.iter().map(|f| f.location.as_str()).collect::<Vec<_>>(), vec!["staged a.env:2"]);
+        git(repo, &["commit", "-q", "-m", "one"]);
+        // Committed lines are not staged any more; a staged line is found, an unstaged one is not.
+        fs::write(repo.join("b.txt"), format!("k={staged}\n")).unwrap();
+        git(repo, &["add", "b.txt"]);
+        fs::write(repo.join("b.txt"), format!("k={staged}\nj={unstaged}\n")).unwrap();
+        let found = scan(&ScanOptions { staged: true, ..opts(&[repo], false) }).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].location.as_str(), found[0].token.expose()), ("staged b.txt:1", staged.as_str()));
+        // Not a repository: a clear error.
+        let plain = tempfile::tempdir().unwrap();
+        let err = scan(&ScanOptions { staged: true, ..opts(&[plain.path()], false) }).unwrap_err();
+        assert!(err.to_string().contains("git work tree"), "{err}");
+    }
+
+    #[test]
     fn tree_and_history_findings_are_kept_once_each() {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path();
@@ -724,7 +770,7 @@ mod tests {
              +{c}\n"
         );
         let mut out = Findings::default();
-        parse_log(&matcher, log.as_bytes(), &ProgressBar::hidden(), &mut out).unwrap();
+        parse_log(&matcher, log.as_bytes(), "", &ProgressBar::hidden(), &mut out).unwrap();
         let got: Vec<(&str, &str)> = out.list.iter().map(|f| (f.location.as_str(), f.token.expose())).collect();
         assert_eq!(
             got,

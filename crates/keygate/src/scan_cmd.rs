@@ -21,10 +21,12 @@ pub async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
     }
     prefixes.sort();
     prefixes.dedup();
+    let paths = if args.paths.is_empty() { vec![std::path::PathBuf::from(".")] } else { args.paths.clone() };
     let opts = ScanOptions {
-        paths: args.paths.clone(),
+        paths,
         prefixes,
-        git_history: !args.no_history,
+        git_history: !args.no_history && !args.staged,
+        staged: args.staged,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
     let findings = tokio::task::spawn_blocking(move || scan(&opts)).await.context("the scan stopped")??;

@@ -626,16 +626,14 @@ impl From<keygate_core::audit_chain::ChainHead> for AuditChainHead {
     }
 }
 
-/// `GET /admin/v1/audit-chain/verify`: a head recorded earlier (`GET /audit-chain`) to compare,
-/// both parameters or neither.
+/// `GET /admin/v1/audit-chain/verify`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AuditChainVerifyQuery {
-    /// The recorded head's `seq`.
-    pub checkpoint_seq: Option<u64>,
-    /// The recorded head's `link` (64 hex digits).
-    pub checkpoint_link: Option<String>,
+    /// A head recorded earlier (`GET /audit-chain`) to find in the chain, as `<seq>:<link>`.
+    #[param(pattern = "^[0-9]{1,19}:[0-9a-f]{64}$")]
+    pub checkpoint: Option<String>,
 }
 
 /// The first broken link.

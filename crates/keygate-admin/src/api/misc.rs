@@ -146,23 +146,19 @@ pub(crate) async fn verify_audit_chain(
     State(s): State<AdminState>,
     ApiQuery(q): ApiQuery<AuditChainVerifyQuery>,
 ) -> Result<Json<AuditChainReport>, ApiError> {
-    let checkpoint = match (q.checkpoint_seq, q.checkpoint_link) {
-        (None, None) => None,
-        (Some(seq), Some(link)) => Some(keygate_core::audit_chain::Checkpoint {
-            seq,
-            link: keygate_core::audit_chain::from_hex(&link).ok_or_else(|| {
+    let checkpoint = match q.checkpoint.as_deref() {
+        None => None,
+        Some(text) => {
+            let parsed = text.split_once(':').and_then(|(seq, link)| {
+                let seq = seq.parse::<u64>().ok()?;
+                Some(keygate_core::audit_chain::Checkpoint { seq, link: keygate_core::audit_chain::from_hex(link)? })
+            });
+            Some(parsed.ok_or_else(|| {
                 Error::invalid(
                     "invalid_checkpoint",
-                    "checkpoint_link must be 64 hex digits, as GET /audit-chain gives it",
+                    "checkpoint is <seq>:<link>, the seq and the 64 hex digits of the link of a head from GET /audit-chain",
                 )
-            })?,
-        }),
-        _ => {
-            return Err(Error::invalid(
-                "invalid_checkpoint",
-                "give checkpoint_seq and checkpoint_link together (the seq and link of a head from GET /audit-chain)",
-            )
-            .into());
+            })?)
         }
     };
     Ok(Json(s.admin.verify_audit_chain(&auth.key.workspace_id, checkpoint).await?.into()))

@@ -41,8 +41,7 @@ pub async fn run(args: ApiCommand<AuditCommand>) -> anyhow::Result<ExitCode> {
             let mut q = Query::default();
             if let Some(path) = checkpoint {
                 let (_, c) = read_checkpoint(path)?;
-                q.push("checkpoint_seq", c.seq.to_string());
-                q.push("checkpoint_link", keygate_core::audit_chain::to_hex(&c.link));
+                q.push("checkpoint", format!("{}:{}", c.seq, keygate_core::audit_chain::to_hex(&c.link)));
             }
             let path = format!("/admin/v1/audit-chain/verify{}", q.to_query_string());
             let report = client.send(reqwest::Method::GET, &path, None).await?.unwrap_or_default();

@@ -511,3 +511,49 @@ async fn cli_exports_a_workspace_and_applies_it_elsewhere() {
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("unknown field \"colour\""), "{}", r.stderr);
 }
+
+/// The documented pre-commit hook (`docs/examples/pre-commit`), installed in a real repository:
+/// a commit that would add a token is refused with the finding named, a clean one goes through.
+#[test]
+fn the_pre_commit_hook_refuses_a_commit_that_adds_a_token() {
+    let token = keygate_core::token_format::mint(
+        &keygate_core::token_format::TokenPrefix::default(),
+        &keygate_core::secret::OsRandom,
+    )
+    .unwrap()
+    .secret
+    .expose()
+    .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path();
+    let bin_dir = std::path::Path::new(crate::BIN).parent().unwrap().to_owned();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    assert!(git(&["init", "-q"]).status.success());
+    let hook = repo.join(".git/hooks/pre-commit");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/examples/pre-commit"), &hook).unwrap();
+    std::fs::write(repo.join("README"), "hello\n").unwrap();
+    assert!(git(&["add", "-A"]).status.success());
+    let clean = git(&["commit", "-q", "-m", "clean"]);
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
+    std::fs::write(repo.join("app.env"), format!("a=1\nb=2\nKEY={token}\n")).unwrap();
+    assert!(git(&["add", "app.env"]).status.success());
+    let leak = git(&["commit", "-q", "-m", "config"]);
+    let out = String::from_utf8_lossy(&leak.stdout).into_owned() + &String::from_utf8_lossy(&leak.stderr);
+    assert!(!leak.status.success(), "the hook let the token through: {out}");
+    assert!(out.contains("staged app.env:3"), "{out}");
+    assert!(!out.contains(&token), "the finding never shows the secret: {out}");
+    let log = git(&["log", "--oneline"]);
+    assert_eq!(String::from_utf8_lossy(&log.stdout).lines().count(), 1, "only the clean commit was made");
+}

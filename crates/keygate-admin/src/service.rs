@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use keygate_core::account::ExposureAction;
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
@@ -1198,9 +1199,44 @@ impl Admin {
         Ok(out)
     }
 
-    /// Marks `token` exposed (found in a URL, a file, a log) with an audit event that says where.
-    /// Reporting it again adds another event but keeps the first `exposed_at`.
+    /// Marks `token` exposed (found in a URL, a file, a log) with an audit event that says where,
+    /// then applies the workspace's `exposure_action`: a token still usable is suspended or
+    /// revoked (actor `exposure-policy`, the location in the revoke reason). Reporting it again
+    /// adds another event but keeps the first `exposed_at`. Returns the token as it ends up.
     pub async fn mark_exposed(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        token: &TokenRecord,
+        location: Option<&str>,
+    ) -> Result<TokenRecord> {
+        let marked = self.record_exposure(ws, actor, token, location).await?;
+        let action = self.store.workspace_policy(ws).await?.exposure_action;
+        let policy = Actor { id: "exposure-policy".into(), source: actor.source.clone() };
+        // The location, as a valid reason: no control characters, at most MAX_REASON_LEN.
+        let reason = || {
+            format!("exposed: {}", location.unwrap_or("reported"))
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_REASON_LEN)
+                .collect::<String>()
+        };
+        let applied = match action {
+            ExposureAction::Notify => return Ok(marked),
+            ExposureAction::Suspend if marked.state == TokenState::Active => {
+                self.suspend_token(ws, &policy, &marked.id).await?
+            }
+            ExposureAction::Revoke if marked.state != TokenState::Revoked => {
+                self.revoke_token(ws, &policy, &marked.id, Some(reason())).await?
+            }
+            ExposureAction::Suspend | ExposureAction::Revoke => return Ok(marked),
+        };
+        tracing::warn!(token_id = %marked.id, action = action.as_str(), "a token found exposed was stopped by the workspace's exposure policy");
+        Ok(applied.value)
+    }
+
+    /// Marks `token` exposed, with its audit event.
+    async fn record_exposure(
         &self,
         ws: &WorkspaceId,
         actor: &Actor,

@@ -129,6 +129,43 @@ pub struct WorkspacePolicy {
     /// they apply at once).
     #[serde(default)]
     pub plan_changes_need_approval: bool,
+    /// What happens to a token of the workspace found exposed (in a query string, by `keygate
+    /// scan --online`, by a secret-scanning partner): it is always marked exposed; `suspend` and
+    /// `revoke` also stop it at once.
+    #[serde(default)]
+    pub exposure_action: ExposureAction,
+}
+
+/// What a workspace does with a token found exposed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExposureAction {
+    /// Marked exposed (and its owners told, where notifications are set up); it keeps working.
+    #[default]
+    Notify,
+    /// Marked exposed and suspended: it works again when someone resumes it.
+    Suspend,
+    /// Marked exposed and revoked, for good.
+    Revoke,
+}
+
+impl ExposureAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Notify => "notify",
+            Self::Suspend => "suspend",
+            Self::Revoke => "revoke",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "notify" => Some(Self::Notify),
+            "suspend" => Some(Self::Suspend),
+            "revoke" => Some(Self::Revoke),
+            _ => None,
+        }
+    }
 }
 
 /// Where a plan request stands.

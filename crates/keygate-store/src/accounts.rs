@@ -419,7 +419,7 @@ impl AccountStore for SqlStore {
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {
         let row = sqlx::query(
-            "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval \
+            "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action \
              FROM workspace_policies WHERE workspace_id = $1",
         )
         .bind(ws.as_str())
@@ -433,16 +433,18 @@ impl AccountStore for SqlStore {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO workspace_policies \
-             (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (workspace_id) DO UPDATE SET \
+             (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id) DO UPDATE SET \
              max_token_lifetime_days = excluded.max_token_lifetime_days, \
              require_two_factor = excluded.require_two_factor, \
-             plan_changes_need_approval = excluded.plan_changes_need_approval",
+             plan_changes_need_approval = excluded.plan_changes_need_approval, \
+             exposure_action = excluded.exposure_action",
         )
         .bind(ws.as_str())
         .bind(p.max_token_lifetime_days.map(i64::from))
         .bind(i64::from(p.require_two_factor))
         .bind(i64::from(p.plan_changes_need_approval))
+        .bind(p.exposure_action.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -1049,6 +1049,7 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         max_token_lifetime_days: Some(90),
         require_two_factor: true,
         plan_changes_need_approval: true,
+        exposure_action: keygate_core::account::ExposureAction::Suspend,
     };
     s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p);
@@ -1057,7 +1058,11 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
     s.put_workspace_policy(&ws.id, &p2, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p2);
     assert!(s.workspace_policy(&ws.id).await.unwrap().plan_changes_need_approval, "the flag is kept on its own");
-    let p3 = WorkspacePolicy { plan_changes_need_approval: false, ..p2.clone() };
+    let p3 = WorkspacePolicy {
+        plan_changes_need_approval: false,
+        exposure_action: keygate_core::account::ExposureAction::Notify,
+        ..p2.clone()
+    };
     s.put_workspace_policy(&ws.id, &p3, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p3);
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), WorkspacePolicy::default());

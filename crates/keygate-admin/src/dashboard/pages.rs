@@ -1355,6 +1355,7 @@ async fn settings_inner(
             max_days => policy.max_token_lifetime_days,
             require_two_factor => policy.require_two_factor,
             plan_approval => policy.plan_changes_need_approval,
+            exposure_action => policy.exposure_action.as_str(),
             plans,
             signing_keys,
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
@@ -1379,10 +1380,19 @@ pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): Signed
             );
         }
     };
+    let Some(exposure_action) =
+        keygate_core::account::ExposureAction::parse(f.opt("exposure_action").unwrap_or("notify"))
+    else {
+        return page!(
+            st,
+            settings_inner(&st, &v, None, Some("a token found exposed is marked, suspended or revoked".into())).await
+        );
+    };
     let policy = keygate_core::account::WorkspacePolicy {
         max_token_lifetime_days: max,
         require_two_factor: f.get("require_two_factor") == "on",
         plan_changes_need_approval: f.get("plan_changes_need_approval") == "on",
+        exposure_action,
     };
     if policy.require_two_factor && !v.user.totp_enabled {
         return page!(

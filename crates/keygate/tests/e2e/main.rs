@@ -20,6 +20,7 @@ mod faults;
 mod fuzz_finds;
 mod gateway;
 mod health;
+mod leak_response;
 mod oauth;
 mod oauth_hardening;
 mod root_keys;

@@ -10,6 +10,7 @@ pub mod listener;
 pub mod oauth;
 pub mod routes;
 pub mod seal;
+pub mod secret_scanning;
 pub mod service;
 pub mod totp;
 pub mod workspaces;

@@ -57,6 +57,8 @@ pub struct Options {
     pub redis: Option<keygate::config::RedisConfig>,
     /// Open the probes' own listener (`[health] listen`) on an ephemeral port.
     pub health_listener: bool,
+    /// `[secret_scanning]` settings (the partner endpoint).
+    pub secret_scanning: Option<keygate::config::SecretScanningConfig>,
 }
 
 impl TestKeygate {
@@ -81,6 +83,7 @@ impl TestKeygate {
             oauth: opts.oauth.unwrap_or_default(),
             cluster: opts.cluster.unwrap_or_default(),
             redis: opts.redis.unwrap_or_default(),
+            secret_scanning: opts.secret_scanning.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

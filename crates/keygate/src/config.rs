@@ -36,6 +36,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub redis: RedisConfig,
     pub audit: AuditConfig,
+    pub secret_scanning: SecretScanningConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -182,6 +183,46 @@ pub struct ClusterConfig {
     /// any node). A node that was away longer reloads a snapshot instead of replaying. Default
     /// 168 (7 days).
     pub feed_retention_hours: u64,
+}
+
+/// `[secret_scanning]`: the endpoint on the gateway listener where code-hosting platforms report
+/// keygate tokens they found in public code (GitHub's secret-scanning partner format). Off until a
+/// platform's key is configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretScanningConfig {
+    /// The path on the gateway listener. Default `/.well-known/keygate/secret-scanning`.
+    pub path: String,
+    /// The platform's public keys (`[[secret_scanning.keys]]` with `id` and `pem`), as the
+    /// platform publishes them (GitHub: `https://api.github.com/meta/public_keys/secret_scanning`).
+    pub keys: Vec<PartnerKeyConfig>,
+}
+
+impl Default for SecretScanningConfig {
+    fn default() -> Self {
+        Self { path: "/.well-known/keygate/secret-scanning".into(), keys: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerKeyConfig {
+    /// The key's identifier, as the platform sends it in `Github-Public-Key-Identifier`.
+    pub id: String,
+    /// The ECDSA P-256 public key, PEM (`-----BEGIN PUBLIC KEY-----`).
+    pub pem: String,
+}
+
+impl SecretScanningConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.path.starts_with('/') || self.path.len() > 200 || self.path.bytes().any(|b| !b.is_ascii_graphic()) {
+            bail!("secret_scanning.path must be a path starting with /, of visible ASCII, at most 200 characters");
+        }
+        let pairs: Vec<(String, String)> = self.keys.iter().map(|k| (k.id.clone(), k.pem.clone())).collect();
+        keygate_admin::secret_scanning::PartnerKeys::from_pem(&pairs)
+            .map_err(|e| anyhow::anyhow!("secret_scanning.keys: {e}"))?;
+        Ok(())
+    }
 }
 
 /// `[audit]`: the audit trail.
@@ -335,6 +376,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             redis: RedisConfig::default(),
             audit: AuditConfig::default(),
+            secret_scanning: SecretScanningConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -453,6 +495,7 @@ impl Config {
         self.gateway.validate().map_err(|e| anyhow::anyhow!(e))?;
         self.cluster.validate()?;
         self.audit.validate()?;
+        self.secret_scanning.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;

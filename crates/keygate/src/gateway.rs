@@ -271,6 +271,115 @@ impl LocalService for OAuthEndpoints {
     }
 }
 
+/// Several local services on the gateway listener: a request goes to the first that serves its path.
+struct LocalServices(Vec<Arc<dyn LocalService>>);
+
+impl LocalService for LocalServices {
+    fn serves(&self, path: &str) -> bool {
+        self.0.iter().any(|s| s.serves(path))
+    }
+
+    fn call(
+        &self,
+        req: http::Request<bytes::Bytes>,
+        peer: std::net::SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<bytes::Bytes>> + Send>> {
+        match self.0.iter().find(|s| s.serves(req.uri().path())) {
+            Some(s) => s.call(req, peer),
+            None => Box::pin(async {
+                json_answer(http::StatusCode::NOT_FOUND, problem("route_not_found", "no route serves this path"))
+            }),
+        }
+    }
+}
+
+fn problem(code: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({"error": {"code": code, "message": message}})
+}
+
+fn json_answer(status: http::StatusCode, body: serde_json::Value) -> http::Response<bytes::Bytes> {
+    let mut r = http::Response::new(bytes::Bytes::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The secret-scanning partner endpoint (`[secret_scanning]`): a signed POST of found tokens,
+/// checked here, handled by the control plane on the main runtime.
+struct SecretScanningEndpoint {
+    path: String,
+    keys: keygate_admin::secret_scanning::PartnerKeys,
+    admin: Arc<Admin>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LocalService for SecretScanningEndpoint {
+    fn serves(&self, path: &str) -> bool {
+        path == self.path
+    }
+
+    fn call(
+        &self,
+        req: http::Request<bytes::Bytes>,
+        _peer: std::net::SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<bytes::Bytes>> + Send>> {
+        use keygate_admin::secret_scanning::{Found, KEY_ID_HEADER, SIGNATURE_HEADER};
+        let refuse = |status, code: &str, message: &str| {
+            let answer = json_answer(status, problem(code, message));
+            Box::pin(async move { answer }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        };
+        if req.method() != http::Method::POST {
+            let mut answer = json_answer(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                problem("method_not_allowed", "POST the found tokens"),
+            );
+            answer.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return Box::pin(async move { answer });
+        }
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let (key_id, signature) = (header(KEY_ID_HEADER), header(SIGNATURE_HEADER));
+        if key_id.is_empty() || signature.is_empty() || !self.keys.verify(key_id, signature, req.body()) {
+            return refuse(
+                http::StatusCode::UNAUTHORIZED,
+                "invalid_signature",
+                "sign the body with a configured key (Github-Public-Key-Identifier, Github-Public-Key-Signature)",
+            );
+        }
+        let found: Vec<Found> = match serde_json::from_slice(req.body()) {
+            Ok(f) => f,
+            Err(_) => {
+                return refuse(
+                    http::StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the body is a JSON array of {\"token\", \"type\", \"url\", \"source\"}",
+                );
+            }
+        };
+        let admin = self.admin.clone();
+        let task = self.runtime.spawn(async move {
+            match admin.secret_scanning_report(&found).await {
+                Ok(feedback) => json_answer(http::StatusCode::OK, serde_json::to_value(feedback).unwrap_or_default()),
+                Err(e) => {
+                    let status = match e.kind {
+                        keygate_core::ErrorKind::InvalidInput => http::StatusCode::BAD_REQUEST,
+                        _ => http::StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    json_answer(status, problem(e.code, &e.message))
+                }
+            }
+        });
+        Box::pin(async move {
+            task.await.unwrap_or_else(|_| {
+                json_answer(
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    problem("internal", "the report could not be handled"),
+                )
+            })
+        })
+    }
+}
+
 /// Signs the identity tokens of `identity_token` routes with the authorization server's key.
 struct IdentityTokens(Arc<OAuth>);
 
@@ -329,16 +438,28 @@ pub async fn build(
         None
     };
     let store = admin.store().clone();
+    let mut locals: Vec<Arc<dyn LocalService>> = Vec::new();
+    if !cfg.secret_scanning.keys.is_empty() {
+        let pairs: Vec<(String, String)> =
+            cfg.secret_scanning.keys.iter().map(|k| (k.id.clone(), k.pem.clone())).collect();
+        let keys = keygate_admin::secret_scanning::PartnerKeys::from_pem(&pairs)
+            .map_err(|e| anyhow::anyhow!("secret_scanning.keys: {e}"))?;
+        locals.push(Arc::new(SecretScanningEndpoint {
+            path: cfg.secret_scanning.path.clone(),
+            keys,
+            admin: admin.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }));
+    }
     let reporter: Arc<dyn ExposureReporter> = Arc::new(AdminReporter::start(admin, clock.clone()));
     let mut issuers = Vec::new();
-    let mut local: Option<Arc<dyn LocalService>> = None;
     if let Some(oauth) = &oauth {
         let s = oauth.settings();
         let ours = Arc::new(Issuer::new(&s.issuer, &s.audience, true));
         ours.set_keys(oauth.keys().public_keys());
         oauth.set_keys_listener(Arc::new(GatewayKeys(ours.clone())));
         issuers.push(ours);
-        local = Some(Arc::new(OAuthEndpoints {
+        locals.push(Arc::new(OAuthEndpoints {
             router: keygate_admin::oauth::http::router(oauth.clone()),
             runtime: tokio::runtime::Handle::current(),
         }));
@@ -365,7 +486,11 @@ pub async fn build(
         settings: Settings { api_key_header, trusted_proxies: trusted, access_log: cfg.gateway.access_log },
         reporter: Some(reporter),
         jwt,
-        local,
+        local: match locals.len() {
+            0 => None,
+            1 => locals.pop(),
+            _ => Some(Arc::new(LocalServices(locals)) as Arc<dyn LocalService>),
+        },
         dpop_replay: keygate_core::dpop::ReplayCache::new(keygate_core::dpop::ReplayLimits {
             max_bytes: cfg.gateway.dpop_replay_max_bytes,
             max_per_caller: cfg.gateway.dpop_replay_max_per_caller,

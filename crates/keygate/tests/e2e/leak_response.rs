@@ -66,3 +66,107 @@ async fn a_token_found_exposed_is_suspended_or_revoked_as_the_workspace_says() {
     assert!(own.get("/settings").await.body.contains("value=\"revoke\" selected"));
     kg.stop().await;
 }
+
+/// The DER prefix of a P-256 public key (SubjectPublicKeyInfo), before its 65-byte point.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+    0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// A code-hosting platform reports tokens it found in public code, signed with its key, in
+/// GitHub's partner format: keygate's own tokens are marked exposed and handled by their
+/// workspace's policy; the answer labels each by its SHA-256, never echoing a secret; a request
+/// not signed by a configured key changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_scanning_partner_reports_leaked_tokens() {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+    use base64::Engine as _;
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let platform = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref()).unwrap();
+    let mut der = P256_SPKI_PREFIX.to_vec();
+    der.extend_from_slice(platform.public_key().as_ref());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", b64.encode(&der));
+    let cfg = keygate::config::SecretScanningConfig {
+        keys: vec![keygate::config::PartnerKeyConfig { id: "key-1".into(), pem }],
+        ..Default::default()
+    };
+    let kg = TestKeygate::start_with(keygate_testkit::Options { secret_scanning: Some(cfg), ..Default::default() })
+        .await
+        .unwrap();
+    let mut own = owner(&kg).await;
+    let p = own.submit("/settings", "/settings", &[("exposure_action", "revoke")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER);
+    let c = kg.client();
+    let (id, secret) = c.create_token(&json!({"name": "leaked"})).await;
+    let made_up = {
+        let minted = keygate_core::token_format::mint(
+            &keygate_core::token_format::TokenPrefix::default(),
+            &keygate_core::secret::OsRandom,
+        )
+        .unwrap();
+        minted.secret.expose().to_owned()
+    };
+    let body = json!([
+        {"token": secret, "type": "keygate_token", "url": "https://github.com/acme/app/blob/abc/config.env#L3", "source": "content"},
+        {"token": made_up, "type": "keygate_token", "url": "", "source": "commit"},
+    ])
+    .to_string();
+    let url = format!("{}/.well-known/keygate/secret-scanning", kg.gateway_url());
+    let send = |body: String, key_id: &str, sig: String| {
+        reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("Github-Public-Key-Identifier", key_id)
+            .header("Github-Public-Key-Signature", sig)
+            .body(body)
+            .send()
+    };
+    // Unsigned, signed by an unknown key, or for another body: refused, nothing marked.
+    let sig = b64.encode(platform.sign(&rng, body.as_bytes()).unwrap().as_ref());
+    for (key_id, signature, what) in [
+        ("key-1", String::new(), "no signature"),
+        ("key-2", sig.clone(), "unknown key"),
+        ("key-1", b64.encode(platform.sign(&rng, b"[]").unwrap().as_ref()), "another body"),
+    ] {
+        let r = send(body.clone(), key_id, signature).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{what}");
+    }
+    assert!(c.get(&format!("/admin/v1/tokens/{id}")).await.body["exposed_at"].is_null(), "nothing marked");
+    let r = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    let r = send(body.clone(), "key-1", sig).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains(&secret) && !text.contains(&made_up), "no secret in the answer: {text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let hex = |t: &str| {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(t.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(
+        answer,
+        json!([
+            {"token_hash": hex(&secret), "token_type": "keygate_token", "label": "true_positive", "live": false},
+            {"token_hash": hex(&made_up), "token_type": "keygate_token", "label": "false_positive", "live": false},
+        ])
+    );
+    let t = c.get(&format!("/admin/v1/tokens/{id}")).await.body;
+    assert_eq!(t["status"], "revoked", "the workspace revokes exposed tokens: {t}");
+    assert!(
+        t["revoke_reason"]
+            .as_str()
+            .unwrap()
+            .contains("secret scanning: https://github.com/acme/app/blob/abc/config.env#L3")
+    );
+    let trail = c.get(&format!("/admin/v1/audit-events?target={id}&action=token.exposed")).await;
+    assert_eq!(trail.body["data"][0]["actor"], "secret-scanning");
+
+    // Not JSON of the right shape: 400, even when signed.
+    let junk = "{\"token\": 1}".to_owned();
+    let sig = b64.encode(platform.sign(&rng, junk.as_bytes()).unwrap().as_ref());
+    assert_eq!(send(junk, "key-1", sig).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    kg.stop().await;
+}

@@ -268,6 +268,14 @@ impl NodeStatus {
 
 /// A change, and how far it had spread across the nodes when it was answered (`None` when it
 /// changed nothing, or nothing waits for nodes here).
+/// What one pass of the rotation policy recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RotationSweep {
+    pub reminded: u64,
+    pub overdue: u64,
+    pub suspended: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Applied<T> {
     pub value: T,
@@ -1233,6 +1241,63 @@ impl Admin {
         };
         tracing::warn!(token_id = %marked.id, action = action.as_str(), "a token found exposed was stopped by the workspace's exposure policy");
         Ok(applied.value)
+    }
+
+    /// The rotation policy of every workspace that has one (`max_token_age_days`): an active
+    /// token not replaced yet gets a `token.rotation_due` event 7 days (at most the age) before
+    /// its age runs out, and a `token.rotation_overdue` event when it has (suspended too if the
+    /// policy says so; actor `rotation-policy`). A token that expires before it is due is left
+    /// alone. Each event is recorded once, whichever node runs this first; every node runs it
+    /// hourly.
+    pub async fn enforce_rotation(&self) -> Result<RotationSweep> {
+        let now = self.now();
+        let mut sweep = RotationSweep::default();
+        let actor = Actor { id: "rotation-policy".into(), source: None };
+        for ws in self.store.list_workspaces().await? {
+            let policy = self.store.workspace_policy(&ws.id).await?;
+            let Some(days) = policy.max_token_age_days else { continue };
+            let age_ms = i64::from(days).saturating_mul(86_400_000);
+            let remind_ms =
+                i64::from(keygate_core::account::ROTATION_REMINDER_DAYS.min(days)).saturating_mul(86_400_000);
+            let filter = TokenFilter {
+                status: Some(TokenStatus::Active),
+                created_before: Some(Timestamp::from_millis(now.as_millis().saturating_sub(age_ms - remind_ms))),
+                ..TokenFilter::default()
+            };
+            let mut cursor = None;
+            loop {
+                let page = self.store.list_tokens(&ws.id, &filter, now, &PageRequest { limit: 500, cursor }).await?;
+                for t in &page.items {
+                    let due_at = Timestamp::from_millis(t.created_at.as_millis().saturating_add(age_ms));
+                    if t.replaced_by.is_some() || t.expires_at.is_some_and(|e| e <= due_at) {
+                        continue;
+                    }
+                    let overdue = now >= due_at;
+                    let (kind, action) =
+                        if overdue { ("overdue", "token.rotation_overdue") } else { ("due", "token.rotation_due") };
+                    let audit = NewAuditEvent::new(&ws.id, &actor, action, t.id.as_str(), now).with_after(
+                        serde_json::json!({"rotation_due_at": due_at.to_rfc3339(), "max_token_age_days": days}),
+                    );
+                    if !self.store.record_rotation_notice(&t.id, kind, now, &audit).await? {
+                        continue;
+                    }
+                    if !overdue {
+                        sweep.reminded += 1;
+                        continue;
+                    }
+                    sweep.overdue += 1;
+                    if policy.suspend_unrotated {
+                        self.suspend_token(&ws.id, &actor, &t.id).await?;
+                        sweep.suspended += 1;
+                    }
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(sweep)
     }
 
     /// Marks `token` exposed, with its audit event.

@@ -134,7 +134,17 @@ pub struct WorkspacePolicy {
     /// `revoke` also stop it at once.
     #[serde(default)]
     pub exposure_action: ExposureAction,
+    /// Tokens are to be rotated (replaced by a new secret) within this many days of their
+    /// creation; `None`: no rotation policy.
+    #[serde(default)]
+    pub max_token_age_days: Option<u32>,
+    /// A token past that age is suspended (`true`) or only flagged (`false`).
+    #[serde(default)]
+    pub suspend_unrotated: bool,
 }
+
+/// Days before a token's rotation is due that its reminder (`token.rotation_due`) is recorded.
+pub const ROTATION_REMINDER_DAYS: u32 = 7;
 
 /// What a workspace does with a token found exposed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +272,16 @@ pub trait AccountStore: Send + Sync {
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy>;
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()>;
+    /// Records that `token` got the rotation notice `kind` (`due`, `overdue`), with `audit`, unless
+    /// it got it already: `false` then, and nothing is written (so each is recorded once, whichever
+    /// node checks first).
+    async fn record_rotation_notice(
+        &self,
+        token: &crate::ids::TokenId,
+        kind: &str,
+        at: crate::Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<bool>;
 
     async fn insert_plan_request(&self, r: &PlanRequest, audit: &NewAuditEvent) -> Result<()>;
     async fn plan_request(&self, ws: &WorkspaceId, id: &PlanRequestId) -> Result<Option<PlanRequest>>;

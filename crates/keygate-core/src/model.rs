@@ -522,6 +522,8 @@ pub struct TokenFilter {
     /// Only tokens that expire before this instant (and have not yet).
     pub expiring_before: Option<Timestamp>,
     pub exposed: Option<bool>,
+    /// Only tokens created before this instant.
+    pub created_before: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

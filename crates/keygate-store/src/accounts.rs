@@ -419,8 +419,8 @@ impl AccountStore for SqlStore {
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {
         let row = sqlx::query(
-            "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action \
-             FROM workspace_policies WHERE workspace_id = $1",
+            "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action, \
+             max_token_age_days, suspend_unrotated FROM workspace_policies WHERE workspace_id = $1",
         )
         .bind(ws.as_str())
         .fetch_optional(&self.pool)
@@ -429,22 +429,52 @@ impl AccountStore for SqlStore {
         Ok(row.as_ref().map(rows::workspace_policy).transpose()?.unwrap_or_default())
     }
 
+    async fn record_rotation_notice(
+        &self,
+        token: &keygate_core::ids::TokenId,
+        kind: &str,
+        at: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO rotation_notices (token_id, kind, at) VALUES ($1, $2, $3) ON CONFLICT (token_id, kind) DO NOTHING",
+        )
+        .bind(token.as_str())
+        .bind(kind)
+        .bind(at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, None).await?;
+        Ok(true)
+    }
+
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO workspace_policies \
-             (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace_id) DO UPDATE SET \
+             (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action, \
+             max_token_age_days, suspend_unrotated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (workspace_id) DO UPDATE SET \
              max_token_lifetime_days = excluded.max_token_lifetime_days, \
              require_two_factor = excluded.require_two_factor, \
              plan_changes_need_approval = excluded.plan_changes_need_approval, \
-             exposure_action = excluded.exposure_action",
+             exposure_action = excluded.exposure_action, \
+             max_token_age_days = excluded.max_token_age_days, \
+             suspend_unrotated = excluded.suspend_unrotated",
         )
         .bind(ws.as_str())
         .bind(p.max_token_lifetime_days.map(i64::from))
         .bind(i64::from(p.require_two_factor))
         .bind(i64::from(p.plan_changes_need_approval))
         .bind(p.exposure_action.as_str())
+        .bind(p.max_token_age_days.map(i64::from))
+        .bind(i64::from(p.suspend_unrotated))
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -1050,6 +1050,8 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         require_two_factor: true,
         plan_changes_need_approval: true,
         exposure_action: keygate_core::account::ExposureAction::Suspend,
+        max_token_age_days: Some(90),
+        suspend_unrotated: true,
     };
     s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p);
@@ -1061,6 +1063,8 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
     let p3 = WorkspacePolicy {
         plan_changes_need_approval: false,
         exposure_action: keygate_core::account::ExposureAction::Notify,
+        max_token_age_days: None,
+        suspend_unrotated: false,
         ..p2.clone()
     };
     s.put_workspace_policy(&ws.id, &p3, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();

@@ -36,6 +36,8 @@ pub struct Cluster {
     retention_ms: i64,
     /// `audit.retention_days` in milliseconds, if events are deleted at all.
     audit_retention_ms: Option<i64>,
+    /// The service layer, for the rotation policies.
+    admin: std::sync::OnceLock<Arc<keygate_admin::Admin>>,
     wait: Duration,
     /// What registration wrote, to register again if the row is lost.
     record: NodeRecord,
@@ -100,7 +102,13 @@ impl Cluster {
             wait: Duration::from_millis(cfg.propagation_timeout_ms),
             record,
             shared: std::sync::OnceLock::new(),
+            admin: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Runs the workspaces' rotation policies with the hourly housekeeping (set once).
+    pub fn set_admin(&self, admin: Arc<keygate_admin::Admin>) {
+        let _ = self.admin.set(admin);
     }
 
     /// Keeps `shared` told of the live nodes, at every heartbeat.
@@ -152,6 +160,19 @@ impl Cluster {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune the change feed"),
             Err(_) => tracing::warn!("pruning the change feed took more than a minute; stopped waiting"),
+        }
+        if let Some(admin) = self.admin.get() {
+            match tokio::time::timeout(Duration::from_secs(300), admin.enforce_rotation()).await {
+                Ok(Ok(s)) if s.reminded + s.overdue > 0 => tracing::info!(
+                    reminded = s.reminded,
+                    overdue = s.overdue,
+                    suspended = s.suspended,
+                    "rotation policies: tokens due or overdue for rotation recorded"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot apply the rotation policies"),
+                Err(_) => tracing::warn!("applying the rotation policies took more than five minutes; stopped waiting"),
+            }
         }
         if let Some(keep) = self.audit_retention_ms {
             let before = Timestamp::from_millis(now.saturating_sub(keep));

@@ -151,6 +151,7 @@ pub async fn start(
     if let Some(shared) = &gw.shared {
         cluster.set_shared(shared.clone());
     }
+    cluster.set_admin(opened.admin.clone());
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     opened.admin.set_verifier(Arc::new(keygate_gateway::verify::GatewayVerifier::new(gw.clone())));
     opened.admin.set_index(Arc::new(gw.index.clone()));

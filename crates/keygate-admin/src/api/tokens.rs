@@ -98,7 +98,14 @@ pub(crate) async fn list_tokens(
         },
         None => None,
     };
-    let filter = TokenFilter { app_id: app, status, name_contains: q.q, expiring_before, exposed: q.exposed };
+    let filter = TokenFilter {
+        app_id: app,
+        status,
+        name_contains: q.q,
+        expiring_before,
+        exposed: q.exposed,
+        created_before: None,
+    };
     let page = s
         .admin
         .list_tokens(

@@ -567,8 +567,10 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
         name_contains: q.q.clone().filter(|s| !s.trim().is_empty()),
         expiring_before: q.expiring.as_deref().filter(|e| *e == "7d").map(|_| now.plus_seconds(7 * 86_400)),
         exposed: None,
+        created_before: None,
     };
     let list = list_visible(st, v, &owned, filter).await?;
+    let max_age = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?.max_token_age_days;
     let apps =
         st.admin.list_apps(v.workspace(), &PageRequest { limit: 500, cursor: None }).await.map_err(ctx_err(v))?;
     let app_names: std::collections::HashMap<String, String> =
@@ -578,7 +580,8 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
         .map(|t| {
             let view = TokenView::new(t, now);
             let app_name = app_names.get(&view.app_id).cloned().unwrap_or_default();
-            context! { ..ser(&view), ..context!{ app_name } }
+            let rotation_overdue = rotation_overdue(t, max_age, now);
+            context! { ..ser(&view), ..context!{ app_name, rotation_overdue } }
         })
         .collect();
     let app_options: Vec<Value> = apps
@@ -601,6 +604,15 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
             notice => notice(q.msg.as_deref()),
         },
     ))
+}
+
+/// Whether an active token is past the workspace's `max_token_age_days` without being replaced.
+fn rotation_overdue(t: &keygate_core::model::TokenRecord, max_age_days: Option<u32>, now: Timestamp) -> bool {
+    max_age_days.is_some_and(|days| {
+        t.replaced_by.is_none()
+            && t.status(now) == TokenStatus::Active
+            && now.as_millis() >= t.created_at.as_millis().saturating_add(i64::from(days) * 86_400_000)
+    })
 }
 
 pub async fn new_token(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
@@ -1356,6 +1368,8 @@ async fn settings_inner(
             require_two_factor => policy.require_two_factor,
             plan_approval => policy.plan_changes_need_approval,
             exposure_action => policy.exposure_action.as_str(),
+            max_age => policy.max_token_age_days,
+            suspend_unrotated => policy.suspend_unrotated,
             plans,
             signing_keys,
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
@@ -1388,11 +1402,23 @@ pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): Signed
             settings_inner(&st, &v, None, Some("a token found exposed is marked, suspended or revoked".into())).await
         );
     };
+    let max_age = match f.opt("max_token_age_days").map(str::parse::<u32>) {
+        None => None,
+        Some(Ok(d)) if (1..=3650).contains(&d) => Some(d),
+        Some(_) => {
+            return page!(
+                st,
+                settings_inner(&st, &v, None, Some("the rotation age is a number of days from 1 to 3650".into())).await
+            );
+        }
+    };
     let policy = keygate_core::account::WorkspacePolicy {
         max_token_lifetime_days: max,
         require_two_factor: f.get("require_two_factor") == "on",
         plan_changes_need_approval: f.get("plan_changes_need_approval") == "on",
         exposure_action,
+        max_token_age_days: max_age,
+        suspend_unrotated: f.get("suspend_unrotated") == "on",
     };
     if policy.require_two_factor && !v.user.totp_enabled {
         return page!(

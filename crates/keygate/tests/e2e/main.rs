@@ -24,6 +24,7 @@ mod leak_response;
 mod oauth;
 mod oauth_hardening;
 mod root_keys;
+mod rotation_policy;
 mod routes_live;
 mod shared_limits;
 mod upstream_h2;

@@ -40,8 +40,7 @@ async fn tokens_past_their_rotation_age_are_reminded_then_flagged_or_suspended()
     assert_eq!(c.get(&format!("/admin/v1/tokens/{old}")).await.body["status"], "active");
     // A month on, the session is long gone: sign in again.
     let mut own = crate::dashboard::Browser::new(&kg);
-    let login =
-        own.post("/login", &[("email", "olivia@example.com"), ("password", crate::dashboard::PASSWORD)]).await;
+    let login = own.post("/login", &[("email", "olivia@example.com"), ("password", crate::dashboard::PASSWORD)]).await;
     assert_eq!(login.status, StatusCode::SEE_OTHER, "{}", login.body);
     let page = own.get("/tokens").await;
     assert!(page.body.contains("rotation overdue"), "{}", page.body);

@@ -10,6 +10,7 @@ use keygate_core::{Result, Timestamp};
 use sqlx::Row;
 
 use crate::db_error;
+use crate::rows::get;
 use crate::sql::{SqlStore, Tx};
 
 /// Events linked per statement batch when linking the events written before the chain.
@@ -80,18 +81,18 @@ const STORED_COLS: &str = "id, workspace_id, chain_seq, link, at, actor, action,
 
 fn stored(row: &sqlx::any::AnyRow) -> Result<StoredEvent> {
     Ok(StoredEvent {
-        id: row.try_get("id").map_err(db_error)?,
-        workspace_id: row.try_get("workspace_id").map_err(db_error)?,
-        chain_seq: row.try_get("chain_seq").map_err(db_error)?,
-        link: row.try_get("link").map_err(db_error)?,
-        at_ms: row.try_get("at").map_err(db_error)?,
-        actor: row.try_get("actor").map_err(db_error)?,
-        action: row.try_get("action").map_err(db_error)?,
-        target: row.try_get("target").map_err(db_error)?,
-        before: row.try_get("before_json").map_err(db_error)?,
-        after: row.try_get("after_json").map_err(db_error)?,
-        source: row.try_get("source").map_err(db_error)?,
-        feed_seq: row.try_get("feed_seq").map_err(db_error)?,
+        id: get(row, "id")?,
+        workspace_id: get(row, "workspace_id")?,
+        chain_seq: get(row, "chain_seq")?,
+        link: get(row, "link")?,
+        at_ms: get(row, "at")?,
+        actor: get(row, "actor")?,
+        action: get(row, "action")?,
+        target: get(row, "target")?,
+        before: get(row, "before_json")?,
+        after: get(row, "after_json")?,
+        source: get(row, "source")?,
+        feed_seq: get(row, "feed_seq")?,
     })
 }
 

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T>
+pub(crate) fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {

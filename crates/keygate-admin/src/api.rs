@@ -160,6 +160,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(misc::list_scopes))
         .routes(routes!(misc::put_scope, misc::delete_scope))
         .routes(routes!(misc::list_audit_events))
+        .routes(routes!(misc::export_audit_events))
         .routes(routes!(misc::audit_chain_head))
         .routes(routes!(misc::verify_audit_chain))
         .routes(routes!(misc::health))

@@ -495,6 +495,25 @@ pub enum AuditCommand {
         #[command(flatten)]
         page: PageArgs,
     },
+    /// Write the workspace's audit trail to stdout as JSON lines or CSV, newest first, with the
+    /// list's filters (every event: the export's pages are followed).
+    Export {
+        /// jsonl or csv.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        format: String,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// Events at or after this RFC 3339 date-time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Events before this RFC 3339 date-time.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Print the head of the workspace's audit chain as JSON: keep it outside keygate
     /// (`keygate audit head > head.json`) to check the trail against it later.
     Head,

@@ -116,13 +116,34 @@ impl AdminClient {
         if status.is_success() {
             return Ok(value);
         }
-        let value = value.unwrap_or(Value::Null);
-        let code = value.pointer("/error/code").and_then(Value::as_str).unwrap_or("http_error").to_owned();
-        let message = value
-            .pointer("/error/message")
-            .and_then(Value::as_str)
-            .map_or_else(|| format!("unexpected answer with status {status}"), str::to_owned);
-        Err(ApiFailure { status: status.as_u16(), code, message, hint: None }.into())
+        Err(failure(status, value))
+    }
+
+    /// A GET whose answer is text (an export): the body, and the path of its `next` link.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<(String, Option<String>)> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .map_err(|e| TransportError(format!("cannot reach keygate at {}: {}", self.base, error_chain(&e))))?;
+        let status = resp.status();
+        let next = resp.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(|v| {
+            let (target, params) = v.split_once(';')?;
+            params
+                .contains("rel=\"next\"")
+                .then(|| target.trim().trim_start_matches('<').trim_end_matches('>').to_owned())
+        });
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| TransportError(format!("the answer from {} broke off: {}", self.base, error_chain(&e))))?;
+        if status.is_success() {
+            return Ok((text, next));
+        }
+        Err(failure(status, serde_json::from_str(&text).ok()))
     }
 
     /// One call whose answer has a JSON body.
@@ -247,4 +268,15 @@ mod tests {
         let other = ApiFailure::hint(anyhow::anyhow!("x"), "token_not_found", "list them");
         assert_eq!(other.to_string(), "x");
     }
+}
+
+/// The error of an answer that is not a success: its stable code and message.
+fn failure(status: reqwest::StatusCode, body: Option<Value>) -> anyhow::Error {
+    let value = body.unwrap_or(Value::Null);
+    let code = value.pointer("/error/code").and_then(Value::as_str).unwrap_or("http_error").to_owned();
+    let message = value
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map_or_else(|| format!("unexpected answer with status {status}"), str::to_owned);
+    ApiFailure { status: status.as_u16(), code, message, hint: None }.into()
 }

@@ -554,6 +554,26 @@ pub struct AuditQuery {
     pub cursor: Option<String>,
 }
 
+/// `GET /admin/v1/audit-events/export`: the list's filters, a format, and the cursor of a `next`
+/// link.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditExportQuery {
+    /// `jsonl` (one event per line, as the list gives it; the default) or `csv`.
+    #[param(pattern = "^(jsonl|csv)$")]
+    pub format: Option<String>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub target: Option<String>,
+    /// Events at or after this RFC 3339 date-time.
+    pub from: Option<String>,
+    /// Events before this RFC 3339 date-time.
+    pub to: Option<String>,
+    /// From a `next` link.
+    pub cursor: Option<String>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AuditEventView {
     pub id: i64,

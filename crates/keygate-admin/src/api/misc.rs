@@ -127,6 +127,104 @@ pub(crate) async fn list_audit_events(
     }))
 }
 
+/// Events per export answer; a longer trail continues through the `next` link.
+const EXPORT_BATCH: usize = 5_000;
+
+/// The workspace's audit trail as a file, newest first: JSON lines or CSV, at most 5,000 events
+/// per answer, with a `Link: <…>; rel="next"` header while there are more.
+#[utoipa::path(get, path = "/admin/v1/audit-events/export", tag = "audit", params(AuditExportQuery),
+    responses((status = 200, description = "JSON lines (application/x-ndjson) or CSV (text/csv)", content_type = "text/plain"),
+        (status = 400, body = ErrorBody)))]
+pub(crate) async fn export_audit_events(
+    auth: Auth<AuditRead>,
+    State(s): State<AdminState>,
+    ApiQuery(q): ApiQuery<AuditExportQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    let csv = match q.format.as_deref() {
+        None | Some("jsonl") => false,
+        Some("csv") => true,
+        Some(_) => return Err(Error::invalid("invalid_query", "format is jsonl or csv").into()),
+    };
+    let filter = AuditFilter {
+        actor: q.actor.clone(),
+        action: q.action.clone(),
+        target: q.target.clone(),
+        from: time_param(q.from.as_deref(), "from")?,
+        to: time_param(q.to.as_deref(), "to")?,
+    };
+    let mut cursor = super::extract::audit_cursor(q.cursor.clone())?;
+    let mut out = String::new();
+    if csv {
+        out.push_str("id,at,actor,action,target,source,before,after\r\n");
+    }
+    let mut count = 0;
+    loop {
+        let page = s
+            .admin
+            .audit_events(
+                &auth.key.workspace_id,
+                &filter,
+                &PageRequest { limit: keygate_core::model::MAX_PAGE_SIZE, cursor: cursor.clone() },
+            )
+            .await?;
+        for e in &page.items {
+            let view = AuditEventView::from(e);
+            if csv {
+                let json = |v: &Option<serde_json::Value>| v.as_ref().map(ToString::to_string).unwrap_or_default();
+                let cells = [
+                    view.id.to_string(),
+                    view.at.to_rfc3339(),
+                    view.actor.clone(),
+                    view.action.clone(),
+                    view.target.clone(),
+                    view.source.clone().unwrap_or_default(),
+                    json(&view.before),
+                    json(&view.after),
+                ];
+                let row: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
+                out.push_str(&row.join(","));
+                out.push_str("\r\n");
+            } else {
+                out.push_str(&serde_json::to_string(&view).unwrap_or_default());
+                out.push('\n');
+            }
+        }
+        count += page.items.len();
+        cursor = page.next_cursor;
+        if cursor.is_none() || count >= EXPORT_BATCH {
+            break;
+        }
+    }
+    let content_type = if csv { "text/csv; charset=utf-8" } else { "application/x-ndjson" };
+    let mut resp = axum::response::Response::new(axum::body::Body::from(out));
+    let headers = resp.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static(content_type));
+    if let Some(next) = cursor {
+        let mut link = form_urlencoded::Serializer::new(String::new());
+        link.append_pair("format", if csv { "csv" } else { "jsonl" });
+        for (k, v) in
+            [("actor", &q.actor), ("action", &q.action), ("target", &q.target), ("from", &q.from), ("to", &q.to)]
+        {
+            if let Some(v) = v {
+                link.append_pair(k, v);
+            }
+        }
+        link.append_pair("cursor", &next);
+        let value = format!("</admin/v1/audit-events/export?{}>; rel=\"next\"", link.finish());
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            headers.insert(axum::http::header::LINK, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break; a field a
+/// spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR at its start) gets a `'` first.
+fn csv_cell(text: &str) -> String {
+    let guarded = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{text}") } else { text.to_owned() };
+    if guarded.contains([',', '"', '\n', '\r']) { format!("\"{}\"", guarded.replace('"', "\"\"")) } else { guarded }
+}
+
 /// The head of the workspace's audit chain (see `docs/security.md`, "Tamper-evident audit trail").
 #[utoipa::path(get, path = "/admin/v1/audit-chain", tag = "audit",
     responses((status = 200, body = AuditChainHead)))]
@@ -248,7 +346,7 @@ pub(crate) async fn health(State(s): State<AdminState>) -> Result<Json<Health>, 
 }
 
 #[cfg(test)]
-mod readiness_tests {
+mod tests {
     use std::time::Duration;
 
     use keygate_core::verify::IndexStatus;
@@ -275,5 +373,17 @@ mod readiness_tests {
         let degraded = readiness(index(Some(600)), &down).unwrap().unwrap();
         assert!(degraded.contains("connection refused") && degraded.contains("serving from memory"), "{degraded}");
         assert!(readiness(None, &down).is_err(), "but not without an index");
+    }
+
+    #[test]
+    fn csv_cells_are_quoted_and_formulas_defused() {
+        assert_eq!(super::csv_cell("plain"), "plain");
+        assert_eq!(super::csv_cell("a,b"), "\"a,b\"");
+        assert_eq!(super::csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(super::csv_cell("two\nlines"), "\"two\nlines\"");
+        assert_eq!(super::csv_cell("=1+1"), "'=1+1");
+        assert_eq!(super::csv_cell("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(super::csv_cell("-2,3"), "\"'-2,3\"");
+        assert_eq!(super::csv_cell(""), "");
     }
 }

@@ -25,6 +25,36 @@ pub async fn run(args: ApiCommand<AuditCommand>) -> anyhow::Result<ExitCode> {
             Shown::rows(list(&client, "/admin/v1/audit-events", q, page).await?, COLUMNS).print(args.api.output)?;
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Export { format, actor, action, target, from, to } => {
+            use std::io::Write as _;
+            let mut q = Query::default();
+            q.push("format", format.clone());
+            q.push_opt("actor", actor.as_deref());
+            q.push_opt("action", action.as_deref());
+            q.push_opt("target", target.as_deref());
+            q.push_opt("from", from.as_deref());
+            q.push_opt("to", to.as_deref());
+            let mut path = format!("/admin/v1/audit-events/export{}", q.to_query_string());
+            let mut out = std::io::stdout().lock();
+            let mut first = true;
+            loop {
+                let (text, next) = client.get_text(&path).await?;
+                // Each answer of a CSV export starts with the header line: keep the first only.
+                let body = if format == "csv" && !first {
+                    text.split_once("\r\n").map_or("", |(_, rest)| rest)
+                } else {
+                    &text
+                };
+                out.write_all(body.as_bytes())?;
+                first = false;
+                match next {
+                    Some(n) => path = n,
+                    None => break,
+                }
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Head => {
             let head = client.send(reqwest::Method::GET, "/admin/v1/audit-chain", None).await?;
             println!("{}", serde_json::to_string_pretty(&head.unwrap_or(Value::Null))?);

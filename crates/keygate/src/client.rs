@@ -232,6 +232,17 @@ pub fn id_segment(id: &str, what: &str) -> anyhow::Result<String> {
     Ok(id.to_owned())
 }
 
+/// The error of an answer that is not a success: its stable code and message.
+fn failure(status: reqwest::StatusCode, body: Option<Value>) -> anyhow::Error {
+    let value = body.unwrap_or(Value::Null);
+    let code = value.pointer("/error/code").and_then(Value::as_str).unwrap_or("http_error").to_owned();
+    let message = value
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map_or_else(|| format!("unexpected answer with status {status}"), str::to_owned);
+    ApiFailure { status: status.as_u16(), code, message, hint: None }.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,15 +279,4 @@ mod tests {
         let other = ApiFailure::hint(anyhow::anyhow!("x"), "token_not_found", "list them");
         assert_eq!(other.to_string(), "x");
     }
-}
-
-/// The error of an answer that is not a success: its stable code and message.
-fn failure(status: reqwest::StatusCode, body: Option<Value>) -> anyhow::Error {
-    let value = body.unwrap_or(Value::Null);
-    let code = value.pointer("/error/code").and_then(Value::as_str).unwrap_or("http_error").to_owned();
-    let message = value
-        .pointer("/error/message")
-        .and_then(Value::as_str)
-        .map_or_else(|| format!("unexpected answer with status {status}"), str::to_owned);
-    ApiFailure { status: status.as_u16(), code, message, hint: None }.into()
 }

@@ -133,7 +133,7 @@ const EXPORT_BATCH: usize = 5_000;
 /// The workspace's audit trail as a file, newest first: JSON lines or CSV, at most 5,000 events
 /// per answer, with a `Link: <…>; rel="next"` header while there are more.
 #[utoipa::path(get, path = "/admin/v1/audit-events/export", tag = "audit", params(AuditExportQuery),
-    responses((status = 200, description = "JSON lines (application/x-ndjson) or CSV (text/csv)", content_type = "text/plain"),
+    responses((status = 200, description = "JSON lines (format=jsonl) or CSV (format=csv)", content((String = "application/x-ndjson"), (String = "text/csv"))),
         (status = 400, body = ErrorBody)))]
 pub(crate) async fn export_audit_events(
     auth: Auth<AuditRead>,

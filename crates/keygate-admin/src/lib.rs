@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod api;
 pub mod catalog;
+mod csv;
 pub mod dashboard;
 pub mod listener;
 pub mod oauth;

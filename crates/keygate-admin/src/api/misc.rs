@@ -181,7 +181,7 @@ pub(crate) async fn export_audit_events(
                     json(&view.before),
                     json(&view.after),
                 ];
-                let row: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
+                let row: Vec<String> = cells.iter().map(|c| crate::csv::field(c)).collect();
                 out.push_str(&row.join(","));
                 out.push_str("\r\n");
             } else {
@@ -216,13 +216,6 @@ pub(crate) async fn export_audit_events(
         }
     }
     Ok(resp)
-}
-
-/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break; a field a
-/// spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR at its start) gets a `'` first.
-fn csv_cell(text: &str) -> String {
-    let guarded = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{text}") } else { text.to_owned() };
-    if guarded.contains([',', '"', '\n', '\r']) { format!("\"{}\"", guarded.replace('"', "\"\"")) } else { guarded }
 }
 
 /// The head of the workspace's audit chain (see `docs/security.md`, "Tamper-evident audit trail").
@@ -373,17 +366,5 @@ mod tests {
         let degraded = readiness(index(Some(600)), &down).unwrap().unwrap();
         assert!(degraded.contains("connection refused") && degraded.contains("serving from memory"), "{degraded}");
         assert!(readiness(None, &down).is_err(), "but not without an index");
-    }
-
-    #[test]
-    fn csv_cells_are_quoted_and_formulas_defused() {
-        assert_eq!(super::csv_cell("plain"), "plain");
-        assert_eq!(super::csv_cell("a,b"), "\"a,b\"");
-        assert_eq!(super::csv_cell("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(super::csv_cell("two\nlines"), "\"two\nlines\"");
-        assert_eq!(super::csv_cell("=1+1"), "'=1+1");
-        assert_eq!(super::csv_cell("@SUM(A1)"), "'@SUM(A1)");
-        assert_eq!(super::csv_cell("-2,3"), "\"'-2,3\"");
-        assert_eq!(super::csv_cell(""), "");
     }
 }

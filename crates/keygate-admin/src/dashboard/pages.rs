@@ -1114,12 +1114,6 @@ pub async fn audit(State(st): State<DashboardState>, SignedIn(v): SignedIn, Quer
     )
 }
 
-fn csv_field(s: &str) -> String {
-    // Quote every field; neutralize spreadsheet formulas (CSV injection).
-    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_owned() };
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 const EXPORT_LIMIT: u32 = 10_000;
 
 pub async fn audit_csv(
@@ -1142,7 +1136,7 @@ pub async fn audit_csv(
             e.before.as_ref().map(ToString::to_string).unwrap_or_default(),
             e.after.as_ref().map(ToString::to_string).unwrap_or_default(),
         ];
-        out.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        out.push_str(&fields.iter().map(|f| crate::csv::field(f)).collect::<Vec<_>>().join(","));
         out.push_str("\r\n");
     }
     download(out, "text/csv; charset=utf-8", "keygate-audit.csv")

@@ -158,7 +158,7 @@ async fn audit_export_writes_json_lines_and_csv() {
     assert_eq!(rows.next(), Some("id,at,actor,action,target,source,before,after"));
     let rows: Vec<&str> = rows.collect();
     assert_eq!(rows.len(), 2, "{out}");
-    assert!(rows.iter().all(|r| r.contains(",token.create,tok_")), "{out}");
+    assert!(rows.iter().all(|r| r.contains("\"token.create\",\"tok_")), "{out}");
     assert!(out.contains("plain, with a comma") && out.contains("\"\"name\"\""), "quoted: {out}");
     let (code, _, err) = export(&["--format", "xml"]);
     assert_eq!(code, Some(2), "a usage error: {err}");

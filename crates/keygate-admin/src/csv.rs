@@ -1,0 +1,26 @@
+//! CSV for the exports (the audit trail's, in the API and the dashboard): RFC 4180 fields.
+
+/// One CSV field: always quoted (a quote doubled), and a field a spreadsheet would run as a
+/// formula (`=`, `+`, `-`, `@`, a tab or a carriage return at its start) gets a `'` first (CSV
+/// injection).
+pub(crate) fn field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_owned() };
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    #[test]
+    fn fields_are_quoted_and_formulas_defused() {
+        assert_eq!(field("plain"), "\"plain\"");
+        assert_eq!(field("a,b"), "\"a,b\"");
+        assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(field("two\nlines"), "\"two\nlines\"");
+        assert_eq!(field("=1+1"), "\"'=1+1\"");
+        assert_eq!(field("@SUM(A1)"), "\"'@SUM(A1)\"");
+        assert_eq!(field("-2"), "\"'-2\"");
+        assert_eq!(field(""), "\"\"");
+    }
+}

@@ -473,25 +473,45 @@ pub enum ScopeCommand {
     Delete { scope: String },
 }
 
+/// The audit trail's filters, as `audit list` and `audit export` take them.
+#[derive(Debug, Clone, Args)]
+pub struct AuditFilterArgs {
+    /// Exact actor: rk_… (a root key), usr_… (a person), cli or gateway.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Exact action, such as token.create.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Exact target: the changed object's id, or the scope.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Events at or after this RFC 3339 date-time.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Events before this RFC 3339 date-time.
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+impl AuditFilterArgs {
+    /// The filters as the API's query parameters.
+    pub fn query(&self) -> crate::client::Query {
+        let mut q = crate::client::Query::default();
+        q.push_opt("actor", self.actor.as_deref());
+        q.push_opt("action", self.action.as_deref());
+        q.push_opt("target", self.target.as_deref());
+        q.push_opt("from", self.from.as_deref());
+        q.push_opt("to", self.to.as_deref());
+        q
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// List audit events, newest first.
     List {
-        /// Exact actor: rk_… (a root key), usr_… (a person), cli or gateway.
-        #[arg(long)]
-        actor: Option<String>,
-        /// Exact action, such as token.create.
-        #[arg(long)]
-        action: Option<String>,
-        /// Exact target: the changed object's id, or the scope.
-        #[arg(long)]
-        target: Option<String>,
-        /// Events at or after this RFC 3339 date-time.
-        #[arg(long)]
-        from: Option<String>,
-        /// Events before this RFC 3339 date-time.
-        #[arg(long)]
-        to: Option<String>,
+        #[command(flatten)]
+        filter: AuditFilterArgs,
         #[command(flatten)]
         page: PageArgs,
     },
@@ -501,18 +521,8 @@ pub enum AuditCommand {
         /// jsonl or csv.
         #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
         format: String,
-        #[arg(long)]
-        actor: Option<String>,
-        #[arg(long)]
-        action: Option<String>,
-        #[arg(long)]
-        target: Option<String>,
-        /// Events at or after this RFC 3339 date-time.
-        #[arg(long)]
-        from: Option<String>,
-        /// Events before this RFC 3339 date-time.
-        #[arg(long)]
-        to: Option<String>,
+        #[command(flatten)]
+        filter: AuditFilterArgs,
     },
     /// Print the head of the workspace's audit chain as JSON: keep it outside keygate
     /// (`keygate audit head > head.json`) to check the trail against it later.

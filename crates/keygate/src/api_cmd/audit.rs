@@ -15,25 +15,15 @@ const COLUMNS: &[&str] = &["id", "at", "actor", "action", "target", "source"];
 pub async fn run(args: ApiCommand<AuditCommand>) -> anyhow::Result<ExitCode> {
     let client = AdminClient::from_env(&args.api.url)?;
     match &args.command {
-        AuditCommand::List { actor, action, target, from, to, page } => {
-            let mut q = Query::default();
-            q.push_opt("actor", actor.as_deref());
-            q.push_opt("action", action.as_deref());
-            q.push_opt("target", target.as_deref());
-            q.push_opt("from", from.as_deref());
-            q.push_opt("to", to.as_deref());
+        AuditCommand::List { filter, page } => {
+            let q = filter.query();
             Shown::rows(list(&client, "/admin/v1/audit-events", q, page).await?, COLUMNS).print(args.api.output)?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Export { format, actor, action, target, from, to } => {
+        AuditCommand::Export { format, filter } => {
             use std::io::Write as _;
-            let mut q = Query::default();
+            let mut q = filter.query();
             q.push("format", format.clone());
-            q.push_opt("actor", actor.as_deref());
-            q.push_opt("action", action.as_deref());
-            q.push_opt("target", target.as_deref());
-            q.push_opt("from", from.as_deref());
-            q.push_opt("to", to.as_deref());
             let mut path = format!("/admin/v1/audit-events/export{}", q.to_query_string());
             let mut out = std::io::stdout().lock();
             let mut first = true;

@@ -1037,6 +1037,8 @@ pub struct AuditQuery {
     target: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    /// `1`: check the workspace's audit chain and say what was found (not for developers).
+    verify: Option<String>,
 }
 
 fn day_param(s: Option<&str>, end: bool) -> Option<Timestamp> {
@@ -1096,6 +1098,20 @@ pub async fn audit(State(st): State<DashboardState>, SignedIn(v): SignedIn, Quer
         Ok(e) => e,
         Err(e) => return st.error(e),
     };
+    let can_verify = v.role != Role::Developer;
+    let chain = if can_verify && q.verify.as_deref() == Some("1") {
+        match st.admin.verify_audit_chain(v.workspace(), None).await {
+            Ok(r) if r.intact => context! { kind => "ok", text => format!(
+            "The audit chain is intact: {} events checked, from #{} to #{}; no event was changed, deleted or inserted in the database.",
+            r.checked, r.from_seq + 1, r.head_seq) },
+            Ok(r) => context! { kind => "error", text => format!(
+            "The audit chain is broken: {}",
+            r.broken.map_or_else(String::new, |b| b.message)) },
+            Err(e) => return st.error(ctx_err(&v)(e)),
+        }
+    } else {
+        Value::from(())
+    };
     let qs = form_urlencoded::Serializer::new(String::new())
         .extend_pairs([
             ("actor", q.actor.clone().unwrap_or_default()),
@@ -1110,7 +1126,7 @@ pub async fn audit(State(st): State<DashboardState>, SignedIn(v): SignedIn, Quer
         "audit.html",
         Some(&v),
         "audit",
-        context! { title => "Audit log", events => with_actor_names(&st, &v, events).await, q => context!{ actor => q.actor, action => q.action, target => q.target, from => q.from, to => q.to }, qs },
+        context! { title => "Audit log", events => with_actor_names(&st, &v, events).await, q => context!{ actor => q.actor, action => q.action, target => q.target, from => q.from, to => q.to }, qs, notice => chain, can_verify },
     )
 }
 

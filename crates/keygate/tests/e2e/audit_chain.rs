@@ -50,8 +50,11 @@ async fn audit_verify_names_a_row_changed_in_the_database() {
         .unwrap()
         .to_owned();
     let c = kg.client();
+    let mut owner = crate::dashboard::owner(&kg).await;
     let (id, _) = c.create_token(&json!({"name": "a"})).await;
     assert_eq!(c.post(&format!("/admin/v1/tokens/{id}/revoke"), &json!({})).await.status, StatusCode::OK);
+    let page = owner.get("/audit?verify=1").await;
+    assert!(page.body.contains("The audit chain is intact"), "{}", page.body);
     let url = kg.url();
     let api = |args: &[&str]| {
         let mut all = vec!["audit"];
@@ -93,6 +96,13 @@ async fn audit_verify_names_a_row_changed_in_the_database() {
         "{report}"
     );
     assert_eq!(report["broken"]["event_id"].as_i64(), Some(revoked_event));
+    // The dashboard says so too, naming the event.
+    let page = owner.get("/audit?verify=1").await;
+    assert!(
+        page.body.contains("The audit chain is broken") && page.body.contains(&format!("event {revoked_event}")),
+        "{}",
+        page.body
+    );
 
     // The same on the store directly, with no server in the way; every workspace is checked.
     kg.stop().await;

@@ -528,8 +528,9 @@ pub enum AuditCommand {
     /// (`keygate audit head > head.json`) to check the trail against it later.
     Head,
     /// Check every link of the workspace's audit chain; names the first broken link and exits 1.
-    /// With `--data-dir` or `--database-url` it reads the store directly (no server needed, the
-    /// pepper as `keygate serve` finds it) and checks every workspace, or `--workspace`.
+    /// With `--data-dir` or `--database-url`, or without KEYGATE_ADMIN_KEY, it reads the store
+    /// directly (no server needed; the store and pepper as `keygate serve` finds them, by default
+    /// ./keygate-data) and checks every workspace, or `--workspace`.
     Verify {
         /// A head saved earlier with `keygate audit head`: the trail must still contain it.
         #[arg(long, value_name = "FILE")]

@@ -75,11 +75,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(args) => api_cmd::plan::run_plan(args).await.map(|()| ExitCode::SUCCESS),
         Command::Scope(args) => api_cmd::plan::run_scope(args).await.map(|()| ExitCode::SUCCESS),
         Command::Audit(args) => match &args.command {
+            // On the store directly: when it is named, or when there is no admin key to ask a
+            // server with and the store of the environment (or ./keygate-data) exists.
             AuditCommand::Verify { data_dir, database_url, workspace, checkpoint }
-                if data_dir.is_some() || database_url.is_some() =>
+                if data_dir.is_some()
+                    || database_url.is_some()
+                    || std::env::var("KEYGATE_ADMIN_KEY").map_or(true, |k| k.is_empty()) =>
             {
+                let named = data_dir.is_some() || database_url.is_some();
                 let store = StoreArgs { config: None, data_dir: data_dir.clone(), database_url: database_url.clone() };
                 let cfg = load_config(&store)?;
+                if !named && cfg.database_url.is_none() && !cfg.data_dir.exists() {
+                    return Err(UsageError(format!(
+                        "no KEYGATE_ADMIN_KEY to ask a running keygate with, and no store at {}: set KEYGATE_ADMIN_KEY, or give --data-dir or --database-url",
+                        cfg.data_dir.display()
+                    ))
+                    .into());
+                }
                 let pepper = std::env::var("KEYGATE_PEPPER").ok().filter(|v| !v.is_empty());
                 api_cmd::audit::verify_on_store(
                     &cfg,

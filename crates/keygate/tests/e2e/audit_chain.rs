@@ -172,6 +172,15 @@ async fn audit_export_writes_json_lines_and_csv() {
     assert!(out.contains("plain, with a comma") && out.contains("\"\"name\"\""), "quoted: {out}");
     let (code, _, err) = export(&["--format", "xml"]);
     assert_eq!(code, Some(2), "a usage error: {err}");
+    // Without an admin key, `audit verify` reads the store of the environment directly, and says
+    // what to do when there is none.
+    let (code, out, err) = run(keygate(&["audit", "verify"]).env("KEYGATE_DATA_DIR", &data_dir));
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("audit chain intact"), "{out}");
+    let empty = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(keygate(&["audit", "verify"]).current_dir(empty.path()));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("KEYGATE_ADMIN_KEY") && !empty.path().join("keygate-data").exists(), "{err}");
     let r = c.get("/admin/v1/audit-events/export?format=xml").await;
     assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_query"));
     kg.stop().await;

@@ -161,7 +161,9 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     }
     query_param(doc, "/admin/v1/tokens", "get", "cursor", json!({"type": "string", "pattern": TIME_CURSOR}));
     query_param(doc, "/admin/v1/apps", "get", "cursor", json!({"type": "string", "pattern": TIME_CURSOR}));
-    query_param(doc, "/admin/v1/audit-events", "get", "cursor", json!({"type": "string", "pattern": AUDIT_CURSOR}));
+    for path in ["/admin/v1/audit-events", "/admin/v1/audit-events/export"] {
+        query_param(doc, path, "get", "cursor", json!({"type": "string", "pattern": AUDIT_CURSOR}));
+    }
     query_param(
         doc,
         "/admin/v1/tokens",
@@ -179,6 +181,7 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     let date_time = json!({"type": "string", "format": "date-time"});
     for name in ["from", "to"] {
         query_param(doc, "/admin/v1/audit-events", "get", name, date_time.clone());
+        query_param(doc, "/admin/v1/audit-events/export", "get", name, date_time.clone());
         query_param(doc, "/admin/v1/tokens/{id}/usage", "get", name, date_time.clone());
     }
     query_param(

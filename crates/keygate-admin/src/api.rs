@@ -14,6 +14,7 @@ mod root_keys;
 mod routes;
 mod tokens;
 mod verify;
+mod webhooks;
 mod workspaces;
 
 use std::sync::Arc;
@@ -60,6 +61,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
+        (name = "webhooks", description = "Webhook endpoints: signed events (Standard Webhooks) from a durable outbox, deliveries, redelivery, test events"),
         (name = "nodes", description = "The keygate processes sharing the store, with how far each has applied the change feed (root keys of the default workspace only)"),
         (name = "system", description = "Health")
     )
@@ -177,6 +179,14 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::get_route, routes::update_route, routes::delete_route))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
+        .routes(routes!(webhooks::list_event_types))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::get_webhook, webhooks::update_webhook, webhooks::delete_webhook))
+        .routes(routes!(webhooks::rotate_webhook_secret))
+        .routes(routes!(webhooks::test_webhook))
+        .routes(routes!(webhooks::list_deliveries))
+        .routes(routes!(webhooks::get_delivery))
+        .routes(routes!(webhooks::redeliver))
         .split_for_parts();
     // After the routes: the modifiers of `ApiDoc` run before any path is in the document.
     CommonResponses.modify(&mut doc);

@@ -14,6 +14,7 @@ pub mod seal;
 pub mod secret_scanning;
 pub mod service;
 pub mod totp;
+pub mod webhooks;
 pub mod workspaces;
 
 pub use api::{AdminState, probes_router, router};

@@ -1,4 +1,4 @@
-//! Typed identifiers: `ws_…`, `app_…`, `tok_…`, `rk_…`, `plan_…`, `usr_…`, `inv_…`. An id is never confused with
+//! Typed identifiers: `ws_…`, `app_…`, `tok_…`, `rk_…`, `plan_…`, `usr_…`, `inv_…`, `wh_…`. An id is never confused with
 //! another kind of id, and a malformed id is refused before it reaches a store.
 
 use std::fmt;
@@ -68,6 +68,8 @@ typed_id!(/// A request to move an app to a plan, waiting for an admin's decisio
     PlanRequestId, "preq");
 typed_id!(/// A plan (tier of scopes and default limits).
     PlanId, "plan");
+typed_id!(/// A webhook endpoint: a URL that receives the workspace's events, signed.
+    WebhookId, "wh");
 
 impl TokenId {
     pub fn from_public_id(public_id: &str) -> Self {

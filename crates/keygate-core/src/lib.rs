@@ -12,6 +12,7 @@ pub mod ids;
 pub mod jose;
 pub mod limits;
 pub mod model;
+pub mod notify;
 pub mod oauth;
 pub mod pkce;
 pub mod policy;

@@ -230,10 +230,14 @@ pub enum Permission {
     /// Verify tokens through `POST /admin/v1/verify` (for services that check tokens
     /// themselves): nothing else, so a service holding it can neither read nor change tokens.
     TokensVerify,
+    /// List the workspace's webhook endpoints and their deliveries.
+    WebhooksRead,
+    /// Create, change, test and delete webhook endpoints; redeliver messages.
+    WebhooksWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 15] = [
+    pub const ALL: [Permission; 17] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -249,6 +253,8 @@ impl Permission {
         Self::WorkspacesRead,
         Self::WorkspacesWrite,
         Self::TokensVerify,
+        Self::WebhooksRead,
+        Self::WebhooksWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -268,6 +274,8 @@ impl Permission {
             Self::WorkspacesRead => "workspaces:read",
             Self::WorkspacesWrite => "workspaces:write",
             Self::TokensVerify => "tokens:verify",
+            Self::WebhooksRead => "webhooks:read",
+            Self::WebhooksWrite => "webhooks:write",
         }
     }
 

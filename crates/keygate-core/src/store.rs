@@ -294,6 +294,7 @@ pub trait Store:
     + AccountStore
     + OAuthStore
     + NodeStore
+    + crate::notify::NotifyStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -1960,6 +1960,139 @@ async fn audit_chain(h: &Harness) {
     assert_eq!(s.link_legacy_audit().await.unwrap(), 0, "once");
 }
 
+async fn webhook_outbox(h: &Harness) {
+    use keygate_core::ids::WebhookId;
+    use keygate_core::notify::*;
+    let s = &h.store;
+    let (ws, d) = workspace("hooks");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let endpoint = |types: &[&str], enabled: bool| WebhookEndpoint {
+        id: WebhookId::random(&OsRandom).unwrap(),
+        workspace_id: ws.id.clone(),
+        url: "https://hooks.example.com/in".into(),
+        description: None,
+        event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        enabled,
+        disabled_reason: None,
+        sealed_secret: vec![1, 2, 3],
+        failing_since: None,
+        created_at: T0,
+        updated_at: T0,
+    };
+    let all = endpoint(&[], true);
+    let exposed_only = endpoint(&["token.exposed"], true);
+    let off = endpoint(&[], false);
+    for e in [&all, &exposed_only, &off] {
+        s.insert_webhook(e, &audit(&ws.id, "webhook.create", e.id.as_str())).await.unwrap();
+    }
+    assert_eq!(s.list_webhooks(&ws.id).await.unwrap().len(), 3);
+    assert_eq!(s.webhook(&ws.id, &all.id).await.unwrap().as_ref(), Some(&all));
+
+    // The outbox is written with the audit event: one delivery per subscribed, enabled endpoint.
+    let t = token(&ws.id, &d.id, "a", T0);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    s.append_audit(&audit(&ws.id, "token.update", t.id.as_str())).await.unwrap();
+    s.append_audit(&audit(&ws.id, "token.revoke", t.id.as_str())).await.unwrap();
+    let page = PageRequest { limit: 50, cursor: None };
+    let mine = s.list_deliveries(&ws.id, Some(&all.id), &page).await.unwrap().items;
+    assert_eq!(mine.iter().map(|d| d.event_type.as_str()).collect::<Vec<_>>(), ["token.revoked", "token.created"]);
+    assert!(s.list_deliveries(&ws.id, Some(&exposed_only.id), &page).await.unwrap().items.is_empty());
+    assert!(s.list_deliveries(&ws.id, Some(&off.id), &page).await.unwrap().items.is_empty());
+    let body: serde_json::Value = serde_json::from_str(&mine[0].payload).unwrap();
+    assert_eq!(body["type"], "token.revoked");
+    assert_eq!(body["data"]["target"], t.id.as_str());
+    assert_eq!(body["data"]["after"], json!({"x": 1}));
+    assert!(mine[0].message_id.starts_with("msg_") && mine[0].message_id != mine[1].message_id);
+    let first = s.list_deliveries(&ws.id, None, &PageRequest { limit: 1, cursor: None }).await.unwrap();
+    let rest = s.list_deliveries(&ws.id, None, &PageRequest { limit: 1, cursor: first.next_cursor }).await.unwrap();
+    assert_eq!((first.items[0].id, rest.items[0].id), (mine[0].id, mine[1].id), "pages follow each other");
+
+    // A lease keeps a delivery with one claimer until it runs out.
+    let now = T0.plus_seconds(1);
+    let a = s.claim_deliveries(now, 60_000, "node-a", 10).await.unwrap();
+    assert_eq!(a.len(), 2);
+    assert!(s.claim_deliveries(now, 60_000, "node-b", 10).await.unwrap().is_empty());
+    assert_eq!(s.claim_deliveries(now.plus_seconds(61), 60_000, "node-b", 10).await.unwrap().len(), 2);
+
+    // Attempts: a failure schedules the retry and starts the endpoint's failure streak; a
+    // success ends both.
+    let id = mine[1].id;
+    let fail = AttemptOutcome {
+        attempt: DeliveryAttempt {
+            at: now,
+            status: Some(503),
+            error: Some("the endpoint answered 503".into()),
+            duration_ms: 4,
+        },
+        state: DeliveryState::Pending,
+        next_at: Some(now.plus_seconds(5)),
+    };
+    s.record_attempt(id, &fail).await.unwrap();
+    assert_eq!(s.webhook(&ws.id, &all.id).await.unwrap().unwrap().failing_since, Some(now));
+    let later = now.plus_seconds(3);
+    let fail2 = AttemptOutcome { attempt: DeliveryAttempt { at: later, ..fail.attempt.clone() }, ..fail.clone() };
+    s.record_attempt(id, &fail2).await.unwrap();
+    assert_eq!(s.webhook(&ws.id, &all.id).await.unwrap().unwrap().failing_since, Some(now), "the streak's start");
+    let (d1, attempts) = s.delivery(&ws.id, id).await.unwrap().unwrap();
+    assert_eq!(
+        (d1.state, d1.attempts, d1.last_status, d1.next_at),
+        (DeliveryState::Pending, 2, Some(503), Some(now.plus_seconds(5)))
+    );
+    assert_eq!(attempts.len(), 2);
+    let ok = AttemptOutcome {
+        attempt: DeliveryAttempt { at: later, status: Some(204), error: None, duration_ms: 2 },
+        state: DeliveryState::Delivered,
+        next_at: None,
+    };
+    s.record_attempt(id, &ok).await.unwrap();
+    let (d1, _) = s.delivery(&ws.id, id).await.unwrap().unwrap();
+    assert_eq!((d1.state, d1.delivered_at), (DeliveryState::Delivered, Some(later)));
+    assert_eq!(s.webhook(&ws.id, &all.id).await.unwrap().unwrap().failing_since, None);
+    assert!(s.delivery(&WorkspaceId::random(&OsRandom).unwrap(), id).await.unwrap().is_none(), "another workspace's");
+
+    // Redelivery makes it due again, counting afresh, under the same message id.
+    assert!(s.redeliver(&ws.id, id, later).await.unwrap());
+    let (d2, _) = s.delivery(&ws.id, id).await.unwrap().unwrap();
+    assert_eq!((d2.state, d2.attempts, d2.message_id.as_str()), (DeliveryState::Pending, 0, d1.message_id.as_str()));
+    assert_eq!(s.next_delivery_due().await.unwrap(), Some(T0), "the unsent one is still due first");
+
+    // Many claimers at once never share a delivery.
+    for i in 0..30 {
+        s.append_audit(&audit(&ws.id, "token.suspend", &format!("tok_{i}"))).await.unwrap();
+    }
+    let at = later.plus_seconds(3_600);
+    let (x, y, z) = tokio::join!(
+        s.claim_deliveries(at, 60_000, "x", 12),
+        s.claim_deliveries(at, 60_000, "y", 12),
+        s.claim_deliveries(at, 60_000, "z", 12)
+    );
+    // (On PostgreSQL a claimer racing another may take fewer than it could; the next pass takes
+    // the rest.)
+    let rest = s.claim_deliveries(at, 60_000, "w", 50).await.unwrap();
+    let mut ids: Vec<i64> = [x.unwrap(), y.unwrap(), z.unwrap(), rest].concat().iter().map(|d| d.id).collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((ids.len(), n), (32, 32), "every due delivery claimed once");
+
+    // A disabled endpoint's deliveries wait; pruning keeps what is pending.
+    let mut disabled = s.webhook(&ws.id, &all.id).await.unwrap().unwrap();
+    disabled.enabled = false;
+    s.update_webhook(&disabled, &audit(&ws.id, "webhook.update", all.id.as_str())).await.unwrap();
+    assert!(s.claim_deliveries(at.plus_seconds(3_600), 60_000, "x", 50).await.unwrap().is_empty());
+    assert_eq!(s.next_delivery_due().await.unwrap(), None);
+    s.record_attempt(id, &ok).await.unwrap();
+    assert_eq!(s.prune_deliveries(at.plus_seconds(86_400)).await.unwrap(), 1, "only the delivered one");
+    assert!(s.delivery(&ws.id, id).await.unwrap().is_none());
+
+    // Deleting an endpoint deletes its deliveries; deleting the workspace, its endpoints.
+    assert!(s.delete_webhook(&ws.id, &all.id, &audit(&ws.id, "webhook.delete", all.id.as_str())).await.unwrap());
+    assert!(s.list_deliveries(&ws.id, None, &page).await.unwrap().items.is_empty());
+    assert!(!s.delete_webhook(&ws.id, &all.id, &audit(&ws.id, "webhook.delete", all.id.as_str())).await.unwrap());
+    s.delete_workspace(&ws.id, T0, true, &audit(&ws.id, "workspace.delete", ws.id.as_str())).await.unwrap();
+    assert!(s.list_webhooks(&ws.id).await.unwrap().is_empty());
+}
+
 async fn verify_ws(s: &SqlStore, ws: &WorkspaceId, key: [u8; 32]) -> Option<&'static str> {
     s.verify_audit_chain(ws, key, None).await.unwrap().broken.map(|b| b.code)
 }
@@ -1990,7 +2123,8 @@ conformance!(
     oauth_prune,
     node_registry_and_propagation,
     feed_pruning,
-    audit_chain
+    audit_chain,
+    webhook_outbox
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

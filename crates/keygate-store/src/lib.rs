@@ -8,6 +8,7 @@ mod accounts;
 mod audit;
 mod feed;
 mod nodes;
+mod notify;
 mod oauth;
 pub mod redis_limits;
 mod routes;

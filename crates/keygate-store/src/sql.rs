@@ -202,25 +202,26 @@ pub(crate) async fn insert_change_audit(
         feed_seq,
     };
     let link = keygate_core::audit_chain::to_hex(&keygate_core::audit_chain::link(chain_key, &prev, &fields));
-    sqlx::query(
+    let event_id = sqlx::query_scalar::<_, i64>(
         "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source, feed_seq, \
-         chain_seq, link) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         chain_seq, link) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
     )
     .bind(e.workspace_id.as_str())
     .bind(e.at.as_millis())
     .bind(e.actor.as_str())
     .bind(e.action.as_str())
     .bind(e.target.as_str())
-    .bind(before)
-    .bind(after)
+    .bind(before.as_deref())
+    .bind(after.as_deref())
     .bind(e.source.as_deref())
     .bind(feed_seq)
     .bind(i64::try_from(seq).unwrap_or(i64::MAX))
     .bind(link.as_str())
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await
     .map_err(db_error)?;
-    crate::audit::move_head(tx, e.workspace_id.as_str(), seq, &link).await
+    crate::audit::move_head(tx, e.workspace_id.as_str(), seq, &link).await?;
+    crate::notify::fan_out(tx, e, event_id, before.as_deref(), after.as_deref()).await
 }
 
 /// Takes the next feed sequence number. It must be the first write of its transaction: the

@@ -151,7 +151,16 @@ pub(crate) async fn delete(
     done.routes_deleted = u64::try_from(routes.len()).unwrap_or(u64::MAX);
 
     // People: no one is a member any more, and no invitation can make anyone one.
-    for table in ["memberships", "invitations", "app_owners"] {
+    // Webhooks: no endpoint of a deleted workspace is called again (the token events above
+    // queued nothing either, since their deliveries go with the endpoints).
+    sqlx::query(
+        "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE workspace_id = $1)",
+    )
+    .bind(ws)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    for table in ["memberships", "invitations", "app_owners", "webhook_deliveries", "webhook_endpoints"] {
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE workspace_id = $1")))
             .bind(ws)
             .execute(&mut *tx)

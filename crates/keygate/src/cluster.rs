@@ -174,6 +174,18 @@ impl Cluster {
                 Err(_) => tracing::warn!("applying the rotation policies took more than five minutes; stopped waiting"),
             }
         }
+        if let Some(admin) = self.admin.get() {
+            match tokio::time::timeout(Duration::from_secs(300), admin.prune_deliveries()).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(deliveries = n, "deleted webhook deliveries older than webhooks.retention_days")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete old webhook deliveries"),
+                Err(_) => {
+                    tracing::warn!("deleting old webhook deliveries took more than five minutes; stopped waiting")
+                }
+            }
+        }
         if let Some(keep) = self.audit_retention_ms {
             let before = Timestamp::from_millis(now.saturating_sub(keep));
             match tokio::time::timeout(Duration::from_secs(300), self.store.prune_audit(before)).await {

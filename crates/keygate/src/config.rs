@@ -37,6 +37,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub audit: AuditConfig,
     pub secret_scanning: SecretScanningConfig,
+    pub webhooks: WebhooksConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -225,6 +226,52 @@ impl SecretScanningConfig {
     }
 }
 
+/// `[webhooks]`: how signed events are delivered to the workspaces' endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Allow endpoints on private, loopback and link-local addresses (a receiver inside your
+    /// network). Default false: URLs and the addresses their names resolve to must be public, so
+    /// that nobody can make keygate call into the network it runs in.
+    pub allow_private: bool,
+    /// An endpoint every attempt to which failed for this many hours is disabled, with a
+    /// `webhook.disabled` notice. Default 24.
+    pub disable_after_hours: u64,
+    /// Seconds an attempt may take (connecting, sending, the answer's status). Default 10.
+    pub timeout_seconds: u64,
+    /// Days delivered and failed deliveries are kept in the delivery log. Default 30.
+    pub retention_days: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self { allow_private: false, disable_after_hours: 24, timeout_seconds: 10, retention_days: 30 }
+    }
+}
+
+impl WebhooksConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=720).contains(&self.disable_after_hours) {
+            bail!("webhooks.disable_after_hours must be between 1 and 720 (30 days)");
+        }
+        if !(1..=60).contains(&self.timeout_seconds) {
+            bail!("webhooks.timeout_seconds must be between 1 and 60");
+        }
+        if !(1..=3_650).contains(&self.retention_days) {
+            bail!("webhooks.retention_days must be between 1 and 3650");
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> keygate_admin::webhooks::WebhookSettings {
+        keygate_admin::webhooks::WebhookSettings {
+            allow_private: self.allow_private,
+            disable_after_ms: i64::try_from(self.disable_after_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
+            retention_ms: i64::try_from(self.retention_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// `[audit]`: the audit trail.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -377,6 +424,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             audit: AuditConfig::default(),
             secret_scanning: SecretScanningConfig::default(),
+            webhooks: WebhooksConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -496,6 +544,7 @@ impl Config {
         self.cluster.validate()?;
         self.audit.validate()?;
         self.secret_scanning.validate()?;
+        self.webhooks.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod fetch;
 pub mod gateway;
 pub mod live_routes;
+pub mod notify;
 pub mod pepper;
 pub mod root_key_cmd;
 pub mod scan;

@@ -152,6 +152,12 @@ pub async fn start(
         cluster.set_shared(shared.clone());
     }
     cluster.set_admin(opened.admin.clone());
+    opened.admin.set_webhook_settings(cfg.webhooks.settings());
+    let transport = crate::notify::HttpTransport::new(
+        cfg.webhooks.allow_private,
+        Duration::from_secs(cfg.webhooks.timeout_seconds),
+    )
+    .context("cannot build the webhook client")?;
     opened.admin.set_pending_usage(Arc::new(crate::gateway::MeterUsage(gw.clone())));
     opened.admin.set_verifier(Arc::new(keygate_gateway::verify::GatewayVerifier::new(gw.clone())));
     opened.admin.set_index(Arc::new(gw.index.clone()));
@@ -186,6 +192,7 @@ pub async fn start(
         crate::gateway::spawn_reloader(routes.clone(), config_path.map(Path::to_owned), tls),
         routes.spawn_follower(),
         cluster.spawn(),
+        crate::notify::spawn_worker(opened.admin.clone(), Arc::new(transport), cluster.id().to_owned()),
     ];
 
     let metrics_gw = gw.clone();

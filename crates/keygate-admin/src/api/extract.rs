@@ -188,6 +188,8 @@ permission_marker!(
     WorkspacesRead => WorkspacesRead,
     WorkspacesWrite => WorkspacesWrite,
     TokensVerify => TokensVerify,
+    WebhooksRead => WebhooksRead,
+    WebhooksWrite => WebhooksWrite,
 );
 
 /// An authenticated root key holding permission `P`.

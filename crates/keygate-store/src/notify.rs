@@ -1,0 +1,408 @@
+//! [`NotifyStore`] for [`SqlStore`]: webhook endpoints and the outbox of their deliveries (see
+//! keygate-core's `notify` module). [`fan_out`] runs in the transaction of every audit event, so
+//! a delivery exists exactly when its event was committed.
+
+use async_trait::async_trait;
+use keygate_core::ids::{WebhookId, WorkspaceId};
+use keygate_core::model::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest};
+use keygate_core::notify::{
+    AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState, NewDelivery, NotifyStore, WebhookEndpoint,
+};
+use keygate_core::{Error, Result, Timestamp};
+use sqlx::AssertSqlSafe;
+use sqlx::any::AnyRow;
+
+use crate::db_error;
+use crate::rows::{self, to_json};
+use crate::sql::{SqlStore, Tx, insert_audit};
+
+const ENDPOINT_COLS: &str = "id, workspace_id, url, description, event_types, enabled, disabled_reason, \
+    sealed_secret, failing_since, created_at, updated_at";
+const DELIVERY_COLS: &str = "id, workspace_id, endpoint_id, message_id, event_type, payload, state, attempts, \
+    next_at, last_attempt_at, last_status, last_error, created_at, delivered_at";
+
+/// Writes a delivery of the event `e` (stored with id `event_id`, its JSON fields as stored) to
+/// every enabled endpoint of its workspace subscribed to the event type its action raises.
+pub(crate) async fn fan_out(
+    tx: &mut Tx,
+    e: &NewAuditEvent,
+    event_id: i64,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> Result<()> {
+    let Some(kind) = keygate_core::notify::event_for_action(&e.action) else { return Ok(()) };
+    let rows = sqlx::query("SELECT id, event_types FROM webhook_endpoints WHERE workspace_id = $1 AND enabled = 1")
+        .bind(e.workspace_id.as_str())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let parse = |text: Option<&str>| text.and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok());
+    let data = serde_json::json!({
+        "id": format!("evt_{event_id}"),
+        "workspace_id": e.workspace_id,
+        "action": e.action,
+        "actor": e.actor,
+        "target": e.target,
+        "at": e.at,
+        "source": e.source,
+        "before": parse(before),
+        "after": parse(after),
+    });
+    let payload = keygate_core::notify::payload(kind.name, e.at, data);
+    let message_id = format!("msg_{event_id}");
+    for row in &rows {
+        let id: String = rows::get(row, "id")?;
+        let types: Vec<String> = serde_json::from_str(&rows::get::<String>(row, "event_types")?).unwrap_or_default();
+        if !keygate_core::notify::subscribes(&types, kind.name) {
+            continue;
+        }
+        insert_delivery(
+            tx,
+            &NewDelivery {
+                workspace_id: e.workspace_id.clone(),
+                endpoint_id: WebhookId::from_trusted(id),
+                message_id: message_id.clone(),
+                event_type: kind.name.to_owned(),
+                payload: payload.clone(),
+                at: e.at,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn insert_delivery(tx: &mut Tx, d: &NewDelivery) -> Result<i64> {
+    sqlx::query_scalar::<_, i64>(
+        "INSERT INTO webhook_deliveries (workspace_id, endpoint_id, message_id, event_type, payload, state, \
+         attempts, next_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6) RETURNING id",
+    )
+    .bind(d.workspace_id.as_str())
+    .bind(d.endpoint_id.as_str())
+    .bind(d.message_id.as_str())
+    .bind(d.event_type.as_str())
+    .bind(d.payload.as_str())
+    .bind(d.at.as_millis())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_error)
+}
+
+fn endpoint(row: &AnyRow) -> Result<WebhookEndpoint> {
+    let types: String = rows::get(row, "event_types")?;
+    Ok(WebhookEndpoint {
+        id: WebhookId::from_trusted(rows::get(row, "id")?),
+        workspace_id: WorkspaceId::from_trusted(rows::get(row, "workspace_id")?),
+        url: rows::get(row, "url")?,
+        description: rows::get(row, "description")?,
+        event_types: serde_json::from_str(&types)
+            .map_err(|_| Error::internal("a webhook endpoint's event types are not a JSON list"))?,
+        enabled: rows::get::<i64>(row, "enabled")? != 0,
+        disabled_reason: rows::get(row, "disabled_reason")?,
+        sealed_secret: rows::get(row, "sealed_secret")?,
+        failing_since: rows::get::<Option<i64>>(row, "failing_since")?.map(Timestamp::from_millis),
+        created_at: Timestamp::from_millis(rows::get(row, "created_at")?),
+        updated_at: Timestamp::from_millis(rows::get(row, "updated_at")?),
+    })
+}
+
+fn delivery(row: &AnyRow) -> Result<Delivery> {
+    let state: String = rows::get(row, "state")?;
+    let opt_ts = |col: &str| -> Result<Option<Timestamp>> {
+        Ok(rows::get::<Option<i64>>(row, col)?.map(Timestamp::from_millis))
+    };
+    Ok(Delivery {
+        id: rows::get(row, "id")?,
+        workspace_id: WorkspaceId::from_trusted(rows::get(row, "workspace_id")?),
+        endpoint_id: WebhookId::from_trusted(rows::get(row, "endpoint_id")?),
+        message_id: rows::get(row, "message_id")?,
+        event_type: rows::get(row, "event_type")?,
+        payload: rows::get(row, "payload")?,
+        state: DeliveryState::parse(&state).ok_or_else(|| Error::internal("a delivery has an unknown state"))?,
+        attempts: u32::try_from(rows::get::<i64>(row, "attempts")?).unwrap_or(u32::MAX),
+        next_at: opt_ts("next_at")?,
+        last_attempt_at: opt_ts("last_attempt_at")?,
+        last_status: rows::get::<Option<i64>>(row, "last_status")?.and_then(|s| u16::try_from(s).ok()),
+        last_error: rows::get(row, "last_error")?,
+        created_at: Timestamp::from_millis(rows::get(row, "created_at")?),
+        delivered_at: opt_ts("delivered_at")?,
+    })
+}
+
+fn attempt(row: &AnyRow) -> Result<DeliveryAttempt> {
+    Ok(DeliveryAttempt {
+        at: Timestamp::from_millis(rows::get(row, "at")?),
+        status: rows::get::<Option<i64>>(row, "status")?.and_then(|s| u16::try_from(s).ok()),
+        error: rows::get(row, "error")?,
+        duration_ms: u32::try_from(rows::get::<i64>(row, "duration_ms")?).unwrap_or(u32::MAX),
+    })
+}
+
+#[async_trait]
+impl NotifyStore for SqlStore {
+    async fn insert_webhook(&self, w: &WebhookEndpoint, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, workspace_id, url, description, event_types, enabled, \
+             disabled_reason, sealed_secret, failing_since, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(w.id.as_str())
+        .bind(w.workspace_id.as_str())
+        .bind(w.url.as_str())
+        .bind(w.description.as_deref())
+        .bind(to_json(&w.event_types)?)
+        .bind(i64::from(w.enabled))
+        .bind(w.disabled_reason.as_deref())
+        .bind(w.sealed_secret.clone())
+        .bind(w.failing_since.map(Timestamp::as_millis))
+        .bind(w.created_at.as_millis())
+        .bind(w.updated_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn update_webhook(&self, w: &WebhookEndpoint, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE webhook_endpoints SET url = $1, description = $2, event_types = $3, enabled = $4, \
+             disabled_reason = $5, sealed_secret = $6, failing_since = $7, updated_at = $8 \
+             WHERE workspace_id = $9 AND id = $10",
+        )
+        .bind(w.url.as_str())
+        .bind(w.description.as_deref())
+        .bind(to_json(&w.event_types)?)
+        .bind(i64::from(w.enabled))
+        .bind(w.disabled_reason.as_deref())
+        .bind(w.sealed_secret.clone())
+        .bind(w.failing_since.map(Timestamp::as_millis))
+        .bind(w.updated_at.as_millis())
+        .bind(w.workspace_id.as_str())
+        .bind(w.id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found("webhook endpoint"));
+        }
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, None).await
+    }
+
+    async fn delete_webhook(&self, ws: &WorkspaceId, id: &WebhookId, audit: &NewAuditEvent) -> Result<bool> {
+        self.delete_in_workspace(
+            "DELETE FROM webhook_endpoints WHERE workspace_id = $1 AND id = $2",
+            &[
+                "DELETE FROM webhook_attempts WHERE delivery_id IN \
+                 (SELECT id FROM webhook_deliveries WHERE workspace_id = $1 AND endpoint_id = $2)",
+                "DELETE FROM webhook_deliveries WHERE workspace_id = $1 AND endpoint_id = $2",
+            ],
+            ws,
+            id.as_str(),
+            audit,
+        )
+        .await
+    }
+
+    async fn webhook(&self, ws: &WorkspaceId, id: &WebhookId) -> Result<Option<WebhookEndpoint>> {
+        let sql = format!("SELECT {ENDPOINT_COLS} FROM webhook_endpoints WHERE workspace_id = $1 AND id = $2");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(endpoint)
+            .transpose()
+    }
+
+    async fn list_webhooks(&self, ws: &WorkspaceId) -> Result<Vec<WebhookEndpoint>> {
+        let sql =
+            format!("SELECT {ENDPOINT_COLS} FROM webhook_endpoints WHERE workspace_id = $1 ORDER BY created_at, id");
+        let rows = sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).fetch_all(&self.pool).await.map_err(db_error)?;
+        rows.iter().map(endpoint).collect()
+    }
+
+    async fn enqueue_delivery(&self, d: &NewDelivery) -> Result<i64> {
+        let mut tx = self.begin().await?;
+        let id = insert_delivery(&mut tx, d).await?;
+        self.commit(tx, None).await?;
+        Ok(id)
+    }
+
+    async fn claim_deliveries(&self, now: Timestamp, lease_ms: i64, owner: &str, limit: u32) -> Result<Vec<Delivery>> {
+        // PostgreSQL: rows another claimer holds are skipped, so concurrent claimers take
+        // different rows; the outer conditions are checked again on each row as it is locked,
+        // so a row is never leased twice. SQLite has one writer at a time.
+        let lock = if self.engine == crate::Engine::Postgres { "FOR UPDATE OF d SKIP LOCKED" } else { "" };
+        let sql = format!(
+            "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+             SELECT d.id FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+             WHERE d.state = 'pending' AND d.next_at <= $3 AND w.enabled = 1 \
+             AND (d.lease_until IS NULL OR d.lease_until <= $3) ORDER BY d.next_at, d.id LIMIT $4 {lock}) \
+             AND state = 'pending' AND (lease_until IS NULL OR lease_until <= $3) RETURNING {DELIVERY_COLS}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now.as_millis().saturating_add(lease_ms))
+            .bind(now.as_millis())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let mut out = rows.iter().map(delivery).collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|d| (d.next_at, d.id));
+        Ok(out)
+    }
+
+    async fn record_attempt(&self, delivery_id: i64, o: &AttemptOutcome) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let a = &o.attempt;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, at, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(delivery_id)
+        .bind(a.at.as_millis())
+        .bind(a.status.map(i64::from))
+        .bind(a.error.as_deref())
+        .bind(i64::from(a.duration_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let delivered = (o.state == DeliveryState::Delivered).then_some(a.at.as_millis());
+        sqlx::query(
+            "UPDATE webhook_deliveries SET state = $1, attempts = attempts + 1, next_at = $2, lease_owner = NULL, \
+             lease_until = NULL, last_attempt_at = $3, last_status = $4, last_error = $5, \
+             delivered_at = COALESCE($6, delivered_at) WHERE id = $7",
+        )
+        .bind(o.state.as_str())
+        .bind(o.next_at.map(Timestamp::as_millis))
+        .bind(a.at.as_millis())
+        .bind(a.status.map(i64::from))
+        .bind(a.error.as_deref())
+        .bind(delivered)
+        .bind(delivery_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let endpoint = if delivered.is_some() {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET failing_since = NULL WHERE failing_since IS NOT NULL AND \
+                 id = (SELECT endpoint_id FROM webhook_deliveries WHERE id = $1)",
+            )
+            .bind(delivery_id)
+        } else {
+            sqlx::query(
+                "UPDATE webhook_endpoints SET failing_since = $2 WHERE failing_since IS NULL AND \
+                 id = (SELECT endpoint_id FROM webhook_deliveries WHERE id = $1)",
+            )
+            .bind(delivery_id)
+            .bind(a.at.as_millis())
+        };
+        endpoint.execute(&mut *tx).await.map_err(db_error)?;
+        self.commit(tx, None).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        ws: &WorkspaceId,
+        endpoint: Option<&WebhookId>,
+        page: &PageRequest,
+    ) -> Result<Page<Delivery>> {
+        let limit = i64::from(if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) });
+        let before = match &page.cursor {
+            Some(c) => c.parse::<i64>().map_err(|_| {
+                Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
+            })?,
+            None => i64::MAX,
+        };
+        let sql = format!(
+            "SELECT {DELIVERY_COLS} FROM webhook_deliveries WHERE workspace_id = $1 AND id < $2 \
+             AND ($3 = '' OR endpoint_id = $3) ORDER BY id DESC LIMIT $4"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(before)
+            .bind(endpoint.map_or("", WebhookId::as_str))
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let take = usize::try_from(limit).unwrap_or(usize::MAX);
+        let items = rows.iter().take(take).map(delivery).collect::<Result<Vec<_>>>()?;
+        let next_cursor = (rows.len() > take).then(|| items.last().map(|d| d.id.to_string())).flatten();
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn delivery(&self, ws: &WorkspaceId, id: i64) -> Result<Option<(Delivery, Vec<DeliveryAttempt>)>> {
+        let sql = format!("SELECT {DELIVERY_COLS} FROM webhook_deliveries WHERE workspace_id = $1 AND id = $2");
+        let Some(row) = sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+        else {
+            return Ok(None);
+        };
+        let attempts = sqlx::query(
+            "SELECT at, status, error, duration_ms FROM webhook_attempts WHERE delivery_id = $1 ORDER BY at, status",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(Some((delivery(&row)?, attempts.iter().map(attempt).collect::<Result<Vec<_>>>()?)))
+    }
+
+    async fn redeliver(&self, ws: &WorkspaceId, id: i64, now: Timestamp) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, next_at = $1, lease_owner = NULL, \
+             lease_until = NULL WHERE workspace_id = $2 AND id = $3",
+        )
+        .bind(now.as_millis())
+        .bind(ws.as_str())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn next_delivery_due(&self) -> Result<Option<Timestamp>> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(d.next_at) FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+             WHERE d.state = 'pending' AND w.enabled = 1",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(at.map(Timestamp::from_millis))
+    }
+
+    async fn prune_deliveries(&self, before: Timestamp) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "DELETE FROM webhook_attempts WHERE delivery_id IN \
+             (SELECT id FROM webhook_deliveries WHERE created_at < $1 AND state <> 'pending')",
+        )
+        .bind(before.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let done = sqlx::query("DELETE FROM webhook_deliveries WHERE created_at < $1 AND state <> 'pending'")
+            .bind(before.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        self.commit(tx, None).await?;
+        Ok(done.rows_affected())
+    }
+}

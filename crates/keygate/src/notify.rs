@@ -1,0 +1,126 @@
+//! The delivery side of notifications on this node: the HTTP transport of webhooks, with its
+//! address guard (no request to a private, loopback or link-local address unless `[webhooks]
+//! allow_private`), and the worker that sends the outbox (`Admin::deliver_due`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keygate_admin::Admin;
+use keygate_admin::webhooks::{SendResult, WebhookTransport};
+use keygate_core::notify::is_public_ip;
+use tokio::task::JoinHandle;
+
+/// Resolves names with the system resolver and keeps only the addresses allowed: a name that
+/// resolves only to private addresses is refused, whichever address a later lookup would give
+/// (the connection uses the addresses checked here, so re-binding the name cannot slip past).
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> =
+                found.iter().copied().filter(|a| allow_private || is_public_ip(a.ip())).collect();
+            if allowed.is_empty() {
+                let why = if found.is_empty() {
+                    format!("{host} has no address")
+                } else {
+                    format!("{host} resolves only to private, loopback or link-local addresses (refused)")
+                };
+                return Err(why.into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// Webhook requests over HTTP(S): no redirects followed, no proxy from the environment (it would
+/// resolve names where the guard cannot see), bounded in time.
+pub struct HttpTransport {
+    client: reqwest::Client,
+    allow_private: bool,
+}
+
+impl HttpTransport {
+    pub fn new(allow_private: bool, timeout: Duration) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .pool_max_idle_per_host(2)
+            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+            .build()?;
+        Ok(Self { client, allow_private })
+    }
+}
+
+/// What went wrong, without the URL (an endpoint's URL may carry a secret in its query).
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "could not connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    let mut depth = 0;
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) && depth < 3 {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+        depth += 1;
+    }
+    out.chars().take(300).collect()
+}
+
+#[async_trait]
+impl WebhookTransport for HttpTransport {
+    async fn post(&self, url: &str, headers: &[(&'static str, String)], body: &str) -> SendResult {
+        let Ok(parsed) = reqwest::Url::parse(url) else { return SendResult::Failed("the URL does not parse".into()) };
+        // An address in the URL is not resolved, so the resolver's guard does not see it.
+        let host = parsed.host_str().unwrap_or_default();
+        let literal = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        if let Some(ip) = literal
+            && !self.allow_private
+            && !is_public_ip(ip)
+        {
+            return SendResult::Failed(format!("{ip} is a private, loopback or link-local address (refused)"));
+        }
+        let mut req = self.client.post(parsed).body(body.to_owned());
+        for (name, value) in headers {
+            req = req.header(*name, value.as_str());
+        }
+        match req.send().await {
+            Ok(resp) => SendResult::Answered(resp.status().as_u16()),
+            Err(e) => SendResult::Failed(describe(&e)),
+        }
+    }
+}
+
+/// Sends the outbox from this node: every second (and at once again after a full batch), the
+/// deliveries due are claimed and sent. Other nodes do the same; a delivery's lease keeps each
+/// with one of them.
+pub fn spawn_worker(admin: Arc<Admin>, transport: Arc<dyn WebhookTransport>, node: String) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match admin.deliver_due(transport.clone(), &node).await {
+                Ok(pass) if pass.full => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot deliver webhooks; trying again"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}

@@ -272,6 +272,9 @@ impl Admin {
         let audit = NewAuditEvent::new(ws, actor, "webhook.update", id.as_str(), after.updated_at)
             .with_diff(&before.audit_view(), &after.audit_view());
         self.store().update_webhook(&after, &audit).await?;
+        if after.enabled && !before.enabled {
+            self.store().resume_deliveries(ws, id, after.updated_at).await?;
+        }
         Ok(after)
     }
 
@@ -487,5 +490,237 @@ impl Admin {
         self.store().update_webhook(&after, &audit).await?;
         tracing::warn!(endpoint = %endpoint.id, since = %since, "a webhook endpoint that failed every attempt was disabled");
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+    use std::collections::VecDeque;
+
+    use base64::Engine as _;
+    use keygate_core::secret::{OsRandom, Pepper};
+    use keygate_core::store::Store;
+    use keygate_core::{ManualClock, Timestamp};
+
+    use super::*;
+    use crate::service::{AdminSettings, NewToken};
+
+    /// Records every request and answers from a script (then 204).
+    #[derive(Default)]
+    struct Script {
+        sent: parking_lot::Mutex<Vec<(String, Vec<(String, String)>, String)>>,
+        answers: parking_lot::Mutex<VecDeque<SendResult>>,
+    }
+
+    #[async_trait]
+    impl WebhookTransport for Script {
+        async fn post(&self, url: &str, headers: &[(&'static str, String)], body: &str) -> SendResult {
+            let headers = headers.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+            self.sent.lock().push((url.to_owned(), headers, body.to_owned()));
+            self.answers.lock().pop_front().unwrap_or(SendResult::Answered(204))
+        }
+    }
+
+    async fn setup() -> (Arc<Admin>, ManualClock, tempfile::TempDir, WorkspaceId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
+        let store: Arc<dyn Store> = store;
+        let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
+        let admin = Arc::new(Admin::new(
+            store,
+            Pepper::new(&[5; 32]).unwrap(),
+            AdminSettings::default(),
+            Arc::new(clock.clone()),
+            Arc::new(OsRandom),
+        ));
+        let ws = admin.bootstrap().await.unwrap().id;
+        (admin, clock, dir, ws)
+    }
+
+    fn header<'a>(sent: &'a (String, Vec<(String, String)>, String), name: &str) -> &'a str {
+        sent.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn events_are_signed_retried_on_schedule_and_the_endpoint_disabled_after_a_day_of_failures() {
+        let (admin, clock, _dir, ws) = setup().await;
+        let actor = Actor::cli();
+        let hook = admin
+            .create_webhook(
+                &ws,
+                &actor,
+                NewWebhook { url: "https://hooks.example.com/in".into(), ..Default::default() },
+            )
+            .await
+            .unwrap();
+        let other = admin
+            .create_webhook(
+                &ws,
+                &actor,
+                NewWebhook {
+                    url: "https://ops.example.com/in".into(),
+                    event_types: vec!["webhook.disabled".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let key =
+            base64::engine::general_purpose::STANDARD.decode(hook.secret.strip_prefix("whsec_").unwrap()).unwrap();
+        let script = Arc::new(Script::default());
+
+        // A revocation is sent, signed over id.timestamp.body with the secret shown at creation.
+        let (token, _) =
+            admin.create_token(&ws, &actor, NewToken { name: "t".into(), ..Default::default() }).await.unwrap();
+        admin.revoke_token(&ws, &actor, &token.id, Some("leaked".into())).await.unwrap();
+        let pass = admin.deliver_due(script.clone(), "n1").await.unwrap();
+        assert_eq!((pass.attempted, pass.delivered), (2, 2), "token.created and token.revoked");
+        let sent = script.sent.lock().clone();
+        let revoked = &sent[1];
+        let body: serde_json::Value = serde_json::from_str(&revoked.2).unwrap();
+        assert_eq!(body["type"], "token.revoked");
+        assert_eq!(body["data"]["target"], token.id.as_str());
+        assert_eq!(body["data"]["after"]["revoke_reason"], "leaked");
+        let ts: i64 = header(revoked, "webhook-timestamp").parse().unwrap();
+        assert_eq!(ts, admin.now().as_millis() / 1000);
+        let id = header(revoked, "webhook-id");
+        assert_eq!(
+            header(revoked, "webhook-signature"),
+            keygate_core::notify::sign(&key, id, ts, revoked.2.as_bytes())
+        );
+        assert!(!revoked.2.contains(&hook.secret), "no secret in a message");
+        assert!(admin.deliver_due(script.clone(), "n1").await.unwrap().attempted == 0, "sent once");
+
+        // Failures: retried after 5 s, 5 min, … (up to a tenth later), never before.
+        script.answers.lock().extend([SendResult::Answered(500), SendResult::Failed("could not connect".into())]);
+        admin
+            .suspend_token(
+                &ws,
+                &actor,
+                &admin
+                    .create_token(&ws, &actor, NewToken { name: "u".into(), ..Default::default() })
+                    .await
+                    .unwrap()
+                    .0
+                    .id,
+            )
+            .await
+            .unwrap();
+        script.answers.lock().push_front(SendResult::Answered(204)); // token.created of "u"
+        let p = admin.deliver_due(script.clone(), "n1").await.unwrap();
+        assert_eq!((p.attempted, p.delivered), (2, 1));
+        let list = admin.list_deliveries(&ws, Some(&hook.endpoint.id), &PageRequest::default()).await.unwrap().items;
+        let suspended = list.iter().find(|d| d.event_type == "token.suspended").unwrap();
+        assert_eq!(
+            (suspended.state, suspended.attempts, suspended.last_status),
+            (DeliveryState::Pending, 1, Some(500))
+        );
+        let wait = suspended.next_at.unwrap().as_millis() - admin.now().as_millis();
+        assert!((5_000..=5_500).contains(&wait), "{wait}");
+        clock.advance_seconds(4);
+        assert_eq!(admin.deliver_due(script.clone(), "n1").await.unwrap().attempted, 0, "not before its time");
+        clock.advance_seconds(2);
+        assert_eq!(admin.deliver_due(script.clone(), "n1").await.unwrap().attempted, 1);
+        let (d, attempts) = admin.delivery(&ws, suspended.id).await.unwrap();
+        assert_eq!(attempts.iter().map(|a| a.status).collect::<Vec<_>>(), [Some(500), None]);
+        assert_eq!(attempts[1].error.as_deref(), Some("could not connect"));
+        let wait = d.next_at.unwrap().as_millis() - admin.now().as_millis();
+        assert!((300_000..=330_000).contains(&wait), "{wait}");
+
+        // Every attempt fails for a day: the endpoint is disabled, with a notice to the others.
+        for _ in 0..6 {
+            script.answers.lock().push_back(SendResult::Answered(503));
+            clock.set(admin.delivery(&ws, suspended.id).await.unwrap().0.next_at.unwrap());
+            admin.deliver_due(script.clone(), "n1").await.unwrap();
+        }
+        let w = admin.webhook(&ws, &hook.endpoint.id).await.unwrap();
+        assert!(!w.enabled, "{w:?}");
+        assert!(w.disabled_reason.as_deref().unwrap().contains("503"), "{:?}", w.disabled_reason);
+        let audit = admin.store().list_audit(&ws, &Default::default(), &PageRequest::default()).await.unwrap().items;
+        assert!(audit.iter().any(|e| e.action == "webhook.disable" && e.actor == "webhook-delivery"));
+        script.sent.lock().clear();
+        admin.deliver_due(script.clone(), "n1").await.unwrap();
+        let sent = script.sent.lock().clone();
+        assert_eq!(sent.len(), 1, "only the notice, to the other endpoint: {sent:?}");
+        assert_eq!(sent[0].0, "https://ops.example.com/in");
+        assert!(sent[0].2.contains("\"webhook.disabled\""));
+        assert_eq!(other.endpoint.event_types, ["webhook.disabled"]);
+
+        // Its last retry was the one that disabled it: the delivery failed for good. Enabled
+        // again, the endpoint gets new events; a redelivery sends the failed one again.
+        let (d, attempts) = admin.delivery(&ws, suspended.id).await.unwrap();
+        assert_eq!((d.state, attempts.len()), (DeliveryState::Failed, 8));
+        admin
+            .update_webhook(&ws, &actor, &hook.endpoint.id, WebhookUpdate { enabled: Some(true), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(admin.deliver_due(script.clone(), "n1").await.unwrap().attempted, 0);
+        let again = admin.redeliver(&ws, suspended.id).await.unwrap();
+        assert_eq!((again.state, again.attempts), (DeliveryState::Pending, 0));
+        script.sent.lock().clear();
+        assert_eq!(admin.deliver_due(script.clone(), "n1").await.unwrap().delivered, 1);
+        assert_eq!(header(&script.sent.lock()[0], "webhook-id"), again.message_id, "the same message id");
+    }
+
+    #[tokio::test]
+    async fn urls_event_types_and_tests() {
+        let (admin, _clock, _dir, ws) = setup().await;
+        let actor = Actor::cli();
+        let create = |url: &str| NewWebhook { url: url.into(), ..Default::default() };
+        for (url, code) in [
+            ("ftp://example.com/x", "invalid_webhook_url"),
+            ("https://user:pw@example.com/x", "invalid_webhook_url"),
+            ("https://example.com/x#frag", "invalid_webhook_url"),
+            ("/relative", "invalid_webhook_url"),
+            ("http://127.0.0.1:9000/x", "webhook_url_refused"),
+            ("http://[::1]/x", "webhook_url_refused"),
+            ("http://169.254.169.254/latest/meta-data", "webhook_url_refused"),
+            ("http://10.0.0.8/x", "webhook_url_refused"),
+            ("http://localhost:8080/x", "webhook_url_refused"),
+            ("http://api.localhost/x", "webhook_url_refused"),
+        ] {
+            let e = admin.create_webhook(&ws, &actor, create(url)).await.unwrap_err();
+            assert_eq!(e.code, code, "{url}: {}", e.message);
+        }
+        let e = admin
+            .create_webhook(
+                &ws,
+                &actor,
+                NewWebhook { event_types: vec!["token.nope".into()], ..create("https://a.example/") },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "invalid_event_type");
+        let star = admin
+            .create_webhook(
+                &ws,
+                &actor,
+                NewWebhook { event_types: vec!["*".into(), "token.revoked".into()], ..create("https://a.example/") },
+            )
+            .await
+            .unwrap();
+        assert!(star.endpoint.event_types.is_empty(), "* is every event");
+        assert!(star.secret.starts_with("whsec_") && star.secret.len() > 40);
+
+        // Allowed on a private network when configured so.
+        admin.set_webhook_settings(WebhookSettings { allow_private: true, ..Default::default() });
+        let local = admin.create_webhook(&ws, &actor, create("http://127.0.0.1:9000/x")).await.unwrap();
+        let script = Arc::new(Script::default());
+        let id = admin.test_webhook(&ws, &actor, &local.endpoint.id).await.unwrap();
+        admin.deliver_due(script.clone(), "n1").await.unwrap();
+        let (d, attempts) = admin.delivery(&ws, id).await.unwrap();
+        assert_eq!((d.state, d.event_type.as_str(), attempts.len()), (DeliveryState::Delivered, "webhook.test", 1));
+        assert!(
+            script.sent.lock().iter().all(|s| s.0 == "http://127.0.0.1:9000/x"),
+            "a test goes to its endpoint only"
+        );
+
+        // The secret can be replaced; the old one no longer signs.
+        let rotated = admin.rotate_webhook_secret(&ws, &actor, &local.endpoint.id).await.unwrap();
+        assert_ne!(rotated.secret, local.secret);
+        admin.delete_webhook(&ws, &actor, &local.endpoint.id).await.unwrap();
+        assert_eq!(admin.webhook(&ws, &local.endpoint.id).await.unwrap_err().code, "not_found");
     }
 }

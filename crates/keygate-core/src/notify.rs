@@ -342,6 +342,9 @@ pub trait NotifyStore: Send + Sync {
     /// Makes a delivery due again at `now` with its retries counted afresh (same message id).
     /// `false` if there is none.
     async fn redeliver(&self, ws: &WorkspaceId, id: i64, now: Timestamp) -> Result<bool>;
+    /// Makes every pending delivery of an endpoint due at `now`, retries counted afresh (when it
+    /// is enabled again). Returns how many.
+    async fn resume_deliveries(&self, ws: &WorkspaceId, endpoint: &WebhookId, now: Timestamp) -> Result<u64>;
     /// When the next pending delivery of an enabled endpoint is due, if any.
     async fn next_delivery_due(&self) -> Result<Option<Timestamp>>;
     /// Deletes deliveries (and their attempts) created before `before` that are no longer

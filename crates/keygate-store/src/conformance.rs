@@ -2081,6 +2081,10 @@ async fn webhook_outbox(h: &Harness) {
     s.update_webhook(&disabled, &audit(&ws.id, "webhook.update", all.id.as_str())).await.unwrap();
     assert!(s.claim_deliveries(at.plus_seconds(3_600), 60_000, "x", 50).await.unwrap().is_empty());
     assert_eq!(s.next_delivery_due().await.unwrap(), None);
+    let far = AttemptOutcome { next_at: Some(at.plus_seconds(36_000)), ..fail.clone() };
+    s.record_attempt(ids[0], &far).await.unwrap();
+    assert_eq!(s.resume_deliveries(&ws.id, &all.id, at.plus_seconds(60)).await.unwrap(), 1, "due again at once");
+    assert_eq!(s.delivery(&ws.id, ids[0]).await.unwrap().unwrap().0.next_at, Some(at.plus_seconds(60)));
     s.record_attempt(id, &ok).await.unwrap();
     assert_eq!(s.prune_deliveries(at.plus_seconds(86_400)).await.unwrap(), 1, "only the delivered one");
     assert!(s.delivery(&ws.id, id).await.unwrap().is_none());

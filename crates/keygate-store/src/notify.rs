@@ -376,6 +376,20 @@ impl NotifyStore for SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn resume_deliveries(&self, ws: &WorkspaceId, endpoint: &WebhookId, now: Timestamp) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = 0, next_at = $1 WHERE workspace_id = $2 AND endpoint_id = $3 \
+             AND state = 'pending' AND next_at > $1",
+        )
+        .bind(now.as_millis())
+        .bind(ws.as_str())
+        .bind(endpoint.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+
     async fn next_delivery_due(&self) -> Result<Option<Timestamp>> {
         let at: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(d.next_at) FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \

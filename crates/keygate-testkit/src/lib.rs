@@ -59,6 +59,8 @@ pub struct Options {
     pub health_listener: bool,
     /// `[secret_scanning]` settings (the partner endpoint).
     pub secret_scanning: Option<keygate::config::SecretScanningConfig>,
+    /// `[webhooks]` settings.
+    pub webhooks: Option<keygate::config::WebhooksConfig>,
 }
 
 impl TestKeygate {
@@ -84,6 +86,7 @@ impl TestKeygate {
             cluster: opts.cluster.unwrap_or_default(),
             redis: opts.redis.unwrap_or_default(),
             secret_scanning: opts.secret_scanning.unwrap_or_default(),
+            webhooks: opts.webhooks.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

@@ -54,6 +54,8 @@ struct Log {
     /// Every byte received, per connection.
     raw: Vec<Vec<u8>>,
     requests: Vec<Recorded>,
+    /// The status of the answers (200 unless set).
+    status: Option<u16>,
 }
 
 /// The recording upstream, on an ephemeral port.
@@ -97,6 +99,11 @@ impl RecordingUpstream {
         self.log.lock().raw.clone()
     }
 
+    /// Answers every request from now on with `status` (and an empty body unless 200).
+    pub fn set_status(&self, status: u16) {
+        self.log.lock().status = Some(status);
+    }
+
     /// Forgets what was recorded (connections stay numbered on).
     pub fn clear(&self) {
         let mut l = self.log.lock();
@@ -114,7 +121,8 @@ impl Drop for RecordingUpstream {
 }
 
 /// Reads requests off one connection (heads by httparse, bodies by `Content-Length` or chunked)
-/// and answers each `200 OK` with the request's number on the connection as the body.
+/// and answers each `200 OK` with the request's number on the connection as the body (or with
+/// the status set by [`RecordingUpstream::set_status`]).
 async fn serve(mut stream: tokio::net::TcpStream, conn: usize, log: Arc<Mutex<Log>>) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
@@ -124,10 +132,14 @@ async fn serve(mut stream: tokio::net::TcpStream, conn: usize, log: Arc<Mutex<Lo
         match parse_one(&buf) {
             Parsed::Request { used, head, body } => {
                 buf.drain(..used);
-                log.lock().requests.push(Recorded { conn, head, body });
+                let status = {
+                    let mut log = log.lock();
+                    log.requests.push(Recorded { conn, head, body });
+                    log.status.unwrap_or(200)
+                };
                 n += 1;
-                let body = n.to_string();
-                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                let body = if status == 200 { n.to_string() } else { String::new() };
+                let answer = format!("HTTP/1.1 {status} Status\r\ncontent-length: {}\r\n\r\n{body}", body.len());
                 if stream.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }

@@ -72,15 +72,13 @@ fn describe(e: &reqwest::Error) -> String {
         "request failed".to_owned()
     };
     let mut source = std::error::Error::source(e);
-    let mut depth = 0;
     while let Some(s) = source {
         let text = s.to_string();
-        if !out.contains(&text) && depth < 3 {
+        if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
         source = s.source();
-        depth += 1;
     }
     out.chars().take(300).collect()
 }
@@ -123,4 +121,48 @@ pub fn spawn_worker(admin: Arc<Admin>, transport: Arc<dyn WebhookTransport>, nod
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    /// A listener that counts the connections it accepts and answers each with 204.
+    async fn listener() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n").await;
+                });
+            }
+        });
+        (port, count)
+    }
+
+    #[tokio::test]
+    async fn private_addresses_are_never_connected_to_unless_allowed() {
+        let (port, count) = listener().await;
+        let guarded = HttpTransport::new(false, Duration::from_secs(5)).unwrap();
+        // By address, and by a name that resolves to loopback: refused before any connection.
+        for url in [format!("http://127.0.0.1:{port}/x"), format!("http://localhost:{port}/x")] {
+            match guarded.post(&url, &[], "{}").await {
+                SendResult::Failed(why) => assert!(why.contains("refused") || why.contains("private"), "{url}: {why}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0, "no connection was made");
+        let open = HttpTransport::new(true, Duration::from_secs(5)).unwrap();
+        assert_eq!(open.post(&format!("http://localhost:{port}/x"), &[], "{}").await, SendResult::Answered(204));
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 }

@@ -30,6 +30,7 @@ mod shared_limits;
 mod upstream_h2;
 mod upstream_tls;
 mod verify;
+mod webhooks;
 mod workspaces;
 
 use std::io::{BufRead, BufReader};

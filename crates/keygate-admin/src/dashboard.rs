@@ -10,6 +10,7 @@ mod pages;
 mod portal;
 mod root_keys;
 mod routes;
+mod webhooks;
 mod workspaces;
 
 use std::sync::Arc;
@@ -86,6 +87,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("workspaces.html", include_str!("../dashboard/templates/workspaces.html")),
     ("workspace_delete.html", include_str!("../dashboard/templates/workspace_delete.html")),
     ("nodes.html", include_str!("../dashboard/templates/nodes.html")),
+    ("webhooks.html", include_str!("../dashboard/templates/webhooks.html")),
+    ("webhook.html", include_str!("../dashboard/templates/webhook.html")),
+    ("webhook_created.html", include_str!("../dashboard/templates/webhook_created.html")),
+    ("webhook_delivery.html", include_str!("../dashboard/templates/webhook_delivery.html")),
 ];
 
 const CSS: &str = include_str!("../dashboard/assets/app.css");
@@ -407,6 +412,11 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
         .route("/settings/root-keys", get(root_keys::list).post(root_keys::create))
         .route("/settings/root-keys/{id}/revoke", get(root_keys::revoke_page).post(root_keys::revoke))
+        .route("/settings/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/settings/webhooks/{id}", get(webhooks::page))
+        .route("/settings/webhooks/{id}/{action}", post(webhooks::action))
+        .route("/settings/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
+        .route("/settings/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
         .route("/routes", get(routes::list).post(routes::create))
         .route("/routes/{id}", get(routes::page).post(routes::update))
         .route("/routes/{id}/delete", post(routes::delete))

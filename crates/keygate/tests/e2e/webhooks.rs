@@ -165,3 +165,61 @@ async fn two_nodes_deliver_each_event_once() {
     b.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_and_admins_manage_webhooks_in_the_dashboard() {
+    let rx = RecordingUpstream::start().await.unwrap();
+    let kg = TestKeygate::start_with(Options { webhooks: allow_private(), ..Options::default() }).await.unwrap();
+    let mut own = crate::dashboard::owner(&kg).await;
+    let url = format!("{}/hooks", rx.url());
+    let p =
+        own.submit("/settings/webhooks", "/settings/webhooks", &[("url", &url), ("event_type", "token.revoked")]).await;
+    assert_eq!(p.status, StatusCode::CREATED, "{}", p.body);
+    let secret = p.between("<code id=\"webhook-secret\">", "<");
+    assert!(secret.starts_with("whsec_"));
+    let list = own.get("/settings/webhooks").await;
+    assert!(list.body.contains(&url) && !list.body.contains(&secret), "listed, secret never again");
+    let id = list.between("<tr id=\"", "\"");
+
+    // A test event: delivered, signed, shown in the log with its attempt and body.
+    let page = format!("/settings/webhooks/{id}");
+    let t = own.submit(&page, &format!("{page}/test"), &[]).await;
+    assert_eq!(t.status, StatusCode::SEE_OTHER, "{}", t.body);
+    let got = received(&rx, 1).await;
+    assert_eq!(verified(&got[0], &secret)["type"], "webhook.test");
+    let mut log = own.get(&page).await;
+    for _ in 0..100 {
+        if log.body.contains(">delivered<") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log = own.get(&page).await;
+    }
+    assert!(log.body.contains("webhook.test") && log.body.contains(">delivered<"), "{}", log.body);
+    let delivery = log.between("<tr id=\"delivery-", "\"");
+    let detail = own.get(&format!("{page}/deliveries/{delivery}")).await;
+    assert_eq!(detail.status, StatusCode::OK);
+    assert!(detail.body.contains("200") && detail.body.contains("&quot;webhook.test&quot;"), "{}", detail.body);
+    let again = own.submit(&page, &format!("{page}/deliveries/{delivery}/redeliver"), &[]).await;
+    assert_eq!(again.status, StatusCode::SEE_OTHER);
+    let both = received(&rx, 2).await;
+    assert_eq!(header(&both[0], "webhook-id"), header(&both[1], "webhook-id"));
+
+    // Disabled, nothing is sent; enabled again; deleted.
+    assert_eq!(own.submit(&page, &format!("{page}/disable"), &[]).await.status, StatusCode::SEE_OTHER);
+    assert!(own.get(&page).await.body.contains("disabled by usr_"));
+    assert_eq!(own.submit(&page, &format!("{page}/enable"), &[]).await.status, StatusCode::SEE_OTHER);
+    let rotated = own.submit(&page, &format!("{page}/rotate"), &[]).await;
+    assert_eq!(rotated.status, StatusCode::CREATED);
+    assert_ne!(rotated.between("<code id=\"webhook-secret\">", "<"), secret);
+
+    // A developer may not; a bad URL is explained on the form.
+    let mut dev = crate::dashboard::member(&kg, &mut own, "dev@example.com", "developer").await;
+    assert_eq!(dev.get("/settings/webhooks").await.status, StatusCode::FORBIDDEN);
+    let bad = own.submit("/settings/webhooks", "/settings/webhooks", &[("url", "ftp://x")]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(bad.body.contains("http:// or https://"), "{}", bad.body);
+    assert_eq!(own.submit(&page, &format!("{page}/delete"), &[]).await.status, StatusCode::SEE_OTHER);
+    assert!(!own.get("/settings/webhooks").await.body.contains(&url));
+    kg.stop().await;
+}

@@ -8,6 +8,7 @@ pub mod catalog;
 mod csv;
 pub mod dashboard;
 pub mod listener;
+pub mod notices;
 pub mod oauth;
 pub mod routes;
 pub mod seal;

@@ -191,7 +191,7 @@ pub struct Admin {
     verifier: std::sync::OnceLock<Arc<dyn keygate_core::verify::TokenVerifier>>,
     index: std::sync::OnceLock<Arc<dyn keygate_core::verify::IndexReadiness>>,
     /// `[webhooks]` of the configuration (see [`crate::webhooks`]).
-    pub(crate) webhook_settings: std::sync::OnceLock<crate::webhooks::WebhookSettings>,
+    pub(crate) notify_settings: std::sync::OnceLock<crate::webhooks::NotifySettings>,
 }
 
 /// Usage counted in memory and not yet in the store (the local gateway's meter), so reports
@@ -305,7 +305,7 @@ impl Admin {
             route_rules: std::sync::OnceLock::new(),
             verifier: std::sync::OnceLock::new(),
             index: std::sync::OnceLock::new(),
-            webhook_settings: std::sync::OnceLock::new(),
+            notify_settings: std::sync::OnceLock::new(),
         };
         // Every audit event written from here on is linked under the pepper's key.
         admin.store.set_audit_chain_key(admin.audit_chain_key());

@@ -29,9 +29,11 @@ const CLAIM_BATCH: u32 = 16;
 /// The bytes of a signing key.
 const SECRET_BYTES: usize = 32;
 
-/// How webhooks behave (`[webhooks]` of the configuration).
+/// How notifications behave (`[webhooks]` and `[notifications]` of the configuration).
 #[derive(Debug, Clone)]
-pub struct WebhookSettings {
+pub struct NotifySettings {
+    /// `token.expiring` is recorded this many days before a token expires.
+    pub expiring_days: u32,
     /// Allow endpoints on private, loopback and link-local addresses (a receiver on the same
     /// network). Off by default: a URL must not turn keygate against its own network.
     pub allow_private: bool,
@@ -41,9 +43,9 @@ pub struct WebhookSettings {
     pub retention_ms: i64,
 }
 
-impl Default for WebhookSettings {
+impl Default for NotifySettings {
     fn default() -> Self {
-        Self { allow_private: false, disable_after_ms: 24 * 3_600_000, retention_ms: 30 * 86_400_000 }
+        Self { expiring_days: 7, allow_private: false, disable_after_ms: 24 * 3_600_000, retention_ms: 30 * 86_400_000 }
     }
 }
 
@@ -104,13 +106,13 @@ impl Admin {
         Sealer::new(self, "webhook signing keys")
     }
 
-    pub(crate) fn webhook_settings(&self) -> WebhookSettings {
-        self.webhook_settings.get().cloned().unwrap_or_default()
+    pub(crate) fn notify_settings(&self) -> NotifySettings {
+        self.notify_settings.get().cloned().unwrap_or_default()
     }
 
     /// Sets how webhooks behave (once, at start).
-    pub fn set_webhook_settings(&self, settings: WebhookSettings) {
-        let _ = self.webhook_settings.set(settings);
+    pub fn set_notify_settings(&self, settings: NotifySettings) {
+        let _ = self.notify_settings.set(settings);
     }
 
     /// Checks an endpoint URL: `http(s)://host[:port]/path`, no credentials, no fragment, and a
@@ -140,7 +142,7 @@ impl Admin {
         if host.is_empty() {
             return Err(bad(""));
         }
-        if !self.webhook_settings().allow_private {
+        if !self.notify_settings().allow_private {
             let local_name =
                 host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost");
             let private_ip = host.parse::<std::net::IpAddr>().is_ok_and(|ip| !keygate_core::notify::is_public_ip(ip));
@@ -355,7 +357,7 @@ impl Admin {
 
     /// Deletes deliveries older than the retention that are no longer pending. Returns how many.
     pub async fn prune_deliveries(&self) -> Result<u64> {
-        let before = self.now().as_millis().saturating_sub(self.webhook_settings().retention_ms);
+        let before = self.now().as_millis().saturating_sub(self.notify_settings().retention_ms);
         self.store().prune_deliveries(Timestamp::from_millis(before)).await
     }
 
@@ -471,7 +473,7 @@ impl Admin {
     /// the workspace's other endpoints and to its owners.
     async fn disable_if_failing(&self, endpoint: &WebhookEndpoint, last: &DeliveryAttempt) -> Result<bool> {
         let Some(current) = self.store().webhook(&endpoint.workspace_id, &endpoint.id).await? else { return Ok(false) };
-        let settings = self.webhook_settings();
+        let settings = self.notify_settings();
         let Some(since) = current.failing_since else { return Ok(false) };
         if !current.enabled || last.at.as_millis() - since.as_millis() < settings.disable_after_ms {
             return Ok(false);
@@ -507,10 +509,13 @@ mod tests {
     use super::*;
     use crate::service::{AdminSettings, NewToken};
 
+    /// A request as sent: URL, headers, body.
+    type Sent = (String, Vec<(String, String)>, String);
+
     /// Records every request and answers from a script (then 204).
     #[derive(Default)]
     struct Script {
-        sent: parking_lot::Mutex<Vec<(String, Vec<(String, String)>, String)>>,
+        sent: parking_lot::Mutex<Vec<Sent>>,
         answers: parking_lot::Mutex<VecDeque<SendResult>>,
     }
 
@@ -539,7 +544,7 @@ mod tests {
         (admin, clock, dir, ws)
     }
 
-    fn header<'a>(sent: &'a (String, Vec<(String, String)>, String), name: &str) -> &'a str {
+    fn header<'a>(sent: &'a Sent, name: &str) -> &'a str {
         sent.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap()
     }
 
@@ -705,7 +710,7 @@ mod tests {
         assert!(star.secret.starts_with("whsec_") && star.secret.len() > 40);
 
         // Allowed on a private network when configured so.
-        admin.set_webhook_settings(WebhookSettings { allow_private: true, ..Default::default() });
+        admin.set_notify_settings(NotifySettings { allow_private: true, ..Default::default() });
         let local = admin.create_webhook(&ws, &actor, create("http://127.0.0.1:9000/x")).await.unwrap();
         let script = Arc::new(Script::default());
         let id = admin.test_webhook(&ws, &actor, &local.endpoint.id).await.unwrap();

@@ -532,6 +532,9 @@ pub struct TokenFilter {
     pub exposed: Option<bool>,
     /// Only tokens created before this instant.
     pub created_before: Option<Timestamp>,
+    /// Only tokens that have an expiry after this instant (with status `expired`: those that
+    /// expired since).
+    pub expired_after: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

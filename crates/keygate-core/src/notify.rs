@@ -350,6 +350,31 @@ pub trait NotifyStore: Send + Sync {
     /// Deletes deliveries (and their attempts) created before `before` that are no longer
     /// pending. Returns how many.
     async fn prune_deliveries(&self, before: Timestamp) -> Result<u64>;
+    /// The stored quota count of every active token that has a quota, with the quota.
+    async fn quota_standings(&self) -> Result<Vec<QuotaStanding>>;
+}
+
+/// Where a token stands against its quota (from the counts the gateways flush).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaStanding {
+    pub token_id: crate::ids::TokenId,
+    pub workspace_id: WorkspaceId,
+    pub quota: crate::policy::Quota,
+    /// The start of the period counted (milliseconds since the epoch).
+    pub period_start: i64,
+    pub count: u64,
+}
+
+/// The quota thresholds `quota.threshold` is sent at, in percent.
+pub const QUOTA_THRESHOLDS: [u8; 2] = [80, 100];
+
+/// The highest threshold `count` of `limit` has reached, if any.
+pub fn quota_threshold_reached(count: u64, limit: u64) -> Option<u8> {
+    QUOTA_THRESHOLDS
+        .iter()
+        .rev()
+        .copied()
+        .find(|t| limit > 0 && u128::from(count) * 100 >= u128::from(limit) * u128::from(*t))
 }
 
 /// The JSON body of an event: `{"type", "timestamp", "data"}` as the specification recommends.
@@ -430,6 +455,16 @@ mod tests {
         {
             assert!(is_public_ip(a.parse().unwrap()), "{a} is public");
         }
+    }
+
+    #[test]
+    fn quota_thresholds() {
+        assert_eq!(quota_threshold_reached(79, 100), None);
+        assert_eq!(quota_threshold_reached(80, 100), Some(80));
+        assert_eq!(quota_threshold_reached(99, 100), Some(80));
+        assert_eq!(quota_threshold_reached(100, 100), Some(100));
+        assert_eq!(quota_threshold_reached(u64::MAX, u64::MAX), Some(100));
+        assert_eq!(quota_threshold_reached(5, 0), None);
     }
 
     #[test]

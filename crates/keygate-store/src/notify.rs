@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use keygate_core::ids::{WebhookId, WorkspaceId};
 use keygate_core::model::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest};
 use keygate_core::notify::{
-    AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState, NewDelivery, NotifyStore, WebhookEndpoint,
+    AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState, NewDelivery, NotifyStore, QuotaStanding, WebhookEndpoint,
 };
 use keygate_core::{Error, Result, Timestamp};
 use sqlx::AssertSqlSafe;
@@ -399,6 +399,30 @@ impl NotifyStore for SqlStore {
         .await
         .map_err(db_error)?;
         Ok(at.map(Timestamp::from_millis))
+    }
+
+    async fn quota_standings(&self) -> Result<Vec<QuotaStanding>> {
+        let rows = sqlx::query(
+            "SELECT q.token_id, q.period_start, q.count, t.workspace_id, t.quota FROM quota_counters q \
+             JOIN tokens t ON t.id = q.token_id WHERE t.state = 'active' AND t.quota IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let quota: Option<keygate_core::policy::Quota> =
+                serde_json::from_str(&rows::get::<String>(r, "quota")?).ok().flatten();
+            let Some(quota) = quota else { continue };
+            out.push(QuotaStanding {
+                token_id: keygate_core::ids::TokenId::from_trusted(rows::get(r, "token_id")?),
+                workspace_id: WorkspaceId::from_trusted(rows::get(r, "workspace_id")?),
+                quota,
+                period_start: rows::get(r, "period_start")?,
+                count: u64::try_from(rows::get::<i64>(r, "count")?).unwrap_or(0),
+            });
+        }
+        Ok(out)
     }
 
     async fn prune_deliveries(&self, before: Timestamp) -> Result<u64> {

@@ -754,6 +754,9 @@ impl TokenStore for SqlStore {
         if let Some(before) = filter.created_before {
             c.push("created_at < ?", vec![Arg::Int(before.as_millis())]);
         }
+        if let Some(after) = filter.expired_after {
+            c.push("expires_at > ?", vec![Arg::Int(after.as_millis())]);
+        }
         match filter.exposed {
             Some(true) => c.push("exposed_at IS NOT NULL", vec![]),
             Some(false) => c.push("exposed_at IS NULL", vec![]),

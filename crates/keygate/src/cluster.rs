@@ -140,6 +140,10 @@ impl Cluster {
                 if beats % 1_800 == 30 {
                     me.housekeeping().await;
                 }
+                // About once a minute: tokens expiring or expired, quotas at a threshold.
+                if beats % 30 == 29 {
+                    me.sweep_notices().await;
+                }
             }
         })
     }
@@ -196,6 +200,23 @@ impl Cluster {
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete old audit events"),
                 Err(_) => tracing::warn!("deleting old audit events took more than five minutes; stopped waiting"),
             }
+        }
+    }
+
+    /// Records the notices due (`token.expiring`, `token.expired`, `quota.threshold`), once each
+    /// whichever node finds them first.
+    pub async fn sweep_notices(&self) {
+        let Some(admin) = self.admin.get() else { return };
+        match tokio::time::timeout(Duration::from_secs(60), admin.sweep_notices()).await {
+            Ok(Ok(s)) if s.expiring + s.expired + s.quota > 0 => tracing::info!(
+                expiring = s.expiring,
+                expired = s.expired,
+                quota = s.quota,
+                "notices recorded: tokens expiring or expired, quotas at a threshold"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot look for tokens expiring or quotas at a threshold"),
+            Err(_) => tracing::warn!("looking for expiring tokens and quota thresholds took more than a minute"),
         }
     }
 

@@ -38,6 +38,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub secret_scanning: SecretScanningConfig,
     pub webhooks: WebhooksConfig,
+    pub notifications: NotificationsConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -263,12 +264,36 @@ impl WebhooksConfig {
         Ok(())
     }
 
-    pub fn settings(&self) -> keygate_admin::webhooks::WebhookSettings {
-        keygate_admin::webhooks::WebhookSettings {
+    fn settings(&self, notifications: &NotificationsConfig) -> keygate_admin::webhooks::NotifySettings {
+        keygate_admin::webhooks::NotifySettings {
+            expiring_days: notifications.expiring_days,
             allow_private: self.allow_private,
             disable_after_ms: i64::try_from(self.disable_after_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
             retention_ms: i64::try_from(self.retention_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX),
         }
+    }
+}
+
+/// `[notifications]`: when the events that are not changes happen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    /// `token.expiring` is sent this many days before a token expires. Default 7.
+    pub expiring_days: u32,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        Self { expiring_days: 7 }
+    }
+}
+
+impl NotificationsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=365).contains(&self.expiring_days) {
+            bail!("notifications.expiring_days must be between 1 and 365");
+        }
+        Ok(())
     }
 }
 
@@ -425,6 +450,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             secret_scanning: SecretScanningConfig::default(),
             webhooks: WebhooksConfig::default(),
+            notifications: NotificationsConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -545,6 +571,7 @@ impl Config {
         self.audit.validate()?;
         self.secret_scanning.validate()?;
         self.webhooks.validate()?;
+        self.notifications.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
@@ -612,6 +639,11 @@ impl Config {
     /// The OAuth issuer: as configured, else the gateway's listen address.
     pub fn oauth_issuer(&self, gateway: SocketAddr) -> String {
         self.oauth.issuer.clone().unwrap_or_else(|| format!("http://{gateway}")).trim_end_matches('/').to_owned()
+    }
+
+    /// What the admin service needs of `[webhooks]` and `[notifications]`.
+    pub fn notify_settings(&self) -> keygate_admin::webhooks::NotifySettings {
+        self.webhooks.settings(&self.notifications)
     }
 
     pub fn prefix(&self) -> anyhow::Result<TokenPrefix> {

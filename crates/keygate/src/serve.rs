@@ -152,7 +152,7 @@ pub async fn start(
         cluster.set_shared(shared.clone());
     }
     cluster.set_admin(opened.admin.clone());
-    opened.admin.set_webhook_settings(cfg.webhooks.settings());
+    opened.admin.set_notify_settings(cfg.notify_settings());
     let transport = crate::notify::HttpTransport::new(
         cfg.webhooks.allow_private,
         Duration::from_secs(cfg.webhooks.timeout_seconds),

@@ -105,6 +105,7 @@ pub(crate) async fn list_tokens(
         expiring_before,
         exposed: q.exposed,
         created_before: None,
+        expired_after: None,
     };
     let page = s
         .admin

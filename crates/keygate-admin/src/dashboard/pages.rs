@@ -573,6 +573,7 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
         expiring_before: q.expiring.as_deref().filter(|e| *e == "7d").map(|_| now.plus_seconds(7 * 86_400)),
         exposed: None,
         created_before: None,
+        expired_after: None,
     };
     let list = list_visible(st, v, &owned, filter).await?;
     let max_age = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?.max_token_age_days;

@@ -223,3 +223,83 @@ async fn owners_and_admins_manage_webhooks_in_the_dashboard() {
     assert!(!own.get("/settings/webhooks").await.body.contains(&url));
     kg.stop().await;
 }
+
+/// The events nobody makes: a token expiring soon, expired, at 80% and 100% of its quota; each
+/// sent once, however many times (and on however many nodes) the minute's sweep runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_expired_and_quota_threshold_events_are_sent_once_each() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let rx = RecordingUpstream::start().await.unwrap();
+    let kg = TestKeygate::start_with(Options {
+        webhooks: allow_private(),
+        routes: vec![keygate_testkit::route("plain", "/plain", &up.url())],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let c = kg.client();
+    let types = ["token.expiring", "token.expired", "quota.threshold"];
+    let created = c.post("/admin/v1/webhooks", &json!({"url": rx.url(), "event_types": types})).await;
+    let secret = created.body["secret"].as_str().unwrap().to_owned();
+    let (soon, _) = c.create_token(&json!({"name": "soon", "expires_in": 3 * 86_400})).await;
+    let (_later, _) = c.create_token(&json!({"name": "later", "expires_in": 30 * 86_400})).await;
+    let (metered, secret_token) =
+        c.create_token(&json!({"name": "metered", "quota": {"requests": 5, "period": "total"}})).await;
+    kg.sync_index().await.unwrap();
+
+    kg.cluster().sweep_notices().await;
+    kg.cluster().sweep_notices().await;
+    let got = received(&rx, 1).await;
+    let body = verified(&got[0], &secret);
+    assert_eq!((body["type"].as_str(), body["data"]["target"].as_str()), (Some("token.expiring"), Some(soon.as_str())));
+    assert!(body["data"]["after"]["expires_at"].is_string());
+
+    let call = async || {
+        let r = reqwest::Client::new()
+            .get(format!("{}/plain/x", kg.gateway_url()))
+            .bearer_auth(&secret_token)
+            .send()
+            .await
+            .unwrap();
+        r.status()
+    };
+    for _ in 0..4 {
+        assert_eq!(call().await, StatusCode::OK);
+    }
+    kg.flush_usage().await;
+    kg.cluster().sweep_notices().await;
+    let got = received(&rx, 2).await;
+    let body = verified(&got[1], &secret);
+    assert_eq!(body["type"], "quota.threshold");
+    assert_eq!(body["data"]["target"], metered.as_str());
+    assert_eq!(
+        (body["data"]["after"]["threshold_percent"].as_u64(), body["data"]["after"]["used"].as_u64()),
+        (Some(80), Some(4))
+    );
+    assert_eq!(call().await, StatusCode::OK);
+    kg.flush_usage().await;
+    kg.cluster().sweep_notices().await;
+    kg.cluster().sweep_notices().await;
+    let got = received(&rx, 3).await;
+    assert_eq!(verified(&got[2], &secret)["data"]["after"]["threshold_percent"], 100);
+
+    kg.clock.advance_seconds(4 * 86_400);
+    kg.cluster().sweep_notices().await;
+    let got = received(&rx, 4).await;
+    let body = verified(&got[3], &secret);
+    assert_eq!((body["type"].as_str(), body["data"]["target"].as_str()), (Some("token.expired"), Some(soon.as_str())));
+    kg.cluster().sweep_notices().await;
+    // Every delivery recorded (nothing pending): nothing more can be sent.
+    let hook = created.body["id"].as_str().unwrap();
+    for _ in 0..100 {
+        let page = c.get(&format!("/admin/v1/webhooks/{hook}/deliveries")).await;
+        if page.body["data"].as_array().unwrap().iter().all(|d| d["state"] == "delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let types: Vec<String> =
+        rx.requests().iter().map(|r| verified(r, &secret)["type"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(types, ["token.expiring", "quota.threshold", "quota.threshold", "token.expired"], "each once");
+    kg.stop().await;
+}

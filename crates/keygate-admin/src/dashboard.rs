@@ -5,6 +5,7 @@
 //! session and is refused from another origin; pages carry a CSP without `unsafe-inline`.
 
 mod chart;
+mod notifications;
 mod oauth;
 mod pages;
 mod portal;
@@ -88,6 +89,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("workspace_delete.html", include_str!("../dashboard/templates/workspace_delete.html")),
     ("nodes.html", include_str!("../dashboard/templates/nodes.html")),
     ("webhooks.html", include_str!("../dashboard/templates/webhooks.html")),
+    ("notifications.html", include_str!("../dashboard/templates/notifications.html")),
     ("webhook.html", include_str!("../dashboard/templates/webhook.html")),
     ("webhook_created.html", include_str!("../dashboard/templates/webhook_created.html")),
     ("webhook_delivery.html", include_str!("../dashboard/templates/webhook_delivery.html")),
@@ -390,6 +392,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/login/2fa", get(pages::second_factor_page).post(pages::second_factor_submit))
         .route("/logout", post(pages::logout))
         .route("/account/security", get(pages::security))
+        .route("/account/notifications", get(notifications::page).post(notifications::save))
         .route("/account/2fa/start", post(pages::totp_start))
         .route("/account/2fa/confirm", post(pages::totp_confirm))
         .route("/apps", get(pages::apps).post(pages::create_app))

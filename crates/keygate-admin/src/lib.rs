@@ -7,6 +7,7 @@ pub mod api;
 pub mod catalog;
 mod csv;
 pub mod dashboard;
+pub mod email;
 pub mod listener;
 pub mod notices;
 pub mod oauth;

@@ -34,6 +34,8 @@ const SECRET_BYTES: usize = 32;
 pub struct NotifySettings {
     /// `token.expiring` is recorded this many days before a token expires.
     pub expiring_days: u32,
+    /// Where people reach the dashboard, for the links in emails (`[dashboard] public_url`).
+    pub dashboard_url: Option<String>,
     /// Allow endpoints on private, loopback and link-local addresses (a receiver on the same
     /// network). Off by default: a URL must not turn keygate against its own network.
     pub allow_private: bool,
@@ -45,7 +47,13 @@ pub struct NotifySettings {
 
 impl Default for NotifySettings {
     fn default() -> Self {
-        Self { expiring_days: 7, allow_private: false, disable_after_ms: 24 * 3_600_000, retention_ms: 30 * 86_400_000 }
+        Self {
+            expiring_days: 7,
+            dashboard_url: None,
+            allow_private: false,
+            disable_after_ms: 24 * 3_600_000,
+            retention_ms: 30 * 86_400_000,
+        }
     }
 }
 

@@ -26,7 +26,25 @@ pub struct EventType {
     #[serde(skip)]
     pub actions: &'static [&'static str],
     pub description: &'static str,
+    /// Who is emailed about it unless they chose otherwise.
+    #[serde(skip)]
+    pub email: Audience,
 }
+
+/// The people an event is emailed to by default (each can opt out, and any member can opt in,
+/// in their notification settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Audience {
+    /// The owner of the app whose token it is about.
+    pub app_owner: bool,
+    /// The workspace's owners.
+    pub workspace_owners: bool,
+}
+
+const NOBODY: Audience = Audience { app_owner: false, workspace_owners: false };
+const APP_OWNER: Audience = Audience { app_owner: true, workspace_owners: false };
+const OWNERS: Audience = Audience { app_owner: false, workspace_owners: true };
+const BOTH: Audience = Audience { app_owner: true, workspace_owners: true };
 
 /// Every event keygate sends, in the order the dashboard lists them.
 pub const EVENT_TYPES: &[EventType] = &[
@@ -34,56 +52,86 @@ pub const EVENT_TYPES: &[EventType] = &[
         name: "token.exposed",
         actions: &["token.exposed"],
         description: "A token was found where it should not be (a URL, a public repository, a scan).",
+        email: BOTH,
     },
     EventType {
         name: "token.expiring",
         actions: &["token.expiring"],
         description: "A token expires soon (notifications.expiring_days before).",
+        email: APP_OWNER,
     },
-    EventType { name: "token.expired", actions: &["token.expired"], description: "A token reached its expiry." },
-    EventType { name: "token.created", actions: &["token.create"], description: "A token was issued." },
-    EventType { name: "token.revoked", actions: &["token.revoke"], description: "A token was revoked." },
+    EventType {
+        name: "token.expired",
+        actions: &["token.expired"],
+        description: "A token reached its expiry.",
+        email: APP_OWNER,
+    },
+    EventType { name: "token.created", actions: &["token.create"], description: "A token was issued.", email: NOBODY },
+    EventType {
+        name: "token.revoked",
+        actions: &["token.revoke"],
+        description: "A token was revoked.",
+        email: APP_OWNER,
+    },
     EventType {
         name: "token.suspended",
         actions: &["token.suspend"],
         description: "A token was suspended (by a person, an exposure, rotation or anomaly policy).",
+        email: APP_OWNER,
     },
-    EventType { name: "token.resumed", actions: &["token.resume"], description: "A suspended token was resumed." },
+    EventType {
+        name: "token.resumed",
+        actions: &["token.resume"],
+        description: "A suspended token was resumed.",
+        email: NOBODY,
+    },
     EventType {
         name: "token.rotated",
         actions: &["token.rotate"],
         description: "A token was replaced by a new secret (the old one works until its grace ends).",
+        email: APP_OWNER,
     },
     EventType {
         name: "token.rotation_due",
         actions: &["token.rotation_due", "token.rotation_overdue"],
         description: "A token nears or passed the workspace's maximum age (rotation policy).",
+        email: APP_OWNER,
     },
     EventType {
         name: "quota.threshold",
         actions: &["quota.threshold"],
         description: "A token used 80% or 100% of its quota for the period.",
+        email: APP_OWNER,
     },
     EventType {
         name: "anomaly.detected",
         actions: &["anomaly.detected"],
         description: "A token's use departs from its baseline (rate, networks, routes, refusals).",
+        email: BOTH,
     },
-    EventType { name: "plan.requested", actions: &["plan.requested"], description: "A developer asked for a plan." },
+    EventType {
+        name: "plan.requested",
+        actions: &["plan.requested"],
+        description: "A developer asked for a plan.",
+        email: OWNERS,
+    },
     EventType {
         name: "member.invited",
         actions: &["member.invited"],
         description: "Someone was invited to the workspace.",
+        email: OWNERS,
     },
     EventType {
         name: "signing_key.rotated",
         actions: &["oauth.signing_key.retire"],
         description: "The OAuth signing key was rotated (the old key stops signing).",
+        email: OWNERS,
     },
     EventType {
         name: "webhook.disabled",
         actions: &["webhook.disable"],
         description: "A webhook endpoint was disabled after failing for too long.",
+        email: OWNERS,
     },
 ];
 
@@ -352,7 +400,58 @@ pub trait NotifyStore: Send + Sync {
     async fn prune_deliveries(&self, before: Timestamp) -> Result<u64>;
     /// The stored quota count of every active token that has a quota, with the quota.
     async fn quota_standings(&self) -> Result<Vec<QuotaStanding>>;
+
+    /// Whether events are also put in the email outbox (set once at start, when `[email]` is
+    /// configured): one message per recipient, chosen by the event's [`Audience`] and the
+    /// people's notification settings, in the event's transaction.
+    fn set_email_outbox(&self, enabled: bool);
+    /// As [`NotifyStore::claim_deliveries`], for emails.
+    async fn claim_emails(&self, now: Timestamp, lease_ms: i64, owner: &str, limit: u32) -> Result<Vec<Email>>;
+    /// Records an attempt to send an email and what it leads to.
+    async fn record_email_attempt(&self, id: i64, outcome: &AttemptOutcome) -> Result<()>;
+    /// A page of the workspace's emails, newest first (the cursor is an email id).
+    async fn list_emails(
+        &self,
+        ws: &WorkspaceId,
+        page: &crate::model::PageRequest,
+    ) -> Result<crate::model::Page<Email>>;
+    /// A person's choices for `ws`: event type → emailed or not (events not listed follow the
+    /// default [`Audience`]).
+    async fn notification_prefs(&self, ws: &WorkspaceId, user: &crate::ids::UserId) -> Result<Vec<(String, bool)>>;
+    /// Sets (or, with `None`, clears back to the default) a person's choice for one event type.
+    async fn set_notification_pref(
+        &self,
+        ws: &WorkspaceId,
+        user: &crate::ids::UserId,
+        event_type: &str,
+        email: Option<bool>,
+    ) -> Result<()>;
 }
+
+/// One email to one person about one event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Email {
+    pub id: i64,
+    #[serde(skip)]
+    pub workspace_id: WorkspaceId,
+    pub user_id: String,
+    /// The address, as it was when the event happened.
+    pub recipient: String,
+    pub recipient_name: String,
+    pub event_type: String,
+    /// The event (the same JSON a webhook carries): what the message is rendered from.
+    #[serde(skip)]
+    pub payload: String,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub next_at: Option<Timestamp>,
+    pub last_error: Option<String>,
+    pub created_at: Timestamp,
+    pub sent_at: Option<Timestamp>,
+}
+
+/// The waits before each retry of an email: 1 min, 5 min, 30 min, 2 h, 6 h; then it failed.
+pub const EMAIL_RETRY_SCHEDULE_SECS: [i64; 5] = [60, 300, 1_800, 7_200, 21_600];
 
 /// Where a token stands against its quota (from the counts the gateways flush).
 #[derive(Debug, Clone, PartialEq)]

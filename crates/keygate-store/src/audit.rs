@@ -114,7 +114,7 @@ impl SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        let key = self.chain_key();
+        let key = self.chain_key().chain;
         let mut linked = 0u64;
         for ws in workspaces {
             let mut tx = self.begin().await?;

@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use keygate_core::ids::{WebhookId, WorkspaceId};
 use keygate_core::model::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest};
 use keygate_core::notify::{
-    AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState, NewDelivery, NotifyStore, QuotaStanding, WebhookEndpoint,
+    AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState, Email, NewDelivery, NotifyStore, QuotaStanding,
+    WebhookEndpoint,
 };
 use keygate_core::{Error, Result, Timestamp};
 use sqlx::AssertSqlSafe;
@@ -23,12 +24,14 @@ const DELIVERY_COLS: &str = "id, workspace_id, endpoint_id, message_id, event_ty
 
 /// Writes a delivery of the event `e` (stored with id `event_id`, its JSON fields as stored) to
 /// every enabled endpoint of its workspace subscribed to the event type its action raises.
+/// With `email`, it also writes one email per recipient (see [`email_recipients`]).
 pub(crate) async fn fan_out(
     tx: &mut Tx,
     e: &NewAuditEvent,
     event_id: i64,
     before: Option<&str>,
     after: Option<&str>,
+    email: bool,
 ) -> Result<()> {
     let Some(kind) = keygate_core::notify::event_for_action(&e.action) else { return Ok(()) };
     let rows = sqlx::query("SELECT id, event_types FROM webhook_endpoints WHERE workspace_id = $1 AND enabled = 1")
@@ -36,7 +39,8 @@ pub(crate) async fn fan_out(
         .fetch_all(&mut **tx)
         .await
         .map_err(db_error)?;
-    if rows.is_empty() {
+    let recipients = if email { email_recipients(tx, e, kind).await? } else { Vec::new() };
+    if rows.is_empty() && recipients.is_empty() {
         return Ok(());
     }
     let parse = |text: Option<&str>| text.and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok());
@@ -52,6 +56,22 @@ pub(crate) async fn fan_out(
         "after": parse(after),
     });
     let payload = keygate_core::notify::payload(kind.name, e.at, data);
+    for (user, address, name) in &recipients {
+        sqlx::query(
+            "INSERT INTO email_outbox (workspace_id, user_id, recipient, recipient_name, event_type, payload, state, \
+             attempts, next_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7)",
+        )
+        .bind(e.workspace_id.as_str())
+        .bind(user.as_str())
+        .bind(address.as_str())
+        .bind(name.as_str())
+        .bind(kind.name)
+        .bind(payload.as_str())
+        .bind(e.at.as_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+    }
     let message_id = format!("msg_{event_id}");
     for row in &rows {
         let id: String = rows::get(row, "id")?;
@@ -73,6 +93,94 @@ pub(crate) async fn fan_out(
         .await?;
     }
     Ok(())
+}
+
+/// Who is emailed about `e`: its event's default audience (the owner of the app of the token it
+/// is about, the workspace's owners), plus the members who opted in, minus those who opted out.
+/// (user id, address, name), each once.
+async fn email_recipients(
+    tx: &mut Tx,
+    e: &NewAuditEvent,
+    kind: &keygate_core::notify::EventType,
+) -> Result<Vec<(String, String, String)>> {
+    let ws = e.workspace_id.as_str();
+    let mut users: Vec<String> = Vec::new();
+    if kind.email.app_owner && e.target.starts_with("tok_") {
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT o.user_id FROM app_owners o JOIN tokens t ON t.app_id = o.app_id WHERE t.id = $1 AND o.workspace_id = $2",
+        )
+        .bind(e.target.as_str())
+        .bind(ws)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_error)?;
+        users.extend(owner);
+    }
+    if kind.email.workspace_owners {
+        let owners: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM memberships WHERE workspace_id = $1 AND role = 'owner'")
+                .bind(ws)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db_error)?;
+        users.extend(owners);
+    }
+    let prefs = sqlx::query(
+        "SELECT p.user_id, p.email FROM notification_prefs p JOIN memberships m \
+         ON m.workspace_id = p.workspace_id AND m.user_id = p.user_id WHERE p.workspace_id = $1 AND p.event_type = $2",
+    )
+    .bind(ws)
+    .bind(kind.name)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    for p in &prefs {
+        let user: String = rows::get(p, "user_id")?;
+        if rows::get::<i64>(p, "email")? != 0 {
+            users.push(user);
+        } else {
+            users.retain(|u| *u != user);
+        }
+    }
+    users.sort();
+    users.dedup();
+    let mut out = Vec::with_capacity(users.len());
+    for u in users {
+        let row = sqlx::query("SELECT email, name FROM users WHERE id = $1")
+            .bind(u.as_str())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)?;
+        if let Some(row) = row {
+            out.push((u, rows::get(&row, "email")?, rows::get(&row, "name")?));
+        }
+    }
+    Ok(out)
+}
+
+const EMAIL_COLS: &str = "id, workspace_id, user_id, recipient, recipient_name, event_type, payload, state, attempts, \
+    next_at, last_error, created_at, sent_at";
+
+fn email(row: &AnyRow) -> Result<Email> {
+    let state: String = rows::get(row, "state")?;
+    let opt_ts = |col: &str| -> Result<Option<Timestamp>> {
+        Ok(rows::get::<Option<i64>>(row, col)?.map(Timestamp::from_millis))
+    };
+    Ok(Email {
+        id: rows::get(row, "id")?,
+        workspace_id: WorkspaceId::from_trusted(rows::get(row, "workspace_id")?),
+        user_id: rows::get(row, "user_id")?,
+        recipient: rows::get(row, "recipient")?,
+        recipient_name: rows::get(row, "recipient_name")?,
+        event_type: rows::get(row, "event_type")?,
+        payload: rows::get(row, "payload")?,
+        state: DeliveryState::parse(&state).ok_or_else(|| Error::internal("an email has an unknown state"))?,
+        attempts: u32::try_from(rows::get::<i64>(row, "attempts")?).unwrap_or(u32::MAX),
+        next_at: opt_ts("next_at")?,
+        last_error: rows::get(row, "last_error")?,
+        created_at: Timestamp::from_millis(rows::get(row, "created_at")?),
+        sent_at: opt_ts("sent_at")?,
+    })
 }
 
 async fn insert_delivery(tx: &mut Tx, d: &NewDelivery) -> Result<i64> {
@@ -425,6 +533,115 @@ impl NotifyStore for SqlStore {
         Ok(out)
     }
 
+    fn set_email_outbox(&self, enabled: bool) {
+        self.email_outbox.store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn claim_emails(&self, now: Timestamp, lease_ms: i64, owner: &str, limit: u32) -> Result<Vec<Email>> {
+        let lock = if self.engine == crate::Engine::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+        let sql = format!(
+            "UPDATE email_outbox SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM email_outbox \
+             WHERE state = 'pending' AND next_at <= $3 AND (lease_until IS NULL OR lease_until <= $3) \
+             ORDER BY next_at, id LIMIT $4 {lock}) AND state = 'pending' AND (lease_until IS NULL OR lease_until <= $3) \
+             RETURNING {EMAIL_COLS}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now.as_millis().saturating_add(lease_ms))
+            .bind(now.as_millis())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let mut out = rows.iter().map(email).collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|e| (e.next_at, e.id));
+        Ok(out)
+    }
+
+    async fn record_email_attempt(&self, id: i64, o: &AttemptOutcome) -> Result<()> {
+        let sent = (o.state == DeliveryState::Delivered).then_some(o.attempt.at.as_millis());
+        sqlx::query(
+            "UPDATE email_outbox SET state = $1, attempts = attempts + 1, next_at = $2, lease_owner = NULL, \
+             lease_until = NULL, last_error = $3, sent_at = COALESCE($4, sent_at) WHERE id = $5",
+        )
+        .bind(o.state.as_str())
+        .bind(o.next_at.map(Timestamp::as_millis))
+        .bind(o.attempt.error.as_deref())
+        .bind(sent)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn list_emails(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<Email>> {
+        let limit = i64::from(if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) });
+        let before = match &page.cursor {
+            Some(c) => c.parse::<i64>().map_err(|_| {
+                Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
+            })?,
+            None => i64::MAX,
+        };
+        let sql = format!(
+            "SELECT {EMAIL_COLS} FROM email_outbox WHERE workspace_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(before)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let take = usize::try_from(limit).unwrap_or(usize::MAX);
+        let items = rows.iter().take(take).map(email).collect::<Result<Vec<_>>>()?;
+        let next_cursor = (rows.len() > take).then(|| items.last().map(|d| d.id.to_string())).flatten();
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn notification_prefs(
+        &self,
+        ws: &WorkspaceId,
+        user: &keygate_core::ids::UserId,
+    ) -> Result<Vec<(String, bool)>> {
+        let rows = sqlx::query(
+            "SELECT event_type, email FROM notification_prefs WHERE workspace_id = $1 AND user_id = $2 ORDER BY event_type",
+        )
+        .bind(ws.as_str())
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(|r| Ok((rows::get(r, "event_type")?, rows::get::<i64>(r, "email")? != 0))).collect()
+    }
+
+    async fn set_notification_pref(
+        &self,
+        ws: &WorkspaceId,
+        user: &keygate_core::ids::UserId,
+        event_type: &str,
+        email: Option<bool>,
+    ) -> Result<()> {
+        let q = match email {
+            Some(on) => sqlx::query(
+                "INSERT INTO notification_prefs (workspace_id, user_id, event_type, email) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (workspace_id, user_id, event_type) DO UPDATE SET email = excluded.email",
+            )
+            .bind(ws.as_str())
+            .bind(user.as_str())
+            .bind(event_type)
+            .bind(i64::from(on)),
+            None => sqlx::query(
+                "DELETE FROM notification_prefs WHERE workspace_id = $1 AND user_id = $2 AND event_type = $3",
+            )
+            .bind(ws.as_str())
+            .bind(user.as_str())
+            .bind(event_type),
+        };
+        q.execute(&self.pool).await.map_err(db_error)?;
+        Ok(())
+    }
+
     async fn prune_deliveries(&self, before: Timestamp) -> Result<u64> {
         let mut tx = self.begin().await?;
         sqlx::query(
@@ -436,6 +653,11 @@ impl NotifyStore for SqlStore {
         .await
         .map_err(db_error)?;
         let done = sqlx::query("DELETE FROM webhook_deliveries WHERE created_at < $1 AND state <> 'pending'")
+            .bind(before.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        sqlx::query("DELETE FROM email_outbox WHERE created_at < $1 AND state <> 'pending'")
             .bind(before.as_millis())
             .execute(&mut *tx)
             .await

@@ -123,7 +123,7 @@ pub(crate) async fn publish_revocations(
 /// whether the app had a client.
 pub(crate) async fn delete_app_oauth(
     tx: &mut Tx,
-    chain_key: &[u8; 32],
+    chain_key: &crate::sql::AuditKeys,
     seqs: &mut FeedSeqs,
     ws: &WorkspaceId,
     app: &AppId,

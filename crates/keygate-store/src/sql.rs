@@ -48,6 +48,8 @@ pub struct SqlStore {
     /// The audit chain's key (derived from the pepper by the admin service; see
     /// `Store::set_audit_chain_key`).
     chain_key: parking_lot::RwLock<[u8; 32]>,
+    /// Whether events also go to the email outbox (`NotifyStore::set_email_outbox`).
+    pub(crate) email_outbox: std::sync::atomic::AtomicBool,
     feed: Arc<watch::Sender<u64>>,
     listener: Option<tokio::task::AbortHandle>,
 }
@@ -71,7 +73,14 @@ impl SqlStore {
         // Only PostgreSQL has writers in other processes whose changes we must hear about.
         let listener = (engine == Engine::Postgres)
             .then(|| tokio::spawn(feed::follow_postgres(url, pool.clone(), feed.clone())).abort_handle());
-        Ok(Arc::new(Self { pool, engine, chain_key: parking_lot::RwLock::new([0; 32]), feed, listener }))
+        Ok(Arc::new(Self {
+            pool,
+            engine,
+            chain_key: parking_lot::RwLock::new([0; 32]),
+            email_outbox: Default::default(),
+            feed,
+            listener,
+        }))
     }
 
     /// The row of `select` (a table with `workspace_id` and `id`) with this id in workspace `ws`;
@@ -144,9 +153,10 @@ impl SqlStore {
         })
     }
 
-    /// The audit chain's key.
-    pub(crate) fn chain_key(&self) -> [u8; 32] {
-        *self.chain_key.read()
+    /// What writing an audit event needs: the chain's key, and whether events go to the email
+    /// outbox too.
+    pub(crate) fn chain_key(&self) -> AuditKeys {
+        AuditKeys { chain: *self.chain_key.read(), email: self.email_outbox.load(std::sync::atomic::Ordering::Relaxed) }
     }
 
     pub(crate) fn put_chain_key(&self, key: [u8; 32]) {
@@ -172,7 +182,14 @@ impl SqlStore {
     }
 }
 
-pub(crate) async fn insert_audit(tx: &mut Tx, chain_key: &[u8; 32], e: &NewAuditEvent) -> Result<()> {
+/// See [`SqlStore::chain_key`].
+#[derive(Clone, Copy)]
+pub(crate) struct AuditKeys {
+    pub(crate) chain: [u8; 32],
+    pub(crate) email: bool,
+}
+
+pub(crate) async fn insert_audit(tx: &mut Tx, chain_key: &AuditKeys, e: &NewAuditEvent) -> Result<()> {
     insert_change_audit(tx, chain_key, e, None).await
 }
 
@@ -181,7 +198,7 @@ pub(crate) async fn insert_audit(tx: &mut Tx, chain_key: &[u8; 32], e: &NewAudit
 /// its workspace's hash chain under `chain_key` (see [`crate::audit`]).
 pub(crate) async fn insert_change_audit(
     tx: &mut Tx,
-    chain_key: &[u8; 32],
+    chain_key: &AuditKeys,
     e: &NewAuditEvent,
     feed_seq: Option<u64>,
 ) -> Result<()> {
@@ -201,7 +218,7 @@ pub(crate) async fn insert_change_audit(
         source: e.source.as_deref(),
         feed_seq,
     };
-    let link = keygate_core::audit_chain::to_hex(&keygate_core::audit_chain::link(chain_key, &prev, &fields));
+    let link = keygate_core::audit_chain::to_hex(&keygate_core::audit_chain::link(&chain_key.chain, &prev, &fields));
     let event_id = sqlx::query_scalar::<_, i64>(
         "INSERT INTO audit_events (workspace_id, at, actor, action, target, before_json, after_json, source, feed_seq, \
          chain_seq, link) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
@@ -221,7 +238,7 @@ pub(crate) async fn insert_change_audit(
     .await
     .map_err(db_error)?;
     crate::audit::move_head(tx, e.workspace_id.as_str(), seq, &link).await?;
-    crate::notify::fan_out(tx, e, event_id, before.as_deref(), after.as_deref()).await
+    crate::notify::fan_out(tx, e, event_id, before.as_deref(), after.as_deref(), chain_key.email).await
 }
 
 /// Takes the next feed sequence number. It must be the first write of its transaction: the

@@ -160,7 +160,15 @@ pub(crate) async fn delete(
     .execute(&mut *tx)
     .await
     .map_err(db_error)?;
-    for table in ["memberships", "invitations", "app_owners", "webhook_deliveries", "webhook_endpoints"] {
+    for table in [
+        "memberships",
+        "invitations",
+        "app_owners",
+        "webhook_deliveries",
+        "webhook_endpoints",
+        "email_outbox",
+        "notification_prefs",
+    ] {
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE workspace_id = $1")))
             .bind(ws)
             .execute(&mut *tx)

@@ -39,6 +39,7 @@ pub struct Config {
     pub secret_scanning: SecretScanningConfig,
     pub webhooks: WebhooksConfig,
     pub notifications: NotificationsConfig,
+    pub email: EmailConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -267,6 +268,7 @@ impl WebhooksConfig {
     fn settings(&self, notifications: &NotificationsConfig) -> keygate_admin::webhooks::NotifySettings {
         keygate_admin::webhooks::NotifySettings {
             expiring_days: notifications.expiring_days,
+            dashboard_url: None,
             allow_private: self.allow_private,
             disable_after_ms: i64::try_from(self.disable_after_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX),
             retention_ms: i64::try_from(self.retention_days.saturating_mul(86_400_000)).unwrap_or(i64::MAX),
@@ -292,6 +294,57 @@ impl NotificationsConfig {
     fn validate(&self) -> anyhow::Result<()> {
         if !(1..=365).contains(&self.expiring_days) {
             bail!("notifications.expiring_days must be between 1 and 365");
+        }
+        Ok(())
+    }
+}
+
+/// `[email]`: email notifications through an SMTP server. Off unless `smtp_url` is set.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// `smtps://user:password@host:465` (TLS), `smtp://user:password@host:587?tls=required`
+    /// (STARTTLS), or `smtp://host:25` (plain, for a relay on the same host). Percent-encode
+    /// special characters of the user and password. Env: `KEYGATE_SMTP_URL` (keeps the password
+    /// out of the file). Never logged.
+    pub smtp_url: Option<String>,
+    /// The sender, such as `keygate <keygate@example.com>`. Required with `smtp_url`.
+    pub from: Option<String>,
+    /// Seconds a message may take to send. Default 15.
+    pub timeout_seconds: u64,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self { smtp_url: None, from: None, timeout_seconds: 15 }
+    }
+}
+
+impl std::fmt::Debug for EmailConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold the SMTP password.
+        f.debug_struct("EmailConfig")
+            .field("smtp_url", &self.smtp_url.as_ref().map(|_| "<set>"))
+            .field("from", &self.from)
+            .field("timeout_seconds", &self.timeout_seconds)
+            .finish()
+    }
+}
+
+impl EmailConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        let Some(url) = &self.smtp_url else { return Ok(()) };
+        if !(url.starts_with("smtp://") || url.starts_with("smtps://")) {
+            bail!("email.smtp_url must start with smtps:// (TLS) or smtp:// (add ?tls=required for STARTTLS)");
+        }
+        let Some(from) = &self.from else {
+            bail!("email.from is required with email.smtp_url: the sender, such as \"keygate <keygate@example.com>\"");
+        };
+        if from.parse::<lettre::message::Mailbox>().is_err() {
+            bail!("email.from {from:?} is not an address such as \"keygate <keygate@example.com>\"");
+        }
+        if !(1..=120).contains(&self.timeout_seconds) {
+            bail!("email.timeout_seconds must be between 1 and 120");
         }
         Ok(())
     }
@@ -451,6 +504,7 @@ impl Default for Config {
             secret_scanning: SecretScanningConfig::default(),
             webhooks: WebhooksConfig::default(),
             notifications: NotificationsConfig::default(),
+            email: EmailConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -524,6 +578,9 @@ impl Config {
                 .parse()
                 .with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
         }
+        if let Some(v) = env("KEYGATE_SMTP_URL") {
+            cfg.email.smtp_url = Some(v);
+        }
         if let Some(v) = env("KEYGATE_REDIS_URL") {
             cfg.redis.url = Some(v);
         }
@@ -572,6 +629,7 @@ impl Config {
         self.secret_scanning.validate()?;
         self.webhooks.validate()?;
         self.notifications.validate()?;
+        self.email.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
@@ -643,7 +701,10 @@ impl Config {
 
     /// What the admin service needs of `[webhooks]` and `[notifications]`.
     pub fn notify_settings(&self) -> keygate_admin::webhooks::NotifySettings {
-        self.webhooks.settings(&self.notifications)
+        keygate_admin::webhooks::NotifySettings {
+            dashboard_url: self.dashboard.public_url.clone(),
+            ..self.webhooks.settings(&self.notifications)
+        }
     }
 
     pub fn prefix(&self) -> anyhow::Result<TokenPrefix> {

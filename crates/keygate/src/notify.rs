@@ -107,6 +107,76 @@ impl WebhookTransport for HttpTransport {
     }
 }
 
+/// Email through an SMTP server (lettre), TLS by `smtps://` or STARTTLS by `?tls=required`.
+pub struct SmtpMailer {
+    transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
+    from: lettre::message::Mailbox,
+}
+
+impl SmtpMailer {
+    pub fn new(cfg: &crate::config::EmailConfig) -> anyhow::Result<Option<Self>> {
+        let Some(url) = &cfg.smtp_url else { return Ok(None) };
+        let from = cfg
+            .from
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("email.from is not an address"))?;
+        // The error may quote the URL (and its password): say only what is wrong.
+        let transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
+            .map_err(|_| anyhow::anyhow!("email.smtp_url is not a valid SMTP URL (smtps://user:password@host:465 or smtp://host:587?tls=required)"))?
+            .timeout(Some(Duration::from_secs(cfg.timeout_seconds)))
+            .build();
+        Ok(Some(Self { transport, from }))
+    }
+}
+
+#[async_trait]
+impl keygate_admin::email::Mailer for SmtpMailer {
+    async fn send(&self, m: &keygate_admin::email::Message) -> Result<(), String> {
+        use lettre::AsyncTransport;
+        use lettre::message::{MultiPart, SinglePart, header::ContentType};
+        let to = lettre::message::Mailbox::new(
+            Some(m.to_name.clone()),
+            m.to_address.parse().map_err(|_| format!("{:?} is not an email address", m.to_address))?,
+        );
+        let message = lettre::Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(m.subject.clone())
+            .multipart(
+                MultiPart::alternative()
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(m.text.clone()))
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(m.html.clone())),
+            )
+            .map_err(|e| format!("cannot build the message: {e}"))?;
+        self.transport.send(message).await.map(|_| ()).map_err(|e| {
+            // lettre's errors name the server's answer, never the credentials.
+            let mut out = e.to_string();
+            out.truncate(300);
+            out
+        })
+    }
+}
+
+/// Sends the email outbox from this node, every second (at once again after a full batch).
+pub fn spawn_email_worker(
+    admin: Arc<Admin>,
+    mailer: Arc<dyn keygate_admin::email::Mailer>,
+    node: String,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match admin.deliver_emails(&*mailer, &node).await {
+                Ok(pass) if pass.full => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot send emails; trying again"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
 /// Sends the outbox from this node: every second (and at once again after a full batch), the
 /// deliveries due are claimed and sent. Other nodes do the same; a delivery's lease keeps each
 /// with one of them.

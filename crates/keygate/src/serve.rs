@@ -194,6 +194,11 @@ pub async fn start(
         cluster.spawn(),
         crate::notify::spawn_worker(opened.admin.clone(), Arc::new(transport), cluster.id().to_owned()),
     ];
+    if let Some(mailer) = crate::notify::SmtpMailer::new(&cfg.email)? {
+        opened.admin.enable_email();
+        tasks.push(crate::notify::spawn_email_worker(opened.admin.clone(), Arc::new(mailer), cluster.id().to_owned()));
+        tracing::info!("email notifications on");
+    }
 
     let metrics_gw = gw.clone();
     let metrics_store = store.clone();

@@ -81,6 +81,7 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "workspace_renamed" => ("ok", "Workspace renamed."),
         "workspace_deleted" => ("ok", "Workspace deleted: its tokens, root keys and routes no longer work."),
         "root_key_revoked" => ("ok", "Root key revoked: it is refused from its next request on."),
+        "notifications_saved" => ("ok", "Notification settings saved."),
         "webhook_test_sent" => ("ok", "Test event queued: it shows in the deliveries within seconds."),
         "webhook_enabled" => ("ok", "Endpoint enabled: its pending deliveries are sent now."),
         "webhook_disabled" => ("ok", "Endpoint disabled: nothing is sent or queued for it until it is enabled."),

@@ -1,0 +1,334 @@
+//! Email notifications (issue 15): the outbox's messages rendered (plain text and HTML, from the
+//! event, never with a secret) and sent through a [`Mailer`] the binary provides (SMTP), with
+//! retries; and each person's notification settings.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keygate_core::ids::{UserId, WorkspaceId};
+use keygate_core::notify::{
+    AttemptOutcome, DeliveryAttempt, DeliveryState, EMAIL_RETRY_SCHEDULE_SECS, EVENT_TYPES, Email, event_type,
+};
+use keygate_core::{Error, Result};
+use minijinja::{Environment, context};
+use serde_json::Value;
+
+use crate::service::Admin;
+
+/// How long a claimed email is reserved for the node that claimed it.
+const LEASE_MS: i64 = 600_000;
+/// How many emails one pass sends at most.
+const CLAIM_BATCH: u32 = 20;
+
+/// A message ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub to_address: String,
+    pub to_name: String,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// Sends one message (SMTP in the binary); `Err` says why not, without credentials.
+#[async_trait]
+pub trait Mailer: Send + Sync {
+    async fn send(&self, message: &Message) -> std::result::Result<(), String>;
+}
+
+const TEXT: &str = "Hello {{ name }},
+
+{{ headline }}
+
+{% for f in facts %}{{ f[0] }}: {{ f[1] }}
+{% endfor %}
+{{ advice }}
+{% if link %}
+{{ link }}
+{% endif %}
+--
+keygate, workspace {{ workspace }}. You receive this as {{ why }}; change it in your notification settings{% if settings %} ({{ settings }}){% endif %}.
+";
+
+const HTML: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ subject }}</title></head>
+<body style="font-family: system-ui, sans-serif; color: #1a1a1a; max-width: 40em">
+<p>Hello {{ name }},</p>
+<p><strong>{{ headline }}</strong></p>
+<table role="presentation" style="border-collapse: collapse">
+{% for f in facts %}<tr><th scope="row" style="text-align: left; padding: 2px 12px 2px 0">{{ f[0] }}</th><td><code>{{ f[1] }}</code></td></tr>
+{% endfor %}</table>
+<p>{{ advice }}</p>
+{% if link %}<p><a href="{{ link }}">Open it in the dashboard</a></p>{% endif %}
+<hr>
+<p style="color: #555; font-size: small">keygate, workspace {{ workspace }}. You receive this as {{ why }}; change it in your notification settings{% if settings %} (<a href="{{ settings }}">{{ settings }}</a>){% endif %}.</p>
+</body></html>
+"#;
+
+/// What to say about an event: headline, facts, advice (from the event's JSON, which holds no
+/// secret).
+fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String) {
+    let after = &data["after"];
+    let target = data["target"].as_str().unwrap_or_default().to_owned();
+    let name = after["name"].as_str().or_else(|| data["before"]["name"].as_str()).map(str::to_owned);
+    let mut facts = vec![("Token".to_owned(), target.clone())];
+    if let Some(n) = &name {
+        facts.push(("Name".into(), n.clone()));
+    }
+    let text = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    let (headline, advice) = match kind {
+        "token.exposed" => {
+            if let Some(l) = after["location"].as_str() {
+                facts.push(("Found".into(), l.to_owned()));
+            }
+            (
+                "A token was found exposed.",
+                "Rotate it now and remove it from where it was found; the workspace's exposure policy may have suspended or revoked it already.",
+            )
+        }
+        "token.expiring" => {
+            facts.push(("Expires".into(), text(&after["expires_at"])));
+            ("A token expires soon.", "Rotate it before it expires, or the apps that use it stop working.")
+        }
+        "token.expired" => {
+            facts.push(("Expired".into(), text(&after["expires_at"])));
+            ("A token has expired.", "Calls with it are refused. Issue a new token if it is still needed.")
+        }
+        "token.revoked" => {
+            if let Some(r) = after["revoke_reason"].as_str() {
+                facts.push(("Reason".into(), r.to_owned()));
+            }
+            ("A token was revoked.", "Calls with it are refused from now on, on every node.")
+        }
+        "token.suspended" => ("A token was suspended.", "Calls with it are refused until it is resumed."),
+        "token.resumed" => ("A suspended token was resumed.", "Calls with it are accepted again."),
+        "token.rotated" => {
+            ("A token was rotated.", "Deploy the new secret: the old one stops working when its grace period ends.")
+        }
+        "token.rotation_due" => {
+            facts.push(("Rotate by".into(), text(&after["rotation_due_at"])));
+            ("A token is due for rotation.", "The workspace's rotation policy asks for a new secret; rotate the token.")
+        }
+        "quota.threshold" => {
+            facts.push((
+                "Used".into(),
+                format!(
+                    "{} of {} ({}%)",
+                    text(&after["used"]),
+                    text(&after["limit"]),
+                    text(&after["threshold_percent"])
+                ),
+            ));
+            if let Some(r) = after["resets_at"].as_str() {
+                facts.push(("Resets".into(), r.to_owned()));
+            }
+            (
+                "A token reached a quota threshold.",
+                "At 100% its calls are refused until the quota resets; ask for a larger plan if it needs more.",
+            )
+        }
+        "anomaly.detected" => (
+            "Unusual use of a token was detected.",
+            "Check the alert in the dashboard; if the token may be stolen, revoke or rotate it.",
+        ),
+        "plan.requested" => {
+            facts = vec![("Request".into(), target)];
+            ("A developer asked for a plan change.", "Approve or deny it in the dashboard (Apps).")
+        }
+        "member.invited" => {
+            facts = vec![("Invitation".into(), target)];
+            if let Some(e) = after["email"].as_str() {
+                facts.push(("Invited".into(), e.to_owned()));
+            }
+            (
+                "Someone was invited to the workspace.",
+                "If you did not expect it, withdraw the invitation under Members.",
+            )
+        }
+        "signing_key.rotated" => {
+            facts = vec![("Key".into(), target)];
+            ("The OAuth signing key was rotated.", "Clients that cache the JWKS pick up the new key by themselves.")
+        }
+        "webhook.disabled" => {
+            facts = vec![("Endpoint".into(), target)];
+            if let Some(r) = after["disabled_reason"].as_str() {
+                facts.push(("Why".into(), r.to_owned()));
+            }
+            (
+                "A webhook endpoint was disabled after failing for too long.",
+                "Fix the receiver, then enable the endpoint again under Settings → Webhooks.",
+            )
+        }
+        _ => ("Something happened in your workspace.", "See the audit log in the dashboard."),
+    };
+    facts.push(("When".into(), text(&data["at"])));
+    if let Some(actor) = data["actor"].as_str() {
+        facts.push(("By".into(), actor.to_owned()));
+    }
+    (headline.to_owned(), facts, advice.to_owned())
+}
+
+/// The message for `email`, rendered from its event.
+pub fn render(email: &Email, workspace_name: &str, dashboard_url: Option<&str>) -> Result<Message> {
+    let body: Value =
+        serde_json::from_str(&email.payload).map_err(|_| Error::internal("an email's event is not JSON"))?;
+    let (headline, facts, advice) = describe(&email.event_type, &body["data"]);
+    let subject = format!("[keygate] {}", headline.trim_end_matches('.'));
+    let base = dashboard_url.map(|u| u.trim_end_matches('/').to_owned());
+    let target = body["data"]["target"].as_str().unwrap_or_default();
+    let link = base
+        .as_ref()
+        .map(|b| if target.starts_with("tok_") { format!("{b}/tokens/{target}") } else { format!("{b}/audit") });
+    let why = match event_type(&email.event_type).map(|t| t.email) {
+        Some(a) if a.app_owner && a.workspace_owners => "the owner of the app or of the workspace",
+        Some(a) if a.app_owner => "the owner of the app",
+        Some(a) if a.workspace_owners => "an owner of the workspace",
+        _ => "you asked for it",
+    };
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(|name| {
+        if name == "html" { minijinja::AutoEscape::Html } else { minijinja::AutoEscape::None }
+    });
+    env.add_template("text", TEXT).map_err(|e| Error::internal(format!("email template: {e}")))?;
+    env.add_template("html", HTML).map_err(|e| Error::internal(format!("email template: {e}")))?;
+    let ctx = context! {
+        name => email.recipient_name.clone(), headline, facts, advice, link, workspace => workspace_name,
+        why, subject => subject.clone(), settings => base.as_ref().map(|b| format!("{b}/account/notifications")),
+    };
+    let render = |t: &str| {
+        env.get_template(t).and_then(|t| t.render(&ctx)).map_err(|e| Error::internal(format!("email template: {e}")))
+    };
+    Ok(Message {
+        to_address: email.recipient.clone(),
+        to_name: email.recipient_name.clone(),
+        subject,
+        text: render("text")?,
+        html: render("html")?,
+    })
+}
+
+/// What one pass of the email worker did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EmailPass {
+    pub full: bool,
+    pub sent: usize,
+    pub failed: usize,
+}
+
+/// A person's setting for one event type: whether they get it, and whether that is the default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationSetting {
+    pub event_type: &'static str,
+    pub description: &'static str,
+    pub email: bool,
+    pub default: bool,
+}
+
+impl Admin {
+    /// One pass of the email worker: claims the emails due, renders and sends each, records the
+    /// outcome and schedules retries (1 min, 5 min, 30 min, 2 h, 6 h).
+    pub async fn deliver_emails(self: &Arc<Self>, mailer: &dyn Mailer, node: &str) -> Result<EmailPass> {
+        let claimed = self.store().claim_emails(self.now(), LEASE_MS, node, CLAIM_BATCH).await?;
+        let mut pass = EmailPass { full: claimed.len() >= CLAIM_BATCH as usize, ..EmailPass::default() };
+        let dashboard = self.notify_settings().dashboard_url;
+        let mut names: std::collections::HashMap<WorkspaceId, String> = Default::default();
+        for e in claimed {
+            let ws_name = match names.get(&e.workspace_id) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = self.store().workspace(&e.workspace_id).await?.map(|w| w.name).unwrap_or_default();
+                    names.insert(e.workspace_id.clone(), n.clone());
+                    n
+                }
+            };
+            let started = self.now();
+            let clock = std::time::Instant::now();
+            let result = match render(&e, &ws_name, dashboard.as_deref()) {
+                Ok(m) => mailer.send(&m).await,
+                Err(err) => Err(err.message.into_owned()),
+            };
+            let duration_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
+            let error = result.err();
+            let attempt = DeliveryAttempt { at: started, status: None, error: error.clone(), duration_ms };
+            let outcome = if error.is_none() {
+                pass.sent += 1;
+                AttemptOutcome { attempt, state: DeliveryState::Delivered, next_at: None }
+            } else {
+                let wait = usize::try_from(e.attempts).ok().and_then(|i| EMAIL_RETRY_SCHEDULE_SECS.get(i).copied());
+                match wait {
+                    Some(w) => AttemptOutcome {
+                        attempt,
+                        state: DeliveryState::Pending,
+                        next_at: Some(started.plus_seconds(w)),
+                    },
+                    None => {
+                        pass.failed += 1;
+                        tracing::warn!(email = e.id, event = %e.event_type, "an email could not be sent after every retry");
+                        AttemptOutcome { attempt, state: DeliveryState::Failed, next_at: None }
+                    }
+                }
+            };
+            self.store().record_email_attempt(e.id, &outcome).await?;
+        }
+        Ok(pass)
+    }
+
+    /// `user`'s notification settings in `ws`: every event type, emailed or not, and whether
+    /// that is the default for `default_for` (their role: owner, app owner).
+    pub async fn notification_settings(
+        &self,
+        ws: &WorkspaceId,
+        user: &UserId,
+        is_owner: bool,
+        owns_apps: bool,
+    ) -> Result<Vec<NotificationSetting>> {
+        let prefs = self.store().notification_prefs(ws, user).await?;
+        Ok(EVENT_TYPES
+            .iter()
+            .map(|t| {
+                let default = (t.email.workspace_owners && is_owner) || (t.email.app_owner && owns_apps);
+                let chosen = prefs.iter().find(|(e, _)| e == t.name).map(|(_, on)| *on);
+                NotificationSetting {
+                    event_type: t.name,
+                    description: t.description,
+                    email: chosen.unwrap_or(default),
+                    default: chosen.is_none(),
+                }
+            })
+            .collect())
+    }
+
+    /// Sets `user`'s choice for each event type: the types in `on` are emailed, the others not;
+    /// a choice equal to the default is stored as "default" (so it follows later changes).
+    pub async fn set_notification_settings(
+        &self,
+        ws: &WorkspaceId,
+        user: &UserId,
+        is_owner: bool,
+        owns_apps: bool,
+        on: &[String],
+    ) -> Result<()> {
+        for t in on {
+            if event_type(t).is_none() {
+                return Err(Error::invalid("invalid_event_type", format!("unknown event type {t:?}")));
+            }
+        }
+        for t in EVENT_TYPES {
+            let default = (t.email.workspace_owners && is_owner) || (t.email.app_owner && owns_apps);
+            let want = on.iter().any(|o| o == t.name);
+            let choice = (want != default).then_some(want);
+            self.store().set_notification_pref(ws, user, t.name, choice).await?;
+        }
+        Ok(())
+    }
+
+    /// The workspace's emails, newest first (for the dashboard's log).
+    pub async fn list_emails(&self, ws: &WorkspaceId, limit: u32) -> Result<Vec<Email>> {
+        Ok(self.store().list_emails(ws, &keygate_core::model::PageRequest { limit, cursor: None }).await?.items)
+    }
+
+    /// Turns the email outbox on (when `[email]` is configured).
+    pub fn enable_email(&self) {
+        self.store().set_email_outbox(true);
+    }
+}

@@ -332,3 +332,137 @@ impl Admin {
         self.store().set_email_outbox(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+    use keygate_core::account::{Membership, Role, User};
+    use keygate_core::model::Actor;
+    use keygate_core::secret::{OsRandom, Pepper};
+    use keygate_core::store::Store;
+    use keygate_core::{ManualClock, Timestamp};
+
+    use super::*;
+    use crate::service::{AdminSettings, NewApp, NewToken};
+
+    #[derive(Default)]
+    struct Outbox(parking_lot::Mutex<Vec<Message>>);
+
+    #[async_trait]
+    impl Mailer for Outbox {
+        async fn send(&self, m: &Message) -> std::result::Result<(), String> {
+            if m.to_address.starts_with("down@") {
+                return Err("451 try again later".into());
+            }
+            self.0.lock().push(m.clone());
+            Ok(())
+        }
+    }
+
+    async fn person(admin: &Admin, ws: &WorkspaceId, email: &str, role: Role) -> UserId {
+        let user = User {
+            id: UserId::random(&OsRandom).unwrap(),
+            email: email.into(),
+            name: email.split('@').next().unwrap().into(),
+            password_hash: "x".into(),
+            totp_sealed: None,
+            totp_enabled: false,
+            totp_last_step: 0,
+            disabled: false,
+            created_at: admin.now(),
+            updated_at: admin.now(),
+        };
+        let m = Membership { workspace_id: ws.clone(), user_id: user.id.clone(), role, created_at: admin.now() };
+        let audit =
+            keygate_core::model::NewAuditEvent::new(ws, &Actor::cli(), "user.create", user.id.as_str(), admin.now());
+        admin.store().insert_user(&user, &m, &audit).await.unwrap();
+        user.id
+    }
+
+    #[tokio::test]
+    async fn events_are_emailed_to_their_audience_as_people_chose() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
+        let store: Arc<dyn Store> = store;
+        let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
+        let admin = Arc::new(Admin::new(
+            store,
+            Pepper::new(&[5; 32]).unwrap(),
+            AdminSettings::default(),
+            Arc::new(clock.clone()),
+            Arc::new(OsRandom),
+        ));
+        let ws = admin.bootstrap().await.unwrap().id;
+        admin.enable_email();
+        let _owner = person(&admin, &ws, "owner@example.com", Role::Owner).await;
+        let dev = person(&admin, &ws, "dev@example.com", Role::Developer).await;
+        let viewer = person(&admin, &ws, "viewer@example.com", Role::Viewer).await;
+        let actor = Actor::cli();
+        let app = admin.create_app(&ws, &actor, NewApp { name: "shop".into(), ..Default::default() }).await.unwrap();
+        admin.store().set_app_owner(&ws, &app.id, &dev).await.unwrap();
+        let new = || NewToken { name: "ci".into(), app_id: Some(app.id.clone()), ..Default::default() };
+        let (t, secret) = admin.create_token(&ws, &actor, new()).await.unwrap();
+        let outbox = Outbox::default();
+
+        // Revoked: the app's owner only. Exposed: the app's owner and the workspace's owners.
+        admin.revoke_token(&ws, &actor, &t.id, Some("done".into())).await.unwrap();
+        let (t2, secret2) = admin.create_token(&ws, &actor, new()).await.unwrap();
+        admin.mark_exposed(&ws, &actor, &t2, Some("https://paste.example/x")).await.unwrap();
+        admin.deliver_emails(&outbox, "n1").await.unwrap();
+        let mut sent: Vec<(String, String)> =
+            outbox.0.lock().iter().map(|m| (m.to_address.clone(), m.subject.clone())).collect();
+        sent.sort();
+        assert_eq!(
+            sent,
+            [
+                ("dev@example.com".to_owned(), "[keygate] A token was found exposed".to_owned()),
+                ("dev@example.com".to_owned(), "[keygate] A token was revoked".to_owned()),
+                ("owner@example.com".to_owned(), "[keygate] A token was found exposed".to_owned()),
+            ]
+        );
+        let m = outbox.0.lock().iter().find(|m| m.to_address == "owner@example.com").cloned().unwrap();
+        assert!(m.text.contains(t2.id.as_str()) && m.text.contains("paste.example") && m.html.contains("<table"));
+        for m in outbox.0.lock().iter() {
+            assert!(!m.text.contains(secret.expose()) && !m.html.contains(secret2.expose()), "no secret");
+        }
+
+        // The developer opts out of revocations; the viewer opts in; the defaults are shown.
+        let settings = admin.notification_settings(&ws, &dev, false, true).await.unwrap();
+        let revoked = settings.iter().find(|s| s.event_type == "token.revoked").unwrap();
+        assert!(revoked.email && revoked.default);
+        let keep: Vec<String> = settings
+            .iter()
+            .filter(|s| s.email && s.event_type != "token.revoked")
+            .map(|s| s.event_type.to_owned())
+            .collect();
+        admin.set_notification_settings(&ws, &dev, false, true, &keep).await.unwrap();
+        admin.set_notification_settings(&ws, &viewer, false, false, &["token.revoked".into()]).await.unwrap();
+        let after = admin.notification_settings(&ws, &dev, false, true).await.unwrap();
+        let revoked = after.iter().find(|s| s.event_type == "token.revoked").unwrap();
+        assert!(!revoked.email && !revoked.default);
+        outbox.0.lock().clear();
+        let (t3, _) = admin.create_token(&ws, &actor, new()).await.unwrap();
+        admin.revoke_token(&ws, &actor, &t3.id, None).await.unwrap();
+        admin.deliver_emails(&outbox, "n1").await.unwrap();
+        let to: Vec<String> = outbox.0.lock().iter().map(|m| m.to_address.clone()).collect();
+        assert_eq!(to, ["viewer@example.com"]);
+        let bad = admin.set_notification_settings(&ws, &dev, false, true, &["nope".into()]).await.unwrap_err();
+        assert_eq!(bad.code, "invalid_event_type");
+
+        // A server that refuses: retried a minute later, then sent.
+        let down = person(&admin, &ws, "down@example.com", Role::Owner).await;
+        let (t4, _) = admin.create_token(&ws, &actor, new()).await.unwrap();
+        admin.mark_exposed(&ws, &actor, &t4, None).await.unwrap();
+        outbox.0.lock().clear();
+        admin.deliver_emails(&outbox, "n1").await.unwrap();
+        let emails = admin.list_emails(&ws, 50).await.unwrap();
+        let pending = emails.iter().find(|e| e.recipient == "down@example.com").unwrap();
+        assert_eq!(
+            (pending.state, pending.last_error.as_deref()),
+            (DeliveryState::Pending, Some("451 try again later"))
+        );
+        assert_eq!(pending.next_at, Some(admin.now().plus_seconds(60)));
+        assert_eq!(pending.user_id, down.as_str());
+    }
+}

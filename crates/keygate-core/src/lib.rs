@@ -18,6 +18,7 @@ pub mod pkce;
 pub mod policy;
 pub mod scope;
 pub mod secret;
+pub mod siem;
 pub mod store;
 pub mod token_format;
 pub mod verify;

@@ -295,6 +295,7 @@ pub trait Store:
     + OAuthStore
     + NodeStore
     + crate::notify::NotifyStore
+    + crate::siem::SiemStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

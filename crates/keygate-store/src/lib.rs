@@ -13,6 +13,7 @@ mod oauth;
 pub mod redis_limits;
 mod routes;
 mod rows;
+mod siem;
 mod sql;
 mod workspaces;
 

@@ -50,6 +50,8 @@ pub struct SqlStore {
     chain_key: parking_lot::RwLock<[u8; 32]>,
     /// Whether events also go to the email outbox (`NotifyStore::set_email_outbox`).
     pub(crate) email_outbox: std::sync::atomic::AtomicBool,
+    /// The SIEM sinks events are streamed to (`SiemStore::set_siem_sinks`): a bit per sink.
+    pub(crate) siem_sinks: std::sync::atomic::AtomicU8,
     feed: Arc<watch::Sender<u64>>,
     listener: Option<tokio::task::AbortHandle>,
 }
@@ -78,6 +80,7 @@ impl SqlStore {
             engine,
             chain_key: parking_lot::RwLock::new([0; 32]),
             email_outbox: Default::default(),
+            siem_sinks: Default::default(),
             feed,
             listener,
         }))
@@ -156,7 +159,11 @@ impl SqlStore {
     /// What writing an audit event needs: the chain's key, and whether events go to the email
     /// outbox too.
     pub(crate) fn chain_key(&self) -> AuditKeys {
-        AuditKeys { chain: *self.chain_key.read(), email: self.email_outbox.load(std::sync::atomic::Ordering::Relaxed) }
+        AuditKeys {
+            chain: *self.chain_key.read(),
+            email: self.email_outbox.load(std::sync::atomic::Ordering::Relaxed),
+            siem: self.siem_sinks.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn put_chain_key(&self, key: [u8; 32]) {
@@ -187,6 +194,8 @@ impl SqlStore {
 pub(crate) struct AuditKeys {
     pub(crate) chain: [u8; 32],
     pub(crate) email: bool,
+    /// A bit per `keygate_core::siem::Sink` (see `crate::siem`).
+    pub(crate) siem: u8,
 }
 
 pub(crate) async fn insert_audit(tx: &mut Tx, chain_key: &AuditKeys, e: &NewAuditEvent) -> Result<()> {
@@ -238,6 +247,22 @@ pub(crate) async fn insert_change_audit(
     .await
     .map_err(db_error)?;
     crate::audit::move_head(tx, e.workspace_id.as_str(), seq, &link).await?;
+    if chain_key.siem != 0 {
+        let streamed = keygate_core::siem::StreamedEvent {
+            id: event_id,
+            workspace_id: e.workspace_id.as_str(),
+            at: e.at,
+            actor: &e.actor,
+            action: &e.action,
+            target: &e.target,
+            source: e.source.as_deref(),
+            before: before.as_deref(),
+            after: after.as_deref(),
+            chain_seq: seq,
+            link: &link,
+        };
+        crate::siem::enqueue(tx, chain_key.siem, &streamed).await?;
+    }
     crate::notify::fan_out(tx, e, event_id, before.as_deref(), after.as_deref(), chain_key.email).await
 }
 

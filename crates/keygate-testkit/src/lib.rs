@@ -61,6 +61,8 @@ pub struct Options {
     pub secret_scanning: Option<keygate::config::SecretScanningConfig>,
     /// `[webhooks]` settings.
     pub webhooks: Option<keygate::config::WebhooksConfig>,
+    /// `[siem]` settings.
+    pub siem: Option<keygate::config::SiemConfig>,
 }
 
 impl TestKeygate {
@@ -87,6 +89,7 @@ impl TestKeygate {
             redis: opts.redis.unwrap_or_default(),
             secret_scanning: opts.secret_scanning.unwrap_or_default(),
             webhooks: opts.webhooks.unwrap_or_default(),
+            siem: opts.siem.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

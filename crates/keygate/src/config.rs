@@ -40,6 +40,7 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub notifications: NotificationsConfig,
     pub email: EmailConfig,
+    pub siem: SiemConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -350,6 +351,54 @@ impl EmailConfig {
     }
 }
 
+/// `[siem]`: the audit trail streamed, as it is written, to a syslog receiver and/or an HTTP
+/// collector.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiemConfig {
+    /// `tcp://host:514` or `tls://host:6514`: RFC 5424 messages, octet-counted (RFC 6587).
+    pub syslog_url: Option<String>,
+    /// A PEM file of the CA certificates to trust for `tls://` instead of the system's.
+    pub syslog_ca_file: Option<String>,
+    /// `https://…` (or `http://…`): each batch of events one POST of JSON lines.
+    pub http_url: Option<String>,
+    /// The `Authorization` header value the collector wants (such as `Splunk <token>` or
+    /// `Bearer <token>`). Env: `KEYGATE_SIEM_HTTP_AUTHORIZATION`. Never logged.
+    pub http_authorization: Option<String>,
+}
+
+impl std::fmt::Debug for SiemConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiemConfig")
+            .field("syslog_url", &self.syslog_url)
+            .field("syslog_ca_file", &self.syslog_ca_file)
+            .field("http_url", &self.http_url)
+            .field("http_authorization", &self.http_authorization.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl SiemConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(u) = &self.syslog_url
+            && !(u.starts_with("tcp://") || u.starts_with("tls://"))
+        {
+            bail!("siem.syslog_url must be tcp://host:port or tls://host:port");
+        }
+        if let Some(u) = &self.http_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            bail!("siem.http_url must be an http:// or https:// URL");
+        }
+        if let Some(a) = &self.http_authorization
+            && (a.is_empty() || a.chars().any(|c| c.is_control()))
+        {
+            bail!("siem.http_authorization must be a header value without control characters");
+        }
+        Ok(())
+    }
+}
+
 /// `[audit]`: the audit trail.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -505,6 +554,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             notifications: NotificationsConfig::default(),
             email: EmailConfig::default(),
+            siem: SiemConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -578,6 +628,9 @@ impl Config {
                 .parse()
                 .with_context(|| format!("KEYGATE_GATEWAY_LISTEN={v:?} is not an address like 127.0.0.1:8080"))?;
         }
+        if let Some(v) = env("KEYGATE_SIEM_HTTP_AUTHORIZATION") {
+            cfg.siem.http_authorization = Some(v);
+        }
         if let Some(v) = env("KEYGATE_SMTP_URL") {
             cfg.email.smtp_url = Some(v);
         }
@@ -630,6 +683,7 @@ impl Config {
         self.webhooks.validate()?;
         self.notifications.validate()?;
         self.email.validate()?;
+        self.siem.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;

@@ -18,6 +18,7 @@ pub mod root_key_cmd;
 pub mod scan;
 pub mod scan_cmd;
 pub mod serve;
+pub mod siem;
 
 /// An error in how keygate was asked to run: the process exits with code 2.
 #[derive(Debug)]

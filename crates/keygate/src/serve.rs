@@ -194,6 +194,7 @@ pub async fn start(
         cluster.spawn(),
         crate::notify::spawn_worker(opened.admin.clone(), Arc::new(transport), cluster.id().to_owned()),
     ];
+    tasks.extend(crate::siem::start(&cfg.siem, store.clone(), clock.clone(), cluster.id())?);
     if let Some(mailer) = crate::notify::SmtpMailer::new(&cfg.email)? {
         opened.admin.enable_email();
         tasks.push(crate::notify::spawn_email_worker(opened.admin.clone(), Arc::new(mailer), cluster.id().to_owned()));

@@ -161,9 +161,10 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     }
     query_param(doc, "/admin/v1/tokens", "get", "cursor", json!({"type": "string", "pattern": TIME_CURSOR}));
     query_param(doc, "/admin/v1/apps", "get", "cursor", json!({"type": "string", "pattern": TIME_CURSOR}));
-    for path in ["/admin/v1/audit-events", "/admin/v1/audit-events/export"] {
+    for path in ["/admin/v1/audit-events", "/admin/v1/audit-events/export", "/admin/v1/webhooks/{id}/deliveries"] {
         query_param(doc, path, "get", "cursor", json!({"type": "string", "pattern": AUDIT_CURSOR}));
     }
+    query_param(doc, "/admin/v1/webhooks/{id}/deliveries", "get", "limit", limit.clone());
     query_param(
         doc,
         "/admin/v1/tokens",

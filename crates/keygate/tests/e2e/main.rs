@@ -27,6 +27,7 @@ mod root_keys;
 mod rotation_policy;
 mod routes_live;
 mod shared_limits;
+mod siem;
 mod upstream_h2;
 mod upstream_tls;
 mod verify;

@@ -398,6 +398,8 @@ pub trait NotifyStore: Send + Sync {
     /// Deletes deliveries (and their attempts) created before `before` that are no longer
     /// pending. Returns how many.
     async fn prune_deliveries(&self, before: Timestamp) -> Result<u64>;
+    /// Webhook deliveries and emails waiting to be sent (pending, any endpoint): for /metrics.
+    async fn outbox_pending(&self) -> Result<(u64, u64)>;
     /// The stored quota count of every active token that has a quota, with the quota.
     async fn quota_standings(&self) -> Result<Vec<QuotaStanding>>;
 

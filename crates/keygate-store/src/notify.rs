@@ -509,6 +509,17 @@ impl NotifyStore for SqlStore {
         Ok(at.map(Timestamp::from_millis))
     }
 
+    async fn outbox_pending(&self) -> Result<(u64, u64)> {
+        let count = |sql: &'static str| async move {
+            let n: i64 = sqlx::query_scalar(sql).fetch_one(&self.pool).await.map_err(db_error)?;
+            Ok::<u64, Error>(u64::try_from(n).unwrap_or(0))
+        };
+        Ok((
+            count("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'").await?,
+            count("SELECT COUNT(*) FROM email_outbox WHERE state = 'pending'").await?,
+        ))
+    }
+
     async fn quota_standings(&self) -> Result<Vec<QuotaStanding>> {
         let rows = sqlx::query(
             "SELECT q.token_id, q.period_start, q.count, t.workspace_id, t.quota FROM quota_counters q \

@@ -224,7 +224,8 @@ pub async fn start(
                 ]) + &keygate_gateway::cache::render(table.routes.caches())
                     + &conns.render()
                     + &keygate_gateway::resolve::render_metrics(table.routes.dns())
-                    + &gw.shared.as_ref().map(|s| s.render()).unwrap_or_default();
+                    + &gw.shared.as_ref().map(|s| s.render()).unwrap_or_default()
+                    + &outbox_metrics(&*store).await;
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),
@@ -347,6 +348,32 @@ impl Running {
         self.store.close().await;
         tracing::info!("stopped");
     }
+}
+
+/// What waits in the outboxes (webhooks, email, SIEM), in the Prometheus text format: a growing
+/// number means a receiver is down or slow. Read from the store, so every node shows the same.
+async fn outbox_metrics(store: &dyn Store) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if let Ok((webhooks, emails)) = store.outbox_pending().await {
+        let _ = write!(
+            out,
+            "# HELP keygate_webhook_deliveries_pending Webhook deliveries waiting for an attempt or a retry.\n\
+             # TYPE keygate_webhook_deliveries_pending gauge\nkeygate_webhook_deliveries_pending {webhooks}\n\
+             # HELP keygate_emails_pending Emails waiting to be sent or retried.\n\
+             # TYPE keygate_emails_pending gauge\nkeygate_emails_pending {emails}\n"
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP keygate_siem_backlog Audit events waiting to be streamed, per sink.\n# TYPE keygate_siem_backlog gauge\n"
+    );
+    for sink in keygate_core::siem::Sink::ALL {
+        if let Ok(n) = store.siem_backlog(sink).await {
+            let _ = writeln!(out, "keygate_siem_backlog{{sink=\"{}\"}} {n}", sink.as_str());
+        }
+    }
+    out
 }
 
 /// Deletes ended dashboard sessions every ten minutes.

@@ -85,6 +85,17 @@ async fn audit_events_stream_to_syslog_and_http_and_wait_for_a_receiver_that_is_
     assert_eq!(req.headers("authorization"), ["Bearer collector-key"]);
     assert_eq!(req.headers("content-type"), ["application/x-ndjson"]);
 
+    // While nobody listens, the backlog shows in /metrics.
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    let backlog: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_siem_backlog{sink=\"syslog\"} "))
+        .expect("the syslog backlog gauge")
+        .parse()
+        .unwrap();
+    assert!(backlog >= 2, "{metrics}");
+    assert!(metrics.contains("keygate_webhook_deliveries_pending 0") && metrics.contains("keygate_emails_pending 0"));
+
     // Syslog: the receiver starts late; after the retry pause the waiting events arrive, in order.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -485,6 +485,34 @@ async function join(browser, inviteUrl, person) {
 // ---------------------------------------------------------------------------------------------
 // The scenarios
 
+/** Runs axe-core on `pages` with `owner`'s session; throws on any serious or critical WCAG 2 A/AA
+ * violation. axe is injected as a script, which the dashboard's CSP forbids (rightly): this one
+ * context bypasses it. */
+async function expectAccessible(browser, owner, pages) {
+  const state = await owner.context().storageState();
+  const context = await browser.newContext({ bypassCSP: true, storageState: state, viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  currentPage = page;
+  const axePath = path.join(ROOT, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js');
+  const problems = [];
+  for (const p of pages) {
+    await goto(page, p);
+    await page.addScriptTag({ path: axePath });
+    const result = await page.evaluate(async () =>
+      // eslint-disable-next-line no-undef
+      axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } }),
+    );
+    if (!result.passes.length) throw new Error(`axe checked nothing on ${p}`);
+    for (const v of result.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')) {
+      const where = v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ');
+      problems.push(`${p}: ${v.id} (${v.impact}): ${v.help} — ${where}`);
+    }
+  }
+  await context.close();
+  currentPage = owner;
+  if (problems.length) throw new Error(`accessibility violations:\n      ${problems.join('\n      ')}`);
+}
+
 async function run(browser, kg) {
   const { page: owner } = await newSession(browser);
   const ctx = {};
@@ -771,31 +799,8 @@ async function run(browser, kg) {
   });
 
   await step('accessibility: axe-core finds no serious or critical WCAG 2 A/AA violation', async () => {
-    // axe is injected as a script, which the dashboard's CSP forbids (rightly): this one
-    // context bypasses it, with the owner's session.
-    const state = await owner.context().storageState();
-    const context = await browser.newContext({ bypassCSP: true, storageState: state, viewport: { width: 1280, height: 800 } });
-    const page = await context.newPage();
-    currentPage = page;
-    const axePath = path.join(ROOT, 'tests', 'browser', 'node_modules', 'axe-core', 'axe.min.js');
     const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/workspaces', '/account/security'];
-    const problems = [];
-    for (const p of pages) {
-      await goto(page, p);
-      await page.addScriptTag({ path: axePath });
-      const result = await page.evaluate(async () =>
-        // eslint-disable-next-line no-undef
-        axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } }),
-      );
-      if (!result.passes.length) throw new Error(`axe checked nothing on ${p}`);
-      for (const v of result.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')) {
-        const where = v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ');
-        problems.push(`${p}: ${v.id} (${v.impact}): ${v.help} — ${where}`);
-      }
-    }
-    await context.close();
-    currentPage = owner;
-    if (problems.length) throw new Error(`accessibility violations:\n      ${problems.join('\n      ')}`);
+    await expectAccessible(browser, owner, pages);
   });
 
   await step('keyboard: the skip link comes first and every field of the token form has a label', async () => {
@@ -828,6 +833,26 @@ async function run(browser, kg) {
     await expectPath(owner, '/settings/root-keys');
     const row = await textOf(owner, owner.locator('tr', { hasText: 'browser key' }), 'the revoked key');
     check(row.includes('revoked'), `the key's row reads ${JSON.stringify(row)}`);
+  });
+
+  await step('webhooks: an owner adds an endpoint (secret shown once), sends a test event, sees the delivery log', async () => {
+    currentPage = owner;
+    await goto(owner, '/settings/webhooks');
+    await owner.fill('#wh-url', 'https://hooks.example.com/keygate');
+    await owner.fill('#wh-description', 'browser test');
+    await owner.check('input[name=event_type][value="token.exposed"]');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Add endpoint' }), 'add a webhook endpoint');
+    const secret = (await textOf(owner, owner.locator('#webhook-secret'), 'the signing secret')).trim();
+    check(secret.startsWith('whsec_'), `the secret shown is ${JSON.stringify(secret)}`);
+    await clickAndLoad(owner, owner.getByRole('link', { name: 'Go to the endpoint' }), 'open the endpoint');
+    check(!(await owner.content()).includes(secret), 'the endpoint page shows the secret again');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Send a test event' }), 'send a test event');
+    await expectVisible(owner, owner.locator('td', { hasText: 'webhook.test' }), 'the test delivery in the log');
+    ctx.webhookHref = new URL(owner.url()).pathname;
+    await goto(owner, '/account/notifications');
+    await expectH1(owner, 'Notifications');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Save notification settings' }), 'save the notification settings');
+    await expectAccessible(browser, owner, ['/settings/webhooks', ctx.webhookHref, '/account/notifications']);
   });
 
   await step('routes: an owner adds a route as TOML; the gateway serves it; a mistake is shown on the form', async () => {

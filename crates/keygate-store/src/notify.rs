@@ -183,6 +183,41 @@ fn email(row: &AnyRow) -> Result<Email> {
     })
 }
 
+/// Leases up to `limit` rows of an outbox `table` to `owner` until `now + lease_ms` and returns
+/// them (`returning` columns). `pick` selects the candidate ids in the order to take them, with
+/// `$3` for now (and `$5` for `extra`, if given); `guard` is re-checked on each row as it is
+/// locked, with the lease itself. On PostgreSQL rows another claimer holds are skipped, so
+/// concurrent claimers take different rows (a racing claimer may take fewer than it could; the
+/// next pass takes the rest); SQLite has one writer at a time.
+#[allow(clippy::too_many_arguments, reason = "the parts of one statement")]
+pub(crate) async fn lease_rows(
+    s: &SqlStore,
+    table: &str,
+    pick: &str,
+    guard: &str,
+    returning: &str,
+    owner: &str,
+    now: Timestamp,
+    lease_ms: i64,
+    limit: u32,
+    extra: Option<&str>,
+) -> Result<Vec<AnyRow>> {
+    let lock = if s.engine == crate::Engine::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+    let sql = format!(
+        "UPDATE {table} SET lease_owner = $1, lease_until = $2 WHERE id IN ({pick} LIMIT $4 {lock}) \
+         AND (lease_until IS NULL OR lease_until <= $3) {guard} RETURNING {returning}"
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(owner)
+        .bind(now.as_millis().saturating_add(lease_ms))
+        .bind(now.as_millis())
+        .bind(i64::from(limit));
+    if let Some(x) = extra {
+        q = q.bind(x);
+    }
+    q.fetch_all(&s.pool).await.map_err(db_error)
+}
+
 async fn insert_delivery(tx: &mut Tx, d: &NewDelivery) -> Result<i64> {
     sqlx::query_scalar::<_, i64>(
         "INSERT INTO webhook_deliveries (workspace_id, endpoint_id, message_id, event_type, payload, state, \
@@ -346,25 +381,22 @@ impl NotifyStore for SqlStore {
     }
 
     async fn claim_deliveries(&self, now: Timestamp, lease_ms: i64, owner: &str, limit: u32) -> Result<Vec<Delivery>> {
-        // PostgreSQL: rows another claimer holds are skipped, so concurrent claimers take
-        // different rows; the outer conditions are checked again on each row as it is locked,
-        // so a row is never leased twice. SQLite has one writer at a time.
-        let lock = if self.engine == crate::Engine::Postgres { "FOR UPDATE OF d SKIP LOCKED" } else { "" };
-        let sql = format!(
-            "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN (\
-             SELECT d.id FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
+        let pick = "SELECT d.id FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id \
              WHERE d.state = 'pending' AND d.next_at <= $3 AND w.enabled = 1 \
-             AND (d.lease_until IS NULL OR d.lease_until <= $3) ORDER BY d.next_at, d.id LIMIT $4 {lock}) \
-             AND state = 'pending' AND (lease_until IS NULL OR lease_until <= $3) RETURNING {DELIVERY_COLS}"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(now.as_millis().saturating_add(lease_ms))
-            .bind(now.as_millis())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+             AND (d.lease_until IS NULL OR d.lease_until <= $3) ORDER BY d.next_at, d.id";
+        let rows = lease_rows(
+            self,
+            "webhook_deliveries",
+            pick,
+            "AND state = 'pending'",
+            DELIVERY_COLS,
+            owner,
+            now,
+            lease_ms,
+            limit,
+            None,
+        )
+        .await?;
         let mut out = rows.iter().map(delivery).collect::<Result<Vec<_>>>()?;
         out.sort_by_key(|d| (d.next_at, d.id));
         Ok(out)
@@ -549,21 +581,21 @@ impl NotifyStore for SqlStore {
     }
 
     async fn claim_emails(&self, now: Timestamp, lease_ms: i64, owner: &str, limit: u32) -> Result<Vec<Email>> {
-        let lock = if self.engine == crate::Engine::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
-        let sql = format!(
-            "UPDATE email_outbox SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM email_outbox \
-             WHERE state = 'pending' AND next_at <= $3 AND (lease_until IS NULL OR lease_until <= $3) \
-             ORDER BY next_at, id LIMIT $4 {lock}) AND state = 'pending' AND (lease_until IS NULL OR lease_until <= $3) \
-             RETURNING {EMAIL_COLS}"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(now.as_millis().saturating_add(lease_ms))
-            .bind(now.as_millis())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let pick = "SELECT id FROM email_outbox WHERE state = 'pending' AND next_at <= $3 \
+             AND (lease_until IS NULL OR lease_until <= $3) ORDER BY next_at, id";
+        let rows = lease_rows(
+            self,
+            "email_outbox",
+            pick,
+            "AND state = 'pending'",
+            EMAIL_COLS,
+            owner,
+            now,
+            lease_ms,
+            limit,
+            None,
+        )
+        .await?;
         let mut out = rows.iter().map(email).collect::<Result<Vec<_>>>()?;
         out.sort_by_key(|e| (e.next_at, e.id));
         Ok(out)

@@ -43,21 +43,21 @@ impl SiemStore for SqlStore {
     }
 
     async fn claim_siem(&self, sink: Sink, now: Timestamp, lease_ms: i64, owner: &str, limit: u32) -> Result<Batch> {
-        let lock = if self.engine == crate::Engine::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
-        let sql = format!(
-            "UPDATE siem_outbox SET lease_owner = $1, lease_until = $2 WHERE id IN (SELECT id FROM siem_outbox \
-             WHERE sink = $3 AND next_at <= $4 AND (lease_until IS NULL OR lease_until <= $4) ORDER BY id LIMIT $5 \
-             {lock}) AND (lease_until IS NULL OR lease_until <= $4) RETURNING id, event, attempts"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(owner)
-            .bind(now.as_millis().saturating_add(lease_ms))
-            .bind(sink.as_str())
-            .bind(now.as_millis())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let pick = "SELECT id FROM siem_outbox WHERE sink = $5 AND next_at <= $3 \
+             AND (lease_until IS NULL OR lease_until <= $3) ORDER BY id";
+        let rows = crate::notify::lease_rows(
+            self,
+            "siem_outbox",
+            pick,
+            "",
+            "id, event, attempts",
+            owner,
+            now,
+            lease_ms,
+            limit,
+            Some(sink.as_str()),
+        )
+        .await?;
         let mut got: Vec<(i64, String, i64)> = rows
             .iter()
             .map(|r| Ok((rows::get(r, "id")?, rows::get(r, "event")?, rows::get(r, "attempts")?)))

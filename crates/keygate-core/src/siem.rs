@@ -125,6 +125,8 @@ pub trait SiemStore: Send + Sync {
     async fn retry_siem(&self, ids: &[i64], next_at: Timestamp, error: &str) -> crate::Result<()>;
     /// Rows waiting, per sink (for /metrics).
     async fn siem_backlog(&self, sink: Sink) -> crate::Result<u64>;
+    /// Deletes the oldest rows of `sink` beyond the newest `keep`; returns how many.
+    async fn trim_siem(&self, sink: Sink, keep: u64) -> crate::Result<u64>;
 }
 
 /// An audit event as the SIEM gets it (the same fields as the admin API's audit events).

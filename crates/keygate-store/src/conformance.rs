@@ -2097,6 +2097,44 @@ async fn webhook_outbox(h: &Harness) {
     assert!(s.list_webhooks(&ws.id).await.unwrap().is_empty());
 }
 
+async fn siem_outbox(h: &Harness) {
+    use keygate_core::siem::{SiemStore, Sink};
+    let s = &h.store;
+    let (ws, d) = workspace("siem");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    s.append_audit(&audit(&ws.id, "token.update", "tok_before")).await.unwrap();
+    assert_eq!(s.siem_backlog(Sink::Syslog).await.unwrap(), 0, "nothing is queued without a sink");
+    s.set_siem_sinks(&[Sink::Syslog, Sink::Http]);
+    for i in 0..5 {
+        s.append_audit(&audit(&ws.id, "token.update", &format!("tok_{i}"))).await.unwrap();
+    }
+    assert_eq!((s.siem_backlog(Sink::Syslog).await.unwrap(), s.siem_backlog(Sink::Http).await.unwrap()), (5, 5));
+    let now = T0.plus_seconds(1);
+    let a = s.claim_siem(Sink::Syslog, now, 60_000, "a", 3).await.unwrap();
+    assert_eq!(a.ids.len(), 3);
+    let ev: serde_json::Value = serde_json::from_str(&a.events[0]).unwrap();
+    assert_eq!((ev["target"].as_str(), ev["action"].as_str()), (Some("tok_0"), Some("token.update")));
+    assert!(ev["link"].as_str().unwrap().len() == 64, "with its chain link");
+    let b = s.claim_siem(Sink::Syslog, now, 60_000, "b", 10).await.unwrap();
+    assert_eq!(b.ids.len(), 2, "the leased ones are not taken twice");
+    s.retry_siem(&a.ids, now.plus_seconds(5), "down").await.unwrap();
+    assert!(s.claim_siem(Sink::Syslog, now.plus_seconds(1), 60_000, "c", 10).await.unwrap().ids.is_empty());
+    let again = s.claim_siem(Sink::Syslog, now.plus_seconds(5), 60_000, "c", 10).await.unwrap();
+    assert_eq!((again.ids.clone(), again.attempts), (a.ids.clone(), 1));
+    s.ack_siem(&again.ids).await.unwrap();
+    assert_eq!(s.siem_backlog(Sink::Syslog).await.unwrap(), 2);
+    assert_eq!(s.trim_siem(Sink::Http, 2).await.unwrap(), 3, "the oldest beyond the newest 2");
+    let left = s.claim_siem(Sink::Http, now, 60_000, "a", 10).await.unwrap();
+    let targets: Vec<String> = left
+        .events
+        .iter()
+        .map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap()["target"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(targets, ["tok_3", "tok_4"]);
+    assert_eq!(s.trim_siem(Sink::Http, 2).await.unwrap(), 0);
+    s.set_siem_sinks(&[]);
+}
+
 async fn verify_ws(s: &SqlStore, ws: &WorkspaceId, key: [u8; 32]) -> Option<&'static str> {
     s.verify_audit_chain(ws, key, None).await.unwrap().broken.map(|b| b.code)
 }
@@ -2128,7 +2166,8 @@ conformance!(
     node_registry_and_propagation,
     feed_pruning,
     audit_chain,
-    webhook_outbox
+    webhook_outbox,
+    siem_outbox
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

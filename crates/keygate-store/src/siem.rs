@@ -98,6 +98,25 @@ impl SiemStore for SqlStore {
         Ok(())
     }
 
+    async fn trim_siem(&self, sink: Sink, keep: u64) -> Result<u64> {
+        // The id of the newest row to drop: everything at or below it goes.
+        let cut: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM siem_outbox WHERE sink = $1 ORDER BY id DESC LIMIT 1 OFFSET $2")
+                .bind(sink.as_str())
+                .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        let Some(cut) = cut else { return Ok(0) };
+        let done = sqlx::query("DELETE FROM siem_outbox WHERE sink = $1 AND id <= $2")
+            .bind(sink.as_str())
+            .bind(cut)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+
     async fn siem_backlog(&self, sink: Sink) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM siem_outbox WHERE sink = $1")
             .bind(sink.as_str())

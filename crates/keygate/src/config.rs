@@ -353,7 +353,7 @@ impl EmailConfig {
 
 /// `[siem]`: the audit trail streamed, as it is written, to a syslog receiver and/or an HTTP
 /// collector.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SiemConfig {
     /// `tcp://host:514` or `tls://host:6514`: RFC 5424 messages, octet-counted (RFC 6587).
@@ -365,6 +365,21 @@ pub struct SiemConfig {
     /// The `Authorization` header value the collector wants (such as `Splunk <token>` or
     /// `Bearer <token>`). Env: `KEYGATE_SIEM_HTTP_AUTHORIZATION`. Never logged.
     pub http_authorization: Option<String>,
+    /// The most events kept waiting per sink while its receiver is down; beyond it the oldest
+    /// are dropped (and logged). Default 1,000,000.
+    pub max_backlog: u64,
+}
+
+impl Default for SiemConfig {
+    fn default() -> Self {
+        Self {
+            syslog_url: None,
+            syslog_ca_file: None,
+            http_url: None,
+            http_authorization: None,
+            max_backlog: 1_000_000,
+        }
+    }
 }
 
 impl std::fmt::Debug for SiemConfig {
@@ -374,6 +389,7 @@ impl std::fmt::Debug for SiemConfig {
             .field("syslog_ca_file", &self.syslog_ca_file)
             .field("http_url", &self.http_url)
             .field("http_authorization", &self.http_authorization.as_ref().map(|_| "<set>"))
+            .field("max_backlog", &self.max_backlog)
             .finish()
     }
 }
@@ -394,6 +410,9 @@ impl SiemConfig {
             && (a.is_empty() || a.chars().any(|c| c.is_control()))
         {
             bail!("siem.http_authorization must be a header value without control characters");
+        }
+        if !(1_000..=100_000_000).contains(&self.max_backlog) {
+            bail!("siem.max_backlog must be between 1000 and 100000000");
         }
         Ok(())
     }

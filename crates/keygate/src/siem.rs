@@ -153,17 +153,19 @@ pub fn start(
         ));
     }
     store.set_siem_sinks(&sinks.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+    let max_backlog = cfg.max_backlog;
     Ok(sinks
         .into_iter()
         .map(|(sink, sender)| {
             let (store, clock, node) = (store.clone(), clock.clone(), node.to_owned());
-            tokio::spawn(async move { stream(sink, &*sender, &*store, &*clock, &node).await })
+            tokio::spawn(async move { stream(sink, &*sender, &*store, &*clock, &node, max_backlog).await })
         })
         .collect())
 }
 
 /// Sends `sink`'s outbox, batch after batch; on failure waits 1 s, doubling to a minute.
-async fn stream(sink: Sink, sender: &dyn Sender, store: &dyn Store, clock: &dyn Clock, node: &str) {
+/// While the receiver fails, the backlog is held to `max_backlog` events (the oldest dropped).
+async fn stream(sink: Sink, sender: &dyn Sender, store: &dyn Store, clock: &dyn Clock, node: &str, max_backlog: u64) {
     loop {
         let batch = match store.claim_siem(sink, clock.now(), LEASE_MS, node, BATCH).await {
             Ok(b) => b,
@@ -191,6 +193,16 @@ async fn stream(sink: Sink, sender: &dyn Sender, store: &dyn Store, clock: &dyn 
                 let next = clock.now().plus_seconds(wait.min(60));
                 if let Err(e) = store.retry_siem(&batch.ids, next, &why).await {
                     tracing::warn!(error = %e, "cannot record a failed SIEM batch");
+                }
+                match store.trim_siem(sink, max_backlog).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::error!(
+                        sink = sink.as_str(),
+                        dropped = n,
+                        max_backlog,
+                        "the SIEM receiver has been down for long: the oldest waiting events were dropped (they stay in the audit trail; export them with keygate audit export)"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cannot bound the SIEM backlog"),
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

@@ -15,9 +15,11 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use keygate_core::Timestamp;
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::model::{Actor, App, NewAuditEvent, TokenRecord, TokenState, Workspace};
+use keygate_core::notify::NotifyStore;
 use keygate_core::policy::{Quota, QuotaPeriod, RateLimit};
 use keygate_core::scope::Scope;
 use keygate_core::secret::{OsRandom, Pepper};
+use keygate_core::siem::SiemStore;
 use keygate_core::store::{TokenStore, WorkspaceStore};
 use keygate_core::token_format::{self, MintedToken, SeededRandom, TokenPrefix, mint};
 use keygate_gateway::index::{Refusal, TokenIndex};
@@ -265,6 +267,38 @@ fn bench_create(c: &mut Criterion, pepper: &Pepper) {
     let actor = Actor::cli();
     let mut n = 0usize;
     c.bench_function("create_token_through_store", |b| {
+        b.iter(|| {
+            n += 1;
+            rt.block_on(async {
+                let minted = mint(&TokenPrefix::default(), &OsRandom).unwrap();
+                let rec = record(n, &minted, pepper, &tenants);
+                let audit = NewAuditEvent::new(&ws.id, &actor, "token.create", rec.id.as_str(), NOW)
+                    .with_after(rec.audit_view());
+                store.insert_token(&rec, &audit).await.unwrap();
+            })
+        })
+    });
+    // The same with the outboxes of issue 15 in use: three webhook endpoints subscribed to
+    // token.created (a delivery each, written in the transaction) and a SIEM sink (a row more).
+    for i in 0..3 {
+        let endpoint = keygate_core::notify::WebhookEndpoint {
+            id: keygate_core::ids::WebhookId::random(&OsRandom).unwrap(),
+            workspace_id: ws.id.clone(),
+            url: format!("https://hooks{i}.example.com/in"),
+            description: None,
+            event_types: vec![],
+            enabled: true,
+            disabled_reason: None,
+            sealed_secret: vec![0; 60],
+            failing_since: None,
+            created_at: NOW,
+            updated_at: NOW,
+        };
+        let audit = NewAuditEvent::new(&ws.id, &actor, "webhook.create", endpoint.id.as_str(), NOW);
+        rt.block_on(store.insert_webhook(&endpoint, &audit)).unwrap();
+    }
+    store.set_siem_sinks(&[keygate_core::siem::Sink::Syslog]);
+    c.bench_function("create_token_through_store_with_outboxes", |b| {
         b.iter(|| {
             n += 1;
             rt.block_on(async {

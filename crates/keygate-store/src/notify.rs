@@ -73,25 +73,34 @@ pub(crate) async fn fan_out(
         .map_err(db_error)?;
     }
     let message_id = format!("msg_{event_id}");
+    // One statement for every subscribed endpoint: each statement is a round trip.
+    let mut endpoints = Vec::with_capacity(rows.len());
     for row in &rows {
-        let id: String = rows::get(row, "id")?;
         let types: Vec<String> = serde_json::from_str(&rows::get::<String>(row, "event_types")?).unwrap_or_default();
-        if !keygate_core::notify::subscribes(&types, kind.name) {
-            continue;
+        if keygate_core::notify::subscribes(&types, kind.name) {
+            endpoints.push(rows::get::<String>(row, "id")?);
         }
-        insert_delivery(
-            tx,
-            &NewDelivery {
-                workspace_id: e.workspace_id.clone(),
-                endpoint_id: WebhookId::from_trusted(id),
-                message_id: message_id.clone(),
-                event_type: kind.name.to_owned(),
-                payload: payload.clone(),
-                at: e.at,
-            },
-        )
-        .await?;
     }
+    if endpoints.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<String> =
+        (0..endpoints.len()).map(|i| format!("($1, ${}, $2, $3, $4, 'pending', 0, $5, $5)", i + 6)).collect();
+    let sql = format!(
+        "INSERT INTO webhook_deliveries (workspace_id, endpoint_id, message_id, event_type, payload, state, \
+         attempts, next_at, created_at) VALUES {}",
+        values.join(", ")
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(e.workspace_id.as_str())
+        .bind(message_id.as_str())
+        .bind(kind.name)
+        .bind(payload.as_str())
+        .bind(e.at.as_millis());
+    for id in &endpoints {
+        q = q.bind(id.as_str());
+    }
+    q.execute(&mut **tx).await.map_err(db_error)?;
     Ok(())
 }
 

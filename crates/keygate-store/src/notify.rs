@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use keygate_core::ids::{WebhookId, WorkspaceId};
-use keygate_core::model::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NewAuditEvent, Page, PageRequest};
+use keygate_core::model::{NewAuditEvent, Page, PageRequest};
 use keygate_core::notify::{
     AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState, Email, NewDelivery, NotifyStore, QuotaStanding,
     WebhookEndpoint,
@@ -225,6 +225,34 @@ pub(crate) async fn lease_rows(
         q = q.bind(x);
     }
     q.fetch_all(&s.pool).await.map_err(db_error)
+}
+
+/// A page of an outbox's rows of `ws`, newest first, by id (the cursor is the last id shown).
+/// `select` takes `$1` the workspace, `$2` the id to stay below and `$3` `filter`.
+async fn newest_by_id<T>(
+    s: &SqlStore,
+    select: &str,
+    ws: &WorkspaceId,
+    filter: &str,
+    page: &PageRequest,
+    decode: fn(&AnyRow) -> Result<T>,
+    id_of: fn(&T) -> i64,
+) -> Result<Page<T>> {
+    let limit = crate::sql::page_size(page);
+    let before = match &page.cursor {
+        Some(c) => c.parse::<i64>().map_err(|_| crate::sql::invalid_cursor())?,
+        None => i64::MAX,
+    };
+    let sql = format!("{select} ORDER BY id DESC LIMIT $4");
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(ws.as_str())
+        .bind(before)
+        .bind(filter)
+        .bind(limit + 1)
+        .fetch_all(&s.pool)
+        .await
+        .map_err(db_error)?;
+    crate::sql::paginate(&rows, limit, decode, |t| id_of(t).to_string())
 }
 
 async fn insert_delivery(tx: &mut Tx, d: &NewDelivery) -> Result<i64> {
@@ -465,29 +493,12 @@ impl NotifyStore for SqlStore {
         endpoint: Option<&WebhookId>,
         page: &PageRequest,
     ) -> Result<Page<Delivery>> {
-        let limit = i64::from(if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) });
-        let before = match &page.cursor {
-            Some(c) => c.parse::<i64>().map_err(|_| {
-                Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
-            })?,
-            None => i64::MAX,
-        };
-        let sql = format!(
+        let select = format!(
             "SELECT {DELIVERY_COLS} FROM webhook_deliveries WHERE workspace_id = $1 AND id < $2 \
-             AND ($3 = '' OR endpoint_id = $3) ORDER BY id DESC LIMIT $4"
+             AND ($3 = '' OR endpoint_id = $3)"
         );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .bind(before)
-            .bind(endpoint.map_or("", WebhookId::as_str))
-            .bind(limit + 1)
-            .fetch_all(&self.pool)
+        newest_by_id(self, &select, ws, endpoint.map(WebhookId::as_str).unwrap_or_default(), page, delivery, |d| d.id)
             .await
-            .map_err(db_error)?;
-        let take = usize::try_from(limit).unwrap_or(usize::MAX);
-        let items = rows.iter().take(take).map(delivery).collect::<Result<Vec<_>>>()?;
-        let next_cursor = (rows.len() > take).then(|| items.last().map(|d| d.id.to_string())).flatten();
-        Ok(Page { items, next_cursor })
     }
 
     async fn delivery(&self, ws: &WorkspaceId, id: i64) -> Result<Option<(Delivery, Vec<DeliveryAttempt>)>> {
@@ -628,27 +639,9 @@ impl NotifyStore for SqlStore {
     }
 
     async fn list_emails(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<Email>> {
-        let limit = i64::from(if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) });
-        let before = match &page.cursor {
-            Some(c) => c.parse::<i64>().map_err(|_| {
-                Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
-            })?,
-            None => i64::MAX,
-        };
-        let sql = format!(
-            "SELECT {EMAIL_COLS} FROM email_outbox WHERE workspace_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(ws.as_str())
-            .bind(before)
-            .bind(limit + 1)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error)?;
-        let take = usize::try_from(limit).unwrap_or(usize::MAX);
-        let items = rows.iter().take(take).map(email).collect::<Result<Vec<_>>>()?;
-        let next_cursor = (rows.len() > take).then(|| items.last().map(|d| d.id.to_string())).flatten();
-        Ok(Page { items, next_cursor })
+        // ($3 is unused here: the email log has no second filter.)
+        let select = format!("SELECT {EMAIL_COLS} FROM email_outbox WHERE workspace_id = $1 AND id < $2 AND $3 = ''");
+        newest_by_id(self, &select, ws, "", page, email, |e| e.id).await
     }
 
     async fn notification_prefs(

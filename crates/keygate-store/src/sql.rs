@@ -420,12 +420,12 @@ async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     Ok(())
 }
 
-fn page_size(page: &PageRequest) -> i64 {
+pub(crate) fn page_size(page: &PageRequest) -> i64 {
     let n = if page.limit == 0 { DEFAULT_PAGE_SIZE } else { page.limit.min(MAX_PAGE_SIZE) };
     i64::from(n)
 }
 
-fn invalid_cursor() -> Error {
+pub(crate) fn invalid_cursor() -> Error {
     Error::invalid("invalid_cursor", "the cursor is not one this API returned; start again without it")
 }
 
@@ -720,7 +720,7 @@ impl AppStore for SqlStore {
     }
 }
 
-fn paginate<T>(
+pub(crate) fn paginate<T>(
     rows: &[AnyRow],
     limit: i64,
     decode: fn(&AnyRow) -> Result<T>,

@@ -11,7 +11,8 @@ pepper, one PostgreSQL database and one Redis key prefix:
                  configuration and data directory): it refuses the token from its first request
                  (first, so that the rest runs on a cluster with a restarted node)
        limiter   a rate limit (and a quota) driven concurrently through the three gateways:
-                 admitted / the GCRA ideal (capacity + refill over the elapsed time) <= 1.02
+                 admitted <= 1.02 x the GCRA ideal (capacity + refill over the elapsed time)
+                 plus the requests a node decided alone (Redis later than redis.wait_ms)
        revoke    >= 200 revocations made on the nodes in turn under steady traffic; for each,
                  pollers on the two other gateways time the admin call to the first 401
                  (p50/p99/max reported; failure only if a node still admits after 10 s)
@@ -845,7 +846,11 @@ def limiter(h, c):
     q = h.args.limit
     qid, qsecret = c.create_token({"name": "quota", "quota": {"requests": q, "period": "day"}})
     c.sync()
+    qbefore = [n.metrics() for n in c.nodes]
     qcounts, _ = drive(c, qid, qsecret, total=3 * q, threads_per_node=2)
+    qafter = [n.metrics() for n in c.nodes]
+    qlocal = int(sum(a.get("keygate_shared_limits_local_decisions_total", 0)
+                     - b.get("keygate_shared_limits_local_decisions_total", 0) for a, b in zip(qafter, qbefore)))
     qadmitted = sum(x.get(200, 0) for x in qcounts)
     qother = {s: n for x in qcounts for s, n in x.items() if s not in (200, 429)}
     r = Resp(c.redis_url)
@@ -854,13 +859,19 @@ def limiter(h, c):
     figure(name, f"rate limit {req}/{per}s, {admitted} admitted ({per_node} per node) of "
                  f"{admitted + refused} in {elapsed:.1f} s through 3 nodes, GCRA ideal {ideal}: "
                  f"{ratio:.3f}x (max 1.02); {waits} lease waits, {local} decided locally, {calls} Redis calls; "
-                 f"quota {q}/day: {qadmitted} admitted of {3 * q} ({qadmitted / q:.3f}x); "
+                 f"quota {q}/day: {qadmitted} admitted of {3 * q} ({qadmitted / q:.3f}x, {qlocal} decided locally); "
                  f"{keys} keys under the prefix in Redis")
     h.check(name, keys > 0, f"no key under the prefix {c.prefix} in Redis")
     h.check(name, not other, f"unexpected answers: {other}")
     h.check(name, not qother, f"unexpected answers (quota): {qother}")
-    h.check(name, ratio <= 1.02, f"{admitted} admitted, over 1.02 x the ideal {ideal}")
-    h.check(name, qadmitted <= math.floor(q * 1.02), f"quota: {qadmitted} admitted, over 1.02 x {q}")
+    # The bound the design states (crates/keygate-gateway/src/shared.rs): the limit plus the leases
+    # (1%), plus each request a node decided alone because Redis did not answer within
+    # redis.wait_ms (charged to the shared bucket afterwards, so it is slack within this short
+    # window only). On a loaded two-core machine a Redis round trip can miss the 5 ms now and then.
+    h.check(name, admitted <= math.floor(ideal * 1.02) + local,
+            f"{admitted} admitted, over 1.02 x the ideal {ideal} plus {local} decided locally")
+    h.check(name, qadmitted <= math.floor(q * 1.02) + qlocal,
+            f"quota: {qadmitted} admitted, over 1.02 x {q} plus {qlocal} decided locally")
     h.check(name, admitted >= 1 and qadmitted >= 1, "nothing admitted")
 
 

@@ -15,6 +15,7 @@ mod routes;
 mod tokens;
 mod verify;
 mod webhooks;
+mod alerts;
 mod workspaces;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
+        (name = "alerts", description = "Anomaly alerts on tokens' usage: list, acknowledge, resolve, resume a suspended token"),
         (name = "webhooks", description = "Webhook endpoints: signed events (Standard Webhooks) from a durable outbox, deliveries, redelivery, test events"),
         (name = "nodes", description = "The keygate processes sharing the store, with how far each has applied the change feed (root keys of the default workspace only)"),
         (name = "system", description = "Health")
@@ -179,6 +181,11 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::get_route, routes::update_route, routes::delete_route))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
+        .routes(routes!(alerts::list_alerts))
+        .routes(routes!(alerts::get_alert))
+        .routes(routes!(alerts::acknowledge_alert))
+        .routes(routes!(alerts::resolve_alert))
+        .routes(routes!(alerts::resume_from_alert))
         .routes(routes!(webhooks::list_event_types))
         .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
         .routes(routes!(webhooks::get_webhook, webhooks::update_webhook, webhooks::delete_webhook))

@@ -980,6 +980,19 @@ impl Admin {
         action: &str,
         change: impl FnOnce(&mut TokenRecord, Timestamp) -> Result<()>,
     ) -> Result<Applied<TokenRecord>> {
+        self.change_token_because(ws, actor, id, action, None, change).await
+    }
+
+    /// [`Self::change_token`] with a reason, recorded in the audit event (`after.reason`).
+    async fn change_token_because(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &TokenId,
+        action: &str,
+        reason: Option<&str>,
+        change: impl FnOnce(&mut TokenRecord, Timestamp) -> Result<()>,
+    ) -> Result<Applied<TokenRecord>> {
         let before = self.token(ws, id).await?;
         let now = self.now();
         let mut token = before.clone();
@@ -989,8 +1002,11 @@ impl Admin {
         }
         token.updated_at = now;
         token.version = before.version + 1;
-        let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now)
+        let mut audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now)
             .with_diff(&before.audit_view(), &token.audit_view());
+        if let (Some(reason), Some(serde_json::Value::Object(after))) = (reason, audit.after.as_mut()) {
+            after.insert("reason".into(), reason.into());
+        }
         let seq = self.store.update_token(&token, &audit).await?;
         let propagation = self.acknowledged(seq).await;
         Ok(Applied { value: token, propagation })
@@ -1059,6 +1075,22 @@ impl Admin {
 
     pub async fn suspend_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<Applied<TokenRecord>> {
         self.change_token(ws, actor, id, "token.suspend", |t, _| {
+            refuse_if_revoked(t)?;
+            t.state = TokenState::Suspended;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Suspends a token for a reason that the audit event records (a policy's).
+    pub async fn suspend_token_because(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &TokenId,
+        reason: &str,
+    ) -> Result<Applied<TokenRecord>> {
+        self.change_token_because(ws, actor, id, "token.suspend", Some(reason), |t, _| {
             refuse_if_revoked(t)?;
             t.state = TokenState::Suspended;
             Ok(())

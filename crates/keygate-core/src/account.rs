@@ -141,6 +141,10 @@ pub struct WorkspacePolicy {
     /// A token past that age is suspended (`true`) or only flagged (`false`).
     #[serde(default)]
     pub suspend_unrotated: bool,
+    /// Anomaly alerts of this severity or above suspend their token at once (actor
+    /// `anomaly-policy`, the alert in the reason); `None`: alerts only notify.
+    #[serde(default)]
+    pub anomaly_suspend: Option<crate::anomaly::Severity>,
 }
 
 /// Days before a token's rotation is due that its reminder (`token.rotation_due`) is recorded.

@@ -70,6 +70,8 @@ typed_id!(/// A plan (tier of scopes and default limits).
     PlanId, "plan");
 typed_id!(/// A webhook endpoint: a URL that receives the workspace's events, signed.
     WebhookId, "wh");
+typed_id!(/// An anomaly alert raised on a token's usage.
+    AlertId, "al");
 
 impl TokenId {
     pub fn from_public_id(public_id: &str) -> Self {

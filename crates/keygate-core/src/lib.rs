@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod anomaly;
 pub mod audit_chain;
 pub mod clock;
 pub mod dpop;

@@ -518,6 +518,10 @@ pub struct PageRequest {
     pub cursor: Option<String>,
 }
 
+/// How long after its grace period a secret replaced by a rotation is still known to the
+/// gateway (refused as expired), so that its use raises an `old_secret` alert: 30 days.
+pub const ROTATED_KEPT_MS: i64 = 30 * 86_400_000;
+
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 500;
 

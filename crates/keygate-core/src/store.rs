@@ -235,7 +235,8 @@ pub trait ChangeFeed: Send + Sync {
     /// The committed feed position, read from the store (a snapshot taken in pages reads it
     /// first; tokens read afterwards are at least that current).
     async fn feed_position(&self) -> Result<u64>;
-    /// One page of a snapshot: tokens not revoked and not expired at `now` whose id sorts after
+    /// One page of a snapshot: tokens not revoked and not expired at `now` (or replaced by a
+    /// rotation and expired within [`crate::model::ROTATED_KEPT_MS`]) whose id sorts after
     /// `after`, in id order, at most `limit` — so a million tokens load without a million rows in
     /// memory at once.
     async fn snapshot_page(&self, now: Timestamp, after: Option<&TokenId>, limit: u32) -> Result<Vec<TokenRecord>>;
@@ -296,6 +297,7 @@ pub trait Store:
     + NodeStore
     + crate::notify::NotifyStore
     + crate::siem::SiemStore
+    + crate::anomaly::AlertStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

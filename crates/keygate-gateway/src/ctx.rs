@@ -42,6 +42,9 @@ pub(crate) struct RequestCtx<'a, 'h> {
     pub(crate) route: Option<&'a Route>,
     /// Who sent it, once admit knows.
     pub(crate) caller: Option<Caller>,
+    /// A token refused because it is suspended or expired (or rotated away), when the watch is
+    /// on: its refusals count for it in anomaly detection.
+    pub(crate) stopped: Option<Arc<crate::index::IndexedToken>>,
     /// Headers every answer on the route carries, whoever answers (limits, CORS, a DPoP nonce).
     pub(crate) extra: AnswerExtra,
 }
@@ -63,6 +66,7 @@ impl<'a, 'h> RequestCtx<'a, 'h> {
             path: Cow::Borrowed(head.path),
             route: None,
             caller: None,
+            stopped: None,
             extra: AnswerExtra::default(),
         }
     }

@@ -95,6 +95,8 @@ pub struct Gateway {
     pub resolver: Arc<dyn crate::resolve::Resolve>,
     /// Rate limits and quotas shared with the other nodes (Redis); `None`: this node's alone.
     pub shared: Option<Arc<crate::shared::SharedLimiter>>,
+    /// What each token does, for anomaly detection; `None` when it is off.
+    pub watch: Option<Arc<crate::watch::Watch>>,
 }
 
 /// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.

@@ -28,6 +28,7 @@ pub struct Known {
     pub upgrade: bool,
     pub expect_continue: bool,
     pub forwarded_for: bool,
+    pub user_agent: Option<u16>,
     /// Some name needs [`fold`]ing to be compared (it holds `_`, a run of `-`, or a `-` at an
     /// end): only then do the stripping rules look at folded names.
     pub odd_names: bool,
@@ -55,6 +56,7 @@ impl Known {
                 6 if is("expect") => k.expect_continue |= f.value.eq_ignore_ascii_case(b"100-continue"),
                 7 if is("upgrade") => k.upgrade = true,
                 10 if is("connection") => k.connection = true,
+                10 if is("user-agent") => k.user_agent = k.user_agent.or(at),
                 13 if is("authorization") => k.authorization = k.authorization.or(at),
                 14 if is("content-length") => {
                     k.content_lengths = k.content_lengths.saturating_add(1);

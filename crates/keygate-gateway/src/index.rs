@@ -83,6 +83,10 @@ impl Eq for Slot {}
 
 type Shard = HashSet<Slot, BuildHasherDefault<IdentityHasher>>;
 
+/// How long a secret replaced by a rotation is remembered after its grace period ended (see
+/// [`IndexedToken::rotated_away`]); the store's snapshot includes such tokens for as long.
+pub const ROTATED_KEPT_MS: i64 = keygate_core::model::ROTATED_KEPT_MS;
+
 /// A token as the gateway needs it.
 ///
 /// `repr(C)` keeps the fields every check reads (hash, expiry, suspension) together at the
@@ -95,6 +99,10 @@ pub struct IndexedToken {
     /// Milliseconds; `i64::MAX` for none.
     expires_at: i64,
     suspended: bool,
+    /// Replaced by a rotation: once `expires_at` (the grace's end) is past, the entry stays
+    /// [`ROTATED_KEPT_MS`] longer so that a presentation of the old secret is recognized (and
+    /// refused as expired) for anomaly detection. In padding too.
+    rotated: bool,
     /// Set when the entry leaves the index (replaced by a change, removed by a revocation or a
     /// deletion, swept at expiry): whoever still holds it (an upgraded tunnel) must look the
     /// token up again. It sits in padding, so the entry does not grow.
@@ -128,6 +136,10 @@ impl IndexedToken {
     }
     pub fn expires_at(&self) -> Option<Timestamp> {
         (self.expires_at != i64::MAX).then_some(Timestamp::from_millis(self.expires_at))
+    }
+    /// Whether this is a secret a rotation replaced, presented after its grace period.
+    pub fn rotated_away(&self, now_ms: i64) -> bool {
+        self.rotated && now_ms >= self.expires_at
     }
     /// Whether `addr` may use this token.
     pub fn allows_ip(&self, addr: IpAddr) -> bool {
@@ -468,6 +480,7 @@ impl TokenIndex {
                 })
             }),
             suspended: t.state == TokenState::Suspended,
+            rotated: t.replaced_by.is_some() && t.expires_at.is_some(),
             expires_at: t.expires_at.map_or(i64::MAX, Timestamp::as_millis),
             rate_limit: t.rate_limit,
             quota: t.quota,
@@ -523,8 +536,9 @@ impl TokenIndex {
         }
     }
 
-    /// Drops tokens that expired before `now`; they would be refused anyway. So are the ids of
-    /// revoked JWTs that have expired.
+    /// Drops tokens that expired before `now`; they would be refused anyway (a secret a rotation
+    /// replaced stays [`ROTATED_KEPT_MS`] past its grace, refused as expired, so that its use is
+    /// noticed). So are the ids of revoked JWTs that have expired.
     pub fn sweep_expired(&self, now: Timestamp) -> usize {
         if self.0.revoked_jtis.load().values().any(|exp| *exp <= now.as_millis()) {
             self.0.revoked_jtis.rcu(|cur| {
@@ -533,7 +547,15 @@ impl TokenIndex {
                 next
             });
         }
-        self.keep_only(|t| t.expires_at > now.as_millis())
+        let now = now.as_millis();
+        self.keep_only(|t| t.expires_at > now || (t.rotated && t.expires_at > now.saturating_sub(ROTATED_KEPT_MS)))
+    }
+
+    /// The resident entry of `presented` whatever its state (a refused token's, for anomaly
+    /// detection); `None` if it is malformed or not resident.
+    pub fn resident(&self, presented: &str) -> Option<Arc<IndexedToken>> {
+        token_format::parse(presented, &self.0.prefix).ok()?;
+        self.get(&self.0.pepper.hash(presented))
     }
 
     /// Drops every entry `keep` says no to (retired, so that holders see it), tells the waiters

@@ -47,3 +47,4 @@ pub mod upstream_h2;
 pub mod upstream_tls;
 pub mod usage;
 pub mod verify;
+pub mod watch;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod accounts;
+mod anomaly;
 mod audit;
 mod feed;
 mod nodes;

@@ -24,20 +24,20 @@ where
     row.try_get(col).map_err(|e| corrupt(col, &e.to_string()))
 }
 
-fn corrupt(col: &str, why: &str) -> Error {
+pub(crate) fn corrupt(col: &str, why: &str) -> Error {
     tracing::error!(column = col, why, "undecodable row");
     Error::internal("the store holds a row keygate cannot read; see the server log")
 }
 
-fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
+pub(crate) fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
     get::<i64>(row, col).map(Timestamp::from_millis)
 }
 
-fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
+pub(crate) fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
     Ok(get::<Option<i64>>(row, col)?.map(Timestamp::from_millis))
 }
 
-fn json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
+pub(crate) fn json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
     let text: String = get(row, col)?;
     serde_json::from_str(&text).map_err(|e| corrupt(col, &e.to_string()))
 }
@@ -309,6 +309,10 @@ pub(crate) fn workspace_policy(row: &AnyRow) -> Result<WorkspacePolicy> {
             .map(|d| u32::try_from(d).map_err(|_| corrupt("max_token_age_days", &d.to_string())))
             .transpose()?,
         suspend_unrotated: flag(row, "suspend_unrotated")?,
+        anomaly_suspend: match get::<Option<String>>(row, "anomaly_suspend")? {
+            None => None,
+            Some(s) => Some(keygate_core::anomaly::Severity::parse(&s).ok_or_else(|| corrupt("anomaly_suspend", &s))?),
+        },
         exposure_action: {
             let action: String = get(row, "exposure_action")?;
             keygate_core::account::ExposureAction::parse(&action).ok_or_else(|| corrupt("exposure_action", &action))?

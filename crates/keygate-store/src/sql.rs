@@ -133,7 +133,7 @@ impl SqlStore {
 
     /// One page of `select` (a table with `created_at` and `id`) under conditions `c`, newest
     /// first, with a keyset cursor `<created_at ms>.<id>`.
-    async fn newest_first<T>(
+    pub(crate) async fn newest_first<T>(
         &self,
         select: &str,
         mut c: Conditions,
@@ -440,22 +440,22 @@ fn parse_time_cursor(c: &str) -> Result<(i64, String)> {
 }
 
 /// A WHERE clause under construction with numbered placeholders.
-struct Conditions {
+pub(crate) struct Conditions {
     sql: Vec<String>,
     args: Vec<Arg>,
 }
 
-enum Arg {
+pub(crate) enum Arg {
     Text(String),
     Int(i64),
 }
 
 impl Conditions {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { sql: Vec::new(), args: Vec::new() }
     }
     /// Adds a condition whose `?` marks are replaced by the next placeholders.
-    fn push(&mut self, cond: &str, args: Vec<Arg>) {
+    pub(crate) fn push(&mut self, cond: &str, args: Vec<Arg>) {
         let mut out = String::new();
         let mut args = args.into_iter();
         for ch in cond.chars() {
@@ -1264,13 +1264,14 @@ impl ChangeFeed for SqlStore {
 
     async fn snapshot_page(&self, now: Timestamp, after: Option<&TokenId>, limit: u32) -> Result<Vec<TokenRecord>> {
         let sql = format!(
-            "SELECT {TOKEN_COLS} FROM tokens WHERE state <> 'revoked' AND (expires_at IS NULL OR expires_at > $1) \
-             AND id > $2 ORDER BY id LIMIT $3"
+            "SELECT {TOKEN_COLS} FROM tokens WHERE state <> 'revoked' AND (expires_at IS NULL OR expires_at > $1 \
+             OR (replaced_by IS NOT NULL AND expires_at > $4)) AND id > $2 ORDER BY id LIMIT $3"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(now.as_millis())
             .bind(after.map_or("", TokenId::as_str))
             .bind(i64::from(limit))
+            .bind(now.as_millis().saturating_sub(keygate_core::model::ROTATED_KEPT_MS))
             .fetch_all(&self.pool)
             .await
             .map_err(db_error)?;

@@ -174,6 +174,12 @@ impl TestKeygate {
         &self.running().oauth
     }
 
+    /// Runs the anomaly detectors now over what the gateway counted (the background task does it
+    /// every second); returns the alerts opened.
+    pub async fn detect_now(&self) -> Vec<keygate_core::anomaly::Alert> {
+        self.running().detect_now().await
+    }
+
     /// Applies every committed change to the token index now (the background follower does the
     /// same on its own; this makes tests deterministic).
     pub async fn sync_index(&self) -> anyhow::Result<()> {

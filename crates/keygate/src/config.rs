@@ -41,6 +41,7 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     pub email: EmailConfig,
     pub siem: SiemConfig,
+    pub anomaly: AnomalyConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -297,6 +298,44 @@ impl NotificationsConfig {
             bail!("notifications.expiring_days must be between 1 and 365");
         }
         Ok(())
+    }
+}
+
+/// `[anomaly]`: anomaly detection on tokens' usage (docs/notifications.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyConfig {
+    /// The gateway counts what each token does and the detectors raise alerts. Default true.
+    pub enabled: bool,
+    /// `low` (fewer alerts), `normal` or `high` (more). Default `normal`.
+    pub sensitivity: String,
+    /// Baselines each node holds in memory (the least recently seen written back and let go of
+    /// beyond it). Default 100,000.
+    pub max_tokens: usize,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        Self { enabled: true, sensitivity: "normal".into(), max_tokens: 100_000 }
+    }
+}
+
+impl AnomalyConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if keygate_core::anomaly::Sensitivity::preset(&self.sensitivity).is_none() {
+            bail!("anomaly.sensitivity must be one of low, normal, high (got {:?})", self.sensitivity);
+        }
+        if !(1_000..=10_000_000).contains(&self.max_tokens) {
+            bail!("anomaly.max_tokens must be between 1000 and 10000000");
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> keygate_admin::alerts::AnomalySettings {
+        keygate_admin::alerts::AnomalySettings {
+            sensitivity: keygate_core::anomaly::Sensitivity::preset(&self.sensitivity).unwrap_or_default(),
+            max_tokens: self.max_tokens,
+        }
     }
 }
 
@@ -574,6 +613,7 @@ impl Default for Config {
             notifications: NotificationsConfig::default(),
             email: EmailConfig::default(),
             siem: SiemConfig::default(),
+            anomaly: AnomalyConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -703,6 +743,7 @@ impl Config {
         self.notifications.validate()?;
         self.email.validate()?;
         self.siem.validate()?;
+        self.anomaly.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;

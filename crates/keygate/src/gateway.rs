@@ -500,6 +500,7 @@ pub async fn build(
         identity_cache: Default::default(),
         resolver,
         shared,
+        watch: cfg.anomaly.enabled.then(|| Arc::new(keygate_gateway::watch::Watch::default())),
     }))
 }
 

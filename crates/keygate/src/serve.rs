@@ -79,6 +79,8 @@ pub struct Running {
     pub setup_code: Option<String>,
     /// This node in the node registry.
     pub cluster: Arc<crate::cluster::Cluster>,
+    /// The anomaly detector, when `[anomaly] enabled`.
+    pub detector: Option<Arc<keygate_admin::alerts::Detector>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     gateway_server: GatewayServer,
@@ -195,6 +197,10 @@ pub async fn start(
         crate::notify::spawn_worker(opened.admin.clone(), Arc::new(transport), cluster.id().to_owned()),
     ];
     tasks.extend(crate::siem::start(&cfg.siem, store.clone(), clock.clone(), cluster.id())?);
+    let detector = gw.watch.as_ref().map(|_| Arc::new(keygate_admin::alerts::Detector::new(cfg.anomaly.settings())));
+    if let (Some(watch), Some(det)) = (&gw.watch, &detector) {
+        tasks.push(spawn_detector(opened.admin.clone(), watch.clone(), det.clone()));
+    }
     if let Some(mailer) = crate::notify::SmtpMailer::new(&cfg.email)? {
         opened.admin.enable_email();
         tasks.push(crate::notify::spawn_email_worker(opened.admin.clone(), Arc::new(mailer), cluster.id().to_owned()));
@@ -203,6 +209,7 @@ pub async fn start(
 
     let metrics_gw = gw.clone();
     let metrics_store = store.clone();
+    let metrics_detector = detector.clone();
     let metrics_conns = gateway_server.connections();
     let metrics = axum::Router::new().route(
         "/metrics",
@@ -210,6 +217,7 @@ pub async fn start(
             let gw = metrics_gw.clone();
             let store = metrics_store.clone();
             let conns = metrics_conns.clone();
+            let detector = metrics_detector.clone();
             async move {
                 let lag = store.position().saturating_sub(gw.index.seq());
                 let table = gw.table.load();
@@ -225,7 +233,8 @@ pub async fn start(
                     + &conns.render()
                     + &keygate_gateway::resolve::render_metrics(table.routes.dns())
                     + &gw.shared.as_ref().map(|s| s.render()).unwrap_or_default()
-                    + &outbox_metrics(&*store).await;
+                    + &outbox_metrics(&*store).await
+                    + &alert_metrics(&*store, gw.watch.as_deref(), detector.as_deref()).await;
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),
@@ -312,6 +321,7 @@ pub async fn start(
         tls: tls_handle,
         setup_code,
         cluster,
+        detector,
         stop,
         server,
         gateway_server,
@@ -324,6 +334,19 @@ impl Running {
     /// Writes counted usage to the store now.
     pub async fn flush_usage(&self) {
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
+    }
+
+    /// Runs the anomaly detectors now over what the watch counted (tests; the detector task does
+    /// it every second). Returns the alerts opened.
+    pub async fn detect_now(&self) -> Vec<keygate_core::anomaly::Alert> {
+        let (Some(watch), Some(det)) = (&self.gateway.watch, &self.detector) else { return Vec::new() };
+        match self.admin.detect(det, || watch.drain()).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(error = %e, "anomaly detection failed");
+                Vec::new()
+            }
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace period, flushes usage,
@@ -344,6 +367,12 @@ impl Running {
             t.abort();
         }
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
+        if let (Some(watch), Some(det)) = (&self.gateway.watch, &self.detector) {
+            let last = self.admin.detect(det, || watch.drain()).await.map(|_| ());
+            if let Err(e) = last.and(self.admin.save_baselines(det).await) {
+                tracing::warn!(error = %e, "cannot write the anomaly baselines back");
+            }
+        }
         self.cluster.stopped().await;
         self.store.close().await;
         tracing::info!("stopped");
@@ -374,6 +403,78 @@ async fn outbox_metrics(store: &dyn Store) -> String {
         }
     }
     out
+}
+
+/// Anomaly alerts in the Prometheus text format: every workspace's by severity and status (from
+/// the store, the same on every node), the alerts this node opened by kind and severity, the
+/// baselines it holds and the requests its watch could not count.
+async fn alert_metrics(
+    store: &dyn Store,
+    watch: Option<&keygate_gateway::watch::Watch>,
+    det: Option<&keygate_admin::alerts::Detector>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if let Ok(counts) = store.alert_counts().await {
+        out.push_str("# HELP keygate_alerts Anomaly alerts by severity and status.
+# TYPE keygate_alerts gauge
+");
+        for sev in keygate_core::anomaly::Severity::ALL {
+            for st in keygate_core::anomaly::AlertStatus::ALL {
+                let n = counts.iter().find(|(s, t, _)| *s == sev && *t == st).map_or(0, |c| c.2);
+                let _ = writeln!(out, "keygate_alerts{{severity=\"{sev}\",status=\"{}\"}} {n}", st.as_str());
+            }
+        }
+    }
+    if let (Some(watch), Some(det)) = (watch, det) {
+        out.push_str(
+            "# HELP keygate_anomaly_alerts_raised_total Anomaly alerts this node opened, by kind and severity.
+\
+             # TYPE keygate_anomaly_alerts_raised_total counter
+",
+        );
+        for (kind, sev, n) in det.raised() {
+            let _ = writeln!(
+                out,
+                "keygate_anomaly_alerts_raised_total{{kind=\"{}\",severity=\"{sev}\"}} {n}",
+                kind.as_str()
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP keygate_anomaly_baselines Token baselines this node holds in memory.
+\
+             # TYPE keygate_anomaly_baselines gauge
+keygate_anomaly_baselines {}
+\
+             # HELP keygate_anomaly_watch_dropped_total Requests the watch could not count (its window was full).
+\
+             # TYPE keygate_anomaly_watch_dropped_total counter
+keygate_anomaly_watch_dropped_total {}
+",
+            det.held(),
+            watch.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    out
+}
+
+/// Runs the anomaly detectors every second over what the gateway's watch counted.
+fn spawn_detector(
+    admin: Arc<keygate_admin::service::Admin>,
+    watch: Arc<keygate_gateway::watch::Watch>,
+    det: Arc<keygate_admin::alerts::Detector>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = admin.detect(&det, || watch.drain()).await {
+                tracing::warn!(error = %e, "anomaly detection: cannot read or write the store; this second's activity is skipped");
+            }
+        }
+    })
 }
 
 /// Deletes ended dashboard sessions every ten minutes.

@@ -1387,6 +1387,7 @@ async fn settings_inner(
             exposure_action => policy.exposure_action.as_str(),
             max_age => policy.max_token_age_days,
             suspend_unrotated => policy.suspend_unrotated,
+            anomaly_suspend => policy.anomaly_suspend.map(|s| s.as_str()),
             plans,
             signing_keys,
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
@@ -1429,7 +1430,21 @@ pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): Signed
             );
         }
     };
+    let anomaly_suspend = match f.opt("anomaly_suspend") {
+        None => None,
+        Some(s) => match keygate_core::anomaly::Severity::parse(s) {
+            Some(s) => Some(s),
+            None => {
+                return page!(
+                    st,
+                    settings_inner(&st, &v, None, Some("an anomaly alert only notifies, or suspends from a severity: low, medium or high".into()))
+                        .await
+                );
+            }
+        },
+    };
     let policy = keygate_core::account::WorkspacePolicy {
+        anomaly_suspend,
         max_token_lifetime_days: max,
         require_two_factor: f.get("require_two_factor") == "on",
         plan_changes_need_approval: f.get("plan_changes_need_approval") == "on",

@@ -25,7 +25,7 @@ use crate::answer::{Answer, AnswerExtra, Code, Refuse};
 use crate::ctx::{Caller, ConnInfo, Identity, RequestCtx, client_ip, is_trusted, origin};
 use crate::gateway::{Gateway, LocalService};
 use crate::head::{ReqHead, parse_length, upgrade_protocols, upgrade_requested};
-use crate::index::TokenIndex;
+use crate::index::{Refusal, TokenIndex};
 use crate::jwt::{JwtRefusal, looks_like_jwt};
 use crate::limiter::{Limiter, QuotaDecision};
 use crate::routes::{Route, normalize_path};
@@ -370,7 +370,16 @@ impl Gateway {
             let subject = jwt.exchanged_from(&self.index, now).map_err(Refuse::jwt)?;
             (Identity::Jwt(jwt), subject)
         } else {
-            let key = self.index.verify(presented, now).map_err(Refuse::invalid_token)?;
+            let key = match self.index.verify(presented, now) {
+                Ok(key) => key,
+                Err(r) => {
+                    // A stopped token's refusals count for it in anomaly detection.
+                    if self.watch.is_some() && matches!(r, Refusal::Suspended | Refusal::Expired) {
+                        ctx.stopped = self.index.resident(presented);
+                    }
+                    return Err(Refuse::invalid_token(r));
+                }
+            };
             (Identity::Key(key), None)
         };
         let ip = client_ip(ctx.conn.remote, head, &self.settings.trusted_proxies);

@@ -12,10 +12,12 @@ use keygate_core::Timestamp;
 
 use crate::answer::OnComplete;
 use crate::body::BodyState;
-use crate::ctx::{Caller, Identity, Outcome, RequestCtx, RequestLine};
+use crate::ctx::{Caller, Identity, Outcome, RequestCtx, RequestLine, client_ip};
 use crate::gateway::{Gateway, Table};
+use crate::index::IndexedToken;
 use crate::routes::Route;
 use crate::usage::Sample;
+use crate::watch::Seen;
 
 /// What a finished request is counted against.
 #[derive(Clone, Copy)]
@@ -26,6 +28,13 @@ struct Metered<'a> {
     line: Option<&'a RequestLine>,
     start: Instant,
     now: Timestamp,
+    /// What the watch needs (anomaly detection): the method, the User-Agent, the refusal, and
+    /// a token refused because it is stopped (suspended, expired, rotated away) with the
+    /// client's address.
+    method: Option<&'a Method>,
+    agent: Option<&'a [u8]>,
+    refusal: Option<&'static str>,
+    stopped: Option<(&'a IndexedToken, std::net::IpAddr)>,
 }
 
 impl Gateway {
@@ -37,7 +46,14 @@ impl Gateway {
             ctx.table.metrics.refusal(code);
         }
         let line = self.line(&ctx.head.method, ctx.head.path);
-        self.count(&Metered::of(ctx, line.as_ref()), o);
+        let stopped_ip = ctx
+            .stopped
+            .as_ref()
+            .map(|_| client_ip(ctx.conn.remote, ctx.head, &self.settings.trusted_proxies));
+        let mut m = Metered::of(ctx, line.as_ref());
+        m.refusal = refusal;
+        m.stopped = ctx.stopped.as_deref().zip(stopped_ip);
+        self.count(&m, o);
     }
 
     /// Records a request that was forwarded (or refused while forwarding), logged with the
@@ -50,7 +66,18 @@ impl Gateway {
     /// Records a request whose head could not be read (no route, no caller, no log line).
     pub(crate) fn record_unread(&self, table: &Table, refusal: &'static str, start: Instant, o: Outcome) {
         table.metrics.refusal(refusal);
-        let m = Metered { table, route: None, caller: None, line: None, start, now: self.clock.now() };
+        let m = Metered {
+            table,
+            route: None,
+            caller: None,
+            line: None,
+            start,
+            now: self.clock.now(),
+            method: None,
+            agent: None,
+            refusal: Some(refusal),
+            stopped: None,
+        };
         self.count(&m, o);
     }
 
@@ -73,6 +100,8 @@ impl Gateway {
             start: ctx.start,
             now: ctx.now,
             line: self.line(&ctx.head.method, &ctx.path),
+            method: ctx.head.method.clone(),
+            agent: self.watch.as_ref().and(ctx.head.at(ctx.head.known.user_agent)).map(Box::from),
         })
     }
 
@@ -83,9 +112,12 @@ impl Gateway {
 
     /// Counts a finished request: route metrics, the caller's usage, and the access log line.
     fn count(&self, m: &Metered<'_>, o: Outcome) {
-        let Metered { table, route, caller, line, start, now } = *m;
+        let Metered { table, route, caller, line, start, now, .. } = *m;
         let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         table.metrics.request(route.map(|r| r.index), o.status, latency_us);
+        if self.watch.is_some() {
+            self.watch(m, o);
+        }
         // Usage is metered per API key (a JWT exchanged from a key, as that key); other JWT callers
         // count in the route metrics.
         if let (Some(route), Some(c)) = (route, caller)
@@ -128,6 +160,38 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Counts the request for anomaly detection ([`crate::watch`]): an API key's, or a stopped
+    /// token's (its refusal); JWT callers are not watched.
+    fn watch(&self, m: &Metered<'_>, o: Outcome) {
+        let (Some(watch), Some(method)) = (&self.watch, m.method) else { return };
+        let now = m.now.as_millis();
+        let (token, ip, old_secret) = match (m.caller, m.stopped) {
+            (Some(c), _) => match c.key() {
+                Some(t) => (t, c.ip, false),
+                None => return,
+            },
+            (None, Some((t, ip))) => (t, ip, t.rotated_away(now)),
+            (None, None) => return,
+        };
+        watch.record(
+            &Seen {
+                public_id: token.public_id(),
+                workspace_id: &token.workspace_id,
+                app_id: &token.app_id,
+                route: m.route.map(|r| &r.id),
+                method,
+                status: o.status,
+                refused: m.refusal.is_some() && matches!(o.status, 401 | 403),
+                old_secret,
+                ip,
+                agent: m.agent,
+            },
+            now,
+        );
+    }
+}
+
 impl<'a> Metered<'a> {
     fn of(ctx: &'a RequestCtx<'_, '_>, line: Option<&'a RequestLine>) -> Self {
         Metered {
@@ -137,6 +201,10 @@ impl<'a> Metered<'a> {
             line,
             start: ctx.start,
             now: ctx.now,
+            method: Some(&ctx.head.method),
+            agent: ctx.head.at(ctx.head.known.user_agent),
+            refusal: None,
+            stopped: None,
         }
     }
 }
@@ -159,6 +227,9 @@ struct Completion {
     start: Instant,
     now: Timestamp,
     line: Option<RequestLine>,
+    method: Method,
+    /// The User-Agent, kept only when the watch is on.
+    agent: Option<Box<[u8]>>,
 }
 
 impl OnComplete for Completion {
@@ -171,6 +242,10 @@ impl OnComplete for Completion {
             line: self.line.as_ref(),
             start: self.start,
             now: self.now,
+            method: Some(&self.method),
+            agent: self.agent.as_deref(),
+            refusal: None,
+            stopped: None,
         };
         self.gw.count(&m, o);
     }

@@ -1,0 +1,315 @@
+//! Anomaly alerts (issue 15): what the detectors of [`keygate_core::anomaly`] find in the
+//! gateway's activity becomes an alert, with its `anomaly.detected` event (webhooks, email, SIEM
+//! through the outboxes), and the workspace's policy may suspend the token.
+//!
+//! Each node runs a [`Detector`] over what its own gateway saw: the baselines of the tokens it
+//! sees are held in memory (at most `max_tokens`, the least recently seen written back and let
+//! go of first), read from the store when a token first shows up and written back every minute.
+//! Whether a network, route or user agent is new for a token is decided by the store (a first
+//! sighting is recorded once, whichever node sees it), so two nodes do not both call the same
+//! network new; an alert repeated while it is unresolved counts an occurrence instead of opening
+//! another.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use keygate_core::anomaly::{
+    Activity, Alert, AlertFilter, AlertKind, AlertStatus, Baseline, Finding, KnownValues, NewSightings, Raised,
+    Sensitivity, Severity, unknown_values,
+};
+use keygate_core::ids::{AlertId, TokenId, WorkspaceId};
+use keygate_core::model::{Actor, NewAuditEvent, Page, PageRequest, TokenState};
+use keygate_core::{Error, Result, Timestamp};
+use parking_lot::Mutex;
+
+use crate::service::Admin;
+
+/// How often the baselines a node holds are written back.
+const SAVE_EVERY_MS: i64 = 60_000;
+
+/// Anomaly detection settings (`[anomaly]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AnomalySettings {
+    pub sensitivity: Sensitivity,
+    /// Baselines held in memory per node.
+    pub max_tokens: usize,
+}
+
+impl Default for AnomalySettings {
+    fn default() -> Self {
+        Self { sensitivity: Sensitivity::default(), max_tokens: 100_000 }
+    }
+}
+
+struct Held {
+    workspace_id: WorkspaceId,
+    baseline: Baseline,
+    known: KnownValues,
+    /// Last seen (for eviction) and whether it changed since it was written.
+    seen_ms: i64,
+    dirty: bool,
+}
+
+/// One node's detector: the baselines it holds and what it raised.
+pub struct Detector {
+    settings: AnomalySettings,
+    held: Mutex<HashMap<TokenId, Held>>,
+    saved_at_ms: AtomicU64,
+    /// Alerts opened by this node, by kind and severity (for `/metrics`).
+    raised: Mutex<HashMap<(AlertKind, Severity), u64>>,
+    /// One run at a time, each over what was counted before it began (windows in order).
+    run: tokio::sync::Mutex<()>,
+}
+
+impl Detector {
+    pub fn new(settings: AnomalySettings) -> Self {
+        Self {
+            settings,
+            held: Mutex::new(HashMap::new()),
+            saved_at_ms: AtomicU64::new(0),
+            raised: Mutex::new(HashMap::new()),
+            run: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn settings(&self) -> &AnomalySettings {
+        &self.settings
+    }
+
+    /// Alerts this node opened since it started, by kind and severity.
+    pub fn raised(&self) -> Vec<(AlertKind, Severity, u64)> {
+        let mut v: Vec<_> = self.raised.lock().iter().map(|((k, s), n)| (*k, *s, *n)).collect();
+        v.sort_by_key(|(k, s, _)| (k.as_str(), *s));
+        v
+    }
+
+    /// Baselines held in memory.
+    pub fn held(&self) -> usize {
+        self.held.lock().len()
+    }
+}
+
+/// The actor of alerts and of what the policy does.
+fn detector_actor() -> Actor {
+    Actor { id: "anomaly-detector".into(), source: None }
+}
+
+impl Admin {
+    /// Runs the detectors over what `take` drains of the gateway's activity (drained once this
+    /// run has its turn, so windows are judged in order): returns the alerts opened.
+    pub async fn detect(&self, det: &Detector, take: impl FnOnce() -> Vec<Activity> + Send) -> Result<Vec<Alert>> {
+        let _turn = det.run.lock().await;
+        let activities = take();
+        let mut opened = Vec::new();
+        let s = det.settings.sensitivity;
+        for a in activities {
+            let now = Timestamp::from_millis(a.to_ms);
+            if !det.held.lock().contains_key(&a.token_id) {
+                let (baseline, known) = self.store().load_baseline(&a.token_id).await?;
+                let held = Held {
+                    workspace_id: a.workspace_id.clone(),
+                    baseline: baseline.unwrap_or_default(),
+                    known,
+                    seen_ms: a.to_ms,
+                    dirty: false,
+                };
+                det.held.lock().entry(a.token_id.clone()).or_insert(held);
+            }
+            let unknown = det.held.lock().get(&a.token_id).map(|h| unknown_values(&a, &h.known)).unwrap_or_default();
+            let mut new = NewSightings::default();
+            if !unknown.is_empty() {
+                for (kind, v) in self.store().record_sightings(&a.token_id, &unknown, now).await? {
+                    match kind {
+                        "network" => new.networks.push(v),
+                        "route" => new.routes.push(v),
+                        _ => new.agents.push(v),
+                    }
+                }
+            }
+            let findings = {
+                let mut held = det.held.lock();
+                let Some(h) = held.get_mut(&a.token_id) else { continue };
+                for (kind, v) in unknown {
+                    h.known.insert(kind, v);
+                }
+                h.seen_ms = a.to_ms;
+                h.dirty = true;
+                h.baseline.observe(&a, &new, &s)
+            };
+            for f in findings {
+                if let Some(alert) = self.raise(det, &a, f, now).await? {
+                    opened.push(alert);
+                }
+            }
+        }
+        self.keep_baselines(det).await?;
+        Ok(opened)
+    }
+
+    /// Writes back the baselines that changed, once a minute, and lets go of the least recently
+    /// seen beyond the bound.
+    async fn keep_baselines(&self, det: &Detector) -> Result<()> {
+        let now = self.now().as_millis();
+        let due = now.saturating_sub(i64::try_from(det.saved_at_ms.load(Ordering::Relaxed)).unwrap_or(0))
+            >= SAVE_EVERY_MS;
+        let over = det.held.lock().len().saturating_sub(det.settings.max_tokens);
+        if !due && over == 0 {
+            return Ok(());
+        }
+        let (rows, gone) = {
+            let mut held = det.held.lock();
+            let mut gone = Vec::new();
+            if over > 0 {
+                let mut by_age: Vec<(i64, TokenId)> = held.iter().map(|(t, h)| (h.seen_ms, t.clone())).collect();
+                by_age.sort();
+                gone = by_age.into_iter().take(over).map(|(_, t)| t).collect();
+            }
+            let mut rows = Vec::new();
+            for (t, h) in held.iter_mut() {
+                if h.dirty && (due || gone.contains(t)) {
+                    h.dirty = false;
+                    rows.push((t.clone(), h.workspace_id.clone(), h.baseline.clone()));
+                }
+            }
+            for t in &gone {
+                held.remove(t);
+            }
+            (rows, gone)
+        };
+        drop(gone);
+        if due {
+            det.saved_at_ms.store(u64::try_from(now).unwrap_or(0), Ordering::Relaxed);
+        }
+        self.store().save_baselines(&rows, self.now()).await
+    }
+
+    /// Writes back every baseline that changed (at shutdown).
+    pub async fn save_baselines(&self, det: &Detector) -> Result<()> {
+        let rows: Vec<_> = det
+            .held
+            .lock()
+            .iter_mut()
+            .filter(|(_, h)| h.dirty)
+            .map(|(t, h)| {
+                h.dirty = false;
+                (t.clone(), h.workspace_id.clone(), h.baseline.clone())
+            })
+            .collect();
+        self.store().save_baselines(&rows, self.now()).await
+    }
+
+    /// Records a finding as an alert (or a repeat of one) and applies the workspace's policy to
+    /// a new one: returns the alert if it is new.
+    async fn raise(&self, det: &Detector, a: &Activity, f: Finding, now: Timestamp) -> Result<Option<Alert>> {
+        let alert = Alert {
+            id: AlertId::random(self.rng())?,
+            workspace_id: a.workspace_id.clone(),
+            token_id: a.token_id.clone(),
+            app_id: a.app_id.clone(),
+            kind: f.kind,
+            severity: f.severity,
+            status: AlertStatus::Open,
+            key: f.key,
+            summary: f.summary,
+            evidence: f.evidence,
+            created_at: now,
+            last_seen_at: now,
+            occurrences: 1,
+            action: None,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            resolved_by: None,
+            resolved_at: None,
+        };
+        let audit =
+            NewAuditEvent::new(&alert.workspace_id, &detector_actor(), "anomaly.detected", alert.token_id.as_str(), now)
+                .with_after(serde_json::json!({
+                    "alert_id": alert.id,
+                    "kind": alert.kind,
+                    "severity": alert.severity,
+                    "summary": alert.summary,
+                    "app_id": alert.app_id,
+                    "evidence": alert.evidence,
+                }));
+        let Raised::New(mut alert) = self.store().raise_alert(&alert, &audit).await? else { return Ok(None) };
+        *det.raised.lock().entry((alert.kind, alert.severity)).or_insert(0) += 1;
+        tracing::warn!(alert_id = %alert.id, token_id = %alert.token_id, kind = alert.kind.as_str(),
+            severity = alert.severity.as_str(), summary = %alert.summary, "anomaly alert");
+        // The policy: suspend at or above the workspace's severity. An old secret's token is
+        // refused already (its successor is not suspected), so it only notifies.
+        let policy = self.store().workspace_policy(&alert.workspace_id).await?;
+        if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min) && alert.kind != AlertKind::OldSecret {
+            let token = self.token(&alert.workspace_id, &alert.token_id).await?;
+            if token.state == TokenState::Active {
+                let actor = Actor { id: "anomaly-policy".into(), source: None };
+                let reason = format!("anomaly alert {} ({}, {}): {}", alert.id, alert.kind.as_str(), alert.severity, alert.summary);
+                self.suspend_token_because(&alert.workspace_id, &actor, &alert.token_id, &reason).await?;
+                self.store().set_alert_action(&alert.id, "suspended").await?;
+                alert.action = Some("suspended".into());
+                tracing::warn!(alert_id = %alert.id, token_id = %alert.token_id, "the workspace's anomaly policy suspended the token");
+            }
+        }
+        Ok(Some(alert))
+    }
+
+    pub async fn alert(&self, ws: &WorkspaceId, id: &AlertId) -> Result<Alert> {
+        self.store().alert(ws, id).await?.ok_or_else(|| Error::not_found("alert"))
+    }
+
+    pub async fn list_alerts(&self, ws: &WorkspaceId, filter: &AlertFilter, page: &PageRequest) -> Result<Page<Alert>> {
+        self.store().list_alerts(ws, filter, page).await
+    }
+
+    /// Acknowledges (someone is looking) or resolves an alert, with its audit event
+    /// (`alert.acknowledge`, `alert.resolve`). Acknowledging a resolved alert, or moving an alert
+    /// to where it is, is a conflict.
+    pub async fn set_alert_status(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &AlertId,
+        status: AlertStatus,
+    ) -> Result<Alert> {
+        let current = self.alert(ws, id).await?;
+        let action = match status {
+            AlertStatus::Acknowledged => "alert.acknowledge",
+            AlertStatus::Resolved => "alert.resolve",
+            AlertStatus::Open => {
+                return Err(Error::invalid(
+                    "invalid_alert_status",
+                    "an alert can be acknowledged or resolved; a new finding opens a new one",
+                ));
+            }
+        };
+        let now = self.now();
+        let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now).with_after(serde_json::json!({
+            "token_id": current.token_id, "kind": current.kind, "status": status,
+        }));
+        if !self.store().set_alert_status(ws, id, status, &actor.id, now, &audit).await? {
+            return Err(Error::conflict(
+                "alert_status_conflict",
+                format!("the alert is {}; it can no longer become {}", current.status.as_str(), status.as_str()),
+            ));
+        }
+        self.alert(ws, id).await
+    }
+
+    /// The one-click answer to a false alarm: resumes the token the alert's policy suspended
+    /// (audited as `token.resume` with the alert as the reason) and resolves the alert.
+    pub async fn resume_from_alert(&self, ws: &WorkspaceId, actor: &Actor, id: &AlertId) -> Result<Alert> {
+        let alert = self.alert(ws, id).await?;
+        let token = self.token(ws, &alert.token_id).await?;
+        if token.state == TokenState::Suspended {
+            self.resume_token(ws, actor, &alert.token_id).await?;
+        }
+        if alert.status == AlertStatus::Resolved {
+            return Ok(alert);
+        }
+        self.set_alert_status(ws, actor, id, AlertStatus::Resolved).await
+    }
+
+    /// Alerts by severity and status across workspaces (for `/metrics`).
+    pub async fn alert_counts(&self) -> Result<Vec<(Severity, AlertStatus, u64)>> {
+        self.store().alert_counts().await
+    }
+}

@@ -1,0 +1,207 @@
+//! Anomaly detection (issue 15), as it will be used: a token with a steady baseline is leaked
+//! and used from a new network at ten times its rate. On the testkit's manual clock, with the
+//! client addresses given by a trusted proxy's X-Forwarded-For: the alert within seconds, the
+//! token suspended by the workspace's policy, the `anomaly.detected` webhook delivered signed,
+//! the one-click resume; and an old secret presented after its rotation's grace.
+
+use std::time::Duration;
+
+use keygate::config::WebhooksConfig;
+use keygate_testkit::recording::{Recorded, RecordingUpstream};
+use keygate_testkit::{Options, StatusCode, TestKeygate, route};
+use serde_json::{Value, json};
+
+use crate::dashboard::owner;
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// One call through the gateway from `client` (as the trusted proxy says).
+async fn call(kg: &TestKeygate, secret: &str, client: &str) -> u16 {
+    let r = http()
+        .get(format!("{}/orders", kg.gateway_url()))
+        .bearer_auth(secret)
+        .header("x-forwarded-for", client)
+        .header("user-agent", "orders-client/2.1")
+        .send()
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+async fn received(rx: &RecordingUpstream, n: usize) -> Vec<Recorded> {
+    for _ in 0..200 {
+        let got = rx.requests();
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the receiver got {} requests, not {n}", rx.requests().len());
+}
+
+async fn start() -> (TestKeygate, RecordingUpstream, RecordingUpstream) {
+    let upstream = RecordingUpstream::start().await.unwrap();
+    let hooks = RecordingUpstream::start().await.unwrap();
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![route("orders", "/orders", &upstream.url())],
+        gateway: Some(keygate::config::GatewayConfig {
+            trusted_proxies: vec!["127.0.0.1".into()],
+            ..Default::default()
+        }),
+        webhooks: Some(WebhooksConfig { allow_private: true, ..WebhooksConfig::default() }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    (kg, upstream, hooks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted_and_suspended() {
+    let (kg, _upstream, hooks) = start().await;
+    let mut own = owner(&kg).await;
+    let p = own.submit("/settings", "/settings", &[("anomaly_suspend", "high")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let c = kg.client();
+    let hook = c
+        .post("/admin/v1/webhooks", &json!({"url": format!("{}/hooks", hooks.url()), "event_types": ["anomaly.detected"]}))
+        .await;
+    assert_eq!(hook.status, StatusCode::CREATED, "{:?}", hook.body);
+    let hook_secret = hook.body["secret"].as_str().unwrap().to_owned();
+    let (token, secret) = c.create_token(&json!({"name": "orders-sync"})).await;
+    kg.sync_index().await.unwrap();
+
+    // Seventy minutes of steady use: 12 calls a minute from the app's own network.
+    for _ in 0..70 * 12 {
+        kg.clock.advance_seconds(5);
+        assert_eq!(call(&kg, &secret, "198.51.100.7").await, 200);
+        if kg.clock.now().as_millis() % 60_000 < 5_000 {
+            kg.detect_now().await;
+        }
+    }
+    kg.detect_now().await;
+    assert_eq!(c.get("/admin/v1/alerts").await.body["data"], json!([]), "steady use raises nothing");
+
+    // The leak: two calls a second (ten times the usual) from a network never seen.
+    let mut refused_after = None;
+    for second in 1..=30 {
+        kg.clock.advance_seconds(1);
+        for _ in 0..2 {
+            let status = call(&kg, &secret, "203.0.113.9").await;
+            if status == 401 && refused_after.is_none() {
+                refused_after = Some(second);
+            }
+        }
+        kg.detect_now().await;
+        if refused_after.is_some() {
+            break;
+        }
+        kg.sync_index().await.unwrap();
+    }
+    assert!(refused_after.is_some_and(|s| s <= 12), "refused after {refused_after:?} s");
+    let all = c.get(&format!("/admin/v1/alerts?token_id={token}")).await.body["data"].clone();
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let spike = all.iter().find(|a| a["kind"] == "rate_spike").expect("a rate spike");
+    assert_eq!(spike["severity"], "high", "from a new network");
+    assert_eq!(spike["action"], "suspended");
+    assert!(all.iter().any(|a| a["kind"] == "new_network" && a["key"] == "203.0.113.0/24" && a["severity"] == "low"));
+
+    // Through the API: the alert, its evidence, the suspension and its reason in the audit trail.
+    let listed = c.get("/admin/v1/alerts?severity=high&status=open").await;
+    assert_eq!(listed.status, StatusCode::OK, "{:?}", listed.body);
+    let view = &listed.body["data"][0];
+    assert_eq!((view["kind"].as_str(), view["token_id"].as_str()), (Some("rate_spike"), Some(token.as_str())));
+    assert_eq!(view["evidence"]["new_networks"][0], "203.0.113.0/24");
+    assert!(view["evidence"]["times_usual"].as_f64().unwrap() >= 5.0, "{view}");
+    let id = view["id"].as_str().unwrap().to_owned();
+    assert_eq!(c.get(&format!("/admin/v1/tokens/{token}")).await.body["status"], "suspended");
+    let trail = c.get(&format!("/admin/v1/audit-events?target={token}&action=token.suspend")).await;
+    assert_eq!(trail.body["data"][0]["actor"], "anomaly-policy");
+    assert!(trail.body["data"][0]["after"]["reason"].as_str().unwrap().contains(&id), "{}", trail.body);
+
+    // The webhook: both alerts, signed, with the evidence.
+    let got = received(&hooks, 2).await;
+    let bodies: Vec<Value> = got
+        .iter()
+        .map(|r| {
+            let key = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                hook_secret.strip_prefix("whsec_").unwrap(),
+            )
+            .unwrap();
+            let ts: i64 = r.headers("webhook-timestamp").pop().unwrap().parse().unwrap();
+            let want = keygate_core::notify::sign(&key, &r.headers("webhook-id").pop().unwrap(), ts, &r.body);
+            assert_eq!(r.headers("webhook-signature").pop().unwrap(), want);
+            serde_json::from_slice(&r.body).unwrap()
+        })
+        .collect();
+    assert!(bodies.iter().all(|b| b["type"] == "anomaly.detected"));
+    assert!(bodies.iter().any(|b| b["data"]["after"]["kind"] == "rate_spike"
+        && b["data"]["after"]["severity"] == "high"
+        && b["data"]["target"] == token.as_str()));
+    assert!(!String::from_utf8_lossy(&got[0].body).contains(&secret), "no secret in a webhook");
+
+    // Alerts in /metrics.
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keygate_alerts{severity=\"high\",status=\"open\"} 1"), "{metrics}");
+    assert!(metrics.contains("keygate_anomaly_alerts_raised_total{kind=\"rate_spike\",severity=\"high\"} 1"));
+
+    // A false alarm after all: one click resumes the token and resolves the alert.
+    let resumed = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
+    assert_eq!(resumed.status, StatusCode::OK, "{:?}", resumed.body);
+    assert_eq!(resumed.body["status"], "resolved");
+    kg.sync_index().await.unwrap();
+    assert_eq!(call(&kg, &secret, "198.51.100.7").await, 200);
+    let again = c.post(&format!("/admin/v1/alerts/{id}/acknowledge"), &json!({})).await;
+    assert_eq!((again.status, again.code()), (StatusCode::CONFLICT, "alert_status_conflict"));
+    let low = c.get("/admin/v1/alerts?severity=low").await;
+    let low_id = low.body["data"][0]["id"].as_str().unwrap().to_owned();
+    let ack = c.post(&format!("/admin/v1/alerts/{low_id}/acknowledge"), &json!({})).await;
+    assert_eq!(ack.body["status"], "acknowledged");
+    assert_eq!(ack.body["acknowledged_by"].as_str().map(|s| s.starts_with("rk_")), Some(true));
+    assert_eq!(c.get("/admin/v1/alerts?status=bogus").await.code(), "invalid_query");
+    assert_eq!(c.get("/admin/v1/alerts/al_nothere").await.status, StatusCode::NOT_FOUND);
+
+    // The dashboard's Alerts page lists them; the alert's page shows the evidence.
+    let page = own.get("/alerts").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("rate_spike") && page.body.contains(&token), "{}", page.body);
+    let page = own.get(&format!("/alerts/{id}")).await;
+    assert!(page.body.contains("203.0.113.0/24"), "{}", page.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_secret_presented_after_the_rotation_grace_is_a_high_alert() {
+    let (kg, _upstream, _hooks) = start().await;
+    let c = kg.client();
+    let (token, secret) = c.create_token(&json!({"name": "rotated"})).await;
+    let rot = c.post(&format!("/admin/v1/tokens/{token}/rotate"), &json!({"grace_period_seconds": 60})).await;
+    assert_eq!(rot.status, StatusCode::CREATED, "{:?}", rot.body);
+    let new_secret = rot.body["secret"].as_str().unwrap().to_owned();
+    kg.sync_index().await.unwrap();
+    // Within the grace: the old secret works and nothing is raised.
+    assert_eq!(call(&kg, &secret, "198.51.100.7").await, 200);
+    assert!(kg.detect_now().await.is_empty());
+    // After it: refused as expired, and a high alert on the old token (its successor untouched).
+    kg.clock.advance_seconds(120);
+    assert_eq!(call(&kg, &secret, "203.0.113.9").await, 401);
+    kg.detect_now().await;
+    let listed = c.get("/admin/v1/alerts").await.body["data"].clone();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!((listed[0]["kind"].as_str(), listed[0]["severity"].as_str()), (Some("old_secret"), Some("high")));
+    assert_eq!(listed[0]["token_id"], token.as_str());
+    assert_eq!(listed[0]["evidence"]["networks"][0][0], "203.0.113.0/24");
+    assert_eq!(listed[0]["action"], Value::Null, "the policy does not apply to an old secret");
+    assert_eq!(call(&kg, &new_secret, "198.51.100.7").await, 200);
+    // Still known after the index's sweep (kept for 30 days past the grace): a repeat counts an
+    // occurrence of the same alert.
+    kg.index().sweep_expired(kg.clock.now());
+    assert_eq!(call(&kg, &secret, "203.0.113.9").await, 401);
+    kg.detect_now().await;
+    let listed = c.get(&format!("/admin/v1/alerts?token_id={token}")).await;
+    assert_eq!(listed.body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(listed.body["data"][0]["occurrences"], 2);
+}

@@ -150,8 +150,8 @@ impl Admin {
     /// seen beyond the bound.
     async fn keep_baselines(&self, det: &Detector) -> Result<()> {
         let now = self.now().as_millis();
-        let due = now.saturating_sub(i64::try_from(det.saved_at_ms.load(Ordering::Relaxed)).unwrap_or(0))
-            >= SAVE_EVERY_MS;
+        let due =
+            now.saturating_sub(i64::try_from(det.saved_at_ms.load(Ordering::Relaxed)).unwrap_or(0)) >= SAVE_EVERY_MS;
         let over = det.held.lock().len().saturating_sub(det.settings.max_tokens);
         if !due && over == 0 {
             return Ok(());
@@ -221,16 +221,21 @@ impl Admin {
             resolved_by: None,
             resolved_at: None,
         };
-        let audit =
-            NewAuditEvent::new(&alert.workspace_id, &detector_actor(), "anomaly.detected", alert.token_id.as_str(), now)
-                .with_after(serde_json::json!({
-                    "alert_id": alert.id,
-                    "kind": alert.kind,
-                    "severity": alert.severity,
-                    "summary": alert.summary,
-                    "app_id": alert.app_id,
-                    "evidence": alert.evidence,
-                }));
+        let audit = NewAuditEvent::new(
+            &alert.workspace_id,
+            &detector_actor(),
+            "anomaly.detected",
+            alert.token_id.as_str(),
+            now,
+        )
+        .with_after(serde_json::json!({
+            "alert_id": alert.id,
+            "kind": alert.kind,
+            "severity": alert.severity,
+            "summary": alert.summary,
+            "app_id": alert.app_id,
+            "evidence": alert.evidence,
+        }));
         let Raised::New(mut alert) = self.store().raise_alert(&alert, &audit).await? else { return Ok(None) };
         *det.raised.lock().entry((alert.kind, alert.severity)).or_insert(0) += 1;
         tracing::warn!(alert_id = %alert.id, token_id = %alert.token_id, kind = alert.kind.as_str(),
@@ -242,7 +247,13 @@ impl Admin {
             let token = self.token(&alert.workspace_id, &alert.token_id).await?;
             if token.state == TokenState::Active {
                 let actor = Actor { id: "anomaly-policy".into(), source: None };
-                let reason = format!("anomaly alert {} ({}, {}): {}", alert.id, alert.kind.as_str(), alert.severity, alert.summary);
+                let reason = format!(
+                    "anomaly alert {} ({}, {}): {}",
+                    alert.id,
+                    alert.kind.as_str(),
+                    alert.severity,
+                    alert.summary
+                );
                 self.suspend_token_because(&alert.workspace_id, &actor, &alert.token_id, &reason).await?;
                 self.store().set_alert_action(&alert.id, "suspended").await?;
                 alert.action = Some("suspended".into());

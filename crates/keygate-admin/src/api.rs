@@ -6,6 +6,7 @@ mod document;
 mod dto;
 mod error;
 pub(crate) use error::status_of;
+mod alerts;
 mod extract;
 mod misc;
 mod nodes;
@@ -15,7 +16,6 @@ mod routes;
 mod tokens;
 mod verify;
 mod webhooks;
-mod alerts;
 mod workspaces;
 
 use std::sync::Arc;

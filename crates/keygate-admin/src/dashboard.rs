@@ -4,6 +4,7 @@
 //! when configured behind TLS); every state change carries a CSRF token derived from the
 //! session and is refused from another origin; pages carry a CSP without `unsafe-inline`.
 
+mod alerts;
 mod chart;
 mod notifications;
 mod oauth;
@@ -89,6 +90,8 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("workspace_delete.html", include_str!("../dashboard/templates/workspace_delete.html")),
     ("nodes.html", include_str!("../dashboard/templates/nodes.html")),
     ("webhooks.html", include_str!("../dashboard/templates/webhooks.html")),
+    ("alerts.html", include_str!("../dashboard/templates/alerts.html")),
+    ("alert.html", include_str!("../dashboard/templates/alert.html")),
     ("notifications.html", include_str!("../dashboard/templates/notifications.html")),
     ("webhook.html", include_str!("../dashboard/templates/webhook.html")),
     ("webhook_created.html", include_str!("../dashboard/templates/webhook_created.html")),
@@ -415,6 +418,9 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
         .route("/settings/root-keys", get(root_keys::list).post(root_keys::create))
         .route("/settings/root-keys/{id}/revoke", get(root_keys::revoke_page).post(root_keys::revoke))
+        .route("/alerts", get(alerts::list))
+        .route("/alerts/{id}", get(alerts::page))
+        .route("/alerts/{id}/{action}", post(alerts::action))
         .route("/settings/webhooks", get(webhooks::list).post(webhooks::create))
         .route("/settings/webhooks/{id}", get(webhooks::page))
         .route("/settings/webhooks/{id}/{action}", post(webhooks::action))

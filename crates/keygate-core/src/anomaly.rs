@@ -476,11 +476,8 @@ impl Baseline {
             let threshold = (s.spike_factor * expected).max(s.spike_min_per_minute);
             if rate >= threshold {
                 let ratio = rate / expected;
-                let severity = if ratio >= 4.0 * s.spike_factor || !fresh.is_empty() {
-                    Severity::High
-                } else {
-                    Severity::Medium
-                };
+                let severity =
+                    if ratio >= 4.0 * s.spike_factor || !fresh.is_empty() { Severity::High } else { Severity::Medium };
                 let from_new = if fresh.is_empty() {
                     String::new()
                 } else {

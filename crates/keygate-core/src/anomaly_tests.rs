@@ -283,7 +283,12 @@ fn normal_traffic_pages_nobody() {
         }
     }
     assert!(requests > 5_000_000, "{requests}");
-    assert!(paging.is_empty(), "{} medium or high alerts on normal traffic: {:?}", paging.len(), &paging[..paging.len().min(5)]);
+    assert!(
+        paging.is_empty(),
+        "{} medium or high alerts on normal traffic: {:?}",
+        paging.len(),
+        &paging[..paging.len().min(5)]
+    );
     // A token's networks and routes are seen within its warm-up, so nothing low either here.
     assert_eq!(low, 0);
 }

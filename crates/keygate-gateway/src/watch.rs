@@ -75,7 +75,9 @@ fn network_label(key: u64) -> String {
 
 fn agent_hash(ua: Option<&[u8]>) -> u64 {
     // FNV-1a: stable and cheap; a collision only merges two agents' counts.
-    ua.unwrap_or_default().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    ua.unwrap_or_default()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A token's counts in one window.
@@ -166,7 +168,12 @@ impl Watch {
         let net = network_key(s.ip);
         bump(&mut c.networks, |(k, _)| *k == net, |(_, n)| *n += 1, || (net, 1));
         let ua = agent_hash(s.agent);
-        bump(&mut c.agents, |(h, _, _)| *h == ua, |(_, _, n)| *n += 1, || (ua, agent_label(s.agent.unwrap_or_default()), 1));
+        bump(
+            &mut c.agents,
+            |(h, _, _)| *h == ua,
+            |(_, _, n)| *n += 1,
+            || (ua, agent_label(s.agent.unwrap_or_default()), 1),
+        );
     }
 
     /// Takes what was counted since the last drain, one [`Activity`] per token (the shards'

@@ -416,9 +416,11 @@ async fn alert_metrics(
     use std::fmt::Write as _;
     let mut out = String::new();
     if let Ok(counts) = store.alert_counts().await {
-        out.push_str("# HELP keygate_alerts Anomaly alerts by severity and status.
+        out.push_str(
+            "# HELP keygate_alerts Anomaly alerts by severity and status.
 # TYPE keygate_alerts gauge
-");
+",
+        );
         for sev in keygate_core::anomaly::Severity::ALL {
             for st in keygate_core::anomaly::AlertStatus::ALL {
                 let n = counts.iter().find(|(s, t, _)| *s == sev && *t == st).map_or(0, |c| c.2);

@@ -174,8 +174,20 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         "status",
         json!({"type": "string", "enum": ["open", "acknowledged", "resolved"]}),
     );
-    query_param(doc, "/admin/v1/alerts", "get", "severity", json!({"type": "string", "enum": ["low", "medium", "high"]}));
-    query_param(doc, "/admin/v1/alerts", "get", "token_id", json!({"type": "string", "pattern": "^tok_[0-9A-Za-z]{1,40}$"}));
+    query_param(
+        doc,
+        "/admin/v1/alerts",
+        "get",
+        "severity",
+        json!({"type": "string", "enum": ["low", "medium", "high"]}),
+    );
+    query_param(
+        doc,
+        "/admin/v1/alerts",
+        "get",
+        "token_id",
+        json!({"type": "string", "pattern": "^tok_[0-9A-Za-z]{1,40}$"}),
+    );
     query_param(
         doc,
         "/admin/v1/tokens",

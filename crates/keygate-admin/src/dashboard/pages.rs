@@ -60,6 +60,9 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "token_updated" => ("ok", "Token updated."),
         "token_suspended" => ("ok", "Token suspended: the gateway refuses it until it is resumed."),
         "token_resumed" => ("ok", "Token resumed."),
+        "alert_acknowledged" => ("ok", "Alert acknowledged."),
+        "alert_resolved" => ("ok", "Alert resolved."),
+        "alert_token_resumed" => ("ok", "Token resumed and alert resolved."),
         "token_revoked" => ("ok", "Token revoked: the gateway refuses it from now on."),
         "role_changed" => ("ok", "Role changed."),
         "member_removed" => ("ok", "Member removed."),
@@ -1437,8 +1440,13 @@ pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): Signed
             None => {
                 return page!(
                     st,
-                    settings_inner(&st, &v, None, Some("an anomaly alert only notifies, or suspends from a severity: low, medium or high".into()))
-                        .await
+                    settings_inner(
+                        &st,
+                        &v,
+                        None,
+                        Some("an anomaly alert only notifies, or suspends from a severity: low, medium or high".into())
+                    )
+                    .await
                 );
             }
         },

@@ -46,10 +46,8 @@ impl Gateway {
             ctx.table.metrics.refusal(code);
         }
         let line = self.line(&ctx.head.method, ctx.head.path);
-        let stopped_ip = ctx
-            .stopped
-            .as_ref()
-            .map(|_| client_ip(ctx.conn.remote, ctx.head, &self.settings.trusted_proxies));
+        let stopped_ip =
+            ctx.stopped.as_ref().map(|_| client_ip(ctx.conn.remote, ctx.head, &self.settings.trusted_proxies));
         let mut m = Metered::of(ctx, line.as_ref());
         m.refusal = refusal;
         m.stopped = ctx.stopped.as_deref().zip(stopped_ip);

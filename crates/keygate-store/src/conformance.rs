@@ -1052,6 +1052,7 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         exposure_action: keygate_core::account::ExposureAction::Suspend,
         max_token_age_days: Some(90),
         suspend_unrotated: true,
+        anomaly_suspend: Some(keygate_core::anomaly::Severity::High),
     };
     s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p);
@@ -1065,6 +1066,7 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         exposure_action: keygate_core::account::ExposureAction::Notify,
         max_token_age_days: None,
         suspend_unrotated: false,
+        anomaly_suspend: None,
         ..p2.clone()
     };
     s.put_workspace_policy(&ws.id, &p3, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
@@ -2135,6 +2137,98 @@ async fn siem_outbox(h: &Harness) {
     s.set_siem_sinks(&[]);
 }
 
+async fn anomaly_alerts(h: &Harness) {
+    use keygate_core::anomaly::{Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, Raised, Severity};
+    let s = &h.store;
+    let (ws, d) = workspace("alerts");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (ws2, d2) = workspace("others");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    let tok = keygate_core::ids::TokenId::from_public_id("abcdefghijkl");
+
+    // Baselines and sightings: a first sighting is new once, whoever records it.
+    assert_eq!(s.load_baseline(&tok).await.unwrap(), (None, Default::default()));
+    let b = Baseline { first_ms: 5, last_ms: 9, active_minutes: 3, overall: 2.5, ..Baseline::default() };
+    s.save_baselines(&[(tok.clone(), ws.id.clone(), b.clone())], T0).await.unwrap();
+    let b2 = Baseline { active_minutes: 4, ..b.clone() };
+    s.save_baselines(&[(tok.clone(), ws.id.clone(), b2.clone())], T0).await.unwrap();
+    let values = vec![("network", "203.0.113.0/24".to_owned()), ("route", "GET orders".to_owned())];
+    assert_eq!(s.record_sightings(&tok, &values, T0).await.unwrap(), values);
+    let more = vec![("network", "203.0.113.0/24".to_owned()), ("agent", "curl/8".to_owned())];
+    assert_eq!(s.record_sightings(&tok, &more, T0).await.unwrap(), vec![("agent", "curl/8".to_owned())]);
+    let (loaded, known) = s.load_baseline(&tok).await.unwrap();
+    assert_eq!(loaded, Some(b2));
+    assert!(known.networks.contains("203.0.113.0/24") && known.routes.contains("GET orders"));
+    assert!(known.agents.contains("curl/8"));
+
+    // Alerts: one per token, kind and key while unresolved; a repeat counts.
+    let alert = |id: &str, kind: AlertKind, severity: Severity, key: &str, at: Timestamp| Alert {
+        id: keygate_core::ids::AlertId::parse(id).unwrap(),
+        workspace_id: ws.id.clone(),
+        token_id: tok.clone(),
+        app_id: d.id.clone(),
+        kind,
+        severity,
+        status: AlertStatus::Open,
+        key: key.to_owned(),
+        summary: "s".into(),
+        evidence: serde_json::json!({"n": 1}),
+        created_at: at,
+        last_seen_at: at,
+        occurrences: 1,
+        action: None,
+        acknowledged_by: None,
+        acknowledged_at: None,
+        resolved_by: None,
+        resolved_at: None,
+    };
+    let a1 = alert("al_1", AlertKind::RateSpike, Severity::Medium, "", T0);
+    let ev = audit(&ws.id, "anomaly.detected", tok.as_str());
+    assert!(matches!(s.raise_alert(&a1, &ev).await.unwrap(), Raised::New(_)));
+    let again = alert("al_2", AlertKind::RateSpike, Severity::High, "", T0.plus_seconds(5));
+    let Raised::Repeat(rep) = s.raise_alert(&again, &ev).await.unwrap() else { panic!("a repeat") };
+    assert_eq!((rep.id.as_str(), rep.occurrences, rep.severity), ("al_1", 2, Severity::High));
+    let net = alert("al_3", AlertKind::NewNetwork, Severity::Low, "203.0.113.0/24", T0.plus_seconds(6));
+    assert!(matches!(s.raise_alert(&net, &ev).await.unwrap(), Raised::New(_)));
+    assert_eq!(all_audit(s, &ws.id).await.iter().filter(|e| e.action == "anomaly.detected").count(), 2);
+    s.set_alert_action(&a1.id, "suspended").await.unwrap();
+
+    let all = s.list_alerts(&ws.id, &AlertFilter::default(), &PageRequest { limit: 1, cursor: None }).await.unwrap();
+    assert_eq!(all.items[0].id.as_str(), "al_3", "newest first");
+    let next = PageRequest { limit: 1, cursor: all.next_cursor.clone() };
+    let second = s.list_alerts(&ws.id, &AlertFilter::default(), &next).await.unwrap();
+    assert_eq!(second.items[0].action.as_deref(), Some("suspended"));
+    assert!(second.next_cursor.is_none());
+    let high = AlertFilter { severity: Some(Severity::High), ..AlertFilter::default() };
+    assert_eq!(s.list_alerts(&ws.id, &high, &PageRequest::default()).await.unwrap().items.len(), 1);
+    assert!(s.list_alerts(&ws2.id, &AlertFilter::default(), &PageRequest::default()).await.unwrap().items.is_empty());
+    assert!(s.alert(&ws2.id, &a1.id).await.unwrap().is_none(), "tenant isolation");
+
+    let ack = audit(&ws.id, "alert.acknowledge", "al_1");
+    assert!(s.set_alert_status(&ws.id, &a1.id, AlertStatus::Acknowledged, "rk_x", T0, &ack).await.unwrap());
+    assert!(!s.set_alert_status(&ws.id, &a1.id, AlertStatus::Acknowledged, "rk_x", T0, &ack).await.unwrap());
+    assert!(!s.set_alert_status(&ws2.id, &a1.id, AlertStatus::Resolved, "rk_x", T0, &ack).await.unwrap());
+    assert!(s.set_alert_status(&ws.id, &a1.id, AlertStatus::Resolved, "rk_y", T0, &ack).await.unwrap());
+    let got = s.alert(&ws.id, &a1.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.status, got.acknowledged_by.as_deref(), got.resolved_by.as_deref()),
+        (AlertStatus::Resolved, Some("rk_x"), Some("rk_y"))
+    );
+    // Once resolved, the same finding opens a new alert.
+    let later = alert("al_4", AlertKind::RateSpike, Severity::Medium, "", T0.plus_seconds(60));
+    assert!(matches!(s.raise_alert(&later, &ev).await.unwrap(), Raised::New(_)));
+    let counts = s.alert_counts().await.unwrap();
+    let n = |sev, st| counts.iter().find(|(a, b, _)| *a == sev && *b == st).map_or(0, |c| c.2);
+    assert_eq!(
+        (
+            n(Severity::High, AlertStatus::Resolved),
+            n(Severity::Medium, AlertStatus::Open),
+            n(Severity::Low, AlertStatus::Open)
+        ),
+        (1, 1, 1)
+    );
+}
+
 async fn verify_ws(s: &SqlStore, ws: &WorkspaceId, key: [u8; 32]) -> Option<&'static str> {
     s.verify_audit_chain(ws, key, None).await.unwrap().broken.map(|b| b.code)
 }
@@ -2167,7 +2261,8 @@ conformance!(
     feed_pruning,
     audit_chain,
     webhook_outbox,
-    siem_outbox
+    siem_outbox,
+    anomaly_alerts
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

@@ -7,6 +7,7 @@ mod dto;
 mod error;
 pub(crate) use error::status_of;
 mod alerts;
+pub(crate) mod calls;
 mod extract;
 mod misc;
 mod nodes;
@@ -62,6 +63,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
+        (name = "calls", description = "The call log: every gateway call, searched and exported (JSON lines, CSV)"),
         (name = "alerts", description = "Anomaly alerts on tokens' usage: list, acknowledge, resolve, resume a suspended token"),
         (name = "webhooks", description = "Webhook endpoints: signed events (Standard Webhooks) from a durable outbox, deliveries, redelivery, test events"),
         (name = "nodes", description = "The keygate processes sharing the store, with how far each has applied the change feed (root keys of the default workspace only)"),
@@ -181,6 +183,8 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::get_route, routes::update_route, routes::delete_route))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
+        .routes(routes!(calls::list_calls))
+        .routes(routes!(calls::export_calls))
         .routes(routes!(alerts::list_alerts))
         .routes(routes!(alerts::get_alert))
         .routes(routes!(alerts::acknowledge_alert))

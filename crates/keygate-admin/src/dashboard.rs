@@ -5,6 +5,7 @@
 //! session and is refused from another origin; pages carry a CSP without `unsafe-inline`.
 
 mod alerts;
+mod calls;
 mod chart;
 mod notifications;
 mod oauth;
@@ -91,6 +92,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("nodes.html", include_str!("../dashboard/templates/nodes.html")),
     ("webhooks.html", include_str!("../dashboard/templates/webhooks.html")),
     ("alerts.html", include_str!("../dashboard/templates/alerts.html")),
+    ("calls.html", include_str!("../dashboard/templates/calls.html")),
     ("alert.html", include_str!("../dashboard/templates/alert.html")),
     ("notifications.html", include_str!("../dashboard/templates/notifications.html")),
     ("webhook.html", include_str!("../dashboard/templates/webhook.html")),
@@ -418,6 +420,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/signing-keys/rotate", get(oauth::rotate_keys_page).post(oauth::rotate_keys))
         .route("/settings/root-keys", get(root_keys::list).post(root_keys::create))
         .route("/settings/root-keys/{id}/revoke", get(root_keys::revoke_page).post(root_keys::revoke))
+        .route("/calls", get(calls::page))
+        .route("/calls/export", get(calls::export))
         .route("/alerts", get(alerts::list))
         .route("/alerts/{id}", get(alerts::page))
         .route("/alerts/{id}/{action}", post(alerts::action))

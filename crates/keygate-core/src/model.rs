@@ -518,6 +518,47 @@ pub struct PageRequest {
     pub cursor: Option<String>,
 }
 
+/// One gateway call, as the call log keeps it (issue 15): never a secret, a query or a body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallRecord {
+    /// The store's id (0 before it is written); the list's cursor.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub id: i64,
+    #[serde(skip)]
+    pub workspace_id: WorkspaceId,
+    pub at: Timestamp,
+    pub token_id: Option<TokenId>,
+    pub app_id: Option<AppId>,
+    /// The route's id, when one matched.
+    pub route: Option<String>,
+    pub method: String,
+    /// The normalized path, without the query.
+    pub path: String,
+    pub status: u16,
+    pub latency_us: u64,
+    pub client_ip: String,
+    /// The refusal's code (`insufficient_scope`, `rate_limited`, …) when keygate refused it.
+    pub refusal: Option<String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// Which calls a list or an export shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallFilter {
+    pub token_id: Option<TokenId>,
+    pub app_id: Option<AppId>,
+    pub route: Option<String>,
+    /// An exact status, or a class (`4` for 4xx) when below 10.
+    pub status: Option<u16>,
+    /// Only refused calls (`true`) or only forwarded ones (`false`).
+    pub refused: Option<bool>,
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+}
+
 /// How long after its grace period a secret replaced by a rotation is still known to the
 /// gateway (refused as expired), so that its use raises an `old_secret` alert: 30 days.
 pub const ROTATED_KEPT_MS: i64 = 30 * 86_400_000;

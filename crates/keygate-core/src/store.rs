@@ -261,6 +261,22 @@ pub trait ChangeFeed: Send + Sync {
     async fn feed_floor(&self) -> Result<u64>;
 }
 
+/// The call log (issue 15): every gateway call, written in batches.
+#[async_trait]
+pub trait CallStore: Send + Sync {
+    /// Writes a batch of calls.
+    async fn insert_calls(&self, calls: &[crate::model::CallRecord]) -> Result<()>;
+    /// A page of the workspace's calls, newest first (the cursor is the last id shown).
+    async fn list_calls(
+        &self,
+        ws: &WorkspaceId,
+        filter: &crate::model::CallFilter,
+        page: &PageRequest,
+    ) -> Result<Page<crate::model::CallRecord>>;
+    /// Deletes up to `limit` calls older than `before`; returns how many.
+    async fn trim_calls(&self, before: Timestamp, limit: u32) -> Result<u64>;
+}
+
 /// The registry of keygate processes sharing the store, and what each change reached.
 #[async_trait]
 pub trait NodeStore: Send + Sync {
@@ -298,6 +314,7 @@ pub trait Store:
     + crate::notify::NotifyStore
     + crate::siem::SiemStore
     + crate::anomaly::AlertStore
+    + CallStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -97,6 +97,8 @@ pub struct Gateway {
     pub shared: Option<Arc<crate::shared::SharedLimiter>>,
     /// What each token does, for anomaly detection; `None` when it is off.
     pub watch: Option<Arc<crate::watch::Watch>>,
+    /// Every call, for the call log; `None` when it is off.
+    pub calls: Option<Arc<crate::calls::CallLog>>,
 }
 
 /// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.

@@ -19,6 +19,7 @@
 pub mod answer;
 pub mod body;
 pub mod cache;
+pub mod calls;
 pub mod config;
 pub mod conns;
 pub mod ctx;

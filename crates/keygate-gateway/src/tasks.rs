@@ -72,6 +72,56 @@ pub fn spawn_flusher(gw: Arc<Gateway>, store: Arc<dyn Store>, every: Duration) -
     })
 }
 
+/// Writes the calls the call log holds to the store (one multi-row INSERT per 200). A batch the
+/// store refuses is dropped and counted (the call log is bounded; the access log and the
+/// metrics still have the requests).
+pub async fn write_calls(gw: &Gateway, store: &dyn Store) {
+    let Some(calls) = &gw.calls else { return };
+    let batch: Vec<_> = calls.drain().into_iter().map(crate::calls::Call::into_record).collect();
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    match store.insert_calls(&batch).await {
+        Ok(()) => {
+            calls.written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(e) => {
+            calls.dropped.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, calls = n, "cannot write the call log; these calls are dropped from it");
+        }
+    }
+}
+
+/// Writes the call log every second, and deletes calls older than `retention` every ten minutes
+/// (in slices, so that a long backlog does not hold the table).
+pub fn spawn_call_writer(gw: Arc<Gateway>, store: Arc<dyn Store>, retention: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
+        loop {
+            tick.tick().await;
+            write_calls(&gw, &*store).await;
+            n += 1;
+            if n % 600 == 1 {
+                let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                let before = keygate_core::Timestamp::from_millis(gw.clock.now().as_millis().saturating_sub(ms));
+                loop {
+                    match store.trim_calls(before, 10_000).await {
+                        Ok(10_000) => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot delete old calls from the call log");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// Active health checks of every route that asks for them.
 pub fn spawn_health_checks(gw: Arc<Gateway>) -> JoinHandle<()> {
     tokio::spawn(async move {

@@ -2229,6 +2229,78 @@ async fn anomaly_alerts(h: &Harness) {
     );
 }
 
+async fn call_log(h: &Harness) {
+    use keygate_core::model::{CallFilter, CallRecord};
+    use keygate_core::store::CallStore;
+    let s = &h.store;
+    let (ws, d) = workspace("calls");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let tok = keygate_core::ids::TokenId::from_public_id("abcdefghijkl");
+    let call = |i: i64, status: u16, token: bool| CallRecord {
+        id: 0,
+        workspace_id: ws.id.clone(),
+        at: T0.plus_seconds(i),
+        token_id: token.then(|| tok.clone()),
+        app_id: token.then(|| d.id.clone()),
+        route: Some("orders".into()),
+        method: "GET".into(),
+        path: format!("/orders/{i}"),
+        status,
+        latency_us: 100 + u64::try_from(i).unwrap(),
+        client_ip: "203.0.113.7".into(),
+        refusal: (status >= 400).then(|| "insufficient_scope".to_owned()),
+    };
+    // More than one INSERT's worth.
+    let batch: Vec<CallRecord> = (0..450).map(|i| call(i, if i % 3 == 0 { 403 } else { 200 }, i % 2 == 0)).collect();
+    s.insert_calls(&batch).await.unwrap();
+    let wsid = ws.id.clone();
+    let all = |f: CallFilter| {
+        let wsid = wsid.clone();
+        async move {
+            let mut n = 0;
+            let mut cursor = None;
+            loop {
+                let p = s.list_calls(&wsid, &f, &PageRequest { limit: 100, cursor }).await.unwrap();
+                n += p.items.len();
+                match p.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => return n,
+                }
+            }
+        }
+    };
+    assert_eq!(all(CallFilter::default()).await, 450);
+    let first = s.list_calls(&ws.id, &CallFilter::default(), &PageRequest { limit: 1, cursor: None }).await.unwrap();
+    let newest = &first.items[0];
+    assert_eq!(
+        (newest.path.as_str(), newest.latency_us, newest.route.as_deref()),
+        ("/orders/449", 549, Some("orders"))
+    );
+    assert_eq!(newest.token_id, None);
+    assert_eq!(all(CallFilter { token_id: Some(tok.clone()), ..CallFilter::default() }).await, 225);
+    assert_eq!(all(CallFilter { status: Some(4), ..CallFilter::default() }).await, 150);
+    assert_eq!(all(CallFilter { status: Some(403), refused: Some(true), ..CallFilter::default() }).await, 150);
+    assert_eq!(
+        all(CallFilter { refused: Some(false), app_id: Some(d.id.clone()), ..CallFilter::default() }).await,
+        150
+    );
+    let window = CallFilter { from: Some(T0.plus_seconds(10)), to: Some(T0.plus_seconds(20)), ..CallFilter::default() };
+    assert_eq!(all(window).await, 10);
+    let (other, od) = workspace("quiet");
+    s.ensure_workspace(&other, &od).await.unwrap();
+    assert!(s.list_calls(&other.id, &CallFilter::default(), &PageRequest::default()).await.unwrap().items.is_empty());
+    // Retention: the oldest go, in slices.
+    assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 60);
+    assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 40);
+    assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 0);
+    assert_eq!(all(CallFilter::default()).await, 350);
+    assert!(
+        s.list_calls(&ws.id, &CallFilter::default(), &PageRequest { limit: 1, cursor: Some("x".into()) })
+            .await
+            .is_err()
+    );
+}
+
 async fn verify_ws(s: &SqlStore, ws: &WorkspaceId, key: [u8; 32]) -> Option<&'static str> {
     s.verify_audit_chain(ws, key, None).await.unwrap().broken.map(|b| b.code)
 }
@@ -2262,7 +2334,8 @@ conformance!(
     audit_chain,
     webhook_outbox,
     siem_outbox,
-    anomaly_alerts
+    anomaly_alerts,
+    call_log
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

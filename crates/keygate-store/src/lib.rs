@@ -7,6 +7,7 @@
 mod accounts;
 mod anomaly;
 mod audit;
+mod calls;
 mod feed;
 mod nodes;
 mod notify;

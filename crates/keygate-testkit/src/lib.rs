@@ -174,6 +174,11 @@ impl TestKeygate {
         &self.running().oauth
     }
 
+    /// Writes the call log's pending calls to the store now.
+    pub async fn write_calls(&self) {
+        self.running().write_calls().await;
+    }
+
     /// Runs the anomaly detectors now over what the gateway counted (the background task does it
     /// every second); returns the alerts opened.
     pub async fn detect_now(&self) -> Vec<keygate_core::anomaly::Alert> {

@@ -42,6 +42,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub siem: SiemConfig,
     pub anomaly: AnomalyConfig,
+    pub call_log: CallLogConfig,
     /// How long a graceful shutdown waits for in-flight requests, in seconds. Default 30.
     pub shutdown_grace_seconds: u64,
 }
@@ -296,6 +297,31 @@ impl NotificationsConfig {
     fn validate(&self) -> anyhow::Result<()> {
         if !(1..=365).contains(&self.expiring_days) {
             bail!("notifications.expiring_days must be between 1 and 365");
+        }
+        Ok(())
+    }
+}
+
+/// `[call_log]`: every gateway call recorded, for forensics (docs/operations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallLogConfig {
+    /// Record every call. Default true.
+    pub enabled: bool,
+    /// Calls older than this many days are deleted. Default 7.
+    pub retention_days: u32,
+}
+
+impl Default for CallLogConfig {
+    fn default() -> Self {
+        Self { enabled: true, retention_days: 7 }
+    }
+}
+
+impl CallLogConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=3650).contains(&self.retention_days) {
+            bail!("call_log.retention_days must be between 1 and 3650");
         }
         Ok(())
     }
@@ -614,6 +640,7 @@ impl Default for Config {
             email: EmailConfig::default(),
             siem: SiemConfig::default(),
             anomaly: AnomalyConfig::default(),
+            call_log: CallLogConfig::default(),
             shutdown_grace_seconds: 30,
         }
     }
@@ -744,6 +771,7 @@ impl Config {
         self.email.validate()?;
         self.siem.validate()?;
         self.anomaly.validate()?;
+        self.call_log.validate()?;
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;

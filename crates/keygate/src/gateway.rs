@@ -501,6 +501,7 @@ pub async fn build(
         resolver,
         shared,
         watch: cfg.anomaly.enabled.then(|| Arc::new(keygate_gateway::watch::Watch::default())),
+        calls: cfg.call_log.enabled.then(|| Arc::new(keygate_gateway::calls::CallLog::default())),
     }))
 }
 

@@ -197,6 +197,10 @@ pub async fn start(
         crate::notify::spawn_worker(opened.admin.clone(), Arc::new(transport), cluster.id().to_owned()),
     ];
     tasks.extend(crate::siem::start(&cfg.siem, store.clone(), clock.clone(), cluster.id())?);
+    if gw.calls.is_some() {
+        let retention = Duration::from_secs(u64::from(cfg.call_log.retention_days) * 86_400);
+        tasks.push(keygate_gateway::tasks::spawn_call_writer(gw.clone(), store.clone(), retention));
+    }
     let detector = gw.watch.as_ref().map(|_| Arc::new(keygate_admin::alerts::Detector::new(cfg.anomaly.settings())));
     if let (Some(watch), Some(det)) = (&gw.watch, &detector) {
         tasks.push(spawn_detector(opened.admin.clone(), watch.clone(), det.clone()));
@@ -234,7 +238,8 @@ pub async fn start(
                     + &keygate_gateway::resolve::render_metrics(table.routes.dns())
                     + &gw.shared.as_ref().map(|s| s.render()).unwrap_or_default()
                     + &outbox_metrics(&*store).await
-                    + &alert_metrics(&*store, gw.watch.as_deref(), detector.as_deref()).await;
+                    + &alert_metrics(&*store, gw.watch.as_deref(), detector.as_deref()).await
+                    + &call_log_metrics(gw.calls.as_deref());
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),
@@ -336,6 +341,11 @@ impl Running {
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
     }
 
+    /// Writes the call log's pending calls to the store now (tests; a task does it every second).
+    pub async fn write_calls(&self) {
+        keygate_gateway::tasks::write_calls(&self.gateway, &*self.store).await;
+    }
+
     /// Runs the anomaly detectors now over what the watch counted (tests; the detector task does
     /// it every second). Returns the alerts opened.
     pub async fn detect_now(&self) -> Vec<keygate_core::anomaly::Alert> {
@@ -367,6 +377,7 @@ impl Running {
             t.abort();
         }
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
+        keygate_gateway::tasks::write_calls(&self.gateway, &*self.store).await;
         if let (Some(watch), Some(det)) = (&self.gateway.watch, &self.detector) {
             let last = self.admin.detect(det, || watch.drain()).await.map(|_| ());
             if let Err(e) = last.and(self.admin.save_baselines(det).await) {
@@ -459,6 +470,23 @@ keygate_anomaly_watch_dropped_total {}
         );
     }
     out
+}
+
+/// The call log's counters in the Prometheus text format.
+fn call_log_metrics(calls: Option<&keygate_gateway::calls::CallLog>) -> String {
+    let Some(c) = calls else { return String::new() };
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "# HELP keygate_call_log_written_total Calls written to the call log.\n\
+         # TYPE keygate_call_log_written_total counter\nkeygate_call_log_written_total {}\n\
+         # HELP keygate_call_log_dropped_total Calls not kept in the call log (its buffer full, or the store refused the batch).\n\
+         # TYPE keygate_call_log_dropped_total counter\nkeygate_call_log_dropped_total {}\n\
+         # HELP keygate_call_log_pending Calls waiting to be written.\n\
+         # TYPE keygate_call_log_pending gauge\nkeygate_call_log_pending {}\n",
+        load(&c.written),
+        load(&c.dropped),
+        c.pending()
+    )
 }
 
 /// Runs the anomaly detectors every second over what the gateway's watch counted.

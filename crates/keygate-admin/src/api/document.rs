@@ -203,6 +203,16 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         json!({"type": "string", "enum": ["active", "suspended", "revoked", "expired"]}),
     );
     let date_time = json!({"type": "string", "format": "date-time"});
+    for path in ["/admin/v1/calls", "/admin/v1/calls/export"] {
+        query_param(doc, path, "get", "cursor", json!({"type": "string", "pattern": AUDIT_CURSOR}));
+        query_param(doc, path, "get", "status", json!({"type": "string", "pattern": "^([1-5]xx|[1-5][0-9][0-9])$"}));
+        query_param(doc, path, "get", "token_id", json!({"type": "string", "pattern": "^tok_[0-9A-Za-z]{1,40}$"}));
+        query_param(doc, path, "get", "app_id", json!({"type": "string", "pattern": "^app_[0-9A-Za-z]{1,40}$"}));
+        query_param(doc, path, "get", "from", date_time.clone());
+        query_param(doc, path, "get", "to", date_time.clone());
+    }
+    query_param(doc, "/admin/v1/calls", "get", "limit", limit.clone());
+    query_param(doc, "/admin/v1/calls/export", "get", "format", json!({"type": "string", "enum": ["jsonl", "csv"]}));
     for name in ["from", "to"] {
         query_param(doc, "/admin/v1/audit-events", "get", name, date_time.clone());
         query_param(doc, "/admin/v1/audit-events/export", "get", name, date_time.clone());

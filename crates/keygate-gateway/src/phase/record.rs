@@ -35,6 +35,10 @@ struct Metered<'a> {
     agent: Option<&'a [u8]>,
     refusal: Option<&'static str>,
     stopped: Option<(&'a IndexedToken, std::net::IpAddr)>,
+    /// For the call log: the path (normalized once admit has) and the client's address when
+    /// no caller says it.
+    path: Option<&'a str>,
+    client: Option<std::net::IpAddr>,
 }
 
 impl Gateway {
@@ -46,11 +50,13 @@ impl Gateway {
             ctx.table.metrics.refusal(code);
         }
         let line = self.line(&ctx.head.method, ctx.head.path);
-        let stopped_ip =
-            ctx.stopped.as_ref().map(|_| client_ip(ctx.conn.remote, ctx.head, &self.settings.trusted_proxies));
+        let client = (ctx.caller.is_none() && (ctx.stopped.is_some() || self.calls.is_some()))
+            .then(|| client_ip(ctx.conn.remote, ctx.head, &self.settings.trusted_proxies));
         let mut m = Metered::of(ctx, line.as_ref());
         m.refusal = refusal;
-        m.stopped = ctx.stopped.as_deref().zip(stopped_ip);
+        m.stopped = ctx.stopped.as_deref().zip(client);
+        m.client = client;
+        m.path = Some(&ctx.path);
         self.count(&m, o);
     }
 
@@ -58,7 +64,9 @@ impl Gateway {
     /// normalized path.
     pub(crate) fn record(&self, ctx: &RequestCtx<'_, '_>, o: Outcome) {
         let line = self.line(&ctx.head.method, &ctx.path);
-        self.count(&Metered::of(ctx, line.as_ref()), o);
+        let mut m = Metered::of(ctx, line.as_ref());
+        m.path = Some(&ctx.path);
+        self.count(&m, o);
     }
 
     /// Records a request whose head could not be read (no route, no caller, no log line).
@@ -75,6 +83,8 @@ impl Gateway {
             agent: None,
             refusal: Some(refusal),
             stopped: None,
+            path: None,
+            client: None,
         };
         self.count(&m, o);
     }
@@ -100,6 +110,7 @@ impl Gateway {
             line: self.line(&ctx.head.method, &ctx.path),
             method: ctx.head.method.clone(),
             agent: self.watch.as_ref().and(ctx.head.at(ctx.head.known.user_agent)).map(Box::from),
+            path: self.calls.as_ref().map(|_| Box::from(&*ctx.path)),
         })
     }
 
@@ -115,6 +126,9 @@ impl Gateway {
         table.metrics.request(route.map(|r| r.index), o.status, latency_us);
         if self.watch.is_some() {
             self.watch(m, o);
+        }
+        if let Some(calls) = &self.calls {
+            self.log_call(calls, m, o, latency_us);
         }
         // Usage is metered per API key (a JWT exchanged from a key, as that key); other JWT callers
         // count in the route metrics.
@@ -190,6 +204,36 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Records the call in the call log, under the caller's workspace or else the route's; a
+    /// call that names neither (no route, or a shared route without a credential) is not kept.
+    fn log_call(&self, calls: &crate::calls::CallLog, m: &Metered<'_>, o: Outcome, latency_us: u64) {
+        let (Some(method), Some(path)) = (m.method, m.path) else { return };
+        let key = m.caller.and_then(|c| c.key()).or(m.stopped.map(|(t, _)| t));
+        let workspace = match (key, m.caller) {
+            (Some(t), _) => Some(t.workspace_id.clone()),
+            (None, Some(c)) => c.workspace_id().map(std::sync::Arc::from),
+            (None, None) => None,
+        }
+        .or_else(|| m.route.and_then(|r| r.workspace_id.clone()));
+        let Some(workspace_id) = workspace else { return };
+        let Some(ip) = m.caller.map(|c| c.ip).or(m.client) else { return };
+        calls.record(crate::calls::Call {
+            at_ms: m.now.as_millis(),
+            workspace_id,
+            token: key.map(|t| *t.public_id()),
+            app_id: key.map(|t| t.app_id.clone()),
+            route: m.route.map(|r| r.id.clone()),
+            method: method.clone(),
+            path: path.into(),
+            status: o.status,
+            latency_us,
+            ip,
+            refusal: m.refusal,
+        });
+    }
+}
+
 impl<'a> Metered<'a> {
     fn of(ctx: &'a RequestCtx<'_, '_>, line: Option<&'a RequestLine>) -> Self {
         Metered {
@@ -203,6 +247,8 @@ impl<'a> Metered<'a> {
             agent: ctx.head.at(ctx.head.known.user_agent),
             refusal: None,
             stopped: None,
+            path: None,
+            client: None,
         }
     }
 }
@@ -228,6 +274,8 @@ struct Completion {
     method: Method,
     /// The User-Agent, kept only when the watch is on.
     agent: Option<Box<[u8]>>,
+    /// The normalized path, kept only when the call log is on.
+    path: Option<Box<str>>,
 }
 
 impl OnComplete for Completion {
@@ -244,6 +292,8 @@ impl OnComplete for Completion {
             agent: self.agent.as_deref(),
             refusal: None,
             stopped: None,
+            path: self.path.as_deref(),
+            client: None,
         };
         self.gw.count(&m, o);
     }

@@ -8,6 +8,7 @@ mod anomaly;
 mod answer_framing;
 mod audit_chain;
 mod cache;
+mod calls;
 mod cli;
 mod cluster;
 mod dashboard;

@@ -30,6 +30,9 @@ starts is stopped when it ends, including on Ctrl-C.
                                              # an A/B: another keygate binary runs as a sixth
                                              # variant, "baseline", on a copy of the same data
                                              # (same tokens, same pepper), interleaved with the rest
+    python3 bench/gateway.py --no-doc --baseline target/release/keygate \
+        --baseline-config '[call_log]\nenabled = false'
+                                             # the same binary with a feature off: its cost
     python3 bench/gateway.py --suite tls     # TLS and HTTP/2, each keygate variant beside its nginx
     python3 bench/gateway.py --suite shared  # rate limits shared through Redis against local ones
 
@@ -762,6 +765,7 @@ class Bench:
             + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
             + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")
             + (KEYGATE_REDIS.format(url=self.args.redis_url, prefix=self.redis_prefix) if name == "keygate-redis" else "")
+            + ("\n" + self.args.baseline_config.replace("\\n", "\n") + "\n" if name == "baseline" else "")
         )
         return cfg
 
@@ -2176,6 +2180,9 @@ def main() -> None:
                     help="never-seen JWTs signed per keygate-jwt-new run (default 150000)")
     ap.add_argument("--baseline", metavar="PATH",
                     help="another keygate binary, run as the variant 'baseline' on the same tokens (an A/B); implies --no-doc")
+    ap.add_argument("--baseline-config", metavar="TOML", default="",
+                    help="TOML appended to the baseline variant's configuration (with --baseline; the same binary with "
+                         "a feature off measures what the feature costs, e.g. '[call_log]\\nenabled = false')")
     ap.add_argument("--from-results", metavar="JSON", help="rewrite the page and chart from a saved results.json")
     ap.add_argument("--smoke", action="store_true", help="a short run that checks the pieces; implies --no-doc")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",

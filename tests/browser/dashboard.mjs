@@ -855,6 +855,28 @@ async function run(browser, kg) {
     await expectAccessible(browser, owner, ['/settings/webhooks', ctx.webhookHref, '/account/notifications']);
   });
 
+  await step("call log and alerts: a token's calls are listed from its page; the Alerts page renders", async () => {
+    currentPage = owner;
+    await goto(owner, ctx.token.href);
+    await clickAndLoad(owner, owner.getByRole('link', { name: 'Every call of this token' }), "open the token's calls");
+    await expectH1(owner, 'Calls');
+    const callsHref = new URL(owner.url()).pathname + new URL(owner.url()).search;
+    // The call log is written every second: reload until the gateway calls made above show.
+    let seen = false;
+    for (let i = 0; i < 20 && !seen; i++) {
+      seen = (await owner.content()).includes('/demo/echo');
+      if (!seen) {
+        await new Promise((r) => setTimeout(r, 250));
+        await goto(owner, callsHref);
+      }
+    }
+    check(seen, "the token's calls through the gateway (/demo/echo) are listed");
+    check(!(await owner.content()).includes(ctx.token.secret), 'the calls page shows the secret');
+    await goto(owner, '/alerts');
+    await expectH1(owner, 'Alerts');
+    await expectAccessible(browser, owner, [callsHref, '/alerts']);
+  });
+
   await step('routes: an owner adds a route as TOML; the gateway serves it; a mistake is shown on the form', async () => {
     currentPage = owner;
     await goto(owner, '/routes');

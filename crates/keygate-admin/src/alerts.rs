@@ -158,11 +158,13 @@ impl Admin {
         }
         let (rows, gone) = {
             let mut held = det.held.lock();
-            let mut gone = Vec::new();
+            let mut gone = std::collections::HashSet::new();
             if over > 0 {
+                // A tenth more than the excess, so that a full map is not sorted again each second.
+                let evict = over + det.settings.max_tokens / 10;
                 let mut by_age: Vec<(i64, TokenId)> = held.iter().map(|(t, h)| (h.seen_ms, t.clone())).collect();
                 by_age.sort();
-                gone = by_age.into_iter().take(over).map(|(_, t)| t).collect();
+                gone = by_age.into_iter().take(evict).map(|(_, t)| t).collect();
             }
             let mut rows = Vec::new();
             for (t, h) in held.iter_mut() {
@@ -322,5 +324,69 @@ impl Admin {
     /// Alerts by severity and status across workspaces (for `/metrics`).
     pub async fn alert_counts(&self) -> Result<Vec<(Severity, AlertStatus, u64)>> {
         self.store().alert_counts().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::sync::Arc;
+
+    use keygate_core::secret::{OsRandom, Pepper};
+    use keygate_core::store::Store;
+    use keygate_core::{Clock as _, ManualClock, Timestamp};
+
+    use super::*;
+    use crate::service::AdminSettings;
+
+    async fn setup() -> (Arc<Admin>, ManualClock, tempfile::TempDir, WorkspaceId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
+        let store: Arc<dyn Store> = store;
+        let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
+        let admin = Arc::new(Admin::new(
+            store,
+            Pepper::new(&[5; 32]).unwrap(),
+            AdminSettings::default(),
+            Arc::new(clock.clone()),
+            Arc::new(OsRandom),
+        ));
+        let ws = admin.bootstrap().await.unwrap().id;
+        (admin, clock, dir, ws)
+    }
+
+    fn activity(ws: &WorkspaceId, i: usize, at: i64) -> Activity {
+        Activity {
+            token_id: TokenId::from_public_id(&format!("{i:012}")),
+            workspace_id: ws.clone(),
+            from_ms: at,
+            to_ms: at + 1000,
+            requests: 1,
+            networks: vec![("198.51.100.0/24".into(), 1)],
+            ..Activity::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn baselines_held_are_bounded_and_written_back_before_they_go() {
+        let (admin, clock, _dir, ws) = setup().await;
+        let det = Detector::new(AnomalySettings { max_tokens: 1000, ..AnomalySettings::default() });
+        let now = clock.now().as_millis();
+        let batch: Vec<Activity> = (0..1050).map(|i| activity(&ws, i, now + i64::try_from(i).unwrap())).collect();
+        assert!(admin.detect(&det, || batch).await.unwrap().is_empty(), "new tokens raise nothing");
+        // Over the bound: the least recently seen went (and a tenth more), written back first.
+        assert_eq!(det.held(), 1050 - 150);
+        let (kept, known) = admin.store().load_baseline(&TokenId::from_public_id("000000000000")).await.unwrap();
+        assert_eq!(kept.unwrap().active_minutes, 0, "the first minute is still being counted");
+        assert!(known.networks.contains("198.51.100.0/24"), "its sighting is recorded");
+        // Seen again, it is read back from the store.
+        clock.advance_seconds(120);
+        let at = clock.now().as_millis();
+        admin.detect(&det, || vec![activity(&ws, 0, at)]).await.unwrap();
+        admin.save_baselines(&det).await.unwrap();
+        let (again, _) = admin.store().load_baseline(&TokenId::from_public_id("000000000000")).await.unwrap();
+        let again = again.unwrap();
+        assert_eq!((again.active_minutes, again.first_ms), (1, now), "its history carried on");
     }
 }

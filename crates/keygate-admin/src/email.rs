@@ -127,10 +127,18 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
                 "At 100% its calls are refused until the quota resets; ask for a larger plan if it needs more.",
             )
         }
-        "anomaly.detected" => (
-            "Unusual use of a token was detected.",
-            "Check the alert in the dashboard; if the token may be stolen, revoke or rotate it.",
-        ),
+        "anomaly.detected" => {
+            for (label, key) in [("Alert", "alert_id"), ("Kind", "kind"), ("Severity", "severity"), ("What", "summary")]
+            {
+                if let Some(v) = after[key].as_str() {
+                    facts.push((label.into(), v.to_owned()));
+                }
+            }
+            (
+                "Unusual use of a token was detected.",
+                "Check the alert in the dashboard (Alerts); if the token may be stolen, revoke or rotate it. If the workspace's anomaly policy suspended it and the use was legitimate, resume it from the alert.",
+            )
+        }
         "plan.requested" => {
             facts = vec![("Request".into(), target)];
             ("A developer asked for a plan change.", "Approve or deny it in the dashboard (Apps).")

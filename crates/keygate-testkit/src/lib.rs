@@ -63,6 +63,8 @@ pub struct Options {
     pub webhooks: Option<keygate::config::WebhooksConfig>,
     /// `[siem]` settings.
     pub siem: Option<keygate::config::SiemConfig>,
+    /// `[email]` settings.
+    pub email: Option<keygate::config::EmailConfig>,
 }
 
 impl TestKeygate {
@@ -90,6 +92,7 @@ impl TestKeygate {
             secret_scanning: opts.secret_scanning.unwrap_or_default(),
             webhooks: opts.webhooks.unwrap_or_default(),
             siem: opts.siem.unwrap_or_default(),
+            email: opts.email.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

@@ -57,7 +57,57 @@ async fn alerts_until(kg: &TestKeygate, token: &str, done: impl Fn(&[Value]) -> 
     panic!("the alerts of {token} did not come");
 }
 
+/// A minimal SMTP receiver (RFC 5321, plain, no extensions): what keygate's mailer sends to it,
+/// each message's DATA as received.
+async fn smtp_receiver() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("smtp://{}", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let messages = got.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let messages = messages.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = conn.into_split();
+                let mut lines = BufReader::new(rd).lines();
+                let _ = wr.write_all(b"220 test ESMTP\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.split(' ').next().unwrap_or_default().to_ascii_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 test\r\n",
+                        "DATA" => {
+                            let _ = wr.write_all(b"354 go ahead\r\n").await;
+                            let mut body = String::new();
+                            while let Ok(Some(l)) = lines.next_line().await {
+                                if l == "." {
+                                    break;
+                                }
+                                body.push_str(&l);
+                                body.push('\n');
+                            }
+                            messages.lock().push(body);
+                            b"250 queued\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = wr.write_all(b"221 bye\r\n").await;
+                            break;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = wr.write_all(answer).await;
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
 async fn start() -> (TestKeygate, RecordingUpstream, RecordingUpstream) {
+    start_with_email(None).await
+}
+
+async fn start_with_email(smtp_url: Option<String>) -> (TestKeygate, RecordingUpstream, RecordingUpstream) {
     let upstream = RecordingUpstream::start().await.unwrap();
     let hooks = RecordingUpstream::start().await.unwrap();
     let kg = TestKeygate::start_with(Options {
@@ -67,6 +117,11 @@ async fn start() -> (TestKeygate, RecordingUpstream, RecordingUpstream) {
             ..Default::default()
         }),
         webhooks: Some(WebhooksConfig { allow_private: true, ..WebhooksConfig::default() }),
+        email: smtp_url.map(|url| keygate::config::EmailConfig {
+            smtp_url: Some(url),
+            from: Some("keygate <keygate@example.com>".into()),
+            ..Default::default()
+        }),
         ..Options::default()
     })
     .await
@@ -76,7 +131,8 @@ async fn start() -> (TestKeygate, RecordingUpstream, RecordingUpstream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted_and_suspended() {
-    let (kg, _upstream, hooks) = start().await;
+    let (smtp_url, mail) = smtp_receiver().await;
+    let (kg, _upstream, hooks) = start_with_email(Some(smtp_url)).await;
     let mut own = owner(&kg).await;
     let p = own.submit("/settings", "/settings", &[("anomaly_suspend", "high")]).await;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
@@ -162,6 +218,20 @@ async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted
         && b["data"]["after"]["severity"] == "high"
         && b["data"]["target"] == token.as_str()));
     assert!(!String::from_utf8_lossy(&got[0].body).contains(&secret), "no secret in a webhook");
+
+    // The email: to the workspace's owner, what happened and what to do, no secret.
+    let mut emails = Vec::new();
+    for _ in 0..200 {
+        emails = mail.lock().iter().filter(|m| m.contains("Unusual use of a token")).cloned().collect::<Vec<_>>();
+        if !emails.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let email = emails.first().expect("an anomaly email");
+    assert!(email.contains("olivia@example.com"), "{email}");
+    assert!(email.contains(&token), "{email}");
+    assert!(!email.contains(&secret), "no secret in an email");
 
     // Alerts in /metrics.
     let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();

@@ -56,29 +56,60 @@ pub struct CallList {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct CallsQuery {
-    /// Only this token's calls (`tok_…`).
-    pub token_id: Option<String>,
-    /// Only this app's (`app_…`).
-    pub app_id: Option<String>,
-    /// Only this route's (its id).
-    pub route: Option<String>,
-    /// A status (`404`) or a class (`4xx`).
-    pub status: Option<String>,
-    /// `true`: only calls keygate refused; `false`: only the others.
-    pub refused: Option<bool>,
-    /// Calls at or after this RFC 3339 date-time.
-    pub from: Option<String>,
-    /// Calls before this RFC 3339 date-time.
-    pub to: Option<String>,
-    pub limit: Option<u32>,
-    pub cursor: Option<String>,
-    /// Export only: `jsonl` (the default) or `csv`.
-    pub format: Option<String>,
+/// The filters of a list or an export: each query type below lists them (serde's `flatten` and
+/// `deny_unknown_fields` do not go together), and [`Filters`] reads them alike.
+macro_rules! calls_query {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Deserialize, IntoParams)]
+        #[serde(deny_unknown_fields)]
+        #[into_params(parameter_in = Query)]
+        pub struct $name {
+            /// Only this token's calls (`tok_…`).
+            pub token_id: Option<String>,
+            /// Only this app's (`app_…`).
+            pub app_id: Option<String>,
+            /// Only this route's (its id).
+            pub route: Option<String>,
+            /// A status (`404`) or a class (`4xx`).
+            pub status: Option<String>,
+            /// `true`: only calls keygate refused; `false`: only the others.
+            pub refused: Option<bool>,
+            /// Calls at or after this RFC 3339 date-time.
+            pub from: Option<String>,
+            /// Calls before this RFC 3339 date-time.
+            pub to: Option<String>,
+            pub cursor: Option<String>,
+            $($(#[$fdoc])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            fn filter(&self) -> Result<CallFilter, ApiError> {
+                call_filter(
+                    self.token_id.as_deref(),
+                    self.app_id.as_deref(),
+                    self.route.as_deref(),
+                    self.status.as_deref(),
+                    self.refused,
+                    self.from.as_deref(),
+                    self.to.as_deref(),
+                )
+            }
+        }
+    };
 }
+
+calls_query!(
+    /// `GET /admin/v1/calls`.
+    ListCallsQuery { limit: Option<u32>, }
+);
+calls_query!(
+    /// `GET /admin/v1/calls/export`.
+    ExportCallsQuery {
+        /// `jsonl` (one call per line, as the list gives it; the default) or `csv`.
+        format: Option<String>,
+    }
+);
 
 fn bad(message: &'static str) -> ApiError {
     Error::invalid("invalid_query", message).into()
@@ -117,30 +148,15 @@ pub(crate) fn call_filter(
     })
 }
 
-fn filter_of(q: &CallsQuery) -> Result<CallFilter, ApiError> {
-    call_filter(
-        q.token_id.as_deref(),
-        q.app_id.as_deref(),
-        q.route.as_deref(),
-        q.status.as_deref(),
-        q.refused,
-        q.from.as_deref(),
-        q.to.as_deref(),
-    )
-}
-
 /// The workspace's calls, newest first.
-#[utoipa::path(get, path = "/admin/v1/calls", tag = "calls", params(CallsQuery),
+#[utoipa::path(get, path = "/admin/v1/calls", tag = "calls", params(ListCallsQuery),
     responses((status = 200, body = CallList), (status = 400, body = ErrorBody)))]
 pub(crate) async fn list_calls(
     auth: Auth<AuditRead>,
     State(s): State<AdminState>,
-    ApiQuery(q): ApiQuery<CallsQuery>,
+    ApiQuery(q): ApiQuery<ListCallsQuery>,
 ) -> Result<Json<CallList>, ApiError> {
-    if q.format.is_some() {
-        return Err(bad("format is for /admin/v1/calls/export"));
-    }
-    let filter = filter_of(&q)?;
+    let filter = q.filter()?;
     let page =
         PageRequest { limit: super::extract::page_limit(q.limit)?, cursor: super::extract::audit_cursor(q.cursor)? };
     let page = s.admin.store().list_calls(&auth.key.workspace_id, &filter, &page).await?;
@@ -152,20 +168,20 @@ pub(crate) const EXPORT_BATCH: usize = 10_000;
 
 /// The calls as a file, newest first: JSON lines or CSV, at most 10,000 per answer, with a
 /// `Link: <…>; rel="next"` header while there are more.
-#[utoipa::path(get, path = "/admin/v1/calls/export", tag = "calls", params(CallsQuery),
+#[utoipa::path(get, path = "/admin/v1/calls/export", tag = "calls", params(ExportCallsQuery),
     responses((status = 200, description = "JSON lines (format=jsonl) or CSV (format=csv)", content((String = "application/x-ndjson"), (String = "text/csv"))),
         (status = 400, body = ErrorBody)))]
 pub(crate) async fn export_calls(
     auth: Auth<AuditRead>,
     State(s): State<AdminState>,
-    ApiQuery(q): ApiQuery<CallsQuery>,
+    ApiQuery(q): ApiQuery<ExportCallsQuery>,
 ) -> Result<axum::response::Response, ApiError> {
     let csv = match q.format.as_deref() {
         None | Some("jsonl") => false,
         Some("csv") => true,
         Some(_) => return Err(bad("format is jsonl or csv")),
     };
-    let filter = filter_of(&q)?;
+    let filter = q.filter()?;
     let cursor = super::extract::audit_cursor(q.cursor.clone())?;
     let (body, next) = export_body(&s.admin, &auth.key.workspace_id, &filter, cursor, csv).await?;
     let mut resp = axum::response::Response::new(axum::body::Body::from(body));

@@ -331,30 +331,9 @@ impl Admin {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
-    use std::sync::Arc;
-
-    use keygate_core::secret::{OsRandom, Pepper};
-    use keygate_core::store::Store;
-    use keygate_core::{Clock as _, ManualClock, Timestamp};
+    use keygate_core::Clock as _;
 
     use super::*;
-    use crate::service::AdminSettings;
-
-    async fn setup() -> (Arc<Admin>, ManualClock, tempfile::TempDir, WorkspaceId) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
-        let store: Arc<dyn Store> = store;
-        let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
-        let admin = Arc::new(Admin::new(
-            store,
-            Pepper::new(&[5; 32]).unwrap(),
-            AdminSettings::default(),
-            Arc::new(clock.clone()),
-            Arc::new(OsRandom),
-        ));
-        let ws = admin.bootstrap().await.unwrap().id;
-        (admin, clock, dir, ws)
-    }
 
     fn activity(ws: &WorkspaceId, i: usize, at: i64) -> Activity {
         Activity {
@@ -370,7 +349,7 @@ mod tests {
 
     #[tokio::test]
     async fn baselines_held_are_bounded_and_written_back_before_they_go() {
-        let (admin, clock, _dir, ws) = setup().await;
+        let (admin, clock, _dir, ws) = crate::testing::admin().await;
         let det = Detector::new(AnomalySettings { max_tokens: 1000, ..AnomalySettings::default() });
         let now = clock.now().as_millis();
         let batch: Vec<Activity> = (0..1050).map(|i| activity(&ws, i, now + i64::try_from(i).unwrap())).collect();

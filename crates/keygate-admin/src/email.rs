@@ -390,18 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_are_emailed_to_their_audience_as_people_chose() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
-        let store: Arc<dyn Store> = store;
-        let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
-        let admin = Arc::new(Admin::new(
-            store,
-            Pepper::new(&[5; 32]).unwrap(),
-            AdminSettings::default(),
-            Arc::new(clock.clone()),
-            Arc::new(OsRandom),
-        ));
-        let ws = admin.bootstrap().await.unwrap().id;
+        let (admin, clock, _dir, ws) = crate::testing::admin().await;
         admin.enable_email();
         let _owner = person(&admin, &ws, "owner@example.com", Role::Owner).await;
         let dev = person(&admin, &ws, "dev@example.com", Role::Developer).await;

@@ -16,6 +16,8 @@ pub mod routes;
 pub mod seal;
 pub mod secret_scanning;
 pub mod service;
+#[cfg(test)]
+mod testing;
 pub mod totp;
 pub mod webhooks;
 pub mod workspaces;

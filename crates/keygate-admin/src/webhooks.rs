@@ -537,19 +537,7 @@ mod tests {
     }
 
     async fn setup() -> (Arc<Admin>, ManualClock, tempfile::TempDir, WorkspaceId) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
-        let store: Arc<dyn Store> = store;
-        let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
-        let admin = Arc::new(Admin::new(
-            store,
-            Pepper::new(&[5; 32]).unwrap(),
-            AdminSettings::default(),
-            Arc::new(clock.clone()),
-            Arc::new(OsRandom),
-        ));
-        let ws = admin.bootstrap().await.unwrap().id;
-        (admin, clock, dir, ws)
+        crate::testing::admin().await
     }
 
     fn header<'a>(sent: &'a Sent, name: &str) -> &'a str {

@@ -2289,11 +2289,17 @@ async fn call_log(h: &Harness) {
     let (other, od) = workspace("quiet");
     s.ensure_workspace(&other, &od).await.unwrap();
     assert!(s.list_calls(&other.id, &CallFilter::default(), &PageRequest::default()).await.unwrap().items.is_empty());
+    // Any path comes back as it went in (quotes, backslashes, non-ASCII).
+    let odd = CallRecord { path: "/o'r\"d\\ers/ü%20x".into(), refusal: None, ..call(500, 200, false) };
+    s.insert_calls(std::slice::from_ref(&odd)).await.unwrap();
+    let back = s.list_calls(&ws.id, &CallFilter::default(), &PageRequest { limit: 1, cursor: None }).await.unwrap();
+    assert_eq!(back.items[0].path, odd.path);
+    assert_eq!((back.items[0].status, back.items[0].token_id.clone()), (200, None));
     // Retention: the oldest go, in slices.
     assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 60);
     assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 40);
     assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 0);
-    assert_eq!(all(CallFilter::default()).await, 350);
+    assert_eq!(all(CallFilter::default()).await, 351);
     assert!(
         s.list_calls(&ws.id, &CallFilter::default(), &PageRequest { limit: 1, cursor: Some("x".into()) })
             .await

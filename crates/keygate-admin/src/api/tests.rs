@@ -16,18 +16,7 @@ use super::{AdminState, api_router, router};
 use crate::service::{Admin, AdminSettings};
 
 async fn setup() -> (axum::Router, Arc<Admin>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = keygate_store::open(&keygate_store::StoreLocation::DataDir(dir.path().to_owned())).await.unwrap();
-    let store: Arc<dyn Store> = store;
-    let clock = ManualClock::new(Timestamp::from_millis(1_900_000_000_000));
-    let admin = Arc::new(Admin::new(
-        store,
-        Pepper::new(&[5; 32]).unwrap(),
-        AdminSettings::default(),
-        Arc::new(clock),
-        Arc::new(OsRandom),
-    ));
-    admin.bootstrap().await.unwrap();
+    let (admin, _clock, dir, _ws) = crate::testing::admin().await;
     let oauth = Arc::new(
         crate::oauth::OAuth::new(admin.clone(), crate::oauth::OAuthSettings::for_issuer("http://127.0.0.1:8080"))
             .unwrap(),

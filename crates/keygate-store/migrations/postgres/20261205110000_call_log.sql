@@ -18,4 +18,3 @@ CREATE TABLE call_log (
 CREATE INDEX call_log_workspace ON call_log (workspace_id, id);
 CREATE INDEX call_log_token ON call_log (token_id, id);
 CREATE INDEX call_log_app ON call_log (app_id, id);
-CREATE INDEX call_log_at ON call_log (at);

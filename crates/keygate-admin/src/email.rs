@@ -347,12 +347,10 @@ mod tests {
 
     use keygate_core::account::{Membership, Role, User};
     use keygate_core::model::Actor;
-    use keygate_core::secret::{OsRandom, Pepper};
-    use keygate_core::store::Store;
-    use keygate_core::{ManualClock, Timestamp};
+    use keygate_core::secret::OsRandom;
 
     use super::*;
-    use crate::service::{AdminSettings, NewApp, NewToken};
+    use crate::service::{NewApp, NewToken};
 
     #[derive(Default)]
     struct Outbox(parking_lot::Mutex<Vec<Message>>);
@@ -390,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_are_emailed_to_their_audience_as_people_chose() {
-        let (admin, clock, _dir, ws) = crate::testing::admin().await;
+        let (admin, _clock, _dir, ws) = crate::testing::admin().await;
         admin.enable_email();
         let _owner = person(&admin, &ws, "owner@example.com", Role::Owner).await;
         let dev = person(&admin, &ws, "dev@example.com", Role::Developer).await;

@@ -510,12 +510,10 @@ mod tests {
     use std::collections::VecDeque;
 
     use base64::Engine as _;
-    use keygate_core::secret::{OsRandom, Pepper};
-    use keygate_core::store::Store;
-    use keygate_core::{ManualClock, Timestamp};
+    use keygate_core::ManualClock;
 
     use super::*;
-    use crate::service::{AdminSettings, NewToken};
+    use crate::service::NewToken;
 
     /// A request as sent: URL, headers, body.
     type Sent = (String, Vec<(String, String)>, String);

@@ -7,13 +7,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use keygate_core::model::{Actor, Permission};
-use keygate_core::secret::{OsRandom, Pepper};
-use keygate_core::store::Store;
-use keygate_core::{ManualClock, Timestamp};
 use tower::ServiceExt;
 
 use super::{AdminState, api_router, router};
-use crate::service::{Admin, AdminSettings};
+use crate::service::Admin;
 
 async fn setup() -> (axum::Router, Arc<Admin>, tempfile::TempDir) {
     let (admin, _clock, dir, _ws) = crate::testing::admin().await;

@@ -173,3 +173,25 @@ for i, (k, (h, c, e)) in enumerate(D.items()):
 put('dpop', 'sign-no-typ', bytes([0x82]) + b'{}\xff' + json.dumps(base).encode() + b'\xff')
 put('dpop', 'sign-no-jwk', bytes([0x84]) + b'{}\xff' + json.dumps(base).encode() + b'\xff')
 put('dpop', 'sign-bound-rfc', bytes([0x81]) + b'{}\xff' + json.dumps(base).encode() + b'\xff')
+
+# call_chunk: the bytes of a call-log chunk (crates/keygate-core/src/calls.rs), LEB128 varints
+def varint(v):
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7f) | 0x80); v >>= 7
+    out.append(v); return bytes(out)
+def zz(v): return (v << 1) ^ (v >> 63) if v >= 0 else ((-v) << 1) - 1
+def chunk(base, strings, calls):
+    b = b'\x01' + varint(zz(base)) + varint(len(strings))
+    for s in strings:
+        s = s.encode(); b += varint(len(s)) + s
+    b += varint(len(calls))
+    for c in calls:
+        b += varint(zz(c[0])) + b''.join(varint(v) for v in c[1:])
+    return b
+S = ['GET', 'orders', '/orders/7', '203.0.113.7', 'insufficient_scope', 'POST', '/o\'r"d\\ers/ü', '2001:db8::1']
+put('call_chunk', 'empty', chunk(0, [], []))
+put('call_chunk', 'one', chunk(1780000000000, S[:4], [(0, 0, 2, 2, 200, 420, 3, 0)]))
+put('call_chunk', 'refused', chunk(1780000000000, S[:5], [(0, 0, 2, 2, 403, 91, 3, 5), (7, 0, 0, 2, 200, 1000003, 3, 0)]))
+put('call_chunk', 'mixed', chunk(-5, S, [(i * 3, (i % 2) * 5, (i % 3 > 0) * 2, 6 if i % 2 else 2, 200 + i, i * 977, 7 if i % 2 else 3, (i % 4 == 0) * 5) for i in range(12)]))
+put('call_chunk', 'far-times', chunk(-(2**62), S[:4], [(2**62, 0, 0, 2, 500, 2**64 - 1, 3, 0), (-(2**62), 0, 0, 2, 0, 0, 3, 0)]))

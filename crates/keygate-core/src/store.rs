@@ -266,14 +266,17 @@ pub trait ChangeFeed: Send + Sync {
 pub trait CallStore: Send + Sync {
     /// Writes a batch of calls.
     async fn insert_calls(&self, calls: &[crate::model::CallRecord]) -> Result<()>;
-    /// A page of the workspace's calls, newest first (the cursor is the last id shown).
+    /// A page of the workspace's calls, newest first (the cursor is the last id shown). A filter
+    /// that matches rarely can return a short page, even an empty one, with a cursor to go on
+    /// from: a page examines a bounded number of calls.
     async fn list_calls(
         &self,
         ws: &WorkspaceId,
         filter: &crate::model::CallFilter,
         page: &PageRequest,
     ) -> Result<Page<crate::model::CallRecord>>;
-    /// Deletes up to `limit` calls older than `before`; returns how many.
+    /// Deletes up to `limit` chunks of calls (`keygate_core::calls`) all older than `before`,
+    /// oldest first; returns how many chunks.
     async fn trim_calls(&self, before: Timestamp, limit: u32) -> Result<u64>;
 }
 

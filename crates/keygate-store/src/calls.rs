@@ -1,151 +1,210 @@
-//! [`CallStore`] for [`SqlStore`]: the call log, written in multi-row INSERTs.
+//! [`CallStore`] for [`SqlStore`]: the call log, stored in chunks (`keygate_core::calls`): one
+//! row per workspace, token and app per write, each holding up to 4,096 calls.
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
+use keygate_core::Result;
+use keygate_core::Timestamp;
+use keygate_core::calls::{CHUNK_CALLS, ChunkRow, decode_chunk, encode_chunk, split_call_id};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::model::{CallFilter, CallRecord, Page, PageRequest};
 use keygate_core::store::CallStore;
-use keygate_core::{Result, Timestamp};
 use sqlx::AssertSqlSafe;
-use sqlx::any::AnyRow;
 
 use crate::db_error;
-use crate::rows::{get, ts};
+use crate::rows::get;
 use crate::sql::SqlStore;
 
-/// Rows per INSERT.
-const BATCH: usize = 1000;
+/// Chunk rows per INSERT statement.
+const ROWS_PER_INSERT: usize = 100;
+/// Chunk rows read per query while a list fills its page.
+const ROWS_PER_READ: i64 = 32;
+/// Calls a list examines at most for one page: a filter that matches rarely returns a short
+/// (even empty) page with a cursor to go on from, rather than reading the whole log at once.
+const SCAN_BUDGET: usize = 200_000;
 
-const COLS: &str =
-    "id, workspace_id, at, token_id, app_id, route, method, path, status, latency_us, client_ip, refusal";
+/// A chunk to write: its calls and the columns they share.
+struct Chunk<'a> {
+    workspace_id: &'a str,
+    token_id: Option<&'a str>,
+    app_id: Option<&'a str>,
+    calls: Vec<&'a CallRecord>,
+}
 
-fn call(row: &AnyRow) -> Result<CallRecord> {
-    Ok(CallRecord {
-        id: get(row, "id")?,
-        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
-        at: ts(row, "at")?,
-        token_id: get::<Option<String>>(row, "token_id")?.map(TokenId::from_trusted),
-        app_id: get::<Option<String>>(row, "app_id")?.map(AppId::from_trusted),
-        route: get(row, "route")?,
-        method: get(row, "method")?,
-        path: get(row, "path")?,
-        status: u16::try_from(get::<i32>(row, "status")?).unwrap_or(0),
-        latency_us: u64::try_from(get::<i64>(row, "latency_us")?).unwrap_or(0),
-        client_ip: get(row, "client_ip")?,
-        refusal: get(row, "refusal")?,
-    })
+/// Groups the calls by workspace, token and app, in the order each group first appears, in
+/// chunks of at most [`CHUNK_CALLS`].
+fn chunks(calls: &[CallRecord]) -> Vec<Chunk<'_>> {
+    let mut out: Vec<Chunk<'_>> = Vec::new();
+    let mut open: HashMap<(&str, Option<&str>, Option<&str>), usize> = HashMap::new();
+    for c in calls {
+        let key =
+            (c.workspace_id.as_str(), c.token_id.as_ref().map(TokenId::as_str), c.app_id.as_ref().map(AppId::as_str));
+        let at = match open.get(&key) {
+            Some(&i) if out[i].calls.len() < CHUNK_CALLS => i,
+            _ => {
+                out.push(Chunk { workspace_id: key.0, token_id: key.1, app_id: key.2, calls: Vec::new() });
+                open.insert(key, out.len() - 1);
+                out.len() - 1
+            }
+        };
+        out[at].calls.push(c);
+    }
+    out
 }
 
 #[async_trait]
 impl CallStore for SqlStore {
     async fn insert_calls(&self, calls: &[CallRecord]) -> Result<()> {
-        // One parameter per batch: the rows as a JSON array of arrays, unpacked by the engine
-        // (json_each in SQLite, json_array_elements in PostgreSQL). Binding eleven values per row
-        // cost more than the inserts themselves (docs/benchmarks.md, the call log's cost).
-        let sql = match self.engine {
-            crate::Engine::Sqlite => {
-                "INSERT INTO call_log (workspace_id, at, token_id, app_id, route, method, path, status, latency_us, \
-                 client_ip, refusal) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, \
-                 value->>6, value->>7, value->>8, value->>9, value->>10 FROM json_each($1)"
-            }
-            crate::Engine::Postgres => {
-                "INSERT INTO call_log (workspace_id, at, token_id, app_id, route, method, path, status, latency_us, \
-                 client_ip, refusal) SELECT e->>0, (e->>1)::bigint, e->>2, e->>3, e->>4, e->>5, e->>6, \
-                 (e->>7)::integer, (e->>8)::bigint, e->>9, e->>10 FROM json_array_elements($1::json) AS e"
-            }
-        };
-        for chunk in calls.chunks(BATCH) {
-            let rows: Vec<serde_json::Value> = chunk
-                .iter()
-                .map(|c| {
-                    serde_json::json!([
-                        c.workspace_id.as_str(),
-                        c.at.as_millis(),
-                        c.token_id.as_ref().map(TokenId::as_str),
-                        c.app_id.as_ref().map(AppId::as_str),
-                        c.route.as_deref(),
-                        c.method.as_str(),
-                        c.path.as_str(),
-                        c.status,
-                        c.latency_us,
-                        c.client_ip.as_str(),
-                        c.refusal.as_deref(),
-                    ])
+        let chunks = chunks(calls);
+        let mut tx = self.begin().await?;
+        for group in chunks.chunks(ROWS_PER_INSERT) {
+            let values: Vec<String> = (0..group.len())
+                .map(|i| {
+                    let p = i * 7;
+                    format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5, p + 6, p + 7)
                 })
                 .collect();
-            let text = serde_json::to_string(&rows).map_err(|e| keygate_core::Error::internal(e.to_string()))?;
-            sqlx::query(sql).bind(text).execute(&self.pool).await.map_err(db_error)?;
+            let sql = format!(
+                "INSERT INTO call_chunks (workspace_id, token_id, app_id, first_at, last_at, calls, data) VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for c in group {
+                let first = c.calls.iter().map(|r| r.at.as_millis()).min().unwrap_or(0);
+                let last = c.calls.iter().map(|r| r.at.as_millis()).max().unwrap_or(0);
+                q = q
+                    .bind(c.workspace_id)
+                    .bind(c.token_id)
+                    .bind(c.app_id)
+                    .bind(first)
+                    .bind(last)
+                    .bind(i32::try_from(c.calls.len()).unwrap_or(i32::MAX))
+                    .bind(encode_chunk(&c.calls));
+            }
+            q.execute(&mut *tx).await.map_err(db_error)?;
         }
-        Ok(())
+        self.commit(tx, None).await
     }
 
     async fn list_calls(&self, ws: &WorkspaceId, f: &CallFilter, page: &PageRequest) -> Result<Page<CallRecord>> {
-        let limit = crate::sql::page_size(page);
-        let before = match &page.cursor {
-            Some(c) => c.parse::<i64>().map_err(|_| crate::sql::invalid_cursor())?,
-            None => i64::MAX,
+        let limit = usize::try_from(crate::sql::page_size(page)).unwrap_or(usize::MAX);
+        // Calls below the cursor: those of its chunk before its index, and every older chunk.
+        let (mut below_chunk, mut below_index) = match &page.cursor {
+            Some(c) => split_call_id(c.parse::<i64>().map_err(|_| crate::sql::invalid_cursor())?),
+            None => (i64::MAX, CHUNK_CALLS),
         };
-        let mut cond = vec!["workspace_id = $1".to_owned(), "id < $2".to_owned()];
-        let mut text: Vec<String> = Vec::new();
+        // Conditions on the chunk's columns ($1 the workspace, $2 the chunk id, then these).
+        let mut cond = vec!["workspace_id = $1".to_owned(), "id <= $2".to_owned()];
+        let mut text: Vec<&str> = Vec::new();
         let mut ints: Vec<i64> = Vec::new();
-        // Text parameters first ($3…), then integers; each condition names its own placeholder.
         let mut n = 2;
-        for (col, v) in [
-            ("token_id", f.token_id.as_ref().map(|t| t.as_str().to_owned())),
-            ("app_id", f.app_id.as_ref().map(|a| a.as_str().to_owned())),
-            ("route", f.route.clone()),
-        ] {
+        for (col, v) in
+            [("token_id", f.token_id.as_ref().map(TokenId::as_str)), ("app_id", f.app_id.as_ref().map(AppId::as_str))]
+        {
             if let Some(v) = v {
                 n += 1;
                 cond.push(format!("{col} = ${n}"));
                 text.push(v);
             }
         }
-        let mut int_cond = |sql: &str, v: i64, cond: &mut Vec<String>| {
-            n += 1;
-            cond.push(sql.replace('?', &format!("${n}")));
-            ints.push(v);
-        };
-        match f.status {
-            Some(s) if s < 10 => {
-                int_cond("status >= ?", i64::from(s) * 100, &mut cond);
-                int_cond("status < ?", i64::from(s) * 100 + 100, &mut cond);
-            }
-            Some(s) => int_cond("status = ?", i64::from(s), &mut cond),
-            None => {}
-        }
         if let Some(from) = f.from {
-            int_cond("at >= ?", from.as_millis(), &mut cond);
+            n += 1;
+            cond.push(format!("last_at >= ${n}"));
+            ints.push(from.as_millis());
         }
         if let Some(to) = f.to {
-            int_cond("at < ?", to.as_millis(), &mut cond);
+            n += 1;
+            cond.push(format!("first_at < ${n}"));
+            ints.push(to.as_millis());
         }
-        match f.refused {
-            Some(true) => cond.push("refusal IS NOT NULL".into()),
-            Some(false) => cond.push("refusal IS NULL".into()),
-            None => {}
+        let sql = format!(
+            "SELECT id, token_id, app_id, data FROM call_chunks WHERE {} ORDER BY id DESC LIMIT ${}",
+            cond.join(" AND "),
+            n + 1
+        );
+        let mut items: Vec<CallRecord> = Vec::new();
+        let mut scanned = 0usize;
+        // The id of the last call examined: where the next page starts when this one stops early.
+        let mut last_seen: Option<i64> = None;
+        loop {
+            let mut q = sqlx::query(AssertSqlSafe(sql.as_str())).bind(ws.as_str()).bind(below_chunk);
+            for t in &text {
+                q = q.bind(*t);
+            }
+            for i in &ints {
+                q = q.bind(*i);
+            }
+            let rows = q.bind(ROWS_PER_READ).fetch_all(&self.pool).await.map_err(db_error)?;
+            for row in &rows {
+                let id: i64 = get(row, "id")?;
+                let token = get::<Option<String>>(row, "token_id")?.map(TokenId::from_trusted);
+                let app = get::<Option<String>>(row, "app_id")?.map(AppId::from_trusted);
+                let data: Vec<u8> = get(row, "data")?;
+                let calls = match decode_chunk(
+                    &data,
+                    ChunkRow { id, workspace_id: ws, token_id: token.as_ref(), app_id: app.as_ref() },
+                ) {
+                    Ok(calls) => calls,
+                    Err(e) => {
+                        // One damaged chunk must not hide the rest of the log.
+                        tracing::warn!(chunk = id, error = %e, "skipping a damaged chunk of the call log");
+                        continue;
+                    }
+                };
+                let end = if id == below_chunk { below_index.min(calls.len()) } else { calls.len() };
+                for call in calls.into_iter().take(end).rev() {
+                    scanned += 1;
+                    last_seen = Some(call.id);
+                    if matches(f, &call) {
+                        items.push(call);
+                        if items.len() > limit {
+                            items.truncate(limit);
+                            let next_cursor = items.last().map(|c| c.id.to_string());
+                            return Ok(Page { items, next_cursor });
+                        }
+                    }
+                }
+                if scanned >= SCAN_BUDGET {
+                    // Stop here; the caller goes on below the last call examined.
+                    return Ok(Page { items, next_cursor: last_seen.map(|id| id.to_string()) });
+                }
+            }
+            if i64::try_from(rows.len()).unwrap_or(i64::MAX) < ROWS_PER_READ {
+                return Ok(Page { items, next_cursor: None });
+            }
+            let oldest: i64 = rows.last().map(|r| get(r, "id")).transpose()?.unwrap_or(0);
+            below_chunk = oldest - 1;
+            below_index = CHUNK_CALLS;
         }
-        let sql = format!("SELECT {COLS} FROM call_log WHERE {} ORDER BY id DESC LIMIT ${}", cond.join(" AND "), n + 1);
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ws.as_str()).bind(before);
-        for t in &text {
-            q = q.bind(t.as_str());
-        }
-        for i in &ints {
-            q = q.bind(*i);
-        }
-        let rows = q.bind(limit + 1).fetch_all(&self.pool).await.map_err(db_error)?;
-        crate::sql::paginate(&rows, limit, call, |c: &CallRecord| c.id.to_string())
     }
 
     async fn trim_calls(&self, before: Timestamp, limit: u32) -> Result<u64> {
-        // The oldest rows by id (the primary key; ids grow with time, give or take the seconds
-        // a batch waits), those of them older than `before`: no index on `at` to keep up.
-        let done =
-            sqlx::query("DELETE FROM call_log WHERE id IN (SELECT id FROM call_log ORDER BY id LIMIT $2) AND at < $1")
-                .bind(before.as_millis())
-                .bind(i64::from(limit))
-                .execute(&self.pool)
-                .await
-                .map_err(db_error)?;
+        // The oldest chunks by id (ids grow with the writes), those of them whose last call is
+        // older than `before`: no index on the time to keep up.
+        let done = sqlx::query(
+            "DELETE FROM call_chunks WHERE id IN (SELECT id FROM call_chunks ORDER BY id LIMIT $2) AND last_at < $1",
+        )
+        .bind(before.as_millis())
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
         Ok(done.rows_affected())
     }
+}
+
+/// Whether a call passes the filter's conditions on the call itself (the token, the app and a
+/// first cut of the time are conditions on the chunk's row).
+fn matches(f: &CallFilter, c: &CallRecord) -> bool {
+    let status = match f.status {
+        Some(s) if s < 10 => c.status / 100 == s,
+        Some(s) => c.status == s,
+        None => true,
+    };
+    status
+        && f.route.as_deref().is_none_or(|r| c.route.as_deref() == Some(r))
+        && f.refused.is_none_or(|r| c.refusal.is_some() == r)
+        && f.from.is_none_or(|t| c.at >= t)
+        && f.to.is_none_or(|t| c.at < t)
 }

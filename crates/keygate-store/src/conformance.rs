@@ -2250,9 +2250,11 @@ async fn call_log(h: &Harness) {
         client_ip: "203.0.113.7".into(),
         refusal: (status >= 400).then(|| "insufficient_scope".to_owned()),
     };
-    // More than one INSERT's worth.
+    // 45 writes of ten calls, one every ten seconds: two chunks each (with and without a token).
     let batch: Vec<CallRecord> = (0..450).map(|i| call(i, if i % 3 == 0 { 403 } else { 200 }, i % 2 == 0)).collect();
-    s.insert_calls(&batch).await.unwrap();
+    for write in batch.chunks(10) {
+        s.insert_calls(write).await.unwrap();
+    }
     let wsid = ws.id.clone();
     let all = |f: CallFilter| {
         let wsid = wsid.clone();
@@ -2295,11 +2297,33 @@ async fn call_log(h: &Harness) {
     let back = s.list_calls(&ws.id, &CallFilter::default(), &PageRequest { limit: 1, cursor: None }).await.unwrap();
     assert_eq!(back.items[0].path, odd.path);
     assert_eq!((back.items[0].status, back.items[0].token_id.clone()), (200, None));
-    // Retention: the oldest go, in slices.
-    assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 60);
-    assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 40);
+    // Retention: the oldest chunks go, in slices (the first ten writes' twenty chunks).
+    assert_eq!(s.trim_calls(T0.plus_seconds(100), 6).await.unwrap(), 6);
+    assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 14);
     assert_eq!(s.trim_calls(T0.plus_seconds(100), 60).await.unwrap(), 0);
     assert_eq!(all(CallFilter::default()).await, 351);
+    // A filter that matches one call in a quarter of a million: pages stop after examining a
+    // bounded number of calls and say where to go on; following them finds it.
+    let (big, bd) = workspace("busy");
+    s.ensure_workspace(&big, &bd).await.unwrap();
+    let many: Vec<CallRecord> = (0..250_000)
+        .map(|i| CallRecord {
+            workspace_id: big.id.clone(),
+            status: if i == 0 { 500 } else { 200 },
+            path: "/orders".into(),
+            ..call(1000 + i / 1000, 200, false)
+        })
+        .collect();
+    s.insert_calls(&many).await.unwrap();
+    let f = CallFilter { status: Some(5), ..CallFilter::default() };
+    let first = s.list_calls(&big.id, &f, &PageRequest { limit: 10, cursor: None }).await.unwrap();
+    assert!(first.items.is_empty() && first.next_cursor.is_some(), "{:?}", first.next_cursor);
+    let second = s.list_calls(&big.id, &f, &PageRequest { limit: 10, cursor: first.next_cursor }).await.unwrap();
+    assert_eq!((second.items.len(), second.next_cursor), (1, None));
+    assert_eq!(second.items[0].at, T0.plus_seconds(1000));
+    let newest = s.list_calls(&big.id, &CallFilter::default(), &PageRequest { limit: 3, cursor: None }).await.unwrap();
+    assert_eq!(newest.items.len(), 3);
+    assert!(newest.items.windows(2).all(|w| w[0].id > w[1].id));
     assert!(
         s.list_calls(&ws.id, &CallFilter::default(), &PageRequest { limit: 1, cursor: Some("x".into()) })
             .await

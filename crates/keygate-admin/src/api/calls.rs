@@ -165,6 +165,8 @@ pub(crate) async fn list_calls(
 
 /// Calls per export answer; more continue through the `next` link.
 pub(crate) const EXPORT_BATCH: usize = 10_000;
+/// Store pages one export answer reads at most.
+const EXPORT_PAGES: usize = 25;
 
 /// The calls as a file, newest first: JSON lines or CSV, at most 10,000 per answer, with a
 /// `Link: <…>; rel="next"` header while there are more.
@@ -229,6 +231,9 @@ pub(crate) async fn export_body(
         out.push_str("id,at,token_id,app_id,route,method,path,status,latency_us,client_ip,refusal\r\n");
     }
     let mut count = 0;
+    // A filter that matches rarely makes short pages (each examines a bounded number of calls):
+    // one answer reads this many pages at most, then links to the rest.
+    let mut pages = 0;
     loop {
         let page = admin
             .store()
@@ -259,8 +264,9 @@ pub(crate) async fn export_body(
             }
         }
         count += page.items.len();
+        pages += 1;
         cursor = page.next_cursor;
-        if cursor.is_none() || count >= EXPORT_BATCH {
+        if cursor.is_none() || count >= EXPORT_BATCH || pages >= EXPORT_PAGES {
             return Ok((out, cursor));
         }
     }

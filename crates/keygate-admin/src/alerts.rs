@@ -10,7 +10,7 @@
 //! network new; an alert repeated while it is unresolved counts an occurrence instead of opening
 //! another.
 
-use std::collections::HashMap;
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use keygate_core::anomaly::{
@@ -65,9 +65,9 @@ impl Detector {
     pub fn new(settings: AnomalySettings) -> Self {
         Self {
             settings,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::default()),
             saved_at_ms: AtomicU64::new(0),
-            raised: Mutex::new(HashMap::new()),
+            raised: Mutex::new(HashMap::default()),
             run: tokio::sync::Mutex::new(()),
         }
     }

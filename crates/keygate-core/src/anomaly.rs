@@ -23,7 +23,8 @@
 //! recorded once across nodes) and passed in as [`NewSightings`]. Everything here is a pure
 //! function of its inputs and the times they carry, so it is tested with a manual clock.
 
-use std::collections::HashSet;
+/// Sets of values seen (networks, routes, agents), hashed with foldhash (seeded per process).
+pub type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -693,6 +694,18 @@ pub trait AlertStore: Send + Sync {
     ) -> Result<bool>;
     /// Alerts by severity and status, across workspaces (for `/metrics`).
     async fn alert_counts(&self) -> Result<Vec<(Severity, AlertStatus, u64)>>;
+    /// Deletes the baselines and sightings of tokens that can no longer be used (revoked,
+    /// deleted, or expired before `expired_before`), and the alerts resolved before
+    /// `resolved_before`; returns how many of each.
+    async fn purge_anomaly_state(&self, expired_before: Timestamp, resolved_before: Timestamp) -> Result<Purged>;
+}
+
+/// What [`AlertStore::purge_anomaly_state`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub baselines: u64,
+    pub sightings: u64,
+    pub alerts: u64,
 }
 
 #[cfg(test)]

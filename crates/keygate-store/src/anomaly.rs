@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use keygate_core::anomaly::{
-    Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, KnownValues, Raised, Severity,
+    Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, KnownValues, Purged, Raised, Severity,
 };
 use keygate_core::ids::{AlertId, AppId, TokenId, WorkspaceId};
 use keygate_core::model::{NewAuditEvent, Page, PageRequest};
@@ -43,8 +43,34 @@ fn alert(row: &AnyRow) -> Result<Alert> {
     })
 }
 
+/// A token that can still be used (or present an old secret worth an alert): not revoked, and
+/// not expired before `$1`.
+const USABLE_TOKEN: &str =
+    "SELECT 1 FROM tokens t WHERE t.id = {table}.token_id AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at >= $1)";
+
 #[async_trait]
 impl AlertStore for SqlStore {
+    async fn purge_anomaly_state(&self, expired_before: Timestamp, resolved_before: Timestamp) -> Result<Purged> {
+        let mut done = [0u64; 2];
+        for (n, table) in ["token_baselines", "token_sightings"].into_iter().enumerate() {
+            let usable = USABLE_TOKEN.replace("{table}", table);
+            let sql = format!("DELETE FROM {table} WHERE NOT EXISTS ({usable})");
+            done[n] = sqlx::query(AssertSqlSafe(sql))
+                .bind(expired_before.as_millis())
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+        }
+        let alerts = sqlx::query("DELETE FROM alerts WHERE status = 'resolved' AND resolved_at < $1")
+            .bind(resolved_before.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        Ok(Purged { baselines: done[0], sightings: done[1], alerts })
+    }
+
     async fn load_baseline(&self, token: &TokenId) -> Result<(Option<Baseline>, KnownValues)> {
         let row = sqlx::query("SELECT baseline FROM token_baselines WHERE token_id = $1")
             .bind(token.as_str())

@@ -1,8 +1,6 @@
 //! [`CallStore`] for [`SqlStore`]: the call log, stored in chunks (`keygate_core::calls`): one
 //! row per workspace, token and app per write, each holding up to 4,096 calls.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use keygate_core::Result;
 use keygate_core::Timestamp;
@@ -16,8 +14,8 @@ use crate::db_error;
 use crate::rows::get;
 use crate::sql::SqlStore;
 
-/// Chunk rows per INSERT statement.
-const ROWS_PER_INSERT: usize = 100;
+/// Chunks per INSERT statement.
+const CHUNKS_PER_INSERT: usize = 1000;
 /// Chunk rows read per query while a list fills its page.
 const ROWS_PER_READ: i64 = 32;
 /// Calls a list examines at most for one page: a filter that matches rarely returns a short
@@ -36,7 +34,8 @@ struct Chunk<'a> {
 /// chunks of at most [`CHUNK_CALLS`].
 fn chunks(calls: &[CallRecord]) -> Vec<Chunk<'_>> {
     let mut out: Vec<Chunk<'_>> = Vec::new();
-    let mut open: HashMap<(&str, Option<&str>, Option<&str>), usize> = HashMap::new();
+    let mut open: std::collections::HashMap<(&str, Option<&str>, Option<&str>), usize, foldhash::fast::RandomState> =
+        Default::default();
     for c in calls {
         let key =
             (c.workspace_id.as_str(), c.token_id.as_ref().map(TokenId::as_str), c.app_id.as_ref().map(AppId::as_str));
@@ -56,35 +55,45 @@ fn chunks(calls: &[CallRecord]) -> Vec<Chunk<'_>> {
 #[async_trait]
 impl CallStore for SqlStore {
     async fn insert_calls(&self, calls: &[CallRecord]) -> Result<()> {
+        // One statement and one parameter per batch of chunks: the rows as a JSON array of
+        // arrays, the chunk's bytes in hex, unpacked by the engine (json_each and unhex in
+        // SQLite, json_array_elements and decode in PostgreSQL). Binding seven values per row
+        // instead cost more than the writes: sqlx's SQLite driver looks up each parameter's name
+        // with a scan of the statement's parameters (docs/benchmarks.md, the call log's cost).
+        let sql = match self.engine {
+            crate::Engine::Sqlite => {
+                "INSERT INTO call_chunks (workspace_id, token_id, app_id, first_at, last_at, calls, data) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, unhex(value->>6) \
+                 FROM json_each($1)"
+            }
+            crate::Engine::Postgres => {
+                "INSERT INTO call_chunks (workspace_id, token_id, app_id, first_at, last_at, calls, data) \
+                 SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::integer, decode(e->>6, 'hex') \
+                 FROM json_array_elements($1::json) AS e"
+            }
+        };
         let chunks = chunks(calls);
-        let mut tx = self.begin().await?;
-        for group in chunks.chunks(ROWS_PER_INSERT) {
-            let values: Vec<String> = (0..group.len())
-                .map(|i| {
-                    let p = i * 7;
-                    format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5, p + 6, p + 7)
+        for group in chunks.chunks(CHUNKS_PER_INSERT) {
+            let rows: Vec<serde_json::Value> = group
+                .iter()
+                .map(|c| {
+                    let first = c.calls.iter().map(|r| r.at.as_millis()).min().unwrap_or(0);
+                    let last = c.calls.iter().map(|r| r.at.as_millis()).max().unwrap_or(0);
+                    serde_json::json!([
+                        c.workspace_id,
+                        c.token_id,
+                        c.app_id,
+                        first,
+                        last,
+                        c.calls.len(),
+                        hex(&encode_chunk(&c.calls)),
+                    ])
                 })
                 .collect();
-            let sql = format!(
-                "INSERT INTO call_chunks (workspace_id, token_id, app_id, first_at, last_at, calls, data) VALUES {}",
-                values.join(", ")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for c in group {
-                let first = c.calls.iter().map(|r| r.at.as_millis()).min().unwrap_or(0);
-                let last = c.calls.iter().map(|r| r.at.as_millis()).max().unwrap_or(0);
-                q = q
-                    .bind(c.workspace_id)
-                    .bind(c.token_id)
-                    .bind(c.app_id)
-                    .bind(first)
-                    .bind(last)
-                    .bind(i32::try_from(c.calls.len()).unwrap_or(i32::MAX))
-                    .bind(encode_chunk(&c.calls));
-            }
-            q.execute(&mut *tx).await.map_err(db_error)?;
+            let text = serde_json::to_string(&rows).map_err(|e| keygate_core::Error::internal(e.to_string()))?;
+            sqlx::query(sql).bind(text).execute(&self.pool).await.map_err(db_error)?;
         }
-        self.commit(tx, None).await
+        Ok(())
     }
 
     async fn list_calls(&self, ws: &WorkspaceId, f: &CallFilter, page: &PageRequest) -> Result<Page<CallRecord>> {
@@ -192,6 +201,16 @@ impl CallStore for SqlStore {
         .map_err(db_error)?;
         Ok(done.rows_affected())
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Whether a call passes the filter's conditions on the call itself (the token, the app and a

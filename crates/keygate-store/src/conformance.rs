@@ -2229,6 +2229,76 @@ async fn anomaly_alerts(h: &Harness) {
     );
 }
 
+async fn anomaly_purge(h: &Harness) {
+    use keygate_core::anomaly::{Alert, AlertKind, AlertStatus, AlertStore, Baseline, Purged, Severity};
+    let s = &h.store;
+    let (ws, d) = workspace("purge");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    const DAY: i64 = 86_400;
+    let with = |name: &str, f: &dyn Fn(&mut TokenRecord)| {
+        let mut t = token(&ws.id, &d.id, name, T0);
+        f(&mut t);
+        t
+    };
+    let live = with("live", &|_| {});
+    let revoked = with("revoked", &|t| {
+        t.state = TokenState::Revoked;
+        t.revoked_at = Some(T0);
+    });
+    let long_expired = with("long-expired", &|t| t.expires_at = Some(T0.plus_seconds(-40 * DAY)));
+    let just_expired = with("just-expired", &|t| t.expires_at = Some(T0.plus_seconds(-DAY)));
+    for t in [&live, &revoked, &long_expired, &just_expired] {
+        s.insert_token(t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    }
+    let gone = TokenId::from_public_id("zzzzzzzzzzzz");
+    let ids: Vec<TokenId> =
+        [&live, &revoked, &long_expired, &just_expired].iter().map(|t| t.id.clone()).chain([gone.clone()]).collect();
+    for id in &ids {
+        s.save_baselines(&[(id.clone(), ws.id.clone(), Baseline::default())], T0).await.unwrap();
+        s.record_sightings(id, &[("network", "203.0.113.0/24".to_owned())], T0).await.unwrap();
+    }
+    let alert = |id: &str, at: Timestamp| Alert {
+        id: keygate_core::ids::AlertId::parse(id).unwrap(),
+        workspace_id: ws.id.clone(),
+        token_id: live.id.clone(),
+        app_id: d.id.clone(),
+        kind: AlertKind::NewNetwork,
+        severity: Severity::Low,
+        status: AlertStatus::Open,
+        key: id.to_owned(),
+        summary: "s".into(),
+        evidence: json!({}),
+        created_at: at,
+        last_seen_at: at,
+        occurrences: 1,
+        action: None,
+        acknowledged_by: None,
+        acknowledged_at: None,
+        resolved_by: None,
+        resolved_at: None,
+    };
+    let ev = audit(&ws.id, "anomaly.detected", live.id.as_str());
+    for (id, resolved) in [("al_old", Some(-20 * DAY)), ("al_recent", Some(-DAY)), ("al_open", None)] {
+        let a = alert(id, T0.plus_seconds(-30 * DAY));
+        s.raise_alert(&a, &ev).await.unwrap();
+        if let Some(at) = resolved {
+            let r = audit(&ws.id, "alert.resolve", id);
+            s.set_alert_status(&ws.id, &a.id, AlertStatus::Resolved, "rk_x", T0.plus_seconds(at), &r).await.unwrap();
+        }
+    }
+    let purged = s.purge_anomaly_state(T0.plus_seconds(-30 * DAY), T0.plus_seconds(-10 * DAY)).await.unwrap();
+    assert_eq!(purged, Purged { baselines: 3, sightings: 3, alerts: 1 });
+    for (id, kept) in ids.iter().zip([true, false, false, true, false]) {
+        let (b, known) = s.load_baseline(id).await.unwrap();
+        assert_eq!((b.is_some(), !known.networks.is_empty()), (kept, kept), "{id}");
+    }
+    assert!(s.alert(&ws.id, &keygate_core::ids::AlertId::parse("al_old").unwrap()).await.unwrap().is_none());
+    for id in ["al_recent", "al_open"] {
+        assert!(s.alert(&ws.id, &keygate_core::ids::AlertId::parse(id).unwrap()).await.unwrap().is_some(), "{id}");
+    }
+    assert_eq!(s.purge_anomaly_state(T0.plus_seconds(-30 * DAY), T0.plus_seconds(-10 * DAY)).await.unwrap(), Purged::default());
+}
+
 async fn call_log(h: &Harness) {
     use keygate_core::model::{CallFilter, CallRecord};
     use keygate_core::store::CallStore;
@@ -2365,7 +2435,8 @@ conformance!(
     webhook_outbox,
     siem_outbox,
     anomaly_alerts,
-    call_log
+    call_log,
+    anomaly_purge
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

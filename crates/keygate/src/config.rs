@@ -338,11 +338,14 @@ pub struct AnomalyConfig {
     /// Baselines each node holds in memory (the least recently seen written back and let go of
     /// beyond it). Default 100,000.
     pub max_tokens: usize,
+    /// Resolved alerts are deleted this many days after their resolution (the audit trail keeps
+    /// their `anomaly.detected` events). Default 365.
+    pub alert_retention_days: u32,
 }
 
 impl Default for AnomalyConfig {
     fn default() -> Self {
-        Self { enabled: true, sensitivity: "normal".into(), max_tokens: 100_000 }
+        Self { enabled: true, sensitivity: "normal".into(), max_tokens: 100_000, alert_retention_days: 365 }
     }
 }
 
@@ -353,6 +356,9 @@ impl AnomalyConfig {
         }
         if !(1_000..=10_000_000).contains(&self.max_tokens) {
             bail!("anomaly.max_tokens must be between 1000 and 10000000");
+        }
+        if !(1..=3650).contains(&self.alert_retention_days) {
+            bail!("anomaly.alert_retention_days must be between 1 and 3650");
         }
         Ok(())
     }

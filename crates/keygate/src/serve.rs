@@ -203,7 +203,7 @@ pub async fn start(
     }
     let detector = gw.watch.as_ref().map(|_| Arc::new(keygate_admin::alerts::Detector::new(cfg.anomaly.settings())));
     if let (Some(watch), Some(det)) = (&gw.watch, &detector) {
-        tasks.push(spawn_detector(opened.admin.clone(), watch.clone(), det.clone()));
+        tasks.push(spawn_detector(opened.admin.clone(), watch.clone(), det.clone(), cfg.anomaly.alert_retention_days));
     }
     if let Some(mailer) = crate::notify::SmtpMailer::new(&cfg.email)? {
         opened.admin.enable_email();
@@ -490,18 +490,39 @@ fn call_log_metrics(calls: Option<&keygate_gateway::calls::CallLog>) -> String {
 }
 
 /// Runs the anomaly detectors every second over what the gateway's watch counted.
+/// Once an hour (and a minute after the start) it also deletes what detection keeps for tokens
+/// that can no longer be used, and the alerts resolved more than `alert_retention_days` ago.
 fn spawn_detector(
     admin: Arc<keygate_admin::service::Admin>,
     watch: Arc<keygate_gateway::watch::Watch>,
     det: Arc<keygate_admin::alerts::Detector>,
+    alert_retention_days: u32,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
             if let Err(e) = admin.detect(&det, || watch.drain()).await {
                 tracing::warn!(error = %e, "anomaly detection: cannot read or write the store; this second's activity is skipped");
+            }
+            n += 1;
+            if n % 3600 == 60 {
+                let now = admin.now().as_millis();
+                let expired_before =
+                    keygate_core::Timestamp::from_millis(now - keygate_core::model::ROTATED_KEPT_MS);
+                let resolved_before =
+                    keygate_core::Timestamp::from_millis(now - i64::from(alert_retention_days) * 86_400_000);
+                match admin.store().purge_anomaly_state(expired_before, resolved_before).await {
+                    Ok(p) => tracing::debug!(
+                        baselines = p.baselines,
+                        sightings = p.sightings,
+                        alerts = p.alerts,
+                        "anomaly detection: state of unusable tokens and old resolved alerts deleted"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "anomaly detection: cannot delete old state"),
+                }
             }
         }
     })

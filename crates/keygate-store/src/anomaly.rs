@@ -45,8 +45,7 @@ fn alert(row: &AnyRow) -> Result<Alert> {
 
 /// A token that can still be used (or present an old secret worth an alert): not revoked, and
 /// not expired before `$1`.
-const USABLE_TOKEN: &str =
-    "SELECT 1 FROM tokens t WHERE t.id = {table}.token_id AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at >= $1)";
+const USABLE_TOKEN: &str = "SELECT 1 FROM tokens t WHERE t.id = {table}.token_id AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at >= $1)";
 
 #[async_trait]
 impl AlertStore for SqlStore {

@@ -30,8 +30,9 @@ struct Chunk<'a> {
     calls: Vec<&'a CallRecord>,
 }
 
-/// Groups the calls by workspace, token and app, in the order each group first appears, in
-/// chunks of at most [`CHUNK_CALLS`].
+/// Groups the calls by workspace, token and app in chunks of at most [`CHUNK_CALLS`], ordered
+/// by their newest call (so that ids, which a list shows newest first, follow time as closely
+/// as chunks allow: calls of different tokens written in the same second can interleave).
 fn chunks(calls: &[CallRecord]) -> Vec<Chunk<'_>> {
     let mut out: Vec<Chunk<'_>> = Vec::new();
     let mut open: std::collections::HashMap<(&str, Option<&str>, Option<&str>), usize, foldhash::fast::RandomState> =
@@ -49,6 +50,7 @@ fn chunks(calls: &[CallRecord]) -> Vec<Chunk<'_>> {
         };
         out[at].calls.push(c);
     }
+    out.sort_by_key(|c| c.calls.iter().map(|r| r.at).max());
     out
 }
 

@@ -2296,7 +2296,10 @@ async fn anomaly_purge(h: &Harness) {
     for id in ["al_recent", "al_open"] {
         assert!(s.alert(&ws.id, &keygate_core::ids::AlertId::parse(id).unwrap()).await.unwrap().is_some(), "{id}");
     }
-    assert_eq!(s.purge_anomaly_state(T0.plus_seconds(-30 * DAY), T0.plus_seconds(-10 * DAY)).await.unwrap(), Purged::default());
+    assert_eq!(
+        s.purge_anomaly_state(T0.plus_seconds(-30 * DAY), T0.plus_seconds(-10 * DAY)).await.unwrap(),
+        Purged::default()
+    );
 }
 
 async fn call_log(h: &Harness) {

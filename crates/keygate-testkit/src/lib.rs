@@ -177,9 +177,22 @@ impl TestKeygate {
         &self.running().oauth
     }
 
-    /// Writes the call log's pending calls to the store now.
-    pub async fn write_calls(&self) {
-        self.running().write_calls().await;
+    /// Writes the call log's pending calls to the store until this node has written `total`
+    /// calls since it started. A call is recorded just after its answer is sent, so the last
+    /// answer a test received may not be in the log yet: this waits for it (10 s at most, then
+    /// panics with the count it reached).
+    pub async fn write_calls(&self, total: u64) {
+        let Some(log) = self.gateway().calls.clone() else { panic!("the call log is off") };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            self.running().write_calls().await;
+            let written = log.written.load(std::sync::atomic::Ordering::Relaxed);
+            if written >= total {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{written} calls written of the {total} expected");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Runs the anomaly detectors now over what the gateway counted (the background task does it

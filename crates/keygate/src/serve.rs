@@ -510,8 +510,7 @@ fn spawn_detector(
             n += 1;
             if n % 3600 == 60 {
                 let now = admin.now().as_millis();
-                let expired_before =
-                    keygate_core::Timestamp::from_millis(now - keygate_core::model::ROTATED_KEPT_MS);
+                let expired_before = keygate_core::Timestamp::from_millis(now - keygate_core::model::ROTATED_KEPT_MS);
                 let resolved_before =
                     keygate_core::Timestamp::from_millis(now - i64::from(alert_retention_days) * 86_400_000);
                 match admin.store().purge_anomaly_state(expired_before, resolved_before).await {

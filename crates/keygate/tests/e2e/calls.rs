@@ -46,7 +46,7 @@ async fn every_call_is_recorded_searched_and_exported_without_its_query() {
     kg.clock.advance_seconds(1);
     assert_eq!(call(&kg, "/orders/2", Some(&other_secret), Method::POST).await, 200);
     // Written in batches off the request path (the test writes now instead of waiting a second).
-    kg.write_calls().await;
+    kg.write_calls(5).await;
 
     let mine = c.get(&format!("/admin/v1/calls?token_id={token}")).await;
     assert_eq!(mine.status, StatusCode::OK, "{:?}", mine.body);

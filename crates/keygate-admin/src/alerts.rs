@@ -203,26 +203,7 @@ impl Admin {
     /// Records a finding as an alert (or a repeat of one) and applies the workspace's policy to
     /// a new one: returns the alert if it is new.
     async fn raise(&self, det: &Detector, a: &Activity, f: Finding, now: Timestamp) -> Result<Option<Alert>> {
-        let alert = Alert {
-            id: AlertId::random(self.rng())?,
-            workspace_id: a.workspace_id.clone(),
-            token_id: a.token_id.clone(),
-            app_id: a.app_id.clone(),
-            kind: f.kind,
-            severity: f.severity,
-            status: AlertStatus::Open,
-            key: f.key,
-            summary: f.summary,
-            evidence: f.evidence,
-            created_at: now,
-            last_seen_at: now,
-            occurrences: 1,
-            action: None,
-            acknowledged_by: None,
-            acknowledged_at: None,
-            resolved_by: None,
-            resolved_at: None,
-        };
+        let alert = Alert::open(AlertId::random(self.rng())?, (&a.workspace_id, &a.token_id, &a.app_id), f, now);
         let audit = NewAuditEvent::new(
             &alert.workspace_id,
             &detector_actor(),

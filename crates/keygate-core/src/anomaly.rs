@@ -642,6 +642,32 @@ pub struct Alert {
     pub resolved_at: Option<Timestamp>,
 }
 
+impl Alert {
+    /// A new alert of `finding` on `token`, open, seen once at `now`.
+    pub fn open(id: AlertId, token: (&WorkspaceId, &TokenId, &AppId), finding: Finding, now: Timestamp) -> Self {
+        Self {
+            id,
+            workspace_id: token.0.clone(),
+            token_id: token.1.clone(),
+            app_id: token.2.clone(),
+            kind: finding.kind,
+            severity: finding.severity,
+            status: AlertStatus::Open,
+            key: finding.key,
+            summary: finding.summary,
+            evidence: finding.evidence,
+            created_at: now,
+            last_seen_at: now,
+            occurrences: 1,
+            action: None,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            resolved_by: None,
+            resolved_at: None,
+        }
+    }
+}
+
 /// Which alerts a list shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AlertFilter {

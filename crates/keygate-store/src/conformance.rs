@@ -2137,8 +2137,26 @@ async fn siem_outbox(h: &Harness) {
     s.set_siem_sinks(&[]);
 }
 
+fn test_alert(
+    id: &str,
+    token: (&WorkspaceId, &TokenId, &AppId),
+    kind: keygate_core::anomaly::AlertKind,
+    severity: keygate_core::anomaly::Severity,
+    key: &str,
+    at: Timestamp,
+) -> keygate_core::anomaly::Alert {
+    let finding = keygate_core::anomaly::Finding {
+        kind,
+        severity,
+        key: key.to_owned(),
+        summary: "s".into(),
+        evidence: json!({"n": 1}),
+    };
+    keygate_core::anomaly::Alert::open(keygate_core::ids::AlertId::parse(id).unwrap(), token, finding, at)
+}
+
 async fn anomaly_alerts(h: &Harness) {
-    use keygate_core::anomaly::{Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, Raised, Severity};
+    use keygate_core::anomaly::{AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, Raised, Severity};
     let s = &h.store;
     let (ws, d) = workspace("alerts");
     s.ensure_workspace(&ws, &d).await.unwrap();
@@ -2162,25 +2180,8 @@ async fn anomaly_alerts(h: &Harness) {
     assert!(known.agents.contains("curl/8"));
 
     // Alerts: one per token, kind and key while unresolved; a repeat counts.
-    let alert = |id: &str, kind: AlertKind, severity: Severity, key: &str, at: Timestamp| Alert {
-        id: keygate_core::ids::AlertId::parse(id).unwrap(),
-        workspace_id: ws.id.clone(),
-        token_id: tok.clone(),
-        app_id: d.id.clone(),
-        kind,
-        severity,
-        status: AlertStatus::Open,
-        key: key.to_owned(),
-        summary: "s".into(),
-        evidence: serde_json::json!({"n": 1}),
-        created_at: at,
-        last_seen_at: at,
-        occurrences: 1,
-        action: None,
-        acknowledged_by: None,
-        acknowledged_at: None,
-        resolved_by: None,
-        resolved_at: None,
+    let alert = |id: &str, kind: AlertKind, severity: Severity, key: &str, at: Timestamp| {
+        test_alert(id, (&ws.id, &tok, &d.id), kind, severity, key, at)
     };
     let a1 = alert("al_1", AlertKind::RateSpike, Severity::Medium, "", T0);
     let ev = audit(&ws.id, "anomaly.detected", tok.as_str());
@@ -2230,7 +2231,7 @@ async fn anomaly_alerts(h: &Harness) {
 }
 
 async fn anomaly_purge(h: &Harness) {
-    use keygate_core::anomaly::{Alert, AlertKind, AlertStatus, AlertStore, Baseline, Purged, Severity};
+    use keygate_core::anomaly::{AlertKind, AlertStatus, AlertStore, Baseline, Purged, Severity};
     let s = &h.store;
     let (ws, d) = workspace("purge");
     s.ensure_workspace(&ws, &d).await.unwrap();
@@ -2257,25 +2258,8 @@ async fn anomaly_purge(h: &Harness) {
         s.save_baselines(&[(id.clone(), ws.id.clone(), Baseline::default())], T0).await.unwrap();
         s.record_sightings(id, &[("network", "203.0.113.0/24".to_owned())], T0).await.unwrap();
     }
-    let alert = |id: &str, at: Timestamp| Alert {
-        id: keygate_core::ids::AlertId::parse(id).unwrap(),
-        workspace_id: ws.id.clone(),
-        token_id: live.id.clone(),
-        app_id: d.id.clone(),
-        kind: AlertKind::NewNetwork,
-        severity: Severity::Low,
-        status: AlertStatus::Open,
-        key: id.to_owned(),
-        summary: "s".into(),
-        evidence: json!({}),
-        created_at: at,
-        last_seen_at: at,
-        occurrences: 1,
-        action: None,
-        acknowledged_by: None,
-        acknowledged_at: None,
-        resolved_by: None,
-        resolved_at: None,
+    let alert = |id: &str, at: Timestamp| {
+        test_alert(id, (&ws.id, &live.id, &d.id), AlertKind::NewNetwork, Severity::Low, id, at)
     };
     let ev = audit(&ws.id, "anomaly.detected", live.id.as_str());
     for (id, resolved) in [("al_old", Some(-20 * DAY)), ("al_recent", Some(-DAY)), ("al_open", None)] {

@@ -861,12 +861,13 @@ async function run(browser, kg) {
     await clickAndLoad(owner, owner.getByRole('link', { name: 'Every call of this token' }), "open the token's calls");
     await expectH1(owner, 'Calls');
     const callsHref = new URL(owner.url()).pathname + new URL(owner.url()).search;
-    // The call log is written every second: reload until the gateway calls made above show.
+    // The call log holds a token's calls up to ten seconds before writing them: reload until the
+    // gateway calls made above show (30 s at most).
     let seen = false;
-    for (let i = 0; i < 20 && !seen; i++) {
+    for (let i = 0; i < 60 && !seen; i++) {
       seen = (await owner.content()).includes('/demo/echo');
       if (!seen) {
-        await new Promise((r) => setTimeout(r, 250));
+        await new Promise((r) => setTimeout(r, 500));
         await goto(owner, callsHref);
       }
     }

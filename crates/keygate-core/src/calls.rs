@@ -46,50 +46,172 @@ pub fn split_call_id(id: i64) -> (i64, usize) {
 
 /// Encodes up to [`CHUNK_CALLS`] calls of one workspace, token and app (the caller groups them;
 /// their ids, workspace, token and app are not written). Extra calls are not written.
-pub fn encode_chunk<'a>(calls: &[&'a CallRecord]) -> Vec<u8> {
-    let calls = &calls[..calls.len().min(CHUNK_CALLS)];
-    let base = calls.first().map_or(0, |c| c.at.as_millis());
-    let mut t = Table::default();
-    let mut body = Vec::with_capacity(calls.len() * 12);
+pub fn encode_chunk(calls: &[&CallRecord]) -> Vec<u8> {
+    let mut b = ChunkBuilder::default();
     for c in calls {
-        put(&mut body, zigzag(c.at.as_millis().wrapping_sub(base)));
-        let c: &'a CallRecord = c;
-        let method = t.intern(&c.method);
-        let route = c.route.as_deref().map_or(0, |r| t.intern(r) + 1);
-        let path = t.intern(&c.path);
-        let ip = t.intern(&c.client_ip);
-        let refusal = c.refusal.as_deref().map_or(0, |r| t.intern(r) + 1);
-        for v in [method, route, path, u64::from(c.status), c.latency_us, ip, refusal] {
-            put(&mut body, v);
+        if !b.push(&CallFields::of(c)) {
+            break;
         }
     }
-    let strings = t.strings;
-    let mut out = Vec::with_capacity(body.len() + strings.iter().map(|s| s.len() + 2).sum::<usize>() + 16);
-    out.push(VERSION);
-    put(&mut out, zigzag(base));
-    put(&mut out, strings.len() as u64);
-    for s in &strings {
-        put(&mut out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
+    b.finish()
+}
+
+/// One call's fields, borrowed, as [`ChunkBuilder::push`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct CallFields<'a> {
+    pub at_ms: i64,
+    pub method: &'a str,
+    pub route: Option<&'a str>,
+    pub path: &'a str,
+    pub status: u16,
+    pub latency_us: u64,
+    pub client_ip: &'a str,
+    pub refusal: Option<&'a str>,
+}
+
+impl<'a> CallFields<'a> {
+    pub fn of(c: &'a CallRecord) -> Self {
+        Self {
+            at_ms: c.at.as_millis(),
+            method: &c.method,
+            route: c.route.as_deref(),
+            path: &c.path,
+            status: c.status,
+            latency_us: c.latency_us,
+            client_ip: &c.client_ip,
+            refusal: c.refusal.as_deref(),
+        }
     }
-    put(&mut out, calls.len() as u64);
-    out.extend_from_slice(&body);
+}
+
+/// A chunk being written, one call at a time: what the call writer holds for a token between
+/// writes (a few bytes per call, each distinct text once).
+#[derive(Debug, Default)]
+pub struct ChunkBuilder {
+    base: Option<i64>,
+    first_at: i64,
+    last_at: i64,
+    calls: usize,
+    /// Each distinct text with its index in the chunk's table.
+    index: HashMap<Box<str>, u64, foldhash::fast::RandomState>,
+    /// Their bytes.
+    text_bytes: usize,
+    body: Vec<u8>,
+}
+
+impl ChunkBuilder {
+    /// Adds a call; `false` (and nothing added) when the chunk holds [`CHUNK_CALLS`] already.
+    pub fn push(&mut self, c: &CallFields<'_>) -> bool {
+        if self.calls >= CHUNK_CALLS {
+            return false;
+        }
+        let base = *self.base.get_or_insert(c.at_ms);
+        if self.calls == 0 {
+            (self.first_at, self.last_at) = (c.at_ms, c.at_ms);
+        }
+        self.first_at = self.first_at.min(c.at_ms);
+        self.last_at = self.last_at.max(c.at_ms);
+        put(&mut self.body, zigzag(c.at_ms.wrapping_sub(base)));
+        let method = self.intern(c.method);
+        let route = c.route.map_or(0, |r| self.intern(r) + 1);
+        let path = self.intern(c.path);
+        let ip = self.intern(c.client_ip);
+        let refusal = c.refusal.map_or(0, |r| self.intern(r) + 1);
+        for v in [method, route, path, u64::from(c.status), c.latency_us, ip, refusal] {
+            put(&mut self.body, v);
+        }
+        self.calls += 1;
+        true
+    }
+
+    fn intern(&mut self, s: &str) -> u64 {
+        if let Some(i) = self.index.get(s) {
+            return *i;
+        }
+        let i = self.index.len() as u64;
+        self.index.insert(s.into(), i);
+        self.text_bytes += s.len();
+        i
+    }
+
+    /// Calls in the chunk.
+    pub fn len(&self) -> usize {
+        self.calls
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls == 0
+    }
+
+    /// The earliest and the latest time of its calls (0 when empty).
+    pub fn span(&self) -> (i64, i64) {
+        (self.first_at, self.last_at)
+    }
+
+    /// Bytes held, about (the encoded calls and the texts), for the writer's memory bound.
+    pub fn held_bytes(&self) -> usize {
+        self.body.capacity() + self.text_bytes + self.index.len() * 48
+    }
+
+    /// The chunk's bytes, as [`decode_chunk`] reads them.
+    pub fn finish(self) -> Vec<u8> {
+        let mut strings: Vec<(&str, u64)> = self.index.iter().map(|(k, v)| (&**k, *v)).collect();
+        strings.sort_unstable_by_key(|(_, i)| *i);
+        let mut out =
+            Vec::with_capacity(self.body.len() + strings.iter().map(|(s, _)| s.len() + 2).sum::<usize>() + 16);
+        out.push(VERSION);
+        put(&mut out, zigzag(self.base.unwrap_or(0)));
+        put(&mut out, strings.len() as u64);
+        for (s, _) in &strings {
+            put(&mut out, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        }
+        put(&mut out, self.calls as u64);
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// Groups calls by workspace, token and app into chunks of at most [`CHUNK_CALLS`], ordered by
+/// their newest call (so that ids, which lists show newest first, follow time as closely as
+/// chunks allow).
+pub fn chunk_calls(calls: &[CallRecord]) -> Vec<CallChunk> {
+    type Key<'a> = (&'a WorkspaceId, Option<&'a TokenId>, Option<&'a AppId>);
+    let mut open: HashMap<Key<'_>, ChunkBuilder, foldhash::fast::RandomState> = HashMap::default();
+    let mut out = Vec::new();
+    let finish =
+        |(ws, token, app): Key<'_>, b: ChunkBuilder| CallChunk::new(ws.clone(), token.cloned(), app.cloned(), b);
+    for c in calls {
+        let key = (&c.workspace_id, c.token_id.as_ref(), c.app_id.as_ref());
+        let b = open.entry(key).or_default();
+        if !b.push(&CallFields::of(c)) {
+            out.push(finish(key, std::mem::take(b)));
+            b.push(&CallFields::of(c));
+        }
+    }
+    out.extend(open.into_iter().map(|(k, b)| finish(k, b)));
+    out.sort_by_key(|c| c.last_at);
     out
 }
 
-/// The distinct texts of a chunk, each with its index.
-#[derive(Default)]
-struct Table<'a> {
-    index: HashMap<&'a str, u64>,
-    strings: Vec<&'a str>,
+/// A finished chunk with the columns of its row, as the store writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallChunk {
+    pub workspace_id: WorkspaceId,
+    pub token_id: Option<TokenId>,
+    pub app_id: Option<AppId>,
+    pub first_at: i64,
+    pub last_at: i64,
+    pub calls: usize,
+    pub data: Vec<u8>,
 }
 
-impl<'a> Table<'a> {
-    fn intern(&mut self, s: &'a str) -> u64 {
-        *self.index.entry(s).or_insert_with(|| {
-            self.strings.push(s);
-            (self.strings.len() - 1) as u64
-        })
+impl CallChunk {
+    /// Finishes `builder` into the chunk of a workspace, token and app.
+    pub fn new(workspace_id: WorkspaceId, token_id: Option<TokenId>, app_id: Option<AppId>, b: ChunkBuilder) -> Self {
+        let (first_at, last_at) = b.span();
+        let calls = b.len();
+        Self { workspace_id, token_id, app_id, first_at, last_at, calls, data: b.finish() }
     }
 }
 

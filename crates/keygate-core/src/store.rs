@@ -264,8 +264,12 @@ pub trait ChangeFeed: Send + Sync {
 /// The call log (issue 15): every gateway call, written in batches.
 #[async_trait]
 pub trait CallStore: Send + Sync {
-    /// Writes a batch of calls.
-    async fn insert_calls(&self, calls: &[crate::model::CallRecord]) -> Result<()>;
+    /// Writes chunks of calls (`keygate_core::calls`), in the order given (their ids grow).
+    async fn insert_chunks(&self, chunks: &[crate::calls::CallChunk]) -> Result<()>;
+    /// Writes calls, grouped into chunks by workspace, token and app.
+    async fn insert_calls(&self, calls: &[crate::model::CallRecord]) -> Result<()> {
+        self.insert_chunks(&crate::calls::chunk_calls(calls)).await
+    }
     /// A page of the workspace's calls, newest first (the cursor is the last id shown). A filter
     /// that matches rarely can return a short page, even an empty one, with a cursor to go on
     /// from: a page examines a bounded number of calls.

@@ -3,6 +3,12 @@
 //! and the refusal reason — kept in memory per worker thread and written to the store in
 //! batches by a background task ([`crate::tasks::spawn_call_writer`]), off the request path.
 //!
+//! The writer packs each token's calls into a chunk ([`keygate_core::calls`]) that it holds open
+//! for [`HOLD_MS`] (or until it is full) before writing it: a token that calls a few times a
+//! second costs the store one row per ten seconds rather than one per second, which is what the
+//! store's CPU goes into (docs/benchmarks.md). What is held is bounded ([`MAX_HELD_BYTES`];
+//! beyond it everything is written at once).
+//!
 //! A request costs one uncontended lock and a push of about 100 bytes (the path is the only
 //! allocation). The buffer of a shard is bounded ([`MAX_PENDING`] calls per shard); calls that
 //! find it full are dropped and counted ([`CallLog::dropped`], in `/metrics`), so a store that
@@ -13,15 +19,36 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use http::Method;
-use keygate_core::Timestamp;
+use keygate_core::calls::{CallChunk, CallFields, ChunkBuilder};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
-use keygate_core::model::CallRecord;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use parking_lot::Mutex;
 
 const SHARDS: usize = 8;
 /// Calls waiting per shard at most (about 100 bytes each).
 pub const MAX_PENDING: usize = 65_536;
+/// How long the writer holds a token's chunk open before writing it.
+pub const HOLD_MS: i64 = 10_000;
+/// Bytes of open chunks the writer holds at most (about 10–20 per call); beyond it, every open
+/// chunk is written at once.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
+
+type Key = (Arc<str>, Option<[u8; PUBLIC_ID_LEN]>, Option<Arc<str>>);
+
+/// A token's chunk being written, and when the writer opened it.
+struct Open {
+    opened_ms: i64,
+    builder: ChunkBuilder,
+}
+
+fn finish((ws, token, app): Key, b: ChunkBuilder) -> CallChunk {
+    CallChunk::new(
+        WorkspaceId::from_trusted(ws.to_string()),
+        token.map(|t| TokenId::from_public_id(std::str::from_utf8(&t).unwrap_or_default())),
+        app.map(|a| AppId::from_trusted(a.to_string())),
+        b,
+    )
+}
 
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 
@@ -46,25 +73,6 @@ pub struct Call {
     pub refusal: Option<&'static str>,
 }
 
-impl Call {
-    pub fn into_record(self) -> CallRecord {
-        CallRecord {
-            id: 0,
-            workspace_id: WorkspaceId::from_trusted(self.workspace_id.to_string()),
-            at: Timestamp::from_millis(self.at_ms),
-            token_id: self.token.map(|t| TokenId::from_public_id(std::str::from_utf8(&t).unwrap_or_default())),
-            app_id: self.app_id.map(|a| AppId::from_trusted(a.to_string())),
-            route: self.route.map(|r| r.to_string()),
-            method: self.method.as_str().to_owned(),
-            path: self.path.into_string(),
-            status: self.status,
-            latency_us: self.latency_us,
-            client_ip: self.ip.to_canonical().to_string(),
-            refusal: self.refusal.map(str::to_owned),
-        }
-    }
-}
-
 #[repr(align(128))]
 #[derive(Default)]
 struct Shard(Mutex<Vec<Call>>);
@@ -72,6 +80,8 @@ struct Shard(Mutex<Vec<Call>>);
 /// Calls recorded and not yet written.
 pub struct CallLog {
     shards: Vec<Shard>,
+    /// The chunks the writer holds open, by workspace, token and app (the writer's alone).
+    open: Mutex<std::collections::HashMap<Key, Open, foldhash::fast::RandomState>>,
     /// Calls dropped because their shard's buffer was full.
     pub dropped: AtomicU64,
     /// Calls written to the store.
@@ -82,6 +92,7 @@ impl Default for CallLog {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            open: Mutex::default(),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
         }
@@ -100,8 +111,8 @@ impl CallLog {
         pending.push(call);
     }
 
-    /// Takes every call recorded so far, oldest first within a shard.
-    pub fn drain(&self) -> Vec<Call> {
+    /// Takes every call recorded so far, oldest first.
+    fn drain(&self) -> Vec<Call> {
         let mut out = Vec::new();
         for shard in &self.shards {
             out.append(&mut shard.0.lock());
@@ -110,9 +121,52 @@ impl CallLog {
         out
     }
 
-    /// Calls waiting to be written.
+    /// Calls waiting to be written (recorded, or held in an open chunk).
     pub fn pending(&self) -> usize {
-        self.shards.iter().map(|s| s.0.lock().len()).sum()
+        self.shards.iter().map(|s| s.0.lock().len()).sum::<usize>()
+            + self.open.lock().values().map(|o| o.builder.len()).sum::<usize>()
+    }
+
+    /// Moves the calls recorded so far into the open chunks, and takes the chunks to write:
+    /// those open for [`HOLD_MS`] at `now_ms`, those full, or all of them when `everything` is
+    /// set or more than [`MAX_HELD_BYTES`] are held. Ordered by their newest call.
+    pub fn ready_chunks(&self, now_ms: i64, everything: bool) -> Vec<CallChunk> {
+        let calls = self.drain();
+        let mut open = self.open.lock();
+        let mut ready = Vec::new();
+        let mut ip = String::new();
+        for c in calls {
+            use std::fmt::Write as _;
+            ip.clear();
+            let _ = write!(ip, "{}", c.ip.to_canonical());
+            let fields = CallFields {
+                at_ms: c.at_ms,
+                method: c.method.as_str(),
+                route: c.route.as_deref(),
+                path: &c.path,
+                status: c.status,
+                latency_us: c.latency_us,
+                client_ip: &ip,
+                refusal: c.refusal,
+            };
+            let key = (c.workspace_id.clone(), c.token, c.app_id.clone());
+            let o =
+                open.entry(key.clone()).or_insert_with(|| Open { opened_ms: now_ms, builder: ChunkBuilder::default() });
+            if !o.builder.push(&fields) {
+                let full = std::mem::take(&mut o.builder);
+                o.opened_ms = now_ms;
+                o.builder.push(&fields);
+                ready.push(finish(key, full));
+            }
+        }
+        let everything = everything || open.values().map(|o| o.builder.held_bytes()).sum::<usize>() > MAX_HELD_BYTES;
+        ready.extend(
+            open.extract_if(|_, o| everything || now_ms.saturating_sub(o.opened_ms) >= HOLD_MS)
+                .map(|(k, o)| finish(k, o.builder)),
+        );
+        drop(open);
+        ready.sort_by_key(|c| c.last_at);
+        ready
     }
 }
 
@@ -136,18 +190,81 @@ mod tests {
         }
     }
 
+    fn decoded(c: &CallChunk) -> Vec<keygate_core::model::CallRecord> {
+        let row = keygate_core::calls::ChunkRow {
+            id: 1,
+            workspace_id: &c.workspace_id,
+            token_id: c.token_id.as_ref(),
+            app_id: c.app_id.as_ref(),
+        };
+        keygate_core::calls::decode_chunk(&c.data, row).unwrap()
+    }
+
     #[test]
-    fn calls_are_drained_in_order_and_become_records() {
+    fn calls_become_chunks_in_order() {
         let log = CallLog::default();
         log.record(call(2));
         log.record(call(1));
-        assert_eq!(log.pending(), 2);
-        let got = log.drain();
-        assert_eq!(got.iter().map(|c| c.at_ms).collect::<Vec<_>>(), [1, 2]);
+        log.record(Call { token: None, app_id: None, ..call(3) });
+        assert_eq!(log.pending(), 3);
+        let chunks = log.ready_chunks(0, true);
         assert_eq!(log.pending(), 0);
-        let r = got[0].clone().into_record();
-        assert_eq!(r.token_id.unwrap().as_str(), "tok_abcdefghijkl");
-        assert_eq!((r.method.as_str(), r.path.as_str(), r.client_ip.as_str()), ("GET", "/orders/7", "203.0.113.7"));
+        assert_eq!(chunks.len(), 2, "one per token");
+        let c = &chunks[0];
+        assert_eq!(
+            (c.token_id.as_ref().unwrap().as_str(), c.calls, c.first_at, c.last_at),
+            ("tok_abcdefghijkl", 2, 1, 2)
+        );
+        let r = decoded(c);
+        assert_eq!(r.iter().map(|r| r.at.as_millis()).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            (r[0].method.as_str(), r[0].path.as_str(), r[0].client_ip.as_str()),
+            ("GET", "/orders/7", "203.0.113.7")
+        );
+        assert_eq!((r[0].app_id.as_ref().unwrap().as_str(), r[0].route.as_deref()), ("app_1", Some("orders")));
+        assert_eq!((chunks[1].token_id.clone(), chunks[1].calls), (None, 1));
+    }
+
+    #[test]
+    fn a_chunk_is_held_until_it_is_old_or_full() {
+        let log = CallLog::default();
+        log.record(call(1));
+        assert!(log.ready_chunks(1_000, false).is_empty(), "held");
+        log.record(call(2));
+        assert!(log.ready_chunks(1_000 + HOLD_MS - 1, false).is_empty());
+        assert_eq!(log.pending(), 2);
+        let ready = log.ready_chunks(1_000 + HOLD_MS, false);
+        assert_eq!(ready.iter().map(|c| c.calls).collect::<Vec<_>>(), [2]);
+        // A full chunk goes at once; the call that did not fit opens the next.
+        for i in 0..=keygate_core::calls::CHUNK_CALLS {
+            log.record(call(i as i64));
+        }
+        let ready = log.ready_chunks(50_000, false);
+        assert_eq!(ready.iter().map(|c| c.calls).collect::<Vec<_>>(), [keygate_core::calls::CHUNK_CALLS]);
+        assert_eq!(log.pending(), 1);
+    }
+
+    #[test]
+    fn what_is_held_is_bounded() {
+        let log = CallLog::default();
+        // Long distinct paths: beyond the bound, everything is written at once.
+        let long = "x".repeat(4_000);
+        let n = MAX_HELD_BYTES / 4_000 / 8 + 1;
+        for round in 0..8u8 {
+            // A token per round, so that no chunk fills up.
+            let mut token = *b"abcdefghijkl";
+            token[11] = b'a' + round;
+            for i in 0..n {
+                log.record(Call { path: format!("/{long}/{round}/{i}").into(), token: Some(token), ..call(1) });
+            }
+            let ready = log.ready_chunks(1, false);
+            if round < 7 {
+                assert!(ready.is_empty(), "round {round}");
+            } else {
+                assert_eq!(ready.iter().map(|c| c.calls).sum::<usize>(), 8 * n, "all written");
+            }
+        }
+        assert_eq!(log.pending(), 0);
     }
 
     #[test]

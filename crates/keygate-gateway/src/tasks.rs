@@ -72,17 +72,18 @@ pub fn spawn_flusher(gw: Arc<Gateway>, store: Arc<dyn Store>, every: Duration) -
     })
 }
 
-/// Writes the calls the call log holds to the store (one multi-row INSERT per 200). A batch the
-/// store refuses is dropped and counted (the call log is bounded; the access log and the
-/// metrics still have the requests).
-pub async fn write_calls(gw: &Gateway, store: &dyn Store) {
+/// Writes the call log's chunks that are ready to the store ([`crate::calls::CallLog::ready_chunks`]):
+/// those held long enough or full, or every one when `everything` (tests, and the shutdown). A
+/// batch the store refuses is dropped and counted (the call log is bounded; the access log and
+/// the metrics still have the requests).
+pub async fn write_calls(gw: &Gateway, store: &dyn Store, everything: bool) {
     let Some(calls) = &gw.calls else { return };
-    let batch: Vec<_> = calls.drain().into_iter().map(crate::calls::Call::into_record).collect();
-    if batch.is_empty() {
+    let chunks = calls.ready_chunks(gw.clock.now().as_millis(), everything);
+    if chunks.is_empty() {
         return;
     }
-    let n = batch.len() as u64;
-    match store.insert_calls(&batch).await {
+    let n = chunks.iter().map(|c| c.calls as u64).sum::<u64>();
+    match store.insert_chunks(&chunks).await {
         Ok(()) => {
             calls.written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
@@ -93,7 +94,7 @@ pub async fn write_calls(gw: &Gateway, store: &dyn Store) {
     }
 }
 
-/// Writes the call log every second, and deletes calls older than `retention` every ten minutes
+/// Writes the call log's ready chunks every second, and deletes calls older than `retention` every ten minutes
 /// (in slices, so that a long backlog does not hold the table).
 pub fn spawn_call_writer(gw: Arc<Gateway>, store: Arc<dyn Store>, retention: Duration) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -102,7 +103,7 @@ pub fn spawn_call_writer(gw: Arc<Gateway>, store: Arc<dyn Store>, retention: Dur
         let mut n: u64 = 0;
         loop {
             tick.tick().await;
-            write_calls(&gw, &*store).await;
+            write_calls(&gw, &*store, false).await;
             n += 1;
             if n % 600 == 1 {
                 let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);

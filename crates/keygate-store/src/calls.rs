@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use keygate_core::Result;
 use keygate_core::Timestamp;
-use keygate_core::calls::{CHUNK_CALLS, ChunkRow, decode_chunk, encode_chunk, split_call_id};
+use keygate_core::calls::{CHUNK_CALLS, CallChunk, ChunkRow, decode_chunk, split_call_id};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::model::{CallFilter, CallRecord, Page, PageRequest};
 use keygate_core::store::CallStore;
@@ -22,41 +22,9 @@ const ROWS_PER_READ: i64 = 32;
 /// (even empty) page with a cursor to go on from, rather than reading the whole log at once.
 const SCAN_BUDGET: usize = 200_000;
 
-/// A chunk to write: its calls and the columns they share.
-struct Chunk<'a> {
-    workspace_id: &'a str,
-    token_id: Option<&'a str>,
-    app_id: Option<&'a str>,
-    calls: Vec<&'a CallRecord>,
-}
-
-/// Groups the calls by workspace, token and app in chunks of at most [`CHUNK_CALLS`], ordered
-/// by their newest call (so that ids, which a list shows newest first, follow time as closely
-/// as chunks allow: calls of different tokens written in the same second can interleave).
-fn chunks(calls: &[CallRecord]) -> Vec<Chunk<'_>> {
-    let mut out: Vec<Chunk<'_>> = Vec::new();
-    let mut open: std::collections::HashMap<(&str, Option<&str>, Option<&str>), usize, foldhash::fast::RandomState> =
-        Default::default();
-    for c in calls {
-        let key =
-            (c.workspace_id.as_str(), c.token_id.as_ref().map(TokenId::as_str), c.app_id.as_ref().map(AppId::as_str));
-        let at = match open.get(&key) {
-            Some(&i) if out[i].calls.len() < CHUNK_CALLS => i,
-            _ => {
-                out.push(Chunk { workspace_id: key.0, token_id: key.1, app_id: key.2, calls: Vec::new() });
-                open.insert(key, out.len() - 1);
-                out.len() - 1
-            }
-        };
-        out[at].calls.push(c);
-    }
-    out.sort_by_key(|c| c.calls.iter().map(|r| r.at).max());
-    out
-}
-
 #[async_trait]
 impl CallStore for SqlStore {
-    async fn insert_calls(&self, calls: &[CallRecord]) -> Result<()> {
+    async fn insert_chunks(&self, chunks: &[CallChunk]) -> Result<()> {
         // One statement and one parameter per batch of chunks: the rows as a JSON array of
         // arrays, the chunk's bytes in hex, unpacked by the engine (json_each and unhex in
         // SQLite, json_array_elements and decode in PostgreSQL). Binding seven values per row
@@ -74,21 +42,18 @@ impl CallStore for SqlStore {
                  FROM json_array_elements($1::json) AS e"
             }
         };
-        let chunks = chunks(calls);
         for group in chunks.chunks(CHUNKS_PER_INSERT) {
             let rows: Vec<serde_json::Value> = group
                 .iter()
                 .map(|c| {
-                    let first = c.calls.iter().map(|r| r.at.as_millis()).min().unwrap_or(0);
-                    let last = c.calls.iter().map(|r| r.at.as_millis()).max().unwrap_or(0);
                     serde_json::json!([
-                        c.workspace_id,
-                        c.token_id,
-                        c.app_id,
-                        first,
-                        last,
-                        c.calls.len(),
-                        hex(&encode_chunk(&c.calls)),
+                        c.workspace_id.as_str(),
+                        c.token_id.as_ref().map(TokenId::as_str),
+                        c.app_id.as_ref().map(AppId::as_str),
+                        c.first_at,
+                        c.last_at,
+                        c.calls,
+                        hex(&c.data),
                     ])
                 })
                 .collect();

@@ -341,9 +341,10 @@ impl Running {
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
     }
 
-    /// Writes the call log's pending calls to the store now (tests; a task does it every second).
+    /// Writes every call the call log holds to the store now (tests; a task writes the chunks
+    /// that are ready every second).
     pub async fn write_calls(&self) {
-        keygate_gateway::tasks::write_calls(&self.gateway, &*self.store).await;
+        keygate_gateway::tasks::write_calls(&self.gateway, &*self.store, true).await;
     }
 
     /// Runs the anomaly detectors now over what the watch counted (tests; the detector task does
@@ -377,7 +378,7 @@ impl Running {
             t.abort();
         }
         keygate_gateway::tasks::flush(&self.gateway, &*self.store).await;
-        keygate_gateway::tasks::write_calls(&self.gateway, &*self.store).await;
+        keygate_gateway::tasks::write_calls(&self.gateway, &*self.store, true).await;
         if let (Some(watch), Some(det)) = (&self.gateway.watch, &self.detector) {
             let last = self.admin.detect(det, || watch.drain()).await.map(|_| ());
             if let Err(e) = last.and(self.admin.save_baselines(det).await) {

@@ -131,14 +131,19 @@ impl CallLog {
     /// those open for [`HOLD_MS`] at `now_ms`, those full, or all of them when `everything` is
     /// set or more than [`MAX_HELD_BYTES`] are held. Ordered by their newest call.
     pub fn ready_chunks(&self, now_ms: i64, everything: bool) -> Vec<CallChunk> {
+        use std::collections::hash_map::Entry;
+        use std::fmt::Write as _;
         let calls = self.drain();
         let mut open = self.open.lock();
         let mut ready = Vec::new();
-        let mut ip = String::new();
+        // Addresses as text, each formatted once per write (a token's calls mostly share one).
+        let mut ips: std::collections::HashMap<IpAddr, String, foldhash::fast::RandomState> = Default::default();
         for c in calls {
-            use std::fmt::Write as _;
-            ip.clear();
-            let _ = write!(ip, "{}", c.ip.to_canonical());
+            let ip = ips.entry(c.ip).or_insert_with(|| {
+                let mut s = String::new();
+                let _ = write!(s, "{}", c.ip.to_canonical());
+                s
+            });
             let fields = CallFields {
                 at_ms: c.at_ms,
                 method: c.method.as_str(),
@@ -146,17 +151,25 @@ impl CallLog {
                 path: &c.path,
                 status: c.status,
                 latency_us: c.latency_us,
-                client_ip: &ip,
+                client_ip: ip,
                 refusal: c.refusal,
             };
-            let key = (c.workspace_id.clone(), c.token, c.app_id.clone());
-            let o =
-                open.entry(key.clone()).or_insert_with(|| Open { opened_ms: now_ms, builder: ChunkBuilder::default() });
-            if !o.builder.push(&fields) {
-                let full = std::mem::take(&mut o.builder);
-                o.opened_ms = now_ms;
-                o.builder.push(&fields);
-                ready.push(finish(key, full));
+            // The key is moved in, and cloned only when a full chunk leaves.
+            match open.entry((c.workspace_id, c.token, c.app_id)) {
+                Entry::Occupied(mut e) => {
+                    let o = e.get_mut();
+                    if !o.builder.push(&fields) {
+                        let full = std::mem::take(&mut o.builder);
+                        o.opened_ms = now_ms;
+                        o.builder.push(&fields);
+                        ready.push(finish(e.key().clone(), full));
+                    }
+                }
+                Entry::Vacant(e) => {
+                    let mut builder = ChunkBuilder::default();
+                    builder.push(&fields);
+                    e.insert(Open { opened_ms: now_ms, builder });
+                }
             }
         }
         let everything = everything || open.values().map(|o| o.builder.held_bytes()).sum::<usize>() > MAX_HELD_BYTES;

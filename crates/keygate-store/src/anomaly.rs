@@ -14,6 +14,9 @@ use crate::db_error;
 use crate::rows::{corrupt, get, json, opt_ts, ts};
 use crate::sql::{Arg, Conditions, SqlStore, insert_audit};
 
+/// Baselines written per statement (each a few hundred bytes of JSON).
+const BASELINES_PER_INSERT: usize = 1_000;
+
 const ALERT_COLS: &str = "id, workspace_id, token_id, app_id, kind, severity, status, dedup, summary, evidence, \
      created_at, last_at, occurrences, action, acknowledged_by, acknowledged_at, resolved_by, resolved_at";
 
@@ -95,22 +98,31 @@ impl AlertStore for SqlStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin().await?;
-        for (token, ws, b) in rows {
-            let text = serde_json::to_string(b).map_err(|e| keygate_core::Error::internal(e.to_string()))?;
-            sqlx::query(
-                "INSERT INTO token_baselines (token_id, workspace_id, baseline, updated_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (token_id) DO UPDATE SET baseline = excluded.baseline, updated_at = excluded.updated_at",
-            )
-            .bind(token.as_str())
-            .bind(ws.as_str())
-            .bind(text)
-            .bind(now.as_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        // One statement per batch, the rows as one JSON parameter unpacked by the engine (as
+        // the call log's chunks are written): a statement per token cost the store's thread a
+        // burst of ten thousand statements once a minute under the benchmark's load.
+        let sql = match self.engine {
+            crate::Engine::Sqlite => {
+                "INSERT INTO token_baselines (token_id, workspace_id, baseline, updated_at) \
+                 SELECT value->>0, value->>1, value->>2, $2 FROM json_each($1) WHERE true \
+                 ON CONFLICT (token_id) DO UPDATE SET baseline = excluded.baseline, updated_at = excluded.updated_at"
+            }
+            crate::Engine::Postgres => {
+                "INSERT INTO token_baselines (token_id, workspace_id, baseline, updated_at) \
+                 SELECT e->>0, e->>1, e->>2, $2 FROM json_array_elements($1::json) AS e \
+                 ON CONFLICT (token_id) DO UPDATE SET baseline = excluded.baseline, updated_at = excluded.updated_at"
+            }
+        };
+        for group in rows.chunks(BASELINES_PER_INSERT) {
+            let mut batch = Vec::with_capacity(group.len());
+            for (token, ws, b) in group {
+                let text = serde_json::to_string(b).map_err(|e| keygate_core::Error::internal(e.to_string()))?;
+                batch.push(serde_json::json!([token.as_str(), ws.as_str(), text]));
+            }
+            let text = serde_json::to_string(&batch).map_err(|e| keygate_core::Error::internal(e.to_string()))?;
+            sqlx::query(sql).bind(text).bind(now.as_millis()).execute(&self.pool).await.map_err(db_error)?;
         }
-        tx.commit().await.map_err(db_error)
+        Ok(())
     }
 
     async fn record_sightings(

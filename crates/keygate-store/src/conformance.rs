@@ -2178,6 +2178,18 @@ async fn anomaly_alerts(h: &Harness) {
     assert_eq!(loaded, Some(b2));
     assert!(known.networks.contains("203.0.113.0/24") && known.routes.contains("GET orders"));
     assert!(known.agents.contains("curl/8"));
+    // Many at once (more than one statement's worth), new and known tokens together.
+    let many: Vec<_> = (0..2_500u32)
+        .map(|i| {
+            let t = keygate_core::ids::TokenId::from_public_id(&format!("m{i:011}"));
+            (t, ws.id.clone(), Baseline { active_minutes: i, ..b.clone() })
+        })
+        .collect();
+    s.save_baselines(&many[..10], T0).await.unwrap();
+    s.save_baselines(&many, T0).await.unwrap();
+    for i in [0, 9, 10, 1_999, 2_499] {
+        assert_eq!(s.load_baseline(&many[i].0).await.unwrap().0.as_ref(), Some(&many[i].2), "baseline {i}");
+    }
 
     // Alerts: one per token, kind and key while unresolved; a repeat counts.
     let alert = |id: &str, kind: AlertKind, severity: Severity, key: &str, at: Timestamp| {

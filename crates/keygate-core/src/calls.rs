@@ -107,6 +107,9 @@ impl ChunkBuilder {
         }
         let base = *self.base.get_or_insert(c.at_ms);
         if self.calls == 0 {
+            // Room for a few dozen calls and texts at once, rather than growing from nothing.
+            self.body.reserve(256);
+            self.index.reserve(8);
             (self.first_at, self.last_at) = (c.at_ms, c.at_ms);
         }
         self.first_at = self.first_at.min(c.at_ms);

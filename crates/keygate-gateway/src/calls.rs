@@ -77,11 +77,37 @@ pub struct Call {
 #[derive(Default)]
 struct Shard(Mutex<Vec<Call>>);
 
+/// A [`Key`] borrowed from a call, to find its open chunk without cloning the key's `Arc`s
+/// (hashed as the key is).
+#[derive(Hash)]
+struct KeyRef<'a>(&'a str, Option<[u8; PUBLIC_ID_LEN]>, Option<&'a str>);
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, k: &Key) -> bool {
+        *self.0 == *k.0 && self.1 == k.1 && self.2 == k.2.as_deref()
+    }
+}
+
+/// Buffers a shard gives back to the writer keep at most this many calls' room, so that one
+/// burst does not hold its memory for good.
+const SPARE_CALLS: usize = 16_384;
+
+/// What only the writer touches.
+#[derive(Default)]
+struct Writer {
+    /// The chunks held open, by workspace, token and app.
+    open: hashbrown::HashMap<Key, Open, foldhash::fast::RandomState>,
+    /// Emptied shard buffers, swapped for the full ones at the next write: a worker keeps a
+    /// buffer with room already made, and the writer allocates nothing per call.
+    spare: Vec<Vec<Call>>,
+    /// The calls of a write in time order: (time, shard, index).
+    order: Vec<(i64, u32, u32)>,
+}
+
 /// Calls recorded and not yet written.
 pub struct CallLog {
     shards: Vec<Shard>,
-    /// The chunks the writer holds open, by workspace, token and app (the writer's alone).
-    open: Mutex<std::collections::HashMap<Key, Open, foldhash::fast::RandomState>>,
+    writer: Mutex<Writer>,
     /// Calls dropped because their shard's buffer was full.
     pub dropped: AtomicU64,
     /// Calls written to the store.
@@ -92,7 +118,7 @@ impl Default for CallLog {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            open: Mutex::default(),
+            writer: Mutex::default(),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
         }
@@ -111,34 +137,41 @@ impl CallLog {
         pending.push(call);
     }
 
-    /// Takes every call recorded so far, oldest first.
-    fn drain(&self) -> Vec<Call> {
-        let mut out = Vec::new();
-        for shard in &self.shards {
-            out.append(&mut shard.0.lock());
-        }
-        out.sort_by_key(|c| c.at_ms);
-        out
-    }
-
     /// Calls waiting to be written (recorded, or held in an open chunk).
     pub fn pending(&self) -> usize {
         self.shards.iter().map(|s| s.0.lock().len()).sum::<usize>()
-            + self.open.lock().values().map(|o| o.builder.len()).sum::<usize>()
+            + self.writer.lock().open.values().map(|o| o.builder.len()).sum::<usize>()
     }
 
     /// Moves the calls recorded so far into the open chunks, and takes the chunks to write:
     /// those open for [`HOLD_MS`] at `now_ms`, those full, or all of them when `everything` is
     /// set or more than [`MAX_HELD_BYTES`] are held. Ordered by their newest call.
     pub fn ready_chunks(&self, now_ms: i64, everything: bool) -> Vec<CallChunk> {
-        use std::collections::hash_map::Entry;
         use std::fmt::Write as _;
-        let calls = self.drain();
-        let mut open = self.open.lock();
+        let mut w = self.writer.lock();
+        let w = &mut *w;
+        // Each shard's buffer, swapped for an empty one with room.
+        let taken: Vec<Vec<Call>> = self
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut spare = w.spare.pop().unwrap_or_default();
+                std::mem::swap(&mut *shard.0.lock(), &mut spare);
+                spare
+            })
+            .collect();
+        // Oldest first (a worker records a call when it ends, so its buffer is only nearly in
+        // order); ties in recording order.
+        w.order.clear();
+        for (s, calls) in taken.iter().enumerate() {
+            w.order.extend(calls.iter().enumerate().map(|(i, c)| (c.at_ms, s as u32, i as u32)));
+        }
+        w.order.sort_unstable();
         let mut ready = Vec::new();
         // Addresses as text, each formatted once per write (a token's calls mostly share one).
-        let mut ips: std::collections::HashMap<IpAddr, String, foldhash::fast::RandomState> = Default::default();
-        for c in calls {
+        let mut ips: hashbrown::HashMap<IpAddr, String, foldhash::fast::RandomState> = Default::default();
+        for &(_, s, i) in &w.order {
+            let c = &taken[s as usize][i as usize];
             let ip = ips.entry(c.ip).or_insert_with(|| {
                 let mut s = String::new();
                 let _ = write!(s, "{}", c.ip.to_canonical());
@@ -154,30 +187,35 @@ impl CallLog {
                 client_ip: ip,
                 refusal: c.refusal,
             };
-            // The key is moved in, and cloned only when a full chunk leaves.
-            match open.entry((c.workspace_id, c.token, c.app_id)) {
-                Entry::Occupied(mut e) => {
-                    let o = e.get_mut();
+            let key = KeyRef(&c.workspace_id, c.token, c.app_id.as_deref());
+            let owned = || (c.workspace_id.clone(), c.token, c.app_id.clone());
+            match w.open.get_mut(&key) {
+                Some(o) => {
                     if !o.builder.push(&fields) {
                         let full = std::mem::take(&mut o.builder);
                         o.opened_ms = now_ms;
                         o.builder.push(&fields);
-                        ready.push(finish(e.key().clone(), full));
+                        ready.push(finish(owned(), full));
                     }
                 }
-                Entry::Vacant(e) => {
+                None => {
                     let mut builder = ChunkBuilder::default();
                     builder.push(&fields);
-                    e.insert(Open { opened_ms: now_ms, builder });
+                    w.open.insert(owned(), Open { opened_ms: now_ms, builder });
                 }
             }
         }
-        let everything = everything || open.values().map(|o| o.builder.held_bytes()).sum::<usize>() > MAX_HELD_BYTES;
+        for mut calls in taken {
+            calls.clear();
+            calls.shrink_to(SPARE_CALLS);
+            w.spare.push(calls);
+        }
+        let everything = everything || w.open.values().map(|o| o.builder.held_bytes()).sum::<usize>() > MAX_HELD_BYTES;
         ready.extend(
-            open.extract_if(|_, o| everything || now_ms.saturating_sub(o.opened_ms) >= HOLD_MS)
+            w.open
+                .extract_if(|_, o| everything || now_ms.saturating_sub(o.opened_ms) >= HOLD_MS)
                 .map(|(k, o)| finish(k, o.builder)),
         );
-        drop(open);
         ready.sort_by_key(|c| c.last_at);
         ready
     }
@@ -236,6 +274,26 @@ mod tests {
         );
         assert_eq!((r[0].app_id.as_ref().unwrap().as_str(), r[0].route.as_deref()), ("app_1", Some("orders")));
         assert_eq!((chunks[1].token_id.clone(), chunks[1].calls), (None, 1));
+    }
+
+    #[test]
+    fn calls_of_several_workers_are_merged_in_time_order() {
+        let log = Arc::new(CallLog::default());
+        for round in 0..3i64 {
+            let threads: Vec<_> = (0..3i64)
+                .map(|t| {
+                    let log = log.clone();
+                    // Each worker's calls in its own order, interleaved in time with the others'.
+                    std::thread::spawn(move || (0..100).rev().for_each(|i| log.record(call(round * 1_000 + i * 3 + t))))
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+            let chunks = log.ready_chunks(0, true);
+            assert_eq!(chunks.len(), 1);
+            let at: Vec<i64> = decoded(&chunks[0]).iter().map(|r| r.at.as_millis()).collect();
+            assert_eq!(at, (0..300).map(|i| round * 1_000 + i).collect::<Vec<_>>(), "round {round}");
+        }
+        assert_eq!(log.pending(), 0);
     }
 
     #[test]

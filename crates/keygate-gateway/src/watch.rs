@@ -18,6 +18,7 @@ use keygate_core::anomaly::{Activity, agent_label};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 const SHARDS: usize = 8;
 /// Tokens counted per shard and window.
@@ -90,12 +91,19 @@ struct Counts {
     refused: u64,
     errors: u64,
     old_secret: u64,
-    networks: Vec<(u64, u64)>,
-    routes: Vec<(Arc<str>, Method, u64)>,
-    agents: Vec<(u64, String, u64)>,
+    // The first value of each list inline: most tokens use one network, route and agent in a
+    // window, and a list of its own would cost the request a cache miss each.
+    networks: SmallVec<[(u64, u64); 1]>,
+    routes: SmallVec<[(Arc<str>, Method, u64); 1]>,
+    agents: SmallVec<[(u64, String, u64); 1]>,
 }
 
-fn bump<K>(list: &mut Vec<K>, found: impl Fn(&K) -> bool, count: impl Fn(&mut K), make: impl FnOnce() -> K) {
+fn bump<K, const N: usize>(
+    list: &mut SmallVec<[K; N]>,
+    found: impl Fn(&K) -> bool,
+    count: impl Fn(&mut K),
+    make: impl FnOnce() -> K,
+) {
     let room = list.len() < MAX_VALUES;
     match list.iter_mut().find(|k| found(k)) {
         Some(k) => count(k),
@@ -143,9 +151,9 @@ impl Watch {
                 refused: 0,
                 errors: 0,
                 old_secret: 0,
-                networks: Vec::new(),
-                routes: Vec::new(),
-                agents: Vec::new(),
+                networks: SmallVec::new(),
+                routes: SmallVec::new(),
+                agents: SmallVec::new(),
             }),
         };
         c.to_ms = c.to_ms.max(now_ms);
@@ -181,7 +189,12 @@ impl Watch {
     pub fn drain(&self) -> Vec<Activity> {
         let mut out: HashMap<[u8; PUBLIC_ID_LEN], Activity> = HashMap::default();
         for shard in &self.shards {
-            let taken = std::mem::take(&mut *shard.0.lock());
+            // Swapped for a map with as much room (made here, not by the next request), so
+            // that a worker does not grow its map again every second.
+            let room = shard.0.lock().len();
+            let mut taken = HashMap::with_capacity_and_hasher(room, Default::default());
+            std::mem::swap(&mut *shard.0.lock(), &mut taken);
+            out.reserve(taken.len());
             for (id, c) in taken {
                 let a = Activity {
                     token_id: TokenId::from_public_id(std::str::from_utf8(&id).unwrap_or_default()),

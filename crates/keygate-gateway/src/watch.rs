@@ -21,8 +21,8 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 const SHARDS: usize = 8;
-/// Tokens counted per shard and window.
-pub const MAX_TOKENS: usize = 16_384;
+/// Tokens counted per shard and window (a window is one to five seconds, the detector's turn).
+pub const MAX_TOKENS: usize = 32_768;
 /// Networks, routes and user agents kept per token and window.
 pub const MAX_VALUES: usize = 16;
 

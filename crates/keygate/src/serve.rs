@@ -490,9 +490,18 @@ fn call_log_metrics(calls: Option<&keygate_gateway::calls::CallLog>) -> String {
     )
 }
 
-/// Runs the anomaly detectors every second over what the gateway's watch counted.
-/// Once an hour (and a minute after the start) it also deletes what detection keeps for tokens
-/// that can no longer be used, and the alerts resolved more than `alert_retention_days` ago.
+/// How long the detector waits before its next turn, after a turn that judged `tokens` tokens:
+/// a second while few are active, up to five under many (2,000 more for each second), since a
+/// turn's work is per active token and not per request. Alerts come within seconds either way
+/// (the rate detectors look at 10-second windows).
+fn detector_wait(tokens: usize) -> Duration {
+    Duration::from_secs(1 + (tokens as u64 / 2_000).min(4))
+}
+
+/// Runs the anomaly detectors over what the gateway's watch counted, every one to five seconds
+/// ([`detector_wait`]). Once an hour (and a minute after the start) it also deletes what
+/// detection keeps for tokens that can no longer be used, and the alerts resolved more than
+/// `alert_retention_days` ago.
 fn spawn_detector(
     admin: Arc<keygate_admin::service::Admin>,
     watch: Arc<keygate_gateway::watch::Watch>,
@@ -500,16 +509,23 @@ fn spawn_detector(
     alert_retention_days: u32,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut n: u64 = 0;
+        let mut wait = Duration::from_secs(1);
+        // The state of unusable tokens is purged a minute after start, then hourly.
+        let mut purge_at = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            tick.tick().await;
-            if let Err(e) = admin.detect(&det, || watch.drain()).await {
-                tracing::warn!(error = %e, "anomaly detection: cannot read or write the store; this second's activity is skipped");
+            tokio::time::sleep(wait).await;
+            let mut tokens = 0;
+            let turn = admin.detect(&det, || {
+                let activities = watch.drain();
+                tokens = activities.len();
+                activities
+            });
+            if let Err(e) = turn.await {
+                tracing::warn!(error = %e, "anomaly detection: cannot read or write the store; this turn's activity is skipped");
             }
-            n += 1;
-            if n % 3600 == 60 {
+            wait = detector_wait(tokens);
+            if tokio::time::Instant::now() >= purge_at {
+                purge_at += Duration::from_secs(3_600);
                 let now = admin.now().as_millis();
                 let expired_before = keygate_core::Timestamp::from_millis(now - keygate_core::model::ROTATED_KEPT_MS);
                 let resolved_before =
@@ -606,5 +622,16 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_detector_waits_longer_only_under_many_active_tokens() {
+        let secs = |n| detector_wait(n).as_secs();
+        assert_eq!([secs(0), secs(1_999), secs(2_000), secs(7_999), secs(8_000), secs(1_000_000)], [1, 1, 2, 4, 5, 5]);
     }
 }

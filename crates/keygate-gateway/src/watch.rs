@@ -115,7 +115,12 @@ fn bump<K, const N: usize>(
 /// One thread's counts, on cache lines of its own.
 #[repr(align(128))]
 #[derive(Default)]
-struct Shard(Mutex<HashMap<[u8; PUBLIC_ID_LEN], Counts>>);
+struct Shard {
+    counts: Mutex<HashMap<[u8; PUBLIC_ID_LEN], Counts>>,
+    /// The map of the previous window, emptied with its room kept (the drain's alone): swapped
+    /// in at the next drain, so that neither a worker nor the drain allocates a map per window.
+    spare: Mutex<HashMap<[u8; PUBLIC_ID_LEN], Counts>>,
+}
 
 /// Counts what tokens do until [`Watch::drain`] takes it.
 pub struct Watch {
@@ -134,7 +139,7 @@ impl Watch {
     /// Counts one request at `now_ms`.
     pub fn record(&self, s: &Seen<'_>, now_ms: i64) {
         let Some(shard) = self.shards.get(SHARD.with(|i| *i)) else { return };
-        let mut map = shard.0.lock();
+        let mut map = shard.counts.lock();
         let full = map.len() >= MAX_TOKENS;
         let c = match map.get_mut(s.public_id) {
             Some(c) => c,
@@ -189,13 +194,10 @@ impl Watch {
     pub fn drain(&self) -> Vec<Activity> {
         let mut out: HashMap<[u8; PUBLIC_ID_LEN], Activity> = HashMap::default();
         for shard in &self.shards {
-            // Swapped for a map with as much room (made here, not by the next request), so
-            // that a worker does not grow its map again every second.
-            let room = shard.0.lock().len();
-            let mut taken = HashMap::with_capacity_and_hasher(room, Default::default());
-            std::mem::swap(&mut *shard.0.lock(), &mut taken);
+            let mut taken = shard.spare.lock();
+            std::mem::swap(&mut *shard.counts.lock(), &mut *taken);
             out.reserve(taken.len());
-            for (id, c) in taken {
+            for (id, c) in taken.drain() {
                 let a = Activity {
                     token_id: TokenId::from_public_id(std::str::from_utf8(&id).unwrap_or_default()),
                     workspace_id: WorkspaceId::from_trusted(c.workspace_id.to_string()),

@@ -630,6 +630,10 @@ pub trait OnComplete: Send + 'static {
 }
 
 /// What the gateway answers with.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "Upstream is the answer of nearly every request: boxing it would allocate once per forwarded answer"
+)]
 pub enum GatewayBody {
     Full(Option<Bytes>),
     Upstream { inner: UpstreamResponseBody, sent: u64, done: Option<Box<dyn OnComplete>> },

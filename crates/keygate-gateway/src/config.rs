@@ -386,6 +386,117 @@ pub struct RouteConfig {
     /// 9111) in memory, and serve them again to callers the route admits. Off without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// `http` (default): requests are forwarded to the upstreams. `ai`: keygate serves the
+    /// OpenAI- and Anthropic-compatible APIs under the route's path and calls the providers
+    /// (`[[providers]]`) itself; the route needs no upstream ([`crate::ai`]).
+    #[serde(default, skip_serializing_if = "RouteKind::is_http")]
+    pub kind: RouteKind,
+    /// `[routes.ai]`: the models of an `ai` route and its limits per virtual key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ai: Option<AiRouteConfig>,
+}
+
+/// What a route does with the requests it admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// Forwarded to the route's upstreams.
+    #[default]
+    Http,
+    /// Served by keygate's AI gateway: a keygate token is a virtual key for LLM providers.
+    Ai,
+}
+
+impl RouteKind {
+    pub fn is_http(&self) -> bool {
+        *self == Self::Http
+    }
+}
+
+/// `[routes.ai]`: the models an `ai` route offers and what each virtual key may spend on it.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiRouteConfig {
+    /// Model names callers use → the deployments that serve them (`"provider/model"`), in order
+    /// of preference: the next is tried when one answers 429 or 5xx or cannot be reached. A
+    /// caller may also name a deployment itself (`"openai/gpt-4o-mini"`) unless
+    /// `aliases_only`.
+    #[serde(default)]
+    pub models: BTreeMap<String, Vec<String>>,
+    /// Only the names in `models` may be called.
+    #[serde(default)]
+    pub aliases_only: bool,
+    /// LLM tokens (input and output) each virtual key may use per minute on this route: the
+    /// cost is estimated before the call and settled from the answer's `usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u32>,
+    /// What each virtual key may spend on this route, in US dollars, per `day` or `month`
+    /// (UTC), priced by the providers' `prices`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<AiBudget>,
+    /// How long a provider may take to start its answer before the next deployment is tried,
+    /// in milliseconds. Default 60,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_timeout_ms: Option<u64>,
+}
+
+/// A budget in money: `{ usd = 5.0, period = "month" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiBudget {
+    pub usd: f64,
+    pub period: keygate_core::policy::QuotaPeriod,
+}
+
+/// `[[providers]]`: an LLM provider that `ai` routes call.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The name models are prefixed with (`openai` in `"openai/gpt-4o-mini"`): letters, digits,
+    /// `-`, `_`.
+    pub id: String,
+    /// `openai` (and every OpenAI-compatible server: vLLM, Ollama, LM Studio, Mistral, Groq,
+    /// DeepSeek), `anthropic`, or `azure` (Azure OpenAI: deployments in the URL, an `api-key`
+    /// header, `api_version`).
+    pub kind: ProviderKind,
+    /// Such as `https://api.openai.com/v1`, `https://api.anthropic.com/v1`,
+    /// `https://NAME.openai.azure.com/openai`. `http://` only for loopback addresses.
+    pub base_url: String,
+    /// The environment variable that holds the provider's key (never the key itself in the
+    /// file). None: the provider needs no key (a local server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Or a file that holds the key (a mounted secret), read at start; trailing white space is
+    /// not part of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// Anthropic: the `anthropic-version` sent (default `2023-06-01`); Azure: the
+    /// `api-version` query parameter (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// Prices per model, in US dollars per million tokens.
+    #[serde(default)]
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// The kind of API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Openai,
+    Anthropic,
+    Azure,
+}
+
+/// What a model costs, in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input: f64,
+    pub output: f64,
+    /// Input tokens read from the provider's prompt cache. Default: `input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<f64>,
 }
 
 impl RouteConfig {
@@ -423,6 +534,8 @@ impl RouteConfig {
             tls_insecure_skip_verify: false,
             upstream_protocol: UpstreamProtocol::Http1,
             cache: None,
+            kind: RouteKind::Http,
+            ai: None,
         }
     }
 }

@@ -99,6 +99,8 @@ pub struct Gateway {
     pub watch: Option<Arc<crate::watch::Watch>>,
     /// Every call, for the call log; `None` when it is off.
     pub calls: Option<Arc<crate::calls::CallLog>>,
+    /// The AI gateway's providers and state; `None` without `[[providers]]`.
+    pub ai: Option<Arc<crate::ai::Ai>>,
 }
 
 /// Identity tokens minted for upstreams, reused while they have [`IDENTITY_REUSE_S`] to live.

@@ -16,6 +16,7 @@
 //! [`tasks`] holds the gateway's background loops (usage flusher, health checks, DNS refresh).
 #![forbid(unsafe_code)]
 
+pub mod ai;
 pub mod answer;
 pub mod body;
 pub mod cache;

@@ -111,6 +111,25 @@ impl Limiter {
         self.with_cell(id, scope, now_us, |cell| Self::check_cell_cost(cell, limit, now_us, cost))
     }
 
+    /// Settles a cost taken before it was known: `delta` more units (or fewer, when negative)
+    /// than were taken, from the bucket of `(id, scope)`. More is taken even beyond the
+    /// bucket (the debt delays the next requests); fewer gives back, never beyond a full bucket.
+    pub fn settle_cost(&self, id: &[u8; PUBLIC_ID_LEN], scope: u32, limit: &RateLimit, now_us: i64, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let t = limit.emission_interval_us();
+        self.with_cell(id, scope, now_us, |cell| {
+            let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(if delta > 0 {
+                    tat.max(now_us).saturating_add(t.saturating_mul(delta))
+                } else {
+                    tat.saturating_add(t.saturating_mul(delta)).max(now_us)
+                })
+            });
+        });
+    }
+
     /// Runs `f` on the bucket of `(id, scope)`, made if new (the overflow bucket of the scope
     /// when the shard is full).
     fn with_cell<R>(&self, id: &[u8; PUBLIC_ID_LEN], scope: u32, now_us: i64, f: impl FnOnce(&AtomicI64) -> R) -> R {
@@ -336,6 +355,28 @@ mod tests {
         assert_eq!(Limiter::check_cell_cost(&cell, &rl, 1_000_000, 3).remaining, 2);
         assert!(!Limiter::check_cell_cost(&cell, &rl, 1_000_000, 3).allowed);
         assert!(Limiter::check_cell(&cell, &rl, 1_000_000).allowed, "the same bucket as the gateway's");
+    }
+
+    #[test]
+    fn settled_costs_give_back_or_take_more() {
+        let l = Limiter::default();
+        let rl = RateLimit { requests: 100, per_seconds: 60, burst: 0 };
+        let a = *b"aaaaaaaaaaaa";
+        let now = 1_000_000_000;
+        // Estimated at 90, used 5: three calls fit in 100 because each gives 85 back.
+        for _ in 0..3 {
+            assert!(l.check_rate_cost(&a, 1, &rl, now, 90).allowed);
+            l.settle_cost(&a, 1, &rl, now, 5 - 90);
+        }
+        assert_eq!(l.check_rate_cost(&a, 1, &rl, now, 0).remaining, 85);
+        // Giving back never fills beyond the bucket.
+        l.settle_cost(&a, 1, &rl, now, -1000);
+        assert_eq!(l.check_rate_cost(&a, 1, &rl, now, 0).remaining, 100);
+        // Using more than estimated is debt: beyond the bucket, it delays the next call.
+        assert!(l.check_rate_cost(&a, 1, &rl, now, 100).allowed);
+        l.settle_cost(&a, 1, &rl, now, 50);
+        assert!(!l.check_rate_cost(&a, 1, &rl, now + 20_000_000, 1).allowed, "still in debt after 20 s");
+        assert!(l.check_rate_cost(&a, 1, &rl, now + 31_000_000, 1).allowed, "the debt of 50 is paid in 30 s");
     }
 
     #[test]

@@ -658,12 +658,19 @@ pub struct UpstreamResponseBody {
     cache: Option<Box<Tap>>,
     /// The trailer fields of a chunked body, read with its last data and not given yet.
     trailers: Option<Box<http::HeaderMap>>,
+    /// A body keygate makes as it goes (the AI gateway's streams, [`crate::ai`]).
+    made: Option<Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>>,
 }
 
 impl UpstreamResponseBody {
     /// The body of an answer that came over HTTP/2.
     pub fn from_h2(body: hyper::body::Incoming) -> Self {
-        Self { conn: None, framing: Framing::Done, h2: Some(body), cache: None, trailers: None }
+        Self { conn: None, framing: Framing::Done, h2: Some(body), cache: None, trailers: None, made: None }
+    }
+
+    /// A body keygate makes as it goes (it ends when `body` does).
+    pub fn from_body(body: Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>) -> Self {
+        Self { conn: None, framing: Framing::Done, h2: None, cache: None, trailers: None, made: Some(body) }
     }
 
     /// The connection of a 101 answer, for the upgraded protocol.
@@ -679,6 +686,7 @@ impl UpstreamResponseBody {
             h2: None,
             cache: Some(Box::new(Tap::Memory(Some(body)))),
             trailers: None,
+            made: None,
         }
     }
 
@@ -705,6 +713,9 @@ impl UpstreamResponseBody {
         if let Some(b) = &self.h2 {
             return if b.is_end_stream() { Some(0) } else { b.size_hint().exact() };
         }
+        if let Some(b) = &self.made {
+            return if b.is_end_stream() { Some(0) } else { b.size_hint().exact() };
+        }
         match self.framing {
             Framing::Length(n) | Framing::LengthThenClose(n) => Some(n),
             Framing::Done => Some(0),
@@ -723,7 +734,7 @@ impl UpstreamResponseBody {
         if let Some(d) = self.cache.as_deref_mut().and_then(Tap::take_memory) {
             return Ok(d);
         }
-        if self.h2.is_some() {
+        if self.h2.is_some() || self.made.is_some() {
             return Ok(None);
         }
         match self.step() {
@@ -807,6 +818,9 @@ impl UpstreamResponseBody {
         if let Some(b) = &self.h2 {
             return b.is_end_stream();
         }
+        if let Some(b) = &self.made {
+            return b.is_end_stream();
+        }
         matches!(self.framing, Framing::Length(0) | Framing::LengthThenClose(0) | Framing::Done)
     }
 }
@@ -822,6 +836,9 @@ impl Body for UpstreamResponseBody {
         }
         if let Some(t) = this.trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(*t))));
+        }
+        if let Some(b) = &mut this.made {
+            return b.as_mut().poll_frame(cx);
         }
         if let Some(b) = &mut this.h2 {
             // Data and trailers as they come (an HTTP/2 client gets the trailers; the HTTP/1.1
@@ -928,6 +945,9 @@ impl Body for UpstreamResponseBody {
             return SizeHint::with_exact(n);
         }
         if let Some(b) = &self.h2 {
+            return b.size_hint();
+        }
+        if let Some(b) = &self.made {
             return b.size_hint();
         }
         match self.framing {
@@ -1130,7 +1150,7 @@ pub async fn send<B: BodySource, S: HeadSink>(
     }
     Ok(Answered {
         status: head.status,
-        body: UpstreamResponseBody { conn: Some(conn), framing, h2: None, cache: None, trailers: None },
+        body: UpstreamResponseBody { conn: Some(conn), framing, h2: None, cache: None, trailers: None, made: None },
     })
 }
 

@@ -63,6 +63,8 @@ pub struct Route {
     pub source: RouteSource,
     /// The route's response cache (`[routes.cache]`), if it has one.
     pub cache: Option<Arc<crate::cache::RouteCache>>,
+    /// An `ai` route's models and limits: keygate answers it itself ([`crate::ai`]).
+    pub ai: Option<Arc<crate::ai::AiRoute>>,
 }
 
 impl Route {
@@ -218,7 +220,11 @@ impl RouteTable {
             if let Some(u) = &c.upstream {
                 raw_upstreams.insert(0, u.clone());
             }
-            if raw_upstreams.is_empty() {
+            let ai = crate::ai::AiRoute::from_config(c).map_err(err)?.map(Arc::new);
+            if ai.is_some() && !raw_upstreams.is_empty() {
+                return Err(err("an ai route calls its models' providers: it takes no upstream".into()));
+            }
+            if ai.is_none() && raw_upstreams.is_empty() {
                 return Err(err("needs an upstream (or upstreams)".into()));
             }
             let urls =
@@ -312,6 +318,7 @@ impl RouteTable {
                 shared: c.shared,
                 source: spec.source,
                 cache,
+                ai,
             }));
         }
         // Two prefixes that differ only in letter case would make every request to either one
@@ -364,6 +371,7 @@ impl RouteTable {
                 shared: true,
                 source: RouteSource::File,
                 cache: None,
+                ai: None,
             }));
         }
         Ok(Self { routes })

@@ -2,6 +2,7 @@
 //! a typed client for it. Time is a [`ManualClock`] unless a test asks for the wall clock.
 #![forbid(unsafe_code)]
 
+pub mod llm;
 pub mod recording;
 
 use std::net::SocketAddr;
@@ -65,6 +66,8 @@ pub struct Options {
     pub siem: Option<keygate::config::SiemConfig>,
     /// `[email]` settings.
     pub email: Option<keygate::config::EmailConfig>,
+    /// `[[providers]]` of the AI gateway.
+    pub providers: Vec<keygate_gateway::config::ProviderConfig>,
 }
 
 impl TestKeygate {
@@ -93,6 +96,7 @@ impl TestKeygate {
             webhooks: opts.webhooks.unwrap_or_default(),
             siem: opts.siem.unwrap_or_default(),
             email: opts.email.unwrap_or_default(),
+            providers: opts.providers,
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

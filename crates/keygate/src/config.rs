@@ -25,6 +25,9 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// The APIs behind the gateway (`[[routes]]`); see `docs/configuration.md`.
     pub routes: Vec<RouteConfig>,
+    /// The LLM providers that routes of kind `ai` call (`[[providers]]`); see
+    /// `docs/ai-gateway.md`.
+    pub providers: Vec<keygate_gateway::config::ProviderConfig>,
     /// Seconds between flushes of quota counts to the store (default 5): a crash can let this
     /// much of a quota's use through again. Usage counts and `last_used_at` are written once a
     /// minute, for the minutes that have ended, so a crash loses at most the running minute and
@@ -633,6 +636,7 @@ impl Default for Config {
             dashboard: DashboardConfig::default(),
             gateway: GatewayConfig::default(),
             routes: Vec::new(),
+            providers: Vec::new(),
             usage_flush_seconds: 5,
             tokens: TokensConfig::default(),
             oauth: OAuthConfig::default(),
@@ -678,6 +682,35 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// `[[providers]]` (their keys' variables are not read here: `keygate config check` runs
+    /// where they may not be set), and the providers the `ai` routes' models name.
+    fn validate_providers(&self) -> anyhow::Result<()> {
+        let any_key = |_: &str| Some("set".to_owned());
+        let mut ids = std::collections::HashSet::new();
+        for p in &self.providers {
+            keygate_gateway::ai::Provider::from_config(p, &any_key, false)
+                .map_err(|e| anyhow::anyhow!("providers: {e}"))?;
+            if !ids.insert(p.id.as_str()) {
+                bail!("providers: {:?}: another provider has the same id", p.id);
+            }
+        }
+        for r in &self.routes {
+            for (alias, deployments) in r.ai.iter().flat_map(|a| &a.models) {
+                for d in deployments {
+                    let provider = d.split('/').next().unwrap_or_default();
+                    if !ids.contains(provider) {
+                        bail!(
+                            "routes: route {:?}: ai.models.{alias}: {d:?} names the provider {provider:?}, which \
+                             [[providers]] does not define",
+                            r.id
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         let cfg: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
@@ -781,6 +814,7 @@ impl Config {
         self.redis.validate()?;
         keygate_gateway::routes::RouteTable::build(&self.routes, &self.gateway)
             .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+        self.validate_providers()?;
         for p in &self.gateway.trusted_proxies {
             keygate_core::policy::parse_allowlist(std::slice::from_ref(p))
                 .map_err(|_| anyhow::anyhow!("gateway.trusted_proxies: {p:?} is not an address or CIDR"))?;

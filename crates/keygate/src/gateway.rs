@@ -477,6 +477,14 @@ pub async fn build(
     }
     let jwt = (!issuers.is_empty()).then(|| JwtVerifier::new(issuers, cfg.oauth.leeway_seconds));
     let shared = shared_limits(cfg).await?;
+    let ai = if cfg.providers.is_empty() {
+        None
+    } else {
+        let env = |var: &str| std::env::var(var).ok();
+        Some(Arc::new(
+            keygate_gateway::ai::Ai::new(&cfg.providers, &env).map_err(|e| anyhow::anyhow!("providers: {e}"))?,
+        ))
+    };
     Ok(Arc::new(Gateway {
         table: ArcSwap::from_pointee(Table::new(routes)),
         index,
@@ -502,6 +510,7 @@ pub async fn build(
         shared,
         watch: cfg.anomaly.enabled.then(|| Arc::new(keygate_gateway::watch::Watch::default())),
         calls: cfg.call_log.enabled.then(|| Arc::new(keygate_gateway::calls::CallLog::default())),
+        ai,
     }))
 }
 

@@ -92,6 +92,22 @@ pub struct RouteBody {
     /// The HTTP version spoken to the upstreams: `http1` (default), `http2` (h2 over TLS, h2c
     /// over `http://`; what gRPC needs) or `auto` (`https://` only, negotiated by ALPN).
     pub upstream_protocol: Option<UpstreamProtocolBody>,
+    /// `http` (default): forwarded to the upstreams; `ai`: keygate's AI gateway serves the
+    /// OpenAI- and Anthropic-compatible APIs under the path and calls the configured LLM
+    /// providers (docs/ai-gateway.md); such a route has no upstream.
+    pub kind: Option<RouteKindBody>,
+    /// `[routes.ai]` of an `ai` route: `{models, aliases_only, tokens_per_minute, budget,
+    /// first_byte_timeout_ms}`.
+    #[schema(value_type = Option<Object>)]
+    pub ai: Option<Value>,
+}
+
+/// What a route does with the requests it admits.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKindBody {
+    Http,
+    Ai,
 }
 
 /// The HTTP version keygate speaks to a route's upstreams.

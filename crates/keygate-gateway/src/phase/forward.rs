@@ -49,6 +49,9 @@ impl Gateway {
         state: &BodyState,
         sink: &mut S,
     ) -> Result<Answered, Refuse> {
+        if let Some(ai) = &route.ai {
+            return self.forward_ai(ctx, route, ai, body, state, sink).await;
+        }
         match &route.cache {
             Some(cache) => self.forward_cached(cache, ctx, route, body, state, sink).await,
             None => self.forward_upstream(ctx, route, body, state, sink).await,

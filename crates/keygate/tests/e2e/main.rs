@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod admin_hardening;
+mod ai_gateway;
 mod anomaly;
 mod answer_framing;
 mod audit_chain;

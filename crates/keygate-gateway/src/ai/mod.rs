@@ -1,0 +1,565 @@
+//! The AI gateway: on a route of kind `ai` keygate serves the OpenAI-compatible API
+//! (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`, `/v1/models`)
+//! and Anthropic's Messages API (`/v1/messages`) itself, and calls the LLM providers
+//! (`[[providers]]`) with their keys, which callers never see: a keygate token is a *virtual key*.
+//!
+//! - [`AiRoute`]: a route's models (aliases → deployments `provider/model`, tried in order on 429,
+//!   5xx or no answer), its tokens-per-minute limit and its budget in money, per virtual key;
+//! - [`Ai`]: the providers, the HTTP client that calls them, the spending and the LLM usage
+//!   counted so far;
+//! - [`serve`]: the request path of an `ai` route (after the admit phase: the token, its IP
+//!   allowlist, DPoP, the route's scopes and request limits are checked as on every route);
+//! - [`wire`]: usage in the answers and the translation between OpenAI's chat format and
+//!   Anthropic's; [`sse`]: streamed events.
+
+pub mod serve;
+pub mod sse;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_core::policy::{QuotaPeriod, RateLimit};
+use keygate_core::token_format::PUBLIC_ID_LEN;
+use parking_lot::Mutex;
+
+use crate::config::{ModelPrice, ProviderConfig, ProviderKind, RouteConfig, RouteKind};
+use crate::limiter::Limiter;
+pub use wire::Usage;
+
+/// A model served by a provider: `openai/gpt-4o-mini` is `gpt-4o-mini` at provider `openai`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+}
+
+impl Deployment {
+    /// `provider/model` (the model may hold more slashes: `together/meta-llama/Llama-3-8b`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((p, m)) if valid_provider_id(p) && !m.is_empty() && m.bytes().all(|b| b > b' ' && b != 0x7f) => {
+                Ok(Self { provider: Arc::from(p), model: Arc::from(m) })
+            }
+            _ => Err(format!("{s:?} is not provider/model (such as \"openai/gpt-4o-mini\")")),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.provider, self.model)
+    }
+}
+
+fn valid_provider_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// A budget in micro-dollars per period.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub micro_usd: u64,
+    pub period: QuotaPeriod,
+}
+
+/// An `ai` route, compiled.
+#[derive(Debug)]
+pub struct AiRoute {
+    pub models: BTreeMap<String, Vec<Deployment>>,
+    pub aliases_only: bool,
+    /// LLM tokens per minute per virtual key, as a GCRA limit (a bucket of a minute's worth).
+    pub tokens_per_minute: Option<RateLimit>,
+    pub budget: Option<Budget>,
+    pub first_byte_timeout: Duration,
+}
+
+/// How long a provider may take to start answering by default (a non-streamed answer starts
+/// when it is complete).
+pub const DEFAULT_FIRST_BYTE_TIMEOUT_MS: u64 = 120_000;
+
+impl AiRoute {
+    /// The `ai` side of a route: `None` for an `http` route. Errors say what to change.
+    pub fn from_config(c: &RouteConfig) -> Result<Option<Self>, String> {
+        match (c.kind, &c.ai) {
+            (RouteKind::Http, None) => return Ok(None),
+            (RouteKind::Http, Some(_)) => return Err("[routes.ai] is for routes of kind = \"ai\"".into()),
+            (RouteKind::Ai, _) => {}
+        }
+        let cfg = c.ai.clone().unwrap_or_default();
+        if c.public {
+            return Err("an ai route cannot be public: every call is made with a virtual key".into());
+        }
+        if c.cache.is_some() {
+            return Err("an ai route cannot have [routes.cache]".into());
+        }
+        let mut models = BTreeMap::new();
+        for (alias, deployments) in &cfg.models {
+            if alias.is_empty() || alias.len() > 256 || alias.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(format!("ai.models: {alias:?} is not a model name (1-256 visible characters)"));
+            }
+            if deployments.is_empty() {
+                return Err(format!("ai.models.{alias}: name at least one deployment (\"provider/model\")"));
+            }
+            let d = deployments
+                .iter()
+                .map(|d| Deployment::parse(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("ai.models.{alias}: {e}"))?;
+            models.insert(alias.clone(), d);
+        }
+        if cfg.aliases_only && models.is_empty() {
+            return Err("ai.aliases_only needs ai.models".into());
+        }
+        let tokens_per_minute = match cfg.tokens_per_minute {
+            Some(0) => return Err("ai.tokens_per_minute must be at least 1".into()),
+            Some(n) => Some(RateLimit { requests: n, per_seconds: 60, burst: 0 }),
+            None => None,
+        };
+        let budget = match cfg.budget {
+            Some(b) if !b.usd.is_finite() || b.usd < 0.0 || b.usd > 1e12 => {
+                return Err("ai.budget.usd must be a number of dollars from 0 to 10^12".into());
+            }
+            Some(b) if b.period == QuotaPeriod::Total => {
+                return Err("ai.budget.period must be \"day\" or \"month\"".into());
+            }
+            Some(b) => Some(Budget { micro_usd: (b.usd * 1e6).round() as u64, period: b.period }),
+            None => None,
+        };
+        let first_byte_timeout =
+            Duration::from_millis(cfg.first_byte_timeout_ms.unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT_MS).max(1));
+        Ok(Some(Self { models, aliases_only: cfg.aliases_only, tokens_per_minute, budget, first_byte_timeout }))
+    }
+
+    /// The deployments that serve `name` on this route: an alias's, or the deployment the name
+    /// is (unless the route serves its aliases only). `None`: the route does not serve it.
+    pub fn deployments(&self, name: &str) -> Option<Vec<Deployment>> {
+        if let Some(d) = self.models.get(name) {
+            return Some(d.clone());
+        }
+        if self.aliases_only {
+            return None;
+        }
+        Deployment::parse(name).ok().map(|d| vec![d])
+    }
+}
+
+/// The scope a virtual key needs to call model `name`: `llm:` and the name in lower case, each
+/// character outside `a-z 0-9 _ - .` (such as the `/` of `openai/gpt-4o`) written as `.`, at
+/// most 64 characters. `llm:*` covers every model.
+pub fn model_scope(name: &str) -> keygate_core::scope::Scope {
+    let action: String = name
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.') { c } else { '.' })
+        .take(64)
+        .collect();
+    let action = if action.is_empty() { ".".to_owned() } else { action };
+    keygate_core::scope::Scope::parse(&format!("llm:{action}"))
+        .unwrap_or_else(|_| keygate_core::scope::Scope::parse("llm:.").unwrap_or_else(|_| unreachable_scope()))
+}
+
+#[allow(clippy::panic)]
+fn unreachable_scope() -> keygate_core::scope::Scope {
+    // `llm:.` is a valid scope: parts of `a-z 0-9 _ - .`, 1-64 characters.
+    panic!("llm:. is a valid scope")
+}
+
+/// A provider's key, never shown (not in `Debug`, not in logs).
+pub struct ProviderKey(Box<str>);
+
+impl std::fmt::Debug for ProviderKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProviderKey(…)")
+    }
+}
+
+impl ProviderKey {
+    pub fn new(key: &str) -> Self {
+        Self(key.into())
+    }
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A provider keygate calls.
+#[derive(Debug)]
+pub struct Provider {
+    pub id: Arc<str>,
+    pub kind: ProviderKind,
+    /// Without a trailing slash.
+    pub base_url: String,
+    pub key: Option<ProviderKey>,
+    pub api_version: Option<String>,
+    pub prices: HashMap<String, ModelPrice>,
+}
+
+impl Provider {
+    /// A provider from its configuration, its key read with `env` (from the environment
+    /// variable the configuration names) or from its file (unless `read_files` is false: a
+    /// configuration check).
+    pub fn from_config(
+        c: &ProviderConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        read_files: bool,
+    ) -> Result<Self, String> {
+        let err = |m: String| format!("provider {:?}: {m}", c.id);
+        if !valid_provider_id(&c.id) {
+            return Err(err("id must be 1-64 letters, digits, - or _".into()));
+        }
+        let url =
+            url_parts(&c.base_url).ok_or_else(|| err(format!("base_url {:?} is not an http(s) URL", c.base_url)))?;
+        if !url.https && !url.loopback {
+            return Err(err(format!(
+                "base_url {:?}: http:// only to a loopback address (127.0.0.1, ::1, localhost); use https://",
+                c.base_url
+            )));
+        }
+        if c.kind == ProviderKind::Azure && c.api_version.is_none() {
+            return Err(err("an azure provider needs api_version (such as \"2024-10-21\")".into()));
+        }
+        let raw = match (&c.api_key_env, &c.api_key_file) {
+            (Some(_), Some(_)) => return Err(err("give api_key_env or api_key_file, not both".into())),
+            (Some(var), None) => Some(env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                err(format!("the environment variable {var} (api_key_env) is not set: set it to the provider's key"))
+            })?),
+            (None, Some(path)) if read_files => {
+                Some(std::fs::read_to_string(path).map_err(|e| err(format!("api_key_file {}: {e}", path.display())))?)
+            }
+            (None, Some(_)) | (None, None) => None,
+        };
+        let key = match raw {
+            Some(v) if v.trim().is_empty() => return Err(err("the provider's key is empty".into())),
+            Some(v) if !crate::head::is_field_value(v.trim().as_bytes()) => {
+                return Err(err("the provider's key is not a valid header value".into()));
+            }
+            Some(v) => Some(ProviderKey::new(v.trim())),
+            None => None,
+        };
+        for (model, p) in &c.prices {
+            let ok = |x: f64| x.is_finite() && (0.0..=1e6).contains(&x);
+            if !ok(p.input) || !ok(p.output) || p.cached_input.is_some_and(|x| !ok(x)) {
+                return Err(err(format!("prices.{model}: dollars per million tokens from 0 to 10^6")));
+            }
+        }
+        Ok(Self {
+            id: Arc::from(c.id.as_str()),
+            kind: c.kind,
+            base_url: c.base_url.trim_end_matches('/').to_owned(),
+            key,
+            api_version: c.api_version.clone(),
+            prices: c.prices.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        })
+    }
+
+    /// What `usage` of `model` costs, in micro-dollars (rounded up); 0 for a model without a
+    /// price.
+    pub fn cost_micro_usd(&self, model: &str, u: &Usage) -> u64 {
+        let Some(p) = self.prices.get(model) else { return 0 };
+        let cached = u.cached_input.min(u.input);
+        // Dollars per million tokens is micro-dollars per token.
+        let micro = (u.input - cached) as f64 * p.input
+            + cached as f64 * p.cached_input.unwrap_or(p.input)
+            + u.output as f64 * p.output;
+        micro.ceil().max(0.0) as u64
+    }
+}
+
+/// A Prometheus label value: `\\`, `"` and line feeds escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+struct UrlParts {
+    https: bool,
+    loopback: bool,
+}
+
+fn url_parts(url: &str) -> Option<UrlParts> {
+    let (https, rest) =
+        if let Some(r) = url.strip_prefix("https://") { (true, r) } else { (false, url.strip_prefix("http://")?) };
+    let authority = rest.split('/').next()?;
+    if authority.is_empty() || authority.contains('@') || rest.contains(['?', '#']) {
+        return None;
+    }
+    let host =
+        if let Some(h) = authority.strip_prefix('[') { h.split(']').next()? } else { authority.split(':').next()? };
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    Some(UrlParts { https, loopback })
+}
+
+/// Spending per virtual key and route in the current period, in micro-dollars: checked before a
+/// call, counted from its answer. Bounded: at most [`SPEND_KEYS`] keys per shard; when full,
+/// the keys of ended periods go, then new keys share one overflow count (limits stay in force).
+pub struct Spend {
+    shards: Vec<Mutex<HashMap<SpendKey, Spent>>>,
+}
+
+type SpendKey = ([u8; PUBLIC_ID_LEN], u32);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    period_start: i64,
+    micro: u64,
+}
+
+const SPEND_SHARDS: usize = 16;
+/// Keys per shard at most.
+pub const SPEND_KEYS: usize = 65_536;
+const OVERFLOW: [u8; PUBLIC_ID_LEN] = [0xff; PUBLIC_ID_LEN];
+
+impl Default for Spend {
+    fn default() -> Self {
+        Self { shards: (0..SPEND_SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+}
+
+impl Spend {
+    fn shard(&self, id: &[u8; PUBLIC_ID_LEN]) -> Option<&Mutex<HashMap<SpendKey, Spent>>> {
+        let i = id.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(usize::from(*b))) % SPEND_SHARDS;
+        self.shards.get(i)
+    }
+
+    /// Spent in the period that starts at `period_start`.
+    pub fn spent(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64) -> u64 {
+        let Some(shard) = self.shard(id) else { return 0 };
+        let map = shard.lock();
+        let get = |k: &SpendKey| map.get(k).filter(|s| s.period_start == period_start).map_or(0, |s| s.micro);
+        get(&(*id, route)).max(if map.contains_key(&(*id, route)) { 0 } else { get(&(OVERFLOW, route)) })
+    }
+
+    /// Takes `micro` back from what was spent in the period that starts at `period_start` (what
+    /// was set aside for a call, once its cost is known).
+    pub fn refund(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64, micro: u64) {
+        let Some(shard) = self.shard(id) else { return };
+        let mut map = shard.lock();
+        for key in [(*id, route), (OVERFLOW, route)] {
+            if let Some(s) = map.get_mut(&key).filter(|s| s.period_start == period_start) {
+                s.micro = s.micro.saturating_sub(micro);
+                return;
+            }
+        }
+    }
+
+    /// Adds `micro` to what was spent in the period that starts at `period_start`.
+    pub fn add(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64, micro: u64) {
+        let Some(shard) = self.shard(id) else { return };
+        let mut map = shard.lock();
+        let mut key = (*id, route);
+        if !map.contains_key(&key) && map.len() >= SPEND_KEYS {
+            map.retain(|_, s| s.period_start >= period_start);
+            if map.len() >= SPEND_KEYS {
+                key = (OVERFLOW, route);
+            }
+        }
+        let s = map.entry(key).or_default();
+        if s.period_start != period_start {
+            *s = Spent { period_start, micro: 0 };
+        }
+        s.micro = s.micro.saturating_add(micro);
+    }
+}
+
+/// LLM usage counted per route and deployment since the start, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    pub fallbacks: u64,
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+    pub micro_usd: u64,
+}
+
+/// A metric of the totals: its name, its help text, and the count it shows.
+type Series = (&'static str, &'static str, fn(&Totals) -> u64);
+
+/// The most (route, deployment) pairs counted for `/metrics`; later ones are counted under
+/// `other`.
+pub const MAX_TOTALS: usize = 4096;
+
+/// Everything the AI gateway keeps: its providers, the client that calls them, the limits'
+/// state and what was used.
+pub struct Ai {
+    pub providers: HashMap<String, Arc<Provider>>,
+    pub(crate) client: reqwest::Client,
+    /// LLM tokens per minute, per virtual key and route.
+    pub tpm: Limiter,
+    pub spend: Spend,
+    totals: Mutex<HashMap<(Arc<str>, String), Totals>>,
+}
+
+impl Ai {
+    /// The AI gateway of `providers`, their keys read with `env`. Errors name the provider.
+    pub fn new(providers: &[ProviderConfig], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let mut map = HashMap::new();
+        for c in providers {
+            let p = Provider::from_config(c, env, true)?;
+            if map.insert(c.id.clone(), Arc::new(p)).is_some() {
+                return Err(format!("provider {:?}: another provider has the same id", c.id));
+            }
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("the providers' HTTP client: {e}"))?;
+        Ok(Self { providers: map, client, tpm: Limiter::default(), spend: Spend::default(), totals: Mutex::default() })
+    }
+
+    /// Adds to the totals of `route` and `deployment`.
+    pub fn count(&self, route: &Arc<str>, deployment: &str, f: impl FnOnce(&mut Totals)) {
+        let mut t = self.totals.lock();
+        let key = (route.clone(), deployment.to_owned());
+        if !t.contains_key(&key) && t.len() >= MAX_TOTALS {
+            f(t.entry((route.clone(), "other".to_owned())).or_default());
+            return;
+        }
+        f(t.entry(key).or_default());
+    }
+
+    /// The totals so far, by route and deployment.
+    pub fn totals(&self) -> Vec<(Arc<str>, String, Totals)> {
+        let mut v: Vec<_> = self.totals.lock().iter().map(|((r, d), t)| (r.clone(), d.clone(), *t)).collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
+    /// The totals in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let totals = self.totals();
+        if totals.is_empty() {
+            return;
+        }
+        let series: [Series; 6] = [
+            ("keygate_llm_requests_total", "Calls to LLM providers", |t| t.requests),
+            ("keygate_llm_errors_total", "Calls to LLM providers that failed (after fallbacks)", |t| t.errors),
+            ("keygate_llm_fallbacks_total", "Calls moved to the next deployment after a 429, 5xx or time-out", |t| {
+                t.fallbacks
+            }),
+            ("keygate_llm_input_tokens_total", "LLM input tokens, cached ones included", |t| t.input),
+            ("keygate_llm_output_tokens_total", "LLM output tokens", |t| t.output),
+            ("keygate_llm_cost_microdollars_total", "What LLM calls cost by the price table, in micro-dollars", |t| {
+                t.micro_usd
+            }),
+        ];
+        for (name, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (route, deployment, t) in &totals {
+                let _ = writeln!(
+                    out,
+                    "{name}{{route=\"{}\",deployment=\"{}\"}} {}",
+                    route,
+                    escape_label(deployment),
+                    get(t)
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AiRouteConfig;
+
+    fn route(ai: AiRouteConfig) -> RouteConfig {
+        let mut c = RouteConfig::new("llm", "/llm", "http://unused");
+        c.upstream = None;
+        c.kind = RouteKind::Ai;
+        c.ai = Some(ai);
+        c
+    }
+
+    #[test]
+    fn routes_name_their_models_and_limits() {
+        let mut cfg = AiRouteConfig::default();
+        cfg.models.insert("fast".into(), vec!["anthropic/claude-haiku".into(), "openai/gpt-4o-mini".into()]);
+        cfg.tokens_per_minute = Some(1000);
+        cfg.budget = Some(crate::config::AiBudget { usd: 2.5, period: QuotaPeriod::Month });
+        let r = AiRoute::from_config(&route(cfg.clone())).unwrap().unwrap();
+        assert_eq!(r.deployments("fast").unwrap().len(), 2);
+        assert_eq!(r.deployments("openai/gpt-4o").unwrap()[0].model.as_ref(), "gpt-4o");
+        assert_eq!(r.deployments("together/meta/llama").unwrap()[0].model.as_ref(), "meta/llama");
+        assert!(r.deployments("gpt-4o").is_none(), "a bare name that is no alias names no provider");
+        assert_eq!(r.budget.unwrap().micro_usd, 2_500_000);
+        assert_eq!(r.tokens_per_minute.unwrap().capacity(), 1000);
+
+        cfg.aliases_only = true;
+        let r = AiRoute::from_config(&route(cfg.clone())).unwrap().unwrap();
+        assert!(r.deployments("openai/gpt-4o").is_none());
+
+        let mut bad = cfg.clone();
+        bad.models.insert("x".into(), vec!["no-slash".into()]);
+        assert!(AiRoute::from_config(&route(bad)).unwrap_err().contains("provider/model"));
+        let mut bad = cfg.clone();
+        bad.budget = Some(crate::config::AiBudget { usd: f64::NAN, period: QuotaPeriod::Day });
+        assert!(AiRoute::from_config(&route(bad)).is_err());
+        let mut bad = cfg;
+        bad.tokens_per_minute = Some(0);
+        assert!(AiRoute::from_config(&route(bad)).is_err());
+        let mut http = RouteConfig::new("r", "/r", "http://127.0.0.1:1");
+        http.ai = Some(AiRouteConfig::default());
+        assert!(AiRoute::from_config(&http).is_err());
+    }
+
+    #[test]
+    fn model_scopes_are_valid_scopes() {
+        assert_eq!(model_scope("gpt-4o").as_str(), "llm:gpt-4o");
+        assert_eq!(model_scope("openai/GPT-4o").as_str(), "llm:openai.gpt-4o");
+        assert_eq!(model_scope("").as_str(), "llm:.");
+        assert_eq!(model_scope(&"x".repeat(300)).as_str().len(), 4 + 64);
+        let all = keygate_core::scope::Scope::parse("llm:*").unwrap();
+        assert!(all.covers(&model_scope("anthropic/claude-3-5-haiku-20241022")));
+    }
+
+    #[test]
+    fn providers_keep_their_keys_and_prices() {
+        let mut c = ProviderConfig {
+            id: "openai".into(),
+            kind: ProviderKind::Openai,
+            base_url: "https://api.openai.com/v1/".into(),
+            api_key_env: Some("OPENAI_KEY".into()),
+            api_key_file: None,
+            api_version: None,
+            prices: BTreeMap::new(),
+        };
+        c.prices.insert("gpt-4o-mini".into(), ModelPrice { input: 0.15, output: 0.6, cached_input: Some(0.075) });
+        let env = |v: &str| (v == "OPENAI_KEY").then(|| "sk-test".to_owned());
+        let p = Provider::from_config(&c, &env, true).unwrap();
+        assert_eq!(p.base_url, "https://api.openai.com/v1");
+        assert_eq!(format!("{:?}", p.key), "Some(ProviderKey(…))");
+        // 1,000 input (400 cached) and 500 output tokens: 600 × 0.15 + 400 × 0.075 + 500 × 0.6.
+        let u = Usage { input: 1000, output: 500, cached_input: 400 };
+        assert_eq!(p.cost_micro_usd("gpt-4o-mini", &u), 420);
+        assert_eq!(p.cost_micro_usd("unpriced", &u), 0);
+
+        let missing = |_: &str| None;
+        assert!(Provider::from_config(&c, &missing, true).unwrap_err().contains("OPENAI_KEY"));
+        c.base_url = "http://api.example.com/v1".into();
+        assert!(Provider::from_config(&c, &env, true).unwrap_err().contains("loopback"));
+        c.base_url = "http://127.0.0.1:8000/v1".into();
+        assert!(Provider::from_config(&c, &env, true).is_ok());
+        c.kind = ProviderKind::Azure;
+        assert!(Provider::from_config(&c, &env, true).unwrap_err().contains("api_version"));
+    }
+
+    #[test]
+    fn spending_is_counted_per_period_and_bounded() {
+        let s = Spend::default();
+        let id = [1u8; PUBLIC_ID_LEN];
+        s.add(&id, 7, 1000, 50);
+        s.add(&id, 7, 1000, 25);
+        assert_eq!(s.spent(&id, 7, 1000), 75);
+        assert_eq!(s.spent(&id, 8, 1000), 0);
+        // A new period starts from nothing.
+        assert_eq!(s.spent(&id, 7, 2000), 0);
+        s.add(&id, 7, 2000, 5);
+        assert_eq!(s.spent(&id, 7, 2000), 5);
+    }
+}

@@ -1,0 +1,878 @@
+//! The request path of an `ai` route, after the admit phase: the endpoint, the body read whole
+//! (within the route's `max_body_bytes`), the model named in it and the virtual key's scope for
+//! it (`llm:<model>`), the budget and the tokens-per-minute limit (both before the provider is
+//! called), then the deployments tried in order — the next one on a 429, a 5xx, no connection
+//! or no answer in time — and the answer, translated when the client's format is not the
+//! provider's, passed on as it streams, its usage counted (an aborted stream for what was
+//! delivered).
+//!
+//! keygate's own errors here take the shape the client's library reads: OpenAI's
+//! (`{"error": {"message", "type", "param", "code"}}`) on the OpenAI endpoints, Anthropic's
+//! (`{"type": "error", "error": {"type", "message"}}`, with the `code` too) on `/v1/messages`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body::{Body, Frame};
+use keygate_core::policy::RateLimit;
+use keygate_core::token_format::PUBLIC_ID_LEN;
+use serde_json::{Value, json};
+
+use super::sse::{Events, write_event};
+use super::wire::{self, StreamTranslator, Usage};
+use super::{Ai, AiRoute, Deployment, Provider, model_scope};
+use crate::answer::{Code, Refuse};
+use crate::body::{BodySource, BodyState, BoxError};
+use crate::config::ProviderKind;
+use crate::ctx::{Caller, RequestCtx};
+use crate::gateway::Gateway;
+use crate::proxy::{Answered, HeadSink, UpstreamResponseBody};
+use crate::routes::Route;
+
+/// The largest non-streamed answer read from a provider.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+/// Output tokens counted before the call for a request that sets no maximum.
+pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 256;
+
+/// The endpoints of an `ai` route, under its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+    Messages,
+    Models,
+}
+
+impl Op {
+    fn of(method: &Method, rest: &str) -> Option<Op> {
+        let op = match rest.trim_end_matches('/') {
+            "/v1/chat/completions" | "/chat/completions" => Op::Chat,
+            "/v1/completions" | "/completions" => Op::Completions,
+            "/v1/embeddings" | "/embeddings" => Op::Embeddings,
+            "/v1/responses" | "/responses" => Op::Responses,
+            "/v1/messages" | "/messages" => Op::Messages,
+            "/v1/models" | "/models" => Op::Models,
+            _ => return None,
+        };
+        let method_ok =
+            if op == Op::Models { *method == Method::GET || *method == Method::HEAD } else { *method == Method::POST };
+        method_ok.then_some(op)
+    }
+
+    /// The provider's endpoint, after its base URL (OpenAI's names).
+    fn endpoint(self) -> &'static str {
+        match self {
+            Op::Chat => "chat/completions",
+            Op::Completions => "completions",
+            Op::Embeddings => "embeddings",
+            Op::Responses => "responses",
+            Op::Messages => "messages",
+            Op::Models => "models",
+        }
+    }
+
+    fn anthropic_errors(self) -> bool {
+        self == Op::Messages
+    }
+}
+
+/// An error of keygate's on an `ai` route.
+struct AiError {
+    status: StatusCode,
+    code: &'static str,
+    /// OpenAI's error type (`invalid_request_error`, `permission_error`, …).
+    kind: &'static str,
+    message: String,
+    retry_after_s: Option<u64>,
+}
+
+fn ai_error(status: StatusCode, code: &'static str, kind: &'static str, message: impl Into<String>) -> AiError {
+    AiError { status, code, kind, message: message.into(), retry_after_s: None }
+}
+
+fn invalid(message: impl Into<String>) -> AiError {
+    ai_error(StatusCode::BAD_REQUEST, "invalid_request", "invalid_request_error", message)
+}
+
+fn error_answer<S: HeadSink>(op: Op, e: &AiError, sink: &mut S) -> Answered {
+    let body = if op.anthropic_errors() {
+        let kind = match e.status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            504 => "timeout_error",
+            _ => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "code": e.code, "message": e.message}})
+    } else {
+        json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": e.code}})
+    };
+    sink.status(e.status);
+    let _ = sink.field("content-type", b"application/json");
+    if let Some(s) = e.retry_after_s {
+        let _ = sink.field("retry-after", itoa::Buffer::new().format(s.max(1)).as_bytes());
+    }
+    let _ = sink.field("x-keygate-error", e.code.as_bytes());
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    Answered { status: e.status, body: UpstreamResponseBody::from_memory(Bytes::from(bytes)) }
+}
+
+/// What a call's answer settles: its usage counted against the limits and the budget, and in
+/// the totals. Settled once (when the answer has been read, or its stream ended or was
+/// dropped).
+struct Settle {
+    ai: Arc<Ai>,
+    route: Arc<str>,
+    route_key: u32,
+    key: [u8; PUBLIC_ID_LEN],
+    provider: Arc<Provider>,
+    deployment: Deployment,
+    now_us: i64,
+    /// Tokens taken from the tokens-per-minute limit before the call.
+    estimate: u64,
+    tpm: Option<RateLimit>,
+    /// The budget's period and what was set aside for the call in it.
+    budget_period: Option<i64>,
+    reserved_micro: u64,
+}
+
+impl Settle {
+    fn done(self, usage: Usage) -> u64 {
+        let cost = self.provider.cost_micro_usd(&self.deployment.model, &usage);
+        if let Some(start) = self.budget_period {
+            // What was set aside comes back, and the cost is counted.
+            self.ai.spend.add(&self.key, self.route_key, start, cost);
+            self.ai.spend.refund(&self.key, self.route_key, start, self.reserved_micro);
+        }
+        if let Some(limit) = &self.tpm {
+            let delta = i64::try_from(usage.total()).unwrap_or(i64::MAX) - i64::try_from(self.estimate).unwrap_or(0);
+            self.ai.tpm.settle_cost(&self.key, self.route_key, limit, self.now_us, delta);
+        }
+        let name = self.deployment.name();
+        self.ai.count(&self.route, &name, |t| {
+            t.input += usage.input;
+            t.output += usage.output;
+            t.cached_input += usage.cached_input;
+            t.micro_usd += cost;
+        });
+        cost
+    }
+}
+
+impl Gateway {
+    /// Serves a request of an `ai` route (see the module's documentation).
+    pub(crate) async fn forward_ai<B: BodySource, S: HeadSink>(
+        &self,
+        ctx: &RequestCtx<'_, '_>,
+        route: &Route,
+        air: &AiRoute,
+        body: &mut Option<B>,
+        state: &BodyState,
+        sink: &mut S,
+    ) -> Result<Answered, Refuse> {
+        let rest = ctx.path.get(route.prefix.len()..).unwrap_or_default();
+        let Some(op) = Op::of(&ctx.head.method, rest) else {
+            let e = ai_error(
+                StatusCode::NOT_FOUND,
+                "unknown_endpoint",
+                "invalid_request_error",
+                format!(
+                    "{} {rest} is not an endpoint of this AI route: POST /v1/chat/completions, /v1/completions, \
+                     /v1/embeddings, /v1/responses or /v1/messages, GET /v1/models",
+                    ctx.head.method
+                ),
+            );
+            return Ok(error_answer(Op::Chat, &e, sink));
+        };
+        let Some(ai) = self.ai.clone() else {
+            let e = ai_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_providers",
+                "api_error",
+                "this keygate has no LLM providers: an operator adds [[providers]] to its configuration",
+            );
+            return Ok(error_answer(op, &e, sink));
+        };
+        let Some(caller) = ctx.caller.as_ref() else {
+            // An ai route is never public (routes::build refuses it): a caller is always known.
+            let e = ai_error(StatusCode::UNAUTHORIZED, "missing_token", "authentication_error", "a token is needed");
+            return Ok(error_answer(op, &e, sink));
+        };
+        if op == Op::Models {
+            return Ok(models(air, caller, sink));
+        }
+        let bytes = read_all(body, route.max_body_bytes, state).await?;
+        match self.call_ai(&ai, ctx, route, air, op, caller, &bytes, sink).await {
+            Ok(a) => Ok(a),
+            Err(e) => Ok(error_answer(op, &e, sink)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_ai<S: HeadSink>(
+        &self,
+        ai: &Arc<Ai>,
+        ctx: &RequestCtx<'_, '_>,
+        route: &Route,
+        air: &AiRoute,
+        op: Op,
+        caller: &Caller,
+        bytes: &[u8],
+        sink: &mut S,
+    ) -> Result<Answered, AiError> {
+        let req: Value =
+            serde_json::from_slice(bytes).map_err(|e| invalid(format!("the request body is not JSON: {e}")))?;
+        if !req.is_object() {
+            return Err(invalid("the request body must be a JSON object"));
+        }
+        let name = req
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("the request names no model: give \"model\""))?
+            .to_owned();
+        let deployments = air.deployments(&name).ok_or_else(|| {
+            ai_error(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                "invalid_request_error",
+                format!("this route serves no model {name:?}: GET /v1/models lists the ones it serves"),
+            )
+        })?;
+        let scope = model_scope(&name);
+        if !caller.has_scope(&scope) {
+            return Err(ai_error(
+                StatusCode::FORBIDDEN,
+                "model_not_allowed",
+                "permission_error",
+                format!("this key may not call {name:?}: it needs the scope {} (or llm:*)", scope.as_str()),
+            ));
+        }
+        let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false) && op != Op::Embeddings;
+        let now_ms = self.clock.now().as_millis();
+        let now_us = now_ms.saturating_mul(1000);
+        let key = *caller.limit_key();
+        let route_key = route.limiter_key;
+        // The budget: refused once spent; what the call may cost is set aside meanwhile, so that
+        // calls in flight at once cannot all spend the last of it.
+        let estimate_in = wire::estimate_input_tokens(bytes.len());
+        let estimate_out =
+            if op == Op::Embeddings { 0 } else { wire::max_output_tokens(&req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE) };
+        let estimate = Usage { input: estimate_in, output: estimate_out, cached_input: 0 };
+        let first = deployments.first().and_then(|d| ai.providers.get(&*d.provider).map(|p| (d, p)));
+        let mut budget_period = None;
+        let mut reserved_micro = 0;
+        if let Some(b) = &air.budget {
+            let (start, end) = b.period.window(now_ms);
+            let spent = ai.spend.spent(&key, route_key, start);
+            if spent >= b.micro_usd {
+                let mut e = ai_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "budget_exceeded",
+                    "insufficient_quota",
+                    format!(
+                        "this key has spent its budget on this route (${:.2} a {}); it starts again at the next {}",
+                        b.micro_usd as f64 / 1e6,
+                        period_name(b.period),
+                        period_name(b.period)
+                    ),
+                );
+                e.retry_after_s = Some(u64::try_from(end - now_ms).unwrap_or(0).div_ceil(1000));
+                return Err(e);
+            }
+            reserved_micro = first.map_or(0, |(d, p)| p.cost_micro_usd(&d.model, &estimate)).min(b.micro_usd - spent);
+            ai.spend.add(&key, route_key, start, reserved_micro);
+            budget_period = Some(start);
+        }
+        let mut taken = 0;
+        if let Some(limit) = &air.tokens_per_minute {
+            taken = estimate.total().min(limit.capacity());
+            let d = ai.tpm.check_rate_cost(&key, route_key, limit, now_us, u32::try_from(taken).unwrap_or(u32::MAX));
+            if !d.allowed {
+                if let Some(start) = budget_period {
+                    ai.spend.refund(&key, route_key, start, reserved_micro);
+                }
+                let mut e = ai_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "llm_tokens_per_minute_exceeded",
+                    "tokens",
+                    format!(
+                        "this key has used its {} LLM tokens a minute on this route; try again in {} s",
+                        limit.requests,
+                        (d.retry_after / 1_000_000).max(1)
+                    ),
+                );
+                e.retry_after_s = Some(u64::try_from(d.retry_after).unwrap_or(0).div_ceil(1_000_000));
+                return Err(e);
+            }
+        }
+        let settle_base = |provider: Arc<Provider>, deployment: Deployment| Settle {
+            ai: ai.clone(),
+            route: route.id.clone(),
+            route_key,
+            key,
+            provider,
+            deployment,
+            now_us,
+            estimate: taken,
+            tpm: air.tokens_per_minute,
+            budget_period,
+            reserved_micro,
+        };
+        let mut last: Option<AiError> = None;
+        let mut fallbacks = 0u64;
+        let n = deployments.len();
+        for (i, d) in deployments.iter().enumerate() {
+            let name_d = d.name();
+            let Some(provider) = ai.providers.get(&*d.provider).cloned() else {
+                last = Some(ai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_unknown",
+                    "api_error",
+                    format!("the deployment {name_d:?} names a provider this keygate does not have"),
+                ));
+                continue;
+            };
+            let built = build_request(op, &provider, d, &req, stream, ctx)?;
+            let send = ai.client.execute(built.request);
+            let answer = tokio::time::timeout(air.first_byte_timeout, send).await;
+            let resp = match answer {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(route = %route.id, deployment = %name_d, error = %without_url(&e), "LLM provider call failed");
+                    last = Some(ai_error(
+                        StatusCode::BAD_GATEWAY,
+                        "provider_unavailable",
+                        "api_error",
+                        format!("the provider of {name_d:?} could not be reached"),
+                    ));
+                    if i + 1 < n {
+                        fallbacks += 1;
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    last = Some(ai_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "provider_timeout",
+                        "timeout_error",
+                        format!("the provider of {name_d:?} did not answer in time"),
+                    ));
+                    if i + 1 < n {
+                        fallbacks += 1;
+                    }
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+            if retryable && i + 1 < n {
+                fallbacks += 1;
+                tracing::info!(route = %route.id, deployment = %name_d, status = status.as_u16(), "LLM deployment refused; trying the next");
+                continue;
+            }
+            let fb = fallbacks;
+            ai.count(&route.id, &name_d, |t| {
+                t.requests += 1;
+                t.fallbacks += fb;
+                if !status.is_success() {
+                    t.errors += 1;
+                }
+            });
+            let settle = settle_base(provider.clone(), d.clone());
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                // The provider refused keygate's key: the caller's key is fine, the operator's
+                // is not (revoked, rotated at the provider).
+                settle.done(Usage::default());
+                tracing::error!(route = %route.id, deployment = %name_d, status = status.as_u16(), "the LLM provider refused keygate's key for it");
+                return Err(ai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_auth_failed",
+                    "api_error",
+                    format!(
+                        "the provider of {name_d:?} refused keygate's key; an operator must update the provider's key"
+                    ),
+                ));
+            }
+            let head = AnswerHead {
+                status,
+                name: &name,
+                deployment: &name_d,
+                fallbacks,
+                budget: air.budget.map(|b| b.micro_usd),
+            };
+            if stream && status.is_success() {
+                return Ok(stream_answer(resp, built.mode, settle, &head, estimate_in, sink));
+            }
+            return whole_answer(resp, built.mode, settle, &head, sink).await;
+        }
+        if let Some(start) = budget_period {
+            ai.spend.refund(&key, route_key, start, reserved_micro);
+        }
+        if let Some(limit) = &air.tokens_per_minute {
+            ai.tpm.settle_cost(&key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
+        }
+        let name_last = deployments.last().map(Deployment::name).unwrap_or_default();
+        let fb = fallbacks;
+        ai.count(&route.id, &name_last, |t| {
+            t.requests += 1;
+            t.errors += 1;
+            t.fallbacks += fb;
+        });
+        Err(last.unwrap_or_else(|| {
+            ai_error(
+                StatusCode::BAD_GATEWAY,
+                "provider_unavailable",
+                "api_error",
+                "no deployment of the model answered",
+            )
+        }))
+    }
+}
+
+fn period_name(p: keygate_core::policy::QuotaPeriod) -> &'static str {
+    match p {
+        keygate_core::policy::QuotaPeriod::Day => "day",
+        keygate_core::policy::QuotaPeriod::Month => "month",
+        keygate_core::policy::QuotaPeriod::Total => "period",
+    }
+}
+
+/// A client error's text without its URL (which holds nothing secret here, but a provider's
+/// address is the operator's business).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "<provider>");
+    }
+    s
+}
+
+/// `GET /v1/models`: the route's model names that the key may call.
+fn models<S: HeadSink>(air: &AiRoute, caller: &Caller, sink: &mut S) -> Answered {
+    let data: Vec<Value> = air
+        .models
+        .keys()
+        .filter(|m| caller.has_scope(&model_scope(m)))
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "keygate"}))
+        .collect();
+    let body = serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap_or_default();
+    sink.status(StatusCode::OK);
+    let _ = sink.field("content-type", b"application/json");
+    Answered { status: StatusCode::OK, body: UpstreamResponseBody::from_memory(Bytes::from(body)) }
+}
+
+/// Reads the client's body whole, within `limit`.
+async fn read_all<B: BodySource>(body: &mut Option<B>, limit: u64, state: &BodyState) -> Result<Vec<u8>, Refuse> {
+    let mut out = Vec::new();
+    let Some(b) = body.as_mut() else { return Ok(out) };
+    if let Some(n) = b.exact_len() {
+        out.reserve(usize::try_from(n.min(limit)).unwrap_or(0));
+    }
+    while let Some(piece) = b.data().await {
+        match piece {
+            Ok(d) => out.extend_from_slice(&d),
+            Err(_) if state.too_large.load(std::sync::atomic::Ordering::Relaxed) => {
+                return Err(Refuse::of(Code::BodyTooLarge, "the request body is larger than this route takes"));
+            }
+            Err(_) => return Err(Refuse::bad_framing("the request body is malformed")),
+        }
+    }
+    Ok(out)
+}
+
+/// How a provider's answer goes back to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// As it is (the same format).
+    Pass,
+    /// As it is, but without the usage chunk keygate asked for and the client did not.
+    PassWithoutUsage,
+    /// Anthropic's answer as a chat completion.
+    FromAnthropic { include_usage: bool },
+}
+
+struct Built {
+    request: reqwest::Request,
+    mode: Mode,
+}
+
+fn build_request(
+    op: Op,
+    p: &Provider,
+    d: &Deployment,
+    req: &Value,
+    stream: bool,
+    ctx: &RequestCtx<'_, '_>,
+) -> Result<Built, AiError> {
+    let mismatch = |what: &str| {
+        invalid(format!("{what} cannot be sent to {:?}, a model of an {:?} provider", d.name(), p.kind).to_lowercase())
+    };
+    let mut mode = Mode::Pass;
+    let (url, body) = match (p.kind, op) {
+        (ProviderKind::Anthropic, Op::Chat) => {
+            let include_usage = req
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            mode = Mode::FromAnthropic { include_usage };
+            let body = wire::chat_to_messages(req, &d.model).map_err(|e| invalid(e.0))?;
+            (format!("{}/messages", p.base_url), body)
+        }
+        (ProviderKind::Anthropic, Op::Messages) => {
+            let mut body = req.clone();
+            body["model"] = Value::from(&*d.model);
+            (format!("{}/messages", p.base_url), body)
+        }
+        (ProviderKind::Anthropic, _) => return Err(mismatch(&format!("/v1/{}", op.endpoint()))),
+        (_, Op::Messages) => {
+            return Err(invalid(format!(
+                "/v1/messages serves Anthropic models; call {:?} through /v1/chat/completions",
+                d.name()
+            )));
+        }
+        (kind, _) => {
+            let mut body = req.clone();
+            body["model"] = Value::from(&*d.model);
+            if stream && matches!(op, Op::Chat | Op::Completions) {
+                let asked = req
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                if !asked {
+                    body["stream_options"] = json!({"include_usage": true});
+                    mode = Mode::PassWithoutUsage;
+                }
+            }
+            let url = if kind == ProviderKind::Azure {
+                if op == Op::Responses {
+                    return Err(mismatch("/v1/responses"));
+                }
+                if !d.model.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+                    return Err(invalid(format!("{:?} is not an Azure deployment name", &*d.model)));
+                }
+                format!(
+                    "{}/deployments/{}/{}?api-version={}",
+                    p.base_url,
+                    d.model,
+                    op.endpoint(),
+                    p.api_version.as_deref().unwrap_or_default()
+                )
+            } else {
+                format!("{}/{}", p.base_url, op.endpoint())
+            };
+            (url, body)
+        }
+    };
+    let url: reqwest::Url = url.parse().map_err(|_| invalid("the provider's URL for this model is not valid"))?;
+    let mut r = reqwest::Request::new(reqwest::Method::POST, url);
+    let h = r.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    if stream {
+        h.insert(http::header::ACCEPT, http::HeaderValue::from_static("text/event-stream"));
+    }
+    let secret = |v: String| -> Result<http::HeaderValue, AiError> {
+        let mut v = http::HeaderValue::from_str(&v).map_err(|_| invalid("the provider's key is not a header value"))?;
+        v.set_sensitive(true);
+        Ok(v)
+    };
+    match p.kind {
+        ProviderKind::Openai => {
+            if let Some(k) = &p.key {
+                h.insert(http::header::AUTHORIZATION, secret(format!("Bearer {}", k.expose()))?);
+            }
+        }
+        ProviderKind::Azure => {
+            if let Some(k) = &p.key {
+                h.insert("api-key", secret(k.expose().to_owned())?);
+            }
+        }
+        ProviderKind::Anthropic => {
+            if let Some(k) = &p.key {
+                h.insert("x-api-key", secret(k.expose().to_owned())?);
+            }
+            let version = p.api_version.as_deref().unwrap_or("2023-06-01");
+            if let Ok(v) = http::HeaderValue::from_str(version) {
+                h.insert("anthropic-version", v);
+            }
+            if op == Op::Messages
+                && let Some(beta) = ctx.head.all("anthropic-beta").next()
+                && let Ok(v) = http::HeaderValue::from_bytes(beta)
+            {
+                h.insert("anthropic-beta", v);
+            }
+        }
+    }
+    let bytes = serde_json::to_vec(&body).map_err(|_| invalid("the request could not be written"))?;
+    *r.body_mut() = Some(reqwest::Body::from(bytes));
+    Ok(Built { request: r, mode })
+}
+
+/// The head of an answer of keygate's AI gateway.
+struct AnswerHead<'a> {
+    status: StatusCode,
+    /// The model the client asked for.
+    name: &'a str,
+    deployment: &'a str,
+    fallbacks: u64,
+    budget: Option<u64>,
+}
+
+fn write_head<S: HeadSink>(h: &AnswerHead<'_>, content_type: &[u8], sink: &mut S) {
+    sink.status(h.status);
+    let _ = sink.field("content-type", content_type);
+    if crate::head::is_field_value(h.deployment.as_bytes()) {
+        let _ = sink.field("x-keygate-deployment", h.deployment.as_bytes());
+    }
+    if h.fallbacks > 0 {
+        let _ = sink.field("x-keygate-fallbacks", itoa::Buffer::new().format(h.fallbacks).as_bytes());
+    }
+}
+
+fn remaining_budget<S: HeadSink>(settle: &Settle, budget: Option<u64>, sink: &mut S) {
+    if let (Some(b), Some(start)) = (budget, settle.budget_period) {
+        let spent = settle.ai.spend.spent(&settle.key, settle.route_key, start);
+        let left = b.saturating_sub(spent);
+        let _ = sink.field("x-keygate-budget-remaining-usd", format!("{:.6}", left as f64 / 1e6).as_bytes());
+    }
+}
+
+/// Reads a non-streamed answer whole, counts its usage, translates it if need be.
+async fn whole_answer<S: HeadSink>(
+    mut resp: reqwest::Response,
+    mode: Mode,
+    settle: Settle,
+    head: &AnswerHead<'_>,
+    sink: &mut S,
+) -> Result<Answered, AiError> {
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_else(|| b"application/json".to_vec());
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if body.len() + c.len() > MAX_ANSWER_BYTES {
+                    settle.done(Usage::default());
+                    return Err(ai_error(
+                        StatusCode::BAD_GATEWAY,
+                        "provider_answer_too_large",
+                        "api_error",
+                        "the provider's answer is larger than keygate reads (64 MiB)",
+                    ));
+                }
+                body.extend_from_slice(&c);
+            }
+            Ok(None) => break,
+            Err(_) => {
+                settle.done(Usage::default());
+                return Err(ai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_unavailable",
+                    "api_error",
+                    "the provider's answer broke off",
+                ));
+            }
+        }
+    }
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let usage = parsed.as_ref().and_then(|v| v.get("usage")).and_then(wire::usage_of).unwrap_or_default();
+    let mut content_type = content_type;
+    if head.status.is_success()
+        && let Mode::FromAnthropic { .. } = mode
+        && let Some(v) = &parsed
+    {
+        let created = settle.now_us / 1_000_000;
+        body = serde_json::to_vec(&wire::message_to_chat(v, head.name, created)).unwrap_or_default();
+        content_type = b"application/json".to_vec();
+    }
+    let budget = head.budget;
+    write_head(head, &content_type, sink);
+    let cost_known = settle.provider.prices.contains_key(&*settle.deployment.model);
+    // Settled first, so that the remaining budget shown counts this call.
+    let (ai, key, route_key, period) = (settle.ai.clone(), settle.key, settle.route_key, settle.budget_period);
+    let cost = settle.done(usage);
+    if let (Some(b), Some(start)) = (budget, period) {
+        let left = b.saturating_sub(ai.spend.spent(&key, route_key, start));
+        let _ = sink.field("x-keygate-budget-remaining-usd", format!("{:.6}", left as f64 / 1e6).as_bytes());
+    }
+    if cost_known {
+        let _ = sink.field("x-keygate-cost-usd", format!("{:.6}", cost as f64 / 1e6).as_bytes());
+    }
+    Ok(Answered { status: head.status, body: UpstreamResponseBody::from_memory(Bytes::from(body)) })
+}
+
+type ChunkFuture = Pin<Box<dyn Future<Output = (reqwest::Response, reqwest::Result<Option<Bytes>>)> + Send>>;
+
+fn next_chunk(mut r: reqwest::Response) -> ChunkFuture {
+    Box::pin(async move {
+        let c = r.chunk().await;
+        (r, c)
+    })
+}
+
+fn stream_answer<S: HeadSink>(
+    resp: reqwest::Response,
+    mode: Mode,
+    settle: Settle,
+    head: &AnswerHead<'_>,
+    estimate_in: u64,
+    sink: &mut S,
+) -> Answered {
+    write_head(head, b"text/event-stream", sink);
+    let _ = sink.field("cache-control", b"no-cache");
+    remaining_budget(&settle, head.budget, sink);
+    let translator = match mode {
+        Mode::FromAnthropic { include_usage } => {
+            Some(StreamTranslator::new(head.name, settle.now_us / 1_000_000, include_usage))
+        }
+        _ => None,
+    };
+    let body = AiStream {
+        next: Some(next_chunk(resp)),
+        mode,
+        events: Events::default(),
+        translator,
+        usage: Usage::default(),
+        deltas: 0,
+        estimate_in,
+        settle: Some(settle),
+    };
+    Answered { status: head.status, body: UpstreamResponseBody::from_body(Box::pin(body)) }
+}
+
+/// A provider's stream on its way to the client: passed on as each piece arrives (re-written
+/// event by event when keygate translates it or removes the usage chunk it asked for), its
+/// usage read from the events; settled when it ends, or when it is dropped (the client went
+/// away: what was delivered is counted).
+struct AiStream {
+    next: Option<ChunkFuture>,
+    mode: Mode,
+    events: Events,
+    translator: Option<StreamTranslator>,
+    usage: Usage,
+    /// Events with content seen: the output estimate of a stream that ends before its usage.
+    deltas: u64,
+    estimate_in: u64,
+    settle: Option<Settle>,
+}
+
+impl AiStream {
+    /// The bytes to send for a piece of the provider's stream.
+    fn piece(&mut self, bytes: &Bytes) -> Bytes {
+        let mut out = Vec::new();
+        let (mode, usage, deltas, translator) = (self.mode, &mut self.usage, &mut self.deltas, &mut self.translator);
+        self.events.feed(bytes, |ev| {
+            let data = ev.data.trim();
+            if data == "[DONE]" {
+                if mode != Mode::Pass {
+                    write_event(&mut out, None, "[DONE]");
+                }
+                return;
+            }
+            if let Some(t) = translator.as_mut() {
+                let Ok(v) = serde_json::from_str::<Value>(data) else { return };
+                if matches!(v.get("type").and_then(Value::as_str), Some("content_block_delta")) {
+                    *deltas += 1;
+                }
+                for chunk in t.event(&v) {
+                    write_event(&mut out, None, &chunk.to_string());
+                }
+                usage.merge_max(t.usage);
+                if t.done {
+                    write_event(&mut out, None, "[DONE]");
+                }
+                return;
+            }
+            if data.contains("\"delta\"") {
+                *deltas += 1;
+            }
+            let mut drop_event = false;
+            if data.contains("\"usage\"")
+                && let Ok(v) = serde_json::from_str::<Value>(data)
+            {
+                let found = v
+                    .get("usage")
+                    .or_else(|| v.get("message").and_then(|m| m.get("usage")))
+                    .or_else(|| v.get("response").and_then(|r| r.get("usage")))
+                    .and_then(wire::usage_of);
+                if let Some(u) = found {
+                    // Anthropic's message_delta gives the output so far; the input came first.
+                    usage.merge_max(u);
+                }
+                drop_event = mode == Mode::PassWithoutUsage
+                    && v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
+                    && v.get("usage").is_some_and(|u| !u.is_null());
+            }
+            if mode == Mode::PassWithoutUsage && !drop_event {
+                write_event(&mut out, ev.name.as_deref(), &ev.data);
+            }
+        });
+        if self.mode == Mode::Pass { bytes.clone() } else { Bytes::from(out) }
+    }
+
+    fn finish(&mut self) {
+        let Some(s) = self.settle.take() else { return };
+        let mut u = self.usage;
+        if u.input == 0 {
+            u.input = self.estimate_in;
+        }
+        if u.output == 0 {
+            u.output = self.deltas;
+        }
+        s.done(u);
+    }
+}
+
+impl Body for AiStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(fut) = this.next.as_mut() else { return Poll::Ready(None) };
+            let (resp, r) = ready!(fut.as_mut().poll(cx));
+            match r {
+                Ok(Some(bytes)) => {
+                    this.next = Some(next_chunk(resp));
+                    let out = this.piece(&bytes);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
+                Ok(None) => {
+                    this.next = None;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Err(e) => {
+                    this.next = None;
+                    this.finish();
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next.is_none()
+    }
+}
+
+impl Drop for AiStream {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

@@ -1,0 +1,428 @@
+//! The AI gateway end to end: a keygate with an `ai` route in front of the testkit's stand-in
+//! provider (OpenAI's and Anthropic's wire formats), called with keygate tokens as virtual
+//! keys. What the provider receives, what the client gets back, the limits and the budget, the
+//! usage counted, and the failures: a provider's 429 (fallback), a refused provider key, a
+//! suspended virtual key, a client that goes away in the middle of a stream.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keygate_core::policy::QuotaPeriod;
+use keygate_gateway::config::{AiBudget, AiRouteConfig, ModelPrice, ProviderConfig, ProviderKind, RouteKind};
+use keygate_testkit::llm::LlmStandIn;
+use keygate_testkit::{Options, StatusCode, TestKeygate, route};
+use serde_json::{Value, json};
+
+const OPENAI_KEY: &str = "sk-provider-openai-0123456789";
+const ANTHROPIC_KEY: &str = "sk-ant-provider-0123456789";
+
+/// The stand-in's providers, their keys in files (as mounted secrets are).
+fn providers(s: &LlmStandIn, dir: &std::path::Path) -> Vec<ProviderConfig> {
+    let (okey, akey) = (dir.join("openai.key"), dir.join("anthropic.key"));
+    std::fs::write(&okey, format!("{OPENAI_KEY}\n")).unwrap();
+    std::fs::write(&akey, ANTHROPIC_KEY).unwrap();
+    let mut prices = BTreeMap::new();
+    prices.insert("gpt-mini".to_owned(), ModelPrice { input: 1.0, output: 2.0, cached_input: None });
+    let mut aprices = BTreeMap::new();
+    aprices.insert("claude-small".to_owned(), ModelPrice { input: 3.0, output: 15.0, cached_input: None });
+    vec![
+        ProviderConfig {
+            id: "openai".into(),
+            kind: ProviderKind::Openai,
+            base_url: s.openai_url(),
+            api_key_env: None,
+            api_key_file: Some(okey),
+            api_version: None,
+            prices,
+        },
+        ProviderConfig {
+            id: "anthropic".into(),
+            kind: ProviderKind::Anthropic,
+            base_url: s.anthropic_url(),
+            api_key_env: None,
+            api_key_file: Some(akey),
+            api_version: None,
+            prices: aprices,
+        },
+    ]
+}
+
+fn ai_route(ai: AiRouteConfig) -> keygate::config::RouteConfig {
+    let mut r = route("llm", "/llm", "http://unused.invalid");
+    r.upstream = None;
+    r.kind = RouteKind::Ai;
+    r.ai = Some(ai);
+    r
+}
+
+fn models() -> AiRouteConfig {
+    let mut ai = AiRouteConfig::default();
+    ai.models.insert("gpt-mini".into(), vec!["openai/gpt-mini".into()]);
+    ai.models.insert("claude".into(), vec!["anthropic/claude-small".into()]);
+    ai.models.insert("fast".into(), vec!["openai/gpt-mini".into(), "anthropic/claude-small".into()]);
+    ai
+}
+
+async fn start(ai: AiRouteConfig) -> (TestKeygate, LlmStandIn, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = LlmStandIn::start(OPENAI_KEY, ANTHROPIC_KEY).await.unwrap();
+    let providers = providers(&s, dir.path());
+    let kg =
+        TestKeygate::start_with(Options { routes: vec![ai_route(ai)], providers, ..Options::default() }).await.unwrap();
+    (kg, s, dir)
+}
+
+async fn key(kg: &TestKeygate, scopes: &[&str]) -> (String, String) {
+    let (id, secret) = kg.client().create_token(&json!({"name": "app", "scopes": scopes})).await;
+    kg.sync_index().await.unwrap();
+    (id, secret)
+}
+
+struct Got {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Got {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn call(kg: &TestKeygate, key: &str, path: &str, body: &Value) -> Got {
+    let r = reqwest::Client::new()
+        .post(format!("{}/llm{path}", kg.gateway_url()))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    Got { status, headers, text: r.text().await.unwrap() }
+}
+
+fn chat(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]})
+}
+
+/// The `data:` payloads of an SSE body.
+fn data_lines(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_virtual_key_calls_openai_and_anthropic_models_in_the_openai_format() {
+    let (kg, s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("gpt-mini", "hello there")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let v = g.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hello there");
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(g.header("x-keygate-deployment"), Some("openai/gpt-mini"));
+    // 4 input tokens at $1 and 3 output tokens at $2 a million: 10 micro-dollars.
+    assert_eq!(g.header("x-keygate-cost-usd"), Some("0.000010"));
+    // The provider saw keygate's key for it, never the virtual key, and the deployment's model.
+    let got = s.received();
+    let last = got.last().unwrap();
+    assert_eq!(last.headers["authorization"], format!("Bearer {OPENAI_KEY}"));
+    assert!(!format!("{:?}", last.headers).contains(&vk), "the virtual key reached the provider");
+    assert_eq!(last.body["model"], "gpt-mini");
+
+    // The same request to an Anthropic model: translated both ways.
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("claude", "hi you")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let v = g.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "claude");
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hi you");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let last = s.received().pop().unwrap();
+    assert_eq!(last.path, "/anthropic/v1/messages");
+    assert_eq!(last.headers["x-api-key"], ANTHROPIC_KEY);
+    assert_eq!(last.body["system"], "be brief");
+    assert_eq!(last.body["model"], "claude-small");
+    assert!(last.body["max_tokens"].as_u64().is_some());
+
+    // Tools: the Anthropic model's tool_use comes back as an OpenAI tool call.
+    let mut req = chat("claude", "weather?");
+    req["tools"] = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]);
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    let v = g.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "weather");
+    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"q\":\"x\"}");
+
+    // Embeddings and the model list.
+    let g = call(&kg, &vk, "/v1/embeddings", &json!({"model": "gpt-mini", "input": ["a b", "c"]})).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert_eq!(g.json()["data"].as_array().unwrap().len(), 2);
+    let list = reqwest::Client::new()
+        .get(format!("{}/llm/v1/models", kg.gateway_url()))
+        .bearer_auth(&vk)
+        .send()
+        .await
+        .unwrap();
+    let list: Value = list.json().await.unwrap();
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["claude", "fast", "gpt-mini"]);
+
+    // Usage counted per deployment.
+    let ai = kg.gateway().ai.clone().unwrap();
+    let totals = ai.totals();
+    let openai = totals.iter().find(|t| t.1 == "openai/gpt-mini").unwrap();
+    assert_eq!(openai.2.requests, 2);
+    assert_eq!(openai.2.input, 4 + 3);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn streams_pass_as_they_come_with_their_usage_counted() {
+    let (kg, s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let ai = kg.gateway().ai.clone().unwrap();
+
+    // OpenAI: keygate asks for the usage chunk and keeps it from a client that did not.
+    let mut req = chat("gpt-mini", "one two three");
+    req["stream"] = json!(true);
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.header("content-type"), Some("text/event-stream"));
+    let lines = data_lines(&g.text);
+    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"));
+    assert!(!g.text.contains("\"usage\""), "the client did not ask for usage: {}", g.text);
+    assert_eq!(s.received().last().unwrap().body["stream_options"]["include_usage"], true);
+    let t = ai.totals().into_iter().find(|t| t.1 == "openai/gpt-mini").unwrap().2;
+    assert_eq!((t.input, t.output), (5, 4));
+
+    // A client that asked for it gets it.
+    req["stream_options"] = json!({"include_usage": true});
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    assert!(g.text.contains("\"usage\""), "{}", g.text);
+
+    // Anthropic, streamed in the OpenAI format.
+    let mut req = chat("claude", "alpha beta");
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    assert_eq!(g.status, StatusCode::OK);
+    let lines = data_lines(&g.text);
+    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> =
+        lines.iter().filter(|l| *l != "[DONE]").map(|l| serde_json::from_str(l).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "echo: alpha beta");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let usage = chunks.iter().find(|c| c.get("usage").is_some()).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"], 4);
+    assert_eq!(usage["usage"]["completion_tokens"], 3);
+    let t = ai.totals().into_iter().find(|t| t.1 == "anthropic/claude-small").unwrap().2;
+    assert_eq!((t.input, t.output), (4, 3));
+
+    // Anthropic's own Messages API passes through, its events as they are.
+    let g = call(
+        &kg,
+        &vk,
+        "/v1/messages",
+        &json!({"model": "claude", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "x y"}]}),
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert!(g.text.contains("event: message_start"));
+    assert!(g.text.contains("event: message_stop"));
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn models_need_their_scope_and_unknown_ones_are_named() {
+    let (kg, _s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:gpt-mini"]).await;
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("gpt-mini", "hi")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("claude", "hi")).await;
+    assert_eq!(g.status, StatusCode::FORBIDDEN);
+    assert_eq!(g.json()["error"]["code"], "model_not_allowed");
+    assert!(g.json()["error"]["message"].as_str().unwrap().contains("llm:claude"));
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("nope", "hi")).await;
+    assert_eq!(g.status, StatusCode::NOT_FOUND);
+    assert_eq!(g.json()["error"]["code"], "model_not_found");
+    // Anthropic-shaped errors on the Messages API.
+    let g = call(&kg, &vk, "/v1/messages", &json!({"model": "claude", "max_tokens": 5, "messages": []})).await;
+    assert_eq!(g.status, StatusCode::FORBIDDEN);
+    assert_eq!(g.json()["type"], "error");
+    assert_eq!(g.json()["error"]["type"], "permission_error");
+    // Malformed bodies.
+    let g = call(&kg, &vk, "/v1/chat/completions", &json!(["not", "an", "object"])).await;
+    assert_eq!(g.status, StatusCode::BAD_REQUEST);
+    let g = call(&kg, &vk, "/v1/chat/completions", &json!({"messages": []})).await;
+    assert_eq!(g.status, StatusCode::BAD_REQUEST);
+    let g = call(&kg, &vk, "/v1/unknown", &json!({})).await;
+    assert_eq!(g.status, StatusCode::NOT_FOUND);
+    assert_eq!(g.json()["error"]["code"], "unknown_endpoint");
+    // A key without any llm scope.
+    let (_, other) = key(&kg, &["orders:read"]).await;
+    let g = call(&kg, &other, "/v1/chat/completions", &chat("gpt-mini", "hi")).await;
+    assert_eq!(g.status, StatusCode::FORBIDDEN);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_of_the_first_deployment_falls_back_to_the_next() {
+    let (kg, s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    s.fail_next("/chat/completions", 429, 1);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("fast", "go")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert_eq!(g.header("x-keygate-deployment"), Some("anthropic/claude-small"));
+    assert_eq!(g.header("x-keygate-fallbacks"), Some("1"));
+    assert_eq!(g.json()["choices"][0]["message"]["content"], "echo: go");
+    // A 429 of the last deployment reaches the client as it is.
+    s.fail_next("/messages", 429, 1);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("claude", "go")).await;
+    assert_eq!(g.status, StatusCode::TOO_MANY_REQUESTS);
+    let ai = kg.gateway().ai.clone().unwrap();
+    let t = ai.totals().into_iter().find(|t| t.1 == "anthropic/claude-small").unwrap().2;
+    assert_eq!((t.requests, t.fallbacks, t.errors), (2, 1, 1));
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn the_budget_is_spent_and_then_refused_before_the_provider_is_called() {
+    let mut ai = models();
+    // claude-small: $3 in, $15 out a million tokens; a call here costs about 100 micro-dollars.
+    ai.budget = Some(AiBudget { usd: 0.0002, period: QuotaPeriod::Month });
+    let (kg, s, _dir) = start(ai).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let mut n = 0;
+    let refused = loop {
+        let mut req = chat("claude", "a b c d e f g h");
+        req["max_tokens"] = json!(10);
+        let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+        if g.status != StatusCode::OK {
+            break g;
+        }
+        n += 1;
+        let left: f64 = g.header("x-keygate-budget-remaining-usd").unwrap().parse().unwrap();
+        assert!(left < 0.0002);
+        assert!(n < 10, "the budget was never reached");
+    };
+    assert!(n >= 1);
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.json()["error"]["code"], "budget_exceeded");
+    assert_eq!(refused.json()["error"]["type"], "insufficient_quota");
+    assert!(refused.header("retry-after").is_some());
+    let calls_before = s.received().len();
+    let again = call(&kg, &vk, "/v1/chat/completions", &chat("claude", "x")).await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(s.received().len(), calls_before, "a refused call reached the provider");
+    // Another key has its own budget.
+    let (_, other) = key(&kg, &["llm:*"]).await;
+    assert_eq!(call(&kg, &other, "/v1/chat/completions", &chat("claude", "x")).await.status, StatusCode::OK);
+    // The next month starts again.
+    kg.clock.advance_seconds(32 * 86_400);
+    assert_eq!(call(&kg, &vk, "/v1/chat/completions", &chat("claude", "x")).await.status, StatusCode::OK);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn llm_tokens_per_minute_are_settled_from_the_usage() {
+    let mut ai = models();
+    ai.tokens_per_minute = Some(200);
+    let (kg, _s, _dir) = start(ai).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    // Each call is estimated at its bytes / 4 plus max_tokens (60), about 90: without the
+    // settling the third would not fit in 200; its real usage (5 tokens) gives most back.
+    let mut req = chat("gpt-mini", "hello");
+    req["max_tokens"] = json!(60);
+    for i in 0..3 {
+        let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+        assert_eq!(g.status, StatusCode::OK, "call {i}: {}", g.text);
+    }
+    // A call whose estimate is over what is left is refused, with when to try again.
+    req["max_tokens"] = json!(190);
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    assert_eq!(g.status, StatusCode::TOO_MANY_REQUESTS, "{}", g.text);
+    assert_eq!(g.json()["error"]["code"], "llm_tokens_per_minute_exceeded");
+    assert!(g.header("retry-after").is_some());
+    kg.clock.advance_seconds(60);
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn suspended_virtual_keys_and_refused_provider_keys() {
+    let (kg, s, _dir) = start(models()).await;
+    let (id, vk) = key(&kg, &["llm:*"]).await;
+    let c = kg.client();
+    assert_eq!(c.post(&format!("/admin/v1/tokens/{id}/suspend"), &json!({})).await.status, StatusCode::OK);
+    kg.sync_index().await.unwrap();
+    let calls = s.received().len();
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("gpt-mini", "hi")).await;
+    assert_eq!(g.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.received().len(), calls);
+
+    let (_, vk2) = key(&kg, &["llm:*"]).await;
+    // The provider revokes keygate's key: the caller is told it is not its own key's fault.
+    s.set_openai_key("sk-rotated");
+    let g = call(&kg, &vk2, "/v1/chat/completions", &chat("gpt-mini", "hi")).await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY, "{}", g.text);
+    assert_eq!(g.json()["error"]["code"], "provider_auth_failed");
+    assert!(!g.text.contains(OPENAI_KEY));
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_mid_stream_is_counted_for_what_it_got() {
+    let (kg, s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let words = "[slow] ".to_owned() + &"w ".repeat(200);
+    let mut req = chat("claude", &words);
+    req["stream"] = json!(true);
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/llm/v1/chat/completions", kg.gateway_url()))
+        .bearer_auth(&vk)
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A few pieces, then away.
+    let mut got = 0;
+    while got < 3 {
+        if r.chunk().await.unwrap().is_some() {
+            got += 1;
+        }
+    }
+    drop(r);
+    let ai = kg.gateway().ai.clone().unwrap();
+    // Settled when keygate notices (its next write fails): wait for it, bounded.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let t = loop {
+        if let Some(t) = ai.totals().into_iter().find(|t| t.1 == "anthropic/claude-small").map(|t| t.2)
+            && t.input > 0
+        {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the aborted stream was never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The input was known from message_start; the output counts the pieces delivered, not the
+    // 201 words of the whole answer.
+    assert!(t.input > 200, "{t:?}");
+    assert!(t.output >= 1 && t.output < 201, "{t:?}");
+    assert!(t.micro_usd > 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while s.aborted() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the provider's stream was not ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kg.stop().await;
+}

@@ -239,7 +239,12 @@ pub async fn start(
                     + &gw.shared.as_ref().map(|s| s.render()).unwrap_or_default()
                     + &outbox_metrics(&*store).await
                     + &alert_metrics(&*store, gw.watch.as_deref(), detector.as_deref()).await
-                    + &call_log_metrics(gw.calls.as_deref());
+                    + &call_log_metrics(gw.calls.as_deref())
+                    + &gw.ai.as_ref().map(|ai| {
+                        let mut out = String::new();
+                        ai.render_metrics(&mut out);
+                        out
+                    }).unwrap_or_default();
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

@@ -799,8 +799,9 @@ impl AiStream {
                 *deltas += 1;
             }
             let mut drop_event = false;
+            let mut rewritten = None;
             if data.contains("\"usage\"")
-                && let Ok(v) = serde_json::from_str::<Value>(data)
+                && let Ok(mut v) = serde_json::from_str::<Value>(data)
             {
                 let found = v
                     .get("usage")
@@ -811,12 +812,19 @@ impl AiStream {
                     // Anthropic's message_delta gives the output so far; the input came first.
                     usage.merge_max(u);
                 }
-                drop_event = mode == Mode::PassWithoutUsage
-                    && v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty)
-                    && v.get("usage").is_some_and(|u| !u.is_null());
+                // The usage keygate asked for and the client did not: its own chunk goes, or
+                // (as some servers send it) the field of a chunk that also has a choice.
+                if mode == Mode::PassWithoutUsage && v.get("usage").is_some_and(|u| !u.is_null()) {
+                    if v.get("choices").and_then(Value::as_array).is_none_or(Vec::is_empty) {
+                        drop_event = true;
+                    } else if let Some(o) = v.as_object_mut() {
+                        o.remove("usage");
+                        rewritten = Some(v.to_string());
+                    }
+                }
             }
             if mode == Mode::PassWithoutUsage && !drop_event {
-                write_event(&mut out, ev.name.as_deref(), &ev.data);
+                write_event(&mut out, ev.name.as_deref(), rewritten.as_deref().unwrap_or(&ev.data));
             }
         });
         if self.mode == Mode::Pass { bytes.clone() } else { Bytes::from(out) }

@@ -180,6 +180,9 @@ async fn a_virtual_key_calls_openai_and_anthropic_models_in_the_openai_format() 
     let openai = totals.iter().find(|t| t.1 == "openai/gpt-mini").unwrap();
     assert_eq!(openai.2.requests, 2);
     assert_eq!(openai.2.input, 4 + 3);
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keygate_llm_requests_total{route=\"llm\",deployment=\"openai/gpt-mini\"} 2"), "{metrics}");
+    assert!(metrics.contains("keygate_llm_input_tokens_total{route=\"llm\",deployment=\"anthropic/claude-small\"}"));
     kg.stop().await;
 }
 

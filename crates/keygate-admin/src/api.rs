@@ -158,6 +158,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(tokens::rotate_token))
         .routes(routes!(tokens::report_exposures))
         .routes(routes!(tokens::token_usage))
+        .routes(routes!(tokens::token_llm_usage))
         .routes(routes!(verify::verify_token))
         .routes(routes!(apps::create_app, apps::list_apps))
         .routes(routes!(apps::get_app, apps::update_app, apps::delete_app))

@@ -196,10 +196,17 @@ pub struct Admin {
 
 /// Usage counted in memory and not yet in the store (the local gateway's meter), so reports
 /// are live.
+/// The most hours an LLM usage report covers (90 days).
+pub const MAX_LLM_USAGE_HOURS: i64 = 90 * 24;
+
 pub trait PendingUsage: Send + Sync {
     fn pending(&self, token: &TokenId) -> Vec<UsageRecord>;
     /// The latest use of each of `tokens` counted and not written yet.
     fn last_uses(&self, tokens: &[TokenId]) -> Vec<keygate_core::model::LastUse>;
+    /// The AI gateway's usage of `token` counted and not written yet.
+    fn pending_llm(&self, _token: &TokenId) -> Vec<keygate_core::llm::LlmUsage> {
+        Vec::new()
+    }
 }
 
 /// Told after every committed token change, before the API answers (the local token index
@@ -1358,6 +1365,48 @@ impl Admin {
         self.store.update_token(&marked, &audit).await?;
         self.changed().await;
         Ok(marked)
+    }
+
+    /// A token's LLM usage through the AI gateway in [from, to) (whole hours; at most
+    /// [`MAX_LLM_USAGE_HOURS`], the last ones), per hour, route and deployment, the counts not
+    /// written yet included.
+    pub async fn token_llm_usage(
+        &self,
+        ws: &WorkspaceId,
+        id: &TokenId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<(Timestamp, Vec<keygate_core::llm::LlmUsage>)> {
+        self.token(ws, id).await?;
+        const HOUR: i64 = 3_600_000;
+        let from = from.as_millis().div_euclid(HOUR) * HOUR;
+        let from = from.max(to.as_millis().saturating_sub(MAX_LLM_USAGE_HOURS * HOUR));
+        let mut rows = self.store.llm_usage(ws, id, from, to.as_millis()).await?;
+        if let Some(p) = self.pending_usage.get() {
+            rows.extend(
+                p.pending_llm(id)
+                    .into_iter()
+                    .filter(|r| r.workspace_id == *ws && r.hour >= from && r.hour < to.as_millis()),
+            );
+        }
+        let mut merged: std::collections::BTreeMap<(i64, String, String), keygate_core::llm::LlmUsage> =
+            std::collections::BTreeMap::new();
+        for r in rows {
+            match merged.get_mut(&(r.hour, r.route.clone(), r.deployment.clone())) {
+                Some(m) => {
+                    m.requests += r.requests;
+                    m.errors += r.errors;
+                    m.input_tokens += r.input_tokens;
+                    m.output_tokens += r.output_tokens;
+                    m.cached_tokens += r.cached_tokens;
+                    m.micro_usd += r.micro_usd;
+                }
+                None => {
+                    merged.insert((r.hour, r.route.clone(), r.deployment.clone()), r);
+                }
+            }
+        }
+        Ok((Timestamp::from_millis(from), merged.into_values().collect()))
     }
 
     /// A token's usage in [from, to), summed per `granularity` bucket (zero-filled) and per route.

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ids;
 pub mod jose;
 pub mod limits;
+pub mod llm;
 pub mod model;
 pub mod notify;
 pub mod oauth;

@@ -322,6 +322,7 @@ pub trait Store:
     + crate::siem::SiemStore
     + crate::anomaly::AlertStore
     + CallStore
+    + crate::llm::LlmStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -1,7 +1,7 @@
 //! The gateway's own background loops (the binary only starts them): the usage flusher, which
 //! writes what the meter counted, `last_used_at` and quota counts to the store and puts them
 //! back when the store refuses, the active health checks of the routes' upstreams, and the
-//! refresh of their DNS names. Also the unflushed usage of one token, for live usage reports.
+//! refresh of their DNS names. The usage flush writes the AI gateway's usage and spending too. Also the unflushed usage of one token, for live usage reports.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +56,10 @@ async fn write(gw: &Gateway, store: &dyn Store, (usage, last): (Vec<UsageRecord>
         tracing::warn!(error = %e, records = usage.len(), "cannot flush usage; keeping it for the next try");
         gw.meter.restore(usage, last);
         gw.limiter.restore_quota_deltas(&quota);
+    }
+    // The AI gateway's usage and spending, and every node's spending read back (budgets).
+    if let Some(ai) = &gw.ai {
+        ai.sync(store, gw.clock.now().as_millis()).await;
     }
 }
 

@@ -614,6 +614,56 @@ async fn deleting_apps(h: &Harness) {
     assert_eq!(e.kind, ErrorKind::NotFound);
 }
 
+async fn llm_usage_and_spending(h: &Harness) {
+    use keygate_core::llm::{LlmStore, LlmUsage, Spending};
+    let s = &h.store;
+    let ws = WorkspaceId::from_trusted("ws_llm".to_owned());
+    let row = |caller: &str, deployment: &str, hour: i64, n: u64| LlmUsage {
+        workspace_id: ws.clone(),
+        caller: caller.into(),
+        app_id: "app_1".into(),
+        route: "llm".into(),
+        deployment: deployment.into(),
+        hour,
+        requests: n,
+        errors: 0,
+        input_tokens: 10 * n,
+        output_tokens: 5 * n,
+        cached_tokens: n,
+        micro_usd: 100 * n,
+    };
+    let h0 = 3_600_000 * 500_000;
+    let spend =
+        |key: &str, period: i64, m: i64| Spending { key: key.into(), route_key: 7, period_start: period, micro_usd: m };
+    // Two rows of one key in one write merge; a second write adds up.
+    s.record_llm(
+        &[row("tok_a", "openai/gpt", h0, 1), row("tok_a", "openai/gpt", h0, 2), row("tok_a", "anthropic/c", h0, 1)],
+        &[spend("aa", 100, 500), spend("aa", 100, -200), spend("bb", 100, 50), spend("aa", 50, 999)],
+    )
+    .await
+    .unwrap();
+    s.record_llm(
+        &[row("tok_a", "openai/gpt", h0, 1), row("tok_b", "openai/gpt", h0 + 3_600_000, 4)],
+        &[spend("aa", 100, 1)],
+    )
+    .await
+    .unwrap();
+    s.record_llm(&[], &[]).await.unwrap();
+    let a = TokenId::from_trusted("tok_a".to_owned());
+    let got = s.llm_usage(&ws, &a, h0, h0 + 3_600_000).await.unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1].deployment, "openai/gpt");
+    assert_eq!((got[1].requests, got[1].input_tokens, got[1].output_tokens, got[1].micro_usd), (4, 40, 20, 400));
+    assert_eq!(got[0], row("tok_a", "anthropic/c", h0, 1));
+    assert!(s.llm_usage(&ws, &a, h0 + 3_600_000, h0 + 7_200_000).await.unwrap().is_empty());
+    let other = WorkspaceId::from_trusted("ws_other".to_owned());
+    assert!(s.llm_usage(&other, &a, 0, i64::MAX).await.unwrap().is_empty(), "another workspace's usage");
+    let mut totals = s.llm_spending_since(100).await.unwrap();
+    totals.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(totals, vec![spend("aa", 100, 301), spend("bb", 100, 50)]);
+    assert_eq!(s.llm_spending_since(0).await.unwrap().len(), 3);
+}
+
 async fn usage_and_quota_counts(h: &Harness) {
     let s = &h.store;
     let (ws, d) = workspace("acme");
@@ -2414,6 +2464,7 @@ conformance!(
     root_key_lifecycle,
     deleting_apps,
     usage_and_quota_counts,
+    llm_usage_and_spending,
     accounts_users,
     accounts_recovery_codes,
     accounts_sessions,

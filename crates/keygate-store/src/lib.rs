@@ -9,6 +9,7 @@ mod anomaly;
 mod audit;
 mod calls;
 mod feed;
+mod llm;
 mod nodes;
 mod notify;
 mod oauth;

@@ -614,6 +614,10 @@ impl keygate_admin::service::PendingUsage for MeterUsage {
     fn last_uses(&self, tokens: &[keygate_core::ids::TokenId]) -> Vec<keygate_core::model::LastUse> {
         keygate_gateway::tasks::pending_last_uses(&self.0, tokens)
     }
+
+    fn pending_llm(&self, token: &keygate_core::ids::TokenId) -> Vec<keygate_core::llm::LlmUsage> {
+        self.0.ai.as_ref().map(|ai| ai.pending_usage(token.as_str())).unwrap_or_default()
+    }
 }
 
 fn modified(p: &Path) -> Option<SystemTime> {

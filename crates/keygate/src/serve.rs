@@ -182,6 +182,10 @@ pub async fn start(
     let tls = crate::gateway::tls_source(cfg)?;
     let tls_handle = tls.as_ref().map(|t| t.0.clone());
     let grace = Duration::from_secs(cfg.shutdown_grace_seconds);
+    // Budgets start from what was spent this month (by every node, before this start).
+    if let Some(ai) = &gw.ai {
+        ai.sync(&*store, gw.clock.now().as_millis()).await;
+    }
     let gateway_server = bound
         .start(gw.clone(), tls.as_ref().map(|t| t.0.clone()), grace, cfg.gateway.conn_settings())
         .with_context(|| format!("cannot start the gateway on {}", cfg.gateway.listen))?;
@@ -240,11 +244,15 @@ pub async fn start(
                     + &outbox_metrics(&*store).await
                     + &alert_metrics(&*store, gw.watch.as_deref(), detector.as_deref()).await
                     + &call_log_metrics(gw.calls.as_deref())
-                    + &gw.ai.as_ref().map(|ai| {
-                        let mut out = String::new();
-                        ai.render_metrics(&mut out);
-                        out
-                    }).unwrap_or_default();
+                    + &gw
+                        .ai
+                        .as_ref()
+                        .map(|ai| {
+                            let mut out = String::new();
+                            ai.render_metrics(&mut out);
+                            out
+                        })
+                        .unwrap_or_default();
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
             }
         }),

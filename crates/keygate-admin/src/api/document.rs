@@ -217,6 +217,7 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         query_param(doc, "/admin/v1/audit-events", "get", name, date_time.clone());
         query_param(doc, "/admin/v1/audit-events/export", "get", name, date_time.clone());
         query_param(doc, "/admin/v1/tokens/{id}/usage", "get", name, date_time.clone());
+        query_param(doc, "/admin/v1/tokens/{id}/llm-usage", "get", name, date_time.clone());
     }
     query_param(
         doc,

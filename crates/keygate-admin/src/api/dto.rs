@@ -772,6 +772,50 @@ pub struct UsageQuery {
     pub granularity: Option<String>,
 }
 
+/// The range of an LLM usage report.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LlmUsageQuery {
+    /// Start (RFC 3339, rounded down to the hour); default 24 hours before `to`; at most 90 days
+    /// before `to`.
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive); default now.
+    pub to: Option<String>,
+}
+
+/// LLM calls of one hour on one route and deployment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LlmUsageRow {
+    #[schema(value_type = String, format = DateTime)]
+    pub hour: Timestamp,
+    pub route: String,
+    /// `provider/model`.
+    pub deployment: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    /// By the providers' price tables.
+    pub cost_usd: f64,
+}
+
+/// A token's LLM usage through the AI gateway.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LlmUsageResponse {
+    pub token_id: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub from: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub to: Timestamp,
+    pub data: Vec<LlmUsageRow>,
+    pub total_requests: u64,
+    pub total_input_tokens: u64,
+    pub total_output_tokens: u64,
+    pub total_cost_usd: f64,
+}
+
 /// Counts of one bucket, route or the whole range.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UsageCounts {

@@ -95,10 +95,12 @@ pub struct RouteBody {
     /// `http` (default): forwarded to the upstreams; `ai`: keygate's AI gateway serves the
     /// OpenAI- and Anthropic-compatible APIs under the path and calls the configured LLM
     /// providers (docs/ai-gateway.md); such a route has no upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<RouteKindBody>,
     /// `[routes.ai]` of an `ai` route: `{models, aliases_only, tokens_per_minute, budget,
     /// first_byte_timeout_ms}`.
     #[schema(value_type = Option<Object>)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ai: Option<Value>,
 }
 

@@ -243,6 +243,47 @@ pub(crate) async fn report_exposures(
     }))
 }
 
+/// A token's LLM usage through the AI gateway, per hour, route and deployment (`provider/model`):
+/// calls, errors, input, output and cached tokens, and what they cost by the providers' price
+/// tables. The counts of the last seconds are included before they reach the store.
+#[utoipa::path(get, path = "/admin/v1/tokens/{id}/llm-usage", tag = "tokens", params(("id" = String, Path), LlmUsageQuery),
+    responses((status = 200, body = LlmUsageResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn token_llm_usage(
+    auth: Auth<TokensRead>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<LlmUsageQuery>,
+) -> Result<Json<LlmUsageResponse>, ApiError> {
+    let to = time_param(q.to.as_deref(), "to")?.unwrap_or_else(|| s.admin.now());
+    let from = time_param(q.from.as_deref(), "from")?.unwrap_or_else(|| to.plus_seconds(-86_400));
+    let id = token_id(&id)?;
+    let (from, rows) = s.admin.token_llm_usage(&auth.key.workspace_id, &id, from, to).await?;
+    let usd = |m: u64| m as f64 / 1e6;
+    Ok(Json(LlmUsageResponse {
+        token_id: id.to_string(),
+        from,
+        to,
+        total_requests: rows.iter().map(|r| r.requests).sum(),
+        total_input_tokens: rows.iter().map(|r| r.input_tokens).sum(),
+        total_output_tokens: rows.iter().map(|r| r.output_tokens).sum(),
+        total_cost_usd: usd(rows.iter().map(|r| r.micro_usd).sum()),
+        data: rows
+            .into_iter()
+            .map(|r| LlmUsageRow {
+                hour: keygate_core::Timestamp::from_millis(r.hour),
+                route: r.route,
+                deployment: r.deployment,
+                requests: r.requests,
+                errors: r.errors,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cached_tokens: r.cached_tokens,
+                cost_usd: usd(r.micro_usd),
+            })
+            .collect(),
+    }))
+}
+
 /// A token's usage: requests, status classes, bytes and latency per minute, hour or day, and
 /// per route. Usage reaches the store every few seconds (`usage_flush_seconds`).
 #[utoipa::path(get, path = "/admin/v1/tokens/{id}/usage", tag = "tokens", params(("id" = String, Path), UsageQuery),

@@ -290,8 +290,11 @@ fn url_parts(url: &str) -> Option<UrlParts> {
 }
 
 /// Spending per virtual key and route in the current period, in micro-dollars: checked before a
-/// call, counted from its answer. Bounded: at most [`SPEND_KEYS`] keys per shard; when full,
-/// the keys of ended periods go, then new keys share one overflow count (limits stay in force).
+/// call, counted from its answer. What this node counted goes to the store with every usage flush
+/// ([`Ai::sync`]), and every node's totals come back from it, so budgets hold across restarts and,
+/// within a flush interval, across nodes. Bounded: at most [`SPEND_KEYS`] keys per shard; when
+/// full, the keys of ended periods go, then new keys share one overflow count (limits stay in
+/// force).
 pub struct Spend {
     shards: Vec<Mutex<HashMap<SpendKey, Spent>>>,
 }
@@ -301,7 +304,19 @@ type SpendKey = ([u8; PUBLIC_ID_LEN], u32);
 #[derive(Debug, Clone, Copy, Default)]
 struct Spent {
     period_start: i64,
-    micro: u64,
+    /// Every node's total in the store when last read.
+    stored: u64,
+    /// Counted here and being written.
+    in_flight: i64,
+    /// Counted here since (set aside for calls in flight, refunds, costs).
+    local: i64,
+}
+
+impl Spent {
+    fn total(&self) -> u64 {
+        let t = i128::from(self.stored) + i128::from(self.in_flight) + i128::from(self.local);
+        u64::try_from(t.max(0)).unwrap_or(u64::MAX)
+    }
 }
 
 const SPEND_SHARDS: usize = 16;
@@ -315,6 +330,21 @@ impl Default for Spend {
     }
 }
 
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; PUBLIC_ID_LEN]> {
+    let mut out = [0u8; PUBLIC_ID_LEN];
+    if s.len() != 2 * PUBLIC_ID_LEN {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 impl Spend {
     fn shard(&self, id: &[u8; PUBLIC_ID_LEN]) -> Option<&Mutex<HashMap<SpendKey, Spent>>> {
         let i = id.iter().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(usize::from(*b))) % SPEND_SHARDS;
@@ -325,39 +355,108 @@ impl Spend {
     pub fn spent(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64) -> u64 {
         let Some(shard) = self.shard(id) else { return 0 };
         let map = shard.lock();
-        let get = |k: &SpendKey| map.get(k).filter(|s| s.period_start == period_start).map_or(0, |s| s.micro);
+        let get = |k: &SpendKey| map.get(k).filter(|s| s.period_start == period_start).map_or(0, Spent::total);
         get(&(*id, route)).max(if map.contains_key(&(*id, route)) { 0 } else { get(&(OVERFLOW, route)) })
     }
 
     /// Takes `micro` back from what was spent in the period that starts at `period_start` (what
     /// was set aside for a call, once its cost is known).
     pub fn refund(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64, micro: u64) {
-        let Some(shard) = self.shard(id) else { return };
-        let mut map = shard.lock();
-        for key in [(*id, route), (OVERFLOW, route)] {
-            if let Some(s) = map.get_mut(&key).filter(|s| s.period_start == period_start) {
-                s.micro = s.micro.saturating_sub(micro);
-                return;
-            }
-        }
+        self.change(id, route, period_start, -i64::try_from(micro).unwrap_or(i64::MAX));
     }
 
     /// Adds `micro` to what was spent in the period that starts at `period_start`.
     pub fn add(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64, micro: u64) {
+        self.change(id, route, period_start, i64::try_from(micro).unwrap_or(i64::MAX));
+    }
+
+    fn change(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, period_start: i64, micro: i64) {
+        if micro == 0 {
+            return;
+        }
         let Some(shard) = self.shard(id) else { return };
         let mut map = shard.lock();
         let mut key = (*id, route);
         if !map.contains_key(&key) && map.len() >= SPEND_KEYS {
-            map.retain(|_, s| s.period_start >= period_start);
+            map.retain(|_, s| s.period_start >= period_start || s.in_flight != 0 || s.local != 0);
             if map.len() >= SPEND_KEYS {
                 key = (OVERFLOW, route);
             }
         }
         let s = map.entry(key).or_default();
         if s.period_start != period_start {
-            *s = Spent { period_start, micro: 0 };
+            // A new period: what this node still has to write of the old one is lost with it
+            // only if the period is over, which is what makes it old.
+            *s = Spent { period_start, ..Spent::default() };
         }
-        s.micro = s.micro.saturating_add(micro);
+        s.local = s.local.saturating_add(micro);
+    }
+
+    /// What this node counted since the last write, to write now (moved to "in flight").
+    pub fn take(&self) -> Vec<keygate_core::llm::Spending> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            for ((id, route), s) in shard.lock().iter_mut() {
+                if s.local != 0 {
+                    s.in_flight = s.in_flight.saturating_add(s.local);
+                    out.push(keygate_core::llm::Spending {
+                        key: hex(id),
+                        route_key: i64::from(*route),
+                        period_start: s.period_start,
+                        micro_usd: s.local,
+                    });
+                    s.local = 0;
+                }
+            }
+        }
+        out
+    }
+
+    /// The store refused `taken`: it is counted as not written yet.
+    pub fn restore(&self, taken: &[keygate_core::llm::Spending]) {
+        for t in taken {
+            let (Some(id), Ok(route)) = (unhex(&t.key), u32::try_from(t.route_key)) else { continue };
+            let Some(shard) = self.shard(&id) else { continue };
+            if let Some(s) = shard.lock().get_mut(&(id, route)).filter(|s| s.period_start == t.period_start) {
+                s.in_flight = s.in_flight.saturating_sub(t.micro_usd);
+                s.local = s.local.saturating_add(t.micro_usd);
+            }
+        }
+    }
+
+    /// After a write: every node's `totals` as the store has them now (which include what was in
+    /// flight).
+    pub fn apply(&self, totals: &[keygate_core::llm::Spending]) {
+        let mut newest: HashMap<SpendKey, (i64, u64)> = HashMap::new();
+        for t in totals {
+            let (Some(id), Ok(route)) = (unhex(&t.key), u32::try_from(t.route_key)) else { continue };
+            let total = u64::try_from(t.micro_usd.max(0)).unwrap_or(0);
+            let e = newest.entry((id, route)).or_insert((t.period_start, total));
+            if t.period_start > e.0 {
+                *e = (t.period_start, total);
+            }
+        }
+        for shard in &self.shards {
+            for (key, s) in shard.lock().iter_mut() {
+                s.stored = s.stored.saturating_add(u64::try_from(s.in_flight.max(0)).unwrap_or(0));
+                s.in_flight = 0;
+                if let Some((p, total)) = newest.remove(key) {
+                    if p == s.period_start {
+                        s.stored = total;
+                    } else if p > s.period_start {
+                        *s = Spent { period_start: p, stored: total, in_flight: 0, local: s.local.min(0) };
+                    }
+                }
+            }
+        }
+        // Keys that only other nodes (or an earlier run) spent with.
+        for ((id, route), (p, total)) in newest {
+            let Some(shard) = self.shard(&id) else { continue };
+            let mut map = shard.lock();
+            if map.len() < SPEND_KEYS {
+                map.insert((id, route), Spent { period_start: p, stored: total, in_flight: 0, local: 0 });
+            }
+        }
     }
 }
 
@@ -389,6 +488,23 @@ pub struct Ai {
     pub tpm: Limiter,
     pub spend: Spend,
     totals: Mutex<HashMap<(Arc<str>, String), Totals>>,
+    /// Usage not written to the store yet, per caller, route, deployment and hour.
+    pending: Mutex<HashMap<UsageKey, keygate_core::llm::LlmUsage>>,
+}
+
+/// (workspace, caller, route, deployment, hour).
+type UsageKey = (Arc<str>, Arc<str>, Arc<str>, String, i64);
+
+/// Usage rows held for the next write at most; more are counted under the caller `other`.
+pub const MAX_PENDING: usize = 100_000;
+
+/// Who made an LLM call, as the usage in the store names it.
+#[derive(Debug, Clone)]
+pub struct CallerIds {
+    pub workspace: Arc<str>,
+    /// The token id (for a JWT: its subject token's, else `jwt:` and its subject).
+    pub caller: Arc<str>,
+    pub app: Arc<str>,
 }
 
 impl Ai {
@@ -408,7 +524,102 @@ impl Ai {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("the providers' HTTP client: {e}"))?;
-        Ok(Self { providers: map, client, tpm: Limiter::default(), spend: Spend::default(), totals: Mutex::default() })
+        Ok(Self {
+            providers: map,
+            client,
+            tpm: Limiter::default(),
+            spend: Spend::default(),
+            totals: Mutex::default(),
+            pending: Mutex::default(),
+        })
+    }
+
+    /// Counts a call's usage for the store.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        who: &CallerIds,
+        route: &Arc<str>,
+        deployment: &str,
+        now_ms: i64,
+        u: &Usage,
+        cost: u64,
+        ok: bool,
+    ) {
+        let hour = now_ms.div_euclid(3_600_000) * 3_600_000;
+        let mut p = self.pending.lock();
+        let mut key = (who.workspace.clone(), who.caller.clone(), route.clone(), deployment.to_owned(), hour);
+        if !p.contains_key(&key) && p.len() >= MAX_PENDING {
+            key.1 = Arc::from("other");
+        }
+        let row = p.entry(key).or_insert_with(|| keygate_core::llm::LlmUsage {
+            workspace_id: keygate_core::ids::WorkspaceId::from_trusted(who.workspace.to_string()),
+            caller: who.caller.to_string(),
+            app_id: who.app.to_string(),
+            route: route.to_string(),
+            deployment: deployment.to_owned(),
+            hour,
+            requests: 0,
+            errors: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            micro_usd: 0,
+        });
+        row.requests += 1;
+        row.errors += u64::from(!ok);
+        row.input_tokens += u.input;
+        row.output_tokens += u.output;
+        row.cached_tokens += u.cached_input;
+        row.micro_usd += cost;
+    }
+
+    /// The usage not written yet of `caller` (live reports).
+    pub fn pending_usage(&self, caller: &str) -> Vec<keygate_core::llm::LlmUsage> {
+        self.pending.lock().values().filter(|r| r.caller == caller).cloned().collect()
+    }
+
+    /// Writes the usage and spending counted since the last write, then reads every node's
+    /// spending of this month back (the budgets' totals). What the store refuses is kept for
+    /// the next try.
+    pub async fn sync(&self, store: &dyn keygate_core::llm::LlmStore, now_ms: i64) {
+        let usage: Vec<_> = std::mem::take(&mut *self.pending.lock()).into_values().collect();
+        let spending = self.spend.take();
+        if let Err(e) = store.record_llm(&usage, &spending).await {
+            tracing::warn!(error = %e, rows = usage.len(), "cannot write LLM usage; keeping it for the next try");
+            self.spend.restore(&spending);
+            let mut p = self.pending.lock();
+            for r in usage {
+                let key = (
+                    Arc::from(r.workspace_id.as_str()),
+                    Arc::from(r.caller.as_str()),
+                    Arc::from(r.route.as_str()),
+                    r.deployment.clone(),
+                    r.hour,
+                );
+                let room = p.len() < MAX_PENDING;
+                match p.get_mut(&key) {
+                    Some(e) => {
+                        e.requests += r.requests;
+                        e.errors += r.errors;
+                        e.input_tokens += r.input_tokens;
+                        e.output_tokens += r.output_tokens;
+                        e.cached_tokens += r.cached_tokens;
+                        e.micro_usd += r.micro_usd;
+                    }
+                    None if room => {
+                        p.insert(key, r);
+                    }
+                    None => {}
+                }
+            }
+            return;
+        }
+        let since = QuotaPeriod::Month.window(now_ms).0;
+        match store.llm_spending_since(since).await {
+            Ok(totals) => self.spend.apply(&totals),
+            Err(e) => tracing::warn!(error = %e, "cannot read the LLM spending totals; budgets go on with this node's"),
+        }
     }
 
     /// Adds to the totals of `route` and `deployment`.
@@ -561,5 +772,53 @@ mod tests {
         assert_eq!(s.spent(&id, 7, 2000), 0);
         s.add(&id, 7, 2000, 5);
         assert_eq!(s.spent(&id, 7, 2000), 5);
+        s.refund(&id, 7, 2000, 3);
+        assert_eq!(s.spent(&id, 7, 2000), 2);
+    }
+
+    /// Two nodes and a store (a map of totals): each writes what it counted, then reads
+    /// everyone's totals back.
+    #[test]
+    fn spending_is_shared_through_the_store() {
+        use keygate_core::llm::Spending;
+        let mut store: HashMap<(String, i64, i64), i64> = HashMap::new();
+        let mut write = |taken: &[Spending]| -> Vec<Spending> {
+            for t in taken {
+                *store.entry((t.key.clone(), t.route_key, t.period_start)).or_default() += t.micro_usd;
+            }
+            store
+                .iter()
+                .map(|((k, r, p), m)| Spending { key: k.clone(), route_key: *r, period_start: *p, micro_usd: *m })
+                .collect()
+        };
+        let (a, b) = (Spend::default(), Spend::default());
+        let id = [9u8; PUBLIC_ID_LEN];
+        a.add(&id, 1, 100, 70);
+        b.add(&id, 1, 100, 20);
+        let taken = a.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(a.spent(&id, 1, 100), 70, "what is in flight still counts");
+        a.add(&id, 1, 100, 5);
+        let totals = write(&taken);
+        a.apply(&totals);
+        assert_eq!(a.spent(&id, 1, 100), 75);
+        let totals = write(&b.take());
+        b.apply(&totals);
+        assert_eq!(b.spent(&id, 1, 100), 90, "node b sees a's 70");
+        let totals = write(&a.take());
+        a.apply(&totals);
+        assert_eq!(a.spent(&id, 1, 100), 95);
+        // A write the store refused is counted as not written, and written next time.
+        let c = Spend::default();
+        c.add(&id, 2, 100, 10);
+        let taken = c.take();
+        c.restore(&taken);
+        assert!(!c.take().is_empty());
+        // A node that never saw a key learns it from the totals.
+        let fresh = Spend::default();
+        fresh.apply(&write(&[]));
+        assert_eq!(fresh.spent(&id, 1, 100), 95);
+        assert_eq!(unhex(&hex(&id)), Some(id));
+        assert_eq!(unhex("zz"), None);
     }
 }

@@ -24,11 +24,11 @@ use serde_json::{Value, json};
 
 use super::sse::{Events, write_event};
 use super::wire::{self, StreamTranslator, Usage};
-use super::{Ai, AiRoute, Deployment, Provider, model_scope};
+use super::{Ai, AiRoute, CallerIds, Deployment, Provider, model_scope};
 use crate::answer::{Code, Refuse};
 use crate::body::{BodySource, BodyState, BoxError};
 use crate::config::ProviderKind;
-use crate::ctx::{Caller, RequestCtx};
+use crate::ctx::{Caller, Identity, RequestCtx};
 use crate::gateway::Gateway;
 use crate::proxy::{Answered, HeadSink, UpstreamResponseBody};
 use crate::routes::Route;
@@ -142,10 +142,40 @@ struct Settle {
     /// The budget's period and what was set aside for the call in it.
     budget_period: Option<i64>,
     reserved_micro: u64,
+    who: CallerIds,
+}
+
+/// Who `caller` is, as the usage in the store names it.
+fn caller_ids(caller: &Caller) -> CallerIds {
+    let token = match (&caller.who, &caller.subject) {
+        (Identity::Key(t), _) | (Identity::Jwt(_), Some(t)) => Some(t),
+        (Identity::Jwt(_), None) => None,
+    };
+    match (token, &caller.who) {
+        (Some(t), _) => CallerIds {
+            workspace: t.workspace_id.clone(),
+            caller: Arc::from(t.token_id().as_str()),
+            app: t.app_id.clone(),
+        },
+        (None, Identity::Jwt(j)) => CallerIds {
+            workspace: j.workspace_id.clone().unwrap_or_else(|| Arc::from("")),
+            caller: Arc::from(format!("jwt:{}", j.sub).as_str()),
+            app: j.app_id.clone().unwrap_or_else(|| Arc::from("")),
+        },
+        (None, Identity::Key(t)) => CallerIds {
+            workspace: t.workspace_id.clone(),
+            caller: Arc::from(t.token_id().as_str()),
+            app: t.app_id.clone(),
+        },
+    }
 }
 
 impl Settle {
     fn done(self, usage: Usage) -> u64 {
+        self.done_with(usage, true)
+    }
+
+    fn done_with(self, usage: Usage, ok: bool) -> u64 {
         let cost = self.provider.cost_micro_usd(&self.deployment.model, &usage);
         if let Some(start) = self.budget_period {
             // What was set aside comes back, and the cost is counted.
@@ -157,6 +187,7 @@ impl Settle {
             self.ai.tpm.settle_cost(&self.key, self.route_key, limit, self.now_us, delta);
         }
         let name = self.deployment.name();
+        self.ai.record(&self.who, &self.route, &name, self.now_us / 1000, &usage, cost, ok);
         self.ai.count(&self.route, &name, |t| {
             t.input += usage.input;
             t.output += usage.output;
@@ -313,6 +344,7 @@ impl Gateway {
                 return Err(e);
             }
         }
+        let who = caller_ids(caller);
         let settle_base = |provider: Arc<Provider>, deployment: Deployment| Settle {
             ai: ai.clone(),
             route: route.id.clone(),
@@ -325,6 +357,7 @@ impl Gateway {
             tpm: air.tokens_per_minute,
             budget_period,
             reserved_micro,
+            who: who.clone(),
         };
         let mut last: Option<AiError> = None;
         let mut fallbacks = 0u64;
@@ -390,7 +423,7 @@ impl Gateway {
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 // The provider refused keygate's key: the caller's key is fine, the operator's
                 // is not (revoked, rotated at the provider).
-                settle.done(Usage::default());
+                settle.done_with(Usage::default(), false);
                 tracing::error!(route = %route.id, deployment = %name_d, status = status.as_u16(), "the LLM provider refused keygate's key for it");
                 return Err(ai_error(
                     StatusCode::BAD_GATEWAY,
@@ -420,6 +453,7 @@ impl Gateway {
             ai.tpm.settle_cost(&key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
         }
         let name_last = deployments.last().map(Deployment::name).unwrap_or_default();
+        ai.record(&who, &route.id, &name_last, now_ms, &Usage::default(), 0, false);
         let fb = fallbacks;
         ai.count(&route.id, &name_last, |t| {
             t.requests += 1;
@@ -702,7 +736,7 @@ async fn whole_answer<S: HeadSink>(
     let cost_known = settle.provider.prices.contains_key(&*settle.deployment.model);
     // Settled first, so that the remaining budget shown counts this call.
     let (ai, key, route_key, period) = (settle.ai.clone(), settle.key, settle.route_key, settle.budget_period);
-    let cost = settle.done(usage);
+    let cost = settle.done_with(usage, head.status.is_success());
     if let (Some(b), Some(start)) = (budget, period) {
         let left = b.saturating_sub(ai.spend.spent(&key, route_key, start));
         let _ = sink.field("x-keygate-budget-remaining-usd", format!("{:.6}", left as f64 / 1e6).as_bytes());

@@ -117,7 +117,7 @@ fn data_lines(body: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_virtual_key_calls_openai_and_anthropic_models_in_the_openai_format() {
     let (kg, s, _dir) = start(models()).await;
-    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let (vk_id, vk) = key(&kg, &["llm:*"]).await;
 
     let g = call(&kg, &vk, "/v1/chat/completions", &chat("gpt-mini", "hello there")).await;
     assert_eq!(g.status, StatusCode::OK, "{}", g.text);
@@ -180,8 +180,22 @@ async fn a_virtual_key_calls_openai_and_anthropic_models_in_the_openai_format() 
     let openai = totals.iter().find(|t| t.1 == "openai/gpt-mini").unwrap();
     assert_eq!(openai.2.requests, 2);
     assert_eq!(openai.2.input, 4 + 3);
+    // The token's LLM usage through the admin API, before it reaches the store.
+    let u = kg.client().get(&format!("/admin/v1/tokens/{vk_id}/llm-usage")).await;
+    assert_eq!(u.status, StatusCode::OK, "{:?}", u.body);
+    assert_eq!(u.body["total_requests"], 4, "{:?}", u.body);
+    let rows = u.body["data"].as_array().unwrap();
+    let gpt = rows.iter().find(|r| r["deployment"] == "openai/gpt-mini").unwrap();
+    assert_eq!(gpt["requests"], 2);
+    assert_eq!(gpt["input_tokens"], 7);
+    assert!(u.body["total_cost_usd"].as_f64().unwrap() > 0.0);
+    let bad = kg.client().get(&format!("/admin/v1/tokens/{vk_id}/llm-usage?from=yesterday")).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("keygate_llm_requests_total{route=\"llm\",deployment=\"openai/gpt-mini\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("keygate_llm_requests_total{route=\"llm\",deployment=\"openai/gpt-mini\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("keygate_llm_input_tokens_total{route=\"llm\",deployment=\"anthropic/claude-small\"}"));
     kg.stop().await;
 }
@@ -427,5 +441,46 @@ async fn a_client_that_goes_away_mid_stream_is_counted_for_what_it_got() {
         assert!(tokio::time::Instant::now() < deadline, "the provider's stream was not ended");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn spending_and_usage_are_stored_and_budgets_hold_across_a_restart() {
+    let mut ai = models();
+    ai.budget = Some(AiBudget { usd: 0.0002, period: QuotaPeriod::Month });
+    let dir = tempfile::tempdir().unwrap();
+    let s = LlmStandIn::start(OPENAI_KEY, ANTHROPIC_KEY).await.unwrap();
+    let opts = Options {
+        routes: vec![ai_route(ai)],
+        providers: providers(&s, dir.path()),
+        data_dir: Some(dir.path().join("data")),
+        ..Options::default()
+    };
+    let kg = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let (id, vk) = key(&kg, &["llm:*"]).await;
+    let mut n = 0;
+    while call(&kg, &vk, "/v1/chat/completions", &chat("claude", "a b c d e f g h")).await.status == StatusCode::OK {
+        n += 1;
+        assert!(n < 10);
+    }
+    kg.flush_usage().await;
+    let token = keygate_core::ids::TokenId::from_trusted(id.clone());
+    let ws = kg.store().workspace_by_name("default").await.unwrap().unwrap().id;
+    let stored = kg.store().llm_usage(&ws, &token, 0, i64::MAX).await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].deployment, "anthropic/claude-small");
+    assert_eq!(stored[0].requests, n);
+    assert_eq!(stored[0].input_tokens, 10 * n, "be brief + 8 words, each call");
+    assert!(stored[0].micro_usd > 0);
+    let u = kg.client().get(&format!("/admin/v1/tokens/{id}/llm-usage")).await;
+    assert_eq!(u.body["total_requests"], n, "the stored usage is not counted twice: {:?}", u.body);
+    kg.stop().await;
+
+    // A new start reads what was spent: the key is still over its budget.
+    let kg = TestKeygate::start_with(opts).await.unwrap();
+    kg.sync_index().await.unwrap();
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("claude", "x")).await;
+    assert_eq!(g.status, StatusCode::TOO_MANY_REQUESTS, "{}", g.text);
+    assert_eq!(g.json()["error"]["code"], "budget_exceeded");
     kg.stop().await;
 }

@@ -1,0 +1,182 @@
+//! [`LlmStore`] for [`SqlStore`]: the AI gateway's usage and spending. Each write is one
+//! statement per table and batch, its rows a JSON array parameter unpacked by the engine (as the
+//! call log's chunks are), counts added to the stored ones.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use keygate_core::Result;
+use keygate_core::ids::{TokenId, WorkspaceId};
+use keygate_core::llm::{LlmStore, LlmUsage, Spending};
+use sqlx::Row;
+
+use crate::db_error;
+use crate::sql::SqlStore;
+
+/// Rows per statement.
+const ROWS: usize = 1000;
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn json_text(rows: &[serde_json::Value]) -> Result<String> {
+    serde_json::to_string(rows).map_err(|e| keygate_core::Error::internal(e.to_string()))
+}
+
+#[async_trait]
+impl LlmStore for SqlStore {
+    async fn record_llm(&self, usage: &[LlmUsage], spending: &[Spending]) -> Result<()> {
+        if usage.is_empty() && spending.is_empty() {
+            return Ok(());
+        }
+        // Rows of one key merged (an upsert may touch a row once per statement), in key order
+        // (two nodes writing at once wait on each other rather than deadlock).
+        let mut u: BTreeMap<(&str, &str, &str, &str, i64), LlmUsage> = BTreeMap::new();
+        for r in usage {
+            let k = (r.workspace_id.as_str(), r.caller.as_str(), r.route.as_str(), r.deployment.as_str(), r.hour);
+            match u.get_mut(&k) {
+                Some(e) => {
+                    e.requests += r.requests;
+                    e.errors += r.errors;
+                    e.input_tokens += r.input_tokens;
+                    e.output_tokens += r.output_tokens;
+                    e.cached_tokens += r.cached_tokens;
+                    e.micro_usd += r.micro_usd;
+                }
+                None => {
+                    u.insert(k, r.clone());
+                }
+            }
+        }
+        let mut sp: BTreeMap<(&str, i64, i64), i64> = BTreeMap::new();
+        for s in spending {
+            *sp.entry((s.key.as_str(), s.route_key, s.period_start)).or_default() += s.micro_usd;
+        }
+        let (usage_sql, spend_sql) = match self.engine {
+            crate::Engine::Sqlite => (
+                "INSERT INTO llm_usage (workspace_id, caller, app_id, route, deployment, hour, requests, errors, \
+                 input_tokens, output_tokens, cached_tokens, micro_usd) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, \
+                 value->>8, value->>9, value->>10, value->>11 FROM json_each($1) WHERE true \
+                 ON CONFLICT (workspace_id, caller, route, deployment, hour) DO UPDATE SET \
+                 app_id = excluded.app_id, requests = llm_usage.requests + excluded.requests, \
+                 errors = llm_usage.errors + excluded.errors, \
+                 input_tokens = llm_usage.input_tokens + excluded.input_tokens, \
+                 output_tokens = llm_usage.output_tokens + excluded.output_tokens, \
+                 cached_tokens = llm_usage.cached_tokens + excluded.cached_tokens, \
+                 micro_usd = llm_usage.micro_usd + excluded.micro_usd",
+                "INSERT INTO llm_spending (spend_key, route_key, period_start, micro_usd) \
+                 SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each($1) WHERE true \
+                 ON CONFLICT (spend_key, route_key, period_start) DO UPDATE SET \
+                 micro_usd = llm_spending.micro_usd + excluded.micro_usd",
+            ),
+            crate::Engine::Postgres => (
+                "INSERT INTO llm_usage (workspace_id, caller, app_id, route, deployment, hour, requests, errors, \
+                 input_tokens, output_tokens, cached_tokens, micro_usd) \
+                 SELECT e->>0, e->>1, e->>2, e->>3, e->>4, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint, \
+                 (e->>8)::bigint, (e->>9)::bigint, (e->>10)::bigint, (e->>11)::bigint \
+                 FROM json_array_elements($1::json) AS e \
+                 ON CONFLICT (workspace_id, caller, route, deployment, hour) DO UPDATE SET \
+                 app_id = excluded.app_id, requests = llm_usage.requests + excluded.requests, \
+                 errors = llm_usage.errors + excluded.errors, \
+                 input_tokens = llm_usage.input_tokens + excluded.input_tokens, \
+                 output_tokens = llm_usage.output_tokens + excluded.output_tokens, \
+                 cached_tokens = llm_usage.cached_tokens + excluded.cached_tokens, \
+                 micro_usd = llm_usage.micro_usd + excluded.micro_usd",
+                "INSERT INTO llm_spending (spend_key, route_key, period_start, micro_usd) \
+                 SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, (e->>3)::bigint \
+                 FROM json_array_elements($1::json) AS e \
+                 ON CONFLICT (spend_key, route_key, period_start) DO UPDATE SET \
+                 micro_usd = llm_spending.micro_usd + excluded.micro_usd",
+            ),
+        };
+        let usage_rows: Vec<serde_json::Value> = u
+            .values()
+            .map(|r| {
+                serde_json::json!([
+                    r.workspace_id.as_str(),
+                    r.caller,
+                    r.app_id,
+                    r.route,
+                    r.deployment,
+                    r.hour,
+                    count(r.requests),
+                    count(r.errors),
+                    count(r.input_tokens),
+                    count(r.output_tokens),
+                    count(r.cached_tokens),
+                    count(r.micro_usd),
+                ])
+            })
+            .collect();
+        let spend_rows: Vec<serde_json::Value> =
+            sp.iter().map(|((k, r, p), m)| serde_json::json!([k, r, p, m])).collect();
+        let mut tx = self.begin().await?;
+        for group in usage_rows.chunks(ROWS) {
+            sqlx::query(usage_sql).bind(json_text(group)?).execute(&mut *tx).await.map_err(db_error)?;
+        }
+        for group in spend_rows.chunks(ROWS) {
+            sqlx::query(spend_sql).bind(json_text(group)?).execute(&mut *tx).await.map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn llm_spending_since(&self, since: i64) -> Result<Vec<Spending>> {
+        let rows = sqlx::query(
+            "SELECT spend_key, route_key, period_start, micro_usd FROM llm_spending WHERE period_start >= $1",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Spending {
+                    key: r.try_get("spend_key").map_err(db_error)?,
+                    route_key: r.try_get("route_key").map_err(db_error)?,
+                    period_start: r.try_get("period_start").map_err(db_error)?,
+                    micro_usd: r.try_get("micro_usd").map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn llm_usage(&self, ws: &WorkspaceId, caller: &TokenId, from: i64, to: i64) -> Result<Vec<LlmUsage>> {
+        let rows = sqlx::query(
+            "SELECT caller, app_id, route, deployment, hour, requests, errors, input_tokens, output_tokens, \
+             cached_tokens, micro_usd FROM llm_usage WHERE workspace_id = $1 AND caller = $2 AND hour >= $3 \
+             AND hour < $4 ORDER BY hour, route, deployment",
+        )
+        .bind(ws.as_str())
+        .bind(caller.as_str())
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<u64> {
+            let v: i64 = r.try_get(c).map_err(db_error)?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(LlmUsage {
+                    workspace_id: ws.clone(),
+                    caller: r.try_get("caller").map_err(db_error)?,
+                    app_id: r.try_get("app_id").map_err(db_error)?,
+                    route: r.try_get("route").map_err(db_error)?,
+                    deployment: r.try_get("deployment").map_err(db_error)?,
+                    hour: r.try_get("hour").map_err(db_error)?,
+                    requests: n(r, "requests")?,
+                    errors: n(r, "errors")?,
+                    input_tokens: n(r, "input_tokens")?,
+                    output_tokens: n(r, "output_tokens")?,
+                    cached_tokens: n(r, "cached_tokens")?,
+                    micro_usd: n(r, "micro_usd")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -434,6 +434,12 @@ pub struct AiRouteConfig {
     /// (UTC), priced by the providers' `prices`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<AiBudget>,
+    /// What all the keys of one app may spend on this route together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_budget: Option<AiBudget>,
+    /// What all the keys of the workspace may spend on this route together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_budget: Option<AiBudget>,
     /// How long a provider may take to start its answer before the next deployment is tried,
     /// in milliseconds. Default 60,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]

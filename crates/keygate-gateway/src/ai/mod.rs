@@ -69,7 +69,10 @@ pub struct AiRoute {
     pub aliases_only: bool,
     /// LLM tokens per minute per virtual key, as a GCRA limit (a bucket of a minute's worth).
     pub tokens_per_minute: Option<RateLimit>,
+    /// Per virtual key, per app (shared by its keys), per workspace.
     pub budget: Option<Budget>,
+    pub app_budget: Option<Budget>,
+    pub workspace_budget: Option<Budget>,
     pub first_byte_timeout: Duration,
 }
 
@@ -115,19 +118,20 @@ impl AiRoute {
             Some(n) => Some(RateLimit { requests: n, per_seconds: 60, burst: 0 }),
             None => None,
         };
-        let budget = match cfg.budget {
-            Some(b) if !b.usd.is_finite() || b.usd < 0.0 || b.usd > 1e12 => {
-                return Err("ai.budget.usd must be a number of dollars from 0 to 10^12".into());
-            }
-            Some(b) if b.period == QuotaPeriod::Total => {
-                return Err("ai.budget.period must be \"day\" or \"month\"".into());
-            }
-            Some(b) => Some(Budget { micro_usd: (b.usd * 1e6).round() as u64, period: b.period }),
-            None => None,
-        };
+        let budget = budget_of("budget", cfg.budget)?;
+        let app_budget = budget_of("app_budget", cfg.app_budget)?;
+        let workspace_budget = budget_of("workspace_budget", cfg.workspace_budget)?;
         let first_byte_timeout =
             Duration::from_millis(cfg.first_byte_timeout_ms.unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT_MS).max(1));
-        Ok(Some(Self { models, aliases_only: cfg.aliases_only, tokens_per_minute, budget, first_byte_timeout }))
+        Ok(Some(Self {
+            models,
+            aliases_only: cfg.aliases_only,
+            tokens_per_minute,
+            budget,
+            app_budget,
+            workspace_budget,
+            first_byte_timeout,
+        }))
     }
 
     /// The deployments that serve `name` on this route: an alias's, or the deployment the name
@@ -140,6 +144,18 @@ impl AiRoute {
             return None;
         }
         Deployment::parse(name).ok().map(|d| vec![d])
+    }
+}
+
+/// A budget of `[routes.ai]`, checked: dollars from 0 to 10^12, a day or a month.
+fn budget_of(name: &str, b: Option<crate::config::AiBudget>) -> Result<Option<Budget>, String> {
+    match b {
+        Some(b) if !b.usd.is_finite() || b.usd < 0.0 || b.usd > 1e12 => {
+            Err(format!("ai.{name}.usd must be a number of dollars from 0 to 10^12"))
+        }
+        Some(b) if b.period == QuotaPeriod::Total => Err(format!("ai.{name}.period must be \"day\" or \"month\"")),
+        Some(b) => Ok(Some(Budget { micro_usd: (b.usd * 1e6).round() as u64, period: b.period })),
+        None => Ok(None),
     }
 }
 

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use super::sse::{Events, write_event};
 use super::wire::{self, StreamTranslator, Usage};
-use super::{Ai, AiRoute, CallerIds, Deployment, Provider, model_scope};
+use super::{Ai, AiRoute, Budget, CallerIds, Deployment, Provider, model_scope};
 use crate::answer::{Code, Refuse};
 use crate::body::{BodySource, BodyState, BoxError};
 use crate::config::ProviderKind;
@@ -139,10 +139,35 @@ struct Settle {
     /// Tokens taken from the tokens-per-minute limit before the call.
     estimate: u64,
     tpm: Option<RateLimit>,
-    /// The budget's period and what was set aside for the call in it.
-    budget_period: Option<i64>,
-    reserved_micro: u64,
+    /// The budgets the call is held to, and what was set aside for it in each.
+    held: Vec<Held>,
     who: CallerIds,
+}
+
+/// A budget a call is held to: whose (the key's, its app's, its workspace's), its spending key,
+/// its period and what was set aside for the call.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    key: [u8; PUBLIC_ID_LEN],
+    budget: Budget,
+    period_start: i64,
+    reserved: u64,
+}
+
+impl Held {
+    fn remaining(&self, ai: &Ai, route_key: u32) -> u64 {
+        self.budget.micro_usd.saturating_sub(ai.spend.spent(&self.key, route_key, self.period_start))
+    }
+}
+
+/// The spending key of an app's or a workspace's budget: the first bytes of a SHA-256 of its
+/// kind and id (apart from every key's own, which is its public id).
+fn spend_key(kind: &str, id: &str) -> [u8; PUBLIC_ID_LEN] {
+    use sha2::Digest;
+    let d = sha2::Sha256::new().chain_update(kind.as_bytes()).chain_update(b":").chain_update(id.as_bytes()).finalize();
+    let mut k = [0u8; PUBLIC_ID_LEN];
+    k.copy_from_slice(d.get(..PUBLIC_ID_LEN).unwrap_or(&[0u8; PUBLIC_ID_LEN]));
+    k
 }
 
 /// Who `caller` is, as the usage in the store names it.
@@ -177,10 +202,10 @@ impl Settle {
 
     fn done_with(self, usage: Usage, ok: bool) -> u64 {
         let cost = self.provider.cost_micro_usd(&self.deployment.model, &usage);
-        if let Some(start) = self.budget_period {
+        for h in &self.held {
             // What was set aside comes back, and the cost is counted.
-            self.ai.spend.add(&self.key, self.route_key, start, cost);
-            self.ai.spend.refund(&self.key, self.route_key, start, self.reserved_micro);
+            self.ai.spend.add(&h.key, self.route_key, h.period_start, cost);
+            self.ai.spend.refund(&h.key, self.route_key, h.period_start, h.reserved);
         }
         if let Some(limit) = &self.tpm {
             let delta = i64::try_from(usage.total()).unwrap_or(i64::MAX) - i64::try_from(self.estimate).unwrap_or(0);
@@ -298,18 +323,33 @@ impl Gateway {
             if op == Op::Embeddings { 0 } else { wire::max_output_tokens(&req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE) };
         let estimate = Usage { input: estimate_in, output: estimate_out, cached_input: 0 };
         let first = deployments.first().and_then(|d| ai.providers.get(&*d.provider).map(|p| (d, p)));
-        let mut budget_period = None;
-        let mut reserved_micro = 0;
-        if let Some(b) = &air.budget {
+        let who = caller_ids(caller);
+        let mut budgets: Vec<(&str, [u8; PUBLIC_ID_LEN], Budget)> = Vec::new();
+        if let Some(b) = air.budget {
+            budgets.push(("key", key, b));
+        }
+        if let Some(b) = air.app_budget
+            && !who.app.is_empty()
+        {
+            budgets.push(("app", spend_key("app", &who.app), b));
+        }
+        if let Some(b) = air.workspace_budget {
+            budgets.push(("workspace", spend_key("workspace", &who.workspace), b));
+        }
+        let mut held: Vec<Held> = Vec::with_capacity(budgets.len());
+        for (whose, k, b) in budgets {
             let (start, end) = b.period.window(now_ms);
-            let spent = ai.spend.spent(&key, route_key, start);
+            let spent = ai.spend.spent(&k, route_key, start);
             if spent >= b.micro_usd {
+                for h in &held {
+                    ai.spend.refund(&h.key, route_key, h.period_start, h.reserved);
+                }
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "budget_exceeded",
                     "insufficient_quota",
                     format!(
-                        "this key has spent its budget on this route (${:.2} a {}); it starts again at the next {}",
+                        "this {whose} has spent its budget on this route (${:.2} a {}); it starts again at the next {}",
                         b.micro_usd as f64 / 1e6,
                         period_name(b.period),
                         period_name(b.period)
@@ -318,17 +358,17 @@ impl Gateway {
                 e.retry_after_s = Some(u64::try_from(end - now_ms).unwrap_or(0).div_ceil(1000));
                 return Err(e);
             }
-            reserved_micro = first.map_or(0, |(d, p)| p.cost_micro_usd(&d.model, &estimate)).min(b.micro_usd - spent);
-            ai.spend.add(&key, route_key, start, reserved_micro);
-            budget_period = Some(start);
+            let reserved = first.map_or(0, |(d, p)| p.cost_micro_usd(&d.model, &estimate)).min(b.micro_usd - spent);
+            ai.spend.add(&k, route_key, start, reserved);
+            held.push(Held { key: k, budget: b, period_start: start, reserved });
         }
         let mut taken = 0;
         if let Some(limit) = &air.tokens_per_minute {
             taken = estimate.total().min(limit.capacity());
             let d = ai.tpm.check_rate_cost(&key, route_key, limit, now_us, u32::try_from(taken).unwrap_or(u32::MAX));
             if !d.allowed {
-                if let Some(start) = budget_period {
-                    ai.spend.refund(&key, route_key, start, reserved_micro);
+                for h in &held {
+                    ai.spend.refund(&h.key, route_key, h.period_start, h.reserved);
                 }
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -344,7 +384,6 @@ impl Gateway {
                 return Err(e);
             }
         }
-        let who = caller_ids(caller);
         let settle_base = |provider: Arc<Provider>, deployment: Deployment| Settle {
             ai: ai.clone(),
             route: route.id.clone(),
@@ -355,8 +394,7 @@ impl Gateway {
             now_us,
             estimate: taken,
             tpm: air.tokens_per_minute,
-            budget_period,
-            reserved_micro,
+            held: held.clone(),
             who: who.clone(),
         };
         let mut last: Option<AiError> = None;
@@ -434,20 +472,14 @@ impl Gateway {
                     ),
                 ));
             }
-            let head = AnswerHead {
-                status,
-                name: &name,
-                deployment: &name_d,
-                fallbacks,
-                budget: air.budget.map(|b| b.micro_usd),
-            };
+            let head = AnswerHead { status, name: &name, deployment: &name_d, fallbacks };
             if stream && status.is_success() {
                 return Ok(stream_answer(resp, built.mode, settle, &head, estimate_in, sink));
             }
             return whole_answer(resp, built.mode, settle, &head, sink).await;
         }
-        if let Some(start) = budget_period {
-            ai.spend.refund(&key, route_key, start, reserved_micro);
+        for h in &held {
+            ai.spend.refund(&h.key, route_key, h.period_start, h.reserved);
         }
         if let Some(limit) = &air.tokens_per_minute {
             ai.tpm.settle_cost(&key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
@@ -658,7 +690,6 @@ struct AnswerHead<'a> {
     name: &'a str,
     deployment: &'a str,
     fallbacks: u64,
-    budget: Option<u64>,
 }
 
 fn write_head<S: HeadSink>(h: &AnswerHead<'_>, content_type: &[u8], sink: &mut S) {
@@ -672,10 +703,9 @@ fn write_head<S: HeadSink>(h: &AnswerHead<'_>, content_type: &[u8], sink: &mut S
     }
 }
 
-fn remaining_budget<S: HeadSink>(settle: &Settle, budget: Option<u64>, sink: &mut S) {
-    if let (Some(b), Some(start)) = (budget, settle.budget_period) {
-        let spent = settle.ai.spend.spent(&settle.key, settle.route_key, start);
-        let left = b.saturating_sub(spent);
+/// `x-keygate-budget-remaining-usd`: what is left of the tightest budget the call is held to.
+fn remaining_budget<S: HeadSink>(settle_ai: &Ai, route_key: u32, held: &[Held], sink: &mut S) {
+    if let Some(left) = held.iter().map(|h| h.remaining(settle_ai, route_key)).min() {
         let _ = sink.field("x-keygate-budget-remaining-usd", format!("{:.6}", left as f64 / 1e6).as_bytes());
     }
 }
@@ -731,16 +761,12 @@ async fn whole_answer<S: HeadSink>(
         body = serde_json::to_vec(&wire::message_to_chat(v, head.name, created)).unwrap_or_default();
         content_type = b"application/json".to_vec();
     }
-    let budget = head.budget;
     write_head(head, &content_type, sink);
     let cost_known = settle.provider.prices.contains_key(&*settle.deployment.model);
     // Settled first, so that the remaining budget shown counts this call.
-    let (ai, key, route_key, period) = (settle.ai.clone(), settle.key, settle.route_key, settle.budget_period);
+    let (ai, route_key, held) = (settle.ai.clone(), settle.route_key, settle.held.clone());
     let cost = settle.done_with(usage, head.status.is_success());
-    if let (Some(b), Some(start)) = (budget, period) {
-        let left = b.saturating_sub(ai.spend.spent(&key, route_key, start));
-        let _ = sink.field("x-keygate-budget-remaining-usd", format!("{:.6}", left as f64 / 1e6).as_bytes());
-    }
+    remaining_budget(&ai, route_key, &held, sink);
     if cost_known {
         let _ = sink.field("x-keygate-cost-usd", format!("{:.6}", cost as f64 / 1e6).as_bytes());
     }
@@ -766,7 +792,7 @@ fn stream_answer<S: HeadSink>(
 ) -> Answered {
     write_head(head, b"text/event-stream", sink);
     let _ = sink.field("cache-control", b"no-cache");
-    remaining_budget(&settle, head.budget, sink);
+    remaining_budget(&settle.ai, settle.route_key, &settle.held, sink);
     let translator = match mode {
         Mode::FromAnthropic { include_usage } => {
             Some(StreamTranslator::new(head.name, settle.now_us / 1_000_000, include_usage))

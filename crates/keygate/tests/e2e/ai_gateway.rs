@@ -484,3 +484,39 @@ async fn spending_and_usage_are_stored_and_budgets_hold_across_a_restart() {
     assert_eq!(g.json()["error"]["code"], "budget_exceeded");
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn an_app_budget_is_shared_by_the_apps_keys() {
+    let mut ai = models();
+    ai.app_budget = Some(AiBudget { usd: 0.0002, period: QuotaPeriod::Day });
+    let (kg, _s, _dir) = start(ai).await;
+    let c = kg.client();
+    let app = |name: &'static str| {
+        let c = c.clone();
+        async move {
+            let a = c.post("/admin/v1/apps", &json!({"name": name})).await;
+            assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+            a.str("/id")
+        }
+    };
+    let (a1, a2) = (app("one").await, app("two").await);
+    let (_, k1) = c.create_token(&json!({"name": "k1", "app_id": a1, "scopes": ["llm:*"]})).await;
+    let (_, k2) = c.create_token(&json!({"name": "k2", "app_id": a1, "scopes": ["llm:*"]})).await;
+    let (_, k3) = c.create_token(&json!({"name": "k3", "app_id": a2, "scopes": ["llm:*"]})).await;
+    kg.sync_index().await.unwrap();
+    let mut n = 0;
+    while call(&kg, &k1, "/v1/chat/completions", &chat("claude", "a b c d e f g h")).await.status == StatusCode::OK {
+        n += 1;
+        assert!(n < 10);
+    }
+    // The other key of the same app finds the budget spent; a key of another app does not.
+    let g = call(&kg, &k2, "/v1/chat/completions", &chat("claude", "x")).await;
+    assert_eq!(g.status, StatusCode::TOO_MANY_REQUESTS, "{}", g.text);
+    assert!(g.json()["error"]["message"].as_str().unwrap().contains("this app"), "{}", g.text);
+    let g = call(&kg, &k3, "/v1/chat/completions", &chat("claude", "x")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    // The next day starts again.
+    kg.clock.advance_seconds(86_400);
+    assert_eq!(call(&kg, &k2, "/v1/chat/completions", &chat("claude", "x")).await.status, StatusCode::OK);
+    kg.stop().await;
+}

@@ -426,6 +426,12 @@ pub struct AiRouteConfig {
     /// Only the names in `models` may be called.
     #[serde(default)]
     pub aliases_only: bool,
+    /// How a model's deployments are used: `fallback` (default) tries them in their order, each
+    /// call starting with the first; `round_robin` starts each call with the next one in turn
+    /// (spreading calls over several deployments or keys of one model), the others following
+    /// as fallbacks.
+    #[serde(default)]
+    pub balance: AiBalance,
     /// LLM tokens (input and output) each virtual key may use per minute on this route: the
     /// cost is estimated before the call and settled from the answer's `usage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -444,6 +450,15 @@ pub struct AiRouteConfig {
     /// in milliseconds. Default 60,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_timeout_ms: Option<u64>,
+}
+
+/// How an `ai` route uses a model's deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AiBalance {
+    #[default]
+    Fallback,
+    RoundRobin,
 }
 
 /// A budget in money: `{ usd = 5.0, period = "month" }`.

@@ -74,6 +74,10 @@ pub struct AiRoute {
     pub app_budget: Option<Budget>,
     pub workspace_budget: Option<Budget>,
     pub first_byte_timeout: Duration,
+    /// Each call starts with the next deployment in turn (`balance = "round_robin"`).
+    pub round_robin: bool,
+    /// Calls so far, for the turn.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// How long a provider may take to start answering by default (a non-streamed answer starts
@@ -131,6 +135,8 @@ impl AiRoute {
             app_budget,
             workspace_budget,
             first_byte_timeout,
+            round_robin: cfg.balance == crate::config::AiBalance::RoundRobin,
+            turn: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -138,7 +144,13 @@ impl AiRoute {
     /// is (unless the route serves its aliases only). `None`: the route does not serve it.
     pub fn deployments(&self, name: &str) -> Option<Vec<Deployment>> {
         if let Some(d) = self.models.get(name) {
-            return Some(d.clone());
+            let mut d = d.clone();
+            if self.round_robin && d.len() > 1 {
+                let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let by = turn % d.len();
+                d.rotate_left(by);
+            }
+            return Some(d);
         }
         if self.aliases_only {
             return None;
@@ -714,6 +726,14 @@ mod tests {
         assert_eq!(r.deployments("openai/gpt-4o").unwrap()[0].model.as_ref(), "gpt-4o");
         assert_eq!(r.deployments("together/meta/llama").unwrap()[0].model.as_ref(), "meta/llama");
         assert!(r.deployments("gpt-4o").is_none(), "a bare name that is no alias names no provider");
+        assert_eq!(r.deployments("fast").unwrap()[0].provider.as_ref(), "anthropic", "fallback: always the first");
+        assert_eq!(r.deployments("fast").unwrap()[0].provider.as_ref(), "anthropic");
+        let mut rr = cfg.clone();
+        rr.balance = crate::config::AiBalance::RoundRobin;
+        let r2 = AiRoute::from_config(&route(rr)).unwrap().unwrap();
+        let firsts: Vec<String> = (0..4).map(|_| r2.deployments("fast").unwrap()[0].provider.to_string()).collect();
+        assert_eq!(firsts, ["anthropic", "openai", "anthropic", "openai"], "round robin: each in turn first");
+        assert_eq!(r2.deployments("fast").unwrap().len(), 2, "the others follow as fallbacks");
         assert_eq!(r.budget.unwrap().micro_usd, 2_500_000);
         assert_eq!(r.tokens_per_minute.unwrap().capacity(), 1000);
 

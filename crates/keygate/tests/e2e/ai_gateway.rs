@@ -520,3 +520,24 @@ async fn an_app_budget_is_shared_by_the_apps_keys() {
     assert_eq!(call(&kg, &k2, "/v1/chat/completions", &chat("claude", "x")).await.status, StatusCode::OK);
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn round_robin_spreads_calls_over_a_models_deployments() {
+    let mut ai = models();
+    ai.balance = keygate_gateway::config::AiBalance::RoundRobin;
+    let (kg, s, _dir) = start(ai).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let g = call(&kg, &vk, "/v1/chat/completions", &chat("fast", "hi")).await;
+        assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+        served.push(g.header("x-keygate-deployment").unwrap().to_owned());
+    }
+    assert_eq!(served, ["openai/gpt-mini", "anthropic/claude-small", "openai/gpt-mini", "anthropic/claude-small"]);
+    // A deployment that refuses still falls back to the other.
+    s.fail_next("/chat/completions", 503, 1);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("fast", "hi")).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.header("x-keygate-deployment"), Some("anthropic/claude-small"));
+    kg.stop().await;
+}

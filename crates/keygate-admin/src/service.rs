@@ -1393,14 +1393,7 @@ impl Admin {
             std::collections::BTreeMap::new();
         for r in rows {
             match merged.get_mut(&(r.hour, r.route.clone(), r.deployment.clone())) {
-                Some(m) => {
-                    m.requests += r.requests;
-                    m.errors += r.errors;
-                    m.input_tokens += r.input_tokens;
-                    m.output_tokens += r.output_tokens;
-                    m.cached_tokens += r.cached_tokens;
-                    m.micro_usd += r.micro_usd;
-                }
+                Some(m) => m.add(&r),
                 None => {
                     merged.insert((r.hour, r.route.clone(), r.deployment.clone()), r);
                 }

@@ -29,6 +29,18 @@ pub struct LlmUsage {
     pub micro_usd: u64,
 }
 
+impl LlmUsage {
+    /// Adds the counts of `other` (a row of the same key) to these.
+    pub fn add(&mut self, other: &LlmUsage) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cached_tokens += other.cached_tokens;
+        self.micro_usd += other.micro_usd;
+    }
+}
+
 /// Spending of one virtual key on one route in one budget period, in micro-dollars: a change to
 /// add (what a node wrote), or a total (what the store holds).
 #[derive(Debug, Clone, PartialEq, Eq)]

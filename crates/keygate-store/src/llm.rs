@@ -36,14 +36,7 @@ impl LlmStore for SqlStore {
         for r in usage {
             let k = (r.workspace_id.as_str(), r.caller.as_str(), r.route.as_str(), r.deployment.as_str(), r.hour);
             match u.get_mut(&k) {
-                Some(e) => {
-                    e.requests += r.requests;
-                    e.errors += r.errors;
-                    e.input_tokens += r.input_tokens;
-                    e.output_tokens += r.output_tokens;
-                    e.cached_tokens += r.cached_tokens;
-                    e.micro_usd += r.micro_usd;
-                }
+                Some(e) => e.add(r),
                 None => {
                     u.insert(k, r.clone());
                 }

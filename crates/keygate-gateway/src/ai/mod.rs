@@ -627,14 +627,7 @@ impl Ai {
                 );
                 let room = p.len() < MAX_PENDING;
                 match p.get_mut(&key) {
-                    Some(e) => {
-                        e.requests += r.requests;
-                        e.errors += r.errors;
-                        e.input_tokens += r.input_tokens;
-                        e.output_tokens += r.output_tokens;
-                        e.cached_tokens += r.cached_tokens;
-                        e.micro_usd += r.micro_usd;
-                    }
+                    Some(e) => e.add(&r),
                     None if room => {
                         p.insert(key, r);
                     }

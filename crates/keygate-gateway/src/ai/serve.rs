@@ -414,31 +414,29 @@ impl Gateway {
             let built = build_request(op, &provider, d, &req, stream, ctx)?;
             let send = ai.client.execute(built.request);
             let answer = tokio::time::timeout(air.first_byte_timeout, send).await;
-            let resp = match answer {
-                Ok(Ok(r)) => r,
+            let failed = match answer {
+                Ok(Ok(r)) => Ok(r),
                 Ok(Err(e)) => {
                     tracing::warn!(route = %route.id, deployment = %name_d, error = %without_url(&e), "LLM provider call failed");
-                    last = Some(ai_error(
+                    Err(ai_error(
                         StatusCode::BAD_GATEWAY,
                         "provider_unavailable",
                         "api_error",
                         format!("the provider of {name_d:?} could not be reached"),
-                    ));
-                    if i + 1 < n {
-                        fallbacks += 1;
-                    }
-                    continue;
+                    ))
                 }
-                Err(_) => {
-                    last = Some(ai_error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "provider_timeout",
-                        "timeout_error",
-                        format!("the provider of {name_d:?} did not answer in time"),
-                    ));
-                    if i + 1 < n {
-                        fallbacks += 1;
-                    }
+                Err(_) => Err(ai_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "provider_timeout",
+                    "timeout_error",
+                    format!("the provider of {name_d:?} did not answer in time"),
+                )),
+            };
+            let resp = match failed {
+                Ok(r) => r,
+                Err(e) => {
+                    last = Some(e);
+                    fallbacks += u64::from(i + 1 < n);
                     continue;
                 }
             };

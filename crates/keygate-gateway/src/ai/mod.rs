@@ -507,11 +507,33 @@ type Series = (&'static str, &'static str, fn(&Totals) -> u64);
 /// `other`.
 pub const MAX_TOTALS: usize = 4096;
 
+fn new_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+thread_local! {
+    /// The client of this thread. Each gateway worker runs its own single-threaded runtime, and
+    /// a client's connections are driven by the runtime that opened them: one client per worker
+    /// keeps a call and its connection on one thread (one client shared by the workers measured
+    /// 0.5 ms more per call at p50, in wake-ups across threads).
+    static CLIENT: std::cell::OnceCell<Option<reqwest::Client>> = const { std::cell::OnceCell::new() };
+}
+
+/// This thread's client for the providers (`None` only if TLS cannot be set up, which
+/// [`Ai::new`] has checked already).
+pub(crate) fn client() -> Option<reqwest::Client> {
+    CLIENT.with(|c| c.get_or_init(|| new_client().ok()).clone())
+}
+
 /// Everything the AI gateway keeps: its providers, the client that calls them, the limits'
 /// state and what was used.
 pub struct Ai {
     pub providers: HashMap<String, Arc<Provider>>,
-    pub(crate) client: reqwest::Client,
     /// LLM tokens per minute, per virtual key and route.
     pub tpm: Limiter,
     pub spend: Spend,
@@ -545,16 +567,9 @@ impl Ai {
                 return Err(format!("provider {:?}: another provider has the same id", c.id));
             }
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("the providers' HTTP client: {e}"))?;
+        new_client().map_err(|e| format!("the providers' HTTP client: {e}"))?;
         Ok(Self {
             providers: map,
-            client,
             tpm: Limiter::default(),
             spend: Spend::default(),
             totals: Mutex::default(),

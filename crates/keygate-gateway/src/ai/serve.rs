@@ -412,7 +412,10 @@ impl Gateway {
                 continue;
             };
             let built = build_request(op, &provider, d, &req, stream, ctx)?;
-            let send = ai.client.execute(built.request);
+            let Some(client) = super::client() else {
+                return Err(ai_error(StatusCode::BAD_GATEWAY, "provider_unavailable", "api_error", "no HTTP client"));
+            };
+            let send = client.execute(built.request);
             let answer = tokio::time::timeout(air.first_byte_timeout, send).await;
             let failed = match answer {
                 Ok(Ok(r)) => Ok(r),

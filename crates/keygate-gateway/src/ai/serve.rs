@@ -160,6 +160,13 @@ impl Held {
     }
 }
 
+/// Gives back what was set aside in each budget for a call that was not made.
+fn release(spend: &super::Spend, route_key: u32, held: &[Held]) {
+    for h in held {
+        spend.refund(&h.key, route_key, h.period_start, h.reserved);
+    }
+}
+
 /// The spending key of an app's or a workspace's budget: the first bytes of a SHA-256 of its
 /// kind and id (apart from every key's own, which is its public id).
 fn spend_key(kind: &str, id: &str) -> [u8; PUBLIC_ID_LEN] {
@@ -341,9 +348,7 @@ impl Gateway {
             let (start, end) = b.period.window(now_ms);
             let spent = ai.spend.spent(&k, route_key, start);
             if spent >= b.micro_usd {
-                for h in &held {
-                    ai.spend.refund(&h.key, route_key, h.period_start, h.reserved);
-                }
+                release(&ai.spend, route_key, &held);
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "budget_exceeded",
@@ -367,9 +372,7 @@ impl Gateway {
             taken = estimate.total().min(limit.capacity());
             let d = ai.tpm.check_rate_cost(&key, route_key, limit, now_us, u32::try_from(taken).unwrap_or(u32::MAX));
             if !d.allowed {
-                for h in &held {
-                    ai.spend.refund(&h.key, route_key, h.period_start, h.reserved);
-                }
+                release(&ai.spend, route_key, &held);
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "llm_tokens_per_minute_exceeded",
@@ -479,9 +482,7 @@ impl Gateway {
             }
             return whole_answer(resp, built.mode, settle, &head, sink).await;
         }
-        for h in &held {
-            ai.spend.refund(&h.key, route_key, h.period_start, h.reserved);
-        }
+        release(&ai.spend, route_key, &held);
         if let Some(limit) = &air.tokens_per_minute {
             ai.tpm.settle_cost(&key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
         }

@@ -12,6 +12,7 @@ mod extract;
 mod misc;
 mod nodes;
 mod oauth;
+mod providers;
 mod root_keys;
 mod routes;
 mod tokens;
@@ -61,6 +62,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "audit", description = "The audit trail"),
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
+        (name = "providers", description = "The LLM providers the AI gateway's routes call: those of the config file (read-only) and those made here, their keys sealed and never shown again"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
         (name = "calls", description = "The call log: every gateway call, searched and exported (JSON lines, CSV)"),
@@ -182,6 +184,9 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(root_keys::revoke_root_key))
         .routes(routes!(routes::list_routes, routes::create_route))
         .routes(routes!(routes::get_route, routes::update_route, routes::delete_route))
+        .routes(routes!(providers::list_providers, providers::create_provider))
+        .routes(routes!(providers::get_provider, providers::update_provider, providers::delete_provider))
+        .routes(routes!(providers::rotate_provider_key))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
         .routes(routes!(calls::list_calls))

@@ -12,6 +12,7 @@ pub mod email;
 pub mod listener;
 pub mod notices;
 pub mod oauth;
+pub mod providers;
 pub mod routes;
 pub mod seal;
 pub mod secret_scanning;

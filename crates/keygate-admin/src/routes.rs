@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use keygate_core::ids::WorkspaceId;
+use keygate_core::llm::StoredProvider;
 use keygate_core::model::{Actor, NewAuditEvent, StoredRoute};
 use keygate_core::{Error, Result};
 use serde_json::{Map, Value};
@@ -34,8 +35,17 @@ pub trait RouteRules: Send + Sync {
     /// and why.
     fn parse(&self, fields: Value) -> std::result::Result<Map<String, Value>, String>;
     /// Whether the table made of the file's routes and `stored` (every stored route, as it would
-    /// be after a change) compiles. The error names the route and what is wrong.
-    fn check(&self, stored: &[StoredRoute]) -> std::result::Result<(), String>;
+    /// be after a change) compiles, each `ai` route's deployments naming providers it may call
+    /// (the file's, or its workspace's among `providers`). The error names the route and what
+    /// is wrong.
+    fn check(&self, stored: &[StoredRoute], providers: &[StoredProvider]) -> std::result::Result<(), String>;
+    /// The config file's providers: their `[[providers]]` fields (the key's source named, never
+    /// the key).
+    fn file_providers(&self) -> Vec<Map<String, Value>>;
+    /// Reads the fields of a provider made through the API (those of a `[[providers]]` table
+    /// but the key's source), checks them as the gateway will use them, and returns them
+    /// complete. The error says which field and why.
+    fn parse_provider(&self, fields: Value) -> std::result::Result<Map<String, Value>, String>;
     /// Rebuilds this node's route table from the store now, so the next request sees the change
     /// (other nodes follow the change feed).
     async fn apply(&self);
@@ -211,7 +221,8 @@ impl Admin {
         let (_, mut stored) = self.store.list_routes().await?;
         stored.retain(|r| r.id != id);
         stored.extend(change.cloned());
-        rules.check(&stored).map_err(|m| Error::invalid("invalid_route", m))
+        let providers = self.store.list_providers().await?;
+        rules.check(&stored, &providers).map_err(|m| Error::invalid("invalid_route", m))
     }
 
     /// Adds a route to workspace `ws`; it serves on every node within the change feed's delay

@@ -5,8 +5,11 @@
 
 use async_trait::async_trait;
 
-use crate::Result;
+use serde_json::{Map, Value};
+
 use crate::ids::{TokenId, WorkspaceId};
+use crate::model::NewAuditEvent;
+use crate::{Result, Timestamp};
 
 /// LLM calls of one caller on one route and deployment within one hour, as counted by a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,8 +56,55 @@ pub struct Spending {
     pub micro_usd: i64,
 }
 
+/// An LLM provider made through the admin API or the dashboard: its `[[providers]]` fields but
+/// the key's source (`kind`, `base_url`, `api_version`, `prices`), and its key sealed under the
+/// pepper (bound to the provider's id), which no answer ever shows.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredProvider {
+    /// Unique in the instance (the file's providers included): deployments name it.
+    pub id: String,
+    /// The workspace whose `ai` routes may call it.
+    pub workspace_id: WorkspaceId,
+    pub config: Map<String, Value>,
+    /// The key, sealed by the admin service; opaque to the store.
+    pub sealed_key: Vec<u8>,
+    /// The first 12 hex digits of the key's SHA-256: enough to tell which key is in use, not to
+    /// find it.
+    pub key_fingerprint: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub key_rotated_at: Timestamp,
+}
+
+impl std::fmt::Debug for StoredProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredProvider")
+            .field("id", &self.id)
+            .field("workspace_id", &self.workspace_id)
+            .field("config", &self.config)
+            .field("sealed_key", &format_args!("<{} bytes>", self.sealed_key.len()))
+            .field("key_fingerprint", &self.key_fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
 #[async_trait]
 pub trait LlmStore: Send + Sync {
+    /// Adds a provider; `conflict` (`provider_exists`) if a stored provider has its id. Like a
+    /// route change, it takes a change-feed position, so every node's gateway reloads.
+    async fn insert_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()>;
+    /// Replaces a provider's fields and key; `not_found` if the workspace has no provider with
+    /// its id.
+    async fn update_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()>;
+    /// Deletes a provider; `false` if the workspace has none with this id.
+    async fn delete_provider(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool>;
+    /// A provider by id, in whichever workspace it is.
+    async fn provider(&self, id: &str) -> Result<Option<StoredProvider>>;
+    /// Every stored provider, ordered by id.
+    async fn list_providers(&self) -> Result<Vec<StoredProvider>>;
+    /// The workspace's usage within [from, to), by hour, route and deployment (every caller's
+    /// added up): the dashboard's page of providers and models.
+    async fn llm_usage_by_deployment(&self, ws: &WorkspaceId, from: i64, to: i64) -> Result<Vec<LlmUsage>>;
     /// Adds `usage` (counts add up per caller, route, deployment and hour) and `spending`
     /// changes, in one transaction.
     async fn record_llm(&self, usage: &[LlmUsage], spending: &[Spending]) -> Result<()>;

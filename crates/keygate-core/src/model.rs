@@ -234,10 +234,14 @@ pub enum Permission {
     WebhooksRead,
     /// Create, change, test and delete webhook endpoints; redeliver messages.
     WebhooksWrite,
+    /// List the LLM providers the workspace's `ai` routes may call (never their keys).
+    ProvidersRead,
+    /// Create, change, give a new key to and delete the workspace's LLM providers.
+    ProvidersWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 17] = [
+    pub const ALL: [Permission; 19] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -255,6 +259,8 @@ impl Permission {
         Self::TokensVerify,
         Self::WebhooksRead,
         Self::WebhooksWrite,
+        Self::ProvidersRead,
+        Self::ProvidersWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -276,6 +282,8 @@ impl Permission {
             Self::TokensVerify => "tokens:verify",
             Self::WebhooksRead => "webhooks:read",
             Self::WebhooksWrite => "webhooks:write",
+            Self::ProvidersRead => "providers:read",
+            Self::ProvidersWrite => "providers:write",
         }
     }
 

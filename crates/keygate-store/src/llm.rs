@@ -5,13 +5,45 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use keygate_core::Result;
 use keygate_core::ids::{TokenId, WorkspaceId};
-use keygate_core::llm::{LlmStore, LlmUsage, Spending};
+use keygate_core::llm::{LlmStore, LlmUsage, Spending, StoredProvider};
+use keygate_core::model::NewAuditEvent;
+use keygate_core::{Error, Result};
 use sqlx::Row;
 
 use crate::db_error;
-use crate::sql::SqlStore;
+use crate::routes::record_change;
+use crate::rows::{self, to_json};
+use crate::sql::{FeedSeqs, SqlStore, insert_audit};
+
+const PROVIDER_COLS: &str =
+    "id, workspace_id, config, sealed_key, key_fingerprint, created_at, updated_at, key_rotated_at";
+
+/// What `route_changes` records for a change of provider `id`.
+fn change_id(id: &str) -> String {
+    format!("provider:{id}")
+}
+
+fn usage_row(r: &sqlx::any::AnyRow, ws: &WorkspaceId) -> Result<LlmUsage> {
+    let n = |c: &str| -> Result<u64> {
+        let v: i64 = r.try_get(c).map_err(db_error)?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    };
+    Ok(LlmUsage {
+        workspace_id: ws.clone(),
+        caller: r.try_get("caller").map_err(db_error)?,
+        app_id: r.try_get("app_id").map_err(db_error)?,
+        route: r.try_get("route").map_err(db_error)?,
+        deployment: r.try_get("deployment").map_err(db_error)?,
+        hour: r.try_get("hour").map_err(db_error)?,
+        requests: n("requests")?,
+        errors: n("errors")?,
+        input_tokens: n("input_tokens")?,
+        output_tokens: n("output_tokens")?,
+        cached_tokens: n("cached_tokens")?,
+        micro_usd: n("micro_usd")?,
+    })
+}
 
 /// Rows per statement.
 const ROWS: usize = 1000;
@@ -149,27 +181,118 @@ impl LlmStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<u64> {
-            let v: i64 = r.try_get(c).map_err(db_error)?;
-            Ok(u64::try_from(v).unwrap_or(0))
-        };
-        rows.iter()
-            .map(|r| {
-                Ok(LlmUsage {
-                    workspace_id: ws.clone(),
-                    caller: r.try_get("caller").map_err(db_error)?,
-                    app_id: r.try_get("app_id").map_err(db_error)?,
-                    route: r.try_get("route").map_err(db_error)?,
-                    deployment: r.try_get("deployment").map_err(db_error)?,
-                    hour: r.try_get("hour").map_err(db_error)?,
-                    requests: n(r, "requests")?,
-                    errors: n(r, "errors")?,
-                    input_tokens: n(r, "input_tokens")?,
-                    output_tokens: n(r, "output_tokens")?,
-                    cached_tokens: n(r, "cached_tokens")?,
-                    micro_usd: n(r, "micro_usd")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| usage_row(r, ws)).collect()
+    }
+
+    async fn llm_usage_by_deployment(&self, ws: &WorkspaceId, from: i64, to: i64) -> Result<Vec<LlmUsage>> {
+        let rows = sqlx::query(
+            "SELECT '' AS caller, '' AS app_id, route, deployment, hour, CAST(SUM(requests) AS BIGINT) AS requests, \
+             CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
+             CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens, CAST(SUM(micro_usd) AS BIGINT) AS micro_usd FROM llm_usage \
+             WHERE workspace_id = $1 AND hour >= $2 AND hour < $3 \
+             GROUP BY hour, route, deployment ORDER BY hour, route, deployment",
+        )
+        .bind(ws.as_str())
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(|r| usage_row(r, ws)).collect()
+    }
+
+    async fn insert_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let taken: Option<String> = sqlx::query_scalar("SELECT id FROM llm_providers WHERE id = $1")
+            .bind(p.id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if taken.is_some() {
+            return Err(Error::conflict(
+                "provider_exists",
+                format!("a provider with id {:?} already exists; choose another id", p.id),
+            ));
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO llm_providers ({PROVIDER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        )))
+        .bind(p.id.as_str())
+        .bind(p.workspace_id.as_str())
+        .bind(to_json(&p.config)?)
+        .bind(p.sealed_key.clone())
+        .bind(p.key_fingerprint.as_str())
+        .bind(p.created_at.as_millis())
+        .bind(p.updated_at.as_millis())
+        .bind(p.key_rotated_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        record_change(&mut tx, &mut seqs, &change_id(&p.id), p.updated_at).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, seqs.last()).await
+    }
+
+    async fn update_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let done = sqlx::query(
+            "UPDATE llm_providers SET config = $1, sealed_key = $2, key_fingerprint = $3, updated_at = $4, \
+             key_rotated_at = $5 WHERE workspace_id = $6 AND id = $7",
+        )
+        .bind(to_json(&p.config)?)
+        .bind(p.sealed_key.clone())
+        .bind(p.key_fingerprint.as_str())
+        .bind(p.updated_at.as_millis())
+        .bind(p.key_rotated_at.as_millis())
+        .bind(p.workspace_id.as_str())
+        .bind(p.id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::not_found("provider"));
+        }
+        record_change(&mut tx, &mut seqs, &change_id(&p.id), p.updated_at).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, seqs.last()).await
+    }
+
+    async fn delete_provider(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let done = sqlx::query("DELETE FROM llm_providers WHERE workspace_id = $1 AND id = $2")
+            .bind(ws.as_str())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        record_change(&mut tx, &mut seqs, &change_id(id), audit.at).await?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, seqs.last()).await?;
+        Ok(true)
+    }
+
+    async fn provider(&self, id: &str) -> Result<Option<StoredProvider>> {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PROVIDER_COLS} FROM llm_providers WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?
+            .as_ref()
+            .map(rows::provider)
+            .transpose()
+    }
+
+    async fn list_providers(&self) -> Result<Vec<StoredProvider>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PROVIDER_COLS} FROM llm_providers ORDER BY id")))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(rows::provider).collect()
     }
 }

@@ -19,7 +19,7 @@ fn route_exists(id: &str) -> Error {
 }
 
 /// Takes a feed position for the change of route `id` and records it.
-async fn record_change(tx: &mut Tx, seqs: &mut FeedSeqs, id: &str, at: Timestamp) -> Result<()> {
+pub(crate) async fn record_change(tx: &mut Tx, seqs: &mut FeedSeqs, id: &str, at: Timestamp) -> Result<()> {
     let seq = seqs.take(tx, 1).await?.start;
     sqlx::query("INSERT INTO route_changes (seq, route_id, at) VALUES ($1, $2, $3)")
         .bind(i64::try_from(seq).unwrap_or(i64::MAX))

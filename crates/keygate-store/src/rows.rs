@@ -439,3 +439,16 @@ pub(crate) fn route(row: &AnyRow) -> Result<keygate_core::model::StoredRoute> {
         updated_at: ts(row, "updated_at")?,
     })
 }
+
+pub(crate) fn provider(row: &AnyRow) -> Result<keygate_core::llm::StoredProvider> {
+    Ok(keygate_core::llm::StoredProvider {
+        id: get(row, "id")?,
+        workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
+        config: json(row, "config")?,
+        sealed_key: get(row, "sealed_key")?,
+        key_fingerprint: get(row, "key_fingerprint")?,
+        created_at: ts(row, "created_at")?,
+        updated_at: ts(row, "updated_at")?,
+        key_rotated_at: ts(row, "key_rotated_at")?,
+    })
+}

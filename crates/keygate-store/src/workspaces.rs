@@ -138,8 +138,16 @@ pub(crate) async fn delete(
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-    let positions = seqs.take(&mut tx, u64::try_from(routes.len()).unwrap_or(u64::MAX)).await?;
-    for (route, seq) in routes.iter().zip(positions) {
+    // LLM providers: deleted with their sealed keys, on the feed like routes.
+    let providers: Vec<String> = sqlx::query_scalar("DELETE FROM llm_providers WHERE workspace_id = $1 RETURNING id")
+        .bind(ws)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let changed: Vec<String> =
+        routes.iter().cloned().chain(providers.iter().map(|p| format!("provider:{p}"))).collect();
+    let positions = seqs.take(&mut tx, u64::try_from(changed.len()).unwrap_or(u64::MAX)).await?;
+    for (route, seq) in changed.iter().zip(positions) {
         sqlx::query("INSERT INTO route_changes (seq, route_id, at) VALUES ($1, $2, $3)")
             .bind(count(seq))
             .bind(route.as_str())

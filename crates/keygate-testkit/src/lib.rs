@@ -68,6 +68,8 @@ pub struct Options {
     pub email: Option<keygate::config::EmailConfig>,
     /// `[[providers]]` of the AI gateway.
     pub providers: Vec<keygate_gateway::config::ProviderConfig>,
+    /// `[ai]` settings.
+    pub ai: Option<keygate::config::AiConfig>,
 }
 
 impl TestKeygate {
@@ -97,6 +99,7 @@ impl TestKeygate {
             siem: opts.siem.unwrap_or_default(),
             email: opts.email.unwrap_or_default(),
             providers: opts.providers,
+            ai: opts.ai.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

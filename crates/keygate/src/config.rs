@@ -28,6 +28,8 @@ pub struct Config {
     /// The LLM providers that routes of kind `ai` call (`[[providers]]`); see
     /// `docs/ai-gateway.md`.
     pub providers: Vec<keygate_gateway::config::ProviderConfig>,
+    /// `[ai]`: settings of the AI gateway.
+    pub ai: AiConfig,
     /// Seconds between flushes of quota counts to the store (default 5): a crash can let this
     /// much of a quota's use through again. Usage counts and `last_used_at` are written once a
     /// minute, for the minutes that have ended, so a crash loses at most the running minute and
@@ -232,6 +234,18 @@ impl SecretScanningConfig {
             .map_err(|e| anyhow::anyhow!("secret_scanning.keys: {e}"))?;
         Ok(())
     }
+}
+
+/// `[ai]`: settings of the AI gateway.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AiConfig {
+    /// Allow providers made through the admin API or the dashboard on loopback, private and
+    /// link-local addresses (an Ollama or vLLM inside your network). Default false: their
+    /// `base_url` must name a public host, so that a workspace's administrator cannot make the
+    /// gateway call into the network it runs in. (The config file's `[[providers]]` are the
+    /// operator's and may name any host.)
+    pub allow_private_providers: bool,
 }
 
 /// `[webhooks]`: how signed events are delivered to the workspaces' endpoints.
@@ -637,6 +651,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             routes: Vec::new(),
             providers: Vec::new(),
+            ai: AiConfig::default(),
             usage_flush_seconds: 5,
             tokens: TokensConfig::default(),
             oauth: OAuthConfig::default(),

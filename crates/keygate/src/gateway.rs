@@ -477,14 +477,11 @@ pub async fn build(
     }
     let jwt = (!issuers.is_empty()).then(|| JwtVerifier::new(issuers, cfg.oauth.leeway_seconds));
     let shared = shared_limits(cfg).await?;
-    let ai = if cfg.providers.is_empty() {
-        None
-    } else {
-        let env = |var: &str| std::env::var(var).ok();
-        Some(Arc::new(
-            keygate_gateway::ai::Ai::new(&cfg.providers, &env).map_err(|e| anyhow::anyhow!("providers: {e}"))?,
-        ))
-    };
+    // Always there: providers can also be made through the admin API while keygate runs.
+    let env = |var: &str| std::env::var(var).ok();
+    let ai = Some(Arc::new(
+        keygate_gateway::ai::Ai::new(&cfg.providers, &env).map_err(|e| anyhow::anyhow!("providers: {e}"))?,
+    ));
     Ok(Arc::new(Gateway {
         table: ArcSwap::from_pointee(Table::new(routes)),
         index,

@@ -13,9 +13,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use keygate_admin::routes::{FileRoute, RouteRules};
+use keygate_admin::service::Admin;
+use keygate_core::llm::StoredProvider;
 use keygate_core::model::{DEFAULT_WORKSPACE, StoredRoute};
 use keygate_core::store::Store;
-use keygate_gateway::config::{GatewayConfig, RouteConfig};
+use keygate_gateway::ai::{Deployment, Provider};
+use keygate_gateway::config::{GatewayConfig, ProviderConfig, RouteConfig};
 use keygate_gateway::gateway::{Gateway, Table};
 use keygate_gateway::routes::{RouteSource, RouteSpec, RouteTable};
 use serde_json::{Map, Value};
@@ -40,6 +43,66 @@ pub struct LiveRoutes {
     applied: tokio::sync::Mutex<u64>,
     /// The workspace (by name) of each `[[oauth.trusted_issuers]]` entry, by issuer: read at start.
     issuer_workspaces: Vec<(String, String)>,
+    /// The providers of the config file (read at start).
+    file_providers: Vec<ProviderConfig>,
+    /// `[ai] allow_private_providers`.
+    allow_private_providers: bool,
+    /// Opens the stored providers' keys.
+    admin: Arc<Admin>,
+}
+
+/// What `keygate serve` knows about providers when it starts.
+pub struct ProviderSettings {
+    pub file: Vec<ProviderConfig>,
+    pub allow_private: bool,
+    pub admin: Arc<Admin>,
+}
+
+/// Checks that every `ai` route among `specs` names, in each deployment, a provider it may call:
+/// one of the file's (`file`), or one of its workspace's among `stored`.
+fn check_deployments(
+    specs: &[RouteSpec<'_>],
+    file: &[ProviderConfig],
+    stored: &[StoredProvider],
+) -> Result<(), String> {
+    for spec in specs {
+        let Some(ai) = &spec.config.ai else { continue };
+        for (alias, deployments) in &ai.models {
+            for d in deployments {
+                let Ok(parsed) = Deployment::parse(d) else { continue };
+                let p = &*parsed.provider;
+                let ok = file.iter().any(|f| f.id == p)
+                    || stored.iter().any(|s| s.id == p && Some(s.workspace_id.as_str()) == spec.workspace_id);
+                if !ok {
+                    return Err(format!(
+                        "route {:?}: ai.models.{alias}: {d:?} names the provider {p:?}, which is neither in the \
+                         config file's [[providers]] nor one of this workspace's providers (POST /admin/v1/providers)",
+                        spec.config.id
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `base_url`'s host is a loopback, private or link-local address, or a local name.
+fn private_host(base_url: &str) -> bool {
+    let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(h) => h.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let lower = host.to_ascii_lowercase();
+    lower == "localhost"
+        || lower.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| !keygate_core::notify::is_public_ip(ip))
+}
+
+/// Reads stored provider fields (they were checked when stored).
+fn parse_provider_config(fields: &Map<String, Value>) -> Result<ProviderConfig, String> {
+    serde_json::from_value(Value::Object(fields.clone())).map_err(|e| e.to_string())
 }
 
 /// Reads stored route fields as the file's (they were checked the same way when stored).
@@ -56,6 +119,7 @@ impl LiveRoutes {
         routes: Vec<RouteConfig>,
         gateway: GatewayConfig,
         issuer_workspaces: Vec<(String, String)>,
+        providers: ProviderSettings,
     ) -> anyhow::Result<Arc<Self>> {
         let live = Arc::new(Self {
             gw,
@@ -63,6 +127,9 @@ impl LiveRoutes {
             file: ArcSwap::from_pointee(FileRoutes { routes, gateway }),
             applied: tokio::sync::Mutex::new(0),
             issuer_workspaces,
+            file_providers: providers.file,
+            allow_private_providers: providers.allow_private,
+            admin: providers.admin,
         });
         live.rebuild().await.map_err(|e| anyhow::anyhow!("routes: {e}"))?;
         Ok(live)
@@ -88,9 +155,11 @@ impl LiveRoutes {
     /// Compiles the file's routes with `stored`. A stored route whose id the file now uses is
     /// left out (the file wins; logged), so editing the file can never take the gateway down.
     fn compile(
+        &self,
         file: &FileRoutes,
         names: &HashMap<String, Arc<str>>,
         stored: &[StoredRoute],
+        providers: &[StoredProvider],
     ) -> Result<RouteTable, String> {
         let mut parsed = Vec::with_capacity(stored.len());
         for s in stored {
@@ -117,16 +186,41 @@ impl LiveRoutes {
                 source: RouteSource::Api,
             }))
             .collect();
-        RouteTable::build_specs(&specs, &file.gateway)
+        let table = RouteTable::build_specs(&specs, &file.gateway)?;
+        check_deployments(&specs, &self.file_providers, providers)?;
+        Ok(table)
+    }
+
+    /// Opens the stored providers' keys and hands them to the AI gateway. A provider whose key
+    /// does not open (the pepper changed) is left out, and logged: its routes answer
+    /// `provider_unknown` until its key is given again.
+    fn load_providers(&self, stored: &[StoredProvider]) {
+        let Some(ai) = &self.gw.ai else { return };
+        let mut out = Vec::with_capacity(stored.len());
+        for s in stored {
+            let built = parse_provider_config(&s.config).and_then(|c| {
+                let key = self.admin.open_provider_key(s).map_err(|e| e.message.into_owned())?;
+                Provider::stored(&c, key, s.workspace_id.as_str())
+            });
+            match built {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    tracing::error!(provider = %s.id, error = %e, "a provider made through the admin API cannot be used")
+                }
+            }
+        }
+        ai.set_stored(out);
     }
 
     /// Builds the table from the file's routes and the store's, and swaps it in.
     pub async fn rebuild(&self) -> Result<(), String> {
         let mut applied = self.applied.lock().await;
         let (pos, stored) = self.store.list_routes().await.map_err(|e| e.message.into_owned())?;
+        let providers = self.store.list_providers().await.map_err(|e| e.message.into_owned())?;
         let file = self.file.load_full();
         let names = self.file_workspaces(&file.routes).await?;
-        let table = Self::compile(&file, &names, &stored)?;
+        let table = self.compile(&file, &names, &stored, &providers)?;
+        self.load_providers(&providers);
         let n = table.routes.len();
         let next = Table::succeeding(table, &self.gw.table.load());
         // Upstream names new in this table are looked up before it serves (the others keep
@@ -209,7 +303,7 @@ impl RouteRules for LiveRoutes {
         }
     }
 
-    fn check(&self, stored: &[StoredRoute]) -> Result<(), String> {
+    fn check(&self, stored: &[StoredRoute], providers: &[StoredProvider]) -> Result<(), String> {
         let file = self.file.load();
         // Workspaces do not change whether a table compiles: any id will do here.
         let names: HashMap<String, Arc<str>> = file
@@ -217,7 +311,35 @@ impl RouteRules for LiveRoutes {
             .iter()
             .map(|r| (r.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.into()), Arc::from("")))
             .collect();
-        Self::compile(&file, &names, stored).map(drop)
+        self.compile(&file, &names, stored, providers).map(drop)
+    }
+
+    fn file_providers(&self) -> Vec<Map<String, Value>> {
+        self.file_providers
+            .iter()
+            .filter_map(|p| match serde_json::to_value(p) {
+                Ok(Value::Object(m)) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn parse_provider(&self, fields: Value) -> Result<Map<String, Value>, String> {
+        let config: ProviderConfig = serde_json::from_value(fields).map_err(|e| e.to_string())?;
+        // Checked as the gateway will build it (a stand-in key: the real one is checked apart).
+        Provider::stored(&config, Some("k".into()), "")?;
+        if !self.allow_private_providers && private_host(&config.base_url) {
+            return Err(format!(
+                "provider {:?}: base_url names a loopback, private or link-local host; providers made through \
+                 the API call public hosts only, unless [ai] allow_private_providers = true is set in the \
+                 configuration (or define the provider in the config file's [[providers]])",
+                config.id
+            ));
+        }
+        match serde_json::to_value(&config) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err("the provider cannot be written back as JSON".into()),
+        }
     }
 
     async fn apply(&self) {

@@ -176,6 +176,11 @@ pub async fn start(
         cfg.routes.clone(),
         cfg.gateway.clone(),
         issuer_workspaces,
+        crate::live_routes::ProviderSettings {
+            file: cfg.providers.clone(),
+            allow_private: cfg.ai.allow_private_providers,
+            admin: opened.admin.clone(),
+        },
     )
     .await?;
     opened.admin.set_route_rules(routes.clone());

@@ -190,6 +190,8 @@ permission_marker!(
     TokensVerify => TokensVerify,
     WebhooksRead => WebhooksRead,
     WebhooksWrite => WebhooksWrite,
+    ProvidersRead => ProvidersRead,
+    ProvidersWrite => ProvidersWrite,
 );
 
 /// An authenticated root key holding permission `P`.

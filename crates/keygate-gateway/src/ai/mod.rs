@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use keygate_core::policy::{QuotaPeriod, RateLimit};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use parking_lot::Mutex;
@@ -220,6 +221,9 @@ pub struct Provider {
     pub key: Option<ProviderKey>,
     pub api_version: Option<String>,
     pub prices: HashMap<String, ModelPrice>,
+    /// A provider made through the admin API: the workspace whose `ai` routes may call it.
+    /// `None`: a provider of the config file, which every workspace's routes may call.
+    pub workspace: Option<Arc<str>>,
 }
 
 impl Provider {
@@ -232,6 +236,33 @@ impl Provider {
         read_files: bool,
     ) -> Result<Self, String> {
         let err = |m: String| format!("provider {:?}: {m}", c.id);
+        let raw = match (&c.api_key_env, &c.api_key_file) {
+            (Some(_), Some(_)) => return Err(err("give api_key_env or api_key_file, not both".into())),
+            (Some(var), None) => Some(env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                err(format!("the environment variable {var} (api_key_env) is not set: set it to the provider's key"))
+            })?),
+            (None, Some(path)) if read_files => {
+                Some(std::fs::read_to_string(path).map_err(|e| err(format!("api_key_file {}: {e}", path.display())))?)
+            }
+            (None, Some(_)) | (None, None) => None,
+        };
+        Self::build(c, raw, None)
+    }
+
+    /// A provider made through the admin API: its fields, its key (opened from its seal) and
+    /// the workspace whose routes may call it.
+    pub fn stored(c: &ProviderConfig, key: Option<String>, workspace: &str) -> Result<Self, String> {
+        if c.api_key_env.is_some() || c.api_key_file.is_some() {
+            return Err(format!(
+                "provider {:?}: a provider made through the API takes its key as api_key, not api_key_env or api_key_file",
+                c.id
+            ));
+        }
+        Self::build(c, key, Some(Arc::from(workspace)))
+    }
+
+    fn build(c: &ProviderConfig, raw: Option<String>, workspace: Option<Arc<str>>) -> Result<Self, String> {
+        let err = |m: String| format!("provider {:?}: {m}", c.id);
         if !valid_provider_id(&c.id) {
             return Err(err("id must be 1-64 letters, digits, - or _".into()));
         }
@@ -243,19 +274,18 @@ impl Provider {
                 c.base_url
             )));
         }
+        if let Some(v) = &c.api_version
+            && (v.is_empty()
+                || v.len() > 64
+                || !v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+        {
+            return Err(err(format!(
+                "api_version {v:?}: 1-64 letters, digits, '-', '_' or '.' (such as \"2024-10-21\")"
+            )));
+        }
         if c.kind == ProviderKind::Azure && c.api_version.is_none() {
             return Err(err("an azure provider needs api_version (such as \"2024-10-21\")".into()));
         }
-        let raw = match (&c.api_key_env, &c.api_key_file) {
-            (Some(_), Some(_)) => return Err(err("give api_key_env or api_key_file, not both".into())),
-            (Some(var), None) => Some(env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
-                err(format!("the environment variable {var} (api_key_env) is not set: set it to the provider's key"))
-            })?),
-            (None, Some(path)) if read_files => {
-                Some(std::fs::read_to_string(path).map_err(|e| err(format!("api_key_file {}: {e}", path.display())))?)
-            }
-            (None, Some(_)) | (None, None) => None,
-        };
         let key = match raw {
             Some(v) if v.trim().is_empty() => return Err(err("the provider's key is empty".into())),
             Some(v) if !crate::head::is_field_value(v.trim().as_bytes()) => {
@@ -277,6 +307,7 @@ impl Provider {
             key,
             api_version: c.api_version.clone(),
             prices: c.prices.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            workspace,
         })
     }
 
@@ -534,7 +565,11 @@ pub(crate) fn client() -> Option<reqwest::Client> {
 /// Everything the AI gateway keeps: its providers, the client that calls them, the limits'
 /// state and what was used.
 pub struct Ai {
-    pub providers: HashMap<String, Arc<Provider>>,
+    /// The config file's providers.
+    file: HashMap<String, Arc<Provider>>,
+    /// Every provider: the file's, then those made through the admin API (swapped whole when
+    /// they change).
+    providers: ArcSwap<HashMap<String, Arc<Provider>>>,
     /// LLM tokens per minute, per virtual key and route.
     pub tpm: Limiter,
     pub spend: Spend,
@@ -570,12 +605,48 @@ impl Ai {
         }
         new_client().map_err(|e| format!("the providers' HTTP client: {e}"))?;
         Ok(Self {
-            providers: map,
+            providers: ArcSwap::from_pointee(map.clone()),
+            file: map,
             tpm: Limiter::default(),
             spend: Spend::default(),
             totals: Mutex::default(),
             pending: Mutex::default(),
         })
+    }
+
+    /// Replaces the providers made through the admin API; one with the id of a file provider is
+    /// left out (the file wins).
+    pub fn set_stored(&self, stored: Vec<Provider>) {
+        let mut all = self.file.clone();
+        for p in stored {
+            if self.file.contains_key(&*p.id) {
+                tracing::error!(provider = %p.id, "a provider of the config file has the id of one made through the admin API; the file's serves");
+                continue;
+            }
+            all.insert(p.id.to_string(), Arc::new(p));
+        }
+        self.providers.store(Arc::new(all));
+    }
+
+    /// Whether the config file defines provider `id`.
+    pub fn is_file_provider(&self, id: &str) -> bool {
+        self.file.contains_key(id)
+    }
+
+    /// Whether there is any provider at all.
+    pub fn has_providers(&self) -> bool {
+        !self.providers.load().is_empty()
+    }
+
+    /// Provider `id` as a route of workspace `ws` may call it: a file provider, or one of that
+    /// workspace's.
+    pub fn provider(&self, id: &str, ws: Option<&str>) -> Option<Arc<Provider>> {
+        let p = self.providers.load().get(id).cloned()?;
+        match &p.workspace {
+            None => Some(p),
+            Some(owner) if Some(&**owner) == ws => Some(p),
+            Some(_) => None,
+        }
     }
 
     /// Counts a call's usage for the store.
@@ -629,6 +700,10 @@ impl Ai {
     pub async fn sync(&self, store: &dyn keygate_core::llm::LlmStore, now_ms: i64) {
         let usage: Vec<_> = std::mem::take(&mut *self.pending.lock()).into_values().collect();
         let spending = self.spend.take();
+        if usage.is_empty() && spending.is_empty() && !self.has_providers() {
+            // No AI gateway in use: no store round trip.
+            return;
+        }
         if let Err(e) = store.record_llm(&usage, &spending).await {
             tracing::warn!(error = %e, rows = usage.len(), "cannot write LLM usage; keeping it for the next try");
             self.spend.restore(&spending);

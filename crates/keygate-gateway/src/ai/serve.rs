@@ -255,12 +255,12 @@ impl Gateway {
             );
             return Ok(error_answer(Op::Chat, &e, sink));
         };
-        let Some(ai) = self.ai.clone() else {
+        let Some(ai) = self.ai.clone().filter(|ai| ai.has_providers()) else {
             let e = ai_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_providers",
                 "api_error",
-                "this keygate has no LLM providers: an operator adds [[providers]] to its configuration",
+                "this keygate has no LLM providers: an operator adds one (POST /admin/v1/providers, the dashboard's AI page, or [[providers]] in the configuration)",
             );
             return Ok(error_answer(op, &e, sink));
         };
@@ -329,7 +329,8 @@ impl Gateway {
         let estimate_out =
             if op == Op::Embeddings { 0 } else { wire::max_output_tokens(&req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE) };
         let estimate = Usage { input: estimate_in, output: estimate_out, cached_input: 0 };
-        let first = deployments.first().and_then(|d| ai.providers.get(&*d.provider).map(|p| (d, p)));
+        let first =
+            deployments.first().and_then(|d| ai.provider(&d.provider, route.workspace_id.as_deref()).map(|p| (d, p)));
         let who = caller_ids(caller);
         let mut budgets: Vec<(&str, [u8; PUBLIC_ID_LEN], Budget)> = Vec::new();
         if let Some(b) = air.budget {
@@ -363,7 +364,8 @@ impl Gateway {
                 e.retry_after_s = Some(u64::try_from(end - now_ms).unwrap_or(0).div_ceil(1000));
                 return Err(e);
             }
-            let reserved = first.map_or(0, |(d, p)| p.cost_micro_usd(&d.model, &estimate)).min(b.micro_usd - spent);
+            let reserved =
+                first.as_ref().map_or(0, |(d, p)| p.cost_micro_usd(&d.model, &estimate)).min(b.micro_usd - spent);
             ai.spend.add(&k, route_key, start, reserved);
             held.push(Held { key: k, budget: b, period_start: start, reserved });
         }
@@ -405,7 +407,7 @@ impl Gateway {
         let n = deployments.len();
         for (i, d) in deployments.iter().enumerate() {
             let name_d = d.name();
-            let Some(provider) = ai.providers.get(&*d.provider).cloned() else {
+            let Some(provider) = ai.provider(&d.provider, route.workspace_id.as_deref()) else {
                 last = Some(ai_error(
                     StatusCode::BAD_GATEWAY,
                     "provider_unknown",

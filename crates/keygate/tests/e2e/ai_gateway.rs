@@ -541,3 +541,170 @@ async fn round_robin_spreads_calls_over_a_models_deployments() {
     assert_eq!(g.header("x-keygate-deployment"), Some("anthropic/claude-small"));
     kg.stop().await;
 }
+
+/// Every file under `dir`, read whole: whether `needle` is in any of them.
+fn any_file_holds(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            any_file_holds(&p, needle)
+        } else {
+            std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}
+
+#[tokio::test]
+async fn providers_made_through_the_api_keep_their_keys_sealed_serve_at_once_and_rotate() {
+    let s = LlmStandIn::start(OPENAI_KEY, ANTHROPIC_KEY).await.unwrap();
+    let kg = TestKeygate::start_with(Options {
+        ai: Some(keygate::config::AiConfig { allow_private_providers: true }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let c = kg.client();
+    let body = json!({
+        "id": "oa", "kind": "openai", "base_url": s.openai_url(), "api_key": OPENAI_KEY,
+        "prices": {"gpt-mini": {"input": 1.0, "output": 2.0}}
+    });
+    let made = c.post("/admin/v1/providers", &body).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    assert_eq!(made.body["source"], "api");
+    assert_eq!(made.body["key_fingerprint"].as_str().unwrap().len(), 12);
+    assert!(!made.body.to_string().contains(OPENAI_KEY), "the key is never shown again");
+    let again = c.post("/admin/v1/providers", &body).await;
+    assert_eq!((again.status, again.code()), (StatusCode::CONFLICT, "provider_exists"));
+    for (bad, code) in [
+        (json!({"id": "x", "kind": "openai", "base_url": "ftp://h", "api_key": "k"}), "invalid_provider"),
+        (json!({"id": "x", "kind": "azure", "base_url": "https://h.example", "api_key": "k"}), "invalid_provider"),
+        (
+            json!({"id": "x", "kind": "openai", "base_url": "https://h.example", "api_key": "a\nb"}),
+            "invalid_provider_key",
+        ),
+        (
+            json!({"id": "x", "kind": "openai", "base_url": "https://h.example", "api_key_env": "HOME"}),
+            "invalid_provider",
+        ),
+        (json!({"id": "x", "kind": "openai", "base_url": "https://h.example", "colour": "red"}), "invalid_provider"),
+    ] {
+        let r = c.post("/admin/v1/providers", &bad).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, code), "{bad}: {:?}", r.body);
+    }
+
+    // An ai route made through the API calls it; the provider gets the key that was sealed.
+    let route = json!({"id": "llm", "path": "/llm", "kind": "ai", "ai": {"models": {"m": ["oa/gpt-mini"]}}});
+    let r = c.post("/admin/v1/routes", &route).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let unknown = json!({"id": "llm2", "path": "/llm2", "kind": "ai", "ai": {"models": {"m": ["nope/gpt-mini"]}}});
+    let r = c.post("/admin/v1/routes", &unknown).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_route"), "{:?}", r.body);
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("m", "hello")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert_eq!(g.header("x-keygate-cost-usd"), Some("0.000007"), "3 tokens in at $1, 2 out at $2 a million");
+    assert_eq!(s.received().last().unwrap().headers["authorization"], format!("Bearer {OPENAI_KEY}"));
+
+    // The key is nowhere in the clear: not in the database's files, not in the audit trail.
+    assert!(!any_file_holds(kg.data_dir(), OPENAI_KEY.as_bytes()), "the provider key is stored in the clear");
+    let audit = c.get("/admin/v1/audit-events?limit=50").await;
+    assert!(audit.body.to_string().contains("provider.create"), "{:?}", audit.body);
+    assert!(!audit.body.to_string().contains(OPENAI_KEY));
+
+    // The provider changes its key: calls fail until keygate has the new one, then go on.
+    const NEW_KEY: &str = "sk-provider-openai-rotated-42";
+    s.set_openai_key(NEW_KEY);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("m", "hello")).await;
+    assert!(g.status.is_server_error() || g.status == StatusCode::UNAUTHORIZED, "{} {}", g.status, g.text);
+    let rotated = c.post("/admin/v1/providers/oa/rotate-key", &json!({"api_key": NEW_KEY})).await;
+    assert_eq!(rotated.status, StatusCode::OK, "{:?}", rotated.body);
+    assert_ne!(rotated.body["key_fingerprint"], made.body["key_fingerprint"]);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("m", "hello")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    assert_eq!(s.received().last().unwrap().headers["authorization"], format!("Bearer {NEW_KEY}"));
+
+    // Fields change (the key stays); a price change shows in the next call's cost.
+    let p = c
+        .send(
+            reqwest::Method::PATCH,
+            "/admin/v1/providers/oa",
+            Some(&json!({"prices": {"gpt-mini": {"input": 2.0, "output": 2.0}}})),
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+    assert_eq!(p.body["key_fingerprint"], rotated.body["key_fingerprint"]);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("m", "hello")).await;
+    assert_eq!(g.header("x-keygate-cost-usd"), Some("0.000010"));
+    let p = c.send(reqwest::Method::PATCH, "/admin/v1/providers/oa", Some(&json!({"api_key": "x"}))).await;
+    assert_eq!((p.status, p.code()), (StatusCode::BAD_REQUEST, "use_rotate_key"));
+
+    // Another workspace neither sees it nor can route to it, not even by naming the deployment.
+    let ws = c.post("/admin/v1/workspaces", &json!({"name": "other"})).await;
+    assert_eq!(ws.status, StatusCode::CREATED, "{:?}", ws.body);
+    let (_, other_key) = kg
+        .admin()
+        .create_root_key(
+            "other",
+            "o",
+            keygate_core::model::Permission::ALL.to_vec(),
+            &keygate_core::model::Actor::cli(),
+        )
+        .await
+        .unwrap();
+    let oc = kg.client_with(Some(other_key.expose()));
+    assert_eq!(oc.get("/admin/v1/providers/oa").await.status, StatusCode::NOT_FOUND);
+    let theirs = json!({"id": "theirs", "path": "/theirs", "kind": "ai", "ai": {"models": {"m": ["oa/gpt-mini"]}}});
+    let r = oc.post("/admin/v1/routes", &theirs).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_route"), "{:?}", r.body);
+    let open = json!({"id": "theirs", "path": "/theirs", "kind": "ai", "ai": {"models": {}}});
+    let r = oc.post("/admin/v1/routes", &open).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let (_, their_vk) = oc.create_token(&json!({"name": "t", "scopes": ["llm:*"]})).await;
+    kg.sync_index().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/theirs/v1/chat/completions", kg.gateway_url()))
+        .bearer_auth(&their_vk)
+        .json(&chat("oa/gpt-mini", "hi"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(!status.is_success(), "another workspace's provider was called: {text}");
+    assert!(text.contains("provider_unknown"), "{text}");
+
+    // In use: not deleted; once no route names it, deleted with its key.
+    let d = c.delete("/admin/v1/providers/oa").await;
+    assert_eq!((d.status, d.code()), (StatusCode::CONFLICT, "provider_in_use"));
+    assert_eq!(c.delete("/admin/v1/routes/llm").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(c.delete("/admin/v1/providers/oa").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(c.get("/admin/v1/providers/oa").await.status, StatusCode::NOT_FOUND);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn providers_made_through_the_api_call_public_hosts_only_by_default() {
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    for url in [
+        "http://127.0.0.1:9/v1",
+        "https://10.1.2.3/v1",
+        "https://169.254.169.254",
+        "https://[::1]:8443",
+        "https://localhost",
+    ] {
+        let r =
+            c.post("/admin/v1/providers", &json!({"id": "p", "kind": "openai", "base_url": url, "api_key": "k"})).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_provider"), "{url}: {:?}", r.body);
+        assert!(r.body.to_string().contains("allow_private_providers"), "{:?}", r.body);
+    }
+    let ok = c
+        .post(
+            "/admin/v1/providers",
+            &json!({"id": "p", "kind": "openai", "base_url": "https://api.example.com/v1", "api_key": "k"}),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{:?}", ok.body);
+    kg.stop().await;
+}

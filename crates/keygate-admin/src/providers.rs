@@ -1,0 +1,325 @@
+//! LLM providers made through the admin API or the dashboard (issue 16): an operator of a
+//! workspace gives a provider's URL, kind, prices and key once; the key is sealed under the pepper
+//! (AES-256-GCM, bound to the provider's id) and no answer, log line or audit event shows it
+//! again — only a fingerprint (the first 12 hex digits of its SHA-256) to tell keys apart. A new
+//! key replaces the old one at once (`rotate-key`). Every change takes a change-feed position, so
+//! every node's gateway reloads its providers with its routes; the workspace's `ai` routes may
+//! call them (the config file's providers serve every workspace).
+//!
+//! The control plane does not check a provider's fields itself: the gateway does, through
+//! [`RouteRules`], with the code that will call it.
+
+use keygate_core::ids::WorkspaceId;
+use keygate_core::llm::StoredProvider;
+use keygate_core::model::{Actor, NewAuditEvent};
+use keygate_core::{Error, Result, Timestamp};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::routes::RouteRules;
+use crate::seal::Sealer;
+use crate::service::Admin;
+
+/// The longest provider key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 4096;
+
+/// A provider as the admin API shows it: its fields (never its key), where it is defined, and
+/// what is known about its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderEntry {
+    pub id: String,
+    pub from_file: bool,
+    /// `id`, `kind`, `base_url`, `api_version`, `prices` (and, for the file's, the key's source).
+    pub config: Map<String, Value>,
+    /// Stored providers: the key's fingerprint (`None`: no key).
+    pub key_fingerprint: Option<String>,
+    pub created_at: Option<Timestamp>,
+    pub updated_at: Option<Timestamp>,
+    pub key_rotated_at: Option<Timestamp>,
+}
+
+/// The fingerprint of a key: the first 12 hex digits of its SHA-256.
+fn fingerprint(key: &str) -> String {
+    Sha256::digest(key.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+fn in_use(id: &str, route: &str) -> Error {
+    Error::conflict(
+        "provider_in_use",
+        format!("route {route:?} calls provider {id:?}; change the route's ai.models (or delete the route) first"),
+    )
+}
+
+/// Whether a route's fields name provider `id` in one of their deployments (`"id/model"`).
+fn route_names(config: &Map<String, Value>, id: &str) -> bool {
+    let Some(models) = config.get("ai").and_then(|a| a.get("models")).and_then(Value::as_object) else {
+        return false;
+    };
+    models
+        .values()
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(Value::as_str)
+        .any(|d| d.split_once('/').is_some_and(|(p, _)| p == id))
+}
+
+impl Admin {
+    fn provider_sealer(&self) -> Result<Sealer> {
+        Sealer::new(self, "llm provider keys")
+    }
+
+    /// Opens a stored provider's key (for the gateway); `None` for a provider without one.
+    pub fn open_provider_key(&self, p: &StoredProvider) -> Result<Option<String>> {
+        if p.sealed_key.is_empty() {
+            return Ok(None);
+        }
+        let plain = self.provider_sealer()?.open(&p.id, &p.sealed_key, "an LLM provider's key")?;
+        String::from_utf8(plain).map(Some).map_err(|_| Error::internal("a provider's key is not UTF-8"))
+    }
+
+    /// Seals `key` for provider `id`: the sealed bytes and the fingerprint (empty for no key).
+    fn seal_provider_key(&self, id: &str, key: Option<&str>) -> Result<(Vec<u8>, String)> {
+        let Some(key) = key else { return Ok((Vec::new(), String::new())) };
+        let key = key.trim();
+        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(Error::invalid(
+                "invalid_provider_key",
+                format!(
+                    "api_key must be the provider's key: 1 to {MAX_KEY_BYTES} bytes of printable text (it is sent in a header)"
+                ),
+            ));
+        }
+        Ok((self.provider_sealer()?.seal(self, id, key.as_bytes())?, fingerprint(key)))
+    }
+
+    fn provider_rules(&self) -> Result<std::sync::Arc<dyn RouteRules>> {
+        self.route_rules.get().cloned().ok_or_else(|| {
+            Error::new(
+                keygate_core::ErrorKind::Unavailable,
+                "providers_unavailable",
+                "providers cannot be managed on this node: its gateway is not running",
+            )
+        })
+    }
+
+    fn stored_provider_entry(p: StoredProvider) -> ProviderEntry {
+        ProviderEntry {
+            id: p.id,
+            from_file: false,
+            config: p.config,
+            key_fingerprint: (!p.key_fingerprint.is_empty()).then_some(p.key_fingerprint),
+            created_at: Some(p.created_at),
+            updated_at: Some(p.updated_at),
+            key_rotated_at: (!p.sealed_key.is_empty()).then_some(p.key_rotated_at),
+        }
+    }
+
+    /// The providers a workspace's routes may call: the config file's, then its own.
+    pub async fn list_providers(&self, ws: &WorkspaceId) -> Result<Vec<ProviderEntry>> {
+        let rules = self.provider_rules()?;
+        let mut out: Vec<ProviderEntry> = rules
+            .file_providers()
+            .into_iter()
+            .map(|config| ProviderEntry {
+                id: config.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                from_file: true,
+                config,
+                key_fingerprint: None,
+                created_at: None,
+                updated_at: None,
+                key_rotated_at: None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        let stored = self.store.list_providers().await?;
+        out.extend(stored.into_iter().filter(|p| &p.workspace_id == ws).map(Self::stored_provider_entry));
+        Ok(out)
+    }
+
+    /// One of the providers a workspace's routes may call.
+    pub async fn provider(&self, ws: &WorkspaceId, id: &str) -> Result<ProviderEntry> {
+        self.list_providers(ws).await?.into_iter().find(|p| p.id == id).ok_or_else(|| Error::not_found("provider"))
+    }
+
+    /// The stored provider `id` of `ws`; a file provider's id is a conflict (it is changed in the
+    /// file).
+    async fn editable_provider(&self, rules: &dyn RouteRules, ws: &WorkspaceId, id: &str) -> Result<StoredProvider> {
+        if rules.file_providers().iter().any(|c| c.get("id").and_then(Value::as_str) == Some(id)) {
+            return Err(Error::conflict(
+                "provider_from_file",
+                format!("provider {id:?} is defined in the config file; change it there"),
+            ));
+        }
+        match self.store.provider(id).await? {
+            Some(p) if &p.workspace_id == ws => Ok(p),
+            _ => Err(Error::not_found("provider")),
+        }
+    }
+
+    /// Reads a provider's fields and its key from a request body: `api_key` taken out (it is
+    /// never stored in the clear), the rest checked by the gateway's rules.
+    fn provider_fields(rules: &dyn RouteRules, body: Value) -> Result<(Map<String, Value>, Option<String>)> {
+        let Value::Object(mut fields) = body else {
+            return Err(Error::invalid(
+                "invalid_provider",
+                "a provider is a JSON object: id, kind, base_url, api_key, and optionally api_version and prices",
+            ));
+        };
+        for k in ["source", "created_at", "updated_at", "key_rotated_at", "key_fingerprint", "workspace"] {
+            fields.remove(k);
+        }
+        let key = match fields.remove("api_key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) => Some(k),
+            Some(_) => return Err(Error::invalid("invalid_provider_key", "api_key is a string: the provider's key")),
+        };
+        let config = rules.parse_provider(Value::Object(fields)).map_err(|m| Error::invalid("invalid_provider", m))?;
+        Ok((config, key))
+    }
+
+    /// Adds a provider to workspace `ws`; its key is sealed and never shown again. The
+    /// workspace's routes may call it on every node within the change feed's delay (on this one
+    /// before this returns).
+    pub async fn create_provider(&self, ws: &WorkspaceId, actor: &Actor, body: Value) -> Result<ProviderEntry> {
+        let rules = self.provider_rules()?;
+        let (config, key) = Self::provider_fields(&*rules, body)?;
+        let id = config.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if rules.file_providers().iter().any(|c| c.get("id").and_then(Value::as_str) == Some(id.as_str()))
+            || self.store.provider(&id).await?.is_some()
+        {
+            return Err(Error::conflict(
+                "provider_exists",
+                format!("a provider with id {id:?} already exists; choose another id"),
+            ));
+        }
+        let (sealed_key, key_fingerprint) = self.seal_provider_key(&id, key.as_deref())?;
+        let now = self.now();
+        let p = StoredProvider {
+            id: id.clone(),
+            workspace_id: ws.clone(),
+            config,
+            sealed_key,
+            key_fingerprint,
+            created_at: now,
+            updated_at: now,
+            key_rotated_at: now,
+        };
+        let audit = NewAuditEvent::new(ws, actor, "provider.create", &id, now).with_after(self.provider_audit(&p));
+        self.store.insert_provider(&p, &audit).await?;
+        rules.apply().await;
+        Ok(Self::stored_provider_entry(p))
+    }
+
+    /// What an audit event records of a provider: its fields and its key's fingerprint.
+    fn provider_audit(&self, p: &StoredProvider) -> Value {
+        let mut v = p.config.clone();
+        v.insert("key_fingerprint".into(), Value::String(p.key_fingerprint.clone()));
+        Value::Object(v)
+    }
+
+    /// Changes a stored provider's fields (`kind`, `base_url`, `api_version`, `prices`: those
+    /// given replace the old ones); `api_key` is not taken here (see
+    /// [`Admin::rotate_provider_key`]).
+    pub async fn update_provider(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &str,
+        body: Value,
+    ) -> Result<ProviderEntry> {
+        let rules = self.provider_rules()?;
+        let before = self.editable_provider(&*rules, ws, id).await?;
+        let Value::Object(changes) = body else {
+            return Err(Error::invalid("invalid_provider", "the changes are a JSON object"));
+        };
+        if changes.contains_key("api_key") {
+            return Err(Error::invalid(
+                "use_rotate_key",
+                format!("a provider's key changes with POST /admin/v1/providers/{id}/rotate-key"),
+            ));
+        }
+        if changes.get("id").is_some_and(|v| v.as_str() != Some(id)) {
+            return Err(Error::invalid("provider_id_mismatch", "a provider's id cannot change"));
+        }
+        let mut fields = before.config.clone();
+        for (k, v) in changes {
+            if v.is_null() {
+                fields.remove(&k);
+            } else {
+                fields.insert(k, v);
+            }
+        }
+        let (config, _) = Self::provider_fields(&*rules, Value::Object(fields))?;
+        let now = self.now();
+        let p = StoredProvider { config, updated_at: now, ..before.clone() };
+        let audit = NewAuditEvent::new(ws, actor, "provider.update", id, now)
+            .with_diff(&self.provider_audit(&before), &self.provider_audit(&p));
+        self.store.update_provider(&p, &audit).await?;
+        rules.apply().await;
+        Ok(Self::stored_provider_entry(p))
+    }
+
+    /// Replaces a stored provider's key: the next call on every node uses the new one (after
+    /// the change feed's delay on other nodes). The old key should then be revoked at the
+    /// provider.
+    pub async fn rotate_provider_key(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &str,
+        key: Option<&str>,
+    ) -> Result<ProviderEntry> {
+        let rules = self.provider_rules()?;
+        let before = self.editable_provider(&*rules, ws, id).await?;
+        let (sealed_key, key_fingerprint) = self.seal_provider_key(id, key)?;
+        let now = self.now();
+        let p = StoredProvider { sealed_key, key_fingerprint, updated_at: now, key_rotated_at: now, ..before.clone() };
+        let audit = NewAuditEvent::new(ws, actor, "provider.rotate_key", id, now)
+            .with_diff(&self.provider_audit(&before), &self.provider_audit(&p));
+        self.store.update_provider(&p, &audit).await?;
+        rules.apply().await;
+        Ok(Self::stored_provider_entry(p))
+    }
+
+    /// Deletes a stored provider and its sealed key; refused (`provider_in_use`) while a route
+    /// names it.
+    pub async fn delete_provider(&self, ws: &WorkspaceId, actor: &Actor, id: &str) -> Result<()> {
+        let rules = self.provider_rules()?;
+        let before = self.editable_provider(&*rules, ws, id).await?;
+        let (_, routes) = self.store.list_routes().await?;
+        if let Some(r) = routes.iter().find(|r| r.workspace_id == *ws && route_names(&r.config, id)) {
+            return Err(in_use(id, &r.id));
+        }
+        let audit =
+            NewAuditEvent::new(ws, actor, "provider.delete", id, self.now()).with_before(self.provider_audit(&before));
+        if !self.store.delete_provider(ws, id, &audit).await? {
+            return Err(Error::not_found("provider"));
+        }
+        rules.apply().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_short_and_stable() {
+        let f = fingerprint("sk-abc");
+        assert_eq!(f.len(), 12);
+        assert_eq!(f, fingerprint("sk-abc"));
+        assert_ne!(f, fingerprint("sk-abd"));
+    }
+
+    #[test]
+    fn routes_naming_a_provider_are_found() {
+        let config: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "id": "llm", "ai": {"models": {"fast": ["other/m", "openai/gpt-4o"]}}
+        }))
+        .unwrap();
+        assert!(route_names(&config, "openai"));
+        assert!(!route_names(&config, "open"));
+        assert!(!route_names(&Map::new(), "openai"));
+    }
+}

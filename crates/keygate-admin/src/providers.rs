@@ -80,12 +80,11 @@ impl Admin {
     /// Seals `key` for provider `id`: the sealed bytes and the fingerprint (empty for no key).
     fn seal_provider_key(&self, id: &str, key: Option<&str>) -> Result<(Vec<u8>, String)> {
         let Some(key) = key else { return Ok((Vec::new(), String::new())) };
-        let key = key.trim();
-        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Error::invalid(
                 "invalid_provider_key",
                 format!(
-                    "api_key must be the provider's key: 1 to {MAX_KEY_BYTES} bytes of printable text (it is sent in a header)"
+                    "api_key must be the provider's key: 1 to {MAX_KEY_BYTES} visible ASCII characters, no spaces (it is sent in a header)"
                 ),
             ));
         }
@@ -165,9 +164,6 @@ impl Admin {
                 "a provider is a JSON object: id, kind, base_url, api_key, and optionally api_version and prices",
             ));
         };
-        for k in ["source", "created_at", "updated_at", "key_rotated_at", "key_fingerprint", "workspace"] {
-            fields.remove(k);
-        }
         let key = match fields.remove("api_key") {
             None | Some(Value::Null) => None,
             Some(Value::String(k)) => Some(k),
@@ -238,8 +234,13 @@ impl Admin {
                 format!("a provider's key changes with POST /admin/v1/providers/{id}/rotate-key"),
             ));
         }
-        if changes.get("id").is_some_and(|v| v.as_str() != Some(id)) {
-            return Err(Error::invalid("provider_id_mismatch", "a provider's id cannot change"));
+        if let Some(k) = changes.keys().find(|k| !["kind", "base_url", "api_version", "prices"].contains(&k.as_str())) {
+            return Err(Error::invalid(
+                "invalid_provider",
+                format!(
+                    "{k:?} cannot be changed: a provider's kind, base_url, api_version and prices can (its id cannot)"
+                ),
+            ));
         }
         let mut fields = before.config.clone();
         for (k, v) in changes {

@@ -30,6 +30,9 @@ pub struct LlmUsage {
     pub output_tokens: u64,
     pub cached_tokens: u64,
     pub micro_usd: u64,
+    /// Deployments that answered 429 or 5xx (or timed out) before the one that served, added
+    /// up over the calls.
+    pub fallbacks: u64,
 }
 
 impl LlmUsage {
@@ -41,6 +44,7 @@ impl LlmUsage {
         self.output_tokens += other.output_tokens;
         self.cached_tokens += other.cached_tokens;
         self.micro_usd += other.micro_usd;
+        self.fallbacks += other.fallbacks;
     }
 }
 

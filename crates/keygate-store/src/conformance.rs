@@ -631,6 +631,7 @@ async fn llm_usage_and_spending(h: &Harness) {
         output_tokens: 5 * n,
         cached_tokens: n,
         micro_usd: 100 * n,
+        fallbacks: n / 2,
     };
     let h0 = 3_600_000 * 500_000;
     let spend =
@@ -662,6 +663,63 @@ async fn llm_usage_and_spending(h: &Harness) {
     totals.sort_by(|x, y| x.key.cmp(&y.key));
     assert_eq!(totals, vec![spend("aa", 100, 301), spend("bb", 100, 50)]);
     assert_eq!(s.llm_spending_since(0).await.unwrap().len(), 3);
+    // By deployment: every caller's rows of an hour added up.
+    let by = s.llm_usage_by_deployment(&ws, h0, h0 + 7_200_000).await.unwrap();
+    let gpt: Vec<_> = by.iter().filter(|r| r.deployment == "openai/gpt").map(|r| (r.hour, r.requests)).collect();
+    assert_eq!(gpt, vec![(h0, 4), (h0 + 3_600_000, 4)]);
+    assert_eq!(by.iter().map(|r| r.micro_usd).sum::<u64>(), 900);
+    assert!(s.llm_usage_by_deployment(&other, 0, i64::MAX).await.unwrap().is_empty());
+}
+
+async fn llm_providers(h: &Harness) {
+    use keygate_core::llm::{LlmStore, StoredProvider};
+    let s = &h.store;
+    let (ws, d) = workspace("ai");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({"id": "oa", "kind": "openai", "base_url": "https://x.example"}))
+            .unwrap();
+    let p = StoredProvider {
+        id: "oa".into(),
+        workspace_id: ws.id.clone(),
+        config,
+        sealed_key: vec![1, 2, 3, 0, 255],
+        key_fingerprint: "0123456789ab".into(),
+        created_at: T0,
+        updated_at: T0,
+        key_rotated_at: T0,
+    };
+    let before = s.routes_position().await.unwrap();
+    s.insert_provider(&p, &audit(&ws.id, "provider.create", "oa")).await.unwrap();
+    let after = s.routes_position().await.unwrap();
+    assert!(after > before, "a provider change moves the route feed position");
+    assert_eq!(
+        s.insert_provider(&p, &audit(&ws.id, "provider.create", "oa")).await.unwrap_err().code,
+        "provider_exists"
+    );
+    assert_eq!(s.provider("oa").await.unwrap(), Some(p.clone()));
+    assert_eq!(s.list_providers().await.unwrap(), vec![p.clone()]);
+    let q = StoredProvider {
+        sealed_key: vec![9; 40],
+        key_fingerprint: "ba9876543210".into(),
+        key_rotated_at: T0.plus_seconds(9),
+        updated_at: T0.plus_seconds(9),
+        ..p.clone()
+    };
+    s.update_provider(&q, &audit(&ws.id, "provider.rotate_key", "oa")).await.unwrap();
+    assert_eq!(s.provider("oa").await.unwrap(), Some(q.clone()));
+    assert!(s.routes_position().await.unwrap() > after);
+    let (ws2, d2) = workspace("ai-other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    let theirs = StoredProvider { workspace_id: ws2.id.clone(), ..q.clone() };
+    assert_eq!(
+        s.update_provider(&theirs, &audit(&ws2.id, "provider.update", "oa")).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    assert!(!s.delete_provider(&ws2.id, "oa", &audit(&ws2.id, "provider.delete", "oa")).await.unwrap());
+    assert!(s.delete_provider(&ws.id, "oa", &audit(&ws.id, "provider.delete", "oa")).await.unwrap());
+    assert_eq!(s.provider("oa").await.unwrap(), None);
+    assert!(s.list_providers().await.unwrap().is_empty());
 }
 
 async fn usage_and_quota_counts(h: &Harness) {
@@ -2465,6 +2523,7 @@ conformance!(
     deleting_apps,
     usage_and_quota_counts,
     llm_usage_and_spending,
+    llm_providers,
     accounts_users,
     accounts_recovery_codes,
     accounts_sessions,

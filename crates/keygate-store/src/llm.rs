@@ -42,6 +42,7 @@ fn usage_row(r: &sqlx::any::AnyRow, ws: &WorkspaceId) -> Result<LlmUsage> {
         output_tokens: n("output_tokens")?,
         cached_tokens: n("cached_tokens")?,
         micro_usd: n("micro_usd")?,
+        fallbacks: n("fallbacks")?,
     })
 }
 
@@ -81,16 +82,17 @@ impl LlmStore for SqlStore {
         let (usage_sql, spend_sql) = match self.engine {
             crate::Engine::Sqlite => (
                 "INSERT INTO llm_usage (workspace_id, caller, app_id, route, deployment, hour, requests, errors, \
-                 input_tokens, output_tokens, cached_tokens, micro_usd) \
+                 input_tokens, output_tokens, cached_tokens, micro_usd, fallbacks) \
                  SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, \
-                 value->>8, value->>9, value->>10, value->>11 FROM json_each($1) WHERE true \
+                 value->>8, value->>9, value->>10, value->>11, value->>12 FROM json_each($1) WHERE true \
                  ON CONFLICT (workspace_id, caller, route, deployment, hour) DO UPDATE SET \
                  app_id = excluded.app_id, requests = llm_usage.requests + excluded.requests, \
                  errors = llm_usage.errors + excluded.errors, \
                  input_tokens = llm_usage.input_tokens + excluded.input_tokens, \
                  output_tokens = llm_usage.output_tokens + excluded.output_tokens, \
                  cached_tokens = llm_usage.cached_tokens + excluded.cached_tokens, \
-                 micro_usd = llm_usage.micro_usd + excluded.micro_usd",
+                 micro_usd = llm_usage.micro_usd + excluded.micro_usd, \
+                 fallbacks = llm_usage.fallbacks + excluded.fallbacks",
                 "INSERT INTO llm_spending (spend_key, route_key, period_start, micro_usd) \
                  SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each($1) WHERE true \
                  ON CONFLICT (spend_key, route_key, period_start) DO UPDATE SET \
@@ -98,9 +100,9 @@ impl LlmStore for SqlStore {
             ),
             crate::Engine::Postgres => (
                 "INSERT INTO llm_usage (workspace_id, caller, app_id, route, deployment, hour, requests, errors, \
-                 input_tokens, output_tokens, cached_tokens, micro_usd) \
+                 input_tokens, output_tokens, cached_tokens, micro_usd, fallbacks) \
                  SELECT e->>0, e->>1, e->>2, e->>3, e->>4, (e->>5)::bigint, (e->>6)::bigint, (e->>7)::bigint, \
-                 (e->>8)::bigint, (e->>9)::bigint, (e->>10)::bigint, (e->>11)::bigint \
+                 (e->>8)::bigint, (e->>9)::bigint, (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint \
                  FROM json_array_elements($1::json) AS e \
                  ON CONFLICT (workspace_id, caller, route, deployment, hour) DO UPDATE SET \
                  app_id = excluded.app_id, requests = llm_usage.requests + excluded.requests, \
@@ -108,7 +110,8 @@ impl LlmStore for SqlStore {
                  input_tokens = llm_usage.input_tokens + excluded.input_tokens, \
                  output_tokens = llm_usage.output_tokens + excluded.output_tokens, \
                  cached_tokens = llm_usage.cached_tokens + excluded.cached_tokens, \
-                 micro_usd = llm_usage.micro_usd + excluded.micro_usd",
+                 micro_usd = llm_usage.micro_usd + excluded.micro_usd, \
+                 fallbacks = llm_usage.fallbacks + excluded.fallbacks",
                 "INSERT INTO llm_spending (spend_key, route_key, period_start, micro_usd) \
                  SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, (e->>3)::bigint \
                  FROM json_array_elements($1::json) AS e \
@@ -132,6 +135,7 @@ impl LlmStore for SqlStore {
                     count(r.output_tokens),
                     count(r.cached_tokens),
                     count(r.micro_usd),
+                    count(r.fallbacks),
                 ])
             })
             .collect();
@@ -171,7 +175,7 @@ impl LlmStore for SqlStore {
     async fn llm_usage(&self, ws: &WorkspaceId, caller: &TokenId, from: i64, to: i64) -> Result<Vec<LlmUsage>> {
         let rows = sqlx::query(
             "SELECT caller, app_id, route, deployment, hour, requests, errors, input_tokens, output_tokens, \
-             cached_tokens, micro_usd FROM llm_usage WHERE workspace_id = $1 AND caller = $2 AND hour >= $3 \
+             cached_tokens, micro_usd, fallbacks FROM llm_usage WHERE workspace_id = $1 AND caller = $2 AND hour >= $3 \
              AND hour < $4 ORDER BY hour, route, deployment",
         )
         .bind(ws.as_str())
@@ -188,7 +192,8 @@ impl LlmStore for SqlStore {
         let rows = sqlx::query(
             "SELECT '' AS caller, '' AS app_id, route, deployment, hour, CAST(SUM(requests) AS BIGINT) AS requests, \
              CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, \
-             CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens, CAST(SUM(micro_usd) AS BIGINT) AS micro_usd FROM llm_usage \
+             CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens, CAST(SUM(micro_usd) AS BIGINT) AS micro_usd, \
+             CAST(SUM(fallbacks) AS BIGINT) AS fallbacks FROM llm_usage \
              WHERE workspace_id = $1 AND hour >= $2 AND hour < $3 \
              GROUP BY hour, route, deployment ORDER BY hour, route, deployment",
         )

@@ -154,6 +154,16 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     }
     set(doc, &format!("{s}/CreatePlanRequest/properties/scopes"), scopes());
     set(doc, &format!("{s}/UpdatePlanRequest/properties/scopes"), nullable(scopes()));
+    // Routes: an upstream (or several) unless the route is of kind `ai`.
+    merge(
+        doc,
+        &format!("{s}/RouteBody"),
+        json!({"anyOf": [
+            {"required": ["upstream"], "properties": {"upstream": {"type": "string"}}},
+            {"required": ["upstreams"], "properties": {"upstreams": {"minItems": 1}}},
+            {"required": ["kind"], "properties": {"kind": {"const": "ai"}}}
+        ]}),
+    );
     // Lists: page sizes and the cursors they hand out.
     let limit = json!({"type": "integer", "minimum": 1, "maximum": 500});
     for path in ["/admin/v1/tokens", "/admin/v1/apps", "/admin/v1/audit-events"] {

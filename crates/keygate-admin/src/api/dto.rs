@@ -799,6 +799,8 @@ pub struct LlmUsageRow {
     pub cached_tokens: u64,
     /// By the providers' price tables.
     pub cost_usd: f64,
+    /// Deployments that answered 429 or 5xx (or timed out) before the one that served.
+    pub fallbacks: u64,
 }
 
 /// A token's LLM usage through the AI gateway.

@@ -56,10 +56,10 @@ pub struct CreateProviderRequest {
     pub kind: ProviderKindBody,
     /// `https://…` (such as `https://api.openai.com/v1`); a public host unless `[ai]
     /// allow_private_providers` is set.
-    #[schema(pattern = "^https?://[^/?#@\\s]+(/[^?#\\s]*)?$")]
+    #[schema(pattern = "^https://[A-Za-z0-9.-]{1,200}(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")]
     pub base_url: String,
     /// The provider's key; absent for a server that needs none.
-    #[schema(min_length = 1, max_length = 4096)]
+    #[schema(pattern = "^[!-~]{1,4096}$")]
     pub api_key: Option<String>,
     /// Anthropic: `anthropic-version` (default `2023-06-01`); Azure: `api-version` (required).
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
@@ -76,7 +76,7 @@ pub struct CreateProviderRequest {
 #[allow(dead_code)] // The document's shape; the service reads the JSON itself.
 pub struct UpdateProviderRequest {
     pub kind: Option<ProviderKindBody>,
-    #[schema(pattern = "^https?://[^/?#@\\s]+(/[^?#\\s]*)?$")]
+    #[schema(pattern = "^https://[A-Za-z0-9.-]{1,200}(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")]
     pub base_url: Option<String>,
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub api_version: Option<String>,
@@ -87,7 +87,7 @@ pub struct UpdateProviderRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateProviderKeyRequest {
-    #[schema(min_length = 1, max_length = 4096)]
+    #[schema(pattern = "^[!-~]{1,4096}$")]
     pub api_key: Option<String>,
 }
 

@@ -79,6 +79,7 @@ async fn every_write_refuses_a_read_only_key() {
         Permission::RoutesRead,
         Permission::WorkspacesRead,
         Permission::WebhooksRead,
+        Permission::ProvidersRead,
     ];
     let (_, key) = admin.create_root_key("default", "reader", read_all, &Actor::cli()).await.unwrap();
     for (method, path) in operations() {

@@ -279,6 +279,7 @@ pub(crate) async fn token_llm_usage(
                 output_tokens: r.output_tokens,
                 cached_tokens: r.cached_tokens,
                 cost_usd: usd(r.micro_usd),
+                fallbacks: r.fallbacks,
             })
             .collect(),
     }))

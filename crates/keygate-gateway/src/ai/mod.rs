@@ -268,6 +268,9 @@ impl Provider {
         }
         let url =
             url_parts(&c.base_url).ok_or_else(|| err(format!("base_url {:?} is not an http(s) URL", c.base_url)))?;
+        if reqwest::Url::parse(&c.base_url).ok().and_then(|u| u.host_str().map(|h| !h.is_empty())) != Some(true) {
+            return Err(err(format!("base_url {:?} is not a valid URL with a host", c.base_url)));
+        }
         if !url.https && !url.loopback {
             return Err(err(format!(
                 "base_url {:?}: http:// only to a loopback address (127.0.0.1, ::1, localhost); use https://",
@@ -660,6 +663,7 @@ impl Ai {
         u: &Usage,
         cost: u64,
         ok: bool,
+        fallbacks: u64,
     ) {
         let hour = now_ms.div_euclid(3_600_000) * 3_600_000;
         let mut p = self.pending.lock();
@@ -680,8 +684,10 @@ impl Ai {
             output_tokens: 0,
             cached_tokens: 0,
             micro_usd: 0,
+            fallbacks: 0,
         });
         row.requests += 1;
+        row.fallbacks += fallbacks;
         row.errors += u64::from(!ok);
         row.input_tokens += u.input;
         row.output_tokens += u.output;

@@ -142,6 +142,8 @@ struct Settle {
     /// The budgets the call is held to, and what was set aside for it in each.
     held: Vec<Held>,
     who: CallerIds,
+    /// The deployments tried before this one, which answered 429 or 5xx or timed out.
+    fallbacks: u64,
 }
 
 /// A budget a call is held to: whose (the key's, its app's, its workspace's), its spending key,
@@ -219,7 +221,7 @@ impl Settle {
             self.ai.tpm.settle_cost(&self.key, self.route_key, limit, self.now_us, delta);
         }
         let name = self.deployment.name();
-        self.ai.record(&self.who, &self.route, &name, self.now_us / 1000, &usage, cost, ok);
+        self.ai.record(&self.who, &self.route, &name, self.now_us / 1000, &usage, cost, ok, self.fallbacks);
         self.ai.count(&self.route, &name, |t| {
             t.input += usage.input;
             t.output += usage.output;
@@ -389,7 +391,7 @@ impl Gateway {
                 return Err(e);
             }
         }
-        let settle_base = |provider: Arc<Provider>, deployment: Deployment| Settle {
+        let settle_base = |provider: Arc<Provider>, deployment: Deployment, fallbacks: u64| Settle {
             ai: ai.clone(),
             route: route.id.clone(),
             route_key,
@@ -401,6 +403,7 @@ impl Gateway {
             tpm: air.tokens_per_minute,
             held: held.clone(),
             who: who.clone(),
+            fallbacks,
         };
         let mut last: Option<AiError> = None;
         let mut fallbacks = 0u64;
@@ -463,7 +466,7 @@ impl Gateway {
                     t.errors += 1;
                 }
             });
-            let settle = settle_base(provider.clone(), d.clone());
+            let settle = settle_base(provider.clone(), d.clone(), fallbacks);
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 // The provider refused keygate's key: the caller's key is fine, the operator's
                 // is not (revoked, rotated at the provider).
@@ -489,7 +492,7 @@ impl Gateway {
             ai.tpm.settle_cost(&key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
         }
         let name_last = deployments.last().map(Deployment::name).unwrap_or_default();
-        ai.record(&who, &route.id, &name_last, now_ms, &Usage::default(), 0, false);
+        ai.record(&who, &route.id, &name_last, now_ms, &Usage::default(), 0, false, fallbacks);
         let fb = fallbacks;
         ai.count(&route.id, &name_last, |t| {
             t.requests += 1;

@@ -13,6 +13,7 @@ CREATE TABLE llm_usage (
     output_tokens BIGINT NOT NULL,
     cached_tokens BIGINT NOT NULL,
     micro_usd     BIGINT NOT NULL,
+    fallbacks     BIGINT NOT NULL,
     PRIMARY KEY (workspace_id, caller, route, deployment, hour)
 );
 CREATE TABLE llm_spending (

@@ -4,6 +4,7 @@
 //! when configured behind TLS); every state change carries a CSRF token derived from the
 //! session and is refused from another origin; pages carry a CSP without `unsafe-inline`.
 
+mod ai;
 mod alerts;
 mod calls;
 mod chart;
@@ -91,6 +92,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("workspace_delete.html", include_str!("../dashboard/templates/workspace_delete.html")),
     ("nodes.html", include_str!("../dashboard/templates/nodes.html")),
     ("webhooks.html", include_str!("../dashboard/templates/webhooks.html")),
+    ("ai.html", include_str!("../dashboard/templates/ai.html")),
     ("alerts.html", include_str!("../dashboard/templates/alerts.html")),
     ("calls.html", include_str!("../dashboard/templates/calls.html")),
     ("alert.html", include_str!("../dashboard/templates/alert.html")),
@@ -430,6 +432,9 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/webhooks/{id}/{action}", post(webhooks::action))
         .route("/settings/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
         .route("/settings/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
+        .route("/ai", get(ai::page))
+        .route("/ai/providers", post(ai::create))
+        .route("/ai/providers/{id}/{action}", post(ai::action))
         .route("/routes", get(routes::list).post(routes::create))
         .route("/routes/{id}", get(routes::page).post(routes::update))
         .route("/routes/{id}/delete", post(routes::delete))

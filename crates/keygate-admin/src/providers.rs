@@ -9,9 +9,10 @@
 //! The control plane does not check a provider's fields itself: the gateway does, through
 //! [`RouteRules`], with the code that will call it.
 
-use keygate_core::ids::WorkspaceId;
-use keygate_core::llm::StoredProvider;
+use keygate_core::ids::{TokenId, WorkspaceId};
+use keygate_core::llm::{LlmUsage, StoredProvider};
 use keygate_core::model::{Actor, NewAuditEvent};
+use keygate_core::policy::QuotaPeriod;
 use keygate_core::{Error, Result, Timestamp};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -298,6 +299,100 @@ impl Admin {
         }
         rules.apply().await;
         Ok(())
+    }
+}
+
+/// A route's budget per virtual key, and what one key spent of it in the current period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetUse {
+    pub route: String,
+    pub usd: f64,
+    pub period: QuotaPeriod,
+    pub spent_micro_usd: u64,
+}
+
+/// The LLM usage of a workspace over some days: by deployment (every route and caller added
+/// up) and by day.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkspaceLlmUsage {
+    pub by_deployment: Vec<LlmUsage>,
+    /// (start of the day in ms, the day's counts), every day of the span.
+    pub by_day: Vec<(i64, LlmUsage)>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+fn empty_usage(ws: &WorkspaceId, deployment: &str, hour: i64) -> LlmUsage {
+    LlmUsage {
+        workspace_id: ws.clone(),
+        caller: String::new(),
+        app_id: String::new(),
+        route: String::new(),
+        deployment: deployment.to_owned(),
+        hour,
+        requests: 0,
+        errors: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cached_tokens: 0,
+        micro_usd: 0,
+        fallbacks: 0,
+    }
+}
+
+impl Admin {
+    /// The workspace's LLM usage over the last `days` days (UTC, today included), from the
+    /// store (written by the gateways every few seconds).
+    pub async fn workspace_llm_usage(&self, ws: &WorkspaceId, days: i64) -> Result<WorkspaceLlmUsage> {
+        let days = days.clamp(1, 90);
+        let now = self.now().as_millis();
+        let to = (now.div_euclid(DAY_MS) + 1) * DAY_MS;
+        let from = to - days * DAY_MS;
+        let rows = self.store.llm_usage_by_deployment(ws, from, to).await?;
+        let mut by_dep: std::collections::BTreeMap<String, LlmUsage> = std::collections::BTreeMap::new();
+        let mut by_day: Vec<(i64, LlmUsage)> =
+            (0..days).map(|d| (from + d * DAY_MS, empty_usage(ws, "", from + d * DAY_MS))).collect();
+        for r in rows {
+            by_dep.entry(r.deployment.clone()).or_insert_with(|| empty_usage(ws, &r.deployment, from)).add(&r);
+            let day = usize::try_from((r.hour - from).div_euclid(DAY_MS)).unwrap_or(usize::MAX);
+            if let Some((_, u)) = by_day.get_mut(day) {
+                u.add(&r);
+            }
+        }
+        Ok(WorkspaceLlmUsage { by_deployment: by_dep.into_values().collect(), by_day })
+    }
+
+    /// What token `id` spent of each per-key budget of the workspace's `ai` routes in the
+    /// current period (from its stored and not yet written usage).
+    pub async fn token_llm_budgets(&self, ws: &WorkspaceId, id: &TokenId) -> Result<Vec<BudgetUse>> {
+        #[derive(serde::Deserialize)]
+        struct Budget {
+            usd: f64,
+            period: QuotaPeriod,
+        }
+        let Ok(routes) = self.list_routes(ws).await else { return Ok(Vec::new()) };
+        let budgets: Vec<(String, Budget)> = routes
+            .into_iter()
+            .filter_map(|r| {
+                let b = r.config.get("ai")?.get("budget")?.clone();
+                Some((r.id, serde_json::from_value(b).ok()?))
+            })
+            .collect();
+        if budgets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let month_start = QuotaPeriod::Month.window(now.as_millis()).0;
+        let (_, rows) =
+            self.token_llm_usage(ws, id, Timestamp::from_millis(month_start), now.plus_seconds(3600)).await?;
+        Ok(budgets
+            .into_iter()
+            .map(|(route, b)| {
+                let start = b.period.window(now.as_millis()).0;
+                let spent = rows.iter().filter(|u| u.route == route && u.hour >= start).map(|u| u.micro_usd).sum();
+                BudgetUse { route, usd: b.usd, period: b.period, spent_micro_usd: spent }
+            })
+            .collect())
     }
 }
 

@@ -89,6 +89,11 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "webhook_enabled" => ("ok", "Endpoint enabled: its pending deliveries are sent now."),
         "webhook_disabled" => ("ok", "Endpoint disabled: nothing is sent or queued for it until it is enabled."),
         "webhook_deleted" => ("ok", "Endpoint deleted, with its deliveries."),
+        "provider_created" => ("ok", "Provider added; its key is sealed and will not be shown again."),
+        "provider_key_rotated" => {
+            ("ok", "The provider's new key is in use from the next call; revoke the old one at the provider.")
+        }
+        "provider_deleted" => ("ok", "Provider deleted, with its sealed key."),
         "webhook_redelivered" => ("ok", "Delivery queued again: it is sent within seconds, with the same webhook-id."),
         "2fa_required" => ("warn", "This workspace requires two-factor sign-in: turn it on to continue."),
         _ => return Value::from(()),
@@ -890,6 +895,43 @@ async fn token_inner(
         std::cmp::Reverse(r.get_attr("requests").ok().and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
     });
     routes.truncate(5);
+    // Its LLM usage (on `ai` routes) over 30 days, by provider and model, and its budgets.
+    let (_, llm_rows) = st
+        .admin
+        .token_llm_usage(v.workspace(), &t.id, now.plus_seconds(-30 * 86_400), now.plus_seconds(3600))
+        .await
+        .map_err(ctx_err(v))?;
+    let mut llm: std::collections::BTreeMap<String, keygate_core::llm::LlmUsage> = std::collections::BTreeMap::new();
+    for r in llm_rows {
+        match llm.get_mut(&r.deployment) {
+            Some(u) => u.add(&r),
+            None => {
+                llm.insert(r.deployment.clone(), r);
+            }
+        }
+    }
+    let llm: Vec<Value> = llm
+        .values()
+        .map(|u| context! { deployment => u.deployment.clone(), requests => u.requests, errors => u.errors, input_tokens => u.input_tokens, output_tokens => u.output_tokens, cost => super::ai::usd(u.micro_usd) })
+        .collect();
+    let budgets: Vec<Value> = st
+        .admin
+        .token_llm_budgets(v.workspace(), &t.id)
+        .await
+        .map_err(ctx_err(v))?
+        .iter()
+        .map(|b| {
+            let limit = (b.usd * 1e6).round() as u64;
+            context! {
+                route => b.route.clone(),
+                spent => super::ai::usd(b.spent_micro_usd),
+                budget => format!("${:.2}", b.usd),
+                period => b.period.as_str(),
+                remaining => super::ai::usd(limit.saturating_sub(b.spent_micro_usd)),
+                exhausted => b.spent_micro_usd >= limit,
+            }
+        })
+        .collect();
     let view = TokenView::new(&t, now);
     let writable = v.role.can_write() && view.status != "revoked";
     // How far the token's latest acknowledged change spread ("revoked on 3/3 nodes").
@@ -925,6 +967,8 @@ async fn token_inner(
             p50 => percentile(&report.total, 0.5),
             p95 => percentile(&report.total, 0.95),
             routes,
+            llm,
+            budgets,
             writable,
             scopes_text => view.scopes.join(" "),
             allowlist_text => view.ip_allowlist.join(", "),

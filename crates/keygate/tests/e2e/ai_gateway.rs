@@ -708,3 +708,79 @@ async fn providers_made_through_the_api_call_public_hosts_only_by_default() {
     assert_eq!(ok.status, StatusCode::CREATED, "{:?}", ok.body);
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn owners_manage_providers_and_read_llm_usage_and_budgets_in_the_dashboard() {
+    use crate::dashboard::{member, owner};
+    let dir = tempfile::tempdir().unwrap();
+    let s = LlmStandIn::start(OPENAI_KEY, ANTHROPIC_KEY).await.unwrap();
+    let file = providers(&s, dir.path()).into_iter().filter(|p| p.id == "anthropic").collect();
+    let kg = TestKeygate::start_with(Options {
+        providers: file,
+        ai: Some(keygate::config::AiConfig { allow_private_providers: true }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let mut own = owner(&kg).await;
+    let mut dev = member(&kg, &mut own, "dev@example.com", "developer").await;
+    assert_eq!(dev.get("/ai").await.status, StatusCode::FORBIDDEN, "developers do not manage providers");
+
+    let page = own.get("/ai").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("id=\"provider-anthropic\"") && page.body.contains("config file"), "{}", page.body);
+    let base = s.openai_url();
+    let form = [
+        ("id", "oa"),
+        ("kind", "openai"),
+        ("base_url", base.as_str()),
+        ("api_key", OPENAI_KEY),
+        ("api_version", ""),
+        ("prices", "gpt-mini 1 2"),
+    ];
+    let p = own.submit("/ai", "/ai/providers", &form).await;
+    assert_eq!(p.location.as_deref(), Some("/ai?msg=provider_created"), "{}", p.body);
+    let page = own.get("/ai?msg=provider_created").await;
+    assert!(page.body.contains("id=\"provider-oa\"") && page.body.contains("sha256 "), "{}", page.body);
+    assert!(!page.body.contains(OPENAI_KEY), "the key is never shown again");
+    let p = own.submit("/ai", "/ai/providers", &form).await;
+    assert_eq!(p.status, StatusCode::CONFLICT, "{}", p.body);
+    assert!(p.body.contains("already exists"));
+
+    // A route with a budget per key calls it; the usage shows per provider and model, and on
+    // the token's page with what is left of its budget.
+    let route = json!({"id": "llm", "path": "/llm", "kind": "ai",
+        "ai": {"models": {"m": ["oa/gpt-mini"]}, "budget": {"usd": 1.0, "period": "month"}}});
+    assert_eq!(kg.client().post("/admin/v1/routes", &route).await.status, StatusCode::CREATED);
+    let (vk_id, vk) = key(&kg, &["llm:*"]).await;
+    for _ in 0..2 {
+        assert_eq!(call(&kg, &vk, "/v1/chat/completions", &chat("m", "hello")).await.status, StatusCode::OK);
+    }
+    kg.flush_usage().await;
+    let page = own.get("/ai").await;
+    let row = page.between("<code>oa/gpt-mini</code>", "</tr>");
+    assert!(row.starts_with("</td><td>2</td><td>0</td><td>0</td>"), "2 calls, none failed, no fallback: {row}");
+    assert!(page.between("id=\"llm-total-cost\">", "<").starts_with("$0.0000"), "{}", page.body);
+    assert!(page.body.contains("id=\"llm-chart\""));
+    let token_page = own.get(&format!("/tokens/{vk_id}")).await;
+    assert!(token_page.body.contains("LLM usage, last 30 days"), "{}", token_page.body);
+    let budget = token_page.between("id=\"budget-llm\">", "</tr>");
+    assert!(budget.contains("$1.00 a month") && budget.contains("$0.000014") && budget.contains("$0.999986"), "{budget}");
+
+    // A new key from the form; deleting a provider a route calls is refused with the reason.
+    const NEW_KEY: &str = "sk-dashboard-rotated-7";
+    s.set_openai_key(NEW_KEY);
+    let p = own.submit("/ai", "/ai/providers/oa/rotate-key", &[("api_key", NEW_KEY)]).await;
+    assert_eq!(p.location.as_deref(), Some("/ai?msg=provider_key_rotated"), "{}", p.body);
+    assert_eq!(call(&kg, &vk, "/v1/chat/completions", &chat("m", "hello")).await.status, StatusCode::OK);
+    let p = own.submit("/ai", "/ai/providers/oa/delete", &[]).await;
+    assert_eq!(p.status, StatusCode::CONFLICT, "{}", p.body);
+    assert!(
+        p.body.contains("route &quot;llm&quot; calls provider") || p.body.contains("route \"llm\" calls provider"),
+        "{}",
+        p.body
+    );
+    let trail = kg.client().get("/admin/v1/audit-events?limit=50").await.body.to_string();
+    assert!(trail.contains("provider.rotate_key") && !trail.contains(NEW_KEY), "{trail}");
+    kg.stop().await;
+}

@@ -788,7 +788,7 @@ async function run(browser, kg) {
   await step('phone-sized screen: pages fit 390 px without sideways scrolling', async () => {
     currentPage = owner;
     await owner.setViewportSize({ width: 390, height: 844 });
-    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', ctx.appHref, '/settings', '/workspaces']) {
+    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', '/ai', ctx.appHref, '/settings', '/workspaces']) {
       await goto(owner, p);
       const overflow = await owner.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       if (overflow > 1) throw new Error(`${p} is ${overflow} px wider than a 390 px screen`);
@@ -799,7 +799,7 @@ async function run(browser, kg) {
   });
 
   await step('accessibility: axe-core finds no serious or critical WCAG 2 A/AA violation', async () => {
-    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/workspaces', '/account/security'];
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/ai', '/workspaces', '/account/security'];
     await expectAccessible(browser, owner, pages);
   });
 

@@ -55,6 +55,7 @@ impl Error {
             "oauth client" => "oauth_client_not_found",
             "signing key" => "signing_key_not_found",
             "route" => "route_not_found",
+            "provider" => "provider_not_found",
             _ => "not_found",
         };
         Self::new(ErrorKind::NotFound, code, format!("no {what} with this id exists"))

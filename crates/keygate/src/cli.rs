@@ -80,7 +80,7 @@ pub enum RootKeyCommand {
         /// A permission (repeatable): tokens:read, tokens:write, apps:read, apps:write,
         /// plans:read, plans:write, audit:read, keys:write, root_keys:read, root_keys:write,
         /// routes:read, routes:write, workspaces:read, workspaces:write, tokens:verify, webhooks:read,
-        /// webhooks:write, or * for all.
+        /// webhooks:write, providers:read, providers:write, or * for all.
         /// Default: all.
         #[arg(long = "permission", value_name = "P")]
         permissions: Vec<String>,

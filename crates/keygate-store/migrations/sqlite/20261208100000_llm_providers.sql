@@ -14,3 +14,8 @@ CREATE TABLE llm_providers (
     key_rotated_at   BIGINT NOT NULL
 );
 CREATE INDEX llm_providers_workspace ON llm_providers (workspace_id);
+-- Keys that held every permission there was keep holding every permission: they gain
+-- providers:read and providers:write. Narrower keys do not.
+UPDATE root_keys
+SET permissions = '["tokens:read","tokens:write","apps:read","apps:write","plans:read","plans:write","audit:read","keys:write","root_keys:read","root_keys:write","routes:read","routes:write","workspaces:read","workspaces:write","tokens:verify","webhooks:read","webhooks:write","providers:read","providers:write"]'
+WHERE permissions = '["tokens:read","tokens:write","apps:read","apps:write","plans:read","plans:write","audit:read","keys:write","root_keys:read","root_keys:write","routes:read","routes:write","workspaces:read","workspaces:write","tokens:verify","webhooks:read","webhooks:write"]';

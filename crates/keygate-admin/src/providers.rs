@@ -323,21 +323,7 @@ pub struct WorkspaceLlmUsage {
 const DAY_MS: i64 = 86_400_000;
 
 fn empty_usage(ws: &WorkspaceId, deployment: &str, hour: i64) -> LlmUsage {
-    LlmUsage {
-        workspace_id: ws.clone(),
-        caller: String::new(),
-        app_id: String::new(),
-        route: String::new(),
-        deployment: deployment.to_owned(),
-        hour,
-        requests: 0,
-        errors: 0,
-        input_tokens: 0,
-        output_tokens: 0,
-        cached_tokens: 0,
-        micro_usd: 0,
-        fallbacks: 0,
-    }
+    LlmUsage::zero(ws.clone(), "", "", "", deployment, hour)
 }
 
 impl Admin {

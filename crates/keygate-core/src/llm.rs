@@ -36,6 +36,32 @@ pub struct LlmUsage {
 }
 
 impl LlmUsage {
+    /// A row of these names with every count at zero.
+    pub fn zero(
+        workspace_id: WorkspaceId,
+        caller: &str,
+        app_id: &str,
+        route: &str,
+        deployment: &str,
+        hour: i64,
+    ) -> Self {
+        Self {
+            workspace_id,
+            caller: caller.to_owned(),
+            app_id: app_id.to_owned(),
+            route: route.to_owned(),
+            deployment: deployment.to_owned(),
+            hour,
+            requests: 0,
+            errors: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            micro_usd: 0,
+            fallbacks: 0,
+        }
+    }
+
     /// Adds the counts of `other` (a row of the same key) to these.
     pub fn add(&mut self, other: &LlmUsage) {
         self.requests += other.requests;

@@ -12,9 +12,9 @@ use keygate_core::{Error, Result};
 use sqlx::Row;
 
 use crate::db_error;
-use crate::routes::record_change;
+use crate::routes::commit_change;
 use crate::rows::{self, to_json};
-use crate::sql::{FeedSeqs, SqlStore, insert_audit};
+use crate::sql::{FeedSeqs, SqlStore};
 
 const PROVIDER_COLS: &str =
     "id, workspace_id, config, sealed_key, key_fingerprint, created_at, updated_at, key_rotated_at";
@@ -208,7 +208,7 @@ impl LlmStore for SqlStore {
 
     async fn insert_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let seqs = FeedSeqs::start(&mut tx).await?;
         let taken: Option<String> = sqlx::query_scalar("SELECT id FROM llm_providers WHERE id = $1")
             .bind(p.id.as_str())
             .fetch_optional(&mut *tx)
@@ -234,14 +234,12 @@ impl LlmStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        record_change(&mut tx, &mut seqs, &change_id(&p.id), p.updated_at).await?;
-        insert_audit(&mut tx, &self.chain_key(), audit).await?;
-        self.commit(tx, seqs.last()).await
+        commit_change(self, tx, seqs, &change_id(&p.id), p.updated_at, audit).await
     }
 
     async fn update_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let seqs = FeedSeqs::start(&mut tx).await?;
         let done = sqlx::query(
             "UPDATE llm_providers SET config = $1, sealed_key = $2, key_fingerprint = $3, updated_at = $4, \
              key_rotated_at = $5 WHERE workspace_id = $6 AND id = $7",
@@ -259,14 +257,12 @@ impl LlmStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(Error::not_found("provider"));
         }
-        record_change(&mut tx, &mut seqs, &change_id(&p.id), p.updated_at).await?;
-        insert_audit(&mut tx, &self.chain_key(), audit).await?;
-        self.commit(tx, seqs.last()).await
+        commit_change(self, tx, seqs, &change_id(&p.id), p.updated_at, audit).await
     }
 
     async fn delete_provider(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let seqs = FeedSeqs::start(&mut tx).await?;
         let done = sqlx::query("DELETE FROM llm_providers WHERE workspace_id = $1 AND id = $2")
             .bind(ws.as_str())
             .bind(id)
@@ -276,9 +272,7 @@ impl LlmStore for SqlStore {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        record_change(&mut tx, &mut seqs, &change_id(id), audit.at).await?;
-        insert_audit(&mut tx, &self.chain_key(), audit).await?;
-        self.commit(tx, seqs.last()).await?;
+        commit_change(self, tx, seqs, &change_id(id), audit.at, audit).await?;
         Ok(true)
     }
 

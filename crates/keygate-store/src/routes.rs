@@ -19,7 +19,7 @@ fn route_exists(id: &str) -> Error {
 }
 
 /// Takes a feed position for the change of route `id` and records it.
-pub(crate) async fn record_change(tx: &mut Tx, seqs: &mut FeedSeqs, id: &str, at: Timestamp) -> Result<()> {
+async fn record_change(tx: &mut Tx, seqs: &mut FeedSeqs, id: &str, at: Timestamp) -> Result<()> {
     let seq = seqs.take(tx, 1).await?.start;
     sqlx::query("INSERT INTO route_changes (seq, route_id, at) VALUES ($1, $2, $3)")
         .bind(i64::try_from(seq).unwrap_or(i64::MAX))
@@ -31,11 +31,26 @@ pub(crate) async fn record_change(tx: &mut Tx, seqs: &mut FeedSeqs, id: &str, at
     Ok(())
 }
 
+/// Ends a change of the route table (a route's or a provider's, named `id` in the feed): its feed
+/// position, its audit event, and the commit, which wakes the followers.
+pub(crate) async fn commit_change(
+    store: &SqlStore,
+    mut tx: Tx,
+    mut seqs: FeedSeqs,
+    id: &str,
+    at: Timestamp,
+    audit: &NewAuditEvent,
+) -> Result<()> {
+    record_change(&mut tx, &mut seqs, id, at).await?;
+    insert_audit(&mut tx, &store.chain_key(), audit).await?;
+    store.commit(tx, seqs.last()).await
+}
+
 #[async_trait]
 impl RouteStore for SqlStore {
     async fn insert_route(&self, route: &StoredRoute, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let seqs = FeedSeqs::start(&mut tx).await?;
         let taken: Option<String> = sqlx::query_scalar("SELECT id FROM routes WHERE id = $1")
             .bind(route.id.as_str())
             .fetch_optional(&mut *tx)
@@ -53,14 +68,12 @@ impl RouteStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        record_change(&mut tx, &mut seqs, &route.id, route.updated_at).await?;
-        insert_audit(&mut tx, &self.chain_key(), audit).await?;
-        self.commit(tx, seqs.last()).await
+        commit_change(self, tx, seqs, &route.id, route.updated_at, audit).await
     }
 
     async fn update_route(&self, route: &StoredRoute, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let seqs = FeedSeqs::start(&mut tx).await?;
         let done = sqlx::query("UPDATE routes SET config = $1, updated_at = $2 WHERE workspace_id = $3 AND id = $4")
             .bind(to_json(&route.config)?)
             .bind(route.updated_at.as_millis())
@@ -72,14 +85,12 @@ impl RouteStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(Error::not_found("route"));
         }
-        record_change(&mut tx, &mut seqs, &route.id, route.updated_at).await?;
-        insert_audit(&mut tx, &self.chain_key(), audit).await?;
-        self.commit(tx, seqs.last()).await
+        commit_change(self, tx, seqs, &route.id, route.updated_at, audit).await
     }
 
     async fn delete_route(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool> {
         let mut tx = self.begin().await?;
-        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        let seqs = FeedSeqs::start(&mut tx).await?;
         let done = sqlx::query("DELETE FROM routes WHERE workspace_id = $1 AND id = $2")
             .bind(ws.as_str())
             .bind(id)
@@ -89,9 +100,7 @@ impl RouteStore for SqlStore {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        record_change(&mut tx, &mut seqs, id, audit.at).await?;
-        insert_audit(&mut tx, &self.chain_key(), audit).await?;
-        self.commit(tx, seqs.last()).await?;
+        commit_change(self, tx, seqs, id, audit.at, audit).await?;
         Ok(true)
     }
 

@@ -671,20 +671,15 @@ impl Ai {
         if !p.contains_key(&key) && p.len() >= MAX_PENDING {
             key.1 = Arc::from("other");
         }
-        let row = p.entry(key).or_insert_with(|| keygate_core::llm::LlmUsage {
-            workspace_id: keygate_core::ids::WorkspaceId::from_trusted(who.workspace.to_string()),
-            caller: who.caller.to_string(),
-            app_id: who.app.to_string(),
-            route: route.to_string(),
-            deployment: deployment.to_owned(),
-            hour,
-            requests: 0,
-            errors: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            cached_tokens: 0,
-            micro_usd: 0,
-            fallbacks: 0,
+        let row = p.entry(key).or_insert_with(|| {
+            keygate_core::llm::LlmUsage::zero(
+                keygate_core::ids::WorkspaceId::from_trusted(who.workspace.to_string()),
+                &who.caller,
+                &who.app,
+                route,
+                deployment,
+                hour,
+            )
         });
         row.requests += 1;
         row.fallbacks += fallbacks;

@@ -765,7 +765,10 @@ async fn owners_manage_providers_and_read_llm_usage_and_budgets_in_the_dashboard
     let token_page = own.get(&format!("/tokens/{vk_id}")).await;
     assert!(token_page.body.contains("LLM usage, last 30 days"), "{}", token_page.body);
     let budget = token_page.between("id=\"budget-llm\">", "</tr>");
-    assert!(budget.contains("$1.00 a month") && budget.contains("$0.000014") && budget.contains("$0.999986"), "{budget}");
+    assert!(
+        budget.contains("$1.00 a month") && budget.contains("$0.000014") && budget.contains("$0.999986"),
+        "{budget}"
+    );
 
     // A new key from the form; deleting a provider a route calls is refused with the reason.
     const NEW_KEY: &str = "sk-dashboard-rotated-7";

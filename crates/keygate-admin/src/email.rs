@@ -139,6 +139,34 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
                 "Check the alert in the dashboard (Alerts); if the token may be stolen, revoke or rotate it. If the workspace's anomaly policy suspended it and the use was legitimate, resume it from the alert.",
             )
         }
+        "budget.threshold" => {
+            let whose = after["budget_of"].as_str().unwrap_or("key");
+            let label = match whose {
+                "app" => "App",
+                "workspace" => "Route (the workspace's budget)",
+                _ => "Token",
+            };
+            facts = vec![(label.into(), target)];
+            facts.push(("Route".into(), text(&after["route"])));
+            let money = |v: &Value| v.as_f64().map_or_else(|| text(v), |x| format!("${x:.2}"));
+            facts.push((
+                "Spent".into(),
+                format!(
+                    "{} of {} a {} ({}%)",
+                    money(&after["spent_usd"]),
+                    money(&after["budget_usd"]),
+                    text(&after["period"]),
+                    text(&after["threshold_percent"])
+                ),
+            ));
+            if let Some(r) = after["resets_at"].as_str() {
+                facts.push(("Resets".into(), r.to_owned()));
+            }
+            (
+                "An AI route's budget reached a threshold.",
+                "At 100% calls to the route's models are refused (429 budget_exceeded) until the period ends; raise the budget in the route if it needs more.",
+            )
+        }
         "plan.requested" => {
             facts = vec![("Request".into(), target)];
             ("A developer asked for a plan change.", "Approve or deny it in the dashboard (Apps).")

@@ -1,5 +1,6 @@
 //! Events that are not changes anyone makes (issue 15): a token expiring soon, a token that
-//! expired, a token that used 80% or 100% of its quota. Every node looks for them every minute;
+//! expired, a token that used 80% or 100% of its quota, a virtual key, app or workspace that spent
+//! 80% or 100% of an AI route's budget. Every node looks for them every minute;
 //! each is recorded once (an audit event, which raises the notification), whichever node finds
 //! it first, through the same once-only record as the rotation reminders.
 
@@ -19,6 +20,8 @@ pub struct NoticeSweep {
     pub expiring: usize,
     pub expired: usize,
     pub quota: usize,
+    /// `budget.threshold` events (AI routes' budgets).
+    pub budget: usize,
 }
 
 impl Admin {
@@ -88,6 +91,7 @@ impl Admin {
                 sweep.quota += 1;
             }
         }
+        sweep.budget = self.sweep_budgets(now).await?;
         Ok(sweep)
     }
 }

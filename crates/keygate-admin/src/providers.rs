@@ -382,6 +382,98 @@ impl Admin {
     }
 }
 
+/// A route's budgets, as its `ai` fields give them.
+#[derive(Debug, Default, serde::Deserialize)]
+struct RouteBudgets {
+    budget: Option<BudgetField>,
+    app_budget: Option<BudgetField>,
+    workspace_budget: Option<BudgetField>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+struct BudgetField {
+    usd: f64,
+    period: QuotaPeriod,
+}
+
+impl Admin {
+    /// Records `budget.threshold` events not recorded yet: a virtual key (target: the token),
+    /// an app (target: the app) or the workspace (target: the route) that spent 80% or 100% of
+    /// an `ai` route's budget in the current period, by the stored usage. Each threshold once per
+    /// period, whichever node finds it first. Returns how many were recorded.
+    pub(crate) async fn sweep_budgets(&self, now: Timestamp) -> Result<usize> {
+        let (month, _) = QuotaPeriod::Month.window(now.as_millis());
+        let (day, _) = QuotaPeriod::Day.window(now.as_millis());
+        let spent = self.store.llm_spent_since(month, day).await?;
+        if spent.is_empty() {
+            return Ok(0);
+        }
+        let mut workspaces: Vec<&WorkspaceId> = spent.iter().map(|s| &s.workspace_id).collect();
+        workspaces.sort();
+        workspaces.dedup();
+        let actor = Actor { id: "system".into(), source: None };
+        let mut recorded = 0;
+        for ws in workspaces {
+            let Ok(routes) = self.list_routes(ws).await else { continue };
+            for r in routes {
+                let Some(b) = r.config.get("ai").cloned().and_then(|a| serde_json::from_value::<RouteBudgets>(a).ok())
+                else {
+                    continue;
+                };
+                let rows: Vec<&keygate_core::llm::SpentSince> =
+                    spent.iter().filter(|s| &s.workspace_id == ws && s.route == r.id).collect();
+                // (whose, dedupe key and target, the budget, spent this month, spent today)
+                let mut standings: Vec<(&str, String, BudgetField, u64, u64)> = Vec::new();
+                if let Some(k) = b.budget {
+                    for s in rows.iter().filter(|s| s.caller.starts_with("tok_")) {
+                        standings.push(("key", s.caller.clone(), k, s.month_micro_usd, s.day_micro_usd));
+                    }
+                }
+                if let Some(a) = b.app_budget {
+                    let mut apps: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
+                    for s in rows.iter().filter(|s| !s.app_id.is_empty()) {
+                        let e = apps.entry(s.app_id.as_str()).or_default();
+                        e.0 += s.month_micro_usd;
+                        e.1 += s.day_micro_usd;
+                    }
+                    standings.extend(apps.into_iter().map(|(app, (m, d))| ("app", app.to_owned(), a, m, d)));
+                }
+                if let Some(w) = b.workspace_budget {
+                    let (m, d) =
+                        rows.iter().fold((0, 0), |acc, s| (acc.0 + s.month_micro_usd, acc.1 + s.day_micro_usd));
+                    standings.push(("workspace", r.id.clone(), w, m, d));
+                }
+                for (whose, target, budget, month_spent, day_spent) in standings {
+                    let (start, end) = budget.period.window(now.as_millis());
+                    let used = if budget.period == QuotaPeriod::Day { day_spent } else { month_spent };
+                    let limit = (budget.usd * 1e6).round() as u64;
+                    let Some(percent) = keygate_core::notify::quota_threshold_reached(used, limit) else { continue };
+                    let kind = format!("budget{percent}@{}@{whose}@{start}", r.id);
+                    let audit = NewAuditEvent::new(ws, &actor, "budget.threshold", &target, now).with_after(
+                        serde_json::json!({
+                            "budget_of": whose,
+                            "route": r.id,
+                            "threshold_percent": percent,
+                            "spent_usd": used as f64 / 1e6,
+                            "budget_usd": budget.usd,
+                            "period": budget.period.as_str(),
+                            "period_start": Timestamp::from_millis(start).to_rfc3339(),
+                            "resets_at": Timestamp::from_millis(end).to_rfc3339(),
+                        }),
+                    );
+                    // The once-only record is keyed by the target (a token, an app or a route id)
+                    // and the kind, which names the route, whose budget and the period.
+                    let key = TokenId::from_trusted(target.clone());
+                    if self.store.record_rotation_notice(&key, &kind, now, &audit).await? {
+                        recorded += 1;
+                    }
+                }
+            }
+        }
+        Ok(recorded)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

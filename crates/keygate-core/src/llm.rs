@@ -118,8 +118,22 @@ impl std::fmt::Debug for StoredProvider {
     }
 }
 
+/// What one caller spent on one route since the start of the month and of the day (UTC), in
+/// micro-dollars, as the stored usage says: what budget notices are drawn from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpentSince {
+    pub workspace_id: WorkspaceId,
+    pub caller: String,
+    pub app_id: String,
+    pub route: String,
+    pub month_micro_usd: u64,
+    pub day_micro_usd: u64,
+}
+
 #[async_trait]
 pub trait LlmStore: Send + Sync {
+    /// Every caller's spending per route since `month_start` (and, of it, since `day_start`).
+    async fn llm_spent_since(&self, month_start: i64, day_start: i64) -> Result<Vec<SpentSince>>;
     /// Adds a provider; `conflict` (`provider_exists`) if a stored provider has its id. Like a
     /// route change, it takes a change-feed position, so every node's gateway reloads.
     async fn insert_provider(&self, p: &StoredProvider, audit: &NewAuditEvent) -> Result<()>;

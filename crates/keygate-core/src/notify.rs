@@ -104,6 +104,12 @@ pub const EVENT_TYPES: &[EventType] = &[
         email: APP_OWNER,
     },
     EventType {
+        name: "budget.threshold",
+        actions: &["budget.threshold"],
+        description: "A virtual key, an app or the workspace spent 80% or 100% of an AI route's budget for the period.",
+        email: BOTH,
+    },
+    EventType {
         name: "anomaly.detected",
         actions: &["anomaly.detected"],
         description: "A token's use departs from its baseline (rate, networks, routes, refusals).",

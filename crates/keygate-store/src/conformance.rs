@@ -669,6 +669,13 @@ async fn llm_usage_and_spending(h: &Harness) {
     assert_eq!(gpt, vec![(h0, 4), (h0 + 3_600_000, 4)]);
     assert_eq!(by.iter().map(|r| r.micro_usd).sum::<u64>(), 900);
     assert!(s.llm_usage_by_deployment(&other, 0, i64::MAX).await.unwrap().is_empty());
+    // Spending per caller and route, since the month's start and the day's.
+    let mut spent = s.llm_spent_since(h0, h0 + 3_600_000).await.unwrap();
+    spent.sort_by(|a, b| a.caller.cmp(&b.caller));
+    let got: Vec<_> = spent.iter().map(|x| (x.caller.as_str(), x.month_micro_usd, x.day_micro_usd)).collect();
+    assert_eq!(got, vec![("tok_a", 500, 0), ("tok_b", 400, 400)]);
+    assert_eq!(spent[0].app_id, "app_1");
+    assert!(s.llm_spent_since(h0 + 7_200_000, h0 + 7_200_000).await.unwrap().is_empty());
 }
 
 async fn llm_providers(h: &Harness) {

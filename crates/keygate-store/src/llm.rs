@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use keygate_core::ids::{TokenId, WorkspaceId};
-use keygate_core::llm::{LlmStore, LlmUsage, Spending, StoredProvider};
+use keygate_core::llm::{LlmStore, LlmUsage, Spending, SpentSince, StoredProvider};
 use keygate_core::model::NewAuditEvent;
 use keygate_core::{Error, Result};
 use sqlx::Row;
@@ -186,6 +186,35 @@ impl LlmStore for SqlStore {
         .await
         .map_err(db_error)?;
         rows.iter().map(|r| usage_row(r, ws)).collect()
+    }
+
+    async fn llm_spent_since(&self, month_start: i64, day_start: i64) -> Result<Vec<SpentSince>> {
+        let rows = sqlx::query(
+            "SELECT workspace_id, caller, app_id, route, CAST(SUM(micro_usd) AS BIGINT) AS month_total, \
+             CAST(SUM(CASE WHEN hour >= $2 THEN micro_usd ELSE 0 END) AS BIGINT) AS day_total \
+             FROM llm_usage WHERE hour >= $1 GROUP BY workspace_id, caller, app_id, route",
+        )
+        .bind(month_start)
+        .bind(day_start)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<u64> {
+            let v: i64 = r.try_get(c).map_err(db_error)?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(SpentSince {
+                    workspace_id: WorkspaceId::from_trusted(r.try_get("workspace_id").map_err(db_error)?),
+                    caller: r.try_get("caller").map_err(db_error)?,
+                    app_id: r.try_get("app_id").map_err(db_error)?,
+                    route: r.try_get("route").map_err(db_error)?,
+                    month_micro_usd: n(r, "month_total")?,
+                    day_micro_usd: n(r, "day_total")?,
+                })
+            })
+            .collect()
     }
 
     async fn llm_usage_by_deployment(&self, ws: &WorkspaceId, from: i64, to: i64) -> Result<Vec<LlmUsage>> {

@@ -125,6 +125,16 @@ async fn email_recipients(
         .map_err(db_error)?;
         users.extend(owner);
     }
+    if kind.email.app_owner && e.target.starts_with("app_") {
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT user_id FROM app_owners WHERE app_id = $1 AND workspace_id = $2")
+                .bind(e.target.as_str())
+                .bind(ws)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_error)?;
+        users.extend(owner);
+    }
     if kind.email.workspace_owners {
         let owners: Vec<String> =
             sqlx::query_scalar("SELECT user_id FROM memberships WHERE workspace_id = $1 AND role = 'owner'")

@@ -203,15 +203,17 @@ impl Cluster {
         }
     }
 
-    /// Records the notices due (`token.expiring`, `token.expired`, `quota.threshold`), once each
+    /// Records the notices due (`token.expiring`, `token.expired`, `quota.threshold`,
+    /// `budget.threshold`), once each
     /// whichever node finds them first.
     pub async fn sweep_notices(&self) {
         let Some(admin) = self.admin.get() else { return };
         match tokio::time::timeout(Duration::from_secs(60), admin.sweep_notices()).await {
-            Ok(Ok(s)) if s.expiring + s.expired + s.quota > 0 => tracing::info!(
+            Ok(Ok(s)) if s.expiring + s.expired + s.quota + s.budget > 0 => tracing::info!(
                 expiring = s.expiring,
                 expired = s.expired,
                 quota = s.quota,
+                budget = s.budget,
                 "notices recorded: tokens expiring or expired, quotas at a threshold"
             ),
             Ok(Ok(_)) => {}

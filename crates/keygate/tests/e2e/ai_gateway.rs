@@ -787,3 +787,44 @@ async fn owners_manage_providers_and_read_llm_usage_and_budgets_in_the_dashboard
     assert!(trail.contains("provider.rotate_key") && !trail.contains(NEW_KEY), "{trail}");
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn budget_thresholds_are_announced_once_per_key_app_and_workspace() {
+    let mut ai = models();
+    // 7 micro-dollars a call ("hello": 3 tokens in at $1, 2 out at $2 a million).
+    ai.budget = Some(AiBudget { usd: 0.00001, period: QuotaPeriod::Month });
+    ai.app_budget = Some(AiBudget { usd: 0.00005, period: QuotaPeriod::Month });
+    ai.workspace_budget = Some(AiBudget { usd: 0.000016, period: QuotaPeriod::Day });
+    let (kg, _s, _dir) = start(ai).await;
+    let app = kg.client().post("/admin/v1/apps", &json!({"name": "bot"})).await;
+    let app_id = app.body["id"].as_str().unwrap().to_owned();
+    let (tok, secret) = kg.client().create_token(&json!({"name": "k", "scopes": ["llm:*"], "app_id": app_id})).await;
+    kg.sync_index().await.unwrap();
+    let g = call(&kg, &secret, "/v1/chat/completions", &chat("gpt-mini", "hello")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    kg.flush_usage().await;
+    let s = kg.admin().sweep_notices().await.unwrap();
+    assert_eq!(s.budget, 0, "7 of 10 micro-dollars is under 80%");
+    let g = call(&kg, &secret, "/v1/chat/completions", &chat("gpt-mini", "hello")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    kg.flush_usage().await;
+    // The key: 14 of 10 (100%); the app: 14 of 50 (none); the workspace: 14 of 16 (80%).
+    let s = kg.admin().sweep_notices().await.unwrap();
+    assert_eq!(s.budget, 2, "{s:?}");
+    assert_eq!(kg.admin().sweep_notices().await.unwrap().budget, 0, "each once");
+    let trail = kg.client().get("/admin/v1/audit-events?limit=100").await.body;
+    let events: Vec<&Value> =
+        trail["data"].as_array().unwrap().iter().filter(|e| e["action"] == "budget.threshold").collect();
+    assert_eq!(events.len(), 2, "{trail}");
+    let key = events.iter().find(|e| e["target"] == tok.as_str()).expect("the key's budget");
+    assert_eq!(key["after"]["threshold_percent"], 100);
+    assert_eq!(key["after"]["budget_of"], "key");
+    assert_eq!(key["after"]["route"], "llm");
+    let ws = events.iter().find(|e| e["target"] == "llm").expect("the workspace's budget");
+    assert_eq!(ws["after"]["threshold_percent"], 80);
+    assert_eq!(ws["after"]["period"], "day");
+    // The event type is one webhooks can subscribe to.
+    let types = kg.client().get("/admin/v1/webhook-event-types").await.body.to_string();
+    assert!(types.contains("budget.threshold"), "{types}");
+    kg.stop().await;
+}

@@ -21,6 +21,10 @@ pub struct ApiEntry {
     pub workspace_id: Option<String>,
     /// Accepts the credentials of every workspace, so every workspace's portal lists it.
     pub shared: bool,
+    /// A document the gateway made for the route (an `ai` route's prompts), shown when the
+    /// route names none of its own.
+    #[serde(skip)]
+    pub document: Option<serde_json::Value>,
 }
 
 impl ApiEntry {

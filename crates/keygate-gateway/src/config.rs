@@ -447,9 +447,43 @@ pub struct AiRouteConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace_budget: Option<AiBudget>,
     /// How long a provider may take to start its answer before the next deployment is tried,
-    /// in milliseconds. Default 60,000.
+    /// in milliseconds. Default 120,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_timeout_ms: Option<u64>,
+    /// Prompts published as plain REST endpoints: `POST {path}/{name}` with a JSON object of the
+    /// template's fields answers with the model's answer (as JSON with `json = true`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prompts: BTreeMap<String, AiPromptConfig>,
+}
+
+/// `[routes.ai.prompts.NAME]`: a prompt template, a model and its parameters behind a REST
+/// endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiPromptConfig {
+    /// The model called: one of the route's names (an alias, or a deployment if the route
+    /// allows those).
+    pub model: String,
+    /// The system prompt (no fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// The user message, with `{{field}}` where the request's fields go.
+    pub template: String,
+    /// Ask the model for a JSON object and answer with it (parsed); otherwise the answer is
+    /// `{"text": …}`.
+    #[serde(default)]
+    pub json: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// The scope a token needs to call the endpoint (instead of the model's `llm:` scope).
+    /// Default `prompt:NAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Shown in the developer portal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// How an `ai` route uses a model's deployments.

@@ -4,7 +4,8 @@
 //! with `stream_options.include_usage`, Anthropic's named events). Its answers are
 //! deterministic: the text is `echo: ` and the last user message's words; a token is a word
 //! (input: the words of every message; output: the words of the answer). With `tools` in the
-//! request and no tool result yet, it calls the first tool.
+//! request and no tool result yet, it calls the first tool. In JSON mode (`response_format` of
+//! type `json_object`) the chat answer is `{"echo": "<the words>"}`.
 //!
 //! Knobs for tests: the key each API accepts, [`LlmStandIn::fail_next`] (the next calls answer
 //! a status), and a user message holding `[slow]` streams a word every 50 ms.
@@ -248,6 +249,11 @@ async fn chat(State(st): State<St>, headers: HeaderMap, axum::Json(body): axum::
             Some(name) => {
                 json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
                 "function": {"name": name, "arguments": "{\"q\":\"x\"}"}}]})
+            }
+            // JSON mode (`response_format: {"type": "json_object"}`): the same words as a JSON
+            // object, as OpenAI's JSON mode answers an object.
+            None if body.pointer("/response_format/type").and_then(Value::as_str) == Some("json_object") => {
+                json!({"role": "assistant", "content": json!({"echo": reply[1..].join(" ")}).to_string()})
             }
             None => json!({"role": "assistant", "content": reply.join(" ")}),
         };

@@ -128,6 +128,10 @@ impl ApiCatalog for Catalog {
                     openapi: r.openapi.clone(),
                     workspace_id: r.workspace_id.as_deref().map(str::to_owned),
                     shared: r.shared,
+                    document: r.ai.as_ref().filter(|a| !a.prompts.is_empty()).map(|a| {
+                        let prompts: Vec<_> = a.prompts.values().collect();
+                        keygate_gateway::ai::prompt::openapi(&r.id, &r.prefix, &prompts)
+                    }),
                 }
             })
             .collect()

@@ -94,6 +94,7 @@ async fn api_page(
             Ok(d) => (Some(d), None),
             Err(e) => (None, Some(e)),
         },
+        (None, _) => (api.document.clone(), None),
         _ => (None, None),
     };
     let ops = doc.as_ref().map(operations).unwrap_or_default();

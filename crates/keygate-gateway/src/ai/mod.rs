@@ -12,6 +12,7 @@
 //! - [`wire`]: usage in the answers and the translation between OpenAI's chat format and
 //!   Anthropic's; [`sse`]: streamed events.
 
+pub mod prompt;
 pub mod serve;
 pub mod sse;
 pub mod wire;
@@ -79,6 +80,8 @@ pub struct AiRoute {
     pub round_robin: bool,
     /// Calls so far, for the turn.
     turn: std::sync::atomic::AtomicUsize,
+    /// Prompts published as REST endpoints, by name (`POST {path}/{name}`).
+    pub prompts: BTreeMap<String, prompt::Prompt>,
 }
 
 /// How long a provider may take to start answering by default (a non-streamed answer starts
@@ -128,6 +131,12 @@ impl AiRoute {
         let workspace_budget = budget_of("workspace_budget", cfg.workspace_budget)?;
         let first_byte_timeout =
             Duration::from_millis(cfg.first_byte_timeout_ms.unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT_MS).max(1));
+        let serves = |m: &str| models.contains_key(m) || (!cfg.aliases_only && Deployment::parse(m).is_ok());
+        let prompts = cfg
+            .prompts
+            .iter()
+            .map(|(name, p)| prompt::Prompt::from_config(name, p, &serves).map(|p| (name.clone(), p)))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
         Ok(Some(Self {
             models,
             aliases_only: cfg.aliases_only,
@@ -138,6 +147,7 @@ impl AiRoute {
             first_byte_timeout,
             round_robin: cfg.balance == crate::config::AiBalance::RoundRobin,
             turn: std::sync::atomic::AtomicUsize::new(0),
+            prompts,
         }))
     }
 

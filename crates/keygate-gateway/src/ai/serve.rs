@@ -22,6 +22,7 @@ use keygate_core::policy::RateLimit;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use serde_json::{Value, json};
 
+use super::prompt::Prompt;
 use super::sse::{Events, write_event};
 use super::wire::{self, StreamTranslator, Usage};
 use super::{Ai, AiRoute, Budget, CallerIds, Deployment, Provider, model_scope};
@@ -244,7 +245,12 @@ impl Gateway {
         sink: &mut S,
     ) -> Result<Answered, Refuse> {
         let rest = ctx.path.get(route.prefix.len()..).unwrap_or_default();
-        let Some(op) = Op::of(&ctx.head.method, rest) else {
+        // A prompt published as an endpoint: `POST {path}/{name}`.
+        let prompt = (ctx.head.method == Method::POST)
+            .then(|| rest.strip_prefix('/'))
+            .flatten()
+            .and_then(|name| air.prompts.get(name));
+        let Some(op) = prompt.map(|_| Op::Chat).or_else(|| Op::of(&ctx.head.method, rest)) else {
             let e = ai_error(
                 StatusCode::NOT_FOUND,
                 "unknown_endpoint",
@@ -274,8 +280,14 @@ impl Gateway {
         if op == Op::Models {
             return Ok(models(air, caller, sink));
         }
-        let bytes = read_all(body, route.max_body_bytes, state).await?;
-        match self.call_ai(&ai, ctx, route, air, op, caller, &bytes, sink).await {
+        let mut bytes = read_all(body, route.max_body_bytes, state).await?;
+        if let Some(p) = prompt {
+            match p.render(&bytes) {
+                Ok(req) => bytes = serde_json::to_vec(&req).unwrap_or_default(),
+                Err(m) => return Ok(error_answer(op, &invalid(m), sink)),
+            }
+        }
+        match self.call_ai(&ai, ctx, route, air, op, caller, &bytes, prompt, sink).await {
             Ok(a) => Ok(a),
             Err(e) => Ok(error_answer(op, &e, sink)),
         }
@@ -291,6 +303,7 @@ impl Gateway {
         op: Op,
         caller: &Caller,
         bytes: &[u8],
+        prompt: Option<&Prompt>,
         sink: &mut S,
     ) -> Result<Answered, AiError> {
         let req: Value =
@@ -311,14 +324,26 @@ impl Gateway {
                 format!("this route serves no model {name:?}: GET /v1/models lists the ones it serves"),
             )
         })?;
-        let scope = model_scope(&name);
-        if !caller.has_scope(&scope) {
-            return Err(ai_error(
-                StatusCode::FORBIDDEN,
-                "model_not_allowed",
-                "permission_error",
-                format!("this key may not call {name:?}: it needs the scope {} (or llm:*)", scope.as_str()),
-            ));
+        if let Some(p) = prompt {
+            // A prompt's scope stands for its model's: the key is given the task, not the model.
+            if !caller.has_scope(&p.scope) {
+                return Err(ai_error(
+                    StatusCode::FORBIDDEN,
+                    "prompt_not_allowed",
+                    "permission_error",
+                    format!("this key may not call the prompt {:?}: it needs the scope {}", p.name, p.scope.as_str()),
+                ));
+            }
+        } else {
+            let scope = model_scope(&name);
+            if !caller.has_scope(&scope) {
+                return Err(ai_error(
+                    StatusCode::FORBIDDEN,
+                    "model_not_allowed",
+                    "permission_error",
+                    format!("this key may not call {name:?}: it needs the scope {} (or llm:*)", scope.as_str()),
+                ));
+            }
         }
         let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false) && op != Op::Embeddings;
         let now_ms = self.clock.now().as_millis();
@@ -481,7 +506,7 @@ impl Gateway {
                     ),
                 ));
             }
-            let head = AnswerHead { status, name: &name, deployment: &name_d, fallbacks };
+            let head = AnswerHead { status, name: &name, deployment: &name_d, fallbacks, prompt };
             if stream && status.is_success() {
                 return Ok(stream_answer(resp, built.mode, settle, &head, estimate_in, sink));
             }
@@ -697,6 +722,8 @@ struct AnswerHead<'a> {
     name: &'a str,
     deployment: &'a str,
     fallbacks: u64,
+    /// A prompt endpoint's call: the answer is the prompt's result, not the completion.
+    prompt: Option<&'a Prompt>,
 }
 
 fn write_head<S: HeadSink>(h: &AnswerHead<'_>, content_type: &[u8], sink: &mut S) {
@@ -767,6 +794,22 @@ async fn whole_answer<S: HeadSink>(
         let created = settle.now_us / 1_000_000;
         body = serde_json::to_vec(&wire::message_to_chat(v, head.name, created)).unwrap_or_default();
         content_type = b"application/json".to_vec();
+    }
+    if let Some(p) = head.prompt
+        && head.status.is_success()
+    {
+        let completion: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        match p.answer(&completion) {
+            Ok(result) => {
+                body = serde_json::to_vec(&result).unwrap_or_default();
+                content_type = b"application/json".to_vec();
+            }
+            Err(m) => {
+                // The call was made and is paid for: counted, then the caller is told.
+                settle.done_with(usage, false);
+                return Err(ai_error(StatusCode::BAD_GATEWAY, "prompt_answer_invalid", "api_error", m));
+            }
+        }
     }
     write_head(head, &content_type, sink);
     let cost_known = settle.provider.prices.contains_key(&*settle.deployment.model);

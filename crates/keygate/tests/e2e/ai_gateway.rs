@@ -828,3 +828,63 @@ async fn budget_thresholds_are_announced_once_per_key_app_and_workspace() {
     assert!(types.contains("budget.threshold"), "{types}");
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn a_prompt_is_a_rest_endpoint_with_its_own_scope_and_in_the_portal() {
+    use keygate_gateway::config::AiPromptConfig;
+    let mut ai = models();
+    let prompt = |model: &str, json: bool| AiPromptConfig {
+        model: model.into(),
+        system: Some("Say what the text feels.".into()),
+        template: "Text: {{text}}".into(),
+        json,
+        max_tokens: Some(20),
+        temperature: Some(0.0),
+        scope: None,
+        description: Some("The sentiment of a text".into()),
+    };
+    ai.prompts.insert("sentiment".into(), prompt("gpt-mini", true));
+    ai.prompts.insert("summary".into(), prompt("claude", false));
+    let (kg, s, _dir) = start(ai).await;
+    let (_, task) = key(&kg, &["prompt:sentiment"]).await;
+    let post = |path: &'static str, key: String, body: Value| {
+        let url = format!("{}/llm{path}", kg.gateway_url());
+        async move {
+            let r = reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    // The endpoint fills the template, asks for JSON, and answers with the model's JSON.
+    let (status, v) = post("/sentiment", task.clone(), json!({"text": "I love it"})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"echo": "Text: I love it"}));
+    let sent = s.received().pop().unwrap();
+    assert_eq!(sent.body["messages"][0]["content"], "Say what the text feels.");
+    assert_eq!(sent.body["messages"][1]["content"], "Text: I love it");
+    assert_eq!(sent.body["response_format"]["type"], "json_object");
+    assert_eq!(sent.body["max_tokens"], 20);
+    // The prompt's scope is not the model's: the key cannot call the model itself, nor another prompt.
+    let (status, v) = post("/v1/chat/completions", task.clone(), chat("gpt-mini", "hi")).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("model_not_allowed")));
+    let (status, v) = post("/summary", task.clone(), json!({"text": "x"})).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("prompt_not_allowed")), "{v}");
+    // Bad input names the field.
+    let (status, v) = post("/sentiment", task.clone(), json!({"txt": "x"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().unwrap().contains("\"txt\" is not a field"), "{v}");
+    // A text prompt on an Anthropic model answers {"text": …}; the call is metered like any other.
+    let (_, both) = key(&kg, &["prompt:*"]).await;
+    let (status, v) = post("/summary", both, json!({"text": "long story"})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"text": "echo: Text: long story"}));
+    let totals = kg.gateway().ai.clone().unwrap().totals();
+    assert!(totals.iter().any(|t| t.1 == "anthropic/claude-small" && t.2.requests == 1), "{totals:?}");
+
+    // The developer portal shows the prompts as the API's operations.
+    let mut own = crate::dashboard::owner(&kg).await;
+    let page = own.get("/portal/llm").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("/llm/sentiment") && page.body.contains("The sentiment of a text"), "{}", page.body);
+    kg.stop().await;
+}

@@ -53,6 +53,8 @@ type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 enum Of {
     Rate(u32),
     Quota(i64),
+    /// An `ai` route's LLM tokens per minute (by the route's limiter key).
+    LlmTokens(u32),
 }
 
 type Key = ([u8; PUBLIC_ID_LEN], Of);
@@ -286,6 +288,7 @@ impl SharedLimiter {
             Of::Rate(0) => format!("{{{}:{}}}:t", self.prefix, hex(id)),
             Of::Rate(r) => format!("{{{}:{}}}:r{r:08x}", self.prefix, hex(id)),
             Of::Quota(start) => format!("{{{}:{}}}:q{start}", self.prefix, hex(id)),
+            Of::LlmTokens(r) => format!("{{{}:{}}}:l{r:08x}", self.prefix, hex(id)),
         }
     }
 
@@ -334,7 +337,50 @@ impl SharedLimiter {
             self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let key = self.key_name(id, Of::Rate(0));
+        self.take_cost_of(self.key_name(id, Of::Rate(0)), limit, cost, now_us).await
+    }
+
+    /// Takes `cost` LLM tokens at once, all or nothing, from the shared tokens-per-minute bucket
+    /// of the virtual key `id` on the `ai` route `route` (estimated before the call; settled
+    /// with [`SharedLimiter::settle_llm_tokens`]). `None` when the backend is down, fails or is
+    /// late: decide alone, with this node's share.
+    pub async fn take_llm_tokens(
+        &self,
+        id: &[u8; PUBLIC_ID_LEN],
+        route: u32,
+        limit: &RateLimit,
+        cost: u32,
+        now_us: i64,
+    ) -> Option<CostDecision> {
+        if self.down(now_us) {
+            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.take_cost_of(self.key_name(id, Of::LlmTokens(route)), limit, cost, now_us).await
+    }
+
+    /// Settles LLM tokens taken before the answer told how many were used: `delta` more (taken
+    /// even beyond the bucket: a debt that delays the next calls) or fewer (given back), in the
+    /// background.
+    pub fn settle_llm_tokens(&self, id: &[u8; PUBLIC_ID_LEN], route: u32, limit: &RateLimit, delta: i64, now_us: i64) {
+        if delta == 0 {
+            return;
+        }
+        let key = self.key_name(id, Of::LlmTokens(route));
+        let (backend, limit) = (self.backend.clone(), *limit);
+        let (refund, force) = if delta < 0 {
+            (u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX), 0)
+        } else {
+            (0, u32::try_from(delta).unwrap_or(u32::MAX))
+        };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CALL_BOUND, backend.take_rate(&key, &limit, refund, force, 0, now_us)).await;
+        });
+    }
+
+    /// Takes `cost` from the shared rate bucket `key`, all or nothing (what fitted of a refused
+    /// cost goes back in the background).
+    async fn take_cost_of(&self, key: String, limit: &RateLimit, cost: u32, now_us: i64) -> Option<CostDecision> {
         let g = self.call_now(self.backend.take_rate(&key, limit, 0, 0, cost, now_us), now_us).await?;
         let allowed = g.granted >= cost;
         if !allowed && g.granted > 0 {

@@ -33,6 +33,7 @@ use crate::ctx::{Caller, Identity, RequestCtx};
 use crate::gateway::Gateway;
 use crate::proxy::{Answered, HeadSink, UpstreamResponseBody};
 use crate::routes::Route;
+use crate::shared::SharedLimiter;
 
 /// The largest non-streamed answer read from a provider.
 pub const MAX_ANSWER_BYTES: usize = 64 << 20;
@@ -140,6 +141,8 @@ struct Settle {
     /// Tokens taken from the tokens-per-minute limit before the call.
     estimate: u64,
     tpm: Option<RateLimit>,
+    /// The tokens-per-minute limit was taken from the nodes' shared bucket (settled there).
+    tpm_shared: Option<Arc<SharedLimiter>>,
     /// The budgets the call is held to, and what was set aside for it in each.
     held: Vec<Held>,
     who: CallerIds,
@@ -219,7 +222,7 @@ impl Settle {
         }
         if let Some(limit) = &self.tpm {
             let delta = i64::try_from(usage.total()).unwrap_or(i64::MAX) - i64::try_from(self.estimate).unwrap_or(0);
-            self.ai.tpm.settle_cost(&self.key, self.route_key, limit, self.now_us, delta);
+            settle_tpm(&self.ai, self.tpm_shared.as_deref(), &self.key, self.route_key, limit, self.now_us, delta);
         }
         let name = self.deployment.name();
         self.ai.record(&self.who, &self.route, &name, self.now_us / 1000, &usage, cost, ok, self.fallbacks);
@@ -397,10 +400,32 @@ impl Gateway {
             held.push(Held { key: k, budget: b, period_start: start, reserved });
         }
         let mut taken = 0;
+        // The tokens-per-minute limit: from the nodes' shared bucket when there is one (Redis),
+        // else (or while it cannot be reached) this node's, with its share of the limit.
+        let mut tpm: Option<RateLimit> = None;
+        let mut tpm_shared: Option<Arc<SharedLimiter>> = None;
         if let Some(limit) = &air.tokens_per_minute {
             taken = estimate.total().min(limit.capacity());
-            let d = ai.tpm.check_rate_cost(&key, route_key, limit, now_us, u32::try_from(taken).unwrap_or(u32::MAX));
-            if !d.allowed {
+            let cost = u32::try_from(taken).unwrap_or(u32::MAX);
+            let shared = match &self.shared {
+                Some(s) => s.take_llm_tokens(&key, route_key, limit, cost, now_us).await.map(|d| (d, s.clone())),
+                None => None,
+            };
+            let (allowed, retry_after) = match shared {
+                Some((d, s)) => {
+                    tpm = Some(*limit);
+                    tpm_shared = Some(s);
+                    let short = i64::try_from(taken.saturating_sub(d.remaining)).unwrap_or(i64::MAX);
+                    (d.allowed, short.saturating_mul(limit.emission_interval_us()))
+                }
+                None => {
+                    let local = self.shared.as_ref().map_or(*limit, |s| s.scaled(limit));
+                    tpm = Some(local);
+                    let d = ai.tpm.check_rate_cost(&key, route_key, &local, now_us, cost);
+                    (d.allowed, d.retry_after)
+                }
+            };
+            if !allowed {
                 release(&ai.spend, route_key, &held);
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -409,10 +434,10 @@ impl Gateway {
                     format!(
                         "this key has used its {} LLM tokens a minute on this route; try again in {} s",
                         limit.requests,
-                        (d.retry_after / 1_000_000).max(1)
+                        (retry_after / 1_000_000).max(1)
                     ),
                 );
-                e.retry_after_s = Some(u64::try_from(d.retry_after).unwrap_or(0).div_ceil(1_000_000));
+                e.retry_after_s = Some(u64::try_from(retry_after).unwrap_or(0).div_ceil(1_000_000));
                 return Err(e);
             }
         }
@@ -425,7 +450,8 @@ impl Gateway {
             deployment,
             now_us,
             estimate: taken,
-            tpm: air.tokens_per_minute,
+            tpm,
+            tpm_shared: tpm_shared.clone(),
             held: held.clone(),
             who: who.clone(),
             fallbacks,
@@ -513,8 +539,8 @@ impl Gateway {
             return whole_answer(resp, built.mode, settle, &head, sink).await;
         }
         release(&ai.spend, route_key, &held);
-        if let Some(limit) = &air.tokens_per_minute {
-            ai.tpm.settle_cost(&key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
+        if let Some(limit) = &tpm {
+            settle_tpm(&ai, tpm_shared.as_deref(), &key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
         }
         let name_last = deployments.last().map(Deployment::name).unwrap_or_default();
         ai.record(&who, &route.id, &name_last, now_ms, &Usage::default(), 0, false, fallbacks);
@@ -713,6 +739,23 @@ fn build_request(
     let bytes = serde_json::to_vec(&body).map_err(|_| invalid("the request could not be written"))?;
     *r.body_mut() = Some(reqwest::Body::from(bytes));
     Ok(Built { request: r, mode })
+}
+
+/// Settles the LLM tokens a call took before its answer: `delta` more or fewer, in the bucket
+/// they were taken from (the nodes' shared one, or this node's).
+fn settle_tpm(
+    ai: &Ai,
+    shared: Option<&SharedLimiter>,
+    key: &[u8; PUBLIC_ID_LEN],
+    route_key: u32,
+    limit: &RateLimit,
+    now_us: i64,
+    delta: i64,
+) {
+    match shared {
+        Some(s) => s.settle_llm_tokens(key, route_key, limit, delta, now_us),
+        None => ai.tpm.settle_cost(key, route_key, limit, now_us, delta),
+    }
 }
 
 /// The head of an answer of keygate's AI gateway.

@@ -888,3 +888,46 @@ async fn a_prompt_is_a_rest_endpoint_with_its_own_scope_and_in_the_portal() {
     assert!(page.body.contains("/llm/sentiment") && page.body.contains("The sentiment of a text"), "{}", page.body);
     kg.stop().await;
 }
+
+/// The tokens-per-minute limit of a virtual key holds across nodes that share Redis: what one
+/// node took, another cannot take again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_tokens_per_minute_hold_across_nodes_that_share_redis() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = LlmStandIn::start(OPENAI_KEY, ANTHROPIC_KEY).await.unwrap();
+    let prefix =
+        format!("kgtest{}", keygate_core::token_format::random_base62(&keygate_core::secret::OsRandom, 10).unwrap());
+    let redis_url = std::env::var("KEYGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = keygate::config::RedisConfig {
+        url: Some(redis_url),
+        key_prefix: prefix,
+        wait_ms: 1_000,
+        ..keygate::config::RedisConfig::default()
+    };
+    let mut ai = models();
+    ai.tokens_per_minute = Some(12);
+    let opts = Options {
+        database_url: Some(db.url.clone()),
+        redis: Some(redis),
+        routes: vec![ai_route(ai)],
+        providers: providers(&s, dir.path()),
+        ..Options::default()
+    };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    let (_, vk) = a.client().create_token(&json!({"name": "k", "scopes": ["llm:*"]})).await;
+    a.sync_index().await.unwrap();
+    b.sync_index().await.unwrap();
+    // The first call's estimate takes the whole minute's 12 tokens; its 7 used are settled.
+    let g = call(&a, &vk, "/v1/chat/completions", &chat("gpt-mini", "hello there")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    // Another node has no minute of its own to give: refused (each node alone would admit it).
+    let g = call(&b, &vk, "/v1/chat/completions", &chat("gpt-mini", "hello there")).await;
+    assert_eq!(g.status, StatusCode::TOO_MANY_REQUESTS, "{}", g.text);
+    assert_eq!(g.json()["error"]["code"], "llm_tokens_per_minute_exceeded");
+    assert!(g.header("retry-after").is_some());
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}

@@ -187,6 +187,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(providers::list_providers, providers::create_provider))
         .routes(routes!(providers::get_provider, providers::update_provider, providers::delete_provider))
         .routes(routes!(providers::rotate_provider_key))
+        .routes(routes!(providers::list_llm_logs))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
         .routes(routes!(calls::list_calls))

@@ -474,6 +474,21 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// The workspace's logged LLM calls (routes with `log_prompts`), newest first: of one route
+    /// and one token if given, below the id `before` (the cursor of the previous page).
+    pub async fn llm_logs(
+        &self,
+        ws: &WorkspaceId,
+        route: Option<&str>,
+        token: Option<&TokenId>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<keygate_core::llm::LlmLog>> {
+        self.store.llm_logs(ws, route, token.map(TokenId::as_str), before, limit.clamp(1, 200)).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,8 +130,53 @@ pub struct SpentSince {
     pub day_micro_usd: u64,
 }
 
+/// One logged LLM call of a route that logs its prompts and answers (`[routes.ai]
+/// log_prompts`): what the client sent (its body, never its headers: no credential) and what it
+/// got, each cut at [`MAX_LOGGED_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmLog {
+    /// Given by the store (0 before it is written).
+    pub id: i64,
+    pub workspace_id: WorkspaceId,
+    pub route: String,
+    /// The token (as in [`LlmUsage::caller`]).
+    pub caller: String,
+    pub app_id: String,
+    /// The model the client named.
+    pub model: String,
+    /// `provider/model` that answered (or was tried last).
+    pub deployment: String,
+    /// Milliseconds since the epoch.
+    pub at: i64,
+    pub status: u16,
+    pub request: String,
+    pub answer: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub micro_usd: u64,
+    /// When it is deleted (the route's `log_retention_days` after `at`).
+    pub expires_at: i64,
+}
+
+/// The most of a request or an answer a log keeps, in bytes.
+pub const MAX_LOGGED_BYTES: usize = 64 * 1024;
+
 #[async_trait]
 pub trait LlmStore: Send + Sync {
+    /// Adds logged calls (their ids are the store's).
+    async fn insert_llm_logs(&self, logs: &[LlmLog]) -> Result<()>;
+    /// The workspace's logged calls, newest first, with ids below `before` (a cursor), of one
+    /// route and one caller if given.
+    async fn llm_logs(
+        &self,
+        ws: &WorkspaceId,
+        route: Option<&str>,
+        caller: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LlmLog>>;
+    /// Deletes the logged calls whose time to be kept ended before `now`; how many went.
+    async fn trim_llm_logs(&self, now: i64) -> Result<u64>;
     /// Every caller's spending per route since `month_start` (and, of it, since `day_start`).
     async fn llm_spent_since(&self, month_start: i64, day_start: i64) -> Result<Vec<SpentSince>>;
     /// Adds a provider; `conflict` (`provider_exists`) if a stored provider has its id. Like a

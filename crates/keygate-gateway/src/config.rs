@@ -450,6 +450,13 @@ pub struct AiRouteConfig {
     /// in milliseconds. Default 120,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_timeout_ms: Option<u64>,
+    /// Log each call's request body and answer (never headers, so never a credential), each cut
+    /// at 64 KiB, readable by the workspace's admins. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log_prompts: bool,
+    /// Days a logged call is kept (default 7, at most 3650).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_retention_days: Option<u32>,
     /// Prompts published as plain REST endpoints: `POST {path}/{name}` with a JSON object of the
     /// template's fields answers with the model's answer (as JSON with `json = true`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

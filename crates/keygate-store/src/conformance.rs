@@ -678,6 +678,45 @@ async fn llm_usage_and_spending(h: &Harness) {
     assert!(s.llm_spent_since(h0 + 7_200_000, h0 + 7_200_000).await.unwrap().is_empty());
 }
 
+async fn llm_logs(h: &Harness) {
+    use keygate_core::llm::{LlmLog, LlmStore};
+    let s = &h.store;
+    let ws = WorkspaceId::from_trusted("ws_logs".to_owned());
+    let log = |route: &str, caller: &str, at: i64, expires_at: i64| LlmLog {
+        id: 0,
+        workspace_id: ws.clone(),
+        route: route.into(),
+        caller: caller.into(),
+        app_id: "app_1".into(),
+        model: "fast".into(),
+        deployment: "openai/gpt".into(),
+        at,
+        status: 200,
+        request: "{\"messages\": [\"ü'\\\"\"]}".into(),
+        answer: "echo".into(),
+        input_tokens: 3,
+        output_tokens: 2,
+        micro_usd: 7,
+        expires_at,
+    };
+    s.insert_llm_logs(&[log("llm", "tok_a", 1, 100), log("llm", "tok_b", 2, 200), log("other", "tok_a", 3, 300)])
+        .await
+        .unwrap();
+    s.insert_llm_logs(&[]).await.unwrap();
+    let all = s.llm_logs(&ws, None, None, None, 10).await.unwrap();
+    assert_eq!(all.iter().map(|l| l.at).collect::<Vec<_>>(), vec![3, 2, 1], "newest first");
+    assert_eq!(all[2], LlmLog { id: all[2].id, ..log("llm", "tok_a", 1, 100) }, "every field back");
+    let page = s.llm_logs(&ws, None, None, Some(all[0].id), 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].at, 2, "the cursor goes on below the last id");
+    assert_eq!(s.llm_logs(&ws, Some("llm"), Some("tok_a"), None, 10).await.unwrap().len(), 1);
+    assert_eq!(s.llm_logs(&ws, Some("other"), None, None, 10).await.unwrap().len(), 1);
+    let other = WorkspaceId::from_trusted("ws_nobody".to_owned());
+    assert!(s.llm_logs(&other, None, None, None, 10).await.unwrap().is_empty());
+    assert_eq!(s.trim_llm_logs(250).await.unwrap(), 2);
+    assert_eq!(s.llm_logs(&ws, None, None, None, 10).await.unwrap().len(), 1);
+}
+
 async fn llm_providers(h: &Harness) {
     use keygate_core::llm::{LlmStore, StoredProvider};
     let s = &h.store;
@@ -2531,6 +2570,7 @@ conformance!(
     usage_and_quota_counts,
     llm_usage_and_spending,
     llm_providers,
+    llm_logs,
     accounts_users,
     accounts_recovery_codes,
     accounts_sessions,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use keygate_core::ids::{TokenId, WorkspaceId};
-use keygate_core::llm::{LlmStore, LlmUsage, Spending, SpentSince, StoredProvider};
+use keygate_core::llm::{LlmLog, LlmStore, LlmUsage, Spending, SpentSince, StoredProvider};
 use keygate_core::model::NewAuditEvent;
 use keygate_core::{Error, Result};
 use sqlx::Row;
@@ -186,6 +186,96 @@ impl LlmStore for SqlStore {
         .await
         .map_err(db_error)?;
         rows.iter().map(|r| usage_row(r, ws)).collect()
+    }
+
+    async fn insert_llm_logs(&self, logs: &[LlmLog]) -> Result<()> {
+        if logs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for l in logs {
+            sqlx::query(
+                "INSERT INTO llm_logs (workspace_id, route, caller, app_id, model, deployment, at, status, request, \
+                 answer, input_tokens, output_tokens, micro_usd, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(l.workspace_id.as_str())
+            .bind(l.route.as_str())
+            .bind(l.caller.as_str())
+            .bind(l.app_id.as_str())
+            .bind(l.model.as_str())
+            .bind(l.deployment.as_str())
+            .bind(l.at)
+            .bind(i64::from(l.status))
+            .bind(l.request.as_str())
+            .bind(l.answer.as_str())
+            .bind(count(l.input_tokens))
+            .bind(count(l.output_tokens))
+            .bind(count(l.micro_usd))
+            .bind(l.expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn llm_logs(
+        &self,
+        ws: &WorkspaceId,
+        route: Option<&str>,
+        caller: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LlmLog>> {
+        let rows = sqlx::query(
+            "SELECT id, route, caller, app_id, model, deployment, at, status, request, answer, input_tokens, \
+             output_tokens, micro_usd, expires_at FROM llm_logs WHERE workspace_id = $1 \
+             AND ($2 = '' OR route = $2) AND ($3 = '' OR caller = $3) AND id < $4 ORDER BY id DESC LIMIT $5",
+        )
+        .bind(ws.as_str())
+        .bind(route.unwrap_or_default())
+        .bind(caller.unwrap_or_default())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit.clamp(1, 500)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<u64> {
+            let v: i64 = r.try_get(c).map_err(db_error)?;
+            Ok(u64::try_from(v).unwrap_or(0))
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(LlmLog {
+                    id: r.try_get("id").map_err(db_error)?,
+                    workspace_id: ws.clone(),
+                    route: r.try_get("route").map_err(db_error)?,
+                    caller: r.try_get("caller").map_err(db_error)?,
+                    app_id: r.try_get("app_id").map_err(db_error)?,
+                    model: r.try_get("model").map_err(db_error)?,
+                    deployment: r.try_get("deployment").map_err(db_error)?,
+                    at: r.try_get("at").map_err(db_error)?,
+                    status: u16::try_from(n(r, "status")?).unwrap_or(0),
+                    request: r.try_get("request").map_err(db_error)?,
+                    answer: r.try_get("answer").map_err(db_error)?,
+                    input_tokens: n(r, "input_tokens")?,
+                    output_tokens: n(r, "output_tokens")?,
+                    micro_usd: n(r, "micro_usd")?,
+                    expires_at: r.try_get("expires_at").map_err(db_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn trim_llm_logs(&self, now: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM llm_logs WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
     }
 
     async fn llm_spent_since(&self, month_start: i64, day_start: i64) -> Result<Vec<SpentSince>> {

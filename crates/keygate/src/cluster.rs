@@ -190,6 +190,14 @@ impl Cluster {
                 }
             }
         }
+        match tokio::time::timeout(Duration::from_secs(300), self.store.trim_llm_logs(now)).await {
+            Ok(Ok(n)) if n > 0 => {
+                tracing::info!(logs = n, "deleted logged LLM calls past their route's log_retention_days")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete old logged LLM calls"),
+            Err(_) => tracing::warn!("deleting old logged LLM calls took more than five minutes; stopped waiting"),
+        }
         if let Some(keep) = self.audit_retention_ms {
             let before = Timestamp::from_millis(now.saturating_sub(keep));
             match tokio::time::timeout(Duration::from_secs(300), self.store.prune_audit(before)).await {

@@ -176,6 +176,15 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     }
     query_param(doc, "/admin/v1/webhooks/{id}/deliveries", "get", "limit", limit.clone());
     query_param(doc, "/admin/v1/alerts", "get", "limit", limit.clone());
+    query_param(doc, "/admin/v1/llm-logs", "get", "limit", json!({"type": "integer", "minimum": 1, "maximum": 200}));
+    query_param(doc, "/admin/v1/llm-logs", "get", "cursor", json!({"type": "string", "pattern": "^[1-9][0-9]{0,17}$"}));
+    query_param(
+        doc,
+        "/admin/v1/llm-logs",
+        "get",
+        "token_id",
+        json!({"type": "string", "pattern": "^tok_[0-9A-Za-z]{1,40}$"}),
+    );
     query_param(doc, "/admin/v1/alerts", "get", "cursor", json!({"type": "string", "pattern": TIME_CURSOR}));
     query_param(
         doc,

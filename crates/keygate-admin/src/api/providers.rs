@@ -236,3 +236,97 @@ pub(crate) async fn delete_provider(
     s.admin.delete_provider(&auth.key.workspace_id, &auth.actor, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// A logged LLM call (a route with `log_prompts`): the request body the client sent and the
+/// answer it got, each cut at 64 KiB; never a header, so never a credential.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LlmLogView {
+    pub id: i64,
+    pub at: String,
+    pub route: String,
+    /// The token that made the call.
+    pub token_id: String,
+    pub app_id: String,
+    /// The model the client named, and the deployment that answered (or was tried last).
+    pub model: String,
+    pub deployment: String,
+    pub status: u16,
+    pub request: String,
+    pub answer: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    /// When it is deleted (the route's `log_retention_days`).
+    pub expires_at: String,
+}
+
+impl From<keygate_core::llm::LlmLog> for LlmLogView {
+    fn from(l: keygate_core::llm::LlmLog) -> Self {
+        let time = |ms: i64| keygate_core::Timestamp::from_millis(ms).to_rfc3339();
+        Self {
+            id: l.id,
+            at: time(l.at),
+            route: l.route,
+            token_id: l.caller,
+            app_id: l.app_id,
+            model: l.model,
+            deployment: l.deployment,
+            status: l.status,
+            request: l.request,
+            answer: l.answer,
+            input_tokens: l.input_tokens,
+            output_tokens: l.output_tokens,
+            cost_usd: l.micro_usd as f64 / 1e6,
+            expires_at: time(l.expires_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LlmLogList {
+    pub data: Vec<LlmLogView>,
+    /// Give it as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LlmLogQuery {
+    /// Only this route's calls.
+    pub route: Option<String>,
+    /// Only this token's calls.
+    pub token_id: Option<String>,
+    /// From `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// 1 to 200 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// The workspace's logged LLM calls, newest first (routes with `log_prompts` only).
+#[utoipa::path(get, path = "/admin/v1/llm-logs", tag = "providers", params(LlmLogQuery),
+    responses((status = 200, body = LlmLogList), (status = 400, body = ErrorBody)))]
+pub(crate) async fn list_llm_logs(
+    auth: Auth<super::extract::AuditRead>,
+    State(s): State<AdminState>,
+    super::extract::ApiQuery(q): super::extract::ApiQuery<LlmLogQuery>,
+) -> Result<Json<LlmLogList>, ApiError> {
+    let bad = |m: &str| ApiError::from(keygate_core::Error::invalid("invalid_query", m.to_owned()));
+    let token = match q.token_id.as_deref() {
+        Some(t) => Some(keygate_core::ids::TokenId::parse(t).ok_or_else(|| bad("token_id is a token's id (tok_…)"))?),
+        None => None,
+    };
+    let before = match q.cursor.as_deref() {
+        Some(c) => {
+            Some(c.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| bad("cursor is the next_cursor of a page"))?)
+        }
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(bad("limit is from 1 to 200"));
+    }
+    let logs = s.admin.llm_logs(&auth.key.workspace_id, q.route.as_deref(), token.as_ref(), before, limit).await?;
+    let next_cursor = (logs.len() == limit as usize).then(|| logs.last().map(|l| l.id.to_string())).flatten();
+    Ok(Json(LlmLogList { data: logs.into_iter().map(LlmLogView::from).collect(), next_cursor }))
+}

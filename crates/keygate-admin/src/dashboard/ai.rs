@@ -1,7 +1,8 @@
 //! The AI gateway's page for a workspace's owners and admins (`/ai`): its LLM providers (the
 //! config file's, read-only, and those made here: add one with its key, give it a new key,
 //! delete it; keys are sealed and never shown again), and its LLM usage over the last 30 days
-//! per provider and model (requests, errors, fallbacks, tokens in and out, cost) and per day.
+//! per provider and model (requests, errors, fallbacks, tokens in and out, cost) and per day,
+//! and the latest logged calls of the routes that log their prompts and answers.
 //! The same service calls as the admin API, audited with the person as actor.
 
 use axum::extract::{Path, Query, State};
@@ -98,6 +99,29 @@ async fn page_inner(
         .map(|(d, u)| context! { day => day(*d), requests => u.requests, cost => usd(u.micro_usd), tokens => u.input_tokens + u.output_tokens })
         .collect();
     let total: u64 = usage.by_deployment.iter().map(|u| u.micro_usd).sum();
+    let logs: Vec<Value> = st
+        .admin
+        .llm_logs(v.workspace(), None, None, None, 20)
+        .await
+        .map_err(ctx_err(v))?
+        .into_iter()
+        .map(|l| {
+            context! {
+                id => l.id,
+                at => keygate_core::Timestamp::from_millis(l.at).to_rfc3339(),
+                route => l.route,
+                token_link => l.caller.starts_with("tok_"),
+                token => l.caller,
+                model => l.model,
+                deployment => l.deployment,
+                status => l.status,
+                tokens => l.input_tokens + l.output_tokens,
+                cost => usd(l.micro_usd),
+                request => l.request,
+                answer => l.answer,
+            }
+        })
+        .collect();
     Ok(st.render(
         error.as_ref().map_or(StatusCode::OK, |e| e.0),
         "ai.html",
@@ -109,6 +133,7 @@ async fn page_inner(
             usage => usage.by_deployment.iter().map(usage_row).collect::<Vec<_>>(),
             total_cost => usd(total),
             days,
+            logs,
             chart => Value::from_safe_string(svg),
             notice => error.map(|(_, text)| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
         },

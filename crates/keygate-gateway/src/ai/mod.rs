@@ -82,7 +82,12 @@ pub struct AiRoute {
     turn: std::sync::atomic::AtomicUsize,
     /// Prompts published as REST endpoints, by name (`POST {path}/{name}`).
     pub prompts: BTreeMap<String, prompt::Prompt>,
+    /// Calls' requests and answers are logged, kept this many milliseconds.
+    pub log_retention_ms: Option<i64>,
 }
+
+/// Days a logged call is kept by default.
+pub const DEFAULT_LOG_RETENTION_DAYS: u32 = 7;
 
 /// How long a provider may take to start answering by default (a non-streamed answer starts
 /// when it is complete).
@@ -137,6 +142,14 @@ impl AiRoute {
             .iter()
             .map(|(name, p)| prompt::Prompt::from_config(name, p, &serves).map(|p| (name.clone(), p)))
             .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let log_retention_ms = match (cfg.log_prompts, cfg.log_retention_days) {
+            (_, Some(d)) if !(1..=3650).contains(&d) => {
+                return Err("ai.log_retention_days is from 1 to 3650".into());
+            }
+            (false, Some(_)) => return Err("ai.log_retention_days needs ai.log_prompts = true".into()),
+            (true, d) => Some(i64::from(d.unwrap_or(DEFAULT_LOG_RETENTION_DAYS)) * 86_400_000),
+            (false, None) => None,
+        };
         Ok(Some(Self {
             models,
             aliases_only: cfg.aliases_only,
@@ -148,6 +161,7 @@ impl AiRoute {
             round_robin: cfg.balance == crate::config::AiBalance::RoundRobin,
             turn: std::sync::atomic::AtomicUsize::new(0),
             prompts,
+            log_retention_ms,
         }))
     }
 
@@ -589,7 +603,14 @@ pub struct Ai {
     totals: Mutex<HashMap<(Arc<str>, String), Totals>>,
     /// Usage not written to the store yet, per caller, route, deployment and hour.
     pending: Mutex<HashMap<UsageKey, keygate_core::llm::LlmUsage>>,
+    /// Logged calls not written yet (routes with `log_prompts`), at most [`MAX_PENDING_LOGS`].
+    logs: Mutex<Vec<keygate_core::llm::LlmLog>>,
+    /// Logged calls dropped because the buffer was full (the store could not keep up).
+    logs_dropped: std::sync::atomic::AtomicU64,
 }
+
+/// Logged calls held for the next write at most; more are dropped (and counted).
+pub const MAX_PENDING_LOGS: usize = 10_000;
 
 /// (workspace, caller, route, deployment, hour).
 type UsageKey = (Arc<str>, Arc<str>, Arc<str>, String, i64);
@@ -624,6 +645,8 @@ impl Ai {
             spend: Spend::default(),
             totals: Mutex::default(),
             pending: Mutex::default(),
+            logs: Mutex::default(),
+            logs_dropped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -660,6 +683,16 @@ impl Ai {
             Some(owner) if Some(&**owner) == ws => Some(p),
             Some(_) => None,
         }
+    }
+
+    /// Keeps a logged call for the next write (dropped, and counted, when the buffer is full).
+    pub fn log(&self, entry: keygate_core::llm::LlmLog) {
+        let mut logs = self.logs.lock();
+        if logs.len() >= MAX_PENDING_LOGS {
+            self.logs_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        logs.push(entry);
     }
 
     /// Counts a call's usage for the store.
@@ -711,6 +744,17 @@ impl Ai {
     pub async fn sync(&self, store: &dyn keygate_core::llm::LlmStore, now_ms: i64) {
         let usage: Vec<_> = std::mem::take(&mut *self.pending.lock()).into_values().collect();
         let spending = self.spend.take();
+        let logs = std::mem::take(&mut *self.logs.lock());
+        if !logs.is_empty()
+            && let Err(e) = store.insert_llm_logs(&logs).await
+        {
+            tracing::warn!(error = %e, logs = logs.len(), "cannot write logged LLM calls; keeping them for the next try");
+            let mut kept = self.logs.lock();
+            let room = MAX_PENDING_LOGS.saturating_sub(kept.len());
+            let lost = logs.len().saturating_sub(room);
+            self.logs_dropped.fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
+            kept.extend(logs.into_iter().take(room));
+        }
         if usage.is_empty() && spending.is_empty() && !self.has_providers() {
             // No AI gateway in use: no store round trip.
             return;
@@ -766,6 +810,14 @@ impl Ai {
     /// The totals in the Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
+        let dropped = self.logs_dropped.load(std::sync::atomic::Ordering::Relaxed);
+        if dropped > 0 {
+            let _ = writeln!(
+                out,
+                "# HELP keygate_llm_logs_dropped_total Logged LLM calls dropped because the store could not keep up\n\
+                 # TYPE keygate_llm_logs_dropped_total counter\nkeygate_llm_logs_dropped_total {dropped}"
+            );
+        }
         let totals = self.totals();
         if totals.is_empty() {
             return;

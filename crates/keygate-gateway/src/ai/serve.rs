@@ -148,6 +148,67 @@ struct Settle {
     who: CallerIds,
     /// The deployments tried before this one, which answered 429 or 5xx or timed out.
     fallbacks: u64,
+    /// A route that logs its calls: what the record starts from.
+    log: Option<LogDraft>,
+    /// The answer's text, for the log.
+    answer: String,
+}
+
+/// What a logged call's record starts from (the route logs its prompts and answers).
+#[derive(Debug, Clone)]
+struct LogDraft {
+    /// The model the client named.
+    model: String,
+    /// The request body (for a prompt endpoint: the chat request made of its template).
+    request: String,
+    retention_ms: i64,
+    status: u16,
+}
+
+impl LogDraft {
+    /// The record of the call.
+    #[allow(clippy::too_many_arguments)]
+    fn into_log(
+        self,
+        who: &CallerIds,
+        route: &str,
+        deployment: String,
+        at: i64,
+        answer: String,
+        usage: &Usage,
+        cost: u64,
+    ) -> keygate_core::llm::LlmLog {
+        keygate_core::llm::LlmLog {
+            id: 0,
+            workspace_id: keygate_core::ids::WorkspaceId::from_trusted(who.workspace.to_string()),
+            route: route.to_owned(),
+            caller: who.caller.to_string(),
+            app_id: who.app.to_string(),
+            model: self.model,
+            deployment,
+            at,
+            status: self.status,
+            request: self.request,
+            answer: clip(answer),
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            micro_usd: cost,
+            expires_at: at.saturating_add(self.retention_ms),
+        }
+    }
+}
+
+/// `s` cut at [`keygate_core::llm::MAX_LOGGED_BYTES`], on a character boundary.
+fn clip(mut s: String) -> String {
+    let max = keygate_core::llm::MAX_LOGGED_BYTES;
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+    s
 }
 
 /// A budget a call is held to: whose (the key's, its app's, its workspace's), its spending key,
@@ -226,6 +287,10 @@ impl Settle {
         }
         let name = self.deployment.name();
         self.ai.record(&self.who, &self.route, &name, self.now_us / 1000, &usage, cost, ok, self.fallbacks);
+        if let Some(d) = self.log {
+            let log = d.into_log(&self.who, &self.route, name.clone(), self.now_us / 1000, self.answer, &usage, cost);
+            self.ai.log(log);
+        }
         self.ai.count(&self.route, &name, |t| {
             t.input += usage.input;
             t.output += usage.output;
@@ -349,6 +414,12 @@ impl Gateway {
             }
         }
         let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false) && op != Op::Embeddings;
+        let log_draft = air.log_retention_ms.map(|retention_ms| LogDraft {
+            model: name.clone(),
+            request: clip(String::from_utf8_lossy(bytes).into_owned()),
+            retention_ms,
+            status: 0,
+        });
         let now_ms = self.clock.now().as_millis();
         let now_us = now_ms.saturating_mul(1000);
         let key = *caller.limit_key();
@@ -455,6 +526,8 @@ impl Gateway {
             held: held.clone(),
             who: who.clone(),
             fallbacks,
+            log: None,
+            answer: String::new(),
         };
         let mut last: Option<AiError> = None;
         let mut fallbacks = 0u64;
@@ -517,7 +590,8 @@ impl Gateway {
                     t.errors += 1;
                 }
             });
-            let settle = settle_base(provider.clone(), d.clone(), fallbacks);
+            let mut settle = settle_base(provider.clone(), d.clone(), fallbacks);
+            settle.log = log_draft.clone().map(|l| LogDraft { status: status.as_u16(), ..l });
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 // The provider refused keygate's key: the caller's key is fine, the operator's
                 // is not (revoked, rotated at the provider).
@@ -540,7 +614,7 @@ impl Gateway {
         }
         release(&ai.spend, route_key, &held);
         if let Some(limit) = &tpm {
-            settle_tpm(&ai, tpm_shared.as_deref(), &key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
+            settle_tpm(ai, tpm_shared.as_deref(), &key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
         }
         let name_last = deployments.last().map(Deployment::name).unwrap_or_default();
         ai.record(&who, &route.id, &name_last, now_ms, &Usage::default(), 0, false, fallbacks);
@@ -550,14 +624,20 @@ impl Gateway {
             t.errors += 1;
             t.fallbacks += fb;
         });
-        Err(last.unwrap_or_else(|| {
+        let last = last.unwrap_or_else(|| {
             ai_error(
                 StatusCode::BAD_GATEWAY,
                 "provider_unavailable",
                 "api_error",
                 "no deployment of the model answered",
             )
-        }))
+        });
+        if let Some(d) = log_draft {
+            let d = LogDraft { status: last.status.as_u16(), ..d };
+            let answer = format!("{}: {}", last.code, last.message);
+            ai.log(d.into_log(&who, &route.id, name_last, now_ms, answer, &Usage::default(), 0));
+        }
+        Err(last)
     }
 }
 
@@ -791,7 +871,7 @@ fn remaining_budget<S: HeadSink>(settle_ai: &Ai, route_key: u32, held: &[Held], 
 async fn whole_answer<S: HeadSink>(
     mut resp: reqwest::Response,
     mode: Mode,
-    settle: Settle,
+    mut settle: Settle,
     head: &AnswerHead<'_>,
     sink: &mut S,
 ) -> Result<Answered, AiError> {
@@ -849,10 +929,16 @@ async fn whole_answer<S: HeadSink>(
             }
             Err(m) => {
                 // The call was made and is paid for: counted, then the caller is told.
+                if settle.log.is_some() {
+                    settle.answer = String::from_utf8_lossy(&body).into_owned();
+                }
                 settle.done_with(usage, false);
                 return Err(ai_error(StatusCode::BAD_GATEWAY, "prompt_answer_invalid", "api_error", m));
             }
         }
+    }
+    if settle.log.is_some() {
+        settle.answer = String::from_utf8_lossy(&body).into_owned();
     }
     write_head(head, &content_type, sink);
     let cost_known = settle.provider.prices.contains_key(&*settle.deployment.model);
@@ -900,6 +986,7 @@ fn stream_answer<S: HeadSink>(
         usage: Usage::default(),
         deltas: 0,
         estimate_in,
+        text: settle.log.as_ref().map(|_| String::new()),
         settle: Some(settle),
     };
     Answered { status: head.status, body: UpstreamResponseBody::from_body(Box::pin(body)) }
@@ -919,6 +1006,18 @@ struct AiStream {
     deltas: u64,
     estimate_in: u64,
     settle: Option<Settle>,
+    /// The answer's text so far, when the route logs its calls (at most what a log keeps).
+    text: Option<String>,
+}
+
+/// The text an event of a stream adds to the answer: a chat chunk's delta, a completion's text,
+/// an Anthropic content block's delta, a Responses API text delta.
+fn delta_text(v: &Value) -> Option<&str> {
+    let choice = v.get("choices").and_then(|c| c.get(0));
+    choice
+        .and_then(|c| c.get("delta").and_then(|d| d.get("content")).or_else(|| c.get("text")))
+        .or_else(|| v.get("delta").and_then(|d| d.get("text").or(Some(d)).filter(|x| x.is_string())))
+        .and_then(Value::as_str)
 }
 
 impl AiStream {
@@ -926,8 +1025,16 @@ impl AiStream {
     fn piece(&mut self, bytes: &Bytes) -> Bytes {
         let mut out = Vec::new();
         let (mode, usage, deltas, translator) = (self.mode, &mut self.usage, &mut self.deltas, &mut self.translator);
+        let text = &mut self.text;
         self.events.feed(bytes, |ev| {
             let data = ev.data.trim();
+            if let Some(t) = text.as_mut()
+                && t.len() < keygate_core::llm::MAX_LOGGED_BYTES
+                && let Ok(v) = serde_json::from_str::<Value>(data)
+                && let Some(piece) = delta_text(&v)
+            {
+                t.push_str(piece);
+            }
             if data == "[DONE]" {
                 if mode != Mode::Pass {
                     write_event(&mut out, None, "[DONE]");
@@ -984,7 +1091,10 @@ impl AiStream {
     }
 
     fn finish(&mut self) {
-        let Some(s) = self.settle.take() else { return };
+        let Some(mut s) = self.settle.take() else { return };
+        if let Some(t) = self.text.take() {
+            s.answer = t;
+        }
         let mut u = self.usage;
         if u.input == 0 {
             u.input = self.estimate_in;

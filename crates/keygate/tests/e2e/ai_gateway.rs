@@ -931,3 +931,69 @@ async fn llm_tokens_per_minute_hold_across_nodes_that_share_redis() {
     b.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_route_logs_prompts_and_answers_when_asked_and_only_then() {
+    let mut ai = models();
+    ai.log_prompts = true;
+    ai.log_retention_days = Some(2);
+    let (kg, _s, _dir) = start(ai).await;
+    let (vk_id, vk) = key(&kg, &["llm:*"]).await;
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("gpt-mini", "secret plans")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    // Streamed, through the Anthropic translation: the answer's text is put together.
+    let mut req = chat("claude", "stream me");
+    req["stream"] = json!(true);
+    let g = call(&kg, &vk, "/v1/chat/completions", &req).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let g = call(&kg, &vk, "/v1/chat/completions", &chat("nope", "x")).await;
+    assert_eq!(g.status, StatusCode::NOT_FOUND, "a refusal before any call is not logged");
+    kg.flush_usage().await;
+
+    let logs = kg.client().get("/admin/v1/llm-logs?route=llm").await;
+    assert_eq!(logs.status, StatusCode::OK, "{:?}", logs.body);
+    let data = logs.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{:?}", logs.body);
+    let streamed = &data[0];
+    assert_eq!(streamed["model"], "claude");
+    assert_eq!(streamed["deployment"], "anthropic/claude-small");
+    assert_eq!(streamed["answer"], "echo: stream me");
+    assert!(streamed["request"].as_str().unwrap().contains("stream me"));
+    let plain = &data[1];
+    assert_eq!(plain["token_id"], vk_id.as_str());
+    assert_eq!(plain["status"], 200);
+    assert!(plain["answer"].as_str().unwrap().contains("echo: secret plans"));
+    assert_eq!(plain["input_tokens"], 4);
+    assert!(!logs.body.to_string().contains(&vk), "the virtual key is never logged");
+    assert!(!logs.body.to_string().contains(OPENAI_KEY), "nor the provider's key");
+    // Kept for the route's retention, then gone.
+    let at = plain["at"].as_str().unwrap().to_owned();
+    let expires = plain["expires_at"].as_str().unwrap();
+    assert!(expires > at.as_str());
+    let page = kg.client().get(&format!("/admin/v1/llm-logs?limit=1&token_id={vk_id}")).await;
+    assert_eq!(page.body["data"].as_array().unwrap().len(), 1);
+    let next = page.body["next_cursor"].as_str().unwrap().to_owned();
+    let page = kg.client().get(&format!("/admin/v1/llm-logs?limit=1&cursor={next}")).await;
+    assert_eq!(page.body["data"][0]["model"], "gpt-mini");
+    assert_eq!(kg.client().get("/admin/v1/llm-logs?cursor=x").await.status, StatusCode::BAD_REQUEST);
+    // Owners read them on the AI page.
+    let mut own = crate::dashboard::owner(&kg).await;
+    let page = own.get("/ai").await;
+    assert!(page.body.contains("id=\"llm-log-") && page.body.contains("echo: stream me"), "{}", page.body);
+    kg.clock.advance_seconds(3 * 86_400);
+    kg.cluster().housekeeping().await;
+    let logs = kg.client().get("/admin/v1/llm-logs").await;
+    assert!(logs.body["data"].as_array().unwrap().is_empty(), "{:?}", logs.body);
+    kg.stop().await;
+}
+
+#[tokio::test]
+async fn routes_log_nothing_unless_they_ask() {
+    let (kg, _s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    assert_eq!(call(&kg, &vk, "/v1/chat/completions", &chat("gpt-mini", "hi")).await.status, StatusCode::OK);
+    kg.flush_usage().await;
+    let logs = kg.client().get("/admin/v1/llm-logs").await;
+    assert!(logs.body["data"].as_array().unwrap().is_empty(), "{:?}", logs.body);
+    kg.stop().await;
+}

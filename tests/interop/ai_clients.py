@@ -114,22 +114,37 @@ def main():
     except openai.NotFoundError as ex:
         check("an unknown model: NotFoundError, code model_not_found", ex.code == "model_not_found", ex)
 
-    # Anthropic's own client, on the Messages API.
+    # Anthropic's own client, on the Messages API: an Anthropic model (passed through), and an
+    # OpenAI model (keygate translates the request, the answer and the streamed events).
     an = anthropic.Anthropic(api_key=vk, base_url=gateway + "/llm", max_retries=0, timeout=20)
+    for model in ("claude", "gpt-mini"):
+        try:
+            m = an.messages.create(model=model, max_tokens=50, messages=[{"role": "user", "content": "hi there"}])
+            check(f"anthropic messages {model}: the answer",
+                  m.content[0].text == "echo: hi there" and m.stop_reason == "end_turn", m)
+            check(f"anthropic messages {model}: usage", m.usage.input_tokens == 2 and m.usage.output_tokens == 3,
+                  m.usage)
+        except Exception as ex:  # noqa: BLE001
+            check(f"anthropic messages {model}", False, repr(ex))
+        try:
+            with an.messages.stream(model=model, max_tokens=50,
+                                    messages=[{"role": "user", "content": "a b c"}]) as s:
+                text = "".join(s.text_stream)
+                final = s.get_final_message()
+            check(f"anthropic stream {model}: the text", text == "echo: a b c", text)
+            check(f"anthropic stream {model}: usage", final.usage.output_tokens == 4, final.usage)
+            check(f"anthropic stream {model}: stop_reason", final.stop_reason == "end_turn", final)
+        except Exception as ex:  # noqa: BLE001
+            check(f"anthropic stream {model}", False, repr(ex))
     try:
-        m = an.messages.create(model="claude", max_tokens=50, messages=[{"role": "user", "content": "hi there"}])
-        check("anthropic messages: the answer", m.content[0].text == "echo: hi there" and m.stop_reason == "end_turn", m)
-        check("anthropic messages: usage", m.usage.input_tokens == 2 and m.usage.output_tokens == 3, m.usage)
+        m = an.messages.create(model="gpt-mini", max_tokens=50, messages=[{"role": "user", "content": "weather?"}],
+                               tools=[{"name": "weather", "description": "the weather",
+                                       "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}])
+        uses = [b for b in m.content if b.type == "tool_use"]
+        check("anthropic tools on an OpenAI model: tool_use", m.stop_reason == "tool_use" and len(uses) == 1
+              and uses[0].name == "weather" and uses[0].input == {"q": "x"}, m)
     except Exception as ex:  # noqa: BLE001
-        check("anthropic messages", False, repr(ex))
-    try:
-        with an.messages.stream(model="claude", max_tokens=50, messages=[{"role": "user", "content": "a b c"}]) as s:
-            text = "".join(s.text_stream)
-            final = s.get_final_message()
-        check("anthropic stream: the text", text == "echo: a b c", text)
-        check("anthropic stream: usage", final.usage.output_tokens == 4, final.usage)
-    except Exception as ex:  # noqa: BLE001
-        check("anthropic stream", False, repr(ex))
+        check("anthropic tools on an OpenAI model", False, repr(ex))
     try:
         anthropic.Anthropic(api_key=narrow, base_url=gateway + "/llm", max_retries=0).messages.create(
             model="claude", max_tokens=5, messages=[{"role": "user", "content": "x"}])
@@ -147,6 +162,12 @@ def main():
                                                 messages=[{"role": "user", "content": "hi"}])
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             check("litellm upstream: streamed", text == "keygate-litellm-mock", text)
+            m = an.messages.create(model="litellm", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+            check("litellm upstream through the anthropic client: the mock answer",
+                  m.content[0].text == "keygate-litellm-mock" and m.usage.output_tokens > 0, m)
+            with an.messages.stream(model="litellm", max_tokens=20, messages=[{"role": "user", "content": "hi"}]) as s:
+                text = "".join(s.text_stream)
+            check("litellm upstream through the anthropic client: streamed", text == "keygate-litellm-mock", text)
         except Exception as ex:  # noqa: BLE001
             check("litellm upstream", False, repr(ex))
     checks.finish()

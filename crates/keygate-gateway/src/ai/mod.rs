@@ -12,6 +12,7 @@
 //! - [`wire`]: usage in the answers and the translation between OpenAI's chat format and
 //!   Anthropic's; [`sse`]: streamed events.
 
+pub mod messages;
 pub mod prompt;
 pub mod serve;
 pub mod sse;

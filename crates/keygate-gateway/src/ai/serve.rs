@@ -22,6 +22,7 @@ use keygate_core::policy::RateLimit;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use serde_json::{Value, json};
 
+use super::messages::{self, ChunksToEvents};
 use super::prompt::Prompt;
 use super::sse::{Events, write_event};
 use super::wire::{self, StreamTranslator, Usage};
@@ -701,6 +702,8 @@ enum Mode {
     PassWithoutUsage,
     /// Anthropic's answer as a chat completion.
     FromAnthropic { include_usage: bool },
+    /// A chat completion as Anthropic's answer (`/v1/messages` to an OpenAI-compatible model).
+    ToAnthropic,
 }
 
 struct Built {
@@ -737,14 +740,15 @@ fn build_request(
             (format!("{}/messages", p.base_url), body)
         }
         (ProviderKind::Anthropic, _) => return Err(mismatch(&format!("/v1/{}", op.endpoint()))),
-        (_, Op::Messages) => {
-            return Err(invalid(format!(
-                "/v1/messages serves Anthropic models; call {:?} through /v1/chat/completions",
-                d.name()
-            )));
-        }
         (kind, _) => {
-            let mut body = req.clone();
+            let mut body = if op == Op::Messages {
+                // Anthropic's Messages API to an OpenAI-compatible model: as a chat completion,
+                // and its answer back (the usage chunk is asked for by the translation).
+                mode = Mode::ToAnthropic;
+                messages::messages_to_chat(req, &d.model).map_err(|e| invalid(e.0))?
+            } else {
+                req.clone()
+            };
             body["model"] = Value::from(&*d.model);
             if stream && matches!(op, Op::Chat | Op::Completions) {
                 let asked = req
@@ -757,6 +761,7 @@ fn build_request(
                     mode = Mode::PassWithoutUsage;
                 }
             }
+            let endpoint = if op == Op::Messages { "chat/completions" } else { op.endpoint() };
             let url = if kind == ProviderKind::Azure {
                 if op == Op::Responses {
                     return Err(mismatch("/v1/responses"));
@@ -768,11 +773,11 @@ fn build_request(
                     "{}/deployments/{}/{}?api-version={}",
                     p.base_url,
                     d.model,
-                    op.endpoint(),
+                    endpoint,
                     p.api_version.as_deref().unwrap_or_default()
                 )
             } else {
-                format!("{}/{}", p.base_url, op.endpoint())
+                format!("{}/{}", p.base_url, endpoint)
             };
             (url, body)
         }
@@ -918,6 +923,19 @@ async fn whole_answer<S: HeadSink>(
         body = serde_json::to_vec(&wire::message_to_chat(v, head.name, created)).unwrap_or_default();
         content_type = b"application/json".to_vec();
     }
+    if mode == Mode::ToAnthropic
+        && let Some(v) = &parsed
+    {
+        let translated = if head.status.is_success() {
+            Some(messages::chat_to_message(v, head.name))
+        } else {
+            messages::error_to_anthropic(v)
+        };
+        if let Some(t) = translated {
+            body = serde_json::to_vec(&t).unwrap_or_default();
+            content_type = b"application/json".to_vec();
+        }
+    }
     if let Some(p) = head.prompt
         && head.status.is_success()
     {
@@ -983,6 +1001,7 @@ fn stream_answer<S: HeadSink>(
         mode,
         events: Events::default(),
         translator,
+        to_messages: (mode == Mode::ToAnthropic).then(|| ChunksToEvents::new(head.name)),
         usage: Usage::default(),
         deltas: 0,
         estimate_in,
@@ -1001,6 +1020,8 @@ struct AiStream {
     mode: Mode,
     events: Events,
     translator: Option<StreamTranslator>,
+    /// A chat stream turned into Anthropic's events (`/v1/messages` to an OpenAI-compatible model).
+    to_messages: Option<ChunksToEvents>,
     usage: Usage,
     /// Events with content seen: the output estimate of a stream that ends before its usage.
     deltas: u64,
@@ -1026,6 +1047,7 @@ impl AiStream {
         let mut out = Vec::new();
         let (mode, usage, deltas, translator) = (self.mode, &mut self.usage, &mut self.deltas, &mut self.translator);
         let text = &mut self.text;
+        let to_messages = &mut self.to_messages;
         self.events.feed(bytes, |ev| {
             let data = ev.data.trim();
             if let Some(t) = text.as_mut()
@@ -1034,6 +1056,23 @@ impl AiStream {
                 && let Some(piece) = delta_text(&v)
             {
                 t.push_str(piece);
+            }
+            if let Some(t) = to_messages.as_mut() {
+                let events = if data == "[DONE]" {
+                    t.finish()
+                } else {
+                    let Ok(v) = serde_json::from_str::<Value>(data) else { return };
+                    if v.pointer("/choices/0/delta/content").is_some_and(|c| c.as_str().is_some_and(|c| !c.is_empty()))
+                    {
+                        *deltas += 1;
+                    }
+                    t.chunk(&v)
+                };
+                usage.merge_max(t.usage);
+                for (name, event) in events {
+                    write_event(&mut out, Some(name), &event.to_string());
+                }
+                return;
             }
             if data == "[DONE]" {
                 if mode != Mode::Pass {

@@ -997,3 +997,55 @@ async fn routes_log_nothing_unless_they_ask() {
     assert!(logs.body["data"].as_array().unwrap().is_empty(), "{:?}", logs.body);
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn anthropic_messages_reach_openai_models_translated_both_ways() {
+    let (kg, s, _dir) = start(models()).await;
+    let (_, vk) = key(&kg, &["llm:*"]).await;
+    let req = json!({"model": "gpt-mini", "max_tokens": 50, "system": "be brief",
+        "messages": [{"role": "user", "content": "hello there"}]});
+    let g = call(&kg, &vk, "/v1/messages", &req).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let m = g.json();
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["model"], "gpt-mini");
+    assert_eq!(m["content"][0], json!({"type": "text", "text": "echo: hello there"}));
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["usage"]["output_tokens"], 3);
+    let sent = s.received().pop().unwrap();
+    assert_eq!(sent.path, "/openai/v1/chat/completions");
+    assert_eq!(sent.body["messages"][0], json!({"role": "system", "content": "be brief"}));
+    assert_eq!(sent.headers["authorization"], format!("Bearer {OPENAI_KEY}"));
+
+    // Streamed: Anthropic's named events, the text and the usage at the end.
+    let mut req = req.clone();
+    req["stream"] = json!(true);
+    let g = call(&kg, &vk, "/v1/messages", &req).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let names: Vec<&str> = g.text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(names.last(), Some(&"message_stop"));
+    assert!(names.contains(&"content_block_delta") && names.contains(&"message_delta"), "{names:?}");
+    let events: Vec<Value> = data_lines(&g.text).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let text: String =
+        events.iter().filter_map(|e| e.pointer("/delta/text").and_then(Value::as_str)).collect::<Vec<_>>().join("");
+    assert_eq!(text, "echo: hello there");
+    let end = events.iter().find(|e| e["type"] == "message_delta").unwrap();
+    assert_eq!(end["usage"]["output_tokens"], 3);
+    assert_eq!(end["delta"]["stop_reason"], "end_turn");
+    assert_eq!(s.received().pop().unwrap().body["stream_options"]["include_usage"], true);
+
+    // A provider's error comes back in Anthropic's shape.
+    s.fail_next("/chat/completions", 400, 1);
+    let g = call(
+        &kg,
+        &vk,
+        "/v1/messages",
+        &json!({"model": "gpt-mini", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::BAD_REQUEST, "{}", g.text);
+    assert_eq!(g.json()["type"], "error", "{}", g.text);
+    kg.stop().await;
+}

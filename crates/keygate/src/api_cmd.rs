@@ -8,6 +8,7 @@ pub mod apply;
 pub mod audit;
 pub mod oauth;
 pub mod plan;
+pub mod provider;
 pub mod route;
 pub mod token;
 pub mod workspace;

@@ -36,6 +36,9 @@ pub enum Command {
     Audit(ApiCommand<AuditCommand>),
     /// Manage the gateway's routes through the admin API; changes apply on every node at once.
     Route(ApiCommand<RouteCommand>),
+    /// Manage the AI gateway's LLM providers through the admin API; keys are sealed and never
+    /// shown again.
+    Provider(ApiCommand<ProviderCommand>),
     /// Manage workspaces (tenants) through the admin API; needs an instance-level root key.
     Workspace(ApiCommand<WorkspaceCommand>),
     /// Make the workspace match a file: its scope catalog, plans, apps and API-managed routes.
@@ -568,6 +571,55 @@ pub enum RouteCommand {
         file: PathBuf,
     },
     /// Delete an API-managed route; its requests get 404 from the next request on, on every node.
+    Delete { id: String },
+}
+
+/// Where a provider's key comes from: never the command line (shell history, `ps`).
+#[derive(Debug, Clone, Args)]
+pub struct ProviderKeyArgs {
+    /// Read the key from this environment variable.
+    #[arg(long, value_name = "VAR", conflicts_with = "api_key_stdin")]
+    pub api_key_env: Option<String>,
+    /// Read the key from standard input (its first line).
+    #[arg(long)]
+    pub api_key_stdin: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProviderCommand {
+    /// List the providers the workspace's routes may call: the config file's and its own.
+    List,
+    /// Show one provider (never its key; its fingerprint).
+    Show { id: String },
+    /// Add a provider; its key is sealed and never shown again.
+    Create {
+        /// The name deployments start with (`openai` in `openai/gpt-4o-mini`).
+        #[arg(long)]
+        id: String,
+        /// openai (and every OpenAI-compatible server), anthropic or azure.
+        #[arg(long)]
+        kind: String,
+        /// https://… (a public host unless [ai] allow_private_providers is set).
+        #[arg(long)]
+        base_url: String,
+        /// Anthropic: anthropic-version; Azure: api-version (required).
+        #[arg(long)]
+        api_version: Option<String>,
+        /// A model's price in dollars per million tokens: MODEL=INPUT,OUTPUT[,CACHED_INPUT].
+        /// Repeatable.
+        #[arg(long = "price", value_name = "MODEL=IN,OUT[,CACHED]")]
+        prices: Vec<String>,
+        #[command(flatten)]
+        key: ProviderKeyArgs,
+    },
+    /// Give a provider a new key (used from the next call on); then revoke the old one at the
+    /// provider.
+    RotateKey {
+        id: String,
+        #[command(flatten)]
+        key: ProviderKeyArgs,
+    },
+    /// Delete a provider with its sealed key (refused while a route calls it).
     Delete { id: String },
 }
 

@@ -557,3 +557,90 @@ fn the_pre_commit_hook_refuses_a_commit_that_adds_a_token() {
     let log = git(&["log", "--oneline"]);
     assert_eq!(String::from_utf8_lossy(&log.stdout).lines().count(), 1, "only the clean commit was made");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_llm_providers_without_keys_on_the_command_line() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+    let made = {
+        let out = keygate(&[
+            "provider",
+            "create",
+            "--id",
+            "oa",
+            "--kind",
+            "openai",
+            "--base-url",
+            "https://api.example.com/v1",
+            "--price",
+            "gpt-4o-mini=0.15,0.6",
+            "--api-key-env",
+            "PROVIDER_KEY",
+            "--output",
+            "json",
+        ])
+        .env("KEYGATE_URL", &cli.url)
+        .env("KEYGATE_ADMIN_KEY", &cli.key)
+        .env("PROVIDER_KEY", "sk-from-the-environment")
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(made["prices"]["gpt-4o-mini"]["output"], 0.6);
+    assert!(!made.to_string().contains("sk-from-the-environment"), "the key is never printed");
+    let list = cli.table(&["provider", "list"]);
+    assert!(list.contains("oa") && list.contains(made["key_fingerprint"].as_str().unwrap()), "{list}");
+
+    // A new key from standard input.
+    let mut child = keygate(&["provider", "rotate-key", "oa", "--api-key-stdin", "--output", "json"])
+        .env("KEYGATE_URL", &cli.url)
+        .env("KEYGATE_ADMIN_KEY", &cli.key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"sk-rotated-from-stdin\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let rotated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(rotated["key_fingerprint"], made["key_fingerprint"]);
+
+    cli.refused(
+        &["provider", "create", "--id", "oa", "--kind", "openai", "--base-url", "https://x.example"],
+        "provider_exists",
+    );
+    let r = cli.run(&[
+        "provider",
+        "create",
+        "--id",
+        "p",
+        "--kind",
+        "openai",
+        "--base-url",
+        "https://x.example",
+        "--price",
+        "m=1",
+    ]);
+    assert_eq!(r.code, Some(2), "a malformed price is a usage error: {}", r.stderr);
+    let r = cli.run(&[
+        "provider",
+        "create",
+        "--id",
+        "p",
+        "--kind",
+        "openai",
+        "--base-url",
+        "https://x.example",
+        "--api-key-env",
+        "NOT_SET_ANYWHERE",
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(cli.table(&["provider", "delete", "oa"]).contains("deleted provider oa"));
+    cli.refused(&["provider", "show", "oa"], "provider_not_found");
+    kg.stop().await;
+}

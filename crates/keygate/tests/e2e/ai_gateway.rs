@@ -1049,3 +1049,51 @@ async fn anthropic_messages_reach_openai_models_translated_both_ways() {
     assert_eq!(g.json()["type"], "error", "{}", g.text);
     kg.stop().await;
 }
+
+/// A virtual key bound to a DPoP key (RFC 9449) works on an `ai` route only with a proof by that
+/// key, for that request; a stolen key without it is refused before any provider is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_bound_virtual_key_needs_its_proof() {
+    use keygate_core::jose::{Alg, SigningKey};
+    let (kg, s, _dir) = start(models()).await;
+    let holder = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    let (_, vk) = kg
+        .client()
+        .create_token(&json!({"name": "bound", "scopes": ["llm:*"], "dpop_jkt": holder.public_jwk().thumbprint()}))
+        .await;
+    kg.sync_index().await.unwrap();
+    let url = format!("{}/llm/v1/chat/completions", kg.gateway_url());
+    let now = keygate_core::Clock::now(&kg.clock).as_millis() / 1000;
+    let proof = |key: &SigningKey, jti: &str| {
+        let jwk: Value = serde_json::from_str(&key.public_jwk().to_json()).unwrap();
+        let claims = json!({"jti": jti, "htm": "POST", "htu": url, "iat": now, "ath": keygate_core::dpop::ath(&vk)});
+        key.sign_claims(&json!({"typ": "dpop+jwt", "jwk": jwk}), &claims).unwrap()
+    };
+    let send = |proof: Option<String>| {
+        let mut req = reqwest::Client::new()
+            .post(&url)
+            .header("authorization", format!("DPoP {vk}"))
+            .json(&chat("gpt-mini", "hello"));
+        if let Some(p) = proof {
+            req = req.header("dpop", p);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    let before = s.received().len();
+    let (status, body) = send(None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let thief = SigningKey::generate(Alg::EdDSA, "").unwrap();
+    let (status, body) = send(Some(proof(&thief, "t-1"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "another key's proof: {body}");
+    assert_eq!(s.received().len(), before, "no provider was called for a refused key");
+    let good = proof(&holder, "h-1");
+    let (status, body) = send(Some(good.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("echo: hello"));
+    let (status, body) = send(Some(good)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a replayed proof: {body}");
+    kg.stop().await;
+}

@@ -12,7 +12,7 @@ use keygate_core::{Error, Result};
 use sqlx::Row;
 
 use crate::db_error;
-use crate::routes::commit_change;
+use crate::routes::{commit_change, delete_in_workspace};
 use crate::rows::{self, to_json};
 use crate::sql::{FeedSeqs, SqlStore};
 
@@ -24,11 +24,13 @@ fn change_id(id: &str) -> String {
     format!("provider:{id}")
 }
 
+/// A count column (a non-negative BIGINT) as a number.
+fn count_col(r: &sqlx::any::AnyRow, c: &str) -> Result<u64> {
+    let v: i64 = r.try_get(c).map_err(db_error)?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
 fn usage_row(r: &sqlx::any::AnyRow, ws: &WorkspaceId) -> Result<LlmUsage> {
-    let n = |c: &str| -> Result<u64> {
-        let v: i64 = r.try_get(c).map_err(db_error)?;
-        Ok(u64::try_from(v).unwrap_or(0))
-    };
     Ok(LlmUsage {
         workspace_id: ws.clone(),
         caller: r.try_get("caller").map_err(db_error)?,
@@ -36,13 +38,13 @@ fn usage_row(r: &sqlx::any::AnyRow, ws: &WorkspaceId) -> Result<LlmUsage> {
         route: r.try_get("route").map_err(db_error)?,
         deployment: r.try_get("deployment").map_err(db_error)?,
         hour: r.try_get("hour").map_err(db_error)?,
-        requests: n("requests")?,
-        errors: n("errors")?,
-        input_tokens: n("input_tokens")?,
-        output_tokens: n("output_tokens")?,
-        cached_tokens: n("cached_tokens")?,
-        micro_usd: n("micro_usd")?,
-        fallbacks: n("fallbacks")?,
+        requests: count_col(r, "requests")?,
+        errors: count_col(r, "errors")?,
+        input_tokens: count_col(r, "input_tokens")?,
+        output_tokens: count_col(r, "output_tokens")?,
+        cached_tokens: count_col(r, "cached_tokens")?,
+        micro_usd: count_col(r, "micro_usd")?,
+        fallbacks: count_col(r, "fallbacks")?,
     })
 }
 
@@ -242,10 +244,6 @@ impl LlmStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<u64> {
-            let v: i64 = r.try_get(c).map_err(db_error)?;
-            Ok(u64::try_from(v).unwrap_or(0))
-        };
         rows.iter()
             .map(|r| {
                 Ok(LlmLog {
@@ -257,12 +255,12 @@ impl LlmStore for SqlStore {
                     model: r.try_get("model").map_err(db_error)?,
                     deployment: r.try_get("deployment").map_err(db_error)?,
                     at: r.try_get("at").map_err(db_error)?,
-                    status: u16::try_from(n(r, "status")?).unwrap_or(0),
+                    status: u16::try_from(count_col(r, "status")?).unwrap_or(0),
                     request: r.try_get("request").map_err(db_error)?,
                     answer: r.try_get("answer").map_err(db_error)?,
-                    input_tokens: n(r, "input_tokens")?,
-                    output_tokens: n(r, "output_tokens")?,
-                    micro_usd: n(r, "micro_usd")?,
+                    input_tokens: count_col(r, "input_tokens")?,
+                    output_tokens: count_col(r, "output_tokens")?,
+                    micro_usd: count_col(r, "micro_usd")?,
                     expires_at: r.try_get("expires_at").map_err(db_error)?,
                 })
             })
@@ -289,10 +287,6 @@ impl LlmStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        let n = |r: &sqlx::any::AnyRow, c: &str| -> Result<u64> {
-            let v: i64 = r.try_get(c).map_err(db_error)?;
-            Ok(u64::try_from(v).unwrap_or(0))
-        };
         rows.iter()
             .map(|r| {
                 Ok(SpentSince {
@@ -300,8 +294,8 @@ impl LlmStore for SqlStore {
                     caller: r.try_get("caller").map_err(db_error)?,
                     app_id: r.try_get("app_id").map_err(db_error)?,
                     route: r.try_get("route").map_err(db_error)?,
-                    month_micro_usd: n(r, "month_total")?,
-                    day_micro_usd: n(r, "day_total")?,
+                    month_micro_usd: count_col(r, "month_total")?,
+                    day_micro_usd: count_col(r, "day_total")?,
                 })
             })
             .collect()
@@ -380,19 +374,7 @@ impl LlmStore for SqlStore {
     }
 
     async fn delete_provider(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let seqs = FeedSeqs::start(&mut tx).await?;
-        let done = sqlx::query("DELETE FROM llm_providers WHERE workspace_id = $1 AND id = $2")
-            .bind(ws.as_str())
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        commit_change(self, tx, seqs, &change_id(id), audit.at, audit).await?;
-        Ok(true)
+        delete_in_workspace(self, "llm_providers", ws, id, &change_id(id), audit).await
     }
 
     async fn provider(&self, id: &str) -> Result<Option<StoredProvider>> {

@@ -46,6 +46,31 @@ pub(crate) async fn commit_change(
     store.commit(tx, seqs.last()).await
 }
 
+/// Deletes row `id` of the workspace from `table` (routes, llm_providers) as a change of the
+/// route table named `change` in the feed; `false` if the workspace has no such row.
+pub(crate) async fn delete_in_workspace(
+    store: &SqlStore,
+    table: &'static str,
+    ws: &WorkspaceId,
+    id: &str,
+    change: &str,
+    audit: &NewAuditEvent,
+) -> Result<bool> {
+    let mut tx = store.begin().await?;
+    let seqs = FeedSeqs::start(&mut tx).await?;
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE workspace_id = $1 AND id = $2")))
+        .bind(ws.as_str())
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    commit_change(store, tx, seqs, change, audit.at, audit).await?;
+    Ok(true)
+}
+
 #[async_trait]
 impl RouteStore for SqlStore {
     async fn insert_route(&self, route: &StoredRoute, audit: &NewAuditEvent) -> Result<()> {
@@ -89,19 +114,7 @@ impl RouteStore for SqlStore {
     }
 
     async fn delete_route(&self, ws: &WorkspaceId, id: &str, audit: &NewAuditEvent) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let seqs = FeedSeqs::start(&mut tx).await?;
-        let done = sqlx::query("DELETE FROM routes WHERE workspace_id = $1 AND id = $2")
-            .bind(ws.as_str())
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        commit_change(self, tx, seqs, id, audit.at, audit).await?;
-        Ok(true)
+        delete_in_workspace(self, "routes", ws, id, id, audit).await
     }
 
     async fn route(&self, id: &str) -> Result<Option<StoredRoute>> {

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::wire::{DEFAULT_MAX_TOKENS, Untranslatable, Usage, usage_of};
+use super::wire::{DEFAULT_MAX_TOKENS, Untranslatable, Usage, assistant_message, usage_of};
 
 fn bad(m: &str) -> Untranslatable {
     Untranslatable(m.to_owned())
@@ -80,42 +80,10 @@ pub fn messages_to_chat(req: &Value, model: &str) -> Result<Value, Untranslatabl
                     out.push(json!({"role": "user", "content": parts}));
                 }
             }
-            "assistant" => {
-                let mut text = String::new();
-                let mut calls = Vec::new();
-                match content {
-                    Some(Value::Array(blocks)) => {
-                        for b in blocks {
-                            match b.get("type").and_then(Value::as_str) {
-                                Some("text") => {
-                                    text.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default())
-                                }
-                                Some("tool_use") => calls.push(json!({
-                                    "id": b.get("id").cloned().unwrap_or(Value::Null),
-                                    "type": "function",
-                                    "function": {
-                                        "name": b.get("name").cloned().unwrap_or(Value::Null),
-                                        "arguments": b.get("input").map_or_else(|| "{}".to_owned(), Value::to_string),
-                                    },
-                                })),
-                                // Thinking is the model's own; another model cannot take it.
-                                _ => {}
-                            }
-                        }
-                    }
-                    c => text = text_of(c),
-                }
-                let mut msg = Map::new();
-                msg.insert("role".into(), Value::from("assistant"));
-                msg.insert(
-                    "content".into(),
-                    if text.is_empty() && !calls.is_empty() { Value::Null } else { Value::from(text) },
-                );
-                if !calls.is_empty() {
-                    msg.insert("tool_calls".into(), Value::Array(calls));
-                }
-                out.push(Value::Object(msg));
-            }
+            "assistant" => match content {
+                Some(Value::Array(blocks)) => out.push(assistant_message(blocks)),
+                c => out.push(json!({"role": "assistant", "content": text_of(c)})),
+            },
             other => return Err(Untranslatable(format!("unknown message role {other:?}"))),
         }
     }

@@ -266,11 +266,13 @@ pub fn chat_usage(u: Usage) -> Value {
     })
 }
 
-/// An Anthropic message as a chat completion, named `model` (the name the client asked for).
-pub fn message_to_chat(msg: &Value, model: &str, created: i64) -> Value {
+/// Anthropic content blocks as a chat assistant message: the text blocks as its content, the
+/// `tool_use` blocks as its `tool_calls` (other blocks, such as thinking, are the model's own and
+/// left out).
+pub fn assistant_message(blocks: &[Value]) -> Value {
     let mut text = String::new();
     let mut calls = Vec::new();
-    for b in msg.get("content").and_then(Value::as_array).into_iter().flatten() {
+    for b in blocks {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default()),
             Some("tool_use") => calls.push(json!({
@@ -291,6 +293,13 @@ pub fn message_to_chat(msg: &Value, model: &str, created: i64) -> Value {
     if !calls.is_empty() {
         message.insert("tool_calls".into(), Value::Array(calls));
     }
+    Value::Object(message)
+}
+
+/// An Anthropic message as a chat completion, named `model` (the name the client asked for).
+pub fn message_to_chat(msg: &Value, model: &str, created: i64) -> Value {
+    let blocks = msg.get("content").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let message = assistant_message(blocks);
     let usage = msg.get("usage").and_then(usage_of).unwrap_or_default();
     json!({
         "id": msg.get("id").cloned().unwrap_or(Value::Null),
@@ -299,7 +308,7 @@ pub fn message_to_chat(msg: &Value, model: &str, created: i64) -> Value {
         "model": model,
         "choices": [{
             "index": 0,
-            "message": Value::Object(message),
+            "message": message,
             "finish_reason": finish_reason(msg.get("stop_reason").and_then(Value::as_str)),
             "logprobs": null,
         }],

@@ -305,6 +305,7 @@ impl Admin {
 /// A route's budget per virtual key, and what one key spent of it in the current period.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetUse {
+    /// The route whose per-key budget it is; empty for the token's own budget (every route).
     pub route: String,
     pub usd: f64,
     pub period: QuotaPeriod,
@@ -356,14 +357,18 @@ impl Admin {
             usd: f64,
             period: QuotaPeriod,
         }
-        let Ok(routes) = self.list_routes(ws).await else { return Ok(Vec::new()) };
-        let budgets: Vec<(String, Budget)> = routes
+        let own = self.token(ws, id).await?.llm_budget;
+        let routes = self.list_routes(ws).await.unwrap_or_default();
+        let mut budgets: Vec<(String, Budget)> = routes
             .into_iter()
             .filter_map(|r| {
                 let b = r.config.get("ai")?.get("budget")?.clone();
                 Some((r.id, serde_json::from_value(b).ok()?))
             })
             .collect();
+        if let Some(b) = own {
+            budgets.insert(0, (String::new(), Budget { usd: b.usd(), period: b.period }));
+        }
         if budgets.is_empty() {
             return Ok(Vec::new());
         }
@@ -375,7 +380,11 @@ impl Admin {
             .into_iter()
             .map(|(route, b)| {
                 let start = b.period.window(now.as_millis()).0;
-                let spent = rows.iter().filter(|u| u.route == route && u.hour >= start).map(|u| u.micro_usd).sum();
+                let spent = rows
+                    .iter()
+                    .filter(|u| (route.is_empty() || u.route == route) && u.hour >= start)
+                    .map(|u| u.micro_usd)
+                    .sum();
                 BudgetUse { route, usd: b.usd, period: b.period, spent_micro_usd: spent }
             })
             .collect())
@@ -414,6 +423,25 @@ impl Admin {
         let actor = Actor { id: "system".into(), source: None };
         let mut recorded = 0;
         for ws in workspaces {
+            // Tokens' own budgets: their spending on every route.
+            let mut per_token: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
+            for s in spent.iter().filter(|s| &s.workspace_id == ws && s.caller.starts_with("tok_")) {
+                let e = per_token.entry(s.caller.as_str()).or_default();
+                e.0 += s.month_micro_usd;
+                e.1 += s.day_micro_usd;
+            }
+            let own: std::collections::HashMap<TokenId, keygate_core::llm::LlmBudget> = if per_token.is_empty() {
+                Default::default()
+            } else {
+                self.store.tokens_with_llm_budget(ws).await?.into_iter().collect()
+            };
+            for (caller, (month_spent, day_spent)) in per_token {
+                let Some(b) = TokenId::parse(caller).and_then(|t| own.get(&t).copied()) else { continue };
+                let field = BudgetField { usd: b.usd(), period: b.period };
+                recorded += self
+                    .record_budget_notice(ws, &actor, now, ("key", caller, ""), field, (month_spent, day_spent))
+                    .await?;
+            }
             let Ok(routes) = self.list_routes(ws).await else { continue };
             for r in routes {
                 let Some(b) = r.config.get("ai").cloned().and_then(|a| serde_json::from_value::<RouteBudgets>(a).ok())
@@ -444,33 +472,53 @@ impl Admin {
                     standings.push(("workspace", r.id.clone(), w, m, d));
                 }
                 for (whose, target, budget, month_spent, day_spent) in standings {
-                    let (start, end) = budget.period.window(now.as_millis());
-                    let used = if budget.period == QuotaPeriod::Day { day_spent } else { month_spent };
-                    let limit = (budget.usd * 1e6).round() as u64;
-                    let Some(percent) = keygate_core::notify::quota_threshold_reached(used, limit) else { continue };
-                    let kind = format!("budget{percent}@{}@{whose}@{start}", r.id);
-                    let audit = NewAuditEvent::new(ws, &actor, "budget.threshold", &target, now).with_after(
-                        serde_json::json!({
-                            "budget_of": whose,
-                            "route": r.id,
-                            "threshold_percent": percent,
-                            "spent_usd": used as f64 / 1e6,
-                            "budget_usd": budget.usd,
-                            "period": budget.period.as_str(),
-                            "period_start": Timestamp::from_millis(start).to_rfc3339(),
-                            "resets_at": Timestamp::from_millis(end).to_rfc3339(),
-                        }),
-                    );
-                    // The once-only record is keyed by the target (a token, an app or a route id)
-                    // and the kind, which names the route, whose budget and the period.
-                    let key = TokenId::from_trusted(target.clone());
-                    if self.store.record_rotation_notice(&key, &kind, now, &audit).await? {
-                        recorded += 1;
-                    }
+                    recorded += self
+                        .record_budget_notice(
+                            ws,
+                            &actor,
+                            now,
+                            (whose, &target, &r.id),
+                            budget,
+                            (month_spent, day_spent),
+                        )
+                        .await?;
                 }
             }
         }
         Ok(recorded)
+    }
+
+    /// Records `budget.threshold` for `(whose, target, route)` (route empty: a token's own budget
+    /// over every route) if its spending this period reached a threshold not recorded yet; 1 if
+    /// it was recorded.
+    async fn record_budget_notice(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        now: Timestamp,
+        (whose, target, route): (&str, &str, &str),
+        budget: BudgetField,
+        (month_spent, day_spent): (u64, u64),
+    ) -> Result<usize> {
+        let (start, end) = budget.period.window(now.as_millis());
+        let used = if budget.period == QuotaPeriod::Day { day_spent } else { month_spent };
+        let limit = (budget.usd * 1e6).round() as u64;
+        let Some(percent) = keygate_core::notify::quota_threshold_reached(used, limit) else { return Ok(0) };
+        let kind = format!("budget{percent}@{route}@{whose}@{start}");
+        let audit = NewAuditEvent::new(ws, actor, "budget.threshold", target, now).with_after(serde_json::json!({
+            "budget_of": whose,
+            "route": (!route.is_empty()).then_some(route),
+            "threshold_percent": percent,
+            "spent_usd": used as f64 / 1e6,
+            "budget_usd": budget.usd,
+            "period": budget.period.as_str(),
+            "period_start": Timestamp::from_millis(start).to_rfc3339(),
+            "resets_at": Timestamp::from_millis(end).to_rfc3339(),
+        }));
+        // The once-only record is keyed by the target (a token, an app or a route id) and the
+        // kind, which names the route, whose budget and the period.
+        let key = TokenId::from_trusted(target.to_owned());
+        Ok(usize::from(self.store.record_rotation_notice(&key, &kind, now, &audit).await?))
     }
 }
 

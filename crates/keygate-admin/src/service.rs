@@ -56,6 +56,8 @@ pub struct NewToken {
     pub metadata: Option<Map<String, Value>>,
     /// Binds the token to a DPoP key: the key's RFC 7638 thumbprint.
     pub dpop_jkt: Option<String>,
+    /// What the token may spend on LLM calls per day or month, over every `ai` route.
+    pub llm_budget: Option<keygate_core::llm::LlmBudget>,
 }
 
 /// Changes to a token, applied without reissuing it. `None`: unchanged; `Some(None)`: cleared.
@@ -70,6 +72,7 @@ pub struct TokenUpdate {
     pub quota: Option<Option<Quota>>,
     pub metadata: Option<Map<String, Value>>,
     pub dpop_jkt: Option<Option<String>>,
+    pub llm_budget: Option<Option<keygate_core::llm::LlmBudget>>,
 }
 
 /// A root key to create.
@@ -927,6 +930,7 @@ impl Admin {
             quota,
             metadata: validate_metadata(new.metadata.unwrap_or_default())?,
             dpop_jkt: new.dpop_jkt.map(|j| validate_jkt(&j)).transpose()?,
+            llm_budget: new.llm_budget,
             created_at: now,
             updated_at: now,
             last_used_at: None,
@@ -1074,6 +1078,9 @@ impl Admin {
             }
             if let Some(j) = &update.dpop_jkt {
                 t.dpop_jkt = j.as_deref().map(validate_jkt).transpose()?;
+            }
+            if let Some(b) = update.llm_budget {
+                t.llm_budget = b;
             }
             Ok(())
         })

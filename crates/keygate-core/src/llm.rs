@@ -11,6 +11,34 @@ use crate::ids::{TokenId, WorkspaceId};
 use crate::model::NewAuditEvent;
 use crate::{Result, Timestamp};
 
+/// What a token may spend on LLM calls per day or month (UTC), over every `ai` route: its own
+/// budget, beside the routes' per-key budgets. Kept in micro-dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LlmBudget {
+    pub micro_usd: u64,
+    pub period: crate::policy::QuotaPeriod,
+}
+
+impl LlmBudget {
+    /// A budget of `usd` dollars a `period`: 0 to 10^12 dollars, a day or a month.
+    pub fn from_usd(usd: f64, period: crate::policy::QuotaPeriod) -> Result<Self> {
+        if !usd.is_finite() || !(0.0..=1e12).contains(&usd) {
+            return Err(crate::Error::invalid(
+                "invalid_llm_budget",
+                "llm_budget.usd is a number of dollars from 0 to 10^12",
+            ));
+        }
+        if period == crate::policy::QuotaPeriod::Total {
+            return Err(crate::Error::invalid("invalid_llm_budget", "llm_budget.period is \"day\" or \"month\""));
+        }
+        Ok(Self { micro_usd: (usd * 1e6).round() as u64, period })
+    }
+
+    pub fn usd(&self) -> f64 {
+        self.micro_usd as f64 / 1e6
+    }
+}
+
 /// LLM calls of one caller on one route and deployment within one hour, as counted by a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlmUsage {
@@ -177,6 +205,8 @@ pub trait LlmStore: Send + Sync {
     ) -> Result<Vec<LlmLog>>;
     /// Deletes the logged calls whose time to be kept ended before `now`; how many went.
     async fn trim_llm_logs(&self, now: i64) -> Result<u64>;
+    /// The workspace's tokens that have a budget of their own (not revoked), with it.
+    async fn tokens_with_llm_budget(&self, ws: &WorkspaceId) -> Result<Vec<(TokenId, LlmBudget)>>;
     /// Every caller's spending per route since `month_start` (and, of it, since `day_start`).
     async fn llm_spent_since(&self, month_start: i64, day_start: i64) -> Result<Vec<SpentSince>>;
     /// Adds a provider; `conflict` (`provider_exists`) if a stored provider has its id. Like a

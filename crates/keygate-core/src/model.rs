@@ -119,6 +119,8 @@ pub struct TokenRecord {
     /// The RFC 7638 thumbprint of the DPoP key the token is bound to (RFC 9449): a request with
     /// it must carry a DPoP proof signed by that key, so a leaked copy alone is useless.
     pub dpop_jkt: Option<String>,
+    /// What the token may spend on LLM calls per day or month, over every `ai` route.
+    pub llm_budget: Option<crate::llm::LlmBudget>,
     /// Bumped by every change; updates carry the version they read (optimistic concurrency).
     pub version: i64,
 }
@@ -159,6 +161,7 @@ impl TokenRecord {
             "rotated_from": self.rotated_from,
             "exposed_at": self.exposed_at,
             "dpop_jkt": self.dpop_jkt,
+            "llm_budget": self.llm_budget,
         })
     }
 }

@@ -129,6 +129,7 @@ fn record(i: usize, minted: &MintedToken, pepper: &Pepper, tenants: &Tenants) ->
         replaced_by: None,
         exposed_at: None,
         dpop_jkt: None,
+        llm_budget: None,
         version: 1,
     }
 }

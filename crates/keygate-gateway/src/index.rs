@@ -149,6 +149,10 @@ impl IndexedToken {
     pub fn dpop_jkt(&self) -> Option<&str> {
         self.extras.as_deref().and_then(|e| e.dpop_jkt.as_deref())
     }
+    /// What the token may spend on LLM calls, over every `ai` route, if it has a budget.
+    pub fn llm_budget(&self) -> Option<keygate_core::llm::LlmBudget> {
+        self.extras.as_deref().and_then(|e| e.llm_budget)
+    }
     /// Whether the token holds a scope that covers `required`.
     pub fn has_scope(&self, required: &Scope) -> bool {
         any_covers(&self.scopes, required)
@@ -160,6 +164,7 @@ impl IndexedToken {
 struct Extras {
     ip_allowlist: Box<[IpNet]>,
     dpop_jkt: Option<Box<str>>,
+    llm_budget: Option<keygate_core::llm::LlmBudget>,
 }
 
 /// Why a presented token is refused.
@@ -473,10 +478,11 @@ impl TokenIndex {
             workspace_id: interner.string(t.workspace_id.as_str()),
             app_id: interner.string(t.app_id.as_str()),
             scopes: interner.scopes(&t.scopes),
-            extras: (!t.ip_allowlist.is_empty() || t.dpop_jkt.is_some()).then(|| {
+            extras: (!t.ip_allowlist.is_empty() || t.dpop_jkt.is_some() || t.llm_budget.is_some()).then(|| {
                 Arc::new(Extras {
                     ip_allowlist: t.ip_allowlist.clone().into(),
                     dpop_jkt: t.dpop_jkt.as_deref().map(Into::into),
+                    llm_budget: t.llm_budget,
                 })
             }),
             suspended: t.state == TokenState::Suspended,
@@ -640,6 +646,7 @@ mod tests {
             replaced_by: None,
             exposed_at: None,
             dpop_jkt: None,
+            llm_budget: None,
             version: 1,
         }
     }

@@ -124,6 +124,7 @@ fn token(ws: &WorkspaceId, app: &AppId, name: &str, created: Timestamp) -> Token
         replaced_by: None,
         exposed_at: None,
         dpop_jkt: None,
+        llm_budget: None,
         version: 1,
     }
 }
@@ -715,6 +716,27 @@ async fn llm_logs(h: &Harness) {
     assert!(s.llm_logs(&other, None, None, None, 10).await.unwrap().is_empty());
     assert_eq!(s.trim_llm_logs(250).await.unwrap(), 2);
     assert_eq!(s.llm_logs(&ws, None, None, None, 10).await.unwrap().len(), 1);
+}
+
+async fn token_llm_budget(h: &Harness) {
+    use keygate_core::llm::{LlmBudget, LlmStore};
+    let s = &h.store;
+    let (ws, d) = workspace("budgets");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let budget = LlmBudget::from_usd(12.5, keygate_core::policy::QuotaPeriod::Day).unwrap();
+    let mut t = token(&ws.id, &d.id, "b", T0);
+    t.llm_budget = Some(budget);
+    s.insert_token(&t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
+    let other = token(&ws.id, &d.id, "none", T0);
+    s.insert_token(&other, &audit(&ws.id, "token.create", other.id.as_str())).await.unwrap();
+    assert_eq!(s.token(&ws.id, &t.id).await.unwrap().unwrap().llm_budget, Some(budget));
+    assert_eq!(s.tokens_with_llm_budget(&ws.id).await.unwrap(), vec![(t.id.clone(), budget)]);
+    let mut changed = t.clone();
+    changed.llm_budget = None;
+    changed.version += 1;
+    s.update_token(&changed, &audit(&ws.id, "token.update", t.id.as_str())).await.unwrap();
+    assert_eq!(s.token(&ws.id, &t.id).await.unwrap().unwrap().llm_budget, None);
+    assert!(s.tokens_with_llm_budget(&ws.id).await.unwrap().is_empty());
 }
 
 async fn llm_providers(h: &Harness) {
@@ -2571,6 +2593,7 @@ conformance!(
     llm_usage_and_spending,
     llm_providers,
     llm_logs,
+    token_llm_budget,
     accounts_users,
     accounts_recovery_codes,
     accounts_sessions,

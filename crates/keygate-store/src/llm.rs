@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use keygate_core::ids::{TokenId, WorkspaceId};
-use keygate_core::llm::{LlmLog, LlmStore, LlmUsage, Spending, SpentSince, StoredProvider};
+use keygate_core::llm::{LlmBudget, LlmLog, LlmStore, LlmUsage, Spending, SpentSince, StoredProvider};
 use keygate_core::model::NewAuditEvent;
 use keygate_core::{Error, Result};
 use sqlx::Row;
@@ -274,6 +274,26 @@ impl LlmStore for SqlStore {
             .await
             .map_err(db_error)?;
         Ok(done.rows_affected())
+    }
+
+    async fn tokens_with_llm_budget(&self, ws: &WorkspaceId) -> Result<Vec<(TokenId, LlmBudget)>> {
+        let rows = sqlx::query(
+            "SELECT id, llm_budget FROM tokens WHERE workspace_id = $1 AND llm_budget IS NOT NULL \
+             AND state <> 'revoked'",
+        )
+        .bind(ws.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("id").map_err(db_error)?;
+                let b: String = r.try_get("llm_budget").map_err(db_error)?;
+                let b: LlmBudget = serde_json::from_str(&b)
+                    .map_err(|e| keygate_core::Error::internal(format!("a token's llm_budget is not valid: {e}")))?;
+                Ok((TokenId::from_trusted(id), b))
+            })
+            .collect()
     }
 
     async fn llm_spent_since(&self, month_start: i64, day_start: i64) -> Result<Vec<SpentSince>> {

@@ -115,6 +115,7 @@ pub(crate) fn token(row: &AnyRow) -> Result<TokenRecord> {
         replaced_by: get::<Option<String>>(row, "replaced_by")?.map(TokenId::from_trusted),
         exposed_at: opt_ts(row, "exposed_at")?,
         dpop_jkt: get(row, "dpop_jkt")?,
+        llm_budget: opt_json(row, "llm_budget")?,
         version: get(row, "version")?,
     })
 }

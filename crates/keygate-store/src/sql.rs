@@ -35,7 +35,7 @@ pub(crate) type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 // numbered placeholders; values always travel as bind parameters.
 const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, scopes, state, expires_at, \
     ip_allowlist, rate_limit, quota, metadata, created_at, updated_at, last_used_at, last_used_ip, revoked_at, \
-    revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt";
+    revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt, llm_budget";
 const APP_COLS: &str = "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at";
 const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
 const ROOT_KEY_COLS: &str =
@@ -368,13 +368,14 @@ fn bind_token<'q>(q: AnyQuery<'q>, t: &'q TokenRecord) -> Result<AnyQuery<'q>> {
         .bind(t.replaced_by.as_ref().map(TokenId::as_str))
         .bind(t.exposed_at.map(Timestamp::as_millis))
         .bind(t.version)
-        .bind(t.dpop_jkt.as_deref()))
+        .bind(t.dpop_jkt.as_deref())
+        .bind(opt_to_json(&t.llm_budget)?))
 }
 
 async fn insert_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     let sql = format!(
         "INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
     );
     bind_token(sqlx::query(AssertSqlSafe(sql)), t)?.execute(&mut **tx).await.map_err(db_error)?;
     Ok(())
@@ -386,8 +387,8 @@ async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     let done = sqlx::query(
         "UPDATE tokens SET name = $1, app_id = $2, scopes = $3, state = $4, expires_at = $5, ip_allowlist = $6, \
          rate_limit = $7, quota = $8, metadata = $9, updated_at = $10, revoked_at = $11, revoke_reason = $12, \
-         replaced_by = $13, exposed_at = $14, version = $15, dpop_jkt = $16 \
-         WHERE id = $17 AND workspace_id = $18 AND version = $19",
+         replaced_by = $13, exposed_at = $14, version = $15, dpop_jkt = $16, llm_budget = $17 \
+         WHERE id = $18 AND workspace_id = $19 AND version = $20",
     )
     .bind(t.name.as_str())
     .bind(t.app_id.as_str())
@@ -405,6 +406,7 @@ async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     .bind(t.exposed_at.map(Timestamp::as_millis))
     .bind(t.version)
     .bind(t.dpop_jkt.as_deref())
+    .bind(opt_to_json(&t.llm_budget)?)
     .bind(t.id.as_str())
     .bind(t.workspace_id.as_str())
     .bind(t.version - 1)

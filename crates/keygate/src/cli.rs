@@ -197,6 +197,10 @@ pub struct TokenPolicyArgs {
     /// Metadata as a JSON object.
     #[arg(long)]
     pub metadata: Option<String>,
+    /// What the token may spend on LLM calls over every `ai` route, as DOLLARS/PERIOD with
+    /// PERIOD day or month, such as 20/month.
+    #[arg(long)]
+    pub llm_budget: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,6 +252,9 @@ pub enum TokenCommand {
         /// Remove the quota.
         #[arg(long, conflicts_with = "quota")]
         no_quota: bool,
+        /// Remove the token's own LLM budget.
+        #[arg(long, conflicts_with = "llm_budget")]
+        no_llm_budget: bool,
     },
     /// Suspend a token until it is resumed.
     Suspend { id: String },

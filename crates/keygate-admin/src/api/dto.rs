@@ -109,6 +109,9 @@ pub struct CreateTokenRequest {
     /// Binds the token to a DPoP key (RFC 9449): the RFC 7638 thumbprint of the client's public
     /// key. Every request with the token must then carry a DPoP proof signed by that key.
     pub dpop_jkt: Option<String>,
+    /// What the token may spend on LLM calls (the AI gateway) per day or month, over every `ai`
+    /// route, priced by the providers' price tables.
+    pub llm_budget: Option<LlmBudgetBody>,
 }
 
 /// Fields to change; omitted fields stay as they are, `null` clears an optional one.
@@ -136,6 +139,44 @@ pub struct UpdateTokenRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(nullable)]
     pub dpop_jkt: Option<Option<String>>,
+    /// A new LLM budget, or `null` for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub llm_budget: Option<Option<LlmBudgetBody>>,
+}
+
+/// What a token may spend on LLM calls: `usd` dollars a `day` or `month` (UTC).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmBudgetBody {
+    #[schema(minimum = 0, maximum = 1000000000000.0)]
+    pub usd: f64,
+    pub period: BudgetPeriodBody,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriodBody {
+    Day,
+    Month,
+}
+
+impl LlmBudgetBody {
+    pub fn to_budget(self) -> keygate_core::Result<keygate_core::llm::LlmBudget> {
+        let period = match self.period {
+            BudgetPeriodBody::Day => keygate_core::policy::QuotaPeriod::Day,
+            BudgetPeriodBody::Month => keygate_core::policy::QuotaPeriod::Month,
+        };
+        keygate_core::llm::LlmBudget::from_usd(self.usd, period)
+    }
+
+    pub fn of(b: &keygate_core::llm::LlmBudget) -> Self {
+        let period = match b.period {
+            keygate_core::policy::QuotaPeriod::Day => BudgetPeriodBody::Day,
+            _ => BudgetPeriodBody::Month,
+        };
+        Self { usd: b.usd(), period }
+    }
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -220,6 +261,8 @@ pub struct TokenView {
     pub exposed_at: Option<Timestamp>,
     /// The DPoP key the token is bound to (RFC 7638 thumbprint), if any.
     pub dpop_jkt: Option<String>,
+    /// What the token may spend on LLM calls per day or month, if it has a budget of its own.
+    pub llm_budget: Option<LlmBudgetBody>,
     /// In the answer to a change (update, suspend, resume, revoke, rotate): how many of the
     /// live nodes had applied it when the answer was sent. Absent elsewhere, and when the
     /// change changed nothing.
@@ -277,6 +320,7 @@ impl TokenView {
             replaced_by: t.replaced_by.as_ref().map(ToString::to_string),
             exposed_at: t.exposed_at,
             dpop_jkt: t.dpop_jkt.clone(),
+            llm_budget: t.llm_budget.as_ref().map(LlmBudgetBody::of),
             propagation: None,
         }
     }

@@ -50,6 +50,7 @@ pub(crate) async fn create_token(
         quota: req.quota.map(Into::into),
         metadata: req.metadata,
         dpop_jkt: req.dpop_jkt,
+        llm_budget: req.llm_budget.map(LlmBudgetBody::to_budget).transpose()?,
     };
     let (record, secret) = s.admin.create_token(&auth.key.workspace_id, &auth.actor, new).await?;
     let view = TokenView::new(&record, s.admin.now());
@@ -157,6 +158,7 @@ pub(crate) async fn update_token(
         quota: req.quota.map(|q| q.map(Into::into)),
         metadata: req.metadata,
         dpop_jkt: req.dpop_jkt,
+        llm_budget: req.llm_budget.map(|b| b.map(LlmBudgetBody::to_budget).transpose()).transpose()?,
     };
     let t = s.admin.update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update).await?;
     Ok(Json(TokenView::applied(&t, s.admin.now())))

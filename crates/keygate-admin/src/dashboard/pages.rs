@@ -797,6 +797,7 @@ pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedI
             quota,
             metadata: None,
             dpop_jkt: None,
+            llm_budget: None,
         };
         st.admin.create_token(v.workspace(), &v.actor(), new).await
     }

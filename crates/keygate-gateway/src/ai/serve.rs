@@ -217,21 +217,28 @@ fn clip(mut s: String) -> String {
 #[derive(Debug, Clone, Copy)]
 struct Held {
     key: [u8; PUBLIC_ID_LEN],
+    /// Whose spending it is counted in: the route's (its limiter key), or every route's
+    /// ([`EVERY_ROUTE`], a token's own budget).
+    route: u32,
     budget: Budget,
     period_start: i64,
     reserved: u64,
 }
 
+/// The spending "route" of a token's own budget, which counts its calls on every route (no
+/// route's limiter key is 0).
+pub const EVERY_ROUTE: u32 = 0;
+
 impl Held {
-    fn remaining(&self, ai: &Ai, route_key: u32) -> u64 {
-        self.budget.micro_usd.saturating_sub(ai.spend.spent(&self.key, route_key, self.period_start))
+    fn remaining(&self, ai: &Ai) -> u64 {
+        self.budget.micro_usd.saturating_sub(ai.spend.spent(&self.key, self.route, self.period_start))
     }
 }
 
 /// Gives back what was set aside in each budget for a call that was not made.
-fn release(spend: &super::Spend, route_key: u32, held: &[Held]) {
+fn release(spend: &super::Spend, held: &[Held]) {
     for h in held {
-        spend.refund(&h.key, route_key, h.period_start, h.reserved);
+        spend.refund(&h.key, h.route, h.period_start, h.reserved);
     }
 }
 
@@ -279,8 +286,8 @@ impl Settle {
         let cost = self.provider.cost_micro_usd(&self.deployment.model, &usage);
         for h in &self.held {
             // What was set aside comes back, and the cost is counted.
-            self.ai.spend.add(&h.key, self.route_key, h.period_start, cost);
-            self.ai.spend.refund(&h.key, self.route_key, h.period_start, h.reserved);
+            self.ai.spend.add(&h.key, h.route, h.period_start, cost);
+            self.ai.spend.refund(&h.key, h.route, h.period_start, h.reserved);
         }
         if let Some(limit) = &self.tpm {
             let delta = i64::try_from(usage.total()).unwrap_or(i64::MAX) - i64::try_from(self.estimate).unwrap_or(0);
@@ -434,30 +441,36 @@ impl Gateway {
         let first =
             deployments.first().and_then(|d| ai.provider(&d.provider, route.workspace_id.as_deref()).map(|p| (d, p)));
         let who = caller_ids(caller);
-        let mut budgets: Vec<(&str, [u8; PUBLIC_ID_LEN], Budget)> = Vec::new();
+        // (whose, spending key, spending route, budget)
+        let mut budgets: Vec<(&str, [u8; PUBLIC_ID_LEN], u32, Budget)> = Vec::new();
+        if let Some(b) = caller.key().and_then(|t| t.llm_budget()) {
+            budgets.push(("key", key, EVERY_ROUTE, Budget { micro_usd: b.micro_usd, period: b.period }));
+        }
         if let Some(b) = air.budget {
-            budgets.push(("key", key, b));
+            budgets.push(("key", key, route_key, b));
         }
         if let Some(b) = air.app_budget
             && !who.app.is_empty()
         {
-            budgets.push(("app", spend_key("app", &who.app), b));
+            budgets.push(("app", spend_key("app", &who.app), route_key, b));
         }
         if let Some(b) = air.workspace_budget {
-            budgets.push(("workspace", spend_key("workspace", &who.workspace), b));
+            budgets.push(("workspace", spend_key("workspace", &who.workspace), route_key, b));
         }
         let mut held: Vec<Held> = Vec::with_capacity(budgets.len());
-        for (whose, k, b) in budgets {
+        for (whose, k, route, b) in budgets {
             let (start, end) = b.period.window(now_ms);
-            let spent = ai.spend.spent(&k, route_key, start);
+            let spent = ai.spend.spent(&k, route, start);
             if spent >= b.micro_usd {
-                release(&ai.spend, route_key, &held);
+                release(&ai.spend, &held);
+                let scope =
+                    if route == EVERY_ROUTE { "its own budget for LLM calls" } else { "its budget on this route" };
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "budget_exceeded",
                     "insufficient_quota",
                     format!(
-                        "this {whose} has spent its budget on this route (${:.2} a {}); it starts again at the next {}",
+                        "this {whose} has spent {scope} (${:.2} a {}); it starts again at the next {}",
                         b.micro_usd as f64 / 1e6,
                         period_name(b.period),
                         period_name(b.period)
@@ -468,8 +481,8 @@ impl Gateway {
             }
             let reserved =
                 first.as_ref().map_or(0, |(d, p)| p.cost_micro_usd(&d.model, &estimate)).min(b.micro_usd - spent);
-            ai.spend.add(&k, route_key, start, reserved);
-            held.push(Held { key: k, budget: b, period_start: start, reserved });
+            ai.spend.add(&k, route, start, reserved);
+            held.push(Held { key: k, route, budget: b, period_start: start, reserved });
         }
         let mut taken = 0;
         // The tokens-per-minute limit: from the nodes' shared bucket when there is one (Redis),
@@ -498,7 +511,7 @@ impl Gateway {
                 }
             };
             if !allowed {
-                release(&ai.spend, route_key, &held);
+                release(&ai.spend, &held);
                 let mut e = ai_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "llm_tokens_per_minute_exceeded",
@@ -613,7 +626,7 @@ impl Gateway {
             }
             return whole_answer(resp, built.mode, settle, &head, sink).await;
         }
-        release(&ai.spend, route_key, &held);
+        release(&ai.spend, &held);
         if let Some(limit) = &tpm {
             settle_tpm(ai, tpm_shared.as_deref(), &key, route_key, limit, now_us, -i64::try_from(taken).unwrap_or(0));
         }
@@ -866,8 +879,8 @@ fn write_head<S: HeadSink>(h: &AnswerHead<'_>, content_type: &[u8], sink: &mut S
 }
 
 /// `x-keygate-budget-remaining-usd`: what is left of the tightest budget the call is held to.
-fn remaining_budget<S: HeadSink>(settle_ai: &Ai, route_key: u32, held: &[Held], sink: &mut S) {
-    if let Some(left) = held.iter().map(|h| h.remaining(settle_ai, route_key)).min() {
+fn remaining_budget<S: HeadSink>(settle_ai: &Ai, held: &[Held], sink: &mut S) {
+    if let Some(left) = held.iter().map(|h| h.remaining(settle_ai)).min() {
         let _ = sink.field("x-keygate-budget-remaining-usd", format!("{:.6}", left as f64 / 1e6).as_bytes());
     }
 }
@@ -961,9 +974,9 @@ async fn whole_answer<S: HeadSink>(
     write_head(head, &content_type, sink);
     let cost_known = settle.provider.prices.contains_key(&*settle.deployment.model);
     // Settled first, so that the remaining budget shown counts this call.
-    let (ai, route_key, held) = (settle.ai.clone(), settle.route_key, settle.held.clone());
+    let (ai, held) = (settle.ai.clone(), settle.held.clone());
     let cost = settle.done_with(usage, head.status.is_success());
-    remaining_budget(&ai, route_key, &held, sink);
+    remaining_budget(&ai, &held, sink);
     if cost_known {
         let _ = sink.field("x-keygate-cost-usd", format!("{:.6}", cost as f64 / 1e6).as_bytes());
     }
@@ -989,7 +1002,7 @@ fn stream_answer<S: HeadSink>(
 ) -> Answered {
     write_head(head, b"text/event-stream", sink);
     let _ = sink.field("cache-control", b"no-cache");
-    remaining_budget(&settle.ai, settle.route_key, &settle.held, sink);
+    remaining_budget(&settle.ai, &settle.held, sink);
     let translator = match mode {
         Mode::FromAnthropic { include_usage } => {
             Some(StreamTranslator::new(head.name, settle.now_us / 1_000_000, include_usage))

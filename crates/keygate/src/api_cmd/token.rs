@@ -28,7 +28,21 @@ fn policy_body(p: &TokenPolicyArgs, body: &mut Map<String, Value>, for_update: b
     if let Some(m) = &p.metadata {
         body.insert("metadata".into(), parse_object("--metadata", m)?);
     }
+    if let Some(b) = &p.llm_budget {
+        body.insert("llm_budget".into(), parse_llm_budget(b)?);
+    }
     Ok(())
+}
+
+/// `20/month` (dollars a day or a month) as a token's `llm_budget`.
+fn parse_llm_budget(s: &str) -> anyhow::Result<Value> {
+    let err = || UsageError(format!("--llm-budget must look like 20/month (dollars a day or a month), not {s:?}"));
+    let (usd, period) = s.split_once('/').ok_or_else(err)?;
+    let usd: f64 = usd.trim_start_matches('$').parse().map_err(|_| err())?;
+    if !matches!(period, "day" | "month") || !usd.is_finite() || usd < 0.0 {
+        return Err(err().into());
+    }
+    Ok(json!({"usd": usd, "period": period}))
 }
 
 fn path(id: &str) -> anyhow::Result<String> {
@@ -63,6 +77,7 @@ pub async fn run(args: ApiCommand<TokenCommand>) -> anyhow::Result<()> {
             clear_scopes,
             no_rate_limit,
             no_quota,
+            no_llm_budget,
         } => {
             let mut body = Map::new();
             put_opt(&mut body, "name", name.as_ref());
@@ -81,6 +96,9 @@ pub async fn run(args: ApiCommand<TokenCommand>) -> anyhow::Result<()> {
             }
             if *no_quota {
                 body.insert("quota".into(), Value::Null);
+            }
+            if *no_llm_budget {
+                body.insert("llm_budget".into(), Value::Null);
             }
             if body.is_empty() {
                 return Err(UsageError(
@@ -115,4 +133,18 @@ pub async fn run(args: ApiCommand<TokenCommand>) -> anyhow::Result<()> {
         }
     };
     shown.print(args.api.output)
+}
+
+#[cfg(test)]
+mod llm_budget_tests {
+    use super::*;
+
+    #[test]
+    fn an_llm_budget_is_dollars_a_day_or_a_month() {
+        assert_eq!(parse_llm_budget("20/month").unwrap(), json!({"usd": 20.0, "period": "month"}));
+        assert_eq!(parse_llm_budget("$0.5/day").unwrap(), json!({"usd": 0.5, "period": "day"}));
+        for bad in ["20", "20/year", "x/day", "-1/day", "20/total"] {
+            assert!(parse_llm_budget(bad).is_err(), "{bad}");
+        }
+    }
 }

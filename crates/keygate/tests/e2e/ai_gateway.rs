@@ -1097,3 +1097,60 @@ async fn a_dpop_bound_virtual_key_needs_its_proof() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "a replayed proof: {body}");
     kg.stop().await;
 }
+
+#[tokio::test]
+async fn a_tokens_own_budget_holds_over_every_route() {
+    let (kg, _s, _dir) = start(models()).await;
+    let c = kg.client();
+    let second = json!({"id": "llm2", "path": "/llm2", "kind": "ai", "ai": {"models": {"m": ["openai/gpt-mini"]}}});
+    assert_eq!(c.post("/admin/v1/routes", &second).await.status, StatusCode::CREATED);
+    // 10 micro-dollars a month; a call costs 7.
+    let made = c
+        .post(
+            "/admin/v1/tokens",
+            &json!({"name": "capped", "scopes": ["llm:*"], "llm_budget": {"usd": 0.00001, "period": "month"}}),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    assert_eq!(made.body["llm_budget"], json!({"usd": 0.00001, "period": "month"}));
+    let (id, vk) = (made.body["id"].as_str().unwrap().to_owned(), made.body["token"].as_str().unwrap().to_owned());
+    kg.sync_index().await.unwrap();
+    let on = |path: &'static str| {
+        let (url, vk) = (format!("{}{path}/v1/chat/completions", kg.gateway_url()), vk.clone());
+        let model = if path == "/llm" { "gpt-mini" } else { "m" };
+        async move {
+            let r = reqwest::Client::new().post(url).bearer_auth(vk).json(&chat(model, "hello")).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(on("/llm").await.0, StatusCode::OK);
+    let (status, body) = on("/llm2").await;
+    assert_eq!(status, StatusCode::OK, "7 of 10 spent: the other route may still spend: {body}");
+    let (status, body) = on("/llm").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.contains("budget_exceeded") && body.contains("its own budget"), "{body}");
+    assert_eq!(on("/llm2").await.0, StatusCode::TOO_MANY_REQUESTS, "spent on every route");
+
+    // The notice names no route; the token's page shows the budget spent.
+    kg.flush_usage().await;
+    assert_eq!(kg.admin().sweep_notices().await.unwrap().budget, 1);
+    let trail = c.get("/admin/v1/audit-events?limit=50").await.body;
+    let notice = trail["data"].as_array().unwrap().iter().find(|e| e["action"] == "budget.threshold").unwrap().clone();
+    assert_eq!((notice["target"].as_str(), notice["after"]["route"].is_null()), (Some(id.as_str()), true));
+    let mut own = crate::dashboard::owner(&kg).await;
+    let page = own.get(&format!("/tokens/{id}")).await;
+    let row = page.between("id=\"budget-own\">", "</tr>");
+    assert!(row.contains("every route") && row.contains("$0.000014"), "{row}");
+
+    // Lifted: calls go on.
+    let r = c.send(reqwest::Method::PATCH, &format!("/admin/v1/tokens/{id}"), Some(&json!({"llm_budget": null}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(r.body["llm_budget"].is_null());
+    kg.sync_index().await.unwrap();
+    assert_eq!(on("/llm").await.0, StatusCode::OK);
+    for bad in [json!({"usd": -1, "period": "month"}), json!({"usd": 1, "period": "total"}), json!({"usd": 1})] {
+        let r = c.post("/admin/v1/tokens", &json!({"name": "x", "llm_budget": bad})).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {:?}", r.body);
+    }
+    kg.stop().await;
+}

@@ -415,6 +415,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_budget_notice_about_an_app_reaches_its_owner_and_the_workspaces() {
+        let (admin, _clock, _dir, ws) = crate::testing::admin().await;
+        admin.enable_email();
+        let _owner = person(&admin, &ws, "owner@example.com", Role::Owner).await;
+        let dev = person(&admin, &ws, "dev@example.com", Role::Developer).await;
+        let actor = Actor::cli();
+        let app = admin.create_app(&ws, &actor, NewApp { name: "bot".into(), ..Default::default() }).await.unwrap();
+        admin.store().set_app_owner(&ws, &app.id, &dev).await.unwrap();
+        let audit = keygate_core::model::NewAuditEvent::new(
+            &ws,
+            &Actor { id: "system".into(), source: None },
+            "budget.threshold",
+            app.id.as_str(),
+            admin.now(),
+        )
+        .with_after(serde_json::json!({"budget_of": "app", "route": "llm", "threshold_percent": 80,
+            "spent_usd": 8.0, "budget_usd": 10.0, "period": "month", "resets_at": "2026-01-01T00:00:00Z"}));
+        let key = keygate_core::ids::TokenId::from_trusted(app.id.to_string());
+        assert!(admin.store().record_rotation_notice(&key, "budget80@llm@app@0", admin.now(), &audit).await.unwrap());
+        let outbox = Outbox::default();
+        admin.deliver_emails(&outbox, "n1").await.unwrap();
+        let mut to: Vec<String> = outbox.0.lock().iter().map(|m| m.to_address.clone()).collect();
+        to.sort();
+        assert_eq!(to, ["dev@example.com", "owner@example.com"]);
+        let m = outbox.0.lock()[0].clone();
+        assert!(m.subject.contains("budget reached a threshold"), "{}", m.subject);
+        assert!(m.text.contains("$8.00 of $10.00 a month (80%)") && m.text.contains(app.id.as_str()), "{}", m.text);
+    }
+
+    #[tokio::test]
     async fn events_are_emailed_to_their_audience_as_people_chose() {
         let (admin, _clock, _dir, ws) = crate::testing::admin().await;
         admin.enable_email();

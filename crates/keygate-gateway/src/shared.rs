@@ -333,11 +333,7 @@ impl SharedLimiter {
         cost: u32,
         now_us: i64,
     ) -> Option<CostDecision> {
-        if self.down(now_us) {
-            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        self.take_cost_of(self.key_name(id, Of::Rate(0)), limit, cost, now_us).await
+        self.take_cost_of(id, Of::Rate(0), limit, cost, now_us).await
     }
 
     /// Takes `cost` LLM tokens at once, all or nothing, from the shared tokens-per-minute bucket
@@ -352,11 +348,7 @@ impl SharedLimiter {
         cost: u32,
         now_us: i64,
     ) -> Option<CostDecision> {
-        if self.down(now_us) {
-            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        self.take_cost_of(self.key_name(id, Of::LlmTokens(route)), limit, cost, now_us).await
+        self.take_cost_of(id, Of::LlmTokens(route), limit, cost, now_us).await
     }
 
     /// Settles LLM tokens taken before the answer told how many were used: `delta` more (taken
@@ -378,9 +370,21 @@ impl SharedLimiter {
         });
     }
 
-    /// Takes `cost` from the shared rate bucket `key`, all or nothing (what fitted of a refused
-    /// cost goes back in the background).
-    async fn take_cost_of(&self, key: String, limit: &RateLimit, cost: u32, now_us: i64) -> Option<CostDecision> {
+    /// Takes `cost` from the shared rate bucket `of` of `id`, all or nothing (what fitted of a
+    /// refused cost goes back in the background); `None` while the backend is down.
+    async fn take_cost_of(
+        &self,
+        id: &[u8; PUBLIC_ID_LEN],
+        of: Of,
+        limit: &RateLimit,
+        cost: u32,
+        now_us: i64,
+    ) -> Option<CostDecision> {
+        if self.down(now_us) {
+            self.stats.local_decisions.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let key = self.key_name(id, of);
         let g = self.call_now(self.backend.take_rate(&key, limit, 0, 0, cost, now_us), now_us).await?;
         let allowed = g.granted >= cost;
         if !allowed && g.granted > 0 {

@@ -114,25 +114,25 @@ async fn email_recipients(
 ) -> Result<Vec<(String, String, String)>> {
     let ws = e.workspace_id.as_str();
     let mut users: Vec<String> = Vec::new();
-    if kind.email.app_owner && e.target.starts_with("tok_") {
-        let owner: Option<String> = sqlx::query_scalar(
+    // The owner of the app the event is about: a token's app, or the app itself.
+    let owner_sql = if e.target.starts_with("tok_") {
+        Some(
             "SELECT o.user_id FROM app_owners o JOIN tokens t ON t.app_id = o.app_id WHERE t.id = $1 AND o.workspace_id = $2",
         )
-        .bind(e.target.as_str())
-        .bind(ws)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_error)?;
-        users.extend(owner);
-    }
-    if kind.email.app_owner && e.target.starts_with("app_") {
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT user_id FROM app_owners WHERE app_id = $1 AND workspace_id = $2")
-                .bind(e.target.as_str())
-                .bind(ws)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(db_error)?;
+    } else if e.target.starts_with("app_") {
+        Some("SELECT user_id FROM app_owners WHERE app_id = $1 AND workspace_id = $2")
+    } else {
+        None
+    };
+    if kind.email.app_owner
+        && let Some(sql) = owner_sql
+    {
+        let owner: Option<String> = sqlx::query_scalar(sql)
+            .bind(e.target.as_str())
+            .bind(ws)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)?;
         users.extend(owner);
     }
     if kind.email.workspace_owners {

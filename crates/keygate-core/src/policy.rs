@@ -314,3 +314,108 @@ mod tests {
         assert!(Quota { requests: 0, period: QuotaPeriod::Day }.validate().is_err());
     }
 }
+
+/// A set of IPv4/IPv6 networks to test addresses against quickly, however many: one hash
+/// lookup per distinct prefix length in the set (a denylist of thousands of /32s and /24s costs
+/// two lookups). IPv4-mapped IPv6 addresses are tested as the IPv4 address they carry.
+#[derive(Debug, Default, Clone)]
+pub struct AddressSet {
+    v4: Vec<(u8, std::collections::HashSet<u32>)>,
+    v6: Vec<(u8, std::collections::HashSet<u128>)>,
+}
+
+/// The most entries an [`AddressSet`] is read from.
+pub const MAX_ADDRESS_SET_ENTRIES: usize = 100_000;
+
+fn mask4(a: u32, len: u8) -> u32 {
+    if len == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(len))) }
+}
+
+fn mask6(a: u128, len: u8) -> u128 {
+    if len == 0 { 0 } else { a & (u128::MAX << (128 - u32::from(len))) }
+}
+
+impl AddressSet {
+    /// Reads addresses and CIDRs (`203.0.113.7`, `198.51.100.0/24`, `2001:db8::/32`); the error
+    /// names the entry that is neither.
+    pub fn parse(raw: &[String]) -> std::result::Result<Self, String> {
+        if raw.len() > MAX_ADDRESS_SET_ENTRIES {
+            return Err(format!("at most {MAX_ADDRESS_SET_ENTRIES} addresses or CIDRs"));
+        }
+        let mut set = Self::default();
+        for entry in raw {
+            let net =
+                entry.trim().parse::<IpNet>().or_else(|_| entry.trim().parse::<IpAddr>().map(IpNet::from)).map_err(
+                    |_| format!("{entry:?} is not an IPv4 or IPv6 address or CIDR (such as 203.0.113.0/24)"),
+                )?;
+            match net {
+                IpNet::V4(n) => {
+                    let len = n.prefix_len();
+                    let key = mask4(u32::from(n.addr()), len);
+                    match set.v4.iter_mut().find(|(l, _)| *l == len) {
+                        Some((_, s)) => {
+                            s.insert(key);
+                        }
+                        None => set.v4.push((len, std::iter::once(key).collect())),
+                    }
+                }
+                IpNet::V6(n) => {
+                    let len = n.prefix_len();
+                    let key = mask6(u128::from(n.addr()), len);
+                    match set.v6.iter_mut().find(|(l, _)| *l == len) {
+                        Some((_, s)) => {
+                            s.insert(key);
+                        }
+                        None => set.v6.push((len, std::iter::once(key).collect())),
+                    }
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Whether `addr` is in one of the set's networks.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = match addr {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+            a => a,
+        };
+        match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().any(|(len, s)| s.contains(&mask4(a, *len)))
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().any(|(len, s)| s.contains(&mask6(a, *len)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod address_set_tests {
+    use super::*;
+
+    fn set(entries: &[&str]) -> AddressSet {
+        AddressSet::parse(&entries.iter().map(|e| (*e).to_owned()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn addresses_and_networks_of_both_families_are_found() {
+        let s = set(&["203.0.113.7", "198.51.100.0/24", "2001:db8::/32", "10.0.0.9/8"]);
+        for yes in ["203.0.113.7", "198.51.100.200", "2001:db8:1::5", "10.255.1.1", "::ffff:198.51.100.3"] {
+            assert!(s.contains(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["203.0.113.8", "198.51.101.1", "2001:db9::1", "11.0.0.1", "::1"] {
+            assert!(!s.contains(no.parse().unwrap()), "{no}");
+        }
+        assert!(set(&["0.0.0.0/0"]).contains("8.8.8.8".parse().unwrap()));
+        assert!(set(&[]).is_empty() && !set(&[]).contains("1.2.3.4".parse().unwrap()));
+        assert!(AddressSet::parse(&["nope".to_owned()]).unwrap_err().contains("\"nope\""));
+    }
+}

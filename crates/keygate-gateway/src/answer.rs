@@ -46,6 +46,8 @@ pub(crate) enum Code {
     MissingToken,
     /// A credential of another workspace than the route's (and the route is not shared).
     RouteNotInWorkspace,
+    /// The client's address is on `[gateway] deny` or the route's `deny`.
+    AddressDenied,
     IpNotAllowed,
     InsufficientScope,
     CorsOriginNotAllowed,
@@ -66,7 +68,7 @@ pub(crate) enum Code {
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 19] = [
+    const ALL: [Code; 20] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -75,6 +77,7 @@ impl Code {
         Code::TokenInQuery,
         Code::MissingToken,
         Code::RouteNotInWorkspace,
+        Code::AddressDenied,
         Code::IpNotAllowed,
         Code::InsufficientScope,
         Code::CorsOriginNotAllowed,
@@ -99,6 +102,7 @@ impl Code {
             Code::TokenInQuery => "token_in_query",
             Code::MissingToken => "missing_token",
             Code::RouteNotInWorkspace => "route_not_in_workspace",
+            Code::AddressDenied => "address_denied",
             Code::IpNotAllowed => "ip_not_allowed",
             Code::InsufficientScope => "insufficient_scope",
             Code::CorsOriginNotAllowed => "cors_origin_not_allowed",
@@ -117,9 +121,11 @@ impl Code {
         match self {
             Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
             Code::MissingToken => StatusCode::UNAUTHORIZED,
-            Code::IpNotAllowed | Code::InsufficientScope | Code::CorsOriginNotAllowed | Code::RouteNotInWorkspace => {
-                StatusCode::FORBIDDEN
-            }
+            Code::IpNotAllowed
+            | Code::InsufficientScope
+            | Code::CorsOriginNotAllowed
+            | Code::RouteNotInWorkspace
+            | Code::AddressDenied => StatusCode::FORBIDDEN,
             Code::RouteNotFound => StatusCode::NOT_FOUND,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -22,6 +22,10 @@ pub struct GatewayConfig {
     /// asked for), `Forwarded` and the other `X-Forwarded-*` fields. From anyone else, the client
     /// address is the socket's and those headers are removed or rewritten.
     pub trusted_proxies: Vec<String>,
+    /// Client addresses refused on every route (addresses and CIDRs), before any token work:
+    /// 403 `address_denied`. The client address is the one `trusted_proxies` lets through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
     /// Worker threads, each with its own listener socket and upstream connections. 0: one per
     /// CPU core.
     pub threads: usize,
@@ -99,6 +103,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_header: None,
             trusted_proxies: Vec::new(),
+            deny: Vec::new(),
             threads: 0,
             max_body_bytes: 10 * 1024 * 1024,
             connect_timeout_ms: 2_000,
@@ -345,6 +350,10 @@ pub struct RouteConfig {
     /// after its 101 a client could send the upstream requests keygate never checked).
     #[serde(default = "default_upgrades")]
     pub upgrades: Vec<String>,
+    /// Client addresses refused on this route (addresses and CIDRs), before any token work:
+    /// 403 `address_denied`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
     /// For the developer portal: what this API is.
     pub description: Option<String>,
     /// For the developer portal: an OpenAPI document (file path or URL).
@@ -585,6 +594,7 @@ impl RouteConfig {
             health_check: None,
             identity_token: false,
             upgrades: default_upgrades(),
+            deny: Vec::new(),
             description: None,
             openapi: None,
             workspace: None,

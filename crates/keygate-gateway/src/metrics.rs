@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 17] = [
+pub const REASONS: [&str; 18] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -37,6 +37,7 @@ pub const REASONS: [&str; 17] = [
     "cors_origin_not_allowed",
     "upgrade_not_allowed",
     "request_timeout",
+    "address_denied",
 ];
 
 #[derive(Default)]

@@ -50,6 +50,8 @@ pub struct Route {
     pub identity_token: bool,
     /// The protocols an `Upgrade` may name on this route, lowercase (`upgrades`).
     pub upgrades: Box<[Box<str>]>,
+    /// Client addresses refused on this route (`deny`); `None`: none.
+    pub deny: Option<Arc<keygate_core::policy::AddressSet>>,
     /// For the developer portal: what this API is, and where its OpenAPI document is.
     pub description: Option<String>,
     pub openapi: Option<String>,
@@ -143,6 +145,8 @@ pub const DEMO_PATH: &str = "/demo/echo";
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub routes: Vec<Arc<Route>>,
+    /// Client addresses refused on every route (`[gateway] deny`); `None`: none.
+    pub deny: Option<Arc<keygate_core::policy::AddressSet>>,
 }
 
 impl RouteTable {
@@ -312,6 +316,7 @@ impl RouteTable {
                 demo: false,
                 identity_token: c.identity_token,
                 upgrades,
+                deny: deny_set(&c.deny).map_err(|e| err(format!("deny: {e}")))?,
                 description: c.description.clone(),
                 openapi: c.openapi.clone(),
                 workspace_id: spec.workspace_id.map(Arc::from),
@@ -362,6 +367,7 @@ impl RouteTable {
                 demo: true,
                 identity_token: false,
                 upgrades: Box::default(),
+                deny: None,
                 description: Some(
                     "keygate's built-in demo: answers with the request it saw and the identity keygate attached to it"
                         .into(),
@@ -374,7 +380,8 @@ impl RouteTable {
                 ai: None,
             }));
         }
-        Ok(Self { routes })
+        let deny = deny_set(&gw.deny).map_err(|e| format!("gateway.deny: {e}"))?;
+        Ok(Self { routes, deny })
     }
 
     /// The route for the request's host and normalized `path`, as keygate reads the path:
@@ -452,6 +459,14 @@ impl RouteTable {
 }
 
 /// FNV-1a of the route id, never 0 (0 keys a token's own limit).
+/// An address set of a `deny` list; `None` for an empty list.
+fn deny_set(raw: &[String]) -> Result<Option<Arc<keygate_core::policy::AddressSet>>, String> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    keygate_core::policy::AddressSet::parse(raw).map(|s| Some(Arc::new(s)))
+}
+
 fn limiter_key(id: &str) -> u32 {
     let h = id.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
     h.max(1)

@@ -66,6 +66,10 @@ pub struct RouteBody {
     #[serde(default)]
     pub identity_token: bool,
     pub upgrades: Option<Vec<String>>,
+    /// Client addresses and CIDRs refused on this route before any token work (403
+    /// `address_denied`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny: Option<Vec<String>>,
     pub description: Option<String>,
     pub openapi: Option<String>,
     /// The workspace's name: the root key's own (the only one allowed here).

@@ -328,12 +328,23 @@ impl Gateway {
     #[allow(clippy::result_large_err)]
     fn check<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Result<(&'a Route, Option<Resume>), Refuse> {
         let head = ctx.head;
+        // Denied addresses first: before routing, and before any token work.
+        let denied = |set: Option<&keygate_core::policy::AddressSet>| {
+            set.is_some_and(|s| s.contains(client_ip(ctx.conn.remote, head, &self.settings.trusted_proxies)))
+        };
+        let refuse_denied = || Refuse::of(Code::AddressDenied, "requests from this address are refused");
+        if denied(ctx.table.routes.deny.as_deref()) {
+            return Err(refuse_denied());
+        }
         let route = match ctx.table.routes.resolve(|| head.host(), &ctx.path) {
             Ok(Some(route)) => route,
             Ok(None) => return Err(Refuse::of(Code::RouteNotFound, "no route serves this path")),
             Err(e) => return Err(Refuse::path(e)),
         };
         ctx.route = Some(route);
+        if denied(route.deny.as_deref()) {
+            return Err(refuse_denied());
+        }
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {

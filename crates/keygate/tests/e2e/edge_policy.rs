@@ -425,3 +425,62 @@ async fn identity_tokens_follow_scope_changes_at_once() {
     assert_eq!(seen("/a").await["jti"], after["jti"]);
     kg.stop().await;
 }
+
+/// Issue 17: denied addresses are refused before any token work — on one route (`deny`), and on
+/// every route (`[gateway] deny`) — with a stable code and a metric.
+#[tokio::test]
+async fn denied_addresses_are_refused_before_any_token_work() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let mut closed = route("closed", "/closed", &up.url());
+    closed.deny = vec!["127.0.0.0/8".into(), "2001:db8::/32".into()];
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![route("orders", "/orders", &up.url()), closed],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let (_, token) = kg.client().create_token(&json!({"name": "t"})).await;
+    kg.sync_index().await.unwrap();
+    let http = reqwest::Client::new();
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = http.get(format!("{}{path}", kg.gateway_url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let (status, body) = get("/closed/1", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("address_denied")), "no token asked for: {body}");
+    let (status, _) = get("/closed/1", Some(&token)).await;
+    assert_eq!(status, 403, "a good token does not open it");
+    assert_eq!(get("/orders/1", Some(&token)).await.0, 200, "other routes serve");
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"address_denied\"} 2"), "{metrics}");
+    // Through the API: validated as the file is.
+    let bad = json!({"id": "x", "path": "/x", "upstream": up.url(), "deny": ["not-an-address"]});
+    let r = kg.client().post("/admin/v1/routes", &bad).await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_route"));
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("not-an-address"), "{:?}", r.body);
+    let listed = kg.client().get("/admin/v1/routes/closed").await;
+    assert_eq!(listed.body["deny"], json!(["127.0.0.0/8", "2001:db8::/32"]));
+    kg.stop().await;
+
+    // [gateway] deny: every route, and paths no route serves.
+    let gw = keygate_gateway::config::GatewayConfig { deny: vec!["127.0.0.1".into()], ..Default::default() };
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![route("orders", "/orders", &up.url())],
+        gateway: Some(gw),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    for path in ["/orders/1", "/nowhere"] {
+        let r = reqwest::get(format!("{}{path}", kg.gateway_url())).await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path}");
+    }
+    kg.stop().await;
+}

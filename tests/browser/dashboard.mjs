@@ -779,6 +779,42 @@ async function run(browser, kg) {
     check(r.status === 200, `the gateway answered ${r.status} to developer A's token`);
   });
 
+  await step("plan ceilings: the owner puts A's app on a plan of 10 a minute; A is refused more, on the form and on the app's shared limits", async () => {
+    currentPage = owner;
+    await goto(owner, '/settings');
+    await owner.getByLabel('Plan name').fill('starter');
+    await owner.getByLabel(/^\s*Rate limit\b/).fill('10');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Create plan' }), 'the "Create plan" button');
+    await goto(owner, '/apps');
+    const row = owner.locator('table tbody tr').filter({ hasText: 'dana-app' });
+    await row.getByLabel('Plan').selectOption({ label: 'starter' });
+    await clickAndLoad(owner, row.getByRole('button', { name: 'Change plan' }), 'the "Change plan" button of dana-app');
+    const { page } = ctx.devA;
+    currentPage = page;
+    await goto(page, '/tokens/new');
+    await page.getByLabel(/^\s*Name\b/).fill('dana-greedy');
+    await page.getByLabel(/^\s*App\b/).selectOption({ label: 'dana-app' });
+    await page.getByLabel(/^\s*Rate limit\b/).fill('100');
+    await clickAndLoad(page, page.getByRole('button', { name: 'Create token' }), 'the "Create token" button');
+    const refused = await page.locator('main').innerText();
+    check(refused.includes('starter') && refused.includes('plan'), `the form does not say the plan refused it:\n${refused.slice(0, 600)}`);
+    await page.getByLabel(/^\s*Rate limit\b/).fill('10');
+    await clickAndLoad(page, page.getByRole('button', { name: 'Create token' }), 'the "Create token" button');
+    await expectH1(page, 'Token created');
+    // The app's shared limits: above the plan refused, within it saved and shown.
+    await goto(page, '/apps');
+    await clickAndLoad(page, page.getByRole('link', { name: 'dana-app' }), 'the link to dana-app');
+    ctx.danaAppHref = new URL(page.url()).pathname;
+    await page.getByLabel(/^\s*Rate limit\b/).fill('50');
+    await clickAndLoad(page, page.getByRole('button', { name: 'Save shared limits' }), 'the "Save shared limits" button');
+    check((await page.locator('main').innerText()).includes('starter'), 'a shared limit above the plan is refused on the page');
+    await page.getByLabel(/^\s*Rate limit\b/).fill('5');
+    await clickAndLoad(page, page.getByRole('button', { name: 'Save shared limits' }), 'the "Save shared limits" button');
+    const shown = await textOf(page, page.locator('#app-limits'), 'the shared limits');
+    check(shown.includes('5 requests per 60 s'), `the app page shows ${JSON.stringify(shown)}`);
+    await shot(page, '15-app-shared-limits');
+  });
+
   await step("developer B: A's token page answers 404", async () => {
     const { page } = ctx.devB;
     currentPage = page;

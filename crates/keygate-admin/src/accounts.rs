@@ -82,7 +82,7 @@ pub struct Viewer {
 
 impl Viewer {
     pub fn actor(&self) -> Actor {
-        Actor { id: self.user.id.to_string(), source: Some("dashboard".into()) }
+        Actor { id: self.user.id.to_string(), source: Some("dashboard".into()), owner: self.role == Role::Owner }
     }
     pub fn workspace(&self) -> &WorkspaceId {
         &self.session.workspace_id
@@ -375,7 +375,7 @@ impl Accounts {
                 role: Role::Owner,
                 created_at: now,
             };
-            let actor = Actor { id: user.id.to_string(), source: Some("dashboard setup".into()) };
+            let actor = Actor { id: user.id.to_string(), source: Some("dashboard setup".into()), owner: true };
             let mut audit = NewAuditEvent::new(&ws.id, &actor, "user.created", user.id.as_str(), now);
             audit.after = Some(json!({"email": user.email, "name": user.name, "role": "owner"}));
             self.store().insert_user(&user, &m, &audit).await?;
@@ -475,7 +475,7 @@ impl Accounts {
     }
 
     async fn audit_sign_in(&self, user: &User, ws: &WorkspaceId, ip: Option<String>, method: &str) {
-        let actor = Actor { id: user.id.to_string(), source: ip.clone().or(Some("dashboard".into())) };
+        let actor = Actor { id: user.id.to_string(), source: ip.clone().or(Some("dashboard".into())), owner: true };
         let mut audit = NewAuditEvent::new(ws, &actor, "user.signed_in", user.id.as_str(), self.now());
         audit.after = Some(json!({"method": method}));
         if let Err(e) = self.store().append_audit(&audit).await {
@@ -841,7 +841,7 @@ impl Accounts {
             role: inv.role,
             created_at: now,
         };
-        let actor = Actor { id: user.id.to_string(), source: Some("dashboard".into()) };
+        let actor = Actor { id: user.id.to_string(), source: Some("dashboard".into()), owner: true };
         let mut audit = NewAuditEvent::new(&inv.workspace_id, &actor, "member.joined", user.id.as_str(), now);
         audit.after = Some(json!({"invitation": inv.id.as_str(), "role": inv.role.as_str()}));
         self.store().accept_invitation(&inv, new_user.as_ref(), &m, &audit).await?;
@@ -895,6 +895,7 @@ impl Accounts {
 
     pub async fn set_policy(&self, viewer: &Viewer, policy: &WorkspacePolicy) -> Result<()> {
         Self::require_owner(viewer)?;
+        policy.rules.validate()?;
         let mut audit = NewAuditEvent::new(
             viewer.workspace(),
             &viewer.actor(),

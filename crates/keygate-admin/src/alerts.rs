@@ -91,7 +91,7 @@ impl Detector {
 
 /// The actor of alerts and of what the policy does.
 fn detector_actor() -> Actor {
-    Actor { id: "anomaly-detector".into(), source: None }
+    Actor { id: "anomaly-detector".into(), source: None, owner: true }
 }
 
 impl Admin {
@@ -229,7 +229,7 @@ impl Admin {
         if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min) && alert.kind != AlertKind::OldSecret {
             let token = self.token(&alert.workspace_id, &alert.token_id).await?;
             if token.state == TokenState::Active {
-                let actor = Actor { id: "anomaly-policy".into(), source: None };
+                let actor = Actor { id: "anomaly-policy".into(), source: None, owner: true };
                 let reason = format!(
                     "anomaly alert {} ({}, {}): {}",
                     alert.id,

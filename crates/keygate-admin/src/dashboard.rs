@@ -405,6 +405,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/apps", get(pages::apps).post(pages::create_app))
         .route("/apps/{id}", get(oauth::app_page))
         .route("/apps/{id}/plan", post(pages::change_plan))
+        .route("/apps/{id}/limits", post(oauth::set_limits))
         .route("/apps/{id}/oauth-client", post(oauth::create_client))
         .route("/apps/{id}/oauth-client/rotate", post(oauth::rotate_secret))
         .route("/plan-requests/{id}/approve", post(pages::approve_plan))

@@ -425,7 +425,7 @@ mod tests {
         admin.store().set_app_owner(&ws, &app.id, &dev).await.unwrap();
         let audit = keygate_core::model::NewAuditEvent::new(
             &ws,
-            &Actor { id: "system".into(), source: None },
+            &Actor { id: "system".into(), source: None, owner: true },
             "budget.threshold",
             app.id.as_str(),
             admin.now(),

@@ -30,7 +30,7 @@ impl Admin {
     pub async fn sweep_notices(&self) -> Result<NoticeSweep> {
         let now = self.now();
         let mut sweep = NoticeSweep::default();
-        let actor = Actor { id: "system".into(), source: None };
+        let actor = Actor { id: "system".into(), source: None, owner: true };
         let days = self.notify_settings().expiring_days;
         for ws in self.store().list_workspaces().await? {
             let expiring = TokenFilter {

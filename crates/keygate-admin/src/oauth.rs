@@ -269,7 +269,7 @@ pub struct OAuth {
 }
 
 fn actor_of(client: &OAuthClient) -> Actor {
-    Actor { id: format!("oauth-client:{}", client.client_id), source: None }
+    Actor { id: format!("oauth-client:{}", client.client_id), source: None, owner: false }
 }
 
 fn prefix_with(base: &TokenPrefix, suffix: &str) -> Result<TokenPrefix> {
@@ -1213,7 +1213,7 @@ impl OAuth {
     }
 
     async fn revoke_opaque(&self, ws: &WorkspaceId, id: &TokenId, reason: &str) -> Result<()> {
-        let actor = Actor { id: "oauth".into(), source: None };
+        let actor = Actor { id: "oauth".into(), source: None, owner: true };
         match self.admin.revoke_token(ws, &actor, id, Some(reason.to_owned())).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind == ErrorKind::NotFound => Ok(()),

@@ -420,7 +420,7 @@ impl Admin {
         let mut workspaces: Vec<&WorkspaceId> = spent.iter().map(|s| &s.workspace_id).collect();
         workspaces.sort();
         workspaces.dedup();
-        let actor = Actor { id: "system".into(), source: None };
+        let actor = Actor { id: "system".into(), source: None, owner: true };
         let mut recorded = 0;
         for ws in workspaces {
             // Tokens' own budgets: their spending on every route.

@@ -109,7 +109,7 @@ impl Admin {
         if found.len() > MAX_TOKENS {
             return Err(Error::invalid("too_many_tokens", format!("at most {MAX_TOKENS} tokens per request")));
         }
-        let actor = Actor { id: "secret-scanning".into(), source: None };
+        let actor = Actor { id: "secret-scanning".into(), source: None, owner: true };
         let mut out = Vec::with_capacity(found.len());
         for f in found {
             let token_hash: String =

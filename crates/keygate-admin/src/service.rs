@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use keygate_core::account::ExposureAction;
+use keygate_core::account::{ExposureAction, WorkspacePolicy};
 use keygate_core::ids::{AppId, PlanId, RootKeyId, TokenId, WorkspaceId};
 use keygate_core::model::{
     Actor, App, AuditEvent, AuditFilter, DEFAULT_WORKSPACE, NewAuditEvent, Page, PageRequest, Permission, Plan,
@@ -58,6 +58,8 @@ pub struct NewToken {
     pub dpop_jkt: Option<String>,
     /// What the token may spend on LLM calls per day or month, over every `ai` route.
     pub llm_budget: Option<keygate_core::llm::LlmBudget>,
+    /// How many requests the token may make in all (1: single use).
+    pub max_uses: Option<u64>,
 }
 
 /// Changes to a token, applied without reissuing it. `None`: unchanged; `Some(None)`: cleared.
@@ -73,6 +75,7 @@ pub struct TokenUpdate {
     pub metadata: Option<Map<String, Value>>,
     pub dpop_jkt: Option<Option<String>>,
     pub llm_budget: Option<Option<keygate_core::llm::LlmBudget>>,
+    pub max_uses: Option<Option<u64>>,
 }
 
 /// A root key to create.
@@ -91,6 +94,9 @@ pub struct NewApp {
     pub description: Option<String>,
     pub plan_id: Option<PlanId>,
     pub metadata: Option<Map<String, Value>>,
+    /// Shared by all of the app's tokens.
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -99,6 +105,72 @@ pub struct AppUpdate {
     pub description: Option<Option<String>>,
     pub plan_id: Option<Option<PlanId>>,
     pub metadata: Option<Map<String, Value>>,
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub quota: Option<Option<Quota>>,
+}
+
+/// A limit a plan change lowered to the plan's new ceiling (a token's or an app's).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Adjustment {
+    /// The token (`tok_…`) or app (`app_…`) changed.
+    pub target: String,
+    /// `rate_limit` or `quota`.
+    pub field: &'static str,
+    pub before: Value,
+    pub after: Value,
+}
+
+/// The most uses a token may be limited to (a count, not a rate: beyond it, use a quota).
+pub const MAX_USES_LIMIT: u64 = 1_000_000_000;
+
+fn validate_max_uses(n: u64) -> Result<u64> {
+    if n == 0 || n > MAX_USES_LIMIT {
+        return Err(Error::invalid(
+            "invalid_max_uses",
+            format!("max_uses is a number of requests from 1 (a single-use token) to {MAX_USES_LIMIT}"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Checks limits given to a token or an app against its plan's ceilings: an actor without an
+/// owner's authority cannot give more than the plan allows (nor take a limit off where the plan
+/// has one).
+fn check_ceilings(
+    actor: &Actor,
+    plan: Option<&Plan>,
+    rate_limit: Option<&RateLimit>,
+    quota: Option<&Quota>,
+    what: &str,
+) -> Result<()> {
+    let Some(plan) = plan else { return Ok(()) };
+    if actor.owner {
+        return Ok(());
+    }
+    let above = |detail: String| {
+        Error::new(
+            ErrorKind::Forbidden,
+            "limit_above_plan",
+            format!(
+                "{what} would allow more than its app's plan {:?} ({detail}); stay within the plan, or ask a workspace owner or move the app to a larger plan",
+                plan.name
+            ),
+        )
+    };
+    if let Some(ceiling) = &plan.rate_limit
+        && !rate_limit.is_some_and(|r| r.within(ceiling))
+    {
+        return Err(above(format!(
+            "at most {} requests per {} s with a burst of {}",
+            ceiling.requests, ceiling.per_seconds, ceiling.burst
+        )));
+    }
+    if let Some(ceiling) = &plan.quota
+        && !quota.is_some_and(|q| q.within(ceiling))
+    {
+        return Err(above(format!("at most {} requests per {}", ceiling.requests, ceiling.period.as_str())));
+    }
+    Ok(())
 }
 
 /// A change to a plan: a field that is `None` stays as it is; `Some(None)` clears it.
@@ -468,6 +540,8 @@ impl Admin {
             metadata: Map::new(),
             created_at: now,
             updated_at: now,
+            rate_limit: None,
+            quota: None,
         };
         self.store.ensure_workspace(&ws, &app).await
     }
@@ -633,8 +707,19 @@ impl Admin {
 
     pub async fn create_app(&self, ws: &WorkspaceId, actor: &Actor, new: NewApp) -> Result<App> {
         let now = self.now();
-        if let Some(plan) = &new.plan_id {
-            self.plan(ws, plan).await?;
+        let plan = match &new.plan_id {
+            Some(plan) => Some(self.plan(ws, plan).await?),
+            None => None,
+        };
+        validate_limits(new.rate_limit.as_ref(), new.quota.as_ref())?;
+        if new.rate_limit.is_some() || new.quota.is_some() {
+            check_ceilings(
+                actor,
+                plan.as_ref(),
+                new.rate_limit.as_ref(),
+                new.quota.as_ref(),
+                "the app's shared limit",
+            )?;
         }
         let app = App {
             id: AppId::random(&*self.rng)?,
@@ -646,6 +731,8 @@ impl Admin {
             metadata: validate_metadata(new.metadata.unwrap_or_default())?,
             created_at: now,
             updated_at: now,
+            rate_limit: new.rate_limit,
+            quota: new.quota,
         };
         let audit = NewAuditEvent::new(ws, actor, "app.create", app.id.as_str(), now).with_after(app_view(&app));
         self.store.insert_app(&app, &audit).await?;
@@ -660,9 +747,31 @@ impl Admin {
         self.store.list_apps(ws, page).await
     }
 
+    /// Changes an app. Its shared limits are held to its plan's ceilings (for actors below an
+    /// owner); moving it to a plan lowers whatever of it and its tokens is above the new plan's
+    /// ceilings, and says so ([`Self::update_app_adjusting`]).
     pub async fn update_app(&self, ws: &WorkspaceId, actor: &Actor, id: &AppId, update: AppUpdate) -> Result<App> {
+        Ok(self.update_app_adjusting(ws, actor, id, update).await?.0)
+    }
+
+    /// [`Self::update_app`], with the limits the change lowered.
+    pub async fn update_app_adjusting(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &AppId,
+        update: AppUpdate,
+    ) -> Result<(App, Vec<Adjustment>)> {
         let before = self.app(ws, id).await?;
         let mut app = before.clone();
+        let limits_given = update.rate_limit.is_some() || update.quota.is_some();
+        if let Some(r) = update.rate_limit {
+            app.rate_limit = r;
+        }
+        if let Some(q) = update.quota {
+            app.quota = q;
+        }
+        validate_limits(app.rate_limit.as_ref(), app.quota.as_ref())?;
         if let Some(name) = update.name {
             app.name = validate_name(&name, "name")?;
         }
@@ -678,14 +787,129 @@ impl Admin {
         if let Some(m) = update.metadata {
             app.metadata = validate_metadata(m)?;
         }
+        let plan = match &app.plan_id {
+            Some(p) => Some(self.plan(ws, p).await?),
+            None => None,
+        };
+        if limits_given && (app.rate_limit.is_some() || app.quota.is_some()) {
+            check_ceilings(
+                actor,
+                plan.as_ref(),
+                app.rate_limit.as_ref(),
+                app.quota.as_ref(),
+                "the app's shared limit",
+            )?;
+        }
         if app == before {
-            return Ok(app);
+            return Ok((app, Vec::new()));
         }
         app.updated_at = self.now();
         let audit = NewAuditEvent::new(ws, actor, "app.update", id.as_str(), app.updated_at)
             .with_diff(&app_view(&before), &app_view(&app));
         self.store.update_app(&app, &audit).await?;
-        Ok(app)
+        let mut adjusted = Vec::new();
+        if app.plan_id != before.plan_id
+            && let Some(plan) = &plan
+        {
+            adjusted = self.lower_to_plan(ws, plan, std::slice::from_ref(&app)).await?;
+            if let Ok(a) = self.app(ws, id).await {
+                app = a;
+            }
+        }
+        Ok((app, adjusted))
+    }
+
+    /// Lowers what of `apps` and their live tokens is above `plan`'s ceilings to the ceiling
+    /// (a limit missing where the plan has one becomes the plan's), each change audited under
+    /// the actor `plan-policy`; returns what it changed.
+    async fn lower_to_plan(&self, ws: &WorkspaceId, plan: &Plan, apps: &[App]) -> Result<Vec<Adjustment>> {
+        if plan.rate_limit.is_none() && plan.quota.is_none() {
+            return Ok(Vec::new());
+        }
+        let policy = Actor { id: "plan-policy".into(), source: None, owner: true };
+        let lowered_rate = |r: Option<RateLimit>| match (r, plan.rate_limit) {
+            (Some(r), Some(c)) if r.within(&c) => None,
+            (_, Some(c)) => Some(c),
+            (_, None) => None,
+        };
+        let lowered_quota = |q: Option<Quota>| match (q, plan.quota) {
+            (Some(q), Some(c)) if q.within(&c) => None,
+            (_, Some(c)) => Some(c),
+            (_, None) => None,
+        };
+        let mut out = Vec::new();
+        for app in apps {
+            // The app's shared limits: only those it has (none is not "more" for an app: its
+            // tokens are held by their own).
+            let rate = app.rate_limit.and_then(|r| lowered_rate(Some(r)));
+            let quota = app.quota.and_then(|q| lowered_quota(Some(q)));
+            if rate.is_some() || quota.is_some() {
+                let update = AppUpdate { rate_limit: rate.map(Some), quota: quota.map(Some), ..AppUpdate::default() };
+                if let Some(r) = rate {
+                    out.push(Adjustment {
+                        target: app.id.to_string(),
+                        field: "rate_limit",
+                        before: json_of(&app.rate_limit),
+                        after: json_of(&Some(r)),
+                    });
+                }
+                if let Some(q) = quota {
+                    out.push(Adjustment {
+                        target: app.id.to_string(),
+                        field: "quota",
+                        before: json_of(&app.quota),
+                        after: json_of(&Some(q)),
+                    });
+                }
+                Box::pin(self.update_app_adjusting(ws, &policy, &app.id, update)).await?;
+            }
+            let filter = TokenFilter { app_id: Some(app.id.clone()), ..TokenFilter::default() };
+            let mut cursor = None;
+            loop {
+                let page = self.store.list_tokens(ws, &filter, self.now(), &PageRequest { limit: 500, cursor }).await?;
+                for t in &page.items {
+                    if t.state == TokenState::Revoked {
+                        continue;
+                    }
+                    let (rate, quota) = (lowered_rate(t.rate_limit), lowered_quota(t.quota));
+                    if rate.is_none() && quota.is_none() {
+                        continue;
+                    }
+                    let reason = format!("above the ceiling of the plan {:?}", plan.name);
+                    self.change_token_because(ws, &policy, &t.id, "token.update", Some(&reason), |t, _| {
+                        if let Some(r) = rate {
+                            t.rate_limit = Some(r);
+                        }
+                        if let Some(q) = quota {
+                            t.quota = Some(q);
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                    if let Some(r) = rate {
+                        out.push(Adjustment {
+                            target: t.id.to_string(),
+                            field: "rate_limit",
+                            before: json_of(&t.rate_limit),
+                            after: json_of(&Some(r)),
+                        });
+                    }
+                    if let Some(q) = quota {
+                        out.push(Adjustment {
+                            target: t.id.to_string(),
+                            field: "quota",
+                            before: json_of(&t.quota),
+                            after: json_of(&Some(q)),
+                        });
+                    }
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub async fn delete_app(&self, ws: &WorkspaceId, actor: &Actor, id: &AppId, revoke_tokens: bool) -> Result<()> {
@@ -726,10 +950,23 @@ impl Admin {
         Ok(plan)
     }
 
-    /// Changes a plan. Its apps' tokens are not touched: they keep their scopes and limits (the
-    /// next change to such a token is checked against the new scopes, and the new limits are the
-    /// defaults of tokens created from now on). A change that changes nothing writes nothing.
+    /// Changes a plan. Its rate limit and quota are the defaults of new tokens and the ceilings
+    /// of every token and app on it: whatever is above the new ceilings is lowered to them
+    /// ([`Self::update_plan_adjusting`] says what). Tokens keep their scopes (the next change to
+    /// such a token is checked against the new scopes). A change that changes nothing writes
+    /// nothing.
     pub async fn update_plan(&self, ws: &WorkspaceId, actor: &Actor, id: &PlanId, update: PlanUpdate) -> Result<Plan> {
+        Ok(self.update_plan_adjusting(ws, actor, id, update).await?.0)
+    }
+
+    /// [`Self::update_plan`], with the limits of tokens and apps it lowered.
+    pub async fn update_plan_adjusting(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &PlanId,
+        update: PlanUpdate,
+    ) -> Result<(Plan, Vec<Adjustment>)> {
         let before = self.plan(ws, id).await?;
         let mut plan = before.clone();
         if let Some(name) = update.name {
@@ -754,7 +991,7 @@ impl Admin {
             plan.quota = q;
         }
         if plan == before {
-            return Ok(plan);
+            return Ok((plan, Vec::new()));
         }
         let view = |p: &Plan| serde_json::to_value(p).unwrap_or(Value::Null);
         let audit = NewAuditEvent::new(ws, actor, "plan.update", id.as_str(), self.now())
@@ -763,7 +1000,21 @@ impl Admin {
             "already_exists" => Error::conflict("plan_exists", "a plan with this name already exists in the workspace"),
             _ => e,
         })?;
-        Ok(plan)
+        if plan.rate_limit == before.rate_limit && plan.quota == before.quota {
+            return Ok((plan, Vec::new()));
+        }
+        let mut on_plan = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.store.list_apps(ws, &PageRequest { limit: 500, cursor }).await?;
+            on_plan.extend(page.items.into_iter().filter(|a| a.plan_id.as_ref() == Some(id)));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let adjusted = self.lower_to_plan(ws, &plan, &on_plan).await?;
+        Ok((plan, adjusted))
     }
 
     /// Changes the scopes a plan allows. Tokens already issued keep theirs (the next change to
@@ -873,17 +1124,55 @@ impl Admin {
         Ok(plan)
     }
 
-    /// The workspace policy's longest token lifetime, if the owners set one.
-    async fn check_lifetime(&self, ws: &WorkspaceId, expires_at: Option<Timestamp>) -> Result<()> {
-        let policy = self.store.workspace_policy(ws).await?;
-        if let Some(days) = policy.max_token_lifetime_days {
-            let limit = self.now().plus_seconds(i64::from(days) * 86_400);
-            if expires_at.is_none_or(|e| e > limit) {
-                return Err(Error::invalid(
-                    "lifetime_too_long",
-                    format!("this workspace allows tokens of at most {days} days; set an expiry within that"),
-                ));
+    /// The workspace's token rules and denylist.
+    pub async fn token_rules(&self, ws: &WorkspaceId) -> Result<keygate_core::account::TokenRules> {
+        Ok(self.store.workspace_policy(ws).await?.rules)
+    }
+
+    /// Replaces the workspace's token rules and denylist (the rest of its policy stays), audited
+    /// as `workspace.policy_changed`. New rules bind tokens from their next creation or change;
+    /// a new denylist reaches every node's gateway through the change feed.
+    pub async fn set_token_rules(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        rules: keygate_core::account::TokenRules,
+    ) -> Result<keygate_core::account::TokenRules> {
+        rules.validate()?;
+        let mut policy = self.store.workspace_policy(ws).await?;
+        if policy.rules == rules {
+            return Ok(rules);
+        }
+        let mut audit = NewAuditEvent::new(ws, actor, "workspace.policy_changed", ws.as_str(), self.now());
+        audit.before = serde_json::to_value(&policy.rules).ok();
+        audit.after = serde_json::to_value(&rules).ok();
+        policy.rules = rules;
+        self.store.put_workspace_policy(ws, &policy, &audit).await?;
+        Ok(policy.rules)
+    }
+
+    /// Refuses a new token for `app` when the workspace's policy caps its active tokens and the
+    /// app holds that many already.
+    async fn check_token_count(&self, ws: &WorkspaceId, policy: &WorkspacePolicy, app: &AppId) -> Result<()> {
+        let Some(max) = policy.rules.max_active_tokens_per_app else { return Ok(()) };
+        let filter =
+            TokenFilter { app_id: Some(app.clone()), status: Some(TokenStatus::Active), ..TokenFilter::default() };
+        let (mut held, mut cursor) = (0u64, None);
+        loop {
+            let page = self.store.list_tokens(ws, &filter, self.now(), &PageRequest { limit: 500, cursor }).await?;
+            held += page.items.len() as u64;
+            match page.next_cursor {
+                Some(c) if held < u64::from(max) => cursor = Some(c),
+                _ => break,
             }
+        }
+        if held >= u64::from(max) {
+            return Err(Error::conflict(
+                "too_many_tokens",
+                format!(
+                    "this workspace allows at most {max} active tokens per app; revoke one of the app's tokens first"
+                ),
+            ));
         }
         Ok(())
     }
@@ -904,15 +1193,12 @@ impl Admin {
         let scopes = checked_scopes(&new.scopes)?;
         let plan = self.check_scopes_allowed(ws, &app, &scopes).await?;
         let expires_at = resolve_expiry(new.expires_in, new.expires_at.map(Some), now)?.flatten();
-        self.check_lifetime(ws, expires_at).await?;
+        let policy = self.store.workspace_policy(ws).await?;
         let rate_limit = new.rate_limit.or_else(|| plan.as_ref().and_then(|p| p.rate_limit));
         let quota = new.quota.or_else(|| plan.as_ref().and_then(|p| p.quota));
-        if let Some(r) = &rate_limit {
-            r.validate()?;
-        }
-        if let Some(q) = &quota {
-            q.validate()?;
-        }
+        validate_limits(rate_limit.as_ref(), quota.as_ref())?;
+        check_ceilings(actor, plan.as_ref(), rate_limit.as_ref(), quota.as_ref(), "the token")?;
+        let max_uses = new.max_uses.map(validate_max_uses).transpose()?;
         let minted = token_format::mint(&self.settings.prefix, &*self.rng)?;
         let token = TokenRecord {
             id: TokenId::from_public_id(&minted.public_id),
@@ -931,6 +1217,7 @@ impl Admin {
             metadata: validate_metadata(new.metadata.unwrap_or_default())?,
             dpop_jkt: new.dpop_jkt.map(|j| validate_jkt(&j)).transpose()?,
             llm_budget: new.llm_budget,
+            max_uses,
             created_at: now,
             updated_at: now,
             last_used_at: None,
@@ -942,6 +1229,8 @@ impl Admin {
             exposed_at: None,
             version: 1,
         };
+        check_policy(&policy, &token, now, true)?;
+        self.check_token_count(ws, &policy, &token.app_id).await?;
         let audit =
             NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now).with_after(token.audit_view());
         self.store.insert_token(&token, &audit).await?;
@@ -1041,6 +1330,22 @@ impl Admin {
             }
             None => None,
         };
+        // A change of limits is held to the plan's ceilings (the result, as it will be).
+        let plan = if update.rate_limit.is_some() || update.quota.is_some() {
+            match self.app(ws, &current.app_id).await?.plan_id {
+                Some(p) => Some(self.plan(ws, &p).await?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let max_uses = update.max_uses.map(|m| m.map(validate_max_uses).transpose()).transpose()?;
+        // The workspace's policy, for the fields it concerns: the lifetime when the expiry
+        // changes, the token rules when the expiry, scopes, allowlist or DPoP binding do.
+        let expiry_changes = update.expires_in.is_some() || update.expires_at.is_some();
+        let rules_apply =
+            expiry_changes || update.scopes.is_some() || update.ip_allowlist.is_some() || update.dpop_jkt.is_some();
+        let policy = if rules_apply { Some(self.store.workspace_policy(ws).await?) } else { None };
         self.change_token(ws, actor, id, "token.update", |t, now| {
             refuse_if_revoked(t)?;
             if let Some(name) = &update.name {
@@ -1081,6 +1386,13 @@ impl Admin {
             }
             if let Some(b) = update.llm_budget {
                 t.llm_budget = b;
+            }
+            if let Some(m) = max_uses {
+                t.max_uses = m;
+            }
+            check_ceilings(actor, plan.as_ref(), t.rate_limit.as_ref(), t.quota.as_ref(), "the token")?;
+            if let Some(policy) = &policy {
+                check_policy(policy, t, now, expiry_changes)?;
             }
             Ok(())
         })
@@ -1269,7 +1581,7 @@ impl Admin {
     ) -> Result<TokenRecord> {
         let marked = self.record_exposure(ws, actor, token, location).await?;
         let action = self.store.workspace_policy(ws).await?.exposure_action;
-        let policy = Actor { id: "exposure-policy".into(), source: actor.source.clone() };
+        let policy = Actor { id: "exposure-policy".into(), source: actor.source.clone(), owner: true };
         // The location, as a valid reason: no control characters, at most MAX_REASON_LEN.
         let reason = || {
             format!("exposed: {}", location.unwrap_or("reported"))
@@ -1301,7 +1613,7 @@ impl Admin {
     pub async fn enforce_rotation(&self) -> Result<RotationSweep> {
         let now = self.now();
         let mut sweep = RotationSweep::default();
-        let actor = Actor { id: "rotation-policy".into(), source: None };
+        let actor = Actor { id: "rotation-policy".into(), source: None, owner: true };
         for ws in self.store.list_workspaces().await? {
             let policy = self.store.workspace_policy(&ws.id).await?;
             let Some(days) = policy.max_token_age_days else { continue };
@@ -1593,4 +1905,37 @@ fn validate_metadata(m: Map<String, Value>) -> Result<Map<String, Value>> {
         ));
     }
     Ok(m)
+}
+
+/// Checks a rate limit and a quota given together.
+fn validate_limits(rate_limit: Option<&RateLimit>, quota: Option<&Quota>) -> Result<()> {
+    if let Some(r) = rate_limit {
+        r.validate()?;
+    }
+    if let Some(q) = quota {
+        q.validate()?;
+    }
+    Ok(())
+}
+
+/// A value as JSON, for what a change reports.
+fn json_of<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// The workspace policy's checks of one token, as it will be stored — the one place the API, the
+/// dashboard and the CLI go through: its longest lifetime (when `lifetime`: on creation and when
+/// the expiry changes) and its token rules (expiry required, an allowlist or a DPoP binding for
+/// given scopes).
+fn check_policy(policy: &WorkspacePolicy, token: &TokenRecord, now: Timestamp, lifetime: bool) -> Result<()> {
+    if lifetime && let Some(days) = policy.max_token_lifetime_days {
+        let limit = now.plus_seconds(i64::from(days) * 86_400);
+        if token.expires_at.is_none_or(|e| e > limit) {
+            return Err(Error::invalid(
+                "lifetime_too_long",
+                format!("this workspace allows tokens of at most {days} days; set an expiry within that"),
+            ));
+        }
+    }
+    policy.rules.check(token)
 }

@@ -493,7 +493,7 @@ impl Admin {
             last.error.as_deref().unwrap_or("no answer")
         ));
         after.updated_at = last.at;
-        let actor = Actor { id: "webhook-delivery".into(), source: None };
+        let actor = Actor { id: "webhook-delivery".into(), source: None, owner: true };
         let audit =
             NewAuditEvent::new(&endpoint.workspace_id, &actor, "webhook.disable", endpoint.id.as_str(), last.at)
                 .with_diff(&current.audit_view(), &after.audit_view());

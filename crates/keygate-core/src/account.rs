@@ -145,6 +145,96 @@ pub struct WorkspacePolicy {
     /// `anomaly-policy`, the alert in the reason); `None`: alerts only notify.
     #[serde(default)]
     pub anomaly_suspend: Option<crate::anomaly::Severity>,
+    /// What every token of the workspace must be, and what the gateway refuses before any token
+    /// work (issue 17).
+    #[serde(default)]
+    pub rules: TokenRules,
+}
+
+/// Rules every token creation and change of a workspace is checked against (in one place, for
+/// the API, the dashboard and the CLI), and the workspace's address denylist.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRules {
+    /// Every token must have an expiry.
+    #[serde(default)]
+    pub require_expiry: bool,
+    /// A token granted a scope that meets one of these (covers it, or is covered by it) must
+    /// have an IP allowlist.
+    #[serde(default)]
+    pub allowlist_required_for: Vec<crate::scope::Scope>,
+    /// A token granted a scope that meets one of these must be bound to a DPoP key.
+    #[serde(default)]
+    pub dpop_required_for: Vec<crate::scope::Scope>,
+    /// The most active tokens one app may hold.
+    #[serde(default)]
+    pub max_active_tokens_per_app: Option<u32>,
+    /// Addresses and CIDRs refused on every route of the workspace, before any token work.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// A token unused for this many days (since its last use, or its creation) is dormant:
+    /// flagged, listed, and suspended if `suspend_dormant`.
+    #[serde(default)]
+    pub dormant_days: Option<u32>,
+    #[serde(default)]
+    pub suspend_dormant: bool,
+}
+
+/// The most entries a workspace's denylist may hold (each route of the workspace carries them).
+pub const MAX_WORKSPACE_DENY: usize = 10_000;
+
+impl TokenRules {
+    /// Checks the rules as values: the denylist parses and is bounded, the numbers are in range.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.deny.len() > MAX_WORKSPACE_DENY {
+            return Err(crate::Error::invalid(
+                "invalid_policy",
+                format!("a workspace's denylist holds at most {MAX_WORKSPACE_DENY} entries"),
+            ));
+        }
+        crate::policy::AddressSet::parse(&self.deny)
+            .map_err(|e| crate::Error::invalid("invalid_policy", format!("deny: {e}")))?;
+        if self.max_active_tokens_per_app == Some(0) {
+            return Err(crate::Error::invalid("invalid_policy", "max_active_tokens_per_app is at least 1"));
+        }
+        if self.dormant_days.is_some_and(|d| d == 0 || d > 3650) {
+            return Err(crate::Error::invalid("invalid_policy", "dormant_days is a number of days from 1 to 3650"));
+        }
+        if self.allowlist_required_for.len() > 100 || self.dpop_required_for.len() > 100 {
+            return Err(crate::Error::invalid("invalid_policy", "a rule names at most 100 scopes"));
+        }
+        Ok(())
+    }
+
+    /// Checks `token` (as it will be stored) against the rules that concern one token.
+    pub fn check(&self, token: &crate::model::TokenRecord) -> crate::Result<()> {
+        if self.require_expiry && token.expires_at.is_none() {
+            return Err(crate::Error::conflict(
+                "expiry_required",
+                "this workspace requires every token to expire; give expires_in or expires_at",
+            ));
+        }
+        let meets = |rule: &[crate::scope::Scope]| {
+            token.scopes.iter().find(|s| rule.iter().any(|r| r.covers(s) || s.covers(r))).cloned()
+        };
+        if token.ip_allowlist.is_empty()
+            && let Some(s) = meets(&self.allowlist_required_for)
+        {
+            return Err(crate::Error::conflict(
+                "allowlist_required",
+                format!("this workspace requires an IP allowlist on tokens granted {s}; give ip_allowlist"),
+            ));
+        }
+        if token.dpop_jkt.is_none()
+            && let Some(s) = meets(&self.dpop_required_for)
+        {
+            return Err(crate::Error::conflict(
+                "dpop_required",
+                format!("this workspace requires tokens granted {s} to be bound to a DPoP key; give dpop_jkt"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Days before a token's rotation is due that its reminder (`token.rotation_due`) is recorded.
@@ -275,7 +365,10 @@ pub trait AccountStore: Send + Sync {
     async fn delete_invitation(&self, ws: &WorkspaceId, id: &InvitationId, audit: &NewAuditEvent) -> Result<bool>;
 
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy>;
+    /// Writes the policy; a change to its denylist is also a change of the route table.
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()>;
+    /// The denylists of every workspace that has one.
+    async fn workspace_denylists(&self) -> Result<Vec<(WorkspaceId, Vec<String>)>>;
     /// Records that `token` got the rotation notice `kind` (`due`, `overdue`), with `audit`, unless
     /// it got it already: `false` then, and nothing is written (so each is recorded once, whichever
     /// node checks first).

@@ -31,6 +31,27 @@ pub struct QuotaGrant {
     pub count: u64,
 }
 
+/// The marker of an app's shared rate limit and quota in limiter keys ([`derived_key`]).
+pub const APP_KEY: u8 = b'.';
+/// The marker of a token's count of uses (`max_uses`) in limiter keys ([`derived_key`]).
+pub const USES_KEY: u8 = b'!';
+
+/// The limiter key of state that is not a token's own bucket: an app's shared limits
+/// ([`APP_KEY`]), a token's uses ([`USES_KEY`]). A marker byte no public id holds (those are
+/// base62), then 11 base62 characters of a SHA-256 of `id`: as long as a token's public id, so
+/// it lives in the same maps, and text, so its count is stored like a token's (as `tok_` and the
+/// key). Two ids meet on one key with odds of 62^-11 per pair: they would share a count, which
+/// can only refuse early, never admit more.
+pub fn derived_key(marker: u8, id: &str) -> [u8; crate::token_format::PUBLIC_ID_LEN] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.as_bytes());
+    let mut key = [marker; crate::token_format::PUBLIC_ID_LEN];
+    for (k, d) in key.iter_mut().skip(1).zip(digest.iter()) {
+        *k = crate::token_format::ALPHABET[usize::from(*d) % 62];
+    }
+    key
+}
+
 /// Shared limit state: one implementation per backend, held as `Arc<dyn SharedLimits>`.
 #[async_trait]
 pub trait SharedLimits: Send + Sync {

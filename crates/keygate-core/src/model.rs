@@ -31,8 +31,20 @@ pub struct App {
     pub plan_id: Option<PlanId>,
     pub is_default: bool,
     pub metadata: Map<String, Value>,
+    /// A rate limit shared by all of the app's tokens (on top of each token's own).
+    pub rate_limit: Option<RateLimit>,
+    /// A quota shared by all of the app's tokens (on top of each token's own).
+    pub quota: Option<Quota>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// An app's shared limits, as the gateway needs them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppLimits {
+    pub app_id: AppId,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
 }
 
 /// The stored lifecycle state of a token. Expiry is not stored as a state: it follows from
@@ -121,6 +133,9 @@ pub struct TokenRecord {
     pub dpop_jkt: Option<String>,
     /// What the token may spend on LLM calls per day or month, over every `ai` route.
     pub llm_budget: Option<crate::llm::LlmBudget>,
+    /// How many requests the token may make in all (a single-use token: 1); the gateway
+    /// refuses it with `uses_exhausted` after that, counted once across every node.
+    pub max_uses: Option<u64>,
     /// Bumped by every change; updates carry the version they read (optimistic concurrency).
     pub version: i64,
 }
@@ -162,6 +177,7 @@ impl TokenRecord {
             "exposed_at": self.exposed_at,
             "dpop_jkt": self.dpop_jkt,
             "llm_budget": self.llm_budget,
+            "max_uses": self.max_uses,
         })
     }
 }
@@ -388,14 +404,18 @@ pub struct Actor {
     /// `rk_…` for a root key, `cli` for the local command line, `system` for keygate itself.
     pub id: String,
     pub source: Option<String>,
+    /// Acts with a workspace owner's authority over limits: may give a token or an app more
+    /// than its plan allows (an owner in the dashboard, a root key that may change plans, the
+    /// local command line, keygate itself). Everyone else is held to the plan's ceilings.
+    pub owner: bool,
 }
 
 impl Actor {
     pub fn cli() -> Self {
-        Self { id: "cli".into(), source: Some("local".into()) }
+        Self { id: "cli".into(), source: Some("local".into()), owner: true }
     }
     pub fn system() -> Self {
-        Self { id: "system".into(), source: None }
+        Self { id: "system".into(), source: None, owner: true }
     }
 }
 

@@ -200,6 +200,36 @@ impl Quota {
     }
 }
 
+impl RateLimit {
+    /// Whether this limit lets through no more than `ceiling` does: a sustained rate no higher
+    /// and a bucket no larger (so neither a steady caller nor a burst gets more).
+    pub fn within(&self, ceiling: &RateLimit) -> bool {
+        // requests / per_seconds <= ceiling.requests / ceiling.per_seconds, without division.
+        let rate_ok = u64::from(self.requests) * u64::from(ceiling.per_seconds)
+            <= u64::from(ceiling.requests) * u64::from(self.per_seconds);
+        rate_ok && self.capacity() <= ceiling.capacity()
+    }
+}
+
+impl Quota {
+    /// The most requests this quota can let through in any one period of `other`: a count per
+    /// month also bounds every day in it, a day's count times 31 bounds a month, and a total
+    /// bounds every period; a daily or monthly count bounds no total (`None`: unbounded).
+    pub fn most_in(&self, other: QuotaPeriod) -> Option<u64> {
+        use QuotaPeriod::{Day, Month, Total};
+        match (self.period, other) {
+            (Total, _) | (Day, Day) | (Month, Month) | (Month, Day) => Some(self.requests),
+            (Day, Month) => Some(self.requests.saturating_mul(31)),
+            (Day | Month, Total) => None,
+        }
+    }
+
+    /// Whether this quota lets through no more than `ceiling` in every period of the ceiling's.
+    pub fn within(&self, ceiling: &Quota) -> bool {
+        self.most_in(ceiling.period).is_some_and(|n| n <= ceiling.requests)
+    }
+}
+
 // Howard Hinnant's days-from-civil algorithms (public domain), for calendar months in UTC.
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -250,6 +280,26 @@ mod tests {
             let e = parse_allowlist(&list(&[bad])).unwrap_err();
             assert_eq!(e.code, "invalid_ip_allowlist", "{bad}");
         }
+    }
+
+    #[test]
+    fn ceilings_compare_rates_buckets_and_periods() {
+        let plan = RateLimit { requests: 100, per_seconds: 60, burst: 10 };
+        assert!(plan.within(&plan));
+        assert!(RateLimit { requests: 1, per_seconds: 1, burst: 0 }.within(&plan), "60/min, bucket 1");
+        assert!(!RateLimit { requests: 2, per_seconds: 1, burst: 0 }.within(&plan), "120/min is more");
+        assert!(!RateLimit { requests: 100, per_seconds: 60, burst: 11 }.within(&plan), "a larger bucket");
+        assert!(!RateLimit { requests: 50, per_seconds: 30, burst: 61 }.within(&plan), "same rate, larger bucket");
+        let q = |requests, period| Quota { requests, period };
+        use QuotaPeriod::{Day, Month, Total};
+        assert!(q(1000, Month).within(&q(1000, Month)));
+        assert!(!q(1001, Month).within(&q(1000, Month)));
+        assert!(q(32, Day).within(&q(1000, Month)), "32 a day is at most 992 a month");
+        assert!(!q(33, Day).within(&q(1000, Month)), "33 a day can be 1023 a month");
+        assert!(q(50, Month).within(&q(50, Day)), "a month's 50 bound every day");
+        assert!(!q(51, Month).within(&q(50, Day)));
+        assert!(q(10, Total).within(&q(10, Day)));
+        assert!(!q(1, Day).within(&q(1_000_000, Total)), "a daily count never bounds a total");
     }
 
     #[test]

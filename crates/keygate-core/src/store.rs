@@ -56,7 +56,11 @@ pub trait AppStore: Send + Sync {
     async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<Option<App>>;
     async fn default_app(&self, ws: &WorkspaceId) -> Result<App>;
     async fn list_apps(&self, ws: &WorkspaceId, page: &PageRequest) -> Result<Page<App>>;
+    /// Writes the app; a change to its shared limits is also a change of the route table (the
+    /// gateway's map of app limits is rebuilt with it, on every node).
     async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()>;
+    /// Every app, of every workspace, that has a shared rate limit or quota.
+    async fn app_limits(&self) -> Result<Vec<crate::model::AppLimits>>;
     /// Deletes the app and its token rows in one transaction. While the app holds tokens that
     /// are not revoked, this is refused with `app_has_tokens` unless `revoke_tokens` is set; then
     /// each of those gets a `token.revoke` audit event (a copy of `audit` retargeted) and every

@@ -130,6 +130,7 @@ fn record(i: usize, minted: &MintedToken, pepper: &Pepper, tenants: &Tenants) ->
         exposed_at: None,
         dpop_jkt: None,
         llm_budget: None,
+        max_uses: None,
         version: 1,
     }
 }
@@ -262,6 +263,8 @@ fn bench_create(c: &mut Criterion, pepper: &Pepper) {
         metadata: Default::default(),
         created_at: NOW,
         updated_at: NOW,
+        rate_limit: None,
+        quota: None,
     };
     let ws = rt.block_on(store.ensure_workspace(&ws, &app)).unwrap();
     let tenants = Tenants { workspaces: vec![ws.id.as_str().to_owned()], apps: vec![app.id.as_str().to_owned()] };

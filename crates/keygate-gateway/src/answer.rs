@@ -54,6 +54,8 @@ pub(crate) enum Code {
     UpgradeNotAllowed,
     RateLimited,
     QuotaExceeded,
+    /// The token's `max_uses` are used up: it can never be used again.
+    UsesExhausted,
     TooManyConnections,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -68,7 +70,7 @@ pub(crate) enum Code {
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 20] = [
+    const ALL: [Code; 21] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -84,6 +86,7 @@ impl Code {
         Code::UpgradeNotAllowed,
         Code::RateLimited,
         Code::QuotaExceeded,
+        Code::UsesExhausted,
         Code::TooManyConnections,
         Code::UpstreamTimeout,
         Code::UpstreamUnavailable,
@@ -109,6 +112,7 @@ impl Code {
             Code::UpgradeNotAllowed => "upgrade_not_allowed",
             Code::RateLimited => "rate_limited",
             Code::QuotaExceeded => "quota_exceeded",
+            Code::UsesExhausted => "uses_exhausted",
             Code::TooManyConnections => "too_many_connections",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamUnavailable => "upstream_unavailable",
@@ -125,7 +129,8 @@ impl Code {
             | Code::InsufficientScope
             | Code::CorsOriginNotAllowed
             | Code::RouteNotInWorkspace
-            | Code::AddressDenied => StatusCode::FORBIDDEN,
+            | Code::AddressDenied
+            | Code::UsesExhausted => StatusCode::FORBIDDEN,
             Code::RouteNotFound => StatusCode::NOT_FOUND,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -379,7 +384,7 @@ struct LimitHeader {
 /// few is there.
 #[derive(Debug, Default)]
 pub struct AnswerExtra {
-    limits: [Option<LimitHeader>; 3],
+    limits: [Option<LimitHeader>; 4],
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 

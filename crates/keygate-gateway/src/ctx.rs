@@ -292,6 +292,14 @@ impl Caller {
             Identity::Jwt(_) => self.subject.as_deref(),
         }
     }
+    /// The app the credential belongs to, if known: an API key's, the app of a JWT's client (or
+    /// of the key it was exchanged from).
+    pub(crate) fn app_id(&self) -> Option<&str> {
+        match (&self.who, &self.subject) {
+            (Identity::Key(t), _) | (Identity::Jwt(_), Some(t)) => Some(&t.app_id),
+            (Identity::Jwt(j), None) => j.app_id.as_deref(),
+        }
+    }
     /// The key of per-caller limiter state.
     pub(crate) fn limit_key(&self) -> &[u8; PUBLIC_ID_LEN] {
         match (&self.who, &self.subject) {

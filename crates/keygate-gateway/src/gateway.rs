@@ -43,12 +43,37 @@ pub trait ExposureReporter: Send + Sync {
 pub struct Table {
     pub routes: RouteTable,
     pub metrics: Metrics,
+    /// The shared limits of apps that have any, by app id (see [`AppLimit`]).
+    pub apps: HashMap<Box<str>, AppLimit>,
 }
+
+/// A rate limit and a quota shared by all of an app's tokens, and the limiter key they are kept
+/// under ([`keygate_core::limits::derived_key`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppLimit {
+    pub key: [u8; keygate_core::token_format::PUBLIC_ID_LEN],
+    pub rate_limit: Option<keygate_core::policy::RateLimit>,
+    pub quota: Option<keygate_core::policy::Quota>,
+}
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 impl Table {
     pub fn new(routes: RouteTable) -> Self {
         let metrics = Metrics::new(routes.routes.iter().map(|r| r.id.to_string()));
-        Self { routes, metrics }
+        Self { routes, metrics, apps: HashMap::default() }
+    }
+
+    /// The table with `apps`' shared limits.
+    pub fn with_apps(mut self, apps: &[keygate_core::model::AppLimits]) -> Self {
+        self.apps = apps
+            .iter()
+            .map(|a| {
+                let key = keygate_core::limits::derived_key(keygate_core::limits::APP_KEY, a.app_id.as_str());
+                (a.app_id.as_str().into(), AppLimit { key, rate_limit: a.rate_limit, quota: a.quota })
+            })
+            .collect();
+        self
     }
 
     /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]), what its

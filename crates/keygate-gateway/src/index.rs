@@ -153,6 +153,10 @@ impl IndexedToken {
     pub fn llm_budget(&self) -> Option<keygate_core::llm::LlmBudget> {
         self.extras.as_deref().and_then(|e| e.llm_budget)
     }
+    /// How many requests the token may make in all, and the limiter key that counts them.
+    pub fn max_uses(&self) -> Option<(u64, &[u8; PUBLIC_ID_LEN])> {
+        self.extras.as_deref().and_then(|e| e.max_uses.as_ref()).map(|(n, k)| (*n, k))
+    }
     /// Whether the token holds a scope that covers `required`.
     pub fn has_scope(&self, required: &Scope) -> bool {
         any_covers(&self.scopes, required)
@@ -165,6 +169,8 @@ struct Extras {
     ip_allowlist: Box<[IpNet]>,
     dpop_jkt: Option<Box<str>>,
     llm_budget: Option<keygate_core::llm::LlmBudget>,
+    /// `max_uses`, and the limiter key its count is kept under.
+    max_uses: Option<(u64, [u8; PUBLIC_ID_LEN])>,
 }
 
 /// Why a presented token is refused.
@@ -478,11 +484,18 @@ impl TokenIndex {
             workspace_id: interner.string(t.workspace_id.as_str()),
             app_id: interner.string(t.app_id.as_str()),
             scopes: interner.scopes(&t.scopes),
-            extras: (!t.ip_allowlist.is_empty() || t.dpop_jkt.is_some() || t.llm_budget.is_some()).then(|| {
+            extras: (!t.ip_allowlist.is_empty()
+                || t.dpop_jkt.is_some()
+                || t.llm_budget.is_some()
+                || t.max_uses.is_some())
+            .then(|| {
                 Arc::new(Extras {
                     ip_allowlist: t.ip_allowlist.clone().into(),
                     dpop_jkt: t.dpop_jkt.as_deref().map(Into::into),
                     llm_budget: t.llm_budget,
+                    max_uses: t
+                        .max_uses
+                        .map(|n| (n, keygate_core::limits::derived_key(keygate_core::limits::USES_KEY, t.id.as_str()))),
                 })
             }),
             suspended: t.state == TokenState::Suspended,
@@ -647,6 +660,7 @@ mod tests {
             exposed_at: None,
             dpop_jkt: None,
             llm_budget: None,
+            max_uses: None,
             version: 1,
         }
     }

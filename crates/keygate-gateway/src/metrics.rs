@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 18] = [
+pub const REASONS: [&str; 19] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -38,6 +38,7 @@ pub const REASONS: [&str; 18] = [
     "upgrade_not_allowed",
     "request_timeout",
     "address_denied",
+    "uses_exhausted",
 ];
 
 #[derive(Default)]

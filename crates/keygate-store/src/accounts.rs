@@ -420,7 +420,7 @@ impl AccountStore for SqlStore {
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {
         let row = sqlx::query(
             "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action, \
-             max_token_age_days, suspend_unrotated, anomaly_suspend FROM workspace_policies WHERE workspace_id = $1",
+             max_token_age_days, suspend_unrotated, anomaly_suspend, rules FROM workspace_policies WHERE workspace_id = $1",
         )
         .bind(ws.as_str())
         .fetch_optional(&self.pool)
@@ -454,20 +454,50 @@ impl AccountStore for SqlStore {
         Ok(true)
     }
 
+    async fn workspace_denylists(&self) -> Result<Vec<(WorkspaceId, Vec<String>)>> {
+        let rows = sqlx::query("SELECT workspace_id, rules FROM workspace_policies WHERE rules IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let rules: keygate_core::account::TokenRules = crate::rows::opt_json(r, "rules")?.unwrap_or_default();
+            if !rules.deny.is_empty() {
+                let ws: String = r.try_get("workspace_id").map_err(db_error)?;
+                out.push((WorkspaceId::from_trusted(ws), rules.deny));
+            }
+        }
+        Ok(out)
+    }
+
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
+        // A change to the denylist is a change of the gateway's route table (every node's).
+        let old: Option<keygate_core::account::TokenRules> =
+            match sqlx::query("SELECT rules FROM workspace_policies WHERE workspace_id = $1")
+                .bind(ws.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?
+            {
+                Some(r) => crate::rows::opt_json(&r, "rules")?,
+                None => None,
+            };
+        let deny_changed = old.map(|o| o.deny).unwrap_or_default() != p.rules.deny;
+        let seqs = if deny_changed { Some(crate::sql::FeedSeqs::start(&mut tx).await?) } else { None };
         sqlx::query(
             "INSERT INTO workspace_policies \
              (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action, \
-             max_token_age_days, suspend_unrotated, anomaly_suspend) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (workspace_id) DO UPDATE SET \
+             max_token_age_days, suspend_unrotated, anomaly_suspend, rules) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (workspace_id) DO UPDATE SET \
              max_token_lifetime_days = excluded.max_token_lifetime_days, \
              require_two_factor = excluded.require_two_factor, \
              plan_changes_need_approval = excluded.plan_changes_need_approval, \
              exposure_action = excluded.exposure_action, \
              max_token_age_days = excluded.max_token_age_days, \
              suspend_unrotated = excluded.suspend_unrotated, \
-             anomaly_suspend = excluded.anomaly_suspend",
+             anomaly_suspend = excluded.anomaly_suspend, \
+             rules = excluded.rules",
         )
         .bind(ws.as_str())
         .bind(p.max_token_lifetime_days.map(i64::from))
@@ -477,9 +507,13 @@ impl AccountStore for SqlStore {
         .bind(p.max_token_age_days.map(i64::from))
         .bind(i64::from(p.suspend_unrotated))
         .bind(p.anomaly_suspend.map(|s| s.as_str()))
+        .bind(crate::rows::to_json(&p.rules)?)
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        if let Some(seqs) = seqs {
+            return crate::routes::commit_change(self, tx, seqs, &format!("policy:{ws}"), audit.at, audit).await;
+        }
         insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
     }

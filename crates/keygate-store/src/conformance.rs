@@ -93,6 +93,8 @@ fn app(ws: &WorkspaceId, name: &str, is_default: bool) -> App {
         metadata: Default::default(),
         created_at: T0,
         updated_at: T0,
+        rate_limit: None,
+        quota: None,
     }
 }
 
@@ -125,6 +127,7 @@ fn token(ws: &WorkspaceId, app: &AppId, name: &str, created: Timestamp) -> Token
         exposed_at: None,
         dpop_jkt: None,
         llm_budget: None,
+        max_uses: None,
         version: 1,
     }
 }
@@ -171,6 +174,24 @@ async fn workspaces_and_apps(h: &Harness) {
     let mut foreign = renamed.clone();
     foreign.workspace_id = ws2.id.clone();
     assert_eq!(s.update_app(&foreign, &audit(&ws2.id, "app.update", "x")).await.unwrap_err().kind, ErrorKind::NotFound);
+
+    // Shared limits: stored, listed for the gateway, and a change of the route table.
+    assert!(s.app_limits().await.unwrap().iter().all(|l| l.app_id != a.id));
+    let before = s.routes_position().await.unwrap();
+    let mut limited = renamed.clone();
+    limited.rate_limit = Some(RateLimit { requests: 5, per_seconds: 60, burst: 1 });
+    limited.quota = Some(Quota { requests: 100, period: QuotaPeriod::Day });
+    s.update_app(&limited, &audit(&ws.id, "app.update", a.id.as_str())).await.unwrap();
+    assert_eq!(s.app(&ws.id, &a.id).await.unwrap().unwrap(), limited);
+    let after = s.routes_position().await.unwrap();
+    assert!(after > before, "the gateway hears of it");
+    let listed = s.app_limits().await.unwrap();
+    let mine = listed.iter().find(|l| l.app_id == a.id).unwrap();
+    assert_eq!((mine.rate_limit, mine.quota), (limited.rate_limit, limited.quota));
+    let mut renamed_again = limited.clone();
+    renamed_again.name = "Mobile v3".into();
+    s.update_app(&renamed_again, &audit(&ws.id, "app.update", a.id.as_str())).await.unwrap();
+    assert_eq!(s.routes_position().await.unwrap(), after, "a rename is no change of limits");
 }
 
 async fn token_lifecycle(h: &Harness) {
@@ -1229,9 +1250,19 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         max_token_age_days: Some(90),
         suspend_unrotated: true,
         anomaly_suspend: Some(keygate_core::anomaly::Severity::High),
+        rules: keygate_core::account::TokenRules {
+            require_expiry: true,
+            allowlist_required_for: vec![Scope::parse("payments:*").unwrap()],
+            max_active_tokens_per_app: Some(5),
+            deny: vec!["203.0.113.0/24".into()],
+            ..Default::default()
+        },
     };
+    let before = s.routes_position().await.unwrap();
     s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
     assert_eq!(s.workspace_policy(&ws.id).await.unwrap(), p);
+    assert!(s.routes_position().await.unwrap() > before, "a new denylist is a change of the route table");
+    assert_eq!(s.workspace_denylists().await.unwrap(), vec![(ws.id.clone(), vec!["203.0.113.0/24".to_owned()])]);
     assert_eq!(s.workspace_policy(&ws2.id).await.unwrap(), WorkspacePolicy::default(), "tenant isolation");
     let p2 = WorkspacePolicy { max_token_lifetime_days: None, require_two_factor: false, ..p.clone() };
     s.put_workspace_policy(&ws.id, &p2, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
@@ -1243,6 +1274,7 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         max_token_age_days: None,
         suspend_unrotated: false,
         anomaly_suspend: None,
+        rules: Default::default(),
         ..p2.clone()
     };
     s.put_workspace_policy(&ws.id, &p3, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();

@@ -42,7 +42,7 @@ pub(crate) fn json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| corrupt(col, &e.to_string()))
 }
 
-fn opt_json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<Option<T>> {
+pub(crate) fn opt_json<T: DeserializeOwned>(row: &AnyRow, col: &str) -> Result<Option<T>> {
     match get::<Option<String>>(row, col)? {
         Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| corrupt(col, &e.to_string())),
         None => Ok(None),
@@ -81,6 +81,8 @@ pub(crate) fn app(row: &AnyRow) -> Result<App> {
         metadata: json(row, "metadata")?,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
+        rate_limit: opt_json(row, "rate_limit")?,
+        quota: opt_json(row, "quota")?,
     })
 }
 
@@ -116,6 +118,7 @@ pub(crate) fn token(row: &AnyRow) -> Result<TokenRecord> {
         exposed_at: opt_ts(row, "exposed_at")?,
         dpop_jkt: get(row, "dpop_jkt")?,
         llm_budget: opt_json(row, "llm_budget")?,
+        max_uses: get::<Option<i64>>(row, "max_uses")?.map(|n| u64::try_from(n).unwrap_or(0)),
         version: get(row, "version")?,
     })
 }
@@ -314,6 +317,7 @@ pub(crate) fn workspace_policy(row: &AnyRow) -> Result<WorkspacePolicy> {
             None => None,
             Some(s) => Some(keygate_core::anomaly::Severity::parse(&s).ok_or_else(|| corrupt("anomaly_suspend", &s))?),
         },
+        rules: opt_json(row, "rules")?.unwrap_or_default(),
         exposure_action: {
             let action: String = get(row, "exposure_action")?;
             keygate_core::account::ExposureAction::parse(&action).ok_or_else(|| corrupt("exposure_action", &action))?

@@ -35,8 +35,9 @@ pub(crate) type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 // numbered placeholders; values always travel as bind parameters.
 const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, scopes, state, expires_at, \
     ip_allowlist, rate_limit, quota, metadata, created_at, updated_at, last_used_at, last_used_ip, revoked_at, \
-    revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt, llm_budget";
-const APP_COLS: &str = "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at";
+    revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt, llm_budget, max_uses";
+const APP_COLS: &str =
+    "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at, rate_limit, quota";
 const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
 const ROOT_KEY_COLS: &str =
     "id, workspace_id, name, hash, last4, permissions, created_at, expires_at, revoked_at, last_used_at";
@@ -369,13 +370,14 @@ fn bind_token<'q>(q: AnyQuery<'q>, t: &'q TokenRecord) -> Result<AnyQuery<'q>> {
         .bind(t.exposed_at.map(Timestamp::as_millis))
         .bind(t.version)
         .bind(t.dpop_jkt.as_deref())
-        .bind(opt_to_json(&t.llm_budget)?))
+        .bind(opt_to_json(&t.llm_budget)?)
+        .bind(t.max_uses.map(|n| i64::try_from(n).unwrap_or(i64::MAX))))
 }
 
 async fn insert_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     let sql = format!(
         "INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
     );
     bind_token(sqlx::query(AssertSqlSafe(sql)), t)?.execute(&mut **tx).await.map_err(db_error)?;
     Ok(())
@@ -387,8 +389,8 @@ async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     let done = sqlx::query(
         "UPDATE tokens SET name = $1, app_id = $2, scopes = $3, state = $4, expires_at = $5, ip_allowlist = $6, \
          rate_limit = $7, quota = $8, metadata = $9, updated_at = $10, revoked_at = $11, revoke_reason = $12, \
-         replaced_by = $13, exposed_at = $14, version = $15, dpop_jkt = $16, llm_budget = $17 \
-         WHERE id = $18 AND workspace_id = $19 AND version = $20",
+         replaced_by = $13, exposed_at = $14, version = $15, dpop_jkt = $16, llm_budget = $17, max_uses = $18 \
+         WHERE id = $19 AND workspace_id = $20 AND version = $21",
     )
     .bind(t.name.as_str())
     .bind(t.app_id.as_str())
@@ -407,6 +409,7 @@ async fn update_token_row(tx: &mut Tx, t: &TokenRecord) -> Result<()> {
     .bind(t.version)
     .bind(t.dpop_jkt.as_deref())
     .bind(opt_to_json(&t.llm_budget)?)
+    .bind(t.max_uses.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
     .bind(t.id.as_str())
     .bind(t.workspace_id.as_str())
     .bind(t.version - 1)
@@ -561,8 +564,13 @@ impl WorkspaceStore for SqlStore {
     }
 }
 
+/// What `route_changes` records for a change of app `id`'s shared limits.
+fn app_change(id: &AppId) -> String {
+    format!("app:{id}")
+}
+
 async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
-    let sql = format!("INSERT INTO apps ({APP_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
+    let sql = format!("INSERT INTO apps ({APP_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)");
     sqlx::query(AssertSqlSafe(sql))
         .bind(app.id.as_str())
         .bind(app.workspace_id.as_str())
@@ -573,6 +581,8 @@ async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
         .bind(to_json(&app.metadata)?)
         .bind(app.created_at.as_millis())
         .bind(app.updated_at.as_millis())
+        .bind(opt_to_json(&app.rate_limit)?)
+        .bind(opt_to_json(&app.quota)?)
         .execute(&mut **tx)
         .await
         .map_err(db_error)?;
@@ -583,9 +593,31 @@ async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
 impl AppStore for SqlStore {
     async fn insert_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
+        if app.rate_limit.is_some() || app.quota.is_some() {
+            let seqs = FeedSeqs::start(&mut tx).await?;
+            insert_app_row(&mut tx, app).await?;
+            return crate::routes::commit_change(self, tx, seqs, &app_change(&app.id), audit.at, audit).await;
+        }
         insert_app_row(&mut tx, app).await?;
         insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
+    }
+
+    async fn app_limits(&self) -> Result<Vec<keygate_core::model::AppLimits>> {
+        let rows =
+            sqlx::query("SELECT id, rate_limit, quota FROM apps WHERE rate_limit IS NOT NULL OR quota IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(keygate_core::model::AppLimits {
+                    app_id: AppId::from_trusted(r.try_get("id").map_err(db_error)?),
+                    rate_limit: rows::opt_json(r, "rate_limit")?,
+                    quota: rows::opt_json(r, "quota")?,
+                })
+            })
+            .collect()
     }
 
     async fn app(&self, ws: &WorkspaceId, id: &AppId) -> Result<Option<App>> {
@@ -610,15 +642,32 @@ impl AppStore for SqlStore {
 
     async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
+        // The shared limits as stored: a change to them is a change of the gateway's tables.
+        let before = sqlx::query("SELECT rate_limit, quota FROM apps WHERE id = $1 AND workspace_id = $2")
+            .bind(app.id.as_str())
+            .bind(app.workspace_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let limits_changed = match &before {
+            Some(r) => {
+                rows::opt_json::<keygate_core::policy::RateLimit>(r, "rate_limit")? != app.rate_limit
+                    || rows::opt_json::<keygate_core::policy::Quota>(r, "quota")? != app.quota
+            }
+            None => false,
+        };
+        let seqs = if limits_changed { Some(FeedSeqs::start(&mut tx).await?) } else { None };
         let done = sqlx::query(
-            "UPDATE apps SET name = $1, description = $2, plan_id = $3, metadata = $4, updated_at = $5 \
-             WHERE id = $6 AND workspace_id = $7",
+            "UPDATE apps SET name = $1, description = $2, plan_id = $3, metadata = $4, updated_at = $5, \
+             rate_limit = $6, quota = $7 WHERE id = $8 AND workspace_id = $9",
         )
         .bind(app.name.as_str())
         .bind(app.description.as_deref())
         .bind(app.plan_id.as_ref().map(PlanId::as_str))
         .bind(to_json(&app.metadata)?)
         .bind(app.updated_at.as_millis())
+        .bind(opt_to_json(&app.rate_limit)?)
+        .bind(opt_to_json(&app.quota)?)
         .bind(app.id.as_str())
         .bind(app.workspace_id.as_str())
         .execute(&mut *tx)
@@ -626,6 +675,9 @@ impl AppStore for SqlStore {
         .map_err(db_error)?;
         if done.rows_affected() == 0 {
             return Err(Error::not_found("app"));
+        }
+        if let Some(seqs) = seqs {
+            return crate::routes::commit_change(self, tx, seqs, &app_change(&app.id), audit.at, audit).await;
         }
         insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await

@@ -201,6 +201,9 @@ pub struct TokenPolicyArgs {
     /// PERIOD day or month, such as 20/month.
     #[arg(long)]
     pub llm_budget: Option<String>,
+    /// How many requests the token may make in all (1: a single-use token).
+    #[arg(long, value_name = "N")]
+    pub max_uses: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -255,6 +258,9 @@ pub enum TokenCommand {
         /// Remove the token's own LLM budget.
         #[arg(long, conflicts_with = "llm_budget")]
         no_llm_budget: bool,
+        /// Remove the limit on uses.
+        #[arg(long, conflicts_with = "max_uses")]
+        no_max_uses: bool,
     },
     /// Suspend a token until it is resumed.
     Suspend { id: String },
@@ -288,6 +294,17 @@ pub enum TokenCommand {
     },
 }
 
+/// An app's limits, shared by all of its tokens (each token's own apply too).
+#[derive(Debug, Clone, Default, Args)]
+pub struct AppLimitArgs {
+    /// Shared rate limit as REQUESTS/SECONDS or REQUESTS/SECONDS+BURST, such as 100/60+20.
+    #[arg(long)]
+    pub rate_limit: Option<String>,
+    /// Shared quota as REQUESTS/PERIOD with PERIOD day, month or total, such as 10000/month.
+    #[arg(long)]
+    pub quota: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AppCommand {
     /// Create an app.
@@ -302,6 +319,8 @@ pub enum AppCommand {
         /// Metadata as a JSON object.
         #[arg(long)]
         metadata: Option<String>,
+        #[command(flatten)]
+        limits: AppLimitArgs,
     },
     /// List apps, newest first.
     List {
@@ -320,7 +339,8 @@ pub enum AppCommand {
         /// Remove the description.
         #[arg(long, conflicts_with = "description")]
         no_description: bool,
-        /// Move the app to this plan (plan_…). Its tokens keep their scopes and limits.
+        /// Move the app to this plan (plan_…). Its tokens keep their scopes; limits above the
+        /// plan's ceilings are lowered to them (and listed).
         #[arg(long, value_name = "PLAN_ID")]
         plan: Option<String>,
         /// Take the app off its plan.
@@ -329,6 +349,14 @@ pub enum AppCommand {
         /// Metadata as a JSON object; replaces the whole object.
         #[arg(long)]
         metadata: Option<String>,
+        #[command(flatten)]
+        limits: AppLimitArgs,
+        /// Remove the shared rate limit.
+        #[arg(long, conflicts_with = "rate_limit")]
+        no_rate_limit: bool,
+        /// Remove the shared quota.
+        #[arg(long, conflicts_with = "quota")]
+        no_quota: bool,
     },
     /// Delete an app. An app that holds tokens that are not revoked is refused (app_has_tokens)
     /// unless --revoke-tokens is given. The default app is never deleted.

@@ -130,7 +130,7 @@ async fn mark_exposed(admin: &Admin, Exposure { token, where_ }: Exposure) {
     loop {
         let marked = match admin.store().token_by_hash(&hash).await {
             Ok(Some(t)) => {
-                let actor = Actor { id: "gateway".into(), source: None };
+                let actor = Actor { id: "gateway".into(), source: None, owner: true };
                 admin.mark_exposed(&t.workspace_id, &actor, &t, Some(&where_)).await.map(|m| Some(m.id))
             }
             Ok(None) => Ok(None),

@@ -4,6 +4,10 @@
 //! (from this node's admin API or another node's). A table that does not compile is never
 //! swapped in: the old one keeps serving and the error is logged.
 //!
+//! The table also carries the apps' shared limits and each workspace's denylist (merged into its
+//! routes' `deny`): a change to either is recorded on the feed like a route's (`app:<id>`,
+//! `policy:<workspace>`), so every node rebuilds with it.
+//!
 //! Every route belongs to a workspace: the file names it (`workspace = "…"`, default the default
 //! workspace), a stored route carries the workspace of the root key that made it.
 
@@ -160,6 +164,7 @@ impl LiveRoutes {
         names: &HashMap<String, Arc<str>>,
         stored: &[StoredRoute],
         providers: &[StoredProvider],
+        denylists: &[(keygate_core::ids::WorkspaceId, Vec<String>)],
     ) -> Result<RouteTable, String> {
         let mut parsed = Vec::with_capacity(stored.len());
         for s in stored {
@@ -185,6 +190,22 @@ impl LiveRoutes {
                 workspace_id: Some(ws),
                 source: RouteSource::Api,
             }))
+            .collect();
+        // A workspace's denylist joins the `deny` of each of its routes (refused right after
+        // routing, before any token work, like the route's own).
+        let merged: Vec<Option<RouteConfig>> = specs
+            .iter()
+            .map(|s| {
+                let (_, deny) = denylists.iter().find(|(w, _)| Some(w.as_str()) == s.workspace_id)?;
+                let mut config = s.config.clone();
+                config.deny.extend(deny.iter().cloned());
+                Some(config)
+            })
+            .collect();
+        let specs: Vec<RouteSpec<'_>> = specs
+            .iter()
+            .zip(&merged)
+            .map(|(s, m)| RouteSpec { config: m.as_ref().unwrap_or(s.config), ..*s })
             .collect();
         let table = RouteTable::build_specs(&specs, &file.gateway)?;
         check_deployments(&specs, &self.file_providers, providers)?;
@@ -217,12 +238,14 @@ impl LiveRoutes {
         let mut applied = self.applied.lock().await;
         let (pos, stored) = self.store.list_routes().await.map_err(|e| e.message.into_owned())?;
         let providers = self.store.list_providers().await.map_err(|e| e.message.into_owned())?;
+        let apps = self.store.app_limits().await.map_err(|e| e.message.into_owned())?;
         let file = self.file.load_full();
         let names = self.file_workspaces(&file.routes).await?;
-        let table = self.compile(&file, &names, &stored, &providers)?;
+        let denylists = self.store.workspace_denylists().await.map_err(|e| e.message.into_owned())?;
+        let table = self.compile(&file, &names, &stored, &providers, &denylists)?;
         self.load_providers(&providers);
         let n = table.routes.len();
-        let next = Table::succeeding(table, &self.gw.table.load());
+        let next = Table::succeeding(table, &self.gw.table.load()).with_apps(&apps);
         // Upstream names new in this table are looked up before it serves (the others keep
         // what the old table knew).
         let now = keygate_gateway::resolve::monotonic_ms();
@@ -311,7 +334,7 @@ impl RouteRules for LiveRoutes {
             .iter()
             .map(|r| (r.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.into()), Arc::from("")))
             .collect();
-        self.compile(&file, &names, stored, providers).map(drop)
+        self.compile(&file, &names, stored, providers, &[]).map(drop)
     }
 
     fn file_providers(&self) -> Vec<Map<String, Value>> {

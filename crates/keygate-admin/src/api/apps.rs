@@ -30,6 +30,8 @@ pub(crate) async fn create_app(
         description: req.description,
         plan_id: req.plan_id.as_deref().map(plan_id).transpose()?,
         metadata: req.metadata,
+        rate_limit: req.rate_limit.map(Into::into),
+        quota: req.quota.map(Into::into),
     };
     let app = s.admin.create_app(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(AppView::from(&app))))
@@ -82,9 +84,13 @@ pub(crate) async fn update_app(
             None => None,
         },
         metadata: req.metadata,
+        rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
+        quota: req.quota.map(|q| q.map(Into::into)),
     };
-    let app = s.admin.update_app(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, update).await?;
-    Ok(Json(AppView::from(&app)))
+    let moved = update.plan_id.is_some();
+    let (app, adjusted) =
+        s.admin.update_app_adjusting(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, update).await?;
+    Ok(Json(AppView { adjusted: moved.then(|| AdjustmentView::list(adjusted)), ..AppView::from(&app) }))
 }
 
 /// Deletes an app. An app with tokens is only deleted with `revoke_tokens=true`, which revokes

@@ -153,6 +153,12 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         );
     }
     set(doc, &format!("{s}/CreatePlanRequest/properties/scopes"), scopes());
+    // Token rules: scopes in the grant grammar, the denylist as addresses and CIDRs.
+    set(doc, &format!("{s}/TokenRulesBody/properties/allowlist_required_for"), scopes());
+    set(doc, &format!("{s}/TokenRulesBody/properties/dpop_required_for"), scopes());
+    let mut deny = allowlist();
+    deny["maxItems"] = json!(keygate_core::account::MAX_WORKSPACE_DENY);
+    set(doc, &format!("{s}/TokenRulesBody/properties/deny"), deny);
     set(doc, &format!("{s}/UpdatePlanRequest/properties/scopes"), nullable(scopes()));
     // Routes: an upstream (or several) unless the route is of kind `ai`.
     merge(

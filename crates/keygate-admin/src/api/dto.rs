@@ -112,6 +112,10 @@ pub struct CreateTokenRequest {
     /// What the token may spend on LLM calls (the AI gateway) per day or month, over every `ai`
     /// route, priced by the providers' price tables.
     pub llm_budget: Option<LlmBudgetBody>,
+    /// How many requests the token may make in all: `1` for a single-use token. Counted
+    /// exactly across the nodes; once used up, requests are refused with `uses_exhausted`.
+    #[schema(minimum = 1, maximum = 1000000000)]
+    pub max_uses: Option<u64>,
 }
 
 /// Fields to change; omitted fields stay as they are, `null` clears an optional one.
@@ -143,6 +147,10 @@ pub struct UpdateTokenRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(nullable)]
     pub llm_budget: Option<Option<LlmBudgetBody>>,
+    /// A new limit on uses in all (counted from the token's first use), or `null` for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable, minimum = 1, maximum = 1000000000)]
+    pub max_uses: Option<Option<u64>>,
 }
 
 /// What a token may spend on LLM calls: `usd` dollars a `day` or `month` (UTC).
@@ -263,6 +271,8 @@ pub struct TokenView {
     pub dpop_jkt: Option<String>,
     /// What the token may spend on LLM calls per day or month, if it has a budget of its own.
     pub llm_budget: Option<LlmBudgetBody>,
+    /// How many requests the token may make in all, if limited.
+    pub max_uses: Option<u64>,
     /// In the answer to a change (update, suspend, resume, revoke, rotate): how many of the
     /// live nodes had applied it when the answer was sent. Absent elsewhere, and when the
     /// change changed nothing.
@@ -321,6 +331,7 @@ impl TokenView {
             exposed_at: t.exposed_at,
             dpop_jkt: t.dpop_jkt.clone(),
             llm_budget: t.llm_budget.as_ref().map(LlmBudgetBody::of),
+            max_uses: t.max_uses,
             propagation: None,
         }
     }
@@ -369,6 +380,10 @@ pub struct CreateAppRequest {
     pub plan_id: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+    /// A rate limit shared by all of the app's tokens (each token's own applies too).
+    pub rate_limit: Option<RateLimitBody>,
+    /// A quota shared by all of the app's tokens (each token's own applies too).
+    pub quota: Option<QuotaBody>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -383,6 +398,14 @@ pub struct UpdateAppRequest {
     pub plan_id: Option<Option<String>>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+    /// The shared rate limit, or `null` for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub rate_limit: Option<Option<RateLimitBody>>,
+    /// The shared quota, or `null` for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub quota: Option<Option<QuotaBody>>,
 }
 
 /// A root key as the API shows it: never its secret, which was shown once, at creation.
@@ -437,10 +460,40 @@ pub struct AppView {
     pub is_default: bool,
     #[schema(value_type = Object)]
     pub metadata: Map<String, Value>,
+    /// A rate limit shared by all of the app's tokens.
+    pub rate_limit: Option<RateLimitBody>,
+    /// A quota shared by all of the app's tokens.
+    pub quota: Option<QuotaBody>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: Timestamp,
+    /// In the answer to a move to another plan: the limits of the app and its tokens that were
+    /// above the new plan's ceilings and were lowered to them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adjusted: Option<Vec<AdjustmentView>>,
+}
+
+/// A limit lowered to a plan's ceiling.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdjustmentView {
+    /// The token (`tok_…`) or app (`app_…`) changed.
+    pub target: String,
+    /// `rate_limit` or `quota`.
+    pub field: String,
+    #[schema(value_type = Object, nullable)]
+    pub before: Value,
+    #[schema(value_type = Object)]
+    pub after: Value,
+}
+
+impl AdjustmentView {
+    pub fn list(adjusted: Vec<crate::service::Adjustment>) -> Vec<Self> {
+        adjusted
+            .into_iter()
+            .map(|a| Self { target: a.target, field: a.field.to_owned(), before: a.before, after: a.after })
+            .collect()
+    }
 }
 
 impl From<&App> for AppView {
@@ -452,8 +505,11 @@ impl From<&App> for AppView {
             plan_id: a.plan_id.as_ref().map(ToString::to_string),
             is_default: a.is_default,
             metadata: a.metadata.clone(),
+            rate_limit: a.rate_limit.map(Into::into),
+            quota: a.quota.map(Into::into),
             created_at: a.created_at,
             updated_at: a.updated_at,
+            adjusted: None,
         }
     }
 }
@@ -526,6 +582,10 @@ pub struct PlanView {
     pub quota: Option<QuotaBody>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
+    /// In the answer to a change of the plan's limits: the limits of its apps and their tokens
+    /// that were above the new ceilings and were lowered to them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adjusted: Option<Vec<AdjustmentView>>,
 }
 
 impl From<&Plan> for PlanView {
@@ -538,6 +598,7 @@ impl From<&Plan> for PlanView {
             rate_limit: p.rate_limit.map(Into::into),
             quota: p.quota.map(Into::into),
             created_at: p.created_at,
+            adjusted: None,
         }
     }
 }
@@ -1071,5 +1132,74 @@ impl From<keygate_core::verify::Verification> for VerifyResponseBody {
             rate_limit: v.rate_limit.map(Into::into),
             quota: v.quota.map(Into::into),
         }
+    }
+}
+
+/// A workspace's token rules (`GET`/`PUT /admin/v1/policy/rules`).
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRulesBody {
+    /// Every token must have an expiry (`expiry_required`).
+    #[serde(default)]
+    pub require_expiry: bool,
+    /// A token granted a scope that covers one of these, or is covered by one, must have an IP
+    /// allowlist (`allowlist_required`).
+    #[serde(default)]
+    #[schema(max_items = 100)]
+    pub allowlist_required_for: Vec<String>,
+    /// Such a token must be bound to a DPoP key (`dpop_required`).
+    #[serde(default)]
+    #[schema(max_items = 100)]
+    pub dpop_required_for: Vec<String>,
+    /// The most active tokens one app may hold (`too_many_tokens`).
+    #[schema(minimum = 1)]
+    pub max_active_tokens_per_app: Option<u32>,
+    /// Addresses and CIDRs refused on every route of the workspace (403 `address_denied`).
+    #[serde(default)]
+    #[schema(max_items = 10000)]
+    pub deny: Vec<String>,
+    /// A token unused for this many days is dormant.
+    #[schema(minimum = 1, maximum = 3650)]
+    pub dormant_days: Option<u32>,
+    /// Dormant tokens are suspended (otherwise only flagged).
+    #[serde(default)]
+    pub suspend_dormant: bool,
+}
+
+impl TokenRulesBody {
+    pub fn of(r: &keygate_core::account::TokenRules) -> Self {
+        Self {
+            require_expiry: r.require_expiry,
+            allowlist_required_for: r.allowlist_required_for.iter().map(ToString::to_string).collect(),
+            dpop_required_for: r.dpop_required_for.iter().map(ToString::to_string).collect(),
+            max_active_tokens_per_app: r.max_active_tokens_per_app,
+            deny: r.deny.clone(),
+            dormant_days: r.dormant_days,
+            suspend_dormant: r.suspend_dormant,
+        }
+    }
+
+    pub fn to_rules(self) -> Result<keygate_core::account::TokenRules, keygate_core::Error> {
+        let scopes = |raw: Vec<String>| -> Result<Vec<keygate_core::scope::Scope>, keygate_core::Error> {
+            raw.iter()
+                .map(|s| {
+                    keygate_core::scope::Scope::parse(s).map_err(|_| {
+                        keygate_core::Error::invalid(
+                            "invalid_policy",
+                            format!("{s:?} is not a scope (such as orders:write)"),
+                        )
+                    })
+                })
+                .collect()
+        };
+        Ok(keygate_core::account::TokenRules {
+            require_expiry: self.require_expiry,
+            allowlist_required_for: scopes(self.allowlist_required_for)?,
+            dpop_required_for: scopes(self.dpop_required_for)?,
+            max_active_tokens_per_app: self.max_active_tokens_per_app,
+            deny: self.deny,
+            dormant_days: self.dormant_days,
+            suspend_dormant: self.suspend_dormant,
+        })
     }
 }

@@ -233,7 +233,10 @@ impl<P: RequiredPermission> FromRequestParts<AdminState> for Auth<P> {
             ));
         }
         let source = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string());
-        let actor = Actor { id: key.id.to_string(), source };
+        // A key that may change plans may also give a token more than its plan: it could raise the
+        // plan itself.
+        let owner = key.permissions.contains(&keygate_core::model::Permission::PlansWrite);
+        let actor = Actor { id: key.id.to_string(), source, owner };
         Ok(Self { key, actor, _permission: PhantomData })
     }
 }

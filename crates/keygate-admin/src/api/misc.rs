@@ -31,8 +31,9 @@ pub(crate) async fn create_plan(
     Ok((StatusCode::CREATED, Json(PlanView::from(&plan))))
 }
 
-/// Changes a plan. Its apps' tokens keep their scopes and limits: the scopes bound their next
-/// change, the limits are the defaults of tokens created from now on.
+/// Changes a plan. Its rate limit and quota are the defaults of new tokens and the ceilings of
+/// its apps and their tokens: what is above new ceilings is lowered to them, listed in
+/// `adjusted`. Tokens keep their scopes: the plan's bound their next change.
 #[utoipa::path(patch, path = "/admin/v1/plans/{id}", tag = "plans", params(("id" = String, Path, description = "plan_…")),
     request_body = UpdatePlanRequest,
     responses((status = 200, body = PlanView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -51,8 +52,8 @@ pub(crate) async fn update_plan(
         rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
         quota: req.quota.map(|q| q.map(Into::into)),
     };
-    let plan = s.admin.update_plan(&auth.key.workspace_id, &auth.actor, &id, update).await?;
-    Ok(Json(PlanView::from(&plan)))
+    let (plan, adjusted) = s.admin.update_plan_adjusting(&auth.key.workspace_id, &auth.actor, &id, update).await?;
+    Ok(Json(PlanView { adjusted: Some(AdjustmentView::list(adjusted)), ..PlanView::from(&plan) }))
 }
 
 #[utoipa::path(get, path = "/admin/v1/plans", tag = "plans", responses((status = 200, body = PlanList)))]
@@ -367,4 +368,28 @@ mod tests {
         assert!(degraded.contains("connection refused") && degraded.contains("serving from memory"), "{degraded}");
         assert!(readiness(None, &down).is_err(), "but not without an index");
     }
+}
+
+/// The workspace's token rules: what every token creation and change is checked against, and the
+/// addresses its routes refuse before any token work.
+#[utoipa::path(get, path = "/admin/v1/policy/rules", tag = "plans",
+    responses((status = 200, body = TokenRulesBody)))]
+pub(crate) async fn get_token_rules(
+    auth: Auth<PlansRead>,
+    State(s): State<AdminState>,
+) -> Result<Json<TokenRulesBody>, ApiError> {
+    Ok(Json(TokenRulesBody::of(&s.admin.token_rules(&auth.key.workspace_id).await?)))
+}
+
+/// Replaces the workspace's token rules (the whole object: an absent field takes its default).
+#[utoipa::path(put, path = "/admin/v1/policy/rules", tag = "plans", request_body = TokenRulesBody,
+    responses((status = 200, body = TokenRulesBody), (status = 400, body = ErrorBody)))]
+pub(crate) async fn put_token_rules(
+    auth: Auth<PlansWrite>,
+    State(s): State<AdminState>,
+    ApiJson(req): ApiJson<TokenRulesBody>,
+) -> Result<Json<TokenRulesBody>, ApiError> {
+    let rules = req.to_rules()?;
+    let rules = s.admin.set_token_rules(&auth.key.workspace_id, &auth.actor, rules).await?;
+    Ok(Json(TokenRulesBody::of(&rules)))
 }

@@ -51,6 +51,7 @@ pub(crate) async fn create_token(
         metadata: req.metadata,
         dpop_jkt: req.dpop_jkt,
         llm_budget: req.llm_budget.map(LlmBudgetBody::to_budget).transpose()?,
+        max_uses: req.max_uses,
     };
     let (record, secret) = s.admin.create_token(&auth.key.workspace_id, &auth.actor, new).await?;
     let view = TokenView::new(&record, s.admin.now());
@@ -159,6 +160,7 @@ pub(crate) async fn update_token(
         metadata: req.metadata,
         dpop_jkt: req.dpop_jkt,
         llm_budget: req.llm_budget.map(|b| b.map(LlmBudgetBody::to_budget).transpose()).transpose()?,
+        max_uses: req.max_uses,
     };
     let t = s.admin.update_token(&auth.key.workspace_id, &auth.actor, &token_id(&id)?, update).await?;
     Ok(Json(TokenView::applied(&t, s.admin.now())))

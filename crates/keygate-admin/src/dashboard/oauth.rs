@@ -169,6 +169,12 @@ async fn app_inner(
             title => format!("App {}", app.name),
             app => context! { id => app.id.to_string(), name => app.name.clone(), description => app.description.clone(),
                               default => app.is_default, plan, created_at => ser(app.created_at) },
+            limits => context! {
+                rate => app.rate_limit.map(|r| r.requests * 60 / r.per_seconds.max(1)),
+                rate_text => app.rate_limit.map(|r| format!("{} requests per {} s", r.requests, r.per_seconds)),
+                quota => app.quota.map(|q| q.requests),
+                quota_period => app.quota.map(|q| q.period.as_str()),
+            },
             oauth => st.oauth.is_some(),
             client,
             register,
@@ -309,6 +315,37 @@ pub async fn rotate_secret(
     match result {
         Ok((client, secret)) => client_created(&st, &v, &app, &oauth, &client, Some(secret.expose()), true),
         Err(e) if correctable(&e) => show(&st, app_inner(&st, &v, &id, None, Some(e.message.to_string()), None).await),
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+/// `POST /apps/{id}/limits`: the rate limit and quota all of the app's tokens share (an empty
+/// field takes that limit off). Held to the app's plan like a token's own.
+pub async fn set_limits(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    CsrfForm(f): CsrfForm,
+) -> Response {
+    let app = match writable_app(&st, &v, &id).await {
+        Ok(a) => a,
+        Err(e) => return st.error(e),
+    };
+    let result = async {
+        let (rate_limit, quota) = super::pages::limits_from(&f)?;
+        let update = crate::service::AppUpdate {
+            rate_limit: Some(rate_limit),
+            quota: Some(quota),
+            ..crate::service::AppUpdate::default()
+        };
+        st.admin.update_app(v.workspace(), &v.actor(), &app.id, update).await
+    }
+    .await;
+    match result {
+        Ok(_) => super::pages::see_other(&format!("/apps/{}?msg=limits_saved", app.id)),
+        Err(e) if correctable(&e) || e.code == "limit_above_plan" => {
+            show(&st, app_inner(&st, &v, &id, None, Some(e.message.to_string()), None).await)
+        }
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
     }
 }

@@ -71,6 +71,7 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "settings_saved" => ("ok", "Settings saved."),
         "plan_applied" => ("ok", "The app is on its new plan."),
         "plan_saved" => ("ok", "Plan saved."),
+        "limits_saved" => ("ok", "Shared limits saved: the gateway holds the app's tokens to them now."),
         "plan_requested" => ("ok", "Plan change requested: an admin will approve or deny it."),
         "plan_decided" => ("ok", "Plan request decided."),
         "keys_rotated" => (
@@ -733,7 +734,7 @@ fn expiry_from(f: &Fields, now: Timestamp) -> Result<Option<Timestamp>, Error> {
     }
 }
 
-fn limits_from(f: &Fields) -> Result<(Option<RateLimit>, Option<Quota>), Error> {
+pub(super) fn limits_from(f: &Fields) -> Result<(Option<RateLimit>, Option<Quota>), Error> {
     let rate = match f.opt("rate_limit") {
         None => None,
         Some(n) => {
@@ -798,13 +799,17 @@ pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedI
             metadata: None,
             dpop_jkt: None,
             llm_budget: None,
+            max_uses: None,
         };
         st.admin.create_token(v.workspace(), &v.actor(), new).await
     }
     .await;
     match result {
         Ok((record, secret)) => token_created(&st, &v, &record, secret.expose(), false),
-        Err(e) if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::NotFound) => {
+        Err(e)
+            if matches!(e.kind, keygate_core::ErrorKind::InvalidInput | keygate_core::ErrorKind::NotFound)
+                || e.code == "limit_above_plan" =>
+        {
             page!(st, new_token_inner(&st, &v, Some(e.message.to_string()), Some(&f)).await)
         }
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
@@ -1433,6 +1438,15 @@ async fn settings_inner(
             require_two_factor => policy.require_two_factor,
             plan_approval => policy.plan_changes_need_approval,
             exposure_action => policy.exposure_action.as_str(),
+            rules => context! {
+                require_expiry => policy.rules.require_expiry,
+                allowlist_for => policy.rules.allowlist_required_for.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                dpop_for => policy.rules.dpop_required_for.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                max_tokens => policy.rules.max_active_tokens_per_app,
+                deny => policy.rules.deny.join("\n"),
+                dormant_days => policy.rules.dormant_days,
+                suspend_dormant => policy.rules.suspend_dormant,
+            },
             max_age => policy.max_token_age_days,
             suspend_unrotated => policy.suspend_unrotated,
             anomaly_suspend => policy.anomaly_suspend.map(|s| s.as_str()),
@@ -1441,6 +1455,43 @@ async fn settings_inner(
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
         },
     ))
+}
+
+/// The token rules of the settings form (scopes space-separated, the denylist one entry a line).
+fn rules_from(f: &Fields) -> Result<keygate_core::account::TokenRules, Error> {
+    let scopes = |name: &str| -> Result<Vec<keygate_core::scope::Scope>, Error> {
+        f.get(name)
+            .split_whitespace()
+            .map(|s| {
+                keygate_core::scope::Scope::parse(s).map_err(|_| {
+                    Error::invalid("invalid_policy", format!("{s:?} is not a scope (such as orders:write)"))
+                })
+            })
+            .collect()
+    };
+    let number = |name: &str, what: &str| -> Result<Option<u32>, Error> {
+        f.opt(name)
+            .map(|n| {
+                n.parse::<u32>().map_err(|_| Error::invalid("invalid_policy", format!("{what} is a whole number")))
+            })
+            .transpose()
+    };
+    let rules = keygate_core::account::TokenRules {
+        require_expiry: f.get("require_expiry") == "on",
+        allowlist_required_for: scopes("allowlist_required_for")?,
+        dpop_required_for: scopes("dpop_required_for")?,
+        max_active_tokens_per_app: number("max_active_tokens_per_app", "the most active tokens per app")?,
+        deny: f
+            .get("deny")
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        dormant_days: number("dormant_days", "the days after which an unused token is dormant")?,
+        suspend_dormant: f.get("suspend_dormant") == "on",
+    };
+    rules.validate()?;
+    Ok(rules)
 }
 
 pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): SignedIn, CsrfForm(f): CsrfForm) -> Response {
@@ -1496,7 +1547,12 @@ pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): Signed
             }
         },
     };
+    let rules = match rules_from(&f) {
+        Ok(r) => r,
+        Err(e) => return page!(st, settings_inner(&st, &v, None, Some(e.message.to_string())).await),
+    };
     let policy = keygate_core::account::WorkspacePolicy {
+        rules,
         anomaly_suspend,
         max_token_lifetime_days: max,
         require_two_factor: f.get("require_two_factor") == "on",

@@ -17,7 +17,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use keygate_core::Timestamp;
 use keygate_core::dpop::{self, ProofCheck};
-use keygate_core::policy::GcraDecision;
+use keygate_core::policy::{GcraDecision, Quota, RateLimit};
 use keygate_core::secret::TokenSecret;
 use keygate_core::token_format::PUBLIC_ID_LEN;
 
@@ -25,7 +25,7 @@ use crate::answer::{Answer, AnswerExtra, Code, Refuse};
 use crate::ctx::{Caller, ConnInfo, Identity, RequestCtx, client_ip, is_trusted, origin};
 use crate::gateway::{Gateway, LocalService};
 use crate::head::{ReqHead, parse_length, upgrade_protocols, upgrade_requested};
-use crate::index::{Refusal, TokenIndex};
+use crate::index::{IndexedToken, Refusal, TokenIndex};
 use crate::jwt::{JwtRefusal, looks_like_jwt};
 use crate::limiter::{Limiter, QuotaDecision};
 use crate::routes::{Route, normalize_path};
@@ -71,9 +71,38 @@ impl<'a> From<Verdict<'a>> for Admission<'a> {
 
 /// Where the limit checks of a request stopped to wait for a shared lease.
 pub(crate) struct LimitWait {
-    /// The check to start again from (0: the token's rate limit, 1: the route's, 2: the quota).
+    /// The check to start again from (a [`Step`]).
     step: u8,
     pending: crate::shared::Pending,
+}
+
+/// The limit checks of a request, in their order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Step {
+    TokenRate = 0,
+    AppRate = 1,
+    RouteRate = 2,
+    TokenQuota = 3,
+    AppQuota = 4,
+    Uses = 5,
+}
+
+/// The `RateLimit` header pair of a rate limit.
+fn add_rate_header(extra: &mut AnswerExtra, name: &'static str, limit: &RateLimit, d: &GcraDecision) {
+    extra.limit(name, limit.capacity(), u64::from(limit.per_seconds), d.remaining, ceil_secs_us(d.reset_after));
+}
+
+/// Seconds until a quota's period ends, rounded up; `None` for a `total` quota (it never does).
+fn quota_reset_s(d: &QuotaDecision) -> Option<u64> {
+    (d.reset_after_ms != i64::MAX).then(|| u64::try_from((d.reset_after_ms + 999) / 1000).unwrap_or(0))
+}
+
+/// The `RateLimit` header pair of a quota (`w` and `t` are 0 for a `total` quota).
+fn add_quota_header(extra: &mut AnswerExtra, name: &'static str, q: &Quota, d: &QuotaDecision, now_ms: i64) {
+    let (start, end) = q.period.window(now_ms);
+    let window_s = if end == i64::MAX { 0 } else { u64::try_from((end - start) / 1000).unwrap_or(0) };
+    extra.limit(name, q.requests, window_s, d.remaining, quota_reset_s(d).unwrap_or(0));
 }
 
 impl Verdict<'_> {
@@ -521,8 +550,10 @@ impl Gateway {
         }))
     }
 
-    /// Token rate limit, route rate limit (it can only tighten) and quota, from check `from` on;
-    /// adds the limit headers. With shared limits, a check whose lease is being refilled stops
+    /// The limits of a request, from check `from` on (see [`Step`]): the token's rate limit,
+    /// its app's shared one, the route's (it can only tighten), the token's quota, its app's
+    /// shared one, and the token's uses; adds the limit headers (of a token's and its app's
+    /// limit, the tighter one). With shared limits, a check whose lease is being refilled stops
     /// there and says where to start again; `alone` decides with this node's share instead.
     #[allow(clippy::result_large_err)]
     fn check_limits(
@@ -537,111 +568,200 @@ impl Gateway {
         let Some(caller) = caller.as_ref() else { return Ok(None) };
         let id: &[u8; PUBLIC_ID_LEN] = caller.limit_key();
         let token = caller.key();
+        let app = if table.apps.is_empty() { None } else { caller.app_id().and_then(|a| table.apps.get(a)) };
         let now_us = now.as_millis().saturating_mul(1000);
-        let mut refused: Option<GcraDecision> = None;
-        let own = token.and_then(|t| t.rate_limit);
-        for (step, name, scope, limit) in [(0u8, "token", 0u32, own), (1, "route", route.limiter_key, route.rate_limit)]
-        {
+        let now_ms = now.as_millis();
+
+        // Rate limits: the token's and its app's (one header: the tighter), then the route's.
+        let mut shown: Option<(&'static str, RateLimit, GcraDecision)> = None;
+        let rates = [
+            (Step::TokenRate, "token", id, 0u32, token.and_then(|t| t.rate_limit)),
+            (Step::AppRate, "app", app.map_or(id, |a| &a.key), 0, app.and_then(|a| a.rate_limit)),
+            (Step::RouteRate, "route", id, route.limiter_key, route.rate_limit),
+        ];
+        for (step, name, key, scope, limit) in rates {
             let Some(limit) = limit else { continue };
-            if step < from {
+            if (step as u8) < from {
                 continue;
             }
-            let d = match (&self.shared, token) {
-                (Some(shared), _) => {
-                    let take = if alone { Take::Local } else { shared.take_rate(id, scope, &limit, now_us) };
-                    match take {
-                        Take::Allowed { remaining, reset_after_us } => GcraDecision {
-                            allowed: true,
-                            new_tat: 0,
-                            remaining,
-                            reset_after: reset_after_us,
-                            retry_after: 0,
-                        },
-                        Take::Refused { retry_after_us, reset_after_us } => GcraDecision {
-                            allowed: false,
-                            new_tat: 0,
-                            remaining: 0,
-                            reset_after: reset_after_us,
-                            retry_after: retry_after_us,
-                        },
-                        Take::Pending(pending) => return Ok(Some(LimitWait { step, pending })),
-                        Take::Local => {
-                            let d = self.limiter.check_rate(id, scope, &shared.scaled(&limit), now_us);
-                            if alone && d.allowed {
-                                shared.charge_rate(id, scope);
-                            }
-                            d
-                        }
+            // The token's own bucket lives in its index entry when nothing is shared.
+            let cell = (step == Step::TokenRate).then(|| token.map(IndexedToken::rate_state)).flatten();
+            let d = match self.rate_step(key, scope, &limit, cell, alone, now_us) {
+                Ok(d) => d,
+                Err(pending) => {
+                    if let Some((name, limit, d)) = shown.take() {
+                        add_rate_header(extra, name, &limit, &d);
                     }
+                    return Ok(Some(LimitWait { step: step as u8, pending }));
                 }
-                (None, Some(t)) if scope == 0 => Limiter::check_cell(t.rate_state(), &limit, now_us),
-                (None, _) => self.limiter.check_rate(id, scope, &limit, now_us),
             };
-            extra.limit(name, limit.capacity(), u64::from(limit.per_seconds), d.remaining, ceil_secs_us(d.reset_after));
             table.metrics.limiter(d.allowed);
-            if !d.allowed {
-                refused = Some(d);
-                break;
+            if step == Step::RouteRate {
+                if let Some((name, limit, d)) = shown.take() {
+                    add_rate_header(extra, name, &limit, &d);
+                }
+                add_rate_header(extra, name, &limit, &d);
+            } else if shown.as_ref().is_none_or(|(_, _, s)| !d.allowed || d.remaining < s.remaining) {
+                shown = Some((name, limit, d));
             }
-        }
-        if let Some(d) = refused {
-            return Err(Refuse {
-                retry_after: Some(ceil_secs_us(d.retry_after).max(1)),
-                ..Refuse::of(Code::RateLimited, "too many requests; retry after the time in Retry-After")
-            });
-        }
-        if let Some(q) = token.and_then(|t| t.quota) {
-            let now_ms = now.as_millis();
-            let d = match &self.shared {
-                None => self.limiter.check_quota(id, &q, now_ms),
-                Some(shared) => {
-                    let (start, _) = q.period.window(now_ms);
-                    let known = self.limiter.quota_count(id, start);
-                    let take = if alone { Take::Local } else { shared.take_quota(id, &q, now_ms, known) };
-                    match take {
-                        Take::Allowed { remaining, reset_after_us } => {
-                            // Counted here too, for the store (usage and the count a restart loads).
-                            self.limiter.count_quota(id, &q, now_ms);
-                            let reset_after_ms =
-                                if reset_after_us == i64::MAX { i64::MAX } else { reset_after_us / 1000 };
-                            QuotaDecision { allowed: true, remaining, reset_after_ms }
-                        }
-                        Take::Refused { reset_after_us, .. } => QuotaDecision {
-                            allowed: false,
-                            remaining: 0,
-                            reset_after_ms: if reset_after_us == i64::MAX { i64::MAX } else { reset_after_us / 1000 },
-                        },
-                        Take::Pending(pending) => return Ok(Some(LimitWait { step: 2, pending })),
-                        Take::Local => {
-                            let d = self.limiter.check_quota(id, &shared.scaled_quota(&q), now_ms);
-                            if alone && d.allowed {
-                                shared.charge_quota(id, start);
-                            }
-                            d
-                        }
-                    }
-                }
-            };
-            let (start, end) = q.period.window(now.as_millis());
-            let window_s = if end == i64::MAX { 0 } else { u64::try_from((end - start) / 1000).unwrap_or(0) };
-            let reset_s = if d.reset_after_ms == i64::MAX {
-                0
-            } else {
-                u64::try_from((d.reset_after_ms + 999) / 1000).unwrap_or(0)
-            };
-            extra.limit("quota", q.requests, window_s, d.remaining, reset_s);
-            table.metrics.limiter(d.allowed);
             if !d.allowed {
+                if let Some((name, limit, d)) = shown.take() {
+                    add_rate_header(extra, name, &limit, &d);
+                }
                 return Err(Refuse {
-                    retry_after: (reset_s > 0).then_some(reset_s),
-                    ..Refuse::of(
-                        Code::QuotaExceeded,
-                        format!("the token's quota of {} requests per {} is used up", q.requests, q.period.as_str()),
-                    )
+                    retry_after: Some(ceil_secs_us(d.retry_after).max(1)),
+                    ..Refuse::of(Code::RateLimited, "too many requests; retry after the time in Retry-After")
                 });
             }
         }
+        if let Some((name, limit, d)) = shown.take() {
+            add_rate_header(extra, name, &limit, &d);
+        }
+
+        // Quotas: the token's and its app's (one header: the tighter), then the token's uses.
+        let mut shown: Option<(&'static str, Quota, QuotaDecision)> = None;
+        let uses = token.and_then(IndexedToken::max_uses);
+        let quotas = [
+            (Step::TokenQuota, "quota", id, token.and_then(|t| t.quota)),
+            (Step::AppQuota, "app_quota", app.map_or(id, |a| &a.key), app.and_then(|a| a.quota)),
+            (
+                Step::Uses,
+                "uses",
+                uses.map_or(id, |(_, k)| k),
+                uses.map(|(n, _)| Quota { requests: n, period: keygate_core::policy::QuotaPeriod::Total }),
+            ),
+        ];
+        for (step, name, key, quota) in quotas {
+            let Some(q) = quota else { continue };
+            if (step as u8) < from {
+                continue;
+            }
+            let d = match self.quota_step(key, &q, alone, now_ms) {
+                Ok(d) => d,
+                Err(pending) => {
+                    if let Some((name, q, d)) = shown.take() {
+                        add_quota_header(extra, name, &q, &d, now_ms);
+                    }
+                    return Ok(Some(LimitWait { step: step as u8, pending }));
+                }
+            };
+            table.metrics.limiter(d.allowed);
+            if step == Step::Uses {
+                if let Some((name, q, d)) = shown.take() {
+                    add_quota_header(extra, name, &q, &d, now_ms);
+                }
+                add_quota_header(extra, name, &q, &d, now_ms);
+            } else if shown.as_ref().is_none_or(|(_, _, s)| !d.allowed || d.remaining < s.remaining) {
+                shown = Some((name, q, d));
+            }
+            if !d.allowed {
+                if let Some((name, q, d)) = shown.take() {
+                    add_quota_header(extra, name, &q, &d, now_ms);
+                }
+                return Err(match step {
+                    Step::Uses => Refuse::of(
+                        Code::UsesExhausted,
+                        format!("this token was good for {} requests and they are used; use a new token", q.requests),
+                    ),
+                    _ => {
+                        let whose = if step == Step::AppQuota { "app's shared" } else { "token's" };
+                        Refuse {
+                            retry_after: quota_reset_s(&d).filter(|s| *s > 0),
+                            ..Refuse::of(
+                                Code::QuotaExceeded,
+                                format!(
+                                    "the {whose} quota of {} requests per {} is used up",
+                                    q.requests,
+                                    q.period.as_str()
+                                ),
+                            )
+                        }
+                    }
+                });
+            }
+        }
+        if let Some((name, q, d)) = shown.take() {
+            add_quota_header(extra, name, &q, &d, now_ms);
+        }
         Ok(None)
+    }
+
+    /// Takes one request from the bucket of `limit` under `(key, scope)`: the shared one through
+    /// this node's lease (`Err`: the lease is being refilled; wait for it), this node's share
+    /// when `alone` or the backend is down, or this node's own bucket (`cell`, if the state
+    /// lives elsewhere than the limiter's map) when nothing is shared.
+    fn rate_step(
+        &self,
+        key: &[u8; PUBLIC_ID_LEN],
+        scope: u32,
+        limit: &RateLimit,
+        cell: Option<&std::sync::atomic::AtomicI64>,
+        alone: bool,
+        now_us: i64,
+    ) -> Result<GcraDecision, crate::shared::Pending> {
+        let Some(shared) = &self.shared else {
+            return Ok(match cell {
+                Some(cell) => Limiter::check_cell(cell, limit, now_us),
+                None => self.limiter.check_rate(key, scope, limit, now_us),
+            });
+        };
+        let take = if alone { Take::Local } else { shared.take_rate(key, scope, limit, now_us) };
+        Ok(match take {
+            Take::Allowed { remaining, reset_after_us } => {
+                GcraDecision { allowed: true, new_tat: 0, remaining, reset_after: reset_after_us, retry_after: 0 }
+            }
+            Take::Refused { retry_after_us, reset_after_us } => GcraDecision {
+                allowed: false,
+                new_tat: 0,
+                remaining: 0,
+                reset_after: reset_after_us,
+                retry_after: retry_after_us,
+            },
+            Take::Pending(pending) => return Err(pending),
+            Take::Local => {
+                let d = self.limiter.check_rate(key, scope, &shared.scaled(limit), now_us);
+                if alone && d.allowed {
+                    shared.charge_rate(key, scope);
+                }
+                d
+            }
+        })
+    }
+
+    /// Counts one request against `quota` under `key`, as [`Self::rate_step`] does for rates
+    /// (this node's count is kept in every case: it is what the store and a restart know).
+    fn quota_step(
+        &self,
+        key: &[u8; PUBLIC_ID_LEN],
+        q: &Quota,
+        alone: bool,
+        now_ms: i64,
+    ) -> Result<QuotaDecision, crate::shared::Pending> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.limiter.check_quota(key, q, now_ms));
+        };
+        let (start, _) = q.period.window(now_ms);
+        let known = self.limiter.quota_count(key, start);
+        let take = if alone { Take::Local } else { shared.take_quota(key, q, now_ms, known) };
+        let ms = |us: i64| if us == i64::MAX { i64::MAX } else { us / 1000 };
+        Ok(match take {
+            Take::Allowed { remaining, reset_after_us } => {
+                // Counted here too, for the store (usage and the count a restart loads).
+                self.limiter.count_quota(key, q, now_ms);
+                QuotaDecision { allowed: true, remaining, reset_after_ms: ms(reset_after_us) }
+            }
+            Take::Refused { reset_after_us, .. } => {
+                QuotaDecision { allowed: false, remaining: 0, reset_after_ms: ms(reset_after_us) }
+            }
+            Take::Pending(pending) => return Err(pending),
+            Take::Local => {
+                let d = self.limiter.check_quota(key, &shared.scaled_quota(q), now_ms);
+                if alone && d.allowed {
+                    shared.charge_quota(key, start);
+                }
+                d
+            }
+        })
     }
 
     /// Completes when `caller`, who opened an upgraded tunnel on `route` with `method`, would no

@@ -3,12 +3,36 @@
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
-use super::{Layout, Shown, list, parse_object, put_opt};
+use super::{Layout, Shown, list, parse_object, parse_quota, parse_rate_limit, put_opt};
 use crate::UsageError;
-use crate::cli::{ApiCommand, AppCommand};
+use crate::cli::{ApiCommand, AppCommand, AppLimitArgs};
 use crate::client::{AdminClient, ApiFailure, Query, id_segment};
 
-const COLUMNS: &[&str] = &["id", "name", "plan_id", "is_default", "description", "created_at"];
+const COLUMNS: &[&str] = &["id", "name", "plan_id", "rate_limit", "quota", "is_default", "description", "created_at"];
+
+fn limits_body(l: &AppLimitArgs, body: &mut Map<String, Value>) -> anyhow::Result<()> {
+    if let Some(r) = &l.rate_limit {
+        body.insert("rate_limit".into(), parse_rate_limit(r)?);
+    }
+    if let Some(q) = &l.quota {
+        body.insert("quota".into(), parse_quota(q)?);
+    }
+    Ok(())
+}
+
+/// Says on standard error which limits a move to another plan lowered (`adjusted`).
+pub(crate) fn report_adjusted(answer: &Option<Value>) {
+    for a in answer.as_ref().and_then(|v| v.get("adjusted")).and_then(Value::as_array).into_iter().flatten() {
+        let field = |k: &str| a.get(k).map(ToString::to_string).unwrap_or_default();
+        eprintln!(
+            "lowered to the plan's ceiling: {} {}: {} -> {}",
+            a.get("target").and_then(Value::as_str).unwrap_or_default(),
+            a.get("field").and_then(Value::as_str).unwrap_or_default(),
+            field("before"),
+            field("after")
+        );
+    }
+}
 
 fn path(id: &str) -> anyhow::Result<String> {
     Ok(format!("/admin/v1/apps/{}", id_segment(id, "an app id (app_…)")?))
@@ -17,7 +41,7 @@ fn path(id: &str) -> anyhow::Result<String> {
 pub async fn run(args: ApiCommand<AppCommand>) -> anyhow::Result<()> {
     let client = AdminClient::from_env(&args.api.url)?;
     let shown = match &args.command {
-        AppCommand::Create { name, description, plan, metadata } => {
+        AppCommand::Create { name, description, plan, metadata, limits } => {
             let mut body = Map::new();
             body.insert("name".into(), json!(name));
             put_opt(&mut body, "description", description.as_ref());
@@ -25,13 +49,25 @@ pub async fn run(args: ApiCommand<AppCommand>) -> anyhow::Result<()> {
             if let Some(m) = metadata {
                 body.insert("metadata".into(), parse_object("--metadata", m)?);
             }
+            limits_body(limits, &mut body)?;
             Shown::rows(client.send(Method::POST, "/admin/v1/apps", Some(Value::Object(body))).await?, COLUMNS)
         }
         AppCommand::List { page } => {
             Shown::rows(list(&client, "/admin/v1/apps", Query::default(), page).await?, COLUMNS)
         }
         AppCommand::Show { id } => Shown::rows(client.send(Method::GET, &path(id)?, None).await?, COLUMNS),
-        AppCommand::Update { id, name, description, no_description, plan, no_plan, metadata } => {
+        AppCommand::Update {
+            id,
+            name,
+            description,
+            no_description,
+            plan,
+            no_plan,
+            metadata,
+            limits,
+            no_rate_limit,
+            no_quota,
+        } => {
             let mut body = Map::new();
             put_opt(&mut body, "name", name.as_ref());
             put_opt(&mut body, "description", description.as_ref());
@@ -45,12 +81,21 @@ pub async fn run(args: ApiCommand<AppCommand>) -> anyhow::Result<()> {
             if let Some(m) = metadata {
                 body.insert("metadata".into(), parse_object("--metadata", m)?);
             }
+            limits_body(limits, &mut body)?;
+            if *no_rate_limit {
+                body.insert("rate_limit".into(), Value::Null);
+            }
+            if *no_quota {
+                body.insert("quota".into(), Value::Null);
+            }
             if body.is_empty() {
                 return Err(
                     UsageError("nothing to update: give at least one option, such as --name or --plan".into()).into()
                 );
             }
-            Shown::rows(client.send(Method::PATCH, &path(id)?, Some(Value::Object(body))).await?, COLUMNS)
+            let answer = client.send(Method::PATCH, &path(id)?, Some(Value::Object(body))).await?;
+            report_adjusted(&answer);
+            Shown::rows(answer, COLUMNS)
         }
         AppCommand::Delete { id, revoke_tokens } => {
             // Without --revoke-tokens the API refuses an app that still holds tokens

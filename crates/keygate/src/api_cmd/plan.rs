@@ -65,7 +65,9 @@ pub async fn run_plan(args: ApiCommand<PlanCommand>) -> anyhow::Result<()> {
                 return Err(UsageError("nothing to update: give at least one option, such as --scope".into()).into());
             }
             let path = format!("/admin/v1/plans/{}", id_segment(id, "a plan id (plan_…)")?);
-            client.send(Method::PATCH, &path, Some(Value::Object(body))).await?
+            let answer = client.send(Method::PATCH, &path, Some(Value::Object(body))).await?;
+            super::app::report_adjusted(&answer);
+            answer
         }
     };
     Shown::rows(answer, PLAN_COLUMNS).print(args.api.output)

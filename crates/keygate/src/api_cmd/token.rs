@@ -31,6 +31,7 @@ fn policy_body(p: &TokenPolicyArgs, body: &mut Map<String, Value>, for_update: b
     if let Some(b) = &p.llm_budget {
         body.insert("llm_budget".into(), parse_llm_budget(b)?);
     }
+    put_opt(body, "max_uses", p.max_uses);
     Ok(())
 }
 
@@ -78,6 +79,7 @@ pub async fn run(args: ApiCommand<TokenCommand>) -> anyhow::Result<()> {
             no_rate_limit,
             no_quota,
             no_llm_budget,
+            no_max_uses,
         } => {
             let mut body = Map::new();
             put_opt(&mut body, "name", name.as_ref());
@@ -99,6 +101,9 @@ pub async fn run(args: ApiCommand<TokenCommand>) -> anyhow::Result<()> {
             }
             if *no_llm_budget {
                 body.insert("llm_budget".into(), Value::Null);
+            }
+            if *no_max_uses {
+                body.insert("max_uses".into(), Value::Null);
             }
             if body.is_empty() {
                 return Err(UsageError(

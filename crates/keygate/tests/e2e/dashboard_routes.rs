@@ -136,7 +136,7 @@ async fn move_to(kg: &TestKeygate, email: &str, ws: &str, role: Role) -> Browser
     let target = store.workspace_by_name(ws).await.unwrap().unwrap().id;
     let default = store.workspace_by_name("default").await.unwrap().unwrap().id;
     let now = kg.clock.now();
-    let actor = Actor { id: "test".into(), source: None };
+    let actor = Actor { id: "test".into(), source: None, owner: true };
     let m = Membership { workspace_id: target.clone(), user_id: user.id.clone(), role, created_at: now };
     store
         .put_membership(&m, &NewAuditEvent::new(&target, &actor, "member.added", user.id.as_str(), now))
@@ -306,7 +306,7 @@ async fn a_member_of_two_workspaces_switches_between_them_in_the_header() {
     let user = store.user_by_email("bob@example.com").await.unwrap().unwrap();
     let team_b = store.workspace_by_name("team-b").await.unwrap().unwrap().id;
     let now = kg.clock.now();
-    let actor = Actor { id: "test".into(), source: None };
+    let actor = Actor { id: "test".into(), source: None, owner: true };
     let m = Membership { workspace_id: team_b.clone(), user_id: user.id.clone(), role: Role::Owner, created_at: now };
     store
         .put_membership(&m, &NewAuditEvent::new(&team_b, &actor, "member.added", user.id.as_str(), now))

@@ -22,6 +22,7 @@ mod edge_upgrade;
 mod faults;
 mod fuzz_finds;
 mod gateway;
+mod governance;
 mod health;
 mod leak_response;
 mod oauth;

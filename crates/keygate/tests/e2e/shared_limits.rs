@@ -103,6 +103,37 @@ async fn a_limit_holds_across_three_nodes_when_they_share_redis() {
         }
     }
     assert_eq!(ok, 100, "the quota counted once across the nodes");
+
+    // A token good for 5 uses, through the three nodes: 5 (issue 17).
+    let (_, token) = nodes[2].client().create_token(&json!({"name": "five", "max_uses": 5})).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+    }
+    let mut ok = 0;
+    for i in 0..30 {
+        let s = http.get(format!("{}/demo/echo", nodes[i % 3].gateway_url())).bearer_auth(&token).send().await.unwrap();
+        match s.status() {
+            StatusCode::OK => ok += 1,
+            other => assert_eq!(other, StatusCode::FORBIDDEN, "uses_exhausted"),
+        }
+    }
+    assert_eq!(ok, 5, "the uses counted once across the nodes");
+
+    // An app's shared limit of 60 a minute, through three nodes and two of its tokens: 60.
+    let app = nodes[0]
+        .client()
+        .post("/admin/v1/apps", &json!({"name": "team", "rate_limit": {"requests": 60, "per_seconds": 60}}))
+        .await;
+    let app_id = app.str("/id");
+    let (_, a) = nodes[0].client().create_token(&json!({"name": "a", "app_id": app_id})).await;
+    let (_, b) = nodes[0].client().create_token(&json!({"name": "b", "app_id": app_id})).await;
+    for n in &nodes {
+        n.sync_index().await.unwrap();
+        n.routes().rebuild().await.unwrap();
+    }
+    let (ok_a, limited_a) = drive(&nodes, &a, 150).await;
+    let (ok_b, limited_b) = drive(&nodes, &b, 150).await;
+    assert_eq!((ok_a + ok_b, limited_a + limited_b), (60, 240), "the app's limit, once for both tokens and all nodes");
     let text = metrics(&nodes[0]).await;
     assert!(text.contains("keygate_shared_limits_up 1"), "{text}");
     for n in nodes {

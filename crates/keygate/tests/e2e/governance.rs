@@ -1,0 +1,277 @@
+//! Issue 17 (governance), from outside the process: plans whose limits are ceilings, limits an
+//! app's tokens share, and tokens good for a number of uses.
+
+use keygate_core::model::Permission;
+use keygate_testkit::{Options, TestKeygate, route};
+use serde_json::{Value, json};
+
+/// `GET path` on the gateway with `token`: the status, the `RateLimit-Policy` and `RateLimit`
+/// fields (joined), and the body.
+async fn call(kg: &TestKeygate, path: &str, token: &str) -> (u16, String, String, Value) {
+    let r = reqwest::Client::new().get(format!("{}{path}", kg.gateway_url())).bearer_auth(token).send().await.unwrap();
+    let status = r.status().as_u16();
+    let join = |name: &str| {
+        r.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (policy, left) = (join("ratelimit-policy"), join("ratelimit"));
+    (status, policy, left, r.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_limits_are_ceilings_below_the_owner() {
+    let kg = TestKeygate::start().await.unwrap();
+    let owner = kg.client();
+    let plan = owner
+        .post(
+            "/admin/v1/plans",
+            &json!({"name": "starter", "scopes": ["orders:*"],
+                "rate_limit": {"requests": 10, "per_seconds": 60}, "quota": {"requests": 1000, "period": "day"}}),
+        )
+        .await;
+    assert_eq!(plan.status.as_u16(), 201, "{:?}", plan.body);
+    let plan_id = plan.str("/id");
+    let app = owner.post("/admin/v1/apps", &json!({"name": "shop", "plan_id": plan_id})).await;
+    let app_id = app.str("/id");
+
+    // A key that may manage tokens and apps but not plans: held to the plan.
+    let dev_key = kg
+        .root_key(
+            "default",
+            &[Permission::TokensRead, Permission::TokensWrite, Permission::AppsRead, Permission::AppsWrite],
+        )
+        .await
+        .unwrap();
+    let dev = kg.client_with(Some(&dev_key));
+    let above = json!({"name": "greedy", "app_id": app_id, "scopes": ["orders:read"],
+        "rate_limit": {"requests": 20, "per_seconds": 60}});
+    let r = dev.post("/admin/v1/tokens", &above).await;
+    assert_eq!((r.status.as_u16(), r.code()), (403, "limit_above_plan"), "{:?}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("starter"), "names the plan: {:?}", r.body);
+    let burst =
+        json!({"name": "bursty", "app_id": app_id, "rate_limit": {"requests": 10, "per_seconds": 60, "burst": 1}});
+    assert_eq!(dev.post("/admin/v1/tokens", &burst).await.code(), "limit_above_plan", "a larger bucket is more");
+    let daily = json!({"name": "q", "app_id": app_id, "quota": {"requests": 40000, "period": "month"}});
+    assert_eq!(
+        dev.post("/admin/v1/tokens", &daily).await.code(),
+        "limit_above_plan",
+        "40000 a month can be 40000 a day"
+    );
+
+    // Within the plan, or nothing said (the plan's limits are the defaults): created.
+    let (within, _) = dev
+        .create_token(&json!({"name": "within", "app_id": app_id, "quota": {"requests": 900, "period": "month"}}))
+        .await;
+    let (plain, _) = dev.create_token(&json!({"name": "plain", "app_id": app_id})).await;
+    let t = dev.get(&format!("/admin/v1/tokens/{plain}")).await;
+    assert_eq!(t.body["rate_limit"], json!({"requests": 10, "per_seconds": 60, "burst": 0}));
+    assert_eq!(t.body["quota"], json!({"requests": 1000, "period": "day"}));
+
+    // Changes too: no raising, no taking the limit off; lowering is fine.
+    let r = dev.patch(&format!("/admin/v1/tokens/{plain}"), &json!({"rate_limit": null})).await;
+    assert_eq!((r.status.as_u16(), r.code()), (403, "limit_above_plan"), "no limit is more than the plan's");
+    let r = dev
+        .patch(&format!("/admin/v1/tokens/{plain}"), &json!({"rate_limit": {"requests": 5, "per_seconds": 60}}))
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    // The app's shared limit is held to the plan as well.
+    let r = dev
+        .patch(&format!("/admin/v1/apps/{app_id}"), &json!({"rate_limit": {"requests": 100, "per_seconds": 60}}))
+        .await;
+    assert_eq!(r.code(), "limit_above_plan");
+
+    // The owner (a key that may change plans) may go above.
+    let (generous, _) = owner
+        .create_token(&json!({"name": "generous", "app_id": app_id, "rate_limit": {"requests": 50, "per_seconds": 60}}))
+        .await;
+
+    // Lowering the plan lowers what is above it, and says what it changed.
+    let r = owner
+        .patch(&format!("/admin/v1/plans/{plan_id}"), &json!({"rate_limit": {"requests": 4, "per_seconds": 60}}))
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    let adjusted = r.body["adjusted"].as_array().unwrap().clone();
+    let lowered: Vec<(&str, &str)> =
+        adjusted.iter().map(|a| (a["target"].as_str().unwrap(), a["field"].as_str().unwrap())).collect();
+    for id in [&within, &plain, &generous] {
+        assert!(lowered.contains(&(id.as_str(), "rate_limit")), "{id} lowered: {adjusted:?}");
+    }
+    assert!(!lowered.iter().any(|(_, f)| *f == "quota"), "the quota did not change: {adjusted:?}");
+    let g = adjusted.iter().find(|a| a["target"] == generous.as_str()).unwrap();
+    assert_eq!(g["before"]["requests"], 50);
+    assert_eq!(g["after"], json!({"requests": 4, "per_seconds": 60, "burst": 0}));
+    let t = owner.get(&format!("/admin/v1/tokens/{generous}")).await;
+    assert_eq!(t.body["rate_limit"]["requests"], 4, "stored lowered");
+    let audit = owner.get(&format!("/admin/v1/audit-events?target={generous}")).await;
+    let events = audit.body["data"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["actor"] == "plan-policy" && e["action"] == "token.update"),
+        "the lowering is audited: {events:?}"
+    );
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_tokens_share_its_rate_limit_and_quota() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let kg =
+        TestKeygate::start_with(Options { routes: vec![route("orders", "/orders", &up.url())], ..Options::default() })
+            .await
+            .unwrap();
+    let c = kg.client();
+    // Four requests an hour for the whole app, whichever of its tokens sends them.
+    let app =
+        c.post("/admin/v1/apps", &json!({"name": "team", "rate_limit": {"requests": 4, "per_seconds": 3600}})).await;
+    assert_eq!(app.status.as_u16(), 201, "{:?}", app.body);
+    assert_eq!(app.body["rate_limit"], json!({"requests": 4, "per_seconds": 3600, "burst": 0}));
+    let app_id = app.str("/id");
+    let (_, a) = c.create_token(&json!({"name": "a", "app_id": app_id})).await;
+    let (_, b) = c.create_token(&json!({"name": "b", "app_id": app_id})).await;
+    kg.sync_index().await.unwrap();
+    kg.routes().rebuild().await.unwrap();
+    let mut statuses = Vec::new();
+    for t in [&a, &b, &a, &b, &a, &b] {
+        let (status, policy, left, body) = call(&kg, "/orders/1", t).await;
+        if statuses.len() == 3 {
+            assert_eq!(policy, "\"app\";q=4;w=3600", "the app's limit is the one shown");
+            assert_eq!(left.split(';').nth(1), Some("r=0"), "{left}");
+        }
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "rate_limited");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "four in all, not four each");
+
+    // With the app's spent, its refusal is what shows, whatever the token's own says.
+    let (_, own) = c
+        .create_token(&json!({"name": "own", "app_id": app_id, "rate_limit": {"requests": 1, "per_seconds": 3600}}))
+        .await;
+    kg.sync_index().await.unwrap();
+    let (status, policy, ..) = call(&kg, "/orders/1", &own).await;
+    assert_eq!((status, policy.as_str()), (429, "\"app\";q=4;w=3600"), "the app is spent: its refusal shows");
+
+    // The shared quota: three a day across the tokens, counted exactly.
+    let r = c
+        .patch(
+            &format!("/admin/v1/apps/{app_id}"),
+            &json!({"rate_limit": null, "quota": {"requests": 3, "period": "day"}}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    kg.routes().rebuild().await.unwrap();
+    let mut statuses = Vec::new();
+    for t in [&a, &b, &a, &b] {
+        let (status, policy, _, body) = call(&kg, "/orders/1", t).await;
+        assert!(policy.contains("\"app_quota\";q=3;w=86400"), "{policy}");
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "quota_exceeded");
+            assert!(body["error"]["message"].as_str().unwrap().contains("app's shared"), "{body}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+
+    // Invalid shared limits are refused like a token's.
+    let r = c.patch(&format!("/admin/v1/apps/{app_id}"), &json!({"quota": {"requests": 0, "period": "day"}})).await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_quota"));
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_use_token_stops_after_its_uses() {
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let (id, once) = c.create_token(&json!({"name": "once", "max_uses": 1})).await;
+    let (_, twice) = c.create_token(&json!({"name": "twice", "max_uses": 2})).await;
+    kg.sync_index().await.unwrap();
+    let (status, policy, left, _) = call(&kg, "/demo/echo", &once).await;
+    assert_eq!(status, 200);
+    assert!(policy.contains("\"uses\";q=1;w=0") && left.contains("\"uses\";r=0;t=0"), "{policy} / {left}");
+    let (status, _, _, body) = call(&kg, "/demo/echo", &once).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("uses_exhausted")), "{body}");
+    assert_eq!(call(&kg, "/demo/echo", &twice).await.0, 200);
+    assert_eq!(call(&kg, "/demo/echo", &twice).await.0, 200);
+    assert_eq!(call(&kg, "/demo/echo", &twice).await.0, 403);
+    // Raising it gives the token more uses; the count so far stands.
+    let r = c.patch(&format!("/admin/v1/tokens/{id}"), &json!({"max_uses": 2})).await;
+    assert_eq!(r.body["max_uses"], 2);
+    kg.sync_index().await.unwrap();
+    assert_eq!(call(&kg, "/demo/echo", &once).await.0, 200);
+    assert_eq!(call(&kg, "/demo/echo", &once).await.0, 403);
+    for bad in [json!(0), json!(-1), json!(2_000_000_000u64)] {
+        let r = c.post("/admin/v1/tokens", &json!({"name": "x", "max_uses": bad})).await;
+        assert_eq!(r.status.as_u16(), 400, "{bad}: {:?}", r.body);
+    }
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"uses_exhausted\"} 3"), "{metrics}");
+    kg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_token_rules_hold_for_every_creation_and_change() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let kg =
+        TestKeygate::start_with(Options { routes: vec![route("orders", "/orders", &up.url())], ..Options::default() })
+            .await
+            .unwrap();
+    let c = kg.client();
+    let rules = json!({"require_expiry": true, "allowlist_required_for": ["payments:*"],
+        "dpop_required_for": ["admin:write"], "max_active_tokens_per_app": 2});
+    let r = c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/rules", Some(&rules)).await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    assert_eq!(c.get("/admin/v1/policy/rules").await.body["max_active_tokens_per_app"], 2);
+
+    let refused = |body: Value, code: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c.post("/admin/v1/tokens", &body).await;
+            assert_eq!((r.status.as_u16(), r.code()), (409, code), "{body}: {:?}", r.body);
+        }
+    };
+    refused(json!({"name": "forever"}), "expiry_required").await;
+    refused(json!({"name": "p", "expires_in": 3600, "scopes": ["payments:charge"]}), "allowlist_required").await;
+    refused(json!({"name": "p", "expires_in": 3600, "scopes": ["payments:*"]}), "allowlist_required").await;
+    refused(json!({"name": "a", "expires_in": 3600, "scopes": ["admin:*"]}), "dpop_required").await;
+    let (pay, _) = c
+        .create_token(
+            &json!({"name": "pay", "expires_in": 3600, "scopes": ["payments:charge"], "ip_allowlist": ["10.0.0.0/8"]}),
+        )
+        .await;
+    c.create_token(&json!({"name": "read", "expires_in": 3600, "scopes": ["orders:read"]})).await;
+    refused(json!({"name": "third", "expires_in": 3600}), "too_many_tokens").await;
+    // Changes are checked too: the rules for the fields they touch.
+    let r = c.patch(&format!("/admin/v1/tokens/{pay}"), &json!({"ip_allowlist": []})).await;
+    assert_eq!(r.code(), "allowlist_required");
+    let r = c.patch(&format!("/admin/v1/tokens/{pay}"), &json!({"expires_at": null})).await;
+    assert_eq!(r.code(), "expiry_required");
+    assert_eq!(c.patch(&format!("/admin/v1/tokens/{pay}"), &json!({"name": "payments"})).await.status.as_u16(), 200);
+    let r = c.post(&format!("/admin/v1/tokens/{pay}/revoke"), &json!({})).await;
+    assert_eq!(r.status.as_u16(), 200);
+    c.create_token(&json!({"name": "third", "expires_in": 3600})).await;
+
+    // The workspace's denylist: every route of the workspace, before any token work.
+    let r =
+        c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/rules", Some(&json!({"deny": ["127.0.0.0/8"]}))).await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    kg.routes().rebuild().await.unwrap();
+    let get = || reqwest::get(format!("{}/orders/1", kg.gateway_url()));
+    let r = get().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "address_denied");
+    let r = c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/rules", Some(&json!({}))).await;
+    assert_eq!(r.body["deny"], json!([]));
+    kg.routes().rebuild().await.unwrap();
+    assert_eq!(get().await.unwrap().status().as_u16(), 401, "served again: asks for a token");
+    for bad in [json!({"deny": ["nowhere"]}), json!({"allowlist_required_for": ["Not A Scope"]})] {
+        let r = c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/rules", Some(&bad)).await;
+        assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_policy"), "{bad}");
+    }
+    let audit = c.get("/admin/v1/audit-events?action=workspace.policy_changed").await;
+    assert_eq!(audit.body["data"].as_array().unwrap().len(), 3, "each change audited");
+    kg.stop().await;
+}

@@ -166,6 +166,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(apps::get_app, apps::update_app, apps::delete_app))
         .routes(routes!(misc::create_plan, misc::list_plans))
         .routes(routes!(misc::update_plan))
+        .routes(routes!(tokens::access_review))
         .routes(routes!(misc::get_token_rules, misc::put_token_rules))
         .routes(routes!(misc::list_scopes))
         .routes(routes!(misc::put_scope, misc::delete_scope))

@@ -411,6 +411,7 @@ pub fn router(state: DashboardState) -> Router {
         .route("/plan-requests/{id}/approve", post(pages::approve_plan))
         .route("/plan-requests/{id}/deny", post(pages::deny_plan))
         .route("/tokens", get(pages::tokens).post(pages::create_token))
+        .route("/tokens/access-review.csv", get(pages::access_review_csv))
         .route("/tokens/new", get(pages::new_token))
         .route("/tokens/{id}", get(pages::token))
         .route("/tokens/{id}/{action}", get(pages::token_action_page).post(pages::token_action))

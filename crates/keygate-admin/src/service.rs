@@ -109,6 +109,30 @@ pub struct AppUpdate {
     pub quota: Option<Option<Quota>>,
 }
 
+/// The most tokens an access review lists.
+pub const MAX_REVIEW_ROWS: usize = 100_000;
+
+/// One token in an access review.
+#[derive(Debug, Clone)]
+pub struct AccessReviewRow {
+    pub token: TokenRecord,
+    pub status: TokenStatus,
+    pub app_name: String,
+    /// The email of the app's owner, if the app has one.
+    pub owner: Option<String>,
+    /// Unused for the workspace's `dormant_days`.
+    pub dormant: bool,
+}
+
+/// What one pass of [`Admin::enforce_dormancy`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DormancySweep {
+    /// Tokens newly found dormant.
+    pub flagged: u64,
+    /// Of those, the ones suspended.
+    pub suspended: u64,
+}
+
 /// A limit a plan change lowered to the plan's new ceiling (a token's or an app's).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Adjustment {
@@ -1252,6 +1276,10 @@ impl Admin {
     ) -> Result<Page<TokenRecord>> {
         let mut page = self.store.list_tokens(ws, filter, self.now(), page).await?;
         self.with_pending_last_use(&mut page.items);
+        // A use the gateway has not written yet makes a token not dormant.
+        if let Some(since) = filter.unused_since {
+            page.items.retain(|t| t.last_used_at.unwrap_or(t.created_at) < since);
+        }
         Ok(page)
     }
 
@@ -1661,6 +1689,98 @@ impl Admin {
         Ok(sweep)
     }
 
+    /// The access review of a workspace: every token that is not revoked — who holds it (its app
+    /// and the app's owner), which scopes, when it was last used, whether it is dormant under
+    /// the workspace's rule — oldest use first, at most [`MAX_REVIEW_ROWS`] (`true` when more
+    /// were left out).
+    pub async fn access_review(&self, ws: &WorkspaceId) -> Result<(Vec<AccessReviewRow>, bool)> {
+        let now = self.now();
+        let dormant_days = self.store.workspace_policy(ws).await?.rules.dormant_days;
+        let mut apps = std::collections::HashMap::new();
+        let mut cursor = None;
+        loop {
+            let page = self.store.list_apps(ws, &PageRequest { limit: 500, cursor }).await?;
+            for a in page.items {
+                let owner = match self.store.app_owner(ws, &a.id).await? {
+                    Some(u) => self.store.user(&u).await?.map(|u| u.email),
+                    None => None,
+                };
+                apps.insert(a.id.clone(), (a.name, owner));
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let (mut rows, mut truncated, mut cursor) = (Vec::new(), false, None);
+        loop {
+            let mut page =
+                self.store.list_tokens(ws, &TokenFilter::default(), now, &PageRequest { limit: 500, cursor }).await?;
+            self.with_pending_last_use(&mut page.items);
+            for t in page.items.into_iter().filter(|t| t.state != TokenState::Revoked) {
+                if rows.len() >= MAX_REVIEW_ROWS {
+                    truncated = true;
+                    break;
+                }
+                let (app_name, owner) = apps.get(&t.app_id).cloned().unwrap_or_default();
+                let idle_from = t.last_used_at.unwrap_or(t.created_at);
+                let dormant =
+                    dormant_days.is_some_and(|d| idle_from.as_millis() < now.as_millis() - i64::from(d) * 86_400_000);
+                rows.push(AccessReviewRow { status: t.status(now), dormant, app_name, owner, token: t });
+            }
+            match page.next_cursor {
+                Some(c) if !truncated => cursor = Some(c),
+                _ => break,
+            }
+        }
+        rows.sort_by_key(|r| r.token.last_used_at.unwrap_or(r.token.created_at));
+        Ok((rows, truncated))
+    }
+
+    /// Applies every workspace's dormancy rule: an active token unused for `dormant_days` (never
+    /// used: created that long ago) gets a `token.dormant` event — once per dormant spell (a
+    /// token used again and dormant again gets another) — and, with `suspend_dormant`, is
+    /// suspended with the reason.
+    pub async fn enforce_dormancy(&self) -> Result<DormancySweep> {
+        let now = self.now();
+        let mut sweep = DormancySweep::default();
+        let actor = Actor { id: "dormancy-policy".into(), source: None, owner: true };
+        for ws in self.store.list_workspaces().await? {
+            let rules = self.store.workspace_policy(&ws.id).await?.rules;
+            let Some(days) = rules.dormant_days else { continue };
+            let since = Timestamp::from_millis(now.as_millis().saturating_sub(i64::from(days) * 86_400_000));
+            let filter =
+                TokenFilter { status: Some(TokenStatus::Active), unused_since: Some(since), ..TokenFilter::default() };
+            let mut cursor = None;
+            loop {
+                let mut page =
+                    self.store.list_tokens(&ws.id, &filter, now, &PageRequest { limit: 500, cursor }).await?;
+                // A use the gateway has not written yet counts.
+                self.with_pending_last_use(&mut page.items);
+                for t in page.items.iter().filter(|t| t.last_used_at.unwrap_or(t.created_at) < since) {
+                    let idle_from = t.last_used_at.unwrap_or(t.created_at);
+                    let audit = NewAuditEvent::new(&ws.id, &actor, "token.dormant", t.id.as_str(), now)
+                        .with_after(serde_json::json!({"unused_since": idle_from.to_rfc3339(), "dormant_days": days}));
+                    let kind = format!("dormant:{}", idle_from.as_millis());
+                    if !self.store.record_rotation_notice(&t.id, &kind, now, &audit).await? {
+                        continue;
+                    }
+                    sweep.flagged += 1;
+                    if rules.suspend_dormant {
+                        let reason = format!("dormant: unused for {days} days");
+                        self.suspend_token_because(&ws.id, &actor, &t.id, &reason).await?;
+                        sweep.suspended += 1;
+                    }
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(sweep)
+    }
+
     /// Marks `token` exposed, with its audit event.
     async fn record_exposure(
         &self,
@@ -1938,4 +2058,36 @@ fn check_policy(policy: &WorkspacePolicy, token: &TokenRecord, now: Timestamp, l
         }
     }
     policy.rules.check(token)
+}
+
+impl AccessReviewRow {
+    /// The CSV header of an access review.
+    pub const CSV_HEADER: &'static str = "token_id,name,app_id,app_name,owner,scopes,status,dormant,exposed,created_at,last_used_at,last_used_ip,expires_at\r\n";
+
+    /// This row as a CSV line (RFC 4180, formulas defused).
+    pub fn csv_line(&self) -> String {
+        let t = &self.token;
+        let time = |ts: Option<Timestamp>| ts.map(|t| t.to_rfc3339()).unwrap_or_default();
+        let scopes: Vec<String> = t.scopes.iter().map(ToString::to_string).collect();
+        let status =
+            serde_json::to_value(self.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let cells = [
+            t.id.to_string(),
+            t.name.clone(),
+            t.app_id.to_string(),
+            self.app_name.clone(),
+            self.owner.clone().unwrap_or_default(),
+            scopes.join(" "),
+            status,
+            self.dormant.to_string(),
+            t.exposed_at.is_some().to_string(),
+            t.created_at.to_rfc3339(),
+            time(t.last_used_at),
+            t.last_used_ip.clone().unwrap_or_default(),
+            time(t.expires_at),
+        ];
+        let mut line = cells.iter().map(|c| crate::csv::field(c)).collect::<Vec<_>>().join(",");
+        line.push_str("\r\n");
+        line
+    }
 }

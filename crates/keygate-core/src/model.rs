@@ -611,6 +611,8 @@ pub struct TokenFilter {
     /// Only tokens that have an expiry after this instant (with status `expired`: those that
     /// expired since).
     pub expired_after: Option<Timestamp>,
+    /// Only tokens not used since this instant (never used: created before it): dormant ones.
+    pub unused_since: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

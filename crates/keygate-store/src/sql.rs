@@ -853,6 +853,9 @@ impl TokenStore for SqlStore {
         if let Some(after) = filter.expired_after {
             c.push("expires_at > ?", vec![Arg::Int(after.as_millis())]);
         }
+        if let Some(since) = filter.unused_since {
+            c.push("COALESCE(last_used_at, created_at) < ?", vec![Arg::Int(since.as_millis())]);
+        }
         match filter.exposed {
             Some(true) => c.push("exposed_at IS NOT NULL", vec![]),
             Some(false) => c.push("exposed_at IS NULL", vec![]),

@@ -179,6 +179,18 @@ impl Cluster {
             }
         }
         if let Some(admin) = self.admin.get() {
+            match tokio::time::timeout(Duration::from_secs(300), admin.enforce_dormancy()).await {
+                Ok(Ok(s)) if s.flagged > 0 => tracing::info!(
+                    dormant = s.flagged,
+                    suspended = s.suspended,
+                    "dormancy rules: tokens found unused for their workspace's dormant_days"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot apply the dormancy rules"),
+                Err(_) => tracing::warn!("applying the dormancy rules took more than five minutes; stopped waiting"),
+            }
+        }
+        if let Some(admin) = self.admin.get() {
             match tokio::time::timeout(Duration::from_secs(300), admin.prune_deliveries()).await {
                 Ok(Ok(n)) if n > 0 => {
                     tracing::info!(deliveries = n, "deleted webhook deliveries older than webhooks.retention_days")

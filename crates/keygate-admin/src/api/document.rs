@@ -220,6 +220,14 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         "expiring_within",
         json!({"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_IN}),
     );
+    query_param(doc, "/admin/v1/access-review", "get", "format", json!({"type": "string", "enum": ["json", "csv"]}));
+    query_param(
+        doc,
+        "/admin/v1/tokens",
+        "get",
+        "unused_days",
+        json!({"type": "integer", "minimum": 1, "maximum": 3650}),
+    );
     query_param(
         doc,
         "/admin/v1/tokens",

@@ -367,6 +367,8 @@ pub struct ListTokensQuery {
     pub expiring_within: Option<i64>,
     /// `true`: only tokens marked exposed; `false`: only the others.
     pub exposed: Option<bool>,
+    /// Only tokens unused for this many days (never used: created that long ago): dormant ones.
+    pub unused_days: Option<u32>,
     /// Page size, 1–500 (default 50).
     pub limit: Option<u32>,
     pub cursor: Option<String>,
@@ -1202,4 +1204,31 @@ impl TokenRulesBody {
             suspend_dormant: self.suspend_dormant,
         })
     }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AccessReviewQuery {
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
+}
+
+/// One token in an access review.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessReviewEntry {
+    pub token: TokenView,
+    pub app_name: String,
+    /// The email of the app's owner, if it has one.
+    pub owner: Option<String>,
+    /// Unused for the workspace's `dormant_days`.
+    pub dormant: bool,
+}
+
+/// Every token that is not revoked, oldest use first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessReview {
+    pub data: Vec<AccessReviewEntry>,
+    /// More tokens than one review lists (100,000) exist; the oldest-used are listed.
+    pub truncated: bool,
 }

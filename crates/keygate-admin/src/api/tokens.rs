@@ -108,6 +108,13 @@ pub(crate) async fn list_tokens(
         exposed: q.exposed,
         created_before: None,
         expired_after: None,
+        unused_since: match q.unused_days {
+            Some(d) if !(1..=3650).contains(&d) => {
+                return Err(Error::invalid("invalid_query", "unused_days is a number of days from 1 to 3650").into());
+            }
+            Some(d) => Some(keygate_core::Timestamp::from_millis(now.as_millis() - i64::from(d) * 86_400_000)),
+            None => None,
+        },
     };
     let page = s
         .admin
@@ -317,4 +324,41 @@ pub(crate) async fn token_usage(
         routes: r.routes.iter().map(|(route, u)| RouteUsage { route: route.clone(), counts: u.into() }).collect(),
         total: (&r.total).into(),
     }))
+}
+
+/// The access review: every token that is not revoked, who holds it, its scopes and last use, and
+/// whether it is dormant, oldest use first; JSON or CSV (`format=csv`).
+#[utoipa::path(get, path = "/admin/v1/access-review", tag = "tokens", params(AccessReviewQuery),
+    responses((status = 200, body = AccessReview, description = "JSON, or text/csv with format=csv"),
+        (status = 400, body = ErrorBody)))]
+pub(crate) async fn access_review(
+    auth: Auth<TokensRead>,
+    State(s): State<AdminState>,
+    ApiQuery(q): ApiQuery<AccessReviewQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let (rows, truncated) = s.admin.access_review(&auth.key.workspace_id).await?;
+    match q.format.as_deref() {
+        Some("csv") => {
+            let mut out = String::from(crate::service::AccessReviewRow::CSV_HEADER);
+            for r in &rows {
+                out.push_str(&r.csv_line());
+            }
+            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+        }
+        None | Some("json") => {
+            let now = s.admin.now();
+            let data = rows
+                .iter()
+                .map(|r| AccessReviewEntry {
+                    token: TokenView::new(&r.token, now),
+                    app_name: r.app_name.clone(),
+                    owner: r.owner.clone(),
+                    dormant: r.dormant,
+                })
+                .collect();
+            Ok(Json(AccessReview { data, truncated }).into_response())
+        }
+        Some(_) => Err(Error::invalid("invalid_query", "format is json or csv").into()),
+    }
 }

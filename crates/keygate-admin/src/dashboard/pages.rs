@@ -584,9 +584,11 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
         exposed: None,
         created_before: None,
         expired_after: None,
+        unused_since: None,
     };
     let list = list_visible(st, v, &owned, filter).await?;
-    let max_age = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?.max_token_age_days;
+    let policy = st.accounts.policy(v.workspace()).await.map_err(ctx_err(v))?;
+    let (max_age, dormant_days) = (policy.max_token_age_days, policy.rules.dormant_days);
     let apps =
         st.admin.list_apps(v.workspace(), &PageRequest { limit: 500, cursor: None }).await.map_err(ctx_err(v))?;
     let app_names: std::collections::HashMap<String, String> =
@@ -597,7 +599,11 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
             let view = TokenView::new(t, now);
             let app_name = app_names.get(&view.app_id).cloned().unwrap_or_default();
             let rotation_overdue = rotation_overdue(t, max_age, now);
-            context! { ..ser(&view), ..context!{ app_name, rotation_overdue } }
+            let dormant = dormant_days.is_some_and(|d| {
+                t.status(now) == TokenStatus::Active
+                    && t.last_used_at.unwrap_or(t.created_at).as_millis() < now.as_millis() - i64::from(d) * 86_400_000
+            });
+            context! { ..ser(&view), ..context!{ app_name, rotation_overdue, dormant } }
         })
         .collect();
     let app_options: Vec<Value> = apps
@@ -617,9 +623,35 @@ async fn tokens_inner(st: &DashboardState, v: &Viewer, q: TokenListQuery) -> Res
             apps => app_options,
             q => context!{ status => q.status, app => q.app, q => q.q, expiring => q.expiring },
             can_write => v.role.can_write(),
+            can_review => v.role.manages_all(),
             notice => notice(q.msg.as_deref()),
         },
     ))
+}
+
+/// `GET /tokens/access-review.csv`: the workspace's access review (owners and admins: it lists
+/// every app's tokens).
+pub async fn access_review_csv(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {
+    if !v.role.manages_all() {
+        return st.error(PageError::forbidden(&v, "export the access review"));
+    }
+    match st.admin.access_review(v.workspace()).await {
+        Ok((rows, _)) => {
+            let mut out = String::from(crate::service::AccessReviewRow::CSV_HEADER);
+            for r in &rows {
+                out.push_str(&r.csv_line());
+            }
+            let mut resp = Response::new(axum::body::Body::from(out));
+            let h = resp.headers_mut();
+            h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/csv; charset=utf-8"));
+            h.insert(
+                axum::http::header::CONTENT_DISPOSITION,
+                axum::http::HeaderValue::from_static("attachment; filename=\"access-review.csv\""),
+            );
+            resp
+        }
+        Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
 }
 
 /// Whether an active token is past the workspace's `max_token_age_days` without being replaced.

@@ -275,3 +275,60 @@ async fn workspace_token_rules_hold_for_every_creation_and_change() {
     assert_eq!(audit.body["data"].as_array().unwrap().len(), 3, "each change audited");
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dormant_tokens_are_flagged_suspended_and_reviewed() {
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let (idle, _) = c.create_token(&json!({"name": "idle", "scopes": ["orders:read"]})).await;
+    let (busy, busy_secret) = c.create_token(&json!({"name": "busy", "scopes": ["orders:write"]})).await;
+    let r = c
+        .send(
+            keygate_testkit::Method::PUT,
+            "/admin/v1/policy/rules",
+            Some(&json!({"dormant_days": 30, "suspend_dormant": true})),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    kg.sync_index().await.unwrap();
+    kg.clock.advance_seconds(20 * 86_400);
+    assert_eq!(call(&kg, "/demo/echo", &busy_secret).await.0, 200);
+    kg.flush_usage().await;
+    kg.clock.advance_seconds(15 * 86_400);
+    // 35 days after creation: `idle` was never used, `busy` 15 days ago.
+    let listed = c.get("/admin/v1/tokens?unused_days=30").await;
+    let ids: Vec<&str> = listed.body["data"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [idle.as_str()], "only the unused token is dormant");
+    let sweep = kg.admin().enforce_dormancy().await.unwrap();
+    assert_eq!((sweep.flagged, sweep.suspended), (1, 1));
+    assert_eq!(kg.admin().enforce_dormancy().await.unwrap().flagged, 0, "flagged once per dormant spell");
+    let t = c.get(&format!("/admin/v1/tokens/{idle}")).await;
+    assert_eq!(t.body["status"], "suspended");
+    let audit = c.get(&format!("/admin/v1/audit-events?target={idle}")).await;
+    let actions: Vec<&str> =
+        audit.body["data"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert!(actions.contains(&"token.dormant") && actions.contains(&"token.suspend"), "{actions:?}");
+    assert_eq!(c.get(&format!("/admin/v1/tokens/{busy}")).await.body["status"], "active");
+
+    // The access review: every token, who holds it, its scopes and last use, oldest use first.
+    let review = c.get("/admin/v1/access-review").await;
+    let rows = review.body["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["token"]["id"], idle.as_str());
+    assert_eq!((rows[0]["dormant"].as_bool(), rows[1]["dormant"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(rows[1]["app_name"], "Default app");
+    let csv = reqwest::Client::new()
+        .get(format!("{}/admin/v1/access-review?format=csv", kg.url()))
+        .bearer_auth(&kg.root_key)
+        .send()
+        .await
+        .unwrap();
+    assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let text = csv.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("token_id,name,app_id,app_name,owner,scopes,status,dormant"), "{text}");
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[1].contains(&format!("\"{idle}\"")) && lines[1].contains("\"suspended\",\"true\""), "{text}");
+    assert!(lines[2].contains("\"orders:write\""), "{text}");
+    kg.stop().await;
+}

@@ -813,6 +813,9 @@ async function run(browser, kg) {
     const shown = await textOf(page, page.locator('#app-limits'), 'the shared limits');
     check(shown.includes('5 requests per 60 s'), `the app page shows ${JSON.stringify(shown)}`);
     await shot(page, '15-app-shared-limits');
+    await goto(page, `${ctx.danaAppHref}/statement`);
+    const month = new Date().toISOString().slice(0, 7);
+    await expectH1(page, `Statement of dana-app, ${month}`);
   });
 
   await step("developer B: A's token page answers 404", async () => {
@@ -835,7 +838,7 @@ async function run(browser, kg) {
   });
 
   await step('accessibility: axe-core finds no serious or critical WCAG 2 A/AA violation', async () => {
-    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/ai', '/workspaces', '/account/security'];
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, `${ctx.appHref}/statement`, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/ai', '/workspaces', '/account/security'];
     await expectAccessible(browser, owner, pages);
   });
 

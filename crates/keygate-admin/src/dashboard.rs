@@ -81,6 +81,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("api.html", include_str!("../dashboard/templates/api.html")),
     ("scope_picker.html", include_str!("../dashboard/templates/scope_picker.html")),
     ("app.html", include_str!("../dashboard/templates/app.html")),
+    ("statement.html", include_str!("../dashboard/templates/statement.html")),
     ("oauth_client_created.html", include_str!("../dashboard/templates/oauth_client_created.html")),
     ("signing_keys_rotate.html", include_str!("../dashboard/templates/signing_keys_rotate.html")),
     ("root_keys.html", include_str!("../dashboard/templates/root_keys.html")),
@@ -406,6 +407,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/apps/{id}", get(oauth::app_page))
         .route("/apps/{id}/plan", post(pages::change_plan))
         .route("/apps/{id}/limits", post(oauth::set_limits))
+        .route("/apps/{id}/statement", get(oauth::statement_page))
+        .route("/apps/{id}/statement.csv", get(oauth::statement_csv))
         .route("/apps/{id}/oauth-client", post(oauth::create_client))
         .route("/apps/{id}/oauth-client/rotate", post(oauth::rotate_secret))
         .route("/plan-requests/{id}/approve", post(pages::approve_plan))

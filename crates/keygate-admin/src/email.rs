@@ -195,6 +195,16 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
                 "Fix the receiver, then enable the endpoint again under Settings → Webhooks.",
             )
         }
+        "billing.period_closed" => {
+            facts = vec![("App".into(), target)];
+            facts.push(("Month".into(), text(&after["period"])));
+            facts.push(("Billable requests".into(), text(&after["billable_requests"])));
+            facts.push(("Total".into(), format!("{} {}", text(&after["total"]), text(&after["currency"]))));
+            (
+                "A month ended: the app's statement is final.",
+                "Fetch it from GET /admin/v1/apps/{id}/statement?period=YYYY-MM (JSON or CSV) or the app's page, and pass it to your billing system.",
+            )
+        }
         _ => ("Something happened in your workspace.", "See the audit log in the dashboard."),
     };
     facts.push(("When".into(), text(&data["at"])));

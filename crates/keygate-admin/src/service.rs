@@ -205,6 +205,7 @@ pub struct PlanUpdate {
     pub scopes: Option<Vec<String>>,
     pub rate_limit: Option<Option<RateLimit>>,
     pub quota: Option<Option<Quota>>,
+    pub pricing: Option<Option<keygate_core::billing::Pricing>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -214,6 +215,8 @@ pub struct NewPlan {
     pub scopes: Vec<String>,
     pub rate_limit: Option<RateLimit>,
     pub quota: Option<Quota>,
+    /// What an app on the plan is charged per calendar month.
+    pub pricing: Option<keygate_core::billing::Pricing>,
 }
 
 /// The bucket size of a usage report.
@@ -964,6 +967,7 @@ impl Admin {
             rate_limit: new.rate_limit,
             quota: new.quota,
             created_at: self.now(),
+            pricing: new.pricing,
         };
         let after = serde_json::to_value(&plan).unwrap_or(Value::Null);
         let audit = NewAuditEvent::new(ws, actor, "plan.create", plan.id.as_str(), plan.created_at).with_after(after);
@@ -1013,6 +1017,9 @@ impl Admin {
                 q.validate()?;
             }
             plan.quota = q;
+        }
+        if let Some(p) = update.pricing {
+            plan.pricing = p;
         }
         if plan == before {
             return Ok((plan, Vec::new()));
@@ -1687,6 +1694,159 @@ impl Admin {
             }
         }
         Ok(sweep)
+    }
+
+    /// The statement of app `id` for the calendar month `period` (`YYYY-MM`): every request its
+    /// tokens made in the month as the gateway counted them (what has been written: usage is
+    /// flushed every few seconds), charged by its plan's prices — those recorded when the month
+    /// was closed (`billing.period_closed`), or the plan's current ones while it is open.
+    pub async fn statement(
+        &self,
+        ws: &WorkspaceId,
+        id: &AppId,
+        period: &str,
+    ) -> Result<keygate_core::billing::Statement> {
+        use keygate_core::billing::{self, Statement, StatementLine, UsageLine};
+        let (from, to) = billing::month(period)?;
+        let app = self.app(ws, id).await?;
+        let closed = self.closed_period(ws, id, period).await?;
+        let (plan_id, plan_name, pricing) = match &closed {
+            Some(after) => (
+                after["plan_id"].as_str().map(str::to_owned),
+                after["plan_name"].as_str().map(str::to_owned),
+                serde_json::from_value::<billing::Pricing>(after["pricing"].clone()).ok(),
+            ),
+            None => match &app.plan_id {
+                Some(p) => {
+                    let plan = self.plan(ws, p).await?;
+                    (Some(plan.id.to_string()), Some(plan.name), plan.pricing)
+                }
+                None => (None, None, None),
+            },
+        };
+        let usage = self.store.app_usage(ws, id, Timestamp::from_millis(from), Timestamp::from_millis(to)).await?;
+        let mut tokens: std::collections::BTreeMap<String, UsageLine> = Default::default();
+        let mut routes: std::collections::BTreeMap<String, UsageLine> = Default::default();
+        let (mut requests, mut billable, mut client, mut server) = (0u64, 0u64, 0u64, 0u64);
+        for u in &usage {
+            let [s2, s3, s4, s5] = u.status;
+            let ok = s2 + s3;
+            requests += u.requests;
+            billable += ok;
+            client += s4;
+            server += s5;
+            for (map, key) in [(&mut tokens, u.token_id.to_string()), (&mut routes, u.route.clone())] {
+                let line = map.entry(key.clone()).or_insert(UsageLine { id: key, requests: 0, billable_requests: 0 });
+                line.requests += u.requests;
+                line.billable_requests += ok;
+            }
+        }
+        let (lines, total) = match &pricing {
+            Some(p) => billing::charge(p, billable),
+            None => (Vec::new(), 0),
+        };
+        Ok(Statement {
+            app_id: app.id.to_string(),
+            app_name: app.name,
+            plan_id,
+            plan_name,
+            period: period.to_owned(),
+            from: Timestamp::from_millis(from).to_rfc3339(),
+            to: Timestamp::from_millis(to).to_rfc3339(),
+            closed: closed.is_some(),
+            currency: pricing.map(|p| p.currency),
+            requests,
+            billable_requests: billable,
+            client_errors: client,
+            server_errors: server,
+            lines: lines.iter().map(StatementLine::from).collect(),
+            total: billing::decimal(total),
+            total_micros: total,
+            tokens: tokens.into_values().collect(),
+            routes: routes.into_values().collect(),
+        })
+    }
+
+    /// The `billing.period_closed` event of app `id` for `period`, if recorded: its `after`.
+    async fn closed_period(&self, ws: &WorkspaceId, id: &AppId, period: &str) -> Result<Option<Value>> {
+        let filter = AuditFilter {
+            action: Some("billing.period_closed".into()),
+            target: Some(id.to_string()),
+            ..AuditFilter::default()
+        };
+        let mut cursor = None;
+        loop {
+            let page = self.store.list_audit(ws, &filter, &PageRequest { limit: 500, cursor }).await?;
+            if let Some(e) = page.items.iter().find(|e| e.after.as_ref().is_some_and(|a| a["period"] == period)) {
+                return Ok(e.after.clone());
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Closes the last calendar month of every app on a priced plan, once: 15 minutes after the
+    /// month ended (every node has flushed its usage by then), records `billing.period_closed`
+    /// with the statement's totals and the prices it was charged by. Apps created after the
+    /// month are left out. Returns how many periods it closed.
+    pub async fn close_billing_periods(&self) -> Result<u64> {
+        use keygate_core::billing;
+        const GRACE_MS: i64 = 15 * 60_000;
+        let now = self.now();
+        let (current_start, _) = billing::month(&billing::month_of(now.as_millis() - GRACE_MS))?;
+        let period = billing::month_of(current_start - 1);
+        let (_, period_end) = billing::month(&period)?;
+        let actor = Actor { id: "billing".into(), source: None, owner: true };
+        let mut closed = 0;
+        for ws in self.store.list_workspaces().await? {
+            let plans: std::collections::HashMap<PlanId, Plan> =
+                self.store.list_plans(&ws.id).await?.into_iter().map(|p| (p.id.clone(), p)).collect();
+            if plans.values().all(|p| p.pricing.is_none()) {
+                continue;
+            }
+            let mut cursor = None;
+            loop {
+                let page = self.store.list_apps(&ws.id, &PageRequest { limit: 500, cursor }).await?;
+                for app in &page.items {
+                    let Some(plan) = app.plan_id.as_ref().and_then(|p| plans.get(p)) else { continue };
+                    let Some(pricing) = &plan.pricing else { continue };
+                    if app.created_at.as_millis() >= period_end {
+                        continue;
+                    }
+                    let kind = format!("billing:{period}");
+                    let key = TokenId::from_trusted(app.id.to_string());
+                    // Cheap check first: closed already (by this node or another)?
+                    if self.closed_period(&ws.id, &app.id, &period).await?.is_some() {
+                        continue;
+                    }
+                    let s = self.statement(&ws.id, &app.id, &period).await?;
+                    let (lines, total) = billing::charge(pricing, s.billable_requests);
+                    let audit = NewAuditEvent::new(&ws.id, &actor, "billing.period_closed", app.id.as_str(), now)
+                        .with_after(serde_json::json!({
+                            "period": period,
+                            "plan_id": plan.id,
+                            "plan_name": plan.name,
+                            "pricing": pricing,
+                            "currency": pricing.currency,
+                            "requests": s.requests,
+                            "billable_requests": s.billable_requests,
+                            "lines": lines.iter().map(billing::StatementLine::from).collect::<Vec<_>>(),
+                            "total": billing::decimal(total),
+                            "total_micros": total,
+                        }));
+                    if self.store.record_rotation_notice(&key, &kind, now, &audit).await? {
+                        closed += 1;
+                    }
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(closed)
     }
 
     /// The access review of a workspace: every token that is not revoked — who holds it (its app

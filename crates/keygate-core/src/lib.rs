@@ -6,6 +6,7 @@
 pub mod account;
 pub mod anomaly;
 pub mod audit_chain;
+pub mod billing;
 pub mod calls;
 pub mod clock;
 pub mod dpop;

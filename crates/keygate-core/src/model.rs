@@ -193,6 +193,8 @@ pub struct Plan {
     pub rate_limit: Option<RateLimit>,
     pub quota: Option<Quota>,
     pub created_at: Timestamp,
+    /// What an app on the plan is charged per calendar month (statements), if priced.
+    pub pricing: Option<crate::billing::Pricing>,
 }
 
 /// One entry of a workspace's scope catalog. When a workspace's catalog is not empty, tokens may

@@ -134,6 +134,12 @@ pub const EVENT_TYPES: &[EventType] = &[
         email: OWNERS,
     },
     EventType {
+        name: "billing.period_closed",
+        actions: &["billing.period_closed"],
+        description: "A calendar month ended for an app on a priced plan: its statement is final.",
+        email: BOTH,
+    },
+    EventType {
         name: "webhook.disabled",
         actions: &["webhook.disable"],
         description: "A webhook endpoint was disabled after failing for too long.",

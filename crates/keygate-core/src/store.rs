@@ -202,6 +202,15 @@ pub trait UsageStore: Send + Sync {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<UsageRecord>>;
+    /// The usage of every token of app `app` within [from, to), summed per token and route (each
+    /// record's `minute` is `from`).
+    async fn app_usage(
+        &self,
+        ws: &WorkspaceId,
+        app: &crate::ids::AppId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<UsageRecord>>;
     /// Every stored quota count.
     async fn quota_counts(&self) -> Result<Vec<QuotaCount>>;
 }

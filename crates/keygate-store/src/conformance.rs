@@ -537,6 +537,7 @@ async fn root_keys_plans_and_scopes(h: &Harness) {
         rate_limit: Some(RateLimit { requests: 5, per_seconds: 1, burst: 0 }),
         quota: None,
         created_at: T0,
+        pricing: Some(keygate_core::billing::Pricing::new("USD", 49.0, 1000, 0.0005).unwrap()),
     };
     s.insert_plan(&plan, &audit(&ws.id, "plan.create", plan.id.as_str())).await.unwrap();
     assert_eq!(s.plan(&ws.id, &plan.id).await.unwrap(), Some(plan.clone()));
@@ -1350,6 +1351,7 @@ fn plan(ws: &WorkspaceId, name: &str) -> Plan {
         rate_limit: None,
         quota: None,
         created_at: T0,
+        pricing: None,
     }
 }
 

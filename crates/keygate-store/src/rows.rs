@@ -133,6 +133,7 @@ pub(crate) fn plan(row: &AnyRow) -> Result<Plan> {
         rate_limit: opt_json(row, "rate_limit")?,
         quota: opt_json(row, "quota")?,
         created_at: ts(row, "created_at")?,
+        pricing: opt_json(row, "pricing")?,
     })
 }
 

@@ -38,7 +38,7 @@ const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, s
     revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt, llm_budget, max_uses";
 const APP_COLS: &str =
     "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at, rate_limit, quota";
-const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at";
+const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at, pricing";
 const ROOT_KEY_COLS: &str =
     "id, workspace_id, name, hash, last4, permissions, created_at, expires_at, revoked_at, last_used_at";
 
@@ -1010,7 +1010,7 @@ impl RootKeyStore for SqlStore {
 impl PlanStore for SqlStore {
     async fn insert_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        let sql = format!("INSERT INTO plans ({PLAN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        let sql = format!("INSERT INTO plans ({PLAN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
         sqlx::query(AssertSqlSafe(sql))
             .bind(plan.id.as_str())
             .bind(plan.workspace_id.as_str())
@@ -1020,6 +1020,7 @@ impl PlanStore for SqlStore {
             .bind(opt_to_json(&plan.rate_limit)?)
             .bind(opt_to_json(&plan.quota)?)
             .bind(plan.created_at.as_millis())
+            .bind(opt_to_json(&plan.pricing)?)
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
@@ -1030,14 +1031,15 @@ impl PlanStore for SqlStore {
     async fn update_plan(&self, plan: &Plan, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(
-            "UPDATE plans SET name = $1, description = $2, scopes = $3, rate_limit = $4, quota = $5 \
-             WHERE workspace_id = $6 AND id = $7",
+            "UPDATE plans SET name = $1, description = $2, scopes = $3, rate_limit = $4, quota = $5, pricing = $6 \
+             WHERE workspace_id = $7 AND id = $8",
         )
         .bind(plan.name.as_str())
         .bind(plan.description.as_deref())
         .bind(to_json(&plan.scopes)?)
         .bind(opt_to_json(&plan.rate_limit)?)
         .bind(opt_to_json(&plan.quota)?)
+        .bind(opt_to_json(&plan.pricing)?)
         .bind(plan.workspace_id.as_str())
         .bind(plan.id.as_str())
         .execute(&mut *tx)
@@ -1265,6 +1267,37 @@ impl UsageStore for SqlStore {
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(ws.as_str())
             .bind(token.as_str())
+            .bind(from.as_millis())
+            .bind(to.as_millis())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(rows::usage).collect()
+    }
+
+    async fn app_usage(
+        &self,
+        ws: &WorkspaceId,
+        app: &AppId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<UsageRecord>> {
+        // Per token and route over [from, to); sums cast back to BIGINT (PostgreSQL sums them
+        // as NUMERIC).
+        let sums: String = USAGE_COLS
+            .split(", ")
+            .skip(4)
+            .map(|c| format!("CAST(SUM(u.{c}) AS BIGINT) AS {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT u.token_id, u.workspace_id, u.route, CAST($3 AS BIGINT) AS minute, {sums} FROM token_usage u \
+             JOIN tokens t ON t.id = u.token_id WHERE u.workspace_id = $1 AND t.app_id = $2 AND u.minute >= $3 \
+             AND u.minute < $4 GROUP BY u.token_id, u.workspace_id, u.route ORDER BY u.token_id, u.route"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(app.as_str())
             .bind(from.as_millis())
             .bind(to.as_millis())
             .fetch_all(&self.pool)

@@ -179,6 +179,16 @@ impl Cluster {
             }
         }
         if let Some(admin) = self.admin.get() {
+            match tokio::time::timeout(Duration::from_secs(300), admin.close_billing_periods()).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(apps = n, "billing: last month's statements closed"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot close last month's statements"),
+                Err(_) => {
+                    tracing::warn!("closing last month's statements took more than five minutes; stopped waiting")
+                }
+            }
+        }
+        if let Some(admin) = self.admin.get() {
             match tokio::time::timeout(Duration::from_secs(300), admin.enforce_dormancy()).await {
                 Ok(Ok(s)) if s.flagged > 0 => tracing::info!(
                     dormant = s.flagged,

@@ -107,3 +107,31 @@ pub(crate) async fn delete_app(
     s.admin.delete_app(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, q.revoke_tokens).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// The app's statement for a calendar month: its usage and what its plan charges for it.
+#[utoipa::path(get, path = "/admin/v1/apps/{id}/statement", tag = "apps",
+    params(("id" = String, Path, description = "app_…"), StatementQuery),
+    responses((status = 200, body = StatementView, description = "JSON, or text/csv with format=csv"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn statement(
+    auth: Auth<AppsRead>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<StatementQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let period = q.period.unwrap_or_else(|| keygate_core::billing::month_of(s.admin.now().as_millis()));
+    let statement = s.admin.statement(&auth.key.workspace_id, &app_id(&id)?, &period).await?;
+    match q.format.as_deref() {
+        None | Some("json") => Ok(Json(StatementView::from(statement)).into_response()),
+        Some("csv") => {
+            let mut out = String::from("period,item,quantity,unit_price,amount,currency\r\n");
+            for row in statement.csv_rows() {
+                out.push_str(&row.iter().map(|c| crate::csv::field(c)).collect::<Vec<_>>().join(","));
+                out.push_str("\r\n");
+            }
+            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+        }
+        Some(_) => Err(Error::invalid("invalid_query", "format is json or csv").into()),
+    }
+}

@@ -223,6 +223,20 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     query_param(doc, "/admin/v1/access-review", "get", "format", json!({"type": "string", "enum": ["json", "csv"]}));
     query_param(
         doc,
+        "/admin/v1/apps/{id}/statement",
+        "get",
+        "period",
+        json!({"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}),
+    );
+    query_param(
+        doc,
+        "/admin/v1/apps/{id}/statement",
+        "get",
+        "format",
+        json!({"type": "string", "enum": ["json", "csv"]}),
+    );
+    query_param(
+        doc,
         "/admin/v1/tokens",
         "get",
         "unused_days",

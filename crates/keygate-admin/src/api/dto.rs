@@ -551,6 +551,45 @@ pub struct CreatePlanRequest {
     pub rate_limit: Option<RateLimitBody>,
     /// Default quota of tokens of apps on this plan.
     pub quota: Option<QuotaBody>,
+    /// What an app on this plan is charged per calendar month (its statement).
+    pub pricing: Option<PricingBody>,
+}
+
+/// A plan's prices: a flat fee per month, requests it includes, and a price per billable
+/// request beyond them (amounts in the currency's unit, up to six decimals).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PricingBody {
+    /// ISO 4217 code, such as `USD`.
+    #[schema(pattern = "^[A-Z]{3}$")]
+    pub currency: String,
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1000000000.0)]
+    pub flat_fee: f64,
+    #[serde(default)]
+    pub included_requests: u64,
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1000000000.0)]
+    pub price_per_request: f64,
+}
+
+impl PricingBody {
+    pub fn to_pricing(&self) -> Result<keygate_core::billing::Pricing, keygate_core::Error> {
+        keygate_core::billing::Pricing::new(
+            &self.currency,
+            self.flat_fee,
+            self.included_requests,
+            self.price_per_request,
+        )
+    }
+    pub fn of(p: &keygate_core::billing::Pricing) -> Self {
+        Self {
+            currency: p.currency.clone(),
+            flat_fee: p.flat_micros as f64 / 1e6,
+            included_requests: p.included_requests,
+            price_per_request: p.per_request_micros as f64 / 1e6,
+        }
+    }
 }
 
 /// A change to a plan. Absent fields stay as they are; `null` clears `description`, `rate_limit`
@@ -572,6 +611,10 @@ pub struct UpdatePlanRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(nullable)]
     pub quota: Option<Option<QuotaBody>>,
+    /// New prices, or `null`: not priced.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub pricing: Option<Option<PricingBody>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -582,6 +625,7 @@ pub struct PlanView {
     pub scopes: Vec<String>,
     pub rate_limit: Option<RateLimitBody>,
     pub quota: Option<QuotaBody>,
+    pub pricing: Option<PricingBody>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     /// In the answer to a change of the plan's limits: the limits of its apps and their tokens
@@ -599,6 +643,7 @@ impl From<&Plan> for PlanView {
             scopes: p.scopes.iter().map(ToString::to_string).collect(),
             rate_limit: p.rate_limit.map(Into::into),
             quota: p.quota.map(Into::into),
+            pricing: p.pricing.as_ref().map(PricingBody::of),
             created_at: p.created_at,
             adjusted: None,
         }
@@ -1231,4 +1276,73 @@ pub struct AccessReview {
     pub data: Vec<AccessReviewEntry>,
     /// More tokens than one review lists (100,000) exist; the oldest-used are listed.
     pub truncated: bool,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StatementQuery {
+    /// The calendar month, `YYYY-MM` (UTC); default: the current one.
+    pub period: Option<String>,
+    /// `json` (default) or `csv` (one row per charged line, then the total).
+    pub format: Option<String>,
+}
+
+/// What one app used in one calendar month and what it is charged (see docs/api.md,
+/// "Statements").
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatementView {
+    pub app_id: String,
+    pub app_name: String,
+    pub plan_id: Option<String>,
+    pub plan_name: Option<String>,
+    /// `YYYY-MM`.
+    pub period: String,
+    pub from: String,
+    pub to: String,
+    /// Closed: final, priced as when the month was closed; open: priced by the plan as it is.
+    pub closed: bool,
+    pub currency: Option<String>,
+    pub requests: u64,
+    /// Answered 2xx or 3xx: the requests charged.
+    pub billable_requests: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    /// `{item, quantity, unit_price, amount, unit_price_micros, amount_micros}`.
+    #[schema(value_type = Vec<Object>)]
+    pub lines: Vec<keygate_core::billing::StatementLine>,
+    /// A decimal, such as `50.1725`.
+    pub total: String,
+    pub total_micros: u64,
+    /// `{id, requests, billable_requests}` per token.
+    #[schema(value_type = Vec<Object>)]
+    pub tokens: Vec<keygate_core::billing::UsageLine>,
+    /// `{id, requests, billable_requests}` per route.
+    #[schema(value_type = Vec<Object>)]
+    pub routes: Vec<keygate_core::billing::UsageLine>,
+}
+
+impl From<keygate_core::billing::Statement> for StatementView {
+    fn from(s: keygate_core::billing::Statement) -> Self {
+        Self {
+            app_id: s.app_id,
+            app_name: s.app_name,
+            plan_id: s.plan_id,
+            plan_name: s.plan_name,
+            period: s.period,
+            from: s.from,
+            to: s.to,
+            closed: s.closed,
+            currency: s.currency,
+            requests: s.requests,
+            billable_requests: s.billable_requests,
+            client_errors: s.client_errors,
+            server_errors: s.server_errors,
+            lines: s.lines,
+            total: s.total,
+            total_micros: s.total_micros,
+            tokens: s.tokens,
+            routes: s.routes,
+        }
+    }
 }

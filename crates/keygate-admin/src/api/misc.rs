@@ -26,6 +26,7 @@ pub(crate) async fn create_plan(
         scopes: req.scopes,
         rate_limit: req.rate_limit.map(Into::into),
         quota: req.quota.map(Into::into),
+        pricing: req.pricing.as_ref().map(PricingBody::to_pricing).transpose()?,
     };
     let plan = s.admin.create_plan(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(PlanView::from(&plan))))
@@ -51,6 +52,7 @@ pub(crate) async fn update_plan(
         scopes: req.scopes,
         rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
         quota: req.quota.map(|q| q.map(Into::into)),
+        pricing: req.pricing.map(|p| p.as_ref().map(PricingBody::to_pricing).transpose()).transpose()?,
     };
     let (plan, adjusted) = s.admin.update_plan_adjusting(&auth.key.workspace_id, &auth.actor, &id, update).await?;
     Ok(Json(PlanView { adjusted: Some(AdjustmentView::list(adjusted)), ..PlanView::from(&plan) }))

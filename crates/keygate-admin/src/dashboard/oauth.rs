@@ -350,6 +350,71 @@ pub async fn set_limits(
     }
 }
 
+#[derive(serde::Deserialize, Default)]
+pub struct PeriodQuery {
+    period: Option<String>,
+}
+
+/// The statement of an app the person may see, for the month asked (default: this one).
+async fn statement_for(
+    st: &DashboardState,
+    v: &Viewer,
+    id: &str,
+    q: &PeriodQuery,
+) -> Result<keygate_core::billing::Statement, PageError> {
+    let app = app_for(st, v, id).await?;
+    let period = q
+        .period
+        .clone()
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| keygate_core::billing::month_of(st.admin.now().as_millis()));
+    st.admin.statement(v.workspace(), &app.id, period.trim()).await.map_err(|e| PageError::from_error(e, Some(v)))
+}
+
+/// `GET /apps/{id}/statement`: the app's statement for a month.
+pub async fn statement_page(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    Query(q): Query<PeriodQuery>,
+) -> Response {
+    match statement_for(&st, &v, &id, &q).await {
+        Ok(s) => st.render(
+            StatusCode::OK,
+            "statement.html",
+            Some(&v),
+            "apps",
+            context! { title => format!("Statement {}", s.period), s => ser(&s) },
+        ),
+        Err(e) => st.error(e),
+    }
+}
+
+/// `GET /apps/{id}/statement.csv`: the same as CSV.
+pub async fn statement_csv(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    Query(q): Query<PeriodQuery>,
+) -> Response {
+    match statement_for(&st, &v, &id, &q).await {
+        Ok(s) => {
+            let mut out = String::from("period,item,quantity,unit_price,amount,currency\r\n");
+            for row in s.csv_rows() {
+                out.push_str(&row.iter().map(|c| crate::csv::field(c)).collect::<Vec<_>>().join(","));
+                out.push_str("\r\n");
+            }
+            let mut resp = Response::new(axum::body::Body::from(out));
+            resp.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("text/csv; charset=utf-8"),
+            );
+            resp
+        }
+        Err(e) => st.error(e),
+    }
+}
+
 // ---- signing keys ---------------------------------------------------------------------------
 
 /// The signing keys may be seen and rotated by owners of the default workspace only: they are

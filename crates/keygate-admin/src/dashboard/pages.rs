@@ -1489,6 +1489,32 @@ async fn settings_inner(
     ))
 }
 
+/// A plan's prices from the settings form: none when every field is empty.
+fn pricing_from(f: &Fields) -> Result<Option<keygate_core::billing::Pricing>, Error> {
+    let fields = ["currency", "flat_fee", "included_requests", "price_per_request"];
+    if fields.iter().all(|k| f.opt(k).is_none()) {
+        return Ok(None);
+    }
+    let amount = |k: &str| -> Result<f64, Error> {
+        f.opt(k)
+            .map(|v| v.parse::<f64>().map_err(|_| Error::invalid("invalid_pricing", format!("{v:?} is not an amount"))))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let included = f
+        .opt("included_requests")
+        .map(|v| v.parse::<u64>().map_err(|_| Error::invalid("invalid_pricing", "requests included is a whole number")))
+        .transpose()?
+        .unwrap_or(0);
+    keygate_core::billing::Pricing::new(
+        f.opt("currency").unwrap_or("USD"),
+        amount("flat_fee")?,
+        included,
+        amount("price_per_request")?,
+    )
+    .map(Some)
+}
+
 /// The token rules of the settings form (scopes space-separated, the denylist one entry a line).
 fn rules_from(f: &Fields) -> Result<keygate_core::account::TokenRules, Error> {
     let scopes = |name: &str| -> Result<Vec<keygate_core::scope::Scope>, Error> {
@@ -1673,6 +1699,7 @@ pub async fn create_plan(State(st): State<DashboardState>, SignedIn(v): SignedIn
             scopes: scopes_from(&f),
             rate_limit,
             quota,
+            pricing: pricing_from(&f)?,
         };
         st.admin.create_plan(v.workspace(), &v.actor(), new).await
     }

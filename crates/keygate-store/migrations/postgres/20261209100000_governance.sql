@@ -6,3 +6,5 @@ ALTER TABLE apps ADD COLUMN quota TEXT;
 ALTER TABLE tokens ADD COLUMN max_uses BIGINT;
 -- A workspace's token rules and denylist (JSON: keygate_core::account::TokenRules; NULL: none).
 ALTER TABLE workspace_policies ADD COLUMN rules TEXT;
+-- A plan's prices (JSON: keygate_core::billing::Pricing; NULL: not priced).
+ALTER TABLE plans ADD COLUMN pricing TEXT;

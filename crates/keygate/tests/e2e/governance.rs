@@ -332,3 +332,91 @@ async fn dormant_tokens_are_flagged_suspended_and_reviewed() {
     assert!(lines[2].contains("\"orders:write\""), "{text}");
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_adds_up_to_the_requests_sent_and_closes_with_the_month() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let mut orders = route("orders", "/orders", &up.url());
+    orders.strip_prefix = true;
+    let kg = TestKeygate::start_with(Options { routes: vec![orders], ..Options::default() }).await.unwrap();
+    let c = kg.client();
+    // 10.00 a month with 3 requests included, then 0.50 a request.
+    let plan = c
+        .post(
+            "/admin/v1/plans",
+            &json!({"name": "metered", "scopes": ["orders:*"],
+                "pricing": {"currency": "USD", "flat_fee": 10, "included_requests": 3, "price_per_request": 0.5}}),
+        )
+        .await;
+    assert_eq!(plan.status.as_u16(), 201, "{:?}", plan.body);
+    assert_eq!(plan.body["pricing"]["price_per_request"], 0.5);
+    let plan_id = plan.str("/id");
+    let app = c.post("/admin/v1/apps", &json!({"name": "shop", "plan_id": plan_id})).await;
+    let app_id = app.str("/id");
+    let (a_id, a) = c.create_token(&json!({"name": "a", "app_id": app_id})).await;
+    let (b_id, b) = c.create_token(&json!({"name": "b", "app_id": app_id})).await;
+    let (_, other) = c.create_token(&json!({"name": "elsewhere"})).await;
+    kg.sync_index().await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(call(&kg, "/orders/1", &a).await.0, 200);
+    }
+    assert_eq!(call(&kg, "/orders/2", &b).await.0, 200);
+    assert_eq!(call(&kg, "/orders/status/500", &b).await.0, 500, "counted, not charged");
+    assert_eq!(call(&kg, "/orders/1", &other).await.0, 200, "another app's: not on this statement");
+    kg.flush_usage().await;
+
+    let period = keygate_core::billing::month_of(keygate_core::Clock::now(&kg.clock).as_millis());
+    let s = c.get(&format!("/admin/v1/apps/{app_id}/statement?period={period}")).await;
+    assert_eq!(s.status.as_u16(), 200, "{:?}", s.body);
+    let s = s.body;
+    assert_eq!((s["requests"].as_u64(), s["billable_requests"].as_u64()), (Some(7), Some(6)));
+    assert_eq!(s["server_errors"], 1);
+    assert_eq!((s["closed"].as_bool(), s["currency"].as_str()), (Some(false), Some("USD")));
+    let lines = s["lines"].as_array().unwrap();
+    assert_eq!(lines[0]["amount"], "10.00");
+    assert_eq!((lines[1]["quantity"].as_u64(), lines[1]["amount"].as_str()), (Some(3), Some("1.50")), "6 - 3 included");
+    assert_eq!(s["total"], "11.50");
+    let per_token: Vec<(String, u64)> = s["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap().to_owned(), t["requests"].as_u64().unwrap()))
+        .collect();
+    let mut expected = vec![(a_id.clone(), 5), (b_id.clone(), 2)];
+    expected.sort();
+    assert_eq!(per_token, expected, "the totals add up from the tokens' requests");
+
+    let csv = reqwest::Client::new()
+        .get(format!("{}/admin/v1/apps/{app_id}/statement?period={period}&format=csv", kg.url()))
+        .bearer_auth(&kg.root_key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 4, "header, two lines, the total: {csv}");
+    assert!(csv.lines().last().unwrap().contains("\"total\",\"\",\"\",\"11.50\",\"USD\""), "{csv}");
+
+    // The month ends: its statement is closed once, with the prices of then.
+    let next = keygate_core::billing::month(&period).unwrap().1;
+    kg.clock.set(keygate_core::Timestamp::from_millis(next + 20 * 60_000));
+    assert_eq!(kg.admin().close_billing_periods().await.unwrap(), 1);
+    assert_eq!(kg.admin().close_billing_periods().await.unwrap(), 0, "once");
+    let r =
+        c.patch(&format!("/admin/v1/plans/{plan_id}"), &json!({"pricing": {"currency": "USD", "flat_fee": 99}})).await;
+    assert_eq!(r.status.as_u16(), 200, "{:?}", r.body);
+    let closed = c.get(&format!("/admin/v1/apps/{app_id}/statement?period={period}")).await.body;
+    assert_eq!((closed["closed"].as_bool(), closed["total"].as_str()), (Some(true), Some("11.50")));
+    let events = c.get(&format!("/admin/v1/audit-events?action=billing.period_closed&target={app_id}")).await.body;
+    let e = &events["data"][0];
+    assert_eq!((e["after"]["period"].as_str(), e["after"]["total"].as_str()), (Some(period.as_str()), Some("11.50")));
+    // The new month is priced by the new prices.
+    let open = c.get(&format!("/admin/v1/apps/{app_id}/statement")).await.body;
+    assert_eq!((open["requests"].as_u64(), open["total"].as_str()), (Some(0), Some("99.00")));
+    for bad in ["2026-13", "26-01", "x"] {
+        let r = c.get(&format!("/admin/v1/apps/{app_id}/statement?period={bad}")).await;
+        assert_eq!(r.status.as_u16(), 400, "{bad}");
+    }
+    kg.stop().await;
+}

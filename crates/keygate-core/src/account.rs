@@ -145,6 +145,10 @@ pub struct WorkspacePolicy {
     /// `anomaly-policy`, the alert in the reason); `None`: alerts only notify.
     #[serde(default)]
     pub anomaly_suspend: Option<crate::anomaly::Severity>,
+    /// Publishing an API (or a version) by anyone but an owner files a request that an owner
+    /// approves or rejects (root keys with `apis:write` count as owners).
+    #[serde(default)]
+    pub api_publish_needs_approval: bool,
 }
 
 /// Days before a token's rotation is due that its reminder (`token.rotation_due`) is recorded.

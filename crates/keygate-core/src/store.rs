@@ -323,6 +323,7 @@ pub trait Store:
     + crate::anomaly::AlertStore
     + CallStore
     + crate::llm::LlmStore
+    + crate::apis::ApiStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -33,6 +33,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use extract::MAX_LARGE_BODY_BYTES;
 
 use crate::service::Admin;
 

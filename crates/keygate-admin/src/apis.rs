@@ -108,7 +108,9 @@ impl Phase<'_> {
         if let Some(Some(t)) = sunset
             && t <= now
         {
-            return Err(Error::invalid(
+            // A conflict with the server's clock, as `expiry_in_past` is: the same body was
+            // valid a moment earlier.
+            return Err(Error::conflict(
                 "sunset_in_past",
                 "sunset must be a time in the future (RFC 3339, such as 2030-01-31T00:00:00Z)",
             ));

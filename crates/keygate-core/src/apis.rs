@@ -180,7 +180,11 @@ pub fn check_version_name(name: &str) -> Result<()> {
 /// characters a URI may hold (RFC 3986) — it is sent in a `Link` header between `<` and `>`, so
 /// it must be a valid field value and must not close the brackets.
 pub fn check_successor(s: &str) -> Result<()> {
-    let shape = s.starts_with("https://") || s.starts_with("http://") || (s.starts_with('/') && !s.starts_with("//"));
+    // A URL names a host; a path is absolute and not `//host` (a network-path reference).
+    let shape = match s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) {
+        Some(rest) => rest.bytes().next().is_some_and(|b| b != b'/'),
+        None => s.starts_with('/') && !s.starts_with("//"),
+    };
     let chars = s.bytes().all(|b| {
         b.is_ascii_alphanumeric()
             || matches!(
@@ -209,11 +213,7 @@ pub fn check_successor(s: &str) -> Result<()> {
                     | b'%'
             )
     });
-    let host_ok = match s.split_once("://") {
-        Some((_, rest)) => !rest.is_empty() && !rest.starts_with('/'),
-        None => true,
-    };
-    if shape && chars && host_ok && s.len() <= MAX_SUCCESSOR_LEN {
+    if shape && chars && s.len() <= MAX_SUCCESSOR_LEN {
         Ok(())
     } else {
         Err(Error::invalid(
@@ -407,7 +407,7 @@ mod tests {
         }
         assert!(check_version_name("v1").is_ok());
         assert!(check_version_name("..").is_err());
-        for good in ["/v2/orders", "https://api.example.com/v2", "http://h:8080/a?b=c"] {
+        for good in ["/v2/orders", "https://api.example.com/v2", "http://h:8080/a?b=c", "/", "/a:///b"] {
             assert!(check_successor(good).is_ok(), "{good}");
         }
         for bad in ["v2", "//evil", "https://", "https:///x", "/a b", "/a>b", "/a\"b", "ftp://x", "/\r\n"] {

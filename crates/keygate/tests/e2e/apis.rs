@@ -295,3 +295,40 @@ async fn publishing_waits_for_an_owner_when_the_workspace_says_so() {
     assert_eq!((theirs.status, theirs.code()), (StatusCode::NOT_FOUND, "publish_request_not_found"));
     kg.stop().await;
 }
+
+/// Two nodes on one PostgreSQL: an API retired through one node's admin API is retired at the
+/// other's gateway, through the change feed (`api:<id>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_retired_on_one_node_is_retired_on_the_other() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let up = MockUpstream::start().await.unwrap();
+    let opts = Options { database_url: Some(db.url.clone()), ..Options::default() };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    let c = a.client();
+    let (_, token) = c.create_token(&json!({"name": "t"})).await;
+    a.sync_index().await.unwrap();
+    b.sync_index().await.unwrap();
+    let id = c.post("/admin/v1/apis", &json!({"name": "orders"})).await.str("/id");
+    let made =
+        c.post("/admin/v1/routes", &json!({"id": "o", "path": "/o", "upstream": up.url(), "api": "orders"})).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    for state in ["published", "deprecated", "retired"] {
+        let p = c.patch(&format!("/admin/v1/apis/{id}"), &json!({"state": state})).await;
+        assert_eq!(p.status, StatusCode::OK, "{state}: {:?}", p.body);
+    }
+    assert_eq!(call(&a, "/o/1", Some(&token)).await.0, StatusCode::GONE);
+    // Node b hears of it through LISTEN/NOTIFY (or its poll): wait for it, bounded.
+    let mut gone = false;
+    for _ in 0..200 {
+        if call(&b, "/o/1", None).await.0 == StatusCode::GONE {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "node b answers 410 for the API retired on node a");
+    a.stop().await;
+    b.stop().await;
+    db.drop_db().await;
+}

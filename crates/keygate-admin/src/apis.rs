@@ -528,32 +528,31 @@ impl Admin {
                 .with_after(json!({"api_id": req.api_id.as_str(), "version": req.version})),
         ];
         let api = if approve {
-            let before = self.store.api(ws, &req.api_id).await?.ok_or_else(|| Error::not_found("api"))?;
-            let mut after = before.clone();
+            let mut after = self.store.api(ws, &req.api_id).await?.ok_or_else(|| Error::not_found("api"))?;
+            // Only a draft is published: a request that waited while someone else moved the
+            // API on (published it, deprecated it) is recorded as approved and changes nothing,
+            // so an old approval never withdraws a deprecation.
             let from = match &req.version {
-                None => {
-                    let from = after.state;
-                    api_phase(&mut after).apply(Some(ApiState::Published), None, None, now)?;
-                    from
-                }
-                Some(name) => {
-                    let v = after
-                        .versions
-                        .iter_mut()
-                        .find(|v| &v.name == name)
-                        .ok_or_else(|| Error::not_found("api version"))?;
-                    let from = v.state;
-                    version_phase(v).apply(Some(ApiState::Published), None, None, now)?;
-                    from
-                }
+                None => after.state,
+                Some(name) => after.version(name).ok_or_else(|| Error::not_found("api version"))?.state,
             };
-            after.updated_at = now;
-            if from != ApiState::Published {
+            if from == ApiState::Draft {
+                match &req.version {
+                    None => api_phase(&mut after).apply(Some(ApiState::Published), None, None, now)?,
+                    Some(name) => {
+                        if let Some(v) = after.versions.iter_mut().find(|v| &v.name == name) {
+                            version_phase(v).apply(Some(ApiState::Published), None, None, now)?;
+                        }
+                    }
+                }
+                after.updated_at = now;
                 audits.push(
                     self.state_event(actor, &after, req.version.as_deref(), from, ApiState::Published, now).await?,
                 );
+                Some(after)
+            } else {
+                None
             }
-            Some(after)
         } else {
             None
         };

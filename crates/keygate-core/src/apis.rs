@@ -337,7 +337,7 @@ pub trait ApiStore: Send + Sync {
     /// Deletes an API (and its publish requests); `false` if the workspace has none with this id.
     async fn delete_api(&self, ws: &WorkspaceId, id: &ApiId, audit: &NewAuditEvent) -> Result<bool>;
     async fn api(&self, ws: &WorkspaceId, id: &ApiId) -> Result<Option<Api>>;
-    /// The workspace's APIs, by name.
+    /// The workspace's APIs, by name, without their OpenAPI documents (`openapi` is `None`).
     async fn list_apis(&self, ws: &WorkspaceId) -> Result<Vec<Api>>;
     /// Every API of every workspace (the gateway's table), without their OpenAPI documents.
     async fn all_apis(&self) -> Result<Vec<Api>>;

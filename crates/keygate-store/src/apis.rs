@@ -17,7 +17,7 @@ use crate::sql::{FeedSeqs, SqlStore, Tx, insert_audit};
 
 const API_COLS: &str = "id, workspace_id, name, description, openapi, state, deprecated_at, sunset, successor, \
     versions, created_at, updated_at";
-/// The same without the OpenAPI document (which can be large): what the gateway reads.
+/// The same without the OpenAPI document (up to 1 MiB each): what lists and the gateway read.
 const API_COLS_LEAN: &str = "id, workspace_id, name, description, NULL AS openapi, state, deprecated_at, sunset, \
     successor, versions, created_at, updated_at";
 const REQ_COLS: &str = "id, workspace_id, api_id, version, requested_by, status, created_at, decided_by, decided_at";
@@ -200,7 +200,7 @@ impl ApiStore for SqlStore {
 
     async fn list_apis(&self, ws: &WorkspaceId) -> Result<Vec<Api>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {API_COLS} FROM apis WHERE workspace_id = $1 ORDER BY name"
+            "SELECT {API_COLS_LEAN} FROM apis WHERE workspace_id = $1 ORDER BY name"
         )))
         .bind(ws.as_str())
         .fetch_all(&self.pool)

@@ -35,7 +35,6 @@ fn api_row(e: &ApiDetails) -> Value {
         deprecated_at => time(a.deprecated_at),
         sunset => time(a.sunset),
         successor => a.successor.clone(),
-        has_openapi => a.openapi.is_some(),
         versions => a.versions.iter().map(|v| context! {
             name => v.name.clone(),
             state => v.state.as_str(),

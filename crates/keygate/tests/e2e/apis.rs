@@ -286,6 +286,19 @@ async fn publishing_waits_for_an_owner_when_the_workspace_says_so() {
     // A root key with apis:write is an owner: it publishes at once.
     let direct = c.patch(&format!("/admin/v1/apis/{id}/versions/v1"), &json!({"state": "published"})).await;
     assert_eq!(direct.body["versions"][0]["state"], "published");
+    // A request that waited while the API moved on changes nothing when approved: an old
+    // approval never withdraws a deprecation.
+    let late = c.post("/admin/v1/apis", &json!({"name": "late"})).await.str("/id");
+    admin.submit("/apis", &format!("/apis/{late}/state"), &[("state", "published")]).await;
+    let waiting = c.get(&format!("/admin/v1/apis/{late}")).await.body["pending_publish_requests"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.patch(&format!("/admin/v1/apis/{late}"), &json!({"state": "published"})).await;
+    c.patch(&format!("/admin/v1/apis/{late}"), &json!({"state": "deprecated"})).await;
+    let approved = c.post(&format!("/admin/v1/api-publish-requests/{waiting}/approve"), &json!({})).await;
+    assert_eq!(approved.body["status"], "approved");
+    assert_eq!(c.get(&format!("/admin/v1/apis/{late}")).await.body["state"], "deprecated");
     // Another workspace's key finds no such request.
     let other_key = kg.root_key("team-b", &Permission::ALL).await.unwrap();
     let theirs = kg

@@ -827,7 +827,7 @@ async function run(browser, kg) {
   await step('phone-sized screen: pages fit 390 px without sideways scrolling', async () => {
     currentPage = owner;
     await owner.setViewportSize({ width: 390, height: 844 });
-    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', '/ai', ctx.appHref, '/settings', '/workspaces']) {
+    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', '/apis', '/ai', ctx.appHref, '/settings', '/workspaces']) {
       await goto(owner, p);
       const overflow = await owner.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       if (overflow > 1) throw new Error(`${p} is ${overflow} px wider than a 390 px screen`);
@@ -838,7 +838,7 @@ async function run(browser, kg) {
   });
 
   await step('accessibility: axe-core finds no serious or critical WCAG 2 A/AA violation', async () => {
-    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, `${ctx.appHref}/statement`, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/ai', '/workspaces', '/account/security'];
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, `${ctx.appHref}/statement`, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/apis', '/ai', '/workspaces', '/account/security'];
     await expectAccessible(browser, owner, pages);
   });
 
@@ -940,6 +940,53 @@ async function run(browser, kg) {
     await expectPath(owner, '/routes');
     const gone = await fetch(`${gatewayBase}/browser-api/admin/v1/health`);
     check(gone.status === 404, `the gateway answers ${gone.status} after the deletion`);
+  });
+
+  await step('API lifecycle: an owner creates an API, a route names it, publishes, deprecates with a sunset (the gateway says so), retires (410)', async () => {
+    currentPage = owner;
+    await goto(owner, '/apis');
+    await expectH1(owner, 'API lifecycle');
+    await owner.fill('#api-name', 'browser-orders');
+    await owner.fill('#api-description', 'Orders, as the browser test sees them');
+    await owner.fill('#api-versions', 'v1');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Create API (draft)' }), 'create an API');
+    await expectPath(owner, '/apis');
+    const row = await textOf(owner, owner.locator('#api-browser-orders'), 'the new API in the list');
+    check(row.includes('draft'), `the new API's row reads ${JSON.stringify(row)}`);
+    // A route of the API's version v1; the upstream is keygate's own admin listener.
+    await goto(owner, '/routes');
+    const route = `id = "browser-orders-v1"\npath = "/browser-orders"\nupstream = "${base}"\nstrip_prefix = true\npublic = true\napi = "browser-orders"\nversion = "v1"\n`;
+    await owner.fill('#route-text', route);
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Add route' }), 'add a route of the API');
+    await expectPath(owner, '/routes');
+    const change = async (state, { version = '', sunset = '', successor = '' } = {}) => {
+      await goto(owner, '/apis');
+      await owner.locator('select[name=state]').first().selectOption(state);
+      await owner.locator('select[name=version]').first().selectOption(version);
+      await owner.locator('input[name=sunset]').first().fill(sunset);
+      await owner.locator('input[name=successor]').first().fill(successor);
+      await clickAndLoad(owner, owner.getByRole('button', { name: 'Change state' }).first(), `make it ${state}`);
+      await expectPath(owner, '/apis');
+      const notice = await owner.content();
+      check(notice.includes('API changed'), `no confirmation after making it ${state}`);
+    };
+    await change('published');
+    await change('published', { version: 'v1' });
+    await change('deprecated', { version: 'v1', sunset: '2031-01-01T00:00', successor: '/v2/orders' });
+    await shot(owner, '14-apis');
+    const dep = await fetch(`${gatewayBase}/browser-orders/admin/v1/health`);
+    check(dep.status === 200, `the deprecated route answers ${dep.status}`);
+    check(/^@\d+$/.test(dep.headers.get('deprecation') || ''), `Deprecation: ${dep.headers.get('deprecation')}`);
+    check(dep.headers.get('sunset') === 'Wed, 01 Jan 2031 00:00:00 GMT', `Sunset: ${dep.headers.get('sunset')}`);
+    check(dep.headers.get('link') === '</v2/orders>; rel="successor-version"', `Link: ${dep.headers.get('link')}`);
+    await goto(owner, '/portal');
+    check((await owner.content()).includes('2031-01-01T00:00:00Z'), 'the portal shows the sunset');
+    await change('retired', { version: 'v1' });
+    const gone = await fetch(`${gatewayBase}/browser-orders/admin/v1/health`);
+    check(gone.status === 410, `the retired route answers ${gone.status}`);
+    const body = await gone.json();
+    check(body.error && body.error.code === 'api_retired', `the retired route's code is ${JSON.stringify(body)}`);
+    await expectAccessible(browser, owner, ['/apis', '/portal']);
   });
 
   await step('workspaces: the instance owner creates one and sees it listed', async () => {

@@ -7,6 +7,7 @@ mod dto;
 mod error;
 pub(crate) use error::status_of;
 mod alerts;
+mod apis;
 pub(crate) mod calls;
 mod extract;
 mod misc;
@@ -32,6 +33,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use dto::*;
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use extract::MAX_LARGE_BODY_BYTES;
 
 use crate::service::Admin;
 
@@ -62,6 +64,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "audit", description = "The audit trail"),
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
+        (name = "apis", description = "The workspace's APIs and their lifecycle: draft, published, deprecated (Deprecation, Sunset and Link headers at the gateway), retired (410 api_retired); per version too; publish requests an owner decides"),
         (name = "providers", description = "The LLM providers the AI gateway's routes call: those of the config file (read-only) and those made here, their keys sealed and never shown again"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
@@ -191,6 +194,12 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(providers::get_provider, providers::update_provider, providers::delete_provider))
         .routes(routes!(providers::rotate_provider_key))
         .routes(routes!(providers::list_llm_logs))
+        .routes(routes!(apis::list_apis, apis::create_api))
+        .routes(routes!(apis::get_api, apis::update_api, apis::delete_api))
+        .routes(routes!(apis::update_api_version))
+        .routes(routes!(apis::list_publish_requests))
+        .routes(routes!(apis::approve_publish_request))
+        .routes(routes!(apis::reject_publish_request))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
         .routes(routes!(calls::list_calls))

@@ -21,6 +21,20 @@ pub struct ApiEntry {
     pub workspace_id: Option<String>,
     /// Accepts the credentials of every workspace, so every workspace's portal lists it.
     pub shared: bool,
+    /// The lifecycle state of the route's API (`draft`, `published`, `deprecated`, `retired`;
+    /// the stricter of the API's and its version's), if the route names an API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_state: Option<String>,
+    /// The API's name and the version the route serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// When a deprecated API goes away (RFC 3339), and what replaces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sunset: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub successor: Option<String>,
     /// A document the gateway made for the route (an `ai` route's prompts), shown when the
     /// route names none of its own.
     #[serde(skip)]
@@ -32,6 +46,12 @@ impl ApiEntry {
     /// shared ones (issue 13: a person sees only what their workspace's credentials can call).
     pub fn serves_workspace(&self, ws: &str) -> bool {
         self.shared || self.workspace_id.as_deref().is_none_or(|own| own == ws)
+    }
+
+    /// Whether the portal lists it at all: not while its API is a draft (issue 17: the
+    /// workspace's APIs page shows drafts), nor once it is retired.
+    pub fn in_portal(&self) -> bool {
+        !matches!(self.api_state.as_deref(), Some("draft" | "retired"))
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod ai;
 mod alerts;
+mod apis;
 mod calls;
 mod chart;
 mod notifications;
@@ -60,6 +61,7 @@ pub struct DashboardState {
 
 const TEMPLATES: &[(&str, &str)] = &[
     ("base.html", include_str!("../dashboard/templates/base.html")),
+    ("apis.html", include_str!("../dashboard/templates/apis.html")),
     ("audit_table.html", include_str!("../dashboard/templates/audit_table.html")),
     ("setup.html", include_str!("../dashboard/templates/setup.html")),
     ("login.html", include_str!("../dashboard/templates/login.html")),
@@ -440,6 +442,10 @@ pub fn router(state: DashboardState) -> Router {
         .route("/ai", get(ai::page))
         .route("/ai/providers", post(ai::create))
         .route("/ai/providers/{id}/{action}", post(ai::action))
+        .route("/apis", get(apis::page).post(apis::create))
+        .route("/apis/{id}/state", post(apis::change_state))
+        .route("/apis/{id}/delete", post(apis::delete))
+        .route("/apis/requests/{id}/{action}", post(apis::decide))
         .route("/routes", get(routes::list).post(routes::create))
         .route("/routes/{id}", get(routes::page).post(routes::update))
         .route("/routes/{id}/delete", post(routes::delete))

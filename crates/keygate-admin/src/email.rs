@@ -167,6 +167,30 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
                 "At 100% calls to the route's models are refused (429 budget_exceeded) until the period ends; raise the budget in the route if it needs more.",
             )
         }
+        "api.published" | "api.deprecated" | "api.retired" | "api.publish_requested" => {
+            facts = vec![("API".into(), text(&after["api"]))];
+            if let Some(v) = after["version"].as_str() {
+                facts.push(("Version".into(), v.to_owned()));
+            }
+            if let Some(t) = after["sunset"].as_str() {
+                facts.push(("Sunset".into(), t.to_owned()));
+            }
+            if let Some(t) = after["successor"].as_str() {
+                facts.push(("Successor".into(), t.to_owned()));
+            }
+            match kind {
+                "api.published" => ("An API was published.", "It is listed in the developer portal."),
+                "api.deprecated" => (
+                    "An API your apps call was deprecated.",
+                    "It still answers, with Deprecation and Sunset headers; move your calls to its successor before the sunset.",
+                ),
+                "api.retired" => (
+                    "An API your apps called was retired.",
+                    "Its routes now answer 410 api_retired; call its successor instead.",
+                ),
+                _ => ("Someone asked to publish an API.", "Approve or reject it in the dashboard (API lifecycle)."),
+            }
+        }
         "plan.requested" => {
             facts = vec![("Request".into(), target)];
             ("A developer asked for a plan change.", "Approve or deny it in the dashboard (Apps).")
@@ -222,9 +246,15 @@ pub fn render(email: &Email, workspace_name: &str, dashboard_url: Option<&str>) 
     let subject = format!("[keygate] {}", headline.trim_end_matches('.'));
     let base = dashboard_url.map(|u| u.trim_end_matches('/').to_owned());
     let target = body["data"]["target"].as_str().unwrap_or_default();
-    let link = base
-        .as_ref()
-        .map(|b| if target.starts_with("tok_") { format!("{b}/tokens/{target}") } else { format!("{b}/audit") });
+    let link = base.as_ref().map(|b| {
+        if target.starts_with("tok_") {
+            format!("{b}/tokens/{target}")
+        } else if target.starts_with("api_") {
+            format!("{b}/apis")
+        } else {
+            format!("{b}/audit")
+        }
+    });
     let why = match event_type(&email.event_type).map(|t| t.email) {
         Some(a) if a.app_owner && a.workspace_owners => "the owner of the app or of the workspace",
         Some(a) if a.app_owner => "the owner of the app",
@@ -452,6 +482,62 @@ mod tests {
         let m = outbox.0.lock()[0].clone();
         assert!(m.subject.contains("budget reached a threshold"), "{}", m.subject);
         assert!(m.text.contains("$8.00 of $10.00 a month (80%)") && m.text.contains(app.id.as_str()), "{}", m.text);
+    }
+
+    /// An API's deprecation reaches the owners of the apps whose tokens called its routes in the
+    /// last 90 days (not those of older calls or of other routes), and the workspace's owners.
+    #[tokio::test]
+    async fn an_api_deprecation_reaches_the_owners_of_the_apps_that_called_it() {
+        use keygate_core::apis::{Api, ApiState};
+        use keygate_core::model::UsageRecord;
+        let (admin, _clock, _dir, ws) = crate::testing::admin().await;
+        admin.enable_email();
+        let _owner = person(&admin, &ws, "owner@example.com", Role::Owner).await;
+        let actor = Actor::cli();
+        let mut tokens = Vec::new();
+        for (email, route, days_ago) in [
+            ("recent@example.com", "orders-v1", 3),
+            ("old@example.com", "orders-v1", 120),
+            ("else@example.com", "misc", 1),
+        ] {
+            let dev = person(&admin, &ws, email, Role::Developer).await;
+            let app = admin.create_app(&ws, &actor, NewApp { name: email.into(), ..Default::default() }).await.unwrap();
+            admin.store().set_app_owner(&ws, &app.id, &dev).await.unwrap();
+            let new = NewToken { name: "t".into(), app_id: Some(app.id.clone()), ..Default::default() };
+            let (t, _) = admin.create_token(&ws, &actor, new).await.unwrap();
+            tokens.push(UsageRecord {
+                token_id: t.id.clone(),
+                workspace_id: ws.clone(),
+                route: route.into(),
+                minute: admin.now().plus_seconds(-days_ago * 86_400),
+                requests: 1,
+                status: [1, 0, 0, 0],
+                bytes_in: 0,
+                bytes_out: 0,
+                latency_us_sum: 0,
+                latency: [0; 10],
+            });
+        }
+        admin.store().record_usage(&tokens, &[], &[]).await.unwrap();
+        let created = admin
+            .create_api(&ws, &actor, crate::apis::NewApi { name: "orders".into(), ..Default::default() })
+            .await
+            .unwrap();
+        let before = created.api.clone();
+        let after = Api { state: ApiState::Deprecated, deprecated_at: Some(admin.now()), ..before.clone() };
+        let audit =
+            keygate_core::model::NewAuditEvent::new(&ws, &actor, "api.deprecate", before.id.as_str(), admin.now())
+                .with_after(serde_json::json!({"api": "orders", "version": "v1", "state": "deprecated",
+                "sunset": "2031-01-01T00:00:00Z", "successor": "/v2/orders", "routes": ["orders-v1"]}));
+        admin.store().update_api(&after, &[audit]).await.unwrap();
+        let outbox = Outbox::default();
+        admin.deliver_emails(&outbox, "n1").await.unwrap();
+        let mut to: Vec<String> = outbox.0.lock().iter().map(|m| m.to_address.clone()).collect();
+        to.sort();
+        assert_eq!(to, ["owner@example.com", "recent@example.com"]);
+        let m = outbox.0.lock()[0].clone();
+        assert!(m.subject.contains("was deprecated"), "{}", m.subject);
+        assert!(m.text.contains("2031-01-01T00:00:00Z") && m.text.contains("/v2/orders"), "{}", m.text);
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod alerts;
 pub mod api;
+pub mod apis;
 pub mod catalog;
 mod csv;
 pub mod dashboard;

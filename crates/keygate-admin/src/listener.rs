@@ -25,22 +25,34 @@ pub fn layers(app: Router, secure: bool) -> Router {
 /// body is read leaves unread bytes on the connection: the answer says `Connection: close`, and the
 /// server closes it instead of draining what the client keeps sending (RFC 9112 §9.6).
 async fn bound_body(req: Request, next: Next) -> Response {
+    let bound = body_bound(req.uri().path());
     let announced =
         req.headers().get(header::CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
     match announced {
         // hyper refuses a malformed Content-Length before this runs; a value past u64 lands here.
         Some(None) => return body_too_large(),
-        Some(Some(n)) if n > MAX_BODY_BYTES as u64 => return body_too_large(),
+        Some(Some(n)) if n > bound as u64 => return body_too_large(),
         _ => {}
     }
     let (parts, body) = req.into_parts();
-    let bounded = Body::new(http_body_util::Limited::new(body, MAX_BODY_BYTES));
+    let bounded = Body::new(http_body_util::Limited::new(body, bound));
     let mut resp = next.run(Request::from_parts(parts, bounded)).await;
     if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
         // The handler stopped reading at the bound: what the client still sends is not read.
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// The largest body a request to `path` may have: [`MAX_BODY_BYTES`], but for the APIs'
+/// endpoints, whose bodies may carry an OpenAPI document (their extractor, `LargeJson`, holds
+/// them to its own bound).
+fn body_bound(path: &str) -> usize {
+    if path == "/admin/v1/apis" || path.starts_with("/admin/v1/apis/") {
+        crate::api::MAX_LARGE_BODY_BYTES
+    } else {
+        MAX_BODY_BYTES
+    }
 }
 
 /// 413 `body_too_large`, closing the connection.

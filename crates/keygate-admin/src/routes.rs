@@ -36,9 +36,15 @@ pub trait RouteRules: Send + Sync {
     fn parse(&self, fields: Value) -> std::result::Result<Map<String, Value>, String>;
     /// Whether the table made of the file's routes and `stored` (every stored route, as it would
     /// be after a change) compiles, each `ai` route's deployments naming providers it may call
-    /// (the file's, or its workspace's among `providers`). The error names the route and what
-    /// is wrong.
-    fn check(&self, stored: &[StoredRoute], providers: &[StoredProvider]) -> std::result::Result<(), String>;
+    /// (the file's, or its workspace's among `providers`), and each stored route's `api` and
+    /// `version` naming an API of its workspace among `apis` and one of its versions. The error
+    /// names the route and what is wrong.
+    fn check(
+        &self,
+        stored: &[StoredRoute],
+        providers: &[StoredProvider],
+        apis: &[keygate_core::apis::Api],
+    ) -> std::result::Result<(), String>;
     /// The config file's providers: their `[[providers]]` fields (the key's source named, never
     /// the key).
     fn file_providers(&self) -> Vec<Map<String, Value>>;
@@ -222,7 +228,8 @@ impl Admin {
         stored.retain(|r| r.id != id);
         stored.extend(change.cloned());
         let providers = self.store.list_providers().await?;
-        rules.check(&stored, &providers).map_err(|m| Error::invalid("invalid_route", m))
+        let apis = self.store.all_apis().await?;
+        rules.check(&stored, &providers, &apis).map_err(|m| Error::invalid("invalid_route", m))
     }
 
     /// Adds a route to workspace `ws`; it serves on every node within the change feed's delay

@@ -149,6 +149,10 @@ pub struct WorkspacePolicy {
     /// work (issue 17).
     #[serde(default)]
     pub rules: TokenRules,
+    /// Publishing an API (or a version) by anyone but an owner files a request that an owner
+    /// approves or rejects (root keys with `apis:write` count as owners).
+    #[serde(default)]
+    pub api_publish_needs_approval: bool,
 }
 
 /// Rules every token creation and change of a workspace is checked against (in one place, for

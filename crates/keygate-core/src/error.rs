@@ -56,6 +56,9 @@ impl Error {
             "signing key" => "signing_key_not_found",
             "route" => "route_not_found",
             "provider" => "provider_not_found",
+            "api" => "api_not_found",
+            "api version" => "api_version_not_found",
+            "publish request" => "publish_request_not_found",
             _ => "not_found",
         };
         Self::new(ErrorKind::NotFound, code, format!("no {what} with this id exists"))

@@ -1,4 +1,4 @@
-//! Typed identifiers: `ws_…`, `app_…`, `tok_…`, `rk_…`, `plan_…`, `usr_…`, `inv_…`, `wh_…`. An id is never confused with
+//! Typed identifiers: `ws_…`, `app_…`, `tok_…`, `rk_…`, `plan_…`, `usr_…`, `inv_…`, `wh_…`, `api_…`. An id is never confused with
 //! another kind of id, and a malformed id is refused before it reaches a store.
 
 use std::fmt;
@@ -72,6 +72,10 @@ typed_id!(/// A webhook endpoint: a URL that receives the workspace's events, si
     WebhookId, "wh");
 typed_id!(/// An anomaly alert raised on a token's usage.
     AlertId, "al");
+typed_id!(/// An API: a workspace's named, versioned set of routes with a lifecycle.
+    ApiId, "api");
+typed_id!(/// A request to publish an API, waiting for an owner's decision.
+    ApiPublishRequestId, "apreq");
 
 impl TokenId {
     pub fn from_public_id(public_id: &str) -> Self {

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod anomaly;
+pub mod apis;
 pub mod audit_chain;
 pub mod billing;
 pub mod calls;

@@ -259,10 +259,15 @@ pub enum Permission {
     ProvidersRead,
     /// Create, change, give a new key to and delete the workspace's LLM providers.
     ProvidersWrite,
+    /// List the workspace's APIs, their versions and publish requests.
+    ApisRead,
+    /// Create, change and delete APIs, move them through their lifecycle, decide publish
+    /// requests (a root key holding it counts as a workspace owner).
+    ApisWrite,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 19] = [
+    pub const ALL: [Permission; 21] = [
         Self::TokensRead,
         Self::TokensWrite,
         Self::AppsRead,
@@ -282,6 +287,8 @@ impl Permission {
         Self::WebhooksWrite,
         Self::ProvidersRead,
         Self::ProvidersWrite,
+        Self::ApisRead,
+        Self::ApisWrite,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -305,6 +312,8 @@ impl Permission {
             Self::WebhooksWrite => "webhooks:write",
             Self::ProvidersRead => "providers:read",
             Self::ProvidersWrite => "providers:write",
+            Self::ApisRead => "apis:read",
+            Self::ApisWrite => "apis:write",
         }
     }
 

@@ -122,6 +122,30 @@ pub const EVENT_TYPES: &[EventType] = &[
         email: OWNERS,
     },
     EventType {
+        name: "api.published",
+        actions: &["api.publish"],
+        description: "An API or one of its versions was published (listed in the portal).",
+        email: NOBODY,
+    },
+    EventType {
+        name: "api.deprecated",
+        actions: &["api.deprecate"],
+        description: "An API or one of its versions was deprecated: it still answers, with Deprecation, Sunset and Link headers.",
+        email: BOTH,
+    },
+    EventType {
+        name: "api.retired",
+        actions: &["api.retire"],
+        description: "An API or one of its versions was retired: its routes answer 410 api_retired.",
+        email: BOTH,
+    },
+    EventType {
+        name: "api.publish_requested",
+        actions: &["api.publish_requested"],
+        description: "Someone asked to publish an API; an owner approves or rejects it.",
+        email: OWNERS,
+    },
+    EventType {
         name: "member.invited",
         actions: &["member.invited"],
         description: "Someone was invited to the workspace.",

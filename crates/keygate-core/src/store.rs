@@ -336,6 +336,7 @@ pub trait Store:
     + crate::anomaly::AlertStore
     + CallStore
     + crate::llm::LlmStore
+    + crate::apis::ApiStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

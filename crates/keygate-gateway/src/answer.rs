@@ -48,6 +48,8 @@ pub(crate) enum Code {
     RouteNotInWorkspace,
     /// The client's address is on `[gateway] deny` or the route's `deny`.
     AddressDenied,
+    /// The route's API (or version) is retired (issue 17): 410, before any token work.
+    ApiRetired,
     IpNotAllowed,
     InsufficientScope,
     CorsOriginNotAllowed,
@@ -70,7 +72,7 @@ pub(crate) enum Code {
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 21] = [
+    const ALL: [Code; 22] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -80,6 +82,7 @@ impl Code {
         Code::MissingToken,
         Code::RouteNotInWorkspace,
         Code::AddressDenied,
+        Code::ApiRetired,
         Code::IpNotAllowed,
         Code::InsufficientScope,
         Code::CorsOriginNotAllowed,
@@ -106,6 +109,7 @@ impl Code {
             Code::MissingToken => "missing_token",
             Code::RouteNotInWorkspace => "route_not_in_workspace",
             Code::AddressDenied => "address_denied",
+            Code::ApiRetired => "api_retired",
             Code::IpNotAllowed => "ip_not_allowed",
             Code::InsufficientScope => "insufficient_scope",
             Code::CorsOriginNotAllowed => "cors_origin_not_allowed",
@@ -132,6 +136,7 @@ impl Code {
             | Code::AddressDenied
             | Code::UsesExhausted => StatusCode::FORBIDDEN,
             Code::RouteNotFound => StatusCode::NOT_FOUND,
+            Code::ApiRetired => StatusCode::GONE,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::RateLimited | Code::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
@@ -596,7 +601,7 @@ pub fn date_line(out: &mut Vec<u8>) {
 }
 
 /// Formats Unix seconds as `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn imf_fixdate(secs: u64) -> [u8; 29] {
+pub(crate) fn imf_fixdate(secs: u64) -> [u8; 29] {
     const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
     const MONTHS: [&[u8; 3]; 12] =
         [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];

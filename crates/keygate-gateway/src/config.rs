@@ -354,6 +354,15 @@ pub struct RouteConfig {
     /// 403 `address_denied`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// The API (of the route's workspace, by id `api_…` or by name) this route serves: the
+    /// route follows its lifecycle — a draft serves only its own workspace, a deprecated one
+    /// answers with `Deprecation`, `Sunset` and `Link`, a retired one answers 410 `api_retired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// The version of `api` this route serves (such as `v1`): the route follows the stricter of
+    /// the API's state and the version's. Needs `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// For the developer portal: what this API is.
     pub description: Option<String>,
     /// For the developer portal: an OpenAPI document (file path or URL).
@@ -595,6 +604,8 @@ impl RouteConfig {
             identity_token: false,
             upgrades: default_upgrades(),
             deny: Vec::new(),
+            api: None,
+            version: None,
             description: None,
             openapi: None,
             workspace: None,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
+use http::header::{HeaderName, HeaderValue};
 use keygate_core::policy::RateLimit;
 use keygate_core::scope::Scope;
 
@@ -67,6 +68,90 @@ pub struct Route {
     pub cache: Option<Arc<crate::cache::RouteCache>>,
     /// An `ai` route's models and limits: keygate answers it itself ([`crate::ai`]).
     pub ai: Option<Arc<crate::ai::AiRoute>>,
+    /// The lifecycle of the API (and version) the route serves (`api`, `version`); `None`: a
+    /// route of no API, or of one its workspace does not have.
+    pub lifecycle: Option<Arc<RouteLifecycle>>,
+}
+
+/// What a route does because of its API's state (issue 17), worked out when the table is built
+/// so that a request only reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLifecycle {
+    /// The API's name and the version's, for the portal and the refusal's message.
+    pub api: String,
+    pub version: Option<String>,
+    /// The state the route follows: the stricter of the API's and the version's.
+    pub state: keygate_core::apis::ApiState,
+    pub sunset: Option<keygate_core::Timestamp>,
+    pub successor: Option<String>,
+    /// Answered 410 `api_retired` before any token work.
+    pub retired: bool,
+    /// Serves only its own workspace's credentials, and is not in the portal.
+    pub draft: bool,
+    /// The header fields every answer of a deprecated route carries: `Deprecation: @<seconds>`
+    /// (RFC 9745 §2.1, a structured-field date), `Sunset: <IMF-fixdate>` (RFC 8594 §3) and
+    /// `Link: <successor>; rel="successor-version"` (RFC 5829).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl RouteLifecycle {
+    /// The lifecycle of a route of API `api` (`version`), from the API's state. A successor that
+    /// is not a valid field value (the API checks it, so never) is left out of the headers.
+    pub fn new(api: &str, version: Option<&str>, l: &keygate_core::apis::Lifecycle) -> Self {
+        use keygate_core::apis::ApiState;
+        let state = if l.retired {
+            ApiState::Retired
+        } else if l.deprecated() {
+            ApiState::Deprecated
+        } else if l.draft {
+            ApiState::Draft
+        } else {
+            ApiState::Published
+        };
+        let mut headers = Vec::new();
+        if state == ApiState::Deprecated {
+            if let Some(at) = l.deprecated_at
+                && let Ok(v) = HeaderValue::from_str(&format!("@{}", at.as_millis().div_euclid(1000)))
+            {
+                headers.push((HeaderName::from_static("deprecation"), v));
+            }
+            if let Some(sunset) = l.sunset {
+                let secs = u64::try_from(sunset.as_millis().div_euclid(1000)).unwrap_or(0);
+                if let Ok(v) = HeaderValue::from_bytes(&crate::answer::imf_fixdate(secs)) {
+                    headers.push((HeaderName::from_static("sunset"), v));
+                }
+            }
+            if let Some(s) = &l.successor
+                && let Ok(v) = HeaderValue::from_str(&format!("<{s}>; rel=\"successor-version\""))
+            {
+                headers.push((http::header::LINK, v));
+            }
+        }
+        Self {
+            api: api.to_owned(),
+            version: version.map(str::to_owned),
+            state,
+            sunset: l.sunset,
+            successor: l.successor.clone(),
+            retired: l.retired,
+            draft: l.draft && !l.retired,
+            headers,
+        }
+    }
+
+    /// The message of a retired route's 410: what it was, and what to use instead.
+    pub fn retired_message(&self) -> String {
+        let what = match &self.version {
+            Some(v) => format!("version {v} of the API {:?}", self.api),
+            None => format!("the API {:?}", self.api),
+        };
+        match &self.successor {
+            Some(s) => format!("{what} was retired and no longer answers; use its successor, {s}"),
+            None => {
+                format!("{what} was retired and no longer answers; ask its provider for the version that replaces it")
+            }
+        }
+    }
 }
 
 impl Route {
@@ -92,6 +177,8 @@ pub struct RouteSpec<'a> {
     pub config: &'a RouteConfig,
     pub workspace_id: Option<&'a str>,
     pub source: RouteSource,
+    /// The lifecycle of the route's API, if it names one its workspace has.
+    pub lifecycle: Option<&'a RouteLifecycle>,
 }
 
 impl Route {
@@ -188,8 +275,10 @@ impl RouteTable {
     /// Compiles and validates routes of the config file, without their workspaces (see
     /// [`Route::workspace_id`]). Errors name the route.
     pub fn build(cfgs: &[RouteConfig], gw: &GatewayConfig) -> Result<Self, String> {
-        let specs: Vec<RouteSpec<'_>> =
-            cfgs.iter().map(|config| RouteSpec { config, workspace_id: None, source: RouteSource::File }).collect();
+        let specs: Vec<RouteSpec<'_>> = cfgs
+            .iter()
+            .map(|config| RouteSpec { config, workspace_id: None, source: RouteSource::File, lifecycle: None })
+            .collect();
         Self::build_specs(&specs, gw)
     }
 
@@ -291,6 +380,9 @@ impl RouteTable {
             {
                 return Err(err("health_check.path must start with / and interval_seconds be at least 1".into()));
             }
+            if c.version.is_some() && c.api.is_none() {
+                return Err(err("version names a version of the route's api: give api too".into()));
+            }
             let upgrades = crate::config::upgrade_allowlist(&c.upgrades).map_err(err)?;
             let cache = crate::cache::RouteCache::for_route(c, spec.workspace_id).map_err(err)?;
             routes.push(Arc::new(Route {
@@ -320,10 +412,12 @@ impl RouteTable {
                 description: c.description.clone(),
                 openapi: c.openapi.clone(),
                 workspace_id: spec.workspace_id.map(Arc::from),
-                shared: c.shared,
+                // A draft API's routes serve their own workspace only, shared or not.
+                shared: c.shared && !spec.lifecycle.is_some_and(|l| l.draft),
                 source: spec.source,
                 cache,
                 ai,
+                lifecycle: spec.lifecycle.map(|l| Arc::new(l.clone())),
             }));
         }
         // Two prefixes that differ only in letter case would make every request to either one
@@ -378,6 +472,7 @@ impl RouteTable {
                 source: RouteSource::File,
                 cache: None,
                 ai: None,
+                lifecycle: None,
             }));
         }
         let deny = deny_set(&gw.deny).map_err(|e| format!("gateway.deny: {e}"))?;

@@ -420,7 +420,8 @@ impl AccountStore for SqlStore {
     async fn workspace_policy(&self, ws: &WorkspaceId) -> Result<WorkspacePolicy> {
         let row = sqlx::query(
             "SELECT max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action, \
-             max_token_age_days, suspend_unrotated, anomaly_suspend, rules FROM workspace_policies WHERE workspace_id = $1",
+             max_token_age_days, suspend_unrotated, anomaly_suspend, rules, api_publish_needs_approval \
+             FROM workspace_policies WHERE workspace_id = $1",
         )
         .bind(ws.as_str())
         .fetch_optional(&self.pool)
@@ -488,8 +489,8 @@ impl AccountStore for SqlStore {
         sqlx::query(
             "INSERT INTO workspace_policies \
              (workspace_id, max_token_lifetime_days, require_two_factor, plan_changes_need_approval, exposure_action, \
-             max_token_age_days, suspend_unrotated, anomaly_suspend, rules) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (workspace_id) DO UPDATE SET \
+             max_token_age_days, suspend_unrotated, anomaly_suspend, rules, api_publish_needs_approval) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (workspace_id) DO UPDATE SET \
              max_token_lifetime_days = excluded.max_token_lifetime_days, \
              require_two_factor = excluded.require_two_factor, \
              plan_changes_need_approval = excluded.plan_changes_need_approval, \
@@ -497,7 +498,8 @@ impl AccountStore for SqlStore {
              max_token_age_days = excluded.max_token_age_days, \
              suspend_unrotated = excluded.suspend_unrotated, \
              anomaly_suspend = excluded.anomaly_suspend, \
-             rules = excluded.rules",
+             rules = excluded.rules, \
+             api_publish_needs_approval = excluded.api_publish_needs_approval",
         )
         .bind(ws.as_str())
         .bind(p.max_token_lifetime_days.map(i64::from))
@@ -508,6 +510,7 @@ impl AccountStore for SqlStore {
         .bind(i64::from(p.suspend_unrotated))
         .bind(p.anomaly_suspend.map(|s| s.as_str()))
         .bind(crate::rows::to_json(&p.rules)?)
+        .bind(i64::from(p.api_publish_needs_approval))
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -1258,6 +1258,7 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
             deny: vec!["203.0.113.0/24".into()],
             ..Default::default()
         },
+        api_publish_needs_approval: true,
     };
     let before = s.routes_position().await.unwrap();
     s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
@@ -1276,6 +1277,7 @@ async fn accounts_policy_and_app_owners(h: &Harness) {
         suspend_unrotated: false,
         anomaly_suspend: None,
         rules: Default::default(),
+        api_publish_needs_approval: false,
         ..p2.clone()
     };
     s.put_workspace_policy(&ws.id, &p3, &audit(&ws.id, "workspace.policy", ws.id.as_str())).await.unwrap();
@@ -2038,6 +2040,122 @@ async fn feed_pruning(h: &Harness) {
     assert_eq!(s.feed_floor().await.unwrap(), last);
 }
 
+/// APIs with a lifecycle: names unique per workspace, every change on the route feed with its
+/// audit events, another workspace's API invisible, publish requests decided once (an approval
+/// writes the published API in the same transaction), the gateway's list without documents.
+async fn apis_and_publish_requests(h: &Harness) {
+    use keygate_core::apis::{Api, ApiPublishRequest, ApiState, ApiStore, ApiVersion, PublishRequestStatus};
+    use keygate_core::ids::{ApiId, ApiPublishRequestId};
+    let s = &h.store;
+    let (ws, d) = workspace("apis");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (ws2, d2) = workspace("apis-other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    let mut v1 = ApiVersion::new("v1");
+    v1.state = ApiState::Published;
+    let a = Api {
+        id: ApiId::random(&OsRandom).unwrap(),
+        workspace_id: ws.id.clone(),
+        name: "orders".into(),
+        description: "Orders".into(),
+        openapi: Some(r#"{"openapi":"3.1.0"}"#.into()),
+        state: ApiState::Draft,
+        deprecated_at: None,
+        sunset: None,
+        successor: None,
+        versions: vec![v1, ApiVersion::new("v2")],
+        created_at: T0,
+        updated_at: T0,
+    };
+    let before = s.routes_position().await.unwrap();
+    s.insert_api(&a, &audit(&ws.id, "api.create", a.id.as_str())).await.unwrap();
+    assert!(s.routes_position().await.unwrap() > before, "an API change moves the route feed position");
+    assert_eq!(s.api(&ws.id, &a.id).await.unwrap(), Some(a.clone()));
+    let twin = Api { id: ApiId::random(&OsRandom).unwrap(), ..a.clone() };
+    assert_eq!(s.insert_api(&twin, &audit(&ws.id, "api.create", "x")).await.unwrap_err().code, "api_exists");
+    // The same name in another workspace is another API.
+    let theirs = Api { id: ApiId::random(&OsRandom).unwrap(), workspace_id: ws2.id.clone(), ..a.clone() };
+    s.insert_api(&theirs, &audit(&ws2.id, "api.create", theirs.id.as_str())).await.unwrap();
+    assert_eq!(s.api(&ws2.id, &a.id).await.unwrap(), None, "another workspace's API is not found");
+    assert_eq!(
+        s.list_apis(&ws.id).await.unwrap(),
+        vec![Api { openapi: None, ..a.clone() }],
+        "lists leave documents out"
+    );
+    let all = s.all_apis().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|x| x.openapi.is_none()), "the gateway's list leaves the documents out");
+
+    // A state change: two audit events, one feed position.
+    let pos = s.routes_position().await.unwrap();
+    let b = Api {
+        state: ApiState::Deprecated,
+        deprecated_at: Some(T0.plus_seconds(5)),
+        sunset: Some(T0.plus_seconds(86_400)),
+        successor: Some("/v2/orders".into()),
+        updated_at: T0.plus_seconds(5),
+        ..a.clone()
+    };
+    s.update_api(&b, &[audit(&ws.id, "api.update", a.id.as_str()), audit(&ws.id, "api.deprecate", a.id.as_str())])
+        .await
+        .unwrap();
+    assert!(s.routes_position().await.unwrap() > pos);
+    assert_eq!(s.api(&ws.id, &a.id).await.unwrap(), Some(b.clone()));
+    let actions: Vec<String> = all_audit(s, &ws.id).await.into_iter().map(|e| e.action).collect();
+    assert!(actions.contains(&"api.update".to_owned()) && actions.contains(&"api.deprecate".to_owned()));
+    // Another workspace cannot change it, nor take a name by renaming.
+    let foreign = Api { workspace_id: ws2.id.clone(), ..b.clone() };
+    assert_eq!(s.update_api(&foreign, &[audit(&ws2.id, "api.update", "x")]).await.unwrap_err().code, "api_not_found");
+    let c = Api { id: ApiId::random(&OsRandom).unwrap(), name: "billing".into(), ..a.clone() };
+    s.insert_api(&c, &audit(&ws.id, "api.create", c.id.as_str())).await.unwrap();
+    let clash = Api { name: "orders".into(), ..c.clone() };
+    assert_eq!(s.update_api(&clash, &[audit(&ws.id, "api.update", "x")]).await.unwrap_err().code, "api_exists");
+
+    // Publish requests: pending, decided once, the approval writing the API with it.
+    let r = ApiPublishRequest {
+        id: ApiPublishRequestId::random(&OsRandom).unwrap(),
+        workspace_id: ws.id.clone(),
+        api_id: c.id.clone(),
+        version: None,
+        requested_by: "usr_dev".into(),
+        status: PublishRequestStatus::Pending,
+        created_at: T0,
+        decided_by: None,
+        decided_at: None,
+    };
+    s.insert_publish_request(&r, &audit(&ws.id, "api.publish_requested", r.id.as_str())).await.unwrap();
+    assert_eq!(s.publish_request(&ws.id, &r.id).await.unwrap(), Some(r.clone()));
+    assert_eq!(s.publish_request(&ws2.id, &r.id).await.unwrap(), None);
+    assert_eq!(s.publish_requests(&ws.id, Some(PublishRequestStatus::Pending)).await.unwrap(), vec![r.clone()]);
+    assert!(s.publish_requests(&ws.id, Some(PublishRequestStatus::Approved)).await.unwrap().is_empty());
+    let decided = ApiPublishRequest {
+        status: PublishRequestStatus::Approved,
+        decided_by: Some("usr_owner".into()),
+        decided_at: Some(T0.plus_seconds(9)),
+        ..r.clone()
+    };
+    let published = Api { state: ApiState::Published, updated_at: T0.plus_seconds(9), ..c.clone() };
+    let pos = s.routes_position().await.unwrap();
+    s.decide_publish_request(&decided, Some(&published), &[audit(&ws.id, "api.publish", c.id.as_str())]).await.unwrap();
+    assert!(s.routes_position().await.unwrap() > pos);
+    assert_eq!(s.api(&ws.id, &c.id).await.unwrap().unwrap().state, ApiState::Published);
+    assert_eq!(s.publish_request(&ws.id, &r.id).await.unwrap(), Some(decided.clone()));
+    let again = s.decide_publish_request(&decided, None, &[audit(&ws.id, "api.publish", "x")]).await.unwrap_err();
+    assert_eq!(again.code, "request_decided");
+
+    // Deleting: only in its own workspace, its requests with it.
+    assert!(!s.delete_api(&ws2.id, &c.id, &audit(&ws2.id, "api.delete", "x")).await.unwrap());
+    assert!(s.delete_api(&ws.id, &c.id, &audit(&ws.id, "api.delete", c.id.as_str())).await.unwrap());
+    assert_eq!(s.api(&ws.id, &c.id).await.unwrap(), None);
+    assert!(s.publish_requests(&ws.id, None).await.unwrap().is_empty());
+
+    // The policy's flag is kept.
+    let p = WorkspacePolicy { api_publish_needs_approval: true, ..WorkspacePolicy::default() };
+    s.put_workspace_policy(&ws.id, &p, &audit(&ws.id, "policy.update", ws.id.as_str())).await.unwrap();
+    assert!(s.workspace_policy(&ws.id).await.unwrap().api_publish_needs_approval);
+    assert!(!s.workspace_policy(&ws2.id).await.unwrap().api_publish_needs_approval);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite_engine {
@@ -2649,7 +2767,8 @@ conformance!(
     siem_outbox,
     anomaly_alerts,
     call_log,
-    anomaly_purge
+    anomaly_purge,
+    apis_and_publish_requests
 );
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

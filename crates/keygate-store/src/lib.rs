@@ -6,6 +6,7 @@
 
 mod accounts;
 mod anomaly;
+mod apis;
 mod audit;
 mod calls;
 mod feed;

@@ -135,6 +135,28 @@ async fn email_recipients(
             .map_err(db_error)?;
         users.extend(owner);
     }
+    // An API's change of state: the owners of the apps whose tokens called its routes (the
+    // event's `routes`) in the last 90 days.
+    if kind.email.app_owner
+        && e.target.starts_with("api_")
+        && let Some(routes) = e.after.as_ref().and_then(|a| a.get("routes")).and_then(serde_json::Value::as_array)
+    {
+        let since_minute = e.at.as_millis() - 90 * 86_400_000;
+        for route in routes.iter().filter_map(serde_json::Value::as_str).take(100) {
+            let owners: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT o.user_id FROM app_owners o JOIN tokens t ON t.app_id = o.app_id \
+                 WHERE o.workspace_id = $1 AND t.id IN (SELECT DISTINCT token_id FROM token_usage \
+                 WHERE workspace_id = $1 AND route = $2 AND minute >= $3)",
+            )
+            .bind(ws)
+            .bind(route)
+            .bind(since_minute)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+            users.extend(owners);
+        }
+    }
     if kind.email.workspace_owners {
         let owners: Vec<String> =
             sqlx::query_scalar("SELECT user_id FROM memberships WHERE workspace_id = $1 AND role = 'owner'")

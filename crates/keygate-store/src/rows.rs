@@ -310,6 +310,7 @@ pub(crate) fn workspace_policy(row: &AnyRow) -> Result<WorkspacePolicy> {
         max_token_lifetime_days: days,
         require_two_factor: flag(row, "require_two_factor")?,
         plan_changes_need_approval: flag(row, "plan_changes_need_approval")?,
+        api_publish_needs_approval: flag(row, "api_publish_needs_approval")?,
         max_token_age_days: get::<Option<i64>>(row, "max_token_age_days")?
             .map(|d| u32::try_from(d).map_err(|_| corrupt("max_token_age_days", &d.to_string())))
             .transpose()?,

@@ -144,8 +144,23 @@ pub(crate) async fn delete(
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-    let changed: Vec<String> =
-        routes.iter().cloned().chain(providers.iter().map(|p| format!("provider:{p}"))).collect();
+    // APIs and their publish requests: deleted, on the feed like routes.
+    sqlx::query("DELETE FROM api_publish_requests WHERE workspace_id = $1")
+        .bind(ws)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let apis: Vec<String> = sqlx::query_scalar("DELETE FROM apis WHERE workspace_id = $1 RETURNING id")
+        .bind(ws)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let changed: Vec<String> = routes
+        .iter()
+        .cloned()
+        .chain(providers.iter().map(|p| format!("provider:{p}")))
+        .chain(apis.iter().map(|a| format!("api:{a}")))
+        .collect();
     let positions = seqs.take(&mut tx, u64::try_from(changed.len()).unwrap_or(u64::MAX)).await?;
     for (route, seq) in changed.iter().zip(positions) {
         sqlx::query("INSERT INTO route_changes (seq, route_id, at) VALUES ($1, $2, $3)")

@@ -1,8 +1,9 @@
 //! The commands that work through a running keygate's admin API (`token`, `app`, `oauth-client`,
-//! `signing-key`, `plan`, `scope`, `audit`, `route`, `workspace`): each builds one request (or, with `--all`, one per
+//! `signing-key`, `plan`, `scope`, `audit`, `route`, `provider`, `api`, `workspace`): each builds one request (or, with `--all`, one per
 //! page), and prints the answer as a table for people or, with `--output json`, as the API's own
 //! JSON for scripts. Secrets the API shows once (a new token, a client secret) are printed once.
 
+pub mod api;
 pub mod app;
 pub mod apply;
 pub mod audit;

@@ -128,6 +128,11 @@ impl ApiCatalog for Catalog {
                     openapi: r.openapi.clone(),
                     workspace_id: r.workspace_id.as_deref().map(str::to_owned),
                     shared: r.shared,
+                    api_state: r.lifecycle.as_ref().map(|l| l.state.as_str().to_owned()),
+                    api_name: r.lifecycle.as_ref().map(|l| l.api.clone()),
+                    api_version: r.lifecycle.as_ref().and_then(|l| l.version.clone()),
+                    sunset: r.lifecycle.as_ref().and_then(|l| l.sunset).map(keygate_core::Timestamp::to_rfc3339),
+                    successor: r.lifecycle.as_ref().and_then(|l| l.successor.clone()),
                     document: r.ai.as_ref().filter(|a| !a.prompts.is_empty()).map(|a| {
                         let prompts: Vec<_> = a.prompts.values().collect();
                         keygate_gateway::ai::prompt::openapi(&r.id, &r.prefix, &prompts)

@@ -39,6 +39,9 @@ pub enum Command {
     /// Manage the AI gateway's LLM providers through the admin API; keys are sealed and never
     /// shown again.
     Provider(ApiCommand<ProviderCommand>),
+    /// Manage the workspace's APIs and their lifecycle (draft, published, deprecated, retired)
+    /// through the admin API.
+    Api(ApiCommand<ApiLifecycleCommand>),
     /// Manage workspaces (tenants) through the admin API; needs an instance-level root key.
     Workspace(ApiCommand<WorkspaceCommand>),
     /// Make the workspace match a file: its scope catalog, plans, apps and API-managed routes.
@@ -83,7 +86,7 @@ pub enum RootKeyCommand {
         /// A permission (repeatable): tokens:read, tokens:write, apps:read, apps:write,
         /// plans:read, plans:write, audit:read, keys:write, root_keys:read, root_keys:write,
         /// routes:read, routes:write, workspaces:read, workspaces:write, tokens:verify, webhooks:read,
-        /// webhooks:write, providers:read, providers:write, or * for all.
+        /// webhooks:write, providers:read, providers:write, apis:read, apis:write, or * for all.
         /// Default: all.
         #[arg(long = "permission", value_name = "P")]
         permissions: Vec<String>,
@@ -655,6 +658,60 @@ pub enum ProviderCommand {
         key: ProviderKeyArgs,
     },
     /// Delete a provider with its sealed key (refused while a route calls it).
+    Delete { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiLifecycleCommand {
+    /// List the workspace's APIs with their state, versions and routes.
+    List,
+    /// Show one API.
+    Show { id: String },
+    /// Create an API, as a draft (its routes serve only this workspace until it is published).
+    Create {
+        /// Unique in the workspace; routes name the API by it or by its id.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// A version's name (such as v1), made a draft. Repeatable.
+        #[arg(long = "version", value_name = "NAME")]
+        versions: Vec<String>,
+        /// What replaces it: an http(s):// URL or an absolute path.
+        #[arg(long)]
+        successor: Option<String>,
+        /// Its OpenAPI document: JSON inline or @FILE.
+        #[arg(long, value_name = "JSON|@FILE")]
+        openapi: Option<String>,
+    },
+    /// Change an API (or, with --version, one of its versions): its state (draft, published,
+    /// deprecated, retired), sunset and successor, and the API's own fields.
+    Update {
+        id: String,
+        /// Change this version of the API instead of the API as a whole.
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// published, deprecated or retired (draft → published → deprecated → retired).
+        #[arg(long)]
+        state: Option<String>,
+        /// When it goes away: an RFC 3339 time in the future, or `none`.
+        #[arg(long)]
+        sunset: Option<String>,
+        /// What replaces it (an http(s):// URL or an absolute path), or `none`.
+        #[arg(long)]
+        successor: Option<String>,
+        /// The whole list of the API's versions (new ones are drafts). Repeatable.
+        #[arg(long = "versions", value_name = "NAME")]
+        versions: Vec<String>,
+        /// Its OpenAPI document: JSON inline or @FILE, or `none`.
+        #[arg(long, value_name = "JSON|@FILE")]
+        openapi: Option<String>,
+    },
+    /// Delete an API (refused while a route names it).
     Delete { id: String },
 }
 

@@ -18,13 +18,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use keygate_admin::routes::{FileRoute, RouteRules};
 use keygate_admin::service::Admin;
+use keygate_core::apis::{Api, Lifecycle};
 use keygate_core::llm::StoredProvider;
 use keygate_core::model::{DEFAULT_WORKSPACE, StoredRoute};
 use keygate_core::store::Store;
 use keygate_gateway::ai::{Deployment, Provider};
 use keygate_gateway::config::{GatewayConfig, ProviderConfig, RouteConfig};
 use keygate_gateway::gateway::{Gateway, Table};
-use keygate_gateway::routes::{RouteSource, RouteSpec, RouteTable};
+use keygate_gateway::routes::{RouteLifecycle, RouteSource, RouteSpec, RouteTable};
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
@@ -88,6 +89,32 @@ fn check_deployments(
         }
     }
     Ok(())
+}
+
+/// The API of workspace `ws` that a route's `api` names: by its id, else by its name.
+pub fn find_api<'a>(apis: &'a [Api], ws: Option<&str>, key: &str) -> Option<&'a Api> {
+    let own = || apis.iter().filter(move |a| Some(a.workspace_id.as_str()) == ws);
+    own().find(|a| a.id.as_str() == key).or_else(|| own().find(|a| a.name == key))
+}
+
+/// The lifecycle a route follows: `None` for a route of no API; an error naming what is missing
+/// when its workspace has no such API, or the API no such version.
+fn route_lifecycle(c: &RouteConfig, ws: Option<&str>, apis: &[Api]) -> Result<Option<RouteLifecycle>, String> {
+    let Some(key) = &c.api else { return Ok(None) };
+    let api = find_api(apis, ws, key).ok_or_else(|| {
+        format!(
+            "route {:?}: api {key:?} is not an API of the route's workspace; create it first (POST /admin/v1/apis)",
+            c.id
+        )
+    })?;
+    let version = match &c.version {
+        None => None,
+        Some(v) => Some(api.version(v).ok_or_else(|| {
+            format!("route {:?}: the API {:?} has no version {v:?}; add it to the API's versions first", c.id, api.name)
+        })?),
+    };
+    let l = Lifecycle::of(api, version);
+    Ok(Some(RouteLifecycle::new(&api.name, c.version.as_deref(), &l)))
 }
 
 /// Whether `base_url`'s host is a loopback, private or link-local address, or a local name.
@@ -158,6 +185,11 @@ impl LiveRoutes {
 
     /// Compiles the file's routes with `stored`. A stored route whose id the file now uses is
     /// left out (the file wins; logged), so editing the file can never take the gateway down.
+    /// Each route naming an API (`api`, `version`) follows its lifecycle among `apis`; one
+    /// naming an API or version its workspace does not have serves as a route of no API (logged)
+    /// — unless `strict` (a change made through the admin API is being checked) and it is a
+    /// stored route, which is then refused.
+    #[allow(clippy::too_many_arguments, reason = "the table's sources, each its own kind")]
     fn compile(
         &self,
         file: &FileRoutes,
@@ -165,6 +197,8 @@ impl LiveRoutes {
         stored: &[StoredRoute],
         providers: &[StoredProvider],
         denylists: &[(keygate_core::ids::WorkspaceId, Vec<String>)],
+        apis: &[Api],
+        strict: bool,
     ) -> Result<RouteTable, String> {
         let mut parsed = Vec::with_capacity(stored.len());
         for s in stored {
@@ -177,19 +211,36 @@ impl LiveRoutes {
                 s.workspace_id.as_str(),
             ));
         }
-        let specs: Vec<RouteSpec<'_>> = file
+        let sources: Vec<(&RouteConfig, Option<&str>, RouteSource)> = file
             .routes
             .iter()
-            .map(|c| RouteSpec {
-                config: c,
-                workspace_id: names.get(c.workspace.as_deref().unwrap_or(DEFAULT_WORKSPACE)).map(|w| &**w),
-                source: RouteSource::File,
+            .map(|c| {
+                (c, names.get(c.workspace.as_deref().unwrap_or(DEFAULT_WORKSPACE)).map(|w| &**w), RouteSource::File)
             })
-            .chain(parsed.iter().map(|(c, ws)| RouteSpec {
-                config: c,
-                workspace_id: Some(ws),
-                source: RouteSource::Api,
-            }))
+            .chain(parsed.iter().map(|(c, ws)| (c, Some(*ws), RouteSource::Api)))
+            .collect();
+        let mut lifecycles = Vec::with_capacity(sources.len());
+        for (c, ws, source) in &sources {
+            match route_lifecycle(c, *ws, apis) {
+                Ok(l) => lifecycles.push(l),
+                Err(e) if strict && *source == RouteSource::Api => return Err(e),
+                Err(e) => {
+                    if !strict {
+                        tracing::warn!(route = %c.id, error = %e, "the route's API is unknown; it serves as a route of no API");
+                    }
+                    lifecycles.push(None);
+                }
+            }
+        }
+        let specs: Vec<RouteSpec<'_>> = sources
+            .iter()
+            .zip(&lifecycles)
+            .map(|((config, workspace_id, source), l)| RouteSpec {
+                config,
+                workspace_id: *workspace_id,
+                source: *source,
+                lifecycle: l.as_ref(),
+            })
             .collect();
         // A workspace's denylist joins the `deny` of each of its routes (refused right after
         // routing, before any token work, like the route's own).
@@ -239,10 +290,11 @@ impl LiveRoutes {
         let (pos, stored) = self.store.list_routes().await.map_err(|e| e.message.into_owned())?;
         let providers = self.store.list_providers().await.map_err(|e| e.message.into_owned())?;
         let apps = self.store.app_limits().await.map_err(|e| e.message.into_owned())?;
+        let apis = self.store.all_apis().await.map_err(|e| e.message.into_owned())?;
         let file = self.file.load_full();
         let names = self.file_workspaces(&file.routes).await?;
         let denylists = self.store.workspace_denylists().await.map_err(|e| e.message.into_owned())?;
-        let table = self.compile(&file, &names, &stored, &providers, &denylists)?;
+        let table = self.compile(&file, &names, &stored, &providers, &denylists, &apis, false)?;
         self.load_providers(&providers);
         let n = table.routes.len();
         let next = Table::succeeding(table, &self.gw.table.load()).with_apps(&apps);
@@ -326,7 +378,7 @@ impl RouteRules for LiveRoutes {
         }
     }
 
-    fn check(&self, stored: &[StoredRoute], providers: &[StoredProvider]) -> Result<(), String> {
+    fn check(&self, stored: &[StoredRoute], providers: &[StoredProvider], apis: &[Api]) -> Result<(), String> {
         let file = self.file.load();
         // Workspaces do not change whether a table compiles: any id will do here.
         let names: HashMap<String, Arc<str>> = file
@@ -334,7 +386,7 @@ impl RouteRules for LiveRoutes {
             .iter()
             .map(|r| (r.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.into()), Arc::from("")))
             .collect();
-        self.compile(&file, &names, stored, providers, &[]).map(drop)
+        self.compile(&file, &names, stored, providers, &[], apis, true).map(drop)
     }
 
     fn file_providers(&self) -> Vec<Map<String, Value>> {

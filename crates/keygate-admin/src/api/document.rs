@@ -350,8 +350,50 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
             "else": {"properties": {"jwks": {"type": "null"}}}
         }),
     );
+    apis(doc);
     // Request bodies whose every field is optional may be left out (an empty body reads as `{}`).
     optional_bodies(doc);
+}
+
+/// A character a URI may hold (RFC 3986), and the same but `/`.
+const URI_CHAR: &str = r"A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%";
+const URI_CHAR_NOT_SLASH: &str = r"A-Za-z0-9\-._~:?#\[\]@!$&'()*+,;=%";
+
+/// APIs (issue 17): names, versions, successors (sent in a `Link` header), descriptions,
+/// states and OpenAPI documents, as `keygate_core::apis` checks them.
+fn apis(doc: &mut Value) {
+    let s = "/components/schemas";
+    let api_name = json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"});
+    let version = json!({"type": "string", "minLength": 1, "maxLength": 32,
+        "pattern": "^[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*$"});
+    let versions =
+        json!({"type": "array", "maxItems": keygate_core::apis::MAX_VERSIONS, "uniqueItems": true, "items": version});
+    let successor = json!({"type": "string", "maxLength": keygate_core::apis::MAX_SUCCESSOR_LEN,
+        "pattern": format!("^(https?://[{URI_CHAR_NOT_SLASH}][{URI_CHAR}]*|/([{URI_CHAR_NOT_SLASH}][{URI_CHAR}]*)?)$")});
+    let description =
+        json!({"type": "string", "maxLength": keygate_core::apis::MAX_DESCRIPTION_LEN, "pattern": TEXT_LINES});
+    let openapi = json!({"type": "object", "required": ["openapi"],
+        "properties": {"openapi": {"type": "string", "pattern": "^3"}}});
+    let state = json!({"type": ["string", "null"], "enum": ["draft", "published", "deprecated", "retired", null]});
+    let sunset = json!({"type": ["string", "null"], "format": "date-time"});
+    let c = format!("{s}/CreateApiRequest/properties");
+    set(doc, &format!("{c}/name"), api_name.clone());
+    set(doc, &format!("{c}/description"), nullable(description.clone()));
+    set(doc, &format!("{c}/versions"), versions.clone());
+    set(doc, &format!("{c}/successor"), nullable(successor.clone()));
+    set(doc, &format!("{c}/openapi"), nullable(openapi.clone()));
+    let u = format!("{s}/UpdateApiRequest/properties");
+    set(doc, &format!("{u}/name"), nullable(api_name));
+    set(doc, &format!("{u}/description"), nullable(description));
+    set(doc, &format!("{u}/versions"), nullable(versions));
+    set(doc, &format!("{u}/successor"), nullable(successor.clone()));
+    set(doc, &format!("{u}/openapi"), nullable(openapi));
+    set(doc, &format!("{u}/state"), state.clone());
+    set(doc, &format!("{u}/sunset"), sunset.clone());
+    let v = format!("{s}/UpdateApiVersionRequest/properties");
+    set(doc, &format!("{v}/successor"), nullable(successor));
+    set(doc, &format!("{v}/state"), state);
+    set(doc, &format!("{v}/sunset"), sunset);
 }
 
 /// Marks a request body not required when its schema requires no field: the API reads an empty

@@ -22,35 +22,55 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let has_json_type =
-            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
-                v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-            });
-        let has_type = req.headers().contains_key(header::CONTENT_TYPE);
-        let bytes = Bytes::from_request(req, state).await.map_err(|_| body_unreadable())?;
-        if bytes.len() > MAX_BODY_BYTES {
-            return Err(too_large());
-        }
-        if has_type && !has_json_type && !bytes.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as JSON with Content-Type: application/json",
-            ));
-        }
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON ({e})"))
-        })?;
-        // Every body is an object: serde would also read a struct from an array of its fields.
-        if !value.is_object() {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the body must be a JSON object"));
-        }
-        integral_numbers(&mut value);
-        serde_json::from_value(value)
-            .map(ApiJson)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body does not fit: {e}")))
+        read_json(req, state, MAX_BODY_BYTES).await.map(ApiJson)
     }
+}
+
+/// The largest body [`LargeJson`] reads: an API with its OpenAPI document (1 MiB) and the rest.
+pub const MAX_LARGE_BODY_BYTES: usize = keygate_core::apis::MAX_OPENAPI_BYTES + 64 * 1024;
+
+/// A JSON body that may carry a document (an API's OpenAPI document), read up to
+/// [`MAX_LARGE_BODY_BYTES`]; otherwise as [`ApiJson`].
+pub struct LargeJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for LargeJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        read_json(req, state, MAX_LARGE_BODY_BYTES).await.map(LargeJson)
+    }
+}
+
+/// Reads a JSON object body of at most `limit` bytes into `T`.
+async fn read_json<T: DeserializeOwned, S: Send + Sync>(req: Request, state: &S, limit: usize) -> Result<T, ApiError> {
+    let has_json_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+    let has_type = req.headers().contains_key(header::CONTENT_TYPE);
+    let bytes = Bytes::from_request(req, state).await.map_err(|_| body_unreadable())?;
+    if bytes.len() > limit {
+        return Err(too_large());
+    }
+    if has_type && !has_json_type && !bytes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ));
+    }
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON ({e})"))
+    })?;
+    // Every body is an object: serde would also read a struct from an array of its fields.
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "the body must be a JSON object"));
+    }
+    integral_numbers(&mut value);
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("the body does not fit: {e}")))
 }
 
 /// Turns numbers written with a zero fraction (`60.0`, `6e1`) into the integers they are. JSON
@@ -192,6 +212,8 @@ permission_marker!(
     WebhooksWrite => WebhooksWrite,
     ProvidersRead => ProvidersRead,
     ProvidersWrite => ProvidersWrite,
+    ApisRead => ApisRead,
+    ApisWrite => ApisWrite,
 );
 
 /// An authenticated root key holding permission `P`.

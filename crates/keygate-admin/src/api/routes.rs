@@ -70,6 +70,13 @@ pub struct RouteBody {
     /// `address_denied`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deny: Option<Vec<String>>,
+    /// The API this route serves (an id `api_…` or a name, of the route's workspace): the route
+    /// follows its lifecycle (draft, published, deprecated, retired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// The version of `api` this route serves (such as `v1`); needs `api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     pub description: Option<String>,
     pub openapi: Option<String>,
     /// The workspace's name: the root key's own (the only one allowed here).

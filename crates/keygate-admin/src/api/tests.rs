@@ -27,7 +27,8 @@ fn operations() -> Vec<(String, String)> {
     let doc = serde_json::to_value(doc).unwrap();
     let mut out = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
-        let concrete = path.replace("{id}", "tok_000000000000").replace("{scope}", "orders:read");
+        let concrete =
+            path.replace("{id}", "tok_000000000000").replace("{scope}", "orders:read").replace("{version}", "v1");
         for method in item.as_object().unwrap().keys() {
             out.push((method.to_uppercase(), concrete.clone()));
         }
@@ -80,6 +81,7 @@ async fn every_write_refuses_a_read_only_key() {
         Permission::WorkspacesRead,
         Permission::WebhooksRead,
         Permission::ProvidersRead,
+        Permission::ApisRead,
     ];
     let (_, key) = admin.create_root_key("default", "reader", read_all, &Actor::cli()).await.unwrap();
     for (method, path) in operations() {

@@ -90,6 +90,11 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "webhook_enabled" => ("ok", "Endpoint enabled: its pending deliveries are sent now."),
         "webhook_disabled" => ("ok", "Endpoint disabled: nothing is sent or queued for it until it is enabled."),
         "webhook_deleted" => ("ok", "Endpoint deleted, with its deliveries."),
+        "api_created" => ("ok", "API created, as a draft: its routes serve this workspace only until it is published."),
+        "api_changed" => ("ok", "API changed: the gateway applies its new state now, on every node."),
+        "api_publish_requested" => ("ok", "Publishing requested: an owner will approve or reject it."),
+        "api_request_decided" => ("ok", "Publish request decided."),
+        "api_deleted" => ("ok", "API deleted."),
         "provider_created" => ("ok", "Provider added; its key is sealed and will not be shown again."),
         "provider_key_rotated" => {
             ("ok", "The provider's new key is in use from the next call; revoke the old one at the provider.")
@@ -1469,6 +1474,7 @@ async fn settings_inner(
             max_days => policy.max_token_lifetime_days,
             require_two_factor => policy.require_two_factor,
             plan_approval => policy.plan_changes_need_approval,
+            api_publish_approval => policy.api_publish_needs_approval,
             exposure_action => policy.exposure_action.as_str(),
             rules => context! {
                 require_expiry => policy.rules.require_expiry,
@@ -1615,6 +1621,7 @@ pub async fn save_settings(State(st): State<DashboardState>, SignedIn(v): Signed
         max_token_lifetime_days: max,
         require_two_factor: f.get("require_two_factor") == "on",
         plan_changes_need_approval: f.get("plan_changes_need_approval") == "on",
+        api_publish_needs_approval: f.get("api_publish_needs_approval") == "on",
         exposure_action,
         max_token_age_days: max_age,
         suspend_unrotated: f.get("suspend_unrotated") == "on",

@@ -15,11 +15,17 @@ use crate::catalog::{ApiEntry, TryAnswer};
 
 const METHODS: [&str; 7] = ["get", "post", "put", "patch", "delete", "head", "options"];
 
-/// The APIs the viewer's workspace can call: its own routes and shared ones. Another
-/// workspace's API is "not found" here, as its tokens and apps are.
+/// The APIs the viewer's workspace can call: its own routes and shared ones, but those of draft
+/// and retired APIs. Another workspace's API is "not found" here, as its tokens and apps are.
 fn entries(st: &DashboardState, v: &Viewer) -> Vec<ApiEntry> {
     let ws = v.workspace().as_str();
-    st.catalog.as_ref().map(|c| c.apis()).unwrap_or_default().into_iter().filter(|a| a.serves_workspace(ws)).collect()
+    st.catalog
+        .as_ref()
+        .map(|c| c.apis())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.serves_workspace(ws) && a.in_portal())
+        .collect()
 }
 
 pub async fn catalog(State(st): State<DashboardState>, SignedIn(v): SignedIn) -> Response {

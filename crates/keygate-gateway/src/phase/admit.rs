@@ -374,6 +374,16 @@ impl Gateway {
         if denied(route.deny.as_deref()) {
             return Err(refuse_denied());
         }
+        // The route's API lifecycle (issue 17): a retired one is gone for everyone, before any
+        // token work; a deprecated one says so on every answer, refusals included.
+        if let Some(l) = &route.lifecycle {
+            if l.retired {
+                return Err(Refuse::of(Code::ApiRetired, l.retired_message()));
+            }
+            for (name, value) in &l.headers {
+                ctx.extra.header(name.clone(), value.clone());
+            }
+        }
         if let Some(q) = head.query
             && let Some(tok) = token_in_query(q, &self.index)
         {

@@ -644,3 +644,42 @@ async fn cli_manages_llm_providers_without_keys_on_the_command_line() {
     cli.refused(&["provider", "show", "oa"], "provider_not_found");
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_apis_and_their_lifecycle() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+    let made = cli.json(&["api", "create", "--name", "orders", "--version", "v1", "--version", "v2"]);
+    let id = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(made["state"], "draft");
+    assert_eq!(made["versions"][1]["name"], "v2");
+    let published = cli.json(&["api", "update", &id, "--state", "published", "--description", "Orders"]);
+    assert_eq!((published["state"].as_str(), published["description"].as_str()), (Some("published"), Some("Orders")));
+    let v1 = cli.json(&["api", "update", &id, "--version", "v1", "--state", "published"]);
+    assert_eq!(v1["versions"][0]["state"], "published");
+    let dep = cli.json(&[
+        "api",
+        "update",
+        &id,
+        "--version",
+        "v1",
+        "--state",
+        "deprecated",
+        "--sunset",
+        "2031-01-01T00:00:00Z",
+        "--successor",
+        "/v2/orders",
+    ]);
+    assert_eq!(dep["versions"][0]["sunset"], "2031-01-01T00:00:00Z");
+    let table = cli.table(&["api", "list"]);
+    assert!(table.contains("orders") && table.contains("published"), "{table}");
+    assert_eq!(cli.json(&["api", "show", &id])["versions"][0]["successor"], "/v2/orders");
+    cli.refused(&["api", "update", &id, "--version", "v2", "--state", "retired"], "invalid_state_transition");
+    cli.refused(&["api", "update", &id, "--state", "gone"], "invalid_state");
+    let usage = cli.run(&["api", "update", &id, "--version", "v1", "--name", "x"]);
+    assert_eq!(usage.code, Some(2), "a version takes only its own fields: {}", usage.stderr);
+    assert_eq!(cli.run(&["api", "show", "../x"]).code, Some(2));
+    assert!(cli.table(&["api", "delete", &id]).contains(&format!("deleted API {id}")));
+    cli.refused(&["api", "show", &id], "api_not_found");
+    kg.stop().await;
+}

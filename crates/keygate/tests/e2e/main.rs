@@ -7,6 +7,7 @@ mod admin_hardening;
 mod ai_gateway;
 mod anomaly;
 mod answer_framing;
+mod apis;
 mod audit_chain;
 mod cache;
 mod calls;

@@ -170,6 +170,14 @@ impl Admin {
             Some(Value::String(k)) => Some(k),
             Some(_) => return Err(Error::invalid("invalid_provider_key", "api_key is a string: the provider's key")),
         };
+        if let Some(url) = fields.get("base_url").and_then(Value::as_str)
+            && !api_base_url(url)
+        {
+            return Err(Error::invalid(
+                "invalid_provider",
+                "base_url is https://host[:port][/path], the path of letters, digits and . _ ~ / - only",
+            ));
+        }
         let config = rules.parse_provider(Value::Object(fields)).map_err(|m| Error::invalid("invalid_provider", m))?;
         Ok((config, key))
     }
@@ -558,5 +566,39 @@ mod tests {
         assert!(route_names(&config, "openai"));
         assert!(!route_names(&config, "open"));
         assert!(!route_names(&Map::new(), "openai"));
+    }
+}
+
+/// Whether `url` fits the grammar the admin API states for a provider's `base_url` (the OpenAPI
+/// document's pattern): `https://`, a host of letters, digits, `.` and `-` (1–200), an optional
+/// port of 1–5 digits, and an optional path of letters, digits and `. _ ~ / -`.
+fn api_base_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://") else { return false };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    (1..=200).contains(&host.len())
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'/' | b'-'))
+}
+
+#[cfg(test)]
+mod base_url_tests {
+    #[test]
+    fn a_base_url_fits_the_documented_grammar() {
+        for ok in ["https://api.openai.com", "https://h:8443/v1/x-y_z.~", "https://a"] {
+            assert!(super::api_base_url(ok), "{ok}");
+        }
+        for bad in
+            ["http://h", "https://", "https://P/~X*", "https://h:123456", "https://h:x", "https://h/a b", "https://u@h"]
+        {
+            assert!(!super::api_base_url(bad), "{bad}");
+        }
     }
 }

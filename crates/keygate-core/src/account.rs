@@ -184,8 +184,10 @@ pub struct TokenRules {
     pub suspend_dormant: bool,
 }
 
-/// The most entries a workspace's denylist may hold (each route of the workspace carries them).
-pub const MAX_WORKSPACE_DENY: usize = 10_000;
+/// The most entries a workspace's denylist may hold (each route of the workspace carries them;
+/// the admin API's 64 KiB body bound holds a thousand of the longest). Longer lists belong in the
+/// config file's `[gateway] deny`.
+pub const MAX_WORKSPACE_DENY: usize = 1_000;
 
 impl TokenRules {
     /// Checks the rules as values: the denylist parses and is bounded, the numbers are in range.
@@ -198,8 +200,8 @@ impl TokenRules {
         }
         crate::policy::AddressSet::parse(&self.deny)
             .map_err(|e| crate::Error::invalid("invalid_policy", format!("deny: {e}")))?;
-        if self.max_active_tokens_per_app == Some(0) {
-            return Err(crate::Error::invalid("invalid_policy", "max_active_tokens_per_app is at least 1"));
+        if self.max_active_tokens_per_app.is_some_and(|n| n == 0 || n > 1_000_000) {
+            return Err(crate::Error::invalid("invalid_policy", "max_active_tokens_per_app is from 1 to 1000000"));
         }
         if self.dormant_days.is_some_and(|d| d == 0 || d > 3650) {
             return Err(crate::Error::invalid("invalid_policy", "dormant_days is a number of days from 1 to 3650"));

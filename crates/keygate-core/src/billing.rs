@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 /// The most a price may be, in the currency's unit (a billion).
 pub const MAX_PRICE: f64 = 1e9;
+/// The most requests a flat fee may include.
+pub const MAX_INCLUDED_REQUESTS: u64 = 1_000_000_000_000_000;
 
 /// A plan's prices, all optional: a flat fee per period, requests included in it, and a price
 /// per request beyond them.
@@ -42,6 +44,9 @@ impl Pricing {
             }
             Ok((v * 1e6).round() as u64)
         };
+        if included_requests > MAX_INCLUDED_REQUESTS {
+            return Err(Error::invalid("invalid_pricing", "included_requests is at most 10^15"));
+        }
         Ok(Self {
             currency: currency.to_owned(),
             flat_micros: micros(flat_fee, "flat_fee")?,

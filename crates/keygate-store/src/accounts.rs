@@ -472,12 +472,12 @@ impl AccountStore for SqlStore {
     }
 
     async fn put_workspace_policy(&self, ws: &WorkspaceId, p: &WorkspacePolicy, audit: &NewAuditEvent) -> Result<()> {
-        let mut tx = self.begin().await?;
-        // A change to the denylist is a change of the gateway's route table (every node's).
+        // A change to the denylist is a change of the gateway's route table (every node's). Read
+        // before the transaction (see `SqlStore::update_app`: SQLite's lock upgrade).
         let old: Option<keygate_core::account::TokenRules> =
             match sqlx::query("SELECT rules FROM workspace_policies WHERE workspace_id = $1")
                 .bind(ws.as_str())
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&self.pool)
                 .await
                 .map_err(db_error)?
             {
@@ -485,6 +485,7 @@ impl AccountStore for SqlStore {
                 None => None,
             };
         let deny_changed = old.map(|o| o.deny).unwrap_or_default() != p.rules.deny;
+        let mut tx = self.begin().await?;
         let seqs = if deny_changed { Some(crate::sql::FeedSeqs::start(&mut tx).await?) } else { None };
         sqlx::query(
             "INSERT INTO workspace_policies \

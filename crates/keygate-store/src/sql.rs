@@ -641,14 +641,17 @@ impl AppStore for SqlStore {
     }
 
     async fn update_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
-        let mut tx = self.begin().await?;
-        // The shared limits as stored: a change to them is a change of the gateway's tables.
+        // The shared limits as stored: a change to them is a change of the gateway's tables. Read
+        // before the transaction, whose first statement must be a write: SQLite cannot turn a
+        // reading transaction into a writing one while another writer holds the lock ("database
+        // is locked"). Two changes of one app's limits at once are a lost update either way.
         let before = sqlx::query("SELECT rate_limit, quota FROM apps WHERE id = $1 AND workspace_id = $2")
             .bind(app.id.as_str())
             .bind(app.workspace_id.as_str())
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.pool)
             .await
             .map_err(db_error)?;
+        let mut tx = self.begin().await?;
         let limits_changed = match &before {
             Some(r) => {
                 rows::opt_json::<keygate_core::policy::RateLimit>(r, "rate_limit")? != app.rate_limit

@@ -111,7 +111,8 @@ pub(crate) async fn delete_app(
 /// The app's statement for a calendar month: its usage and what its plan charges for it.
 #[utoipa::path(get, path = "/admin/v1/apps/{id}/statement", tag = "apps",
     params(("id" = String, Path, description = "app_…"), StatementQuery),
-    responses((status = 200, body = StatementView, description = "JSON, or text/csv with format=csv"),
+    responses((status = 200, description = "JSON, or CSV with format=csv",
+            content((StatementView = "application/json"), (String = "text/csv"))),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn statement(
     auth: Auth<AppsRead>,

@@ -567,6 +567,7 @@ pub struct PricingBody {
     #[schema(minimum = 0, maximum = 1000000000.0)]
     pub flat_fee: f64,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1000000000000000_u64)]
     pub included_requests: u64,
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1000000000.0)]
@@ -1199,11 +1200,11 @@ pub struct TokenRulesBody {
     #[schema(max_items = 100)]
     pub dpop_required_for: Vec<String>,
     /// The most active tokens one app may hold (`too_many_tokens`).
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub max_active_tokens_per_app: Option<u32>,
     /// Addresses and CIDRs refused on every route of the workspace (403 `address_denied`).
     #[serde(default)]
-    #[schema(max_items = 10000)]
+    #[schema(max_items = 1000)]
     pub deny: Vec<String>,
     /// A token unused for this many days is dormant.
     #[schema(minimum = 1, maximum = 3650)]

@@ -329,7 +329,8 @@ pub(crate) async fn token_usage(
 /// The access review: every token that is not revoked, who holds it, its scopes and last use, and
 /// whether it is dormant, oldest use first; JSON or CSV (`format=csv`).
 #[utoipa::path(get, path = "/admin/v1/access-review", tag = "tokens", params(AccessReviewQuery),
-    responses((status = 200, body = AccessReview, description = "JSON, or text/csv with format=csv"),
+    responses((status = 200, description = "JSON, or CSV with format=csv",
+            content((AccessReview = "application/json"), (String = "text/csv"))),
         (status = 400, body = ErrorBody)))]
 pub(crate) async fn access_review(
     auth: Auth<TokensRead>,

@@ -293,7 +293,16 @@ async fn dormant_tokens_are_flagged_suspended_and_reviewed() {
     kg.sync_index().await.unwrap();
     kg.clock.advance_seconds(20 * 86_400);
     assert_eq!(call(&kg, "/demo/echo", &busy_secret).await.0, 200);
-    kg.flush_usage().await;
+    // The gateway meters a call once it has answered it: wait until the use is recorded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        kg.flush_usage().await;
+        if !c.get(&format!("/admin/v1/tokens/{busy}")).await.body["last_used_at"].is_null() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the call's use was never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     kg.clock.advance_seconds(15 * 86_400);
     // 35 days after creation: `idle` was never used, `busy` 15 days ago.
     let listed = c.get("/admin/v1/tokens?unused_days=30").await;
@@ -363,12 +372,19 @@ async fn a_statement_adds_up_to_the_requests_sent_and_closes_with_the_month() {
     assert_eq!(call(&kg, "/orders/2", &b).await.0, 200);
     assert_eq!(call(&kg, "/orders/status/500", &b).await.0, 500, "counted, not charged");
     assert_eq!(call(&kg, "/orders/1", &other).await.0, 200, "another app's: not on this statement");
-    kg.flush_usage().await;
 
+    // The gateway meters a call once it has answered it: flush until all seven are written.
     let period = keygate_core::billing::month_of(keygate_core::Clock::now(&kg.clock).as_millis());
-    let s = c.get(&format!("/admin/v1/apps/{app_id}/statement?period={period}")).await;
-    assert_eq!(s.status.as_u16(), 200, "{:?}", s.body);
-    let s = s.body;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let s = loop {
+        kg.flush_usage().await;
+        let s = c.get(&format!("/admin/v1/apps/{app_id}/statement?period={period}")).await;
+        assert_eq!(s.status.as_u16(), 200, "{:?}", s.body);
+        if s.body["requests"].as_u64() >= Some(7) || std::time::Instant::now() > deadline {
+            break s.body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
     assert_eq!((s["requests"].as_u64(), s["billable_requests"].as_u64()), (Some(7), Some(6)));
     assert_eq!(s["server_errors"], 1);
     assert_eq!((s["closed"].as_bool(), s["currency"].as_str()), (Some(false), Some("USD")));

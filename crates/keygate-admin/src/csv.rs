@@ -8,6 +8,25 @@ pub(crate) fn field(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// A statement as CSV: a header, one row per charged line, then the total.
+pub(crate) fn statement(s: &keygate_core::billing::Statement) -> String {
+    let mut out = String::from("period,item,quantity,unit_price,amount,currency\r\n");
+    for row in s.csv_rows() {
+        out.push_str(&row.iter().map(|c| field(c)).collect::<Vec<_>>().join(","));
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// An access review as CSV: a header, then one row per token.
+pub(crate) fn access_review(rows: &[crate::service::AccessReviewRow]) -> String {
+    let mut out = String::from(crate::service::AccessReviewRow::CSV_HEADER);
+    for r in rows {
+        out.push_str(&r.csv_line());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::field;

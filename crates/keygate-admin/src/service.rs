@@ -144,6 +144,35 @@ pub struct Adjustment {
     pub after: Value,
 }
 
+impl Adjustment {
+    /// What lowering `target`'s rate limit and quota (each `(before, lowered to)`, `None` when
+    /// not lowered) changed.
+    fn of(
+        target: &str,
+        (rate_before, rate): (Option<RateLimit>, Option<RateLimit>),
+        (quota_before, quota): (Option<Quota>, Option<Quota>),
+    ) -> Vec<Self> {
+        let mut out = Vec::new();
+        if let Some(r) = rate {
+            out.push(Self {
+                target: target.into(),
+                field: "rate_limit",
+                before: json_of(&rate_before),
+                after: json_of(&r),
+            });
+        }
+        if let Some(q) = quota {
+            out.push(Self {
+                target: target.into(),
+                field: "quota",
+                before: json_of(&quota_before),
+                after: json_of(&q),
+            });
+        }
+        out
+    }
+}
+
 /// The most uses a token may be limited to (a count, not a rate: beyond it, use a quota).
 pub const MAX_USES_LIMIT: u64 = 1_000_000_000;
 
@@ -872,22 +901,7 @@ impl Admin {
             let quota = app.quota.and_then(|q| lowered_quota(Some(q)));
             if rate.is_some() || quota.is_some() {
                 let update = AppUpdate { rate_limit: rate.map(Some), quota: quota.map(Some), ..AppUpdate::default() };
-                if let Some(r) = rate {
-                    out.push(Adjustment {
-                        target: app.id.to_string(),
-                        field: "rate_limit",
-                        before: json_of(&app.rate_limit),
-                        after: json_of(&Some(r)),
-                    });
-                }
-                if let Some(q) = quota {
-                    out.push(Adjustment {
-                        target: app.id.to_string(),
-                        field: "quota",
-                        before: json_of(&app.quota),
-                        after: json_of(&Some(q)),
-                    });
-                }
+                out.extend(Adjustment::of(app.id.as_str(), (app.rate_limit, rate), (app.quota, quota)));
                 Box::pin(self.update_app_adjusting(ws, &policy, &app.id, update)).await?;
             }
             let filter = TokenFilter { app_id: Some(app.id.clone()), ..TokenFilter::default() };
@@ -913,22 +927,7 @@ impl Admin {
                         Ok(())
                     })
                     .await?;
-                    if let Some(r) = rate {
-                        out.push(Adjustment {
-                            target: t.id.to_string(),
-                            field: "rate_limit",
-                            before: json_of(&t.rate_limit),
-                            after: json_of(&Some(r)),
-                        });
-                    }
-                    if let Some(q) = quota {
-                        out.push(Adjustment {
-                            target: t.id.to_string(),
-                            field: "quota",
-                            before: json_of(&t.quota),
-                            after: json_of(&Some(q)),
-                        });
-                    }
+                    out.extend(Adjustment::of(t.id.as_str(), (t.rate_limit, rate), (t.quota, quota)));
                 }
                 match page.next_cursor {
                     Some(c) => cursor = Some(c),

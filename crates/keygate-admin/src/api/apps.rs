@@ -126,12 +126,8 @@ pub(crate) async fn statement(
     match q.format.as_deref() {
         None | Some("json") => Ok(Json(StatementView::from(statement)).into_response()),
         Some("csv") => {
-            let mut out = String::from("period,item,quantity,unit_price,amount,currency\r\n");
-            for row in statement.csv_rows() {
-                out.push_str(&row.iter().map(|c| crate::csv::field(c)).collect::<Vec<_>>().join(","));
-                out.push_str("\r\n");
-            }
-            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], crate::csv::statement(&statement))
+                .into_response())
         }
         Some(_) => Err(Error::invalid("invalid_query", "format is json or csv").into()),
     }

@@ -341,11 +341,8 @@ pub(crate) async fn access_review(
     let (rows, truncated) = s.admin.access_review(&auth.key.workspace_id).await?;
     match q.format.as_deref() {
         Some("csv") => {
-            let mut out = String::from(crate::service::AccessReviewRow::CSV_HEADER);
-            for r in &rows {
-                out.push_str(&r.csv_line());
-            }
-            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], crate::csv::access_review(&rows))
+                .into_response())
         }
         None | Some("json") => {
             let now = s.admin.now();

@@ -399,12 +399,7 @@ pub async fn statement_csv(
 ) -> Response {
     match statement_for(&st, &v, &id, &q).await {
         Ok(s) => {
-            let mut out = String::from("period,item,quantity,unit_price,amount,currency\r\n");
-            for row in s.csv_rows() {
-                out.push_str(&row.iter().map(|c| crate::csv::field(c)).collect::<Vec<_>>().join(","));
-                out.push_str("\r\n");
-            }
-            let mut resp = Response::new(axum::body::Body::from(out));
+            let mut resp = Response::new(axum::body::Body::from(crate::csv::statement(&s)));
             resp.headers_mut().insert(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("text/csv; charset=utf-8"),

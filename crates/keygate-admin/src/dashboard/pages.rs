@@ -642,11 +642,7 @@ pub async fn access_review_csv(State(st): State<DashboardState>, SignedIn(v): Si
     }
     match st.admin.access_review(v.workspace()).await {
         Ok((rows, _)) => {
-            let mut out = String::from(crate::service::AccessReviewRow::CSV_HEADER);
-            for r in &rows {
-                out.push_str(&r.csv_line());
-            }
-            let mut resp = Response::new(axum::body::Body::from(out));
+            let mut resp = Response::new(axum::body::Body::from(crate::csv::access_review(&rows)));
             let h = resp.headers_mut();
             h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/csv; charset=utf-8"));
             h.insert(

@@ -1361,6 +1361,7 @@ impl OAuth {
                     expires_in: Some(i64::from(i.ttl)),
                     metadata: Some(metadata),
                     dpop_jkt: i.jkt.map(str::to_owned),
+                    oauth_access_token: true,
                     ..NewToken::default()
                 };
                 let (record, secret) = self.admin.create_token(&client.workspace_id, &actor_of(client), new).await?;

@@ -60,6 +60,10 @@ pub struct NewToken {
     pub llm_budget: Option<keygate_core::llm::LlmBudget>,
     /// How many requests the token may make in all (1: single use).
     pub max_uses: Option<u64>,
+    /// An opaque access token the OAuth server issues: governed by its client's registration
+    /// (grants, scopes, lifetime, DPoP), not by the workspace's token rules nor its count of
+    /// tokens per app (short-lived, one per grant).
+    pub oauth_access_token: bool,
 }
 
 /// Changes to a token, applied without reissuing it. `None`: unchanged; `Some(None)`: cleared.
@@ -1182,7 +1186,7 @@ impl Admin {
     }
 
     /// Refuses a new token for `app` when the workspace's policy caps its active tokens and the
-    /// app holds that many already.
+    /// app holds that many already (the OAuth server's opaque access tokens aside).
     async fn check_token_count(&self, ws: &WorkspaceId, policy: &WorkspacePolicy, app: &AppId) -> Result<()> {
         let Some(max) = policy.rules.max_active_tokens_per_app else { return Ok(()) };
         let filter =
@@ -1190,7 +1194,8 @@ impl Admin {
         let (mut held, mut cursor) = (0u64, None);
         loop {
             let page = self.store.list_tokens(ws, &filter, self.now(), &PageRequest { limit: 500, cursor }).await?;
-            held += page.items.len() as u64;
+            // The OAuth server's opaque access tokens are not counted (see `NewToken`).
+            held += page.items.iter().filter(|t| !t.metadata.contains_key("oauth_client_id")).count() as u64;
             match page.next_cursor {
                 Some(c) if held < u64::from(max) => cursor = Some(c),
                 _ => break,
@@ -1259,8 +1264,12 @@ impl Admin {
             exposed_at: None,
             version: 1,
         };
-        check_policy(&policy, &token, now, true)?;
-        self.check_token_count(ws, &policy, &token.app_id).await?;
+        if new.oauth_access_token {
+            check_policy(&WorkspacePolicy { rules: Default::default(), ..policy }, &token, now, true)?;
+        } else {
+            check_policy(&policy, &token, now, true)?;
+            self.check_token_count(ws, &policy, &token.app_id).await?;
+        }
         let audit =
             NewAuditEvent::new(ws, actor, "token.create", token.id.as_str(), now).with_after(token.audit_view());
         self.store.insert_token(&token, &audit).await?;

@@ -102,9 +102,57 @@ impl Clock for ManualClock {
     }
 }
 
+/// Formats Unix seconds as an HTTP date (RFC 9110 IMF-fixdate): `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn imf_fixdate(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] =
+        [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    let two = |v: u64, at: &mut [u8]| {
+        if let [a, b] = at {
+            *a = b'0' + (v / 10 % 10) as u8;
+            *b = b'0' + (v % 10) as u8;
+        }
+    };
+    if let Some(d) = DAYS.get((days % 7) as usize) {
+        out[..3].copy_from_slice(*d);
+    }
+    two(day as u64, &mut out[5..7]);
+    if let Some(m) = usize::try_from(month - 1).ok().and_then(|m| MONTHS.get(m)) {
+        out[8..11].copy_from_slice(*m);
+    }
+    let y = year.clamp(0, 9999) as u64;
+    two(y / 100, &mut out[12..14]);
+    two(y % 100, &mut out[14..16]);
+    two(rem / 3600, &mut out[17..19]);
+    two(rem / 60 % 60, &mut out[20..22]);
+    two(rem % 60, &mut out[23..25]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_follow_imf_fixdate() {
+        assert_eq!(&imf_fixdate(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&imf_fixdate(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&imf_fixdate(1_709_208_000), b"Thu, 29 Feb 2024 12:00:00 GMT");
+        assert_eq!(&imf_fixdate(4_102_444_799), b"Thu, 31 Dec 2099 23:59:59 GMT");
+    }
 
     #[test]
     fn rfc3339_round_trip() {

@@ -117,7 +117,7 @@ impl RouteLifecycle {
             }
             if let Some(sunset) = l.sunset {
                 let secs = u64::try_from(sunset.as_millis().div_euclid(1000)).unwrap_or(0);
-                if let Ok(v) = HeaderValue::from_bytes(&crate::answer::imf_fixdate(secs)) {
+                if let Ok(v) = HeaderValue::from_bytes(&keygate_core::clock::imf_fixdate(secs)) {
                     headers.push((HeaderName::from_static("sunset"), v));
                 }
             }

@@ -52,6 +52,7 @@ pub(crate) async fn create_token(
         dpop_jkt: req.dpop_jkt,
         llm_budget: req.llm_budget.map(LlmBudgetBody::to_budget).transpose()?,
         max_uses: req.max_uses,
+        oauth_access_token: false,
     };
     let (record, secret) = s.admin.create_token(&auth.key.workspace_id, &auth.actor, new).await?;
     let view = TokenView::new(&record, s.admin.now());

@@ -833,6 +833,7 @@ pub async fn create_token(State(st): State<DashboardState>, SignedIn(v): SignedI
             dpop_jkt: None,
             llm_budget: None,
             max_uses: None,
+            oauth_access_token: false,
         };
         st.admin.create_token(v.workspace(), &v.actor(), new).await
     }

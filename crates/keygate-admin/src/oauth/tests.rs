@@ -487,6 +487,37 @@ async fn opaque_access_tokens_are_keygate_tokens() {
 }
 
 #[tokio::test]
+async fn opaque_access_tokens_are_not_held_to_the_token_rules_of_people_s_keys() {
+    let k = kit().await;
+    let rules = keygate_core::account::TokenRules {
+        max_active_tokens_per_app: Some(1),
+        allowlist_required_for: vec![keygate_core::scope::Scope::parse("orders:*").unwrap()],
+        ..Default::default()
+    };
+    k.admin.set_token_rules(&k.ws, &actor(), rules).await.unwrap();
+    let new = NewClient {
+        access_token_format: Some("opaque".into()),
+        scopes: vec!["orders:read".into()],
+        ..NewClient::default()
+    };
+    let (c, secret) = k.client(new).await;
+    let auth = Some(basic(&c.client_id, &secret.unwrap()));
+    for _ in 0..3 {
+        let t = k.oauth.token(&req(auth.clone(), &[("grant_type", "client_credentials")])).await.unwrap();
+        assert!(t.access_token.starts_with("kg_"), "one grant, one short-lived token: not capped per app");
+    }
+    // Keys people make for the same app are held to them, and the access tokens do not count.
+    let key = |name: &str| crate::service::NewToken {
+        name: name.into(),
+        app_id: Some(c.app_id.clone()),
+        ..Default::default()
+    };
+    k.admin.create_token(&k.ws, &actor(), key("first")).await.unwrap();
+    let e = k.admin.create_token(&k.ws, &actor(), key("second")).await.unwrap_err();
+    assert_eq!(e.code, "too_many_tokens");
+}
+
+#[tokio::test]
 async fn the_endpoints_are_rate_limited_per_client() {
     let k = kit_with(|s| s.client_rate = RateLimit { requests: 2, per_seconds: 60, burst: 0 }).await;
     let (c, secret) = k.client(cc_client(&[], &[])).await;

@@ -9,6 +9,7 @@ pub mod apply;
 pub mod audit;
 pub mod oauth;
 pub mod plan;
+pub mod policy;
 pub mod provider;
 pub mod route;
 pub mod token;

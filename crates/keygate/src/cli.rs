@@ -42,6 +42,9 @@ pub enum Command {
     /// Manage the workspace's APIs and their lifecycle (draft, published, deprecated, retired)
     /// through the admin API.
     Api(ApiCommand<ApiLifecycleCommand>),
+    /// The workspace's token rules (expiry, allowlist and DPoP requirements, tokens per app,
+    /// denied addresses, dormancy) through the admin API.
+    Policy(ApiCommand<PolicyCommand>),
     /// Manage workspaces (tenants) through the admin API; needs an instance-level root key.
     Workspace(ApiCommand<WorkspaceCommand>),
     /// Make the workspace match a file: its scope catalog, plans, apps and API-managed routes.
@@ -221,6 +224,13 @@ pub enum TokenCommand {
         #[command(flatten)]
         policy: TokenPolicyArgs,
     },
+    /// The access review: every token that is not revoked, its app and owner, scopes, status,
+    /// last use and whether it is dormant, the longest unused first (`--csv` for a spreadsheet).
+    Review {
+        /// Print CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
     /// List tokens, newest first.
     List {
         #[arg(long)]
@@ -309,7 +319,29 @@ pub struct AppLimitArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the token rules.
+    Show,
+    /// Replace the token rules with those of a JSON file (fields of GET /admin/v1/policy/rules;
+    /// a field left out takes its default), `-` for standard input.
+    Set {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AppCommand {
+    /// An app's statement for a calendar month: its usage and what its plan charges for it.
+    Statement {
+        id: String,
+        /// The month as YYYY-MM (default: the current one).
+        #[arg(long)]
+        period: Option<String>,
+        /// Print CSV (the charged lines and the total) instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Create an app.
     Create {
         #[arg(long)]

@@ -52,6 +52,19 @@ pub async fn run(args: ApiCommand<AppCommand>) -> anyhow::Result<()> {
             limits_body(limits, &mut body)?;
             Shown::rows(client.send(Method::POST, "/admin/v1/apps", Some(Value::Object(body))).await?, COLUMNS)
         }
+        AppCommand::Statement { id, period, csv } => {
+            let mut q = Query::default();
+            q.push_opt("period", period.as_deref());
+            if *csv {
+                q.push("format", "csv");
+                let (text, _) = client.get_text(&format!("{}/statement{}", path(id)?, q.to_query_string())).await?;
+                print!("{text}");
+                return Ok(());
+            }
+            let answer =
+                client.send(Method::GET, &format!("{}/statement{}", path(id)?, q.to_query_string()), None).await?;
+            Shown::rows(answer, &["app_id", "period", "closed", "requests", "billable_requests", "total", "currency"])
+        }
         AppCommand::List { page } => {
             Shown::rows(list(&client, "/admin/v1/apps", Query::default(), page).await?, COLUMNS)
         }

@@ -61,6 +61,27 @@ pub async fn run(args: ApiCommand<TokenCommand>) -> anyhow::Result<()> {
             let answer = client.send(Method::POST, "/admin/v1/tokens", Some(Value::Object(body))).await?;
             Shown::with_secret(answer, COLUMNS, "token")
         }
+        TokenCommand::Review { csv } => {
+            if *csv {
+                let (text, _) = client.get_text("/admin/v1/access-review?format=csv").await?;
+                print!("{text}");
+                return Ok(());
+            }
+            let mut answer = client.send(Method::GET, "/admin/v1/access-review", None).await?;
+            // One row per token: its view, with the review's own fields beside it.
+            if let Some(rows) = answer.as_mut().and_then(|a| a.get_mut("data")).and_then(Value::as_array_mut) {
+                for r in rows.iter_mut() {
+                    let mut token = r.get("token").cloned().unwrap_or_default();
+                    if let (Some(t), Some(obj)) = (token.as_object_mut(), r.as_object()) {
+                        for k in ["app_name", "owner", "dormant"] {
+                            t.insert(k.into(), obj.get(k).cloned().unwrap_or_default());
+                        }
+                    }
+                    *r = token;
+                }
+            }
+            Shown::rows(answer, &["id", "name", "app_name", "owner", "scopes", "status", "dormant", "last_used_at"])
+        }
         TokenCommand::List { app, status, search, page } => {
             let mut q = Query::default();
             q.push_opt("app_id", app.as_deref());

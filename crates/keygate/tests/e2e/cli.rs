@@ -683,3 +683,59 @@ async fn cli_manages_apis_and_their_lifecycle() {
     cli.refused(&["api", "show", &id], "api_not_found");
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_governs_limits_rules_reviews_and_statements() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+    // A plan with a ceiling; an app on it with a shared limit; a limited-use token.
+    let plan = cli.json(&["plan", "create", "--name", "starter", "--scope", "orders:*", "--rate-limit", "10/60"]);
+    let plan_id = plan["id"].as_str().unwrap().to_owned();
+    let app = cli.json(&[
+        "app",
+        "create",
+        "--name",
+        "shop",
+        "--plan",
+        &plan_id,
+        "--rate-limit",
+        "5/60",
+        "--quota",
+        "100/day",
+    ]);
+    let app_id = app["id"].as_str().unwrap().to_owned();
+    assert_eq!(app["rate_limit"], json!({"requests": 5, "per_seconds": 60, "burst": 0}));
+    assert_eq!(app["quota"], json!({"requests": 100, "period": "day"}));
+    let token = cli.json(&["token", "create", "--name", "once", "--app", &app_id, "--max-uses", "1"]);
+    assert_eq!(token["max_uses"], 1);
+    let id = token["id"].as_str().unwrap().to_owned();
+    assert_eq!(cli.json(&["token", "update", &id, "--no-max-uses"])["max_uses"], Value::Null);
+    // Lowering the plan lowers the token, and says so on stderr.
+    let r = cli.run(&["plan", "update", &plan_id, "--rate-limit", "2/60"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("lowered to the plan's ceiling: {id} rate_limit")), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("{app_id} rate_limit")), "the app's shared limit too: {}", r.stderr);
+
+    // Token rules from a file, shown back; a token against them is refused with the stable code.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.json");
+    std::fs::write(&file, r#"{"require_expiry": true, "dormant_days": 90}"#).unwrap();
+    let rules = cli.json(&["policy", "set", "-f", file.to_str().unwrap()]);
+    assert_eq!((rules["require_expiry"].as_bool(), rules["dormant_days"].as_u64()), (Some(true), Some(90)));
+    assert_eq!(cli.json(&["policy", "show"])["dormant_days"], 90);
+    cli.refused(&["token", "create", "--name", "forever"], "expiry_required");
+    std::fs::write(&file, r#"{"dormant_days": 0}"#).unwrap();
+    cli.refused(&["policy", "set", "-f", file.to_str().unwrap()], "invalid_policy");
+
+    // The access review and the statement, as tables, JSON and CSV.
+    let review = cli.table(&["token", "review"]);
+    assert!(review.contains("once") && review.contains("shop"), "{review}");
+    let csv = cli.table(&["token", "review", "--csv"]);
+    assert!(csv.starts_with("token_id,name,app_id,app_name,owner,scopes,status,dormant"), "{csv}");
+    let statement = cli.json(&["app", "statement", &app_id]);
+    assert_eq!((statement["requests"].as_u64(), statement["closed"].as_bool()), (Some(0), Some(false)));
+    let csv = cli.table(&["app", "statement", &app_id, "--period", "2030-01", "--csv"]);
+    assert!(csv.starts_with("period,item,quantity,unit_price,amount,currency"), "{csv}");
+    cli.refused(&["app", "statement", &app_id, "--period", "2030-13"], "invalid_period");
+    kg.stop().await;
+}

@@ -816,6 +816,11 @@ async function run(browser, kg) {
     await goto(page, `${ctx.danaAppHref}/statement`);
     const month = new Date().toISOString().slice(0, 7);
     await expectH1(page, `Statement of dana-app, ${month}`);
+    // The provider's view: the owner's report counts the calls made so far, and draws them.
+    currentPage = owner;
+    await goto(owner, '/reports?by=app&days=7');
+    await expectH1(owner, 'Reports');
+    await mustExist(owner, owner.locator('svg#report-chart'), 'the chart of requests per day');
   });
 
   await step("developer B: A's token page answers 404", async () => {
@@ -827,7 +832,7 @@ async function run(browser, kg) {
   await step('phone-sized screen: pages fit 390 px without sideways scrolling', async () => {
     currentPage = owner;
     await owner.setViewportSize({ width: 390, height: 844 });
-    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', '/apis', '/ai', ctx.appHref, '/settings', '/workspaces']) {
+    for (const p of ['/', '/tokens', '/tokens/new', '/audit', '/portal', '/routes', '/apis', '/ai', '/reports', ctx.appHref, '/settings', '/workspaces']) {
       await goto(owner, p);
       const overflow = await owner.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       if (overflow > 1) throw new Error(`${p} is ${overflow} px wider than a 390 px screen`);
@@ -838,7 +843,7 @@ async function run(browser, kg) {
   });
 
   await step('accessibility: axe-core finds no serious or critical WCAG 2 A/AA violation', async () => {
-    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, `${ctx.appHref}/statement`, '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/apis', '/ai', '/workspaces', '/account/security'];
+    const pages = ['/', '/tokens', '/tokens/new', ctx.devAToken.href, '/apps', ctx.appHref, `${ctx.appHref}/statement`, '/reports', '/audit', '/members', '/settings', '/settings/signing-keys/rotate', '/portal', '/portal/demo', '/routes', '/apis', '/ai', '/workspaces', '/account/security'];
     await expectAccessible(browser, owner, pages);
   });
 

@@ -170,6 +170,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(misc::create_plan, misc::list_plans))
         .routes(routes!(misc::update_plan))
         .routes(routes!(tokens::access_review))
+        .routes(routes!(tokens::usage_report))
         .routes(routes!(apps::statement))
         .routes(routes!(misc::get_token_rules, misc::put_token_rules))
         .routes(routes!(misc::list_scopes))

@@ -13,6 +13,7 @@ mod notifications;
 mod oauth;
 mod pages;
 mod portal;
+mod reports;
 mod root_keys;
 mod routes;
 mod webhooks;
@@ -84,6 +85,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("scope_picker.html", include_str!("../dashboard/templates/scope_picker.html")),
     ("app.html", include_str!("../dashboard/templates/app.html")),
     ("statement.html", include_str!("../dashboard/templates/statement.html")),
+    ("reports.html", include_str!("../dashboard/templates/reports.html")),
     ("oauth_client_created.html", include_str!("../dashboard/templates/oauth_client_created.html")),
     ("signing_keys_rotate.html", include_str!("../dashboard/templates/signing_keys_rotate.html")),
     ("root_keys.html", include_str!("../dashboard/templates/root_keys.html")),
@@ -440,6 +442,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/settings/webhooks/{id}/deliveries/{delivery}", get(webhooks::delivery))
         .route("/settings/webhooks/{id}/deliveries/{delivery}/redeliver", post(webhooks::redeliver))
         .route("/ai", get(ai::page))
+        .route("/reports", get(reports::page))
+        .route("/reports.csv", get(reports::csv))
         .route("/ai/providers", post(ai::create))
         .route("/ai/providers/{id}/{action}", post(ai::action))
         .route("/apis", get(apis::page).post(apis::create))

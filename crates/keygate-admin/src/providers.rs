@@ -170,15 +170,16 @@ impl Admin {
             Some(Value::String(k)) => Some(k),
             Some(_) => return Err(Error::invalid("invalid_provider_key", "api_key is a string: the provider's key")),
         };
-        if let Some(url) = fields.get("base_url").and_then(Value::as_str)
+        let config = rules.parse_provider(Value::Object(fields)).map_err(|m| Error::invalid("invalid_provider", m))?;
+        // The grammar the API states, after the gateway's own checks (whose refusals say more).
+        if let Some(url) = config.get("base_url").and_then(Value::as_str)
             && !api_base_url(url)
         {
             return Err(Error::invalid(
                 "invalid_provider",
-                "base_url is https://host[:port][/path], the path of letters, digits and . _ ~ / - only",
+                "base_url is https://host[:port][/path] (http:// to a loopback address), the path of letters, digits and . _ ~ / - only",
             ));
         }
-        let config = rules.parse_provider(Value::Object(fields)).map_err(|m| Error::invalid("invalid_provider", m))?;
         Ok((config, key))
     }
 
@@ -570,20 +571,33 @@ mod tests {
 }
 
 /// Whether `url` fits the grammar the admin API states for a provider's `base_url` (the OpenAPI
-/// document's pattern): `https://`, a host of letters, digits, `.` and `-` (1–200), an optional
-/// port of 1–5 digits, and an optional path of letters, digits and `. _ ~ / -`.
+/// document's pattern): `https://` (or `http://`, which the gateway's own check allows to a
+/// loopback address only, for a provider on the same machine), a host of letters, digits, `.`
+/// and `-` (1–200), an optional port of 1–5 digits, and an optional path of letters, digits and
+/// `. _ ~ / -`.
 fn api_base_url(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("https://") else { return false };
+    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else { return false };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
-    let (host, port) = match authority.split_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
+    // An IPv6 literal in brackets (`[::1]`) is a host too (which addresses may be called is the
+    // gateway's check).
+    let (host, port, v6) = match authority.strip_prefix('[').and_then(|r| r.split_once(']')) {
+        // After the bracket: nothing, or `:` and the port (anything else fails the port's check).
+        Some((h, rest)) => (h, (!rest.is_empty()).then(|| rest.strip_prefix(':').unwrap_or(rest)), true),
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p), false),
+            None => (authority, None, false),
+        },
+    };
+    let host_ok = if v6 {
+        host.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
     };
     (1..=200).contains(&host.len())
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && host_ok
         && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
         && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'/' | b'-'))
 }
@@ -592,12 +606,26 @@ fn api_base_url(url: &str) -> bool {
 mod base_url_tests {
     #[test]
     fn a_base_url_fits_the_documented_grammar() {
-        for ok in ["https://api.openai.com", "https://h:8443/v1/x-y_z.~", "https://a"] {
+        for ok in [
+            "https://api.openai.com",
+            "https://h:8443/v1/x-y_z.~",
+            "https://a",
+            "http://127.0.0.1:8000/v1",
+            "https://[::1]:8443",
+        ] {
             assert!(super::api_base_url(ok), "{ok}");
         }
-        for bad in
-            ["http://h", "https://", "https://P/~X*", "https://h:123456", "https://h:x", "https://h/a b", "https://u@h"]
-        {
+        for bad in [
+            "ftp://h",
+            "https://",
+            "https://P/~X*",
+            "https://h:123456",
+            "https://h:x",
+            "https://h/a b",
+            "https://u@h",
+            "https://[::1]x",
+            "https://[zz]",
+        ] {
             assert!(!super::api_base_url(bad), "{bad}");
         }
     }

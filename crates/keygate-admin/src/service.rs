@@ -113,6 +113,117 @@ pub struct AppUpdate {
     pub quota: Option<Option<Quota>>,
 }
 
+/// The longest a usage report covers.
+pub const MAX_REPORT_DAYS: i64 = 90;
+
+/// What a usage report groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportDimension {
+    Token,
+    Route,
+    /// The route's `api` and `version` (routes of no API together).
+    Api,
+    App,
+    /// The owner of the app (routes' apps without one together).
+    Developer,
+}
+
+impl ReportDimension {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "token" => Self::Token,
+            "route" => Self::Route,
+            "api" => Self::Api,
+            "app" => Self::App,
+            "developer" => Self::Developer,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::Route => "route",
+            Self::Api => "api",
+            Self::App => "app",
+            Self::Developer => "developer",
+        }
+    }
+}
+
+/// A provider's usage report.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ProviderReport {
+    #[schema(value_type = String, format = DateTime)]
+    pub from: Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub to: Timestamp,
+    /// `token`, `route`, `api`, `app` or `developer`.
+    #[schema(value_type = String)]
+    pub by: &'static str,
+    /// Every request of the range (none when nothing was counted).
+    pub totals: Option<ReportLine>,
+    /// One line per group, the most requests first (the top consumers).
+    pub groups: Vec<ReportLine>,
+    /// One line per UTC day that had requests (`key`: `YYYY-MM-DD`).
+    pub days: Vec<ReportLine>,
+}
+
+/// The requests of one group, day or the whole range.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ReportLine {
+    pub key: String,
+    pub requests: u64,
+    /// Answered 2xx or 3xx.
+    pub ok: u64,
+    /// Answered 4xx (keygate's refusals included) and 5xx.
+    pub client_errors: u64,
+    pub server_errors: u64,
+    /// Upper bounds of the latency percentiles from the histogram, in ms (`None`: none counted,
+    /// or above a second).
+    pub p50_ms: Option<u64>,
+    pub p95_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+}
+
+impl ReportLine {
+    /// The CSV header of a report's lines.
+    pub const CSV_HEADER: &'static str = "key,requests,ok,client_errors,server_errors,p50_ms,p95_ms,p99_ms\r\n";
+
+    /// This line as CSV.
+    pub fn csv_line(&self) -> String {
+        let ms = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let cells = [
+            self.key.clone(),
+            self.requests.to_string(),
+            self.ok.to_string(),
+            self.client_errors.to_string(),
+            self.server_errors.to_string(),
+            ms(self.p50_ms),
+            ms(self.p95_ms),
+            ms(self.p99_ms),
+        ];
+        let mut line = cells.iter().map(|c| crate::csv::field(c)).collect::<Vec<_>>().join(",");
+        line.push_str("\r\n");
+        line
+    }
+
+    fn of(key: String, u: &UsageRecord) -> Self {
+        let bound =
+            |q: f64| u.latency_quantile_bucket(q).and_then(|i| keygate_core::model::LATENCY_BUCKETS_MS.get(i).copied());
+        let [s2, s3, s4, s5] = u.status;
+        Self {
+            key,
+            requests: u.requests,
+            ok: s2 + s3,
+            client_errors: s4,
+            server_errors: s5,
+            p50_ms: bound(0.5),
+            p95_ms: bound(0.95),
+            p99_ms: bound(0.99),
+        }
+    }
+}
+
 /// The most tokens an access review lists.
 pub const MAX_REVIEW_ROWS: usize = 100_000;
 
@@ -1702,6 +1813,109 @@ impl Admin {
             }
         }
         Ok(sweep)
+    }
+
+    /// A provider's usage report of the workspace over [from, to) (at most [`MAX_REPORT_DAYS`]:
+    /// a longer range starts that long before `to`; an empty one counts nothing):
+    /// the totals, the groups `by` a dimension (token, route, app, developer — the app's owner —,
+    /// api — the route's `api` and `version`), the top consumers first, and the requests per
+    /// UTC day.
+    pub async fn usage_report(
+        &self,
+        ws: &WorkspaceId,
+        by: ReportDimension,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<ProviderReport> {
+        use keygate_core::model::UsageGrouping as G;
+        let from = from.max(Timestamp::from_millis(to.as_millis().saturating_sub(MAX_REPORT_DAYS * 86_400_000)));
+        let grouping = match by {
+            ReportDimension::Token => G::Token,
+            ReportDimension::Route | ReportDimension::Api => G::Route,
+            ReportDimension::App | ReportDimension::Developer => G::App,
+        };
+        let rows = self.store.usage_groups(ws, grouping, from, to).await?;
+        // What each group key stands for in the dimension asked (routes to their API, apps to
+        // their owner), merged where several keys stand for one.
+        let mut names: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        match by {
+            ReportDimension::Api => {
+                let apis = self.store.list_apis(ws).await?;
+                let label = |v: &serde_json::Map<String, Value>| {
+                    let api = v.get("api").and_then(Value::as_str)?;
+                    let api =
+                        apis.iter().find(|a| a.id.as_str() == api || a.name == api).map_or(api, |a| a.name.as_str());
+                    Some(match v.get("version").and_then(Value::as_str) {
+                        Some(ver) => format!("{api} {ver}"),
+                        None => api.to_owned(),
+                    })
+                };
+                let (_, stored) = self.store.list_routes().await?;
+                for r in stored.iter().filter(|r| &r.workspace_id == ws) {
+                    if let Some(l) = label(&r.config) {
+                        names.insert(r.id.clone(), l);
+                    }
+                }
+                if let Some(rules) = self.route_rules.get() {
+                    for f in rules.file_routes() {
+                        if let (Some(id), Some(l)) = (f.config.get("id").and_then(Value::as_str), label(&f.config)) {
+                            names.insert(id.to_owned(), l);
+                        }
+                    }
+                }
+            }
+            ReportDimension::Developer => {
+                for (app, _) in &rows {
+                    let Some(id) = AppId::parse(app) else { continue };
+                    if let Some(u) = self.store.app_owner(ws, &id).await?
+                        && let Some(user) = self.store.user(&u).await?
+                    {
+                        names.insert(app.clone(), user.email);
+                    }
+                }
+            }
+            _ => {}
+        }
+        let mut groups: std::collections::BTreeMap<String, UsageRecord> = Default::default();
+        let mut totals: Option<UsageRecord> = None;
+        for (key, u) in &rows {
+            let key = match by {
+                ReportDimension::Api => names.get(key).cloned().unwrap_or_else(|| "(no API)".into()),
+                ReportDimension::Developer => names.get(key).cloned().unwrap_or_else(|| "(no owner)".into()),
+                _ if key.is_empty() => "(deleted)".into(),
+                _ => key.clone(),
+            };
+            match groups.get_mut(&key) {
+                Some(g) => g.add(u),
+                None => {
+                    groups.insert(key, u.clone());
+                }
+            }
+            match totals.as_mut() {
+                Some(t) => t.add(u),
+                None => totals = Some(u.clone()),
+            }
+        }
+        let mut groups: Vec<ReportLine> = groups.into_iter().map(|(k, u)| ReportLine::of(k, &u)).collect();
+        groups.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.key.cmp(&b.key)));
+        let days = self.store.usage_groups(ws, G::Day, from, to).await?;
+        let mut days: Vec<ReportLine> = days
+            .iter()
+            .filter_map(|(k, u)| {
+                let day = k.parse::<i64>().ok()?;
+                let date = Timestamp::from_millis(day * 86_400_000).to_rfc3339().get(..10)?.to_owned();
+                Some(ReportLine::of(date, u))
+            })
+            .collect();
+        days.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(ProviderReport {
+            from,
+            to,
+            by: by.as_str(),
+            totals: totals.map(|t| ReportLine::of("total".into(), &t)),
+            groups,
+            days,
+        })
     }
 
     /// The statement of app `id` for the calendar month `period` (`YYYY-MM`): every request its

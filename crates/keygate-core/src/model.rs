@@ -751,6 +751,16 @@ impl UsageRecord {
     }
 }
 
+/// How a usage report groups the requests it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGrouping {
+    Token,
+    Route,
+    App,
+    /// Per UTC day; the key is the day's number since 1970-01-01.
+    Day,
+}
+
 /// When a token was last used and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastUse {

@@ -211,6 +211,16 @@ pub trait UsageStore: Send + Sync {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<UsageRecord>>;
+    /// The workspace's usage within [from, to) summed per group (`by`): each group's key (a
+    /// token id, a route id, an app id — empty for tokens no longer stored —, or a day number)
+    /// and its counts (in a record whose `token_id`, `route` and `minute` mean nothing).
+    async fn usage_groups(
+        &self,
+        ws: &WorkspaceId,
+        by: crate::model::UsageGrouping,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(String, UsageRecord)>>;
     /// Every stored quota count.
     async fn quota_counts(&self) -> Result<Vec<QuotaCount>>;
 }

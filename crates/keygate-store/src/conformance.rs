@@ -852,6 +852,25 @@ async fn usage_and_quota_counts(h: &Harness) {
     s.record_usage(&many, &[], &[]).await.unwrap();
     let all = s.usage(&ws.id, &t.id, T0, T0.plus_seconds(60 * 1300)).await.unwrap();
     assert_eq!(all.iter().map(|u| u.requests).sum::<u64>(), 6 + 1200 * 3);
+    // Summed per group for reports: by token, route and app one group here; by day, each UTC day.
+    let to = T0.plus_seconds(60 * 1300);
+    for by in [UsageGrouping::Token, UsageGrouping::Route, UsageGrouping::App] {
+        let groups = s.usage_groups(&ws.id, by, T0, to).await.unwrap();
+        assert_eq!(groups.len(), 1, "{by:?}");
+        assert_eq!(groups[0].1.requests, 6 + 1200 * 3, "{by:?}");
+        assert_eq!(groups[0].1.status, [2 * 1202, 0, 1202, 0], "{by:?}");
+        assert_eq!(groups[0].1.latency[1], 2 * 1202, "{by:?}");
+    }
+    for (by, expected) in
+        [(UsageGrouping::Token, t.id.as_str()), (UsageGrouping::Route, "orders"), (UsageGrouping::App, d.id.as_str())]
+    {
+        assert_eq!(s.usage_groups(&ws.id, by, T0, to).await.unwrap()[0].0, expected);
+    }
+    let days = s.usage_groups(&ws.id, UsageGrouping::Day, T0, to).await.unwrap();
+    let first_day = (T0.as_millis() / 86_400_000).to_string();
+    assert!(days.iter().any(|(k, _)| *k == first_day), "{days:?}");
+    assert_eq!(days.iter().map(|(_, u)| u.requests).sum::<u64>(), 6 + 1200 * 3);
+    assert!(s.usage_groups(&ws2.id, UsageGrouping::Route, T0, to).await.unwrap().is_empty(), "tenant isolation");
     // Last uses of more tokens than one statement takes: two statements of different lengths.
     let mut uses = Vec::new();
     for i in 0..40u8 {

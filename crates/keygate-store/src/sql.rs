@@ -1176,6 +1176,12 @@ const USAGE_COLS: &str = "token_id, workspace_id, route, minute, requests, statu
     status_5xx, bytes_in, bytes_out, latency_us_sum, lat_1ms, lat_5ms, lat_10ms, lat_25ms, lat_50ms, lat_100ms, \
     lat_250ms, lat_500ms, lat_1s, lat_inf";
 
+/// The sums of the usage counts of `token_usage u`, named as the columns, cast back to BIGINT
+/// (PostgreSQL sums them as NUMERIC).
+fn usage_sums() -> String {
+    USAGE_COLS.split(", ").skip(4).map(|c| format!("CAST(SUM(u.{c}) AS BIGINT) AS {c}")).collect::<Vec<_>>().join(", ")
+}
+
 /// Rows per statement when flushing. SQLite looks a `$n` parameter up by a linear scan of the
 /// statement's parameters, so binding costs grow with the square of their number: usage rows
 /// (22 parameters) go one per statement, the 3-parameter rows in small batches. Measured in
@@ -1278,6 +1284,36 @@ impl UsageStore for SqlStore {
         rows.iter().map(rows::usage).collect()
     }
 
+    async fn usage_groups(
+        &self,
+        ws: &WorkspaceId,
+        by: keygate_core::model::UsageGrouping,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(String, UsageRecord)>> {
+        use keygate_core::model::UsageGrouping as G;
+        let key = match by {
+            G::Token => "u.token_id",
+            G::Route => "u.route",
+            G::App => "COALESCE(t.app_id, '')",
+            G::Day => "CAST(u.minute / 86400000 AS TEXT)",
+        };
+        let sql = format!(
+            "SELECT {key} AS k, '' AS token_id, MIN(u.workspace_id) AS workspace_id, '' AS route, \
+             CAST(MIN(u.minute) AS BIGINT) AS minute, {sums} FROM token_usage u LEFT JOIN tokens t ON t.id = u.token_id \
+             WHERE u.workspace_id = $1 AND u.minute >= $2 AND u.minute < $3 GROUP BY {key}",
+            sums = usage_sums()
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(ws.as_str())
+            .bind(from.as_millis())
+            .bind(to.as_millis())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| Ok((r.try_get::<String, _>("k").map_err(db_error)?, rows::usage(r)?))).collect()
+    }
+
     async fn app_usage(
         &self,
         ws: &WorkspaceId,
@@ -1285,14 +1321,8 @@ impl UsageStore for SqlStore {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<UsageRecord>> {
-        // Per token and route over [from, to); sums cast back to BIGINT (PostgreSQL sums them
-        // as NUMERIC).
-        let sums: String = USAGE_COLS
-            .split(", ")
-            .skip(4)
-            .map(|c| format!("CAST(SUM(u.{c}) AS BIGINT) AS {c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        // Per token and route over [from, to).
+        let sums = usage_sums();
         let sql = format!(
             "SELECT u.token_id, u.workspace_id, u.route, CAST($3 AS BIGINT) AS minute, {sums} FROM token_usage u \
              JOIN tokens t ON t.id = u.token_id WHERE u.workspace_id = $1 AND t.app_id = $2 AND u.minute >= $3 \

@@ -221,6 +221,14 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         json!({"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_IN}),
     );
     query_param(doc, "/admin/v1/access-review", "get", "format", json!({"type": "string", "enum": ["json", "csv"]}));
+    query_param(doc, "/admin/v1/reports/usage", "get", "format", json!({"type": "string", "enum": ["json", "csv"]}));
+    query_param(
+        doc,
+        "/admin/v1/reports/usage",
+        "get",
+        "by",
+        json!({"type": "string", "enum": ["token", "route", "api", "app", "developer"]}),
+    );
     query_param(
         doc,
         "/admin/v1/apps/{id}/statement",
@@ -265,6 +273,7 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         query_param(doc, "/admin/v1/audit-events/export", "get", name, date_time.clone());
         query_param(doc, "/admin/v1/tokens/{id}/usage", "get", name, date_time.clone());
         query_param(doc, "/admin/v1/tokens/{id}/llm-usage", "get", name, date_time.clone());
+        query_param(doc, "/admin/v1/reports/usage", "get", name, date_time.clone());
     }
     query_param(
         doc,

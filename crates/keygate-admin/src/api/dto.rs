@@ -1347,3 +1347,18 @@ impl From<keygate_core::billing::Statement> for StatementView {
         }
     }
 }
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageReportQuery {
+    /// `token`, `route`, `api` (the route's API and version), `app` or `developer` (the app's
+    /// owner); default `route`.
+    pub by: Option<String>,
+    /// Start (RFC 3339); default 30 days before `to`.
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive); default now. At most 90 days after `from`.
+    pub to: Option<String>,
+    /// `json` (default) or `csv` (the groups, one row each).
+    pub format: Option<String>,
+}

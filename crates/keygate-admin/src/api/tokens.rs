@@ -361,3 +361,38 @@ pub(crate) async fn access_review(
         Some(_) => Err(Error::invalid("invalid_query", "format is json or csv").into()),
     }
 }
+
+/// A provider's usage report: the requests of the workspace's tokens over a range (up to 90
+/// days), grouped by token, route, API, app or developer, the top consumers first, with errors
+/// and latency percentiles, and per UTC day.
+#[utoipa::path(get, path = "/admin/v1/reports/usage", tag = "tokens", params(UsageReportQuery),
+    responses((status = 200, description = "JSON, or CSV of the groups with format=csv",
+            content((crate::service::ProviderReport = "application/json"), (String = "text/csv"))),
+        (status = 400, body = ErrorBody)))]
+pub(crate) async fn usage_report(
+    auth: Auth<TokensRead>,
+    State(s): State<AdminState>,
+    ApiQuery(q): ApiQuery<UsageReportQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let by = match q.by.as_deref() {
+        None => crate::service::ReportDimension::Route,
+        Some(b) => crate::service::ReportDimension::parse(b)
+            .ok_or_else(|| Error::invalid("invalid_query", "by is one of token, route, api, app, developer"))?,
+    };
+    let to = super::extract::time_param(q.to.as_deref(), "to")?.unwrap_or_else(|| s.admin.now());
+    let from = super::extract::time_param(q.from.as_deref(), "from")?
+        .unwrap_or_else(|| keygate_core::Timestamp::from_millis(to.as_millis() - 30 * 86_400_000));
+    let report = s.admin.usage_report(&auth.key.workspace_id, by, from, to).await?;
+    match q.format.as_deref() {
+        None | Some("json") => Ok(Json(report).into_response()),
+        Some("csv") => {
+            let mut out = String::from(crate::service::ReportLine::CSV_HEADER);
+            for line in &report.groups {
+                out.push_str(&line.csv_line());
+            }
+            Ok(([(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+        }
+        Some(_) => Err(Error::invalid("invalid_query", "format is json or csv").into()),
+    }
+}

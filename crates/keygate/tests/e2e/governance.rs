@@ -436,3 +436,83 @@ async fn a_statement_adds_up_to_the_requests_sent_and_closes_with_the_month() {
     }
     kg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_report_groups_consumption_by_api_app_token_and_day() {
+    let up = keygate_testkit::MockUpstream::start().await.unwrap();
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let api = c.post("/admin/v1/apis", &json!({"name": "orders", "versions": ["v1", "v2"]})).await;
+    assert_eq!(api.status.as_u16(), 201, "{:?}", api.body);
+    for (id, path, version) in [("orders-v1", "/v1/orders", "v1"), ("orders-v2", "/v2/orders", "v2")] {
+        let r = c
+            .post(
+                "/admin/v1/routes",
+                &json!({"id": id, "path": path, "upstream": up.url(), "api": "orders", "version": version}),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 201, "{:?}", r.body);
+    }
+    let r = c.post("/admin/v1/routes", &json!({"id": "misc", "path": "/misc", "upstream": up.url()})).await;
+    assert_eq!(r.status.as_u16(), 201, "{:?}", r.body);
+    let shop = c.post("/admin/v1/apps", &json!({"name": "shop"})).await.str("/id");
+    let (a_id, a) = c.create_token(&json!({"name": "a", "app_id": shop})).await;
+    let (_, b) = c.create_token(&json!({"name": "b"})).await;
+    kg.sync_index().await.unwrap();
+    let sent = [(&a, "/v1/orders/1", 3), (&a, "/v2/orders/1", 2), (&b, "/v1/orders/1", 1), (&b, "/misc/x", 4)];
+    for (t, path, n) in sent {
+        for _ in 0..n {
+            assert_eq!(call(&kg, path, t).await.0, 200);
+        }
+    }
+    let report = |by: &'static str| {
+        let c = c.clone();
+        async move { c.get(&format!("/admin/v1/reports/usage?by={by}")).await.body }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        kg.flush_usage().await;
+        if report("route").await["totals"]["requests"] == 10 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let pairs = |r: &Value| -> Vec<(String, u64)> {
+        r["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["key"].as_str().unwrap().to_owned(), g["requests"].as_u64().unwrap()))
+            .collect()
+    };
+    let by_api = report("api").await;
+    assert_eq!(by_api["totals"]["requests"], 10);
+    assert_eq!(
+        pairs(&by_api),
+        [("(no API)".to_owned(), 4), ("orders v1".to_owned(), 4), ("orders v2".to_owned(), 2)],
+        "the top consumers first (ties by name)"
+    );
+    let by_app = pairs(&report("app").await);
+    assert!(by_app.contains(&(shop.clone(), 5)), "{by_app:?}");
+    let by_token = pairs(&report("token").await);
+    assert!(by_token.contains(&(a_id, 5)), "{by_token:?}");
+    let days = report("route").await["days"].clone();
+    assert_eq!(days.as_array().unwrap().len(), 1);
+    assert_eq!(days[0]["requests"], 10);
+    assert!(days[0]["p50_ms"].is_u64(), "latency percentiles from the histogram: {days}");
+    let by_dev = pairs(&report("developer").await);
+    assert_eq!(by_dev.iter().map(|(_, n)| n).sum::<u64>(), 10, "{by_dev:?}");
+    let csv = reqwest::Client::new()
+        .get(format!("{}/admin/v1/reports/usage?by=api&format=csv", kg.url()))
+        .bearer_auth(&kg.root_key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(csv.starts_with("key,requests,ok,client_errors,server_errors,p50_ms"), "{csv}");
+    assert!(csv.contains("\"orders v1\",\"4\",\"4\",\"0\",\"0\""), "{csv}");
+    assert_eq!(c.get("/admin/v1/reports/usage?by=planet").await.status.as_u16(), 400);
+    kg.stop().await;
+}

@@ -38,7 +38,6 @@ impl Default for AdminSettings {
 const MAX_NAME_LEN: usize = 200;
 const MAX_METADATA_BYTES: usize = 8 * 1024;
 const MAX_REASON_LEN: usize = 500;
-const MAX_SCOPES: usize = 100;
 /// The most buckets a usage report holds (a week of minutes).
 const MAX_USAGE_BUCKETS: i64 = 10_080;
 
@@ -2327,9 +2326,6 @@ fn app_view(app: &App) -> Value {
 }
 
 fn checked_scopes(raw: &[String]) -> Result<Vec<Scope>> {
-    if raw.len() > MAX_SCOPES {
-        return Err(Error::invalid("invalid_scope", format!("a token holds at most {MAX_SCOPES} scopes")));
-    }
     parse_scope_list(raw)
 }
 

@@ -129,8 +129,14 @@ pub fn any_covers(granted: &[Scope], required: &Scope) -> bool {
     granted.iter().any(|g| g.covers(required))
 }
 
+/// The most scopes one list (a token's, a plan's, an OAuth client's) may hold.
+pub const MAX_SCOPES: usize = 100;
 /// Parses, deduplicates and sorts a list of granted scopes.
 pub fn parse_scope_list(raw: &[String]) -> Result<Vec<Scope>> {
+    // Counted as given, before duplicates go: the bound is on what a request may send.
+    if raw.len() > MAX_SCOPES {
+        return Err(crate::Error::invalid("invalid_scope", format!("a list holds at most {MAX_SCOPES} scopes")));
+    }
     let mut out = raw.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>>>()?;
     out.sort();
     out.dedup();

@@ -516,3 +516,21 @@ async fn a_providers_report_groups_consumption_by_api_app_token_and_day() {
     assert_eq!(c.get("/admin/v1/reports/usage?by=planet").await.status.as_u16(), 400);
     kg.stop().await;
 }
+
+/// api-fuzz found it: an OAuth client's scopes were counted after duplicates went, so a list
+/// longer than the document's 100 was accepted. Every scope list is bounded as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_lists_are_bounded_as_sent_for_oauth_clients_too() {
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let app = c.post("/admin/v1/apps", &json!({"name": "svc"})).await.str("/id");
+    let many: Vec<&str> = vec!["orders:*"; 101];
+    let r = c.post(&format!("/admin/v1/apps/{app}/oauth-client"), &json!({"scopes": many})).await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_scope"), "{:?}", r.body);
+    let r = c.post("/admin/v1/tokens", &json!({"name": "t", "scopes": many})).await;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_scope"), "{:?}", r.body);
+    let hundred: Vec<&str> = vec!["orders:*"; 100];
+    let r = c.post(&format!("/admin/v1/apps/{app}/oauth-client"), &json!({"scopes": hundred})).await;
+    assert_eq!(r.status.as_u16(), 201, "{:?}", r.body);
+    kg.stop().await;
+}

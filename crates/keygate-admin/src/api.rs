@@ -16,6 +16,7 @@ mod oauth;
 mod providers;
 mod root_keys;
 mod routes;
+mod subscriptions;
 mod tokens;
 mod verify;
 mod webhooks;
@@ -65,6 +66,7 @@ Authenticate with `Authorization: Bearer <root key>`; each operation names the p
         (name = "oauth", description = "OAuth2 clients of apps and the instance's signing keys"),
         (name = "routes", description = "The gateway's routes: those of the config file (read-only) and those managed here, applied on every node without a restart"),
         (name = "apis", description = "The workspace's APIs and their lifecycle: draft, published, deprecated (Deprecation, Sunset and Link headers at the gateway), retired (410 api_retired); per version too; publish requests an owner decides"),
+        (name = "subscriptions", description = "Apps' subscriptions to APIs: an API whose access is subscription or approval admits only subscribed apps' tokens (403 subscription_required); subscriptions that wait for approval; the subscription's plan limits the app's calls to the API"),
         (name = "providers", description = "The LLM providers the AI gateway's routes call: those of the config file (read-only) and those made here, their keys sealed and never shown again"),
         (name = "workspaces", description = "The instance's workspaces (root keys of the default workspace only)"),
         (name = "root keys", description = "The admin API's own credentials: list and revoke"),
@@ -201,6 +203,12 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(apis::list_publish_requests))
         .routes(routes!(apis::approve_publish_request))
         .routes(routes!(apis::reject_publish_request))
+        .routes(routes!(subscriptions::subscribe))
+        .routes(routes!(subscriptions::list_subscriptions))
+        .routes(routes!(subscriptions::get_subscription))
+        .routes(routes!(subscriptions::approve_subscription))
+        .routes(routes!(subscriptions::reject_subscription))
+        .routes(routes!(subscriptions::cancel_subscription))
         .routes(routes!(workspaces::list_workspaces, workspaces::create_workspace))
         .routes(routes!(workspaces::get_workspace, workspaces::rename_workspace, workspaces::delete_workspace))
         .routes(routes!(calls::list_calls))

@@ -47,6 +47,8 @@ pub struct NewApi {
     /// Its versions' names (each a draft).
     pub versions: Vec<String>,
     pub successor: Option<String>,
+    /// Who may call its routes (default: open).
+    pub access: Option<keygate_core::subscriptions::ApiAccess>,
 }
 
 /// Changes to an API; `None` leaves a field as it is, `Some(None)` removes an optional one.
@@ -60,6 +62,7 @@ pub struct ApiChange {
     pub successor: Option<Option<String>>,
     /// The whole list of version names: new ones are added as drafts, missing ones removed.
     pub versions: Option<Vec<String>>,
+    pub access: Option<keygate_core::subscriptions::ApiAccess>,
 }
 
 /// Changes to one version.
@@ -173,6 +176,7 @@ fn audit_view(a: &Api) -> Value {
         "sunset": a.sunset.map(Timestamp::to_rfc3339),
         "successor": a.successor,
         "versions": a.versions,
+        "access": a.access.as_str(),
     })
 }
 
@@ -232,7 +236,7 @@ impl Admin {
 
     /// Rebuilds this node's route table now (other nodes follow the feed), if routes are
     /// served here.
-    async fn apply_routes(&self) {
+    pub(crate) async fn apply_routes(&self) {
         if let Some(rules) = self.route_rules.get() {
             rules.apply().await;
         }
@@ -281,6 +285,7 @@ impl Admin {
             sunset: None,
             successor: new.successor,
             versions: new.versions.iter().map(|v| ApiVersion::new(v)).collect(),
+            access: new.access.unwrap_or_default(),
             created_at: now,
             updated_at: now,
         };
@@ -407,6 +412,9 @@ impl Admin {
             }
             after.versions =
                 names.iter().map(|n| before.version(n).cloned().unwrap_or_else(|| ApiVersion::new(n))).collect();
+        }
+        if let Some(a) = change.access {
+            after.access = a;
         }
         let wait = self.needs_approval(ws, before.state, change.state, owner).await?;
         let state = if wait { None } else { change.state };

@@ -191,6 +191,31 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
                 _ => ("Someone asked to publish an API.", "Approve or reject it in the dashboard (API lifecycle)."),
             }
         }
+        "subscription.requested" | "subscription.approved" | "subscription.rejected" | "subscription.cancelled" => {
+            facts = vec![("Subscription".into(), target)];
+            for (label, key) in [("App", "app_id"), ("API", "api"), ("Version", "version"), ("Reason", "reason")] {
+                if let Some(v) = after[key].as_str() {
+                    facts.push((label.into(), v.to_owned()));
+                }
+            }
+            match kind {
+                "subscription.requested" => (
+                    "An app asked to subscribe to an API.",
+                    "Approve or reject it in the dashboard (APIs); until then the app's tokens are refused on the API.",
+                ),
+                "subscription.approved" => {
+                    ("An app's subscription to an API was approved.", "The app's tokens may call the API now.")
+                }
+                "subscription.rejected" => (
+                    "An app's request to subscribe to an API was rejected.",
+                    "The app's tokens are refused on the API (403 subscription_required); ask the API's owners why.",
+                ),
+                _ => (
+                    "An app's subscription to an API was cancelled.",
+                    "The app's tokens are refused on the API (403 subscription_required) until it subscribes again.",
+                ),
+            }
+        }
         "plan.requested" => {
             facts = vec![("Request".into(), target)];
             ("A developer asked for a plan change.", "Approve or deny it in the dashboard (Apps).")

@@ -18,6 +18,7 @@ pub mod routes;
 pub mod seal;
 pub mod secret_scanning;
 pub mod service;
+pub mod subscriptions;
 #[cfg(test)]
 mod testing;
 pub mod totp;

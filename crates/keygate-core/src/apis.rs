@@ -137,6 +137,8 @@ pub struct Api {
     /// A URL or an absolute path of what replaces it (the `Link: rel="successor-version"`).
     pub successor: Option<String>,
     pub versions: Vec<ApiVersion>,
+    /// Who may call its routes: every admitted token, or only subscribed apps' (issue 17).
+    pub access: crate::subscriptions::ApiAccess,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -334,7 +336,8 @@ pub trait ApiStore: Send + Sync {
     /// `not_found` if the workspace has no API with its id, `api_exists` if its new name is
     /// taken.
     async fn update_api(&self, api: &Api, audits: &[NewAuditEvent]) -> Result<()>;
-    /// Deletes an API (and its publish requests); `false` if the workspace has none with this id.
+    /// Deletes an API (and its publish requests and subscriptions); `false` if the workspace has
+    /// none with this id.
     async fn delete_api(&self, ws: &WorkspaceId, id: &ApiId, audit: &NewAuditEvent) -> Result<bool>;
     async fn api(&self, ws: &WorkspaceId, id: &ApiId) -> Result<Option<Api>>;
     /// The workspace's APIs, by name, without their OpenAPI documents (`openapi` is `None`).
@@ -378,6 +381,7 @@ mod tests {
             sunset: None,
             successor: None,
             versions: vec![],
+            access: Default::default(),
             created_at: Timestamp::from_millis(0),
             updated_at: Timestamp::from_millis(0),
         }

@@ -59,6 +59,7 @@ impl Error {
             "api" => "api_not_found",
             "api version" => "api_version_not_found",
             "publish request" => "publish_request_not_found",
+            "subscription" => "subscription_not_found",
             _ => "not_found",
         };
         Self::new(ErrorKind::NotFound, code, format!("no {what} with this id exists"))

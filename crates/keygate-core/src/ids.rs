@@ -76,6 +76,8 @@ typed_id!(/// An API: a workspace's named, versioned set of routes with a lifecy
     ApiId, "api");
 typed_id!(/// A request to publish an API, waiting for an owner's decision.
     ApiPublishRequestId, "apreq");
+typed_id!(/// An app's subscription to an API (or one of its versions).
+    SubscriptionId, "sub");
 
 impl TokenId {
     pub fn from_public_id(public_id: &str) -> Self {

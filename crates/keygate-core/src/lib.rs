@@ -25,6 +25,7 @@ pub mod scope;
 pub mod secret;
 pub mod siem;
 pub mod store;
+pub mod subscriptions;
 pub mod token_format;
 pub mod verify;
 

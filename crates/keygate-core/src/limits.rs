@@ -35,9 +35,12 @@ pub struct QuotaGrant {
 pub const APP_KEY: u8 = b'.';
 /// The marker of a token's count of uses (`max_uses`) in limiter keys ([`derived_key`]).
 pub const USES_KEY: u8 = b'!';
+/// The marker of the limits a subscription's plan lends to an app's calls to an API
+/// ([`derived_key`] of the subscription's id).
+pub const SUB_KEY: u8 = b'~';
 
 /// The limiter key of state that is not a token's own bucket: an app's shared limits
-/// ([`APP_KEY`]), a token's uses ([`USES_KEY`]). A marker byte no public id holds (those are
+/// ([`APP_KEY`]), a token's uses ([`USES_KEY`]), a subscription's ([`SUB_KEY`]). A marker byte no public id holds (those are
 /// base62), then 11 base62 characters of a SHA-256 of `id`: as long as a token's public id, so
 /// it lives in the same maps, and text, so its count is stored like a token's (as `tok_` and the
 /// key). Two ids meet on one key with odds of 62^-11 per pair: they would share a count, which

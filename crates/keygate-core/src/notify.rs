@@ -146,6 +146,30 @@ pub const EVENT_TYPES: &[EventType] = &[
         email: OWNERS,
     },
     EventType {
+        name: "subscription.requested",
+        actions: &["subscription.requested"],
+        description: "An app asked to subscribe to an API that needs approval; an owner or admin approves or rejects it.",
+        email: OWNERS,
+    },
+    EventType {
+        name: "subscription.approved",
+        actions: &["subscription.approve"],
+        description: "An app's subscription to an API was approved: its tokens may call the API.",
+        email: APP_OWNER,
+    },
+    EventType {
+        name: "subscription.rejected",
+        actions: &["subscription.reject"],
+        description: "An app's request to subscribe to an API was rejected.",
+        email: APP_OWNER,
+    },
+    EventType {
+        name: "subscription.cancelled",
+        actions: &["subscription.cancel"],
+        description: "An app's subscription to an API was cancelled: its tokens may no longer call the API.",
+        email: APP_OWNER,
+    },
+    EventType {
         name: "member.invited",
         actions: &["member.invited"],
         description: "Someone was invited to the workspace.",

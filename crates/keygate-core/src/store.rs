@@ -347,6 +347,7 @@ pub trait Store:
     + CallStore
     + crate::llm::LlmStore
     + crate::apis::ApiStore
+    + crate::subscriptions::SubscriptionStore
 {
     /// Which engine this is (`sqlite`, `postgres`), for logs.
     fn engine(&self) -> &'static str;

@@ -50,6 +50,8 @@ pub(crate) enum Code {
     AddressDenied,
     /// The route's API (or version) is retired (issue 17): 410, before any token work.
     ApiRetired,
+    /// The route's API needs a subscription and the token's app holds none (issue 17).
+    SubscriptionRequired,
     IpNotAllowed,
     InsufficientScope,
     CorsOriginNotAllowed,
@@ -72,7 +74,7 @@ pub(crate) enum Code {
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 22] = [
+    const ALL: [Code; 23] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -83,6 +85,7 @@ impl Code {
         Code::RouteNotInWorkspace,
         Code::AddressDenied,
         Code::ApiRetired,
+        Code::SubscriptionRequired,
         Code::IpNotAllowed,
         Code::InsufficientScope,
         Code::CorsOriginNotAllowed,
@@ -110,6 +113,7 @@ impl Code {
             Code::RouteNotInWorkspace => "route_not_in_workspace",
             Code::AddressDenied => "address_denied",
             Code::ApiRetired => "api_retired",
+            Code::SubscriptionRequired => "subscription_required",
             Code::IpNotAllowed => "ip_not_allowed",
             Code::InsufficientScope => "insufficient_scope",
             Code::CorsOriginNotAllowed => "cors_origin_not_allowed",
@@ -134,6 +138,7 @@ impl Code {
             | Code::CorsOriginNotAllowed
             | Code::RouteNotInWorkspace
             | Code::AddressDenied
+            | Code::SubscriptionRequired
             | Code::UsesExhausted => StatusCode::FORBIDDEN,
             Code::RouteNotFound => StatusCode::NOT_FOUND,
             Code::ApiRetired => StatusCode::GONE,

@@ -75,7 +75,7 @@ pub struct Route {
 
 /// What a route does because of its API's state (issue 17), worked out when the table is built
 /// so that a request only reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteLifecycle {
     /// The API's name and the version's, for the portal and the refusal's message.
     pub api: String,
@@ -92,6 +92,28 @@ pub struct RouteLifecycle {
     /// (RFC 9745 §2.1, a structured-field date), `Sunset: <IMF-fixdate>` (RFC 8594 §3) and
     /// `Link: <successor>; rel="successor-version"` (RFC 5829).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The apps subscribed to the route's API (or version), when any are or the API needs a
+    /// subscription; `None`: an open API no app subscribed to.
+    pub subscribers: Option<Arc<Subscribers>>,
+}
+
+/// The apps with an active subscription to a route's API (or its version), and whether the
+/// route admits only them ([`keygate_core::subscriptions::ApiAccess`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Subscribers {
+    /// The API needs a subscription: other apps' tokens are refused `subscription_required`.
+    pub required: bool,
+    /// By app id: the limits of the subscription's plan, shared by the app's tokens on the
+    /// route's API, under the subscription's own limiter key.
+    pub apps: std::collections::HashMap<Box<str>, crate::gateway::AppLimit, foldhash::fast::RandomState>,
+}
+
+impl Subscribers {
+    /// The subscription of `app`, if it holds one; `None` for a caller without an app.
+    #[inline]
+    pub fn of(&self, app: Option<&str>) -> Option<&crate::gateway::AppLimit> {
+        app.and_then(|a| self.apps.get(a))
+    }
 }
 
 impl RouteLifecycle {
@@ -136,6 +158,7 @@ impl RouteLifecycle {
             retired: l.retired,
             draft: l.draft && !l.retired,
             headers,
+            subscribers: None,
         }
     }
 

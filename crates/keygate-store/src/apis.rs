@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use keygate_core::apis::{Api, ApiPublishRequest, ApiState, ApiStore, ApiVersion, PublishRequestStatus};
 use keygate_core::ids::{ApiId, ApiPublishRequestId, WorkspaceId};
 use keygate_core::model::NewAuditEvent;
+use keygate_core::subscriptions::ApiAccess;
 use keygate_core::{Error, Result};
 use sqlx::any::AnyRow;
 
@@ -16,10 +17,10 @@ use crate::rows::{get, opt_ts, to_json, ts};
 use crate::sql::{FeedSeqs, SqlStore, Tx, insert_audit};
 
 const API_COLS: &str = "id, workspace_id, name, description, openapi, state, deprecated_at, sunset, successor, \
-    versions, created_at, updated_at";
+    versions, created_at, updated_at, access";
 /// The same without the OpenAPI document (up to 1 MiB each): what lists and the gateway read.
 const API_COLS_LEAN: &str = "id, workspace_id, name, description, NULL AS openapi, state, deprecated_at, sunset, \
-    successor, versions, created_at, updated_at";
+    successor, versions, created_at, updated_at, access";
 const REQ_COLS: &str = "id, workspace_id, api_id, version, requested_by, status, created_at, decided_by, decided_at";
 
 /// What `route_changes` records for a change of API `id`.
@@ -46,6 +47,10 @@ fn api_row(row: &AnyRow) -> Result<Api> {
         successor: get(row, "successor")?,
         versions: serde_json::from_str::<Vec<ApiVersion>>(&versions)
             .map_err(|e| Error::internal(format!("an API's versions are not valid: {e}")))?,
+        access: {
+            let access: String = get(row, "access")?;
+            ApiAccess::parse(&access).ok_or_else(|| Error::internal("an API has an unknown access mode"))?
+        },
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
     })
@@ -98,7 +103,7 @@ async fn write_api(tx: &mut Tx, api: &Api) -> Result<()> {
     }
     let done = sqlx::query(
         "UPDATE apis SET name = $1, description = $2, openapi = $3, state = $4, deprecated_at = $5, sunset = $6, \
-         successor = $7, versions = $8, updated_at = $9 WHERE workspace_id = $10 AND id = $11",
+         successor = $7, versions = $8, updated_at = $9, access = $12 WHERE workspace_id = $10 AND id = $11",
     )
     .bind(api.name.as_str())
     .bind(api.description.as_str())
@@ -111,6 +116,7 @@ async fn write_api(tx: &mut Tx, api: &Api) -> Result<()> {
     .bind(api.updated_at.as_millis())
     .bind(api.workspace_id.as_str())
     .bind(api.id.as_str())
+    .bind(api.access.as_str())
     .execute(&mut **tx)
     .await
     .map_err(db_error)?;
@@ -147,7 +153,7 @@ impl ApiStore for SqlStore {
             return Err(api_exists(&api.name));
         }
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO apis ({API_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO apis ({API_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         )))
         .bind(api.id.as_str())
         .bind(api.workspace_id.as_str())
@@ -161,6 +167,7 @@ impl ApiStore for SqlStore {
         .bind(to_json(&api.versions)?)
         .bind(api.created_at.as_millis())
         .bind(api.updated_at.as_millis())
+        .bind(api.access.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -177,12 +184,14 @@ impl ApiStore for SqlStore {
     async fn delete_api(&self, ws: &WorkspaceId, id: &ApiId, audit: &NewAuditEvent) -> Result<bool> {
         // Its requests first (a request of a missing API is nothing to decide); if the API is
         // not the workspace's, nothing of another workspace is touched (the filter names `ws`).
-        sqlx::query("DELETE FROM api_publish_requests WHERE workspace_id = $1 AND api_id = $2")
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        for table in ["api_publish_requests", "api_subscriptions"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE workspace_id = $1 AND api_id = $2")))
+                .bind(ws.as_str())
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+        }
         delete_in_workspace(self, "apis", ws, id.as_str(), &change_id(id), audit).await
     }
 

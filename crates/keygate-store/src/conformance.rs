@@ -2083,6 +2083,7 @@ async fn apis_and_publish_requests(h: &Harness) {
         sunset: None,
         successor: None,
         versions: vec![v1, ApiVersion::new("v2")],
+        access: keygate_core::subscriptions::ApiAccess::Open,
         created_at: T0,
         updated_at: T0,
     };
@@ -2112,6 +2113,7 @@ async fn apis_and_publish_requests(h: &Harness) {
         deprecated_at: Some(T0.plus_seconds(5)),
         sunset: Some(T0.plus_seconds(86_400)),
         successor: Some("/v2/orders".into()),
+        access: keygate_core::subscriptions::ApiAccess::Approval,
         updated_at: T0.plus_seconds(5),
         ..a.clone()
     };
@@ -2787,8 +2789,150 @@ conformance!(
     anomaly_alerts,
     call_log,
     anomaly_purge,
-    apis_and_publish_requests
+    apis_and_publish_requests,
+    api_subscriptions
 );
+
+/// Subscriptions: one live subscription per app, API and version (the unique index holds it
+/// whichever way it is added), moves only from the state the caller saw, every change on the
+/// route feed, the gateway's list of active ones with their plan's limits, another workspace's
+/// invisible, and the app's and the API's deletion taking their subscriptions with them.
+async fn api_subscriptions(h: &Harness) {
+    use keygate_core::apis::{Api, ApiState, ApiStore};
+    use keygate_core::ids::{ApiId, SubscriptionId};
+    use keygate_core::subscriptions::{
+        ApiAccess, Subscription, SubscriptionFilter, SubscriptionStatus, SubscriptionStore,
+    };
+    let s = &h.store;
+    let (ws, d) = workspace("subs");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (ws2, d2) = workspace("subs-other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    let a = app(&ws.id, "shop", false);
+    s.insert_app(&a, &audit(&ws.id, "app.create", a.id.as_str())).await.unwrap();
+    let mut p = plan(&ws.id, "metered");
+    p.rate_limit = Some(RateLimit { requests: 3, per_seconds: 3600, burst: 0 });
+    p.quota = Some(Quota { requests: 100, period: QuotaPeriod::Day });
+    s.insert_plan(&p, &audit(&ws.id, "plan.create", p.id.as_str())).await.unwrap();
+    let api = Api {
+        id: ApiId::random(&OsRandom).unwrap(),
+        workspace_id: ws.id.clone(),
+        name: "orders".into(),
+        description: String::new(),
+        openapi: None,
+        state: ApiState::Published,
+        deprecated_at: None,
+        sunset: None,
+        successor: None,
+        versions: vec![],
+        access: ApiAccess::Approval,
+        created_at: T0,
+        updated_at: T0,
+    };
+    s.insert_api(&api, &audit(&ws.id, "api.create", api.id.as_str())).await.unwrap();
+    assert_eq!(s.api(&ws.id, &api.id).await.unwrap().unwrap().access, ApiAccess::Approval);
+
+    let pending = Subscription {
+        id: SubscriptionId::random(&OsRandom).unwrap(),
+        workspace_id: ws.id.clone(),
+        app_id: a.id.clone(),
+        api_id: api.id.clone(),
+        version: None,
+        plan_id: Some(p.id.clone()),
+        status: SubscriptionStatus::Pending,
+        requested_by: "usr_dev".into(),
+        created_at: T0,
+        decided_by: None,
+        decided_at: None,
+        reason: None,
+    };
+    let pos = s.routes_position().await.unwrap();
+    s.insert_subscription(&pending, &audit(&ws.id, "subscription.requested", pending.id.as_str())).await.unwrap();
+    assert!(s.routes_position().await.unwrap() > pos, "a subscription moves the route feed");
+    assert_eq!(s.subscription(&ws.id, &pending.id).await.unwrap(), Some(pending.clone()));
+    assert_eq!(s.subscription(&ws2.id, &pending.id).await.unwrap(), None, "another workspace's is not found");
+    assert!(s.active_subscriptions().await.unwrap().iter().all(|g| g.id != pending.id), "pending is not active");
+    // A second live one to the same API and version is refused; another version is another.
+    let twin = Subscription { id: SubscriptionId::random(&OsRandom).unwrap(), ..pending.clone() };
+    let err = s.insert_subscription(&twin, &audit(&ws.id, "subscription.create", "x")).await.unwrap_err();
+    assert_eq!(err.code, "subscription_exists");
+    let v1 = Subscription {
+        id: SubscriptionId::random(&OsRandom).unwrap(),
+        version: Some("v1".into()),
+        status: SubscriptionStatus::Active,
+        ..twin.clone()
+    };
+    s.insert_subscription(&v1, &audit(&ws.id, "subscription.create", v1.id.as_str())).await.unwrap();
+    assert_eq!(s.count_app_subscriptions(&ws.id, &a.id).await.unwrap(), 2);
+
+    // Approved once: the second decision finds it changed.
+    let approved = Subscription {
+        status: SubscriptionStatus::Active,
+        decided_by: Some("usr_owner".into()),
+        decided_at: Some(T0.plus_seconds(5)),
+        ..pending.clone()
+    };
+    let pos = s.routes_position().await.unwrap();
+    s.update_subscription(&approved, SubscriptionStatus::Pending, &audit(&ws.id, "subscription.approve", "x"))
+        .await
+        .unwrap();
+    assert!(s.routes_position().await.unwrap() > pos);
+    let again = s
+        .update_subscription(&approved, SubscriptionStatus::Pending, &audit(&ws.id, "subscription.approve", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, "subscription_changed");
+    let foreign = Subscription { workspace_id: ws2.id.clone(), ..approved.clone() };
+    let err = s
+        .update_subscription(&foreign, SubscriptionStatus::Active, &audit(&ws2.id, "subscription.cancel", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "subscription_changed", "another workspace cannot change it");
+
+    // The gateway's list: active ones, with the plan's limits (none for a subscription without).
+    let grants: Vec<_> =
+        s.active_subscriptions().await.unwrap().into_iter().filter(|g| g.workspace_id == ws.id).collect();
+    assert_eq!(grants.len(), 2);
+    let whole = grants.iter().find(|g| g.id == pending.id).unwrap();
+    assert_eq!((whole.rate_limit, whole.quota, whole.version.as_deref()), (p.rate_limit, p.quota, None));
+    assert_eq!(grants.iter().find(|g| g.id == v1.id).unwrap().version.as_deref(), Some("v1"));
+
+    // Lists filter by app, API and status, newest first.
+    let all = s.list_subscriptions(&ws.id, &SubscriptionFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let f = SubscriptionFilter { status: Some(SubscriptionStatus::Pending), ..SubscriptionFilter::default() };
+    assert!(s.list_subscriptions(&ws.id, &f).await.unwrap().is_empty());
+    let f = SubscriptionFilter { app_id: Some(a.id.clone()), api_id: Some(api.id.clone()), status: None };
+    assert_eq!(s.list_subscriptions(&ws.id, &f).await.unwrap().len(), 2);
+    assert!(s.list_subscriptions(&ws2.id, &SubscriptionFilter::default()).await.unwrap().is_empty());
+
+    // Cancelled, a new one may be made.
+    let cancelled =
+        Subscription { status: SubscriptionStatus::Cancelled, reason: Some("done".into()), ..approved.clone() };
+    s.update_subscription(&cancelled, SubscriptionStatus::Active, &audit(&ws.id, "subscription.cancel", "x"))
+        .await
+        .unwrap();
+    assert_eq!(s.subscription(&ws.id, &pending.id).await.unwrap(), Some(cancelled));
+    s.insert_subscription(&twin, &audit(&ws.id, "subscription.requested", twin.id.as_str())).await.unwrap();
+
+    // Deleting the API takes its subscriptions; deleting an app takes its own.
+    let b = app(&ws.id, "other", false);
+    s.insert_app(&b, &audit(&ws.id, "app.create", b.id.as_str())).await.unwrap();
+    let api2 = Api { id: ApiId::random(&OsRandom).unwrap(), name: "billing".into(), ..api.clone() };
+    s.insert_api(&api2, &audit(&ws.id, "api.create", api2.id.as_str())).await.unwrap();
+    let theirs = Subscription {
+        id: SubscriptionId::random(&OsRandom).unwrap(),
+        app_id: b.id.clone(),
+        api_id: api2.id.clone(),
+        status: SubscriptionStatus::Active,
+        ..pending.clone()
+    };
+    s.insert_subscription(&theirs, &audit(&ws.id, "subscription.create", theirs.id.as_str())).await.unwrap();
+    assert!(s.delete_api(&ws.id, &api.id, &audit(&ws.id, "api.delete", api.id.as_str())).await.unwrap());
+    assert_eq!(s.count_app_subscriptions(&ws.id, &a.id).await.unwrap(), 0);
+    s.delete_app(&ws.id, &b.id, false, T0, &audit(&ws.id, "app.delete", b.id.as_str())).await.unwrap();
+    assert_eq!(s.subscription(&ws.id, &theirs.id).await.unwrap(), None);
+}
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a
 /// node that was not listening converges by its catch-up read.

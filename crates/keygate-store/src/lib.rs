@@ -19,6 +19,7 @@ mod routes;
 mod rows;
 mod siem;
 mod sql;
+mod subscriptions;
 mod workspaces;
 
 use std::path::Path;

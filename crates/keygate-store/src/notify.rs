@@ -121,6 +121,10 @@ async fn email_recipients(
         )
     } else if e.target.starts_with("app_") {
         Some("SELECT user_id FROM app_owners WHERE app_id = $1 AND workspace_id = $2")
+    } else if e.target.starts_with("sub_") {
+        Some(
+            "SELECT o.user_id FROM app_owners o JOIN api_subscriptions s ON s.app_id = o.app_id WHERE s.id = $1 AND o.workspace_id = $2",
+        )
     } else {
         None
     };

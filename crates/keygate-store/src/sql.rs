@@ -754,6 +754,12 @@ impl AppStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
+        sqlx::query("DELETE FROM api_subscriptions WHERE workspace_id = $1 AND app_id = $2")
+            .bind(ws.as_str())
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         sqlx::query("DELETE FROM plan_requests WHERE workspace_id = $1 AND app_id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())

@@ -22,10 +22,12 @@ use keygate_core::apis::{Api, Lifecycle};
 use keygate_core::llm::StoredProvider;
 use keygate_core::model::{DEFAULT_WORKSPACE, StoredRoute};
 use keygate_core::store::Store;
+use keygate_core::subscriptions::SubscriptionGrant;
 use keygate_gateway::ai::{Deployment, Provider};
 use keygate_gateway::config::{GatewayConfig, ProviderConfig, RouteConfig};
+use keygate_gateway::gateway::AppLimit;
 use keygate_gateway::gateway::{Gateway, Table};
-use keygate_gateway::routes::{RouteLifecycle, RouteSource, RouteSpec, RouteTable};
+use keygate_gateway::routes::{RouteLifecycle, RouteSource, RouteSpec, RouteTable, Subscribers};
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
@@ -99,7 +101,12 @@ pub fn find_api<'a>(apis: &'a [Api], ws: Option<&str>, key: &str) -> Option<&'a 
 
 /// The lifecycle a route follows: `None` for a route of no API; an error naming what is missing
 /// when its workspace has no such API, or the API no such version.
-fn route_lifecycle(c: &RouteConfig, ws: Option<&str>, apis: &[Api]) -> Result<Option<RouteLifecycle>, String> {
+fn route_lifecycle(
+    c: &RouteConfig,
+    ws: Option<&str>,
+    apis: &[Api],
+    grants: &[SubscriptionGrant],
+) -> Result<Option<RouteLifecycle>, String> {
     let Some(key) = &c.api else { return Ok(None) };
     let api = find_api(apis, ws, key).ok_or_else(|| {
         format!(
@@ -114,7 +121,33 @@ fn route_lifecycle(c: &RouteConfig, ws: Option<&str>, apis: &[Api]) -> Result<Op
         })?),
     };
     let l = Lifecycle::of(api, version);
-    Ok(Some(RouteLifecycle::new(&api.name, c.version.as_deref(), &l)))
+    let mut out = RouteLifecycle::new(&api.name, c.version.as_deref(), &l);
+    out.subscribers = subscribers(api, c.version.as_deref(), grants);
+    Ok(Some(out))
+}
+
+/// The apps subscribed to `api` on a route of its version `version` (a subscription to the
+/// whole API, or to that version — which wins when an app holds both), with their plans'
+/// limits; `None` for an open API no app subscribed to (the route reads nothing per request).
+fn subscribers(api: &Api, version: Option<&str>, grants: &[SubscriptionGrant]) -> Option<Arc<Subscribers>> {
+    let mut out = Subscribers { required: api.access.needs_subscription(), ..Subscribers::default() };
+    for g in grants.iter().filter(|g| g.api_id == api.id && g.workspace_id == api.workspace_id) {
+        let specific = match (&g.version, version) {
+            (None, _) => false,
+            (Some(v), Some(route)) if v == route => true,
+            (Some(_), _) => continue,
+        };
+        let limit = AppLimit {
+            key: keygate_core::limits::derived_key(keygate_core::limits::SUB_KEY, g.id.as_str()),
+            rate_limit: g.rate_limit,
+            quota: g.quota,
+        };
+        let app: Box<str> = g.app_id.as_str().into();
+        if specific || !out.apps.contains_key(&app) {
+            out.apps.insert(app, limit);
+        }
+    }
+    (out.required || !out.apps.is_empty()).then(|| Arc::new(out))
 }
 
 /// Whether `base_url`'s host is a loopback, private or link-local address, or a local name.
@@ -198,6 +231,7 @@ impl LiveRoutes {
         providers: &[StoredProvider],
         denylists: &[(keygate_core::ids::WorkspaceId, Vec<String>)],
         apis: &[Api],
+        grants: &[SubscriptionGrant],
         strict: bool,
     ) -> Result<RouteTable, String> {
         let mut parsed = Vec::with_capacity(stored.len());
@@ -221,7 +255,7 @@ impl LiveRoutes {
             .collect();
         let mut lifecycles = Vec::with_capacity(sources.len());
         for (c, ws, source) in &sources {
-            match route_lifecycle(c, *ws, apis) {
+            match route_lifecycle(c, *ws, apis, grants) {
                 Ok(l) => lifecycles.push(l),
                 Err(e) if strict && *source == RouteSource::Api => return Err(e),
                 Err(e) => {
@@ -294,7 +328,8 @@ impl LiveRoutes {
         let file = self.file.load_full();
         let names = self.file_workspaces(&file.routes).await?;
         let denylists = self.store.workspace_denylists().await.map_err(|e| e.message.into_owned())?;
-        let table = self.compile(&file, &names, &stored, &providers, &denylists, &apis, false)?;
+        let grants = self.store.active_subscriptions().await.map_err(|e| e.message.into_owned())?;
+        let table = self.compile(&file, &names, &stored, &providers, &denylists, &apis, &grants, false)?;
         self.load_providers(&providers);
         let n = table.routes.len();
         let next = Table::succeeding(table, &self.gw.table.load()).with_apps(&apps);
@@ -386,7 +421,7 @@ impl RouteRules for LiveRoutes {
             .iter()
             .map(|r| (r.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.into()), Arc::from("")))
             .collect();
-        self.compile(&file, &names, stored, providers, &[], apis, true).map(drop)
+        self.compile(&file, &names, stored, providers, &[], apis, &[], true).map(drop)
     }
 
     fn file_providers(&self) -> Vec<Map<String, Value>> {

@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use keygate_core::apis::{Api, ApiPublishRequest, ApiState, ApiVersion, PublishRequestStatus};
 use keygate_core::ids::{ApiId, ApiPublishRequestId};
+use keygate_core::subscriptions::ApiAccess;
 use keygate_core::{Error, Timestamp};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -52,6 +53,38 @@ impl From<ApiState> for ApiStateBody {
     }
 }
 
+/// Who may call an API's routes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiAccessBody {
+    /// Every token its routes admit (workspace, scopes, limits).
+    Open,
+    /// Only tokens of apps subscribed to it (or to the route's version); subscribing is immediate.
+    Subscription,
+    /// The same, each subscription waiting for an owner's or admin's approval.
+    Approval,
+}
+
+impl From<ApiAccess> for ApiAccessBody {
+    fn from(a: ApiAccess) -> Self {
+        match a {
+            ApiAccess::Open => Self::Open,
+            ApiAccess::Subscription => Self::Subscription,
+            ApiAccess::Approval => Self::Approval,
+        }
+    }
+}
+
+impl From<ApiAccessBody> for ApiAccess {
+    fn from(a: ApiAccessBody) -> Self {
+        match a {
+            ApiAccessBody::Open => Self::Open,
+            ApiAccessBody::Subscription => Self::Subscription,
+            ApiAccessBody::Approval => Self::Approval,
+        }
+    }
+}
+
 /// A new API, made as a draft.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +100,9 @@ pub struct CreateApiRequest {
     pub versions: Vec<String>,
     /// What replaces it: an `http(s)://` URL or an absolute path (the `Link` header's target).
     pub successor: Option<String>,
+    /// Who may call its routes (default `open`); `subscription` and `approval` admit only the
+    /// tokens of subscribed apps (403 `subscription_required` for the others).
+    pub access: Option<ApiAccessBody>,
 }
 
 /// Changes to an API: the fields given replace the old ones (`null` removes an optional one).
@@ -91,6 +127,8 @@ pub struct UpdateApiRequest {
     /// The whole list of versions: new names are added as drafts, missing ones removed (409
     /// `api_in_use` while a route names one).
     pub versions: Option<Vec<String>>,
+    /// Who may call its routes; applied on every node at once.
+    pub access: Option<ApiAccessBody>,
 }
 
 /// Changes to one version of an API.
@@ -196,6 +234,8 @@ pub struct ApiView {
     pub sunset: Option<Timestamp>,
     pub successor: Option<String>,
     pub versions: Vec<ApiVersionView>,
+    /// Who may call its routes.
+    pub access: ApiAccessBody,
     /// The workspace's routes that name it (`api`), with the version each serves.
     pub routes: Vec<ApiRouteView>,
     /// Requests to publish it that wait for an owner.
@@ -231,6 +271,7 @@ fn view(e: ApiDetails, with_document: bool) -> ApiView {
         sunset,
         successor,
         versions,
+        access,
         created_at,
         updated_at,
         ..
@@ -244,6 +285,7 @@ fn view(e: ApiDetails, with_document: bool) -> ApiView {
         sunset,
         successor,
         versions: versions.iter().map(ApiVersionView::from).collect(),
+        access: access.into(),
         routes: e.routes.into_iter().map(|r| ApiRouteView { id: r.id, path: r.path, version: r.version }).collect(),
         pending_publish_requests: e.pending.into_iter().map(PublishRequestView::from).collect(),
         openapi: if with_document { openapi.and_then(|d| serde_json::from_str(&d).ok()) } else { None },
@@ -301,6 +343,7 @@ pub(crate) async fn create_api(
         openapi: body.openapi,
         versions: body.versions,
         successor: body.successor,
+        access: body.access.map(Into::into),
     };
     let e = s.admin.create_api(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(view(e, true))))
@@ -336,6 +379,7 @@ pub(crate) async fn update_api(
         sunset: sunset(body.sunset)?,
         successor: body.successor,
         versions: body.versions,
+        access: body.access.map(Into::into),
     };
     let out = s.admin.update_api(&auth.key.workspace_id, &auth.actor, &id, change, true).await?;
     Ok(Json(view(out.entry, true)))

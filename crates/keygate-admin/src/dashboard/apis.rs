@@ -130,6 +130,7 @@ pub async fn create(State(st): State<DashboardState>, SignedIn(v): SignedIn, Csr
         openapi: None,
         versions,
         successor: opt("successor"),
+        access: keygate_core::subscriptions::ApiAccess::parse(f.get("access")),
     };
     match st.admin.create_api(v.workspace(), &v.actor(), new).await {
         Ok(_) => see_other("/apis?msg=api_created"),

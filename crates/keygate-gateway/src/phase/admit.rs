@@ -76,16 +76,34 @@ pub(crate) struct LimitWait {
     pending: crate::shared::Pending,
 }
 
+/// The refusal of a caller whose app is not subscribed to the route's API.
+#[cold]
+fn subscription_message(route: &Route) -> String {
+    let what = match route.lifecycle.as_ref() {
+        Some(l) => match &l.version {
+            Some(v) => format!("version {v} of the API {:?}", l.api),
+            None => format!("the API {:?}", l.api),
+        },
+        None => "this API".to_owned(),
+    };
+    format!(
+        "{what} is open only to apps subscribed to it, and this token's app is not (or its subscription awaits approval); subscribe the app in the developer portal or through POST /admin/v1/apps/{{id}}/subscriptions"
+    )
+}
+
 /// The limit checks of a request, in their order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Step {
     TokenRate = 0,
     AppRate = 1,
-    RouteRate = 2,
-    TokenQuota = 3,
-    AppQuota = 4,
-    Uses = 5,
+    /// The limits the app's subscription to the route's API lends it (its plan's).
+    SubRate = 2,
+    RouteRate = 3,
+    TokenQuota = 4,
+    AppQuota = 5,
+    SubQuota = 6,
+    Uses = 7,
 }
 
 /// The `RateLimit` header pair of a rate limit.
@@ -442,6 +460,13 @@ impl Gateway {
                 "this route is not open to this token's workspace; use a token of the route's workspace",
             ));
         }
+        // An API that needs a subscription admits only its subscribers' tokens (issue 17).
+        if let Some(subs) = route.lifecycle.as_ref().and_then(|l| l.subscribers.as_deref())
+            && subs.required
+            && subs.of(caller.app_id()).is_none()
+        {
+            return Err(Refuse::of(Code::SubscriptionRequired, subscription_message(route)));
+        }
         let shared_replay = self.check_dpop(head, &ctx.conn, (scheme, presented), caller, now)?;
         // RFC 9449 §9: the nonce for the next proof, with the answer.
         if scheme == Scheme::Dpop
@@ -579,14 +604,17 @@ impl Gateway {
         let id: &[u8; PUBLIC_ID_LEN] = caller.limit_key();
         let token = caller.key();
         let app = if table.apps.is_empty() { None } else { caller.app_id().and_then(|a| table.apps.get(a)) };
+        let sub = route.lifecycle.as_ref().and_then(|l| l.subscribers.as_deref()).and_then(|s| s.of(caller.app_id()));
         let now_us = now.as_millis().saturating_mul(1000);
         let now_ms = now.as_millis();
 
-        // Rate limits: the token's and its app's (one header: the tighter), then the route's.
+        // Rate limits: the token's, its app's and its subscription's (one header: the tightest),
+        // then the route's.
         let mut shown: Option<(&'static str, RateLimit, GcraDecision)> = None;
         let rates = [
             (Step::TokenRate, "token", id, 0u32, token.and_then(|t| t.rate_limit)),
             (Step::AppRate, "app", app.map_or(id, |a| &a.key), 0, app.and_then(|a| a.rate_limit)),
+            (Step::SubRate, "subscription", sub.map_or(id, |s| &s.key), 0, sub.and_then(|s| s.rate_limit)),
             (Step::RouteRate, "route", id, route.limiter_key, route.rate_limit),
         ];
         for (step, name, key, scope, limit) in rates {
@@ -628,12 +656,14 @@ impl Gateway {
             add_rate_header(extra, name, &limit, &d);
         }
 
-        // Quotas: the token's and its app's (one header: the tighter), then the token's uses.
+        // Quotas: the token's, its app's and its subscription's (one header: the tightest), then
+        // the token's uses.
         let mut shown: Option<(&'static str, Quota, QuotaDecision)> = None;
         let uses = token.and_then(IndexedToken::max_uses);
         let quotas = [
             (Step::TokenQuota, "quota", id, token.and_then(|t| t.quota)),
             (Step::AppQuota, "app_quota", app.map_or(id, |a| &a.key), app.and_then(|a| a.quota)),
+            (Step::SubQuota, "subscription_quota", sub.map_or(id, |s| &s.key), sub.and_then(|s| s.quota)),
             (
                 Step::Uses,
                 "uses",
@@ -674,7 +704,11 @@ impl Gateway {
                         format!("this token was good for {} requests and they are used; use a new token", q.requests),
                     ),
                     _ => {
-                        let whose = if step == Step::AppQuota { "app's shared" } else { "token's" };
+                        let whose = match step {
+                            Step::AppQuota => "app's shared",
+                            Step::SubQuota => "subscription's shared",
+                            _ => "token's",
+                        };
                         Refuse {
                             retry_after: quota_reset_s(&d).filter(|s| *s > 0),
                             ..Refuse::of(

@@ -33,6 +33,7 @@ mod rotation_policy;
 mod routes_live;
 mod shared_limits;
 mod siem;
+mod subscriptions;
 mod upstream_h2;
 mod upstream_tls;
 mod verify;

@@ -16,6 +16,7 @@ mod portal;
 mod reports;
 mod root_keys;
 mod routes;
+mod subscriptions;
 mod webhooks;
 mod workspaces;
 
@@ -450,6 +451,9 @@ pub fn router(state: DashboardState) -> Router {
         .route("/apis/{id}/state", post(apis::change_state))
         .route("/apis/{id}/delete", post(apis::delete))
         .route("/apis/requests/{id}/{action}", post(apis::decide))
+        .route("/apis/{id}/access", post(subscriptions::change_access))
+        .route("/apps/{id}/subscriptions", post(subscriptions::subscribe))
+        .route("/subscriptions/{id}/{action}", post(subscriptions::decide))
         .route("/routes", get(routes::list).post(routes::create))
         .route("/routes/{id}", get(routes::page).post(routes::update))
         .route("/routes/{id}/delete", post(routes::delete))

@@ -403,6 +403,13 @@ fn apis(doc: &mut Value) {
     set(doc, &format!("{v}/successor"), nullable(successor));
     set(doc, &format!("{v}/state"), state);
     set(doc, &format!("{v}/sunset"), sunset);
+    let access = json!({"type": ["string", "null"], "enum": ["open", "subscription", "approval", null]});
+    set(doc, &format!("{c}/access"), access.clone());
+    set(doc, &format!("{u}/access"), access);
+    // A subscription's reason: one line, at most 500 characters (`subscriptions::check_reason`).
+    let reason = json!({"type": ["string", "null"], "maxLength": keygate_core::subscriptions::MAX_REASON_LEN,
+        "pattern": r"^[^\u0000-\u001f\u007f-\u009f]*$"});
+    set(doc, &format!("{s}/SubscriptionDecisionRequest/properties/reason"), reason);
 }
 
 /// Marks a request body not required when its schema requires no field: the API reads an empty

@@ -43,6 +43,7 @@ fn api_row(e: &ApiDetails) -> Value {
         }).collect::<Vec<_>>(),
         routes => e.routes.iter().map(|r| context! { id => r.id.clone(), path => r.path.clone(), version => r.version.clone() }).collect::<Vec<_>>(),
         pending => !e.pending.is_empty(),
+        access => a.access.as_str(),
     }
 }
 
@@ -71,6 +72,8 @@ async fn page_inner(
             }
         })
         .collect();
+    let subscriptions =
+        if v.role.manages_all() { super::subscriptions::pending(st, v, &names).await? } else { Vec::new() };
     Ok(st.render(
         error.as_ref().map_or(StatusCode::OK, |e| e.0),
         "apis.html",
@@ -80,6 +83,7 @@ async fn page_inner(
             title => "API lifecycle",
             apis => apis.iter().map(api_row).collect::<Vec<_>>(),
             requests,
+            subscriptions,
             manager => v.role.manages_all(),
             owner => v.role.is_owner(),
             notice => error.map(|(_, text)| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
@@ -93,7 +97,7 @@ pub async fn page(State(st): State<DashboardState>, SignedIn(v): SignedIn, Query
 
 /// An error the person can fix (a field, a move the lifecycle does not allow): the page again,
 /// with the message.
-async fn again(st: &DashboardState, v: &Viewer, e: keygate_core::Error) -> Response {
+pub(super) async fn again(st: &DashboardState, v: &Viewer, e: keygate_core::Error) -> Response {
     let status = match e.kind {
         keygate_core::ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
         keygate_core::ErrorKind::Conflict => StatusCode::CONFLICT,

@@ -41,7 +41,7 @@ fn service<'a>(st: &'a DashboardState, v: &Viewer) -> Result<&'a Arc<OAuth>, Pag
 }
 
 /// The app by id, if this person may see it (another developer's app is "not found").
-async fn app_for(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageError> {
+pub(super) async fn app_for(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageError> {
     let id = AppId::parse(id).ok_or_else(|| PageError::not_found(v))?;
     let app = st.admin.app(v.workspace(), &id).await.map_err(ctx_err(v))?;
     if !visible(&owned_apps(st, v).await?, &app.id) {
@@ -52,7 +52,7 @@ async fn app_for(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageE
 
 /// An app whose OAuth client this person may change: owners and admins, and developers for
 /// their own apps (the rules of token creation).
-async fn writable_app(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageError> {
+pub(super) async fn writable_app(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageError> {
     if !v.role.can_write() {
         return Err(PageError::forbidden(v, "change OAuth clients"));
     }
@@ -120,7 +120,7 @@ fn register_form(oauth: &OAuth, form: Option<&Fields>, groups: Vec<Value>) -> Va
     }
 }
 
-async fn app_inner(
+pub(super) async fn app_inner(
     st: &DashboardState,
     v: &Viewer,
     id: &str,
@@ -156,6 +156,7 @@ async fn app_inner(
         Some(text) => context! { kind => "error", text },
         None => notice(msg),
     };
+    let (subscriptions, subscribable, sub_plans) = super::subscriptions::for_app(st, v, &app.id).await?;
     Ok(st.render(
         if notice.get_attr("kind").ok().and_then(|k| k.as_str().map(str::to_owned)).as_deref() == Some("error") {
             StatusCode::BAD_REQUEST
@@ -176,6 +177,9 @@ async fn app_inner(
                 quota_period => app.quota.map(|q| q.period.as_str()),
             },
             oauth => st.oauth.is_some(),
+            subscriptions,
+            subscribable,
+            sub_plans,
             client,
             register,
             writable,

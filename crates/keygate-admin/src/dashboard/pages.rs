@@ -94,6 +94,17 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "api_changed" => ("ok", "API changed: the gateway applies its new state now, on every node."),
         "api_publish_requested" => ("ok", "Publishing requested: an owner will approve or reject it."),
         "api_request_decided" => ("ok", "Publish request decided."),
+        "api_access_changed" => ("ok", "Access changed: every node applies it now."),
+        "subscribed" => ("ok", "Subscribed: the app's tokens may call the API."),
+        "subscription_requested" => (
+            "ok",
+            "Subscription requested: an owner or admin approves it; until then the app's tokens are refused on the API.",
+        ),
+        "subscription_approved" => ("ok", "Subscription approved: the app's tokens may call the API."),
+        "subscription_rejected" => ("ok", "Subscription rejected."),
+        "subscription_cancelled" => {
+            ("ok", "Subscription cancelled: the app's tokens are refused on the API from now on.")
+        }
         "api_deleted" => ("ok", "API deleted."),
         "provider_created" => ("ok", "Provider added; its key is sealed and will not be shown again."),
         "provider_key_rotated" => {

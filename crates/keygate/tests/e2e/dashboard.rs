@@ -125,7 +125,7 @@ pub(crate) async fn member(kg: &TestKeygate, owner: &mut Browser, email: &str, r
     b
 }
 
-async fn create_app(b: &mut Browser, name: &str) -> String {
+pub(crate) async fn create_app(b: &mut Browser, name: &str) -> String {
     let p = b.submit("/apps", "/apps", &[("name", name)]).await;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
     let page = b.get("/tokens/new").await;

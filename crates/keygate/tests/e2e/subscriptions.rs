@@ -180,3 +180,57 @@ async fn subscriptions_refuse_what_cannot_be_subscribed_to() {
     let _ = up;
     kg.stop().await;
 }
+
+/// The dashboard: a developer subscribes an app from its page (pending on an API that wants
+/// approval), an admin sees it on the APIs page and approves it, the developer cancels it; an
+/// admin changes an API's access there; a developer cannot decide.
+#[tokio::test]
+async fn subscriptions_in_the_dashboard() {
+    use crate::dashboard::{create_app, member, owner};
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let mut own = owner(&kg).await;
+    let mut admin = member(&kg, &mut own, "admin@example.com", "admin").await;
+    let mut dev = member(&kg, &mut own, "dev@example.com", "developer").await;
+    let api = c.post("/admin/v1/apis", &json!({"name": "orders", "access": "approval"})).await.str("/id");
+    c.patch(&format!("/admin/v1/apis/{api}"), &json!({"state": "published"})).await;
+    let app = create_app(&mut dev, "shop").await;
+
+    let page = dev.get(&format!("/apps/{app}")).await;
+    assert!(page.body.contains("API subscriptions") && page.body.contains("orders (approval)"), "{}", page.body);
+    let p = dev.submit(&format!("/apps/{app}"), &format!("/apps/{app}/subscriptions"), &[("api", "orders")]).await;
+    assert_eq!(p.location.as_deref(), Some(format!("/apps/{app}?msg=subscription_requested").as_str()), "{}", p.body);
+    let sub = c.get(&format!("/admin/v1/subscriptions?app_id={app}")).await.body["data"][0].clone();
+    assert_eq!(
+        (sub["status"].as_str(), sub["requested_by"].as_str().unwrap().starts_with("usr_")),
+        (Some("pending"), true)
+    );
+    let id = sub["id"].as_str().unwrap().to_owned();
+    // Twice: the page says why, and keeps the form.
+    let p = dev.submit(&format!("/apps/{app}"), &format!("/apps/{app}/subscriptions"), &[("api", "orders")]).await;
+    assert!(p.body.contains("already has a pending or active subscription"), "{}", p.body);
+
+    // A developer cannot decide; an admin sees it waiting and approves it.
+    let p = dev.submit(&format!("/apps/{app}"), &format!("/subscriptions/{id}/approve"), &[]).await;
+    assert_eq!(p.status.as_u16(), 403);
+    let page = admin.get("/apis").await;
+    assert!(page.body.contains(&format!("subscription-{id}")), "{}", page.body);
+    let p = admin.submit("/apis", &format!("/subscriptions/{id}/approve"), &[]).await;
+    assert_eq!(p.location.as_deref(), Some("/apis?msg=subscription_approved"), "{}", p.body);
+    assert_eq!(c.get(&format!("/admin/v1/subscriptions/{id}")).await.body["status"], "active");
+
+    // The developer cancels it from the app's page.
+    let p = dev.submit(&format!("/apps/{app}"), &format!("/subscriptions/{id}/cancel"), &[]).await;
+    assert_eq!(p.location.as_deref(), Some(format!("/apps/{app}?msg=subscription_cancelled").as_str()), "{}", p.body);
+    assert_eq!(c.get(&format!("/admin/v1/subscriptions/{id}")).await.body["status"], "cancelled");
+
+    // An admin opens the API: subscribing is immediate from then on.
+    let p = admin.submit("/apis", &format!("/apis/{api}/access"), &[("access", "subscription")]).await;
+    assert_eq!(p.location.as_deref(), Some("/apis?msg=api_access_changed"), "{}", p.body);
+    assert_eq!(c.get(&format!("/admin/v1/apis/{api}")).await.body["access"], "subscription");
+    let p = dev.submit(&format!("/apps/{app}"), &format!("/apps/{app}/subscriptions"), &[("api", "orders")]).await;
+    assert_eq!(p.location.as_deref(), Some(format!("/apps/{app}?msg=subscribed").as_str()), "{}", p.body);
+    let p = dev.submit("/apis", &format!("/apis/{api}/access"), &[("access", "open")]).await;
+    assert_eq!(p.status.as_u16(), 403, "a developer does not manage APIs");
+    kg.stop().await;
+}

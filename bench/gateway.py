@@ -567,7 +567,7 @@ listen = "127.0.0.1:{port}"
 threads = {threads}
 access_log = false
 demo = false
-
+{deny}
 [log]
 level = "warn"
 format = "text"
@@ -586,6 +586,25 @@ id = "bench"
 path = "/"
 upstream = "{upstream}"
 """
+
+def deny_list(n: int) -> str:
+    """`deny = [...]` of `n` CIDRs that match no client of the benchmark (which all come from
+    127.0.0.1): documentation and private ranges at prefix lengths 32, 24 and 16, so that the
+    gateway looks the address up once per distinct length."""
+    if n <= 0:
+        return ""
+    out = []
+    for i in range(n):
+        a, b = divmod(i, 256)
+        kind = i % 3
+        if kind == 0:
+            out.append(f'"10.{a % 256}.{b}.{i % 200 + 1}/32"')
+        elif kind == 1:
+            out.append(f'"192.168.{b}.0/24"' if a == 0 else f'"172.{16 + a % 16}.{b}.0/24"')
+        else:
+            out.append(f'"100.{64 + a % 64}.0.0/16"')
+    return "deny = [" + ", ".join(dict.fromkeys(out)) + "]\n"
+
 
 # `--suite tls`: the route's https:// upstream, verified against the run's CA under the name the
 # certificate carries (as nginx's proxy_ssl_name), and the gateway's own TLS listener.
@@ -761,6 +780,7 @@ class Bench:
         cfg.write_text(
             KEYGATE_CFG.format(
                 dir=d, admin=admin, port=port, threads=self.args.workers, upstream=upstream, jwks=self.ports.jwks,
+                deny=deny_list(self.args.deny) if name == "keygate" else "",
             )
             + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
             + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")
@@ -856,6 +876,22 @@ class Bench:
             if r.status != 200:
                 sys.exit(f"revoking {tid} answered {r.status}")
         c.close()
+        if self.args.app_limits:
+            # The tokens' app (the default one) gets a shared rate limit and quota that never
+            # fire: every request then also takes from the app's bucket and counts in its quota.
+            c = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
+            c.request("GET", "/admin/v1/apps?limit=100", headers=headers)
+            apps = json.loads(c.getresponse().read())["data"]
+            default = next(a["id"] for a in apps if a.get("is_default"))
+            limits = {"rate_limit": {"requests": 1_000_000, "per_seconds": 1, "burst": 0},
+                      "quota": {"requests": 1_000_000_000_000, "period": "month"}}
+            c.request("PATCH", f"/admin/v1/apps/{default}", body=json.dumps(limits), headers=headers)
+            r = c.getresponse()
+            data = r.read()
+            if r.status != 200:
+                sys.exit(f"setting the app's shared limits answered {r.status}: {data[:200]!r}")
+            c.close()
+            log(f"app {default}: shared rate limit and quota set (never reached)")
         self.valid = [t for _, t in keep]
         self.invalid = [t for _, t in revoke]
         log(f"tokens ready in {time.time() - t0:.0f}s: {len(self.valid)} valid, {len(self.invalid)} revoked")
@@ -2183,6 +2219,12 @@ def main() -> None:
     ap.add_argument("--baseline-config", metavar="TOML", default="",
                     help="TOML appended to the baseline variant's configuration (with --baseline; the same binary with "
                          "a feature off measures what the feature costs, e.g. '[call_log]\\nenabled = false')")
+    ap.add_argument("--app-limits", action="store_true",
+                    help="give the tokens' app a shared rate limit and quota that never fire (issue 17): every "
+                         "request also takes from the app's bucket and counts in its quota (every keygate variant)")
+    ap.add_argument("--deny", type=int, default=0, metavar="N",
+                    help="put N CIDRs that match no client (of several prefix lengths) in the keygate variant's "
+                         "[gateway] deny (issue 17); the baseline variant has none")
     ap.add_argument("--from-results", metavar="JSON", help="rewrite the page and chart from a saved results.json")
     ap.add_argument("--smoke", action="store_true", help="a short run that checks the pieces; implies --no-doc")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",

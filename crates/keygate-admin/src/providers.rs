@@ -431,6 +431,14 @@ impl Admin {
         workspaces.dedup();
         let actor = Actor { id: "system".into(), source: None, owner: true };
         let mut recorded = 0;
+        // Apps' own budgets (every workspace's, by app id), read once for the sweep.
+        let app_budgets: std::collections::HashMap<String, keygate_core::llm::LlmBudget> = self
+            .store
+            .app_limits()
+            .await?
+            .into_iter()
+            .filter_map(|a| Some((a.app_id.to_string(), a.llm_budget?)))
+            .collect();
         for ws in workspaces {
             // Tokens' own budgets: their spending on every route.
             let mut per_token: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
@@ -450,6 +458,22 @@ impl Admin {
                 recorded += self
                     .record_budget_notice(ws, &actor, now, ("key", caller, ""), field, (month_spent, day_spent))
                     .await?;
+            }
+            // Apps' own budgets: their keys' spending on every route.
+            if !app_budgets.is_empty() {
+                let mut per_app: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
+                for s in spent.iter().filter(|s| &s.workspace_id == ws && app_budgets.contains_key(&s.app_id)) {
+                    let e = per_app.entry(s.app_id.as_str()).or_default();
+                    e.0 += s.month_micro_usd;
+                    e.1 += s.day_micro_usd;
+                }
+                for (app, (month_spent, day_spent)) in per_app {
+                    let Some(b) = app_budgets.get(app) else { continue };
+                    let field = BudgetField { usd: b.usd(), period: b.period };
+                    recorded += self
+                        .record_budget_notice(ws, &actor, now, ("app", app, ""), field, (month_spent, day_spent))
+                        .await?;
+                }
             }
             let Ok(routes) = self.list_routes(ws).await else { continue };
             for r in routes {

@@ -100,6 +100,8 @@ pub struct NewApp {
     /// Shared by all of the app's tokens.
     pub rate_limit: Option<RateLimit>,
     pub quota: Option<Quota>,
+    /// What all of the app's keys may spend on LLM calls together.
+    pub llm_budget: Option<keygate_core::llm::LlmBudget>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -110,6 +112,7 @@ pub struct AppUpdate {
     pub metadata: Option<Map<String, Value>>,
     pub rate_limit: Option<Option<RateLimit>>,
     pub quota: Option<Option<Quota>>,
+    pub llm_budget: Option<Option<keygate_core::llm::LlmBudget>>,
 }
 
 /// The longest a usage report covers.
@@ -712,6 +715,7 @@ impl Admin {
             updated_at: now,
             rate_limit: None,
             quota: None,
+            llm_budget: None,
         };
         self.store.ensure_workspace(&ws, &app).await
     }
@@ -903,6 +907,7 @@ impl Admin {
             updated_at: now,
             rate_limit: new.rate_limit,
             quota: new.quota,
+            llm_budget: new.llm_budget,
         };
         let audit = NewAuditEvent::new(ws, actor, "app.create", app.id.as_str(), now).with_after(app_view(&app));
         self.store.insert_app(&app, &audit).await?;
@@ -940,6 +945,9 @@ impl Admin {
         }
         if let Some(q) = update.quota {
             app.quota = q;
+        }
+        if let Some(b) = update.llm_budget {
+            app.llm_budget = b;
         }
         validate_limits(app.rate_limit.as_ref(), app.quota.as_ref())?;
         if let Some(name) = update.name {

@@ -35,6 +35,8 @@ pub struct App {
     pub rate_limit: Option<RateLimit>,
     /// A quota shared by all of the app's tokens (on top of each token's own).
     pub quota: Option<Quota>,
+    /// What all of the app's keys may spend on LLM calls together, over every ai route.
+    pub llm_budget: Option<crate::llm::LlmBudget>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -45,6 +47,7 @@ pub struct AppLimits {
     pub app_id: AppId,
     pub rate_limit: Option<RateLimit>,
     pub quota: Option<Quota>,
+    pub llm_budget: Option<crate::llm::LlmBudget>,
 }
 
 /// The stored lifecycle state of a token. Expiry is not stored as a state: it follows from

@@ -265,6 +265,7 @@ fn bench_create(c: &mut Criterion, pepper: &Pepper) {
         updated_at: NOW,
         rate_limit: None,
         quota: None,
+        llm_budget: None,
     };
     let ws = rt.block_on(store.ensure_workspace(&ws, &app)).unwrap();
     let tenants = Tenants { workspaces: vec![ws.id.as_str().to_owned()], apps: vec![app.id.as_str().to_owned()] };

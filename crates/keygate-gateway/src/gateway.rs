@@ -54,6 +54,9 @@ pub struct AppLimit {
     pub key: [u8; keygate_core::token_format::PUBLIC_ID_LEN],
     pub rate_limit: Option<keygate_core::policy::RateLimit>,
     pub quota: Option<keygate_core::policy::Quota>,
+    /// What all of the app's keys may spend on LLM calls together, over every ai route (an
+    /// app's own; a subscription lends none).
+    pub llm_budget: Option<keygate_core::llm::LlmBudget>,
 }
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -70,7 +73,10 @@ impl Table {
             .iter()
             .map(|a| {
                 let key = keygate_core::limits::derived_key(keygate_core::limits::APP_KEY, a.app_id.as_str());
-                (a.app_id.as_str().into(), AppLimit { key, rate_limit: a.rate_limit, quota: a.quota })
+                (
+                    a.app_id.as_str().into(),
+                    AppLimit { key, rate_limit: a.rate_limit, quota: a.quota, llm_budget: a.llm_budget },
+                )
             })
             .collect();
         self

@@ -95,6 +95,7 @@ fn app(ws: &WorkspaceId, name: &str, is_default: bool) -> App {
         updated_at: T0,
         rate_limit: None,
         quota: None,
+        llm_budget: None,
     }
 }
 

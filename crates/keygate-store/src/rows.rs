@@ -83,6 +83,7 @@ pub(crate) fn app(row: &AnyRow) -> Result<App> {
         updated_at: ts(row, "updated_at")?,
         rate_limit: opt_json(row, "rate_limit")?,
         quota: opt_json(row, "quota")?,
+        llm_budget: opt_json(row, "llm_budget")?,
     })
 }
 

@@ -36,8 +36,8 @@ pub(crate) type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 const TOKEN_COLS: &str = "id, workspace_id, app_id, name, hash, prefix, last4, scopes, state, expires_at, \
     ip_allowlist, rate_limit, quota, metadata, created_at, updated_at, last_used_at, last_used_ip, revoked_at, \
     revoke_reason, rotated_from, replaced_by, exposed_at, version, dpop_jkt, llm_budget, max_uses";
-const APP_COLS: &str =
-    "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at, rate_limit, quota";
+const APP_COLS: &str = "id, workspace_id, name, description, plan_id, is_default, metadata, created_at, updated_at, rate_limit, quota, \
+     llm_budget";
 const PLAN_COLS: &str = "id, workspace_id, name, description, scopes, rate_limit, quota, created_at, pricing";
 const ROOT_KEY_COLS: &str =
     "id, workspace_id, name, hash, last4, permissions, created_at, expires_at, revoked_at, last_used_at";
@@ -570,7 +570,7 @@ fn app_change(id: &AppId) -> String {
 }
 
 async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
-    let sql = format!("INSERT INTO apps ({APP_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)");
+    let sql = format!("INSERT INTO apps ({APP_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
     sqlx::query(AssertSqlSafe(sql))
         .bind(app.id.as_str())
         .bind(app.workspace_id.as_str())
@@ -583,6 +583,7 @@ async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
         .bind(app.updated_at.as_millis())
         .bind(opt_to_json(&app.rate_limit)?)
         .bind(opt_to_json(&app.quota)?)
+        .bind(opt_to_json(&app.llm_budget)?)
         .execute(&mut **tx)
         .await
         .map_err(db_error)?;
@@ -593,7 +594,7 @@ async fn insert_app_row(tx: &mut Tx, app: &App) -> Result<()> {
 impl AppStore for SqlStore {
     async fn insert_app(&self, app: &App, audit: &NewAuditEvent) -> Result<()> {
         let mut tx = self.begin().await?;
-        if app.rate_limit.is_some() || app.quota.is_some() {
+        if app.rate_limit.is_some() || app.quota.is_some() || app.llm_budget.is_some() {
             let seqs = FeedSeqs::start(&mut tx).await?;
             insert_app_row(&mut tx, app).await?;
             return crate::routes::commit_change(self, tx, seqs, &app_change(&app.id), audit.at, audit).await;
@@ -604,17 +605,20 @@ impl AppStore for SqlStore {
     }
 
     async fn app_limits(&self) -> Result<Vec<keygate_core::model::AppLimits>> {
-        let rows =
-            sqlx::query("SELECT id, rate_limit, quota FROM apps WHERE rate_limit IS NOT NULL OR quota IS NOT NULL")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
+        let rows = sqlx::query(
+            "SELECT id, rate_limit, quota, llm_budget FROM apps \
+                 WHERE rate_limit IS NOT NULL OR quota IS NOT NULL OR llm_budget IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
         rows.iter()
             .map(|r| {
                 Ok(keygate_core::model::AppLimits {
                     app_id: AppId::from_trusted(r.try_get("id").map_err(db_error)?),
                     rate_limit: rows::opt_json(r, "rate_limit")?,
                     quota: rows::opt_json(r, "quota")?,
+                    llm_budget: rows::opt_json(r, "llm_budget")?,
                 })
             })
             .collect()
@@ -645,7 +649,7 @@ impl AppStore for SqlStore {
         // before the transaction, whose first statement must be a write: SQLite cannot turn a
         // reading transaction into a writing one while another writer holds the lock ("database
         // is locked"). Two changes of one app's limits at once are a lost update either way.
-        let before = sqlx::query("SELECT rate_limit, quota FROM apps WHERE id = $1 AND workspace_id = $2")
+        let before = sqlx::query("SELECT rate_limit, quota, llm_budget FROM apps WHERE id = $1 AND workspace_id = $2")
             .bind(app.id.as_str())
             .bind(app.workspace_id.as_str())
             .fetch_optional(&self.pool)
@@ -656,13 +660,14 @@ impl AppStore for SqlStore {
             Some(r) => {
                 rows::opt_json::<keygate_core::policy::RateLimit>(r, "rate_limit")? != app.rate_limit
                     || rows::opt_json::<keygate_core::policy::Quota>(r, "quota")? != app.quota
+                    || rows::opt_json::<keygate_core::llm::LlmBudget>(r, "llm_budget")? != app.llm_budget
             }
             None => false,
         };
         let seqs = if limits_changed { Some(FeedSeqs::start(&mut tx).await?) } else { None };
         let done = sqlx::query(
             "UPDATE apps SET name = $1, description = $2, plan_id = $3, metadata = $4, updated_at = $5, \
-             rate_limit = $6, quota = $7 WHERE id = $8 AND workspace_id = $9",
+             rate_limit = $6, quota = $7, llm_budget = $10 WHERE id = $8 AND workspace_id = $9",
         )
         .bind(app.name.as_str())
         .bind(app.description.as_deref())
@@ -673,6 +678,7 @@ impl AppStore for SqlStore {
         .bind(opt_to_json(&app.quota)?)
         .bind(app.id.as_str())
         .bind(app.workspace_id.as_str())
+        .bind(opt_to_json(&app.llm_budget)?)
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

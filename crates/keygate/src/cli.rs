@@ -316,6 +316,10 @@ pub struct AppLimitArgs {
     /// Shared quota as REQUESTS/PERIOD with PERIOD day, month or total, such as 10000/month.
     #[arg(long)]
     pub quota: Option<String>,
+    /// What all of the app's keys may spend on LLM calls together, over every `ai` route, as
+    /// DOLLARS/PERIOD with PERIOD day or month, such as 200/month.
+    #[arg(long)]
+    pub llm_budget: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,6 +396,9 @@ pub enum AppCommand {
         /// Remove the shared quota.
         #[arg(long, conflicts_with = "quota")]
         no_quota: bool,
+        /// Remove the app's LLM budget.
+        #[arg(long, conflicts_with = "llm_budget")]
+        no_llm_budget: bool,
     },
     /// Delete an app. An app that holds tokens that are not revoked is refused (app_has_tokens)
     /// unless --revoke-tokens is given. The default app is never deleted.

@@ -141,6 +141,7 @@ fn subscribers(api: &Api, version: Option<&str>, grants: &[SubscriptionGrant]) -
             key: keygate_core::limits::derived_key(keygate_core::limits::SUB_KEY, g.id.as_str()),
             rate_limit: g.rate_limit,
             quota: g.quota,
+            llm_budget: None,
         };
         let app: Box<str> = g.app_id.as_str().into();
         if specific || !out.apps.contains_key(&app) {

@@ -32,6 +32,7 @@ pub(crate) async fn create_app(
         metadata: req.metadata,
         rate_limit: req.rate_limit.map(Into::into),
         quota: req.quota.map(Into::into),
+        llm_budget: req.llm_budget.map(LlmBudgetBody::to_budget).transpose()?,
     };
     let app = s.admin.create_app(&auth.key.workspace_id, &auth.actor, new).await?;
     Ok((StatusCode::CREATED, Json(AppView::from(&app))))
@@ -86,6 +87,7 @@ pub(crate) async fn update_app(
         metadata: req.metadata,
         rate_limit: req.rate_limit.map(|r| r.map(Into::into)),
         quota: req.quota.map(|q| q.map(Into::into)),
+        llm_budget: req.llm_budget.map(|b| b.map(LlmBudgetBody::to_budget).transpose()).transpose()?,
     };
     let moved = update.plan_id.is_some();
     let (app, adjusted) =

@@ -386,6 +386,9 @@ pub struct CreateAppRequest {
     pub rate_limit: Option<RateLimitBody>,
     /// A quota shared by all of the app's tokens (each token's own applies too).
     pub quota: Option<QuotaBody>,
+    /// What all of the app's keys may spend on LLM calls together, over every ai route (each
+    /// key's own budget applies too); refused with 429 `budget_exceeded` once spent.
+    pub llm_budget: Option<LlmBudgetBody>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -408,6 +411,10 @@ pub struct UpdateAppRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(nullable)]
     pub quota: Option<Option<QuotaBody>>,
+    /// The app's LLM budget, or `null` for none.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(nullable)]
+    pub llm_budget: Option<Option<LlmBudgetBody>>,
 }
 
 /// A root key as the API shows it: never its secret, which was shown once, at creation.
@@ -466,6 +473,8 @@ pub struct AppView {
     pub rate_limit: Option<RateLimitBody>,
     /// A quota shared by all of the app's tokens.
     pub quota: Option<QuotaBody>,
+    /// What all of the app's keys may spend on LLM calls together.
+    pub llm_budget: Option<LlmBudgetBody>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
     #[schema(value_type = String, format = DateTime)]
@@ -509,6 +518,7 @@ impl From<&App> for AppView {
             metadata: a.metadata.clone(),
             rate_limit: a.rate_limit.map(Into::into),
             quota: a.quota.map(Into::into),
+            llm_budget: a.llm_budget.as_ref().map(LlmBudgetBody::of),
             created_at: a.created_at,
             updated_at: a.updated_at,
             adjusted: None,

@@ -225,8 +225,8 @@ struct Held {
     reserved: u64,
 }
 
-/// The spending "route" of a token's own budget, which counts its calls on every route (no
-/// route's limiter key is 0).
+/// The spending "route" of a token's or an app's own budget, which counts its calls on every
+/// route (no route's limiter key is 0).
 pub const EVERY_ROUTE: u32 = 0;
 
 impl Held {
@@ -445,6 +445,15 @@ impl Gateway {
         let mut budgets: Vec<(&str, [u8; PUBLIC_ID_LEN], u32, Budget)> = Vec::new();
         if let Some(b) = caller.key().and_then(|t| t.llm_budget()) {
             budgets.push(("key", key, EVERY_ROUTE, Budget { micro_usd: b.micro_usd, period: b.period }));
+        }
+        // The app's own budget, over every ai route (shared by all of its keys).
+        if let Some(b) = ctx.table.apps.get(&*who.app).and_then(|a| a.llm_budget) {
+            budgets.push((
+                "app",
+                spend_key("app", &who.app),
+                EVERY_ROUTE,
+                Budget { micro_usd: b.micro_usd, period: b.period },
+            ));
         }
         if let Some(b) = air.budget {
             budgets.push(("key", key, route_key, b));

@@ -17,6 +17,9 @@ fn limits_body(l: &AppLimitArgs, body: &mut Map<String, Value>) -> anyhow::Resul
     if let Some(q) = &l.quota {
         body.insert("quota".into(), parse_quota(q)?);
     }
+    if let Some(b) = &l.llm_budget {
+        body.insert("llm_budget".into(), super::token::parse_llm_budget(b)?);
+    }
     Ok(())
 }
 
@@ -80,6 +83,7 @@ pub async fn run(args: ApiCommand<AppCommand>) -> anyhow::Result<()> {
             limits,
             no_rate_limit,
             no_quota,
+            no_llm_budget,
         } => {
             let mut body = Map::new();
             put_opt(&mut body, "name", name.as_ref());
@@ -100,6 +104,9 @@ pub async fn run(args: ApiCommand<AppCommand>) -> anyhow::Result<()> {
             }
             if *no_quota {
                 body.insert("quota".into(), Value::Null);
+            }
+            if *no_llm_budget {
+                body.insert("llm_budget".into(), Value::Null);
             }
             if body.is_empty() {
                 return Err(

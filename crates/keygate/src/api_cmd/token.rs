@@ -36,7 +36,7 @@ fn policy_body(p: &TokenPolicyArgs, body: &mut Map<String, Value>, for_update: b
 }
 
 /// `20/month` (dollars a day or a month) as a token's `llm_budget`.
-fn parse_llm_budget(s: &str) -> anyhow::Result<Value> {
+pub(super) fn parse_llm_budget(s: &str) -> anyhow::Result<Value> {
     let err = || UsageError(format!("--llm-budget must look like 20/month (dollars a day or a month), not {s:?}"));
     let (usd, period) = s.split_once('/').ok_or_else(err)?;
     let usd: f64 = usd.trim_start_matches('$').parse().map_err(|_| err())?;

@@ -1154,3 +1154,62 @@ async fn a_tokens_own_budget_holds_over_every_route() {
     }
     kg.stop().await;
 }
+
+/// An app's own LLM budget (issue 17): all of its keys spend from it together, over every ai
+/// route; once spent each is refused, whatever its own budget says; the notice names the app.
+#[tokio::test]
+async fn an_apps_own_budget_is_shared_by_its_keys_over_every_route() {
+    let (kg, _s, _dir) = start(models()).await;
+    let c = kg.client();
+    let second = json!({"id": "llm2", "path": "/llm2", "kind": "ai", "ai": {"models": {"m": ["openai/gpt-mini"]}}});
+    assert_eq!(c.post("/admin/v1/routes", &second).await.status, StatusCode::CREATED);
+    // 10 micro-dollars a month for the whole app; a call costs 7.
+    let app =
+        c.post("/admin/v1/apps", &json!({"name": "team", "llm_budget": {"usd": 0.00001, "period": "month"}})).await;
+    assert_eq!(app.status, StatusCode::CREATED, "{:?}", app.body);
+    assert_eq!(app.body["llm_budget"], json!({"usd": 0.00001, "period": "month"}));
+    let app_id = app.str("/id");
+    let mut keys = Vec::new();
+    for name in ["a", "b"] {
+        let made = c.post("/admin/v1/tokens", &json!({"name": name, "scopes": ["llm:*"], "app_id": app_id})).await;
+        keys.push(made.str("/token"));
+    }
+    kg.sync_index().await.unwrap();
+    kg.routes().rebuild().await.unwrap();
+    let on = |path: &'static str, vk: String| {
+        let url = format!("{}{path}/v1/chat/completions", kg.gateway_url());
+        let model = if path == "/llm" { "gpt-mini" } else { "m" };
+        async move {
+            let r = reqwest::Client::new().post(url).bearer_auth(vk).json(&chat(model, "hello")).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(on("/llm", keys[0].clone()).await.0, StatusCode::OK);
+    let (status, body) = on("/llm2", keys[1].clone()).await;
+    assert_eq!(status, StatusCode::OK, "7 of 10 spent: the other key may still spend: {body}");
+    let (status, body) = on("/llm", keys[1].clone()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.contains("budget_exceeded") && body.contains("this app has spent its own budget"), "{body}");
+    assert_eq!(on("/llm2", keys[0].clone()).await.0, StatusCode::TOO_MANY_REQUESTS, "spent for every key and route");
+
+    // The notice names the app and no route.
+    kg.flush_usage().await;
+    assert_eq!(kg.admin().sweep_notices().await.unwrap().budget, 1);
+    let trail = c.get("/admin/v1/audit-events?limit=50").await.body;
+    let notice = trail["data"].as_array().unwrap().iter().find(|e| e["action"] == "budget.threshold").unwrap().clone();
+    assert_eq!(
+        (notice["target"].as_str(), notice["after"]["budget_of"].as_str()),
+        (Some(app_id.as_str()), Some("app"))
+    );
+    assert!(notice["after"]["route"].is_null());
+
+    // Lifted through the API: calls go on.
+    let r = c.patch(&format!("/admin/v1/apps/{app_id}"), &json!({"llm_budget": null})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(r.body["llm_budget"].is_null());
+    kg.routes().rebuild().await.unwrap();
+    assert_eq!(on("/llm", keys[0].clone()).await.0, StatusCode::OK);
+    let bad = c.post("/admin/v1/apps", &json!({"name": "x", "llm_budget": {"usd": -1, "period": "day"}})).await;
+    assert_eq!((bad.status, bad.code()), (StatusCode::BAD_REQUEST, "invalid_llm_budget"));
+    kg.stop().await;
+}

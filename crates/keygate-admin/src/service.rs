@@ -128,6 +128,9 @@ pub enum ReportDimension {
     App,
     /// The owner of the app (routes' apps without one together).
     Developer,
+    /// The refusals of the workspace's routes, by their reason (`unknown_token`,
+    /// `rate_limited`, …): `requests` are the refused ones.
+    Reason,
 }
 
 impl ReportDimension {
@@ -138,6 +141,7 @@ impl ReportDimension {
             "api" => Self::Api,
             "app" => Self::App,
             "developer" => Self::Developer,
+            "reason" => Self::Reason,
             _ => return None,
         })
     }
@@ -148,6 +152,7 @@ impl ReportDimension {
             Self::Api => "api",
             Self::App => "app",
             Self::Developer => "developer",
+            Self::Reason => "reason",
         }
     }
 }
@@ -159,7 +164,7 @@ pub struct ProviderReport {
     pub from: Timestamp,
     #[schema(value_type = String, format = DateTime)]
     pub to: Timestamp,
-    /// `token`, `route`, `api`, `app` or `developer`.
+    /// `token`, `route`, `api`, `app`, `developer` or `reason`.
     #[schema(value_type = String)]
     pub by: &'static str,
     /// Every request of the range (none when nothing was counted).
@@ -1836,10 +1841,13 @@ impl Admin {
     ) -> Result<ProviderReport> {
         use keygate_core::model::UsageGrouping as G;
         let from = from.max(Timestamp::from_millis(to.as_millis().saturating_sub(MAX_REPORT_DAYS * 86_400_000)));
+        if by == ReportDimension::Reason {
+            return self.refusal_report(ws, from, to).await;
+        }
         let grouping = match by {
             ReportDimension::Token => G::Token,
             ReportDimension::Route | ReportDimension::Api => G::Route,
-            ReportDimension::App | ReportDimension::Developer => G::App,
+            ReportDimension::App | ReportDimension::Developer | ReportDimension::Reason => G::App,
         };
         let rows = self.store.usage_groups(ws, grouping, from, to).await?;
         // What each group key stands for in the dimension asked (routes to their API, apps to
@@ -1922,6 +1930,60 @@ impl Admin {
             totals: totals.map(|t| ReportLine::of("total".into(), &t)),
             groups,
             days,
+        })
+    }
+
+    /// The report by reason: the workspace's refusals within [from, to) (whole hours, as they
+    /// are counted), per reason (the most first) and per UTC day.
+    async fn refusal_report(&self, ws: &WorkspaceId, from: Timestamp, to: Timestamp) -> Result<ProviderReport> {
+        let rows = self.store.refusals_by_day(ws, from, to).await?;
+        // A refusal's count as a usage record: its requests in its status class.
+        let record = |status: u16, n: u64| {
+            let mut u = UsageRecord {
+                token_id: keygate_core::ids::TokenId::from_trusted(String::new()),
+                workspace_id: ws.clone(),
+                route: String::new(),
+                minute: from,
+                requests: n,
+                status: [0; 4],
+                bytes_in: 0,
+                bytes_out: 0,
+                latency_us_sum: 0,
+                latency: [0; 10],
+            };
+            if let Some(c) = u.status.get_mut(usize::from((status / 100).clamp(2, 5) - 2)) {
+                *c = n;
+            }
+            u
+        };
+        let mut groups: std::collections::BTreeMap<String, UsageRecord> = Default::default();
+        let mut days: std::collections::BTreeMap<String, UsageRecord> = Default::default();
+        let mut totals: Option<UsageRecord> = None;
+        for r in &rows {
+            let u = record(r.status, r.requests);
+            let day = r.hour.to_rfc3339().get(..10).unwrap_or_default().to_owned();
+            for (map, key) in [(&mut groups, r.reason.clone()), (&mut days, day)] {
+                match map.get_mut(&key) {
+                    Some(g) => g.add(&u),
+                    None => {
+                        map.insert(key, u.clone());
+                    }
+                }
+            }
+            match totals.as_mut() {
+                Some(t) => t.add(&u),
+                None => totals = Some(u),
+            }
+        }
+        let mut groups: Vec<ReportLine> = groups.into_iter().map(|(k, u)| ReportLine::of(k, &u)).collect();
+        groups.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.key.cmp(&b.key)));
+        Ok(ProviderReport {
+            from,
+            to,
+            by: ReportDimension::Reason.as_str(),
+            totals: totals.map(|t| ReportLine::of("total".into(), &t)),
+            groups,
+            days: days.into_iter().map(|(k, u)| ReportLine::of(k, &u)).collect(),
         })
     }
 

@@ -764,6 +764,21 @@ pub enum UsageGrouping {
     Day,
 }
 
+/// Requests the gateway refused on one of a workspace's routes for one reason within one hour,
+/// as a node counted them (added to what is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalCount {
+    pub workspace_id: WorkspaceId,
+    pub route: String,
+    /// The refusal's stable code (`unknown_token`, `rate_limited`, …).
+    pub reason: String,
+    /// The hour's start.
+    pub hour: Timestamp,
+    /// The status the refusal was answered with.
+    pub status: u16,
+    pub requests: u64,
+}
+
 /// When a token was last used and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastUse {

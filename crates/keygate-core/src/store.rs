@@ -211,6 +211,16 @@ pub trait UsageStore: Send + Sync {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<UsageRecord>>;
+    /// Adds refusal counts to what is stored (per workspace, route, reason and hour).
+    async fn record_refusals(&self, counts: &[crate::model::RefusalCount]) -> Result<()>;
+    /// The workspace's refusals of the hours within [from, to), summed per reason and UTC day
+    /// (`hour` holding the day's start, `route` empty), at most 100,000 rows.
+    async fn refusals_by_day(
+        &self,
+        ws: &WorkspaceId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<crate::model::RefusalCount>>;
     /// The workspace's usage within [from, to) summed per group (`by`): each group's key (a
     /// token id, a route id, an app id — empty for tokens no longer stored —, or a day number)
     /// and its counts (in a record whose `token_id`, `route` and `minute` mean nothing).

@@ -57,6 +57,13 @@ async fn write(gw: &Gateway, store: &dyn Store, (usage, last): (Vec<UsageRecord>
         gw.meter.restore(usage, last);
         gw.limiter.restore_quota_deltas(&quota);
     }
+    let refusals = gw.meter.drain_refusals();
+    if !refusals.is_empty()
+        && let Err(e) = store.record_refusals(&refusals).await
+    {
+        tracing::warn!(error = %e, records = refusals.len(), "cannot flush refusal counts; keeping them for the next try");
+        gw.meter.restore_refusals(refusals);
+    }
     // The AI gateway's usage and spending, and every node's spending read back (budgets).
     if let Some(ai) = &gw.ai {
         ai.sync(store, gw.clock.now().as_millis()).await;

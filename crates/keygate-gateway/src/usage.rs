@@ -159,11 +159,96 @@ pub struct UsageMeter {
     shards: Vec<Shard>,
     /// Counts a failed flush gave back, written with the next one.
     restored: Mutex<(Vec<UsageRecord>, Vec<LastUse>)>,
+    /// Refusals on workspaces' routes, by reason ([`UsageMeter::refusal`]).
+    refusals: Vec<RefusalShard>,
+    /// Refusals not counted because their shard held [`MAX_REFUSAL_KEYS`] keys.
+    pub refusals_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Default for UsageMeter {
     fn default() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Shard::default()).collect(), restored: Mutex::default() }
+        Self {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            restored: Mutex::default(),
+            refusals: (0..SHARDS).map(|_| RefusalShard::default()).collect(),
+            refusals_dropped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// A refusal's key: the workspace, the route, the reason and the hour (its start, in ms).
+type RefusalKey = (Arc<str>, Arc<str>, &'static str, i64);
+
+/// Keys of refusal counts one shard holds at most between two flushes (workspaces × routes ×
+/// reasons × hours: a flush empties it every few seconds, so this is only reached when the
+/// store has been away for long); beyond, refusals are counted in `refusals_dropped` only.
+pub const MAX_REFUSAL_KEYS: usize = 4096;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct RefusalShard(Mutex<HashMap<RefusalKey, (u16, u64)>>);
+
+impl UsageMeter {
+    /// Counts a refusal with `reason` (answered `status`) on `route` of workspace `ws`, for the
+    /// reports by reason. Refused requests are few next to served ones; the key's `Arc`s are
+    /// cloned only for a new key.
+    pub fn refusal(&self, ws: &Arc<str>, route: &Arc<str>, reason: &'static str, status: u16, at: Timestamp) {
+        let Some(shard) = self.refusals.get(SHARD.with(|i| *i)) else { return };
+        let hour = at.as_millis().div_euclid(3_600_000) * 3_600_000;
+        let mut map = shard.0.lock();
+        let key = (ws.clone(), route.clone(), reason, hour);
+        let full = map.len() >= MAX_REFUSAL_KEYS;
+        match map.get_mut(&key) {
+            Some(e) => {
+                e.0 = status;
+                e.1 = e.1.saturating_add(1);
+            }
+            None if full => {
+                self.refusals_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                map.insert(key, (status, 1));
+            }
+        }
+    }
+
+    /// Takes the refusals counted so far.
+    pub fn drain_refusals(&self) -> Vec<keygate_core::model::RefusalCount> {
+        let mut out = Vec::new();
+        for shard in &self.refusals {
+            for ((ws, route, reason, hour), (status, n)) in shard.0.lock().drain() {
+                out.push(keygate_core::model::RefusalCount {
+                    workspace_id: WorkspaceId::from_trusted(ws.to_string()),
+                    route: route.to_string(),
+                    reason: reason.to_owned(),
+                    hour: Timestamp::from_millis(hour),
+                    status,
+                    requests: n,
+                });
+            }
+        }
+        out
+    }
+
+    /// Gives back refusal counts a flush could not write (within the shards' bound; beyond it
+    /// they are dropped and counted).
+    pub fn restore_refusals(&self, counts: Vec<keygate_core::model::RefusalCount>) {
+        let Some(shard) = self.refusals.first() else { return };
+        let mut map = shard.0.lock();
+        for c in counts {
+            let Some(reason) = crate::metrics::REASONS.iter().find(|r| **r == c.reason) else { continue };
+            let key: RefusalKey = (c.workspace_id.as_str().into(), c.route.as_str().into(), reason, c.hour.as_millis());
+            let full = map.len() >= MAX_REFUSAL_KEYS;
+            match map.get_mut(&key) {
+                Some(e) => e.1 = e.1.saturating_add(c.requests),
+                None if full => {
+                    self.refusals_dropped.fetch_add(c.requests, Ordering::Relaxed);
+                }
+                None => {
+                    map.insert(key, (c.status, c.requests));
+                }
+            }
+        }
     }
 }
 

@@ -2791,7 +2791,8 @@ conformance!(
     call_log,
     anomaly_purge,
     apis_and_publish_requests,
-    api_subscriptions
+    api_subscriptions,
+    usage_refusals
 );
 
 /// Subscriptions: one live subscription per app, API and version (the unique index holds it
@@ -2933,6 +2934,47 @@ async fn api_subscriptions(h: &Harness) {
     assert_eq!(s.count_app_subscriptions(&ws.id, &a.id).await.unwrap(), 0);
     s.delete_app(&ws.id, &b.id, false, T0, &audit(&ws.id, "app.delete", b.id.as_str())).await.unwrap();
     assert_eq!(s.subscription(&ws.id, &theirs.id).await.unwrap(), None);
+}
+
+/// Refusal counts: added to per workspace, route, reason and hour (also within one batch),
+/// summed per reason and day for the reports, another workspace's apart.
+async fn usage_refusals(h: &Harness) {
+    use keygate_core::model::RefusalCount;
+    let s = &h.store;
+    let (ws, d) = workspace("refusals");
+    s.ensure_workspace(&ws, &d).await.unwrap();
+    let (ws2, d2) = workspace("refusals-other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    let count = |ws: &WorkspaceId, route: &str, reason: &str, hour: i64, n: u64| RefusalCount {
+        workspace_id: ws.clone(),
+        route: route.into(),
+        reason: reason.into(),
+        hour: Timestamp::from_millis(hour * 3_600_000),
+        status: 401,
+        requests: n,
+    };
+    let day = 20_000 * 24;
+    s.record_refusals(&[
+        count(&ws.id, "orders", "unknown_token", day, 2),
+        count(&ws.id, "orders", "unknown_token", day, 1),
+        count(&ws.id, "misc", "unknown_token", day + 1, 4),
+        count(&ws.id, "orders", "missing_token", day + 25, 5),
+        count(&ws2.id, "orders", "unknown_token", day, 9),
+    ])
+    .await
+    .unwrap();
+    s.record_refusals(&[count(&ws.id, "orders", "unknown_token", day, 10)]).await.unwrap();
+    let from = Timestamp::from_millis(day * 3_600_000);
+    let rows = s.refusals_by_day(&ws.id, from, Timestamp::from_millis((day + 48) * 3_600_000)).await.unwrap();
+    let got: Vec<(String, i64, u64)> =
+        rows.iter().map(|r| (r.reason.clone(), r.hour.as_millis(), r.requests)).collect();
+    assert_eq!(
+        got,
+        [("unknown_token".to_owned(), day * 3_600_000, 17), ("missing_token".to_owned(), (day + 24) * 3_600_000, 5)]
+    );
+    assert_eq!(rows[0].status, 401);
+    let first_day = s.refusals_by_day(&ws.id, from, Timestamp::from_millis((day + 24) * 3_600_000)).await.unwrap();
+    assert_eq!(first_day.len(), 1, "the range's end is exclusive");
 }
 
 /// A PostgreSQL node hears about changes another node commits, through LISTEN/NOTIFY, and a

@@ -1296,6 +1296,80 @@ impl UsageStore for SqlStore {
         rows.iter().map(rows::usage).collect()
     }
 
+    async fn record_refusals(&self, counts: &[keygate_core::model::RefusalCount]) -> Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        // One statement per batch, the rows as one JSON parameter (as the call log's chunks).
+        let sql = match self.engine {
+            crate::Engine::Sqlite => {
+                "INSERT INTO usage_refusals (workspace_id, route, reason, hour, status, requests) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each($1) WHERE true \
+                 ON CONFLICT (workspace_id, hour, route, reason) DO UPDATE SET \
+                 requests = usage_refusals.requests + excluded.requests, status = excluded.status"
+            }
+            crate::Engine::Postgres => {
+                "INSERT INTO usage_refusals (workspace_id, route, reason, hour, status, requests) \
+                 SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, (e->>4)::integer, (e->>5)::bigint \
+                 FROM json_array_elements($1::json) AS e \
+                 ON CONFLICT (workspace_id, hour, route, reason) DO UPDATE SET \
+                 requests = usage_refusals.requests + excluded.requests, status = excluded.status"
+            }
+        };
+        // Rows of one key summed first: one statement cannot touch a row twice (PostgreSQL).
+        let mut summed: std::collections::BTreeMap<(&str, &str, &str, i64), (u16, u64)> = Default::default();
+        for c in counts {
+            let e = summed
+                .entry((c.workspace_id.as_str(), c.route.as_str(), c.reason.as_str(), c.hour.as_millis()))
+                .or_default();
+            e.0 = c.status;
+            e.1 = e.1.saturating_add(c.requests);
+        }
+        let rows: Vec<serde_json::Value> = summed
+            .into_iter()
+            .map(|((ws, route, reason, hour), (status, n))| serde_json::json!([ws, route, reason, hour, status, n]))
+            .collect();
+        for group in rows.chunks(1000) {
+            let text = serde_json::to_string(group).map_err(|e| Error::internal(e.to_string()))?;
+            sqlx::query(sql).bind(text).execute(&self.pool).await.map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    async fn refusals_by_day(
+        &self,
+        ws: &WorkspaceId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<keygate_core::model::RefusalCount>> {
+        let rows = sqlx::query(
+            "SELECT reason, (hour / 86400000) * 86400000 AS day, CAST(MAX(status) AS BIGINT) AS status, \
+             CAST(SUM(requests) AS BIGINT) AS requests \
+             FROM usage_refusals WHERE workspace_id = $1 AND hour >= $2 AND hour < $3 \
+             GROUP BY reason, (hour / 86400000) * 86400000 ORDER BY day, reason LIMIT 100000",
+        )
+        .bind(ws.as_str())
+        .bind(from.as_millis())
+        .bind(to.as_millis())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let status: i64 = rows::get(r, "status")?;
+                let requests: i64 = rows::get(r, "requests")?;
+                Ok(keygate_core::model::RefusalCount {
+                    workspace_id: ws.clone(),
+                    route: String::new(),
+                    reason: rows::get(r, "reason")?,
+                    hour: rows::ts(r, "day")?,
+                    status: u16::try_from(status).unwrap_or(0),
+                    requests: u64::try_from(requests).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     async fn usage_groups(
         &self,
         ws: &WorkspaceId,

@@ -227,7 +227,7 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
         "/admin/v1/reports/usage",
         "get",
         "by",
-        json!({"type": "string", "enum": ["token", "route", "api", "app", "developer"]}),
+        json!({"type": "string", "enum": ["token", "route", "api", "app", "developer", "reason"]}),
     );
     query_param(
         doc,

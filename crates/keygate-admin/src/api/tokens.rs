@@ -378,7 +378,7 @@ pub(crate) async fn usage_report(
     let by = match q.by.as_deref() {
         None => crate::service::ReportDimension::Route,
         Some(b) => crate::service::ReportDimension::parse(b)
-            .ok_or_else(|| Error::invalid("invalid_query", "by is one of token, route, api, app, developer"))?,
+            .ok_or_else(|| Error::invalid("invalid_query", "by is one of token, route, api, app, developer, reason"))?,
     };
     let to = super::extract::time_param(q.to.as_deref(), "to")?.unwrap_or_else(|| s.admin.now());
     let from = super::extract::time_param(q.from.as_deref(), "from")?

@@ -48,6 +48,12 @@ impl Gateway {
     pub(crate) fn record_own(&self, ctx: &RequestCtx<'_, '_>, refusal: Option<&'static str>, o: Outcome) {
         if let Some(code) = refusal {
             ctx.table.metrics.refusal(code);
+            // Per workspace and reason, for the providers' reports (a route of a workspace).
+            if let Some(route) = ctx.route
+                && let Some(ws) = &route.workspace_id
+            {
+                self.meter.refusal(ws, &route.id, code, o.status, ctx.now);
+            }
         }
         let line = self.line(&ctx.head.method, ctx.head.path);
         let client = (ctx.caller.is_none() && (ctx.stopped.is_some() || self.calls.is_some()))

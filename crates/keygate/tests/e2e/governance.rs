@@ -514,6 +514,32 @@ async fn a_providers_report_groups_consumption_by_api_app_token_and_day() {
     assert!(csv.starts_with("key,requests,ok,client_errors,server_errors,p50_ms"), "{csv}");
     assert!(csv.contains("\"orders v1\",\"4\",\"4\",\"0\",\"0\""), "{csv}");
     assert_eq!(c.get("/admin/v1/reports/usage?by=planet").await.status.as_u16(), 400);
+
+    // Refusals by reason: a revoked token three times, a missing token twice, on the
+    // workspace's routes; a path no route serves belongs to no workspace and is not counted.
+    let (revoked_id, revoked) = c.create_token(&json!({"name": "gone"})).await;
+    c.post(&format!("/admin/v1/tokens/{revoked_id}/revoke"), &json!({})).await;
+    kg.sync_index().await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(call(&kg, "/misc/x", &revoked).await.0, 401);
+    }
+    for _ in 0..2 {
+        let r = reqwest::Client::new().get(format!("{}/v1/orders/1", kg.gateway_url())).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    assert_eq!(call(&kg, "/nowhere", &a).await.0, 404);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let by_reason = loop {
+        kg.flush_usage().await;
+        let r = report("reason").await;
+        if r["totals"]["requests"] == 5 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert_eq!(pairs(&by_reason), [("unknown_token".to_owned(), 3), ("missing_token".to_owned(), 2)], "{by_reason}");
+    assert_eq!((by_reason["by"].as_str(), by_reason["totals"]["client_errors"].as_u64()), (Some("reason"), Some(5)));
+    assert_eq!(by_reason["days"][0]["requests"], 5);
     kg.stop().await;
 }
 

@@ -11,7 +11,9 @@ pub mod oauth;
 pub mod plan;
 pub mod policy;
 pub mod provider;
+pub mod report;
 pub mod route;
+pub mod subscription;
 pub mod token;
 pub mod workspace;
 

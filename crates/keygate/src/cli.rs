@@ -45,6 +45,12 @@ pub enum Command {
     /// The workspace's token rules (expiry, allowlist and DPoP requirements, tokens per app,
     /// denied addresses, dormancy) through the admin API.
     Policy(ApiCommand<PolicyCommand>),
+    /// Apps' subscriptions to APIs through the admin API: subscribe, list, approve, reject,
+    /// cancel.
+    Subscription(ApiCommand<SubscriptionCommand>),
+    /// Reports for providers through the admin API: consumption by API, route, app, developer
+    /// or token, and refusals by reason.
+    Report(ApiCommand<ReportCommand>),
     /// Manage workspaces (tenants) through the admin API; needs an instance-level root key.
     Workspace(ApiCommand<WorkspaceCommand>),
     /// Make the workspace match a file: its scope catalog, plans, apps and API-managed routes.
@@ -320,6 +326,68 @@ pub struct AppLimitArgs {
     /// DOLLARS/PERIOD with PERIOD day or month, such as 200/month.
     #[arg(long)]
     pub llm_budget: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionCommand {
+    /// Subscribe an app to an API (or one version): active at once, or pending where the
+    /// API's access is `approval` and the key does not hold apis:write.
+    Create {
+        /// The app (app_…).
+        app: String,
+        /// The API, by id (api_…) or name.
+        #[arg(long)]
+        api: String,
+        /// One version of it (default: every version).
+        #[arg(long)]
+        version: Option<String>,
+        /// The plan whose limits hold the app's calls to the API (default: the app's).
+        #[arg(long, value_name = "PLAN_ID")]
+        plan: Option<String>,
+    },
+    /// The workspace's subscriptions, newest first.
+    List {
+        #[arg(long, value_name = "APP_ID")]
+        app: Option<String>,
+        #[arg(long, value_name = "API_ID")]
+        api: Option<String>,
+        #[arg(long, value_parser = ["pending", "active", "rejected", "cancelled"])]
+        status: Option<String>,
+    },
+    /// Approve a pending subscription (needs apis:write).
+    Approve { id: String },
+    /// Reject a pending subscription (needs apis:write).
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Cancel a pending or active subscription.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// The workspace's requests grouped by `--by`, the top consumers first (or, with `--by
+    /// reason`, its refusals by reason), with errors and latency percentiles.
+    Usage {
+        /// api, route, app, developer, token or reason.
+        #[arg(long, default_value = "api", value_parser = ["api", "route", "app", "developer", "token", "reason"])]
+        by: String,
+        /// Start of the range (RFC 3339; default: 30 days before --to; at most 90 days).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (RFC 3339; default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the groups as CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -110,6 +110,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Provider(args) => api_cmd::provider::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Api(args) => api_cmd::api::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Policy(args) => api_cmd::policy::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Subscription(args) => api_cmd::subscription::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Report(args) => api_cmd::report::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Workspace(args) => api_cmd::workspace::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             use clap::CommandFactory;

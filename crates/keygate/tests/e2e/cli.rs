@@ -737,5 +737,41 @@ async fn cli_governs_limits_rules_reviews_and_statements() {
     let csv = cli.table(&["app", "statement", &app_id, "--period", "2030-01", "--csv"]);
     assert!(csv.starts_with("period,item,quantity,unit_price,amount,currency"), "{csv}");
     cli.refused(&["app", "statement", &app_id, "--period", "2030-13"], "invalid_period");
+
+    // The providers' report, as a table, JSON and CSV (by reason: nothing refused yet).
+    let table = cli.table(&["report", "usage", "--by", "app"]);
+    assert!(table.contains("KEY") || table.contains("key"), "{table}");
+    let report = cli.json(&["report", "usage", "--by", "reason"]);
+    assert_eq!((report["by"].as_str(), report["groups"].as_array().map(Vec::len)), (Some("reason"), Some(0)));
+    let csv = cli.table(&["report", "usage", "--by", "route", "--csv"]);
+    assert!(csv.starts_with("key,requests,ok,client_errors,server_errors,p50_ms"), "{csv}");
+    cli.refused(&["report", "usage", "--from", "yesterday"], "invalid_query");
+    kg.stop().await;
+}
+
+/// `keygate subscription`: subscribe an app to an API that wants approval (the CLI's key holds
+/// apis:write, so it counts as the owner and the subscription is active at once), list, cancel;
+/// refusals with their codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_subscribes_apps_to_apis() {
+    let kg = TestKeygate::start().await.unwrap();
+    let cli = Cli::new(&kg);
+    let api = cli.json(&["api", "create", "--name", "orders"]);
+    let api_id = api["id"].as_str().unwrap().to_owned();
+    kg.client()
+        .patch(&format!("/admin/v1/apis/{api_id}"), &serde_json::json!({"state": "published", "access": "approval"}))
+        .await;
+    let app = cli.json(&["app", "create", "--name", "shop"]);
+    let app_id = app["id"].as_str().unwrap().to_owned();
+    let sub = cli.json(&["subscription", "create", &app_id, "--api", "orders"]);
+    assert_eq!(sub["status"], "active", "a key holding apis:write approves as it subscribes: {sub}");
+    let id = sub["id"].as_str().unwrap().to_owned();
+    cli.refused(&["subscription", "create", &app_id, "--api", "orders"], "subscription_exists");
+    let table = cli.table(&["subscription", "list", "--app", &app_id]);
+    assert!(table.contains(&id) && table.contains("active"), "{table}");
+    let ended = cli.json(&["subscription", "cancel", &id, "--reason", "moved to v2"]);
+    assert_eq!((ended["status"].as_str(), ended["reason"].as_str()), (Some("cancelled"), Some("moved to v2")));
+    cli.refused(&["subscription", "approve", &id], "invalid_subscription_transition");
+    cli.refused(&["subscription", "create", &app_id, "--api", "nothing"], "api_not_found");
     kg.stop().await;
 }

@@ -68,6 +68,8 @@ pub struct VersionChange {
     pub state: Option<ApiState>,
     pub sunset: Option<Option<Timestamp>>,
     pub successor: Option<Option<String>>,
+    /// Whether the routes serving this version check requests against the API's document.
+    pub validate: Option<bool>,
 }
 
 /// What a change did: the API as it now is, and the publish request it filed instead of
@@ -232,6 +234,18 @@ impl Admin {
 
     /// Rebuilds this node's route table now (other nodes follow the feed), if routes are
     /// served here.
+    /// Checks that the routes naming `after` that validate requests (the file's too) can still
+    /// do so with it: its document compiles, and is there (400 `invalid_openapi` otherwise).
+    async fn check_validating_routes(&self, after: &Api) -> Result<()> {
+        let Some(rules) = self.route_rules.get() else { return Ok(()) };
+        let (_, stored) = self.store.list_routes().await?;
+        let providers = self.store.list_providers().await?;
+        let mut apis = self.store.all_apis().await?;
+        apis.retain(|a| a.id != after.id);
+        apis.push(after.clone());
+        rules.check_api(&stored, &providers, &apis, &after.id).await.map_err(|m| Error::invalid("invalid_openapi", m))
+    }
+
     async fn apply_routes(&self) {
         if let Some(rules) = self.route_rules.get() {
             rules.apply().await;
@@ -415,6 +429,9 @@ impl Admin {
         if after == before {
             return Ok(ApiOutcome { entry: self.api_entry(before).await?, requested });
         }
+        if after.openapi != before.openapi || after.versions != before.versions {
+            self.check_validating_routes(&after).await?;
+        }
         after.updated_at = now;
         // One `api.update` for the fields, one event of the state change (with the sunset and
         // successor it came with).
@@ -460,10 +477,17 @@ impl Admin {
             return Err(Error::not_found("api version"));
         };
         version_phase(v).apply(if wait { None } else { change.state }, change.sunset, change.successor, now)?;
+        if let Some(on) = change.validate {
+            v.validate = on;
+        }
         let to = v.state;
+        let validate_changed = v.validate != before.version(version).is_some_and(|b| b.validate);
         let requested = if wait { Some(self.file_publish_request(actor, &before, Some(version)).await?) } else { None };
         if after == before {
             return Ok(ApiOutcome { entry: self.api_entry(before).await?, requested });
+        }
+        if validate_changed {
+            self.check_validating_routes(&after).await?;
         }
         after.updated_at = now;
         let mut audits = vec![

@@ -45,6 +45,19 @@ pub trait RouteRules: Send + Sync {
         providers: &[StoredProvider],
         apis: &[keygate_core::apis::Api],
     ) -> std::result::Result<(), String>;
+    /// As [`RouteRules::check`], for a change of the API `api` (among `apis` as it would be
+    /// after it): every route naming that API that validates requests — the file's too — must
+    /// still have a document that compiles.
+    async fn check_api(
+        &self,
+        stored: &[StoredRoute],
+        providers: &[StoredProvider],
+        apis: &[keygate_core::apis::Api],
+        api: &keygate_core::ids::ApiId,
+    ) -> std::result::Result<(), String> {
+        let _ = api;
+        self.check(stored, providers, apis)
+    }
     /// The config file's providers: their `[[providers]]` fields (the key's source named, never
     /// the key).
     fn file_providers(&self) -> Vec<Map<String, Value>>;

@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 20] = [
+pub const REASONS: [&str; 25] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -40,6 +40,11 @@ pub const REASONS: [&str; 20] = [
     "address_denied",
     "uses_exhausted",
     "api_retired",
+    "request_invalid",
+    "operation_not_found",
+    "method_not_allowed",
+    "unsupported_media_type",
+    "validation_unavailable",
 ];
 
 #[derive(Default)]

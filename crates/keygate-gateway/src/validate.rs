@@ -37,6 +37,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use http::Method;
 use serde_json::{Map, Value};
@@ -284,6 +285,18 @@ pub enum Lookup<'v, 'p> {
     NoPath,
     /// The path matches, not the method: these are allowed (for `Allow`).
     NoMethod(String),
+}
+
+/// What a route that validates checks with.
+#[derive(Debug, Clone)]
+pub enum RouteValidation {
+    /// The API's document, compiled.
+    Ready(Arc<Validator>),
+    /// The route validates but has nothing to check with (its API is unknown, has no document,
+    /// or one that does not compile, which the admin API refuses): every request is refused
+    /// 503 `validation_unavailable` rather than forwarded unchecked. The reason is logged when
+    /// the table is built, never told to clients.
+    Unavailable(Arc<str>),
 }
 
 /// One thing wrong with a request.

@@ -21,6 +21,32 @@ use serde_json::{Value, json};
 
 use crate::service::Admin;
 
+/// The `api` (an id or a name) of each route among `configs` (route fields) that validates
+/// requests (`validate: true`).
+pub fn validating_keys<'a>(configs: impl IntoIterator<Item = &'a serde_json::Map<String, Value>>) -> Vec<String> {
+    configs
+        .into_iter()
+        .filter(|c| c.get("validate").and_then(Value::as_bool) == Some(true))
+        .filter_map(|c| c.get("api").and_then(Value::as_str).map(str::to_owned))
+        .collect()
+}
+
+/// Fills in the OpenAPI documents of `apis` (read without them: they are up to 1 MiB each) that
+/// routes validating requests need: those of the APIs `keys` name (by id or name), and of the
+/// APIs with a version that validates.
+pub async fn with_documents(store: &dyn keygate_core::store::Store, apis: &mut [Api], keys: &[String]) -> Result<()> {
+    for a in apis.iter_mut() {
+        let needed = keys.iter().any(|k| *k == a.id.as_str() || *k == a.name) || a.versions.iter().any(|v| v.validate);
+        if needed
+            && a.openapi.is_none()
+            && let Some(full) = store.api(&a.workspace_id, &a.id).await?
+        {
+            a.openapi = full.openapi;
+        }
+    }
+    Ok(())
+}
+
 /// An API and the routes (ids) of its workspace that serve it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiDetails {
@@ -242,6 +268,10 @@ impl Admin {
         let providers = self.store.list_providers().await?;
         let mut apis = self.store.all_apis().await?;
         apis.retain(|a| a.id != after.id);
+        let files = rules.file_routes();
+        let keys = validating_keys(stored.iter().map(|r| &r.config).chain(files.iter().map(|f| &f.config)));
+        with_documents(&*self.store, &mut apis, &keys).await?;
+        // The changed API as it would be (its document, or none), not as stored.
         apis.push(after.clone());
         rules.check_api(&stored, &providers, &apis, &after.id).await.map_err(|m| Error::invalid("invalid_openapi", m))
     }

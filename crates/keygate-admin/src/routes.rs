@@ -241,7 +241,10 @@ impl Admin {
         stored.retain(|r| r.id != id);
         stored.extend(change.cloned());
         let providers = self.store.list_providers().await?;
-        let apis = self.store.all_apis().await?;
+        let mut apis = self.store.all_apis().await?;
+        // The documents of the APIs that routes validating requests need (lists leave them out).
+        let keys = crate::apis::validating_keys(stored.iter().map(|r| &r.config));
+        crate::apis::with_documents(&*self.store, &mut apis, &keys).await?;
         rules.check(&stored, &providers, &apis).map_err(|m| Error::invalid("invalid_route", m))
     }
 

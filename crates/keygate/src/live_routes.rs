@@ -353,8 +353,15 @@ impl LiveRoutes {
         let (pos, stored) = self.store.list_routes().await.map_err(|e| e.message.into_owned())?;
         let providers = self.store.list_providers().await.map_err(|e| e.message.into_owned())?;
         let apps = self.store.app_limits().await.map_err(|e| e.message.into_owned())?;
-        let apis = self.store.all_apis().await.map_err(|e| e.message.into_owned())?;
+        let mut apis = self.store.all_apis().await.map_err(|e| e.message.into_owned())?;
         let file = self.file.load_full();
+        // The documents of the APIs that routes validating requests need (read apart: up to
+        // 1 MiB each).
+        let mut keys = keygate_admin::apis::validating_keys(stored.iter().map(|s| &s.config));
+        keys.extend(file.routes.iter().filter(|r| r.validate).filter_map(|r| r.api.clone()));
+        keygate_admin::apis::with_documents(&*self.store, &mut apis, &keys)
+            .await
+            .map_err(|e| e.message.into_owned())?;
         let names = self.file_workspaces(&file.routes).await?;
         let denylists = self.store.workspace_denylists().await.map_err(|e| e.message.into_owned())?;
         let table = self.compile(&file, &names, &stored, &providers, &denylists, &apis, false, None)?;

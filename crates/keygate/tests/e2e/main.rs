@@ -35,6 +35,7 @@ mod shared_limits;
 mod siem;
 mod upstream_h2;
 mod upstream_tls;
+mod validation;
 mod verify;
 mod webhooks;
 mod workspaces;

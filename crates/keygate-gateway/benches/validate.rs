@@ -72,7 +72,7 @@ fn document() -> Value {
 }
 
 fn body() -> Vec<u8> {
-    let lines: Vec<Value> = (0..8)
+    let lines: Vec<Value> = (0..12)
         .map(|i| json!({"sku": format!("ABC-{:04}", 1000 + i), "quantity": i + 1, "unit_price": 12.5 + f64::from(i), "discount": if i % 2 == 0 { Value::Null } else { json!(0.1) }}))
         .collect();
     serde_json::to_vec(&json!({

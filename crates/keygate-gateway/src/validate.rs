@@ -234,6 +234,9 @@ struct BodySpec {
 pub struct Operation {
     /// `POST /items/{id}`, for messages.
     pub name: Box<str>,
+    /// The names of its path's `{parameters}`, in order (paths that differ only by these names
+    /// share their trie nodes).
+    path_names: Box<[Box<str>]>,
     params: Box<[Param]>,
     body: Option<BodySpec>,
 }
@@ -274,7 +277,8 @@ pub struct Validator {
 #[derive(Debug)]
 pub struct Matched<'v, 'p> {
     pub op: &'v Operation,
-    captures: SmallVec<[(&'v str, &'p str); 4]>,
+    /// The raw values of the path's `{parameters}`, in order.
+    captures: SmallVec<[&'p str; 4]>,
 }
 
 /// What a request's method and path are in the document.
@@ -922,6 +926,7 @@ impl Validator {
                 };
                 ops.push(Operation {
                     name: format!("{method} {}", truncate(template, 120)).into(),
+                    path_names: names.clone().into(),
                     params: params.into(),
                     body,
                 });
@@ -1003,12 +1008,7 @@ impl Validator {
 
     /// The trie node the segments lead to from `node` that has an operation, literal segments
     /// first; each trie node is tried at most once.
-    fn walk<'v, 'p>(
-        &'v self,
-        node: usize,
-        segs: &[&'p str],
-        caps: &mut SmallVec<[(&'v str, &'p str); 4]>,
-    ) -> Option<usize> {
+    fn walk<'v, 'p>(&'v self, node: usize, segs: &[&'p str], caps: &mut SmallVec<[&'p str; 4]>) -> Option<usize> {
         let n = self.trie.get(node)?;
         let Some((first, rest)) = segs.split_first() else {
             return n.ops.iter().any(Option::is_some).then_some(node);
@@ -1023,7 +1023,7 @@ impl Validator {
             if v.is_empty() {
                 continue;
             }
-            caps.push((&*t.name, v));
+            caps.push(v);
             if let Some(found) = self.walk(*next, rest, caps) {
                 return Some(found);
             }
@@ -1049,7 +1049,8 @@ impl Validator {
             let mut present = false;
             match p.location {
                 Location::Path => {
-                    if let Some((_, raw)) = m.captures.iter().find(|(n, _)| **n == *p.name) {
+                    let at = m.op.path_names.iter().position(|n| *n == p.name);
+                    if let Some(raw) = at.and_then(|i| m.captures.get(i)) {
                         present = true;
                         match percent_decode(raw, false) {
                             Some(v) => values.push(v),
@@ -1675,7 +1676,11 @@ fn format_ok(f: Format, s: &str) -> bool {
                 }
             };
             let zone_ok = zone.is_empty()
-                || (zone.len() == 5 && digits(&zone[..2], 2) && &zone[2..3] == ":" && digits(&zone[3..], 2));
+                || (zone.len() == 5
+                    && zone.is_ascii()
+                    && zone.get(..2).is_some_and(|h| digits(h, 2))
+                    && zone.get(2..3) == Some(":")
+                    && zone.get(3..).is_some_and(|m| digits(m, 2)));
             let (hms, frac) = clock.split_once('.').unwrap_or((clock, "0"));
             let mut p = hms.split(':');
             let (Some(h), Some(m), Some(sec), None) = (p.next(), p.next(), p.next(), p.next()) else { return false };

@@ -21,6 +21,32 @@ use serde_json::{Value, json};
 
 use crate::service::Admin;
 
+/// The `api` (an id or a name) of each route among `configs` (route fields) that validates
+/// requests (`validate: true`).
+pub fn validating_keys<'a>(configs: impl IntoIterator<Item = &'a serde_json::Map<String, Value>>) -> Vec<String> {
+    configs
+        .into_iter()
+        .filter(|c| c.get("validate").and_then(Value::as_bool) == Some(true))
+        .filter_map(|c| c.get("api").and_then(Value::as_str).map(str::to_owned))
+        .collect()
+}
+
+/// Fills in the OpenAPI documents of `apis` (read without them: they are up to 1 MiB each) that
+/// routes validating requests need: those of the APIs `keys` name (by id or name), and of the
+/// APIs with a version that validates.
+pub async fn with_documents(store: &dyn keygate_core::store::Store, apis: &mut [Api], keys: &[String]) -> Result<()> {
+    for a in apis.iter_mut() {
+        let needed = keys.iter().any(|k| *k == a.id.as_str() || *k == a.name) || a.versions.iter().any(|v| v.validate);
+        if needed
+            && a.openapi.is_none()
+            && let Some(full) = store.api(&a.workspace_id, &a.id).await?
+        {
+            a.openapi = full.openapi;
+        }
+    }
+    Ok(())
+}
+
 /// An API and the routes (ids) of its workspace that serve it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiDetails {
@@ -71,6 +97,8 @@ pub struct VersionChange {
     pub state: Option<ApiState>,
     pub sunset: Option<Option<Timestamp>>,
     pub successor: Option<Option<String>>,
+    /// Whether the routes serving this version check requests against the API's document.
+    pub validate: Option<bool>,
 }
 
 /// What a change did: the API as it now is, and the publish request it filed instead of
@@ -236,6 +264,22 @@ impl Admin {
 
     /// Rebuilds this node's route table now (other nodes follow the feed), if routes are
     /// served here.
+    /// Checks that the routes naming `after` that validate requests (the file's too) can still
+    /// do so with it: its document compiles, and is there (400 `invalid_openapi` otherwise).
+    async fn check_validating_routes(&self, after: &Api) -> Result<()> {
+        let Some(rules) = self.route_rules.get() else { return Ok(()) };
+        let (_, stored) = self.store.list_routes().await?;
+        let providers = self.store.list_providers().await?;
+        let mut apis = self.store.all_apis().await?;
+        apis.retain(|a| a.id != after.id);
+        let files = rules.file_routes();
+        let keys = validating_keys(stored.iter().map(|r| &r.config).chain(files.iter().map(|f| &f.config)));
+        with_documents(&*self.store, &mut apis, &keys).await?;
+        // The changed API as it would be (its document, or none), not as stored.
+        apis.push(after.clone());
+        rules.check_api(&stored, &providers, &apis, &after.id).await.map_err(|m| Error::invalid("invalid_openapi", m))
+    }
+
     pub(crate) async fn apply_routes(&self) {
         if let Some(rules) = self.route_rules.get() {
             rules.apply().await;
@@ -423,6 +467,9 @@ impl Admin {
         if after == before {
             return Ok(ApiOutcome { entry: self.api_entry(before).await?, requested });
         }
+        if after.openapi != before.openapi || after.versions != before.versions {
+            self.check_validating_routes(&after).await?;
+        }
         after.updated_at = now;
         // One `api.update` for the fields, one event of the state change (with the sunset and
         // successor it came with).
@@ -468,10 +515,17 @@ impl Admin {
             return Err(Error::not_found("api version"));
         };
         version_phase(v).apply(if wait { None } else { change.state }, change.sunset, change.successor, now)?;
+        if let Some(on) = change.validate {
+            v.validate = on;
+        }
         let to = v.state;
+        let validate_changed = v.validate != before.version(version).is_some_and(|b| b.validate);
         let requested = if wait { Some(self.file_publish_request(actor, &before, Some(version)).await?) } else { None };
         if after == before {
             return Ok(ApiOutcome { entry: self.api_entry(before).await?, requested });
+        }
+        if validate_changed {
+            self.check_validating_routes(&after).await?;
         }
         after.updated_at = now;
         let mut audits = vec![

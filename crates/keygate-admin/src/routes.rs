@@ -45,6 +45,19 @@ pub trait RouteRules: Send + Sync {
         providers: &[StoredProvider],
         apis: &[keygate_core::apis::Api],
     ) -> std::result::Result<(), String>;
+    /// As [`RouteRules::check`], for a change of the API `api` (among `apis` as it would be
+    /// after it): every route naming that API that validates requests — the file's too — must
+    /// still have a document that compiles.
+    async fn check_api(
+        &self,
+        stored: &[StoredRoute],
+        providers: &[StoredProvider],
+        apis: &[keygate_core::apis::Api],
+        api: &keygate_core::ids::ApiId,
+    ) -> std::result::Result<(), String> {
+        let _ = api;
+        self.check(stored, providers, apis)
+    }
     /// The config file's providers: their `[[providers]]` fields (the key's source named, never
     /// the key).
     fn file_providers(&self) -> Vec<Map<String, Value>>;
@@ -228,7 +241,10 @@ impl Admin {
         stored.retain(|r| r.id != id);
         stored.extend(change.cloned());
         let providers = self.store.list_providers().await?;
-        let apis = self.store.all_apis().await?;
+        let mut apis = self.store.all_apis().await?;
+        // The documents of the APIs that routes validating requests need (lists leave them out).
+        let keys = crate::apis::validating_keys(stored.iter().map(|r| &r.config));
+        crate::apis::with_documents(&*self.store, &mut apis, &keys).await?;
         rules.check(&stored, &providers, &apis).map_err(|m| Error::invalid("invalid_route", m))
     }
 

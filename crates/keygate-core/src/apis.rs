@@ -112,12 +112,24 @@ pub struct ApiVersion {
     pub sunset: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub successor: Option<String>,
+    /// The routes serving this version check requests against the API's OpenAPI document
+    /// (request validation, as a route's own `validate`). Stored with the versions (JSON): no
+    /// migration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub validate: bool,
 }
 
 impl ApiVersion {
     /// A new version, in the draft state.
     pub fn new(name: &str) -> Self {
-        Self { name: name.to_owned(), state: ApiState::Draft, deprecated_at: None, sunset: None, successor: None }
+        Self {
+            name: name.to_owned(),
+            state: ApiState::Draft,
+            deprecated_at: None,
+            sunset: None,
+            successor: None,
+            validate: false,
+        }
     }
 }
 

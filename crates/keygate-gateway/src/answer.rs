@@ -69,12 +69,23 @@ pub(crate) enum Code {
     /// Every upstream of the route is named by a DNS host name that has not resolved to any
     /// address yet (see [`crate::resolve`]).
     UpstreamUnresolved,
+    /// Request validation (issue 17, [`crate::validate`]): a parameter or the JSON body does not
+    /// match the operation's schema (400, an RFC 9457 problem document naming the fields).
+    RequestInvalid,
+    /// Request validation: no path of the API's OpenAPI document matches (404).
+    OperationNotFound,
+    /// Request validation: the path matches, not the method (405, with `Allow`).
+    MethodNotAllowed,
+    /// Request validation: the body's media type is not one the operation takes (415).
+    UnsupportedMediaType,
+    /// Request validation: the route validates but has no document to check with (503).
+    ValidationUnavailable,
 }
 
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 23] = [
+    const ALL: [Code; 28] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
@@ -98,6 +109,11 @@ impl Code {
         Code::UpstreamUnavailable,
         Code::UpstreamTlsFailed,
         Code::UpstreamUnresolved,
+        Code::RequestInvalid,
+        Code::OperationNotFound,
+        Code::MethodNotAllowed,
+        Code::UnsupportedMediaType,
+        Code::ValidationUnavailable,
     ];
 
     /// The stable code clients see (`{"error": {"code": …}}`) and the refusal metrics count.
@@ -126,12 +142,23 @@ impl Code {
             Code::UpstreamUnavailable => "upstream_unavailable",
             Code::UpstreamTlsFailed => "upstream_tls_failed",
             Code::UpstreamUnresolved => "upstream_unresolved",
+            Code::RequestInvalid => "request_invalid",
+            Code::OperationNotFound => "operation_not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::UnsupportedMediaType => "unsupported_media_type",
+            Code::ValidationUnavailable => "validation_unavailable",
         }
     }
 
     pub(crate) const fn status(self) -> StatusCode {
         match self {
-            Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed => StatusCode::BAD_REQUEST,
+            Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed | Code::RequestInvalid => {
+                StatusCode::BAD_REQUEST
+            }
+            Code::OperationNotFound => StatusCode::NOT_FOUND,
+            Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Code::ValidationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::MissingToken => StatusCode::UNAUTHORIZED,
             Code::IpNotAllowed
             | Code::InsufficientScope
@@ -165,6 +192,16 @@ pub(crate) struct Refuse {
     pub(crate) retry_after: Option<u64>,
     /// The nonce for the next DPoP proof (RFC 9449 §9), sent as `DPoP-Nonce`.
     pub(crate) dpop_nonce: Option<String>,
+    /// Answered as an RFC 9457 problem document (request validation's refusals).
+    pub(crate) problem: Option<Box<Problem>>,
+}
+
+/// What a refusal of request validation says besides its code and message: the fields that are
+/// wrong, and the methods a path takes (`Allow`, with a 405).
+#[derive(Debug, Default)]
+pub(crate) struct Problem {
+    pub(crate) errors: Vec<crate::validate::Violation>,
+    pub(crate) allow: Option<String>,
 }
 
 /// An RFC 6750 §3 `invalid_token` challenge with a fixed description.
@@ -189,7 +226,15 @@ impl Refuse {
             close: false,
             retry_after: None,
             dpop_nonce: None,
+            problem: None,
         }
+    }
+
+    /// A refusal of request validation: an RFC 9457 problem document (`application/
+    /// problem+json`) with `type`, `title`, `status`, `detail` (the message), keygate's `code`
+    /// and `error` object as every refusal has them, and the `errors` found.
+    pub(crate) fn problem(code: Code, message: impl Into<Cow<'static, str>>, problem: Problem) -> Self {
+        Self { problem: Some(Box::new(problem)), ..Self::of(code, message) }
     }
     pub(crate) fn bad_framing(message: impl Into<Cow<'static, str>>) -> Self {
         Self { close: true, ..Self::of(Code::BadRequest, message) }
@@ -309,10 +354,10 @@ impl Refuse {
     /// reports to its caller.
     pub(crate) fn grpc_status(&self) -> u8 {
         match self.status.as_u16() {
-            400 => 3,             // INVALID_ARGUMENT
+            400 | 415 => 3,       // INVALID_ARGUMENT
             401 => 16,            // UNAUTHENTICATED
             403 => 7,             // PERMISSION_DENIED
-            404 => 12,            // UNIMPLEMENTED: no such service here
+            404 | 405 => 12,      // UNIMPLEMENTED: no such service (or method) here
             408 | 504 => 4,       // DEADLINE_EXCEEDED
             413 | 429 | 431 => 8, // RESOURCE_EXHAUSTED
             502 | 503 => 14,      // UNAVAILABLE
@@ -340,6 +385,9 @@ impl Refuse {
 
     /// The JSON answer: `{"error": {"code", "message"}}`.
     pub(crate) fn answer(&self) -> Answer {
+        if let Some(p) = &self.problem {
+            return self.problem_answer(p);
+        }
         let mut body = Vec::with_capacity(48 + self.code.len() + self.message.len());
         body.extend_from_slice(b"{\"error\":{\"code\":\"");
         body.extend_from_slice(self.code.as_bytes());
@@ -361,6 +409,48 @@ impl Refuse {
         if let Some(v) = self.dpop_nonce.as_deref().and_then(|n| HeaderValue::from_str(n).ok()) {
             a.headers.push((HeaderName::from_static("dpop-nonce"), v));
         }
+        a.close = self.close;
+        a
+    }
+}
+
+impl Refuse {
+    fn problem_answer(&self, p: &Problem) -> Answer {
+        let errors: Vec<serde_json::Value> = p
+            .errors
+            .iter()
+            .map(|v| {
+                let mut e = serde_json::Map::new();
+                e.insert("location".into(), v.location.as_str().into());
+                if !v.name.is_empty() {
+                    e.insert("name".into(), v.name.clone().into());
+                }
+                if v.location == crate::validate::Location::Body || !v.pointer.is_empty() {
+                    e.insert("pointer".into(), v.pointer.clone().into());
+                }
+                e.insert("message".into(), v.message.clone().into());
+                serde_json::Value::Object(e)
+            })
+            .collect();
+        let mut doc = serde_json::json!({
+            "type": "about:blank",
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": &*self.message,
+            "code": self.code,
+            "error": {"code": self.code, "message": &*self.message},
+        });
+        if !errors.is_empty() {
+            doc["errors"] = serde_json::Value::Array(errors);
+        }
+        let body = serde_json::to_vec(&doc).unwrap_or_default();
+        let mut a = Answer::new(self.status);
+        a.headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
+        a.headers.push((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+        if let Some(v) = p.allow.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+            a.headers.push((header::ALLOW, v));
+        }
+        a.body = body.into();
         a.close = self.close;
         a
     }

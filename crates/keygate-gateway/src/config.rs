@@ -363,6 +363,11 @@ pub struct RouteConfig {
     /// the API's state and the version's. Needs `api`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Check each request against the OpenAPI document of `api` (its parameters and JSON body)
+    /// before forwarding it: an invalid one is answered 400 `request_invalid` (docs/gateway.md,
+    /// "Request validation"). Needs `api`. The version's `validate` turns it on too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub validate: bool,
     /// For the developer portal: what this API is.
     pub description: Option<String>,
     /// For the developer portal: an OpenAPI document (file path or URL).
@@ -606,6 +611,7 @@ impl RouteConfig {
             deny: Vec::new(),
             api: None,
             version: None,
+            validate: false,
             description: None,
             openapi: None,
             workspace: None,

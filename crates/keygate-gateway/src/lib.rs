@@ -48,5 +48,6 @@ pub mod upstream;
 pub mod upstream_h2;
 pub mod upstream_tls;
 pub mod usage;
+pub mod validate;
 pub mod verify;
 pub mod watch;

@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 21] = [
+pub const REASONS: [&str; 26] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -41,6 +41,11 @@ pub const REASONS: [&str; 21] = [
     "uses_exhausted",
     "api_retired",
     "subscription_required",
+    "request_invalid",
+    "operation_not_found",
+    "method_not_allowed",
+    "unsupported_media_type",
+    "validation_unavailable",
 ];
 
 #[derive(Default)]

@@ -71,6 +71,9 @@ pub struct Route {
     /// The lifecycle of the API (and version) the route serves (`api`, `version`); `None`: a
     /// route of no API, or of one its workspace does not have.
     pub lifecycle: Option<Arc<RouteLifecycle>>,
+    /// Request validation against the API's OpenAPI document (`validate`, or the version's):
+    /// `None`, the route does not validate.
+    pub validation: Option<crate::validate::RouteValidation>,
 }
 
 /// What a route does because of its API's state (issue 17), worked out when the table is built
@@ -202,6 +205,10 @@ pub struct RouteSpec<'a> {
     pub source: RouteSource,
     /// The lifecycle of the route's API, if it names one its workspace has.
     pub lifecycle: Option<&'a RouteLifecycle>,
+    /// The route validates requests (its `validate`, or its API version's): with the compiled
+    /// document, or why there is none. `None` on a route that validates (tables built without
+    /// a store: `keygate config check`, tests) leaves it not validating.
+    pub validation: Option<&'a crate::validate::RouteValidation>,
 }
 
 impl Route {
@@ -300,7 +307,13 @@ impl RouteTable {
     pub fn build(cfgs: &[RouteConfig], gw: &GatewayConfig) -> Result<Self, String> {
         let specs: Vec<RouteSpec<'_>> = cfgs
             .iter()
-            .map(|config| RouteSpec { config, workspace_id: None, source: RouteSource::File, lifecycle: None })
+            .map(|config| RouteSpec {
+                config,
+                workspace_id: None,
+                source: RouteSource::File,
+                lifecycle: None,
+                validation: None,
+            })
             .collect();
         Self::build_specs(&specs, gw)
     }
@@ -343,6 +356,16 @@ impl RouteTable {
             if ai.is_none() && raw_upstreams.is_empty() {
                 return Err(err("needs an upstream (or upstreams)".into()));
             }
+            if c.validate && c.api.is_none() {
+                return Err(err(
+                    "validate checks requests against the OpenAPI document of the route's api: give api too".into(),
+                ));
+            }
+            if c.validate && ai.is_some() {
+                return Err(err("an ai route checks its own requests: it cannot validate".into()));
+            }
+            // An ai route of a version that validates: its own checks apply, not the document's.
+            let validation = if ai.is_some() { None } else { spec.validation.cloned() };
             let urls =
                 raw_upstreams.iter().map(|u| parse_upstream_url(u)).collect::<Result<Vec<_>, _>>().map_err(err)?;
             if c.upstream_protocol == UpstreamProtocol::Auto && urls.iter().any(|u| !u.https) {
@@ -441,6 +464,7 @@ impl RouteTable {
                 cache,
                 ai,
                 lifecycle: spec.lifecycle.map(|l| Arc::new(l.clone())),
+                validation,
             }));
         }
         // Two prefixes that differ only in letter case would make every request to either one
@@ -496,6 +520,7 @@ impl RouteTable {
                 cache: None,
                 ai: None,
                 lifecycle: None,
+                validation: None,
             }));
         }
         let deny = deny_set(&gw.deny).map_err(|e| format!("gateway.deny: {e}"))?;

@@ -28,6 +28,7 @@ use keygate_gateway::config::{GatewayConfig, ProviderConfig, RouteConfig};
 use keygate_gateway::gateway::AppLimit;
 use keygate_gateway::gateway::{Gateway, Table};
 use keygate_gateway::routes::{RouteLifecycle, RouteSource, RouteSpec, RouteTable, Subscribers};
+use keygate_gateway::validate::{RouteValidation, Validator};
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
@@ -151,6 +152,42 @@ fn subscribers(api: &Api, version: Option<&str>, grants: &[SubscriptionGrant]) -
     (out.required || !out.apps.is_empty()).then(|| Arc::new(out))
 }
 
+/// The request validation of a route (`validate`, or its version's): `None` when it does not
+/// validate; an error naming what is missing (the API, its document) or what does not compile.
+/// Each API's document is compiled once per table (`compiled`, by API id).
+fn route_validation(
+    c: &RouteConfig,
+    ws: Option<&str>,
+    apis: &[Api],
+    compiled: &mut HashMap<String, Result<Arc<Validator>, String>>,
+) -> Result<Option<RouteValidation>, String> {
+    let api = c.api.as_deref().and_then(|k| find_api(apis, ws, k));
+    let by_version = api.zip(c.version.as_deref()).and_then(|(a, v)| a.version(v)).is_some_and(|v| v.validate);
+    if !c.validate && !by_version {
+        return Ok(None);
+    }
+    let Some(api) = api else {
+        return Err(format!(
+            "route {:?}: validate: the route's API is unknown, so there is no document to check requests against",
+            c.id
+        ));
+    };
+    let Some(doc) = &api.openapi else {
+        return Err(format!(
+            "route {:?}: validate: the API {:?} has no OpenAPI document to check requests against; give it one first (PATCH /admin/v1/apis/{})",
+            c.id, api.name, api.id
+        ));
+    };
+    let v = compiled.entry(api.id.as_str().to_owned()).or_insert_with(|| Validator::compile(doc).map(Arc::new));
+    match v {
+        Ok(v) => Ok(Some(RouteValidation::Ready(v.clone()))),
+        Err(e) => Err(format!(
+            "route {:?}: validate: the OpenAPI document of the API {:?} cannot be used to check requests: {e}",
+            c.id, api.name
+        )),
+    }
+}
+
 /// Whether `base_url`'s host is a loopback, private or link-local address, or a local name.
 fn private_host(base_url: &str) -> bool {
     let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
@@ -234,6 +271,7 @@ impl LiveRoutes {
         apis: &[Api],
         grants: &[SubscriptionGrant],
         strict: bool,
+        focus: Option<&str>,
     ) -> Result<RouteTable, String> {
         let mut parsed = Vec::with_capacity(stored.len());
         for s in stored {
@@ -267,14 +305,39 @@ impl LiveRoutes {
                 }
             }
         }
+        // Request validation: a route that validates and cannot (its API unknown, without a
+        // document, or one that does not compile) is refused when a change made through the
+        // admin API is checked (a stored route, or any route of the API being changed), and
+        // otherwise refuses every request (503 `validation_unavailable`), logged.
+        let mut compiled = HashMap::new();
+        let mut validations = Vec::with_capacity(sources.len());
+        for (c, ws, source) in &sources {
+            match route_validation(c, *ws, apis, &mut compiled) {
+                Ok(v) => validations.push(v),
+                Err(e) => {
+                    let focused = focus.is_some_and(|id| {
+                        c.api.as_deref().and_then(|k| find_api(apis, *ws, k)).is_some_and(|a| a.id.as_str() == id)
+                    });
+                    if strict && (*source == RouteSource::Api || focused) {
+                        return Err(e);
+                    }
+                    if !strict {
+                        tracing::error!(route = %c.id, error = %e, "the route validates requests but cannot: it refuses every request (503 validation_unavailable)");
+                    }
+                    validations.push(Some(RouteValidation::Unavailable(e.into())));
+                }
+            }
+        }
         let specs: Vec<RouteSpec<'_>> = sources
             .iter()
             .zip(&lifecycles)
-            .map(|((config, workspace_id, source), l)| RouteSpec {
+            .zip(&validations)
+            .map(|(((config, workspace_id, source), l), v)| RouteSpec {
                 config,
                 workspace_id: *workspace_id,
                 source: *source,
                 lifecycle: l.as_ref(),
+                validation: v.as_ref(),
             })
             .collect();
         // A workspace's denylist joins the `deny` of each of its routes (refused right after
@@ -325,12 +388,19 @@ impl LiveRoutes {
         let (pos, stored) = self.store.list_routes().await.map_err(|e| e.message.into_owned())?;
         let providers = self.store.list_providers().await.map_err(|e| e.message.into_owned())?;
         let apps = self.store.app_limits().await.map_err(|e| e.message.into_owned())?;
-        let apis = self.store.all_apis().await.map_err(|e| e.message.into_owned())?;
+        let mut apis = self.store.all_apis().await.map_err(|e| e.message.into_owned())?;
         let file = self.file.load_full();
+        // The documents of the APIs that routes validating requests need (read apart: up to
+        // 1 MiB each).
+        let mut keys = keygate_admin::apis::validating_keys(stored.iter().map(|s| &s.config));
+        keys.extend(file.routes.iter().filter(|r| r.validate).filter_map(|r| r.api.clone()));
+        keygate_admin::apis::with_documents(&*self.store, &mut apis, &keys)
+            .await
+            .map_err(|e| e.message.into_owned())?;
         let names = self.file_workspaces(&file.routes).await?;
         let denylists = self.store.workspace_denylists().await.map_err(|e| e.message.into_owned())?;
         let grants = self.store.active_subscriptions().await.map_err(|e| e.message.into_owned())?;
-        let table = self.compile(&file, &names, &stored, &providers, &denylists, &apis, &grants, false)?;
+        let table = self.compile(&file, &names, &stored, &providers, &denylists, &apis, &grants, false, None)?;
         self.load_providers(&providers);
         let n = table.routes.len();
         let next = Table::succeeding(table, &self.gw.table.load()).with_apps(&apps);
@@ -422,7 +492,20 @@ impl RouteRules for LiveRoutes {
             .iter()
             .map(|r| (r.workspace.clone().unwrap_or_else(|| DEFAULT_WORKSPACE.into()), Arc::from("")))
             .collect();
-        self.compile(&file, &names, stored, providers, &[], apis, &[], true).map(drop)
+        self.compile(&file, &names, stored, providers, &[], apis, &[], true, None).map(drop)
+    }
+
+    async fn check_api(
+        &self,
+        stored: &[StoredRoute],
+        providers: &[StoredProvider],
+        apis: &[Api],
+        api: &keygate_core::ids::ApiId,
+    ) -> Result<(), String> {
+        let file = self.file.load_full();
+        // The file's routes find their API in their real workspace.
+        let names = self.file_workspaces(&file.routes).await?;
+        self.compile(&file, &names, stored, providers, &[], apis, &[], true, Some(api.as_str())).map(drop)
     }
 
     fn file_providers(&self) -> Vec<Map<String, Value>> {

@@ -142,6 +142,10 @@ pub struct UpdateApiVersionRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub successor: Option<Option<String>>,
+    /// The routes serving this version check each request against the API's OpenAPI document
+    /// (as a route's own `validate`): an invalid request is answered 400 `request_invalid`.
+    /// Turning it on needs a document that compiles (400 `invalid_openapi` otherwise).
+    pub validate: Option<bool>,
 }
 
 /// A version of an API.
@@ -154,6 +158,8 @@ pub struct ApiVersionView {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub sunset: Option<Timestamp>,
     pub successor: Option<String>,
+    /// Its routes check requests against the API's OpenAPI document.
+    pub validate: bool,
 }
 
 impl From<&ApiVersion> for ApiVersionView {
@@ -164,6 +170,7 @@ impl From<&ApiVersion> for ApiVersionView {
             deprecated_at: v.deprecated_at,
             sunset: v.sunset,
             successor: v.successor.clone(),
+            validate: v.validate,
         }
     }
 }
@@ -398,7 +405,12 @@ pub(crate) async fn update_api_version(
     LargeJson(body): LargeJson<UpdateApiVersionRequest>,
 ) -> Result<Json<ApiView>, ApiError> {
     let id = api_id(&id)?;
-    let change = VersionChange { state: state(body.state)?, sunset: sunset(body.sunset)?, successor: body.successor };
+    let change = VersionChange {
+        state: state(body.state)?,
+        sunset: sunset(body.sunset)?,
+        successor: body.successor,
+        validate: body.validate,
+    };
     let out = s.admin.update_api_version(&auth.key.workspace_id, &auth.actor, &id, &version, change, true).await?;
     Ok(Json(view(out.entry, true)))
 }

@@ -77,6 +77,11 @@ pub struct RouteBody {
     /// The version of `api` this route serves (such as `v1`); needs `api`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Check each request against the OpenAPI document of `api` (parameters and JSON body)
+    /// before forwarding it; an invalid one is answered 400 `request_invalid`. Needs `api`, and
+    /// the API needs a document that compiles (else 400 `invalid_route`).
+    #[serde(default)]
+    pub validate: bool,
     pub description: Option<String>,
     pub openapi: Option<String>,
     /// The workspace's name: the root key's own (the only one allowed here).

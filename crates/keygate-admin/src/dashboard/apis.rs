@@ -170,7 +170,7 @@ pub async fn change_state(
     let (ws, actor) = (v.workspace(), v.actor());
     let done = match f.opt("version").map(str::trim).filter(|x| !x.is_empty()) {
         Some(version) => {
-            let change = VersionChange { state: Some(state), sunset, successor };
+            let change = VersionChange { state: Some(state), sunset, successor, validate: None };
             st.admin.update_api_version(ws, &actor, &id, version, change, owner).await
         }
         None => {

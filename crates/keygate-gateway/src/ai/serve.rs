@@ -696,8 +696,12 @@ fn models<S: HeadSink>(air: &AiRoute, caller: &Caller, sink: &mut S) -> Answered
     Answered { status: StatusCode::OK, body: UpstreamResponseBody::from_memory(Bytes::from(body)) }
 }
 
-/// Reads the client's body whole, within `limit`.
-async fn read_all<B: BodySource>(body: &mut Option<B>, limit: u64, state: &BodyState) -> Result<Vec<u8>, Refuse> {
+/// Reads the client's body whole, within `limit` (also request validation's, [`crate::phase::validate`]).
+pub(crate) async fn read_all<B: BodySource>(
+    body: &mut Option<B>,
+    limit: u64,
+    state: &BodyState,
+) -> Result<Vec<u8>, Refuse> {
     let mut out = Vec::new();
     let Some(b) = body.as_mut() else { return Ok(out) };
     if let Some(n) = b.exact_len() {

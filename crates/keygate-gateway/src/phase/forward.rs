@@ -49,6 +49,26 @@ impl Gateway {
         state: &BodyState,
         sink: &mut S,
     ) -> Result<Answered, Refuse> {
+        // Request validation first, on a route that asks for it: a body read to be checked goes
+        // upstream from memory.
+        if let Some(v) = &route.validation
+            && let Some(read) = self.validate_request(ctx, route, v, body, state).await?
+        {
+            let mut memory = Some(crate::phase::validate::MemoryBody::new(read));
+            return self.forward_checked(ctx, route, &mut memory, state, sink).await;
+        }
+        self.forward_checked(ctx, route, body, state, sink).await
+    }
+
+    /// Forward, once the request is checked.
+    async fn forward_checked<B: BodySource, S: HeadSink>(
+        &self,
+        ctx: &RequestCtx<'_, '_>,
+        route: &Route,
+        body: &mut Option<B>,
+        state: &BodyState,
+        sink: &mut S,
+    ) -> Result<Answered, Refuse> {
         if let Some(ai) = &route.ai {
             return self.forward_ai(ctx, route, ai, body, state, sink).await;
         }

@@ -46,7 +46,7 @@ async fn an_api_goes_from_draft_to_retired_and_its_routes_follow() {
     assert_eq!(made.body["state"], "draft");
     assert_eq!(
         made.body["versions"][1],
-        json!({"name": "v2", "state": "draft", "deprecated_at": null, "sunset": null, "successor": null})
+        json!({"name": "v2", "state": "draft", "deprecated_at": null, "sunset": null, "successor": null, "validate": false})
     );
 
     // Routes name it by name or by id, and a version of it; a route naming what does not exist

@@ -36,6 +36,7 @@ mod siem;
 mod subscriptions;
 mod upstream_h2;
 mod upstream_tls;
+mod validation;
 mod verify;
 mod webhooks;
 mod workspaces;

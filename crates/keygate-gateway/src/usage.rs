@@ -184,9 +184,20 @@ type RefusalKey = (Arc<str>, Arc<str>, &'static str, i64);
 /// store has been away for long); beyond, refusals are counted in `refusals_dropped` only.
 pub const MAX_REFUSAL_KEYS: usize = 4096;
 
+/// A [`RefusalKey`] borrowed, to count into an existing key without cloning its `Arc`s (hashed
+/// as the key is).
+#[derive(Hash)]
+struct RefusalKeyRef<'a>(&'a str, &'a str, &'static str, i64);
+
+impl hashbrown::Equivalent<RefusalKey> for RefusalKeyRef<'_> {
+    fn equivalent(&self, k: &RefusalKey) -> bool {
+        *self.0 == *k.0 && *self.1 == *k.1 && self.2 == k.2 && self.3 == k.3
+    }
+}
+
 #[repr(align(128))]
 #[derive(Default)]
-struct RefusalShard(Mutex<HashMap<RefusalKey, (u16, u64)>>);
+struct RefusalShard(Mutex<hashbrown::HashMap<RefusalKey, (u16, u64), foldhash::fast::RandomState>>);
 
 impl UsageMeter {
     /// Counts a refusal with `reason` (answered `status`) on `route` of workspace `ws`, for the
@@ -196,9 +207,8 @@ impl UsageMeter {
         let Some(shard) = self.refusals.get(SHARD.with(|i| *i)) else { return };
         let hour = at.as_millis().div_euclid(3_600_000) * 3_600_000;
         let mut map = shard.0.lock();
-        let key = (ws.clone(), route.clone(), reason, hour);
         let full = map.len() >= MAX_REFUSAL_KEYS;
-        match map.get_mut(&key) {
+        match map.get_mut(&RefusalKeyRef(ws, route, reason, hour)) {
             Some(e) => {
                 e.0 = status;
                 e.1 = e.1.saturating_add(1);
@@ -207,7 +217,7 @@ impl UsageMeter {
                 self.refusals_dropped.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                map.insert(key, (status, 1));
+                map.insert((ws.clone(), route.clone(), reason, hour), (status, 1));
             }
         }
     }
@@ -475,6 +485,43 @@ pub type SharedMeter = Arc<UsageMeter>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_counted_per_workspace_route_reason_and_hour_within_a_bound() {
+        let m = UsageMeter::default();
+        let (ws, route): (Arc<str>, Arc<str>) = ("ws_1".into(), "orders".into());
+        let at = Timestamp::from_millis(7_200_000 + 5);
+        for _ in 0..3 {
+            m.refusal(&ws, &route, "unknown_token", 401, at);
+        }
+        m.refusal(&ws, &route, "rate_limited", 429, at);
+        m.refusal(&ws, &route, "unknown_token", 401, Timestamp::from_millis(10_800_000));
+        let mut got: Vec<(String, i64, u16, u64)> = m
+            .drain_refusals()
+            .into_iter()
+            .map(|c| (c.reason, c.hour.as_millis(), c.status, c.requests))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("rate_limited".into(), 7_200_000, 429, 1),
+                ("unknown_token".into(), 7_200_000, 401, 3),
+                ("unknown_token".into(), 10_800_000, 401, 1)
+            ]
+        );
+        assert!(m.drain_refusals().is_empty(), "drained");
+        // Beyond the bound of keys, refusals are dropped and counted; known keys still count.
+        for h in 0..(MAX_REFUSAL_KEYS as i64 + 10) {
+            m.refusal(&ws, &route, "unknown_token", 401, Timestamp::from_millis(h * 3_600_000));
+        }
+        assert_eq!(m.refusals_dropped.load(Ordering::Relaxed), 10);
+        let back = m.drain_refusals();
+        assert_eq!(back.len(), MAX_REFUSAL_KEYS);
+        // What a failed flush gives back is written with the next.
+        m.restore_refusals(back);
+        assert_eq!(m.drain_refusals().iter().map(|c| c.requests).sum::<u64>(), MAX_REFUSAL_KEYS as u64);
+    }
 
     /// A token, its workspace and a route, and requests of it.
     struct Fixture {

@@ -41,7 +41,7 @@ fn service<'a>(st: &'a DashboardState, v: &Viewer) -> Result<&'a Arc<OAuth>, Pag
 }
 
 /// The app by id, if this person may see it (another developer's app is "not found").
-pub(super) async fn app_for(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageError> {
+async fn app_for(st: &DashboardState, v: &Viewer, id: &str) -> Result<App, PageError> {
     let id = AppId::parse(id).ok_or_else(|| PageError::not_found(v))?;
     let app = st.admin.app(v.workspace(), &id).await.map_err(ctx_err(v))?;
     if !visible(&owned_apps(st, v).await?, &app.id) {

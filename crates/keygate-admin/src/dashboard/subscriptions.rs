@@ -9,7 +9,7 @@ use axum::response::Response;
 use keygate_core::ids::{ApiId, PlanId, SubscriptionId};
 use keygate_core::subscriptions::{ApiAccess, SubscriptionStatus};
 
-use super::oauth::{app_for, app_inner, writable_app};
+use super::oauth::{app_inner, writable_app};
 use super::pages::see_other;
 use super::{CsrfForm, DashboardState, PageError, SignedIn};
 use crate::apis::ApiChange;
@@ -190,7 +190,8 @@ pub(super) async fn pending(
         st.admin.list_subscriptions(v.workspace(), &filter).await.map_err(|e| PageError::from_error(e, Some(v)))?;
     let mut out = Vec::with_capacity(list.len());
     for s in list {
-        let app = app_for(st, v, s.app_id.as_str()).await.map(|a| a.name).unwrap_or_else(|_| s.app_id.to_string());
+        // Shown to owners and admins only, who see every app.
+        let app = st.admin.app(v.workspace(), &s.app_id).await.map(|a| a.name).unwrap_or_else(|_| s.app_id.to_string());
         out.push(context! {
             id => s.id.to_string(),
             app,

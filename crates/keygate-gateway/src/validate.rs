@@ -62,6 +62,8 @@ const MAX_POINTER_CHARS: usize = 128;
 const MAX_MESSAGE_CHARS: usize = 200;
 
 type Id = u32;
+/// A bound of a number: (the bound, exclusive).
+type Bound = Option<(f64, bool)>;
 
 const T_NULL: u8 = 1;
 const T_BOOLEAN: u8 = 2;
@@ -545,7 +547,7 @@ impl<'d> Compiler<'d> {
                 Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("{at}.{k}: must be a number")),
             }
         };
-        let bounds = |bound: Option<f64>, k: &str| -> Result<(Option<(f64, bool)>, Option<(f64, bool)>), String> {
+        let bounds = |bound: Option<f64>, k: &str| -> Result<(Bound, Bound), String> {
             // 3.0: `exclusiveMinimum: true` makes `minimum` exclusive; 3.1: a bound of its own.
             match m.get(k) {
                 Some(Value::Bool(b)) => Ok((bound.map(|x| (x, *b)), None)),
@@ -1008,7 +1010,7 @@ impl Validator {
 
     /// The trie node the segments lead to from `node` that has an operation, literal segments
     /// first; each trie node is tried at most once.
-    fn walk<'v, 'p>(&'v self, node: usize, segs: &[&'p str], caps: &mut SmallVec<[&'p str; 4]>) -> Option<usize> {
+    fn walk<'p>(&self, node: usize, segs: &[&'p str], caps: &mut SmallVec<[&'p str; 4]>) -> Option<usize> {
         let n = self.trie.get(node)?;
         let Some((first, rest)) = segs.split_first() else {
             return n.ops.iter().any(Option::is_some).then_some(node);
@@ -1283,7 +1285,7 @@ fn coerce(raw: &str, types: u8) -> Result<Value, &'static str> {
 
 /// Percent-decodes `s` (and `+` as a space, in a query); `None`: not UTF-8 once decoded.
 fn percent_decode(s: &str, plus: bool) -> Option<Cow<'_, str>> {
-    if !s.contains('%') && !(plus && s.contains('+')) {
+    if !(s.contains('%') || (plus && s.contains('+'))) {
         return Some(Cow::Borrowed(s));
     }
     let b = s.as_bytes();

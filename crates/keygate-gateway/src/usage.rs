@@ -496,11 +496,8 @@ mod tests {
         }
         m.refusal(&ws, &route, "rate_limited", 429, at);
         m.refusal(&ws, &route, "unknown_token", 401, Timestamp::from_millis(10_800_000));
-        let mut got: Vec<(String, i64, u16, u64)> = m
-            .drain_refusals()
-            .into_iter()
-            .map(|c| (c.reason, c.hour.as_millis(), c.status, c.requests))
-            .collect();
+        let mut got: Vec<(String, i64, u16, u64)> =
+            m.drain_refusals().into_iter().map(|c| (c.reason, c.hour.as_millis(), c.status, c.requests)).collect();
         got.sort();
         assert_eq!(
             got,

@@ -196,15 +196,7 @@ impl ApiStore for SqlStore {
     }
 
     async fn api(&self, ws: &WorkspaceId, id: &ApiId) -> Result<Option<Api>> {
-        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {API_COLS} FROM apis WHERE workspace_id = $1 AND id = $2")))
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?
-            .as_ref()
-            .map(api_row)
-            .transpose()
+        self.one_in_workspace(&format!("SELECT {API_COLS} FROM apis"), ws, id.as_str(), api_row).await
     }
 
     async fn list_apis(&self, ws: &WorkspaceId) -> Result<Vec<Api>> {
@@ -249,17 +241,8 @@ impl ApiStore for SqlStore {
     }
 
     async fn publish_request(&self, ws: &WorkspaceId, id: &ApiPublishRequestId) -> Result<Option<ApiPublishRequest>> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {REQ_COLS} FROM api_publish_requests WHERE workspace_id = $1 AND id = $2"
-        )))
-        .bind(ws.as_str())
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?
-        .as_ref()
-        .map(request_row)
-        .transpose()
+        self.one_in_workspace(&format!("SELECT {REQ_COLS} FROM api_publish_requests"), ws, id.as_str(), request_row)
+            .await
     }
 
     async fn publish_requests(

@@ -113,7 +113,7 @@ impl SqlStore {
         Ok(true)
     }
 
-    async fn one_in_workspace<T>(
+    pub(crate) async fn one_in_workspace<T>(
         &self,
         select: &str,
         ws: &WorkspaceId,

@@ -130,17 +130,7 @@ impl SubscriptionStore for SqlStore {
     }
 
     async fn subscription(&self, ws: &WorkspaceId, id: &SubscriptionId) -> Result<Option<Subscription>> {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLS} FROM api_subscriptions WHERE workspace_id = $1 AND id = $2"
-        )))
-        .bind(ws.as_str())
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?
-        .as_ref()
-        .map(row)
-        .transpose()
+        self.one_in_workspace(&format!("SELECT {COLS} FROM api_subscriptions"), ws, id.as_str(), row).await
     }
 
     async fn list_subscriptions(&self, ws: &WorkspaceId, f: &SubscriptionFilter) -> Result<Vec<Subscription>> {

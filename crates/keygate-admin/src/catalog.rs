@@ -35,6 +35,10 @@ pub struct ApiEntry {
     pub sunset: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub successor: Option<String>,
+    /// The route's API admits only subscribed apps' tokens (its access is `subscription` or
+    /// `approval`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub subscription_required: bool,
     /// A document the gateway made for the route (an `ai` route's prompts), shown when the
     /// route names none of its own.
     #[serde(skip)]

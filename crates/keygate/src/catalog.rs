@@ -133,6 +133,11 @@ impl ApiCatalog for Catalog {
                     api_version: r.lifecycle.as_ref().and_then(|l| l.version.clone()),
                     sunset: r.lifecycle.as_ref().and_then(|l| l.sunset).map(keygate_core::Timestamp::to_rfc3339),
                     successor: r.lifecycle.as_ref().and_then(|l| l.successor.clone()),
+                    subscription_required: r
+                        .lifecycle
+                        .as_ref()
+                        .and_then(|l| l.subscribers.as_deref())
+                        .is_some_and(|s| s.required),
                     document: r.ai.as_ref().filter(|a| !a.prompts.is_empty()).map(|a| {
                         let prompts: Vec<_> = a.prompts.values().collect();
                         keygate_gateway::ai::prompt::openapi(&r.id, &r.prefix, &prompts)

@@ -194,7 +194,12 @@ async fn subscriptions_in_the_dashboard() {
     let mut dev = member(&kg, &mut own, "dev@example.com", "developer").await;
     let api = c.post("/admin/v1/apis", &json!({"name": "orders", "access": "approval"})).await.str("/id");
     c.patch(&format!("/admin/v1/apis/{api}"), &json!({"state": "published"})).await;
+    let up = MockUpstream::start().await.unwrap();
+    let route = json!({"id": "orders", "path": "/orders", "upstream": up.url(), "api": "orders"});
+    assert_eq!(c.post("/admin/v1/routes", &route).await.status.as_u16(), 201);
     let app = create_app(&mut dev, "shop").await;
+    let portal = dev.get("/portal").await;
+    assert!(portal.body.contains("Open to subscribed apps only"), "the portal says so: {}", portal.body);
 
     let page = dev.get(&format!("/apps/{app}")).await;
     assert!(page.body.contains("API subscriptions") && page.body.contains("orders (approval)"), "{}", page.body);

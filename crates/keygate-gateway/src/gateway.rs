@@ -47,17 +47,8 @@ pub struct Table {
     pub apps: HashMap<Box<str>, AppLimit>,
 }
 
-/// A rate limit and a quota shared by all of an app's tokens, and the limiter key they are kept
-/// under ([`keygate_core::limits::derived_key`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct AppLimit {
-    pub key: [u8; keygate_core::token_format::PUBLIC_ID_LEN],
-    pub rate_limit: Option<keygate_core::policy::RateLimit>,
-    pub quota: Option<keygate_core::policy::Quota>,
-    /// What all of the app's keys may spend on LLM calls together, over every ai route (an
-    /// app's own; a subscription lends none).
-    pub llm_budget: Option<keygate_core::llm::LlmBudget>,
-}
+/// An app's shared limits (defined beside the routes, whose subscriptions lend the same kind).
+pub use crate::routes::AppLimit;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 

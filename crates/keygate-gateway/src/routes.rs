@@ -100,6 +100,18 @@ pub struct RouteLifecycle {
     pub subscribers: Option<Arc<Subscribers>>,
 }
 
+/// A rate limit and a quota shared by all of an app's tokens (or lent by a subscription's
+/// plan), and the limiter key they are kept under ([`keygate_core::limits::derived_key`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppLimit {
+    pub key: [u8; keygate_core::token_format::PUBLIC_ID_LEN],
+    pub rate_limit: Option<keygate_core::policy::RateLimit>,
+    pub quota: Option<keygate_core::policy::Quota>,
+    /// What all of the app's keys may spend on LLM calls together, over every ai route (an
+    /// app's own; a subscription lends none).
+    pub llm_budget: Option<keygate_core::llm::LlmBudget>,
+}
+
 /// The apps with an active subscription to a route's API (or its version), and whether the
 /// route admits only them ([`keygate_core::subscriptions::ApiAccess`]).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -108,13 +120,13 @@ pub struct Subscribers {
     pub required: bool,
     /// By app id: the limits of the subscription's plan, shared by the app's tokens on the
     /// route's API, under the subscription's own limiter key.
-    pub apps: std::collections::HashMap<Box<str>, crate::gateway::AppLimit, foldhash::fast::RandomState>,
+    pub apps: std::collections::HashMap<Box<str>, AppLimit, foldhash::fast::RandomState>,
 }
 
 impl Subscribers {
     /// The subscription of `app`, if it holds one; `None` for a caller without an app.
     #[inline]
-    pub fn of(&self, app: Option<&str>) -> Option<&crate::gateway::AppLimit> {
+    pub fn of(&self, app: Option<&str>) -> Option<&AppLimit> {
         app.and_then(|a| self.apps.get(a))
     }
 }

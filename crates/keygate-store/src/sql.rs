@@ -754,30 +754,14 @@ impl AppStore for SqlStore {
         }
         // Rows that reference the app go first: the foreign keys would refuse the app's deletion.
         crate::oauth::delete_app_oauth(&mut tx, &self.chain_key(), &mut seqs, ws, id, now, audit).await?;
-        sqlx::query("DELETE FROM app_owners WHERE workspace_id = $1 AND app_id = $2")
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        sqlx::query("DELETE FROM api_subscriptions WHERE workspace_id = $1 AND app_id = $2")
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        sqlx::query("DELETE FROM plan_requests WHERE workspace_id = $1 AND app_id = $2")
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        sqlx::query("DELETE FROM tokens WHERE workspace_id = $1 AND app_id = $2")
-            .bind(ws.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        for table in ["app_owners", "api_subscriptions", "plan_requests", "tokens"] {
+            sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE workspace_id = $1 AND app_id = $2")))
+                .bind(ws.as_str())
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        }
         sqlx::query("DELETE FROM apps WHERE workspace_id = $1 AND id = $2")
             .bind(ws.as_str())
             .bind(id.as_str())

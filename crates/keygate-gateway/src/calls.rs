@@ -9,10 +9,13 @@
 //! store's CPU goes into (docs/benchmarks.md). What is held is bounded ([`MAX_HELD_BYTES`];
 //! beyond it everything is written at once).
 //!
-//! A request costs one uncontended lock and a push of about 100 bytes (the path is the only
-//! allocation). The buffer of a shard is bounded ([`MAX_PENDING`] calls per shard); calls that
-//! find it full are dropped and counted ([`CallLog::dropped`], in `/metrics`), so a store that
-//! cannot keep up slows nothing and grows nothing.
+//! A request costs one uncontended lock and a push of about 60 bytes: the workspace, app and
+//! route ids are kept once per shard and buffer ([`Names`]) and a call holds their positions, so
+//! recording clones no `Arc` that both workers share (an atomic on a cache line the other worker
+//! writes too), and the path is appended to the shard's text rather than allocated. A shard's
+//! buffer is bounded ([`MAX_PENDING`] calls, [`MAX_PENDING_BYTES`] of paths); calls that find it
+//! full are dropped and counted ([`CallLog::dropped`], in `/metrics`), so a store that cannot keep
+//! up slows nothing and grows nothing.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -25,8 +28,10 @@ use keygate_core::token_format::PUBLIC_ID_LEN;
 use parking_lot::Mutex;
 
 const SHARDS: usize = 8;
-/// Calls waiting per shard at most (about 100 bytes each).
+/// Calls waiting per shard at most (about 60 bytes each, and their paths).
 pub const MAX_PENDING: usize = 65_536;
+/// Bytes of paths waiting per shard at most.
+pub const MAX_PENDING_BYTES: usize = 8 << 20;
 /// How long the writer holds a token's chunk open before writing it.
 pub const HOLD_MS: i64 = 10_000;
 /// Bytes of open chunks the writer holds at most (about 10–20 per call); beyond it, every open
@@ -56,26 +61,107 @@ thread_local! {
     static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
 }
 
-/// One call, as the gateway records it.
-#[derive(Debug, Clone)]
-pub struct Call {
+/// One call, as the gateway records it (borrowed: [`CallLog::record`] copies what it keeps).
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
     pub at_ms: i64,
-    pub workspace_id: Arc<str>,
+    pub workspace_id: &'a str,
     pub token: Option<[u8; PUBLIC_ID_LEN]>,
-    pub app_id: Option<Arc<str>>,
-    pub route: Option<Arc<str>>,
-    pub method: Method,
+    pub app_id: Option<&'a str>,
+    pub route: Option<&'a str>,
+    pub method: &'a Method,
     /// The normalized path, without the query.
-    pub path: Box<str>,
+    pub path: &'a str,
     pub status: u16,
     pub latency_us: u64,
     pub ip: IpAddr,
     pub refusal: Option<&'static str>,
 }
 
+/// A name's position in its buffer's [`Names`]; `NONE` for none.
+type NameAt = u32;
+const NONE: NameAt = u32::MAX;
+
+/// A call as a shard keeps it: the ids as positions in the shard's [`Names`], the path as a
+/// range of its text.
+#[derive(Debug, Clone)]
+struct Kept {
+    at_ms: i64,
+    token: Option<[u8; PUBLIC_ID_LEN]>,
+    workspace: NameAt,
+    app: NameAt,
+    route: NameAt,
+    method: Method,
+    path: (u32, u32),
+    status: u16,
+    latency_us: u64,
+    ip: IpAddr,
+    refusal: Option<&'static str>,
+}
+
+/// The ids (workspace, app, route) a buffer's calls name, each once. A request looks its names
+/// up in this shard-local table (in cache, its own) instead of cloning the gateway's shared
+/// `Arc`s; a name is allocated once per buffer, by the first call that names it.
+#[derive(Default)]
+struct Names {
+    list: Vec<Arc<str>>,
+    at: hashbrown::HashTable<NameAt>,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl Names {
+    fn intern(&mut self, name: &str) -> NameAt {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(name);
+        let list = &mut self.list;
+        let hasher = &self.hasher;
+        *self
+            .at
+            .entry(hash, |&i| *list[i as usize] == *name, |&i| hasher.hash_one(&*list[i as usize]))
+            .or_insert_with(|| {
+                list.push(Arc::from(name));
+                (list.len() - 1) as NameAt
+            })
+            .get()
+    }
+
+    fn get(&self, at: NameAt) -> Option<&Arc<str>> {
+        self.list.get(at as usize)
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.at.clear();
+    }
+}
+
+/// What a shard holds until the writer takes it.
+#[derive(Default)]
+struct Pending {
+    calls: Vec<Kept>,
+    names: Names,
+    /// The calls' paths, one after the other.
+    paths: String,
+}
+
+impl Pending {
+    fn path(&self, (from, len): (u32, u32)) -> &str {
+        self.paths.get(from as usize..(from + len) as usize).unwrap_or_default()
+    }
+
+    /// Emptied for reuse, keeping at most [`SPARE_CALLS`] calls' room.
+    fn recycle(&mut self) {
+        self.calls.clear();
+        self.calls.shrink_to(SPARE_CALLS);
+        self.names.clear();
+        self.paths.clear();
+        self.paths.shrink_to(SPARE_CALLS * 32);
+    }
+}
+
 #[repr(align(128))]
 #[derive(Default)]
-struct Shard(Mutex<Vec<Call>>);
+struct Shard(Mutex<Pending>);
 
 /// A [`Key`] borrowed from a call, to find its open chunk without cloning the key's `Arc`s
 /// (hashed as the key is).
@@ -99,7 +185,7 @@ struct Writer {
     open: hashbrown::HashMap<Key, Open, foldhash::fast::RandomState>,
     /// Emptied shard buffers, swapped for the full ones at the next write: a worker keeps a
     /// buffer with room already made, and the writer allocates nothing per call.
-    spare: Vec<Vec<Call>>,
+    spare: Vec<Pending>,
     /// The calls of a write in time order: (time, shard, index).
     order: Vec<(i64, u32, u32)>,
 }
@@ -126,20 +212,36 @@ impl Default for CallLog {
 }
 
 impl CallLog {
-    pub fn record(&self, call: Call) {
+    pub fn record(&self, call: &Call<'_>) {
         let Some(shard) = self.shards.get(SHARD.with(|i| *i)) else { return };
         let mut pending = shard.0.lock();
-        if pending.len() >= MAX_PENDING {
+        if pending.calls.len() >= MAX_PENDING || pending.paths.len() + call.path.len() > MAX_PENDING_BYTES {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        pending.push(call);
+        let p = &mut *pending;
+        let from = p.paths.len() as u32;
+        p.paths.push_str(call.path);
+        let kept = Kept {
+            at_ms: call.at_ms,
+            token: call.token,
+            workspace: p.names.intern(call.workspace_id),
+            app: call.app_id.map_or(NONE, |a| p.names.intern(a)),
+            route: call.route.map_or(NONE, |r| p.names.intern(r)),
+            method: call.method.clone(),
+            path: (from, call.path.len() as u32),
+            status: call.status,
+            latency_us: call.latency_us,
+            ip: call.ip,
+            refusal: call.refusal,
+        };
+        p.calls.push(kept);
     }
 
     /// Calls waiting to be written (recorded, or held in an open chunk).
     pub fn pending(&self) -> usize {
-        self.shards.iter().map(|s| s.0.lock().len()).sum::<usize>()
+        self.shards.iter().map(|s| s.0.lock().calls.len()).sum::<usize>()
             + self.writer.lock().open.values().map(|o| o.builder.len()).sum::<usize>()
     }
 
@@ -151,7 +253,7 @@ impl CallLog {
         let mut w = self.writer.lock();
         let w = &mut *w;
         // Each shard's buffer, swapped for an empty one with room.
-        let taken: Vec<Vec<Call>> = self
+        let taken: Vec<Pending> = self
             .shards
             .iter()
             .map(|shard| {
@@ -163,15 +265,18 @@ impl CallLog {
         // Oldest first (a worker records a call when it ends, so its buffer is only nearly in
         // order); ties in recording order.
         w.order.clear();
-        for (s, calls) in taken.iter().enumerate() {
-            w.order.extend(calls.iter().enumerate().map(|(i, c)| (c.at_ms, s as u32, i as u32)));
+        for (s, p) in taken.iter().enumerate() {
+            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| (c.at_ms, s as u32, i as u32)));
         }
         w.order.sort_unstable();
         let mut ready = Vec::new();
         // Addresses as text, each formatted once per write (a token's calls mostly share one).
         let mut ips: hashbrown::HashMap<IpAddr, String, foldhash::fast::RandomState> = Default::default();
         for &(_, s, i) in &w.order {
-            let c = &taken[s as usize][i as usize];
+            let p = &taken[s as usize];
+            let c = &p.calls[i as usize];
+            let Some(workspace) = p.names.get(c.workspace) else { continue };
+            let (app, route) = (p.names.get(c.app), p.names.get(c.route));
             let ip = ips.entry(c.ip).or_insert_with(|| {
                 let mut s = String::new();
                 let _ = write!(s, "{}", c.ip.to_canonical());
@@ -180,15 +285,15 @@ impl CallLog {
             let fields = CallFields {
                 at_ms: c.at_ms,
                 method: c.method.as_str(),
-                route: c.route.as_deref(),
-                path: &c.path,
+                route: route.map(|r| &**r),
+                path: p.path(c.path),
                 status: c.status,
                 latency_us: c.latency_us,
                 client_ip: ip,
                 refusal: c.refusal,
             };
-            let key = KeyRef(&c.workspace_id, c.token, c.app_id.as_deref());
-            let owned = || (c.workspace_id.clone(), c.token, c.app_id.clone());
+            let key = KeyRef(workspace, c.token, app.map(|a| &**a));
+            let owned = || (workspace.clone(), c.token, app.cloned());
             match w.open.get_mut(&key) {
                 Some(o) => {
                     if !o.builder.push(&fields) {
@@ -205,10 +310,9 @@ impl CallLog {
                 }
             }
         }
-        for mut calls in taken {
-            calls.clear();
-            calls.shrink_to(SPARE_CALLS);
-            w.spare.push(calls);
+        for mut p in taken {
+            p.recycle();
+            w.spare.push(p);
         }
         let everything = everything || w.open.values().map(|o| o.builder.held_bytes()).sum::<usize>() > MAX_HELD_BYTES;
         ready.extend(
@@ -225,15 +329,17 @@ impl CallLog {
 mod tests {
     use super::*;
 
-    fn call(at_ms: i64) -> Call {
+    static GET: Method = Method::GET;
+
+    fn call(at_ms: i64) -> Call<'static> {
         Call {
             at_ms,
-            workspace_id: "ws_1".into(),
+            workspace_id: "ws_1",
             token: Some(*b"abcdefghijkl"),
-            app_id: Some("app_1".into()),
-            route: Some("orders".into()),
-            method: Method::GET,
-            path: "/orders/7".into(),
+            app_id: Some("app_1"),
+            route: Some("orders"),
+            method: &GET,
+            path: "/orders/7",
             status: 200,
             latency_us: 420,
             ip: "::ffff:203.0.113.7".parse().unwrap(),
@@ -254,9 +360,9 @@ mod tests {
     #[test]
     fn calls_become_chunks_in_order() {
         let log = CallLog::default();
-        log.record(call(2));
-        log.record(call(1));
-        log.record(Call { token: None, app_id: None, ..call(3) });
+        log.record(&call(2));
+        log.record(&call(1));
+        log.record(&Call { token: None, app_id: None, ..call(3) });
         assert_eq!(log.pending(), 3);
         let chunks = log.ready_chunks(0, true);
         assert_eq!(log.pending(), 0);
@@ -284,7 +390,9 @@ mod tests {
                 .map(|t| {
                     let log = log.clone();
                     // Each worker's calls in its own order, interleaved in time with the others'.
-                    std::thread::spawn(move || (0..100).rev().for_each(|i| log.record(call(round * 1_000 + i * 3 + t))))
+                    std::thread::spawn(move || {
+                        (0..100).rev().for_each(|i| log.record(&call(round * 1_000 + i * 3 + t)))
+                    })
                 })
                 .collect();
             threads.into_iter().for_each(|t| t.join().unwrap());
@@ -299,16 +407,16 @@ mod tests {
     #[test]
     fn a_chunk_is_held_until_it_is_old_or_full() {
         let log = CallLog::default();
-        log.record(call(1));
+        log.record(&call(1));
         assert!(log.ready_chunks(1_000, false).is_empty(), "held");
-        log.record(call(2));
+        log.record(&call(2));
         assert!(log.ready_chunks(1_000 + HOLD_MS - 1, false).is_empty());
         assert_eq!(log.pending(), 2);
         let ready = log.ready_chunks(1_000 + HOLD_MS, false);
         assert_eq!(ready.iter().map(|c| c.calls).collect::<Vec<_>>(), [2]);
         // A full chunk goes at once; the call that did not fit opens the next.
         for i in 0..=keygate_core::calls::CHUNK_CALLS {
-            log.record(call(i as i64));
+            log.record(&call(i as i64));
         }
         let ready = log.ready_chunks(50_000, false);
         assert_eq!(ready.iter().map(|c| c.calls).collect::<Vec<_>>(), [keygate_core::calls::CHUNK_CALLS]);
@@ -326,7 +434,7 @@ mod tests {
             let mut token = *b"abcdefghijkl";
             token[11] = b'a' + round;
             for i in 0..n {
-                log.record(Call { path: format!("/{long}/{round}/{i}").into(), token: Some(token), ..call(1) });
+                log.record(&Call { path: &format!("/{long}/{round}/{i}"), token: Some(token), ..call(1) });
             }
             let ready = log.ready_chunks(1, false);
             if round < 7 {
@@ -339,10 +447,48 @@ mod tests {
     }
 
     #[test]
+    fn each_call_keeps_its_own_names_and_path() {
+        let log = CallLog::default();
+        let paths: Vec<String> = (0..6).map(|i| format!("/p/{i}")).collect();
+        for (i, path) in paths.iter().enumerate() {
+            let ws = if i % 2 == 0 { "ws_even" } else { "ws_odd" };
+            let route = (i % 3 == 0).then_some("r0");
+            log.record(&Call { workspace_id: ws, route, path, at_ms: i as i64, ..call(0) });
+        }
+        let chunks = log.ready_chunks(0, true);
+        assert_eq!(chunks.len(), 2);
+        for c in &chunks {
+            let odd = c.workspace_id.as_str() == "ws_odd";
+            let got: Vec<(String, Option<String>)> = decoded(c).into_iter().map(|r| (r.path, r.route)).collect();
+            let want: Vec<(String, Option<String>)> = (0..6)
+                .filter(|i| (i % 2 == 1) == odd)
+                .map(|i| (format!("/p/{i}"), (i % 3 == 0).then(|| "r0".to_owned())))
+                .collect();
+            assert_eq!(got, want, "{}", c.workspace_id.as_str());
+        }
+        // The buffers are reused: a second write names its own.
+        log.record(&Call { workspace_id: "ws_third", ..call(9) });
+        let chunks = log.ready_chunks(0, true);
+        assert_eq!(chunks[0].workspace_id.as_str(), "ws_third");
+        assert_eq!(decoded(&chunks[0])[0].path, "/orders/7");
+    }
+
+    #[test]
+    fn the_paths_held_are_bounded() {
+        let log = CallLog::default();
+        let long = "y".repeat(MAX_PENDING_BYTES / 4);
+        for _ in 0..5 {
+            log.record(&Call { path: &long, ..call(1) });
+        }
+        assert_eq!(log.pending(), 4);
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn a_full_buffer_drops_and_counts() {
         let log = CallLog::default();
         for i in 0..(MAX_PENDING + 5) {
-            log.record(call(i as i64));
+            log.record(&call(i as i64));
         }
         assert_eq!(log.pending(), MAX_PENDING);
         assert_eq!(log.dropped.load(Ordering::Relaxed), 5);

@@ -217,21 +217,21 @@ impl Gateway {
         let (Some(method), Some(path)) = (m.method, m.path) else { return };
         let key = m.caller.and_then(|c| c.key()).or(m.stopped.map(|(t, _)| t));
         let workspace = match (key, m.caller) {
-            (Some(t), _) => Some(t.workspace_id.clone()),
-            (None, Some(c)) => c.workspace_id().map(std::sync::Arc::from),
+            (Some(t), _) => Some(&*t.workspace_id),
+            (None, Some(c)) => c.workspace_id(),
             (None, None) => None,
         }
-        .or_else(|| m.route.and_then(|r| r.workspace_id.clone()));
+        .or_else(|| m.route.and_then(|r| r.workspace_id.as_deref()));
         let Some(workspace_id) = workspace else { return };
         let Some(ip) = m.caller.map(|c| c.ip).or(m.client) else { return };
-        calls.record(crate::calls::Call {
+        calls.record(&crate::calls::Call {
             at_ms: m.now.as_millis(),
             workspace_id,
             token: key.map(|t| *t.public_id()),
-            app_id: key.map(|t| t.app_id.clone()),
-            route: m.route.map(|r| r.id.clone()),
-            method: method.clone(),
-            path: path.into(),
+            app_id: key.map(|t| &*t.app_id),
+            route: m.route.map(|r| &*r.id),
+            method,
+            path,
             status: o.status,
             latency_us,
             ip,

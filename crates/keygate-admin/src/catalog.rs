@@ -9,6 +9,10 @@ pub struct ApiEntry {
     /// The path prefix callers use.
     pub path: String,
     pub host: Option<String>,
+    /// Header fields a request must carry to reach this route (an API version told apart by a
+    /// header): `(name, values)`, any one of the values.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, Vec<String>)>,
     /// No token needed.
     pub public: bool,
     pub description: Option<String>,

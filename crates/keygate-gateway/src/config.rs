@@ -306,6 +306,11 @@ pub struct RouteConfig {
     pub path: String,
     /// Match only requests for this host (the `Host` header or `:authority`, without port).
     pub host: Option<String>,
+    /// Match only requests whose header fields have these values (`headers = {
+    /// accept-version = "2" }`; a list gives values any of which matches): how an API's versions
+    /// are told apart by a header. Names compare ignoring case, values exactly.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, HeaderValues>,
     /// The upstream, such as `http://127.0.0.1:9000`. Give this or `upstreams`.
     pub upstream: Option<String>,
     /// Several upstreams, balanced by `balance`.
@@ -592,6 +597,7 @@ impl RouteConfig {
             id: id.into(),
             path: path.into(),
             host: None,
+            headers: BTreeMap::new(),
             upstream: Some(upstream.into()),
             upstreams: Vec::new(),
             balance: Balance::default(),
@@ -626,6 +632,42 @@ impl RouteConfig {
             kind: RouteKind::Http,
             ai: None,
         }
+    }
+}
+
+/// The values a route's header condition accepts: one (`"2"`) or several (`["2", "2.0"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderValues(pub Vec<String>);
+
+impl Serialize for HeaderValues {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HeaderValues {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = HeaderValues;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a header value (a string) or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HeaderValues, E> {
+                Ok(HeaderValues(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<HeaderValues, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element::<String>()? {
+                    out.push(v);
+                }
+                Ok(HeaderValues(out))
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 

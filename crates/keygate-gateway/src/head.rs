@@ -242,6 +242,16 @@ impl<'a> ConnectionNames<'a> {
     }
 }
 
+/// A header field as a route's header condition reads it ([`ReqHead::routing_header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldRead<'a> {
+    Absent,
+    /// Sent once: its value, without surrounding white space.
+    One(&'a [u8]),
+    /// Sent more than once: which one an upstream reads is its own choice.
+    Many,
+}
+
 /// A request head: method, target, version and fields.
 #[derive(Debug)]
 pub struct ReqHead<'a> {
@@ -289,6 +299,16 @@ impl<'a> ReqHead<'a> {
             Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
             _ => raw,
         })
+    }
+
+    /// The field `name` (lowercase) as a route's header condition reads it.
+    pub fn routing_header(&self, name: &str) -> FieldRead<'a> {
+        let mut found = self.fields.iter().filter(|f| f.name.eq_ignore_ascii_case(name));
+        match (found.next(), found.next()) {
+            (None, _) => FieldRead::Absent,
+            (Some(f), None) => FieldRead::One(f.value.trim_ascii()),
+            (Some(_), Some(_)) => FieldRead::Many,
+        }
     }
 
     /// Whether the client wants the connection kept after this request (RFC 9112 §9.3).

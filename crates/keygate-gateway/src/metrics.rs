@@ -19,7 +19,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 26] = [
+pub const REASONS: [&str; 27] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -32,6 +32,7 @@ pub const REASONS: [&str; 26] = [
     "token_in_query",
     "bad_request",
     "ambiguous_path",
+    "ambiguous_header",
     "route_not_found",
     "body_too_large",
     "cors_origin_not_allowed",

@@ -2,7 +2,7 @@
 //! whole path segments (host-specific routes first, then the longest prefix).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use keygate_core::policy::RateLimit;
 use keygate_core::scope::Scope;
 
 use crate::config::{Balance, CorsConfig, GatewayConfig, HealthCheckConfig, RouteConfig, UpstreamProtocol};
+use crate::head::FieldRead;
 pub use crate::target::{Targets, Upstream};
 use crate::target::{dns_name, parse_upstream_url};
 
@@ -27,6 +28,8 @@ pub struct Route {
     /// Normalized prefix without a trailing slash (`""` for the root).
     pub prefix: String,
     pub host: Option<String>,
+    /// Header fields a request must have, with one of the values given (`headers`); empty: none.
+    pub headers: Box<[HeaderCondition]>,
     /// One per upstream URL. On a route without DNS names these are its balancing targets;
     /// on one with names, see [`Route::targets`].
     pub upstreams: Vec<Upstream>,
@@ -74,6 +77,107 @@ pub struct Route {
     /// Request validation against the API's OpenAPI document (`validate`, or the version's):
     /// `None`, the route does not validate.
     pub validation: Option<crate::validate::RouteValidation>,
+}
+
+/// A route's condition on one header field: sent once, with one of `values` (compared exactly).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderCondition {
+    /// Lowercase.
+    pub name: Box<str>,
+    pub values: Box<[Box<str>]>,
+}
+
+/// Header fields a condition cannot name: framing and connection fields (read by keygate and
+/// rewritten on the way), the host (`host` says it) and credentials (their values would sit in
+/// the configuration).
+const UNROUTABLE_HEADERS: [&str; 12] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+];
+/// Header conditions per route, and values per condition, at most.
+const MAX_HEADER_CONDITIONS: usize = 8;
+const MAX_HEADER_VALUES: usize = 16;
+
+fn header_conditions(raw: &BTreeMap<String, crate::config::HeaderValues>) -> Result<Box<[HeaderCondition]>, String> {
+    if raw.len() > MAX_HEADER_CONDITIONS {
+        return Err(format!("headers: at most {MAX_HEADER_CONDITIONS} header fields"));
+    }
+    let mut out: Vec<HeaderCondition> = Vec::with_capacity(raw.len());
+    for (name, values) in raw {
+        let lower = name.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            return Err(format!("headers: {name:?} is not a header field name"));
+        }
+        if UNROUTABLE_HEADERS.contains(&lower.as_str()) || lower.starts_with(':') {
+            return Err(format!(
+                "headers: {name:?} cannot select a route (framing, connection, host and credential fields cannot; use host for the host)"
+            ));
+        }
+        if out.iter().any(|c| *c.name == *lower) {
+            return Err(format!("headers: {name:?} is named twice (names compare ignoring case)"));
+        }
+        if values.0.is_empty() || values.0.len() > MAX_HEADER_VALUES {
+            return Err(format!("headers.{name}: give 1 to {MAX_HEADER_VALUES} values"));
+        }
+        for v in &values.0 {
+            // A value a field can carry whole: visible ASCII and inner spaces, not a list.
+            let ok = !v.is_empty()
+                && v.trim() == v
+                && v.len() <= 256
+                && v.bytes().all(|b| (b.is_ascii_graphic() || b == b' ') && b != b',');
+            if !ok {
+                return Err(format!(
+                    "headers.{name}: {v:?} must be 1 to 256 visible ASCII characters, with no comma and no space at either end"
+                ));
+            }
+        }
+        out.push(HeaderCondition {
+            name: lower.into(),
+            values: values.0.iter().map(|v| Box::from(v.as_str())).collect(),
+        });
+    }
+    Ok(out.into())
+}
+
+/// How a route's header conditions read a request.
+enum HeaderMatch {
+    Yes,
+    No,
+    /// A field the conditions name is sent more than once, or with a value that equals one of
+    /// theirs only ignoring case: an upstream may read it otherwise than keygate.
+    Ambiguous,
+}
+
+impl Route {
+    fn headers_match<'h>(&self, header: &dyn Fn(&str) -> FieldRead<'h>) -> HeaderMatch {
+        let mut out = HeaderMatch::Yes;
+        for c in &self.headers {
+            match header(&c.name) {
+                FieldRead::Absent => out = HeaderMatch::No,
+                FieldRead::Many => return HeaderMatch::Ambiguous,
+                FieldRead::One(v) => {
+                    if c.values.iter().any(|want| want.as_bytes() == v) {
+                        continue;
+                    }
+                    if c.values.iter().any(|want| want.as_bytes().eq_ignore_ascii_case(v)) {
+                        return HeaderMatch::Ambiguous;
+                    }
+                    out = HeaderMatch::No;
+                }
+            }
+        }
+        out
+    }
 }
 
 /// What a route does because of its API's state (issue 17), worked out when the table is built
@@ -442,6 +546,7 @@ impl RouteTable {
                 return Err(err("version names a version of the route's api: give api too".into()));
             }
             let upgrades = crate::config::upgrade_allowlist(&c.upgrades).map_err(err)?;
+            let headers = header_conditions(&c.headers).map_err(err)?;
             let cache = crate::cache::RouteCache::for_route(c, spec.workspace_id).map_err(err)?;
             routes.push(Arc::new(Route {
                 id: Arc::from(c.id.as_str()),
@@ -449,6 +554,7 @@ impl RouteTable {
                 limiter_key: limiter_key(&c.id),
                 prefix: if prefix == "/" { String::new() } else { prefix.trim_end_matches('/').to_owned() },
                 host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                headers,
                 upstreams,
                 dns,
                 balance: c.balance,
@@ -494,6 +600,13 @@ impl RouteTable {
                         a.id, b.id
                     ));
                 }
+                if same_host && a.prefix == b.prefix && !a.headers.is_empty() && headers_overlap(&a.headers, &b.headers)
+                {
+                    return Err(format!(
+                        "routes {:?} and {:?}: the same host, path and header fields with a value in common: a request with it could not tell them apart",
+                        a.id, b.id
+                    ));
+                }
             }
         }
         if gw.demo {
@@ -503,6 +616,7 @@ impl RouteTable {
                 limiter_key: limiter_key("demo"),
                 prefix: DEMO_PATH.into(),
                 host: None,
+                headers: Box::default(),
                 upstreams: Vec::new(),
                 dns: None,
                 balance: Balance::RoundRobin,
@@ -539,32 +653,42 @@ impl RouteTable {
         Ok(Self { routes, deny })
     }
 
-    /// The route for the request's host and normalized `path`, as keygate reads the path:
-    /// host-specific routes win, then the longest prefix; configured routes win over the demo
-    /// route. `host` is asked for only when a route with a `host` covers the path (most tables
-    /// have none, and finding the host means reading and checking the `Host` field).
-    pub fn find<'h>(&self, host: impl FnOnce() -> Option<&'h str>, path: &str) -> Option<&Arc<Route>> {
+    /// The route for the request's host, header fields and normalized `path`, as keygate reads
+    /// the path: host-specific routes win, then those with more header conditions, then the
+    /// longest prefix; configured routes win over the demo route. `host` is asked for only when
+    /// a route with a `host` covers the path (most tables have none, and finding the host means
+    /// reading and checking the `Host` field), `header` only for a route with `headers`. `None`
+    /// also when a header field reads ambiguously (see [`RouteTable::resolve`]).
+    pub fn find<'h>(
+        &self,
+        host: impl FnOnce() -> Option<&'h str>,
+        header: &dyn Fn(&str) -> FieldRead<'h>,
+        path: &str,
+    ) -> Option<&Arc<Route>> {
         let mut host = Some(host);
         let mut known: Option<Option<&'h str>> = None;
-        self.matches(&mut || *known.get_or_insert_with(|| host.take().and_then(|f| f())), path).0
+        self.matches(&mut || *known.get_or_insert_with(|| host.take().and_then(|f| f())), header, path).ok()?.0
     }
 
-    /// The route for the request's host and normalized `path` ([`RouteTable::find`]), provided
-    /// every way an upstream may read the path selects the same route; otherwise
-    /// [`PathError::Ambiguous`]. The readings: letters in either case (Express and ASP.NET match
-    /// routes ignoring case), and, for paths that hold `;`, `%3B` or `%25`, the path without its
-    /// path parameters and with its escapes decoded twice (see `other_readings`). So a spelling
-    /// can never reach, at the upstream, a route other than the one whose scope was checked
-    /// (issue 12 #4). The usual path holds none of those, and costs one pass over the routes.
+    /// The route for the request ([`RouteTable::find`]), provided every way an upstream may read
+    /// the path selects the same route; otherwise [`PathError::Ambiguous`]. The readings: letters
+    /// in either case (Express and ASP.NET match routes ignoring case), and, for paths that hold
+    /// `;`, `%3B` or `%25`, the path without its path parameters and with its escapes decoded
+    /// twice (see `other_readings`). So a spelling can never reach, at the upstream, a route other
+    /// than the one whose scope was checked (issue 12 #4). The usual path holds none of those,
+    /// and costs one pass over the routes. A header field that a covering route's condition names
+    /// must be sent once and spelled as the condition spells it ([`PathError::AmbiguousHeader`]),
+    /// for the same reason.
     pub fn resolve<'h>(
         &self,
         host: impl FnOnce() -> Option<&'h str>,
+        header: &dyn Fn(&str) -> FieldRead<'h>,
         path: &str,
     ) -> Result<Option<&Arc<Route>>, PathError> {
         let mut host = Some(host);
         let mut known: Option<Option<&'h str>> = None;
         let mut host = || *known.get_or_insert_with(|| host.take().and_then(|f| f()));
-        let (exact, folded) = self.matches(&mut host, path);
+        let (exact, folded) = self.matches(&mut host, header, path)?;
         let Some(route) = exact else { return Ok(None) };
         let same = |r: Option<&Arc<Route>>| r.is_some_and(|r| Arc::ptr_eq(r, route));
         if !same(folded) {
@@ -573,7 +697,7 @@ impl RouteTable {
         if path.bytes().any(|b| b == b';' || b == b'%') {
             for reading in other_readings(path) {
                 let p = reading.map_err(|_| PathError::Ambiguous)?;
-                let (e, f) = self.matches(&mut host, &p);
+                let (e, f) = self.matches(&mut host, header, &p)?;
                 if !same(e) || !same(f) {
                     return Err(PathError::Ambiguous);
                 }
@@ -587,9 +711,10 @@ impl RouteTable {
     fn matches<'h>(
         &self,
         host: &mut dyn FnMut() -> Option<&'h str>,
+        header: &dyn Fn(&str) -> FieldRead<'h>,
         path: &str,
-    ) -> (Option<&Arc<Route>>, Option<&Arc<Route>>) {
-        let rank = |r: &Route| (r.host.is_some(), !r.demo, r.prefix.len());
+    ) -> Result<Readings<'_>, PathError> {
+        let rank = |r: &Route| (r.host.is_some(), r.headers.len(), !r.demo, r.prefix.len());
         let (mut exact, mut folded): (Option<&Arc<Route>>, Option<&Arc<Route>>) = (None, None);
         for r in &self.routes {
             let covers = r.covers(path);
@@ -601,6 +726,13 @@ impl RouteTable {
             {
                 continue;
             }
+            if !r.headers.is_empty() {
+                match r.headers_match(header) {
+                    HeaderMatch::Yes => {}
+                    HeaderMatch::No => continue,
+                    HeaderMatch::Ambiguous => return Err(PathError::AmbiguousHeader),
+                }
+            }
             // The last of equal rank wins, as with `Iterator::max_by_key`.
             if covers && exact.is_none_or(|b| rank(r) >= rank(b)) {
                 exact = Some(r);
@@ -609,8 +741,22 @@ impl RouteTable {
                 folded = Some(r);
             }
         }
-        (exact, folded)
+        Ok((exact, folded))
     }
+}
+
+/// The best route for a path as written and the best ignoring letter case.
+type Readings<'t> = (Option<&'t Arc<Route>>, Option<&'t Arc<Route>>);
+
+/// Whether some request satisfies both routes' header conditions with neither ranking above the
+/// other: the same field names, each with a value in common.
+fn headers_overlap(a: &[HeaderCondition], b: &[HeaderCondition]) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|x| {
+            b.iter().any(|y| {
+                x.name == y.name && x.values.iter().any(|v| y.values.iter().any(|w| v.eq_ignore_ascii_case(w)))
+            })
+        })
 }
 
 /// FNV-1a of the route id, never 0 (0 keys a token's own limit).
@@ -641,6 +787,9 @@ pub enum PathError {
     /// The route the path selects depends on how the upstream reads it (see
     /// [`RouteTable::resolve`]).
     Ambiguous,
+    /// A header field that selects among routes is sent more than once, or spelled otherwise
+    /// than the route's condition (letter case only).
+    AmbiguousHeader,
 }
 
 impl PathError {
@@ -648,6 +797,7 @@ impl PathError {
     pub fn code(self) -> &'static str {
         match self {
             Self::Ambiguous => "ambiguous_path",
+            Self::AmbiguousHeader => "ambiguous_header",
             _ => "bad_request",
         }
     }
@@ -664,6 +814,9 @@ impl std::fmt::Display for PathError {
             }
             Self::Ambiguous => {
                 "the path can be read as another route's (path parameters after ';', letter case, or an escape encoded twice); send it in its plain form"
+            }
+            Self::AmbiguousHeader => {
+                "a header field that selects the route (such as the API version) is sent more than once, or in another letter case than the route's; send it once, spelled as the API documents it"
             }
         })
     }
@@ -998,6 +1151,10 @@ mod tests {
         }
     }
 
+    fn no_headers<'h>(_: &str) -> FieldRead<'h> {
+        FieldRead::Absent
+    }
+
     fn route(id: &str, path: &str, host: Option<&str>) -> RouteConfig {
         RouteConfig { host: host.map(Into::into), ..RouteConfig::new(id, path, "http://127.0.0.1:9") }
     }
@@ -1014,7 +1171,7 @@ mod tests {
             &gw,
         )
         .unwrap();
-        let id = |host: Option<&str>, p: &str| t.find(|| host, p).map(|r| r.id.to_string());
+        let id = |host: Option<&str>, p: &str| t.find(|| host, &no_headers, p).map(|r| r.id.to_string());
         assert_eq!(id(None, "/orders"), Some("orders".into()));
         assert_eq!(id(None, "/orders/7"), Some("orders".into()));
         assert_eq!(id(None, "/orders-old"), None);
@@ -1028,10 +1185,130 @@ mod tests {
             asked.set(asked.get() + 1);
             Some("b2b.example")
         };
-        assert_eq!(t.find(ask, "/demo/echo").map(|r| &*r.id), Some("demo"));
+        assert_eq!(t.find(ask, &no_headers, "/demo/echo").map(|r| &*r.id), Some("demo"));
         assert_eq!(asked.get(), 0, "no route with a host covers the path: the host is not read");
-        assert_eq!(t.find(ask, "/orders/admin/1").map(|r| &*r.id), Some("b2b"), "a host route wins");
+        assert_eq!(t.find(ask, &no_headers, "/orders/admin/1").map(|r| &*r.id), Some("b2b"), "a host route wins");
         assert_eq!(asked.get(), 1);
+    }
+
+    fn with_headers(mut r: RouteConfig, headers: &[(&str, &[&str])]) -> RouteConfig {
+        r.headers = headers
+            .iter()
+            .map(|(n, vs)| ((*n).to_owned(), crate::config::HeaderValues(vs.iter().map(|v| (*v).to_owned()).collect())))
+            .collect();
+        r
+    }
+
+    #[test]
+    fn header_conditions_select_among_routes_of_one_path() {
+        let gw = GatewayConfig::default();
+        let t = RouteTable::build(
+            &[
+                route("v1", "/orders", None),
+                with_headers(route("v2", "/orders", None), &[("Accept-Version", &["2", "2.0"])]),
+                with_headers(route("v3", "/orders", None), &[("accept-version", &["3"]), ("x-tenant", &["acme"])]),
+                route("special", "/orders/special", None),
+                with_headers(route("b2b-v2", "/orders", Some("b2b.example")), &[("accept-version", &["2"])]),
+            ],
+            &gw,
+        )
+        .unwrap();
+        let id = |host: Option<&str>, fields: &[(&str, &str)], p: &str| {
+            let fields: Vec<(String, String)> =
+                fields.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+            let read = |name: &str| {
+                let mut found = fields.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
+                match (found.next(), found.next()) {
+                    (None, _) => FieldRead::Absent,
+                    (Some((_, v)), None) => FieldRead::One(v.as_bytes()),
+                    _ => FieldRead::Many,
+                }
+            };
+            t.resolve(|| host, &read, p).map(|r| r.map(|r| r.id.to_string()))
+        };
+        let some = |s: &str| Ok(Some(s.to_owned()));
+        assert_eq!(id(None, &[], "/orders/7"), some("v1"), "no header: the route without a condition");
+        assert_eq!(id(None, &[("accept-version", "2")], "/orders/7"), some("v2"));
+        assert_eq!(
+            id(None, &[("ACCEPT-VERSION", "2.0")], "/orders/7"),
+            some("v2"),
+            "names ignore case; any listed value"
+        );
+        assert_eq!(
+            id(None, &[("accept-version", "9")], "/orders/7"),
+            some("v1"),
+            "an unknown version: the default route"
+        );
+        assert_eq!(id(None, &[("accept-version", "3")], "/orders/7"), some("v1"), "v3 needs both fields");
+        assert_eq!(id(None, &[("accept-version", "3"), ("x-tenant", "acme")], "/orders/7"), some("v3"));
+        assert_eq!(
+            id(None, &[("accept-version", "2")], "/orders/special/1"),
+            some("v2"),
+            "a header condition ranks above a longer prefix"
+        );
+        assert_eq!(id(None, &[], "/orders/special/1"), some("special"));
+        assert_eq!(id(Some("b2b.example"), &[("accept-version", "2")], "/orders/1"), some("b2b-v2"), "the host first");
+        assert_eq!(id(Some("b2b.example"), &[], "/orders/1"), some("v1"));
+        // Readings an upstream may make otherwise: refused, never routed.
+        assert_eq!(
+            id(None, &[("accept-version", "1"), ("accept-version", "2")], "/orders/7"),
+            Err(PathError::AmbiguousHeader),
+            "sent twice"
+        );
+        assert_eq!(
+            id(None, &[("x-tenant", "ACME"), ("accept-version", "3")], "/orders/7"),
+            Err(PathError::AmbiguousHeader)
+        );
+        assert_eq!(id(None, &[("accept-version", "2")], "/elsewhere"), Ok(None));
+        assert_eq!(PathError::AmbiguousHeader.code(), "ambiguous_header");
+    }
+
+    #[test]
+    fn header_conditions_are_checked_when_the_table_is_built() {
+        let gw = GatewayConfig::default();
+        let build = |routes: &[RouteConfig]| RouteTable::build(routes, &gw).err().unwrap_or_default();
+        let v2 = |id: &str, vs: &[&str]| with_headers(route(id, "/orders", None), &[("accept-version", vs)]);
+        assert!(build(&[v2("a", &["2"]), v2("b", &["2", "3"])]).contains("a value in common"));
+        assert!(
+            build(&[v2("a", &["v2"]), v2("b", &["V2"])]).contains("a value in common"),
+            "values a request could not tell apart"
+        );
+        assert_eq!(build(&[v2("a", &["2"]), v2("b", &["3"]), route("c", "/orders", None)]), "");
+        for (name, vs, want) in [
+            ("authorization", &["x"][..], "cannot select a route"),
+            ("Host", &["a"], "cannot select a route"),
+            ("transfer-encoding", &["chunked"], "cannot select a route"),
+            ("bad name", &["1"], "not a header field name"),
+            ("accept-version", &[], "1 to 16 values"),
+            ("accept-version", &["1, 2"], "no comma"),
+            ("accept-version", &[" 2"], "no space at either end"),
+            ("accept-version", &["caf\u{e9}"], "visible ASCII"),
+        ] {
+            let r = with_headers(route("a", "/orders", None), &[(name, vs)]);
+            assert!(
+                build(&[r]).contains(want),
+                "{name} {vs:?}: {}",
+                build(&[with_headers(route("a", "/orders", None), &[(name, vs)])])
+            );
+        }
+        let mut twice = route("a", "/orders", None);
+        twice.headers.insert("X-V".into(), crate::config::HeaderValues(vec!["1".into()]));
+        twice.headers.insert("x-v".into(), crate::config::HeaderValues(vec!["1".into()]));
+        assert!(build(&[twice]).contains("named twice"));
+        // As a file or the admin API gives them: one value or a list.
+        let c: RouteConfig = serde_json::from_value(serde_json::json!({
+            "id": "v2", "path": "/orders", "upstream": "http://127.0.0.1:9",
+            "headers": {"accept-version": "2", "x-tier": ["gold", "silver"]}
+        }))
+        .unwrap();
+        assert_eq!(c.headers["accept-version"].0, ["2"]);
+        assert_eq!(c.headers["x-tier"].0, ["gold", "silver"]);
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["headers"], serde_json::json!({"accept-version": "2", "x-tier": ["gold", "silver"]}));
+        let bad = serde_json::from_value::<RouteConfig>(serde_json::json!({
+            "id": "v2", "path": "/", "upstream": "http://127.0.0.1:9", "headers": {"v": 2}
+        }));
+        assert!(bad.unwrap_err().to_string().contains("a header value (a string) or a list of them"));
     }
 
     #[test]
@@ -1042,7 +1319,7 @@ mod tests {
         let t =
             RouteTable::build(&[route("orders", "/orders", None), route("admin", "/orders/admin", None), root], &gw)
                 .unwrap();
-        let id = |p: &str| t.resolve(|| None, p).map(|r| r.map(|r| r.id.to_string()));
+        let id = |p: &str| t.resolve(|| None, &no_headers, p).map(|r| r.map(|r| r.id.to_string()));
         let some = |s: &str| Ok(Some(s.to_owned()));
         assert_eq!(id("/orders/7"), some("orders"));
         assert_eq!(id("/orders/admin/x"), some("admin"));
@@ -1061,8 +1338,11 @@ mod tests {
         assert_eq!(id("/elsewhere"), some("root"));
         let t = RouteTable::build(&[route("orders", "/orders", None)], &GatewayConfig { demo: false, ..gw.clone() })
             .unwrap();
-        assert!(matches!(t.resolve(|| None, "/Orders"), Ok(None)), "no route as keygate reads it: 404 whatever else");
-        assert_eq!(t.resolve(|| None, "/x/..;/orders").map(|r| r.is_some()), Ok(false));
+        assert!(
+            matches!(t.resolve(|| None, &no_headers, "/Orders"), Ok(None)),
+            "no route as keygate reads it: 404 whatever else"
+        );
+        assert_eq!(t.resolve(|| None, &no_headers, "/x/..;/orders").map(|r| r.is_some()), Ok(false));
     }
 
     #[test]

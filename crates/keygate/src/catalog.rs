@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate_admin::catalog::{ApiCatalog, ApiEntry, TryAnswer};
 use keygate_gateway::ctx::ConnInfo;
 use keygate_gateway::gateway::Gateway;
+use keygate_gateway::head::FieldRead;
 use keygate_gateway::routes::normalize_path;
 use parking_lot::Mutex;
 
@@ -122,6 +123,11 @@ impl ApiCatalog for Catalog {
                     id: r.id.to_string(),
                     path: r.prefix.clone(),
                     host: r.host.clone(),
+                    headers: r
+                        .headers
+                        .iter()
+                        .map(|c| (c.name.to_string(), c.values.iter().map(ToString::to_string).collect()))
+                        .collect(),
                     public: r.public,
                     description: r.description.clone(),
                     scopes,
@@ -177,7 +183,22 @@ impl ApiCatalog for Catalog {
         };
         let path = normalize_path(path).map_err(|e| format!("the path is not valid: {e}"))?;
         let table = self.gateway.table.load();
-        let routed = table.routes.find(|| None, &path).is_some_and(|r| &*r.id == api_id);
+        // A route told apart by header fields (an API version): the request carries the first
+        // value of each.
+        let headers: Vec<(String, String)> = table
+            .routes
+            .routes
+            .iter()
+            .find(|r| &*r.id == api_id)
+            .map(|r| {
+                r.headers.iter().filter_map(|c| Some((c.name.to_string(), c.values.first()?.to_string()))).collect()
+            })
+            .unwrap_or_default();
+        let sent = |name: &str| match headers.iter().find(|(n, _)| n == name) {
+            Some((_, v)) => FieldRead::One(v.as_bytes()),
+            None => FieldRead::Absent,
+        };
+        let routed = table.routes.find(|| None, &sent, &path).is_some_and(|r| &*r.id == api_id);
         if !routed {
             return Err(format!("{path} is not served by the API {api_id}"));
         }
@@ -192,6 +213,9 @@ impl ApiCatalog for Catalog {
             .header(http::header::HOST, self.gateway_addr.to_string());
         if let Some(t) = token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", t.trim()));
+        }
+        for (name, value) in &headers {
+            req = req.header(name.as_str(), value.as_str());
         }
         let body = match body {
             Some(b) => {

@@ -38,6 +38,12 @@ pub struct RouteBody {
     #[schema(pattern = "^/")]
     pub path: String,
     pub host: Option<String>,
+    /// Header fields the request must have, each with one of the values given (a string or a
+    /// list): how an API's versions are told apart by a header (`{"Accept-Version": "2"}`).
+    /// Names compare ignoring case, values exactly; a field sent twice, or in another letter
+    /// case than a value here, is refused 400 `ambiguous_header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, HeaderValuesBody>>,
     /// `http://host[:port][/base]` or `https://host[:port][/base]`. Give this or `upstreams`.
     pub upstream: Option<String>,
     #[serde(default)]
@@ -118,6 +124,14 @@ pub struct RouteBody {
     #[schema(value_type = Option<Object>)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ai: Option<Value>,
+}
+
+/// A header condition's values: one, or a list any of which matches.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum HeaderValuesBody {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// What a route does with the requests it admits.

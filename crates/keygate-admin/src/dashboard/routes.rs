@@ -98,8 +98,23 @@ fn route_row(r: &RouteEntry, own_workspace: &str, editor: bool) -> Value {
         .flatten()
         .map(|(m, s)| format!("{m}: {}", s.as_str().unwrap_or_default()))
         .collect();
+    // Header conditions as `name: value | value`.
+    let headers: Vec<String> = c
+        .get("headers")
+        .and_then(serde_json::Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(n, v)| {
+            let values: Vec<&str> = match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(serde_json::Value::as_str).collect(),
+                other => other.as_str().into_iter().collect(),
+            };
+            format!("{n}: {}", values.join(" | "))
+        })
+        .collect();
     let ours = r.workspace == own_workspace;
     context! {
+        headers,
         id => r.id.clone(),
         path => text_of(c.get("path")),
         host => text_of(c.get("host")),

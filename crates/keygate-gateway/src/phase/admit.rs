@@ -284,7 +284,7 @@ impl Gateway {
         // CORS: preflights are answered here, without a token; other answers on a CORS route
         // carry the allow headers (errors too, so a browser can read them).
         if let Some(origin) = head.at(head.known.origin)
-            && let Ok(Some(route)) = ctx.table.routes.resolve(|| head.host(), &ctx.path)
+            && let Ok(Some(route)) = ctx.table.routes.resolve(|| head.host(), &|n| head.routing_header(n), &ctx.path)
             && let Some(cors) = &route.cors
         {
             let allowed = cors_allows(cors, origin);
@@ -383,7 +383,7 @@ impl Gateway {
         if denied(ctx.table.routes.deny.as_deref()) {
             return Err(refuse_denied());
         }
-        let route = match ctx.table.routes.resolve(|| head.host(), &ctx.path) {
+        let route = match ctx.table.routes.resolve(|| head.host(), &|n| head.routing_header(n), &ctx.path) {
             Ok(Some(route)) => route,
             Ok(None) => return Err(Refuse::of(Code::RouteNotFound, "no route serves this path")),
             Err(e) => return Err(Refuse::path(e)),

@@ -345,3 +345,119 @@ async fn an_api_retired_on_one_node_is_retired_on_the_other() {
     b.stop().await;
     db.drop_db().await;
 }
+
+/// A GET through the gateway with header fields of its own (a name may repeat).
+async fn call_with(
+    kg: &TestKeygate,
+    path: &str,
+    token: &str,
+    fields: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Value) {
+    let mut req = reqwest::Client::new().get(format!("{}{path}", kg.gateway_url())).bearer_auth(token);
+    for (n, v) in fields {
+        req = req.header(*n, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn versions_told_apart_by_a_header_route_check_and_follow_their_own_version() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let made = c.post("/admin/v1/apis", &json!({"name": "orders", "versions": ["v1", "v2"]})).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    let id = made.str("/id");
+    // One path; the version by `Accept-Version` (v1 without it), each with its own scope and
+    // upstream (told apart here by the upstream's base path).
+    let v1 = json!({"id": "orders-v1", "path": "/orders", "upstream": format!("{}/one", up.url()),
+        "api": "orders", "version": "v1", "scopes": {"*": "orders:read"}});
+    let v2 = json!({"id": "orders-v2", "path": "/orders", "upstream": format!("{}/two", up.url()),
+        "headers": {"Accept-Version": ["2", "v2"]}, "api": "orders", "version": "v2", "scopes": {"*": "orders:v2"}});
+    for r in [&v1, &v2] {
+        let a = c.post("/admin/v1/routes", r).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    }
+    let got = c.get("/admin/v1/routes/orders-v2").await;
+    assert_eq!(got.body["headers"], json!({"Accept-Version": ["2", "v2"]}), "{:?}", got.body);
+    let (_, v1_only) = c.create_token(&json!({"name": "v1", "scopes": ["orders:read"]})).await;
+    let (_, both) = c.create_token(&json!({"name": "both", "scopes": ["orders:read", "orders:v2"]})).await;
+    kg.sync_index().await.unwrap();
+
+    let uri = |b: &Value| b["uri"].as_str().unwrap_or_default().to_owned();
+    let (status, _, body) = call_with(&kg, "/orders/7", &both, &[]).await;
+    assert_eq!((status, uri(&body).as_str()), (StatusCode::OK, "/one/orders/7"), "no header: v1");
+    for v in ["2", "v2"] {
+        let (status, _, body) = call_with(&kg, "/orders/7", &both, &[("accept-version", v)]).await;
+        assert_eq!((status, uri(&body).as_str()), (StatusCode::OK, "/two/orders/7"), "{v}");
+        assert_eq!(body["headers"]["accept-version"], v, "the field reaches the upstream as sent");
+    }
+    let (status, _, body) = call_with(&kg, "/orders/7", &both, &[("accept-version", "9")]).await;
+    assert_eq!((status, uri(&body).as_str()), (StatusCode::OK, "/one/orders/7"), "an unknown version: the default");
+    // v2's scope is checked for v2's requests: a token holding v1's only is refused there.
+    let (status, _, body) = call_with(&kg, "/orders/7", &v1_only, &[("accept-version", "2")]).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("insufficient_scope")));
+    assert_eq!(call_with(&kg, "/orders/7", &v1_only, &[]).await.0, StatusCode::OK);
+    // A field an upstream could read otherwise than keygate is refused, never routed: sent
+    // twice, or in another letter case than the route's value.
+    for fields in [&[("accept-version", "1"), ("accept-version", "2")][..], &[("accept-version", "V2")]] {
+        let (status, _, body) = call_with(&kg, "/orders/7", &both, fields).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("ambiguous_header")),
+            "{fields:?}"
+        );
+        assert!(body["error"]["message"].as_str().unwrap().contains("send it once"), "{body}");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"ambiguous_header\"} 2"), "counted");
+
+    // Each version follows its own lifecycle: v1 deprecated, v2 not.
+    for p in [
+        format!("/admin/v1/apis/{id}"),
+        format!("/admin/v1/apis/{id}/versions/v1"),
+        format!("/admin/v1/apis/{id}/versions/v2"),
+    ] {
+        assert_eq!(c.patch(&p, &json!({"state": "published"})).await.status, StatusCode::OK, "{p}");
+    }
+    // The dashboard's routes page and the portal say which field tells the version.
+    let mut browser = owner(&kg).await;
+    let page = browser.get("/routes").await;
+    assert!(page.body.contains("Accept-Version: 2 | v2"), "{}", page.body);
+    let portal = browser.get("/portal").await;
+    assert!(portal.body.contains("accept-version: 2 | v2"), "{}", portal.body);
+    let dep = c
+        .patch(&format!("/admin/v1/apis/{id}/versions/v1"), &json!({"state": "deprecated", "successor": "/orders"}))
+        .await;
+    assert_eq!(dep.status, StatusCode::OK, "{:?}", dep.body);
+    let (_, headers, _) = call_with(&kg, "/orders/7", &both, &[]).await;
+    assert!(header(&headers, "deprecation").is_some(), "v1 is deprecated");
+    let (_, headers, _) = call_with(&kg, "/orders/7", &both, &[("accept-version", "2")]).await;
+    assert_eq!(header(&headers, "deprecation"), None, "v2 is not");
+
+    // Routes a request could not tell apart, and fields that cannot select a route, are refused.
+    for (bad, says) in [
+        (
+            json!({"id": "dup", "path": "/orders", "upstream": up.url(), "headers": {"accept-version": "v2"}}),
+            "a value in common",
+        ),
+        (
+            json!({"id": "auth", "path": "/orders", "upstream": up.url(), "headers": {"authorization": "x"}}),
+            "cannot select a route",
+        ),
+        (
+            json!({"id": "list", "path": "/orders", "upstream": up.url(), "headers": {"accept-version": "1, 2"}}),
+            "no comma",
+        ),
+        (
+            json!({"id": "num", "path": "/orders", "upstream": up.url(), "headers": {"accept-version": 2}}),
+            "a list of them",
+        ),
+    ] {
+        let a = c.post("/admin/v1/routes", &bad).await;
+        assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "invalid_route"), "{bad}: {:?}", a.body);
+        assert!(a.str("/error/message").contains(says), "{bad}: {:?}", a.body);
+    }
+}

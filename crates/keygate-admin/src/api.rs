@@ -175,6 +175,7 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(tokens::usage_report))
         .routes(routes!(apps::statement))
         .routes(routes!(misc::get_token_rules, misc::put_token_rules))
+        .routes(routes!(misc::get_policy_settings, misc::put_policy_settings))
         .routes(routes!(misc::list_scopes))
         .routes(routes!(misc::put_scope, misc::delete_scope))
         .routes(routes!(misc::list_audit_events))

@@ -1308,6 +1308,27 @@ impl Admin {
         Ok(policy.rules)
     }
 
+    /// Changes the workspace's policy with `change` (which may refuse it), audited as
+    /// `workspace.policy_changed` with the policy before and after; nothing is written when
+    /// nothing changes.
+    pub async fn set_policy_settings(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        change: impl FnOnce(WorkspacePolicy) -> Result<WorkspacePolicy>,
+    ) -> Result<WorkspacePolicy> {
+        let before = self.store.workspace_policy(ws).await?;
+        let after = change(before.clone())?;
+        if after == before {
+            return Ok(after);
+        }
+        let mut audit = NewAuditEvent::new(ws, actor, "workspace.policy_changed", ws.as_str(), self.now());
+        audit.before = serde_json::to_value(&before).ok();
+        audit.after = serde_json::to_value(&after).ok();
+        self.store.put_workspace_policy(ws, &after, &audit).await?;
+        Ok(after)
+    }
+
     /// Refuses a new token for `app` when the workspace's policy caps its active tokens and the
     /// app holds that many already (the OAuth server's opaque access tokens aside).
     async fn check_token_count(&self, ws: &WorkspaceId, policy: &WorkspacePolicy, app: &AppId) -> Result<()> {

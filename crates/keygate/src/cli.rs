@@ -400,6 +400,37 @@ pub enum PolicyCommand {
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: String,
     },
+    /// Show the workspace's security and governance settings, or change those given (the rest
+    /// stay): what happens to exposed tokens and on anomaly alerts, the rotation policy, the
+    /// longest token lifetime, and which changes wait for approval.
+    Settings(PolicySettingsArgs),
+}
+
+/// `keygate policy settings` flags; `none` clears an optional one.
+#[derive(Debug, Args)]
+pub struct PolicySettingsArgs {
+    /// A token found exposed is `notify` (only marked and its owners told), `suspend` or `revoke`.
+    #[arg(long, value_parser = ["notify", "suspend", "revoke"])]
+    pub exposure_action: Option<String>,
+    /// Anomaly alerts of this severity or above suspend their token: `low`, `medium`, `high`,
+    /// or `none` (alerts only notify).
+    #[arg(long, value_parser = ["low", "medium", "high", "none"])]
+    pub anomaly_suspend: Option<String>,
+    /// Tokens are to be rotated within this many days of their creation (`none`: no policy).
+    #[arg(long)]
+    pub max_token_age_days: Option<String>,
+    /// Suspend tokens past that age (otherwise they are only flagged).
+    #[arg(long)]
+    pub suspend_unrotated: Option<bool>,
+    /// The longest lifetime a new token may be given, in days (`none`: no limit).
+    #[arg(long)]
+    pub max_token_lifetime_days: Option<String>,
+    /// Developers' plan changes wait for an admin's approval.
+    #[arg(long)]
+    pub plan_changes_need_approval: Option<bool>,
+    /// Publishing an API or version by anyone but an owner waits for an owner's approval.
+    #[arg(long)]
+    pub api_publish_needs_approval: Option<bool>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1193,6 +1193,115 @@ impl From<keygate_core::verify::Verification> for VerifyResponseBody {
     }
 }
 
+/// What happens to a token found exposed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExposureActionBody {
+    /// Marked exposed, and its owners told; it keeps working.
+    #[default]
+    Notify,
+    /// Marked exposed and suspended.
+    Suspend,
+    /// Marked exposed and revoked.
+    Revoke,
+}
+
+/// An anomaly alert's severity.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SeverityBody {
+    Low,
+    Medium,
+    High,
+}
+
+/// A workspace's security and governance settings (`GET`/`PUT /admin/v1/policy/settings`): what
+/// the dashboard's Settings page holds besides the token rules.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettingsBody {
+    /// What happens to a token found exposed (in a query string, by `keygate scan --online`, by
+    /// a secret-scanning partner): always marked exposed; `suspend` and `revoke` stop it too.
+    #[serde(default)]
+    pub exposure_action: ExposureActionBody,
+    /// Anomaly alerts of this severity or above suspend their token at once; `null`: alerts only
+    /// notify.
+    pub anomaly_suspend: Option<SeverityBody>,
+    /// Tokens are to be rotated within this many days of their creation; `null`: no rotation
+    /// policy.
+    #[schema(minimum = 1, maximum = 3650)]
+    pub max_token_age_days: Option<u32>,
+    /// A token past that age is suspended (otherwise only flagged); without
+    /// `max_token_age_days`, nothing is.
+    #[serde(default)]
+    pub suspend_unrotated: bool,
+    /// The longest lifetime a new token may be given, in days; `null`: no limit.
+    #[schema(minimum = 1, maximum = 36500)]
+    pub max_token_lifetime_days: Option<u32>,
+    /// Developers' requests to move an app to another plan wait for an admin's approval.
+    #[serde(default)]
+    pub plan_changes_need_approval: bool,
+    /// Publishing an API or a version by anyone but an owner files a request an owner decides.
+    #[serde(default)]
+    pub api_publish_needs_approval: bool,
+}
+
+impl PolicySettingsBody {
+    pub fn of(p: &keygate_core::account::WorkspacePolicy) -> Self {
+        use keygate_core::account::ExposureAction as E;
+        use keygate_core::anomaly::Severity as S;
+        Self {
+            exposure_action: match p.exposure_action {
+                E::Notify => ExposureActionBody::Notify,
+                E::Suspend => ExposureActionBody::Suspend,
+                E::Revoke => ExposureActionBody::Revoke,
+            },
+            anomaly_suspend: p.anomaly_suspend.map(|s| match s {
+                S::Low => SeverityBody::Low,
+                S::Medium => SeverityBody::Medium,
+                S::High => SeverityBody::High,
+            }),
+            max_token_age_days: p.max_token_age_days,
+            suspend_unrotated: p.suspend_unrotated,
+            max_token_lifetime_days: p.max_token_lifetime_days,
+            plan_changes_need_approval: p.plan_changes_need_approval,
+            api_publish_needs_approval: p.api_publish_needs_approval,
+        }
+    }
+
+    /// `policy` with these settings (its token rules and two-factor requirement kept).
+    pub fn apply_to(
+        self,
+        mut policy: keygate_core::account::WorkspacePolicy,
+    ) -> Result<keygate_core::account::WorkspacePolicy, keygate_core::Error> {
+        use keygate_core::account::ExposureAction as E;
+        use keygate_core::anomaly::Severity as S;
+        let days = |v: Option<u32>, max: u32, field: &str| match v {
+            Some(d) if d == 0 || d > max => Err(keygate_core::Error::invalid(
+                "invalid_policy",
+                format!("{field} is a number of days from 1 to {max}, or null for none"),
+            )),
+            _ => Ok(v),
+        };
+        policy.max_token_age_days = days(self.max_token_age_days, 3650, "max_token_age_days")?;
+        policy.max_token_lifetime_days = days(self.max_token_lifetime_days, 36500, "max_token_lifetime_days")?;
+        policy.exposure_action = match self.exposure_action {
+            ExposureActionBody::Notify => E::Notify,
+            ExposureActionBody::Suspend => E::Suspend,
+            ExposureActionBody::Revoke => E::Revoke,
+        };
+        policy.anomaly_suspend = self.anomaly_suspend.map(|s| match s {
+            SeverityBody::Low => S::Low,
+            SeverityBody::Medium => S::Medium,
+            SeverityBody::High => S::High,
+        });
+        policy.suspend_unrotated = self.suspend_unrotated;
+        policy.plan_changes_need_approval = self.plan_changes_need_approval;
+        policy.api_publish_needs_approval = self.api_publish_needs_approval;
+        Ok(policy)
+    }
+}
+
 /// A workspace's token rules (`GET`/`PUT /admin/v1/policy/rules`).
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

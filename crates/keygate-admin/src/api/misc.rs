@@ -395,3 +395,28 @@ pub(crate) async fn put_token_rules(
     let rules = s.admin.set_token_rules(&auth.key.workspace_id, &auth.actor, rules).await?;
     Ok(Json(TokenRulesBody::of(&rules)))
 }
+
+/// The workspace's security and governance settings: the exposure and anomaly policies, the
+/// rotation policy, the longest token lifetime, and which changes wait for approval.
+#[utoipa::path(get, path = "/admin/v1/policy/settings", tag = "plans",
+    responses((status = 200, body = PolicySettingsBody)))]
+pub(crate) async fn get_policy_settings(
+    auth: Auth<PlansRead>,
+    State(s): State<AdminState>,
+) -> Result<Json<PolicySettingsBody>, ApiError> {
+    Ok(Json(PolicySettingsBody::of(&s.admin.store().workspace_policy(&auth.key.workspace_id).await?)))
+}
+
+/// Replaces the workspace's settings (the whole object: an absent field takes its default);
+/// the token rules and the two-factor requirement stay as they are. Audited as
+/// `workspace.policy_changed`.
+#[utoipa::path(put, path = "/admin/v1/policy/settings", tag = "plans", request_body = PolicySettingsBody,
+    responses((status = 200, body = PolicySettingsBody), (status = 400, body = ErrorBody)))]
+pub(crate) async fn put_policy_settings(
+    auth: Auth<PlansWrite>,
+    State(s): State<AdminState>,
+    ApiJson(req): ApiJson<PolicySettingsBody>,
+) -> Result<Json<PolicySettingsBody>, ApiError> {
+    let policy = s.admin.set_policy_settings(&auth.key.workspace_id, &auth.actor, |p| req.apply_to(p)).await?;
+    Ok(Json(PolicySettingsBody::of(&policy)))
+}

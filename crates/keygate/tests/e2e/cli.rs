@@ -775,3 +775,68 @@ async fn cli_subscribes_apps_to_apis() {
     cli.refused(&["subscription", "create", &app_id, "--api", "nothing"], "api_not_found");
     kg.stop().await;
 }
+
+/// The workspace's security and governance settings, which only the dashboard could change
+/// before: through `/admin/v1/policy/settings` and `keygate policy settings`, audited, checked,
+/// and applied (an exposure policy set here suspends a leaked token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_and_api_change_the_security_settings() {
+    let kg = TestKeygate::start().await.unwrap();
+    let c = kg.client();
+    let cli = Cli::new(&kg);
+    let got = c.get("/admin/v1/policy/settings").await;
+    assert_eq!(
+        got.body,
+        json!({"exposure_action": "notify", "anomaly_suspend": null, "max_token_age_days": null,
+            "suspend_unrotated": false, "max_token_lifetime_days": null,
+            "plan_changes_need_approval": false, "api_publish_needs_approval": false})
+    );
+    // Token rules set first stay as they are.
+    let rules =
+        c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/rules", Some(&json!({"require_expiry": true}))).await;
+    assert_eq!(rules.status.as_u16(), 200);
+
+    // The CLI changes only the flags given.
+    let set = cli.json(&[
+        "policy",
+        "settings",
+        "--exposure-action",
+        "suspend",
+        "--anomaly-suspend",
+        "high",
+        "--max-token-age-days",
+        "90",
+    ]);
+    assert_eq!((set["exposure_action"].as_str(), set["anomaly_suspend"].as_str()), (Some("suspend"), Some("high")));
+    assert_eq!(set["max_token_age_days"], 90);
+    let set = cli.json(&["policy", "settings", "--api-publish-needs-approval", "true", "--anomaly-suspend", "none"]);
+    assert_eq!((set["exposure_action"].as_str(), set["anomaly_suspend"].clone()), (Some("suspend"), Value::Null));
+    assert_eq!(set["api_publish_needs_approval"], true);
+    let shown = cli.table(&["policy", "settings"]);
+    assert!(shown.contains("EXPOSURE_ACTION") && shown.contains("suspend"), "{shown}");
+    assert_eq!(c.get("/admin/v1/policy/rules").await.body["require_expiry"], true, "the rules are untouched");
+    let trail = c.get("/admin/v1/audit-events?action=workspace.policy_changed").await;
+    assert_eq!(trail.body["data"].as_array().unwrap().len(), 3, "each change audited: {}", trail.body);
+    assert_eq!(trail.body["data"][0]["after"]["api_publish_needs_approval"], true);
+
+    // Refused with a stable code, and nothing changed.
+    for bad in [json!({"max_token_age_days": 0}), json!({"max_token_lifetime_days": 40000})] {
+        let r = c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/settings", Some(&bad)).await;
+        assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_policy"), "{bad}: {:?}", r.body);
+    }
+    for bad in [json!({"exposure_action": "explode"}), json!({"colour": "red"})] {
+        let r = c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/settings", Some(&bad)).await;
+        assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_body"), "{bad}: {:?}", r.body);
+    }
+    cli.refused(&["policy", "settings", "--max-token-lifetime-days", "0"], "invalid_policy");
+    assert_eq!(c.get("/admin/v1/policy/settings").await.body["exposure_action"], "suspend");
+
+    // Applied: a token found exposed is suspended under this policy.
+    let (id, secret) = c.create_token(&json!({"name": "leaks", "expires_in": 3600})).await;
+    let found =
+        c.post("/admin/v1/tokens/exposures", &json!({"findings": [{"token": secret, "location": "a paste"}]})).await;
+    assert_eq!(found.status.as_u16(), 200, "{:?}", found.body);
+    let t = c.get(&format!("/admin/v1/tokens/{id}")).await;
+    assert_eq!((t.body["status"].as_str(), t.body["exposed_at"].is_string()), (Some("suspended"), true), "{}", t.body);
+    kg.stop().await;
+}

@@ -149,6 +149,48 @@ def main():
         check("the delivery log shows both attempts", statuses == [503, 204], detail)
     else:
         check("the delivery log lists the delivery", False, page)
+
+    # A rotation with an overlap: each message is signed with the new secret and the old one, and
+    # the library accepts it with either (receivers move to the new secret at their own pace).
+    status, rotated = api("POST", f"/admin/v1/webhooks/{created['id']}/rotate-secret", {"overlap_seconds": 3600})
+    check("a rotation with an overlap shows the new secret once",
+          status == 200 and rotated["secret"].startswith("whsec_") and rotated["secret"] != secret
+          and rotated.get("previous_secret_until"), (status, rotated))
+    with Receiver.lock:
+        Receiver.received.clear()
+    api("POST", f"/admin/v1/webhooks/{created['id']}/test")
+    got = wait_for(of_type("webhook.test"))
+    if got:
+        headers, body = got[0]
+        check("both signatures are sent", len(headers["webhook-signature"].split(" ")) == 2, headers)
+        for name, s in [("the new secret", rotated["secret"]), ("the old secret", secret)]:
+            try:
+                Webhook(s).verify(body, headers)
+                check(f"standardwebhooks verifies with {name} during the overlap", True)
+            except WebhookVerificationError as e:
+                check(f"standardwebhooks verifies with {name} during the overlap", False, e)
+    else:
+        check("the test event arrives after the rotation", False, Receiver.received)
+    # Rotated again without an overlap: the old secrets no longer verify.
+    status, last = api("POST", f"/admin/v1/webhooks/{created['id']}/rotate-secret")
+    with Receiver.lock:
+        Receiver.received.clear()
+    api("POST", f"/admin/v1/webhooks/{created['id']}/test")
+    got = wait_for(of_type("webhook.test"))
+    if got:
+        headers, body = got[0]
+        try:
+            Webhook(last["secret"]).verify(body, headers)
+            check("after a rotation without overlap, the new secret verifies", True)
+        except WebhookVerificationError as e:
+            check("after a rotation without overlap, the new secret verifies", False, e)
+        try:
+            Webhook(rotated["secret"]).verify(body, headers)
+            check("and the replaced one does not", False)
+        except WebhookVerificationError:
+            check("and the replaced one does not", True)
+    else:
+        check("the test event arrives after the second rotation", False, Receiver.received)
     server.shutdown()
     checks.finish()
 

@@ -28,6 +28,8 @@ const LEASE_MS: i64 = 1_200_000;
 const CLAIM_BATCH: u32 = 16;
 /// The bytes of a signing key.
 const SECRET_BYTES: usize = 32;
+/// The longest a rotated webhook secret keeps signing beside its successor: 7 days.
+pub const MAX_SECRET_OVERLAP_SECONDS: u64 = 7 * 86_400;
 
 /// How notifications behave (`[webhooks]` and `[notifications]` of the configuration).
 #[derive(Debug, Clone)]
@@ -229,6 +231,8 @@ impl Admin {
             enabled: true,
             disabled_reason: None,
             sealed_secret,
+            previous_sealed_secret: None,
+            previous_secret_until: None,
             failing_since: None,
             created_at: now,
             updated_at: now,
@@ -288,18 +292,40 @@ impl Admin {
         Ok(after)
     }
 
-    /// Replaces an endpoint's signing secret at once; the new one is in the answer, once.
+    /// Replaces an endpoint's signing secret; the new one is in the answer, once. With an
+    /// `overlap_seconds` (at most [`MAX_SECRET_OVERLAP_SECONDS`]), the replaced secret keeps
+    /// signing beside it until then — every message carries both signatures, so a receiver can
+    /// move to the new secret without losing one; without, it stops at once (and an overlap
+    /// still running from an earlier rotation ends).
     pub async fn rotate_webhook_secret(
         &self,
         ws: &WorkspaceId,
         actor: &Actor,
         id: &WebhookId,
+        overlap_seconds: u64,
     ) -> Result<CreatedWebhook> {
+        if overlap_seconds > MAX_SECRET_OVERLAP_SECONDS {
+            return Err(Error::invalid(
+                "invalid_overlap",
+                format!(
+                    "overlap_seconds is at most {MAX_SECRET_OVERLAP_SECONDS} (7 days); receivers that need longer should take the new secret sooner"
+                ),
+            ));
+        }
         let mut endpoint = self.webhook(ws, id).await?;
         let (sealed, secret) = self.new_webhook_secret(id)?;
-        endpoint.sealed_secret = sealed;
-        endpoint.updated_at = self.now();
-        let audit = NewAuditEvent::new(ws, actor, "webhook.rotate_secret", id.as_str(), endpoint.updated_at);
+        let now = self.now();
+        let replaced = std::mem::replace(&mut endpoint.sealed_secret, sealed);
+        (endpoint.previous_sealed_secret, endpoint.previous_secret_until) = if overlap_seconds > 0 {
+            (Some(replaced), Some(now.plus_seconds(overlap_seconds as i64)))
+        } else {
+            (None, None)
+        };
+        endpoint.updated_at = now;
+        let mut audit = NewAuditEvent::new(ws, actor, "webhook.rotate_secret", id.as_str(), endpoint.updated_at);
+        audit.after = Some(serde_json::json!({
+            "previous_secret_until": endpoint.previous_secret_until.map(keygate_core::Timestamp::to_rfc3339),
+        }));
         self.store().update_webhook(&endpoint, &audit).await?;
         Ok(CreatedWebhook { endpoint, secret })
     }
@@ -444,10 +470,20 @@ impl Admin {
         let key = sealer.open(endpoint.id.as_str(), &endpoint.sealed_secret, "a webhook signing key")?;
         let started = self.now();
         let ts = started.as_millis().div_euclid(1000);
+        // Signed with the current key, and during a rotation's overlap with the replaced one too
+        // (Standard Webhooks: signatures separated by spaces; a receiver accepts any it can check).
+        let mut signature = sign(&key, &d.message_id, ts, d.payload.as_bytes());
+        if let (Some(old), Some(until)) = (&endpoint.previous_sealed_secret, endpoint.previous_secret_until)
+            && started < until
+        {
+            let old = sealer.open(endpoint.id.as_str(), old, "a webhook signing key")?;
+            signature.push(' ');
+            signature.push_str(&sign(&old, &d.message_id, ts, d.payload.as_bytes()));
+        }
         let headers = [
             ("webhook-id", d.message_id.clone()),
             ("webhook-timestamp", ts.to_string()),
-            ("webhook-signature", sign(&key, &d.message_id, ts, d.payload.as_bytes())),
+            ("webhook-signature", signature),
             ("content-type", "application/json".to_owned()),
             ("user-agent", concat!("keygate-webhooks/", env!("CARGO_PKG_VERSION")).to_owned()),
         ];
@@ -540,6 +576,63 @@ mod tests {
 
     fn header<'a>(sent: &'a Sent, name: &str) -> &'a str {
         sent.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_rotation_with_an_overlap_signs_with_both_secrets_until_it_ends() {
+        let (admin, clock, _dir, ws) = setup().await;
+        let actor = Actor::cli();
+        let hook = admin
+            .create_webhook(
+                &ws,
+                &actor,
+                NewWebhook { url: "https://hooks.example.com/in".into(), ..Default::default() },
+            )
+            .await
+            .unwrap();
+        let key_of = |secret: &str| {
+            base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap()
+        };
+        let id = &hook.endpoint.id;
+        let refused = admin.rotate_webhook_secret(&ws, &actor, id, MAX_SECRET_OVERLAP_SECONDS + 1).await.unwrap_err();
+        assert_eq!(refused.code, "invalid_overlap");
+        let rotated = admin.rotate_webhook_secret(&ws, &actor, id, 3600).await.unwrap();
+        assert_eq!(rotated.endpoint.previous_secret_until, Some(admin.now().plus_seconds(3600)));
+        let (old, new) = (key_of(&hook.secret), key_of(&rotated.secret));
+        let script = Arc::new(Script::default());
+        let signed = async |script: &Arc<Script>| {
+            admin.test_webhook(&ws, &actor, id).await.unwrap();
+            admin.deliver_due(script.clone(), "n1").await.unwrap();
+            let sent = script.sent.lock().last().cloned().unwrap();
+            let (msg, ts) =
+                (header(&sent, "webhook-id").to_owned(), header(&sent, "webhook-timestamp").parse().unwrap());
+            let sig = |key: &[u8]| keygate_core::notify::sign(key, &msg, ts, sent.2.as_bytes());
+            (header(&sent, "webhook-signature").to_owned(), sig(&new), sig(&old))
+        };
+        // During the overlap: both signatures, the new one first.
+        let (header_value, by_new, by_old) = signed(&script).await;
+        assert_eq!(header_value, format!("{by_new} {by_old}"));
+        // At its end, the new one only.
+        clock.advance_seconds(3600);
+        let (header_value, by_new, _) = signed(&script).await;
+        assert_eq!(header_value, by_new);
+        // A rotation without an overlap ends one still running.
+        let again = admin.rotate_webhook_secret(&ws, &actor, id, 600).await.unwrap();
+        assert!(again.endpoint.previous_sealed_secret.is_some());
+        let last = admin.rotate_webhook_secret(&ws, &actor, id, 0).await.unwrap();
+        assert_eq!((last.endpoint.previous_sealed_secret, last.endpoint.previous_secret_until), (None, None));
+        let trail = admin
+            .store()
+            .list_audit(
+                &ws,
+                &keygate_core::model::AuditFilter::default(),
+                &keygate_core::model::PageRequest { limit: 10, cursor: None },
+            )
+            .await
+            .unwrap();
+        let rotations: Vec<_> = trail.items.iter().filter(|e| e.action == "webhook.rotate_secret").collect();
+        assert_eq!(rotations.len(), 3);
+        assert!(rotations.iter().all(|e| !e.after.as_ref().unwrap().to_string().contains("whsec_")), "no secret");
     }
 
     #[tokio::test]
@@ -717,7 +810,7 @@ mod tests {
         );
 
         // The secret can be replaced; the old one no longer signs.
-        let rotated = admin.rotate_webhook_secret(&ws, &actor, &local.endpoint.id).await.unwrap();
+        let rotated = admin.rotate_webhook_secret(&ws, &actor, &local.endpoint.id, 0).await.unwrap();
         assert_ne!(rotated.secret, local.secret);
         admin.delete_webhook(&ws, &actor, &local.endpoint.id).await.unwrap();
         assert_eq!(admin.webhook(&ws, &local.endpoint.id).await.unwrap_err().code, "not_found");

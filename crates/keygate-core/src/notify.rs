@@ -312,6 +312,11 @@ pub struct WebhookEndpoint {
     /// The signing key, sealed under the pepper (never shown again after creation).
     #[serde(skip)]
     pub sealed_secret: Vec<u8>,
+    /// The key a rotation replaced, sealed the same way, still signing beside the new one until
+    /// `previous_secret_until` (a rotation with an overlap); `None`: no overlap.
+    #[serde(skip)]
+    pub previous_sealed_secret: Option<Vec<u8>>,
+    pub previous_secret_until: Option<Timestamp>,
     /// Since when every attempt to it has failed; `None` after a success.
     pub failing_since: Option<Timestamp>,
     pub created_at: Timestamp,

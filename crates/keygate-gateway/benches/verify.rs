@@ -295,6 +295,8 @@ fn bench_create(c: &mut Criterion, pepper: &Pepper) {
             enabled: true,
             disabled_reason: None,
             sealed_secret: vec![0; 60],
+            previous_sealed_secret: None,
+            previous_secret_until: None,
             failing_since: None,
             created_at: NOW,
             updated_at: NOW,

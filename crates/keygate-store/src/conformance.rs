@@ -2327,6 +2327,8 @@ async fn webhook_outbox(h: &Harness) {
         enabled,
         disabled_reason: None,
         sealed_secret: vec![1, 2, 3],
+        previous_sealed_secret: None,
+        previous_secret_until: None,
         failing_since: None,
         created_at: T0,
         updated_at: T0,
@@ -2339,6 +2341,17 @@ async fn webhook_outbox(h: &Harness) {
     }
     assert_eq!(s.list_webhooks(&ws.id).await.unwrap().len(), 3);
     assert_eq!(s.webhook(&ws.id, &all.id).await.unwrap().as_ref(), Some(&all));
+    // A rotation with an overlap keeps the replaced key and when it stops signing; then back.
+    let rotated = WebhookEndpoint {
+        sealed_secret: vec![4, 5, 6],
+        previous_sealed_secret: Some(vec![1, 2, 3]),
+        previous_secret_until: Some(T0.plus_seconds(3600)),
+        ..all.clone()
+    };
+    for e in [&rotated, &all] {
+        s.update_webhook(e, &audit(&ws.id, "webhook.rotate_secret", e.id.as_str())).await.unwrap();
+        assert_eq!(s.webhook(&ws.id, &all.id).await.unwrap().as_ref(), Some(e));
+    }
 
     // The outbox is written with the audit event: one delivery per subscribed, enabled endpoint.
     let t = token(&ws.id, &d.id, "a", T0);

@@ -18,7 +18,7 @@ use crate::rows::{self, to_json};
 use crate::sql::{SqlStore, Tx, insert_audit};
 
 const ENDPOINT_COLS: &str = "id, workspace_id, url, description, event_types, enabled, disabled_reason, \
-    sealed_secret, failing_since, created_at, updated_at";
+    sealed_secret, previous_sealed_secret, previous_secret_until, failing_since, created_at, updated_at";
 const DELIVERY_COLS: &str = "id, workspace_id, endpoint_id, message_id, event_type, payload, state, attempts, \
     next_at, last_attempt_at, last_status, last_error, created_at, delivered_at";
 
@@ -319,6 +319,8 @@ fn endpoint(row: &AnyRow) -> Result<WebhookEndpoint> {
         enabled: rows::get::<i64>(row, "enabled")? != 0,
         disabled_reason: rows::get(row, "disabled_reason")?,
         sealed_secret: rows::get(row, "sealed_secret")?,
+        previous_sealed_secret: rows::get(row, "previous_sealed_secret")?,
+        previous_secret_until: rows::get::<Option<i64>>(row, "previous_secret_until")?.map(Timestamp::from_millis),
         failing_since: rows::get::<Option<i64>>(row, "failing_since")?.map(Timestamp::from_millis),
         created_at: Timestamp::from_millis(rows::get(row, "created_at")?),
         updated_at: Timestamp::from_millis(rows::get(row, "updated_at")?),
@@ -363,8 +365,9 @@ impl NotifyStore for SqlStore {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO webhook_endpoints (id, workspace_id, url, description, event_types, enabled, \
-             disabled_reason, sealed_secret, failing_since, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             disabled_reason, sealed_secret, previous_sealed_secret, previous_secret_until, failing_since, \
+             created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(w.id.as_str())
         .bind(w.workspace_id.as_str())
@@ -374,6 +377,8 @@ impl NotifyStore for SqlStore {
         .bind(i64::from(w.enabled))
         .bind(w.disabled_reason.as_deref())
         .bind(w.sealed_secret.clone())
+        .bind(w.previous_sealed_secret.clone())
+        .bind(w.previous_secret_until.map(Timestamp::as_millis))
         .bind(w.failing_since.map(Timestamp::as_millis))
         .bind(w.created_at.as_millis())
         .bind(w.updated_at.as_millis())
@@ -388,8 +393,9 @@ impl NotifyStore for SqlStore {
         let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE webhook_endpoints SET url = $1, description = $2, event_types = $3, enabled = $4, \
-             disabled_reason = $5, sealed_secret = $6, failing_since = $7, updated_at = $8 \
-             WHERE workspace_id = $9 AND id = $10",
+             disabled_reason = $5, sealed_secret = $6, previous_sealed_secret = $7, previous_secret_until = $8, \
+             failing_since = $9, updated_at = $10 \
+             WHERE workspace_id = $11 AND id = $12",
         )
         .bind(w.url.as_str())
         .bind(w.description.as_deref())
@@ -397,6 +403,8 @@ impl NotifyStore for SqlStore {
         .bind(i64::from(w.enabled))
         .bind(w.disabled_reason.as_deref())
         .bind(w.sealed_secret.clone())
+        .bind(w.previous_sealed_secret.clone())
+        .bind(w.previous_secret_until.map(Timestamp::as_millis))
         .bind(w.failing_since.map(Timestamp::as_millis))
         .bind(w.updated_at.as_millis())
         .bind(w.workspace_id.as_str())

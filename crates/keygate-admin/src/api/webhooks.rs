@@ -69,6 +69,10 @@ pub struct WebhookView {
     pub disabled_reason: Option<String>,
     /// Since when every attempt has failed (absent after a success).
     pub failing_since: Option<String>,
+    /// Until when the secret a rotation replaced still signs beside the current one (absent:
+    /// no overlap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_secret_until: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -83,6 +87,7 @@ impl From<&WebhookEndpoint> for WebhookView {
             enabled: w.enabled,
             disabled_reason: w.disabled_reason.clone(),
             failing_since: w.failing_since.map(|t| t.to_rfc3339()),
+            previous_secret_until: w.previous_secret_until.map(|t| t.to_rfc3339()),
             created_at: w.created_at.to_rfc3339(),
             updated_at: w.updated_at.to_rfc3339(),
         }
@@ -270,16 +275,33 @@ pub(crate) async fn delete_webhook(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Replaces the endpoint's signing secret at once; the new one is in the answer, once.
+/// A webhook secret's rotation.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateWebhookSecretRequest {
+    /// How long the replaced secret keeps signing beside the new one, in seconds (every message
+    /// then carries both signatures); default 0: it stops at once. At most 604800 (7 days).
+    #[serde(default)]
+    #[schema(maximum = 604800)]
+    pub overlap_seconds: u64,
+}
+
+/// Replaces the endpoint's signing secret; the new one is in the answer, once. With
+/// `overlap_seconds`, the replaced secret keeps signing beside it until then.
 #[utoipa::path(post, path = "/admin/v1/webhooks/{id}/rotate-secret", tag = "webhooks",
     params(("id" = String, Path, description = "wh_…")),
-    responses((status = 200, body = WebhookWithSecret), (status = 404, body = ErrorBody)))]
+    request_body(content = RotateWebhookSecretRequest, description = "Optional"),
+    responses((status = 200, body = WebhookWithSecret), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn rotate_webhook_secret(
     auth: Auth<WebhooksWrite>,
     State(s): State<AdminState>,
     Path(id): Path<String>,
+    ApiJson(req): ApiJson<RotateWebhookSecretRequest>,
 ) -> Result<Json<WebhookWithSecret>, ApiError> {
-    let rotated = s.admin.rotate_webhook_secret(&auth.key.workspace_id, &auth.actor, &webhook_id(&id)?).await?;
+    let rotated = s
+        .admin
+        .rotate_webhook_secret(&auth.key.workspace_id, &auth.actor, &webhook_id(&id)?, req.overlap_seconds)
+        .await?;
     Ok(Json(rotated.into()))
 }
 

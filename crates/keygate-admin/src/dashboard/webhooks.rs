@@ -30,6 +30,7 @@ fn endpoint_row(w: &WebhookEndpoint) -> Value {
         enabled => w.enabled,
         disabled_reason => w.disabled_reason.clone(),
         failing_since => w.failing_since.map(|t| t.to_rfc3339()),
+        previous_secret_until => w.previous_secret_until.map(|t| t.to_rfc3339()),
         created_at => w.created_at.to_rfc3339(),
     }
 }
@@ -148,7 +149,7 @@ pub async fn action(
     State(st): State<DashboardState>,
     SignedIn(v): SignedIn,
     Path((id, action)): Path<(String, String)>,
-    _form: CsrfForm,
+    form: CsrfForm,
 ) -> Response {
     let run = async {
         manager(&v)?;
@@ -170,7 +171,9 @@ pub async fn action(
                 back("webhook_disabled")
             }
             "rotate" => {
-                let c = st.admin.rotate_webhook_secret(ws, &actor, &id).await.map_err(ctx_err(&v))?;
+                // The old secret's overlap, from the form's choice (seconds; none: at once).
+                let overlap = form.0.get("overlap").parse::<u64>().unwrap_or(0);
+                let c = st.admin.rotate_webhook_secret(ws, &actor, &id, overlap).await.map_err(ctx_err(&v))?;
                 created_page(&st, &v, &c, "New signing secret")
             }
             "delete" => {

@@ -209,9 +209,21 @@ async fn owners_and_admins_manage_webhooks_in_the_dashboard() {
     assert_eq!(own.submit(&page, &format!("{page}/disable"), &[]).await.status, StatusCode::SEE_OTHER);
     assert!(own.get(&page).await.body.contains("disabled by usr_"));
     assert_eq!(own.submit(&page, &format!("{page}/enable"), &[]).await.status, StatusCode::SEE_OTHER);
-    let rotated = own.submit(&page, &format!("{page}/rotate"), &[]).await;
+    let rotated = own.submit(&page, &format!("{page}/rotate"), &[("overlap", "86400")]).await;
     assert_eq!(rotated.status, StatusCode::CREATED);
-    assert_ne!(rotated.between("<code id=\"webhook-secret\">", "<"), secret);
+    let new_secret = rotated.between("<code id=\"webhook-secret\">", "<");
+    assert_ne!(new_secret, secret);
+    assert!(own.get(&page).await.body.contains("the previous secret signs beside the new one until"));
+    // During the overlap a message carries both signatures: the new secret's, then the old one's.
+    let before = rx.requests().len();
+    assert_eq!(own.submit(&page, &format!("{page}/test"), &[]).await.status, StatusCode::SEE_OTHER);
+    let sent = received(&rx, before + 1).await.pop().unwrap();
+    let ts: i64 = header(&sent, "webhook-timestamp").parse().unwrap();
+    let sig = |s: &str| {
+        let key = base64::engine::general_purpose::STANDARD.decode(s.strip_prefix("whsec_").unwrap()).unwrap();
+        keygate_core::notify::sign(&key, &header(&sent, "webhook-id"), ts, &sent.body)
+    };
+    assert_eq!(header(&sent, "webhook-signature"), format!("{} {}", sig(&new_secret), sig(&secret)));
 
     // A developer may not; a bad URL is explained on the form.
     let mut dev = crate::dashboard::member(&kg, &mut own, "dev@example.com", "developer").await;

@@ -186,8 +186,8 @@ struct Writer {
     /// Emptied shard buffers, swapped for the full ones at the next write: a worker keeps a
     /// buffer with room already made, and the writer allocates nothing per call.
     spare: Vec<Pending>,
-    /// The calls of a write in time order: (time, shard, index).
-    order: Vec<(i64, u32, u32)>,
+    /// The calls of a write by token, then in time order: (token, time, shard, index).
+    order: Vec<(Option<[u8; PUBLIC_ID_LEN]>, i64, u32, u32)>,
 }
 
 /// Calls recorded and not yet written.
@@ -266,47 +266,65 @@ impl CallLog {
         // order); ties in recording order.
         w.order.clear();
         for (s, p) in taken.iter().enumerate() {
-            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| (c.at_ms, s as u32, i as u32)));
+            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| (c.token, c.at_ms, s as u32, i as u32)));
         }
+        // By token, then oldest first (a worker records a call when it ends, so its buffer is
+        // only nearly in order; ties in recording order): a token's calls follow each other, and
+        // its open chunk is looked up once per write rather than once per call.
         w.order.sort_unstable();
         let mut ready = Vec::new();
         // Addresses as text, each formatted once per write (a token's calls mostly share one).
         let mut ips: hashbrown::HashMap<IpAddr, String, foldhash::fast::RandomState> = Default::default();
-        for &(_, s, i) in &w.order {
+        let key_of = |&(_, _, s, i): &(Option<[u8; PUBLIC_ID_LEN]>, i64, u32, u32)| {
             let p = &taken[s as usize];
             let c = &p.calls[i as usize];
-            let Some(workspace) = p.names.get(c.workspace) else { continue };
-            let (app, route) = (p.names.get(c.app), p.names.get(c.route));
-            let ip = ips.entry(c.ip).or_insert_with(|| {
-                let mut s = String::new();
-                let _ = write!(s, "{}", c.ip.to_canonical());
-                s
-            });
-            let fields = CallFields {
-                at_ms: c.at_ms,
-                method: c.method.as_str(),
-                route: route.map(|r| &**r),
-                path: p.path(c.path),
-                status: c.status,
-                latency_us: c.latency_us,
-                client_ip: ip,
-                refusal: c.refusal,
+            let key = p.names.get(c.workspace).map(|ws| (ws, c.token, p.names.get(c.app)));
+            (p, c, key)
+        };
+        let mut run = 0;
+        while let Some(head) = w.order.get(run) {
+            // A run: the calls of one workspace, token and app, one after the other.
+            let (_, _, first) = key_of(head);
+            let end = run
+                + 1
+                + w.order[run + 1..]
+                    .iter()
+                    .take_while(|e| {
+                        let (_, _, k) = key_of(e);
+                        k.map(|(ws, t, app)| (&**ws, t, app.map(|a| &**a)))
+                            == first.map(|(ws, t, app)| (&**ws, t, app.map(|a| &**a)))
+                    })
+                    .count();
+            let calls = &w.order[run..end];
+            run = end;
+            let Some((workspace, token, app)) = first else { continue };
+            let owned = || (workspace.clone(), token, app.cloned());
+            let open = match w.open.get_mut(&KeyRef(workspace, token, app.map(|a| &**a))) {
+                Some(o) => o,
+                None => w.open.entry(owned()).or_insert(Open { opened_ms: now_ms, builder: ChunkBuilder::default() }),
             };
-            let key = KeyRef(workspace, c.token, app.map(|a| &**a));
-            let owned = || (workspace.clone(), c.token, app.cloned());
-            match w.open.get_mut(&key) {
-                Some(o) => {
-                    if !o.builder.push(&fields) {
-                        let full = std::mem::take(&mut o.builder);
-                        o.opened_ms = now_ms;
-                        o.builder.push(&fields);
-                        ready.push(finish(owned(), full));
-                    }
-                }
-                None => {
-                    let mut builder = ChunkBuilder::default();
-                    builder.push(&fields);
-                    w.open.insert(owned(), Open { opened_ms: now_ms, builder });
+            for e in calls {
+                let (p, c, _) = key_of(e);
+                let ip = ips.entry(c.ip).or_insert_with(|| {
+                    let mut s = String::new();
+                    let _ = write!(s, "{}", c.ip.to_canonical());
+                    s
+                });
+                let fields = CallFields {
+                    at_ms: c.at_ms,
+                    method: c.method.as_str(),
+                    route: p.names.get(c.route).map(|r| &**r),
+                    path: p.path(c.path),
+                    status: c.status,
+                    latency_us: c.latency_us,
+                    client_ip: ip,
+                    refusal: c.refusal,
+                };
+                if !open.builder.push(&fields) {
+                    let full = std::mem::take(&mut open.builder);
+                    open.opened_ms = now_ms;
+                    open.builder.push(&fields);
+                    ready.push(finish(owned(), full));
                 }
             }
         }

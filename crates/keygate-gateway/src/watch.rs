@@ -4,8 +4,8 @@
 //! user agents.
 //!
 //! Like the usage meter, counts live in one shard per worker thread, so a request takes one
-//! uncontended lock and one map lookup; a value already in the token's short lists costs a
-//! comparison, a new one a push. Everything is bounded: [`MAX_TOKENS`] tokens per shard and
+//! uncontended lock and one lookup of an entry of one cache-line pair ([`Counts`]); a value
+//! already in the token's short lists costs a comparison, a new one a push. Everything is bounded: [`MAX_TOKENS`] tokens per shard and
 //! window (requests of more are counted as dropped), [`MAX_VALUES`] values per list (more are
 //! counted in the token's overflow).
 
@@ -17,8 +17,11 @@ use http::Method;
 use keygate_core::anomaly::{Activity, agent_label};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::token_format::PUBLIC_ID_LEN;
+use std::hash::BuildHasher as _;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 use parking_lot::Mutex;
-use smallvec::SmallVec;
 
 const SHARDS: usize = 8;
 /// Tokens counted per shard and window (a window is one to five seconds, the detector's turn).
@@ -81,45 +84,82 @@ fn agent_hash(ua: Option<&[u8]>) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// A token's counts in one window.
-struct Counts {
+/// What a token's entry keeps beyond the fields every request touches: made once per token and
+/// window, read at the drain.
+struct Rest {
     workspace_id: Arc<str>,
     app_id: Arc<str>,
     from_ms: i64,
-    to_ms: i64,
-    requests: u64,
-    refused: u64,
-    errors: u64,
-    old_secret: u64,
-    // The first value of each list inline: most tokens use one network, route and agent in a
-    // window, and a list of its own would cost the request a cache miss each.
-    networks: SmallVec<[(u64, u64); 1]>,
-    routes: SmallVec<[(Arc<str>, Method, u64); 1]>,
-    agents: SmallVec<[(u64, String, u64); 1]>,
+    /// The first agent's label (its hash is in the entry).
+    agent0_label: String,
+    /// Values after the first of each list.
+    networks: Vec<(u64, u64)>,
+    routes: Vec<(Arc<str>, Method, u64)>,
+    agents: Vec<(u64, String, u64)>,
 }
 
-fn bump<K, const N: usize>(
-    list: &mut SmallVec<[K; N]>,
+/// A token's counts in one window. What a request reads and writes when the token uses one
+/// network, route and agent — most tokens in most windows — sits in the entry's first cache line,
+/// the first route in the second; the entry is 128 bytes aligned to 128, one adjacent pair of
+/// lines that the CPU fetches together (a map of `(id, counts)` with the lists inline took 248
+/// bytes over four lines, and its lookup was a cache miss per request: docs/benchmarks.md).
+#[repr(C, align(128))]
+struct Counts {
+    public_id: [u8; PUBLIC_ID_LEN],
+    requests: u32,
+    to_ms: i64,
+    refused: u32,
+    errors: u32,
+    old_secret: u32,
+    net0_n: u32,
+    /// The first network ([`network_key`]) and agent ([`agent_hash`]) and their counts.
+    net0: u64,
+    agent0: u64,
+    agent0_n: u32,
+    route0_n: u32,
+    /// The first route and method; `None` until a request names a route.
+    route0: Option<(Arc<str>, Method)>,
+    rest: Box<Rest>,
+}
+
+const _: () = assert!(size_of::<Counts>() == 128, "a token's counts are one pair of cache lines");
+
+/// Counts one value: the entry's own first (`first`, with its count), else in `more`, which
+/// holds at most [`MAX_VALUES`] values with the first.
+fn bump_value<K>(
+    first: bool,
+    first_n: &mut u32,
+    more: &mut Vec<K>,
     found: impl Fn(&K) -> bool,
     count: impl Fn(&mut K),
     make: impl FnOnce() -> K,
 ) {
-    let room = list.len() < MAX_VALUES;
-    match list.iter_mut().find(|k| found(k)) {
+    if first {
+        *first_n = first_n.saturating_add(1);
+        return;
+    }
+    let room = more.len() + 1 < MAX_VALUES;
+    match more.iter_mut().find(|k| found(k)) {
         Some(k) => count(k),
-        None if room => list.push(make()),
+        None if room => more.push(make()),
         None => {}
     }
 }
 
 /// One thread's counts, on cache lines of its own.
+#[derive(Default)]
+struct Table {
+    entries: HashTable<Counts>,
+    hasher: foldhash::fast::RandomState,
+}
+
 #[repr(align(128))]
 #[derive(Default)]
 struct Shard {
-    counts: Mutex<HashMap<[u8; PUBLIC_ID_LEN], Counts>>,
-    /// The map of the previous window, emptied with its room kept (the drain's alone): swapped
-    /// in at the next drain, so that neither a worker nor the drain allocates a map per window.
-    spare: Mutex<HashMap<[u8; PUBLIC_ID_LEN], Counts>>,
+    counts: Mutex<Table>,
+    /// The table of the previous window, emptied with its room kept (the drain's alone): swapped
+    /// in at the next drain, so that neither a worker nor the drain allocates a table per window.
+    spare: Mutex<Table>,
 }
 
 /// Counts what tokens do until [`Watch::drain`] takes it.
@@ -139,50 +179,85 @@ impl Watch {
     /// Counts one request at `now_ms`.
     pub fn record(&self, s: &Seen<'_>, now_ms: i64) {
         let Some(shard) = self.shards.get(SHARD.with(|i| *i)) else { return };
-        let mut map = shard.counts.lock();
-        let full = map.len() >= MAX_TOKENS;
-        let c = match map.get_mut(s.public_id) {
-            Some(c) => c,
-            None if full => {
+        let mut guard = shard.counts.lock();
+        let Table { entries, hasher } = &mut *guard;
+        let full = entries.len() >= MAX_TOKENS;
+        let net = network_key(s.ip);
+        let ua = agent_hash(s.agent);
+        let c = match entries.entry(
+            hasher.hash_one(s.public_id),
+            |c| c.public_id == *s.public_id,
+            |c| hasher.hash_one(c.public_id),
+        ) {
+            Slot::Occupied(o) => o.into_mut(),
+            Slot::Vacant(_) if full => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            None => map.entry(*s.public_id).or_insert_with(|| Counts {
-                workspace_id: s.workspace_id.clone(),
-                app_id: s.app_id.clone(),
-                from_ms: now_ms,
-                to_ms: now_ms,
-                requests: 0,
-                refused: 0,
-                errors: 0,
-                old_secret: 0,
-                networks: SmallVec::new(),
-                routes: SmallVec::new(),
-                agents: SmallVec::new(),
-            }),
+            Slot::Vacant(v) => v
+                .insert(Counts {
+                    public_id: *s.public_id,
+                    requests: 0,
+                    to_ms: now_ms,
+                    refused: 0,
+                    errors: 0,
+                    old_secret: 0,
+                    net0_n: 0,
+                    net0: net,
+                    agent0: ua,
+                    agent0_n: 0,
+                    route0_n: 0,
+                    route0: None,
+                    rest: Box::new(Rest {
+                        workspace_id: s.workspace_id.clone(),
+                        app_id: s.app_id.clone(),
+                        from_ms: now_ms,
+                        agent0_label: agent_label(s.agent.unwrap_or_default()),
+                        networks: Vec::new(),
+                        routes: Vec::new(),
+                        agents: Vec::new(),
+                    }),
+                })
+                .into_mut(),
         };
         c.to_ms = c.to_ms.max(now_ms);
         if s.old_secret {
             // Refused as expired; counted apart (not as the token's traffic).
-            c.old_secret += 1;
+            c.old_secret = c.old_secret.saturating_add(1);
         } else {
-            c.requests += 1;
-            c.refused += u64::from(s.refused);
-            c.errors += u64::from(s.status >= 500);
+            c.requests = c.requests.saturating_add(1);
+            c.refused = c.refused.saturating_add(u32::from(s.refused));
+            c.errors = c.errors.saturating_add(u32::from(s.status >= 500));
             if let Some(route) = s.route {
-                bump(
-                    &mut c.routes,
+                let first = match &c.route0 {
+                    Some((r, m)) => Arc::ptr_eq(r, route) && m == s.method,
+                    None => {
+                        c.route0 = Some((route.clone(), s.method.clone()));
+                        true
+                    }
+                };
+                bump_value(
+                    first,
+                    &mut c.route0_n,
+                    &mut c.rest.routes,
                     |(r, m, _)| Arc::ptr_eq(r, route) && m == s.method,
                     |(_, _, n)| *n += 1,
                     || (route.clone(), s.method.clone(), 1),
                 );
             }
         }
-        let net = network_key(s.ip);
-        bump(&mut c.networks, |(k, _)| *k == net, |(_, n)| *n += 1, || (net, 1));
-        let ua = agent_hash(s.agent);
-        bump(
-            &mut c.agents,
+        bump_value(
+            c.net0 == net,
+            &mut c.net0_n,
+            &mut c.rest.networks,
+            |(k, _)| *k == net,
+            |(_, n)| *n += 1,
+            || (net, 1),
+        );
+        bump_value(
+            c.agent0 == ua,
+            &mut c.agent0_n,
+            &mut c.rest.agents,
             |(h, _, _)| *h == ua,
             |(_, _, n)| *n += 1,
             || (ua, agent_label(s.agent.unwrap_or_default()), 1),
@@ -196,26 +271,43 @@ impl Watch {
         for shard in &self.shards {
             let mut taken = shard.spare.lock();
             std::mem::swap(&mut *shard.counts.lock(), &mut *taken);
-            out.reserve(taken.len());
-            for (id, c) in taken.drain() {
+            out.reserve(taken.entries.len());
+            for c in taken.entries.drain() {
+                let Rest { workspace_id, app_id, from_ms, agent0_label, networks, routes, agents } = *c.rest;
+                let counted = |n: u32| (n > 0).then_some(u64::from(n));
                 let a = Activity {
-                    token_id: TokenId::from_public_id(std::str::from_utf8(&id).unwrap_or_default()),
-                    workspace_id: WorkspaceId::from_trusted(c.workspace_id.to_string()),
-                    app_id: AppId::from_trusted(c.app_id.to_string()),
-                    from_ms: c.from_ms,
+                    token_id: TokenId::from_public_id(std::str::from_utf8(&c.public_id).unwrap_or_default()),
+                    workspace_id: WorkspaceId::from_trusted(workspace_id.to_string()),
+                    app_id: AppId::from_trusted(app_id.to_string()),
+                    from_ms,
                     to_ms: c.to_ms,
-                    requests: c.requests,
-                    refused: c.refused,
-                    errors: c.errors,
-                    old_secret: c.old_secret,
-                    networks: c.networks.into_iter().map(|(k, n)| (network_label(k), n)).collect(),
-                    routes: c.routes.into_iter().map(|(r, m, n)| (format!("{m} {r}"), n)).collect(),
-                    agents: c.agents.into_iter().map(|(_, label, n)| (label, n)).collect(),
+                    requests: u64::from(c.requests),
+                    refused: u64::from(c.refused),
+                    errors: u64::from(c.errors),
+                    old_secret: u64::from(c.old_secret),
+                    networks: counted(c.net0_n)
+                        .map(|n| (c.net0, n))
+                        .into_iter()
+                        .chain(networks)
+                        .map(|(k, n)| (network_label(k), n))
+                        .collect(),
+                    routes: c
+                        .route0
+                        .and_then(|(r, m)| counted(c.route0_n).map(|n| (r, m, n)))
+                        .into_iter()
+                        .chain(routes)
+                        .map(|(r, m, n)| (format!("{m} {r}"), n))
+                        .collect(),
+                    agents: counted(c.agent0_n)
+                        .map(|n| (agent0_label, n))
+                        .into_iter()
+                        .chain(agents.into_iter().map(|(_, label, n)| (label, n)))
+                        .collect(),
                 };
-                match out.get_mut(&id) {
+                match out.get_mut(&c.public_id) {
                     Some(have) => have.merge(a),
                     None => {
-                        out.insert(id, a);
+                        out.insert(c.public_id, a);
                     }
                 }
             }
@@ -291,6 +383,45 @@ mod tests {
         }
         assert_eq!(w.drain().len(), MAX_TOKENS);
         assert_eq!(w.dropped.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn values_after_the_first_are_counted_in_order_and_shards_merge() {
+        let w = Arc::new(Watch::default());
+        let (id, ws): ([u8; 12], Arc<str>) = (*b"abcdefghijkl", "ws_1".into());
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let get = Method::GET;
+        // Refused before its route was known: no route yet.
+        let mut s = seen(&id, &ws, &a, &get, "10.0.0.1");
+        s.route = None;
+        s.refused = true;
+        s.status = 401;
+        w.record(&s, 1);
+        for (route, agent) in [(&b, &b"curl/8"[..]), (&a, b"python"), (&b, b"curl/8"), (&a, b"go")] {
+            let mut s = seen(&id, &ws, route, &get, "10.0.0.1");
+            s.agent = Some(agent);
+            w.record(&s, 2);
+        }
+        // The same token from another worker thread (another shard), merged at the drain.
+        let other = w.clone();
+        let (ws2, b2) = (ws.clone(), b.clone());
+        std::thread::spawn(move || other.record(&seen(&id, &ws2, &b2, &Method::GET, "10.0.1.1"), 3)).join().unwrap();
+        let got = w.drain();
+        assert_eq!(got.len(), 1);
+        let a = &got[0];
+        assert_eq!((a.requests, a.refused, a.from_ms, a.to_ms), (6, 1, 1, 3));
+        let mut routes = a.routes.clone();
+        routes.sort();
+        assert_eq!(routes, [("GET a".to_owned(), 2), ("GET b".to_owned(), 3)]);
+        let mut nets = a.networks.clone();
+        nets.sort();
+        assert_eq!(nets, [("10.0.0.0/24".to_owned(), 5), ("10.0.1.0/24".to_owned(), 1)]);
+        let mut agents = a.agents.clone();
+        agents.sort();
+        assert_eq!(
+            agents,
+            [("curl/8".to_owned(), 2), ("curl/8.0?".to_owned(), 2), ("go".to_owned(), 1), ("python".to_owned(), 1)]
+        );
     }
 
     #[test]

@@ -70,6 +70,14 @@ def of_type(kind):
     return lambda r: json.loads(r[1]).get("type") == kind
 
 
+def fresh_test_event(endpoint_id):
+    """Forgets what was received, sends the endpoint a test event and waits for it."""
+    with Receiver.lock:
+        Receiver.received.clear()
+    api("POST", f"/admin/v1/webhooks/{endpoint_id}/test")
+    return wait_for(of_type("webhook.test"))
+
+
 def main():
     checks = Checks("webhooks")
     check = checks.check
@@ -156,10 +164,7 @@ def main():
     check("a rotation with an overlap shows the new secret once",
           status == 200 and rotated["secret"].startswith("whsec_") and rotated["secret"] != secret
           and rotated.get("previous_secret_until"), (status, rotated))
-    with Receiver.lock:
-        Receiver.received.clear()
-    api("POST", f"/admin/v1/webhooks/{created['id']}/test")
-    got = wait_for(of_type("webhook.test"))
+    got = fresh_test_event(created["id"])
     if got:
         headers, body = got[0]
         check("both signatures are sent", len(headers["webhook-signature"].split(" ")) == 2, headers)
@@ -173,10 +178,7 @@ def main():
         check("the test event arrives after the rotation", False, Receiver.received)
     # Rotated again without an overlap: the old secrets no longer verify.
     status, last = api("POST", f"/admin/v1/webhooks/{created['id']}/rotate-secret")
-    with Receiver.lock:
-        Receiver.received.clear()
-    api("POST", f"/admin/v1/webhooks/{created['id']}/test")
-    got = wait_for(of_type("webhook.test"))
+    got = fresh_test_event(created["id"])
     if got:
         headers, body = got[0]
         try:

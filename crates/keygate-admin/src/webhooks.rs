@@ -574,6 +574,12 @@ mod tests {
         crate::testing::admin().await
     }
 
+    /// An endpoint for every event at `url`, made by the CLI actor.
+    async fn endpoint(admin: &Admin, ws: &WorkspaceId, url: &str) -> CreatedWebhook {
+        let new = NewWebhook { url: url.into(), ..Default::default() };
+        admin.create_webhook(ws, &Actor::cli(), new).await.unwrap()
+    }
+
     fn header<'a>(sent: &'a Sent, name: &str) -> &'a str {
         sent.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap()
     }
@@ -582,14 +588,7 @@ mod tests {
     async fn a_rotation_with_an_overlap_signs_with_both_secrets_until_it_ends() {
         let (admin, clock, _dir, ws) = setup().await;
         let actor = Actor::cli();
-        let hook = admin
-            .create_webhook(
-                &ws,
-                &actor,
-                NewWebhook { url: "https://hooks.example.com/in".into(), ..Default::default() },
-            )
-            .await
-            .unwrap();
+        let hook = endpoint(&admin, &ws, "https://hooks.example.com/in").await;
         let key_of = |secret: &str| {
             base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap()
         };
@@ -639,14 +638,7 @@ mod tests {
     async fn events_are_signed_retried_on_schedule_and_the_endpoint_disabled_after_a_day_of_failures() {
         let (admin, clock, _dir, ws) = setup().await;
         let actor = Actor::cli();
-        let hook = admin
-            .create_webhook(
-                &ws,
-                &actor,
-                NewWebhook { url: "https://hooks.example.com/in".into(), ..Default::default() },
-            )
-            .await
-            .unwrap();
+        let hook = endpoint(&admin, &ws, "https://hooks.example.com/in").await;
         let other = admin
             .create_webhook(
                 &ws,

@@ -428,6 +428,15 @@ async fn versions_told_apart_by_a_header_route_check_and_follow_their_own_versio
     assert!(page.body.contains("Accept-Version: 2 | v2"), "{}", page.body);
     let portal = browser.get("/portal").await;
     assert!(portal.body.contains("accept-version: 2 | v2"), "{}", portal.body);
+    // The portal's explorer sends the version's field, so its request reaches that version.
+    let tried = browser
+        .submit(
+            "/portal/orders-v2",
+            "/portal/orders-v2/try",
+            &[("method", "GET"), ("path", "/orders/7"), ("token", &both)],
+        )
+        .await;
+    assert!(tried.body.contains("HTTP 200") && tried.body.contains("/two/orders/7"), "{}", tried.body);
     let dep = c
         .patch(&format!("/admin/v1/apis/{id}/versions/v1"), &json!({"state": "deprecated", "successor": "/orders"}))
         .await;

@@ -20,7 +20,8 @@ fn manager(v: &Viewer) -> Result<(), PageError> {
     if v.role.manages_all() { Ok(()) } else { Err(PageError::forbidden(v, "manage webhooks")) }
 }
 
-fn endpoint_row(w: &WebhookEndpoint) -> Value {
+/// An endpoint as the pages show it at `now` (an overlap that has ended is not shown).
+fn endpoint_row(w: &WebhookEndpoint, now: keygate_core::Timestamp) -> Value {
     context! {
         id => w.id.to_string(),
         url => w.url.clone(),
@@ -30,7 +31,7 @@ fn endpoint_row(w: &WebhookEndpoint) -> Value {
         enabled => w.enabled,
         disabled_reason => w.disabled_reason.clone(),
         failing_since => w.failing_since.map(|t| t.to_rfc3339()),
-        previous_secret_until => w.previous_secret_until.map(|t| t.to_rfc3339()),
+        previous_secret_until => w.previous_secret_until.filter(|t| *t > now).map(|t| t.to_rfc3339()),
         created_at => w.created_at.to_rfc3339(),
     }
 }
@@ -69,7 +70,7 @@ async fn list_inner(
         "settings",
         context! {
             title => "Webhooks",
-            endpoints => list.iter().map(endpoint_row).collect::<Vec<_>>(),
+            endpoints => list.iter().map(|w| endpoint_row(w, st.admin.now())).collect::<Vec<_>>(),
             event_types => event_types(),
             notice => error.map(|text| context!{ kind => "error", text }).unwrap_or_else(|| notice(msg)),
         },
@@ -86,7 +87,7 @@ fn created_page(st: &DashboardState, v: &Viewer, c: &CreatedWebhook, title: &str
         "webhook_created.html",
         Some(v),
         "settings",
-        context! { title, endpoint => endpoint_row(&c.endpoint), secret => c.secret.clone() },
+        context! { title, endpoint => endpoint_row(&c.endpoint, st.admin.now()), secret => c.secret.clone() },
     )
 }
 
@@ -128,7 +129,7 @@ async fn page_inner(st: &DashboardState, v: &Viewer, id: &str, msg: Option<&str>
         "settings",
         context! {
             title => "Webhook endpoint",
-            endpoint => endpoint_row(&w),
+            endpoint => endpoint_row(&w, st.admin.now()),
             deliveries => page.items.iter().map(delivery_row).collect::<Vec<_>>(),
             notice => notice(msg),
         },
@@ -233,4 +234,35 @@ pub async fn redeliver(
         Ok(see_other(&format!("/settings/webhooks/{id}?msg=webhook_redelivered")))
     };
     run.await.unwrap_or_else(|e| st.error(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use keygate_core::Timestamp;
+    use keygate_core::ids::{WebhookId, WorkspaceId};
+
+    use super::*;
+
+    #[test]
+    fn an_overlap_is_shown_only_while_it_lasts() {
+        let t = Timestamp::from_millis(1_000_000);
+        let w = WebhookEndpoint {
+            id: WebhookId::from_trusted("wh_1".into()),
+            workspace_id: WorkspaceId::from_trusted("ws_1".into()),
+            url: "https://hooks.example.com/in".into(),
+            description: None,
+            event_types: Vec::new(),
+            enabled: true,
+            disabled_reason: None,
+            sealed_secret: vec![1],
+            previous_sealed_secret: Some(vec![2]),
+            previous_secret_until: Some(t.plus_seconds(60)),
+            failing_since: None,
+            created_at: t,
+            updated_at: t,
+        };
+        let hidden = |now: Timestamp| endpoint_row(&w, now).get_attr("previous_secret_until").unwrap().is_none();
+        assert!(!hidden(t), "shown during the overlap");
+        assert!(hidden(t.plus_seconds(60)), "hidden once it has ended");
+    }
 }

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use keygate_core::anomaly::{
     Activity, Alert, AlertFilter, AlertKind, AlertStatus, Baseline, Finding, KnownValues, NewSightings, Raised,
-    Sensitivity, Severity, unknown_values,
+    Sensitivity, Severity, Watched, unknown_values,
 };
-use keygate_core::ids::{AlertId, TokenId, WorkspaceId};
+use keygate_core::ids::{AlertId, WorkspaceId};
 use keygate_core::model::{Actor, NewAuditEvent, Page, PageRequest, TokenState};
 use keygate_core::{Error, Result, Timestamp};
 use parking_lot::Mutex;
@@ -53,7 +53,7 @@ struct Held {
 /// One node's detector: the baselines it holds and what it raised.
 pub struct Detector {
     settings: AnomalySettings,
-    held: Mutex<HashMap<TokenId, Held>>,
+    held: Mutex<HashMap<Watched, Held>>,
     saved_at_ms: AtomicU64,
     /// Alerts opened by this node, by kind and severity (for `/metrics`).
     raised: Mutex<HashMap<(AlertKind, Severity), u64>>,
@@ -104,8 +104,8 @@ impl Admin {
         let s = det.settings.sensitivity;
         for a in activities {
             let now = Timestamp::from_millis(a.to_ms);
-            if !det.held.lock().contains_key(&a.token_id) {
-                let (baseline, known) = self.store().load_baseline(&a.token_id).await?;
+            if !det.held.lock().contains_key(&a.subject) {
+                let (baseline, known) = self.store().load_baseline(&a.subject).await?;
                 let held = Held {
                     workspace_id: a.workspace_id.clone(),
                     baseline: baseline.unwrap_or_default(),
@@ -113,12 +113,12 @@ impl Admin {
                     seen_ms: a.to_ms,
                     dirty: false,
                 };
-                det.held.lock().entry(a.token_id.clone()).or_insert(held);
+                det.held.lock().entry(a.subject.clone()).or_insert(held);
             }
-            let unknown = det.held.lock().get(&a.token_id).map(|h| unknown_values(&a, &h.known)).unwrap_or_default();
+            let unknown = det.held.lock().get(&a.subject).map(|h| unknown_values(&a, &h.known)).unwrap_or_default();
             let mut new = NewSightings::default();
             if !unknown.is_empty() {
-                for (kind, v) in self.store().record_sightings(&a.token_id, &unknown, now).await? {
+                for (kind, v) in self.store().record_sightings(&a.subject, &unknown, now).await? {
                     match kind {
                         "network" => new.networks.push(v),
                         "route" => new.routes.push(v),
@@ -128,7 +128,7 @@ impl Admin {
             }
             let findings = {
                 let mut held = det.held.lock();
-                let Some(h) = held.get_mut(&a.token_id) else { continue };
+                let Some(h) = held.get_mut(&a.subject) else { continue };
                 for (kind, v) in unknown {
                     h.known.insert(kind, v);
                 }
@@ -162,7 +162,7 @@ impl Admin {
             if over > 0 {
                 // A tenth more than the excess, so that a full map is not sorted again each second.
                 let evict = over + det.settings.max_tokens / 10;
-                let mut by_age: Vec<(i64, TokenId)> = held.iter().map(|(t, h)| (h.seen_ms, t.clone())).collect();
+                let mut by_age: Vec<(i64, Watched)> = held.iter().map(|(t, h)| (h.seen_ms, t.clone())).collect();
                 by_age.sort();
                 gone = by_age.into_iter().take(evict).map(|(_, t)| t).collect();
             }
@@ -203,31 +203,32 @@ impl Admin {
     /// Records a finding as an alert (or a repeat of one) and applies the workspace's policy to
     /// a new one: returns the alert if it is new.
     async fn raise(&self, det: &Detector, a: &Activity, f: Finding, now: Timestamp) -> Result<Option<Alert>> {
-        let alert = Alert::open(AlertId::random(self.rng())?, (&a.workspace_id, &a.token_id, &a.app_id), f, now);
-        let audit = NewAuditEvent::new(
-            &alert.workspace_id,
-            &detector_actor(),
-            "anomaly.detected",
-            alert.token_id.as_str(),
-            now,
-        )
-        .with_after(serde_json::json!({
-            "alert_id": alert.id,
-            "kind": alert.kind,
-            "severity": alert.severity,
-            "summary": alert.summary,
-            "app_id": alert.app_id,
-            "evidence": alert.evidence,
-        }));
+        let alert = Alert::open(AlertId::random(self.rng())?, (&a.workspace_id, &a.subject, &a.app_id), f, now);
+        let audit =
+            NewAuditEvent::new(&alert.workspace_id, &detector_actor(), "anomaly.detected", alert.subject.as_str(), now)
+                .with_after(serde_json::json!({
+                    "alert_id": alert.id,
+                    "subject": alert.subject.kind(),
+                    "kind": alert.kind,
+                    "severity": alert.severity,
+                    "summary": alert.summary,
+                    "app_id": alert.app_id,
+                    "evidence": alert.evidence,
+                }));
         let Raised::New(mut alert) = self.store().raise_alert(&alert, &audit).await? else { return Ok(None) };
         *det.raised.lock().entry((alert.kind, alert.severity)).or_insert(0) += 1;
-        tracing::warn!(alert_id = %alert.id, token_id = %alert.token_id, kind = alert.kind.as_str(),
+        tracing::warn!(alert_id = %alert.id, subject = %alert.subject, kind = alert.kind.as_str(),
             severity = alert.severity.as_str(), summary = %alert.summary, "anomaly alert");
         // The policy: suspend at or above the workspace's severity. An old secret's token is
-        // refused already (its successor is not suspected), so it only notifies.
+        // refused already (its successor is not suspected), so it only notifies; so does an
+        // OAuth client's alert (a client is not suspended: its secret is rotated, or it is
+        // deleted, by a person).
         let policy = self.store().workspace_policy(&alert.workspace_id).await?;
-        if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min) && alert.kind != AlertKind::OldSecret {
-            let token = self.token(&alert.workspace_id, &alert.token_id).await?;
+        if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min)
+            && alert.kind != AlertKind::OldSecret
+            && let Watched::Token(token_id) = &alert.subject
+        {
+            let token = self.token(&alert.workspace_id, token_id).await?;
             if token.state == TokenState::Active {
                 let actor = Actor { id: "anomaly-policy".into(), source: None, owner: true };
                 let reason = format!(
@@ -237,10 +238,10 @@ impl Admin {
                     alert.severity,
                     alert.summary
                 );
-                self.suspend_token_because(&alert.workspace_id, &actor, &alert.token_id, &reason).await?;
+                self.suspend_token_because(&alert.workspace_id, &actor, token_id, &reason).await?;
                 self.store().set_alert_action(&alert.id, "suspended").await?;
                 alert.action = Some("suspended".into());
-                tracing::warn!(alert_id = %alert.id, token_id = %alert.token_id, "the workspace's anomaly policy suspended the token");
+                tracing::warn!(alert_id = %alert.id, token_id = %token_id, "the workspace's anomaly policy suspended the token");
             }
         }
         Ok(Some(alert))
@@ -277,7 +278,7 @@ impl Admin {
         };
         let now = self.now();
         let audit = NewAuditEvent::new(ws, actor, action, id.as_str(), now).with_after(serde_json::json!({
-            "token_id": current.token_id, "kind": current.kind, "status": status,
+            "subject": current.subject.as_str(), "kind": current.kind, "status": status,
         }));
         if !self.store().set_alert_status(ws, id, status, &actor.id, now, &audit).await? {
             return Err(Error::conflict(
@@ -292,9 +293,10 @@ impl Admin {
     /// (audited as `token.resume` with the alert as the reason) and resolves the alert.
     pub async fn resume_from_alert(&self, ws: &WorkspaceId, actor: &Actor, id: &AlertId) -> Result<Alert> {
         let alert = self.alert(ws, id).await?;
-        let token = self.token(ws, &alert.token_id).await?;
-        if token.state == TokenState::Suspended {
-            self.resume_token(ws, actor, &alert.token_id).await?;
+        if let Watched::Token(token_id) = &alert.subject
+            && self.token(ws, token_id).await?.state == TokenState::Suspended
+        {
+            self.resume_token(ws, actor, token_id).await?;
         }
         if alert.status == AlertStatus::Resolved {
             return Ok(alert);
@@ -313,12 +315,13 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use keygate_core::Clock as _;
+    use keygate_core::ids::TokenId;
 
     use super::*;
 
     fn activity(ws: &WorkspaceId, i: usize, at: i64) -> Activity {
         Activity {
-            token_id: TokenId::from_public_id(&format!("{i:012}")),
+            subject: Watched::Token(TokenId::from_public_id(&format!("{i:012}"))),
             workspace_id: ws.clone(),
             from_ms: at,
             to_ms: at + 1000,
@@ -337,7 +340,8 @@ mod tests {
         assert!(admin.detect(&det, || batch).await.unwrap().is_empty(), "new tokens raise nothing");
         // Over the bound: the least recently seen went (and a tenth more), written back first.
         assert_eq!(det.held(), 1050 - 150);
-        let (kept, known) = admin.store().load_baseline(&TokenId::from_public_id("000000000000")).await.unwrap();
+        let (kept, known) =
+            admin.store().load_baseline(&Watched::Token(TokenId::from_public_id("000000000000"))).await.unwrap();
         assert_eq!(kept.unwrap().active_minutes, 0, "the first minute is still being counted");
         assert!(known.networks.contains("198.51.100.0/24"), "its sighting is recorded");
         // Seen again, it is read back from the store.
@@ -345,7 +349,8 @@ mod tests {
         let at = clock.now().as_millis();
         admin.detect(&det, || vec![activity(&ws, 0, at)]).await.unwrap();
         admin.save_baselines(&det).await.unwrap();
-        let (again, _) = admin.store().load_baseline(&TokenId::from_public_id("000000000000")).await.unwrap();
+        let (again, _) =
+            admin.store().load_baseline(&Watched::Token(TokenId::from_public_id("000000000000"))).await.unwrap();
         let again = again.unwrap();
         assert_eq!((again.active_minutes, again.first_ms), (1, now), "its history carried on");
     }

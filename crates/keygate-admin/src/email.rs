@@ -128,16 +128,27 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
             )
         }
         "anomaly.detected" => {
+            let client = after["subject"] == "client";
+            if client {
+                facts[0].0 = "OAuth client".into();
+            }
             for (label, key) in [("Alert", "alert_id"), ("Kind", "kind"), ("Severity", "severity"), ("What", "summary")]
             {
                 if let Some(v) = after[key].as_str() {
                     facts.push((label.into(), v.to_owned()));
                 }
             }
-            (
-                "Unusual use of a token was detected.",
-                "Check the alert in the dashboard (Alerts); if the token may be stolen, revoke or rotate it. If the workspace's anomaly policy suspended it and the use was legitimate, resume it from the alert.",
-            )
+            if client {
+                (
+                    "Unusual use of an OAuth client's access tokens was detected.",
+                    "Check the alert in the dashboard (Alerts); if the client's secret may be stolen, rotate it on its app's page (the tokens it already issued expire on their own, or can be revoked).",
+                )
+            } else {
+                (
+                    "Unusual use of a token was detected.",
+                    "Check the alert in the dashboard (Alerts); if the token may be stolen, revoke or rotate it. If the workspace's anomaly policy suspended it and the use was legitimate, resume it from the alert.",
+                )
+            }
         }
         "budget.threshold" => {
             let whose = after["budget_of"].as_str().unwrap_or("key");
@@ -271,8 +282,11 @@ pub fn render(email: &Email, workspace_name: &str, dashboard_url: Option<&str>) 
     let subject = format!("[keygate] {}", headline.trim_end_matches('.'));
     let base = dashboard_url.map(|u| u.trim_end_matches('/').to_owned());
     let target = body["data"]["target"].as_str().unwrap_or_default();
+    let alert = body["data"]["after"]["alert_id"].as_str().filter(|_| email.event_type == "anomaly.detected");
     let link = base.as_ref().map(|b| {
-        if target.starts_with("tok_") {
+        if let Some(id) = alert {
+            format!("{b}/alerts/{id}")
+        } else if target.starts_with("tok_") {
             format!("{b}/tokens/{target}")
         } else if target.starts_with("api_") {
             format!("{b}/apis")

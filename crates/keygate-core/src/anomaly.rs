@@ -221,10 +221,70 @@ pub fn network_of(ip: IpAddr) -> String {
     }
 }
 
-/// What the gateway saw of one token in one window.
+/// What baselines and alerts are about: an API key, or an OAuth client whose JWT access tokens
+/// the gateway saw (a JWT lives minutes; the client that obtains them is the credential that can
+/// leak). A JWT exchanged from an API key counts as that key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(untagged)]
+pub enum Watched {
+    Token(TokenId),
+    Client(String),
+}
+
+impl Default for Watched {
+    fn default() -> Self {
+        Self::Token(TokenId::from_trusted(String::new()))
+    }
+}
+
+impl Watched {
+    /// The id: `tok_…` or the client's id.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Token(t) => t.as_str(),
+            Self::Client(c) => c,
+        }
+    }
+
+    /// `token` or `client`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "token",
+            Self::Client(_) => "client",
+        }
+    }
+
+    /// Read back from a store's column, which holds [`Self::as_str`]: a token's id begins
+    /// `tok_`, which a client's (`{prefix}c_…`) never does.
+    pub fn from_stored(id: String) -> Self {
+        if id.starts_with("tok_") { Self::Token(TokenId::from_trusted(id)) } else { Self::Client(id) }
+    }
+
+    pub fn token(&self) -> Option<&TokenId> {
+        match self {
+            Self::Token(t) => Some(t),
+            Self::Client(_) => None,
+        }
+    }
+
+    pub fn client(&self) -> Option<&str> {
+        match self {
+            Self::Token(_) => None,
+            Self::Client(c) => Some(c),
+        }
+    }
+}
+
+impl std::fmt::Display for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the gateway saw of one token (or OAuth client, [`Watched`]) in one window.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Activity {
-    pub token_id: TokenId,
+    pub subject: Watched,
     pub workspace_id: WorkspaceId,
     pub app_id: AppId,
     /// The window, in milliseconds since the epoch.
@@ -621,7 +681,8 @@ pub fn agent_label(ua: &[u8]) -> String {
 pub struct Alert {
     pub id: AlertId,
     pub workspace_id: WorkspaceId,
-    pub token_id: TokenId,
+    /// The API key or OAuth client the alert is about.
+    pub subject: Watched,
     pub app_id: AppId,
     pub kind: AlertKind,
     pub severity: Severity,
@@ -643,13 +704,13 @@ pub struct Alert {
 }
 
 impl Alert {
-    /// A new alert of `finding` on `token`, open, seen once at `now`.
-    pub fn open(id: AlertId, token: (&WorkspaceId, &TokenId, &AppId), finding: Finding, now: Timestamp) -> Self {
+    /// A new alert of `finding` on `subject`, open, seen once at `now`.
+    pub fn open(id: AlertId, subject: (&WorkspaceId, &Watched, &AppId), finding: Finding, now: Timestamp) -> Self {
         Self {
             id,
-            workspace_id: token.0.clone(),
-            token_id: token.1.clone(),
-            app_id: token.2.clone(),
+            workspace_id: subject.0.clone(),
+            subject: subject.1.clone(),
+            app_id: subject.2.clone(),
             kind: finding.kind,
             severity: finding.severity,
             status: AlertStatus::Open,
@@ -673,7 +734,8 @@ impl Alert {
 pub struct AlertFilter {
     pub status: Option<AlertStatus>,
     pub severity: Option<Severity>,
-    pub token_id: Option<TokenId>,
+    /// Only this token's or client's.
+    pub subject: Option<Watched>,
 }
 
 /// What [`AlertStore::raise_alert`] did.
@@ -688,14 +750,14 @@ pub enum Raised {
 /// Baselines, sightings and alerts.
 #[async_trait::async_trait]
 pub trait AlertStore: Send + Sync {
-    /// The token's baseline, if any, and its sightings.
-    async fn load_baseline(&self, token: &TokenId) -> Result<(Option<Baseline>, KnownValues)>;
-    /// Writes baselines (token, workspace, baseline) at `now`.
-    async fn save_baselines(&self, rows: &[(TokenId, WorkspaceId, Baseline)], now: Timestamp) -> Result<()>;
+    /// The token's (or client's) baseline, if any, and its sightings.
+    async fn load_baseline(&self, subject: &Watched) -> Result<(Option<Baseline>, KnownValues)>;
+    /// Writes baselines (token or client, workspace, baseline) at `now`.
+    async fn save_baselines(&self, rows: &[(Watched, WorkspaceId, Baseline)], now: Timestamp) -> Result<()>;
     /// Records first sightings; returns those that were new (not recorded before, by any node).
     async fn record_sightings(
         &self,
-        token: &TokenId,
+        subject: &Watched,
         values: &[(&'static str, String)],
         now: Timestamp,
     ) -> Result<Vec<(&'static str, String)>>;
@@ -721,7 +783,8 @@ pub trait AlertStore: Send + Sync {
     /// Alerts by severity and status, across workspaces (for `/metrics`).
     async fn alert_counts(&self) -> Result<Vec<(Severity, AlertStatus, u64)>>;
     /// Deletes the baselines and sightings of tokens that can no longer be used (revoked,
-    /// deleted, or expired before `expired_before`), and the alerts resolved before
+    /// deleted, or expired before `expired_before`) and of OAuth clients deleted, and the alerts
+    /// resolved before
     /// `resolved_before`; returns how many of each.
     async fn purge_anomaly_state(&self, expired_before: Timestamp, resolved_before: Timestamp) -> Result<Purged>;
 }

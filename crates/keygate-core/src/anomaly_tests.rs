@@ -7,7 +7,7 @@ const T0: i64 = 1_767_571_200_000;
 
 fn activity(from_ms: i64, to_ms: i64, requests: u64, network: &str) -> Activity {
     Activity {
-        token_id: TokenId::from_public_id("abcdefghijkl"),
+        subject: Watched::Token(TokenId::from_public_id("abcdefghijkl")),
         from_ms,
         to_ms,
         requests,

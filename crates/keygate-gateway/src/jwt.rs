@@ -67,6 +67,10 @@ pub struct JwtIdentity {
     /// Per-caller limiter state is keyed by this: a digest of the client (or subject). An
     /// exchanged token of a JWT counts against that JWT's client.
     pub limit_key: [u8; PUBLIC_ID_LEN],
+    /// The anomaly watch's key for the client of one of keygate's own tokens (of a known
+    /// workspace and app): a digest of the client's id with the high bit of its first byte set,
+    /// so that it never equals an API key's public id (ASCII). `None` for other issuers' tokens.
+    pub watch_key: Option<[u8; PUBLIC_ID_LEN]>,
     /// For a token exchanged from an API key: the key's keyed hash, resolved in the index at
     /// every request ([`JwtIdentity::exchanged_from`]).
     pub subject_key: Option<SecretHash>,
@@ -247,6 +251,12 @@ fn limit_key(client_or_sub: &str) -> [u8; PUBLIC_ID_LEN] {
     k
 }
 
+fn watch_key(client_id: &str) -> [u8; PUBLIC_ID_LEN] {
+    let mut k = limit_key(client_id);
+    k[0] |= 0x80;
+    k
+}
+
 /// Verifies JWT access tokens and caches what it verified.
 pub struct JwtVerifier {
     issuers: Vec<Arc<Issuer>>,
@@ -394,10 +404,13 @@ impl JwtVerifier {
                     (None, None) => return Err(JwtRefusal::Invalid),
                 },
             };
+            let watch_key = (app_id.is_some() && workspace_id.as_ref().is_some_and(serde_json::Value::is_string))
+                .then(|| watch_key(&c.client_id));
             return Ok(JwtIdentity {
                 exp_ms: c.exp.saturating_mul(1000),
                 jti: Some(c.jti.into()),
                 limit_key,
+                watch_key,
                 subject_key,
                 subject_jti,
                 workspace_id: workspace_id.as_ref().and_then(serde_json::Value::as_str).map(Into::into),
@@ -440,6 +453,7 @@ impl JwtVerifier {
             exp_ms: c.exp.saturating_mul(1000),
             jti: c.jti.map(Into::into),
             limit_key: limit_key(&format!("{}\0{}", issuer.issuer, client_id.as_deref().unwrap_or(&c.sub))),
+            watch_key: None,
             sub: c.sub.into(),
             client_id: client_id.map(Into::into),
             scopes: scopes.into(),

@@ -1,5 +1,5 @@
 //! What each token does, counted for anomaly detection (issue 15; the detectors are in
-//! [`keygate_core::anomaly`]): per token and window (a second, between two drains), its requests,
+//! [`keygate_core::anomaly`]): per API key (or OAuth client, for its JWT access tokens) and window (a second, between two drains), its requests,
 //! refusals, server errors, old-secret presentations, source networks, routes with methods and
 //! user agents.
 //!
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use http::Method;
-use keygate_core::anomaly::{Activity, agent_label};
+use keygate_core::anomaly::{Activity, Watched, agent_label};
 use keygate_core::ids::{AppId, TokenId, WorkspaceId};
 use keygate_core::token_format::PUBLIC_ID_LEN;
 use std::hash::BuildHasher as _;
@@ -39,7 +39,10 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 /// One request, as the watch counts it.
 pub struct Seen<'a> {
+    /// An API key's public id, or an OAuth client's watch key (`JwtIdentity::watch_key`).
     pub public_id: &'a [u8; PUBLIC_ID_LEN],
+    /// For an OAuth client's JWT access token: the client's id.
+    pub client: Option<&'a Arc<str>>,
     pub workspace_id: &'a Arc<str>,
     pub app_id: &'a Arc<str>,
     /// The route's id; `None` for a request refused before its route was known.
@@ -87,6 +90,8 @@ fn agent_hash(ua: Option<&[u8]>) -> u64 {
 /// What a token's entry keeps beyond the fields every request touches: made once per token and
 /// window, read at the drain.
 struct Rest {
+    /// The OAuth client, for its JWT access tokens' counts.
+    client: Option<Arc<str>>,
     workspace_id: Arc<str>,
     app_id: Arc<str>,
     from_ms: i64,
@@ -209,6 +214,7 @@ impl Watch {
                     route0_n: 0,
                     route0: None,
                     rest: Box::new(Rest {
+                        client: s.client.cloned(),
                         workspace_id: s.workspace_id.clone(),
                         app_id: s.app_id.clone(),
                         from_ms: now_ms,
@@ -273,10 +279,16 @@ impl Watch {
             std::mem::swap(&mut *shard.counts.lock(), &mut *taken);
             out.reserve(taken.entries.len());
             for c in taken.entries.drain() {
-                let Rest { workspace_id, app_id, from_ms, agent0_label, networks, routes, agents } = *c.rest;
+                let Rest { client, workspace_id, app_id, from_ms, agent0_label, networks, routes, agents } = *c.rest;
                 let counted = |n: u32| (n > 0).then_some(u64::from(n));
+                let subject = match client {
+                    Some(client) => Watched::Client(client.to_string()),
+                    None => {
+                        Watched::Token(TokenId::from_public_id(std::str::from_utf8(&c.public_id).unwrap_or_default()))
+                    }
+                };
                 let a = Activity {
-                    token_id: TokenId::from_public_id(std::str::from_utf8(&c.public_id).unwrap_or_default()),
+                    subject,
                     workspace_id: WorkspaceId::from_trusted(workspace_id.to_string()),
                     app_id: AppId::from_trusted(app_id.to_string()),
                     from_ms,
@@ -329,6 +341,7 @@ mod tests {
     ) -> Seen<'a> {
         Seen {
             public_id: id,
+            client: None,
             workspace_id: ws,
             app_id: ws,
             route: Some(route),
@@ -356,7 +369,7 @@ mod tests {
         let a = w.drain();
         assert_eq!(a.len(), 1);
         let a = &a[0];
-        assert_eq!(a.token_id.as_str(), "tok_abcdefghijkl");
+        assert_eq!(a.subject, Watched::Token(TokenId::from_public_id("abcdefghijkl")));
         assert_eq!((a.from_ms, a.to_ms, a.requests, a.refused), (1000, 1700, 3, 1));
         assert_eq!(a.networks, vec![("203.0.113.0/24".to_owned(), 2), ("2001:db8:5::/48".to_owned(), 1)]);
         assert_eq!(a.routes, vec![("GET orders".to_owned(), 2), ("POST orders".to_owned(), 1)]);

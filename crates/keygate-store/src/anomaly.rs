@@ -2,9 +2,9 @@
 
 use async_trait::async_trait;
 use keygate_core::anomaly::{
-    Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, KnownValues, Purged, Raised, Severity,
+    Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, KnownValues, Purged, Raised, Severity, Watched,
 };
-use keygate_core::ids::{AlertId, AppId, TokenId, WorkspaceId};
+use keygate_core::ids::{AlertId, AppId, WorkspaceId};
 use keygate_core::model::{NewAuditEvent, Page, PageRequest};
 use keygate_core::{Result, Timestamp};
 use sqlx::any::AnyRow;
@@ -27,7 +27,7 @@ fn alert(row: &AnyRow) -> Result<Alert> {
     Ok(Alert {
         id: AlertId::from_trusted(get(row, "id")?),
         workspace_id: WorkspaceId::from_trusted(get(row, "workspace_id")?),
-        token_id: TokenId::from_trusted(get(row, "token_id")?),
+        subject: Watched::from_stored(get(row, "token_id")?),
         app_id: AppId::from_trusted(get(row, "app_id")?),
         kind: AlertKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
         severity: Severity::parse(&severity).ok_or_else(|| corrupt("severity", &severity))?,
@@ -46,9 +46,13 @@ fn alert(row: &AnyRow) -> Result<Alert> {
     })
 }
 
+/// The `token_id` columns of the anomaly tables hold a [`Watched`]: a token's id or an OAuth
+/// client's.
+///
 /// A token that can still be used (or present an old secret worth an alert): not revoked, and
-/// not expired before `$1`.
-const USABLE_TOKEN: &str = "SELECT 1 FROM tokens t WHERE t.id = {table}.token_id AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at >= $1)";
+/// not expired before `$1`; or a client not deleted.
+const USABLE_TOKEN: &str = "SELECT 1 FROM tokens t WHERE t.id = {table}.token_id AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at >= $1) \
+     UNION ALL SELECT 1 FROM oauth_clients c WHERE c.client_id = {table}.token_id";
 
 #[async_trait]
 impl AlertStore for SqlStore {
@@ -73,7 +77,7 @@ impl AlertStore for SqlStore {
         Ok(Purged { baselines: done[0], sightings: done[1], alerts })
     }
 
-    async fn load_baseline(&self, token: &TokenId) -> Result<(Option<Baseline>, KnownValues)> {
+    async fn load_baseline(&self, token: &Watched) -> Result<(Option<Baseline>, KnownValues)> {
         let row = sqlx::query("SELECT baseline FROM token_baselines WHERE token_id = $1")
             .bind(token.as_str())
             .fetch_optional(&self.pool)
@@ -94,7 +98,7 @@ impl AlertStore for SqlStore {
         Ok((baseline, known))
     }
 
-    async fn save_baselines(&self, rows: &[(TokenId, WorkspaceId, Baseline)], now: Timestamp) -> Result<()> {
+    async fn save_baselines(&self, rows: &[(Watched, WorkspaceId, Baseline)], now: Timestamp) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -127,7 +131,7 @@ impl AlertStore for SqlStore {
 
     async fn record_sightings(
         &self,
-        token: &TokenId,
+        token: &Watched,
         values: &[(&'static str, String)],
         now: Timestamp,
     ) -> Result<Vec<(&'static str, String)>> {
@@ -160,7 +164,7 @@ impl AlertStore for SqlStore {
             "SELECT {ALERT_COLS} FROM alerts WHERE token_id = $1 AND kind = $2 AND dedup = $3 AND status <> 'resolved'"
         );
         let open = sqlx::query(AssertSqlSafe(sql))
-            .bind(a.token_id.as_str())
+            .bind(a.subject.as_str())
             .bind(a.kind.as_str())
             .bind(a.key.as_str())
             .fetch_optional(&mut *tx)
@@ -192,7 +196,7 @@ impl AlertStore for SqlStore {
         )
         .bind(a.id.as_str())
         .bind(a.workspace_id.as_str())
-        .bind(a.token_id.as_str())
+        .bind(a.subject.as_str())
         .bind(a.app_id.as_str())
         .bind(a.kind.as_str())
         .bind(a.severity.as_str())
@@ -246,7 +250,7 @@ impl AlertStore for SqlStore {
         if let Some(s) = filter.severity {
             c.push("severity = ?", vec![Arg::Text(s.as_str().to_owned())]);
         }
-        if let Some(t) = &filter.token_id {
+        if let Some(t) = &filter.subject {
             c.push("token_id = ?", vec![Arg::Text(t.as_str().to_owned())]);
         }
         self.newest_first(&format!("SELECT {ALERT_COLS} FROM alerts"), c, page, alert, |a: &Alert| {

@@ -2502,7 +2502,7 @@ async fn siem_outbox(h: &Harness) {
 
 fn test_alert(
     id: &str,
-    token: (&WorkspaceId, &TokenId, &AppId),
+    token: (&WorkspaceId, &keygate_core::anomaly::Watched, &AppId),
     kind: keygate_core::anomaly::AlertKind,
     severity: keygate_core::anomaly::Severity,
     key: &str,
@@ -2519,13 +2519,13 @@ fn test_alert(
 }
 
 async fn anomaly_alerts(h: &Harness) {
-    use keygate_core::anomaly::{AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, Raised, Severity};
+    use keygate_core::anomaly::{AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, Raised, Severity, Watched};
     let s = &h.store;
     let (ws, d) = workspace("alerts");
     s.ensure_workspace(&ws, &d).await.unwrap();
     let (ws2, d2) = workspace("others");
     s.ensure_workspace(&ws2, &d2).await.unwrap();
-    let tok = keygate_core::ids::TokenId::from_public_id("abcdefghijkl");
+    let tok = Watched::Token(keygate_core::ids::TokenId::from_public_id("abcdefghijkl"));
 
     // Baselines and sightings: a first sighting is new once, whoever records it.
     assert_eq!(s.load_baseline(&tok).await.unwrap(), (None, Default::default()));
@@ -2544,7 +2544,7 @@ async fn anomaly_alerts(h: &Harness) {
     // Many at once (more than one statement's worth), new and known tokens together.
     let many: Vec<_> = (0..2_500u32)
         .map(|i| {
-            let t = keygate_core::ids::TokenId::from_public_id(&format!("m{i:011}"));
+            let t = Watched::Token(keygate_core::ids::TokenId::from_public_id(&format!("m{i:011}")));
             (t, ws.id.clone(), Baseline { active_minutes: i, ..b.clone() })
         })
         .collect();
@@ -2603,10 +2603,21 @@ async fn anomaly_alerts(h: &Harness) {
         ),
         (1, 1, 1)
     );
+
+    // An OAuth client's baseline and alerts, apart from any token's and read back as a client's.
+    let client = Watched::Client("kgc_abcdefghij".into());
+    assert_eq!(s.record_sightings(&client, &values[..1], T0).await.unwrap(), values[..1]);
+    assert!(s.load_baseline(&client).await.unwrap().1.routes.is_empty(), "the client's own sightings");
+    let on_client = test_alert("al_5", (&ws.id, &client, &d.id), AlertKind::RateSpike, Severity::Low, "", T0);
+    let ev = audit(&ws.id, "anomaly.detected", client.as_str());
+    assert!(matches!(s.raise_alert(&on_client, &ev).await.unwrap(), Raised::New(_)), "not a repeat of the token's");
+    let of_client = AlertFilter { subject: Some(client.clone()), ..AlertFilter::default() };
+    let got = s.list_alerts(&ws.id, &of_client, &PageRequest::default()).await.unwrap().items;
+    assert_eq!(got.iter().map(|a| (a.id.as_str(), &a.subject)).collect::<Vec<_>>(), [("al_5", &client)]);
 }
 
 async fn anomaly_purge(h: &Harness) {
-    use keygate_core::anomaly::{AlertKind, AlertStatus, AlertStore, Baseline, Purged, Severity};
+    use keygate_core::anomaly::{AlertKind, AlertStatus, AlertStore, Baseline, Purged, Severity, Watched};
     let s = &h.store;
     let (ws, d) = workspace("purge");
     s.ensure_workspace(&ws, &d).await.unwrap();
@@ -2626,15 +2637,21 @@ async fn anomaly_purge(h: &Harness) {
     for t in [&live, &revoked, &long_expired, &just_expired] {
         s.insert_token(t, &audit(&ws.id, "token.create", t.id.as_str())).await.unwrap();
     }
-    let gone = TokenId::from_public_id("zzzzzzzzzzzz");
-    let ids: Vec<TokenId> =
-        [&live, &revoked, &long_expired, &just_expired].iter().map(|t| t.id.clone()).chain([gone.clone()]).collect();
+    let gone = Watched::Token(TokenId::from_public_id("zzzzzzzzzzzz"));
+    // An OAuth client's state is kept while the client exists.
+    let client = oauth_client(&ws.id, &d.id);
+    s.insert_oauth_client(&client, &audit(&ws.id, "oauth_client.create", &client.client_id)).await.unwrap();
+    let ids: Vec<Watched> = [&live, &revoked, &long_expired, &just_expired]
+        .iter()
+        .map(|t| Watched::Token(t.id.clone()))
+        .chain([gone.clone(), Watched::Client(client.client_id.clone()), Watched::Client("kgc_deleted".into())])
+        .collect();
     for id in &ids {
         s.save_baselines(&[(id.clone(), ws.id.clone(), Baseline::default())], T0).await.unwrap();
         s.record_sightings(id, &[("network", "203.0.113.0/24".to_owned())], T0).await.unwrap();
     }
     let alert = |id: &str, at: Timestamp| {
-        test_alert(id, (&ws.id, &live.id, &d.id), AlertKind::NewNetwork, Severity::Low, id, at)
+        test_alert(id, (&ws.id, &Watched::Token(live.id.clone()), &d.id), AlertKind::NewNetwork, Severity::Low, id, at)
     };
     let ev = audit(&ws.id, "anomaly.detected", live.id.as_str());
     for (id, resolved) in [("al_old", Some(-20 * DAY)), ("al_recent", Some(-DAY)), ("al_open", None)] {
@@ -2646,8 +2663,8 @@ async fn anomaly_purge(h: &Harness) {
         }
     }
     let purged = s.purge_anomaly_state(T0.plus_seconds(-30 * DAY), T0.plus_seconds(-10 * DAY)).await.unwrap();
-    assert_eq!(purged, Purged { baselines: 3, sightings: 3, alerts: 1 });
-    for (id, kept) in ids.iter().zip([true, false, false, true, false]) {
+    assert_eq!(purged, Purged { baselines: 4, sightings: 4, alerts: 1 });
+    for (id, kept) in ids.iter().zip([true, false, false, true, false, true, false]) {
         let (b, known) = s.load_baseline(id).await.unwrap();
         assert_eq!((b.is_some(), !known.networks.is_empty()), (kept, kept), "{id}");
     }

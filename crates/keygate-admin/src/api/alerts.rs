@@ -1,10 +1,11 @@
-//! `/admin/v1/alerts…`: anomaly alerts raised on the workspace's tokens (docs/notifications.md):
+//! `/admin/v1/alerts…`: anomaly alerts raised on the workspace's tokens and OAuth clients
+//! (docs/notifications.md):
 //! list and read them, acknowledge, resolve, and resume a token the policy suspended.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use keygate_core::Error;
-use keygate_core::anomaly::{Alert, AlertFilter, AlertStatus, Severity};
+use keygate_core::anomaly::{Alert, AlertFilter, AlertStatus, Severity, Watched};
 use keygate_core::ids::{AlertId, TokenId};
 use keygate_core::model::PageRequest;
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,11 @@ fn alert_id(raw: &str) -> Result<AlertId, ApiError> {
 pub struct AlertView {
     /// `al_…`
     pub id: String,
-    pub token_id: String,
+    /// The API key the alert is about (`tok_…`); `null` for an OAuth client's alert.
+    pub token_id: Option<String>,
+    /// The OAuth client the alert is about, whose JWT access tokens the gateway saw; `null` for
+    /// an API key's alert.
+    pub client_id: Option<String>,
     pub app_id: String,
     /// `rate_spike`, `new_network`, `many_networks`, `new_route`, `refusal_burst`, `dormant_use`,
     /// `old_secret`.
@@ -54,7 +59,8 @@ impl From<&Alert> for AlertView {
     fn from(a: &Alert) -> Self {
         Self {
             id: a.id.to_string(),
-            token_id: a.token_id.to_string(),
+            token_id: a.subject.token().map(ToString::to_string),
+            client_id: a.subject.client().map(str::to_owned),
             app_id: a.app_id.to_string(),
             kind: a.kind.as_str().to_owned(),
             severity: a.severity.as_str().to_owned(),
@@ -90,8 +96,15 @@ pub struct ListAlertsQuery {
     pub severity: Option<String>,
     /// Only this token's (`tok_…`).
     pub token_id: Option<String>,
+    /// Only this OAuth client's.
+    pub client_id: Option<String>,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
+}
+
+/// The shape of the ids keygate gives OAuth clients (`{prefix}c_…`), loosely.
+fn is_client_id(v: &str) -> bool {
+    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn bad_query(message: &'static str) -> ApiError {
@@ -115,10 +128,15 @@ pub(crate) async fn list_alerts(
             .severity
             .map(|v| Severity::parse(&v).ok_or_else(|| bad_query("severity is low, medium or high")))
             .transpose()?,
-        token_id: q
-            .token_id
-            .map(|v| TokenId::parse(&v).ok_or_else(|| bad_query("token_id is a token's id (tok_…)")))
-            .transpose()?,
+        subject: match (q.token_id, q.client_id) {
+            (Some(_), Some(_)) => return Err(bad_query("give token_id or client_id, not both")),
+            (Some(v), None) => {
+                Some(Watched::Token(TokenId::parse(&v).ok_or_else(|| bad_query("token_id is a token's id (tok_…)"))?))
+            }
+            (None, Some(v)) if is_client_id(&v) => Some(Watched::Client(v)),
+            (None, Some(_)) => return Err(bad_query("client_id is an OAuth client's id (letters, digits, _ and -)")),
+            (None, None) => None,
+        },
     };
     let page =
         PageRequest { limit: super::extract::page_limit(q.limit)?, cursor: super::extract::time_cursor(q.cursor)? };

@@ -1,6 +1,7 @@
 //! Anomaly alerts for the workspace's owners and admins (`/alerts`): the list by status (open,
 //! acknowledged, resolved), an alert's page with its evidence, and acknowledge, resolve, and
-//! resume the token (the one click for a false alarm). The same service calls as the admin API,
+//! resume the token (the one click for a false alarm). An alert is about an API key or an OAuth
+//! client (whose JWT access tokens the gateway saw). The same service calls as the admin API,
 //! audited with the person as actor.
 
 use axum::extract::{Path, Query, State};
@@ -24,7 +25,8 @@ fn row(a: &Alert) -> Value {
     let evidence = serde_json::to_string_pretty(&a.evidence).unwrap_or_default();
     context! {
         id => a.id.to_string(),
-        token_id => a.token_id.to_string(),
+        token_id => a.subject.token().map(ToString::to_string),
+        client_id => a.subject.client(),
         app_id => a.app_id.to_string(),
         kind => a.kind.as_str(),
         kind_text => a.kind.describe(),
@@ -89,7 +91,10 @@ pub async fn page(
     let run = async {
         manager(&v)?;
         let a = st.admin.alert(v.workspace(), &id_of(&v, &id)?).await.map_err(ctx_err(&v))?;
-        let token = st.admin.token(v.workspace(), &a.token_id).await.ok();
+        let token = match a.subject.token() {
+            Some(t) => st.admin.token(v.workspace(), t).await.ok(),
+            None => None,
+        };
         Ok::<_, PageError>(st.render(
             StatusCode::OK,
             "alert.html",

@@ -179,24 +179,30 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Counts the request for anomaly detection ([`crate::watch`]): an API key's, or a stopped
-    /// token's (its refusal); JWT callers are not watched.
+    /// Counts the request for anomaly detection ([`crate::watch`]): an API key's (a JWT
+    /// exchanged from a key, as that key), a stopped token's (its refusal), or the OAuth client's
+    /// of one of keygate's own JWT access tokens. Other issuers' JWTs are not watched.
     fn watch(&self, m: &Metered<'_>, o: Outcome) {
         let (Some(watch), Some(method)) = (&self.watch, m.method) else { return };
         let now = m.now.as_millis();
-        let (token, ip, old_secret) = match (m.caller, m.stopped) {
-            (Some(c), _) => match c.key() {
-                Some(t) => (t, c.ip, false),
-                None => return,
+        let (key, client, workspace_id, app_id, ip, old_secret) = match (m.caller, m.stopped) {
+            (Some(c), _) => match (c.key(), &c.who) {
+                (Some(t), _) => (t.public_id(), None, &t.workspace_id, &t.app_id, c.ip, false),
+                (None, Identity::Jwt(j)) => match (&j.watch_key, &j.client_id, &j.workspace_id, &j.app_id) {
+                    (Some(k), Some(client), Some(ws), Some(app)) => (k, Some(client), ws, app, c.ip, false),
+                    _ => return,
+                },
+                (None, Identity::Key(_)) => return,
             },
-            (None, Some((t, ip))) => (t, ip, t.rotated_away(now)),
+            (None, Some((t, ip))) => (t.public_id(), None, &t.workspace_id, &t.app_id, ip, t.rotated_away(now)),
             (None, None) => return,
         };
         watch.record(
             &Seen {
-                public_id: token.public_id(),
-                workspace_id: &token.workspace_id,
-                app_id: &token.app_id,
+                public_id: key,
+                client,
+                workspace_id,
+                app_id,
                 route: m.route.map(|r| &r.id),
                 method,
                 status: o.status,
@@ -228,7 +234,7 @@ impl Gateway {
             at_ms: m.now.as_millis(),
             workspace_id,
             token: key.map(|t| *t.public_id()),
-            app_id: key.map(|t| &*t.app_id),
+            app_id: key.map(|t| &*t.app_id).or_else(|| m.caller.and_then(Caller::app_id)),
             route: m.route.map(|r| &*r.id),
             method,
             path,

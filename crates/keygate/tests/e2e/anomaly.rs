@@ -103,6 +103,68 @@ async fn smtp_receiver() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<Strin
     (url, got)
 }
 
+/// Seventy minutes of steady use: 12 calls a minute from the app's own network, with the
+/// credential `secret` gives. A call is counted just after its answer is sent: before each turn
+/// of the detectors, the test waits until the calls it made are counted (the call log, counted
+/// after the watch, says so), or a loaded machine would show the detectors fewer calls than were
+/// made. Returns the calls made.
+async fn steady_use(kg: &TestKeygate, secret: &mut impl AsyncFnMut() -> String) -> u64 {
+    let mut made = 0u64;
+    for _ in 0..70 * 12 {
+        kg.clock.advance_seconds(5);
+        assert_eq!(call(kg, &secret().await, "198.51.100.7").await, 200);
+        made += 1;
+        if kg.clock.now().as_millis() % 60_000 < 5_000 {
+            kg.write_calls(made).await;
+            kg.detect_now().await;
+        }
+    }
+    kg.write_calls(made).await;
+    kg.detect_now().await;
+    made
+}
+
+/// The leak: two calls a second (ten times the usual) from a network never seen, for at most
+/// `seconds` seconds or until a call is refused. Returns the calls made in all and the second of
+/// the first refusal.
+async fn leak(
+    kg: &TestKeygate,
+    secret: &mut impl AsyncFnMut() -> String,
+    mut made: u64,
+    seconds: u32,
+) -> (u64, Option<u32>) {
+    let mut refused_after = None;
+    for second in 1..=seconds {
+        kg.clock.advance_seconds(1);
+        for _ in 0..2 {
+            let status = call(kg, &secret().await, "203.0.113.9").await;
+            made += 1;
+            if status == 401 && refused_after.is_none() {
+                refused_after = Some(second);
+            }
+        }
+        kg.write_calls(made).await;
+        kg.detect_now().await;
+        if refused_after.is_some() {
+            break;
+        }
+        kg.sync_index().await.unwrap();
+    }
+    (made, refused_after)
+}
+
+/// The messages `mail` received that contain `text` (waits for one, bounded).
+async fn emails_with(mail: &parking_lot::Mutex<Vec<String>>, text: &str) -> Vec<String> {
+    for _ in 0..200 {
+        let got: Vec<String> = mail.lock().iter().filter(|m| m.contains(text)).cloned().collect();
+        if !got.is_empty() {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no email with {text:?}");
+}
+
 async fn start() -> (TestKeygate, RecordingUpstream, RecordingUpstream) {
     start_with_email(None).await
 }
@@ -148,42 +210,9 @@ async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted
     let (token, secret) = c.create_token(&json!({"name": "orders-sync"})).await;
     kg.sync_index().await.unwrap();
 
-    // Seventy minutes of steady use: 12 calls a minute from the app's own network. A call is
-    // counted just after its answer is sent: before each turn of the detectors, the test waits
-    // until the calls it made are counted (the call log, counted after the watch, says so), or a
-    // loaded machine would show the detectors fewer calls than were made.
-    let mut made = 0u64;
-    for _ in 0..70 * 12 {
-        kg.clock.advance_seconds(5);
-        assert_eq!(call(&kg, &secret, "198.51.100.7").await, 200);
-        made += 1;
-        if kg.clock.now().as_millis() % 60_000 < 5_000 {
-            kg.write_calls(made).await;
-            kg.detect_now().await;
-        }
-    }
-    kg.write_calls(made).await;
-    kg.detect_now().await;
+    let made = steady_use(&kg, &mut async || secret.clone()).await;
     assert_eq!(c.get("/admin/v1/alerts").await.body["data"], json!([]), "steady use raises nothing");
-
-    // The leak: two calls a second (ten times the usual) from a network never seen.
-    let mut refused_after = None;
-    for second in 1..=30 {
-        kg.clock.advance_seconds(1);
-        for _ in 0..2 {
-            let status = call(&kg, &secret, "203.0.113.9").await;
-            made += 1;
-            if status == 401 && refused_after.is_none() {
-                refused_after = Some(second);
-            }
-        }
-        kg.write_calls(made).await;
-        kg.detect_now().await;
-        if refused_after.is_some() {
-            break;
-        }
-        kg.sync_index().await.unwrap();
-    }
+    let (_, refused_after) = leak(&kg, &mut async || secret.clone(), made, 30).await;
     assert!(refused_after.is_some_and(|s| s <= 12), "refused after {refused_after:?} s");
     let all = c.get(&format!("/admin/v1/alerts?token_id={token}")).await.body["data"].clone();
     let all = all.as_array().unwrap();
@@ -229,15 +258,8 @@ async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted
     assert!(!String::from_utf8_lossy(&got[0].body).contains(&secret), "no secret in a webhook");
 
     // The email: to the workspace's owner, what happened and what to do, no secret.
-    let mut emails = Vec::new();
-    for _ in 0..200 {
-        emails = mail.lock().iter().filter(|m| m.contains("Unusual use of a token")).cloned().collect::<Vec<_>>();
-        if !emails.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let email = emails.first().expect("an anomaly email");
+    let emails = emails_with(&mail, "Unusual use of a token").await;
+    let email = &emails[0];
     assert!(email.contains("olivia@example.com"), "{email}");
     assert!(email.contains(&token), "{email}");
     assert!(!email.contains(&secret), "no secret in an email");
@@ -305,4 +327,80 @@ async fn an_old_secret_presented_after_the_rotation_grace_is_a_high_alert() {
     assert_eq!(call(&kg, &secret, "203.0.113.9").await, 401);
     let listed = alerts_until(&kg, &token, |a| a.first().is_some_and(|x| x["occurrences"] == 2)).await;
     assert_eq!(listed.len(), 1);
+}
+
+/// An OAuth client's JWT access tokens are watched as the client: the leak of its secret (tokens
+/// obtained and used from a new network at ten times the usual rate) raises alerts on the
+/// client, delivered as webhooks and email; the workspace's suspend policy, which is for API
+/// keys, leaves the client alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_alert_on_the_client() {
+    let (smtp_url, mail) = smtp_receiver().await;
+    let (kg, _upstream, hooks) = start_with_email(Some(smtp_url)).await;
+    let mut own = owner(&kg).await;
+    let p = own.submit("/settings", "/settings", &[("anomaly_suspend", "high")]).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let c = kg.client();
+    let hook = c
+        .post(
+            "/admin/v1/webhooks",
+            &json!({"url": format!("{}/hooks", hooks.url()), "event_types": ["anomaly.detected"]}),
+        )
+        .await;
+    assert_eq!(hook.status, StatusCode::CREATED, "{:?}", hook.body);
+    let (app_id, client_id, client_secret) = crate::oauth::client(&kg, json!({"scopes": ["orders:read"]})).await;
+    // A fresh access token every five minutes, as a client does before its token expires.
+    let (mut jwt, mut got_at) = (String::new(), None::<i64>);
+    let mut fresh = async || {
+        let now = kg.clock.now().as_millis();
+        if got_at.is_none_or(|at| now - at >= 300_000) {
+            let form = [("grant_type", "client_credentials")];
+            let (status, t) = crate::oauth::token(&kg, &client_id, &client_secret, &form, None).await;
+            assert_eq!(status, StatusCode::OK, "{t}");
+            (jwt, got_at) = (t["access_token"].as_str().unwrap().to_owned(), Some(now));
+        }
+        jwt.clone()
+    };
+    let made = steady_use(&kg, &mut fresh).await;
+    assert_eq!(c.get("/admin/v1/alerts").await.body["data"], json!([]), "steady use raises nothing");
+    let (_, refused) = leak(&kg, &mut fresh, made, 12).await;
+    assert_eq!(refused, None, "a client is not suspended by the policy");
+
+    let all = c.get(&format!("/admin/v1/alerts?client_id={client_id}")).await;
+    assert_eq!(all.status, StatusCode::OK, "{:?}", all.body);
+    let all = all.body["data"].as_array().unwrap().clone();
+    let spike = all.iter().find(|a| a["kind"] == "rate_spike").unwrap_or_else(|| panic!("a rate spike: {all:?}"));
+    assert_eq!((spike["severity"].as_str(), spike["action"].as_null()), (Some("high"), Some(())));
+    assert_eq!((spike["client_id"].as_str(), spike["token_id"].as_null()), (Some(client_id.as_str()), Some(())));
+    assert_eq!(spike["app_id"], app_id.as_str());
+    assert_eq!(spike["evidence"]["new_networks"][0], "203.0.113.0/24");
+    assert!(all.iter().any(|a| a["kind"] == "new_network" && a["key"] == "203.0.113.0/24"), "{all:?}");
+    let none = c.get("/admin/v1/alerts?client_id=kgc_someone_else").await;
+    assert_eq!(none.body["data"], json!([]));
+    let both = c.get(&format!("/admin/v1/alerts?client_id={client_id}&token_id=tok_abcdefghijkl")).await;
+    assert_eq!(both.code(), "invalid_query");
+
+    // The webhook names the client; the email tells the workspace's owner.
+    let got = received(&hooks, 1).await;
+    let body: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(
+        (body["data"]["target"].as_str(), body["data"]["after"]["subject"].as_str()),
+        (Some(client_id.as_str()), Some("client"))
+    );
+    let emails = emails_with(&mail, &client_id).await;
+    assert!(emails[0].contains("OAuth client") && emails[0].contains("olivia@example.com"), "{}", emails[0]);
+    assert!(!emails[0].contains(&client_secret), "no secret in an email");
+
+    // The dashboard's alert page shows the client and points at its app.
+    let id = spike["id"].as_str().unwrap();
+    drop(own);
+    let mut own = crate::dashboard::Browser::new(&kg);
+    let login = own.post("/login", &[("email", "olivia@example.com"), ("password", crate::dashboard::PASSWORD)]).await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER, "{}", login.body);
+    let page = own.get(&format!("/alerts/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains(&client_id) && page.body.contains(&format!("/apps/{app_id}")), "{}", page.body);
+    // Resolving it is the one click left (there is no token to resume).
+    let r = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("resolved")));
 }

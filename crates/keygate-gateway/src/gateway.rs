@@ -73,13 +73,13 @@ impl Table {
         self
     }
 
-    /// A table that replaces `old`, its counters carried over ([`Metrics::carry_from`]), what its
+    /// A table that replaces `old`: its counters shared ([`Metrics::succeeding`]), what its
     /// routes knew of their upstreams' DNS names ([`RouteTable::carry_dns`]), and the response
     /// cache of each cached route defined as before ([`RouteTable::carry_caches`]).
     pub fn succeeding(mut routes: RouteTable, old: &Table) -> Self {
         routes.carry_caches(&old.routes);
-        let table = Self::new(routes);
-        table.metrics.carry_from(&old.metrics);
+        let metrics = Metrics::succeeding(routes.routes.iter().map(|r| r.id.to_string()), &old.metrics);
+        let table = Self { routes, metrics, apps: HashMap::default() };
         table.routes.carry_dns(&old.routes);
         table
     }

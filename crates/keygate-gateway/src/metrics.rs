@@ -5,6 +5,7 @@
 //! a scrape sums the shards.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Counter shards; a thread keeps the one it was given first.
@@ -58,10 +59,27 @@ struct RouteMetrics {
     upstream_timeouts: AtomicU64,
 }
 
-/// One thread's counters, on cache lines of their own.
+/// One thread's share of a route's counters, on cache lines of its own.
 #[repr(align(128))]
+#[derive(Default)]
+struct RouteShard(RouteMetrics);
+
+/// One route's counters, a shard per thread. Shared by every table that has the route (by id),
+/// so that a request finishing on a table a reload replaced still counts where a scrape reads.
+struct RouteCounters {
+    shards: [RouteShard; SHARDS],
+}
+
+impl Default for RouteCounters {
+    fn default() -> Self {
+        Self { shards: std::array::from_fn(|_| RouteShard::default()) }
+    }
+}
+
+/// One thread's table-wide counters, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Default)]
 struct Shard {
-    routes: Vec<RouteMetrics>,
     refusals: [AtomicU64; REASONS.len()],
     limiter_allowed: AtomicU64,
     limiter_refused: AtomicU64,
@@ -69,10 +87,13 @@ struct Shard {
     exposure_dropped: AtomicU64,
 }
 
-/// All counters of one route table's lifetime (replaced with the table on reload).
+/// The counters of a route table. A table that replaces another on reload shares its
+/// predecessor's counters ([`Metrics::succeeding`]) rather than copying them, so nothing counted
+/// during the swap is lost: a counter only ever grows, as Prometheus expects of one.
 pub struct Metrics {
     route_ids: Vec<String>,
-    shards: Vec<Shard>,
+    routes: Vec<Arc<RouteCounters>>,
+    shards: Arc<[Shard; SHARDS]>,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -82,58 +103,44 @@ fn add(c: &AtomicU64, n: u64) {
 impl Metrics {
     pub fn new(route_ids: impl IntoIterator<Item = String>) -> Self {
         let route_ids: Vec<String> = route_ids.into_iter().collect();
-        let shards = (0..SHARDS)
-            .map(|_| Shard {
-                routes: route_ids.iter().map(|_| RouteMetrics::default()).collect(),
-                refusals: Default::default(),
-                limiter_allowed: AtomicU64::new(0),
-                limiter_refused: AtomicU64::new(0),
-                unrouted: AtomicU64::new(0),
-                exposure_dropped: AtomicU64::new(0),
+        let routes = route_ids.iter().map(|_| Arc::default()).collect();
+        Self { route_ids, routes, shards: Arc::new(std::array::from_fn(|_| Shard::default())) }
+    }
+
+    /// The counters of a table that replaces `old`'s: the same counters for a route id `old`
+    /// has (a removed route's go with it, a new route's start at zero), and the same
+    /// table-wide ones.
+    pub fn succeeding(route_ids: impl IntoIterator<Item = String>, old: &Metrics) -> Self {
+        let route_ids: Vec<String> = route_ids.into_iter().collect();
+        let routes = route_ids
+            .iter()
+            .map(|id| {
+                old.route_ids.iter().position(|o| o == id).and_then(|j| old.routes.get(j)).cloned().unwrap_or_default()
             })
             .collect();
-        Self { route_ids, shards }
+        Self { route_ids, routes, shards: old.shards.clone() }
     }
 
-    /// Adds what `old` (the table this one replaces) counted, so that counters keep counting
-    /// across a route change: per route by id (a removed route's counters go with it), and the
-    /// table-wide ones. A request that finishes on the old table after this is not counted.
-    pub fn carry_from(&self, old: &Metrics) {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        for (new_shard, old_shard) in self.shards.iter().zip(&old.shards) {
-            for (i, id) in self.route_ids.iter().enumerate() {
-                let (Some(to), Some(from)) = (
-                    new_shard.routes.get(i),
-                    old.route_ids.iter().position(|o| o == id).and_then(|j| old_shard.routes.get(j)),
-                ) else {
-                    continue;
-                };
-                for (t, f) in to.status.iter().zip(&from.status).chain(to.latency.iter().zip(&from.latency)) {
-                    add(t, load(f));
-                }
-                add(&to.latency_sum_us, load(&from.latency_sum_us));
-                add(&to.upstream_errors, load(&from.upstream_errors));
-                add(&to.upstream_timeouts, load(&from.upstream_timeouts));
-            }
-            for (t, f) in new_shard.refusals.iter().zip(&old_shard.refusals) {
-                add(t, load(f));
-            }
-            add(&new_shard.limiter_allowed, load(&old_shard.limiter_allowed));
-            add(&new_shard.limiter_refused, load(&old_shard.limiter_refused));
-            add(&new_shard.unrouted, load(&old_shard.unrouted));
-            add(&new_shard.exposure_dropped, load(&old_shard.exposure_dropped));
-        }
+    /// This thread's shard index.
+    fn shard() -> usize {
+        SHARD.with(|s| *s)
     }
 
-    /// This thread's shard.
+    /// This thread's table-wide counters.
     fn mine(&self) -> Option<&Shard> {
-        self.shards.get(SHARD.with(|s| *s))
+        self.shards.get(Self::shard())
+    }
+
+    /// This thread's counters of route `i`.
+    fn route_mine(&self, i: usize) -> Option<&RouteMetrics> {
+        self.routes.get(i).and_then(|r| r.shards.get(Self::shard())).map(|s| &s.0)
     }
 
     pub fn request(&self, route: Option<usize>, status: u16, latency_us: u64) {
-        let Some(shard) = self.mine() else { return };
-        let Some(r) = route.and_then(|i| shard.routes.get(i)) else {
-            add(&shard.unrouted, 1);
+        let Some(r) = route.and_then(|i| self.route_mine(i)) else {
+            if let Some(shard) = self.mine() {
+                add(&shard.unrouted, 1);
+            }
             return;
         };
         if let Some(c) = r.status.get(usize::from((status / 100).clamp(1, 5) - 1)) {
@@ -167,9 +174,16 @@ impl Metrics {
     }
 
     pub fn upstream_error(&self, route: usize, timeout: bool) {
-        if let Some(r) = self.mine().and_then(|s| s.routes.get(route)) {
+        if let Some(r) = self.route_mine(route) {
             add(if timeout { &r.upstream_timeouts } else { &r.upstream_errors }, 1);
         }
+    }
+
+    /// The sum of one of route `i`'s counters over the shards.
+    fn route_sum(&self, i: usize, f: impl Fn(&RouteMetrics) -> Option<&AtomicU64>) -> u64 {
+        self.routes
+            .get(i)
+            .map_or(0, |r| r.shards.iter().filter_map(|s| f(&s.0)).map(|c| c.load(Ordering::Relaxed)).sum())
     }
 
     /// The sum of one counter over the shards.
@@ -180,12 +194,12 @@ impl Metrics {
     /// Renders every metric; `extra` adds gauges owned elsewhere (index size, feed lag).
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let route = |i: usize, f: &dyn Fn(&RouteMetrics) -> &AtomicU64| self.sum(|s| s.routes.get(i).map(f));
+        let route = |i: usize, f: &dyn Fn(&RouteMetrics) -> &AtomicU64| self.route_sum(i, |r| Some(f(r)));
         let _ = writeln!(out, "# HELP keygate_gateway_requests_total Requests answered, by route and status class.");
         let _ = writeln!(out, "# TYPE keygate_gateway_requests_total counter");
         for (i, id) in self.route_ids.iter().enumerate() {
             for class in 0..5 {
-                let n = self.sum(|s| s.routes.get(i).and_then(|r| r.status.get(class)));
+                let n = self.route_sum(i, |r| r.status.get(class));
                 let _ =
                     writeln!(out, "keygate_gateway_requests_total{{route=\"{id}\",status=\"{}xx\"}} {n}", class + 1);
             }
@@ -200,7 +214,7 @@ impl Metrics {
         for (i, id) in self.route_ids.iter().enumerate() {
             let mut cumulative = 0;
             for b in 0..=LATENCY_BUCKETS_MS.len() {
-                cumulative += self.sum(|s| s.routes.get(i).and_then(|r| r.latency.get(b)));
+                cumulative += self.route_sum(i, |r| r.latency.get(b));
                 let le = LATENCY_BUCKETS_MS.get(b).map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
                 let _ = writeln!(
                     out,
@@ -298,5 +312,32 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_successor_shares_the_counters_so_requests_finishing_on_the_old_table_count() {
+        let old = Metrics::new(["orders".to_owned(), "gone".to_owned()]);
+        old.request(Some(0), 200, 10);
+        old.refusal("unknown_token");
+        let new = Metrics::succeeding(["users".to_owned(), "orders".to_owned()], &old);
+        // Requests that began on the old table finish after the swap.
+        old.request(Some(0), 503, 10);
+        old.refusal("unknown_token");
+        old.limiter(true);
+        old.request(Some(1), 200, 10);
+        new.request(Some(1), 200, 10);
+        new.request(Some(0), 404, 10);
+        let text = new.render(&[]);
+        for line in [
+            "keygate_gateway_requests_total{route=\"orders\",status=\"2xx\"} 2",
+            "keygate_gateway_requests_total{route=\"orders\",status=\"5xx\"} 1",
+            "keygate_gateway_requests_total{route=\"users\",status=\"4xx\"} 1",
+            "keygate_gateway_requests_total{route=\"users\",status=\"2xx\"} 0",
+            "keygate_gateway_refusals_total{reason=\"unknown_token\"} 2",
+            "keygate_gateway_limiter_decisions_total{decision=\"allowed\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains("gone"), "a removed route's counters go with it");
     }
 }

@@ -2,7 +2,12 @@
 //! gateway's activity becomes an alert, with its `anomaly.detected` event (webhooks, email, SIEM
 //! through the outboxes), and the workspace's policy may suspend the token.
 //!
-//! Each node runs a [`Detector`] over what its own gateway saw: the baselines of the tokens it
+//! On a single node (SQLite) the [`Detector`] runs over what its own gateway saw. On a shared store
+//! (several nodes) each node's gateway sees only its share of a token's traffic (a spike of three
+//! times the rate spread over three nodes is no spike on any one of them), so the detectors run on
+//! one node at a time, the holder of the detector lease ([`LEASE_MS`]): the others ship what they
+//! counted each turn through the store (`anomaly_activity`) and the holder merges it per token
+//! with its own before judging. The holder's baselines of the tokens it
 //! sees are held in memory (at most `max_tokens`, the least recently seen written back and let
 //! go of first), read from the store when a token first shows up and written back every minute.
 //! Whether a network, route or user agent is new for a token is decided by the store (a first
@@ -26,6 +31,13 @@ use crate::service::Admin;
 
 /// How often the baselines a node holds are written back.
 const SAVE_EVERY_MS: i64 = 60_000;
+/// How long the detector lease lasts unless renewed (each turn renews it: a turn comes every one
+/// to five seconds); another node takes over this long after the holder stops.
+pub const LEASE_MS: i64 = 15_000;
+/// Shipped activity older than this is dropped, not judged (no holder took it in time).
+const STALE_MS: i64 = 60_000;
+/// Turns of shipped activity the holder takes per turn of its own.
+const TAKE_TURNS: u32 = 256;
 
 /// Anomaly detection settings (`[anomaly]`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,6 +65,13 @@ struct Held {
 /// One node's detector: the baselines it holds and what it raised.
 pub struct Detector {
     settings: AnomalySettings,
+    /// On a shared store: this node's id, under which it takes the detector lease or ships its
+    /// activity. `None`: judges its own gateway's activity, alone.
+    node: Option<String>,
+    /// Whether this node held the lease at its last turn.
+    holder: std::sync::atomic::AtomicBool,
+    /// Shipped turns dropped as stale (for `/metrics`).
+    stale: AtomicU64,
     held: Mutex<HashMap<Watched, Held>>,
     saved_at_ms: AtomicU64,
     /// Alerts opened by this node, by kind and severity (for `/metrics`).
@@ -65,6 +84,9 @@ impl Detector {
     pub fn new(settings: AnomalySettings) -> Self {
         Self {
             settings,
+            node: None,
+            holder: std::sync::atomic::AtomicBool::new(false),
+            stale: AtomicU64::new(0),
             held: Mutex::new(HashMap::default()),
             saved_at_ms: AtomicU64::new(0),
             raised: Mutex::new(HashMap::default()),
@@ -72,8 +94,25 @@ impl Detector {
         }
     }
 
+    /// The detector of node `node` of several sharing one store: the detectors run where the
+    /// lease is, over every node's activity.
+    pub fn in_cluster(mut self, node: &str) -> Self {
+        self.node = Some(node.to_owned());
+        self
+    }
+
     pub fn settings(&self) -> &AnomalySettings {
         &self.settings
+    }
+
+    /// Whether this node judged at its last turn: it is alone, or holds the lease.
+    pub fn judges(&self) -> bool {
+        self.node.is_none() || self.holder.load(Ordering::Relaxed)
+    }
+
+    /// Turns of activity shipped by nodes and dropped as stale, seen by this node.
+    pub fn stale(&self) -> u64 {
+        self.stale.load(Ordering::Relaxed)
     }
 
     /// Alerts this node opened since it started, by kind and severity.
@@ -89,6 +128,24 @@ impl Detector {
     }
 }
 
+/// `own` with `more` added, one activity per token or client.
+fn merge_by_subject(mut own: Vec<Activity>, more: Vec<Activity>) -> Vec<Activity> {
+    if more.is_empty() {
+        return own;
+    }
+    let mut at: HashMap<Watched, usize> = own.iter().enumerate().map(|(i, a)| (a.subject.clone(), i)).collect();
+    for a in more {
+        match at.get(&a.subject).and_then(|i| own.get_mut(*i)) {
+            Some(have) => have.merge(a),
+            None => {
+                at.insert(a.subject.clone(), own.len());
+                own.push(a);
+            }
+        }
+    }
+    own
+}
+
 /// The actor of alerts and of what the policy does.
 fn detector_actor() -> Actor {
     Actor { id: "anomaly-detector".into(), source: None, owner: true }
@@ -99,7 +156,7 @@ impl Admin {
     /// run has its turn, so windows are judged in order): returns the alerts opened.
     pub async fn detect(&self, det: &Detector, take: impl FnOnce() -> Vec<Activity> + Send) -> Result<Vec<Alert>> {
         let _turn = det.run.lock().await;
-        let activities = take();
+        let Some(activities) = self.gather(det, take).await? else { return Ok(Vec::new()) };
         let mut opened = Vec::new();
         let s = det.settings.sensitivity;
         for a in activities {
@@ -144,6 +201,55 @@ impl Admin {
         }
         self.keep_baselines(det).await?;
         Ok(opened)
+    }
+
+    /// What this turn judges: this node's activity alone, or on a shared store, if this node
+    /// holds the lease, its own merged per token with what the others shipped; `None` if another
+    /// node holds it (this node's activity shipped to it).
+    async fn gather(
+        &self,
+        det: &Detector,
+        take: impl FnOnce() -> Vec<Activity> + Send,
+    ) -> Result<Option<Vec<Activity>>> {
+        let Some(node) = &det.node else { return Ok(Some(take())) };
+        let now = self.now();
+        let holds = self
+            .store()
+            .claim_detector(node, now, Timestamp::from_millis(now.as_millis().saturating_add(LEASE_MS)))
+            .await?;
+        if !holds {
+            if det.holder.swap(false, Ordering::Relaxed) {
+                // Another node took over: what this one holds goes back to the store, for it.
+                self.save_baselines(det).await?;
+                det.held.lock().clear();
+                tracing::info!(node = %node, "anomaly detection: another node holds the detector lease now");
+            }
+            let activities = take();
+            if !activities.is_empty() {
+                self.store().ship_activity(node, &activities, now).await?;
+            }
+            return Ok(None);
+        }
+        if !det.holder.swap(true, Ordering::Relaxed) {
+            tracing::info!(node = %node, "anomaly detection: this node holds the detector lease and judges every node's activity");
+        }
+        let (shipped, stale) = self
+            .store()
+            .take_activity(TAKE_TURNS, Timestamp::from_millis(now.as_millis().saturating_sub(STALE_MS)))
+            .await?;
+        if stale > 0 {
+            det.stale.fetch_add(stale, Ordering::Relaxed);
+            tracing::warn!(turns = stale, "anomaly detection: activity shipped by other nodes was too old to judge");
+        }
+        Ok(Some(merge_by_subject(take(), shipped)))
+    }
+
+    /// Lets go of the detector lease (at shutdown), so that another node takes over at once.
+    pub async fn release_detector(&self, det: &Detector) -> Result<()> {
+        match &det.node {
+            Some(node) => self.store().release_detector(node).await,
+            None => Ok(()),
+        }
     }
 
     /// Writes back the baselines that changed, once a minute, and lets go of the least recently

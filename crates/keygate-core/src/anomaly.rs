@@ -224,8 +224,7 @@ pub fn network_of(ip: IpAddr) -> String {
 /// What baselines and alerts are about: an API key, or an OAuth client whose JWT access tokens
 /// the gateway saw (a JWT lives minutes; the client that obtains them is the credential that can
 /// leak). A JWT exchanged from an API key counts as that key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Watched {
     Token(TokenId),
     Client(String),
@@ -275,14 +274,28 @@ impl Watched {
     }
 }
 
+/// As its id ([`Watched::as_str`]), read back with [`Watched::from_stored`].
+impl Serialize for Watched {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Watched {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d).map(Self::from_stored)
+    }
+}
+
 impl std::fmt::Display for Watched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// What the gateway saw of one token (or OAuth client, [`Watched`]) in one window.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What the gateway saw of one token (or OAuth client, [`Watched`]) in one window. Serialized
+/// when a node ships it to the node that runs the detectors ([`AlertStore::ship_activity`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Activity {
     pub subject: Watched,
     pub workspace_id: WorkspaceId,
@@ -782,6 +795,18 @@ pub trait AlertStore: Send + Sync {
     ) -> Result<bool>;
     /// Alerts by severity and status, across workspaces (for `/metrics`).
     async fn alert_counts(&self) -> Result<Vec<(Severity, AlertStatus, u64)>>;
+    /// Takes or renews the detector lease for `node` until `until` (the detectors run on one
+    /// node at a time, over every node's activity): true if `node` holds it now, because it held
+    /// it or the last holder's ran out before `now`.
+    async fn claim_detector(&self, node: &str, now: Timestamp, until: Timestamp) -> Result<bool>;
+    /// Lets go of the lease if `node` holds it (at shutdown: another node takes over at once).
+    async fn release_detector(&self, node: &str) -> Result<()>;
+    /// Ships what `node`'s gateway counted in one turn to the lease holder.
+    async fn ship_activity(&self, node: &str, activities: &[Activity], now: Timestamp) -> Result<()>;
+    /// Takes (and deletes) what nodes shipped, oldest first, at most `limit` turns' worth; drops
+    /// what was shipped before `stale_before` (a window no detector took in time) and returns
+    /// how many turns were dropped so.
+    async fn take_activity(&self, limit: u32, stale_before: Timestamp) -> Result<(Vec<Activity>, u64)>;
     /// Deletes the baselines and sightings of tokens that can no longer be used (revoked,
     /// deleted, or expired before `expired_before`) and of OAuth clients deleted, and the alerts
     /// resolved before

@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use keygate_core::anomaly::{
-    Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, KnownValues, Purged, Raised, Severity, Watched,
+    Activity, Alert, AlertFilter, AlertKind, AlertStatus, AlertStore, Baseline, KnownValues, Purged, Raised, Severity,
+    Watched,
 };
 use keygate_core::ids::{AlertId, AppId, WorkspaceId};
 use keygate_core::model::{NewAuditEvent, Page, PageRequest};
@@ -16,6 +17,8 @@ use crate::sql::{Arg, Conditions, SqlStore, insert_audit};
 
 /// Baselines written per statement (each a few hundred bytes of JSON).
 const BASELINES_PER_INSERT: usize = 1_000;
+/// Activities per shipped row (each a few hundred bytes of JSON).
+const ACTIVITIES_PER_ROW: usize = 2_000;
 
 const ALERT_COLS: &str = "id, workspace_id, token_id, app_id, kind, severity, status, dedup, summary, evidence, \
      created_at, last_at, occurrences, action, acknowledged_by, acknowledged_at, resolved_by, resolved_at";
@@ -56,6 +59,78 @@ const USABLE_TOKEN: &str = "SELECT 1 FROM tokens t WHERE t.id = {table}.token_id
 
 #[async_trait]
 impl AlertStore for SqlStore {
+    async fn claim_detector(&self, node: &str, now: Timestamp, until: Timestamp) -> Result<bool> {
+        // Taken when there is no holder, renewed by the holder, taken over once it ran out.
+        let done = sqlx::query(
+            "INSERT INTO anomaly_detector (id, owner, lease_until) VALUES (1, $1, $3) \
+             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
+             WHERE anomaly_detector.owner = excluded.owner OR anomaly_detector.lease_until <= $2",
+        )
+        .bind(node)
+        .bind(now.as_millis())
+        .bind(until.as_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn release_detector(&self, node: &str) -> Result<()> {
+        sqlx::query("DELETE FROM anomaly_detector WHERE owner = $1")
+            .bind(node)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn ship_activity(&self, node: &str, activities: &[Activity], now: Timestamp) -> Result<()> {
+        for group in activities.chunks(ACTIVITIES_PER_ROW) {
+            let batch = serde_json::to_string(group).map_err(|e| keygate_core::Error::internal(e.to_string()))?;
+            sqlx::query("INSERT INTO anomaly_activity (node, at, batch) VALUES ($1, $2, $3)")
+                .bind(node)
+                .bind(now.as_millis())
+                .bind(batch)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    async fn take_activity(&self, limit: u32, stale_before: Timestamp) -> Result<(Vec<Activity>, u64)> {
+        let stale = sqlx::query("DELETE FROM anomaly_activity WHERE at < $1")
+            .bind(stale_before.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+        let rows = sqlx::query(
+            "DELETE FROM anomaly_activity WHERE id IN (SELECT id FROM anomaly_activity ORDER BY id LIMIT $1) \
+             RETURNING id, batch",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let mut turns = Vec::with_capacity(rows.len());
+        for r in &rows {
+            turns.push((get::<i64>(r, "id")?, get::<String>(r, "batch")?));
+        }
+        turns.sort_by_key(|(id, _)| *id);
+        let mut out = Vec::new();
+        for (_, batch) in turns {
+            // A row that does not read (written by another version) is skipped, not fatal.
+            match serde_json::from_str::<Vec<Activity>>(&batch) {
+                Ok(a) => out.extend(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "anomaly detection: a shipped activity row does not read; skipped")
+                }
+            }
+        }
+        Ok((out, stale))
+    }
+
     async fn purge_anomaly_state(&self, expired_before: Timestamp, resolved_before: Timestamp) -> Result<Purged> {
         let mut done = [0u64; 2];
         for (n, table) in ["token_baselines", "token_sightings"].into_iter().enumerate() {

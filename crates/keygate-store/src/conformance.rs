@@ -2616,6 +2616,60 @@ async fn anomaly_alerts(h: &Harness) {
     assert_eq!(got.iter().map(|a| (a.id.as_str(), &a.subject)).collect::<Vec<_>>(), [("al_5", &client)]);
 }
 
+/// The detector lease (one holder at a time, renewed by it, taken over once it ran out,
+/// released at shutdown) and the activity other nodes ship to its holder (taken once, in order,
+/// bounded per take, dropped when stale).
+async fn anomaly_cluster(h: &Harness) {
+    use keygate_core::anomaly::{Activity, AlertStore, Watched};
+    let s = &h.store;
+    let at = |ms: i64| Timestamp::from_millis(T0.as_millis() + ms);
+    const LEASE: i64 = 15_000;
+    assert!(s.claim_detector("n1", at(0), at(LEASE)).await.unwrap(), "no holder: taken");
+    assert!(!s.claim_detector("n2", at(1_000), at(1_000 + LEASE)).await.unwrap(), "held by n1");
+    assert!(s.claim_detector("n1", at(5_000), at(5_000 + LEASE)).await.unwrap(), "renewed");
+    assert!(!s.claim_detector("n2", at(19_000), at(19_000 + LEASE)).await.unwrap(), "the renewal holds");
+    assert!(s.claim_detector("n2", at(21_000), at(21_000 + LEASE)).await.unwrap(), "ran out: taken over");
+    assert!(!s.claim_detector("n1", at(22_000), at(22_000 + LEASE)).await.unwrap());
+    s.release_detector("n1").await.unwrap();
+    assert!(!s.claim_detector("n1", at(23_000), at(23_000 + LEASE)).await.unwrap(), "n1 cannot release n2's");
+    s.release_detector("n2").await.unwrap();
+    assert!(s.claim_detector("n1", at(24_000), at(24_000 + LEASE)).await.unwrap(), "released: taken at once");
+
+    let act = |subject: Watched, requests: u64| Activity {
+        subject,
+        workspace_id: WorkspaceId::from_trusted("ws_1".into()),
+        app_id: AppId::from_trusted("app_1".into()),
+        from_ms: 1,
+        to_ms: 2,
+        requests,
+        networks: vec![("203.0.113.0/24".into(), requests)],
+        routes: vec![("GET orders".into(), requests)],
+        agents: vec![("curl/8".into(), requests)],
+        ..Activity::default()
+    };
+    let tok = Watched::Token(TokenId::from_public_id("abcdefghijkl"));
+    let client = Watched::Client("kgc_abcdefghij".into());
+    let first = vec![act(tok.clone(), 3), act(client.clone(), 1)];
+    s.ship_activity("n2", &first, at(30_000)).await.unwrap();
+    s.ship_activity("n3", &[act(tok.clone(), 4)], at(31_000)).await.unwrap();
+    s.ship_activity("n2", &[act(tok.clone(), 5)], at(32_000)).await.unwrap();
+    let (taken, stale) = s.take_activity(2, at(0)).await.unwrap();
+    assert_eq!(stale, 0);
+    assert_eq!(taken, [first.clone(), vec![act(tok.clone(), 4)]].concat(), "two turns, in order, as shipped");
+    let (taken, _) = s.take_activity(2, at(0)).await.unwrap();
+    assert_eq!(taken, vec![act(tok.clone(), 5)]);
+    assert_eq!(s.take_activity(2, at(0)).await.unwrap(), (vec![], 0), "taken once");
+    // Nobody took it in time: dropped and counted, not judged.
+    s.ship_activity("n2", &first, at(40_000)).await.unwrap();
+    assert_eq!(s.take_activity(2, at(40_001)).await.unwrap(), (vec![], 1));
+    // A turn of many tokens is shipped in rows of a bounded size and taken whole.
+    let many: Vec<Activity> =
+        (0..4_500u32).map(|i| act(Watched::Token(TokenId::from_public_id(&format!("t{i:011}"))), 1)).collect();
+    s.ship_activity("n2", &many, at(50_000)).await.unwrap();
+    let (taken, _) = s.take_activity(256, at(0)).await.unwrap();
+    assert_eq!(taken, many);
+}
+
 async fn anomaly_purge(h: &Harness) {
     use keygate_core::anomaly::{AlertKind, AlertStatus, AlertStore, Baseline, Purged, Severity, Watched};
     let s = &h.store;
@@ -2820,6 +2874,7 @@ conformance!(
     anomaly_alerts,
     call_log,
     anomaly_purge,
+    anomaly_cluster,
     apis_and_publish_requests,
     api_subscriptions,
     usage_refusals

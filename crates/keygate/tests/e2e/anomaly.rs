@@ -404,3 +404,93 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     let r = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
     assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("resolved")));
 }
+
+/// One turn of the detectors on each node, once each node's calls are counted.
+async fn both_detect(nodes: [&TestKeygate; 2], made: [u64; 2]) -> Vec<keygate_core::anomaly::Alert> {
+    let mut opened = Vec::new();
+    for (n, made) in nodes.iter().zip(made) {
+        n.write_calls(made).await;
+    }
+    // Twice round: what the node without the lease ships, the holder takes at its next turn.
+    for _ in 0..2 {
+        for n in nodes {
+            opened.extend(n.detect_now().await);
+        }
+    }
+    opened
+}
+
+/// Two nodes on one PostgreSQL, a token's traffic spread over both: the detectors run on the
+/// node holding the detector lease over both nodes' activity, so eight networks within ten
+/// minutes (its own and seven new ones, three or four seen by each node: five at most on either
+/// alone, under the bar of eight) are one `many_networks` alert whose evidence names all of
+/// them; the other node ships what it counted.
+/// When the holder stops, the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_judge_a_tokens_traffic_together() {
+    let db = crate::sqlx_free_pg::TempPg::create().await;
+    let upstream = RecordingUpstream::start().await.unwrap();
+    let opts = Options {
+        database_url: Some(db.url.clone()),
+        routes: vec![route("orders", "/orders", &upstream.url())],
+        gateway: Some(keygate::config::GatewayConfig {
+            trusted_proxies: vec!["127.0.0.1".into()],
+            ..Default::default()
+        }),
+        ..Options::default()
+    };
+    let a = TestKeygate::start_with(opts.clone()).await.unwrap();
+    let b = TestKeygate::start_with(Options { data_dir: Some(a.data_dir().to_owned()), ..opts }).await.unwrap();
+    let (token, secret) = a.client().create_token(&json!({"name": "spread"})).await;
+    a.sync_index().await.unwrap();
+    b.sync_index().await.unwrap();
+    let nodes = [&a, &b];
+    // Seventy minutes of steady use, 12 calls a minute from one network, the nodes taking turns.
+    let mut made = [0u64; 2];
+    for i in 0..70 * 12 {
+        for n in nodes {
+            n.clock.advance_seconds(5);
+        }
+        assert_eq!(call(nodes[i % 2], &secret, "198.51.100.7").await, 200);
+        made[i % 2] += 1;
+        if a.clock.now().as_millis() % 60_000 < 5_000 {
+            both_detect(nodes, made).await;
+        }
+    }
+    assert!(both_detect(nodes, made).await.is_empty(), "steady use raises nothing");
+
+    // The token shared out: seven new networks within two minutes, through either node.
+    let mut opened = Vec::new();
+    for net in 1..=7 {
+        for n in nodes {
+            n.clock.advance_seconds(15);
+        }
+        let k = net % 2;
+        assert_eq!(call(nodes[k], &secret, &format!("203.0.{net}.9")).await, 200);
+        made[k] += 1;
+        opened.extend(both_detect(nodes, made).await);
+    }
+    let many: Vec<_> = opened.iter().filter(|al| al.kind == keygate_core::anomaly::AlertKind::ManyNetworks).collect();
+    assert_eq!(many.len(), 1, "{opened:?}");
+    let nets = many[0].evidence["networks"].as_array().unwrap();
+    for net in (1..=7).map(|n| format!("203.0.{n}.0/24")).chain(["198.51.100.0/24".to_owned()]) {
+        assert!(nets.iter().any(|n| *n == net), "{net} in {nets:?}");
+    }
+    assert_eq!(many[0].subject.as_str(), token);
+    // One alert per finding across the cluster, listed on either node.
+    let listed = b.client().get(&format!("/admin/v1/alerts?token_id={token}")).await.body["data"].clone();
+    assert_eq!(listed.as_array().unwrap().iter().filter(|al| al["kind"] == "many_networks").count(), 1);
+
+    // One node judges; when it stops (letting go of the lease), the other takes over.
+    let judging = async |n: &TestKeygate| {
+        let text = reqwest::get(format!("{}/metrics", n.url())).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix("keygate_anomaly_detector_judging ")).map(str::to_owned)
+    };
+    both_detect(nodes, made).await;
+    let holders = [judging(&a).await, judging(&b).await];
+    assert_eq!(holders.iter().filter(|h| h.as_deref() == Some("1")).count(), 1, "{holders:?}");
+    let (stays, goes) = if holders[0].as_deref() == Some("1") { (b, a) } else { (a, b) };
+    goes.stop().await;
+    stays.detect_now().await;
+    assert_eq!(judging(&stays).await.as_deref(), Some("1"));
+}

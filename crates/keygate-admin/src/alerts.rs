@@ -212,7 +212,10 @@ impl Admin {
         take: impl FnOnce() -> Vec<Activity> + Send,
     ) -> Result<Option<Vec<Activity>>> {
         let Some(node) = &det.node else { return Ok(Some(take())) };
-        let now = self.now();
+        // The lease and the age of shipped activity are about the nodes' liveness, so they are
+        // measured on the system clock, not on the service's (a test's manual clock jumps
+        // minutes at a time; the activity's windows carry the service's times).
+        let now = keygate_core::Clock::now(&keygate_core::SystemClock);
         let holds = self
             .store()
             .claim_detector(node, now, Timestamp::from_millis(now.as_millis().saturating_add(LEASE_MS)))

@@ -210,7 +210,11 @@ pub async fn start(
         let retention = Duration::from_secs(u64::from(cfg.call_log.retention_days) * 86_400);
         tasks.push(keygate_gateway::tasks::spawn_call_writer(gw.clone(), store.clone(), retention));
     }
-    let detector = gw.watch.as_ref().map(|_| Arc::new(keygate_admin::alerts::Detector::new(cfg.anomaly.settings())));
+    // On a shared store the detectors run where the detector lease is, over every node's activity.
+    let detector = gw.watch.as_ref().map(|_| {
+        let det = keygate_admin::alerts::Detector::new(cfg.anomaly.settings());
+        Arc::new(if store.engine() == "sqlite" { det } else { det.in_cluster(cluster.id()) })
+    });
     if let (Some(watch), Some(det)) = (&gw.watch, &detector) {
         tasks.push(spawn_detector(opened.admin.clone(), watch.clone(), det.clone(), cfg.anomaly.alert_retention_days));
     }
@@ -402,6 +406,9 @@ impl Running {
             if let Err(e) = last.and(self.admin.save_baselines(det).await) {
                 tracing::warn!(error = %e, "cannot write the anomaly baselines back");
             }
+            if let Err(e) = self.admin.release_detector(det).await {
+                tracing::warn!(error = %e, "cannot let go of the detector lease; another node takes over when it runs out");
+            }
         }
         self.cluster.stopped().await;
         self.store.close().await;
@@ -483,9 +490,21 @@ keygate_anomaly_baselines {}
 \
              # TYPE keygate_anomaly_watch_dropped_total counter
 keygate_anomaly_watch_dropped_total {}
+\
+             # HELP keygate_anomaly_detector_judging Whether this node runs the detectors (alone, or holding the detector lease of a cluster).
+\
+             # TYPE keygate_anomaly_detector_judging gauge
+keygate_anomaly_detector_judging {}
+\
+             # HELP keygate_anomaly_activity_stale_total Turns of activity other nodes shipped that were too old to judge when this node took them.
+\
+             # TYPE keygate_anomaly_activity_stale_total counter
+keygate_anomaly_activity_stale_total {}
 ",
             det.held(),
-            watch.dropped.load(std::sync::atomic::Ordering::Relaxed)
+            watch.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            u8::from(det.judges()),
+            det.stale()
         );
     }
     out

@@ -129,7 +129,8 @@ pub(crate) async fn list_alerts(
             .map(|v| Severity::parse(&v).ok_or_else(|| bad_query("severity is low, medium or high")))
             .transpose()?,
         subject: match (q.token_id, q.client_id) {
-            (Some(_), Some(_)) => return Err(bad_query("give token_id or client_id, not both")),
+            // No alert is about a token and a client at once.
+            (Some(_), Some(_)) => return Ok(Json(AlertList { data: Vec::new(), next_cursor: None })),
             (Some(v), None) => {
                 Some(Watched::Token(TokenId::parse(&v).ok_or_else(|| bad_query("token_id is a token's id (tok_…)"))?))
             }

@@ -215,6 +215,13 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     );
     query_param(
         doc,
+        "/admin/v1/alerts",
+        "get",
+        "client_id",
+        json!({"type": "string", "pattern": "^[0-9A-Za-z_-]{1,128}$"}),
+    );
+    query_param(
+        doc,
         "/admin/v1/tokens",
         "get",
         "expiring_within",

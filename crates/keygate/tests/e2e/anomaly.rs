@@ -191,22 +191,41 @@ async fn start_with_email(smtp_url: Option<String>) -> (TestKeygate, RecordingUp
     (kg, upstream, hooks)
 }
 
+/// A gateway with an SMTP receiver, a webhook for `anomaly.detected` (its secret kept) and the
+/// workspace's anomaly policy suspending from `high`, set by its owner in the dashboard.
+struct Scene {
+    kg: TestKeygate,
+    _upstream: RecordingUpstream,
+    hooks: RecordingUpstream,
+    mail: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+    own: crate::dashboard::Browser,
+    hook_secret: String,
+}
+
+impl Scene {
+    async fn start() -> Self {
+        let (smtp_url, mail) = smtp_receiver().await;
+        let (kg, _upstream, hooks) = start_with_email(Some(smtp_url)).await;
+        let mut own = owner(&kg).await;
+        let p = own.submit("/settings", "/settings", &[("anomaly_suspend", "high")]).await;
+        assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+        let hook = kg
+            .client()
+            .post(
+                "/admin/v1/webhooks",
+                &json!({"url": format!("{}/hooks", hooks.url()), "event_types": ["anomaly.detected"]}),
+            )
+            .await;
+        assert_eq!(hook.status, StatusCode::CREATED, "{:?}", hook.body);
+        let hook_secret = hook.body["secret"].as_str().unwrap().to_owned();
+        Self { kg, _upstream, hooks, mail, own, hook_secret }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted_and_suspended() {
-    let (smtp_url, mail) = smtp_receiver().await;
-    let (kg, _upstream, hooks) = start_with_email(Some(smtp_url)).await;
-    let mut own = owner(&kg).await;
-    let p = own.submit("/settings", "/settings", &[("anomaly_suspend", "high")]).await;
-    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let Scene { kg, _upstream, hooks, mail, own, hook_secret } = Scene::start().await;
     let c = kg.client();
-    let hook = c
-        .post(
-            "/admin/v1/webhooks",
-            &json!({"url": format!("{}/hooks", hooks.url()), "event_types": ["anomaly.detected"]}),
-        )
-        .await;
-    assert_eq!(hook.status, StatusCode::CREATED, "{:?}", hook.body);
-    let hook_secret = hook.body["secret"].as_str().unwrap().to_owned();
     let (token, secret) = c.create_token(&json!({"name": "orders-sync"})).await;
     kg.sync_index().await.unwrap();
 
@@ -335,19 +354,8 @@ async fn an_old_secret_presented_after_the_rotation_grace_is_a_high_alert() {
 /// keys, leaves the client alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_alert_on_the_client() {
-    let (smtp_url, mail) = smtp_receiver().await;
-    let (kg, _upstream, hooks) = start_with_email(Some(smtp_url)).await;
-    let mut own = owner(&kg).await;
-    let p = own.submit("/settings", "/settings", &[("anomaly_suspend", "high")]).await;
-    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let Scene { kg, _upstream, hooks, mail, own, .. } = Scene::start().await;
     let c = kg.client();
-    let hook = c
-        .post(
-            "/admin/v1/webhooks",
-            &json!({"url": format!("{}/hooks", hooks.url()), "event_types": ["anomaly.detected"]}),
-        )
-        .await;
-    assert_eq!(hook.status, StatusCode::CREATED, "{:?}", hook.body);
     let (app_id, client_id, client_secret) = crate::oauth::client(&kg, json!({"scopes": ["orders:read"]})).await;
     // A fresh access token every five minutes, as a client does before its token expires.
     let (mut jwt, mut got_at) = (String::new(), None::<i64>);

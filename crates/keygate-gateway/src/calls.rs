@@ -9,10 +9,12 @@
 //! store's CPU goes into (docs/benchmarks.md). What is held is bounded ([`MAX_HELD_BYTES`];
 //! beyond it everything is written at once).
 //!
-//! A request costs one uncontended lock and a push of about 60 bytes: the workspace, app and
-//! route ids are kept once per shard and buffer ([`Names`]) and a call holds their positions, so
-//! recording clones no `Arc` that both workers share (an atomic on a cache line the other worker
-//! writes too), and the path is appended to the shard's text rather than allocated. A shard's
+//! A request costs one uncontended lock and a push of 64 bytes (one cache line, [`Kept`]): the
+//! workspace, app and route ids are kept once per shard and buffer ([`Names`]) and a call holds
+//! their positions, so recording clones no `Arc` that both workers share (an atomic on a cache
+//! line the other worker writes too), and the path is appended to the shard's text rather than
+//! allocated. A worker gets back the buffer it filled, with its room, so steady traffic does not
+//! grow one again each second. A shard's
 //! buffer is bounded ([`MAX_PENDING`] calls, [`MAX_PENDING_BYTES`] of paths); calls that find it
 //! full are dropped and counted ([`CallLog::dropped`], in `/metrics`), so a store that cannot keep
 //! up slows nothing and grows nothing.
@@ -28,7 +30,7 @@ use keygate_core::token_format::PUBLIC_ID_LEN;
 use parking_lot::Mutex;
 
 const SHARDS: usize = 8;
-/// Calls waiting per shard at most (about 60 bytes each, and their paths).
+/// Calls waiting per shard at most (64 bytes each, and their paths).
 pub const MAX_PENDING: usize = 65_536;
 /// Bytes of paths waiting per shard at most.
 pub const MAX_PENDING_BYTES: usize = 8 << 20;
@@ -82,22 +84,46 @@ pub struct Call<'a> {
 type NameAt = u32;
 const NONE: NameAt = u32::MAX;
 
-/// A call as a shard keeps it: the ids as positions in the shard's [`Names`], the path as a
-/// range of its text.
-#[derive(Debug, Clone)]
+/// A call as a shard keeps it, in 64 bytes (one cache line; a busy worker writes tens of
+/// thousands a second, and what it stores is memory the writer read a second ago, no longer in
+/// cache): the ids (and an extension method's name) as positions in the buffer's [`Names`], the
+/// time from the buffer's first call, the path as where it ends in the buffer's text (it begins
+/// where the previous call's ends), the refusal as a position in the buffer's list of them.
+#[derive(Debug, Clone, Copy)]
 struct Kept {
-    at_ms: i64,
-    token: Option<[u8; PUBLIC_ID_LEN]>,
+    /// Milliseconds after the buffer's `base_ms` (a call is recorded when it ends, so an earlier
+    /// one can come later: it may be negative).
+    at: i32,
     workspace: NameAt,
     app: NameAt,
     route: NameAt,
-    method: Method,
-    path: (u32, u32),
-    status: u16,
+    /// One of [`METHODS`] by position, or [`METHODS`]`.len()` plus the name's position.
+    method: u32,
+    path_end: u32,
     latency_us: u64,
-    ip: IpAddr,
-    refusal: Option<&'static str>,
+    status: u16,
+    /// 0 for none, else one more than the refusal's position in the buffer's `refusals`.
+    refusal: u8,
+    /// The client's address, IPv4 as IPv4-mapped IPv6.
+    ip: [u8; 16],
+    /// The token's public id; zeros for none (a public id is never zeros: it is base62 text).
+    token: [u8; PUBLIC_ID_LEN],
 }
+
+const _: () = assert!(size_of::<Kept>() == 64, "a kept call is one cache line");
+
+/// The methods a call names by position rather than by a name of its buffer.
+const METHODS: [Method; 9] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::HEAD,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::TRACE,
+];
 
 /// The ids (workspace, app, route) a buffer's calls name, each once. A request looks its names
 /// up in this shard-local table (in cache, its own) instead of cloning the gateway's shared
@@ -142,20 +168,52 @@ struct Pending {
     names: Names,
     /// The calls' paths, one after the other.
     paths: String,
+    /// The time the calls' `at` counts from: the first call's.
+    base_ms: i64,
+    /// The refusal reasons the calls name, each once (static text: a few dozen at most).
+    refusals: Vec<&'static str>,
 }
 
 impl Pending {
-    fn path(&self, (from, len): (u32, u32)) -> &str {
-        self.paths.get(from as usize..(from + len) as usize).unwrap_or_default()
+    /// The path of the call at `i`.
+    fn path(&self, i: usize) -> &str {
+        let from = i.checked_sub(1).and_then(|p| self.calls.get(p)).map_or(0, |c| c.path_end as usize);
+        let to = self.calls.get(i).map_or(from, |c| c.path_end as usize);
+        self.paths.get(from..to).unwrap_or_default()
     }
 
-    /// Emptied for reuse, keeping at most [`SPARE_CALLS`] calls' room.
+    fn at_ms(&self, c: &Kept) -> i64 {
+        self.base_ms + i64::from(c.at)
+    }
+
+    fn method<'a>(&'a self, c: &Kept) -> &'a str {
+        match METHODS.get(c.method as usize) {
+            Some(m) => m.as_str(),
+            None => self.names.get(c.method - METHODS.len() as u32).map_or("", |m| &**m),
+        }
+    }
+
+    fn refusal(&self, c: &Kept) -> Option<&'static str> {
+        c.refusal.checked_sub(1).and_then(|i| self.refusals.get(usize::from(i)).copied())
+    }
+
+    /// Emptied for reuse with the room it used, so that a worker's steady traffic fills a
+    /// buffer without growing it (a copy and fresh pages each time, the stores into which the
+    /// shard's lock release then waits for: docs/benchmarks.md). Room over twice what it held
+    /// (and over [`SPARE_CALLS`] calls') is given back, so one burst does not keep its memory.
     fn recycle(&mut self) {
+        let calls = self.calls.len().max(SPARE_CALLS);
+        let bytes = self.paths.len().max(SPARE_CALLS * 32);
         self.calls.clear();
-        self.calls.shrink_to(SPARE_CALLS);
+        if self.calls.capacity() > 2 * calls {
+            self.calls.shrink_to(calls);
+        }
         self.names.clear();
+        self.refusals.clear();
         self.paths.clear();
-        self.paths.shrink_to(SPARE_CALLS * 32);
+        if self.paths.capacity() > 2 * bytes {
+            self.paths.shrink_to(bytes);
+        }
     }
 }
 
@@ -174,8 +232,7 @@ impl hashbrown::Equivalent<Key> for KeyRef<'_> {
     }
 }
 
-/// Buffers a shard gives back to the writer keep at most this many calls' room, so that one
-/// burst does not hold its memory for good.
+/// Room a recycled buffer keeps at least, in calls (and 32 bytes of path each).
 const SPARE_CALLS: usize = 16_384;
 
 /// What only the writer touches.
@@ -183,11 +240,16 @@ const SPARE_CALLS: usize = 16_384;
 struct Writer {
     /// The chunks held open, by workspace, token and app.
     open: hashbrown::HashMap<Key, Open, foldhash::fast::RandomState>,
-    /// Emptied shard buffers, swapped for the full ones at the next write: a worker keeps a
-    /// buffer with room already made, and the writer allocates nothing per call.
+    /// Each shard's emptied buffer (by shard), swapped for its full one at the next write: a
+    /// worker gets back the buffer it filled, with the room its traffic needs already made, and
+    /// the writer allocates nothing per call. (One pool for all shards handed an idle shard's
+    /// empty buffer to a busy worker every other write, to grow again from nothing.)
     spare: Vec<Pending>,
+    /// Client addresses as text, each formatted once per write (a token's calls mostly share
+    /// one); emptied with its room kept.
+    ips: hashbrown::HashMap<[u8; 16], String, foldhash::fast::RandomState>,
     /// The calls of a write by token, then in time order: (token, time, shard, index).
-    order: Vec<(Option<[u8; PUBLIC_ID_LEN]>, i64, u32, u32)>,
+    order: Vec<([u8; PUBLIC_ID_LEN], i64, u32, u32)>,
 }
 
 /// Calls recorded and not yet written.
@@ -221,20 +283,40 @@ impl CallLog {
             return;
         }
         let p = &mut *pending;
-        let from = p.paths.len() as u32;
+        if p.calls.is_empty() {
+            p.base_ms = call.at_ms;
+        }
         p.paths.push_str(call.path);
+        let method = match METHODS.iter().position(|m| m == call.method) {
+            Some(i) => i as u32,
+            None => METHODS.len() as u32 + p.names.intern(call.method.as_str()),
+        };
+        let refusal = call.refusal.map_or(0, |r| match p.refusals.iter().position(|have| *have == r) {
+            Some(i) => i + 1,
+            None => {
+                p.refusals.push(r);
+                p.refusals.len()
+            }
+        });
         let kept = Kept {
-            at_ms: call.at_ms,
-            token: call.token,
+            at: i32::try_from(call.at_ms.saturating_sub(p.base_ms)).unwrap_or(if call.at_ms < p.base_ms {
+                i32::MIN
+            } else {
+                i32::MAX
+            }),
             workspace: p.names.intern(call.workspace_id),
             app: call.app_id.map_or(NONE, |a| p.names.intern(a)),
             route: call.route.map_or(NONE, |r| p.names.intern(r)),
-            method: call.method.clone(),
-            path: (from, call.path.len() as u32),
-            status: call.status,
+            method,
+            path_end: p.paths.len() as u32,
             latency_us: call.latency_us,
-            ip: call.ip,
-            refusal: call.refusal,
+            status: call.status,
+            refusal: u8::try_from(refusal).unwrap_or(0),
+            ip: match call.ip {
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                IpAddr::V6(a) => a.octets(),
+            },
+            token: call.token.unwrap_or([0; PUBLIC_ID_LEN]),
         };
         p.calls.push(kept);
     }
@@ -253,11 +335,13 @@ impl CallLog {
         let mut w = self.writer.lock();
         let w = &mut *w;
         // Each shard's buffer, swapped for an empty one with room.
+        w.spare.resize_with(self.shards.len(), Pending::default);
         let taken: Vec<Pending> = self
             .shards
             .iter()
-            .map(|shard| {
-                let mut spare = w.spare.pop().unwrap_or_default();
+            .zip(&mut w.spare)
+            .map(|(shard, spare)| {
+                let mut spare = std::mem::take(spare);
                 std::mem::swap(&mut *shard.0.lock(), &mut spare);
                 spare
             })
@@ -266,20 +350,21 @@ impl CallLog {
         // order); ties in recording order.
         w.order.clear();
         for (s, p) in taken.iter().enumerate() {
-            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| (c.token, c.at_ms, s as u32, i as u32)));
+            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| (c.token, p.at_ms(c), s as u32, i as u32)));
         }
         // By token, then oldest first (a worker records a call when it ends, so its buffer is
         // only nearly in order; ties in recording order): a token's calls follow each other, and
         // its open chunk is looked up once per write rather than once per call.
         w.order.sort_unstable();
         let mut ready = Vec::new();
-        // Addresses as text, each formatted once per write (a token's calls mostly share one).
-        let mut ips: hashbrown::HashMap<IpAddr, String, foldhash::fast::RandomState> = Default::default();
-        let key_of = |&(_, _, s, i): &(Option<[u8; PUBLIC_ID_LEN]>, i64, u32, u32)| {
+        let ips = &mut w.ips;
+        ips.clear();
+        let key_of = |&(_, _, s, i): &([u8; PUBLIC_ID_LEN], i64, u32, u32)| {
             let p = &taken[s as usize];
             let c = &p.calls[i as usize];
-            let key = p.names.get(c.workspace).map(|ws| (ws, c.token, p.names.get(c.app)));
-            (p, c, key)
+            let token = (c.token != [0; PUBLIC_ID_LEN]).then_some(c.token);
+            let key = p.names.get(c.workspace).map(|ws| (ws, token, p.names.get(c.app)));
+            (p, i as usize, key)
         };
         let mut run = 0;
         while let Some(head) = w.order.get(run) {
@@ -304,21 +389,22 @@ impl CallLog {
                 None => w.open.entry(owned()).or_insert(Open { opened_ms: now_ms, builder: ChunkBuilder::default() }),
             };
             for e in calls {
-                let (p, c, _) = key_of(e);
+                let (p, i, _) = key_of(e);
+                let c = &p.calls[i];
                 let ip = ips.entry(c.ip).or_insert_with(|| {
                     let mut s = String::new();
-                    let _ = write!(s, "{}", c.ip.to_canonical());
+                    let _ = write!(s, "{}", IpAddr::from(c.ip).to_canonical());
                     s
                 });
                 let fields = CallFields {
-                    at_ms: c.at_ms,
-                    method: c.method.as_str(),
+                    at_ms: e.1,
+                    method: p.method(c),
                     route: p.names.get(c.route).map(|r| &**r),
-                    path: p.path(c.path),
+                    path: p.path(i),
                     status: c.status,
                     latency_us: c.latency_us,
                     client_ip: ip,
-                    refusal: c.refusal,
+                    refusal: p.refusal(c),
                 };
                 if !open.builder.push(&fields) {
                     let full = std::mem::take(&mut open.builder);
@@ -328,9 +414,9 @@ impl CallLog {
                 }
             }
         }
-        for mut p in taken {
+        for (mut p, spare) in taken.into_iter().zip(&mut w.spare) {
             p.recycle();
-            w.spare.push(p);
+            *spare = p;
         }
         let everything = everything || w.open.values().map(|o| o.builder.held_bytes()).sum::<usize>() > MAX_HELD_BYTES;
         ready.extend(
@@ -489,6 +575,72 @@ mod tests {
         let chunks = log.ready_chunks(0, true);
         assert_eq!(chunks[0].workspace_id.as_str(), "ws_third");
         assert_eq!(decoded(&chunks[0])[0].path, "/orders/7");
+    }
+
+    #[test]
+    fn a_kept_call_gives_back_every_field_as_recorded() {
+        let log = CallLog::default();
+        let propfind = Method::from_bytes(b"PROPFIND").unwrap();
+        // Recorded when they end: the second began before the first (a negative offset).
+        log.record(&Call {
+            at_ms: 1_700_000_000_500,
+            method: &propfind,
+            status: 401,
+            latency_us: u64::MAX,
+            refusal: Some("unknown_token"),
+            ip: "2001:db8::7".parse().unwrap(),
+            ..call(0)
+        });
+        log.record(&Call { at_ms: 1_700_000_000_100, refusal: Some("rate_limited"), status: 429, ..call(0) });
+        log.record(&Call { at_ms: 1_700_000_000_900, refusal: Some("unknown_token"), ..call(0) });
+        let chunks = log.ready_chunks(0, true);
+        let r = decoded(&chunks[0]);
+        let got: Vec<_> = r
+            .iter()
+            .map(|r| {
+                (
+                    r.at.as_millis(),
+                    r.method.as_str(),
+                    r.status,
+                    r.latency_us,
+                    r.client_ip.as_str(),
+                    r.refusal.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1_700_000_000_100, "GET", 429, 420, "203.0.113.7", Some("rate_limited")),
+                (1_700_000_000_500, "PROPFIND", 401, u64::MAX, "2001:db8::7", Some("unknown_token")),
+                (1_700_000_000_900, "GET", 200, 420, "203.0.113.7", Some("unknown_token")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_worker_gets_back_the_buffer_it_filled_with_its_room() {
+        let log = CallLog::default();
+        let busy = 3 * SPARE_CALLS;
+        let room = |log: &CallLog| -> Vec<usize> { log.shards.iter().map(|s| s.0.lock().calls.capacity()).collect() };
+        for round in 0..4 {
+            // All recorded from this thread: one shard. From the second write on, the buffer it
+            // records into is the one it filled two writes ago, with that room (one pool for all
+            // shards handed it an idle shard's empty buffer every other write).
+            if round >= 2 {
+                assert!(room(&log).iter().any(|r| *r >= busy), "round {round}: {:?}", room(&log));
+            }
+            for i in 0..busy {
+                log.record(&call(i as i64));
+            }
+            log.ready_chunks(0, true);
+        }
+        // Room over twice what a write held is given back.
+        for _ in 0..2 {
+            log.record(&call(1));
+            log.ready_chunks(0, true);
+        }
+        assert!(room(&log).iter().all(|r| *r < busy), "{:?}", room(&log));
     }
 
     #[test]

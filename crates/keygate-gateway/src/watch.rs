@@ -226,6 +226,17 @@ impl Watch {
                 })
                 .into_mut(),
         };
+        if c.requests == 0 && c.old_secret == 0 {
+            // The token's first request in this window: the entry is new, or kept from the
+            // window before last with its counts taken ([`Watch::drain`]).
+            c.to_ms = now_ms;
+            c.rest.from_ms = now_ms;
+            c.net0 = net;
+            if c.agent0 != ua {
+                c.agent0 = ua;
+                c.rest.agent0_label = agent_label(s.agent.unwrap_or_default());
+            }
+        }
         c.to_ms = c.to_ms.max(now_ms);
         if s.old_secret {
             // Refused as expired; counted apart (not as the token's traffic).
@@ -236,11 +247,13 @@ impl Watch {
             c.errors = c.errors.saturating_add(u32::from(s.status >= 500));
             if let Some(route) = s.route {
                 let first = match &c.route0 {
-                    Some((r, m)) => Arc::ptr_eq(r, route) && m == s.method,
-                    None => {
+                    Some((r, m)) if Arc::ptr_eq(r, route) && m == s.method => true,
+                    // None yet, or a kept entry's from an earlier window (no counts).
+                    _ if c.route0_n == 0 => {
                         c.route0 = Some((route.clone(), s.method.clone()));
                         true
                     }
+                    _ => false,
                 };
                 bump_value(
                     first,
@@ -272,60 +285,85 @@ impl Watch {
 
     /// Takes what was counted since the last drain, one [`Activity`] per token (the shards'
     /// counts of a token merged).
+    ///
+    /// A token's entry stays in its table with its counts taken, so that when the table comes
+    /// back to its worker (at the next drain but one) the token's requests count into it again
+    /// rather than each making an entry, its lists and its agent's label anew; an entry that
+    /// counted nothing in its window is removed, and a table left with more than half of
+    /// [`MAX_TOKENS`] entries is emptied, so that kept entries never crowd out new tokens.
     pub fn drain(&self) -> Vec<Activity> {
         let mut out: HashMap<[u8; PUBLIC_ID_LEN], Activity> = HashMap::default();
         for shard in &self.shards {
             let mut taken = shard.spare.lock();
             std::mem::swap(&mut *shard.counts.lock(), &mut *taken);
             out.reserve(taken.entries.len());
-            for c in taken.entries.drain() {
-                let Rest { client, workspace_id, app_id, from_ms, agent0_label, networks, routes, agents } = *c.rest;
-                let counted = |n: u32| (n > 0).then_some(u64::from(n));
-                let subject = match client {
-                    Some(client) => Watched::Client(client.to_string()),
-                    None => {
-                        Watched::Token(TokenId::from_public_id(std::str::from_utf8(&c.public_id).unwrap_or_default()))
-                    }
-                };
-                let a = Activity {
-                    subject,
-                    workspace_id: WorkspaceId::from_trusted(workspace_id.to_string()),
-                    app_id: AppId::from_trusted(app_id.to_string()),
-                    from_ms,
-                    to_ms: c.to_ms,
-                    requests: u64::from(c.requests),
-                    refused: u64::from(c.refused),
-                    errors: u64::from(c.errors),
-                    old_secret: u64::from(c.old_secret),
-                    networks: counted(c.net0_n)
-                        .map(|n| (c.net0, n))
-                        .into_iter()
-                        .chain(networks)
-                        .map(|(k, n)| (network_label(k), n))
-                        .collect(),
-                    routes: c
-                        .route0
-                        .and_then(|(r, m)| counted(c.route0_n).map(|n| (r, m, n)))
-                        .into_iter()
-                        .chain(routes)
-                        .map(|(r, m, n)| (format!("{m} {r}"), n))
-                        .collect(),
-                    agents: counted(c.agent0_n)
-                        .map(|n| (agent0_label, n))
-                        .into_iter()
-                        .chain(agents.into_iter().map(|(_, label, n)| (label, n)))
-                        .collect(),
-                };
+            taken.entries.retain(|c| {
+                if c.requests == 0 && c.old_secret == 0 {
+                    return false;
+                }
+                let a = take_activity(c);
                 match out.get_mut(&c.public_id) {
                     Some(have) => have.merge(a),
                     None => {
                         out.insert(c.public_id, a);
                     }
                 }
+                true
+            });
+            if taken.entries.len() > MAX_TOKENS / 2 {
+                taken.entries.clear();
             }
         }
         out.into_values().collect()
     }
+}
+
+/// A token's window as an [`Activity`], its counts taken (zeroed, the lists emptied with their
+/// room kept).
+fn take_activity(c: &mut Counts) -> Activity {
+    let counted = |n: u32| (n > 0).then_some(u64::from(n));
+    let rest = &mut *c.rest;
+    let subject = match &rest.client {
+        Some(client) => Watched::Client(client.to_string()),
+        None => Watched::Token(TokenId::from_public_id(std::str::from_utf8(&c.public_id).unwrap_or_default())),
+    };
+    let a = Activity {
+        subject,
+        workspace_id: WorkspaceId::from_trusted(rest.workspace_id.to_string()),
+        app_id: AppId::from_trusted(rest.app_id.to_string()),
+        from_ms: rest.from_ms,
+        to_ms: c.to_ms,
+        requests: u64::from(c.requests),
+        refused: u64::from(c.refused),
+        errors: u64::from(c.errors),
+        old_secret: u64::from(c.old_secret),
+        networks: counted(c.net0_n)
+            .map(|n| (c.net0, n))
+            .into_iter()
+            .chain(rest.networks.drain(..))
+            .map(|(k, n)| (network_label(k), n))
+            .collect(),
+        routes: c
+            .route0
+            .as_ref()
+            .and_then(|(r, m)| counted(c.route0_n).map(|n| (format!("{m} {r}"), n)))
+            .into_iter()
+            .chain(rest.routes.drain(..).map(|(r, m, n)| (format!("{m} {r}"), n)))
+            .collect(),
+        agents: counted(c.agent0_n)
+            .map(|n| (rest.agent0_label.clone(), n))
+            .into_iter()
+            .chain(rest.agents.drain(..).map(|(_, label, n)| (label, n)))
+            .collect(),
+    };
+    c.requests = 0;
+    c.refused = 0;
+    c.errors = 0;
+    c.old_secret = 0;
+    c.net0_n = 0;
+    c.agent0_n = 0;
+    c.route0_n = 0;
+    a
 }
 
 #[cfg(test)]
@@ -435,6 +473,41 @@ mod tests {
             agents,
             [("curl/8".to_owned(), 2), ("curl/8.0?".to_owned(), 2), ("go".to_owned(), 1), ("python".to_owned(), 1)]
         );
+    }
+
+    #[test]
+    fn a_kept_entry_counts_its_next_window_afresh_and_an_idle_one_goes() {
+        let w = Watch::default();
+        let (id, other, ws): ([u8; 12], [u8; 12], Arc<str>) = (*b"abcdefghijkl", *b"mnopqrstuvwx", "ws_1".into());
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let (get, post) = (Method::GET, Method::POST);
+        // Window 1 (table one): two networks, two routes, two agents; another token too.
+        w.record(&seen(&id, &ws, &a, &get, "10.0.0.1"), 1_000);
+        let mut s = seen(&id, &ws, &b, &post, "10.0.1.1");
+        s.agent = Some(b"go");
+        w.record(&s, 1_100);
+        w.record(&seen(&other, &ws, &a, &get, "10.9.0.1"), 1_200);
+        assert_eq!(w.drain().len(), 2);
+        // Window 2 (table two): only `id`, once.
+        w.record(&seen(&id, &ws, &a, &get, "10.0.0.1"), 2_000);
+        assert_eq!(w.drain().len(), 1);
+        // Window 3: table one again, with the two tokens' entries kept. `id` comes from another
+        // network, route and agent first: its window starts now and counts only what is new.
+        let mut s = seen(&id, &ws, &b, &post, "10.0.7.1");
+        s.agent = Some(b"python");
+        w.record(&s, 3_000);
+        w.record(&seen(&id, &ws, &a, &get, "10.0.0.1"), 3_500);
+        let got = w.drain();
+        assert_eq!(got.len(), 1, "the other token counted nothing: no activity");
+        let a3 = &got[0];
+        assert_eq!(a3.subject, Watched::Token(TokenId::from_public_id("abcdefghijkl")));
+        assert_eq!((a3.from_ms, a3.to_ms, a3.requests, a3.refused), (3_000, 3_500, 2, 0));
+        assert_eq!(a3.networks, [("10.0.7.0/24".to_owned(), 1), ("10.0.0.0/24".to_owned(), 1)]);
+        assert_eq!(a3.routes, [("POST b".to_owned(), 1), ("GET a".to_owned(), 1)]);
+        assert_eq!(a3.agents, [("python".to_owned(), 1), ("curl/8.0?".to_owned(), 1)]);
+        // The idle token's entry went with that drain; `id`'s stays for its next window.
+        let held: Vec<usize> = w.shards.iter().map(|s| s.spare.lock().entries.len()).collect();
+        assert_eq!(held.iter().sum::<usize>(), 1, "{held:?}");
     }
 
     #[test]

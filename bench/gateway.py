@@ -780,7 +780,7 @@ class Bench:
         cfg.write_text(
             KEYGATE_CFG.format(
                 dir=d, admin=admin, port=port, threads=self.args.workers, upstream=upstream, jwks=self.ports.jwks,
-                deny=deny_list(self.args.deny) if name == "keygate" else "",
+                deny=deny_list(self.args.deny) if name in ("keygate", "baseline") else "",
             )
             + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
             + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")

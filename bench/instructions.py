@@ -106,8 +106,11 @@ def run_once(bench: gw.Bench, binary: Path, label: str, n: int, tokens: list[str
     # migrates an older store forward, not the other way round).
     made_by = "baseline" if (bench.dir / "baseline" / "data").exists() else "keygate"
     shutil.copytree(bench.dir / made_by / "data", d / "data")
-    cfg = (bench.dir / "keygate" / "keygate.toml").read_text()
-    cfg = cfg.replace(str(bench.dir / "keygate" / "data"), str(d / "data"))
+    # The variant's own config (a baseline's has --baseline-config), on keygate's ports.
+    cfg = (bench.dir / label / "keygate.toml").read_text()
+    cfg = cfg.replace(str(bench.dir / label / "data"), str(d / "data"))
+    for theirs, ours in zip(bench.keygate_ports(label), bench.keygate_ports("keygate")):
+        cfg = cfg.replace(f"127.0.0.1:{theirs}\"", f"127.0.0.1:{ours}\"")
     # No periodic flush while measuring: it would land in one run and not the other.
     cfg = re.sub(r"(?m)^usage_flush_seconds = \d+$", "usage_flush_seconds = 86400", cfg)
     (d / "keygate.toml").write_text(cfg)
@@ -190,6 +193,10 @@ def main() -> None:
     ap.add_argument("--base-port", type=int, default=28380)
     ap.add_argument("--workdir", default="/tmp/keygate-instructions")
     ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--baseline-config", metavar="TOML", default="",
+                    help="appended to the baseline's config (as in gateway.py: an A/B of one binary)")
+    ap.add_argument("--app-limits", action="store_true", help="as gateway.py's: apps with shared limits")
+    ap.add_argument("--deny", type=int, default=0, metavar="N", help="as gateway.py's: a denylist of N networks")
     a = ap.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_annotate"):
         if a.no_install:
@@ -199,7 +206,9 @@ def main() -> None:
     gw.ensure_tools(not a.no_install, False)
     args = argparse.Namespace(
         workdir=a.workdir, base_port=a.base_port, tokens=a.tokens, invalid=a.invalid, workers=2,
-        upstream_workers=1, baseline=a.baseline, suite="plain",
+        upstream_workers=1, baseline=a.baseline, suite="plain", baseline_config=a.baseline_config,
+        app_limits=a.app_limits, deny=a.deny, redis_url="", jwts=0, connections=4, wrk_threads=1,
+        latency_clients=4,
     )
     bench = gw.Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))

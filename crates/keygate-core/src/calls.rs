@@ -86,14 +86,25 @@ impl<'a> CallFields<'a> {
 
 /// A chunk being written, one call at a time: what the call writer holds for a token between
 /// writes (a few bytes per call, each distinct text once).
+///
+/// A token's calls mostly repeat their texts (one method, route and address; often one path),
+/// so each of a call's five texts is first compared with the same field's text in the call
+/// before, and only a different one is looked up in the table (a hash of it and a probe): that
+/// lookup per text was most of the writer's work per call (docs/benchmarks.md).
 #[derive(Debug, Default)]
 pub struct ChunkBuilder {
     base: Option<i64>,
     first_at: i64,
     last_at: i64,
     calls: usize,
-    /// Each distinct text with its index in the chunk's table.
-    index: HashMap<Box<str>, u64, foldhash::fast::RandomState>,
+    /// Each distinct text once, in the order of their indexes.
+    strings: Vec<Box<str>>,
+    /// Their indexes, by the text's hash.
+    index: hashbrown::HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    /// For each field (method, route, path, client address, refusal), the index of the previous
+    /// call's text.
+    last: [Option<u32>; STRINGS_PER_CALL],
     /// Their bytes.
     text_bytes: usize,
     body: Vec<u8>,
@@ -109,17 +120,17 @@ impl ChunkBuilder {
         if self.calls == 0 {
             // Room for a few dozen calls and texts at once, rather than growing from nothing.
             self.body.reserve(256);
-            self.index.reserve(8);
+            self.strings.reserve(8);
             (self.first_at, self.last_at) = (c.at_ms, c.at_ms);
         }
         self.first_at = self.first_at.min(c.at_ms);
         self.last_at = self.last_at.max(c.at_ms);
         put(&mut self.body, zigzag(c.at_ms.wrapping_sub(base)));
-        let method = self.intern(c.method);
-        let route = c.route.map_or(0, |r| self.intern(r) + 1);
-        let path = self.intern(c.path);
-        let ip = self.intern(c.client_ip);
-        let refusal = c.refusal.map_or(0, |r| self.intern(r) + 1);
+        let method = self.intern(0, c.method);
+        let route = c.route.map_or(0, |r| self.intern(1, r) + 1);
+        let path = self.intern(2, c.path);
+        let ip = self.intern(3, c.client_ip);
+        let refusal = c.refusal.map_or(0, |r| self.intern(4, r) + 1);
         for v in [method, route, path, u64::from(c.status), c.latency_us, ip, refusal] {
             put(&mut self.body, v);
         }
@@ -127,14 +138,27 @@ impl ChunkBuilder {
         true
     }
 
-    fn intern(&mut self, s: &str) -> u64 {
-        if let Some(i) = self.index.get(s) {
-            return *i;
+    /// The index of text `s`, the call's `field`th, added to the table when new.
+    fn intern(&mut self, field: usize, s: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        if let Some(i) = self.last[field]
+            && self.strings.get(i as usize).is_some_and(|t| **t == *s)
+        {
+            return u64::from(i);
         }
-        let i = self.index.len() as u64;
-        self.index.insert(s.into(), i);
-        self.text_bytes += s.len();
-        i
+        let strings = &mut self.strings;
+        let hasher = &self.hasher;
+        let i = *self
+            .index
+            .entry(hasher.hash_one(s), |&i| *strings[i as usize] == *s, |&i| hasher.hash_one(&*strings[i as usize]))
+            .or_insert_with(|| {
+                strings.push(s.into());
+                self.text_bytes += s.len();
+                (strings.len() - 1) as u32
+            })
+            .get();
+        self.last[field] = Some(i);
+        u64::from(i)
     }
 
     /// Calls in the chunk.
@@ -153,19 +177,17 @@ impl ChunkBuilder {
 
     /// Bytes held, about (the encoded calls and the texts), for the writer's memory bound.
     pub fn held_bytes(&self) -> usize {
-        self.body.capacity() + self.text_bytes + self.index.len() * 48
+        self.body.capacity() + self.text_bytes + self.strings.len() * 32
     }
 
     /// The chunk's bytes, as [`decode_chunk`] reads them.
     pub fn finish(self) -> Vec<u8> {
-        let mut strings: Vec<(&str, u64)> = self.index.iter().map(|(k, v)| (&**k, *v)).collect();
-        strings.sort_unstable_by_key(|(_, i)| *i);
-        let mut out =
-            Vec::with_capacity(self.body.len() + strings.iter().map(|(s, _)| s.len() + 2).sum::<usize>() + 16);
+        let strings = &self.strings;
+        let mut out = Vec::with_capacity(self.body.len() + self.text_bytes + 2 * strings.len() + 16);
         out.push(VERSION);
         put(&mut out, zigzag(self.base.unwrap_or(0)));
         put(&mut out, strings.len() as u64);
-        for (s, _) in &strings {
+        for s in strings {
             put(&mut out, s.len() as u64);
             out.extend_from_slice(s.as_bytes());
         }
@@ -401,6 +423,27 @@ mod tests {
         assert_eq!(back[1].id, 3 * CHUNK_CALLS as i64 + 1);
         assert_eq!((back[1].token_id.as_ref(), back[1].app_id.as_ref()), (Some(&tok), Some(&app)));
         assert_eq!(split_call_id(back[1].id), (3, 1));
+    }
+
+    #[test]
+    fn a_text_is_written_once_whichever_field_and_call_names_it() {
+        // Runs of one text, texts alternating, and one text in two fields (route and path).
+        let calls: Vec<CallRecord> = (0..40)
+            .map(|i| CallRecord {
+                route: Some(if i % 10 < 7 { "/a" } else { "/b" }.to_owned()),
+                path: if i % 2 == 0 { "/a" } else { "/c" }.to_owned(),
+                ..call(i)
+            })
+            .collect();
+        let mut b = ChunkBuilder::default();
+        calls.iter().for_each(|c| assert!(b.push(&CallFields::of(c))));
+        // GET POST /a /b /c 203.0.113.7 2001:db8::1 insufficient_scope
+        assert_eq!(b.strings.len(), 8, "{:?}", b.strings);
+        let ws = ws();
+        let back = decode_chunk(&b.finish(), row(1, &ws)).unwrap();
+        for (b, c) in back.iter().zip(&calls) {
+            assert_eq!(CallRecord { id: 0, ..b.clone() }, *c);
+        }
     }
 
     #[test]

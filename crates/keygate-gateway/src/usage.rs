@@ -282,10 +282,32 @@ fn keep_latest(
     }
 }
 
+/// The calling thread's shard of the meter, locked ([`UsageMeter::lock`]).
+pub struct MeterShard<'a>(parking_lot::MutexGuard<'a, Counts>);
+
+/// A request's entry, found and not yet counted ([`MeterShard::find`]).
+pub struct MeterSlot<'a>(&'a mut Entry);
+
 impl UsageMeter {
     pub fn record(&self, s: &Sample<'_>) {
-        let Some(mut guard) = self.shards.get(SHARD.with(|i| *i)).map(|s| s.0.lock()) else { return };
-        let Counts { table, hasher, names } = &mut *guard;
+        if let Some(mut shard) = self.lock() {
+            shard.find(s).count(s);
+        }
+    }
+
+    /// The calling thread's shard, locked. A request's last phase locks it together with the
+    /// watch's ([`crate::watch::Watch::lock`]) and finds both entries before counting into
+    /// either, so that the two lookups' cache misses overlap: a lock taken between them would
+    /// wait for the first miss (a locked instruction lets no load pass it).
+    pub fn lock(&self) -> Option<MeterShard<'_>> {
+        self.shards.get(SHARD.with(|i| *i)).map(|s| MeterShard(s.0.lock()))
+    }
+}
+
+impl MeterShard<'_> {
+    /// The entry of the sample's token, route and minute, made if new.
+    pub fn find(&mut self, s: &Sample<'_>) -> MeterSlot<'_> {
+        let Counts { table, hasher, names } = &mut *self.0;
         let at = s.at.as_millis();
         let minute = i32::try_from(at.div_euclid(60_000)).unwrap_or(i32::MAX);
         let route_index = u32::try_from(s.route_index).unwrap_or(u32::MAX);
@@ -309,6 +331,15 @@ impl UsageMeter {
                 })
                 .into_mut(),
         };
+        MeterSlot(e)
+    }
+}
+
+impl MeterSlot<'_> {
+    /// Counts the sample into its entry.
+    pub fn count(self, s: &Sample<'_>) {
+        let e = self.0;
+        let at = s.at.as_millis();
         if let Some(class) = e.status.get_mut(usize::from((s.status / 100).clamp(2, 5) - 2)) {
             bump(class);
         }
@@ -328,7 +359,9 @@ impl UsageMeter {
             };
         }
     }
+}
 
+impl UsageMeter {
     /// A copy of what is counted for one token and not flushed yet (the dashboard shows live
     /// usage by adding this to what the store holds).
     pub fn peek(&self, public_id: &[u8; PUBLIC_ID_LEN]) -> Vec<UsageRecord> {

@@ -183,9 +183,40 @@ impl Default for Watch {
 impl Watch {
     /// Counts one request at `now_ms`.
     pub fn record(&self, s: &Seen<'_>, now_ms: i64) {
-        let Some(shard) = self.shards.get(SHARD.with(|i| *i)) else { return };
-        let mut guard = shard.counts.lock();
-        let Table { entries, hasher } = &mut *guard;
+        if let Some(mut shard) = self.lock()
+            && let Some(slot) = shard.find(s, now_ms)
+        {
+            slot.count(s, now_ms);
+        }
+    }
+
+    /// The calling thread's shard, locked: see [`crate::usage::UsageMeter::lock`], with which
+    /// a request's last phase takes it.
+    pub fn lock(&self) -> Option<WatchShard<'_>> {
+        let shard = self.shards.get(SHARD.with(|i| *i))?;
+        Some(WatchShard { table: shard.counts.lock(), dropped: &self.dropped })
+    }
+}
+
+/// The calling thread's shard of the watch, locked ([`Watch::lock`]).
+pub struct WatchShard<'a> {
+    table: parking_lot::MutexGuard<'a, Table>,
+    dropped: &'a AtomicU64,
+}
+
+/// A request's entry, found and not yet counted ([`WatchShard::find`]), with the request's
+/// network and agent as numbers.
+pub struct WatchSlot<'a> {
+    c: &'a mut Counts,
+    net: u64,
+    ua: u64,
+}
+
+impl WatchShard<'_> {
+    /// The entry of the request's token, made if new; `None` when the window already counts
+    /// [`MAX_TOKENS`] tokens (the request is counted as dropped).
+    pub fn find(&mut self, s: &Seen<'_>, now_ms: i64) -> Option<WatchSlot<'_>> {
+        let Table { entries, hasher } = &mut *self.table;
         let full = entries.len() >= MAX_TOKENS;
         let net = network_key(s.ip);
         let ua = agent_hash(s.agent);
@@ -197,7 +228,7 @@ impl Watch {
             Slot::Occupied(o) => o.into_mut(),
             Slot::Vacant(_) if full => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             }
             Slot::Vacant(v) => v
                 .insert(Counts {
@@ -226,6 +257,14 @@ impl Watch {
                 })
                 .into_mut(),
         };
+        Some(WatchSlot { c, net, ua })
+    }
+}
+
+impl WatchSlot<'_> {
+    /// Counts the request into its token's entry.
+    pub fn count(self, s: &Seen<'_>, now_ms: i64) {
+        let WatchSlot { c, net, ua } = self;
         if c.requests == 0 && c.old_secret == 0 {
             // The token's first request in this window: the entry is new, or kept from the
             // window before last with its counts taken ([`Watch::drain`]).
@@ -282,7 +321,9 @@ impl Watch {
             || (ua, agent_label(s.agent.unwrap_or_default()), 1),
         );
     }
+}
 
+impl Watch {
     /// Takes what was counted since the last drain, one [`Activity`] per token (the shards'
     /// counts of a token merged).
     ///

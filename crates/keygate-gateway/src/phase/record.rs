@@ -130,19 +130,10 @@ impl Gateway {
         let Metered { table, route, caller, line, start, now, .. } = *m;
         let latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         table.metrics.request(route.map(|r| r.index), o.status, latency_us);
-        if self.watch.is_some() {
-            self.watch(m, o);
-        }
-        if let Some(calls) = &self.calls {
-            self.log_call(calls, m, o, latency_us);
-        }
         // Usage is metered per API key (a JWT exchanged from a key, as that key); other JWT callers
         // count in the route metrics.
-        if let (Some(route), Some(c)) = (route, caller)
-            && let Some(token) = c.key()
-        {
-            let ip = &c.ip;
-            self.meter.record(&Sample {
+        let sample = match (route, caller) {
+            (Some(route), Some(c)) => c.key().map(|token| Sample {
                 public_id: token.public_id(),
                 workspace_id: &token.workspace_id,
                 route_index: route.index,
@@ -152,8 +143,13 @@ impl Gateway {
                 bytes_out: o.bytes_out,
                 latency_us,
                 at: now,
-                client_ip: *ip,
-            });
+                client_ip: c.ip,
+            }),
+            _ => None,
+        };
+        self.tally(self.seen(m, o), sample.as_ref(), now.as_millis());
+        if let Some(calls) = &self.calls {
+            self.log_call(calls, m, o, latency_us);
         }
         if let Some(line) = line {
             // The log line holds only valid field values (no line breaks or other controls),
@@ -179,40 +175,54 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Counts the request for anomaly detection ([`crate::watch`]): an API key's (a JWT
-    /// exchanged from a key, as that key), a stopped token's (its refusal), or the OAuth client's
-    /// of one of keygate's own JWT access tokens. Other issuers' JWTs are not watched.
-    fn watch(&self, m: &Metered<'_>, o: Outcome) {
-        let (Some(watch), Some(method)) = (&self.watch, m.method) else { return };
+    /// Counts the request for the watch and the usage meter: the two shards locked, the two
+    /// entries found, then each counted, so that the lookups' cache misses overlap (see
+    /// [`crate::usage::UsageMeter::lock`]; they were most of the two's cost per request).
+    fn tally(&self, seen: Option<Seen<'_>>, sample: Option<&Sample<'_>>, now_ms: i64) {
+        let mut watch = self.watch.as_ref().zip(seen.as_ref()).and_then(|(w, _)| w.lock());
+        let mut meter = sample.and_then(|_| self.meter.lock());
+        let watched = watch.as_mut().zip(seen.as_ref()).and_then(|(w, s)| w.find(s, now_ms));
+        let metered = meter.as_mut().zip(sample).map(|(m, s)| m.find(s));
+        if let (Some(slot), Some(s)) = (watched, &seen) {
+            slot.count(s, now_ms);
+        }
+        if let (Some(slot), Some(s)) = (metered, sample) {
+            slot.count(s);
+        }
+    }
+
+    /// What the watch counts of the request (anomaly detection, [`crate::watch`]): an API key's
+    /// (a JWT exchanged from a key, as that key), a stopped token's (its refusal), or the OAuth
+    /// client's of one of keygate's own JWT access tokens; `None` for other issuers' JWTs (not
+    /// watched), or when the watch is off.
+    fn seen<'a>(&self, m: &Metered<'a>, o: Outcome) -> Option<Seen<'a>> {
+        let (Some(_), Some(method)) = (&self.watch, m.method) else { return None };
         let now = m.now.as_millis();
         let (key, client, workspace_id, app_id, ip, old_secret) = match (m.caller, m.stopped) {
             (Some(c), _) => match (c.key(), &c.who) {
                 (Some(t), _) => (t.public_id(), None, &t.workspace_id, &t.app_id, c.ip, false),
                 (None, Identity::Jwt(j)) => match (&j.watch_key, &j.client_id, &j.workspace_id, &j.app_id) {
                     (Some(k), Some(client), Some(ws), Some(app)) => (k, Some(client), ws, app, c.ip, false),
-                    _ => return,
+                    _ => return None,
                 },
-                (None, Identity::Key(_)) => return,
+                (None, Identity::Key(_)) => return None,
             },
             (None, Some((t, ip))) => (t.public_id(), None, &t.workspace_id, &t.app_id, ip, t.rotated_away(now)),
-            (None, None) => return,
+            (None, None) => return None,
         };
-        watch.record(
-            &Seen {
-                public_id: key,
-                client,
-                workspace_id,
-                app_id,
-                route: m.route.map(|r| &r.id),
-                method,
-                status: o.status,
-                refused: m.refusal.is_some() && matches!(o.status, 401 | 403),
-                old_secret,
-                ip,
-                agent: m.agent,
-            },
-            now,
-        );
+        Some(Seen {
+            public_id: key,
+            client,
+            workspace_id,
+            app_id,
+            route: m.route.map(|r| &r.id),
+            method,
+            status: o.status,
+            refused: m.refusal.is_some() && matches!(o.status, 401 | 403),
+            old_secret,
+            ip,
+            agent: m.agent,
+        })
     }
 }
 

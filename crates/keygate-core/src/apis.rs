@@ -190,13 +190,37 @@ pub fn check_version_name(name: &str) -> Result<()> {
     }
 }
 
+/// A URL's authority without user information: a host name (letters, digits, `-`, `.`, `_`,
+/// `~`) or an IPv6 address in brackets, then optionally `:` and a port (RFC 3986 §3.2). Anything
+/// else (an unclosed bracket, an `@`) would make the `Link` a URL its reader cannot parse.
+fn is_authority(a: &str) -> bool {
+    let (host_ok, port) = match a.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, port)) => (addr.parse::<std::net::Ipv6Addr>().is_ok(), port),
+            None => return false,
+        },
+        None => {
+            let (host, port) = a.split_at(a.find(':').unwrap_or(a.len()));
+            let name = host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+            (!host.is_empty() && name, port)
+        }
+    };
+    // An empty port is allowed (`host:`), as RFC 3986 allows it.
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|n| n.is_empty() || (n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u16>().is_ok()));
+    host_ok && port_ok
+}
+
 /// Checks a successor: an `https://` or `http://` URL or an absolute path, made only of the
 /// characters a URI may hold (RFC 3986) — it is sent in a `Link` header between `<` and `>`, so
 /// it must be a valid field value and must not close the brackets.
 pub fn check_successor(s: &str) -> Result<()> {
-    // A URL names a host; a path is absolute and not `//host` (a network-path reference).
+    // A URL names a host (and no user); a path is absolute and not `//host` (a network-path
+    // reference).
     let shape = match s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) {
-        Some(rest) => rest.bytes().next().is_some_and(|b| b != b'/'),
+        Some(rest) => is_authority(rest.split(['/', '?', '#']).next().unwrap_or_default()),
         None => s.starts_with('/') && !s.starts_with("//"),
     };
     let chars = s.bytes().all(|b| {
@@ -425,6 +449,24 @@ mod tests {
         assert!(check_version_name("..").is_err());
         for good in ["/v2/orders", "https://api.example.com/v2", "http://h:8080/a?b=c", "/", "/a:///b"] {
             assert!(check_successor(good).is_ok(), "{good}");
+        }
+        for good in ["https://[2001:db8::1]:8443/v2", "https://h:/v2", "http://a.b_c~d#x", "https://h?q"] {
+            assert!(check_successor(good).is_ok(), "{good}");
+        }
+        // Not a host: an unclosed or bad IPv6 literal, a user, a bad port (schemathesis found the
+        // first kept and then sent back in the `Link` header, which no client could parse).
+        for bad in [
+            "https://ey0p'GG1jn0,X+[o",
+            "https://X~*kxc$Ad]T#;hx",
+            "https://[::1/v2",
+            "https://[nothost]/v2",
+            "https://user:pw@h/v2",
+            "https://h:99999/v2",
+            "https://h:+80/v2",
+            "https://h:8a/v2",
+            "https://:80/v2",
+        ] {
+            assert_eq!(check_successor(bad).unwrap_err().code, "invalid_successor", "{bad}");
         }
         for bad in ["v2", "//evil", "https://", "https:///x", "/a b", "/a>b", "/a\"b", "ftp://x", "/\r\n"] {
             assert_eq!(check_successor(bad).unwrap_err().code, "invalid_successor", "{bad}");

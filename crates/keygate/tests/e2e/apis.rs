@@ -124,6 +124,9 @@ async fn an_api_goes_from_draft_to_retired_and_its_routes_follow() {
         (json!({"successor": "javascript:alert(1)"}), "invalid_successor"),
         (json!({"successor": "/v2 orders"}), "invalid_successor"),
         (json!({"successor": "/v2>; rel=x"}), "invalid_successor"),
+        // A URL whose host is not one (an unclosed IPv6 bracket): its `Link` would not parse.
+        (json!({"successor": "https://ey0p'GG1jn0,X+[o"}), "invalid_successor"),
+        (json!({"successor": "https://user@api.example.com/v2"}), "invalid_successor"),
         (json!({"name": "no spaces"}), "invalid_api_name"),
         (json!({"colour": "red"}), "invalid_body"),
         (json!({"openapi": {"swagger": "2.0"}}), "invalid_openapi"),

@@ -207,9 +207,9 @@ fn is_authority(a: &str) -> bool {
     };
     // An empty port is allowed (`host:`), as RFC 3986 allows it.
     let port_ok = port.is_empty()
-        || port
-            .strip_prefix(':')
-            .is_some_and(|n| n.is_empty() || (n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u16>().is_ok()));
+        || port.strip_prefix(':').is_some_and(|n| {
+            n.is_empty() || (n.len() <= 5 && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u16>().is_ok())
+        });
     host_ok && port_ok
 }
 
@@ -464,6 +464,7 @@ mod tests {
             "https://h:99999/v2",
             "https://h:+80/v2",
             "https://h:8a/v2",
+            "https://h:000080/v2",
             "https://:80/v2",
         ] {
             assert_eq!(check_successor(bad).unwrap_err().code, "invalid_successor", "{bad}");

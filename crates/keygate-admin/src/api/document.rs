@@ -385,7 +385,11 @@ fn apis(doc: &mut Value) {
     let versions =
         json!({"type": "array", "maxItems": keygate_core::apis::MAX_VERSIONS, "uniqueItems": true, "items": version});
     let successor = json!({"type": "string", "maxLength": keygate_core::apis::MAX_SUCCESSOR_LEN,
-        "pattern": format!("^(https?://[{URI_CHAR_NOT_SLASH}][{URI_CHAR}]*|/([{URI_CHAR_NOT_SLASH}][{URI_CHAR}]*)?)$")});
+    // A URL's host as `check_successor` reads it (a name, or an IPv6 address in brackets,
+    // which the pattern only approximates, as it does the port's range).
+    "pattern": format!(
+        "^(https?://([A-Za-z0-9._~-]+|\\[[0-9A-Fa-f:.]+\\])(:[0-9]{{0,5}})?([/?#][{URI_CHAR}]*)?|/([{URI_CHAR_NOT_SLASH}][{URI_CHAR}]*)?)$"
+    )});
     let description =
         json!({"type": "string", "maxLength": keygate_core::apis::MAX_DESCRIPTION_LEN, "pattern": TEXT_LINES});
     let openapi = json!({"type": "object", "required": ["openapi"],

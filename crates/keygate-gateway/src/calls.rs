@@ -172,6 +172,8 @@ struct Pending {
     base_ms: i64,
     /// The refusal reasons the calls name, each once (static text: a few dozen at most).
     refusals: Vec<&'static str>,
+    /// Bytes of extension methods' names recorded (counted against [`MAX_PENDING_BYTES`]).
+    other_bytes: usize,
 }
 
 impl Pending {
@@ -210,6 +212,7 @@ impl Pending {
         }
         self.names.clear();
         self.refusals.clear();
+        self.other_bytes = 0;
         self.paths.clear();
         if self.paths.capacity() > 2 * bytes {
             self.paths.shrink_to(bytes);
@@ -277,7 +280,12 @@ impl CallLog {
     pub fn record(&self, call: &Call<'_>) {
         let Some(shard) = self.shards.get(SHARD.with(|i| *i)) else { return };
         let mut pending = shard.0.lock();
-        if pending.calls.len() >= MAX_PENDING || pending.paths.len() + call.path.len() > MAX_PENDING_BYTES {
+        // An extension method's name (its text comes from the request) counts against the
+        // bytes like a path, each time, so the names a buffer interns stay within the bound.
+        let standard = METHODS.iter().position(|m| m == call.method);
+        let method_bytes = if standard.is_some() { 0 } else { call.method.as_str().len() };
+        let bytes = pending.paths.len() + pending.other_bytes + call.path.len() + method_bytes;
+        if pending.calls.len() >= MAX_PENDING || bytes > MAX_PENDING_BYTES {
             drop(pending);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -287,7 +295,8 @@ impl CallLog {
             p.base_ms = call.at_ms;
         }
         p.paths.push_str(call.path);
-        let method = match METHODS.iter().position(|m| m == call.method) {
+        p.other_bytes += method_bytes;
+        let method = match standard {
             Some(i) => i as u32,
             None => METHODS.len() as u32 + p.names.intern(call.method.as_str()),
         };
@@ -652,6 +661,17 @@ mod tests {
         }
         assert_eq!(log.pending(), 4);
         assert_eq!(log.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn extension_methods_count_against_the_bytes_held() {
+        let log = CallLog::default();
+        let long = Method::from_bytes("X".repeat(MAX_PENDING_BYTES / 4).as_bytes()).unwrap();
+        for _ in 0..5 {
+            log.record(&Call { method: &long, path: "/", ..call(1) });
+        }
+        assert_eq!(log.pending(), 3, "paths and method names within the bound");
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 2);
     }
 
     #[test]

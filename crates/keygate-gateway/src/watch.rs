@@ -181,7 +181,9 @@ impl Default for Watch {
 }
 
 impl Watch {
-    /// Counts one request at `now_ms`.
+    /// Counts one request at `now_ms` (for tests; the request path locks the shard beside the
+    /// usage meter's: [`Watch::lock`]).
+    #[cfg(test)]
     pub fn record(&self, s: &Seen<'_>, now_ms: i64) {
         if let Some(mut shard) = self.lock()
             && let Some(slot) = shard.find(s, now_ms)

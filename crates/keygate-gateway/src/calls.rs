@@ -151,6 +151,16 @@ impl Names {
             .get()
     }
 
+    /// [`Names::intern`], with the number the same field had in the call before: a text equal
+    /// to that one (a worker's calls mostly share their workspace, app and route) costs a
+    /// comparison instead of a hash and a probe.
+    fn intern_after(&mut self, name: &str, before: NameAt) -> NameAt {
+        match self.get(before) {
+            Some(have) if **have == *name => before,
+            _ => self.intern(name),
+        }
+    }
+
     fn get(&self, at: NameAt) -> Option<&Arc<str>> {
         self.list.get(at as usize)
     }
@@ -307,15 +317,16 @@ impl CallLog {
                 p.refusals.len()
             }
         });
+        let before = p.calls.last().map_or((NONE, NONE, NONE), |c| (c.workspace, c.app, c.route));
         let kept = Kept {
             at: i32::try_from(call.at_ms.saturating_sub(p.base_ms)).unwrap_or(if call.at_ms < p.base_ms {
                 i32::MIN
             } else {
                 i32::MAX
             }),
-            workspace: p.names.intern(call.workspace_id),
-            app: call.app_id.map_or(NONE, |a| p.names.intern(a)),
-            route: call.route.map_or(NONE, |r| p.names.intern(r)),
+            workspace: p.names.intern_after(call.workspace_id, before.0),
+            app: call.app_id.map_or(NONE, |a| p.names.intern_after(a, before.1)),
+            route: call.route.map_or(NONE, |r| p.names.intern_after(r, before.2)),
             method,
             path_end: p.paths.len() as u32,
             latency_us: call.latency_us,
@@ -584,6 +595,35 @@ mod tests {
         let chunks = log.ready_chunks(0, true);
         assert_eq!(chunks[0].workspace_id.as_str(), "ws_third");
         assert_eq!(decoded(&chunks[0])[0].path, "/orders/7");
+    }
+
+    #[test]
+    fn each_call_keeps_its_own_workspace_app_and_route_when_the_one_before_differs() {
+        // The names a call shares with the call before are reused, the others looked up: calls
+        // that alternate every field must each come back with their own.
+        let log = CallLog::default();
+        let fields =
+            [("ws_1", Some("app_1"), Some("orders")), ("ws_2", Some("app_2"), None), ("ws_1", None, Some("users"))];
+        for i in 0..9 {
+            let (workspace_id, app_id, route) = fields[i % 3];
+            let token = *format!("token{i:07}").as_bytes().first_chunk::<PUBLIC_ID_LEN>().unwrap();
+            log.record(&Call { workspace_id, app_id, route, token: Some(token), ..call(i as i64) });
+        }
+        let mut got: Vec<_> = log
+            .ready_chunks(0, true)
+            .iter()
+            .map(|c| {
+                let r = decoded(c);
+                assert_eq!(r.len(), 1);
+                let app = c.app_id.as_ref().map(|a| a.as_str().to_owned());
+                (r[0].at.as_millis(), c.workspace_id.as_str().to_owned(), app, r[0].route.clone())
+            })
+            .collect();
+        got.sort();
+        for (i, (at, ws, app, route)) in got.into_iter().enumerate() {
+            let (w, a, r) = fields[i % 3];
+            assert_eq!((at, ws.as_str(), app.as_deref(), route.as_deref()), (i as i64, w, a, r), "call {i}");
+        }
     }
 
     #[test]

@@ -311,7 +311,9 @@ pub fn render(email: &Email, workspace_name: &str, dashboard_url: Option<&str>) 
             format!("{b}/tokens/{target}")
         } else if target.starts_with("api_") {
             format!("{b}/apis")
-        } else if let Some(app) = body["data"]["after"]["app_id"].as_str().filter(|_| email.event_type.starts_with("oauth_client.")) {
+        } else if let Some(app) =
+            body["data"]["after"]["app_id"].as_str().filter(|_| email.event_type.starts_with("oauth_client."))
+        {
             format!("{b}/apps/{app}")
         } else {
             format!("{b}/audit")

@@ -1227,7 +1227,9 @@ impl OAuth {
         store.revoke_token_family(family, self.now(), audit).await?;
         for at in store.access_tokens_of_family(family).await? {
             if let Some(id) = TokenId::parse(&at.jti) {
-                self.admin.revoke_oauth_access_key(&at.workspace_id, &id, "its refresh-token family was revoked").await?;
+                self.admin
+                    .revoke_oauth_access_key(&at.workspace_id, &id, "its refresh-token family was revoked")
+                    .await?;
             }
         }
         // Every live node refuses the family's JWTs before this answers (bounded wait).

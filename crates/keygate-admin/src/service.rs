@@ -2563,8 +2563,8 @@ fn client_change(
     after: &OAuthClient,
     now: Timestamp,
 ) -> NewAuditEvent {
-    let mut audit =
-        NewAuditEvent::new(ws, actor, action, &before.client_id, now).with_diff(&before.audit_view(), &after.audit_view());
+    let mut audit = NewAuditEvent::new(ws, actor, action, &before.client_id, now)
+        .with_diff(&before.audit_view(), &after.audit_view());
     if let Some(Value::Object(a)) = audit.after.as_mut() {
         a.insert("app_id".into(), Value::from(after.app_id.as_str()));
     }

@@ -138,10 +138,11 @@ pub struct OAuthClient {
     /// unless an administrator says so.
     pub exchange_subject_apps: Vec<AppId>,
     /// When the client was suspended (by a person, or the workspace's anomaly policy), `None`
-    /// while it is active. A suspended client is issued nothing: every grant, introspection and
-    /// revocation is refused, its access tokens were revoked when it was suspended, and its
-    /// refresh tokens, kept so that resuming it needs no new grant, count as inactive. Only a
-    /// person resumes it: a disabled client in Keycloak's or Auth0's sense, but reversible.
+    /// while it is active. A suspended client is issued nothing (the token, introspection and
+    /// revocation endpoints refuse it as a caller), its access tokens were revoked when it was
+    /// suspended, and its refresh tokens, kept so that resuming it needs no new grant, count as
+    /// inactive until then. A person resumes it: a disabled client in Keycloak's or Auth0's
+    /// sense, kept whole so that it can be enabled again.
     pub suspended_at: Option<Timestamp>,
     /// Why, as the person or the policy said (the policy names its alert).
     pub suspended_reason: Option<String>,

@@ -541,11 +541,12 @@ impl OAuthStore for SqlStore {
         // suspension of the same client are serialized by the row lock: a token recorded first
         // is revoked with the rest, and one recorded after is refused here (SQLite runs one writer
         // at a time anyway). The same rule as join_family's for a family's revocation.
-        let live = sqlx::query("UPDATE oauth_clients SET version = version WHERE client_id = $1 AND suspended_at IS NULL")
-            .bind(t.client_id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        let live =
+            sqlx::query("UPDATE oauth_clients SET version = version WHERE client_id = $1 AND suspended_at IS NULL")
+                .bind(t.client_id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         if live.rows_affected() == 0 {
             return Err(if client_exists(&mut tx, &t.workspace_id, &t.client_id).await? {
                 client_suspended()

@@ -78,7 +78,10 @@ pub async fn run_client(args: ApiCommand<OAuthClientCommand>) -> anyhow::Result<
         }
         OAuthClientCommand::Suspend { app_id, reason } => {
             let body = json!({ "reason": reason });
-            Shown::rows(client.send(Method::POST, &format!("{}/suspend", path(app_id)?), Some(body)).await?, CLIENT_COLUMNS)
+            Shown::rows(
+                client.send(Method::POST, &format!("{}/suspend", path(app_id)?), Some(body)).await?,
+                CLIENT_COLUMNS,
+            )
         }
         OAuthClientCommand::Resume { app_id } => {
             Shown::rows(client.send(Method::POST, &format!("{}/resume", path(app_id)?), None).await?, CLIENT_COLUMNS)

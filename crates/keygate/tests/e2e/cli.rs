@@ -175,7 +175,10 @@ async fn cli_manages_plans_scopes_apps_and_oauth_clients() {
     assert_eq!(suspended["suspended_reason"], "secret in a CI log");
     let since = suspended["suspended_at"].as_str().expect("suspended_at").to_owned();
     let table = cli.table(&["oauth-client", "suspend", &app_id]);
-    assert!(table.contains("SUSPENDED_AT") && table.contains(&since) && table.contains("secret in a CI log"), "{table}");
+    assert!(
+        table.contains("SUSPENDED_AT") && table.contains(&since) && table.contains("secret in a CI log"),
+        "{table}"
+    );
     assert_eq!(cli.json(&["oauth-client", "show", &app_id])["suspended_at"], since.as_str());
     let resumed = cli.json(&["oauth-client", "resume", &app_id]);
     assert_eq!((&resumed["suspended_at"], &resumed["suspended_reason"]), (&Value::Null, &Value::Null));

@@ -512,7 +512,8 @@ async fn an_apps_oauth_client_is_registered_and_rotated_from_its_page() {
     // button; the token endpoint refuses the client. A viewer sees it and can do neither.
     let suspend = format!("/apps/{app}/oauth-client/suspend");
     let resume = format!("/apps/{app}/oauth-client/resume");
-    let status_cell = |body: &str| body.split("id=\"client-status\">").nth(1).unwrap().split("</td>").next().unwrap().to_owned();
+    let status_cell =
+        |body: &str| body.split("id=\"client-status\">").nth(1).unwrap().split("</td>").next().unwrap().to_owned();
     let page = own.get(&page_path).await.body;
     assert!(page.contains("Suspend client") && status_cell(&page).contains("badge active\">active<"), "{page}");
     assert_eq!(viewer.submit(&page_path, &suspend, &[]).await.status, StatusCode::FORBIDDEN);
@@ -526,7 +527,9 @@ async fn an_apps_oauth_client_is_registered_and_rotated_from_its_page() {
     assert!(page.contains("OAuth client suspended: it is issued no token"), "{page}");
     let cell = status_cell(&page);
     assert!(cell.contains("badge suspended\">suspended<") && cell.contains(": rotating after an incident"), "{cell}");
-    assert!(page.contains("id=\"client-suspended\"") && page.contains("Resume client") && !page.contains("Suspend client"));
+    assert!(
+        page.contains("id=\"client-suspended\"") && page.contains("Resume client") && !page.contains("Suspend client")
+    );
     let (status, t) = client_credentials(&kg, &client_id, &rotated).await;
     assert_eq!((status, t["error"].as_str()), (StatusCode::BAD_REQUEST, Some("unauthorized_client")), "{t}");
     let seen = viewer.get(&page_path).await.body;

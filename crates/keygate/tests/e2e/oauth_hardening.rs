@@ -347,8 +347,12 @@ async fn a_suspended_client_is_issued_nothing_and_its_tokens_are_refused_until_r
     let kg = kit(&up).await;
     let admin = kg.client();
     let a = client(&kg, "a", json!({"grant_types": ALL_GRANTS, "scopes": ["orders:read"]})).await;
-    let b = client(&kg, "b", json!({"grant_types": [EXCHANGE], "scopes": ["orders:read"], "exchange_subject_apps": [a.app]}))
-        .await;
+    let b = client(
+        &kg,
+        "b",
+        json!({"grant_types": [EXCHANGE], "scopes": ["orders:read"], "exchange_subject_apps": [a.app]}),
+    )
+    .await;
     let (s, t) = post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await;
     assert_eq!(s, StatusCode::OK, "{t}");
     let jwt = t["access_token"].as_str().unwrap().to_owned();
@@ -372,7 +376,10 @@ async fn a_suspended_client_is_issued_nothing_and_its_tokens_are_refused_until_r
 
     // At once, with no wait for the feed: its JWT is refused at the gateway, and so is the token
     // B derived from it.
-    assert_eq!(get_orders(&kg, &format!("Bearer {jwt}"), None).await, (StatusCode::UNAUTHORIZED, "token_revoked".into()));
+    assert_eq!(
+        get_orders(&kg, &format!("Bearer {jwt}"), None).await,
+        (StatusCode::UNAUTHORIZED, "token_revoked".into())
+    );
     assert_eq!(get_orders(&kg, &derived, None).await, (StatusCode::UNAUTHORIZED, "subject_token_inactive".into()));
 
     // Every grant is refused: unauthorized_client, saying what to do and not why.
@@ -383,7 +390,9 @@ async fn a_suspended_client_is_issued_nothing_and_its_tokens_are_refused_until_r
         assert!(!text.contains(why), "the reason is not told to the client: {text}");
     };
     refused(post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await);
-    refused(post(&kg, &a, "/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], None).await);
+    refused(
+        post(&kg, &a, "/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], None).await,
+    );
     let (_, key) = api_key(&kg, Some(&a.app), json!({"scopes": ["orders:read"]})).await;
     refused(exchange(&kg, &a, &key, None, None).await);
     // Nor may it introspect or revoke; B's introspection of its tokens says inactive.
@@ -412,8 +421,12 @@ async fn a_suspended_client_is_issued_nothing_and_its_tokens_are_refused_until_r
     assert_eq!((&r.body["suspended_at"], &r.body["suspended_reason"]), (&Value::Null, &Value::Null));
     let (s, t) = post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await;
     assert_eq!(s, StatusCode::OK, "{t}");
-    assert_eq!(get_orders(&kg, &format!("Bearer {}", t["access_token"].as_str().unwrap()), None).await.0, StatusCode::OK);
-    let (s, t) = post(&kg, &a, "/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], None).await;
+    assert_eq!(
+        get_orders(&kg, &format!("Bearer {}", t["access_token"].as_str().unwrap()), None).await.0,
+        StatusCode::OK
+    );
+    let (s, t) =
+        post(&kg, &a, "/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], None).await;
     assert_eq!(s, StatusCode::OK, "the refresh token was kept, not spent: {t}");
     assert_eq!(get_orders(&kg, &format!("Bearer {jwt}"), None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(admin.post(&format!("{path}/resume"), &json!({})).await.status, StatusCode::OK);
@@ -448,6 +461,15 @@ async fn a_suspended_client_is_issued_nothing_and_its_tokens_are_refused_until_r
     let r = kg.client_with(Some(&reader)).post(&format!("{path}/suspend"), &json!({})).await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "missing_permission"));
     assert_eq!(admin.get(&path).await.body["suspended_at"], Value::Null, "refusals change nothing");
+    // The OpenAPI document describes both endpoints and the fields.
+    let doc = admin.get("/admin/v1/openapi.json").await.body;
+    for action in ["suspend", "resume"] {
+        let op = &doc["paths"][format!("/admin/v1/apps/{{id}}/oauth-client/{action}")]["post"];
+        assert!(op["responses"]["200"].is_object() && op["responses"]["404"].is_object(), "{action}: {op}");
+    }
+    let view = &doc["components"]["schemas"]["ClientView"]["properties"];
+    assert!(view["suspended_at"].is_object() && view["suspended_reason"].is_object(), "{view}");
+    assert_eq!(doc["components"]["schemas"]["SuspendClientRequest"]["properties"]["reason"]["maxLength"], 500);
     // The event types webhooks may subscribe to include the client's suspension and resumption.
     let types = admin.get("/admin/v1/webhook-event-types").await.body.to_string();
     assert!(types.contains("oauth_client.suspended") && types.contains("oauth_client.resumed"), "{types}");

@@ -1403,7 +1403,8 @@ impl OAuth {
             if i.format == AccessTokenFormat::Opaque
                 && let Some(id) = TokenId::parse(&record.jti)
             {
-                self.admin.revoke_oauth_access_key(&client.workspace_id, &id, "issued to a suspended client").await?;
+                let why = "not issued: its client was suspended or deleted, or its family revoked, meanwhile";
+                self.admin.revoke_oauth_access_key(&client.workspace_id, &id, why).await?;
             }
             return Err(match e.code {
                 "oauth_client_suspended" => client_suspended(),

@@ -667,7 +667,7 @@ async function run(browser, kg) {
     const clientId = await textOf(owner, owner.locator('code#client-id'), 'code#client-id');
     const secret = await textOf(owner, owner.locator('code#client-secret'), 'code#client-secret');
     await shot(owner, '11-oauth-client-created');
-    const resp = await fetch(`${gatewayBase}/oauth2/token`, {
+    const tokenRequest = () => fetch(`${gatewayBase}/oauth2/token`, {
       method: 'POST',
       headers: {
         authorization: `Basic ${Buffer.from(`${clientId}:${secret}`).toString('base64')}`,
@@ -675,12 +675,33 @@ async function run(browser, kg) {
       },
       body: 'grant_type=client_credentials',
     });
+    const resp = await tokenRequest();
     const text = await resp.text();
     check(resp.status === 200 && text.includes('"access_token"'), `/oauth2/token answered ${resp.status}: ${text.slice(0, 300)}`);
     await goto(owner, ctx.appHref);
     const html = await owner.content();
     check(html.includes(clientId) && !html.includes(secret), 'the app page shows the client id, and not the secret again');
     await expectVisible(owner, owner.getByRole('button', { name: 'Rotate secret' }), 'the "Rotate secret" button');
+    ctx.client = { id: clientId, tokenRequest };
+  });
+
+  await step('OAuth client: suspended with a reason, refused at the token endpoint, then resumed', async () => {
+    await goto(owner, ctx.appHref);
+    await owner.getByLabel(/^\s*Reason\b/).fill('browser test: suspected leak');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Suspend client' }), 'the "Suspend client" button');
+    const status = await textOf(owner, owner.locator('#client-status'), '#client-status');
+    check(status.includes('suspended') && status.includes('browser test: suspected leak'),
+      `the client's status reads ${JSON.stringify(status)}, expected "suspended" with the reason`);
+    const refused = await ctx.client.tokenRequest();
+    const body = await refused.text();
+    check(refused.status === 400 && body.includes('unauthorized_client'),
+      `/oauth2/token answered ${refused.status} to a suspended client, expected 400 unauthorized_client: ${body.slice(0, 300)}`);
+    await shot(owner, '11b-oauth-client-suspended');
+    await clickAndLoad(owner, owner.getByRole('button', { name: 'Resume client' }), 'the "Resume client" button');
+    const resumed = await textOf(owner, owner.locator('#client-status'), '#client-status');
+    check(resumed.includes('active'), `the client's status reads ${JSON.stringify(resumed)} after a resume, expected "active"`);
+    const again = await ctx.client.tokenRequest();
+    check(again.status === 200, `/oauth2/token answered ${again.status} to the resumed client, expected 200`);
   });
 
   await step('audit log: lists token.revoke; CSV and JSON exports', async () => {

@@ -24,7 +24,7 @@ use keygate_core::anomaly::{
 };
 use keygate_core::ids::{AlertId, WorkspaceId};
 use keygate_core::model::{Actor, NewAuditEvent, Page, PageRequest, TokenState};
-use keygate_core::{Error, Result, Timestamp};
+use keygate_core::{Error, ErrorKind, Result, Timestamp};
 use parking_lot::Mutex;
 
 use crate::service::Admin;
@@ -328,29 +328,43 @@ impl Admin {
         *det.raised.lock().entry((alert.kind, alert.severity)).or_insert(0) += 1;
         tracing::warn!(alert_id = %alert.id, subject = %alert.subject, kind = alert.kind.as_str(),
             severity = alert.severity.as_str(), summary = %alert.summary, "anomaly alert");
-        // The policy: suspend at or above the workspace's severity. An old secret's token is
-        // refused already (its successor is not suspected), so it only notifies; so does an
-        // OAuth client's alert (a client is not suspended: its secret is rotated, or it is
-        // deleted, by a person).
+        // The policy: suspend at or above the workspace's severity — the token, or the OAuth
+        // client whose JWTs were used (its access tokens are revoked at every gateway, and the
+        // token endpoint issues it nothing, until a person resumes it: a JWT lives minutes, and
+        // the credential that leaked is the client's secret). An old secret's token is refused
+        // already (its successor is not suspected), so it only notifies.
         let policy = self.store().workspace_policy(&alert.workspace_id).await?;
-        if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min)
-            && alert.kind != AlertKind::OldSecret
-            && let Watched::Token(token_id) = &alert.subject
-        {
-            let token = self.token(&alert.workspace_id, token_id).await?;
-            if token.state == TokenState::Active {
-                let actor = Actor { id: "anomaly-policy".into(), source: None, owner: true };
-                let reason = format!(
-                    "anomaly alert {} ({}, {}): {}",
-                    alert.id,
-                    alert.kind.as_str(),
-                    alert.severity,
-                    alert.summary
-                );
-                self.suspend_token_because(&alert.workspace_id, &actor, token_id, &reason).await?;
+        if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min) && alert.kind != AlertKind::OldSecret {
+            let actor = Actor { id: "anomaly-policy".into(), source: None, owner: true };
+            let reason =
+                format!("anomaly alert {} ({}, {}): {}", alert.id, alert.kind.as_str(), alert.severity, alert.summary);
+            let suspended = match &alert.subject {
+                Watched::Token(token_id) => {
+                    let token = self.token(&alert.workspace_id, token_id).await?;
+                    let active = token.state == TokenState::Active;
+                    if active {
+                        self.suspend_token_because(&alert.workspace_id, &actor, token_id, &reason).await?;
+                    }
+                    active
+                }
+                Watched::Client(client_id) => {
+                    // A client deleted (with its app) since its tokens were used: nothing to stop.
+                    let active = match self.oauth_client(&alert.workspace_id, client_id).await {
+                        Ok(client) => !client.is_suspended(),
+                        Err(e) if e.kind == ErrorKind::NotFound => false,
+                        Err(e) => return Err(e),
+                    };
+                    if active {
+                        self.suspend_oauth_client_because(&alert.workspace_id, &actor, client_id, Some(&reason))
+                            .await?;
+                    }
+                    active
+                }
+            };
+            if suspended {
                 self.store().set_alert_action(&alert.id, "suspended").await?;
                 alert.action = Some("suspended".into());
-                tracing::warn!(alert_id = %alert.id, token_id = %token_id, "the workspace's anomaly policy suspended the token");
+                tracing::warn!(alert_id = %alert.id, subject = %alert.subject, "the workspace's anomaly policy suspended the alert's subject");
             }
         }
         Ok(Some(alert))
@@ -398,14 +412,21 @@ impl Admin {
         self.alert(ws, id).await
     }
 
-    /// The one-click answer to a false alarm: resumes the token the alert's policy suspended
-    /// (audited as `token.resume` with the alert as the reason) and resolves the alert.
+    /// The one-click answer to a false alarm: resumes the token or OAuth client the alert's
+    /// policy suspended (audited as `token.resume` or `oauth_client.resume`) and resolves the
+    /// alert.
     pub async fn resume_from_alert(&self, ws: &WorkspaceId, actor: &Actor, id: &AlertId) -> Result<Alert> {
         let alert = self.alert(ws, id).await?;
-        if let Watched::Token(token_id) = &alert.subject
-            && self.token(ws, token_id).await?.state == TokenState::Suspended
-        {
-            self.resume_token(ws, actor, token_id).await?;
+        match &alert.subject {
+            Watched::Token(token_id) => {
+                if self.token(ws, token_id).await?.state == TokenState::Suspended {
+                    self.resume_token(ws, actor, token_id).await?;
+                }
+            }
+            // Resuming an active client changes nothing.
+            Watched::Client(client_id) => {
+                self.resume_oauth_client(ws, actor, client_id).await?;
+            }
         }
         if alert.status == AlertStatus::Resolved {
             return Ok(alert);

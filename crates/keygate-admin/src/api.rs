@@ -188,6 +188,8 @@ pub fn api_router() -> (Router<AdminState>, utoipa::openapi::OpenApi) {
         .routes(routes!(nodes::list_nodes))
         .routes(routes!(oauth::create_client, oauth::get_client, oauth::update_client))
         .routes(routes!(oauth::rotate_client_secret))
+        .routes(routes!(oauth::suspend_client))
+        .routes(routes!(oauth::resume_client))
         .routes(routes!(oauth::list_keys))
         .routes(routes!(oauth::rotate_keys))
         .routes(routes!(root_keys::list_root_keys))

@@ -416,6 +416,8 @@ pub fn router(state: DashboardState) -> Router {
         .route("/apps/{id}/statement.csv", get(oauth::statement_csv))
         .route("/apps/{id}/oauth-client", post(oauth::create_client))
         .route("/apps/{id}/oauth-client/rotate", post(oauth::rotate_secret))
+        .route("/apps/{id}/oauth-client/suspend", post(oauth::suspend_client))
+        .route("/apps/{id}/oauth-client/resume", post(oauth::resume_client))
         .route("/plan-requests/{id}/approve", post(pages::approve_plan))
         .route("/plan-requests/{id}/deny", post(pages::deny_plan))
         .route("/tokens", get(pages::tokens).post(pages::create_token))

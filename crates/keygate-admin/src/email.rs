@@ -102,6 +102,27 @@ fn describe(kind: &str, data: &Value) -> (String, Vec<(String, String)>, String)
         }
         "token.suspended" => ("A token was suspended.", "Calls with it are refused until it is resumed."),
         "token.resumed" => ("A suspended token was resumed.", "Calls with it are accepted again."),
+        "oauth_client.suspended" | "oauth_client.resumed" => {
+            facts[0].0 = "OAuth client".into();
+            if let Some(a) = after["app_id"].as_str() {
+                facts.push(("App".into(), a.to_owned()));
+            }
+            if kind == "oauth_client.resumed" {
+                (
+                    "A suspended OAuth client was resumed.",
+                    "It is issued access tokens again, and its refresh tokens work again.",
+                )
+            } else {
+                if let Some(r) = after["suspended_reason"].as_str() {
+                    facts.push(("Reason".into(), r.to_owned()));
+                }
+                facts.push(("Access tokens revoked".into(), text(&after["access_tokens_revoked"])));
+                (
+                    "An OAuth client was suspended.",
+                    "The token endpoint issues it nothing and its access tokens are refused. If its secret may be stolen, rotate it on its app's page before resuming the client there.",
+                )
+            }
+        }
         "token.rotated" => {
             ("A token was rotated.", "Deploy the new secret: the old one stops working when its grace period ends.")
         }
@@ -290,6 +311,10 @@ pub fn render(email: &Email, workspace_name: &str, dashboard_url: Option<&str>) 
             format!("{b}/tokens/{target}")
         } else if target.starts_with("api_") {
             format!("{b}/apis")
+        } else if let Some(app) =
+            body["data"]["after"]["app_id"].as_str().filter(|_| email.event_type.starts_with("oauth_client."))
+        {
+            format!("{b}/apps/{app}")
         } else {
             format!("{b}/audit")
         }

@@ -643,6 +643,8 @@ impl OAuth {
             access_token_ttl_seconds: ttl,
             refresh_token_ttl_seconds: refresh_ttl,
             exchange_subject_apps,
+            suspended_at: None,
+            suspended_reason: None,
             created_at: now,
             updated_at: now,
             version: 1,
@@ -757,6 +759,25 @@ impl OAuth {
         Ok((client, minted.secret))
     }
 
+    /// Suspends the OAuth client of an app, for a reason a person gave (see
+    /// [`Admin::suspend_oauth_client_because`]).
+    pub async fn suspend_client(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        app_id: &AppId,
+        reason: Option<String>,
+    ) -> Result<OAuthClient> {
+        let client = self.client_for_app(ws, app_id).await?;
+        self.admin.suspend_oauth_client(ws, actor, &client.client_id, reason).await
+    }
+
+    /// Resumes the OAuth client of an app (see [`Admin::resume_oauth_client`]).
+    pub async fn resume_client(&self, ws: &WorkspaceId, actor: &Actor, app_id: &AppId) -> Result<OAuthClient> {
+        let client = self.client_for_app(ws, app_id).await?;
+        self.admin.resume_oauth_client(ws, actor, &client.client_id).await
+    }
+
     // ---- the endpoints -----------------------------------------------------------------------
 
     fn now_us(&self) -> i64 {
@@ -869,6 +890,8 @@ impl OAuth {
         let failures = Self::failure_key(req, &claimed);
         self.failures_allow(&failures).await?;
         match self.verify_client(req, &claimed, basic.as_ref(), post, assertion).await {
+            // Authenticated, and only then told it is suspended: a guesser learns nothing.
+            Ok(client) if client.is_suspended() => Err(client_suspended()),
             Ok(client) => Ok(client),
             Err(e) if e.status == 401 => {
                 // Counted per (address, claimed id): a flood elsewhere does not slow the real client.
@@ -1204,21 +1227,14 @@ impl OAuth {
         store.revoke_token_family(family, self.now(), audit).await?;
         for at in store.access_tokens_of_family(family).await? {
             if let Some(id) = TokenId::parse(&at.jti) {
-                self.revoke_opaque(&at.workspace_id, &id, "its refresh-token family was revoked").await?;
+                self.admin
+                    .revoke_oauth_access_key(&at.workspace_id, &id, "its refresh-token family was revoked")
+                    .await?;
             }
         }
         // Every live node refuses the family's JWTs before this answers (bounded wait).
         self.admin.acknowledged(store.position()).await;
         Ok(())
-    }
-
-    async fn revoke_opaque(&self, ws: &WorkspaceId, id: &TokenId, reason: &str) -> Result<()> {
-        let actor = Actor { id: "oauth".into(), source: None, owner: true };
-        match self.admin.revoke_token(ws, &actor, id, Some(reason.to_owned())).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// Token exchange (RFC 8693 §2). The new token may do no more than its subject: it holds at
@@ -1381,7 +1397,22 @@ impl OAuth {
             expires_at: now.plus_seconds(i64::from(i.ttl)),
             revoked_at: None,
         };
-        self.admin.store().insert_access_token(&record).await?;
+        if let Err(e) = self.admin.store().insert_access_token(&record).await {
+            // Nothing is issued. The client was suspended (or deleted) since it authenticated, or
+            // the family revoked meanwhile; an opaque token, already an API key, is revoked.
+            if i.format == AccessTokenFormat::Opaque
+                && let Some(id) = TokenId::parse(&record.jti)
+            {
+                let why = "not issued: its client was suspended or deleted, or its family revoked, meanwhile";
+                self.admin.revoke_oauth_access_key(&client.workspace_id, &id, why).await?;
+            }
+            return Err(match e.code {
+                "oauth_client_suspended" => client_suspended(),
+                "oauth_client_not_found" => OAuthError::invalid_client("client authentication failed"),
+                "token_family_revoked" => OAuthError::invalid_grant("the refresh token's family was revoked"),
+                _ => OAuthError::server(&e),
+            });
+        }
         Ok(TokenResponse {
             access_token,
             token_type: if i.jkt.is_some() { "DPoP" } else { "Bearer" },
@@ -1392,8 +1423,21 @@ impl OAuth {
         })
     }
 
-    /// What an active token presented to introspection or exchange is.
+    /// What an active token presented to introspection, exchange or revocation is: none issued to
+    /// a suspended client is active. (Its access tokens were revoked when it was suspended; its
+    /// refresh tokens are kept for when it is resumed, and are inactive until then.)
     async fn active_token(&self, token: &str) -> Result<Option<ActiveToken>> {
+        let Some(t) = self.found_token(token).await? else { return Ok(None) };
+        if let Some(id) = &t.client_id
+            && self.admin.store().oauth_client(id).await?.is_some_and(|c| c.is_suspended())
+        {
+            return Ok(None);
+        }
+        Ok(Some(t))
+    }
+
+    /// What a token is, if it is one of ours that is neither expired nor revoked.
+    async fn found_token(&self, token: &str) -> Result<Option<ActiveToken>> {
         let now = self.now();
         let now_s = now.as_millis() / 1000;
         if token.matches('.').count() == 2 {
@@ -1608,7 +1652,7 @@ impl OAuth {
             let audit = NewAuditEvent::new(&t.workspace_id, &actor, "oauth.access_token.revoke", jti, now);
             store.revoke_access_token(jti, now, &audit).await?;
             if let Some(id) = TokenId::parse(jti) {
-                self.revoke_opaque(&t.workspace_id, &id, "revoked by its client").await?;
+                self.admin.revoke_oauth_access_key(&t.workspace_id, &id, "revoked by its client").await?;
             }
             self.admin.acknowledged(store.position()).await;
         }
@@ -1702,6 +1746,19 @@ pub fn nonce_key(admin: &Admin) -> Result<dpop::NonceKey> {
 
 /// How long a DPoP nonce is handed out; it is accepted for as long again after that.
 pub const NONCE_WINDOW_S: i64 = 300;
+
+/// A suspended client's answer at every endpoint: 400 `unauthorized_client`, RFC 6749 §5.2's
+/// "the authenticated client is not authorized to use this authorization grant type" (for any
+/// grant). Not `invalid_client`: its credentials are good, and that code would send its operators
+/// to check a secret that is not the problem. The suspension's reason is not told: it may
+/// describe what the anomaly detector saw, and whoever holds the secret may be who it saw.
+fn client_suspended() -> OAuthError {
+    OAuthError::new(
+        400,
+        "unauthorized_client",
+        "this client is suspended: it is issued no token until a person resumes it (on its app's page in the dashboard, or POST /admin/v1/apps/{id}/oauth-client/resume)",
+    )
+}
 
 /// 429 `slow_down` with the seconds to wait.
 fn slow_down(retry_after: u64) -> OAuthError {

@@ -11,6 +11,7 @@ use keygate_core::model::{
     Propagation, RootKey, RootKeyStatus, ScopeEntry, TokenFilter, TokenRecord, TokenState, TokenStatus, UsageRecord,
     Workspace,
 };
+use keygate_core::oauth::OAuthClient;
 use keygate_core::policy::{Quota, RateLimit, parse_allowlist};
 use keygate_core::scope::{Scope, parse_scope_list};
 use keygate_core::secret::{Pepper, Randomness, TokenSecret};
@@ -1620,6 +1621,95 @@ impl Admin {
         .await
     }
 
+    /// Any workspace's OAuth client with this id, if it is `ws`'s (another's is not found).
+    pub async fn oauth_client(&self, ws: &WorkspaceId, client_id: &str) -> Result<OAuthClient> {
+        self.store
+            .oauth_client(client_id)
+            .await?
+            .filter(|c| c.workspace_id == *ws)
+            .ok_or_else(|| Error::not_found("oauth client"))
+    }
+
+    /// Suspends an OAuth client, for a reason a person gave (checked like a revocation's): see
+    /// [`Self::suspend_oauth_client_because`].
+    pub async fn suspend_oauth_client(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        client_id: &str,
+        reason: Option<String>,
+    ) -> Result<OAuthClient> {
+        let reason = reason.map(|r| validate_text(&r, "reason", MAX_REASON_LEN)).transpose()?;
+        self.suspend_oauth_client_because(ws, actor, client_id, reason.as_deref()).await
+    }
+
+    /// Suspends an OAuth client for `reason` (a person's, or a policy's naming its alert): the
+    /// token endpoint issues it nothing until a person resumes it, and its live access tokens stop
+    /// at every gateway — the JWTs through the change feed, the opaque ones (API keys) revoked as
+    /// keys — before this answers (bounded, as a token change is). Its refresh tokens are kept,
+    /// refused while it is suspended. Audited as `oauth_client.suspend`, whose `after` holds
+    /// `suspended_at`, `suspended_reason` and `access_tokens_revoked`. Suspending a suspended
+    /// client changes nothing: its first suspension's time and reason stay.
+    pub async fn suspend_oauth_client_because(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        client_id: &str,
+        reason: Option<&str>,
+    ) -> Result<OAuthClient> {
+        let current = self.oauth_client(ws, client_id).await?;
+        if current.is_suspended() {
+            return Ok(current);
+        }
+        let now = self.now();
+        let next =
+            OAuthClient { suspended_at: Some(now), suspended_reason: reason.map(str::to_owned), ..current.clone() };
+        let audit = client_change(ws, actor, "oauth_client.suspend", &current, &next, now);
+        let Some(done) = self.store.suspend_oauth_client(ws, client_id, reason, now, &audit).await? else {
+            // Suspended meanwhile (by the policy, or by another person): as it is now.
+            return self.oauth_client(ws, client_id).await;
+        };
+        for jti in &done.revoked {
+            if let Some(id) = TokenId::parse(jti) {
+                self.revoke_oauth_access_key(ws, &id, "its OAuth client was suspended").await?;
+            }
+        }
+        if !done.revoked.is_empty() {
+            // Every live node refuses the client's JWTs before this answers (bounded wait).
+            self.acknowledged(self.store.position()).await;
+        }
+        Ok(done.client)
+    }
+
+    /// Lifts an OAuth client's suspension: the token endpoint serves it again, its refresh tokens
+    /// work again (the access tokens revoked by the suspension stay revoked). Audited as
+    /// `oauth_client.resume`. Resuming an active client changes nothing.
+    pub async fn resume_oauth_client(&self, ws: &WorkspaceId, actor: &Actor, client_id: &str) -> Result<OAuthClient> {
+        let current = self.oauth_client(ws, client_id).await?;
+        if !current.is_suspended() {
+            return Ok(current);
+        }
+        let now = self.now();
+        let next = OAuthClient { suspended_at: None, suspended_reason: None, ..current.clone() };
+        let audit = client_change(ws, actor, "oauth_client.resume", &current, &next, now);
+        match self.store.resume_oauth_client(ws, client_id, now, &audit).await? {
+            Some(client) => Ok(client),
+            // Resumed meanwhile: as it is now.
+            None => self.oauth_client(ws, client_id).await,
+        }
+    }
+
+    /// Revokes an opaque OAuth access token (an API key) as the authorization server (actor
+    /// `oauth`), for `reason`; one that is gone already is no error.
+    pub(crate) async fn revoke_oauth_access_key(&self, ws: &WorkspaceId, id: &TokenId, reason: &str) -> Result<()> {
+        let actor = Actor { id: "oauth".into(), source: None, owner: true };
+        match self.revoke_token(ws, &actor, id, Some(reason.to_owned())).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn revoke_token(
         &self,
         ws: &WorkspaceId,
@@ -2461,6 +2551,24 @@ pub(crate) fn validate_name(name: &str, what: &str) -> Result<String> {
         ));
     }
     Ok(trimmed.to_owned())
+}
+
+/// The audit event of a change of an OAuth client's state: the fields that changed, and the
+/// client's app in `after` (the event's target is the client; its email links the app's page).
+fn client_change(
+    ws: &WorkspaceId,
+    actor: &Actor,
+    action: &str,
+    before: &OAuthClient,
+    after: &OAuthClient,
+    now: Timestamp,
+) -> NewAuditEvent {
+    let mut audit = NewAuditEvent::new(ws, actor, action, &before.client_id, now)
+        .with_diff(&before.audit_view(), &after.audit_view());
+    if let Some(Value::Object(a)) = audit.after.as_mut() {
+        a.insert("app_id".into(), Value::from(after.app_id.as_str()));
+    }
+    audit
 }
 
 fn validate_text(text: &str, what: &str, max: usize) -> Result<String> {

@@ -141,8 +141,8 @@ pub struct WorkspacePolicy {
     /// A token past that age is suspended (`true`) or only flagged (`false`).
     #[serde(default)]
     pub suspend_unrotated: bool,
-    /// Anomaly alerts of this severity or above suspend their token at once (actor
-    /// `anomaly-policy`, the alert in the reason); `None`: alerts only notify.
+    /// Anomaly alerts of this severity or above suspend their token or OAuth client at once
+    /// (actor `anomaly-policy`, the alert in the reason); `None`: alerts only notify.
     #[serde(default)]
     pub anomaly_suspend: Option<crate::anomaly::Severity>,
     /// What every token of the workspace must be, and what the gateway refuses before any token

@@ -86,6 +86,18 @@ pub const EVENT_TYPES: &[EventType] = &[
         email: NOBODY,
     },
     EventType {
+        name: "oauth_client.suspended",
+        actions: &["oauth_client.suspend"],
+        description: "An OAuth client was suspended (by a person or the anomaly policy): it is issued no token, and its access tokens were revoked.",
+        email: APP_OWNER,
+    },
+    EventType {
+        name: "oauth_client.resumed",
+        actions: &["oauth_client.resume"],
+        description: "A suspended OAuth client was resumed.",
+        email: NOBODY,
+    },
+    EventType {
         name: "token.rotated",
         actions: &["token.rotate"],
         description: "A token was replaced by a new secret (the old one works until its grace ends).",

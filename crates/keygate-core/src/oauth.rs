@@ -137,6 +137,15 @@ pub struct OAuthClient {
     /// present as `subject_token`. Empty by default: a client cannot act for another's credentials
     /// unless an administrator says so.
     pub exchange_subject_apps: Vec<AppId>,
+    /// When the client was suspended (by a person, or the workspace's anomaly policy), `None`
+    /// while it is active. A suspended client is issued nothing (the token, introspection and
+    /// revocation endpoints refuse it as a caller), its access tokens were revoked when it was
+    /// suspended, and its refresh tokens, kept so that resuming it needs no new grant, count as
+    /// inactive until then. A person resumes it: a disabled client in Keycloak's or Auth0's
+    /// sense, kept whole so that it can be enabled again.
+    pub suspended_at: Option<Timestamp>,
+    /// Why, as the person or the policy said (the policy names its alert).
+    pub suspended_reason: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     /// Bumped by every change; updates carry the version they read (optimistic concurrency).
@@ -159,7 +168,14 @@ impl OAuthClient {
             "access_token_ttl_seconds": self.access_token_ttl_seconds,
             "refresh_token_ttl_seconds": self.refresh_token_ttl_seconds,
             "exchange_subject_apps": self.exchange_subject_apps,
+            "suspended_at": self.suspended_at,
+            "suspended_reason": self.suspended_reason,
         })
+    }
+
+    /// Whether the client is suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended_at.is_some()
     }
 }
 
@@ -304,6 +320,16 @@ impl ExchangedFrom {
     }
 }
 
+/// What suspending a client changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientSuspension {
+    /// The client as it now is.
+    pub client: OAuthClient,
+    /// The `jti` of every access token the suspension revoked (an opaque access token's is its
+    /// API key's id, which the service revokes as a key too).
+    pub revoked: Vec<String>,
+}
+
 /// What presenting a refresh token found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RefreshUse {
@@ -338,6 +364,32 @@ pub trait OAuthStore: Send + Sync {
     /// Writes `client` (whose `version` is the one read plus one) if the stored version is still
     /// `client.version - 1`; otherwise `concurrent_update` (`oauth_client_not_found` if it is gone).
     async fn update_oauth_client(&self, client: &OAuthClient, audit: &NewAuditEvent) -> Result<()>;
+    /// Suspends the client `client_id` of `ws` at `now` for `reason`, and revokes each of its
+    /// access tokens that has neither expired nor been revoked, publishing them on the change
+    /// feed as a family revocation does (its refresh tokens are kept: suspension is reversible).
+    /// The client's row is changed first, and issuing an access token checks the suspension
+    /// under that row's lock (see [`Self::insert_access_token`]), so no token issued in a race
+    /// with the suspension outlives it. The audit event is written with `access_tokens_revoked`
+    /// added to its `after`. `None`, with nothing written, if the client was suspended already;
+    /// `oauth_client_not_found` if there is no such client in `ws`.
+    async fn suspend_oauth_client(
+        &self,
+        ws: &WorkspaceId,
+        client_id: &str,
+        reason: Option<&str>,
+        now: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<Option<ClientSuspension>>;
+    /// Lifts the client's suspension (its refresh tokens work again; its revoked access tokens
+    /// stay revoked). The client as it now is, or `None`, with nothing written, if it was not
+    /// suspended; `oauth_client_not_found` if there is no such client in `ws`.
+    async fn resume_oauth_client(
+        &self,
+        ws: &WorkspaceId,
+        client_id: &str,
+        now: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<Option<OAuthClient>>;
 
     async fn insert_signing_key(&self, key: &SigningKeyRecord, audit: &NewAuditEvent) -> Result<()>;
     /// Every stored signing key, oldest first.
@@ -357,7 +409,9 @@ pub trait OAuthStore: Send + Sync {
     /// else is `Invalid`.
     async fn use_refresh_token(&self, hash: &SecretHash, now: Timestamp) -> Result<RefreshUse>;
 
-    /// Records an issued access token; one of a revoked family is refused like a refresh token.
+    /// Records an issued access token; one of a revoked family is refused like a refresh token,
+    /// one of a suspended client with `oauth_client_suspended` (and one of a client that no
+    /// longer exists with `oauth_client_not_found`), checked under the client row's lock.
     async fn insert_access_token(&self, token: &AccessTokenRecord) -> Result<()>;
     async fn access_token(&self, jti: &str) -> Result<Option<AccessTokenRecord>>;
     /// The access tokens issued from a refresh-token family, oldest first (the service revokes

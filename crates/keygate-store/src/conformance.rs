@@ -1541,6 +1541,8 @@ fn oauth_client(ws: &WorkspaceId, app: &AppId) -> OAuthClient {
         access_token_ttl_seconds: 300,
         refresh_token_ttl_seconds: 86_400,
         exchange_subject_apps: Vec::new(),
+        suspended_at: None,
+        suspended_reason: None,
         created_at: T0,
         updated_at: T0,
         version: 1,
@@ -1901,6 +1903,166 @@ async fn oauth_access_tokens_and_revocations(h: &Harness) {
     assert_eq!(later.len(), 2);
     assert!(later.contains(&"jti-fam-revoked".to_string()) && later.contains(&"jti-fam-2".to_string()));
     assert!(s.revoked_jtis(T0.plus_seconds(900)).await.unwrap().is_empty());
+}
+
+/// Suspending a client revokes its live access tokens on the change feed (an expired one, one
+/// revoked already and another client's are left alone), keeps its refresh tokens, and is audited
+/// with the count; no access token is recorded for it while it is suspended, and one recorded in
+/// a race with the suspension is revoked with the rest. Suspending it again, resuming an active
+/// client, and either from another workspace write nothing. Resumed, it is issued tokens again.
+async fn oauth_client_suspension(h: &Harness) {
+    let s = &h.store;
+    let (ws, _, c) = oauth_setup(s, "acme").await;
+    let (ws2, d2) = workspace("other");
+    s.ensure_workspace(&ws2, &d2).await.unwrap();
+    let r = refresh_token(&c, "fam_s", "rt-s", T0, 3600);
+    s.insert_refresh_token(&r).await.unwrap();
+    let live = access_token(&c, Some("fam_s"), "jti-s-live", T0, 600);
+    let plain = access_token(&c, None, "jti-s-cc", T0, 600);
+    let expired = access_token(&c, None, "jti-s-old", T0.plus_seconds(-600), 300);
+    let gone = access_token(&c, None, "jti-s-revoked", T0, 600);
+    for at in [&live, &plain, &expired, &gone] {
+        s.insert_access_token(at).await.unwrap();
+    }
+    assert!(s.revoke_access_token(&gone.jti, T0, &audit(&ws.id, "oauth.access_token.revoke", "jti")).await.unwrap());
+    let b = app(&ws.id, "Bystander", false);
+    s.insert_app(&b, &audit(&ws.id, "app.create", b.id.as_str())).await.unwrap();
+    let other = oauth_client(&ws.id, &b.id);
+    s.insert_oauth_client(&other, &audit(&ws.id, "oauth_client.create", &other.client_id)).await.unwrap();
+    let bystander = access_token(&other, None, "jti-s-bystander", T0, 600);
+    s.insert_access_token(&bystander).await.unwrap();
+
+    let seq = s.snapshot(T0).await.unwrap().seq;
+    let before = all_audit(s, &ws.id).await.len();
+    let now = T0.plus_seconds(60);
+    let ev = |ws: &WorkspaceId, action: &str| {
+        NewAuditEvent::new(ws, &Actor::cli(), action, &c.client_id, now)
+            .with_after(json!({"suspended_reason": "leaked"}))
+    };
+    for (w, id) in [(&ws2.id, c.client_id.as_str()), (&ws.id, "cl_unknown")] {
+        let e = s.suspend_oauth_client(w, id, Some("leaked"), now, &ev(w, "oauth_client.suspend")).await.unwrap_err();
+        assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "oauth_client_not_found"), "{id}");
+        let e = s.resume_oauth_client(w, id, now, &ev(w, "oauth_client.resume")).await.unwrap_err();
+        assert_eq!((e.kind, e.code), (ErrorKind::NotFound, "oauth_client_not_found"), "{id}");
+    }
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(c.clone()), "another workspace's suspension");
+    assert!(s.revocations_since(seq, 10).await.unwrap().is_empty());
+    assert!(all_audit(s, &ws2.id).await.is_empty());
+
+    // Suspended: when and why, a new version; its live access tokens revoked, on the feed.
+    let mut signal = s.subscribe();
+    let done = s
+        .suspend_oauth_client(&ws.id, &c.client_id, Some("leaked"), now, &ev(&ws.id, "oauth_client.suspend"))
+        .await
+        .unwrap()
+        .expect("an active client is suspended");
+    assert!(signal.changed().await, "a suspension that revokes tokens wakes followers");
+    let suspended = OAuthClient {
+        suspended_at: Some(now),
+        suspended_reason: Some("leaked".into()),
+        updated_at: now,
+        version: c.version + 1,
+        ..c.clone()
+    };
+    assert_eq!(done.client, suspended);
+    assert!(done.client.is_suspended());
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(suspended.clone()));
+    assert_eq!(s.oauth_client_for_app(&ws.id, &c.app_id).await.unwrap(), Some(suspended.clone()));
+    let mut revoked = done.revoked.clone();
+    revoked.sort();
+    assert_eq!(revoked, vec![plain.jti.clone(), live.jti.clone()]);
+    for at in [&live, &plain] {
+        assert_eq!(s.access_token(&at.jti).await.unwrap().unwrap().revoked_at, Some(now), "{}", at.jti);
+    }
+    assert_eq!(s.access_token(&expired.jti).await.unwrap().unwrap().revoked_at, None, "expired: nothing to revoke");
+    assert_eq!(s.access_token(&gone.jti).await.unwrap().unwrap().revoked_at, Some(T0), "revoked before: kept");
+    assert_eq!(s.access_token(&bystander.jti).await.unwrap().unwrap().revoked_at, None, "another client's");
+    let feed = s.revocations_since(seq, 10).await.unwrap();
+    let mut on_feed: Vec<String> = feed.iter().map(|r| r.jti.clone()).collect();
+    on_feed.sort();
+    assert_eq!(on_feed, revoked, "each on the change feed");
+    assert!(feed.iter().all(|r| r.seq > seq));
+    // The refresh token is kept (the service refuses it while the client is suspended).
+    let kept = s.refresh_token(&r.hash).await.unwrap().unwrap();
+    assert!(kept.is_active(now), "{kept:?}");
+    let events = all_audit(s, &ws.id).await;
+    assert_eq!(events.len(), before + 1);
+    let audited = events.iter().find(|e| e.action == "oauth_client.suspend").expect("the suspension is audited");
+    assert_eq!(audited.target, c.client_id);
+    let after = audited.after.as_ref().unwrap();
+    assert_eq!((&after["suspended_reason"], &after["access_tokens_revoked"]), (&json!("leaked"), &json!(2)));
+
+    // While suspended no access token is recorded for it, with a family or without.
+    for (jti, family) in [("jti-s-late", None), ("jti-s-late-fam", Some("fam_s"))] {
+        let e = s.insert_access_token(&access_token(&c, family, jti, now, 600)).await.unwrap_err();
+        assert_eq!((e.kind, e.code), (ErrorKind::Conflict, "oauth_client_suspended"), "{jti}");
+        assert_eq!(s.access_token(jti).await.unwrap(), None);
+    }
+    s.insert_access_token(&access_token(&other, None, "jti-s-other", now, 600)).await.unwrap();
+
+    // Again: nothing written; the first suspension's time and reason stay.
+    let again = ev(&ws.id, "oauth_client.suspend");
+    assert_eq!(s.suspend_oauth_client(&ws.id, &c.client_id, Some("again"), now, &again).await.unwrap(), None);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 1, "suspending a suspended client is not audited");
+    assert_eq!(s.revocations_since(seq, 10).await.unwrap(), feed);
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(suspended.clone()));
+    // A change of the client while it is suspended leaves the suspension.
+    let mut changed = suspended.clone();
+    changed.access_token_ttl_seconds = 60;
+    changed.version += 1;
+    s.update_oauth_client(&changed, &audit(&ws.id, "oauth_client.update", &c.client_id)).await.unwrap();
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(changed.clone()));
+    // An update from a read before the suspension finds the client changed.
+    let mut stale = c.clone();
+    stale.version += 1;
+    let e = s.update_oauth_client(&stale, &audit(&ws.id, "oauth_client.update", &c.client_id)).await.unwrap_err();
+    assert_eq!(e.code, "concurrent_update");
+
+    // Resumed: the suspension lifted, a new version, audited; the revoked tokens stay revoked.
+    let later = now.plus_seconds(10);
+    let resumed = s
+        .resume_oauth_client(&ws.id, &c.client_id, later, &ev(&ws.id, "oauth_client.resume"))
+        .await
+        .unwrap()
+        .expect("a suspended client is resumed");
+    let active = OAuthClient {
+        suspended_at: None,
+        suspended_reason: None,
+        updated_at: later,
+        version: changed.version + 1,
+        ..changed.clone()
+    };
+    assert_eq!(resumed, active);
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(active.clone()));
+    let events = all_audit(s, &ws.id).await;
+    assert_eq!(events.len(), before + 3);
+    assert!(events.iter().any(|e| e.action == "oauth_client.resume" && e.target == c.client_id));
+    assert_eq!(s.access_token(&live.jti).await.unwrap().unwrap().revoked_at, Some(now));
+    // Resuming an active client: nothing written.
+    let again = ev(&ws.id, "oauth_client.resume");
+    assert_eq!(s.resume_oauth_client(&ws.id, &c.client_id, later, &again).await.unwrap(), None);
+    assert_eq!(all_audit(s, &ws.id).await.len(), before + 3, "resuming an active client is not audited");
+    assert_eq!(s.oauth_client(&c.client_id).await.unwrap(), Some(active));
+    // It is issued tokens again, and its kept refresh token rotates.
+    s.insert_access_token(&access_token(&c, Some("fam_s"), "jti-s-new", later, 600)).await.unwrap();
+    assert!(matches!(s.use_refresh_token(&r.hash, later).await.unwrap(), RefreshUse::Fresh(_)));
+
+    // A token recorded in a race with the suspension is revoked with the rest, or refused.
+    let racing = access_token(&other, None, "jti-s-race", later, 600);
+    let suspend_ev = NewAuditEvent::new(&ws.id, &Actor::cli(), "oauth_client.suspend", &other.client_id, later);
+    let (issued, suspension) = tokio::join!(
+        s.insert_access_token(&racing),
+        s.suspend_oauth_client(&ws.id, &other.client_id, None, later, &suspend_ev)
+    );
+    let suspension = suspension.unwrap().expect("the other client is suspended");
+    assert_eq!(suspension.client.suspended_reason, None, "no reason given");
+    match issued {
+        Ok(()) => {
+            assert_eq!(s.access_token(&racing.jti).await.unwrap().unwrap().revoked_at, Some(later));
+            assert!(suspension.revoked.contains(&racing.jti));
+        }
+        Err(e) => assert_eq!(e.code, "oauth_client_suspended"),
+    }
 }
 
 async fn oauth_prune(h: &Harness) {
@@ -2865,6 +3027,7 @@ conformance!(
     oauth_refresh_rotation,
     oauth_refresh_concurrent_use,
     oauth_access_tokens_and_revocations,
+    oauth_client_suspension,
     oauth_prune,
     node_registry_and_propagation,
     feed_pruning,

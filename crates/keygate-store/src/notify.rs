@@ -125,8 +125,8 @@ async fn email_recipients(
         Some(
             "SELECT o.user_id FROM app_owners o JOIN api_subscriptions s ON s.app_id = o.app_id WHERE s.id = $1 AND o.workspace_id = $2",
         )
-    } else if e.action == "anomaly.detected" {
-        // An OAuth client's alert (a client's id has the workspace's own prefix).
+    } else if e.action == "anomaly.detected" || e.action.starts_with("oauth_client.") {
+        // An OAuth client's alert or change (a client's id has the workspace's own prefix).
         Some(
             "SELECT o.user_id FROM app_owners o JOIN oauth_clients c ON c.app_id = o.app_id WHERE c.client_id = $1 AND o.workspace_id = $2",
         )

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use keygate_core::ids::{AppId, WorkspaceId};
 use keygate_core::model::NewAuditEvent;
 use keygate_core::oauth::{
-    AccessTokenRecord, OAuthClient, OAuthStore, RefreshTokenRecord, RefreshUse, SigningKeyRecord,
+    AccessTokenRecord, ClientSuspension, OAuthClient, OAuthStore, RefreshTokenRecord, RefreshUse, SigningKeyRecord,
 };
 use keygate_core::secret::SecretHash;
 use keygate_core::{Error, Result, Timestamp};
@@ -21,7 +21,8 @@ use crate::sql::{AnyQuery, FeedSeqs, SqlStore, Tx, insert_audit};
 // placeholders.
 const CLIENT_COLS: &str = "client_id, workspace_id, app_id, grant_types, scopes, auth_method, secret_hash, \
     secret_last4, previous_secret_hash, previous_secret_expires_at, jwks, access_token_format, signing_alg, \
-    access_token_ttl_seconds, refresh_token_ttl_seconds, created_at, updated_at, version, exchange_subject_apps";
+    access_token_ttl_seconds, refresh_token_ttl_seconds, created_at, updated_at, version, exchange_subject_apps, \
+    suspended_at, suspended_reason";
 const SIGNING_KEY_COLS: &str = "kid, alg, public_jwk, sealed_private, created_at, signs_from, retired_at, drop_after";
 const REFRESH_COLS: &str = "hash, family_id, client_id, workspace_id, app_id, subject, scopes, dpop_jkt, created_at, \
     expires_at, used_at, revoked_at";
@@ -116,6 +117,53 @@ pub(crate) async fn publish_revocations(
     Ok(())
 }
 
+/// Revokes each access token of the app `app` of `ws` (those its one client was issued) that has
+/// neither expired nor been revoked, and publishes them on the change feed at positions taken from
+/// `seqs`: how deleting an app and suspending its client stop its tokens at every gateway at once.
+/// Returns them (`jti`, expiry).
+async fn revoke_live_access_tokens(
+    tx: &mut Tx,
+    seqs: &mut FeedSeqs,
+    ws: &WorkspaceId,
+    app: &AppId,
+    now: Timestamp,
+) -> Result<Vec<(String, Timestamp)>> {
+    let found = sqlx::query(
+        "UPDATE oauth_access_tokens SET revoked_at = $1 WHERE workspace_id = $2 AND app_id = $3 \
+         AND revoked_at IS NULL AND expires_at > $4 RETURNING jti, expires_at",
+    )
+    .bind(now.as_millis())
+    .bind(ws.as_str())
+    .bind(app.as_str())
+    .bind(now.as_millis())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    let revoked = revoked_pairs(&found)?;
+    publish_revocations(tx, seqs, &revoked).await?;
+    Ok(revoked)
+}
+
+/// Whether `ws` has the client `client_id`: what a conditional change of the client that found
+/// no row tells apart (a state that forbids the change, or no such client).
+async fn client_exists(tx: &mut Tx, ws: &WorkspaceId, client_id: &str) -> Result<bool> {
+    let found: Option<String> =
+        sqlx::query_scalar("SELECT client_id FROM oauth_clients WHERE client_id = $1 AND workspace_id = $2")
+            .bind(client_id)
+            .bind(ws.as_str())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)?;
+    Ok(found.is_some())
+}
+
+fn client_suspended() -> Error {
+    Error::conflict(
+        "oauth_client_suspended",
+        "the OAuth client is suspended; a person must resume it before it is issued tokens again",
+    )
+}
+
 /// The OAuth part of deleting an app, inside `delete_app`'s transaction (whose first write took
 /// the feed position): revokes the app's token families first (so a rotation in flight cannot add
 /// to them afterwards), revokes its live access tokens on the feed, deletes its refresh tokens and
@@ -139,19 +187,7 @@ pub(crate) async fn delete_app_oauth(
     .execute(&mut **tx)
     .await
     .map_err(db_error)?;
-    let found = sqlx::query(
-        "UPDATE oauth_access_tokens SET revoked_at = $1 WHERE workspace_id = $2 AND app_id = $3 \
-         AND revoked_at IS NULL AND expires_at > $4 RETURNING jti, expires_at",
-    )
-    .bind(now.as_millis())
-    .bind(ws.as_str())
-    .bind(app.as_str())
-    .bind(now.as_millis())
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db_error)?;
-    let revoked = revoked_pairs(&found)?;
-    publish_revocations(tx, seqs, &revoked).await?;
+    let revoked = revoke_live_access_tokens(tx, seqs, ws, app, now).await?;
     // Refresh tokens reference the client: they go first.
     let refresh = sqlx::query("DELETE FROM oauth_refresh_tokens WHERE workspace_id = $1 AND app_id = $2")
         .bind(ws.as_str())
@@ -201,7 +237,9 @@ fn bind_client<'q>(q: AnyQuery<'q>, c: &'q OAuthClient) -> Result<AnyQuery<'q>> 
         .bind(c.created_at.as_millis())
         .bind(c.updated_at.as_millis())
         .bind(c.version)
-        .bind(to_json(&c.exchange_subject_apps)?))
+        .bind(to_json(&c.exchange_subject_apps)?)
+        .bind(c.suspended_at.map(Timestamp::as_millis))
+        .bind(c.suspended_reason.as_deref()))
 }
 
 #[async_trait]
@@ -213,7 +251,7 @@ impl OAuthStore for SqlStore {
         // is skipped rather than failing the transaction.
         let sql = format!(
             "INSERT INTO oauth_clients ({CLIENT_COLS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $16, $17, $18, $19 WHERE EXISTS (SELECT 1 FROM apps WHERE id = $20 AND workspace_id = $21) \
+             $13, $14, $15, $16, $17, $18, $19, $20, $21 WHERE EXISTS (SELECT 1 FROM apps WHERE id = $22 AND workspace_id = $23) \
              ON CONFLICT (app_id) DO NOTHING"
         );
         let done = bind_client(sqlx::query(AssertSqlSafe(sql)), client)?
@@ -291,23 +329,95 @@ impl OAuthStore for SqlStore {
         .await
         .map_err(db_error)?;
         if done.rows_affected() == 0 {
-            let exists: Option<String> =
-                sqlx::query_scalar("SELECT client_id FROM oauth_clients WHERE client_id = $1 AND workspace_id = $2")
-                    .bind(c.client_id.as_str())
-                    .bind(c.workspace_id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-            return Err(match exists {
-                Some(_) => Error::conflict(
+            return Err(if client_exists(&mut tx, &c.workspace_id, &c.client_id).await? {
+                Error::conflict(
                     "concurrent_update",
                     "the OAuth client changed while this request was processed; read it again and retry",
-                ),
-                None => Error::not_found("oauth client"),
+                )
+            } else {
+                Error::not_found("oauth client")
             });
         }
         insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await
+    }
+
+    async fn suspend_oauth_client(
+        &self,
+        ws: &WorkspaceId,
+        client_id: &str,
+        reason: Option<&str>,
+        now: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<Option<ClientSuspension>> {
+        let mut tx = self.begin().await?;
+        // Taken first, as by every change that may publish on the feed (see delete_app).
+        let mut seqs = FeedSeqs::start(&mut tx).await?;
+        // The client's row first: from here on no access token can be issued to it (see
+        // insert_access_token), so the revocation below leaves none behind.
+        let sql = format!(
+            "UPDATE oauth_clients SET suspended_at = $1, suspended_reason = $2, updated_at = $1, version = version + 1 \
+             WHERE client_id = $3 AND workspace_id = $4 AND suspended_at IS NULL RETURNING {CLIENT_COLS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(now.as_millis())
+            .bind(reason)
+            .bind(client_id)
+            .bind(ws.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else {
+            // Dropping the transaction rolls the feed position back too.
+            return if client_exists(&mut tx, ws, client_id).await? {
+                Ok(None)
+            } else {
+                Err(Error::not_found("oauth client"))
+            };
+        };
+        let client = rows::oauth_client(&row)?;
+        let revoked = revoke_live_access_tokens(&mut tx, &mut seqs, ws, &client.app_id, now).await?;
+        let mut ev = audit.clone();
+        let after = ev.after.get_or_insert_with(|| serde_json::json!({}));
+        if let Some(after) = after.as_object_mut() {
+            after.insert("access_tokens_revoked".into(), revoked.len().into());
+        }
+        insert_audit(&mut tx, &self.chain_key(), &ev).await?;
+        self.commit(tx, seqs.last()).await?;
+        Ok(Some(ClientSuspension { client, revoked: revoked.into_iter().map(|(jti, _)| jti).collect() }))
+    }
+
+    async fn resume_oauth_client(
+        &self,
+        ws: &WorkspaceId,
+        client_id: &str,
+        now: Timestamp,
+        audit: &NewAuditEvent,
+    ) -> Result<Option<OAuthClient>> {
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "UPDATE oauth_clients SET suspended_at = NULL, suspended_reason = NULL, updated_at = $1, \
+             version = version + 1 WHERE client_id = $2 AND workspace_id = $3 AND suspended_at IS NOT NULL \
+             RETURNING {CLIENT_COLS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(now.as_millis())
+            .bind(client_id)
+            .bind(ws.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else {
+            return if client_exists(&mut tx, ws, client_id).await? {
+                Ok(None)
+            } else {
+                Err(Error::not_found("oauth client"))
+            };
+        };
+        let client = rows::oauth_client(&row)?;
+        insert_audit(&mut tx, &self.chain_key(), audit).await?;
+        self.commit(tx, None).await?;
+        Ok(Some(client))
     }
 
     async fn insert_signing_key(&self, key: &SigningKeyRecord, audit: &NewAuditEvent) -> Result<()> {
@@ -425,6 +535,24 @@ impl OAuthStore for SqlStore {
         let mut tx = self.begin().await?;
         if let Some(family) = &t.family_id {
             join_family(&mut tx, family, &t.workspace_id, &t.app_id, t.issued_at).await?;
+        }
+        // The client's row lock, with its suspension checked under it. Suspending a client changes
+        // this row before it revokes the client's access tokens, so on PostgreSQL an issue and a
+        // suspension of the same client are serialized by the row lock: a token recorded first
+        // is revoked with the rest, and one recorded after is refused here (SQLite runs one writer
+        // at a time anyway). The same rule as join_family's for a family's revocation.
+        let live =
+            sqlx::query("UPDATE oauth_clients SET version = version WHERE client_id = $1 AND suspended_at IS NULL")
+                .bind(t.client_id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if live.rows_affected() == 0 {
+            return Err(if client_exists(&mut tx, &t.workspace_id, &t.client_id).await? {
+                client_suspended()
+            } else {
+                Error::not_found("oauth client")
+            });
         }
         let sql = format!(
             "INSERT INTO oauth_access_tokens ({ACCESS_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"

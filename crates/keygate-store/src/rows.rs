@@ -382,6 +382,8 @@ pub(crate) fn oauth_client(row: &AnyRow) -> Result<OAuthClient> {
         access_token_ttl_seconds: seconds(row, "access_token_ttl_seconds")?,
         refresh_token_ttl_seconds: seconds(row, "refresh_token_ttl_seconds")?,
         exchange_subject_apps: json::<Vec<AppId>>(row, "exchange_subject_apps")?,
+        suspended_at: opt_ts(row, "suspended_at")?,
+        suspended_reason: get(row, "suspended_reason")?,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
         version: get(row, "version")?,

@@ -412,8 +412,8 @@ pub struct PolicySettingsArgs {
     /// A token found exposed is `notify` (only marked and its owners told), `suspend` or `revoke`.
     #[arg(long, value_parser = ["notify", "suspend", "revoke"])]
     pub exposure_action: Option<String>,
-    /// Anomaly alerts of this severity or above suspend their token: `low`, `medium`, `high`,
-    /// or `none` (alerts only notify).
+    /// Anomaly alerts of this severity or above suspend their token or OAuth client: `low`,
+    /// `medium`, `high`, or `none` (alerts only notify).
     #[arg(long, value_parser = ["low", "medium", "high", "none"])]
     pub anomaly_suspend: Option<String>,
     /// Tokens are to be rotated within this many days of their creation (`none`: no policy).
@@ -565,6 +565,16 @@ pub enum OAuthClientCommand {
         #[arg(long, default_value_t = 0)]
         grace_period: u64,
     },
+    /// Suspend the client: it is issued no token, and its access tokens are refused, until it is
+    /// resumed (its refresh tokens are kept).
+    Suspend {
+        app_id: String,
+        /// Why; shown with the client and kept in the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a suspended client.
+    Resume { app_id: String },
 }
 
 #[derive(Debug, Subcommand)]

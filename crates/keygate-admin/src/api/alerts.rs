@@ -183,7 +183,8 @@ pub(crate) async fn resolve_alert(
     Ok(Json(AlertView::from(&a)))
 }
 
-/// A false alarm: resumes the alert's token if it is suspended, and resolves the alert.
+/// A false alarm: resumes the alert's token or OAuth client if it is suspended, and resolves the
+/// alert.
 #[utoipa::path(post, path = "/admin/v1/alerts/{id}/resume-token", tag = "alerts",
     params(("id" = String, Path, description = "al_…")),
     responses((status = 200, body = AlertView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]

@@ -135,6 +135,7 @@ pub(crate) fn refine(doc: &mut Value, max_grace_period_seconds: u64, max_access_
     // `validate_text` allows line feeds in these.
     let lines = |max: u32| json!({"type": ["string", "null"], "maxLength": max, "pattern": TEXT_LINES});
     set(doc, &format!("{s}/RevokeTokenRequest/properties/reason"), lines(500));
+    set(doc, &format!("{s}/SuspendClientRequest/properties/reason"), lines(500));
     set(doc, &format!("{s}/FindingBody/properties/location"), lines(500));
     set(doc, &format!("{s}/ReportExposuresRequest/properties/findings/maxItems"), json!(100));
     // Apps and plans.

@@ -1224,8 +1224,8 @@ pub struct PolicySettingsBody {
     /// a secret-scanning partner): always marked exposed; `suspend` and `revoke` stop it too.
     #[serde(default)]
     pub exposure_action: ExposureActionBody,
-    /// Anomaly alerts of this severity or above suspend their token at once; `null`: alerts only
-    /// notify.
+    /// Anomaly alerts of this severity or above suspend their token or OAuth client at once;
+    /// `null`: alerts only notify.
     pub anomaly_suspend: Option<SeverityBody>,
     /// Tokens are to be rotated within this many days of their creation; `null`: no rotation
     /// policy.

@@ -67,6 +67,12 @@ pub struct ClientView {
     /// Until when the previous secret still works after a rotation.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub previous_secret_expires_at: Option<Timestamp>,
+    /// When the client was suspended (by a person, or the workspace's anomaly policy); `null`
+    /// while it is active. A suspended client is issued no token until it is resumed.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub suspended_at: Option<Timestamp>,
+    /// Why it was suspended, as the person or the policy said; `null` when no reason was given.
+    pub suspended_reason: Option<String>,
     #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
 }
@@ -87,6 +93,8 @@ impl From<&OAuthClient> for ClientView {
             refresh_token_ttl_seconds: c.refresh_token_ttl_seconds,
             exchange_subject_apps: c.exchange_subject_apps.iter().map(ToString::to_string).collect(),
             previous_secret_expires_at: c.previous_secret_expires_at,
+            suspended_at: c.suspended_at,
+            suspended_reason: c.suspended_reason.clone(),
             created_at: c.created_at,
         }
     }
@@ -116,6 +124,14 @@ pub struct RotateSecretRequest {
     /// How long the old secret keeps working, in seconds (default 0: it stops at once).
     #[serde(default)]
     pub grace_period_seconds: u64,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendClientRequest {
+    /// Why (at most 500 characters, no control characters other than a newline): shown with the
+    /// client and recorded in the audit trail.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -229,6 +245,38 @@ pub(crate) async fn rotate_client_secret(
         .await?;
     let view = ClientView::from(&client);
     Ok((StatusCode::CREATED, Json(ClientWithSecret { client: view, client_secret: Some(secret.expose().to_owned()) })))
+}
+
+/// Suspends the app's OAuth client: the token endpoint issues it nothing (400
+/// `unauthorized_client`) until it is resumed, and its live access tokens are revoked at every
+/// gateway before this answers; its refresh tokens are kept. Suspending a suspended client
+/// changes nothing (200, its first suspension's time and reason stay).
+#[utoipa::path(post, path = "/admin/v1/apps/{id}/oauth-client/suspend", tag = "oauth",
+    params(("id" = String, Path, description = "app_…")),
+    request_body(content = SuspendClientRequest, description = "Optional"),
+    responses((status = 200, body = ClientView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn suspend_client(
+    auth: Auth<AppsWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SuspendClientRequest>,
+) -> Result<Json<ClientView>, ApiError> {
+    let client = s.oauth.suspend_client(&auth.key.workspace_id, &auth.actor, &app_id(&id)?, req.reason).await?;
+    Ok(Json(ClientView::from(&client)))
+}
+
+/// Resumes the app's suspended OAuth client: it is issued tokens again, and its refresh tokens
+/// work again. Resuming an active client changes nothing (200).
+#[utoipa::path(post, path = "/admin/v1/apps/{id}/oauth-client/resume", tag = "oauth",
+    params(("id" = String, Path, description = "app_…")),
+    responses((status = 200, body = ClientView), (status = 404, body = ErrorBody)))]
+pub(crate) async fn resume_client(
+    auth: Auth<AppsWrite>,
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<ClientView>, ApiError> {
+    let client = s.oauth.resume_client(&auth.key.workspace_id, &auth.actor, &app_id(&id)?).await?;
+    Ok(Json(ClientView::from(&client)))
 }
 
 #[utoipa::path(get, path = "/admin/v1/oauth/keys", tag = "oauth",

@@ -7,7 +7,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use keygate_core::anomaly::{Alert, AlertFilter, AlertStatus};
+use keygate_core::anomaly::{Alert, AlertFilter, AlertStatus, Watched};
 use keygate_core::ids::AlertId;
 use keygate_core::model::PageRequest;
 use minijinja::{Value, context};
@@ -91,9 +91,22 @@ pub async fn page(
     let run = async {
         manager(&v)?;
         let a = st.admin.alert(v.workspace(), &id_of(&v, &id)?).await.map_err(ctx_err(&v))?;
-        let token = match a.subject.token() {
-            Some(t) => st.admin.token(v.workspace(), t).await.ok(),
-            None => None,
+        // The state of what the alert is about: a token's status, or whether the client is
+        // suspended (what the "Resume … and resolve" button is for).
+        let status = match &a.subject {
+            Watched::Token(t) => st
+                .admin
+                .token(v.workspace(), t)
+                .await
+                .ok()
+                .and_then(|t| serde_json::to_value(t.status(st.admin.now())).ok())
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            Watched::Client(c) => st
+                .admin
+                .oauth_client(v.workspace(), c)
+                .await
+                .ok()
+                .map(|c| if c.is_suspended() { "suspended" } else { "active" }.to_owned()),
         };
         Ok::<_, PageError>(st.render(
             StatusCode::OK,
@@ -103,7 +116,7 @@ pub async fn page(
             context! {
                 title => "Alert",
                 alert => row(&a),
-                token_status => token.and_then(|t| serde_json::to_value(t.status(st.admin.now())).ok()).and_then(|v| v.as_str().map(str::to_owned)),
+                token_status => status,
                 notice => notice(q.msg.as_deref()),
             },
         ))
@@ -135,7 +148,7 @@ pub async fn action(
             }
             None => {
                 st.admin.resume_from_alert(ws, &actor, &id).await.map_err(ctx_err(&v))?;
-                "alert_token_resumed"
+                "alert_resumed"
             }
         };
         Ok::<_, PageError>(see_other(&format!("/alerts/{id}?msg={msg}")))

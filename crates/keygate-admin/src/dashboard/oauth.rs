@@ -1,5 +1,5 @@
 //! The OAuth2 authorization server's screens (issue 5): an app's page with its OAuth client
-//! (register one, rotate its secret), and the instance's signing keys in the workspace settings
+//! (register one, rotate its secret, suspend and resume it), and the instance's signing keys in the workspace settings
 //! (owners of the default workspace: the keys sign for every workspace). The service
 //! ([`crate::oauth::OAuth`]) checks the input and writes the audit events; these handlers check
 //! who may ask, as the token pages do.
@@ -84,6 +84,8 @@ fn client_view(c: &OAuthClient, now: Timestamp) -> Value {
         access_token_ttl_seconds => c.access_token_ttl_seconds,
         refresh_token_ttl_seconds => c.refresh_token_ttl_seconds,
         refresh => c.grant_types.contains(&GrantType::RefreshToken),
+        suspended_at => c.suspended_at.map(ser),
+        suspended_reason => c.suspended_reason.clone(),
         created_at => ser(c.created_at),
     }
 }
@@ -320,6 +322,48 @@ pub async fn rotate_secret(
         Ok((client, secret)) => client_created(&st, &v, &app, &oauth, &client, Some(secret.expose()), true),
         Err(e) if correctable(&e) => show(&st, app_inner(&st, &v, &id, None, Some(e.message.to_string()), None).await),
         Err(e) => st.error(PageError::from_error(e, Some(&v))),
+    }
+}
+
+/// `POST /apps/{id}/oauth-client/suspend`: suspends the app's OAuth client, for the reason typed
+/// (if any).
+pub async fn suspend_client(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    CsrfForm(f): CsrfForm,
+) -> Response {
+    client_state(&st, &v, &id, Some(f.opt("reason").map(str::to_owned))).await
+}
+
+/// `POST /apps/{id}/oauth-client/resume`: resumes the app's suspended OAuth client.
+pub async fn resume_client(
+    State(st): State<DashboardState>,
+    SignedIn(v): SignedIn,
+    Path(id): Path<String>,
+    _form: CsrfForm,
+) -> Response {
+    client_state(&st, &v, &id, None).await
+}
+
+/// Suspends (`Some(reason)`) or resumes (`None`) the OAuth client of the app `id`, for whoever may
+/// rotate its secret; a refusal the person can correct (a reason too long) is shown on the app's
+/// page.
+async fn client_state(st: &DashboardState, v: &Viewer, id: &str, suspend: Option<Option<String>>) -> Response {
+    let (app, oauth) = match writable_app(st, v, id).await.and_then(|a| Ok((a, service(st, v)?.clone()))) {
+        Ok(x) => x,
+        Err(e) => return st.error(e),
+    };
+    let result = match suspend {
+        Some(reason) => {
+            oauth.suspend_client(v.workspace(), &v.actor(), &app.id, reason).await.map(|_| "client_suspended")
+        }
+        None => oauth.resume_client(v.workspace(), &v.actor(), &app.id).await.map(|_| "client_resumed"),
+    };
+    match result {
+        Ok(msg) => see_other(&format!("/apps/{}?msg={msg}", app.id)),
+        Err(e) if correctable(&e) => show(st, app_inner(st, v, id, None, Some(e.message.to_string()), None).await),
+        Err(e) => st.error(PageError::from_error(e, Some(v))),
     }
 }
 

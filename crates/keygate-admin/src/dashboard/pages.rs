@@ -62,7 +62,12 @@ pub(super) fn notice(msg: Option<&str>) -> Value {
         "token_resumed" => ("ok", "Token resumed."),
         "alert_acknowledged" => ("ok", "Alert acknowledged."),
         "alert_resolved" => ("ok", "Alert resolved."),
-        "alert_token_resumed" => ("ok", "Token resumed and alert resolved."),
+        "alert_resumed" => ("ok", "Resumed, and the alert resolved."),
+        "client_suspended" => (
+            "ok",
+            "OAuth client suspended: it is issued no token, and its access tokens are refused, until it is resumed.",
+        ),
+        "client_resumed" => ("ok", "OAuth client resumed: it is issued tokens again."),
         "token_revoked" => ("ok", "Token revoked: the gateway refuses it from now on."),
         "role_changed" => ("ok", "Role changed."),
         "member_removed" => ("ok", "Member removed."),

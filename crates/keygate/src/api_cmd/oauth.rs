@@ -17,6 +17,8 @@ const CLIENT_COLUMNS: &[&str] = &[
     "access_token_format",
     "client_secret_last4",
     "previous_secret_expires_at",
+    "suspended_at",
+    "suspended_reason",
 ];
 
 const KEY_COLUMNS: &[&str] = &["kid", "alg", "created_at", "signs_from", "retired_at", "drop_after"];
@@ -73,6 +75,16 @@ pub async fn run_client(args: ApiCommand<OAuthClientCommand>) -> anyhow::Result<
             let body = json!({ "grace_period_seconds": grace_period });
             let answer = client.send(Method::POST, &format!("{}/rotate-secret", path(app_id)?), Some(body)).await?;
             Shown::with_secret(answer, CLIENT_COLUMNS, "client_secret")
+        }
+        OAuthClientCommand::Suspend { app_id, reason } => {
+            let body = json!({ "reason": reason });
+            Shown::rows(
+                client.send(Method::POST, &format!("{}/suspend", path(app_id)?), Some(body)).await?,
+                CLIENT_COLUMNS,
+            )
+        }
+        OAuthClientCommand::Resume { app_id } => {
+            Shown::rows(client.send(Method::POST, &format!("{}/resume", path(app_id)?), None).await?, CLIENT_COLUMNS)
         }
     };
     shown.print(args.api.output)

@@ -350,10 +350,11 @@ async fn an_old_secret_presented_after_the_rotation_grace_is_a_high_alert() {
 
 /// An OAuth client's JWT access tokens are watched as the client: the leak of its secret (tokens
 /// obtained and used from a new network at ten times the usual rate) raises alerts on the
-/// client, delivered as webhooks and email; the workspace's suspend policy, which is for API
-/// keys, leaves the client alone.
+/// client, delivered as webhooks and email, and the workspace's suspend policy suspends the
+/// client: its JWT is refused at the gateway within seconds, the token endpoint issues it
+/// nothing, until the one click on the alert resumes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_alert_on_the_client() {
+async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_alert_on_and_suspend_the_client() {
     let Scene { kg, _upstream, hooks, mail, own, .. } = Scene::start().await;
     let c = kg.client();
     let (app_id, client_id, client_secret) = crate::oauth::client(&kg, json!({"scopes": ["orders:read"]})).await;
@@ -364,21 +365,25 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
         if got_at.is_none_or(|at| now - at >= 300_000) {
             let form = [("grant_type", "client_credentials")];
             let (status, t) = crate::oauth::token(&kg, &client_id, &client_secret, &form, None).await;
-            assert_eq!(status, StatusCode::OK, "{t}");
-            (jwt, got_at) = (t["access_token"].as_str().unwrap().to_owned(), Some(now));
+            if status == StatusCode::OK {
+                (jwt, got_at) = (t["access_token"].as_str().unwrap().to_owned(), Some(now));
+            } else {
+                // Suspended by the policy: issued nothing, the client goes on with what it has.
+                assert_eq!(t["error"], "unauthorized_client", "{t}");
+            }
         }
         jwt.clone()
     };
     let made = steady_use(&kg, &mut fresh).await;
     assert_eq!(c.get("/admin/v1/alerts").await.body["data"], json!([]), "steady use raises nothing");
-    let (_, refused) = leak(&kg, &mut fresh, made, 12).await;
-    assert_eq!(refused, None, "a client is not suspended by the policy");
+    let (_, refused_after) = leak(&kg, &mut fresh, made, 30).await;
+    assert!(refused_after.is_some_and(|s| s <= 12), "the client's JWT refused after {refused_after:?} s");
 
     let all = c.get(&format!("/admin/v1/alerts?client_id={client_id}")).await;
     assert_eq!(all.status, StatusCode::OK, "{:?}", all.body);
     let all = all.body["data"].as_array().unwrap().clone();
     let spike = all.iter().find(|a| a["kind"] == "rate_spike").unwrap_or_else(|| panic!("a rate spike: {all:?}"));
-    assert_eq!((spike["severity"].as_str(), spike["action"].as_null()), (Some("high"), Some(())));
+    assert_eq!((spike["severity"].as_str(), spike["action"].as_str()), (Some("high"), Some("suspended")));
     assert_eq!((spike["client_id"].as_str(), spike["token_id"].as_null()), (Some(client_id.as_str()), Some(())));
     assert_eq!(spike["app_id"], app_id.as_str());
     assert_eq!(spike["evidence"]["new_networks"][0], "203.0.113.0/24");
@@ -387,6 +392,20 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     assert_eq!(none.body["data"], json!([]));
     let both = c.get(&format!("/admin/v1/alerts?client_id={client_id}&token_id=tok_abcdefghijkl")).await;
     assert_eq!((both.status, &both.body["data"]), (StatusCode::OK, &json!([])), "no alert is about both");
+
+    // The client is suspended by the policy, the alert its reason; the token endpoint issues it
+    // nothing; the suspension is in the audit trail, by the policy.
+    let id = spike["id"].as_str().unwrap();
+    let client = c.get(&format!("/admin/v1/apps/{app_id}/oauth-client")).await;
+    assert!(client.body["suspended_at"].is_string(), "{:?}", client.body);
+    let reason = client.str("/suspended_reason");
+    assert!(reason.starts_with(&format!("anomaly alert {id} (rate_spike, high)")), "{reason}");
+    let form = [("grant_type", "client_credentials")];
+    let (status, t) = crate::oauth::token(&kg, &client_id, &client_secret, &form, None).await;
+    assert_eq!((status, t["error"].as_str()), (StatusCode::BAD_REQUEST, Some("unauthorized_client")), "{t}");
+    let trail = c.get(&format!("/admin/v1/audit-events?target={client_id}&action=oauth_client.suspend")).await;
+    assert_eq!(trail.body["data"][0]["actor"], "anomaly-policy", "{}", trail.body);
+    assert_eq!(trail.body["data"][0]["after"]["suspended_reason"], reason.as_str());
 
     // The webhook names the client; the email tells the workspace's owner.
     let got = received(&hooks, 1).await;
@@ -399,8 +418,7 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     assert!(emails[0].contains("OAuth client") && emails[0].contains("olivia@example.com"), "{}", emails[0]);
     assert!(!emails[0].contains(&client_secret), "no secret in an email");
 
-    // The dashboard's alert page shows the client and points at its app.
-    let id = spike["id"].as_str().unwrap();
+    // The dashboard's alert page shows the client, suspended, and points at its app.
     drop(own);
     let mut own = crate::dashboard::Browser::new(&kg);
     let login = own.post("/login", &[("email", "olivia@example.com"), ("password", crate::dashboard::PASSWORD)]).await;
@@ -408,9 +426,16 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     let page = own.get(&format!("/alerts/{id}")).await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains(&client_id) && page.body.contains(&format!("/apps/{app_id}")), "{}", page.body);
-    // Resolving it is the one click left (there is no token to resume).
+    assert!(page.body.contains("Resume the client and resolve") && page.body.contains("OAuth client was suspended"));
+    // A false alarm: the one click resumes the client and resolves the alert; it gets a token
+    // that works again.
     let r = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
     assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("resolved")));
+    let client = c.get(&format!("/admin/v1/apps/{app_id}/oauth-client")).await;
+    assert_eq!(client.body["suspended_at"], Value::Null, "{:?}", client.body);
+    let (status, t) = crate::oauth::token(&kg, &client_id, &client_secret, &form, None).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(call(&kg, t["access_token"].as_str().unwrap(), "198.51.100.7").await, 200);
 }
 
 /// One turn of the detectors on each node, once each node's calls are counted.

@@ -170,6 +170,19 @@ async fn cli_manages_plans_scopes_apps_and_oauth_clients() {
     assert!(rotated.contains("client_secret: ") && rotated.contains("shown only once"), "{rotated}");
     assert!(!rotated.contains(&secret), "a new secret");
     cli.refused(&["oauth-client", "show", &other], "oauth_client_not_found");
+    // Suspended with a reason (shown in the table too), suspended again (nothing changes), resumed.
+    let suspended = cli.json(&["oauth-client", "suspend", &app_id, "--reason", "secret in a CI log"]);
+    assert_eq!(suspended["suspended_reason"], "secret in a CI log");
+    let since = suspended["suspended_at"].as_str().expect("suspended_at").to_owned();
+    let table = cli.table(&["oauth-client", "suspend", &app_id]);
+    assert!(
+        table.contains("SUSPENDED_AT") && table.contains(&since) && table.contains("secret in a CI log"),
+        "{table}"
+    );
+    assert_eq!(cli.json(&["oauth-client", "show", &app_id])["suspended_at"], since.as_str());
+    let resumed = cli.json(&["oauth-client", "resume", &app_id]);
+    assert_eq!((&resumed["suspended_at"], &resumed["suspended_reason"]), (&Value::Null, &Value::Null));
+    cli.refused(&["oauth-client", "suspend", &other], "oauth_client_not_found");
 
     // Signing keys: list, rotate (a new key is published beside the old one).
     assert_eq!(cli.json(&["signing-key", "list"])["data"].as_array().unwrap().len(), 1);

@@ -507,6 +507,40 @@ async fn an_apps_oauth_client_is_registered_and_rotated_from_its_page() {
     assert_eq!(client_credentials(&kg, &client_id, &rotated).await.0, StatusCode::OK);
     assert_eq!(client_credentials(&kg, &client_id, &secret).await.0, StatusCode::OK, "within the grace period");
     assert!(own.get(&page_path).await.between("id=\"previous-secret\">", "</td>").starts_with("works until"));
+
+    // Suspended from the page, with a reason: the page shows since when and why, and a Resume
+    // button; the token endpoint refuses the client. A viewer sees it and can do neither.
+    let suspend = format!("/apps/{app}/oauth-client/suspend");
+    let resume = format!("/apps/{app}/oauth-client/resume");
+    let status_cell =
+        |body: &str| body.split("id=\"client-status\">").nth(1).unwrap().split("</td>").next().unwrap().to_owned();
+    let page = own.get(&page_path).await.body;
+    assert!(page.contains("Suspend client") && status_cell(&page).contains("badge active\">active<"), "{page}");
+    assert_eq!(viewer.submit(&page_path, &suspend, &[]).await.status, StatusCode::FORBIDDEN);
+    let long = "x".repeat(501);
+    let p = own.submit(&page_path, &suspend, &[("reason", long.as_str())]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("reason must be at most 500 characters") && p.body.contains("notice error"), "{}", p.body);
+    let p = own.submit(&page_path, &suspend, &[("reason", "rotating after an incident")]).await;
+    assert_eq!(p.location, Some(format!("/apps/{app}?msg=client_suspended")), "{}", p.body);
+    let page = own.get(&format!("/apps/{app}?msg=client_suspended")).await.body;
+    assert!(page.contains("OAuth client suspended: it is issued no token"), "{page}");
+    let cell = status_cell(&page);
+    assert!(cell.contains("badge suspended\">suspended<") && cell.contains(": rotating after an incident"), "{cell}");
+    assert!(
+        page.contains("id=\"client-suspended\"") && page.contains("Resume client") && !page.contains("Suspend client")
+    );
+    let (status, t) = client_credentials(&kg, &client_id, &rotated).await;
+    assert_eq!((status, t["error"].as_str()), (StatusCode::BAD_REQUEST, Some("unauthorized_client")), "{t}");
+    let seen = viewer.get(&page_path).await.body;
+    assert!(status_cell(&seen).contains("suspended") && !seen.contains("Resume client"), "a viewer gets no button");
+    assert_eq!(viewer.submit(&page_path, &resume, &[]).await.status, StatusCode::FORBIDDEN);
+    // Resumed: the client works again.
+    let p = own.submit(&page_path, &resume, &[]).await;
+    assert_eq!(p.location, Some(format!("/apps/{app}?msg=client_resumed")), "{}", p.body);
+    let page = own.get(&page_path).await.body;
+    assert!(status_cell(&page).contains("badge active\">active<") && page.contains("Suspend client"));
+    assert_eq!(client_credentials(&kg, &client_id, &rotated).await.0, StatusCode::OK);
     kg.clock.advance_seconds(3601);
     assert_eq!(client_credentials(&kg, &client_id, &secret).await.0, StatusCode::UNAUTHORIZED, "after it");
     assert_eq!(client_credentials(&kg, &client_id, &rotated).await.0, StatusCode::OK);
@@ -514,7 +548,7 @@ async fn an_apps_oauth_client_is_registered_and_rotated_from_its_page() {
     let p = own.post("/login", &[("email", "olivia@example.com"), ("password", PASSWORD)]).await;
     assert_eq!(p.location.as_deref(), Some("/"));
     assert!(own.get(&page_path).await.between("id=\"previous-secret\">", "</td>").starts_with("stopped working"));
-    for action in ["oauth_client.create", "oauth_client.rotate_secret"] {
+    for action in ["oauth_client.create", "oauth_client.rotate_secret", "oauth_client.suspend", "oauth_client.resume"] {
         let audit = own.get(&format!("/audit?action={action}")).await.body;
         assert!(audit.contains(&format!(">{action}<")) && audit.contains("Olivia"), "{action} by the owner: {audit}");
     }
@@ -846,6 +880,10 @@ async fn the_role_action_matrix() {
         check("POST /apps/{D's}/oauth-client", *who, got, [200, 200, 200, 404, 403][i]);
         let got = b.submit("/", &format!("/apps/{client_app}/oauth-client/rotate"), &[("grace", "3600")]).await.status;
         check("POST …/oauth-client/rotate", *who, got, [200, 200, 200, 404, 403][i]);
+        let got = b.submit("/", &format!("/apps/{client_app}/oauth-client/suspend"), &[]).await.status;
+        check("POST …/oauth-client/suspend", *who, got, [303, 303, 303, 404, 403][i]);
+        let got = b.submit("/", &format!("/apps/{client_app}/oauth-client/resume"), &[]).await.status;
+        check("POST …/oauth-client/resume", *who, got, [303, 303, 303, 404, 403][i]);
     }
     // Owner-only changes.
     for (i, (who, b)) in roles.iter_mut().enumerate() {

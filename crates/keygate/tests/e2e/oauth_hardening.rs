@@ -1,10 +1,11 @@
 //! The OAuth2 server's hardening (issue 12), from outside over HTTP: token exchange never
 //! launders a credential (refresh tokens, other apps' credentials, a DPoP-bound subject without
 //! its key, a restricted API key all refused or carried over; the subject's revocation ends the
-//! derived token), revocation answers another client's token like an unknown one, and JWTs name
-//! their workspace.
+//! derived token), revocation answers another client's token like an unknown one, JWTs name
+//! their workspace, and a suspended client is issued nothing and its tokens refused.
 
 use keygate_core::jose::{self, Alg, SigningKey};
+use keygate_core::model::Permission;
 use keygate_testkit::{MockUpstream, Options, StatusCode, TestKeygate, route};
 use serde_json::{Value, json};
 
@@ -331,6 +332,147 @@ async fn revoking_the_subject_ends_the_derived_token_at_the_gateway_and_introspe
     assert_eq!(s, StatusCode::OK);
     assert_eq!(get_orders(&kg, &bearer, None).await, (StatusCode::UNAUTHORIZED, "subject_token_inactive".into()));
     assert_eq!(introspect(&kg, &a, &at).await, json!({"active": false}));
+    kg.stop().await;
+}
+
+/// A suspended client, as an operator and the client see it: suspended through the admin API,
+/// its JWT is refused at the gateway on the next request (and so is a token another client
+/// derived from it, and an opaque token); every grant is refused with `unauthorized_client` and a
+/// description that says a person must resume it (never the reason); its refresh token is kept,
+/// not spent, and introspects as inactive; suspending it again changes nothing. Resumed, it gets
+/// tokens that work, and its refresh token works again; the revoked JWT stays revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_client_is_issued_nothing_and_its_tokens_are_refused_until_resumed() {
+    let up = MockUpstream::start().await.unwrap();
+    let kg = kit(&up).await;
+    let admin = kg.client();
+    let a = client(&kg, "a", json!({"grant_types": ALL_GRANTS, "scopes": ["orders:read"]})).await;
+    let b = client(
+        &kg,
+        "b",
+        json!({"grant_types": [EXCHANGE], "scopes": ["orders:read"], "exchange_subject_apps": [a.app]}),
+    )
+    .await;
+    let (s, t) = post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let jwt = t["access_token"].as_str().unwrap().to_owned();
+    let refresh = t["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(get_orders(&kg, &format!("Bearer {jwt}"), None).await, (StatusCode::OK, String::new()));
+    let (s, d) = exchange(&kg, &b, &jwt, None, None).await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    let derived = format!("Bearer {}", d["access_token"].as_str().unwrap());
+    assert_eq!(get_orders(&kg, &derived, None).await.0, StatusCode::OK);
+
+    // Suspended through the admin API, with a reason: when and why are in the client's JSON.
+    let path = format!("/admin/v1/apps/{}/oauth-client", a.app);
+    let why = "secret pasted in a support ticket";
+    let r = admin.post(&format!("{path}/suspend"), &json!({"reason": why})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!((r.str("/client_id"), r.str("/suspended_reason")), (a.id.clone(), why.to_owned()));
+    let since = r.str("/suspended_at");
+    assert!(since.ends_with('Z'), "{:?}", r.body);
+    let shown = admin.get(&path).await;
+    assert_eq!((shown.str("/suspended_at"), shown.str("/suspended_reason")), (since.clone(), why.to_owned()));
+
+    // At once, with no wait for the feed: its JWT is refused at the gateway, and so is the token
+    // B derived from it.
+    assert_eq!(
+        get_orders(&kg, &format!("Bearer {jwt}"), None).await,
+        (StatusCode::UNAUTHORIZED, "token_revoked".into())
+    );
+    assert_eq!(get_orders(&kg, &derived, None).await, (StatusCode::UNAUTHORIZED, "subject_token_inactive".into()));
+
+    // Every grant is refused: unauthorized_client, saying what to do and not why.
+    let refused = |(s, e): (StatusCode, Value)| {
+        assert_eq!((s, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("unauthorized_client")), "{e}");
+        let text = e["error_description"].as_str().unwrap();
+        assert!(text.contains("suspended") && text.contains("resume"), "{text}");
+        assert!(!text.contains(why), "the reason is not told to the client: {text}");
+    };
+    refused(post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await);
+    refused(
+        post(&kg, &a, "/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], None).await,
+    );
+    let (_, key) = api_key(&kg, Some(&a.app), json!({"scopes": ["orders:read"]})).await;
+    refused(exchange(&kg, &a, &key, None, None).await);
+    // Nor may it introspect or revoke; B's introspection of its tokens says inactive.
+    refused(post(&kg, &a, "/oauth2/introspect", &[("token", &jwt)], None).await);
+    refused(post(&kg, &a, "/oauth2/revoke", &[("token", &refresh)], None).await);
+    assert_eq!(introspect(&kg, &b, &jwt).await, json!({"active": false}));
+    assert_eq!(introspect(&kg, &b, &refresh).await, json!({"active": false}), "the kept refresh token is inactive");
+
+    // Suspending it again changes nothing: the first suspension's time and reason stay, and the
+    // trail holds one suspension, by the root key, with the reason and the tokens it revoked.
+    let again = admin.post(&format!("{path}/suspend"), &json!({"reason": "another"})).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    assert_eq!((again.str("/suspended_at"), again.str("/suspended_reason")), (since.clone(), why.to_owned()));
+    let trail = admin.get(&format!("/admin/v1/audit-events?target={}&action=oauth_client.suspend", a.id)).await;
+    let events = trail.body["data"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0]["actor"].as_str().unwrap().starts_with("rk_"), "{:?}", events[0]);
+    assert_eq!(events[0]["after"]["suspended_reason"], why);
+    assert_eq!(events[0]["after"]["access_tokens_revoked"], 1, "A's JWT (B's derived token is B's)");
+    assert_eq!(events[0]["after"]["app_id"], a.app.as_str());
+
+    // Resumed: a new token works at the gateway, the kept refresh token rotates, and the JWT
+    // revoked by the suspension stays refused. Resuming again changes nothing.
+    let r = admin.post(&format!("{path}/resume"), &json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!((&r.body["suspended_at"], &r.body["suspended_reason"]), (&Value::Null, &Value::Null));
+    let (s, t) = post(&kg, &a, "/oauth2/token", &[("grant_type", "client_credentials")], None).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(
+        get_orders(&kg, &format!("Bearer {}", t["access_token"].as_str().unwrap()), None).await.0,
+        StatusCode::OK
+    );
+    let (s, t) =
+        post(&kg, &a, "/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], None).await;
+    assert_eq!(s, StatusCode::OK, "the refresh token was kept, not spent: {t}");
+    assert_eq!(get_orders(&kg, &format!("Bearer {jwt}"), None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(admin.post(&format!("{path}/resume"), &json!({})).await.status, StatusCode::OK);
+    let trail = admin.get(&format!("/admin/v1/audit-events?target={}&action=oauth_client.resume", a.id)).await;
+    assert_eq!(trail.body["data"].as_array().unwrap().len(), 1, "{}", trail.body);
+
+    // An opaque access token (an API key) of a suspended client is revoked too.
+    let o = client(&kg, "o", json!({"scopes": ["orders:read"], "access_token_format": "opaque"})).await;
+    let (s, t) = post(&kg, &o, "/oauth2/token", &[("grant_type", "client_credentials")], None).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let opaque = format!("Bearer {}", t["access_token"].as_str().unwrap());
+    kg.sync_index().await.unwrap();
+    assert_eq!(get_orders(&kg, &opaque, None).await.0, StatusCode::OK);
+    let r = admin.post(&format!("/admin/v1/apps/{}/oauth-client/suspend", o.app), &json!({})).await;
+    assert_eq!((r.status, &r.body["suspended_reason"]), (StatusCode::OK, &Value::Null), "{:?}", r.body);
+    // (A revoked API key is unknown to the gateway, as any is.)
+    assert_eq!(get_orders(&kg, &opaque, None).await, (StatusCode::UNAUTHORIZED, "unknown_token".into()));
+
+    // Refusals of the admin API: an app without a client, a reason too long or of the wrong
+    // shape, a root key without apps:write.
+    let bare = admin.post("/admin/v1/apps", &json!({"name": "bare"})).await.str("/id");
+    for action in ["suspend", "resume"] {
+        let r = admin.post(&format!("/admin/v1/apps/{bare}/oauth-client/{action}"), &json!({})).await;
+        assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "oauth_client_not_found"), "{action}");
+    }
+    let long = "x".repeat(501);
+    let r = admin.post(&format!("{path}/suspend"), &json!({"reason": long})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_text"));
+    let r = admin.post(&format!("{path}/suspend"), &json!({"why": "x"})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_body"));
+    let reader = kg.root_key("default", &[Permission::AppsRead]).await.unwrap();
+    let r = kg.client_with(Some(&reader)).post(&format!("{path}/suspend"), &json!({})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "missing_permission"));
+    assert_eq!(admin.get(&path).await.body["suspended_at"], Value::Null, "refusals change nothing");
+    // The OpenAPI document describes both endpoints and the fields.
+    let doc = admin.get("/admin/v1/openapi.json").await.body;
+    for action in ["suspend", "resume"] {
+        let op = &doc["paths"][format!("/admin/v1/apps/{{id}}/oauth-client/{action}")]["post"];
+        assert!(op["responses"]["200"].is_object() && op["responses"]["404"].is_object(), "{action}: {op}");
+    }
+    let view = &doc["components"]["schemas"]["ClientView"]["properties"];
+    assert!(view["suspended_at"].is_object() && view["suspended_reason"].is_object(), "{view}");
+    assert_eq!(doc["components"]["schemas"]["SuspendClientRequest"]["properties"]["reason"]["maxLength"], 500);
+    // The event types webhooks may subscribe to include the client's suspension and resumption.
+    let types = admin.get("/admin/v1/webhook-event-types").await.body.to_string();
+    assert!(types.contains("oauth_client.suspended") && types.contains("oauth_client.resumed"), "{types}");
     kg.stop().await;
 }
 

@@ -46,9 +46,9 @@ WORKER_FN = "keygate_gateway::server::Worker::run::{{closure}}::{{closure}} ["
 HMAC_FN = "sha2::sha256::compress256 ["
 
 
-def drive(port: int, tokens: list[str], n: int, connections: int = 4) -> dict[int, int]:
+def drive(port: int, tokens: list[str], n: int, agent: str = "", connections: int = 4) -> dict[int, int]:
     """Sends `n` requests over `connections` keep-alive connections, token i going to connection
-    i % connections, in the same order every run."""
+    i % connections, in the same order every run; with a `User-Agent` when `agent` is set."""
     codes: dict[int, int] = {}
     lock = threading.Lock()
     failures: list[str] = []
@@ -58,7 +58,10 @@ def drive(port: int, tokens: list[str], n: int, connections: int = 4) -> dict[in
         mine: dict[int, int] = {}
         try:
             for i in range(w, n, connections):
-                c.request("GET", "/bench", headers={"Authorization": "Bearer " + tokens[i % len(tokens)]})
+                headers = {"Authorization": "Bearer " + tokens[i % len(tokens)]}
+                if agent:
+                    headers["User-Agent"] = agent
+                c.request("GET", "/bench", headers=headers)
                 r = c.getresponse()
                 r.read()
                 mine[r.status] = mine.get(r.status, 0) + 1
@@ -126,7 +129,7 @@ def run_once(bench: gw.Bench, binary: Path, label: str, n: int, tokens: list[str
             # Let the start-up tasks that run after the listeners open (the JWKS client with its
             # root certificates, the first change-feed poll) finish in both runs alike.
             time.sleep(5)
-            codes = drive(bench.ports.keygate, tokens, n) if n else {}
+            codes = drive(bench.ports.keygate, tokens, n, bench.args.user_agent) if n else {}
         finally:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=600)
@@ -190,6 +193,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--tokens", type=int, default=3_000)
     ap.add_argument("--invalid", type=int, default=150)
+    ap.add_argument("--user-agent", default="", metavar="TEXT",
+                    help="a User-Agent for every request (none by default, as wrk sends none)")
     ap.add_argument("--base-port", type=int, default=28380)
     ap.add_argument("--workdir", default="/tmp/keygate-instructions")
     ap.add_argument("--no-install", action="store_true")

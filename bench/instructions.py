@@ -213,7 +213,7 @@ def main() -> None:
         workdir=a.workdir, base_port=a.base_port, tokens=a.tokens, invalid=a.invalid, workers=2,
         upstream_workers=1, baseline=a.baseline, suite="plain", baseline_config=a.baseline_config,
         app_limits=a.app_limits, deny=a.deny, redis_url="", jwts=0, connections=4, wrk_threads=1,
-        latency_clients=4,
+        latency_clients=4, user_agent=a.user_agent,
     )
     bench = gw.Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))

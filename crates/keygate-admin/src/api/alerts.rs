@@ -119,28 +119,40 @@ pub(crate) async fn list_alerts(
     State(s): State<AdminState>,
     ApiQuery(q): ApiQuery<ListAlertsQuery>,
 ) -> Result<Json<AlertList>, ApiError> {
-    let filter = AlertFilter {
-        status: q
-            .status
-            .map(|v| AlertStatus::parse(&v).ok_or_else(|| bad_query("status is open, acknowledged or resolved")))
-            .transpose()?,
-        severity: q
-            .severity
-            .map(|v| Severity::parse(&v).ok_or_else(|| bad_query("severity is low, medium or high")))
-            .transpose()?,
-        subject: match (q.token_id, q.client_id) {
-            // No alert is about a token and a client at once.
-            (Some(_), Some(_)) => return Ok(Json(AlertList { data: Vec::new(), next_cursor: None })),
-            (Some(v), None) => {
-                Some(Watched::Token(TokenId::parse(&v).ok_or_else(|| bad_query("token_id is a token's id (tok_…)"))?))
+    // Every parameter is checked before any is acted on: a bad one is a 400 whatever the others
+    // say (answering "nothing about both" first let a malformed cursor through).
+    let status = q
+        .status
+        .map(|v| AlertStatus::parse(&v).ok_or_else(|| bad_query("status is open, acknowledged or resolved")))
+        .transpose()?;
+    let severity = q
+        .severity
+        .map(|v| Severity::parse(&v).ok_or_else(|| bad_query("severity is low, medium or high")))
+        .transpose()?;
+    let token = q
+        .token_id
+        .map(|v| TokenId::parse(&v).ok_or_else(|| bad_query("token_id is a token's id (tok_…)")))
+        .transpose()?;
+    let client = q
+        .client_id
+        .map(|v| {
+            if is_client_id(&v) {
+                Ok(v)
+            } else {
+                Err(bad_query("client_id is an OAuth client's id (letters, digits, _ and -)"))
             }
-            (None, Some(v)) if is_client_id(&v) => Some(Watched::Client(v)),
-            (None, Some(_)) => return Err(bad_query("client_id is an OAuth client's id (letters, digits, _ and -)")),
-            (None, None) => None,
-        },
-    };
+        })
+        .transpose()?;
     let page =
         PageRequest { limit: super::extract::page_limit(q.limit)?, cursor: super::extract::time_cursor(q.cursor)? };
+    let subject = match (token, client) {
+        // No alert is about a token and a client at once.
+        (Some(_), Some(_)) => return Ok(Json(AlertList { data: Vec::new(), next_cursor: None })),
+        (Some(t), None) => Some(Watched::Token(t)),
+        (None, Some(c)) => Some(Watched::Client(c)),
+        (None, None) => None,
+    };
+    let filter = AlertFilter { status, severity, subject };
     let page = s.admin.list_alerts(&auth.key.workspace_id, &filter, &page).await?;
     Ok(Json(AlertList { data: page.items.iter().map(AlertView::from).collect(), next_cursor: page.next_cursor }))
 }

@@ -392,6 +392,18 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     assert_eq!(none.body["data"], json!([]));
     let both = c.get(&format!("/admin/v1/alerts?client_id={client_id}&token_id=tok_abcdefghijkl")).await;
     assert_eq!((both.status, &both.body["data"]), (StatusCode::OK, &json!([])), "no alert is about both");
+    // ...but only once every parameter is good: a bad cursor, limit or id is refused as alone
+    // (the fuzzer's find: a malformed cursor beside both filters was answered 200).
+    let both = format!("client_id={client_id}&token_id=tok_abcdefghijkl");
+    for (bad, code) in [
+        (format!("{both}&cursor=%F4%80%B9%A9%04"), "invalid_cursor"),
+        (format!("{both}&limit=0"), "invalid_query"),
+        (format!("client_id={client_id}&token_id=nope"), "invalid_query"),
+        ("client_id=a%20b&token_id=tok_abcdefghijkl".to_owned(), "invalid_query"),
+    ] {
+        let r = c.get(&format!("/admin/v1/alerts?{bad}")).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, code), "{bad}: {:?}", r.body);
+    }
 
     // The client is suspended by the policy, the alert its reason; the token endpoint issues it
     // nothing; the suspension is in the audit trail, by the policy.

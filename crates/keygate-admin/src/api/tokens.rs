@@ -91,18 +91,12 @@ pub(crate) async fn list_tokens(
         Some(secs) => Some(now.plus_seconds(secs)),
         None => None,
     };
-    // An app id that cannot exist matches nothing, like any other unknown app.
-    let app = match q.app_id.as_deref() {
-        Some(raw) => match AppId::parse(raw) {
-            Some(id) => Some(id),
-            None => {
-                return Ok(Json(TokenList { data: vec![], next_cursor: None }));
-            }
-        },
-        None => None,
-    };
+    // An app id that cannot exist matches nothing, like any other unknown app (answered once
+    // every other parameter has been checked, below).
+    let app = q.app_id.as_deref().map(AppId::parse);
+    let no_such_app = matches!(app, Some(None));
     let filter = TokenFilter {
-        app_id: app,
+        app_id: app.flatten(),
         status,
         name_contains: q.q,
         expiring_before,
@@ -117,17 +111,12 @@ pub(crate) async fn list_tokens(
             None => None,
         },
     };
-    let page = s
-        .admin
-        .list_tokens(
-            &auth.key.workspace_id,
-            &filter,
-            &PageRequest {
-                limit: super::extract::page_limit(q.limit)?,
-                cursor: super::extract::time_cursor(q.cursor)?,
-            },
-        )
-        .await?;
+    let page =
+        PageRequest { limit: super::extract::page_limit(q.limit)?, cursor: super::extract::time_cursor(q.cursor)? };
+    if no_such_app {
+        return Ok(Json(TokenList { data: vec![], next_cursor: None }));
+    }
+    let page = s.admin.list_tokens(&auth.key.workspace_id, &filter, &page).await?;
     Ok(Json(TokenList {
         data: page.items.iter().map(|t| TokenView::new(t, now)).collect(),
         next_cursor: page.next_cursor,

@@ -392,6 +392,15 @@ async fn bad_input_gets_a_stable_code_and_writes_nothing() {
     assert_eq!(c.send(Method::PUT, "/admin/v1/tokens", None).await.code(), "method_not_allowed");
     assert_eq!(c.get("/admin/v1/tokens?cursor=garbage").await.code(), "invalid_cursor");
     assert_eq!(c.get("/admin/v1/tokens?limit=abc").await.code(), "invalid_query");
+    // An app id that cannot exist matches nothing, but the other parameters are still checked.
+    let none = c.get("/admin/v1/tokens?app_id=nonsense").await;
+    assert_eq!((none.status, &none.body["data"]), (StatusCode::OK, &json!([])));
+    for (q, code) in
+        [("cursor=garbage", "invalid_cursor"), ("limit=0", "invalid_query"), ("unused_days=0", "invalid_query")]
+    {
+        let r = c.get(&format!("/admin/v1/tokens?app_id=nonsense&{q}")).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, code), "{q}");
+    }
     let rot = c.post(&format!("/admin/v1/tokens/{id}/rotate"), &json!({"grace_period_seconds": 999_999_999})).await;
     assert_eq!(rot.code(), "invalid_grace_period");
 

@@ -157,6 +157,12 @@ async fn client_exists(tx: &mut Tx, ws: &WorkspaceId, client_id: &str) -> Result
     Ok(found.is_some())
 }
 
+/// What a conditional change of the client (suspend, resume) that found no row answers: `None`
+/// (nothing to change) when the client exists, else `oauth_client_not_found`.
+async fn unchanged_or_missing<T>(tx: &mut Tx, ws: &WorkspaceId, client_id: &str) -> Result<Option<T>> {
+    if client_exists(tx, ws, client_id).await? { Ok(None) } else { Err(Error::not_found("oauth client")) }
+}
+
 fn client_suspended() -> Error {
     Error::conflict(
         "oauth_client_suspended",
@@ -369,11 +375,7 @@ impl OAuthStore for SqlStore {
             .map_err(db_error)?;
         let Some(row) = row else {
             // Dropping the transaction rolls the feed position back too.
-            return if client_exists(&mut tx, ws, client_id).await? {
-                Ok(None)
-            } else {
-                Err(Error::not_found("oauth client"))
-            };
+            return unchanged_or_missing(&mut tx, ws, client_id).await;
         };
         let client = rows::oauth_client(&row)?;
         let revoked = revoke_live_access_tokens(&mut tx, &mut seqs, ws, &client.app_id, now).await?;
@@ -407,13 +409,7 @@ impl OAuthStore for SqlStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_error)?;
-        let Some(row) = row else {
-            return if client_exists(&mut tx, ws, client_id).await? {
-                Ok(None)
-            } else {
-                Err(Error::not_found("oauth client"))
-            };
-        };
+        let Some(row) = row else { return unchanged_or_missing(&mut tx, ws, client_id).await };
         let client = rows::oauth_client(&row)?;
         insert_audit(&mut tx, &self.chain_key(), audit).await?;
         self.commit(tx, None).await?;

@@ -7,13 +7,13 @@ use axum::extract::{Path, State};
 use keygate_core::Error;
 use keygate_core::anomaly::{Alert, AlertFilter, AlertStatus, Severity, Watched};
 use keygate_core::ids::{AlertId, TokenId};
-use keygate_core::model::PageRequest;
+use keygate_core::model::{PageRequest, Permission};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AdminState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiQuery, Auth, TokensRead, TokensWrite};
+use super::extract::{ApiQuery, Auth, TokensRead, TokensWrite, require};
 
 fn alert_id(raw: &str) -> Result<AlertId, ApiError> {
     AlertId::parse(raw).ok_or_else(|| Error::not_found("alert").into())
@@ -196,15 +196,21 @@ pub(crate) async fn resolve_alert(
 }
 
 /// A false alarm: resumes the alert's token or OAuth client if it is suspended, and resolves the
-/// alert.
+/// alert. An OAuth client's alert needs `apps:write` as well, as the client's own resume does
+/// (`POST /admin/v1/apps/{id}/oauth-client/resume`).
 #[utoipa::path(post, path = "/admin/v1/alerts/{id}/resume-token", tag = "alerts",
     params(("id" = String, Path, description = "al_…")),
-    responses((status = 200, body = AlertView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = AlertView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 pub(crate) async fn resume_from_alert(
     auth: Auth<TokensWrite>,
     State(s): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<AlertView>, ApiError> {
-    let a = s.admin.resume_from_alert(&auth.key.workspace_id, &auth.actor, &alert_id(&id)?).await?;
+    let (ws, id) = (&auth.key.workspace_id, alert_id(&id)?);
+    if let Watched::Client(_) = s.admin.alert(ws, &id).await?.subject {
+        require(&auth.key, Permission::AppsWrite)?;
+    }
+    let a = s.admin.resume_from_alert(ws, &auth.actor, &id).await?;
     Ok(Json(AlertView::from(&a)))
 }

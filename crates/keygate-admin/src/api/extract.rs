@@ -216,6 +216,19 @@ permission_marker!(
     ApisWrite => ApisWrite,
 );
 
+/// Refuses a root key that lacks `permission`: for an action whose permission depends on what it
+/// acts on (beside the one its route requires, [`Auth`]).
+pub fn require(key: &RootKey, permission: Permission) -> Result<(), ApiError> {
+    if key.permissions.contains(&permission) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "missing_permission",
+        format!("this root key lacks the permission {}; use a key that has it", permission.as_str()),
+    ))
+}
+
 /// An authenticated root key holding permission `P`.
 pub struct Auth<P> {
     pub key: RootKey,
@@ -247,13 +260,7 @@ impl<P: RequiredPermission> FromRequestParts<AdminState> for Auth<P> {
                 )
             })?;
         let key = state.admin.authenticate(presented).await?;
-        if !key.permissions.contains(&P::PERMISSION) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "missing_permission",
-                format!("this root key lacks the permission {}; use a key that has it", P::PERMISSION.as_str()),
-            ));
-        }
+        require(&key, P::PERMISSION)?;
         let source = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ci| ci.0.ip().to_string());
         // A key that may change plans may also give a token more than its plan: it could raise the
         // plan itself.

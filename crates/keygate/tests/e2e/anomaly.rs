@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use keygate::config::WebhooksConfig;
 use keygate_core::Clock as _;
+use keygate_core::model::Permission;
 use keygate_testkit::recording::{Recorded, RecordingUpstream};
 use keygate_testkit::{Options, StatusCode, TestKeygate, route};
 use serde_json::{Value, json};
@@ -439,6 +440,14 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains(&client_id) && page.body.contains(&format!("/apps/{app_id}")), "{}", page.body);
     assert!(page.body.contains("Resume the client and resolve") && page.body.contains("OAuth client was suspended"));
+    // Resuming a client from its alert needs apps:write, as the client's own resume does: a
+    // root key that may resume tokens only is refused and changes nothing.
+    let tokens_only = kg.root_key("default", &[Permission::TokensRead, Permission::TokensWrite]).await.unwrap();
+    let r = kg.client_with(Some(&tokens_only)).post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "missing_permission"), "{:?}", r.body);
+    let client = c.get(&format!("/admin/v1/apps/{app_id}/oauth-client")).await;
+    assert!(client.body["suspended_at"].is_string(), "{:?}", client.body);
+    assert_eq!(c.get(&format!("/admin/v1/alerts/{id}")).await.body["status"], "open");
     // A false alarm: the one click resumes the client and resolves the alert; it gets a token
     // that works again.
     let r = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;

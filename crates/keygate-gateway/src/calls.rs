@@ -187,13 +187,6 @@ struct Pending {
 }
 
 impl Pending {
-    /// The path of the call at `i`.
-    fn path(&self, i: usize) -> &str {
-        let from = i.checked_sub(1).and_then(|p| self.calls.get(p)).map_or(0, |c| c.path_end as usize);
-        let to = self.calls.get(i).map_or(from, |c| c.path_end as usize);
-        self.paths.get(from..to).unwrap_or_default()
-    }
-
     fn at_ms(&self, c: &Kept) -> i64 {
         self.base_ms + i64::from(c.at)
     }
@@ -261,8 +254,35 @@ struct Writer {
     /// Client addresses as text, each formatted once per write (a token's calls mostly share
     /// one); emptied with its room kept.
     ips: hashbrown::HashMap<[u8; 16], String, foldhash::fast::RandomState>,
-    /// The calls of a write by token, then in time order: (token, time, shard, index).
-    order: Vec<([u8; PUBLIC_ID_LEN], i64, u32, u32)>,
+    /// The calls of a write by token, then in time order.
+    order: Vec<Ordered>,
+}
+
+/// A call's place in a write: what sorting and grouping need of it, gathered in one pass over
+/// each shard's buffer in its own order, so that after the sort each call is read once, for its
+/// fields. (Sorting bare positions read every call three times in token order, which is no
+/// order of the buffers: its token, the previous call's path end, then its fields — a cache miss
+/// each, most of the writer's time: docs/benchmarks.md.)
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Ordered {
+    /// The token's public id as a big-endian number (its bytes in the high 96 bits): ordered as
+    /// the bytes are, compared without a call to `memcmp`.
+    token: u128,
+    at_ms: i64,
+    shard: u32,
+    index: u32,
+    /// Where the call's path begins in its buffer's text (where the previous call's ends).
+    path_from: u32,
+    workspace: NameAt,
+    app: NameAt,
+}
+
+impl Ordered {
+    fn token(&self) -> Option<[u8; PUBLIC_ID_LEN]> {
+        let mut t = [0; PUBLIC_ID_LEN];
+        t.copy_from_slice(&self.token.to_be_bytes()[..PUBLIC_ID_LEN]);
+        (t != [0; PUBLIC_ID_LEN]).then_some(t)
+    }
 }
 
 /// Calls recorded and not yet written.
@@ -370,7 +390,22 @@ impl CallLog {
         // order); ties in recording order.
         w.order.clear();
         for (s, p) in taken.iter().enumerate() {
-            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| (c.token, p.at_ms(c), s as u32, i as u32)));
+            let mut path_from = 0;
+            w.order.extend(p.calls.iter().enumerate().map(|(i, c)| {
+                let mut token = [0; 16];
+                token[..PUBLIC_ID_LEN].copy_from_slice(&c.token);
+                let o = Ordered {
+                    token: u128::from_be_bytes(token),
+                    at_ms: p.at_ms(c),
+                    shard: s as u32,
+                    index: i as u32,
+                    path_from,
+                    workspace: c.workspace,
+                    app: c.app,
+                };
+                path_from = c.path_end;
+                o
+            }));
         }
         // By token, then oldest first (a worker records a call when it ends, so its buffer is
         // only nearly in order; ties in recording order): a token's calls follow each other, and
@@ -379,23 +414,22 @@ impl CallLog {
         let mut ready = Vec::new();
         let ips = &mut w.ips;
         ips.clear();
-        let key_of = |&(_, _, s, i): &([u8; PUBLIC_ID_LEN], i64, u32, u32)| {
-            let p = &taken[s as usize];
-            let c = &p.calls[i as usize];
-            let token = (c.token != [0; PUBLIC_ID_LEN]).then_some(c.token);
-            let key = p.names.get(c.workspace).map(|ws| (ws, token, p.names.get(c.app)));
-            (p, i as usize, key)
+        // The names lists are small and in cache: grouping reads no call.
+        let key_of = |o: &Ordered| {
+            let p = &taken[o.shard as usize];
+            let key = p.names.get(o.workspace).map(|ws| (ws, o.token(), p.names.get(o.app)));
+            (p, key)
         };
         let mut run = 0;
         while let Some(head) = w.order.get(run) {
             // A run: the calls of one workspace, token and app, one after the other.
-            let (_, _, first) = key_of(head);
+            let (_, first) = key_of(head);
             let end = run
                 + 1
                 + w.order[run + 1..]
                     .iter()
                     .take_while(|e| {
-                        let (_, _, k) = key_of(e);
+                        let (_, k) = key_of(e);
                         k.map(|(ws, t, app)| (&**ws, t, app.map(|a| &**a)))
                             == first.map(|(ws, t, app)| (&**ws, t, app.map(|a| &**a)))
                     })
@@ -409,18 +443,18 @@ impl CallLog {
                 None => w.open.entry(owned()).or_insert(Open { opened_ms: now_ms, builder: ChunkBuilder::default() }),
             };
             for e in calls {
-                let (p, i, _) = key_of(e);
-                let c = &p.calls[i];
+                let p = &taken[e.shard as usize];
+                let Some(c) = p.calls.get(e.index as usize) else { continue };
                 let ip = ips.entry(c.ip).or_insert_with(|| {
                     let mut s = String::new();
                     let _ = write!(s, "{}", IpAddr::from(c.ip).to_canonical());
                     s
                 });
                 let fields = CallFields {
-                    at_ms: e.1,
+                    at_ms: e.at_ms,
                     method: p.method(c),
                     route: p.names.get(c.route).map(|r| &**r),
-                    path: p.path(i),
+                    path: p.paths.get(e.path_from as usize..c.path_end as usize).unwrap_or_default(),
                     status: c.status,
                     latency_us: c.latency_us,
                     client_ip: ip,

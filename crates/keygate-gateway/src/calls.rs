@@ -262,7 +262,7 @@ struct Writer {
 /// each shard's buffer in its own order, so that after the sort each call is read once, for its
 /// fields. (Sorting bare positions read every call three times in token order, which is no
 /// order of the buffers: its token, the previous call's path end, then its fields — a cache miss
-/// each, most of the writer's time: docs/benchmarks.md.)
+/// each, most of the time `ready_chunks` took: docs/benchmarks.md.)
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Ordered {
     /// The token's public id as a big-endian number (its bytes in the high 96 bits): ordered as

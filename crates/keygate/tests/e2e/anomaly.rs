@@ -289,8 +289,11 @@ async fn a_leaked_token_used_from_a_new_network_at_ten_times_its_rate_is_alerted
     assert!(metrics.contains("keygate_alerts{severity=\"high\",status=\"open\"} 1"), "{metrics}");
     assert!(metrics.contains("keygate_anomaly_alerts_raised_total{kind=\"rate_spike\",severity=\"high\"} 1"));
 
-    // A false alarm after all: one click resumes the token and resolves the alert.
-    let resumed = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
+    // A false alarm after all: one click resumes the token and resolves the alert; a token's
+    // alert needs tokens:write only (an OAuth client's needs apps:write too: below).
+    let tokens_only = kg.root_key("default", &[Permission::TokensWrite]).await.unwrap();
+    let resumed =
+        kg.client_with(Some(&tokens_only)).post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
     assert_eq!(resumed.status, StatusCode::OK, "{:?}", resumed.body);
     assert_eq!(resumed.body["status"], "resolved");
     kg.sync_index().await.unwrap();

@@ -107,8 +107,15 @@ fn is_client_id(v: &str) -> bool {
     (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn bad_query(message: &'static str) -> ApiError {
-    ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_query", message)
+/// An optional query parameter read by `parse`; one it cannot read is a 400 `invalid_query`
+/// with `message`.
+fn param<T>(
+    raw: Option<String>,
+    parse: impl FnOnce(&str) -> Option<T>,
+    message: &'static str,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|v| parse(&v).ok_or_else(|| ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_query", message)))
+        .transpose()
 }
 
 /// The workspace's alerts, newest first.
@@ -121,28 +128,14 @@ pub(crate) async fn list_alerts(
 ) -> Result<Json<AlertList>, ApiError> {
     // Every parameter is checked before any is acted on: a bad one is a 400 whatever the others
     // say (answering "nothing about both" first let a malformed cursor through).
-    let status = q
-        .status
-        .map(|v| AlertStatus::parse(&v).ok_or_else(|| bad_query("status is open, acknowledged or resolved")))
-        .transpose()?;
-    let severity = q
-        .severity
-        .map(|v| Severity::parse(&v).ok_or_else(|| bad_query("severity is low, medium or high")))
-        .transpose()?;
-    let token = q
-        .token_id
-        .map(|v| TokenId::parse(&v).ok_or_else(|| bad_query("token_id is a token's id (tok_…)")))
-        .transpose()?;
-    let client = q
-        .client_id
-        .map(|v| {
-            if is_client_id(&v) {
-                Ok(v)
-            } else {
-                Err(bad_query("client_id is an OAuth client's id (letters, digits, _ and -)"))
-            }
-        })
-        .transpose()?;
+    let status = param(q.status, AlertStatus::parse, "status is open, acknowledged or resolved")?;
+    let severity = param(q.severity, Severity::parse, "severity is low, medium or high")?;
+    let token = param(q.token_id, TokenId::parse, "token_id is a token's id (tok_…)")?;
+    let client = param(
+        q.client_id,
+        |v| is_client_id(v).then(|| v.to_owned()),
+        "client_id is an OAuth client's id (letters, digits, _ and -)",
+    )?;
     let page =
         PageRequest { limit: super::extract::page_limit(q.limit)?, cursor: super::extract::time_cursor(q.cursor)? };
     let subject = match (token, client) {

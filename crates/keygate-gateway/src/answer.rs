@@ -502,17 +502,26 @@ impl AnswerExtra {
         self.headers.push((name, value));
     }
 
-    /// As HTTP/1.1 header lines.
+    /// As HTTP/1.1 header lines. The limits go on one `RateLimit-Policy` and one `RateLimit`
+    /// line, their members separated by commas: both fields are structured-field lists, so this
+    /// is what a line per limit means (RFC 9110, section 5.3), in fewer bytes for every client
+    /// to read, and a client that reads only a field's first line still sees every limit.
     pub fn write_h1(&self, out: &mut Vec<u8>) {
         let mut n = itoa::Buffer::new();
-        for l in self.limits.iter().flatten() {
+        if self.limits.iter().any(Option::is_some) {
             let mut f = begin(out, b"ratelimit-policy");
-            f.push(b"\"").push(l.name.as_bytes()).push(b"\";q=").push(n.format(l.quota).as_bytes());
-            f.push(b";w=").push(n.format(l.window_s).as_bytes());
+            for (i, l) in self.limits.iter().flatten().enumerate() {
+                f.push(if i == 0 { b"\"" } else { b", \"" }).push(l.name.as_bytes());
+                f.push(b"\";q=").push(n.format(l.quota).as_bytes());
+                f.push(b";w=").push(n.format(l.window_s).as_bytes());
+            }
             f.end();
             let mut f = begin(out, b"ratelimit");
-            f.push(b"\"").push(l.name.as_bytes()).push(b"\";r=").push(n.format(l.remaining).as_bytes());
-            f.push(b";t=").push(n.format(l.reset_s).as_bytes());
+            for (i, l) in self.limits.iter().flatten().enumerate() {
+                f.push(if i == 0 { b"\"" } else { b", \"" }).push(l.name.as_bytes());
+                f.push(b"\";r=").push(n.format(l.remaining).as_bytes());
+                f.push(b";t=").push(n.format(l.reset_s).as_bytes());
+            }
             f.end();
         }
         for (k, v) in &self.headers {
@@ -520,15 +529,20 @@ impl AnswerExtra {
         }
     }
 
-    /// Into a header map (answers through hyper).
+    /// Into a header map (answers through hyper): the same fields as [`AnswerExtra::write_h1`].
     pub fn to_map(&self, h: &mut HeaderMap) {
+        use std::fmt::Write as _;
+        let (mut policy, mut left) = (String::new(), String::new());
         for l in self.limits.iter().flatten() {
-            let policy = format!("\"{}\";q={};w={}", l.name, l.quota, l.window_s);
-            let left = format!("\"{}\";r={};t={}", l.name, l.remaining, l.reset_s);
-            if let (Ok(p), Ok(r)) = (HeaderValue::try_from(policy), HeaderValue::try_from(left)) {
-                h.append("ratelimit-policy", p);
-                h.append("ratelimit", r);
-            }
+            let sep = if policy.is_empty() { "" } else { ", " };
+            let _ = write!(policy, "{sep}\"{}\";q={};w={}", l.name, l.quota, l.window_s);
+            let _ = write!(left, "{sep}\"{}\";r={};t={}", l.name, l.remaining, l.reset_s);
+        }
+        if !policy.is_empty()
+            && let (Ok(p), Ok(r)) = (HeaderValue::try_from(policy), HeaderValue::try_from(left))
+        {
+            h.append("ratelimit-policy", p);
+            h.append("ratelimit", r);
         }
         for (k, v) in &self.headers {
             h.append(k.clone(), v.clone());
@@ -835,6 +849,32 @@ mod tests {
         f.push(b"a").push(b", b");
         assert!(f.end());
         assert_eq!(out, b"n: a, b\r\n");
+    }
+
+    #[test]
+    fn every_limit_goes_on_one_line_of_each_field() {
+        let mut extra = AnswerExtra::default();
+        extra.limit("token", 10, 1, 9, 1);
+        extra.limit("quota", 1000, 2_592_000, 412, 86_400);
+        let mut out = Vec::new();
+        extra.write_h1(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ratelimit-policy: \"token\";q=10;w=1, \"quota\";q=1000;w=2592000\r\n\
+             ratelimit: \"token\";r=9;t=1, \"quota\";r=412;t=86400\r\n"
+        );
+        let mut h = HeaderMap::new();
+        extra.to_map(&mut h);
+        assert_eq!(h.get_all("ratelimit-policy").iter().count(), 1);
+        assert_eq!(h["ratelimit-policy"], "\"token\";q=10;w=1, \"quota\";q=1000;w=2592000");
+        assert_eq!(h["ratelimit"], "\"token\";r=9;t=1, \"quota\";r=412;t=86400");
+        // No limit, no field.
+        let mut out = Vec::new();
+        AnswerExtra::default().write_h1(&mut out);
+        assert!(out.is_empty());
+        let mut h = HeaderMap::new();
+        AnswerExtra::default().to_map(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

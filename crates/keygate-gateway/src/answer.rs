@@ -507,22 +507,12 @@ impl AnswerExtra {
     /// is what a line per limit means (RFC 9110, section 5.3), in fewer bytes for every client
     /// to read, and a client that reads only a field's first line still sees every limit.
     pub fn write_h1(&self, out: &mut Vec<u8>) {
-        let mut n = itoa::Buffer::new();
         if self.limits.iter().any(Option::is_some) {
-            let mut f = begin(out, b"ratelimit-policy");
-            for (i, l) in self.limits.iter().flatten().enumerate() {
-                f.push(if i == 0 { b"\"" } else { b", \"" }).push(l.name.as_bytes());
-                f.push(b"\";q=").push(n.format(l.quota).as_bytes());
-                f.push(b";w=").push(n.format(l.window_s).as_bytes());
+            for (name, params, values) in LIMIT_FIELDS {
+                let f = begin(out, name.as_bytes());
+                self.members(f.out, params, values);
+                f.end();
             }
-            f.end();
-            let mut f = begin(out, b"ratelimit");
-            for (i, l) in self.limits.iter().flatten().enumerate() {
-                f.push(if i == 0 { b"\"" } else { b", \"" }).push(l.name.as_bytes());
-                f.push(b"\";r=").push(n.format(l.remaining).as_bytes());
-                f.push(b";t=").push(n.format(l.reset_s).as_bytes());
-            }
-            f.end();
         }
         for (k, v) in &self.headers {
             line(out, k.as_str().as_bytes(), v.as_bytes());
@@ -531,24 +521,41 @@ impl AnswerExtra {
 
     /// Into a header map (answers through hyper): the same fields as [`AnswerExtra::write_h1`].
     pub fn to_map(&self, h: &mut HeaderMap) {
-        use std::fmt::Write as _;
-        let (mut policy, mut left) = (String::new(), String::new());
-        for l in self.limits.iter().flatten() {
-            let sep = if policy.is_empty() { "" } else { ", " };
-            let _ = write!(policy, "{sep}\"{}\";q={};w={}", l.name, l.quota, l.window_s);
-            let _ = write!(left, "{sep}\"{}\";r={};t={}", l.name, l.remaining, l.reset_s);
-        }
-        if !policy.is_empty()
-            && let (Ok(p), Ok(r)) = (HeaderValue::try_from(policy), HeaderValue::try_from(left))
-        {
-            h.append("ratelimit-policy", p);
-            h.append("ratelimit", r);
+        if self.limits.iter().any(Option::is_some) {
+            for (name, params, values) in LIMIT_FIELDS {
+                let mut v = Vec::new();
+                self.members(&mut v, params, values);
+                if let Ok(v) = HeaderValue::from_bytes(&v) {
+                    h.append(HeaderName::from_static(name), v);
+                }
+            }
         }
         for (k, v) in &self.headers {
             h.append(k.clone(), v.clone());
         }
     }
+
+    /// Appends one field's value: a member per limit, `"name";p1=v1;p2=v2`, comma-separated.
+    fn members(&self, out: &mut Vec<u8>, params: [&[u8]; 2], values: fn(&LimitHeader) -> [u64; 2]) {
+        let mut n = itoa::Buffer::new();
+        for (i, l) in self.limits.iter().flatten().enumerate() {
+            out.extend_from_slice(if i == 0 { b"\"" } else { b", \"" });
+            out.extend_from_slice(l.name.as_bytes());
+            out.push(b'"');
+            for (param, value) in params.iter().zip(values(l)) {
+                out.extend_from_slice(param);
+                out.extend_from_slice(n.format(value).as_bytes());
+            }
+        }
+    }
 }
+
+/// The two fields of the limits: each one's name, its two parameters, and their values.
+type LimitField = (&'static str, [&'static [u8]; 2], fn(&LimitHeader) -> [u64; 2]);
+const LIMIT_FIELDS: [LimitField; 2] = [
+    ("ratelimit-policy", [b";q=", b";w="], |l| [l.quota, l.window_s]),
+    ("ratelimit", [b";r=", b";t="], |l| [l.remaining, l.reset_s]),
+];
 
 /// Appends `name: value\r\n` when `value` is a valid field value ([`is_field_value`]), and
 /// nothing otherwise; returns whether the field was written. Every head keygate writes (the

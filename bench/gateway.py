@@ -33,6 +33,9 @@ starts is stopped when it ends, including on Ctrl-C.
     python3 bench/gateway.py --no-doc --baseline target/release/keygate \
         --baseline-config '[call_log]\nenabled = false'
                                              # the same binary with a feature off: its cost
+    python3 bench/gateway.py --no-doc --baseline target/release/keygate --baseline-public
+                                             # the same binary on a public route (no token
+                                             # checked): keygate's proxying alone
     python3 bench/gateway.py --suite tls     # TLS and HTTP/2, each keygate variant beside its nginx
     python3 bench/gateway.py --suite shared  # rate limits shared through Redis against local ones
 
@@ -785,6 +788,9 @@ class Bench:
             + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
             + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")
             + (KEYGATE_REDIS.format(url=self.args.redis_url, prefix=self.redis_prefix) if name == "keygate-redis" else "")
+            # The route is the configuration's last table: `public` goes in it before any table
+            # `--baseline-config` adds.
+            + ("public = true\n" if name == "baseline" and self.args.baseline_public else "")
             + ("\n" + self.args.baseline_config.replace("\\n", "\n") + "\n" if name == "baseline" else "")
         )
         return cfg
@@ -946,7 +952,9 @@ class Bench:
                 got = tuple(h2_once(port, t)[0] for t in (good, bad, None))
             else:
                 got = tuple(get_status(port, t, v in TLS_LISTENER) for t in (good, bad, None))
-            checks_keys = v.startswith(("keygate", "baseline")) or v in ("nginx-keys", "haproxy")
+            checks_keys = (
+                v.startswith("keygate") or (v == "baseline" and not self.args.baseline_public) or v in ("nginx-keys", "haproxy")
+            )
             # (h2load tells only the status class: 400 stands for any 4xx.)
             refused = 400 if v in HTTP2 else 401
             want = (200, refused, refused) if checks_keys else (200, 200, 200)
@@ -2219,6 +2227,9 @@ def main() -> None:
     ap.add_argument("--baseline-config", metavar="TOML", default="",
                     help="TOML appended to the baseline variant's configuration (with --baseline; the same binary with "
                          "a feature off measures what the feature costs, e.g. '[call_log]\\nenabled = false')")
+    ap.add_argument("--baseline-public", action="store_true",
+                    help="make the baseline's route public (no token is checked; with --baseline): keygate's proxying "
+                         "alone, so that the difference to keygate is what checking, limiting and counting the token costs")
     ap.add_argument("--app-limits", action="store_true",
                     help="give the tokens' app a shared rate limit and quota that never fire (issue 17): every "
                          "request also takes from the app's bucket and counts in its quota (every keygate variant)")
@@ -2247,6 +2258,8 @@ def main() -> None:
             sys.exit("--suite shared needs redis-cli (Debian: redis-tools) and a Redis at --redis-url")
     if args.suite != "plain" and (args.baseline or args.skip or args.profile):
         sys.exit("--baseline, --skip and --profile go with --suite plain only")
+    if args.baseline_public and not args.baseline:
+        sys.exit("--baseline-public goes with --baseline")
     if args.baseline:
         VARIANTS.append("baseline")
         args.no_doc = True

@@ -588,7 +588,7 @@ jwks_url = "http://127.0.0.1:{jwks}/jwks.json"
 id = "bench"
 path = "/"
 upstream = "{upstream}"
-"""
+{route_extra}"""
 
 def deny_list(n: int) -> str:
     """`deny = [...]` of `n` CIDRs that match no client of the benchmark (which all come from
@@ -784,13 +784,11 @@ class Bench:
             KEYGATE_CFG.format(
                 dir=d, admin=admin, port=port, threads=self.args.workers, upstream=upstream, jwks=self.ports.jwks,
                 deny=deny_list(self.args.deny) if name in ("keygate", "baseline") else "",
+                route_extra="public = true\n" if name == "baseline" and self.args.baseline_public else "",
             )
             + (KEYGATE_UPSTREAM_TLS.format(dir=tls) if name == "keygate-https-up" else "")
             + (KEYGATE_LISTENER_TLS.format(dir=tls) if name == "keygate-tls" else "")
             + (KEYGATE_REDIS.format(url=self.args.redis_url, prefix=self.redis_prefix) if name == "keygate-redis" else "")
-            # The route is the configuration's last table: `public` goes in it before any table
-            # `--baseline-config` adds.
-            + ("public = true\n" if name == "baseline" and self.args.baseline_public else "")
             + ("\n" + self.args.baseline_config.replace("\\n", "\n") + "\n" if name == "baseline" else "")
         )
         return cfg

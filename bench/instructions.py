@@ -211,7 +211,7 @@ def main() -> None:
     gw.ensure_tools(not a.no_install, False)
     args = argparse.Namespace(
         workdir=a.workdir, base_port=a.base_port, tokens=a.tokens, invalid=a.invalid, workers=2,
-        upstream_workers=1, baseline=a.baseline, suite="plain", baseline_config=a.baseline_config,
+        upstream_workers=1, baseline=a.baseline, suite="plain", baseline_config=a.baseline_config, baseline_public=False,
         app_limits=a.app_limits, deny=a.deny, redis_url="", jwts=0, connections=4, wrk_threads=1,
         latency_clients=4, user_agent=a.user_agent,
     )

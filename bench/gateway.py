@@ -26,6 +26,9 @@ starts is stopped when it ends, including on Ctrl-C.
     python3 bench/gateway.py --no-doc --rounds 1 --seconds 5 --latency-rounds 1 --profile 10
                                              # where the time goes: `perf stat` of every proxy
                                              # and `perf record` of keygate, into the work dir
+    python3 bench/gateway.py --no-doc --rounds 1 --seconds 5 --latency-rounds 0 --profile-system 15
+                                             # the whole machine's µs a request under each proxy,
+                                             # by role (wrk, proxy, upstream, idle) and function
     python3 bench/gateway.py --no-doc --baseline /tmp/keygate-old
                                              # an A/B: another keygate binary runs as a sixth
                                              # variant, "baseline", on a copy of the same data
@@ -1500,6 +1503,76 @@ class Bench:
         log(f"profile: {self.dir}/perf-per-request.txt, " + ", ".join(n for n, _ in reports) + f" (data: {data})")
 
 
+    def system_profile(self, seconds: int) -> None:
+        """Where the whole machine's time goes a request, against each proxy in turn: `perf record
+        -a` on the CPU clock (every sample about 1 ms of one core's time, idle included) during a
+        wrk run, each sample given to a role by its thread (wrk, the proxy, the upstream, idle,
+        other) and to its function, then divided by the requests served. Unlike `--profile`'s
+        shares of one process, these are absolute µs a request, so two proxies' runs compare
+        term by term, the kernel time they cause in wrk and the upstream included. Only the
+        samples taken while wrk ran count (`--time`, on the monotonic clock). No call graphs:
+        with `-g`, perf's own work a sample cut nginx's throughput by a quarter and keygate's
+        by 3%, which skews the comparison; `--profile` has keygate's call graphs."""
+        if shutil.which("perf") is None:
+            log("perf is missing (Debian: linux-perf); no system profile")
+            return
+        period_us = 1e6 / 999
+        per: dict[str, dict[tuple[str, str], float]] = {}
+        for v in [v for v in VARIANTS if v != "direct"]:
+            roles = {}
+            for role, pids in (("proxy", self.proxy_pids(v)), ("upstream", process_tree(self.pids["upstream"]))):
+                for pid in pids:
+                    for t in Path(f"/proc/{pid}/task").iterdir():
+                        roles[int(t.name)] = role
+            data = self.dir / f"perf-system-{v}.data"
+            rec = subprocess.Popen(
+                ["perf", "record", "-a", "-e", "cpu-clock", "-F", "999", "-k", "CLOCK_MONOTONIC",
+                 "-o", str(data), "--", "sleep", str(seconds + 2)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            n = self.wrk(v, seconds, "system-profile")["requests"]
+            t1 = time.monotonic()
+            rec.wait()
+            rep = subprocess.run(
+                ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-n", "-g", "none",
+                 "--time", f"{t0:.6f},{t1:.6f}", "--sort", "pid,sym", "--percent-limit", "0"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            ).stdout
+            costs: dict[tuple[str, str], float] = {}
+            for line in rep.splitlines():
+                m = re.match(r"^\s*[\d.]+%\s+(\d+)\s+(\d+):(\S+)\s+\[(.)\]\s+(.*?)\s*$", line)
+                if not m:
+                    continue
+                samples, tid, comm, space, sym = int(m[1]), int(m[2]), m[3], m[4], m[5]
+                role = "idle" if tid == 0 else roles.get(tid, "wrk" if comm == "wrk" else "other")
+                key = (f"{role} {'kernel' if space == 'k' else 'user'}", sym)
+                costs[key] = costs.get(key, 0.0) + samples * period_us / n
+            per[v] = costs
+        names = list(per)
+        groups = sorted({g for c in per.values() for g, _ in c})
+        lines = ["µs of one core's time a request, by role (the machine's two cores; idle is time nobody used):",
+                 f"{'role':<18}" + "".join(f"{v:>14}" for v in names)]
+        for g in groups:
+            lines.append(f"{g:<18}" + "".join(f"{sum(c for (gg, _), c in per[v].items() if gg == g):>14.3f}" for v in names))
+        lines.append(f"{'all but idle':<18}" + "".join(
+            f"{sum(c for (gg, _), c in per[v].items() if not gg.startswith('idle')):>14.3f}" for v in names))
+        ref = "nginx" if "nginx" in per else names[0]
+        for v in [v for v in names if v != ref]:
+            keys = set(per[v]) | set(per[ref])
+            diff = sorted(keys, key=lambda k: -abs(per[v].get(k, 0.0) - per[ref].get(k, 0.0)))
+            lines += ["", f"{v} against {ref}, the 40 largest differences (µs a request):",
+                      f"{'role':<18}{'function':<48}{ref:>10}{v:>10}{'diff':>10}"]
+            for k in diff[:40]:
+                a, b = per[ref].get(k, 0.0), per[v].get(k, 0.0)
+                lines.append(f"{k[0]:<18}{k[1][:47]:<48}{a:>10.3f}{b:>10.3f}{b - a:>+10.3f}")
+        out = self.dir / "perf-system.txt"
+        out.write_text("\n".join(lines) + "\n")
+        print(out.read_text())
+        log(f"system profile: {out} (data: {self.dir}/perf-system-<variant>.data)")
+
+
 def interleave(items: list[str], rnd: int) -> list[str]:
     """A different order each round: rotated by the round number, reversed every other round (two
     items, where rotating and reversing would cancel out, simply alternate)."""
@@ -2238,6 +2311,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a short run that checks the pieces; implies --no-doc")
     ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                     help="after the run, perf-record keygate under load for this long")
+    ap.add_argument("--profile-system", type=int, default=0, metavar="SECONDS",
+                    help="after the run, perf-record the whole machine under each proxy in turn for this long "
+                         "and give µs a request by role (wrk, proxy, upstream) and function")
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.seconds, args.warmup = 1, 2, 1
@@ -2254,8 +2330,8 @@ def main() -> None:
         REFERENCE.update(SHARED_REFERENCE)
         if shutil.which("redis-cli") is None:
             sys.exit("--suite shared needs redis-cli (Debian: redis-tools) and a Redis at --redis-url")
-    if args.suite != "plain" and (args.baseline or args.skip or args.profile):
-        sys.exit("--baseline, --skip and --profile go with --suite plain only")
+    if args.suite != "plain" and (args.baseline or args.skip or args.profile or args.profile_system):
+        sys.exit("--baseline, --skip, --profile and --profile-system go with --suite plain only")
     if args.baseline_public and not args.baseline:
         sys.exit("--baseline-public goes with --baseline")
     if args.baseline:
@@ -2273,7 +2349,7 @@ def main() -> None:
         res = json.loads(Path(args.from_results).read_text())
         res["summary"] = summarize(res["throughput"], res["latency"])
     else:
-        ensure_tools(not args.no_install, args.profile > 0)
+        ensure_tools(not args.no_install, args.profile > 0 or args.profile_system > 0)
         binary = build_keygate(args.no_build, args.keygate)
         atexit.register(PROCS.stop_all)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -2288,6 +2364,8 @@ def main() -> None:
         print_table(res)
         if args.profile:
             bench.profile(args.profile)
+        if args.profile_system:
+            bench.system_profile(args.profile_system)
         PROCS.stop_all()
         bench.cleanup_redis()
         log(f"raw output and results.json in {bench.dir}")

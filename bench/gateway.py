@@ -1507,7 +1507,7 @@ class Bench:
         """Where the whole machine's time goes a request, against each proxy in turn: `perf record
         -a` on the CPU clock (every sample about 1 ms of one core's time, idle included) during a
         wrk run, each sample given to a role by its thread (wrk, the proxy, the upstream, idle,
-        other) and to its function, then divided by the requests served. Unlike `--profile`'s
+        other; a proxy's thread that starts during the run counts as other) and to its function, then divided by the requests served. Unlike `--profile`'s
         shares of one process, these are absolute µs a request, so two proxies' runs compare
         term by term, the kernel time they cause in wrk and the upstream included. Only the
         samples taken while wrk ran count (`--time`, on the monotonic clock). No call graphs:

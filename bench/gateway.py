@@ -1502,14 +1502,14 @@ class Bench:
                 )
         log(f"profile: {self.dir}/perf-per-request.txt, " + ", ".join(n for n, _ in reports) + f" (data: {data})")
 
-
     def system_profile(self, seconds: int) -> None:
         """Where the whole machine's time goes a request, against each proxy in turn: `perf record
         -a` on the CPU clock (every sample about 1 ms of one core's time, idle included) during a
         wrk run, each sample given to a role by its thread (wrk, the proxy, the upstream, idle,
-        other; a proxy's thread that starts during the run counts as other) and to its function, then divided by the requests served. Unlike `--profile`'s
-        shares of one process, these are absolute µs a request, so two proxies' runs compare
-        term by term, the kernel time they cause in wrk and the upstream included. Only the
+        other; a proxy's thread that starts during the run counts as other) and to its function,
+        then divided by the requests served. Unlike `--profile`'s shares of one process, these
+        are absolute µs a request, so two proxies' runs compare term by term, the kernel time
+        they cause in wrk and the upstream included. Only the
         samples taken while wrk ran count (`--time`, on the monotonic clock). No call graphs:
         with `-g`, perf's own work a sample cut nginx's throughput by a quarter and keygate's
         by 3%, which skews the comparison; `--profile` has keygate's call graphs."""
@@ -1552,7 +1552,8 @@ class Bench:
             per[v] = costs
         names = list(per)
         groups = sorted({g for c in per.values() for g, _ in c})
-        lines = ["µs of one core's time a request, by role (the machine's two cores; idle is time nobody used):",
+        lines = [f"µs of one core's time a request, by role (the machine's {os.cpu_count()} cores; "
+                 "idle is time nobody used):",
                  f"{'role':<18}" + "".join(f"{v:>14}" for v in names)]
         for g in groups:
             lines.append(f"{g:<18}" + "".join(f"{sum(c for (gg, _), c in per[v].items() if gg == g):>14.3f}" for v in names))

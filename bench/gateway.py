@@ -1509,10 +1509,10 @@ class Bench:
         other; a proxy's thread that starts during the run counts as other) and to its function,
         then divided by the requests served. Unlike `--profile`'s shares of one process, these
         are absolute µs a request, so two proxies' runs compare term by term, the kernel time
-        they cause in wrk and the upstream included. Only the
-        samples taken while wrk ran count (`--time`, on the monotonic clock). No call graphs:
-        with `-g`, perf's own work a sample cut nginx's throughput by a quarter and keygate's
-        by 3%, which skews the comparison; `--profile` has keygate's call graphs."""
+        they cause in wrk and the upstream included. Only the samples taken while wrk ran count
+        (`--time`, on the monotonic clock). No call graphs: with `-g`, perf's own work a sample
+        cut nginx's throughput by a quarter and keygate's by 3%, which skews the comparison;
+        `--profile` has keygate's call graphs."""
         if shutil.which("perf") is None:
             log("perf is missing (Debian: linux-perf); no system profile")
             return

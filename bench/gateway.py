@@ -1518,6 +1518,7 @@ class Bench:
             return
         period_us = 1e6 / 999
         per: dict[str, dict[tuple[str, str], float]] = {}
+        counted: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
         for v in [v for v in VARIANTS if v != "direct"]:
             roles = {}
             for role, pids in (("proxy", self.proxy_pids(v)), ("upstream", process_tree(self.pids["upstream"]))):
@@ -1535,6 +1536,22 @@ class Bench:
             n = self.wrk(v, seconds, "system-profile")["requests"]
             t1 = time.monotonic()
             rec.wait()
+            # The scheduler's work, counted over the whole machine in a wrk run of its own (its
+            # tracepoints cost a little per event, and the proxy that causes more events would
+            # pay more of it in the profile above).
+            sched_out = self.dir / f"perf-system-sched-{v}.csv"
+            sched = subprocess.Popen(
+                ["perf", "stat", "-a", "-x", ",", "-o", str(sched_out), "-e", ",".join(SCHED_EVENTS),
+                 "--", "sleep", str(seconds + 1)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            m = self.wrk(v, seconds, "system-profile-sched")["requests"]
+            sched.wait()
+            for line in sched_out.read_text().splitlines():
+                parts = line.split(",")
+                if len(parts) > 2 and parts[0].isdigit():
+                    counted[v][parts[2]] = int(parts[0]) / m
             rep = subprocess.run(
                 ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-n", "-g", "none",
                  "--time", f"{t0:.6f},{t1:.6f}", "--sort", "pid,sym", "--percent-limit", "0"],
@@ -1559,6 +1576,10 @@ class Bench:
             lines.append(f"{g:<18}" + "".join(f"{sum(c for (gg, _), c in per[v].items() if gg == g):>14.3f}" for v in names))
         lines.append(f"{'all but idle':<18}" + "".join(
             f"{sum(c for (gg, _), c in per[v].items() if not gg.startswith('idle')):>14.3f}" for v in names))
+        lines += ["", "the scheduler's events a request, whole machine (`perf stat -a` about a second wrk run):",
+                  f"{'event':<34}" + "".join(f"{v:>14}" for v in names)]
+        for e in SCHED_EVENTS:
+            lines.append(f"{e:<34}" + "".join(f"{counted[v].get(e, float('nan')):>14.3f}" for v in names))
         ref = "nginx" if "nginx" in per else names[0]
         for v in [v for v in names if v != ref]:
             keys = set(per[v]) | set(per[ref])
@@ -1572,6 +1593,14 @@ class Bench:
         out.write_text("\n".join(lines) + "\n")
         print(out.read_text())
         log(f"system profile: {out} (data: {self.dir}/perf-system-<variant>.data)")
+
+
+# What `--profile-system` counts of the scheduler: wake-ups, switches, migrations between cores,
+# and the interrupts one core sends another to make it reschedule or run a function.
+SCHED_EVENTS = [
+    "sched:sched_wakeup", "sched:sched_switch", "sched:sched_migrate_task",
+    "irq_vectors:reschedule_entry", "irq_vectors:call_function_single_entry",
+]
 
 
 def interleave(items: list[str], rnd: int) -> list[str]:

@@ -228,6 +228,17 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
+def perf_stat_counts(path: Path) -> dict[str, float]:
+    """The counts of a `perf stat -x ,` output file, by event name (events perf could not count
+    are left out)."""
+    counts = {}
+    for line in path.read_text().splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].replace(".", "").isdigit():
+            counts[parts[2]] = float(parts[0])
+    return counts
+
+
 def process_tree(pid: int) -> list[int]:
     out = [pid]
     for c in children(pid):
@@ -1452,11 +1463,7 @@ class Bench:
             time.sleep(0.5)
             r = self.wrk(v, seconds, "profile")
             stat.wait()
-            counts = {}
-            for line in out.read_text().splitlines():
-                parts = line.split(",")
-                if len(parts) > 2 and parts[0].replace(".", "").isdigit():
-                    counts[parts[2]] = float(parts[0])
+            counts = perf_stat_counts(out)
             n = r["requests"]
             row = {"variant": v, "requests": n, "rps": r["rps"]}
             for e in events:
@@ -1548,10 +1555,7 @@ class Bench:
             time.sleep(0.5)
             m = self.wrk(v, seconds, "system-profile-sched")["requests"]
             sched.wait()
-            for line in sched_out.read_text().splitlines():
-                parts = line.split(",")
-                if len(parts) > 2 and parts[0].isdigit():
-                    counted[v][parts[2]] = int(parts[0]) / m
+            counted[v] = {e: c / m for e, c in perf_stat_counts(sched_out).items()}
             rep = subprocess.run(
                 ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-n", "-g", "none",
                  "--time", f"{t0:.6f},{t1:.6f}", "--sort", "pid,sym", "--percent-limit", "0"],

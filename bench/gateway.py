@@ -1526,6 +1526,7 @@ class Bench:
         period_us = 1e6 / 999
         per: dict[str, dict[tuple[str, str], float]] = {}
         counted: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+        idled: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
         for v in [v for v in VARIANTS if v != "direct"]:
             roles = {}
             for role, pids in (("proxy", self.proxy_pids(v)), ("upstream", process_tree(self.pids["upstream"]))):
@@ -1556,6 +1557,7 @@ class Bench:
             m = self.wrk(v, seconds, "system-profile-sched")["requests"]
             sched.wait()
             counted[v] = {e: c / m for e, c in perf_stat_counts(sched_out).items()}
+            idled[v] = self.idle_switches(v, min(seconds, 3), roles)
             rep = subprocess.run(
                 ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-n", "-g", "none",
                  "--time", f"{t0:.6f},{t1:.6f}", "--sort", "pid,sym", "--percent-limit", "0"],
@@ -1584,6 +1586,10 @@ class Bench:
                   f"{'event':<34}" + "".join(f"{v:>14}" for v in names)]
         for e in SCHED_EVENTS:
             lines.append(f"{e:<34}" + "".join(f"{counted[v].get(e, float('nan')):>14.3f}" for v in names))
+        lines += ["", "switches to the idle task a request, by the role of the thread that left the core:",
+                  f"{'role':<34}" + "".join(f"{v:>14}" for v in names)]
+        for r in sorted({r for d in idled.values() for r in d}):
+            lines.append(f"{r:<34}" + "".join(f"{idled[v].get(r, 0.0):>14.3f}" for v in names))
         ref = "nginx" if "nginx" in per else names[0]
         for v in [v for v in names if v != ref]:
             keys = set(per[v]) | set(per[ref])
@@ -1597,6 +1603,32 @@ class Bench:
         out.write_text("\n".join(lines) + "\n")
         print(out.read_text())
         log(f"system profile: {out} (data: {self.dir}/perf-system-<variant>.data)")
+
+    def idle_switches(self, variant: str, seconds: int, roles: dict[int, str]) -> dict[str, float]:
+        """How often a core goes idle a request under `variant`, by the role of the thread that
+        blocked and left it (`sched:sched_switch` to pid 0, recorded over the whole machine in a
+        wrk run of its own)."""
+        data = self.dir / f"perf-system-switch-{variant}.data"
+        rec = subprocess.Popen(
+            ["perf", "record", "-a", "-e", "sched:sched_switch", "-k", "CLOCK_MONOTONIC", "-o", str(data),
+             "--", "sleep", str(seconds + 1)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        n = self.wrk(variant, seconds, "system-profile-switch")["requests"]
+        t1 = time.monotonic()
+        rec.wait()
+        trace = subprocess.run(["perf", "script", "-i", str(data), "-F", "trace", "--time", f"{t0:.6f},{t1:.6f}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+        out: dict[str, float] = {}
+        for line in trace.splitlines():
+            m = re.search(r"prev_comm=(.*?) prev_pid=(\d+) .*==> next_comm=.* next_pid=0 ", line + " ")
+            if m:
+                tid, comm = int(m[2]), m[1]
+                role = roles.get(tid, "wrk" if comm == "wrk" else "other")
+                out[role] = out.get(role, 0.0) + 1 / n
+        return out
 
 
 # What `--profile-system` counts of the scheduler: wake-ups, switches, migrations between cores,

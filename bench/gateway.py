@@ -1534,33 +1534,21 @@ class Bench:
                     for t in Path(f"/proc/{pid}/task").iterdir():
                         roles[int(t.name)] = role
             data = self.dir / f"perf-system-{v}.data"
-            rec = subprocess.Popen(
-                ["perf", "record", "-a", "-e", "cpu-clock", "-F", "999", "-k", "CLOCK_MONOTONIC",
-                 "-o", str(data), "--", "sleep", str(seconds + 2)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            time.sleep(0.5)
-            t0 = time.monotonic()
-            n = self.wrk(v, seconds, "system-profile")["requests"]
-            t1 = time.monotonic()
-            rec.wait()
+            n, window = self.under_perf(
+                v, seconds, "system-profile",
+                ["record", "-a", "-e", "cpu-clock", "-F", "999", "-k", "CLOCK_MONOTONIC", "-o", str(data)])
             # The scheduler's work, counted over the whole machine in a wrk run of its own (its
             # tracepoints cost a little per event, and the proxy that causes more events would
             # pay more of it in the profile above).
             sched_out = self.dir / f"perf-system-sched-{v}.csv"
-            sched = subprocess.Popen(
-                ["perf", "stat", "-a", "-x", ",", "-o", str(sched_out), "-e", ",".join(SCHED_EVENTS),
-                 "--", "sleep", str(seconds + 1)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            time.sleep(0.5)
-            m = self.wrk(v, seconds, "system-profile-sched")["requests"]
-            sched.wait()
+            m, _ = self.under_perf(
+                v, seconds, "system-profile-sched",
+                ["stat", "-a", "-x", ",", "-o", str(sched_out), "-e", ",".join(SCHED_EVENTS)])
             counted[v] = {e: c / m for e, c in perf_stat_counts(sched_out).items()}
             idled[v] = self.idle_switches(v, min(seconds, 3), roles)
             rep = subprocess.run(
                 ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-n", "-g", "none",
-                 "--time", f"{t0:.6f},{t1:.6f}", "--sort", "pid,sym", "--percent-limit", "0"],
+                 "--time", window, "--sort", "pid,sym", "--percent-limit", "0"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             ).stdout
             costs: dict[tuple[str, str], float] = {}
@@ -1569,7 +1557,7 @@ class Bench:
                 if not m:
                     continue
                 samples, tid, comm, space, sym = int(m[1]), int(m[2]), m[3], m[4], m[5]
-                role = "idle" if tid == 0 else roles.get(tid, "wrk" if comm == "wrk" else "other")
+                role = "idle" if tid == 0 else role_of(roles, tid, comm)
                 key = (f"{role} {'kernel' if space == 'k' else 'user'}", sym)
                 costs[key] = costs.get(key, 0.0) + samples * period_us / n
             per[v] = costs
@@ -1609,26 +1597,37 @@ class Bench:
         blocked and left it (`sched:sched_switch` to pid 0, recorded over the whole machine in a
         wrk run of its own)."""
         data = self.dir / f"perf-system-switch-{variant}.data"
-        rec = subprocess.Popen(
-            ["perf", "record", "-a", "-e", "sched:sched_switch", "-k", "CLOCK_MONOTONIC", "-o", str(data),
-             "--", "sleep", str(seconds + 1)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        n = self.wrk(variant, seconds, "system-profile-switch")["requests"]
-        t1 = time.monotonic()
-        rec.wait()
-        trace = subprocess.run(["perf", "script", "-i", str(data), "-F", "trace", "--time", f"{t0:.6f},{t1:.6f}"],
+        n, window = self.under_perf(
+            variant, seconds, "system-profile-switch",
+            ["record", "-a", "-e", "sched:sched_switch", "-k", "CLOCK_MONOTONIC", "-o", str(data)])
+        trace = subprocess.run(["perf", "script", "-i", str(data), "-F", "trace", "--time", window],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
         out: dict[str, float] = {}
         for line in trace.splitlines():
             m = re.search(r"prev_comm=(.*?) prev_pid=(\d+) .*==> next_comm=.* next_pid=0 ", line + " ")
             if m:
-                tid, comm = int(m[2]), m[1]
-                role = roles.get(tid, "wrk" if comm == "wrk" else "other")
+                role = role_of(roles, int(m[2]), m[1])
                 out[role] = out.get(role, 0.0) + 1 / n
         return out
+
+    def under_perf(self, variant: str, seconds: int, tag: str, perf: list[str]) -> tuple[int, str]:
+        """Runs `perf <perf> -- sleep` while a wrk run of `seconds` loads `variant`; returns the
+        requests served and the wrk run's time window on the monotonic clock, as `perf report
+        --time` and `perf script --time` take it (for a perf recording with `-k CLOCK_MONOTONIC`)."""
+        rec = subprocess.Popen(["perf", *perf, "--", "sleep", str(seconds + 2)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        n = self.wrk(variant, seconds, tag)["requests"]
+        t1 = time.monotonic()
+        rec.wait()
+        return n, f"{t0:.6f},{t1:.6f}"
+
+
+def role_of(roles: dict[int, str], tid: int, comm: str) -> str:
+    """A thread's role in `--profile-system`: the proxy's or the upstream's (by thread id, read
+    before the run), wrk's (by name), or other."""
+    return roles.get(tid, "wrk" if comm == "wrk" else "other")
 
 
 # What `--profile-system` counts of the scheduler: wake-ups, switches, migrations between cores,

@@ -220,7 +220,8 @@ pub fn event_type(name: &str) -> Option<&'static EventType> {
 /// Whether `ip` is an address on the public internet: not loopback, private (RFC 1918, unique
 /// local), link-local (where cloud metadata services answer), carrier-grade NAT, unspecified,
 /// multicast, broadcast, documentation, benchmarking or reserved; IPv4 addresses carried in IPv6
-/// (mapped, NAT64, 6to4) are judged as the IPv4 address they carry. Webhooks and other outbound
+/// (mapped, NAT64, 6to4) are judged as the IPv4 address they carry, and the local-use NAT64
+/// prefix `64:ff9b:1::/48`, whose operator chooses where the IPv4 address sits, is never public. Webhooks and other outbound
 /// requests keygate makes on a user's behalf go only to public addresses unless configured
 /// otherwise, so that a URL cannot turn keygate against the network it runs in (SSRF).
 pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
@@ -258,6 +259,10 @@ pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
             }
             !(ip.is_unspecified()
                 || ip.is_loopback()
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64 (RFC 8215): any IPv4 inside
+                || (s[0] == 0x2001 && s[1] < 0x0200) // IETF protocol assignments: Teredo, benchmarking, ORCHID
+                || s[0] == 0x5f00                 // SRv6 segment identifiers (RFC 9602)
+                || s[0] & 0xfff0 == 0x3ff0        // documentation (RFC 9637)
                 || s[0] & 0xfe00 == 0xfc00        // unique local
                 || s[0] & 0xffc0 == 0xfe80        // link-local
                 || s[0] & 0xffc0 == 0xfec0        // site-local (deprecated)
@@ -623,6 +628,14 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:a9fe:a9:fe00::",
+            "64:ff9b:1::808:808",
+            "2001::1",
+            "2001:2::1",
+            "2001:20::1",
+            "5f00::1",
+            "3fff::1",
             "2002:7f00:1::1",
             "::127.0.0.1",
         ] {

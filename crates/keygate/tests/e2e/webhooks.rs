@@ -108,7 +108,14 @@ async fn events_reach_the_endpoint_signed_and_a_pending_delivery_survives_a_rest
 async fn private_addresses_are_refused_unless_allowed() {
     let kg = TestKeygate::start().await.unwrap();
     let c = kg.client();
-    for url in ["http://127.0.0.1:9/x", "http://[::1]/x", "http://169.254.169.254/latest", "http://localhost/x"] {
+    for url in [
+        "http://127.0.0.1:9/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/latest",
+        "http://localhost/x",
+        // The metadata address through the local-use NAT64 prefix (RFC 8215).
+        "http://[64:ff9b:1::a9fe:a9fe]/latest",
+    ] {
         let r = c.post("/admin/v1/webhooks", &json!({"url": url})).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url}");
         assert_eq!(r.body["error"]["code"], "webhook_url_refused", "{url}");

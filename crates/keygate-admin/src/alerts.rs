@@ -23,7 +23,7 @@ use keygate_core::anomaly::{
     Sensitivity, Severity, Watched, unknown_values,
 };
 use keygate_core::ids::{AlertId, WorkspaceId};
-use keygate_core::model::{Actor, NewAuditEvent, Page, PageRequest, TokenState};
+use keygate_core::model::{Actor, AuditFilter, NewAuditEvent, Page, PageRequest, TokenState};
 use keygate_core::{Error, ErrorKind, Result, Timestamp};
 use parking_lot::Mutex;
 
@@ -335,9 +335,14 @@ impl Admin {
         // already (its successor is not suspected), so it only notifies.
         let policy = self.store().workspace_policy(&alert.workspace_id).await?;
         if policy.anomaly_suspend.is_some_and(|min| alert.severity >= min) && alert.kind != AlertKind::OldSecret {
-            let actor = Actor { id: "anomaly-policy".into(), source: None, owner: true };
-            let reason =
-                format!("anomaly alert {} ({}, {}): {}", alert.id, alert.kind.as_str(), alert.severity, alert.summary);
+            let actor = Actor { id: POLICY_ACTOR.into(), source: None, owner: true };
+            let reason = format!(
+                "{}{}, {}): {}",
+                alert_reason_prefix(&alert),
+                alert.kind.as_str(),
+                alert.severity,
+                alert.summary
+            );
             let suspended = match &alert.subject {
                 Watched::Token(token_id) => {
                     let token = self.token(&alert.workspace_id, token_id).await?;
@@ -412,11 +417,18 @@ impl Admin {
         self.alert(ws, id).await
     }
 
-    /// The one-click answer to a false alarm: resumes the token or OAuth client the alert's
+    /// The one-click answer to a false alarm: resumes the token or OAuth client this alert's
     /// policy suspended (audited as `token.resume` or `oauth_client.resume`) and resolves the
-    /// alert.
+    /// alert. It lifts only that suspension: a subject stopped for another reason — by a person,
+    /// by the exposure or rotation policy, by another alert, or found exposed since — is left
+    /// stopped and the call is refused (409 `suspended_for_another_reason`), so that a click on an
+    /// anomaly alert can never undo a leak response. A subject that is not suspended is left as
+    /// it is, and the alert resolved.
     pub async fn resume_from_alert(&self, ws: &WorkspaceId, actor: &Actor, id: &AlertId) -> Result<Alert> {
         let alert = self.alert(ws, id).await?;
+        if let Some(refusal) = self.resume_refusal(ws, &alert).await? {
+            return Err(refusal);
+        }
         match &alert.subject {
             Watched::Token(token_id) => {
                 if self.token(ws, token_id).await?.state == TokenState::Suspended {
@@ -434,10 +446,88 @@ impl Admin {
         self.set_alert_status(ws, actor, id, AlertStatus::Resolved).await
     }
 
+    /// Why [`Self::resume_from_alert`] would refuse to resume `alert`'s subject: it is
+    /// suspended, and not (or no longer) by this alert's policy. A token's suspension is the
+    /// alert's when its latest `token.suspend` event is the anomaly policy's naming the alert and
+    /// no `token.exposed` event came after it; a client's, when its suspension's reason (kept from
+    /// its first suspension) names the alert. `None`: it may be resumed, or is not suspended.
+    pub async fn resume_refusal(&self, ws: &WorkspaceId, alert: &Alert) -> Result<Option<Error>> {
+        let ours = alert_reason_prefix(alert);
+        let token_id = match &alert.subject {
+            Watched::Client(client_id) => {
+                let client = self.oauth_client(ws, client_id).await?;
+                let reason = client.suspended_reason.as_deref();
+                let refused = client.is_suspended() && !reason.is_some_and(|r| r.starts_with(&ours));
+                return Ok(refused.then(|| another_reason(alert, "OAuth client", Some(reason.unwrap_or("a person")))));
+            }
+            Watched::Token(token_id) => token_id,
+        };
+        if self.token(ws, token_id).await?.state != TokenState::Suspended {
+            return Ok(None);
+        }
+        let latest = |action: &str| {
+            let filter = AuditFilter {
+                action: Some(action.to_owned()),
+                target: Some(token_id.as_str().to_owned()),
+                ..AuditFilter::default()
+            };
+            async move {
+                let page = self.audit_events(ws, &filter, &PageRequest { limit: 1, cursor: None }).await?;
+                Ok::<_, Error>(page.items.into_iter().next())
+            }
+        };
+        let Some(suspend) = latest("token.suspend").await? else {
+            return Ok(Some(another_reason(alert, "token", None)));
+        };
+        let reason = suspend.after.as_ref().and_then(|a| a.get("reason")).and_then(|r| r.as_str());
+        if !(alert.action.as_deref() == Some("suspended")
+            && suspend.actor == POLICY_ACTOR
+            && reason.is_some_and(|r| r.starts_with(&ours)))
+        {
+            let by = format!("{}{}", suspend.actor, reason.map(|r| format!(": {r}")).unwrap_or_default());
+            return Ok(Some(another_reason(alert, "token", Some(&by))));
+        }
+        if let Some(exposed) = latest("token.exposed").await?
+            && exposed.id > suspend.id
+        {
+            return Ok(Some(Error::conflict(
+                "suspended_for_another_reason",
+                format!(
+                    "the token was found exposed after alert {} suspended it: rotate or revoke it; resume it from \
+                     the token's page only if you are sure the exposure is harmless",
+                    alert.id
+                ),
+            )));
+        }
+        Ok(None)
+    }
+
     /// Alerts by severity and status across workspaces (for `/metrics`).
     pub async fn alert_counts(&self) -> Result<Vec<(Severity, AlertStatus, u64)>> {
         self.store().alert_counts().await
     }
+}
+
+/// The actor of the suspensions the anomaly policy makes.
+const POLICY_ACTOR: &str = "anomaly-policy";
+
+/// How the reason of a suspension made by `alert`'s policy begins.
+fn alert_reason_prefix(alert: &Alert) -> String {
+    format!("anomaly alert {} (", alert.id)
+}
+
+/// The refusal to resume, from an alert, a subject suspended for another reason (`by`: who
+/// suspended it and why, when known).
+fn another_reason(alert: &Alert, what: &str, by: Option<&str>) -> Error {
+    Error::conflict(
+        "suspended_for_another_reason",
+        format!(
+            "the {what} is suspended, but not by alert {}'s policy{}: resume it from its own page if that is \
+             intended",
+            alert.id,
+            by.map(|b| format!(" (suspended by {b})")).unwrap_or_default()
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -108,6 +108,9 @@ pub async fn page(
                 .ok()
                 .map(|c| if c.is_suspended() { "suspended" } else { "active" }.to_owned()),
         };
+        // Why the button would be refused: suspended, but not by this alert's policy (a leak
+        // response, a person, another alert).
+        let refusal = st.admin.resume_refusal(v.workspace(), &a).await.map_err(ctx_err(&v))?.map(|e| e.message);
         Ok::<_, PageError>(st.render(
             StatusCode::OK,
             "alert.html",
@@ -117,6 +120,7 @@ pub async fn page(
                 title => "Alert",
                 alert => row(&a),
                 token_status => status,
+                resume_refusal => refusal,
                 notice => notice(q.msg.as_deref()),
             },
         ))

@@ -462,6 +462,88 @@ async fn an_oauth_clients_jwts_used_from_a_new_network_at_ten_times_the_rate_ale
     assert_eq!(call(&kg, t["access_token"].as_str().unwrap(), "198.51.100.7").await, 200);
 }
 
+/// A burst of refusals (a token bound to another network, used 20 times from this one) raises a
+/// `refusal_burst` alert (medium) on the token: the alert.
+async fn refusal_burst(kg: &TestKeygate) -> (String, String, String) {
+    let (token, secret) = kg.client().create_token(&json!({"name": "bound", "ip_allowlist": ["10.0.0.0/8"]})).await;
+    kg.sync_index().await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(call(kg, &secret, "198.51.100.7").await, 403);
+    }
+    kg.write_calls(20).await;
+    let alerts = alerts_until(kg, &token, |a| a.iter().any(|x| x["kind"] == "refusal_burst")).await;
+    let id = alerts.iter().find(|x| x["kind"] == "refusal_burst").unwrap()["id"].as_str().unwrap().to_owned();
+    (token, secret, id)
+}
+
+/// The token sent in a query string to the gateway: found exposed (refused with 400).
+async fn leak_in_query(kg: &TestKeygate, secret: &str) {
+    let r = http().get(format!("{}/orders?api_key={secret}", kg.gateway_url())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+async fn until_suspended(kg: &TestKeygate, token: &str) {
+    for _ in 0..400 {
+        let t = kg.client().get(&format!("/admin/v1/tokens/{token}")).await.body;
+        if t["status"] == "suspended" && t["exposed_at"].is_string() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{token} was not suspended as exposed");
+}
+
+/// The alert's one click resumes only what the alert's policy suspended: a token stopped by the
+/// leak response (found exposed) stays stopped, whether the alert only notified or its policy
+/// had suspended the token before the leak was found; the alert's page offers no button then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alerts_resume_never_undoes_a_leak_response() {
+    let (kg, _upstream, _hooks) = start().await;
+    let c = kg.client();
+    let put = async |settings: Value| {
+        let r = c.send(keygate_testkit::Method::PUT, "/admin/v1/policy/settings", Some(&settings)).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    };
+    let refused = async |id: &str, token: &str| {
+        let r = c.post(&format!("/admin/v1/alerts/{id}/resume-token"), &json!({})).await;
+        assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "suspended_for_another_reason"), "{:?}", r.body);
+        assert!(
+            r.body["error"]["message"].as_str().unwrap().contains("token's page")
+                || r.body["error"]["message"].as_str().unwrap().contains("own page")
+        );
+        assert_eq!(c.get(&format!("/admin/v1/tokens/{token}")).await.body["status"], "suspended");
+        assert_eq!(c.get(&format!("/admin/v1/alerts/{id}")).await.body["status"], "open", "left open");
+    };
+    // The anomaly policy only notifies; the exposure policy suspends.
+    put(json!({"exposure_action": "suspend", "anomaly_suspend": null})).await;
+    let (notified, notified_secret, notice) = refusal_burst(&kg).await;
+    assert_eq!(c.get(&format!("/admin/v1/alerts/{notice}")).await.body["action"], Value::Null);
+    leak_in_query(&kg, &notified_secret).await;
+    until_suspended(&kg, &notified).await;
+    refused(&notice, &notified).await;
+    let mut own = owner(&kg).await;
+    let page = own.get(&format!("/alerts/{notice}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("Resume the token and resolve"), "{}", page.body);
+    assert!(page.body.contains("exposure-policy"), "the page says who suspended it: {}", page.body);
+
+    // The anomaly policy suspends; the token is then found exposed (already suspended).
+    put(json!({"anomaly_suspend": "medium"})).await;
+    let (suspended, suspended_secret, alert) = refusal_burst(&kg).await;
+    assert_eq!(c.get(&format!("/admin/v1/alerts/{alert}")).await.body["action"], "suspended");
+    leak_in_query(&kg, &suspended_secret).await;
+    until_suspended(&kg, &suspended).await;
+    refused(&alert, &suspended).await;
+
+    // Without a leak, the same click resumes the token the alert suspended and resolves it.
+    let (clean, clean_secret, alert) = refusal_burst(&kg).await;
+    let r = c.post(&format!("/admin/v1/alerts/{alert}/resume-token"), &json!({})).await;
+    assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("resolved")), "{:?}", r.body);
+    assert_eq!(c.get(&format!("/admin/v1/tokens/{clean}")).await.body["status"], "active");
+    kg.sync_index().await.unwrap();
+    assert_eq!(call(&kg, &clean_secret, "10.1.2.3").await, 200);
+}
+
 /// One turn of the detectors on each node, once each node's calls are counted.
 async fn both_detect(nodes: [&TestKeygate; 2], made: [u64; 2]) -> Vec<keygate_core::anomaly::Alert> {
     let mut opened = Vec::new();

@@ -11,7 +11,7 @@
 //! (`token_hash` is the SHA-256 of the token in hex: a secret is never sent back).
 
 use base64::Engine as _;
-use keygate_core::model::Actor;
+use keygate_core::model::{Actor, AuditFilter, PageRequest, TokenRecord};
 use keygate_core::token_format;
 use keygate_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -103,8 +103,9 @@ fn location(f: &Found) -> String {
 impl Admin {
     /// Handles tokens a secret-scanning partner found: each of this keygate's tokens is marked
     /// exposed in its own workspace (actor `secret-scanning`) and its workspace's exposure
-    /// policy applied; root keys are logged (revoke them by hand). Never fails for one token:
-    /// a token that cannot be handled is answered as not live and logged.
+    /// policy applied; root keys are logged (revoke them by hand). A token already reported at
+    /// the same place is answered and left alone (a replayed report changes nothing). Never fails
+    /// for one token: a token that cannot be handled is answered as not live and logged.
     pub async fn secret_scanning_report(&self, found: &[Found]) -> Result<Vec<Feedback>> {
         if found.len() > MAX_TOKENS {
             return Err(Error::invalid("too_many_tokens", format!("at most {MAX_TOKENS} tokens per request")));
@@ -137,7 +138,23 @@ impl Admin {
                 continue;
             };
             answer.label = "true_positive";
-            match self.mark_exposed(&token.workspace_id, &actor, &token, Some(&location(f))).await {
+            let place = location(f);
+            // A report already taken (the same token at the same place): answered again, changing
+            // nothing. A signed report has no time of its own and can be sent again by whoever
+            // saw it; it must not write another event, notify the owners again, or stop a token a
+            // person has resumed since.
+            match self.exposure_reported(&token, &actor, &place).await {
+                Ok(true) => {
+                    answer.live = token.status(self.now()) == keygate_core::model::TokenStatus::Active;
+                    out.push(answer);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(token_id = %token.id, error = %e, "cannot read a token's earlier exposures");
+                }
+            }
+            match self.mark_exposed(&token.workspace_id, &actor, &token, Some(&place)).await {
                 Ok(t) => answer.live = t.status(self.now()) == keygate_core::model::TokenStatus::Active,
                 Err(e) => {
                     tracing::warn!(token_id = %token.id, error = %e, "cannot handle a token a secret-scanning partner found");
@@ -147,6 +164,35 @@ impl Admin {
             out.push(answer);
         }
         Ok(out)
+    }
+}
+
+impl Admin {
+    /// Whether `actor` has already reported `token` exposed at `location` (a `token.exposed`
+    /// event of the token's with that actor and location). Reading every such event is bounded:
+    /// a report already taken writes none, so there is one per distinct place.
+    async fn exposure_reported(&self, token: &TokenRecord, actor: &Actor, location: &str) -> Result<bool> {
+        let filter = AuditFilter {
+            actor: Some(actor.id.clone()),
+            action: Some("token.exposed".into()),
+            target: Some(token.id.as_str().to_owned()),
+            ..AuditFilter::default()
+        };
+        let mut cursor = None;
+        loop {
+            let page = self.audit_events(&token.workspace_id, &filter, &PageRequest { limit: 200, cursor }).await?;
+            if page
+                .items
+                .iter()
+                .any(|e| e.after.as_ref().and_then(|a| a.get("location")).and_then(|l| l.as_str()) == Some(location))
+            {
+                return Ok(true);
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(false),
+            }
+        }
     }
 }
 

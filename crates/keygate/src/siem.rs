@@ -2,7 +2,9 @@
 //! syslog receiver (RFC 5424 messages, RFC 6587 octet counting, over TCP or TLS) and/or as JSON
 //! lines POSTed to an HTTP collector. Events wait in the store's outbox (written with the event),
 //! so a receiver that is down loses nothing: the batch is sent again, with growing pauses, until
-//! it is taken.
+//! it is taken. A syslog connection kept between batches is checked before each one: a receiver
+//! that closed it (a restart, an idle timeout) gets a new connection rather than a batch written
+//! into the old one and lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +66,14 @@ impl Sender for Syslog {
     async fn send(&self, events: &[String]) -> Result<(), String> {
         use keygate_gateway::upstream_tls::UpstreamStream;
         let mut conn = self.conn.lock().await;
+        if let Some(stream) = conn.as_mut()
+            && closed(stream).await
+        {
+            // Closed by the receiver while idle (restarted, or an idle timeout): a write into it
+            // would be taken by the kernel and lost with the connection, and the batch
+            // acknowledged. Connect again instead.
+            *conn = None;
+        }
         if conn.is_none() {
             let tcp = tokio::time::timeout(
                 Duration::from_secs(5),
@@ -105,6 +115,28 @@ impl Sender for Syslog {
             }
         }
     }
+}
+
+/// Whether the receiver has closed the kept connection (or it failed) since the last batch. A
+/// syslog receiver sends nothing, so whatever is readable is the end of the stream, a reset, or
+/// stray bytes (dropped: the connection is still open).
+async fn closed(stream: &mut keygate_gateway::upstream_tls::UpstreamStream) -> bool {
+    use std::task::Poll;
+    use tokio::io::AsyncRead;
+    let mut buf = [0u8; 512];
+    std::future::poll_fn(|cx| {
+        for _ in 0..16 {
+            let mut read = tokio::io::ReadBuf::new(&mut buf);
+            match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Ready(false),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(true),
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(true),
+            }
+        }
+        Poll::Ready(false)
+    })
+    .await
 }
 
 /// An HTTP collector: each batch one POST of JSON lines (`application/x-ndjson`); 2xx is taken.

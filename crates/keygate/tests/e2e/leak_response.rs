@@ -6,6 +6,7 @@ use std::time::Duration;
 use keygate_testkit::{StatusCode, TestKeygate};
 use serde_json::json;
 
+use crate::audit_count;
 use crate::dashboard::owner;
 
 async fn until_state(kg: &TestKeygate, id: &str, want: &str) -> serde_json::Value {
@@ -137,7 +138,7 @@ async fn a_secret_scanning_partner_reports_leaked_tokens() {
     let r = reqwest::Client::new().get(&url).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
 
-    let r = send(body.clone(), "key-1", sig).await.unwrap();
+    let r = send(body.clone(), "key-1", sig.clone()).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let text = r.text().await.unwrap();
     assert!(!text.contains(&secret) && !text.contains(&made_up), "no secret in the answer: {text}");
@@ -163,6 +164,18 @@ async fn a_secret_scanning_partner_reports_leaked_tokens() {
     );
     let trail = c.get(&format!("/admin/v1/audit-events?target={id}&action=token.exposed")).await;
     assert_eq!(trail.body["data"][0]["actor"], "secret-scanning");
+    let events = audit_count(&kg).await;
+
+    // The same signed report sent again (by the platform, or by whoever saw it): the same
+    // answer, and nothing new — no event, so no webhook or email either.
+    for _ in 0..3 {
+        let r = send(body.clone(), "key-1", sig.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap(), answer);
+    }
+    assert_eq!(audit_count(&kg).await, events, "a replayed report writes nothing");
+    let trail = c.get(&format!("/admin/v1/audit-events?target={id}&action=token.exposed")).await;
+    assert_eq!(trail.body["data"].as_array().unwrap().len(), 1, "{}", trail.body);
 
     // Not JSON of the right shape: 400, even when signed.
     let junk = "{\"token\": 1}".to_owned();

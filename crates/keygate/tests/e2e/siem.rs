@@ -119,3 +119,60 @@ async fn audit_events_stream_to_syslog_and_http_and_wait_for_a_receiver_that_is_
     assert!(next(&mut rx).await.contains("token.create"));
     kg.stop().await;
 }
+
+/// A receiver that closes its connection after the first message (a restart, an idle timeout)
+/// and takes the next one: the event after the close arrives on a new connection, not written
+/// into the closed one and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_after_the_receiver_closed_its_connection_is_not_lost() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            n += 1;
+            let (tx, conn) = (tx.clone(), n);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(sp) = buf.iter().position(|b| *b == b' ') {
+                        let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
+                        if buf.len() < sp + 1 + len {
+                            break;
+                        }
+                        let msg = String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap();
+                        buf.drain(..sp + 1 + len);
+                        let first = msg.contains("first-token");
+                        let _ = tx.send((conn, msg));
+                        if conn == 1 && first {
+                            // The first connection ends after the first token's event.
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let siem = SiemConfig { syslog_url: Some(format!("tcp://127.0.0.1:{port}")), ..SiemConfig::default() };
+    let kg = TestKeygate::start_with(Options { siem: Some(siem), ..Options::default() }).await.unwrap();
+    let c = kg.client();
+    let until = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, String)>, name: &str| loop {
+        let (conn, msg) =
+            tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a message in time").unwrap();
+        if msg.contains(name) {
+            return conn;
+        }
+    };
+    c.create_token(&json!({"name": "first-token"})).await;
+    assert_eq!(until(&mut rx, "first-token").await, 1);
+    // The receiver has closed the first connection: the next event comes on the second.
+    c.create_token(&json!({"name": "second-token"})).await;
+    assert_eq!(until(&mut rx, "second-token").await, 2, "the event after the close arrived");
+    kg.stop().await;
+}

@@ -43,6 +43,9 @@ pub(crate) enum Code {
     BodyTooLarge,
     RouteNotFound,
     TokenInQuery,
+    /// A well-formed token in the request's path: refused before anything else, and the path is
+    /// never recorded (the record phase writes a placeholder in its place).
+    TokenInPath,
     MissingToken,
     /// A credential of another workspace than the route's (and the route is not shared).
     RouteNotInWorkspace,
@@ -85,13 +88,14 @@ pub(crate) enum Code {
 impl Code {
     /// Every code, for the test that they are distinct (keep in step with the enum).
     #[cfg(test)]
-    const ALL: [Code; 28] = [
+    const ALL: [Code; 29] = [
         Code::BadRequest,
         Code::HeaderTooLarge,
         Code::RequestTimeout,
         Code::BodyTooLarge,
         Code::RouteNotFound,
         Code::TokenInQuery,
+        Code::TokenInPath,
         Code::MissingToken,
         Code::RouteNotInWorkspace,
         Code::AddressDenied,
@@ -125,6 +129,7 @@ impl Code {
             Code::BodyTooLarge => "body_too_large",
             Code::RouteNotFound => "route_not_found",
             Code::TokenInQuery => "token_in_query",
+            Code::TokenInPath => "token_in_path",
             Code::MissingToken => "missing_token",
             Code::RouteNotInWorkspace => "route_not_in_workspace",
             Code::AddressDenied => "address_denied",
@@ -152,9 +157,11 @@ impl Code {
 
     pub(crate) const fn status(self) -> StatusCode {
         match self {
-            Code::BadRequest | Code::TokenInQuery | Code::UpgradeNotAllowed | Code::RequestInvalid => {
-                StatusCode::BAD_REQUEST
-            }
+            Code::BadRequest
+            | Code::TokenInQuery
+            | Code::TokenInPath
+            | Code::UpgradeNotAllowed
+            | Code::RequestInvalid => StatusCode::BAD_REQUEST,
             Code::OperationNotFound => StatusCode::NOT_FOUND,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -20,7 +20,7 @@ thread_local! {
 use keygate_core::model::{LATENCY_BUCKETS_MS, latency_bucket};
 
 /// Refusal reasons counted by `keygate_gateway_refusals_total`.
-pub const REASONS: [&str; 27] = [
+pub const REASONS: [&str; 28] = [
     "missing_token",
     "malformed_token",
     "unknown_token",
@@ -31,6 +31,7 @@ pub const REASONS: [&str; 27] = [
     "rate_limited",
     "quota_exceeded",
     "token_in_query",
+    "token_in_path",
     "bad_request",
     "ambiguous_path",
     "ambiguous_header",

@@ -23,7 +23,7 @@ use keygate_core::token_format::PUBLIC_ID_LEN;
 
 use crate::answer::{Answer, AnswerExtra, Code, Refuse};
 use crate::ctx::{Caller, ConnInfo, Identity, RequestCtx, client_ip, is_trusted, origin};
-use crate::gateway::{Gateway, LocalService};
+use crate::gateway::{Gateway, LocalService, Table};
 use crate::head::{ReqHead, parse_length, upgrade_protocols, upgrade_requested};
 use crate::index::{IndexedToken, Refusal, TokenIndex};
 use crate::jwt::{JwtRefusal, looks_like_jwt};
@@ -215,13 +215,13 @@ fn credential<'a>(head: &ReqHead<'a>) -> Option<(Scheme, &'a str)> {
     head.at(head.known.api_key).and_then(|v| std::str::from_utf8(v).ok()).map(|v| (Scheme::ApiKey, v.trim()))
 }
 
-/// A well-formed token anywhere in the query string: in a name or a value, alone or inside a
-/// longer text (`Bearer kg_…`, JSON), with its characters percent-encoded or not and `+` read
-/// as a space, as application/x-www-form-urlencoded parsers read a query (issue 12 #4). A query
-/// without escapes is searched as it is; one with escapes is decoded first, on the stack when
-/// it is short.
-fn token_in_query(query: &str, index: &TokenIndex) -> Option<String> {
-    let raw = query.as_bytes();
+/// A well-formed token anywhere in a part of the URL (the query string, or the path): in a name
+/// or a value, alone or inside a longer text (`Bearer kg_…`, JSON), with its characters
+/// percent-encoded or not and `+` read as a space, as application/x-www-form-urlencoded parsers
+/// read a query (issue 12 #4). A part without escapes is searched as it is; one with escapes is
+/// decoded first, on the stack when it is short.
+fn token_in_url(part: &str, index: &TokenIndex) -> Option<String> {
+    let raw = part.as_bytes();
     if !raw.contains(&b'%') {
         // `+` is not a character of tokens: reading it as a space changes no match.
         return index.find_well_formed(raw).map(str::to_owned);
@@ -277,6 +277,16 @@ impl Gateway {
     /// known), and the headers every answer on the route carries (limits, CORS).
     pub(crate) fn admit<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Admission<'a> {
         let head = ctx.head;
+        // A token in the path first: the path goes into the call log and the access log, and
+        // every refusal below records it; this one records a placeholder instead.
+        if let Some(tok) = token_in_url(head.path, &self.index) {
+            self.report_in_url(ctx.table, tok, || format!("gateway: path of a {} request", head.method));
+            let r = Refuse::of(
+                Code::TokenInPath,
+                "tokens must not be sent in the URL, which ends up in logs; the token is now marked exposed: rotate it and send it as Authorization: Bearer",
+            );
+            return Verdict::refused(&r, head).into();
+        }
         match check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path)) {
             Ok(p) => ctx.path = p,
             Err(r) => return Verdict::refused(&r, head).into(),
@@ -309,6 +319,17 @@ impl Gateway {
             Ok((route, None)) => self.admitted(ctx, route).into(),
             Ok((route, Some(wait))) => Admission::Wait(route, wait),
             Err(r) => Verdict::refused(&r, head).into(),
+        }
+    }
+
+    /// Reports a token found in the URL (`where_`: where, never the URL itself) to be marked
+    /// exposed, counting a report the reporter could not take.
+    fn report_in_url(&self, table: &Table, tok: String, where_: impl FnOnce() -> String) {
+        if let Some(rep) = &self.reporter {
+            let live = self.index.contains(&tok);
+            if !rep.token_in_query(TokenSecret::new(tok), where_(), live) {
+                table.metrics.exposure_report_dropped();
+            }
         }
     }
 
@@ -403,15 +424,9 @@ impl Gateway {
             }
         }
         if let Some(q) = head.query
-            && let Some(tok) = token_in_query(q, &self.index)
+            && let Some(tok) = token_in_url(q, &self.index)
         {
-            if let Some(rep) = &self.reporter {
-                let live = self.index.contains(&tok);
-                let where_ = format!("gateway: query string of {} {}", head.method, ctx.path);
-                if !rep.token_in_query(TokenSecret::new(tok), where_, live) {
-                    ctx.table.metrics.exposure_report_dropped();
-                }
-            }
+            self.report_in_url(ctx.table, tok, || format!("gateway: query string of {} {}", head.method, ctx.path));
             return Err(Refuse::of(
                 Code::TokenInQuery,
                 "tokens must not be sent in the URL, which ends up in logs; the token is now marked exposed: rotate it and send it as Authorization: Bearer",

@@ -10,7 +10,7 @@ use std::time::Instant;
 use http::Method;
 use keygate_core::Timestamp;
 
-use crate::answer::OnComplete;
+use crate::answer::{Code, OnComplete};
 use crate::body::BodyState;
 use crate::ctx::{Caller, Identity, Outcome, RequestCtx, RequestLine, client_ip};
 use crate::gateway::{Gateway, Table};
@@ -18,6 +18,10 @@ use crate::index::IndexedToken;
 use crate::routes::Route;
 use crate::usage::Sample;
 use crate::watch::Seen;
+
+/// The path the call log and the access log record for a request refused because its path held
+/// a token (`token_in_path`): never the path itself.
+pub(crate) const REDACTED_PATH: &str = "/[redacted: a token was in the path]";
 
 /// What a finished request is counted against.
 #[derive(Clone, Copy)]
@@ -55,14 +59,17 @@ impl Gateway {
                 self.meter.refusal(ws, &route.id, code, o.status, ctx.now);
             }
         }
-        let line = self.line(&ctx.head.method, ctx.head.path);
+        // A path that holds a token is recorded as a placeholder, in both logs.
+        let redacted = refusal == Some(Code::TokenInPath.as_str());
+        let path = if redacted { REDACTED_PATH } else { &ctx.path };
+        let line = self.line(&ctx.head.method, if redacted { REDACTED_PATH } else { ctx.head.path });
         let client = (ctx.caller.is_none() && (ctx.stopped.is_some() || self.calls.is_some()))
             .then(|| client_ip(ctx.conn.remote, ctx.head, &self.settings.trusted_proxies));
         let mut m = Metered::of(ctx, line.as_ref());
         m.refusal = refusal;
         m.stopped = ctx.stopped.as_deref().zip(client);
         m.client = client;
-        m.path = Some(&ctx.path);
+        m.path = Some(path);
         self.count(&m, o);
     }
 

@@ -123,3 +123,71 @@ async fn every_call_is_recorded_searched_and_exported_without_its_query() {
     let bad = own.get("/calls?status=nope").await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }
+
+/// A token sent in the path (`/orders/<token>`), plainly or percent-encoded, is refused before
+/// anything else and marked exposed, and neither the call log nor its export ever holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
+    let upstream = RecordingUpstream::start().await.unwrap();
+    let kg = TestKeygate::start_with(Options {
+        routes: vec![route("orders", "/orders", &upstream.url())],
+        gateway: Some(keygate::config::GatewayConfig {
+            trusted_proxies: vec!["127.0.0.1".into()],
+            ..Default::default()
+        }),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let c = kg.client();
+    let (token, secret) = c.create_token(&json!({"name": "pasted"})).await;
+    kg.sync_index().await.unwrap();
+    use reqwest::Method;
+    let encoded: String = secret.bytes().map(|b| format!("%{b:02X}")).collect();
+    for path in [format!("/orders/{secret}"), format!("/orders/by-key/{encoded}/items")] {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", kg.gateway_url()))
+            .bearer_auth(&secret)
+            .header("x-forwarded-for", "203.0.113.50")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "token_in_path", "{body}");
+    }
+    assert!(upstream.requests().is_empty(), "nothing was forwarded");
+    // A call of the same token the right way is recorded as usual, beside them.
+    assert_eq!(call(&kg, "/orders/1", Some(&secret), Method::GET).await, 200);
+    kg.write_calls(1).await;
+
+    // Marked exposed, with where (never the path itself) in the audit trail.
+    let mut exposed = Value::Null;
+    for _ in 0..400 {
+        exposed = c.get(&format!("/admin/v1/audit-events?target={token}&action=token.exposed")).await.body;
+        if exposed["data"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(exposed["data"][0]["after"]["location"], "gateway: path of a GET request", "{exposed}");
+    assert!(c.get(&format!("/admin/v1/tokens/{token}")).await.body["exposed_at"].is_string());
+
+    // Neither the call log nor its export holds the secret, in any encoding.
+    let all = c.get("/admin/v1/calls").await.body.to_string();
+    let export = reqwest::Client::new()
+        .get(format!("{}/admin/v1/calls/export", kg.url()))
+        .bearer_auth(&kg.root_key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(export.contains("/orders/1"), "{export}");
+    for text in [&all, &export, &exposed.to_string()] {
+        assert!(!text.contains(&secret) && !text.contains(&encoded), "no secret: {text}");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"token_in_path\"} 2"), "{metrics}");
+}

@@ -3,6 +3,7 @@
 //! retries; and each person's notification settings.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keygate_core::ids::{UserId, WorkspaceId};
@@ -15,10 +16,21 @@ use serde_json::Value;
 
 use crate::service::Admin;
 
-/// How long a claimed email is reserved for the node that claimed it.
-const LEASE_MS: i64 = 600_000;
 /// How many emails one pass sends at most.
 const CLAIM_BATCH: u32 = 20;
+/// What a pass's lease allows beyond its sends' deadlines, for the store's reads and writes.
+const LEASE_SLACK: Duration = Duration::from_secs(120);
+/// No send is started unless this much of the lease would remain after its deadline: time to
+/// record the attempt before another node may claim the email.
+const RECORD_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long a pass of the email worker holds the emails it claimed: longer than the pass can take
+/// when every send runs to its deadline (`CLAIM_BATCH` × `deadline`, plus slack for the store),
+/// so that no other node claims an email while a send of it may still complete — it would go
+/// twice. A pass is bounded by it too (the binary's worker stops waiting for one after it).
+pub fn lease(deadline: Duration) -> Duration {
+    deadline.saturating_mul(CLAIM_BATCH).saturating_add(LEASE_SLACK)
+}
 
 /// A message ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +46,12 @@ pub struct Message {
 #[async_trait]
 pub trait Mailer: Send + Sync {
     async fn send(&self, message: &Message) -> std::result::Result<(), String>;
+
+    /// The longest one message's send may take, start to end (`[email] timeout_seconds`). The
+    /// worker stops waiting for a send after it and counts a failed attempt, whatever the
+    /// transport does: a server that accepts the connection and then says nothing must not hold
+    /// up every other email.
+    fn deadline(&self) -> Duration;
 }
 
 const TEXT: &str = "Hello {{ name }},
@@ -367,8 +385,16 @@ pub struct NotificationSetting {
 impl Admin {
     /// One pass of the email worker: claims the emails due, renders and sends each, records the
     /// outcome and schedules retries (1 min, 5 min, 30 min, 2 h, 6 h).
+    ///
+    /// Each send is bounded by the mailer's [`Mailer::deadline`] (a send cut off is a failed
+    /// attempt, retried), and the emails are leased for [`lease`]: no send starts that could end
+    /// after the lease, so another node never claims an email whose send may still complete.
     pub async fn deliver_emails(self: &Arc<Self>, mailer: &dyn Mailer, node: &str) -> Result<EmailPass> {
-        let claimed = self.store().claim_emails(self.now(), LEASE_MS, node, CLAIM_BATCH).await?;
+        let deadline = mailer.deadline();
+        let lease = lease(deadline);
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let claimed = self.store().claim_emails(self.now(), lease_ms, node, CLAIM_BATCH).await?;
+        let leased = std::time::Instant::now();
         let mut pass = EmailPass { full: claimed.len() >= CLAIM_BATCH as usize, ..EmailPass::default() };
         let dashboard = self.notify_settings().dashboard_url;
         let mut names: std::collections::HashMap<WorkspaceId, String> = Default::default();
@@ -381,10 +407,32 @@ impl Admin {
                     n
                 }
             };
+            if leased.elapsed() + deadline + RECORD_MARGIN > lease {
+                // The store was slow: the rest wait for the lease to run out and are claimed again.
+                tracing::warn!(
+                    email = e.id,
+                    "the email pass ran close to its lease; the emails left are sent when it runs out"
+                );
+                break;
+            }
             let started = self.now();
             let clock = std::time::Instant::now();
             let result = match render(&e, &ws_name, dashboard.as_deref()) {
-                Ok(m) => mailer.send(&m).await,
+                Ok(m) => match tokio::time::timeout(deadline, mailer.send(&m)).await {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        tracing::warn!(
+                            email = e.id,
+                            event = %e.event_type,
+                            timeout_seconds = deadline.as_secs(),
+                            "the SMTP server did not finish sending an email in time: a failed attempt"
+                        );
+                        Err(format!(
+                            "timed out: the SMTP server did not finish within {} s (email.timeout_seconds)",
+                            deadline.as_secs()
+                        ))
+                    }
+                },
                 Err(err) => Err(err.message.into_owned()),
             };
             let duration_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
@@ -495,6 +543,10 @@ mod tests {
             }
             self.0.lock().push(m.clone());
             Ok(())
+        }
+
+        fn deadline(&self) -> Duration {
+            Duration::from_secs(5)
         }
     }
 

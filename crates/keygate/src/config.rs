@@ -399,7 +399,8 @@ pub struct EmailConfig {
     pub smtp_url: Option<String>,
     /// The sender, such as `keygate <keygate@example.com>`. Required with `smtp_url`.
     pub from: Option<String>,
-    /// Seconds a message may take to send. Default 15.
+    /// Seconds one message's send may take, start to end (connect, greeting, every answer):
+    /// past it the attempt fails and is retried, and the other emails go on. Default 15.
     pub timeout_seconds: u64,
 }
 

@@ -108,9 +108,14 @@ impl WebhookTransport for HttpTransport {
 }
 
 /// Email through an SMTP server (lettre), TLS by `smtps://` or STARTTLS by `?tls=required`.
+///
+/// lettre's own timeout bounds only the TCP connect: a server that accepts and then never sends
+/// its greeting (or an answer) would hold a send for ever. The whole send is bounded by
+/// `deadline` instead, by the email worker ([`keygate_admin::email::Mailer::deadline`]).
 pub struct SmtpMailer {
     transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
     from: lettre::message::Mailbox,
+    deadline: Duration,
 }
 
 impl SmtpMailer {
@@ -122,12 +127,13 @@ impl SmtpMailer {
             .unwrap_or_default()
             .parse()
             .map_err(|_| anyhow::anyhow!("email.from is not an address"))?;
+        let deadline = Duration::from_secs(cfg.timeout_seconds);
         // The error may quote the URL (and its password): say only what is wrong.
         let transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
             .map_err(|_| anyhow::anyhow!("email.smtp_url is not a valid SMTP URL (smtps://user:password@host:465 or smtp://host:587?tls=required)"))?
-            .timeout(Some(Duration::from_secs(cfg.timeout_seconds)))
+            .timeout(Some(deadline))
             .build();
-        Ok(Some(Self { transport, from }))
+        Ok(Some(Self { transport, from, deadline }))
     }
 }
 
@@ -157,20 +163,28 @@ impl keygate_admin::email::Mailer for SmtpMailer {
             out
         })
     }
+
+    fn deadline(&self) -> Duration {
+        self.deadline
+    }
 }
 
-/// Sends the email outbox from this node, every second (at once again after a full batch).
+/// Sends the email outbox from this node, every second (at once again after a full batch). Each
+/// send is bounded by the mailer's deadline, and a whole pass by its lease: nothing the SMTP
+/// server or the store does can stop the loop.
 pub fn spawn_email_worker(
     admin: Arc<Admin>,
     mailer: Arc<dyn keygate_admin::email::Mailer>,
     node: String,
 ) -> JoinHandle<()> {
+    let bound = keygate_admin::email::lease(mailer.deadline());
     tokio::spawn(async move {
         loop {
-            match admin.deliver_emails(&*mailer, &node).await {
-                Ok(pass) if pass.full => continue,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot send emails; trying again"),
+            match tokio::time::timeout(bound, admin.deliver_emails(&*mailer, &node)).await {
+                Ok(Ok(pass)) if pass.full => continue,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot send emails; trying again"),
+                Err(_) => tracing::warn!("a pass of the email worker outlived its lease; stopped waiting for it"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

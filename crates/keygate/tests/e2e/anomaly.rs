@@ -58,50 +58,10 @@ async fn alerts_until(kg: &TestKeygate, token: &str, done: impl Fn(&[Value]) -> 
     panic!("the alerts of {token} did not come");
 }
 
-/// A minimal SMTP receiver (RFC 5321, plain, no extensions): what keygate's mailer sends to it,
-/// each message's DATA as received.
+/// A minimal SMTP receiver: its URL and the messages it received.
 async fn smtp_receiver() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("smtp://{}", listener.local_addr().unwrap());
-    let got = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let messages = got.clone();
-    tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
-            let messages = messages.clone();
-            tokio::spawn(async move {
-                let (rd, mut wr) = conn.into_split();
-                let mut lines = BufReader::new(rd).lines();
-                let _ = wr.write_all(b"220 test ESMTP\r\n").await;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let verb = line.split(' ').next().unwrap_or_default().to_ascii_uppercase();
-                    let answer: &[u8] = match verb.as_str() {
-                        "EHLO" | "HELO" => b"250 test\r\n",
-                        "DATA" => {
-                            let _ = wr.write_all(b"354 go ahead\r\n").await;
-                            let mut body = String::new();
-                            while let Ok(Some(l)) = lines.next_line().await {
-                                if l == "." {
-                                    break;
-                                }
-                                body.push_str(&l);
-                                body.push('\n');
-                            }
-                            messages.lock().push(body);
-                            b"250 queued\r\n"
-                        }
-                        "QUIT" => {
-                            let _ = wr.write_all(b"221 bye\r\n").await;
-                            break;
-                        }
-                        _ => b"250 ok\r\n",
-                    };
-                    let _ = wr.write_all(answer).await;
-                }
-            });
-        }
-    });
-    (url, got)
+    let rx = crate::email::SmtpReceiver::start(0).await;
+    (rx.url, rx.messages)
 }
 
 /// Seventy minutes of steady use: 12 calls a minute from the app's own network, with the

@@ -20,6 +20,7 @@ mod edge_conn;
 mod edge_headers;
 mod edge_policy;
 mod edge_upgrade;
+mod email;
 mod faults;
 mod fuzz_finds;
 mod gateway;

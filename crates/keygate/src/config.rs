@@ -393,9 +393,11 @@ impl AnomalyConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct EmailConfig {
     /// `smtps://user:password@host:465` (TLS), `smtp://user:password@host:587?tls=required`
-    /// (STARTTLS), or `smtp://host:25` (plain, for a relay on the same host). Percent-encode
-    /// special characters of the user and password. Env: `KEYGATE_SMTP_URL` (keeps the password
-    /// out of the file). Never logged.
+    /// (STARTTLS), or `smtp://host:25` (plain, for a relay on the same host). A user and password
+    /// need TLS (`smtps://` or `?tls=required`) unless the host is loopback (`localhost`,
+    /// 127.0.0.0/8, `::1`): otherwise the configuration is refused (`smtp_credentials_without_tls`).
+    /// Percent-encode special characters of the user and password. Env: `KEYGATE_SMTP_URL` (keeps
+    /// the password out of the file). Never logged.
     pub smtp_url: Option<String>,
     /// The sender, such as `keygate <keygate@example.com>`. Required with `smtp_url`.
     pub from: Option<String>,
@@ -427,6 +429,7 @@ impl EmailConfig {
         if !(url.starts_with("smtp://") || url.starts_with("smtps://")) {
             bail!("email.smtp_url must start with smtps:// (TLS) or smtp:// (add ?tls=required for STARTTLS)");
         }
+        smtp_credentials_protected(url)?;
         let Some(from) = &self.from else {
             bail!("email.from is required with email.smtp_url: the sender, such as \"keygate <keygate@example.com>\"");
         };
@@ -438,6 +441,36 @@ impl EmailConfig {
         }
         Ok(())
     }
+}
+
+/// Refuses an SMTP URL that would send its user and password in the clear: credentials go only
+/// over TLS from the start (`smtps://`) or STARTTLS that must succeed before AUTH
+/// (`?tls=required`; lettre's `opportunistic` carries on in the clear when the server offers no
+/// STARTTLS, or when someone on the path strips it), unless the server is on loopback (a relay
+/// on the same host, where nothing on the way can read them). The error never quotes the URL,
+/// which holds the password.
+fn smtp_credentials_protected(url: &str) -> anyhow::Result<()> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| {
+        anyhow::anyhow!(
+            "email.smtp_url is not a valid URL: use smtps://user:password@host:465 or smtp://user:password@host:587?tls=required (percent-encode special characters of the user and password)"
+        )
+    })?;
+    // lettre sends AUTH when the URL has a password (the user may be empty).
+    if parsed.password().is_none() {
+        return Ok(());
+    }
+    let tls = parsed.scheme() == "smtps"
+        || parsed.query_pairs().find(|(k, _)| k == "tls").is_some_and(|(_, v)| v == "required");
+    let host = parsed.host_str().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback =
+        bare.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if tls || loopback {
+        return Ok(());
+    }
+    bail!(
+        "smtp_credentials_without_tls: email.smtp_url would send its user and password to {host} without TLS, readable by anyone on the way; use smtps://user:password@{host}:465 (TLS) or add ?tls=required (STARTTLS, e.g. smtp://user:password@{host}:587?tls=required). Credentials without TLS are allowed only to a relay on loopback (localhost, 127.0.0.0/8, ::1)"
+    )
 }
 
 /// `[siem]`: the audit trail streamed, as it is written, to a syslog receiver and/or an HTTP

@@ -149,3 +149,73 @@ async fn a_silent_smtp_server_costs_one_failed_attempt_and_holds_up_no_other_ema
     assert_eq!(smtp.with(&first).await.len(), 1);
     kg.stop().await;
 }
+
+/// SMTP credentials go only over TLS (`smtps://`, or STARTTLS required by `?tls=required`), or to
+/// a relay on loopback: `keygate config check` and `keygate serve` refuse a URL that would send
+/// them in the clear, with the code first and what to write instead, never the password.
+#[test]
+fn smtp_credentials_without_tls_are_refused_unless_the_relay_is_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("keygate.toml");
+    let check = |url: &str| {
+        std::fs::write(&cfg, format!("[email]\nsmtp_url = \"{url}\"\nfrom = \"keygate <keygate@example.com>\"\n"))
+            .unwrap();
+        let out = crate::keygate(&["config", "check", cfg.to_str().unwrap()])
+            .env_remove("KEYGATE_SMTP_URL")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for clear in [
+        "smtp://keygate:hunter2-smtp@mail.example.com:587",
+        "smtp://keygate:hunter2-smtp@mail.example.com:587?tls=opportunistic",
+        "smtp://:hunter2-smtp@192.0.2.7:25",
+    ] {
+        let (code, err) = check(clear);
+        assert_eq!(code, Some(2), "{clear}: {err}");
+        assert!(err.contains("smtp_credentials_without_tls") && err.contains("?tls=required"), "{clear}: {err}");
+        assert!(err.contains("smtps://"), "{clear}: {err}");
+        assert!(!err.contains("hunter2"), "no password in the message: {err}");
+    }
+    for fine in [
+        "smtps://keygate:hunter2-smtp@mail.example.com:465",
+        "smtp://keygate:hunter2-smtp@mail.example.com:587?tls=required",
+        "smtp://keygate:hunter2-smtp@127.0.0.1:2525",
+        "smtp://keygate:hunter2-smtp@localhost:2525",
+        "smtp://keygate:hunter2-smtp@[::1]:2525",
+        "smtp://mail.example.com:25",
+    ] {
+        let (code, err) = check(fine);
+        assert_eq!(code, Some(0), "{fine}: {err}");
+    }
+    // The same from the environment, at start: refused before anything is opened (a keygate
+    // that started after all is stopped, and the test fails).
+    std::fs::write(&cfg, "[email]\nfrom = \"keygate <keygate@example.com>\"\n").unwrap();
+    let data = dir.path().join("data");
+    let mut child = crate::keygate(&["serve", "--config", cfg.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+        .env("KEYGATE_SMTP_URL", "smtp://keygate:hunter2-smtp@mail.example.com:587")
+        .env("KEYGATE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("KEYGATE_GATEWAY_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    for _ in 0..600 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!("keygate serve started with SMTP credentials in the clear");
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.unwrap().code(), Some(2), "{err}");
+    assert!(err.contains("smtp_credentials_without_tls") && !err.contains("hunter2"), "{err}");
+    assert!(!data.exists(), "nothing was created");
+}

@@ -10,7 +10,11 @@
 //!
 //! Each workspace's chain starts from [`GENESIS`]. When old events are deleted by the retention
 //! setting, the link of the last one deleted is kept as the chain's **anchor**, and verification
-//! starts from it.
+//! starts from it. The anchor is authenticated under the same key ([`anchor_mac`]): otherwise
+//! someone with only the database could delete the start of the trail and move the anchor past
+//! it (the stored link of the last event deleted is in the database), and verification would
+//! start after the deletion — a checkpoint inside it reported "pruned" on an intact chain. An
+//! anchor without its code (written before it existed, or set in the database) is a break.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -20,6 +24,8 @@ pub const GENESIS: [u8; 32] = [0; 32];
 
 /// Domain separation for the links, and their format's version.
 const LABEL: &[u8] = b"keygate audit chain v1";
+/// Domain separation for the anchors' codes: never equal to a link's input.
+const ANCHOR_LABEL: &[u8] = b"keygate audit chain anchor v1";
 
 /// An audit event as stored: the fields a link covers, exactly as written.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +67,21 @@ pub fn link(key: &[u8; 32], prev: &[u8; 32], f: &LinkFields<'_>) -> [u8; 32] {
     put(&opt(f.after));
     put(&opt(f.source));
     put(&f.feed_seq.map_or_else(|| vec![0u8], |s| [&[1u8][..], &s.to_be_bytes()].concat()));
+    mac.finalize().into_bytes().into()
+}
+
+/// The code that authenticates a workspace's anchor: events up to `anchor_seq` were deleted by
+/// keygate's retention, the last of them with link `anchor_link`. Written only by the retention
+/// pass, after it has checked the links of the events it deletes.
+pub fn anchor_mac(key: &[u8; 32], workspace_id: &str, anchor_seq: u64, anchor_link: &[u8; 32]) -> [u8; 32] {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        // HMAC takes a key of any length; this cannot happen.
+        return [0; 32];
+    };
+    for part in [ANCHOR_LABEL, workspace_id.as_bytes(), &anchor_seq.to_be_bytes(), anchor_link] {
+        mac.update(&u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
+        mac.update(part);
+    }
     mac.finalize().into_bytes().into()
 }
 
@@ -131,6 +152,10 @@ pub struct ChainHead {
     pub anchor_seq: u64,
     /// The link of the last deleted event (hex): where verification starts.
     pub anchor_link: String,
+    /// The anchor's [`anchor_mac`] (hex), written by the retention pass with the anchor; absent
+    /// while `anchor_seq` is 0, and on anchors written before keygate authenticated them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_mac: Option<String>,
 }
 
 impl ChainHead {
@@ -142,6 +167,7 @@ impl ChainHead {
             link: to_hex(&GENESIS),
             anchor_seq: 0,
             anchor_link: to_hex(&GENESIS),
+            anchor_mac: None,
         }
     }
 }
@@ -212,8 +238,31 @@ impl Verifier {
             checkpoint,
             checkpoint_outcome: None,
         };
-        if anchor.is_none() {
-            v.fail(None, v.next_seq, "altered", "the chain's anchor is not a link: the head row was changed".into());
+        match anchor {
+            None => {
+                v.fail(None, v.next_seq, "altered", "the chain's anchor is not a link: the head row was changed".into())
+            }
+            // Events deleted: only keygate's retention may have done it, and its code says so.
+            Some(a) if v.head.anchor_seq > 0 => {
+                let n = v.head.anchor_seq;
+                let expected = anchor_mac(&key, &v.head.workspace_id, n, &a);
+                match v.head.anchor_mac.as_deref().map(from_hex) {
+                    Some(Some(m)) if bool::from(subtle::ConstantTimeEq::ct_eq(&m[..], &expected[..])) => {}
+                    Some(_) => {
+                        let msg = format!(
+                            "the chain's anchor (#{n}) does not match its authentication code: the head row was changed in the database, so events #1 to #{n} may have been deleted by someone other than keygate's retention"
+                        );
+                        v.fail(None, n, "altered", msg);
+                    }
+                    None => {
+                        let msg = format!(
+                            "the chain's anchor (#{n}) is not authenticated: it was set in the database, or by a keygate older than the anchor's code, so nothing shows that events #1 to #{n} were deleted by keygate's retention (see \"keygate audit\" in docs/operations.md)"
+                        );
+                        v.fail(None, n, "altered", msg);
+                    }
+                }
+            }
+            Some(_) => {}
         }
         if let Some(c) = checkpoint
             && c.seq <= v.head.anchor_seq
@@ -485,16 +534,54 @@ mod tests {
         assert_eq!(r.broken.map(|b| b.code), Some("checkpoint_missing"));
     }
 
+    /// The head after retention deleted events up to `n` of `events`, as keygate writes it.
+    fn anchored(key: &[u8; 32], events: &[StoredEvent], head: &ChainHead, n: u64) -> ChainHead {
+        let link = events[usize::try_from(n).unwrap() - 1].link.clone().unwrap();
+        let mac = anchor_mac(key, &head.workspace_id, n, &from_hex(&link).unwrap());
+        ChainHead { anchor_seq: n, anchor_link: link, anchor_mac: Some(to_hex(&mac)), ..head.clone() }
+    }
+
     #[test]
     fn verification_starts_at_the_anchor_after_retention() {
         let key = [3u8; 32];
         let (events, head) = chain(&key, 5);
-        let anchored = ChainHead { anchor_seq: 2, anchor_link: events[1].link.clone().unwrap(), ..head.clone() };
+        let anchored = anchored(&key, &events, &head, 2);
         let r = verify(key, &events[2..], &anchored, None);
         assert!(r.intact && r.checked == 3 && r.from_seq == 2, "{r:?}");
         let at1 = Checkpoint { seq: 1, link: from_hex(events[0].link.as_deref().unwrap()).unwrap() };
         assert_eq!(verify(key, &events[2..], &anchored, Some(at1)).checkpoint, Some("pruned"));
         let wrong_anchor = ChainHead { anchor_link: to_hex(&[1; 32]), ..anchored };
         assert_eq!(verify(key, &events[2..], &wrong_anchor, None).broken.map(|b| b.code), Some("altered"));
+    }
+
+    /// Without the key, the start of the trail cannot be deleted and the anchor moved past it:
+    /// an anchor without its code, or with another anchor's, is a break that names the anchor,
+    /// and a checkpoint inside the deleted part is not reported "pruned".
+    #[test]
+    fn an_anchor_moved_without_the_key_is_a_break() {
+        let key = [3u8; 32];
+        let (events, head) = chain(&key, 5);
+        let at1 = Checkpoint { seq: 1, link: from_hex(events[0].link.as_deref().unwrap()).unwrap() };
+        let legit = anchored(&key, &events, &head, 2);
+        let forgeries = [
+            // Events 1..3 deleted, the anchor set to event 3's stored link, no code.
+            ChainHead { anchor_seq: 3, anchor_link: events[2].link.clone().unwrap(), anchor_mac: None, ..head.clone() },
+            // The same, keeping the code of the anchor retention wrote at #2.
+            ChainHead { anchor_seq: 3, anchor_link: events[2].link.clone().unwrap(), ..legit.clone() },
+            // A code made under another key.
+            anchored(&[4u8; 32], &events, &head, 3),
+            // A code that is not hex.
+            ChainHead { anchor_mac: Some("x".into()), ..anchored(&key, &events, &head, 3) },
+        ];
+        for forged in forgeries {
+            let r = verify(key, &events[3..], &forged, Some(at1));
+            let b = r.broken.clone().unwrap_or_else(|| panic!("{forged:?}: {r:?}"));
+            assert_eq!((b.code, b.seq, b.event_id), ("altered", 3, None), "{forged:?}");
+            assert!(b.message.contains("anchor (#3)"), "{}", b.message);
+            assert!(!r.intact && r.checkpoint.is_none(), "{r:?}");
+        }
+        assert!(verify(key, &events[3..], &anchored(&key, &events, &head, 3), Some(at1)).intact);
+        // No anchor (nothing deleted) needs no code.
+        assert!(verify(key, &events, &head, None).intact);
     }
 }

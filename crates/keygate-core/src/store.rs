@@ -162,7 +162,9 @@ pub trait AuditStore: Send + Sync {
         checkpoint: Option<crate::audit_chain::Checkpoint>,
     ) -> Result<crate::audit_chain::ChainReport>;
     /// Deletes every workspace's events older than `before` (the oldest first, in chain order),
-    /// keeping the link of the last one deleted as its chain's anchor. Returns how many.
+    /// keeping the link of the last one deleted as its chain's anchor, authenticated under the
+    /// chain's key. The links of the events deleted are checked first: a workspace whose events
+    /// due for deletion do not verify keeps them (logged). Returns how many were deleted.
     async fn prune_audit(&self, before: Timestamp) -> Result<u64>;
 }
 

@@ -60,19 +60,79 @@ pub(crate) async fn move_head(tx: &mut Tx, ws: &str, seq: u64, link: &str) -> Re
     Ok(())
 }
 
-async fn read_head(conn: &mut sqlx::AnyConnection, ws: &WorkspaceId) -> Result<ChainHead> {
-    let row = sqlx::query("SELECT seq, link, anchor_seq, anchor_link FROM audit_chains WHERE workspace_id = $1")
-        .bind(ws.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    let Some(row) = row else { return Ok(ChainHead::empty(ws.as_str())) };
+async fn read_head(conn: &mut sqlx::AnyConnection, ws: &str) -> Result<ChainHead> {
+    let row =
+        sqlx::query("SELECT seq, link, anchor_seq, anchor_link, anchor_mac FROM audit_chains WHERE workspace_id = $1")
+            .bind(ws)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    let Some(row) = row else { return Ok(ChainHead::empty(ws)) };
     Ok(ChainHead {
-        workspace_id: ws.as_str().to_owned(),
+        workspace_id: ws.to_owned(),
         seq: seq_of(row.try_get("seq").map_err(db_error)?),
         link: row.try_get("link").map_err(db_error)?,
         anchor_seq: seq_of(row.try_get("anchor_seq").map_err(db_error)?),
         anchor_link: row.try_get("anchor_link").map_err(db_error)?,
+        anchor_mac: get(&row, "anchor_mac")?,
+    })
+}
+
+/// Checks the links of the events retention is about to delete from `ws` — those after its anchor
+/// up to `upto`, whose stored link is `link` — before their last becomes the anchor, authenticated
+/// by [`audit_chain::anchor_mac`]: the code must never bless a trail changed in the database
+/// (events dated back so that retention deletes them, an anchor moved). An anchor without a code,
+/// written before keygate authenticated anchors, is taken as the start: what follows it must still
+/// verify, and events old enough to delete now were due for deletion before it anyway. `Err` is
+/// the break, which stays for `keygate audit verify` to report.
+async fn check_before_prune(
+    tx: &mut Tx,
+    key: &[u8; 32],
+    head: &ChainHead,
+    upto: u64,
+    link: &str,
+) -> Result<std::result::Result<(), String>> {
+    let mut start = head.clone();
+    if start.anchor_seq > 0
+        && start.anchor_mac.is_none()
+        && let Some(anchor) = audit_chain::from_hex(&start.anchor_link)
+    {
+        tracing::warn!(
+            workspace = head.workspace_id.as_str(),
+            anchor_seq = start.anchor_seq,
+            "the audit chain's anchor has no authentication code (written before keygate had one); \
+             retention replaces it with an authenticated anchor if the events after it verify"
+        );
+        let mac = audit_chain::anchor_mac(key, &head.workspace_id, start.anchor_seq, &anchor);
+        start.anchor_mac = Some(audit_chain::to_hex(&mac));
+    }
+    let from = i64::try_from(start.anchor_seq).unwrap_or(i64::MAX);
+    let to = i64::try_from(upto).unwrap_or(i64::MAX);
+    let mut verifier = Verifier::new(*key, ChainHead { seq: upto, link: link.to_owned(), ..start }, None);
+    let mut after = 0i64;
+    while !verifier.is_broken() {
+        let sql = format!(
+            "SELECT {STORED_COLS} FROM audit_events WHERE workspace_id = $1 AND chain_seq > $2 AND chain_seq <= $3 \
+             AND id > $4 ORDER BY id LIMIT $5"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(head.workspace_id.as_str())
+            .bind(from)
+            .bind(to)
+            .bind(after)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_error)?;
+        let Some(last) = rows.last() else { break };
+        after = last.try_get("id").map_err(db_error)?;
+        for row in &rows {
+            verifier.feed(&stored(row)?);
+        }
+    }
+    Ok(match verifier.finish().broken {
+        None => Ok(()),
+        Some(b) => Err(b.message),
     })
 }
 
@@ -170,7 +230,7 @@ impl SqlStore {
 
     pub(crate) async fn chain_head(&self, ws: &WorkspaceId) -> Result<ChainHead> {
         let mut conn = self.pool.acquire().await.map_err(db_error)?;
-        read_head(&mut conn, ws).await
+        read_head(&mut conn, ws.as_str()).await
     }
 
     /// See `AuditStore::verify_audit_chain`: one read-only transaction, a snapshot on both
@@ -188,7 +248,7 @@ impl SqlStore {
                 .await
                 .map_err(db_error)?;
         }
-        let head = read_head(&mut tx, ws).await?;
+        let head = read_head(&mut tx, ws.as_str()).await?;
         let mut verifier = Verifier::new(key, head, checkpoint);
         let mut after = 0i64;
         while !verifier.is_broken() {
@@ -212,8 +272,11 @@ impl SqlStore {
         Ok(verifier.finish())
     }
 
-    /// See `AuditStore::prune_audit`.
+    /// See `AuditStore::prune_audit`. The events deleted are checked first and the anchor they
+    /// leave is authenticated ([`check_before_prune`]); a workspace whose events due for deletion
+    /// do not verify is left as it is (logged), so the break stays to be reported.
     pub(crate) async fn prune_chain(&self, before: Timestamp) -> Result<u64> {
+        let key = self.chain_key().chain;
         let workspaces: Vec<String> =
             sqlx::query_scalar("SELECT DISTINCT workspace_id FROM audit_events WHERE at < $1 ORDER BY workspace_id")
                 .bind(before.as_millis())
@@ -224,6 +287,7 @@ impl SqlStore {
         for ws in workspaces {
             let mut tx = self.begin().await?;
             lock_head(&mut tx, &ws).await?;
+            let head = read_head(&mut tx, &ws).await?;
             // The last linked event old enough, in chain order: it and every event before it go.
             let last = sqlx::query(
                 "SELECT chain_seq, link FROM audit_events WHERE workspace_id = $1 AND at < $2 \
@@ -238,6 +302,20 @@ impl SqlStore {
                 Some(row) => (row.try_get("chain_seq").map_err(db_error)?, row.try_get("link").map_err(db_error)?),
                 None => (0, String::new()),
             };
+            let upto_seq = seq_of(upto);
+            if upto_seq > head.anchor_seq
+                && let Err(why) = check_before_prune(&mut tx, &key, &head, upto_seq, &link).await?
+            {
+                tracing::error!(
+                    workspace = ws.as_str(),
+                    reason = why.as_str(),
+                    "the audit events due for deletion by audit.retention_days do not verify; none of this workspace's are deleted, so that `keygate audit verify` can show the break"
+                );
+                tx.rollback().await.map_err(db_error)?;
+                continue;
+            }
+            let mac = audit_chain::from_hex(&link)
+                .map(|l| audit_chain::to_hex(&audit_chain::anchor_mac(&key, &ws, upto_seq, &l)));
             // Their propagation records go with them.
             sqlx::query(
                 "DELETE FROM feed_acks WHERE seq IN (SELECT feed_seq FROM audit_events WHERE workspace_id = $1 \
@@ -260,10 +338,12 @@ impl SqlStore {
             .map_err(db_error)?;
             if upto > 0 {
                 sqlx::query(
-                    "UPDATE audit_chains SET anchor_seq = $1, anchor_link = $2 WHERE workspace_id = $3 AND anchor_seq < $1",
+                    "UPDATE audit_chains SET anchor_seq = $1, anchor_link = $2, anchor_mac = $3 \
+                     WHERE workspace_id = $4 AND anchor_seq < $1",
                 )
                 .bind(upto)
                 .bind(link.as_str())
+                .bind(mac)
                 .bind(ws.as_str())
                 .execute(&mut *tx)
                 .await

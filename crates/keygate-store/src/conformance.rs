@@ -2447,6 +2447,77 @@ async fn audit_chain(h: &Harness) {
     // Under another key nothing verifies.
     let wrong = s.verify_audit_chain(&kept.id, [6u8; 32], None).await.unwrap();
     assert_eq!(wrong.broken.map(|b| b.code), Some("altered"));
+    // The anchor retention wrote is authenticated; moved in the database past events deleted by
+    // hand (to the stored link of the last of them), it is a break that names the anchor, and the
+    // checkpoint inside the deletion is not "pruned".
+    let third_link: String =
+        sqlx::query_scalar("SELECT link FROM audit_events WHERE workspace_id = $1 AND chain_seq = 3")
+            .bind(kept.id.as_str())
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE workspace_id = $1 AND chain_seq = 3")
+        .bind(kept.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_chains SET anchor_seq = 3, anchor_link = $1 WHERE workspace_id = $2")
+        .bind(third_link.as_str())
+        .bind(kept.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let r = s.verify_audit_chain(&kept.id, key, Some(early)).await.unwrap();
+    let b = r.broken.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!((b.code, b.seq, r.checkpoint), ("altered", 3, None), "{}", b.message);
+    assert!(b.message.contains("anchor (#3)"), "{}", b.message);
+    sqlx::query("UPDATE audit_chains SET anchor_mac = NULL WHERE workspace_id = $1")
+        .bind(kept.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let r = s.verify_audit_chain(&kept.id, key, None).await.unwrap();
+    assert!(r.broken.is_some_and(|b| b.message.contains("not authenticated")), "no code: a break too");
+
+    // Events dated back in the database so that retention deletes them: their links do not
+    // verify, so nothing of the workspace is deleted and the break stays to be reported.
+    let (dated, dd) = workspace("dated");
+    s.ensure_workspace(&dated, &dd).await.unwrap();
+    for i in 0..3 {
+        let at = T0.plus_seconds(600 * (i + 1));
+        s.append_audit(&NewAuditEvent::new(&dated.id, &Actor::cli(), "user.sign_in", "usr_d", at)).await.unwrap();
+    }
+    sqlx::query("UPDATE audit_events SET at = $1 WHERE workspace_id = $2 AND chain_seq <= 2")
+        .bind(T0.as_millis())
+        .bind(dated.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    s.prune_audit(T0.plus_seconds(1)).await.unwrap();
+    assert_eq!(all_audit(s, &dated.id).await.len(), 3, "nothing deleted");
+    assert_eq!(s.audit_chain_head(&dated.id).await.unwrap().anchor_seq, 0);
+    let r = s.verify_audit_chain(&dated.id, key, None).await.unwrap();
+    assert_eq!(r.broken.map(|b| (b.code, b.seq)), Some(("altered", 1)));
+
+    // An anchor written before anchors were authenticated (no code): reported until retention
+    // moves past it, which it does when the events after it verify; then it verifies again.
+    let (old_anchor, oad) = workspace("old-anchor");
+    s.ensure_workspace(&old_anchor, &oad).await.unwrap();
+    for i in 0..4 {
+        let at = T0.plus_seconds(600 * (i + 1));
+        s.append_audit(&NewAuditEvent::new(&old_anchor.id, &Actor::cli(), "user.sign_in", "usr_a", at)).await.unwrap();
+    }
+    s.prune_audit(T0.plus_seconds(700)).await.unwrap();
+    sqlx::query("UPDATE audit_chains SET anchor_mac = NULL WHERE workspace_id = $1")
+        .bind(old_anchor.id.as_str())
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let r = s.verify_audit_chain(&old_anchor.id, key, None).await.unwrap();
+    assert_eq!(r.broken.map(|b| (b.code, b.seq)), Some(("altered", 1)));
+    s.prune_audit(T0.plus_seconds(1900)).await.unwrap();
+    let r = s.verify_audit_chain(&old_anchor.id, key, None).await.unwrap();
+    assert!(r.intact && r.from_seq == 3 && r.checked == 1, "{r:?}");
 
     // Events written before the chain existed: linked once, in id order, by the current key.
     let (old, odd) = workspace("legacy");

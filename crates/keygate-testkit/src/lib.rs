@@ -70,6 +70,8 @@ pub struct Options {
     pub providers: Vec<keygate_gateway::config::ProviderConfig>,
     /// `[ai]` settings.
     pub ai: Option<keygate::config::AiConfig>,
+    /// `[audit]` settings (retention).
+    pub audit: Option<keygate::config::AuditConfig>,
 }
 
 impl TestKeygate {
@@ -100,6 +102,7 @@ impl TestKeygate {
             email: opts.email.unwrap_or_default(),
             providers: opts.providers,
             ai: opts.ai.unwrap_or_default(),
+            audit: opts.audit.unwrap_or_default(),
             ..Config::default()
         };
         cfg.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));

@@ -185,3 +185,99 @@ async fn audit_export_writes_json_lines_and_csv() {
     assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_query"));
     kg.stop().await;
 }
+
+/// Runs `sql` on the SQLite store in `data_dir`, as someone with the database file (not the
+/// pepper) would.
+async fn sqlite(data_dir: &std::path::Path, sql: &str) {
+    use sqlx::Connection as _;
+    let url = format!("sqlite://{}", data_dir.join("keygate.db").display());
+    let mut conn = sqlx::sqlite::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Retention's anchor is authenticated. The trail pruned by `audit.retention_days` still verifies,
+/// a checkpoint older than the anchor reported as pruned; but the start of the trail deleted in
+/// the database file and the anchor moved past it by hand (to the stored link of the last event
+/// deleted, as retention would have) is a break that names the anchor, with exit 1 — where a
+/// checkpoint inside the deletion used to be reported "pruned" on an intact chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_an_anchor_moved_in_the_database() {
+    let kept = tempfile::tempdir().unwrap();
+    let opts = Options {
+        data_dir: Some(kept.path().to_owned()),
+        audit: Some(keygate::config::AuditConfig { retention_days: 1 }),
+        ..Options::default()
+    };
+    let kg = TestKeygate::start_with(opts).await.unwrap();
+    let data_dir = kg.data_dir().to_owned();
+    let c = kg.client();
+    let (url, key) = (kg.url(), kg.root_key.clone());
+    let files = tempfile::tempdir().unwrap();
+    let head = |name: &str| {
+        let (code, out, err) = run(keygate(&["audit", "head", "--url", &url]).env("KEYGATE_ADMIN_KEY", &key));
+        assert_eq!(code, Some(0), "{err}");
+        let path = files.path().join(name);
+        std::fs::write(&path, &out).unwrap();
+        (path.to_str().unwrap().to_owned(), serde_json::from_str::<Value>(&out).unwrap())
+    };
+    let verify_api = |checkpoint: &str| {
+        run(keygate(&["audit", "verify", "--url", &url, "--checkpoint", checkpoint]).env("KEYGATE_ADMIN_KEY", &key))
+    };
+
+    c.create_token(&json!({"name": "old-1"})).await;
+    let (early, _) = head("early.json");
+    c.create_token(&json!({"name": "old-2"})).await;
+    // Two days on, the hourly housekeeping deletes the events older than a day.
+    kg.clock.advance_seconds(2 * 86_400);
+    c.create_token(&json!({"name": "new-1"})).await;
+    kg.cluster().housekeeping().await;
+    let anchor = c.get("/admin/v1/audit-chain").await.body["anchor_seq"].as_u64().unwrap();
+    assert!(anchor >= 3, "the old events were deleted: anchor #{anchor}");
+    let (code, out, err) = verify_api(&early);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(
+        out.contains("audit chain intact")
+            && out.contains("deleted by retention")
+            && out.contains("checkpoint: older than the events kept"),
+        "{out}"
+    );
+    let (checkpoint, saved) = head("checkpoint.json");
+    c.create_token(&json!({"name": "new-2"})).await;
+    c.create_token(&json!({"name": "new-3"})).await;
+    let (code, out, err) = verify_api(&checkpoint);
+    assert_eq!(code, Some(0), "{out} {err}");
+    kg.stop().await;
+
+    // Someone with the database file deletes the events up to one past the checkpoint and moves
+    // the anchor there, to that event's stored link.
+    let ws = saved["workspace_id"].as_str().unwrap();
+    let cut = saved["seq"].as_u64().unwrap() + 1;
+    sqlite(
+        &data_dir,
+        &format!(
+            "UPDATE audit_chains SET anchor_seq = {cut}, anchor_link = (SELECT link FROM audit_events \
+             WHERE workspace_id = '{ws}' AND chain_seq = {cut}) WHERE workspace_id = '{ws}';
+             DELETE FROM audit_events WHERE workspace_id = '{ws}' AND chain_seq <= {cut};"
+        ),
+    )
+    .await;
+    let offline = |checkpoint: &str| {
+        let dir = data_dir.to_str().unwrap();
+        run(&mut keygate(&["audit", "verify", "--data-dir", dir, "--checkpoint", checkpoint]))
+    };
+    let (code, out, err) = offline(&checkpoint);
+    assert_eq!(code, Some(1), "{out} {err}");
+    assert!(
+        out.contains(&format!("BROKEN at #{cut}"))
+            && out.contains(&format!("anchor (#{cut}) does not match its authentication code"))
+            && out.contains("(altered)"),
+        "{out}"
+    );
+    assert!(!out.contains("checkpoint: older"), "not reported as pruned: {out}");
+    // Without a code at all, it is a break too.
+    sqlite(&data_dir, &format!("UPDATE audit_chains SET anchor_mac = NULL WHERE workspace_id = '{ws}'")).await;
+    let (code, out, err) = offline(&checkpoint);
+    assert_eq!(code, Some(1), "{out} {err}");
+    assert!(out.contains(&format!("anchor (#{cut}) is not authenticated")), "{out}");
+}

@@ -109,31 +109,41 @@ async fn check_before_prune(
     let from = i64::try_from(start.anchor_seq).unwrap_or(i64::MAX);
     let to = i64::try_from(upto).unwrap_or(i64::MAX);
     let mut verifier = Verifier::new(*key, ChainHead { seq: upto, link: link.to_owned(), ..start }, None);
-    let mut after = 0i64;
-    while !verifier.is_broken() {
-        let sql = format!(
+    feed_events(tx, &mut verifier, &head.workspace_id, Some((from, to))).await?;
+    Ok(match verifier.finish().broken {
+        None => Ok(()),
+        Some(b) => Err(b.message),
+    })
+}
+
+/// Feeds `verifier` the events of workspace `ws` in the order they were written, a page at a
+/// time, until they end or the chain is broken; `seqs`: only those with a chain position in
+/// (from, to].
+async fn feed_events(tx: &mut Tx, verifier: &mut Verifier, ws: &str, seqs: Option<(i64, i64)>) -> Result<()> {
+    // Placeholders numbered in the order they appear (SQLite numbers `$N` by appearance).
+    let sql = match seqs {
+        Some(_) => format!(
             "SELECT {STORED_COLS} FROM audit_events WHERE workspace_id = $1 AND chain_seq > $2 AND chain_seq <= $3 \
              AND id > $4 ORDER BY id LIMIT $5"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(head.workspace_id.as_str())
-            .bind(from)
-            .bind(to)
-            .bind(after)
-            .bind(VERIFY_PAGE)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_error)?;
+        ),
+        None => {
+            format!("SELECT {STORED_COLS} FROM audit_events WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3")
+        }
+    };
+    let mut after = 0i64;
+    while !verifier.is_broken() {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(ws);
+        if let Some((from, to)) = seqs {
+            q = q.bind(from).bind(to);
+        }
+        let rows = q.bind(after).bind(VERIFY_PAGE).fetch_all(&mut **tx).await.map_err(db_error)?;
         let Some(last) = rows.last() else { break };
         after = last.try_get("id").map_err(db_error)?;
         for row in &rows {
             verifier.feed(&stored(row)?);
         }
     }
-    Ok(match verifier.finish().broken {
-        None => Ok(()),
-        Some(b) => Err(b.message),
-    })
+    Ok(())
 }
 
 const STORED_COLS: &str = "id, workspace_id, chain_seq, link, at, actor, action, target, before_json, after_json, \
@@ -250,24 +260,7 @@ impl SqlStore {
         }
         let head = read_head(&mut tx, ws.as_str()).await?;
         let mut verifier = Verifier::new(key, head, checkpoint);
-        let mut after = 0i64;
-        while !verifier.is_broken() {
-            let sql = format!(
-                "SELECT {STORED_COLS} FROM audit_events WHERE workspace_id = $1 AND id > $2 ORDER BY id LIMIT $3"
-            );
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(ws.as_str())
-                .bind(after)
-                .bind(VERIFY_PAGE)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            let Some(last) = rows.last() else { break };
-            after = last.try_get("id").map_err(db_error)?;
-            for row in &rows {
-                verifier.feed(&stored(row)?);
-            }
-        }
+        feed_events(&mut tx, &mut verifier, ws.as_str(), None).await?;
         tx.rollback().await.map_err(db_error)?;
         Ok(verifier.finish())
     }

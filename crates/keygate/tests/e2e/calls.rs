@@ -15,11 +15,12 @@ async fn call(kg: &TestKeygate, path: &str, secret: Option<&str>, method: reqwes
     r.send().await.unwrap().status().as_u16()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_call_is_recorded_searched_and_exported_without_its_query() {
+/// A gateway with the route `orders` (as `edit` leaves it) to a recording upstream, behind a
+/// trusted proxy on 127.0.0.1 (so that `X-Forwarded-For` gives the client's address).
+async fn start(edit: impl FnOnce(&mut keygate::config::RouteConfig)) -> (TestKeygate, RecordingUpstream) {
     let upstream = RecordingUpstream::start().await.unwrap();
     let mut orders = route("orders", "/orders", &upstream.url());
-    orders.scopes.insert("DELETE".into(), "orders:delete".into());
+    edit(&mut orders);
     let kg = TestKeygate::start_with(Options {
         routes: vec![orders],
         gateway: Some(keygate::config::GatewayConfig {
@@ -30,6 +31,15 @@ async fn every_call_is_recorded_searched_and_exported_without_its_query() {
     })
     .await
     .unwrap();
+    (kg, upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_recorded_searched_and_exported_without_its_query() {
+    let (kg, _upstream) = start(|orders| {
+        orders.scopes.insert("DELETE".into(), "orders:delete".into());
+    })
+    .await;
     let c = kg.client();
     let (token, secret) = c.create_token(&json!({"name": "caller"})).await;
     let (other, other_secret) = c.create_token(&json!({"name": "quiet"})).await;
@@ -128,17 +138,7 @@ async fn every_call_is_recorded_searched_and_exported_without_its_query() {
 /// anything else and marked exposed, and neither the call log nor its export ever holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
-    let upstream = RecordingUpstream::start().await.unwrap();
-    let kg = TestKeygate::start_with(Options {
-        routes: vec![route("orders", "/orders", &upstream.url())],
-        gateway: Some(keygate::config::GatewayConfig {
-            trusted_proxies: vec!["127.0.0.1".into()],
-            ..Default::default()
-        }),
-        ..Options::default()
-    })
-    .await
-    .unwrap();
+    let (kg, upstream) = start(|_| {}).await;
     let c = kg.client();
     let (token, secret) = c.create_token(&json!({"name": "pasted"})).await;
     kg.sync_index().await.unwrap();

@@ -23,7 +23,7 @@ use keygate_core::anomaly::{
     Sensitivity, Severity, Watched, unknown_values,
 };
 use keygate_core::ids::{AlertId, WorkspaceId};
-use keygate_core::model::{Actor, AuditFilter, NewAuditEvent, Page, PageRequest, TokenState};
+use keygate_core::model::{Actor, NewAuditEvent, Page, PageRequest, TokenState};
 use keygate_core::{Error, ErrorKind, Result, Timestamp};
 use parking_lot::Mutex;
 
@@ -426,17 +426,23 @@ impl Admin {
     /// it is, and the alert resolved.
     pub async fn resume_from_alert(&self, ws: &WorkspaceId, actor: &Actor, id: &AlertId) -> Result<Alert> {
         let alert = self.alert(ws, id).await?;
-        if let Some(refusal) = self.resume_refusal(ws, &alert).await? {
-            return Err(refusal);
-        }
         match &alert.subject {
             Watched::Token(token_id) => {
-                if self.token(ws, token_id).await?.state == TokenState::Suspended {
-                    self.resume_token(ws, actor, token_id).await?;
+                // The token as it is before the check: resumed only if still so after it, so that
+                // an exposure reported meanwhile is not undone.
+                let token = self.token(ws, token_id).await?;
+                if let Some(refusal) = self.resume_refusal(ws, &alert).await? {
+                    return Err(refusal);
+                }
+                if token.state == TokenState::Suspended {
+                    self.resume_token_at(ws, actor, token_id, token.version).await?;
                 }
             }
-            // Resuming an active client changes nothing.
             Watched::Client(client_id) => {
+                if let Some(refusal) = self.resume_refusal(ws, &alert).await? {
+                    return Err(refusal);
+                }
+                // Resuming an active client changes nothing.
                 self.resume_oauth_client(ws, actor, client_id).await?;
             }
         }
@@ -447,47 +453,44 @@ impl Admin {
     }
 
     /// Why [`Self::resume_from_alert`] would refuse to resume `alert`'s subject: it is
-    /// suspended, and not (or no longer) by this alert's policy. A token's suspension is the
-    /// alert's when its latest `token.suspend` event is the anomaly policy's naming the alert and
-    /// no `token.exposed` event came after it; a client's, when its suspension's reason (kept from
-    /// its first suspension) names the alert. `None`: it may be resumed, or is not suspended.
+    /// suspended, and not (or no longer) by this alert's policy — its latest suspension
+    /// (`token.suspend`, `oauth_client.suspend`) is not the anomaly policy's naming this alert,
+    /// or (a token) a `token.exposed` event came after it. `None`: it may be resumed, is not
+    /// suspended, or is gone (an OAuth client deleted with its app).
     pub async fn resume_refusal(&self, ws: &WorkspaceId, alert: &Alert) -> Result<Option<Error>> {
-        let ours = alert_reason_prefix(alert);
-        let token_id = match &alert.subject {
-            Watched::Client(client_id) => {
-                let client = self.oauth_client(ws, client_id).await?;
-                let reason = client.suspended_reason.as_deref();
-                let refused = client.is_suspended() && !reason.is_some_and(|r| r.starts_with(&ours));
-                return Ok(refused.then(|| another_reason(alert, "OAuth client", Some(reason.unwrap_or("a person")))));
-            }
-            Watched::Token(token_id) => token_id,
+        let gone = |e: &Error| e.kind == ErrorKind::NotFound;
+        let (what, target, suspended) = match &alert.subject {
+            Watched::Client(client_id) => match self.oauth_client(ws, client_id).await {
+                Ok(c) => ("OAuth client", client_id.as_str(), c.is_suspended()),
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            Watched::Token(token_id) => match self.token(ws, token_id).await {
+                Ok(t) => ("token", token_id.as_str(), t.state == TokenState::Suspended),
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            },
         };
-        if self.token(ws, token_id).await?.state != TokenState::Suspended {
+        if !suspended {
             return Ok(None);
         }
-        let latest = |action: &str| {
-            let filter = AuditFilter {
-                action: Some(action.to_owned()),
-                target: Some(token_id.as_str().to_owned()),
-                ..AuditFilter::default()
-            };
-            async move {
-                let page = self.audit_events(ws, &filter, &PageRequest { limit: 1, cursor: None }).await?;
-                Ok::<_, Error>(page.items.into_iter().next())
-            }
+        let (suspend_action, reason_field) = match &alert.subject {
+            Watched::Client(_) => ("oauth_client.suspend", "suspended_reason"),
+            Watched::Token(_) => ("token.suspend", "reason"),
         };
-        let Some(suspend) = latest("token.suspend").await? else {
-            return Ok(Some(another_reason(alert, "token", None)));
+        let Some(suspend) = self.latest_audit_event(ws, suspend_action, target).await? else {
+            return Ok(Some(another_reason(alert, what, None)));
         };
-        let reason = suspend.after.as_ref().and_then(|a| a.get("reason")).and_then(|r| r.as_str());
+        let reason = suspend.after.as_ref().and_then(|a| a.get(reason_field)).and_then(|r| r.as_str());
         if !(alert.action.as_deref() == Some("suspended")
             && suspend.actor == POLICY_ACTOR
-            && reason.is_some_and(|r| r.starts_with(&ours)))
+            && reason.is_some_and(|r| r.starts_with(&alert_reason_prefix(alert))))
         {
             let by = format!("{}{}", suspend.actor, reason.map(|r| format!(": {r}")).unwrap_or_default());
-            return Ok(Some(another_reason(alert, "token", Some(&by))));
+            return Ok(Some(another_reason(alert, what, Some(&by))));
         }
-        if let Some(exposed) = latest("token.exposed").await?
+        if let Watched::Token(_) = alert.subject
+            && let Some(exposed) = self.latest_audit_event(ws, "token.exposed", target).await?
             && exposed.id > suspend.id
         {
             return Ok(Some(Error::conflict(

@@ -393,8 +393,9 @@ impl Admin {
         let deadline = mailer.deadline();
         let lease = lease(deadline);
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let claimed = self.store().claim_emails(self.now(), lease_ms, node, CLAIM_BATCH).await?;
+        // The lease runs from before the claim: a slow claim eats into it, not past it.
         let leased = std::time::Instant::now();
+        let claimed = self.store().claim_emails(self.now(), lease_ms, node, CLAIM_BATCH).await?;
         let mut pass = EmailPass { full: claimed.len() >= CLAIM_BATCH as usize, ..EmailPass::default() };
         let dashboard = self.notify_settings().dashboard_url;
         let mut names: std::collections::HashMap<WorkspaceId, String> = Default::default();

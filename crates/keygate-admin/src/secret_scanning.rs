@@ -100,6 +100,9 @@ fn location(f: &Found) -> String {
     format!("secret scanning: {place}").chars().filter(|c| !c.is_control()).take(400).collect()
 }
 
+/// Serializes the reports this node handles ([`Admin::secret_scanning_report`]).
+static REPORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Admin {
     /// Handles tokens a secret-scanning partner found: each of this keygate's tokens is marked
     /// exposed in its own workspace (actor `secret-scanning`) and its workspace's exposure
@@ -111,6 +114,9 @@ impl Admin {
             return Err(Error::invalid("too_many_tokens", format!("at most {MAX_TOKENS} tokens per request")));
         }
         let actor = Actor { id: "secret-scanning".into(), source: None, owner: true };
+        // One report at a time on this node: the same report sent twice at once would otherwise
+        // find no earlier exposure twice, and write and notify twice.
+        let _one = REPORTS.lock().await;
         let mut out = Vec::with_capacity(found.len());
         for f in found {
             let token_hash: String =

@@ -1612,6 +1612,29 @@ impl Admin {
         .await
     }
 
+    /// [`Self::resume_token`], only if the token is still at `version` (nothing has changed it
+    /// since the caller decided it may be resumed): 409 `token_changed` otherwise.
+    pub(crate) async fn resume_token_at(
+        &self,
+        ws: &WorkspaceId,
+        actor: &Actor,
+        id: &TokenId,
+        version: i64,
+    ) -> Result<Applied<TokenRecord>> {
+        self.change_token(ws, actor, id, "token.resume", |t, _| {
+            if t.version != version {
+                return Err(Error::conflict(
+                    "token_changed",
+                    "the token changed while it was being resumed (it may have been found exposed): look at it again",
+                ));
+            }
+            refuse_if_revoked(t)?;
+            t.state = TokenState::Active;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn resume_token(&self, ws: &WorkspaceId, actor: &Actor, id: &TokenId) -> Result<Applied<TokenRecord>> {
         self.change_token(ws, actor, id, "token.resume", |t, _| {
             refuse_if_revoked(t)?;
@@ -2459,6 +2482,20 @@ impl Admin {
         page: &PageRequest,
     ) -> Result<Page<AuditEvent>> {
         self.store.list_audit(ws, filter, page).await
+    }
+
+    /// The latest audit event of `ws` with this action and target, if any (the store's index
+    /// on workspace, target, action and id finds it without reading the trail).
+    pub(crate) async fn latest_audit_event(
+        &self,
+        ws: &WorkspaceId,
+        action: &str,
+        target: &str,
+    ) -> Result<Option<AuditEvent>> {
+        let filter =
+            AuditFilter { action: Some(action.to_owned()), target: Some(target.to_owned()), ..AuditFilter::default() };
+        let page = self.store.list_audit(ws, &filter, &PageRequest { limit: 1, cursor: None }).await?;
+        Ok(page.items.into_iter().next())
     }
 
     /// The head of `ws`'s audit chain: keep it somewhere else to compare later

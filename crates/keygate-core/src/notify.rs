@@ -220,8 +220,10 @@ pub fn event_type(name: &str) -> Option<&'static EventType> {
 /// Whether `ip` is an address on the public internet: not loopback, private (RFC 1918, unique
 /// local), link-local (where cloud metadata services answer), carrier-grade NAT, unspecified,
 /// multicast, broadcast, documentation, benchmarking or reserved; IPv4 addresses carried in IPv6
-/// (mapped, NAT64, 6to4) are judged as the IPv4 address they carry, and the local-use NAT64
-/// prefix `64:ff9b:1::/48`, whose operator chooses where the IPv4 address sits, is never public. Webhooks and other outbound
+/// (mapped, the well-known NAT64 prefix, 6to4) are judged as the IPv4 address they carry; any
+/// other IPv6 address is public only in global unicast (`2000::/3`) outside its special blocks,
+/// so the local-use NAT64 prefix `64:ff9b:1::/48`, whose operator chooses where the IPv4 address
+/// sits, is never public. Webhooks and other outbound
 /// requests keygate makes on a user's behalf go only to public addresses unless configured
 /// otherwise, so that a URL cannot turn keygate against the network it runs in (SSRF).
 pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
@@ -257,19 +259,14 @@ pub fn is_public_ip(ip: std::net::IpAddr) -> bool {
             if s[0] == 0x2002 {
                 return v4(embedded(s[1], s[2])); // 6to4
             }
-            !(ip.is_unspecified()
-                || ip.is_loopback()
-                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64 (RFC 8215): any IPv4 inside
-                || (s[0] == 0x2001 && s[1] < 0x0200) // IETF protocol assignments: Teredo, benchmarking, ORCHID
-                || s[0] == 0x5f00                 // SRv6 segment identifiers (RFC 9602)
-                || s[0] & 0xfff0 == 0x3ff0        // documentation (RFC 9637)
-                || s[0] & 0xfe00 == 0xfc00        // unique local
-                || s[0] & 0xffc0 == 0xfe80        // link-local
-                || s[0] & 0xffc0 == 0xfec0        // site-local (deprecated)
-                || s[0] & 0xff00 == 0xff00        // multicast
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // discard-only
-                || s[0..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible, deprecated
+            // Only global unicast (2000::/3) is public: everything else is loopback, unspecified,
+            // IPv4-compatible, unique local, link-local, multicast, the rest of the NAT64 prefixes
+            // (the local-use 64:ff9b:1::/48 of RFC 8215 among them, where the operator chooses
+            // where the IPv4 address sits), SRv6 identifiers or unassigned. Within it, not public:
+            // in 2001::/16, the IETF protocol assignments (2001::/23: Teredo, benchmarking, ORCHID)
+            // and documentation (2001:db8::/32); and documentation's 3fff::/20 (RFC 9637).
+            let special = (s[0] == 0x2001 && (s[1] < 0x0200 || s[1] == 0x0db8)) || (s[0] == 0x3fff && s[1] < 0x1000);
+            s[0] & 0xe000 == 0x2000 && !special
         }
     }
 }
@@ -636,14 +633,27 @@ mod tests {
             "2001:20::1",
             "5f00::1",
             "3fff::1",
+            "3fff:fff::1",
+            "4000::1",
+            "64:ff9b:2::1",
+            "100::1",
             "2002:7f00:1::1",
             "::127.0.0.1",
         ] {
             assert!(!is_public_ip(a.parse().unwrap()), "{a} is not public");
         }
-        for a in
-            ["1.1.1.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:1.1.1.1", "64:ff9b::808:808"]
-        {
+        for a in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "64:ff9b::808:808",
+            "3fff:1000::1",
+            "2a00:1450::1",
+            "2002:808:808::1",
+        ] {
             assert!(is_public_ip(a.parse().unwrap()), "{a} is public");
         }
     }

@@ -29,14 +29,15 @@ pub const TOKEN_ID_HEADER: &str = "x-keygate-token-id";
 pub const APP_ID_HEADER: &str = "x-keygate-app-id";
 pub const SCOPES_HEADER: &str = "x-keygate-scopes";
 
-/// Told about tokens found where they must not be (the query string), off the request path.
+/// Told about tokens found where they must not be (the URL: its query string or path), off the
+/// request path.
 /// A request can carry a made-up well-formed token (the checksum is public), so an
 /// implementation bounds the work reports cause: it may drop a report, and says so.
 pub trait ExposureReporter: Send + Sync {
     /// Takes a report of `token`, found at `where_`; `live` when the token is in the index (a
     /// token that can authenticate, which must not be crowded out by made-up ones). `false`
     /// when the report was dropped.
-    fn token_in_query(&self, token: TokenSecret, where_: String, live: bool) -> bool;
+    fn token_in_url(&self, token: TokenSecret, where_: String, live: bool) -> bool;
 }
 
 /// A route table and the metrics that go with it; swapped whole on reload.

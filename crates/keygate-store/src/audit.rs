@@ -278,73 +278,109 @@ impl SqlStore {
                 .map_err(db_error)?;
         let mut deleted = 0u64;
         for ws in workspaces {
-            let mut tx = self.begin().await?;
-            lock_head(&mut tx, &ws).await?;
-            let head = read_head(&mut tx, &ws).await?;
-            // The last linked event old enough, in chain order: it and every event before it go.
-            let last = sqlx::query(
-                "SELECT chain_seq, link FROM audit_events WHERE workspace_id = $1 AND at < $2 \
-                 AND chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1",
-            )
-            .bind(ws.as_str())
-            .bind(before.as_millis())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            let (upto, link): (i64, String) = match &last {
-                Some(row) => (row.try_get("chain_seq").map_err(db_error)?, row.try_get("link").map_err(db_error)?),
-                None => (0, String::new()),
-            };
-            let upto_seq = seq_of(upto);
-            if upto_seq > head.anchor_seq
-                && let Err(why) = check_before_prune(&mut tx, &key, &head, upto_seq, &link).await?
-            {
-                tracing::error!(
-                    workspace = ws.as_str(),
-                    reason = why.as_str(),
-                    "the audit events due for deletion by audit.retention_days do not verify; none of this workspace's are deleted, so that `keygate audit verify` can show the break"
-                );
-                tx.rollback().await.map_err(db_error)?;
-                continue;
+            // A step at a time, each in its own transaction, so that the head's lock (which every
+            // audited write of the workspace waits for) is held for one step's check and delete.
+            loop {
+                match self.prune_step(&key, &ws, before).await? {
+                    Pruned::More(n) => deleted += n,
+                    Pruned::Done(n) => {
+                        deleted += n;
+                        break;
+                    }
+                    Pruned::Broken => break,
+                }
             }
-            let mac = audit_chain::from_hex(&link)
-                .map(|l| audit_chain::to_hex(&audit_chain::anchor_mac(&key, &ws, upto_seq, &l)));
-            // Their propagation records go with them.
-            sqlx::query(
-                "DELETE FROM feed_acks WHERE seq IN (SELECT feed_seq FROM audit_events WHERE workspace_id = $1 \
-                 AND feed_seq IS NOT NULL AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3)))",
-            )
-            .bind(ws.as_str())
-            .bind(upto)
-            .bind(before.as_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            let gone = sqlx::query(
-                "DELETE FROM audit_events WHERE workspace_id = $1 AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3))",
-            )
-            .bind(ws.as_str())
-            .bind(upto)
-            .bind(before.as_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if upto > 0 {
-                sqlx::query(
-                    "UPDATE audit_chains SET anchor_seq = $1, anchor_link = $2, anchor_mac = $3 \
-                     WHERE workspace_id = $4 AND anchor_seq < $1",
-                )
-                .bind(upto)
-                .bind(link.as_str())
-                .bind(mac)
-                .bind(ws.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            }
-            tx.commit().await.map_err(db_error)?;
-            deleted += gone.rows_affected();
         }
         Ok(deleted)
     }
+
+    /// One step of [`Self::prune_chain`] for workspace `ws`: deletes the events older than
+    /// `before`, at most [`PRUNE_STEP`] linked ones past the anchor, once their links verify, and
+    /// moves the anchor (authenticated) to the last deleted.
+    async fn prune_step(&self, key: &[u8; 32], ws: &str, before: Timestamp) -> Result<Pruned> {
+        let mut tx = self.begin().await?;
+        lock_head(&mut tx, ws).await?;
+        let head = read_head(&mut tx, ws).await?;
+        let limit = i64::try_from(head.anchor_seq.saturating_add(PRUNE_STEP)).unwrap_or(i64::MAX);
+        // The last linked event old enough, in chain order, within the step: it and every event
+        // before it go.
+        let last = sqlx::query(
+            "SELECT chain_seq, link FROM audit_events WHERE workspace_id = $1 AND at < $2 \
+             AND chain_seq IS NOT NULL AND chain_seq <= $3 ORDER BY chain_seq DESC LIMIT 1",
+        )
+        .bind(ws)
+        .bind(before.as_millis())
+        .bind(limit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let (upto, link): (i64, String) = match &last {
+            Some(row) => (row.try_get("chain_seq").map_err(db_error)?, row.try_get("link").map_err(db_error)?),
+            None => (0, String::new()),
+        };
+        let upto_seq = seq_of(upto);
+        if upto_seq > head.anchor_seq
+            && let Err(why) = check_before_prune(&mut tx, key, &head, upto_seq, &link).await?
+        {
+            tracing::error!(
+                workspace = ws,
+                reason = why.as_str(),
+                "the audit events due for deletion by audit.retention_days do not verify; none of this workspace's are deleted, so that `keygate audit verify` can show the break"
+            );
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(Pruned::Broken);
+        }
+        let mac =
+            audit_chain::from_hex(&link).map(|l| audit_chain::to_hex(&audit_chain::anchor_mac(key, ws, upto_seq, &l)));
+        // Their propagation records go with them.
+        sqlx::query(
+            "DELETE FROM feed_acks WHERE seq IN (SELECT feed_seq FROM audit_events WHERE workspace_id = $1 \
+             AND feed_seq IS NOT NULL AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3)))",
+        )
+        .bind(ws)
+        .bind(upto)
+        .bind(before.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let gone = sqlx::query(
+            "DELETE FROM audit_events WHERE workspace_id = $1 AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3))",
+        )
+        .bind(ws)
+        .bind(upto)
+        .bind(before.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if upto > 0 {
+            sqlx::query(
+                "UPDATE audit_chains SET anchor_seq = $1, anchor_link = $2, anchor_mac = $3 \
+                 WHERE workspace_id = $4 AND anchor_seq < $1",
+            )
+            .bind(upto)
+            .bind(link.as_str())
+            .bind(mac)
+            .bind(ws)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        let n = gone.rows_affected();
+        // A full step may have left more behind it.
+        Ok(if upto_seq > head.anchor_seq && upto == limit { Pruned::More(n) } else { Pruned::Done(n) })
+    }
+}
+
+/// Linked audit events one step of retention checks and deletes at most (one transaction).
+const PRUNE_STEP: u64 = 20_000;
+
+/// What one step of retention did.
+enum Pruned {
+    /// Deleted this many; more may be due.
+    More(u64),
+    /// Deleted this many; nothing more is due.
+    Done(u64),
+    /// The events due do not verify: nothing deleted (logged).
+    Broken,
 }

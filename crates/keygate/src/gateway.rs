@@ -138,7 +138,7 @@ async fn mark_exposed(admin: &Admin, Exposure { token, where_ }: Exposure) {
         };
         match marked {
             Ok(Some(id)) => {
-                tracing::warn!(token_id = %id, "a token was sent in a query string and is now marked exposed");
+                tracing::warn!(token_id = %id, "a token was sent in a URL and is now marked exposed");
                 return;
             }
             Ok(None) => return,
@@ -161,7 +161,7 @@ async fn mark_exposed(admin: &Admin, Exposure { token, where_ }: Exposure) {
 }
 
 impl ExposureReporter for AdminReporter {
-    fn token_in_query(&self, token: TokenSecret, where_: String, live: bool) -> bool {
+    fn token_in_url(&self, token: TokenSecret, where_: String, live: bool) -> bool {
         let hash = *self.hash.hash(token.expose()).as_bytes();
         if self.recent.lock().set.contains(&hash) {
             return true;

@@ -277,14 +277,19 @@ impl Gateway {
     /// known), and the headers every answer on the route carries (limits, CORS).
     pub(crate) fn admit<'a>(&self, ctx: &mut RequestCtx<'a, '_>) -> Admission<'a> {
         let head = ctx.head;
-        // A token in the path first: the path goes into the call log and the access log, and
-        // every refusal below records it; this one records a placeholder instead.
+        // A token in the path first: the path goes into the access log, and every refusal below
+        // records it; this one records a placeholder instead. The framing is not checked yet, so
+        // the connection is closed after the answer: whatever follows the head (a body whose
+        // length two parsers would read differently) is never read as another request.
         if let Some(tok) = token_in_url(head.path, &self.index) {
             self.report_in_url(ctx.table, tok, || format!("gateway: path of a {} request", head.method));
-            let r = Refuse::of(
-                Code::TokenInPath,
-                "tokens must not be sent in the URL, which ends up in logs; the token is now marked exposed: rotate it and send it as Authorization: Bearer",
-            );
+            let r = Refuse {
+                close: true,
+                ..Refuse::of(
+                    Code::TokenInPath,
+                    "tokens must not be sent in the URL, which ends up in logs; the token is now marked exposed: rotate it and send it as Authorization: Bearer",
+                )
+            };
             return Verdict::refused(&r, head).into();
         }
         match check_framing(head).and_then(|()| normalize_path(head.path).map_err(Refuse::path)) {
@@ -327,7 +332,7 @@ impl Gateway {
     fn report_in_url(&self, table: &Table, tok: String, where_: impl FnOnce() -> String) {
         if let Some(rep) = &self.reporter {
             let live = self.index.contains(&tok);
-            if !rep.token_in_query(TokenSecret::new(tok), where_(), live) {
+            if !rep.token_in_url(TokenSecret::new(tok), where_(), live) {
                 table.metrics.exposure_report_dropped();
             }
         }

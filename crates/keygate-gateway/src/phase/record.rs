@@ -19,8 +19,9 @@ use crate::routes::Route;
 use crate::usage::Sample;
 use crate::watch::Seen;
 
-/// The path the call log and the access log record for a request refused because its path held
-/// a token (`token_in_path`): never the path itself.
+/// The path recorded for a request refused because its path held a token (`token_in_path`):
+/// never the path itself. (The access log writes it; the call log keeps no such call, which is
+/// refused before its route is known, but would write this too.)
 pub(crate) const REDACTED_PATH: &str = "/[redacted: a token was in the path]";
 
 /// What a finished request is counted against.

@@ -156,6 +156,24 @@ async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "token_in_path", "{body}");
     }
+    // Refused before the framing is checked, so the connection is closed after the answer: a
+    // body of two lengths is never read as a next request (no smuggling past the refusal).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = kg.gateway_url().trim_start_matches("http://").to_owned();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /orders/{secret} HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\nContent-Length: 0\r\n\r\n\
+             GET /orders/2 HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the connection was closed");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 400 ") && text.contains("token_in_path"), "{text}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "one answer, then closed: {text}");
+    }
     assert!(upstream.requests().is_empty(), "nothing was forwarded");
     // A call of the same token the right way is recorded as usual, beside them.
     assert_eq!(call(&kg, "/orders/1", Some(&secret), Method::GET).await, 200);
@@ -189,5 +207,5 @@ async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
         assert!(!text.contains(&secret) && !text.contains(&encoded), "no secret: {text}");
     }
     let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"token_in_path\"} 2"), "{metrics}");
+    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"token_in_path\"} 3"), "{metrics}");
 }

@@ -156,6 +156,11 @@ async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "token_in_path", "{body}");
     }
+    // Over HTTP/2 (prior knowledge) too: `:path` goes through the same check.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = h2.get(format!("{}/orders/{secret}", kg.gateway_url())).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!((r.version(), r.status()), (reqwest::Version::HTTP_2, StatusCode::BAD_REQUEST));
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "token_in_path");
     // Refused before the framing is checked, so the connection is closed after the answer: a
     // body of two lengths is never read as a next request (no smuggling past the refusal).
     {
@@ -207,5 +212,5 @@ async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
         assert!(!text.contains(&secret) && !text.contains(&encoded), "no secret: {text}");
     }
     let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"token_in_path\"} 3"), "{metrics}");
+    assert!(metrics.contains("keygate_gateway_refusals_total{reason=\"token_in_path\"} 4"), "{metrics}");
 }

@@ -34,6 +34,13 @@ async fn start(edit: impl FnOnce(&mut keygate::config::RouteConfig)) -> (TestKey
     (kg, upstream)
 }
 
+/// The call log's export through the admin API (`query`: the query string, with its `?`).
+async fn export(kg: &TestKeygate, query: &str) -> String {
+    let url = format!("{}/admin/v1/calls/export{query}", kg.url());
+    let r = reqwest::Client::new().get(url).bearer_auth(&kg.root_key).send().await.unwrap();
+    r.text().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_recorded_searched_and_exported_without_its_query() {
     let (kg, _upstream) = start(|orders| {
@@ -101,15 +108,7 @@ async fn every_call_is_recorded_searched_and_exported_without_its_query() {
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[2]["path"], "/orders/7");
-    let csv = reqwest::Client::new()
-        .get(format!("{}/admin/v1/calls/export?format=csv&status=4xx", kg.url()))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = export(&kg, "?format=csv&status=4xx").await;
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(rows[0], "id,at,token_id,app_id,route,method,path,status,latency_us,client_ip,refusal");
     assert_eq!(rows.len(), 3, "{csv}");
@@ -198,17 +197,9 @@ async fn a_token_in_the_path_is_refused_marked_exposed_and_never_recorded() {
 
     // Neither the call log nor its export holds the secret, in any encoding.
     let all = c.get("/admin/v1/calls").await.body.to_string();
-    let export = reqwest::Client::new()
-        .get(format!("{}/admin/v1/calls/export", kg.url()))
-        .bearer_auth(&kg.root_key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(export.contains("/orders/1"), "{export}");
-    for text in [&all, &export, &exposed.to_string()] {
+    let exported = export(&kg, "").await;
+    assert!(exported.contains("/orders/1"), "{exported}");
+    for text in [&all, &exported, &exposed.to_string()] {
         assert!(!text.contains(&secret) && !text.contains(&encoded), "no secret: {text}");
     }
     let metrics = reqwest::get(format!("{}/metrics", kg.url())).await.unwrap().text().await.unwrap();

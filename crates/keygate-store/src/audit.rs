@@ -332,26 +332,22 @@ impl SqlStore {
         }
         let mac =
             audit_chain::from_hex(&link).map(|l| audit_chain::to_hex(&audit_chain::anchor_mac(key, ws, upto_seq, &l)));
-        // Their propagation records go with them.
-        sqlx::query(
+        // Their propagation records go with them (first: they are found through the events).
+        let mut gone = 0;
+        for sql in [
             "DELETE FROM feed_acks WHERE seq IN (SELECT feed_seq FROM audit_events WHERE workspace_id = $1 \
              AND feed_seq IS NOT NULL AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3)))",
-        )
-        .bind(ws)
-        .bind(upto)
-        .bind(before.as_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let gone = sqlx::query(
             "DELETE FROM audit_events WHERE workspace_id = $1 AND (chain_seq <= $2 OR (chain_seq IS NULL AND at < $3))",
-        )
-        .bind(ws)
-        .bind(upto)
-        .bind(before.as_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        ] {
+            let done = sqlx::query(sql)
+                .bind(ws)
+                .bind(upto)
+                .bind(before.as_millis())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            gone = done.rows_affected(); // the last statement's: the events deleted
+        }
         if upto > 0 {
             sqlx::query(
                 "UPDATE audit_chains SET anchor_seq = $1, anchor_link = $2, anchor_mac = $3 \
@@ -366,7 +362,7 @@ impl SqlStore {
             .map_err(db_error)?;
         }
         tx.commit().await.map_err(db_error)?;
-        let n = gone.rows_affected();
+        let n = gone;
         // A full step may have left more behind it.
         Ok(if upto_seq > head.anchor_seq && upto == limit { Pruned::More(n) } else { Pruned::Done(n) })
     }
